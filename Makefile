@@ -1,0 +1,28 @@
+# kiln: the two entry points a newcomer needs are `make run` and `make test`
+# (see README.md). Both set up the host first and are safe to repeat.
+DATA_DIR ?= /var/lib/kiln
+GO ?= go
+export PATH := /usr/local/go/bin:$(PATH)
+
+.PHONY: setup build run test bench vet clean
+
+setup:
+	bash scripts/setup.sh --data-dir=$(DATA_DIR)
+	$(GO) mod download
+
+build:
+	$(GO) build -o bin/kiln ./cmd/kiln
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o bin/kiln-agent ./cmd/kiln-agent
+
+run: setup build
+	bin/kiln --data-dir=$(DATA_DIR) engine demo
+
+test: setup build
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout 25m ./...
+
+bench: setup build
+	bin/kiln --data-dir=$(DATA_DIR) bench engine
+
+clean:
+	rm -rf bin

@@ -1,0 +1,169 @@
+//go:build linux
+
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/enginebench"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
+	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
+	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
+)
+
+var accelFlag, logLevel string
+
+// newLogger logs to stderr at the level given by --log-level.
+func newLogger() *slog.Logger {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(logLevel)); err != nil {
+		l = slog.LevelInfo
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l}))
+}
+
+// benchCmd groups the benchmarks; each area adds its own subcommand.
+var benchCmd = &cobra.Command{Use: "bench", Short: "Run kiln's benchmarks"}
+
+var engineCmd = &cobra.Command{Use: "engine", Short: "Drive the VM engine directly (development)"}
+
+func init() {
+	rootCmd.PersistentFlags().StringVar(&accelFlag, "accel", "auto", "accelerator: auto, kvm or tcg")
+	rootCmd.PersistentFlags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	rootCmd.AddCommand(benchCmd, engineCmd)
+
+	var o enginebench.Options
+	be := &cobra.Command{
+		Use:   "engine",
+		Short: "Benchmark cold boot, clone, suspend/resume and clone memory; prints JSON on the last line",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			if o.Runs < 5 {
+				return fmt.Errorf("--runs %d: medians need at least 5 runs", o.Runs)
+			}
+			d, work, root, err := scratchEngine(ctx)
+			if err != nil {
+				return err
+			}
+			defer os.RemoveAll(work)
+			defer d.Close()
+			r, err := enginebench.Run(ctx, d, root, work, o, os.Stderr)
+			if err != nil {
+				return err
+			}
+			fmt.Println(r.JSON())
+			return nil
+		},
+	}
+	be.Flags().IntVar(&o.Runs, "runs", 5, "runs per timed figure (median)")
+	be.Flags().IntVar(&o.Boots, "boots", 50, "cold boots counted for boot_failures")
+	be.Flags().IntVar(&o.MemoryMiB, "memory", 512, "guest memory in MiB")
+	be.Flags().IntVar(&o.DirtyMiB, "dirty", 256, "MiB of guest memory written before suspend")
+	be.Flags().IntVar(&o.IdleClones, "clones", 8, "idle clones of one template running at once")
+	be.Flags().DurationVar(&o.BootTimeout, "boot-timeout", 30*time.Second, "a cold boot slower than this counts as failed")
+	benchCmd.AddCommand(be)
+
+	engineCmd.AddCommand(&cobra.Command{
+		Use:   "demo",
+		Short: "Boot a VM, snapshot it, start two clones from the snapshot and run a command in each",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return engineDemo(cmd.Context())
+		},
+	})
+}
+
+// scratchEngine starts a driver on a scratch data directory that shares
+// the set-up kernel, with a busybox root disk.
+func scratchEngine(ctx context.Context) (*qemu.Driver, string, string, error) {
+	work, err := os.MkdirTemp(filepath.Join(dataDir), "scratch-")
+	if err != nil {
+		return nil, "", "", fmt.Errorf("creating scratch dir in %s (run `make setup` first?): %w", dataDir, err)
+	}
+	root, err := vmmtest.BusyboxRoot(work)
+	if err != nil {
+		os.RemoveAll(work)
+		return nil, "", "", err
+	}
+	d, err := qemu.New(ctx, qemu.Config{DataDir: work, KernelDir: filepath.Join(dataDir, "kernel"),
+		AgentBinary: qemu.DefaultAgentBinary(dataDir), Accel: accelFlag,
+		Log: newLogger()})
+	if err != nil {
+		os.RemoveAll(work)
+		return nil, "", "", err
+	}
+	return d, work, root, nil
+}
+
+func engineDemo(ctx context.Context) error {
+	d, work, root, err := scratchEngine(ctx)
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	defer d.Close()
+	step := func(what string, f func() error) error {
+		start := time.Now()
+		if err := f(); err != nil {
+			return fmt.Errorf("%s: %w", what, err)
+		}
+		fmt.Printf("%-40s %8.1f ms\n", what, float64(time.Since(start).Microseconds())/1000)
+		return nil
+	}
+	defer func() {
+		for _, id := range []string{"demo", "clone-a", "clone-b"} {
+			d.Terminate(context.Background(), id)
+		}
+	}()
+	tmpl := filepath.Join(work, "template")
+	if err := step("cold boot", func() error {
+		_, err := d.Boot(ctx, vmm.BootSpec{ID: "demo", RootDisk: root})
+		return err
+	}); err != nil {
+		return err
+	}
+	if err := step("snapshot", func() error { _, err := d.Snapshot(ctx, "demo", tmpl); return err }); err != nil {
+		return err
+	}
+	for _, id := range []string{"clone-a", "clone-b"} {
+		if err := step("clone "+id, func() error {
+			_, err := d.Clone(ctx, vmm.CloneSpec{ID: id, Template: tmpl})
+			return err
+		}); err != nil {
+			return err
+		}
+		a, err := d.Agent(ctx, id)
+		if err != nil {
+			return err
+		}
+		out, _, code, err := vmmtest.Run(ctx, a, client.ExecRequest{Argv: []string{"/bin/sh", "-c", "echo \"hello from $(hostname), kernel $(uname -r)\""}})
+		if err != nil {
+			return err
+		}
+		fmt.Printf("  %s said: %s  (exit %d)\n", id, trimNL(out), code)
+	}
+	if err := step("suspend clone-a", func() error { return d.Suspend(ctx, "clone-a") }); err != nil {
+		return err
+	}
+	if err := step("resume clone-a", func() error { _, err := d.Resume(ctx, "clone-a"); return err }); err != nil {
+		return err
+	}
+	return nil
+}
+
+func trimNL(s string) string {
+	for len(s) > 0 && (s[len(s)-1] == '\n' || s[len(s)-1] == '\r') {
+		s = s[:len(s)-1]
+	}
+	return s
+}

@@ -1,0 +1,108 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
+)
+
+func init() {
+	keys := &cobra.Command{Use: "keys", Short: "Manage API access keys (each belongs to an account)"}
+
+	var account, description, credFile, profile string
+	create := &cobra.Command{
+		Use:   "create",
+		Short: "Create an access key, for a new account unless --account is given; prints it as JSON",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			st, err := sqlite.Open(ctx, filepath.Join(dataDir, "kiln.db"))
+			if err != nil {
+				return err
+			}
+			defer st.Close()
+			if account == "" {
+				if account, err = auth.NewAccountID(); err != nil {
+					return err
+				}
+			} else if len(account) != 12 || !allDigits(account) {
+				return fmt.Errorf("--account must be 12 digits")
+			}
+			k, err := auth.NewAccessKey(account, description)
+			if err != nil {
+				return err
+			}
+			if err := st.CreateAccessKey(ctx, k); err != nil {
+				return err
+			}
+			if credFile != "" {
+				if err := auth.WriteCredentials(credFile, profile, k); err != nil {
+					return err
+				}
+			}
+			enc := json.NewEncoder(os.Stdout)
+			enc.SetIndent("", "    ")
+			return enc.Encode(map[string]string{"accessKeyId": k.ID, "secretAccessKey": k.Secret, "account": k.Account, "description": k.Description})
+		},
+	}
+	create.Flags().StringVar(&account, "account", "", "12-digit account to add the key to (default: a new account)")
+	create.Flags().StringVar(&description, "description", "", "what the key is for")
+	create.Flags().StringVar(&credFile, "write-credentials", "", "also write the key to this AWS shared-credentials file (replaced)")
+	create.Flags().StringVar(&profile, "profile", "default", "profile name in --write-credentials")
+
+	list := &cobra.Command{
+		Use:   "list",
+		Short: "List access keys (without secrets)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			st, err := sqlite.Open(cmd.Context(), filepath.Join(dataDir, "kiln.db"))
+			if err != nil {
+				return err
+			}
+			defer st.Close()
+			ks, err := st.ListAccessKeys(cmd.Context())
+			if err != nil {
+				return err
+			}
+			tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ACCESS KEY ID\tACCOUNT\tCREATED\tDESCRIPTION")
+			for _, k := range ks {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", k.ID, k.Account, k.CreatedAt.Format(time.RFC3339), k.Description)
+			}
+			return tw.Flush()
+		},
+	}
+
+	del := &cobra.Command{
+		Use:   "delete ACCESS_KEY_ID",
+		Short: "Delete an access key (a running server stops accepting it within seconds)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			st, err := sqlite.Open(cmd.Context(), filepath.Join(dataDir, "kiln.db"))
+			if err != nil {
+				return err
+			}
+			defer st.Close()
+			return st.DeleteAccessKey(cmd.Context(), args[0])
+		},
+	}
+	keys.AddCommand(create, list, del)
+	rootCmd.AddCommand(keys)
+}
+
+func allDigits(s string) bool {
+	for _, r := range s {
+		if r < '0' || r > '9' {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,3 @@
+module example.com/kiln/go-multistage
+
+go 1.19

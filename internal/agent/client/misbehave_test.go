@@ -1,0 +1,224 @@
+package client_test
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/agent/proto"
+)
+
+// fakeAgent is a hand-driven guest: it reads requests and lets the test
+// decide what garbage to answer with.
+type fakeAgent struct {
+	t    *testing.T
+	conn net.Conn
+	r    *proto.Reader
+}
+
+func newFakeAgent(t *testing.T) (*fakeAgent, net.Conn) {
+	host, guest := net.Pipe()
+	t.Cleanup(func() { host.Close(); guest.Close() })
+	return &fakeAgent{t: t, conn: guest, r: proto.NewReader(guest)}, host
+}
+
+func (f *fakeAgent) next() proto.Message {
+	p, err := f.r.ReadFrame()
+	if err != nil {
+		f.t.Errorf("fake agent read: %v", err)
+		return proto.Message{}
+	}
+	m, err := proto.Decode(p)
+	if err != nil {
+		f.t.Errorf("fake agent decode: %v", err)
+	}
+	return m
+}
+
+func (f *fakeAgent) send(t proto.Type, id uint64, errMsg string, body any) {
+	p, err := proto.Encode(t, id, errMsg, body)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	f.raw(mustFrame(p))
+}
+
+func (f *fakeAgent) raw(b []byte) {
+	if _, err := f.conn.Write(b); err != nil {
+		f.t.Errorf("fake agent write: %v", err)
+	}
+}
+
+func mustFrame(p []byte) []byte {
+	b, err := proto.AppendFrame(nil, p)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+// answerHello answers the first hello after sending stale and bogus frames.
+func (f *fakeAgent) answerHello(version int) {
+	m := f.next()
+	var h proto.Hello
+	proto.DecodeBody(m, &h)
+	f.raw([]byte("stale bytes from a previous session"))
+	oversize := binary.BigEndian.AppendUint32(nil, proto.Magic)
+	oversize = binary.BigEndian.AppendUint32(oversize, proto.MaxFrameSize+10)
+	f.raw(append(oversize, 0, 0, 0, 0))
+	f.send(proto.TypeResponse, m.ID, "", proto.HelloResult{Version: proto.Version, Nonce: "someone else's nonce"})
+	f.raw(mustFrame([]byte("not json")))
+	f.send(proto.TypeResponse, m.ID, "", proto.HelloResult{Version: version, Nonce: h.Nonce})
+}
+
+func TestMisbehavingAgent(t *testing.T) {
+	f, conn := newFakeAgent(t)
+	go func() {
+		f.answerHello(proto.Version)
+		ping := f.next()
+		// Unknown ids, unknown types, a flood of output for an exec nobody
+		// started (goes to Logs, which must stay bounded), bad bodies.
+		f.send(proto.TypeResponse, 999999, "", nil)
+		f.send("surprise", 0, "", nil)
+		f.send(proto.TypeOutput, 0, "", proto.Output{ExecID: 0, Stream: proto.Stdout})
+		f.send(proto.TypeOutput, 0, "", proto.Output{ExecID: 5, Stream: "weird"})
+		f.send(proto.TypeExit, 0, "", "not an exit")
+		for range 5000 {
+			f.send(proto.TypeOutput, 0, "", proto.Output{ExecID: 77, Stream: proto.Stdout, Data: []byte("flood")})
+		}
+		f.send(proto.TypeResponse, ping.ID, "", nil)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := client.New(ctx, conn, nil)
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	defer c.Close()
+	if err := c.Ping(ctx); err != nil {
+		t.Fatalf("Ping: %v", err)
+	}
+	if n := len(c.Logs()); n > 256 {
+		t.Errorf("%d log records buffered", n)
+	}
+	if c.LogsDropped() == 0 {
+		t.Error("LogsDropped() = 0 after a flood")
+	}
+	if c.InvalidFrames() == 0 {
+		t.Error("InvalidFrames() = 0 after invalid frames")
+	}
+}
+
+func TestVersionMismatch(t *testing.T) {
+	f, conn := newFakeAgent(t)
+	go f.answerHello(proto.Version + 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := client.New(ctx, conn, nil); !errors.Is(err, client.ErrVersion) {
+		t.Fatalf("New: %v, want ErrVersion", err)
+	}
+}
+
+func TestTimeouts(t *testing.T) {
+	tests := []struct {
+		name string
+		run  func(ctx context.Context, t *testing.T, conn net.Conn, f *fakeAgent) error
+	}{
+		{name: "silent agent at hello", run: func(ctx context.Context, t *testing.T, conn net.Conn, f *fakeAgent) error {
+			go func() {
+				for {
+					if _, err := f.r.ReadFrame(); err != nil {
+						return
+					}
+				}
+			}()
+			_, err := client.New(ctx, conn, nil)
+			return err
+		}},
+		{name: "silent agent at ping", run: func(ctx context.Context, t *testing.T, conn net.Conn, f *fakeAgent) error {
+			go func() {
+				f.answerHello(proto.Version)
+				for {
+					if _, err := f.r.ReadFrame(); err != nil {
+						return
+					}
+				}
+			}()
+			c, err := client.New(context.Background(), conn, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			return c.Ping(ctx)
+		}},
+		{name: "agent not reading", run: func(ctx context.Context, t *testing.T, conn net.Conn, f *fakeAgent) error {
+			go f.answerHello(proto.Version)
+			c, err := client.New(context.Background(), conn, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			// net.Pipe is unbuffered: writes block once nobody reads.
+			for {
+				if err := c.Ping(ctx); err != nil {
+					return err
+				}
+			}
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f, conn := newFakeAgent(t)
+			ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+			defer cancel()
+			start := time.Now()
+			err := tt.run(ctx, t, conn, f)
+			if !errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("err %v, want deadline exceeded", err)
+			}
+			if d := time.Since(start); d > 2*time.Second {
+				t.Fatalf("took %s", d)
+			}
+		})
+	}
+}
+
+func TestConnectionLoss(t *testing.T) {
+	f, conn := newFakeAgent(t)
+	go f.answerHello(proto.Version)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := client.New(ctx, conn, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		m := f.next()
+		f.send(proto.TypeResponse, m.ID, "", proto.ExecResult{ExecID: 1, Pid: 10})
+		f.conn.Close()
+	}()
+	p, err := c.Exec(ctx, client.ExecRequest{Argv: []string{"x"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.Wait(ctx); !errors.Is(err, client.ErrClosed) {
+		t.Fatalf("Wait: %v, want ErrClosed", err)
+	}
+	select {
+	case <-c.Done():
+	case <-ctx.Done():
+		t.Fatal("Done not closed")
+	}
+	if c.Err() == nil {
+		t.Fatal("Err() = nil after loss")
+	}
+	if err := c.Ping(ctx); !errors.Is(err, client.ErrClosed) {
+		t.Fatalf("Ping after loss: %v", err)
+	}
+	for range c.Logs() {
+	}
+}

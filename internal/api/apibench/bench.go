@@ -1,0 +1,217 @@
+// Package apibench measures the API server: concurrent SigV4-signed clients
+// calling GetMicrovm and ListMicrovms against a store holding many microVM
+// records, reporting throughput and latency percentiles.
+package apibench
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/api/fakebackend"
+	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/awscli"
+	"github.com/kiln-sandbox/kiln/internal/store"
+	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
+)
+
+// Options configure a run.
+type Options struct {
+	Clients  int           // concurrent signed clients
+	Records  int           // microVM records in the store
+	Duration time.Duration // per measured operation
+	PageSize int           // maxResults of ListMicrovms
+	Dir      string        // scratch directory for the database
+}
+
+// Result is one operation's figures.
+type Result struct {
+	Operation string        `json:"operation"`
+	Requests  int           `json:"requests"`
+	Errors    int           `json:"errors"`
+	PerSecond float64       `json:"requestsPerSecond"`
+	P50       time.Duration `json:"-"`
+	P99       time.Duration `json:"-"`
+	Max       time.Duration `json:"-"`
+	P50Ms     float64       `json:"p50Ms"`
+	P99Ms     float64       `json:"p99Ms"`
+	MaxMs     float64       `json:"maxMs"`
+}
+
+func (r Result) String() string {
+	return fmt.Sprintf("%-13s %8d requests %6d errors %9.0f req/s  p50 %7.2f ms  p99 %7.2f ms  max %7.2f ms",
+		r.Operation, r.Requests, r.Errors, r.PerSecond, ms(r.P50), ms(r.P99), ms(r.Max))
+}
+
+func ms(d time.Duration) float64 { return float64(d) / 1e6 }
+
+// Run seeds a fresh store, serves the API on a loopback port and measures.
+// Progress goes to log.
+func Run(ctx context.Context, o Options, log io.Writer) ([]Result, error) {
+	dir, err := os.MkdirTemp(o.Dir, "kiln-apibench-")
+	if err != nil {
+		return nil, fmt.Errorf("creating scratch directory: %w", err)
+	}
+	defer os.RemoveAll(dir)
+	st, err := sqlite.Open(ctx, filepath.Join(dir, "kiln.db"))
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	key, err := auth.NewAccessKey("123456789012", "bench")
+	if err != nil {
+		return nil, err
+	}
+	if err := st.CreateAccessKey(ctx, key); err != nil {
+		return nil, err
+	}
+	t0 := time.Now()
+	ids, err := seed(ctx, st, key.Account, o.Records)
+	if err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(log, "seeded %d microVM records in %s\n", len(ids), time.Since(t0).Round(time.Millisecond))
+
+	be := fakebackend.New(api.NewReporter(st), time.Millisecond)
+	srv := api.NewServer(api.Config{}, st, be)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, fmt.Errorf("listening: %w", err)
+	}
+	hs := &http.Server{Handler: srv.Handler()}
+	go hs.Serve(ln)
+	defer hs.Close()
+
+	tr := &http.Transport{MaxIdleConns: o.Clients * 2, MaxIdleConnsPerHost: o.Clients * 2, IdleConnTimeout: time.Minute}
+	defer tr.CloseIdleConnections()
+	newClient := func() *awscli.Client {
+		c := awscli.NewClient("http://"+ln.Addr().String(), "us-east-1", auth.Credentials{AccessKeyID: key.ID, SecretAccessKey: key.Secret})
+		c.HTTP = &http.Client{Transport: tr, Timeout: 30 * time.Second}
+		return c
+	}
+	get := func(ctx context.Context, c *awscli.Client, r *rand.Rand) error {
+		id := ids[r.IntN(len(ids))]
+		b, err := c.Do(ctx, "GET", "/2025-09-09/microvms/"+id, nil, nil)
+		if err != nil {
+			return err
+		}
+		var m struct{ MicrovmID string }
+		if err := json.Unmarshal(b, &m); err != nil || m.MicrovmID != id {
+			return fmt.Errorf("GetMicrovm answered %q for %s", m.MicrovmID, id)
+		}
+		return nil
+	}
+	list := func(ctx context.Context, c *awscli.Client, r *rand.Rand) error {
+		_, err := c.Do(ctx, "GET", "/2025-09-09/microvms", url.Values{"maxResults": {fmt.Sprint(o.PageSize)}}, nil)
+		return err
+	}
+	var out []Result
+	for _, op := range []struct {
+		name string
+		fn   func(context.Context, *awscli.Client, *rand.Rand) error
+	}{{"GetMicrovm", get}, {"ListMicrovms", list}} {
+		// A short warm-up fills connection pools and caches.
+		measure(ctx, o.Clients, 300*time.Millisecond, newClient, op.fn)
+		res := measure(ctx, o.Clients, o.Duration, newClient, op.fn)
+		res.Operation = op.name
+		fmt.Fprintln(log, res)
+		out = append(out, res)
+	}
+	return out, nil
+}
+
+// seed stores n RUNNING microVMs, in a few concurrent writers so the
+// single-writer store's commits are the only limit.
+func seed(ctx context.Context, st store.Store, account string, n int) ([]string, error) {
+	now := time.Now().UTC()
+	ids := make([]string, n)
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= n {
+					return
+				}
+				id := fmt.Sprintf("mvm-bench%015d", i)
+				ids[i] = id
+				idle := &store.IdlePolicy{MaxIdleDurationSeconds: 300, SuspendedDurationSeconds: 3600, AutoResumeEnabled: true}
+				m := store.Microvm{ID: id, Account: account, ARN: "arn:aws:lambda:us-east-1:" + account + ":microvm:" + id, State: store.StateRunning,
+					Endpoint: "https://" + id + ".microvm.localhost", ImageName: "bench", ImageARN: "arn:aws:lambda:us-east-1:" + account + ":microvm-image:bench",
+					ImageVersion: "1", IdlePolicy: idle, MaximumDurationInSeconds: 28800, StartedAt: now, UpdatedAt: now, DeadlineAt: now.Add(8 * time.Hour)}
+				if err := st.CreateMicrovm(ctx, m, nil); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return nil, fmt.Errorf("seeding: %w", err)
+	}
+	return ids, nil
+}
+
+func measure(ctx context.Context, clients int, d time.Duration, newClient func() *awscli.Client, fn func(context.Context, *awscli.Client, *rand.Rand) error) Result {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	lat := make([][]time.Duration, clients)
+	errs := make([]int, clients)
+	start := time.Now()
+	var wg sync.WaitGroup
+	for i := 0; i < clients; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			c := newClient()
+			r := rand.New(rand.NewPCG(uint64(i), 42))
+			for ctx.Err() == nil {
+				t := time.Now()
+				err := fn(ctx, c, r)
+				if ctx.Err() != nil {
+					return // cut off by the end of the run: not counted
+				}
+				lat[i] = append(lat[i], time.Since(t))
+				if err != nil {
+					errs[i]++
+				}
+			}
+		}(i)
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	var all []time.Duration
+	res := Result{}
+	for i := range lat {
+		all = append(all, lat[i]...)
+		res.Errors += errs[i]
+	}
+	slices.Sort(all)
+	res.Requests = len(all)
+	res.PerSecond = float64(len(all)) / elapsed.Seconds()
+	if len(all) > 0 {
+		res.P50 = all[len(all)*50/100]
+		res.P99 = all[len(all)*99/100]
+		res.Max = all[len(all)-1]
+		res.P50Ms, res.P99Ms, res.MaxMs = ms(res.P50), ms(res.P99), ms(res.Max)
+	}
+	return res
+}

@@ -1,0 +1,133 @@
+package api
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+
+	"github.com/kiln-sandbox/kiln/internal/auth"
+)
+
+// ArtifactPath is kiln's extension for uploading a code package (a zip),
+// used by `kiln create-microvm-image --code`: PUT the zip with its SHA-256
+// in X-Amz-Content-Sha256 (signed, as S3 does); the answer's uri is the
+// codeArtifact to pass to CreateMicrovmImage or UpdateMicrovmImage.
+const ArtifactPath = "/kiln/v1/code-artifacts"
+
+var sha256RE = regexp.MustCompile(`^[0-9a-f]{64}$`)
+
+// uploadArtifact streams an upload to ArtifactDir/ACCOUNT/SHA256.zip. The
+// signature is checked before a byte is written, against the hash the
+// client declared; the body must then match that hash.
+func (s *Server) uploadArtifact(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("x-amzn-RequestId", newRequestID())
+	if s.cfg.ArtifactDir == "" {
+		writeError(w, r, &Error{Status: 501, Type: "UnsupportedOperationException", Message: "this server accepts no uploads"})
+		return
+	}
+	hash := r.Header.Get("X-Amz-Content-Sha256")
+	if !sha256RE.MatchString(hash) {
+		writeError(w, r, fieldError("X-Amz-Content-Sha256", nil, "Header must be the lower-case hex SHA-256 of the body"))
+		return
+	}
+	if r.ContentLength <= 0 || r.ContentLength > s.cfg.MaxArtifactBytes {
+		writeError(w, r, validation("an upload must declare its Content-Length, at most %d bytes", s.cfg.MaxArtifactBytes))
+		return
+	}
+	key, err := s.verifier.VerifyHash(r, hash, r.ContentLength)
+	if err != nil {
+		if errors.Is(err, auth.ErrDenied) {
+			writeError(w, r, accessDenied(err.Error()))
+		} else {
+			writeError(w, r, internal(err.Error()))
+		}
+		return
+	}
+	if s.limits != nil && !s.limits.allow(key.Account) {
+		writeError(w, r, &Error{Status: 429, Type: "ThrottlingException", Message: "rate of requests exceeded for this account", RetryAfter: 1})
+		return
+	}
+	dir := filepath.Join(s.cfg.ArtifactDir, key.Account)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		writeError(w, r, internal(fmt.Sprintf("creating artifact directory: %v", err)))
+		return
+	}
+	f, err := os.CreateTemp(dir, ".upload-*")
+	if err != nil {
+		writeError(w, r, internal(fmt.Sprintf("creating upload: %v", err)))
+		return
+	}
+	defer os.Remove(f.Name())
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(io.MultiWriter(f, h), io.LimitReader(r.Body, r.ContentLength+1))
+	if err != nil {
+		writeError(w, r, validation("reading upload: %v", err))
+		return
+	}
+	if n != r.ContentLength || hex.EncodeToString(h.Sum(nil)) != hash {
+		writeError(w, r, validation("the body does not match its Content-Length and X-Amz-Content-Sha256"))
+		return
+	}
+	magic := make([]byte, 4)
+	if _, err := f.ReadAt(magic, 0); err != nil || (string(magic) != "PK\x03\x04" && string(magic) != "PK\x05\x06") {
+		writeError(w, r, validation("a code package must be a zip file"))
+		return
+	}
+	if err := f.Sync(); err != nil {
+		writeError(w, r, internal(fmt.Sprintf("writing upload: %v", err)))
+		return
+	}
+	dst := filepath.Join(dir, hash+".zip")
+	if err := os.Rename(f.Name(), dst); err != nil {
+		writeError(w, r, internal(fmt.Sprintf("storing upload: %v", err)))
+		return
+	}
+	abs, _ := filepath.Abs(dst)
+	b, _ := json.Marshal(map[string]any{"uri": (&url.URL{Scheme: "file", Path: abs}).String(), "sha256": hash, "sizeInBytes": n})
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusCreated)
+	w.Write(b)
+}
+
+// checkCodeURI says whether account may build from uri. Remote packages
+// (s3, https, http) are fetched by the builder; local ones (file:// or a
+// path) only from the account's own uploads, so that a tenant cannot make
+// the builder read the host's files; operator accounts may name any path.
+func (s *Server) checkCodeURI(account, uri string) error {
+	u, err := url.Parse(uri)
+	if err != nil {
+		return fieldError("codeArtifact.uri", uri, "Member must be a URI (s3://, https://, or an uploaded file:// package)")
+	}
+	switch u.Scheme {
+	case "s3", "https", "http":
+		if u.Host == "" {
+			return fieldError("codeArtifact.uri", uri, "Member must name a bucket or host")
+		}
+		return nil
+	case "file", "":
+	default:
+		return fieldError("codeArtifact.uri", uri, "Member must use s3://, https:// or http://, or be a package uploaded with kiln")
+	}
+	if slices.Contains(s.cfg.OperatorAccounts, account) {
+		return nil
+	}
+	if s.cfg.ArtifactDir != "" {
+		own, err := filepath.Abs(filepath.Join(s.cfg.ArtifactDir, account))
+		p := filepath.Clean(u.Path)
+		if err == nil && u.Host == "" && filepath.IsAbs(p) && strings.HasPrefix(p, own+string(filepath.Separator)) {
+			return nil
+		}
+	}
+	return fieldError("codeArtifact.uri", uri, "local packages must be uploaded first (kiln create-microvm-image --code, or PUT "+ArtifactPath+")")
+}

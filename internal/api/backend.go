@@ -1,0 +1,265 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/store"
+)
+
+// Backend performs what the API has accepted. The API first records the
+// request durably in the store (the microVM in PENDING, SUSPENDING or
+// TERMINATING; the build in PENDING), answers the client, and calls the
+// Backend; the Backend does the work on its own goroutines and reports
+// every state change back through a Reporter (NewReporter(store)).
+//
+// Every method must return quickly (it only accepts the work), must not
+// keep ctx (it is the request's; the work outlives it: use
+// context.WithoutCancel or the backend's own context), and must be
+// idempotent: after a crash, Recover hands the same records again.
+// A returned error means the work was not accepted; the API then records the
+// failure (microVM TERMINATED / build FAILED with the error as stateReason).
+type Backend interface {
+	// StartMicrovm restores m from its image version's snapshot and calls
+	// the run hook with m.RunHookPayload; it reports RUNNING, or TERMINATED
+	// with a reason if the start fails. m is PENDING.
+	StartMicrovm(ctx context.Context, m store.Microvm) error
+	// SuspendMicrovm snapshots and stops m (suspend hook first, if
+	// enabled); it reports SUSPENDED, or RUNNING with a reason if the
+	// suspend fails. m is SUSPENDING.
+	SuspendMicrovm(ctx context.Context, m store.Microvm) error
+	// ResumeMicrovm restores a suspended m (resume hook after, if
+	// enabled); it reports RUNNING. m is SUSPENDED with PendingOp "resume".
+	ResumeMicrovm(ctx context.Context, m store.Microvm) error
+	// TerminateMicrovm stops m (terminate hook first, if enabled and m is
+	// running) and frees everything; it reports TERMINATED. m is
+	// TERMINATING; it may have been PENDING, RUNNING, SUSPENDING or
+	// SUSPENDED, and an in-flight start or suspend must be abandoned.
+	TerminateMicrovm(ctx context.Context, m store.Microvm) error
+	// BuildImage builds v (its Config) once per build in builds, reporting
+	// progress with Reporter.BuildRunning, Reporter.AppendBuildLog and
+	// finally Reporter.BuildFinished for each build.
+	BuildImage(ctx context.Context, v store.ImageVersion, builds []store.Build) error
+	// DeleteImageVersion frees the snapshots and files of a version whose
+	// record is gone. Best effort; errors are logged.
+	DeleteImageVersion(ctx context.Context, account, image, version string) error
+}
+
+// TokenIssuer makes the tokens that the endpoint proxy accepts in the
+// X-aws-proxy-auth header. The returned map is the API's authToken.
+type TokenIssuer interface {
+	IssueToken(ctx context.Context, m store.Microvm, req TokenRequest) (map[string]string, error)
+}
+
+// TokenRequest is what a token grants.
+type TokenRequest struct {
+	Shell   bool      // a shell token (CreateMicrovmShellAuthToken)
+	Expires time.Time // absolute expiry
+	Ports   []PortSpec
+}
+
+// PortSpec is one entry of allowedPorts: exactly one of the fields is set.
+type PortSpec struct {
+	Port     *int64     `json:"port,omitempty"`
+	Range    *PortRange `json:"range,omitempty"`
+	AllPorts *struct{}  `json:"allPorts,omitempty"`
+}
+
+// PortRange is an inclusive range of ports.
+type PortRange struct {
+	StartPort *int64 `json:"startPort"`
+	EndPort   *int64 `json:"endPort"`
+}
+
+// Reporter is how a Backend records what happened. All methods are
+// durable when they return nil.
+type Reporter struct {
+	st  store.Store
+	now func() time.Time
+}
+
+// buildsMu serialises BuildFinished, across every Reporter of the process,
+// so that the last of a version's builds to finish always sees the others
+// final.
+var buildsMu sync.Mutex
+
+// NewReporter returns a Reporter that writes to st.
+func NewReporter(st store.Store) *Reporter { return &Reporter{st: st, now: time.Now} }
+
+// MicrovmState moves a microVM to state to with reason, if its current
+// state is one of from (any allowed predecessor if from is nil), and
+// returns the record as written. ErrConflict if the microVM is no longer in
+// a state from which it may move (e.g. it was terminated meanwhile).
+func (r *Reporter) MicrovmState(ctx context.Context, account, id string, from []store.MicrovmState, to store.MicrovmState, reason string) (store.Microvm, error) {
+	return r.st.UpdateMicrovm(ctx, account, id, from, func(m *store.Microvm) error {
+		if m.State == to {
+			return nil
+		}
+		if !store.Allowed(m.State, to) {
+			return fmt.Errorf("microvm %s cannot move from %s to %s: %w", id, m.State, to, errdefs.ErrConflict)
+		}
+		m.SetState(to, reason, r.now().UTC())
+		return nil
+	})
+}
+
+// BuildRunning marks a build IN_PROGRESS, and its version too.
+func (r *Reporter) BuildRunning(ctx context.Context, b store.Build) error {
+	now := r.now().UTC()
+	b.State, b.UpdatedAt = store.BuildInProgress, now
+	if err := r.st.UpdateBuild(ctx, b); err != nil {
+		return err
+	}
+	v, err := r.st.GetImageVersion(ctx, b.Account, b.ImageName, b.Version)
+	if err != nil {
+		return err
+	}
+	if v.State == store.VersionPending {
+		v.State, v.UpdatedAt = store.VersionInProgress, now
+		return r.st.UpdateImageVersion(ctx, v)
+	}
+	return nil
+}
+
+// AppendBuildLog appends build output, shown by `kiln logs`.
+func (r *Reporter) AppendBuildLog(ctx context.Context, buildID string, data []byte) error {
+	return r.st.AppendBuildLog(ctx, buildID, data)
+}
+
+// BuildFinished records a build's outcome and, once every build of the
+// version is final, the version's and the image's: SUCCESSFUL versions
+// become the image's latestActiveImageVersion (image CREATED or UPDATED),
+// failed ones its latestFailedImageVersion (CREATE_FAILED/UPDATE_FAILED).
+func (r *Reporter) BuildFinished(ctx context.Context, b store.Build, ok bool, reason string, snap *store.SnapshotBuild) error {
+	buildsMu.Lock()
+	defer buildsMu.Unlock()
+	now := r.now().UTC()
+	b.State, b.StateReason, b.UpdatedAt, b.Snapshot = store.BuildSuccessful, reason, now, snap
+	if !ok {
+		b.State = store.BuildFailed
+	}
+	if err := r.st.UpdateBuild(ctx, b); err != nil {
+		return err
+	}
+	builds, _, err := r.st.ListBuilds(ctx, b.Account, b.ImageName, b.Version, store.Page{Limit: 1000})
+	if err != nil {
+		return err
+	}
+	failed := ""
+	for _, x := range builds {
+		switch x.State {
+		case store.BuildPending, store.BuildInProgress:
+			return nil // others still running
+		case store.BuildFailed:
+			failed = x.StateReason
+			if failed == "" {
+				failed = "build " + x.ID + " failed"
+			}
+		}
+	}
+	v, err := r.st.GetImageVersion(ctx, b.Account, b.ImageName, b.Version)
+	if err != nil {
+		return err
+	}
+	v.UpdatedAt = now
+	if failed == "" {
+		v.State, v.StateReason = store.VersionSuccessful, ""
+	} else {
+		v.State, v.StateReason = store.VersionFailed, failed
+	}
+	if err := r.st.UpdateImageVersion(ctx, v); err != nil {
+		return err
+	}
+	img, err := r.st.GetImage(ctx, b.Account, b.ImageName)
+	if err != nil {
+		return err
+	}
+	first := img.State == store.ImageCreating
+	img.UpdatedAt = now
+	switch {
+	case failed == "" && first:
+		img.State, img.LatestActiveVersion = store.ImageCreated, v.Version
+	case failed == "":
+		img.State, img.LatestActiveVersion = store.ImageUpdated, v.Version
+	case first:
+		img.State, img.LatestFailedVersion = store.ImageCreateFailed, v.Version
+	default:
+		img.State, img.LatestFailedVersion = store.ImageUpdateFailed, v.Version
+	}
+	return r.st.UpdateImage(ctx, img)
+}
+
+// LogSource is optionally implemented by a Backend that keeps microVM
+// output (the app's stdout and stderr, forwarded by the guest agent). The
+// API serves it at GET /kiln/v1/microvms/{id}/log?offset=N (used by
+// `kiln logs`): at most limit bytes from offset, and the offset after them.
+// Offsets before the oldest byte kept start at the oldest byte.
+type LogSource interface {
+	MicrovmLog(ctx context.Context, m store.Microvm, offset int64, limit int) (data []byte, next int64, err error)
+}
+
+// Recoverer is optionally implemented by a Backend that can reconcile its
+// own world (processes, files, network namespaces) with the store after a
+// restart. Recover receives every microVM not TERMINATED and every build
+// not final; it must finish or roll back each transitional one (reporting
+// through the Reporter) and report TERMINATED for any the engine has lost.
+// Backends without it get the transitional records re-issued as calls
+// (StartMicrovm for PENDING, and so on), which their idempotency allows.
+type Recoverer interface {
+	Recover(ctx context.Context, vms []store.Microvm, builds []store.Build) error
+}
+
+// Recover hands the store's unfinished work to the backend after a start.
+// It is called by Server.Start.
+func Recover(ctx context.Context, st store.Store, be Backend) error {
+	vms, err := st.ListMicrovmsInState(ctx, 0, store.StatePending, store.StateRunning, store.StateSuspending, store.StateSuspended, store.StateTerminating)
+	if err != nil {
+		return fmt.Errorf("listing microvms to recover: %w", err)
+	}
+	builds, err := st.ListBuildsInState(ctx, store.BuildPending, store.BuildInProgress)
+	if err != nil {
+		return fmt.Errorf("listing builds to recover: %w", err)
+	}
+	if rc, ok := be.(Recoverer); ok {
+		return rc.Recover(ctx, vms, builds)
+	}
+	var errs []error
+	for _, m := range vms {
+		var err error
+		switch {
+		case m.State == store.StatePending:
+			err = be.StartMicrovm(ctx, m)
+		case m.State == store.StateSuspending:
+			err = be.SuspendMicrovm(ctx, m)
+		case m.State == store.StateSuspended && m.PendingOp == "resume":
+			err = be.ResumeMicrovm(ctx, m)
+		case m.State == store.StateTerminating:
+			err = be.TerminateMicrovm(ctx, m)
+		}
+		errs = append(errs, err)
+	}
+	// Builds are grouped by version: BuildImage takes a version's builds.
+	type key struct{ account, image, version string }
+	groups := map[key][]store.Build{}
+	var order []key
+	for _, b := range builds {
+		k := key{b.Account, b.ImageName, b.Version}
+		if _, ok := groups[k]; !ok {
+			order = append(order, k)
+		}
+		groups[k] = append(groups[k], b)
+	}
+	for _, k := range order {
+		v, err := st.GetImageVersion(ctx, k.account, k.image, k.version)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		errs = append(errs, be.BuildImage(ctx, v, groups[k]))
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,395 @@
+// Package api serves kiln's control plane: an HTTP API wire-compatible with
+// AWS Lambda MicroVMs (API version 2025-09-09, restJson1, SigV4 with
+// signing name "lambda"), so that the AWS SDKs and CLI work against kiln
+// with an endpoint override.
+//
+// The API validates a request, records it durably in the store.Store and
+// answers; a Backend (the VM engine and image builder) performs the
+// transition asynchronously and reports state changes back through a
+// Reporter, which writes them to the same store.
+package api
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"runtime"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/store"
+)
+
+// APIVersion is the path prefix of most operations.
+const APIVersion = "2025-09-09"
+
+// SigningName is the SigV4 service name clients sign with.
+const SigningName = "lambda"
+
+// ManagedImage is a base image that CreateMicrovmImage may build on.
+type ManagedImage struct {
+	Name      string
+	CreatedAt time.Time
+	Versions  []ManagedImageVersion
+}
+
+// ManagedImageVersion is one version of a managed base image.
+type ManagedImageVersion struct {
+	Version   string
+	Status    string // AVAILABLE or DEPRECATED
+	CreatedAt time.Time
+}
+
+// Config configures a Server. Zero values get the defaults noted.
+type Config struct {
+	// Region appears in ARNs and is the region clients sign for
+	// (default us-east-1). Requests signed for another region are accepted.
+	Region string
+	// Domain is the parent of microVM endpoint host names:
+	// https://<microvm-id>.<Domain>[:EndpointPort] (default microvm.localhost).
+	Domain string
+	// EndpointPort is appended to endpoint URLs unless empty or "443".
+	EndpointPort string
+	// ManagedImages lists the base images (default: one, "debian-bookworm"
+	// version "1").
+	ManagedImages []ManagedImage
+	// Tokens issues endpoint auth tokens (default: an HMAC issuer with a
+	// random key, valid only in this process).
+	Tokens TokenIssuer
+	// Architecture is what builds report (default from the host).
+	Architecture string
+	// MaxMicrovmsPerAccount caps an account's microVMs that are not
+	// TERMINATED; RunMicrovm beyond it is a ServiceQuotaExceededException
+	// (0: no cap).
+	MaxMicrovmsPerAccount int
+	// RequestsPerSecond limits each account's request rate, with bursts of
+	// twice that; beyond it requests get ThrottlingException (0: no limit).
+	RequestsPerSecond float64
+	// ArtifactDir receives uploaded code packages (PUT /kiln/v1/code-artifacts),
+	// one folder per account; "" refuses uploads and local code packages.
+	ArtifactDir string
+	// MaxArtifactBytes bounds an uploaded package (default 1 GiB).
+	MaxArtifactBytes int64
+	// OperatorAccounts may build from any local path or file:// URI;
+	// other accounts only from their own uploads or remote URIs.
+	OperatorAccounts []string
+	// MaxBodyBytes bounds request bodies (default 6 MiB).
+	MaxBodyBytes int64
+	// Now is the clock (default time.Now).
+	Now func() time.Time
+}
+
+// Server is the API. Create it with NewServer; serve Handler(); call Start
+// once to recover unfinished work and run the deadline controller.
+type Server struct {
+	cfg      Config
+	st       store.Store
+	be       Backend
+	rep      *Reporter
+	verifier *auth.Verifier
+	mux      *http.ServeMux
+	limits   *limiter
+}
+
+// NewServer returns an API server over st that hands accepted work to be.
+func NewServer(cfg Config, st store.Store, be Backend) *Server {
+	if cfg.Region == "" {
+		cfg.Region = "us-east-1"
+	}
+	if cfg.Domain == "" {
+		cfg.Domain = "microvm.localhost"
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.MaxBodyBytes == 0 {
+		cfg.MaxBodyBytes = 6 << 20
+	}
+	if cfg.MaxArtifactBytes == 0 {
+		cfg.MaxArtifactBytes = 1 << 30
+	}
+	if cfg.Architecture == "" {
+		cfg.Architecture = map[string]string{"amd64": "X86_64", "arm64": "ARM_64"}[runtime.GOARCH]
+	}
+	if len(cfg.ManagedImages) == 0 {
+		t := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+		cfg.ManagedImages = []ManagedImage{{Name: "debian-bookworm", CreatedAt: t,
+			Versions: []ManagedImageVersion{{Version: "1", Status: "AVAILABLE", CreatedAt: t}}}}
+	}
+	if cfg.Tokens == nil {
+		cfg.Tokens = NewHMACIssuer(nil)
+	}
+	s := &Server{cfg: cfg, st: st, be: be, rep: NewReporter(st), verifier: auth.NewVerifier(st, SigningName)}
+	s.rep.now = cfg.Now
+	if cfg.RequestsPerSecond > 0 {
+		s.limits = newLimiter(cfg.RequestsPerSecond, 2*cfg.RequestsPerSecond, cfg.Now)
+	}
+	s.verifier.Now = cfg.Now
+	s.routes()
+	return s
+}
+
+// Verifier returns the SigV4 verifier (to drop a deleted key from its cache).
+func (s *Server) Verifier() *auth.Verifier { return s.verifier }
+
+// Reporter returns the Reporter writing to this server's store.
+func (s *Server) Reporter() *Reporter { return s.rep }
+
+// Handler returns the HTTP handler of the API.
+func (s *Server) Handler() http.Handler { return s.mux }
+
+// Start hands unfinished work to the backend (see Recover) and then runs
+// the deadline controller until ctx ends: microVMs past
+// maximumDurationInSeconds, and suspended ones past suspendedDurationSeconds,
+// are terminated. It returns after recovery; the controller keeps running.
+func (s *Server) Start(ctx context.Context) error {
+	if err := Recover(ctx, s.st, s.be); err != nil {
+		slog.Error("recovering unfinished work", "err", err)
+	}
+	go s.reap(ctx)
+	return nil
+}
+
+func (s *Server) reap(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		s.ReapOnce(ctx)
+	}
+}
+
+// ReapOnce terminates the microVMs whose deadlines have passed.
+func (s *Server) ReapOnce(ctx context.Context) {
+	now := s.cfg.Now()
+	due, err := s.st.ListMicrovmsDue(ctx, now, 100)
+	if err != nil {
+		slog.Error("listing microvms past their deadline", "err", err)
+		return
+	}
+	for _, m := range due {
+		reason := "MaximumDurationExceeded: the microVM reached maximumDurationInSeconds"
+		if m.State == store.StateSuspended && m.SuspendDeadlineAt != nil && !now.Before(*m.SuspendDeadlineAt) && now.Before(m.DeadlineAt) {
+			reason = "SuspendedDurationExceeded: the microVM stayed suspended for suspendedDurationSeconds"
+		}
+		if err := s.Terminate(ctx, m.Account, m.ID, reason); err != nil {
+			slog.Warn("terminating microvm past its deadline", "microvm", m.ID, "err", err)
+		}
+	}
+}
+
+// call is one authenticated request.
+type call struct {
+	r       *http.Request
+	body    []byte
+	account string
+	key     store.AccessKey
+}
+
+func (c *call) path(name string) string { return c.r.PathValue(name) }
+
+type handler func(ctx context.Context, c *call) (any, error)
+
+func (s *Server) handle(pattern string, status int, h handler) {
+	s.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+		// SDKs report this id with every answer, errors included.
+		w.Header().Set("x-amzn-RequestId", newRequestID())
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes))
+		if err != nil {
+			var mbe *http.MaxBytesError
+			if errors.As(err, &mbe) {
+				writeError(w, r, validation("request body exceeds %d bytes", s.cfg.MaxBodyBytes))
+				return
+			}
+			writeError(w, r, validation("reading request body: %v", err))
+			return
+		}
+		key, err := s.verifier.Verify(r, body)
+		if err != nil {
+			if errors.Is(err, auth.ErrDenied) {
+				writeError(w, r, accessDenied(err.Error()))
+			} else {
+				writeError(w, r, internal(err.Error()))
+			}
+			return
+		}
+		if s.limits != nil && !s.limits.allow(key.Account) {
+			writeError(w, r, &Error{Status: 429, Type: "ThrottlingException", Message: "rate of requests exceeded for this account", RetryAfter: 1})
+			return
+		}
+		out, err := h(r.Context(), &call{r: r, body: body, account: key.Account, key: key})
+		if err != nil {
+			writeError(w, r, toAPIError(err, "", ""))
+			return
+		}
+		if status == http.StatusNoContent {
+			w.WriteHeader(status)
+			return
+		}
+		b, err := json.Marshal(out)
+		if err != nil {
+			writeError(w, r, internal("encoding response: "+err.Error()))
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+		w.WriteHeader(status)
+		w.Write(b)
+	})
+}
+
+func (s *Server) routes() {
+	s.mux = http.NewServeMux()
+	v := "/" + APIVersion
+	s.handle("POST "+v+"/microvm-images", 201, s.createImage)
+	s.handle("GET "+v+"/microvm-images", 200, s.listImages)
+	s.handle("GET "+v+"/microvm-images/{imageIdentifier}", 200, s.getImage)
+	s.handle("PUT "+v+"/microvm-images/{imageIdentifier}", 200, s.updateImage)
+	s.handle("DELETE "+v+"/microvm-images/{imageIdentifier}", 200, s.deleteImage)
+	s.handle("GET "+v+"/microvm-images/{imageIdentifier}/versions", 200, s.listImageVersions)
+	s.handle("GET "+v+"/microvm-images/{imageIdentifier}/versions/{imageVersion}", 200, s.getImageVersion)
+	s.handle("PATCH "+v+"/microvm-images/{imageIdentifier}/versions/{imageVersion}", 200, s.updateImageVersion)
+	s.handle("DELETE "+v+"/microvm-images/{imageIdentifier}/versions/{imageVersion}", 200, s.deleteImageVersion)
+	s.handle("GET "+v+"/microvm-images/{imageIdentifier}/versions/{imageVersion}/builds", 200, s.listBuilds)
+	s.handle("GET "+v+"/microvm-images/{imageIdentifier}/versions/{imageVersion}/builds/{buildId}", 200, s.getBuild)
+	s.handle("GET "+v+"/managed-microvm-images", 200, s.listManagedImages)
+	s.handle("GET "+v+"/managed-microvm-images/{imageIdentifier}/versions", 200, s.listManagedImageVersions)
+	s.handle("POST "+v+"/microvms", 200, s.runMicrovm)
+	s.handle("GET "+v+"/microvms", 200, s.listMicrovms)
+	s.handle("GET "+v+"/microvms/{microvmIdentifier}", 200, s.getMicrovm)
+	s.handle("DELETE "+v+"/microvms/{microvmIdentifier}", 200, s.terminateMicrovm)
+	s.handle("POST "+v+"/microvms/{microvmIdentifier}/suspend", 200, s.suspendMicrovm)
+	s.handle("POST "+v+"/microvms/{microvmIdentifier}/resume", 200, s.resumeMicrovm)
+	s.handle("POST "+v+"/microvms/{microvmIdentifier}/auth-token", 200, s.createAuthToken)
+	s.handle("POST "+v+"/microvms/{microvmIdentifier}/shell-auth-token", 200, s.createShellAuthToken)
+	s.handle("GET /2017-03-31/tags/{Resource}", 200, s.listTags)
+	s.handle("POST /2017-03-31/tags/{Resource}", 204, s.tagResource)
+	s.handle("DELETE /2017-03-31/tags/{Resource}", 204, s.untagResource)
+	// Build logs are a kiln extension (no AWS operation exposes them); the
+	// path is outside the AWS API's version prefixes.
+	s.handle("GET /kiln/v1/microvm-images/{imageIdentifier}/versions/{imageVersion}/builds/{buildId}/log", 200, s.getBuildLog)
+	s.handle("GET /kiln/v1/microvms/{microvmIdentifier}/log", 200, s.getMicrovmLog)
+	s.mux.HandleFunc("PUT "+ArtifactPath, s.uploadArtifact)
+	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, r, &Error{Status: 404, Type: "UnknownOperationException", Message: fmt.Sprintf("no operation at %s %s", r.Method, r.URL.Path)})
+	})
+}
+
+// decode parses a JSON request body into v; an empty body is {}.
+func decode(c *call, v any) error {
+	if len(c.body) == 0 {
+		return nil
+	}
+	if err := json.Unmarshal(c.body, v); err != nil {
+		var te *json.UnmarshalTypeError
+		if errors.As(err, &te) {
+			return fieldError(te.Field, nil, "Member must be of type "+jsonKind(te.Type.Kind().String()))
+		}
+		return validation("request body is not valid JSON: %v", err)
+	}
+	return nil
+}
+
+func jsonKind(k string) string {
+	switch k {
+	case "string":
+		return "string"
+	case "bool":
+		return "boolean"
+	case "slice":
+		return "list"
+	case "map", "struct", "ptr":
+		return "structure"
+	default:
+		return "number"
+	}
+}
+
+// pageOf reads maxResults and nextToken from the query string.
+func pageOf(c *call, max int) (store.Page, error) {
+	q := c.r.URL.Query()
+	p := store.Page{Limit: max, Token: q.Get("nextToken")}
+	if m := q.Get("maxResults"); m != "" {
+		n, err := strconv.Atoi(m)
+		if err != nil {
+			return p, fieldError("maxResults", m, "Member must be an integer")
+		}
+		if n < 1 || n > max {
+			return p, fieldError("maxResults", n, fmt.Sprintf("Member must have value between 1 and %d", max))
+		}
+		p.Limit = n
+	}
+	if len(p.Token) > 1024 {
+		return p, fieldError("nextToken", nil, "Member must have length less than or equal to 1024")
+	}
+	return p, nil
+}
+
+// epoch is a timestamp in restJson1's default format: seconds since the
+// epoch, with a fraction.
+type epoch time.Time
+
+func (t epoch) MarshalJSON() ([]byte, error) {
+	return []byte(strconv.FormatFloat(float64(time.Time(t).UnixMilli())/1000, 'f', -1, 64)), nil
+}
+
+func ts(t time.Time) *epoch {
+	if t.IsZero() {
+		return nil
+	}
+	e := epoch(t)
+	return &e
+}
+
+func tsp(t *time.Time) *epoch {
+	if t == nil {
+		return nil
+	}
+	return ts(*t)
+}
+
+// limiter is a token bucket per account.
+type limiter struct {
+	mu      sync.Mutex
+	rate    float64
+	burst   float64
+	now     func() time.Time
+	buckets map[string]*bucket
+}
+
+type bucket struct {
+	tokens float64
+	last   time.Time
+}
+
+func newLimiter(rate, burst float64, now func() time.Time) *limiter {
+	return &limiter{rate: rate, burst: burst, now: now, buckets: map[string]*bucket{}}
+}
+
+func (l *limiter) allow(account string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.now()
+	b, ok := l.buckets[account]
+	if !ok {
+		b = &bucket{tokens: l.burst, last: now}
+		l.buckets[account] = b
+	}
+	b.tokens = min(l.burst, b.tokens+now.Sub(b.last).Seconds()*l.rate)
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
+}

@@ -1,0 +1,196 @@
+package base
+
+import (
+	"archive/tar"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+
+	"github.com/kiln-sandbox/kiln/internal/image"
+	"github.com/kiln-sandbox/kiln/internal/image/layer"
+)
+
+// platform is the one kiln builds for: the host's.
+var platform = v1.Platform{OS: "linux", Architecture: runtime.GOARCH}
+
+// OpenArchive reads an image from an oci-archive (a tarred OCI image
+// layout, with index.json) or a docker-archive (docker save, with
+// manifest.json). Layout archives are unpacked into scratch, a folder the
+// caller removes, through the same checks as a code package.
+func OpenArchive(ctx context.Context, archive, scratch string) (v1.Image, error) {
+	isLayout, err := tarHas(archive, "index.json")
+	if err != nil {
+		return nil, fmt.Errorf("reading image archive %s: %w", filepath.Base(archive), err)
+	}
+	if !isLayout {
+		img, err := tarball.ImageFromPath(archive, nil)
+		if err != nil {
+			return nil, fmt.Errorf("reading docker-archive %s: %w", filepath.Base(archive), err)
+		}
+		return img, nil
+	}
+	f, err := os.Open(archive)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	if err := layer.ExtractTar(ctx, f, scratch, layer.Options{Limits: layer.DefaultImageLimits}); err != nil {
+		return nil, fmt.Errorf("unpacking oci-archive %s: %w", filepath.Base(archive), err)
+	}
+	idx, err := layout.ImageIndexFromPath(scratch)
+	if err != nil {
+		return nil, fmt.Errorf("reading oci-archive %s: %w", filepath.Base(archive), err)
+	}
+	return pickImage(idx, 0)
+}
+
+// pickImage returns the image for the host's platform from an index
+// (nested indexes followed), or its only image.
+func pickImage(idx v1.ImageIndex, depth int) (v1.Image, error) {
+	if depth > 4 {
+		return nil, errors.New("image index nested too deeply")
+	}
+	im, err := idx.IndexManifest()
+	if err != nil {
+		return nil, err
+	}
+	var fallback *v1.Descriptor
+	for i := range im.Manifests {
+		d := im.Manifests[i]
+		matches := d.Platform == nil || (d.Platform.OS == platform.OS && d.Platform.Architecture == platform.Architecture)
+		switch {
+		case d.MediaType.IsImage() && matches && d.Platform != nil:
+			return idx.Image(d.Digest)
+		case d.MediaType.IsImage() && matches && fallback == nil:
+			fallback = &im.Manifests[i]
+		case d.MediaType.IsIndex():
+			sub, err := idx.ImageIndex(d.Digest)
+			if err != nil {
+				return nil, err
+			}
+			if img, err := pickImage(sub, depth+1); err == nil {
+				return img, nil
+			}
+		}
+	}
+	if fallback != nil {
+		return idx.Image(fallback.Digest)
+	}
+	return nil, fmt.Errorf("no image for %s/%s in the archive", platform.OS, platform.Architecture)
+}
+
+func tarHas(archive, want string) (bool, error) {
+	f, err := os.Open(archive)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	tr := tar.NewReader(f)
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			return false, nil
+		}
+		if err != nil {
+			return false, err
+		}
+		if strings.TrimPrefix(h.Name, "./") == want {
+			return true, nil
+		}
+	}
+}
+
+// Pull fetches ref from its registry. Registries on loopback addresses,
+// and those listed in insecure, are spoken to over plain HTTP.
+func Pull(ctx context.Context, ref string, insecure []string) (v1.Image, error) {
+	opts := []name.Option{name.WeakValidation}
+	r0, err := name.ParseReference(ref, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("parsing image reference %q: %w", ref, err)
+	}
+	if isInsecure(r0.Context().RegistryStr(), insecure) {
+		opts = append(opts, name.Insecure)
+	}
+	r, err := name.ParseReference(ref, opts...)
+	if err != nil {
+		return nil, err
+	}
+	img, err := remote.Image(r, remote.WithContext(ctx), remote.WithPlatform(platform))
+	if err != nil {
+		return nil, fmt.Errorf("pulling %s: %w", ref, err)
+	}
+	return img, nil
+}
+
+func isInsecure(host string, insecure []string) bool {
+	for _, h := range insecure {
+		if h == host {
+			return true
+		}
+	}
+	hn := host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		hn = h
+	}
+	if hn == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(strings.Trim(hn, "[]"))
+	return ip != nil && ip.IsLoopback()
+}
+
+// Flatten writes the image's filesystem (all layers applied, whiteouts
+// honoured, by go-containerregistry's mutate.Extract) into dst through
+// internal/image/layer's checks.
+func Flatten(ctx context.Context, img v1.Image, dst string, limits layer.Limits, skipped func(name, why string)) error {
+	rc := mutate.Extract(img)
+	defer rc.Close()
+	err := layer.ExtractTar(ctx, rc, dst, layer.Options{Rootfs: true, KeepOwners: true, Limits: limits, Skipped: skipped})
+	if err != nil {
+		return fmt.Errorf("flattening image: %w", err)
+	}
+	return nil
+}
+
+// ConfigOf converts an OCI image config into kiln's.
+func ConfigOf(img v1.Image) (image.Config, error) {
+	cf, err := img.ConfigFile()
+	if err != nil {
+		return image.Config{}, fmt.Errorf("reading image config: %w", err)
+	}
+	c := cf.Config
+	out := image.Config{
+		Env:        append([]string(nil), c.Env...),
+		User:       c.User,
+		WorkingDir: c.WorkingDir,
+		Entrypoint: append([]string(nil), c.Entrypoint...),
+		Cmd:        append([]string(nil), c.Cmd...),
+		StopSignal: c.StopSignal,
+		Shell:      append([]string(nil), c.Shell...),
+	}
+	for p := range c.ExposedPorts {
+		out.ExposedPorts = append(out.ExposedPorts, p)
+	}
+	sort.Strings(out.ExposedPorts)
+	if len(c.Labels) > 0 {
+		out.Labels = map[string]string{}
+		for k, v := range c.Labels {
+			out.Labels[k] = v
+		}
+	}
+	return out, nil
+}

@@ -1,0 +1,155 @@
+// Package netns gives every microVM its own network namespace: a TAP device
+// for the guest NIC, a veth pair to the host, NAT so the host reaches guest
+// ports, and an nftables egress policy. Every guest sees the same addresses
+// (GuestAddr/GatewayAddr), so clones of one snapshot need no reconfiguration;
+// the host tells VMs apart by the per-VM veth address (HostAddr).
+//
+// Layout, per VM (namespace "kiln-<id>"):
+//
+//	host ns                        VM ns kiln-<id>                 guest
+//	kvXXXXXXXXXX 10.200.n.1/30 <-> veth0 10.200.n.2/30
+//	                               tap0  172.30.0.1/30  <-QEMU->  eth0 172.30.0.2/30
+//
+// Host→guest: connect to HostAddr:P; the VM ns DNATs it to 172.30.0.2:P and
+// masquerades it to 172.30.0.1, so the guest never learns host addresses.
+// Guest egress (only with Config.Egress): forwarded tap0→veth0, masqueraded
+// twice (VM ns, then host), with private, link-local, metadata and host
+// addresses denied in both namespaces.
+//
+// DNS: the guest's resolver is 172.30.0.1:53, served by internal/dnsfwd.
+// Without egress, port 53 is closed too: DNS queries are a channel out of
+// the VM (data can be encoded into names), so "nothing leaves the VM"
+// includes DNS.
+package netns
+
+import (
+	"errors"
+	"net"
+	"net/netip"
+)
+
+// Fixed addresses every guest sees (the agent configures them from the
+// kernel command line).
+var (
+	GuestAddr   = netip.MustParseAddr("172.30.0.2")
+	GatewayAddr = netip.MustParseAddr("172.30.0.1")
+	GuestPrefix = netip.MustParsePrefix("172.30.0.0/30")
+	// DefaultPool is where per-VM /30 host links come from. It sits inside
+	// 10/8 on purpose (the guest deny list covers it) and away from the
+	// host's 10.255.x resolver network.
+	DefaultPool = netip.MustParsePrefix("10.200.0.0/16")
+)
+
+// Fixed MAC addresses (locally administered). Every TAP gets GatewayMAC so
+// that a guest restored from a snapshot finds the gateway at the MAC its
+// ARP cache already holds; with a random TAP MAC, its packets to the
+// gateway would be dropped until the stale entry was re-probed (seconds).
+// The engine should give the guest NIC GuestMAC (QEMU
+// `-device virtio-net-...,mac=02:6b:69:6c:6e:02`) for the same reason.
+var (
+	GatewayMAC = net.HardwareAddr{0x02, 0x6b, 0x69, 0x6c, 0x6e, 0x01}
+	GuestMAC   = net.HardwareAddr{0x02, 0x6b, 0x69, 0x6c, 0x6e, 0x02}
+)
+
+const (
+	// TapName is the guest NIC's TAP device inside every VM namespace.
+	TapName = "tap0"
+	// NSVethName is the VM-namespace end of the host veth pair.
+	NSVethName = "veth0"
+	// NSPrefix prefixes every namespace name (/run/netns/kiln-<id>).
+	NSPrefix = "kiln-"
+	// HostLinkPrefix prefixes host-side veth names; the id is kept in the
+	// link alias ("kiln:<id>") because link names are limited to 15 bytes.
+	HostLinkPrefix = "kv"
+	aliasPrefix    = "kiln:"
+	// TableName is the nftables table (family inet) kiln owns, both in the
+	// host namespace (shared rules for all kv* links) and in each VM ns.
+	TableName = "kiln"
+	// NetnsDir is where named namespaces are bind-mounted (iproute2's place,
+	// so `ip netns exec kiln-<id>` works for debugging).
+	NetnsDir = "/run/netns"
+)
+
+// ErrInvalid reports a bad id or config; ErrNotFound a VM network that does
+// not exist; ErrExists a Setup for an id whose namespace already exists.
+var (
+	ErrInvalid  = errors.New("invalid network config")
+	ErrNotFound = errors.New("vm network not found")
+	ErrExists   = errors.New("vm network already exists")
+)
+
+// Config describes one VM's network. It is fixed for the VM's life (across
+// suspend/resume the namespace stays).
+type Config struct {
+	// ID is the microVM id: 1-64 of [A-Za-z0-9_-].
+	ID string
+	// Egress is the INTERNET_EGRESS connector: NATed internet access (never
+	// host, other VMs or private/link-local/metadata ranges) and DNS via the
+	// gateway forwarder. Without it nothing leaves the VM.
+	Egress bool
+	// Pool overrides DefaultPool (a prefix of /16../29 inside 10/8 advised).
+	Pool netip.Prefix
+	// TapOwner is the uid allowed to open the TAP (QEMU); 0 = root only.
+	TapOwner uint32
+	// ExtraDeny adds IPv4 prefixes the guest may never reach (for example
+	// the host's LAN) on top of the built-in deny list.
+	ExtraDeny []netip.Prefix
+}
+
+// Net is one VM's network, as created by Setup or found by Open.
+type Net struct {
+	ID     string
+	Egress bool
+	// NSPath is the bind-mounted namespace file: QEMU must run inside it
+	// (setns(open(NSPath), CLONE_NEWNET) before exec, or RunInNS).
+	NSPath string
+	// NSName is the name under NetnsDir (`ip netns exec NSName ...`).
+	NSName string
+	// Tap is the TAP device name inside the namespace (QEMU ifname=).
+	Tap string
+	// HostLink is the host-side veth name.
+	HostLink string
+	// HostAddr is the address the host dials to reach guest TCP ports:
+	// netip.AddrPortFrom(HostAddr, port) arrives at GuestAddr:port.
+	HostAddr netip.Addr
+	// HostPeer is the host end's own address (the VM namespace's gateway).
+	HostPeer netip.Addr
+}
+
+// GuestDial returns the host-side address that reaches guest TCP port p.
+func (n *Net) GuestDial(p uint16) string {
+	return netip.AddrPortFrom(n.HostAddr, p).String()
+}
+
+// DenyV4 is the built-in list of IPv4 destinations a guest with egress may
+// never reach (private, shared, loopback, link-local incl. the cloud
+// metadata 169.254.169.254, Oracle/Alibaba metadata, test/benchmark nets,
+// multicast and reserved). IPv6 is not forwarded at all, which covers
+// fc00::/7, fe80::/10 and fd00:ec2::254.
+var DenyV4 = []netip.Prefix{
+	netip.MustParsePrefix("0.0.0.0/8"),
+	netip.MustParsePrefix("10.0.0.0/8"),
+	netip.MustParsePrefix("100.64.0.0/10"),
+	netip.MustParsePrefix("127.0.0.0/8"),
+	netip.MustParsePrefix("169.254.0.0/16"),
+	netip.MustParsePrefix("172.16.0.0/12"),
+	netip.MustParsePrefix("192.0.0.0/24"),
+	netip.MustParsePrefix("192.168.0.0/16"),
+	netip.MustParsePrefix("198.18.0.0/15"),
+	netip.MustParsePrefix("224.0.0.0/4"),
+	netip.MustParsePrefix("240.0.0.0/4"),
+}
+
+func validID(id string) bool {
+	if len(id) == 0 || len(id) > 64 {
+		return false
+	}
+	for _, c := range id {
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '_':
+		default:
+			return false
+		}
+	}
+	return true
+}

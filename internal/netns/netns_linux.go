@@ -1,0 +1,497 @@
+//go:build linux
+
+package netns
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+
+	"github.com/vishvananda/netlink"
+	vnetns "github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+)
+
+// mu serialises Setup/Teardown/Reconcile in this process: slot allocation
+// reads the kernel's state and must not race with another Setup.
+var mu sync.Mutex
+
+// Setup creates the VM's namespace, TAP, veth pair, addresses, routes and
+// nftables rules, and enables IPv4 forwarding on the host. It fails with
+// ErrExists if the namespace is already there (call Open or Teardown).
+// On error everything it created is removed. ctx bounds nothing long: all
+// steps are local netlink calls.
+func Setup(ctx context.Context, cfg Config) (*Net, error) {
+	if !validID(cfg.ID) {
+		return nil, fmt.Errorf("id %q: %w", cfg.ID, ErrInvalid)
+	}
+	if !cfg.Pool.IsValid() {
+		cfg.Pool = DefaultPool
+	}
+	cfg.Pool = cfg.Pool.Masked()
+	if !cfg.Pool.Addr().Is4() || cfg.Pool.Bits() > 29 {
+		return nil, fmt.Errorf("pool %s: need an IPv4 prefix of /29 or wider: %w", cfg.Pool, ErrInvalid)
+	}
+	for _, p := range cfg.ExtraDeny {
+		if !p.Addr().Is4() {
+			return nil, fmt.Errorf("extra deny %s: only IPv4 (IPv6 is never forwarded): %w", p, ErrInvalid)
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	mu.Lock()
+	defer mu.Unlock()
+
+	n := &Net{
+		ID:       cfg.ID,
+		Egress:   cfg.Egress,
+		NSName:   NSPrefix + cfg.ID,
+		Tap:      TapName,
+		HostLink: HostLinkName(cfg.ID),
+	}
+	n.NSPath = filepath.Join(NetnsDir, n.NSName)
+	if _, err := os.Stat(n.NSPath); err == nil {
+		return nil, fmt.Errorf("namespace %s: %w", n.NSPath, ErrExists)
+	}
+	if err := ensureHost(); err != nil {
+		return nil, err
+	}
+	hostPeer, nsAddr, err := allocate(cfg.Pool)
+	if err != nil {
+		return nil, err
+	}
+	n.HostPeer, n.HostAddr = hostPeer, nsAddr
+
+	ok := false
+	defer func() {
+		if !ok {
+			if err := teardownLocked(n.ID); err != nil {
+				slog.Warn("netns: cleanup after failed setup", "microvm", n.ID, "err", err)
+			}
+		}
+	}()
+
+	// Inside the new namespace: sysctls first (so links created later inherit
+	// disable_ipv6), then the TAP (its ioctl works in the thread's namespace).
+	err = createNamed(n.NSName, func() error {
+		for _, kv := range [][2]string{
+			{"net/ipv4/ip_forward", "1"},
+			{"net/ipv6/conf/all/disable_ipv6", "1"},
+			{"net/ipv6/conf/default/disable_ipv6", "1"},
+		} {
+			if err := writeSysctl(kv[0], kv[1]); err != nil {
+				return err
+			}
+		}
+		tap := &netlink.Tuntap{
+			LinkAttrs: netlink.LinkAttrs{Name: TapName},
+			Mode:      netlink.TUNTAP_MODE_TAP,
+			Flags:     netlink.TUNTAP_NO_PI,
+			Owner:     cfg.TapOwner,
+		}
+		if err := netlink.LinkAdd(tap); err != nil {
+			return fmt.Errorf("creating tap: %w", err)
+		}
+		for _, f := range tap.Fds {
+			f.Close() // persistent device; QEMU opens it by name
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("creating namespace %s: %w", n.NSName, err)
+	}
+
+	nsh, err := vnetns.GetFromPath(n.NSPath)
+	if err != nil {
+		return nil, fmt.Errorf("opening namespace: %w", err)
+	}
+	defer nsh.Close()
+	nl, err := netlink.NewHandleAt(nsh)
+	if err != nil {
+		return nil, fmt.Errorf("netlink handle in namespace: %w", err)
+	}
+	defer nl.Close()
+
+	veth := &netlink.Veth{
+		LinkAttrs:     netlink.LinkAttrs{Name: n.HostLink},
+		PeerName:      NSVethName,
+		PeerNamespace: netlink.NsFd(int(nsh)),
+	}
+	if err := netlink.LinkAdd(veth); err != nil {
+		return nil, fmt.Errorf("creating veth %s: %w", n.HostLink, err)
+	}
+	host, err := netlink.LinkByName(n.HostLink)
+	if err != nil {
+		return nil, fmt.Errorf("finding veth %s: %w", n.HostLink, err)
+	}
+	if err := netlink.LinkSetAlias(host, aliasPrefix+n.ID); err != nil {
+		return nil, fmt.Errorf("setting alias: %w", err)
+	}
+	// The host end needs no IPv6: nothing v6 is forwarded to or from VMs.
+	_ = writeSysctl("net/ipv6/conf/"+n.HostLink+"/disable_ipv6", "1")
+	if err := netlink.AddrAdd(host, addr30(n.HostPeer)); err != nil {
+		return nil, fmt.Errorf("host veth address: %w", err)
+	}
+	if err := netlink.LinkSetUp(host); err != nil {
+		return nil, fmt.Errorf("host veth up: %w", err)
+	}
+
+	for _, step := range []struct {
+		name string
+		fn   func() error
+	}{
+		{"lo up", func() error { return linkUp(nl, "lo") }},
+		{"veth address", func() error { return linkAddr(nl, NSVethName, addr30(n.HostAddr)) }},
+		{"veth up", func() error { return linkUp(nl, NSVethName) }},
+		{"tap mac", func() error {
+			l, err := nl.LinkByName(TapName)
+			if err != nil {
+				return err
+			}
+			return nl.LinkSetHardwareAddr(l, GatewayMAC)
+		}},
+		{"tap address", func() error { return linkAddr(nl, TapName, addr30(GatewayAddr)) }},
+		{"tap up", func() error { return linkUp(nl, TapName) }},
+		{"default route", func() error {
+			l, err := nl.LinkByName(NSVethName)
+			if err != nil {
+				return err
+			}
+			return nl.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Gw: net.IP(n.HostPeer.AsSlice())})
+		}},
+		{"nftables", func() error { return writeVMTable(int(nsh), n, cfg) }},
+	} {
+		if err := step.fn(); err != nil {
+			return nil, fmt.Errorf("namespace %s: %s: %w", n.NSName, step.name, err)
+		}
+	}
+	ok = true
+	slog.Info("netns: vm network ready", "microvm", n.ID, "ns", n.NSPath, "host_addr", n.HostAddr, "egress", n.Egress)
+	return n, nil
+}
+
+// Open finds an existing VM network (for example after `kiln server`
+// restarted while the VM kept running). Egress is read back from the VM's
+// nftables table.
+func Open(ctx context.Context, id string) (*Net, error) {
+	if !validID(id) {
+		return nil, fmt.Errorf("id %q: %w", id, ErrInvalid)
+	}
+	n := &Net{ID: id, NSName: NSPrefix + id, Tap: TapName, HostLink: HostLinkName(id)}
+	n.NSPath = filepath.Join(NetnsDir, n.NSName)
+	if _, err := os.Stat(n.NSPath); err != nil {
+		return nil, fmt.Errorf("namespace %s: %w", n.NSName, ErrNotFound)
+	}
+	host, err := netlink.LinkByName(n.HostLink)
+	if err != nil {
+		return nil, fmt.Errorf("host link %s: %w", n.HostLink, ErrNotFound)
+	}
+	addrs, err := netlink.AddrList(host, netlink.FAMILY_V4)
+	if err != nil || len(addrs) == 0 {
+		return nil, fmt.Errorf("host link %s has no address: %w", n.HostLink, ErrNotFound)
+	}
+	a, _ := netip.AddrFromSlice(addrs[0].IP.To4())
+	n.HostPeer = a
+	n.HostAddr = a.Next()
+	nsh, err := vnetns.GetFromPath(n.NSPath)
+	if err != nil {
+		return nil, fmt.Errorf("opening namespace: %w", err)
+	}
+	defer nsh.Close()
+	eg, err := readEgress(int(nsh))
+	if err != nil {
+		return nil, err
+	}
+	n.Egress = eg
+	return n, nil
+}
+
+// Teardown removes everything Setup created. It is idempotent: missing
+// pieces are skipped, and calling it twice is fine. A QEMU still running in
+// the namespace keeps the namespace object alive until it exits, but the
+// links and the mount are removed regardless.
+func (n *Net) Teardown(ctx context.Context) error {
+	mu.Lock()
+	defer mu.Unlock()
+	return teardownLocked(n.ID)
+}
+
+// Teardown removes the network of VM id (see (*Net).Teardown).
+func Teardown(ctx context.Context, id string) error {
+	if !validID(id) {
+		return fmt.Errorf("id %q: %w", id, ErrInvalid)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	return teardownLocked(id)
+}
+
+func teardownLocked(id string) error {
+	var errs []error
+	path := filepath.Join(NetnsDir, NSPrefix+id)
+	// Delete the TAP explicitly: if a QEMU still holds the namespace the
+	// namespace outlives the unmount, and a persistent TAP would linger.
+	if nsh, err := vnetns.GetFromPath(path); err == nil {
+		if nl, err := netlink.NewHandleAt(nsh); err == nil {
+			// veth0 goes with its host end below (deleting one end of a
+			// pair deletes both; each deletion waits for an RCU grace period).
+			if l, err := nl.LinkByName(TapName); err == nil {
+				if err := nl.LinkDel(l); err != nil {
+					errs = append(errs, fmt.Errorf("deleting %s: %w", TapName, err))
+				}
+			}
+			nl.Close()
+		}
+		nsh.Close()
+	}
+	if l, err := netlink.LinkByName(HostLinkName(id)); err == nil {
+		if err := netlink.LinkDel(l); err != nil {
+			errs = append(errs, fmt.Errorf("deleting host veth: %w", err))
+		}
+	}
+	if _, err := os.Stat(path); err == nil {
+		if err := unix.Unmount(path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) {
+			errs = append(errs, fmt.Errorf("unmounting %s: %w", path, err))
+		}
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("removing %s: %w", path, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Reconcile removes VM networks left behind (after a crash) whose id keep
+// rejects: namespaces named kiln-*, host links with a kiln alias or kv*
+// name. It returns the ids it removed.
+func Reconcile(ctx context.Context, keep func(id string) bool) ([]string, error) {
+	mu.Lock()
+	defer mu.Unlock()
+	ids := map[string]bool{}
+	ents, err := os.ReadDir(NetnsDir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("reading %s: %w", NetnsDir, err)
+	}
+	for _, e := range ents {
+		if id, ok := strings.CutPrefix(e.Name(), NSPrefix); ok && validID(id) {
+			ids[id] = true
+		}
+	}
+	links, err := netlink.LinkList()
+	if err != nil {
+		return nil, fmt.Errorf("listing links: %w", err)
+	}
+	var orphans []netlink.Link
+	for _, l := range links {
+		a := l.Attrs()
+		if id, ok := strings.CutPrefix(a.Alias, aliasPrefix); ok && validID(id) {
+			ids[id] = true
+		} else if strings.HasPrefix(a.Name, HostLinkPrefix) && l.Type() == "veth" && a.Alias == "" {
+			// A kv* veth without alias: Setup died between create and alias.
+			orphans = append(orphans, l)
+		}
+	}
+	var removed []string
+	var errs []error
+	for id := range ids {
+		if err := ctx.Err(); err != nil {
+			return removed, err
+		}
+		if keep(id) {
+			continue
+		}
+		if err := teardownLocked(id); err != nil {
+			errs = append(errs, fmt.Errorf("microvm %s: %w", id, err))
+			continue
+		}
+		slog.Info("netns: removed leftover vm network", "microvm", id)
+		removed = append(removed, id)
+	}
+	for _, l := range orphans {
+		if err := netlink.LinkDel(l); err != nil {
+			errs = append(errs, fmt.Errorf("deleting orphan %s: %w", l.Attrs().Name, err))
+		}
+	}
+	return removed, errors.Join(errs...)
+}
+
+// RemoveHostRules deletes kiln's host-namespace nftables table, but only
+// when no VM network is left (a VM would lose its egress NAT and host
+// guard): it is for tests and uninstall. It leaves ip_forward as it is
+// (other software may rely on it).
+func RemoveHostRules() error {
+	mu.Lock()
+	defer mu.Unlock()
+	links, err := netlink.LinkList()
+	if err != nil {
+		return fmt.Errorf("listing links: %w", err)
+	}
+	for _, l := range links {
+		if strings.HasPrefix(l.Attrs().Alias, aliasPrefix) {
+			return nil
+		}
+	}
+	return deleteHostTable()
+}
+
+// RunInNS runs fn on an OS thread switched into the namespace at nsPath,
+// then switches the thread back. Sockets created and processes started
+// (exec.Cmd.Start) inside fn live in that namespace. If switching back
+// fails the thread is discarded, never reused.
+func RunInNS(nsPath string, fn func() error) error {
+	target, err := vnetns.GetFromPath(nsPath)
+	if err != nil {
+		return fmt.Errorf("opening namespace %s: %w", nsPath, err)
+	}
+	defer target.Close()
+	return onThread(func() error {
+		if err := vnetns.Set(target); err != nil {
+			return fmt.Errorf("entering namespace %s: %w", nsPath, err)
+		}
+		return nil
+	}, fn)
+}
+
+// createNamed creates and mounts a new named namespace and runs fn in it.
+func createNamed(name string, fn func() error) error {
+	if err := os.MkdirAll(NetnsDir, 0o755); err != nil {
+		return err
+	}
+	return onThread(func() error {
+		h, err := vnetns.NewNamed(name)
+		if err != nil {
+			return err
+		}
+		h.Close()
+		return nil
+	}, fn)
+}
+
+// onThread runs enter then fn on a dedicated locked OS thread and restores
+// the thread's original network namespace.
+func onThread(enter, fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := vnetns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("current namespace: %w", err)
+			return
+		}
+		defer orig.Close()
+		if err := enter(); err != nil {
+			if vnetns.Set(orig) == nil {
+				runtime.UnlockOSThread()
+			}
+			errc <- err
+			return
+		}
+		ferr := fn()
+		if err := vnetns.Set(orig); err != nil {
+			// Keep the thread locked: the goroutine exits and the runtime
+			// kills the thread instead of reusing it in the wrong namespace.
+			errc <- errors.Join(ferr, fmt.Errorf("restoring namespace: %w", err))
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
+// writeSysctl writes /proc/sys/<key>; net/* keys apply to the namespace of
+// the calling thread, so callers inside onThread set the VM's values.
+func writeSysctl(key, val string) error {
+	p := "/proc/sys/" + key
+	if cur, err := os.ReadFile(p); err == nil && strings.TrimSpace(string(cur)) == val {
+		return nil
+	}
+	if err := os.WriteFile(p, []byte(val), 0o644); err != nil {
+		return fmt.Errorf("sysctl %s=%s: %w", key, val, err)
+	}
+	return nil
+}
+
+// ensureHost turns on IPv4 forwarding (the guest egress path crosses the
+// host) and (re)creates the host table if it is missing.
+func ensureHost() error {
+	if err := writeSysctl("net/ipv4/ip_forward", "1"); err != nil {
+		return err
+	}
+	return ensureHostTable()
+}
+
+// allocate picks the first free /30 in pool, looking at the addresses of
+// existing kiln host links. It returns the host end (.1) and the VM
+// namespace end (.2).
+func allocate(pool netip.Prefix) (netip.Addr, netip.Addr, error) {
+	used := map[netip.Addr]bool{}
+	links, err := netlink.LinkList()
+	if err != nil {
+		return netip.Addr{}, netip.Addr{}, fmt.Errorf("listing links: %w", err)
+	}
+	for _, l := range links {
+		if !strings.HasPrefix(l.Attrs().Name, HostLinkPrefix) {
+			continue
+		}
+		addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+		if err != nil {
+			continue
+		}
+		for _, a := range addrs {
+			if ip, ok := netip.AddrFromSlice(a.IP.To4()); ok {
+				used[netip.PrefixFrom(ip, 30).Masked().Addr()] = true
+			}
+		}
+	}
+	slots := 1 << (30 - pool.Bits())
+	base := pool.Addr().As4()
+	b := uint32(base[0])<<24 | uint32(base[1])<<16 | uint32(base[2])<<8 | uint32(base[3])
+	for i := 0; i < slots; i++ {
+		v := b + uint32(i)*4
+		net0 := netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+		if used[net0] {
+			continue
+		}
+		return net0.Next(), net0.Next().Next(), nil
+	}
+	return netip.Addr{}, netip.Addr{}, fmt.Errorf("address pool %s exhausted (%d vms): %w", pool, slots, ErrInvalid)
+}
+
+// HostLinkName is the host-side veth name of VM id ("kv" + 10 hex digits
+// of its SHA-256: link names are limited to 15 bytes).
+func HostLinkName(id string) string {
+	h := sha256.Sum256([]byte(id))
+	return HostLinkPrefix + hex.EncodeToString(h[:5]) // 12 bytes < IFNAMSIZ
+}
+
+func addr30(a netip.Addr) *netlink.Addr {
+	return &netlink.Addr{IPNet: &net.IPNet{IP: net.IP(a.AsSlice()), Mask: net.CIDRMask(30, 32)}}
+}
+
+func linkUp(nl *netlink.Handle, name string) error {
+	l, err := nl.LinkByName(name)
+	if err != nil {
+		return err
+	}
+	return nl.LinkSetUp(l)
+}
+
+func linkAddr(nl *netlink.Handle, name string, a *netlink.Addr) error {
+	l, err := nl.LinkByName(name)
+	if err != nil {
+		return err
+	}
+	return nl.AddrAdd(l, a)
+}

@@ -1,0 +1,373 @@
+//go:build linux
+
+package netns_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/nftables"
+	"github.com/vishvananda/netlink"
+	vnetns "github.com/vishvananda/netns"
+
+	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/netns/netnstest"
+)
+
+func needRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for network namespaces")
+	}
+}
+
+func testID(tag string) string {
+	b := make([]byte, 3)
+	rand.Read(b)
+	return "t" + tag + hex.EncodeToString(b)
+}
+
+// hostTableCleanup removes the host table at the end of the test only if
+// the test created it, so a developer's running VMs keep theirs.
+func hostTableCleanup(t *testing.T) {
+	c, err := nftables.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tabs, _ := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	for _, tb := range tabs {
+		if tb.Name == netns.TableName {
+			return
+		}
+	}
+	t.Cleanup(func() {
+		if err := netns.RemoveHostRules(); err != nil {
+			t.Errorf("removing host table: %v", err)
+		}
+	})
+}
+
+func setupVM(t *testing.T, cfg netns.Config) *netns.Net {
+	t.Helper()
+	n, err := netns.Setup(context.Background(), cfg)
+	t.Cleanup(func() { _ = netns.Teardown(context.Background(), cfg.ID) })
+	if err != nil {
+		t.Fatalf("setup %s: %v", cfg.ID, err)
+	}
+	return n
+}
+
+// internet makes a stand-in for the internet: a namespace behind a host
+// link with a TEST-NET-2 address (not on the deny list), routed by the
+// host. It returns the address of a server there.
+func internet(t *testing.T, tag string) string {
+	path := netnstest.NewNS(t, "kilntest-inet-"+tag, nil)
+	ns, err := vnetns.GetFromPath(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	hostName := "ktin" + tag[len(tag)-6:]
+	if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: hostName}, PeerName: "eth0",
+		PeerNamespace: netlink.NsFd(int(ns))}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if l, err := netlink.LinkByName(hostName); err == nil {
+			netlink.LinkDel(l)
+		}
+	})
+	must := func(err error) {
+		if err != nil {
+			t.Helper()
+			t.Fatal(err)
+		}
+	}
+	hl, err := netlink.LinkByName(hostName)
+	must(err)
+	must(netlink.AddrAdd(hl, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("198.51.100.254"), Mask: net.CIDRMask(24, 32)}}))
+	must(netlink.LinkSetUp(hl))
+	nl, err := netlink.NewHandleAt(ns)
+	must(err)
+	defer nl.Close()
+	il, err := nl.LinkByName("eth0")
+	must(err)
+	must(nl.AddrAdd(il, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("198.51.100.1"), Mask: net.CIDRMask(24, 32)}}))
+	must(nl.LinkSetUp(il))
+	netnstest.ServeTCP(t, path, "198.51.100.1:9000", "internet")
+	return "198.51.100.1:9000"
+}
+
+func TestIsolation(t *testing.T) {
+	needRoot(t)
+	hostTableCleanup(t)
+	idA, idB := testID("a"), testID("b")
+	a := setupVM(t, netns.Config{ID: idA, Egress: false})
+	b := setupVM(t, netns.Config{ID: idB, Egress: true})
+	if a.HostAddr == b.HostAddr {
+		t.Fatalf("both VMs got %s", a.HostAddr)
+	}
+	const gport = 8080
+	gA, gB := netnstest.StartGuest(t, a), netnstest.StartGuest(t, b)
+	gA.ServeTCP(t, gport, "guest-A")
+	gB.ServeTCP(t, gport, "guest-B")
+	inet := internet(t, idA)
+
+	hostLn := netnstest.Listen(t, "", "0.0.0.0:0")
+	defer hostLn.Close()
+	go func() {
+		for {
+			c, err := hostLn.Accept()
+			if err != nil {
+				return
+			}
+			c.Write([]byte("host"))
+			c.Close()
+		}
+	}()
+	hostPort := hostLn.Addr().(*net.TCPAddr).Port
+	// Something on the gateway's DNS port inside each VM ns, as dnsfwd will
+	// be (TCP is enough to see the input policy), and on another port.
+	netnstest.ServeTCP(t, a.NSPath, "172.30.0.1:53", "dns-A")
+	netnstest.ServeTCP(t, b.NSPath, "172.30.0.1:53", "dns-B")
+	netnstest.ServeTCP(t, b.NSPath, "172.30.0.1:22", "gw-ssh")
+
+	hp := func(a netip.Addr, p int) string { return netip.AddrPortFrom(a, uint16(p)).String() }
+	hostEth := firstGlobalHostAddr(t)
+	tests := []struct {
+		name string
+		from string
+		to   string
+		want string // "" = must fail
+	}{
+		// The guest sees the gateway as the client: host addresses stay hidden.
+		{"host reaches guest A via DNAT", "", a.GuestDial(gport), "guest-A from 172.30.0.1"},
+		{"host reaches guest B via DNAT", "", b.GuestDial(gport), "guest-B from 172.30.0.1"},
+		{"no-egress: not host veth", gA.NSPath, hp(a.HostPeer, hostPort), ""},
+		{"no-egress: not host address", gA.NSPath, hp(hostEth, hostPort), ""},
+		{"no-egress: not other VM", gA.NSPath, b.GuestDial(gport), ""},
+		{"no-egress: not internet", gA.NSPath, inet, ""},
+		{"no-egress: no DNS", gA.NSPath, "172.30.0.1:53", ""},
+		{"egress: internet, masqueraded", gB.NSPath, inet, "internet from 198.51.100.254"},
+		{"egress: DNS at gateway", gB.NSPath, "172.30.0.1:53", "dns-B from 172.30.0.2"},
+		{"egress: not gateway ssh", gB.NSPath, "172.30.0.1:22", ""},
+		{"egress: not host veth", gB.NSPath, hp(b.HostPeer, hostPort), ""},
+		{"egress: not host address", gB.NSPath, hp(hostEth, hostPort), ""},
+		{"egress: not other VM", gB.NSPath, a.GuestDial(gport), ""},
+		{"egress: not other VM host link", gB.NSPath, hp(a.HostPeer, hostPort), ""},
+		{"egress: not host resolver net", gB.NSPath, "10.255.255.53:53", ""},
+		{"egress: not metadata", gB.NSPath, "169.254.169.254:80", ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			got, err := netnstest.Dial(tc.from, tc.to, 700*time.Millisecond)
+			if tc.want == "" {
+				if err == nil {
+					t.Fatalf("reached %s (%q), want blocked", tc.to, got)
+				}
+				return
+			}
+			if err != nil || got != tc.want {
+				t.Fatalf("dial %s = %q, %v; want %q", tc.to, got, err, tc.want)
+			}
+		})
+	}
+}
+
+func firstGlobalHostAddr(t *testing.T) netip.Addr {
+	addrs, err := netlink.AddrList(nil, netlink.FAMILY_V4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, a := range addrs {
+		ip, _ := netip.AddrFromSlice(a.IP.To4())
+		if !ip.IsLoopback() && !netns.DefaultPool.Contains(ip) && !strings.HasPrefix(ip.String(), "198.51.100.") {
+			return ip
+		}
+	}
+	t.Skip("no host address")
+	return netip.Addr{}
+}
+
+func assertGone(t *testing.T, id string) {
+	t.Helper()
+	if _, err := os.Stat(filepath.Join(netns.NetnsDir, netns.NSPrefix+id)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("namespace of %s still there: %v", id, err)
+	}
+	if _, err := netlink.LinkByName(netns.HostLinkName(id)); err == nil {
+		t.Errorf("host link of %s still there", id)
+	}
+}
+
+func TestTeardownIdempotent(t *testing.T) {
+	needRoot(t)
+	hostTableCleanup(t)
+	id := testID("td")
+	n := setupVM(t, netns.Config{ID: id, Egress: true})
+	if _, err := netns.Setup(context.Background(), netns.Config{ID: id}); !errors.Is(err, netns.ErrExists) {
+		t.Fatalf("second setup: %v, want ErrExists", err)
+	}
+	o, err := netns.Open(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.HostAddr != n.HostAddr || !o.Egress || o.NSPath != n.NSPath {
+		t.Fatalf("open = %+v, want %+v", o, n)
+	}
+	// Every TAP carries the fixed gateway MAC (snapshot ARP caches stay valid).
+	nsh, err := vnetns.GetFromPath(n.NSPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nl, err := netlink.NewHandleAt(nsh)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tap, err := nl.LinkByName(n.Tap)
+	nl.Close()
+	nsh.Close()
+	if err != nil || tap.Attrs().HardwareAddr.String() != netns.GatewayMAC.String() {
+		t.Fatalf("tap mac = %v (%v), want %s", tap, err, netns.GatewayMAC)
+	}
+	// A QEMU holding the TAP open must not stop teardown.
+	netnstest.StartGuest(t, n)
+	for i := 0; i < 2; i++ {
+		if err := n.Teardown(context.Background()); err != nil {
+			t.Fatalf("teardown %d: %v", i, err)
+		}
+	}
+	assertGone(t, id)
+	if _, err := netns.Open(context.Background(), id); !errors.Is(err, netns.ErrNotFound) {
+		t.Fatalf("open after teardown: %v", err)
+	}
+}
+
+func TestReconcile(t *testing.T) {
+	needRoot(t)
+	hostTableCleanup(t)
+	keepID, goneID, nsOnly, linkOnly := testID("k"), testID("g"), testID("n"), testID("l")
+	setupVM(t, netns.Config{ID: keepID})
+	setupVM(t, netns.Config{ID: goneID, Egress: true})
+	// Half-made leftovers: a namespace without links, a host link without
+	// namespace.
+	t.Cleanup(func() {
+		_ = netns.Teardown(context.Background(), nsOnly)
+		_ = netns.Teardown(context.Background(), linkOnly)
+	})
+	netnstest.NewNS(t, netns.NSPrefix+nsOnly, nil)
+	if err := netlink.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: netns.HostLinkName(linkOnly)},
+		PeerName: "ktpeer" + linkOnly[len(linkOnly)-6:]}); err != nil {
+		t.Fatal(err)
+	}
+	l, _ := netlink.LinkByName(netns.HostLinkName(linkOnly))
+	netlink.LinkSetAlias(l, "kiln:"+linkOnly)
+
+	ours := map[string]bool{goneID: true, nsOnly: true, linkOnly: true}
+	removed, err := netns.Reconcile(context.Background(), func(id string) bool { return !ours[id] })
+	if err != nil {
+		t.Fatalf("reconcile: %v", err)
+	}
+	got := map[string]bool{}
+	for _, id := range removed {
+		got[id] = true
+	}
+	for id := range ours {
+		if !got[id] {
+			t.Errorf("reconcile did not remove %s (removed %v)", id, removed)
+		}
+		assertGone(t, id)
+	}
+	if _, err := netns.Open(context.Background(), keepID); err != nil {
+		t.Errorf("kept VM network gone: %v", err)
+	}
+}
+
+func TestSetupInvalid(t *testing.T) {
+	tests := []struct {
+		name string
+		cfg  netns.Config
+	}{
+		{"empty id", netns.Config{}},
+		{"slash in id", netns.Config{ID: "a/b"}},
+		{"too long", netns.Config{ID: strings.Repeat("x", 65)}},
+		{"v6 pool", netns.Config{ID: "x", Pool: netip.MustParsePrefix("fd00::/64")}},
+		{"pool too small", netns.Config{ID: "x", Pool: netip.MustParsePrefix("10.9.0.0/30")}},
+		{"v6 extra deny", netns.Config{ID: "x", ExtraDeny: []netip.Prefix{netip.MustParsePrefix("fd00::/8")}}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := netns.Setup(context.Background(), tc.cfg); !errors.Is(err, netns.ErrInvalid) {
+				t.Fatalf("err = %v, want ErrInvalid", err)
+			}
+		})
+	}
+}
+
+// TestShowRules prints the rules as nft renders them (KILN_SHOW_RULES=1),
+// for review; the code never runs nft.
+func TestShowRules(t *testing.T) {
+	needRoot(t)
+	if os.Getenv("KILN_SHOW_RULES") == "" {
+		t.Skip("set KILN_SHOW_RULES=1")
+	}
+	hostTableCleanup(t)
+	n := setupVM(t, netns.Config{ID: testID("show"), Egress: true})
+	for _, args := range [][]string{
+		{"nft", "list", "table", "inet", "kiln"},
+		{"ip", "netns", "exec", n.NSName, "nft", "list", "ruleset"},
+		{"ip", "-n", n.NSName, "-br", "addr"},
+		{"ip", "-n", n.NSName, "route"},
+	} {
+		out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+		t.Logf("$ %s\n%s%v", strings.Join(args, " "), out, err)
+	}
+}
+
+// BenchmarkSetupTeardown: the cost of a VM network on the RunMicrovm path.
+func BenchmarkSetupTeardown(b *testing.B) {
+	if os.Geteuid() != 0 {
+		b.Skip("needs root")
+	}
+	for i := 0; i < b.N; i++ {
+		id := testID("bench")
+		n, err := netns.Setup(context.Background(), netns.Config{ID: id, Egress: i%2 == 0})
+		if err != nil {
+			netns.Teardown(context.Background(), id)
+			b.Fatal(err)
+		}
+		if err := n.Teardown(context.Background()); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// TestExecInNS: a process started inside RunInNS (how the engine starts
+// QEMU) lives in the VM namespace and sees the TAP.
+func TestExecInNS(t *testing.T) {
+	needRoot(t)
+	hostTableCleanup(t)
+	n := setupVM(t, netns.Config{ID: testID("ex")})
+	cmd := exec.Command("cat", "/proc/net/dev")
+	var out strings.Builder
+	cmd.Stdout = &out
+	if err := netns.RunInNS(n.NSPath, cmd.Start); err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), n.Tap+":") || strings.Contains(out.String(), n.HostLink) {
+		t.Fatalf("child not in the VM namespace:\n%s", out.String())
+	}
+}

@@ -1,0 +1,20 @@
+//go:build !linux
+
+package netns
+
+import (
+	"context"
+	"errors"
+)
+
+// Network namespaces exist on Linux only; the CLI still builds elsewhere.
+
+func Setup(ctx context.Context, cfg Config) (*Net, error) { return nil, errors.ErrUnsupported }
+func Open(ctx context.Context, id string) (*Net, error)   { return nil, errors.ErrUnsupported }
+func (n *Net) Teardown(ctx context.Context) error         { return errors.ErrUnsupported }
+func Teardown(ctx context.Context, id string) error       { return errors.ErrUnsupported }
+func Reconcile(ctx context.Context, keep func(id string) bool) ([]string, error) {
+	return nil, errors.ErrUnsupported
+}
+func RemoveHostRules() error                       { return errors.ErrUnsupported }
+func RunInNS(nsPath string, fn func() error) error { return errors.ErrUnsupported }

@@ -1,0 +1,276 @@
+//go:build linux
+
+package netns
+
+import (
+	"fmt"
+	"net/netip"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"golang.org/x/sys/unix"
+)
+
+// Rules are written with google/nftables, never by running nft. Both
+// tables are family inet so one table sees IPv4 and IPv6 (IPv6 from guests
+// is dropped, never forwarded).
+
+const ctStatusDNAT = 0x20 // IPS_DST_NAT
+
+func ifname(n string) []byte {
+	b := make([]byte, 16)
+	copy(b, n)
+	return b
+}
+
+// ifMatch compares iifname/oifname; a name ending in '*' matches the prefix
+// (nft compares only the given bytes, like `iifname "kv*"`).
+func ifMatch(key expr.MetaKey, name string, op expr.CmpOp) []expr.Any {
+	data := ifname(name)
+	if l := len(name); l > 0 && name[l-1] == '*' {
+		data = []byte(name[:l-1])
+	}
+	return []expr.Any{
+		&expr.Meta{Key: key, Register: 1},
+		&expr.Cmp{Op: op, Register: 1, Data: data},
+	}
+}
+
+func iif(name string) []expr.Any { return ifMatch(expr.MetaKeyIIFNAME, name, expr.CmpOpEq) }
+func oif(name string) []expr.Any { return ifMatch(expr.MetaKeyOIFNAME, name, expr.CmpOpEq) }
+
+func ctStateEstRel() []expr.Any {
+	return []expr.Any{
+		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED),
+			Xor:  binaryutil.NativeEndian.PutUint32(0)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
+	}
+}
+
+func ctStatusDNATed() []expr.Any {
+	return []expr.Any{
+		&expr.Ct{Register: 1, Key: expr.CtKeySTATUS},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(ctStatusDNAT),
+			Xor:  binaryutil.NativeEndian.PutUint32(0)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
+	}
+}
+
+func nfproto(p byte, op expr.CmpOp) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: op, Register: 1, Data: []byte{p}},
+	}
+}
+
+func l4proto(p byte) []expr.Any {
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{p}},
+	}
+}
+
+func dport(p uint16) []expr.Any {
+	return []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binaryutil.BigEndian.PutUint16(p)},
+	}
+}
+
+// daddrIn matches an IPv4 destination inside prefix p (caller checked
+// nfproto ipv4 first).
+func daddrIn(p netip.Prefix) []expr.Any {
+	p = p.Masked()
+	a := p.Addr().As4()
+	m := netipMask(p.Bits())
+	return []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4, Mask: m[:], Xor: []byte{0, 0, 0, 0}},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: a[:]},
+	}
+}
+
+// saddrNot matches an IPv4 source other than a.
+func saddrNot(a netip.Addr) []expr.Any {
+	b := a.As4()
+	return []expr.Any{
+		&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 12, Len: 4},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: b[:]},
+	}
+}
+
+func netipMask(bits int) [4]byte {
+	v := ^uint32(0) << (32 - bits)
+	if bits == 0 {
+		v = 0
+	}
+	return [4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}
+}
+
+func join(parts ...[]expr.Any) []expr.Any {
+	var out []expr.Any
+	for _, p := range parts {
+		out = append(out, p...)
+	}
+	return out
+}
+
+func verdict(k expr.VerdictKind) []expr.Any { return []expr.Any{&expr.Verdict{Kind: k}} }
+
+var (
+	accept = verdict(expr.VerdictAccept)
+	drop   = verdict(expr.VerdictDrop)
+)
+
+func policy(p nftables.ChainPolicy) *nftables.ChainPolicy { return &p }
+
+// ensureHostTable creates the host table "kiln" (family inet) if missing:
+//   - input: VMs may not reach any host address (only replies pass);
+//   - forward: nothing is forwarded into a VM link (host→guest traffic is
+//     locally generated); from VM links only IPv4 to non-denied
+//     destinations; replies pass;
+//   - postrouting: masquerade what VMs send out of non-VM links.
+//
+// The rules match kv* links, so one table serves every VM.
+func ensureHostTable() error {
+	c, err := nftables.New()
+	if err != nil {
+		return fmt.Errorf("nftables: %w", err)
+	}
+	tabs, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return fmt.Errorf("listing nftables tables: %w", err)
+	}
+	for _, t := range tabs {
+		if t.Name == TableName {
+			return nil
+		}
+	}
+	t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: TableName})
+	vm := HostLinkPrefix + "*"
+	in := c.AddChain(&nftables.Chain{Name: "input", Table: t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: policy(nftables.ChainPolicyAccept)})
+	fw := c.AddChain(&nftables.Chain{Name: "forward", Table: t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: policy(nftables.ChainPolicyAccept)})
+	post := c.AddChain(&nftables.Chain{Name: "postrouting", Table: t, Type: nftables.ChainTypeNAT,
+		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource})
+	add := func(ch *nftables.Chain, e []expr.Any) { c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: e}) }
+
+	add(in, join(iif(vm), ctStateEstRel(), accept))
+	add(in, join(iif(vm), drop))
+
+	add(fw, join(oif(vm), ctStateEstRel(), accept))
+	add(fw, join(oif(vm), drop))
+	add(fw, join(iif(vm), nfproto(unix.NFPROTO_IPV4, expr.CmpOpNeq), drop))
+	for _, p := range DenyV4 {
+		add(fw, join(iif(vm), daddrIn(p), drop))
+	}
+	add(fw, join(iif(vm), accept))
+
+	add(post, join(nfproto(unix.NFPROTO_IPV4, expr.CmpOpEq), iif(vm),
+		ifMatch(expr.MetaKeyOIFNAME, vm, expr.CmpOpNeq), []expr.Any{&expr.Masq{}}))
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("writing host nftables table: %w", err)
+	}
+	return nil
+}
+
+func deleteHostTable() error {
+	c, err := nftables.New()
+	if err != nil {
+		return fmt.Errorf("nftables: %w", err)
+	}
+	tabs, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return fmt.Errorf("listing nftables tables: %w", err)
+	}
+	for _, t := range tabs {
+		if t.Name == TableName {
+			c.DelTable(t)
+			return c.Flush()
+		}
+	}
+	return nil
+}
+
+// writeVMTable writes the VM namespace's table "kiln":
+//   - prerouting: TCP from the host to HostAddr → DNAT to GuestAddr (same port);
+//   - postrouting: masquerade into the TAP (the guest sees 172.30.0.1, not
+//     host addresses) and out of the veth (egress);
+//   - forward (policy drop): replies; host→guest DNATed traffic; with
+//     egress, jump to chain "egress" (deny list, then accept IPv4);
+//   - input (policy drop): loopback, replies, and with egress DNS to the
+//     gateway forwarder.
+func writeVMTable(nsFd int, n *Net, cfg Config) error {
+	c, err := nftables.New(nftables.WithNetNSFd(nsFd))
+	if err != nil {
+		return fmt.Errorf("nftables: %w", err)
+	}
+	t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: TableName})
+	pre := c.AddChain(&nftables.Chain{Name: "prerouting", Table: t, Type: nftables.ChainTypeNAT,
+		Hooknum: nftables.ChainHookPrerouting, Priority: nftables.ChainPriorityNATDest})
+	post := c.AddChain(&nftables.Chain{Name: "postrouting", Table: t, Type: nftables.ChainTypeNAT,
+		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource})
+	fw := c.AddChain(&nftables.Chain{Name: "forward", Table: t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: policy(nftables.ChainPolicyDrop)})
+	in := c.AddChain(&nftables.Chain{Name: "input", Table: t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: policy(nftables.ChainPolicyDrop)})
+	add := func(ch *nftables.Chain, e []expr.Any) { c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: e}) }
+	v4 := nfproto(unix.NFPROTO_IPV4, expr.CmpOpEq)
+	guest := GuestAddr.As4()
+
+	add(pre, join(iif(NSVethName), v4, l4proto(unix.IPPROTO_TCP), daddrIn(netip.PrefixFrom(n.HostAddr, 32)),
+		[]expr.Any{
+			&expr.Immediate{Register: 1, Data: guest[:]},
+			&expr.NAT{Type: expr.NATTypeDestNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1},
+		}))
+	add(post, join(v4, oif(TapName), []expr.Any{&expr.Masq{}}))
+	add(post, join(v4, oif(NSVethName), []expr.Any{&expr.Masq{}}))
+
+	add(fw, join(ctStateEstRel(), accept))
+	add(fw, join(iif(NSVethName), oif(TapName), ctStatusDNATed(), accept))
+
+	add(in, join(iif("lo"), accept))
+	add(in, join(ctStateEstRel(), accept))
+
+	if cfg.Egress {
+		eg := c.AddChain(&nftables.Chain{Name: "egress", Table: t})
+		// Only the guest's own address may leave: spoofed sources are dropped.
+		add(eg, join(saddrNot(GuestAddr), drop))
+		for _, p := range append(append([]netip.Prefix{}, DenyV4...), cfg.ExtraDeny...) {
+			add(eg, join(daddrIn(p), drop))
+		}
+		add(eg, accept)
+		add(fw, join(iif(TapName), oif(NSVethName), v4, []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: "egress"}}))
+		gw := netip.PrefixFrom(GatewayAddr, 32)
+		for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
+			add(in, join(iif(TapName), v4, daddrIn(gw), l4proto(proto), dport(53), accept))
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("writing vm nftables table: %w", err)
+	}
+	return nil
+}
+
+// readEgress reports whether the VM table has the egress chain.
+func readEgress(nsFd int) (bool, error) {
+	c, err := nftables.New(nftables.WithNetNSFd(nsFd))
+	if err != nil {
+		return false, fmt.Errorf("nftables: %w", err)
+	}
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return false, fmt.Errorf("listing chains: %w", err)
+	}
+	for _, ch := range chains {
+		if ch.Table.Name == TableName && ch.Name == "egress" {
+			return true, nil
+		}
+	}
+	return false, nil
+}

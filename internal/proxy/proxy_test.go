@@ -1,0 +1,488 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/kiln-sandbox/kiln/internal/tlsca"
+	"github.com/kiln-sandbox/kiln/internal/token"
+)
+
+const domain = "microvm.localhost"
+
+// fakeBackend is a fake of our own Backend interface: VMs in memory, with
+// counters to prove a refused request never woke a VM.
+type fakeBackend struct {
+	mu      sync.Mutex
+	vms     map[string]*fakeVM
+	ensures map[string]int
+	open    map[string]int
+}
+
+type fakeVM struct {
+	tgt        Target
+	suspended  bool
+	autoResume bool
+}
+
+func (b *fakeBackend) Lookup(ctx context.Context, id string) (Target, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	vm, ok := b.vms[id]
+	if !ok {
+		return Target{}, ErrNotFound
+	}
+	return vm.tgt, nil
+}
+
+func (b *fakeBackend) EnsureRunning(ctx context.Context, id string) error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.ensures[id]++
+	vm := b.vms[id]
+	if vm.suspended {
+		if !vm.autoResume {
+			return ErrSuspended
+		}
+		vm.suspended = false
+	}
+	return nil
+}
+
+func (b *fakeBackend) ConnOpened(id string) { b.mu.Lock(); b.open[id]++; b.mu.Unlock() }
+func (b *fakeBackend) ConnClosed(id string) { b.mu.Lock(); b.open[id]--; b.mu.Unlock() }
+
+func (b *fakeBackend) counts(id string) (ensures, open int) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.ensures[id], b.open[id]
+}
+
+// guest is a real HTTP server on loopback standing in for one guest port.
+func guest(t *testing.T, name string, h2c bool) string {
+	t.Helper()
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		json.NewEncoder(w).Encode(map[string]any{
+			"guest": name, "host": r.Host, "auth": r.Header.Get(HeaderAuth), "port": r.Header.Get(HeaderPort),
+			"xff": r.Header.Get("X-Forwarded-For"), "proto": r.Proto,
+		})
+	})
+	mux.HandleFunc("/sse", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Get("type") == "chunked" {
+			w.Header().Set("Content-Type", "text/plain") // chunked, not SSE
+		} else {
+			w.Header().Set("Content-Type", "text/event-stream")
+		}
+		for i := 0; i < 3; i++ {
+			fmt.Fprintf(w, "data: %d\n\n", i)
+			w.(http.Flusher).Flush()
+			// Hold the next event until the client saw this one: a proxy
+			// that buffers would deadlock here and fail the test.
+			select {
+			case <-r.Context().Done():
+				return
+			case <-time.After(300 * time.Millisecond):
+			}
+		}
+	})
+	mux.HandleFunc("/ws", func(w http.ResponseWriter, r *http.Request) {
+		seen := r.Header.Values("Sec-WebSocket-Protocol")
+		c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{"chat"}})
+		if err != nil {
+			return
+		}
+		defer c.CloseNow()
+		ctx := r.Context()
+		c.Write(ctx, websocket.MessageText, []byte("protocols="+strings.Join(seen, ",")))
+		for {
+			typ, msg, err := c.Read(ctx)
+			if err != nil {
+				return
+			}
+			c.Write(ctx, typ, append([]byte("echo:"), msg...))
+		}
+	})
+	mux.HandleFunc("/grpc", func(w http.ResponseWriter, r *http.Request) {
+		if r.ProtoMajor != 2 {
+			http.Error(w, "grpc needs h2", http.StatusHTTPVersionNotSupported)
+			return
+		}
+		w.Header().Set("Content-Type", "application/grpc")
+		w.Header().Set("Trailer", "Grpc-Status, Grpc-Message")
+		body, _ := io.ReadAll(r.Body)
+		w.Write(body)
+		w.Header().Set("Grpc-Status", "0")
+		w.Header().Set("Grpc-Message", "ok-"+name)
+	})
+	srv := &http.Server{Handler: mux}
+	if h2c {
+		var p http.Protocols
+		p.SetHTTP1(true)
+		p.SetUnencryptedHTTP2(true)
+		srv.Protocols = &p
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().String()
+}
+
+type env struct {
+	backend *fakeBackend
+	signer  *token.Signer
+	client  *http.Client
+	roots   *x509.CertPool
+	addr    string // proxy listener
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	dir := t.TempDir()
+	ca, err := tlsca.Open(tlsca.Config{Domain: domain, Dir: filepath.Join(dir, "tls"), CAExport: filepath.Join(dir, "ca.pem")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := token.NewSigner([]byte(strings.Repeat("s", 32)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Guest ports 8080 and 9000 of every VM are two loopback servers.
+	ports := map[string]string{"8080": guest(t, "port8080", true), "9000": guest(t, "port9000", false)}
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
+		_, port, _ := net.SplitHostPort(addr)
+		real, ok := ports[port]
+		if !ok {
+			real = "127.0.0.1:1" // nothing listens: connection refused
+		}
+		var d net.Dialer
+		return d.DialContext(ctx, network, real)
+	}
+	lo := netip.MustParseAddr("127.0.0.1")
+	b := &fakeBackend{ensures: map[string]int{}, open: map[string]int{}, vms: map[string]*fakeVM{
+		"vm1":       {tgt: Target{Account: "acct", Addr: lo, Ingress: true, Shell: true}},
+		"vm2":       {tgt: Target{Account: "acct", Addr: lo, Ingress: true}},
+		"noingress": {tgt: Target{Account: "acct", Addr: lo}},
+		"sleepy":    {tgt: Target{Account: "acct", Addr: lo, Ingress: true}, suspended: true, autoResume: true},
+		"frozen":    {tgt: Target{Account: "acct", Addr: lo, Ingress: true}, suspended: true},
+		"otheracct": {tgt: Target{Account: "other", Addr: lo, Ingress: true}},
+	}}
+	srv, err := New(Config{Domain: domain, Backend: b, Tokens: signer, Dial: dial})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { srv.Serve(ctx, ln, ca.TLSConfig(), time.Second); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+
+	e := &env{backend: b, signer: signer, roots: rootsFromFile(t, filepath.Join(dir, "ca.pem")), addr: ln.Addr().String()}
+	e.client = &http.Client{Transport: e.transport(true), Timeout: 10 * time.Second}
+	return e
+}
+
+func rootsFromFile(t *testing.T, path string) *x509.CertPool {
+	t.Helper()
+	pem, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pem) {
+		t.Fatal("no certificate in ca.pem")
+	}
+	return roots
+}
+
+// transport verifies the proxy against ca.pem like curl --cacert, and
+// resolves every *.microvm.localhost name to the proxy listener.
+func (e *env) transport(h2 bool) *http.Transport {
+	tc := &tls.Config{RootCAs: e.roots}
+	if !h2 {
+		tc.NextProtos = []string{"http/1.1"}
+	}
+	return &http.Transport{
+		TLSClientConfig:   tc,
+		ForceAttemptHTTP2: h2,
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, e.addr)
+		},
+	}
+}
+
+func (e *env) mint(t *testing.T, account, vm string, kind token.Kind, ports []token.PortRange, ttl time.Duration) string {
+	tok, _, err := e.signer.Mint(account, vm, kind, ports, ttl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+func TestRouting(t *testing.T) {
+	e := newEnv(t)
+	all := []token.PortRange{token.AllPorts}
+	only8080 := []token.PortRange{token.Port(8080)}
+	past := e.signer.WithClock(func() time.Time { return time.Now().Add(-2 * time.Hour) })
+	expired, _, _ := past.Mint("acct", "vm1", token.KindEndpoint, all, time.Minute)
+	tests := []struct {
+		name      string
+		host      string
+		tok       string
+		port      string
+		status    int
+		guest     string
+		wantWoken bool // EnsureRunning must (not) have been called
+	}{
+		{"default port 8080", "vm1", e.mint(t, "acct", "vm1", token.KindEndpoint, only8080, time.Minute), "", 200, "port8080", true},
+		{"port header selects 9000", "vm1", e.mint(t, "acct", "vm1", token.KindEndpoint, all, time.Minute), "9000", 200, "port9000", true},
+		{"range token", "vm1", e.mint(t, "acct", "vm1", token.KindEndpoint, []token.PortRange{{From: 8000, To: 9000}}, time.Minute), "9000", 200, "port9000", true},
+		{"no token", "vm2", "", "", 401, "", false},
+		{"garbage token", "vm2", "nope", "", 401, "", false},
+		{"expired token", "vm1", expired, "", 401, "", false},
+		{"token of other vm", "vm2", e.mint(t, "acct", "vm1", token.KindEndpoint, all, time.Minute), "", 403, "", false},
+		{"port out of scope", "vm2", e.mint(t, "acct", "vm2", token.KindEndpoint, only8080, time.Minute), "9000", 403, "", false},
+		{"shell token on app port", "vm2", e.mint(t, "acct", "vm2", token.KindShell, all, time.Minute), "", 403, "", false},
+		{"other account", "otheracct", e.mint(t, "acct", "otheracct", token.KindEndpoint, all, time.Minute), "", 403, "", false},
+		{"no ingress", "noingress", e.mint(t, "acct", "noingress", token.KindEndpoint, all, time.Minute), "", 403, "", false},
+		{"no shell ingress", "vm2", e.mint(t, "acct", "vm2", token.KindShell, all, time.Minute), "8022", 403, "", false},
+		{"unknown vm", "ghost", e.mint(t, "acct", "ghost", token.KindEndpoint, all, time.Minute), "", 404, "", false},
+		{"bad port header", "vm1", e.mint(t, "acct", "vm1", token.KindEndpoint, all, time.Minute), "http", 400, "", false},
+		{"auto-resume", "sleepy", e.mint(t, "acct", "sleepy", token.KindEndpoint, all, time.Minute), "", 200, "port8080", true},
+		{"suspended without auto-resume", "frozen", e.mint(t, "acct", "frozen", token.KindEndpoint, all, time.Minute), "", 503, "", true},
+		{"guest port closed", "vm2", e.mint(t, "acct", "vm2", token.KindEndpoint, all, time.Minute), "7000", 502, "", true},
+		{"bare domain", "", e.mint(t, "acct", "vm1", token.KindEndpoint, all, time.Minute), "", 404, "", false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			host := tc.host + "." + domain
+			if tc.host == "" {
+				host = domain
+			}
+			before, _ := e.backend.counts(tc.host)
+			req, _ := http.NewRequest("GET", "https://"+host+"/", nil)
+			if tc.tok != "" {
+				req.Header.Set(HeaderAuth, tc.tok)
+			}
+			if tc.port != "" {
+				req.Header.Set(HeaderPort, tc.port)
+			}
+			resp, err := e.client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			body, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != tc.status {
+				t.Fatalf("status %d (%s), want %d", resp.StatusCode, body, tc.status)
+			}
+			if resp.ProtoMajor != 2 {
+				t.Errorf("client spoke %s, want HTTP/2", resp.Proto)
+			}
+			after, open := e.backend.counts(tc.host)
+			if woken := after > before; woken != tc.wantWoken {
+				t.Errorf("EnsureRunning called=%v, want %v", woken, tc.wantWoken)
+			}
+			if open != 0 {
+				t.Errorf("%d connections still counted open", open)
+			}
+			if tc.guest == "" {
+				return
+			}
+			var got map[string]string
+			json.Unmarshal(body, &got)
+			if got["guest"] != tc.guest || got["auth"] != "" || got["port"] != "" || got["host"] != host || got["xff"] == "" {
+				t.Fatalf("guest saw %v", got)
+			}
+		})
+	}
+	if _, err := e.backend.Lookup(context.Background(), "sleepy"); err != nil || e.backend.vms["sleepy"].suspended {
+		t.Error("auto-resume did not resume")
+	}
+}
+
+func TestWebSocket(t *testing.T) {
+	e := newEnv(t)
+	tok := e.mint(t, "acct", "vm1", token.KindEndpoint, []token.PortRange{token.Port(9000)}, time.Minute)
+	tests := []struct {
+		name      string
+		protos    []string
+		header    http.Header
+		wantProto string
+	}{
+		{"token in subprotocols", []string{SubprotoAuth + tok, SubprotoPort + "9000"}, nil, SubprotoPort + "9000"},
+		{"token in subprotocols plus app protocol", []string{SubprotoAuth + tok, SubprotoPort + "9000", "chat"}, nil, "chat"},
+		{"token in headers", nil, http.Header{HeaderAuth: {tok}, HeaderPort: {"9000"}}, ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			waitClosed(t, e, "vm1")
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			c, resp, err := websocket.Dial(ctx, "wss://vm1."+domain+"/ws", &websocket.DialOptions{
+				HTTPClient:   &http.Client{Transport: e.transport(false)},
+				Subprotocols: tc.protos,
+				HTTPHeader:   tc.header,
+			})
+			if err != nil {
+				t.Fatalf("dial: %v (%v)", err, resp)
+			}
+			defer c.CloseNow()
+			if c.Subprotocol() != tc.wantProto {
+				t.Errorf("subprotocol %q, want %q", c.Subprotocol(), tc.wantProto)
+			}
+			_, first, err := c.Read(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if strings.Contains(string(first), "lambda-microvms") {
+				t.Errorf("guest saw kiln subprotocols: %s", first)
+			}
+			if _, open := e.backend.counts("vm1"); open != 1 {
+				t.Errorf("open connections during websocket = %d, want 1", open)
+			}
+			for i := 0; i < 3; i++ {
+				msg := fmt.Sprintf("hello %d", i)
+				if err := c.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
+					t.Fatal(err)
+				}
+				_, got, err := c.Read(ctx)
+				if err != nil || string(got) != "echo:"+msg {
+					t.Fatalf("echo %q, %v", got, err)
+				}
+			}
+			c.Close(websocket.StatusNormalClosure, "")
+		})
+	}
+	waitClosed(t, e, "vm1")
+	// Without a token the upgrade is refused before reaching the VM.
+	_, resp, err := websocket.Dial(context.Background(), "wss://vm1."+domain+"/ws", &websocket.DialOptions{
+		HTTPClient: &http.Client{Transport: e.transport(false)}, Subprotocols: []string{SubprotoPort + "9000"}})
+	if err == nil || resp == nil || resp.StatusCode != 401 {
+		t.Fatalf("tokenless websocket: %v %v", err, resp)
+	}
+}
+
+// waitClosed waits until the proxy has noticed that earlier WebSockets
+// closed (it sees the close a moment after the client).
+func waitClosed(t *testing.T, e *env, id string) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		if _, open := e.backend.counts(id); open == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("websocket still counted open after close")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestStreaming(t *testing.T) {
+	e := newEnv(t)
+	tok := e.mint(t, "acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
+	for _, tc := range []struct {
+		h2   bool
+		kind string
+	}{{true, "sse"}, {false, "sse"}, {true, "chunked"}, {false, "chunked"}} {
+		h2 := tc.h2
+		t.Run(fmt.Sprintf("%s h2=%v", tc.kind, h2), func(t *testing.T) {
+			req, _ := http.NewRequest("GET", "https://vm1."+domain+"/sse?type="+tc.kind, nil)
+			req.Header.Set(HeaderAuth, tok)
+			req.Header.Set(HeaderPort, "9000")
+			start := time.Now()
+			resp, err := (&http.Client{Transport: e.transport(h2)}).Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			r := bufio.NewReader(resp.Body)
+			var at []time.Duration
+			for {
+				line, err := r.ReadString('\n')
+				if err != nil {
+					break
+				}
+				if strings.HasPrefix(line, "data:") {
+					at = append(at, time.Since(start))
+				}
+			}
+			if len(at) != 3 {
+				t.Fatalf("got %d events", len(at))
+			}
+			// The first event must arrive before the guest finished (~600ms).
+			if at[0] > 250*time.Millisecond || at[2]-at[0] < 400*time.Millisecond {
+				t.Fatalf("events arrived at %v: buffered", at)
+			}
+		})
+	}
+}
+
+func TestGRPCTrailers(t *testing.T) {
+	e := newEnv(t)
+	tok := e.mint(t, "acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
+	req, _ := http.NewRequest("POST", "https://vm1."+domain+"/grpc", strings.NewReader("\x00\x00\x00\x00\x05hello"))
+	req.Header.Set(HeaderAuth, tok)
+	req.Header.Set("Content-Type", "application/grpc")
+	req.Header.Set("TE", "trailers")
+	resp, err := e.client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != 200 || resp.ProtoMajor != 2 || string(body) != "\x00\x00\x00\x00\x05hello" {
+		t.Fatalf("status %d proto %s body %q", resp.StatusCode, resp.Proto, body)
+	}
+	if resp.Trailer.Get("Grpc-Status") != "0" || resp.Trailer.Get("Grpc-Message") != "ok-port8080" {
+		t.Fatalf("trailers %v", resp.Trailer)
+	}
+}
+
+func TestMicrovmFromHost(t *testing.T) {
+	s := &Server{cfg: Config{Domain: domain}}
+	tests := []struct {
+		host, id string
+		ok       bool
+	}{
+		{"abc." + domain, "abc", true},
+		{"ABC." + domain + ":8443", "abc", true},
+		{"abc." + domain + ".", "abc", true},
+		{domain, "", false},
+		{"a.b." + domain, "", false},
+		{"abc.evil.test", "", false},
+		{"abc" + domain, "", false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.host, func(t *testing.T) {
+			id, ok := s.microvmFromHost(tc.host)
+			if id != tc.id || ok != tc.ok {
+				t.Fatalf("got %q %v", id, ok)
+			}
+		})
+	}
+}

@@ -1,0 +1,416 @@
+//go:build linux
+
+// Package rootfs turns a folder into an ext4 disk image and reads files back
+// out of one, without loop mounts: mkfs.ext4 -d copies the folder into the
+// new file system, and debugfs reads it. Neither needs privileges beyond
+// reading the folder, and no mount ever appears on the host.
+package rootfs
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
+)
+
+// ErrToolMissing is returned when e2fsprogs is not installed.
+var ErrToolMissing = fmt.Errorf("e2fsprogs tool missing (install it with `make setup`, which runs scripts/setup.sh): %w", errdefs.ErrUnavailable)
+
+const (
+	// minSize keeps tiny images (FROM scratch + one file) large enough for
+	// ext4's own metadata and a journal.
+	minSize = 16 << 20
+	// maxLabel is ext4's volume label limit in bytes.
+	maxLabel = 16
+)
+
+func lookTool(name string) (string, error) {
+	p, err := exec.LookPath(name)
+	if err == nil {
+		return p, nil
+	}
+	// Root's PATH on Debian has /usr/sbin, but a test runner's may not.
+	for _, dir := range []string{"/usr/sbin", "/sbin"} {
+		c := filepath.Join(dir, name)
+		if _, err := os.Stat(c); err == nil {
+			return c, nil
+		}
+	}
+	return "", fmt.Errorf("%s: %w", name, ErrToolMissing)
+}
+
+// BuildExt4 writes an ext4 image at outImage holding the contents of srcDir
+// (owners, modes, symlinks, devices and hard links as mkfs.ext4 -d copies
+// them). sizeBytes 0 picks the content size plus headroom. The image is
+// written to a temporary name and renamed into place, so outImage is either
+// absent or complete; calling it again replaces the image.
+func BuildExt4(ctx context.Context, srcDir, outImage string, sizeBytes int64, label string) error {
+	mkfs, err := lookTool("mkfs.ext4")
+	if err != nil {
+		return err
+	}
+	if len(label) > maxLabel {
+		return fmt.Errorf("ext4 label %q is longer than %d bytes", label, maxLabel)
+	}
+	st, err := os.Stat(srcDir)
+	if err != nil {
+		return fmt.Errorf("reading root folder: %w", err)
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("root folder %s is not a directory", srcDir)
+	}
+	if sizeBytes == 0 {
+		used, inodes, err := DiskUsage(srcDir)
+		if err != nil {
+			return err
+		}
+		sizeBytes = AutoSize(used, inodes)
+	}
+	if sizeBytes < minSize {
+		sizeBytes = minSize
+	}
+	// Round to whole 4 KiB blocks: mkfs takes the size in KiB below.
+	sizeBytes = (sizeBytes + 4095) &^ 4095
+
+	tmp := outImage + ".tmp"
+	_ = os.Remove(tmp)
+	args := []string{"-q", "-F", "-t", "ext4", "-d", srcDir, "-E", "root_owner=0:0"}
+	if label != "" {
+		args = append(args, "-L", label)
+	}
+	args = append(args, tmp, fmt.Sprintf("%dk", sizeBytes/1024))
+	cmd := exec.CommandContext(ctx, mkfs, args...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Run(); err != nil {
+		_ = os.Remove(tmp)
+		msg := strings.TrimSpace(out.String())
+		if strings.Contains(msg, "Could not allocate block") || strings.Contains(msg, "No space left") {
+			return fmt.Errorf("mkfs.ext4: image of %d bytes is too small for %s (give a larger size): %s: %w", sizeBytes, srcDir, msg, err)
+		}
+		return fmt.Errorf("mkfs.ext4 -d %s: %s: %w", srcDir, msg, err)
+	}
+	if err := os.Rename(tmp, outImage); err != nil {
+		_ = os.Remove(tmp)
+		return fmt.Errorf("placing ext4 image: %w", err)
+	}
+	return nil
+}
+
+// AutoSize is the image size BuildExt4 picks for content of usedBytes in
+// inodes files: room for metadata (256-byte inodes, directories, journal)
+// plus 20% headroom and a fixed 64 MiB so that a RUN step has space to write.
+func AutoSize(usedBytes, inodes int64) int64 {
+	return usedBytes + usedBytes/5 + inodes*512 + 64<<20
+}
+
+// DiskUsage counts the bytes (rounded to 4 KiB blocks, as ext4 stores
+// them) and the entries under dir. Hard links count once.
+func DiskUsage(dir string) (bytesUsed, entries int64, err error) {
+	seen := map[uint64]bool{}
+	err = filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		entries++
+		info, err := d.Info()
+		if err != nil {
+			return err
+		}
+		if st, ok := info.Sys().(*syscall.Stat_t); ok && st.Nlink > 1 && !d.IsDir() {
+			if seen[st.Ino] {
+				return nil
+			}
+			seen[st.Ino] = true
+		}
+		bytesUsed += (info.Size() + 4095) &^ 4095
+		return nil
+	})
+	if err != nil {
+		return 0, 0, fmt.Errorf("measuring %s: %w", dir, err)
+	}
+	return bytesUsed, entries, nil
+}
+
+// ReadFile returns the contents of the file at path (absolute, inside the
+// file system) in the ext4 image, read with debugfs without mounting.
+func ReadFile(ctx context.Context, image, path string) ([]byte, error) {
+	if err := checkDebugfsPath(path); err != nil {
+		return nil, err
+	}
+	// debugfs prints "File not found" on stderr and still exits 0, so check
+	// the inode first.
+	if _, err := Stat(ctx, image, path); err != nil {
+		return nil, err
+	}
+	out, _, err := debugfs(ctx, image, "cat "+quote(path))
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// Extract copies the tree at path in the image to the host folder dst
+// (created if needed), as debugfs rdump does: dst/<basename(path)>.
+func Extract(ctx context.Context, image, path, dst string) error {
+	if err := checkDebugfsPath(path); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		return err
+	}
+	_, stderr, err := debugfs(ctx, image, "rdump "+quote(path)+" "+quote(dst))
+	if err != nil {
+		return err
+	}
+	if strings.Contains(stderr, "not found") {
+		return fmt.Errorf("%s in %s: %w", path, image, fs.ErrNotExist)
+	}
+	return nil
+}
+
+// FileInfo is what Stat reports about an inode in an image.
+type FileInfo struct {
+	Mode uint32 // type and permission bits, as in stat(2)
+	UID  int
+	GID  int
+	Size int64
+}
+
+// Stat reports mode, owner and size of path inside the image.
+func Stat(ctx context.Context, image, path string) (FileInfo, error) {
+	if err := checkDebugfsPath(path); err != nil {
+		return FileInfo{}, err
+	}
+	// "stat" output is verbose; the inode dump format is stable enough to
+	// parse for these fields.
+	out, stderr, err := debugfs(ctx, image, "stat "+quote(path))
+	if err != nil {
+		return FileInfo{}, err
+	}
+	if strings.Contains(stderr, "File not found") || len(out) == 0 {
+		return FileInfo{}, fmt.Errorf("%s in %s: %w", path, image, fs.ErrNotExist)
+	}
+	var fi FileInfo
+	sizeSeen := false
+	for _, line := range strings.Split(string(out), "\n") {
+		f := strings.Fields(line)
+		for i := 0; i+1 < len(f); i++ {
+			switch f[i] {
+			case "Mode:":
+				var m uint32
+				fmt.Sscanf(f[i+1], "%o", &m)
+				fi.Mode |= m
+			case "User:":
+				fmt.Sscanf(f[i+1], "%d", &fi.UID)
+			case "Group:":
+				fmt.Sscanf(f[i+1], "%d", &fi.GID)
+			case "Size:":
+				// Only the first "Size:" (on the User: line) is the file's;
+				// "Fragment: ... Size: 0" follows.
+				if !sizeSeen {
+					fmt.Sscanf(f[i+1], "%d", &fi.Size)
+					sizeSeen = true
+				}
+			case "Type:":
+				switch f[i+1] {
+				case "directory":
+					fi.Mode |= syscall.S_IFDIR
+				case "regular":
+					fi.Mode |= syscall.S_IFREG
+				case "symlink":
+					fi.Mode |= syscall.S_IFLNK
+				}
+			}
+		}
+	}
+	return fi, nil
+}
+
+func checkDebugfsPath(p string) error {
+	if !strings.HasPrefix(p, "/") || strings.ContainsAny(p, "\"\n") {
+		return fmt.Errorf("path %q: must be absolute and contain no quotes or newlines", p)
+	}
+	return nil
+}
+
+func quote(s string) string { return `"` + s + `"` }
+
+func debugfs(ctx context.Context, image, request string) (stdout []byte, stderr string, err error) {
+	tool, err := lookTool("debugfs")
+	if err != nil {
+		return nil, "", err
+	}
+	cmd := exec.CommandContext(ctx, tool, "-R", request, image)
+	var o, e bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &o, &e
+	if err := cmd.Run(); err != nil {
+		return nil, e.String(), fmt.Errorf("debugfs -R %q %s: %s: %w", request, image, strings.TrimSpace(e.String()), err)
+	}
+	return o.Bytes(), e.String(), nil
+}
+
+// ExtractAll copies the whole file system in image into the folder dst
+// (created if needed). debugfs rdump loses setuid/setgid/sticky bits (it
+// chowns after chmod) and skips fifos, so a second debugfs pass lists every
+// directory with "ls -p" and puts those back. Hard links come out as
+// separate copies; device nodes are left out (the guest's devtmpfs
+// provides them); extended attributes are not copied.
+func ExtractAll(ctx context.Context, image, dst string) error {
+	if err := os.MkdirAll(dst, 0o755); err != nil {
+		return err
+	}
+	if _, _, err := debugfs(ctx, image, "rdump / "+quote(dst)); err != nil {
+		return err
+	}
+	var cmds bytes.Buffer
+	err := filepath.WalkDir(dst, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if !d.IsDir() {
+			return nil
+		}
+		rel, _ := filepath.Rel(dst, p)
+		in := "/" + filepath.ToSlash(rel)
+		if rel == "." {
+			in = "/"
+		}
+		if strings.ContainsAny(in, "\"\n") {
+			return nil // debugfs cannot quote these; their bits stay as rdump left them
+		}
+		fmt.Fprintf(&cmds, "ls -p %s\n", quote(in))
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("walking extracted root: %w", err)
+	}
+	cmdFile, err := os.CreateTemp("", "kiln-debugfs-*.cmds")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(cmdFile.Name())
+	if _, err := cmdFile.Write(cmds.Bytes()); err != nil {
+		cmdFile.Close()
+		return err
+	}
+	cmdFile.Close()
+	tool, err := lookTool("debugfs")
+	if err != nil {
+		return err
+	}
+	cmd := exec.CommandContext(ctx, tool, "-f", cmdFile.Name(), image)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("debugfs listing %s: %s: %w", image, strings.TrimSpace(errb.String()), err)
+	}
+	cur := ""
+	for _, line := range strings.Split(out.String(), "\n") {
+		if rest, ok := strings.CutPrefix(line, "debugfs: ls -p "); ok {
+			cur = strings.Trim(rest, `"`)
+			continue
+		}
+		parts := strings.Split(line, "/")
+		if len(parts) < 8 || parts[0] != "" || cur == "" {
+			continue
+		}
+		var mode uint32
+		var uid, gid int
+		if _, err := fmt.Sscanf(parts[2], "%o", &mode); err != nil {
+			continue
+		}
+		fmt.Sscanf(parts[3], "%d", &uid)
+		fmt.Sscanf(parts[4], "%d", &gid)
+		name := parts[5]
+		if name == "." || name == ".." {
+			continue
+		}
+		host := filepath.Join(dst, filepath.FromSlash(cur), name)
+		switch mode & syscall.S_IFMT {
+		case syscall.S_IFIFO:
+			if err := syscall.Mkfifo(host, mode&0o7777); err != nil && !errors.Is(err, fs.ErrExist) {
+				return fmt.Errorf("recreating fifo %s: %w", host, err)
+			}
+			_ = os.Lchown(host, uid, gid)
+		case syscall.S_IFREG, syscall.S_IFDIR:
+			if mode&0o7000 != 0 {
+				if err := os.Chmod(host, fileMode(mode)); err != nil {
+					return fmt.Errorf("restoring mode of %s: %w", host, err)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+func fileMode(m uint32) fs.FileMode {
+	fm := fs.FileMode(m & 0o777)
+	if m&syscall.S_ISUID != 0 {
+		fm |= fs.ModeSetuid
+	}
+	if m&syscall.S_ISGID != 0 {
+		fm |= fs.ModeSetgid
+	}
+	if m&syscall.S_ISVTX != 0 {
+		fm |= fs.ModeSticky
+	}
+	return fm
+}
+
+// Mkdir creates the directory path (and missing parents, owned by root,
+// mode 0755) inside the image, in place, without mounting. Existing
+// directories are left alone.
+func Mkdir(ctx context.Context, image, path string) error {
+	if err := checkDebugfsPath(path); err != nil {
+		return err
+	}
+	var cmds []string
+	p := ""
+	for _, part := range strings.Split(strings.Trim(path, "/"), "/") {
+		if part == "" {
+			continue
+		}
+		p += "/" + part
+		if _, err := Stat(ctx, image, p); err == nil {
+			continue
+		}
+		cmds = append(cmds, "mkdir "+quote(p))
+	}
+	for _, c := range cmds {
+		if _, stderr, err := debugfsW(ctx, image, c); err != nil || strings.TrimSpace(stripBanner(stderr)) != "" {
+			return fmt.Errorf("debugfs %s in %s: %s: %v", c, image, strings.TrimSpace(stderr), err)
+		}
+	}
+	return nil
+}
+
+func stripBanner(s string) string {
+	var keep []string
+	for _, l := range strings.Split(s, "\n") {
+		if !strings.HasPrefix(l, "debugfs ") {
+			keep = append(keep, l)
+		}
+	}
+	return strings.Join(keep, "\n")
+}
+
+func debugfsW(ctx context.Context, image, request string) ([]byte, string, error) {
+	tool, err := lookTool("debugfs")
+	if err != nil {
+		return nil, "", err
+	}
+	cmd := exec.CommandContext(ctx, tool, "-w", "-R", request, image)
+	var o, e bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &o, &e
+	err = cmd.Run()
+	return o.Bytes(), e.String(), err
+}

@@ -1,0 +1,160 @@
+//go:build linux
+
+package rootfs
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+func TestBuildExt4RoundTrip(t *testing.T) {
+	ctx := context.Background()
+	src := t.TempDir()
+	must(t, os.MkdirAll(filepath.Join(src, "etc/app"), 0o755))
+	must(t, os.WriteFile(filepath.Join(src, "etc/app/config"), []byte("hello ext4\n"), 0o640))
+	must(t, os.Symlink("app/config", filepath.Join(src, "etc/link")))
+	if os.Geteuid() == 0 {
+		must(t, os.Lchown(filepath.Join(src, "etc/app/config"), 1000, 1001))
+	}
+	img := filepath.Join(t.TempDir(), "root.ext4")
+	if err := BuildExt4(ctx, src, img, 0, "kiln-root"); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name    string
+		path    string
+		want    string
+		wantErr error
+	}{
+		{name: "regular file", path: "/etc/app/config", want: "hello ext4\n"},
+		{name: "missing file", path: "/etc/nope", wantErr: fs.ErrNotExist},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := ReadFile(ctx, img, tt.path)
+			if tt.wantErr != nil {
+				if !errors.Is(err, tt.wantErr) {
+					t.Fatalf("err = %v, want %v", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if string(got) != tt.want {
+				t.Fatalf("got %q, want %q", got, tt.want)
+			}
+		})
+	}
+	fi, err := Stat(ctx, img, "/etc/app/config")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode&0o777 != 0o640 || fi.Size != 11 {
+		t.Fatalf("stat = %+v", fi)
+	}
+	if os.Geteuid() == 0 && (fi.UID != 1000 || fi.GID != 1001) {
+		t.Fatalf("owner = %d:%d, want 1000:1001", fi.UID, fi.GID)
+	}
+	root, err := Stat(ctx, img, "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if root.UID != 0 || root.GID != 0 {
+		t.Fatalf("root owner = %d:%d", root.UID, root.GID)
+	}
+	out := t.TempDir()
+	if err := Extract(ctx, img, "/etc", out); err != nil {
+		t.Fatal(err)
+	}
+	if target, err := os.Readlink(filepath.Join(out, "etc/link")); err != nil || target != "app/config" {
+		t.Fatalf("symlink = %q, %v", target, err)
+	}
+}
+
+func TestBuildExt4Errors(t *testing.T) {
+	ctx := context.Background()
+	src := t.TempDir()
+	must(t, os.WriteFile(filepath.Join(src, "big"), make([]byte, 8<<20), 0o644))
+	tests := []struct {
+		name  string
+		src   string
+		size  int64
+		label string
+	}{
+		{name: "label too long", src: src, label: "this-label-is-far-too-long"},
+		{name: "missing source", src: filepath.Join(src, "nope")},
+		{name: "source is a file", src: filepath.Join(src, "big")},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			img := filepath.Join(t.TempDir(), "x.ext4")
+			if err := BuildExt4(ctx, tt.src, img, tt.size, tt.label); err == nil {
+				t.Fatal("want error")
+			}
+			if _, err := os.Stat(img); !errors.Is(err, fs.ErrNotExist) {
+				t.Fatalf("image left behind: %v", err)
+			}
+			if _, err := os.Stat(img + ".tmp"); !errors.Is(err, fs.ErrNotExist) {
+				t.Fatalf("temp image left behind: %v", err)
+			}
+		})
+	}
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestExtractAllKeepsSpecialBits(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to own files as other users")
+	}
+	ctx := context.Background()
+	src := t.TempDir()
+	must(t, os.MkdirAll(filepath.Join(src, "usr/bin"), 0o755))
+	su := filepath.Join(src, "usr/bin/su")
+	must(t, os.WriteFile(su, []byte("#!"), 0o755))
+	must(t, os.Chown(su, 0, 0))
+	must(t, os.Chmod(su, 0o755|os.ModeSetuid))
+	must(t, os.Mkdir(filepath.Join(src, "tmp"), 0o777))
+	must(t, os.Chmod(filepath.Join(src, "tmp"), 0o777|os.ModeSticky))
+	wall := filepath.Join(src, "usr/bin/wall")
+	must(t, os.WriteFile(wall, []byte("#!"), 0o755))
+	must(t, os.Chown(wall, 0, 5))
+	must(t, os.Chmod(wall, 0o755|os.ModeSetgid))
+	img := filepath.Join(t.TempDir(), "r.ext4")
+	must(t, BuildExt4(ctx, src, img, 0, ""))
+	must(t, Mkdir(ctx, img, "/srv/app/data"))
+	out := t.TempDir()
+	must(t, ExtractAll(ctx, img, out))
+	tests := []struct {
+		path string
+		want os.FileMode
+	}{
+		{"usr/bin/su", os.ModeSetuid},
+		{"usr/bin/wall", os.ModeSetgid},
+		{"tmp", os.ModeSticky},
+	}
+	for _, tt := range tests {
+		t.Run(tt.path, func(t *testing.T) {
+			fi, err := os.Stat(filepath.Join(out, tt.path))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fi.Mode()&tt.want == 0 {
+				t.Fatalf("mode = %v, want %v set", fi.Mode(), tt.want)
+			}
+		})
+	}
+	if fi, err := os.Stat(filepath.Join(out, "srv/app/data")); err != nil || !fi.IsDir() {
+		t.Fatalf("Mkdir result: %v", err)
+	}
+}

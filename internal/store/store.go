@@ -1,0 +1,396 @@
+// Package store holds kiln's durable state: access keys and their accounts,
+// microVM images with their versions and builds, microVMs, idempotency
+// tokens and tags. The Store interface is what the API and the engine see;
+// internal/store/sqlite implements it on an embedded SQLite database, and a
+// PostgreSQL implementation can satisfy the same contract later (nothing in
+// it relies on SQLite: sequences are plain integers, times are values).
+//
+// Every method that returns nil has made its change durable: the API answers
+// only after the store call returns.
+//
+// Errors are wrapped in the categories of internal/errdefs: ErrNotFound when
+// the record does not exist in that account, ErrConflict when it exists but
+// the change is not allowed (duplicate name, wrong state, reused token).
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"time"
+)
+
+// MicrovmState is a microVM's lifecycle state, as the AWS API names it.
+type MicrovmState string
+
+const (
+	StatePending     MicrovmState = "PENDING"
+	StateRunning     MicrovmState = "RUNNING"
+	StateSuspending  MicrovmState = "SUSPENDING"
+	StateSuspended   MicrovmState = "SUSPENDED"
+	StateTerminating MicrovmState = "TERMINATING"
+	StateTerminated  MicrovmState = "TERMINATED"
+)
+
+// Final reports whether no transition leaves the state.
+func (s MicrovmState) Final() bool { return s == StateTerminated }
+
+// Image states (MicrovmImageState).
+const (
+	ImageCreating     = "CREATING"
+	ImageCreated      = "CREATED"
+	ImageCreateFailed = "CREATE_FAILED"
+	ImageUpdating     = "UPDATING"
+	ImageUpdated      = "UPDATED"
+	ImageUpdateFailed = "UPDATE_FAILED"
+	ImageDeleting     = "DELETING"
+	ImageDeleted      = "DELETED"
+)
+
+// Image version states (MicrovmImageVersionState) and statuses.
+const (
+	VersionPending    = "PENDING"
+	VersionInProgress = "IN_PROGRESS"
+	VersionSuccessful = "SUCCESSFUL"
+	VersionFailed     = "FAILED"
+	VersionDeleted    = "DELETED"
+
+	VersionActive   = "ACTIVE"
+	VersionInactive = "INACTIVE"
+)
+
+// Build states (BuildState).
+const (
+	BuildPending    = "PENDING"
+	BuildInProgress = "IN_PROGRESS"
+	BuildSuccessful = "SUCCESSFUL"
+	BuildFailed     = "FAILED"
+)
+
+// AccessKey is a SigV4 access key. Every key belongs to one account; all
+// resources are scoped to the account of the key that signed the request.
+type AccessKey struct {
+	ID          string    `json:"accessKeyId"`
+	Secret      string    `json:"-"`
+	Account     string    `json:"account"`
+	Description string    `json:"description,omitempty"`
+	CreatedAt   time.Time `json:"createdAt"`
+}
+
+// IdlePolicy mirrors the API shape; all three fields are required when set.
+type IdlePolicy struct {
+	MaxIdleDurationSeconds   int64 `json:"maxIdleDurationSeconds"`
+	SuspendedDurationSeconds int64 `json:"suspendedDurationSeconds"`
+	AutoResumeEnabled        bool  `json:"autoResumeEnabled"`
+}
+
+// MicrovmHooks says which runtime hooks the app implements (ENABLED or
+// DISABLED) and how long each may take.
+type MicrovmHooks struct {
+	Run                       string `json:"run,omitempty"`
+	RunTimeoutInSeconds       *int64 `json:"runTimeoutInSeconds,omitempty"`
+	Resume                    string `json:"resume,omitempty"`
+	ResumeTimeoutInSeconds    *int64 `json:"resumeTimeoutInSeconds,omitempty"`
+	Suspend                   string `json:"suspend,omitempty"`
+	SuspendTimeoutInSeconds   *int64 `json:"suspendTimeoutInSeconds,omitempty"`
+	Terminate                 string `json:"terminate,omitempty"`
+	TerminateTimeoutInSeconds *int64 `json:"terminateTimeoutInSeconds,omitempty"`
+}
+
+// MicrovmImageHooks says which build-time hooks the app implements.
+type MicrovmImageHooks struct {
+	Ready                    string `json:"ready,omitempty"`
+	ReadyTimeoutInSeconds    *int64 `json:"readyTimeoutInSeconds,omitempty"`
+	Validate                 string `json:"validate,omitempty"`
+	ValidateTimeoutInSeconds *int64 `json:"validateTimeoutInSeconds,omitempty"`
+}
+
+// Hooks is the hook configuration of an image version.
+type Hooks struct {
+	Port              *int64             `json:"port,omitempty"`
+	MicrovmHooks      *MicrovmHooks      `json:"microvmHooks,omitempty"`
+	MicrovmImageHooks *MicrovmImageHooks `json:"microvmImageHooks,omitempty"`
+}
+
+// CodeArtifact locates the code package (a zip with a Dockerfile).
+type CodeArtifact struct {
+	URI string `json:"uri"`
+}
+
+// CpuConfiguration names an architecture the image supports.
+type CpuConfiguration struct {
+	Architecture string `json:"architecture"`
+}
+
+// Resources holds the memory an image asks for.
+type Resources struct {
+	MinimumMemoryInMiB int64 `json:"minimumMemoryInMiB"`
+}
+
+// ImageConfig is what a version of an image is built from; it is the body of
+// CreateMicrovmImage/UpdateMicrovmImage and is echoed in version outputs.
+type ImageConfig struct {
+	BaseImageArn             string             `json:"baseImageArn"`
+	BaseImageVersion         string             `json:"baseImageVersion,omitempty"`
+	BuildRoleArn             string             `json:"buildRoleArn"`
+	CodeArtifact             *CodeArtifact      `json:"codeArtifact,omitempty"`
+	Description              string             `json:"description,omitempty"`
+	Logging                  json.RawMessage    `json:"logging,omitempty"`
+	EgressNetworkConnectors  []string           `json:"egressNetworkConnectors,omitempty"`
+	CpuConfigurations        []CpuConfiguration `json:"cpuConfigurations,omitempty"`
+	Resources                []Resources        `json:"resources,omitempty"`
+	AdditionalOsCapabilities []string           `json:"additionalOsCapabilities,omitempty"`
+	Hooks                    *Hooks             `json:"hooks,omitempty"`
+	EnvironmentVariables     map[string]string  `json:"environmentVariables,omitempty"`
+}
+
+// Image is a named microVM image in one account. Its versions are built
+// from ImageConfigs; the latest successful, ACTIVE one is what RunMicrovm
+// uses by default.
+type Image struct {
+	Account             string    `json:"account"`
+	Name                string    `json:"name"`
+	ARN                 string    `json:"arn"`
+	State               string    `json:"state"`
+	LatestVersion       string    `json:"latestVersion"` // newest version, whatever its state
+	LatestActiveVersion string    `json:"latestActiveVersion,omitempty"`
+	LatestFailedVersion string    `json:"latestFailedVersion,omitempty"`
+	CreatedAt           time.Time `json:"createdAt"`
+	UpdatedAt           time.Time `json:"updatedAt"`
+}
+
+// ImageVersion is one build target of an image ("1", "2", ...).
+type ImageVersion struct {
+	Account     string      `json:"account"`
+	ImageName   string      `json:"imageName"`
+	ImageARN    string      `json:"imageArn"`
+	Version     string      `json:"version"`
+	State       string      `json:"state"`
+	Status      string      `json:"status"`
+	StateReason string      `json:"stateReason,omitempty"`
+	Config      ImageConfig `json:"config"`
+	CreatedAt   time.Time   `json:"createdAt"`
+	UpdatedAt   time.Time   `json:"updatedAt"`
+}
+
+// SnapshotBuild holds the sizes a finished build produced.
+type SnapshotBuild struct {
+	MemorySnapshotSizeInBytes *int64 `json:"memorySnapshotSizeInBytes,omitempty"`
+	CodeInstallSizeInBytes    *int64 `json:"codeInstallSizeInBytes,omitempty"`
+	DiskSnapshotSizeInBytes   *int64 `json:"diskSnapshotSizeInBytes,omitempty"`
+}
+
+// Build is one build of an image version (one per CPU configuration).
+type Build struct {
+	Account           string         `json:"account"`
+	ImageName         string         `json:"imageName"`
+	ImageARN          string         `json:"imageArn"`
+	Version           string         `json:"version"`
+	ID                string         `json:"buildId"`
+	State             string         `json:"buildState"`
+	Architecture      string         `json:"architecture"`
+	Chipset           string         `json:"chipset"`
+	ChipsetGeneration string         `json:"chipsetGeneration"`
+	StateReason       string         `json:"stateReason,omitempty"`
+	CreatedAt         time.Time      `json:"createdAt"`
+	UpdatedAt         time.Time      `json:"updatedAt"`
+	Snapshot          *SnapshotBuild `json:"snapshotBuild,omitempty"`
+}
+
+// Microvm is one microVM record. DeadlineAt (StartedAt plus
+// MaximumDurationInSeconds) and SuspendDeadlineAt (set when it becomes
+// SUSPENDED and has an idle policy) are indexed so that the lifecycle
+// controller can find the ones due with ListMicrovmsDue.
+type Microvm struct {
+	ID                       string          `json:"microvmId"`
+	Account                  string          `json:"account"`
+	ARN                      string          `json:"arn"`
+	State                    MicrovmState    `json:"state"`
+	StateReason              string          `json:"stateReason,omitempty"`
+	Endpoint                 string          `json:"endpoint"`
+	ImageName                string          `json:"imageName"`
+	ImageARN                 string          `json:"imageArn"`
+	ImageVersion             string          `json:"imageVersion"`
+	ExecutionRoleArn         string          `json:"executionRoleArn,omitempty"`
+	IdlePolicy               *IdlePolicy     `json:"idlePolicy,omitempty"`
+	Logging                  json.RawMessage `json:"logging,omitempty"`
+	RunHookPayload           string          `json:"runHookPayload,omitempty"`
+	MaximumDurationInSeconds int64           `json:"maximumDurationInSeconds"`
+	IngressNetworkConnectors []string        `json:"ingressNetworkConnectors,omitempty"`
+	EgressNetworkConnectors  []string        `json:"egressNetworkConnectors,omitempty"`
+	StartedAt                time.Time       `json:"startedAt"`
+	UpdatedAt                time.Time       `json:"updatedAt"`
+	TerminatedAt             *time.Time      `json:"terminatedAt,omitempty"`
+	SuspendedAt              *time.Time      `json:"suspendedAt,omitempty"`
+	DeadlineAt               time.Time       `json:"deadlineAt"`
+	SuspendDeadlineAt        *time.Time      `json:"suspendDeadlineAt,omitempty"`
+	// PendingOp names an operation accepted but not reflected in State yet
+	// ("resume": a SUSPENDED microVM being resumed), so that recovery after
+	// a crash can finish it.
+	PendingOp string `json:"pendingOp,omitempty"`
+}
+
+// ClientToken records an idempotent request: the same (account, operation,
+// token) with the same InputHash returns ResourceID's current state; with a
+// different hash it is a conflict.
+type ClientToken struct {
+	Account    string    `json:"account"`
+	Operation  string    `json:"operation"`
+	Token      string    `json:"token"`
+	InputHash  string    `json:"inputHash"`
+	ResourceID string    `json:"resourceId"`
+	CreatedAt  time.Time `json:"createdAt"`
+}
+
+// Page asks for one page of a list: at most Limit items after the position
+// encoded in Token (empty: from the start). Lists return the token of the
+// next page, or "" after the last one.
+type Page struct {
+	Limit int
+	Token string
+}
+
+// MicrovmFilter narrows ListMicrovms; empty fields match everything.
+type MicrovmFilter struct {
+	ImageName    string
+	ImageVersion string
+	States       []MicrovmState
+}
+
+// Store is kiln's state. Implementations must be safe for concurrent use.
+type Store interface {
+	// Close releases the database. Calls after Close fail.
+	Close() error
+
+	// CreateAccessKey stores a new key; ErrConflict if the id exists.
+	CreateAccessKey(ctx context.Context, k AccessKey) error
+	// GetAccessKey returns the key with its secret; ErrNotFound if absent.
+	GetAccessKey(ctx context.Context, id string) (AccessKey, error)
+	// ListAccessKeys returns every key (secrets included), oldest first.
+	ListAccessKeys(ctx context.Context) ([]AccessKey, error)
+	// DeleteAccessKey removes a key; ErrNotFound if absent.
+	DeleteAccessKey(ctx context.Context, id string) error
+
+	// GetClientToken returns a recorded token; ErrNotFound if unused.
+	GetClientToken(ctx context.Context, account, operation, token string) (ClientToken, error)
+
+	// CreateImage stores a new image with its first version and that
+	// version's builds, and tok if not nil, in one transaction. ErrConflict
+	// if the name exists in the account or tok was already recorded.
+	CreateImage(ctx context.Context, img Image, v ImageVersion, builds []Build, tok *ClientToken) error
+	// GetImage returns an image by name; ErrNotFound if absent.
+	GetImage(ctx context.Context, account, name string) (Image, error)
+	// ListImages pages through an account's images, oldest first, whose
+	// name contains nameFilter.
+	ListImages(ctx context.Context, account, nameFilter string, p Page) ([]Image, string, error)
+	// UpdateImage replaces an image's record; ErrNotFound if absent.
+	UpdateImage(ctx context.Context, img Image) error
+	// DeleteImage removes an image, its versions, builds, build logs and
+	// tags; ErrNotFound if absent.
+	DeleteImage(ctx context.Context, account, name string) error
+
+	// CreateImageVersion adds the next version of an existing image: it
+	// numbers v (v.Version is ignored), stores it with its builds (their
+	// Version is set too), moves the image to img.State=UPDATING and records
+	// tok, all in one transaction. ErrNotFound if the image is absent,
+	// ErrConflict if tok was already recorded.
+	CreateImageVersion(ctx context.Context, v ImageVersion, builds []Build, tok *ClientToken) (ImageVersion, []Build, error)
+	// GetImageVersion returns a version; ErrNotFound if absent.
+	GetImageVersion(ctx context.Context, account, image, version string) (ImageVersion, error)
+	// ListImageVersions pages through an image's versions, oldest first.
+	ListImageVersions(ctx context.Context, account, image string, p Page) ([]ImageVersion, string, error)
+	// UpdateImageVersion replaces a version's record; ErrNotFound if absent.
+	UpdateImageVersion(ctx context.Context, v ImageVersion) error
+	// DeleteImageVersion removes a version with its builds and their logs.
+	DeleteImageVersion(ctx context.Context, account, image, version string) error
+
+	// GetBuild returns a build; ErrNotFound if absent.
+	GetBuild(ctx context.Context, account, image, version, buildID string) (Build, error)
+	// ListBuilds pages through a version's builds, oldest first.
+	ListBuilds(ctx context.Context, account, image, version string, p Page) ([]Build, string, error)
+	// ListBuildsInState returns builds of every account in one of states
+	// (for recovery after a restart).
+	ListBuildsInState(ctx context.Context, states ...string) ([]Build, error)
+	// UpdateBuild replaces a build's record; ErrNotFound if absent.
+	UpdateBuild(ctx context.Context, b Build) error
+	// AppendBuildLog appends output to a build's log.
+	AppendBuildLog(ctx context.Context, buildID string, data []byte) error
+	// ReadBuildLog returns at most limit bytes of a build's log from offset.
+	ReadBuildLog(ctx context.Context, buildID string, offset int64, limit int) ([]byte, error)
+
+	// CreateMicrovm stores a new microVM and tok if not nil, in one
+	// transaction; ErrConflict if the id or tok exists.
+	CreateMicrovm(ctx context.Context, m Microvm, tok *ClientToken) error
+	// GetMicrovm returns a microVM of the account; ErrNotFound if absent.
+	GetMicrovm(ctx context.Context, account, id string) (Microvm, error)
+	// ListMicrovms pages through an account's microVMs, oldest first.
+	ListMicrovms(ctx context.Context, account string, f MicrovmFilter, p Page) ([]Microvm, string, error)
+	// ListMicrovmsInState returns microVMs of every account in one of
+	// states, at most limit (for recovery and the lifecycle controller).
+	ListMicrovmsInState(ctx context.Context, limit int, states ...MicrovmState) ([]Microvm, error)
+	// ListMicrovmsDue returns microVMs, of every account, not TERMINATED or
+	// TERMINATING whose DeadlineAt has passed, and SUSPENDED ones whose
+	// SuspendDeadlineAt has passed, at most limit.
+	ListMicrovmsDue(ctx context.Context, now time.Time, limit int) ([]Microvm, error)
+	// CountMicrovms counts an account's microVMs that are not TERMINATED
+	// (for the per-account quota).
+	CountMicrovms(ctx context.Context, account string) (int, error)
+	// UpdateMicrovm reads a microVM, checks that its state is one of from
+	// (any state if from is empty), applies change and writes it back, in
+	// one transaction: the compare-and-set every state transition goes
+	// through. ErrNotFound if absent; ErrConflict (wrapped, naming the state)
+	// if the state is not in from, or if change returns an error wrapping it.
+	// Returns the record as written.
+	UpdateMicrovm(ctx context.Context, account, id string, from []MicrovmState, change func(*Microvm) error) (Microvm, error)
+
+	// GetTags returns the tags of a resource ARN (empty map if none).
+	GetTags(ctx context.Context, account, arn string) (map[string]string, error)
+	// TagResource adds or replaces tags of a resource ARN.
+	TagResource(ctx context.Context, account, arn string, tags map[string]string) error
+	// UntagResource removes tags of a resource ARN; absent keys are ignored.
+	UntagResource(ctx context.Context, account, arn string, keys []string) error
+}
+
+// transitions lists the states each state may move to.
+var transitions = map[MicrovmState][]MicrovmState{
+	StatePending:     {StateRunning, StateTerminating, StateTerminated},
+	StateRunning:     {StateSuspending, StateTerminating, StateTerminated},
+	StateSuspending:  {StateSuspended, StateRunning, StateTerminating, StateTerminated},
+	StateSuspended:   {StateRunning, StateTerminating, StateTerminated},
+	StateTerminating: {StateTerminated},
+}
+
+// Allowed reports whether a microVM may move from one state to another
+// (PENDING → RUNNING ⇄ SUSPENDING → SUSPENDED → RUNNING, and TERMINATING →
+// TERMINATED from any of them). SUSPENDING → RUNNING is a failed suspend.
+func Allowed(from, to MicrovmState) bool {
+	for _, s := range transitions[from] {
+		if s == to {
+			return true
+		}
+	}
+	return false
+}
+
+// SetState moves m to state with reason at now and keeps the derived fields
+// (suspension deadline, termination time) consistent. It does not check
+// Allowed; callers do, through Store.UpdateMicrovm's from list.
+func (m *Microvm) SetState(to MicrovmState, reason string, now time.Time) {
+	m.State = to
+	m.StateReason = reason
+	m.UpdatedAt = now
+	switch to {
+	case StateSuspended:
+		t := now
+		m.SuspendedAt = &t
+		if m.IdlePolicy != nil {
+			d := now.Add(time.Duration(m.IdlePolicy.SuspendedDurationSeconds) * time.Second)
+			m.SuspendDeadlineAt = &d
+		}
+	case StateRunning:
+		m.SuspendedAt, m.SuspendDeadlineAt, m.PendingOp = nil, nil, ""
+	case StateTerminated:
+		t := now
+		m.TerminatedAt = &t
+		m.SuspendDeadlineAt, m.PendingOp = nil, ""
+	}
+}

@@ -1,0 +1,323 @@
+// Package storetest is the conformance suite every store.Store
+// implementation runs (SQLite now, PostgreSQL later), so that they keep the
+// same contract.
+package storetest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/store"
+)
+
+// Run runs the suite; open returns a fresh, empty store.
+func Run(t *testing.T, open func(t *testing.T) store.Store) {
+	tests := []struct {
+		name string
+		fn   func(t *testing.T, s store.Store)
+	}{
+		{"access keys", accessKeys},
+		{"images and versions", images},
+		{"build logs", buildLogs},
+		{"microvms", microvms},
+		{"microvm deadlines", deadlines},
+		{"client tokens", clientTokens},
+		{"tags", tags},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) { tt.fn(t, open(t)) })
+	}
+}
+
+var ctx = context.Background()
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func is(t *testing.T, err, want error) {
+	t.Helper()
+	if !errors.Is(err, want) {
+		t.Fatalf("got %v, want %v", err, want)
+	}
+}
+
+func accessKeys(t *testing.T, s store.Store) {
+	k := store.AccessKey{ID: "AKIA1", Secret: "s", Account: "111111111111", Description: "d", CreatedAt: time.Now().UTC()}
+	must(t, s.CreateAccessKey(ctx, k))
+	is(t, s.CreateAccessKey(ctx, k), errdefs.ErrConflict)
+	got, err := s.GetAccessKey(ctx, "AKIA1")
+	must(t, err)
+	if got.Secret != "s" || got.Account != k.Account || !got.CreatedAt.Equal(k.CreatedAt) {
+		t.Errorf("GetAccessKey = %+v", got)
+	}
+	_, err = s.GetAccessKey(ctx, "AKIA2")
+	is(t, err, errdefs.ErrNotFound)
+	ks, err := s.ListAccessKeys(ctx)
+	must(t, err)
+	if len(ks) != 1 {
+		t.Errorf("ListAccessKeys = %v", ks)
+	}
+	must(t, s.DeleteAccessKey(ctx, "AKIA1"))
+	is(t, s.DeleteAccessKey(ctx, "AKIA1"), errdefs.ErrNotFound)
+}
+
+func newImage(account, name string) (store.Image, store.ImageVersion, []store.Build) {
+	now := time.Now().UTC()
+	img := store.Image{Account: account, Name: name, ARN: "arn:" + name, State: store.ImageCreating, LatestVersion: "1", CreatedAt: now, UpdatedAt: now}
+	v := store.ImageVersion{Account: account, ImageName: name, ImageARN: img.ARN, Version: "1", State: store.VersionPending, Status: store.VersionActive,
+		Config: store.ImageConfig{BaseImageArn: "base", CodeArtifact: &store.CodeArtifact{URI: "file:///x"}}, CreatedAt: now, UpdatedAt: now}
+	b := []store.Build{{Account: account, ImageName: name, ImageARN: img.ARN, Version: "1", ID: name + "-b1", State: store.BuildPending, Architecture: "X86_64", CreatedAt: now}}
+	return img, v, b
+}
+
+func images(t *testing.T, s store.Store) {
+	img, v, b := newImage("A", "app")
+	must(t, s.CreateImage(ctx, img, v, b, nil))
+	img2, v2, b2 := newImage("A", "app")
+	b2[0].ID = "other"
+	is(t, s.CreateImage(ctx, img2, v2, b2, nil), errdefs.ErrConflict)
+	// Same name, other account: fine.
+	img3, v3, b3 := newImage("B", "app")
+	b3[0].ID = "b-build"
+	must(t, s.CreateImage(ctx, img3, v3, b3, nil))
+
+	got, err := s.GetImage(ctx, "A", "app")
+	must(t, err)
+	if got.ARN != "arn:app" || got.State != store.ImageCreating {
+		t.Errorf("GetImage = %+v", got)
+	}
+	gv, err := s.GetImageVersion(ctx, "A", "app", "1")
+	must(t, err)
+	if gv.Config.CodeArtifact == nil || gv.Config.CodeArtifact.URI != "file:///x" {
+		t.Errorf("GetImageVersion config = %+v", gv.Config)
+	}
+
+	nv := v
+	nv.Version = "ignored"
+	nb := []store.Build{{Account: "A", ImageName: "app", ID: "app-b2", State: store.BuildPending}}
+	made, madeBuilds, err := s.CreateImageVersion(ctx, nv, nb, nil)
+	must(t, err)
+	if made.Version != "2" || madeBuilds[0].Version != "2" {
+		t.Errorf("CreateImageVersion numbered %q / %q, want 2", made.Version, madeBuilds[0].Version)
+	}
+	if got, _ := s.GetImage(ctx, "A", "app"); got.State != store.ImageUpdating || got.LatestVersion != "2" {
+		t.Errorf("image after CreateImageVersion = %+v", got)
+	}
+	_, _, err = s.CreateImageVersion(ctx, store.ImageVersion{Account: "A", ImageName: "nope"}, nil, nil)
+	is(t, err, errdefs.ErrNotFound)
+
+	vs, next, err := s.ListImageVersions(ctx, "A", "app", store.Page{Limit: 1})
+	must(t, err)
+	if len(vs) != 1 || vs[0].Version != "1" || next == "" {
+		t.Fatalf("ListImageVersions page 1 = %v, %q", vs, next)
+	}
+	vs, next, err = s.ListImageVersions(ctx, "A", "app", store.Page{Limit: 1, Token: next})
+	must(t, err)
+	if len(vs) != 1 || vs[0].Version != "2" || next != "" {
+		t.Fatalf("ListImageVersions page 2 = %v, %q", vs, next)
+	}
+	_, _, err = s.ListImageVersions(ctx, "A", "app", store.Page{Token: "%%%"})
+	is(t, err, errdefs.ErrInvalid)
+
+	bd, err := s.GetBuild(ctx, "A", "app", "2", "app-b2")
+	must(t, err)
+	bd.State = store.BuildSuccessful
+	must(t, s.UpdateBuild(ctx, bd))
+	pending, err := s.ListBuildsInState(ctx, store.BuildPending)
+	must(t, err)
+	if len(pending) != 2 { // A's app-b1 and B's b-build
+		t.Errorf("ListBuildsInState(PENDING) = %d builds", len(pending))
+	}
+	bs, _, err := s.ListBuilds(ctx, "A", "app", "2", store.Page{})
+	must(t, err)
+	if len(bs) != 1 || bs[0].State != store.BuildSuccessful {
+		t.Errorf("ListBuilds = %v", bs)
+	}
+
+	imgs, _, err := s.ListImages(ctx, "A", "pp", store.Page{})
+	must(t, err)
+	if len(imgs) != 1 {
+		t.Errorf("ListImages(filter pp) = %v", imgs)
+	}
+	imgs, _, _ = s.ListImages(ctx, "A", "zz", store.Page{})
+	if len(imgs) != 0 {
+		t.Errorf("ListImages(filter zz) = %v", imgs)
+	}
+
+	must(t, s.TagResource(ctx, "A", "arn:app", map[string]string{"k": "v"}))
+	must(t, s.DeleteImageVersion(ctx, "A", "app", "2"))
+	is(t, s.DeleteImageVersion(ctx, "A", "app", "2"), errdefs.ErrNotFound)
+	_, err = s.GetBuild(ctx, "A", "app", "2", "app-b2")
+	is(t, err, errdefs.ErrNotFound)
+	must(t, s.DeleteImage(ctx, "A", "app"))
+	_, err = s.GetImageVersion(ctx, "A", "app", "1")
+	is(t, err, errdefs.ErrNotFound)
+	if tg, _ := s.GetTags(ctx, "A", "arn:app"); len(tg) != 0 {
+		t.Errorf("tags survived DeleteImage: %v", tg)
+	}
+	is(t, s.DeleteImage(ctx, "A", "app"), errdefs.ErrNotFound)
+	if _, err := s.GetImage(ctx, "B", "app"); err != nil {
+		t.Errorf("other account's image gone: %v", err)
+	}
+}
+
+func buildLogs(t *testing.T, s store.Store) {
+	must(t, s.AppendBuildLog(ctx, "b", []byte("hello ")))
+	must(t, s.AppendBuildLog(ctx, "b", []byte("world\n")))
+	must(t, s.AppendBuildLog(ctx, "c", []byte("other")))
+	for _, tt := range []struct {
+		off   int64
+		limit int
+		want  string
+	}{{0, 100, "hello world\n"}, {3, 100, "lo world\n"}, {6, 3, "wor"}, {12, 10, ""}, {50, 10, ""}} {
+		got, err := s.ReadBuildLog(ctx, "b", tt.off, tt.limit)
+		must(t, err)
+		if string(got) != tt.want {
+			t.Errorf("ReadBuildLog(%d, %d) = %q, want %q", tt.off, tt.limit, got, tt.want)
+		}
+	}
+}
+
+func newVM(account, id string, now time.Time) store.Microvm {
+	return store.Microvm{ID: id, Account: account, State: store.StatePending, ImageName: "app", ImageVersion: "1",
+		StartedAt: now, UpdatedAt: now, DeadlineAt: now.Add(time.Hour), MaximumDurationInSeconds: 3600}
+}
+
+func microvms(t *testing.T, s store.Store) {
+	now := time.Now().UTC()
+	for i := 0; i < 5; i++ {
+		must(t, s.CreateMicrovm(ctx, newVM("A", fmt.Sprintf("vm%d", i), now), nil))
+	}
+	must(t, s.CreateMicrovm(ctx, newVM("B", "vmB", now), nil))
+	is(t, s.CreateMicrovm(ctx, newVM("A", "vm0", now), nil), errdefs.ErrConflict)
+
+	_, err := s.GetMicrovm(ctx, "B", "vm0")
+	is(t, err, errdefs.ErrNotFound)
+	_, err = s.UpdateMicrovm(ctx, "B", "vm0", nil, func(*store.Microvm) error { return nil })
+	is(t, err, errdefs.ErrNotFound)
+
+	m, err := s.UpdateMicrovm(ctx, "A", "vm0", []store.MicrovmState{store.StatePending}, func(m *store.Microvm) error {
+		m.SetState(store.StateRunning, "", now)
+		return nil
+	})
+	must(t, err)
+	if m.State != store.StateRunning {
+		t.Errorf("UpdateMicrovm returned %s", m.State)
+	}
+	_, err = s.UpdateMicrovm(ctx, "A", "vm0", []store.MicrovmState{store.StatePending}, func(*store.Microvm) error {
+		t.Error("change called despite the state")
+		return nil
+	})
+	is(t, err, errdefs.ErrConflict)
+	// An error from change rolls back.
+	_, err = s.UpdateMicrovm(ctx, "A", "vm0", nil, func(m *store.Microvm) error {
+		m.State = store.StateTerminated
+		return fmt.Errorf("no: %w", errdefs.ErrConflict)
+	})
+	is(t, err, errdefs.ErrConflict)
+	if got, _ := s.GetMicrovm(ctx, "A", "vm0"); got.State != store.StateRunning {
+		t.Errorf("state after failed change = %s", got.State)
+	}
+
+	all, next, err := s.ListMicrovms(ctx, "A", store.MicrovmFilter{}, store.Page{Limit: 2})
+	must(t, err)
+	n := len(all)
+	for next != "" {
+		var page []store.Microvm
+		page, next, err = s.ListMicrovms(ctx, "A", store.MicrovmFilter{}, store.Page{Limit: 2, Token: next})
+		must(t, err)
+		n += len(page)
+	}
+	if n != 5 {
+		t.Errorf("paged through %d of A's microvms, want 5", n)
+	}
+	running, _, err := s.ListMicrovms(ctx, "A", store.MicrovmFilter{States: []store.MicrovmState{store.StateRunning}, ImageName: "app", ImageVersion: "1"}, store.Page{})
+	must(t, err)
+	if len(running) != 1 || running[0].ID != "vm0" {
+		t.Errorf("ListMicrovms(RUNNING) = %v", running)
+	}
+	pending, err := s.ListMicrovmsInState(ctx, 0, store.StatePending)
+	must(t, err)
+	if len(pending) != 5 { // vm1..vm4 and vmB
+		t.Errorf("ListMicrovmsInState(PENDING) = %d", len(pending))
+	}
+	c, err := s.CountMicrovms(ctx, "A")
+	must(t, err)
+	if c != 5 {
+		t.Errorf("CountMicrovms = %d", c)
+	}
+	_, err = s.UpdateMicrovm(ctx, "A", "vm1", nil, func(m *store.Microvm) error { m.SetState(store.StateTerminated, "x", now); return nil })
+	must(t, err)
+	if c, _ := s.CountMicrovms(ctx, "A"); c != 4 {
+		t.Errorf("CountMicrovms after terminating one = %d", c)
+	}
+}
+
+func deadlines(t *testing.T, s store.Store) {
+	now := time.Now().UTC()
+	past := newVM("A", "past", now)
+	past.DeadlineAt = now.Add(-time.Second)
+	must(t, s.CreateMicrovm(ctx, past, nil))
+	must(t, s.CreateMicrovm(ctx, newVM("A", "future", now), nil))
+	susp := newVM("A", "susp", now)
+	susp.IdlePolicy = &store.IdlePolicy{MaxIdleDurationSeconds: 60, SuspendedDurationSeconds: 0}
+	must(t, s.CreateMicrovm(ctx, susp, nil))
+	_, err := s.UpdateMicrovm(ctx, "A", "susp", nil, func(m *store.Microvm) error {
+		m.SetState(store.StateSuspended, "", now.Add(-time.Second))
+		return nil
+	})
+	must(t, err)
+	due, err := s.ListMicrovmsDue(ctx, now, 10)
+	must(t, err)
+	ids := map[string]bool{}
+	for _, m := range due {
+		ids[m.ID] = true
+	}
+	if len(due) != 2 || !ids["past"] || !ids["susp"] {
+		t.Errorf("ListMicrovmsDue = %v", ids)
+	}
+	_, err = s.UpdateMicrovm(ctx, "A", "past", nil, func(m *store.Microvm) error { m.SetState(store.StateTerminating, "", now); return nil })
+	must(t, err)
+	if due, _ := s.ListMicrovmsDue(ctx, now, 10); len(due) != 1 {
+		t.Errorf("TERMINATING microvm still due: %d", len(due))
+	}
+}
+
+func clientTokens(t *testing.T, s store.Store) {
+	now := time.Now().UTC()
+	tok := &store.ClientToken{Account: "A", Operation: "RunMicrovm", Token: "t", InputHash: "h", ResourceID: "vm1", CreatedAt: now}
+	must(t, s.CreateMicrovm(ctx, newVM("A", "vm1", now), tok))
+	got, err := s.GetClientToken(ctx, "A", "RunMicrovm", "t")
+	must(t, err)
+	if got.ResourceID != "vm1" || got.InputHash != "h" {
+		t.Errorf("GetClientToken = %+v", got)
+	}
+	// Reusing the token fails and rolls the new microVM back.
+	is(t, s.CreateMicrovm(ctx, newVM("A", "vm2", now), tok), errdefs.ErrConflict)
+	_, err = s.GetMicrovm(ctx, "A", "vm2")
+	is(t, err, errdefs.ErrNotFound)
+	_, err = s.GetClientToken(ctx, "B", "RunMicrovm", "t")
+	is(t, err, errdefs.ErrNotFound)
+}
+
+func tags(t *testing.T, s store.Store) {
+	must(t, s.TagResource(ctx, "A", "arn:x", map[string]string{"a": "1", "b": "2"}))
+	must(t, s.TagResource(ctx, "A", "arn:x", map[string]string{"a": "3"}))
+	must(t, s.UntagResource(ctx, "A", "arn:x", []string{"b", "zz"}))
+	got, err := s.GetTags(ctx, "A", "arn:x")
+	must(t, err)
+	if len(got) != 1 || got["a"] != "3" {
+		t.Errorf("GetTags = %v", got)
+	}
+	if got, _ := s.GetTags(ctx, "B", "arn:x"); len(got) != 0 {
+		t.Errorf("another account sees tags: %v", got)
+	}
+}

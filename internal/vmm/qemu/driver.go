@@ -1,0 +1,290 @@
+//go:build linux
+
+// Package qemu implements vmm.Driver with one QEMU process per VM, QMP over
+// a unix socket, and the snapshot recipe measured on these hosts: memory in
+// a file, device state saved with x-ignore-shared, clones mapping the
+// template's memory privately (copy-on-write) and the disk as a qcow2
+// overlay.
+package qemu
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sync"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/initramfs"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
+)
+
+var _ vmm.Driver = (*Driver)(nil)
+
+// Config configures the driver.
+type Config struct {
+	DataDir     string // VMs live in DataDir/vms/ID
+	Accel       string // auto, kvm or tcg
+	QEMU        string // qemu-system-x86_64 unless set
+	QEMUImg     string // qemu-img unless set
+	KernelDir   string // DataDir/kernel unless set (made by the set-up step)
+	AgentBinary string // the static kiln-agent put into the initramfs
+	// BootTimeout bounds a cold boot until the agent answers.
+	BootTimeout time.Duration
+	Log         *slog.Logger
+}
+
+// Driver is the QEMU implementation of vmm.Driver.
+type Driver struct {
+	cfg      Config
+	log      *slog.Logger
+	platform vmm.Platform
+	initrd   string // built once per agent binary and module set
+
+	mu  sync.Mutex
+	vms map[string]*vm
+
+	events chan vmm.Event
+	closed chan struct{}
+}
+
+var idRe = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
+
+// New checks the host, chooses the accelerator and prepares the initramfs.
+func New(ctx context.Context, cfg Config) (*Driver, error) {
+	if cfg.DataDir == "" {
+		return nil, fmt.Errorf("qemu driver: data dir not set: %w", errdefs.ErrInvalid)
+	}
+	if cfg.QEMU == "" {
+		cfg.QEMU = "qemu-system-x86_64"
+	}
+	if cfg.QEMUImg == "" {
+		cfg.QEMUImg = "qemu-img"
+	}
+	if cfg.KernelDir == "" {
+		cfg.KernelDir = filepath.Join(cfg.DataDir, "kernel")
+	}
+	if cfg.AgentBinary == "" {
+		cfg.AgentBinary = DefaultAgentBinary(cfg.DataDir)
+	}
+	if cfg.BootTimeout == 0 {
+		cfg.BootTimeout = 60 * time.Second
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if err := checkPrerequisites(&cfg); err != nil {
+		return nil, err
+	}
+	accel, why, err := chooseAccel(cfg.Accel)
+	if err != nil {
+		return nil, err
+	}
+	ver, err := qemuVersion(ctx, cfg.QEMU)
+	if err != nil {
+		return nil, err
+	}
+	machine, cpu := machineFor(accel)
+	d := &Driver{
+		cfg:      cfg,
+		log:      cfg.Log,
+		platform: vmm.Platform{QEMUVersion: ver, Machine: machine, Accel: accel, CPU: cpu},
+		vms:      map[string]*vm{},
+		events:   make(chan vmm.Event, 256),
+		closed:   make(chan struct{}),
+	}
+	d.log.Info("vm engine ready", "accel", accel, "why", why, "machine", machine, "qemu", ver)
+	if accel == vmm.AccelTCG {
+		warnTCG(d.log)
+	}
+	for _, dir := range []string{d.vmsDir(), d.runDir()} {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("creating %s: %w", dir, err)
+		}
+	}
+	if d.initrd, err = d.buildInitrd(); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// DefaultAgentBinary is where kiln looks for kiln-agent: next to the kiln
+// executable, else in DATA_DIR/bin.
+func DefaultAgentBinary(dataDir string) string {
+	if exe, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(exe), "kiln-agent")
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	return filepath.Join(dataDir, "bin", "kiln-agent")
+}
+
+// Platform reports what snapshots made by this driver depend on.
+func (d *Driver) Platform() vmm.Platform { return d.platform }
+
+func (d *Driver) vmsDir() string { return filepath.Join(d.cfg.DataDir, "vms") }
+func (d *Driver) runDir() string { return filepath.Join(d.cfg.DataDir, "run") }
+
+// buildInitrd writes the initramfs once per content: its name is a hash
+// of the agent and the modules, so templates keep pointing at the exact
+// file they booted with.
+func (d *Driver) buildInitrd() (string, error) {
+	mods, err := d.cfg.modules()
+	if err != nil {
+		return "", fmt.Errorf("reading module list: %w", err)
+	}
+	h := sha256.New()
+	files := []string{d.cfg.AgentBinary}
+	for _, m := range mods {
+		files = append(files, filepath.Join(d.cfg.KernelDir, "modules", m))
+	}
+	for _, f := range files {
+		fh, err := os.Open(f)
+		if err != nil {
+			return "", fmt.Errorf("hashing %s: %w", f, err)
+		}
+		io.WriteString(h, filepath.Base(f))
+		_, err = io.Copy(h, fh)
+		fh.Close()
+		if err != nil {
+			return "", fmt.Errorf("hashing %s: %w", f, err)
+		}
+	}
+	path := filepath.Join(d.runDir(), "initrd-"+hex.EncodeToString(h.Sum(nil))[:16]+".img")
+	if _, err := os.Stat(path); err == nil {
+		return path, nil
+	}
+	tmp, err := os.CreateTemp(d.runDir(), "initrd-*.tmp")
+	if err != nil {
+		return "", err
+	}
+	defer os.Remove(tmp.Name())
+	if err := initramfs.Build(tmp, d.cfg.AgentBinary, filepath.Join(d.cfg.KernelDir, "modules"), mods); err != nil {
+		tmp.Close()
+		return "", fmt.Errorf("building initramfs: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return "", err
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return "", err
+	}
+	return path, nil
+}
+
+func (d *Driver) get(id string) (*vm, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	v, ok := d.vms[id]
+	if !ok {
+		return nil, fmt.Errorf("vm %s: %w", id, errdefs.ErrNotFound)
+	}
+	return v, nil
+}
+
+// reserve registers a new VM id, refusing duplicates and bad ids.
+func (d *Driver) reserve(id string) (*vm, error) {
+	if !idRe.MatchString(id) {
+		return nil, fmt.Errorf("vm id %q: use 1-63 lowercase letters, digits or '-': %w", id, errdefs.ErrInvalid)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, ok := d.vms[id]; ok {
+		return nil, fmt.Errorf("vm %s already exists: %w", id, errdefs.ErrConflict)
+	}
+	if _, err := os.Stat(filepath.Join(d.vmsDir(), id)); err == nil {
+		return nil, fmt.Errorf("vm %s: its directory already exists: %w", id, errdefs.ErrConflict)
+	}
+	v := &vm{d: d, id: id, dir: filepath.Join(d.vmsDir(), id), log: d.log.With("microvm", id)}
+	v.op.Lock() // released by the creating operation
+	d.vms[id] = v
+	return v, nil
+}
+
+func (d *Driver) forget(id string) {
+	d.mu.Lock()
+	delete(d.vms, id)
+	d.mu.Unlock()
+}
+
+func (d *Driver) emit(e vmm.Event) {
+	for {
+		select {
+		case d.events <- e:
+			return
+		default:
+		}
+		select { // full: drop the oldest so the newest news gets through
+		case <-d.events:
+		default:
+		}
+	}
+}
+
+// Events implements vmm.Driver.
+func (d *Driver) Events() <-chan vmm.Event { return d.events }
+
+// Close implements vmm.Driver: VMs keep running for the next Recover.
+func (d *Driver) Close() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	select {
+	case <-d.closed:
+		return nil
+	default:
+	}
+	close(d.closed)
+	for _, v := range d.vms {
+		v.detach()
+	}
+	return nil
+}
+
+// Inspect implements vmm.Driver.
+func (d *Driver) Inspect(ctx context.Context, id string) (vmm.Info, error) {
+	v, err := d.get(id)
+	if err != nil {
+		return vmm.Info{}, err
+	}
+	return v.info(), nil
+}
+
+// List implements vmm.Driver.
+func (d *Driver) List(ctx context.Context) ([]vmm.Info, error) {
+	d.mu.Lock()
+	vs := make([]*vm, 0, len(d.vms))
+	for _, v := range d.vms {
+		vs = append(vs, v)
+	}
+	d.mu.Unlock()
+	out := make([]vmm.Info, 0, len(vs))
+	for _, v := range vs {
+		out = append(out, v.info())
+	}
+	return out, nil
+}
+
+// Agent implements vmm.Driver.
+func (d *Driver) Agent(ctx context.Context, id string) (*client.Client, error) {
+	v, err := d.get(id)
+	if err != nil {
+		return nil, err
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.agent == nil || v.meta.State != vmm.StateRunning {
+		return nil, fmt.Errorf("vm %s is %s: %w", id, v.meta.State, errdefs.ErrConflict)
+	}
+	return v.agent, nil
+}
+
+func errorsIsNotExist(err error) bool { return errors.Is(err, os.ErrNotExist) }

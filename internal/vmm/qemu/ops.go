@@ -1,0 +1,550 @@
+//go:build linux
+
+package qemu
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
+)
+
+const (
+	freezeTimeout  = 10 * time.Second
+	restoreTimeout = 30 * time.Second
+	stateTimeout   = 60 * time.Second
+)
+
+// Boot implements vmm.Driver.
+func (d *Driver) Boot(ctx context.Context, spec vmm.BootSpec) (vmm.Info, error) {
+	if spec.MemoryMiB == 0 {
+		spec.MemoryMiB = 512
+	}
+	if spec.VCPUs == 0 {
+		spec.VCPUs = 1
+	}
+	if spec.MemoryMiB < 128 || spec.MemoryMiB > 64<<10 {
+		return vmm.Info{}, fmt.Errorf("memory %d MiB: use 128 to 65536: %w", spec.MemoryMiB, errdefs.ErrInvalid)
+	}
+	if spec.VCPUs < 1 || spec.VCPUs > 64 {
+		return vmm.Info{}, fmt.Errorf("vcpus %d: use 1 to 64: %w", spec.VCPUs, errdefs.ErrInvalid)
+	}
+	root, err := filepath.Abs(spec.RootDisk)
+	if err != nil {
+		return vmm.Info{}, err
+	}
+	if st, err := os.Stat(root); err != nil || !st.Mode().IsRegular() {
+		return vmm.Info{}, fmt.Errorf("root disk %q is not a file: %w", spec.RootDisk, errdefs.ErrInvalid)
+	}
+	v, err := d.reserve(spec.ID)
+	if err != nil {
+		return vmm.Info{}, err
+	}
+	defer v.op.Unlock()
+	v.meta = meta{ID: spec.ID, State: vmm.StateRunning, Phase: phaseBooting, MemoryMiB: spec.MemoryMiB, VCPUs: spec.VCPUs,
+		Platform: d.platform, Kernel: d.cfg.kernelPath(), Initrd: d.initrd, Net: spec.Net,
+		Hostname: hostnameOr(spec.Hostname, spec.ID), StartedAt: time.Now()}
+	fail := func(err error) (vmm.Info, error) {
+		v.destroy()
+		return vmm.Info{}, fmt.Errorf("booting %s: %w", spec.ID, err)
+	}
+	if err := os.MkdirAll(v.dir, 0o700); err != nil {
+		return fail(err)
+	}
+	if err := d.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-b", root, "-F", "raw", v.path("disk.qcow2")); err != nil {
+		return fail(err)
+	}
+	if err := v.saveMeta(); err != nil {
+		return fail(err)
+	}
+	if err := v.spawn(ctx, false); err != nil {
+		return fail(err)
+	}
+	if err := v.connectAgent(ctx, d.cfg.BootTimeout); err != nil {
+		return fail(err)
+	}
+	if err := v.setState(vmm.StateRunning, ""); err != nil {
+		return fail(err)
+	}
+	v.log.Info("vm booted", "pid", v.proc.pid)
+	return v.info(), nil
+}
+
+func hostnameOr(h, id string) string {
+	if h != "" {
+		return h
+	}
+	return id
+}
+
+func (d *Driver) qemuImg(ctx context.Context, args ...string) error {
+	out, err := exec.CommandContext(ctx, d.cfg.QEMUImg, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("qemu-img %s: %v: %s", args[0], err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// destroy kills the process and removes the VM entirely.
+func (v *vm) destroy() {
+	v.mu.Lock()
+	p := v.proc
+	v.gone = true
+	v.mu.Unlock()
+	if p != nil {
+		v.endProcessHard(p)
+	}
+	v.detach()
+	os.RemoveAll(v.dir)
+	v.d.forget(v.id)
+}
+
+// endProcessHard kills at once: used when the VM is being thrown away.
+func (v *vm) endProcessHard(p *proc) {
+	v.mu.Lock()
+	v.expectExit = true
+	v.mu.Unlock()
+	p.kill()
+	p.waitExit(5 * time.Second)
+}
+
+// requireRunning checks the state under the op lock.
+func (v *vm) requireRunning(what string) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.meta.State != vmm.StateRunning || v.proc == nil || !v.proc.alive() || v.qmp == nil {
+		return fmt.Errorf("cannot %s vm %s: it is %s: %w", what, v.id, v.meta.State, errdefs.ErrConflict)
+	}
+	return nil
+}
+
+// pauseAndSave freezes workloads, pauses the guest and saves its device
+// state to statePath. A VM whose memory is a private mapping also has its
+// memory written to memPath (see memsplit.go); otherwise its memory is
+// already in its own shared file.
+func (v *vm) pauseAndSave(ctx context.Context, statePath, memPath string) error {
+	if v.agent != nil {
+		fctx, cancel := context.WithTimeout(ctx, freezeTimeout)
+		err := v.agent.Freeze(fctx)
+		cancel()
+		if err != nil {
+			// Saving still works; workloads simply run on briefly after
+			// the restore, before the identity refresh.
+			v.log.Warn("agent did not freeze workloads", "err", err)
+		}
+	}
+	sctx, cancel := context.WithTimeout(ctx, stateTimeout)
+	defer cancel()
+	if err := v.qmp.Execute(sctx, "stop", nil, nil); err != nil {
+		return err
+	}
+	if v.meta.MemPrivate {
+		if _, err := saveSplit(sctx, v, statePath, memPath); err != nil {
+			return fmt.Errorf("saving memory and device state: %w", err)
+		}
+		return nil
+	}
+	if err := saveDeviceState(sctx, v.qmp, statePath); err != nil {
+		return fmt.Errorf("saving device state: %w", err)
+	}
+	return nil
+}
+
+// unpause lets a VM whose save failed run on.
+func (v *vm) unpause() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if v.qmp != nil {
+		v.qmp.Execute(ctx, "cont", nil, nil)
+	}
+	if v.agent != nil {
+		v.refreshIdentity(ctx)
+	}
+}
+
+// Snapshot implements vmm.Driver.
+func (d *Driver) Snapshot(ctx context.Context, id, dir string) (vmm.Template, error) {
+	v, err := d.get(id)
+	if err != nil {
+		return vmm.Template{}, err
+	}
+	v.op.Lock()
+	defer v.op.Unlock()
+	if err := v.requireRunning("snapshot"); err != nil {
+		return vmm.Template{}, err
+	}
+	dir, err = filepath.Abs(dir)
+	if err != nil {
+		return vmm.Template{}, err
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return vmm.Template{}, fmt.Errorf("creating template directory: %w", err)
+	}
+	t, err := v.snapshotInto(ctx, dir)
+	v.destroy()
+	if err != nil {
+		os.RemoveAll(dir)
+		return vmm.Template{}, fmt.Errorf("snapshotting %s: %w", id, err)
+	}
+	v.log.Info("snapshot taken", "template", dir)
+	return t, nil
+}
+
+func (v *vm) snapshotInto(ctx context.Context, dir string) (vmm.Template, error) {
+	// The marker says "incomplete" until the last file is in place, so a
+	// crash mid-way leaves a template nobody will use.
+	marker := filepath.Join(dir, ".incomplete")
+	if err := os.WriteFile(marker, nil, 0o600); err != nil {
+		return vmm.Template{}, err
+	}
+	if err := v.pauseAndSave(ctx, filepath.Join(dir, "state"), filepath.Join(dir, "mem")); err != nil {
+		return vmm.Template{}, err
+	}
+	v.endProcess(v.proc)
+	if !v.meta.MemPrivate {
+		if err := os.Rename(v.path("mem"), filepath.Join(dir, "mem")); err != nil {
+			return vmm.Template{}, err
+		}
+	}
+	if err := os.Rename(v.path("disk.qcow2"), filepath.Join(dir, "disk.qcow2")); err != nil {
+		return vmm.Template{}, err
+	}
+	// Clones need the exact kernel and initramfs the snapshot booted with.
+	for name, src := range map[string]string{"vmlinuz": v.meta.Kernel, "initrd": v.meta.Initrd} {
+		if err := linkOrCopy(src, filepath.Join(dir, name)); err != nil {
+			return vmm.Template{}, err
+		}
+	}
+	// Every clone copies this empty overlay instead of running qemu-img.
+	if err := v.d.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-b", filepath.Join(dir, "disk.qcow2"), "-F", "qcow2", filepath.Join(dir, "overlay.qcow2")); err != nil {
+		return vmm.Template{}, err
+	}
+	if err := syncFiles(filepath.Join(dir, "mem"), filepath.Join(dir, "disk.qcow2"), filepath.Join(dir, "state")); err != nil {
+		return vmm.Template{}, err
+	}
+	t := vmm.Template{Dir: dir, Platform: v.meta.Platform, MemoryMiB: v.meta.MemoryMiB, VCPUs: v.meta.VCPUs,
+		HasNet: v.meta.Net != nil, CreatedAt: time.Now().UTC()}
+	b, _ := json.MarshalIndent(t, "", "  ")
+	if err := writeFileAtomic(filepath.Join(dir, "template.json"), b); err != nil {
+		return vmm.Template{}, err
+	}
+	return t, os.Remove(marker)
+}
+
+func syncFiles(paths ...string) error {
+	for _, p := range paths {
+		f, err := os.Open(p)
+		if err != nil {
+			return err
+		}
+		err = f.Sync()
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("syncing %s: %w", p, err)
+		}
+	}
+	return nil
+}
+
+func linkOrCopy(src, dst string) error {
+	if err := os.Link(src, dst); err == nil {
+		return nil
+	}
+	return copyFile(src, dst)
+}
+
+func copyFile(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	return out.Close()
+}
+
+// LoadTemplate reads a template directory and checks that it is complete.
+func LoadTemplate(dir string) (vmm.Template, error) {
+	var t vmm.Template
+	dir, err := filepath.Abs(dir)
+	if err != nil {
+		return t, err
+	}
+	if _, err := os.Stat(filepath.Join(dir, ".incomplete")); err == nil {
+		return t, fmt.Errorf("template %s is incomplete (its snapshot was interrupted): %w", dir, errdefs.ErrInvalid)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "template.json"))
+	if err != nil {
+		return t, fmt.Errorf("template %s: %w", dir, errors.Join(err, errdefs.ErrNotFound))
+	}
+	if err := json.Unmarshal(b, &t); err != nil {
+		return t, fmt.Errorf("template %s: malformed template.json: %v: %w", dir, err, errdefs.ErrInvalid)
+	}
+	t.Dir = dir
+	return t, nil
+}
+
+// checkPlatform refuses to restore a snapshot on a platform it was not
+// made on: QEMU would fail late or corrupt the guest.
+func (d *Driver) checkPlatform(what string, p vmm.Platform) error {
+	if p != d.platform {
+		return fmt.Errorf("%s was made with QEMU %s (%s, machine %s, cpu %s) but this host runs QEMU %s (%s, machine %s, cpu %s); rebuild the image on this host: %w",
+			what, p.QEMUVersion, p.Accel, p.Machine, p.CPU, d.platform.QEMUVersion, d.platform.Accel, d.platform.Machine, d.platform.CPU, errdefs.ErrInvalid)
+	}
+	return nil
+}
+
+// Clone implements vmm.Driver.
+func (d *Driver) Clone(ctx context.Context, spec vmm.CloneSpec) (vmm.Info, error) {
+	t, err := LoadTemplate(spec.Template)
+	if err != nil {
+		return vmm.Info{}, err
+	}
+	if err := d.checkPlatform("template "+t.Dir, t.Platform); err != nil {
+		return vmm.Info{}, err
+	}
+	if t.HasNet != (spec.Net != nil) {
+		return vmm.Info{}, fmt.Errorf("template %s was made %s a NIC; clones must match: %w", t.Dir, map[bool]string{true: "with", false: "without"}[t.HasNet], errdefs.ErrInvalid)
+	}
+	v, err := d.reserve(spec.ID)
+	if err != nil {
+		return vmm.Info{}, err
+	}
+	defer v.op.Unlock()
+	v.meta = meta{ID: spec.ID, State: vmm.StateRunning, Phase: phaseBooting, MemoryMiB: t.MemoryMiB, VCPUs: t.VCPUs,
+		Platform: t.Platform, Kernel: filepath.Join(t.Dir, "vmlinuz"), Initrd: filepath.Join(t.Dir, "initrd"),
+		Template: t.Dir, MemPrivate: true, Net: spec.Net, Hostname: hostnameOr(spec.Hostname, spec.ID), StartedAt: time.Now()}
+	fail := func(err error) (vmm.Info, error) {
+		v.destroy()
+		return vmm.Info{}, fmt.Errorf("cloning %s: %w", spec.ID, err)
+	}
+	if err := os.MkdirAll(v.dir, 0o700); err != nil {
+		return fail(err)
+	}
+	if err := copyFile(filepath.Join(t.Dir, "overlay.qcow2"), v.path("disk.qcow2")); err != nil {
+		return fail(err)
+	}
+	if err := v.saveMeta(); err != nil {
+		return fail(err)
+	}
+	if err := v.start(ctx, filepath.Join(t.Dir, "state")); err != nil {
+		return fail(err)
+	}
+	return v.info(), nil
+}
+
+// start runs QEMU on saved device state (a clone's or a suspended VM's),
+// starts the guest and refreshes its identity.
+func (v *vm) start(ctx context.Context, statePath string) error {
+	t := newStepTimer()
+	defer func() { v.log.Debug("start steps", "ms", t.String()) }()
+	if err := v.spawn(ctx, true); err != nil {
+		return err
+	}
+	t.step("spawn")
+	conn, err := v.dialAgent(ctx, restoreTimeout)
+	if err != nil {
+		return err
+	}
+	lctx, cancel := context.WithTimeout(ctx, stateTimeout)
+	defer cancel()
+	if err := loadDeviceState(lctx, v.qmp, statePath); err != nil {
+		conn.Close()
+		return v.exitError("loading device state", err, v.proc)
+	}
+	t.step("load")
+	// From "cont" on, the guest writes to its memory file: record that it
+	// runs before it does, so a crash is never mistaken for "suspended".
+	if err := v.setState(vmm.StateRunning, ""); err != nil {
+		conn.Close()
+		return err
+	}
+	t.step("meta")
+	if err := v.qmp.Execute(lctx, "cont", nil, nil); err != nil {
+		conn.Close()
+		return v.exitError("starting the guest", err, v.proc)
+	}
+	t.step("cont")
+	if err := v.handshake(ctx, conn, restoreTimeout); err != nil {
+		return err
+	}
+	t.step("agent")
+	if err := v.refreshIdentity(ctx); err != nil {
+		return v.exitError("refreshing guest identity", err, v.proc)
+	}
+	t.step("identity")
+	return nil
+}
+
+// Suspend implements vmm.Driver.
+func (d *Driver) Suspend(ctx context.Context, id string) error {
+	v, err := d.get(id)
+	if err != nil {
+		return err
+	}
+	v.op.Lock()
+	defer v.op.Unlock()
+	v.mu.Lock()
+	state := v.meta.State
+	v.mu.Unlock()
+	if state == vmm.StateSuspended {
+		return nil
+	}
+	if err := v.requireRunning("suspend"); err != nil {
+		return err
+	}
+	if err := v.setState(vmm.StateRunning, phaseSuspending); err != nil {
+		return err
+	}
+	start := time.Now()
+	if err := v.suspend(ctx); err != nil {
+		for _, f := range []string{"state", "state.tmp", "mem.tmp"} {
+			os.Remove(v.path(f))
+		}
+		if v.proc.alive() {
+			v.unpause()
+			v.setState(vmm.StateRunning, "")
+		}
+		return fmt.Errorf("suspending %s: %w", id, err)
+	}
+	v.log.Info("vm suspended", "ms", time.Since(start).Milliseconds())
+	return nil
+}
+
+func (v *vm) suspend(ctx context.Context) error {
+	if err := v.pauseAndSave(ctx, v.path("state.tmp"), v.path("mem.tmp")); err != nil {
+		return err
+	}
+	if v.meta.MemPrivate {
+		if err := os.Rename(v.path("mem.tmp"), v.path("mem")); err != nil {
+			return err
+		}
+	}
+	if err := os.Rename(v.path("state.tmp"), v.path("state")); err != nil {
+		return err
+	}
+	v.endProcess(v.proc)
+	v.mu.Lock()
+	v.meta.MemPrivate = false // from now on the VM owns its memory file
+	v.meta.PID, v.meta.PIDStart = 0, 0
+	v.mu.Unlock()
+	return v.setState(vmm.StateSuspended, "")
+}
+
+// Resume implements vmm.Driver.
+func (d *Driver) Resume(ctx context.Context, id string) (vmm.Info, error) {
+	v, err := d.get(id)
+	if err != nil {
+		return vmm.Info{}, err
+	}
+	v.op.Lock()
+	defer v.op.Unlock()
+	v.mu.Lock()
+	state := v.meta.State
+	v.mu.Unlock()
+	switch state {
+	case vmm.StateRunning:
+		return v.info(), nil
+	case vmm.StateSuspended:
+	default:
+		return vmm.Info{}, fmt.Errorf("cannot resume vm %s: it is %s: %w", id, state, errdefs.ErrConflict)
+	}
+	if err := d.checkPlatform("suspended vm "+id, v.meta.Platform); err != nil {
+		return vmm.Info{}, err
+	}
+	if err := v.setState(vmm.StateSuspended, phaseResuming); err != nil {
+		return vmm.Info{}, err
+	}
+	start := time.Now()
+	if err := v.start(ctx, v.path("state")); err != nil {
+		v.mu.Lock()
+		p, running := v.proc, v.meta.State == vmm.StateRunning
+		v.mu.Unlock()
+		if p != nil {
+			v.endProcessHard(p)
+		}
+		if running {
+			// The guest ran and changed its memory file: the saved state
+			// no longer matches it, so the VM cannot be kept.
+			v.meta.Reason = "resume failed after the guest started: " + err.Error()
+			v.cleanupDead()
+		} else {
+			v.setState(vmm.StateSuspended, "")
+		}
+		return vmm.Info{}, fmt.Errorf("resuming %s: %w", id, err)
+	}
+	os.Remove(v.path("state"))
+	v.log.Info("vm resumed", "ms", time.Since(start).Milliseconds())
+	return v.info(), nil
+}
+
+// Stop implements vmm.Driver.
+func (d *Driver) Stop(ctx context.Context, id string) error {
+	v, err := d.get(id)
+	if err != nil {
+		return err
+	}
+	v.op.Lock()
+	defer v.op.Unlock()
+	v.mu.Lock()
+	p, a, state := v.proc, v.agent, v.meta.State
+	v.mu.Unlock()
+	if state == vmm.StateStopped {
+		return nil
+	}
+	if state == vmm.StateRunning && p != nil {
+		v.mu.Lock()
+		v.expectExit = true
+		v.mu.Unlock()
+		if a != nil {
+			sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			err := a.Shutdown(sctx)
+			cancel()
+			if err != nil {
+				v.log.Warn("clean shutdown failed; killing", "err", err)
+			}
+		}
+		select {
+		case <-p.done:
+		case <-ctx.Done():
+		case <-time.After(10 * time.Second):
+		}
+		v.endProcess(p)
+	}
+	v.mu.Lock()
+	v.meta.State, v.meta.Phase, v.meta.PID, v.meta.Reason = vmm.StateStopped, "", 0, "stopped on request"
+	v.mu.Unlock()
+	for _, f := range []string{"qmp.sock", "agent.sock", "console.sock", "state", "mem"} {
+		os.Remove(v.path(f))
+	}
+	return v.saveMeta()
+}
+
+// Terminate implements vmm.Driver.
+func (d *Driver) Terminate(ctx context.Context, id string) error {
+	v, err := d.get(id)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return nil
+	}
+	v.op.Lock()
+	defer v.op.Unlock()
+	v.destroy()
+	v.log.Info("vm terminated")
+	return nil
+}

@@ -1,0 +1,448 @@
+//go:build linux
+
+package qemu
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
+	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
+)
+
+// These tests boot real VMs (TCG on these hosts). Outside CI they skip
+// when the engine is not set up; in CI (CI=true) they fail instead.
+
+var env *vmmtest.Env
+
+func TestMain(m *testing.M) {
+	if os.Getenv("KILN_TEST_HELPER") == "boot-and-hang" {
+		helperBootAndHang()
+		return
+	}
+	var err error
+	env, err = vmmtest.Setup()
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			fmt.Fprintln(os.Stderr, "engine set-up for tests failed:", err)
+			os.Exit(1)
+		}
+		fmt.Fprintln(os.Stderr, "skipping VM tests:", err)
+	}
+	code := m.Run()
+	env.Cleanup()
+	os.Exit(code)
+}
+
+func newDriver(t *testing.T, dataDir string) *Driver {
+	t.Helper()
+	if env == nil {
+		t.Skip("engine not set up (run make setup)")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	d, err := New(ctx, Config{DataDir: dataDir, KernelDir: env.KernelDir, AgentBinary: env.AgentBinary,
+		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		vms, _ := d.List(context.Background())
+		for _, v := range vms {
+			d.Terminate(context.Background(), v.ID)
+		}
+		d.Close()
+	})
+	return d
+}
+
+func shortDir(t *testing.T) string {
+	// Unix socket paths must stay under 108 bytes; t.TempDir can be long.
+	dir, err := os.MkdirTemp("", "kt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+func boot(t *testing.T, d *Driver, id string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	if _, err := d.Boot(ctx, vmm.BootSpec{ID: id, RootDisk: env.RootDisk, MemoryMiB: 512}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// sh runs a shell command in the guest and returns stdout, stderr, code.
+func sh(t *testing.T, d *Driver, id, script string) (string, string, int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	a, err := d.Agent(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, errOut, code, err := vmmtest.Run(ctx, a, client.ExecRequest{Argv: []string{"/bin/sh", "-c", script}})
+	if err != nil {
+		t.Fatalf("exec %q in %s: %v", script, id, err)
+	}
+	return out, errOut, code
+}
+
+func mustSh(t *testing.T, d *Driver, id, script string) string {
+	t.Helper()
+	out, errOut, code := sh(t, d, id, script)
+	if code != 0 {
+		t.Fatalf("%q in %s exited %d: %s", script, id, code, errOut)
+	}
+	return strings.TrimSpace(out)
+}
+
+func TestExecOutputAndExitCode(t *testing.T) {
+	d := newDriver(t, shortDir(t))
+	boot(t, d, "exec")
+	tests := []struct {
+		name     string
+		script   string
+		wantOut  string
+		wantErr  string
+		wantCode int
+	}{
+		{"success", "echo hello", "hello\n", "", 0},
+		{"stderr and code", "echo out; echo oops >&2; exit 7", "out\n", "oops\n", 7},
+		{"large output", "i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done | tail -n 1", "line-1999\n", "", 0},
+		{"killed by signal", "kill -9 $$", "", "", 137},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			out, errOut, code := sh(t, d, "exec", tt.script)
+			if out != tt.wantOut || errOut != tt.wantErr || code != tt.wantCode {
+				t.Errorf("got (%q, %q, %d), want (%q, %q, %d)", out, errOut, code, tt.wantOut, tt.wantErr, tt.wantCode)
+			}
+		})
+	}
+}
+
+func snapshot(t *testing.T, d *Driver, id string) string {
+	t.Helper()
+	dir := filepath.Join(shortDir(t), "tmpl")
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if _, err := d.Snapshot(ctx, id, dir); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+func clone(t *testing.T, d *Driver, tmpl, id string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	if _, err := d.Clone(ctx, vmm.CloneSpec{ID: id, Template: tmpl}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestSnapshotClonesDivergeAndDiffer(t *testing.T) {
+	d := newDriver(t, shortDir(t))
+	boot(t, d, "src")
+	// A memory-only value (tmpfs) and a disk value, both set before the snapshot.
+	mustSh(t, d, "src", "mkdir -p /mem && mount -t tmpfs tmpfs /mem && echo base > /mem/v && echo base > /root/v && sync")
+	tmpl := snapshot(t, d, "src")
+	if _, err := d.Inspect(context.Background(), "src"); err == nil {
+		t.Error("the snapshotted VM still exists")
+	}
+	clone(t, d, tmpl, "c1")
+	clone(t, d, tmpl, "c2")
+	for _, id := range []string{"c1", "c2"} {
+		if got := mustSh(t, d, id, "cat /mem/v /root/v"); got != "base\nbase" {
+			t.Fatalf("%s sees %q before writing, want the snapshot's values", id, got)
+		}
+		mustSh(t, d, id, fmt.Sprintf("echo %s > /mem/v && echo %s > /root/v && sync", id, id))
+	}
+	for _, id := range []string{"c1", "c2"} {
+		if got := mustSh(t, d, id, "cat /mem/v /root/v"); got != id+"\n"+id {
+			t.Errorf("%s reads %q, want only its own value", id, got)
+		}
+	}
+	// Same snapshot, different entropy: vmgenid and the agent's reseed.
+	r1 := mustSh(t, d, "c1", "head -c 32 /dev/urandom | od -An -tx1")
+	r2 := mustSh(t, d, "c2", "head -c 32 /dev/urandom | od -An -tx1")
+	if r1 == r2 {
+		t.Errorf("two clones read the same 32 random bytes: %s", r1)
+	}
+	if h := mustSh(t, d, "c2", "hostname"); h != "c2" {
+		t.Errorf("clone hostname %q, want c2", h)
+	}
+	// The template is unchanged by its clones.
+	clone(t, d, tmpl, "c3")
+	if got := mustSh(t, d, "c3", "cat /mem/v /root/v"); got != "base\nbase" {
+		t.Errorf("a new clone sees %q: the template changed", got)
+	}
+}
+
+func TestSuspendResumeKeepsMemoryDiskAndClock(t *testing.T) {
+	d := newDriver(t, shortDir(t))
+	boot(t, d, "sr")
+	tmpl := snapshot(t, d, "sr")
+	// Suspend a clone (private memory) and then, after resuming, suspend
+	// the same VM again (its memory is then its own file): both paths.
+	clone(t, d, tmpl, "sr1")
+	ctx := context.Background()
+	a, _ := d.Agent(ctx, "sr1")
+	if _, err := a.Exec(ctx, client.ExecRequest{Argv: []string{"/bin/sh", "-c",
+		"mkdir -p /mem && mount -t tmpfs tmpfs /mem; i=0; while true; do i=$((i+1)); echo $i > /mem/n; sleep 0.05; done"},
+		Background: true}); err != nil {
+		t.Fatal(err)
+	}
+	mustSh(t, d, "sr1", "echo kept > /root/file && sync")
+	for round := 1; round <= 2; round++ {
+		time.Sleep(500 * time.Millisecond)
+		before, _ := strconv.Atoi(mustSh(t, d, "sr1", "cat /mem/n"))
+		if before == 0 {
+			t.Fatal("counter is not counting")
+		}
+		if err := d.Suspend(ctx, "sr1"); err != nil {
+			t.Fatal(err)
+		}
+		info, _ := d.Inspect(ctx, "sr1")
+		if info.State != vmm.StateSuspended || info.PID != 0 {
+			t.Fatalf("after suspend: %+v", info)
+		}
+		if round == 2 {
+			time.Sleep(10 * time.Second)
+		}
+		if _, err := d.Resume(ctx, "sr1"); err != nil {
+			t.Fatal(err)
+		}
+		if round == 2 {
+			// busybox date has no %N; adjtimex prints microseconds.
+			out := mustSh(t, d, "sr1", "adjtimex | awk '/tv_sec/ {s=$2} /tv_usec/ {u=$2} END {printf \"%d.%06d\", s, u}'")
+			host := float64(time.Now().UnixNano()) / 1e9
+			guest, err := strconv.ParseFloat(out, 64)
+			if err != nil {
+				t.Fatalf("guest clock %q: %v", out, err)
+			}
+			if diff := host - guest; diff > 1 || diff < -1 {
+				t.Errorf("guest clock %.3f is %.3f s off the host's after a 10 s suspend", guest, diff)
+			}
+		}
+		after, _ := strconv.Atoi(mustSh(t, d, "sr1", "cat /mem/n"))
+		if after < before {
+			t.Errorf("round %d: counter went from %d back to %d", round, before, after)
+		}
+		if after > before+40 {
+			t.Errorf("round %d: counter jumped from %d to %d: it restarted or ran while suspended", round, before, after)
+		}
+		if got := mustSh(t, d, "sr1", "cat /root/file"); got != "kept" {
+			t.Errorf("round %d: disk file reads %q", round, got)
+		}
+		time.Sleep(300 * time.Millisecond)
+		if later, _ := strconv.Atoi(mustSh(t, d, "sr1", "cat /mem/n")); later <= after {
+			t.Errorf("round %d: counter stopped at %d after resume", round, after)
+		}
+	}
+}
+
+func TestQEMUKilledIsNoticedAndCleanedUp(t *testing.T) {
+	d := newDriver(t, shortDir(t))
+	boot(t, d, "victim")
+	info, _ := d.Inspect(context.Background(), "victim")
+	if err := syscall.Kill(info.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	select {
+	case e := <-d.Events():
+		if e.ID != "victim" || e.State != vmm.StateStopped || !strings.Contains(e.Reason, "killed") {
+			t.Errorf("event %+v, want victim stopped by kill", e)
+		}
+		if lag := time.Since(killed); lag > time.Second {
+			t.Errorf("noticed after %v, want within 1 s", lag)
+		}
+	case <-time.After(time.Second):
+		t.Fatal("no event within 1 s of kill -9")
+	}
+	waitFor(t, 5*time.Second, func() bool {
+		_, err := os.Stat(info.Dir)
+		return os.IsNotExist(err)
+	}, "the dead VM's directory to be removed")
+	got, _ := d.Inspect(context.Background(), "victim")
+	if got.State != vmm.StateStopped || !strings.Contains(got.Reason, "killed") {
+		t.Errorf("inspect after death: %+v", got)
+	}
+	if err := d.Terminate(context.Background(), "victim"); err != nil {
+		t.Fatal(err)
+	}
+	assertNoQEMU(t, d)
+}
+
+// TestKilnKilledThenRecovered kills a separate kiln process (this test
+// binary re-run as a helper) that booted a VM, then checks that a new
+// driver adopts that VM, removes leftovers, and terminates cleanly.
+func TestKilnKilledThenRecovered(t *testing.T) {
+	if env == nil {
+		t.Skip("engine not set up")
+	}
+	dataDir := shortDir(t)
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "KILN_TEST_HELPER=boot-and-hang", "KILN_TEST_DATA="+dataDir,
+		"KILN_TEST_KERNEL="+env.KernelDir, "KILN_TEST_AGENT="+env.AgentBinary, "KILN_TEST_ROOT="+env.RootDisk)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 120*time.Second, func() bool { return strings.Contains(out.String(), "READY") }, "the helper kiln to boot its VMs")
+	cmd.Process.Kill()
+	cmd.Wait()
+
+	// Leftovers a crash can leave: a directory without a record, and a
+	// QEMU process of this data dir that no record claims.
+	stray := filepath.Join(dataDir, "vms", "stray")
+	os.MkdirAll(stray, 0o700)
+	d := newDriver(t, dataDir)
+	rep, err := d.Recover(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("recovery: %+v", rep)
+	if len(rep.Adopted) != 1 || rep.Adopted[0] != "keep" {
+		t.Fatalf("adopted %v, want [keep]", rep.Adopted)
+	}
+	if len(rep.Suspended) != 1 || rep.Suspended[0] != "sleepy" {
+		t.Fatalf("suspended %v, want [sleepy]", rep.Suspended)
+	}
+	if _, err := os.Stat(stray); !os.IsNotExist(err) {
+		t.Error("stray directory not removed")
+	}
+	if got := mustSh(t, d, "keep", "cat /root/mark"); got != "before-crash" {
+		t.Errorf("adopted VM lost its disk: %q", got)
+	}
+	if _, err := d.Resume(context.Background(), "sleepy"); err != nil {
+		t.Fatal(err)
+	}
+	if got := mustSh(t, d, "sleepy", "cat /root/mark"); got != "before-crash" {
+		t.Errorf("resumed VM lost its disk: %q", got)
+	}
+	// A VM killed while kiln is down is noticed by recovery too.
+	for _, id := range []string{"keep", "sleepy"} {
+		if err := d.Terminate(context.Background(), id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	assertNoQEMU(t, d)
+	entries, _ := os.ReadDir(filepath.Join(dataDir, "vms"))
+	if len(entries) != 0 {
+		t.Errorf("vms directory not empty after terminate: %v", entries)
+	}
+}
+
+func helperBootAndHang() {
+	ctx := context.Background()
+	d, err := New(ctx, Config{DataDir: os.Getenv("KILN_TEST_DATA"), KernelDir: os.Getenv("KILN_TEST_KERNEL"),
+		AgentBinary: os.Getenv("KILN_TEST_AGENT")})
+	if err != nil {
+		fmt.Println("helper:", err)
+		os.Exit(1)
+	}
+	for _, id := range []string{"keep", "sleepy"} {
+		if _, err := d.Boot(ctx, vmm.BootSpec{ID: id, RootDisk: os.Getenv("KILN_TEST_ROOT")}); err != nil {
+			fmt.Println("helper:", err)
+			os.Exit(1)
+		}
+		a, _ := d.Agent(ctx, id)
+		vmmtest.Run(ctx, a, client.ExecRequest{Argv: []string{"/bin/sh", "-c", "echo before-crash > /root/mark; sync"}})
+	}
+	if err := d.Suspend(ctx, "sleepy"); err != nil {
+		fmt.Println("helper:", err)
+		os.Exit(1)
+	}
+	fmt.Println("READY")
+	select {}
+}
+
+func assertNoQEMU(t *testing.T, d *Driver) {
+	t.Helper()
+	if pids := d.strayProcesses(map[int]bool{}); len(pids) > 0 {
+		t.Errorf("QEMU processes left behind: %v", pids)
+	}
+}
+
+func waitFor(t *testing.T, timeout time.Duration, cond func() bool, what string) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestRestoreOnOtherPlatformIsRefused(t *testing.T) {
+	d := newDriver(t, shortDir(t))
+	boot(t, d, "plat")
+	tmpl := snapshot(t, d, "plat")
+	t0, err := LoadTemplate(tmpl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0.Platform.QEMUVersion = "9.9.9"
+	writeJSON(t, filepath.Join(tmpl, "template.json"), t0)
+	_, err = d.Clone(context.Background(), vmm.CloneSpec{ID: "x", Template: tmpl})
+	if err == nil || !strings.Contains(err.Error(), "9.9.9") || !strings.Contains(err.Error(), "rebuild") {
+		t.Errorf("clone of a foreign snapshot: %v, want a refusal naming both versions", err)
+	}
+	if _, err := d.Inspect(context.Background(), "x"); err == nil {
+		t.Error("refused clone left a VM behind")
+	}
+}
+
+func TestMissingSetupNamesTheCommand(t *testing.T) {
+	if env == nil {
+		t.Skip("engine not set up")
+	}
+	tests := []struct {
+		name string
+		cfg  Config
+	}{
+		{"no kernel", Config{KernelDir: "/nonexistent", AgentBinary: env.AgentBinary}},
+		{"no qemu", Config{KernelDir: env.KernelDir, AgentBinary: env.AgentBinary, QEMU: "qemu-system-nope"}},
+		{"no agent", Config{KernelDir: env.KernelDir, AgentBinary: "/nonexistent/kiln-agent"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			tt.cfg.DataDir = shortDir(t)
+			_, err := New(context.Background(), tt.cfg)
+			if err == nil || !strings.Contains(err.Error(), SetupCommand) {
+				t.Errorf("got %v, want an error naming %q", err, SetupCommand)
+			}
+		})
+	}
+}
+
+func writeJSON(t *testing.T, path string, v any) {
+	t.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, b, 0o600); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,216 @@
+//go:build linux
+
+package qemu
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/vmm"
+)
+
+// Recover implements vmm.Driver. It reads every VM directory, decides from
+// the recorded state and phase and from what still runs, and then kills
+// any QEMU process of this data directory that no record claims.
+func (d *Driver) Recover(ctx context.Context) (vmm.RecoveryReport, error) {
+	var rep vmm.RecoveryReport
+	entries, err := os.ReadDir(d.vmsDir())
+	if err != nil {
+		return rep, err
+	}
+	claimed := map[int]bool{}
+	for _, e := range entries {
+		dir := filepath.Join(d.vmsDir(), e.Name())
+		d.mu.Lock()
+		_, known := d.vms[e.Name()]
+		d.mu.Unlock()
+		if known {
+			continue
+		}
+		id, outcome, pid := d.recoverOne(ctx, dir)
+		switch outcome {
+		case "adopted":
+			rep.Adopted = append(rep.Adopted, id)
+			claimed[pid] = true
+		case "suspended", "stopped":
+			rep.Suspended = append(rep.Suspended, id)
+		default:
+			rep.Removed = append(rep.Removed, e.Name()+": "+outcome)
+		}
+	}
+	for _, pid := range d.strayProcesses(claimed) {
+		p, err := adoptProcByPID(pid)
+		if err != nil {
+			continue
+		}
+		p.kill()
+		p.waitExit(5 * time.Second)
+		rep.Removed = append(rep.Removed, fmt.Sprintf("qemu process %d with no vm record: killed", pid))
+	}
+	d.log.Info("recovered vms", "adopted", len(rep.Adopted), "suspended", len(rep.Suspended), "removed", len(rep.Removed))
+	return rep, nil
+}
+
+// recoverOne returns the VM id, what became of it, and its adopted pid.
+func (d *Driver) recoverOne(ctx context.Context, dir string) (string, string, int) {
+	m, err := loadMeta(dir)
+	name := filepath.Base(dir)
+	if err != nil || m.ID != name || !idRe.MatchString(m.ID) {
+		d.killRecorded(m)
+		os.RemoveAll(dir)
+		return name, "no readable vm.json: removed", 0
+	}
+	v := &vm{d: d, id: m.ID, dir: dir, log: d.log.With("microvm", m.ID), meta: m}
+	var p *proc
+	if m.PID > 0 {
+		p, _ = adoptProc(m.PID, m.PIDStart)
+	}
+	remove := func(why string) (string, string, int) {
+		if p != nil {
+			p.kill()
+			p.waitExit(5 * time.Second)
+		}
+		os.RemoveAll(dir)
+		return m.ID, why + ": removed", 0
+	}
+	keepSuspended := func() (string, string, int) {
+		if p != nil {
+			p.kill()
+			p.waitExit(5 * time.Second)
+		}
+		if !fileExists(v.path("state")) || !fileExists(v.path("mem")) || !fileExists(v.path("disk.qcow2")) {
+			return remove("suspended but its files are incomplete")
+		}
+		v.meta.State, v.meta.Phase, v.meta.PID, v.meta.PIDStart = vmm.StateSuspended, "", 0, 0
+		v.meta.MemPrivate = false
+		v.saveMeta()
+		d.mu.Lock()
+		d.vms[m.ID] = v
+		d.mu.Unlock()
+		return m.ID, "suspended", 0
+	}
+	switch {
+	case m.State == vmm.StateStopped:
+		d.mu.Lock()
+		d.vms[m.ID] = v
+		d.mu.Unlock()
+		return m.ID, "stopped", 0
+	case m.State == vmm.StateSuspended:
+		// Resuming but the guest never ran: the files are as suspended.
+		return keepSuspended()
+	case m.Phase == phaseBooting:
+		return remove("interrupted while booting")
+	case m.Phase == phaseSuspending && (p == nil || !p.alive()):
+		// "state" appears only once complete (renamed into place), and a
+		// clone's "mem" only after a complete dump.
+		if fileExists(v.path("state")) && fileExists(v.path("mem")) {
+			return keepSuspended()
+		}
+		return remove("process gone while suspending")
+	case p == nil || !p.alive():
+		return remove("its process is gone")
+	}
+	// A live process: adopt it and make sure the guest runs.
+	v.proc = p
+	if err := v.connectQMP(ctx, p); err != nil {
+		return remove("qmp does not answer")
+	}
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	var st struct {
+		Status string `json:"status"`
+	}
+	err = v.qmp.Execute(cctx, "query-status", nil, &st)
+	cancel()
+	if err != nil {
+		v.detach()
+		return remove("qmp does not answer")
+	}
+	for _, f := range []string{"state", "state.tmp", "mem.tmp"} {
+		os.Remove(v.path(f))
+	}
+	if m.MemPrivate {
+		os.Remove(v.path("mem"))
+	}
+	if st.Status != "running" {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		err := v.qmp.Execute(cctx, "cont", nil, nil)
+		cancel()
+		if err != nil {
+			v.detach()
+			return remove("cannot restart a paused guest (" + st.Status + ")")
+		}
+	}
+	v.console = newRing(64 << 10)
+	go v.console.drain(v.path("console.sock"), p.done)
+	if err := v.connectAgent(ctx, 10*time.Second); err != nil {
+		v.detach()
+		return remove("agent does not answer")
+	}
+	if m.Phase != "" {
+		// Interrupted mid-suspend or mid-restore: workloads may be frozen.
+		v.refreshIdentity(ctx)
+	}
+	v.meta.Phase = ""
+	v.saveMeta()
+	d.mu.Lock()
+	d.vms[m.ID] = v
+	d.mu.Unlock()
+	go v.watch(p)
+	return m.ID, "adopted", p.pid
+}
+
+func (d *Driver) killRecorded(m meta) {
+	if m.PID <= 0 {
+		return
+	}
+	if p, err := adoptProc(m.PID, m.PIDStart); err == nil {
+		p.kill()
+		p.waitExit(5 * time.Second)
+	}
+}
+
+func fileExists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
+}
+
+// strayProcesses lists QEMU processes whose command line points into this
+// driver's VM directory but that no record claims.
+func (d *Driver) strayProcesses(claimed map[int]bool) []int {
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	prefix := d.vmsDir() + string(filepath.Separator)
+	var out []int
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || claimed[pid] {
+			continue
+		}
+		args, err := procCmdline(pid)
+		if err != nil || len(args) == 0 || !strings.Contains(filepath.Base(args[0]), "qemu") {
+			continue
+		}
+		for _, a := range args {
+			if strings.Contains(a, prefix) {
+				out = append(out, pid)
+				break
+			}
+		}
+	}
+	return out
+}
+
+func adoptProcByPID(pid int) (*proc, error) {
+	st, err := procStartTime(pid)
+	if err != nil {
+		return nil, err
+	}
+	return adoptProc(pid, st)
+}

@@ -1,0 +1,173 @@
+// Package vmm defines kiln's VM engine: the Driver contract every
+// hypervisor back end (QEMU now, Firecracker later) satisfies, and the
+// types that cross it. Implementations live in subpackages.
+package vmm
+
+import (
+	"context"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/agent/client"
+)
+
+// State is where a VM is in its life, as the driver sees it.
+type State string
+
+const (
+	// StateRunning: a QEMU process runs the guest and its agent answers.
+	StateRunning State = "running"
+	// StateSuspended: memory and device state are on disk, no process runs.
+	StateSuspended State = "suspended"
+	// StateStopped: the guest shut down or its process died; only files remain.
+	StateStopped State = "stopped"
+)
+
+// Accel is the accelerator QEMU uses.
+type Accel string
+
+const (
+	AccelKVM Accel = "kvm"
+	AccelTCG Accel = "tcg"
+)
+
+// NetAttachment connects a VM to a network prepared by internal/netns:
+// QEMU is started inside Netns and opens Tap there.
+type NetAttachment struct {
+	Netns string // path of the network namespace (e.g. /run/netns/kiln-ID)
+	Tap   string // TAP device inside Netns
+	MAC   string // guest MAC; the same for all clones of a snapshot is fine
+}
+
+// BootSpec describes a VM to cold-boot.
+type BootSpec struct {
+	ID        string // unique; lowercase letters, digits and '-'
+	MemoryMiB int    // guest memory; 512 if zero
+	VCPUs     int    // 1 if zero
+	// RootDisk is an ext4 image used as the read-only base of the VM's own
+	// qcow2 overlay; the driver never writes to it.
+	RootDisk string
+	Net      *NetAttachment // nil: no NIC
+	Hostname string         // "" means the ID
+}
+
+// CloneSpec describes a VM to start from a template.
+type CloneSpec struct {
+	ID       string
+	Template string // template directory made by Snapshot
+	Net      *NetAttachment
+	Hostname string // "" means the ID
+}
+
+// Info is what the driver knows about one VM.
+type Info struct {
+	ID        string    `json:"id"`
+	State     State     `json:"state"`
+	Dir       string    `json:"dir"`
+	PID       int       `json:"pid,omitempty"`
+	MemoryMiB int       `json:"memory_mib"`
+	Template  string    `json:"template,omitempty"` // set for clones
+	StartedAt time.Time `json:"started_at"`
+	// Reason says why the VM is stopped, when it is.
+	Reason string `json:"reason,omitempty"`
+}
+
+// Platform is what a snapshot depends on: restoring on another platform
+// is refused, since QEMU would crash or corrupt the guest.
+type Platform struct {
+	QEMUVersion string `json:"qemu_version"`
+	Machine     string `json:"machine"`
+	Accel       Accel  `json:"accel"`
+	CPU         string `json:"cpu"`
+}
+
+// Template is a snapshot of a VM: memory file, device state and disk.
+type Template struct {
+	Dir       string    `json:"dir"`
+	Platform  Platform  `json:"platform"`
+	MemoryMiB int       `json:"memory_mib"`
+	VCPUs     int       `json:"vcpus"`
+	HasNet    bool      `json:"has_net"`
+	CreatedAt time.Time `json:"created_at"`
+}
+
+// Event reports something that happened to a VM without being asked,
+// such as its process dying.
+type Event struct {
+	ID     string
+	State  State
+	Reason string
+	Time   time.Time
+}
+
+// RecoveryReport says what Recover found after a restart.
+type RecoveryReport struct {
+	Adopted   []string // VMs whose processes still run, now managed again
+	Suspended []string // suspended VMs whose files are intact
+	Removed   []string // leftovers that were cleaned up, with why
+}
+
+// Driver runs VMs. All methods are safe for concurrent use; operations on
+// one VM are serialized. ctx bounds the call, never the VM: a VM started
+// by a call outlives the call's context. Errors wrap the categories of
+// internal/errdefs.
+type Driver interface {
+	// Boot cold-boots a VM and returns once its agent answers. A VM with
+	// the same ID that already exists is ErrConflict. On failure nothing
+	// is left behind.
+	Boot(ctx context.Context, spec BootSpec) (Info, error)
+
+	// Snapshot freezes the VM's workloads, saves its memory, device state
+	// and disk into a new template directory dir (which must not exist),
+	// and ends the VM: its memory file becomes the template's. The VM is
+	// gone afterwards (as after Terminate), whether or not Snapshot
+	// succeeded; a partial template is removed.
+	Snapshot(ctx context.Context, id, dir string) (Template, error)
+
+	// Clone starts a VM from a template: memory is a private copy-on-write
+	// mapping of the template's file and the disk a qcow2 overlay on the
+	// template's disk, so nothing is copied. It returns once the agent has
+	// refreshed the guest's identity (entropy, clock, hostname) and thawed
+	// its workloads. A template from another platform is ErrInvalid.
+	Clone(ctx context.Context, spec CloneSpec) (Info, error)
+
+	// Suspend saves a running VM's full memory and device state into its
+	// directory and ends its process, freeing host memory. Suspending a
+	// suspended VM is a no-op; a stopped one is ErrConflict.
+	Suspend(ctx context.Context, id string) error
+
+	// Resume restarts a suspended VM exactly where it was, then refreshes
+	// its identity like Clone. Resuming a running VM is a no-op.
+	Resume(ctx context.Context, id string) (Info, error)
+
+	// Stop asks the guest to shut down cleanly (bounded by ctx, then
+	// killed). Its files stay until Terminate. Stopping a stopped VM is a
+	// no-op.
+	Stop(ctx context.Context, id string) error
+
+	// Terminate kills the VM if it runs and removes everything it owns.
+	// Idempotent: terminating an unknown VM is not an error.
+	Terminate(ctx context.Context, id string) error
+
+	// Inspect returns one VM's info, ErrNotFound if unknown.
+	Inspect(ctx context.Context, id string) (Info, error)
+
+	// List returns every VM the driver manages.
+	List(ctx context.Context) ([]Info, error)
+
+	// Agent returns the connected agent client of a running VM.
+	Agent(ctx context.Context, id string) (*client.Client, error)
+
+	// Recover reconciles what a previous kiln process left on this host
+	// (processes, sockets, directories) with what can be managed: running
+	// VMs are adopted, suspended ones kept, the rest removed. Call once at
+	// start-up, before any other method.
+	Recover(ctx context.Context) (RecoveryReport, error)
+
+	// Events delivers unrequested state changes (a VM process that died).
+	// The channel is buffered; a slow reader loses the oldest events.
+	Events() <-chan Event
+
+	// Close releases the driver's own resources. Running VMs keep running
+	// and can be adopted by the next Recover.
+	Close() error
+}

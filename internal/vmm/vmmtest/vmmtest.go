@@ -1,0 +1,164 @@
+//go:build linux
+
+// Package vmmtest prepares what tests that boot real VMs need: the kernel
+// from the set-up step, a freshly built kiln-agent, and a tiny busybox
+// root disk. It is shared by every package whose tests run VMs.
+package vmmtest
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+
+	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/agent/proto"
+)
+
+// Env is a prepared test environment.
+type Env struct {
+	KernelDir   string
+	AgentBinary string
+	RootDisk    string
+	work        string
+}
+
+// Setup builds the agent and the root disk. It fails with a message naming
+// `make setup` when the kernel or host tools are missing.
+func Setup() (*Env, error) {
+	dataDir := os.Getenv("KILN_DATA_DIR")
+	if dataDir == "" {
+		dataDir = "/var/lib/kiln"
+	}
+	e := &Env{KernelDir: filepath.Join(dataDir, "kernel")}
+	if _, err := os.Stat(filepath.Join(e.KernelDir, "vmlinuz")); err != nil {
+		return nil, fmt.Errorf("no guest kernel in %s: run `make setup`", e.KernelDir)
+	}
+	for _, tool := range []string{"qemu-system-x86_64", "qemu-img", "mkfs.ext4", "busybox"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return nil, fmt.Errorf("%s not found: run `make setup`", tool)
+		}
+	}
+	var err error
+	if e.work, err = os.MkdirTemp("", "kiln-vmmtest-"); err != nil {
+		return nil, err
+	}
+	if e.AgentBinary, err = BuildAgent(e.work); err != nil {
+		e.Cleanup()
+		return nil, err
+	}
+	if e.RootDisk, err = BusyboxRoot(e.work); err != nil {
+		e.Cleanup()
+		return nil, err
+	}
+	return e, nil
+}
+
+// Cleanup removes the environment's files. Safe on nil.
+func (e *Env) Cleanup() {
+	if e != nil && e.work != "" {
+		os.RemoveAll(e.work)
+	}
+}
+
+// BuildAgent compiles cmd/kiln-agent statically into dir.
+func BuildAgent(dir string) (string, error) {
+	root, err := moduleRoot()
+	if err != nil {
+		return "", err
+	}
+	out := filepath.Join(dir, "kiln-agent")
+	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", out, "./cmd/kiln-agent")
+	cmd.Dir = root
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("building kiln-agent: %v: %s", err, b)
+	}
+	return out, nil
+}
+
+func moduleRoot() (string, error) {
+	b, err := exec.Command("go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", err
+	}
+	mod := strings.TrimSpace(string(b))
+	if mod == "" || mod == os.DevNull {
+		return "", errors.New("not inside the kiln module")
+	}
+	return filepath.Dir(mod), nil
+}
+
+// BusyboxRoot makes a small ext4 root disk holding busybox and its applets.
+func BusyboxRoot(dir string) (string, error) {
+	root := filepath.Join(dir, "rootfs")
+	for _, d := range []string{"bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run", "mnt", "usr/bin"} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			return "", err
+		}
+	}
+	bb, err := exec.LookPath("busybox")
+	if err != nil {
+		return "", err
+	}
+	b, err := os.ReadFile(bb)
+	if err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(filepath.Join(root, "bin/busybox"), b, 0o755); err != nil {
+		return "", err
+	}
+	list, err := exec.Command(bb, "--list").Output()
+	if err != nil {
+		return "", err
+	}
+	for _, applet := range strings.Fields(string(list)) {
+		if applet == "busybox" || strings.Contains(applet, "/") {
+			continue
+		}
+		os.Symlink("busybox", filepath.Join(root, "bin", applet))
+	}
+	files := map[string]string{
+		"etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+		"etc/group":  "root:x:0:\nnogroup:x:65534:\napp:x:1000:\n",
+		"etc/hosts":  "127.0.0.1 localhost\n",
+	}
+	for name, content := range files {
+		if err := os.WriteFile(filepath.Join(root, name), []byte(content), 0o644); err != nil {
+			return "", err
+		}
+	}
+	img := filepath.Join(dir, "root.ext4")
+	cmd := exec.Command("mkfs.ext4", "-q", "-F", "-d", root, "-L", "root", "-E", "root_owner=0:0", img, "64M")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return "", fmt.Errorf("mkfs.ext4: %v: %s", err, out)
+	}
+	return img, nil
+}
+
+// Run executes a command through the agent and collects its output.
+func Run(ctx context.Context, a *client.Client, req client.ExecRequest) (stdout, stderr string, code int, err error) {
+	p, err := a.Exec(ctx, req)
+	if err != nil {
+		return "", "", 0, err
+	}
+	var o, e bytes.Buffer
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for chunk := range p.Output() {
+			if chunk.Stream == proto.Stderr {
+				e.Write(chunk.Data)
+			} else {
+				o.Write(chunk.Data)
+			}
+		}
+	}()
+	code, err = p.Wait(ctx)
+	<-done
+	return o.String(), e.String(), code, err
+}

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# kiln set-up: installs the host packages kiln needs and unpacks the guest
+# kernel into the data directory. Idempotent: running it again changes
+# nothing that is already in place. Never installs from testing.
+set -euo pipefail
+
+DATA_DIR="${KILN_DATA_DIR:-/var/lib/kiln}"
+for arg in "$@"; do
+  case "$arg" in
+    --data-dir=*) DATA_DIR="${arg#--data-dir=}" ;;
+    *) echo "setup.sh: unknown argument $arg (use --data-dir=DIR)" >&2; exit 2 ;;
+  esac
+done
+
+log() { echo "setup: $*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup.sh must run as root (it installs packages)" >&2
+  exit 1
+fi
+
+# The Debian mirror is read from the machine's own apt sources, so the
+# backports suite comes from the same place as everything else.
+debian_mirror() {
+  local f
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [ -f "$f" ] || continue
+    awk '
+      /^[[:space:]]*$/ { if (uri != "" && suites ~ /(^| )bookworm( |$)/) { print uri; exit } uri=""; suites=""; next }
+      /^URIs:/ { uri=$2 }
+      /^Suites:/ { $1=""; suites=$0 " " }
+      END { if (uri != "" && suites ~ /(^| )bookworm( |$)/) print uri }
+    ' "$f"
+  done
+  for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    [ -f "$f" ] || continue
+    awk '$1=="deb" && $3=="bookworm" { print $2 }' "$f"
+  done
+}
+
+BACKPORTS=/etc/apt/sources.list.d/kiln-bookworm-backports.sources
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  MIRROR="$(debian_mirror | head -n1)"
+  if [ -z "$MIRROR" ]; then
+    echo "setup.sh: no bookworm entry found in /etc/apt/sources.list*; add your Debian mirror first" >&2
+    exit 1
+  fi
+  log "enabling bookworm-backports from $MIRROR"
+  cat >"$BACKPORTS" <<SRC
+Types: deb
+URIs: $MIRROR
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  rm -f /var/lib/kiln-setup.apt-updated
+fi
+
+need_pkgs=()
+qemu_ok() {
+  command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null &&
+    qemu-system-x86_64 --version | head -n1 | grep -Eq 'version (1[0-9])\.'
+}
+qemu_ok || need_pkgs+=(qemu)
+for bin in mkfs.ext4:e2fsprogs debugfs:e2fsprogs debootstrap:debootstrap nft:nftables ip:iproute2 xz:xz-utils cpio:cpio busybox:busybox-static; do
+  command -v "${bin%%:*}" >/dev/null || need_pkgs+=("${bin##*:}")
+done
+
+APT_STAMP=/var/lib/kiln-setup.apt-updated
+apt_update() {
+  local policy
+  policy="$(apt-cache policy qemu-system-x86 2>/dev/null || true)"
+  if [ ! -f "$APT_STAMP" ] || [[ "$policy" != *bookworm-backports* ]]; then
+    log "apt-get update"
+    apt-get update -qq
+    touch "$APT_STAMP"
+  fi
+}
+
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+  apt_update
+  export DEBIAN_FRONTEND=noninteractive
+  pkgs=()
+  for p in "${need_pkgs[@]}"; do
+    if [ "$p" = qemu ]; then
+      qemu_from_backports=1
+    else
+      pkgs+=("$p")
+    fi
+  done
+  if [ "${#pkgs[@]}" -gt 0 ]; then
+    log "installing ${pkgs[*]}"
+    apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+  fi
+  if [ -n "${qemu_from_backports:-}" ]; then
+    # -t lets QEMU's own dependencies (seabios, qemu-system-data) come from
+    # backports too; everything else stays on bookworm.
+    log "installing qemu-system-x86 qemu-utils from bookworm-backports"
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils >/dev/null
+  fi
+fi
+qemu_ok || { echo "setup.sh: QEMU 10.x not available after install" >&2; exit 1; }
+
+# Guest kernel: Debian's cloud kernel from bookworm-backports, downloaded
+# with apt-get download and unpacked; never committed.
+KDIR="$DATA_DIR/kernel"
+if [ ! -f "$KDIR/vmlinuz" ] || [ ! -f "$KDIR/modules.list" ]; then
+  apt_update
+  meta=linux-image-cloud-amd64
+  real="$(apt-cache depends -t bookworm-backports "$meta" 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
+  if [ -z "$real" ]; then
+    echo "setup.sh: cannot resolve $meta in bookworm-backports" >&2
+    exit 1
+  fi
+  tmp="$(mktemp -d)"
+  chmod 755 "$tmp" # apt-get download drops privileges to _apt
+  trap 'rm -rf "$tmp"' EXIT
+  log "downloading $real"
+  (cd "$tmp" && apt-get download -qq -t bookworm-backports "$real" >/dev/null)
+  dpkg-deb -x "$tmp"/*.deb "$tmp/root"
+  kver="$(ls "$tmp/root/lib/modules" | head -n1)"
+  mkdir -p "$KDIR.new/modules"
+  cp "$tmp/root/boot/vmlinuz-$kver" "$KDIR.new/vmlinuz"
+  # The modules the guest needs, in load order (dependencies first).
+  : >"$KDIR.new/modules.list"
+  for m in virtio_mmio virtio_blk failover net_failover virtio_net vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport; do
+    p="$(find "$tmp/root/lib/modules/$kver" -name "$m.ko*" | head -n1)"
+    [ -n "$p" ] || continue
+    out="$KDIR.new/modules/$m.ko"
+    case "$p" in
+      *.xz) xz -dc "$p" >"$out" ;;
+      *.zst) zstd -dc "$p" >"$out" ;;
+      *) cp "$p" "$out" ;;
+    esac
+    echo "$m.ko" >>"$KDIR.new/modules.list"
+  done
+  echo "$kver" >"$KDIR.new/version"
+  rm -rf "$KDIR"
+  mv "$KDIR.new" "$KDIR"
+  log "kernel $kver in $KDIR"
+fi
+log "ok: QEMU $(qemu-system-x86_64 --version | head -n1 | awk '{print $4}'), kernel $(cat "$KDIR/version") in $KDIR"
