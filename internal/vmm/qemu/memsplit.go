@@ -64,7 +64,11 @@ func splitStream(r io.Reader, state io.Writer, mem *os.File, block string) (spli
 	br := bufio.NewReaderSize(r, 1<<20)
 	cw := &countWriter{w: state}
 	w := bufio.NewWriterSize(cw, 256<<10)
-	sp := &splitter{r: br, w: w, mem: mem, block: block}
+	fi, err := mem.Stat()
+	if err != nil {
+		return st, err
+	}
+	sp := &splitter{r: br, w: w, mem: mem, block: block, size: fi.Size()}
 	if err := sp.copyUntilRAM(); err != nil {
 		return st, err
 	}
@@ -101,6 +105,7 @@ type splitter struct {
 	w     *bufio.Writer
 	mem   *os.File
 	block string
+	size  int64 // of the memory file; pages past it are refused
 
 	lastBlock string // block of the previous page record (for CONTINUE)
 	pages     int64
@@ -266,18 +271,24 @@ func (s *splitter) page(hb [8]byte, flags uint64, addr int64) error {
 		_, err := io.CopyN(s.w, s.r, pageSize)
 		return err
 	}
+	if addr < 0 || addr+pageSize > s.size {
+		return fmt.Errorf("page at %#x lies outside guest memory (%d bytes)", addr, s.size)
+	}
 	if flags&flagZero != 0 {
 		_, err := s.r.Discard(1) // the file is zero there already
 		return err
 	}
-	if s.runOff+int64(len(s.run)) != addr || len(s.run) >= 1<<20 {
+	if s.runOff+int64(len(s.run)) != addr || len(s.run)+pageSize > 1<<20 {
 		if err := s.flushRun(); err != nil {
 			return err
 		}
 		s.runOff = addr
 	}
+	if s.run == nil {
+		s.run = make([]byte, 0, 1<<20)
+	}
 	n := len(s.run)
-	s.run = append(s.run, make([]byte, pageSize)...)
+	s.run = s.run[:n+pageSize]
 	if _, err := io.ReadFull(s.r, s.run[n:]); err != nil {
 		return err
 	}

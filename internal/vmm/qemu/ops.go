@@ -132,6 +132,8 @@ func (v *vm) requireRunning(what string) error {
 // memory written to memPath (see memsplit.go); otherwise its memory is
 // already in its own shared file.
 func (v *vm) pauseAndSave(ctx context.Context, statePath, memPath string) error {
+	t := newStepTimer()
+	defer func() { v.log.Debug("save steps", "ms", t.String()) }()
 	if v.agent != nil {
 		fctx, cancel := context.WithTimeout(ctx, freezeTimeout)
 		err := v.agent.Freeze(fctx)
@@ -142,11 +144,14 @@ func (v *vm) pauseAndSave(ctx context.Context, statePath, memPath string) error 
 			v.log.Warn("agent did not freeze workloads", "err", err)
 		}
 	}
+	t.step("freeze")
 	sctx, cancel := context.WithTimeout(ctx, stateTimeout)
 	defer cancel()
 	if err := v.qmp.Execute(sctx, "stop", nil, nil); err != nil {
 		return err
 	}
+	t.step("stop")
+	defer t.step("save")
 	if v.meta.MemPrivate {
 		if _, err := saveSplit(sctx, v, statePath, memPath); err != nil {
 			return fmt.Errorf("saving memory and device state: %w", err)
@@ -431,6 +436,8 @@ func (v *vm) suspend(ctx context.Context) error {
 	if err := v.pauseAndSave(ctx, v.path("state.tmp"), v.path("mem.tmp")); err != nil {
 		return err
 	}
+	t := newStepTimer()
+	defer func() { v.log.Debug("suspend steps", "ms", t.String()) }()
 	if v.meta.MemPrivate {
 		if err := os.Rename(v.path("mem.tmp"), v.path("mem")); err != nil {
 			return err
@@ -439,7 +446,9 @@ func (v *vm) suspend(ctx context.Context) error {
 	if err := os.Rename(v.path("state.tmp"), v.path("state")); err != nil {
 		return err
 	}
+	t.step("rename")
 	v.endProcess(v.proc)
+	t.step("quit")
 	v.mu.Lock()
 	v.meta.MemPrivate = false // from now on the VM owns its memory file
 	v.meta.PID, v.meta.PIDStart = 0, 0

@@ -174,6 +174,8 @@ func (v *vm) args(incoming bool) []string {
 		"-smp", fmt.Sprint(m.VCPUs),
 		"-object", backend,
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		// The guest is hostile: confine QEMU with its seccomp filter.
+		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
 		"-kernel", m.Kernel, "-initrd", m.Initrd,
 		"-append", strings.Join(cmdline, " "),
 		"-chardev", "socket,id=con0,path=" + v.path("console.sock") + ",server=on,wait=off",
@@ -191,7 +193,7 @@ func (v *vm) args(incoming bool) []string {
 		a = append(a, "-device", "vmgenid,guid=auto")
 	}
 	if m.Net != nil {
-		a = append(a, "-netdev", "tap,id=net0,fd=3,vnet_hdr=on",
+		a = append(a, "-netdev", "tap,id=net0,fd=3", // vnet_hdr is read from the fd (opened with IFF_VNET_HDR); QEMU 10 refuses vnet_hdr= with fd=
 			"-device", "virtio-net-"+bus+",netdev=net0,mac="+m.Net.MAC)
 	}
 	if incoming {
