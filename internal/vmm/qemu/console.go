@@ -5,9 +5,9 @@ package qemu
 import (
 	"fmt"
 	"io"
-	"strings"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"time"
 )
