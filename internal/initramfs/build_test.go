@@ -50,6 +50,16 @@ func TestBuild(t *testing.T) {
 			if _, err := raw.ReadFrom(zr); err != nil {
 				t.Fatal(err)
 			}
+			var plain bytes.Buffer
+			if err := BuildUncompressed(&plain, agent, mods, tt.modules); err != nil {
+				t.Fatalf("BuildUncompressed: %v", err)
+			}
+			if !bytes.Equal(plain.Bytes(), raw.Bytes()) {
+				t.Fatal("BuildUncompressed differs from Build's archive")
+			}
+			if raw.Len()%4 != 0 {
+				t.Errorf("archive length %d is not 4-byte aligned", raw.Len())
+			}
 			// Read it back with the real cpio tool, as the kernel would.
 			list := exec.Command("cpio", "-itv", "--quiet")
 			list.Stdin = bytes.NewReader(raw.Bytes())

@@ -66,7 +66,9 @@ func Dial(ctx context.Context, path string) (*Conn, error) {
 	var d net.Dialer
 	var c net.Conn
 	var err error
-	for delay := 500 * time.Microsecond; ; delay = min(delay*2, 20*time.Millisecond) {
+	// A short fixed retry: the socket appears ~20 ms after QEMU starts and
+	// every millisecond of waiting here is start-up time of a clone.
+	for delay := time.Millisecond; ; {
 		c, err = d.DialContext(ctx, "unix", path)
 		if err == nil {
 			break

@@ -300,6 +300,9 @@ func TestFreezeRestoreShutdown(t *testing.T) {
 	if err := c.Freeze(ctx); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := c.Exec(ctx, client.ExecRequest{Argv: []string{"true"}}); err == nil {
+		t.Fatal("Exec while frozen succeeded")
+	}
 	if err := c.Restore(ctx, client.RestoreRequest{Entropy: make([]byte, 16), UnixNano: 1}); err == nil {
 		t.Fatal("Restore with 16 bytes of entropy succeeded")
 	}
@@ -441,5 +444,45 @@ func TestCopyInOut(t *testing.T) {
 	}
 	if err := c.CopyOut(ctx, "/no/such/path", io.Discard); err == nil {
 		t.Error("CopyOut of a missing path succeeded")
+	}
+}
+
+func TestExitNotHeldByDaemon(t *testing.T) {
+	c := connect(t)
+	start := time.Now()
+	// The background sleep keeps stdout open; the exit must still come
+	// (after the server's short ExitGrace), not when sleep ends.
+	out, _, code := run(t, c, client.ExecRequest{Argv: []string{"sh", "-c", "sleep 3 & echo started"}})
+	if out != "started\n" || code != 0 {
+		t.Fatalf("out %q code %d", out, code)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Fatalf("exit took %s: held by the daemon's pipe", d)
+	}
+}
+
+func TestBackgroundOutlivesSession(t *testing.T) {
+	first := connect(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	p, err := first.Exec(ctx, client.ExecRequest{Argv: []string{"sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do echo line $i; sleep 0.1; done"}, Background: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first.Close()
+	// A new session (e.g. after a snapshot restore) sees the app's output.
+	second := connect(t)
+	for {
+		select {
+		case r := <-second.Logs():
+			if r.ExecID == p.ID() && r.ExitCode != nil {
+				if *r.ExitCode != 0 {
+					t.Fatalf("exit %d", *r.ExitCode)
+				}
+				return
+			}
+		case <-ctx.Done():
+			t.Fatal("no exit record from the background workload in the second session")
+		}
 	}
 }

@@ -29,7 +29,8 @@ type Process struct {
 }
 
 // Exec starts a workload. The Process outlives ctx, which bounds only the
-// start.
+// start. It fails while the workloads are frozen (between Freeze and
+// Restore).
 func (c *Client) Exec(ctx context.Context, req ExecRequest) (*Process, error) {
 	if len(req.Argv) == 0 {
 		return nil, errors.New("exec: empty argv")

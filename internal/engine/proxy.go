@@ -1,0 +1,123 @@
+//go:build linux
+
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/proxy"
+	"github.com/kiln-sandbox/kiln/internal/store"
+)
+
+// Lookup implements proxy.Backend from memory: every microVM that is not
+// terminated has an entry (made at start or recovery), and its routing
+// facts never change, so no database read is needed per request.
+func (e *Engine) Lookup(ctx context.Context, id string) (proxy.Target, error) {
+	v := e.lookup(id)
+	if v == nil {
+		return proxy.Target{}, proxy.ErrNotFound
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.net == nil {
+		return proxy.Target{}, proxy.ErrUnavailable
+	}
+	return proxy.Target{Account: v.account, Addr: v.net.HostAddr, Ingress: v.ingress, Shell: v.shell}, nil
+}
+
+// pollEvery bounds how long EnsureRunning sleeps between looks at the store
+// when no notification comes (a state changed by another path).
+const pollEvery = 200 * time.Millisecond
+
+// EnsureRunning implements proxy.Backend: RUNNING returns at once;
+// SUSPENDED with autoResumeEnabled is resumed through the API server (so
+// the records move exactly as for ResumeMicrovm; concurrent callers share
+// one resume, since Server.Resume accepts a pending resume again without a
+// second backend call); PENDING and SUSPENDING are waited for.
+func (e *Engine) EnsureRunning(ctx context.Context, id string) error {
+	for {
+		v := e.lookup(id)
+		if v == nil {
+			return proxy.ErrNotFound
+		}
+		wait := v.waitChan() // before the read: no change is missed
+		m, err := e.cfg.Store.GetMicrovm(ctx, v.account, id)
+		if errors.Is(err, errdefs.ErrNotFound) {
+			return proxy.ErrNotFound
+		}
+		if err != nil {
+			return fmt.Errorf("reading microvm: %w", err)
+		}
+		switch m.State {
+		case store.StateRunning:
+			return nil
+		case store.StateTerminating, store.StateTerminated:
+			return proxy.ErrNotFound
+		case store.StateSuspended:
+			if m.IdlePolicy == nil || !m.IdlePolicy.AutoResumeEnabled {
+				return proxy.ErrSuspended
+			}
+			if m.PendingOp != "resume" {
+				srv, err := e.server()
+				if err != nil {
+					return err
+				}
+				if err := srv.Resume(ctx, m.Account, id); err != nil {
+					// A conflict means the state moved meanwhile: look again.
+					var ae *api.Error
+					if !errors.As(err, &ae) || ae.Type != "ConflictException" {
+						return fmt.Errorf("resuming: %w", err)
+					}
+				}
+				continue
+			}
+		}
+		t := time.NewTimer(pollEvery)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-wait:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
+// ConnOpened implements proxy.Backend.
+func (e *Engine) ConnOpened(id string) {
+	if v := e.lookup(id); v != nil {
+		now := e.now()
+		v.mu.Lock()
+		v.open++
+		v.lastActive = now
+		v.mu.Unlock()
+	}
+}
+
+// ConnClosed implements proxy.Backend.
+func (e *Engine) ConnClosed(id string) {
+	v := e.lookup(id)
+	if v == nil {
+		return
+	}
+	now := e.now()
+	v.mu.Lock()
+	if v.open > 0 {
+		v.open--
+	}
+	v.lastActive = now
+	flush := now.Sub(v.flushedAt) >= activityFlush
+	if flush {
+		v.flushedAt = now
+	}
+	v.mu.Unlock()
+	if flush {
+		go e.flushActivity(v, now)
+	}
+}
