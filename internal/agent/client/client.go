@@ -99,6 +99,17 @@ type call struct {
 // (anything before it is stale and dropped). The client owns conn from here
 // on and closes it on failure or Close.
 func New(ctx context.Context, conn io.ReadWriteCloser, log *slog.Logger) (*Client, error) {
+	return newClient(ctx, conn, log, nil)
+}
+
+// NewRestored is New for a guest just restored from a snapshot: the hello
+// carries the guest's new identity, which the agent applies (and thaws its
+// workloads) before it answers. UnixNano is taken at each send.
+func NewRestored(ctx context.Context, conn io.ReadWriteCloser, log *slog.Logger, r RestoreRequest) (*Client, error) {
+	return newClient(ctx, conn, log, &r)
+}
+
+func newClient(ctx context.Context, conn io.ReadWriteCloser, log *slog.Logger, restore *RestoreRequest) (*Client, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
@@ -118,14 +129,14 @@ func New(ctx context.Context, conn io.ReadWriteCloser, log *slog.Logger) (*Clien
 	c.nextID = uint64(binary.BigEndian.Uint32(rb[:])) << 16
 	go c.readLoop()
 	go c.writeLoop()
-	if err := c.handshake(ctx); err != nil {
+	if err := c.handshake(ctx, restore); err != nil {
 		c.fail(err)
 		return nil, err
 	}
 	return c, nil
 }
 
-func (c *Client) handshake(ctx context.Context) error {
+func (c *Client) handshake(ctx context.Context, restore *RestoreRequest) error {
 	var nb [16]byte
 	_, _ = rand.Read(nb[:])
 	nonce := hex.EncodeToString(nb[:])
@@ -147,7 +158,11 @@ func (c *Client) handshake(ctx context.Context) error {
 		c.pending[id] = &call{ch: answers}
 		c.mu.Unlock()
 		ids = append(ids, id)
-		payload, err := proto.Encode(proto.TypeHello, id, "", proto.Hello{Version: proto.Version, Nonce: nonce})
+		hello := proto.Hello{Version: proto.Version, Nonce: nonce}
+		if restore != nil {
+			hello.Restore = &proto.RestoreRequest{Entropy: restore.Entropy, UnixNano: time.Now().UnixNano(), Hostname: restore.Hostname}
+		}
+		payload, err := proto.Encode(proto.TypeHello, id, "", hello)
 		if err != nil {
 			return err
 		}

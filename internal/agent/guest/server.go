@@ -81,6 +81,7 @@ type Server struct {
 	execs   map[uint64]*execState
 	streams map[uint64]*copyStream
 	frozen  bool
+	bootID  string // cached by the first hello
 
 	handlers sync.WaitGroup
 	sem      chan struct{}
@@ -259,11 +260,22 @@ func (s *Server) hello(m proto.Message) {
 			fmt.Errorf("protocol version mismatch: host %d, agent %d", h.Version, proto.Version))
 		return
 	}
-	bootID, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if h.Restore != nil {
+		if err := s.restore(context.Background(), *h.Restore); err != nil {
+			s.reply(m.ID, proto.HelloResult{Version: proto.Version, Nonce: h.Nonce}, err)
+			return
+		}
+	}
 	s.mu.Lock()
 	frozen := s.frozen
+	if s.bootID == "" {
+		// Read once: it never changes, and clones share it.
+		b, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+		s.bootID = strings.TrimSpace(string(b))
+	}
+	bootID := s.bootID
 	s.mu.Unlock()
-	s.reply(m.ID, proto.HelloResult{Version: proto.Version, Nonce: h.Nonce, BootID: strings.TrimSpace(string(bootID)), Frozen: frozen}, nil)
+	s.reply(m.ID, proto.HelloResult{Version: proto.Version, Nonce: h.Nonce, BootID: bootID, Frozen: frozen}, nil)
 }
 
 func (s *Server) handle(ctx context.Context, m proto.Message) (any, error) {

@@ -386,14 +386,10 @@ func (v *vm) start(ctx context.Context, statePath string) error {
 		return v.exitError("starting the guest", err, v.proc)
 	}
 	t.step("cont")
-	if err := v.handshake(ctx, conn, restoreTimeout); err != nil {
+	if err := v.handshake(ctx, conn, restoreTimeout, true); err != nil {
 		return err
 	}
-	t.step("agent")
-	if err := v.refreshIdentity(ctx); err != nil {
-		return v.exitError("refreshing guest identity", err, v.proc)
-	}
-	t.step("identity")
+	t.step("agent+identity")
 	return nil
 }
 

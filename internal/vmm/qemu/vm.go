@@ -312,7 +312,7 @@ func (v *vm) connectAgent(ctx context.Context, timeout time.Duration) error {
 	if err != nil {
 		return err
 	}
-	return v.handshake(ctx, conn, timeout)
+	return v.handshake(ctx, conn, timeout, false)
 }
 
 // dialAgent connects to QEMU's end of the agent port. Connecting before a
@@ -334,8 +334,9 @@ func (v *vm) dialAgent(ctx context.Context, timeout time.Duration) (net.Conn, er
 	return conn, nil
 }
 
-// handshake starts the agent protocol on conn.
-func (v *vm) handshake(ctx context.Context, conn net.Conn, timeout time.Duration) error {
+// handshake starts the agent protocol on conn. With restore, the guest's
+// identity is refreshed as part of the handshake.
+func (v *vm) handshake(ctx context.Context, conn net.Conn, timeout time.Duration, restore bool) error {
 	v.mu.Lock()
 	p := v.proc
 	v.mu.Unlock()
@@ -343,7 +344,18 @@ func (v *vm) handshake(ctx context.Context, conn net.Conn, timeout time.Duration
 	defer cancel()
 	actx, stop := cancelOnExit(actx, p)
 	defer stop()
-	c, err := client.New(actx, conn, v.log)
+	var c *client.Client
+	var err error
+	if restore {
+		r, rerr := v.identity()
+		if rerr != nil {
+			conn.Close()
+			return rerr
+		}
+		c, err = client.NewRestored(actx, conn, v.log, r)
+	} else {
+		c, err = client.New(actx, conn, v.log)
+	}
 	if err != nil {
 		conn.Close()
 		return v.exitError("waiting for the guest agent", err, p)
@@ -357,13 +369,23 @@ func (v *vm) handshake(ctx context.Context, conn net.Conn, timeout time.Duration
 // refreshIdentity gives a restored guest new entropy, the current time
 // and its hostname, then lets its workloads run again.
 func (v *vm) refreshIdentity(ctx context.Context) error {
-	seed := make([]byte, 64)
-	if _, err := rand.Read(seed); err != nil {
+	r, err := v.identity()
+	if err != nil {
 		return err
 	}
 	rctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	return v.agent.Restore(rctx, client.RestoreRequest{Entropy: seed, UnixNano: time.Now().UnixNano(), Hostname: v.meta.Hostname})
+	return v.agent.Restore(rctx, r)
+}
+
+// identity is what a restored guest gets: fresh entropy from the host, the
+// host's time, and its own hostname.
+func (v *vm) identity() (client.RestoreRequest, error) {
+	seed := make([]byte, 64)
+	if _, err := rand.Read(seed); err != nil {
+		return client.RestoreRequest{}, err
+	}
+	return client.RestoreRequest{Entropy: seed, UnixNano: time.Now().UnixNano(), Hostname: v.meta.Hostname}, nil
 }
 
 // watch notices the process's end. An end nobody asked for is reported at
