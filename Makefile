@@ -15,7 +15,7 @@ build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o bin/kiln-agent ./cmd/kiln-agent
 
 run: setup build
-	bin/kiln --data-dir=$(DATA_DIR) engine demo
+	DATA_DIR=$(DATA_DIR) bash scripts/demo.sh
 
 test: setup build
 	$(GO) vet ./...

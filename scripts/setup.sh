@@ -62,7 +62,7 @@ qemu_ok() {
     qemu-system-x86_64 --version | head -n1 | grep -Eq 'version (1[0-9])\.'
 }
 qemu_ok || need_pkgs+=(qemu)
-for bin in mkfs.ext4:e2fsprogs debugfs:e2fsprogs debootstrap:debootstrap nft:nftables ip:iproute2 xz:xz-utils cpio:cpio busybox:busybox-static; do
+for bin in mkfs.ext4:e2fsprogs debugfs:e2fsprogs debootstrap:debootstrap nft:nftables ip:iproute2 xz:xz-utils cpio:cpio busybox:busybox-static jq:jq curl:curl; do
   command -v "${bin%%:*}" >/dev/null || need_pkgs+=("${bin##*:}")
 done
 
@@ -100,6 +100,13 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
   fi
 fi
 qemu_ok || { echo "setup.sh: QEMU 10.x not available after install" >&2; exit 1; }
+
+# The SDK compatibility tests drive the official JavaScript client.
+if ! command -v npm >/dev/null; then
+  apt_update
+  log "installing nodejs npm"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
+fi
 
 # Guest kernel: Debian's cloud kernel from bookworm-backports, downloaded
 # with apt-get download and unpacked; never committed.

@@ -137,7 +137,7 @@ func (e *env) waitField(path, field, want string) map[string]any {
 
 const (
 	base    = "/2025-09-09"
-	baseARN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian-bookworm"
+	baseARN = "arn:aws:lambda:us-east-1:aws:microvm-image:debian-12"
 	roleARN = "arn:aws:iam::111111111111:role/build"
 )
 

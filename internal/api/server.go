@@ -56,7 +56,7 @@ type Config struct {
 	Domain string
 	// EndpointPort is appended to endpoint URLs unless empty or "443".
 	EndpointPort string
-	// ManagedImages lists the base images (default: one, "debian-bookworm"
+	// ManagedImages lists the base images (default: one, "debian-12"
 	// version "1").
 	ManagedImages []ManagedImage
 	// Tokens issues endpoint auth tokens (default: an HMAC issuer with a
@@ -119,7 +119,7 @@ func NewServer(cfg Config, st store.Store, be Backend) *Server {
 	}
 	if len(cfg.ManagedImages) == 0 {
 		t := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-		cfg.ManagedImages = []ManagedImage{{Name: "debian-bookworm", CreatedAt: t,
+		cfg.ManagedImages = []ManagedImage{{Name: "debian-12", CreatedAt: t,
 			Versions: []ManagedImageVersion{{Version: "1", Status: "AVAILABLE", CreatedAt: t}}}}
 	}
 	if cfg.Tokens == nil {

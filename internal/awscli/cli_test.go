@@ -108,7 +108,7 @@ func TestCommandsAgainstServer(t *testing.T) {
 		err := cmd.ExecuteContext(ctx)
 		return out.String(), err
 	}
-	out, err := run("CreateMicrovmImage", "--name", "app", "--base-image-arn", "arn:aws:lambda:us-east-1:aws:microvm-image:debian-bookworm",
+	out, err := run("CreateMicrovmImage", "--name", "app", "--base-image-arn", "arn:aws:lambda:us-east-1:aws:microvm-image:debian-12",
 		"--build-role-arn", "arn:aws:iam::123456789012:role/b", "--code-artifact", `{"uri":"s3://kiln-test/x.zip"}`, "--tags", "team=a", "--wait")
 	if err != nil || !strings.Contains(out, `"state": "CREATED"`) {
 		t.Fatalf("create-microvm-image --wait: %v\n%s", err, out)
@@ -148,7 +148,7 @@ func TestCommandsAgainstServer(t *testing.T) {
 	}
 	app := t.TempDir()
 	os.WriteFile(filepath.Join(app, "Dockerfile"), []byte("FROM scratch\n"), 0o644)
-	out, err = run("CreateMicrovmImage", "--name", "uploaded", "--base-image-arn", "arn:aws:lambda:us-east-1:aws:microvm-image:debian-bookworm",
+	out, err = run("CreateMicrovmImage", "--name", "uploaded", "--base-image-arn", "arn:aws:lambda:us-east-1:aws:microvm-image:debian-12",
 		"--build-role-arn", "arn:aws:iam::123456789012:role/b", "--code", app)
 	if err != nil || !strings.Contains(out, "file://"+artifacts+"/123456789012/") {
 		t.Fatalf("create-microvm-image --code: %v\n%s", err, out)

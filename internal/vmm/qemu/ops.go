@@ -223,12 +223,6 @@ func (v *vm) snapshotInto(ctx context.Context, dir string) (vmm.Template, error)
 	if err := os.Rename(v.path("disk.qcow2"), filepath.Join(dir, "disk.qcow2")); err != nil {
 		return vmm.Template{}, err
 	}
-	// Clones need the exact kernel and initramfs the snapshot booted with.
-	for name, src := range map[string]string{"vmlinuz": v.meta.Kernel, "initrd": v.meta.Initrd} {
-		if err := linkOrCopy(src, filepath.Join(dir, name)); err != nil {
-			return vmm.Template{}, err
-		}
-	}
 	// Every clone copies this empty overlay instead of running qemu-img.
 	if err := v.d.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-b", filepath.Join(dir, "disk.qcow2"), "-F", "qcow2", filepath.Join(dir, "overlay.qcow2")); err != nil {
 		return vmm.Template{}, err
@@ -258,13 +252,6 @@ func syncFiles(paths ...string) error {
 		}
 	}
 	return nil
-}
-
-func linkOrCopy(src, dst string) error {
-	if err := os.Link(src, dst); err == nil {
-		return nil
-	}
-	return copyFile(src, dst)
 }
 
 func copyFile(src, dst string) error {
@@ -333,8 +320,7 @@ func (d *Driver) Clone(ctx context.Context, spec vmm.CloneSpec) (vmm.Info, error
 	}
 	defer v.op.Unlock()
 	v.meta = meta{ID: spec.ID, State: vmm.StateRunning, Phase: phaseBooting, MemoryMiB: t.MemoryMiB, VCPUs: t.VCPUs,
-		Platform: t.Platform, Kernel: filepath.Join(t.Dir, "vmlinuz"), Initrd: filepath.Join(t.Dir, "initrd"),
-		Template: t.Dir, MemPrivate: true, Net: spec.Net, Hostname: hostnameOr(spec.Hostname, spec.ID), StartedAt: time.Now()}
+		Platform: t.Platform, Template: t.Dir, MemPrivate: true, Net: spec.Net, Hostname: hostnameOr(spec.Hostname, spec.ID), StartedAt: time.Now()}
 	fail := func(err error) (vmm.Info, error) {
 		v.destroy()
 		return vmm.Info{}, fmt.Errorf("cloning %s: %w", spec.ID, err)
