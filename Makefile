@@ -17,9 +17,11 @@ build:
 run: setup build
 	DATA_DIR=$(DATA_DIR) bash scripts/demo.sh
 
+# -p 1: packages that boot VMs or change host networking run one at a
+# time, so they neither starve each other nor touch each other's netns.
 test: setup build
 	$(GO) vet ./...
-	$(GO) test -count=1 -timeout 25m ./...
+	$(GO) test -p 1 -count=1 -timeout 25m ./...
 
 bench: setup build
 	bin/kiln --data-dir=$(DATA_DIR) bench engine

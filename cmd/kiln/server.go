@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/kiln-sandbox/kiln/internal/image/base"
 	"log/slog"
 	"net"
 	"net/http"
@@ -113,7 +114,8 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 	_, port, _ := net.SplitHostPort(o.EndpointAddr)
 	srv := api.NewServer(api.Config{Region: o.Region, Domain: o.Domain, EndpointPort: port, Tokens: tokens,
 		MaxMicrovmsPerAccount: o.MaxMicrovmsPerAccount, RequestsPerSecond: o.RequestsPerSecond,
-		ArtifactDir: filepath.Join(o.DataDir, "artifacts"), OperatorAccounts: []string{admin}}, st, be)
+		ArtifactDir: filepath.Join(o.DataDir, "artifacts"), OperatorAccounts: []string{admin},
+		ManagedSource: managedImages(o.DataDir)}, st, be)
 	ln, err := net.Listen("tcp", o.APIAddr)
 	if err != nil {
 		return fmt.Errorf("listening on %s: %w", o.APIAddr, err)
@@ -208,4 +210,30 @@ func init() {
 		rootCmd.AddCommand(bench)
 	}
 	bench.AddCommand(cmd)
+}
+
+// managedImages lists the managed bases built under DATA_DIR/base. A base
+// not built yet is listed with version "latest": the first build that
+// uses it builds it.
+func managedImages(dataDir string) func() []api.ManagedImage {
+	m := &base.Managed{DataDir: dataDir}
+	return func() []api.ManagedImage {
+		var out []api.ManagedImage
+		for _, name := range m.Names() {
+			mi := api.ManagedImage{Name: name}
+			vs, _ := m.Versions(name)
+			for _, v := range vs {
+				mi.Versions = append(mi.Versions, api.ManagedImageVersion{Version: v.Version, Status: "AVAILABLE", CreatedAt: v.CreatedAt})
+				if mi.CreatedAt.IsZero() || v.CreatedAt.Before(mi.CreatedAt) {
+					mi.CreatedAt = v.CreatedAt
+				}
+			}
+			if len(mi.Versions) == 0 {
+				mi.CreatedAt = time.Now().UTC().Truncate(time.Second)
+				mi.Versions = []api.ManagedImageVersion{{Version: "latest", Status: "AVAILABLE", CreatedAt: mi.CreatedAt}}
+			}
+			out = append(out, mi)
+		}
+		return out
+	}
 }

@@ -59,6 +59,10 @@ type Config struct {
 	// ManagedImages lists the base images (default: one, "debian-12"
 	// version "1").
 	ManagedImages []ManagedImage
+	// ManagedSource, when set, is asked for the managed images on every
+	// call instead of ManagedImages, so versions built while the server
+	// runs show up.
+	ManagedSource func() []ManagedImage
 	// Tokens issues endpoint auth tokens (default: an HMAC issuer with a
 	// random key, valid only in this process).
 	Tokens TokenIssuer

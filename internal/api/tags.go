@@ -94,12 +94,22 @@ func (s *Server) untagResource(ctx context.Context, c *call) (any, error) {
 
 // Managed base images.
 
+// managed lists the managed base images.
+func (s *Server) managed() []ManagedImage {
+	if s.cfg.ManagedSource != nil {
+		if l := s.cfg.ManagedSource(); len(l) > 0 {
+			return l
+		}
+	}
+	return s.cfg.ManagedImages
+}
+
 func (s *Server) managedByARN(arn string) (ManagedImage, bool) {
 	a, ok := parseARN(arn)
 	if !ok || a.kind != kindImage || a.account != managedAccount {
 		return ManagedImage{}, false
 	}
-	for _, m := range s.cfg.ManagedImages {
+	for _, m := range s.managed() {
 		if m.Name == a.id {
 			return m, true
 		}
@@ -143,7 +153,7 @@ func staticPage[T any](c *call, all []T) (listOut[T], error) {
 
 func (s *Server) listManagedImages(ctx context.Context, c *call) (any, error) {
 	var all []managedImageOut
-	for _, m := range s.cfg.ManagedImages {
+	for _, m := range s.managed() {
 		all = append(all, managedImageOut{ImageArn: s.arn(managedAccount, kindImage, m.Name), CreatedAt: ts(m.CreatedAt), UpdatedAt: ts(m.CreatedAt)})
 	}
 	return staticPage(c, all)
@@ -153,7 +163,7 @@ func (s *Server) listManagedImageVersions(ctx context.Context, c *call) (any, er
 	ident := c.path("imageIdentifier")
 	var mi ManagedImage
 	found := false
-	for _, m := range s.cfg.ManagedImages {
+	for _, m := range s.managed() {
 		if m.Name == ident || s.arn(managedAccount, kindImage, m.Name) == ident {
 			mi, found = m, true
 		}

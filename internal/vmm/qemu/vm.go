@@ -285,7 +285,8 @@ func (v *vm) exitError(what string, err error, p *proc) error {
 	select {
 	case <-p.done:
 	case <-time.After(50 * time.Millisecond):
-		return fmt.Errorf("%s: %w", what, err)
+		// Still running: the guest's console usually says why it is stuck.
+		return fmt.Errorf("%s: %w%s", what, err, v.lastWords())
 	}
 	return fmt.Errorf("%s: qemu %s%s: %w", what, p.status, v.lastWords(), errdefs.ErrUnavailable)
 }
