@@ -418,6 +418,11 @@ func (e *Engine) ensureNet(ctx context.Context, v *vmState) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if v.net == nil {
+		// The mark comes first: a network this data directory may own
+		// must be findable by the next Recover even if kiln dies now.
+		if err := e.markNet(v.id, true); err != nil {
+			return fmt.Errorf("recording the microvm network: %w", err)
+		}
 		n, err := netns.Setup(ctx, netns.Config{ID: v.id, Egress: v.egress, Pool: e.cfg.NetPool, ExtraDeny: e.cfg.ExtraDeny})
 		if errors.Is(err, netns.ErrExists) {
 			n, err = netns.Open(ctx, v.id)
@@ -500,7 +505,29 @@ func (e *Engine) releaseNet(v *vmState) {
 	}
 	if err := netns.Teardown(context.Background(), v.id); err != nil {
 		e.log.Warn("removing microvm network", "microvm", v.id, "err", err)
+		return
 	}
+	e.markNet(v.id, false)
+}
+
+// markNet records (or forgets) that this data directory owns the network
+// of microVM id. Network namespaces are host-wide; without the record, a
+// kiln server would take another server's networks for its own leftovers.
+func (e *Engine) markNet(id string, owned bool) error {
+	p := filepath.Join(e.cfg.DataDir, "net", id)
+	if !owned {
+		return os.Remove(p)
+	}
+	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+		return err
+	}
+	return os.WriteFile(p, nil, 0o600)
+}
+
+// ownsNet reports whether this data directory created id's network.
+func (e *Engine) ownsNet(id string) bool {
+	_, err := os.Stat(filepath.Join(e.cfg.DataDir, "net", id))
+	return err == nil
 }
 
 // SuspendMicrovm implements api.Backend.

@@ -47,16 +47,22 @@ func (e *Engine) Recover(ctx context.Context, vms []store.Microvm, builds []stor
 		errs = append(errs, e.recoverOne(ctx, m, driverState[m.ID]))
 	}
 	// VMs of microVMs no longer live in the store go, and so do build VMs
-	// the previous process left (their builds start over below). Networks
-	// are matched by the microVM prefix only: other namespaces on the host
-	// are not ours to judge.
+	// the previous process left (their builds start over below). Only
+	// networks this data directory created are judged: other namespaces on
+	// the host, other kiln servers' among them, are not ours.
 	for _, i := range infos {
 		if !live[i.ID] {
 			e.log.Info("removing vm with no live record", "vm", i.ID)
 			errs = append(errs, e.cfg.Driver.Terminate(ctx, i.ID))
 		}
 	}
-	if _, err := netns.Reconcile(ctx, func(id string) bool { return live[id] || !strings.HasPrefix(id, VMPrefix) }); err != nil {
+	removed, err := netns.Reconcile(ctx, func(id string) bool {
+		return live[id] || !strings.HasPrefix(id, VMPrefix) || !e.ownsNet(id)
+	})
+	for _, id := range removed {
+		e.markNet(id, false)
+	}
+	if err != nil {
 		errs = append(errs, fmt.Errorf("reconciling vm networks: %w", err))
 	}
 	errs = append(errs, e.recoverBuilds(ctx, builds))

@@ -1,13 +1,26 @@
-// End-to-end test of kiln's API with the official AWS SDK for JavaScript v3.
-// The client gets nothing from us but the environment the AWS docs describe:
-// AWS_ENDPOINT_URL, AWS_SHARED_CREDENTIALS_FILE and AWS_REGION.
+// End-to-end test of kiln's API with the official AWS SDK for JavaScript v3,
+// against a real `kiln server` (real microVMs). The SDK client gets nothing
+// from us but the environment the AWS docs describe: AWS_ENDPOINT_URL,
+// AWS_SHARED_CREDENTIALS_FILE and AWS_REGION. The test's own inputs:
+//   KILN_CODE_URI, KILN_CODE_URI_2  code packages (zips) of version 1 and 2
+//   KILN_CA                         the endpoint CA (DATA_DIR/ca.pem)
+//   KILN_TENANT_KEY_ID, KILN_TENANT_SECRET  a key of a second account
 // Run by sdk_test.go, which starts the server; exits non-zero on failure.
 import * as sdk from "@aws-sdk/client-lambda-microvms";
 import assert from "node:assert/strict";
+import https from "node:https";
+import { readFileSync } from "node:fs";
+
+for (const v of ["KILN_CODE_URI", "KILN_CODE_URI_2", "KILN_CA", "KILN_TENANT_KEY_ID", "KILN_TENANT_SECRET"]) {
+  if (!process.env[v]) throw new Error(`${v} is not set`);
+}
+const ca = readFileSync(process.env.KILN_CA);
 
 const client = new sdk.LambdaMicrovmsClient({ maxAttempts: 1 });
 let checks = 0;
 const ok = (cond, msg) => { assert.ok(cond, msg); checks++; };
+const t0 = Date.now();
+const step = (msg) => console.log(`${((Date.now() - t0) / 1000).toFixed(1)}s ${msg}`);
 
 async function expectError(name, status, fn, contains) {
   try {
@@ -22,19 +35,44 @@ async function expectError(name, status, fn, contains) {
   assert.fail(`want ${name}, got success`);
 }
 
-async function waitFor(what, get, pred, timeoutMs = 10000) {
+// waitFor polls until pred holds; a final state other than the one awaited
+// fails at once, with the record (its stateReason says why).
+async function waitFor(what, get, pred, timeoutMs, fail = () => false) {
   const end = Date.now() + timeoutMs;
   for (;;) {
     const out = await get();
     if (pred(out)) return out;
+    if (fail(out)) throw new Error(`waiting for ${what}: ${JSON.stringify(out)}`);
     if (Date.now() > end) throw new Error(`timed out waiting for ${what}: ${JSON.stringify(out)}`);
-    await new Promise((r) => setTimeout(r, 25));
+    await new Promise((r) => setTimeout(r, 200));
   }
+}
+
+// fetchEndpoint makes an HTTPS request to a microVM's endpoint: the host
+// ID.DOMAIN resolves to the loopback address the server's proxy listens on,
+// and the certificate must chain to kiln's CA.
+function fetchEndpoint(endpoint, path, headers = {}) {
+  const u = new URL(path, endpoint);
+  return new Promise((resolve, reject) => {
+    const req = https.request(u, {
+      ca, headers, timeout: 30000,
+      lookup: (host, opts, cb) => opts.all ? cb(null, [{ address: "127.0.0.1", family: 4 }]) : cb(null, "127.0.0.1", 4),
+    }, (res) => {
+      let body = "";
+      res.setEncoding("utf8");
+      res.on("data", (c) => { body += c; });
+      res.on("end", () => resolve({ status: res.statusCode, body }));
+    });
+    req.on("timeout", () => req.destroy(new Error(`${u}: timed out`)));
+    req.on("error", reject);
+    req.end();
+  });
 }
 
 const send = (cmd) => client.send(cmd);
 const name = `sdk-${Date.now()}`;
 const role = "arn:aws:iam::123456789012:role/kiln-build";
+const vmGone = (o) => o.state === "TERMINATED" || o.state === "TERMINATING";
 
 // Managed base images.
 const managed = await send(new sdk.ListManagedMicrovmImagesCommand({}));
@@ -43,10 +81,11 @@ const baseImageArn = managed.items[0].imageArn;
 const mv = await send(new sdk.ListManagedMicrovmImageVersionsCommand({ imageIdentifier: baseImageArn }));
 ok(mv.items[0].status === "AVAILABLE", "managed version available");
 
-// Create an image and wait until it is CREATED.
+// Create an image (a real build: the Dockerfile runs, the app starts and is
+// snapshotted) and wait until it is CREATED.
 const created = await send(new sdk.CreateMicrovmImageCommand({
   name, baseImageArn, buildRoleArn: role,
-  codeArtifact: { uri: process.env.KILN_CODE_URI || "s3://kiln-e2e/app.zip" },
+  codeArtifact: { uri: process.env.KILN_CODE_URI },
   hooks: { port: 9000, microvmHooks: { run: "ENABLED", runTimeoutInSeconds: 10 } },
   environmentVariables: { GREETING: "hi" },
   tags: { suite: "sdk" },
@@ -54,7 +93,10 @@ const created = await send(new sdk.CreateMicrovmImageCommand({
 ok(created.$metadata.httpStatusCode === 201, "CreateMicrovmImage is 201");
 ok(created.state === "CREATING" && created.imageVersion === "1", "image CREATING v1");
 ok(created.createdAt instanceof Date && !isNaN(created.createdAt), "createdAt is a Date");
-const image = await waitFor("image CREATED", () => send(new sdk.GetMicrovmImageCommand({ imageIdentifier: name })), (o) => o.state === "CREATED");
+const getImage = () => send(new sdk.GetMicrovmImageCommand({ imageIdentifier: name }));
+const imageFailed = (o) => o.state.endsWith("FAILED");
+const image = await waitFor("image CREATED", getImage, (o) => o.state === "CREATED", 150000, imageFailed);
+step("image CREATED");
 ok(image.latestActiveImageVersion === "1" && image.tags.suite === "sdk", "image CREATED with tags");
 const byArn = await send(new sdk.GetMicrovmImageCommand({ imageIdentifier: created.imageArn }));
 ok(byArn.name === name, "image by ARN");
@@ -68,41 +110,76 @@ ok(build.buildState === "SUCCESSFUL", "build SUCCESSFUL");
 const images = await send(new sdk.ListMicrovmImagesCommand({ nameFilter: name }));
 ok(images.items.length === 1 && images.items[0].name === name, "ListMicrovmImages");
 
+// Start the second version's build now: it runs while the microVMs below
+// do their work.
+const upd = await send(new sdk.UpdateMicrovmImageCommand({ imageIdentifier: name, baseImageArn, buildRoleArn: role,
+  codeArtifact: { uri: process.env.KILN_CODE_URI_2 }, environmentVariables: { GREETING: "hi" }, description: "v2" }));
+ok(upd.imageVersion === "2", "UpdateMicrovmImage v2");
+
 // Run a microVM and take it through its states.
+const payload = JSON.stringify({ task: "e2e" });
 const run = await send(new sdk.RunMicrovmCommand({
-  imageIdentifier: created.imageArn,
-  idlePolicy: { maxIdleDurationSeconds: 60, suspendedDurationSeconds: 0, autoResumeEnabled: true },
-  runHookPayload: JSON.stringify({ task: "e2e" }),
+  imageIdentifier: created.imageArn, imageVersion: "1",
+  idlePolicy: { maxIdleDurationSeconds: 600, suspendedDurationSeconds: 600, autoResumeEnabled: true },
+  runHookPayload: payload,
   ingressNetworkConnectors: ["ALL_INGRESS", "SHELL_INGRESS"].map((c) => `arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:${c}`),
   maximumDurationInSeconds: 3600,
 }));
 ok(run.state === "PENDING" && run.endpoint.startsWith(`https://${run.microvmId}.`), "RunMicrovm PENDING with endpoint");
 const id = run.microvmId;
 const get = () => send(new sdk.GetMicrovmCommand({ microvmIdentifier: id }));
-const running = await waitFor("RUNNING", get, (o) => o.state === "RUNNING");
-ok(running.idlePolicy.maxIdleDurationSeconds === 60 && running.startedAt instanceof Date, "GetMicrovm");
-const arn = (await send(new sdk.ListMicrovmsCommand({}))).items.find((m) => m.microvmId === id) && created.imageArn.replace(/microvm-image:.*/, `microvm:${id}`);
+const running = await waitFor("RUNNING", get, (o) => o.state === "RUNNING", 60000, vmGone);
+step("microVM RUNNING");
+ok(running.idlePolicy.maxIdleDurationSeconds === 600 && running.startedAt instanceof Date, "GetMicrovm");
+const arn = created.imageArn.replace(/microvm-image:.*/, `microvm:${id}`);
 ok((await send(new sdk.GetMicrovmCommand({ microvmIdentifier: arn }))).microvmId === id, "GetMicrovm by ARN");
 
+// The endpoint: refused without a token, served with one.
+const tok = await send(new sdk.CreateMicrovmAuthTokenCommand({ microvmIdentifier: id, expirationInMinutes: 10, allowedPorts: [{ port: 8080 }, { range: { startPort: 3000, endPort: 3010 } }] }));
+ok(typeof tok.authToken["X-aws-proxy-auth"] === "string", "auth token");
+const auth = tok.authToken;
+ok((await fetchEndpoint(run.endpoint, "/hello")).status === 401, "endpoint refuses a request without a token");
+let r = await fetchEndpoint(run.endpoint, "/hello", auth);
+ok(r.status === 200 && r.body === "hello hi from v1", `endpoint answers: ${r.status} ${r.body}`);
+r = await fetchEndpoint(run.endpoint, "/payload", auth);
+ok(r.body === payload, `run hook got the payload: ${r.body}`);
+r = await fetchEndpoint(run.endpoint, "/count", auth);
+ok(r.body === "count=1", `first count: ${r.body}`);
+ok((await fetchEndpoint(run.endpoint, "/hello", { ...auth, "X-aws-proxy-port": "8081" })).status === 403, "token does not grant port 8081");
+step("endpoint served");
+
 await send(new sdk.SuspendMicrovmCommand({ microvmIdentifier: id }));
-await waitFor("SUSPENDED", get, (o) => o.state === "SUSPENDED");
+await waitFor("SUSPENDED", get, (o) => o.state === "SUSPENDED", 60000, vmGone);
+step("microVM SUSPENDED");
 checks++;
 await expectError("ConflictException", 409, () => send(new sdk.SuspendMicrovmCommand({ microvmIdentifier: id })));
 await send(new sdk.ResumeMicrovmCommand({ microvmIdentifier: id }));
-await waitFor("RUNNING again", get, (o) => o.state === "RUNNING");
+await waitFor("RUNNING again", get, (o) => o.state === "RUNNING", 60000, vmGone);
+step("microVM resumed");
 checks++;
+r = await fetchEndpoint(run.endpoint, "/count", auth);
+ok(r.body === "count=2", `the app kept its memory across suspend and resume: ${r.body}`);
 
-const tok = await send(new sdk.CreateMicrovmAuthTokenCommand({ microvmIdentifier: id, expirationInMinutes: 10, allowedPorts: [{ port: 8080 }, { range: { startPort: 3000, endPort: 3010 } }] }));
-ok(typeof tok.authToken["X-aws-proxy-auth"] === "string", "auth token");
+// autoResumeEnabled: a request to a suspended microVM's endpoint resumes it.
+await send(new sdk.SuspendMicrovmCommand({ microvmIdentifier: id }));
+await waitFor("SUSPENDED again", get, (o) => o.state === "SUSPENDED", 60000, vmGone);
+r = await fetchEndpoint(run.endpoint, "/count", auth);
+ok(r.status === 200 && r.body === "count=3", `a request resumed the microVM: ${r.status} ${r.body}`);
+ok((await get()).state === "RUNNING", "RUNNING after the request");
+step("auto-resumed by a request");
+
 const shell = await send(new sdk.CreateMicrovmShellAuthTokenCommand({ microvmIdentifier: id, expirationInMinutes: 5 }));
 ok(Object.keys(shell.authToken).length > 0, "shell token");
 
-// Idempotent run.
+// Idempotent run: the same token gives the same microVM. (This one is
+// terminated as soon as it is suspended: suspendedDurationSeconds 0.)
 const token = `tok-${Date.now()}`;
-const r1 = await send(new sdk.RunMicrovmCommand({ imageIdentifier: name, clientToken: token, maximumDurationInSeconds: 60 }));
-const r2 = await send(new sdk.RunMicrovmCommand({ imageIdentifier: name, clientToken: token, maximumDurationInSeconds: 60 }));
+const runNoSuspend = { imageIdentifier: name, clientToken: token, maximumDurationInSeconds: 600,
+  idlePolicy: { maxIdleDurationSeconds: 60, suspendedDurationSeconds: 0, autoResumeEnabled: false } };
+const r1 = await send(new sdk.RunMicrovmCommand(runNoSuspend));
+const r2 = await send(new sdk.RunMicrovmCommand(runNoSuspend));
 ok(r1.microvmId === r2.microvmId, "same clientToken, same microVM");
-await expectError("ConflictException", 409, () => send(new sdk.RunMicrovmCommand({ imageIdentifier: name, clientToken: token, maximumDurationInSeconds: 61 })));
+await expectError("ConflictException", 409, () => send(new sdk.RunMicrovmCommand({ ...runNoSuspend, maximumDurationInSeconds: 601 })));
 
 // Listing with pagination.
 let seen = 0;
@@ -120,24 +197,65 @@ ok(tags.Tags.owner === "e2e" && !("tmp" in tags.Tags), "tags");
 
 // Errors.
 await expectError("ResourceNotFoundException", 404, () => send(new sdk.GetMicrovmCommand({ microvmIdentifier: "mvm-doesnotexist" })));
+await expectError("ResourceNotFoundException", 404, () => send(new sdk.RunMicrovmCommand({ imageIdentifier: "no-such-image" })));
 await expectError("ValidationException", 400, () => send(new sdk.RunMicrovmCommand({ imageIdentifier: name, idlePolicy: { maxIdleDurationSeconds: 10, suspendedDurationSeconds: 0, autoResumeEnabled: true } })), "maxIdleDurationSeconds");
 await expectError("ValidationException", 400, () => send(new sdk.RunMicrovmCommand({ imageIdentifier: name, maximumDurationInSeconds: 28801 })), "maximumDurationInSeconds");
 const bad = new sdk.LambdaMicrovmsClient({ maxAttempts: 1, credentials: { accessKeyId: (await client.config.credentials()).accessKeyId, secretAccessKey: "wrong" } });
 await expectError("AccessDeniedException", 403, () => bad.send(new sdk.ListMicrovmsCommand({})), "signature");
 
-// Terminate.
-await send(new sdk.TerminateMicrovmCommand({ microvmIdentifier: id }));
-const term = await waitFor("TERMINATED", get, (o) => o.state === "TERMINATED");
-ok(term.terminatedAt instanceof Date && term.stateReason, "terminated with reason");
-ok(/^[0-9a-f-]{36}$/.test(term.$metadata.requestId), "request id");
-await send(new sdk.TerminateMicrovmCommand({ microvmIdentifier: r1.microvmId }));
+// Another account (tenant) sees none of it: to it the resources do not
+// exist, and it may not build from the host's files.
+const tenant = new sdk.LambdaMicrovmsClient({ maxAttempts: 1, credentials: { accessKeyId: process.env.KILN_TENANT_KEY_ID, secretAccessKey: process.env.KILN_TENANT_SECRET } });
+const tsend = (cmd) => tenant.send(cmd);
+ok((await tsend(new sdk.ListMicrovmsCommand({}))).items.length === 0, "a tenant lists none of another account's microVMs");
+ok((await tsend(new sdk.ListMicrovmImagesCommand({}))).items.length === 0, "a tenant lists none of another account's images");
+await expectError("ResourceNotFoundException", 404, () => tsend(new sdk.GetMicrovmCommand({ microvmIdentifier: id })));
+await expectError("ResourceNotFoundException", 404, () => tsend(new sdk.GetMicrovmCommand({ microvmIdentifier: arn })));
+await expectError("ResourceNotFoundException", 404, () => tsend(new sdk.GetMicrovmImageCommand({ imageIdentifier: created.imageArn })));
+await expectError("ResourceNotFoundException", 404, () => tsend(new sdk.CreateMicrovmAuthTokenCommand({ microvmIdentifier: id, expirationInMinutes: 5, allowedPorts: [{ port: 8080 }] })));
+await expectError("ResourceNotFoundException", 404, () => tsend(new sdk.TerminateMicrovmCommand({ microvmIdentifier: id })));
+await expectError("ResourceNotFoundException", 404, () => tsend(new sdk.ListTagsCommand({ Resource: arn })));
+await expectError("ValidationException", 400, () => tsend(new sdk.CreateMicrovmImageCommand({ name: `${name}-t`, baseImageArn, buildRoleArn: role,
+  codeArtifact: { uri: process.env.KILN_CODE_URI } })), "uploaded");
+ok((await get()).state === "RUNNING", "the tenant changed nothing");
 
-// A new version, deactivated and deleted; then the image.
-const upd = await send(new sdk.UpdateMicrovmImageCommand({ imageIdentifier: name, baseImageArn, buildRoleArn: role, codeArtifact: { uri: "s3://kiln-e2e/app2.zip" }, description: "v2" }));
-ok(upd.imageVersion === "2", "UpdateMicrovmImage v2");
-await waitFor("image UPDATED", () => send(new sdk.GetMicrovmImageCommand({ imageIdentifier: name })), (o) => o.state === "UPDATED");
+// The second microVM must have come up too (it shares the template).
+const get1 = () => send(new sdk.GetMicrovmCommand({ microvmIdentifier: r1.microvmId }));
+await waitFor("second microVM RUNNING", get1, (o) => o.state === "RUNNING", 60000, vmGone);
+checks++;
+
+// Terminate; suspending the second one terminates it
+// (suspendedDurationSeconds 0).
+await send(new sdk.TerminateMicrovmCommand({ microvmIdentifier: id }));
+await send(new sdk.SuspendMicrovmCommand({ microvmIdentifier: r1.microvmId }));
+const term = await waitFor("TERMINATED", get, (o) => o.state === "TERMINATED", 60000);
+ok(term.terminatedAt instanceof Date && term.stateReason.startsWith("UserRequested"), `terminated with reason: ${term.stateReason}`);
+ok(/^[0-9a-f-]{36}$/.test(term.$metadata.requestId), "request id");
+const term1 = await waitFor("suspended microVM TERMINATED", get1, (o) => o.state === "TERMINATED", 60000);
+ok(term1.stateReason.startsWith("SuspendedDurationExceeded"), `suspendedDurationSeconds 0 terminates at suspend: ${term1.stateReason}`);
+ok((await fetchEndpoint(run.endpoint, "/hello", auth)).status >= 400, "a terminated microVM's endpoint refuses");
+await expectError("ConflictException", 409, () => send(new sdk.ResumeMicrovmCommand({ microvmIdentifier: id })));
+step("microVMs TERMINATED");
+
+// Version 2: built meanwhile; a microVM of it runs the new code.
+await waitFor("image UPDATED", getImage, (o) => o.state === "UPDATED", 150000, imageFailed);
+step("image UPDATED");
 const vs = await send(new sdk.ListMicrovmImageVersionsCommand({ imageIdentifier: name }));
 ok(vs.items.length === 2, "two versions");
+// It lives 10 s: maximumDurationInSeconds is enforced.
+const run2 = await send(new sdk.RunMicrovmCommand({ imageIdentifier: name, maximumDurationInSeconds: 10 }));
+const get2 = () => send(new sdk.GetMicrovmCommand({ microvmIdentifier: run2.microvmId }));
+const running2 = await waitFor("v2 microVM RUNNING", get2, (o) => o.state === "RUNNING", 60000, vmGone);
+ok(running2.imageVersion === "2", `latest version runs: ${running2.imageVersion}`);
+const tok2 = await send(new sdk.CreateMicrovmAuthTokenCommand({ microvmIdentifier: run2.microvmId, expirationInMinutes: 5, allowedPorts: [{ port: 8080 }] }));
+r = await fetchEndpoint(run2.endpoint, "/hello", tok2.authToken);
+ok(r.status === 200 && r.body === "hello hi from v2", `v2 endpoint answers: ${r.status} ${r.body}`);
+ok((await fetchEndpoint(run2.endpoint, "/hello", auth)).status === 403, "a token of another microVM does not open this one");
+const term2 = await waitFor("v2 microVM TERMINATED at its deadline", get2, (o) => o.state === "TERMINATED", 60000);
+ok(term2.stateReason.startsWith("MaximumDurationExceeded"), `terminated at maximumDurationInSeconds: ${term2.stateReason}`);
+step("v2 microVM TERMINATED at its deadline");
+
+// Deactivate and delete version 2; then the image.
 const inactive = await send(new sdk.UpdateMicrovmImageVersionCommand({ imageIdentifier: name, imageVersion: "2", status: "INACTIVE" }));
 ok(inactive.status === "INACTIVE", "version INACTIVE");
 const dv = await send(new sdk.DeleteMicrovmImageVersionCommand({ imageIdentifier: name, imageVersion: "2" }));
@@ -146,4 +264,4 @@ const di = await send(new sdk.DeleteMicrovmImageCommand({ imageIdentifier: name 
 ok(di.state === "DELETED", "image deleted");
 await expectError("ResourceNotFoundException", 404, () => send(new sdk.GetMicrovmImageCommand({ imageIdentifier: name })));
 
-console.log(`OK ${checks} checks`);
+console.log(`OK ${checks} checks in ${((Date.now() - t0) / 1000).toFixed(1)}s`);

@@ -158,7 +158,9 @@ func (v *vm) args(incoming bool) []string {
 	} else {
 		backend += ",share=on"
 	}
-	cmdline := []string{"console=ttyS0", "panic=-1", "quiet", "loglevel=3", "reboot=t"}
+	// tsc=reliable: no clocksource watchdog, which otherwise runs and may
+	// switch clocksources in every restored guest.
+	cmdline := []string{"console=ttyS0", "panic=-1", "quiet", "loglevel=3", "reboot=t", "tsc=reliable"}
 	if m.Net != nil {
 		cmdline = append(cmdline, "kiln.ip=172.30.0.2/30", "kiln.gw=172.30.0.1", "kiln.dns=172.30.0.1")
 	}
