@@ -335,12 +335,14 @@ func saveSplit(ctx context.Context, v *vm, statePath, memPath string) (splitStat
 		err error
 	}
 	done := make(chan result, 1)
+	conns := make(chan net.Conn, 1)
 	go func() {
 		c, err := l.Accept()
 		if err != nil {
 			done <- result{err: err}
 			return
 		}
+		conns <- c
 		defer c.Close()
 		var src io.Reader = c
 		if dbg := os.Getenv("KILN_DEBUG_SPLIT"); dbg != "" {
@@ -351,21 +353,32 @@ func saveSplit(ctx context.Context, v *vm, statePath, memPath string) (splitStat
 		st, err := splitStream(src, stateF, memF, "mem0")
 		done <- result{st, err}
 	}()
-	if err := startMigration(ctx, v.qmp, "unix:"+sock); err != nil {
+	// abort ends the receiver whatever it is doing (accepting or reading)
+	// and waits for it, so a failed save never leaves it blocked.
+	abort := func() {
 		l.Close()
-		<-done
+		for {
+			select {
+			case c := <-conns:
+				c.Close()
+			case <-done:
+				return
+			}
+		}
+	}
+	if err := startMigration(ctx, v.qmp, "unix:"+sock); err != nil {
+		abort()
 		return splitStats{}, err
 	}
 	if err := waitMigration(ctx, v.qmp); err != nil {
-		l.Close()
-		<-done
+		abort()
 		return splitStats{}, err
 	}
 	var res result
 	select {
 	case res = <-done:
 	case <-ctx.Done():
-		l.Close()
+		abort()
 		return splitStats{}, ctx.Err()
 	}
 	if res.err != nil {

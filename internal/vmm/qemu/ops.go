@@ -533,6 +533,15 @@ func (d *Driver) Terminate(ctx context.Context, id string) error {
 	if errors.Is(err, errdefs.ErrNotFound) {
 		return nil
 	}
+	// Kill first: an operation stuck on QEMU or the guest then fails at
+	// once and lets go of the VM, instead of holding Terminate up.
+	v.mu.Lock()
+	v.expectExit = true
+	p := v.proc
+	v.mu.Unlock()
+	if p != nil {
+		p.kill()
+	}
 	v.op.Lock()
 	defer v.op.Unlock()
 	v.destroy()
