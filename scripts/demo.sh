@@ -45,7 +45,8 @@ VM="$("${CLI[@]}" run-microvm --image-identifier "$IMAGE" \
   --maximum-duration-in-seconds 28800 --wait)"
 ID="$(jq -r .microvmId <<<"$VM")"
 URL="$(jq -r .endpoint <<<"$VM")"
-TOKEN="$("${CLI[@]}" create-microvm-auth-token --microvm-identifier "$ID" | jq -r '.authToken["X-aws-proxy-auth"] // .token // empty')"
+TOKEN="$("${CLI[@]}" create-microvm-auth-token --microvm-identifier "$ID" \
+  --allowed-ports '[{"port":8080}]' --expiration-in-minutes 60 | jq -r '.authToken["X-aws-proxy-auth"] // .token // empty')"
 
 say "GET $URL (TLS verified against $DATA_DIR/ca.pem)"
 curl -sS --fail --cacert "$DATA_DIR/ca.pem" -H "X-aws-proxy-auth: $TOKEN" "$URL/"

@@ -15,7 +15,10 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/engine"
 	"github.com/kiln-sandbox/kiln/internal/enginebench"
+	"github.com/kiln-sandbox/kiln/internal/image/base"
+	"github.com/kiln-sandbox/kiln/internal/imagebuild"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
 	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
@@ -73,6 +76,67 @@ func init() {
 	be.Flags().IntVar(&o.IdleClones, "clones", 8, "idle clones of one template running at once")
 	be.Flags().DurationVar(&o.BootTimeout, "boot-timeout", 30*time.Second, "a cold boot slower than this counts as failed")
 	benchCmd.AddCommand(be)
+
+	var eo engine.EndpointBenchOptions
+	var app string
+	bep := &cobra.Command{
+		Use:   "endpoint",
+		Short: "Benchmark auto-resume through the HTTPS endpoint against the engine's resume, and a load run over several microVMs; prints JSON on the last line",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			d, work, root, err := scratchEngine(ctx)
+			if err != nil {
+				return err
+			}
+			defer os.RemoveAll(work)
+			defer d.Close()
+			tmpl, err := engine.BenchTemplate(ctx, d, root, app, work)
+			if err != nil {
+				return err
+			}
+			eo.Driver, eo.Template, eo.Dir, eo.Progress, eo.Log = d, tmpl, work, os.Stderr, newLogger()
+			r, err := engine.BenchEndpoint(ctx, eo)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(os.Stderr, r.String())
+			fmt.Println(r.JSON())
+			return nil
+		},
+	}
+	bep.Flags().IntVar(&eo.ResumeRuns, "runs", 5, "timed auto-resumes and engine resumes (median)")
+	bep.Flags().IntVar(&eo.VMs, "vms", 10, "microVMs in the load run")
+	bep.Flags().IntVar(&eo.Connections, "connections", 200, "concurrent connections in the load run")
+	bep.Flags().DurationVar(&eo.Duration, "duration", 60*time.Second, "length of the load run (negative: skip it)")
+	bep.Flags().StringVar(&app, "app", "", "static binary serving HTTP on 8080 to run in the microVMs (default: busybox httpd, which forks per request)")
+	benchCmd.AddCommand(bep)
+
+	var ib imagebuild.BenchConfig
+	bim := &cobra.Command{
+		Use:   "image",
+		Short: "Benchmark an image build by step, an unchanged rebuild, and clone against cold boot until the first HTTP 200",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			d, work, _, err := scratchEngine(ctx)
+			if err != nil {
+				return err
+			}
+			defer os.RemoveAll(work)
+			defer d.Close()
+			// The managed base is shared with the real data directory:
+			// building it is not what this measures.
+			ib.Driver, ib.WorkDir, ib.Out, ib.Logger = d, work, os.Stdout, newLogger()
+			ib.Bases = &base.Resolver{Managed: &base.Managed{DataDir: dataDir}}
+			_, err = imagebuild.Bench(ctx, ib)
+			return err
+		},
+	}
+	bim.Flags().StringVar(&ib.Example, "example", "examples/python-http", "code package folder to build")
+	bim.Flags().IntVar(&ib.MemoryMiB, "memory", 512, "microVM memory in MiB")
+	bim.Flags().IntVar(&ib.Clones, "runs", 5, "clones and cold boots timed (median)")
+	benchCmd.AddCommand(bim)
 
 	engineCmd.AddCommand(&cobra.Command{
 		Use:   "demo",

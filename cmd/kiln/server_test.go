@@ -94,7 +94,7 @@ func TestServerSurvivesKill9(t *testing.T) {
 		}
 		return out
 	}
-	call("CreateMicrovmImage", map[string]any{"name": "app", "baseImageArn": "arn:aws:lambda:us-east-1:aws:microvm-image:debian-bookworm",
+	call("CreateMicrovmImage", map[string]any{"name": "app", "baseImageArn": "arn:aws:lambda:us-east-1:aws:microvm-image:debian-12",
 		"buildRoleArn": "arn:aws:iam::123456789012:role/b", "codeArtifact": map[string]any{"uri": "s3://kiln-test/x.zip"}})
 	waitState := func(op, key, id, want string) {
 		t.Helper()

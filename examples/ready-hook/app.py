@@ -81,8 +81,12 @@ class Hooks(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
+    # Bind the app's port before anything can answer the ready hook: the
+    # snapshot is taken as soon as ready says 200, and a clone must find
+    # 8080 listening.
+    app = ThreadingHTTPServer(("0.0.0.0", 8080), App)
     threading.Thread(target=warm_up, daemon=True).start()
     hooks = ThreadingHTTPServer(("0.0.0.0", HOOKS_PORT), Hooks)
     threading.Thread(target=hooks.serve_forever, daemon=True).start()
     print("ready-hook: app on :8080, hooks on :%d" % HOOKS_PORT, flush=True)
-    ThreadingHTTPServer(("0.0.0.0", 8080), App).serve_forever()
+    app.serve_forever()

@@ -3,7 +3,6 @@
 package engine
 
 import (
-	"archive/tar"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -113,8 +112,7 @@ func (f *fixture) cleanup() {
 	}
 }
 
-// makeTemplate boots the busybox root with a NIC, copies the test app in,
-// starts it, and snapshots the VM with the app listening.
+// makeTemplate builds the test app and snapshots a busybox VM serving it.
 func makeTemplate(ctx context.Context, d *qemu.Driver, root, work string) (string, error) {
 	app := filepath.Join(work, "app")
 	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", app, "./testdata/app")
@@ -122,44 +120,7 @@ func makeTemplate(ctx context.Context, d *qemu.Driver, root, work string) (strin
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("building the test app: %v: %s", err, out)
 	}
-	id := fmt.Sprintf("kt-tmpl-%d", os.Getpid())
-	n, err := netns.Setup(ctx, netns.Config{ID: id})
-	if err != nil {
-		return "", err
-	}
-	defer n.Teardown(context.Background())
-	defer d.Terminate(context.Background(), id)
-	if _, err := d.Boot(ctx, vmm.BootSpec{ID: id, RootDisk: root, MemoryMiB: 256,
-		Net: &vmm.NetAttachment{Netns: n.NSPath, Tap: n.Tap, MAC: netns.GuestMAC.String()}}); err != nil {
-		return "", err
-	}
-	a, err := d.Agent(ctx, id)
-	if err != nil {
-		return "", err
-	}
-	b, err := os.ReadFile(app)
-	if err != nil {
-		return "", err
-	}
-	var tb bytes.Buffer
-	tw := tar.NewWriter(&tb)
-	tw.WriteHeader(&tar.Header{Name: "app", Mode: 0o755, Size: int64(len(b)), Typeflag: tar.TypeReg})
-	tw.Write(b)
-	tw.Close()
-	if err := a.CopyIn(ctx, "/opt", &tb); err != nil {
-		return "", fmt.Errorf("copying the app in: %w", err)
-	}
-	if _, err := a.Exec(ctx, client.ExecRequest{Argv: []string{"/opt/app"}, Background: true}); err != nil {
-		return "", fmt.Errorf("starting the app: %w", err)
-	}
-	if err := a.WaitPort(ctx, 8080, 30*time.Second); err != nil {
-		return "", fmt.Errorf("waiting for the app: %w", err)
-	}
-	tmpl := filepath.Join(work, "template")
-	if _, err := d.Snapshot(ctx, id, tmpl); err != nil {
-		return "", err
-	}
-	return tmpl, nil
+	return BenchTemplate(ctx, d, root, app, work)
 }
 
 // harness is one engine with its store, API server and endpoint proxy.

@@ -89,12 +89,12 @@ func RunnerConformance(t *testing.T, r image.Runner, dataDir string) {
 		{
 			name:    "cancellation stops the VM",
 			step:    image.RunStep{Args: sh("sleep 600"), Env: []string{path}, WorkDir: "/"},
-			timeout: 20 * time.Second,
+			timeout: 12 * time.Second,
 			wantCtx: true,
 		},
 		{
 			name:     "step timeout",
-			step:     image.RunStep{Args: sh("sleep 600"), Env: []string{path}, WorkDir: "/", Timeout: 15 * time.Second},
+			step:     image.RunStep{Args: sh("sleep 600"), Env: []string{path}, WorkDir: "/", Timeout: 10 * time.Second},
 			wantExit: -1, // any error: the step ran past its timeout
 		},
 	}

@@ -128,6 +128,11 @@ func DefaultAgentBinary(dataDir string) string {
 	return filepath.Join(dataDir, "bin", "kiln-agent")
 }
 
+// GuestBuild names the guest side this driver boots (agent and modules,
+// by content hash): a snapshot made with another build holds another
+// agent, so caches of snapshots key on it.
+func (d *Driver) GuestBuild() string { return filepath.Base(d.initrd) }
+
 // Platform reports what snapshots made by this driver depend on.
 func (d *Driver) Platform() vmm.Platform { return d.platform }
 

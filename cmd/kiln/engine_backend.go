@@ -1,0 +1,173 @@
+//go:build linux
+
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/engine"
+	"github.com/kiln-sandbox/kiln/internal/image"
+	"github.com/kiln-sandbox/kiln/internal/image/base"
+	"github.com/kiln-sandbox/kiln/internal/image/source"
+	"github.com/kiln-sandbox/kiln/internal/imagebuild"
+	"github.com/kiln-sandbox/kiln/internal/proxy"
+	"github.com/kiln-sandbox/kiln/internal/store"
+	"github.com/kiln-sandbox/kiln/internal/tlsca"
+	"github.com/kiln-sandbox/kiln/internal/token"
+	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
+)
+
+// The "engine" backend of `kiln server`: real microVMs (internal/engine on
+// the QEMU driver), their networks, and the HTTPS endpoint proxy on
+// --endpoint-addr with kiln's own CA (DATA_DIR/ca.pem) and signed tokens.
+func init() {
+	RegisterBackend("engine", newEngineBackend)
+	// Persistent like --accel: `kiln server`'s own flags live in server.go.
+	rootCmd.PersistentFlags().StringVar(&endpointCert, "endpoint-cert", "", "kiln server: PEM certificate chain for the microVM endpoints (default: kiln's own CA, exported to DATA_DIR/ca.pem)")
+	rootCmd.PersistentFlags().StringVar(&endpointKey, "endpoint-key", "", "kiln server: PEM private key of --endpoint-cert")
+}
+
+var endpointCert, endpointKey string
+
+func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep *api.Reporter) (api.Backend, api.TokenIssuer, error) {
+	log := newLogger()
+	drv, err := qemu.New(ctx, qemu.Config{DataDir: o.DataDir, Accel: accelFlag,
+		AgentBinary: qemu.DefaultAgentBinary(o.DataDir), Log: log})
+	if err != nil {
+		return nil, nil, fmt.Errorf("starting the vm engine (run `make setup` first?): %w", err)
+	}
+	tls, err := tlsca.Open(tlsca.Config{Domain: o.Domain, Dir: filepath.Join(o.DataDir, "tls"), CAExport: filepath.Join(o.DataDir, "ca.pem"),
+		CertFile: endpointCert, KeyFile: endpointKey})
+	if err != nil {
+		drv.Close()
+		return nil, nil, fmt.Errorf("endpoint certificate: %w", err)
+	}
+	key, err := token.LoadOrCreateKey(filepath.Join(o.DataDir, "token.key"))
+	if err != nil {
+		drv.Close()
+		return nil, nil, err
+	}
+	signer, err := token.NewSigner(key)
+	if err != nil {
+		drv.Close()
+		return nil, nil, err
+	}
+	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep,
+		Builder: newImageBuilder(ctx, o, drv, log), DataDir: o.DataDir, Log: log})
+	if err != nil {
+		drv.Close()
+		return nil, nil, err
+	}
+	px, err := proxy.New(proxy.Config{Domain: o.Domain, Backend: eng, Tokens: signer, ShellHandler: eng.ShellHandler(), Logger: log})
+	if err != nil {
+		drv.Close()
+		return nil, nil, err
+	}
+	ln, err := net.Listen("tcp", o.EndpointAddr)
+	if err != nil {
+		drv.Close()
+		return nil, nil, fmt.Errorf("listening on %s: %w", o.EndpointAddr, err)
+	}
+	go tls.Run(ctx)
+	go func() {
+		if err := px.Serve(ctx, ln, tls.TLSConfig(), 5*time.Second); err != nil {
+			slog.Error("endpoint proxy stopped", "err", err)
+		}
+	}()
+	go eng.Run(ctx)
+	go func() {
+		<-ctx.Done()
+		eng.Close()
+		drv.Close() // VMs keep running; the next start adopts them
+	}()
+	log.Info("microvm endpoints serving", "addr", ln.Addr().String(), "domain", o.Domain, "ca", filepath.Join(o.DataDir, "ca.pem"))
+	return eng, &engine.TokenIssuer{Signer: signer}, nil
+}
+
+// newImageBuilder adapts internal/imagebuild to engine.Builder. Build VMs
+// run on the same driver as microVMs (one data directory, one recovery).
+func newImageBuilder(ctx context.Context, o ServerOptions, drv *qemu.Driver, log *slog.Logger) engine.Builder {
+	bases := &base.Managed{DataDir: o.DataDir, Logger: log}
+	return &imageBuilder{b: &imagebuild.Builder{
+		Images: &image.Builder{DataDir: o.DataDir, Runner: &imagebuild.Runner{Driver: drv, Logger: log},
+			Bases: &base.Resolver{Managed: bases, Logger: log}, Logger: log},
+		Driver: drv,
+		// The API already decided which accounts may build from local
+		// paths (operators, and everyone's own uploads).
+		Source:   source.Config{AllowLocal: true},
+		CacheDir: filepath.Join(o.DataDir, "template-cache"),
+		// A cached snapshot holds the agent it was built with.
+		CacheSalt: drv.GuestBuild(),
+		Logger:    log,
+	}}
+}
+
+type imageBuilder struct{ b *imagebuild.Builder }
+
+func (ib *imageBuilder) Build(ctx context.Context, req engine.BuildRequest) (engine.BuildResult, error) {
+	cfg := req.Version.Config
+	r := imagebuild.Request{Env: cfg.EnvironmentVariables, Log: req.Log, OutDir: req.OutDir,
+		Egress: slices.ContainsFunc(cfg.EgressNetworkConnectors, func(a string) bool { return strings.HasSuffix(a, ":"+engine.ConnInternetEgress) })}
+	if cfg.CodeArtifact != nil {
+		r.Source = cfg.CodeArtifact.URI
+	}
+	if len(cfg.Resources) > 0 {
+		// The smallest size that holds what the image asks for.
+		for _, size := range imagebuild.MemorySizes {
+			if int64(size) >= cfg.Resources[0].MinimumMemoryInMiB {
+				r.MemoryMiB = size
+				break
+			}
+		}
+	}
+	if h := cfg.Hooks; h != nil {
+		if h.Port != nil {
+			r.Hooks.Port = int(*h.Port)
+		}
+		if ih := h.MicrovmImageHooks; ih != nil {
+			r.Hooks.Ready = ih.Ready == "ENABLED"
+			r.Hooks.Validate = ih.Validate == "ENABLED"
+			if ih.ReadyTimeoutInSeconds != nil {
+				r.Hooks.ReadyTimeout = time.Duration(*ih.ReadyTimeoutInSeconds) * time.Second
+			}
+			if ih.ValidateTimeoutInSeconds != nil {
+				r.Hooks.ValidateTimeout = time.Duration(*ih.ValidateTimeoutInSeconds) * time.Second
+			}
+		}
+	}
+	res, err := ib.b.Build(ctx, r)
+	if err != nil {
+		var be *imagebuild.Error
+		if errors.As(err, &be) && be.Reason != "" {
+			return engine.BuildResult{}, &buildFailure{reason: be.Reason, err: err}
+		}
+		return engine.BuildResult{}, err
+	}
+	mem := int64(res.Template.MemoryMiB) << 20
+	snap := &store.SnapshotBuild{MemorySnapshotSizeInBytes: &mem}
+	if fi, err := os.Stat(res.RootDisk); err == nil {
+		n := fi.Size()
+		snap.DiskSnapshotSizeInBytes = &n
+	}
+	return engine.BuildResult{TemplateDir: res.TemplateDir, Snapshot: snap}, nil
+}
+
+// buildFailure shows the builder's reason (the failed step and the last
+// lines of its log), which is what the version records.
+type buildFailure struct {
+	reason string
+	err    error
+}
+
+func (f *buildFailure) Error() string { return f.reason }
+func (f *buildFailure) Unwrap() error { return f.err }

@@ -1,0 +1,570 @@
+//go:build linux
+
+package imagebuild
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/image"
+	"github.com/kiln-sandbox/kiln/internal/image/source"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
+)
+
+// Hook paths of the AWS Lambda MicroVMs runtime API, served by the app on
+// the hooks port.
+const (
+	ReadyHookPath    = "/aws/lambda-microvms/runtime/v1/ready"
+	ValidateHookPath = "/aws/lambda-microvms/runtime/v1/validate"
+	// AppPort is where kiln waits for the app when the ready hook is off.
+	AppPort = 8080
+)
+
+// Defaults for Request fields left zero.
+const (
+	DefaultMemoryMiB       = 2048
+	DefaultReadyTimeout    = 5 * time.Minute
+	DefaultValidateTimeout = time.Minute
+)
+
+// MemorySizes are the memory sizes an image may ask for (AWS's sizes).
+var MemorySizes = []int{512, 1024, 2048, 4096, 8192}
+
+// Builder turns one image version into a snapshot template. Set Images
+// (whose Runner runs RUN steps, normally a *Runner on Driver) and Driver.
+type Builder struct {
+	Images *image.Builder
+	Driver vmm.Driver
+	// Source says how code packages are fetched (limits, S3, local paths).
+	Source source.Config
+	// VCPUs of the image VM; 0 = 1.
+	VCPUs int
+	// DNSUpstreams override the host's resolvers for image VMs with egress.
+	DNSUpstreams []string
+	// CacheDir, if set, keeps finished templates by a key of everything
+	// they depend on, so an unchanged rebuild reuses the snapshot instead
+	// of booting and starting the app again. Put it on the file system
+	// of the OutDirs (files are hard-linked).
+	CacheDir string
+	// CacheSalt is mixed into template cache keys: set it to something
+	// that changes with the guest kernel and agent (e.g. the initramfs
+	// hash), so that a rebuild after an upgrade snapshots afresh.
+	CacheSalt string
+	Logger    *slog.Logger
+}
+
+// Hooks are the image's build hooks (AWS: hooks.microvmImageHooks and
+// hooks.port).
+type Hooks struct {
+	// Port of the app's hooks listener in the guest; 0 = 8080.
+	Port int
+	// Ready: poll POST ReadyHookPath until 200 (503 = not yet) instead of
+	// waiting for TCP on port 8080. ReadyTimeout bounds either wait; 0 =
+	// DefaultReadyTimeout.
+	Ready        bool
+	ReadyTimeout time.Duration
+	// Validate: call POST ValidateHookPath once ready; it must answer 2xx
+	// within ValidateTimeout (0 = DefaultValidateTimeout).
+	Validate        bool
+	ValidateTimeout time.Duration
+}
+
+// Request is one image version to build.
+type Request struct {
+	// Source is the code package: a zip or folder path, file://, http(s)://
+	// or s3:// URI (see internal/image/source).
+	Source    string
+	BuildArgs map[string]string
+	// Env is the image's environmentVariables, set over the Dockerfile's
+	// ENV when the app starts.
+	Env map[string]string
+	// MemoryMiB is one of MemorySizes; 0 = DefaultMemoryMiB.
+	MemoryMiB int
+	Hooks     Hooks
+	// Egress gives the image VM internet access while the app starts.
+	Egress bool
+	// NoCache builds the snapshot afresh even if an identical one exists.
+	NoCache bool
+	// Log receives the build log as it happens: step headers, RUN output,
+	// then the app's own output until the snapshot.
+	Log io.Writer
+	// OutDir receives root.ext4 and template/. It must not hold either.
+	// Both must stay in place as long as the version is used: the
+	// template's disk is an overlay on OutDir/root.ext4.
+	OutDir string
+}
+
+// Timing is how long one phase of a build took.
+type Timing struct {
+	Phase    string        `json:"phase"`
+	Duration time.Duration `json:"duration"`
+}
+
+// Result is a built image version.
+type Result struct {
+	TemplateDir string             `json:"templateDir"`
+	RootDisk    string             `json:"rootDisk"`
+	Template    vmm.Template       `json:"template"`
+	Config      image.Config       `json:"config"`
+	Steps       []image.StepReport `json:"steps"`
+	Timings     []Timing           `json:"timings"`
+	// Key identifies everything the template depends on (the template
+	// cache's key); CachedTemplate says whether it was reused.
+	Key            string   `json:"key"`
+	CachedTemplate bool     `json:"cachedTemplate"`
+	Warnings       []string `json:"warnings,omitempty"`
+}
+
+// Error is a failed build. Reason is what the version records: the step
+// that failed, why, and the last lines of the build log.
+type Error struct {
+	Step   string
+	Err    error
+	Reason string
+}
+
+func (e *Error) Error() string { return e.Step + ": " + e.Err.Error() }
+func (e *Error) Unwrap() error { return e.Err }
+
+// Phase names, as Timings and errors report them.
+const (
+	PhaseRootDisk = "build root disk"
+	PhaseBoot     = "boot image vm"
+	PhaseStart    = "start app"
+	PhaseReady    = "wait until ready"
+	PhaseValidate = "validate hook"
+	PhaseSnapshot = "snapshot"
+	// PhaseReuse replaces boot…snapshot when the template cache has it.
+	PhaseReuse = "reuse cached snapshot"
+)
+
+func (b *Builder) logger() *slog.Logger {
+	if b.Logger != nil {
+		return b.Logger
+	}
+	return slog.Default()
+}
+
+// lockedWriter serializes writes from the build and the app's log pump.
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+// Build builds the version. On failure it returns an *Error and leaves
+// nothing behind: no VM, no network, no files in OutDir.
+func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error) {
+	if req.Log == nil {
+		req.Log = io.Discard
+	}
+	tail := image.NewLogTail(20)
+	log := &lockedWriter{w: io.MultiWriter(req.Log, tail)}
+	step := "check request"
+	fail := func(err error) (Result, error) {
+		return Result{}, &Error{Step: step, Err: err, Reason: image.FailureReason(&image.StepError{Stage: -1, Instruction: step, Err: err}, tail)}
+	}
+	if err := b.check(&req); err != nil {
+		return fail(err)
+	}
+	out, err := filepath.Abs(req.OutDir)
+	if err != nil {
+		return fail(err)
+	}
+	// QEMU reads the template's memory path inside an option list, where
+	// a comma would split it.
+	if strings.Contains(out, ",") {
+		return fail(fmt.Errorf("output folder %q contains a comma: %w", out, errdefs.ErrInvalid))
+	}
+	createdOut := false
+	if _, err := os.Stat(out); errors.Is(err, os.ErrNotExist) {
+		createdOut = true
+	}
+	if err := os.MkdirAll(out, 0o755); err != nil {
+		return fail(err)
+	}
+	rootDisk := filepath.Join(out, "root.ext4")
+	tmplDir := filepath.Join(out, "template")
+	for _, p := range []string{rootDisk, tmplDir} {
+		if _, err := os.Lstat(p); err == nil {
+			return fail(fmt.Errorf("%s already exists: %w", p, errdefs.ErrConflict))
+		}
+	}
+	defer func() {
+		if err == nil {
+			return
+		}
+		os.RemoveAll(tmplDir)
+		os.Remove(rootDisk)
+		if createdOut {
+			os.Remove(out)
+		}
+	}()
+
+	phase := func(name string, start time.Time) {
+		res.Timings = append(res.Timings, Timing{Phase: name, Duration: time.Since(start)})
+	}
+
+	// 1. Dockerfile → root disk (RUN steps in build VMs).
+	start := time.Now()
+	ir, err := b.Images.BuildSource(ctx, req.Source, b.Source, image.Request{BuildArgs: req.BuildArgs, Output: rootDisk, Log: log})
+	if err != nil {
+		var se *image.StepError
+		st := PhaseRootDisk
+		if errors.As(err, &se) {
+			st = se.Instruction
+			if se.Line > 0 {
+				st = fmt.Sprintf("%s (line %d)", se.Instruction, se.Line)
+			}
+		}
+		return Result{}, &Error{Step: st, Err: err, Reason: image.FailureReason(err, tail)}
+	}
+	phase(PhaseRootDisk, start)
+	res.RootDisk, res.Config, res.Steps, res.Warnings = rootDisk, ir.Config, ir.Steps, ir.Warnings
+
+	argv := ir.Config.Argv()
+	env := mergeEnv(ir.Config.Env, req.Env)
+	res.Key = templateKey(b.CacheSalt+"|"+ir.Key, b.platform(), argv, env, ir.Config.User, ir.Config.WorkingDir, req, b.vcpus())
+	if b.CacheDir != "" && !req.NoCache {
+		start = time.Now()
+		t, ok, err := b.fromCache(ctx, res.Key, rootDisk, tmplDir)
+		if err != nil {
+			b.logger().Warn("template cache", "key", res.Key, "err", err)
+		}
+		if ok {
+			fmt.Fprintf(log, "#snapshot reused (template %s)\n", res.Key[:12])
+			phase(PhaseReuse, start)
+			res.TemplateDir, res.Template, res.CachedTemplate = tmplDir, t, true
+			return res, nil
+		}
+	}
+
+	// 2. Boot the finished image, always with a NIC: the template records
+	// it and clones must match.
+	step = PhaseStart
+	if len(argv) == 0 {
+		return fail(fmt.Errorf("the image has no ENTRYPOINT or CMD: %w", image.ErrInvalid))
+	}
+	step = PhaseBoot
+	fmt.Fprintf(log, "#boot image vm (%d MiB)\n", req.MemoryMiB)
+	start = time.Now()
+	g, err := bootVM(ctx, b.Driver, b.logger(), vmSpec{prefix: PrefixImage, rootDisk: rootDisk, memoryMiB: req.MemoryMiB, vcpus: b.VCPUs, egress: req.Egress, upstreams: b.DNSUpstreams})
+	if err != nil {
+		return fail(err)
+	}
+	defer g.close()
+	phase(PhaseBoot, start)
+
+	// 3. Start the app as the image would run it.
+	step = PhaseStart
+	fmt.Fprintf(log, "#start app %q as %q in %q\n", argv, orDefault(ir.Config.User, "root"), orDefault(ir.Config.WorkingDir, "/"))
+	start = time.Now()
+	a, err := b.Driver.Agent(ctx, g.id)
+	if err != nil {
+		return fail(err)
+	}
+	pump := newAppLogs()
+	pumpDone := make(chan struct{})
+	go func() {
+		defer close(pumpDone)
+		pump.run(a, log)
+	}()
+	// The pump ends when the VM's agent connection closes (snapshot or
+	// terminate); wait for it so nothing writes to Log after Build.
+	defer func() {
+		g.close()
+		select {
+		case <-pumpDone:
+		case <-time.After(5 * time.Second):
+		}
+	}()
+	p, err := a.Exec(ctx, client.ExecRequest{Argv: argv, Env: env, Cwd: ir.Config.WorkingDir, User: ir.Config.User, Background: true})
+	if err != nil {
+		return fail(fmt.Errorf("starting %q: %w", argv[0], err))
+	}
+	phase(PhaseStart, start)
+
+	// 4. Ready: the ready hook, else TCP on 8080.
+	step = PhaseReady
+	start = time.Now()
+	if err := b.waitReady(ctx, a, p, req.Hooks, log); err != nil {
+		if exited(p) {
+			// The reason ends with the app's last words: let the pump
+			// copy its output, which arrives before its exit record.
+			pump.waitExit(p.ID(), 2*time.Second)
+		}
+		return fail(err)
+	}
+	phase(PhaseReady, start)
+
+	// 5. Validate.
+	if req.Hooks.Validate {
+		step = PhaseValidate
+		start = time.Now()
+		fmt.Fprintf(log, "#validate: POST %s on port %d\n", ValidateHookPath, req.Hooks.Port)
+		status, body, err := a.HTTP(ctx, req.Hooks.Port, "POST", ValidateHookPath, nil, req.Hooks.ValidateTimeout)
+		if err != nil {
+			if cerr := ctx.Err(); cerr != nil {
+				return fail(cerr)
+			}
+			return fail(fmt.Errorf("calling the validate hook: %w", err))
+		}
+		if status < 200 || status > 299 {
+			return fail(fmt.Errorf("the validate hook answered %d (want 2xx): %s", status, snippet(body)))
+		}
+		phase(PhaseValidate, start)
+	}
+	if exited(p) {
+		pump.waitExit(p.ID(), 2*time.Second)
+		return fail(appExitError(p))
+	}
+
+	// 6. Snapshot. The VM is gone afterwards, whatever happens.
+	step = PhaseSnapshot
+	fmt.Fprintln(log, "#snapshot")
+	start = time.Now()
+	t, err := b.Driver.Snapshot(ctx, g.id, tmplDir)
+	g.booted = false
+	if err != nil {
+		return fail(err)
+	}
+	phase(PhaseSnapshot, start)
+	res.TemplateDir, res.Template = tmplDir, t
+	if b.CacheDir != "" {
+		if err := b.toCache(ctx, res.Key, rootDisk, tmplDir); err != nil {
+			b.logger().Warn("template cache", "key", res.Key, "err", err)
+		}
+	}
+	return res, nil
+}
+
+func (b *Builder) check(req *Request) error {
+	if b.Images == nil || b.Driver == nil {
+		return errors.New("image builder not configured (Images and Driver are required)")
+	}
+	if req.OutDir == "" {
+		return fmt.Errorf("no output folder: %w", errdefs.ErrInvalid)
+	}
+	if req.MemoryMiB == 0 {
+		req.MemoryMiB = DefaultMemoryMiB
+	}
+	ok := false
+	for _, m := range MemorySizes {
+		ok = ok || m == req.MemoryMiB
+	}
+	if !ok {
+		return fmt.Errorf("memory %d MiB: use one of %v: %w", req.MemoryMiB, MemorySizes, errdefs.ErrInvalid)
+	}
+	h := &req.Hooks
+	if h.Port == 0 {
+		h.Port = AppPort
+	}
+	if h.Port < 1 || h.Port > 65535 {
+		return fmt.Errorf("hooks port %d: %w", h.Port, errdefs.ErrInvalid)
+	}
+	if h.ReadyTimeout <= 0 {
+		h.ReadyTimeout = DefaultReadyTimeout
+	}
+	if h.ValidateTimeout <= 0 {
+		h.ValidateTimeout = DefaultValidateTimeout
+	}
+	return nil
+}
+
+func (b *Builder) vcpus() int {
+	if b.VCPUs > 0 {
+		return b.VCPUs
+	}
+	return 1
+}
+
+// platform is the driver's platform when it reports one: a template is
+// only reused on the platform it was made on.
+func (b *Builder) platform() vmm.Platform {
+	if p, ok := b.Driver.(interface{ Platform() vmm.Platform }); ok {
+		return p.Platform()
+	}
+	return vmm.Platform{}
+}
+
+// waitReady waits for the ready hook's 200 (or TCP on 8080), failing early
+// when the app exits.
+func (b *Builder) waitReady(ctx context.Context, a *client.Client, p *client.Process, h Hooks, log io.Writer) error {
+	rctx, cancel := context.WithTimeout(ctx, h.ReadyTimeout)
+	defer cancel()
+	if !h.Ready {
+		fmt.Fprintf(log, "#wait until the app accepts TCP on port %d (up to %s)\n", AppPort, h.ReadyTimeout)
+		done := make(chan error, 1)
+		go func() { done <- a.WaitPort(rctx, AppPort, h.ReadyTimeout) }()
+		select {
+		case err := <-done:
+			if err == nil {
+				return nil
+			}
+			if exited(p) {
+				return appExitError(p)
+			}
+			if cerr := ctx.Err(); cerr != nil {
+				return cerr
+			}
+			return fmt.Errorf("the app did not accept TCP on port %d within %s: %w", AppPort, h.ReadyTimeout, err)
+		case <-p.Exited():
+			return appExitError(p)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	fmt.Fprintf(log, "#wait for the ready hook: POST %s on port %d (up to %s)\n", ReadyHookPath, h.Port, h.ReadyTimeout)
+	last := "no answer"
+	for {
+		per := 5 * time.Second
+		if dl, ok := rctx.Deadline(); ok && time.Until(dl) < per {
+			per = time.Until(dl)
+		}
+		if per > 0 {
+			status, body, err := a.HTTP(rctx, h.Port, "POST", ReadyHookPath, nil, per)
+			switch {
+			case err == nil && status == 200:
+				return nil
+			case err == nil:
+				last = strings.TrimSpace(fmt.Sprintf("answered %d %s", status, snippet(body)))
+			case rctx.Err() == nil:
+				// A call cut short by the deadline says nothing new.
+				last = err.Error()
+			}
+		}
+		select {
+		case <-p.Exited():
+			return appExitError(p)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-rctx.Done():
+			return fmt.Errorf("the app was not ready within %s (ready hook: %s)", h.ReadyTimeout, last)
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+func exited(p *client.Process) bool {
+	select {
+	case <-p.Exited():
+		return true
+	default:
+		return false
+	}
+}
+
+func appExitError(p *client.Process) error {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	code, err := p.Wait(ctx)
+	if err != nil {
+		return fmt.Errorf("the app ended before the snapshot: %w", err)
+	}
+	return fmt.Errorf("the app exited with status %d before the snapshot", code)
+}
+
+// appLogs copies the app's output (background workloads report through
+// Client.Logs) into the build log until the connection ends, and notes
+// which workloads' exits it has seen.
+type appLogs struct {
+	mu      sync.Mutex
+	exited  map[uint64]bool
+	changed chan struct{} // closed and replaced when an exit is seen
+}
+
+func newAppLogs() *appLogs {
+	return &appLogs{exited: map[uint64]bool{}, changed: make(chan struct{})}
+}
+
+func (l *appLogs) run(a *client.Client, log io.Writer) {
+	for r := range a.Logs() {
+		if r.ExitCode != nil {
+			fmt.Fprintf(log, "#app exited with status %d\n", *r.ExitCode)
+			l.mu.Lock()
+			l.exited[r.ExecID] = true
+			close(l.changed)
+			l.changed = make(chan struct{})
+			l.mu.Unlock()
+			continue
+		}
+		_, _ = log.Write(r.Data)
+		if r.Dropped > 0 {
+			fmt.Fprintf(log, "(%d bytes of app output dropped)\n", r.Dropped)
+		}
+	}
+}
+
+// waitExit waits, at most timeout, until the exit of workload id went
+// through the log.
+func (l *appLogs) waitExit(id uint64, timeout time.Duration) {
+	deadline := time.After(timeout)
+	for {
+		l.mu.Lock()
+		seen, ch := l.exited[id], l.changed
+		l.mu.Unlock()
+		if seen {
+			return
+		}
+		select {
+		case <-ch:
+		case <-deadline:
+			return
+		}
+	}
+}
+
+// mergeEnv sets the image's environmentVariables over ENV, keeping ENV's
+// order and appending new keys sorted.
+func mergeEnv(base []string, over map[string]string) []string {
+	out := append([]string(nil), base...)
+	keys := make([]string, 0, len(over))
+	for k := range over {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		found := false
+		for i, kv := range out {
+			if name, _, _ := strings.Cut(kv, "="); name == k {
+				out[i] = k + "=" + over[k]
+				found = true
+			}
+		}
+		if !found {
+			out = append(out, k+"="+over[k])
+		}
+	}
+	return out
+}
+
+func snippet(b []byte) string {
+	s := strings.TrimSpace(string(b))
+	if len(s) > 200 {
+		s = s[:200] + "…"
+	}
+	return s
+}
+
+func orDefault(s, d string) string {
+	if s == "" {
+		return d
+	}
+	return s
+}

@@ -1,0 +1,339 @@
+//go:build linux
+
+package imagebuild
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/image"
+	"github.com/kiln-sandbox/kiln/internal/image/base"
+	"github.com/kiln-sandbox/kiln/internal/image/source"
+	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
+	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
+)
+
+// The image cache is shared by the tests of this package so that FROM
+// and COPY steps common to them are done once.
+var (
+	sharedOnce  sync.Once
+	sharedDir   string
+	sharedErr   error
+	testAppPath string
+)
+
+func shared(t *testing.T) (dir, app string) {
+	t.Helper()
+	sharedOnce.Do(func() {
+		if sharedDir, sharedErr = os.MkdirTemp("", "kiln-imagebuild-test-"); sharedErr != nil {
+			return
+		}
+		testAppPath = filepath.Join(sharedDir, "app")
+		cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", testAppPath, "./testdata/app")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			sharedErr = fmt.Errorf("building the test app: %v: %s", err, out)
+		}
+	})
+	if sharedErr != nil {
+		t.Fatal(sharedErr)
+	}
+	return sharedDir, testAppPath
+}
+
+func cleanupShared() {
+	if sharedDir != "" {
+		os.RemoveAll(sharedDir)
+	}
+}
+
+func newBuilder(t *testing.T, d vmm.Driver) *Builder {
+	dir, _ := shared(t)
+	return &Builder{
+		Images: &image.Builder{
+			DataDir: filepath.Join(dir, "data"),
+			Runner:  &Runner{Driver: d, MemoryMiB: 512, Logger: testLogger()},
+			Bases:   &base.Resolver{Managed: &base.Managed{DataDir: kilnDataDir()}, Logger: testLogger()},
+			Logger:  testLogger(),
+		},
+		Driver: d,
+		Source: source.Config{AllowLocal: true},
+		Logger: testLogger(),
+	}
+}
+
+// testContext writes a code package with the test app and a Dockerfile.
+func testContext(t *testing.T, dockerfile string) string {
+	_, app := shared(t)
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "Dockerfile"), []byte(dockerfile), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(app)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "app"), b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// cloneGet clones tmpl with a fresh network, GETs / on 8080 from the host
+// and returns the decoded body and the time from Clone to the first 200.
+func cloneGet(t *testing.T, d vmm.Driver, tmpl string) (map[string]any, time.Duration) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	id := newID("clone")
+	n, err := netns.Setup(ctx, netns.Config{ID: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Teardown(context.Background())
+	start := time.Now()
+	if _, err := d.Clone(ctx, vmm.CloneSpec{ID: id, Template: tmpl, Net: &vmm.NetAttachment{Netns: n.NSPath, Tap: n.Tap, MAC: netns.GuestMAC.String()}}); err != nil {
+		t.Fatal(err)
+	}
+	defer d.Terminate(context.Background(), id)
+	body, err := getUntil200(ctx, "http://"+n.GuestDial(8080)+"/", 20*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	elapsed := time.Since(start)
+	var m map[string]any
+	if err := json.Unmarshal(body, &m); err != nil {
+		t.Fatalf("app answered %q: %v", body, err)
+	}
+	return m, elapsed
+}
+
+// getUntil200 polls url until it answers 200 (bounded body), for at most
+// timeout.
+func getUntil200(ctx context.Context, url string, timeout time.Duration) ([]byte, error) {
+	cl := &http.Client{Timeout: 2 * time.Second}
+	deadline := time.Now().Add(timeout)
+	var last error
+	attempts := 0
+	defer func() {
+		if attempts > 1 {
+			fmt.Fprintf(os.Stderr, "GET %s: %d attempts, last error %v\n", url, attempts, last)
+		}
+	}()
+	for time.Now().Before(deadline) {
+		attempts++
+		req, _ := http.NewRequestWithContext(ctx, "GET", url, nil)
+		resp, err := cl.Do(req)
+		if err == nil {
+			b, rerr := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+			resp.Body.Close()
+			if resp.StatusCode == 200 && rerr == nil {
+				return b, nil
+			}
+			last = fmt.Errorf("status %d: %s", resp.StatusCode, b)
+		} else {
+			last = err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return nil, fmt.Errorf("no 200 from %s within %s: %v", url, timeout, last)
+}
+
+// checkClean fails if the build left a VM, a network or its output folder.
+func checkClean(t *testing.T, d *qemu.Driver, out string) {
+	t.Helper()
+	if vms, _ := d.List(context.Background()); len(vms) > 0 {
+		t.Errorf("vms left behind: %+v", vms)
+	}
+	checkNoNetns(t)
+	if out != "" {
+		if _, err := os.Stat(out); !errors.Is(err, os.ErrNotExist) {
+			ents, _ := os.ReadDir(out)
+			t.Errorf("output folder %s left behind (%d entries)", out, len(ents))
+		}
+	}
+}
+
+// TestBuildAndClone builds images that need no internet (the test app on
+// debian:12 with a RUN step, USER, WORKDIR, ENV and environmentVariables;
+// the same with the ready and validate hooks; and FROM scratch), clones
+// each snapshot and checks that the app answers at once with its
+// build-time start, i.e. without running its start-up again.
+func TestBuildAndClone(t *testing.T) {
+	d := newDriver(t)
+	b := newBuilder(t, d)
+	tests := []struct {
+		name       string
+		dockerfile string
+		hooks      Hooks
+		env        map[string]string
+		check      func(t *testing.T, m map[string]any)
+	}{
+		{
+			name: "debian with RUN USER WORKDIR ENV",
+			dockerfile: `FROM debian:12
+COPY app /usr/local/bin/app
+RUN echo built-in-a-vm > /etc/built-marker
+WORKDIR /srv/app
+USER 65534:65534
+ENV GREETING=hello EXTRA=from-dockerfile
+CMD ["/usr/local/bin/app"]
+`,
+			env: map[string]string{"EXTRA": "from-image-config"},
+			check: func(t *testing.T, m map[string]any) {
+				want := map[string]any{"greeting": "hello", "extra": "from-image-config", "uid": float64(65534), "cwd": "/srv/app", "marker": "built-in-a-vm\n"}
+				for k, v := range want {
+					if m[k] != v {
+						t.Errorf("%s = %v, want %v", k, m[k], v)
+					}
+				}
+			},
+		},
+		{
+			name: "ready and validate hooks",
+			dockerfile: `FROM debian:12
+COPY app /usr/local/bin/app
+ENV MODE=hooks HOOKS_PORT=9000 READY_AFTER=2
+ENTRYPOINT ["/usr/local/bin/app"]
+`,
+			hooks: Hooks{Port: 9000, Ready: true, Validate: true, ReadyTimeout: time.Minute},
+		},
+		{
+			name:       "from scratch",
+			dockerfile: "FROM scratch\nCOPY app /app\nCMD [\"/app\"]\n",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+			defer cancel()
+			out := filepath.Join(t.TempDir(), "version")
+			var log bytes.Buffer
+			res, err := b.Build(ctx, Request{Source: testContext(t, tt.dockerfile), Env: tt.env, MemoryMiB: 512, Hooks: tt.hooks, Log: &log, OutDir: out})
+			if err != nil {
+				var be *Error
+				errors.As(err, &be)
+				t.Fatalf("build: %v\nreason: %v\nlog:\n%s", err, be, log.String())
+			}
+			if !res.Template.HasNet {
+				t.Error("template made without a NIC")
+			}
+			if !strings.Contains(log.String(), "test app listening") {
+				t.Errorf("app output not in the build log:\n%s", log.String())
+			}
+			t.Logf("timings: %v", res.Timings)
+			built := time.Now()
+			m, took := cloneGet(t, d, res.TemplateDir)
+			started := time.Unix(0, int64(m["startedAt"].(float64)))
+			if !started.Before(built) {
+				t.Errorf("clone's app started at %v, after the build finished (%v): start-up ran again", started, built)
+			}
+			t.Logf("clone answered in %v", took)
+			m2, _ := cloneGet(t, d, res.TemplateDir)
+			if m2["startedAt"] != m["startedAt"] {
+				t.Errorf("two clones report different start times: %v, %v", m["startedAt"], m2["startedAt"])
+			}
+			if m["hostname"] == m2["hostname"] {
+				t.Errorf("two clones share hostname %v", m["hostname"])
+			}
+			if tt.check != nil {
+				tt.check(t, m)
+			}
+			checkClean(t, d, "")
+		})
+	}
+}
+
+// TestBuildFailures checks that each kind of failure names its step and
+// ends with the last log lines, and leaves nothing behind.
+func TestBuildFailures(t *testing.T) {
+	d := newDriver(t)
+	b := newBuilder(t, d)
+	tests := []struct {
+		name       string
+		dockerfile string
+		hooks      Hooks
+		cancelAt   time.Duration
+		want       []string // substrings of the reason
+	}{
+		{
+			name:       "RUN exits non-zero",
+			dockerfile: "FROM debian:12\nRUN echo about to fail; exit 7\nCMD [\"true\"]\n",
+			want:       []string{"line 2", "status 7", "about to fail"},
+		},
+		{
+			name:       "app exits",
+			dockerfile: "FROM debian:12\nCOPY app /app\nENV MODE=exit\nCMD [\"/app\"]\n",
+			want:       []string{PhaseReady, "exited with status 3", "test app giving up"},
+		},
+		{
+			name:       "app never listens",
+			dockerfile: "FROM debian:12\nCOPY app /app\nENV MODE=never\nCMD [\"/app\"]\n",
+			hooks:      Hooks{ReadyTimeout: 5 * time.Second},
+			want:       []string{PhaseReady, "port 8080 within 5s", "test app starting"},
+		},
+		{
+			name:       "ready hook never 200",
+			dockerfile: "FROM debian:12\nCOPY app /app\nENV MODE=hooks HOOKS_PORT=9000 READY_AFTER=100000\nCMD [\"/app\"]\n",
+			hooks:      Hooks{Port: 9000, Ready: true, ReadyTimeout: 5 * time.Second},
+			want:       []string{PhaseReady, "not ready within 5s", "answered 503"},
+		},
+		{
+			name:       "validate fails",
+			dockerfile: "FROM debian:12\nCOPY app /app\nENV MODE=hooks HOOKS_PORT=9000 VALIDATE_STATUS=500\nCMD [\"/app\"]\n",
+			hooks:      Hooks{Port: 9000, Ready: true, Validate: true},
+			want:       []string{PhaseValidate, "answered 500", "validate says 500"},
+		},
+		{
+			name:       "no command",
+			dockerfile: "FROM scratch\nCOPY app /app\n",
+			want:       []string{"no ENTRYPOINT or CMD"},
+		},
+		{
+			name:       "cancelled while running a step",
+			dockerfile: "FROM debian:12\nRUN sleep 600\n",
+			cancelAt:   8 * time.Second,
+			want:       []string{"context canceled"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+			defer cancel()
+			if tt.cancelAt > 0 {
+				time.AfterFunc(tt.cancelAt, cancel)
+			}
+			out := filepath.Join(t.TempDir(), "version")
+			var log bytes.Buffer
+			_, err := b.Build(ctx, Request{Source: testContext(t, tt.dockerfile), MemoryMiB: 512, Hooks: tt.hooks, Log: &log, OutDir: out})
+			var be *Error
+			if !errors.As(err, &be) {
+				t.Fatalf("err = %v, want *Error\nlog:\n%s", err, log.String())
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(be.Reason, w) {
+					t.Errorf("reason lacks %q:\n%s", w, be.Reason)
+				}
+			}
+			t.Logf("reason:\n%s", be.Reason)
+			checkClean(t, d, out)
+		})
+	}
+}

@@ -1,0 +1,184 @@
+//go:build linux
+
+package imagebuild
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/vmm"
+)
+
+// The template cache keeps one finished snapshot per key under
+// CacheDir/KEY/{root.ext4,template/}. Templates never change after the
+// snapshot (clones map the memory file read-only and write to their own
+// overlays), so big files are shared by hard links. Two files name
+// absolute paths and are rewritten per copy: disk.qcow2's backing file
+// (the root disk) and overlay.qcow2's (disk.qcow2).
+
+// cacheRecipe changes when the layout or what a template holds changes.
+const cacheRecipe = "1"
+
+func templateKey(rootKey string, p vmm.Platform, argv, env []string, user, wd string, req Request, vcpus int) string {
+	h := sha256.New()
+	parts := []any{cacheRecipe, rootKey, p, argv, env, user, wd, req.MemoryMiB, vcpus, req.Hooks, req.Egress}
+	for _, x := range parts {
+		b, _ := json.Marshal(x)
+		fmt.Fprintf(h, "%d:%s\n", len(b), b)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// fromCache puts the cached template for key into tmplDir, backed by
+// rootDisk.
+func (b *Builder) fromCache(ctx context.Context, key, rootDisk, tmplDir string) (vmm.Template, bool, error) {
+	src := filepath.Join(b.CacheDir, key)
+	if _, err := os.Stat(filepath.Join(src, "complete")); err != nil {
+		return vmm.Template{}, false, nil
+	}
+	var t vmm.Template
+	raw, err := os.ReadFile(filepath.Join(src, "template", "template.json"))
+	if err != nil {
+		return t, false, err
+	}
+	if err := json.Unmarshal(raw, &t); err != nil {
+		return t, false, err
+	}
+	if err := copyTemplate(ctx, filepath.Join(src, "template"), tmplDir, rootDisk, true); err != nil {
+		os.RemoveAll(tmplDir)
+		return t, false, err
+	}
+	now := time.Now()
+	_ = os.Chtimes(filepath.Join(src, "complete"), now, now)
+	t.Dir = tmplDir
+	return t, true, nil
+}
+
+// toCache stores a finished template under key (first writer wins).
+func (b *Builder) toCache(ctx context.Context, key, rootDisk, tmplDir string) error {
+	dst := filepath.Join(b.CacheDir, key)
+	if _, err := os.Stat(filepath.Join(dst, "complete")); err == nil {
+		return nil
+	}
+	if err := os.MkdirAll(b.CacheDir, 0o700); err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp(b.CacheDir, ".tmp-"+key[:12]+"-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	root := filepath.Join(tmp, "root.ext4")
+	if err := linkOrCopy(ctx, rootDisk, root); err != nil {
+		return err
+	}
+	// The cached template is backed by the cache's own root disk path. It
+	// has no clone overlay: cached templates are only copied from.
+	if err := copyTemplate(ctx, tmplDir, filepath.Join(tmp, "template"), filepath.Join(dst, "root.ext4"), false); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(tmp, "complete"), nil, 0o600); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, dst); err != nil {
+		if _, serr := os.Stat(filepath.Join(dst, "complete")); serr == nil {
+			return nil // another build stored it first
+		}
+		return err
+	}
+	return nil
+}
+
+// copyTemplate makes dst a template equal to src whose disk is backed by
+// rootDisk (which need not exist yet unless withOverlay: making the clone
+// overlay opens the backing chain).
+func copyTemplate(ctx context.Context, src, dst, rootDisk string, withOverlay bool) error {
+	if err := os.Mkdir(dst, 0o700); err != nil {
+		return err
+	}
+	ents, err := os.ReadDir(src)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		switch f := e.Name(); {
+		case f == "disk.qcow2" || f == "overlay.qcow2":
+			// Made below: they name absolute paths.
+		case !e.Type().IsRegular():
+			return fmt.Errorf("template %s holds %s, which is not a file", src, f)
+		default:
+			if err := linkOrCopy(ctx, filepath.Join(src, f), filepath.Join(dst, f)); err != nil {
+				return err
+			}
+		}
+	}
+	disk := filepath.Join(dst, "disk.qcow2")
+	if err := run(ctx, "cp", "--sparse=always", "--reflink=auto", filepath.Join(src, "disk.qcow2"), disk); err != nil {
+		return err
+	}
+	// -u: only the header changes; the backing file's content is the same.
+	if err := run(ctx, "qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "raw", "-b", rootDisk, disk); err != nil {
+		return err
+	}
+	if !withOverlay {
+		return nil
+	}
+	return run(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-b", disk, "-F", "qcow2", filepath.Join(dst, "overlay.qcow2"))
+}
+
+func linkOrCopy(ctx context.Context, src, dst string) error {
+	if err := os.Link(src, dst); err == nil {
+		return nil
+	}
+	return run(ctx, "cp", "--sparse=always", "--reflink=auto", src, dst)
+}
+
+func run(ctx context.Context, name string, args ...string) error {
+	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("%s %s: %s: %w", name, strings.Join(args, " "), strings.TrimSpace(string(out)), err)
+	}
+	return nil
+}
+
+// PruneTemplateCache removes cached templates not used for maxAge (a
+// reuse refreshes an entry's time) and half-written entries older than an
+// hour. Versions made from an entry keep working: their files are hard
+// links or copies.
+func PruneTemplateCache(dir string, maxAge time.Duration) (removed int, err error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		if os.IsNotExist(err) {
+			return 0, nil
+		}
+		return 0, err
+	}
+	now := time.Now()
+	for _, e := range ents {
+		p := filepath.Join(dir, e.Name())
+		stamp := filepath.Join(p, "complete")
+		age := maxAge
+		if strings.HasPrefix(e.Name(), ".tmp-") {
+			stamp, age = p, time.Hour
+		}
+		fi, err := os.Stat(stamp)
+		if err != nil && !os.IsNotExist(err) {
+			continue
+		}
+		if err == nil && now.Sub(fi.ModTime()) < age {
+			continue
+		}
+		if err := os.RemoveAll(p); err == nil {
+			removed++
+		}
+	}
+	return removed, nil
+}

@@ -1,0 +1,301 @@
+//go:build linux
+
+// Package imagebuild runs image builds in real microVMs: Runner executes
+// a Dockerfile's RUN steps in build VMs (image.Runner), and Builder turns
+// a code package into an image version: the root disk, then a VM booted
+// from it with the app started and ready, snapshotted into a template
+// that every microVM of the version is cloned from.
+package imagebuild
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/image"
+	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/rootfs"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
+)
+
+// Runner runs RUN steps in build microVMs booted by Driver. Each step gets
+// a fresh VM with internet egress (NAT, DNS through the gateway's
+// forwarder), booted on a qcow2 overlay of the step's disk; after a clean
+// shutdown the overlay is committed into the disk, which is returned.
+type Runner struct {
+	Driver vmm.Driver
+	// MemoryMiB of a build VM; 0 = 1024. VCPUs; 0 = 1.
+	MemoryMiB int
+	VCPUs     int
+	// QEMUImg is the qemu-img binary; "" = "qemu-img".
+	QEMUImg string
+	// DNSUpstreams override the host's resolvers for build VMs.
+	DNSUpstreams []string
+	Logger       *slog.Logger
+}
+
+var _ image.Runner = (*Runner)(nil)
+
+func (r *Runner) logger() *slog.Logger {
+	if r.Logger != nil {
+		return r.Logger
+	}
+	return slog.Default()
+}
+
+// Run implements image.Runner. rootDisk is changed in place (the overlay
+// is committed into it) and returned.
+func (r *Runner) Run(ctx context.Context, rootDisk string, step image.RunStep, log io.Writer) (string, error) {
+	if log == nil {
+		log = io.Discard
+	}
+	if len(step.Args) == 0 {
+		return "", errors.New("RUN has no command")
+	}
+	disk, err := filepath.Abs(rootDisk)
+	if err != nil {
+		return "", err
+	}
+	mem := r.MemoryMiB
+	if mem == 0 {
+		mem = 1024
+	}
+	wd := step.WorkDir
+	if wd == "" {
+		wd = "/"
+	}
+	// The workdir is made on the host, so that roots without mkdir (FROM
+	// scratch) work too; it is root-owned, as docker makes it.
+	if wd != "/" {
+		if _, err := rootfs.Stat(ctx, disk, wd); err != nil {
+			if err := rootfs.Mkdir(ctx, disk, wd); err != nil {
+				return "", fmt.Errorf("creating workdir %s: %w", wd, err)
+			}
+		}
+	}
+	before, err := captureRoot(ctx, disk)
+	if err != nil {
+		return "", fmt.Errorf("inspecting root disk: %w", err)
+	}
+
+	start := time.Now()
+	g, err := bootVM(ctx, r.Driver, r.logger(), vmSpec{prefix: PrefixBuild, rootDisk: disk, memoryMiB: mem, vcpus: r.VCPUs, egress: true, upstreams: r.DNSUpstreams})
+	if err != nil {
+		return "", err
+	}
+	defer g.close()
+	g.log.Debug("build vm booted", "ms", time.Since(start).Milliseconds(), "line", step.Line)
+
+	if err := r.exec(ctx, g, step, wd, log); err != nil {
+		return "", err
+	}
+
+	// A clean shutdown syncs and unmounts the root, so the overlay holds
+	// a consistent file system.
+	if err := r.Driver.Stop(ctx, g.id); err != nil {
+		return "", fmt.Errorf("stopping the build vm: %w", err)
+	}
+	if err := ctx.Err(); err != nil {
+		return "", err
+	}
+	// Committing writes only the clusters the step changed back into the
+	// raw disk: far less than converting the whole image.
+	overlay := filepath.Join(g.info.Dir, "disk.qcow2")
+	if err := r.qemuImg(ctx, "commit", "-q", "-d", "-f", "qcow2", overlay); err != nil {
+		return "", fmt.Errorf("committing the build vm's disk: %w", err)
+	}
+	if err := g.close(); err != nil {
+		return "", err
+	}
+	clean, err := rootfs.Clean(ctx, disk)
+	if err != nil {
+		return "", err
+	}
+	if !clean {
+		// The guest did not unmount in time (Stop killed it): replay the
+		// journal so the image is consistent.
+		r.logger().Warn("build vm root not cleanly unmounted; repairing", "disk", disk)
+		if err := rootfs.Repair(ctx, disk); err != nil {
+			return "", fmt.Errorf("root disk left inconsistent by the build vm: %w", err)
+		}
+	}
+	if err := restoreRoot(ctx, disk, before); err != nil {
+		return "", fmt.Errorf("removing the agent's files from the root: %w", err)
+	}
+	return disk, nil
+}
+
+// exec runs the step and streams its output to log.
+func (r *Runner) exec(ctx context.Context, g *guestVM, step image.RunStep, wd string, log io.Writer) error {
+	a, err := r.Driver.Agent(ctx, g.id)
+	if err != nil {
+		return fmt.Errorf("connecting to the build vm's agent: %w", err)
+	}
+	sctx := ctx
+	if step.Timeout > 0 {
+		var cancel context.CancelFunc
+		sctx, cancel = context.WithTimeout(ctx, step.Timeout)
+		defer cancel()
+	}
+	p, err := a.Exec(sctx, client.ExecRequest{
+		Argv: step.Args, Env: step.Env, Cwd: wd,
+		User: fmt.Sprintf("%d:%d", step.UID, step.GID),
+	})
+	if err != nil {
+		if cerr := ctx.Err(); cerr != nil {
+			return cerr
+		}
+		return fmt.Errorf("starting %q: %w", step.Args[0], err)
+	}
+	copied := make(chan struct{})
+	go func() {
+		defer close(copied)
+		for chunk := range p.Output() {
+			_, _ = log.Write(chunk.Data)
+		}
+	}()
+	select {
+	case <-p.Exited():
+	case <-sctx.Done():
+		// Ending the VM ends the command and its output stream; wait for
+		// the copier so nothing writes to log after Run returns.
+		g.close()
+		select {
+		case <-copied:
+		case <-time.After(5 * time.Second):
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		fmt.Fprintf(log, "\nRUN timed out after %s\n", step.Timeout)
+		return fmt.Errorf("RUN timed out after %s", step.Timeout)
+	}
+	<-copied
+	code, err := p.Wait(ctx)
+	if err != nil {
+		return fmt.Errorf("waiting for the command: %w", err)
+	}
+	if n := p.Dropped(); n > 0 {
+		fmt.Fprintf(log, "(%d bytes of output dropped)\n", n)
+	}
+	if code != 0 {
+		return &image.ExitError{Code: code}
+	}
+	return nil
+}
+
+func (r *Runner) qemuImg(ctx context.Context, args ...string) error {
+	tool := r.QEMUImg
+	if tool == "" {
+		tool = "qemu-img"
+	}
+	out, err := exec.CommandContext(ctx, tool, args...).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("qemu-img %s: %s: %w", args[0], strings.TrimSpace(string(out)), err)
+	}
+	return nil
+}
+
+// The guest agent writes into the root it switches to: /etc/resolv.conf
+// (pointing at the gateway's DNS forwarder) and the mount points /dev,
+// /proc and /sys when missing. A build must not keep them, so the runner
+// records what was there before the step and puts it back afterwards,
+// unless the step itself changed the file.
+
+var agentResolvConf = "nameserver " + netns.GatewayAddr.String() + "\n"
+
+const resolvConf = "/etc/resolv.conf"
+
+type rootState struct {
+	resolvKind   uint32 // S_IFREG, S_IFLNK, other; 0 = absent
+	resolvData   []byte
+	resolvTarget string
+	resolvMode   uint32
+	resolvUID    int
+	resolvGID    int
+	missingDirs  []string
+}
+
+func captureRoot(ctx context.Context, disk string) (rootState, error) {
+	var s rootState
+	for _, d := range []string{"/dev", "/proc", "/sys", "/etc"} {
+		if _, err := rootfs.Stat(ctx, disk, d); err != nil {
+			if !errors.Is(err, os.ErrNotExist) {
+				return s, err
+			}
+			s.missingDirs = append(s.missingDirs, d)
+		}
+	}
+	fi, err := rootfs.Stat(ctx, disk, resolvConf)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return s, nil
+		}
+		return s, err
+	}
+	s.resolvKind = fi.Mode & syscall.S_IFMT
+	s.resolvMode, s.resolvUID, s.resolvGID = fi.Mode&0o7777, fi.UID, fi.GID
+	switch s.resolvKind {
+	case syscall.S_IFREG:
+		// Bounded: resolv.conf is small; a huge one is not restored.
+		if fi.Size <= 64<<10 {
+			if s.resolvData, err = rootfs.ReadFile(ctx, disk, resolvConf); err != nil {
+				return s, err
+			}
+		} else {
+			s.resolvKind = 0xffff
+		}
+	case syscall.S_IFLNK:
+		if s.resolvTarget, err = rootfs.Readlink(ctx, disk, resolvConf); err != nil {
+			return s, err
+		}
+	}
+	return s, nil
+}
+
+func restoreRoot(ctx context.Context, disk string, s rootState) error {
+	fi, err := rootfs.Stat(ctx, disk, resolvConf)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		// The step removed it, or the VM had no network: nothing to undo.
+	case err != nil:
+		return err
+	case fi.Mode&syscall.S_IFMT == syscall.S_IFREG && fi.Size == int64(len(agentResolvConf)):
+		b, err := rootfs.ReadFile(ctx, disk, resolvConf)
+		if err != nil {
+			return err
+		}
+		if !bytes.Equal(b, []byte(agentResolvConf)) || (s.resolvKind == syscall.S_IFREG && bytes.Equal(s.resolvData, b)) {
+			break // the step wrote it, or it was there before
+		}
+		switch s.resolvKind {
+		case 0:
+			err = rootfs.Remove(ctx, disk, resolvConf)
+		case syscall.S_IFREG:
+			err = rootfs.WriteFile(ctx, disk, resolvConf, s.resolvData, s.resolvMode, s.resolvUID, s.resolvGID)
+		case syscall.S_IFLNK:
+			if err = rootfs.Remove(ctx, disk, resolvConf); err == nil {
+				err = rootfs.Symlink(ctx, disk, resolvConf, s.resolvTarget)
+			}
+		}
+		if err != nil {
+			return err
+		}
+	}
+	// Mount points the agent had to create; left alone if the step put
+	// something in them.
+	for i := len(s.missingDirs) - 1; i >= 0; i-- {
+		_ = rootfs.Remove(ctx, disk, s.missingDirs[i])
+	}
+	return nil
+}

@@ -1,0 +1,63 @@
+//go:build linux
+
+package imagebuild
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+)
+
+func TestMergeEnv(t *testing.T) {
+	tests := []struct {
+		name string
+		base []string
+		over map[string]string
+		want []string
+	}{
+		{name: "none", base: []string{"PATH=/bin", "A=1"}, want: []string{"PATH=/bin", "A=1"}},
+		{name: "override keeps order", base: []string{"A=1", "B=2"}, over: map[string]string{"A": "x"}, want: []string{"A=x", "B=2"}},
+		{name: "new keys sorted after", base: []string{"A=1"}, over: map[string]string{"Z": "z", "M": "m"}, want: []string{"A=1", "M=m", "Z=z"}},
+		{name: "value with equals", base: nil, over: map[string]string{"Q": "a=b"}, want: []string{"Q=a=b"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := mergeEnv(tt.base, tt.over); !slices.Equal(got, tt.want) {
+				t.Errorf("got %q, want %q", got, tt.want)
+			}
+		})
+	}
+}
+
+func TestPruneTemplateCache(t *testing.T) {
+	dir := t.TempDir()
+	old := time.Now().Add(-48 * time.Hour)
+	mk := func(name string, complete bool, at time.Time) {
+		p := filepath.Join(dir, name)
+		os.MkdirAll(p, 0o700)
+		if complete {
+			os.WriteFile(filepath.Join(p, "complete"), nil, 0o600)
+			os.Chtimes(filepath.Join(p, "complete"), at, at)
+		}
+		os.Chtimes(p, at, at)
+	}
+	mk("fresh", true, time.Now())
+	mk("stale", true, old)
+	mk("broken", false, time.Now())
+	mk(".tmp-new", false, time.Now())
+	mk(".tmp-old", false, old)
+	n, err := PruneTemplateCache(dir, 24*time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var left []string
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		left = append(left, e.Name())
+	}
+	if want := []string{".tmp-new", "fresh"}; n != 3 || !slices.Equal(left, want) {
+		t.Errorf("removed %d, left %v; want 3 removed, %v left", n, left, want)
+	}
+}

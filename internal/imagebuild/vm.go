@@ -1,0 +1,135 @@
+//go:build linux
+
+package imagebuild
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/dnsfwd"
+	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
+)
+
+// cleanupTimeout bounds tearing down one VM and its network. Cleanup runs
+// under context.WithoutCancel: a cancelled build must still leave nothing.
+const cleanupTimeout = 60 * time.Second
+
+// VM id prefixes: RUN steps, image VMs (snapshotted) and bench VMs.
+const (
+	PrefixBuild = "build"
+	PrefixImage = "image"
+	PrefixBench = "bench"
+)
+
+// IsBuildVM reports whether id names a VM (and network) that this package
+// made. Such VMs live only while a build runs: after a crash of kiln,
+// Recover may find them; terminate them and tear down their networks.
+func IsBuildVM(id string) bool {
+	for _, p := range []string{PrefixBuild, PrefixImage, PrefixBench} {
+		if strings.HasPrefix(id, p+"-") {
+			return true
+		}
+	}
+	return false
+}
+
+// newID returns "prefix-" and 12 random hex digits: a valid VM and netns id.
+func newID(prefix string) string {
+	b := make([]byte, 6)
+	_, _ = rand.Read(b)
+	id := prefix + "-" + hex.EncodeToString(b)
+	if testHookNewVM != nil {
+		testHookNewVM(id)
+	}
+	return id
+}
+
+// guestVM is a VM booted for a build (a RUN step, or the image VM that is
+// snapshotted), with its own network namespace and, with egress, a DNS
+// forwarder at the guest's gateway.
+type guestVM struct {
+	id     string
+	driver vmm.Driver
+	net    *netns.Net
+	dns    *dnsfwd.Forwarder
+	info   vmm.Info
+	booted bool
+	log    *slog.Logger
+}
+
+type vmSpec struct {
+	prefix    string
+	rootDisk  string
+	memoryMiB int
+	vcpus     int
+	egress    bool
+	upstreams []string
+}
+
+// testHookNewVM, if set (tests only), learns the id of every VM and
+// network a build creates, so tests can check that all are gone.
+var testHookNewVM func(id string)
+
+// bootVM sets up the network and boots. On error nothing is left.
+func bootVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (*guestVM, error) {
+	g := &guestVM{id: newID(s.prefix), driver: d, log: log}
+	g.log = log.With("vm", g.id)
+	var err error
+	if g.net, err = netns.Setup(ctx, netns.Config{ID: g.id, Egress: s.egress}); err != nil {
+		return nil, fmt.Errorf("setting up the vm network: %w", err)
+	}
+	if s.egress {
+		if g.dns, err = dnsfwd.Start(ctx, dnsfwd.Config{ID: g.id, NSPath: g.net.NSPath, Upstreams: s.upstreams}); err != nil {
+			g.close()
+			return nil, fmt.Errorf("starting the dns forwarder: %w", err)
+		}
+	}
+	g.booted = true // from here on Terminate is needed even if Boot fails half-way
+	g.info, err = d.Boot(ctx, vmm.BootSpec{
+		ID: g.id, MemoryMiB: s.memoryMiB, VCPUs: s.vcpus, RootDisk: s.rootDisk,
+		Net: &vmm.NetAttachment{Netns: g.net.NSPath, Tap: g.net.Tap, MAC: netns.GuestMAC.String()},
+	})
+	if err != nil {
+		g.close()
+		if cerr := ctx.Err(); cerr != nil {
+			return nil, cerr
+		}
+		return nil, fmt.Errorf("booting the build vm: %w", err)
+	}
+	return g, nil
+}
+
+// close terminates the VM (if any) and removes its network. Idempotent.
+func (g *guestVM) close() error {
+	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+	defer cancel()
+	var errs []error
+	if g.booted {
+		if err := g.driver.Terminate(ctx, g.id); err != nil {
+			errs = append(errs, fmt.Errorf("terminating vm %s: %w", g.id, err))
+		}
+		g.booted = false
+	}
+	if g.dns != nil {
+		_ = g.dns.Close()
+		g.dns = nil
+	}
+	if g.net != nil {
+		if err := g.net.Teardown(ctx); err != nil && !errors.Is(err, netns.ErrNotFound) {
+			errs = append(errs, fmt.Errorf("removing network of %s: %w", g.id, err))
+		}
+		g.net = nil
+	}
+	err := errors.Join(errs...)
+	if err != nil {
+		g.log.Warn("build vm cleanup", "err", err)
+	}
+	return err
+}

@@ -1,0 +1,184 @@
+//go:build linux
+
+package rootfs
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"os/exec"
+	"strings"
+	"syscall"
+)
+
+// Readlink returns the target of the symbolic link at path in the image.
+func Readlink(ctx context.Context, image, path string) (string, error) {
+	fi, err := Stat(ctx, image, path)
+	if err != nil {
+		return "", err
+	}
+	if fi.Mode&syscall.S_IFMT != syscall.S_IFLNK {
+		return "", fmt.Errorf("%s in %s is not a symbolic link", path, image)
+	}
+	out, _, err := debugfs(ctx, image, "stat "+quote(path))
+	if err != nil {
+		return "", err
+	}
+	// Short targets live in the inode ("Fast link dest:"); long ones in a
+	// data block, which cat prints.
+	for _, line := range strings.Split(string(out), "\n") {
+		if rest, ok := strings.CutPrefix(strings.TrimSpace(line), "Fast link dest: "); ok {
+			return strings.Trim(rest, `"`), nil
+		}
+	}
+	b, _, err := debugfs(ctx, image, "cat "+quote(path))
+	if err != nil {
+		return "", err
+	}
+	return string(b), nil
+}
+
+// Remove deletes the file, symbolic link or empty directory at path in
+// the image, in place. A missing path is not an error.
+func Remove(ctx context.Context, image, path string) error {
+	if err := checkDebugfsPath(path); err != nil {
+		return err
+	}
+	fi, err := Stat(ctx, image, path)
+	if err != nil {
+		if isNotExist(err) {
+			return nil
+		}
+		return err
+	}
+	cmd := "rm "
+	if fi.Mode&syscall.S_IFMT == syscall.S_IFDIR {
+		cmd = "rmdir "
+	}
+	return edit(ctx, image, cmd+quote(path))
+}
+
+// WriteFile replaces the file at path in the image (whose parent must
+// exist) with data, mode (permission bits) and owner, in place.
+func WriteFile(ctx context.Context, image, path string, data []byte, mode uint32, uid, gid int) error {
+	if err := checkDebugfsPath(path); err != nil {
+		return err
+	}
+	if err := Remove(ctx, image, path); err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp("", "kiln-rootfs-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	if strings.ContainsAny(tmp.Name(), "\" \n") {
+		return fmt.Errorf("temporary file name %q cannot be passed to debugfs", tmp.Name())
+	}
+	return edit(ctx, image,
+		"write "+tmp.Name()+" "+quote(path),
+		fmt.Sprintf("sif %s mode 0%o", quote(path), syscall.S_IFREG|mode&0o7777),
+		fmt.Sprintf("sif %s uid %d", quote(path), uid),
+		fmt.Sprintf("sif %s gid %d", quote(path), gid))
+}
+
+// Symlink creates a symbolic link at path (which must not exist) pointing
+// to target, owned by root, in place.
+func Symlink(ctx context.Context, image, path, target string) error {
+	if err := checkDebugfsPath(path); err != nil {
+		return err
+	}
+	if strings.ContainsAny(target, "\"\n ") {
+		return fmt.Errorf("symlink target %q: debugfs cannot write it", target)
+	}
+	return edit(ctx, image, "symlink "+quote(path)+" "+target)
+}
+
+// edit runs debugfs -w commands in one session and fails on any error
+// message (debugfs exits 0 even when a command fails).
+func edit(ctx context.Context, image string, cmds ...string) error {
+	tool, err := lookTool("debugfs")
+	if err != nil {
+		return err
+	}
+	f, err := os.CreateTemp("", "kiln-debugfs-*.cmds")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.WriteString(strings.Join(cmds, "\n") + "\n"); err != nil {
+		f.Close()
+		return err
+	}
+	f.Close()
+	cmd := exec.CommandContext(ctx, tool, "-w", "-f", f.Name(), image)
+	var o, e bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &o, &e
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("debugfs -w %s: %s: %w", image, strings.TrimSpace(e.String()), err)
+	}
+	if msg := strings.TrimSpace(stripBanner(e.String())); msg != "" {
+		return fmt.Errorf("debugfs -w %s (%s): %s", image, strings.Join(cmds, "; "), msg)
+	}
+	return nil
+}
+
+func isNotExist(err error) bool { return errors.Is(err, fs.ErrNotExist) }
+
+// Clean reports whether the ext4 image was cleanly unmounted: state
+// "clean" and no journal left to replay.
+func Clean(ctx context.Context, image string) (bool, error) {
+	tool, err := lookTool("dumpe2fs")
+	if err != nil {
+		return false, err
+	}
+	out, err := exec.CommandContext(ctx, tool, "-h", image).Output()
+	if err != nil {
+		return false, fmt.Errorf("dumpe2fs -h %s: %w", image, err)
+	}
+	clean := false
+	for _, line := range strings.Split(string(out), "\n") {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		switch strings.TrimSpace(k) {
+		case "Filesystem state":
+			clean = strings.TrimSpace(v) == "clean"
+		case "Filesystem features":
+			if strings.Contains(v, "needs_recovery") {
+				return false, nil
+			}
+		}
+	}
+	return clean, nil
+}
+
+// Repair replays the journal and fixes what e2fsck -p may fix without
+// asking. It fails when the file system needs more than that.
+func Repair(ctx context.Context, image string) error {
+	tool, err := lookTool("e2fsck")
+	if err != nil {
+		return err
+	}
+	cmd := exec.CommandContext(ctx, tool, "-f", "-p", image)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		// Exit 1: errors corrected; that is a success here.
+		if ee, ok := err.(*exec.ExitError); ok && ee.ExitCode() == 1 {
+			return nil
+		}
+		return fmt.Errorf("e2fsck -f -p %s: %s: %w", image, strings.TrimSpace(string(out)), err)
+	}
+	return nil
+}
