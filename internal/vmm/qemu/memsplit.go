@@ -12,8 +12,6 @@ import (
 	"io"
 	"net"
 	"os"
-
-	"golang.org/x/sys/unix"
 )
 
 // A clone maps its template privately (copy-on-write), and QEMU's
@@ -384,9 +382,8 @@ func saveSplit(ctx context.Context, v *vm, statePath, memPath string) (splitStat
 	if res.err != nil {
 		return res.st, fmt.Errorf("splitting the migration stream: %w", res.err)
 	}
-	// Start writeback without waiting: the page cache holds the file and
-	// outlives QEMU and kiln.
-	unix.SyncFileRange(int(memF.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+	// No flush here: the page cache holds the file and outlives QEMU and
+	// kiln; Suspend makes it durable in the background (persistMemory).
 	if err := stateF.Sync(); err != nil {
 		return res.st, err
 	}

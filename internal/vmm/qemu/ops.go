@@ -434,8 +434,48 @@ func (v *vm) suspend(ctx context.Context) error {
 	v.mu.Lock()
 	v.meta.MemPrivate = false // from now on the VM owns its memory file
 	v.meta.PID, v.meta.PIDStart = 0, 0
+	v.meta.SuspendGen++
+	v.meta.HostBootID = hostBootID()
+	gen := v.meta.SuspendGen
 	v.mu.Unlock()
-	return v.setState(vmm.StateSuspended, "")
+	if err := v.setState(vmm.StateSuspended, ""); err != nil {
+		return err
+	}
+	go v.persistMemory(gen)
+	return nil
+}
+
+// persistMemory flushes a suspended VM's memory file to disk. Suspend does
+// not wait for it (it would double the suspend time); until it is done the
+// memory lives in the page cache, which survives QEMU and kiln but not a
+// host crash, and Recover knows the difference by the host's boot id.
+func (v *vm) persistMemory(gen uint64) {
+	f, err := os.OpenFile(v.path("mem"), os.O_RDONLY, 0)
+	if err != nil {
+		return
+	}
+	err = f.Sync()
+	f.Close()
+	if err != nil {
+		v.log.Warn("flushing suspended memory", "err", err)
+		return
+	}
+	v.op.Lock()
+	defer v.op.Unlock()
+	v.mu.Lock()
+	if v.gone || v.meta.SuspendGen != gen {
+		v.mu.Unlock()
+		return
+	}
+	v.meta.DurableGen = gen
+	v.mu.Unlock()
+	v.saveMeta()
+}
+
+// hostBootID identifies the host's current boot.
+func hostBootID() string {
+	b, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	return strings.TrimSpace(string(b))
 }
 
 // Resume implements vmm.Driver.

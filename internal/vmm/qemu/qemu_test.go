@@ -446,3 +446,43 @@ func writeJSON(t *testing.T, path string, v any) {
 		t.Fatal(err)
 	}
 }
+
+// TestRecoverDropsMemoryLostInAHostCrash: a suspended VM whose memory had
+// not been flushed when the host restarted cannot be resumed; one from
+// this boot (page cache intact) or flushed in time is kept.
+func TestRecoverDropsMemoryLostInAHostCrash(t *testing.T) {
+	dataDir := shortDir(t)
+	tests := []struct {
+		name     string
+		durable  uint64
+		bootID   string
+		wantKept bool
+	}{
+		{"flushed before the crash", 1, "an-earlier-boot", true},
+		{"not flushed, same boot", 0, hostBootID(), true},
+		{"not flushed, host restarted", 0, "an-earlier-boot", false},
+	}
+	for i, tt := range tests {
+		id := fmt.Sprintf("sus-%d", i)
+		dir := filepath.Join(dataDir, "vms", id)
+		os.MkdirAll(dir, 0o700)
+		for _, f := range []string{"state", "mem", "disk.qcow2"} {
+			os.WriteFile(filepath.Join(dir, f), []byte("x"), 0o600)
+		}
+		writeJSON(t, filepath.Join(dir, "vm.json"), meta{ID: id, State: vmm.StateSuspended, MemoryMiB: 512, VCPUs: 1,
+			SuspendGen: 1, DurableGen: tt.durable, HostBootID: tt.bootID})
+	}
+	d := newDriver(t, dataDir)
+	rep, err := d.Recover(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := d.Inspect(context.Background(), fmt.Sprintf("sus-%d", i))
+			if kept := err == nil; kept != tt.wantKept {
+				t.Errorf("kept = %v, want %v (report %+v)", kept, tt.wantKept, rep)
+			}
+		})
+	}
+}

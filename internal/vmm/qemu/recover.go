@@ -86,6 +86,9 @@ func (d *Driver) recoverOne(ctx context.Context, dir string) (string, string, in
 		if !fileExists(v.path("state")) || !fileExists(v.path("mem")) || !fileExists(v.path("disk.qcow2")) {
 			return remove("suspended but its files are incomplete")
 		}
+		if m.DurableGen != m.SuspendGen && m.HostBootID != hostBootID() {
+			return remove("suspended, but the host restarted before its memory reached the disk")
+		}
 		v.meta.State, v.meta.Phase, v.meta.PID, v.meta.PIDStart = vmm.StateSuspended, "", 0, 0
 		v.meta.MemPrivate = false
 		v.saveMeta()

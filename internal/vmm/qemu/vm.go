@@ -52,6 +52,13 @@ type meta struct {
 	PIDStart   uint64             `json:"pid_start,omitempty"`
 	StartedAt  time.Time          `json:"started_at"`
 	Reason     string             `json:"reason,omitempty"`
+	// A suspend leaves guest memory in the page cache and flushes it in
+	// the background; DurableGen catches up with SuspendGen once the
+	// flush of that suspend is done. HostBootID tells Recover whether the
+	// page cache survived (same boot) when the flush had not finished.
+	SuspendGen uint64 `json:"suspend_gen,omitempty"`
+	DurableGen uint64 `json:"durable_gen,omitempty"`
+	HostBootID string `json:"host_boot_id,omitempty"`
 }
 
 type vm struct {
