@@ -62,7 +62,7 @@ qemu_ok() {
     qemu-system-x86_64 --version | head -n1 | grep -Eq 'version (1[0-9])\.'
 }
 qemu_ok || need_pkgs+=(qemu)
-for bin in mkfs.ext4:e2fsprogs debugfs:e2fsprogs debootstrap:debootstrap nft:nftables ip:iproute2 xz:xz-utils cpio:cpio busybox:busybox-static jq:jq curl:curl; do
+for bin in mkfs.ext4:e2fsprogs debugfs:e2fsprogs debootstrap:debootstrap nft:nftables ip:iproute2 xz:xz-utils cpio:cpio busybox:busybox-static jq:jq curl:curl docker-registry:docker-registry; do
   command -v "${bin%%:*}" >/dev/null || need_pkgs+=("${bin##*:}")
 done
 

@@ -25,7 +25,10 @@ func startDebianRegistry(t *testing.T) string {
 	t.Helper()
 	bin, err := exec.LookPath("docker-registry")
 	if err != nil {
-		t.Skip("docker-registry not installed (apt-get install docker-registry)")
+		if os.Getenv("CI") != "" {
+			t.Fatal("docker-registry is required in CI (make setup installs it)")
+		}
+		t.Skip("docker-registry not installed (run make setup)")
 	}
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
