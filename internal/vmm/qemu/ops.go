@@ -69,7 +69,7 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.BootSpec) (vmm.Info, error) 
 	if err := v.spawn(ctx, false); err != nil {
 		return fail(err)
 	}
-	if err := v.connectAgent(ctx, d.cfg.BootTimeout); err != nil {
+	if err := v.connectAgent(ctx, d.cfg.BootTimeout, true); err != nil {
 		return fail(err)
 	}
 	if err := v.setState(vmm.StateRunning, ""); err != nil {

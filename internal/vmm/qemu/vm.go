@@ -320,13 +320,16 @@ func (v *vm) lastWords() string {
 	return " (" + strings.Join(parts, "; ") + ")"
 }
 
-// connectAgent dials the agent's socket and completes the handshake.
-func (v *vm) connectAgent(ctx context.Context, timeout time.Duration) error {
+// connectAgent dials the agent's socket and completes the handshake;
+// with identity, the guest also takes the host's time, fresh entropy and
+// its hostname (a booted guest's clock comes from the emulated RTC, which
+// is only second-accurate).
+func (v *vm) connectAgent(ctx context.Context, timeout time.Duration, identity bool) error {
 	conn, err := v.dialAgent(ctx, timeout)
 	if err != nil {
 		return err
 	}
-	return v.handshake(ctx, conn, timeout, false)
+	return v.handshake(ctx, conn, timeout, identity)
 }
 
 // dialAgent connects to QEMU's end of the agent port. Connecting before a
