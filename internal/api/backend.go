@@ -242,7 +242,15 @@ func Recover(ctx context.Context, st store.Store, be Backend) error {
 		}
 		errs = append(errs, err)
 	}
-	// Builds are grouped by version: BuildImage takes a version's builds.
+	errs = append(errs, RedoBuilds(ctx, st, builds, be.BuildImage))
+	return errors.Join(errs...)
+}
+
+// RedoBuilds hands unfinished builds back to build, one call per image
+// version (BuildImage takes a version's builds together), in the order the
+// versions first appear.
+func RedoBuilds(ctx context.Context, st store.Store, builds []store.Build,
+	build func(context.Context, store.ImageVersion, []store.Build) error) error {
 	type key struct{ account, image, version string }
 	groups := map[key][]store.Build{}
 	var order []key
@@ -253,13 +261,14 @@ func Recover(ctx context.Context, st store.Store, be Backend) error {
 		}
 		groups[k] = append(groups[k], b)
 	}
+	var errs []error
 	for _, k := range order {
 		v, err := st.GetImageVersion(ctx, k.account, k.image, k.version)
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		errs = append(errs, be.BuildImage(ctx, v, groups[k]))
+		errs = append(errs, build(ctx, v, groups[k]))
 	}
 	return errors.Join(errs...)
 }

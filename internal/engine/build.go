@@ -4,8 +4,8 @@ package engine
 
 import (
 	"context"
-	"errors"
 	"fmt"
+	"github.com/kiln-sandbox/kiln/internal/api"
 	"os"
 	"path/filepath"
 	"strings"
@@ -100,26 +100,7 @@ func (l *storeLog) Write(p []byte) (int, error) {
 func (l *storeLog) Close() error { return nil }
 
 func (e *Engine) recoverBuilds(ctx context.Context, builds []store.Build) error {
-	type key struct{ account, image, version string }
-	groups := map[key][]store.Build{}
-	var order []key
-	for _, b := range builds {
-		k := key{b.Account, b.ImageName, b.Version}
-		if _, ok := groups[k]; !ok {
-			order = append(order, k)
-		}
-		groups[k] = append(groups[k], b)
-	}
-	var errs []error
-	for _, k := range order {
-		v, err := e.cfg.Store.GetImageVersion(ctx, k.account, k.image, k.version)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		errs = append(errs, e.BuildImage(ctx, v, groups[k]))
-	}
-	return errors.Join(errs...)
+	return api.RedoBuilds(ctx, e.cfg.Store, builds, e.BuildImage)
 }
 
 // DeleteImageVersion implements api.Backend: the version's files go, unless
