@@ -62,7 +62,7 @@ qemu_ok() {
     qemu-system-x86_64 --version | head -n1 | grep -Eq 'version (1[0-9])\.'
 }
 qemu_ok || need_pkgs+=(qemu)
-for bin in mkfs.ext4:e2fsprogs debugfs:e2fsprogs debootstrap:debootstrap nft:nftables ip:iproute2 xz:xz-utils cpio:cpio busybox:busybox-static jq:jq curl:curl docker-registry:docker-registry; do
+for bin in mkfs.ext4:e2fsprogs debugfs:e2fsprogs fuse2fs:fuse2fs debootstrap:debootstrap nft:nftables ip:iproute2 xz:xz-utils cpio:cpio busybox:busybox-static jq:jq curl:curl docker-registry:docker-registry; do
   command -v "${bin%%:*}" >/dev/null || need_pkgs+=("${bin##*:}")
 done
 
@@ -100,6 +100,12 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
   fi
 fi
 qemu_ok || { echo "setup.sh: QEMU 10.x not available after install" >&2; exit 1; }
+
+# Image builds read and edit the disks of build VMs through fuse2fs.
+if [ ! -e /dev/fuse ]; then
+  modprobe fuse 2>/dev/null || true
+  [ -e /dev/fuse ] || { echo "setup.sh: /dev/fuse is missing (image builds mount disks with fuse2fs); load the fuse module" >&2; exit 1; }
+fi
 
 # The SDK compatibility tests drive the official JavaScript client.
 if ! command -v npm >/dev/null; then

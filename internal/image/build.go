@@ -145,7 +145,11 @@ func (b *Builder) Build(ctx context.Context, req Request) (*Result, error) {
 	if err != nil {
 		return nil, fmt.Errorf("creating build work folder: %w", err)
 	}
-	defer os.RemoveAll(work)
+	defer func() {
+		// Never remove files through a mount a failed step left behind.
+		_ = rootfs.UnmountUnder(work)
+		os.RemoveAll(work)
+	}()
 
 	bd := &build{
 		b: b, req: req, plan: plan, ignore: ig, ctxRoot: ctxRoot, work: work,
@@ -254,11 +258,18 @@ type build struct {
 	work    string
 	cache   cache
 	stages  []*stageState
+	mounts  []*rootfs.Mounted // of disks, for COPY; closed by cleanup
 	log     *slog.Logger
 	seq     int
 }
 
 func (bd *build) cleanup() {
+	for _, m := range bd.mounts {
+		if err := m.Close(); err != nil {
+			bd.log.Warn("unmounting build disk", "err", err)
+		}
+	}
+	bd.mounts = nil
 	for _, s := range bd.stages {
 		if s != nil && s.root.priv != "" {
 			os.RemoveAll(s.root.priv)
@@ -527,36 +538,63 @@ func (st *stageState) advance(key, dir string, kind entryKind) {
 	st.folder = ""
 }
 
-// privateFolder returns a private, writable folder holding the stage's root.
-func (bd *build) privateFolder(ctx context.Context, st *stageState) (string, error) {
+// privateRoot returns a private, writable folder holding the stage's root,
+// for COPY and ADD. A root that is a disk (a RUN made it) stays a disk: it
+// is mounted, with room for need, and m is its mount, to be closed before
+// the disk is used again. Otherwise m is nil.
+func (bd *build) privateRoot(ctx context.Context, st *stageState, need treeSize) (dir string, m *rootfs.Mounted, err error) {
 	r := &st.root
 	if r.priv != "" && r.privKind == kindFolder {
-		return r.priv, nil
+		return r.priv, nil, nil
+	}
+	if (r.priv != "" && r.privKind == kindDisk) || (r.entry != "" && r.entryKind == kindDisk) {
+		disk, err := bd.privateDisk(ctx, st)
+		if err != nil {
+			return "", nil, err
+		}
+		// Headroom for ext4's own blocks (directories, extent trees)
+		// on top of the files' sizes.
+		if err := rootfs.EnsureFree(ctx, disk, need.bytes+need.bytes/8+64<<20, need.entries+1024); err != nil {
+			return "", nil, err
+		}
+		m, err := bd.mount(ctx, disk, false)
+		if err != nil {
+			return "", nil, err
+		}
+		return m.Dir, m, nil
 	}
 	dst := bd.tmpName("root")
-	switch {
-	case r.priv != "": // a disk
-		if err := rootfs.ExtractAll(ctx, r.priv, dst); err != nil {
-			return "", err
-		}
-		os.Remove(r.priv)
-	case r.entry == "":
+	if r.entry == "" {
 		if err := os.Mkdir(dst, 0o755); err != nil {
-			return "", err
+			return "", nil, err
 		}
-	case r.entryKind == kindFolder:
-		if err := cpTree(ctx, filepath.Join(r.entry, "rootfs"), dst); err != nil {
-			return "", err
-		}
-	default:
-		if err := rootfs.ExtractAll(ctx, filepath.Join(r.entry, "root.ext4"), dst); err != nil {
-			return "", err
-		}
+	} else if err := cpTree(ctx, filepath.Join(r.entry, "rootfs"), dst); err != nil {
+		return "", nil, err
 	}
-	// debugfs rdump brings lost+found along; mkfs.ext4 makes its own.
-	os.Remove(filepath.Join(dst, "lost+found"))
 	r.priv, r.privKind = dst, kindFolder
-	return dst, nil
+	return dst, nil, nil
+}
+
+// mount serves a disk at a new folder of the build's work folder; the
+// mount ends with the build at the latest.
+func (bd *build) mount(ctx context.Context, disk string, readOnly bool) (*rootfs.Mounted, error) {
+	dir := bd.tmpName("mnt")
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return nil, err
+	}
+	m, err := rootfs.Mount(ctx, disk, dir, readOnly)
+	if err != nil {
+		return nil, err
+	}
+	bd.mounts = append(bd.mounts, m)
+	return m, nil
+}
+
+func (bd *build) maxAddBytes() int64 {
+	if bd.b.MaxAddBytes > 0 {
+		return bd.b.MaxAddBytes
+	}
+	return 1 << 30
 }
 
 // privateDisk returns a private, writable ext4 image holding the stage's

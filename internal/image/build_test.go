@@ -25,36 +25,25 @@ import (
 )
 
 // fakeRunner stands in for the build microVM: it applies a Go function to
-// the root taken out of the disk and writes a new disk, so the builder's
-// disk handling (sizes, round trips, caching) is exercised for real.
+// the root on the step's disk (mounted), or diskFn to the disk itself, so
+// the builder's disk handling (sizes, mounts, caching) is exercised for
+// real.
 type fakeRunner struct {
-	mu    sync.Mutex
-	calls []RunStep
-	fn    func(root string, step RunStep) error
+	mu     sync.Mutex
+	calls  []RunStep
+	fn     func(root string, step RunStep) error
+	diskFn func(disk string) error
 }
 
 func (f *fakeRunner) Run(ctx context.Context, disk string, step RunStep, log io.Writer) (string, error) {
 	f.mu.Lock()
 	f.calls = append(f.calls, step)
 	f.mu.Unlock()
-	dir, err := os.MkdirTemp("", "fake-vm-")
-	if err != nil {
-		return "", err
-	}
-	defer os.RemoveAll(dir)
-	if err := rootfs.ExtractAll(ctx, disk, dir); err != nil {
-		return "", err
-	}
-	os.Remove(filepath.Join(dir, "lost+found"))
 	fmt.Fprintf(log, "fake vm: %s\n", strings.Join(step.Args, " "))
-	if err := f.fn(dir, step); err != nil {
-		return "", err
+	if f.diskFn != nil {
+		return disk, f.diskFn(disk)
 	}
-	out := disk + ".new"
-	if err := rootfs.BuildExt4(ctx, dir, out, 0, "kiln-build"); err != nil {
-		return "", err
-	}
-	return out, nil
+	return disk, rootfs.Edit(ctx, disk, func(dir string) error { return f.fn(dir, step) })
 }
 
 func writeFiles(t *testing.T, dir string, files map[string]string) {

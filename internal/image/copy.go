@@ -99,15 +99,28 @@ func (bd *build) copy(ctx context.Context, st *stageState, s dockerfile.Step) (b
 	h := sha256.New()
 	fmt.Fprintf(h, "%s\n%s\n%s\n%s\n%s\n%s\n", s.Kind, fromKey, s.Dest, s.Chown, s.Chmod, orRoot(st.cfg.WorkingDir))
 	fmt.Fprintf(h, "%q\n%s\n", s.Exclude, s.Checksum)
+	limits := bd.b.Limits
+	if limits == (layer.Limits{}) {
+		limits = layer.DefaultImageLimits
+	}
+	var need treeSize
 	for _, m := range matches {
 		if m.url != "" {
 			// URLs are keyed by address (and checksum), not content:
 			// re-downloading to compare would cost what the cache saves.
 			fmt.Fprintf(h, "url %s\n", m.url)
+			need.add(bd.maxAddBytes(), 1)
 			continue
 		}
-		if err := hashTree(ctx, h, src, m.name, exclude); err != nil {
+		var sz treeSize
+		if err := hashTree(ctx, h, src, m.name, exclude, &sz); err != nil {
 			return false, err
+		}
+		need.add(sz.bytes, sz.entries)
+		if s.Kind == dockerfile.Add && s.FromIdx < 0 && isArchiveFile(src, m.name) {
+			// What an archive unpacks to is known only once it is
+			// unpacked: room for ten times its size, within the limits.
+			need.add(min(limits.MaxTotalBytes, 10*sz.bytes), min(int64(limits.MaxEntries), 10_000))
 		}
 	}
 	key := keyOf(st.key, string(s.Kind), hex.EncodeToString(h.Sum(nil)))
@@ -116,9 +129,12 @@ func (bd *build) copy(ctx context.Context, st *stageState, s dockerfile.Step) (b
 		st.advance(key, dir, kind)
 		return true, nil
 	}
-	dst, err := bd.privateFolder(ctx, st)
+	dst, mnt, err := bd.privateRoot(ctx, st, need)
 	if err != nil {
 		return false, err
+	}
+	if mnt != nil {
+		defer mnt.Close()
 	}
 	dr, err := os.OpenRoot(dst)
 	if err != nil {
@@ -158,10 +174,6 @@ func (bd *build) copy(ctx context.Context, st *stageState, s dockerfile.Step) (b
 		if fi, err := dr.Stat(destName); err == nil && fi.IsDir() {
 			destDir = true
 		}
-	}
-	limits := bd.b.Limits
-	if limits == (layer.Limits{}) {
-		limits = layer.DefaultImageLimits
 	}
 	opts := layer.CopyOptions{
 		Options: layer.Options{Rootfs: true, Owner: owner, KeepOwners: keepOwners, Limits: limits,
@@ -211,12 +223,22 @@ func (bd *build) copy(ctx context.Context, st *stageState, s dockerfile.Step) (b
 			return false, err
 		}
 	}
-	dir, err := bd.cache.store(ctx, key, s.Original, dst, kindFolder)
+	kind, stored := kindFolder, dst
+	if mnt != nil {
+		// The mount must be gone, and the image written back, before the
+		// disk is stored.
+		dr.Close()
+		if err := mnt.Close(); err != nil {
+			return false, err
+		}
+		kind, stored = kindDisk, st.root.priv
+	}
+	dir, err := bd.cache.store(ctx, key, s.Original, stored, kind)
 	if err != nil {
 		return false, err
 	}
 	st.key = key
-	st.root.entry, st.root.entryKind = dir, kindFolder
+	st.root.entry, st.root.entryKind = dir, kind
 	return false, nil
 }
 
@@ -270,8 +292,14 @@ func (bd *build) excluder(s dockerfile.Step, fromContext bool) (func(string, boo
 	}, nil
 }
 
-// hashTree feeds the names, modes, owners and contents under name into h.
-func hashTree(ctx context.Context, h io.Writer, src *os.Root, name string, exclude func(string, bool) bool) error {
+// treeSize is what a copy needs room for.
+type treeSize struct{ bytes, entries int64 }
+
+func (t *treeSize) add(bytes, entries int64) { t.bytes += bytes; t.entries += entries }
+
+// hashTree feeds the names, modes, owners and contents under name into h,
+// and adds their sizes to sz.
+func hashTree(ctx context.Context, h io.Writer, src *os.Root, name string, exclude func(string, bool) bool, sz *treeSize) error {
 	return fs.WalkDir(src.FS(), name, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -291,6 +319,7 @@ func hashTree(ctx context.Context, h io.Writer, src *os.Root, name string, exclu
 		}
 		uid, gid := fileOwner(info)
 		fmt.Fprintf(h, "%s %o %d:%d %d\n", p, info.Mode(), uid, gid, info.Size())
+		sz.add(info.Size(), 1)
 		switch {
 		case info.Mode()&fs.ModeSymlink != 0:
 			l, err := src.Readlink(p)
@@ -368,10 +397,7 @@ func (bd *build) addURL(ctx context.Context, dr *os.Root, rawURL, destName strin
 	if client == nil {
 		client = &http.Client{Timeout: 10 * time.Minute}
 	}
-	max := bd.b.MaxAddBytes
-	if max == 0 {
-		max = 1 << 30
-	}
+	max := bd.maxAddBytes()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
 	if err != nil {
 		return err
@@ -471,11 +497,11 @@ func (bd *build) stageFolder(ctx context.Context, st *stageState) (string, error
 	case r.entryKind == kindFolder:
 		st.folder = filepath.Join(r.entry, "rootfs")
 	default:
-		dst := bd.tmpName("stage")
-		if err := rootfs.ExtractAll(ctx, filepath.Join(r.entry, "root.ext4"), dst); err != nil {
+		m, err := bd.mount(ctx, filepath.Join(r.entry, "root.ext4"), true)
+		if err != nil {
 			return "", err
 		}
-		st.folder = dst
+		st.folder = m.Dir
 	}
 	return st.folder, nil
 }

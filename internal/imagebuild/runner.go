@@ -89,7 +89,7 @@ func (r *Runner) Run(ctx context.Context, rootDisk string, step image.RunStep, l
 	}
 
 	start := time.Now()
-	g, err := bootVM(ctx, r.Driver, r.logger(), vmSpec{prefix: PrefixBuild, rootDisk: disk, memoryMiB: mem, vcpus: r.VCPUs, egress: true, upstreams: r.DNSUpstreams})
+	g, err := bootVM(ctx, r.Driver, r.logger(), vmSpec{prefix: PrefixBuild, rootDisk: disk, memoryMiB: mem, vcpus: r.VCPUs, egress: true, upstreams: r.DNSUpstreams, scratch: true})
 	if err != nil {
 		return "", err
 	}
@@ -111,6 +111,11 @@ func (r *Runner) Run(ctx context.Context, rootDisk string, step image.RunStep, l
 	// Committing writes only the clusters the step changed back into the
 	// raw disk: far less than converting the whole image.
 	overlay := filepath.Join(g.info.Dir, "disk.qcow2")
+	// The VM ignored flushes (a scratch disk), so only QEMU's own exit
+	// wrote the overlay's metadata out: check it before trusting it.
+	if err := r.qemuImg(ctx, "check", "-q", "-f", "qcow2", overlay); err != nil {
+		return "", fmt.Errorf("the build vm's disk overlay is inconsistent (its QEMU did not exit cleanly): %w", err)
+	}
 	if err := r.qemuImg(ctx, "commit", "-q", "-d", "-f", "qcow2", overlay); err != nil {
 		return "", fmt.Errorf("committing the build vm's disk: %w", err)
 	}

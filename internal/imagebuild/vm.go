@@ -71,6 +71,7 @@ type vmSpec struct {
 	vcpus     int
 	egress    bool
 	upstreams []string
+	scratch   bool // a RUN step's VM: see vmm.BootSpec.ScratchDisk
 }
 
 // testHookNewVM, if set (tests only), learns the id of every VM and
@@ -93,7 +94,7 @@ func bootVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (*gue
 	}
 	g.booted = true // from here on Terminate is needed even if Boot fails half-way
 	g.info, err = d.Boot(ctx, vmm.BootSpec{
-		ID: g.id, MemoryMiB: s.memoryMiB, VCPUs: s.vcpus, RootDisk: s.rootDisk,
+		ID: g.id, MemoryMiB: s.memoryMiB, VCPUs: s.vcpus, RootDisk: s.rootDisk, ScratchDisk: s.scratch,
 		Net: &vmm.NetAttachment{Netns: g.net.NSPath, Tap: g.net.Tap, MAC: netns.GuestMAC.String()},
 	})
 	if err != nil {

@@ -138,30 +138,11 @@ func isNotExist(err error) bool { return errors.Is(err, fs.ErrNotExist) }
 // Clean reports whether the ext4 image was cleanly unmounted: state
 // "clean" and no journal left to replay.
 func Clean(ctx context.Context, image string) (bool, error) {
-	tool, err := lookTool("dumpe2fs")
+	h, err := readHeader(ctx, image)
 	if err != nil {
 		return false, err
 	}
-	out, err := exec.CommandContext(ctx, tool, "-h", image).Output()
-	if err != nil {
-		return false, fmt.Errorf("dumpe2fs -h %s: %w", image, err)
-	}
-	clean := false
-	for _, line := range strings.Split(string(out), "\n") {
-		k, v, ok := strings.Cut(line, ":")
-		if !ok {
-			continue
-		}
-		switch strings.TrimSpace(k) {
-		case "Filesystem state":
-			clean = strings.TrimSpace(v) == "clean"
-		case "Filesystem features":
-			if strings.Contains(v, "needs_recovery") {
-				return false, nil
-			}
-		}
-	}
-	return clean, nil
+	return h["Filesystem state"] == "clean" && !strings.Contains(h["Filesystem features"], "needs_recovery"), nil
 }
 
 // Repair replays the journal and fixes what e2fsck -p may fix without

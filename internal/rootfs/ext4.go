@@ -1,15 +1,14 @@
 //go:build linux
 
-// Package rootfs turns a folder into an ext4 disk image and reads files back
-// out of one, without loop mounts: mkfs.ext4 -d copies the folder into the
-// new file system, and debugfs reads it. Neither needs privileges beyond
-// reading the folder, and no mount ever appears on the host.
+// Package rootfs turns a folder into an ext4 disk image and works on one
+// without the host kernel ever parsing it: mkfs.ext4 -d copies a folder
+// into a new file system, debugfs reads and edits single files, and
+// fuse2fs (a userspace ext4 driver) serves a whole image as a folder.
 package rootfs
 
 import (
 	"bytes"
 	"context"
-	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -158,25 +157,6 @@ func ReadFile(ctx context.Context, image, path string) ([]byte, error) {
 	return out, nil
 }
 
-// Extract copies the tree at path in the image to the host folder dst
-// (created if needed), as debugfs rdump does: dst/<basename(path)>.
-func Extract(ctx context.Context, image, path, dst string) error {
-	if err := checkDebugfsPath(path); err != nil {
-		return err
-	}
-	if err := os.MkdirAll(dst, 0o755); err != nil {
-		return err
-	}
-	_, stderr, err := debugfs(ctx, image, "rdump "+quote(path)+" "+quote(dst))
-	if err != nil {
-		return err
-	}
-	if strings.Contains(stderr, "not found") {
-		return fmt.Errorf("%s in %s: %w", path, image, fs.ErrNotExist)
-	}
-	return nil
-}
-
 // FileInfo is what Stat reports about an inode in an image.
 type FileInfo struct {
 	Mode uint32 // type and permission bits, as in stat(2)
@@ -256,114 +236,6 @@ func debugfs(ctx context.Context, image, request string) (stdout []byte, stderr 
 		return nil, e.String(), fmt.Errorf("debugfs -R %q %s: %s: %w", request, image, strings.TrimSpace(e.String()), err)
 	}
 	return o.Bytes(), e.String(), nil
-}
-
-// ExtractAll copies the whole file system in image into the folder dst
-// (created if needed). debugfs rdump loses setuid/setgid/sticky bits (it
-// chowns after chmod) and skips fifos, so a second debugfs pass lists every
-// directory with "ls -p" and puts those back. Hard links come out as
-// separate copies; device nodes are left out (the guest's devtmpfs
-// provides them); extended attributes are not copied.
-func ExtractAll(ctx context.Context, image, dst string) error {
-	if err := os.MkdirAll(dst, 0o755); err != nil {
-		return err
-	}
-	if _, _, err := debugfs(ctx, image, "rdump / "+quote(dst)); err != nil {
-		return err
-	}
-	var cmds bytes.Buffer
-	err := filepath.WalkDir(dst, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if !d.IsDir() {
-			return nil
-		}
-		rel, _ := filepath.Rel(dst, p)
-		in := "/" + filepath.ToSlash(rel)
-		if rel == "." {
-			in = "/"
-		}
-		if strings.ContainsAny(in, "\"\n") {
-			return nil // debugfs cannot quote these; their bits stay as rdump left them
-		}
-		fmt.Fprintf(&cmds, "ls -p %s\n", quote(in))
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("walking extracted root: %w", err)
-	}
-	cmdFile, err := os.CreateTemp("", "kiln-debugfs-*.cmds")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(cmdFile.Name())
-	if _, err := cmdFile.Write(cmds.Bytes()); err != nil {
-		cmdFile.Close()
-		return err
-	}
-	cmdFile.Close()
-	tool, err := lookTool("debugfs")
-	if err != nil {
-		return err
-	}
-	cmd := exec.CommandContext(ctx, tool, "-f", cmdFile.Name(), image)
-	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
-	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("debugfs listing %s: %s: %w", image, strings.TrimSpace(errb.String()), err)
-	}
-	cur := ""
-	for _, line := range strings.Split(out.String(), "\n") {
-		if rest, ok := strings.CutPrefix(line, "debugfs: ls -p "); ok {
-			cur = strings.Trim(rest, `"`)
-			continue
-		}
-		parts := strings.Split(line, "/")
-		if len(parts) < 8 || parts[0] != "" || cur == "" {
-			continue
-		}
-		var mode uint32
-		var uid, gid int
-		if _, err := fmt.Sscanf(parts[2], "%o", &mode); err != nil {
-			continue
-		}
-		fmt.Sscanf(parts[3], "%d", &uid)
-		fmt.Sscanf(parts[4], "%d", &gid)
-		name := parts[5]
-		if name == "." || name == ".." {
-			continue
-		}
-		host := filepath.Join(dst, filepath.FromSlash(cur), name)
-		switch mode & syscall.S_IFMT {
-		case syscall.S_IFIFO:
-			if err := syscall.Mkfifo(host, mode&0o7777); err != nil && !errors.Is(err, fs.ErrExist) {
-				return fmt.Errorf("recreating fifo %s: %w", host, err)
-			}
-			_ = os.Lchown(host, uid, gid)
-		case syscall.S_IFREG, syscall.S_IFDIR:
-			if mode&0o7000 != 0 {
-				if err := os.Chmod(host, fileMode(mode)); err != nil {
-					return fmt.Errorf("restoring mode of %s: %w", host, err)
-				}
-			}
-		}
-	}
-	return nil
-}
-
-func fileMode(m uint32) fs.FileMode {
-	fm := fs.FileMode(m & 0o777)
-	if m&syscall.S_ISUID != 0 {
-		fm |= fs.ModeSetuid
-	}
-	if m&syscall.S_ISGID != 0 {
-		fm |= fs.ModeSetgid
-	}
-	if m&syscall.S_ISVTX != 0 {
-		fm |= fs.ModeSticky
-	}
-	return fm
 }
 
 // Mkdir creates the directory path (and missing parents, owned by root,

@@ -48,6 +48,10 @@ type BootSpec struct {
 	RootDisk string
 	Net      *NetAttachment // nil: no NIC
 	Hostname string         // "" means the ID
+	// ScratchDisk says the VM's disk writes are worthless after a host
+	// crash (a build step, redone from its inputs): the driver may then
+	// ignore the guest's flushes, which package managers issue per file.
+	ScratchDisk bool
 }
 
 // CloneSpec describes a VM to start from a template.

@@ -17,8 +17,8 @@ import (
 )
 
 // diskRunner stands in for the build VM (the VM engine is not part of
-// this package): it edits the root taken out of the disk with a Go
-// function and returns a new disk, so the disk round trips are real.
+// this package): it edits the root on the disk (mounted) with a Go
+// function, so the disk handling is real.
 type diskRunner struct {
 	fn    func(root string, step image.RunStep) error
 	calls int
@@ -26,19 +26,7 @@ type diskRunner struct {
 
 func (d *diskRunner) Run(ctx context.Context, disk string, step image.RunStep, log io.Writer) (string, error) {
 	d.calls++
-	dir, err := os.MkdirTemp("", "fake-vm-")
-	if err != nil {
-		return "", err
-	}
-	defer os.RemoveAll(dir)
-	if err := rootfs.ExtractAll(ctx, disk, dir); err != nil {
-		return "", err
-	}
-	if err := d.fn(dir, step); err != nil {
-		return "", err
-	}
-	out := disk + ".new"
-	return out, rootfs.BuildExt4(ctx, dir, out, 0, "kiln-build")
+	return disk, rootfs.Edit(ctx, disk, func(dir string) error { return d.fn(dir, step) })
 }
 
 // TestBuildOnDebian12 runs a Dockerfile on the managed base with a stand-in

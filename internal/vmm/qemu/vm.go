@@ -48,10 +48,12 @@ type meta struct {
 	MemPrivate bool               `json:"mem_private"`
 	Net        *vmm.NetAttachment `json:"net,omitempty"`
 	Hostname   string             `json:"hostname"`
-	PID        int                `json:"pid,omitempty"`
-	PIDStart   uint64             `json:"pid_start,omitempty"`
-	StartedAt  time.Time          `json:"started_at"`
-	Reason     string             `json:"reason,omitempty"`
+	// ScratchDisk: guest flushes are not passed on (cache=unsafe).
+	ScratchDisk bool      `json:"scratch_disk,omitempty"`
+	PID         int       `json:"pid,omitempty"`
+	PIDStart    uint64    `json:"pid_start,omitempty"`
+	StartedAt   time.Time `json:"started_at"`
+	Reason      string    `json:"reason,omitempty"`
 	// A suspend leaves guest memory in the page cache and flushes it in
 	// the background; DurableGen catches up with SuspendGen once the
 	// flush of that suspend is done. HostBootID tells Recover whether the
@@ -151,6 +153,13 @@ func (v *vm) memPath() string {
 	return v.path("mem")
 }
 
+func diskCache(scratch bool) string {
+	if scratch {
+		return ",cache=unsafe"
+	}
+	return ""
+}
+
 // args builds QEMU's command line. incoming adds -incoming defer and -S,
 // so the caller loads state and starts the guest itself.
 func (v *vm) args(incoming bool) []string {
@@ -189,7 +198,7 @@ func (v *vm) args(incoming bool) []string {
 		"-chardev", "socket,id=con0,path=" + v.path("console.sock") + ",server=on,wait=off",
 		"-serial", "chardev:con0",
 		"-qmp", "unix:" + v.path("qmp.sock") + ",server=on,wait=off",
-		"-drive", "file=" + v.path("disk.qcow2") + ",if=none,id=disk0,format=qcow2,discard=unmap",
+		"-drive", "file=" + v.path("disk.qcow2") + ",if=none,id=disk0,format=qcow2,discard=unmap" + diskCache(m.ScratchDisk),
 		"-device", "virtio-blk-" + bus + ",drive=disk0",
 		"-device", "virtio-serial-" + bus + ",id=vser0",
 		"-chardev", "socket,id=agent0,path=" + v.path("agent.sock") + ",server=on,wait=off",

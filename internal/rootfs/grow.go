@@ -1,0 +1,84 @@
+//go:build linux
+
+package rootfs
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+)
+
+// EnsureFree grows the ext4 image, in place, so that it has at least
+// freeBytes and freeInodes free. The file stays sparse: unused room costs
+// no host disk.
+func EnsureFree(ctx context.Context, image string, freeBytes, freeInodes int64) error {
+	h, err := readHeader(ctx, image)
+	if err != nil {
+		return err
+	}
+	bs, bpg, ipg := h.num("Block size"), h.num("Blocks per group"), h.num("Inodes per group")
+	if bs <= 0 || bpg <= 0 || ipg <= 0 {
+		return fmt.Errorf("%s: unexpected ext4 header (block size %d)", image, bs)
+	}
+	needBlocks := max(0, (freeBytes+bs-1)/bs-h.num("Free blocks"))
+	if missing := freeInodes - h.num("Free inodes"); missing > 0 {
+		needBlocks = max(needBlocks, (missing+ipg-1)/ipg*bpg)
+	}
+	if needBlocks == 0 {
+		return nil
+	}
+	// Whole groups, so the new room is not eaten by a partial group's
+	// metadata.
+	needBlocks = (needBlocks/bpg + 2) * bpg
+	newBlocks := h.num("Block count") + needBlocks
+	fi, err := os.Stat(image)
+	if err != nil {
+		return err
+	}
+	if size := newBlocks * bs; size > fi.Size() {
+		if err := os.Truncate(image, size); err != nil {
+			return err
+		}
+	}
+	tool, err := lookTool("resize2fs")
+	if err != nil {
+		return err
+	}
+	// -f: resize2fs wants a fresh e2fsck after every mount; build disks
+	// were checked for a clean unmount instead.
+	out, err := exec.CommandContext(ctx, tool, "-f", image, strconv.FormatInt(newBlocks, 10)).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("resize2fs %s: %s: %w", image, strings.TrimSpace(string(out)), err)
+	}
+	return nil
+}
+
+// header is dumpe2fs -h's "Field: value" lines.
+type header map[string]string
+
+func readHeader(ctx context.Context, image string) (header, error) {
+	tool, err := lookTool("dumpe2fs")
+	if err != nil {
+		return nil, err
+	}
+	out, err := exec.CommandContext(ctx, tool, "-h", image).Output()
+	if err != nil {
+		return nil, fmt.Errorf("dumpe2fs -h %s: %w", image, err)
+	}
+	h := header{}
+	for _, line := range strings.Split(string(out), "\n") {
+		if k, v, ok := strings.Cut(line, ":"); ok {
+			h[strings.TrimSpace(k)] = strings.TrimSpace(v)
+		}
+	}
+	return h, nil
+}
+
+// num is a numeric field; 0 if absent.
+func (h header) num(field string) int64 {
+	n, _ := strconv.ParseInt(h[field], 10, 64)
+	return n
+}
