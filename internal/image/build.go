@@ -501,11 +501,12 @@ func (bd *build) run(ctx context.Context, st *stageState, s dockerfile.Step) (bo
 		st.advance(key, dir, kind)
 		return true, nil
 	}
-	uid, gid, groups, err := bd.resolveUser(ctx, st, st.cfg.User)
-	if err != nil {
+	// Resolved here only to fail early, with the step's line, on a user
+	// the root does not have.
+	if _, _, _, err := bd.resolveUser(ctx, st, st.cfg.User); err != nil {
 		return false, err
 	}
-	step.User, step.UID, step.GID, step.Groups = st.cfg.User, uid, gid, groups
+	step.User = st.cfg.User
 	disk, err := bd.privateDisk(ctx, st)
 	if err != nil {
 		return false, err

@@ -29,13 +29,11 @@ type RunStep struct {
 	// WorkDir is the absolute working directory. It may not exist yet in
 	// the root; the runner creates it (mkdir -p, owned by root) first.
 	WorkDir string
-	// User is USER as written ("" = root). UID, GID and Groups are the
-	// numeric identity it names, resolved by the builder from the root's
-	// /etc/passwd and /etc/group; runners should use these (for the agent:
-	// fmt.Sprintf("%d:%d", UID, GID)) rather than resolve User again.
-	User     string
-	UID, GID uint32
-	Groups   []uint32
+	// User is USER as written ("" = root). The builder has checked that
+	// the root names it; runners hand it to the guest agent, which
+	// resolves it in that root as runc does (supplementary groups from
+	// /etc/group unless a group is given).
+	User string
 	// Timeout bounds the step; the runner kills the command and fails
 	// when it expires.
 	Timeout time.Duration

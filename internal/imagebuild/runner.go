@@ -154,7 +154,7 @@ func (r *Runner) exec(ctx context.Context, g *guestVM, step image.RunStep, wd st
 	}
 	p, err := a.Exec(sctx, client.ExecRequest{
 		Argv: step.Args, Env: step.Env, Cwd: wd,
-		User: fmt.Sprintf("%d:%d", step.UID, step.GID),
+		User: step.User,
 	})
 	if err != nil {
 		if cerr := ctx.Err(); cerr != nil {

@@ -188,7 +188,7 @@ func TestLookupUser(t *testing.T) {
 		{spec: "", want: identity{uid: 0, gid: 0, groups: []uint32{0}, home: "/root", name: "root"}},
 		{spec: "app", want: identity{uid: 1000, gid: 1000, groups: []uint32{1000, 2000, 10}, home: "/home/app", name: "app"}},
 		{spec: "1000", want: identity{uid: 1000, gid: 1000, groups: []uint32{1000, 2000, 10}, home: "/home/app", name: "app"}},
-		{spec: "app:extra", want: identity{uid: 1000, gid: 2000, groups: []uint32{2000, 10}, home: "/home/app", name: "app"}},
+		{spec: "app:extra", want: identity{uid: 1000, gid: 2000, groups: []uint32{2000}, home: "/home/app", name: "app"}},
 		{spec: "4242", want: identity{uid: 4242, gid: 0, groups: []uint32{0}, home: "/"}},
 		{spec: "4242:77", want: identity{uid: 4242, gid: 77, groups: []uint32{77}, home: "/"}},
 		{spec: "ghost", wantErr: true},

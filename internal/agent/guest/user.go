@@ -72,9 +72,10 @@ func lookupUser(root, spec string) (identity, error) {
 		}
 		id.gid = uint32(gidNum)
 	}
-	// Supplementary groups: every group listing the user as a member.
+	// Supplementary groups: every group listing the user as a member,
+	// unless the group was named, as runc does.
 	id.groups = []uint32{id.gid}
-	if id.name != "" {
+	if id.name != "" && !hasGroup {
 		for _, f := range groups {
 			if len(f) < 4 {
 				continue

@@ -53,6 +53,7 @@ func RunnerConformance(t *testing.T, r image.Runner, dataDir string) {
 	tests := []struct {
 		name    string
 		step    image.RunStep
+		setup   func(t *testing.T, disk string) // edits the case's disk first
 		timeout time.Duration
 		// check inspects the resulting disk and the log.
 		check    func(t *testing.T, disk, log string)
@@ -73,11 +74,25 @@ func RunnerConformance(t *testing.T, r image.Runner, dataDir string) {
 		},
 		{
 			name: "env, missing workdir created, numeric user",
-			step: image.RunStep{Args: sh(`echo "$GREETING $(pwd) $(id -u):$(id -g)" > /tmp/out`), Env: []string{path, "GREETING=hi"}, WorkDir: "/srv/new/dir", User: "65534:65534", UID: 65534, GID: 65534},
+			step: image.RunStep{Args: sh(`echo "$GREETING $(pwd) $(id -u):$(id -g)" > /tmp/out`), Env: []string{path, "GREETING=hi"}, WorkDir: "/srv/new/dir", User: "65534:65534"},
 			check: func(t *testing.T, disk, log string) {
 				b, err := rootfs.ReadFile(ctx, disk, "/tmp/out")
 				if err != nil || string(b) != "hi /srv/new/dir 65534:65534\n" {
 					t.Errorf("/tmp/out = %q, %v", b, err)
+				}
+			},
+		},
+		{
+			name: "user by name gets its supplementary groups",
+			setup: func(t *testing.T, disk string) {
+				appendTo(t, disk, "/etc/passwd", "app:x:1000:1000::/home/app:/bin/sh\n")
+				appendTo(t, disk, "/etc/group", "app:x:1000:\nextra:x:2000:app\n")
+			},
+			step: image.RunStep{Args: sh(`id -u > /tmp/ids; id -G >> /tmp/ids`), Env: []string{path}, WorkDir: "/", User: "app"},
+			check: func(t *testing.T, disk, log string) {
+				b, err := rootfs.ReadFile(ctx, disk, "/tmp/ids")
+				if err != nil || string(b) != "1000\n1000 2000\n" {
+					t.Errorf("/tmp/ids = %q, %v", b, err)
 				}
 			},
 		},
@@ -103,6 +118,9 @@ func RunnerConformance(t *testing.T, r image.Runner, dataDir string) {
 			disk := filepath.Join(t.TempDir(), "root.ext4")
 			if err := copyFile(pristine, disk); err != nil {
 				t.Fatal(err)
+			}
+			if tt.setup != nil {
+				tt.setup(t, disk)
 			}
 			rctx := ctx
 			if tt.timeout > 0 {
@@ -146,6 +164,23 @@ func RunnerConformance(t *testing.T, r image.Runner, dataDir string) {
 			}
 			tt.check(t, out, log.String())
 		})
+	}
+}
+
+// appendTo appends text to a file of the disk.
+func appendTo(t *testing.T, disk, path, text string) {
+	t.Helper()
+	ctx := context.Background()
+	b, err := rootfs.ReadFile(ctx, disk, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := rootfs.Stat(ctx, disk, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := rootfs.WriteFile(ctx, disk, path, append(b, text...), fi.Mode&0o7777, fi.UID, fi.GID); err != nil {
+		t.Fatal(err)
 	}
 }
 
