@@ -242,7 +242,7 @@ func terminate(d vmm.Driver, id string) {
 func first200(ctx context.Context, url string, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	cl := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	cl := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true, DialContext: netns.HostDialer(2 * time.Second).DialContext}}
 	var last error
 	for {
 		req, _ := http.NewRequestWithContext(ctx, "GET", url, nil)

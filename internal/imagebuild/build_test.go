@@ -124,7 +124,7 @@ func cloneGet(t *testing.T, d vmm.Driver, tmpl string) (map[string]any, time.Dur
 // getUntil200 polls url until it answers 200 (bounded body), for at most
 // timeout.
 func getUntil200(ctx context.Context, url string, timeout time.Duration) ([]byte, error) {
-	cl := &http.Client{Timeout: 2 * time.Second}
+	cl := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DialContext: netns.HostDialer(2 * time.Second).DialContext}}
 	deadline := time.Now().Add(timeout)
 	var last error
 	attempts := 0

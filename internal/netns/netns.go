@@ -116,7 +116,14 @@ type Net struct {
 	HostPeer netip.Addr
 }
 
-// GuestDial returns the host-side address that reaches guest TCP port p.
+// DialMark is the socket mark (SO_MARK) of host connections to guests.
+// The host table rejects any other packet the host sends into a VM link,
+// so a local user cannot reach a guest's ports around the endpoint proxy
+// and its tokens; setting a mark needs CAP_NET_ADMIN.
+const DialMark = 0x6b696c6e // "kiln"
+
+// GuestDial returns the host-side address that reaches guest TCP port p;
+// dial it with HostDialer.
 func (n *Net) GuestDial(p uint16) string {
 	return netip.AddrPortFrom(n.HostAddr, p).String()
 }

@@ -16,6 +16,8 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	vnetns "github.com/vishvananda/netns"
@@ -494,4 +496,25 @@ func linkAddr(nl *netlink.Handle, name string, a *netlink.Addr) error {
 		return err
 	}
 	return nl.AddrAdd(l, a)
+}
+
+// HostDialer returns a dialer whose connections carry DialMark, the only
+// host connections the host table lets into VM links.
+func HostDialer(timeout time.Duration) *net.Dialer {
+	return &net.Dialer{
+		Timeout:   timeout,
+		KeepAlive: 30 * time.Second,
+		Control: func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			if err := c.Control(func(fd uintptr) {
+				serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, DialMark)
+			}); err != nil {
+				return err
+			}
+			if serr != nil {
+				return fmt.Errorf("marking a connection to a guest (SO_MARK needs CAP_NET_ADMIN): %w", serr)
+			}
+			return nil
+		},
+	}
 }

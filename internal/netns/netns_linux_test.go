@@ -168,6 +168,16 @@ func TestIsolation(t *testing.T) {
 		{"egress: not host resolver net", gB.NSPath, "10.255.255.53:53", ""},
 		{"egress: not metadata", gB.NSPath, "169.254.169.254:80", ""},
 	}
+	// Without HostDialer's mark (any local user) the host cannot reach a
+	// guest: only the endpoint proxy may.
+	t.Run("host without the mark is refused", func(t *testing.T) {
+		t.Parallel()
+		c, err := net.DialTimeout("tcp4", a.GuestDial(gport), 700*time.Millisecond)
+		if err == nil {
+			c.Close()
+			t.Fatal("an unmarked host connection reached guest A")
+		}
+	})
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()

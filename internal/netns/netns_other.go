@@ -5,6 +5,8 @@ package netns
 import (
 	"context"
 	"errors"
+	"net"
+	"time"
 )
 
 // Network namespaces exist on Linux only; the CLI still builds elsewhere.
@@ -18,3 +20,5 @@ func Reconcile(ctx context.Context, keep func(id string) bool) ([]string, error)
 }
 func RemoveHostRules() error                       { return errors.ErrUnsupported }
 func RunInNS(nsPath string, fn func() error) error { return errors.ErrUnsupported }
+
+func HostDialer(timeout time.Duration) *net.Dialer { return &net.Dialer{Timeout: timeout} }

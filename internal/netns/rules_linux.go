@@ -133,6 +133,8 @@ func policy(p nftables.ChainPolicy) *nftables.ChainPolicy { return &p }
 //   - forward: nothing is forwarded into a VM link (host→guest traffic is
 //     locally generated); from VM links only IPv4 to non-denied
 //     destinations; replies pass;
+//   - output: the host sends into VM links only on connections marked
+//     DialMark (HostDialer), so local users cannot skip the proxy;
 //   - postrouting: masquerade what VMs send out of non-VM links.
 //
 // The rules match kv* links, so one table serves every VM.
@@ -146,9 +148,21 @@ func ensureHostTable() error {
 		return fmt.Errorf("listing nftables tables: %w", err)
 	}
 	for _, t := range tabs {
-		if t.Name == TableName {
-			return nil
+		if t.Name != TableName {
+			continue
 		}
+		chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+		if err != nil {
+			return fmt.Errorf("listing nftables chains: %w", err)
+		}
+		for _, ch := range chains {
+			if ch.Table.Name == TableName && ch.Name == "output" {
+				return nil
+			}
+		}
+		// A table from a kiln without the output chain: replaced in the
+		// same transaction, so no packet sees it half-written.
+		c.DelTable(t)
 	}
 	t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: TableName})
 	vm := HostLinkPrefix + "*"
@@ -156,6 +170,8 @@ func ensureHostTable() error {
 		Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: policy(nftables.ChainPolicyAccept)})
 	fw := c.AddChain(&nftables.Chain{Name: "forward", Table: t, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookForward, Priority: nftables.ChainPriorityFilter, Policy: policy(nftables.ChainPolicyAccept)})
+	out := c.AddChain(&nftables.Chain{Name: "output", Table: t, Type: nftables.ChainTypeFilter,
+		Hooknum: nftables.ChainHookOutput, Priority: nftables.ChainPriorityFilter, Policy: policy(nftables.ChainPolicyAccept)})
 	post := c.AddChain(&nftables.Chain{Name: "postrouting", Table: t, Type: nftables.ChainTypeNAT,
 		Hooknum: nftables.ChainHookPostrouting, Priority: nftables.ChainPriorityNATSource})
 	add := func(ch *nftables.Chain, e []expr.Any) { c.AddRule(&nftables.Rule{Table: t, Chain: ch, Exprs: e}) }
@@ -170,6 +186,12 @@ func ensureHostTable() error {
 		add(fw, join(iif(vm), daddrIn(p), drop))
 	}
 	add(fw, join(iif(vm), accept))
+
+	add(out, join(oif(vm), []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(DialMark)},
+		&expr.Reject{Type: unix.NFT_REJECT_ICMPX_UNREACH, Code: unix.NFT_REJECT_ICMPX_ADMIN_PROHIBITED},
+	}))
 
 	add(post, join(nfproto(unix.NFPROTO_IPV4, expr.CmpOpEq), iif(vm),
 		ifMatch(expr.MetaKeyOIFNAME, vm, expr.CmpOpNeq), []expr.Any{&expr.Masq{}}))

@@ -28,6 +28,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
 
@@ -135,8 +136,8 @@ func New(cfg Config) (*Server, error) {
 	}
 	cfg.Domain = strings.ToLower(strings.TrimSuffix(cfg.Domain, "."))
 	if cfg.Dial == nil {
-		d := &net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}
-		cfg.Dial = d.DialContext
+		// Marked: the host table lets only marked connections into VMs.
+		cfg.Dial = netns.HostDialer(5 * time.Second).DialContext
 	}
 	if cfg.ResumeTimeout <= 0 {
 		cfg.ResumeTimeout = 60 * time.Second

@@ -194,11 +194,11 @@ func (g *Guest) ServeTCP(t testing.TB, port uint16, msg string) {
 	ServeTCP(t, g.NSPath, netip.AddrPortFrom(netns.GuestAddr, port).String(), msg)
 }
 
-// Dial connects to addr from inside nsPath ("" = this namespace) and
-// returns up to 256 bytes it reads.
+// Dial connects to addr from inside nsPath ("" = this namespace) with
+// netns.HostDialer and returns up to 256 bytes it reads.
 func Dial(nsPath, addr string, timeout time.Duration) (string, error) {
 	var c net.Conn
-	dial := func() (err error) { c, err = net.DialTimeout("tcp4", addr, timeout); return err }
+	dial := func() (err error) { c, err = netns.HostDialer(timeout).Dial("tcp4", addr); return err }
 	var err error
 	if nsPath == "" {
 		err = dial()
