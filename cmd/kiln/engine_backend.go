@@ -122,13 +122,11 @@ func (ib *imageBuilder) Build(ctx context.Context, req engine.BuildRequest) (eng
 		r.Source = cfg.CodeArtifact.URI
 	}
 	if len(cfg.Resources) > 0 {
-		// The smallest size that holds what the image asks for.
-		for _, size := range imagebuild.MemorySizes {
-			if int64(size) >= cfg.Resources[0].MinimumMemoryInMiB {
-				r.MemoryMiB = size
-				break
-			}
+		mem, err := imagebuild.MemoryFor(cfg.Resources[0].MinimumMemoryInMiB)
+		if err != nil {
+			return engine.BuildResult{}, &buildFailure{reason: "resources: " + err.Error(), err: err}
 		}
+		r.MemoryMiB = mem
 	}
 	if h := cfg.Hooks; h != nil {
 		if h.Port != nil {

@@ -41,6 +41,18 @@ const (
 // MemorySizes are the memory sizes an image may ask for (AWS's sizes).
 var MemorySizes = []int{512, 1024, 2048, 4096, 8192}
 
+// MemoryFor is the smallest of MemorySizes that holds minMiB (an image's
+// resources.minimumMemoryInMiB).
+func MemoryFor(minMiB int64) (int, error) {
+	for _, size := range MemorySizes {
+		if int64(size) >= minMiB {
+			return size, nil
+		}
+	}
+	return 0, fmt.Errorf("minimumMemoryInMiB %d is more than the largest microVM size, %d MiB (sizes: %v): %w",
+		minMiB, MemorySizes[len(MemorySizes)-1], MemorySizes, errdefs.ErrInvalid)
+}
+
 // Builder turns one image version into a snapshot template. Set Images
 // (whose Runner runs RUN steps, normally a *Runner on Driver) and Driver.
 type Builder struct {

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 )
@@ -59,5 +60,19 @@ func TestPruneTemplateCache(t *testing.T) {
 	}
 	if want := []string{".tmp-new", "fresh"}; n != 3 || !slices.Equal(left, want) {
 		t.Errorf("removed %d, left %v; want 3 removed, %v left", n, left, want)
+	}
+}
+
+func TestMemoryFor(t *testing.T) {
+	for _, tt := range []struct {
+		min  int64
+		want int
+	}{{128, 512}, {512, 512}, {513, 1024}, {2048, 2048}, {5000, 8192}, {8192, 8192}} {
+		if got, err := MemoryFor(tt.min); err != nil || got != tt.want {
+			t.Errorf("MemoryFor(%d) = %d, %v; want %d", tt.min, got, err, tt.want)
+		}
+	}
+	if _, err := MemoryFor(16384); err == nil || !strings.Contains(err.Error(), "largest microVM size, 8192 MiB") {
+		t.Errorf("MemoryFor(16384): %v", err)
 	}
 }
