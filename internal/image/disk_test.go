@@ -211,3 +211,27 @@ func debugfsW(disk string, cmds ...string) error {
 	}
 	return nil
 }
+
+// TestFailedCopyIntoDiskLeavesNoMount: a COPY that fails while the RUN's
+// disk is mounted (an unknown --chown user) leaves no mount and no work
+// files.
+func TestFailedCopyIntoDiskLeavesNoMount(t *testing.T) {
+	needRootAndFUSE(t)
+	data := t.TempDir()
+	bctx := t.TempDir()
+	writeFiles(t, bctx, map[string]string{
+		"Dockerfile": "FROM scratch\nRUN make\nCOPY --chown=ghost f /f\n",
+		"f":          "x",
+	})
+	runner := &fakeRunner{fn: func(root string, step RunStep) error { return nil }}
+	b := &Builder{DataDir: data, Runner: runner, RunHeadroom: 8 << 20}
+	_, err := b.Build(context.Background(), Request{ContextDir: bctx, Output: filepath.Join(t.TempDir(), "r.ext4")})
+	if err == nil || !strings.Contains(err.Error(), "ghost") {
+		t.Fatalf("err = %v, want the unknown user named", err)
+	}
+	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	if strings.Contains(string(mounts), data) {
+		t.Fatalf("a mount under the data dir is left:\n%s", mounts)
+	}
+	checkNoWork(t, data)
+}
