@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -89,8 +90,48 @@ func (c Claims) AllowsPort(p uint16) bool {
 // Signer mints and verifies tokens. The first key signs; every key
 // verifies, so a key can be rotated without cutting off live tokens.
 type Signer struct {
-	keys [][]byte
-	now  func() time.Time
+	keys     [][]byte
+	now      func() time.Time
+	verified *verifiedCache
+}
+
+// verifiedCache remembers the claims of tokens whose signature checked
+// out, so a client sending the same token on every request costs a map
+// lookup instead of an HMAC and a JSON decode. Only verified tokens go
+// in, so forged ones cannot fill it; expiry is checked on every use.
+type verifiedCache struct {
+	mu sync.RWMutex
+	m  map[string]Claims
+}
+
+const verifiedCacheSize = 4096
+
+func (c *verifiedCache) get(tok string) (Claims, bool) {
+	c.mu.RLock()
+	cl, ok := c.m[tok]
+	c.mu.RUnlock()
+	return cl, ok
+}
+
+func (c *verifiedCache) put(tok string, cl Claims, now int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.m) >= verifiedCacheSize {
+		for k, v := range c.m {
+			if now >= v.ExpiresAt {
+				delete(c.m, k)
+			}
+		}
+		// Still full: drop any quarter (map order); a miss only costs a
+		// verification.
+		for k := range c.m {
+			if len(c.m) < verifiedCacheSize*3/4 {
+				break
+			}
+			delete(c.m, k)
+		}
+	}
+	c.m[tok] = cl
 }
 
 // NewSigner returns a Signer; each key must be at least 32 bytes.
@@ -103,7 +144,7 @@ func NewSigner(keys ...[]byte) (*Signer, error) {
 			return nil, fmt.Errorf("key %d is %d bytes, need 32: %w", i, len(k), ErrInvalid)
 		}
 	}
-	return &Signer{keys: keys, now: time.Now}, nil
+	return &Signer{keys: keys, now: time.Now, verified: &verifiedCache{m: map[string]Claims{}}}, nil
 }
 
 // WithClock returns a copy of s that reads the time from now (tests, and
@@ -194,6 +235,13 @@ func (s *Signer) Parse(tok string) (Claims, error) {
 	if len(tok) > MaxLen || !strings.HasPrefix(tok, prefix) {
 		return Claims{}, ErrMalformed
 	}
+	now := s.now()
+	if c, ok := s.verified.get(tok); ok {
+		if now.Unix() >= c.ExpiresAt {
+			return Claims{}, ErrExpired
+		}
+		return c, nil
+	}
 	i := strings.LastIndexByte(tok, '.')
 	if i <= len(prefix) {
 		return Claims{}, ErrMalformed
@@ -220,7 +268,6 @@ func (s *Signer) Parse(tok string) (Claims, error) {
 	if err := json.Unmarshal(body, &c); err != nil {
 		return Claims{}, ErrMalformed
 	}
-	now := s.now()
 	// Reject tokens claiming a lifetime above MaxTTL even if signed: a
 	// defence against a leaked signing path that skipped Mint's checks.
 	if c.ExpiresAt-c.IssuedAt > int64(MaxTTL/time.Second) {
@@ -229,6 +276,7 @@ func (s *Signer) Parse(tok string) (Claims, error) {
 	if now.Unix() >= c.ExpiresAt {
 		return Claims{}, ErrExpired
 	}
+	s.verified.put(tok, c, now.Unix())
 	return c, nil
 }
 

@@ -134,3 +134,45 @@ func TestLoadOrCreateKey(t *testing.T) {
 		t.Fatalf("reload: %v, equal=%v len=%d", err, bytes.Equal(a, b), len(a))
 	}
 }
+
+// TestVerifiedCache: a token checked once is served from the cache, still
+// expires on time and keeps its scope; forged tokens never enter; the
+// cache stays bounded.
+func TestVerifiedCache(t *testing.T) {
+	now := time.Unix(1_800_000_000, 0)
+	s := newSigner(t, &now)
+	tok, _, err := s.Mint("acct1", "vm-1", KindEndpoint, []PortRange{Port(8080)}, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 2; i++ {
+		if _, err := s.Authorize(tok, "vm-1", KindEndpoint, 8080); err != nil {
+			t.Fatalf("check %d: %v", i, err)
+		}
+	}
+	if _, ok := s.verified.get(tok); !ok {
+		t.Fatal("a verified token is not cached")
+	}
+	if _, err := s.Authorize(tok, "vm-1", KindEndpoint, 9090); !errors.Is(err, ErrScope) {
+		t.Fatalf("cached token, other port: %v, want ErrScope", err)
+	}
+	now = now.Add(time.Minute)
+	if _, err := s.Authorize(tok, "vm-1", KindEndpoint, 8080); !errors.Is(err, ErrExpired) {
+		t.Fatalf("cached token after expiry: %v, want ErrExpired", err)
+	}
+	other, _ := NewSigner(bytes.Repeat([]byte("x"), 32))
+	forged, _, _ := other.Mint("acct1", "vm-1", KindEndpoint, []PortRange{AllPorts}, time.Minute)
+	s.Authorize(forged, "vm-1", KindEndpoint, 8080)
+	if _, ok := s.verified.get(forged); ok {
+		t.Fatal("a forged token entered the cache")
+	}
+	for i := 0; i < verifiedCacheSize+100; i++ {
+		tok, _, _ := s.Mint("acct1", "vm-1", KindEndpoint, []PortRange{Port(8080)}, time.Minute)
+		if _, err := s.Parse(tok); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := len(s.verified.m); n > verifiedCacheSize {
+		t.Fatalf("cache holds %d tokens, bound %d", n, verifiedCacheSize)
+	}
+}
