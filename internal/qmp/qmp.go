@@ -12,8 +12,11 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // maxLine bounds one QMP message; real replies are a few KiB.
@@ -187,6 +190,29 @@ func (q *Conn) Subscribe() (<-chan Event, func()) {
 
 // Execute runs one command and decodes its "return" into out (if non-nil).
 func (q *Conn) Execute(ctx context.Context, cmd string, args any, out any) error {
+	return q.execute(ctx, cmd, args, out, nil)
+}
+
+// SendFD hands f to QEMU under name (QMP getfd), for URIs such as
+// "fd:name": QEMU then needs no access to the file's path, which lets it
+// run unprivileged. QEMU keeps its own copy; the caller still closes f.
+func (q *Conn) SendFD(ctx context.Context, name string, f *os.File) error {
+	return q.execute(ctx, "getfd", map[string]any{"fdname": name}, nil, f)
+}
+
+// AddFD puts f into QEMU's file descriptor set fdset (QMP add-fd), which
+// QEMU opens as "/dev/fdset/N" wherever it takes a file name. Remove it
+// with RemoveFDSet once QEMU is done.
+func (q *Conn) AddFD(ctx context.Context, fdset int, f *os.File) error {
+	return q.execute(ctx, "add-fd", map[string]any{"fdset-id": fdset}, nil, f)
+}
+
+// RemoveFDSet drops fdset; QEMU closes its descriptors once unused.
+func (q *Conn) RemoveFDSet(ctx context.Context, fdset int) error {
+	return q.Execute(ctx, "remove-fd", map[string]any{"fdset-id": fdset}, nil)
+}
+
+func (q *Conn) execute(ctx context.Context, cmd string, args any, out any, fd *os.File) error {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	q.nextID++
@@ -204,7 +230,14 @@ func (q *Conn) Execute(ctx context.Context, cmd string, args any, out any) error
 	} else {
 		q.c.SetWriteDeadline(time.Time{})
 	}
-	if _, err := q.c.Write(append(b, '\n')); err != nil {
+	if fd == nil {
+		_, err = q.c.Write(append(b, '\n'))
+	} else if uc, ok := q.c.(*net.UnixConn); ok {
+		_, _, err = uc.WriteMsgUnix(append(b, '\n'), unix.UnixRights(int(fd.Fd())), nil)
+	} else {
+		err = errors.New("passing a file needs a unix socket")
+	}
+	if err != nil {
 		return fmt.Errorf("qmp %s: %w", cmd, err)
 	}
 	for {

@@ -8,6 +8,7 @@
 package qemu
 
 import (
+	"math/rand/v2"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -210,10 +211,37 @@ func (d *Driver) reserve(id string) (*vm, error) {
 	if _, err := os.Stat(filepath.Join(d.vmsDir(), id)); err == nil {
 		return nil, fmt.Errorf("vm %s: its directory already exists: %w", id, errdefs.ErrConflict)
 	}
-	v := &vm{d: d, id: id, dir: filepath.Join(d.vmsDir(), id), log: d.log.With("microvm", id)}
+	v := &vm{d: d, id: id, dir: filepath.Join(d.vmsDir(), id), log: d.log.With("microvm", id), uid: d.pickUID()}
 	v.op.Lock() // released by the creating operation
 	d.vms[id] = v
 	return v, nil
+}
+
+// QEMU drops root after setting up (-run-with user=): each VM gets its own
+// uid from this range, so a QEMU the guest took over can neither touch
+// the host as root nor signal, trace or read another VM's QEMU. QEMU
+// opens nothing by path after the drop; kiln hands it descriptors.
+const (
+	uidBase  = 0x6b690000
+	uidRange = 1 << 16
+)
+
+// pickUID returns a uid no other VM of this driver has, or 0 (QEMU keeps
+// kiln's identity) when kiln is not root. Called with d.mu held.
+func (d *Driver) pickUID() uint32 {
+	if os.Geteuid() != 0 {
+		return 0
+	}
+	used := make(map[uint32]bool, len(d.vms))
+	for _, v := range d.vms {
+		used[v.uid] = true
+	}
+	for {
+		u := uidBase + uint32(rand.IntN(uidRange))
+		if !used[u] {
+			return u
+		}
+	}
 }
 
 func (d *Driver) forget(id string) {

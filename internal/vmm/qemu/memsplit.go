@@ -12,6 +12,8 @@ import (
 	"io"
 	"net"
 	"os"
+
+	"golang.org/x/sys/unix"
 )
 
 // A clone maps its template privately (copy-on-write), and QEMU's
@@ -304,17 +306,23 @@ func (s *splitter) flushRun() error {
 }
 
 // saveSplit saves a paused VM whose RAM block "mem0" is private: QEMU
-// streams to a socket kiln listens on, and the stream is split into
-// statePath and memPath.
+// streams into one end of a socket pair (handed over as a descriptor, as
+// QEMU runs unprivileged), and kiln splits the stream into statePath and
+// memPath.
 func saveSplit(ctx context.Context, v *vm, statePath, memPath string) (splitStats, error) {
-	sock := v.path("mig.sock")
-	os.Remove(sock)
-	l, err := net.Listen("unix", sock)
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return splitStats{}, err
 	}
-	defer os.Remove(sock)
-	defer l.Close()
+	qemuEnd := os.NewFile(uintptr(fds[1]), "migration (qemu)")
+	defer qemuEnd.Close()
+	ourEnd := os.NewFile(uintptr(fds[0]), "migration (kiln)")
+	c, err := net.FileConn(ourEnd)
+	ourEnd.Close()
+	if err != nil {
+		return splitStats{}, err
+	}
+	defer c.Close()
 	stateF, err := os.OpenFile(statePath, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
 	if err != nil {
 		return splitStats{}, err
@@ -328,20 +336,18 @@ func saveSplit(ctx context.Context, v *vm, statePath, memPath string) (splitStat
 	if err := memF.Truncate(int64(v.meta.MemoryMiB) << 20); err != nil {
 		return splitStats{}, err
 	}
+	if err := v.qmp.SendFD(ctx, "split-out", qemuEnd); err != nil {
+		return splitStats{}, err
+	}
+	// QEMU holds its own copy now; ours must go, or the stream never
+	// ends when QEMU closes its end.
+	qemuEnd.Close()
 	type result struct {
 		st  splitStats
 		err error
 	}
 	done := make(chan result, 1)
-	conns := make(chan net.Conn, 1)
 	go func() {
-		c, err := l.Accept()
-		if err != nil {
-			done <- result{err: err}
-			return
-		}
-		conns <- c
-		defer c.Close()
 		var src io.Reader = c
 		if dbg := os.Getenv("KILN_DEBUG_SPLIT"); dbg != "" {
 			f, _ := os.Create(dbg)
@@ -351,20 +357,13 @@ func saveSplit(ctx context.Context, v *vm, statePath, memPath string) (splitStat
 		st, err := splitStream(src, stateF, memF, "mem0")
 		done <- result{st, err}
 	}()
-	// abort ends the receiver whatever it is doing (accepting or reading)
-	// and waits for it, so a failed save never leaves it blocked.
+	// abort ends the receiver whatever it is doing and waits for it, so a
+	// failed save never leaves it blocked.
 	abort := func() {
-		l.Close()
-		for {
-			select {
-			case c := <-conns:
-				c.Close()
-			case <-done:
-				return
-			}
-		}
+		c.Close()
+		<-done
 	}
-	if err := startMigration(ctx, v.qmp, "unix:"+sock); err != nil {
+	if err := startMigration(ctx, v.qmp, "fd:split-out"); err != nil {
 		abort()
 		return splitStats{}, err
 	}

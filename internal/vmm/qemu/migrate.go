@@ -5,6 +5,7 @@ package qemu
 import (
 	"context"
 	"fmt"
+	"os"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/qmp"
@@ -25,13 +26,26 @@ func setIgnoreShared(ctx context.Context, q *qmp.Conn) error {
 }
 
 // saveDeviceState writes the paused VM's device state to path; its
-// memory, a shared file, stays where it is.
+// memory, a shared file, stays where it is. kiln opens the file and hands
+// QEMU the descriptor: QEMU, running unprivileged, has no access to path.
 func saveDeviceState(ctx context.Context, q *qmp.Conn, path string) error {
-	if err := startMigration(ctx, q, "file:"+path); err != nil {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := q.AddFD(ctx, stateFDSet, f); err != nil {
+		return err
+	}
+	defer q.RemoveFDSet(context.WithoutCancel(ctx), stateFDSet)
+	if err := startMigration(ctx, q, fmt.Sprintf("file:/dev/fdset/%d", stateFDSet)); err != nil {
 		return err
 	}
 	return waitMigration(ctx, q)
 }
+
+// stateFDSet is the descriptor set that carries device state files.
+const stateFDSet = 1
 
 // startMigration starts saving to uri with x-ignore-shared on.
 func startMigration(ctx context.Context, q *qmp.Conn, uri string) error {
@@ -46,12 +60,22 @@ func startMigration(ctx context.Context, q *qmp.Conn, uri string) error {
 	return q.Execute(ctx, "migrate", map[string]any{"uri": uri}, nil)
 }
 
-// loadDeviceState loads device state into a QEMU started with -incoming defer.
+// loadDeviceState loads device state into a QEMU started with -incoming
+// defer, from a descriptor kiln opened (see saveDeviceState).
 func loadDeviceState(ctx context.Context, q *qmp.Conn, path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
 	if err := setIgnoreShared(ctx, q); err != nil {
 		return err
 	}
-	if err := q.Execute(ctx, "migrate-incoming", map[string]any{"uri": "file:" + path}, nil); err != nil {
+	if err := q.AddFD(ctx, stateFDSet, f); err != nil {
+		return err
+	}
+	defer q.RemoveFDSet(context.WithoutCancel(ctx), stateFDSet)
+	if err := q.Execute(ctx, "migrate-incoming", map[string]any{"uri": fmt.Sprintf("file:/dev/fdset/%d", stateFDSet)}, nil); err != nil {
 		return err
 	}
 	return waitMigration(ctx, q)

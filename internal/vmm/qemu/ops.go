@@ -52,7 +52,7 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.BootSpec) (vmm.Info, error) 
 	defer v.op.Unlock()
 	v.meta = meta{ID: spec.ID, State: vmm.StateRunning, Phase: phaseBooting, MemoryMiB: spec.MemoryMiB, VCPUs: spec.VCPUs,
 		Platform: d.platform, Kernel: d.cfg.kernelPath(), Initrd: d.initrd, Net: spec.Net,
-		Hostname: hostnameOr(spec.Hostname, spec.ID), StartedAt: time.Now(), ScratchDisk: spec.ScratchDisk}
+		Hostname: hostnameOr(spec.Hostname, spec.ID), StartedAt: time.Now(), ScratchDisk: spec.ScratchDisk, UID: v.uid}
 	fail := func(err error) (vmm.Info, error) {
 		v.destroy()
 		return vmm.Info{}, fmt.Errorf("booting %s: %w", spec.ID, err)
@@ -320,7 +320,8 @@ func (d *Driver) Clone(ctx context.Context, spec vmm.CloneSpec) (vmm.Info, error
 	}
 	defer v.op.Unlock()
 	v.meta = meta{ID: spec.ID, State: vmm.StateRunning, Phase: phaseBooting, MemoryMiB: t.MemoryMiB, VCPUs: t.VCPUs,
-		Platform: t.Platform, Template: t.Dir, MemPrivate: true, Net: spec.Net, Hostname: hostnameOr(spec.Hostname, spec.ID), StartedAt: time.Now()}
+		Platform: t.Platform, Template: t.Dir, MemPrivate: true, Net: spec.Net, Hostname: hostnameOr(spec.Hostname, spec.ID), StartedAt: time.Now(),
+		UID: v.uid}
 	fail := func(err error) (vmm.Info, error) {
 		v.destroy()
 		return vmm.Info{}, fmt.Errorf("cloning %s: %w", spec.ID, err)

@@ -188,11 +188,41 @@ func TestSnapshotClonesDivergeAndDiffer(t *testing.T) {
 	if h := mustSh(t, d, "c2", "hostname"); h != "c2" {
 		t.Errorf("clone hostname %q, want c2", h)
 	}
+	// Each QEMU dropped root for a uid of its own.
+	u1, u2 := qemuUID(t, d, "c1"), qemuUID(t, d, "c2")
+	if u1 == 0 || u2 == 0 || u1 == u2 {
+		t.Errorf("clones' QEMU uids %d and %d: want two different non-root uids", u1, u2)
+	}
 	// The template is unchanged by its clones.
 	clone(t, d, tmpl, "c3")
 	if got := mustSh(t, d, "c3", "cat /mem/v /root/v"); got != "base\nbase" {
 		t.Errorf("a new clone sees %q: the template changed", got)
 	}
+}
+
+// qemuUID reads the real, effective, saved and filesystem uids of the VM's
+// QEMU; they must agree.
+func qemuUID(t *testing.T, d *Driver, id string) int {
+	t.Helper()
+	info, err := d.Inspect(context.Background(), id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", info.PID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) == 5 && f[0] == "Uid:" {
+			if f[1] != f[2] || f[1] != f[3] || f[1] != f[4] {
+				t.Fatalf("QEMU of %s has mixed uids: %s", id, line)
+			}
+			n, _ := strconv.Atoi(f[1])
+			return n
+		}
+	}
+	t.Fatalf("no Uid line in /proc/%d/status", info.PID)
+	return 0
 }
 
 func TestSuspendResumeKeepsMemoryDiskAndClock(t *testing.T) {
@@ -210,6 +240,7 @@ func TestSuspendResumeKeepsMemoryDiskAndClock(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustSh(t, d, "sr1", "echo kept > /root/file && sync")
+	uid := qemuUID(t, d, "sr1")
 	for round := 1; round <= 2; round++ {
 		time.Sleep(500 * time.Millisecond)
 		before, _ := strconv.Atoi(mustSh(t, d, "sr1", "cat /mem/n"))
@@ -228,6 +259,9 @@ func TestSuspendResumeKeepsMemoryDiskAndClock(t *testing.T) {
 		}
 		if _, err := d.Resume(ctx, "sr1"); err != nil {
 			t.Fatal(err)
+		}
+		if u := qemuUID(t, d, "sr1"); u != uid {
+			t.Errorf("resumed QEMU runs as uid %d, want the VM's %d", u, uid)
 		}
 		if round == 2 {
 			// busybox date has no %N; adjtimex prints microseconds.

@@ -65,7 +65,7 @@ func (d *Driver) recoverOne(ctx context.Context, dir string) (string, string, in
 		os.RemoveAll(dir)
 		return name, "no readable vm.json: removed", 0
 	}
-	v := &vm{d: d, id: m.ID, dir: dir, log: d.log.With("microvm", m.ID), meta: m}
+	v := &vm{d: d, id: m.ID, dir: dir, log: d.log.With("microvm", m.ID), meta: m, uid: m.UID}
 	var p *proc
 	if m.PID > 0 {
 		p, _ = adoptProc(m.PID, m.PIDStart)

@@ -49,11 +49,13 @@ type meta struct {
 	Net        *vmm.NetAttachment `json:"net,omitempty"`
 	Hostname   string             `json:"hostname"`
 	// ScratchDisk: guest flushes are not passed on (cache=unsafe).
-	ScratchDisk bool      `json:"scratch_disk,omitempty"`
-	PID         int       `json:"pid,omitempty"`
-	PIDStart    uint64    `json:"pid_start,omitempty"`
-	StartedAt   time.Time `json:"started_at"`
-	Reason      string    `json:"reason,omitempty"`
+	ScratchDisk bool `json:"scratch_disk,omitempty"`
+	// UID is the unprivileged uid (and gid) QEMU runs as; 0: kiln's own.
+	UID       uint32    `json:"uid,omitempty"`
+	PID       int       `json:"pid,omitempty"`
+	PIDStart  uint64    `json:"pid_start,omitempty"`
+	StartedAt time.Time `json:"started_at"`
+	Reason    string    `json:"reason,omitempty"`
 	// A suspend leaves guest memory in the page cache and flushes it in
 	// the background; DurableGen catches up with SuspendGen once the
 	// flush of that suspend is done. HostBootID tells Recover whether the
@@ -79,7 +81,8 @@ type vm struct {
 	console *ring
 	// expectExit is set while an operation ends the process on purpose.
 	expectExit bool
-	gone       bool // removed from the driver
+	gone       bool   // removed from the driver
+	uid        uint32 // meta.UID, known to the driver before meta is
 }
 
 func (v *vm) path(name string) string { return filepath.Join(v.dir, name) }
@@ -153,12 +156,27 @@ func (v *vm) memPath() string {
 	return v.path("mem")
 }
 
+func elevate(uid uint32) string {
+	if uid != 0 {
+		return "allow"
+	}
+	return "deny"
+}
+
 func diskCache(scratch bool) string {
 	if scratch {
 		return ",cache=unsafe"
 	}
 	return ""
 }
+
+// Descriptors QEMU inherits (ExtraFiles start at 3): the disk read-write
+// and read-only, then the TAP.
+const (
+	diskFD    = 3
+	tapFD     = 5
+	diskFDSet = 2
+)
 
 // args builds QEMU's command line. incoming adds -incoming defer and -S,
 // so the caller loads state and starts the guest itself.
@@ -192,13 +210,19 @@ func (v *vm) args(incoming bool) []string {
 		"-smp", fmt.Sprint(m.VCPUs),
 		"-object", backend,
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-		// The guest is hostile: confine QEMU with its seccomp filter.
-		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+		// The guest is hostile: confine QEMU with its seccomp filter. With
+		// a uid to drop to, set*id calls must stay allowed for the drop
+		// itself; afterwards QEMU has no privilege they could regain.
+		"-sandbox", "on,obsolete=deny,elevateprivileges=" + elevate(m.UID) + ",spawn=deny,resourcecontrol=deny",
 
 		"-chardev", "socket,id=con0,path=" + v.path("console.sock") + ",server=on,wait=off",
 		"-serial", "chardev:con0",
 		"-qmp", "unix:" + v.path("qmp.sock") + ",server=on,wait=off",
-		"-drive", "file=" + v.path("disk.qcow2") + ",if=none,id=disk0,format=qcow2,discard=unmap" + diskCache(m.ScratchDisk),
+		// The disk comes as descriptors (fdset 2, read-write and
+		// read-only): QEMU reopens it around migrations, after it has
+		// dropped root, and must not need access to its path.
+		"-add-fd", fmt.Sprintf("fd=%d,set=%d", diskFD, diskFDSet), "-add-fd", fmt.Sprintf("fd=%d,set=%d", diskFD+1, diskFDSet),
+		"-drive", fmt.Sprintf("file=/dev/fdset/%d,if=none,id=disk0,format=qcow2,discard=unmap", diskFDSet) + diskCache(m.ScratchDisk),
 		"-device", "virtio-blk-" + bus + ",drive=disk0",
 		"-device", "virtio-serial-" + bus + ",id=vser0",
 		"-chardev", "socket,id=agent0,path=" + v.path("agent.sock") + ",server=on,wait=off",
@@ -210,8 +234,11 @@ func (v *vm) args(incoming bool) []string {
 		a = append(a, "-device", "vmgenid,guid=auto")
 	}
 	if m.Net != nil {
-		a = append(a, "-netdev", "tap,id=net0,fd=3", // vnet_hdr is read from the fd (opened with IFF_VNET_HDR); QEMU 10 refuses vnet_hdr= with fd=
+		a = append(a, "-netdev", fmt.Sprintf("tap,id=net0,fd=%d", tapFD), // vnet_hdr is read from the fd (opened with IFF_VNET_HDR); QEMU 10 refuses vnet_hdr= with fd=
 			"-device", "virtio-net-"+bus+",netdev=net0,mac="+m.Net.MAC)
+	}
+	if m.UID != 0 {
+		a = append(a, "-run-with", fmt.Sprintf("user=%d:%d", m.UID, m.UID))
 	}
 	if incoming {
 		// A restored guest has long since booted: the kernel and initramfs
@@ -242,13 +269,24 @@ func (v *vm) spawn(ctx context.Context, incoming bool) error {
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// Its own session: the VM survives kiln's death and is adopted later.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	rw, err := os.OpenFile(v.path("disk.qcow2"), os.O_RDWR, 0)
+	if err != nil {
+		return err
+	}
+	defer rw.Close()
+	ro, err := os.Open(v.path("disk.qcow2"))
+	if err != nil {
+		return err
+	}
+	defer ro.Close()
+	cmd.ExtraFiles = []*os.File{rw, ro}
 	if n := v.meta.Net; n != nil {
 		tap, err := openTap(n.Netns, n.Tap)
 		if err != nil {
 			return err
 		}
 		defer tap.Close()
-		cmd.ExtraFiles = []*os.File{tap}
+		cmd.ExtraFiles = append(cmd.ExtraFiles, tap)
 	}
 	p, err := startProc(cmd)
 	if err != nil {
