@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"net/http"
 	"net/url"
 	"os"
@@ -112,15 +113,17 @@ func (bd *build) copy(ctx context.Context, st *stageState, s dockerfile.Step) (b
 			need.add(bd.maxAddBytes(), 1)
 			continue
 		}
-		var sz treeSize
-		if err := hashTree(ctx, h, src, m.name, exclude, &sz); err != nil {
+		if err := hashTree(ctx, h, src, m.name, exclude, &need, limits); err != nil {
 			return false, err
 		}
-		need.add(sz.bytes, sz.entries)
 		if s.Kind == dockerfile.Add && s.FromIdx < 0 && isArchiveFile(src, m.name) {
 			// What an archive unpacks to is known only once it is
 			// unpacked: room for ten times its size, within the limits.
-			need.add(min(limits.MaxTotalBytes, 10*sz.bytes), min(int64(limits.MaxEntries), 10_000))
+			fi, err := src.Stat(m.name)
+			if err != nil {
+				return false, err
+			}
+			need.add(min(limits.MaxTotalBytes, 10*fi.Size()), min(int64(limits.MaxEntries), 10_000))
 		}
 	}
 	key := keyOf(st.key, string(s.Kind), hex.EncodeToString(h.Sum(nil)))
@@ -129,6 +132,11 @@ func (bd *build) copy(ctx context.Context, st *stageState, s dockerfile.Step) (b
 		st.advance(key, dir, kind)
 		return true, nil
 	}
+	// Sizes come from the source, which may be a disk a build VM wrote
+	// (a sparse file claiming terabytes): never plan for more than the
+	// copy limits allow.
+	need.bytes = min(max(need.bytes, 0), limits.MaxTotalBytes)
+	need.entries = min(max(need.entries, 0), int64(limits.MaxEntries))
 	dst, mnt, err := bd.privateRoot(ctx, st, need)
 	if err != nil {
 		return false, err
@@ -295,11 +303,24 @@ func (bd *build) excluder(s dockerfile.Step, fromContext bool) (func(string, boo
 // treeSize is what a copy needs room for.
 type treeSize struct{ bytes, entries int64 }
 
-func (t *treeSize) add(bytes, entries int64) { t.bytes += bytes; t.entries += entries }
+// add saturates instead of overflowing: sizes may come from a hostile disk.
+func (t *treeSize) add(bytes, entries int64) {
+	t.bytes = satAdd(t.bytes, bytes)
+	t.entries = satAdd(t.entries, entries)
+}
+
+func satAdd(a, b int64) int64 {
+	if b > 0 && a > math.MaxInt64-b {
+		return math.MaxInt64
+	}
+	return a + b
+}
 
 // hashTree feeds the names, modes, owners and contents under name into h,
-// and adds their sizes to sz.
-func hashTree(ctx context.Context, h io.Writer, src *os.Root, name string, exclude func(string, bool) bool, sz *treeSize) error {
+// and adds their sizes to sz. The source may be a disk a build VM wrote,
+// whose files can claim any size: the copy limits apply before anything
+// is read.
+func hashTree(ctx context.Context, h io.Writer, src *os.Root, name string, exclude func(string, bool) bool, sz *treeSize, limits layer.Limits) error {
 	return fs.WalkDir(src.FS(), name, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -321,6 +342,14 @@ func hashTree(ctx context.Context, h io.Writer, src *os.Root, name string, exclu
 		fmt.Fprintf(h, "%s %o %d:%d %d\n", p, info.Mode(), uid, gid, info.Size())
 		sz.add(info.Size(), 1)
 		switch {
+		case info.Mode().IsRegular() && info.Size() > limits.MaxEntryBytes:
+			return fmt.Errorf("%w: %s is %d bytes, over MaxEntryBytes = %d", layer.ErrLimit, p, info.Size(), limits.MaxEntryBytes)
+		case sz.bytes > limits.MaxTotalBytes:
+			return fmt.Errorf("%w: the sources are over MaxTotalBytes = %d", layer.ErrLimit, limits.MaxTotalBytes)
+		case sz.entries > int64(limits.MaxEntries):
+			return fmt.Errorf("%w: the sources have over MaxEntries = %d entries", layer.ErrLimit, limits.MaxEntries)
+		}
+		switch {
 		case info.Mode()&fs.ModeSymlink != 0:
 			l, err := src.Readlink(p)
 			if err != nil {
@@ -332,7 +361,7 @@ func hashTree(ctx context.Context, h io.Writer, src *os.Root, name string, exclu
 			if err != nil {
 				return err
 			}
-			_, err = io.Copy(h, f)
+			_, err = io.Copy(h, io.LimitReader(f, info.Size()))
 			f.Close()
 			if err != nil {
 				return err

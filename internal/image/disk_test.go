@@ -13,7 +13,9 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/image/layer"
 	"github.com/kiln-sandbox/kiln/internal/rootfs"
 )
 
@@ -233,5 +235,44 @@ func TestFailedCopyIntoDiskLeavesNoMount(t *testing.T) {
 	if strings.Contains(string(mounts), data) {
 		t.Fatalf("a mount under the data dir is left:\n%s", mounts)
 	}
+	checkNoWork(t, data)
+}
+
+// TestCopyOfHugeSparseFileIsBounded: a build VM can make a file claim
+// terabytes (its size field) at no cost. Copying it into a RUN's disk must
+// not grow that disk to match: the copy limits refuse it first.
+func TestCopyOfHugeSparseFileIsBounded(t *testing.T) {
+	needRootAndFUSE(t)
+	ctx := context.Background()
+	data := t.TempDir()
+	bctx := t.TempDir()
+	writeFiles(t, bctx, map[string]string{
+		"Dockerfile": "FROM scratch AS evil\nRUN craft\nFROM scratch\nRUN other\nCOPY --from=evil /huge /huge\n",
+	})
+	payload := filepath.Join(t.TempDir(), "payload")
+	os.WriteFile(payload, []byte("x"), 0o644)
+	runner := &fakeRunner{
+		fn: func(string, RunStep) error { return nil },
+		diskFn: func(disk string) error {
+			return debugfsW(disk, "write "+payload+" /huge", "sif /huge size 17592186044416")
+		},
+	}
+	// Only the first RUN crafts; the second is a plain step.
+	crafted := false
+	diskFn := runner.diskFn
+	runner.diskFn = func(disk string) error {
+		if crafted {
+			return nil
+		}
+		crafted = true
+		return diskFn(disk)
+	}
+	b := &Builder{DataDir: data, Runner: runner, RunHeadroom: 8 << 20, Limits: layer.Limits{MaxEntries: 1000, MaxEntryBytes: 64 << 20, MaxTotalBytes: 64 << 20}}
+	start := time.Now()
+	_, err := b.Build(ctx, Request{ContextDir: bctx, Output: filepath.Join(t.TempDir(), "r.ext4")})
+	if err == nil {
+		t.Fatal("copying a 16 TiB file succeeded")
+	}
+	t.Logf("refused in %v: %v", time.Since(start), err)
 	checkNoWork(t, data)
 }

@@ -187,6 +187,8 @@ func ensureHostTable() error {
 	}
 	add(fw, join(iif(vm), accept))
 
+	// Replies and ICMP errors (path MTU) on traffic that was let in.
+	add(out, join(oif(vm), ctStateEstRel(), accept))
 	add(out, join(oif(vm), []expr.Any{
 		&expr.Meta{Key: expr.MetaKeyMARK, Register: 1},
 		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(DialMark)},

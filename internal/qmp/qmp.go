@@ -200,14 +200,21 @@ func (q *Conn) SendFD(ctx context.Context, name string, f *os.File) error {
 	return q.execute(ctx, "getfd", map[string]any{"fdname": name}, nil, f)
 }
 
-// AddFD puts f into QEMU's file descriptor set fdset (QMP add-fd), which
-// QEMU opens as "/dev/fdset/N" wherever it takes a file name. Remove it
-// with RemoveFDSet once QEMU is done.
-func (q *Conn) AddFD(ctx context.Context, fdset int, f *os.File) error {
-	return q.execute(ctx, "add-fd", map[string]any{"fdset-id": fdset}, nil, f)
+// AddFD puts f into a new file descriptor set and returns its id; QEMU
+// opens it as "/dev/fdset/ID" wherever it takes a file name. Remove the
+// set with RemoveFDSet once QEMU is done with it.
+func (q *Conn) AddFD(ctx context.Context, f *os.File) (int, error) {
+	var out struct {
+		FDSet int `json:"fdset-id"`
+	}
+	if err := q.execute(ctx, "add-fd", map[string]any{}, &out, f); err != nil {
+		return 0, err
+	}
+	return out.FDSet, nil
 }
 
-// RemoveFDSet drops fdset; QEMU closes its descriptors once unused.
+// RemoveFDSet drops a descriptor set; QEMU closes its descriptors once
+// unused.
 func (q *Conn) RemoveFDSet(ctx context.Context, fdset int) error {
 	return q.Execute(ctx, "remove-fd", map[string]any{"fdset-id": fdset}, nil)
 }

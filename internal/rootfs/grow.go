@@ -43,13 +43,16 @@ func EnsureFree(ctx context.Context, image string, freeBytes, freeInodes int64) 
 			return err
 		}
 	}
+	// A guest wrote this file system: resize2fs must only see one that a
+	// full check found sound (and it asks for one after every mount).
+	if err := Repair(ctx, image); err != nil {
+		return fmt.Errorf("checking %s before growing it: %w", image, err)
+	}
 	tool, err := lookTool("resize2fs")
 	if err != nil {
 		return err
 	}
-	// -f: resize2fs wants a fresh e2fsck after every mount; build disks
-	// were checked for a clean unmount instead.
-	out, err := exec.CommandContext(ctx, tool, "-f", image, strconv.FormatInt(newBlocks, 10)).CombinedOutput()
+	out, err := exec.CommandContext(ctx, tool, image, strconv.FormatInt(newBlocks, 10)).CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("resize2fs %s: %s: %w", image, strings.TrimSpace(string(out)), err)
 	}

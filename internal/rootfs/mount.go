@@ -26,8 +26,9 @@ import (
 // open(2), so a crafted directory holding a symbolic link and a file of
 // the same name would make it write through the link onto the host. Over
 // a FUSE mount, callers go through os.Root like any other folder, and
-// hard links, extended attributes and file capabilities stay where they
-// are in the image instead of being lost in a round trip.
+// what a COPY does not touch (hard links, extended attributes, file
+// capabilities) stays as it is in the image instead of being lost in a
+// round trip. (COPY --from copies files, not their extended attributes.)
 type Mounted struct {
 	Dir string
 
@@ -71,7 +72,9 @@ func Mount(ctx context.Context, image, dir string, readOnly bool) (*Mounted, err
 	m.cmd = exec.Command(tool, image, dir, "-f", "-o", opts)
 	m.cmd.Stdout, m.cmd.Stderr = m.stderr, m.stderr
 	// If kiln dies, fuse2fs unmounts and exits on SIGTERM rather than
-	// leaving a mount behind.
+	// leaving a mount behind. (The signal follows the OS thread that
+	// started it; Go ends a thread only when a goroutine exits locked to
+	// it, which kiln's namespace switching does only after a failure.)
 	m.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	before, err := devOf(dir)
 	if err != nil {
@@ -98,6 +101,8 @@ func Mount(ctx context.Context, image, dir string, readOnly bool) (*Mounted, err
 	for {
 		select {
 		case <-m.exited:
+			// It may have mounted before it died: no dead mount stays.
+			unmount(dir)
 			return nil, fmt.Errorf("fuse2fs %s: %s (%v)", image, strings.TrimSpace(m.stderr.String()), m.err)
 		case <-deadline.C:
 			m.Close()
@@ -161,6 +166,10 @@ func UnmountUnder(dir string) error {
 	dir, err := filepath.Abs(dir)
 	if err != nil {
 		return err
+	}
+	// mountinfo names mount points by their resolved paths.
+	if r, err := filepath.EvalSymlinks(dir); err == nil {
+		dir = r
 	}
 	f, err := os.Open("/proc/self/mountinfo")
 	if err != nil {

@@ -110,6 +110,8 @@ func (c *verifiedCache) get(tok string) (Claims, bool) {
 	c.mu.RLock()
 	cl, ok := c.m[tok]
 	c.mu.RUnlock()
+	// The caller gets its own Ports: the cached claims stay as verified.
+	cl.Ports = append([]PortRange(nil), cl.Ports...)
 	return cl, ok
 }
 

@@ -217,10 +217,13 @@ func (d *Driver) reserve(id string) (*vm, error) {
 	return v, nil
 }
 
-// QEMU drops root after setting up (-run-with user=): each VM gets its own
-// uid from this range, so a QEMU the guest took over can neither touch
-// the host as root nor signal, trace or read another VM's QEMU. QEMU
-// opens nothing by path after the drop; kiln hands it descriptors.
+// QEMU drops root after setting up (-run-with user=): each VM of this
+// driver gets its own uid from this range, so a QEMU the guest took over
+// can neither touch the host as root nor signal, trace or read another
+// VM's QEMU. QEMU opens nothing by path after the drop; kiln hands it
+// descriptors. Two drivers on one host (two data dirs) pick uids
+// independently and may, rarely, share one; VMs from a kiln before this
+// keep running as root.
 const (
 	uidBase  = 0x6b690000
 	uidRange = 1 << 16

@@ -34,18 +34,24 @@ func saveDeviceState(ctx context.Context, q *qmp.Conn, path string) error {
 		return err
 	}
 	defer f.Close()
-	if err := q.AddFD(ctx, stateFDSet, f); err != nil {
+	set, err := q.AddFD(ctx, f)
+	if err != nil {
 		return err
 	}
-	defer q.RemoveFDSet(context.WithoutCancel(ctx), stateFDSet)
-	if err := startMigration(ctx, q, fmt.Sprintf("file:/dev/fdset/%d", stateFDSet)); err != nil {
+	defer removeFDSet(q, set)
+	if err := startMigration(ctx, q, fmt.Sprintf("file:/dev/fdset/%d", set)); err != nil {
 		return err
 	}
 	return waitMigration(ctx, q)
 }
 
-// stateFDSet is the descriptor set that carries device state files.
-const stateFDSet = 1
+// removeFDSet drops a descriptor set once QEMU is done with it; bounded,
+// as it runs whatever state QEMU is in.
+func removeFDSet(q *qmp.Conn, set int) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	q.RemoveFDSet(ctx, set)
+}
 
 // startMigration starts saving to uri with x-ignore-shared on.
 func startMigration(ctx context.Context, q *qmp.Conn, uri string) error {
@@ -71,11 +77,12 @@ func loadDeviceState(ctx context.Context, q *qmp.Conn, path string) error {
 	if err := setIgnoreShared(ctx, q); err != nil {
 		return err
 	}
-	if err := q.AddFD(ctx, stateFDSet, f); err != nil {
+	set, err := q.AddFD(ctx, f)
+	if err != nil {
 		return err
 	}
-	defer q.RemoveFDSet(context.WithoutCancel(ctx), stateFDSet)
-	if err := q.Execute(ctx, "migrate-incoming", map[string]any{"uri": fmt.Sprintf("file:/dev/fdset/%d", stateFDSet)}, nil); err != nil {
+	defer removeFDSet(q, set)
+	if err := q.Execute(ctx, "migrate-incoming", map[string]any{"uri": fmt.Sprintf("file:/dev/fdset/%d", set)}, nil); err != nil {
 		return err
 	}
 	return waitMigration(ctx, q)
