@@ -28,7 +28,7 @@ import (
 // a FUSE mount, callers go through os.Root like any other folder, and
 // what a COPY does not touch (hard links, extended attributes, file
 // capabilities) stays as it is in the image instead of being lost in a
-// round trip. (COPY --from copies files, not their extended attributes.)
+// round trip.
 type Mounted struct {
 	Dir string
 

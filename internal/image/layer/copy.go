@@ -159,6 +159,11 @@ func copyOne(src *os.Root, name string, fi fs.FileInfo, dst *os.Root, target str
 		if err := dst.Chmod(target, fi.Mode()&(fs.ModePerm|fs.ModeSetuid|fs.ModeSetgid|fs.ModeSticky)); err != nil {
 			return fmt.Errorf("chmod %q: %w", target, err)
 		}
+		if o.Rootfs {
+			if err := copyXattrs(in, dst, target); err != nil {
+				return fmt.Errorf("copying %q: %w", name, err)
+			}
+		}
 		_ = dst.Chtimes(target, fi.ModTime(), fi.ModTime())
 		return nil
 	default:
