@@ -66,13 +66,8 @@ func TestMain(m *testing.M) {
 		}
 		os.Exit(m.Run())
 	}
-	env, err := vmmtest.Setup()
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			fmt.Fprintln(os.Stderr, "engine set-up for tests failed:", err)
-			os.Exit(1)
-		}
-		fmt.Fprintln(os.Stderr, "skipping engine tests:", err)
+	env := vmmtest.SetupOrSkip("engine")
+	if env == nil {
 		os.Exit(m.Run())
 	}
 	fx = setupFixture(env)

@@ -4,7 +4,6 @@ package imagebuild
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -24,15 +23,7 @@ import (
 var env *vmmtest.Env
 
 func TestMain(m *testing.M) {
-	var err error
-	env, err = vmmtest.Setup()
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			fmt.Fprintln(os.Stderr, "engine set-up for tests failed:", err)
-			os.Exit(1)
-		}
-		fmt.Fprintln(os.Stderr, "skipping VM tests:", err)
-	}
+	env = vmmtest.SetupOrSkip("imagebuild")
 	code := m.Run()
 	cleanupShared()
 	env.Cleanup()

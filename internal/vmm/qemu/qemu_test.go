@@ -32,15 +32,7 @@ func TestMain(m *testing.M) {
 		helperBootAndHang()
 		return
 	}
-	var err error
-	env, err = vmmtest.Setup()
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			fmt.Fprintln(os.Stderr, "engine set-up for tests failed:", err)
-			os.Exit(1)
-		}
-		fmt.Fprintln(os.Stderr, "skipping VM tests:", err)
-	}
+	env = vmmtest.SetupOrSkip("qemu")
 	code := m.Run()
 	env.Cleanup()
 	os.Exit(code)

@@ -162,3 +162,19 @@ func Run(ctx context.Context, a *client.Client, req client.ExecRequest) (stdout,
 	<-done
 	return o.String(), e.String(), code, err
 }
+
+// SetupOrSkip is Setup for a TestMain under the project's rule: in CI
+// (CI set) a missing engine fails the run (exit 1); elsewhere it returns
+// nil and the VM tests skip themselves.
+func SetupOrSkip(pkg string) *Env {
+	e, err := Setup()
+	if err == nil {
+		return e
+	}
+	if os.Getenv("CI") != "" {
+		fmt.Fprintln(os.Stderr, "engine set-up for tests failed:", err)
+		os.Exit(1)
+	}
+	fmt.Fprintf(os.Stderr, "skipping %s VM tests: %v\n", pkg, err)
+	return nil
+}
