@@ -460,7 +460,7 @@ func BenchTemplate(ctx context.Context, drv vmm.Driver, rootDisk, app, dir strin
 	defer n.Teardown(context.WithoutCancel(ctx))
 	defer drv.Terminate(context.WithoutCancel(ctx), id)
 	if _, err := drv.Boot(ctx, vmm.BootSpec{ID: id, RootDisk: rootDisk, MemoryMiB: 256,
-		Net: &vmm.NetAttachment{Netns: n.NSPath, Tap: n.Tap, MAC: netns.GuestMAC.String()}}); err != nil {
+		Net: n.Attachment()}); err != nil {
 		return "", fmt.Errorf("booting the template vm: %w", err)
 	}
 	a, err := drv.Agent(ctx, id)

@@ -473,7 +473,7 @@ func (e *Engine) start(v *vmState, m store.Microvm) {
 			e.cfg.Driver.Terminate(ctx, v.id) // a leftover of an interrupted start
 		}
 		_, err = e.cfg.Driver.Clone(ctx, vmm.CloneSpec{ID: v.id, Template: tmpl,
-			Net: &vmm.NetAttachment{Netns: v.net.NSPath, Tap: v.net.Tap, MAC: netns.GuestMAC.String()}})
+			Net: v.net.Attachment()})
 		if err != nil {
 			fail("StartFailed", fmt.Errorf("restoring the snapshot: %w", err))
 			return

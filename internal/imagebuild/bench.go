@@ -193,7 +193,7 @@ func timeClone(ctx context.Context, d vmm.Driver, tmpl string) (time.Duration, e
 	}
 	defer n.Teardown(context.WithoutCancel(ctx))
 	start := time.Now()
-	_, err = d.Clone(ctx, vmm.CloneSpec{ID: id, Template: tmpl, Net: &vmm.NetAttachment{Netns: n.NSPath, Tap: n.Tap, MAC: netns.GuestMAC.String()}})
+	_, err = d.Clone(ctx, vmm.CloneSpec{ID: id, Template: tmpl, Net: n.Attachment()})
 	defer terminate(d, id)
 	if err != nil {
 		return 0, err
@@ -214,7 +214,7 @@ func timeColdBoot(ctx context.Context, d vmm.Driver, rootDisk string, cfg image.
 	}
 	defer n.Teardown(context.WithoutCancel(ctx))
 	start := time.Now()
-	_, err = d.Boot(ctx, vmm.BootSpec{ID: id, RootDisk: rootDisk, MemoryMiB: mem, Net: &vmm.NetAttachment{Netns: n.NSPath, Tap: n.Tap, MAC: netns.GuestMAC.String()}})
+	_, err = d.Boot(ctx, vmm.BootSpec{ID: id, RootDisk: rootDisk, MemoryMiB: mem, Net: n.Attachment()})
 	defer terminate(d, id)
 	if err != nil {
 		return 0, err

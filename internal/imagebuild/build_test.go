@@ -105,7 +105,7 @@ func cloneGet(t *testing.T, d vmm.Driver, tmpl string) (map[string]any, time.Dur
 	}
 	defer n.Teardown(context.Background())
 	start := time.Now()
-	if _, err := d.Clone(ctx, vmm.CloneSpec{ID: id, Template: tmpl, Net: &vmm.NetAttachment{Netns: n.NSPath, Tap: n.Tap, MAC: netns.GuestMAC.String()}}); err != nil {
+	if _, err := d.Clone(ctx, vmm.CloneSpec{ID: id, Template: tmpl, Net: n.Attachment()}); err != nil {
 		t.Fatal(err)
 	}
 	defer d.Terminate(context.Background(), id)

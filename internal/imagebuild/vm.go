@@ -95,7 +95,7 @@ func bootVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (*gue
 	g.booted = true // from here on Terminate is needed even if Boot fails half-way
 	g.info, err = d.Boot(ctx, vmm.BootSpec{
 		ID: g.id, MemoryMiB: s.memoryMiB, VCPUs: s.vcpus, RootDisk: s.rootDisk, ScratchDisk: s.scratch,
-		Net: &vmm.NetAttachment{Netns: g.net.NSPath, Tap: g.net.Tap, MAC: netns.GuestMAC.String()},
+		Net: g.net.Attachment(),
 	})
 	if err != nil {
 		g.close()

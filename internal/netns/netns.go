@@ -26,6 +26,8 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+
+	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
 // Fixed addresses every guest sees (the agent configures them from the
@@ -121,6 +123,12 @@ type Net struct {
 // so a local user cannot reach a guest's ports around the endpoint proxy
 // and its tokens; setting a mark needs CAP_NET_ADMIN.
 const DialMark = 0x6b696c6e // "kiln"
+
+// Attachment is what the VM driver needs to give the VM this network:
+// its TAP, in its namespace, with the MAC every guest has.
+func (n *Net) Attachment() *vmm.NetAttachment {
+	return &vmm.NetAttachment{Netns: n.NSPath, Tap: n.Tap, MAC: GuestMAC.String()}
+}
 
 // GuestDial returns the host-side address that reaches guest TCP port p;
 // dial it with HostDialer.
