@@ -503,7 +503,7 @@ func (bd *build) run(ctx context.Context, st *stageState, s dockerfile.Step) (bo
 	}
 	// Resolved here only to fail early, with the step's line, on a user
 	// the root does not have.
-	if _, _, _, err := bd.resolveUser(ctx, st, st.cfg.User); err != nil {
+	if _, _, err := bd.resolveUser(ctx, st, st.cfg.User); err != nil {
 		return false, err
 	}
 	step.User = st.cfg.User

@@ -16,7 +16,6 @@ import (
 	"os"
 	"path"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -29,8 +28,9 @@ import (
 
 // srcMatch is one source of a COPY/ADD after glob expansion.
 type srcMatch struct {
-	name string // relative to the source root
-	url  string // ADD of a URL
+	name    string // relative to the source root
+	url     string // ADD of a URL
+	archive bool   // ADD of a local archive: unpacked, not copied
 }
 
 func isURL(s string) bool {
@@ -105,7 +105,8 @@ func (bd *build) copy(ctx context.Context, st *stageState, s dockerfile.Step) (b
 		limits = layer.DefaultImageLimits
 	}
 	var need treeSize
-	for _, m := range matches {
+	for i := range matches {
+		m := &matches[i]
 		if m.url != "" {
 			// URLs are keyed by address (and checksum), not content:
 			// re-downloading to compare would cost what the cache saves.
@@ -116,7 +117,8 @@ func (bd *build) copy(ctx context.Context, st *stageState, s dockerfile.Step) (b
 		if err := hashTree(ctx, h, src, m.name, exclude, &need, limits); err != nil {
 			return false, err
 		}
-		if s.Kind == dockerfile.Add && s.FromIdx < 0 && isArchiveFile(src, m.name) {
+		m.archive = s.Kind == dockerfile.Add && s.FromIdx < 0 && isArchiveFile(src, m.name)
+		if m.archive {
 			// What an archive unpacks to is known only once it is
 			// unpacked: room for ten times its size, within the limits.
 			fi, err := src.Stat(m.name)
@@ -152,7 +154,7 @@ func (bd *build) copy(ctx context.Context, st *stageState, s dockerfile.Step) (b
 	owner := &layer.Owner{}
 	keepOwners := false
 	if s.Chown != "" {
-		uid, gid, _, err := lookupUser(dr, s.Chown)
+		uid, gid, err := lookupUser(dr, s.Chown)
 		if err != nil {
 			return false, fmt.Errorf("--chown=%s: %w", s.Chown, err)
 		}
@@ -208,7 +210,7 @@ func (bd *build) copy(ctx context.Context, st *stageState, s dockerfile.Step) (b
 			if err := layer.CopyTree(ctx, src, m.name, dr, destName, opts); err != nil {
 				return false, err
 			}
-		case s.Kind == dockerfile.Add && s.FromIdx < 0 && isArchiveFile(src, m.name):
+		case m.archive:
 			if err := dr.MkdirAll(destName, 0o755); err != nil && destName != "." {
 				return false, err
 			}
@@ -537,9 +539,9 @@ func (bd *build) stageFolder(ctx context.Context, st *stageState) (string, error
 
 // resolveUser turns USER (name, uid, name:group, uid:gid) into numeric ids
 // with the root's /etc/passwd and /etc/group, as docker does at RUN time.
-func (bd *build) resolveUser(ctx context.Context, st *stageState, user string) (uid, gid uint32, groups []uint32, err error) {
+func (bd *build) resolveUser(ctx context.Context, st *stageState, user string) (uid, gid uint32, err error) {
 	if user == "" {
-		return 0, 0, nil, nil
+		return 0, 0, nil
 	}
 	r := st.root
 	var read func(p string) ([]byte, error)
@@ -575,7 +577,7 @@ func folderReader(dir string) func(string) ([]byte, error) {
 	}
 }
 
-func lookupUser(r *os.Root, spec string) (uid, gid uint32, groups []uint32, err error) {
+func lookupUser(r *os.Root, spec string) (uid, gid uint32, err error) {
 	return resolveIDs(func(p string) ([]byte, error) {
 		f, err := r.Open(p)
 		if err != nil {
@@ -588,18 +590,16 @@ func lookupUser(r *os.Root, spec string) (uid, gid uint32, groups []uint32, err 
 
 // resolveIDs resolves "user[:group]" against passwd and group files read
 // by read ("etc/passwd", "etc/group").
-func resolveIDs(read func(string) ([]byte, error), spec string) (uid, gid uint32, groups []uint32, err error) {
+func resolveIDs(read func(string) ([]byte, error), spec string) (uid, gid uint32, err error) {
 	userPart, groupPart, hasGroup := strings.Cut(spec, ":")
 	passwd, _ := read("etc/passwd")
 	groupFile, _ := read("etc/group")
-	userName := ""
 	if n, perr := strconv.ParseUint(userPart, 10, 32); perr == nil {
 		uid = uint32(n)
 		gid = uid
 		// A numeric uid in passwd also gives its primary group.
 		for _, f := range colonFile(passwd) {
 			if len(f) >= 4 && f[2] == userPart {
-				userName = f[0]
 				if g, err := strconv.ParseUint(f[3], 10, 32); err == nil {
 					gid = uint32(g)
 				}
@@ -613,14 +613,14 @@ func resolveIDs(read func(string) ([]byte, error), spec string) (uid, gid uint32
 				u, err1 := strconv.ParseUint(f[2], 10, 32)
 				g, err2 := strconv.ParseUint(f[3], 10, 32)
 				if err1 != nil || err2 != nil {
-					return 0, 0, nil, fmt.Errorf("bad /etc/passwd entry for %q", userPart)
+					return 0, 0, fmt.Errorf("bad /etc/passwd entry for %q", userPart)
 				}
-				uid, gid, userName, found = uint32(u), uint32(g), f[0], true
+				uid, gid, found = uint32(u), uint32(g), true
 				break
 			}
 		}
 		if !found {
-			return 0, 0, nil, fmt.Errorf("%w: user %q not found in the image's /etc/passwd (create it in an earlier RUN, or use a numeric uid)", ErrInvalid, userPart)
+			return 0, 0, fmt.Errorf("%w: user %q not found in the image's /etc/passwd (create it in an earlier RUN, or use a numeric uid)", ErrInvalid, userPart)
 		}
 	}
 	if hasGroup {
@@ -632,35 +632,18 @@ func resolveIDs(read func(string) ([]byte, error), spec string) (uid, gid uint32
 				if len(f) >= 3 && f[0] == groupPart {
 					g, err := strconv.ParseUint(f[2], 10, 32)
 					if err != nil {
-						return 0, 0, nil, fmt.Errorf("bad /etc/group entry for %q", groupPart)
+						return 0, 0, fmt.Errorf("bad /etc/group entry for %q", groupPart)
 					}
 					gid, found = uint32(g), true
 					break
 				}
 			}
 			if !found {
-				return 0, 0, nil, fmt.Errorf("%w: group %q not found in the image's /etc/group", ErrInvalid, groupPart)
+				return 0, 0, fmt.Errorf("%w: group %q not found in the image's /etc/group", ErrInvalid, groupPart)
 			}
 		}
-		return uid, gid, nil, nil
 	}
-	// Supplementary groups from /etc/group membership lists.
-	if userName != "" {
-		for _, f := range colonFile(groupFile) {
-			if len(f) < 4 {
-				continue
-			}
-			for _, m := range strings.Split(f[3], ",") {
-				if m == userName {
-					if g, err := strconv.ParseUint(f[2], 10, 32); err == nil && uint32(g) != gid {
-						groups = append(groups, uint32(g))
-					}
-				}
-			}
-		}
-		sort.Slice(groups, func(i, j int) bool { return groups[i] < groups[j] })
-	}
-	return uid, gid, groups, nil
+	return uid, gid, nil
 }
 
 func colonFile(b []byte) [][]string {
