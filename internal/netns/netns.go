@@ -14,7 +14,14 @@
 // masquerades it to 172.30.0.1, so the guest never learns host addresses.
 // Guest egress (only with Config.Egress): forwarded tap0→veth0, masqueraded
 // twice (VM ns, then host), with private, link-local, metadata and host
-// addresses denied in both namespaces.
+// addresses denied in both namespaces (DenyV4, from internal/egress), plus
+// the operator's ExtraDeny in the VM namespace. Reverse-path filtering is
+// strict in every VM namespace, so a guest cannot send with another
+// source address.
+//
+// Host settings kiln changes: net.ipv4.ip_forward=1 (its earlier value is
+// kept in HostStateDir) and the nftables table `inet kiln`; RestoreHost
+// undoes both once no VM namespace of kiln is left.
 //
 // DNS: the guest's resolver is 172.30.0.1:53, served by internal/dnsfwd.
 // Without egress, port 53 is closed too: DNS queries are a channel out of
@@ -27,6 +34,7 @@ import (
 	"net"
 	"net/netip"
 
+	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
@@ -93,8 +101,9 @@ type Config struct {
 	Pool netip.Prefix
 	// TapOwner is the uid allowed to open the TAP (QEMU); 0 = root only.
 	TapOwner uint32
-	// ExtraDeny adds IPv4 prefixes the guest may never reach (for example
-	// the host's LAN) on top of the built-in deny list.
+	// ExtraDeny adds prefixes the guest may never reach (the operator's
+	// --deny-cidr, for example the host's LAN) on top of DenyV4. IPv6
+	// prefixes are ignored here: no IPv6 leaves a VM.
 	ExtraDeny []netip.Prefix
 }
 
@@ -136,24 +145,13 @@ func (n *Net) GuestDial(p uint16) string {
 	return netip.AddrPortFrom(n.HostAddr, p).String()
 }
 
-// DenyV4 is the built-in list of IPv4 destinations a guest with egress may
-// never reach (private, shared, loopback, link-local incl. the cloud
-// metadata 169.254.169.254, Oracle/Alibaba metadata, test/benchmark nets,
-// multicast and reserved). IPv6 is not forwarded at all, which covers
-// fc00::/7, fe80::/10 and fd00:ec2::254.
-var DenyV4 = []netip.Prefix{
-	netip.MustParsePrefix("0.0.0.0/8"),
-	netip.MustParsePrefix("10.0.0.0/8"),
-	netip.MustParsePrefix("100.64.0.0/10"),
-	netip.MustParsePrefix("127.0.0.0/8"),
-	netip.MustParsePrefix("169.254.0.0/16"),
-	netip.MustParsePrefix("172.16.0.0/12"),
-	netip.MustParsePrefix("192.0.0.0/24"),
-	netip.MustParsePrefix("192.168.0.0/16"),
-	netip.MustParsePrefix("198.18.0.0/15"),
-	netip.MustParsePrefix("224.0.0.0/4"),
-	netip.MustParsePrefix("240.0.0.0/4"),
-}
+// DenyV4 is what a guest with egress may never reach: the IPv4 part of
+// internal/egress's deny list, the same list kiln's own fetches for
+// tenants obey (private, shared, loopback, link-local and the cloud
+// metadata addresses, documentation, benchmarking, multicast, reserved).
+// IPv6 is not forwarded at all, which covers fc00::/7, fe80::/10 and
+// fd00:ec2::254.
+var DenyV4 = egress.IPv4(egress.Denied())
 
 func validID(id string) bool {
 	if len(id) == 0 || len(id) > 64 {

@@ -22,6 +22,8 @@ import (
 	"github.com/vishvananda/netlink"
 	vnetns "github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-sandbox/kiln/internal/egress"
 )
 
 // mu serialises Setup/Teardown/Reconcile in this process: slot allocation
@@ -45,10 +47,11 @@ func Setup(ctx context.Context, cfg Config) (*Net, error) {
 		return nil, fmt.Errorf("pool %s: need an IPv4 prefix of /29 or wider: %w", cfg.Pool, ErrInvalid)
 	}
 	for _, p := range cfg.ExtraDeny {
-		if !p.Addr().Is4() {
-			return nil, fmt.Errorf("extra deny %s: only IPv4 (IPv6 is never forwarded): %w", p, ErrInvalid)
+		if !p.IsValid() {
+			return nil, fmt.Errorf("extra deny %s: %w", p, ErrInvalid)
 		}
 	}
+	cfg.ExtraDeny = egress.IPv4(cfg.ExtraDeny)
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
@@ -66,6 +69,14 @@ func Setup(ctx context.Context, cfg Config) (*Net, error) {
 	if _, err := os.Stat(n.NSPath); err == nil {
 		return nil, fmt.Errorf("namespace %s: %w", n.NSPath, ErrExists)
 	}
+	// Shared with other kiln processes' Setups; RestoreHost takes it
+	// exclusively, so it never removes the host table between this
+	// ensureHost and the link that marks this VM as present.
+	unlock, err := lockHost(unix.LOCK_SH)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	if err := ensureHost(); err != nil {
 		return nil, err
 	}
@@ -89,6 +100,11 @@ func Setup(ctx context.Context, cfg Config) (*Net, error) {
 	err = createNamed(n.NSName, func() error {
 		for _, kv := range [][2]string{
 			{"net/ipv4/ip_forward", "1"},
+			// Strict reverse-path filtering: a packet is taken only on the
+			// link its source routes back through, so the guest cannot
+			// send as the gateway, the host link or anyone else.
+			{"net/ipv4/conf/all/rp_filter", "1"},
+			{"net/ipv4/conf/default/rp_filter", "1"},
 			{"net/ipv6/conf/all/disable_ipv6", "1"},
 			{"net/ipv6/conf/default/disable_ipv6", "1"},
 		} {
@@ -327,23 +343,132 @@ func Reconcile(ctx context.Context, keep func(id string) bool) ([]string, error)
 	return removed, errors.Join(errs...)
 }
 
-// RemoveHostRules deletes kiln's host-namespace nftables table, but only
-// when no VM network is left (a VM would lose its egress NAT and host
-// guard): it is for tests and uninstall. It leaves ip_forward as it is
-// (other software may rely on it).
+// RemoveHostRules is RestoreHost for callers that do not care whether it
+// acted (tests, uninstall).
 func RemoveHostRules() error {
+	_, err := RestoreHost()
+	return err
+}
+
+// RestoreHost undoes kiln's host settings once no VM network of kiln is
+// left (no kiln-* namespace, no host link with a kiln alias): it deletes
+// the host nftables table `inet kiln` and puts net.ipv4.ip_forward back to
+// the value recorded when kiln first turned it on (if kiln did). With VM
+// networks left it does nothing and reports false: those VMs still need
+// forwarding and the host table. `kiln server` calls it on shutdown.
+func RestoreHost() (bool, error) {
 	mu.Lock()
 	defer mu.Unlock()
+	unlock, err := lockHost(unix.LOCK_EX)
+	if err != nil {
+		return false, err
+	}
+	defer unlock()
+	inUse, err := vmNetworksLeft()
+	if err != nil || inUse {
+		return false, err
+	}
+	if err := deleteHostTable(); err != nil {
+		return false, fmt.Errorf("removing the host nftables table: %w", err)
+	}
+	if err := restoreForward(); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+func vmNetworksLeft() (bool, error) {
+	ents, err := os.ReadDir(NetnsDir)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return false, fmt.Errorf("reading %s: %w", NetnsDir, err)
+	}
+	for _, e := range ents {
+		if id, ok := strings.CutPrefix(e.Name(), NSPrefix); ok && validID(id) {
+			return true, nil
+		}
+	}
 	links, err := netlink.LinkList()
 	if err != nil {
-		return fmt.Errorf("listing links: %w", err)
+		return false, fmt.Errorf("listing links: %w", err)
 	}
 	for _, l := range links {
 		if strings.HasPrefix(l.Attrs().Alias, aliasPrefix) {
-			return nil
+			return true, nil
 		}
 	}
-	return deleteHostTable()
+	return false, nil
+}
+
+// HostStateDir holds what kiln must remember about the host's own
+// settings: forward.orig, net.ipv4.ip_forward's value before kiln first
+// set it, and the lock that orders Setup against RestoreHost across kiln
+// processes. It is under /run on purpose: a reboot resets the sysctl and
+// empties the directory together.
+var HostStateDir = "/run/kiln"
+
+const forwardOrig = "ip_forward.orig"
+
+// lockHost takes an flock on HostStateDir/host.lock (LOCK_SH or LOCK_EX).
+func lockHost(how int) (func(), error) {
+	if err := os.MkdirAll(HostStateDir, 0o700); err != nil {
+		return nil, fmt.Errorf("creating %s: %w", HostStateDir, err)
+	}
+	f, err := os.OpenFile(filepath.Join(HostStateDir, "host.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("opening host lock: %w", err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		err = unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
+		if err == nil {
+			return func() { f.Close() }, nil
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) || time.Now().After(deadline) {
+			f.Close()
+			return nil, fmt.Errorf("locking %s: %w", f.Name(), err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// enableForward sets net.ipv4.ip_forward=1, first recording the value it
+// replaces (only the first time: a later kiln must not record its own 1).
+func enableForward() error {
+	cur, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward")
+	if err != nil {
+		return fmt.Errorf("reading net.ipv4.ip_forward: %w", err)
+	}
+	if strings.TrimSpace(string(cur)) == "1" {
+		return nil
+	}
+	p := filepath.Join(HostStateDir, forwardOrig)
+	if _, err := os.Stat(p); errors.Is(err, os.ErrNotExist) {
+		if err := os.WriteFile(p, cur, 0o600); err != nil {
+			return fmt.Errorf("recording net.ipv4.ip_forward: %w", err)
+		}
+	}
+	return writeSysctl("net/ipv4/ip_forward", "1")
+}
+
+// restoreForward puts back the recorded ip_forward value, if any.
+func restoreForward() error {
+	p := filepath.Join(HostStateDir, forwardOrig)
+	b, err := os.ReadFile(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("reading %s: %w", p, err)
+	}
+	v := strings.TrimSpace(string(b))
+	if v != "0" && v != "1" {
+		return fmt.Errorf("%s holds %q, not 0 or 1; leaving net.ipv4.ip_forward as it is", p, v)
+	}
+	if err := writeSysctl("net/ipv4/ip_forward", v); err != nil {
+		return err
+	}
+	slog.Info("netns: restored net.ipv4.ip_forward", "value", v)
+	return os.Remove(p)
 }
 
 // RunInNS runs fn on an OS thread switched into the namespace at nsPath,
@@ -428,7 +553,7 @@ func writeSysctl(key, val string) error {
 // ensureHost turns on IPv4 forwarding (the guest egress path crosses the
 // host) and (re)creates the host table if it is missing.
 func ensureHost() error {
-	if err := writeSysctl("net/ipv4/ip_forward", "1"); err != nil {
+	if err := enableForward(); err != nil {
 		return err
 	}
 	return ensureHostTable()

@@ -68,8 +68,10 @@ func setupVM(t *testing.T, cfg netns.Config) *netns.Net {
 }
 
 // internet makes a stand-in for the internet: a namespace behind a host
-// link with a TEST-NET-2 address (not on the deny list), routed by the
-// host. It returns the address of a server there.
+// link with an address of 192.88.99.0/24 (the deprecated 6to4 relay
+// anycast block: globally reachable, so not on the deny list, and no one's
+// unicast host), routed by the host to that link only. It returns the
+// address of a server there.
 func internet(t *testing.T, tag string) string {
 	path := netnstest.NewNS(t, "kilntest-inet-"+tag, nil)
 	ns, err := vnetns.GetFromPath(path)
@@ -95,17 +97,17 @@ func internet(t *testing.T, tag string) string {
 	}
 	hl, err := netlink.LinkByName(hostName)
 	must(err)
-	must(netlink.AddrAdd(hl, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("198.51.100.254"), Mask: net.CIDRMask(24, 32)}}))
+	must(netlink.AddrAdd(hl, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("192.88.99.254"), Mask: net.CIDRMask(24, 32)}}))
 	must(netlink.LinkSetUp(hl))
 	nl, err := netlink.NewHandleAt(ns)
 	must(err)
 	defer nl.Close()
 	il, err := nl.LinkByName("eth0")
 	must(err)
-	must(nl.AddrAdd(il, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("198.51.100.1"), Mask: net.CIDRMask(24, 32)}}))
+	must(nl.AddrAdd(il, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("192.88.99.1"), Mask: net.CIDRMask(24, 32)}}))
 	must(nl.LinkSetUp(il))
-	netnstest.ServeTCP(t, path, "198.51.100.1:9000", "internet")
-	return "198.51.100.1:9000"
+	netnstest.ServeTCP(t, path, "192.88.99.1:9000", "internet")
+	return "192.88.99.1:9000"
 }
 
 func TestIsolation(t *testing.T) {
@@ -158,7 +160,7 @@ func TestIsolation(t *testing.T) {
 		{"no-egress: not other VM", gA.NSPath, b.GuestDial(gport), ""},
 		{"no-egress: not internet", gA.NSPath, inet, ""},
 		{"no-egress: no DNS", gA.NSPath, "172.30.0.1:53", ""},
-		{"egress: internet, masqueraded", gB.NSPath, inet, "internet from 198.51.100.254"},
+		{"egress: internet, masqueraded", gB.NSPath, inet, "internet from 192.88.99.254"},
 		{"egress: DNS at gateway", gB.NSPath, "172.30.0.1:53", "dns-B from 172.30.0.2"},
 		{"egress: not gateway ssh", gB.NSPath, "172.30.0.1:22", ""},
 		{"egress: not host veth", gB.NSPath, hp(b.HostPeer, hostPort), ""},
@@ -202,7 +204,7 @@ func firstGlobalHostAddr(t *testing.T) netip.Addr {
 	}
 	for _, a := range addrs {
 		ip, _ := netip.AddrFromSlice(a.IP.To4())
-		if !ip.IsLoopback() && !netns.DefaultPool.Contains(ip) && !strings.HasPrefix(ip.String(), "198.51.100.") {
+		if !ip.IsLoopback() && !netns.DefaultPool.Contains(ip) && !strings.HasPrefix(ip.String(), "192.88.99.") {
 			return ip
 		}
 	}
@@ -313,7 +315,7 @@ func TestSetupInvalid(t *testing.T) {
 		{"too long", netns.Config{ID: strings.Repeat("x", 65)}},
 		{"v6 pool", netns.Config{ID: "x", Pool: netip.MustParsePrefix("fd00::/64")}},
 		{"pool too small", netns.Config{ID: "x", Pool: netip.MustParsePrefix("10.9.0.0/30")}},
-		{"v6 extra deny", netns.Config{ID: "x", ExtraDeny: []netip.Prefix{netip.MustParsePrefix("fd00::/8")}}},
+		{"invalid extra deny", netns.Config{ID: "x", ExtraDeny: []netip.Prefix{{}}}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -380,4 +382,119 @@ func TestExecInNS(t *testing.T) {
 	if !strings.Contains(out.String(), n.Tap+":") || strings.Contains(out.String(), n.HostLink) {
 		t.Fatalf("child not in the VM namespace:\n%s", out.String())
 	}
+}
+
+// TestExtraDeny: an operator's --deny-cidr reaches the VM's egress chain.
+// Two egress VMs, one internet stand-in: the VM with the extra prefix is
+// refused it, the other reaches it, and an IPv6 prefix in the same list
+// (for kiln's own fetches) does not break the IPv4 rules.
+func TestExtraDeny(t *testing.T) {
+	needRoot(t)
+	hostTableCleanup(t)
+	idA, idB := testID("xa"), testID("xb")
+	deny := []netip.Prefix{netip.MustParsePrefix("192.88.99.0/28"), netip.MustParsePrefix("2001:4860::/32")}
+	a := setupVM(t, netns.Config{ID: idA, Egress: true, ExtraDeny: deny})
+	b := setupVM(t, netns.Config{ID: idB, Egress: true})
+	gA, gB := netnstest.StartGuest(t, a), netnstest.StartGuest(t, b)
+	inet := internet(t, idA)
+	if got, err := netnstest.Dial(gB.NSPath, inet, 2*time.Second); err != nil || got != "internet from 192.88.99.254" {
+		t.Fatalf("VM without the extra prefix: %q, %v", got, err)
+	}
+	if got, err := netnstest.Dial(gA.NSPath, inet, 700*time.Millisecond); err == nil {
+		t.Fatalf("VM with --deny-cidr reached %s: %q", inet, got)
+	}
+}
+
+// TestRPFilter: every VM namespace filters by reverse path, strictly (1),
+// on all, default and each link.
+func TestRPFilter(t *testing.T) {
+	needRoot(t)
+	hostTableCleanup(t)
+	for _, egress := range []bool{false, true} {
+		n := setupVM(t, netns.Config{ID: testID("rp"), Egress: egress})
+		err := netns.RunInNS(n.NSPath, func() error {
+			for _, dev := range []string{"all", "default", netns.TapName, netns.NSVethName} {
+				b, err := os.ReadFile("/proc/sys/net/ipv4/conf/" + dev + "/rp_filter")
+				if err != nil {
+					return err
+				}
+				if v := strings.TrimSpace(string(b)); v != "1" {
+					t.Errorf("egress=%v: %s rp_filter = %s, want 1", egress, dev, v)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestRestoreHost: the first Setup records ip_forward's earlier value;
+// RestoreHost leaves everything while a VM network exists and, once none
+// is left, removes the host table and puts ip_forward back.
+func TestRestoreHost(t *testing.T) {
+	needRoot(t)
+	if left, _ := filepath.Glob(filepath.Join(netns.NetnsDir, netns.NSPrefix+"*")); len(left) > 0 {
+		t.Skipf("kiln VM networks exist (%d): ip_forward and the host table are in use", len(left))
+	}
+	orig, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.WriteFile("/proc/sys/net/ipv4/ip_forward", orig, 0o644) })
+	old := netns.HostStateDir
+	netns.HostStateDir = t.TempDir()
+	t.Cleanup(func() { netns.HostStateDir = old })
+	if err := os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("0"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	forward := func() string {
+		b, _ := os.ReadFile("/proc/sys/net/ipv4/ip_forward")
+		return strings.TrimSpace(string(b))
+	}
+	id := testID("rh")
+	n := setupVM(t, netns.Config{ID: id, Egress: true})
+	if forward() != "1" {
+		t.Fatal("setup did not enable forwarding")
+	}
+	if b, err := os.ReadFile(filepath.Join(netns.HostStateDir, "ip_forward.orig")); err != nil || strings.TrimSpace(string(b)) != "0" {
+		t.Fatalf("recorded value %q, %v", b, err)
+	}
+	if done, err := netns.RestoreHost(); err != nil || done {
+		t.Fatalf("restore with a VM network left: %v, %v", done, err)
+	}
+	if forward() != "1" || !hostTable(t) {
+		t.Fatal("restore acted while a VM network exists")
+	}
+	if err := n.Teardown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	done, err := netns.RestoreHost()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !done {
+		t.Skip("another kiln made a VM network meanwhile")
+	}
+	if forward() != "0" || hostTable(t) {
+		t.Fatalf("after restore: ip_forward=%s, host table present=%v", forward(), hostTable(t))
+	}
+	if _, err := os.Stat(filepath.Join(netns.HostStateDir, "ip_forward.orig")); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("record left behind: %v", err)
+	}
+}
+
+func hostTable(t *testing.T) bool {
+	c, err := nftables.New()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tabs, _ := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	for _, tb := range tabs {
+		if tb.Name == netns.TableName {
+			return true
+		}
+	}
+	return false
 }

@@ -19,6 +19,7 @@ func Reconcile(ctx context.Context, keep func(id string) bool) ([]string, error)
 	return nil, errors.ErrUnsupported
 }
 func RemoveHostRules() error                       { return errors.ErrUnsupported }
+func RestoreHost() (bool, error)                   { return false, errors.ErrUnsupported }
 func RunInNS(nsPath string, fn func() error) error { return errors.ErrUnsupported }
 
 func HostDialer(timeout time.Duration) *net.Dialer { return &net.Dialer{Timeout: timeout} }
