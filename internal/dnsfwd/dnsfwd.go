@@ -6,7 +6,9 @@
 //
 // Guests are untrusted, so every VM gets a query rate limit, a cap on
 // queries in flight, bounded message sizes and upstream timeouts; zone
-// transfers are refused.
+// transfers are refused. Only the guest's own address is answered: a
+// query from any other source gets no reply at all (no reflection, no
+// resolver for whatever else reaches the gateway).
 package dnsfwd
 
 import (
@@ -15,6 +17,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -52,6 +55,8 @@ type Config struct {
 	Listen string
 	// Upstreams are "ip:port" resolvers; default: the host's resolv.conf.
 	Upstreams []string
+	// Client is the only source address answered; zero = netns.GuestAddr.
+	Client netip.Addr
 	// QPS and Burst: the VM's token bucket. MaxInflight: concurrent
 	// upstream queries. Timeout: per upstream attempt.
 	QPS         float64
@@ -72,8 +77,9 @@ type Forwarder struct {
 	tcpCli   *dns.Client
 	next     atomic.Uint32
 	closeOne sync.Once
-	// Stats for tests and metrics.
-	Served, Limited, Failed atomic.Int64
+	// Stats for tests and metrics. Refused counts queries dropped because
+	// they came from an address other than Config.Client.
+	Served, Limited, Failed, Refused atomic.Int64
 }
 
 // HostResolvers returns "ip:port" for each nameserver in a resolv.conf.
@@ -98,6 +104,9 @@ func HostResolvers(path string) ([]string, error) {
 func Start(ctx context.Context, cfg Config) (*Forwarder, error) {
 	if cfg.Listen == "" {
 		cfg.Listen = DefaultListen
+	}
+	if !cfg.Client.IsValid() {
+		cfg.Client = netns.GuestAddr
 	}
 	if len(cfg.Upstreams) == 0 {
 		ups, err := HostResolvers("/etc/resolv.conf")
@@ -196,6 +205,10 @@ func (f *Forwarder) Close() error {
 
 func (f *Forwarder) serve(w dns.ResponseWriter, req *dns.Msg) {
 	defer w.Close()
+	if !f.fromClient(w.RemoteAddr()) {
+		f.Refused.Add(1)
+		return
+	}
 	reply := func(rcode int) {
 		m := new(dns.Msg)
 		m.SetRcode(req, rcode)
@@ -241,6 +254,19 @@ func (f *Forwarder) serve(w dns.ResponseWriter, req *dns.Msg) {
 	}
 	f.Served.Add(1)
 	w.WriteMsg(resp)
+}
+
+// fromClient reports whether a query came from the guest's own address.
+func (f *Forwarder) fromClient(a net.Addr) bool {
+	var ip net.IP
+	switch v := a.(type) {
+	case *net.UDPAddr:
+		ip = v.IP
+	case *net.TCPAddr:
+		ip = v.IP
+	}
+	x, ok := netip.AddrFromSlice(ip)
+	return ok && x.Unmap() == f.cfg.Client
 }
 
 // forward tries each upstream once, starting round-robin; over TCP when

@@ -3,6 +3,7 @@ package dnsfwd
 import (
 	"context"
 	"net"
+	"net/netip"
 	"os"
 	"strings"
 	"testing"
@@ -75,7 +76,7 @@ func query(t *testing.T, netw, addr, name string, qtype uint16, edns bool) *dns.
 
 func TestForward(t *testing.T) {
 	up := upstream(t)
-	f, err := Start(context.Background(), Config{ID: "t", Listen: "127.0.0.1:0", Upstreams: []string{up}, Timeout: 500 * time.Millisecond})
+	f, err := Start(context.Background(), Config{ID: "t", Listen: "127.0.0.1:0", Client: loopback, Upstreams: []string{up}, Timeout: 500 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -115,7 +116,7 @@ func TestForward(t *testing.T) {
 
 func TestRateLimit(t *testing.T) {
 	up := upstream(t)
-	f, err := Start(context.Background(), Config{ID: "t", Listen: "127.0.0.1:0", Upstreams: []string{up}, QPS: 0.001, Burst: 3})
+	f, err := Start(context.Background(), Config{ID: "t", Listen: "127.0.0.1:0", Client: loopback, Upstreams: []string{up}, QPS: 0.001, Burst: 3})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,5 +142,44 @@ func TestHostResolvers(t *testing.T) {
 	got, err := HostResolvers(p)
 	if err != nil || strings.Join(got, ",") != "10.255.255.53:53,192.0.2.1:53" {
 		t.Fatalf("got %v, %v", got, err)
+	}
+}
+
+var loopback = netip.MustParseAddr("127.0.0.1")
+
+// TestOnlyClientAnswered: a forwarder whose guest is 127.0.0.2 answers
+// queries from 127.0.0.2 and drops, unanswered, those from 127.0.0.1, over
+// UDP and TCP.
+func TestOnlyClientAnswered(t *testing.T) {
+	up := upstream(t)
+	f, err := Start(context.Background(), Config{ID: "t", Listen: "127.0.0.1:0", Client: netip.MustParseAddr("127.0.0.2"), Upstreams: []string{up}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	for _, netw := range []string{"udp", "tcp"} {
+		t.Run(netw, func(t *testing.T) {
+			ask := func(src string) (*dns.Msg, error) {
+				var la net.Addr = &net.UDPAddr{IP: net.ParseIP(src)}
+				if netw == "tcp" {
+					la = &net.TCPAddr{IP: net.ParseIP(src)}
+				}
+				c := &dns.Client{Net: netw, Timeout: 700 * time.Millisecond, Dialer: &net.Dialer{LocalAddr: la, Timeout: time.Second}}
+				m := new(dns.Msg)
+				m.SetQuestion("vm.test.", dns.TypeA)
+				r, _, err := c.Exchange(m, f.Addr().String())
+				return r, err
+			}
+			if r, err := ask("127.0.0.2"); err != nil || r.Rcode != dns.RcodeSuccess || len(r.Answer) != 1 {
+				t.Fatalf("from the guest: %v, %v", r, err)
+			}
+			before := f.Refused.Load()
+			if r, err := ask("127.0.0.1"); err == nil {
+				t.Fatalf("answered a query from another address: %v", r)
+			}
+			if f.Refused.Load() != before+1 {
+				t.Fatalf("refused = %d, want %d", f.Refused.Load(), before+1)
+			}
+		})
 	}
 }
