@@ -43,7 +43,9 @@ type Builder struct {
 	FinalHeadroom int64
 	// RunTimeout bounds one RUN step. 0 = 30 minutes.
 	RunTimeout time.Duration
-	// HTTPClient fetches ADD URLs; nil = a client with a 10 minute timeout.
+	// HTTPClient fetches ADD URLs. It must dial through internal/egress
+	// (the URL is the tenant's); nil = the built-in deny list's client
+	// with a 10 minute timeout.
 	HTTPClient *http.Client
 	// MaxAddBytes bounds one ADD URL download. 0 = 1 GiB.
 	MaxAddBytes int64

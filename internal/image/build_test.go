@@ -126,7 +126,7 @@ CMD ["/usr/local/bin/app", "--port", "8080"]
 		env := strings.Join(step.Env, ",")
 		return os.WriteFile(filepath.Join(root, "out/app"), []byte("built from "+string(src)+" with "+env), 0o755)
 	}}
-	b := &Builder{DataDir: data, Runner: runner, RunHeadroom: 16 << 20}
+	b := &Builder{DataDir: data, Runner: runner, RunHeadroom: 16 << 20, HTTPClient: loopbackAllowed()}
 	var log bytes.Buffer
 	out := filepath.Join(t.TempDir(), "root.ext4")
 	res, err := b.Build(ctx, Request{ContextDir: bctx, Output: out, Log: &log})

@@ -20,6 +20,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/image/dockerfile"
 	"github.com/kiln-sandbox/kiln/internal/image/layer"
 	"github.com/kiln-sandbox/kiln/internal/rootfs"
@@ -426,7 +427,7 @@ func (bd *build) addURL(ctx context.Context, dr *os.Root, rawURL, destName strin
 	}
 	client := bd.b.HTTPClient
 	if client == nil {
-		client = &http.Client{Timeout: 10 * time.Minute}
+		client = (&egress.Policy{}).Client(10 * time.Minute)
 	}
 	max := bd.maxAddBytes()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
@@ -435,7 +436,7 @@ func (bd *build) addURL(ctx context.Context, dr *os.Root, rawURL, destName strin
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return fmt.Errorf("ADD %s: %w", u.Redacted(), err)
+		return fmt.Errorf("ADD %s: %w", u.Redacted(), egress.Tenant(err))
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {

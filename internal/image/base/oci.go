@@ -20,6 +20,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
+	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/image/layer"
 )
@@ -114,9 +115,13 @@ func tarHas(archive, want string) (bool, error) {
 	}
 }
 
-// Pull fetches ref from its registry. Registries on loopback addresses,
-// and those listed in insecure, are spoken to over plain HTTP.
-func Pull(ctx context.Context, ref string, insecure []string) (v1.Image, error) {
+// Pull fetches ref from its registry through pol (nil = the built-in
+// deny list): every connection, redirects to blob stores included, is
+// checked, and no proxy from the environment is used. Registries named in
+// insecure ("host:port" or "host", the operator's --insecure-registry) are
+// the only ones spoken to over plain HTTP and the only ones reached on a
+// denied address (loopback, say).
+func Pull(ctx context.Context, ref string, insecure []string, pol *egress.Policy) (v1.Image, error) {
 	opts := []name.Option{name.WeakValidation}
 	r0, err := name.ParseReference(ref, opts...)
 	if err != nil {
@@ -129,28 +134,28 @@ func Pull(ctx context.Context, ref string, insecure []string) (v1.Image, error) 
 	if err != nil {
 		return nil, err
 	}
-	img, err := remote.Image(r, remote.WithContext(ctx), remote.WithPlatform(platform))
+	if pol == nil {
+		pol = &egress.Policy{}
+	}
+	tr := pol.Transport(egress.TransportOptions{Trusted: insecure})
+	img, err := remote.Image(r, remote.WithContext(ctx), remote.WithPlatform(platform), remote.WithTransport(tr))
 	if err != nil {
-		return nil, fmt.Errorf("pulling %s: %w", ref, err)
+		return nil, fmt.Errorf("pulling %s: %w", ref, egress.Tenant(err))
 	}
 	return img, nil
 }
 
 func isInsecure(host string, insecure []string) bool {
-	for _, h := range insecure {
-		if h == host {
-			return true
-		}
-	}
 	hn := host
 	if h, _, err := net.SplitHostPort(host); err == nil {
 		hn = h
 	}
-	if hn == "localhost" {
-		return true
+	for _, h := range insecure {
+		if strings.EqualFold(h, host) || strings.EqualFold(h, hn) {
+			return true
+		}
 	}
-	ip := net.ParseIP(strings.Trim(hn, "[]"))
-	return ip != nil && ip.IsLoopback()
+	return false
 }
 
 // Flatten writes the image's filesystem (all layers applied, whiteouts

@@ -6,6 +6,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"net/http/httptest"
 	"os"
@@ -23,6 +24,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
+	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/image/dockerfile"
 	"github.com/kiln-sandbox/kiln/internal/rootfs"
@@ -158,7 +160,9 @@ func TestResolveOCI(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	r := &Resolver{}
+	// The registry is on loopback: reachable only because it is named,
+	// as the operator's --insecure-registry would.
+	r := &Resolver{InsecureRegistries: []string{host}}
 	tests := []struct {
 		name   string
 		base   dockerfile.Base
@@ -220,6 +224,12 @@ func TestResolveOCI(t *testing.T) {
 			}
 		})
 	}
+	t.Run("loopback registry not named by the operator", func(t *testing.T) {
+		_, err := (&Resolver{}).Resolve(ctx, dockerfile.Base{Kind: dockerfile.BaseRegistry, Ref: host + "/apps/base:1"}, bctx)
+		if !errors.Is(err, egress.ErrNotAllowed) || !strings.Contains(err.Error(), "address 127.0.0.1 is not allowed") {
+			t.Fatalf("err = %v, want address not allowed", err)
+		}
+	})
 	if ents, _ := filepath.Glob(filepath.Join(os.TempDir(), "oci-archive-*")); len(ents) > 0 {
 		t.Logf("note: scratch folders present (may be from parallel runs): %v", ents)
 	}

@@ -4,6 +4,7 @@ package base
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -16,6 +17,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
+	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/image/dockerfile"
 )
 
@@ -100,7 +102,7 @@ func TestPullFromDebianRegistry(t *testing.T) {
 			if err != nil || base.Kind != dockerfile.BaseRegistry {
 				t.Fatalf("ResolveBase(%q) = %+v, %v", tt.ref, base, err)
 			}
-			rb, err := (&Resolver{}).Resolve(ctx, base, t.TempDir())
+			rb, err := (&Resolver{InsecureRegistries: []string{addr}}).Resolve(ctx, base, t.TempDir())
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -116,4 +118,13 @@ func TestPullFromDebianRegistry(t *testing.T) {
 			}
 		})
 	}
+	// Without --insecure-registry the loopback registry is a host address
+	// a tenant may not make kiln contact.
+	t.Run("not named", func(t *testing.T) {
+		base, _ := dockerfile.ResolveBase(addr+"/kiln/base:1.0", nil)
+		_, err := (&Resolver{}).Resolve(ctx, base, t.TempDir())
+		if !errors.Is(err, egress.ErrNotAllowed) {
+			t.Fatalf("err = %v, want address not allowed", err)
+		}
+	})
 }

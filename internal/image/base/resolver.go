@@ -13,6 +13,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
+	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/image/dockerfile"
 	"github.com/kiln-sandbox/kiln/internal/image/layer"
@@ -22,9 +23,14 @@ import (
 // in the build context and registry images.
 type Resolver struct {
 	Managed *Managed
-	// InsecureRegistries are spoken to over plain HTTP (loopback ones
-	// always are).
+	// InsecureRegistries ("host:port" or "host") are the operator's
+	// --insecure-registry: the only registries spoken to over plain HTTP
+	// and the only ones reached on an address the egress policy denies
+	// (a registry on loopback).
 	InsecureRegistries []string
+	// Egress checks every registry connection; nil = the built-in deny
+	// list. A FROM image is the tenant's choice, so its registry is too.
+	Egress *egress.Policy
 	// Limits bound a flattened OCI image. Zero = layer.DefaultImageLimits.
 	Limits layer.Limits
 	// ScratchDir holds unpacked oci-archives while a build reads them;
@@ -99,7 +105,7 @@ func (r *Resolver) Resolve(ctx context.Context, b dockerfile.Base, contextDir st
 		}
 		return r.fromImage(img, func() { os.RemoveAll(scratch) })
 	case dockerfile.BaseRegistry:
-		img, err := Pull(ctx, b.Ref, r.InsecureRegistries)
+		img, err := Pull(ctx, b.Ref, r.InsecureRegistries, r.Egress)
 		if err != nil {
 			return image.ResolvedBase{}, err
 		}

@@ -20,6 +20,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/image/layer"
 )
@@ -36,7 +37,9 @@ type Config struct {
 	MaxDownloadBytes int64
 	// Timeout bounds one download. 0 = 10 minutes.
 	Timeout time.Duration
-	// HTTPClient is used for http(s) sources; nil = a client with Timeout.
+	// HTTPClient is used for http(s) sources. It must dial through
+	// internal/egress (the URL is the tenant's); nil = the built-in deny
+	// list's client with Timeout.
 	HTTPClient *http.Client
 	// S3 configures s3:// sources; nil refuses them.
 	S3 *S3Config
@@ -166,7 +169,7 @@ func fetchDownload(ctx context.Context, dst string, cfg Config, get func(context
 func downloadHTTP(ctx context.Context, location string, w io.Writer, cfg Config) error {
 	client := cfg.HTTPClient
 	if client == nil {
-		client = &http.Client{Timeout: cfg.timeout()}
+		client = (&egress.Policy{}).Client(cfg.timeout())
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, location, nil)
 	if err != nil {
@@ -174,7 +177,7 @@ func downloadHTTP(ctx context.Context, location string, w io.Writer, cfg Config)
 	}
 	resp, err := client.Do(req)
 	if err != nil {
-		return err
+		return egress.Tenant(err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {

@@ -5,8 +5,10 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,6 +20,7 @@ import (
 	"github.com/johannesboyne/gofakes3"
 	"github.com/johannesboyne/gofakes3/backend/s3mem"
 
+	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/image/layer"
 )
 
@@ -101,6 +104,19 @@ func TestFetch(t *testing.T) {
 	}
 
 	local := Config{AllowLocal: true}
+	// The test servers are on loopback, which tenants may not make kiln
+	// fetch from; an operator's --allow-fetch-cidr opens it.
+	lo := (&egress.Policy{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}).Client(0)
+	redirector := httptest.NewUnstartedServer(http.RedirectHandler(srv.URL+"/code.zip", http.StatusFound))
+	rl, err := net.Listen("tcp4", "127.0.0.2:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	redirector.Listener.Close()
+	redirector.Listener = rl
+	redirector.Start()
+	defer redirector.Close()
+	only2 := (&egress.Policy{Allow: []netip.Prefix{netip.MustParsePrefix("127.0.0.2/32")}}).Client(0)
 	tests := []struct {
 		name     string
 		location string
@@ -111,14 +127,17 @@ func TestFetch(t *testing.T) {
 		{name: "local zip", location: zipPath, cfg: local},
 		{name: "local folder", location: folder, cfg: local},
 		{name: "file uri", location: "file://" + zipPath, cfg: local},
-		{name: "http", location: srv.URL + "/code.zip"},
+		{name: "http", location: srv.URL + "/code.zip", cfg: Config{HTTPClient: lo}},
+		{name: "http loopback refused", location: srv.URL + "/code.zip", wantErr: egress.ErrNotAllowed, errHas: "fetching URL: address 127.0.0.1 is not allowed"},
+		{name: "http metadata refused", location: "http://169.254.169.254/latest/user-data", wantErr: egress.ErrNotAllowed, errHas: "address 169.254.169.254 is not allowed"},
+		{name: "http redirect to loopback refused", location: redirector.URL + "/", cfg: Config{HTTPClient: only2}, wantErr: egress.ErrNotAllowed, errHas: "address 127.0.0.1 is not allowed"},
 		{name: "s3 path style", location: "s3://code/apps/v1.zip", cfg: Config{S3: s3cfg}},
 		{name: "local refused for tenants", location: zipPath, wantErr: ErrInvalid, errHas: "not allowed"},
 		{name: "folder with link to host file", location: evil, cfg: local, wantErr: layer.ErrUnsafe, errHas: "outside the build folder"},
 		{name: "unknown scheme", location: "ftp://x/y.zip", wantErr: ErrInvalid, errHas: "scheme"},
-		{name: "http 404", location: srv.URL + "/missing.zip", errHas: "404"},
-		{name: "http over size limit", location: srv.URL + "/huge.zip", cfg: Config{MaxDownloadBytes: 4096}, wantErr: layer.ErrLimit, errHas: "MaxDownloadBytes"},
-		{name: "http timeout", location: srv.URL + "/slow.zip", cfg: Config{Timeout: 200 * time.Millisecond}, errHas: "timed out"},
+		{name: "http 404", location: srv.URL + "/missing.zip", cfg: Config{HTTPClient: lo}, errHas: "404"},
+		{name: "http over size limit", location: srv.URL + "/huge.zip", cfg: Config{HTTPClient: lo, MaxDownloadBytes: 4096}, wantErr: layer.ErrLimit, errHas: "MaxDownloadBytes"},
+		{name: "http timeout", location: srv.URL + "/slow.zip", cfg: Config{HTTPClient: lo, Timeout: 200 * time.Millisecond}, errHas: "timed out"},
 		{name: "s3 not configured", location: "s3://code/apps/v1.zip", wantErr: ErrInvalid, errHas: "no S3 endpoint"},
 		{name: "s3 missing key", location: "s3://code/nope.zip", cfg: Config{S3: s3cfg}, errHas: "NoSuchKey"},
 		{name: "s3 over size limit", location: "s3://code/apps/v1.zip", cfg: Config{S3: s3cfg, MaxDownloadBytes: 10}, wantErr: layer.ErrLimit},
