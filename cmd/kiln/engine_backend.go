@@ -20,6 +20,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/image/base"
 	"github.com/kiln-sandbox/kiln/internal/image/source"
 	"github.com/kiln-sandbox/kiln/internal/imagebuild"
+	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/tlsca"
@@ -63,7 +64,7 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		return nil, nil, err
 	}
 	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep,
-		Builder: newImageBuilder(ctx, o, drv, log), DataDir: o.DataDir, Log: log})
+		Builder: newImageBuilder(ctx, o, drv, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Log: log})
 	if err != nil {
 		drv.Close()
 		return nil, nil, err
@@ -89,6 +90,13 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		<-ctx.Done()
 		eng.Close()
 		drv.Close() // VMs keep running; the next start adopts them
+		// With no VM network left, undo kiln's host settings (the nftables
+		// table, ip_forward); with VMs running they stay for them.
+		if done, err := netns.RestoreHost(); err != nil {
+			log.Warn("restoring host network settings", "err", err)
+		} else if done {
+			log.Info("no vm networks left: removed the kiln nftables table and restored net.ipv4.ip_forward")
+		}
 	}()
 	log.Info("microvm endpoints serving", "addr", ln.Addr().String(), "domain", o.Domain, "ca", filepath.Join(o.DataDir, "ca.pem"))
 	return eng, &engine.TokenIssuer{Signer: signer}, nil
@@ -98,13 +106,18 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 // run on the same driver as microVMs (one data directory, one recovery).
 func newImageBuilder(ctx context.Context, o ServerOptions, drv *qemu.Driver, log *slog.Logger) engine.Builder {
 	bases := &base.Managed{DataDir: o.DataDir, Logger: log}
+	// Everything a tenant names (ADD <url>, code URI, FROM registry) is
+	// fetched through one egress policy.
+	pol := o.FetchPolicy()
 	return &imageBuilder{b: &imagebuild.Builder{
-		Images: &image.Builder{DataDir: o.DataDir, Runner: &imagebuild.Runner{Driver: drv, Logger: log},
-			Bases: &base.Resolver{Managed: bases, Logger: log}, Logger: log},
-		Driver: drv,
+		Images: &image.Builder{DataDir: o.DataDir, Runner: &imagebuild.Runner{Driver: drv, ExtraDeny: o.DenyCIDRs, Logger: log},
+			Bases:      &base.Resolver{Managed: bases, InsecureRegistries: o.InsecureRegistries, Egress: pol, Logger: log},
+			HTTPClient: pol.Client(10 * time.Minute), Logger: log},
+		Driver:    drv,
+		ExtraDeny: o.DenyCIDRs,
 		// The API already decided which accounts may build from local
 		// paths (operators, and everyone's own uploads).
-		Source:   source.Config{AllowLocal: true},
+		Source:   source.Config{AllowLocal: true, HTTPClient: pol.Client(0)},
 		CacheDir: filepath.Join(o.DataDir, "template-cache"),
 		// A cached snapshot holds the agent it was built with.
 		CacheSalt: drv.GuestBuild(),

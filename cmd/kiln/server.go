@@ -5,14 +5,15 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/kiln-sandbox/kiln/internal/image/base"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"syscall"
 	"time"
 
@@ -22,6 +23,8 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/api/apibench"
 	"github.com/kiln-sandbox/kiln/internal/api/fakebackend"
 	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/egress"
+	"github.com/kiln-sandbox/kiln/internal/image/base"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 )
@@ -36,6 +39,21 @@ type ServerOptions struct {
 	// Quotas (0: none).
 	MaxMicrovmsPerAccount int
 	RequestsPerSecond     float64
+	// Network policy for tenants (internal/egress). DenyCIDRs
+	// (--deny-cidr) are denied to app VMs, build VMs and kiln's fetches
+	// for tenants on top of the built-in list; AllowFetchCIDRs
+	// (--allow-fetch-cidr) exempt prefixes for kiln's fetches only (an
+	// internal mirror); InsecureRegistries (--insecure-registry
+	// HOST:PORT) are the only registries pulled over plain HTTP or from a
+	// denied address such as loopback.
+	DenyCIDRs          []netip.Prefix
+	AllowFetchCIDRs    []netip.Prefix
+	InsecureRegistries []string
+}
+
+// FetchPolicy is the egress policy of kiln's fetches for tenants.
+func (o ServerOptions) FetchPolicy() *egress.Policy {
+	return &egress.Policy{ExtraDeny: o.DenyCIDRs, Allow: o.AllowFetchCIDRs}
 }
 
 // BackendFactory builds the engine behind the API: it gets the store and
@@ -60,6 +78,7 @@ func RegisterBackend(name string, f BackendFactory) { backends[name] = f }
 func init() {
 	var o ServerOptions
 	var backend string
+	var denyCIDRs, allowFetch []string
 	cmd := &cobra.Command{
 		Use:   "server",
 		Short: "Serve the AWS Lambda MicroVMs-compatible API",
@@ -70,6 +89,18 @@ is all an AWS SDK or CLI needs.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			o.DataDir = dataDir
+			var err error
+			if o.DenyCIDRs, err = egress.ParseCIDRs(denyCIDRs); err != nil {
+				return fmt.Errorf("--deny-cidr: %w", err)
+			}
+			if o.AllowFetchCIDRs, err = egress.ParseCIDRs(allowFetch); err != nil {
+				return fmt.Errorf("--allow-fetch-cidr: %w", err)
+			}
+			for _, r := range o.InsecureRegistries {
+				if r == "" || strings.ContainsAny(r, "/ ") {
+					return fmt.Errorf("--insecure-registry %q: want HOST:PORT or HOST", r)
+				}
+			}
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
 			return runServer(ctx, o, backend)
@@ -83,6 +114,9 @@ is all an AWS SDK or CLI needs.`,
 	f.IntVar(&o.MaxMicrovmsPerAccount, "max-microvms-per-account", 0, "quota of microVMs not terminated per account (0: none)")
 	f.Float64Var(&o.RequestsPerSecond, "requests-per-second", 0, "API request rate per account before ThrottlingException (0: no limit)")
 	f.StringVar(&backend, "backend", "engine", "what runs the microVMs: engine, or fake (records only, for trying the API)")
+	f.StringArrayVar(&denyCIDRs, "deny-cidr", nil, "CIDR (or address) that app VMs, build VMs and kiln's fetches for tenants (ADD <url>, code URIs, registry pulls) may never reach, on top of the built-in deny list; repeatable")
+	f.StringArrayVar(&allowFetch, "allow-fetch-cidr", nil, "CIDR kiln may fetch from for tenants although the deny list covers it (an internal mirror); never opens guest egress; repeatable")
+	f.StringArrayVar(&o.InsecureRegistries, "insecure-registry", nil, "registry HOST:PORT (or HOST) pulled over plain HTTP and allowed on a denied address such as loopback; repeatable")
 	rootCmd.AddCommand(cmd)
 }
 

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -64,6 +65,9 @@ type Builder struct {
 	VCPUs int
 	// DNSUpstreams override the host's resolvers for image VMs with egress.
 	DNSUpstreams []string
+	// ExtraDeny is the operator's --deny-cidr for image VMs (see
+	// netns.Config.ExtraDeny); set the Runner's too.
+	ExtraDeny []netip.Prefix
 	// CacheDir, if set, keeps finished templates by a key of everything
 	// they depend on, so an unchanged rebuild reuses the snapshot instead
 	// of booting and starting the app again. Put it on the file system
@@ -276,7 +280,7 @@ func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error
 	step = PhaseBoot
 	fmt.Fprintf(log, "#boot image vm (%d MiB)\n", req.MemoryMiB)
 	start = time.Now()
-	g, err := bootVM(ctx, b.Driver, b.logger(), vmSpec{prefix: PrefixImage, rootDisk: rootDisk, memoryMiB: req.MemoryMiB, vcpus: b.VCPUs, egress: req.Egress, upstreams: b.DNSUpstreams})
+	g, err := bootVM(ctx, b.Driver, b.logger(), vmSpec{prefix: PrefixImage, rootDisk: rootDisk, memoryMiB: req.MemoryMiB, vcpus: b.VCPUs, egress: req.Egress, upstreams: b.DNSUpstreams, extraDeny: b.ExtraDeny})
 	if err != nil {
 		return fail(err)
 	}

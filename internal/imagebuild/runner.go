@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -45,7 +46,10 @@ type Runner struct {
 	QEMUImg string
 	// DNSUpstreams override the host's resolvers for build VMs.
 	DNSUpstreams []string
-	Logger       *slog.Logger
+	// ExtraDeny is the operator's --deny-cidr: build VMs may not reach it
+	// either (see netns.Config.ExtraDeny).
+	ExtraDeny []netip.Prefix
+	Logger    *slog.Logger
 }
 
 var _ image.Runner = (*Runner)(nil)
@@ -100,7 +104,7 @@ func (r *Runner) Run(ctx context.Context, rootDisk string, step image.RunStep, l
 	}
 
 	start := time.Now()
-	g, err := bootVM(ctx, r.Driver, r.logger(), vmSpec{prefix: PrefixBuild, rootDisk: disk, memoryMiB: mem, vcpus: r.vcpus(), egress: true, upstreams: r.DNSUpstreams, scratch: true})
+	g, err := bootVM(ctx, r.Driver, r.logger(), vmSpec{prefix: PrefixBuild, rootDisk: disk, memoryMiB: mem, vcpus: r.vcpus(), egress: true, upstreams: r.DNSUpstreams, extraDeny: r.ExtraDeny, scratch: true})
 	if err != nil {
 		return "", err
 	}

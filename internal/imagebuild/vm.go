@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -71,6 +72,7 @@ type vmSpec struct {
 	vcpus     int
 	egress    bool
 	upstreams []string
+	extraDeny []netip.Prefix
 	scratch   bool // a RUN step's VM: see vmm.BootSpec.ScratchDisk
 }
 
@@ -83,7 +85,7 @@ func bootVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (*gue
 	g := &guestVM{id: newID(s.prefix), driver: d, log: log}
 	g.log = log.With("vm", g.id)
 	var err error
-	if g.net, err = netns.Setup(ctx, netns.Config{ID: g.id, Egress: s.egress}); err != nil {
+	if g.net, err = netns.Setup(ctx, netns.Config{ID: g.id, Egress: s.egress, ExtraDeny: s.extraDeny}); err != nil {
 		return nil, fmt.Errorf("setting up the vm network: %w", err)
 	}
 	if s.egress {
