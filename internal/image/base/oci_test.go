@@ -239,7 +239,7 @@ func TestBuildOnOCIBase(t *testing.T) {
 	os.WriteFile(filepath.Join(bctx, "extra.txt"), []byte("extra"), 0o644)
 	b := &image.Builder{DataDir: t.TempDir(), Bases: &Resolver{}}
 	out := filepath.Join(t.TempDir(), "root.ext4")
-	res, err := b.Build(ctx, image.Request{ContextDir: bctx, Output: out})
+	res, err := b.Build(ctx, image.Request{Account: "test", ContextDir: bctx, Output: out})
 	if err != nil {
 		t.Fatal(err)
 	}
