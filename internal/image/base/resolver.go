@@ -63,7 +63,7 @@ func (r *Resolver) Resolve(ctx context.Context, b dockerfile.Base, contextDir st
 			return image.ResolvedBase{}, err
 		}
 		return image.ResolvedBase{
-			Key:    "managed:" + v.Name + "@" + v.Version,
+			Key: "managed:" + v.Name + "@" + v.Version,
 			// Built by kiln from its configured sources: one cache entry
 			// serves every account.
 			Shared: true,

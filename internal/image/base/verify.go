@@ -27,7 +27,7 @@ import (
 
 // ErrDigestMismatch marks an archive whose blob does not hash to the digest
 // that names it (damaged or forged).
-var ErrDigestMismatch = fmt.Errorf("image archive blob does not match its digest: %w", errdefs.ErrInvalid)
+var ErrDigestMismatch = fmt.Errorf("blob does not match its digest: %w", errdefs.ErrInvalid)
 
 // checkBlob compares the bytes of one blob with its descriptor: digest,
 // and size when the descriptor gives one.
@@ -36,10 +36,10 @@ func checkBlob(what string, want v1.Hash, wantSize int64, got v1.Hash, gotSize i
 		return fmt.Errorf("%w: %s is named by %q, not a sha256 digest; rebuild the archive with a standard tool", errdefs.ErrInvalid, what, want)
 	}
 	if got != want {
-		return fmt.Errorf("%w: %s (%s) hashes to %s: the archive is damaged or forged; rebuild it (docker save, skopeo copy, buildah push)", ErrDigestMismatch, what, want, got)
+		return fmt.Errorf("%s (%s) hashes to %s: the archive is damaged or forged; rebuild it (docker save, skopeo copy, buildah push): %w", what, want, got, ErrDigestMismatch)
 	}
 	if wantSize > 0 && gotSize != wantSize {
-		return fmt.Errorf("%w: %s (%s) is %d bytes, its descriptor says %d: the archive is damaged or forged", ErrDigestMismatch, what, want, gotSize, wantSize)
+		return fmt.Errorf("%s (%s) is %d bytes, its descriptor says %d: the archive is damaged or forged: %w", what, want, gotSize, wantSize, ErrDigestMismatch)
 	}
 	return nil
 }
