@@ -40,11 +40,15 @@ func OpenArchive(ctx context.Context, archive, scratch string) (v1.Image, error)
 		return nil, fmt.Errorf("reading image archive %s: %w", filepath.Base(archive), err)
 	}
 	if !isLayout {
+		tm, err := dockerManifest(archive)
+		if err != nil {
+			return nil, fmt.Errorf("reading docker-archive %s: %w", filepath.Base(archive), err)
+		}
 		img, err := tarball.ImageFromPath(archive, nil)
 		if err != nil {
 			return nil, fmt.Errorf("reading docker-archive %s: %w", filepath.Base(archive), err)
 		}
-		if err := verifyDockerArchive(ctx, archive, img); err != nil {
+		if err := verifyDockerArchive(ctx, archive, img, tm); err != nil {
 			return nil, fmt.Errorf("docker-archive %s: %w", filepath.Base(archive), err)
 		}
 		return img, nil
@@ -57,15 +61,19 @@ func OpenArchive(ctx context.Context, archive, scratch string) (v1.Image, error)
 	if err := layer.ExtractTar(ctx, f, scratch, layer.Options{Limits: layer.DefaultImageLimits}); err != nil {
 		return nil, fmt.Errorf("unpacking oci-archive %s: %w", filepath.Base(archive), err)
 	}
+	if err := metaFileOK("index.json", filepath.Join(scratch, "index.json")); err != nil {
+		return nil, fmt.Errorf("oci-archive %s: %w", filepath.Base(archive), err)
+	}
 	idx, err := layout.ImageIndexFromPath(scratch)
 	if err != nil {
 		return nil, fmt.Errorf("reading oci-archive %s: %w", filepath.Base(archive), err)
 	}
-	img, desc, err := pickImage(idx, 0)
+	meta := layoutMetaCheck(scratch)
+	img, desc, err := pickImage(idx, 0, meta)
 	if err != nil {
 		return nil, fmt.Errorf("oci-archive %s: %w", filepath.Base(archive), err)
 	}
-	if err := verifyLayoutImage(ctx, img, desc); err != nil {
+	if err := verifyLayoutImage(ctx, img, desc, meta); err != nil {
 		return nil, fmt.Errorf("oci-archive %s: %w", filepath.Base(archive), err)
 	}
 	return img, nil
@@ -73,8 +81,9 @@ func OpenArchive(ctx context.Context, archive, scratch string) (v1.Image, error)
 
 // pickImage returns the image for the host's platform from an index
 // (nested indexes followed, each checked against its digest), or its only
-// image, with the descriptor that named it.
-func pickImage(idx v1.ImageIndex, depth int) (v1.Image, v1.Descriptor, error) {
+// image, with the descriptor that named it. meta bounds an index's blob
+// before it is read.
+func pickImage(idx v1.ImageIndex, depth int, meta func(string, v1.Descriptor) error) (v1.Image, v1.Descriptor, error) {
 	if depth > 4 {
 		return nil, v1.Descriptor{}, errors.New("image index nested too deeply")
 	}
@@ -93,6 +102,9 @@ func pickImage(idx v1.ImageIndex, depth int) (v1.Image, v1.Descriptor, error) {
 		case d.MediaType.IsImage() && matches && fallback == nil:
 			fallback = &im.Manifests[i]
 		case d.MediaType.IsIndex():
+			if err := meta("image index", d); err != nil {
+				return nil, v1.Descriptor{}, err
+			}
 			sub, err := idx.ImageIndex(d.Digest)
 			if err != nil {
 				return nil, v1.Descriptor{}, err
@@ -100,7 +112,7 @@ func pickImage(idx v1.ImageIndex, depth int) (v1.Image, v1.Descriptor, error) {
 			if err := verifyIndex(sub, d); err != nil {
 				return nil, v1.Descriptor{}, err
 			}
-			if img, sd, err := pickImage(sub, depth+1); err == nil {
+			if img, sd, err := pickImage(sub, depth+1, meta); err == nil {
 				return img, sd, nil
 			}
 		}

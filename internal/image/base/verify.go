@@ -1,6 +1,7 @@
 package base
 
 import (
+	"archive/tar"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -9,7 +10,9 @@ import (
 	"io"
 	"os"
 	"path"
+	"path/filepath"
 	"regexp"
+	"strings"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
@@ -24,6 +27,10 @@ import (
 // could pair a well-known manifest with layers of its own. These checks
 // hash every blob kiln will use against the digest that names it, before
 // any of it is used.
+
+// maxMetaBlob bounds what is read into memory whole: index.json,
+// manifest.json, manifests, indexes and configs (real ones are kilobytes).
+const maxMetaBlob = 8 << 20
 
 // ErrDigestMismatch marks an archive whose blob does not hash to the digest
 // that names it (damaged or forged).
@@ -71,11 +78,40 @@ func hashBytes(b []byte) (v1.Hash, int64) {
 	return v1.Hash{Algorithm: "sha256", Hex: hex.EncodeToString(s[:])}, int64(len(b))
 }
 
+// layoutMetaCheck returns a check, for an OCI layout unpacked in dir, that
+// a metadata blob is small enough to read whole, before the layout reader
+// reads it.
+func layoutMetaCheck(dir string) func(what string, d v1.Descriptor) error {
+	return func(what string, d v1.Descriptor) error {
+		if d.Digest.Algorithm != "sha256" || !hexDigest.MatchString(d.Digest.Hex) {
+			return fmt.Errorf("%w: %s is named by %q, not a sha256 digest", errdefs.ErrInvalid, what, d.Digest)
+		}
+		return metaFileOK(what, filepath.Join(dir, "blobs", "sha256", d.Digest.Hex))
+	}
+}
+
+var hexDigest = regexp.MustCompile(`^[0-9a-f]{64}$`)
+
+func metaFileOK(what, p string) error {
+	fi, err := os.Lstat(p)
+	if err != nil {
+		return fmt.Errorf("%w: %s missing from the archive", errdefs.ErrInvalid, what)
+	}
+	if !fi.Mode().IsRegular() || fi.Size() > maxMetaBlob {
+		return fmt.Errorf("%w: %s is not a regular file of at most %d bytes", errdefs.ErrInvalid, what, maxMetaBlob)
+	}
+	return nil
+}
+
 // verifyLayoutImage checks an image of an OCI layout: its manifest against
 // the descriptor that named it, the config against the manifest, and every
 // layer's stored bytes against the manifest. Layers are then read from the
-// same files, which sit in kiln's own scratch folder.
-func verifyLayoutImage(ctx context.Context, img v1.Image, desc v1.Descriptor) error {
+// same files, which sit in kiln's own scratch folder. meta bounds a
+// metadata blob before it is read.
+func verifyLayoutImage(ctx context.Context, img v1.Image, desc v1.Descriptor, meta func(string, v1.Descriptor) error) error {
+	if err := meta("image manifest", desc); err != nil {
+		return err
+	}
 	raw, err := img.RawManifest()
 	if err != nil {
 		return fmt.Errorf("reading manifest %s: %w", desc.Digest, err)
@@ -87,6 +123,9 @@ func verifyLayoutImage(ctx context.Context, img v1.Image, desc v1.Descriptor) er
 	m, err := img.Manifest()
 	if err != nil {
 		return fmt.Errorf("parsing manifest %s: %w", desc.Digest, err)
+	}
+	if err := meta("image config", m.Config); err != nil {
+		return err
 	}
 	if err := verifyConfig(img, m.Config); err != nil {
 		return err
@@ -147,14 +186,7 @@ var configByDigest = regexp.MustCompile(`^(?:blobs/sha256/([0-9a-f]{64})|([0-9a-
 // config's rootfs.diff_ids, which is what binds layers to the image (the
 // image id is the config's digest). A docker-archive has no manifest
 // digest of its own: the reader computes one from the content.
-func verifyDockerArchive(ctx context.Context, archive string, img v1.Image) error {
-	tm, err := tarball.LoadManifest(func() (io.ReadCloser, error) { return os.Open(archive) })
-	if err != nil {
-		return fmt.Errorf("reading manifest.json: %w", err)
-	}
-	if len(tm) != 1 {
-		return fmt.Errorf("%w: the docker-archive holds %d images; save exactly one", errdefs.ErrInvalid, len(tm))
-	}
+func verifyDockerArchive(ctx context.Context, archive string, img v1.Image, tm tarball.Manifest) error {
 	raw, err := img.RawConfigFile()
 	if err != nil {
 		return fmt.Errorf("reading image config: %w", err)
@@ -192,6 +224,54 @@ func verifyDockerArchive(ctx context.Context, archive string, img v1.Image) erro
 		}
 	}
 	return nil
+}
+
+// dockerManifest reads a docker-archive's manifest.json, refusing it, or
+// the config it names, when either is not a regular entry of at most
+// maxMetaBlob bytes: the tarball reader reads both whole.
+func dockerManifest(archive string) (tarball.Manifest, error) {
+	sizes := map[string]int64{}
+	f, err := os.Open(archive)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	tr := tar.NewReader(f)
+	for {
+		h, err := tr.Next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+		n := path.Clean(strings.TrimPrefix(h.Name, "./"))
+		if h.Typeflag != tar.TypeReg {
+			sizes[n] = -1
+		} else {
+			sizes[n] = h.Size
+		}
+	}
+	ok := func(name string) error {
+		if sz, found := sizes[path.Clean(name)]; !found || sz < 0 || sz > maxMetaBlob {
+			return fmt.Errorf("%w: %s is not a regular entry of at most %d bytes in the archive", errdefs.ErrInvalid, name, maxMetaBlob)
+		}
+		return nil
+	}
+	if err := ok("manifest.json"); err != nil {
+		return nil, err
+	}
+	tm, err := tarball.LoadManifest(func() (io.ReadCloser, error) { return os.Open(archive) })
+	if err != nil {
+		return nil, fmt.Errorf("reading manifest.json: %w", err)
+	}
+	if len(tm) != 1 {
+		return nil, fmt.Errorf("%w: the docker-archive holds %d images; save exactly one", errdefs.ErrInvalid, len(tm))
+	}
+	if err := ok(tm[0].Config); err != nil {
+		return nil, err
+	}
+	return tm, nil
 }
 
 // ArchiveKey is the cache key of a tenant-supplied image archive: the

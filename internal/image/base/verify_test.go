@@ -326,3 +326,33 @@ func seedImage(f *testing.F) v1.Image {
 	}
 	return img
 }
+
+// TestArchiveMetaBounded: metadata the readers take whole into memory
+// (index.json, manifest.json) is refused past a bound instead of read.
+func TestArchiveMetaBounded(t *testing.T) {
+	ctx := context.Background()
+	img := testImage(t)
+	pad := bytes.Repeat([]byte(" "), maxMetaBlob+1)
+
+	bctx := t.TempDir()
+	lay, _ := writeLayout(t, img)
+	idx, _ := os.ReadFile(filepath.Join(lay, "index.json"))
+	os.WriteFile(filepath.Join(lay, "index.json"), append(idx, pad...), 0o644)
+	tarDir(t, lay, filepath.Join(bctx, "oci.tar"))
+
+	tag, _ := name.NewTag("kiln.test/base:1")
+	genuine := filepath.Join(t.TempDir(), "docker.tar")
+	if err := tarball.WriteToFile(genuine, tag, img); err != nil {
+		t.Fatal(err)
+	}
+	mj, _ := tarball.LoadManifest(func() (io.ReadCloser, error) { return os.Open(genuine) })
+	raw, _ := json.Marshal(mj)
+	rewriteTar(t, genuine, filepath.Join(bctx, "docker.tar"), map[string][]byte{"manifest.json": append(raw, pad...)})
+
+	for _, f := range []string{"oci.tar", "docker.tar"} {
+		_, err := OpenArchive(ctx, filepath.Join(bctx, f), t.TempDir())
+		if !errors.Is(err, errdefs.ErrInvalid) || !strings.Contains(err.Error(), "at most") {
+			t.Errorf("%s with oversize metadata: %v", f, err)
+		}
+	}
+}
