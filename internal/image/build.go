@@ -30,7 +30,7 @@ var ErrInvalid = fmt.Errorf("invalid build input: %w", errdefs.ErrInvalid)
 // and Bases.
 type Builder struct {
 	// DataDir is kiln's data directory; the cache lives in
-	// DataDir/image-cache.
+	// DataDir/image-cache (a part per account, see cache.go).
 	DataDir string
 	Runner  Runner
 	Bases   BaseResolver
@@ -55,6 +55,12 @@ type Builder struct {
 
 // Request is one build.
 type Request struct {
+	// Account owns the build; required. Every cache entry the build reads
+	// or writes is that account's own (DataDir/image-cache/accounts/…),
+	// except the entries of managed bases, which kiln built from its own
+	// configured sources: so no tenant builds on, or learns about, what
+	// another tenant's builds left in the cache.
+	Account string
 	// ContextDir is the unpacked code package (internal/image/source).
 	ContextDir string
 	// Dockerfile is the Dockerfile's path in the context; "" = "Dockerfile".
@@ -106,6 +112,9 @@ const defaultPath = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
 // removed when Build returns, whatever happens; only complete cache
 // entries and, on success, req.Output remain.
 func (b *Builder) Build(ctx context.Context, req Request) (*Result, error) {
+	if req.Account == "" {
+		return nil, fmt.Errorf("build request names no account (caches are per account): %w", errdefs.ErrInvalid)
+	}
 	if req.Log == nil {
 		req.Log = io.Discard
 	}
@@ -155,7 +164,8 @@ func (b *Builder) Build(ctx context.Context, req Request) (*Result, error) {
 
 	bd := &build{
 		b: b, req: req, plan: plan, ignore: ig, ctxRoot: ctxRoot, work: work,
-		cache:  cache{dir: filepath.Join(b.DataDir, "image-cache")},
+		cache:  accountCache(b.DataDir, req.Account),
+		shared: sharedCache(b.DataDir),
 		stages: make([]*stageState, len(plan.Stages)),
 		log:    b.logger(),
 	}
@@ -258,7 +268,8 @@ type build struct {
 	ignore  *dockerfile.Ignore
 	ctxRoot *os.Root
 	work    string
-	cache   cache
+	cache   cache // the account's own entries
+	shared  cache // managed bases' entries, the same for every account
 	stages  []*stageState
 	mounts  []*rootfs.Mounted // of disks, for COPY; closed by cleanup
 	log     *slog.Logger
@@ -316,6 +327,12 @@ func (bd *build) runStage(ctx context.Context, i int, res *Result) (*stageState,
 			defer rb.Release()
 		}
 		st.key = keyOf("base", rb.Key)
+		// Only a base kiln made itself may come from (or go into) the
+		// shared cache; a tenant-supplied one stays in its account's.
+		bc := bd.cache
+		if rb.Shared {
+			bc = bd.shared
+		}
 		st.cfg = cloneConfig(rb.Config)
 		if len(st.cfg.Shell) > 0 {
 			st.shell = append([]string(nil), st.cfg.Shell...)
@@ -323,7 +340,7 @@ func (bd *build) runStage(ctx context.Context, i int, res *Result) (*stageState,
 		if !hasEnv(st.cfg.Env, "PATH") {
 			st.cfg.Env = append([]string{defaultPath}, st.cfg.Env...)
 		}
-		dir, kind, ok := bd.cache.lookup(st.key)
+		dir, kind, ok := bc.lookup(st.key)
 		cached := ok
 		if !ok {
 			tmp := bd.tmpName("base")
@@ -334,7 +351,7 @@ func (bd *build) runStage(ctx context.Context, i int, res *Result) (*stageState,
 				os.RemoveAll(tmp)
 				return nil, &StepError{Stage: i, Line: s.Line, Instruction: "FROM " + s.From, Err: err}
 			}
-			dir, err = bd.cache.store(ctx, st.key, "FROM "+s.From, tmp, kindFolder)
+			dir, err = bc.store(ctx, st.key, "FROM "+s.From, tmp, kindFolder)
 			os.RemoveAll(tmp)
 			if err != nil {
 				return nil, err

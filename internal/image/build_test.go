@@ -129,7 +129,7 @@ CMD ["/usr/local/bin/app", "--port", "8080"]
 	b := &Builder{DataDir: data, Runner: runner, RunHeadroom: 16 << 20, HTTPClient: loopbackAllowed()}
 	var log bytes.Buffer
 	out := filepath.Join(t.TempDir(), "root.ext4")
-	res, err := b.Build(ctx, Request{ContextDir: bctx, Output: out, Log: &log})
+	res, err := b.Build(ctx, Request{Account: "test", ContextDir: bctx, Output: out, Log: &log})
 	if err != nil {
 		t.Fatalf("build: %v\nlog:\n%s", err, log.String())
 	}
@@ -190,7 +190,7 @@ CMD ["/usr/local/bin/app", "--port", "8080"]
 
 	// An unchanged rebuild reuses every step.
 	out2 := filepath.Join(t.TempDir(), "root.ext4")
-	res2, err := b.Build(ctx, Request{ContextDir: bctx, Output: out2})
+	res2, err := b.Build(ctx, Request{Account: "test", ContextDir: bctx, Output: out2})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -206,14 +206,14 @@ CMD ["/usr/local/bin/app", "--port", "8080"]
 	// Changing a source re-runs the COPY and the RUN after it; an ignored
 	// file changing does not.
 	writeFiles(t, bctx, map[string]string{"src/secret.txt": "changed secret"})
-	if _, err := b.Build(ctx, Request{ContextDir: bctx, Output: out2}); err != nil {
+	if _, err := b.Build(ctx, Request{Account: "test", ContextDir: bctx, Output: out2}); err != nil {
 		t.Fatal(err)
 	}
 	if len(runner.calls) != 1 {
 		t.Fatalf("ignored file change re-ran RUN")
 	}
 	writeFiles(t, bctx, map[string]string{"src/main.c": "int main(){return 1;}"})
-	if _, err := b.Build(ctx, Request{ContextDir: bctx, Output: out2}); err != nil {
+	if _, err := b.Build(ctx, Request{Account: "test", ContextDir: bctx, Output: out2}); err != nil {
 		t.Fatal(err)
 	}
 	if len(runner.calls) != 2 {
@@ -250,10 +250,9 @@ func checkNoWork(t *testing.T, data string) {
 	if len(ents) != 0 {
 		t.Fatalf("work files left behind: %v", ents)
 	}
-	cents, _ := os.ReadDir(filepath.Join(data, "image-cache"))
-	for _, e := range cents {
-		if strings.HasPrefix(e.Name(), ".tmp") {
-			t.Fatalf("half-written cache entry left: %s", e.Name())
+	for _, pat := range []string{"image-cache/accounts/*/.tmp*", "image-cache/shared/.tmp*", "image-cache/.tmp*"} {
+		if left, _ := filepath.Glob(filepath.Join(data, pat)); len(left) > 0 {
+			t.Fatalf("half-written cache entries left: %v", left)
 		}
 	}
 }
@@ -289,7 +288,7 @@ func TestBuildFailures(t *testing.T) {
 			if _, ok := tt.runner.(blockRunner); ok {
 				go func() { time.Sleep(200 * time.Millisecond); cancel() }()
 			}
-			_, err := (&Builder{DataDir: data, Runner: tt.runner, RunHeadroom: 8 << 20}).Build(ctx, Request{ContextDir: bctx, Output: out})
+			_, err := (&Builder{DataDir: data, Runner: tt.runner, RunHeadroom: 8 << 20}).Build(ctx, Request{Account: "test", ContextDir: bctx, Output: out})
 			if err == nil {
 				t.Fatal("want error")
 			}
@@ -314,7 +313,7 @@ func TestBuildSourceAndFailureReason(t *testing.T) {
 	writeFiles(t, pkg, map[string]string{"Dockerfile": "FROM scratch\nCOPY app.txt /\nRUN make\n", "app.txt": "x"})
 	runner := &fakeRunner{fn: func(string, RunStep) error { return &ExitError{Code: 2} }}
 	tail := NewLogTail(5)
-	_, err := (&Builder{DataDir: data, Runner: runner, RunHeadroom: 8 << 20}).BuildSource(ctx, pkg, sourceConfigLocal(), Request{Output: filepath.Join(t.TempDir(), "r.ext4"), Log: tail})
+	_, err := (&Builder{DataDir: data, Runner: runner, RunHeadroom: 8 << 20}).BuildSource(ctx, pkg, sourceConfigLocal(), Request{Account: "test", Output: filepath.Join(t.TempDir(), "r.ext4"), Log: tail})
 	if err == nil {
 		t.Fatal("want error")
 	}
@@ -326,7 +325,7 @@ func TestBuildSourceAndFailureReason(t *testing.T) {
 	}
 	checkNoWork(t, data)
 
-	_, err = (&Builder{DataDir: data}).BuildSource(ctx, "ftp://nowhere/x.zip", sourceConfigLocal(), Request{Output: filepath.Join(t.TempDir(), "r.ext4")})
+	_, err = (&Builder{DataDir: data}).BuildSource(ctx, "ftp://nowhere/x.zip", sourceConfigLocal(), Request{Account: "test", Output: filepath.Join(t.TempDir(), "r.ext4")})
 	if reason := FailureReason(err, nil); !strings.HasPrefix(reason, "fetch code package failed") {
 		t.Fatalf("reason = %q", reason)
 	}

@@ -19,7 +19,12 @@ import (
 	"time"
 )
 
-// The cache holds one entry per step result, in DATA_DIR/image-cache/KEY:
+// The cache holds one entry per step result, in
+// DATA_DIR/image-cache/accounts/SCOPE/KEY, where SCOPE is ScopeName of the
+// account that built it: an account never reads another's entries, so a
+// forged base or a guessed input of another tenant finds nothing. Only
+// managed bases (built by kiln from its configured sources) are kept once
+// for all, in DATA_DIR/image-cache/shared/KEY. Each entry holds:
 //
 //	rootfs/     the root as a folder (after a host-side step), or
 //	root.ext4   the root as a disk (after a RUN step)
@@ -30,6 +35,28 @@ import (
 // a reader sees a whole entry or none; two builds racing on one key keep
 // the first and drop the second. Entries are never modified after that.
 type cache struct{ dir string }
+
+// Folders of the image cache under DATA_DIR/image-cache.
+const (
+	cacheAccounts = "accounts"
+	cacheShared   = "shared"
+)
+
+func accountCache(dataDir, account string) cache {
+	return cache{dir: filepath.Join(dataDir, "image-cache", cacheAccounts, ScopeName(account))}
+}
+
+func sharedCache(dataDir string) cache {
+	return cache{dir: filepath.Join(dataDir, "image-cache", cacheShared)}
+}
+
+// ScopeName is the folder name of an account's own part of a cache: a
+// hash, so any account id (whatever characters it holds) makes one safe
+// path element and the folder names no account in clear.
+func ScopeName(account string) string {
+	h := sha256.Sum256([]byte("kiln cache scope\x00" + account))
+	return hex.EncodeToString(h[:16])
+}
 
 type entryKind int
 
@@ -123,9 +150,12 @@ func keyOf(parts ...string) string {
 }
 
 // PruneCache removes cache entries under dataDir not used for maxAge (a
-// hit refreshes an entry's time) and half-written entries left by a crash.
-// Safe to run while builds run: an entry in use by a build is one it just
-// used, so it is not old.
+// hit refreshes an entry's time) and half-written entries left by a crash,
+// in every account's part and the shared one. Entries of the unscoped
+// layout of older versions (DATA_DIR/image-cache/KEY) are removed whatever
+// their age: no build may read them again, since nothing says which account
+// made them. Safe to run while builds run: an entry in use by a build is
+// one it just used, so it is not old.
 func PruneCache(dataDir string, maxAge time.Duration) (removed int, err error) {
 	dir := filepath.Join(dataDir, "image-cache")
 	ents, err := os.ReadDir(dir)
@@ -138,6 +168,35 @@ func PruneCache(dataDir string, maxAge time.Duration) (removed int, err error) {
 	cutoff := time.Now().Add(-maxAge)
 	for _, e := range ents {
 		p := filepath.Join(dir, e.Name())
+		switch e.Name() {
+		case cacheShared:
+			removed += pruneEntries(p, cutoff)
+		case cacheAccounts:
+			scopes, err := os.ReadDir(p)
+			if err != nil {
+				return removed, err
+			}
+			for _, sc := range scopes {
+				removed += pruneEntries(filepath.Join(p, sc.Name()), cutoff)
+			}
+		default:
+			if os.RemoveAll(p) == nil {
+				removed++
+			}
+		}
+	}
+	return removed, nil
+}
+
+// pruneEntries removes the entries of one cache folder last used before
+// cutoff, and half-written ones as old.
+func pruneEntries(dir string, cutoff time.Time) (removed int) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return 0
+	}
+	for _, e := range ents {
+		p := filepath.Join(dir, e.Name())
 		fi, err := os.Stat(filepath.Join(p, "meta.json"))
 		if strings.HasPrefix(e.Name(), ".tmp-") {
 			fi, err = os.Stat(p)
@@ -148,5 +207,5 @@ func PruneCache(dataDir string, maxAge time.Duration) (removed int, err error) {
 			}
 		}
 	}
-	return removed, nil
+	return removed
 }

@@ -118,7 +118,7 @@ RUN check
 	b := &Builder{DataDir: data, Runner: runner, RunHeadroom: 8 << 20}
 	out := filepath.Join(t.TempDir(), "root.ext4")
 	var log bytes.Buffer
-	if _, err := b.Build(ctx, Request{ContextDir: bctx, Output: out, Log: &log}); err != nil {
+	if _, err := b.Build(ctx, Request{Account: "test", ContextDir: bctx, Output: out, Log: &log}); err != nil {
 		t.Fatalf("build: %v\n%s", err, log.String())
 	}
 	if strings.Join(checked, ", ") != "ran" {
@@ -182,7 +182,7 @@ func TestCopyFromHostileDisk(t *testing.T) {
 	b := &Builder{DataDir: data, Runner: runner, RunHeadroom: 8 << 20}
 	out := filepath.Join(t.TempDir(), "root.ext4")
 	var log bytes.Buffer
-	_, err := b.Build(ctx, Request{ContextDir: bctx, Output: out, Log: &log})
+	_, err := b.Build(ctx, Request{Account: "test", ContextDir: bctx, Output: out, Log: &log})
 	if _, serr := os.Lstat(target); !errors.Is(serr, os.ErrNotExist) {
 		t.Fatalf("the build wrote %s on the host (build error: %v)", target, err)
 	}
@@ -227,7 +227,7 @@ func TestFailedCopyIntoDiskLeavesNoMount(t *testing.T) {
 	})
 	runner := &fakeRunner{fn: func(root string, step RunStep) error { return nil }}
 	b := &Builder{DataDir: data, Runner: runner, RunHeadroom: 8 << 20}
-	_, err := b.Build(context.Background(), Request{ContextDir: bctx, Output: filepath.Join(t.TempDir(), "r.ext4")})
+	_, err := b.Build(context.Background(), Request{Account: "test", ContextDir: bctx, Output: filepath.Join(t.TempDir(), "r.ext4")})
 	if err == nil || !strings.Contains(err.Error(), "ghost") {
 		t.Fatalf("err = %v, want the unknown user named", err)
 	}
@@ -269,7 +269,7 @@ func TestCopyOfHugeSparseFileIsBounded(t *testing.T) {
 	}
 	b := &Builder{DataDir: data, Runner: runner, RunHeadroom: 8 << 20, Limits: layer.Limits{MaxEntries: 1000, MaxEntryBytes: 64 << 20, MaxTotalBytes: 64 << 20}}
 	start := time.Now()
-	_, err := b.Build(ctx, Request{ContextDir: bctx, Output: filepath.Join(t.TempDir(), "r.ext4")})
+	_, err := b.Build(ctx, Request{Account: "test", ContextDir: bctx, Output: filepath.Join(t.TempDir(), "r.ext4")})
 	if err == nil {
 		t.Fatal("copying a 16 TiB file succeeded")
 	}

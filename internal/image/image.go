@@ -5,8 +5,8 @@
 // on a root folder on the host, written only through internal/image/layer;
 // RUN steps run inside a build microVM booted from the root being built,
 // behind the Runner interface that the VM engine implements. Every step's
-// result is cached under DATA_DIR/image-cache by a key of its inputs, so an
-// unchanged rebuild reuses it. The result is an image Config and a
+// result is cached under DATA_DIR/image-cache, per account, by a key of its
+// inputs, so an unchanged rebuild by the same account reuses it. The result is an image Config and a
 // read-only ext4 root disk.
 package image
 
@@ -97,6 +97,11 @@ type ResolvedBase struct {
 	// Key identifies the base's content (a managed base version, an OCI
 	// image digest); it seeds the stage's cache keys.
 	Key string
+	// Shared says the base is one kiln built from its own configured
+	// sources (a managed base), not from anything a tenant supplied or
+	// chose the content of, so its cache entry may serve every account.
+	// Leave it false for archives and registry images.
+	Shared bool
 	// Config is the base image's runtime config.
 	Config Config
 	// Materialize writes the base's root into dst, an empty folder.

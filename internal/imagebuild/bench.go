@@ -107,7 +107,7 @@ func Bench(ctx context.Context, cfg BenchConfig) (*BenchReport, error) {
 		CacheDir: filepath.Join(work, "templates"),
 		Logger:   cfg.Logger,
 	}
-	req := Request{Source: cfg.Example, Env: cfg.Env, MemoryMiB: cfg.MemoryMiB, Log: cfg.BuildLog}
+	req := Request{Account: "bench", Source: cfg.Example, Env: cfg.Env, MemoryMiB: cfg.MemoryMiB, Log: cfg.BuildLog}
 	rep := &BenchReport{}
 	w := cfg.Out
 	fmt.Fprintf(w, "kiln bench image: %s, %d MiB\n\n", cfg.Example, cfg.MemoryMiB)

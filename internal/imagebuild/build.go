@@ -69,9 +69,10 @@ type Builder struct {
 	// netns.Config.ExtraDeny); set the Runner's too.
 	ExtraDeny []netip.Prefix
 	// CacheDir, if set, keeps finished templates by a key of everything
-	// they depend on, so an unchanged rebuild reuses the snapshot instead
-	// of booting and starting the app again. Put it on the file system
-	// of the OutDirs (files are hard-linked).
+	// they depend on, in a folder per account, so an unchanged rebuild by
+	// the same account reuses the snapshot instead of booting and
+	// starting the app again. Put it on the file system of the OutDirs
+	// (files are hard-linked, within an account only).
 	CacheDir string
 	// CacheSalt is mixed into template cache keys: set it to something
 	// that changes with the guest kernel and agent (e.g. the initramfs
@@ -98,6 +99,12 @@ type Hooks struct {
 
 // Request is one image version to build.
 type Request struct {
+	// Account owns the version; required. The step cache and the template
+	// cache it reads and fills are that account's own: a template (memory
+	// snapshot, disks) is never reused, hard-linked or mapped across
+	// accounts, and the build log's "cached" and "snapshot reused" lines
+	// only ever speak of the account's own earlier builds.
+	Account string
 	// Source is the code package: a zip or folder path, file://, http(s)://
 	// or s3:// URI (see internal/image/source).
 	Source    string
@@ -239,7 +246,7 @@ func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error
 
 	// 1. Dockerfile → root disk (RUN steps in build VMs).
 	start := time.Now()
-	ir, err := b.Images.BuildSource(ctx, req.Source, b.Source, image.Request{BuildArgs: req.BuildArgs, Output: rootDisk, Log: log})
+	ir, err := b.Images.BuildSource(ctx, req.Source, b.Source, image.Request{Account: req.Account, BuildArgs: req.BuildArgs, Output: rootDisk, Log: log})
 	if err != nil {
 		var se *image.StepError
 		st := PhaseRootDisk
@@ -259,7 +266,7 @@ func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error
 	res.Key = templateKey(b.CacheSalt+"|"+ir.Key, b.platform(), argv, env, ir.Config.User, ir.Config.WorkingDir, req, b.vcpus())
 	if b.CacheDir != "" && !req.NoCache {
 		start = time.Now()
-		t, ok, err := b.fromCache(ctx, res.Key, rootDisk, tmplDir)
+		t, ok, err := b.fromCache(ctx, req.Account, res.Key, rootDisk, tmplDir)
 		if err != nil {
 			b.logger().Warn("template cache", "key", res.Key, "err", err)
 		}
@@ -363,7 +370,7 @@ func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error
 	phase(PhaseSnapshot, start)
 	res.TemplateDir, res.Template = tmplDir, t
 	if b.CacheDir != "" {
-		if err := b.toCache(ctx, res.Key, rootDisk, tmplDir); err != nil {
+		if err := b.toCache(ctx, req.Account, res.Key, rootDisk, tmplDir); err != nil {
 			b.logger().Warn("template cache", "key", res.Key, "err", err)
 		}
 	}
@@ -373,6 +380,9 @@ func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error
 func (b *Builder) check(req *Request) error {
 	if b.Images == nil || b.Driver == nil {
 		return errors.New("image builder not configured (Images and Driver are required)")
+	}
+	if req.Account == "" {
+		return fmt.Errorf("build request names no account (caches are per account): %w", errdefs.ErrInvalid)
 	}
 	if req.OutDir == "" {
 		return fmt.Errorf("no output folder: %w", errdefs.ErrInvalid)

@@ -226,7 +226,7 @@ ENTRYPOINT ["/usr/local/bin/app"]
 			defer cancel()
 			out := filepath.Join(t.TempDir(), "version")
 			var log bytes.Buffer
-			res, err := b.Build(ctx, Request{Source: testContext(t, tt.dockerfile), Env: tt.env, MemoryMiB: 512, Hooks: tt.hooks, Log: &log, OutDir: out})
+			res, err := b.Build(ctx, Request{Account: "test", Source: testContext(t, tt.dockerfile), Env: tt.env, MemoryMiB: 512, Hooks: tt.hooks, Log: &log, OutDir: out})
 			if err != nil {
 				var be *Error
 				errors.As(err, &be)
@@ -322,7 +322,7 @@ func TestBuildFailures(t *testing.T) {
 			}
 			out := filepath.Join(t.TempDir(), "version")
 			var log bytes.Buffer
-			_, err := b.Build(ctx, Request{Source: testContext(t, tt.dockerfile), MemoryMiB: 512, Hooks: tt.hooks, Log: &log, OutDir: out})
+			_, err := b.Build(ctx, Request{Account: "test", Source: testContext(t, tt.dockerfile), MemoryMiB: 512, Hooks: tt.hooks, Log: &log, OutDir: out})
 			var be *Error
 			if !errors.As(err, &be) {
 				t.Fatalf("err = %v, want *Error\nlog:\n%s", err, log.String())

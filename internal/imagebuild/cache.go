@@ -14,22 +14,29 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
 // The template cache keeps one finished snapshot per key under
-// CacheDir/KEY/{root.ext4,template/}. Templates never change after the
-// snapshot (clones map the memory file read-only and write to their own
-// overlays), so big files are shared by hard links. Two files name
+// CacheDir/accounts/SCOPE/KEY/{root.ext4,template/}, SCOPE being
+// image.ScopeName of the account that built it. Templates never change
+// after the snapshot (clones map the memory file read-only and write to
+// their own overlays), so big files are shared by hard links, but only
+// within an account: a memory snapshot holds the app's start-up state
+// (secrets included), and sharing its pages across accounts would both
+// hand it over and let one tenant learn another's inputs. Two files name
 // absolute paths and are rewritten per copy: disk.qcow2's backing file
 // (the root disk) and overlay.qcow2's (disk.qcow2).
 
 // cacheRecipe changes when the layout or what a template holds changes.
-const cacheRecipe = "1"
+const cacheRecipe = "2"
 
+// templateKey covers the account too, though the account's folder already
+// keeps entries apart: a key never stands for another account's template.
 func templateKey(rootKey string, p vmm.Platform, argv, env []string, user, wd string, req Request, vcpus int) string {
 	h := sha256.New()
-	parts := []any{cacheRecipe, rootKey, p, argv, env, user, wd, req.MemoryMiB, vcpus, req.Hooks, req.Egress}
+	parts := []any{cacheRecipe, req.Account, rootKey, p, argv, env, user, wd, req.MemoryMiB, vcpus, req.Hooks, req.Egress}
 	for _, x := range parts {
 		b, _ := json.Marshal(x)
 		fmt.Fprintf(h, "%d:%s\n", len(b), b)
@@ -37,10 +44,15 @@ func templateKey(rootKey string, p vmm.Platform, argv, env []string, user, wd st
 	return hex.EncodeToString(h.Sum(nil))
 }
 
-// fromCache puts the cached template for key into tmplDir, backed by
-// rootDisk.
-func (b *Builder) fromCache(ctx context.Context, key, rootDisk, tmplDir string) (vmm.Template, bool, error) {
-	src := filepath.Join(b.CacheDir, key)
+// accountCacheDir is the account's own part of the template cache.
+func (b *Builder) accountCacheDir(account string) string {
+	return filepath.Join(b.CacheDir, "accounts", image.ScopeName(account))
+}
+
+// fromCache puts the account's cached template for key into tmplDir,
+// backed by rootDisk.
+func (b *Builder) fromCache(ctx context.Context, account, key, rootDisk, tmplDir string) (vmm.Template, bool, error) {
+	src := filepath.Join(b.accountCacheDir(account), key)
 	if _, err := os.Stat(filepath.Join(src, "complete")); err != nil {
 		return vmm.Template{}, false, nil
 	}
@@ -62,16 +74,18 @@ func (b *Builder) fromCache(ctx context.Context, key, rootDisk, tmplDir string) 
 	return t, true, nil
 }
 
-// toCache stores a finished template under key (first writer wins).
-func (b *Builder) toCache(ctx context.Context, key, rootDisk, tmplDir string) error {
-	dst := filepath.Join(b.CacheDir, key)
+// toCache stores a finished template under the account's key (first
+// writer wins).
+func (b *Builder) toCache(ctx context.Context, account, key, rootDisk, tmplDir string) error {
+	dir := b.accountCacheDir(account)
+	dst := filepath.Join(dir, key)
 	if _, err := os.Stat(filepath.Join(dst, "complete")); err == nil {
 		return nil
 	}
-	if err := os.MkdirAll(b.CacheDir, 0o700); err != nil {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	tmp, err := os.MkdirTemp(b.CacheDir, ".tmp-"+key[:12]+"-")
+	tmp, err := os.MkdirTemp(dir, ".tmp-"+key[:12]+"-")
 	if err != nil {
 		return err
 	}
@@ -151,8 +165,10 @@ func run(ctx context.Context, name string, args ...string) error {
 
 // PruneTemplateCache removes cached templates not used for maxAge (a
 // reuse refreshes an entry's time) and half-written entries older than an
-// hour. Versions made from an entry keep working: their files are hard
-// links or copies.
+// hour, in every account's folder. Entries of the unscoped layout of older
+// versions (CacheDir/KEY) are removed whatever their age: nothing says
+// which account made them. Versions made from an entry keep working: their
+// files are hard links or copies.
 func PruneTemplateCache(dir string, maxAge time.Duration) (removed int, err error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
@@ -160,6 +176,30 @@ func PruneTemplateCache(dir string, maxAge time.Duration) (removed int, err erro
 			return 0, nil
 		}
 		return 0, err
+	}
+	for _, e := range ents {
+		p := filepath.Join(dir, e.Name())
+		if e.Name() != "accounts" {
+			if err := os.RemoveAll(p); err == nil {
+				removed++
+			}
+			continue
+		}
+		scopes, err := os.ReadDir(p)
+		if err != nil {
+			return removed, err
+		}
+		for _, sc := range scopes {
+			removed += pruneTemplates(filepath.Join(p, sc.Name()), maxAge)
+		}
+	}
+	return removed, nil
+}
+
+func pruneTemplates(dir string, maxAge time.Duration) (removed int) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return 0
 	}
 	now := time.Now()
 	for _, e := range ents {
@@ -180,5 +220,5 @@ func PruneTemplateCache(dir string, maxAge time.Duration) (removed int, err erro
 			removed++
 		}
 	}
-	return removed, nil
+	return removed
 }

@@ -61,6 +61,7 @@ func TestExamples(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 			defer cancel()
 			req := tt.req
+			req.Account = "test"
 			if req.MemoryMiB == 0 {
 				req.MemoryMiB = 512
 			}

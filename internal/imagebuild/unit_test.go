@@ -33,8 +33,12 @@ func TestMergeEnv(t *testing.T) {
 }
 
 func TestPruneTemplateCache(t *testing.T) {
-	dir := t.TempDir()
+	top := t.TempDir()
+	dir := filepath.Join(top, "accounts", "0123456789abcdef0123456789abcdef")
 	old := time.Now().Add(-48 * time.Hour)
+	// An entry of the unscoped layout: nobody's, so never reused again.
+	os.MkdirAll(filepath.Join(top, "legacykey"), 0o700)
+	os.WriteFile(filepath.Join(top, "legacykey", "complete"), nil, 0o600)
 	mk := func(name string, complete bool, at time.Time) {
 		p := filepath.Join(dir, name)
 		os.MkdirAll(p, 0o700)
@@ -49,7 +53,7 @@ func TestPruneTemplateCache(t *testing.T) {
 	mk("broken", false, time.Now())
 	mk(".tmp-new", false, time.Now())
 	mk(".tmp-old", false, old)
-	n, err := PruneTemplateCache(dir, 24*time.Hour)
+	n, err := PruneTemplateCache(top, 24*time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -58,8 +62,11 @@ func TestPruneTemplateCache(t *testing.T) {
 	for _, e := range ents {
 		left = append(left, e.Name())
 	}
-	if want := []string{".tmp-new", "fresh"}; n != 3 || !slices.Equal(left, want) {
-		t.Errorf("removed %d, left %v; want 3 removed, %v left", n, left, want)
+	if want := []string{".tmp-new", "fresh"}; n != 4 || !slices.Equal(left, want) {
+		t.Errorf("removed %d, left %v; want 4 removed, %v left", n, left, want)
+	}
+	if _, err := os.Stat(filepath.Join(top, "legacykey")); err == nil {
+		t.Error("unscoped legacy entry kept")
 	}
 }
 

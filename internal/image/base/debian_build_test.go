@@ -64,7 +64,7 @@ CMD ["python3", "app.py"]
 	b := &image.Builder{DataDir: t.TempDir(), Runner: runner, Bases: &Resolver{Managed: &Managed{DataDir: sharedDataDir()}}}
 	out := filepath.Join(t.TempDir(), "root.ext4")
 	start := time.Now()
-	res, err := b.Build(ctx, image.Request{ContextDir: bctx, Output: out})
+	res, err := b.Build(ctx, image.Request{Account: "test", ContextDir: bctx, Output: out})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,7 +80,7 @@ CMD ["python3", "app.py"]
 		t.Fatalf("app.py = %q", got)
 	}
 	start = time.Now()
-	if _, err := b.Build(ctx, image.Request{ContextDir: bctx, Output: out}); err != nil {
+	if _, err := b.Build(ctx, image.Request{Account: "test", ContextDir: bctx, Output: out}); err != nil {
 		t.Fatal(err)
 	}
 	again := time.Since(start)

@@ -31,16 +31,26 @@ var platform = v1.Platform{OS: "linux", Architecture: runtime.GOARCH}
 // OpenArchive reads an image from an oci-archive (a tarred OCI image
 // layout, with index.json) or a docker-archive (docker save, with
 // manifest.json). Layout archives are unpacked into scratch, a folder the
-// caller removes, through the same checks as a code package.
+// caller removes, through the same checks as a code package. Every blob
+// the image is made of is checked against its digest before OpenArchive
+// returns (see verify.go): an archive that pairs a manifest with other
+// bytes is refused.
 func OpenArchive(ctx context.Context, archive, scratch string) (v1.Image, error) {
 	isLayout, err := tarHas(archive, "index.json")
 	if err != nil {
 		return nil, fmt.Errorf("reading image archive %s: %w", filepath.Base(archive), err)
 	}
 	if !isLayout {
+		tm, err := dockerManifest(archive)
+		if err != nil {
+			return nil, fmt.Errorf("reading docker-archive %s: %w", filepath.Base(archive), err)
+		}
 		img, err := tarball.ImageFromPath(archive, nil)
 		if err != nil {
 			return nil, fmt.Errorf("reading docker-archive %s: %w", filepath.Base(archive), err)
+		}
+		if err := verifyDockerArchive(ctx, archive, img, tm); err != nil {
+			return nil, fmt.Errorf("docker-archive %s: %w", filepath.Base(archive), err)
 		}
 		return img, nil
 	}
@@ -52,22 +62,35 @@ func OpenArchive(ctx context.Context, archive, scratch string) (v1.Image, error)
 	if err := layer.ExtractTar(ctx, f, scratch, layer.Options{Limits: layer.DefaultImageLimits}); err != nil {
 		return nil, fmt.Errorf("unpacking oci-archive %s: %w", filepath.Base(archive), err)
 	}
+	if err := metaFileOK("index.json", filepath.Join(scratch, "index.json")); err != nil {
+		return nil, fmt.Errorf("oci-archive %s: %w", filepath.Base(archive), err)
+	}
 	idx, err := layout.ImageIndexFromPath(scratch)
 	if err != nil {
 		return nil, fmt.Errorf("reading oci-archive %s: %w", filepath.Base(archive), err)
 	}
-	return pickImage(idx, 0)
+	meta := layoutMetaCheck(scratch)
+	img, desc, err := pickImage(idx, 0, meta)
+	if err != nil {
+		return nil, fmt.Errorf("oci-archive %s: %w", filepath.Base(archive), err)
+	}
+	if err := verifyLayoutImage(ctx, img, desc, meta); err != nil {
+		return nil, fmt.Errorf("oci-archive %s: %w", filepath.Base(archive), err)
+	}
+	return img, nil
 }
 
 // pickImage returns the image for the host's platform from an index
-// (nested indexes followed), or its only image.
-func pickImage(idx v1.ImageIndex, depth int) (v1.Image, error) {
+// (nested indexes followed, each checked against its digest), or its only
+// image, with the descriptor that named it. meta bounds an index's blob
+// before it is read.
+func pickImage(idx v1.ImageIndex, depth int, meta func(string, v1.Descriptor) error) (v1.Image, v1.Descriptor, error) {
 	if depth > 4 {
-		return nil, errors.New("image index nested too deeply")
+		return nil, v1.Descriptor{}, errors.New("image index nested too deeply")
 	}
 	im, err := idx.IndexManifest()
 	if err != nil {
-		return nil, err
+		return nil, v1.Descriptor{}, err
 	}
 	var fallback *v1.Descriptor
 	for i := range im.Manifests {
@@ -75,23 +98,31 @@ func pickImage(idx v1.ImageIndex, depth int) (v1.Image, error) {
 		matches := d.Platform == nil || (d.Platform.OS == platform.OS && d.Platform.Architecture == platform.Architecture)
 		switch {
 		case d.MediaType.IsImage() && matches && d.Platform != nil:
-			return idx.Image(d.Digest)
+			img, err := idx.Image(d.Digest)
+			return img, d, err
 		case d.MediaType.IsImage() && matches && fallback == nil:
 			fallback = &im.Manifests[i]
 		case d.MediaType.IsIndex():
+			if err := meta("image index", d); err != nil {
+				return nil, v1.Descriptor{}, err
+			}
 			sub, err := idx.ImageIndex(d.Digest)
 			if err != nil {
-				return nil, err
+				return nil, v1.Descriptor{}, err
 			}
-			if img, err := pickImage(sub, depth+1); err == nil {
-				return img, nil
+			if err := verifyIndex(sub, d); err != nil {
+				return nil, v1.Descriptor{}, err
+			}
+			if img, sd, err := pickImage(sub, depth+1, meta); err == nil {
+				return img, sd, nil
 			}
 		}
 	}
 	if fallback != nil {
-		return idx.Image(fallback.Digest)
+		img, err := idx.Image(fallback.Digest)
+		return img, *fallback, err
 	}
-	return nil, fmt.Errorf("no image for %s/%s in the archive", platform.OS, platform.Architecture)
+	return nil, v1.Descriptor{}, fmt.Errorf("no image for %s/%s in the archive", platform.OS, platform.Architecture)
 }
 
 func tarHas(archive, want string) (bool, error) {

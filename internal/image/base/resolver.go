@@ -69,7 +69,10 @@ func (r *Resolver) Resolve(ctx context.Context, b dockerfile.Base, contextDir st
 			return image.ResolvedBase{}, err
 		}
 		return image.ResolvedBase{
-			Key:    "managed:" + v.Name + "@" + v.Version,
+			Key: "managed:" + v.Name + "@" + v.Version,
+			// Built by kiln from its configured sources: one cache entry
+			// serves every account.
+			Shared: true,
 			Config: image.Config{Env: []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}, Cmd: []string{"bash"}},
 			Materialize: func(ctx context.Context, dst string) error {
 				return copyInto(ctx, v.Dir, dst)
@@ -94,6 +97,12 @@ func (r *Resolver) Resolve(ctx context.Context, b dockerfile.Base, contextDir st
 		if fi, err := cr.Lstat(name); err != nil || !fi.Mode().IsRegular() {
 			return image.ResolvedBase{}, fmt.Errorf("FROM oci-archive:%s: not a regular file in the code package", b.Ref)
 		}
+		// Keyed by the archive's own bytes, not by the manifest digest it
+		// claims (and the builder keeps it in the account's own cache).
+		key, err := ArchiveKey(ctx, archive)
+		if err != nil {
+			return image.ResolvedBase{}, fmt.Errorf("FROM oci-archive:%s: %w", b.Ref, err)
+		}
 		scratch, err := os.MkdirTemp(r.ScratchDir, "oci-archive-")
 		if err != nil {
 			return image.ResolvedBase{}, err
@@ -103,36 +112,33 @@ func (r *Resolver) Resolve(ctx context.Context, b dockerfile.Base, contextDir st
 			os.RemoveAll(scratch)
 			return image.ResolvedBase{}, err
 		}
-		return r.fromImage(img, func() { os.RemoveAll(scratch) })
+		return r.fromImage(img, key, func() { os.RemoveAll(scratch) })
 	case dockerfile.BaseRegistry:
 		img, err := Pull(ctx, b.Ref, r.InsecureRegistries, r.Egress)
 		if err != nil {
 			return image.ResolvedBase{}, err
 		}
-		return r.fromImage(img, nil)
+		d, err := img.Digest()
+		if err != nil {
+			return image.ResolvedBase{}, fmt.Errorf("reading image digest: %w", err)
+		}
+		return r.fromImage(img, "oci:"+d.String(), nil)
 	}
 	return image.ResolvedBase{}, fmt.Errorf("base kind %s is resolved by the builder", b.Kind)
 }
 
-// fromImage builds the ResolvedBase of an OCI image; release frees what
-// reading it needs (an unpacked archive).
-func (r *Resolver) fromImage(img v1.Image, release func()) (image.ResolvedBase, error) {
-	fail := func(err error) (image.ResolvedBase, error) {
+// fromImage builds the ResolvedBase of an OCI image under key; release
+// frees what reading it needs (an unpacked archive).
+func (r *Resolver) fromImage(img v1.Image, key string, release func()) (image.ResolvedBase, error) {
+	cfg, err := ConfigOf(img)
+	if err != nil {
 		if release != nil {
 			release()
 		}
 		return image.ResolvedBase{}, err
 	}
-	d, err := img.Digest()
-	if err != nil {
-		return fail(fmt.Errorf("reading image digest: %w", err))
-	}
-	cfg, err := ConfigOf(img)
-	if err != nil {
-		return fail(err)
-	}
 	return image.ResolvedBase{
-		Key:    "oci:" + d.String(),
+		Key:    key,
 		Config: cfg,
 		Materialize: func(ctx context.Context, dst string) error {
 			return Flatten(ctx, img, dst, r.limits(), r.skipped)

@@ -2,7 +2,9 @@
 // started and serves that on 8080, so a clone shows whether start-up ran
 // again. MODE picks a misbehaviour: exit, never (never listens), hooks
 // (serves the ready/validate hooks on HOOKS_PORT: ready after
-// READY_AFTER seconds, validate answers VALIDATE_STATUS).
+// READY_AFTER seconds, validate answers VALIDATE_STATUS). "app write FILE
+// TEXT" writes TEXT to FILE and exits: a RUN step for roots without a
+// shell (FROM scratch).
 package main
 
 import (
@@ -15,6 +17,14 @@ import (
 )
 
 func main() {
+	if len(os.Args) == 4 && os.Args[1] == "write" {
+		if err := os.WriteFile(os.Args[2], []byte(os.Args[3]), 0o644); err != nil {
+			fmt.Println(err)
+			os.Exit(1)
+		}
+		fmt.Println("test app wrote", os.Args[2])
+		return
+	}
 	started := time.Now()
 	mode := os.Getenv("MODE")
 	fmt.Println("test app starting, mode", mode)
