@@ -47,14 +47,15 @@ func startServer(t *testing.T, dir, addr string) (*exec.Cmd, string) {
 	go func() {
 		sc := bufio.NewScanner(out)
 		for sc.Scan() {
-			if strings.Contains(sc.Text(), "http://") {
+			if strings.Contains(sc.Text(), "kiln API serving at ") {
 				lines <- sc.Text()
 			}
 		}
 	}()
 	select {
 	case l := <-lines:
-		return cmd, l[strings.Index(l, "http://"):]
+		// "kiln API serving at URL (accel ...)"
+		return cmd, strings.Fields(l[strings.Index(l, "http"):])[0]
 	case <-time.After(20 * time.Second):
 		cmd.Process.Kill()
 		t.Fatal("server did not print its URL")
