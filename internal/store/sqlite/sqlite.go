@@ -9,7 +9,7 @@
 // The database and its WAL and SHM files are mode 0600, and secret access
 // keys are sealed (internal/store/seal) with a key kept outside the
 // database, so a copy of the database alone reveals no secret;
-// secure_delete zeroes what a change leaves behind.
+// secure_delete (FAST) zeroes what a change frees in the pages it writes.
 package sqlite
 
 import (
@@ -76,7 +76,7 @@ func Open(ctx context.Context, path string, opts ...Option) (*Store, error) {
 		return nil, err
 	}
 	base := "file:" + path + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=foreign_keys(1)"
-	w, err := sql.Open("sqlite", base+"&_pragma=synchronous(FULL)&_pragma=secure_delete(1)&_txlock=immediate")
+	w, err := sql.Open("sqlite", base+"&_pragma=synchronous(FULL)&_pragma=secure_delete(FAST)&_txlock=immediate")
 	if err != nil {
 		return nil, fmt.Errorf("opening database: %w", err)
 	}

@@ -100,6 +100,11 @@ func TestSecretsSealedAtRest(t *testing.T) {
 			t.Fatalf("GetAccessKey(%s) = %q, %v", id, k.Secret, err)
 		}
 	}
+	// What a change frees is zeroed in the pages it rewrites (2: FAST).
+	var sd int
+	if err := s.w.QueryRowContext(ctx, `PRAGMA secure_delete`).Scan(&sd); err != nil || sd != 2 {
+		t.Errorf("secure_delete = %d, %v", sd, err)
+	}
 	// Read the files while the store is open, as a thief copying them would.
 	for _, suffix := range []string{"", "-wal", "-shm"} {
 		b, err := os.ReadFile(path + suffix)
