@@ -114,6 +114,15 @@ if ! command -v npm >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi
 
+# DATA_DIR holds kiln.db, the sealing key and the access keys: only root
+# may enter it (kiln enforces the same modes at every start).
+install -d -m 0700 "$DATA_DIR"
+chmod 0700 "$DATA_DIR"
+for f in kiln.db kiln.db-wal kiln.db-shm credentials secrets.key token.key tls/ca.key tls/leaf.key; do
+  [ -f "$DATA_DIR/$f" ] && chmod 0600 "$DATA_DIR/$f"
+done
+[ -d "$DATA_DIR/tls" ] && chmod 0700 "$DATA_DIR/tls"
+
 # Guest kernel: Debian's cloud kernel from bookworm-backports, downloaded
 # with apt-get download and unpacked; never committed.
 KDIR="$DATA_DIR/kernel"

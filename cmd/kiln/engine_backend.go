@@ -25,6 +25,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/tlsca"
 	"github.com/kiln-sandbox/kiln/internal/token"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
 )
 
@@ -42,6 +43,16 @@ var endpointCert, endpointKey string
 
 func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep *api.Reporter) (api.Backend, api.TokenIssuer, error) {
 	log := newLogger()
+	if o.RequireKVM {
+		// Checked before the driver starts: it would adopt running VMs.
+		accel, why, err := qemu.ResolveAccel(accelFlag)
+		if err != nil {
+			return nil, nil, err
+		}
+		if accel != vmm.AccelKVM {
+			return nil, nil, requireKVMError(string(accel), why)
+		}
+	}
 	drv, err := qemu.New(ctx, qemu.Config{DataDir: o.DataDir, Accel: accelFlag,
 		AgentBinary: qemu.DefaultAgentBinary(o.DataDir), Log: log})
 	if err != nil {

@@ -172,16 +172,6 @@ func listen(t *testing.T, addr string, h http.HandlerFunc) string {
 	return ln.Addr().String()
 }
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
 func waitTCP(t *testing.T, addr string, done <-chan error) {
 	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)

@@ -4,14 +4,12 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"path/filepath"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/kiln-sandbox/kiln/internal/auth"
-	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 )
 
 func init() {
@@ -24,7 +22,7 @@ func init() {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
-			st, err := sqlite.Open(ctx, filepath.Join(dataDir, "kiln.db"))
+			st, err := openStore(ctx, dataDir)
 			if err != nil {
 				return err
 			}
@@ -33,7 +31,7 @@ func init() {
 				if account, err = auth.NewAccountID(); err != nil {
 					return err
 				}
-			} else if len(account) != 12 || !allDigits(account) {
+			} else if !validAccount(account) {
 				return fmt.Errorf("--account must be 12 digits")
 			}
 			k, err := auth.NewAccessKey(account, description)
@@ -63,7 +61,7 @@ func init() {
 		Short: "List access keys (without secrets)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			st, err := sqlite.Open(cmd.Context(), filepath.Join(dataDir, "kiln.db"))
+			st, err := openStore(cmd.Context(), dataDir)
 			if err != nil {
 				return err
 			}
@@ -86,11 +84,13 @@ func init() {
 		Short: "Delete an access key (a running server stops accepting it within seconds)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			st, err := sqlite.Open(cmd.Context(), filepath.Join(dataDir, "kiln.db"))
+			st, err := openStore(cmd.Context(), dataDir)
 			if err != nil {
 				return err
 			}
 			defer st.Close()
+			// Deleting a key changes no one's privileges: the operator
+			// account is recorded apart from keys and stays the operator.
 			return st.DeleteAccessKey(cmd.Context(), args[0])
 		},
 	}

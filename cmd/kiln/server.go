@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -23,10 +24,11 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/api/apibench"
 	"github.com/kiln-sandbox/kiln/internal/api/fakebackend"
 	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/connlimit"
 	"github.com/kiln-sandbox/kiln/internal/egress"
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/image/base"
 	"github.com/kiln-sandbox/kiln/internal/store"
-	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 )
 
 // ServerOptions are the `kiln server` flags, handed to the backend factory.
@@ -49,6 +51,16 @@ type ServerOptions struct {
 	DenyCIDRs          []netip.Prefix
 	AllowFetchCIDRs    []netip.Prefix
 	InsecureRegistries []string
+	// OperatorAccount may build from host paths (default: the account
+	// recorded when the first admin key was made).
+	OperatorAccount string
+	// APICert and APIKey serve the API over TLS (PEM files; both or none).
+	APICert, APIKey string
+	// MaxConnsPerClient caps concurrent API connections per client
+	// address (0: no cap).
+	MaxConnsPerClient int
+	// RequireKVM refuses to start unless VMs run under KVM.
+	RequireKVM bool
 }
 
 // FetchPolicy is the egress policy of kiln's fetches for tenants.
@@ -85,7 +97,13 @@ func init() {
 		Long: `Serve the API. On first start it creates an admin access key and writes it
 to DATA_DIR/credentials in the AWS shared-credentials format, so that
   AWS_SHARED_CREDENTIALS_FILE=DATA_DIR/credentials AWS_ENDPOINT_URL=http://API_ADDR
-is all an AWS SDK or CLI needs.`,
+is all an AWS SDK or CLI needs. That admin account is recorded as the
+operator's, the one account that may build from host paths
+(--operator-account names another).
+
+DATA_DIR is kept 0700 and its key files and database 0600; secret access
+keys are sealed in the database with DATA_DIR/secrets.key (back it up with
+the database: without it the stored keys cannot be used).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			o.DataDir = dataDir
@@ -117,6 +135,11 @@ is all an AWS SDK or CLI needs.`,
 	f.StringArrayVar(&denyCIDRs, "deny-cidr", nil, "CIDR (or address) that app VMs, build VMs and kiln's fetches for tenants (ADD <url>, code URIs, registry pulls) may never reach, on top of the built-in deny list; repeatable")
 	f.StringArrayVar(&allowFetch, "allow-fetch-cidr", nil, "CIDR kiln may fetch from for tenants although the deny list covers it (an internal mirror); never opens guest egress; repeatable")
 	f.StringArrayVar(&o.InsecureRegistries, "insecure-registry", nil, "registry HOST:PORT (or HOST) pulled over plain HTTP and allowed on a denied address such as loopback; repeatable")
+	f.StringVar(&o.OperatorAccount, "operator-account", "", "12-digit account that may build from host paths and file:// URIs (default: the admin account recorded on first start)")
+	f.StringVar(&o.APICert, "api-cert", "", "PEM certificate chain: serve the API over HTTPS (with --api-key)")
+	f.StringVar(&o.APIKey, "api-key", "", "PEM private key of --api-cert")
+	f.IntVar(&o.MaxConnsPerClient, "max-conns-per-client", 256, "concurrent API connections per client address; more are answered 429 and closed (0: no cap)")
+	f.BoolVar(&o.RequireKVM, "require-kvm", false, "refuse to start unless microVMs run under KVM (TCG is not a security boundary)")
 	rootCmd.AddCommand(cmd)
 }
 
@@ -128,40 +151,82 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 		}
 		return fmt.Errorf("unknown backend %q", backend)
 	}
-	if err := os.MkdirAll(o.DataDir, 0o700); err != nil {
-		return fmt.Errorf("creating data directory: %w", err)
+	if (o.APICert == "") != (o.APIKey == "") {
+		return fmt.Errorf("--api-cert and --api-key go together: give both to serve HTTPS, or neither")
 	}
-	st, err := sqlite.Open(ctx, filepath.Join(o.DataDir, "kiln.db"))
+	if o.OperatorAccount != "" && !validAccount(o.OperatorAccount) {
+		return fmt.Errorf("--operator-account must be a 12-digit account id, not %q", o.OperatorAccount)
+	}
+	if o.RequireKVM && backend != "engine" {
+		return fmt.Errorf("--require-kvm: the %s backend runs no VMs under KVM", backend)
+	}
+	st, err := openStore(ctx, o.DataDir)
 	if err != nil {
 		return err
 	}
 	defer st.Close()
-	admin, err := ensureAdminKey(ctx, st, filepath.Join(o.DataDir, "credentials"))
+	if err := ensureAdminKey(ctx, st, filepath.Join(o.DataDir, "credentials")); err != nil {
+		return err
+	}
+	operator, err := operatorAccount(ctx, st, o.OperatorAccount)
 	if err != nil {
 		return err
+	}
+	var operators []string
+	if operator != "" {
+		operators = []string{operator}
+	}
+	var tlsConf *tls.Config
+	if o.APICert != "" {
+		cert, err := tls.LoadX509KeyPair(o.APICert, o.APIKey)
+		if err != nil {
+			return fmt.Errorf("loading --api-cert and --api-key: %w", err)
+		}
+		warnIfReadable(o.APIKey)
+		tlsConf = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
 	rep := api.NewReporter(st)
 	be, tokens, err := factory(ctx, o, st, rep)
 	if err != nil {
 		return fmt.Errorf("starting backend: %w", err)
 	}
+	accel := ""
+	if a, ok := be.(interface{ Accel() string }); ok {
+		accel = a.Accel()
+	}
+	if o.RequireKVM && accel != "kvm" {
+		return requireKVMError(accel, "reported by the VM engine")
+	}
+	if accel == "tcg" {
+		slog.Warn("microVMs run under TCG: NOT a security boundary; run untrusted tenants only on a KVM host (--require-kvm enforces it)")
+	}
+	// Secret files the backend made (TLS and token keys) are 0600 on
+	// creation; check once more, now that they exist.
+	if err := secureDataDir(o.DataDir); err != nil {
+		return err
+	}
 	_, port, _ := net.SplitHostPort(o.EndpointAddr)
 	srv := api.NewServer(api.Config{Region: o.Region, Domain: o.Domain, EndpointPort: port, Tokens: tokens,
 		MaxMicrovmsPerAccount: o.MaxMicrovmsPerAccount, RequestsPerSecond: o.RequestsPerSecond,
-		ArtifactDir: filepath.Join(o.DataDir, "artifacts"), OperatorAccounts: []string{admin},
-		ManagedSource: managedImages(o.DataDir)}, st, be)
+		ArtifactDir: filepath.Join(o.DataDir, "artifacts"), OperatorAccounts: operators,
+		ManagedSource: managedImages(o.DataDir), Accel: accel}, st, be)
 	ln, err := net.Listen("tcp", o.APIAddr)
 	if err != nil {
 		return fmt.Errorf("listening on %s: %w", o.APIAddr, err)
+	}
+	ln = connlimit.New(ln, o.MaxConnsPerClient)
+	scheme := "http"
+	if tlsConf != nil {
+		ln, scheme = tls.NewListener(ln, tlsConf), "https"
 	}
 	if err := srv.Start(ctx); err != nil {
 		ln.Close()
 		return err
 	}
-	hs := &http.Server{Handler: srv.Handler(), ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second}
+	hs := newHTTPServer(connlimit.Handler(srv.Handler()))
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
-	fmt.Printf("kiln API serving at http://%s\n", ln.Addr())
+	fmt.Printf("kiln API serving at %s://%s (%s)\n", scheme, ln.Addr(), isolationNote(backend, accel))
 	select {
 	case err := <-errc:
 		return fmt.Errorf("serving API: %w", err)
@@ -175,35 +240,102 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 	return nil
 }
 
+// API transport limits. Requests are small JSON documents; the upload
+// handler extends its own deadlines for large packages, and a handler that
+// streams for long must clear its deadlines with http.ResponseController.
+const (
+	apiReadHeaderTimeout = 10 * time.Second
+	apiReadTimeout       = time.Minute
+	apiWriteTimeout      = 2 * time.Minute
+	apiIdleTimeout       = 2 * time.Minute
+	apiMaxHeaderBytes    = 32 << 10
+)
+
+func newHTTPServer(h http.Handler) *http.Server {
+	return &http.Server{Handler: h,
+		ReadHeaderTimeout: apiReadHeaderTimeout, ReadTimeout: apiReadTimeout,
+		WriteTimeout: apiWriteTimeout, IdleTimeout: apiIdleTimeout,
+		MaxHeaderBytes: apiMaxHeaderBytes, ConnContext: connlimit.ConnContext,
+		ErrorLog: slog.NewLogLogger(slog.Default().Handler(), slog.LevelDebug)}
+}
+
+// isolationNote is what the start-up line says about isolation.
+func isolationNote(backend, accel string) string {
+	switch {
+	case accel == "kvm":
+		return "accel kvm"
+	case accel != "":
+		return "accel " + accel + ": " + api.Isolation(accel)
+	default:
+		return backend + " backend: " + api.Isolation("")
+	}
+}
+
+func requireKVMError(accel, why string) error {
+	return fmt.Errorf("--require-kvm: microVMs would run under %s (%s), which is not a security boundary; run on a host with a usable /dev/kvm (and --accel kvm or auto), or drop --require-kvm for development", accel, why)
+}
+
 // ensureAdminKey creates the first account and its key when the store has
-// no key yet, and writes it to path. It returns the admin account: that of
-// the oldest key, the operator who may build from local paths.
-func ensureAdminKey(ctx context.Context, st store.Store, path string) (string, error) {
+// no key yet, and writes it to path. That account is recorded as the
+// operator's, once, before the key exists: the operator is never derived
+// from keys, so deleting one promotes nobody.
+func ensureAdminKey(ctx context.Context, st store.Store, path string) error {
 	keys, err := st.ListAccessKeys(ctx)
 	if err != nil {
-		return "", err
+		return err
 	}
 	if len(keys) > 0 {
-		return keys[0].Account, nil
+		return nil
 	}
-	account, err := auth.NewAccountID()
-	if err != nil {
-		return "", err
+	// An operator recorded before (whose keys were all deleted, or a
+	// start that crashed before its key was stored) gets the new key.
+	account, err := st.GetSetting(ctx, store.SettingOperatorAccount)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		if account, err = auth.NewAccountID(); err != nil {
+			return err
+		}
+		if err := st.SetSetting(ctx, store.SettingOperatorAccount, account); err != nil {
+			return err
+		}
+	} else if err != nil {
+		return err
 	}
 	k, err := auth.NewAccessKey(account, "admin (created on first start)")
 	if err != nil {
-		return "", err
+		return err
 	}
 	// The file first: a key in the store that nobody can read is useless.
 	if err := auth.WriteCredentials(path, "default", k); err != nil {
-		return "", err
+		return err
 	}
 	if err := st.CreateAccessKey(ctx, k); err != nil {
-		return "", err
+		return err
 	}
 	slog.Info("created admin access key", "accessKeyId", k.ID, "account", account, "credentials", path)
+	return nil
+}
+
+// operatorAccount returns the account that may build from host paths:
+// --operator-account if given, else the one recorded on first start, else
+// none (a data directory from before kiln recorded it).
+func operatorAccount(ctx context.Context, st store.Store, flag string) (string, error) {
+	if flag != "" {
+		slog.Info("operator account (may build from host paths)", "account", flag, "from", "--operator-account")
+		return flag, nil
+	}
+	account, err := st.GetSetting(ctx, store.SettingOperatorAccount)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		slog.Warn("no operator account recorded: no account may build from host paths; name one with --operator-account")
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	slog.Info("operator account (may build from host paths)", "account", account, "from", "recorded on first start")
 	return account, nil
 }
+
+func validAccount(s string) bool { return len(s) == 12 && allDigits(s) }
 
 // `kiln bench api` joins the bench group that engine.go defines on Linux;
 // elsewhere it makes the group itself. Init functions run in file-name

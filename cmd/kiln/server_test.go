@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -25,17 +26,39 @@ func TestHelperServer(t *testing.T) {
 		t.Skip("helper process only")
 	}
 	o := ServerOptions{DataDir: dir, APIAddr: os.Getenv("KILN_HELPER_ADDR"), EndpointAddr: "127.0.0.1:8443", Domain: "microvm.localhost", Region: "us-east-1"}
-	if err := runServer(context.Background(), o, "fake"); err != nil {
+	// Further options (TLS, caps) as JSON over o.
+	if j := os.Getenv("KILN_HELPER_OPTS"); j != "" {
+		if err := json.Unmarshal([]byte(j), &o); err != nil {
+			t.Fatal(err)
+		}
+	}
+	backend := "fake"
+	if b := os.Getenv("KILN_HELPER_BACKEND"); b != "" {
+		backend = b
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
+	defer stop()
+	if err := runServer(ctx, o, backend); err != nil {
 		t.Fatal(err)
 	}
 }
 
 // startServer runs `kiln server --backend fake` in a child process and
 // returns its API URL once it serves.
-func startServer(t *testing.T, dir, addr string) (*exec.Cmd, string) {
+func startServer(t *testing.T, dir, addr string, env ...string) (*exec.Cmd, string) {
+	t.Helper()
+	cmd, line := startServerLine(t, dir, addr, env...)
+	return cmd, strings.Fields(line[strings.Index(line, "http"):])[0]
+}
+
+// startServerLine is startServer returning the whole start-up line.
+// env adds KILN_HELPER_OPTS (ServerOptions as JSON) or
+// KILN_HELPER_BACKEND.
+func startServerLine(t *testing.T, dir, addr string, env ...string) (*exec.Cmd, string) {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperServer$")
-	cmd.Env = append(os.Environ(), "KILN_HELPER_SERVER="+dir, "KILN_HELPER_ADDR="+addr)
+	cmd.Env = append(append(os.Environ(), "KILN_HELPER_SERVER="+dir, "KILN_HELPER_ADDR="+addr), env...)
+	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -47,15 +70,15 @@ func startServer(t *testing.T, dir, addr string) (*exec.Cmd, string) {
 	go func() {
 		sc := bufio.NewScanner(out)
 		for sc.Scan() {
-			if strings.Contains(sc.Text(), "http://") {
+			if strings.Contains(sc.Text(), "kiln API serving at ") {
 				lines <- sc.Text()
 			}
 		}
 	}()
 	select {
 	case l := <-lines:
-		return cmd, l[strings.Index(l, "http://"):]
-	case <-time.After(20 * time.Second):
+		return cmd, l
+	case <-time.After(60 * time.Second):
 		cmd.Process.Kill()
 		t.Fatal("server did not print its URL")
 	}

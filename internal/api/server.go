@@ -11,6 +11,8 @@ package api
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -85,6 +87,9 @@ type Config struct {
 	OperatorAccounts []string
 	// MaxBodyBytes bounds request bodies (default 6 MiB).
 	MaxBodyBytes int64
+	// Accel is the accelerator the VMs run under ("kvm", "tcg"; "" when
+	// no VMs run), for GET /kiln/v1/info.
+	Accel string
 	// Now is the clock (default time.Now).
 	Now func() time.Time
 }
@@ -203,6 +208,13 @@ func (s *Server) ReapOnce(ctx context.Context) {
 	}
 }
 
+// SmallBody is the largest request body read before it is authenticated.
+// A larger body (or one of unknown length) must be signed with its hash in
+// X-Amz-Content-Sha256, so that the signature is checked from the headers
+// alone and an unauthenticated client cannot make the server read
+// megabytes; its bytes are then checked against that hash.
+const SmallBody = 64 << 10
+
 // call is one authenticated request.
 type call struct {
 	r       *http.Request
@@ -219,23 +231,9 @@ func (s *Server) handle(pattern string, status int, h handler) {
 	s.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
 		// SDKs report this id with every answer, errors included.
 		w.Header().Set("x-amzn-RequestId", newRequestID())
-		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes))
-		if err != nil {
-			var mbe *http.MaxBytesError
-			if errors.As(err, &mbe) {
-				writeError(w, r, validation("request body exceeds %d bytes", s.cfg.MaxBodyBytes))
-				return
-			}
-			writeError(w, r, validation("reading request body: %v", err))
-			return
-		}
-		key, err := s.verifier.Verify(r, body)
-		if err != nil {
-			if errors.Is(err, auth.ErrDenied) {
-				writeError(w, r, accessDenied(err.Error()))
-			} else {
-				writeError(w, r, internal(err.Error()))
-			}
+		body, key, aerr := s.authenticate(w, r)
+		if aerr != nil {
+			writeError(w, r, aerr)
 			return
 		}
 		if s.limits != nil && !s.limits.allow(key.Account) {
@@ -261,6 +259,62 @@ func (s *Server) handle(pattern string, status int, h handler) {
 		w.WriteHeader(status)
 		w.Write(b)
 	})
+}
+
+// authenticate checks r's signature and reads its body, in the order that
+// keeps an unauthenticated client from making the server read much: bodies
+// up to SmallBody are read and then verified; larger ones (and those of
+// unknown length) are verified from the headers, with the hash the client
+// signed in X-Amz-Content-Sha256, before a byte is read, and then must
+// match that hash.
+func (s *Server) authenticate(w http.ResponseWriter, r *http.Request) ([]byte, store.AccessKey, *Error) {
+	denied := func(err error) *Error {
+		if errors.Is(err, auth.ErrDenied) {
+			return accessDenied(err.Error())
+		}
+		return internal(err.Error())
+	}
+	if r.ContentLength > s.cfg.MaxBodyBytes {
+		return nil, store.AccessKey{}, &Error{Status: 413, Type: "RequestTooLargeException",
+			Message: fmt.Sprintf("request body of %d bytes exceeds %d bytes", r.ContentLength, s.cfg.MaxBodyBytes)}
+	}
+	declared := r.Header.Get("X-Amz-Content-Sha256")
+	if !sha256RE.MatchString(declared) {
+		if r.ContentLength < 0 || r.ContentLength > SmallBody {
+			return nil, store.AccessKey{}, &Error{Status: 413, Type: "RequestTooLargeException",
+				Message: fmt.Sprintf("a request body over %d bytes (or of unknown length) must declare its Content-Length and sign its lower-case hex SHA-256 in X-Amz-Content-Sha256", SmallBody)}
+		}
+		body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, SmallBody))
+		if err != nil {
+			var mbe *http.MaxBytesError
+			if errors.As(err, &mbe) {
+				return nil, store.AccessKey{}, validation("request body exceeds its Content-Length")
+			}
+			return nil, store.AccessKey{}, validation("reading request body: %v", err)
+		}
+		key, err := s.verifier.Verify(r, body)
+		if err != nil {
+			return nil, key, denied(err)
+		}
+		return body, key, nil
+	}
+	key, err := s.verifier.VerifyHash(r, declared, r.ContentLength)
+	if err != nil {
+		return nil, key, denied(err)
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes))
+	if err != nil {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return nil, key, validation("request body exceeds %d bytes", s.cfg.MaxBodyBytes)
+		}
+		return nil, key, validation("reading request body: %v", err)
+	}
+	sum := sha256.Sum256(body)
+	if hex.EncodeToString(sum[:]) != declared {
+		return nil, key, validation("the body does not match its X-Amz-Content-Sha256")
+	}
+	return body, key, nil
 }
 
 func (s *Server) routes() {
@@ -295,9 +349,43 @@ func (s *Server) routes() {
 	s.handle("GET /kiln/v1/microvm-images/{imageIdentifier}/versions/{imageVersion}/builds/{buildId}/log", 200, s.getBuildLog)
 	s.handle("GET /kiln/v1/microvms/{microvmIdentifier}/log", 200, s.getMicrovmLog)
 	s.mux.HandleFunc("PUT "+ArtifactPath, s.uploadArtifact)
+	s.mux.HandleFunc("GET "+InfoPath, s.info)
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, &Error{Status: 404, Type: "UnknownOperationException", Message: fmt.Sprintf("no operation at %s %s", r.Method, r.URL.Path)})
 	})
+}
+
+// InfoPath answers, without authentication, what isolation this server
+// gives: {"accel": "tcg", "isolation": "not a security boundary"}. It is
+// open so that health checks and load balancers, which cannot sign, can
+// use it; it tells nothing about any account, and what it tells (the
+// accelerator) every tenant can measure from inside its VM anyway.
+const InfoPath = "/kiln/v1/info"
+
+// Isolation says what separates a tenant's code from the host under
+// accel: KVM's hardware virtualisation, or, under TCG, nothing that QEMU's
+// security policy covers.
+func Isolation(accel string) string {
+	switch accel {
+	case "kvm":
+		return "kvm"
+	case "tcg":
+		return "not a security boundary"
+	case "", "none":
+		return "no microVMs run (fake backend)"
+	}
+	return "unknown accelerator: not a security boundary"
+}
+
+func (s *Server) info(w http.ResponseWriter, r *http.Request) {
+	accel := s.cfg.Accel
+	if accel == "" {
+		accel = "none"
+	}
+	b, _ := json.Marshal(map[string]string{"accel": accel, "isolation": Isolation(s.cfg.Accel), "apiVersion": APIVersion})
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Write(b)
 }
 
 // decode parses a JSON request body into v; an empty body is {}.

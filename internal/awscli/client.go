@@ -6,6 +6,8 @@ package awscli
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -69,6 +71,12 @@ func (c *Client) Do(ctx context.Context, method, path string, query url.Values, 
 	}
 	if c.Creds.SessionToken != "" {
 		req.Header.Set("X-Amz-Security-Token", c.Creds.SessionToken)
+	}
+	if len(body) > 64<<10 {
+		// kiln authenticates a large body from its headers before reading
+		// it, with the hash signed here (as S3 does).
+		sum := sha256.Sum256(body)
+		req.Header.Set("X-Amz-Content-Sha256", hex.EncodeToString(sum[:]))
 	}
 	if err := auth.SignRequest(ctx, c.signer, req, body, c.Creds.AccessKeyID, c.Creds.SecretAccessKey, "lambda", c.Region, time.Now()); err != nil {
 		return nil, err

@@ -204,6 +204,15 @@ func (e *Engine) Run(ctx context.Context) {
 	}
 }
 
+// Accel names the accelerator the driver runs VMs under ("kvm", "tcg"),
+// or "" if the driver does not say; the API reports it (GET /kiln/v1/info).
+func (e *Engine) Accel() string {
+	if p, ok := e.cfg.Driver.(interface{ Platform() vmm.Platform }); ok {
+		return string(p.Platform().Accel)
+	}
+	return ""
+}
+
 // Close abandons work in flight (VMs keep running, to be adopted by the
 // next Recover) and waits for builds to stop.
 func (e *Engine) Close() error {

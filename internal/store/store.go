@@ -256,6 +256,11 @@ type MicrovmFilter struct {
 	States       []MicrovmState
 }
 
+// SettingOperatorAccount names the operator's account: the one that may
+// build from host paths. It is recorded when the first admin key is made
+// and never derived from keys, so deleting a key promotes nobody.
+const SettingOperatorAccount = "operator_account"
+
 // Store is kiln's state. Implementations must be safe for concurrent use.
 type Store interface {
 	// Close releases the database. Calls after Close fail.
@@ -269,6 +274,15 @@ type Store interface {
 	ListAccessKeys(ctx context.Context) ([]AccessKey, error)
 	// DeleteAccessKey removes a key; ErrNotFound if absent.
 	DeleteAccessKey(ctx context.Context, id string) error
+	// Implementations keep the secrets of access keys sealed at rest
+	// (internal/store/seal): what CreateAccessKey is given and what Get
+	// and List return is the plain secret.
+
+	// GetSetting returns a setting kiln recorded (SettingOperatorAccount);
+	// ErrNotFound if never set.
+	GetSetting(ctx context.Context, name string) (string, error)
+	// SetSetting records a setting durably, replacing an earlier value.
+	SetSetting(ctx context.Context, name, value string) error
 
 	// GetClientToken returns a recorded token; ErrNotFound if unused.
 	GetClientToken(ctx context.Context, account, operation, token string) (ClientToken, error)

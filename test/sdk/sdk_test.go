@@ -280,8 +280,9 @@ func startServer(ctx context.Context, t *testing.T, kiln, data, apiPort, endpoin
 	for {
 		b, _ := os.ReadFile(s.log)
 		if i := bytes.Index(b, []byte(readyLine)); i >= 0 {
+			// "URL (accel ...)": the URL is the first field.
 			line, _, _ := bytes.Cut(b[i+len(readyLine):], []byte("\n"))
-			s.apiURL = strings.TrimSpace(string(line))
+			s.apiURL, _, _ = strings.Cut(strings.TrimSpace(string(line)), " ")
 			return s
 		}
 		select {

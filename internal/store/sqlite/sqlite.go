@@ -5,6 +5,11 @@
 // Each record is kept as a JSON document next to the few columns that are
 // queried, so a new field needs no migration; synchronous=FULL makes every
 // commit durable before the call returns.
+//
+// The database and its WAL and SHM files are mode 0600, and secret access
+// keys are sealed (internal/store/seal) with a key kept outside the
+// database, so a copy of the database alone reveals no secret;
+// secure_delete (FAST) zeroes what a change frees in the pages it writes.
 package sqlite
 
 import (
@@ -25,31 +30,68 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/store"
+	"github.com/kiln-sandbox/kiln/internal/store/seal"
 )
 
 // Store is a store.Store on one SQLite file.
 type Store struct {
-	w *sql.DB // single writer connection
-	r *sql.DB // reader pool
+	w      *sql.DB // single writer connection
+	r      *sql.DB // reader pool
+	sealer *seal.Sealer
 }
 
 var _ store.Store = (*Store)(nil)
 
-// Open opens (creating if needed) the database at path and applies pending
-// migrations.
-func Open(ctx context.Context, path string) (*Store, error) {
+// KeyFile is the name of the sealing key that Open uses, beside the
+// database, when it is given no Sealer.
+const KeyFile = "secrets.key"
+
+// Option configures Open.
+type Option func(*Store)
+
+// WithSealer seals secret access keys with s (default: the key in KeyFile
+// beside the database, created on first use).
+func WithSealer(s *seal.Sealer) Option { return func(st *Store) { st.sealer = s } }
+
+// Open opens (creating if needed) the database at path, applies pending
+// migrations and seals any secret an older kiln stored in clear.
+func Open(ctx context.Context, path string, opts ...Option) (*Store, error) {
+	s := &Store{}
+	for _, o := range opts {
+		o(s)
+	}
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("creating database directory: %w", err)
 	}
+	if s.sealer == nil {
+		sl, err := seal.LoadOrCreate(filepath.Join(filepath.Dir(path), KeyFile))
+		if err != nil {
+			return nil, err
+		}
+		s.sealer = sl
+	}
+	// SQLite creates the WAL and SHM files with the mode of the database,
+	// so creating the database 0600 covers all three.
+	if err := secureFiles(path); err != nil {
+		return nil, err
+	}
 	base := "file:" + path + "?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=foreign_keys(1)"
-	w, err := sql.Open("sqlite", base+"&_pragma=synchronous(FULL)&_txlock=immediate")
+	w, err := sql.Open("sqlite", base+"&_pragma=synchronous(FULL)&_pragma=secure_delete(FAST)&_txlock=immediate")
 	if err != nil {
 		return nil, fmt.Errorf("opening database: %w", err)
 	}
 	w.SetMaxOpenConns(1)
 	w.SetConnMaxIdleTime(0)
-	s := &Store{w: w}
+	s.w = w
 	if err := s.migrate(ctx); err != nil {
+		w.Close()
+		return nil, err
+	}
+	if err := s.sealPlaintext(ctx); err != nil {
+		w.Close()
+		return nil, err
+	}
+	if err := secureFiles(path); err != nil {
 		w.Close()
 		return nil, err
 	}
@@ -66,6 +108,72 @@ func Open(ctx context.Context, path string) (*Store, error) {
 	r.SetMaxIdleConns(n)
 	s.r = r
 	return s, nil
+}
+
+// secureFiles creates the database file 0600 if it does not exist and
+// brings it, its WAL and its SHM back to 0600 if they do.
+func secureFiles(path string) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("creating database: %w", err)
+	}
+	f.Close()
+	for _, p := range []string{path, path + "-wal", path + "-shm", path + "-journal"} {
+		if err := os.Chmod(p, 0o600); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("securing %s: %w", p, err)
+		}
+	}
+	return nil
+}
+
+// sealPlaintext seals the secrets an older kiln stored in clear, then
+// empties the WAL, whose old frames still hold them (secure_delete has
+// zeroed them in the database file itself).
+func (s *Store) sealPlaintext(ctx context.Context) error {
+	n := 0
+	err := s.tx(ctx, func(tx *sql.Tx) error {
+		rows, err := tx.QueryContext(ctx, `SELECT id, secret FROM access_keys`)
+		if err != nil {
+			return fmt.Errorf("reading access keys: %w", err)
+		}
+		type kv struct{ id, secret string }
+		var plain []kv
+		for rows.Next() {
+			var k kv
+			if err := rows.Scan(&k.id, &k.secret); err != nil {
+				rows.Close()
+				return fmt.Errorf("reading access keys: %w", err)
+			}
+			if !seal.IsSealed(k.secret) {
+				plain = append(plain, k)
+			}
+		}
+		rows.Close()
+		if err := rows.Err(); err != nil {
+			return fmt.Errorf("reading access keys: %w", err)
+		}
+		for _, k := range plain {
+			v, err := s.sealer.Seal(k.secret, k.id)
+			if err != nil {
+				return err
+			}
+			if _, err := tx.ExecContext(ctx, `UPDATE access_keys SET secret = ? WHERE id = ?`, v, k.id); err != nil {
+				return fmt.Errorf("sealing access key %s: %w", k.id, err)
+			}
+		}
+		n = len(plain)
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("sealing stored secrets: %w", err)
+	}
+	if n == 0 {
+		return nil
+	}
+	if _, err := s.w.ExecContext(ctx, `PRAGMA wal_checkpoint(TRUNCATE)`); err != nil {
+		return fmt.Errorf("checkpointing after sealing secrets: %w", err)
+	}
+	return nil
 }
 
 // Close closes both connection pools.
@@ -147,6 +255,11 @@ var migrations = []string{
 		key TEXT NOT NULL,
 		value TEXT NOT NULL,
 		PRIMARY KEY (account, arn, key)
+	);`,
+	// 2: settings kiln records once (the operator account).
+	`CREATE TABLE settings (
+		name TEXT PRIMARY KEY,
+		value TEXT NOT NULL
 	);`,
 }
 
@@ -300,8 +413,12 @@ func insertToken(ctx context.Context, tx *sql.Tx, tok *store.ClientToken) error 
 // Access keys.
 
 func (s *Store) CreateAccessKey(ctx context.Context, k store.AccessKey) error {
-	_, err := s.w.ExecContext(ctx, `INSERT INTO access_keys (id, secret, account, description, created_at) VALUES (?, ?, ?, ?, ?)`,
-		k.ID, k.Secret, k.Account, k.Description, k.CreatedAt.UnixNano())
+	sealed, err := s.sealer.Seal(k.Secret, k.ID)
+	if err != nil {
+		return err
+	}
+	_, err = s.w.ExecContext(ctx, `INSERT INTO access_keys (id, secret, account, description, created_at) VALUES (?, ?, ?, ?, ?)`,
+		k.ID, sealed, k.Account, k.Description, k.CreatedAt.UnixNano())
 	if isUnique(err) {
 		return fmt.Errorf("access key %s exists: %w", k.ID, errdefs.ErrConflict)
 	}
@@ -311,18 +428,27 @@ func (s *Store) CreateAccessKey(ctx context.Context, k store.AccessKey) error {
 	return nil
 }
 
-func scanKey(sc interface{ Scan(...any) error }) (store.AccessKey, error) {
+func (s *Store) scanKey(sc interface{ Scan(...any) error }) (store.AccessKey, error) {
 	var k store.AccessKey
 	var created int64
 	if err := sc.Scan(&k.ID, &k.Secret, &k.Account, &k.Description, &created); err != nil {
 		return k, err
 	}
 	k.CreatedAt = time.Unix(0, created).UTC()
+	// A row written in clear by an older kiln that is still running
+	// beside this one is read as it is; the next Open seals it.
+	if seal.IsSealed(k.Secret) {
+		sec, err := s.sealer.Open(k.Secret, k.ID)
+		if err != nil {
+			return store.AccessKey{}, fmt.Errorf("access key %s: %w", k.ID, err)
+		}
+		k.Secret = sec
+	}
 	return k, nil
 }
 
 func (s *Store) GetAccessKey(ctx context.Context, id string) (store.AccessKey, error) {
-	k, err := scanKey(s.r.QueryRowContext(ctx, `SELECT id, secret, account, description, created_at FROM access_keys WHERE id = ?`, id))
+	k, err := s.scanKey(s.r.QueryRowContext(ctx, `SELECT id, secret, account, description, created_at FROM access_keys WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return k, fmt.Errorf("access key %s: %w", id, errdefs.ErrNotFound)
 	}
@@ -340,7 +466,7 @@ func (s *Store) ListAccessKeys(ctx context.Context) ([]store.AccessKey, error) {
 	defer rows.Close()
 	var out []store.AccessKey
 	for rows.Next() {
-		k, err := scanKey(rows)
+		k, err := s.scanKey(rows)
 		if err != nil {
 			return nil, fmt.Errorf("scanning access key: %w", err)
 		}
@@ -356,6 +482,28 @@ func (s *Store) DeleteAccessKey(ctx context.Context, id string) error {
 	}
 	if n, _ := res.RowsAffected(); n == 0 {
 		return fmt.Errorf("access key %s: %w", id, errdefs.ErrNotFound)
+	}
+	return nil
+}
+
+// Settings.
+
+func (s *Store) GetSetting(ctx context.Context, name string) (string, error) {
+	var v string
+	err := s.r.QueryRowContext(ctx, `SELECT value FROM settings WHERE name = ?`, name).Scan(&v)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", fmt.Errorf("setting %s: %w", name, errdefs.ErrNotFound)
+	}
+	if err != nil {
+		return "", fmt.Errorf("reading setting %s: %w", name, err)
+	}
+	return v, nil
+}
+
+func (s *Store) SetSetting(ctx context.Context, name, value string) error {
+	if _, err := s.w.ExecContext(ctx, `INSERT INTO settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value`,
+		name, value); err != nil {
+		return fmt.Errorf("writing setting %s: %w", name, err)
 	}
 	return nil
 }

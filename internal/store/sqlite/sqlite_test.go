@@ -1,14 +1,17 @@
 package sqlite
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/store"
+	"github.com/kiln-sandbox/kiln/internal/store/seal"
 	"github.com/kiln-sandbox/kiln/internal/store/storetest"
 )
 
@@ -61,5 +64,104 @@ func TestNewerSchemaRefused(t *testing.T) {
 	s.Close()
 	if _, err := Open(ctx, path); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("opening a newer schema: %v", err)
+	}
+}
+
+// TestSecretsSealedAtRest: a copy of the database files (kiln.db, its WAL
+// and SHM) holds no secret in clear, including secrets an older kiln
+// stored in clear before this one opened the database; and the files are
+// 0600.
+func TestSecretsSealedAtRest(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	path := filepath.Join(dir, "kiln.db")
+	s, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const oldSecret = "OLDplaintextSECRETwrittenByAnOlderKiln00"
+	const newSecret = "NEWsecretCreatedThroughTheStoreInterface"
+	// What kiln before sealing wrote: the secret in clear.
+	if _, err := s.w.ExecContext(ctx, `INSERT INTO access_keys (id, secret, account, description, created_at) VALUES ('AKIAOLD', ?, '111111111111', '', 1)`, oldSecret); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s, err = Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.CreateAccessKey(ctx, store.AccessKey{ID: "AKIANEW", Secret: newSecret, Account: "111111111111", CreatedAt: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	for id, want := range map[string]string{"AKIAOLD": oldSecret, "AKIANEW": newSecret} {
+		k, err := s.GetAccessKey(ctx, id)
+		if err != nil || k.Secret != want {
+			t.Fatalf("GetAccessKey(%s) = %q, %v", id, k.Secret, err)
+		}
+	}
+	// What a change frees is zeroed in the pages it rewrites (2: FAST).
+	var sd int
+	if err := s.w.QueryRowContext(ctx, `PRAGMA secure_delete`).Scan(&sd); err != nil || sd != 2 {
+		t.Errorf("secure_delete = %d, %v", sd, err)
+	}
+	// Read the files while the store is open, as a thief copying them would.
+	for _, suffix := range []string{"", "-wal", "-shm"} {
+		b, err := os.ReadFile(path + suffix)
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) && suffix != "" {
+				continue
+			}
+			t.Fatal(err)
+		}
+		for _, sec := range []string{oldSecret, newSecret} {
+			if bytes.Contains(b, []byte(sec)) {
+				t.Errorf("kiln.db%s holds the secret %s in clear", suffix, sec)
+			}
+		}
+		fi, _ := os.Stat(path + suffix)
+		if fi.Mode().Perm() != 0o600 {
+			t.Errorf("kiln.db%s mode %v, want 0600", suffix, fi.Mode().Perm())
+		}
+	}
+	fi, err := os.Stat(filepath.Join(dir, KeyFile))
+	if err != nil || fi.Mode().Perm() != 0o600 {
+		t.Errorf("sealing key: %v, %v", fi, err)
+	}
+	// Without the key file the secrets do not open.
+	other, err := seal.LoadOrCreate(filepath.Join(t.TempDir(), "other.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s2, err := Open(ctx, path, WithSealer(other))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	if _, err := s2.GetAccessKey(ctx, "AKIANEW"); err == nil {
+		t.Error("a secret opened with another sealing key")
+	}
+}
+
+// TestModesRestored: files left group/world-readable by an older kiln are
+// brought back to 0600 on open.
+func TestModesRestored(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "kiln.db")
+	s, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	os.Chmod(path, 0o644)
+	s, err = Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for _, p := range []string{path, path + "-wal", path + "-shm"} {
+		if fi, err := os.Stat(p); err == nil && fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s mode %v", p, fi.Mode().Perm())
+		}
 	}
 }

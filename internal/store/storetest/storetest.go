@@ -27,6 +27,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"microvm deadlines", deadlines},
 		{"client tokens", clientTokens},
 		{"tags", tags},
+		{"settings", settings},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.fn(t, open(t)) })
@@ -67,6 +68,26 @@ func accessKeys(t *testing.T, s store.Store) {
 	}
 	must(t, s.DeleteAccessKey(ctx, "AKIA1"))
 	is(t, s.DeleteAccessKey(ctx, "AKIA1"), errdefs.ErrNotFound)
+}
+
+func settings(t *testing.T, s store.Store) {
+	_, err := s.GetSetting(ctx, store.SettingOperatorAccount)
+	is(t, err, errdefs.ErrNotFound)
+	must(t, s.SetSetting(ctx, store.SettingOperatorAccount, "111111111111"))
+	must(t, s.SetSetting(ctx, store.SettingOperatorAccount, "222222222222"))
+	v, err := s.GetSetting(ctx, store.SettingOperatorAccount)
+	must(t, err)
+	if v != "222222222222" {
+		t.Errorf("GetSetting = %q", v)
+	}
+	// Deleting keys leaves settings alone: the operator is not derived
+	// from keys.
+	k := store.AccessKey{ID: "AKIA9", Secret: "s", Account: "222222222222", CreatedAt: time.Now().UTC()}
+	must(t, s.CreateAccessKey(ctx, k))
+	must(t, s.DeleteAccessKey(ctx, k.ID))
+	if v, err := s.GetSetting(ctx, store.SettingOperatorAccount); err != nil || v != "222222222222" {
+		t.Errorf("after deleting the key: %q, %v", v, err)
+	}
 }
 
 func newImage(account, name string) (store.Image, store.ImageVersion, []store.Build) {

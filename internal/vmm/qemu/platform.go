@@ -21,6 +21,10 @@ import (
 // SetupCommand is what the user runs to install what the engine needs.
 const SetupCommand = "make setup"
 
+// ResolveAccel says which accelerator New would choose for requested, and
+// why, without starting anything (for `kiln server --require-kvm`).
+func ResolveAccel(requested string) (vmm.Accel, string, error) { return chooseAccel(requested) }
+
 // chooseAccel resolves "auto", "kvm" or "tcg" to an accelerator and says why.
 // PVM (/sys/module/kvm_pvm) exposes /dev/kvm but emulates privileged
 // instructions, which is slower than TCG by far for a stock guest kernel.
