@@ -28,6 +28,8 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"client tokens", clientTokens},
 		{"tags", tags},
 		{"settings", settings},
+		{"events", events},
+		{"usage", usage},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.fn(t, open(t)) })
