@@ -39,9 +39,11 @@ func (e *Engine) build(v store.ImageVersion, b store.Build) {
 		log.Warn("recording build start", "err", err)
 		return
 	}
+	e.meterBuild(ctx, b, true)
 	w := &storeLog{ctx: ctx, e: e, build: b.ID}
 	finish := func(ok bool, reason string, snap *store.SnapshotBuild) {
 		w.Close()
+		e.meterBuild(ctx, b, false)
 		if err := rep.BuildFinished(context.WithoutCancel(ctx), b, ok, reason, snap); err != nil {
 			log.Warn("recording build result", "err", err)
 		}

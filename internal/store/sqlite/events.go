@@ -210,7 +210,7 @@ func (s *Store) UsageTotals(ctx context.Context, account string, since, until ti
 			SUM(CASE WHEN kind = 'running' THEN `+clipped+` * memory_mib / 1024.0 ELSE 0 END),
 			SUM(CASE WHEN kind = 'suspended' THEN `+clipped+` * memory_mib / 1024.0 ELSE 0 END),
 			SUM(CASE WHEN kind = 'build' THEN `+clipped+` ELSE 0 END),
-			SUM(CASE WHEN kind = 'build' THEN 1 ELSE 0 END)
+			COUNT(DISTINCT CASE WHEN kind = 'build' THEN resource END)
 		FROM usage_intervals WHERE start_at < ?2 AND end_at >= ?1`+where+` GROUP BY account ORDER BY account`, args...)
 	if err != nil {
 		return nil, fmt.Errorf("summing usage: %w", err)

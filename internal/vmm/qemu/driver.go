@@ -40,7 +40,11 @@ type Config struct {
 	AgentBinary string // the static kiln-agent put into the initramfs
 	// BootTimeout bounds a cold boot until the agent answers.
 	BootTimeout time.Duration
-	Log         *slog.Logger
+	// Console, if set, returns where the serial console of VM id goes
+	// besides the in-memory ring of its last 64 KiB (the engine's
+	// durable log). Its writers must not block.
+	Console func(id string) io.Writer
+	Log     *slog.Logger
 }
 
 // Driver is the QEMU implementation of vmm.Driver.
