@@ -243,7 +243,12 @@ func (e *Engine) Accel() string {
 func (e *Engine) Close() error {
 	e.cancel()
 	e.buildWG.Wait()
+	// The last checkpoint; then this engine meters no more (the next
+	// process closes what is open at that checkpoint).
 	e.meterCheckpoint(context.Background())
+	e.meter.mu.Lock()
+	e.meter.open = nil
+	e.meter.mu.Unlock()
 	e.cfg.Logs.CloseAll()
 	return nil
 }
