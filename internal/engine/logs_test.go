@@ -151,6 +151,19 @@ func TestLogsEventsUsage(t *testing.T) {
 		}
 	}
 	h.waitLog(kept, "served count=1")
+	// Suspend and resume, each recorded with its reason. (Before the
+	// "restart": in one test process the old driver still waits for the
+	// QEMU processes it started and would take a later exit for a death.)
+	if err := h.srv.Suspend(ctx, testAccount, kept.ID, "UserRequested: test suspend"); err != nil {
+		t.Fatal(err)
+	}
+	h.wait(kept.ID, store.StateSuspended, 30*time.Second)
+	time.Sleep(700 * time.Millisecond)
+	if err := h.srv.Resume(ctx, testAccount, kept.ID); err != nil {
+		t.Fatal(err)
+	}
+	h.wait(kept.ID, store.StateRunning, 60*time.Second)
+
 	time.Sleep(time.Second) // a few checkpoints
 	before := h.usage()
 	if before.RunningVCPUSeconds <= 0 || before.RunningGiBSeconds <= 0 {
@@ -189,17 +202,6 @@ func TestLogsEventsUsage(t *testing.T) {
 	if grown := h2.usage(); grown.RunningVCPUSeconds <= before.RunningVCPUSeconds {
 		t.Fatalf("usage did not grow while the adopted VM ran: %+v, was %+v", grown, before)
 	}
-
-	// Suspend and resume, each recorded with its reason.
-	if err := h2.srv.Suspend(ctx, testAccount, kept.ID, "UserRequested: test suspend"); err != nil {
-		t.Fatal(err)
-	}
-	h2.wait(kept.ID, store.StateSuspended, 30*time.Second)
-	time.Sleep(700 * time.Millisecond)
-	if err := h2.srv.Resume(ctx, testAccount, kept.ID); err != nil {
-		t.Fatal(err)
-	}
-	h2.wait(kept.ID, store.StateRunning, 60*time.Second)
 
 	// A flood: 8 MiB of output against a 256 KiB cap, while the endpoint
 	// of the other VM is measured.
