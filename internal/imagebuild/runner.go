@@ -230,7 +230,10 @@ func (r *Runner) qemuImg(ctx context.Context, args ...string) error {
 
 var agentResolvConf = "nameserver " + netns.GatewayAddr.String() + "\n"
 
-const resolvConf = "/etc/resolv.conf"
+const (
+	resolvConf    = "/etc/resolv.conf"
+	maxResolvConf = 64 << 10
+)
 
 type rootState struct {
 	resolvKind   uint32 // S_IFREG, S_IFLNK, other; 0 = absent
@@ -264,8 +267,8 @@ func captureRoot(ctx context.Context, disk string) (rootState, error) {
 	switch s.resolvKind {
 	case syscall.S_IFREG:
 		// Bounded: resolv.conf is small; a huge one is not restored.
-		if fi.Size <= 64<<10 {
-			if s.resolvData, err = rootfs.ReadFile(ctx, disk, resolvConf); err != nil {
+		if fi.Size <= maxResolvConf {
+			if s.resolvData, err = rootfs.ReadFile(ctx, disk, resolvConf, maxResolvConf); err != nil {
 				return s, err
 			}
 		} else {
@@ -287,7 +290,7 @@ func restoreRoot(ctx context.Context, disk string, s rootState) error {
 	case err != nil:
 		return err
 	case fi.Mode&syscall.S_IFMT == syscall.S_IFREG && fi.Size == int64(len(agentResolvConf)):
-		b, err := rootfs.ReadFile(ctx, disk, resolvConf)
+		b, err := rootfs.ReadFile(ctx, disk, resolvConf, maxResolvConf)
 		if err != nil {
 			return err
 		}

@@ -8,7 +8,12 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
+	"syscall"
 	"testing"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/hosttool"
 )
 
 func TestBuildExt4RoundTrip(t *testing.T) {
@@ -35,7 +40,7 @@ func TestBuildExt4RoundTrip(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := ReadFile(ctx, img, tt.path)
+			got, err := ReadFile(ctx, img, tt.path, 1<<20)
 			if tt.wantErr != nil {
 				if !errors.Is(err, tt.wantErr) {
 					t.Fatalf("err = %v, want %v", err, tt.wantErr)
@@ -156,5 +161,40 @@ func TestMountShowsWhatTheImageHolds(t *testing.T) {
 	}
 	if fi, err := os.Stat(filepath.Join(out, "srv/app/data")); err != nil || !fi.IsDir() {
 		t.Fatalf("Mkdir result: %v", err)
+	}
+}
+
+// TestReadFileBounded: a build can leave a sparse 4 TiB file where kiln
+// reads a small one; ReadFile refuses it from the inode's size, at once,
+// without reading, and the tools that looked at it ran as the tools' uid.
+func TestReadFileBounded(t *testing.T) {
+	ctx := context.Background()
+	src := t.TempDir()
+	must(t, os.MkdirAll(filepath.Join(src, "etc"), 0o755))
+	must(t, os.WriteFile(filepath.Join(src, "etc/passwd"), []byte("root:x:0:0::/root:/bin/sh\n"), 0o644))
+	img := filepath.Join(t.TempDir(), "root.ext4")
+	must(t, BuildExt4(ctx, src, img, 0, ""))
+	if b, err := ReadFile(ctx, img, "/etc/passwd", 1<<20); err != nil || !strings.HasPrefix(string(b), "root:") {
+		t.Fatalf("small passwd: %q %v", b, err)
+	}
+	// What `truncate -s 4T /etc/passwd` in a build VM leaves.
+	must(t, edit(ctx, img, `sif "/etc/passwd" size 4398046511104`))
+	start := time.Now()
+	_, err := ReadFile(ctx, img, "/etc/passwd", 1<<20)
+	if !errors.Is(err, ErrTooLarge) || !strings.Contains(err.Error(), "/etc/passwd in the image is 4398046511104 bytes; kiln reads at most 1 MiB") {
+		t.Fatalf("err = %v", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("refusing took %s", d)
+	}
+	if _, err := ReadFile(ctx, img, "/etc", 1<<20); err == nil {
+		t.Fatal("a directory read as a file")
+	}
+	// The image went to the tools' group, which is how the confined
+	// debugfs opened it.
+	var st syscall.Stat_t
+	must(t, syscall.Stat(img, &st))
+	if os.Geteuid() == 0 && st.Gid != hosttool.ID {
+		t.Fatalf("image group %d, want %d", st.Gid, hosttool.ID)
 	}
 }

@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
 )
@@ -48,13 +47,9 @@ func EnsureFree(ctx context.Context, image string, freeBytes, freeInodes int64) 
 	if err := Repair(ctx, image); err != nil {
 		return fmt.Errorf("checking %s before growing it: %w", image, err)
 	}
-	tool, err := lookTool("resize2fs")
+	o, e, err := toolRun{name: "resize2fs", image: image, write: true, args: []string{"IMAGE", strconv.FormatInt(newBlocks, 10)}}.run(ctx)
 	if err != nil {
-		return err
-	}
-	out, err := exec.CommandContext(ctx, tool, image, strconv.FormatInt(newBlocks, 10)).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("resize2fs %s: %s: %w", image, strings.TrimSpace(string(out)), err)
+		return fmt.Errorf("resize2fs %s: %s: %w", image, strings.TrimSpace(string(o)+e), err)
 	}
 	return nil
 }
@@ -63,13 +58,9 @@ func EnsureFree(ctx context.Context, image string, freeBytes, freeInodes int64) 
 type header map[string]string
 
 func readHeader(ctx context.Context, image string) (header, error) {
-	tool, err := lookTool("dumpe2fs")
+	out, e, err := toolRun{name: "dumpe2fs", image: image, args: []string{"-h", "IMAGE"}, maxOut: maxHeader}.run(ctx)
 	if err != nil {
-		return nil, err
-	}
-	out, err := exec.CommandContext(ctx, tool, "-h", image).Output()
-	if err != nil {
-		return nil, fmt.Errorf("dumpe2fs -h %s: %w", image, err)
+		return nil, fmt.Errorf("dumpe2fs -h %s: %s: %w", image, strings.TrimSpace(e), err)
 	}
 	h := header{}
 	for _, line := range strings.Split(string(out), "\n") {
