@@ -29,10 +29,11 @@ import (
 )
 
 // ID is the uid and gid host tools run as when the caller names none: the
-// first id of the range kiln keeps for its confined processes. No account
+// id just above the range the QEMU driver picks VM uids from (0x6b690000
+// plus 65536), so no VM's QEMU shares it. No account
 // on the host should own it; the files a tool works on are handed to this
 // group (Grant).
-var ID uint32 = 900000
+var ID uint32 = 0x6b6a0000
 
 // Default limits. CPU time bounds a tool looping on a crafted image; the
 // address space bounds what a crafted length field can make it allocate.

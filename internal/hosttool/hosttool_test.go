@@ -47,9 +47,9 @@ func TestConfined(t *testing.T) {
 		t.Fatalf("output: %s", out)
 	}
 	want := []struct{ what, got, want string }{
-		{"uid", lines[0], "900000"},
-		{"gid", lines[1], "900000"},
-		{"groups", lines[2], "900000"},
+		{"uid", lines[0], "1802108928"},
+		{"gid", lines[1], "1802108928"},
+		{"groups", lines[2], "1802108928"},
 		{"env lines", strings.TrimSpace(lines[5]), "0"},
 	}
 	for _, w := range want {

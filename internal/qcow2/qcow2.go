@@ -12,6 +12,7 @@ package qcow2
 
 import (
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -253,4 +254,31 @@ func CheckChain(paths []string) error {
 		}
 	}
 	return nil
+}
+
+// OpenSpec is a QEMU block-device filename ("json:{...}") that opens the
+// chain files[0] <- files[1] <- ... with every backing file given, so QEMU
+// never follows a name from a header. Every layer but the last is qcow2;
+// the last has format bottom: "raw", or "qcow2" opened without a backing
+// file (to check an overlay alone). files are what QEMU opens, typically
+// /dev/fd/N paths.
+func OpenSpec(files []string, bottom string) string {
+	var layer func(i int) map[string]any
+	layer = func(i int) map[string]any {
+		l := map[string]any{
+			"driver": "qcow2",
+			"file":   map[string]any{"driver": "file", "filename": files[i]},
+		}
+		switch {
+		case i+1 < len(files):
+			l["backing"] = layer(i + 1)
+		case bottom == "raw":
+			l["driver"] = "raw"
+		default:
+			l["backing"] = nil
+		}
+		return l
+	}
+	b, _ := json.Marshal(layer(0))
+	return "json:" + string(b)
 }
