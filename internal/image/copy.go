@@ -617,7 +617,12 @@ func readIDFiles(read func(string) ([]byte, error)) (passwd, group []byte, err e
 		dst  *[]byte
 	}{{"etc/passwd", &passwd}, {"etc/group", &group}} {
 		b, err := read(x.name)
-		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		var tooLarge *rootfs.TooLargeError
+		switch {
+		case errors.As(err, &tooLarge):
+			// The message names the file and the bound already.
+			return nil, nil, fmt.Errorf("%w (USER looks the user up in it: keep it a plain /%s file)", err, x.name)
+		case err != nil && !errors.Is(err, fs.ErrNotExist):
 			return nil, nil, fmt.Errorf("reading the image's /%s: %w", x.name, err)
 		}
 		*x.dst = b

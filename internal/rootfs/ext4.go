@@ -140,8 +140,23 @@ func DiskUsage(dir string) (bytesUsed, entries int64, err error) {
 	return bytesUsed, entries, nil
 }
 
-// ErrTooLarge is wrapped by ReadFile's error for a file over its bound.
-var ErrTooLarge = fmt.Errorf("file too large: %w", errdefs.ErrInvalid)
+// ErrTooLarge is matched (errors.Is) by ReadFile's error for a file over
+// its bound, as is errdefs.ErrInvalid.
+var ErrTooLarge = errors.New("file too large")
+
+// TooLargeError says which file was over which bound.
+type TooLargeError struct {
+	Path      string
+	Size, Max int64
+}
+
+func (e *TooLargeError) Error() string {
+	return fmt.Sprintf("%s in the image is %d bytes; kiln reads at most %s", e.Path, e.Size, byteSize(e.Max))
+}
+
+func (e *TooLargeError) Is(target error) bool {
+	return target == ErrTooLarge || target == errdefs.ErrInvalid
+}
 
 // ReadFile returns the contents of the regular file at path (absolute,
 // inside the file system) in the ext4 image, read with debugfs without
@@ -163,7 +178,7 @@ func ReadFile(ctx context.Context, image, path string, maxBytes int64) ([]byte, 
 		return nil, fmt.Errorf("%s in the image is not a regular file: %w", path, errdefs.ErrInvalid)
 	}
 	if fi.Size < 0 || fi.Size > maxBytes {
-		return nil, fmt.Errorf("%w: %s in the image is %d bytes; kiln reads at most %s", ErrTooLarge, path, fi.Size, byteSize(maxBytes))
+		return nil, &TooLargeError{Path: path, Size: fi.Size, Max: maxBytes}
 	}
 	out, _, err := debugfs(ctx, image, "cat "+quote(path), int(fi.Size)+1)
 	if errors.Is(err, errOutputFull) {
