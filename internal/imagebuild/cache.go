@@ -118,6 +118,10 @@ func copyTemplate(ctx context.Context, src, srcRoot, dst, rootDisk string, withO
 	if err := qcow2.CheckChain([]string{filepath.Join(src, "disk.qcow2"), srcRoot}); err != nil {
 		return fmt.Errorf("copying template %s: %w", src, err)
 	}
+	// QEMU reads a relative backing name from the overlay's own folder.
+	if dst, err = filepath.Abs(dst); err != nil {
+		return err
+	}
 	if err := os.Mkdir(dst, 0o700); err != nil {
 		return err
 	}

@@ -218,6 +218,31 @@ func ParseFile(path string) (Header, error) {
 // file than the expected one.
 var ErrChain = fmt.Errorf("unexpected qcow2 backing chain: %w", errdefs.ErrInvalid)
 
+// CheckLink verifies that the qcow2 image at path names exactly backing
+// (of format backingFormat) as its backing file: one link of a chain, for
+// callers that know only the next layer.
+func CheckLink(path, backing, backingFormat string) error {
+	h, err := ParseFile(path)
+	if err != nil {
+		return err
+	}
+	got := h.BackingFile
+	if got != "" && !filepath.IsAbs(got) {
+		got = filepath.Join(filepath.Dir(path), got)
+	}
+	if got == "" || filepath.Clean(got) != filepath.Clean(backing) {
+		name := h.BackingFile
+		if name == "" {
+			name = "(none)"
+		}
+		return fmt.Errorf("%w: disk overlay %s names backing file %q, expected %q: refusing", ErrChain, path, name, backing)
+	}
+	if h.BackingFormat != backingFormat {
+		return fmt.Errorf("%w: disk overlay %s names backing format %q, expected %q: refusing", ErrChain, path, h.BackingFormat, backingFormat)
+	}
+	return nil
+}
+
 // CheckChain verifies that paths is exactly the chain of its first image:
 // every path but the last is a qcow2 image whose header names the next
 // path as its backing file, with the next one's format ("qcow2", or "raw"
@@ -230,27 +255,12 @@ func CheckChain(paths []string) error {
 		return errors.New("empty qcow2 chain")
 	}
 	for i := 0; i+1 < len(paths); i++ {
-		h, err := ParseFile(paths[i])
-		if err != nil {
-			return err
-		}
-		want, wantFmt := paths[i+1], "qcow2"
+		format := "qcow2"
 		if i+2 == len(paths) {
-			wantFmt = "raw"
+			format = "raw"
 		}
-		got := h.BackingFile
-		if got != "" && !filepath.IsAbs(got) {
-			got = filepath.Join(filepath.Dir(paths[i]), got)
-		}
-		if got == "" || filepath.Clean(got) != filepath.Clean(want) {
-			name := h.BackingFile
-			if name == "" {
-				name = "(none)"
-			}
-			return fmt.Errorf("%w: disk overlay %s names backing file %q, expected %q: refusing", ErrChain, paths[i], name, want)
-		}
-		if h.BackingFormat != wantFmt {
-			return fmt.Errorf("%w: disk overlay %s names backing format %q, expected %q: refusing", ErrChain, paths[i], h.BackingFormat, wantFmt)
+		if err := CheckLink(paths[i], paths[i+1], format); err != nil {
+			return err
 		}
 	}
 	return nil

@@ -11,10 +11,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/qcow2"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
@@ -224,7 +226,14 @@ func (v *vm) snapshotInto(ctx context.Context, dir string) (vmm.Template, error)
 		return vmm.Template{}, err
 	}
 	// Every clone copies this empty overlay instead of running qemu-img.
-	if err := v.d.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-b", filepath.Join(dir, "disk.qcow2"), "-F", "qcow2", filepath.Join(dir, "overlay.qcow2")); err != nil {
+	// The VM's QEMU wrote disk.qcow2, header included: -u with the size
+	// from a checked header, so qemu-img opens neither it nor the
+	// backing file it names.
+	h, err := qcow2.ParseFile(filepath.Join(dir, "disk.qcow2"))
+	if err != nil {
+		return vmm.Template{}, err
+	}
+	if err := v.d.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-u", "-b", filepath.Join(dir, "disk.qcow2"), "-F", "qcow2", filepath.Join(dir, "overlay.qcow2"), strconv.FormatUint(h.Size, 10)); err != nil {
 		return vmm.Template{}, err
 	}
 	if err := syncFiles(filepath.Join(dir, "mem"), filepath.Join(dir, "disk.qcow2"), filepath.Join(dir, "state")); err != nil {
@@ -499,6 +508,13 @@ func (d *Driver) Resume(ctx context.Context, id string) (vmm.Info, error) {
 	}
 	if err := d.checkPlatform("suspended vm "+id, v.meta.Platform); err != nil {
 		return vmm.Info{}, err
+	}
+	// The guest's QEMU wrote the clone's overlay: a header it rewrote to
+	// name another backing file is refused, not followed.
+	if t := v.meta.Template; t != "" {
+		if err := qcow2.CheckLink(v.path("disk.qcow2"), filepath.Join(t, "disk.qcow2"), "qcow2"); err != nil {
+			return vmm.Info{}, fmt.Errorf("resuming %s: %w", id, err)
+		}
 	}
 	if err := v.setState(vmm.StateSuspended, phaseResuming); err != nil {
 		return vmm.Info{}, err
