@@ -51,7 +51,7 @@ func TestConfined(t *testing.T) {
 	cg := fmt.Sprintf("kiln-test/jail-%d", os.Getpid())
 	script := `echo uid=$(id -u) gid=$(id -g) groups=$(id -G); echo pid=$$; ls /; ` +
 		`cat /proc/self/status | grep -E '^(NoNewPrivs|CapEff|CapBnd)'; echo env=$(wc -c < /proc/1/environ); ` +
-				`touch /usr/x 2>/dev/null && echo usr-writable; touch /x 2>/dev/null && echo root-writable; ` +
+		`touch /usr/x 2>/dev/null && echo usr-writable; touch /x 2>/dev/null && echo root-writable; ` +
 		`echo ok > /out/w && echo out-writable; ` +
 		`cat ` + secretDir + `/kiln.db 2>/dev/null && echo secret-read; ` +
 		`exec env -i /bin/sleep 30` // sh adds PWD to what it passes on
