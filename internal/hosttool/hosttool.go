@@ -3,14 +3,18 @@
 // Package hosttool runs the host programs kiln points at disks a guest
 // wrote (e2fsck, resize2fs, debugfs, dumpe2fs, fuse2fs, qemu-img). Those
 // disks are hostile input to parsers written in C, so every such program
-// starts here, confined: a uid of its own (not root), a new and empty
-// network namespace, new mount, IPC and UTS namespaces, an empty
-// environment, no_new_privs, and limits on CPU time, address space and
-// open files. Files reach it as descriptors (/dev/fd/N), so it needs no
-// path through kiln's 0700 folders.
+// starts here, confined by internal/jail: a uid of its own (not root), a
+// new and empty network namespace, new mount, PID, IPC and UTS namespaces
+// with a root holding only the read-only system folders (/usr, /lib...),
+// no capabilities, no_new_privs, an empty environment, and limits on CPU
+// time, address space, processes and open files. Files reach it only as
+// descriptors (/proc/self/fd/N), so it sees nothing else of the host.
 //
-// The rlimits are set by util-linux's prlimit and no_new_privs by setpriv,
-// both exec'd in the child before the tool: Go's SysProcAttr has neither.
+// fuse2fs is the exception (Spec.Root): its mount must be visible to kiln,
+// so it keeps root and the host's mount namespace; it still gets an empty
+// network namespace, new IPC and UTS namespaces, the empty environment,
+// no_new_privs and the rlimits (set by util-linux's prlimit and setpriv,
+// exec'd before it: Go's SysProcAttr has neither).
 package hosttool
 
 import (
@@ -22,10 +26,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"sync"
 	"syscall"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/jail"
 )
 
 // ID is the uid and gid host tools run as when the caller names none: the
@@ -44,6 +50,9 @@ const (
 	DefaultCPU          = 5 * time.Minute
 	DefaultAddressSpace = 2 << 30
 	DefaultOpenFiles    = 1024
+	// DefaultProcesses bounds the tools' uid as a whole (RLIMIT_NPROC
+	// counts every process of the uid): no tool forks much.
+	DefaultProcesses = 256
 )
 
 // Spec describes one confined run.
@@ -58,11 +67,11 @@ type Spec struct {
 	Files []*os.File
 	// UID and GID the tool runs as; 0 means ID.
 	UID, GID uint32
-	// Root keeps uid 0 and the host's mount namespace, for fuse2fs: its
-	// mount must be visible to kiln, and a FUSE mount made by another
-	// uid is closed to root unless the host allows other users (see
-	// rootfs.Mount). Network, IPC and UTS namespaces, rlimits, the empty
-	// environment and no_new_privs still apply.
+	// Root keeps uid 0 and the host's mount namespace (and file system),
+	// for fuse2fs: its mount must be visible to kiln, and a FUSE mount
+	// made by another uid is closed to root unless the host allows other
+	// users (see rootfs.Mount). Network, IPC and UTS namespaces, rlimits,
+	// the empty environment and no_new_privs still apply.
 	Root bool
 	// CPU time and address-space limits; 0 means the defaults.
 	CPU          time.Duration
@@ -72,8 +81,9 @@ type Spec struct {
 	Stderr       io.Writer
 }
 
-// FD is the path under which the tool sees Spec.Files[i].
-func FD(i int) string { return "/dev/fd/" + strconv.Itoa(3+i) }
+// FD is the path under which the tool sees Spec.Files[i]. (/proc, not
+// /dev/fd: the jail's /dev holds no such link.)
+func FD(i int) string { return "/proc/self/fd/" + strconv.Itoa(3+i) }
 
 // ErrToolMissing is returned when a tool or the util-linux helpers are
 // not installed.
@@ -107,6 +117,49 @@ func Command(ctx context.Context, s Spec) (*exec.Cmd, error) {
 	if err != nil {
 		return nil, err
 	}
+	cpu := s.CPU
+	if cpu <= 0 {
+		cpu = DefaultCPU
+	}
+	cpuSecs := uint64((cpu + time.Second - 1) / time.Second)
+	as := s.AddressSpace
+	if as == 0 {
+		as = DefaultAddressSpace
+	}
+	if s.Root {
+		return rootCommand(ctx, s, tool, cpuSecs, as)
+	}
+	uid, gid := s.UID, s.GID
+	if uid == 0 {
+		uid = ID
+	}
+	if gid == 0 {
+		gid = ID
+	}
+	root, err := jailRoot()
+	if err != nil {
+		return nil, err
+	}
+	cmd, err := jail.Command(ctx, jail.Spec{
+		Root: root, Binds: jail.SystemBinds(),
+		// What C programs take for granted; nothing that reaches hardware.
+		Devices: []string{"/dev/null", "/dev/zero", "/dev/urandom"},
+		UID:     uid, GID: gid,
+		Rlimits: jail.Rlimits{CPU: cpuSecs, AS: as, NOFILE: DefaultOpenFiles, NPROC: DefaultProcesses},
+		Path:    tool, Args: append([]string{tool}, s.Args...),
+		ExtraFiles: s.Files,
+	})
+	if err != nil {
+		return nil, err
+	}
+	cmd.Stdin, cmd.Stdout, cmd.Stderr = s.Stdin, s.Stdout, s.Stderr
+	cmd.WaitDelay = 5 * time.Second
+	return cmd, nil
+}
+
+// rootCommand runs fuse2fs-like tools: root, host mount namespace, the
+// rest confined.
+func rootCommand(ctx context.Context, s Spec, tool string, cpuSecs, as uint64) (*exec.Cmd, error) {
 	prlimit, err := Look("prlimit")
 	if err != nil {
 		return nil, err
@@ -115,16 +168,8 @@ func Command(ctx context.Context, s Spec) (*exec.Cmd, error) {
 	if err != nil {
 		return nil, err
 	}
-	cpu := s.CPU
-	if cpu <= 0 {
-		cpu = DefaultCPU
-	}
-	as := s.AddressSpace
-	if as == 0 {
-		as = DefaultAddressSpace
-	}
 	args := []string{
-		"--cpu=" + strconv.FormatInt(int64((cpu+time.Second-1)/time.Second), 10),
+		"--cpu=" + strconv.FormatUint(cpuSecs, 10),
 		"--as=" + strconv.FormatUint(as, 10),
 		"--nofile=" + strconv.Itoa(DefaultOpenFiles),
 		"--", setpriv, "--no-new-privs", "--", tool,
@@ -136,29 +181,88 @@ func Command(ctx context.Context, s Spec) (*exec.Cmd, error) {
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = s.Stdin, s.Stdout, s.Stderr
 	cmd.ExtraFiles = s.Files
 	cmd.WaitDelay = 5 * time.Second
-	attr := &syscall.SysProcAttr{
+	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Cloneflags: syscall.CLONE_NEWNET | syscall.CLONE_NEWIPC | syscall.CLONE_NEWUTS,
-		// A tool outlives no kiln.
-		Pdeathsig: syscall.SIGKILL,
-		Setpgid:   true,
+		// fuse2fs unmounts and exits on SIGTERM: no mount outlives kiln.
+		Pdeathsig: syscall.SIGTERM,
 	}
-	if !s.Root {
-		uid, gid := s.UID, s.GID
-		if uid == 0 {
-			uid = ID
-		}
-		if gid == 0 {
-			gid = ID
-		}
-		attr.Cloneflags |= syscall.CLONE_NEWNS
-		attr.Credential = &syscall.Credential{Uid: uid, Gid: gid, Groups: []uint32{}}
-	} else {
-		attr.Pdeathsig = syscall.SIGTERM // fuse2fs unmounts on SIGTERM
-	}
-	cmd.SysProcAttr = attr
-	// Kill the whole group: prlimit and setpriv exec, but a tool may fork.
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
 	return cmd, nil
+}
+
+// rootDir is the jail root every confined tool shares: an empty folder,
+// root's and 0755, in which the jail makes the mount points for the
+// system binds (each run mounts them in its own namespace).
+const rootDir = "/run/kiln-hosttool"
+
+var (
+	rootOnce sync.Once
+	rootErr  error
+)
+
+// jailRoot makes rootDir once per process, with the mount points and
+// links the binds need made up front, so concurrent runs do not race to
+// create them.
+func jailRoot() (string, error) {
+	rootOnce.Do(func() {
+		if err := jail.Supported(); err != nil {
+			rootErr = fmt.Errorf("running host tools confined: %w", err)
+			return
+		}
+		if err := os.MkdirAll(rootDir, 0o755); err != nil {
+			rootErr = err
+			return
+		}
+		var st syscall.Stat_t
+		if err := syscall.Lstat(rootDir, &st); err != nil {
+			rootErr = err
+			return
+		}
+		if st.Mode&syscall.S_IFMT != syscall.S_IFDIR || st.Uid != 0 {
+			rootErr = fmt.Errorf("%s is not a folder of root's: %w", rootDir, errdefs.ErrInvalid)
+			return
+		}
+		if err := os.Chmod(rootDir, 0o755); err != nil {
+			rootErr = err
+			return
+		}
+		for _, b := range jail.SystemBinds() {
+			dst := filepath.Join(rootDir, b.Dst)
+			fi, err := os.Lstat(b.Src)
+			if err != nil {
+				continue
+			}
+			switch {
+			case fi.Mode()&os.ModeSymlink != 0:
+				target, err := os.Readlink(b.Src)
+				if err != nil {
+					rootErr = err
+					return
+				}
+				if cur, err := os.Readlink(dst); err == nil && cur == target {
+					continue
+				}
+				os.Remove(dst)
+				if err := os.Symlink(target, dst); err != nil {
+					rootErr = err
+					return
+				}
+			case fi.IsDir():
+				if err := os.MkdirAll(dst, 0o755); err != nil {
+					rootErr = err
+					return
+				}
+			default:
+				if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+					rootErr = err
+					return
+				}
+				if f, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY, 0o644); err == nil {
+					f.Close()
+				}
+			}
+		}
+	})
+	return rootDir, rootErr
 }
 
 // Grant lets the tools' group open path again through /dev/fd/N: it

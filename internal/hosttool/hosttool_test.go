@@ -78,6 +78,13 @@ func TestConfined(t *testing.T) {
 	if strings.Contains(out, "must-not-leak") {
 		t.Error("kiln's environment leaked")
 	}
+	// Its own PID namespace and a root without the host's files.
+	secret := filepath.Join(t.TempDir(), "host-file")
+	os.WriteFile(secret, []byte("x"), 0o644)
+	out = run(t, Spec{Path: "sh", Args: []string{"-c", `echo $$; for f in /etc/passwd /var/lib/kiln ` + secret + `; do test -e $f && echo "sees $f"; done; echo end`}})
+	if out != "1\nend\n" {
+		t.Errorf("pid and host files: %q", out)
+	}
 }
 
 func containsFields(out, line string) bool {
