@@ -131,7 +131,7 @@ func copyTemplate(ctx context.Context, src, srcRoot, dst, rootDisk string, withO
 	}
 	for _, e := range ents {
 		switch f := e.Name(); {
-		case f == "disk.qcow2" || f == "overlay.qcow2":
+		case f == "disk.qcow2" || f == "overlay.qcow2" || f == chainFile:
 			// Made below: they name absolute paths.
 		case !e.Type().IsRegular():
 			return fmt.Errorf("template %s holds %s, which is not a file", src, f)
@@ -156,12 +156,27 @@ func copyTemplate(ctx context.Context, src, srcRoot, dst, rootDisk string, withO
 	if h.BackingFile != rootDisk || h.BackingFormat != "raw" {
 		return fmt.Errorf("rebasing %s: header names %q (%s), expected %q (raw)", disk, h.BackingFile, h.BackingFormat, rootDisk)
 	}
+	// The driver hands QEMU this chain from descriptors (vmm/qemu reads
+	// chain.json); the copy's is its own disk on rootDisk.
+	chain, _ := json.MarshalIndent([]chainLayer{{Path: disk, Format: "qcow2"}, {Path: rootDisk, Format: "raw"}}, "", "  ")
+	if err := os.WriteFile(filepath.Join(dst, chainFile), chain, 0o600); err != nil {
+		return err
+	}
 	if !withOverlay {
 		return nil
 	}
 	// -u and the size from the checked header: qemu-img opens neither the
 	// disk nor its backing file.
 	return run(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", disk, "-F", "qcow2", filepath.Join(dst, "overlay.qcow2"), strconv.FormatUint(h.Size, 10))
+}
+
+// chainFile records a template's disk chain, top first, in the shape the
+// QEMU driver reads (vmm/qemu chain.go).
+const chainFile = "chain.json"
+
+type chainLayer struct {
+	Path   string `json:"path"`
+	Format string `json:"format"`
 }
 
 // rebaseHeader points the qcow2 image's header at backing (raw) without

@@ -114,3 +114,50 @@ func TestCommitRefusesRenamedBacking(t *testing.T) {
 		t.Fatal("the disk changed")
 	}
 }
+
+// TestCopyTemplateChecksChain: a cached template's disk.qcow2 (written by
+// a VM's QEMU) is copied with its header pointed at the new root and a
+// chain.json naming its own files; one whose header names another file
+// than the template's root is refused, and that file is untouched.
+func TestCopyTemplateChecksChain(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (confined qemu-img)")
+	}
+	ctx := context.Background()
+	dir := t.TempDir()
+	src := filepath.Join(dir, "src")
+	os.Mkdir(src, 0o700)
+	srcRoot := filepath.Join(dir, "src-root.ext4")
+	os.WriteFile(srcRoot, make([]byte, 1<<20), 0o600)
+	qemuTool(t, "qemu-img", "create", "-q", "-f", "qcow2", "-b", srcRoot, "-F", "raw", filepath.Join(src, "disk.qcow2"))
+	os.WriteFile(filepath.Join(src, "state"), []byte("state"), 0o600)
+	os.WriteFile(filepath.Join(src, chainFile), []byte(`[{"path":"/stale","format":"qcow2"}]`), 0o600)
+	newRoot := filepath.Join(dir, "new-root.ext4")
+	os.WriteFile(newRoot, make([]byte, 1<<20), 0o600)
+
+	dst := filepath.Join(dir, "dst")
+	if err := copyTemplate(ctx, src, srcRoot, dst, newRoot, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := qcow2.CheckChain([]string{filepath.Join(dst, "overlay.qcow2"), filepath.Join(dst, "disk.qcow2"), newRoot}); err != nil {
+		t.Fatalf("copied chain: %v", err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dst, chainFile)); !strings.Contains(string(b), filepath.Join(dst, "disk.qcow2")) || !strings.Contains(string(b), newRoot) {
+		t.Fatalf("chain.json: %s", b)
+	}
+
+	victim := filepath.Join(dir, "host-file")
+	orig := []byte("host data")
+	os.WriteFile(victim, orig, 0o600)
+	renameBacking(t, filepath.Join(src, "disk.qcow2"), victim)
+	err := copyTemplate(ctx, src, srcRoot, filepath.Join(dir, "dst2"), newRoot, true)
+	if !errors.Is(err, qcow2.ErrChain) || !strings.Contains(err.Error(), "refusing") {
+		t.Fatalf("err = %v", err)
+	}
+	if b, _ := os.ReadFile(victim); !bytes.Equal(b, orig) {
+		t.Fatal("host file changed")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "dst2")); err == nil {
+		t.Fatal("a template was made from a refused chain")
+	}
+}
