@@ -51,8 +51,9 @@ const (
 	DefaultAddressSpace = 2 << 30
 	DefaultOpenFiles    = 1024
 	// DefaultProcesses bounds the tools' uid as a whole (RLIMIT_NPROC
-	// counts every process of the uid): no tool forks much.
-	DefaultProcesses = 256
+	// counts every process and thread of the uid, across concurrent tools;
+	// qemu-img starts a pool of worker threads).
+	DefaultProcesses = 1024
 )
 
 // Spec describes one confined run.
