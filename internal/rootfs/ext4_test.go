@@ -5,6 +5,7 @@ package rootfs
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -196,5 +197,42 @@ func TestReadFileBounded(t *testing.T) {
 	must(t, syscall.Stat(img, &st))
 	if os.Geteuid() == 0 && st.Gid != hosttool.ID {
 		t.Fatalf("image group %d, want %d", st.Gid, hosttool.ID)
+	}
+}
+
+// TestEnsureFreeTrustsTheFile: a superblock rewritten to claim a huge
+// block count must not make kiln grow the disk file to match; the file's
+// own size bounds the claim.
+func TestEnsureFreeTrustsTheFile(t *testing.T) {
+	ctx := context.Background()
+	src := t.TempDir()
+	must(t, os.WriteFile(filepath.Join(src, "f"), []byte("x"), 0o644))
+	img := filepath.Join(t.TempDir(), "root.ext4")
+	// Not a whole number of groups: the last one is partial.
+	must(t, BuildExt4(ctx, src, img, 36<<20, ""))
+	must(t, EnsureFree(ctx, img, 40<<20, 100))
+	before, err := os.Stat(img)
+	must(t, err)
+	if before.Size() <= 36<<20 {
+		t.Fatalf("grown to %d bytes only", before.Size())
+	}
+	// What a guest can write and e2fsprogs still opens: a block count
+	// that fills the last group, beyond the end of the disk file.
+	h, err := readHeader(ctx, img)
+	must(t, err)
+	bs, bc, bpg := h.num("Block size"), h.num("Block count"), h.num("Blocks per group")
+	forged := (bc + bpg - 1) / bpg * bpg
+	if forged*bs <= before.Size() {
+		t.Fatalf("the last group is full (%d blocks of %d): nothing to forge", bc, bpg)
+	}
+	must(t, edit(ctx, img, fmt.Sprintf("ssv blocks_count %d", forged)))
+	err = EnsureFree(ctx, img, 200<<20, 100)
+	if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("the file system claims %d blocks of %d bytes", forged, bs)) {
+		t.Fatalf("err = %v", err)
+	}
+	after, err := os.Stat(img)
+	must(t, err)
+	if after.Size() != before.Size() {
+		t.Fatalf("disk file went from %d to %d bytes", before.Size(), after.Size())
 	}
 }

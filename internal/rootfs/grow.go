@@ -8,6 +8,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
 )
 
 // EnsureFree grows the ext4 image, in place, so that it has at least
@@ -19,8 +21,18 @@ func EnsureFree(ctx context.Context, image string, freeBytes, freeInodes int64) 
 		return err
 	}
 	bs, bpg, ipg := h.num("Block size"), h.num("Blocks per group"), h.num("Inodes per group")
-	if bs <= 0 || bpg <= 0 || ipg <= 0 {
+	if bs <= 0 || bs > 64<<10 || bpg <= 0 || ipg <= 0 {
 		return fmt.Errorf("%s: unexpected ext4 header (block size %d)", image, bs)
+	}
+	// A guest wrote the superblock: its sizes are claims. The disk file's
+	// real size bounds them, so a forged block count cannot make kiln
+	// grow the file to match it.
+	fi, err := os.Stat(image)
+	if err != nil {
+		return err
+	}
+	if bc := h.num("Block count"); bc <= 0 || bc > fi.Size()/bs {
+		return fmt.Errorf("%s: the file system claims %d blocks of %d bytes but the disk is %d bytes: %w", image, bc, bs, fi.Size(), errdefs.ErrInvalid)
 	}
 	needBlocks := max(0, (freeBytes+bs-1)/bs-h.num("Free blocks"))
 	if missing := freeInodes - h.num("Free inodes"); missing > 0 {
@@ -33,10 +45,6 @@ func EnsureFree(ctx context.Context, image string, freeBytes, freeInodes int64) 
 	// metadata.
 	needBlocks = (needBlocks/bpg + 2) * bpg
 	newBlocks := h.num("Block count") + needBlocks
-	fi, err := os.Stat(image)
-	if err != nil {
-		return err
-	}
 	if size := newBlocks * bs; size > fi.Size() {
 		if err := os.Truncate(image, size); err != nil {
 			return err
