@@ -62,9 +62,9 @@ type Spec struct {
 	// /usr/sbin and /sbin).
 	Path string
 	Args []string
-	// Files are handed over as /dev/fd/3, /dev/fd/4, ... in order (see
+	// Files are handed over as descriptors 3, 4, ... in order (see
 	// FD). The tool's uid must be allowed to open them again (Grant):
-	// opening /dev/fd/N checks the inode's permissions.
+	// opening /proc/self/fd/N checks the inode's permissions.
 	Files []*os.File
 	// UID and GID the tool runs as; 0 means ID.
 	UID, GID uint32
@@ -266,7 +266,7 @@ func jailRoot() (string, error) {
 	return rootDir, rootErr
 }
 
-// Grant lets the tools' group open path again through /dev/fd/N: it
+// Grant lets the tools' group open path again through /proc/self/fd/N: it
 // hands the file to group ID with group read (and write) permission.
 // Kiln's folders are 0700, so the group reaches the file only through a
 // descriptor kiln passes. Granting is idempotent and never undone, so

@@ -242,7 +242,7 @@ func commitOverlay(ctx context.Context, qemuImg, overlay, disk string) error {
 	return nil
 }
 
-// runQEMUImg runs qemu-img confined on files (given as /dev/fd/N).
+// runQEMUImg runs qemu-img confined on files (given as descriptors, hosttool.FD).
 func runQEMUImg(ctx context.Context, tool string, files []*os.File, args ...string) error {
 	var out bytes.Buffer
 	w := &limitedWriter{w: &out, n: 64 << 10}

@@ -271,7 +271,7 @@ func CheckChain(paths []string) error {
 // never follows a name from a header. Every layer but the last is qcow2;
 // the last has format bottom: "raw", or "qcow2" opened without a backing
 // file (to check an overlay alone). files are what QEMU opens, typically
-// /dev/fd/N paths.
+// /proc/self/fd/N paths.
 func OpenSpec(files []string, bottom string) string {
 	var layer func(i int) map[string]any
 	layer = func(i int) map[string]any {

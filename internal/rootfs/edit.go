@@ -91,7 +91,7 @@ func WriteFile(ctx context.Context, image, path string, data []byte, mode uint32
 	if _, err := tmp.Write(data); err != nil {
 		return err
 	}
-	// debugfs, as the tools' uid, opens it again through /dev/fd/4.
+	// debugfs, as the tools' uid, opens it again through descriptor 4.
 	if err := hosttool.Grant(tmp, false); err != nil {
 		return err
 	}
@@ -120,7 +120,7 @@ func edit(ctx context.Context, image string, cmds ...string) error {
 	return editFiles(ctx, image, nil, cmds...)
 }
 
-// editFiles is edit with files handed to debugfs as /dev/fd/4 and on.
+// editFiles is edit with files handed to debugfs as descriptors 4 and on.
 func editFiles(ctx context.Context, image string, files []*os.File, cmds ...string) error {
 	// The commands come on stdin ("-f -"): no file for the tools' uid to
 	// open.

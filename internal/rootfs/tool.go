@@ -16,7 +16,7 @@ import (
 // Every e2fsprogs tool that reads an image a guest may have written runs
 // confined (hosttool): as an unprivileged uid, in an empty network and a
 // new mount namespace, with CPU-time and address-space limits, and with
-// the image handed over as /dev/fd/3. Its output is read up to a bound.
+// the image handed over as descriptor 3 (hosttool.FD). Its output is read up to a bound.
 
 // Output bounds for tool runs.
 const (
@@ -49,7 +49,7 @@ type toolRun struct {
 	name   string
 	image  string
 	write  bool     // open the image read-write
-	args   []string // "IMAGE" is replaced by the image's /dev/fd path
+	args   []string // "IMAGE" is replaced by the image's descriptor path
 	files  []*os.File
 	stdin  io.Reader
 	maxOut int // bound on stdout; 0 = maxMessages
