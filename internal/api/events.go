@@ -90,8 +90,24 @@ func (s *Server) getImageEvents(ctx context.Context, c *call) (any, error) {
 var accountRE = regexp.MustCompile(`^\d{12}$`)
 
 // ParseSince reads a point in time: RFC 3339, seconds since the epoch, or
-// a duration back from now ("24h", "30m", "7d").
+// a duration back from now ("24h", "30m", "7d"). Times before the epoch
+// are the epoch (nothing was metered earlier); after 2200 they are refused
+// (the store keeps nanoseconds since the epoch in 64 bits).
 func ParseSince(v string, now time.Time) (time.Time, error) {
+	t, err := parseSince(v, now)
+	if err != nil {
+		return t, err
+	}
+	if t.Before(time.Unix(0, 0)) {
+		return time.Unix(0, 0), nil
+	}
+	if t.Year() >= 2200 {
+		return time.Time{}, errors.New("time is past the year 2200")
+	}
+	return t, nil
+}
+
+func parseSince(v string, now time.Time) (time.Time, error) {
 	if v == "" {
 		return time.Time{}, errors.New("empty time")
 	}
