@@ -15,9 +15,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/applog"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/store"
+	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
 )
 
@@ -270,4 +272,48 @@ func TestLogsEventsUsage(t *testing.T) {
 		t.Errorf("final usage %+v", u)
 	}
 	t.Logf("usage: %+v", u)
+}
+
+// slowBuilder takes a while, so that build seconds are measurable.
+type slowBuilder struct{ d time.Duration }
+
+func (s slowBuilder) Build(ctx context.Context, req BuildRequest) (BuildResult, error) {
+	time.Sleep(s.d)
+	return fakeBuilder{}.Build(ctx, req)
+}
+
+// TestBuildUsage: a finished build is metered (one build, its seconds),
+// and its snapshot size counts as stored bytes; no VM boots.
+func TestBuildUsage(t *testing.T) {
+	needFixture(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	st, err := sqlite.Open(ctx, filepath.Join(dir, "kiln.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	e, err := New(ctx, Config{Driver: fx.drv, Store: st, Reporter: api.NewReporter(st), Builder: slowBuilder{300 * time.Millisecond}, DataDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	now := time.Now().UTC()
+	img := store.Image{Account: testAccount, Name: "metered", ARN: "arn:img/metered", State: store.ImageCreating, LatestVersion: "1", CreatedAt: now, UpdatedAt: now}
+	v := store.ImageVersion{Account: testAccount, ImageName: "metered", ImageARN: img.ARN, Version: "1", State: store.VersionPending, Status: store.VersionActive, CreatedAt: now, UpdatedAt: now}
+	b := store.Build{Account: testAccount, ImageName: "metered", ImageARN: img.ARN, Version: "1", ID: "metered-b1", State: store.BuildPending, Architecture: "X86_64", CreatedAt: now, UpdatedAt: now}
+	if err := st.CreateImage(ctx, img, v, []store.Build{b}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.BuildImage(ctx, v, []store.Build{b}); err != nil {
+		t.Fatal(err)
+	}
+	e.buildWG.Wait()
+	us, err := st.UsageTotals(ctx, testAccount, now.Add(-time.Minute), time.Now().Add(time.Minute))
+	if err != nil || len(us) != 1 {
+		t.Fatalf("usage: %v %v", us, err)
+	}
+	if u := us[0]; u.Builds != 1 || u.BuildSeconds < 0.3 || u.SnapshotBytes != 42 {
+		t.Errorf("usage after one 0.3 s build with a 42-byte snapshot: %+v", u)
+	}
 }
