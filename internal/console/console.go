@@ -121,7 +121,7 @@ func (c *Console) Handler() http.Handler {
 	mux.HandleFunc(Prefix+"api/", func(w http.ResponseWriter, r *http.Request) {
 		writeErr(w, http.StatusNotFound, "UnknownOperationException", fmt.Sprintf("no console operation at %s %s", r.Method, r.URL.Path))
 	})
-	mux.HandleFunc("GET "+Prefix, c.asset)
+	mux.HandleFunc(Prefix, c.asset)
 	return securityHeaders(c.contentPolicy(), mux)
 }
 
@@ -132,7 +132,7 @@ func (c *Console) contentPolicy() string {
 	if c.cfg.EndpointPort != "" && c.cfg.EndpointPort != "443" {
 		ep += ":" + c.cfg.EndpointPort
 	}
-	return "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; " +
+	return "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; font-src 'self'; " +
 		"connect-src 'self' wss://" + ep + "; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 }
 
@@ -151,6 +151,11 @@ func securityHeaders(csp string, next http.Handler) http.Handler {
 // asset serves the embedded front-end; any path that is not a file is the
 // single-page app's index.
 func (c *Console) asset(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+		return
+	}
 	if !c.built {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		w.WriteHeader(http.StatusServiceUnavailable)
