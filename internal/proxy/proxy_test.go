@@ -560,3 +560,30 @@ func TestTokenLinkCookie(t *testing.T) {
 		}
 	}
 }
+
+// FuzzAuthCookieFilters: whatever Cookie a client or Set-Cookie a guest
+// sends, the token cookie never passes through the filters.
+func FuzzAuthCookieFilters(f *testing.F) {
+	f.Add("a=1; kiln-proxy-auth=tok; b=2", "kiln-proxy-auth=x; Path=/")
+	f.Add("kiln-proxy-auth=tok", "KILN-PROXY-AUTH=x")
+	f.Add(";;; =; kiln-proxy-auth", " kiln-proxy-auth =x")
+	f.Fuzz(func(t *testing.T, cookie, setCookie string) {
+		h := http.Header{}
+		h.Add("Cookie", cookie)
+		stripAuthCookie(h)
+		r := &http.Request{Header: h}
+		for _, c := range r.Cookies() {
+			if c.Name == CookieAuth {
+				t.Fatalf("Cookie %q kept %s", cookie, c.Name)
+			}
+		}
+		rh := http.Header{}
+		rh.Add("Set-Cookie", setCookie)
+		dropSetCookie(rh, CookieAuth)
+		for _, c := range (&http.Response{Header: rh}).Cookies() {
+			if strings.EqualFold(c.Name, CookieAuth) {
+				t.Fatalf("Set-Cookie %q kept %s", setCookie, c.Name)
+			}
+		}
+	})
+}

@@ -17,6 +17,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -27,7 +28,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/awscli"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 )
 
@@ -69,8 +72,7 @@ func TestWebConsole(t *testing.T) {
 	}{
 		{kiln, "./cmd/kiln", false},
 		{filepath.Join(bin, "kiln-agent"), "./cmd/kiln-agent", true},
-		// The SDK test's app: says hello on :8080, prints a line at start.
-		{app, "./test/sdk/testdata/app", true},
+		{app, "./test/console/testdata/app", true},
 	} {
 		if err := goBuild(ctx, b.out, b.pkg, b.static); err != nil {
 			t.Fatal(err)
@@ -326,6 +328,11 @@ func startServer(ctx context.Context, t *testing.T, kiln, data, apiPort, endpoin
 // microVM through the console).
 func (s *server) stop(t *testing.T) {
 	t.Helper()
+	if s.apiURL != "" {
+		if err := s.terminateAll(t); err != nil {
+			t.Errorf("terminating the microVMs left over: %v", err)
+		}
+	}
 	select {
 	case <-s.exited:
 	default:
@@ -362,6 +369,53 @@ func (s *server) stop(t *testing.T) {
 			}
 		}
 	}
+}
+
+// terminateAll terminates the microVMs not TERMINATED yet (after a
+// failure; a passing run terminated its own) and waits until they are.
+func (s *server) terminateAll(t *testing.T) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	creds, err := auth.ReadCredentials(filepath.Join(s.data, "credentials"), "default")
+	if err != nil {
+		return err
+	}
+	c := awscli.NewClient(s.apiURL, "us-east-1", creds)
+	list := func() ([]string, error) {
+		b, err := c.Do(ctx, "GET", "/"+api.APIVersion+"/microvms", url.Values{"maxResults": {"50"}}, nil)
+		if err != nil {
+			return nil, err
+		}
+		var out struct{ Items []struct{ MicrovmID, State string } }
+		if err := json.Unmarshal(b, &out); err != nil {
+			return nil, fmt.Errorf("decoding ListMicrovms: %w", err)
+		}
+		var live []string
+		for _, m := range out.Items {
+			if m.State != "TERMINATED" {
+				live = append(live, m.MicrovmID)
+			}
+		}
+		return live, nil
+	}
+	live, err := list()
+	if err != nil || len(live) == 0 {
+		return err
+	}
+	t.Logf("terminating microVMs left over: %v", live)
+	for _, id := range live {
+		c.Do(ctx, "DELETE", "/"+api.APIVersion+"/microvms/"+id, nil, nil) // a TERMINATING one answers 409
+	}
+	for len(live) > 0 && ctx.Err() == nil {
+		time.Sleep(200 * time.Millisecond)
+		if live, err = list(); err != nil {
+			return err
+		}
+	}
+	if len(live) > 0 {
+		return fmt.Errorf("still not TERMINATED: %v", live)
+	}
+	return nil
 }
 
 func qemuOf(dir string) []int {
