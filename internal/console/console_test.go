@@ -17,6 +17,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/api/fakebackend"
 	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/imagebuild"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 )
@@ -295,6 +296,24 @@ func TestSessionHandlerNeedsPrincipal(t *testing.T) {
 		srv.SessionHandler().ServeHTTP(w, r)
 		if w.Code != 403 {
 			t.Errorf("%s %s without a principal: %d, want 403", r.Method, r.URL.Path, w.Code)
+		}
+	}
+}
+
+// The usage page's memory figures follow the image builder's sizes.
+func TestMemorySizesMatchBuilder(t *testing.T) {
+	if defaultMemoryMiB != imagebuild.DefaultMemoryMiB {
+		t.Errorf("defaultMemoryMiB %d, builder's %d", defaultMemoryMiB, imagebuild.DefaultMemoryMiB)
+	}
+	if len(memorySizes) != len(imagebuild.MemorySizes) {
+		t.Fatalf("memorySizes %v, builder's %v", memorySizes, imagebuild.MemorySizes)
+	}
+	for i, s := range imagebuild.MemorySizes {
+		if memorySizes[i] != int64(s) {
+			t.Errorf("memorySizes %v, builder's %v", memorySizes, imagebuild.MemorySizes)
+		}
+		if want, _ := imagebuild.MemoryFor(int64(s) - 1); memoryFor(int64(s)-1) != int64(want) {
+			t.Errorf("memoryFor(%d) = %d, builder's %d", s-1, memoryFor(int64(s)-1), want)
 		}
 	}
 }

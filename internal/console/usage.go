@@ -9,9 +9,25 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
-// defaultMemoryMiB is the memory of a microVM whose image asks for none
-// (kiln server --memory's default).
-const defaultMemoryMiB = 512
+// defaultMemoryMiB and memorySizes mirror imagebuild.DefaultMemoryMiB
+// and imagebuild.MemorySizes (a test checks), which this adapter does not
+// import: a microVM has its template's memory, the smallest size at least
+// minimumMemoryInMiB, or the default when the image asks for none.
+const defaultMemoryMiB = 2048
+
+var memorySizes = []int64{512, 1024, 2048, 4096, 8192}
+
+func memoryFor(minMiB int64) int64 {
+	if minMiB <= 0 {
+		return defaultMemoryMiB
+	}
+	for _, s := range memorySizes {
+		if s >= minMiB {
+			return s
+		}
+	}
+	return minMiB
+}
 
 // Bounds of what one usage call reads from the store.
 const (
@@ -106,8 +122,8 @@ func (c *Console) accountUsage(ctx context.Context, account string) (accountUsag
 			return m
 		}
 		m := int64(defaultMemoryMiB)
-		if v, err := c.cfg.Store.GetImageVersion(ctx, account, image, version); err == nil && len(v.Config.Resources) > 0 && v.Config.Resources[0].MinimumMemoryInMiB > 0 {
-			m = v.Config.Resources[0].MinimumMemoryInMiB
+		if v, err := c.cfg.Store.GetImageVersion(ctx, account, image, version); err == nil && len(v.Config.Resources) > 0 {
+			m = memoryFor(v.Config.Resources[0].MinimumMemoryInMiB)
 		}
 		mem[k] = m
 		return m

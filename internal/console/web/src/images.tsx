@@ -238,16 +238,16 @@ export function ImagesPage(props: { scope: Scope }) {
       <ErrorBanner err={err} />
       {images === null ? <p role="status"><progress aria-label="Loading images" /> Loading…</p> : (
         <div class="scroll">
-          <table aria-label="Images">
+          <table aria-label="Images" class="cards-narrow">
             <thead><tr>{scope.showAccount && <th scope="col">Account</th>}<th scope="col">Name</th><th scope="col">State</th><th scope="col">Active version</th><th scope="col">Created</th><th scope="col">Actions</th></tr></thead>
             <tbody>
               {shown.map((i) => (
                 <tr data-image={i.name}>
-                  {scope.showAccount && <td>{i.account}</td>}
-                  <td>{i.name}</td>
-                  <td><StateBadge state={i.state} />{(i.state === "CREATING" || i.state === "UPDATING") && <progress aria-label={`Building ${i.name}`} />}</td>
-                  <td>{i.latestActiveImageVersion || "—"}</td>
-                  <td>{when(i.createdAt)}</td>
+                  {scope.showAccount && <td data-label="Account">{i.account}</td>}
+                  <td data-label="Name">{i.name}</td>
+                  <td data-label="State"><StateBadge state={i.state} />{(i.state === "CREATING" || i.state === "UPDATING") && <progress aria-label={`Building ${i.name}`} />}</td>
+                  <td data-label="Active version">{i.latestActiveImageVersion || "—"}</td>
+                  <td data-label="Created">{when(i.createdAt)}</td>
                   <td class="actions">
                     <button type="button" aria-expanded={open === key(i)} onClick={() => setOpen(open === key(i) ? "" : key(i))}>Versions and builds</button>
                     <button type="button" class="danger" onClick={() => del(i)}>Delete</button>

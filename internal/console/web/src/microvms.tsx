@@ -253,7 +253,7 @@ export function MicrovmsPage(props: { scope: Scope }) {
       <ErrorBanner err={err} />
       {vms === null ? <p role="status"><progress aria-label="Loading microVMs" /> Loading…</p> : (
         <div class="scroll">
-          <table aria-label="MicroVMs">
+          <table aria-label="MicroVMs" class="cards-narrow">
             <thead>
               <tr>{scope.showAccount && <th scope="col">Account</th>}<th scope="col">MicroVM</th><th scope="col">State</th><th scope="col">Image</th><th scope="col">Endpoint</th><th scope="col">Idle policy</th><th scope="col">Remaining</th><th scope="col">Actions</th></tr>
             </thead>
@@ -264,13 +264,13 @@ export function MicrovmsPage(props: { scope: Scope }) {
                 const t = tokens[vm.microvmId];
                 return (
                   <tr data-microvm={vm.microvmId}>
-                    {scope.showAccount && <td>{vm.account}</td>}
-                    <td><code>{vm.microvmId}</code><div class="reason">{when(vm.startedAt)}</div></td>
-                    <td><StateBadge state={vm.state} />{vm.stateReason && <div class="reason">{vm.stateReason}</div>}</td>
-                    <td>{imageName(vm.imageArn)}:{vm.imageVersion}</td>
-                    <td class="endpoint">{vm.endpoint || "—"}</td>
-                    <td>{idle(vm)}</td>
-                    <td>{remaining(vm)}</td>
+                    {scope.showAccount && <td data-label="Account">{vm.account}</td>}
+                    <td data-label="MicroVM"><code>{vm.microvmId}</code><div class="reason">{when(vm.startedAt)}</div></td>
+                    <td data-label="State"><StateBadge state={vm.state} />{vm.stateReason && <div class="reason">{vm.stateReason}</div>}</td>
+                    <td data-label="Image">{imageName(vm.imageArn)}:{vm.imageVersion}</td>
+                    <td data-label="Endpoint" class="endpoint">{vm.endpoint || "—"}</td>
+                    <td data-label="Idle policy">{idle(vm)}</td>
+                    <td data-label="Remaining">{remaining(vm)}</td>
                     <td class="actions">
                       {busy && <span role="status"><progress aria-label={busy} /> {busy}</span>}
                       {vm.state === "RUNNING" && <button type="button" disabled={!!busy} onClick={() => act(vm, "Suspending…", () => aws.post(path(vm, "/suspend"), {}, acctOf(scope, vm.account)))}>Suspend</button>}

@@ -32,7 +32,7 @@ export function UsagePage(props: { scope: Scope }) {
               <h2>Memory committed</h2>
               <p><strong>{u.memoryCommittedMiB} MiB</strong>{u.hostMemoryMiB ? ` of ${u.hostMemoryMiB} MiB on this host` : ""}</p>
               {u.hostMemoryMiB > 0 && <meter min={0} max={u.hostMemoryMiB} high={u.hostMemoryMiB * 0.8} value={u.memoryCommittedMiB} aria-label="Memory committed against the host's memory" />}
-              <p class="reason">Running, starting and suspending microVMs, at their image's minimum memory (512 MiB unless set).</p>
+              <p class="reason">Running, starting and suspending microVMs, at their template's memory (2048 MiB unless the image asks for a size).</p>
             </section>
             <section class="card" aria-label="Host">
               <h2>Host</h2>
