@@ -386,7 +386,9 @@ func (s *server) terminateAll(t *testing.T) error {
 		if err != nil {
 			return nil, err
 		}
-		var out struct{ Items []struct{ MicrovmID, State string } }
+		var out struct {
+			Items []struct{ MicrovmID, State string }
+		}
 		if err := json.Unmarshal(b, &out); err != nil {
 			return nil, fmt.Errorf("decoding ListMicrovms: %w", err)
 		}
