@@ -102,7 +102,11 @@ try {
   const streaming = await log.getByText("streaming…").isVisible();
   step(`build log shows output (${streaming ? "while streaming" : "already complete"})`);
   await page.screenshot({ path: join(shots, "02-image-building.png"), fullPage: true });
-  await waitState(page, "image", name, "CREATED", 240000);
+  // CREATED, or fail at once on CREATE_FAILED with the build's words.
+  await row(page, "image", name).locator(`.state:text-is("CREATED"), .state:text-is("CREATE_FAILED")`).first().waitFor({ timeout: 240000 });
+  if (await row(page, "image", name).locator(`.state:text-is("CREATE_FAILED")`).count()) {
+    throw new Error(`image build failed:\n${await page.locator("section.detail").innerText()}`);
+  }
   await log.getByText("complete").waitFor({ timeout: 10000 });
   const logText = await log.getByTestId("log").innerText();
   ok(logText.length > 0, `build log streamed to CREATED (${logText.split("\n").length} lines)`);
