@@ -32,10 +32,25 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
 
-// Header and subprotocol names of the AWS Lambda MicroVMs endpoint.
+// Header and subprotocol names of the AWS Lambda MicroVMs endpoint, as
+// AWS's developer guide documents them ("Networking": port routing,
+// authentication, protocols; the agent toolkit's networking reference
+// lists the reserved x-aws-proxy-* headers and the browser subprotocols).
 const (
-	HeaderAuth      = "X-aws-proxy-auth"
-	HeaderPort      = "X-aws-proxy-port"
+	HeaderAuth = "X-aws-proxy-auth"
+	HeaderPort = "X-aws-proxy-port"
+	// HeaderForceH2 "true" makes the proxy speak HTTP/2 over plaintext
+	// (h2c) to the app, for servers that only speak h2c.
+	HeaderForceH2 = "X-aws-proxy-force-h2"
+	// headerPrefix is the namespace AWS reserves: every header in it,
+	// known or not, is removed before the app sees the request.
+	headerPrefix = "X-Aws-Proxy-" // canonical form
+	// SubprotoBase is the bare marker a browser offers first; it says the
+	// other lambda-microvms.* values are the platform's, not the app's.
+	// The proxy consumes all three and, when the app selects none, answers
+	// the marker, since a browser that offered subprotocols refuses a
+	// handshake answered with none.
+	SubprotoBase    = "lambda-microvms"
 	SubprotoAuth    = "lambda-microvms.authentication."
 	SubprotoPort    = "lambda-microvms.port."
 	DefaultPort     = 8080
@@ -190,8 +205,7 @@ func (s *Server) reverseProxy(t http.RoundTripper) *httputil.ReverseProxy {
 			pr.SetURL(pr.In.Context().Value(keyTarget).(*url.URL))
 			pr.Out.Host = pr.In.Host
 			pr.SetXForwarded()
-			pr.Out.Header.Del(HeaderAuth)
-			pr.Out.Header.Del(HeaderPort)
+			stripProxyHeaders(pr.Out.Header)
 			stripAuthCookie(pr.Out.Header)
 			if protos := pr.Out.Header.Values(wsProtocolField); len(protos) > 0 {
 				pr.Out.Header.Del(wsProtocolField)
@@ -203,9 +217,11 @@ func (s *Server) reverseProxy(t http.RoundTripper) *httputil.ReverseProxy {
 		ModifyResponse: func(resp *http.Response) error {
 			// A guest must not plant or overwrite the browser's token.
 			dropSetCookie(resp.Header, CookieAuth)
-			// A client that offered only kiln's subprotocols must get one
-			// back, or browsers fail the handshake; the guest knows nothing
-			// of them, so echo the port (or auth) one.
+			// A client that offered subprotocols must get one back, or
+			// browsers fail the handshake ("Sent non-empty
+			// 'Sec-WebSocket-Protocol' header but no response was
+			// received"); the guest never saw the platform's, so when it
+			// selects none, answer the platform's marker.
 			if resp.StatusCode == http.StatusSwitchingProtocols && resp.Header.Get(wsProtocolField) == "" {
 				offered, _ := resp.Request.Context().Value(keyProtocols).([]string)
 				if echo := kilnProtocolEcho(offered); echo != "" {
@@ -299,8 +315,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	ctx = context.WithValue(ctx, keyTarget, u)
 	ctx = context.WithValue(ctx, keyProtocols, protos)
 	rp := s.h1
-	if r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc") {
+	switch {
+	case r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc"):
 		rp = s.h2 // gRPC needs HTTP/2 end to end (trailers, bidi streams)
+	case forceH2(r.Header) && !isUpgrade(r):
+		// AWS: "X-aws-proxy-force-h2: true" forces h2c to the upstream.
+		// An upgrade (WebSocket) has no h2c form, so it stays HTTP/1.1.
+		rp = s.h2
 	}
 	rp.ServeHTTP(w, r.WithContext(ctx))
 }
@@ -452,7 +473,26 @@ func splitProtocols(vals []string) []string {
 }
 
 func isKilnProtocol(p string) bool {
-	return strings.HasPrefix(p, SubprotoAuth) || strings.HasPrefix(p, SubprotoPort)
+	return p == SubprotoBase || strings.HasPrefix(p, SubprotoAuth) || strings.HasPrefix(p, SubprotoPort)
+}
+
+// stripProxyHeaders removes every header of the x-aws-proxy-* namespace
+// (AWS: "Unrecognized x-aws-proxy-* headers are stripped before
+// forwarding"), the token first of all.
+func stripProxyHeaders(h http.Header) {
+	for k := range h {
+		if len(k) >= len(headerPrefix) && strings.EqualFold(k[:len(headerPrefix)], headerPrefix) {
+			delete(h, k)
+		}
+	}
+}
+
+func forceH2(h http.Header) bool {
+	return strings.EqualFold(strings.TrimSpace(h.Get(HeaderForceH2)), "true")
+}
+
+func isUpgrade(r *http.Request) bool {
+	return r.Header.Get("Upgrade") != "" || r.Method == http.MethodConnect
 }
 
 // appProtocols drops kiln's subprotocols: the guest never sees the token.
@@ -466,22 +506,28 @@ func appProtocols(vals []string) []string {
 	return out
 }
 
+// kilnProtocolEcho picks the platform subprotocol to answer when the
+// guest selected none: the bare marker if offered (what AWS's browser
+// example offers first), else the port one, else the auth one. "" if
+// the client offered none of the platform's.
 func kilnProtocolEcho(vals []string) string {
-	var auth, port string
+	var base, auth, port string
 	for _, p := range splitProtocols(vals) {
-		if !isKilnProtocol(p) {
-			return "" // the client offered its own; the guest chose none
-		}
-		if strings.HasPrefix(p, SubprotoPort) {
+		switch {
+		case p == SubprotoBase:
+			base = p
+		case strings.HasPrefix(p, SubprotoPort):
 			port = p
-		} else {
+		case strings.HasPrefix(p, SubprotoAuth):
 			auth = p
 		}
 	}
-	if port != "" {
-		return port
+	for _, p := range []string{base, port, auth} {
+		if p != "" {
+			return p
+		}
 	}
-	return auth
+	return ""
 }
 
 func writeError(w http.ResponseWriter, code int, msg string) {

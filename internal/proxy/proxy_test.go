@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -79,7 +80,14 @@ func guest(t *testing.T, name string, h2c bool) string {
 	t.Helper()
 	mux := http.NewServeMux()
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		var reserved []string
+		for k := range r.Header {
+			if strings.HasPrefix(strings.ToLower(k), "x-aws-proxy-") {
+				reserved = append(reserved, k)
+			}
+		}
 		json.NewEncoder(w).Encode(map[string]any{
+			"reserved": reserved,
 			"guest": name, "host": r.Host, "auth": r.Header.Get(HeaderAuth), "port": r.Header.Get(HeaderPort),
 			"xff": r.Header.Get("X-Forwarded-For"), "proto": r.Proto, "cookie": r.Header.Get("Cookie"),
 		})
@@ -108,7 +116,9 @@ func guest(t *testing.T, name string, h2c bool) string {
 	})
 	mux.HandleFunc("/ws", func(w http.ResponseWriter, r *http.Request) {
 		seen := r.Header.Values("Sec-WebSocket-Protocol")
-		c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{"chat"}})
+		c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{"chat"},
+			// The browser test's page comes from another origin.
+			InsecureSkipVerify: true})
 		if err != nil {
 			return
 		}
@@ -339,6 +349,10 @@ func TestWebSocket(t *testing.T) {
 	}{
 		{"token in subprotocols", []string{SubprotoAuth + tok, SubprotoPort + "9000"}, nil, SubprotoPort + "9000"},
 		{"token in subprotocols plus app protocol", []string{SubprotoAuth + tok, SubprotoPort + "9000", "chat"}, nil, "chat"},
+		// AWS's browser list: the marker comes back when the app picks none.
+		{"aws browser list", []string{SubprotoBase, SubprotoAuth + tok, SubprotoPort + "9000"}, nil, SubprotoBase},
+		{"aws browser list plus unselected app protocol", []string{SubprotoBase, SubprotoAuth + tok, SubprotoPort + "9000", "other"}, nil, SubprotoBase},
+		{"aws browser list plus app protocol", []string{SubprotoBase, SubprotoAuth + tok, SubprotoPort + "9000", "chat"}, nil, "chat"},
 		{"token in headers", nil, http.Header{HeaderAuth: {tok}, HeaderPort: {"9000"}}, ""},
 	}
 	for _, tc := range tests {
@@ -583,6 +597,81 @@ func FuzzAuthCookieFilters(f *testing.F) {
 		for _, c := range (&http.Response{Header: rh}).Cookies() {
 			if strings.EqualFold(c.Name, CookieAuth) {
 				t.Fatalf("Set-Cookie %q kept %s", setCookie, c.Name)
+			}
+		}
+	})
+}
+
+// TestProxyHeaders: AWS reserves x-aws-proxy-*; none reaches the app, in
+// any spelling, and X-aws-proxy-force-h2: true speaks h2c to the app even
+// when the client came over HTTP/1.1 (the old proxy forwarded every
+// reserved header but the token and the port, and always spoke HTTP/1.1).
+func TestProxyHeaders(t *testing.T) {
+	e := newEnv(t)
+	tok := e.mint(t, "acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
+	h1 := &http.Client{Transport: e.transport(false), Timeout: 10 * time.Second}
+	for _, tc := range []struct {
+		name      string
+		headers   map[string]string
+		wantProto string
+	}{
+		{"plain", map[string]string{"x-aws-proxy-foo": "1", "X-AWS-PROXY-BAR": "2", "x-aws-proxy-force-h2": "no"}, "HTTP/1.1"},
+		{"force h2", map[string]string{"X-aws-proxy-force-h2": "true", "x-aws-proxy-trace": "1"}, "HTTP/2.0"},
+		{"force h2 any case", map[string]string{"x-aws-proxy-force-h2": "TRUE"}, "HTTP/2.0"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, _ := http.NewRequest("GET", "https://vm1."+domain+"/", nil)
+			req.Header.Set(HeaderAuth, tok)
+			req.Header.Set(HeaderPort, "8080")
+			for k, v := range tc.headers {
+				req.Header[k] = []string{v} // as sent, not canonicalized
+			}
+			resp, err := h1.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			var got struct {
+				Reserved []string `json:"reserved"`
+				Proto    string   `json:"proto"`
+			}
+			if err := json.NewDecoder(resp.Body).Decode(&got); err != nil || resp.StatusCode != 200 {
+				t.Fatalf("status %d, %v", resp.StatusCode, err)
+			}
+			if len(got.Reserved) != 0 {
+				t.Errorf("the app saw reserved headers %v", got.Reserved)
+			}
+			if got.Proto != tc.wantProto {
+				t.Errorf("the app was spoken to in %s, want %s", got.Proto, tc.wantProto)
+			}
+		})
+	}
+}
+
+// FuzzSubprotocols: whatever a client offers, the app never sees one of
+// the platform's subprotocols (the token rides in one), and the echo is
+// one the client offered.
+func FuzzSubprotocols(f *testing.F) {
+	f.Add("lambda-microvms, lambda-microvms.authentication.tok, lambda-microvms.port.9000")
+	f.Add("chat,lambda-microvms")
+	f.Add(" lambda-microvms.port.1 ,, lambda-microvms.authentication.")
+	f.Add("LAMBDA-MICROVMS")
+	f.Fuzz(func(t *testing.T, offered string) {
+		vals := []string{offered}
+		for _, p := range appProtocols(vals) {
+			if isKilnProtocol(p) {
+				t.Fatalf("app would see %q", p)
+			}
+		}
+		echo := kilnProtocolEcho(vals)
+		if echo != "" && !slices.Contains(splitProtocols(vals), echo) {
+			t.Fatalf("echo %q was not offered in %q", echo, offered)
+		}
+		h := http.Header{"X-Aws-Proxy-" + offered: {"1"}, HeaderAuth: {"t"}}
+		stripProxyHeaders(h)
+		for k := range h {
+			if strings.HasPrefix(strings.ToLower(k), "x-aws-proxy-") {
+				t.Fatalf("kept %q", k)
 			}
 		}
 	})
