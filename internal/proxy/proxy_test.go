@@ -88,7 +88,7 @@ func guest(t *testing.T, name string, h2c bool) string {
 		}
 		json.NewEncoder(w).Encode(map[string]any{
 			"reserved": reserved,
-			"guest": name, "host": r.Host, "auth": r.Header.Get(HeaderAuth), "port": r.Header.Get(HeaderPort),
+			"guest":    name, "host": r.Host, "auth": r.Header.Get(HeaderAuth), "port": r.Header.Get(HeaderPort),
 			"xff": r.Header.Get("X-Forwarded-For"), "proto": r.Proto, "cookie": r.Header.Get("Cookie"),
 		})
 	})
