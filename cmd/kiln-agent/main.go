@@ -12,6 +12,8 @@ import (
 )
 
 func main() {
+	// The agent re-executed to start a workload with fewer capabilities.
+	guest.MaybeCapExec()
 	if os.Getpid() != 1 {
 		fmt.Fprintln(os.Stderr, "kiln-agent: must run as PID 1 inside a kiln guest")
 		os.Exit(2)

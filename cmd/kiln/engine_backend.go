@@ -148,7 +148,9 @@ type imageBuilder struct{ b *imagebuild.Builder }
 func (ib *imageBuilder) Build(ctx context.Context, req engine.BuildRequest) (engine.BuildResult, error) {
 	cfg := req.Version.Config
 	r := imagebuild.Request{Account: req.Version.Account, Env: cfg.EnvironmentVariables, Log: req.Log, OutDir: req.OutDir,
-		Egress: slices.ContainsFunc(cfg.EgressNetworkConnectors, func(a string) bool { return strings.HasSuffix(a, ":"+engine.ConnInternetEgress) })}
+		Egress: slices.ContainsFunc(cfg.EgressNetworkConnectors, func(a string) bool { return strings.HasSuffix(a, ":"+engine.ConnInternetEgress) }),
+		// additionalOsCapabilities: ALL is the only value AWS defines.
+		AllCaps: slices.Contains(cfg.AdditionalOsCapabilities, "ALL")}
 	if cfg.CodeArtifact != nil {
 		r.Source = cfg.CodeArtifact.URI
 	}

@@ -50,8 +50,13 @@ const (
 	// DefaultHooksPort is used when the image's hooks name no port: the
 	// app's own port, where a single-listener app serves its hooks too.
 	DefaultHooksPort = 8080
-	// defaultHookTimeout applies when the image gives no timeout.
-	defaultHookTimeout = 10 * time.Second
+	// defaultHookTimeout applies when the image gives no timeout for a
+	// run, resume, suspend or terminate hook. AWS documents no default
+	// (the model gives the range 1-60 s; the developer guide asks for
+	// explicit values), so kiln takes the longest AWS allows: a hook AWS
+	// would let finish never fails here for want of time, and a failed
+	// /run terminates the microVM. docs/COMPATIBILITY.md, "Hooks".
+	defaultHookTimeout = 60 * time.Second
 )
 
 // Builder turns an image version into a snapshot template. The image

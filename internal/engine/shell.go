@@ -36,18 +36,23 @@ const shellMaxMessage = 1 << 20
 func (e *Engine) ShellHandler() http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		id := proxy.MicrovmID(r.Context())
-		// Echo the client's port (or auth) subprotocol: browsers fail a
-		// handshake that offered protocols and got none back.
-		var offered []string
+		// Echo the client's marker (AWS's browser list starts with the bare
+		// "lambda-microvms"), else its port or auth subprotocol: browsers
+		// fail a handshake that offered protocols and got none back.
+		var base, port, auth []string
 		for _, v := range r.Header.Values("Sec-WebSocket-Protocol") {
 			for _, p := range strings.Split(v, ",") {
-				if p = strings.TrimSpace(p); strings.HasPrefix(p, proxy.SubprotoPort) {
-					offered = append([]string{p}, offered...)
-				} else if strings.HasPrefix(p, proxy.SubprotoAuth) {
-					offered = append(offered, p)
+				switch p = strings.TrimSpace(p); {
+				case p == proxy.SubprotoBase:
+					base = append(base, p)
+				case strings.HasPrefix(p, proxy.SubprotoPort):
+					port = append(port, p)
+				case strings.HasPrefix(p, proxy.SubprotoAuth):
+					auth = append(auth, p)
 				}
 			}
 		}
+		offered := append(append(base, port...), auth...)
 		c, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: offered, InsecureSkipVerify: true})
 		if err != nil {
 			return

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/agent/proto"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/image/source"
@@ -32,11 +34,19 @@ const (
 	AppPort = 8080
 )
 
-// Defaults for Request fields left zero.
+// Defaults for Request fields left zero. AWS documents no default for
+// readyTimeoutInSeconds or validateTimeoutInSeconds (the model gives only
+// their range, 1-3600; the developer guide asks for explicit values), so
+// these are kiln's: long enough for a slow start under TCG, short enough
+// that an app that never answers does not hold a build VM for an hour.
+// docs/COMPATIBILITY.md ("Hooks") says so.
 const (
 	DefaultMemoryMiB       = 2048
 	DefaultReadyTimeout    = 5 * time.Minute
-	DefaultValidateTimeout = time.Minute
+	DefaultValidateTimeout = 5 * time.Minute
+	// hookRetryEvery spaces the calls of a hook that answered 503 ("not
+	// yet"): AWS keeps calling /ready and /validate until their timeout.
+	hookRetryEvery = 250 * time.Millisecond
 )
 
 // MemorySizes are the memory sizes an image may ask for (AWS's sizes).
@@ -91,8 +101,12 @@ type Hooks struct {
 	// DefaultReadyTimeout.
 	Ready        bool
 	ReadyTimeout time.Duration
-	// Validate: call POST ValidateHookPath once ready; it must answer 2xx
-	// within ValidateTimeout (0 = DefaultValidateTimeout).
+	// Validate: after the snapshot, restore it into a fresh VM (as a
+	// microVM would run) and POST ValidateHookPath there until it answers
+	// 200; 503 (or no answer yet) is retried until ValidateTimeout (0 =
+	// DefaultValidateTimeout), any other status fails the version. AWS:
+	// "/validate ... After build, on a test MicroVM run from the
+	// snapshot"; "return 503 if the application needs more time".
 	Validate        bool
 	ValidateTimeout time.Duration
 }
@@ -117,6 +131,10 @@ type Request struct {
 	Hooks     Hooks
 	// Egress gives the image VM internet access while the app starts.
 	Egress bool
+	// AllCaps is additionalOsCapabilities [ALL]: the app keeps every
+	// capability. Otherwise it runs with the restricted default set
+	// (guest.DefaultCapabilities), it and every process it starts.
+	AllCaps bool
 	// NoCache builds the snapshot afresh even if an identical one exists.
 	NoCache bool
 	// Log receives the build log as it happens: step headers, RUN output,
@@ -317,7 +335,7 @@ func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error
 		case <-time.After(5 * time.Second):
 		}
 	}()
-	p, err := a.Exec(ctx, client.ExecRequest{Argv: argv, Env: env, Cwd: ir.Config.WorkingDir, User: ir.Config.User, Background: true})
+	p, err := a.Exec(ctx, client.ExecRequest{Argv: argv, Env: env, Cwd: ir.Config.WorkingDir, User: ir.Config.User, Background: true, Caps: AppCaps(req.AllCaps)})
 	if err != nil {
 		return fail(fmt.Errorf("starting %q: %w", argv[0], err))
 	}
@@ -336,29 +354,12 @@ func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error
 	}
 	phase(PhaseReady, start)
 
-	// 5. Validate.
-	if req.Hooks.Validate {
-		step = PhaseValidate
-		start = time.Now()
-		fmt.Fprintf(log, "#validate: POST %s on port %d\n", ValidateHookPath, req.Hooks.Port)
-		status, body, err := a.HTTP(ctx, req.Hooks.Port, "POST", ValidateHookPath, nil, req.Hooks.ValidateTimeout)
-		if err != nil {
-			if cerr := ctx.Err(); cerr != nil {
-				return fail(cerr)
-			}
-			return fail(fmt.Errorf("calling the validate hook: %w", err))
-		}
-		if status < 200 || status > 299 {
-			return fail(fmt.Errorf("the validate hook answered %d (want 2xx): %s", status, snippet(body)))
-		}
-		phase(PhaseValidate, start)
-	}
 	if exited(p) {
 		pump.waitExit(p.ID(), 2*time.Second)
 		return fail(appExitError(p))
 	}
 
-	// 6. Snapshot. The VM is gone afterwards, whatever happens.
+	// 5. Snapshot. The VM is gone afterwards, whatever happens.
 	step = PhaseSnapshot
 	fmt.Fprintln(log, "#snapshot")
 	start = time.Now()
@@ -368,6 +369,17 @@ func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error
 		return fail(err)
 	}
 	phase(PhaseSnapshot, start)
+
+	// 6. Validate, on a VM restored from the snapshot: what the hook
+	// checks is what every microVM of this version will start from.
+	if req.Hooks.Validate {
+		step = PhaseValidate
+		start = time.Now()
+		if err := b.validate(ctx, req, tmplDir, log); err != nil {
+			return fail(err)
+		}
+		phase(PhaseValidate, start)
+	}
 	res.TemplateDir, res.Template = tmplDir, t
 	if b.CacheDir != "" {
 		if err := b.toCache(ctx, req.Account, res.Key, rootDisk, tmplDir); err != nil {
@@ -468,6 +480,9 @@ func (b *Builder) waitReady(ctx context.Context, a *client.Client, p *client.Pro
 			switch {
 			case err == nil && status == 200:
 				return nil
+			case err == nil && status != http.StatusServiceUnavailable:
+				// AWS: a /ready answer other than 200 or 503 fails the build.
+				return fmt.Errorf("the ready hook answered %d (want 200, or 503 while starting): %s", status, snippet(body))
 			case err == nil:
 				last = strings.TrimSpace(fmt.Sprintf("answered %d %s", status, snippet(body)))
 			case rctx.Err() == nil:
@@ -482,7 +497,62 @@ func (b *Builder) waitReady(ctx context.Context, a *client.Client, p *client.Pro
 			return ctx.Err()
 		case <-rctx.Done():
 			return fmt.Errorf("the app was not ready within %s (ready hook: %s)", h.ReadyTimeout, last)
-		case <-time.After(250 * time.Millisecond):
+		case <-time.After(hookRetryEvery):
+		}
+	}
+}
+
+// AppCaps is the ExecRequest.Caps of an app: every capability only for
+// an image with additionalOsCapabilities [ALL].
+func AppCaps(all bool) string {
+	if all {
+		return proto.CapsAll
+	}
+	return proto.CapsDefault
+}
+
+// validate restores the template into a fresh VM and calls the validate
+// hook there until it answers 200: 503 and "not answering yet" are
+// retried until the hook's timeout, any other status fails at once.
+func (b *Builder) validate(ctx context.Context, req Request, tmplDir string, log io.Writer) error {
+	h := req.Hooks
+	fmt.Fprintf(log, "#validate: restore the snapshot, then POST %s on port %d (up to %s)\n", ValidateHookPath, h.Port, h.ValidateTimeout)
+	g, err := cloneVM(ctx, b.Driver, b.logger(), vmSpec{prefix: PrefixValidate, egress: req.Egress, upstreams: b.DNSUpstreams, extraDeny: b.ExtraDeny}, tmplDir)
+	if err != nil {
+		return err
+	}
+	defer g.close()
+	a, err := b.Driver.Agent(ctx, g.id)
+	if err != nil {
+		return fmt.Errorf("connecting to the validate vm's agent: %w", err)
+	}
+	vctx, cancel := context.WithTimeout(ctx, h.ValidateTimeout)
+	defer cancel()
+	last := "no answer"
+	for {
+		per := 5 * time.Second
+		if dl, ok := vctx.Deadline(); ok && time.Until(dl) < per {
+			per = time.Until(dl)
+		}
+		if per > 0 {
+			status, body, err := a.HTTP(vctx, h.Port, "POST", ValidateHookPath, nil, per)
+			switch {
+			case err == nil && status == http.StatusOK:
+				return nil
+			case err == nil && status != http.StatusServiceUnavailable:
+				return fmt.Errorf("the validate hook answered %d (want 200, or 503 while not yet valid): %s", status, snippet(body))
+			case err == nil:
+				last = strings.TrimSpace(fmt.Sprintf("answered %d %s", status, snippet(body)))
+			case vctx.Err() == nil:
+				last = err.Error()
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-vctx.Done():
+			return fmt.Errorf("the validate hook did not answer 200 within %s (last: %s)", h.ValidateTimeout, last)
+		case <-time.After(hookRetryEvery):
 		}
 	}
 }

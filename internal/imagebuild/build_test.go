@@ -184,6 +184,7 @@ func TestBuildAndClone(t *testing.T) {
 		dockerfile string
 		hooks      Hooks
 		env        map[string]string
+		allCaps    bool
 		check      func(t *testing.T, m map[string]any)
 	}{
 		{
@@ -207,17 +208,30 @@ CMD ["/usr/local/bin/app"]
 			},
 		},
 		{
+			// validate answers 503 three times, then 500 unless it runs on
+			// a VM restored from the snapshot: the old builder called it
+			// once, before the snapshot, and failed on the first 503.
 			name: "ready and validate hooks",
 			dockerfile: `FROM debian:12
 COPY app /usr/local/bin/app
-ENV MODE=hooks HOOKS_PORT=9000 READY_AFTER=2
+ENV MODE=hooks HOOKS_PORT=9000 READY_AFTER=2 VALIDATE_503=3 VALIDATE_RESTORED=1
 ENTRYPOINT ["/usr/local/bin/app"]
 `,
 			hooks: Hooks{Port: 9000, Ready: true, Validate: true, ReadyTimeout: time.Minute},
 		},
 		{
+			// A root app without additionalOsCapabilities: neither it nor
+			// its child may mount or open a raw socket (the old agent let
+			// every app keep every capability).
 			name:       "from scratch",
 			dockerfile: "FROM scratch\nCOPY app /app\nCMD [\"/app\"]\n",
+			check:      checkCaps(false),
+		},
+		{
+			name:       "additionalOsCapabilities ALL",
+			dockerfile: "FROM scratch\nCOPY app /app\nCMD [\"/app\"]\n",
+			allCaps:    true,
+			check:      checkCaps(true),
 		},
 	}
 	for _, tt := range tests {
@@ -226,7 +240,7 @@ ENTRYPOINT ["/usr/local/bin/app"]
 			defer cancel()
 			out := filepath.Join(t.TempDir(), "version")
 			var log bytes.Buffer
-			res, err := b.Build(ctx, Request{Account: "test", Source: testContext(t, tt.dockerfile), Env: tt.env, MemoryMiB: 512, Hooks: tt.hooks, Log: &log, OutDir: out})
+			res, err := b.Build(ctx, Request{Account: "test", Source: testContext(t, tt.dockerfile), Env: tt.env, MemoryMiB: 512, Hooks: tt.hooks, AllCaps: tt.allCaps, Log: &log, OutDir: out})
 			if err != nil {
 				var be *Error
 				errors.As(err, &be)
@@ -260,6 +274,39 @@ ENTRYPOINT ["/usr/local/bin/app"]
 		})
 	}
 }
+
+// checkCaps checks what the app (root) and a child of it may do: with
+// all capabilities both mount and open raw sockets, with the default set
+// neither does, and the bounding set is the default set.
+func checkCaps(all bool) func(t *testing.T, m map[string]any) {
+	return func(t *testing.T, m map[string]any) {
+		t.Helper()
+		for _, who := range []string{"caps", "childCaps"} {
+			c, _ := m[who].(map[string]any)
+			if c == nil {
+				t.Errorf("%s missing: %v", who, m)
+				continue
+			}
+			t.Logf("%s: %v", who, c)
+			for _, what := range []string{"mount", "rawSocket"} {
+				if ok := c[what] == "ok"; ok != all {
+					t.Errorf("%s: %s = %v, want allowed = %v", who, what, c[what], all)
+				}
+			}
+			if !all && c["CapBnd"] != defaultCapMask {
+				t.Errorf("%s: bounding set %v, want %s", who, c["CapBnd"], defaultCapMask)
+			}
+			if !all && c["CapInh"] != "0000000000000000" {
+				t.Errorf("%s: inheritable set %v, want empty", who, c["CapInh"])
+			}
+		}
+	}
+}
+
+// defaultCapMask is guest.DefaultCapabilities as /proc/PID/status shows
+// it: CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP
+// NET_BIND_SERVICE SYS_CHROOT SETFCAP.
+const defaultCapMask = "00000000800405fb"
 
 // TestBuildFailures checks that each kind of failure names its step and
 // ends with the last log lines, and leaves nothing behind.
@@ -300,6 +347,12 @@ func TestBuildFailures(t *testing.T) {
 			dockerfile: "FROM debian:12\nCOPY app /app\nENV MODE=hooks HOOKS_PORT=9000 VALIDATE_STATUS=500\nCMD [\"/app\"]\n",
 			hooks:      Hooks{Port: 9000, Ready: true, Validate: true},
 			want:       []string{PhaseValidate, "answered 500", "validate says 500"},
+		},
+		{
+			name:       "validate never 200",
+			dockerfile: "FROM debian:12\nCOPY app /app\nENV MODE=hooks HOOKS_PORT=9000 VALIDATE_503=100000\nCMD [\"/app\"]\n",
+			hooks:      Hooks{Port: 9000, Ready: true, Validate: true, ValidateTimeout: 3 * time.Second},
+			want:       []string{PhaseValidate, "did not answer 200 within 3s", "answered 503"},
 		},
 		{
 			name:       "no command",

@@ -34,13 +34,13 @@ import (
 // (the root disk) and overlay.qcow2's (disk.qcow2).
 
 // cacheRecipe changes when the layout or what a template holds changes.
-const cacheRecipe = "2"
+const cacheRecipe = "3" // 3: validate on a clone; capability sets
 
 // templateKey covers the account too, though the account's folder already
 // keeps entries apart: a key never stands for another account's template.
 func templateKey(rootKey string, p vmm.Platform, argv, env []string, user, wd string, req Request, vcpus int) string {
 	h := sha256.New()
-	parts := []any{cacheRecipe, req.Account, rootKey, p, argv, env, user, wd, req.MemoryMiB, vcpus, req.Hooks, req.Egress}
+	parts := []any{cacheRecipe, req.Account, rootKey, p, argv, env, user, wd, req.MemoryMiB, vcpus, req.Hooks, req.Egress, req.AllCaps}
 	for _, x := range parts {
 		b, _ := json.Marshal(x)
 		fmt.Fprintf(h, "%d:%s\n", len(b), b)

@@ -27,13 +27,16 @@ const (
 	PrefixBuild = "build"
 	PrefixImage = "image"
 	PrefixBench = "bench"
+	// PrefixValidate: a clone of the new template that the validate hook
+	// runs on.
+	PrefixValidate = "validate"
 )
 
 // IsBuildVM reports whether id names a VM (and network) that this package
 // made. Such VMs live only while a build runs: after a crash of kiln,
 // Recover may find them; terminate them and tear down their networks.
 func IsBuildVM(id string) bool {
-	for _, p := range []string{PrefixBuild, PrefixImage, PrefixBench} {
+	for _, p := range []string{PrefixBuild, PrefixImage, PrefixBench, PrefixValidate} {
 		if strings.HasPrefix(id, p+"-") {
 			return true
 		}
@@ -105,6 +108,33 @@ func bootVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (*gue
 			return nil, cerr
 		}
 		return nil, fmt.Errorf("booting the build vm: %w", err)
+	}
+	return g, nil
+}
+
+// cloneVM sets up a network and restores the template in tmplDir, as
+// the engine runs a microVM. On error nothing is left.
+func cloneVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec, tmplDir string) (*guestVM, error) {
+	g := &guestVM{id: newID(s.prefix), driver: d, log: log}
+	g.log = log.With("vm", g.id)
+	var err error
+	if g.net, err = netns.Setup(ctx, netns.Config{ID: g.id, Egress: s.egress, ExtraDeny: s.extraDeny}); err != nil {
+		return nil, fmt.Errorf("setting up the vm network: %w", err)
+	}
+	if s.egress {
+		if g.dns, err = dnsfwd.Start(ctx, dnsfwd.Config{ID: g.id, NSPath: g.net.NSPath, Upstreams: s.upstreams}); err != nil {
+			g.close()
+			return nil, fmt.Errorf("starting the dns forwarder: %w", err)
+		}
+	}
+	g.booted = true
+	g.info, err = d.Clone(ctx, vmm.CloneSpec{ID: g.id, Template: tmplDir, Net: g.net.Attachment()})
+	if err != nil {
+		g.close()
+		if cerr := ctx.Err(); cerr != nil {
+			return nil, cerr
+		}
+		return nil, fmt.Errorf("restoring the snapshot: %w", err)
 	}
 	return g, nil
 }

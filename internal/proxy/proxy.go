@@ -26,6 +26,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/netns"
@@ -138,8 +139,27 @@ type Config struct {
 type Server struct {
 	cfg    Config
 	h1, h2 *httputil.ReverseProxy
-	log    *slog.Logger
+	// tls1 and tls2 re-encrypt to an app that serves TLS: HTTP/1.1 only
+	// (upgrades), and h2 by ALPN with HTTP/1.1 as the fallback.
+	tls1, tls2 *httputil.ReverseProxy
+	log        *slog.Logger
+
+	tlsMu    sync.Mutex
+	tlsPorts map[netip.AddrPort]tlsProbe
 }
+
+// tlsProbe remembers whether a guest port spoke TLS, for a while: an app
+// may be restarted with another listener.
+type tlsProbe struct {
+	tls bool
+	at  time.Time
+}
+
+const (
+	tlsProbeTTL     = 30 * time.Second
+	tlsProbeTimeout = 2 * time.Second
+	maxTLSProbes    = 4096 // bound the memo; a full one starts afresh
+)
 
 type ctxKey int
 
@@ -168,7 +188,7 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger}
+	s := &Server{cfg: cfg, log: cfg.Logger, tlsPorts: map[netip.AddrPort]tlsProbe{}}
 	h1 := &http.Transport{
 		DialContext:         cfg.Dial,
 		MaxIdleConns:        1024,
@@ -189,6 +209,20 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.h1 = s.reverseProxy(h1)
 	s.h2 = s.reverseProxy(h2c)
+	// The app's certificate is its own (self-signed as a rule); like AWS's
+	// proxy, kiln does not verify it: the hop is the host's private link
+	// to the VM, and the app asked for TLS, not for a trust anchor.
+	upTLS := func(protos ...string) *tls.Config {
+		return &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS12, NextProtos: protos}
+	}
+	s.tls1 = s.reverseProxy(&http.Transport{
+		DialContext: cfg.Dial, TLSClientConfig: upTLS("http/1.1"), MaxIdleConnsPerHost: 64,
+		IdleConnTimeout: 30 * time.Second, DisableCompression: true, ExpectContinueTimeout: time.Second,
+	})
+	s.tls2 = s.reverseProxy(&http.Transport{
+		DialContext: cfg.Dial, TLSClientConfig: upTLS("h2", "http/1.1"), ForceAttemptHTTP2: true, MaxIdleConnsPerHost: 64,
+		IdleConnTimeout: 30 * time.Second, DisableCompression: true, ExpectContinueTimeout: time.Second,
+	})
 	return s, nil
 }
 
@@ -311,9 +345,21 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.cfg.ShellHandler.ServeHTTP(w, r.WithContext(ctx))
 		return
 	}
-	u := &url.URL{Scheme: "http", Host: netip.AddrPortFrom(tgt.Addr, port).String()}
+	ap := netip.AddrPortFrom(tgt.Addr, port)
+	u := &url.URL{Scheme: "http", Host: ap.String()}
 	ctx = context.WithValue(ctx, keyTarget, u)
 	ctx = context.WithValue(ctx, keyProtocols, protos)
+	if s.speaksTLS(ctx, ap) {
+		// AWS: "The proxy auto-detects whether your server speaks TLS and
+		// adjusts (re-encrypt for end-to-end TLS ...)".
+		u.Scheme = "https"
+		rp := s.tls2
+		if isUpgrade(r) {
+			rp = s.tls1
+		}
+		rp.ServeHTTP(w, r.WithContext(ctx))
+		return
+	}
 	rp := s.h1
 	switch {
 	case r.ProtoMajor == 2 && strings.HasPrefix(r.Header.Get("Content-Type"), "application/grpc"):
@@ -324,6 +370,35 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		rp = s.h2
 	}
 	rp.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// speaksTLS reports whether the app at ap answers a TLS handshake. The
+// answer is kept for tlsProbeTTL. A port that answers neither (nothing
+// listens, or it keeps silent) counts as plaintext, as before.
+func (s *Server) speaksTLS(ctx context.Context, ap netip.AddrPort) bool {
+	s.tlsMu.Lock()
+	p, ok := s.tlsPorts[ap]
+	s.tlsMu.Unlock()
+	if ok && time.Since(p.at) < tlsProbeTTL {
+		return p.tls
+	}
+	pctx, cancel := context.WithTimeout(ctx, tlsProbeTimeout)
+	defer cancel()
+	yes := false
+	if c, err := s.cfg.Dial(pctx, "tcp", ap.String()); err == nil {
+		tc := tls.Client(c, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS12})
+		yes = tc.HandshakeContext(pctx) == nil
+		tc.Close()
+	} else {
+		return false // do not remember: the app may be starting
+	}
+	s.tlsMu.Lock()
+	if len(s.tlsPorts) >= maxTLSProbes {
+		clear(s.tlsPorts)
+	}
+	s.tlsPorts[ap] = tlsProbe{tls: yes, at: time.Now()}
+	s.tlsMu.Unlock()
+	return yes
 }
 
 func (s *Server) backendError(w http.ResponseWriter, id string, err error) {

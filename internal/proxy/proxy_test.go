@@ -3,11 +3,17 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
+	"math/big"
 	"net"
 	"net/http"
 	"net/netip"
@@ -89,7 +95,7 @@ func guest(t *testing.T, name string, h2c bool) string {
 		json.NewEncoder(w).Encode(map[string]any{
 			"reserved": reserved,
 			"guest":    name, "host": r.Host, "auth": r.Header.Get(HeaderAuth), "port": r.Header.Get(HeaderPort),
-			"xff": r.Header.Get("X-Forwarded-For"), "proto": r.Proto, "cookie": r.Header.Get("Cookie"),
+			"xff": r.Header.Get("X-Forwarded-For"), "proto": r.Proto, "cookie": r.Header.Get("Cookie"), "tls": r.TLS != nil,
 		})
 	})
 	mux.HandleFunc("/setcookie", func(w http.ResponseWriter, r *http.Request) {
@@ -146,6 +152,20 @@ func guest(t *testing.T, name string, h2c bool) string {
 		w.Header().Set("Grpc-Message", "ok-"+name)
 	})
 	srv := &http.Server{Handler: mux}
+	if name == "tls" {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cert, err := tls.X509KeyPair(selfSignedCert(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"h2", "http/1.1"}}
+		go srv.ServeTLS(ln, "", "")
+		t.Cleanup(func() { srv.Close() })
+		return ln.Addr().String()
+	}
 	if h2c {
 		var p http.Protocols
 		p.SetHTTP1(true)
@@ -181,7 +201,7 @@ func newEnv(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	// Guest ports 8080 and 9000 of every VM are two loopback servers.
-	ports := map[string]string{"8080": guest(t, "port8080", true), "9000": guest(t, "port9000", false)}
+	ports := map[string]string{"8080": guest(t, "port8080", true), "9000": guest(t, "port9000", false), "8443": guest(t, "tls", false)}
 	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
 		_, port, _ := net.SplitHostPort(addr)
 		real, ok := ports[port]
@@ -675,4 +695,82 @@ func FuzzSubprotocols(f *testing.F) {
 			}
 		}
 	})
+}
+
+// selfSignedCert is an app's own certificate, as apps that serve TLS
+// inside a VM have.
+func selfSignedCert(t *testing.T) (certPEM, keyPEM []byte) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "app"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), DNSNames: []string{"app"}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})
+}
+
+// TestTLSApp: an app that serves TLS is reached by re-encrypting (AWS's
+// proxy detects it), over h2 when the app offers it and over HTTP/1.1 for
+// a WebSocket; the old proxy spoke plaintext to it and got a 400.
+func TestTLSApp(t *testing.T) {
+	e := newEnv(t)
+	tok := e.mint(t, "acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
+	for i := 0; i < 2; i++ { // the second time from the memo
+		req, _ := http.NewRequest("GET", "https://vm1."+domain+"/", nil)
+		req.Header.Set(HeaderAuth, tok)
+		req.Header.Set(HeaderPort, "8443")
+		resp, err := e.client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got struct {
+			TLS   bool   `json:"tls"`
+			Proto string `json:"proto"`
+			Auth  string `json:"auth"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&got)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || err != nil {
+			t.Fatalf("status %d, %v", resp.StatusCode, err)
+		}
+		if !got.TLS || got.Proto != "HTTP/2.0" || got.Auth != "" {
+			t.Errorf("app saw tls=%v proto=%s auth=%q, want TLS, HTTP/2.0 and no token", got.TLS, got.Proto, got.Auth)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, resp, err := websocket.Dial(ctx, "wss://vm1."+domain+"/ws", &websocket.DialOptions{
+		HTTPClient:   &http.Client{Transport: e.transport(false)},
+		Subprotocols: []string{SubprotoBase, SubprotoAuth + tok, SubprotoPort + "8443"},
+	})
+	if err != nil {
+		t.Fatalf("websocket to a TLS app: %v (%v)", err, resp)
+	}
+	defer c.CloseNow()
+	c.Read(ctx) // the app's "protocols=" line
+	if err := c.Write(ctx, websocket.MessageText, []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if _, msg, err := c.Read(ctx); err != nil || string(msg) != "echo:x" {
+		t.Fatalf("echo %q, %v", msg, err)
+	}
+	c.Close(websocket.StatusNormalClosure, "")
+	// A plaintext app on another port is still spoken to in plaintext.
+	req, _ := http.NewRequest("GET", "https://vm1."+domain+"/", nil)
+	req.Header.Set(HeaderAuth, tok)
+	req.Header.Set(HeaderPort, "9000")
+	resp, err = e.client.Do(req)
+	if err != nil || resp.StatusCode != 200 {
+		t.Fatalf("plaintext app: %v %v", err, resp)
+	}
+	resp.Body.Close()
 }

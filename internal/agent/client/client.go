@@ -54,6 +54,9 @@ type ExecRequest struct {
 	// Background workloads (the app) report output through Client.Logs,
 	// not Process.Output, and outlive host sessions.
 	Background bool
+	// Caps is proto.CapsDefault for the restricted default capability
+	// set; "" or proto.CapsAll keeps every capability.
+	Caps string
 }
 
 // RestoreRequest is the guest's new identity after a clone or resume.

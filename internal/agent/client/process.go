@@ -38,7 +38,7 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest) (*Process, error) {
 	var p *Process
 	err := c.call(ctx, proto.TypeExec, proto.ExecRequest{
 		Argv: req.Argv, Env: req.Env, Cwd: req.Cwd, User: req.User,
-		Stdin: req.Stdin, TTY: req.TTY, Cols: req.Cols, Rows: req.Rows, Background: req.Background,
+		Stdin: req.Stdin, TTY: req.TTY, Cols: req.Cols, Rows: req.Rows, Background: req.Background, Caps: req.Caps,
 	}, nil, func(m proto.Message) {
 		// On the read loop: register before the next frame (which may be
 		// this workload's first output) is handled.

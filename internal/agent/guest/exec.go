@@ -63,11 +63,15 @@ func (s *Server) exec(req proto.ExecRequest) (any, error) {
 	if err != nil {
 		return nil, fmt.Errorf("exec: %w", err)
 	}
-	cmd := &exec.Cmd{Path: path, Args: req.Argv, Env: env, Dir: cwd}
 	attr := &syscall.SysProcAttr{Setsid: true}
 	if os.Getuid() == 0 {
 		attr.Credential = &syscall.Credential{Uid: id.uid, Gid: id.gid, Groups: id.groups}
 	}
+	execPath, argv, err := capExecCmd(path, req, attr)
+	if err != nil {
+		return nil, fmt.Errorf("exec: %w", err)
+	}
+	cmd := &exec.Cmd{Path: execPath, Args: argv, Env: env, Dir: cwd}
 	if s.cfg.CgroupDir != "" {
 		fd, err := unix.Open(s.cfg.CgroupDir, unix.O_DIRECTORY|unix.O_RDONLY|unix.O_CLOEXEC, 0)
 		if err != nil {

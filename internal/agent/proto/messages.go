@@ -170,7 +170,19 @@ type ExecRequest struct {
 	// Background marks a long-running workload (the app): its output is a
 	// log stream that outlives the host session that started it.
 	Background bool `json:"background,omitempty"`
+	// Caps is the workload's capability set: "" or CapsAll keeps every
+	// capability (kiln's own commands; an image with
+	// additionalOsCapabilities ALL), CapsDefault the restricted default
+	// set (guest.DefaultCapabilities) for the workload and every process
+	// it starts.
+	Caps string `json:"caps,omitempty"`
 }
+
+// Capability sets of ExecRequest.Caps.
+const (
+	CapsAll     = "all"
+	CapsDefault = "default"
+)
 
 // ExecResult answers ExecRequest.
 type ExecResult struct {
