@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
 // ArtifactPath is kiln's extension for uploading a code package (a zip),
@@ -57,6 +58,15 @@ func (s *Server) uploadArtifact(w http.ResponseWriter, r *http.Request) {
 	}
 	if s.limits != nil && !s.limits.allow(key.Account) {
 		writeError(w, r, &Error{Status: 429, Type: "ThrottlingException", Message: "rate of requests exceeded for this account", RetryAfter: 1})
+		return
+	}
+	q, u, err := s.Quota(r.Context(), key.Account)
+	if err != nil {
+		writeError(w, r, internal(err.Error()))
+		return
+	}
+	if err := q.Check(key.Account, u, store.Usage{StorageBytes: r.ContentLength}); err != nil {
+		writeError(w, r, quotaError(err))
 		return
 	}
 	// The server's read and write timeouts are sized for small requests;
