@@ -96,6 +96,18 @@ type Config struct {
 	IdleInterval time.Duration
 	// StartTimeout bounds a clone plus its run hook (default 2 min).
 	StartTimeout time.Duration
+	// MemoryOvercommit bounds the guest memory committed to running VMs
+	// (microVMs and builds) to this ratio of HostMemoryMiB (0: no bound).
+	MemoryOvercommit float64
+	// HostMemoryMiB is the host's physical memory (default: MemTotal).
+	HostMemoryMiB int64
+	// MaxConcurrentBuilds run at once; more wait in a queue (default 2).
+	MaxConcurrentBuilds int
+	// BuildTimeout bounds a whole build, from when it gets a slot
+	// (default 60 min).
+	BuildTimeout time.Duration
+	// BuildLogMaxBytes caps a build's log (default 10 MiB).
+	BuildLogMaxBytes int64
 	Log          *slog.Logger
 	Now          func() time.Time
 }
@@ -118,6 +130,13 @@ type Engine struct {
 	vms map[string]*vmState
 
 	buildWG sync.WaitGroup
+	queue   *buildQueue
+	buildMu sync.Mutex
+	builds  map[string]*buildRun // by versionKey: builds queued or running
+
+	commitMu     sync.Mutex
+	committed    map[string]int64 // guest memory MiB by VM id or "build/ID"
+	committedMiB int64
 
 	logMu sync.Mutex
 	logs  map[string]*ring
@@ -165,7 +184,24 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	e := &Engine{cfg: cfg, log: cfg.Log, now: cfg.Now, vms: map[string]*vmState{}}
+	if cfg.MemoryOvercommit > 0 && cfg.HostMemoryMiB <= 0 {
+		n, err := hostMemoryMiB()
+		if err != nil {
+			return nil, err
+		}
+		cfg.HostMemoryMiB = n
+	}
+	if cfg.MaxConcurrentBuilds <= 0 {
+		cfg.MaxConcurrentBuilds = 2
+	}
+	if cfg.BuildTimeout <= 0 {
+		cfg.BuildTimeout = 60 * time.Minute
+	}
+	if cfg.BuildLogMaxBytes <= 0 {
+		cfg.BuildLogMaxBytes = 10 << 20
+	}
+	e := &Engine{cfg: cfg, log: cfg.Log, now: cfg.Now, vms: map[string]*vmState{},
+		queue: newBuildQueue(cfg.MaxConcurrentBuilds), builds: map[string]*buildRun{}, committed: map[string]int64{}}
 	e.ctx, e.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	return e, nil
 }
@@ -265,6 +301,7 @@ func (e *Engine) lookup(id string) *vmState {
 const logKeep = 10 * time.Minute
 
 func (e *Engine) forget(v *vmState) {
+	e.release(v.id)
 	time.AfterFunc(logKeep, func() { e.dropLog(v.id) })
 	e.mu.Lock()
 	if e.vms[v.id] == v {
@@ -294,6 +331,9 @@ func (v *vmState) waitChan() <-chan struct{} {
 // report moves the microVM to a state and wakes waiters.
 func (e *Engine) report(ctx context.Context, v *vmState, from []store.MicrovmState, to store.MicrovmState, reason string) (store.Microvm, error) {
 	m, err := e.cfg.Reporter.MicrovmState(context.WithoutCancel(ctx), v.account, v.id, from, to, reason)
+	if err == nil && (to == store.StateSuspended || to == store.StateTerminated) {
+		e.release(v.id) // its memory is on disk, or gone
+	}
 	if err == nil {
 		if to == store.StateRunning {
 			v.touch(e.now())
@@ -410,6 +450,9 @@ func (e *Engine) callHook(ctx context.Context, id string, port int, path string,
 // returns (a few netlink calls), so that the proxy can route to the VM
 // as soon as the record exists; the clone runs on its own goroutine.
 func (e *Engine) StartMicrovm(ctx context.Context, m store.Microvm) error {
+	if err := e.reserve(m.ID, memoryOf(m)); err != nil {
+		return err
+	}
 	v := e.state(m)
 	nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
@@ -593,6 +636,9 @@ func (e *Engine) suspend(v *vmState, m store.Microvm) {
 
 // ResumeMicrovm implements api.Backend.
 func (e *Engine) ResumeMicrovm(ctx context.Context, m store.Microvm) error {
+	if err := e.reserve(m.ID, memoryOf(m)); err != nil {
+		return err
+	}
 	v := e.state(m)
 	go e.resume(v, m)
 	return nil
