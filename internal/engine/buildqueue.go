@@ -21,6 +21,7 @@ type queued struct {
 	ready  chan struct{}
 	ahead  func(n int) // told the builds ahead of it
 	placed bool        // given a slot
+	told   int         // the last number it was told
 }
 
 func newBuildQueue(n int) *buildQueue { return &buildQueue{n: n} }
@@ -35,12 +36,11 @@ func (q *buildQueue) acquire(ctx context.Context, ahead func(n int)) error {
 		q.mu.Unlock()
 		return nil
 	}
-	w := &queued{ready: make(chan struct{}), ahead: ahead}
+	w := &queued{ready: make(chan struct{}), ahead: ahead, told: -1}
 	q.waiting = append(q.waiting, w)
-	// Builds ahead: those waiting before it and those running.
-	pos := len(q.waiting) - 1 + q.running
+	tell := q.positions()
 	q.mu.Unlock()
-	ahead(pos)
+	tell()
 	select {
 	case <-w.ready:
 		return nil
@@ -85,8 +85,9 @@ func (q *buildQueue) remove(w *queued) {
 	}
 }
 
-// positions returns a func that tells every waiting build its place, to
-// be called after the lock is released.
+// positions returns a func that tells every waiting build whose place
+// changed how many builds are ahead (those running and those waiting
+// before it), to be called after the lock is released.
 func (q *buildQueue) positions() func() {
 	type tell struct {
 		f func(int)
@@ -94,7 +95,10 @@ func (q *buildQueue) positions() func() {
 	}
 	var ts []tell
 	for i, w := range q.waiting {
-		ts = append(ts, tell{w.ahead, i + q.running})
+		if n := i + q.running; n != w.told {
+			w.told = n
+			ts = append(ts, tell{w.ahead, n})
+		}
 	}
 	return func() {
 		for _, t := range ts {
