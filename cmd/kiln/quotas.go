@@ -4,7 +4,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 	"sort"
 	"text/tabwriter"
 
@@ -138,7 +137,7 @@ func printQuotas(cmd *cobra.Command, st store.Store, accounts []string) error {
 	} else if !errors.Is(err, errdefs.ErrNotFound) {
 		return err
 	}
-	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "ACCOUNT\tQUOTA\tLIMIT\tIN USE")
 	for _, a := range accounts {
 		o, err := st.GetQuotaOverride(ctx, a)

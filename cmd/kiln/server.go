@@ -187,6 +187,9 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 	if err := ensureAdminKey(ctx, st, filepath.Join(o.DataDir, "credentials")); err != nil {
 		return err
 	}
+	if o.Quota == (store.Quota{}) {
+		o.Quota = api.DefaultQuota
+	}
 	// `kiln quotas get` shows the limits this server applies.
 	if err := st.SetSetting(ctx, SettingQuotaDefaults, string(mustJSON(o.Quota))); err != nil {
 		return err
