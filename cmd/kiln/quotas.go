@@ -123,7 +123,6 @@ func init() {
 	rootCmd.AddCommand(quotas)
 }
 
-
 // printQuotas prints, per account, each quota's limit (with "set" when
 // the account's own) and its use. Storage use here is what the store
 // records (build snapshots); the server adds uploads when it checks.

@@ -135,4 +135,3 @@ func (s *Server) microvmSize(ctx context.Context, v store.ImageVersion) (mem, vc
 	}
 	return mem, int64(s.cfg.MicrovmVCPUs), nil
 }
-

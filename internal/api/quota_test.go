@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
@@ -147,4 +149,25 @@ func TestHostAdmissionRefusal(t *testing.T) {
 	if n, _ := e.st.CountMicrovms(context.Background(), e.key.Account); n != 1 {
 		t.Errorf("%d microVMs stored, want 1", n)
 	}
+}
+
+// TestDeleteBuildingVersion: a version still building may be deleted (the
+// backend cancels its build); the image no longer says it is building.
+// (Before, the API answered ConflictException until the build ended,
+// which with no build deadline could be never.)
+func TestDeleteBuildingVersion(t *testing.T) {
+	e := newEnv(t)
+	e.be.Delay = 300 * time.Millisecond
+	e.ok("POST", base+"/microvm-images", nil, imageBody("slow"))
+	e.ok("DELETE", base+"/microvm-images/slow/versions/1", nil, nil)
+	img := e.ok("GET", base+"/microvm-images/slow", nil, nil)
+	if img["state"] != "CREATE_FAILED" {
+		t.Errorf("image after deleting its building version: %v", img["state"])
+	}
+	if !slices.Contains(e.be.Calls(), "DeleteImageVersion slow:1") {
+		t.Errorf("backend not told: %v", e.be.Calls())
+	}
+	// A whole image being built may be deleted too.
+	e.ok("POST", base+"/microvm-images", nil, imageBody("slow2"))
+	e.ok("DELETE", base+"/microvm-images/slow2", nil, nil)
 }

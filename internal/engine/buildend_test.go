@@ -274,4 +274,3 @@ func TestBuildsEnd(t *testing.T) {
 		}
 	})
 }
-

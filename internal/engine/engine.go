@@ -108,8 +108,8 @@ type Config struct {
 	BuildTimeout time.Duration
 	// BuildLogMaxBytes caps a build's log (default 10 MiB).
 	BuildLogMaxBytes int64
-	Log          *slog.Logger
-	Now          func() time.Time
+	Log              *slog.Logger
+	Now              func() time.Time
 }
 
 // Engine runs microVMs. Create it with New, hand it to api.NewServer (which
