@@ -70,6 +70,10 @@ type ServerOptions struct {
 	MaxConnsPerClient int
 	// RequireKVM refuses to start unless VMs run under KVM.
 	RequireKVM bool
+	// LogMaxBytes caps each microVM's kept output; LogRetention is how
+	// long it stays after the VM ended (0: applog's defaults).
+	LogMaxBytes  int64
+	LogRetention time.Duration
 }
 
 // FetchPolicy is the egress policy of kiln's fetches for tenants.
@@ -158,6 +162,7 @@ the database: without it the stored keys cannot be used).`,
 	f.StringVar(&o.APICert, "api-cert", "", "PEM certificate chain: serve the API over HTTPS (with --api-key)")
 	f.StringVar(&o.APIKey, "api-key", "", "PEM private key of --api-cert")
 	f.IntVar(&o.MaxConnsPerClient, "max-conns-per-client", 256, "concurrent API connections per client address; more are answered 429 and closed (0: no cap)")
+	addLogFlags(f, &o)
 	f.BoolVar(&o.RequireKVM, "require-kvm", false, "refuse to start unless microVMs run under KVM (TCG is not a security boundary)")
 	rootCmd.AddCommand(cmd)
 }

@@ -65,7 +65,7 @@ func (s *Server) uploadArtifact(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, internal(err.Error()))
 		return
 	}
-	if err := q.Check(key.Account, u, store.Usage{StorageBytes: r.ContentLength}); err != nil {
+	if err := q.Check(key.Account, u, store.QuotaUse{StorageBytes: r.ContentLength}); err != nil {
 		writeError(w, r, quotaError(err))
 		return
 	}

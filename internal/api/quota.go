@@ -88,18 +88,18 @@ func (s *Server) artifactBytes(account string) (int64, error) {
 
 // Quota returns an account's effective limits and what it uses (uploads
 // included).
-func (s *Server) Quota(ctx context.Context, account string) (store.Quota, store.Usage, error) {
+func (s *Server) Quota(ctx context.Context, account string) (store.Quota, store.QuotaUse, error) {
 	o, err := s.st.GetQuotaOverride(ctx, account)
 	if err != nil {
-		return store.Quota{}, store.Usage{}, err
+		return store.Quota{}, store.QuotaUse{}, err
 	}
 	u, err := s.st.QuotaUsage(ctx, account)
 	if err != nil {
-		return store.Quota{}, store.Usage{}, err
+		return store.Quota{}, store.QuotaUse{}, err
 	}
 	n, err := s.artifactBytes(account)
 	if err != nil {
-		return store.Quota{}, store.Usage{}, err
+		return store.Quota{}, store.QuotaUse{}, err
 	}
 	u.StorageBytes += n
 	return o.Apply(s.cfg.Quota), u, nil

@@ -110,8 +110,10 @@ func (e *Engine) build(ctx context.Context, v store.ImageVersion, b store.Build)
 		log.Warn("recording build start", "err", err)
 		return
 	}
+	e.meterBuild(ctx, b, true)
 	finish := func(ok bool, reason string, snap *store.SnapshotBuild) {
 		w.Close()
+		e.meterBuild(ctx, b, false)
 		if err := rep.BuildFinished(context.WithoutCancel(ctx), b, ok, reason, snap); err != nil {
 			log.Warn("recording build result", "err", err)
 		}
@@ -172,6 +174,7 @@ func (e *Engine) buildStopped(ctx context.Context, log *slog.Logger, w *storeLog
 	if e.ctx.Err() != nil {
 		return
 	}
+	e.meterBuild(ctx, b, false) // the time it ran is still used
 	log.Info("build cancelled: its image version was deleted", "err", err)
 }
 

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/applog"
 	"github.com/kiln-sandbox/kiln/internal/dnsfwd"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/netns"
@@ -108,8 +109,17 @@ type Config struct {
 	BuildTimeout time.Duration
 	// BuildLogMaxBytes caps a build's log (default 10 MiB).
 	BuildLogMaxBytes int64
-	Log              *slog.Logger
-	Now              func() time.Time
+	// Logs keeps each microVM's output on disk (default: DataDir/logs
+	// with applog's defaults). The QEMU driver's console sink should be
+	// Logs.Console, so that the guest console lands there too.
+	Logs *applog.Manager
+	// LogSweepInterval is how often expired logs are removed (default 10m).
+	LogSweepInterval time.Duration
+	// MeterInterval is how often open usage intervals are written to the
+	// store (default 60s): a crash loses at most that much usage.
+	MeterInterval time.Duration
+	Log           *slog.Logger
+	Now           func() time.Time
 }
 
 // Engine runs microVMs. Create it with New, hand it to api.NewServer (which
@@ -138,8 +148,7 @@ type Engine struct {
 	committed    map[string]int64 // guest memory MiB by VM id or "build/ID"
 	committedMiB int64
 
-	logMu sync.Mutex
-	logs  map[string]*ring
+	meter meter
 }
 
 // vmState is what the engine keeps in memory about one microVM that is not
@@ -165,6 +174,7 @@ type vmState struct {
 	flushedAt  time.Time // last time activity was written to the store
 	changed    chan struct{}
 	gone       bool
+	size       vmSize // for metering; zero until first known
 }
 
 // New returns an Engine; ctx is the server's life.
@@ -200,6 +210,19 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.BuildLogMaxBytes <= 0 {
 		cfg.BuildLogMaxBytes = 10 << 20
 	}
+	if cfg.LogSweepInterval <= 0 {
+		cfg.LogSweepInterval = 10 * time.Minute
+	}
+	if cfg.MeterInterval <= 0 {
+		cfg.MeterInterval = time.Minute
+	}
+	if cfg.Logs == nil {
+		l, err := applog.New(filepath.Join(cfg.DataDir, "logs"), applog.Options{Log: cfg.Log})
+		if err != nil {
+			return nil, err
+		}
+		cfg.Logs = l
+	}
 	e := &Engine{cfg: cfg, log: cfg.Log, now: cfg.Now, vms: map[string]*vmState{},
 		queue: newBuildQueue(cfg.MaxConcurrentBuilds), builds: map[string]*buildRun{}, committed: map[string]int64{}}
 	e.ctx, e.cancel = context.WithCancel(context.WithoutCancel(ctx))
@@ -227,6 +250,8 @@ func (e *Engine) server() (*api.Server, error) {
 // ends. Call it once, after the API server's Start (recovery).
 func (e *Engine) Run(ctx context.Context) {
 	go e.idleLoop(ctx)
+	go e.sweepLogs(ctx, e.cfg.LogSweepInterval)
+	go e.meterLoop(ctx, e.cfg.MeterInterval)
 	for {
 		select {
 		case <-ctx.Done():
@@ -254,6 +279,13 @@ func (e *Engine) Accel() string {
 func (e *Engine) Close() error {
 	e.cancel()
 	e.buildWG.Wait()
+	// The last checkpoint; then this engine meters no more (the next
+	// process closes what is open at that checkpoint).
+	e.meterCheckpoint(context.Background())
+	e.meter.mu.Lock()
+	e.meter.open = nil
+	e.meter.mu.Unlock()
+	e.cfg.Logs.CloseAll()
 	return nil
 }
 
@@ -269,10 +301,18 @@ func connector(list []string, name string) bool {
 
 // state returns the in-memory state of m, creating it if needed.
 func (e *Engine) state(m store.Microvm) *vmState {
+	v, made := e.newState(m)
+	if made {
+		e.openLog(v.ctx, m)
+	}
+	return v
+}
+
+func (e *Engine) newState(m store.Microvm) (*vmState, bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if v, ok := e.vms[m.ID]; ok {
-		return v
+		return v, false
 	}
 	v := &vmState{id: m.ID, account: m.Account, image: m.ImageName, version: m.ImageVersion,
 		// No ingress connector at all keeps the endpoint open (a token is
@@ -288,7 +328,7 @@ func (e *Engine) state(m store.Microvm) *vmState {
 	}
 	v.ctx, v.cancel = context.WithCancel(e.ctx)
 	e.vms[m.ID] = v
-	return v
+	return v, true
 }
 
 func (e *Engine) lookup(id string) *vmState {
@@ -297,12 +337,13 @@ func (e *Engine) lookup(id string) *vmState {
 	return e.vms[id]
 }
 
-// logKeep is how long a terminated microVM's output stays readable.
-const logKeep = 10 * time.Minute
-
+// forget drops a terminated microVM; its log stays on disk for the
+// retention period.
 func (e *Engine) forget(v *vmState) {
 	e.release(v.id)
-	time.AfterFunc(logKeep, func() { e.dropLog(v.id) })
+	if err := e.cfg.Logs.Close(v.id); err != nil {
+		e.log.Warn("closing the microvm log", "microvm", v.id, "err", err)
+	}
 	e.mu.Lock()
 	if e.vms[v.id] == v {
 		delete(e.vms, v.id)
@@ -335,6 +376,7 @@ func (e *Engine) report(ctx context.Context, v *vmState, from []store.MicrovmSta
 		e.release(v.id) // its memory is on disk, or gone
 	}
 	if err == nil {
+		e.meterVM(context.WithoutCancel(ctx), v, m.State, m.UpdatedAt)
 		if to == store.StateRunning {
 			v.touch(e.now())
 		}

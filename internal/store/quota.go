@@ -26,7 +26,7 @@ type Quota struct {
 	VCPUs     int64 `json:"vcpus"`
 	// Builds counts builds PENDING or IN_PROGRESS (queued ones included).
 	Builds int64 `json:"builds"`
-	// StorageBytes bounds Usage.StorageBytes.
+	// StorageBytes bounds QuotaUse.StorageBytes.
 	StorageBytes int64 `json:"storageBytes"`
 }
 
@@ -55,8 +55,8 @@ func (o QuotaOverride) Apply(d Quota) Quota {
 	return d
 }
 
-// Usage is what an account uses of each quota, as the store counts it.
-type Usage struct {
+// QuotaUse is what an account uses of each quota, as the store counts it.
+type QuotaUse struct {
 	Microvms  int64 `json:"microvms"`
 	MemoryMiB int64 `json:"memoryMiB"`
 	VCPUs     int64 `json:"vcpus"`
@@ -106,7 +106,7 @@ func (e *QuotaError) Unwrap() error { return errdefs.ErrExhausted }
 // Check returns a *QuotaError if adding need to u would pass q. A build
 // (need.Builds > 0) is refused storage only once the account is over its
 // limit, since what a build will store is not known before it runs.
-func (q Quota) Check(account string, u Usage, need Usage) error {
+func (q Quota) Check(account string, u QuotaUse, need QuotaUse) error {
 	for _, c := range []struct {
 		name              string
 		limit, used, need int64

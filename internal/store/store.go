@@ -194,6 +194,10 @@ type Build struct {
 	CreatedAt         time.Time      `json:"createdAt"`
 	UpdatedAt         time.Time      `json:"updatedAt"`
 	Snapshot          *SnapshotBuild `json:"snapshotBuild,omitempty"`
+	// Recoveries counts the times a restart found this build IN_PROGRESS
+	// and started it again (api.RedoBuilds); kept in the record so that a
+	// build that kills kiln is not redone forever.
+	Recoveries int `json:"recoveries,omitempty"`
 }
 
 // Microvm is one microVM record. DeadlineAt (StartedAt plus
@@ -268,6 +272,9 @@ const SettingOperatorAccount = "operator_account"
 
 // Store is kiln's state. Implementations must be safe for concurrent use.
 type Store interface {
+	EventStore
+	UsageStore
+
 	// Close releases the database. Calls after Close fail.
 	Close() error
 
@@ -371,8 +378,8 @@ type Store interface {
 	CreateImageVersionWithinQuota(ctx context.Context, v ImageVersion, builds []Build, tok *ClientToken, adm Admission) (ImageVersion, []Build, error)
 
 	// QuotaUsage returns what an account uses of each quota, as the store
-	// sees it (Usage.StorageBytes = Usage.SnapshotBytes here).
-	QuotaUsage(ctx context.Context, account string) (Usage, error)
+	// sees it (QuotaUse.StorageBytes = QuotaUse.SnapshotBytes here).
+	QuotaUsage(ctx context.Context, account string) (QuotaUse, error)
 	// GetQuotaOverride returns the limits set for an account (all nil if
 	// none were).
 	GetQuotaOverride(ctx context.Context, account string) (QuotaOverride, error)

@@ -263,7 +263,9 @@ var migrations = []string{
 		name TEXT PRIMARY KEY,
 		value TEXT NOT NULL
 	);`,
-	// 3: per-account quota overrides (`kiln quotas set`), and an index
+	// 3: lifecycle events and usage intervals (events.go).
+	migrationEventsUsage,
+	// 4: per-account quota overrides (`kiln quotas set`), and an index
 	// that lets the quota check count an account's live microVMs without
 	// reading its terminated ones.
 	`CREATE TABLE IF NOT EXISTS quotas (
@@ -549,7 +551,7 @@ func (s *Store) CreateImageWithinQuota(ctx context.Context, img store.Image, v s
 func (s *Store) createImage(ctx context.Context, img store.Image, v store.ImageVersion, builds []store.Build, tok *store.ClientToken, adm *store.Admission) error {
 	return s.tx(ctx, func(tx *sql.Tx) error {
 		if adm != nil {
-			if err := admit(ctx, tx, img.Account, *adm, store.Usage{Builds: int64(len(builds))}); err != nil {
+			if err := admit(ctx, tx, img.Account, *adm, store.QuotaUse{Builds: int64(len(builds))}); err != nil {
 				return err
 			}
 		}
@@ -576,6 +578,9 @@ func insertVersion(ctx context.Context, tx *sql.Tx, v store.ImageVersion, builds
 	}
 	if err != nil {
 		return fmt.Errorf("creating image version: %w", err)
+	}
+	if err := insertEvent(ctx, tx, versionEvent(v, "")); err != nil {
+		return err
 	}
 	for _, b := range builds {
 		if _, err := tx.ExecContext(ctx, `INSERT INTO builds (build_id, account, image, version, state, data) VALUES (?, ?, ?, ?, ?, ?)`,
@@ -626,6 +631,9 @@ func (s *Store) DeleteImage(ctx context.Context, account, name string) error {
 		if err != nil {
 			return fmt.Errorf("reading image: %w", err)
 		}
+		if err := deletedVersionEvents(ctx, tx, account, name, "", "DeleteMicrovmImage"); err != nil {
+			return err
+		}
 		for _, q := range []string{
 			`DELETE FROM build_logs WHERE build_id IN (SELECT build_id FROM builds WHERE account = ?1 AND image = ?2)`,
 			`DELETE FROM builds WHERE account = ?1 AND image = ?2`,
@@ -656,7 +664,7 @@ func (s *Store) CreateImageVersionWithinQuota(ctx context.Context, v store.Image
 func (s *Store) createImageVersion(ctx context.Context, v store.ImageVersion, builds []store.Build, tok *store.ClientToken, adm *store.Admission) (store.ImageVersion, []store.Build, error) {
 	err := s.tx(ctx, func(tx *sql.Tx) error {
 		if adm != nil {
-			if err := admit(ctx, tx, v.Account, *adm, store.Usage{Builds: int64(len(builds))}); err != nil {
+			if err := admit(ctx, tx, v.Account, *adm, store.QuotaUse{Builds: int64(len(builds))}); err != nil {
 				return err
 			}
 		}
@@ -712,13 +720,29 @@ func (s *Store) ListImageVersions(ctx context.Context, account, image string, p 
 }
 
 func (s *Store) UpdateImageVersion(ctx context.Context, v store.ImageVersion) error {
-	res, err := s.w.ExecContext(ctx, `UPDATE image_versions SET data = ? WHERE account = ? AND image = ? AND version = ?`,
-		mustJSON(v), v.Account, v.ImageName, v.Version)
-	return affected(res, err, "image version "+v.ImageName+":"+v.Version)
+	return s.tx(ctx, func(tx *sql.Tx) error {
+		what := "image version " + v.ImageName + ":" + v.Version
+		old, err := getDoc[store.ImageVersion](ctx, tx, what, `SELECT data FROM image_versions WHERE account = ? AND image = ? AND version = ?`, v.Account, v.ImageName, v.Version)
+		if err != nil {
+			return err
+		}
+		res, err := tx.ExecContext(ctx, `UPDATE image_versions SET data = ? WHERE account = ? AND image = ? AND version = ?`,
+			mustJSON(v), v.Account, v.ImageName, v.Version)
+		if err := affected(res, err, what); err != nil {
+			return err
+		}
+		if old.State != v.State {
+			return insertEvent(ctx, tx, versionEvent(v, old.State))
+		}
+		return nil
+	})
 }
 
 func (s *Store) DeleteImageVersion(ctx context.Context, account, image, version string) error {
 	return s.tx(ctx, func(tx *sql.Tx) error {
+		if err := deletedVersionEvents(ctx, tx, account, image, version, "DeleteMicrovmImageVersion"); err != nil {
+			return err
+		}
 		res, err := tx.ExecContext(ctx, `DELETE FROM image_versions WHERE account = ? AND image = ? AND version = ?`, account, image, version)
 		if err := affected(res, err, "image version "+image+":"+version); err != nil {
 			return err
@@ -848,7 +872,7 @@ func (s *Store) CreateMicrovmWithinQuota(ctx context.Context, m store.Microvm, t
 	return s.tx(ctx, func(tx *sql.Tx) error {
 		// The write transaction is BEGIN IMMEDIATE: no other writer runs
 		// between this count and the insert.
-		if err := admit(ctx, tx, m.Account, adm, store.Usage{Microvms: 1, MemoryMiB: m.MemoryMiB, VCPUs: m.VCPUs}); err != nil {
+		if err := admit(ctx, tx, m.Account, adm, store.QuotaUse{Microvms: 1, MemoryMiB: m.MemoryMiB, VCPUs: m.VCPUs}); err != nil {
 			return err
 		}
 		return insertMicrovm(ctx, tx, m, tok)
@@ -864,6 +888,16 @@ func insertMicrovm(ctx context.Context, tx *sql.Tx, m store.Microvm, tok *store.
 		}
 		if err != nil {
 			return fmt.Errorf("creating microvm: %w", err)
+		}
+		ev := microvmEvent(m, "")
+		if ev.Reason == "" {
+			ev.Reason = "RunMicrovm"
+		}
+		if ev.At.IsZero() {
+			ev.At = m.StartedAt
+		}
+		if err := insertEvent(ctx, tx, ev); err != nil {
+			return err
 		}
 		return insertToken(ctx, tx, tok)
 	}
@@ -947,8 +981,14 @@ func (s *Store) UpdateMicrovm(ctx context.Context, account, id string, from []st
 		if len(from) > 0 && !containsState(from, m.State) {
 			return fmt.Errorf("microvm %s is %s: %w", id, m.State, errdefs.ErrConflict)
 		}
+		before := m.State
 		if err := change(&m); err != nil {
 			return err
+		}
+		if m.State != before {
+			if err := insertEvent(ctx, tx, microvmEvent(m, before)); err != nil {
+				return err
+			}
 		}
 		_, err = tx.ExecContext(ctx, `UPDATE microvms SET state = ?, deadline_at = ?, suspend_deadline_at = ?, data = ? WHERE id = ? AND account = ?`,
 			string(m.State), m.DeadlineAt.UnixNano(), suspendDeadline(m), mustJSON(m), id, account)
@@ -1018,12 +1058,12 @@ type querier interface {
 }
 
 // admit checks need against the account's quota inside tx.
-func admit(ctx context.Context, tx *sql.Tx, account string, adm store.Admission, need store.Usage) error {
+func admit(ctx context.Context, tx *sql.Tx, account string, adm store.Admission, need store.QuotaUse) error {
 	o, err := quotaOverride(ctx, tx, account)
 	if err != nil {
 		return err
 	}
-	u, err := usage(ctx, tx, account)
+	u, err := quotaUse(ctx, tx, account)
 	if err != nil {
 		return err
 	}
@@ -1031,8 +1071,8 @@ func admit(ctx context.Context, tx *sql.Tx, account string, adm store.Admission,
 	return o.Apply(adm.Defaults).Check(account, u, need)
 }
 
-func usage(ctx context.Context, q querier, account string) (store.Usage, error) {
-	var u store.Usage
+func quotaUse(ctx context.Context, q querier, account string) (store.QuotaUse, error) {
+	var u store.QuotaUse
 	if err := q.QueryRowContext(ctx, `SELECT COUNT(*), COALESCE(SUM(json_extract(data, '$.memoryMiB')), 0), COALESCE(SUM(json_extract(data, '$.vcpus')), 0)
 		FROM microvms WHERE account = ? AND state != 'TERMINATED'`, account).Scan(&u.Microvms, &u.MemoryMiB, &u.VCPUs); err != nil {
 		return u, fmt.Errorf("counting microvms: %w", err)
@@ -1065,8 +1105,8 @@ func quotaOverride(ctx context.Context, q querier, account string) (store.QuotaO
 	return o, nil
 }
 
-func (s *Store) QuotaUsage(ctx context.Context, account string) (store.Usage, error) {
-	return usage(ctx, s.r, account)
+func (s *Store) QuotaUsage(ctx context.Context, account string) (store.QuotaUse, error) {
+	return quotaUse(ctx, s.r, account)
 }
 
 func (s *Store) GetQuotaOverride(ctx context.Context, account string) (store.QuotaOverride, error) {

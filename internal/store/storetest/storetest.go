@@ -31,6 +31,8 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"settings", settings},
 		{"quota race", quotaRace},
 		{"quotas", quotas},
+		{"events", events},
+		{"usage", usage},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.fn(t, open(t)) })
