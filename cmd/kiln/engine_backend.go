@@ -82,7 +82,9 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		return nil, nil, err
 	}
 	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep,
-		Builder: newImageBuilder(ctx, o, drv, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log})
+		Builder: newImageBuilder(ctx, o, drv, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log,
+		MemoryOvercommit: o.MemoryOvercommit, MaxConcurrentBuilds: o.MaxConcurrentBuilds,
+		BuildTimeout: o.BuildTimeout, BuildLogMaxBytes: o.BuildLogMaxBytes})
 	if err != nil {
 		drv.Close()
 		return nil, nil, err
@@ -144,6 +146,24 @@ func newImageBuilder(ctx context.Context, o ServerOptions, drv *qemu.Driver, log
 }
 
 type imageBuilder struct{ b *imagebuild.Builder }
+
+var _ engine.BuildSizer = (*imageBuilder)(nil)
+
+// BuildMemoryMiB implements engine.BuildSizer: a build runs its RUN steps'
+// build VMs, then the image VM, one at a time.
+func (ib *imageBuilder) BuildMemoryMiB(v store.ImageVersion) int64 {
+	mem := imagebuild.DefaultMemoryMiB
+	if rs := v.Config.Resources; len(rs) > 0 {
+		if m, err := imagebuild.MemoryFor(rs[0].MinimumMemoryInMiB); err == nil {
+			mem = m
+		}
+	}
+	run := imagebuild.DefaultRunMemoryMiB
+	if r, ok := ib.b.Images.Runner.(*imagebuild.Runner); ok && r.MemoryMiB > 0 {
+		run = r.MemoryMiB
+	}
+	return int64(max(mem, run))
+}
 
 func (ib *imageBuilder) Build(ctx context.Context, req engine.BuildRequest) (engine.BuildResult, error) {
 	cfg := req.Version.Config

@@ -39,9 +39,18 @@ type ServerOptions struct {
 	EndpointAddr string
 	Domain       string
 	Region       string
-	// Quotas (0: none).
-	MaxMicrovmsPerAccount int
-	RequestsPerSecond     float64
+	// Quota is every account's limits unless `kiln quotas set` gave it
+	// others (--quota-*; negative: no limit).
+	Quota             store.Quota
+	RequestsPerSecond float64
+	// Host admission and builds (internal/engine): MemoryOvercommit is the
+	// guest memory the host may commit, as a ratio of its physical memory;
+	// MaxConcurrentBuilds builds run at once, others queue; BuildTimeout
+	// bounds a whole build; BuildLogMaxBytes caps each build's log.
+	MemoryOvercommit    float64
+	MaxConcurrentBuilds int
+	BuildTimeout        time.Duration
+	BuildLogMaxBytes    int64
 	// Network policy for tenants (internal/egress). DenyCIDRs
 	// (--deny-cidr) are denied to app VMs, build VMs and kiln's fetches
 	// for tenants on top of the built-in list; AllowFetchCIDRs
@@ -134,7 +143,17 @@ the database: without it the stored keys cannot be used).`,
 	f.StringVar(&o.EndpointAddr, "endpoint-addr", "127.0.0.1:8443", "address of the microVM endpoint proxy (HTTPS)")
 	f.StringVar(&o.Domain, "domain", "microvm.localhost", "microVM endpoints are https://ID.DOMAIN")
 	f.StringVar(&o.Region, "region", "us-east-1", "region in ARNs")
-	f.IntVar(&o.MaxMicrovmsPerAccount, "max-microvms-per-account", 0, "quota of microVMs not terminated per account (0: none)")
+	f.Int64Var(&o.Quota.Microvms, "max-microvms-per-account", api.DefaultQuota.Microvms, "old name of --quota-microvms")
+	f.MarkDeprecated("max-microvms-per-account", "use --quota-microvms")
+	f.Int64Var(&o.Quota.Microvms, "quota-microvms", api.DefaultQuota.Microvms, "default quota: microVMs not terminated per account (negative: no limit; `kiln quotas set` changes one account's)")
+	f.Int64Var(&o.Quota.MemoryMiB, "quota-memory-mib", api.DefaultQuota.MemoryMiB, "default quota: guest memory MiB of an account's microVMs not terminated")
+	f.Int64Var(&o.Quota.VCPUs, "quota-vcpus", api.DefaultQuota.VCPUs, "default quota: vCPUs of an account's microVMs not terminated")
+	f.Int64Var(&o.Quota.Builds, "quota-builds", api.DefaultQuota.Builds, "default quota: an account's image builds pending or running at once")
+	f.Int64Var(&o.Quota.StorageBytes, "quota-storage-bytes", api.DefaultQuota.StorageBytes, "default quota: bytes of an account's build snapshots (memory and disk) and uploaded code packages")
+	f.Float64Var(&o.MemoryOvercommit, "memory-overcommit", 1.0, "guest memory the host may commit to running microVMs and builds, as a ratio of its physical memory; beyond it runs, resumes and builds are refused (0: no check)")
+	f.IntVar(&o.MaxConcurrentBuilds, "max-concurrent-builds", 2, "image builds running at once on this host; more wait in a queue")
+	f.DurationVar(&o.BuildTimeout, "build-timeout", 60*time.Minute, "longest a whole image build may take before it fails")
+	f.Int64Var(&o.BuildLogMaxBytes, "build-log-max-bytes", 10<<20, "bytes of a build's log kept; later output is dropped after a \"truncated\" line")
 	f.Float64Var(&o.RequestsPerSecond, "requests-per-second", 0, "API request rate per account before ThrottlingException (0: no limit)")
 	f.StringVar(&backend, "backend", "engine", "what runs the microVMs: engine, or fake (records only, for trying the API)")
 	f.StringArrayVar(&denyCIDRs, "deny-cidr", nil, "CIDR (or address) that app VMs, build VMs and kiln's fetches for tenants (ADD <url>, code URIs, registry pulls) may never reach, on top of the built-in deny list; repeatable")
@@ -172,6 +191,13 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 	}
 	defer st.Close()
 	if err := ensureAdminKey(ctx, st, filepath.Join(o.DataDir, "credentials")); err != nil {
+		return err
+	}
+	if o.Quota == (store.Quota{}) {
+		o.Quota = api.DefaultQuota
+	}
+	// `kiln quotas get` shows the limits this server applies.
+	if err := st.SetSetting(ctx, SettingQuotaDefaults, string(mustJSON(o.Quota))); err != nil {
 		return err
 	}
 	operator, err := operatorAccount(ctx, st, o.OperatorAccount)
@@ -213,7 +239,7 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 	}
 	_, port, _ := net.SplitHostPort(o.EndpointAddr)
 	srv := api.NewServer(api.Config{Region: o.Region, Domain: o.Domain, EndpointPort: port, Tokens: tokens,
-		MaxMicrovmsPerAccount: o.MaxMicrovmsPerAccount, RequestsPerSecond: o.RequestsPerSecond,
+		Quota: o.Quota, RequestsPerSecond: o.RequestsPerSecond,
 		ArtifactDir: filepath.Join(o.DataDir, "artifacts"), OperatorAccounts: operators,
 		ManagedSource: managedImages(o.DataDir), Accel: accel}, st, be)
 	ln, err := net.Listen("tcp", o.APIAddr)

@@ -97,6 +97,18 @@ type Config struct {
 	IdleInterval time.Duration
 	// StartTimeout bounds a clone plus its run hook (default 2 min).
 	StartTimeout time.Duration
+	// MemoryOvercommit bounds the guest memory committed to running VMs
+	// (microVMs and builds) to this ratio of HostMemoryMiB (0: no bound).
+	MemoryOvercommit float64
+	// HostMemoryMiB is the host's physical memory (default: MemTotal).
+	HostMemoryMiB int64
+	// MaxConcurrentBuilds run at once; more wait in a queue (default 2).
+	MaxConcurrentBuilds int
+	// BuildTimeout bounds a whole build, from when it gets a slot
+	// (default 60 min).
+	BuildTimeout time.Duration
+	// BuildLogMaxBytes caps a build's log (default 10 MiB).
+	BuildLogMaxBytes int64
 	// Logs keeps each microVM's output on disk (default: DataDir/logs
 	// with applog's defaults). The QEMU driver's console sink should be
 	// Logs.Console, so that the guest console lands there too.
@@ -107,7 +119,7 @@ type Config struct {
 	// store (default 60s): a crash loses at most that much usage.
 	MeterInterval time.Duration
 	Log           *slog.Logger
-	Now          func() time.Time
+	Now           func() time.Time
 }
 
 // Engine runs microVMs. Create it with New, hand it to api.NewServer (which
@@ -128,6 +140,13 @@ type Engine struct {
 	vms map[string]*vmState
 
 	buildWG sync.WaitGroup
+	queue   *buildQueue
+	buildMu sync.Mutex
+	builds  map[string]*buildRun // by versionKey: builds queued or running
+
+	commitMu     sync.Mutex
+	committed    map[string]int64 // guest memory MiB by VM id or "build/ID"
+	committedMiB int64
 
 	meter meter
 }
@@ -175,6 +194,22 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.MemoryOvercommit > 0 && cfg.HostMemoryMiB <= 0 {
+		n, err := hostMemoryMiB()
+		if err != nil {
+			return nil, err
+		}
+		cfg.HostMemoryMiB = n
+	}
+	if cfg.MaxConcurrentBuilds <= 0 {
+		cfg.MaxConcurrentBuilds = 2
+	}
+	if cfg.BuildTimeout <= 0 {
+		cfg.BuildTimeout = 60 * time.Minute
+	}
+	if cfg.BuildLogMaxBytes <= 0 {
+		cfg.BuildLogMaxBytes = 10 << 20
+	}
 	if cfg.LogSweepInterval <= 0 {
 		cfg.LogSweepInterval = 10 * time.Minute
 	}
@@ -188,7 +223,8 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		}
 		cfg.Logs = l
 	}
-	e := &Engine{cfg: cfg, log: cfg.Log, now: cfg.Now, vms: map[string]*vmState{}}
+	e := &Engine{cfg: cfg, log: cfg.Log, now: cfg.Now, vms: map[string]*vmState{},
+		queue: newBuildQueue(cfg.MaxConcurrentBuilds), builds: map[string]*buildRun{}, committed: map[string]int64{}}
 	e.ctx, e.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	return e, nil
 }
@@ -304,6 +340,7 @@ func (e *Engine) lookup(id string) *vmState {
 // forget drops a terminated microVM; its log stays on disk for the
 // retention period.
 func (e *Engine) forget(v *vmState) {
+	e.release(v.id)
 	if err := e.cfg.Logs.Close(v.id); err != nil {
 		e.log.Warn("closing the microvm log", "microvm", v.id, "err", err)
 	}
@@ -335,6 +372,9 @@ func (v *vmState) waitChan() <-chan struct{} {
 // report moves the microVM to a state and wakes waiters.
 func (e *Engine) report(ctx context.Context, v *vmState, from []store.MicrovmState, to store.MicrovmState, reason string) (store.Microvm, error) {
 	m, err := e.cfg.Reporter.MicrovmState(context.WithoutCancel(ctx), v.account, v.id, from, to, reason)
+	if err == nil && (to == store.StateSuspended || to == store.StateTerminated) {
+		e.release(v.id) // its memory is on disk, or gone
+	}
 	if err == nil {
 		e.meterVM(context.WithoutCancel(ctx), v, m.State, m.UpdatedAt)
 		if to == store.StateRunning {
@@ -452,6 +492,9 @@ func (e *Engine) callHook(ctx context.Context, id string, port int, path string,
 // returns (a few netlink calls), so that the proxy can route to the VM
 // as soon as the record exists; the clone runs on its own goroutine.
 func (e *Engine) StartMicrovm(ctx context.Context, m store.Microvm) error {
+	if err := e.reserve(m.ID, memoryOf(m)); err != nil {
+		return err
+	}
 	v := e.state(m)
 	nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
@@ -635,6 +678,9 @@ func (e *Engine) suspend(v *vmState, m store.Microvm) {
 
 // ResumeMicrovm implements api.Backend.
 func (e *Engine) ResumeMicrovm(ctx context.Context, m store.Microvm) error {
+	if err := e.reserve(m.ID, memoryOf(m)); err != nil {
+		return err
+	}
 	v := e.state(m)
 	go e.resume(v, m)
 	return nil

@@ -72,6 +72,10 @@ func (e *Engine) Recover(ctx context.Context, vms []store.Microvm, builds []stor
 }
 
 func (e *Engine) recoverOne(ctx context.Context, m store.Microvm, ds vmm.State) error {
+	if ds == vmm.StateRunning || m.State == store.StatePending || m.PendingOp == "resume" {
+		// What ran before the restart runs on, whatever the limit says.
+		e.forceReserve(m.ID, memoryOf(m))
+	}
 	v := e.state(m)
 	v.mu.Lock()
 	v.lastActive = m.UpdatedAt // the idle timer goes on from the store

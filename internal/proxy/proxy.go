@@ -28,6 +28,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
@@ -314,6 +315,11 @@ func (s *Server) backendError(w http.ResponseWriter, id string, err error) {
 	case errors.Is(err, context.Canceled):
 	case errors.Is(err, context.DeadlineExceeded):
 		writeError(w, http.StatusGatewayTimeout, "timed out waiting for the microVM to resume")
+	case errors.Is(err, errdefs.ErrExhausted):
+		// Host admission refused the resume; the message names the memory
+		// committed, requested and allowed.
+		w.Header().Set("Retry-After", "10")
+		writeError(w, http.StatusServiceUnavailable, "microVM cannot resume now: "+err.Error())
 	default:
 		s.log.Warn("proxy: backend", "microvm", id, "err", err)
 		writeError(w, http.StatusServiceUnavailable, "microVM unavailable")
