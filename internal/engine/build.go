@@ -12,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -40,8 +41,14 @@ func (e *Engine) build(v store.ImageVersion, b store.Build) {
 		return
 	}
 	w := &storeLog{ctx: ctx, e: e, build: b.ID}
+	buildStart := time.Now()
 	finish := func(ok bool, reason string, snap *store.SnapshotBuild) {
 		w.Close()
+		result := "ok"
+		if !ok {
+			result = "failed"
+		}
+		metrics.Since(metrics.BuildDuration.WithLabelValues(result), buildStart)
 		if err := rep.BuildFinished(context.WithoutCancel(ctx), b, ok, reason, snap); err != nil {
 			log.Warn("recording build result", "err", err)
 		}

@@ -18,6 +18,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/dnsfwd"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
@@ -191,6 +192,7 @@ func (e *Engine) server() (*api.Server, error) {
 // ends. Call it once, after the API server's Start (recovery).
 func (e *Engine) Run(ctx context.Context) {
 	go e.idleLoop(ctx)
+	go e.memoryLoop(ctx)
 	for {
 		select {
 		case <-ctx.Done():
@@ -391,13 +393,16 @@ func (e *Engine) callHook(ctx context.Context, id string, port int, path string,
 	defer cancel()
 	a, err := e.cfg.Driver.Agent(ctx, id)
 	if err != nil {
+		metrics.HookFailures.WithLabelValues(hookName(path)).Inc()
 		return fmt.Errorf("hook %s: %w", path, err)
 	}
 	code, resp, err := a.HTTP(ctx, port, "POST", path, body, timeout)
 	if err != nil {
+		metrics.HookFailures.WithLabelValues(hookName(path)).Inc()
 		return fmt.Errorf("hook %s: %w", path, err)
 	}
 	if code < 200 || code > 299 {
+		metrics.HookFailures.WithLabelValues(hookName(path)).Inc()
 		if len(resp) > 200 {
 			resp = resp[:200]
 		}
@@ -405,6 +410,9 @@ func (e *Engine) callHook(ctx context.Context, id string, port int, path string,
 	}
 	return nil
 }
+
+// hookName is the metrics label of a hook path (its last element).
+func hookName(path string) string { return path[strings.LastIndexByte(path, '/')+1:] }
 
 // StartMicrovm implements api.Backend. The VM network is made before it
 // returns (a few netlink calls), so that the proxy can route to the VM
@@ -481,12 +489,14 @@ func (e *Engine) start(v *vmState, m store.Microvm) {
 		if err == nil {
 			e.cfg.Driver.Terminate(ctx, v.id) // a leftover of an interrupted start
 		}
+		cloneStart := time.Now()
 		_, err = e.cfg.Driver.Clone(ctx, vmm.CloneSpec{ID: v.id, Template: tmpl,
 			Net: v.net.Attachment()})
 		if err != nil {
 			fail("StartFailed", fmt.Errorf("restoring the snapshot: %w", err))
 			return
 		}
+		metrics.Since(metrics.Clone, cloneStart)
 	}
 	hooks, port := e.hooks(ctx, m)
 	if hooks != nil && hooks.Run == "ENABLED" {
@@ -500,6 +510,9 @@ func (e *Engine) start(v *vmState, m store.Microvm) {
 		return
 	}
 	e.pumpLogs(ctx, v.id)
+	if !m.StartedAt.IsZero() {
+		metrics.Since(metrics.RunToRunning, m.StartedAt)
+	}
 	log.Info("microvm running", "took", time.Since(start).Round(time.Millisecond))
 }
 
@@ -588,6 +601,7 @@ func (e *Engine) suspend(v *vmState, m store.Microvm) {
 		log.Info("microvm left SUSPENDING while suspending", "err", err)
 		return
 	}
+	metrics.Since(metrics.Suspend, start)
 	log.Info("microvm suspended", "took", time.Since(start).Round(time.Millisecond))
 }
 
@@ -631,6 +645,7 @@ func (e *Engine) resume(v *vmState, m store.Microvm) {
 		return
 	}
 	e.pumpLogs(ctx, v.id)
+	metrics.Since(metrics.Resume, start)
 	log.Info("microvm resumed", "took", time.Since(start).Round(time.Millisecond))
 }
 
@@ -705,4 +720,46 @@ func (e *Engine) handleEvent(ev vmm.Event) {
 		e.log.Warn("microvm died", "microvm", v.id, "reason", reason)
 		e.lose(v, "VMExited: "+reason)
 	}()
+}
+
+// memoryLoop keeps kiln_host_guest_memory_committed_bytes current: the
+// guest memory of every VM of the driver that runs (microVMs and build VMs;
+// a suspended VM holds no host memory).
+func (e *Engine) memoryLoop(ctx context.Context) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		e.UpdateMemoryMetric(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// UpdateMemoryMetric sets the committed guest memory gauge from the driver.
+func (e *Engine) UpdateMemoryMetric(ctx context.Context) {
+	infos, err := e.cfg.Driver.List(ctx)
+	if err != nil {
+		return
+	}
+	var mib int64
+	for _, i := range infos {
+		if i.State == vmm.StateRunning {
+			mib += int64(i.MemoryMiB)
+		}
+	}
+	metrics.GuestMemoryCommitted.Set(float64(mib << 20))
+}
+
+// Ready reports whether the engine can run microVMs: its driver answers.
+func (e *Engine) Ready(ctx context.Context) error {
+	if e.ctx.Err() != nil {
+		return errors.New("the engine is stopping")
+	}
+	if _, err := e.cfg.Driver.List(ctx); err != nil {
+		return fmt.Errorf("vm driver: %w", err)
+	}
+	return nil
 }
