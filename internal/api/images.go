@@ -306,7 +306,10 @@ func (s *Server) createImage(ctx context.Context, c *call) (any, error) {
 	if tok != nil {
 		tok.ResourceID = in.Name + ":1"
 	}
-	if err := s.st.CreateImage(ctx, img, v, builds, tok); err != nil {
+	release := s.holdReferences()
+	err = s.st.CreateImage(ctx, img, v, builds, tok)
+	release()
+	if err != nil {
 		if errors.Is(err, errdefs.ErrConflict) {
 			if tok != nil {
 				if t, e := s.st.GetClientToken(ctx, c.account, "CreateMicrovmImage", in.ClientToken); e == nil && t.InputHash == tok.InputHash {
@@ -433,7 +436,9 @@ func (s *Server) updateImage(ctx context.Context, c *call) (any, error) {
 	now := s.cfg.Now().UTC()
 	v := store.ImageVersion{Account: c.account, ImageName: img.Name, ImageARN: img.ARN, State: store.VersionPending,
 		Status: store.VersionActive, Config: in.ImageConfig, CreatedAt: now, UpdatedAt: now}
+	release := s.holdReferences()
 	v, builds, err := s.st.CreateImageVersion(ctx, v, s.newBuilds(c, img.ARN, img.Name, in.ImageConfig), tok)
+	release()
 	if err != nil {
 		if tok != nil && errors.Is(err, errdefs.ErrConflict) {
 			if t, e := s.st.GetClientToken(ctx, c.account, "UpdateMicrovmImage", in.ClientToken); e == nil && t.InputHash == tok.InputHash {

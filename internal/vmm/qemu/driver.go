@@ -325,3 +325,20 @@ func (d *Driver) Agent(ctx context.Context, id string) (*client.Client, error) {
 }
 
 func errorsIsNotExist(err error) bool { return errors.Is(err, os.ErrNotExist) }
+
+// CheckSuspended reports which of a suspended VM's saved files is
+// missing (its memory, device state or disk), or nil if all are there.
+func (d *Driver) CheckSuspended(ctx context.Context, id string) error {
+	v, err := d.get(id)
+	if err != nil {
+		return err
+	}
+	for _, f := range []struct{ name, what string }{
+		{"mem", "memory"}, {"state", "device state"}, {"disk.qcow2", "disk"},
+	} {
+		if _, err := os.Stat(v.path(f.name)); err != nil {
+			return fmt.Errorf("its saved %s (%s) is gone: %w", f.what, f.name, errdefs.ErrNotFound)
+		}
+	}
+	return nil
+}
