@@ -363,7 +363,13 @@ func (e *Engine) SetTemplate(account, image, version, dir string) error {
 	if err := os.WriteFile(tmp, []byte(dir+"\n"), 0o600); err != nil {
 		return err
 	}
-	return os.Rename(tmp, filepath.Join(d, templatePointer))
+	if err := syncPath(tmp); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, filepath.Join(d, templatePointer)); err != nil {
+		return err
+	}
+	return syncPath(d)
 }
 
 // hooks returns the microVM hooks and port of the version a VM runs.

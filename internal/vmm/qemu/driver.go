@@ -40,7 +40,11 @@ type Config struct {
 	AgentBinary string // the static kiln-agent put into the initramfs
 	// BootTimeout bounds a cold boot until the agent answers.
 	BootTimeout time.Duration
-	Log         *slog.Logger
+	// BootIDPath is where the host's boot id is read (default
+	// /proc/sys/kernel/random/boot_id); tests point it at a file to
+	// simulate a host reboot.
+	BootIDPath string
+	Log        *slog.Logger
 }
 
 // Driver is the QEMU implementation of vmm.Driver.
