@@ -358,9 +358,10 @@ func (c *Collector) sweepVersionDirs(owned map[string]bool) (int, error) {
 					c.cfg.Log.Info("gc: removed image version files with no record", "dir", p)
 				}
 			}
-			os.Remove(vdir) // only if empty
+			// The account's and image's folders stay even when empty: a
+			// build making its version's folder (MkdirAll, after its
+			// record) must never find a parent gone half-way.
 		}
-		os.Remove(filepath.Join(root, a.Name()))
 	}
 	return removed, nil
 }
