@@ -6,6 +6,18 @@ export PATH := /usr/local/go/bin:$(PATH)
 
 .PHONY: setup build run test bench vet clean
 
+# VMs, network namespaces and nftables need root. A root shell (which on a
+# minimal Debian has no sudo) runs the targets directly; anyone else gets
+# the same make re-run under sudo, with Go's PATH kept.
+ifneq ($(shell id -u),0)
+GOALS := $(or $(MAKECMDGOALS),setup)
+$(firstword $(GOALS)):
+	@command -v sudo >/dev/null || { echo "make: kiln needs root: run this as root, or install sudo" >&2; exit 1; }
+	sudo env "PATH=$(PATH)" $(MAKE) $(MAKECMDGOALS)
+$(filter-out $(firstword $(GOALS)),$(GOALS)):
+	@:
+else
+
 setup:
 	bash scripts/setup.sh --data-dir=$(DATA_DIR)
 	$(GO) mod download
@@ -28,3 +40,4 @@ bench: setup build
 
 clean:
 	rm -rf bin
+endif

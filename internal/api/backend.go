@@ -246,22 +246,45 @@ func Recover(ctx context.Context, st store.Store, be Backend) error {
 	return errors.Join(errs...)
 }
 
+// MaxInterruptedBuilds is how many starts of one build a restart may
+// interrupt before RedoBuilds gives up on it: a build that makes kiln
+// crash or be killed (a hostile Dockerfile) would otherwise be redone on
+// every start, and kill it again.
+const MaxInterruptedBuilds = 3
+
 // RedoBuilds hands unfinished builds back to build, one call per image
 // version (BuildImage takes a version's builds together), in the order the
-// versions first appear.
+// versions first appear. A build found IN_PROGRESS was interrupted: the
+// count of its recoveries is written to the store before it starts again,
+// and once MaxInterruptedBuilds starts were interrupted it is marked
+// FAILED instead.
 func RedoBuilds(ctx context.Context, st store.Store, builds []store.Build,
 	build func(context.Context, store.ImageVersion, []store.Build) error) error {
 	type key struct{ account, image, version string }
 	groups := map[key][]store.Build{}
 	var order []key
+	var errs []error
+	rep := NewReporter(st)
 	for _, b := range builds {
+		if b.State == store.BuildInProgress {
+			if b.Recoveries+1 >= MaxInterruptedBuilds {
+				reason := fmt.Sprintf("BuildFailed: gave up after %d interrupted attempts (kiln restarted during each, so the build may crash or exhaust kiln); fix the Dockerfile or app and create a new version", b.Recoveries+1)
+				_ = st.AppendBuildLog(ctx, b.ID, []byte("\n"+reason+"\n"))
+				errs = append(errs, rep.BuildFinished(ctx, b, false, reason, nil))
+				continue
+			}
+			b.Recoveries++
+			if err := st.UpdateBuild(ctx, b); err != nil {
+				errs = append(errs, fmt.Errorf("counting recovery of build %s: %w", b.ID, err))
+				continue
+			}
+		}
 		k := key{b.Account, b.ImageName, b.Version}
 		if _, ok := groups[k]; !ok {
 			order = append(order, k)
 		}
 		groups[k] = append(groups[k], b)
 	}
-	var errs []error
 	for _, k := range order {
 		v, err := st.GetImageVersion(ctx, k.account, k.image, k.version)
 		if err != nil {

@@ -128,22 +128,42 @@ func syncPath(p string) error {
 }
 
 // storeLog streams build output into the store, in chunks of at most
-// 64 KiB, so `kiln logs` shows progress as it happens.
+// 64 KiB, so `kiln logs` shows progress as it happens. A build's commands
+// write it (a RUN can print without end), so it keeps at most
+// maxBuildLog bytes and then one line saying the rest was dropped.
 type storeLog struct {
-	ctx   context.Context
-	e     *Engine
-	build string
-	mu    sync.Mutex
+	ctx     context.Context
+	e       *Engine
+	build   string
+	mu      sync.Mutex
+	written int64
+	full    bool
 }
+
+// maxBuildLog bounds what one build writes into the store.
+const maxBuildLog = 16 << 20
 
 func (l *storeLog) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	for off := 0; off < len(p); off += 64 << 10 {
-		end := min(off+64<<10, len(p))
-		if err := l.e.cfg.Reporter.AppendBuildLog(context.WithoutCancel(l.ctx), l.build, p[off:end]); err != nil {
+	if l.full {
+		return len(p), nil
+	}
+	q := p
+	if room := maxBuildLog - l.written; int64(len(q)) > room {
+		q = q[:room]
+		l.full = true
+	}
+	for off := 0; off < len(q); off += 64 << 10 {
+		end := min(off+64<<10, len(q))
+		if err := l.e.cfg.Reporter.AppendBuildLog(context.WithoutCancel(l.ctx), l.build, q[off:end]); err != nil {
 			return off, err
 		}
+		l.written += int64(end - off)
+	}
+	if l.full {
+		msg := fmt.Sprintf("\n(build log over %d MiB: the rest of the output is dropped)\n", maxBuildLog>>20)
+		_ = l.e.cfg.Reporter.AppendBuildLog(context.WithoutCancel(l.ctx), l.build, []byte(msg))
 	}
 	return len(p), nil
 }

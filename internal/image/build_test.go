@@ -152,7 +152,7 @@ CMD ["/usr/local/bin/app", "--port", "8080"]
 	}
 	for _, tt := range files {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := rootfs.ReadFile(ctx, out, tt.path)
+			got, err := rootfs.ReadFile(ctx, out, tt.path, 1<<20)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -167,7 +167,7 @@ CMD ["/usr/local/bin/app", "--port", "8080"]
 			}
 		})
 	}
-	if _, err := rootfs.ReadFile(ctx, out, "/data/secret.txt"); err == nil {
+	if _, err := rootfs.ReadFile(ctx, out, "/data/secret.txt", 1<<20); err == nil {
 		t.Fatal(".dockerignore'd file was copied")
 	}
 	if fi, err := rootfs.Stat(ctx, out, "/srv/app"); err != nil || fi.Mode&0o170000 != 0o040000 {
@@ -219,7 +219,7 @@ CMD ["/usr/local/bin/app", "--port", "8080"]
 	if len(runner.calls) != 2 {
 		t.Fatalf("source change: runner calls = %d, want 2", len(runner.calls))
 	}
-	got, _ := rootfs.ReadFile(ctx, out2, "/usr/local/bin/app")
+	got, _ := rootfs.ReadFile(ctx, out2, "/usr/local/bin/app", 1<<20)
 	if !strings.Contains(string(got), "return 1") {
 		t.Fatalf("rebuilt app = %q", got)
 	}

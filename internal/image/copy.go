@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"io/fs"
@@ -550,17 +551,21 @@ func (bd *build) resolveUser(ctx context.Context, st *stageState, user string) (
 	case r.priv != "" && r.privKind == kindFolder:
 		read = folderReader(r.priv)
 	case r.priv != "":
-		read = func(p string) ([]byte, error) { return rootfs.ReadFile(ctx, r.priv, "/"+p) }
+		read = func(p string) ([]byte, error) { return rootfs.ReadFile(ctx, r.priv, "/"+p, maxIDFile) }
 	case r.entry == "":
 		read = func(string) ([]byte, error) { return nil, fs.ErrNotExist }
 	case r.entryKind == kindFolder:
 		read = folderReader(filepath.Join(r.entry, "rootfs"))
 	default:
 		disk := filepath.Join(r.entry, "root.ext4")
-		read = func(p string) ([]byte, error) { return rootfs.ReadFile(ctx, disk, "/"+p) }
+		read = func(p string) ([]byte, error) { return rootfs.ReadFile(ctx, disk, "/"+p, maxIDFile) }
 	}
 	return resolveIDs(read, user)
 }
+
+// maxIDFile bounds what kiln reads of an image's /etc/passwd and
+// /etc/group: a build wrote them, and one made it read a sparse 4 TiB file.
+const maxIDFile = 1 << 20
 
 func folderReader(dir string) func(string) ([]byte, error) {
 	return func(p string) ([]byte, error) {
@@ -569,32 +574,71 @@ func folderReader(dir string) func(string) ([]byte, error) {
 			return nil, err
 		}
 		defer r.Close()
-		f, err := r.Open(p)
-		if err != nil {
-			return nil, err
-		}
-		defer f.Close()
-		return io.ReadAll(io.LimitReader(f, 16<<20))
+		return readIDFile(r, p)
 	}
 }
 
 func lookupUser(r *os.Root, spec string) (uid, gid uint32, err error) {
-	return resolveIDs(func(p string) ([]byte, error) {
-		f, err := r.Open(p)
-		if err != nil {
-			return nil, err
+	return resolveIDs(func(p string) ([]byte, error) { return readIDFile(r, p) }, spec)
+}
+
+// readIDFile reads a passwd or group file of a root folder, refusing one
+// over maxIDFile.
+func readIDFile(r *os.Root, p string) ([]byte, error) {
+	f, err := r.Open(p)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fmt.Errorf("%w: /%s in the image is not a regular file", ErrInvalid, p)
+	}
+	if fi.Size() > maxIDFile {
+		return nil, fmt.Errorf("%w: /%s in the image is %d bytes; kiln reads at most 1 MiB", ErrInvalid, p, fi.Size())
+	}
+	b, err := io.ReadAll(io.LimitReader(f, maxIDFile+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > maxIDFile {
+		return nil, fmt.Errorf("%w: /%s in the image is over 1 MiB; kiln reads at most 1 MiB", ErrInvalid, p)
+	}
+	return b, nil
+}
+
+// readIDFiles reads passwd and group with read; a missing file is empty,
+// any other failure (one too large among them) fails the lookup.
+func readIDFiles(read func(string) ([]byte, error)) (passwd, group []byte, err error) {
+	for _, x := range []struct {
+		name string
+		dst  *[]byte
+	}{{"etc/passwd", &passwd}, {"etc/group", &group}} {
+		b, err := read(x.name)
+		var tooLarge *rootfs.TooLargeError
+		switch {
+		case errors.As(err, &tooLarge):
+			// The message names the file and the bound already.
+			return nil, nil, fmt.Errorf("%w (USER looks the user up in it: keep it a plain /%s file)", err, x.name)
+		case err != nil && !errors.Is(err, fs.ErrNotExist):
+			return nil, nil, fmt.Errorf("reading the image's /%s: %w", x.name, err)
 		}
-		defer f.Close()
-		return io.ReadAll(io.LimitReader(f, 16<<20))
-	}, spec)
+		*x.dst = b
+	}
+	return passwd, group, nil
 }
 
 // resolveIDs resolves "user[:group]" against passwd and group files read
 // by read ("etc/passwd", "etc/group").
 func resolveIDs(read func(string) ([]byte, error), spec string) (uid, gid uint32, err error) {
 	userPart, groupPart, hasGroup := strings.Cut(spec, ":")
-	passwd, _ := read("etc/passwd")
-	groupFile, _ := read("etc/group")
+	passwd, groupFile, err := readIDFiles(read)
+	if err != nil {
+		return 0, 0, err
+	}
 	if n, perr := strconv.ParseUint(userPart, 10, 32); perr == nil {
 		uid = uint32(n)
 		gid = uid

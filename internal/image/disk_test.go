@@ -189,7 +189,7 @@ func TestCopyFromHostileDisk(t *testing.T) {
 	t.Logf("build result: %v", err)
 	if err == nil {
 		// Both names read as one file through the mount; the copy got it.
-		if got, _ := rootfs.ReadFile(ctx, out, "/loot/x"); string(got) != "written on the host" {
+		if got, _ := rootfs.ReadFile(ctx, out, "/loot/x", 1<<20); string(got) != "written on the host" {
 			t.Errorf("/loot/x = %q", got)
 		}
 	}

@@ -3,6 +3,7 @@
 package imagebuild
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -11,10 +12,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/hosttool"
 	"github.com/kiln-sandbox/kiln/internal/image"
+	"github.com/kiln-sandbox/kiln/internal/qcow2"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
@@ -64,7 +68,7 @@ func (b *Builder) fromCache(ctx context.Context, account, key, rootDisk, tmplDir
 	if err := json.Unmarshal(raw, &t); err != nil {
 		return t, false, err
 	}
-	if err := copyTemplate(ctx, filepath.Join(src, "template"), tmplDir, rootDisk, true); err != nil {
+	if err := copyTemplate(ctx, filepath.Join(src, "template"), filepath.Join(src, "root.ext4"), tmplDir, rootDisk, true); err != nil {
 		os.RemoveAll(tmplDir)
 		return t, false, err
 	}
@@ -96,7 +100,7 @@ func (b *Builder) toCache(ctx context.Context, account, key, rootDisk, tmplDir s
 	}
 	// The cached template is backed by the cache's own root disk path. It
 	// has no clone overlay: cached templates are only copied from.
-	if err := copyTemplate(ctx, tmplDir, filepath.Join(tmp, "template"), filepath.Join(dst, "root.ext4"), false); err != nil {
+	if err := copyTemplate(ctx, tmplDir, rootDisk, filepath.Join(tmp, "template"), filepath.Join(dst, "root.ext4"), false); err != nil {
 		return err
 	}
 	if err := os.WriteFile(filepath.Join(tmp, "complete"), nil, 0o600); err != nil {
@@ -111,10 +115,27 @@ func (b *Builder) toCache(ctx context.Context, account, key, rootDisk, tmplDir s
 	return nil
 }
 
-// copyTemplate makes dst a template equal to src whose disk is backed by
-// rootDisk (which need not exist yet unless withOverlay: making the clone
-// overlay opens the backing chain).
-func copyTemplate(ctx context.Context, src, dst, rootDisk string, withOverlay bool) error {
+// copyTemplate makes dst a template equal to src (whose disk is backed by
+// srcRoot) with its disk backed by rootDisk (which need not exist yet).
+// The template's disk.qcow2 was written by a VM's QEMU: its chain is
+// checked to be exactly disk.qcow2 <- srcRoot first, qemu-img touches it
+// only confined and through a descriptor, and the clone overlay is made
+// without opening it.
+func copyTemplate(ctx context.Context, src, srcRoot, dst, rootDisk string, withOverlay bool) error {
+	srcRoot, err := filepath.Abs(srcRoot)
+	if err != nil {
+		return err
+	}
+	if rootDisk, err = filepath.Abs(rootDisk); err != nil {
+		return err
+	}
+	if err := qcow2.CheckChain([]string{filepath.Join(src, "disk.qcow2"), srcRoot}); err != nil {
+		return fmt.Errorf("copying template %s: %w", src, err)
+	}
+	// QEMU reads a relative backing name from the overlay's own folder.
+	if dst, err = filepath.Abs(dst); err != nil {
+		return err
+	}
 	if err := os.Mkdir(dst, 0o700); err != nil {
 		return err
 	}
@@ -124,7 +145,7 @@ func copyTemplate(ctx context.Context, src, dst, rootDisk string, withOverlay bo
 	}
 	for _, e := range ents {
 		switch f := e.Name(); {
-		case f == "disk.qcow2" || f == "overlay.qcow2":
+		case f == "disk.qcow2" || f == "overlay.qcow2" || f == chainFile:
 			// Made below: they name absolute paths.
 		case !e.Type().IsRegular():
 			return fmt.Errorf("template %s holds %s, which is not a file", src, f)
@@ -139,13 +160,60 @@ func copyTemplate(ctx context.Context, src, dst, rootDisk string, withOverlay bo
 		return err
 	}
 	// -u: only the header changes; the backing file's content is the same.
-	if err := run(ctx, "qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "raw", "-b", rootDisk, disk); err != nil {
+	if err := rebaseHeader(ctx, disk, rootDisk); err != nil {
+		return err
+	}
+	h, err := qcow2.ParseFile(disk)
+	if err != nil {
+		return err
+	}
+	if h.BackingFile != rootDisk || h.BackingFormat != "raw" {
+		return fmt.Errorf("rebasing %s: header names %q (%s), expected %q (raw)", disk, h.BackingFile, h.BackingFormat, rootDisk)
+	}
+	// The driver hands QEMU this chain from descriptors (vmm/qemu reads
+	// chain.json); the copy's is its own disk on rootDisk.
+	chain, _ := json.MarshalIndent([]chainLayer{{Path: disk, Format: "qcow2"}, {Path: rootDisk, Format: "raw"}}, "", "  ")
+	if err := os.WriteFile(filepath.Join(dst, chainFile), chain, 0o600); err != nil {
 		return err
 	}
 	if !withOverlay {
 		return nil
 	}
-	return run(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-b", disk, "-F", "qcow2", filepath.Join(dst, "overlay.qcow2"))
+	// -u and the size from the checked header: qemu-img opens neither the
+	// disk nor its backing file.
+	return run(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", disk, "-F", "qcow2", filepath.Join(dst, "overlay.qcow2"), strconv.FormatUint(h.Size, 10))
+}
+
+// chainFile records a template's disk chain, top first, in the shape the
+// QEMU driver reads (vmm/qemu chain.go).
+const chainFile = "chain.json"
+
+type chainLayer struct {
+	Path   string `json:"path"`
+	Format string `json:"format"`
+}
+
+// rebaseHeader points the qcow2 image's header at backing (raw) without
+// reading either, with qemu-img confined and given the image as a
+// descriptor, opened without its old backing file.
+func rebaseHeader(ctx context.Context, image, backing string) error {
+	f, err := hosttool.Open(image, true)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	var out bytes.Buffer
+	cmd, err := hosttool.Command(ctx, hosttool.Spec{
+		Path: "qemu-img", Files: []*os.File{f}, Stdout: &limitedWriter{w: &out, n: 64 << 10}, Stderr: &limitedWriter{w: &out, n: 64 << 10},
+		Args: []string{"rebase", "-q", "-u", "-F", "raw", "-b", backing, qcow2.OpenSpec([]string{hosttool.FD(0)}, "qcow2")},
+	})
+	if err != nil {
+		return err
+	}
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("qemu-img rebase %s: %s: %w", image, strings.TrimSpace(out.String()), err)
+	}
+	return nil
 }
 
 func linkOrCopy(ctx context.Context, src, dst string) error {

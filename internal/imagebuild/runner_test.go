@@ -100,7 +100,7 @@ func TestRestoreRoot(t *testing.T) {
 					}
 					got = "->" + l
 				} else {
-					b, err := rootfs.ReadFile(ctx, disk, "/etc/resolv.conf")
+					b, err := rootfs.ReadFile(ctx, disk, "/etc/resolv.conf", 1<<20)
 					if err != nil {
 						t.Fatal(err)
 					}

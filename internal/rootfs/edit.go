@@ -3,7 +3,6 @@
 package rootfs
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -12,7 +11,13 @@ import (
 	"os/exec"
 	"strings"
 	"syscall"
+
+	"github.com/kiln-sandbox/kiln/internal/hosttool"
 )
+
+// maxLinkTarget is the longest symbolic link target ext4 stores (one
+// block of the largest size).
+const maxLinkTarget = 64 << 10
 
 // Readlink returns the target of the symbolic link at path in the image.
 func Readlink(ctx context.Context, image, path string) (string, error) {
@@ -23,8 +28,8 @@ func Readlink(ctx context.Context, image, path string) (string, error) {
 	if fi.Mode&syscall.S_IFMT != syscall.S_IFLNK {
 		return "", fmt.Errorf("%s in %s is not a symbolic link", path, image)
 	}
-	out, _, err := debugfs(ctx, image, "stat "+quote(path))
-	if err != nil {
+	out, _, err := debugfs(ctx, image, "stat "+quote(path), maxStatOut)
+	if err != nil && !errors.Is(err, errOutputFull) {
 		return "", err
 	}
 	// Short targets live in the inode ("Fast link dest:"); long ones in a
@@ -34,7 +39,14 @@ func Readlink(ctx context.Context, image, path string) (string, error) {
 			return strings.Trim(rest, `"`), nil
 		}
 	}
-	b, _, err := debugfs(ctx, image, "cat "+quote(path))
+	// Long targets fill at most one block.
+	if fi.Size > maxLinkTarget {
+		return "", fmt.Errorf("%w: symbolic link %s in the image is %d bytes long", ErrTooLarge, path, fi.Size)
+	}
+	b, _, err := debugfs(ctx, image, "cat "+quote(path), maxLinkTarget+1)
+	if errors.Is(err, errOutputFull) {
+		return "", fmt.Errorf("%w: symbolic link %s in the image is longer than it says", ErrTooLarge, path)
+	}
 	if err != nil {
 		return "", err
 	}
@@ -75,18 +87,16 @@ func WriteFile(ctx context.Context, image, path string, data []byte, mode uint32
 		return err
 	}
 	defer os.Remove(tmp.Name())
+	defer tmp.Close()
 	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
 		return err
 	}
-	if err := tmp.Close(); err != nil {
+	// debugfs, as the tools' uid, opens it again through descriptor 4.
+	if err := hosttool.Grant(tmp, false); err != nil {
 		return err
 	}
-	if strings.ContainsAny(tmp.Name(), "\" \n") {
-		return fmt.Errorf("temporary file name %q cannot be passed to debugfs", tmp.Name())
-	}
-	return edit(ctx, image,
-		"write "+tmp.Name()+" "+quote(path),
+	return editFiles(ctx, image, []*os.File{tmp},
+		"write "+hosttool.FD(1)+" "+quote(path),
 		fmt.Sprintf("sif %s mode 0%o", quote(path), syscall.S_IFREG|mode&0o7777),
 		fmt.Sprintf("sif %s uid %d", quote(path), uid),
 		fmt.Sprintf("sif %s gid %d", quote(path), gid))
@@ -107,27 +117,20 @@ func Symlink(ctx context.Context, image, path, target string) error {
 // edit runs debugfs -w commands in one session and fails on any error
 // message (debugfs exits 0 even when a command fails).
 func edit(ctx context.Context, image string, cmds ...string) error {
-	tool, err := lookTool("debugfs")
+	return editFiles(ctx, image, nil, cmds...)
+}
+
+// editFiles is edit with files handed to debugfs as descriptors 4 and on.
+func editFiles(ctx context.Context, image string, files []*os.File, cmds ...string) error {
+	// The commands come on stdin ("-f -"): no file for the tools' uid to
+	// open.
+	_, e, err := toolRun{name: "debugfs", image: image, write: true, files: files,
+		args:  []string{"-w", "-f", "-", "IMAGE"},
+		stdin: strings.NewReader(strings.Join(cmds, "\n") + "\n")}.run(ctx)
 	if err != nil {
-		return err
+		return fmt.Errorf("debugfs -w %s: %s: %w", image, strings.TrimSpace(e), err)
 	}
-	f, err := os.CreateTemp("", "kiln-debugfs-*.cmds")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name())
-	if _, err := f.WriteString(strings.Join(cmds, "\n") + "\n"); err != nil {
-		f.Close()
-		return err
-	}
-	f.Close()
-	cmd := exec.CommandContext(ctx, tool, "-w", "-f", f.Name(), image)
-	var o, e bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &o, &e
-	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("debugfs -w %s: %s: %w", image, strings.TrimSpace(e.String()), err)
-	}
-	if msg := strings.TrimSpace(stripBanner(e.String())); msg != "" {
+	if msg := strings.TrimSpace(stripBanner(e)); msg != "" {
 		return fmt.Errorf("debugfs -w %s (%s): %s", image, strings.Join(cmds, "; "), msg)
 	}
 	return nil
@@ -148,18 +151,14 @@ func Clean(ctx context.Context, image string) (bool, error) {
 // Repair replays the journal and fixes what e2fsck -p may fix without
 // asking. It fails when the file system needs more than that.
 func Repair(ctx context.Context, image string) error {
-	tool, err := lookTool("e2fsck")
-	if err != nil {
-		return err
-	}
-	cmd := exec.CommandContext(ctx, tool, "-f", "-p", image)
-	out, err := cmd.CombinedOutput()
+	o, e, err := toolRun{name: "e2fsck", image: image, write: true, args: []string{"-f", "-p", "IMAGE"}}.run(ctx)
 	if err != nil {
 		// Exit 1: errors corrected; that is a success here.
-		if ee, ok := err.(*exec.ExitError); ok && ee.ExitCode() == 1 {
+		var ee *exec.ExitError
+		if errors.As(err, &ee) && ee.ExitCode() == 1 {
 			return nil
 		}
-		return fmt.Errorf("e2fsck -f -p %s: %s: %w", image, strings.TrimSpace(string(out)), err)
+		return fmt.Errorf("e2fsck -f -p %s: %s: %w", image, strings.TrimSpace(string(o)+e), err)
 	}
 	return nil
 }

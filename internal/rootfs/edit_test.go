@@ -39,7 +39,7 @@ func TestEdit(t *testing.T) {
 				if err != nil || fi.Mode != syscall.S_IFREG|0o640 || fi.UID != 12 || fi.GID != 34 || fi.Size != 6 {
 					t.Errorf("stat = %+v, %v", fi, err)
 				}
-				if b, _ := ReadFile(ctx, img, "/etc/f"); string(b) != "hello\n" {
+				if b, _ := ReadFile(ctx, img, "/etc/f", 1<<20); string(b) != "hello\n" {
 					t.Errorf("content %q", b)
 				}
 			},
@@ -48,7 +48,7 @@ func TestEdit(t *testing.T) {
 			name: "replace file",
 			do:   func() error { return WriteFile(ctx, img, "/etc/f", []byte("bye\n"), 0o644, 0, 0) },
 			check: func(t *testing.T) {
-				if b, _ := ReadFile(ctx, img, "/etc/f"); string(b) != "bye\n" {
+				if b, _ := ReadFile(ctx, img, "/etc/f", 1<<20); string(b) != "bye\n" {
 					t.Errorf("content %q", b)
 				}
 			},

@@ -9,6 +9,7 @@ package rootfs
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io/fs"
 	"os"
@@ -139,22 +140,67 @@ func DiskUsage(dir string) (bytesUsed, entries int64, err error) {
 	return bytesUsed, entries, nil
 }
 
-// ReadFile returns the contents of the file at path (absolute, inside the
-// file system) in the ext4 image, read with debugfs without mounting.
-func ReadFile(ctx context.Context, image, path string) ([]byte, error) {
+// ErrTooLarge is matched (errors.Is) by ReadFile's error for a file over
+// its bound, as is errdefs.ErrInvalid.
+var ErrTooLarge = errors.New("file too large")
+
+// TooLargeError says which file was over which bound.
+type TooLargeError struct {
+	Path      string
+	Size, Max int64
+}
+
+func (e *TooLargeError) Error() string {
+	return fmt.Sprintf("%s in the image is %d bytes; kiln reads at most %s", e.Path, e.Size, byteSize(e.Max))
+}
+
+func (e *TooLargeError) Is(target error) bool {
+	return target == ErrTooLarge || target == errdefs.ErrInvalid
+}
+
+// ReadFile returns the contents of the regular file at path (absolute,
+// inside the file system) in the ext4 image, read with debugfs without
+// mounting. A guest may have written the image: a file larger than
+// maxBytes (its size as the inode records it, not what the superblock
+// says) is refused before a byte is read, so a sparse 4 TiB file costs
+// nothing.
+func ReadFile(ctx context.Context, image, path string, maxBytes int64) ([]byte, error) {
 	if err := checkDebugfsPath(path); err != nil {
 		return nil, err
 	}
 	// debugfs prints "File not found" on stderr and still exits 0, so check
 	// the inode first.
-	if _, err := Stat(ctx, image, path); err != nil {
+	fi, err := Stat(ctx, image, path)
+	if err != nil {
 		return nil, err
 	}
-	out, _, err := debugfs(ctx, image, "cat "+quote(path))
+	if fi.Mode&syscall.S_IFMT != syscall.S_IFREG {
+		return nil, fmt.Errorf("%s in the image is not a regular file: %w", path, errdefs.ErrInvalid)
+	}
+	if fi.Size < 0 || fi.Size > maxBytes {
+		return nil, &TooLargeError{Path: path, Size: fi.Size, Max: maxBytes}
+	}
+	out, _, err := debugfs(ctx, image, "cat "+quote(path), int(fi.Size)+1)
+	if errors.Is(err, errOutputFull) {
+		return nil, fmt.Errorf("%w: %s in the image holds more than its size of %d bytes", ErrTooLarge, path, fi.Size)
+	}
 	if err != nil {
 		return nil, err
 	}
 	return out, nil
+}
+
+// byteSize writes n as people read it: "1 MiB", "64 KiB", "100 bytes".
+func byteSize(n int64) string {
+	switch {
+	case n >= 1<<30 && n%(1<<30) == 0:
+		return fmt.Sprintf("%d GiB", n>>30)
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return fmt.Sprintf("%d MiB", n>>20)
+	case n >= 1<<10 && n%(1<<10) == 0:
+		return fmt.Sprintf("%d KiB", n>>10)
+	}
+	return fmt.Sprintf("%d bytes", n)
 }
 
 // FileInfo is what Stat reports about an inode in an image.
@@ -172,8 +218,9 @@ func Stat(ctx context.Context, image, path string) (FileInfo, error) {
 	}
 	// "stat" output is verbose; the inode dump format is stable enough to
 	// parse for these fields.
-	out, stderr, err := debugfs(ctx, image, "stat "+quote(path))
-	if err != nil {
+	// Past its bound only the extent list is cut: the fields come first.
+	out, stderr, err := debugfs(ctx, image, "stat "+quote(path), maxStatOut)
+	if err != nil && !errors.Is(err, errOutputFull) {
 		return FileInfo{}, err
 	}
 	if strings.Contains(stderr, "File not found") || len(out) == 0 {
@@ -224,18 +271,14 @@ func checkDebugfsPath(p string) error {
 
 func quote(s string) string { return `"` + s + `"` }
 
-func debugfs(ctx context.Context, image, request string) (stdout []byte, stderr string, err error) {
-	tool, err := lookTool("debugfs")
-	if err != nil {
-		return nil, "", err
+// debugfs runs one read-only debugfs request, confined, with its stdout
+// bounded by maxOut.
+func debugfs(ctx context.Context, image, request string, maxOut int) (stdout []byte, stderr string, err error) {
+	o, e, err := toolRun{name: "debugfs", image: image, args: []string{"-R", request, "IMAGE"}, maxOut: maxOut}.run(ctx)
+	if err != nil && !errors.Is(err, errOutputFull) {
+		return nil, e, fmt.Errorf("debugfs -R %q %s: %s: %w", request, image, strings.TrimSpace(e), err)
 	}
-	cmd := exec.CommandContext(ctx, tool, "-R", request, image)
-	var o, e bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &o, &e
-	if err := cmd.Run(); err != nil {
-		return nil, e.String(), fmt.Errorf("debugfs -R %q %s: %s: %w", request, image, strings.TrimSpace(e.String()), err)
-	}
-	return o.Bytes(), e.String(), nil
+	return o, e, err
 }
 
 // Mkdir creates the directory path (and missing parents, owned by root,
@@ -276,13 +319,5 @@ func stripBanner(s string) string {
 }
 
 func debugfsW(ctx context.Context, image, request string) ([]byte, string, error) {
-	tool, err := lookTool("debugfs")
-	if err != nil {
-		return nil, "", err
-	}
-	cmd := exec.CommandContext(ctx, tool, "-w", "-R", request, image)
-	var o, e bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &o, &e
-	err = cmd.Run()
-	return o.Bytes(), e.String(), err
+	return toolRun{name: "debugfs", image: image, write: true, args: []string{"-w", "-R", request, "IMAGE"}}.run(ctx)
 }

@@ -5,10 +5,16 @@ package rootfs
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
+	"syscall"
 	"testing"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/hosttool"
 )
 
 func TestBuildExt4RoundTrip(t *testing.T) {
@@ -35,7 +41,7 @@ func TestBuildExt4RoundTrip(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := ReadFile(ctx, img, tt.path)
+			got, err := ReadFile(ctx, img, tt.path, 1<<20)
 			if tt.wantErr != nil {
 				if !errors.Is(err, tt.wantErr) {
 					t.Fatalf("err = %v, want %v", err, tt.wantErr)
@@ -156,5 +162,77 @@ func TestMountShowsWhatTheImageHolds(t *testing.T) {
 	}
 	if fi, err := os.Stat(filepath.Join(out, "srv/app/data")); err != nil || !fi.IsDir() {
 		t.Fatalf("Mkdir result: %v", err)
+	}
+}
+
+// TestReadFileBounded: a build can leave a sparse 4 TiB file where kiln
+// reads a small one; ReadFile refuses it from the inode's size, at once,
+// without reading, and the tools that looked at it ran as the tools' uid.
+func TestReadFileBounded(t *testing.T) {
+	ctx := context.Background()
+	src := t.TempDir()
+	must(t, os.MkdirAll(filepath.Join(src, "etc"), 0o755))
+	must(t, os.WriteFile(filepath.Join(src, "etc/passwd"), []byte("root:x:0:0::/root:/bin/sh\n"), 0o644))
+	img := filepath.Join(t.TempDir(), "root.ext4")
+	must(t, BuildExt4(ctx, src, img, 0, ""))
+	if b, err := ReadFile(ctx, img, "/etc/passwd", 1<<20); err != nil || !strings.HasPrefix(string(b), "root:") {
+		t.Fatalf("small passwd: %q %v", b, err)
+	}
+	// What `truncate -s 4T /etc/passwd` in a build VM leaves.
+	must(t, edit(ctx, img, `sif "/etc/passwd" size 4398046511104`))
+	start := time.Now()
+	_, err := ReadFile(ctx, img, "/etc/passwd", 1<<20)
+	if !errors.Is(err, ErrTooLarge) || !strings.Contains(err.Error(), "/etc/passwd in the image is 4398046511104 bytes; kiln reads at most 1 MiB") {
+		t.Fatalf("err = %v", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Fatalf("refusing took %s", d)
+	}
+	if _, err := ReadFile(ctx, img, "/etc", 1<<20); err == nil {
+		t.Fatal("a directory read as a file")
+	}
+	// The image went to the tools' group, which is how the confined
+	// debugfs opened it.
+	var st syscall.Stat_t
+	must(t, syscall.Stat(img, &st))
+	if os.Geteuid() == 0 && st.Gid != hosttool.ID {
+		t.Fatalf("image group %d, want %d", st.Gid, hosttool.ID)
+	}
+}
+
+// TestEnsureFreeTrustsTheFile: a superblock rewritten to claim a huge
+// block count must not make kiln grow the disk file to match; the file's
+// own size bounds the claim.
+func TestEnsureFreeTrustsTheFile(t *testing.T) {
+	ctx := context.Background()
+	src := t.TempDir()
+	must(t, os.WriteFile(filepath.Join(src, "f"), []byte("x"), 0o644))
+	img := filepath.Join(t.TempDir(), "root.ext4")
+	// Not a whole number of groups: the last one is partial.
+	must(t, BuildExt4(ctx, src, img, 36<<20, ""))
+	must(t, EnsureFree(ctx, img, 40<<20, 100))
+	before, err := os.Stat(img)
+	must(t, err)
+	if before.Size() <= 36<<20 {
+		t.Fatalf("grown to %d bytes only", before.Size())
+	}
+	// What a guest can write and e2fsprogs still opens: a block count
+	// that fills the last group, beyond the end of the disk file.
+	h, err := readHeader(ctx, img)
+	must(t, err)
+	bs, bc, bpg := h.num("Block size"), h.num("Block count"), h.num("Blocks per group")
+	forged := (bc + bpg - 1) / bpg * bpg
+	if forged*bs <= before.Size() {
+		t.Fatalf("the last group is full (%d blocks of %d): nothing to forge", bc, bpg)
+	}
+	must(t, edit(ctx, img, fmt.Sprintf("ssv blocks_count %d", forged)))
+	err = EnsureFree(ctx, img, 200<<20, 100)
+	if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("the file system claims %d blocks of %d bytes", forged, bs)) {
+		t.Fatalf("err = %v", err)
+	}
+	after, err := os.Stat(img)
+	must(t, err)
+	if after.Size() != before.Size() {
+		t.Fatalf("disk file went from %d to %d bytes", before.Size(), after.Size())
 	}
 }

@@ -6,9 +6,10 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"strconv"
 	"strings"
+
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
 )
 
 // EnsureFree grows the ext4 image, in place, so that it has at least
@@ -20,8 +21,18 @@ func EnsureFree(ctx context.Context, image string, freeBytes, freeInodes int64) 
 		return err
 	}
 	bs, bpg, ipg := h.num("Block size"), h.num("Blocks per group"), h.num("Inodes per group")
-	if bs <= 0 || bpg <= 0 || ipg <= 0 {
+	if bs <= 0 || bs > 64<<10 || bpg <= 0 || ipg <= 0 {
 		return fmt.Errorf("%s: unexpected ext4 header (block size %d)", image, bs)
+	}
+	// A guest wrote the superblock: its sizes are claims. The disk file's
+	// real size bounds them, so a forged block count cannot make kiln
+	// grow the file to match it.
+	fi, err := os.Stat(image)
+	if err != nil {
+		return err
+	}
+	if bc := h.num("Block count"); bc <= 0 || bc > fi.Size()/bs {
+		return fmt.Errorf("%s: the file system claims %d blocks of %d bytes but the disk is %d bytes: %w", image, bc, bs, fi.Size(), errdefs.ErrInvalid)
 	}
 	needBlocks := max(0, (freeBytes+bs-1)/bs-h.num("Free blocks"))
 	if missing := freeInodes - h.num("Free inodes"); missing > 0 {
@@ -34,10 +45,6 @@ func EnsureFree(ctx context.Context, image string, freeBytes, freeInodes int64) 
 	// metadata.
 	needBlocks = (needBlocks/bpg + 2) * bpg
 	newBlocks := h.num("Block count") + needBlocks
-	fi, err := os.Stat(image)
-	if err != nil {
-		return err
-	}
 	if size := newBlocks * bs; size > fi.Size() {
 		if err := os.Truncate(image, size); err != nil {
 			return err
@@ -48,13 +55,9 @@ func EnsureFree(ctx context.Context, image string, freeBytes, freeInodes int64) 
 	if err := Repair(ctx, image); err != nil {
 		return fmt.Errorf("checking %s before growing it: %w", image, err)
 	}
-	tool, err := lookTool("resize2fs")
+	o, e, err := toolRun{name: "resize2fs", image: image, write: true, args: []string{"IMAGE", strconv.FormatInt(newBlocks, 10)}}.run(ctx)
 	if err != nil {
-		return err
-	}
-	out, err := exec.CommandContext(ctx, tool, image, strconv.FormatInt(newBlocks, 10)).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("resize2fs %s: %s: %w", image, strings.TrimSpace(string(out)), err)
+		return fmt.Errorf("resize2fs %s: %s: %w", image, strings.TrimSpace(string(o)+e), err)
 	}
 	return nil
 }
@@ -63,13 +66,9 @@ func EnsureFree(ctx context.Context, image string, freeBytes, freeInodes int64) 
 type header map[string]string
 
 func readHeader(ctx context.Context, image string) (header, error) {
-	tool, err := lookTool("dumpe2fs")
+	out, e, err := toolRun{name: "dumpe2fs", image: image, args: []string{"-h", "IMAGE"}, maxOut: maxHeader}.run(ctx)
 	if err != nil {
-		return nil, err
-	}
-	out, err := exec.CommandContext(ctx, tool, "-h", image).Output()
-	if err != nil {
-		return nil, fmt.Errorf("dumpe2fs -h %s: %w", image, err)
+		return nil, fmt.Errorf("dumpe2fs -h %s: %s: %w", image, strings.TrimSpace(e), err)
 	}
 	h := header{}
 	for _, line := range strings.Split(string(out), "\n") {

@@ -16,6 +16,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/hosttool"
 )
 
 // Mounted is an ext4 image served at Dir by fuse2fs.
@@ -51,14 +53,10 @@ var (
 // then fuse2fs is killed, so that a file operation stuck on a hostile
 // image fails instead of hanging. Close must be called either way.
 func Mount(ctx context.Context, image, dir string, readOnly bool) (*Mounted, error) {
-	tool, err := lookTool("fuse2fs")
-	if err != nil {
-		return nil, err
-	}
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		return nil, fmt.Errorf("fuse2fs needs /dev/fuse (load the fuse module: modprobe fuse): %w", err)
 	}
-	dir, err = filepath.Abs(dir)
+	dir, err := filepath.Abs(dir)
 	if err != nil {
 		return nil, err
 	}
@@ -69,13 +67,26 @@ func Mount(ctx context.Context, image, dir string, readOnly bool) (*Mounted, err
 		opts += ",ro"
 	}
 	m := &Mounted{Dir: dir, exited: make(chan struct{}), stderr: &boundedBuffer{max: 8 << 10}}
-	m.cmd = exec.Command(tool, image, dir, "-f", "-o", opts)
-	m.cmd.Stdout, m.cmd.Stderr = m.stderr, m.stderr
+	// fuse2fs parses the hostile image, so it runs confined like the
+	// other tools (no network, limits, empty environment), but as root in
+	// the host's mount namespace: kiln (root) must see and use its mount.
+	// As another uid it would need allow_other, which unprivileged FUSE
+	// mounts get only with user_allow_other in /etc/fuse.conf, and in a
+	// user namespace of its own the kernel closes the mount to root
+	// outside unless fuse's allow_sys_admin_access is on; both are host
+	// settings kiln does not change. libfuse 2 (what Debian 12's fuse2fs
+	// links) cannot take a mount kiln made as /dev/fd/N either.
 	// If kiln dies, fuse2fs unmounts and exits on SIGTERM rather than
 	// leaving a mount behind. (The signal follows the OS thread that
 	// started it; Go ends a thread only when a goroutine exits locked to
 	// it, which kiln's namespace switching does only after a failure.)
-	m.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+	m.cmd, err = hosttool.Command(context.Background(), hosttool.Spec{
+		Path: "fuse2fs", Args: []string{image, dir, "-f", "-o", opts},
+		Root: true, CPU: 30 * time.Minute, Stdout: m.stderr, Stderr: m.stderr,
+	})
+	if err != nil {
+		return nil, err
+	}
 	before, err := devOf(dir)
 	if err != nil {
 		return nil, err

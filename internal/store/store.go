@@ -194,6 +194,10 @@ type Build struct {
 	CreatedAt         time.Time      `json:"createdAt"`
 	UpdatedAt         time.Time      `json:"updatedAt"`
 	Snapshot          *SnapshotBuild `json:"snapshotBuild,omitempty"`
+	// Recoveries counts the times a restart found this build IN_PROGRESS
+	// and started it again (api.RedoBuilds); kept in the record so that a
+	// build that kills kiln is not redone forever.
+	Recoveries int `json:"recoveries,omitempty"`
 }
 
 // Microvm is one microVM record. DeadlineAt (StartedAt plus

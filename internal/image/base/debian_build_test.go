@@ -76,7 +76,7 @@ CMD ["python3", "app.py"]
 	if err != nil || fi.Mode&04000 == 0 {
 		t.Fatalf("su lost setuid through the disk round trip: %+v %v", fi, err)
 	}
-	if got, _ := rootfs.ReadFile(ctx, out, "/srv/app.py"); string(got) != "print('hi')\n" {
+	if got, _ := rootfs.ReadFile(ctx, out, "/srv/app.py", 1<<20); string(got) != "print('hi')\n" {
 		t.Fatalf("app.py = %q", got)
 	}
 	start = time.Now()

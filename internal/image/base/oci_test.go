@@ -259,7 +259,7 @@ func TestBuildOnOCIBase(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, err := rootfs.ReadFile(ctx, out, "/app/extra.txt"); err != nil || string(got) != "extra" {
+	if got, err := rootfs.ReadFile(ctx, out, "/app/extra.txt", 1<<20); err != nil || string(got) != "extra" {
 		t.Fatalf("extra.txt = %q, %v", got, err)
 	}
 	if os.Geteuid() == 0 {
@@ -268,7 +268,7 @@ func TestBuildOnOCIBase(t *testing.T) {
 			t.Fatalf("--chown=svc gave uid %d", fi.UID)
 		}
 	}
-	if got, _ := rootfs.ReadFile(ctx, out, "/app/hello.txt"); string(got) != "from layer 2" {
+	if got, _ := rootfs.ReadFile(ctx, out, "/app/hello.txt", 1<<20); string(got) != "from layer 2" {
 		t.Fatalf("base content missing: %q", got)
 	}
 	want := []string{"/usr/bin/tool", "--other"}

@@ -67,7 +67,7 @@ func RunnerConformance(t *testing.T, r image.Runner, dataDir string) {
 				if !strings.Contains(log, "to-stdout") || !strings.Contains(log, "to-stderr") {
 					t.Errorf("log lacks output: %q", log)
 				}
-				if b, err := rootfs.ReadFile(ctx, disk, "/made-by-run"); err != nil || string(b) != "persisted\n" {
+				if b, err := rootfs.ReadFile(ctx, disk, "/made-by-run", 1<<20); err != nil || string(b) != "persisted\n" {
 					t.Errorf("/made-by-run = %q, %v", b, err)
 				}
 			},
@@ -76,7 +76,7 @@ func RunnerConformance(t *testing.T, r image.Runner, dataDir string) {
 			name: "env, missing workdir created, numeric user",
 			step: image.RunStep{Args: sh(`echo "$GREETING $(pwd) $(id -u):$(id -g)" > /tmp/out`), Env: []string{path, "GREETING=hi"}, WorkDir: "/srv/new/dir", User: "65534:65534"},
 			check: func(t *testing.T, disk, log string) {
-				b, err := rootfs.ReadFile(ctx, disk, "/tmp/out")
+				b, err := rootfs.ReadFile(ctx, disk, "/tmp/out", 1<<20)
 				if err != nil || string(b) != "hi /srv/new/dir 65534:65534\n" {
 					t.Errorf("/tmp/out = %q, %v", b, err)
 				}
@@ -90,7 +90,7 @@ func RunnerConformance(t *testing.T, r image.Runner, dataDir string) {
 			},
 			step: image.RunStep{Args: sh(`id -u > /tmp/ids; id -G >> /tmp/ids`), Env: []string{path}, WorkDir: "/", User: "app"},
 			check: func(t *testing.T, disk, log string) {
-				b, err := rootfs.ReadFile(ctx, disk, "/tmp/ids")
+				b, err := rootfs.ReadFile(ctx, disk, "/tmp/ids", 1<<20)
 				if err != nil || string(b) != "1000\n1000 2000\n" {
 					t.Errorf("/tmp/ids = %q, %v", b, err)
 				}
@@ -171,7 +171,7 @@ func RunnerConformance(t *testing.T, r image.Runner, dataDir string) {
 func appendTo(t *testing.T, disk, path, text string) {
 	t.Helper()
 	ctx := context.Background()
-	b, err := rootfs.ReadFile(ctx, disk, path)
+	b, err := rootfs.ReadFile(ctx, disk, path, 1<<20)
 	if err != nil {
 		t.Fatal(err)
 	}

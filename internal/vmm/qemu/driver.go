@@ -170,7 +170,9 @@ func (d *Driver) buildInitrd() (string, error) {
 		}
 	}
 	path := filepath.Join(d.runDir(), "initrd-"+hex.EncodeToString(h.Sum(nil))[:16]+".img")
-	if _, err := os.Stat(path); err == nil {
+	// Readable to all (it holds only the agent and kernel modules): each
+	// QEMU reads it under its own uid, through a bind into its jail.
+	if err := os.Chmod(path, 0o644); err == nil {
 		return path, nil
 	}
 	tmp, err := os.CreateTemp(d.runDir(), "initrd-*.tmp")
@@ -182,6 +184,10 @@ func (d *Driver) buildInitrd() (string, error) {
 	if err := initramfs.BuildUncompressed(tmp, d.cfg.AgentBinary, filepath.Join(d.cfg.KernelDir, "modules"), mods); err != nil {
 		tmp.Close()
 		return "", fmt.Errorf("building initramfs: %w", err)
+	}
+	if err := tmp.Chmod(0o644); err != nil {
+		tmp.Close()
+		return "", err
 	}
 	if err := tmp.Close(); err != nil {
 		return "", err
@@ -221,13 +227,13 @@ func (d *Driver) reserve(id string) (*vm, error) {
 	return v, nil
 }
 
-// QEMU drops root after setting up (-run-with user=): each VM of this
-// driver gets its own uid from this range, so a QEMU the guest took over
-// can neither touch the host as root nor signal, trace or read another
-// VM's QEMU. QEMU opens nothing by path after the drop; kiln hands it
-// descriptors. Two drivers on one host (two data dirs) pick uids
-// independently and may, rarely, share one; VMs from a kiln before this
-// keep running as root.
+// QEMU runs unprivileged from its first instruction (its jail drops root
+// before the exec, see jail.go): each VM of this driver gets its own uid
+// from this range, so a QEMU the guest took over can neither touch the
+// host as root nor signal, trace or read another VM's QEMU. It opens by
+// path only what its jail holds; disks and state come as descriptors.
+// Two drivers on one host (two data dirs) pick uids independently and
+// may, rarely, share one (their jails and cgroups still differ).
 const (
 	uidBase  = 0x6b690000
 	uidRange = 1 << 16

@@ -11,10 +11,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/qcow2"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
@@ -52,7 +55,8 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.BootSpec) (vmm.Info, error) 
 	defer v.op.Unlock()
 	v.meta = meta{ID: spec.ID, State: vmm.StateRunning, Phase: phaseBooting, MemoryMiB: spec.MemoryMiB, VCPUs: spec.VCPUs,
 		Platform: d.platform, Kernel: d.cfg.kernelPath(), Initrd: d.initrd, Net: spec.Net,
-		Hostname: hostnameOr(spec.Hostname, spec.ID), StartedAt: time.Now(), ScratchDisk: spec.ScratchDisk, UID: v.uid}
+		Hostname: hostnameOr(spec.Hostname, spec.ID), StartedAt: time.Now(), ScratchDisk: spec.ScratchDisk, UID: v.uid,
+		Chain: []layer{{Path: root, Format: "raw"}}}
 	fail := func(err error) (vmm.Info, error) {
 		v.destroy()
 		return vmm.Info{}, fmt.Errorf("booting %s: %w", spec.ID, err)
@@ -220,11 +224,23 @@ func (v *vm) snapshotInto(ctx context.Context, dir string) (vmm.Template, error)
 			return vmm.Template{}, err
 		}
 	}
+	if err := shareTemplateMem(filepath.Join(dir, "mem")); err != nil {
+		return vmm.Template{}, err
+	}
 	if err := os.Rename(v.path("disk.qcow2"), filepath.Join(dir, "disk.qcow2")); err != nil {
 		return vmm.Template{}, err
 	}
+	if err := writeChain(dir, v.meta.Chain); err != nil {
+		return vmm.Template{}, err
+	}
 	// Every clone copies this empty overlay instead of running qemu-img.
-	if err := v.d.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-b", filepath.Join(dir, "disk.qcow2"), "-F", "qcow2", filepath.Join(dir, "overlay.qcow2")); err != nil {
+	// -u: qemu-img must not open the template's disk, whose header the
+	// VM's QEMU wrote; the size is the base disk's, which kiln made.
+	size, err := v.diskSize()
+	if err != nil {
+		return vmm.Template{}, err
+	}
+	if err := v.d.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-u", "-b", filepath.Join(dir, "disk.qcow2"), "-F", "qcow2", filepath.Join(dir, "overlay.qcow2"), strconv.FormatInt(size, 10)); err != nil {
 		return vmm.Template{}, err
 	}
 	if err := syncFiles(filepath.Join(dir, "mem"), filepath.Join(dir, "disk.qcow2"), filepath.Join(dir, "state")); err != nil {
@@ -246,6 +262,41 @@ func (v *vm) snapshotInto(ctx context.Context, dir string) (vmm.Template, error)
 		return t, err
 	}
 	return t, nil
+}
+
+// shareTemplateMem makes a template's memory file root's and readable to
+// all: every clone's QEMU maps it read-only under its own uid, through a
+// read-only bind into its jail; the template directory (0700) keeps it
+// from everyone else.
+func shareTemplateMem(path string) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && sys.Uid == 0 && sys.Gid == 0 && st.Mode().Perm() == 0o644 {
+		return nil
+	}
+	if err := os.Chown(path, 0, 0); err != nil && os.Geteuid() == 0 {
+		return err
+	}
+	return os.Chmod(path, 0o644)
+}
+
+// diskSize is the guest's disk size: the base layer's, a raw file kiln
+// made (never a header a guest could have written).
+func (v *vm) diskSize() (int64, error) {
+	if len(v.meta.Chain) == 0 {
+		return 0, fmt.Errorf("vm %s has no recorded disk chain: %w", v.id, errdefs.ErrInvalid)
+	}
+	b := v.meta.Chain[len(v.meta.Chain)-1]
+	if b.Format != "raw" {
+		return 0, fmt.Errorf("vm %s: base disk %s is %s, not raw: %w", v.id, b.Path, b.Format, errdefs.ErrInvalid)
+	}
+	st, err := os.Stat(b.Path)
+	if err != nil {
+		return 0, err
+	}
+	return st.Size(), nil
 }
 
 func syncFiles(paths ...string) error {
@@ -336,6 +387,12 @@ func (d *Driver) Clone(ctx context.Context, spec vmm.CloneSpec) (vmm.Info, error
 		return vmm.Info{}, fmt.Errorf("cloning %s: %w", spec.ID, err)
 	}
 	if err := os.MkdirAll(v.dir, 0o700); err != nil {
+		return fail(err)
+	}
+	if v.meta.Chain, err = d.readChain(ctx, t.Dir); err != nil {
+		return fail(err)
+	}
+	if err := shareTemplateMem(filepath.Join(t.Dir, "mem")); err != nil {
 		return fail(err)
 	}
 	if err := copyFile(filepath.Join(t.Dir, "overlay.qcow2"), v.path("disk.qcow2")); err != nil {
@@ -511,6 +568,14 @@ func (d *Driver) Resume(ctx context.Context, id string) (vmm.Info, error) {
 	if err := d.checkPlatform("suspended vm "+id, v.meta.Platform); err != nil {
 		return vmm.Info{}, err
 	}
+	// QEMU gets the chain from descriptors and ignores the header's name,
+	// but a header the guest's QEMU rewrote to name another file means
+	// that QEMU was compromised: refuse to run the disk again.
+	if c := v.meta.Chain; len(c) > 0 {
+		if err := qcow2.CheckLink(v.path("disk.qcow2"), c[0].Path, c[0].Format); err != nil {
+			return vmm.Info{}, fmt.Errorf("resuming %s: %w", id, err)
+		}
+	}
 	if err := v.setState(vmm.StateSuspended, phaseResuming); err != nil {
 		return vmm.Info{}, err
 	}
@@ -573,7 +638,10 @@ func (d *Driver) Stop(ctx context.Context, id string) error {
 	v.mu.Lock()
 	v.meta.State, v.meta.Phase, v.meta.PID, v.meta.Reason = vmm.StateStopped, "", 0, "stopped on request"
 	v.mu.Unlock()
-	for _, f := range []string{"qmp.sock", "agent.sock", "console.sock", "state", "mem"} {
+	for _, f := range []string{"qmp.sock", "agent.sock", "console.sock"} {
+		os.Remove(v.sockPath(f))
+	}
+	for _, f := range []string{"state", "mem"} {
 		os.Remove(v.path(f))
 	}
 	return v.saveMeta()

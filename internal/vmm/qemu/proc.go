@@ -26,13 +26,23 @@ type proc struct {
 	done  chan struct{}
 	// status is how the process ended; valid once done is closed.
 	status string
+	// onExit runs once the process has ended, before done is closed
+	// (removing its cgroup).
+	onExit func()
 }
 
-func startProc(cmd *exec.Cmd) (*proc, error) {
+func (p *proc) exited() {
+	if p.onExit != nil {
+		p.onExit()
+	}
+	close(p.done)
+}
+
+func startProc(cmd *exec.Cmd, onExit func()) (*proc, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
-	p := &proc{pid: cmd.Process.Pid, pidfd: -1, done: make(chan struct{})}
+	p := &proc{pid: cmd.Process.Pid, pidfd: -1, done: make(chan struct{}), onExit: onExit}
 	if fd, err := unix.PidfdOpen(p.pid, 0); err == nil {
 		p.pidfd = fd
 	}
@@ -48,14 +58,14 @@ func startProc(cmd *exec.Cmd) (*proc, error) {
 		if p.pidfd >= 0 {
 			unix.Close(p.pidfd)
 		}
-		close(p.done)
+		p.exited()
 	}()
 	return p, nil
 }
 
 // adoptProc watches a process that a previous kiln started. It fails if
 // the PID now belongs to another process.
-func adoptProc(pid int, start uint64) (*proc, error) {
+func adoptProc(pid int, start uint64, onExit func()) (*proc, error) {
 	fd, err := unix.PidfdOpen(pid, 0)
 	if err != nil {
 		return nil, fmt.Errorf("process %d: %w", pid, err)
@@ -64,7 +74,7 @@ func adoptProc(pid int, start uint64) (*proc, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("process %d is not the one recorded (start time %d, recorded %d)", pid, st, start)
 	}
-	p := &proc{pid: pid, start: start, pidfd: fd, done: make(chan struct{})}
+	p := &proc{pid: pid, start: start, pidfd: fd, done: make(chan struct{}), onExit: onExit}
 	go func() {
 		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
 		for {
@@ -75,7 +85,7 @@ func adoptProc(pid int, start uint64) (*proc, error) {
 		}
 		p.status = "exited (adopted after a kiln restart: exit status unknown)"
 		unix.Close(fd)
-		close(p.done)
+		p.exited()
 	}()
 	return p, nil
 }

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/jail"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
@@ -52,6 +53,7 @@ func (d *Driver) Recover(ctx context.Context) (vmm.RecoveryReport, error) {
 		p.waitExit(5 * time.Second)
 		rep.Removed = append(rep.Removed, fmt.Sprintf("qemu process %d with no vm record: killed", pid))
 	}
+	d.removeStrayCgroups()
 	d.log.Info("recovered vms", "adopted", len(rep.Adopted), "suspended", len(rep.Suspended), "removed", len(rep.Removed))
 	return rep, nil
 }
@@ -68,13 +70,14 @@ func (d *Driver) recoverOne(ctx context.Context, dir string) (string, string, in
 	v := &vm{d: d, id: m.ID, dir: dir, log: d.log.With("microvm", m.ID), meta: m, uid: m.UID}
 	var p *proc
 	if m.PID > 0 {
-		p, _ = adoptProc(m.PID, m.PIDStart)
+		p, _ = adoptProc(m.PID, m.PIDStart, v.removeCgroup)
 	}
 	remove := func(why string) (string, string, int) {
 		if p != nil {
 			p.kill()
 			p.waitExit(5 * time.Second)
 		}
+		v.removeCgroup()
 		os.RemoveAll(dir)
 		return m.ID, why + ": removed", 0
 	}
@@ -83,6 +86,7 @@ func (d *Driver) recoverOne(ctx context.Context, dir string) (string, string, in
 			p.kill()
 			p.waitExit(5 * time.Second)
 		}
+		v.removeCgroup()
 		if !fileExists(v.path("state")) || !fileExists(v.path("mem")) || !fileExists(v.path("disk.qcow2")) {
 			return remove("suspended but its files are incomplete")
 		}
@@ -149,7 +153,7 @@ func (d *Driver) recoverOne(ctx context.Context, dir string) (string, string, in
 		}
 	}
 	v.console = newRing(64 << 10)
-	go v.console.drain(v.path("console.sock"), p.done)
+	go v.console.drain(v.sockPath("console.sock"), p.done)
 	if err := v.connectAgent(ctx, 10*time.Second, false); err != nil {
 		v.detach()
 		return remove("agent does not answer")
@@ -171,7 +175,7 @@ func (d *Driver) killRecorded(m meta) {
 	if m.PID <= 0 {
 		return
 	}
-	if p, err := adoptProc(m.PID, m.PIDStart); err == nil {
+	if p, err := adoptProc(m.PID, m.PIDStart, nil); err == nil {
 		p.kill()
 		p.waitExit(5 * time.Second)
 	}
@@ -190,6 +194,7 @@ func (d *Driver) strayProcesses(claimed map[int]bool) []int {
 		return nil
 	}
 	prefix := d.vmsDir() + string(filepath.Separator)
+	roots := d.jailRoots()
 	var out []int
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
@@ -198,6 +203,17 @@ func (d *Driver) strayProcesses(claimed map[int]bool) []int {
 		}
 		args, err := procCmdline(pid)
 		if err != nil || len(args) == 0 || !strings.Contains(filepath.Base(args[0]), "qemu") {
+			continue
+		}
+		// A jailed QEMU names only paths inside its jail: its root or its
+		// cgroup tells.
+		if k, ok := statKey("/proc/" + e.Name() + "/root"); ok && roots[k] {
+			out = append(out, pid)
+			continue
+		}
+		if b, err := os.ReadFile("/proc/" + e.Name() + "/cgroup"); err == nil && strings.Contains(string(b), "/"+cgroupParent+"/") &&
+			strings.Contains(string(b), "."+d.cgroupSuffix()+"\n") {
+			out = append(out, pid)
 			continue
 		}
 		for _, a := range args {
@@ -215,5 +231,41 @@ func adoptProcByPID(pid int) (*proc, error) {
 	if err != nil {
 		return nil, err
 	}
-	return adoptProc(pid, st)
+	return adoptProc(pid, st, nil)
+}
+
+// removeStrayCgroups removes this driver's VM cgroups that no live VM
+// holds (left by a kiln that died between a QEMU's end and the removal).
+func (d *Driver) removeStrayCgroups() {
+	if jail.Supported() != nil || jail.CgroupVersion() == "" {
+		return
+	}
+	names, err := jail.ListCgroups(cgroupParent)
+	if err != nil {
+		return
+	}
+	suffix := "." + d.cgroupSuffix()
+	for _, n := range names {
+		id, ok := strings.CutSuffix(strings.TrimPrefix(n, cgroupParent+"/"), suffix)
+		if !ok {
+			continue
+		}
+		d.mu.Lock()
+		v := d.vms[id]
+		d.mu.Unlock()
+		if v != nil {
+			v.mu.Lock()
+			alive := v.proc != nil && v.proc.alive()
+			v.mu.Unlock()
+			if alive {
+				continue
+			}
+		}
+		if jail.CgroupPopulated(n) {
+			continue
+		}
+		if err := jail.RemoveCgroup(n); err != nil {
+			d.log.Warn("removing a stray vm cgroup", "cgroup", n, "err", err)
+		}
+	}
 }

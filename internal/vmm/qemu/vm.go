@@ -51,7 +51,12 @@ type meta struct {
 	// ScratchDisk: guest flushes are not passed on (cache=unsafe).
 	ScratchDisk bool `json:"scratch_disk,omitempty"`
 	// UID is the unprivileged uid (and gid) QEMU runs as; 0: kiln's own.
-	UID       uint32    `json:"uid,omitempty"`
+	UID uint32 `json:"uid,omitempty"`
+	// Jailed: QEMU runs in the VM's jail (jail.go); its sockets are in
+	// VMDIR/jail/run.
+	Jailed bool `json:"jailed,omitempty"`
+	// Chain lists the disk layers below disk.qcow2, top down (chain.go).
+	Chain     []layer   `json:"chain,omitempty"`
 	PID       int       `json:"pid,omitempty"`
 	PIDStart  uint64    `json:"pid_start,omitempty"`
 	StartedAt time.Time `json:"started_at"`
@@ -156,27 +161,16 @@ func (v *vm) memPath() string {
 	return v.path("mem")
 }
 
-func elevate(uid uint32) string {
-	if uid != 0 {
-		return "allow"
-	}
-	return "deny"
-}
-
-func diskCache(scratch bool) string {
-	if scratch {
-		return ",cache=unsafe"
-	}
-	return ""
-}
-
-// Descriptors QEMU inherits (ExtraFiles start at 3): the disk read-write
-// and read-only, then the TAP.
+// Descriptors QEMU inherits (ExtraFiles start at 3): the disk chain
+// (chain.go: the overlay read-write and read-only, then each layer), then
+// the TAP.
 const (
 	diskFD    = 3
-	tapFD     = 5
 	diskFDSet = 2
 )
+
+// tapFD is the TAP's descriptor, after the disk chain's.
+func (v *vm) tapFD() int { return diskFD + 2 + len(v.meta.Chain) }
 
 // args builds QEMU's command line. incoming adds -incoming defer and -S,
 // so the caller loads state and starts the guest itself.
@@ -184,7 +178,11 @@ func (v *vm) args(incoming bool) []string {
 	m := &v.meta
 	p := m.Platform
 	mem := fmt.Sprintf("%dM", m.MemoryMiB)
-	backend := fmt.Sprintf("memory-backend-file,id=mem0,size=%s,mem-path=%s", mem, v.memPath())
+	memPath, kernel, initrd := v.memPath(), m.Kernel, m.Initrd
+	if v.jailed() {
+		memPath, kernel, initrd = jailMem, jailKernel, jailInitrd
+	}
+	backend := fmt.Sprintf("memory-backend-file,id=mem0,size=%s,mem-path=%s", mem, memPath)
 	if m.MemPrivate {
 		// A private mapping: reads come from the shared template pages,
 		// writes make private copies; the template never changes.
@@ -210,35 +208,35 @@ func (v *vm) args(incoming bool) []string {
 		"-smp", fmt.Sprint(m.VCPUs),
 		"-object", backend,
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-		// The guest is hostile: confine QEMU with its seccomp filter. With
-		// a uid to drop to, set*id calls must stay allowed for the drop
-		// itself; afterwards QEMU has no privilege they could regain.
-		"-sandbox", "on,obsolete=deny,elevateprivileges=" + elevate(m.UID) + ",spawn=deny,resourcecontrol=deny",
+		// The guest is hostile: confine QEMU with its seccomp filter as
+		// well as its jail. It starts unprivileged (the jail dropped root
+		// before the exec), so no set*id call has any use for it.
+		"-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
 
-		"-chardev", "socket,id=con0,path=" + v.path("console.sock") + ",server=on,wait=off",
+		"-chardev", "socket,id=con0,path=" + v.qemuSock("console.sock") + ",server=on,wait=off",
 		"-serial", "chardev:con0",
-		"-qmp", "unix:" + v.path("qmp.sock") + ",server=on,wait=off",
-		// The disk comes as descriptors (fdset 2, read-write and
-		// read-only): QEMU reopens it around migrations, after it has
-		// dropped root, and must not need access to its path.
-		"-add-fd", fmt.Sprintf("fd=%d,set=%d", diskFD, diskFDSet), "-add-fd", fmt.Sprintf("fd=%d,set=%d", diskFD+1, diskFDSet),
-		"-drive", fmt.Sprintf("file=/dev/fdset/%d,if=none,id=disk0,format=qcow2,discard=unmap", diskFDSet) + diskCache(m.ScratchDisk),
-		"-device", "virtio-blk-" + bus + ",drive=disk0",
-		"-device", "virtio-serial-" + bus + ",id=vser0",
-		"-chardev", "socket,id=agent0,path=" + v.path("agent.sock") + ",server=on,wait=off",
-		"-device", "virtserialport,bus=vser0.0,chardev=agent0,name=kiln.agent",
+		"-qmp", "unix:" + v.qemuSock("qmp.sock") + ",server=on,wait=off",
 	}
+	// Every disk layer comes as a descriptor: QEMU reopens the overlay
+	// around migrations and must not need any path, least of all one
+	// read from a header it could have rewritten.
+	a = append(a, v.blockdevArgs(diskFD)...)
+	a = append(a,
+		// write-cache=on: guest flushes reach the disk, as -drive's
+		// default cache=writeback did.
+		"-device", "virtio-blk-"+bus+",drive="+topNode+",write-cache=on",
+		"-device", "virtio-serial-"+bus+",id=vser0",
+		"-chardev", "socket,id=agent0,path="+v.qemuSock("agent.sock")+",server=on,wait=off",
+		"-device", "virtserialport,bus=vser0.0,chardev=agent0,name=kiln.agent",
+	)
 	if p.Machine == "q35" {
 		// A new generation id on every clone makes the kernel reseed its
 		// RNG before any user code runs.
 		a = append(a, "-device", "vmgenid,guid=auto")
 	}
 	if m.Net != nil {
-		a = append(a, "-netdev", fmt.Sprintf("tap,id=net0,fd=%d", tapFD), // vnet_hdr is read from the fd (opened with IFF_VNET_HDR); QEMU 10 refuses vnet_hdr= with fd=
+		a = append(a, "-netdev", fmt.Sprintf("tap,id=net0,fd=%d", v.tapFD()), // vnet_hdr is read from the fd (opened with IFF_VNET_HDR); QEMU 10 refuses vnet_hdr= with fd=
 			"-device", "virtio-net-"+bus+",netdev=net0,mac="+m.Net.MAC)
-	}
-	if m.UID != 0 {
-		a = append(a, "-run-with", fmt.Sprintf("user=%d:%d", m.UID, m.UID))
 	}
 	if incoming {
 		// A restored guest has long since booted: the kernel and initramfs
@@ -246,50 +244,72 @@ func (v *vm) args(incoming bool) []string {
 		// and staging ~20 MB per clone (~50 ms here).
 		a = append(a, "-S", "-incoming", "defer")
 	} else {
-		a = append(a, "-kernel", m.Kernel, "-initrd", m.Initrd, "-append", strings.Join(cmdline, " "))
+		a = append(a, "-kernel", kernel, "-initrd", initrd, "-append", strings.Join(cmdline, " "))
 	}
 	return a
 }
 
-// spawn starts QEMU and connects QMP. On error the process is killed.
+// spawn starts QEMU (in its jail when kiln is root) and connects QMP. On
+// error the process is killed.
 func (v *vm) spawn(ctx context.Context, incoming bool) error {
+	v.mu.Lock()
+	v.meta.Jailed = v.meta.UID != 0
+	v.mu.Unlock()
 	for _, s := range []string{"qmp.sock", "agent.sock", "console.sock"} {
-		os.Remove(v.path(s))
+		os.Remove(v.sockPath(s))
 	}
-	if l := len(v.path("console.sock")); l > 107 {
+	if l := len(v.sockPath("console.sock")); l > 107 {
 		return fmt.Errorf("vm directory %s is too long for unix sockets (%d bytes): use a shorter --data-dir: %w", v.dir, l, errdefs.ErrInvalid)
+	}
+	if v.meta.Chain == nil {
+		// Made by a kiln before chains were recorded: learn it once.
+		c, err := v.d.chainFromHeaders(ctx, v.path("disk.qcow2"))
+		if err != nil {
+			return err
+		}
+		v.log.Warn("vm had no recorded disk chain: read it from the image headers once")
+		v.meta.Chain = c[1:]
 	}
 	logf, err := os.OpenFile(v.path("qemu.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return err
 	}
 	defer logf.Close()
-	cmd := exec.Command(v.d.cfg.QEMU, v.args(incoming)...)
-	cmd.Dir = v.dir
-	cmd.Stdout, cmd.Stderr = logf, logf
-	// Its own session: the VM survives kiln's death and is adopted later.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	rw, err := os.OpenFile(v.path("disk.qcow2"), os.O_RDWR, 0)
+	files, err := v.openChain()
 	if err != nil {
 		return err
 	}
-	defer rw.Close()
-	ro, err := os.Open(v.path("disk.qcow2"))
-	if err != nil {
-		return err
-	}
-	defer ro.Close()
-	cmd.ExtraFiles = []*os.File{rw, ro}
+	defer func() {
+		for _, f := range files {
+			f.Close()
+		}
+	}()
 	if n := v.meta.Net; n != nil {
 		tap, err := openTap(n.Netns, n.Tap)
 		if err != nil {
 			return err
 		}
-		defer tap.Close()
-		cmd.ExtraFiles = append(cmd.ExtraFiles, tap)
+		files = append(files, tap)
 	}
-	p, err := startProc(cmd)
+	var cmd *exec.Cmd
+	if v.jailed() {
+		if err := v.prepareJail(); err != nil {
+			return fmt.Errorf("preparing the jail: %w", err)
+		}
+		if cmd, err = v.jailCommand(incoming, v.args(incoming), files); err != nil {
+			return err
+		}
+	} else {
+		cmd = exec.Command(v.d.cfg.QEMU, v.args(incoming)...)
+		cmd.Dir = v.dir
+		// Its own session: the VM survives kiln's death and is adopted later.
+		cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+		cmd.ExtraFiles = files
+	}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	p, err := startProc(cmd, v.removeCgroup)
 	if err != nil {
+		v.removeCgroup()
 		return fmt.Errorf("starting %s: %w", v.d.cfg.QEMU, err)
 	}
 	v.mu.Lock()
@@ -302,7 +322,7 @@ func (v *vm) spawn(ctx context.Context, incoming bool) error {
 		return err
 	}
 	v.console = newRing(64 << 10)
-	go v.console.drain(v.path("console.sock"), p.done)
+	go v.console.drain(v.sockPath("console.sock"), p.done)
 	return nil
 }
 
@@ -311,7 +331,7 @@ func (v *vm) connectQMP(ctx context.Context, p *proc) error {
 	defer cancel()
 	qctx, stop := cancelOnExit(qctx, p)
 	defer stop()
-	q, err := qmp.Dial(qctx, v.path("qmp.sock"))
+	q, err := qmp.Dial(qctx, v.sockPath("qmp.sock"))
 	if err != nil {
 		return v.exitError("connecting to qmp", err, p)
 	}
@@ -391,7 +411,7 @@ func (v *vm) dialAgent(ctx context.Context, timeout time.Duration) (net.Conn, er
 	actx, stop := cancelOnExit(actx, p)
 	defer stop()
 	var d net.Dialer
-	conn, err := d.DialContext(actx, "unix", v.path("agent.sock"))
+	conn, err := d.DialContext(actx, "unix", v.sockPath("agent.sock"))
 	if err != nil {
 		return nil, v.exitError("connecting to the agent socket", err, p)
 	}

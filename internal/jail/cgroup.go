@@ -1,0 +1,256 @@
+//go:build linux
+
+package jail
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
+)
+
+// cgroupRoot is where cgroup hierarchies are mounted.
+var cgroupRoot = "/sys/fs/cgroup"
+
+// CgroupVersion is "v2" (a unified hierarchy with the memory controller),
+// "v1" (separate memory, pids and cpu hierarchies; the hybrid layout with
+// an empty v2 hierarchy at /sys/fs/cgroup/unified counts as v1), or ""
+// when neither is usable.
+func CgroupVersion() string {
+	versionOnce.Do(func() {
+		switch {
+		case hasController(filepath.Join(cgroupRoot, "cgroup.controllers"), "memory"):
+			version = "v2"
+		case dirExists(filepath.Join(cgroupRoot, "memory")):
+			version = "v1"
+		}
+		if version == "" {
+			slog.Warn("jail: no usable cgroup hierarchy (neither v2 with memory nor v1 memory): jailed commands cannot be limited")
+		} else {
+			slog.Info("jail: using cgroup " + version + " for memory, pids and cpu limits")
+		}
+	})
+	return version
+}
+
+var (
+	versionOnce sync.Once
+	version     string
+)
+
+func hasController(file, c string) bool {
+	b, err := os.ReadFile(file)
+	return err == nil && strings.Contains(" "+strings.TrimSpace(string(b))+" ", " "+c+" ")
+}
+
+func dirExists(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && st.IsDir()
+}
+
+var cgroupNameRe = regexp.MustCompile(`^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$`)
+
+func checkCgroupName(name string) error {
+	if !cgroupNameRe.MatchString(name) || len(name) > 200 {
+		return fmt.Errorf("jail: cgroup name %q: use path components of letters, digits, '.', '_' or '-': %w", name, errdefs.ErrInvalid)
+	}
+	for _, c := range strings.Split(name, "/") {
+		if c == "." || c == ".." {
+			return fmt.Errorf("jail: cgroup name %q: no '.' or '..' components: %w", name, errdefs.ErrInvalid)
+		}
+	}
+	return nil
+}
+
+// v1 controllers kiln uses; cpu may be mounted as "cpu,cpuacct" with
+// "cpu" a link to it, which the path resolves.
+var v1Controllers = []string{"memory", "pids", "cpu"}
+
+// cgroupDirs lists the directories of a cgroup name, one per hierarchy.
+func cgroupDirs(name string) []string {
+	switch CgroupVersion() {
+	case "v2":
+		return []string{filepath.Join(cgroupRoot, name)}
+	case "v1":
+		var out []string
+		for _, c := range v1Controllers {
+			if dirExists(filepath.Join(cgroupRoot, c)) {
+				out = append(out, filepath.Join(cgroupRoot, c, name))
+			}
+		}
+		return out
+	}
+	return nil
+}
+
+// createCgroup makes the cgroup (reusing it if it exists) with its limits
+// and returns its directories.
+func createCgroup(c CgroupSpec) ([]string, error) {
+	if err := checkCgroupName(c.Name); err != nil {
+		return nil, err
+	}
+	v := CgroupVersion()
+	if v == "" {
+		return nil, fmt.Errorf("jail: no usable cgroup hierarchy under %s: %w", cgroupRoot, errdefs.ErrUnavailable)
+	}
+	dirs := cgroupDirs(c.Name)
+	if v == "v2" {
+		if err := enableV2Controllers(c.Name); err != nil {
+			return nil, err
+		}
+	}
+	for _, d := range dirs {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return nil, fmt.Errorf("jail: creating cgroup %s: %w", d, err)
+		}
+	}
+	set := func(file, val string) error {
+		for _, d := range dirs {
+			p := filepath.Join(d, file)
+			if _, err := os.Stat(p); err != nil {
+				continue // another controller's directory
+			}
+			if err := os.WriteFile(p, []byte(val), 0); err != nil {
+				return fmt.Errorf("jail: setting %s to %s: %w", p, val, err)
+			}
+			return nil
+		}
+		return fmt.Errorf("jail: cgroup %s has no %s: %w", c.Name, file, errdefs.ErrUnavailable)
+	}
+	var err error
+	if v == "v2" {
+		if c.MemoryBytes > 0 {
+			err = errors.Join(err, set("memory.max", strconv.FormatInt(c.MemoryBytes, 10)))
+			// Swap would let the process use memory past its limit.
+			set("memory.swap.max", "0")
+		}
+		if c.Pids > 0 {
+			err = errors.Join(err, set("pids.max", strconv.FormatInt(c.Pids, 10)))
+		}
+		if c.CPUWeight > 0 {
+			err = errors.Join(err, set("cpu.weight", strconv.FormatUint(min(max(c.CPUWeight, 1), 10000), 10)))
+		}
+	} else {
+		if c.MemoryBytes > 0 {
+			err = errors.Join(err, set("memory.limit_in_bytes", strconv.FormatInt(c.MemoryBytes, 10)))
+			// Only present with swap accounting; it must not be below
+			// the memory limit, hence after it.
+			set("memory.memsw.limit_in_bytes", strconv.FormatInt(c.MemoryBytes, 10))
+		}
+		if c.Pids > 0 {
+			err = errors.Join(err, set("pids.max", strconv.FormatInt(c.Pids, 10)))
+		}
+		if c.CPUWeight > 0 {
+			shares := max(c.CPUWeight*1024/100, 2)
+			err = errors.Join(err, set("cpu.shares", strconv.FormatUint(shares, 10)))
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	return dirs, nil
+}
+
+// enableV2Controllers lets every level above the cgroup hand memory, pids
+// and cpu down to its children.
+func enableV2Controllers(name string) error {
+	parts := strings.Split(name, "/")
+	dir := cgroupRoot
+	for _, p := range parts[:len(parts)-1] {
+		if err := writeSubtree(dir); err != nil {
+			return err
+		}
+		dir = filepath.Join(dir, p)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return fmt.Errorf("jail: creating cgroup %s: %w", dir, err)
+		}
+	}
+	return writeSubtree(dir)
+}
+
+func writeSubtree(dir string) error {
+	f := filepath.Join(dir, "cgroup.subtree_control")
+	for _, c := range []string{"memory", "pids", "cpu"} {
+		if hasController(f, c) {
+			continue
+		}
+		if err := os.WriteFile(f, []byte("+"+c), 0); err != nil && c == "memory" {
+			return fmt.Errorf("jail: enabling %s in %s: %w", c, f, err)
+		}
+	}
+	return nil
+}
+
+// CgroupDirs returns the host directories of cgroup name (one per
+// hierarchy), existing or not; tests read limits from them.
+func CgroupDirs(name string) []string { return cgroupDirs(name) }
+
+// RemoveCgroup removes the cgroup once its processes are gone. A process
+// that just died may linger briefly as a zombie in it: retry for a moment.
+func RemoveCgroup(name string) error {
+	if err := checkCgroupName(name); err != nil {
+		return err
+	}
+	var errs []error
+	for _, d := range cgroupDirs(name) {
+		var err error
+		for i := 0; i < 50; i++ {
+			err = os.Remove(d)
+			if err == nil || errors.Is(err, os.ErrNotExist) {
+				err = nil
+				break
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("jail: removing cgroup %s: %w", d, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ListCgroups returns the names of the cgroups directly below parent
+// (e.g. "kiln"), as found in the first hierarchy.
+func ListCgroups(parent string) ([]string, error) {
+	if err := checkCgroupName(parent); err != nil {
+		return nil, err
+	}
+	dirs := cgroupDirs(parent)
+	if len(dirs) == 0 {
+		return nil, nil
+	}
+	var out []string
+	seen := map[string]bool{}
+	for _, d := range dirs {
+		entries, err := os.ReadDir(d)
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, err
+		}
+		for _, e := range entries {
+			if e.IsDir() && !seen[e.Name()] {
+				seen[e.Name()] = true
+				out = append(out, parent+"/"+e.Name())
+			}
+		}
+	}
+	return out, nil
+}
+
+// CgroupPopulated says whether any process is in the cgroup.
+func CgroupPopulated(name string) bool {
+	for _, d := range cgroupDirs(name) {
+		b, err := os.ReadFile(filepath.Join(d, "cgroup.procs"))
+		if err == nil && len(strings.TrimSpace(string(b))) > 0 {
+			return true
+		}
+	}
+	return false
+}
