@@ -28,8 +28,8 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/gc"
-	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/image/base"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 

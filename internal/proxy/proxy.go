@@ -29,8 +29,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
+	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
 
