@@ -93,6 +93,17 @@ func TestMetricsMove(t *testing.T) {
 		t.Fatalf("GET: %d %q", code, body)
 	}
 	h.get(m.ID, "/count", "not-a-token", nil) // a 401 from the proxy itself
+	// From now on the hooks port answers nothing: the suspend and resume
+	// hooks fail (logged, not fatal) and are counted.
+	v, err := h.st.GetImageVersion(context.Background(), testAccount, testImage, "1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead := int64(9)
+	v.Config.Hooks.Port = &dead
+	if err := h.st.UpdateImageVersion(context.Background(), v); err != nil {
+		t.Fatal(err)
+	}
 	if err := h.srv.Suspend(context.Background(), testAccount, m.ID, "UserRequested: test"); err != nil {
 		t.Fatal(err)
 	}
@@ -118,6 +129,8 @@ func TestMetricsMove(t *testing.T) {
 	moved("kiln_proxy_requests_total", map[string]string{"class": "2xx"}, before, after, 2)
 	moved("kiln_proxy_errors_total", map[string]string{"class": "4xx"}, before, after, 1)
 	moved("kiln_proxy_response_bytes_total", map[string]string{"class": "2xx"}, before, after, float64(len("count=1count=2")))
+	moved("kiln_hook_failures_total", map[string]string{"hook": "suspend"}, before, mid, 1)
+	moved("kiln_hook_failures_total", map[string]string{"hook": "resume"}, mid, after, 1)
 	moved("kiln_store_operation_seconds", map[string]string{"op": "write"}, before, after, 3)
 	if v := value(mid, "kiln_microvms", map[string]string{"state": "SUSPENDED"}); v < 1 {
 		t.Errorf("kiln_microvms{state=SUSPENDED} = %v while one is suspended", v)

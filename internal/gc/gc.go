@@ -281,11 +281,15 @@ func allVersions(ctx context.Context, st store.Store) ([]store.ImageVersion, err
 	}
 }
 
-// localPath is the cleaned file path of a file:// or bare-path URI.
+// localPath is the cleaned absolute file path of a file:// or bare-path
+// URI, or "".
 func localPath(uri string) string {
 	u, err := url.Parse(uri)
 	if err != nil || (u.Scheme != "file" && u.Scheme != "") || u.Host != "" {
 		return ""
+	}
+	if !filepath.IsAbs(u.Path) {
+		return "" // uploads are named by absolute paths; nothing else is ours
 	}
 	return filepath.Clean(u.Path)
 }

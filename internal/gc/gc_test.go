@@ -245,3 +245,21 @@ func TestCollectorRacesNewReferences(t *testing.T) {
 		}
 	}
 }
+
+// FuzzLocalPath: a code artifact URI comes from a tenant; whatever it
+// holds, localPath yields "" or a clean absolute path (never one that
+// climbs out with ..).
+func FuzzLocalPath(f *testing.F) {
+	for _, s := range []string{"file:///var/lib/kiln/artifacts/1/a.zip", "/x/../../etc/passwd", "s3://b/k", "file://host/x", "file:///a/%2e%2e/b", "", "::", "file:relative"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, uri string) {
+		p := localPath(uri)
+		if p == "" || p == "." {
+			return
+		}
+		if !filepath.IsAbs(p) || filepath.Clean(p) != p || strings.Contains(p, "/../") || strings.HasSuffix(p, "/..") {
+			t.Fatalf("localPath(%q) = %q: not clean", uri, p)
+		}
+	})
+}
