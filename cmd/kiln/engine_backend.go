@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/applog"
 	"github.com/kiln-sandbox/kiln/internal/engine"
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/image/base"
@@ -60,8 +61,14 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 			return nil, nil, requireKVMError(string(accel), why)
 		}
 	}
+	// The logs first: the driver adopts running VMs as it starts, and
+	// their consoles go to their logs.
+	logs, err := applog.New(filepath.Join(o.DataDir, "logs"), applog.Options{MaxBytes: o.LogMaxBytes, Retention: o.LogRetention, Log: log})
+	if err != nil {
+		return nil, nil, err
+	}
 	drv, err := qemu.New(ctx, qemu.Config{DataDir: o.DataDir, Accel: accelFlag,
-		AgentBinary: qemu.DefaultAgentBinary(o.DataDir), Log: log})
+		AgentBinary: qemu.DefaultAgentBinary(o.DataDir), Console: logs.Console, Log: log})
 	if err != nil {
 		return nil, nil, fmt.Errorf("starting the vm engine (run `make setup` first?): %w", err)
 	}
@@ -82,7 +89,7 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		return nil, nil, err
 	}
 	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep,
-		Builder: newImageBuilder(ctx, o, drv, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Log: log})
+		Builder: newImageBuilder(ctx, o, drv, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log})
 	if err != nil {
 		drv.Close()
 		return nil, nil, err

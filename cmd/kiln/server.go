@@ -78,6 +78,10 @@ type ServerOptions struct {
 	// References orders image and artifact references the API records
 	// against garbage collection (internal/gc); runServer makes it.
 	References *gc.References
+	// LogMaxBytes caps each microVM's kept output; LogRetention is how
+	// long it stays after the VM ended (0: applog's defaults).
+	LogMaxBytes  int64
+	LogRetention time.Duration
 }
 
 // FetchPolicy is the egress policy of kiln's fetches for tenants.
@@ -160,6 +164,7 @@ the database: without it the stored keys cannot be used).`,
 	f.StringVar(&o.APICert, "api-cert", "", "PEM certificate chain: serve the API over HTTPS (with --api-key)")
 	f.StringVar(&o.APIKey, "api-key", "", "PEM private key of --api-cert")
 	f.IntVar(&o.MaxConnsPerClient, "max-conns-per-client", 256, "concurrent API connections per client address; more are answered 429 and closed (0: no cap)")
+	addLogFlags(f, &o)
 	f.BoolVar(&o.RequireKVM, "require-kvm", false, "refuse to start unless microVMs run under KVM (TCG is not a security boundary)")
 	f.StringVar(&o.MetricsAddr, "metrics-addr", "127.0.0.1:9091", "address of /metrics (Prometheus), /healthz and /readyz (empty: off)")
 	f.DurationVar(&o.GCInterval, "gc-interval", 10*time.Minute, "how often garbage collection runs (it also runs at start; 0: never)")

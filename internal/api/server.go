@@ -360,6 +360,9 @@ func (s *Server) routes() {
 	// path is outside the AWS API's version prefixes.
 	s.handle("GET /kiln/v1/microvm-images/{imageIdentifier}/versions/{imageVersion}/builds/{buildId}/log", 200, s.getBuildLog)
 	s.handle("GET /kiln/v1/microvms/{microvmIdentifier}/log", 200, s.getMicrovmLog)
+	s.handle("GET /kiln/v1/microvms/{microvmIdentifier}/events", 200, s.getMicrovmEvents)
+	s.handle("GET /kiln/v1/microvm-images/{imageIdentifier}/events", 200, s.getImageEvents)
+	s.handle("GET "+UsagePath, 200, s.getUsage)
 	s.mux.HandleFunc("PUT "+ArtifactPath, s.uploadArtifact)
 	s.mux.HandleFunc("GET "+InfoPath, s.info)
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {

@@ -41,6 +41,7 @@ func (e *Engine) build(v store.ImageVersion, b store.Build) {
 		log.Warn("recording build start", "err", err)
 		return
 	}
+	e.meterBuild(ctx, b, true)
 	w := &storeLog{ctx: ctx, e: e, build: b.ID}
 	buildStart := time.Now()
 	finish := func(ok bool, reason string, snap *store.SnapshotBuild) {
@@ -50,6 +51,7 @@ func (e *Engine) build(v store.ImageVersion, b store.Build) {
 			result = "failed"
 		}
 		metrics.Since(metrics.BuildDuration.WithLabelValues(result), buildStart)
+		e.meterBuild(ctx, b, false)
 		if err := rep.BuildFinished(context.WithoutCancel(ctx), b, ok, reason, snap); err != nil {
 			log.Warn("recording build result", "err", err)
 		}

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/applog"
 	"github.com/kiln-sandbox/kiln/internal/dnsfwd"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
@@ -97,7 +98,16 @@ type Config struct {
 	IdleInterval time.Duration
 	// StartTimeout bounds a clone plus its run hook (default 2 min).
 	StartTimeout time.Duration
-	Log          *slog.Logger
+	// Logs keeps each microVM's output on disk (default: DataDir/logs
+	// with applog's defaults). The QEMU driver's console sink should be
+	// Logs.Console, so that the guest console lands there too.
+	Logs *applog.Manager
+	// LogSweepInterval is how often expired logs are removed (default 10m).
+	LogSweepInterval time.Duration
+	// MeterInterval is how often open usage intervals are written to the
+	// store (default 60s): a crash loses at most that much usage.
+	MeterInterval time.Duration
+	Log           *slog.Logger
 	Now          func() time.Time
 }
 
@@ -120,8 +130,7 @@ type Engine struct {
 
 	buildWG sync.WaitGroup
 
-	logMu sync.Mutex
-	logs  map[string]*ring
+	meter meter
 }
 
 // vmState is what the engine keeps in memory about one microVM that is not
@@ -147,6 +156,7 @@ type vmState struct {
 	flushedAt  time.Time // last time activity was written to the store
 	changed    chan struct{}
 	gone       bool
+	size       vmSize // for metering; zero until first known
 }
 
 // New returns an Engine; ctx is the server's life.
@@ -165,6 +175,19 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.LogSweepInterval <= 0 {
+		cfg.LogSweepInterval = 10 * time.Minute
+	}
+	if cfg.MeterInterval <= 0 {
+		cfg.MeterInterval = time.Minute
+	}
+	if cfg.Logs == nil {
+		l, err := applog.New(filepath.Join(cfg.DataDir, "logs"), applog.Options{Log: cfg.Log})
+		if err != nil {
+			return nil, err
+		}
+		cfg.Logs = l
 	}
 	e := &Engine{cfg: cfg, log: cfg.Log, now: cfg.Now, vms: map[string]*vmState{}}
 	e.ctx, e.cancel = context.WithCancel(context.WithoutCancel(ctx))
@@ -193,6 +216,8 @@ func (e *Engine) server() (*api.Server, error) {
 func (e *Engine) Run(ctx context.Context) {
 	go e.idleLoop(ctx)
 	go e.memoryLoop(ctx)
+	go e.sweepLogs(ctx, e.cfg.LogSweepInterval)
+	go e.meterLoop(ctx, e.cfg.MeterInterval)
 	for {
 		select {
 		case <-ctx.Done():
@@ -220,6 +245,13 @@ func (e *Engine) Accel() string {
 func (e *Engine) Close() error {
 	e.cancel()
 	e.buildWG.Wait()
+	// The last checkpoint; then this engine meters no more (the next
+	// process closes what is open at that checkpoint).
+	e.meterCheckpoint(context.Background())
+	e.meter.mu.Lock()
+	e.meter.open = nil
+	e.meter.mu.Unlock()
+	e.cfg.Logs.CloseAll()
 	return nil
 }
 
@@ -235,10 +267,18 @@ func connector(list []string, name string) bool {
 
 // state returns the in-memory state of m, creating it if needed.
 func (e *Engine) state(m store.Microvm) *vmState {
+	v, made := e.newState(m)
+	if made {
+		e.openLog(v.ctx, m)
+	}
+	return v
+}
+
+func (e *Engine) newState(m store.Microvm) (*vmState, bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if v, ok := e.vms[m.ID]; ok {
-		return v
+		return v, false
 	}
 	v := &vmState{id: m.ID, account: m.Account, image: m.ImageName, version: m.ImageVersion,
 		// No ingress connector at all keeps the endpoint open (a token is
@@ -254,7 +294,7 @@ func (e *Engine) state(m store.Microvm) *vmState {
 	}
 	v.ctx, v.cancel = context.WithCancel(e.ctx)
 	e.vms[m.ID] = v
-	return v
+	return v, true
 }
 
 func (e *Engine) lookup(id string) *vmState {
@@ -263,11 +303,12 @@ func (e *Engine) lookup(id string) *vmState {
 	return e.vms[id]
 }
 
-// logKeep is how long a terminated microVM's output stays readable.
-const logKeep = 10 * time.Minute
-
+// forget drops a terminated microVM; its log stays on disk for the
+// retention period.
 func (e *Engine) forget(v *vmState) {
-	time.AfterFunc(logKeep, func() { e.dropLog(v.id) })
+	if err := e.cfg.Logs.Close(v.id); err != nil {
+		e.log.Warn("closing the microvm log", "microvm", v.id, "err", err)
+	}
 	e.mu.Lock()
 	if e.vms[v.id] == v {
 		delete(e.vms, v.id)
@@ -297,6 +338,7 @@ func (v *vmState) waitChan() <-chan struct{} {
 func (e *Engine) report(ctx context.Context, v *vmState, from []store.MicrovmState, to store.MicrovmState, reason string) (store.Microvm, error) {
 	m, err := e.cfg.Reporter.MicrovmState(context.WithoutCancel(ctx), v.account, v.id, from, to, reason)
 	if err == nil {
+		e.meterVM(context.WithoutCancel(ctx), v, m.State, m.UpdatedAt)
 		if to == store.StateRunning {
 			v.touch(e.now())
 		}

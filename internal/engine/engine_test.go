@@ -151,7 +151,7 @@ func needFixture(t *testing.T) {
 
 // newHarnessAt runs an engine over drv with its state in dir; fresh makes
 // the image records (a restarted server finds them instead).
-func newHarnessAt(t *testing.T, drv vmm.Driver, dir string, fresh bool) *harness {
+func newHarnessAt(t *testing.T, drv vmm.Driver, dir string, fresh bool, opts ...func(*Config)) *harness {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	st, err := sqlite.Open(ctx, filepath.Join(dir, "kiln.db"))
@@ -161,8 +161,12 @@ func newHarnessAt(t *testing.T, drv vmm.Driver, dir string, fresh bool) *harness
 	h := &harness{t: t, st: st, drv: drv}
 	h.stop = cancel
 	rep := api.NewReporter(st)
-	h.eng, err = New(ctx, Config{Driver: drv, Store: st, Reporter: rep, DataDir: dir, IdleInterval: 200 * time.Millisecond,
-		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))})
+	cfg := Config{Driver: drv, Store: st, Reporter: rep, DataDir: dir, IdleInterval: 200 * time.Millisecond,
+		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	h.eng, err = New(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

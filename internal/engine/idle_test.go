@@ -36,35 +36,3 @@ func TestIdleDue(t *testing.T) {
 		})
 	}
 }
-
-func TestRing(t *testing.T) {
-	var r ring
-	r.Write([]byte("hello "))
-	r.Write([]byte("world"))
-	tests := []struct {
-		name     string
-		off      int64
-		limit    int
-		want     string
-		wantNext int64
-	}{
-		{name: "from the start", off: 0, limit: 100, want: "hello world", wantNext: 11},
-		{name: "from an offset", off: 6, limit: 100, want: "world", wantNext: 11},
-		{name: "limited", off: 0, limit: 5, want: "hello", wantNext: 5},
-		{name: "at the end", off: 11, limit: 100, want: "", wantNext: 11},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			got, next := r.read(tc.off, tc.limit)
-			if string(got) != tc.want || next != tc.wantNext {
-				t.Errorf("read(%d, %d) = %q, %d; want %q, %d", tc.off, tc.limit, got, next, tc.want, tc.wantNext)
-			}
-		})
-	}
-	big := make([]byte, logCap+10)
-	r.Write(big)
-	// 11+logCap+10 bytes written, logCap kept: the oldest is at 21.
-	if got, next := r.read(0, 1); next != 22 || len(got) != 1 {
-		t.Errorf("after overflow, read(0) = %d bytes, next %d; want the oldest kept byte (offset 21)", len(got), next)
-	}
-}

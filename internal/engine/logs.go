@@ -4,8 +4,9 @@ package engine
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
-	"sync"
+	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/store"
@@ -13,94 +14,88 @@ import (
 
 var _ api.LogSource = (*Engine)(nil)
 
-// logCap is how much of a microVM's output is kept (the newest bytes).
-// It lives in memory only: a restart of kiln forgets it.
-const logCap = 256 << 10
-
-// ring keeps the newest logCap bytes of a stream with absolute offsets.
-type ring struct {
-	mu    sync.Mutex
-	buf   []byte // the bytes from offset start
-	start int64
+// loggingDisabled reports whether a microVM's output must not be kept: its
+// own `logging` says {"disabled": {}}, or it says nothing and its image
+// version's does.
+func (e *Engine) loggingDisabled(ctx context.Context, m store.Microvm) bool {
+	raw := m.Logging
+	if len(raw) == 0 || string(raw) == "null" {
+		v, err := e.cfg.Store.GetImageVersion(ctx, m.Account, m.ImageName, m.ImageVersion)
+		if err != nil {
+			return false
+		}
+		raw = v.Config.Logging
+	}
+	return disabled(raw)
 }
 
-func (r *ring) Write(p []byte) (int, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	r.buf = append(r.buf, p...)
-	if over := len(r.buf) - logCap; over > 0 {
-		r.buf = append(r.buf[:0:0], r.buf[over:]...)
-		r.start += int64(over)
+func disabled(raw json.RawMessage) bool {
+	var l struct {
+		Disabled *struct{} `json:"disabled"`
 	}
-	return len(p), nil
+	return len(raw) > 0 && json.Unmarshal(raw, &l) == nil && l.Disabled != nil
 }
 
-func (r *ring) read(off int64, limit int) ([]byte, int64) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	off = max(off, r.start)
-	end := r.start + int64(len(r.buf))
-	if off >= end {
-		return nil, end
+// openLog opens the on-disk log of a microVM the engine takes on (start or
+// recovery), or removes any, if its logging is disabled. The guest console
+// reaches the log through applog.Manager.Console, which finds it open.
+func (e *Engine) openLog(ctx context.Context, m store.Microvm) {
+	if e.loggingDisabled(ctx, m) {
+		e.cfg.Logs.Remove(m.ID)
+		return
 	}
-	b := r.buf[off-r.start:]
-	if len(b) > limit {
-		b = b[:limit]
+	if _, err := e.cfg.Logs.Open(m.ID); err != nil {
+		e.log.Warn("opening the microvm log: its output is not kept", "microvm", m.ID, "err", err)
 	}
-	return append([]byte(nil), b...), off + int64(len(b))
-}
-
-func (e *Engine) logOf(id string) *ring {
-	e.logMu.Lock()
-	defer e.logMu.Unlock()
-	if e.logs == nil {
-		e.logs = map[string]*ring{}
-	}
-	r, ok := e.logs[id]
-	if !ok {
-		r = &ring{}
-		e.logs[id] = r
-	}
-	return r
-}
-
-func (e *Engine) dropLog(id string) {
-	e.logMu.Lock()
-	delete(e.logs, id)
-	e.logMu.Unlock()
 }
 
 // pumpLogs copies the app's output from the VM's current agent connection
 // into its log until that connection ends (suspend, death, terminate);
-// every start, resume and adoption starts a new pump.
+// every start, resume and adoption starts a new pump. The log's writer
+// never blocks, so a flooding guest cannot hold up the agent connection.
 func (e *Engine) pumpLogs(ctx context.Context, id string) {
 	a, err := e.cfg.Driver.Agent(ctx, id)
 	if err != nil {
 		return
 	}
-	w := e.logOf(id)
 	go func() {
 		for r := range a.Logs() {
+			w := e.cfg.Logs.Writer(id)
+			if w == nil {
+				continue // logging disabled: drain and keep nothing
+			}
 			if r.ExitCode != nil {
 				fmt.Fprintf(w, "[kiln] the app exited with status %d\n", *r.ExitCode)
 				continue
 			}
 			w.Write(r.Data)
 			if r.Dropped > 0 {
-				fmt.Fprintf(w, "[kiln] %d bytes of app output dropped\n", r.Dropped)
+				fmt.Fprintf(w, "[kiln] %d bytes of app output dropped by the guest\n", r.Dropped)
 			}
 		}
 	}()
 }
 
-// MicrovmLog implements api.LogSource: the app's stdout and stderr.
+// MicrovmLog implements api.LogSource: the app's stdout and stderr and the
+// guest console, from the log files, whether the VM runs, ended, or kiln
+// restarted since.
 func (e *Engine) MicrovmLog(ctx context.Context, m store.Microvm, offset int64, limit int) ([]byte, int64, error) {
-	e.logMu.Lock()
-	r := e.logs[m.ID]
-	e.logMu.Unlock()
-	if r == nil {
-		return nil, offset, nil
+	return e.cfg.Logs.Read(m.ID, offset, limit)
+}
+
+// sweepLogs removes the logs of ended microVMs past their retention, at
+// start and then every interval.
+func (e *Engine) sweepLogs(ctx context.Context, every time.Duration) {
+	for {
+		if gone, err := e.cfg.Logs.Sweep(e.now()); err != nil {
+			e.log.Warn("sweeping expired microvm logs", "err", err)
+		} else if len(gone) > 0 {
+			e.log.Info("removed expired microvm logs", "count", len(gone))
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(every):
+		}
 	}
-	data, next := r.read(offset, limit)
-	return data, next, nil
 }

@@ -24,6 +24,8 @@ const VMPrefix = "mvm-"
 // VM networks and VMs that no record claims are removed. Builds in flight
 // are run again from the start.
 func (e *Engine) Recover(ctx context.Context, vms []store.Microvm, builds []store.Build) error {
+	e.meterRecovered(ctx, true)
+	defer e.meterRecovered(ctx, false)
 	rep, err := e.cfg.Driver.Recover(ctx)
 	if err != nil {
 		return fmt.Errorf("recovering vms: %w", err)

@@ -267,6 +267,9 @@ const SettingOperatorAccount = "operator_account"
 
 // Store is kiln's state. Implementations must be safe for concurrent use.
 type Store interface {
+	EventStore
+	UsageStore
+
 	// Close releases the database. Calls after Close fail.
 	Close() error
 

@@ -262,6 +262,8 @@ var migrations = []string{
 		name TEXT PRIMARY KEY,
 		value TEXT NOT NULL
 	);`,
+	// 3: lifecycle events and usage intervals (events.go).
+	migrationEventsUsage,
 }
 
 func (s *Store) migrate(ctx context.Context) error {
@@ -559,6 +561,9 @@ func insertVersion(ctx context.Context, tx *sql.Tx, v store.ImageVersion, builds
 	if err != nil {
 		return fmt.Errorf("creating image version: %w", err)
 	}
+	if err := insertEvent(ctx, tx, versionEvent(v, "")); err != nil {
+		return err
+	}
 	for _, b := range builds {
 		if _, err := tx.ExecContext(ctx, `INSERT INTO builds (build_id, account, image, version, state, data) VALUES (?, ?, ?, ?, ?, ?)`,
 			b.ID, b.Account, b.ImageName, b.Version, b.State, mustJSON(b)); err != nil {
@@ -607,6 +612,9 @@ func (s *Store) DeleteImage(ctx context.Context, account, name string) error {
 		}
 		if err != nil {
 			return fmt.Errorf("reading image: %w", err)
+		}
+		if err := deletedVersionEvents(ctx, tx, account, name, "", "DeleteMicrovmImage"); err != nil {
+			return err
 		}
 		for _, q := range []string{
 			`DELETE FROM build_logs WHERE build_id IN (SELECT build_id FROM builds WHERE account = ?1 AND image = ?2)`,
@@ -681,13 +689,29 @@ func (s *Store) ListImageVersions(ctx context.Context, account, image string, p 
 }
 
 func (s *Store) UpdateImageVersion(ctx context.Context, v store.ImageVersion) error {
-	res, err := s.w.ExecContext(ctx, `UPDATE image_versions SET data = ? WHERE account = ? AND image = ? AND version = ?`,
-		mustJSON(v), v.Account, v.ImageName, v.Version)
-	return affected(res, err, "image version "+v.ImageName+":"+v.Version)
+	return s.tx(ctx, func(tx *sql.Tx) error {
+		what := "image version " + v.ImageName + ":" + v.Version
+		old, err := getDoc[store.ImageVersion](ctx, tx, what, `SELECT data FROM image_versions WHERE account = ? AND image = ? AND version = ?`, v.Account, v.ImageName, v.Version)
+		if err != nil {
+			return err
+		}
+		res, err := tx.ExecContext(ctx, `UPDATE image_versions SET data = ? WHERE account = ? AND image = ? AND version = ?`,
+			mustJSON(v), v.Account, v.ImageName, v.Version)
+		if err := affected(res, err, what); err != nil {
+			return err
+		}
+		if old.State != v.State {
+			return insertEvent(ctx, tx, versionEvent(v, old.State))
+		}
+		return nil
+	})
 }
 
 func (s *Store) DeleteImageVersion(ctx context.Context, account, image, version string) error {
 	return s.tx(ctx, func(tx *sql.Tx) error {
+		if err := deletedVersionEvents(ctx, tx, account, image, version, "DeleteMicrovmImageVersion"); err != nil {
+			return err
+		}
 		res, err := tx.ExecContext(ctx, `DELETE FROM image_versions WHERE account = ? AND image = ? AND version = ?`, account, image, version)
 		if err := affected(res, err, "image version "+image+":"+version); err != nil {
 			return err
@@ -800,6 +824,16 @@ func (s *Store) CreateMicrovm(ctx context.Context, m store.Microvm, tok *store.C
 		if err != nil {
 			return fmt.Errorf("creating microvm: %w", err)
 		}
+		ev := microvmEvent(m, "")
+		if ev.Reason == "" {
+			ev.Reason = "RunMicrovm"
+		}
+		if ev.At.IsZero() {
+			ev.At = m.StartedAt
+		}
+		if err := insertEvent(ctx, tx, ev); err != nil {
+			return err
+		}
 		return insertToken(ctx, tx, tok)
 	})
 }
@@ -882,8 +916,14 @@ func (s *Store) UpdateMicrovm(ctx context.Context, account, id string, from []st
 		if len(from) > 0 && !containsState(from, m.State) {
 			return fmt.Errorf("microvm %s is %s: %w", id, m.State, errdefs.ErrConflict)
 		}
+		before := m.State
 		if err := change(&m); err != nil {
 			return err
+		}
+		if m.State != before {
+			if err := insertEvent(ctx, tx, microvmEvent(m, before)); err != nil {
+				return err
+			}
 		}
 		_, err = tx.ExecContext(ctx, `UPDATE microvms SET state = ?, deadline_at = ?, suspend_deadline_at = ?, data = ? WHERE id = ? AND account = ?`,
 			string(m.State), m.DeadlineAt.UnixNano(), suspendDeadline(m), mustJSON(m), id, account)

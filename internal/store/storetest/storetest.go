@@ -29,6 +29,8 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"tags", tags},
 		{"settings", settings},
 		{"garbage collection", collect},
+		{"events", events},
+		{"usage", usage},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.fn(t, open(t)) })

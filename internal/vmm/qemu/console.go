@@ -38,8 +38,9 @@ func (r *ring) String() string {
 	return string(r.buf)
 }
 
-// drain reads the console socket until the process ends.
-func (r *ring) drain(path string, done <-chan struct{}) {
+// drain reads the console socket until the process ends, into the ring
+// and sink (if not nil; it must not block: the guest writes without end).
+func (r *ring) drain(path string, done <-chan struct{}, sink io.Writer) {
 	var c net.Conn
 	for c == nil {
 		var err error
@@ -52,7 +53,19 @@ func (r *ring) drain(path string, done <-chan struct{}) {
 		}
 	}
 	go func() { <-done; c.Close() }()
-	io.Copy(r, c)
+	var w io.Writer = r
+	if sink != nil {
+		w = io.MultiWriter(r, sink)
+	}
+	io.Copy(w, c)
+}
+
+// consoleSink is where a VM's console goes besides the ring.
+func (d *Driver) consoleSink(id string) io.Writer {
+	if d.cfg.Console == nil {
+		return nil
+	}
+	return d.cfg.Console(id)
 }
 
 // readTail returns up to n bytes from the end of a file.

@@ -44,7 +44,11 @@ type Config struct {
 	// /proc/sys/kernel/random/boot_id); tests point it at a file to
 	// simulate a host reboot.
 	BootIDPath string
-	Log        *slog.Logger
+	// Console, if set, returns where the serial console of VM id goes
+	// besides the in-memory ring of its last 64 KiB (the engine's
+	// durable log). Its writers must not block.
+	Console func(id string) io.Writer
+	Log     *slog.Logger
 }
 
 // Driver is the QEMU implementation of vmm.Driver.

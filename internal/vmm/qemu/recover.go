@@ -153,7 +153,7 @@ func (d *Driver) recoverOne(ctx context.Context, dir string) (string, string, in
 		}
 	}
 	v.console = newRing(64 << 10)
-	go v.console.drain(v.sockPath("console.sock"), p.done)
+	go v.console.drain(v.sockPath("console.sock"), p.done, v.d.consoleSink(v.id))
 	if err := v.connectAgent(ctx, 10*time.Second, false); err != nil {
 		v.detach()
 		return remove("agent does not answer")

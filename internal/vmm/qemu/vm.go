@@ -322,7 +322,7 @@ func (v *vm) spawn(ctx context.Context, incoming bool) error {
 		return err
 	}
 	v.console = newRing(64 << 10)
-	go v.console.drain(v.sockPath("console.sock"), p.done)
+	go v.console.drain(v.sockPath("console.sock"), p.done, v.d.consoleSink(v.id))
 	return nil
 }
 

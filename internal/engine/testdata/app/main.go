@@ -9,6 +9,8 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -45,6 +47,15 @@ func main() {
 		mu.Unlock()
 		fmt.Fprintf(w, "count=%d", n)
 		fmt.Printf("served count=%d\n", n) // the engine keeps the app's output
+	})
+	mux.HandleFunc("GET /flood", func(w http.ResponseWriter, r *http.Request) {
+		// Prints ?kib= KiB to stdout as fast as it can (log cap tests).
+		n, _ := strconv.Atoi(r.URL.Query().Get("kib"))
+		line := []byte(strings.Repeat("y", 1023) + "\n")
+		for range n {
+			os.Stdout.Write(line)
+		}
+		fmt.Fprintf(w, "flooded %d KiB", n)
 	})
 	mux.HandleFunc("GET /payload", func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()

@@ -1,0 +1,274 @@
+package sqlite
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/store"
+)
+
+// Lifecycle events and usage metering (internal/store/events.go).
+
+// migrationEventsUsage is the schema of events and usage intervals.
+const migrationEventsUsage = `CREATE TABLE IF NOT EXISTS events (
+		seq INTEGER PRIMARY KEY,
+		account TEXT NOT NULL,
+		kind TEXT NOT NULL,
+		resource TEXT NOT NULL,
+		version TEXT NOT NULL DEFAULT '',
+		from_state TEXT NOT NULL DEFAULT '',
+		state TEXT NOT NULL,
+		reason TEXT NOT NULL DEFAULT '',
+		at INTEGER NOT NULL
+	);
+	CREATE INDEX IF NOT EXISTS events_by_resource ON events (account, kind, resource, version, seq);
+	CREATE TABLE IF NOT EXISTS usage_intervals (
+		key TEXT PRIMARY KEY,
+		account TEXT NOT NULL,
+		resource TEXT NOT NULL,
+		kind TEXT NOT NULL,
+		vcpus INTEGER NOT NULL,
+		memory_mib INTEGER NOT NULL,
+		start_at INTEGER NOT NULL,
+		end_at INTEGER NOT NULL,
+		open INTEGER NOT NULL
+	);
+	CREATE INDEX IF NOT EXISTS usage_by_account ON usage_intervals (account, end_at);
+	CREATE INDEX IF NOT EXISTS usage_open ON usage_intervals (open) WHERE open = 1;`
+
+// maxReason bounds a recorded reason: reasons carry error text.
+const maxReason = 1024
+
+func insertEvent(ctx context.Context, tx *sql.Tx, ev store.Event) error {
+	if ev.At.IsZero() {
+		ev.At = time.Now()
+	}
+	if ev.Reason == "" {
+		ev.Reason = defaultReason(ev.From, ev.State)
+	}
+	if len(ev.Reason) > maxReason {
+		ev.Reason = ev.Reason[:maxReason]
+	}
+	_, err := tx.ExecContext(ctx, `INSERT INTO events (account, kind, resource, version, from_state, state, reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+		ev.Account, ev.Kind, ev.Resource, ev.Version, ev.From, ev.State, ev.Reason, ev.At.UnixNano())
+	if err != nil {
+		return fmt.Errorf("recording event: %w", err)
+	}
+	return nil
+}
+
+// defaultReason names a transition whose caller gave no reason.
+func defaultReason(from, to string) string {
+	switch {
+	case from == "":
+		return "Created"
+	case to == string(store.StateRunning) && from == string(store.StatePending):
+		return "Started"
+	case to == string(store.StateRunning) && from == string(store.StateSuspended):
+		return "Resumed"
+	case to == string(store.StateRunning) && from == string(store.StateSuspending):
+		return "SuspendCancelled"
+	}
+	return ""
+}
+
+func microvmEvent(m store.Microvm, from store.MicrovmState) store.Event {
+	return store.Event{Account: m.Account, Kind: store.EventMicrovm, Resource: m.ID, From: string(from),
+		State: string(m.State), Reason: m.StateReason, At: m.UpdatedAt}
+}
+
+func versionEvent(v store.ImageVersion, from string) store.Event {
+	return store.Event{Account: v.Account, Kind: store.EventImageVersion, Resource: v.ImageName, Version: v.Version,
+		From: from, State: v.State, Reason: v.StateReason, At: v.UpdatedAt}
+}
+
+// deletedVersionEvents records DELETED for versions of an image about to
+// be removed (version "": all of them).
+func deletedVersionEvents(ctx context.Context, tx *sql.Tx, account, image, version, reason string) error {
+	q := `SELECT data FROM image_versions WHERE account = ? AND image = ?`
+	args := []any{account, image}
+	if version != "" {
+		q += ` AND version = ?`
+		args = append(args, version)
+	}
+	rows, err := tx.QueryContext(ctx, q, args...)
+	if err != nil {
+		return fmt.Errorf("reading versions: %w", err)
+	}
+	var evs []store.Event
+	for rows.Next() {
+		var data string
+		var v store.ImageVersion
+		if err := rows.Scan(&data); err != nil {
+			rows.Close()
+			return err
+		}
+		if json.Unmarshal([]byte(data), &v) == nil {
+			evs = append(evs, store.Event{Account: account, Kind: store.EventImageVersion, Resource: image, Version: v.Version,
+				From: v.State, State: store.VersionDeleted, Reason: reason})
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	for _, ev := range evs {
+		if err := insertEvent(ctx, tx, ev); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *Store) ListEvents(ctx context.Context, account string, f store.EventFilter, p store.Page) ([]store.Event, string, error) {
+	after, err := decodeToken(p.Token)
+	if err != nil {
+		return nil, "", err
+	}
+	limit := limitOf(p)
+	q := `SELECT seq, account, kind, resource, version, from_state, state, reason, at FROM events WHERE account = ? AND kind = ? AND resource = ? AND seq > ?`
+	args := []any{account, f.Kind, f.Resource, after}
+	if f.Version != "" {
+		q += ` AND version = ?`
+		args = append(args, f.Version)
+	}
+	q += ` ORDER BY seq LIMIT ?`
+	args = append(args, limit+1)
+	rows, err := s.r.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, "", fmt.Errorf("listing events: %w", err)
+	}
+	defer rows.Close()
+	var out []store.Event
+	next := ""
+	for rows.Next() {
+		var ev store.Event
+		var at int64
+		if err := rows.Scan(&ev.Seq, &ev.Account, &ev.Kind, &ev.Resource, &ev.Version, &ev.From, &ev.State, &ev.Reason, &at); err != nil {
+			return nil, "", fmt.Errorf("listing events: %w", err)
+		}
+		if len(out) == limit {
+			next = encodeToken(out[len(out)-1].Seq)
+			break
+		}
+		ev.At = time.Unix(0, at).UTC()
+		out = append(out, ev)
+	}
+	return out, next, rows.Err()
+}
+
+// Usage.
+
+func (s *Store) PutUsage(ctx context.Context, ivs []store.UsageInterval) error {
+	if len(ivs) == 0 {
+		return nil
+	}
+	return s.tx(ctx, func(tx *sql.Tx) error {
+		for _, iv := range ivs {
+			if iv.Key == "" || iv.Account == "" {
+				return errors.New("usage interval without key or account")
+			}
+			open := 0
+			if iv.Open {
+				open = 1
+			}
+			_, err := tx.ExecContext(ctx, `INSERT INTO usage_intervals (key, account, resource, kind, vcpus, memory_mib, start_at, end_at, open)
+				VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+				ON CONFLICT (key) DO UPDATE SET end_at = MAX(end_at, excluded.end_at), open = excluded.open`,
+				iv.Key, iv.Account, iv.Resource, iv.Kind, iv.VCPUs, iv.MemoryMiB, iv.Start.UnixNano(), max(iv.End.UnixNano(), iv.Start.UnixNano()), open)
+			if err != nil {
+				return fmt.Errorf("recording usage: %w", err)
+			}
+		}
+		return nil
+	})
+}
+
+func (s *Store) CloseOpenUsage(ctx context.Context) (int, error) {
+	res, err := s.w.ExecContext(ctx, `UPDATE usage_intervals SET open = 0 WHERE open = 1`)
+	if err != nil {
+		return 0, fmt.Errorf("closing usage intervals: %w", err)
+	}
+	n, _ := res.RowsAffected()
+	return int(n), nil
+}
+
+func (s *Store) UsageTotals(ctx context.Context, account string, since, until time.Time) ([]store.Usage, error) {
+	where, args := "", []any{since.UnixNano(), until.UnixNano()}
+	if account != "" {
+		where = ` AND account = ?3`
+		args = append(args, account)
+	}
+	// Seconds of an interval inside the window [?1, ?2).
+	const clipped = `(MIN(end_at, ?2) - MAX(start_at, ?1)) / 1e9`
+	rows, err := s.r.QueryContext(ctx, `SELECT account,
+			SUM(CASE WHEN kind = 'running' THEN `+clipped+` * vcpus ELSE 0 END),
+			SUM(CASE WHEN kind = 'running' THEN `+clipped+` * memory_mib / 1024.0 ELSE 0 END),
+			SUM(CASE WHEN kind = 'suspended' THEN `+clipped+` * memory_mib / 1024.0 ELSE 0 END),
+			SUM(CASE WHEN kind = 'build' THEN `+clipped+` ELSE 0 END),
+			COUNT(DISTINCT CASE WHEN kind = 'build' THEN resource END)
+		FROM usage_intervals WHERE start_at < ?2 AND end_at >= ?1`+where+` GROUP BY account ORDER BY account`, args...)
+	if err != nil {
+		return nil, fmt.Errorf("summing usage: %w", err)
+	}
+	byAccount := map[string]*store.Usage{}
+	var order []string
+	for rows.Next() {
+		u := store.Usage{}
+		if err := rows.Scan(&u.Account, &u.RunningVCPUSeconds, &u.RunningGiBSeconds, &u.SuspendedGiBSeconds, &u.BuildSeconds, &u.Builds); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("summing usage: %w", err)
+		}
+		byAccount[u.Account] = &u
+		order = append(order, u.Account)
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	// Snapshots stored now: the sizes successful builds recorded.
+	q := `SELECT account, COALESCE(SUM(COALESCE(json_extract(data, '$.snapshotBuild.memorySnapshotSizeInBytes'), 0) +
+			COALESCE(json_extract(data, '$.snapshotBuild.diskSnapshotSizeInBytes'), 0)), 0)
+		FROM builds WHERE state = 'SUCCESSFUL'`
+	var qargs []any
+	if account != "" {
+		q += ` AND account = ?`
+		qargs = append(qargs, account)
+	}
+	rows, err = s.r.QueryContext(ctx, q+` GROUP BY account`, qargs...)
+	if err != nil {
+		return nil, fmt.Errorf("summing snapshot sizes: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var a string
+		var n int64
+		if err := rows.Scan(&a, &n); err != nil {
+			return nil, fmt.Errorf("summing snapshot sizes: %w", err)
+		}
+		u := byAccount[a]
+		if u == nil {
+			u = &store.Usage{Account: a}
+			byAccount[a] = u
+			order = append(order, a)
+		}
+		u.SnapshotBytes = n
+	}
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	if account != "" && byAccount[account] == nil {
+		byAccount[account] = &store.Usage{Account: account}
+		order = append(order, account)
+	}
+	out := make([]store.Usage, 0, len(order))
+	for _, a := range order {
+		out = append(out, *byAccount[a])
+	}
+	return out, nil
+}
+
