@@ -108,7 +108,7 @@ type Config struct {
 	// store (default 60s): a crash loses at most that much usage.
 	MeterInterval time.Duration
 	Log           *slog.Logger
-	Now          func() time.Time
+	Now           func() time.Time
 }
 
 // Engine runs microVMs. Create it with New, hand it to api.NewServer (which
@@ -553,14 +553,16 @@ func (e *Engine) start(v *vmState, m store.Microvm) {
 			return
 		}
 	}
+	// Observed before the record changes: whoever sees the new state
+	// sees the sample too.
+	if !m.StartedAt.IsZero() {
+		metrics.Since(metrics.RunToRunning, m.StartedAt)
+	}
 	if _, err := e.report(ctx, v, []store.MicrovmState{store.StatePending}, store.StateRunning, ""); err != nil {
 		log.Info("microvm left PENDING while starting", "err", err)
 		return
 	}
 	e.pumpLogs(ctx, v.id)
-	if !m.StartedAt.IsZero() {
-		metrics.Since(metrics.RunToRunning, m.StartedAt)
-	}
 	log.Info("microvm running", "took", time.Since(start).Round(time.Millisecond))
 }
 
@@ -645,11 +647,11 @@ func (e *Engine) suspend(v *vmState, m store.Microvm) {
 		e.report(ctx, v, []store.MicrovmState{store.StateSuspending}, store.StateRunning, "SuspendFailed: "+err.Error())
 		return
 	}
+	metrics.Since(metrics.Suspend, start)
 	if _, err := e.report(ctx, v, []store.MicrovmState{store.StateSuspending}, store.StateSuspended, m.StateReason); err != nil {
 		log.Info("microvm left SUSPENDING while suspending", "err", err)
 		return
 	}
-	metrics.Since(metrics.Suspend, start)
 	log.Info("microvm suspended", "took", time.Since(start).Round(time.Millisecond))
 }
 
@@ -688,12 +690,12 @@ func (e *Engine) resume(v *vmState, m store.Microvm) {
 			log.Warn("resume hook", "err", err)
 		}
 	}
+	metrics.Since(metrics.Resume, start)
 	if _, err := e.report(ctx, v, []store.MicrovmState{store.StateSuspended}, store.StateRunning, ""); err != nil {
 		log.Info("microvm left SUSPENDED while resuming", "err", err)
 		return
 	}
 	e.pumpLogs(ctx, v.id)
-	metrics.Since(metrics.Resume, start)
 	log.Info("microvm resumed", "took", time.Since(start).Round(time.Millisecond))
 }
 
