@@ -4,7 +4,10 @@ DATA_DIR ?= /var/lib/kiln
 GO ?= go
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: setup build run test bench vet clean
+.PHONY: setup build console run test bench vet clean
+
+CONSOLE := internal/console
+CONSOLE_SRC := $(wildcard $(CONSOLE)/web/src/*) $(CONSOLE)/web/build.mjs
 
 # VMs, network namespaces and nftables need root. A root shell (which on a
 # minimal Debian has no sudo) runs the targets directly; anyone else gets
@@ -22,7 +25,18 @@ setup:
 	bash scripts/setup.sh --data-dir=$(DATA_DIR)
 	$(GO) mod download
 
-build:
+# The web console's assets, embedded into bin/kiln: npm ci only when the
+# lockfile changed, the esbuild bundle only when a source changed.
+$(CONSOLE)/web/node_modules/.package-lock.json: $(CONSOLE)/web/package-lock.json
+	cd $(CONSOLE)/web && npm ci --no-audit --no-fund
+	touch $@
+
+$(CONSOLE)/dist/index.html: $(CONSOLE)/web/node_modules/.package-lock.json $(CONSOLE_SRC)
+	cd $(CONSOLE)/web && npm run build --silent
+
+console: $(CONSOLE)/dist/index.html
+
+build: console
 	$(GO) build -o bin/kiln ./cmd/kiln
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags='-s -w' -o bin/kiln-agent ./cmd/kiln-agent
 
@@ -40,4 +54,5 @@ bench: setup build
 
 clean:
 	rm -rf bin
+	find $(CONSOLE)/dist -mindepth 1 ! -name README.md -delete
 endif

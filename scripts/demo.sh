@@ -56,6 +56,7 @@ cat <<MSG
 microVM $ID is running at $URL
   call it:      curl --cacert $DATA_DIR/ca.pem -H 'X-aws-proxy-auth: $TOKEN' $URL/
   inspect it:   AWS_SHARED_CREDENTIALS_FILE=$AWS_SHARED_CREDENTIALS_FILE ${KILN[*]} get-microvm --microvm-identifier $ID
+  web console:  http://$API/console/ (sign in with the key in $AWS_SHARED_CREDENTIALS_FILE)
   end it:       AWS_SHARED_CREDENTIALS_FILE=$AWS_SHARED_CREDENTIALS_FILE ${KILN[*]} terminate-microvm --microvm-identifier $ID
   stop kiln:    pkill -f 'bin/kiln --data-dir $DATA_DIR server'
 MSG

@@ -114,6 +114,13 @@ if ! command -v npm >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi
 
+# The web console's browser test drives Debian's Chromium (headless).
+if ! command -v chromium >/dev/null; then
+  apt_update
+  log "installing chromium"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+
 # DATA_DIR holds kiln.db, the sealing key and the access keys: only root
 # may enter it (kiln enforces the same modes at every start).
 install -d -m 0700 "$DATA_DIR"

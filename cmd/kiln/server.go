@@ -25,6 +25,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/api/fakebackend"
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/connlimit"
+	"github.com/kiln-sandbox/kiln/internal/console"
 	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/gc"
@@ -294,10 +295,16 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 		}
 		go gc.New(cfg).Loop(ctx, o.GCInterval)
 	}
-	hs := newHTTPServer(connlimit.Handler(srv.Handler()))
+	web := console.New(console.Config{API: srv, Store: st, Operators: operators, TLS: tlsConf != nil,
+		Domain: o.Domain, EndpointPort: port, HostMemoryMiB: hostMemoryMiB()})
+	top := http.NewServeMux()
+	top.Handle(console.Prefix, web.Handler())
+	top.Handle("/", srv.Handler())
+	hs := newHTTPServer(connlimit.Handler(top))
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
 	fmt.Printf("kiln API serving at %s://%s (%s)\n", scheme, ln.Addr(), isolationNote(backend, accel))
+	fmt.Printf("kiln console at %s://%s%s (sign in with an access key from the credentials file)\n", scheme, ln.Addr(), console.Prefix)
 	select {
 	case err := <-errc:
 		return fmt.Errorf("serving API: %w", err)
@@ -473,4 +480,22 @@ func managedImages(dataDir string) func() []api.ManagedImage {
 		}
 		return out
 	}
+}
+
+// hostMemoryMiB is the host's memory (MemTotal), the allowance the
+// console's usage page measures committed microVM memory against; 0 when
+// unknown.
+func hostMemoryMiB() int64 {
+	b, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "MemTotal:"); ok {
+			var kib int64
+			fmt.Sscanf(strings.TrimSpace(rest), "%d", &kib)
+			return kib >> 10
+		}
+	}
+	return 0
 }

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
 // ArtifactPath is kiln's extension for uploading a code package (a zip),
@@ -55,6 +56,20 @@ func (s *Server) uploadArtifact(w http.ResponseWriter, r *http.Request) {
 		}
 		return
 	}
+	s.storeArtifact(w, r, key, hash)
+}
+
+// storeArtifact streams r's body to ArtifactDir/ACCOUNT/SHA256.zip for
+// key's account. hash, when not empty, is what the body must hash to.
+func (s *Server) storeArtifact(w http.ResponseWriter, r *http.Request, key store.AccessKey, hash string) {
+	if s.cfg.ArtifactDir == "" {
+		writeError(w, r, &Error{Status: 501, Type: "UnsupportedOperationException", Message: "this server accepts no uploads"})
+		return
+	}
+	if r.ContentLength <= 0 || r.ContentLength > s.cfg.MaxArtifactBytes {
+		writeError(w, r, validation("an upload must declare its Content-Length, at most %d bytes", s.cfg.MaxArtifactBytes))
+		return
+	}
 	if s.limits != nil && !s.limits.allow(key.Account) {
 		writeError(w, r, &Error{Status: 429, Type: "ThrottlingException", Message: "rate of requests exceeded for this account", RetryAfter: 1})
 		return
@@ -83,10 +98,12 @@ func (s *Server) uploadArtifact(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, validation("reading upload: %v", err))
 		return
 	}
-	if n != r.ContentLength || hex.EncodeToString(h.Sum(nil)) != hash {
+	sum := hex.EncodeToString(h.Sum(nil))
+	if n != r.ContentLength || (hash != "" && sum != hash) {
 		writeError(w, r, validation("the body does not match its Content-Length and X-Amz-Content-Sha256"))
 		return
 	}
+	hash = sum
 	magic := make([]byte, 4)
 	if _, err := f.ReadAt(magic, 0); err != nil || (string(magic) != "PK\x03\x04" && string(magic) != "PK\x05\x06") {
 		writeError(w, r, validation("a code package must be a zip file"))

@@ -115,7 +115,10 @@ type Server struct {
 	rep      *Reporter
 	verifier *auth.Verifier
 	mux      *http.ServeMux
-	limits   *limiter
+	// sessionMux serves the same operations to callers another adapter
+	// authenticated (the web console's sessions): see SessionHandler.
+	sessionMux *http.ServeMux
+	limits     *limiter
 }
 
 // NewServer returns an API server over st that hands accepted work to be.
@@ -240,10 +243,17 @@ func (c *call) path(name string) string { return c.r.PathValue(name) }
 type handler func(ctx context.Context, c *call) (any, error)
 
 func (s *Server) handle(pattern string, status int, h handler) {
-	s.mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+	s.mux.HandleFunc(pattern, s.operation(status, h, s.authenticate))
+	s.sessionMux.HandleFunc(pattern, s.operation(status, h, s.sessionPrincipal))
+}
+
+// operation runs h for the principal that authn finds, with the rate limit
+// and the answer's encoding every operation shares.
+func (s *Server) operation(status int, h handler, authn func(http.ResponseWriter, *http.Request) ([]byte, store.AccessKey, *Error)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
 		// SDKs report this id with every answer, errors included.
 		w.Header().Set("x-amzn-RequestId", newRequestID())
-		body, key, aerr := s.authenticate(w, r)
+		body, key, aerr := authn(w, r)
 		if aerr != nil {
 			writeError(w, r, aerr)
 			return
@@ -270,7 +280,7 @@ func (s *Server) handle(pattern string, status int, h handler) {
 		w.Header().Set("Content-Length", strconv.Itoa(len(b)))
 		w.WriteHeader(status)
 		w.Write(b)
-	})
+	}
 }
 
 // authenticate checks r's signature and reads its body, in the order that
@@ -331,6 +341,7 @@ func (s *Server) authenticate(w http.ResponseWriter, r *http.Request) ([]byte, s
 
 func (s *Server) routes() {
 	s.mux = http.NewServeMux()
+	s.sessionMux = http.NewServeMux()
 	v := "/" + APIVersion
 	s.handle("POST "+v+"/microvm-images", 201, s.createImage)
 	s.handle("GET "+v+"/microvm-images", 200, s.listImages)
@@ -364,10 +375,14 @@ func (s *Server) routes() {
 	s.handle("GET /kiln/v1/microvm-images/{imageIdentifier}/events", 200, s.getImageEvents)
 	s.handle("GET "+UsagePath, 200, s.getUsage)
 	s.mux.HandleFunc("PUT "+ArtifactPath, s.uploadArtifact)
+	s.sessionMux.HandleFunc("PUT "+ArtifactPath, s.uploadArtifactSession)
 	s.mux.HandleFunc("GET "+InfoPath, s.info)
-	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+	s.sessionMux.HandleFunc("GET "+InfoPath, s.info)
+	unknown := func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, r, &Error{Status: 404, Type: "UnknownOperationException", Message: fmt.Sprintf("no operation at %s %s", r.Method, r.URL.Path)})
-	})
+	}
+	s.mux.HandleFunc("/", unknown)
+	s.sessionMux.HandleFunc("/", unknown)
 }
 
 // InfoPath answers, without authentication, what isolation this server

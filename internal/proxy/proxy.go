@@ -43,6 +43,14 @@ const (
 	DefaultPort     = 8080
 	ShellPort       = 8022
 	wsProtocolField = "Sec-WebSocket-Protocol"
+	// QueryAuth carries an endpoint token in a link a browser opens (a
+	// new tab cannot send headers): the proxy checks it, moves it into
+	// the CookieAuth cookie of that one host and redirects to the same
+	// URL without it, so the token leaves the address bar at once.
+	QueryAuth = "kiln-proxy-auth"
+	// CookieAuth holds the endpoint token for a browser; the guest never
+	// sees it (stripped from requests, and guests cannot set it).
+	CookieAuth = "kiln-proxy-auth"
 )
 
 // Errors a Backend returns; the proxy maps them to status codes.
@@ -186,6 +194,7 @@ func (s *Server) reverseProxy(t http.RoundTripper) *httputil.ReverseProxy {
 			pr.SetXForwarded()
 			pr.Out.Header.Del(HeaderAuth)
 			pr.Out.Header.Del(HeaderPort)
+			stripAuthCookie(pr.Out.Header)
 			if protos := pr.Out.Header.Values(wsProtocolField); len(protos) > 0 {
 				pr.Out.Header.Del(wsProtocolField)
 				if rest := appProtocols(protos); len(rest) > 0 {
@@ -194,6 +203,8 @@ func (s *Server) reverseProxy(t http.RoundTripper) *httputil.ReverseProxy {
 			}
 		},
 		ModifyResponse: func(resp *http.Response) error {
+			// A guest must not plant or overwrite the browser's token.
+			dropSetCookie(resp.Header, CookieAuth)
 			// A client that offered only kiln's subprotocols must get one
 			// back, or browsers fail the handshake; the guest knows nothing
 			// of them, so echo the port (or auth) one.
@@ -238,6 +249,10 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	protos := r.Header.Values(wsProtocolField)
+	if r.Method == http.MethodGet && r.URL.Query().Has(QueryAuth) {
+		s.tokenToCookie(w, r, id)
+		return
+	}
 	port, tok, err := requestPortAndToken(r, protos)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
@@ -353,6 +368,11 @@ func requestPortAndToken(r *http.Request, protos []string) (uint16, string, erro
 			portText = v
 		}
 	}
+	if tok == "" {
+		if c, err := r.Cookie(CookieAuth); err == nil {
+			tok = c.Value
+		}
+	}
 	port := uint16(DefaultPort)
 	if portText != "" {
 		n, err := strconv.ParseUint(portText, 10, 16)
@@ -365,6 +385,81 @@ func requestPortAndToken(r *http.Request, protos []string) (uint16, string, erro
 		return 0, "", errors.New("token too long")
 	}
 	return port, tok, nil
+}
+
+// tokenToCookie answers a link carrying an endpoint token (?kiln-proxy-auth=):
+// a valid token for this microVM's port 8080 becomes an HttpOnly, Secure
+// cookie of this host only, and the browser is sent to the same URL
+// without the token. An invalid one is refused as a header token would be.
+func (s *Server) tokenToCookie(w http.ResponseWriter, r *http.Request, id string) {
+	q := r.URL.Query()
+	tok := q.Get(QueryAuth)
+	if len(tok) > token.MaxLen {
+		writeError(w, http.StatusBadRequest, "token too long")
+		return
+	}
+	claims, err := s.cfg.Tokens.Authorize(tok, id, token.KindEndpoint, DefaultPort)
+	switch {
+	case errors.Is(err, token.ErrScope):
+		writeError(w, http.StatusForbidden, "token does not grant this microVM or port")
+		return
+	case errors.Is(err, token.ErrExpired):
+		writeError(w, http.StatusUnauthorized, "token expired")
+		return
+	case err != nil:
+		writeError(w, http.StatusUnauthorized, "invalid token")
+		return
+	}
+	q.Del(QueryAuth)
+	u := *r.URL
+	u.RawQuery = q.Encode()
+	u.Scheme, u.Host = "", ""
+	if u.Path == "" {
+		u.Path = "/"
+	}
+	// Lax: the cookie must go with the top-level navigation from the
+	// console (another site); no Domain, so sibling endpoints never get it.
+	http.SetCookie(w, &http.Cookie{Name: CookieAuth, Value: tok, Path: "/", Expires: claims.Expiry(),
+		HttpOnly: true, Secure: true, SameSite: http.SameSiteLaxMode})
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("Referrer-Policy", "no-referrer")
+	http.Redirect(w, r, u.String(), http.StatusSeeOther)
+}
+
+// stripAuthCookie removes CookieAuth from a request's Cookie headers.
+func stripAuthCookie(h http.Header) {
+	vals := h.Values("Cookie")
+	if len(vals) == 0 {
+		return
+	}
+	var keep []string
+	for _, v := range vals {
+		for _, part := range strings.Split(v, ";") {
+			name, _, _ := strings.Cut(strings.TrimSpace(part), "=")
+			if p := strings.TrimSpace(part); p != "" && name != CookieAuth {
+				keep = append(keep, p)
+			}
+		}
+	}
+	h.Del("Cookie")
+	if len(keep) > 0 {
+		h.Set("Cookie", strings.Join(keep, "; "))
+	}
+}
+
+// dropSetCookie removes the guest's Set-Cookie headers for name.
+func dropSetCookie(h http.Header, name string) {
+	vals := h.Values("Set-Cookie")
+	if len(vals) == 0 {
+		return
+	}
+	h.Del("Set-Cookie")
+	for _, v := range vals {
+		n, _, _ := strings.Cut(v, "=")
+		if !strings.EqualFold(strings.TrimSpace(n), name) {
+			h.Add("Set-Cookie", v)
+		}
+	}
 }
 
 func splitProtocols(vals []string) []string {

@@ -81,8 +81,12 @@ func guest(t *testing.T, name string, h2c bool) string {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		json.NewEncoder(w).Encode(map[string]any{
 			"guest": name, "host": r.Host, "auth": r.Header.Get(HeaderAuth), "port": r.Header.Get(HeaderPort),
-			"xff": r.Header.Get("X-Forwarded-For"), "proto": r.Proto,
+			"xff": r.Header.Get("X-Forwarded-For"), "proto": r.Proto, "cookie": r.Header.Get("Cookie"),
 		})
+	})
+	mux.HandleFunc("/setcookie", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Add("Set-Cookie", CookieAuth+"=planted; Path=/")
+		w.Header().Add("Set-Cookie", "app=1; Path=/")
 	})
 	mux.HandleFunc("/sse", func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Query().Get("type") == "chunked" {
@@ -485,4 +489,101 @@ func TestMicrovmFromHost(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A link with ?kiln-proxy-auth= (what the console opens in a new tab)
+// turns a valid token into an HttpOnly cookie of that host and redirects
+// without it; the cookie then authorizes requests, the guest never sees
+// it, and a guest cannot set it.
+func TestTokenLinkCookie(t *testing.T) {
+	e := newEnv(t)
+	noRedirect := &http.Client{Transport: e.transport(false), Timeout: 10 * time.Second,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	tok := e.mint(t, "acct", "vm2", token.KindEndpoint, []token.PortRange{token.Port(8080)}, time.Minute)
+	get := func(url, cookie string) *http.Response {
+		t.Helper()
+		req, _ := http.NewRequest("GET", url, nil)
+		if cookie != "" {
+			req.Header.Set("Cookie", cookie)
+		}
+		resp, err := noRedirect.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		return resp
+	}
+	base := "https://vm2." + domain
+	resp := get(base+"/app?x=1&"+QueryAuth+"="+tok, "")
+	if resp.StatusCode != http.StatusSeeOther || resp.Header.Get("Location") != "/app?x=1" {
+		t.Fatalf("token link: %d Location %q, want 303 to /app?x=1", resp.StatusCode, resp.Header.Get("Location"))
+	}
+	var ck *http.Cookie
+	for _, c := range resp.Cookies() {
+		if c.Name == CookieAuth {
+			ck = c
+		}
+	}
+	if ck == nil || ck.Value != tok || !ck.HttpOnly || !ck.Secure || ck.SameSite != http.SameSiteLaxMode || ck.Domain != "" {
+		t.Fatalf("cookie %+v: want the token, HttpOnly, Secure, SameSite=Lax, host-only", ck)
+	}
+	resp = get(base+"/app?x=1", CookieAuth+"="+tok+"; other=2")
+	var seen map[string]string
+	json.NewDecoder(resp.Body).Decode(&seen)
+	if resp.StatusCode != 200 || seen["guest"] != "port8080" {
+		t.Fatalf("with the cookie: %d %v", resp.StatusCode, seen)
+	}
+	if strings.Contains(seen["cookie"], CookieAuth) || seen["cookie"] != "other=2" {
+		t.Errorf("guest saw Cookie %q: the token must be stripped, other cookies kept", seen["cookie"])
+	}
+	resp = get(base+"/setcookie", CookieAuth+"="+tok)
+	for _, c := range resp.Cookies() {
+		if c.Name == CookieAuth {
+			t.Errorf("guest planted %s=%s through the proxy", c.Name, c.Value)
+		}
+	}
+	if len(resp.Cookies()) != 1 {
+		t.Errorf("guest's other cookies must pass: %v", resp.Cookies())
+	}
+	for name, c := range map[string]struct {
+		url  string
+		code int
+	}{
+		"garbage token":      {base + "/?" + QueryAuth + "=nope", 401},
+		"other vm's token":   {"https://vm1." + domain + "/?" + QueryAuth + "=" + tok, 403},
+		"shell token":        {base + "/?" + QueryAuth + "=" + e.mint(t, "acct", "vm2", token.KindShell, []token.PortRange{token.AllPorts}, time.Minute), 403},
+		"no token no cookie": {base + "/", 401},
+	} {
+		resp := get(c.url, "")
+		if resp.StatusCode != c.code || len(resp.Cookies()) != 0 {
+			t.Errorf("%s: %d cookies %v, want %d and none", name, resp.StatusCode, resp.Cookies(), c.code)
+		}
+	}
+}
+
+// FuzzAuthCookieFilters: whatever Cookie a client or Set-Cookie a guest
+// sends, the token cookie never passes through the filters.
+func FuzzAuthCookieFilters(f *testing.F) {
+	f.Add("a=1; kiln-proxy-auth=tok; b=2", "kiln-proxy-auth=x; Path=/")
+	f.Add("kiln-proxy-auth=tok", "KILN-PROXY-AUTH=x")
+	f.Add(";;; =; kiln-proxy-auth", " kiln-proxy-auth =x")
+	f.Fuzz(func(t *testing.T, cookie, setCookie string) {
+		h := http.Header{}
+		h.Add("Cookie", cookie)
+		stripAuthCookie(h)
+		r := &http.Request{Header: h}
+		for _, c := range r.Cookies() {
+			if c.Name == CookieAuth {
+				t.Fatalf("Cookie %q kept %s", cookie, c.Name)
+			}
+		}
+		rh := http.Header{}
+		rh.Add("Set-Cookie", setCookie)
+		dropSetCookie(rh, CookieAuth)
+		for _, c := range (&http.Response{Header: rh}).Cookies() {
+			if strings.EqualFold(c.Name, CookieAuth) {
+				t.Fatalf("Set-Cookie %q kept %s", setCookie, c.Name)
+			}
+		}
+	})
 }
