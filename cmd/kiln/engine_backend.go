@@ -21,6 +21,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/image/base"
 	"github.com/kiln-sandbox/kiln/internal/image/source"
 	"github.com/kiln-sandbox/kiln/internal/imagebuild"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
@@ -35,6 +36,12 @@ import (
 // --endpoint-addr with kiln's own CA (DATA_DIR/ca.pem) and signed tokens.
 func init() {
 	RegisterBackend("engine", newEngineBackend)
+	cachePruners = func(dataDir string) (func(time.Duration) (int, error), func(time.Duration) (int, error)) {
+		return func(maxAge time.Duration) (int, error) { return image.PruneCache(dataDir, maxAge) },
+			func(maxAge time.Duration) (int, error) {
+				return imagebuild.PruneTemplateCache(filepath.Join(dataDir, "template-cache"), maxAge)
+			}
+	}
 	// Persistent like --accel: `kiln server`'s own flags live in server.go.
 	rootCmd.PersistentFlags().StringVar(&endpointCert, "endpoint-cert", "", "kiln server: PEM certificate chain for the microVM endpoints (default: kiln's own CA, exported to DATA_DIR/ca.pem)")
 	rootCmd.PersistentFlags().StringVar(&endpointKey, "endpoint-key", "", "kiln server: PEM private key of --endpoint-cert")
@@ -106,6 +113,10 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		}
 	}()
 	go eng.Run(ctx)
+	if o.Health != nil {
+		o.Health.Set("vm engine", eng.Ready)
+		o.Health.Set("endpoint proxy", metrics.DialCheck(ln.Addr().String()))
+	}
 	go func() {
 		<-ctx.Done()
 		eng.Close()

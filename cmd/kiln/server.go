@@ -28,7 +28,9 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/console"
 	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/gc"
 	"github.com/kiln-sandbox/kiln/internal/image/base"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -71,6 +73,21 @@ type ServerOptions struct {
 	MaxConnsPerClient int
 	// RequireKVM refuses to start unless VMs run under KVM.
 	RequireKVM bool
+	// MetricsAddr serves /metrics, /healthz and /readyz ("": off).
+	MetricsAddr string
+	// GCInterval is how often garbage collection runs (at start too; 0:
+	// never); TerminatedRetention how long TERMINATED microVM records and
+	// client tokens are kept; CacheMaxAge how long an unused build cache
+	// entry is kept.
+	GCInterval          time.Duration
+	TerminatedRetention time.Duration
+	CacheMaxAge         time.Duration
+	// Health collects readiness checks for /readyz; runServer makes it and
+	// the backend adds its own (the VM engine, the endpoint proxy).
+	Health *metrics.Health
+	// References orders image and artifact references the API records
+	// against garbage collection (internal/gc); runServer makes it.
+	References *gc.References
 	// LogMaxBytes caps each microVM's kept output; LogRetention is how
 	// long it stays after the VM ended (0: applog's defaults).
 	LogMaxBytes  int64
@@ -97,6 +114,10 @@ var backends = map[string]BackendFactory{
 		return fakebackend.New(rep, 200*time.Millisecond), nil, nil
 	},
 }
+
+// cachePruners returns the build caches' pruners (set on Linux, where the
+// image builder is).
+var cachePruners func(dataDir string) (image, template func(maxAge time.Duration) (int, error))
 
 // RegisterBackend makes a backend available to `kiln server --backend name`.
 func RegisterBackend(name string, f BackendFactory) { backends[name] = f }
@@ -165,6 +186,10 @@ the database: without it the stored keys cannot be used).`,
 	f.IntVar(&o.MaxConnsPerClient, "max-conns-per-client", 256, "concurrent API connections per client address; more are answered 429 and closed (0: no cap)")
 	addLogFlags(f, &o)
 	f.BoolVar(&o.RequireKVM, "require-kvm", false, "refuse to start unless microVMs run under KVM (TCG is not a security boundary)")
+	f.StringVar(&o.MetricsAddr, "metrics-addr", "127.0.0.1:9091", "address of /metrics (Prometheus), /healthz and /readyz (empty: off)")
+	f.DurationVar(&o.GCInterval, "gc-interval", 10*time.Minute, "how often garbage collection runs (it also runs at start; 0: never)")
+	f.DurationVar(&o.TerminatedRetention, "terminated-retention", 24*time.Hour, "how long TERMINATED microVM records and idempotency tokens are kept")
+	f.DurationVar(&o.CacheMaxAge, "cache-max-age", 7*24*time.Hour, "how long an unused image-cache or template-cache entry is kept")
 	rootCmd.AddCommand(cmd)
 }
 
@@ -190,6 +215,34 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 		return err
 	}
 	defer st.Close()
+	o.Health = metrics.NewHealth()
+	o.References = &gc.References{}
+	metrics.SetStateCounter(func(ctx context.Context) (map[string]int, error) {
+		n, err := st.CountMicrovmsByState(ctx)
+		out := make(map[string]int, len(n))
+		for k, v := range n {
+			out[string(k)] = v
+		}
+		return out, err
+	})
+	o.Health.Set("store", func(ctx context.Context) error {
+		if _, err := st.GetSetting(ctx, store.SettingOperatorAccount); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+			return fmt.Errorf("the state store does not answer: %w", err)
+		}
+		return nil
+	})
+	if o.MetricsAddr != "" {
+		mln, err := net.Listen("tcp", o.MetricsAddr)
+		if err != nil {
+			return fmt.Errorf("--metrics-addr %s: %w", o.MetricsAddr, err)
+		}
+		go func() {
+			if err := metrics.Serve(ctx, mln, o.Health); err != nil {
+				slog.Error("metrics endpoint stopped", "err", err)
+			}
+		}()
+		slog.Info("metrics and health serving", "addr", mln.Addr().String(), "paths", "/metrics /healthz /readyz")
+	}
 	if err := ensureAdminKey(ctx, st, filepath.Join(o.DataDir, "credentials")); err != nil {
 		return err
 	}
@@ -241,7 +294,7 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 	srv := api.NewServer(api.Config{Region: o.Region, Domain: o.Domain, EndpointPort: port, Tokens: tokens,
 		Quota: o.Quota, RequestsPerSecond: o.RequestsPerSecond,
 		ArtifactDir: filepath.Join(o.DataDir, "artifacts"), OperatorAccounts: operators,
-		ManagedSource: managedImages(o.DataDir), Accel: accel}, st, be)
+		ManagedSource: managedImages(o.DataDir), Accel: accel, References: o.References}, st, be)
 	ln, err := net.Listen("tcp", o.APIAddr)
 	if err != nil {
 		return fmt.Errorf("listening on %s: %w", o.APIAddr, err)
@@ -254,6 +307,19 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 	if err := srv.Start(ctx); err != nil {
 		ln.Close()
 		return err
+	}
+	if o.GCInterval > 0 {
+		// After Start: recovery has claimed what it keeps before the first
+		// pass judges orphans.
+		cfg := gc.Config{Store: st, DataDir: o.DataDir, References: o.References,
+			TerminatedRetention: o.TerminatedRetention, CacheMaxAge: o.CacheMaxAge}
+		if e, ok := be.(gc.Engine); ok {
+			cfg.Engine = e
+		}
+		if cachePruners != nil {
+			cfg.PruneImageCache, cfg.PruneTemplateCache = cachePruners(o.DataDir)
+		}
+		go gc.New(cfg).Loop(ctx, o.GCInterval)
 	}
 	web := console.New(console.Config{API: srv, Store: st, Operators: operators, TLS: tlsConf != nil,
 		Domain: o.Domain, EndpointPort: port, HostMemoryMiB: hostMemoryMiB()})

@@ -123,7 +123,12 @@ func (s *Server) storeArtifact(w http.ResponseWriter, r *http.Request, key store
 		return
 	}
 	dst := filepath.Join(dir, hash+".zip")
-	if err := os.Rename(f.Name(), dst); err != nil {
+	// Placed under the reference hold: garbage collection never removes
+	// an artifact in the instant it is uploaded again.
+	release := s.holdReferences()
+	err = os.Rename(f.Name(), dst)
+	release()
+	if err != nil {
 		writeError(w, r, internal(fmt.Sprintf("storing upload: %v", err)))
 		return
 	}

@@ -310,7 +310,10 @@ func (s *Server) createImage(ctx context.Context, c *call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := s.st.CreateImageWithinQuota(ctx, img, v, builds, tok, adm); err != nil {
+	release := s.holdReferences()
+	err = s.st.CreateImageWithinQuota(ctx, img, v, builds, tok, adm)
+	release()
+	if err != nil {
 		if errors.Is(err, errdefs.ErrExhausted) {
 			return nil, toAPIError(err, kindImage, arn)
 		}
@@ -444,7 +447,9 @@ func (s *Server) updateImage(ctx context.Context, c *call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
+	release := s.holdReferences()
 	v, builds, err := s.st.CreateImageVersionWithinQuota(ctx, v, s.newBuilds(c, img.ARN, img.Name, in.ImageConfig), tok, adm)
+	release()
 	if err != nil {
 		if tok != nil && errors.Is(err, errdefs.ErrConflict) {
 			if t, e := s.st.GetClientToken(ctx, c.account, "UpdateMicrovmImage", in.ClientToken); e == nil && t.InputHash == tok.InputHash {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -43,6 +44,7 @@ type HostAdmitter interface {
 func quotaError(err error) *Error {
 	var qe *store.QuotaError
 	if errors.As(err, &qe) {
+		metrics.QuotaRefusals.WithLabelValues(qe.Quota).Inc()
 		return &Error{Status: 402, Type: "ServiceQuotaExceededException", Message: qe.Error(),
 			ServiceCode: "lambda", QuotaCode: qe.Quota}
 	}

@@ -94,8 +94,20 @@ type Config struct {
 	// Accel is the accelerator the VMs run under ("kvm", "tcg"; "" when
 	// no VMs run), for GET /kiln/v1/info.
 	Accel string
+	// References orders the records that reference files (image versions,
+	// uploads) against garbage collection (internal/gc.References); nil:
+	// no garbage collector runs.
+	References interface{ Hold() (release func()) }
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+}
+
+// holdReferences is References.Hold, or nothing.
+func (s *Server) holdReferences() func() {
+	if s.cfg.References == nil {
+		return func() {}
+	}
+	return s.cfg.References.Hold()
 }
 
 // Server is the API. Create it with NewServer; serve Handler(); call Start

@@ -6,6 +6,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"os"
 	"strconv"
 	"strings"
@@ -89,6 +90,7 @@ func (e *Engine) reserve(key string, mem int64) error {
 	defer e.commitMu.Unlock()
 	if err := e.admitLocked(key, mem); err != nil {
 		e.log.Warn("host admission refused", "vm", key, "requested_mib", mem, "committed_mib", e.committedMiB, "allowed_mib", e.allowedMiB())
+		metrics.QuotaRefusals.WithLabelValues("HostMemory").Inc()
 		return err
 	}
 	e.addLocked(key, mem)

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -111,8 +113,14 @@ func (e *Engine) build(ctx context.Context, v store.ImageVersion, b store.Build)
 		return
 	}
 	e.meterBuild(ctx, b, true)
+	buildStart := time.Now()
 	finish := func(ok bool, reason string, snap *store.SnapshotBuild) {
 		w.Close()
+		result := "ok"
+		if !ok {
+			result = "failed"
+		}
+		metrics.Since(metrics.BuildDuration.WithLabelValues(result), buildStart)
 		e.meterBuild(ctx, b, false)
 		if err := rep.BuildFinished(context.WithoutCancel(ctx), b, ok, reason, snap); err != nil {
 			log.Warn("recording build result", "err", err)
@@ -158,12 +166,55 @@ func (e *Engine) build(ctx context.Context, v store.ImageVersion, b store.Build)
 		finish(false, "BuildFailed: "+err.Error(), nil)
 		return
 	}
+	// Durable before recorded: every file and directory of the build's
+	// output (the template and the disks it is backed by) and of the
+	// template, wherever the builder put it.
+	if err := syncTree(out); err != nil {
+		finish(false, "BuildFailed: flushing the template to disk: "+err.Error(), nil)
+		return
+	}
+	if !strings.HasPrefix(res.TemplateDir, out+string(filepath.Separator)) {
+		if err := syncTree(res.TemplateDir); err != nil {
+			finish(false, "BuildFailed: flushing the template to disk: "+err.Error(), nil)
+			return
+		}
+	}
 	if err := e.SetTemplate(v.Account, v.ImageName, v.Version, res.TemplateDir); err != nil {
 		finish(false, "BuildFailed: recording the template: "+err.Error(), nil)
 		return
 	}
 	log.Info("build finished", "took", time.Since(start).Round(time.Second), "template", res.TemplateDir)
 	finish(true, "", res.Snapshot)
+}
+
+// syncTree fsyncs every regular file and directory under root, root
+// itself and its parent (which holds root's name).
+func syncTree(root string) error {
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if !d.IsDir() && !d.Type().IsRegular() {
+			return nil
+		}
+		return syncPath(p)
+	})
+	if err != nil {
+		return err
+	}
+	return syncPath(filepath.Dir(root))
+}
+
+func syncPath(p string) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("syncing %s: %w", p, err)
+	}
+	return nil
 }
 
 // buildStopped handles a build whose context ended: at shutdown recovery

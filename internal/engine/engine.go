@@ -19,6 +19,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/applog"
 	"github.com/kiln-sandbox/kiln/internal/dnsfwd"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
@@ -250,6 +251,7 @@ func (e *Engine) server() (*api.Server, error) {
 // ends. Call it once, after the API server's Start (recovery).
 func (e *Engine) Run(ctx context.Context) {
 	go e.idleLoop(ctx)
+	go e.memoryLoop(ctx)
 	go e.sweepLogs(ctx, e.cfg.LogSweepInterval)
 	go e.meterLoop(ctx, e.cfg.MeterInterval)
 	for {
@@ -443,7 +445,13 @@ func (e *Engine) SetTemplate(account, image, version, dir string) error {
 	if err := os.WriteFile(tmp, []byte(dir+"\n"), 0o600); err != nil {
 		return err
 	}
-	return os.Rename(tmp, filepath.Join(d, templatePointer))
+	if err := syncPath(tmp); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, filepath.Join(d, templatePointer)); err != nil {
+		return err
+	}
+	return syncPath(d)
 }
 
 // hooks returns the microVM hooks and port of the version a VM runs.
@@ -473,13 +481,16 @@ func (e *Engine) callHook(ctx context.Context, id string, port int, path string,
 	defer cancel()
 	a, err := e.cfg.Driver.Agent(ctx, id)
 	if err != nil {
+		metrics.HookFailures.WithLabelValues(hookName(path)).Inc()
 		return fmt.Errorf("hook %s: %w", path, err)
 	}
 	code, resp, err := a.HTTP(ctx, port, "POST", path, body, timeout)
 	if err != nil {
+		metrics.HookFailures.WithLabelValues(hookName(path)).Inc()
 		return fmt.Errorf("hook %s: %w", path, err)
 	}
 	if code < 200 || code > 299 {
+		metrics.HookFailures.WithLabelValues(hookName(path)).Inc()
 		if len(resp) > 200 {
 			resp = resp[:200]
 		}
@@ -487,6 +498,9 @@ func (e *Engine) callHook(ctx context.Context, id string, port int, path string,
 	}
 	return nil
 }
+
+// hookName is the metrics label of a hook path (its last element).
+func hookName(path string) string { return path[strings.LastIndexByte(path, '/')+1:] }
 
 // StartMicrovm implements api.Backend. The VM network is made before it
 // returns (a few netlink calls), so that the proxy can route to the VM
@@ -566,12 +580,14 @@ func (e *Engine) start(v *vmState, m store.Microvm) {
 		if err == nil {
 			e.cfg.Driver.Terminate(ctx, v.id) // a leftover of an interrupted start
 		}
+		cloneStart := time.Now()
 		_, err = e.cfg.Driver.Clone(ctx, vmm.CloneSpec{ID: v.id, Template: tmpl,
 			Net: v.net.Attachment()})
 		if err != nil {
 			fail("StartFailed", fmt.Errorf("restoring the snapshot: %w", err))
 			return
 		}
+		metrics.Since(metrics.Clone, cloneStart)
 	}
 	hooks, port := e.hooks(ctx, m)
 	if hooks != nil && hooks.Run == "ENABLED" {
@@ -579,6 +595,11 @@ func (e *Engine) start(v *vmState, m store.Microvm) {
 			fail("RunHookFailed", err)
 			return
 		}
+	}
+	// Observed before the record changes: whoever sees the new state
+	// sees the sample too.
+	if !m.StartedAt.IsZero() {
+		metrics.Since(metrics.RunToRunning, m.StartedAt)
 	}
 	if _, err := e.report(ctx, v, []store.MicrovmState{store.StatePending}, store.StateRunning, ""); err != nil {
 		log.Info("microvm left PENDING while starting", "err", err)
@@ -669,6 +690,7 @@ func (e *Engine) suspend(v *vmState, m store.Microvm) {
 		e.report(ctx, v, []store.MicrovmState{store.StateSuspending}, store.StateRunning, "SuspendFailed: "+err.Error())
 		return
 	}
+	metrics.Since(metrics.Suspend, start)
 	if _, err := e.report(ctx, v, []store.MicrovmState{store.StateSuspending}, store.StateSuspended, m.StateReason); err != nil {
 		log.Info("microvm left SUSPENDING while suspending", "err", err)
 		return
@@ -714,6 +736,7 @@ func (e *Engine) resume(v *vmState, m store.Microvm) {
 			log.Warn("resume hook", "err", err)
 		}
 	}
+	metrics.Since(metrics.Resume, start)
 	if _, err := e.report(ctx, v, []store.MicrovmState{store.StateSuspended}, store.StateRunning, ""); err != nil {
 		log.Info("microvm left SUSPENDED while resuming", "err", err)
 		return
@@ -793,4 +816,48 @@ func (e *Engine) handleEvent(ev vmm.Event) {
 		e.log.Warn("microvm died", "microvm", v.id, "reason", reason)
 		e.lose(v, "VMExited: "+reason)
 	}()
+}
+
+// memoryLoop keeps kiln_host_guest_memory_committed_bytes current: the
+// guest memory of every VM of the driver that runs (microVMs and build VMs;
+// a suspended VM holds no host memory).
+func (e *Engine) memoryLoop(ctx context.Context) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		e.UpdateMemoryMetric(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// UpdateMemoryMetric sets the committed guest memory gauge from the driver.
+func (e *Engine) UpdateMemoryMetric(ctx context.Context) {
+	infos, err := e.cfg.Driver.List(ctx)
+	if err != nil {
+		return
+	}
+	var mib int64
+	for _, i := range infos {
+		if i.State == vmm.StateRunning {
+			mib += int64(i.MemoryMiB)
+		}
+	}
+	metrics.GuestMemoryCommitted.Set(float64(mib << 20))
+	_, allowed := e.CommittedMiB()
+	metrics.GuestMemoryAllowed.Set(float64(allowed << 20))
+}
+
+// Ready reports whether the engine can run microVMs: its driver answers.
+func (e *Engine) Ready(ctx context.Context) error {
+	if e.ctx.Err() != nil {
+		return errors.New("the engine is stopping")
+	}
+	if _, err := e.cfg.Driver.List(ctx); err != nil {
+		return fmt.Errorf("vm driver: %w", err)
+	}
+	return nil
 }

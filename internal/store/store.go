@@ -396,6 +396,21 @@ type Store interface {
 	// Returns the record as written.
 	UpdateMicrovm(ctx context.Context, account, id string, from []MicrovmState, change func(*Microvm) error) (Microvm, error)
 
+	// CountMicrovmsByState counts the microVMs of every account by state
+	// (for metrics).
+	CountMicrovmsByState(ctx context.Context) (map[MicrovmState]int, error)
+	// DeleteTerminatedMicrovms removes TERMINATED microVMs, of every
+	// account, terminated before cutoff, with their tags, and returns how
+	// many went. Records in any other state are never touched.
+	DeleteTerminatedMicrovms(ctx context.Context, cutoff time.Time) (int, error)
+	// DeleteClientTokens removes idempotency tokens recorded before cutoff
+	// and returns how many went; a request retried with one after that
+	// is a new request.
+	DeleteClientTokens(ctx context.Context, cutoff time.Time) (int, error)
+	// ListAllImageVersions pages through the image versions of every
+	// account, oldest first (for garbage collection).
+	ListAllImageVersions(ctx context.Context, p Page) ([]ImageVersion, string, error)
+
 	// GetTags returns the tags of a resource ARN (empty map if none).
 	GetTags(ctx context.Context, account, arn string) (map[string]string, error)
 	// TagResource adds or replaces tags of a resource ARN.

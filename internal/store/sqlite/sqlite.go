@@ -31,6 +31,7 @@ import (
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
 
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/seal"
 )
@@ -304,6 +305,7 @@ func (s *Store) migrate(ctx context.Context) error {
 
 // tx runs fn in a write transaction (BEGIN IMMEDIATE through _txlock).
 func (s *Store) tx(ctx context.Context, fn func(*sql.Tx) error) error {
+	defer metrics.Since(metrics.StoreOps.WithLabelValues("write"), time.Now())
 	tx, err := s.w.BeginTx(ctx, nil)
 	if err != nil {
 		return fmt.Errorf("beginning transaction: %w", err)
@@ -351,6 +353,7 @@ func limitOf(p store.Page) int {
 // page runs a query that selects (seq, data) ordered by seq and limited to
 // limit+1 rows, decodes the documents and computes the next token.
 func page[T any](ctx context.Context, db *sql.DB, limit int, query string, args ...any) ([]T, string, error) {
+	defer metrics.Since(metrics.StoreOps.WithLabelValues("list"), time.Now())
 	rows, err := db.QueryContext(ctx, query, args...)
 	if err != nil {
 		return nil, "", fmt.Errorf("listing: %w", err)
@@ -385,6 +388,9 @@ func page[T any](ctx context.Context, db *sql.DB, limit int, query string, args 
 func getDoc[T any](ctx context.Context, q interface {
 	QueryRowContext(context.Context, string, ...any) *sql.Row
 }, what, query string, args ...any) (T, error) {
+	if _, ok := q.(*sql.DB); ok { // inside a transaction, tx counts the whole
+		defer metrics.Since(metrics.StoreOps.WithLabelValues("read"), time.Now())
+	}
 	var v T
 	var data string
 	if err := q.QueryRowContext(ctx, query, args...).Scan(&data); err != nil {
@@ -998,6 +1004,127 @@ func (s *Store) UpdateMicrovm(ctx context.Context, account, id string, from []st
 		return nil
 	})
 	return m, err
+}
+
+func (s *Store) CountMicrovmsByState(ctx context.Context) (map[store.MicrovmState]int, error) {
+	defer metrics.Since(metrics.StoreOps.WithLabelValues("read"), time.Now())
+	rows, err := s.r.QueryContext(ctx, `SELECT state, COUNT(*) FROM microvms GROUP BY state`)
+	if err != nil {
+		return nil, fmt.Errorf("counting microvms: %w", err)
+	}
+	defer rows.Close()
+	out := map[store.MicrovmState]int{}
+	for rows.Next() {
+		var st string
+		var n int
+		if err := rows.Scan(&st, &n); err != nil {
+			return nil, fmt.Errorf("counting microvms: %w", err)
+		}
+		out[store.MicrovmState(st)] = n
+	}
+	return out, rows.Err()
+}
+
+// gcBatch bounds one garbage-collection transaction, so that the single
+// writer is never held for long.
+const gcBatch = 500
+
+func (s *Store) DeleteTerminatedMicrovms(ctx context.Context, cutoff time.Time) (int, error) {
+	total := 0
+	var after int64
+	for {
+		type row struct {
+			seq int64
+			m   store.Microvm
+		}
+		var rows []row
+		err := func() error {
+			rs, err := s.r.QueryContext(ctx, `SELECT seq, data FROM microvms WHERE state = 'TERMINATED' AND seq > ? ORDER BY seq LIMIT ?`, after, gcBatch)
+			if err != nil {
+				return err
+			}
+			defer rs.Close()
+			for rs.Next() {
+				var r row
+				var data string
+				if err := rs.Scan(&r.seq, &data); err != nil {
+					return err
+				}
+				if err := json.Unmarshal([]byte(data), &r.m); err != nil {
+					return fmt.Errorf("decoding microvm: %w", err)
+				}
+				rows = append(rows, r)
+			}
+			return rs.Err()
+		}()
+		if err != nil {
+			return total, fmt.Errorf("listing terminated microvms: %w", err)
+		}
+		if len(rows) == 0 {
+			return total, nil
+		}
+		after = rows[len(rows)-1].seq
+		err = s.tx(ctx, func(tx *sql.Tx) error {
+			for _, r := range rows {
+				t := r.m.UpdatedAt
+				if r.m.TerminatedAt != nil {
+					t = *r.m.TerminatedAt
+				}
+				if !t.Before(cutoff) {
+					continue
+				}
+				// The state is checked again inside the transaction: only
+				// a record still TERMINATED goes (it is final, but this
+				// keeps the promise whatever a future state machine does).
+				res, err := tx.ExecContext(ctx, `DELETE FROM microvms WHERE seq = ? AND state = 'TERMINATED'`, r.seq)
+				if err != nil {
+					return fmt.Errorf("deleting microvm %s: %w", r.m.ID, err)
+				}
+				if n, _ := res.RowsAffected(); n == 0 {
+					continue
+				}
+				if _, err := tx.ExecContext(ctx, `DELETE FROM tags WHERE account = ? AND arn = ?`, r.m.Account, r.m.ARN); err != nil {
+					return fmt.Errorf("deleting tags of microvm %s: %w", r.m.ID, err)
+				}
+				total++
+			}
+			return nil
+		})
+		if err != nil {
+			return total, err
+		}
+		if len(rows) < gcBatch {
+			return total, nil
+		}
+	}
+}
+
+func (s *Store) DeleteClientTokens(ctx context.Context, cutoff time.Time) (int, error) {
+	var total int64
+	for {
+		var n int64
+		err := s.tx(ctx, func(tx *sql.Tx) error {
+			res, err := tx.ExecContext(ctx, `DELETE FROM client_tokens WHERE rowid IN (SELECT rowid FROM client_tokens WHERE created_at < ? LIMIT ?)`, cutoff.UnixNano(), gcBatch)
+			if err != nil {
+				return fmt.Errorf("deleting client tokens: %w", err)
+			}
+			n, _ = res.RowsAffected()
+			return nil
+		})
+		total += n
+		if err != nil || n < gcBatch {
+			return int(total), err
+		}
+	}
+}
+
+func (s *Store) ListAllImageVersions(ctx context.Context, p store.Page) ([]store.ImageVersion, string, error) {
+	after, err := decodeToken(p.Token)
+	if err != nil {
+		return nil, "", err
+	}
+	limit := limitOf(p)
+	return page[store.ImageVersion](ctx, s.r, limit, `SELECT seq, data FROM image_versions WHERE seq > ? ORDER BY seq LIMIT ?`, after, limit+1)
 }
 
 func containsState(list []store.MicrovmState, s store.MicrovmState) bool {

@@ -31,6 +31,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"settings", settings},
 		{"quota race", quotaRace},
 		{"quotas", quotas},
+		{"garbage collection", collect},
 		{"events", events},
 		{"usage", usage},
 	}
@@ -470,5 +471,77 @@ func quotas(t *testing.T, s store.Store) {
 	}
 	if _, err := s.GetBuild(ctx, "A", "q", "2", "q-b2"); err != nil {
 		t.Errorf("the admitted version's build: %v", err)
+	}
+}
+
+// collect: only TERMINATED records older than the cutoff go (with their
+// tags), only tokens older than it, and counts by state are right.
+func collect(t *testing.T, s store.Store) {
+	now := time.Now().UTC()
+	old, recent := now.Add(-48*time.Hour), now.Add(-time.Hour)
+	cutoff := now.Add(-24 * time.Hour)
+	mk := func(id string, st store.MicrovmState, at time.Time) {
+		m := newVM("A", id, at)
+		m.ARN = "arn:" + id
+		tok := &store.ClientToken{Account: "A", Operation: "RunMicrovm", Token: "tok-" + id, InputHash: "h", ResourceID: id, CreatedAt: at}
+		must(t, s.CreateMicrovm(ctx, m, tok))
+		must(t, s.TagResource(ctx, "A", m.ARN, map[string]string{"k": "v"}))
+		if st != store.StatePending {
+			_, err := s.UpdateMicrovm(ctx, "A", id, nil, func(m *store.Microvm) error { m.SetState(st, "test", at); return nil })
+			must(t, err)
+		}
+	}
+	mk("old-terminated", store.StateTerminated, old)
+	mk("recent-terminated", store.StateTerminated, recent)
+	mk("old-suspended", store.StateSuspended, old)
+	mk("old-running", store.StateRunning, old)
+
+	counts, err := s.CountMicrovmsByState(ctx)
+	must(t, err)
+	if counts[store.StateTerminated] != 2 || counts[store.StateSuspended] != 1 || counts[store.StateRunning] != 1 {
+		t.Errorf("CountMicrovmsByState = %v", counts)
+	}
+	n, err := s.DeleteTerminatedMicrovms(ctx, cutoff)
+	must(t, err)
+	if n != 1 {
+		t.Errorf("DeleteTerminatedMicrovms removed %d, want 1", n)
+	}
+	_, err = s.GetMicrovm(ctx, "A", "old-terminated")
+	is(t, err, errdefs.ErrNotFound)
+	if tags, _ := s.GetTags(ctx, "A", "arn:old-terminated"); len(tags) != 0 {
+		t.Errorf("tags of a deleted microvm stay: %v", tags)
+	}
+	for _, id := range []string{"recent-terminated", "old-suspended", "old-running"} {
+		if _, err := s.GetMicrovm(ctx, "A", id); err != nil {
+			t.Errorf("%s: %v", id, err)
+		}
+	}
+	n, err = s.DeleteClientTokens(ctx, cutoff)
+	must(t, err)
+	if n != 3 {
+		t.Errorf("DeleteClientTokens removed %d, want 3", n)
+	}
+	_, err = s.GetClientToken(ctx, "A", "RunMicrovm", "tok-old-running")
+	is(t, err, errdefs.ErrNotFound)
+	if _, err := s.GetClientToken(ctx, "A", "RunMicrovm", "tok-recent-terminated"); err != nil {
+		t.Errorf("recent token: %v", err)
+	}
+
+	img, v, b := newImage("A", "app")
+	must(t, s.CreateImage(ctx, img, v, b, nil))
+	img2, v2, b2 := newImage("B", "other")
+	must(t, s.CreateImage(ctx, img2, v2, b2, nil))
+	vs, next, err := s.ListAllImageVersions(ctx, store.Page{Limit: 1})
+	must(t, err)
+	if len(vs) != 1 || next == "" {
+		t.Fatalf("ListAllImageVersions page 1 = %d, %q", len(vs), next)
+	}
+	vs2, next, err := s.ListAllImageVersions(ctx, store.Page{Limit: 1, Token: next})
+	must(t, err)
+	if len(vs2) != 1 || vs2[0].Account == vs[0].Account {
+		t.Errorf("ListAllImageVersions page 2 = %+v", vs2)
+	}
+	if more, _, _ := s.ListAllImageVersions(ctx, store.Page{Limit: 1, Token: next}); next != "" && len(more) != 0 {
+		t.Errorf("a third page: %+v", more)
 	}
 }
