@@ -4,8 +4,9 @@ hooks.
 The app serves on 8080 at once, but is not ready until its warm-up (here a
 sleep plus building a table) finishes. kiln polls
 POST /aws/lambda-microvms/runtime/v1/ready on the hooks port: 503 means
-"not yet", 200 means "snapshot me now". Then it calls
-POST /aws/lambda-microvms/runtime/v1/validate and needs a 2xx. The other
+"not yet", 200 means "snapshot me now". Then, on a VM restored from that
+snapshot, it calls POST /aws/lambda-microvms/runtime/v1/validate until it
+answers 200 (503 again means "not yet"). The other
 lifecycle hooks (run, resume, suspend, terminate) are answered with 200 and
 logged, so the example also shows when they arrive.
 """
