@@ -115,19 +115,25 @@ func main() {
 		})
 		go http.ListenAndServe(":"+os.Getenv("HOOKS_PORT"), mux)
 	}
-	// Probed once at start (an exec is slow under TCG): what the app and
-	// a child of it may do.
-	ownCaps := caps()
-	var childCaps map[string]any
-	if self, err := os.Executable(); err == nil {
-		if out, err := exec.Command(self, "caps").Output(); err == nil {
-			json.Unmarshal(out, &childCaps)
+	// Probed once, beside start-up rather than in the way of the hooks
+	// and the listener (an exec is slow under TCG): what the app and a
+	// child of it may do. "/" waits for it.
+	var ownCaps, childCaps map[string]any
+	capsDone := make(chan struct{})
+	go func() {
+		defer close(capsDone)
+		ownCaps = caps()
+		if self, err := os.Executable(); err == nil {
+			if out, err := exec.Command(self, "caps").Output(); err == nil {
+				json.Unmarshal(out, &childCaps)
+			}
 		}
-	}
+	}()
 	marker, _ := os.ReadFile("/etc/built-marker")
 	wd, _ := os.Getwd()
 	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		host, _ := os.Hostname()
+		<-capsDone
 		json.NewEncoder(w).Encode(map[string]any{
 			"caps":      ownCaps,
 			"childCaps": childCaps,
