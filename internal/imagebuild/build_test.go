@@ -339,8 +339,11 @@ func TestBuildFailures(t *testing.T) {
 		{
 			name:       "ready hook never 200",
 			dockerfile: "FROM debian:12\nCOPY app /app\nENV MODE=hooks HOOKS_PORT=9000 READY_AFTER=100000\nCMD [\"/app\"]\n",
-			hooks:      Hooks{Port: 9000, Ready: true, ReadyTimeout: 5 * time.Second},
-			want:       []string{PhaseReady, "not ready within 5s", "answered 503"},
+			// 15 s: the app must be up and answering 503 by then, also
+			// under TCG on a loaded host (it starts through the agent's
+			// capexec step since apps get the default capability set).
+			hooks: Hooks{Port: 9000, Ready: true, ReadyTimeout: 15 * time.Second},
+			want:  []string{PhaseReady, "not ready within 15s", "answered 503"},
 		},
 		{
 			name:       "validate fails",
