@@ -23,7 +23,10 @@ func stable(s string) bool { return s == running || s == suspended || s == termi
 
 // client calls the API of a server that may be down at any moment: a
 // request that got no answer is sent again until one comes.
-type client struct{ c *awscli.Client }
+type client struct {
+	c     *awscli.Client
+	image string // the image the cycles run
+}
 
 func (c *client) call(ctx context.Context, op string, in map[string]any) (map[string]any, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
@@ -48,7 +51,24 @@ func isType(err error, t string) bool {
 	return errors.As(err, &ae) && ae.Type == t
 }
 
+// createImage builds the soak image. A boot of the build VM can time out
+// on a loaded TCG host; that is not what the soak tests, so a failed
+// build is tried again under another name, up to three times.
 func (c *client) createImage(ctx context.Context, codeZip string, timeout time.Duration) error {
+	var errs []error
+	for i := 1; i <= 3; i++ {
+		name := fmt.Sprintf("%s-%d", imageName, i)
+		err := c.buildImage(ctx, name, codeZip, timeout)
+		if err == nil {
+			c.image = name
+			return nil
+		}
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+func (c *client) buildImage(ctx context.Context, name, codeZip string, timeout time.Duration) error {
 	managed, err := c.call(ctx, "ListManagedMicrovmImages", map[string]any{})
 	if err != nil {
 		return err
@@ -59,7 +79,7 @@ func (c *client) createImage(ctx context.Context, codeZip string, timeout time.D
 	}
 	base, _ := items[0].(map[string]any)["imageArn"].(string)
 	_, err = c.call(ctx, "CreateMicrovmImage", map[string]any{
-		"name": imageName, "baseImageArn": base, "clientToken": "soak-image",
+		"name": name, "baseImageArn": base, "clientToken": name,
 		"buildRoleArn": "arn:aws:iam::123456789012:role/kiln-soak",
 		"codeArtifact": map[string]any{"uri": (&url.URL{Scheme: "file", Path: codeZip}).String()},
 	})
@@ -68,7 +88,7 @@ func (c *client) createImage(ctx context.Context, codeZip string, timeout time.D
 	}
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
-		out, err := c.call(ctx, "GetMicrovmImage", map[string]any{"imageIdentifier": imageName})
+		out, err := c.call(ctx, "GetMicrovmImage", map[string]any{"imageIdentifier": name})
 		if err != nil {
 			return err
 		}
@@ -124,7 +144,7 @@ func (c *client) waitFor(ctx context.Context, id, want string, settle, timeout t
 // leaves the VM RUNNING); the run carries a client token, so a RunMicrovm
 // whose answer was lost names the same microVM when sent again.
 func (c *client) cycle(ctx context.Context, token string, timeout time.Duration) (string, error) {
-	out, err := c.call(ctx, "RunMicrovm", map[string]any{"imageIdentifier": imageName, "clientToken": token,
+	out, err := c.call(ctx, "RunMicrovm", map[string]any{"imageIdentifier": c.image, "clientToken": token,
 		"idlePolicy": map[string]any{"maxIdleDurationSeconds": 3600, "suspendedDurationSeconds": 3600, "autoResumeEnabled": false}})
 	if err != nil {
 		return "", fmt.Errorf("RunMicrovm: %w", err)

@@ -9,6 +9,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"io/fs"
 	"net"
 	"os"
@@ -18,6 +19,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/netns"
@@ -72,9 +74,14 @@ func cgroupSuffix(data string) string {
 	return hex.EncodeToString(h[:4])
 }
 
+// cgroupGlobs find the VM cgroups (v2, then v1's hierarchies) whose
+// names end in a data directory's suffix.
+var cgroupGlobs = []string{"/sys/fs/cgroup/kiln/*.", "/sys/fs/cgroup/memory/kiln/*.", "/sys/fs/cgroup/pids/kiln/*.", "/sys/fs/cgroup/cpu/kiln/*."}
+
 // countLeaks counts, with no live record left, everything that still
-// belongs to data's VMs. ids are the VM ids known to have existed.
-func countLeaks(ctx context.Context, data string, ids []string) Leaks {
+// belongs to data's VMs. ids are the VM ids known to have existed;
+// images are the image directories of versions the store holds.
+func countLeaks(ctx context.Context, data string, ids []string, images map[string]bool) Leaks {
 	var l Leaks
 	seen := map[string]bool{}
 	for _, sub := range []string{"vms", "net"} {
@@ -111,7 +118,7 @@ func countLeaks(ctx context.Context, data string, ids []string) Leaks {
 			l.add(&l.HostLinks, "host link %s of %s", link, id)
 		}
 	}
-	for _, pat := range []string{"/sys/fs/cgroup/kiln/*.", "/sys/fs/cgroup/memory/kiln/*.", "/sys/fs/cgroup/pids/kiln/*.", "/sys/fs/cgroup/cpu/kiln/*."} {
+	for _, pat := range cgroupGlobs {
 		m, _ := filepath.Glob(pat + suffix)
 		for _, d := range m {
 			l.add(&l.Cgroups, "cgroup %s", d)
@@ -120,7 +127,7 @@ func countLeaks(ctx context.Context, data string, ids []string) Leaks {
 	for _, mp := range mountsUnder(data) {
 		l.add(&l.Mounts, "mount %s", mp)
 	}
-	for _, f := range strayFiles(data) {
+	for _, f := range strayFiles(data, images) {
 		l.add(&l.Files, "file %s", f)
 	}
 	return l
@@ -206,12 +213,13 @@ func unescapeMount(s string) string {
 }
 
 // strayFiles lists what no live record owns once every microVM is
-// TERMINATED: anything in DATA_DIR/vms (VM directories, jails) and
-// DATA_DIR/net, run-time files other than the shared initramfs images,
-// and temporary files anywhere (a write cut short by a kill).
-func strayFiles(data string) []string {
+// TERMINATED and no build runs: anything in DATA_DIR/vms (VM
+// directories, jails), DATA_DIR/net and DATA_DIR/tmp (build work), run-time files other than the shared initramfs images,
+// image directories of no version, and temporary files anywhere (a write
+// cut short by a kill).
+func strayFiles(data string, images map[string]bool) []string {
 	var out []string
-	for _, sub := range []string{"vms", "net"} {
+	for _, sub := range []string{"vms", "net", "tmp"} {
 		ents, _ := os.ReadDir(filepath.Join(data, sub))
 		for _, e := range ents {
 			out = append(out, filepath.Join(data, sub, e.Name()))
@@ -221,6 +229,12 @@ func strayFiles(data string) []string {
 	for _, e := range ents {
 		if n := e.Name(); !(strings.HasPrefix(n, "initrd-") && strings.HasSuffix(n, ".img")) {
 			out = append(out, filepath.Join(data, "run", n))
+		}
+	}
+	vers, _ := filepath.Glob(filepath.Join(data, "images", "*", "*", "*"))
+	for _, v := range vers {
+		if !images[v] {
+			out = append(out, v)
 		}
 	}
 	filepath.WalkDir(data, func(p string, d fs.DirEntry, err error) error {
@@ -238,3 +252,31 @@ func strayFiles(data string) []string {
 	return out
 }
 
+// removeAll is the clean-up after a soak that failed before its end:
+// kills the QEMUs of data and removes its VMs' networks and cgroups, so
+// that a failed run leaves nothing on the host.
+func removeAll(data string, ids []string, progress io.Writer) {
+	suffix := cgroupSuffix(data)
+	for _, pid := range qemuOf(data, suffix) {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	for end := time.Now().Add(10 * time.Second); len(qemuOf(data, suffix)) > 0 && time.Now().Before(end); {
+		time.Sleep(50 * time.Millisecond)
+	}
+	seen := map[string]bool{}
+	for _, id := range ids {
+		if seen[id] {
+			continue
+		}
+		seen[id] = true
+		if err := netns.Teardown(context.Background(), id); err != nil {
+			fmt.Fprintf(progress, "soak: removing the network of %s: %v\n", id, err)
+		}
+	}
+	for _, pat := range cgroupGlobs {
+		m, _ := filepath.Glob(pat + suffix)
+		for _, d := range m {
+			os.Remove(d)
+		}
+	}
+}

@@ -23,6 +23,7 @@ const readyLine = "kiln API serving at "
 type server struct {
 	kiln, data, log string
 	api, endpoint   string
+	metrics         string
 	progress        io.Writer
 
 	mu     sync.Mutex
@@ -44,7 +45,8 @@ func (s *server) start(ctx context.Context) error {
 		return err
 	}
 	from := fi.Size()
-	cmd := exec.Command(s.kiln, "--data-dir", s.data, "server", "--api-addr", s.api, "--endpoint-addr", s.endpoint)
+	cmd := exec.Command(s.kiln, "--data-dir", s.data, "server", "--api-addr", s.api, "--endpoint-addr", s.endpoint,
+		"--metrics-addr", s.metrics)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("starting kiln server: %w", err)

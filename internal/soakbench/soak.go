@@ -74,7 +74,7 @@ const imageName = "soak"
 
 // Run builds a tiny image on a fresh data directory, runs the cycles
 // while killing the server, and counts what is left.
-func Run(ctx context.Context, o Options) (*Result, error) {
+func Run(ctx context.Context, o Options) (_ *Result, err error) {
 	if o.Cycles <= 0 {
 		o.Cycles = 10
 	}
@@ -120,12 +120,19 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	fmt.Fprintf(o.Progress, "soak: seed %d, %d cycles (%d at once), data dir %s\n", o.Seed, o.Cycles, o.Concurrency, data)
 	start := time.Now()
 
-	srv := &server{kiln: o.Kiln, data: data, log: filepath.Join(work, "server.log"), api: freeAddr(), endpoint: freeAddr(), progress: o.Progress}
+	srv := &server{kiln: o.Kiln, data: data, log: filepath.Join(work, "server.log"), api: freeAddr(), endpoint: freeAddr(), metrics: freeAddr(), progress: o.Progress}
 	if err := srv.start(ctx); err != nil {
 		return nil, err
 	}
-	// Whatever happens, no server of ours outlives the soak.
-	defer srv.stop()
+	// Whatever happens, no server of ours outlives the soak, and a soak
+	// cut short by an error leaves none of its VMs running on the host.
+	defer func() {
+		srv.stop()
+		if err != nil {
+			logIDs, _ := os.ReadFile(srv.log)
+			removeAll(data, vmIDsIn(logIDs), o.Progress)
+		}
+	}()
 	creds, err := auth.ReadCredentials(filepath.Join(data, "credentials"), "default")
 	if err != nil {
 		return nil, err
@@ -212,11 +219,12 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if err := srv.stop(); err != nil {
 		fmt.Fprintf(o.Progress, "soak: stopping the server: %v\n", err)
 	}
-	if err := checkRecords(ctx, data, ids, res); err != nil {
+	images, err := checkRecords(ctx, data, ids, res)
+	if err != nil {
 		return nil, fmt.Errorf("final check: %w", err)
 	}
 	logIDs, _ := os.ReadFile(srv.log)
-	res.Leaks = countLeaks(ctx, data, append(ids, vmIDsIn(logIDs)...))
+	res.Leaks = countLeaks(ctx, data, append(ids, vmIDsIn(logIDs)...), images)
 	res.Seconds = time.Since(start).Round(100 * time.Millisecond).Seconds()
 	return res, nil
 }

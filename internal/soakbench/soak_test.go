@@ -122,7 +122,7 @@ func (w testWriter) Write(p []byte) (int, error) {
 // TestCountLeaksIsExact plants one of each thing the soak counts for a
 // VM of a data directory (a QEMU naming it, a network namespace with its
 // TAP and nftables table, a host link, a cgroup, a mount, a VM directory
-// and a temporary file) and the same things for a VM of another data
+// an image directory of no version and a temporary file) and the same things for a VM of another data
 // directory: each of the first must count exactly once, none of the
 // second, and nothing once they are gone.
 func TestCountLeaksIsExact(t *testing.T) {
@@ -157,6 +157,9 @@ func TestCountLeaksIsExact(t *testing.T) {
 			t.Fatal(err)
 		}
 		run("mount", "-t", "tmpfs", "soak", mnt)
+		if err := os.MkdirAll(filepath.Join(dir, "images", "123456789012", "app", "9"), 0o700); err != nil {
+			t.Fatal(err)
+		}
 		if err := os.WriteFile(filepath.Join(dir, "kiln.db.tmp"), nil, 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -175,6 +178,7 @@ func TestCountLeaksIsExact(t *testing.T) {
 			time.Sleep(100 * time.Millisecond) // the cgroup empties
 			syscall.Unmount(mnt, syscall.MNT_DETACH)
 			os.RemoveAll(filepath.Join(dir, "vms"))
+			os.RemoveAll(filepath.Join(dir, "images"))
 			os.Remove(filepath.Join(dir, "kiln.db.tmp"))
 			os.Remove(cg)
 			exec.Command("ip", "link", "del", netns.HostLinkName(id)).Run()
@@ -186,15 +190,15 @@ func TestCountLeaksIsExact(t *testing.T) {
 	undoOther := plant(other, otherID)
 	defer undoOther()
 
-	l := countLeaks(ctx, data, []string{id})
-	want := Leaks{QEMUProcesses: 1, NetworkNamespaces: 1, HostLinks: 1, TAPDevices: 1, NftablesTables: 1, Cgroups: 1, Mounts: 1, Files: 2}
+	l := countLeaks(ctx, data, []string{id}, nil)
+	want := Leaks{QEMUProcesses: 1, NetworkNamespaces: 1, HostLinks: 1, TAPDevices: 1, NftablesTables: 1, Cgroups: 1, Mounts: 1, Files: 3}
 	got := l
 	got.Details = nil
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("planted leaks counted as %+v, want %+v\n%v", got, want, l.Details)
 	}
 	undo()
-	if l := countLeaks(ctx, data, []string{id}); l.Total() != 0 {
+	if l := countLeaks(ctx, data, []string{id}, nil); l.Total() != 0 {
 		t.Errorf("after removing them, still counted: %+v", l)
 	}
 }
