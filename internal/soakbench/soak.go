@@ -105,6 +105,11 @@ func Run(ctx context.Context, o Options) (_ *Result, err error) {
 	if !o.Keep {
 		defer os.RemoveAll(work)
 	}
+	// The data directory is named by its absolute path everywhere (the
+	// cgroup hash, QEMU command lines, mounts).
+	if work, err = filepath.Abs(work); err != nil {
+		return nil, err
+	}
 	data := filepath.Join(work, "d")
 	if err := os.MkdirAll(data, 0o700); err != nil {
 		return nil, err
