@@ -5,6 +5,7 @@ package soakbench
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -34,7 +35,12 @@ type server struct {
 func (s *server) url() string { return "http://" + s.api }
 
 // start runs the server and waits until its API serves.
-func (s *server) start(ctx context.Context) error {
+func (s *server) start(ctx context.Context) error { return s.startFor(ctx, 0) }
+
+// startFor is start; with early > 0 it kills the server after early
+// instead if it did not serve by then: a kill during start-up, while it
+// recovers its VMs from the last kill.
+func (s *server) startFor(ctx context.Context, early time.Duration) error {
 	logf, err := os.OpenFile(s.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		return err
@@ -58,6 +64,10 @@ func (s *server) start(ctx context.Context) error {
 	s.mu.Unlock()
 	deadline := time.NewTimer(2 * time.Minute)
 	defer deadline.Stop()
+	var cut <-chan time.Time
+	if early > 0 {
+		cut = time.After(early)
+	}
 	for {
 		b, _ := os.ReadFile(s.log)
 		if int64(len(b)) > from && bytes.Contains(b[from:], []byte(readyLine)) {
@@ -72,10 +82,15 @@ func (s *server) start(ctx context.Context) error {
 		case <-ctx.Done():
 			s.kill()
 			return ctx.Err()
+		case <-cut:
+			s.kill()
+			return errKilledEarly
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
 }
+
+var errKilledEarly = errors.New("killed during start-up")
 
 // kill sends SIGKILL to the server alone (its QEMUs live on, as after a
 // crash) and waits until it is gone.

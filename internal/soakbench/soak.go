@@ -169,7 +169,21 @@ func Run(ctx context.Context, o Options) (_ *Result, err error) {
 			srv.kill()
 			res.Kills++
 			fmt.Fprintf(o.Progress, "soak: kill %d after %s\n", res.Kills, d.Round(time.Millisecond))
-			if err := srv.start(ctx); err != nil {
+			// One restart in four is killed again within its first
+			// second, while it recovers what the last kill left.
+			rngMu.Lock()
+			early := time.Duration(0)
+			if rng.IntN(4) == 0 {
+				early = time.Duration(1+rng.IntN(1000)) * time.Millisecond
+			}
+			rngMu.Unlock()
+			err := srv.startFor(ctx, early)
+			if err == errKilledEarly {
+				res.Kills++
+				fmt.Fprintf(o.Progress, "soak: kill %d during start-up after %s\n", res.Kills, early)
+				err = srv.start(ctx)
+			}
+			if err != nil {
 				killerDone <- err
 				return
 			}
