@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"sync"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/awscli"
@@ -24,8 +25,15 @@ func stable(s string) bool { return s == running || s == suspended || s == termi
 // client calls the API of a server that may be down at any moment: a
 // request that got no answer is sent again until one comes.
 type client struct {
-	c     *awscli.Client
-	image string // the image the cycles run
+	c       *awscli.Client
+	image   string   // the image the cycles run
+	reasons sync.Map // microVM id → its last stateReason, for errors
+}
+
+func (c *client) reason(id string) string {
+	r, _ := c.reasons.Load(id)
+	s, _ := r.(string)
+	return s
 }
 
 func (c *client) call(ctx context.Context, op string, in map[string]any) (map[string]any, error) {
@@ -122,6 +130,9 @@ func (c *client) waitFor(ctx context.Context, id, want string, settle, timeout t
 			return "", err // ResourceNotFoundException: the record is lost
 		}
 		s, _ := out["state"].(string)
+		if r, _ := out["stateReason"].(string); r != "" {
+			c.reasons.Store(id, r)
+		}
 		if s != last {
 			last, since = s, time.Now()
 		}
@@ -158,14 +169,14 @@ func (c *client) cycle(ctx context.Context, token string, timeout time.Duration)
 		return id, fmt.Errorf("after RunMicrovm: %w", err)
 	}
 	if s != running {
-		return id, fmt.Errorf("after RunMicrovm: %s, want RUNNING", s)
+		return id, fmt.Errorf("after RunMicrovm: %s (%q), want RUNNING", s, c.reason(id))
 	}
 	for _, step := range []struct{ op, want string }{
 		{"SuspendMicrovm", suspended}, {"ResumeMicrovm", running}, {"TerminateMicrovm", terminated},
 	} {
 		for attempt := 0; s != step.want; attempt++ {
 			if s == terminated || attempt == 4 {
-				return id, fmt.Errorf("%s: %s, want %s", step.op, s, step.want)
+				return id, fmt.Errorf("%s: %s (%q), want %s", step.op, s, c.reason(id), step.want)
 			}
 			_, err := c.call(ctx, step.op, map[string]any{"microvmIdentifier": id})
 			if err != nil && !isType(err, "ConflictException") {

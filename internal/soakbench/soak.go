@@ -228,6 +228,17 @@ func Run(ctx context.Context, o Options) (_ *Result, err error) {
 	if err := <-killerDone; err != nil {
 		return nil, fmt.Errorf("restarting the server: %w", err)
 	}
+	// One last cycle with no kill: what a kill-free terminate leaves is
+	// not cleaned up by a restart after it.
+	if id, err := c.cycle(ctx, fmt.Sprintf("soak-%d-calm", o.Seed), o.StepTimeout); err != nil {
+		res.CycleErrors = append(res.CycleErrors, fmt.Sprintf("calm cycle (%s): %v", id, err))
+		if id != "" {
+			ids = append(ids, id)
+		}
+	} else {
+		ids = append(ids, id)
+		fmt.Fprintf(o.Progress, "soak: calm cycle %s done\n", id)
+	}
 	res.MicrovmsCreated = len(ids)
 
 	// Settle: every record reaches a stable state, then whatever a failed
