@@ -31,8 +31,8 @@ import (
 type rule struct {
 	path      string
 	required  bool
-	minLen    int   // strings: characters; lists: items; maps: entries (0: none)
-	maxLen    int   // 0: none
+	minLen    int // strings: characters; lists: items; maps: entries (0: none)
+	maxLen    int // 0: none
 	pattern   string
 	min, max  *int64 // numbers
 	enum      []string
@@ -86,9 +86,9 @@ func imageConfigRules(nameRequired bool) []rule {
 		{path: "logging.cloudWatch.logStream", minLen: 1, maxLen: 512},
 		{path: "egressNetworkConnectors", maxLen: 10},
 		arnRule("egressNetworkConnectors[]", false),
-		{path: "cpuConfigurations", maxLen: 1},
+		{path: "cpuConfigurations"},
 		{path: "cpuConfigurations[].architecture", required: true, enum: []string{"ARM_64", "X86_64"}},
-		{path: "resources", maxLen: 1},
+		{path: "resources"},
 		{path: "resources[].minimumMemoryInMiB", required: true, enum: memoryEnum()},
 		{path: "additionalOsCapabilities[]", enum: []string{"ALL"}},
 		{path: "hooks.port", min: i64(1), max: i64(65535)},
@@ -135,12 +135,12 @@ var rules = map[string][]rule{
 	"CreateMicrovmImage": imageConfigRules(true),
 	"CreateMicrovmShellAuthToken": {arnRule("microvmIdentifier", true),
 		{path: "expirationInMinutes", required: true, min: i64(1), max: i64(60)}},
-	"DeleteMicrovmImage":        {arnRule("imageIdentifier", true)},
-	"DeleteMicrovmImageVersion": {arnRule("imageIdentifier", true), arnRule("imageVersion", true)},
-	"GetMicrovm":                {arnRule("microvmIdentifier", true)},
-	"GetMicrovmImage":           {arnRule("imageIdentifier", true)},
-	"GetMicrovmImageBuild":      {arnRule("imageIdentifier", true), arnRule("imageVersion", true), arnRule("buildId", true)},
-	"GetMicrovmImageVersion":    {arnRule("imageIdentifier", true), arnRule("imageVersion", true)},
+	"DeleteMicrovmImage":              {arnRule("imageIdentifier", true)},
+	"DeleteMicrovmImageVersion":       {arnRule("imageIdentifier", true), arnRule("imageVersion", true)},
+	"GetMicrovm":                      {arnRule("microvmIdentifier", true)},
+	"GetMicrovmImage":                 {arnRule("imageIdentifier", true)},
+	"GetMicrovmImageBuild":            {arnRule("imageIdentifier", true), arnRule("imageVersion", true), arnRule("buildId", true)},
+	"GetMicrovmImageVersion":          {arnRule("imageIdentifier", true), arnRule("imageVersion", true)},
 	"ListManagedMicrovmImageVersions": {arnRule("imageIdentifier", true), maxResultsRule, nextTokenRule},
 	"ListManagedMicrovmImages":        {maxResultsRule, nextTokenRule},
 	"ListMicrovmImageBuilds": {arnRule("imageIdentifier", true), arnRule("imageVersion", true), maxResultsRule, nextTokenRule,
