@@ -90,6 +90,7 @@ func imageConfigRules(nameRequired bool) []rule {
 		{path: "cpuConfigurations[].architecture", required: true, enum: []string{"ARM_64", "X86_64"}},
 		{path: "resources"},
 		{path: "resources[].minimumMemoryInMiB", required: true, enum: memoryEnum()},
+		{path: "additionalOsCapabilities"},
 		{path: "additionalOsCapabilities[]", enum: []string{"ALL"}},
 		{path: "hooks.port", min: i64(1), max: i64(65535)},
 		{path: "hooks.microvmHooks.run", enum: hookStateEnum},
