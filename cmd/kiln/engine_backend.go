@@ -21,6 +21,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/image/base"
 	"github.com/kiln-sandbox/kiln/internal/image/source"
 	"github.com/kiln-sandbox/kiln/internal/imagebuild"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
@@ -35,6 +36,12 @@ import (
 // --endpoint-addr with kiln's own CA (DATA_DIR/ca.pem) and signed tokens.
 func init() {
 	RegisterBackend("engine", newEngineBackend)
+	cachePruners = func(dataDir string) (func(time.Duration) (int, error), func(time.Duration) (int, error)) {
+		return func(maxAge time.Duration) (int, error) { return image.PruneCache(dataDir, maxAge) },
+			func(maxAge time.Duration) (int, error) {
+				return imagebuild.PruneTemplateCache(filepath.Join(dataDir, "template-cache"), maxAge)
+			}
+	}
 	// Persistent like --accel: `kiln server`'s own flags live in server.go.
 	rootCmd.PersistentFlags().StringVar(&endpointCert, "endpoint-cert", "", "kiln server: PEM certificate chain for the microVM endpoints (default: kiln's own CA, exported to DATA_DIR/ca.pem)")
 	rootCmd.PersistentFlags().StringVar(&endpointKey, "endpoint-key", "", "kiln server: PEM private key of --endpoint-cert")
@@ -82,7 +89,9 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		return nil, nil, err
 	}
 	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep,
-		Builder: newImageBuilder(ctx, o, drv, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log})
+		Builder: newImageBuilder(ctx, o, drv, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log,
+		MemoryOvercommit: o.MemoryOvercommit, MaxConcurrentBuilds: o.MaxConcurrentBuilds,
+		BuildTimeout: o.BuildTimeout, BuildLogMaxBytes: o.BuildLogMaxBytes})
 	if err != nil {
 		drv.Close()
 		return nil, nil, err
@@ -104,6 +113,10 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		}
 	}()
 	go eng.Run(ctx)
+	if o.Health != nil {
+		o.Health.Set("vm engine", eng.Ready)
+		o.Health.Set("endpoint proxy", metrics.DialCheck(ln.Addr().String()))
+	}
 	go func() {
 		<-ctx.Done()
 		eng.Close()
@@ -144,6 +157,24 @@ func newImageBuilder(ctx context.Context, o ServerOptions, drv *qemu.Driver, log
 }
 
 type imageBuilder struct{ b *imagebuild.Builder }
+
+var _ engine.BuildSizer = (*imageBuilder)(nil)
+
+// BuildMemoryMiB implements engine.BuildSizer: a build runs its RUN steps'
+// build VMs, then the image VM, one at a time.
+func (ib *imageBuilder) BuildMemoryMiB(v store.ImageVersion) int64 {
+	mem := imagebuild.DefaultMemoryMiB
+	if rs := v.Config.Resources; len(rs) > 0 {
+		if m, err := imagebuild.MemoryFor(rs[0].MinimumMemoryInMiB); err == nil {
+			mem = m
+		}
+	}
+	run := imagebuild.DefaultRunMemoryMiB
+	if r, ok := ib.b.Images.Runner.(*imagebuild.Runner); ok && r.MemoryMiB > 0 {
+		run = r.MemoryMiB
+	}
+	return int64(max(mem, run))
+}
 
 func (ib *imageBuilder) Build(ctx context.Context, req engine.BuildRequest) (engine.BuildResult, error) {
 	cfg := req.Version.Config
