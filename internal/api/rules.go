@@ -82,8 +82,8 @@ func imageConfigRules(nameRequired bool) []rule {
 		arnRule("codeArtifact.uri", false),
 		arnRule("baseImageVersion", false),
 		{path: "description", maxLen: 256},
-		{path: "logging.cloudWatch.logGroup", minLen: 1, maxLen: 512},
-		{path: "logging.cloudWatch.logStream", minLen: 1, maxLen: 512},
+		{path: "logging.cloudWatch.logGroup", minLen: 1, maxLen: 512, pattern: `[a-zA-Z0-9_\-/.#]+`},
+		{path: "logging.cloudWatch.logStream", minLen: 1, maxLen: 512, pattern: `[^:*]*`},
 		{path: "egressNetworkConnectors", maxLen: 10},
 		arnRule("egressNetworkConnectors[]", false),
 		{path: "cpuConfigurations"},
@@ -146,6 +146,9 @@ var rules = map[string][]rule{
 	"ListManagedMicrovmImages":        {maxResultsRule, nextTokenRule},
 	"ListMicrovmImageBuilds": {arnRule("imageIdentifier", true), arnRule("imageVersion", true), maxResultsRule, nextTokenRule,
 		{path: "architecture", enum: []string{"ARM_64", "X86_64"}},
+		// Bounds kiln sets where we found none in AWS's reference (also
+		// nameFilter, tag keys and values): generous, so that they refuse
+		// only abuse.
 		{path: "chipset", minLen: 1, maxLen: 64},
 		{path: "chipsetGeneration", minLen: 1, maxLen: 64}},
 	"ListMicrovmImageVersions": {arnRule("imageIdentifier", true), maxResultsRule, nextTokenRule},
@@ -164,8 +167,8 @@ var rules = map[string][]rule{
 		{path: "idlePolicy.maxIdleDurationSeconds", required: true, min: i64(60)},
 		{path: "idlePolicy.suspendedDurationSeconds", required: true, min: i64(0)},
 		{path: "idlePolicy.autoResumeEnabled", required: true},
-		{path: "logging.cloudWatch.logGroup", minLen: 1, maxLen: 512},
-		{path: "logging.cloudWatch.logStream", minLen: 1, maxLen: 512},
+		{path: "logging.cloudWatch.logGroup", minLen: 1, maxLen: 512, pattern: `[a-zA-Z0-9_\-/.#]+`},
+		{path: "logging.cloudWatch.logStream", minLen: 1, maxLen: 512, pattern: `[^:*]*`},
 		{path: "runHookPayload", maxLen: MaxRunHookPayload, sensitive: true},
 		{path: "maximumDurationInSeconds", min: i64(1), max: i64(MaxDurationSeconds)},
 		{path: "clientToken", minLen: 1, maxLen: 128},

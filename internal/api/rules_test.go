@@ -225,11 +225,17 @@ func casesFor(r api.RuleView, loc, typ string) []invalidCase {
 		add("too few", []any{})
 	}
 	if r.Pattern != "" {
-		bad := "has space"
-		if loc == "path" {
-			bad = "has%20space"
+		re := regexp.MustCompile("^(?:" + r.Pattern + ")$")
+		for _, bad := range []string{"has space", "a:*b"} {
+			if re.MatchString(bad) {
+				continue
+			}
+			if loc == "path" {
+				bad = url.PathEscape(bad)
+			}
+			add("pattern", bad)
+			break
 		}
-		add("pattern", bad)
 	}
 	if r.Min != nil {
 		add("below", *r.Min-1)
