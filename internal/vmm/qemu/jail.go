@@ -197,7 +197,7 @@ func (v *vm) fileSizeLimit() uint64 {
 	return uint64(2*disk + int64(v.meta.MemoryMiB)<<20 + 1<<30)
 }
 
-// jailedPIDs maps the jail roots of this driver's VMs (device, inode) so
+// jailRoots maps the jail roots of this driver's VMs (device, inode) so
 // a QEMU whose command line names no host path can still be told ours.
 func (d *Driver) jailRoots() map[[2]uint64]bool {
 	out := map[[2]uint64]bool{}
