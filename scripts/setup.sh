@@ -121,6 +121,20 @@ if ! command -v chromium >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 
+# The s3:// code artifact tests run a real S3-compatible server, versitygw
+# (Apache-2.0, a Go module), with its posix backend in a temporary folder.
+VERSITYGW_VERSION=v1.8.0
+versitygw_ok() {
+  command -v versitygw >/dev/null && versitygw --version 2>/dev/null | grep -q "${VERSITYGW_VERSION#v}"
+}
+if ! versitygw_ok; then
+  GO="$(command -v go || echo /usr/local/go/bin/go)"
+  [ -x "$GO" ] || { echo "setup.sh: go is needed to install versitygw (the S3 server of the tests)" >&2; exit 1; }
+  log "installing versitygw $VERSITYGW_VERSION into /usr/local/bin"
+  GOBIN=/usr/local/bin GOFLAGS=-mod=mod "$GO" install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
+  versitygw_ok || { echo "setup.sh: versitygw $VERSITYGW_VERSION not available after install" >&2; exit 1; }
+fi
+
 # DATA_DIR holds kiln.db, the sealing key and the access keys: only root
 # may enter it (kiln enforces the same modes at every start).
 install -d -m 0700 "$DATA_DIR"

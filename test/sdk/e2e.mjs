@@ -3,6 +3,9 @@
 // from us but the environment the AWS docs describe: AWS_ENDPOINT_URL,
 // AWS_SHARED_CREDENTIALS_FILE and AWS_REGION. The test's own inputs:
 //   KILN_CODE_URI, KILN_CODE_URI_2  code packages (zips) of version 1 and 2
+//                                   (version 1 is an s3:// URI on a real
+//                                   S3-compatible store)
+//   KILN_HOST_CODE_URI              a file:// package on the host
 //   KILN_CA                         the endpoint CA (DATA_DIR/ca.pem)
 //   KILN_TENANT_KEY_ID, KILN_TENANT_SECRET  a key of a second account
 // Run by sdk_test.go, which starts the server; exits non-zero on failure.
@@ -11,7 +14,7 @@ import assert from "node:assert/strict";
 import https from "node:https";
 import { readFileSync } from "node:fs";
 
-for (const v of ["KILN_CODE_URI", "KILN_CODE_URI_2", "KILN_CA", "KILN_TENANT_KEY_ID", "KILN_TENANT_SECRET"]) {
+for (const v of ["KILN_CODE_URI", "KILN_CODE_URI_2", "KILN_HOST_CODE_URI", "KILN_CA", "KILN_TENANT_KEY_ID", "KILN_TENANT_SECRET"]) {
   if (!process.env[v]) throw new Error(`${v} is not set`);
 }
 const ca = readFileSync(process.env.KILN_CA);
@@ -216,7 +219,7 @@ await expectError("ResourceNotFoundException", 404, () => tsend(new sdk.CreateMi
 await expectError("ResourceNotFoundException", 404, () => tsend(new sdk.TerminateMicrovmCommand({ microvmIdentifier: id })));
 await expectError("ResourceNotFoundException", 404, () => tsend(new sdk.ListTagsCommand({ Resource: arn })));
 await expectError("ValidationException", 400, () => tsend(new sdk.CreateMicrovmImageCommand({ name: `${name}-t`, baseImageArn, buildRoleArn: role,
-  codeArtifact: { uri: process.env.KILN_CODE_URI } })), "uploaded");
+  codeArtifact: { uri: process.env.KILN_HOST_CODE_URI } })), "uploaded");
 ok((await get()).state === "RUNNING", "the tenant changed nothing");
 
 // The second microVM must have come up too (it shares the template).

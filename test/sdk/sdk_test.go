@@ -81,6 +81,13 @@ func TestJavaScriptSDK(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// Version 1 comes from a real S3-compatible store, as on AWS: kiln
+	// server reads it with --s3-endpoint and the standard AWS chain.
+	s3srv := startS3(ctx, t, work)
+	s3URI, err := s3srv.put(ctx, "kiln-code", "apps/app-v1.zip", code1)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := <-npmErr; err != nil {
 		t.Fatal(err)
 	}
@@ -89,7 +96,7 @@ func TestJavaScriptSDK(t *testing.T) {
 	}
 	t.Logf("set-up (npm ci, builds) took %v", time.Since(start).Round(100*time.Millisecond))
 
-	srv := startServer(ctx, t, kiln, data, freePort(t), freePort(t))
+	srv := startServer(ctx, t, kiln, data, freePort(t), freePort(t), s3srv.Env(), "--s3-endpoint", s3srv.Endpoint)
 	defer srv.stop(t)
 
 	// A second account, for the isolation checks.
@@ -113,7 +120,8 @@ func TestJavaScriptSDK(t *testing.T) {
 		"AWS_PROFILE=default",
 		"AWS_ACCESS_KEY_ID=", "AWS_SECRET_ACCESS_KEY=", "AWS_SESSION_TOKEN=",
 		"AWS_EC2_METADATA_DISABLED=true",
-		"KILN_CODE_URI="+fileURI(code1),
+		"KILN_CODE_URI="+s3URI,
+		"KILN_HOST_CODE_URI="+fileURI(code1),
 		"KILN_CODE_URI_2="+fileURI(code2),
 		"KILN_CA="+filepath.Join(data, "ca.pem"),
 		"KILN_TENANT_KEY_ID="+tenant.AccessKeyID,
@@ -260,7 +268,7 @@ type server struct {
 // startServer runs kiln server on data and waits until its API serves.
 // Its output goes to a file (not a pipe: nothing it starts may hold our
 // end open) and into the test log at the end.
-func startServer(ctx context.Context, t *testing.T, kiln, data, apiPort, endpointPort string) *server {
+func startServer(ctx context.Context, t *testing.T, kiln, data, apiPort, endpointPort string, env []string, args ...string) *server {
 	t.Helper()
 	s := &server{data: data, log: filepath.Join(filepath.Dir(data), "server.log"), exited: make(chan struct{}),
 		endpointAddr: "127.0.0.1:" + endpointPort}
@@ -269,7 +277,8 @@ func startServer(ctx context.Context, t *testing.T, kiln, data, apiPort, endpoin
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	s.cmd = exec.Command(kiln, "--data-dir", data, "server", "--api-addr", "127.0.0.1:"+apiPort, "--endpoint-addr", s.endpointAddr)
+	s.cmd = exec.Command(kiln, append([]string{"--data-dir", data, "server", "--api-addr", "127.0.0.1:" + apiPort, "--endpoint-addr", s.endpointAddr}, args...)...)
+	s.cmd.Env = append(os.Environ(), env...)
 	s.cmd.Stdout, s.cmd.Stderr = logf, logf
 	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
