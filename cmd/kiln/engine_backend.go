@@ -14,6 +14,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/aws/aws-sdk-go-v2/aws"
+
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/applog"
 	"github.com/kiln-sandbox/kiln/internal/engine"
@@ -21,6 +23,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/image/base"
 	"github.com/kiln-sandbox/kiln/internal/image/source"
 	"github.com/kiln-sandbox/kiln/internal/imagebuild"
+	"github.com/kiln-sandbox/kiln/internal/imds"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
@@ -86,7 +89,19 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		drv.Close()
 		return nil, nil, err
 	}
-	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep,
+	var roles map[string]aws.CredentialsProvider
+	if o.RolesFile != "" {
+		r, err := imds.LoadRoles(o.RolesFile)
+		if err == nil {
+			roles, err = r.Providers(ctx)
+		}
+		if err != nil {
+			drv.Close()
+			return nil, nil, fmt.Errorf("--roles-file: %w", err)
+		}
+		log.Info("execution roles loaded", "file", o.RolesFile, "roles", len(roles))
+	}
+	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep, Roles: roles,
 		Builder: newImageBuilder(ctx, o, drv, s3cfg, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log})
 	if err != nil {
 		drv.Close()

@@ -76,6 +76,9 @@ type ServerOptions struct {
 	// whose run and image name no egress connector: "none" (kiln's
 	// default) or "internet" (AWS's).
 	DefaultEgress string
+	// RolesFile (--roles-file) maps execution role ARNs to credential
+	// sources (internal/imds); "" = no VM gets credentials.
+	RolesFile string
 }
 
 // DefaultInternetEgress reports whether --default-egress is internet.
@@ -161,6 +164,7 @@ the database: without it the stored keys cannot be used).`,
 	f.StringVar(&o.APIKey, "api-key", "", "PEM private key of --api-cert")
 	f.IntVar(&o.MaxConnsPerClient, "max-conns-per-client", 256, "concurrent API connections per client address; more are answered 429 and closed (0: no cap)")
 	addLogFlags(f, &o)
+	f.StringVar(&o.RolesFile, "roles-file", "", "JSON file mapping executionRoleArn values to credential sources (a profile of the host's AWS configuration, or an STS AssumeRole), served to each microVM through its metadata service at 169.254.169.254 (IMDSv2); empty: no microVM gets credentials")
 	f.StringVar(&o.DefaultEgress, "default-egress", "none", "egress of microVMs and image builds that name no egress connector: none (kiln's default: no network out) or internet (AWS's default: INTERNET_EGRESS, still behind the deny list)")
 	f.StringVar(&o.S3Endpoint, "s3-endpoint", "", "S3-compatible endpoint (e.g. http://127.0.0.1:7070) that s3:// code artifacts are read from, with credentials from the standard AWS chain (AWS_ACCESS_KEY_ID..., AWS_PROFILE); empty: AWS's own S3")
 	f.StringVar(&o.S3Region, "s3-region", "", "region of --s3-endpoint (default: AWS_REGION or the profile's, then --region)")

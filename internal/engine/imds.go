@@ -1,0 +1,39 @@
+//go:build linux
+
+package engine
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/kiln-sandbox/kiln/internal/imds"
+)
+
+// startIMDS serves the VM's metadata service in its namespace. The VM
+// gets its role's credentials only if the operator's roles file has the
+// role and the role is of the VM's own account (a tenant cannot pass
+// another account's role, as IAM's PassRole forbids on AWS); otherwise
+// the credential paths answer 404, as for a VM without a role.
+func (e *Engine) startIMDS(ctx context.Context, v *vmState) (*imds.Server, error) {
+	cfg := imds.Config{Log: e.log.With("microvm", v.id)}
+	if v.role != "" {
+		creds, ok := e.cfg.Roles[v.role]
+		switch {
+		case !ok:
+			e.log.Warn("execution role is not in the roles file: the microvm gets no credentials", "microvm", v.id, "role", v.role)
+		case imds.AccountOf(v.role) != v.account:
+			e.log.Warn("execution role of another account: the microvm gets no credentials", "microvm", v.id, "role", v.role, "account", v.account)
+		default:
+			cfg.RoleARN, cfg.Credentials = v.role, creds
+		}
+	}
+	h, err := imds.New(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("metadata service: %w", err)
+	}
+	srv, err := imds.Serve(ctx, v.net.NSPath, h)
+	if err != nil {
+		return nil, err
+	}
+	return srv, nil
+}
