@@ -14,8 +14,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
-
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/applog"
 	"github.com/kiln-sandbox/kiln/internal/engine"
@@ -89,17 +87,13 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		drv.Close()
 		return nil, nil, err
 	}
-	var roles map[string]aws.CredentialsProvider
+	var roles *imds.RolesFile
 	if o.RolesFile != "" {
-		r, err := imds.LoadRoles(o.RolesFile)
-		if err == nil {
-			roles, err = r.Providers(ctx)
-		}
-		if err != nil {
+		if roles, err = imds.OpenRolesFile(ctx, o.RolesFile); err != nil {
 			drv.Close()
 			return nil, nil, fmt.Errorf("--roles-file: %w", err)
 		}
-		log.Info("execution roles loaded", "file", o.RolesFile, "roles", len(roles))
+		log.Info("execution roles loaded (the file is re-read when it changes)", "file", o.RolesFile, "roles", roles.Len())
 	}
 	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep, Roles: roles,
 		Builder: newImageBuilder(ctx, o, drv, s3cfg, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log})

@@ -15,8 +15,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/aws/aws-sdk-go-v2/aws"
-
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/applog"
 	"github.com/kiln-sandbox/kiln/internal/dnsfwd"
@@ -96,10 +94,11 @@ type Config struct {
 	NetPool      netip.Prefix
 	ExtraDeny    []netip.Prefix
 	DNSUpstreams []string
-	// Roles are the execution roles' credentials (internal/imds, from the
+	// Roles are the execution roles' credentials (internal/imds, the
 	// operator's roles file), served to a VM that names the role in
-	// executionRoleArn through its own metadata service.
-	Roles map[string]aws.CredentialsProvider
+	// executionRoleArn through its own metadata service. nil: no VM gets
+	// credentials.
+	Roles *imds.RolesFile
 	// IdleInterval is how often the idle controller looks (default 1s).
 	IdleInterval time.Duration
 	// StartTimeout bounds a clone plus its run hook (default 2 min).

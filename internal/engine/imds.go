@@ -6,6 +6,8 @@ import (
 	"context"
 	"fmt"
 
+	"github.com/aws/aws-sdk-go-v2/aws"
+
 	"github.com/kiln-sandbox/kiln/internal/imds"
 )
 
@@ -17,7 +19,14 @@ import (
 func (e *Engine) startIMDS(ctx context.Context, v *vmState) (*imds.Server, error) {
 	cfg := imds.Config{Log: e.log.With("microvm", v.id)}
 	if v.role != "" {
-		creds, ok := e.cfg.Roles[v.role]
+		var creds aws.CredentialsProvider
+		ok := false
+		if e.cfg.Roles != nil {
+			var err error
+			if creds, ok, err = e.cfg.Roles.Lookup(ctx, v.role); err != nil {
+				e.log.Warn("re-reading the roles file (the last good one answers)", "err", err)
+			}
+		}
 		switch {
 		case !ok:
 			e.log.Warn("execution role is not in the roles file: the microvm gets no credentials", "microvm", v.id, "role", v.role)

@@ -78,3 +78,36 @@ func FuzzParseRoles(f *testing.F) {
 		}
 	})
 }
+
+// TestRolesFileReload: a role added to the file while kiln runs is served
+// to the next VM; a broken edit keeps the last good roles.
+func TestRolesFileReload(t *testing.T) {
+	dir := t.TempDir()
+	credsFile := filepath.Join(dir, "credentials")
+	os.WriteFile(credsFile, []byte("[vm-role]\naws_access_key_id = AKIDROLE\naws_secret_access_key = rolesecret\n"), 0o600)
+	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", credsFile)
+	t.Setenv("AWS_CONFIG_FILE", filepath.Join(dir, "none"))
+	path := filepath.Join(dir, "roles.json")
+	os.WriteFile(path, []byte(`{"roles":{}}`), 0o600)
+	ctx := context.Background()
+	f, err := OpenRolesFile(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const arn = "arn:aws:iam::123456789012:role/app"
+	if _, ok, _ := f.Lookup(ctx, arn); ok {
+		t.Fatal("role known before it was added")
+	}
+	os.WriteFile(path, []byte(`{"roles":{"`+arn+`":{"profile":"vm-role"}}}`), 0o600)
+	p, ok, err := f.Lookup(ctx, arn)
+	if !ok || err != nil {
+		t.Fatalf("added role: ok=%v err=%v", ok, err)
+	}
+	if c, err := p.Retrieve(ctx); err != nil || c.AccessKeyID != "AKIDROLE" {
+		t.Fatalf("credentials %v, %v", c.AccessKeyID, err)
+	}
+	os.WriteFile(path, []byte(`{"roles":`), 0o600)
+	if _, ok, err := f.Lookup(ctx, arn); !ok || err == nil {
+		t.Fatalf("broken edit: ok=%v err=%v, want the last good roles and an error", ok, err)
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -123,4 +124,31 @@ func (s *s3Server) put(ctx context.Context, bucket, key, path string) (string, e
 		return "", fmt.Errorf("uploading s3://%s/%s: %w", bucket, key, err)
 	}
 	return "s3://" + bucket + "/" + key, nil
+}
+
+// checkCredentials reads the credentials JSON a guest got from its
+// metadata service and reads bucket/key with them; the same keys with a
+// wrong secret must be refused, so the acceptance means something.
+func (s *s3Server) checkCredentials(ctx context.Context, t *testing.T, path, bucket, key string) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("the guest's credentials: %v", err)
+	}
+	var c struct{ AccessKeyId, SecretAccessKey, Token string }
+	if err := json.Unmarshal(b, &c); err != nil || c.AccessKeyId == "" {
+		t.Fatalf("the guest's credentials %s: %v", b, err)
+	}
+	head := func(secret string) error {
+		cfg := source.S3Config{Endpoint: s.Endpoint, AccessKeyID: c.AccessKeyId, SecretAccessKey: secret, SessionToken: c.Token}
+		_, err := source.NewS3Client(cfg).HeadObject(ctx, &s3.HeadObjectInput{Bucket: aws.String(bucket), Key: aws.String(key)})
+		return err
+	}
+	if err := head(c.SecretAccessKey); err != nil {
+		t.Errorf("S3 refused a request signed with the guest's role credentials: %v", err)
+	}
+	if err := head(c.SecretAccessKey + "x"); err == nil {
+		t.Errorf("S3 accepted a wrong secret: the check above proves nothing")
+	}
+	t.Logf("a request signed with the credentials from the guest's metadata service was accepted by the S3 store")
 }

@@ -96,8 +96,26 @@ func TestJavaScriptSDK(t *testing.T) {
 	}
 	t.Logf("set-up (npm ci, builds) took %v", time.Since(start).Round(100*time.Millisecond))
 
-	srv := startServer(ctx, t, kiln, data, freePort(t), freePort(t), s3srv.Env(), "--s3-endpoint", s3srv.Endpoint)
+	// Execution roles: the roles file maps a role of the admin account to
+	// a profile of the server's AWS configuration holding the S3 store's
+	// keys. The account exists once the server started; the server
+	// re-reads the file when it changes.
+	rolesFile, roleCreds := filepath.Join(work, "roles.json"), filepath.Join(work, "role-credentials")
+	if err := os.WriteFile(rolesFile, []byte(`{"roles":{}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(roleCreds, []byte("[kiln-vm-role]\naws_access_key_id = "+s3srv.AccessKey+"\naws_secret_access_key = "+s3srv.SecretKey+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	srv := startServer(ctx, t, kiln, data, freePort(t), freePort(t),
+		append(s3srv.Env(), "AWS_SHARED_CREDENTIALS_FILE="+roleCreds, "AWS_CONFIG_FILE="+filepath.Join(work, "no-config")),
+		"--s3-endpoint", s3srv.Endpoint, "--roles-file", rolesFile)
 	defer srv.stop(t)
+	roleARN := "arn:aws:iam::" + srv.adminAccount(t) + ":role/kiln-vm-role"
+	if err := os.WriteFile(rolesFile, []byte(`{"roles":{"`+roleARN+`":{"profile":"kiln-vm-role"}}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	imdsOut := filepath.Join(work, "imds-credentials.json")
 
 	// A second account, for the isolation checks.
 	keyOut, err := exec.CommandContext(ctx, kiln, "--data-dir", data, "keys", "create", "--description", "sdk test tenant").Output()
@@ -122,6 +140,8 @@ func TestJavaScriptSDK(t *testing.T) {
 		"AWS_EC2_METADATA_DISABLED=true",
 		"KILN_CODE_URI="+s3URI,
 		"KILN_HOST_CODE_URI="+fileURI(code1),
+		"KILN_ROLE_ARN="+roleARN,
+		"KILN_IMDS_OUT="+imdsOut,
 		"KILN_CODE_URI_2="+fileURI(code2),
 		"KILN_CA="+filepath.Join(data, "ca.pem"),
 		"KILN_TENANT_KEY_ID="+tenant.AccessKeyID,
@@ -132,7 +152,23 @@ func TestJavaScriptSDK(t *testing.T) {
 	t.Logf("e2e.mjs (%v):\n%s", time.Since(scriptStart).Round(100*time.Millisecond), out)
 	if err != nil {
 		t.Errorf("e2e.mjs failed: %v", err)
+		return
 	}
+	// The credentials the guest got from its metadata service sign a
+	// request that the S3 store accepts (and a wrong secret is refused).
+	s3srv.checkCredentials(ctx, t, imdsOut, "kiln-code", "apps/app-v1.zip")
+}
+
+// adminAccount is the account of the admin key the server created on
+// first start (from its log).
+func (s *server) adminAccount(t *testing.T) string {
+	t.Helper()
+	b, _ := os.ReadFile(s.log)
+	m := regexp.MustCompile(`created admin access key .*account=(\d{12})`).FindSubmatch(b)
+	if m == nil {
+		t.Fatalf("no admin account in the server log:\n%s", b)
+	}
+	return string(m[1])
 }
 
 // requirements returns node, npm and the guest kernel's directory, or
