@@ -22,6 +22,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/image/source"
 	"github.com/kiln-sandbox/kiln/internal/imagebuild"
 	"github.com/kiln-sandbox/kiln/internal/imds"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
@@ -36,6 +37,12 @@ import (
 // --endpoint-addr with kiln's own CA (DATA_DIR/ca.pem) and signed tokens.
 func init() {
 	RegisterBackend("engine", newEngineBackend)
+	cachePruners = func(dataDir string) (func(time.Duration) (int, error), func(time.Duration) (int, error)) {
+		return func(maxAge time.Duration) (int, error) { return image.PruneCache(dataDir, maxAge) },
+			func(maxAge time.Duration) (int, error) {
+				return imagebuild.PruneTemplateCache(filepath.Join(dataDir, "template-cache"), maxAge)
+			}
+	}
 	// Persistent like --accel: `kiln server`'s own flags live in server.go.
 	rootCmd.PersistentFlags().StringVar(&endpointCert, "endpoint-cert", "", "kiln server: PEM certificate chain for the microVM endpoints (default: kiln's own CA, exported to DATA_DIR/ca.pem)")
 	rootCmd.PersistentFlags().StringVar(&endpointKey, "endpoint-key", "", "kiln server: PEM private key of --endpoint-cert")
@@ -96,7 +103,9 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		log.Info("execution roles loaded (the file is re-read when it changes)", "file", o.RolesFile, "roles", roles.Len())
 	}
 	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep, Roles: roles,
-		Builder: newImageBuilder(ctx, o, drv, s3cfg, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log})
+		Builder: newImageBuilder(ctx, o, drv, s3cfg, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log,
+		MemoryOvercommit: o.MemoryOvercommit, MaxConcurrentBuilds: o.MaxConcurrentBuilds,
+		BuildTimeout: o.BuildTimeout, BuildLogMaxBytes: o.BuildLogMaxBytes})
 	if err != nil {
 		drv.Close()
 		return nil, nil, err
@@ -118,6 +127,10 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		}
 	}()
 	go eng.Run(ctx)
+	if o.Health != nil {
+		o.Health.Set("vm engine", eng.Ready)
+		o.Health.Set("endpoint proxy", metrics.DialCheck(ln.Addr().String()))
+	}
 	go func() {
 		<-ctx.Done()
 		eng.Close()
@@ -164,6 +177,24 @@ type imageBuilder struct {
 	// defaultEgress: a build whose image names no egress connector gets
 	// internet egress (--default-egress internet).
 	defaultEgress bool
+}
+
+var _ engine.BuildSizer = (*imageBuilder)(nil)
+
+// BuildMemoryMiB implements engine.BuildSizer: a build runs its RUN steps'
+// build VMs, then the image VM, one at a time.
+func (ib *imageBuilder) BuildMemoryMiB(v store.ImageVersion) int64 {
+	mem := imagebuild.DefaultMemoryMiB
+	if rs := v.Config.Resources; len(rs) > 0 {
+		if m, err := imagebuild.MemoryFor(rs[0].MinimumMemoryInMiB); err == nil {
+			mem = m
+		}
+	}
+	run := imagebuild.DefaultRunMemoryMiB
+	if r, ok := ib.b.Images.Runner.(*imagebuild.Runner); ok && r.MemoryMiB > 0 {
+		run = r.MemoryMiB
+	}
+	return int64(max(mem, run))
 }
 
 func (ib *imageBuilder) Build(ctx context.Context, req engine.BuildRequest) (engine.BuildResult, error) {

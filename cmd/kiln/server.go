@@ -28,7 +28,9 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/console"
 	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/gc"
 	"github.com/kiln-sandbox/kiln/internal/image/base"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -39,9 +41,18 @@ type ServerOptions struct {
 	EndpointAddr string
 	Domain       string
 	Region       string
-	// Quotas (0: none).
-	MaxMicrovmsPerAccount int
-	RequestsPerSecond     float64
+	// Quota is every account's limits unless `kiln quotas set` gave it
+	// others (--quota-*; negative: no limit).
+	Quota             store.Quota
+	RequestsPerSecond float64
+	// Host admission and builds (internal/engine): MemoryOvercommit is the
+	// guest memory the host may commit, as a ratio of its physical memory;
+	// MaxConcurrentBuilds builds run at once, others queue; BuildTimeout
+	// bounds a whole build; BuildLogMaxBytes caps each build's log.
+	MemoryOvercommit    float64
+	MaxConcurrentBuilds int
+	BuildTimeout        time.Duration
+	BuildLogMaxBytes    int64
 	// Network policy for tenants (internal/egress). DenyCIDRs
 	// (--deny-cidr) are denied to app VMs, build VMs and kiln's fetches
 	// for tenants on top of the built-in list; AllowFetchCIDRs
@@ -62,6 +73,21 @@ type ServerOptions struct {
 	MaxConnsPerClient int
 	// RequireKVM refuses to start unless VMs run under KVM.
 	RequireKVM bool
+	// MetricsAddr serves /metrics, /healthz and /readyz ("": off).
+	MetricsAddr string
+	// GCInterval is how often garbage collection runs (at start too; 0:
+	// never); TerminatedRetention how long TERMINATED microVM records and
+	// client tokens are kept; CacheMaxAge how long an unused build cache
+	// entry is kept.
+	GCInterval          time.Duration
+	TerminatedRetention time.Duration
+	CacheMaxAge         time.Duration
+	// Health collects readiness checks for /readyz; runServer makes it and
+	// the backend adds its own (the VM engine, the endpoint proxy).
+	Health *metrics.Health
+	// References orders image and artifact references the API records
+	// against garbage collection (internal/gc); runServer makes it.
+	References *gc.References
 	// LogMaxBytes caps each microVM's kept output; LogRetention is how
 	// long it stays after the VM ended (0: applog's defaults).
 	LogMaxBytes  int64
@@ -104,6 +130,10 @@ var backends = map[string]BackendFactory{
 		return fakebackend.New(rep, 200*time.Millisecond), nil, nil
 	},
 }
+
+// cachePruners returns the build caches' pruners (set on Linux, where the
+// image builder is).
+var cachePruners func(dataDir string) (image, template func(maxAge time.Duration) (int, error))
 
 // RegisterBackend makes a backend available to `kiln server --backend name`.
 func RegisterBackend(name string, f BackendFactory) { backends[name] = f }
@@ -153,7 +183,17 @@ the database: without it the stored keys cannot be used).`,
 	f.StringVar(&o.EndpointAddr, "endpoint-addr", "127.0.0.1:8443", "address of the microVM endpoint proxy (HTTPS)")
 	f.StringVar(&o.Domain, "domain", "microvm.localhost", "microVM endpoints are https://ID.DOMAIN")
 	f.StringVar(&o.Region, "region", "us-east-1", "region in ARNs")
-	f.IntVar(&o.MaxMicrovmsPerAccount, "max-microvms-per-account", 0, "quota of microVMs not terminated per account (0: none)")
+	f.Int64Var(&o.Quota.Microvms, "max-microvms-per-account", api.DefaultQuota.Microvms, "old name of --quota-microvms")
+	f.MarkDeprecated("max-microvms-per-account", "use --quota-microvms")
+	f.Int64Var(&o.Quota.Microvms, "quota-microvms", api.DefaultQuota.Microvms, "default quota: microVMs not terminated per account (negative: no limit; `kiln quotas set` changes one account's)")
+	f.Int64Var(&o.Quota.MemoryMiB, "quota-memory-mib", api.DefaultQuota.MemoryMiB, "default quota: guest memory MiB of an account's microVMs not terminated")
+	f.Int64Var(&o.Quota.VCPUs, "quota-vcpus", api.DefaultQuota.VCPUs, "default quota: vCPUs of an account's microVMs not terminated")
+	f.Int64Var(&o.Quota.Builds, "quota-builds", api.DefaultQuota.Builds, "default quota: an account's image builds pending or running at once")
+	f.Int64Var(&o.Quota.StorageBytes, "quota-storage-bytes", api.DefaultQuota.StorageBytes, "default quota: bytes of an account's build snapshots (memory and disk) and uploaded code packages")
+	f.Float64Var(&o.MemoryOvercommit, "memory-overcommit", 1.0, "guest memory the host may commit to running microVMs and builds, as a ratio of its physical memory; beyond it runs, resumes and builds are refused (0: no check)")
+	f.IntVar(&o.MaxConcurrentBuilds, "max-concurrent-builds", 2, "image builds running at once on this host; more wait in a queue")
+	f.DurationVar(&o.BuildTimeout, "build-timeout", 60*time.Minute, "longest a whole image build may take before it fails")
+	f.Int64Var(&o.BuildLogMaxBytes, "build-log-max-bytes", 10<<20, "bytes of a build's log kept; later output is dropped after a \"truncated\" line")
 	f.Float64Var(&o.RequestsPerSecond, "requests-per-second", 0, "API request rate per account before ThrottlingException (0: no limit)")
 	f.StringVar(&backend, "backend", "engine", "what runs the microVMs: engine, or fake (records only, for trying the API)")
 	f.StringArrayVar(&denyCIDRs, "deny-cidr", nil, "CIDR (or address) that app VMs, build VMs and kiln's fetches for tenants (ADD <url>, code URIs, registry pulls) may never reach, on top of the built-in deny list; repeatable")
@@ -170,6 +210,10 @@ the database: without it the stored keys cannot be used).`,
 	f.StringVar(&o.S3Region, "s3-region", "", "region of --s3-endpoint (default: AWS_REGION or the profile's, then --region)")
 	f.BoolVar(&o.S3PathStyle, "s3-path-style", true, "address buckets as ENDPOINT/BUCKET (most self-hosted stores); false: BUCKET.ENDPOINT")
 	f.BoolVar(&o.RequireKVM, "require-kvm", false, "refuse to start unless microVMs run under KVM (TCG is not a security boundary)")
+	f.StringVar(&o.MetricsAddr, "metrics-addr", "127.0.0.1:9091", "address of /metrics (Prometheus), /healthz and /readyz (empty: off)")
+	f.DurationVar(&o.GCInterval, "gc-interval", 10*time.Minute, "how often garbage collection runs (it also runs at start; 0: never)")
+	f.DurationVar(&o.TerminatedRetention, "terminated-retention", 24*time.Hour, "how long TERMINATED microVM records and idempotency tokens are kept")
+	f.DurationVar(&o.CacheMaxAge, "cache-max-age", 7*24*time.Hour, "how long an unused image-cache or template-cache entry is kept")
 	rootCmd.AddCommand(cmd)
 }
 
@@ -195,7 +239,42 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 		return err
 	}
 	defer st.Close()
+	o.Health = metrics.NewHealth()
+	o.References = &gc.References{}
+	metrics.SetStateCounter(func(ctx context.Context) (map[string]int, error) {
+		n, err := st.CountMicrovmsByState(ctx)
+		out := make(map[string]int, len(n))
+		for k, v := range n {
+			out[string(k)] = v
+		}
+		return out, err
+	})
+	o.Health.Set("store", func(ctx context.Context) error {
+		if _, err := st.GetSetting(ctx, store.SettingOperatorAccount); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
+			return fmt.Errorf("the state store does not answer: %w", err)
+		}
+		return nil
+	})
+	if o.MetricsAddr != "" {
+		mln, err := net.Listen("tcp", o.MetricsAddr)
+		if err != nil {
+			return fmt.Errorf("--metrics-addr %s: %w", o.MetricsAddr, err)
+		}
+		go func() {
+			if err := metrics.Serve(ctx, mln, o.Health); err != nil {
+				slog.Error("metrics endpoint stopped", "err", err)
+			}
+		}()
+		slog.Info("metrics and health serving", "addr", mln.Addr().String(), "paths", "/metrics /healthz /readyz")
+	}
 	if err := ensureAdminKey(ctx, st, filepath.Join(o.DataDir, "credentials")); err != nil {
+		return err
+	}
+	if o.Quota == (store.Quota{}) {
+		o.Quota = api.DefaultQuota
+	}
+	// `kiln quotas get` shows the limits this server applies.
+	if err := st.SetSetting(ctx, SettingQuotaDefaults, string(mustJSON(o.Quota))); err != nil {
 		return err
 	}
 	operator, err := operatorAccount(ctx, st, o.OperatorAccount)
@@ -237,9 +316,10 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 	}
 	_, port, _ := net.SplitHostPort(o.EndpointAddr)
 	srv := api.NewServer(api.Config{Region: o.Region, Domain: o.Domain, EndpointPort: port, Tokens: tokens,
-		MaxMicrovmsPerAccount: o.MaxMicrovmsPerAccount, RequestsPerSecond: o.RequestsPerSecond,
+		Quota: o.Quota, RequestsPerSecond: o.RequestsPerSecond,
 		ArtifactDir: filepath.Join(o.DataDir, "artifacts"), OperatorAccounts: operators,
-		ManagedSource: managedImages(o.DataDir), Accel: accel, DefaultInternetEgress: o.DefaultInternetEgress()}, st, be)
+		ManagedSource: managedImages(o.DataDir), Accel: accel, References: o.References,
+		DefaultInternetEgress: o.DefaultInternetEgress()}, st, be)
 	ln, err := net.Listen("tcp", o.APIAddr)
 	if err != nil {
 		return fmt.Errorf("listening on %s: %w", o.APIAddr, err)
@@ -252,6 +332,19 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 	if err := srv.Start(ctx); err != nil {
 		ln.Close()
 		return err
+	}
+	if o.GCInterval > 0 {
+		// After Start: recovery has claimed what it keeps before the first
+		// pass judges orphans.
+		cfg := gc.Config{Store: st, DataDir: o.DataDir, References: o.References,
+			TerminatedRetention: o.TerminatedRetention, CacheMaxAge: o.CacheMaxAge}
+		if e, ok := be.(gc.Engine); ok {
+			cfg.Engine = e
+		}
+		if cachePruners != nil {
+			cfg.PruneImageCache, cfg.PruneTemplateCache = cachePruners(o.DataDir)
+		}
+		go gc.New(cfg).Loop(ctx, o.GCInterval)
 	}
 	web := console.New(console.Config{API: srv, Store: st, Operators: operators, TLS: tlsConf != nil,
 		Domain: o.Domain, EndpointPort: port, HostMemoryMiB: hostMemoryMiB()})

@@ -742,7 +742,9 @@ func TestRecover(t *testing.T) {
 
 func TestQuotaAndThrottling(t *testing.T) {
 	t.Run("microvms per account", func(t *testing.T) {
-		e := newEnv(t, func(c *api.Config) { c.MaxMicrovmsPerAccount = 2 })
+		e := newEnv(t, func(c *api.Config) {
+			c.Quota = store.Quota{Microvms: 2, MemoryMiB: -1, VCPUs: -1, Builds: -1, StorageBytes: -1}
+		})
 		e.readyImage("app")
 		a := e.runningVM(map[string]any{"imageIdentifier": "app"})
 		e.runningVM(map[string]any{"imageIdentifier": "app"})

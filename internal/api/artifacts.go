@@ -74,6 +74,15 @@ func (s *Server) storeArtifact(w http.ResponseWriter, r *http.Request, key store
 		writeError(w, r, &Error{Status: 429, Type: "ThrottlingException", Message: "rate of requests exceeded for this account", RetryAfter: 1})
 		return
 	}
+	q, u, err := s.Quota(r.Context(), key.Account)
+	if err != nil {
+		writeError(w, r, internal(err.Error()))
+		return
+	}
+	if err := q.Check(key.Account, u, store.QuotaUse{StorageBytes: r.ContentLength}); err != nil {
+		writeError(w, r, quotaError(err))
+		return
+	}
 	// The server's read and write timeouts are sized for small requests;
 	// an authenticated upload gets a minute plus one second per MiB.
 	rc := http.NewResponseController(w)
@@ -114,7 +123,12 @@ func (s *Server) storeArtifact(w http.ResponseWriter, r *http.Request, key store
 		return
 	}
 	dst := filepath.Join(dir, hash+".zip")
-	if err := os.Rename(f.Name(), dst); err != nil {
+	// Placed under the reference hold: garbage collection never removes
+	// an artifact in the instant it is uploaded again.
+	release := s.holdReferences()
+	err = os.Rename(f.Name(), dst)
+	release()
+	if err != nil {
 		writeError(w, r, internal(fmt.Sprintf("storing upload: %v", err)))
 		return
 	}

@@ -64,6 +64,8 @@ func toAPIError(err error, kind, id string) *Error {
 	switch {
 	case errors.As(err, &ae):
 		return ae
+	case errors.Is(err, errdefs.ErrExhausted):
+		return quotaError(err)
 	case errors.Is(err, auth.ErrDenied):
 		return accessDenied(err.Error())
 	case errors.Is(err, errdefs.ErrNotFound):

@@ -306,7 +306,17 @@ func (s *Server) createImage(ctx context.Context, c *call) (any, error) {
 	if tok != nil {
 		tok.ResourceID = in.Name + ":1"
 	}
-	if err := s.st.CreateImage(ctx, img, v, builds, tok); err != nil {
+	adm, err := s.admission(c.account)
+	if err != nil {
+		return nil, err
+	}
+	release := s.holdReferences()
+	err = s.st.CreateImageWithinQuota(ctx, img, v, builds, tok, adm)
+	release()
+	if err != nil {
+		if errors.Is(err, errdefs.ErrExhausted) {
+			return nil, toAPIError(err, kindImage, arn)
+		}
 		if errors.Is(err, errdefs.ErrConflict) {
 			if tok != nil {
 				if t, e := s.st.GetClientToken(ctx, c.account, "CreateMicrovmImage", in.ClientToken); e == nil && t.InputHash == tok.InputHash {
@@ -433,7 +443,13 @@ func (s *Server) updateImage(ctx context.Context, c *call) (any, error) {
 	now := s.cfg.Now().UTC()
 	v := store.ImageVersion{Account: c.account, ImageName: img.Name, ImageARN: img.ARN, State: store.VersionPending,
 		Status: store.VersionActive, Config: in.ImageConfig, CreatedAt: now, UpdatedAt: now}
-	v, builds, err := s.st.CreateImageVersion(ctx, v, s.newBuilds(c, img.ARN, img.Name, in.ImageConfig), tok)
+	adm, err := s.admission(c.account)
+	if err != nil {
+		return nil, err
+	}
+	release := s.holdReferences()
+	v, builds, err := s.st.CreateImageVersionWithinQuota(ctx, v, s.newBuilds(c, img.ARN, img.Name, in.ImageConfig), tok, adm)
+	release()
 	if err != nil {
 		if tok != nil && errors.Is(err, errdefs.ErrConflict) {
 			if t, e := s.st.GetClientToken(ctx, c.account, "UpdateMicrovmImage", in.ClientToken); e == nil && t.InputHash == tok.InputHash {
@@ -452,9 +468,8 @@ func (s *Server) deleteImage(ctx context.Context, c *call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	if building(img.State) {
-		return nil, conflict(kindImage, img.ARN, "image %s is %s; wait for the build to finish", img.Name, img.State)
-	}
+	// A build in flight is cancelled: the backend's DeleteImageVersion
+	// stops it before it frees the version's files.
 	versions, _, err := s.st.ListImageVersions(ctx, c.account, img.Name, store.Page{Limit: 1000})
 	if err != nil {
 		return nil, err
@@ -569,11 +584,23 @@ func (s *Server) deleteImageVersion(ctx context.Context, c *call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	if v.State == store.VersionPending || v.State == store.VersionInProgress {
-		return nil, conflict(kindImage, img.ARN, "image %s version %s is %s; wait for the build to finish", img.Name, v.Version, v.State)
-	}
+	// A version still building is cancelled: its records go now, and the
+	// backend stops the build (VMs, mounts, files) before freeing it.
 	if err := s.st.DeleteImageVersion(ctx, c.account, img.Name, v.Version); err != nil {
 		return nil, toAPIError(err, "microvm-image-version", img.Name+":"+v.Version)
+	}
+	if building(img.State) && img.LatestVersion == v.Version {
+		// Its build will report nothing now: the image is no longer
+		// building.
+		if img.State == store.ImageCreating {
+			img.State = store.ImageCreateFailed
+		} else {
+			img.State = store.ImageUpdateFailed
+		}
+		img.UpdatedAt = s.cfg.Now().UTC()
+		if err := s.st.UpdateImage(ctx, img); err != nil {
+			return nil, err
+		}
 	}
 	if err := s.refreshLatestActive(ctx, img); err != nil {
 		return nil, err

@@ -203,15 +203,18 @@ func (s *Server) runMicrovm(ctx context.Context, c *call) (any, error) {
 		return nil, conflict(kindImage, img.ARN, "image %s version %s is INACTIVE", name, version)
 	}
 
-	if s.cfg.MaxMicrovmsPerAccount > 0 {
-		n, err := s.st.CountMicrovms(ctx, c.account)
-		if err != nil {
-			return nil, err
+	mem, vcpus, err := s.microvmSize(ctx, v)
+	if err != nil {
+		return nil, err
+	}
+	if ha, ok := s.be.(HostAdmitter); ok {
+		if err := ha.AdmitMemory(ctx, mem); err != nil {
+			return nil, toAPIError(err, kindMicrovm, "")
 		}
-		if n >= s.cfg.MaxMicrovmsPerAccount {
-			return nil, &Error{Status: 402, Type: "ServiceQuotaExceededException", Message: fmt.Sprintf("the account has %d microVMs that are not terminated, its quota", n),
-				ResourceType: kindMicrovm, ServiceCode: "lambda", QuotaCode: "MicrovmsPerAccount"}
-		}
+	}
+	adm, err := s.admission(c.account)
+	if err != nil {
+		return nil, err
 	}
 	now := s.cfg.Now().UTC()
 	id := newMicrovmID()
@@ -222,6 +225,7 @@ func (s *Server) runMicrovm(ctx context.Context, c *call) (any, error) {
 		MaximumDurationInSeconds: maxDur, IngressNetworkConnectors: in.IngressNetworkConnectors,
 		EgressNetworkConnectors: in.EgressNetworkConnectors, StartedAt: now, UpdatedAt: now,
 		DeadlineAt: now.Add(time.Duration(maxDur) * time.Second),
+		MemoryMiB:  mem, VCPUs: vcpus,
 	}
 	if in.RunHookPayload != nil {
 		m.RunHookPayload = *in.RunHookPayload
@@ -237,16 +241,25 @@ func (s *Server) runMicrovm(ctx context.Context, c *call) (any, error) {
 	if tok != nil {
 		tok.ResourceID = id
 	}
-	if err := s.st.CreateMicrovm(ctx, m, tok); err != nil {
+	if err := s.st.CreateMicrovmWithinQuota(ctx, m, tok, adm); err != nil {
 		if tok != nil && errors.Is(err, errdefs.ErrConflict) {
 			// A concurrent request with the same token won the race.
 			return s.runMicrovm(ctx, c)
 		}
+		if errors.Is(err, errdefs.ErrExhausted) {
+			return nil, toAPIError(err, kindMicrovm, "")
+		}
 		return nil, err
 	}
 	if err := s.be.StartMicrovm(ctx, m); err != nil {
+		bg := context.WithoutCancel(ctx)
+		if errors.Is(err, errdefs.ErrExhausted) {
+			// The host filled up between the admission check and the start.
+			s.rep.MicrovmState(bg, c.account, id, nil, store.StateTerminated, "StartRefused: "+err.Error())
+			return nil, toAPIError(err, kindMicrovm, id)
+		}
 		slog.Error("backend refused to start microvm", "microvm", id, "err", err)
-		m, _ = s.rep.MicrovmState(context.WithoutCancel(ctx), c.account, id, nil, store.StateTerminated, "StartFailed: "+err.Error())
+		s.rep.MicrovmState(bg, c.account, id, nil, store.StateTerminated, "StartFailed: "+err.Error())
 		return nil, internal("starting microvm: " + err.Error())
 	}
 	return microvmView(m), nil
@@ -384,6 +397,9 @@ func (s *Server) Resume(ctx context.Context, account, id string) error {
 			m.PendingOp = ""
 			return nil
 		})
+		if errors.Is(err, errdefs.ErrExhausted) {
+			return toAPIError(err, kindMicrovm, id) // the host is full: it stays SUSPENDED
+		}
 		return internal("resuming microvm: " + err.Error())
 	}
 	return nil

@@ -70,10 +70,14 @@ type Config struct {
 	Tokens TokenIssuer
 	// Architecture is what builds report (default from the host).
 	Architecture string
-	// MaxMicrovmsPerAccount caps an account's microVMs that are not
-	// TERMINATED; RunMicrovm beyond it is a ServiceQuotaExceededException
-	// (0: no cap).
-	MaxMicrovmsPerAccount int
+	// Quota is every account's limits unless the operator set others for
+	// it (store.QuotaOverride, `kiln quotas set`); a create beyond one is a
+	// ServiceQuotaExceededException naming it (zero value: DefaultQuota;
+	// a negative field: no limit).
+	Quota store.Quota
+	// MicrovmVCPUs is the vCPUs each microVM counts for (default 1, what
+	// the image builder gives image VMs).
+	MicrovmVCPUs int
 	// RequestsPerSecond limits each account's request rate, with bursts of
 	// twice that; beyond it requests get ThrottlingException (0: no limit).
 	RequestsPerSecond float64
@@ -95,8 +99,20 @@ type Config struct {
 	// default is public internet). kiln's default is off: no egress unless
 	// asked for (`kiln server --default-egress`).
 	DefaultInternetEgress bool
+	// References orders the records that reference files (image versions,
+	// uploads) against garbage collection (internal/gc.References); nil:
+	// no garbage collector runs.
+	References interface{ Hold() (release func()) }
 	// Now is the clock (default time.Now).
 	Now func() time.Time
+}
+
+// holdReferences is References.Hold, or nothing.
+func (s *Server) holdReferences() func() {
+	if s.cfg.References == nil {
+		return func() {}
+	}
+	return s.cfg.References.Hold()
 }
 
 // Server is the API. Create it with NewServer; serve Handler(); call Start
@@ -127,6 +143,12 @@ func NewServer(cfg Config, st store.Store, be Backend) *Server {
 	}
 	if cfg.MaxBodyBytes == 0 {
 		cfg.MaxBodyBytes = 6 << 20
+	}
+	if cfg.Quota == (store.Quota{}) {
+		cfg.Quota = DefaultQuota
+	}
+	if cfg.MicrovmVCPUs <= 0 {
+		cfg.MicrovmVCPUs = 1
 	}
 	if cfg.MaxArtifactBytes == 0 {
 		cfg.MaxArtifactBytes = 1 << 30
@@ -364,6 +386,7 @@ func (s *Server) routes() {
 	// path is outside the AWS API's version prefixes.
 	s.handle("GET /kiln/v1/microvm-images/{imageIdentifier}/versions/{imageVersion}/builds/{buildId}/log", 200, s.getBuildLog)
 	s.handle("GET /kiln/v1/microvms/{microvmIdentifier}/log", 200, s.getMicrovmLog)
+	s.handle("GET /kiln/v1/quota", 200, s.getQuota)
 	s.handle("GET /kiln/v1/microvms/{microvmIdentifier}/events", 200, s.getMicrovmEvents)
 	s.handle("GET /kiln/v1/microvm-images/{imageIdentifier}/events", 200, s.getImageEvents)
 	s.handle("GET "+UsagePath, 200, s.getUsage)

@@ -4,45 +4,123 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"github.com/kiln-sandbox/kiln/internal/api"
+	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
-// BuildImage implements api.Backend: each build runs on its own goroutine
-// (builds of one version one after the other: they share the version's
-// directory), its output streamed into the store's build log, and ends
-// with Reporter.BuildFinished. The template location is recorded next to
-// the build output (TemplateFor).
+// BuildImage implements api.Backend: the builds of a version run one
+// after the other (they share the version's directory) on a goroutine of
+// their own, each once it gets one of MaxConcurrentBuilds slots (it says
+// so in its log while it waits), within BuildTimeout, with its host memory
+// reserved, its output batched into the store's build log up to
+// BuildLogMaxBytes, and ends with Reporter.BuildFinished. The template
+// location is recorded next to the build output (TemplateFor). Deleting
+// the version (DeleteImageVersion) cancels it.
 func (e *Engine) BuildImage(ctx context.Context, v store.ImageVersion, builds []store.Build) error {
+	key := versionKey(v.Account, v.ImageName, v.Version)
+	run := &buildRun{done: make(chan struct{})}
+	run.ctx, run.cancel = context.WithCancel(e.ctx)
+	e.buildMu.Lock()
+	if old := e.builds[key]; old != nil {
+		// A redo (recovery) of a version already building: keep the first.
+		e.buildMu.Unlock()
+		run.cancel()
+		return nil
+	}
+	e.builds[key] = run
+	e.buildMu.Unlock()
 	e.buildWG.Add(1)
 	go func() {
 		defer e.buildWG.Done()
+		defer func() {
+			e.buildMu.Lock()
+			delete(e.builds, key)
+			e.buildMu.Unlock()
+			run.cancel()
+			close(run.done)
+		}()
 		for _, b := range builds {
-			e.build(v, b)
+			if run.ctx.Err() != nil {
+				return
+			}
+			e.build(run.ctx, v, b)
 		}
 	}()
 	return nil
 }
 
-func (e *Engine) build(v store.ImageVersion, b store.Build) {
-	ctx := e.ctx
+// buildRun is a version's builds in flight.
+type buildRun struct {
+	ctx    context.Context // cancelled by DeleteImageVersion (and Close)
+	cancel context.CancelFunc
+	done   chan struct{} // closed once its builds stopped and cleaned up
+}
+
+func versionKey(account, image, version string) string {
+	return account + "\x00" + image + "\x00" + version
+}
+
+// BuildSizer is optionally implemented by a Builder: the most guest memory
+// a build of v runs at once (its build VMs and image VM run one after the
+// other), which host admission reserves for the build.
+type BuildSizer interface {
+	BuildMemoryMiB(v store.ImageVersion) int64
+}
+
+func (e *Engine) buildMemory(v store.ImageVersion) int64 {
+	if s, ok := e.cfg.Builder.(BuildSizer); ok {
+		if n := s.BuildMemoryMiB(v); n > 0 {
+			return n
+		}
+	}
+	return api.DefaultMicrovmMemoryMiB
+}
+
+func (e *Engine) build(ctx context.Context, v store.ImageVersion, b store.Build) {
 	log := e.log.With("image", v.ImageName, "version", v.Version, "build", b.ID)
 	rep := e.cfg.Reporter
+	w := newStoreLog(e, b.ID, e.cfg.BuildLogMaxBytes)
+	defer w.Close()
+	last := -1
+	if err := e.queue.acquire(ctx, func(n int) {
+		if n != last {
+			last = n
+			fmt.Fprintf(w, "waiting for a build slot: %d builds ahead (this host runs %d at once)\n", n, e.cfg.MaxConcurrentBuilds)
+			w.Flush()
+		}
+	}); err != nil {
+		e.buildStopped(ctx, log, w, b, nil)
+		return
+	}
+	defer e.queue.release()
+	if ctx.Err() != nil {
+		e.buildStopped(ctx, log, w, b, nil)
+		return
+	}
 	if err := rep.BuildRunning(ctx, b); err != nil {
 		log.Warn("recording build start", "err", err)
 		return
 	}
 	e.meterBuild(ctx, b, true)
-	w := &storeLog{ctx: ctx, e: e, build: b.ID}
+	buildStart := time.Now()
 	finish := func(ok bool, reason string, snap *store.SnapshotBuild) {
 		w.Close()
+		result := "ok"
+		if !ok {
+			result = "failed"
+		}
+		metrics.Since(metrics.BuildDuration.WithLabelValues(result), buildStart)
 		e.meterBuild(ctx, b, false)
 		if err := rep.BuildFinished(context.WithoutCancel(ctx), b, ok, reason, snap); err != nil {
 			log.Warn("recording build result", "err", err)
@@ -52,6 +130,13 @@ func (e *Engine) build(v store.ImageVersion, b store.Build) {
 		finish(false, "BuildFailed: this kiln server has no image builder", nil)
 		return
 	}
+	mem := e.buildMemory(v)
+	if err := e.reserve("build/"+b.ID, mem); err != nil {
+		w.Final("\nbuild refused: " + err.Error() + "\n")
+		finish(false, "BuildRefused: "+err.Error(), nil)
+		return
+	}
+	defer e.release("build/" + b.ID)
 	dir := e.imageDir(v.Account, v.ImageName, v.Version)
 	out := filepath.Join(dir, "build-"+safe(b.ID))
 	os.RemoveAll(out) // a build interrupted by a restart starts over
@@ -60,15 +145,39 @@ func (e *Engine) build(v store.ImageVersion, b store.Build) {
 		return
 	}
 	start := time.Now()
-	res, err := e.cfg.Builder.Build(ctx, BuildRequest{Version: v, Build: b, OutDir: out, Log: w})
+	bctx, cancel := context.WithTimeout(ctx, e.cfg.BuildTimeout)
+	res, err := e.cfg.Builder.Build(bctx, BuildRequest{Version: v, Build: b, OutDir: out, Log: w})
+	timedOut := errors.Is(bctx.Err(), context.DeadlineExceeded) && ctx.Err() == nil
+	cancel()
 	if ctx.Err() != nil {
-		return // shutting down: recovery runs the build again
+		e.buildStopped(ctx, log, w, b, err)
+		return
+	}
+	if timedOut {
+		reason := fmt.Sprintf("BuildTimedOut: the build did not finish within %s (the server's --build-timeout)", e.cfg.BuildTimeout)
+		log.Warn("build timed out", "after", time.Since(start).Round(time.Second))
+		w.Final("\n" + reason + "\n")
+		finish(false, reason, nil)
+		return
 	}
 	if err != nil {
 		log.Warn("build failed", "err", err)
-		fmt.Fprintf(w, "\nbuild failed: %v\n", err)
+		w.Final(fmt.Sprintf("\nbuild failed: %v\n", err))
 		finish(false, "BuildFailed: "+err.Error(), nil)
 		return
+	}
+	// Durable before recorded: every file and directory of the build's
+	// output (the template and the disks it is backed by) and of the
+	// template, wherever the builder put it.
+	if err := syncTree(out); err != nil {
+		finish(false, "BuildFailed: flushing the template to disk: "+err.Error(), nil)
+		return
+	}
+	if !strings.HasPrefix(res.TemplateDir, out+string(filepath.Separator)) {
+		if err := syncTree(res.TemplateDir); err != nil {
+			finish(false, "BuildFailed: flushing the template to disk: "+err.Error(), nil)
+			return
+		}
 	}
 	if err := e.SetTemplate(v.Account, v.ImageName, v.Version, res.TemplateDir); err != nil {
 		finish(false, "BuildFailed: recording the template: "+err.Error(), nil)
@@ -78,48 +187,170 @@ func (e *Engine) build(v store.ImageVersion, b store.Build) {
 	finish(true, "", res.Snapshot)
 }
 
-// storeLog streams build output into the store, in chunks of at most
-// 64 KiB, so `kiln logs` shows progress as it happens. A build's commands
-// write it (a RUN can print without end), so it keeps at most
-// maxBuildLog bytes and then one line saying the rest was dropped.
-type storeLog struct {
-	ctx     context.Context
-	e       *Engine
-	build   string
-	mu      sync.Mutex
-	written int64
-	full    bool
+// syncTree fsyncs every regular file and directory under root, root
+// itself and its parent (which holds root's name).
+func syncTree(root string) error {
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if !d.IsDir() && !d.Type().IsRegular() {
+			return nil
+		}
+		return syncPath(p)
+	})
+	if err != nil {
+		return err
+	}
+	return syncPath(filepath.Dir(root))
 }
 
-// maxBuildLog bounds what one build writes into the store.
-const maxBuildLog = 16 << 20
+func syncPath(p string) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("syncing %s: %w", p, err)
+	}
+	return nil
+}
 
+// buildStopped handles a build whose context ended: at shutdown recovery
+// runs it again; when its version was deleted, nothing is reported (the
+// records are gone) and DeleteImageVersion removes the files once the
+// build has stopped.
+func (e *Engine) buildStopped(ctx context.Context, log *slog.Logger, w *storeLog, b store.Build, err error) {
+	if e.ctx.Err() != nil {
+		return
+	}
+	e.meterBuild(ctx, b, false) // the time it ran is still used
+	log.Info("build cancelled: its image version was deleted", "err", err)
+}
+
+// Build log batching: one store write per second or per 256 KiB at most,
+// whichever comes first, so that a chatty build does not cost a commit
+// per line on the store every tenant waits on.
+const (
+	logFlushBytes    = 256 << 10
+	logFlushInterval = time.Second
+)
+
+// storeLog batches build output into the store's build log and caps it
+// at max bytes; past the cap it writes one "truncated" line and drops the
+// rest (the build goes on; its deadline still ends it).
+type storeLog struct {
+	e     *Engine
+	build string
+	max   int64
+
+	mu        sync.Mutex
+	buf       []byte
+	written   int64 // bytes accepted into the log (buffered or stored)
+	truncated bool
+	closed    bool
+	stop      chan struct{}
+	stopped   chan struct{}
+}
+
+func newStoreLog(e *Engine, build string, max int64) *storeLog {
+	l := &storeLog{e: e, build: build, max: max, stop: make(chan struct{}), stopped: make(chan struct{})}
+	go l.ticker()
+	return l
+}
+
+func (l *storeLog) ticker() {
+	defer close(l.stopped)
+	t := time.NewTicker(logFlushInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-t.C:
+			l.Flush()
+		}
+	}
+}
+
+// TruncatedLine ends a build log cut at its cap.
+func TruncatedLine(max int64) string {
+	return fmt.Sprintf("\n[kiln] build log truncated at %d bytes (the server's --build-log-max-bytes): later output is not kept\n", max)
+}
+
+// Write never fails the build: output past the cap is dropped.
 func (l *storeLog) Write(p []byte) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if l.full {
+	if l.truncated || l.closed {
 		return len(p), nil
 	}
 	q := p
-	if room := maxBuildLog - l.written; int64(len(q)) > room {
-		q = q[:room]
-		l.full = true
+	if room := l.max - l.written; int64(len(q)) > room {
+		q = q[:max(room, 0)]
+		l.truncated = true
 	}
-	for off := 0; off < len(q); off += 64 << 10 {
-		end := min(off+64<<10, len(q))
-		if err := l.e.cfg.Reporter.AppendBuildLog(context.WithoutCancel(l.ctx), l.build, q[off:end]); err != nil {
-			return off, err
-		}
-		l.written += int64(end - off)
+	l.buf = append(l.buf, q...)
+	l.written += int64(len(q))
+	if l.truncated {
+		l.buf = append(l.buf, TruncatedLine(l.max)...)
 	}
-	if l.full {
-		msg := fmt.Sprintf("\n(build log over %d MiB: the rest of the output is dropped)\n", maxBuildLog>>20)
-		_ = l.e.cfg.Reporter.AppendBuildLog(context.WithoutCancel(l.ctx), l.build, []byte(msg))
+	if len(l.buf) >= logFlushBytes || l.truncated {
+		l.flushLocked()
 	}
 	return len(p), nil
 }
 
-func (l *storeLog) Close() error { return nil }
+// Final appends a closing line (the build's outcome) past the cap.
+func (l *storeLog) Final(s string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return
+	}
+	l.buf = append(l.buf, s...)
+	l.flushLocked()
+}
+
+// Flush writes what is buffered.
+func (l *storeLog) Flush() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.flushLocked()
+}
+
+func (l *storeLog) flushLocked() {
+	if len(l.buf) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(l.e.ctx), 30*time.Second)
+	defer cancel()
+	for off := 0; off < len(l.buf); off += logFlushBytes {
+		end := min(off+logFlushBytes, len(l.buf))
+		if err := l.e.cfg.Reporter.AppendBuildLog(ctx, l.build, l.buf[off:end]); err != nil {
+			l.e.log.Warn("writing build log", "build", l.build, "err", err)
+			break
+		}
+	}
+	l.buf = l.buf[:0]
+}
+
+// Close flushes and stops the ticker; later writes are dropped. Closing
+// twice is a no-op.
+func (l *storeLog) Close() error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return nil
+	}
+	l.flushLocked()
+	l.closed = true
+	l.mu.Unlock()
+	close(l.stop)
+	<-l.stopped
+	return nil
+}
 
 func (e *Engine) recoverBuilds(ctx context.Context, builds []store.Build) error {
 	return api.RedoBuilds(ctx, e.cfg.Store, builds, e.BuildImage)
@@ -128,8 +359,29 @@ func (e *Engine) recoverBuilds(ctx context.Context, builds []store.Build) error 
 // DeleteImageVersion implements api.Backend: the version's files go, unless
 // microVMs still run from its template (their disks sit on it); then the
 // last of them to terminate removes them (gcTemplate).
+//
+// A build of the version still queued or running is cancelled first: the
+// builder stops its build VMs and removes its mounts and partial files on
+// the way out, and the version's files go once it has stopped (on a
+// goroutine, within a bound, so the request does not wait for QEMU).
 func (e *Engine) DeleteImageVersion(ctx context.Context, account, image, version string) error {
-	e.gcTemplate(ctx, account, image, version)
+	e.buildMu.Lock()
+	run := e.builds[versionKey(account, image, version)]
+	e.buildMu.Unlock()
+	if run == nil {
+		e.gcTemplate(ctx, account, image, version)
+		return nil
+	}
+	e.log.Info("cancelling the build of a deleted image version", "image", image, "version", version)
+	run.cancel()
+	go func() {
+		select {
+		case <-run.done:
+		case <-time.After(2 * time.Minute):
+			e.log.Warn("cancelled build still running after 2 minutes; removing its files anyway", "image", image, "version", version)
+		}
+		e.gcTemplate(context.WithoutCancel(ctx), account, image, version)
+	}()
 	return nil
 }
 

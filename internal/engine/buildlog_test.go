@@ -5,39 +5,37 @@ package engine
 import (
 	"bytes"
 	"context"
-	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
-	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 )
 
 // TestBuildLogBounded: a RUN that prints without end fills the store's
-// build log only up to maxBuildLog, then one line says the rest went.
+// build log only up to the cap (default 10 MiB), then one line says the
+// rest went.
 func TestBuildLogBounded(t *testing.T) {
 	ctx := context.Background()
-	st, err := sqlite.Open(ctx, filepath.Join(t.TempDir(), "kiln.db"))
+	st := openTestStore(t)
+	e, err := New(ctx, Config{Driver: nopDriver{}, Store: st, Reporter: api.NewReporter(st), DataDir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer st.Close()
-	e := &Engine{cfg: Config{Reporter: api.NewReporter(st)}}
-	w := &storeLog{ctx: ctx, e: e, build: "b1"}
+	defer e.Close()
+	w := newStoreLog(e, "b1", e.cfg.BuildLogMaxBytes)
 	chunk := bytes.Repeat([]byte("y\n"), 512<<10) // 1 MiB
 	for i := 0; i < 40; i++ {
 		if n, err := w.Write(chunk); err != nil || n != len(chunk) {
 			t.Fatalf("write %d: %d, %v", i, n, err)
 		}
 	}
+	w.Close()
 	got, err := st.ReadBuildLog(ctx, "b1", 0, 64<<20)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(got) > maxBuildLog+200 || len(got) < maxBuildLog {
-		t.Fatalf("log holds %d bytes, want about %d", len(got), maxBuildLog)
-	}
-	if !strings.HasSuffix(string(got), "(build log over 16 MiB: the rest of the output is dropped)\n") {
-		t.Fatalf("log ends %q", got[len(got)-80:])
+	want := TruncatedLine(10 << 20)
+	if len(got) != 10<<20+len(want) || !strings.HasSuffix(string(got), want) {
+		t.Fatalf("log holds %d bytes ending %q, want %d ending %q", len(got), got[max(0, len(got)-120):], 10<<20+len(want), want)
 	}
 }

@@ -20,6 +20,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/dnsfwd"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/imds"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
@@ -103,6 +104,18 @@ type Config struct {
 	IdleInterval time.Duration
 	// StartTimeout bounds a clone plus its run hook (default 2 min).
 	StartTimeout time.Duration
+	// MemoryOvercommit bounds the guest memory committed to running VMs
+	// (microVMs and builds) to this ratio of HostMemoryMiB (0: no bound).
+	MemoryOvercommit float64
+	// HostMemoryMiB is the host's physical memory (default: MemTotal).
+	HostMemoryMiB int64
+	// MaxConcurrentBuilds run at once; more wait in a queue (default 2).
+	MaxConcurrentBuilds int
+	// BuildTimeout bounds a whole build, from when it gets a slot
+	// (default 60 min).
+	BuildTimeout time.Duration
+	// BuildLogMaxBytes caps a build's log (default 10 MiB).
+	BuildLogMaxBytes int64
 	// Logs keeps each microVM's output on disk (default: DataDir/logs
 	// with applog's defaults). The QEMU driver's console sink should be
 	// Logs.Console, so that the guest console lands there too.
@@ -134,6 +147,13 @@ type Engine struct {
 	vms map[string]*vmState
 
 	buildWG sync.WaitGroup
+	queue   *buildQueue
+	buildMu sync.Mutex
+	builds  map[string]*buildRun // by versionKey: builds queued or running
+
+	commitMu     sync.Mutex
+	committed    map[string]int64 // guest memory MiB by VM id or "build/ID"
+	committedMiB int64
 
 	meter meter
 }
@@ -183,6 +203,22 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.MemoryOvercommit > 0 && cfg.HostMemoryMiB <= 0 {
+		n, err := hostMemoryMiB()
+		if err != nil {
+			return nil, err
+		}
+		cfg.HostMemoryMiB = n
+	}
+	if cfg.MaxConcurrentBuilds <= 0 {
+		cfg.MaxConcurrentBuilds = 2
+	}
+	if cfg.BuildTimeout <= 0 {
+		cfg.BuildTimeout = 60 * time.Minute
+	}
+	if cfg.BuildLogMaxBytes <= 0 {
+		cfg.BuildLogMaxBytes = 10 << 20
+	}
 	if cfg.LogSweepInterval <= 0 {
 		cfg.LogSweepInterval = 10 * time.Minute
 	}
@@ -196,7 +232,8 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 		}
 		cfg.Logs = l
 	}
-	e := &Engine{cfg: cfg, log: cfg.Log, now: cfg.Now, vms: map[string]*vmState{}}
+	e := &Engine{cfg: cfg, log: cfg.Log, now: cfg.Now, vms: map[string]*vmState{},
+		queue: newBuildQueue(cfg.MaxConcurrentBuilds), builds: map[string]*buildRun{}, committed: map[string]int64{}}
 	e.ctx, e.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	return e, nil
 }
@@ -222,6 +259,7 @@ func (e *Engine) server() (*api.Server, error) {
 // ends. Call it once, after the API server's Start (recovery).
 func (e *Engine) Run(ctx context.Context) {
 	go e.idleLoop(ctx)
+	go e.memoryLoop(ctx)
 	go e.sweepLogs(ctx, e.cfg.LogSweepInterval)
 	go e.meterLoop(ctx, e.cfg.MeterInterval)
 	for {
@@ -313,6 +351,7 @@ func (e *Engine) lookup(id string) *vmState {
 // forget drops a terminated microVM; its log stays on disk for the
 // retention period.
 func (e *Engine) forget(v *vmState) {
+	e.release(v.id)
 	if err := e.cfg.Logs.Close(v.id); err != nil {
 		e.log.Warn("closing the microvm log", "microvm", v.id, "err", err)
 	}
@@ -344,6 +383,9 @@ func (v *vmState) waitChan() <-chan struct{} {
 // report moves the microVM to a state and wakes waiters.
 func (e *Engine) report(ctx context.Context, v *vmState, from []store.MicrovmState, to store.MicrovmState, reason string) (store.Microvm, error) {
 	m, err := e.cfg.Reporter.MicrovmState(context.WithoutCancel(ctx), v.account, v.id, from, to, reason)
+	if err == nil && (to == store.StateSuspended || to == store.StateTerminated) {
+		e.release(v.id) // its memory is on disk, or gone
+	}
 	if err == nil {
 		e.meterVM(context.WithoutCancel(ctx), v, m.State, m.UpdatedAt)
 		if to == store.StateRunning {
@@ -412,7 +454,13 @@ func (e *Engine) SetTemplate(account, image, version, dir string) error {
 	if err := os.WriteFile(tmp, []byte(dir+"\n"), 0o600); err != nil {
 		return err
 	}
-	return os.Rename(tmp, filepath.Join(d, templatePointer))
+	if err := syncPath(tmp); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, filepath.Join(d, templatePointer)); err != nil {
+		return err
+	}
+	return syncPath(d)
 }
 
 // hooks returns the microVM hooks and port of the version a VM runs.
@@ -442,13 +490,16 @@ func (e *Engine) callHook(ctx context.Context, id string, port int, path string,
 	defer cancel()
 	a, err := e.cfg.Driver.Agent(ctx, id)
 	if err != nil {
+		metrics.HookFailures.WithLabelValues(hookName(path)).Inc()
 		return fmt.Errorf("hook %s: %w", path, err)
 	}
 	code, resp, err := a.HTTP(ctx, port, "POST", path, body, timeout)
 	if err != nil {
+		metrics.HookFailures.WithLabelValues(hookName(path)).Inc()
 		return fmt.Errorf("hook %s: %w", path, err)
 	}
 	if code < 200 || code > 299 {
+		metrics.HookFailures.WithLabelValues(hookName(path)).Inc()
 		if len(resp) > 200 {
 			resp = resp[:200]
 		}
@@ -457,10 +508,16 @@ func (e *Engine) callHook(ctx context.Context, id string, port int, path string,
 	return nil
 }
 
+// hookName is the metrics label of a hook path (its last element).
+func hookName(path string) string { return path[strings.LastIndexByte(path, '/')+1:] }
+
 // StartMicrovm implements api.Backend. The VM network is made before it
 // returns (a few netlink calls), so that the proxy can route to the VM
 // as soon as the record exists; the clone runs on its own goroutine.
 func (e *Engine) StartMicrovm(ctx context.Context, m store.Microvm) error {
+	if err := e.reserve(m.ID, memoryOf(m)); err != nil {
+		return err
+	}
 	v := e.state(m)
 	nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
@@ -539,12 +596,14 @@ func (e *Engine) start(v *vmState, m store.Microvm) {
 		if err == nil {
 			e.cfg.Driver.Terminate(ctx, v.id) // a leftover of an interrupted start
 		}
+		cloneStart := time.Now()
 		_, err = e.cfg.Driver.Clone(ctx, vmm.CloneSpec{ID: v.id, Template: tmpl,
 			Net: v.net.Attachment()})
 		if err != nil {
 			fail("StartFailed", fmt.Errorf("restoring the snapshot: %w", err))
 			return
 		}
+		metrics.Since(metrics.Clone, cloneStart)
 	}
 	hooks, port := e.hooks(ctx, m)
 	if hooks != nil && hooks.Run == "ENABLED" {
@@ -552,6 +611,11 @@ func (e *Engine) start(v *vmState, m store.Microvm) {
 			fail("RunHookFailed", err)
 			return
 		}
+	}
+	// Observed before the record changes: whoever sees the new state
+	// sees the sample too.
+	if !m.StartedAt.IsZero() {
+		metrics.Since(metrics.RunToRunning, m.StartedAt)
 	}
 	if _, err := e.report(ctx, v, []store.MicrovmState{store.StatePending}, store.StateRunning, ""); err != nil {
 		log.Info("microvm left PENDING while starting", "err", err)
@@ -645,6 +709,7 @@ func (e *Engine) suspend(v *vmState, m store.Microvm) {
 		e.report(ctx, v, []store.MicrovmState{store.StateSuspending}, store.StateRunning, "SuspendFailed: "+err.Error())
 		return
 	}
+	metrics.Since(metrics.Suspend, start)
 	if _, err := e.report(ctx, v, []store.MicrovmState{store.StateSuspending}, store.StateSuspended, m.StateReason); err != nil {
 		log.Info("microvm left SUSPENDING while suspending", "err", err)
 		return
@@ -654,6 +719,9 @@ func (e *Engine) suspend(v *vmState, m store.Microvm) {
 
 // ResumeMicrovm implements api.Backend.
 func (e *Engine) ResumeMicrovm(ctx context.Context, m store.Microvm) error {
+	if err := e.reserve(m.ID, memoryOf(m)); err != nil {
+		return err
+	}
 	v := e.state(m)
 	go e.resume(v, m)
 	return nil
@@ -687,6 +755,7 @@ func (e *Engine) resume(v *vmState, m store.Microvm) {
 			log.Warn("resume hook", "err", err)
 		}
 	}
+	metrics.Since(metrics.Resume, start)
 	if _, err := e.report(ctx, v, []store.MicrovmState{store.StateSuspended}, store.StateRunning, ""); err != nil {
 		log.Info("microvm left SUSPENDED while resuming", "err", err)
 		return
@@ -766,4 +835,48 @@ func (e *Engine) handleEvent(ev vmm.Event) {
 		e.log.Warn("microvm died", "microvm", v.id, "reason", reason)
 		e.lose(v, "VMExited: "+reason)
 	}()
+}
+
+// memoryLoop keeps kiln_host_guest_memory_committed_bytes current: the
+// guest memory of every VM of the driver that runs (microVMs and build VMs;
+// a suspended VM holds no host memory).
+func (e *Engine) memoryLoop(ctx context.Context) {
+	t := time.NewTicker(5 * time.Second)
+	defer t.Stop()
+	for {
+		e.UpdateMemoryMetric(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// UpdateMemoryMetric sets the committed guest memory gauge from the driver.
+func (e *Engine) UpdateMemoryMetric(ctx context.Context) {
+	infos, err := e.cfg.Driver.List(ctx)
+	if err != nil {
+		return
+	}
+	var mib int64
+	for _, i := range infos {
+		if i.State == vmm.StateRunning {
+			mib += int64(i.MemoryMiB)
+		}
+	}
+	metrics.GuestMemoryCommitted.Set(float64(mib << 20))
+	_, allowed := e.CommittedMiB()
+	metrics.GuestMemoryAllowed.Set(float64(allowed << 20))
+}
+
+// Ready reports whether the engine can run microVMs: its driver answers.
+func (e *Engine) Ready(ctx context.Context) error {
+	if e.ctx.Err() != nil {
+		return errors.New("the engine is stopping")
+	}
+	if _, err := e.cfg.Driver.List(ctx); err != nil {
+		return fmt.Errorf("vm driver: %w", err)
+	}
+	return nil
 }

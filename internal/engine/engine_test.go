@@ -133,10 +133,10 @@ type harness struct {
 	ids    []string
 }
 
-func newHarness(t *testing.T) *harness {
+func newHarness(t *testing.T, opts ...func(*Config)) *harness {
 	t.Helper()
 	needFixture(t)
-	return newHarnessAt(t, fx.drv, t.TempDir(), true)
+	return newHarnessAt(t, fx.drv, t.TempDir(), true, opts...)
 }
 
 func needFixture(t *testing.T) {

@@ -70,6 +70,10 @@ func (e *Engine) EnsureRunning(ctx context.Context, id string) error {
 				if err := srv.Resume(ctx, m.Account, id); err != nil {
 					// A conflict means the state moved meanwhile: look again.
 					var ae *api.Error
+					if errors.As(err, &ae) && ae.Status == 503 {
+						// The host has no room: say so to the client.
+						return fmt.Errorf("%s: %w", ae.Message, errdefs.ErrExhausted)
+					}
 					if !errors.As(err, &ae) || ae.Type != "ConflictException" {
 						return fmt.Errorf("resuming: %w", err)
 					}

@@ -72,6 +72,10 @@ func (e *Engine) Recover(ctx context.Context, vms []store.Microvm, builds []stor
 }
 
 func (e *Engine) recoverOne(ctx context.Context, m store.Microvm, ds vmm.State) error {
+	if ds == vmm.StateRunning || m.State == store.StatePending || m.PendingOp == "resume" {
+		// What ran before the restart runs on, whatever the limit says.
+		e.forceReserve(m.ID, memoryOf(m))
+	}
 	v := e.state(m)
 	v.mu.Lock()
 	v.lastActive = m.UpdatedAt // the idle timer goes on from the store
@@ -104,7 +108,15 @@ func (e *Engine) recoverOne(ctx context.Context, m store.Microvm, ds vmm.State) 
 		return e.StartMicrovm(ctx, m)
 	}
 	if n == nil {
-		return lost("the microVM's network was gone")
+		if !(ds == vmm.StateSuspended && (m.State == store.StateSuspended || m.State == store.StateSuspending)) {
+			return lost("the microVM's network was gone")
+		}
+		// A suspended VM whose network is gone (a host reboot removes
+		// every namespace, link and nftables table) gets a new one: the
+		// guest's side of it (address, MAC, gateway) is the same for
+		// every VM, so the saved guest resumes into it unchanged. The
+		// driver kept the VM only if its memory reached the disk.
+		e.log.Info("recreating the network of a suspended microvm (host rebooted?)", "microvm", m.ID)
 	}
 	if err := e.ensureNet(ctx, v); err != nil {
 		return lost(err.Error())

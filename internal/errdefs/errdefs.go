@@ -15,4 +15,7 @@ var (
 	// ErrUnavailable: a dependency (QEMU, the kernel, the guest) is missing or
 	// not answering; retrying later, or after set-up, may help.
 	ErrUnavailable = errors.New("unavailable")
+	// ErrExhausted: a limit is reached (an account's quota, the host's
+	// memory); retrying after something else ends may help.
+	ErrExhausted = errors.New("limit reached")
 )

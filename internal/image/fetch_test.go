@@ -116,7 +116,7 @@ func TestAddURLDenied(t *testing.T) {
 			writeFiles(t, bctx, map[string]string{"Dockerfile": "FROM scratch\nADD " + tt.url + " /stolen\n"})
 			out := filepath.Join(t.TempDir(), "root.ext4")
 			b := &Builder{DataDir: data, HTTPClient: tt.client}
-			_, err := b.Build(ctx, Request{ContextDir: bctx, Output: out})
+			_, err := b.Build(ctx, Request{Account: "test", ContextDir: bctx, Output: out})
 			if err == nil {
 				t.Fatal("build succeeded")
 			}
@@ -142,7 +142,7 @@ func TestAddURLAllowedByOperator(t *testing.T) {
 	data, bctx := t.TempDir(), t.TempDir()
 	writeFiles(t, bctx, map[string]string{"Dockerfile": "FROM scratch\nADD http://" + secret + "/secret /allowed\n"})
 	out := filepath.Join(t.TempDir(), "root.ext4")
-	if _, err := (&Builder{DataDir: data, HTTPClient: loopbackAllowed()}).Build(ctx, Request{ContextDir: bctx, Output: out}); err != nil {
+	if _, err := (&Builder{DataDir: data, HTTPClient: loopbackAllowed()}).Build(ctx, Request{Account: "test", ContextDir: bctx, Output: out}); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -161,7 +161,7 @@ func TestCodeURIDenied(t *testing.T) {
 		t.Run(loc, func(t *testing.T) {
 			data := t.TempDir()
 			out := filepath.Join(t.TempDir(), "r.ext4")
-			_, err := (&Builder{DataDir: data}).BuildSource(ctx, loc, source.Config{}, Request{Output: out})
+			_, err := (&Builder{DataDir: data}).BuildSource(ctx, loc, source.Config{}, Request{Account: "test", Output: out})
 			if !errors.Is(err, egress.ErrNotAllowed) || !strings.Contains(err.Error(), notAllowed) {
 				t.Fatalf("err = %v, want address not allowed", err)
 			}

@@ -62,7 +62,7 @@ func TestHugePasswdFailsUser(t *testing.T) {
 		}
 	}()
 	start := time.Now()
-	_, err := b.Build(ctx, Request{ContextDir: bctx, Output: filepath.Join(t.TempDir(), "r.ext4")})
+	_, err := b.Build(ctx, Request{Account: "test", ContextDir: bctx, Output: filepath.Join(t.TempDir(), "r.ext4")})
 	close(done)
 	took := time.Since(start)
 	grew := int64(peak.Load()) - int64(base)

@@ -55,6 +55,9 @@ type Runner struct {
 
 var _ image.Runner = (*Runner)(nil)
 
+// DefaultRunMemoryMiB is a build VM's memory when Runner.MemoryMiB is 0.
+const DefaultRunMemoryMiB = 1024
+
 func (r *Runner) vcpus() int {
 	if r.VCPUs > 0 {
 		return r.VCPUs
@@ -84,7 +87,7 @@ func (r *Runner) Run(ctx context.Context, rootDisk string, step image.RunStep, l
 	}
 	mem := r.MemoryMiB
 	if mem == 0 {
-		mem = 1024
+		mem = DefaultRunMemoryMiB
 	}
 	wd := step.WorkDir
 	if wd == "" {

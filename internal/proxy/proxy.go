@@ -13,6 +13,7 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -28,6 +29,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
@@ -224,8 +227,23 @@ func (s *Server) reverseProxy(t http.RoundTripper) *httputil.ReverseProxy {
 	}
 }
 
-// ServeHTTP routes one request.
+// ServeHTTP routes one request, counted by status class (internal/metrics).
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	cw := &countingWriter{ResponseWriter: w}
+	s.serve(cw, r)
+	code := cw.code
+	if code == 0 {
+		code = http.StatusOK // a handler that wrote nothing answered 200
+		if r.Context().Err() != nil {
+			code = 499 // the client left before an answer
+		}
+	}
+	class := metrics.Class(code)
+	metrics.ProxyRequests.WithLabelValues(class).Inc()
+	metrics.ProxyBytes.WithLabelValues(class).Add(float64(cw.n))
+}
+
+func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	id, ok := s.microvmFromHost(r.Host)
 	if !ok {
 		writeError(w, http.StatusNotFound, "unknown endpoint host")
@@ -283,8 +301,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.cfg.Backend.ConnOpened(id)
 	defer s.cfg.Backend.ConnClosed(id)
 	rctx, cancel := context.WithTimeout(ctx, s.cfg.ResumeTimeout)
+	start := time.Now()
 	err = s.cfg.Backend.EnsureRunning(rctx, id)
 	cancel()
+	if waited := time.Since(start); waited > autoResumeFloor && err == nil {
+		// Only a request that waited for its VM: a RUNNING one returns at
+		// once and would drown the histogram in zeros.
+		metrics.AutoResume.Observe(waited.Seconds())
+	}
 	if err != nil {
 		s.backendError(w, id, err)
 		return
@@ -314,6 +338,11 @@ func (s *Server) backendError(w http.ResponseWriter, id string, err error) {
 	case errors.Is(err, context.Canceled):
 	case errors.Is(err, context.DeadlineExceeded):
 		writeError(w, http.StatusGatewayTimeout, "timed out waiting for the microVM to resume")
+	case errors.Is(err, errdefs.ErrExhausted):
+		// Host admission refused the resume; the message names the memory
+		// committed, requested and allowed.
+		w.Header().Set("Retry-After", "10")
+		writeError(w, http.StatusServiceUnavailable, "microVM cannot resume now: "+err.Error())
 	default:
 		s.log.Warn("proxy: backend", "microvm", id, "err", err)
 		writeError(w, http.StatusServiceUnavailable, "microVM unavailable")
@@ -484,7 +513,52 @@ func kilnProtocolEcho(vals []string) string {
 	return auth
 }
 
+// autoResumeFloor separates a request that waited for a resume from one
+// whose VM was running (a store read).
+const autoResumeFloor = 20 * time.Millisecond
+
+// countingWriter records the status and counts body bytes. It unwraps
+// (http.ResponseController) and passes Flush and Hijack through, so
+// streams and WebSockets work as before.
+type countingWriter struct {
+	http.ResponseWriter
+	code int
+	n    int64
+}
+
+func (c *countingWriter) WriteHeader(code int) {
+	if c.code == 0 || c.code < 200 {
+		c.code = code
+	}
+	c.ResponseWriter.WriteHeader(code)
+}
+
+func (c *countingWriter) Write(b []byte) (int, error) {
+	if c.code == 0 {
+		c.code = http.StatusOK
+	}
+	n, err := c.ResponseWriter.Write(b)
+	c.n += int64(n)
+	return n, err
+}
+
+func (c *countingWriter) Flush() {
+	if f, ok := c.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+func (c *countingWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	if c.code == 0 {
+		c.code = http.StatusSwitchingProtocols
+	}
+	return http.NewResponseController(c.ResponseWriter).Hijack()
+}
+
+func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
+
 func writeError(w http.ResponseWriter, code int, msg string) {
+	metrics.ProxyErrors.WithLabelValues(metrics.Class(code)).Inc()
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("X-Content-Type-Options", "nosniff")
 	w.WriteHeader(code)

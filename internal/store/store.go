@@ -5,8 +5,8 @@
 // PostgreSQL implementation can satisfy the same contract later (nothing in
 // it relies on SQLite: sequences are plain integers, times are values).
 //
-// Every method that returns nil has made its change durable: the API answers
-// only after the store call returns.
+// Every method that returns nil has made its change durable (AppendBuildLog
+// aside): the API answers only after the store call returns.
 //
 // Errors are wrapped in the categories of internal/errdefs: ErrNotFound when
 // the record does not exist in that account, ErrConflict when it exists but
@@ -227,6 +227,11 @@ type Microvm struct {
 	SuspendedAt              *time.Time      `json:"suspendedAt,omitempty"`
 	DeadlineAt               time.Time       `json:"deadlineAt"`
 	SuspendDeadlineAt        *time.Time      `json:"suspendDeadlineAt,omitempty"`
+	// MemoryMiB and VCPUs are the guest size the microVM runs with, fixed
+	// at RunMicrovm from its image version; the account's memory and vCPU
+	// quotas add them up (0 in records older than quotas).
+	MemoryMiB int64 `json:"memoryMiB,omitempty"`
+	VCPUs     int64 `json:"vcpus,omitempty"`
 	// PendingOp names an operation accepted but not reflected in State yet
 	// ("resume": a SUSPENDED microVM being resumed), so that recovery after
 	// a crash can finish it.
@@ -333,7 +338,11 @@ type Store interface {
 	ListBuildsInState(ctx context.Context, states ...string) ([]Build, error)
 	// UpdateBuild replaces a build's record; ErrNotFound if absent.
 	UpdateBuild(ctx context.Context, b Build) error
-	// AppendBuildLog appends output to a build's log.
+	// AppendBuildLog appends output to a build's log. Unlike other writes
+	// it need not be durable on return (it may be durable only with the
+	// next write): a crash may lose the last chunks of a log, never
+	// another record. Callers batch output (internal/engine flushes at
+	// most every second or 256 KiB) and cap it.
 	AppendBuildLog(ctx context.Context, buildID string, data []byte) error
 	// ReadBuildLog returns at most limit bytes of a build's log from offset.
 	ReadBuildLog(ctx context.Context, buildID string, offset int64, limit int) ([]byte, error)
@@ -352,9 +361,33 @@ type Store interface {
 	// TERMINATING whose DeadlineAt has passed, and SUSPENDED ones whose
 	// SuspendDeadlineAt has passed, at most limit.
 	ListMicrovmsDue(ctx context.Context, now time.Time, limit int) ([]Microvm, error)
-	// CountMicrovms counts an account's microVMs that are not TERMINATED
-	// (for the per-account quota).
+	// CountMicrovms counts an account's microVMs that are not TERMINATED.
 	CountMicrovms(ctx context.Context, account string) (int, error)
+	// CreateMicrovmWithinQuota is CreateMicrovm that first checks, in the
+	// same transaction, that one more microVM with m.MemoryMiB and m.VCPUs
+	// fits the account's quota (adm.Defaults with its QuotaOverride);
+	// a *QuotaError (errdefs.ErrExhausted) if not, and nothing is stored.
+	// Concurrent calls never pass a limit together.
+	CreateMicrovmWithinQuota(ctx context.Context, m Microvm, tok *ClientToken, adm Admission) error
+	// CreateImageWithinQuota and CreateImageVersionWithinQuota are
+	// CreateImage and CreateImageVersion that first check, in the same
+	// transaction, that len(builds) more concurrent builds fit the
+	// account's Builds quota and that its storage is not over its
+	// StorageBytes quota; a *QuotaError if not.
+	CreateImageWithinQuota(ctx context.Context, img Image, v ImageVersion, builds []Build, tok *ClientToken, adm Admission) error
+	CreateImageVersionWithinQuota(ctx context.Context, v ImageVersion, builds []Build, tok *ClientToken, adm Admission) (ImageVersion, []Build, error)
+
+	// QuotaUsage returns what an account uses of each quota, as the store
+	// sees it (QuotaUse.StorageBytes = QuotaUse.SnapshotBytes here).
+	QuotaUsage(ctx context.Context, account string) (QuotaUse, error)
+	// GetQuotaOverride returns the limits set for an account (all nil if
+	// none were).
+	GetQuotaOverride(ctx context.Context, account string) (QuotaOverride, error)
+	// SetQuotaOverride records an account's limits durably, replacing what
+	// was set; an override with every field nil removes it.
+	SetQuotaOverride(ctx context.Context, account string, o QuotaOverride) error
+	// ListQuotaOverrides returns every account's override.
+	ListQuotaOverrides(ctx context.Context) (map[string]QuotaOverride, error)
 	// UpdateMicrovm reads a microVM, checks that its state is one of from
 	// (any state if from is empty), applies change and writes it back, in
 	// one transaction: the compare-and-set every state transition goes
@@ -362,6 +395,21 @@ type Store interface {
 	// if the state is not in from, or if change returns an error wrapping it.
 	// Returns the record as written.
 	UpdateMicrovm(ctx context.Context, account, id string, from []MicrovmState, change func(*Microvm) error) (Microvm, error)
+
+	// CountMicrovmsByState counts the microVMs of every account by state
+	// (for metrics).
+	CountMicrovmsByState(ctx context.Context) (map[MicrovmState]int, error)
+	// DeleteTerminatedMicrovms removes TERMINATED microVMs, of every
+	// account, terminated before cutoff, with their tags, and returns how
+	// many went. Records in any other state are never touched.
+	DeleteTerminatedMicrovms(ctx context.Context, cutoff time.Time) (int, error)
+	// DeleteClientTokens removes idempotency tokens recorded before cutoff
+	// and returns how many went; a request retried with one after that
+	// is a new request.
+	DeleteClientTokens(ctx context.Context, cutoff time.Time) (int, error)
+	// ListAllImageVersions pages through the image versions of every
+	// account, oldest first (for garbage collection).
+	ListAllImageVersions(ctx context.Context, p Page) ([]ImageVersion, string, error)
 
 	// GetTags returns the tags of a resource ARN (empty map if none).
 	GetTags(ctx context.Context, account, arn string) (map[string]string, error)

@@ -152,11 +152,13 @@ func TestJavaScriptSDK(t *testing.T) {
 	t.Logf("e2e.mjs (%v):\n%s", time.Since(scriptStart).Round(100*time.Millisecond), out)
 	if err != nil {
 		t.Errorf("e2e.mjs failed: %v", err)
-		return
 	}
 	// The credentials the guest got from its metadata service sign a
-	// request that the S3 store accepts (and a wrong secret is refused).
-	s3srv.checkCredentials(ctx, t, imdsOut, "kiln-code", "apps/app-v1.zip")
+	// request that the S3 store accepts (and a wrong secret is refused);
+	// checked whenever e2e.mjs got that far.
+	if _, statErr := os.Stat(imdsOut); err == nil || statErr == nil {
+		s3srv.checkCredentials(ctx, t, imdsOut, "kiln-code", "apps/app-v1.zip")
+	}
 }
 
 // adminAccount is the account of the admin key the server created on

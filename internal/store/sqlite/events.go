@@ -271,4 +271,3 @@ func (s *Store) UsageTotals(ctx context.Context, account string, since, until ti
 	}
 	return out, nil
 }
-

@@ -4,7 +4,8 @@
 // themselves, and a pool of readers, which WAL lets run beside the writer.
 // Each record is kept as a JSON document next to the few columns that are
 // queried, so a new field needs no migration; synchronous=FULL makes every
-// commit durable before the call returns.
+// commit durable before the call returns (build log chunks aside: see
+// AppendBuildLog).
 //
 // The database and its WAL and SHM files are mode 0600, and secret access
 // keys are sealed (internal/store/seal) with a key kept outside the
@@ -15,6 +16,7 @@ package sqlite
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -29,6 +31,7 @@ import (
 	_ "modernc.org/sqlite" // registers the "sqlite" driver
 
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/seal"
 )
@@ -263,6 +266,15 @@ var migrations = []string{
 	);`,
 	// 3: lifecycle events and usage intervals (events.go).
 	migrationEventsUsage,
+	// 4: per-account quota overrides (`kiln quotas set`), and an index
+	// that lets the quota check count an account's live microVMs without
+	// reading its terminated ones.
+	`CREATE TABLE IF NOT EXISTS quotas (
+		account TEXT PRIMARY KEY,
+		data TEXT NOT NULL
+	);
+	CREATE INDEX IF NOT EXISTS microvms_by_account_state ON microvms (account, state);
+	CREATE INDEX IF NOT EXISTS builds_by_account_state ON builds (account, state);`,
 }
 
 func (s *Store) migrate(ctx context.Context) error {
@@ -293,6 +305,7 @@ func (s *Store) migrate(ctx context.Context) error {
 
 // tx runs fn in a write transaction (BEGIN IMMEDIATE through _txlock).
 func (s *Store) tx(ctx context.Context, fn func(*sql.Tx) error) error {
+	defer metrics.Since(metrics.StoreOps.WithLabelValues("write"), time.Now())
 	tx, err := s.w.BeginTx(ctx, nil)
 	if err != nil {
 		return fmt.Errorf("beginning transaction: %w", err)
@@ -340,6 +353,7 @@ func limitOf(p store.Page) int {
 // page runs a query that selects (seq, data) ordered by seq and limited to
 // limit+1 rows, decodes the documents and computes the next token.
 func page[T any](ctx context.Context, db *sql.DB, limit int, query string, args ...any) ([]T, string, error) {
+	defer metrics.Since(metrics.StoreOps.WithLabelValues("list"), time.Now())
 	rows, err := db.QueryContext(ctx, query, args...)
 	if err != nil {
 		return nil, "", fmt.Errorf("listing: %w", err)
@@ -374,6 +388,9 @@ func page[T any](ctx context.Context, db *sql.DB, limit int, query string, args 
 func getDoc[T any](ctx context.Context, q interface {
 	QueryRowContext(context.Context, string, ...any) *sql.Row
 }, what, query string, args ...any) (T, error) {
+	if _, ok := q.(*sql.DB); ok { // inside a transaction, tx counts the whole
+		defer metrics.Since(metrics.StoreOps.WithLabelValues("read"), time.Now())
+	}
 	var v T
 	var data string
 	if err := q.QueryRowContext(ctx, query, args...).Scan(&data); err != nil {
@@ -530,7 +547,20 @@ func (s *Store) GetClientToken(ctx context.Context, account, operation, token st
 // Images.
 
 func (s *Store) CreateImage(ctx context.Context, img store.Image, v store.ImageVersion, builds []store.Build, tok *store.ClientToken) error {
+	return s.createImage(ctx, img, v, builds, tok, nil)
+}
+
+func (s *Store) CreateImageWithinQuota(ctx context.Context, img store.Image, v store.ImageVersion, builds []store.Build, tok *store.ClientToken, adm store.Admission) error {
+	return s.createImage(ctx, img, v, builds, tok, &adm)
+}
+
+func (s *Store) createImage(ctx context.Context, img store.Image, v store.ImageVersion, builds []store.Build, tok *store.ClientToken, adm *store.Admission) error {
 	return s.tx(ctx, func(tx *sql.Tx) error {
+		if adm != nil {
+			if err := admit(ctx, tx, img.Account, *adm, store.QuotaUse{Builds: int64(len(builds))}); err != nil {
+				return err
+			}
+		}
 		_, err := tx.ExecContext(ctx, `INSERT INTO images (account, name, next_version, data) VALUES (?, ?, ?, ?)`,
 			img.Account, img.Name, 2, mustJSON(img))
 		if isUnique(err) {
@@ -630,7 +660,20 @@ func (s *Store) DeleteImage(ctx context.Context, account, name string) error {
 // Image versions.
 
 func (s *Store) CreateImageVersion(ctx context.Context, v store.ImageVersion, builds []store.Build, tok *store.ClientToken) (store.ImageVersion, []store.Build, error) {
+	return s.createImageVersion(ctx, v, builds, tok, nil)
+}
+
+func (s *Store) CreateImageVersionWithinQuota(ctx context.Context, v store.ImageVersion, builds []store.Build, tok *store.ClientToken, adm store.Admission) (store.ImageVersion, []store.Build, error) {
+	return s.createImageVersion(ctx, v, builds, tok, &adm)
+}
+
+func (s *Store) createImageVersion(ctx context.Context, v store.ImageVersion, builds []store.Build, tok *store.ClientToken, adm *store.Admission) (store.ImageVersion, []store.Build, error) {
 	err := s.tx(ctx, func(tx *sql.Tx) error {
+		if adm != nil {
+			if err := admit(ctx, tx, v.Account, *adm, store.QuotaUse{Builds: int64(len(builds))}); err != nil {
+				return err
+			}
+		}
 		var next int64
 		var data string
 		err := tx.QueryRowContext(ctx, `SELECT next_version, data FROM images WHERE account = ? AND name = ?`, v.Account, v.ImageName).Scan(&next, &data)
@@ -764,7 +807,26 @@ func (s *Store) AppendBuildLog(ctx context.Context, buildID string, data []byte)
 	if len(data) == 0 {
 		return nil
 	}
-	if _, err := s.w.ExecContext(ctx, `INSERT INTO build_logs (build_id, chunk) VALUES (?, ?)`, buildID, data); err != nil {
+	// Build output is not worth an fsync per chunk on the one writer every
+	// tenant's requests wait on: this commit runs with synchronous=NORMAL
+	// (in WAL mode: durable at the next FULL commit or checkpoint, and
+	// never corrupting), on the writer connection held for the three
+	// statements so no other commit runs with the weaker setting.
+	conn, err := s.w.Conn(ctx)
+	if err != nil {
+		return fmt.Errorf("appending build log: %w", err)
+	}
+	defer conn.Close()
+	if _, err := conn.ExecContext(ctx, `PRAGMA synchronous = NORMAL`); err != nil {
+		return fmt.Errorf("appending build log: %w", err)
+	}
+	_, err = conn.ExecContext(ctx, `INSERT INTO build_logs (build_id, chunk) VALUES (?, ?)`, buildID, data)
+	if _, rerr := conn.ExecContext(context.WithoutCancel(ctx), `PRAGMA synchronous = FULL`); rerr != nil {
+		// A connection left at NORMAL must not serve other commits.
+		conn.Raw(func(any) error { return driver.ErrBadConn })
+		return fmt.Errorf("restoring synchronous=FULL: %w", rerr)
+	}
+	if err != nil {
 		return fmt.Errorf("appending build log: %w", err)
 	}
 	return nil
@@ -809,7 +871,22 @@ func suspendDeadline(m store.Microvm) any {
 }
 
 func (s *Store) CreateMicrovm(ctx context.Context, m store.Microvm, tok *store.ClientToken) error {
+	return s.tx(ctx, func(tx *sql.Tx) error { return insertMicrovm(ctx, tx, m, tok) })
+}
+
+func (s *Store) CreateMicrovmWithinQuota(ctx context.Context, m store.Microvm, tok *store.ClientToken, adm store.Admission) error {
 	return s.tx(ctx, func(tx *sql.Tx) error {
+		// The write transaction is BEGIN IMMEDIATE: no other writer runs
+		// between this count and the insert.
+		if err := admit(ctx, tx, m.Account, adm, store.QuotaUse{Microvms: 1, MemoryMiB: m.MemoryMiB, VCPUs: m.VCPUs}); err != nil {
+			return err
+		}
+		return insertMicrovm(ctx, tx, m, tok)
+	})
+}
+
+func insertMicrovm(ctx context.Context, tx *sql.Tx, m store.Microvm, tok *store.ClientToken) error {
+	{
 		_, err := tx.ExecContext(ctx, `INSERT INTO microvms (id, account, state, image, version, deadline_at, suspend_deadline_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
 			m.ID, m.Account, string(m.State), m.ImageName, m.ImageVersion, m.DeadlineAt.UnixNano(), suspendDeadline(m), mustJSON(m))
 		if isUnique(err) {
@@ -829,7 +906,7 @@ func (s *Store) CreateMicrovm(ctx context.Context, m store.Microvm, tok *store.C
 			return err
 		}
 		return insertToken(ctx, tx, tok)
-	})
+	}
 }
 
 func (s *Store) GetMicrovm(ctx context.Context, account, id string) (store.Microvm, error) {
@@ -929,6 +1006,127 @@ func (s *Store) UpdateMicrovm(ctx context.Context, account, id string, from []st
 	return m, err
 }
 
+func (s *Store) CountMicrovmsByState(ctx context.Context) (map[store.MicrovmState]int, error) {
+	defer metrics.Since(metrics.StoreOps.WithLabelValues("read"), time.Now())
+	rows, err := s.r.QueryContext(ctx, `SELECT state, COUNT(*) FROM microvms GROUP BY state`)
+	if err != nil {
+		return nil, fmt.Errorf("counting microvms: %w", err)
+	}
+	defer rows.Close()
+	out := map[store.MicrovmState]int{}
+	for rows.Next() {
+		var st string
+		var n int
+		if err := rows.Scan(&st, &n); err != nil {
+			return nil, fmt.Errorf("counting microvms: %w", err)
+		}
+		out[store.MicrovmState(st)] = n
+	}
+	return out, rows.Err()
+}
+
+// gcBatch bounds one garbage-collection transaction, so that the single
+// writer is never held for long.
+const gcBatch = 500
+
+func (s *Store) DeleteTerminatedMicrovms(ctx context.Context, cutoff time.Time) (int, error) {
+	total := 0
+	var after int64
+	for {
+		type row struct {
+			seq int64
+			m   store.Microvm
+		}
+		var rows []row
+		err := func() error {
+			rs, err := s.r.QueryContext(ctx, `SELECT seq, data FROM microvms WHERE state = 'TERMINATED' AND seq > ? ORDER BY seq LIMIT ?`, after, gcBatch)
+			if err != nil {
+				return err
+			}
+			defer rs.Close()
+			for rs.Next() {
+				var r row
+				var data string
+				if err := rs.Scan(&r.seq, &data); err != nil {
+					return err
+				}
+				if err := json.Unmarshal([]byte(data), &r.m); err != nil {
+					return fmt.Errorf("decoding microvm: %w", err)
+				}
+				rows = append(rows, r)
+			}
+			return rs.Err()
+		}()
+		if err != nil {
+			return total, fmt.Errorf("listing terminated microvms: %w", err)
+		}
+		if len(rows) == 0 {
+			return total, nil
+		}
+		after = rows[len(rows)-1].seq
+		err = s.tx(ctx, func(tx *sql.Tx) error {
+			for _, r := range rows {
+				t := r.m.UpdatedAt
+				if r.m.TerminatedAt != nil {
+					t = *r.m.TerminatedAt
+				}
+				if !t.Before(cutoff) {
+					continue
+				}
+				// The state is checked again inside the transaction: only
+				// a record still TERMINATED goes (it is final, but this
+				// keeps the promise whatever a future state machine does).
+				res, err := tx.ExecContext(ctx, `DELETE FROM microvms WHERE seq = ? AND state = 'TERMINATED'`, r.seq)
+				if err != nil {
+					return fmt.Errorf("deleting microvm %s: %w", r.m.ID, err)
+				}
+				if n, _ := res.RowsAffected(); n == 0 {
+					continue
+				}
+				if _, err := tx.ExecContext(ctx, `DELETE FROM tags WHERE account = ? AND arn = ?`, r.m.Account, r.m.ARN); err != nil {
+					return fmt.Errorf("deleting tags of microvm %s: %w", r.m.ID, err)
+				}
+				total++
+			}
+			return nil
+		})
+		if err != nil {
+			return total, err
+		}
+		if len(rows) < gcBatch {
+			return total, nil
+		}
+	}
+}
+
+func (s *Store) DeleteClientTokens(ctx context.Context, cutoff time.Time) (int, error) {
+	var total int64
+	for {
+		var n int64
+		err := s.tx(ctx, func(tx *sql.Tx) error {
+			res, err := tx.ExecContext(ctx, `DELETE FROM client_tokens WHERE rowid IN (SELECT rowid FROM client_tokens WHERE created_at < ? LIMIT ?)`, cutoff.UnixNano(), gcBatch)
+			if err != nil {
+				return fmt.Errorf("deleting client tokens: %w", err)
+			}
+			n, _ = res.RowsAffected()
+			return nil
+		})
+		total += n
+		if err != nil || n < gcBatch {
+			return int(total), err
+		}
+	}
+}
+
+func (s *Store) ListAllImageVersions(ctx context.Context, p store.Page) ([]store.ImageVersion, string, error) {
+	after, err := decodeToken(p.Token)
+	if err != nil {
+		return nil, "", err
+	}
+	limit := limitOf(p)
+	return page[store.ImageVersion](ctx, s.r, limit, `SELECT seq, data FROM image_versions WHERE seq > ? ORDER BY seq LIMIT ?`, after, limit+1)
+}
+
 func containsState(list []store.MicrovmState, s store.MicrovmState) bool {
 	for _, x := range list {
 		if x == s {
@@ -978,4 +1176,101 @@ func (s *Store) UntagResource(ctx context.Context, account, arn string, keys []s
 		}
 		return nil
 	})
+}
+
+// Quotas.
+
+type querier interface {
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+}
+
+// admit checks need against the account's quota inside tx.
+func admit(ctx context.Context, tx *sql.Tx, account string, adm store.Admission, need store.QuotaUse) error {
+	o, err := quotaOverride(ctx, tx, account)
+	if err != nil {
+		return err
+	}
+	u, err := quotaUse(ctx, tx, account)
+	if err != nil {
+		return err
+	}
+	u.StorageBytes += adm.OtherStorageBytes
+	return o.Apply(adm.Defaults).Check(account, u, need)
+}
+
+func quotaUse(ctx context.Context, q querier, account string) (store.QuotaUse, error) {
+	var u store.QuotaUse
+	if err := q.QueryRowContext(ctx, `SELECT COUNT(*), COALESCE(SUM(json_extract(data, '$.memoryMiB')), 0), COALESCE(SUM(json_extract(data, '$.vcpus')), 0)
+		FROM microvms WHERE account = ? AND state != 'TERMINATED'`, account).Scan(&u.Microvms, &u.MemoryMiB, &u.VCPUs); err != nil {
+		return u, fmt.Errorf("counting microvms: %w", err)
+	}
+	if err := q.QueryRowContext(ctx, `SELECT COUNT(*) FROM builds WHERE account = ? AND state IN ('PENDING', 'IN_PROGRESS')`, account).Scan(&u.Builds); err != nil {
+		return u, fmt.Errorf("counting builds: %w", err)
+	}
+	if err := q.QueryRowContext(ctx, `SELECT COALESCE(SUM(COALESCE(json_extract(data, '$.snapshotBuild.memorySnapshotSizeInBytes'), 0)
+		+ COALESCE(json_extract(data, '$.snapshotBuild.diskSnapshotSizeInBytes'), 0)), 0)
+		FROM builds WHERE account = ? AND state = 'SUCCESSFUL'`, account).Scan(&u.SnapshotBytes); err != nil {
+		return u, fmt.Errorf("adding up snapshot sizes: %w", err)
+	}
+	u.StorageBytes = u.SnapshotBytes
+	return u, nil
+}
+
+func quotaOverride(ctx context.Context, q querier, account string) (store.QuotaOverride, error) {
+	var o store.QuotaOverride
+	var data string
+	err := q.QueryRowContext(ctx, `SELECT data FROM quotas WHERE account = ?`, account).Scan(&data)
+	if errors.Is(err, sql.ErrNoRows) {
+		return o, nil
+	}
+	if err != nil {
+		return o, fmt.Errorf("reading quota: %w", err)
+	}
+	if err := json.Unmarshal([]byte(data), &o); err != nil {
+		return o, fmt.Errorf("decoding quota: %w", err)
+	}
+	return o, nil
+}
+
+func (s *Store) QuotaUsage(ctx context.Context, account string) (store.QuotaUse, error) {
+	return quotaUse(ctx, s.r, account)
+}
+
+func (s *Store) GetQuotaOverride(ctx context.Context, account string) (store.QuotaOverride, error) {
+	return quotaOverride(ctx, s.r, account)
+}
+
+func (s *Store) SetQuotaOverride(ctx context.Context, account string, o store.QuotaOverride) error {
+	if o == (store.QuotaOverride{}) {
+		if _, err := s.w.ExecContext(ctx, `DELETE FROM quotas WHERE account = ?`, account); err != nil {
+			return fmt.Errorf("removing quota: %w", err)
+		}
+		return nil
+	}
+	if _, err := s.w.ExecContext(ctx, `INSERT INTO quotas (account, data) VALUES (?, ?) ON CONFLICT (account) DO UPDATE SET data = excluded.data`,
+		account, mustJSON(o)); err != nil {
+		return fmt.Errorf("setting quota: %w", err)
+	}
+	return nil
+}
+
+func (s *Store) ListQuotaOverrides(ctx context.Context) (map[string]store.QuotaOverride, error) {
+	rows, err := s.r.QueryContext(ctx, `SELECT account, data FROM quotas ORDER BY account`)
+	if err != nil {
+		return nil, fmt.Errorf("listing quotas: %w", err)
+	}
+	defer rows.Close()
+	out := map[string]store.QuotaOverride{}
+	for rows.Next() {
+		var a, data string
+		if err := rows.Scan(&a, &data); err != nil {
+			return nil, fmt.Errorf("listing quotas: %w", err)
+		}
+		var o store.QuotaOverride
+		if err := json.Unmarshal([]byte(data), &o); err != nil {
+			return nil, fmt.Errorf("decoding quota of %s: %w", a, err)
+		}
+		out[a] = o
+	}
+	return out, rows.Err()
 }

@@ -165,3 +165,30 @@ func TestModesRestored(t *testing.T) {
 		}
 	}
 }
+
+// TestBuildLogLeavesWriterFull: a build log chunk commits with
+// synchronous=NORMAL, and the writer connection is back at FULL for every
+// other commit after it.
+func TestBuildLogLeavesWriterFull(t *testing.T) {
+	ctx := context.Background()
+	s, err := Open(ctx, filepath.Join(t.TempDir(), "kiln.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for i := 0; i < 3; i++ {
+		if err := s.AppendBuildLog(ctx, "b", []byte("line\n")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var mode int
+	if err := s.w.QueryRowContext(ctx, `PRAGMA synchronous`).Scan(&mode); err != nil {
+		t.Fatal(err)
+	}
+	if mode != 2 {
+		t.Fatalf("writer synchronous = %d after build log appends, want 2 (FULL)", mode)
+	}
+	if got, _ := s.ReadBuildLog(ctx, "b", 0, 100); string(got) != "line\nline\nline\n" {
+		t.Errorf("log = %q", got)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -28,6 +29,9 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"client tokens", clientTokens},
 		{"tags", tags},
 		{"settings", settings},
+		{"quota race", quotaRace},
+		{"quotas", quotas},
+		{"garbage collection", collect},
 		{"events", events},
 		{"usage", usage},
 	}
@@ -342,5 +346,202 @@ func tags(t *testing.T, s store.Store) {
 	}
 	if got, _ := s.GetTags(ctx, "B", "arn:x"); len(got) != 0 {
 		t.Errorf("another account sees tags: %v", got)
+	}
+}
+
+// quotaRace: 20 concurrent creates against a quota of 5 store exactly 5;
+// the check and the insert are one transaction.
+func quotaRace(t *testing.T, s store.Store) {
+	now := time.Now().UTC()
+	adm := store.Admission{Defaults: store.Quota{Microvms: 5, MemoryMiB: -1, VCPUs: -1, Builds: -1, StorageBytes: -1}}
+	var wg sync.WaitGroup
+	errs := make([]error, 20)
+	for i := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = s.CreateMicrovmWithinQuota(ctx, newVM("A", fmt.Sprintf("race%d", i), now), nil, adm)
+		}()
+	}
+	wg.Wait()
+	ok := 0
+	for _, err := range errs {
+		var qe *store.QuotaError
+		switch {
+		case err == nil:
+			ok++
+		case errors.As(err, &qe) && errors.Is(err, errdefs.ErrExhausted):
+			if qe.Quota != store.QuotaMicrovms || qe.Limit != 5 || qe.Used != 5 || qe.Requested != 1 {
+				t.Errorf("QuotaError = %+v", qe)
+			}
+		default:
+			t.Errorf("create: %v", err)
+		}
+	}
+	n, err := s.CountMicrovms(ctx, "A")
+	must(t, err)
+	if ok != 5 || n != 5 {
+		t.Fatalf("%d creates succeeded and %d microvms stored, want 5 and 5", ok, n)
+	}
+}
+
+func quotas(t *testing.T, s store.Store) {
+	now := time.Now().UTC()
+	none := int64(-1)
+	def := store.Quota{Microvms: 10, MemoryMiB: 2048, VCPUs: 3, Builds: 1, StorageBytes: 1000}
+	adm := store.Admission{Defaults: def}
+	vm := func(id string, mem, cpus int64) store.Microvm {
+		m := newVM("A", id, now)
+		m.MemoryMiB, m.VCPUs = mem, cpus
+		return m
+	}
+	must(t, s.CreateMicrovmWithinQuota(ctx, vm("m1", 1024, 1), nil, adm))
+	must(t, s.CreateMicrovmWithinQuota(ctx, vm("m2", 512, 1), nil, adm))
+	var qe *store.QuotaError
+	if err := s.CreateMicrovmWithinQuota(ctx, vm("m3", 1024, 1), nil, adm); !errors.As(err, &qe) || qe.Quota != store.QuotaMemoryMiB || qe.Used != 1536 || qe.Limit != 2048 || qe.Requested != 1024 {
+		t.Fatalf("over the memory quota: %v", err)
+	}
+	if err := s.CreateMicrovmWithinQuota(ctx, vm("m3", 512, 2), nil, adm); !errors.As(err, &qe) || qe.Quota != store.QuotaVCPUs {
+		t.Fatalf("over the vcpu quota: %v", err)
+	}
+	// A terminated microVM frees its share.
+	_, err := s.UpdateMicrovm(ctx, "A", "m1", nil, func(m *store.Microvm) error { m.SetState(store.StateTerminated, "x", now); return nil })
+	must(t, err)
+	must(t, s.CreateMicrovmWithinQuota(ctx, vm("m3", 1024, 1), nil, adm))
+	// Another account is not counted.
+	bvm := vm("b1", 2048, 3)
+	bvm.Account = "B"
+	must(t, s.CreateMicrovmWithinQuota(ctx, bvm, nil, adm))
+
+	u, err := s.QuotaUsage(ctx, "A")
+	must(t, err)
+	if u.Microvms != 2 || u.MemoryMiB != 1536 || u.VCPUs != 2 {
+		t.Errorf("QuotaUsage = %+v", u)
+	}
+
+	// An override applies over the defaults, field by field, and persists.
+	two := int64(2)
+	must(t, s.SetQuotaOverride(ctx, "A", store.QuotaOverride{Microvms: &two, MemoryMiB: &none}))
+	o, err := s.GetQuotaOverride(ctx, "A")
+	must(t, err)
+	if q := o.Apply(def); q.Microvms != 2 || q.MemoryMiB != -1 || q.VCPUs != 3 {
+		t.Errorf("override applied = %+v", q)
+	}
+	if err := s.CreateMicrovmWithinQuota(ctx, vm("m4", 1, 0), nil, adm); !errors.As(err, &qe) || qe.Quota != store.QuotaMicrovms || qe.Limit != 2 {
+		t.Fatalf("over the overridden microvm quota: %v", err)
+	}
+	all, err := s.ListQuotaOverrides(ctx)
+	must(t, err)
+	if len(all) != 1 || all["A"].Microvms == nil || *all["A"].Microvms != 2 {
+		t.Errorf("ListQuotaOverrides = %v", all)
+	}
+	must(t, s.SetQuotaOverride(ctx, "A", store.QuotaOverride{}))
+	if all, _ := s.ListQuotaOverrides(ctx); len(all) != 0 {
+		t.Errorf("an empty override was kept: %v", all)
+	}
+
+	// Builds: one concurrent build; a successful build's snapshot counts
+	// as storage, and a full account may not start another.
+	img, v, b := newImage("A", "q")
+	b[0].ID = "q-b1"
+	must(t, s.CreateImageWithinQuota(ctx, img, v, b, nil, adm))
+	nv := v
+	nb := []store.Build{{Account: "A", ImageName: "q", ID: "q-b2", State: store.BuildPending}}
+	if _, _, err := s.CreateImageVersionWithinQuota(ctx, nv, nb, nil, adm); !errors.As(err, &qe) || qe.Quota != store.QuotaBuilds || qe.Used != 1 {
+		t.Fatalf("over the build quota: %v", err)
+	}
+	mem, disk := int64(600), int64(500)
+	b[0].State, b[0].Snapshot = store.BuildSuccessful, &store.SnapshotBuild{MemorySnapshotSizeInBytes: &mem, DiskSnapshotSizeInBytes: &disk}
+	must(t, s.UpdateBuild(ctx, b[0]))
+	u, err = s.QuotaUsage(ctx, "A")
+	must(t, err)
+	if u.Builds != 0 || u.SnapshotBytes != 1100 || u.StorageBytes != 1100 {
+		t.Errorf("QuotaUsage after the build = %+v", u)
+	}
+	if _, _, err := s.CreateImageVersionWithinQuota(ctx, nv, nb, nil, adm); !errors.As(err, &qe) || qe.Quota != store.QuotaStorageBytes || qe.Used != 1100 {
+		t.Fatalf("over the storage quota: %v", err)
+	}
+	// Bytes outside the store count too.
+	adm.Defaults.StorageBytes = 1200
+	if _, _, err := s.CreateImageVersionWithinQuota(ctx, nv, nb, nil, store.Admission{Defaults: adm.Defaults, OtherStorageBytes: 100}); !errors.As(err, &qe) || qe.Quota != store.QuotaStorageBytes || qe.Used != 1200 {
+		t.Fatalf("over the storage quota with uploads: %v", err)
+	}
+	if _, _, err := s.CreateImageVersionWithinQuota(ctx, nv, nb, nil, adm); err != nil {
+		t.Fatalf("within quota: %v", err)
+	}
+	if _, err := s.GetBuild(ctx, "A", "q", "2", "q-b2"); err != nil {
+		t.Errorf("the admitted version's build: %v", err)
+	}
+}
+
+// collect: only TERMINATED records older than the cutoff go (with their
+// tags), only tokens older than it, and counts by state are right.
+func collect(t *testing.T, s store.Store) {
+	now := time.Now().UTC()
+	old, recent := now.Add(-48*time.Hour), now.Add(-time.Hour)
+	cutoff := now.Add(-24 * time.Hour)
+	mk := func(id string, st store.MicrovmState, at time.Time) {
+		m := newVM("A", id, at)
+		m.ARN = "arn:" + id
+		tok := &store.ClientToken{Account: "A", Operation: "RunMicrovm", Token: "tok-" + id, InputHash: "h", ResourceID: id, CreatedAt: at}
+		must(t, s.CreateMicrovm(ctx, m, tok))
+		must(t, s.TagResource(ctx, "A", m.ARN, map[string]string{"k": "v"}))
+		if st != store.StatePending {
+			_, err := s.UpdateMicrovm(ctx, "A", id, nil, func(m *store.Microvm) error { m.SetState(st, "test", at); return nil })
+			must(t, err)
+		}
+	}
+	mk("old-terminated", store.StateTerminated, old)
+	mk("recent-terminated", store.StateTerminated, recent)
+	mk("old-suspended", store.StateSuspended, old)
+	mk("old-running", store.StateRunning, old)
+
+	counts, err := s.CountMicrovmsByState(ctx)
+	must(t, err)
+	if counts[store.StateTerminated] != 2 || counts[store.StateSuspended] != 1 || counts[store.StateRunning] != 1 {
+		t.Errorf("CountMicrovmsByState = %v", counts)
+	}
+	n, err := s.DeleteTerminatedMicrovms(ctx, cutoff)
+	must(t, err)
+	if n != 1 {
+		t.Errorf("DeleteTerminatedMicrovms removed %d, want 1", n)
+	}
+	_, err = s.GetMicrovm(ctx, "A", "old-terminated")
+	is(t, err, errdefs.ErrNotFound)
+	if tags, _ := s.GetTags(ctx, "A", "arn:old-terminated"); len(tags) != 0 {
+		t.Errorf("tags of a deleted microvm stay: %v", tags)
+	}
+	for _, id := range []string{"recent-terminated", "old-suspended", "old-running"} {
+		if _, err := s.GetMicrovm(ctx, "A", id); err != nil {
+			t.Errorf("%s: %v", id, err)
+		}
+	}
+	n, err = s.DeleteClientTokens(ctx, cutoff)
+	must(t, err)
+	if n != 3 {
+		t.Errorf("DeleteClientTokens removed %d, want 3", n)
+	}
+	_, err = s.GetClientToken(ctx, "A", "RunMicrovm", "tok-old-running")
+	is(t, err, errdefs.ErrNotFound)
+	if _, err := s.GetClientToken(ctx, "A", "RunMicrovm", "tok-recent-terminated"); err != nil {
+		t.Errorf("recent token: %v", err)
+	}
+
+	img, v, b := newImage("A", "app")
+	must(t, s.CreateImage(ctx, img, v, b, nil))
+	img2, v2, b2 := newImage("B", "other")
+	must(t, s.CreateImage(ctx, img2, v2, b2, nil))
+	vs, next, err := s.ListAllImageVersions(ctx, store.Page{Limit: 1})
+	must(t, err)
+	if len(vs) != 1 || next == "" {
+		t.Fatalf("ListAllImageVersions page 1 = %d, %q", len(vs), next)
+	}
+	vs2, next, err := s.ListAllImageVersions(ctx, store.Page{Limit: 1, Token: next})
+	must(t, err)
+	if len(vs2) != 1 || vs2[0].Account == vs[0].Account {
+		t.Errorf("ListAllImageVersions page 2 = %+v", vs2)
+	}
+	if more, _, _ := s.ListAllImageVersions(ctx, store.Page{Limit: 1, Token: next}); next != "" && len(more) != 0 {
+		t.Errorf("a third page: %+v", more)
 	}
 }

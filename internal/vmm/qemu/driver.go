@@ -40,6 +40,10 @@ type Config struct {
 	AgentBinary string // the static kiln-agent put into the initramfs
 	// BootTimeout bounds a cold boot until the agent answers.
 	BootTimeout time.Duration
+	// BootIDPath is where the host's boot id is read (default
+	// /proc/sys/kernel/random/boot_id); tests point it at a file to
+	// simulate a host reboot.
+	BootIDPath string
 	// Console, if set, returns where the serial console of VM id goes
 	// besides the in-memory ring of its last 64 KiB (the engine's
 	// durable log). Its writers must not block.
@@ -335,3 +339,20 @@ func (d *Driver) Agent(ctx context.Context, id string) (*client.Client, error) {
 }
 
 func errorsIsNotExist(err error) bool { return errors.Is(err, os.ErrNotExist) }
+
+// CheckSuspended reports which of a suspended VM's saved files is
+// missing (its memory, device state or disk), or nil if all are there.
+func (d *Driver) CheckSuspended(ctx context.Context, id string) error {
+	v, err := d.get(id)
+	if err != nil {
+		return err
+	}
+	for _, f := range []struct{ name, what string }{
+		{"mem", "memory"}, {"state", "device state"}, {"disk.qcow2", "disk"},
+	} {
+		if _, err := os.Stat(v.path(f.name)); err != nil {
+			return fmt.Errorf("its saved %s (%s) is gone: %w", f.what, f.name, errdefs.ErrNotFound)
+		}
+	}
+	return nil
+}

@@ -252,7 +252,16 @@ func (v *vm) snapshotInto(ctx context.Context, dir string) (vmm.Template, error)
 	if err := writeFileAtomic(filepath.Join(dir, "template.json"), b); err != nil {
 		return vmm.Template{}, err
 	}
-	return t, os.Remove(marker)
+	if err := os.Remove(marker); err != nil {
+		return t, err
+	}
+	// The renames and the marker's removal reach the disk with the
+	// directory: a host crash must not bring back an "incomplete" template
+	// or lose one a version was recorded with.
+	if err := syncFiles(filepath.Join(dir, "overlay.qcow2"), dir); err != nil {
+		return t, err
+	}
+	return t, nil
 }
 
 // shareTemplateMem makes a template's memory file root's and readable to
@@ -493,7 +502,7 @@ func (v *vm) suspend(ctx context.Context) error {
 	v.meta.MemPrivate = false // from now on the VM owns its memory file
 	v.meta.PID, v.meta.PIDStart = 0, 0
 	v.meta.SuspendGen++
-	v.meta.HostBootID = hostBootID()
+	v.meta.HostBootID = v.d.hostBootID()
 	gen := v.meta.SuspendGen
 	v.mu.Unlock()
 	if err := v.setState(vmm.StateSuspended, ""); err != nil {
@@ -508,12 +517,10 @@ func (v *vm) suspend(ctx context.Context) error {
 // memory lives in the page cache, which survives QEMU and kiln but not a
 // host crash, and Recover knows the difference by the host's boot id.
 func (v *vm) persistMemory(gen uint64) {
-	f, err := os.OpenFile(v.path("mem"), os.O_RDONLY, 0)
-	if err != nil {
-		return
-	}
-	err = f.Sync()
-	f.Close()
+	// The memory, the device state and the disk, then the directory that
+	// holds their names: all of it must survive a host reboot for the VM
+	// to resume after one.
+	err := syncFiles(v.path("mem"), v.path("state"), v.path("disk.qcow2"), v.dir)
 	if err != nil {
 		v.log.Warn("flushing suspended memory", "err", err)
 		return
@@ -531,8 +538,12 @@ func (v *vm) persistMemory(gen uint64) {
 }
 
 // hostBootID identifies the host's current boot.
-func hostBootID() string {
-	b, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+func (d *Driver) hostBootID() string {
+	p := d.cfg.BootIDPath
+	if p == "" {
+		p = "/proc/sys/kernel/random/boot_id"
+	}
+	b, _ := os.ReadFile(p)
 	return strings.TrimSpace(string(b))
 }
 

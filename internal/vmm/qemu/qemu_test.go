@@ -485,7 +485,7 @@ func TestRecoverDropsMemoryLostInAHostCrash(t *testing.T) {
 		wantKept bool
 	}{
 		{"flushed before the crash", 1, "an-earlier-boot", true},
-		{"not flushed, same boot", 0, hostBootID(), true},
+		{"not flushed, same boot", 0, (&Driver{}).hostBootID(), true},
 		{"not flushed, host restarted", 0, "an-earlier-boot", false},
 	}
 	for i, tt := range tests {

@@ -90,7 +90,7 @@ func (d *Driver) recoverOne(ctx context.Context, dir string) (string, string, in
 		if !fileExists(v.path("state")) || !fileExists(v.path("mem")) || !fileExists(v.path("disk.qcow2")) {
 			return remove("suspended but its files are incomplete")
 		}
-		if m.DurableGen != m.SuspendGen && m.HostBootID != hostBootID() {
+		if m.DurableGen != m.SuspendGen && m.HostBootID != d.hostBootID() {
 			return remove("suspended, but the host restarted before its memory reached the disk")
 		}
 		v.meta.State, v.meta.Phase, v.meta.PID, v.meta.PIDStart = vmm.StateSuspended, "", 0, 0

@@ -1,0 +1,82 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"testing"
+
+	"github.com/spf13/pflag"
+
+	"github.com/kiln-sandbox/kiln/internal/store"
+)
+
+// TestQuotasCommand: `kiln quotas set` changes only the limits given,
+// keeps them durably, --reset drops them, and `kiln quotas get` shows the
+// recorded server defaults with the account's own limits marked.
+func TestQuotasCommand(t *testing.T) {
+	dir := t.TempDir()
+	old := dataDir
+	dataDir = dir
+	defer func() { dataDir = old }()
+	ctx := context.Background()
+	run := func(args ...string) string {
+		t.Helper()
+		// One process runs one command; here flags must start afresh.
+		for _, c := range rootCmd.Commands() {
+			for _, sub := range c.Commands() {
+				sub.LocalNonPersistentFlags().VisitAll(func(f *pflag.Flag) {
+					f.Value.Set(f.DefValue)
+					f.Changed = false
+				})
+			}
+		}
+		var out bytes.Buffer
+		rootCmd.SetOut(&out)
+		// Never the real data directory, whatever flag state is left.
+		rootCmd.SetArgs(append(args, "--data-dir", dir))
+		if err := rootCmd.ExecuteContext(ctx); err != nil {
+			t.Fatalf("kiln %v: %v", args, err)
+		}
+		return out.String()
+	}
+	override := func() store.QuotaOverride {
+		st, err := openStore(ctx, dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer st.Close()
+		o, err := st.GetQuotaOverride(ctx, "111111111111")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return o
+	}
+	st, err := openStore(ctx, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.SetSetting(ctx, SettingQuotaDefaults, `{"microvms":7,"memoryMiB":100,"vcpus":2,"builds":1,"storageBytes":1000}`); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+
+	run("quotas", "set", "111111111111", "--microvms", "3", "--memory-mib", "-1")
+	out := run("quotas", "set", "111111111111", "--vcpus", "4")
+	o := override()
+	if o.Microvms == nil || *o.Microvms != 3 || o.MemoryMiB == nil || *o.MemoryMiB != -1 || o.VCPUs == nil || *o.VCPUs != 4 || o.Builds != nil || o.StorageBytes != nil {
+		t.Fatalf("override = %+v", o)
+	}
+	for _, want := range []string{"Microvms          3 (set)", "MemoryMiB         none (set)", "Vcpus             4 (set)", "ConcurrentBuilds  1  ", "StorageBytes      1000  "} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	run("quotas", "set", "111111111111", "--reset")
+	if o := override(); o != (store.QuotaOverride{}) {
+		t.Errorf("after --reset: %+v", o)
+	}
+	if out := run("quotas", "get", "111111111111"); !strings.Contains(out, "Microvms          7  ") {
+		t.Errorf("get after reset:\n%s", out)
+	}
+}

@@ -1,0 +1,139 @@
+package api
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"github.com/kiln-sandbox/kiln/internal/metrics"
+	"io/fs"
+	"os"
+	"path/filepath"
+
+	"github.com/kiln-sandbox/kiln/internal/store"
+)
+
+// DefaultQuota is what each account may use when the operator set nothing
+// (flags --quota-*): sized so that one tenant cannot take a whole
+// 24 GiB host alone, and a few tenants each fit comfortably.
+var DefaultQuota = store.Quota{
+	Microvms:     20,
+	MemoryMiB:    32768,
+	VCPUs:        32,
+	Builds:       4,
+	StorageBytes: 50 << 30,
+}
+
+// DefaultMicrovmMemoryMiB is the guest memory of an image version whose
+// builds recorded none (the image builder's default size).
+const DefaultMicrovmMemoryMiB = 2048
+
+// HostAdmitter is optionally implemented by a Backend that bounds what the
+// host commits (guest memory). AdmitMemory says, without reserving, whether
+// a guest of memMiB fits now; the API asks it before recording a
+// RunMicrovm, so that a refusal leaves no record. The backend must check
+// again (and reserve) in StartMicrovm and ResumeMicrovm, which may then
+// refuse too. Errors wrap errdefs.ErrExhausted and name committed,
+// requested and allowed MiB.
+type HostAdmitter interface {
+	AdmitMemory(ctx context.Context, memMiB int64) error
+}
+
+// quotaError is the AWS shape of a refusal: ServiceQuotaExceededException
+// for an account's quota, ServiceUnavailableException (503, retryable) when
+// the host is full.
+func quotaError(err error) *Error {
+	var qe *store.QuotaError
+	if errors.As(err, &qe) {
+		metrics.QuotaRefusals.WithLabelValues(qe.Quota).Inc()
+		return &Error{Status: 402, Type: "ServiceQuotaExceededException", Message: qe.Error(),
+			ServiceCode: "lambda", QuotaCode: qe.Quota}
+	}
+	return &Error{Status: 503, Type: "ServiceUnavailableException", Message: err.Error(), RetryAfter: 10}
+}
+
+// admission is what the store needs to check the account's quota with
+// the create.
+func (s *Server) admission(account string) (store.Admission, error) {
+	n, err := s.artifactBytes(account)
+	if err != nil {
+		return store.Admission{}, err
+	}
+	return store.Admission{Defaults: s.cfg.Quota, OtherStorageBytes: n}, nil
+}
+
+// artifactBytes adds up the sizes of the account's uploaded code packages
+// (finished and in progress): the storage the store cannot see.
+func (s *Server) artifactBytes(account string) (int64, error) {
+	if s.cfg.ArtifactDir == "" {
+		return 0, nil
+	}
+	var n int64
+	err := filepath.WalkDir(filepath.Join(s.cfg.ArtifactDir, account), func(_ string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				return nil
+			}
+			return err
+		}
+		if d.Type().IsRegular() {
+			if fi, err := d.Info(); err == nil {
+				n += fi.Size()
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("measuring uploads: %w", err)
+	}
+	return n, nil
+}
+
+// Quota returns an account's effective limits and what it uses (uploads
+// included).
+func (s *Server) Quota(ctx context.Context, account string) (store.Quota, store.QuotaUse, error) {
+	o, err := s.st.GetQuotaOverride(ctx, account)
+	if err != nil {
+		return store.Quota{}, store.QuotaUse{}, err
+	}
+	u, err := s.st.QuotaUsage(ctx, account)
+	if err != nil {
+		return store.Quota{}, store.QuotaUse{}, err
+	}
+	n, err := s.artifactBytes(account)
+	if err != nil {
+		return store.Quota{}, store.QuotaUse{}, err
+	}
+	u.StorageBytes += n
+	return o.Apply(s.cfg.Quota), u, nil
+}
+
+// getQuota is a kiln extension: the caller's limits and usage.
+func (s *Server) getQuota(ctx context.Context, c *call) (any, error) {
+	q, u, err := s.Quota(ctx, c.account)
+	if err != nil {
+		return nil, err
+	}
+	return map[string]any{"account": c.account, "limits": q, "usage": u}, nil
+}
+
+// microvmSize is the guest memory and vCPUs a microVM of v gets: what its
+// builds recorded (the snapshot's memory), else the image's
+// minimumMemoryInMiB, else the builder's default.
+func (s *Server) microvmSize(ctx context.Context, v store.ImageVersion) (mem, vcpus int64, err error) {
+	builds, _, err := s.st.ListBuilds(ctx, v.Account, v.ImageName, v.Version, store.Page{Limit: 100})
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, b := range builds {
+		if b.Snapshot != nil && b.Snapshot.MemorySnapshotSizeInBytes != nil {
+			mem = max(mem, *b.Snapshot.MemorySnapshotSizeInBytes>>20)
+		}
+	}
+	if mem == 0 && len(v.Config.Resources) > 0 {
+		mem = v.Config.Resources[0].MinimumMemoryInMiB
+	}
+	if mem == 0 {
+		mem = DefaultMicrovmMemoryMiB
+	}
+	return mem, int64(s.cfg.MicrovmVCPUs), nil
+}
