@@ -206,11 +206,18 @@ func (ib *imageBuilder) Build(ctx context.Context, req engine.BuildRequest) (eng
 		r.Source = cfg.CodeArtifact.URI
 	}
 	if len(cfg.Resources) > 0 {
-		mem, err := imagebuild.MemoryFor(cfg.Resources[0].MinimumMemoryInMiB)
+		// The largest of the sizes asked for; the snapshot records it and
+		// the vCPUs it implies, so every microVM of the version runs so.
+		var most int64
+		for _, res := range cfg.Resources {
+			most = max(most, res.MinimumMemoryInMiB)
+		}
+		mem, err := imagebuild.MemoryFor(most)
 		if err != nil {
 			return engine.BuildResult{}, &buildFailure{reason: "resources: " + err.Error(), err: err}
 		}
 		r.MemoryMiB = mem
+		r.VCPUs = api.VCPUsFor(int64(mem))
 	}
 	if h := cfg.Hooks; h != nil {
 		if h.Port != nil {

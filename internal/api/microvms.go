@@ -316,6 +316,12 @@ func (s *Server) listMicrovms(ctx context.Context, c *call) (any, error) {
 	var f store.MicrovmFilter
 	if ident := q.Get("imageIdentifier"); ident != "" {
 		if f.ImageName, err = resolve(c, kindImage, "imageIdentifier", ident); err != nil {
+			// A malformed identifier is the caller's mistake; an image
+			// of another account simply has no microVMs the caller sees.
+			var ae *Error
+			if errors.As(err, &ae) && ae.Type == "ValidationException" {
+				return nil, err
+			}
 			return listOut[microvmItem]{Items: []microvmItem{}}, nil
 		}
 	}

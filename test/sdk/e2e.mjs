@@ -118,8 +118,11 @@ ok(images.items.length === 1 && images.items[0].name === name, "ListMicrovmImage
 
 // Start the second version's build now: it runs while the microVMs below
 // do their work.
+// Version 2 asks for 4096 MiB, a size that comes with 2 vCPUs (AWS: 0.25
+// vCPU per 512 MiB); version 1 has the default 2048 MiB and 1 vCPU.
 const upd = await send(new sdk.UpdateMicrovmImageCommand({ imageIdentifier: name, baseImageArn, buildRoleArn: role,
-  codeArtifact: { uri: process.env.KILN_CODE_URI_2 }, environmentVariables: { GREETING: "hi" }, description: "v2" }));
+  codeArtifact: { uri: process.env.KILN_CODE_URI_2 }, environmentVariables: { GREETING: "hi" }, description: "v2",
+  cpuConfigurations: [{ architecture: build.architecture }], resources: [{ minimumMemoryInMiB: 4096 }] }));
 ok(upd.imageVersion === "2", "UpdateMicrovmImage v2");
 
 // Run a microVM and take it through its states.
@@ -148,6 +151,8 @@ const auth = tok.authToken;
 ok((await fetchEndpoint(run.endpoint, "/hello")).status === 401, "endpoint refuses a request without a token");
 let r = await fetchEndpoint(run.endpoint, "/hello", auth);
 ok(r.status === 200 && r.body === "hello hi from v1", `endpoint answers: ${r.status} ${r.body}`);
+r = await fetchEndpoint(run.endpoint, "/size", auth);
+ok(r.status === 200 && r.body.startsWith("cpus=1 "), `a 2048 MiB microVM has 1 vCPU: ${r.body}`);
 r = await fetchEndpoint(run.endpoint, "/payload", auth);
 ok(r.body === payload, `run hook got the payload: ${r.body}`);
 r = await fetchEndpoint(run.endpoint, "/count", auth);
@@ -215,6 +220,30 @@ const tags = await send(new sdk.ListTagsCommand({ Resource: arn }));
 ok(tags.Tags.owner === "e2e" && !("tmp" in tags.Tags), "tags");
 
 // Errors.
+// Validation comes first, from the model, before any lookup: a bad input
+// for a resource that does not exist is a ValidationException, not a 404.
+await expectError("ValidationException", 400, () => send(new sdk.UpdateMicrovmImageVersionCommand({ imageIdentifier: "no-such-image", imageVersion: "1", status: "RETIRED" })),
+  "1 validation error detected: Value 'RETIRED' at 'status' failed to satisfy constraint: Member must satisfy enum value set: [ACTIVE, INACTIVE]");
+await expectError("ValidationException", 400, () => send(new sdk.CreateMicrovmAuthTokenCommand({ microvmIdentifier: "mvm-doesnotexist", expirationInMinutes: 61, allowedPorts: [] })),
+  "2 validation errors detected");
+await expectError("ValidationException", 400, () => send(new sdk.CreateMicrovmShellAuthTokenCommand({ microvmIdentifier: "mvm-doesnotexist", expirationInMinutes: 0 })), "expirationInMinutes");
+await expectError("ValidationException", 400, () => send(new sdk.ListMicrovmImageBuildsCommand({ imageIdentifier: "no-such-image", imageVersion: "1", maxResults: 51 })), "maxResults");
+await expectError("ValidationException", 400, () => send(new sdk.UpdateMicrovmImageCommand({ imageIdentifier: "no-such-image", baseImageArn, buildRoleArn: role,
+  codeArtifact: { uri: process.env.KILN_CODE_URI }, description: "d".repeat(257) })), "at 'description'");
+await expectError("ValidationException", 400, () => send(new sdk.ListMicrovmImageVersionsCommand({ imageIdentifier: "no-such-image", nextToken: "t".repeat(1025) })), "nextToken");
+// Sizes AWS does not offer, and another architecture than the host's.
+await expectError("ValidationException", 400, () => send(new sdk.CreateMicrovmImageCommand({ name: `${name}-m`, baseImageArn, buildRoleArn: role,
+  codeArtifact: { uri: process.env.KILN_CODE_URI }, resources: [{ minimumMemoryInMiB: 3000 }] })), "Member must satisfy enum value set: [512, 1024, 2048, 4096, 8192]");
+const otherArch = build.architecture === "X86_64" ? "ARM_64" : "X86_64";
+await expectError("ValidationException", 400, () => send(new sdk.CreateMicrovmImageCommand({ name: `${name}-a`, baseImageArn, buildRoleArn: role,
+  codeArtifact: { uri: process.env.KILN_CODE_URI }, cpuConfigurations: [{ architecture: otherArch }] })), `builds and runs only ${build.architecture}`);
+// Lists: a filter applies before paging; a malformed image identifier is
+// refused.
+const noBuilds = await send(new sdk.ListMicrovmImageBuildsCommand({ imageIdentifier: name, imageVersion: "1", architecture: otherArch, maxResults: 1 }));
+ok(noBuilds.items.length === 0 && !noBuilds.nextToken, "no builds of another architecture, and no nextToken");
+const hostBuilds = await send(new sdk.ListMicrovmImageBuildsCommand({ imageIdentifier: name, imageVersion: "1", architecture: build.architecture, maxResults: 1 }));
+ok(hostBuilds.items.length === 1, "the host architecture's build");
+await expectError("ValidationException", 400, () => send(new sdk.ListMicrovmsCommand({ imageIdentifier: "arn:aws:lambda:bogus" })), "imageIdentifier");
 await expectError("ResourceNotFoundException", 404, () => send(new sdk.GetMicrovmCommand({ microvmIdentifier: "mvm-doesnotexist" })));
 await expectError("ResourceNotFoundException", 404, () => send(new sdk.RunMicrovmCommand({ imageIdentifier: "no-such-image" })));
 await expectError("ValidationException", 400, () => send(new sdk.RunMicrovmCommand({ imageIdentifier: name, idlePolicy: { maxIdleDurationSeconds: 10, suspendedDurationSeconds: 0, autoResumeEnabled: true } })), "maxIdleDurationSeconds");
@@ -274,6 +303,9 @@ ok(running2.imageVersion === "2", `latest version runs: ${running2.imageVersion}
 const tok2 = await send(new sdk.CreateMicrovmAuthTokenCommand({ microvmIdentifier: run2.microvmId, expirationInMinutes: 5, allowedPorts: [{ port: 8080 }] }));
 r = await fetchEndpoint(run2.endpoint, "/hello", tok2.authToken);
 ok(r.status === 200 && r.body === "hello hi from v2", `v2 endpoint answers: ${r.status} ${r.body}`);
+r = await fetchEndpoint(run2.endpoint, "/size", tok2.authToken);
+const kb = Number(r.body.split("memkb=")[1]);
+ok(r.body.startsWith("cpus=2 ") && kb > 3500 * 1024 && kb <= 4096 * 1024, `a 4096 MiB microVM has 2 vCPUs and its memory: ${r.body}`);
 ok((await fetchEndpoint(run2.endpoint, "/hello", auth)).status === 403, "a token of another microVM does not open this one");
 const term2 = await waitFor("v2 microVM TERMINATED at its deadline", get2, (o) => o.state === "TERMINATED", 60000);
 ok(term2.stateReason.startsWith("MaximumDurationExceeded"), `terminated at maximumDurationInSeconds: ${term2.stateReason}`);

@@ -476,3 +476,34 @@ func qemuOf(dir string) []int {
 	}
 	return pids
 }
+
+// TestModelExtractUpToDate checks that internal/api/testdata/aws-model.json,
+// against which kiln's validation table is tested, is what model.mjs
+// extracts from the installed SDK (`node model.mjs >
+// ../../internal/api/testdata/aws-model.json` after an SDK update).
+func TestModelExtractUpToDate(t *testing.T) {
+	node, err := exec.LookPath("node")
+	npm, err2 := exec.LookPath("npm")
+	if err != nil || err2 != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("in CI node and npm must be installed")
+		}
+		t.Skip("node or npm is not installed")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	if err := npmInstall(ctx, npm); err != nil {
+		t.Fatal(err)
+	}
+	got, err := exec.CommandContext(ctx, node, "model.mjs").Output()
+	if err != nil {
+		t.Fatalf("node model.mjs: %v", err)
+	}
+	want, err := os.ReadFile(filepath.Join("..", "..", "internal", "api", "testdata", "aws-model.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("internal/api/testdata/aws-model.json is stale: run `node model.mjs > ../../internal/api/testdata/aws-model.json` in test/sdk")
+	}
+}

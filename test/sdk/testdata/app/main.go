@@ -3,8 +3,9 @@
 // $GREETING and $VERSION (so a request shows which image version and which
 // environment it runs with), counts requests in memory (suspend and resume
 // must keep the count) and shows the run hook's payload; on :9000 it
-// serves the lifecycle hooks. GET /imds follows the IMDSv2 flow against
-// 169.254.169.254 and reports what the metadata service answered.
+// serves the lifecycle hooks. /size shows the vCPUs and memory. GET /imds
+// follows the IMDSv2 flow against 169.254.169.254 and reports what the
+// metadata service answered.
 package main
 
 import (
@@ -13,6 +14,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -101,6 +103,17 @@ func main() {
 		mu.Lock()
 		defer mu.Unlock()
 		fmt.Fprint(w, payload)
+	})
+	// /size shows the vCPUs and memory the microVM has (the image's
+	// resources decide them).
+	app.HandleFunc("GET /size", func(w http.ResponseWriter, r *http.Request) {
+		mem := "?"
+		if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+			if f := strings.Fields(string(b)); len(f) > 1 {
+				mem = f[1]
+			}
+		}
+		fmt.Fprintf(w, "cpus=%d memkb=%s", runtime.NumCPU(), mem)
 	})
 	app.HandleFunc("GET /hooks", func(w http.ResponseWriter, r *http.Request) {
 		mu.Lock()
