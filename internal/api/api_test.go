@@ -347,7 +347,7 @@ func TestMicrovmLifecycle(t *testing.T) {
 		"runHookPayload":  payload, "maximumDurationInSeconds": 600,
 		"executionRoleArn":         roleARN,
 		"ingressNetworkConnectors": []any{"arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:ALL_INGRESS", "arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:SHELL_INGRESS"},
-		"egressNetworkConnectors":  []any{"arn:aws:lambda:us-east-1:111111111111:network-connector:my-vpc"},
+		"egressNetworkConnectors":  []any{"arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:INTERNET_EGRESS"},
 	})
 	id := run["microvmId"].(string)
 	if run["state"] != "PENDING" || run["endpoint"] != "https://"+id+".microvm.localhost:8443" || run["imageVersion"] != "1" ||

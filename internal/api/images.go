@@ -206,7 +206,7 @@ func (s *Server) validateConfig(account string, cfg *store.ImageConfig) error {
 	if err := validateLogging("logging", cfg.Logging); err != nil {
 		return err
 	}
-	if err := validateConnectors("egressNetworkConnectors", cfg.EgressNetworkConnectors); err != nil {
+	if err := s.validateEgressConnectors("egressNetworkConnectors", cfg.EgressNetworkConnectors); err != nil {
 		return err
 	}
 	for i, c := range cfg.CpuConfigurations {

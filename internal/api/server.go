@@ -94,6 +94,11 @@ type Config struct {
 	// Accel is the accelerator the VMs run under ("kvm", "tcg"; "" when
 	// no VMs run), for GET /kiln/v1/info.
 	Accel string
+	// DefaultInternetEgress gives a microVM whose run and image name no
+	// egress connector the INTERNET_EGRESS connector, as AWS does (AWS's
+	// default is public internet). kiln's default is off: no egress unless
+	// asked for (`kiln server --default-egress`).
+	DefaultInternetEgress bool
 	// References orders the records that reference files (image versions,
 	// uploads) against garbage collection (internal/gc.References); nil:
 	// no garbage collector runs.

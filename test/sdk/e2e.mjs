@@ -3,15 +3,21 @@
 // from us but the environment the AWS docs describe: AWS_ENDPOINT_URL,
 // AWS_SHARED_CREDENTIALS_FILE and AWS_REGION. The test's own inputs:
 //   KILN_CODE_URI, KILN_CODE_URI_2  code packages (zips) of version 1 and 2
+//                                   (version 1 is an s3:// URI on a real
+//                                   S3-compatible store)
+//   KILN_HOST_CODE_URI              a file:// package on the host
+//   KILN_ROLE_ARN                   an execution role of the roles file
+//   KILN_IMDS_OUT                   where to write the credentials the
+//                                   guest got from its metadata service
 //   KILN_CA                         the endpoint CA (DATA_DIR/ca.pem)
 //   KILN_TENANT_KEY_ID, KILN_TENANT_SECRET  a key of a second account
 // Run by sdk_test.go, which starts the server; exits non-zero on failure.
 import * as sdk from "@aws-sdk/client-lambda-microvms";
 import assert from "node:assert/strict";
 import https from "node:https";
-import { readFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 
-for (const v of ["KILN_CODE_URI", "KILN_CODE_URI_2", "KILN_CA", "KILN_TENANT_KEY_ID", "KILN_TENANT_SECRET"]) {
+for (const v of ["KILN_CODE_URI", "KILN_CODE_URI_2", "KILN_HOST_CODE_URI", "KILN_ROLE_ARN", "KILN_IMDS_OUT", "KILN_CA", "KILN_TENANT_KEY_ID", "KILN_TENANT_SECRET"]) {
   if (!process.env[v]) throw new Error(`${v} is not set`);
 }
 const ca = readFileSync(process.env.KILN_CA);
@@ -127,6 +133,7 @@ const run = await send(new sdk.RunMicrovmCommand({
   runHookPayload: payload,
   ingressNetworkConnectors: ["ALL_INGRESS", "SHELL_INGRESS"].map((c) => `arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:${c}`),
   maximumDurationInSeconds: 3600,
+  executionRoleArn: process.env.KILN_ROLE_ARN,
 }));
 ok(run.state === "PENDING" && run.endpoint.startsWith(`https://${run.microvmId}.`), "RunMicrovm PENDING with endpoint");
 const id = run.microvmId;
@@ -152,6 +159,18 @@ r = await fetchEndpoint(run.endpoint, "/count", auth);
 ok(r.body === "count=1", `first count: ${r.body}`);
 ok((await fetchEndpoint(run.endpoint, "/hello", { ...auth, "X-aws-proxy-port": "8081" })).status === 403, "token does not grant port 8081");
 step("endpoint served");
+
+// executionRoleArn: inside the VM, the IMDSv2 flow at 169.254.169.254
+// gives the role's credentials; a GET without a token is refused. The Go
+// side signs a request to the S3 store with them.
+r = await fetchEndpoint(run.endpoint, "/imds", auth);
+const md = JSON.parse(r.body);
+ok(md.V1Status === 401, `IMDSv1 GET refused: ${r.body}`);
+ok(md.ListStatus === 200 && md.Role === process.env.KILN_ROLE_ARN.split("/").pop(), `role listed: ${r.body}`);
+ok(md.Creds?.Code === "Success" && md.Creds.AccessKeyId && md.Creds.SecretAccessKey, `role credentials: ${md.Err ?? ""}`);
+ok(Date.parse(md.Creds.Expiration) > Date.now() + 60000, `credentials expire later: ${md.Creds.Expiration}`);
+writeFileSync(process.env.KILN_IMDS_OUT, JSON.stringify(md.Creds));
+step("metadata service gave the role's credentials");
 
 await send(new sdk.SuspendMicrovmCommand({ microvmIdentifier: id }));
 await waitFor("SUSPENDED", get, (o) => o.state === "SUSPENDED", 60000, vmGone);
@@ -245,13 +264,18 @@ await expectError("ResourceNotFoundException", 404, () => tsend(new sdk.CreateMi
 await expectError("ResourceNotFoundException", 404, () => tsend(new sdk.TerminateMicrovmCommand({ microvmIdentifier: id })));
 await expectError("ResourceNotFoundException", 404, () => tsend(new sdk.ListTagsCommand({ Resource: arn })));
 await expectError("ValidationException", 400, () => tsend(new sdk.CreateMicrovmImageCommand({ name: `${name}-t`, baseImageArn, buildRoleArn: role,
-  codeArtifact: { uri: process.env.KILN_CODE_URI } })), "uploaded");
+  codeArtifact: { uri: process.env.KILN_HOST_CODE_URI } })), "uploaded");
 ok((await get()).state === "RUNNING", "the tenant changed nothing");
 
 // The second microVM must have come up too (it shares the template).
 const get1 = () => send(new sdk.GetMicrovmCommand({ microvmIdentifier: r1.microvmId }));
 await waitFor("second microVM RUNNING", get1, (o) => o.state === "RUNNING", 60000, vmGone);
 checks++;
+// A microVM without a role: its metadata service has no credentials.
+const tok1 = await send(new sdk.CreateMicrovmAuthTokenCommand({ microvmIdentifier: r1.microvmId, expirationInMinutes: 5, allowedPorts: [{ port: 8080 }] }));
+r = await fetchEndpoint(r1.endpoint, "/imds", tok1.authToken);
+const md1 = JSON.parse(r.body);
+ok(md1.V1Status === 401 && md1.ListStatus === 404 && !md1.Creds, `no role, no credentials: ${r.body}`);
 
 // Terminate; suspending the second one terminates it
 // (suspendedDurationSeconds 0).
