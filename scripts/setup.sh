@@ -121,6 +121,24 @@ if ! command -v chromium >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 
+# The s3:// code artifact tests run a real S3-compatible server, versitygw
+# (Apache-2.0, a Go module), with its posix backend in a temporary folder.
+VERSITYGW_VERSION=v1.8.0
+GO="$(command -v go || echo /usr/local/go/bin/go)"
+# `versitygw --version` of a `go install` build says "git": the module
+# version is read from the binary's build information instead.
+versitygw_ok() {
+  local bin
+  bin="$(command -v versitygw)" || return 1
+  "$GO" version -m "$bin" 2>/dev/null | grep -Eq "^[[:space:]]+mod[[:space:]]+github.com/versity/versitygw[[:space:]]+$VERSITYGW_VERSION([[:space:]]|$)"
+}
+if ! versitygw_ok; then
+  [ -x "$GO" ] || { echo "setup.sh: go is needed to install versitygw (the S3 server of the tests)" >&2; exit 1; }
+  log "installing versitygw $VERSITYGW_VERSION into /usr/local/bin"
+  GOBIN=/usr/local/bin GOFLAGS=-mod=mod "$GO" install "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
+  versitygw_ok || { echo "setup.sh: versitygw $VERSITYGW_VERSION not available after install" >&2; exit 1; }
+fi
+
 # DATA_DIR holds kiln.db, the sealing key and the access keys: only root
 # may enter it (kiln enforces the same modes at every start).
 install -d -m 0700 "$DATA_DIR"

@@ -21,6 +21,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/image/base"
 	"github.com/kiln-sandbox/kiln/internal/image/source"
 	"github.com/kiln-sandbox/kiln/internal/imagebuild"
+	"github.com/kiln-sandbox/kiln/internal/imds"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
@@ -88,8 +89,21 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		drv.Close()
 		return nil, nil, err
 	}
-	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep,
-		Builder: newImageBuilder(ctx, o, drv, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log,
+	s3cfg, err := source.S3FromEnvironment(ctx, o.S3Endpoint, o.S3Region, o.Region, o.S3PathStyle)
+	if err != nil {
+		drv.Close()
+		return nil, nil, err
+	}
+	var roles *imds.RolesFile
+	if o.RolesFile != "" {
+		if roles, err = imds.OpenRolesFile(ctx, o.RolesFile); err != nil {
+			drv.Close()
+			return nil, nil, fmt.Errorf("--roles-file: %w", err)
+		}
+		log.Info("execution roles loaded (the file is re-read when it changes)", "file", o.RolesFile, "roles", roles.Len())
+	}
+	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep, Roles: roles,
+		Builder: newImageBuilder(ctx, o, drv, s3cfg, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log,
 		MemoryOvercommit: o.MemoryOvercommit, MaxConcurrentBuilds: o.MaxConcurrentBuilds,
 		BuildTimeout: o.BuildTimeout, BuildLogMaxBytes: o.BuildLogMaxBytes})
 	if err != nil {
@@ -135,20 +149,22 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 
 // newImageBuilder adapts internal/imagebuild to engine.Builder. Build VMs
 // run on the same driver as microVMs (one data directory, one recovery).
-func newImageBuilder(ctx context.Context, o ServerOptions, drv *qemu.Driver, log *slog.Logger) engine.Builder {
+func newImageBuilder(ctx context.Context, o ServerOptions, drv *qemu.Driver, s3cfg *source.S3Config, log *slog.Logger) engine.Builder {
 	bases := &base.Managed{DataDir: o.DataDir, Logger: log}
 	// Everything a tenant names (ADD <url>, code URI, FROM registry) is
 	// fetched through one egress policy.
 	pol := o.FetchPolicy()
-	return &imageBuilder{b: &imagebuild.Builder{
+	return &imageBuilder{defaultEgress: o.DefaultInternetEgress(), b: &imagebuild.Builder{
 		Images: &image.Builder{DataDir: o.DataDir, Runner: &imagebuild.Runner{Driver: drv, ExtraDeny: o.DenyCIDRs, Logger: log},
 			Bases:      &base.Resolver{Managed: bases, InsecureRegistries: o.InsecureRegistries, Egress: pol, Logger: log},
 			HTTPClient: pol.Client(10 * time.Minute), Logger: log},
 		Driver:    drv,
 		ExtraDeny: o.DenyCIDRs,
 		// The API already decided which accounts may build from local
-		// paths (operators, and everyone's own uploads).
-		Source:   source.Config{AllowLocal: true, HTTPClient: pol.Client(0)},
+		// paths (operators, and everyone's own uploads). s3:// is read
+		// with the operator's credentials from the store the operator
+		// named (--s3-endpoint), so it is not a tenant-chosen address.
+		Source:   source.Config{AllowLocal: true, HTTPClient: pol.Client(0), S3: s3cfg},
 		CacheDir: filepath.Join(o.DataDir, "template-cache"),
 		// A cached snapshot holds the agent it was built with.
 		CacheSalt: drv.GuestBuild(),
@@ -156,7 +172,12 @@ func newImageBuilder(ctx context.Context, o ServerOptions, drv *qemu.Driver, log
 	}}
 }
 
-type imageBuilder struct{ b *imagebuild.Builder }
+type imageBuilder struct {
+	b *imagebuild.Builder
+	// defaultEgress: a build whose image names no egress connector gets
+	// internet egress (--default-egress internet).
+	defaultEgress bool
+}
 
 var _ engine.BuildSizer = (*imageBuilder)(nil)
 
@@ -179,18 +200,26 @@ func (ib *imageBuilder) BuildMemoryMiB(v store.ImageVersion) int64 {
 func (ib *imageBuilder) Build(ctx context.Context, req engine.BuildRequest) (engine.BuildResult, error) {
 	cfg := req.Version.Config
 	r := imagebuild.Request{Account: req.Version.Account, Env: cfg.EnvironmentVariables, Log: req.Log, OutDir: req.OutDir,
-		Egress: slices.ContainsFunc(cfg.EgressNetworkConnectors, func(a string) bool { return strings.HasSuffix(a, ":"+engine.ConnInternetEgress) }),
+		Egress: slices.ContainsFunc(cfg.EgressNetworkConnectors, func(a string) bool { return strings.HasSuffix(a, ":"+engine.ConnInternetEgress) }) ||
+			(len(cfg.EgressNetworkConnectors) == 0 && ib.defaultEgress),
 		// additionalOsCapabilities: ALL is the only value AWS defines.
 		AllCaps: slices.Contains(cfg.AdditionalOsCapabilities, "ALL")}
 	if cfg.CodeArtifact != nil {
 		r.Source = cfg.CodeArtifact.URI
 	}
 	if len(cfg.Resources) > 0 {
-		mem, err := imagebuild.MemoryFor(cfg.Resources[0].MinimumMemoryInMiB)
+		// The largest of the sizes asked for; the snapshot records it and
+		// the vCPUs it implies, so every microVM of the version runs so.
+		var most int64
+		for _, res := range cfg.Resources {
+			most = max(most, res.MinimumMemoryInMiB)
+		}
+		mem, err := imagebuild.MemoryFor(most)
 		if err != nil {
 			return engine.BuildResult{}, &buildFailure{reason: "resources: " + err.Error(), err: err}
 		}
 		r.MemoryMiB = mem
+		r.VCPUs = api.VCPUsFor(int64(mem))
 	}
 	if h := cfg.Hooks; h != nil {
 		if h.Port != nil {

@@ -92,7 +92,23 @@ type ServerOptions struct {
 	// long it stays after the VM ended (0: applog's defaults).
 	LogMaxBytes  int64
 	LogRetention time.Duration
+	// S3 store of s3:// code artifacts: --s3-endpoint ("" = AWS's own S3),
+	// --s3-region ("" = the AWS chain's region, then --region) and
+	// --s3-path-style; credentials come from the standard AWS chain.
+	S3Endpoint  string
+	S3Region    string
+	S3PathStyle bool
+	// DefaultEgress (--default-egress) is the egress of microVMs and builds
+	// whose run and image name no egress connector: "none" (kiln's
+	// default) or "internet" (AWS's).
+	DefaultEgress string
+	// RolesFile (--roles-file) maps execution role ARNs to credential
+	// sources (internal/imds); "" = no VM gets credentials.
+	RolesFile string
 }
+
+// DefaultInternetEgress reports whether --default-egress is internet.
+func (o ServerOptions) DefaultInternetEgress() bool { return o.DefaultEgress == "internet" }
 
 // FetchPolicy is the egress policy of kiln's fetches for tenants.
 func (o ServerOptions) FetchPolicy() *egress.Policy {
@@ -149,6 +165,9 @@ the database: without it the stored keys cannot be used).`,
 			if o.AllowFetchCIDRs, err = egress.ParseCIDRs(allowFetch); err != nil {
 				return fmt.Errorf("--allow-fetch-cidr: %w", err)
 			}
+			if o.DefaultEgress != "none" && o.DefaultEgress != "internet" {
+				return fmt.Errorf("--default-egress %q: want none or internet", o.DefaultEgress)
+			}
 			for _, r := range o.InsecureRegistries {
 				if r == "" || strings.ContainsAny(r, "/ ") {
 					return fmt.Errorf("--insecure-registry %q: want HOST:PORT or HOST", r)
@@ -185,6 +204,11 @@ the database: without it the stored keys cannot be used).`,
 	f.StringVar(&o.APIKey, "api-key", "", "PEM private key of --api-cert")
 	f.IntVar(&o.MaxConnsPerClient, "max-conns-per-client", 256, "concurrent API connections per client address; more are answered 429 and closed (0: no cap)")
 	addLogFlags(f, &o)
+	f.StringVar(&o.RolesFile, "roles-file", "", "JSON file mapping executionRoleArn values to credential sources (a profile of the host's AWS configuration, or an STS AssumeRole), served to each microVM through its metadata service at 169.254.169.254 (IMDSv2); empty: no microVM gets credentials")
+	f.StringVar(&o.DefaultEgress, "default-egress", "none", "egress of microVMs and image builds that name no egress connector: none (kiln's default: no network out) or internet (AWS's default: INTERNET_EGRESS, still behind the deny list)")
+	f.StringVar(&o.S3Endpoint, "s3-endpoint", "", "S3-compatible endpoint (e.g. http://127.0.0.1:7070) that s3:// code artifacts are read from, with credentials from the standard AWS chain (AWS_ACCESS_KEY_ID..., AWS_PROFILE); empty: AWS's own S3")
+	f.StringVar(&o.S3Region, "s3-region", "", "region of --s3-endpoint (default: AWS_REGION or the profile's, then --region)")
+	f.BoolVar(&o.S3PathStyle, "s3-path-style", true, "address buckets as ENDPOINT/BUCKET (most self-hosted stores); false: BUCKET.ENDPOINT")
 	f.BoolVar(&o.RequireKVM, "require-kvm", false, "refuse to start unless microVMs run under KVM (TCG is not a security boundary)")
 	f.StringVar(&o.MetricsAddr, "metrics-addr", "127.0.0.1:9091", "address of /metrics (Prometheus), /healthz and /readyz (empty: off)")
 	f.DurationVar(&o.GCInterval, "gc-interval", 10*time.Minute, "how often garbage collection runs (it also runs at start; 0: never)")
@@ -294,7 +318,8 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 	srv := api.NewServer(api.Config{Region: o.Region, Domain: o.Domain, EndpointPort: port, Tokens: tokens,
 		Quota: o.Quota, RequestsPerSecond: o.RequestsPerSecond,
 		ArtifactDir: filepath.Join(o.DataDir, "artifacts"), OperatorAccounts: operators,
-		ManagedSource: managedImages(o.DataDir), Accel: accel, References: o.References}, st, be)
+		ManagedSource: managedImages(o.DataDir), Accel: accel, References: o.References,
+		DefaultInternetEgress: o.DefaultInternetEgress()}, st, be)
 	ln, err := net.Listen("tcp", o.APIAddr)
 	if err != nil {
 		return fmt.Errorf("listening on %s: %w", o.APIAddr, err)

@@ -293,10 +293,10 @@ func TestCreateImageValidation(t *testing.T) {
 		}, "ValidationException", "'hooks.microvmHooks.run'"},
 		{"run hook too slow", func(m map[string]any) {
 			m["hooks"] = map[string]any{"microvmHooks": map[string]any{"runTimeoutInSeconds": 61}}
-		}, "ValidationException", "between 1 and 60"},
+		}, "ValidationException", "less than or equal to 60"},
 		{"build hook may be slow", func(m map[string]any) {
 			m["hooks"] = map[string]any{"microvmImageHooks": map[string]any{"readyTimeoutInSeconds": 3601}}
-		}, "ValidationException", "between 1 and 3600"},
+		}, "ValidationException", "less than or equal to 3600"},
 		{"bad hook port", func(m map[string]any) { m["hooks"] = map[string]any{"port": 70000} }, "ValidationException", "'hooks.port'"},
 		{"bad logging", func(m map[string]any) { m["logging"] = map[string]any{} }, "ValidationException", "'logging'"},
 		{"bad arch", func(m map[string]any) { m["cpuConfigurations"] = []any{map[string]any{"architecture": "MIPS"}} }, "ValidationException", "cpuConfigurations.1.architecture"},
@@ -347,7 +347,7 @@ func TestMicrovmLifecycle(t *testing.T) {
 		"runHookPayload":  payload, "maximumDurationInSeconds": 600,
 		"executionRoleArn":         roleARN,
 		"ingressNetworkConnectors": []any{"arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:ALL_INGRESS", "arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:SHELL_INGRESS"},
-		"egressNetworkConnectors":  []any{"arn:aws:lambda:us-east-1:111111111111:network-connector:my-vpc"},
+		"egressNetworkConnectors":  []any{"arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:INTERNET_EGRESS"},
 	})
 	id := run["microvmId"].(string)
 	if run["state"] != "PENDING" || run["endpoint"] != "https://"+id+".microvm.localhost:8443" || run["imageVersion"] != "1" ||
@@ -570,7 +570,7 @@ func TestTags(t *testing.T) {
 	_, err := do(t, e.c, "POST", "/2017-03-31/tags/"+url.PathEscape(img["imageArn"].(string)), nil, map[string]any{})
 	fails(t, err, "ValidationException", "'Tags'")
 	_, err = do(t, e.c, "DELETE", "/2017-03-31/tags/"+url.PathEscape(img["imageArn"].(string)), nil, nil)
-	fails(t, err, "ValidationException", "'tagKeys'")
+	fails(t, err, "ValidationException", "'TagKeys'")
 	_, err = do(t, e.c, "GET", "/2017-03-31/tags/"+url.PathEscape("arn:aws:lambda:us-east-1:111111111111:microvm:mvm-x"), nil, nil)
 	fails(t, err, "ResourceNotFoundException", "mvm-x")
 	many := map[string]any{}

@@ -206,17 +206,24 @@ func (s *Server) validateConfig(account string, cfg *store.ImageConfig) error {
 	if err := validateLogging("logging", cfg.Logging); err != nil {
 		return err
 	}
-	if err := validateConnectors("egressNetworkConnectors", cfg.EgressNetworkConnectors); err != nil {
+	if err := s.validateEgressConnectors("egressNetworkConnectors", cfg.EgressNetworkConnectors); err != nil {
 		return err
 	}
 	for i, c := range cfg.CpuConfigurations {
 		if c.Architecture != "ARM_64" && c.Architecture != "X86_64" {
 			return fieldError(fmt.Sprintf("cpuConfigurations.%d.architecture", i+1), c.Architecture, "Member must satisfy enum value set: [ARM_64, X86_64]")
 		}
+		// kiln builds and runs on the host's CPU only (no cross-architecture
+		// emulation of whole VMs): another architecture is refused rather
+		// than quietly built for the host.
+		if c.Architecture != s.cfg.Architecture {
+			return validation("cpuConfigurations.%d.architecture: this kiln server builds and runs only %s microVMs (its host's architecture), not %s; use [{\"architecture\": \"%s\"}] or omit cpuConfigurations",
+				i+1, s.cfg.Architecture, c.Architecture, s.cfg.Architecture)
+		}
 	}
 	for i, r := range cfg.Resources {
-		if r.MinimumMemoryInMiB < 128 || r.MinimumMemoryInMiB > 32768 {
-			return fieldError(fmt.Sprintf("resources.%d.minimumMemoryInMiB", i+1), r.MinimumMemoryInMiB, "Member must have value between 128 and 32768")
+		if !slices.Contains(MemorySizesMiB, r.MinimumMemoryInMiB) {
+			return fieldError(fmt.Sprintf("resources.%d.minimumMemoryInMiB", i+1), r.MinimumMemoryInMiB, "Member must satisfy enum value set: ["+strings.Join(memoryEnum(), ", ")+"]")
 		}
 	}
 	for i, c := range cfg.AdditionalOsCapabilities {
@@ -633,23 +640,30 @@ func (s *Server) listBuilds(ctx context.Context, c *call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Filter before paging (as AWS does): a page is short only when no
+	// nextToken follows. Each store call asks for no more than the page
+	// still needs, so its nextToken is exactly where this page stops.
 	q := c.r.URL.Query()
-	bs, next, err := s.st.ListBuilds(ctx, c.account, img.Name, v.Version, p)
-	if err != nil {
-		return nil, err
-	}
-	out := listOut[buildOut]{Items: make([]buildOut, 0, len(bs)), NextToken: next}
-	for _, b := range bs {
-		if a := q.Get("architecture"); a != "" && a != b.Architecture {
-			continue
+	arch, chip, gen := q.Get("architecture"), q.Get("chipset"), q.Get("chipsetGeneration")
+	out := listOut[buildOut]{Items: []buildOut{}}
+	want := p.Limit
+	for range 1000 { // bounded: a version has few builds
+		p.Limit = want - len(out.Items)
+		bs, next, err := s.st.ListBuilds(ctx, c.account, img.Name, v.Version, p)
+		if err != nil {
+			return nil, err
 		}
-		if ch := q.Get("chipset"); ch != "" && ch != b.Chipset {
-			continue
+		for _, b := range bs {
+			if (arch != "" && arch != b.Architecture) || (chip != "" && chip != b.Chipset) || (gen != "" && gen != b.ChipsetGeneration) {
+				continue
+			}
+			out.Items = append(out.Items, buildView(b))
 		}
-		if g := q.Get("chipsetGeneration"); g != "" && g != b.ChipsetGeneration {
-			continue
+		out.NextToken = next
+		if next == "" || len(out.Items) >= want {
+			break
 		}
-		out.Items = append(out.Items, buildView(b))
+		p.Token = next
 	}
 	return out, nil
 }

@@ -158,7 +158,7 @@ func (s *Server) runMicrovm(ctx context.Context, c *call) (any, error) {
 	if err := validateConnectors("ingressNetworkConnectors", in.IngressNetworkConnectors); err != nil {
 		return nil, err
 	}
-	if err := validateConnectors("egressNetworkConnectors", in.EgressNetworkConnectors); err != nil {
+	if err := s.validateEgressConnectors("egressNetworkConnectors", in.EgressNetworkConnectors); err != nil {
 		return nil, err
 	}
 	if err := validateLogging("logging", in.Logging); err != nil {
@@ -233,6 +233,10 @@ func (s *Server) runMicrovm(ctx context.Context, c *call) (any, error) {
 	if len(m.EgressNetworkConnectors) == 0 {
 		// The image names the egress a microVM gets unless the run says.
 		m.EgressNetworkConnectors = v.Config.EgressNetworkConnectors
+	}
+	if len(m.EgressNetworkConnectors) == 0 {
+		// Neither names one: the operator's default (--default-egress).
+		m.EgressNetworkConnectors = s.defaultEgress()
 	}
 	if tok != nil {
 		tok.ResourceID = id
@@ -312,6 +316,12 @@ func (s *Server) listMicrovms(ctx context.Context, c *call) (any, error) {
 	var f store.MicrovmFilter
 	if ident := q.Get("imageIdentifier"); ident != "" {
 		if f.ImageName, err = resolve(c, kindImage, "imageIdentifier", ident); err != nil {
+			// A malformed identifier is the caller's mistake; an image
+			// of another account simply has no microVMs the caller sees.
+			var ae *Error
+			if errors.As(err, &ae) && ae.Type == "ValidationException" {
+				return nil, err
+			}
 			return listOut[microvmItem]{Items: []microvmItem{}}, nil
 		}
 	}

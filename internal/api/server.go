@@ -94,6 +94,11 @@ type Config struct {
 	// Accel is the accelerator the VMs run under ("kvm", "tcg"; "" when
 	// no VMs run), for GET /kiln/v1/info.
 	Accel string
+	// DefaultInternetEgress gives a microVM whose run and image name no
+	// egress connector the INTERNET_EGRESS connector, as AWS does (AWS's
+	// default is public internet). kiln's default is off: no egress unless
+	// asked for (`kiln server --default-egress`).
+	DefaultInternetEgress bool
 	// References orders the records that reference files (image versions,
 	// uploads) against garbage collection (internal/gc.References); nil:
 	// no garbage collector runs.
@@ -257,6 +262,26 @@ func (s *Server) handle(pattern string, status int, h handler) {
 	s.sessionMux.HandleFunc(pattern, s.operation(status, h, s.sessionPrincipal))
 }
 
+// handleOp serves AWS operation op: its input is validated against the
+// model's constraints (rules) before h runs, so before any lookup.
+func (s *Server) handleOp(op, pattern string, status int, h handler) {
+	if _, ok := rules[op]; !ok {
+		panic("api: no validation rules for operation " + op)
+	}
+	w := wireOf(op, pattern)
+	checked := func(ctx context.Context, c *call) (any, error) {
+		in, err := input(w, c.r.PathValue, c.r.URL.Query(), c.body)
+		if err != nil {
+			return nil, err
+		}
+		if verr := validateOp(op, in); verr != nil {
+			return nil, verr
+		}
+		return h(ctx, c)
+	}
+	s.handle(pattern, status, checked)
+}
+
 // operation runs h for the principal that authn finds, with the rate limit
 // and the answer's encoding every operation shares.
 func (s *Server) operation(status int, h handler, authn func(http.ResponseWriter, *http.Request) ([]byte, store.AccessKey, *Error)) http.HandlerFunc {
@@ -353,30 +378,30 @@ func (s *Server) routes() {
 	s.mux = http.NewServeMux()
 	s.sessionMux = http.NewServeMux()
 	v := "/" + APIVersion
-	s.handle("POST "+v+"/microvm-images", 201, s.createImage)
-	s.handle("GET "+v+"/microvm-images", 200, s.listImages)
-	s.handle("GET "+v+"/microvm-images/{imageIdentifier}", 200, s.getImage)
-	s.handle("PUT "+v+"/microvm-images/{imageIdentifier}", 200, s.updateImage)
-	s.handle("DELETE "+v+"/microvm-images/{imageIdentifier}", 200, s.deleteImage)
-	s.handle("GET "+v+"/microvm-images/{imageIdentifier}/versions", 200, s.listImageVersions)
-	s.handle("GET "+v+"/microvm-images/{imageIdentifier}/versions/{imageVersion}", 200, s.getImageVersion)
-	s.handle("PATCH "+v+"/microvm-images/{imageIdentifier}/versions/{imageVersion}", 200, s.updateImageVersion)
-	s.handle("DELETE "+v+"/microvm-images/{imageIdentifier}/versions/{imageVersion}", 200, s.deleteImageVersion)
-	s.handle("GET "+v+"/microvm-images/{imageIdentifier}/versions/{imageVersion}/builds", 200, s.listBuilds)
-	s.handle("GET "+v+"/microvm-images/{imageIdentifier}/versions/{imageVersion}/builds/{buildId}", 200, s.getBuild)
-	s.handle("GET "+v+"/managed-microvm-images", 200, s.listManagedImages)
-	s.handle("GET "+v+"/managed-microvm-images/{imageIdentifier}/versions", 200, s.listManagedImageVersions)
-	s.handle("POST "+v+"/microvms", 200, s.runMicrovm)
-	s.handle("GET "+v+"/microvms", 200, s.listMicrovms)
-	s.handle("GET "+v+"/microvms/{microvmIdentifier}", 200, s.getMicrovm)
-	s.handle("DELETE "+v+"/microvms/{microvmIdentifier}", 200, s.terminateMicrovm)
-	s.handle("POST "+v+"/microvms/{microvmIdentifier}/suspend", 200, s.suspendMicrovm)
-	s.handle("POST "+v+"/microvms/{microvmIdentifier}/resume", 200, s.resumeMicrovm)
-	s.handle("POST "+v+"/microvms/{microvmIdentifier}/auth-token", 200, s.createAuthToken)
-	s.handle("POST "+v+"/microvms/{microvmIdentifier}/shell-auth-token", 200, s.createShellAuthToken)
-	s.handle("GET /2017-03-31/tags/{Resource}", 200, s.listTags)
-	s.handle("POST /2017-03-31/tags/{Resource}", 204, s.tagResource)
-	s.handle("DELETE /2017-03-31/tags/{Resource}", 204, s.untagResource)
+	s.handleOp("CreateMicrovmImage", "POST "+v+"/microvm-images", 201, s.createImage)
+	s.handleOp("ListMicrovmImages", "GET "+v+"/microvm-images", 200, s.listImages)
+	s.handleOp("GetMicrovmImage", "GET "+v+"/microvm-images/{imageIdentifier}", 200, s.getImage)
+	s.handleOp("UpdateMicrovmImage", "PUT "+v+"/microvm-images/{imageIdentifier}", 200, s.updateImage)
+	s.handleOp("DeleteMicrovmImage", "DELETE "+v+"/microvm-images/{imageIdentifier}", 200, s.deleteImage)
+	s.handleOp("ListMicrovmImageVersions", "GET "+v+"/microvm-images/{imageIdentifier}/versions", 200, s.listImageVersions)
+	s.handleOp("GetMicrovmImageVersion", "GET "+v+"/microvm-images/{imageIdentifier}/versions/{imageVersion}", 200, s.getImageVersion)
+	s.handleOp("UpdateMicrovmImageVersion", "PATCH "+v+"/microvm-images/{imageIdentifier}/versions/{imageVersion}", 200, s.updateImageVersion)
+	s.handleOp("DeleteMicrovmImageVersion", "DELETE "+v+"/microvm-images/{imageIdentifier}/versions/{imageVersion}", 200, s.deleteImageVersion)
+	s.handleOp("ListMicrovmImageBuilds", "GET "+v+"/microvm-images/{imageIdentifier}/versions/{imageVersion}/builds", 200, s.listBuilds)
+	s.handleOp("GetMicrovmImageBuild", "GET "+v+"/microvm-images/{imageIdentifier}/versions/{imageVersion}/builds/{buildId}", 200, s.getBuild)
+	s.handleOp("ListManagedMicrovmImages", "GET "+v+"/managed-microvm-images", 200, s.listManagedImages)
+	s.handleOp("ListManagedMicrovmImageVersions", "GET "+v+"/managed-microvm-images/{imageIdentifier}/versions", 200, s.listManagedImageVersions)
+	s.handleOp("RunMicrovm", "POST "+v+"/microvms", 200, s.runMicrovm)
+	s.handleOp("ListMicrovms", "GET "+v+"/microvms", 200, s.listMicrovms)
+	s.handleOp("GetMicrovm", "GET "+v+"/microvms/{microvmIdentifier}", 200, s.getMicrovm)
+	s.handleOp("TerminateMicrovm", "DELETE "+v+"/microvms/{microvmIdentifier}", 200, s.terminateMicrovm)
+	s.handleOp("SuspendMicrovm", "POST "+v+"/microvms/{microvmIdentifier}/suspend", 200, s.suspendMicrovm)
+	s.handleOp("ResumeMicrovm", "POST "+v+"/microvms/{microvmIdentifier}/resume", 200, s.resumeMicrovm)
+	s.handleOp("CreateMicrovmAuthToken", "POST "+v+"/microvms/{microvmIdentifier}/auth-token", 200, s.createAuthToken)
+	s.handleOp("CreateMicrovmShellAuthToken", "POST "+v+"/microvms/{microvmIdentifier}/shell-auth-token", 200, s.createShellAuthToken)
+	s.handleOp("ListTags", "GET /2017-03-31/tags/{Resource}", 200, s.listTags)
+	s.handleOp("TagResource", "POST /2017-03-31/tags/{Resource}", 204, s.tagResource)
+	s.handleOp("UntagResource", "DELETE /2017-03-31/tags/{Resource}", 204, s.untagResource)
 	// Build logs are a kiln extension (no AWS operation exposes them); the
 	// path is outside the AWS API's version prefixes.
 	s.handle("GET /kiln/v1/microvm-images/{imageIdentifier}/versions/{imageVersion}/builds/{buildId}/log", 200, s.getBuildLog)

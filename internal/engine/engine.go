@@ -19,6 +19,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/applog"
 	"github.com/kiln-sandbox/kiln/internal/dnsfwd"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/imds"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
@@ -99,6 +100,11 @@ type Config struct {
 	NetPool      netip.Prefix
 	ExtraDeny    []netip.Prefix
 	DNSUpstreams []string
+	// Roles are the execution roles' credentials (internal/imds, the
+	// operator's roles file), served to a VM that names the role in
+	// executionRoleArn through its own metadata service. nil: no VM gets
+	// credentials.
+	Roles *imds.RolesFile
 	// IdleInterval is how often the idle controller looks (default 1s).
 	IdleInterval time.Duration
 	// StartTimeout bounds a clone plus its run hook (default 2 min).
@@ -166,6 +172,7 @@ type vmState struct {
 	ingress        bool
 	shell          bool
 	egress         bool
+	role           string // executionRoleArn ("" = none)
 
 	op sync.Mutex // serialises start/suspend/resume/terminate
 
@@ -174,6 +181,7 @@ type vmState struct {
 	cancel     context.CancelFunc
 	net        *netns.Net
 	dns        *dnsfwd.Forwarder
+	imds       *imds.Server
 	running    bool      // last reported RUNNING (idle candidates only)
 	open       int       // proxied requests/streams in flight
 	lastActive time.Time // last proxied activity (or the last RUNNING)
@@ -328,6 +336,7 @@ func (e *Engine) newState(m store.Microvm) (*vmState, bool) {
 		ingress: len(m.IngressNetworkConnectors) == 0 || connector(m.IngressNetworkConnectors, ConnAllIngress),
 		shell:   connector(m.IngressNetworkConnectors, ConnShellIngress),
 		egress:  connector(m.EgressNetworkConnectors, ConnInternetEgress),
+		role:    m.ExecutionRoleArn,
 		changed: make(chan struct{}),
 	}
 	if p := m.IdlePolicy; p != nil && p.MaxIdleDurationSeconds > 0 {
@@ -552,6 +561,13 @@ func (e *Engine) ensureNet(ctx context.Context, v *vmState) error {
 		}
 		v.dns = f
 	}
+	if v.imds == nil {
+		srv, err := e.startIMDS(ctx, v)
+		if err != nil {
+			return err
+		}
+		v.imds = srv
+	}
 	return nil
 }
 
@@ -617,11 +633,14 @@ func (e *Engine) start(v *vmState, m store.Microvm) {
 // releaseNet stops the DNS forwarder and removes the VM network.
 func (e *Engine) releaseNet(v *vmState) {
 	v.mu.Lock()
-	f := v.dns
-	v.dns, v.net = nil, nil
+	f, md := v.dns, v.imds
+	v.dns, v.net, v.imds = nil, nil, nil
 	v.mu.Unlock()
 	if f != nil {
 		f.Close()
+	}
+	if md != nil {
+		md.Close()
 	}
 	if err := netns.Teardown(context.Background(), v.id); err != nil {
 		e.log.Warn("removing microvm network", "microvm", v.id, "err", err)

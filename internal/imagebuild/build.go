@@ -128,7 +128,10 @@ type Request struct {
 	Env map[string]string
 	// MemoryMiB is one of MemorySizes; 0 = DefaultMemoryMiB.
 	MemoryMiB int
-	Hooks     Hooks
+	// VCPUs of the image VM, and so of every microVM cloned from its
+	// snapshot; 0 = the Builder's VCPUs.
+	VCPUs int
+	Hooks Hooks
 	// Egress gives the image VM internet access while the app starts.
 	Egress bool
 	// AllCaps is additionalOsCapabilities [ALL]: the app keeps every
@@ -281,7 +284,7 @@ func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error
 
 	argv := ir.Config.Argv()
 	env := mergeEnv(ir.Config.Env, req.Env)
-	res.Key = templateKey(b.CacheSalt+"|"+ir.Key, b.platform(), argv, env, ir.Config.User, ir.Config.WorkingDir, req, b.vcpus())
+	res.Key = templateKey(b.CacheSalt+"|"+ir.Key, b.platform(), argv, env, ir.Config.User, ir.Config.WorkingDir, req, b.vcpus(req))
 	if b.CacheDir != "" && !req.NoCache {
 		start = time.Now()
 		t, ok, err := b.fromCache(ctx, req.Account, res.Key, rootDisk, tmplDir)
@@ -303,9 +306,9 @@ func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error
 		return fail(fmt.Errorf("the image has no ENTRYPOINT or CMD: %w", image.ErrInvalid))
 	}
 	step = PhaseBoot
-	fmt.Fprintf(log, "#boot image vm (%d MiB)\n", req.MemoryMiB)
+	fmt.Fprintf(log, "#boot image vm (%d MiB, %d vCPUs)\n", req.MemoryMiB, b.vcpus(req))
 	start = time.Now()
-	g, err := bootVM(ctx, b.Driver, b.logger(), vmSpec{prefix: PrefixImage, rootDisk: rootDisk, memoryMiB: req.MemoryMiB, vcpus: b.VCPUs, egress: req.Egress, upstreams: b.DNSUpstreams, extraDeny: b.ExtraDeny})
+	g, err := bootVM(ctx, b.Driver, b.logger(), vmSpec{prefix: PrefixImage, rootDisk: rootDisk, memoryMiB: req.MemoryMiB, vcpus: b.vcpus(req), egress: req.Egress, upstreams: b.DNSUpstreams, extraDeny: b.ExtraDeny})
 	if err != nil {
 		return fail(err)
 	}
@@ -425,7 +428,10 @@ func (b *Builder) check(req *Request) error {
 	return nil
 }
 
-func (b *Builder) vcpus() int {
+func (b *Builder) vcpus(req Request) int {
+	if req.VCPUs > 0 {
+		return req.VCPUs
+	}
 	if b.VCPUs > 0 {
 		return b.VCPUs
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -125,7 +126,7 @@ func createCgroup(c CgroupSpec) ([]string, error) {
 		}
 		return fmt.Errorf("jail: cgroup %s has no %s: %w", c.Name, file, errdefs.ErrUnavailable)
 	}
-	var err error
+	err := weighParents(v, dirs)
 	if v == "v2" {
 		if c.MemoryBytes > 0 {
 			err = errors.Join(err, set("memory.max", strconv.FormatInt(c.MemoryBytes, 10)))
@@ -157,6 +158,31 @@ func createCgroup(c CgroupSpec) ([]string, error) {
 		return nil, err
 	}
 	return dirs, nil
+}
+
+// weighParents gives the group holding every VM's cgroup (kiln/) the CPU
+// weight of one ordinary task per host CPU. Left at the default it would
+// weigh like a single task against every other runnable task on the host,
+// so all VMs together would starve (boot timeouts) whenever the host is
+// busy; before the jail each QEMU thread weighed as a task of its own.
+func weighParents(v string, dirs []string) error {
+	file, val := "cpu.shares", strconv.Itoa(min(1024*runtime.NumCPU(), 262144))
+	if v == "v2" {
+		file, val = "cpu.weight", strconv.Itoa(min(100*runtime.NumCPU(), 10000))
+	}
+	for _, d := range dirs {
+		p := filepath.Join(filepath.Dir(d), file)
+		if parent := filepath.Dir(d); parent == cgroupRoot || (v == "v1" && filepath.Dir(parent) == cgroupRoot) {
+			continue // a hierarchy's root has no weight to set
+		}
+		if _, err := os.Stat(p); err != nil {
+			continue // another controller's directory
+		}
+		if err := os.WriteFile(p, []byte(val), 0); err != nil {
+			return fmt.Errorf("jail: setting %s to %s: %w", p, val, err)
+		}
+	}
+	return nil
 }
 
 // enableV2Controllers lets every level above the cgroup hand memory, pids

@@ -7,6 +7,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -251,4 +252,37 @@ func TestSpecChecks(t *testing.T) {
 			t.Errorf("spec %+v accepted", s)
 		}
 	}
+}
+
+// BenchmarkJailedTrue measures what a jail costs to start: run /bin/true
+// jailed (with a cgroup) against directly.
+func BenchmarkJailedTrue(b *testing.B) {
+	if Supported() != nil {
+		b.Skip("needs root")
+	}
+	root := filepath.Join(b.TempDir(), "jail")
+	os.Mkdir(root, 0o755)
+	b.Run("direct", func(b *testing.B) {
+		for i := 0; i < b.N; i++ {
+			if err := exec.Command("/bin/true").Run(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("jailed", func(b *testing.B) {
+		cg := fmt.Sprintf("kiln-test/bench-%d", os.Getpid())
+		defer RemoveCgroup("kiln-test")
+		defer RemoveCgroup(cg)
+		for i := 0; i < b.N; i++ {
+			cmd, err := Command(context.Background(), Spec{Root: root, Binds: SystemBinds(), Devices: []string{"/dev/null"},
+				UID: testUID, GID: testUID, Cgroup: &CgroupSpec{Name: cg, MemoryBytes: 64 << 20},
+				Path: "/bin/true", Args: []string{"true"}})
+			if err != nil {
+				b.Fatal(err)
+			}
+			if out, err := cmd.CombinedOutput(); err != nil {
+				b.Fatal(err, string(out))
+			}
+		}
+	})
 }

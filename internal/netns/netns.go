@@ -44,6 +44,10 @@ var (
 	GuestAddr   = netip.MustParseAddr("172.30.0.2")
 	GatewayAddr = netip.MustParseAddr("172.30.0.1")
 	GuestPrefix = netip.MustParsePrefix("172.30.0.0/30")
+	// MetadataAddr is the instance metadata service's address (AWS's
+	// IMDS), served per VM by internal/imds on MetadataPort inside the
+	// VM's namespace.
+	MetadataAddr = netip.MustParseAddr("169.254.169.254")
 	// DefaultPool is where per-VM /30 host links come from. It sits inside
 	// 10/8 on purpose (the guest deny list covers it) and away from the
 	// host's 10.255.x resolver network.
@@ -66,6 +70,8 @@ const (
 	TapName = "tap0"
 	// NSVethName is the VM-namespace end of the host veth pair.
 	NSVethName = "veth0"
+	// MetadataPort is the metadata service's TCP port.
+	MetadataPort = 80
 	// NSPrefix prefixes every namespace name (/run/netns/kiln-<id>).
 	NSPrefix = "kiln-"
 	// HostLinkPrefix prefixes host-side veth names; the id is kept in the

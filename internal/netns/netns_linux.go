@@ -181,6 +181,13 @@ func Setup(ctx context.Context, cfg Config) (*Net, error) {
 		}},
 		{"tap address", func() error { return linkAddr(nl, TapName, addr30(GatewayAddr)) }},
 		{"tap up", func() error { return linkUp(nl, TapName) }},
+		// The metadata service (internal/imds) answers at MetadataAddr
+		// from inside this namespace: a local address, so the guest's
+		// packets to it are delivered here and never forwarded (the
+		// egress deny list still drops 169.254.0.0/16 for forwarding).
+		{"metadata address", func() error {
+			return linkAddr(nl, "lo", &netlink.Addr{IPNet: &net.IPNet{IP: net.IP(MetadataAddr.AsSlice()), Mask: net.CIDRMask(32, 32)}})
+		}},
 		{"default route", func() error {
 			l, err := nl.LinkByName(NSVethName)
 			if err != nil {

@@ -143,6 +143,10 @@ func TestIsolation(t *testing.T) {
 	netnstest.ServeTCP(t, a.NSPath, "172.30.0.1:53", "dns-A")
 	netnstest.ServeTCP(t, b.NSPath, "172.30.0.1:53", "dns-B")
 	netnstest.ServeTCP(t, b.NSPath, "172.30.0.1:22", "gw-ssh")
+	// The metadata service (internal/imds) listens inside each VM ns.
+	netnstest.ServeTCP(t, a.NSPath, "169.254.169.254:80", "imds-A")
+	netnstest.ServeTCP(t, b.NSPath, "169.254.169.254:80", "imds-B")
+	netnstest.ServeTCP(t, b.NSPath, "169.254.169.254:81", "imds-other-port")
 
 	hp := func(a netip.Addr, p int) string { return netip.AddrPortFrom(a, uint16(p)).String() }
 	hostEth := firstGlobalHostAddr(t)
@@ -168,7 +172,12 @@ func TestIsolation(t *testing.T) {
 		{"egress: not other VM", gB.NSPath, a.GuestDial(gport), ""},
 		{"egress: not other VM host link", gB.NSPath, hp(a.HostPeer, hostPort), ""},
 		{"egress: not host resolver net", gB.NSPath, "10.255.255.53:53", ""},
-		{"egress: not metadata", gB.NSPath, "169.254.169.254:80", ""},
+		// 169.254.169.254:80 is answered inside the VM's own namespace
+		// (with or without egress); nothing else link-local is reached.
+		{"no-egress: own metadata service", gA.NSPath, "169.254.169.254:80", "imds-A from 172.30.0.2"},
+		{"egress: own metadata service", gB.NSPath, "169.254.169.254:80", "imds-B from 172.30.0.2"},
+		{"egress: not metadata other port", gB.NSPath, "169.254.169.254:81", ""},
+		{"egress: not other link-local", gB.NSPath, "169.254.169.253:80", ""},
 	}
 	// Without HostDialer's mark (any local user) the host cannot reach a
 	// guest: only the endpoint proxy may.

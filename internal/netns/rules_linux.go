@@ -260,6 +260,11 @@ func writeVMTable(nsFd int, n *Net, cfg Config) error {
 
 	add(in, join(iif("lo"), accept))
 	add(in, join(ctStateEstRel(), accept))
+	// The guest (its own address only) may reach the metadata service
+	// served in this namespace, with or without egress.
+	add(in, join(iif(TapName), v4, daddrIn(netip.PrefixFrom(MetadataAddr, 32)), l4proto(unix.IPPROTO_TCP), dport(MetadataPort),
+		saddrNot(GuestAddr), drop))
+	add(in, join(iif(TapName), v4, daddrIn(netip.PrefixFrom(MetadataAddr, 32)), l4proto(unix.IPPROTO_TCP), dport(MetadataPort), accept))
 
 	if cfg.Egress {
 		eg := c.AddChain(&nftables.Chain{Name: "egress", Table: t})

@@ -3,15 +3,21 @@
 // from us but the environment the AWS docs describe: AWS_ENDPOINT_URL,
 // AWS_SHARED_CREDENTIALS_FILE and AWS_REGION. The test's own inputs:
 //   KILN_CODE_URI, KILN_CODE_URI_2  code packages (zips) of version 1 and 2
+//                                   (version 1 is an s3:// URI on a real
+//                                   S3-compatible store)
+//   KILN_HOST_CODE_URI              a file:// package on the host
+//   KILN_ROLE_ARN                   an execution role of the roles file
+//   KILN_IMDS_OUT                   where to write the credentials the
+//                                   guest got from its metadata service
 //   KILN_CA                         the endpoint CA (DATA_DIR/ca.pem)
 //   KILN_TENANT_KEY_ID, KILN_TENANT_SECRET  a key of a second account
 // Run by sdk_test.go, which starts the server; exits non-zero on failure.
 import * as sdk from "@aws-sdk/client-lambda-microvms";
 import assert from "node:assert/strict";
 import https from "node:https";
-import { readFileSync } from "node:fs";
+import { readFileSync, writeFileSync } from "node:fs";
 
-for (const v of ["KILN_CODE_URI", "KILN_CODE_URI_2", "KILN_CA", "KILN_TENANT_KEY_ID", "KILN_TENANT_SECRET"]) {
+for (const v of ["KILN_CODE_URI", "KILN_CODE_URI_2", "KILN_HOST_CODE_URI", "KILN_ROLE_ARN", "KILN_IMDS_OUT", "KILN_CA", "KILN_TENANT_KEY_ID", "KILN_TENANT_SECRET"]) {
   if (!process.env[v]) throw new Error(`${v} is not set`);
 }
 const ca = readFileSync(process.env.KILN_CA);
@@ -112,8 +118,11 @@ ok(images.items.length === 1 && images.items[0].name === name, "ListMicrovmImage
 
 // Start the second version's build now: it runs while the microVMs below
 // do their work.
+// Version 2 asks for 4096 MiB, a size that comes with 2 vCPUs (AWS: 0.25
+// vCPU per 512 MiB); version 1 has the default 2048 MiB and 1 vCPU.
 const upd = await send(new sdk.UpdateMicrovmImageCommand({ imageIdentifier: name, baseImageArn, buildRoleArn: role,
-  codeArtifact: { uri: process.env.KILN_CODE_URI_2 }, environmentVariables: { GREETING: "hi" }, description: "v2" }));
+  codeArtifact: { uri: process.env.KILN_CODE_URI_2 }, environmentVariables: { GREETING: "hi" }, description: "v2",
+  cpuConfigurations: [{ architecture: build.architecture }], resources: [{ minimumMemoryInMiB: 4096 }] }));
 ok(upd.imageVersion === "2", "UpdateMicrovmImage v2");
 
 // Run a microVM and take it through its states.
@@ -124,6 +133,7 @@ const run = await send(new sdk.RunMicrovmCommand({
   runHookPayload: payload,
   ingressNetworkConnectors: ["ALL_INGRESS", "SHELL_INGRESS"].map((c) => `arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:${c}`),
   maximumDurationInSeconds: 3600,
+  executionRoleArn: process.env.KILN_ROLE_ARN,
 }));
 ok(run.state === "PENDING" && run.endpoint.startsWith(`https://${run.microvmId}.`), "RunMicrovm PENDING with endpoint");
 const id = run.microvmId;
@@ -141,12 +151,26 @@ const auth = tok.authToken;
 ok((await fetchEndpoint(run.endpoint, "/hello")).status === 401, "endpoint refuses a request without a token");
 let r = await fetchEndpoint(run.endpoint, "/hello", auth);
 ok(r.status === 200 && r.body === "hello hi from v1", `endpoint answers: ${r.status} ${r.body}`);
+r = await fetchEndpoint(run.endpoint, "/size", auth);
+ok(r.status === 200 && r.body.startsWith("cpus=1 "), `a 2048 MiB microVM has 1 vCPU: ${r.body}`);
 r = await fetchEndpoint(run.endpoint, "/payload", auth);
 ok(r.body === payload, `run hook got the payload: ${r.body}`);
 r = await fetchEndpoint(run.endpoint, "/count", auth);
 ok(r.body === "count=1", `first count: ${r.body}`);
 ok((await fetchEndpoint(run.endpoint, "/hello", { ...auth, "X-aws-proxy-port": "8081" })).status === 403, "token does not grant port 8081");
 step("endpoint served");
+
+// executionRoleArn: inside the VM, the IMDSv2 flow at 169.254.169.254
+// gives the role's credentials; a GET without a token is refused. The Go
+// side signs a request to the S3 store with them.
+r = await fetchEndpoint(run.endpoint, "/imds", auth);
+const md = JSON.parse(r.body);
+ok(md.V1Status === 401, `IMDSv1 GET refused: ${r.body}`);
+ok(md.ListStatus === 200 && md.Role === process.env.KILN_ROLE_ARN.split("/").pop(), `role listed: ${r.body}`);
+ok(md.Creds?.Code === "Success" && md.Creds.AccessKeyId && md.Creds.SecretAccessKey, `role credentials: ${md.Err ?? ""}`);
+ok(Date.parse(md.Creds.Expiration) > Date.now() + 60000, `credentials expire later: ${md.Creds.Expiration}`);
+writeFileSync(process.env.KILN_IMDS_OUT, JSON.stringify(md.Creds));
+step("metadata service gave the role's credentials");
 
 await send(new sdk.SuspendMicrovmCommand({ microvmIdentifier: id }));
 await waitFor("SUSPENDED", get, (o) => o.state === "SUSPENDED", 60000, vmGone);
@@ -196,6 +220,30 @@ const tags = await send(new sdk.ListTagsCommand({ Resource: arn }));
 ok(tags.Tags.owner === "e2e" && !("tmp" in tags.Tags), "tags");
 
 // Errors.
+// Validation comes first, from the model, before any lookup: a bad input
+// for a resource that does not exist is a ValidationException, not a 404.
+await expectError("ValidationException", 400, () => send(new sdk.UpdateMicrovmImageVersionCommand({ imageIdentifier: "no-such-image", imageVersion: "1", status: "RETIRED" })),
+  "1 validation error detected: Value 'RETIRED' at 'status' failed to satisfy constraint: Member must satisfy enum value set: [ACTIVE, INACTIVE]");
+await expectError("ValidationException", 400, () => send(new sdk.CreateMicrovmAuthTokenCommand({ microvmIdentifier: "mvm-doesnotexist", expirationInMinutes: 61, allowedPorts: [] })),
+  "2 validation errors detected");
+await expectError("ValidationException", 400, () => send(new sdk.CreateMicrovmShellAuthTokenCommand({ microvmIdentifier: "mvm-doesnotexist", expirationInMinutes: 0 })), "expirationInMinutes");
+await expectError("ValidationException", 400, () => send(new sdk.ListMicrovmImageBuildsCommand({ imageIdentifier: "no-such-image", imageVersion: "1", maxResults: 51 })), "maxResults");
+await expectError("ValidationException", 400, () => send(new sdk.UpdateMicrovmImageCommand({ imageIdentifier: "no-such-image", baseImageArn, buildRoleArn: role,
+  codeArtifact: { uri: process.env.KILN_CODE_URI }, description: "d".repeat(257) })), "at 'description'");
+await expectError("ValidationException", 400, () => send(new sdk.ListMicrovmImageVersionsCommand({ imageIdentifier: "no-such-image", nextToken: "t".repeat(1025) })), "nextToken");
+// Sizes AWS does not offer, and another architecture than the host's.
+await expectError("ValidationException", 400, () => send(new sdk.CreateMicrovmImageCommand({ name: `${name}-m`, baseImageArn, buildRoleArn: role,
+  codeArtifact: { uri: process.env.KILN_CODE_URI }, resources: [{ minimumMemoryInMiB: 3000 }] })), "Member must satisfy enum value set: [512, 1024, 2048, 4096, 8192]");
+const otherArch = build.architecture === "X86_64" ? "ARM_64" : "X86_64";
+await expectError("ValidationException", 400, () => send(new sdk.CreateMicrovmImageCommand({ name: `${name}-a`, baseImageArn, buildRoleArn: role,
+  codeArtifact: { uri: process.env.KILN_CODE_URI }, cpuConfigurations: [{ architecture: otherArch }] })), `builds and runs only ${build.architecture}`);
+// Lists: a filter applies before paging; a malformed image identifier is
+// refused.
+const noBuilds = await send(new sdk.ListMicrovmImageBuildsCommand({ imageIdentifier: name, imageVersion: "1", architecture: otherArch, maxResults: 1 }));
+ok(noBuilds.items.length === 0 && !noBuilds.nextToken, "no builds of another architecture, and no nextToken");
+const hostBuilds = await send(new sdk.ListMicrovmImageBuildsCommand({ imageIdentifier: name, imageVersion: "1", architecture: build.architecture, maxResults: 1 }));
+ok(hostBuilds.items.length === 1, "the host architecture's build");
+await expectError("ValidationException", 400, () => send(new sdk.ListMicrovmsCommand({ imageIdentifier: "arn:aws:lambda:bogus" })), "imageIdentifier");
 await expectError("ResourceNotFoundException", 404, () => send(new sdk.GetMicrovmCommand({ microvmIdentifier: "mvm-doesnotexist" })));
 await expectError("ResourceNotFoundException", 404, () => send(new sdk.RunMicrovmCommand({ imageIdentifier: "no-such-image" })));
 await expectError("ValidationException", 400, () => send(new sdk.RunMicrovmCommand({ imageIdentifier: name, idlePolicy: { maxIdleDurationSeconds: 10, suspendedDurationSeconds: 0, autoResumeEnabled: true } })), "maxIdleDurationSeconds");
@@ -216,13 +264,18 @@ await expectError("ResourceNotFoundException", 404, () => tsend(new sdk.CreateMi
 await expectError("ResourceNotFoundException", 404, () => tsend(new sdk.TerminateMicrovmCommand({ microvmIdentifier: id })));
 await expectError("ResourceNotFoundException", 404, () => tsend(new sdk.ListTagsCommand({ Resource: arn })));
 await expectError("ValidationException", 400, () => tsend(new sdk.CreateMicrovmImageCommand({ name: `${name}-t`, baseImageArn, buildRoleArn: role,
-  codeArtifact: { uri: process.env.KILN_CODE_URI } })), "uploaded");
+  codeArtifact: { uri: process.env.KILN_HOST_CODE_URI } })), "uploaded");
 ok((await get()).state === "RUNNING", "the tenant changed nothing");
 
 // The second microVM must have come up too (it shares the template).
 const get1 = () => send(new sdk.GetMicrovmCommand({ microvmIdentifier: r1.microvmId }));
 await waitFor("second microVM RUNNING", get1, (o) => o.state === "RUNNING", 60000, vmGone);
 checks++;
+// A microVM without a role: its metadata service has no credentials.
+const tok1 = await send(new sdk.CreateMicrovmAuthTokenCommand({ microvmIdentifier: r1.microvmId, expirationInMinutes: 5, allowedPorts: [{ port: 8080 }] }));
+r = await fetchEndpoint(r1.endpoint, "/imds", tok1.authToken);
+const md1 = JSON.parse(r.body);
+ok(md1.V1Status === 401 && md1.ListStatus === 404 && !md1.Creds, `no role, no credentials: ${r.body}`);
 
 // Terminate; suspending the second one terminates it
 // (suspendedDurationSeconds 0).
@@ -250,6 +303,9 @@ ok(running2.imageVersion === "2", `latest version runs: ${running2.imageVersion}
 const tok2 = await send(new sdk.CreateMicrovmAuthTokenCommand({ microvmIdentifier: run2.microvmId, expirationInMinutes: 5, allowedPorts: [{ port: 8080 }] }));
 r = await fetchEndpoint(run2.endpoint, "/hello", tok2.authToken);
 ok(r.status === 200 && r.body === "hello hi from v2", `v2 endpoint answers: ${r.status} ${r.body}`);
+r = await fetchEndpoint(run2.endpoint, "/size", tok2.authToken);
+const kb = Number(r.body.split("memkb=")[1]);
+ok(r.body.startsWith("cpus=2 ") && kb > 3500 * 1024 && kb <= 4096 * 1024, `a 4096 MiB microVM has 2 vCPUs and its memory: ${r.body}`);
 ok((await fetchEndpoint(run2.endpoint, "/hello", auth)).status === 403, "a token of another microVM does not open this one");
 const term2 = await waitFor("v2 microVM TERMINATED at its deadline", get2, (o) => o.state === "TERMINATED", 60000);
 ok(term2.stateReason.startsWith("MaximumDurationExceeded"), `terminated at maximumDurationInSeconds: ${term2.stateReason}`);

@@ -81,6 +81,13 @@ func TestJavaScriptSDK(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// Version 1 comes from a real S3-compatible store, as on AWS: kiln
+	// server reads it with --s3-endpoint and the standard AWS chain.
+	s3srv := startS3(ctx, t, work)
+	s3URI, err := s3srv.put(ctx, "kiln-code", "apps/app-v1.zip", code1)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := <-npmErr; err != nil {
 		t.Fatal(err)
 	}
@@ -89,8 +96,26 @@ func TestJavaScriptSDK(t *testing.T) {
 	}
 	t.Logf("set-up (npm ci, builds) took %v", time.Since(start).Round(100*time.Millisecond))
 
-	srv := startServer(ctx, t, kiln, data, freePort(t), freePort(t))
+	// Execution roles: the roles file maps a role of the admin account to
+	// a profile of the server's AWS configuration holding the S3 store's
+	// keys. The account exists once the server started; the server
+	// re-reads the file when it changes.
+	rolesFile, roleCreds := filepath.Join(work, "roles.json"), filepath.Join(work, "role-credentials")
+	if err := os.WriteFile(rolesFile, []byte(`{"roles":{}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(roleCreds, []byte("[kiln-vm-role]\naws_access_key_id = "+s3srv.AccessKey+"\naws_secret_access_key = "+s3srv.SecretKey+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	srv := startServer(ctx, t, kiln, data, freePort(t), freePort(t),
+		append(s3srv.Env(), "AWS_SHARED_CREDENTIALS_FILE="+roleCreds, "AWS_CONFIG_FILE="+filepath.Join(work, "no-config")),
+		"--s3-endpoint", s3srv.Endpoint, "--roles-file", rolesFile)
 	defer srv.stop(t)
+	roleARN := "arn:aws:iam::" + srv.adminAccount(t) + ":role/kiln-vm-role"
+	if err := os.WriteFile(rolesFile, []byte(`{"roles":{"`+roleARN+`":{"profile":"kiln-vm-role"}}}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	imdsOut := filepath.Join(work, "imds-credentials.json")
 
 	// A second account, for the isolation checks.
 	keyOut, err := exec.CommandContext(ctx, kiln, "--data-dir", data, "keys", "create", "--description", "sdk test tenant").Output()
@@ -113,7 +138,10 @@ func TestJavaScriptSDK(t *testing.T) {
 		"AWS_PROFILE=default",
 		"AWS_ACCESS_KEY_ID=", "AWS_SECRET_ACCESS_KEY=", "AWS_SESSION_TOKEN=",
 		"AWS_EC2_METADATA_DISABLED=true",
-		"KILN_CODE_URI="+fileURI(code1),
+		"KILN_CODE_URI="+s3URI,
+		"KILN_HOST_CODE_URI="+fileURI(code1),
+		"KILN_ROLE_ARN="+roleARN,
+		"KILN_IMDS_OUT="+imdsOut,
 		"KILN_CODE_URI_2="+fileURI(code2),
 		"KILN_CA="+filepath.Join(data, "ca.pem"),
 		"KILN_TENANT_KEY_ID="+tenant.AccessKeyID,
@@ -125,6 +153,24 @@ func TestJavaScriptSDK(t *testing.T) {
 	if err != nil {
 		t.Errorf("e2e.mjs failed: %v", err)
 	}
+	// The credentials the guest got from its metadata service sign a
+	// request that the S3 store accepts (and a wrong secret is refused);
+	// checked whenever e2e.mjs got that far.
+	if _, statErr := os.Stat(imdsOut); err == nil || statErr == nil {
+		s3srv.checkCredentials(ctx, t, imdsOut, "kiln-code", "apps/app-v1.zip")
+	}
+}
+
+// adminAccount is the account of the admin key the server created on
+// first start (from its log).
+func (s *server) adminAccount(t *testing.T) string {
+	t.Helper()
+	b, _ := os.ReadFile(s.log)
+	m := regexp.MustCompile(`created admin access key .*account=(\d{12})`).FindSubmatch(b)
+	if m == nil {
+		t.Fatalf("no admin account in the server log:\n%s", b)
+	}
+	return string(m[1])
 }
 
 // requirements returns node, npm and the guest kernel's directory, or
@@ -260,7 +306,7 @@ type server struct {
 // startServer runs kiln server on data and waits until its API serves.
 // Its output goes to a file (not a pipe: nothing it starts may hold our
 // end open) and into the test log at the end.
-func startServer(ctx context.Context, t *testing.T, kiln, data, apiPort, endpointPort string) *server {
+func startServer(ctx context.Context, t *testing.T, kiln, data, apiPort, endpointPort string, env []string, args ...string) *server {
 	t.Helper()
 	s := &server{data: data, log: filepath.Join(filepath.Dir(data), "server.log"), exited: make(chan struct{}),
 		endpointAddr: "127.0.0.1:" + endpointPort}
@@ -269,7 +315,8 @@ func startServer(ctx context.Context, t *testing.T, kiln, data, apiPort, endpoin
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	s.cmd = exec.Command(kiln, "--data-dir", data, "server", "--api-addr", "127.0.0.1:"+apiPort, "--endpoint-addr", s.endpointAddr)
+	s.cmd = exec.Command(kiln, append([]string{"--data-dir", data, "server", "--api-addr", "127.0.0.1:" + apiPort, "--endpoint-addr", s.endpointAddr}, args...)...)
+	s.cmd.Env = append(os.Environ(), env...)
 	s.cmd.Stdout, s.cmd.Stderr = logf, logf
 	if err := s.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -428,4 +475,35 @@ func qemuOf(dir string) []int {
 		}
 	}
 	return pids
+}
+
+// TestModelExtractUpToDate checks that internal/api/testdata/aws-model.json,
+// against which kiln's validation table is tested, is what model.mjs
+// extracts from the installed SDK (`node model.mjs >
+// ../../internal/api/testdata/aws-model.json` after an SDK update).
+func TestModelExtractUpToDate(t *testing.T) {
+	node, err := exec.LookPath("node")
+	npm, err2 := exec.LookPath("npm")
+	if err != nil || err2 != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("in CI node and npm must be installed")
+		}
+		t.Skip("node or npm is not installed")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	if err := npmInstall(ctx, npm); err != nil {
+		t.Fatal(err)
+	}
+	got, err := exec.CommandContext(ctx, node, "model.mjs").Output()
+	if err != nil {
+		t.Fatalf("node model.mjs: %v", err)
+	}
+	want, err := os.ReadFile(filepath.Join("..", "..", "internal", "api", "testdata", "aws-model.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("internal/api/testdata/aws-model.json is stale: run `node model.mjs > ../../internal/api/testdata/aws-model.json` in test/sdk")
+	}
 }

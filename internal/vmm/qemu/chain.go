@@ -129,25 +129,32 @@ func writeChain(dir string, below []layer) error {
 	return writeFileAtomic(filepath.Join(dir, chainFile), b)
 }
 
-// readChain returns a template's chain. Templates made before chains were
-// recorded learn theirs once from the headers (written by kiln's
-// qemu-img when the template was made) and record it.
+// readChain returns a template's chain (its disk.qcow2 first), which is
+// what a clone's overlay stands on. A template made before chains
+// were recorded, or copied elsewhere (its chain.json then names the
+// original's files; the image cache copies templates and points their
+// disk at its own root with qemu-img rebase), learns its chain once from
+// the headers, which kiln itself wrote in those cases, and records it.
 func (d *Driver) readChain(ctx context.Context, dir string) ([]layer, error) {
+	top := filepath.Join(dir, "disk.qcow2")
 	b, err := os.ReadFile(filepath.Join(dir, chainFile))
-	if errors.Is(err, os.ErrNotExist) {
-		c, err := d.chainFromHeaders(ctx, filepath.Join(dir, "disk.qcow2"))
-		if err != nil {
-			return nil, err
-		}
-		d.log.Warn("template had no recorded disk chain: read it from the image headers once", "template", dir)
-		return c, writeChain(dir, c[1:])
-	}
-	if err != nil {
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, err
 	}
 	var c []layer
-	if err := json.Unmarshal(b, &c); err != nil || len(c) == 0 {
-		return nil, fmt.Errorf("template %s: malformed %s: %w", dir, chainFile, errdefs.ErrInvalid)
+	if err == nil {
+		if err := json.Unmarshal(b, &c); err != nil || len(c) == 0 {
+			return nil, fmt.Errorf("template %s: malformed %s: %w", dir, chainFile, errdefs.ErrInvalid)
+		}
+	}
+	if len(c) == 0 || c[0].Path != top {
+		if c, err = d.chainFromHeaders(ctx, top); err != nil {
+			return nil, err
+		}
+		d.log.Info("template had no disk chain of its own: read it from the image headers once", "template", dir)
+		if err := writeChain(dir, c[1:]); err != nil {
+			return nil, err
+		}
 	}
 	for _, l := range c {
 		if !filepath.IsAbs(l.Path) || (l.Format != "raw" && l.Format != "qcow2") {

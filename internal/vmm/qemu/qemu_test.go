@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/jail"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
 )
@@ -342,6 +343,12 @@ func TestKilnKilledThenRecovered(t *testing.T) {
 	stray := filepath.Join(dataDir, "vms", "stray")
 	os.MkdirAll(stray, 0o700)
 	d := newDriver(t, dataDir)
+	// And a cgroup whose QEMU ended while kiln was down.
+	for _, dir := range jail.CgroupDirs(d.cgroupName("ghost")) {
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
 	rep, err := d.Recover(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -355,6 +362,11 @@ func TestKilnKilledThenRecovered(t *testing.T) {
 	}
 	if _, err := os.Stat(stray); !os.IsNotExist(err) {
 		t.Error("stray directory not removed")
+	}
+	for _, dir := range jail.CgroupDirs(d.cgroupName("ghost")) {
+		if _, err := os.Stat(dir); err == nil {
+			t.Errorf("stray cgroup %s not removed", dir)
+		}
 	}
 	if got := mustSh(t, d, "keep", "cat /root/mark"); got != "before-crash" {
 		t.Errorf("adopted VM lost its disk: %q", got)
@@ -406,6 +418,13 @@ func assertNoQEMU(t *testing.T, d *Driver) {
 	t.Helper()
 	if pids := d.strayProcesses(map[int]bool{}); len(pids) > 0 {
 		t.Errorf("QEMU processes left behind: %v", pids)
+	}
+	// Nor their cgroups.
+	names, _ := jail.ListCgroups(cgroupParent)
+	for _, n := range names {
+		if strings.HasSuffix(n, "."+d.cgroupSuffix()) {
+			t.Errorf("cgroup %s left behind", n)
+		}
 	}
 }
 
