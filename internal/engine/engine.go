@@ -301,6 +301,23 @@ func (e *Engine) Close() error {
 	e.meter.open = nil
 	e.meter.mu.Unlock()
 	e.cfg.Logs.CloseAll()
+	// The VMs outlive this engine; their metadata listeners belong to
+	// this process and go with it, so the next engine can bind them.
+	e.mu.Lock()
+	states := make([]*vmState, 0, len(e.vms))
+	for _, v := range e.vms {
+		states = append(states, v)
+	}
+	e.mu.Unlock()
+	for _, v := range states {
+		v.mu.Lock()
+		md := v.imds
+		v.imds = nil
+		v.mu.Unlock()
+		if md != nil {
+			md.Close()
+		}
+	}
 	return nil
 }
 
@@ -563,10 +580,17 @@ func (e *Engine) ensureNet(ctx context.Context, v *vmState) error {
 	}
 	if v.imds == nil {
 		srv, err := e.startIMDS(ctx, v)
-		if err != nil {
+		switch {
+		case err != nil && v.role != "":
 			return err
+		case err != nil:
+			// Without a role the service only ever answers 404: a VM is
+			// not worth ending for it (an adopted VM whose namespace
+			// predates it, or whose old listener is still closing).
+			e.log.Warn("metadata service not started; the microvm has no execution role", "microvm", v.id, "err", err)
+		default:
+			v.imds = srv
 		}
-		v.imds = srv
 	}
 	return nil
 }

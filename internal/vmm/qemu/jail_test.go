@@ -214,11 +214,11 @@ func memLimit(t *testing.T, cgroup string) int64 {
 	return 0
 }
 
-// TestRewrittenBackingFileIsIgnored rewrites the backing file named in a
-// suspended VM's overlay header, as a compromised QEMU could, and resumes
-// it: QEMU must run on the recorded chain, never open the named file, and
-// the guest must read its disk as before.
-func TestRewrittenBackingFileIsIgnored(t *testing.T) {
+// TestRewrittenBackingFileIsRefused rewrites the backing file named in a
+// suspended VM's overlay header, as a compromised QEMU could: the resume is
+// refused and the named file is never opened. Put back, the VM resumes on
+// its recorded chain and the guest reads its disk as before.
+func TestRewrittenBackingFileIsRefused(t *testing.T) {
 	dataDir := shortDir(t)
 	d := newDriver(t, dataDir)
 	boot(t, d, "rebased")
@@ -255,6 +255,13 @@ func TestRewrittenBackingFileIsIgnored(t *testing.T) {
 	if !strings.Contains(string(out), victim) {
 		t.Fatalf("the header does not name the victim: %s", out)
 	}
+	if _, err := d.Resume(ctx, "rebased"); err == nil || !strings.Contains(err.Error(), "refusing") {
+		t.Fatalf("resume of a rewritten overlay: %v, want a refusal", err)
+	}
+	if i, _ := d.Inspect(ctx, "rebased"); i.State != vmm.StateSuspended {
+		t.Fatalf("after the refusal the vm is %s, want suspended", i.State)
+	}
+	run(t, "qemu-img", "rebase", "-u", "-f", "qcow2", "-F", "raw", "-b", env.RootDisk, overlay)
 	if _, err := d.Resume(ctx, "rebased"); err != nil {
 		t.Fatal(err)
 	}

@@ -398,6 +398,14 @@ func (d *Driver) Clone(ctx context.Context, spec vmm.CloneSpec) (vmm.Info, error
 	if err := copyFile(filepath.Join(t.Dir, "overlay.qcow2"), v.path("disk.qcow2")); err != nil {
 		return fail(err)
 	}
+	h, err := qcow2.ParseFile(v.path("disk.qcow2"))
+	if err != nil {
+		return fail(fmt.Errorf("template %s: its clone overlay: %w", t.Dir, err))
+	}
+	v.meta.Backing, v.meta.BackingFormat = h.BackingFile, h.BackingFormat
+	if h.BackingFile != "" && !filepath.IsAbs(h.BackingFile) {
+		v.meta.Backing = filepath.Join(v.dir, h.BackingFile) // as qcow2.CheckLink reads it
+	}
 	if err := v.saveMeta(); err != nil {
 		return fail(err)
 	}
@@ -572,7 +580,11 @@ func (d *Driver) Resume(ctx context.Context, id string) (vmm.Info, error) {
 	// but a header the guest's QEMU rewrote to name another file means
 	// that QEMU was compromised: refuse to run the disk again.
 	if c := v.meta.Chain; len(c) > 0 {
-		if err := qcow2.CheckLink(v.path("disk.qcow2"), c[0].Path, c[0].Format); err != nil {
+		want, format := c[0].Path, c[0].Format
+		if v.meta.Backing != "" {
+			want, format = v.meta.Backing, v.meta.BackingFormat
+		}
+		if err := qcow2.CheckLink(v.path("disk.qcow2"), want, format); err != nil {
 			return vmm.Info{}, fmt.Errorf("resuming %s: %w", id, err)
 		}
 	}

@@ -28,9 +28,16 @@ func (d *Driver) Recover(ctx context.Context) (vmm.RecoveryReport, error) {
 	for _, e := range entries {
 		dir := filepath.Join(d.vmsDir(), e.Name())
 		d.mu.Lock()
-		_, known := d.vms[e.Name()]
+		known := d.vms[e.Name()]
 		d.mu.Unlock()
-		if known {
+		if known != nil {
+			// Already ours (adopted or started since): its QEMU, found by
+			// its jail root or cgroup below, is no stray.
+			known.mu.Lock()
+			if known.proc != nil {
+				claimed[known.proc.pid] = true
+			}
+			known.mu.Unlock()
 			continue
 		}
 		id, outcome, pid := d.recoverOne(ctx, dir)
