@@ -56,18 +56,18 @@ type meta struct {
 	// VMDIR/jail/run.
 	Jailed bool `json:"jailed,omitempty"`
 	// Chain lists the disk layers below disk.qcow2, top down (chain.go).
-	Chain     []layer   `json:"chain,omitempty"`
+	Chain []layer `json:"chain,omitempty"`
 	// Backing is the backing file (and format) the overlay's header named
 	// when kiln made it: a clone's overlay is a copy of its template's,
 	// whose header may name where the template was first written (a
 	// template copied by the image cache or linked into a version). A
 	// header that changes later was rewritten by the guest's QEMU.
-	Backing       string `json:"backing,omitempty"`
-	BackingFormat string `json:"backing_format,omitempty"`
-	PID       int       `json:"pid,omitempty"`
-	PIDStart  uint64    `json:"pid_start,omitempty"`
-	StartedAt time.Time `json:"started_at"`
-	Reason    string    `json:"reason,omitempty"`
+	Backing       string    `json:"backing,omitempty"`
+	BackingFormat string    `json:"backing_format,omitempty"`
+	PID           int       `json:"pid,omitempty"`
+	PIDStart      uint64    `json:"pid_start,omitempty"`
+	StartedAt     time.Time `json:"started_at"`
+	Reason        string    `json:"reason,omitempty"`
 	// A suspend leaves guest memory in the page cache and flushes it in
 	// the background; DurableGen catches up with SuspendGen once the
 	// flush of that suspend is done. HostBootID tells Recover whether the
