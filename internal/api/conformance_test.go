@@ -110,7 +110,10 @@ func TestOtherArchitectureRefused(t *testing.T) {
 // TestResourceSizes: only AWS's memory baselines are accepted, with AWS's
 // constraint message (old code accepted 128..32768 and rounded up).
 func TestResourceSizes(t *testing.T) {
-	e := newEnv(t)
+	// Five builds at once: more than the default concurrent-build quota.
+	e := newEnv(t, func(c *api.Config) {
+		c.Quota = store.Quota{Microvms: -1, MemoryMiB: -1, VCPUs: -1, Builds: -1, StorageBytes: -1}
+	})
 	for _, m := range api.MemorySizesMiB {
 		b := imageBody(fmt.Sprintf("size-%d", m))
 		b["resources"] = []any{map[string]any{"minimumMemoryInMiB": m}}
