@@ -154,10 +154,11 @@ func (n *Net) GuestDial(p uint16) string {
 // DenyV4 is what a guest with egress may never reach: the IPv4 part of
 // internal/egress's deny list, the same list kiln's own fetches for
 // tenants obey (private, shared, loopback, link-local and the cloud
-// metadata addresses, documentation, benchmarking, multicast, reserved).
+// metadata addresses, benchmarking, multicast, reserved), less the
+// documentation blocks (egress.GuestDenied says why).
 // IPv6 is not forwarded at all, which covers fc00::/7, fe80::/10 and
 // fd00:ec2::254.
-var DenyV4 = egress.IPv4(egress.Denied())
+var DenyV4 = egress.IPv4(egress.GuestDenied())
 
 func validID(id string) bool {
 	if len(id) == 0 || len(id) > 64 {

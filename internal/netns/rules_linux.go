@@ -138,6 +138,10 @@ func policy(p nftables.ChainPolicy) *nftables.ChainPolicy { return &p }
 //   - postrouting: masquerade what VMs send out of non-VM links.
 //
 // The rules match kv* links, so one table serves every VM.
+// hostTableRev names the host table's rules; change it whenever they
+// change (here: the deny list lost the documentation blocks).
+const hostTableRev = "rev-2"
+
 func ensureHostTable() error {
 	c, err := nftables.New()
 	if err != nil {
@@ -156,15 +160,19 @@ func ensureHostTable() error {
 			return fmt.Errorf("listing nftables chains: %w", err)
 		}
 		for _, ch := range chains {
-			if ch.Table.Name == TableName && ch.Name == "output" {
+			if ch.Table.Name == TableName && ch.Name == hostTableRev {
 				return nil
 			}
 		}
-		// A table from a kiln without the output chain: replaced in the
-		// same transaction, so no packet sees it half-written.
+		// A table from a kiln whose rules differ (no revision chain, or
+		// another one): replaced in the same transaction, so no packet
+		// sees it half-written.
 		c.DelTable(t)
 	}
 	t := c.AddTable(&nftables.Table{Family: nftables.TableFamilyINet, Name: TableName})
+	// An empty chain named after the rules' revision tells a later kiln
+	// whether this table is its own.
+	c.AddChain(&nftables.Chain{Name: hostTableRev, Table: t})
 	vm := HostLinkPrefix + "*"
 	in := c.AddChain(&nftables.Chain{Name: "input", Table: t, Type: nftables.ChainTypeFilter,
 		Hooknum: nftables.ChainHookInput, Priority: nftables.ChainPriorityFilter, Policy: policy(nftables.ChainPolicyAccept)})
