@@ -318,15 +318,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		kind = token.KindShell
 	}
 	claims, err := s.cfg.Tokens.Authorize(tok, id, kind, port)
-	switch {
-	case errors.Is(err, token.ErrScope):
-		writeError(w, http.StatusForbidden, "token does not grant this microVM or port")
-		return
-	case errors.Is(err, token.ErrExpired):
-		writeError(w, http.StatusUnauthorized, "token expired")
-		return
-	case err != nil:
-		writeError(w, http.StatusUnauthorized, "invalid token")
+	if refuseToken(w, err) {
 		return
 	}
 	ctx := r.Context()
@@ -501,15 +493,7 @@ func (s *Server) tokenToCookie(w http.ResponseWriter, r *http.Request, id string
 		return
 	}
 	claims, err := s.cfg.Tokens.Authorize(tok, id, token.KindEndpoint, DefaultPort)
-	switch {
-	case errors.Is(err, token.ErrScope):
-		writeError(w, http.StatusForbidden, "token does not grant this microVM or port")
-		return
-	case errors.Is(err, token.ErrExpired):
-		writeError(w, http.StatusUnauthorized, "token expired")
-		return
-	case err != nil:
-		writeError(w, http.StatusUnauthorized, "invalid token")
+	if refuseToken(w, err) {
 		return
 	}
 	q.Del(QueryAuth)
@@ -709,4 +693,20 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, tlsConfig *tls.Conf
 		srv.Shutdown(sctx)
 		return nil
 	}
+}
+
+// refuseToken answers a token that Authorize refused and reports whether
+// it did; the header and the browser link are refused in the same words.
+func refuseToken(w http.ResponseWriter, err error) bool {
+	switch {
+	case errors.Is(err, token.ErrScope):
+		writeError(w, http.StatusForbidden, "token does not grant this microVM or port")
+	case errors.Is(err, token.ErrExpired):
+		writeError(w, http.StatusUnauthorized, "token expired")
+	case err != nil:
+		writeError(w, http.StatusUnauthorized, "invalid token")
+	default:
+		return false
+	}
+	return true
 }
