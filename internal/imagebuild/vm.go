@@ -83,8 +83,10 @@ type vmSpec struct {
 // network a build creates, so tests can check that all are gone.
 var testHookNewVM func(id string)
 
-// bootVM sets up the network and boots. On error nothing is left.
-func bootVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (*guestVM, error) {
+// newGuestNet names a new VM and sets up its network (and DNS forwarder
+// when it has egress), as bootVM and cloneVM both need. On error nothing
+// is left.
+func newGuestNet(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (*guestVM, error) {
 	g := &guestVM{id: newID(s.prefix), driver: d, log: log}
 	g.log = log.With("vm", g.id)
 	var err error
@@ -96,6 +98,15 @@ func bootVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (*gue
 			g.close()
 			return nil, fmt.Errorf("starting the dns forwarder: %w", err)
 		}
+	}
+	return g, nil
+}
+
+// bootVM sets up the network and boots. On error nothing is left.
+func bootVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (*guestVM, error) {
+	g, err := newGuestNet(ctx, d, log, s)
+	if err != nil {
+		return nil, err
 	}
 	g.booted = true // from here on Terminate is needed even if Boot fails half-way
 	g.info, err = d.Boot(ctx, vmm.BootSpec{
@@ -115,17 +126,9 @@ func bootVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (*gue
 // cloneVM sets up a network and restores the template in tmplDir, as
 // the engine runs a microVM. On error nothing is left.
 func cloneVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec, tmplDir string) (*guestVM, error) {
-	g := &guestVM{id: newID(s.prefix), driver: d, log: log}
-	g.log = log.With("vm", g.id)
-	var err error
-	if g.net, err = netns.Setup(ctx, netns.Config{ID: g.id, Egress: s.egress, ExtraDeny: s.extraDeny}); err != nil {
-		return nil, fmt.Errorf("setting up the vm network: %w", err)
-	}
-	if s.egress {
-		if g.dns, err = dnsfwd.Start(ctx, dnsfwd.Config{ID: g.id, NSPath: g.net.NSPath, Upstreams: s.upstreams}); err != nil {
-			g.close()
-			return nil, fmt.Errorf("starting the dns forwarder: %w", err)
-		}
+	g, err := newGuestNet(ctx, d, log, s)
+	if err != nil {
+		return nil, err
 	}
 	g.booted = true
 	g.info, err = d.Clone(ctx, vmm.CloneSpec{ID: g.id, Template: tmplDir, Net: g.net.Attachment()})
