@@ -66,26 +66,6 @@ var denied = []netip.Prefix{
 // Denied returns a copy of the built-in deny list, IPv4 and IPv6.
 func Denied() []netip.Prefix { return slices.Clone(denied) }
 
-// documentation are the documentation blocks (RFC 5737, RFC 3849, RFC
-// 9637). They are never routed on the internet, so a network that answers
-// on them does so on purpose: this very build host reaches its Debian
-// mirror at a TEST-NET-3 address, and build VMs must reach the mirror the
-// host itself uses. Kiln's own fetches for tenants keep them denied.
-var documentation = []netip.Prefix{
-	netip.MustParsePrefix("192.0.2.0/24"),
-	netip.MustParsePrefix("198.51.100.0/24"),
-	netip.MustParsePrefix("203.0.113.0/24"),
-	netip.MustParsePrefix("2001:db8::/32"),
-	netip.MustParsePrefix("3fff::/20"),
-}
-
-// GuestDenied is what a guest with egress may never reach: the built-in
-// list less the documentation blocks (operators who want those denied too
-// name them with --deny-cidr, which applies to guests as well).
-func GuestDenied() []netip.Prefix {
-	return slices.DeleteFunc(Denied(), func(p netip.Prefix) bool { return slices.Contains(documentation, p) })
-}
-
 // IPv4 returns the IPv4 prefixes of ps (what nftables rules need: kiln
 // never forwards IPv6 from a guest).
 func IPv4(ps []netip.Prefix) []netip.Prefix {

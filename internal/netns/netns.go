@@ -111,6 +111,22 @@ type Config struct {
 	// --deny-cidr, for example the host's LAN) on top of DenyV4. IPv6
 	// prefixes are ignored here: no IPv6 leaves a VM.
 	ExtraDeny []netip.Prefix
+	// PackageProxy (with Egress; build VMs) sends the guest's plain-HTTP
+	// connections to the operator's Debian mirrors to kiln's package
+	// proxy (internal/pkgproxy) at the gateway instead of out: those
+	// downloads are cached per account, and a mirror that answers on a
+	// denied address (this very host's answers in a documentation range)
+	// stays usable while the guest itself may still not reach it.
+	PackageProxy *Redirect
+}
+
+// Redirect is a transparent redirect, in the VM's namespace, of the
+// guest's TCP connections to port 80 of Addrs to GatewayAddr:Port.
+type Redirect struct {
+	// Addrs are the mirrors' addresses (IPv4; others are ignored).
+	Addrs []netip.Addr
+	// Port is where the proxy listens on GatewayAddr.
+	Port uint16
 }
 
 // Net is one VM's network, as created by Setup or found by Open.
@@ -154,11 +170,12 @@ func (n *Net) GuestDial(p uint16) string {
 // DenyV4 is what a guest with egress may never reach: the IPv4 part of
 // internal/egress's deny list, the same list kiln's own fetches for
 // tenants obey (private, shared, loopback, link-local and the cloud
-// metadata addresses, benchmarking, multicast, reserved), less the
-// documentation blocks (egress.GuestDenied says why).
+// metadata addresses, documentation, benchmarking, multicast, reserved).
+// Build VMs reach the operator's Debian mirrors, wherever those answer,
+// only through kiln's package proxy (Config.PackageProxy).
 // IPv6 is not forwarded at all, which covers fc00::/7, fe80::/10 and
 // fd00:ec2::254.
-var DenyV4 = egress.IPv4(egress.GuestDenied())
+var DenyV4 = egress.IPv4(egress.Denied())
 
 func validID(id string) bool {
 	if len(id) == 0 || len(id) > 64 {

@@ -52,6 +52,21 @@ func Setup(ctx context.Context, cfg Config) (*Net, error) {
 		}
 	}
 	cfg.ExtraDeny = egress.IPv4(cfg.ExtraDeny)
+	if r := cfg.PackageProxy; r != nil {
+		if !cfg.Egress {
+			return nil, fmt.Errorf("a package proxy needs egress: %w", ErrInvalid)
+		}
+		if r.Port == 0 || r.Port == 53 {
+			return nil, fmt.Errorf("package proxy port %d: %w", r.Port, ErrInvalid)
+		}
+		var v4 []netip.Addr
+		for _, a := range r.Addrs {
+			if a = a.Unmap(); a.Is4() {
+				v4 = append(v4, a)
+			}
+		}
+		cfg.PackageProxy = &Redirect{Addrs: v4, Port: r.Port}
+	}
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}

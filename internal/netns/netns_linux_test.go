@@ -73,6 +73,15 @@ func setupVM(t *testing.T, cfg netns.Config) *netns.Net {
 // unicast host), routed by the host to that link only. It returns the
 // address of a server there.
 func internet(t *testing.T, tag string) string {
+	path := network(t, tag, "192.88.99")
+	netnstest.ServeTCP(t, path, "192.88.99.1:9000", "internet")
+	return "192.88.99.1:9000"
+}
+
+// network makes a namespace behind a host link on NET.0/24 (NET is the
+// first three octets): the host end is NET.254, the namespace's NET.1.
+// It returns the namespace's path.
+func network(t *testing.T, tag, net24 string) string {
 	path := netnstest.NewNS(t, "kilntest-inet-"+tag, nil)
 	ns, err := vnetns.GetFromPath(path)
 	if err != nil {
@@ -97,17 +106,16 @@ func internet(t *testing.T, tag string) string {
 	}
 	hl, err := netlink.LinkByName(hostName)
 	must(err)
-	must(netlink.AddrAdd(hl, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("192.88.99.254"), Mask: net.CIDRMask(24, 32)}}))
+	must(netlink.AddrAdd(hl, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(net24 + ".254"), Mask: net.CIDRMask(24, 32)}}))
 	must(netlink.LinkSetUp(hl))
 	nl, err := netlink.NewHandleAt(ns)
 	must(err)
 	defer nl.Close()
 	il, err := nl.LinkByName("eth0")
 	must(err)
-	must(nl.AddrAdd(il, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP("192.88.99.1"), Mask: net.CIDRMask(24, 32)}}))
+	must(nl.AddrAdd(il, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(net24 + ".1"), Mask: net.CIDRMask(24, 32)}}))
 	must(nl.LinkSetUp(il))
-	netnstest.ServeTCP(t, path, "192.88.99.1:9000", "internet")
-	return "192.88.99.1:9000"
+	return path
 }
 
 func TestIsolation(t *testing.T) {
@@ -506,4 +514,61 @@ func hostTable(t *testing.T) bool {
 		}
 	}
 	return false
+}
+
+// TestPackageProxyRedirect: a "mirror" answering at a documentation
+// address (as this host's Debian mirror does) is out of a guest's reach,
+// except that with a package proxy the guest's port-80 connections to it
+// arrive at the proxy on the gateway. Before, guests reached the
+// documentation ranges directly.
+func TestPackageProxyRedirect(t *testing.T) {
+	needRoot(t)
+	hostTableCleanup(t)
+	id, plain := testID("p"), testID("q")
+	n := setupVM(t, netns.Config{ID: id, Egress: true,
+		PackageProxy: &netns.Redirect{Addrs: []netip.Addr{netip.MustParseAddr("198.51.100.1")}, Port: 3142}})
+	o := setupVM(t, netns.Config{ID: plain, Egress: true})
+	g, og := netnstest.StartGuest(t, n), netnstest.StartGuest(t, o)
+	mirror := network(t, id, "198.51.100")
+	for _, p := range []string{"80", "443", "9000"} {
+		netnstest.ServeTCP(t, mirror, "198.51.100.1:"+p, "mirror:"+p)
+	}
+	netnstest.ServeTCP(t, n.NSPath, "172.30.0.1:3142", "proxy")
+	netnstest.ServeTCP(t, o.NSPath, "172.30.0.1:3142", "proxy-o")
+	// The host itself still reaches the "mirror" (as the proxy will);
+	// retried while the new link comes up.
+	var got string
+	var err error
+	for i := 0; i < 10; i++ {
+		if got, err = netnstest.Dial("", "198.51.100.1:80", time.Second); err == nil {
+			break
+		}
+	}
+	if err != nil || !strings.HasPrefix(got, "mirror:80") {
+		t.Fatalf("host to mirror: %q, %v", got, err)
+	}
+	tests := []struct {
+		name, from, to, want string // want "" = must fail
+	}{
+		{"mirror port 80 goes to the proxy", g.NSPath, "198.51.100.1:80", "proxy from 172.30.0.2"},
+		{"mirror's other ports are denied", g.NSPath, "198.51.100.1:443", ""},
+		{"documentation address denied", g.NSPath, "198.51.100.1:9000", ""},
+		{"without a proxy: mirror denied", og.NSPath, "198.51.100.1:80", ""},
+		{"without a proxy: no proxy port", og.NSPath, "172.30.0.1:3142", ""},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			got, err := netnstest.Dial(tc.from, tc.to, 700*time.Millisecond)
+			if tc.want == "" {
+				if err == nil {
+					t.Fatalf("reached %s (%q), want blocked", tc.to, got)
+				}
+				return
+			}
+			if err != nil || got != tc.want {
+				t.Fatalf("dial %s = %q, %v; want %q", tc.to, got, err, tc.want)
+			}
+		})
+	}
 }

@@ -139,8 +139,8 @@ func policy(p nftables.ChainPolicy) *nftables.ChainPolicy { return &p }
 //
 // The rules match kv* links, so one table serves every VM.
 // hostTableRev names the host table's rules; change it whenever they
-// change (here: the deny list lost the documentation blocks).
-const hostTableRev = "rev-2"
+// change (rev-3: the deny list has the documentation blocks again).
+const hostTableRev = "rev-3"
 
 func ensureHostTable() error {
 	c, err := nftables.New()
@@ -236,7 +236,10 @@ func deleteHostTable() error {
 //   - forward (policy drop): replies; host→guest DNATed traffic; with
 //     egress, jump to chain "egress" (deny list, then accept IPv4);
 //   - input (policy drop): loopback, replies, and with egress DNS to the
-//     gateway forwarder.
+//     gateway forwarder;
+//   - with a package proxy: the guest's TCP to port 80 of a mirror address
+//     is DNATed to the proxy at the gateway (so it reaches input, never
+//     forward and its deny list), and input lets the guest reach it.
 func writeVMTable(nsFd int, n *Net, cfg Config) error {
 	c, err := nftables.New(nftables.WithNetNSFd(nsFd))
 	if err != nil {
@@ -286,6 +289,19 @@ func writeVMTable(nsFd int, n *Net, cfg Config) error {
 		gw := netip.PrefixFrom(GatewayAddr, 32)
 		for _, proto := range []byte{unix.IPPROTO_UDP, unix.IPPROTO_TCP} {
 			add(in, join(iif(TapName), v4, daddrIn(gw), l4proto(proto), dport(53), accept))
+		}
+		if r := cfg.PackageProxy; r != nil {
+			gwb := GatewayAddr.As4()
+			for _, a := range r.Addrs {
+				add(pre, join(iif(TapName), v4, l4proto(unix.IPPROTO_TCP), daddrIn(netip.PrefixFrom(a, 32)), dport(80),
+					[]expr.Any{
+						&expr.Immediate{Register: 1, Data: gwb[:]},
+						&expr.Immediate{Register: 2, Data: binaryutil.BigEndian.PutUint16(r.Port)},
+						&expr.NAT{Type: expr.NATTypeDestNAT, Family: unix.NFPROTO_IPV4, RegAddrMin: 1, RegProtoMin: 2, Specified: true},
+					}))
+			}
+			add(in, join(iif(TapName), v4, daddrIn(gw), l4proto(unix.IPPROTO_TCP), dport(r.Port), saddrNot(GuestAddr), drop))
+			add(in, join(iif(TapName), v4, daddrIn(gw), l4proto(unix.IPPROTO_TCP), dport(r.Port), accept))
 		}
 	}
 	if err := c.Flush(); err != nil {
