@@ -113,9 +113,11 @@ func init() {
 	benchCmd.AddCommand(bep)
 
 	var ib imagebuild.BenchConfig
+	var apt bool
+	var ab imagebuild.AptBenchConfig
 	bim := &cobra.Command{
 		Use:   "image",
-		Short: "Benchmark an image build by step, an unchanged rebuild, and clone against cold boot until the first HTTP 200",
+		Short: "Benchmark an image build by step, an unchanged rebuild, and clone against cold boot until the first HTTP 200; with --apt, the package cache",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
@@ -127,12 +129,24 @@ func init() {
 			defer d.Close()
 			// The managed base is shared with the real data directory:
 			// building it is not what this measures.
-			ib.Driver, ib.WorkDir, ib.Out, ib.Logger = d, work, os.Stdout, newLogger()
-			ib.Bases = &base.Resolver{Managed: &base.Managed{DataDir: dataDir}}
+			bases := &base.Resolver{Managed: &base.Managed{DataDir: dataDir}}
+			if apt {
+				ab.Driver, ab.WorkDir, ab.Out, ab.Logger, ab.Bases = d, work, os.Stderr, newLogger(), bases
+				r, err := imagebuild.BenchApt(ctx, ab)
+				if err != nil {
+					return err
+				}
+				fmt.Println(r.JSON())
+				return nil
+			}
+			ib.Driver, ib.WorkDir, ib.Out, ib.Logger, ib.Bases = d, work, os.Stdout, newLogger(), bases
 			_, err = imagebuild.Bench(ctx, ib)
 			return err
 		},
 	}
+	bim.Flags().BoolVar(&apt, "apt", false, "measure the package cache instead: a Dockerfile that COPYs a file then runs apt-get install, built from empty caches, rebuilt after the file changed, and rebuilt unchanged (JSON on stdout)")
+	bim.Flags().IntVar(&ab.Runs, "apt-runs", 3, "with --apt: runs from empty caches (median)")
+	bim.Flags().StringVar(&ab.Package, "apt-package", "hello", "with --apt: the Debian package the apt step installs")
 	bim.Flags().StringVar(&ib.Example, "example", "examples/python-http", "code package folder to build")
 	bim.Flags().IntVar(&ib.MemoryMiB, "memory", 512, "microVM memory in MiB")
 	bim.Flags().IntVar(&ib.Clones, "runs", 5, "clones and cold boots timed (median)")

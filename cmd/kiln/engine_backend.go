@@ -24,6 +24,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/imds"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/pkgproxy"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/tlsca"
@@ -154,12 +155,14 @@ func newImageBuilder(ctx context.Context, o ServerOptions, drv *qemu.Driver, s3c
 	// Everything a tenant names (ADD <url>, code URI, FROM registry) is
 	// fetched through one egress policy.
 	pol := o.FetchPolicy()
+	pkgs := newPackageProxy(o.DataDir, o.AptMirrors, log)
 	return &imageBuilder{defaultEgress: o.DefaultInternetEgress(), b: &imagebuild.Builder{
-		Images: &image.Builder{DataDir: o.DataDir, Runner: &imagebuild.Runner{Driver: drv, ExtraDeny: o.DenyCIDRs, Logger: log},
+		Images: &image.Builder{DataDir: o.DataDir, Runner: &imagebuild.Runner{Driver: drv, ExtraDeny: o.DenyCIDRs, Packages: pkgs, Logger: log},
 			Bases:      &base.Resolver{Managed: bases, InsecureRegistries: o.InsecureRegistries, Egress: pol, Logger: log},
 			HTTPClient: pol.Client(10 * time.Minute), Logger: log},
 		Driver:    drv,
 		ExtraDeny: o.DenyCIDRs,
+		Packages:  pkgs,
 		// The API already decided which accounts may build from local
 		// paths (operators, and everyone's own uploads). s3:// is read
 		// with the operator's credentials from the store the operator
@@ -170,6 +173,23 @@ func newImageBuilder(ctx context.Context, o ServerOptions, drv *qemu.Driver, s3c
 		CacheSalt: drv.GuestBuild(),
 		Logger:    log,
 	}}
+}
+
+// newPackageProxy is the package proxy for build VMs (internal/pkgproxy)
+// on the host's http:// apt mirrors plus extra, caching under
+// dataDir/pkg-cache; nil (with a warning) when there is no such mirror:
+// builds then reach mirrors only where the deny list lets them.
+func newPackageProxy(dataDir string, extra []string, log *slog.Logger) *pkgproxy.Proxy {
+	mirrors, err := pkgproxy.HostMirrors("", extra)
+	if err == nil {
+		var p *pkgproxy.Proxy
+		if p, err = pkgproxy.New(pkgproxy.Config{Mirrors: mirrors, Dir: filepath.Join(dataDir, "pkg-cache"), Logger: log}); err == nil {
+			log.Info("package proxy for build vms", "mirrors", len(mirrors))
+			return p
+		}
+	}
+	log.Warn("package proxy off: build vms reach Debian mirrors only where the deny list allows", "err", err)
+	return nil
 }
 
 type imageBuilder struct {

@@ -63,6 +63,10 @@ type ServerOptions struct {
 	DenyCIDRs          []netip.Prefix
 	AllowFetchCIDRs    []netip.Prefix
 	InsecureRegistries []string
+	// AptMirrors (--apt-mirror URI) are Debian mirrors whose plain-HTTP
+	// traffic from build VMs goes through kiln's package proxy, besides
+	// the http:// mirrors of the host's own apt sources.
+	AptMirrors []string
 	// OperatorAccount may build from host paths (default: the account
 	// recorded when the first admin key was made).
 	OperatorAccount string
@@ -198,6 +202,7 @@ the database: without it the stored keys cannot be used).`,
 	f.StringVar(&backend, "backend", "engine", "what runs the microVMs: engine, or fake (records only, for trying the API)")
 	f.StringArrayVar(&denyCIDRs, "deny-cidr", nil, "CIDR (or address) that app VMs, build VMs and kiln's fetches for tenants (ADD <url>, code URIs, registry pulls) may never reach, on top of the built-in deny list; repeatable")
 	f.StringArrayVar(&allowFetch, "allow-fetch-cidr", nil, "CIDR kiln may fetch from for tenants although the deny list covers it (an internal mirror); never opens guest egress; repeatable")
+	f.StringArrayVar(&o.AptMirrors, "apt-mirror", nil, "http:// Debian mirror URI whose downloads by build VMs go through kiln's per-account package cache, besides the http:// mirrors in the host's apt sources; repeatable")
 	f.StringArrayVar(&o.InsecureRegistries, "insecure-registry", nil, "registry HOST:PORT (or HOST) pulled over plain HTTP and allowed on a denied address such as loopback; repeatable")
 	f.StringVar(&o.OperatorAccount, "operator-account", "", "12-digit account that may build from host paths and file:// URIs (default: the admin account recorded on first start)")
 	f.StringVar(&o.APICert, "api-cert", "", "PEM certificate chain: serve the API over HTTPS (with --api-key)")

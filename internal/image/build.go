@@ -510,6 +510,7 @@ func (bd *build) run(ctx context.Context, st *stageState, s dockerfile.Step) (bo
 		Timeout:     bd.b.RunTimeout,
 		Line:        s.Line,
 		Instruction: s.Original,
+		Account:     bd.req.Account,
 	}
 	if step.Timeout == 0 {
 		step.Timeout = 30 * time.Minute

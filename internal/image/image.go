@@ -40,6 +40,9 @@ type RunStep struct {
 	// Line and Instruction identify the step in logs.
 	Line        int
 	Instruction string
+	// Account owns the build (Request.Account): runners scope whatever
+	// they keep across steps (the package proxy's cache) by it.
+	Account string
 }
 
 // Runner runs RUN steps inside build microVMs. The VM engine implements it.

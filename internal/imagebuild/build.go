@@ -22,6 +22,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/image/source"
+	"github.com/kiln-sandbox/kiln/internal/pkgproxy"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
@@ -78,6 +79,9 @@ type Builder struct {
 	// ExtraDeny is the operator's --deny-cidr for image VMs (see
 	// netns.Config.ExtraDeny); set the Runner's too.
 	ExtraDeny []netip.Prefix
+	// Packages is the package proxy for image VMs with egress (see
+	// Runner.Packages); set the Runner's too.
+	Packages *pkgproxy.Proxy
 	// CacheDir, if set, keeps finished templates by a key of everything
 	// they depend on, in a folder per account, so an unchanged rebuild by
 	// the same account reuses the snapshot instead of booting and
@@ -308,7 +312,7 @@ func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error
 	step = PhaseBoot
 	fmt.Fprintf(log, "#boot image vm (%d MiB, %d vCPUs)\n", req.MemoryMiB, b.vcpus(req))
 	start = time.Now()
-	g, err := bootVM(ctx, b.Driver, b.logger(), vmSpec{prefix: PrefixImage, rootDisk: rootDisk, memoryMiB: req.MemoryMiB, vcpus: b.vcpus(req), egress: req.Egress, upstreams: b.DNSUpstreams, extraDeny: b.ExtraDeny})
+	g, err := bootVM(ctx, b.Driver, b.logger(), vmSpec{prefix: PrefixImage, rootDisk: rootDisk, memoryMiB: req.MemoryMiB, vcpus: b.vcpus(req), egress: req.Egress, upstreams: b.DNSUpstreams, extraDeny: b.ExtraDeny, packages: b.Packages, account: req.Account})
 	if err != nil {
 		return fail(err)
 	}
@@ -523,7 +527,7 @@ func AppCaps(all bool) string {
 func (b *Builder) validate(ctx context.Context, req Request, tmplDir string, log io.Writer) error {
 	h := req.Hooks
 	fmt.Fprintf(log, "#validate: restore the snapshot, then POST %s on port %d (up to %s)\n", ValidateHookPath, h.Port, h.ValidateTimeout)
-	g, err := cloneVM(ctx, b.Driver, b.logger(), vmSpec{prefix: PrefixValidate, egress: req.Egress, upstreams: b.DNSUpstreams, extraDeny: b.ExtraDeny}, tmplDir)
+	g, err := cloneVM(ctx, b.Driver, b.logger(), vmSpec{prefix: PrefixValidate, egress: req.Egress, upstreams: b.DNSUpstreams, extraDeny: b.ExtraDeny, packages: b.Packages, account: req.Account}, tmplDir)
 	if err != nil {
 		return err
 	}

@@ -62,10 +62,12 @@ func cleanupShared() {
 
 func newBuilder(t *testing.T, d vmm.Driver) *Builder {
 	dir, _ := shared(t)
+	pkgs := newPackages(t, filepath.Join(dir, "pkg-cache"))
 	return &Builder{
+		Packages: pkgs,
 		Images: &image.Builder{
 			DataDir: filepath.Join(dir, "data"),
-			Runner:  &Runner{Driver: d, MemoryMiB: 512, Logger: testLogger()},
+			Runner:  &Runner{Driver: d, MemoryMiB: 512, Packages: pkgs, Logger: testLogger()},
 			Bases:   &base.Resolver{Managed: &base.Managed{DataDir: kilnDataDir()}, Logger: testLogger()},
 			Logger:  testLogger(),
 		},

@@ -26,6 +26,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/hosttool"
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/pkgproxy"
 	"github.com/kiln-sandbox/kiln/internal/qcow2"
 	"github.com/kiln-sandbox/kiln/internal/rootfs"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
@@ -50,7 +51,13 @@ type Runner struct {
 	// ExtraDeny is the operator's --deny-cidr: build VMs may not reach it
 	// either (see netns.Config.ExtraDeny).
 	ExtraDeny []netip.Prefix
-	Logger    *slog.Logger
+	// Packages, if set, is the package proxy: build VMs' plain HTTP to
+	// the operator's Debian mirrors goes through it and is cached per
+	// account (image.RunStep.Account), so a rebuild after a change above
+	// an apt-get step downloads nothing it already had. Without it the
+	// guest reaches a mirror only if the mirror is not on the deny list.
+	Packages *pkgproxy.Proxy
+	Logger   *slog.Logger
 }
 
 var _ image.Runner = (*Runner)(nil)
@@ -108,7 +115,8 @@ func (r *Runner) Run(ctx context.Context, rootDisk string, step image.RunStep, l
 	}
 
 	start := time.Now()
-	g, err := bootVM(ctx, r.Driver, r.logger(), vmSpec{prefix: PrefixBuild, rootDisk: disk, memoryMiB: mem, vcpus: r.vcpus(), egress: true, upstreams: r.DNSUpstreams, extraDeny: r.ExtraDeny, scratch: true})
+	g, err := bootVM(ctx, r.Driver, r.logger(), vmSpec{prefix: PrefixBuild, rootDisk: disk, memoryMiB: mem, vcpus: r.vcpus(), egress: true, upstreams: r.DNSUpstreams, extraDeny: r.ExtraDeny, scratch: true,
+		packages: r.Packages, account: step.Account})
 	if err != nil {
 		return "", err
 	}

@@ -14,7 +14,9 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/dnsfwd"
+	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/pkgproxy"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
@@ -57,12 +59,13 @@ func newID(prefix string) string {
 
 // guestVM is a VM booted for a build (a RUN step, or the image VM that is
 // snapshotted), with its own network namespace and, with egress, a DNS
-// forwarder at the guest's gateway.
+// forwarder and the package proxy's listener at the guest's gateway.
 type guestVM struct {
 	id     string
 	driver vmm.Driver
 	net    *netns.Net
 	dns    *dnsfwd.Forwarder
+	pkg    *pkgproxy.Listener
 	info   vmm.Info
 	booted bool
 	log    *slog.Logger
@@ -77,6 +80,11 @@ type vmSpec struct {
 	upstreams []string
 	extraDeny []netip.Prefix
 	scratch   bool // a RUN step's VM: see vmm.BootSpec.ScratchDisk
+	// packages, with egress and an account, redirects the guest's plain
+	// HTTP to the operator's Debian mirrors to the package proxy, which
+	// serves it from (and fills) that account's cache.
+	packages *pkgproxy.Proxy
+	account  string
 }
 
 // testHookNewVM, if set (tests only), learns the id of every VM and
@@ -89,14 +97,32 @@ var testHookNewVM func(id string)
 func newGuestNet(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (*guestVM, error) {
 	g := &guestVM{id: newID(s.prefix), driver: d, log: log}
 	g.log = log.With("vm", g.id)
+	cfg := netns.Config{ID: g.id, Egress: s.egress, ExtraDeny: s.extraDeny}
+	if s.egress && s.packages != nil && s.account != "" {
+		// Resolved afresh for each VM: the guest resolves the same names
+		// through its DNS forwarder moments later.
+		addrs, err := s.packages.Resolve(ctx)
+		if err != nil {
+			g.log.Warn("package proxy off for this vm: the Debian mirrors do not resolve", "err", err)
+		} else {
+			cfg.PackageProxy = &netns.Redirect{Addrs: addrs, Port: pkgproxy.DefaultPort}
+		}
+	}
 	var err error
-	if g.net, err = netns.Setup(ctx, netns.Config{ID: g.id, Egress: s.egress, ExtraDeny: s.extraDeny}); err != nil {
+	if g.net, err = netns.Setup(ctx, cfg); err != nil {
 		return nil, fmt.Errorf("setting up the vm network: %w", err)
 	}
 	if s.egress {
 		if g.dns, err = dnsfwd.Start(ctx, dnsfwd.Config{ID: g.id, NSPath: g.net.NSPath, Upstreams: s.upstreams}); err != nil {
 			g.close()
 			return nil, fmt.Errorf("starting the dns forwarder: %w", err)
+		}
+	}
+	if cfg.PackageProxy != nil {
+		g.pkg, err = s.packages.Serve(ctx, pkgproxy.ServeConfig{ID: g.id, NSPath: g.net.NSPath, Scope: image.ScopeName(s.account)})
+		if err != nil {
+			g.close()
+			return nil, fmt.Errorf("starting the package proxy: %w", err)
 		}
 	}
 	return g, nil
@@ -156,6 +182,10 @@ func (g *guestVM) close() error {
 	if g.dns != nil {
 		_ = g.dns.Close()
 		g.dns = nil
+	}
+	if g.pkg != nil {
+		_ = g.pkg.Close()
+		g.pkg = nil
 	}
 	if g.net != nil {
 		if err := g.net.Teardown(ctx); err != nil && !errors.Is(err, netns.ErrNotFound) {
