@@ -87,8 +87,8 @@ type Config struct {
 // Stats count one account's requests.
 type Stats struct {
 	// Hits were served from the account's cache; Fetches are cacheable
-	// files fetched from a mirror (misses); Passed are other requests
-	// passed through (InRelease, …); Refused were not served at all.
+	// files a mirror sent (misses, 200 only); Passed are other requests
+	// passed through (InRelease, errors, …); Refused were not served.
 	Hits, Fetches, Passed, Refused atomic.Int64
 }
 
@@ -402,19 +402,20 @@ func (h *handler) forward(ctx context.Context, w http.ResponseWriter, t target) 
 		req.Host = net.JoinHostPort(t.mirror.Host, strconv.Itoa(int(t.mirror.Port)))
 	}
 	req.Header.Set("User-Agent", "kiln-pkgproxy")
-	cacheable := t.immutable && !t.head
-	if cacheable {
-		h.stats.Fetches.Add(1)
-	} else {
-		h.stats.Passed.Add(1)
-	}
 	resp, err := h.p.client.Do(req)
 	if err != nil {
+		h.stats.Passed.Add(1)
 		h.log.Info("pkgproxy: mirror fetch failed", "url", u, "err", err)
 		http.Error(w, "kiln package proxy: the mirror did not answer: "+err.Error(), http.StatusBadGateway)
 		return
 	}
 	defer resp.Body.Close()
+	cacheable := t.immutable && !t.head && resp.StatusCode == http.StatusOK
+	if cacheable {
+		h.stats.Fetches.Add(1)
+	} else {
+		h.stats.Passed.Add(1)
+	}
 	if resp.ContentLength > h.p.cfg.FileBytes {
 		http.Error(w, fmt.Sprintf("kiln package proxy: the file is over the %d-byte limit", h.p.cfg.FileBytes), http.StatusBadGateway)
 		return
@@ -429,7 +430,7 @@ func (h *handler) forward(ctx context.Context, w http.ResponseWriter, t target) 
 		return
 	}
 	body := io.LimitReader(resp.Body, h.p.cfg.FileBytes+1)
-	if !cacheable || resp.StatusCode != http.StatusOK {
+	if !cacheable {
 		_, _ = io.Copy(w, body)
 		return
 	}
