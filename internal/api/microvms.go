@@ -196,6 +196,7 @@ func (s *Server) runMicrovm(ctx context.Context, c *call) (any, error) {
 	if err != nil {
 		return nil, toAPIError(err, "microvm-image-version", name+":"+version)
 	}
+	version = v.Version // the name it is stored under, whichever was asked
 	if v.State != store.VersionSuccessful {
 		return nil, conflict(kindImage, img.ARN, "image %s version %s is %s, not SUCCESSFUL", name, version, v.State)
 	}
