@@ -59,7 +59,7 @@ func TestPackageProxy(t *testing.T) {
 		Bases:   &base.Resolver{Managed: &base.Managed{DataDir: kilnDataDir()}, Logger: testLogger()},
 		Logger:  testLogger(),
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 45*time.Minute)
 	defer cancel()
 	addrs, err := pkgs.Resolve(ctx)
 	if err != nil {

@@ -580,12 +580,21 @@ type cachedFile struct {
 func (s *store) filesLocked() []cachedFile {
 	var out []cachedFile
 	_ = filepath.WalkDir(s.dir, func(p string, d os.DirEntry, err error) error {
-		if err != nil || d.IsDir() || d.Name()[0] == '.' {
+		if err != nil || d.IsDir() {
 			return nil
 		}
-		if fi, err := d.Info(); err == nil {
-			out = append(out, cachedFile{path: p, size: fi.Size(), mtime: fi.ModTime()})
+		fi, err := d.Info()
+		if err != nil {
+			return nil
 		}
+		if d.Name()[0] == '.' {
+			// A fill that a crash interrupted; one in progress is younger.
+			if time.Since(fi.ModTime()) > time.Hour {
+				_ = os.Remove(p)
+			}
+			return nil
+		}
+		out = append(out, cachedFile{path: p, size: fi.Size(), mtime: fi.ModTime()})
 		return nil
 	})
 	return out
