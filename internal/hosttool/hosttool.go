@@ -152,6 +152,9 @@ func Command(ctx context.Context, s Spec) (*exec.Cmd, error) {
 		}
 		// If kiln dies, fuse2fs writes the image back and exits instead
 		// of serving a mount nobody will unmount until kiln restarts.
+		// (The signal follows the OS thread that started it; Go ends a
+		// thread only when a goroutine exits locked to it, which kiln's
+		// namespace switching does only after a failure.)
 		pdeath = syscall.SIGTERM
 	}
 	if err := root.prepare(); err != nil {

@@ -241,9 +241,7 @@ func TestMountEndsWithKiln(t *testing.T) {
 	img := testImage(t)
 	dir := t.TempDir()
 	started := make(chan *Mounted, 1)
-	go func() {
-		// Never unlocked: the OS thread ends with this goroutine.
-		runtime.LockOSThread()
+	onThreadThatEnds(func() {
 		m, err := Mount(ctx, img, dir, false)
 		if err != nil {
 			t.Error(err)
@@ -254,7 +252,7 @@ func TestMountEndsWithKiln(t *testing.T) {
 			t.Error(err)
 		}
 		started <- m
-	}()
+	})
 	m := <-started
 	if m == nil {
 		t.FailNow()
@@ -268,5 +266,27 @@ func TestMountEndsWithKiln(t *testing.T) {
 	m.Close() // the dead mount
 	if b, err := ReadFile(ctx, img, "/etc/late", 1<<10); err != nil || string(b) != "kept" {
 		t.Fatalf("image after fuse2fs's exit: %q, %v", b, err)
+	}
+}
+
+// onThreadThatEnds runs fn on an OS thread of its own that ends when fn
+// returns. Go ends a thread when a goroutine exits locked to it, but only
+// parks the main thread, so fn must not land there.
+func onThreadThatEnds(fn func()) {
+	for {
+		ran := make(chan bool)
+		go func() {
+			runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+			if syscall.Gettid() == syscall.Getpid() {
+				runtime.UnlockOSThread()
+				ran <- false
+				return
+			}
+			fn()
+			ran <- true
+		}()
+		if <-ran {
+			return
+		}
 	}
 }
