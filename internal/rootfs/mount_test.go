@@ -142,8 +142,9 @@ func TestUnescapeMountinfo(t *testing.T) {
 
 // TestMountConfined: fuse2fs, the parser of a hostile image, runs as the
 // tools' uid (all four ids), in a mount and network namespace other than
-// kiln's, with an empty environment; kiln (root) still reads and writes
-// through the mount, and Close writes the image back.
+// kiln's, with an empty environment; the mount is closed to every uid but
+// kiln's (the tools' too); kiln (root) still reads and writes through it,
+// and Close writes the image back.
 func TestMountConfined(t *testing.T) {
 	needFUSE(t)
 	t.Setenv("KILN_SECRET", "must-not-leak")
@@ -189,6 +190,24 @@ func TestMountConfined(t *testing.T) {
 	must(t, err)
 	if len(env) != 0 {
 		t.Errorf("fuse2fs environment %q, want empty", env)
+	}
+
+	// No other uid may use the mount (no allow_other), the tools' not
+	// either, even with every folder on the way open to it.
+	for d := m.Dir; d != os.TempDir() && d != "/"; d = filepath.Dir(d) {
+		must(t, os.Chmod(d, 0o755))
+	}
+	asTools := func(path string) (string, error) {
+		c := exec.Command("stat", "-c", "%F", path)
+		c.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: hosttool.ID, Gid: hosttool.ID}}
+		out, err := c.CombinedOutput()
+		return string(out), err
+	}
+	if out, err := asTools(filepath.Dir(m.Dir)); err != nil {
+		t.Fatalf("uid %d cannot reach the mount's parent: %v: %s", hosttool.ID, err, out)
+	}
+	if out, err := asTools(m.Dir); err == nil || !strings.Contains(out, "Permission denied") {
+		t.Errorf("uid %d looked into kiln's mount: %v: %s", hosttool.ID, err, out)
 	}
 
 	// kiln reads and writes through the mount.
