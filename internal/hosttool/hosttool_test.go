@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 func run(t *testing.T, s Spec) string {
@@ -29,9 +31,7 @@ func run(t *testing.T, s Spec) string {
 }
 
 func requireRoot(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (namespaces, uid switch)")
-	}
+	testenv.NeedRoot(t, "namespaces, uid switch")
 }
 
 // TestConfined checks what every host tool on a guest-written disk gets:

@@ -16,13 +16,12 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/hosttool"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 func needFUSE(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount")
-	}
+	testenv.NeedRoot(t, "mount")
 	if _, err := lookTool("fuse2fs"); err != nil {
 		t.Skip("fuse2fs not installed (make setup)")
 	}
