@@ -14,6 +14,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/image/dockerfile"
 	"github.com/kiln-sandbox/kiln/internal/rootfs"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 // TestRunMountPlan checks what the builder hands the runner for RUN
@@ -22,6 +23,7 @@ import (
 // key holds: a bound file's content, not a cache's. No VM: a fake runner
 // records the steps and reads the bind disk with the confined tools.
 func TestRunMountPlan(t *testing.T) {
+	testenv.NeedRoot(t, "confined e2fsprogs tools read the bind disk")
 	ctx := context.Background()
 	bctx := t.TempDir()
 	df := `FROM scratch
