@@ -80,6 +80,7 @@ type vmSpec struct {
 	upstreams []string
 	extraDeny []netip.Prefix
 	scratch   bool // a RUN step's VM: see vmm.BootSpec.ScratchDisk
+	disks     []vmm.Disk
 	// packages, with egress and an account, redirects the guest's plain
 	// HTTP to the operator's Debian mirrors to the package proxy, which
 	// serves it from (and fills) that account's cache.
@@ -136,7 +137,7 @@ func bootVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (*gue
 	}
 	g.booted = true // from here on Terminate is needed even if Boot fails half-way
 	g.info, err = d.Boot(ctx, vmm.BootSpec{
-		ID: g.id, MemoryMiB: s.memoryMiB, VCPUs: s.vcpus, RootDisk: s.rootDisk, ScratchDisk: s.scratch,
+		ID: g.id, MemoryMiB: s.memoryMiB, VCPUs: s.vcpus, RootDisk: s.rootDisk, ScratchDisk: s.scratch, Disks: s.disks,
 		Net: g.net.Attachment(),
 	})
 	if err != nil {
