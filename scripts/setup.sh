@@ -121,6 +121,35 @@ if ! command -v chromium >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 
+# `kiln bench proxy` measures kiln's endpoint proxy against nginx, the
+# peer a user would otherwise put in front of an app. Debian's `nginx`
+# package is the binary with the ssl and http2 modules (nginx-light only
+# adds a module on top). The benchmark starts its own nginx on loopback
+# with a config of its own, so the system service must never run: a
+# policy-rc.d (unless the machine has one) keeps the package's postinst
+# from starting it, and it is disabled and stopped on every run.
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  apt_update
+  log "installing nginx (for kiln bench proxy; the system service stays off)"
+  made_policy=
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    made_policy=1
+  fi
+  rc=0
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null || rc=$?
+  if [ -n "$made_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+  [ "$rc" = 0 ] || { echo "setup.sh: installing nginx failed" >&2; exit 1; }
+fi
+if [ -d /run/systemd/system ]; then
+  systemctl disable --now nginx.service >/dev/null 2>&1 || true
+else
+  update-rc.d nginx disable >/dev/null 2>&1 || true
+  if [ -f /run/nginx.pid ]; then /usr/sbin/nginx -s quit 2>/dev/null || true; fi
+fi
+/usr/sbin/nginx -V 2>&1 | grep -q -- '--with-http_v2_module' || { echo "setup.sh: nginx lacks http_v2 (kiln bench proxy needs it)" >&2; exit 1; }
+
 # The s3:// code artifact tests run a real S3-compatible server, versitygw
 # (Apache-2.0, a Go module), with its posix backend in a temporary folder.
 VERSITYGW_VERSION=v1.8.0
