@@ -25,6 +25,7 @@ func init() {
 	var o proxy.BenchOptions
 	var cpuProfile, proxyProfile string
 	var inProcess bool
+	var baseline string
 	cmd := &cobra.Command{
 		Use:   "proxy",
 		Short: "Benchmark the endpoint proxy against nginx and direct requests to a plain backend; prints JSON on the last line",
@@ -49,6 +50,9 @@ func init() {
 					o.ProxyCommand = append(o.ProxyCommand, "--cpuprofile", proxyProfile)
 				}
 			}
+			if baseline != "" {
+				o.BaselineCommand = []string{baseline, "bench", "proxy-serve"}
+			}
 			res, err := proxy.Bench(ctx, o)
 			if err != nil {
 				return err
@@ -68,6 +72,7 @@ func init() {
 	f.StringVar(&o.Nginx, "nginx", "", "nginx binary (default: PATH, then /usr/sbin/nginx)")
 	f.IntVar(&o.NginxWorkers, "nginx-workers", 0, "nginx worker_processes (default: the GOMAXPROCS of kiln's proxy)")
 	f.BoolVar(&inProcess, "in-process", false, "run kiln's proxy inside the benchmark process instead of its own")
+	f.StringVar(&baseline, "baseline", "", "another kiln binary whose proxy runs as the extra modes kiln-baseline (before/after a change in one run)")
 	f.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the benchmark process (client, backend; and kiln's proxy with --in-process) to this file")
 	f.StringVar(&proxyProfile, "proxy-cpuprofile", "", "write a CPU profile of kiln's proxy process to this file")
 	benchCmd.AddCommand(cmd)

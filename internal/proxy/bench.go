@@ -51,12 +51,16 @@ type BenchOptions struct {
 	// nginx runs in its own: argv of a program that calls ServeBenchProxy
 	// on its stdin and stdout. Empty: in this process (tests).
 	ProxyCommand []string
+	// BaselineCommand, if set, runs a second kiln proxy the same way (for
+	// example an older build's `kiln bench proxy-serve`) as the modes
+	// "kiln-baseline": before and after a change, measured in one run.
+	BaselineCommand []string
 }
 
 // BenchStats is one mode's result: medians over the rounds.
 type BenchStats struct {
 	Mode   string // e.g. "kiln https h2"
-	Server string // direct, direct-tls, kiln or nginx
+	Server string // direct, direct-tls, kiln, kiln-baseline or nginx
 	Proto  string // http/1.1 or h2
 	TLS    string // what the client negotiated, "" for plain HTTP
 	// P50 and P99 of sequential requests; Added* are the medians of the
@@ -106,10 +110,10 @@ func (r BenchResult) String() string {
 		r.Opts.Rounds, r.Opts.Requests, r.Opts.Concurrency, r.Opts.Duration, r.Opts.BodySize, r.Opts.BackendDelay)
 	fmt.Fprintf(&b, "kiln proxy GOMAXPROCS %d (own process: %v), nginx %s worker_processes %d; load average before %s, after %s\n",
 		r.GOMAXPROCS, r.ProxyProcess, r.NginxVersion, r.NginxWorkers, r.LoadBefore, r.LoadAfter)
-	fmt.Fprintf(&b, "%-24s %9s %9s %10s %10s %9s %7s  %s\n", "mode", "p50", "p99", "added p50", "added p99", "req/s", "errors", "tls")
+	fmt.Fprintf(&b, "%-29s %9s %9s %10s %10s %9s %7s  %s\n", "mode", "p50", "p99", "added p50", "added p99", "req/s", "errors", "tls")
 	us := func(d time.Duration) string { return d.Round(time.Microsecond).String() }
 	for _, m := range r.Modes {
-		fmt.Fprintf(&b, "%-24s %9s %9s %10s %10s %9.0f %7d  %s\n", m.Mode, us(m.P50), us(m.P99), us(m.AddedP50), us(m.AddedP99), m.RPS, m.Errors, m.TLS)
+		fmt.Fprintf(&b, "%-29s %9s %9s %10s %10s %9.0f %7d  %s\n", m.Mode, us(m.P50), us(m.P99), us(m.AddedP50), us(m.AddedP99), m.RPS, m.Errors, m.TLS)
 	}
 	met := func(ok bool) string {
 		if ok {
@@ -421,6 +425,15 @@ func Bench(ctx context.Context, o BenchOptions) (BenchResult, error) {
 		return res, err
 	}
 	defer stopProxy()
+	var baseAddr string
+	if len(o.BaselineCommand) > 0 {
+		var stopBase func()
+		baseAddr, _, stopBase, err = startProxyProcess(ctx, o.BaselineCommand, pc)
+		if err != nil {
+			return res, fmt.Errorf("baseline: %w", err)
+		}
+		defer stopBase()
+	}
 
 	// nginx serves the same chain kiln serves (leaf, then CA) with the
 	// same P-256 key.
@@ -474,6 +487,11 @@ func Bench(ctx context.Context, o BenchOptions) (BenchResult, error) {
 		{"nginx https http/1.1", "nginx", "http/1.1", viaTLS(ng.addr, false), url, auth},
 		{"kiln https h2", "kiln", "h2", viaTLS(proxyAddr, true), url, auth},
 		{"nginx https h2", "nginx", "h2", viaTLS(ng.addr, true), url, auth},
+	}
+	if baseAddr != "" {
+		modes = append(modes,
+			benchMode{"kiln-baseline https http/1.1", "kiln-baseline", "http/1.1", viaTLS(baseAddr, false), url, auth},
+			benchMode{"kiln-baseline https h2", "kiln-baseline", "h2", viaTLS(baseAddr, true), url, auth})
 	}
 	samples := make([][]benchSample, len(modes))
 	stats := make([]BenchStats, len(modes))

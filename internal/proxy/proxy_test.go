@@ -17,6 +17,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -773,4 +774,20 @@ func TestTLSApp(t *testing.T) {
 		t.Fatalf("plaintext app: %v %v", err, resp)
 	}
 	resp.Body.Close()
+}
+
+// FuzzHasQueryAuth: the shortcut must agree with parsing the query, also
+// for a name spelled with percent escapes (otherwise a link's token would
+// reach the guest instead of becoming the cookie).
+func FuzzHasQueryAuth(f *testing.F) {
+	for _, s := range []string{"", "a=1", QueryAuth + "=t", "x=1&" + QueryAuth, "kiln%2Dproxy%2Dauth=t", "kiln-proxy%2dauth",
+		"%zz&" + QueryAuth + "=1", "kiln+proxy+auth=1", ";" + QueryAuth + "=1"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, raw string) {
+		want := (&url.URL{RawQuery: raw}).Query().Has(QueryAuth)
+		if got := hasQueryAuth(raw); got != want {
+			t.Fatalf("hasQueryAuth(%q) = %v, parsing says %v", raw, got, want)
+		}
+	})
 }
