@@ -148,7 +148,9 @@ type Server struct {
 	// tls1 and tls2 re-encrypt to an app that serves TLS: HTTP/1.1 only
 	// (upgrades), and h2 by ALPN with HTTP/1.1 as the fallback.
 	tls1, tls2 *httputil.ReverseProxy
-	log        *slog.Logger
+	// up carries the common plain-HTTP/1.1 request (upstream.go).
+	up  *h1Upstream
+	log *slog.Logger
 
 	tlsMu    sync.Mutex
 	tlsPorts map[netip.AddrPort]tlsProbe
@@ -214,6 +216,7 @@ func New(cfg Config) (*Server, error) {
 		DisableCompression: true,
 	}
 	s.h1 = s.reverseProxy(h1)
+	s.up = &h1Upstream{dial: cfg.Dial}
 	s.h2 = s.reverseProxy(h2c)
 	// The app's certificate is its own (self-signed as a rule); like AWS's
 	// proxy, kiln does not verify it: the hop is the host's private link
@@ -275,13 +278,18 @@ func (s *Server) reverseProxy(t http.RoundTripper) *httputil.ReverseProxy {
 			return nil
 		},
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-			if errors.Is(err, context.Canceled) {
-				return // the client went away
-			}
-			s.log.Warn("proxy: guest request failed", "microvm", MicrovmID(r.Context()), "err", err)
-			writeError(w, http.StatusBadGateway, "the microVM did not answer on this port")
+			s.guestFailed(w, MicrovmID(r.Context()), err)
 		},
 	}
+}
+
+// guestFailed answers a request the guest did not answer.
+func (s *Server) guestFailed(w http.ResponseWriter, id string, err error) {
+	if errors.Is(err, context.Canceled) {
+		return // the client went away
+	}
+	s.log.Warn("proxy: guest request failed", "microvm", id, "err", err)
+	writeError(w, http.StatusBadGateway, "the microVM did not answer on this port")
 }
 
 // copyBuffers are ReverseProxy's body copy buffers, shared by all.
@@ -421,6 +429,10 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		// AWS: "X-aws-proxy-force-h2: true" forces h2c to the upstream.
 		// An upgrade (WebSocket) has no h2c form, so it stays HTTP/1.1.
 		rp = s.h2
+	}
+	if rp == s.h1 && fastPathOK(r) {
+		s.forwardH1(w, r, id, u)
+		return
 	}
 	rp.ServeHTTP(w, r.WithContext(ctx))
 }

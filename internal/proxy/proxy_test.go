@@ -13,6 +13,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
+	"maps"
 	"math/big"
 	"net"
 	"net/http"
@@ -190,7 +191,10 @@ type env struct {
 	addr    string // proxy listener
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t *testing.T) *env { t.Helper(); return newEnvGuests(t, nil) }
+
+// newEnvGuests adds guest ports (port → loopback address) to newEnv's.
+func newEnvGuests(t *testing.T, extra map[string]string) *env {
 	t.Helper()
 	dir := t.TempDir()
 	ca, err := tlsca.Open(tlsca.Config{Domain: domain, Dir: filepath.Join(dir, "tls"), CAExport: filepath.Join(dir, "ca.pem")})
@@ -203,6 +207,7 @@ func newEnv(t *testing.T) *env {
 	}
 	// Guest ports 8080 and 9000 of every VM are two loopback servers.
 	ports := map[string]string{"8080": guest(t, "port8080", true), "9000": guest(t, "port9000", false), "8443": guest(t, "tls", false)}
+	maps.Copy(ports, extra)
 	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
 		_, port, _ := net.SplitHostPort(addr)
 		real, ok := ports[port]
