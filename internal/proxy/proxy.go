@@ -581,8 +581,10 @@ func stripAuthCookie(h http.Header) {
 	var keep []string
 	for _, v := range vals {
 		for _, part := range strings.Split(v, ";") {
-			name, _, _ := strings.Cut(strings.TrimSpace(part), "=")
-			if p := strings.TrimSpace(part); p != "" && name != CookieAuth {
+			// Trimmed around the name as net/http's cookie reader trims it:
+			// "kiln-proxy-auth =tok" is the token cookie to the proxy too.
+			name, _, _ := strings.Cut(part, "=")
+			if p := strings.TrimSpace(part); p != "" && strings.TrimSpace(name) != CookieAuth {
 				keep = append(keep, p)
 			}
 		}

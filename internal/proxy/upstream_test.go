@@ -8,6 +8,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -277,4 +279,90 @@ func TestUpstreamKeepAlive(t *testing.T) {
 		t.Fatal("the guest's connection stayed open after the client left the stream")
 	}
 	waitClosed(t, e, "vm1")
+}
+
+// FuzzOutgoingHeaders: whatever headers a client sends, the request the
+// direct path writes to the guest carries no x-aws-proxy-* header, no
+// token cookie, no hop-by-hop header and nothing the client named in
+// Connection, and exactly kiln's X-Forwarded-For.
+func FuzzOutgoingHeaders(f *testing.F) {
+	f.Add("X-Aws-Proxy-Auth", "tok", "X-Secret", CookieAuth+"=tok; app=1", "trailers")
+	f.Add("x-aws-proxy-port", "8080", "keep-alive, X-AWS-PROXY-AUTH", "app=1;"+CookieAuth+"=t", "gzip")
+	f.Add("Sec-WebSocket-Protocol", SubprotoAuth+"t, chat", "Upgrade", " "+CookieAuth+" = t ", "TRAILERS, x")
+	f.Add("X-Forwarded-For", "203.0.113.1", "", "", "")
+	f.Fuzz(func(t *testing.T, name, value, connection, cookie, te string) {
+		// net/http's server refuses what is not a header field (400)
+		// before a handler runs; only what it lets through reaches kiln.
+		if !fieldName(name) || !fieldValue(value) || !fieldValue(connection) || !fieldValue(cookie) || !fieldValue(te) {
+			t.Skip()
+		}
+		r := httptest.NewRequest("GET", "https://vm1."+domain+"/x", nil)
+		r.RemoteAddr = "192.0.2.7:4000"
+		// Canonical keys, as net/http's servers (HTTP/1.1 and h2) store them.
+		r.Header[http.CanonicalHeaderKey(name)] = []string{value}
+		r.Header.Set(HeaderAuth, "tok")
+		r.Header["Connection"] = []string{connection}
+		r.Header["Cookie"] = []string{cookie}
+		r.Header["Te"] = []string{te}
+		out := outgoing(r, &url.URL{Scheme: "http", Host: "127.0.0.1:8080"})
+		var b strings.Builder
+		if err := out.Write(&b); err != nil {
+			return // a value the client could not have sent (the server's parser refuses it first)
+		}
+		req, err := http.ReadRequest(bufio.NewReader(strings.NewReader(b.String())))
+		if err != nil {
+			t.Fatalf("the guest could not read what kiln wrote: %v\n%s", err, b.String())
+		}
+		for k, vv := range req.Header {
+			if strings.HasPrefix(strings.ToLower(k), "x-aws-proxy-") {
+				t.Fatalf("the guest got %s: %v", k, vv)
+			}
+			for _, h := range hopHeaders {
+				if strings.EqualFold(k, h) && !(h == "Te" && len(vv) == 1 && vv[0] == "trailers") {
+					t.Fatalf("the guest got hop header %s: %v", k, vv)
+				}
+			}
+		}
+		for _, p := range splitProtocols(req.Header.Values(wsProtocolField)) {
+			if isKilnProtocol(p) {
+				t.Fatalf("the guest got kiln's subprotocol %q", p)
+			}
+		}
+		for _, c := range req.Cookies() {
+			if c.Name == CookieAuth {
+				t.Fatalf("the guest got the token cookie: %q", req.Header.Get("Cookie"))
+			}
+		}
+		for _, named := range strings.Split(connection, ",") {
+			named = strings.Trim(named, " \t") // optional white space (RFC 9110 5.6.3)
+			if named != "" && !strings.EqualFold(named, "X-Forwarded-For") && !strings.EqualFold(named, "X-Forwarded-Host") &&
+				!strings.EqualFold(named, "X-Forwarded-Proto") && !strings.EqualFold(named, "User-Agent") && req.Header.Get(named) != "" {
+				t.Fatalf("the guest got %s, named in Connection", named)
+			}
+		}
+		if xff := req.Header.Values("X-Forwarded-For"); len(xff) != 1 || xff[0] != "192.0.2.7" {
+			t.Fatalf("X-Forwarded-For %q", xff)
+		}
+	})
+}
+
+func fieldName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for _, c := range []byte(s) {
+		if c <= ' ' || c >= 0x7f || strings.IndexByte(`"(),/:;<=>?@[\]{}`, c) >= 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func fieldValue(s string) bool {
+	for _, c := range []byte(s) {
+		if c < ' ' && c != '\t' || c == 0x7f {
+			return false
+		}
+	}
+	return true
 }
