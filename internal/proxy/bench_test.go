@@ -31,6 +31,9 @@ func TestMain(m *testing.M) {
 // with kiln's proxy in its own process and prints the table; set
 // KILN_BENCH_FULL=1 for the default (longer) sizes.
 func TestBench(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: the benchmark runs nginx, which `make setup` installs")
+	}
 	o := BenchOptions{Rounds: 1, Requests: 200, Concurrency: 8, Duration: 300 * time.Millisecond}
 	if os.Getenv("KILN_BENCH_FULL") != "" {
 		o = BenchOptions{}
