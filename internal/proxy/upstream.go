@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"mime"
 	"net"
 	"net/http"
 	"net/url"
@@ -185,8 +184,8 @@ func (pc *upConn) exchange(ctx context.Context, out *http.Request) (resp *http.R
 			}
 		}
 	}()
-	if err := out.Write(pc.bw); err != nil {
-		return nil, fmt.Errorf("%w: %w", errNoAnswer, err)
+	if err := writeHead(pc.bw, out); err != nil {
+		return nil, err
 	}
 	if err := pc.bw.Flush(); err != nil {
 		return nil, fmt.Errorf("%w: %w", errNoAnswer, err)
@@ -207,6 +206,62 @@ func (pc *upConn) exchange(ctx context.Context, out *http.Request) (resp *http.R
 	}
 	pc.lim.N = math.MaxInt64
 	return resp, nil
+}
+
+// writeHead writes a bodyless request's line and header as
+// Request.Write writes them (Host first, no empty User-Agent, line
+// breaks in values turned to spaces, "Content-Length: 0" for the
+// methods that expect one), without its fmt calls: those were a fifth
+// of this path's CPU in the bench profile.
+func writeHead(bw *bufio.Writer, out *http.Request) error {
+	if !validHost(out.Host) {
+		return fmt.Errorf("invalid Host %q", out.Host)
+	}
+	bw.WriteString(out.Method)
+	bw.WriteByte(' ')
+	bw.WriteString(out.URL.RequestURI())
+	bw.WriteString(" HTTP/1.1\r\nHost: ")
+	bw.WriteString(out.Host)
+	bw.WriteString("\r\n")
+	for k, vv := range out.Header {
+		switch k {
+		case "Host", "Content-Length", "Transfer-Encoding", "Trailer":
+			continue
+		}
+		for _, v := range vv {
+			if k == "User-Agent" && v == "" {
+				continue
+			}
+			if strings.ContainsAny(v, "\r\n") {
+				v = strings.NewReplacer("\r", " ", "\n", " ").Replace(v)
+			}
+			bw.WriteString(k)
+			bw.WriteString(": ")
+			bw.WriteString(strings.Trim(v, " \t"))
+			bw.WriteString("\r\n")
+		}
+	}
+	switch out.Method {
+	case http.MethodPost, http.MethodPut, http.MethodPatch:
+		bw.WriteString("Content-Length: 0\r\n")
+	}
+	_, err := bw.WriteString("\r\n")
+	return err
+}
+
+// validHost: printable ASCII without space or the characters no
+// host[:port] has (what net/http's ValidHostHeader allows, in short);
+// never a line break.
+func validHost(h string) bool {
+	if h == "" {
+		return false
+	}
+	for _, c := range []byte(h) {
+		if c <= ' ' || c >= 0x7f || strings.IndexByte("\"<>\\^`{|}", c) >= 0 {
+			return false
+		}
+	}
+	return true
 }
 
 func isIdempotent(method string) bool {
@@ -405,8 +460,10 @@ func streaming(resp *http.Response) bool {
 	if resp.ContentLength == -1 {
 		return true
 	}
-	ct, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type"))
-	return ct == "text/event-stream"
+	// The media type without parameters, as mime.ParseMediaType reads it
+	// (that parse, on every answer, cost more than the rest of this).
+	ct, _, _ := strings.Cut(resp.Header.Get("Content-Type"), ";")
+	return strings.EqualFold(strings.TrimSpace(ct), "text/event-stream")
 }
 
 var errClientWrite = errors.New("writing to the client")

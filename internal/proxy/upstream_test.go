@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"reflect"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -286,17 +287,21 @@ func TestUpstreamKeepAlive(t *testing.T) {
 // token cookie, no hop-by-hop header and nothing the client named in
 // Connection, and exactly kiln's X-Forwarded-For.
 func FuzzOutgoingHeaders(f *testing.F) {
-	f.Add("X-Aws-Proxy-Auth", "tok", "X-Secret", CookieAuth+"=tok; app=1", "trailers")
-	f.Add("x-aws-proxy-port", "8080", "keep-alive, X-AWS-PROXY-AUTH", "app=1;"+CookieAuth+"=t", "gzip")
-	f.Add("Sec-WebSocket-Protocol", SubprotoAuth+"t, chat", "Upgrade", " "+CookieAuth+" = t ", "TRAILERS, x")
-	f.Add("X-Forwarded-For", "203.0.113.1", "", "", "")
-	f.Fuzz(func(t *testing.T, name, value, connection, cookie, te string) {
+	f.Add("X-Aws-Proxy-Auth", "tok", "X-Secret", CookieAuth+"=tok; app=1", "trailers", "GET")
+	f.Add("x-aws-proxy-port", "8080", "keep-alive, X-AWS-PROXY-AUTH", "app=1;"+CookieAuth+"=t", "gzip", "GET")
+	f.Add("Sec-WebSocket-Protocol", SubprotoAuth+"t, chat", "Upgrade", " "+CookieAuth+" = t ", "TRAILERS, x", "GET")
+	f.Add("X-Forwarded-For", "203.0.113.1", "", "", "", "GET")
+	f.Add("X-Multi", "a\tb ", "", "", "", "GET")
+	f.Add("A", "1", "", "", "", "POST")
+	f.Add("A", "1", "", "", "", "PATCH")
+	f.Add("A", "1", "", "", "", "DELETE")
+	f.Fuzz(func(t *testing.T, name, value, connection, cookie, te, method string) {
 		// net/http's server refuses what is not a header field (400)
 		// before a handler runs; only what it lets through reaches kiln.
-		if !fieldName(name) || !fieldValue(value) || !fieldValue(connection) || !fieldValue(cookie) || !fieldValue(te) {
+		if !fieldName(name) || !fieldName(method) || method == "CONNECT" || !fieldValue(value) || !fieldValue(connection) || !fieldValue(cookie) || !fieldValue(te) {
 			t.Skip()
 		}
-		r := httptest.NewRequest("GET", "https://vm1."+domain+"/x", nil)
+		r := httptest.NewRequest(method, "https://vm1."+domain+"/x", nil)
 		r.RemoteAddr = "192.0.2.7:4000"
 		// Canonical keys, as net/http's servers (HTTP/1.1 and h2) store them.
 		r.Header[http.CanonicalHeaderKey(name)] = []string{value}
@@ -306,12 +311,28 @@ func FuzzOutgoingHeaders(f *testing.F) {
 		r.Header["Te"] = []string{te}
 		out := outgoing(r, &url.URL{Scheme: "http", Host: "127.0.0.1:8080"})
 		var b strings.Builder
-		if err := out.Write(&b); err != nil {
-			return // a value the client could not have sent (the server's parser refuses it first)
+		bw := bufio.NewWriter(&b)
+		if err := writeHead(bw, out); err != nil {
+			t.Fatal(err)
 		}
+		bw.Flush()
 		req, err := http.ReadRequest(bufio.NewReader(strings.NewReader(b.String())))
 		if err != nil {
 			t.Fatalf("the guest could not read what kiln wrote: %v\n%s", err, b.String())
+		}
+		// What Request.Write (http.Transport's writer) would have sent
+		// reads the same.
+		var ref strings.Builder
+		if err := out.Write(&ref); err != nil {
+			t.Fatal(err)
+		}
+		want, err := http.ReadRequest(bufio.NewReader(strings.NewReader(ref.String())))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if req.Method != want.Method || req.RequestURI != want.RequestURI || req.Host != want.Host ||
+			req.ContentLength != want.ContentLength || !reflect.DeepEqual(req.Header, want.Header) {
+			t.Fatalf("writeHead wrote\n%s\nRequest.Write\n%s", b.String(), ref.String())
 		}
 		for k, vv := range req.Header {
 			if strings.HasPrefix(strings.ToLower(k), "x-aws-proxy-") {
