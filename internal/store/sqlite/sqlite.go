@@ -803,6 +803,78 @@ func (s *Store) UpdateBuild(ctx context.Context, b store.Build) error {
 	return affected(res, err, "build "+b.ID)
 }
 
+func (s *Store) FinishBuild(ctx context.Context, b store.Build) (bool, error) {
+	finalised := false
+	err := s.tx(ctx, func(tx *sql.Tx) error {
+		// The write transaction is BEGIN IMMEDIATE: no other finish of
+		// this version runs between the read of its builds and the writes.
+		old, err := getDoc[store.Build](ctx, tx, "build "+b.ID, `SELECT data FROM builds WHERE build_id = ? AND account = ?`, b.ID, b.Account)
+		if err != nil {
+			return err
+		}
+		if store.BuildFinal(old.State) {
+			return fmt.Errorf("build %s is %s already: %w", b.ID, old.State, errdefs.ErrConflict)
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE builds SET state = ?, data = ? WHERE build_id = ? AND account = ?`, b.State, mustJSON(b), b.ID, b.Account); err != nil {
+			return fmt.Errorf("updating build %s: %w", b.ID, err)
+		}
+		builds, err := docs[store.Build](ctx, tx, `SELECT data FROM builds WHERE account = ? AND image = ? AND version = ? ORDER BY seq`, b.Account, b.ImageName, b.Version)
+		if err != nil {
+			return err
+		}
+		what := "image version " + b.ImageName + ":" + b.Version
+		v, err := getDoc[store.ImageVersion](ctx, tx, what, `SELECT data FROM image_versions WHERE account = ? AND image = ? AND version = ?`, b.Account, b.ImageName, b.Version)
+		if err != nil {
+			return err
+		}
+		img, err := getDoc[store.Image](ctx, tx, "image "+b.ImageName, `SELECT data FROM images WHERE account = ? AND name = ?`, b.Account, b.ImageName)
+		if err != nil {
+			return err
+		}
+		before := v.State
+		if !store.FinishVersion(builds, &v, &img, b.UpdatedAt) {
+			return nil
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE image_versions SET data = ? WHERE account = ? AND image = ? AND version = ?`,
+			mustJSON(v), v.Account, v.ImageName, v.Version); err != nil {
+			return fmt.Errorf("updating %s: %w", what, err)
+		}
+		if before != v.State {
+			if err := insertEvent(ctx, tx, versionEvent(v, before)); err != nil {
+				return err
+			}
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE images SET data = ? WHERE account = ? AND name = ?`, mustJSON(img), img.Account, img.Name); err != nil {
+			return fmt.Errorf("updating image %s: %w", img.Name, err)
+		}
+		finalised = true
+		return nil
+	})
+	return finalised, err
+}
+
+// docs decodes every document a query selects (data only) inside tx.
+func docs[T any](ctx context.Context, tx *sql.Tx, query string, args ...any) ([]T, error) {
+	rows, err := tx.QueryContext(ctx, query, args...)
+	if err != nil {
+		return nil, fmt.Errorf("listing: %w", err)
+	}
+	defer rows.Close()
+	var out []T
+	for rows.Next() {
+		var data string
+		if err := rows.Scan(&data); err != nil {
+			return nil, fmt.Errorf("scanning: %w", err)
+		}
+		var v T
+		if err := json.Unmarshal([]byte(data), &v); err != nil {
+			return nil, fmt.Errorf("decoding record: %w", err)
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
+}
+
 func (s *Store) AppendBuildLog(ctx context.Context, buildID string, data []byte) error {
 	if len(data) == 0 {
 		return nil
