@@ -32,6 +32,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
 	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 const readyLine = "kiln API serving at "
@@ -141,6 +142,9 @@ func TestWebConsole(t *testing.T) {
 
 func requirements(t *testing.T) (node, npm, chromium, kernelDir string) {
 	t.Helper()
+	if testenv.Short() {
+		t.Skip("-short: the console test needs root, VMs and a browser")
+	}
 	missing := func(why string) {
 		if os.Getenv("CI") != "" {
 			t.Fatalf("in CI the console test must run, but %s", why)
