@@ -15,6 +15,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/store/postgres/pgtest"
 	"github.com/kiln-sandbox/kiln/internal/store/seal"
 	"github.com/kiln-sandbox/kiln/internal/store/storetest"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 var (
@@ -22,8 +23,13 @@ var (
 	skip    string
 )
 
-// TestMain starts one private cluster for the package (see pgtest).
+// TestMain starts one private cluster for the package (see pgtest), except
+// under -short (make check), which skips these tests.
 func TestMain(m *testing.M) {
+	if testenv.Short() {
+		skip = "-short: these tests start a PostgreSQL cluster"
+		os.Exit(m.Run())
+	}
 	os.Exit(pgtest.Run(func(c *pgtest.Cluster, why string) int {
 		cluster, skip = c, why
 		return m.Run()
