@@ -135,7 +135,9 @@ type Config struct {
 	// ShellHandler, if set, serves shell requests (port 8022) instead of
 	// forwarding them to the guest; MicrovmID(r.Context()) names the VM.
 	ShellHandler http.Handler
-	Logger       *slog.Logger
+	// Envd, if set, serves E2B's envd on the host (see Envd).
+	Envd   *Envd
+	Logger *slog.Logger
 }
 
 // Server is an http.Handler for the endpoint listener.
@@ -168,6 +170,7 @@ type ctxKey int
 
 const (
 	keyMicrovm ctxKey = iota
+	keyAccount
 	keyTarget
 	keyProtocols
 )
@@ -295,6 +298,18 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	id, ok := s.microvmFromHost(r.Host)
+	e2bID, e2bPort, e2b, err := s.e2bRoute(r)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if e2b {
+		id, ok = e2bID, true
+		if s.cfg.Envd != nil && e2bPort == s.cfg.Envd.Port {
+			s.serveEnvd(w, r, id)
+			return
+		}
+	}
 	if !ok {
 		writeError(w, http.StatusNotFound, "unknown endpoint host")
 		return
@@ -307,6 +322,15 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	port, tok, err := requestPortAndToken(r, protos)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if e2b {
+		port = e2bPort
+	}
+	if s.cfg.Envd != nil && port == s.cfg.Envd.Port {
+		// Reserved for envd, whichever way it is addressed: an endpoint
+		// token (allPorts included) never reaches a guest on it.
+		s.serveEnvd(w, r, id)
 		return
 	}
 	if tok == "" {
