@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"time"
 )
 
 // E2B's addressing of a sandbox's ports (internal/e2b): the host
@@ -104,16 +103,8 @@ func (s *Server) serveEnvd(w http.ResponseWriter, r *http.Request, id string) {
 	}
 	s.cfg.Backend.ConnOpened(id)
 	defer s.cfg.Backend.ConnClosed(id)
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.ResumeTimeout)
-	start := time.Now()
-	err = s.cfg.Backend.EnsureRunning(rctx, id)
-	cancel()
-	if err != nil {
-		s.backendError(w, id, err)
+	if !s.wake(ctx, w, id) {
 		return
-	}
-	if waited := time.Since(start); waited > autoResumeFloor {
-		s.log.Debug("envd request waited for its sandbox", "microvm", id, "waited", waited)
 	}
 	ctx = context.WithValue(ctx, keyMicrovm, id)
 	ctx = context.WithValue(ctx, keyAccount, tgt.Account)

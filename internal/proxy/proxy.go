@@ -366,17 +366,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 
 	s.cfg.Backend.ConnOpened(id)
 	defer s.cfg.Backend.ConnClosed(id)
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.ResumeTimeout)
-	start := time.Now()
-	err = s.cfg.Backend.EnsureRunning(rctx, id)
-	cancel()
-	if waited := time.Since(start); waited > autoResumeFloor && err == nil {
-		// Only a request that waited for its VM: a RUNNING one returns at
-		// once and would drown the histogram in zeros.
-		metrics.AutoResume.Observe(waited.Seconds())
-	}
-	if err != nil {
-		s.backendError(w, id, err)
+	if !s.wake(ctx, w, id) {
 		return
 	}
 
@@ -410,6 +400,26 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		rp = s.h2
 	}
 	rp.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// wake makes the VM runnable for a request (auto-resume), or answers the
+// request with why it cannot be. The caller has counted the connection
+// open (Backend.ConnOpened), so the VM is not idled under it.
+func (s *Server) wake(ctx context.Context, w http.ResponseWriter, id string) bool {
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.ResumeTimeout)
+	start := time.Now()
+	err := s.cfg.Backend.EnsureRunning(rctx, id)
+	cancel()
+	if waited := time.Since(start); waited > autoResumeFloor && err == nil {
+		// Only a request that waited for its VM: a RUNNING one returns at
+		// once and would drown the histogram in zeros.
+		metrics.AutoResume.Observe(waited.Seconds())
+	}
+	if err != nil {
+		s.backendError(w, id, err)
+		return false
+	}
+	return true
 }
 
 // speaksTLS reports whether the app at ap answers a TLS handshake. The

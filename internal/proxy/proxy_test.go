@@ -189,7 +189,10 @@ type env struct {
 	addr    string // proxy listener
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t *testing.T) *env { return newEnvWith(t, nil) }
+
+// newEnvWith is newEnv with the proxy's Config adjusted by edit.
+func newEnvWith(t *testing.T, edit func(*Config)) *env {
 	t.Helper()
 	dir := t.TempDir()
 	ca, err := tlsca.Open(tlsca.Config{Domain: domain, Dir: filepath.Join(dir, "tls"), CAExport: filepath.Join(dir, "ca.pem")})
@@ -220,7 +223,11 @@ func newEnv(t *testing.T) *env {
 		"frozen":    {tgt: Target{Account: "acct", Addr: lo, Ingress: true}, suspended: true},
 		"otheracct": {tgt: Target{Account: "other", Addr: lo, Ingress: true}},
 	}}
-	srv, err := New(Config{Domain: domain, Backend: b, Tokens: signer, Dial: dial})
+	cfg := Config{Domain: domain, Backend: b, Tokens: signer, Dial: dial}
+	if edit != nil {
+		edit(&cfg)
+	}
+	srv, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -307,6 +307,28 @@ func (h *Handler) list(w http.ResponseWriter, r *http.Request) {
 	writeUnary(w, map[string]any{"processes": out})
 }
 
+// onProcess decodes a unary request into req, finds the process its
+// selector names, and answers with what fn does to it.
+func (h *Handler) onProcess(w http.ResponseWriter, r *http.Request, req any, sel func() *selector, fn func(context.Context, *tracked) *rpcError) {
+	if e := readUnary(w, r, req); e != nil {
+		writeUnaryError(w, e)
+		return
+	}
+	id, _ := h.cfg.Target(r.Context())
+	t, e := h.find(id, sel())
+	if e != nil {
+		writeUnaryError(w, e)
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+	defer cancel()
+	if e := fn(ctx, t); e != nil {
+		writeUnaryError(w, e)
+		return
+	}
+	writeUnary(w, struct{}{})
+}
+
 func (h *Handler) sendInput(w http.ResponseWriter, r *http.Request) {
 	var req struct {
 		Process *selector `json:"process"`
@@ -315,50 +337,27 @@ func (h *Handler) sendInput(w http.ResponseWriter, r *http.Request) {
 			Pty   []byte `json:"pty"`
 		} `json:"input"`
 	}
-	if e := readUnary(w, r, &req); e != nil {
-		writeUnaryError(w, e)
-		return
-	}
-	id, _ := h.cfg.Target(r.Context())
-	t, e := h.find(id, req.Process)
-	if e != nil {
-		writeUnaryError(w, e)
-		return
-	}
-	if req.Input == nil || req.Input.Pty != nil {
-		writeUnaryError(w, errf(codeInvalidArgument, "input.stdin is required (kiln runs no PTY processes yet)"))
-		return
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
-	defer cancel()
-	if err := t.p.Write(ctx, req.Input.Stdin); err != nil {
-		writeUnaryError(w, classify(err))
-		return
-	}
-	writeUnary(w, struct{}{})
+	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *tracked) *rpcError {
+		if req.Input == nil || req.Input.Pty != nil {
+			return errf(codeInvalidArgument, "input.stdin is required (kiln runs no PTY processes yet)")
+		}
+		if err := t.p.Write(ctx, req.Input.Stdin); err != nil {
+			return classify(err)
+		}
+		return nil
+	})
 }
 
 func (h *Handler) closeStdin(w http.ResponseWriter, r *http.Request) {
 	var req struct {
 		Process *selector `json:"process"`
 	}
-	if e := readUnary(w, r, &req); e != nil {
-		writeUnaryError(w, e)
-		return
-	}
-	id, _ := h.cfg.Target(r.Context())
-	t, e := h.find(id, req.Process)
-	if e != nil {
-		writeUnaryError(w, e)
-		return
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
-	defer cancel()
-	if err := t.p.CloseStdin(ctx); err != nil {
-		writeUnaryError(w, classify(err))
-		return
-	}
-	writeUnary(w, struct{}{})
+	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *tracked) *rpcError {
+		if err := t.p.CloseStdin(ctx); err != nil {
+			return classify(err)
+		}
+		return nil
+	})
 }
 
 // signalOf reads process.Signal, by name or number as protobuf JSON allows.
@@ -384,28 +383,16 @@ func (h *Handler) sendSignal(w http.ResponseWriter, r *http.Request) {
 		Process *selector `json:"process"`
 		Signal  any       `json:"signal"`
 	}
-	if e := readUnary(w, r, &req); e != nil {
-		writeUnaryError(w, e)
-		return
-	}
-	sig, ok := signalOf(req.Signal)
-	if !ok {
-		writeUnaryError(w, errf(codeInvalidArgument, "signal must be SIGNAL_SIGKILL or SIGNAL_SIGTERM"))
-		return
-	}
-	id, _ := h.cfg.Target(r.Context())
-	t, e := h.find(id, req.Process)
-	if e != nil {
-		writeUnaryError(w, e)
-		return
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
-	defer cancel()
-	if err := t.p.Signal(ctx, sig); err != nil {
-		writeUnaryError(w, classify(err))
-		return
-	}
-	writeUnary(w, struct{}{})
+	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *tracked) *rpcError {
+		sig, ok := signalOf(req.Signal)
+		if !ok {
+			return errf(codeInvalidArgument, "signal must be SIGNAL_SIGKILL or SIGNAL_SIGTERM")
+		}
+		if err := t.p.Signal(ctx, sig); err != nil {
+			return classify(err)
+		}
+		return nil
+	})
 }
 
 // resolvePath makes p absolute (relative to home) and clean.
