@@ -69,7 +69,7 @@ func TestE2BSDK(t *testing.T) {
 	t.Logf("set-up (npm ci, builds) took %v", time.Since(start).Round(100*time.Millisecond))
 
 	endpointPort := kilntest.FreePort(t)
-	srv := kilntest.StartServer(ctx, t, kiln, data, kilntest.FreePort(t), endpointPort, nil)
+	srv := kilntest.StartServer(ctx, t, kiln, data, kilntest.FreePort(t), endpointPort, nil, "--metrics-addr", "127.0.0.1:"+kilntest.FreePort(t))
 	defer srv.Stop(t)
 	admin := srv.AdminAccount(t)
 
@@ -81,7 +81,8 @@ func TestE2BSDK(t *testing.T) {
 	}
 	aws := awscli.NewClient(srv.APIURL, "us-east-1", creds)
 	img, _ := json.Marshal(map[string]any{"name": template, "baseImageArn": "arn:aws:lambda:us-east-1:aws:microvm-image:debian-12",
-		"buildRoleArn": "arn:aws:iam::" + admin + ":role/build", "codeArtifact": map[string]string{"uri": kilntest.FileURI(codeZip)}})
+		"buildRoleArn": "arn:aws:iam::" + admin + ":role/build", "codeArtifact": map[string]string{"uri": kilntest.FileURI(codeZip)},
+		"resources": []map[string]any{{"minimumMemoryInMiB": 512}}})
 	if _, err := aws.Do(ctx, "POST", "/"+api.APIVersion+"/microvm-images", nil, img); err != nil {
 		t.Fatalf("CreateMicrovmImage: %v", err)
 	}
