@@ -214,7 +214,10 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request) {
 			}
 			name := query
 			if name == "" {
-				name = part.FileName()
+				// The SDK names each file by its full path; Part.FileName
+				// would keep only the last element.
+				_, cd, _ := mime.ParseMediaType(part.Header.Get("Content-Disposition"))
+				name = cd["filename"]
 			}
 			p, e := filePath(name, user)
 			if e != nil {
