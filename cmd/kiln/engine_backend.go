@@ -117,7 +117,8 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		// E2B's envd runs here on the host, over the guest agent: see
 		// docs/ARCHITECTURE.md, "E2B-compatible API".
 		envdTokens := e2b.NewEnvdTokens(key)
-		pcfg.Envd = &proxy.Envd{Port: e2b.EnvdPort, Authorize: envdTokens.Valid,
+		pcfg.Envd = &proxy.Envd{Port: e2b.EnvdPort,
+			Authorize: func(tok, id, account string) bool { return envdTokens.Valid(tok, account, id) },
 			Handler: envd.New(envd.Config{Agents: eng, Sandboxes: es, Target: func(ctx context.Context) (string, string) {
 				return proxy.MicrovmID(ctx), proxy.Account(ctx)
 			}})}

@@ -57,7 +57,7 @@ try {
 
   await step("streamed output reaches onStdout as it is printed", async () => {
     const seen = [];
-    const r = await sbx.commands.run("for i in 1 2 3; do echo line $i; sleep 0.2; done", { onStdout: (d) => seen.push(d) });
+    const r = await sbx.commands.run("for i in 1 2 3; do echo line $i; busybox sleep 0.3; done", { onStdout: (d) => seen.push(d) });
     assert.equal(r.stdout, "line 1\nline 2\nline 3\n");
     assert.ok(seen.length >= 2, `output came in ${seen.length} chunk(s)`);
   });
