@@ -32,6 +32,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
 	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 // ReadyLine is what `kiln server` prints once the API serves.
@@ -51,6 +52,9 @@ type Host struct {
 // suite names the test in that message.
 func Requirements(t *testing.T, suite string, tools ...string) Host {
 	t.Helper()
+	if testenv.Short() {
+		t.Skipf("-short: the %s test needs root, VMs and node", suite)
+	}
 	missing := func(why string) {
 		if os.Getenv("CI") != "" {
 			t.Fatalf("in CI the %s test must run, but %s", suite, why)
