@@ -23,6 +23,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/agent/guest"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 // hostSystem stands in for the guest's privileged calls, which envd never
@@ -47,9 +48,7 @@ func (a oneAgent) Agent(context.Context, string) (*client.Client, error) { retur
 
 func newAgent(t *testing.T) *client.Client {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("the guest agent runs workloads as root")
-	}
+	testenv.NeedRoot(t, "the guest agent runs workloads as root")
 	dir := t.TempDir()
 	l, err := net.Listen("unix", filepath.Join(dir, "s"))
 	if err != nil {
