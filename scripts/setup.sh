@@ -121,6 +121,33 @@ if ! command -v chromium >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
 fi
 
+# The PostgreSQL store's tests (and `kiln bench api --store postgres`)
+# start a private cluster of their own from Debian's postgresql-15 binaries,
+# as the postgres user, on a unix socket in a temporary folder. The
+# package's own cluster (15/main) is not kiln's: it is installed with
+# service starts refused (policy-rc.d), set to start manually, and stopped
+# if it runs; it is kept, not dropped, since it may hold someone's data.
+if [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then
+  apt_update
+  log "installing postgresql-15"
+  own_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    own_policy=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-15 >/dev/null
+  [ -n "$own_policy" ] && rm -f /usr/sbin/policy-rc.d
+  if [ -f /etc/postgresql/15/main/start.conf ]; then
+    echo manual >/etc/postgresql/15/main/start.conf
+  fi
+fi
+if command -v pg_lsclusters >/dev/null && pg_lsclusters -h 2>/dev/null | awk '$1 == 15 && $2 == "main" && $4 == "online"' | grep -q .; then
+  log "stopping the postgresql-15 package's own cluster (kiln's tests run their own)"
+  pg_ctlcluster 15 main stop || true
+fi
+[ -x /usr/lib/postgresql/15/bin/initdb ] || { echo "setup.sh: postgresql-15 not available after install" >&2; exit 1; }
+
 # The s3:// code artifact tests run a real S3-compatible server, versitygw
 # (Apache-2.0, a Go module), with its posix backend in a temporary folder.
 VERSITYGW_VERSION=v1.8.0

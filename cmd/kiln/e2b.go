@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"log/slog"
 	"net/http"
 	"path/filepath"
 
@@ -18,7 +19,10 @@ import (
 func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Server, endpointPort string) error {
 	es, ok := st.(store.E2BStore)
 	if !ok {
-		return nil // a store without E2B support serves the AWS API only
+		// A store without E2B support (PostgreSQL, for now) serves the
+		// AWS API only.
+		slog.Warn("the E2B API is off: this state store keeps no E2B keys or sandboxes yet (use the SQLite store)")
+		return nil
 	}
 	// The same key the endpoint proxy derives envd tokens from.
 	key, err := token.LoadOrCreateKey(filepath.Join(o.DataDir, "token.key"))
