@@ -356,6 +356,10 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 	top := http.NewServeMux()
 	top.Handle(console.Prefix, web.Handler())
 	top.Handle("/", srv.Handler())
+	if err := mountE2B(top, o, st, srv, port); err != nil {
+		ln.Close()
+		return err
+	}
 	hs := newHTTPServer(connlimit.Handler(top))
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
@@ -478,7 +482,7 @@ func init() {
 	var o apibench.Options
 	cmd := &cobra.Command{
 		Use:   "api",
-		Short: "Benchmark GetMicrovm and ListMicrovms with concurrent signed clients; prints JSON on the last line",
+		Short: "Benchmark GetMicrovm and ListMicrovms with concurrent signed clients, on SQLite and optionally PostgreSQL; prints JSON on the last line",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			fmt.Printf("%d clients, %d microVM records, %s per operation, GOMAXPROCS %d\n", o.Clients, o.Records, o.Duration, runtime.GOMAXPROCS(0))
@@ -499,6 +503,7 @@ func init() {
 	cmd.Flags().DurationVar(&o.Duration, "duration", 5*time.Second, "measuring time per operation")
 	cmd.Flags().IntVar(&o.PageSize, "page-size", 50, "maxResults of ListMicrovms")
 	cmd.Flags().StringVar(&o.Dir, "dir", "", "scratch directory for the database (default: the system temp dir)")
+	cmd.Flags().StringVar(&o.Store, "store", "sqlite", "sqlite; postgres: SQLite, then PostgreSQL in a private cluster (postgresql-15, make setup); or a postgres:// URL of an empty, disposable database to measure after SQLite")
 	var bench *cobra.Command
 	for _, c := range rootCmd.Commands() {
 		if c.Name() == "bench" {

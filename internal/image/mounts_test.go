@@ -136,7 +136,9 @@ func TestCacheMountSharing(t *testing.T) {
 		return &build{b: &Builder{DataDir: data, CacheMountBytes: 16 << 20, MaxCacheMounts: 3}, req: Request{Account: account, Log: io.Discard}, work: work}
 	}
 	bd := newBuild("a")
-	m := func(id, sharing string) dockerfile.Mount { return dockerfile.Mount{Type: dockerfile.MountCache, ID: id, Sharing: sharing} }
+	m := func(id, sharing string) dockerfile.Mount {
+		return dockerfile.Mount{Type: dockerfile.MountCache, ID: id, Sharing: sharing}
+	}
 	c1, err := bd.openCacheMount(ctx, m("x", dockerfile.SharingShared))
 	if err != nil || !c1.fresh {
 		t.Fatalf("first open: %+v, %v", c1, err)
