@@ -18,6 +18,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/image/source"
 	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/pkgproxy"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
@@ -95,10 +96,18 @@ func Bench(ctx context.Context, cfg BenchConfig) (*BenchReport, error) {
 		return nil, err
 	}
 	defer os.RemoveAll(work)
+	// Build VMs reach the Debian mirror through the package proxy, as
+	// under `kiln server` (its cache starts empty too).
+	var pkgs *pkgproxy.Proxy
+	if ms, err := pkgproxy.HostMirrors("", nil); err == nil {
+		if pkgs, err = pkgproxy.New(pkgproxy.Config{Mirrors: ms, Dir: filepath.Join(work, "pkg-cache"), Logger: cfg.Logger}); err != nil {
+			return nil, err
+		}
+	}
 	b := &Builder{
 		Images: &image.Builder{
 			DataDir: filepath.Join(work, "data"),
-			Runner:  &Runner{Driver: cfg.Driver, MemoryMiB: cfg.MemoryMiB, Logger: cfg.Logger},
+			Runner:  &Runner{Driver: cfg.Driver, MemoryMiB: cfg.MemoryMiB, Packages: pkgs, Logger: cfg.Logger},
 			Bases:   cfg.Bases,
 			Logger:  cfg.Logger,
 		},
