@@ -1,11 +1,13 @@
 //go:build linux
 
-// Package console runs console.mjs, a Playwright test of kiln's web console
-// in Debian's Chromium (headless), against a real `kiln server`: the
-// binaries built from this tree with the console's assets embedded, real
-// microVMs (QEMU, TCG on hosts without a usable KVM), their networks and
-// the HTTPS endpoint proxy. Outside CI it skips when node, chromium, root or
-// the engine's set-up (`make setup`) is missing; in CI it fails instead.
+// Package console runs console.mjs, a puppeteer-core test of kiln's web
+// console in Debian's Chromium (over the DevTools Protocol) and Debian's
+// Firefox ESR (over WebDriver BiDi), both headless, against one real `kiln
+// server`: the binaries built from this tree with the console's assets
+// embedded, real microVMs (QEMU, TCG on hosts without a usable KVM), their
+// networks and the HTTPS endpoint proxy. Outside CI it skips when node, a
+// browser, root or the engine's set-up (`make setup`) is missing; in CI it
+// fails instead.
 package console
 
 import (
@@ -37,7 +39,7 @@ import (
 const readyLine = "kiln API serving at "
 
 func TestWebConsole(t *testing.T) {
-	node, npm, chromium, kernelDir := requirements(t)
+	node, npm, browsers, kernelDir := requirements(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
 	defer cancel()
 	start := time.Now()
@@ -122,14 +124,19 @@ func TestWebConsole(t *testing.T) {
 	if err := os.MkdirAll(shots, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("screenshots go to %s", shots)
+	t.Logf("screenshots go to %s (a folder per browser)", shots)
+	// Firefox refuses to run as root with a HOME that root does not own.
+	ffHome := filepath.Join(work, "firefox-home")
+	if err := os.MkdirAll(ffHome, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	scriptStart := time.Now()
 	cmd := exec.CommandContext(ctx, node, "console.mjs")
 	cmd.Env = append(os.Environ(),
 		"KILN_CONSOLE_URL="+srv.apiURL+"/console/",
 		"KILN_ADMIN_ID="+admin.AccessKeyID, "KILN_ADMIN_SECRET="+admin.SecretAccessKey, "KILN_ADMIN_ACCOUNT="+adminAccount,
 		"KILN_TENANT_ID="+tenant.AccessKeyID, "KILN_TENANT_SECRET="+tenant.SecretAccessKey,
-		"KILN_CODE_ZIP="+codeZip, "KILN_SHOTS="+shots, "KILN_CHROMIUM="+chromium,
+		"KILN_CODE_ZIP="+codeZip, "KILN_SHOTS="+shots, "KILN_BROWSERS="+browsers, "KILN_FIREFOX_HOME="+ffHome,
 	)
 	cmd.WaitDelay = 5 * time.Second
 	out, err := cmd.CombinedOutput()
@@ -139,7 +146,8 @@ func TestWebConsole(t *testing.T) {
 	}
 }
 
-func requirements(t *testing.T) (node, npm, chromium, kernelDir string) {
+// requirements finds the tools; browsers is console.mjs's KILN_BROWSERS.
+func requirements(t *testing.T) (node, npm, browsers, kernelDir string) {
 	t.Helper()
 	missing := func(why string) {
 		if os.Getenv("CI") != "" {
@@ -154,8 +162,18 @@ func requirements(t *testing.T) (node, npm, chromium, kernelDir string) {
 	if node, err = exec.LookPath("node"); err != nil {
 		missing("npm without node")
 	}
-	if chromium, err = exec.LookPath("chromium"); err != nil {
+	chromium, err := exec.LookPath("chromium")
+	if err != nil {
 		missing("chromium is not installed: run `make setup`")
+	}
+	firefox, err := exec.LookPath("firefox-esr")
+	if err != nil {
+		missing("firefox-esr is not installed: run `make setup`")
+	}
+	browsers = "chromium=" + chromium + ",firefox=" + firefox
+	// While working on one browser: KILN_CONSOLE_BROWSERS=firefox=/usr/bin/firefox-esr.
+	if b := os.Getenv("KILN_CONSOLE_BROWSERS"); b != "" {
+		browsers = b
 	}
 	if os.Geteuid() != 0 {
 		missing("the real server needs root (network namespaces)")
@@ -173,11 +191,11 @@ func requirements(t *testing.T) (node, npm, chromium, kernelDir string) {
 			missing(tool + " not found: run `make setup`")
 		}
 	}
-	return node, npm, chromium, kernelDir
+	return node, npm, browsers, kernelDir
 }
 
 func npmInstall(ctx context.Context, npm string) error {
-	if _, err := os.Stat(filepath.Join("node_modules", "playwright-core")); err == nil {
+	if _, err := os.Stat(filepath.Join("node_modules", "puppeteer-core")); err == nil {
 		return nil
 	}
 	cmd := exec.CommandContext(ctx, npm, "ci", "--no-audit", "--no-fund")
