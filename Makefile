@@ -4,7 +4,7 @@ DATA_DIR ?= /var/lib/kiln
 GO ?= go
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: setup build console run test bench vet clean
+.PHONY: setup build console run test check bench vet clean
 
 CONSOLE := internal/console
 CONSOLE_SRC := $(wildcard $(CONSOLE)/web/src/*) $(CONSOLE)/web/build.mjs
@@ -12,13 +12,21 @@ CONSOLE_SRC := $(wildcard $(CONSOLE)/web/src/*) $(CONSOLE)/web/build.mjs
 # VMs, network namespaces and nftables need root. A root shell (which on a
 # minimal Debian has no sudo) runs the targets directly; anyone else gets
 # the same make re-run under sudo, with Go's PATH kept.
+# The fast checks: vet and the tests that need neither root nor VMs
+# (`go test -short`: internal/testenv skips the others), as any user.
+check:
+	$(GO) vet ./...
+	$(GO) test -short -count=1 ./...
+
 ifneq ($(shell id -u),0)
-GOALS := $(or $(MAKECMDGOALS),setup)
+GOALS := $(filter-out check,$(or $(MAKECMDGOALS),setup))
+ifneq ($(GOALS),)
 $(firstword $(GOALS)):
 	@command -v sudo >/dev/null || { echo "make: kiln needs root: run this as root, or install sudo" >&2; exit 1; }
 	sudo env "PATH=$(PATH)" $(MAKE) $(MAKECMDGOALS)
 $(filter-out $(firstword $(GOALS)),$(GOALS)):
 	@:
+endif
 else
 
 setup:
@@ -48,6 +56,7 @@ run: setup build
 test: setup build
 	$(GO) vet ./...
 	$(GO) test -p 1 -count=1 -timeout 25m ./...
+	bash scripts/fuzz.sh
 
 bench: setup build
 	bin/kiln --data-dir=$(DATA_DIR) bench engine

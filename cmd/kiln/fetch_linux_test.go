@@ -21,6 +21,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
 )
 
@@ -35,9 +36,7 @@ const hostSecret = "KILN-HOST-SECRET-91c2"
 // loopback servers get no request, and their content is nowhere in the
 // data directory.
 func TestServerRefusesHostFetches(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("the engine backend needs root")
-	}
+	testenv.NeedRoot(t, "the engine backend")
 	kernel := "/var/lib/kiln/kernel"
 	if _, err := os.Stat(filepath.Join(kernel, "vmlinuz")); err != nil {
 		if os.Getenv("CI") != "" {

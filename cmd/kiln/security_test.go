@@ -31,6 +31,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
 	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
@@ -519,6 +520,9 @@ func TestInfoFakeBackend(t *testing.T) {
 // a security boundary, and the key files the engine makes (endpoint CA,
 // token key) are 0600.
 func TestEngineInfoReportsTCG(t *testing.T) {
+	if testenv.Short() {
+		t.Skip("-short: the engine needs root and VMs")
+	}
 	if os.Geteuid() != 0 {
 		if os.Getenv("CI") != "" {
 			t.Fatal("in CI the engine test must run as root")

@@ -167,7 +167,7 @@ func (e *env) runningVM(body map[string]any) string {
 func TestImageOperations(t *testing.T) {
 	e := newEnv(t)
 	created := e.ok("POST", base+"/microvm-images", nil, imageBody("app"))
-	for k, want := range map[string]any{"name": "app", "state": "CREATING", "imageVersion": "1",
+	for k, want := range map[string]any{"name": "app", "state": "CREATING", "imageVersion": "1.0",
 		"imageArn": "arn:aws:lambda:us-east-1:111111111111:microvm-image:app"} {
 		if created[k] != want {
 			t.Errorf("CreateMicrovmImage %s = %v, want %v", k, created[k], want)
@@ -177,7 +177,7 @@ func TestImageOperations(t *testing.T) {
 		t.Errorf("createdAt should be epoch seconds, got %#v", created["createdAt"])
 	}
 	img := e.waitField(base+"/microvm-images/app", "state", "CREATED")
-	if img["latestActiveImageVersion"] != "1" || img["tags"].(map[string]any)["team"] != "a" {
+	if img["latestActiveImageVersion"] != "1.0" || img["tags"].(map[string]any)["team"] != "a" {
 		t.Errorf("GetMicrovmImage = %v", img)
 	}
 	// By ARN too.
@@ -210,7 +210,7 @@ func TestImageOperations(t *testing.T) {
 	delete(upd, "tags")
 	upd["description"] = "second"
 	u := e.ok("PUT", base+"/microvm-images/app", nil, upd)
-	if u["imageVersion"] != "2" || u["state"] != "UPDATING" {
+	if u["imageVersion"] != "2.0" || u["state"] != "UPDATING" {
 		t.Errorf("UpdateMicrovmImage = %v", u)
 	}
 	e.waitField(base+"/microvm-images/app", "state", "UPDATED")
@@ -219,22 +219,22 @@ func TestImageOperations(t *testing.T) {
 		t.Errorf("ListMicrovmImageVersions page 1 = %v", vs)
 	}
 	vs = e.ok("GET", base+"/microvm-images/app/versions", url.Values{"maxResults": {"1"}, "nextToken": {vs["nextToken"].(string)}}, nil)
-	if it := vs["items"].([]any); len(it) != 1 || it[0].(map[string]any)["imageVersion"] != "2" || vs["nextToken"] != nil {
+	if it := vs["items"].([]any); len(it) != 1 || it[0].(map[string]any)["imageVersion"] != "2.0" || vs["nextToken"] != nil {
 		t.Errorf("ListMicrovmImageVersions page 2 = %v", vs)
 	}
 
-	iv := e.ok("PATCH", base+"/microvm-images/app/versions/2", nil, map[string]any{"status": "INACTIVE"})
+	iv := e.ok("PATCH", base+"/microvm-images/app/versions/2.0", nil, map[string]any{"status": "INACTIVE"})
 	if iv["status"] != "INACTIVE" {
 		t.Errorf("UpdateMicrovmImageVersion = %v", iv)
 	}
-	if img := e.ok("GET", base+"/microvm-images/app", nil, nil); img["latestActiveImageVersion"] != "1" {
+	if img := e.ok("GET", base+"/microvm-images/app", nil, nil); img["latestActiveImageVersion"] != "1.0" {
 		t.Errorf("latest active after deactivating 2 = %v", img["latestActiveImageVersion"])
 	}
 	_, err := do(t, e.c, "POST", base+"/microvms", nil, map[string]any{"imageIdentifier": "app", "imageVersion": "2"})
 	fails(t, err, "ConflictException", "INACTIVE")
 
 	d := e.ok("DELETE", base+"/microvm-images/app/versions/2", nil, nil)
-	if d["state"] != "DELETED" || d["imageVersion"] != "2" {
+	if d["state"] != "DELETED" || d["imageVersion"] != "2.0" {
 		t.Errorf("DeleteMicrovmImageVersion = %v", d)
 	}
 	d = e.ok("DELETE", base+"/microvm-images/app", nil, nil)
@@ -249,7 +249,7 @@ func TestImageOperations(t *testing.T) {
 	fb["codeArtifact"] = map[string]any{"uri": "s3://kiln-test/fail.zip"}
 	e.ok("POST", base+"/microvm-images", nil, fb)
 	img = e.waitField(base+"/microvm-images/broken", "state", "CREATE_FAILED")
-	if img["latestFailedImageVersion"] != "1" {
+	if img["latestFailedImageVersion"] != "1.0" {
 		t.Errorf("failed image = %v", img)
 	}
 	_, err = do(t, e.c, "POST", base+"/microvms", nil, map[string]any{"imageIdentifier": "broken"})
@@ -350,7 +350,7 @@ func TestMicrovmLifecycle(t *testing.T) {
 		"egressNetworkConnectors":  []any{"arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:INTERNET_EGRESS"},
 	})
 	id := run["microvmId"].(string)
-	if run["state"] != "PENDING" || run["endpoint"] != "https://"+id+".microvm.localhost:8443" || run["imageVersion"] != "1" ||
+	if run["state"] != "PENDING" || run["endpoint"] != "https://"+id+".microvm.localhost:8443" || run["imageVersion"] != "1.0" ||
 		run["maximumDurationInSeconds"] != float64(600) || run["executionRoleArn"] != roleARN {
 		t.Errorf("RunMicrovm = %v", run)
 	}
@@ -483,7 +483,7 @@ func TestIdempotency(t *testing.T) {
 	body["clientToken"] = "tok-1"
 	a := e.ok("POST", base+"/microvm-images", nil, body)
 	b := e.ok("POST", base+"/microvm-images", nil, body)
-	if a["imageArn"] != b["imageArn"] || b["imageVersion"] != "1" {
+	if a["imageArn"] != b["imageArn"] || b["imageVersion"] != "1.0" {
 		t.Errorf("repeated CreateMicrovmImage = %v, first %v", b, a)
 	}
 	body["description"] = "changed"
@@ -496,7 +496,7 @@ func TestIdempotency(t *testing.T) {
 	upd["clientToken"] = "u-1"
 	u1 := e.ok("PUT", base+"/microvm-images/app", nil, upd)
 	u2 := e.ok("PUT", base+"/microvm-images/app", nil, upd)
-	if u1["imageVersion"] != "2" || u2["imageVersion"] != "2" {
+	if u1["imageVersion"] != "2.0" || u2["imageVersion"] != "2.0" {
 		t.Errorf("repeated UpdateMicrovmImage versions %v, %v", u1["imageVersion"], u2["imageVersion"])
 	}
 	e.waitField(base+"/microvm-images/app", "state", "UPDATED")

@@ -137,3 +137,31 @@ func TestVCPUsFor(t *testing.T) {
 		}
 	}
 }
+
+// TestVersionNames: versions are named as AWS names them ("1.0", "2.0"),
+// and a version recorded by an older kiln as "1" is found under "1.0" too,
+// as a new one is under "1".
+func TestVersionNames(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	now := time.Now().UTC()
+	arn := "arn:aws:lambda:us-east-1:111111111111:microvm-image:old"
+	img := store.Image{Account: "111111111111", Name: "old", ARN: arn, State: store.ImageCreated, LatestVersion: "1", LatestActiveVersion: "1", CreatedAt: now, UpdatedAt: now}
+	v := store.ImageVersion{Account: "111111111111", ImageName: "old", ImageARN: arn, Version: "1", State: "SUCCESSFUL", Status: "ACTIVE", CreatedAt: now, UpdatedAt: now}
+	if err := e.st.CreateImage(ctx, img, v, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"1", "1.0"} {
+		if got := e.ok("GET", base+"/microvm-images/old/versions/"+name, nil, nil); got["imageVersion"] != "1" {
+			t.Errorf("old version asked as %q: imageVersion %v", name, got["imageVersion"])
+		}
+	}
+	if _, err := do(t, e.c, "GET", base+"/microvm-images/old/versions/1.1", nil, nil); err == nil {
+		t.Error("version 1.1 of old found: only N and N.0 name the same version")
+	}
+	for i, want := range map[int64]string{1: "1.0", 2: "2.0", 10: "10.0"} {
+		if got := store.VersionName(i); got != want {
+			t.Errorf("VersionName(%d) = %q, want %q", i, got, want)
+		}
+	}
+}

@@ -303,15 +303,16 @@ func (s *Server) createImage(ctx context.Context, c *call) (any, error) {
 	}
 	now := s.cfg.Now().UTC()
 	arn := s.arn(c.account, kindImage, in.Name)
-	img := store.Image{Account: c.account, Name: in.Name, ARN: arn, State: store.ImageCreating, LatestVersion: "1", CreatedAt: now, UpdatedAt: now}
-	v := store.ImageVersion{Account: c.account, ImageName: in.Name, ImageARN: arn, Version: "1", State: store.VersionPending,
+	first := store.VersionName(1)
+	img := store.Image{Account: c.account, Name: in.Name, ARN: arn, State: store.ImageCreating, LatestVersion: first, CreatedAt: now, UpdatedAt: now}
+	v := store.ImageVersion{Account: c.account, ImageName: in.Name, ImageARN: arn, Version: first, State: store.VersionPending,
 		Status: store.VersionActive, Config: in.ImageConfig, CreatedAt: now, UpdatedAt: now}
 	builds := s.newBuilds(c, arn, in.Name, in.ImageConfig)
 	for i := range builds {
-		builds[i].Version = "1"
+		builds[i].Version = first
 	}
 	if tok != nil {
-		tok.ResourceID = in.Name + ":1"
+		tok.ResourceID = in.Name + ":" + first
 	}
 	adm, err := s.admission(c.account)
 	if err != nil {
@@ -492,13 +493,26 @@ func (s *Server) deleteImage(ctx context.Context, c *call) (any, error) {
 	return map[string]string{"imageIdentifier": c.path("imageIdentifier"), "state": store.ImageDeleted}, nil
 }
 
+// getVersion reads a version by any of its names (store.VersionAliases),
+// so "1" and "1.0" both find it.
+func (s *Server) getVersion(ctx context.Context, account, image, version string) (store.ImageVersion, error) {
+	var err error
+	for _, name := range store.VersionAliases(version) {
+		var v store.ImageVersion
+		if v, err = s.st.GetImageVersion(ctx, account, image, name); !errors.Is(err, errdefs.ErrNotFound) {
+			return v, err
+		}
+	}
+	return store.ImageVersion{}, err
+}
+
 func (s *Server) version(ctx context.Context, c *call) (store.Image, store.ImageVersion, error) {
 	img, err := s.image(ctx, c)
 	if err != nil {
 		return img, store.ImageVersion{}, err
 	}
 	ver := c.path("imageVersion")
-	v, err := s.st.GetImageVersion(ctx, c.account, img.Name, ver)
+	v, err := s.getVersion(ctx, c.account, img.Name, ver)
 	if err != nil {
 		return img, v, toAPIError(err, "microvm-image-version", img.Name+":"+ver)
 	}

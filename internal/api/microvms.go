@@ -192,10 +192,11 @@ func (s *Server) runMicrovm(ctx context.Context, c *call) (any, error) {
 			return nil, conflict(kindImage, img.ARN, "image %s has no successfully built version yet (state %s)", img.Name, img.State)
 		}
 	}
-	v, err := s.st.GetImageVersion(ctx, c.account, name, version)
+	v, err := s.getVersion(ctx, c.account, name, version)
 	if err != nil {
 		return nil, toAPIError(err, "microvm-image-version", name+":"+version)
 	}
+	version = v.Version // the name it is stored under, whichever was asked
 	if v.State != store.VersionSuccessful {
 		return nil, conflict(kindImage, img.ARN, "image %s version %s is %s, not SUCCESSFUL", name, version, v.State)
 	}
@@ -326,6 +327,12 @@ func (s *Server) listMicrovms(ctx context.Context, c *call) (any, error) {
 		}
 	}
 	f.ImageVersion = q.Get("imageVersion")
+	if f.ImageName != "" && f.ImageVersion != "" {
+		// The stored name of the version ("1" or "1.0"), whichever was asked.
+		if v, err := s.getVersion(ctx, c.account, f.ImageName, f.ImageVersion); err == nil {
+			f.ImageVersion = v.Version
+		}
+	}
 	ms, next, err := s.st.ListMicrovms(ctx, c.account, f, p)
 	if err != nil {
 		return nil, err

@@ -164,7 +164,7 @@ func TestDeleteBuildingVersion(t *testing.T) {
 	if img["state"] != "CREATE_FAILED" {
 		t.Errorf("image after deleting its building version: %v", img["state"])
 	}
-	if !slices.Contains(e.be.Calls(), "DeleteImageVersion slow:1") {
+	if !slices.Contains(e.be.Calls(), "DeleteImageVersion slow:1.0") {
 		t.Errorf("backend not told: %v", e.be.Calls())
 	}
 	// A whole image being built may be deleted too.

@@ -6,7 +6,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"os"
 	"testing"
 	"time"
 
@@ -15,6 +14,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/netns/netnstest"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 // TestInNamespace serves at 172.30.0.1:53 inside a real VM namespace and
@@ -22,9 +22,7 @@ import (
 // if the upstream socket lives in the host namespace. A stand-in guest
 // behind the TAP is answered; a query from any other address is not.
 func TestInNamespace(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
+	testenv.NeedRoot(t, "namespaces, mounts or other users")
 	up := upstream(t)
 	hadHostTable := hostTableExists(t)
 	t.Cleanup(func() {

@@ -31,6 +31,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/tlsca"
 	"github.com/kiln-sandbox/kiln/internal/token"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
@@ -59,11 +60,7 @@ type fixture struct {
 }
 
 func TestMain(m *testing.M) {
-	if os.Geteuid() != 0 {
-		fmt.Fprintln(os.Stderr, "skipping engine tests: need root for network namespaces")
-		if os.Getenv("CI") != "" {
-			os.Exit(1)
-		}
+	if testenv.SkipMain("engine", "network namespaces and VMs") {
 		os.Exit(m.Run())
 	}
 	env := vmmtest.SetupOrSkip("engine")

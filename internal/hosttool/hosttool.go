@@ -10,11 +10,11 @@
 // time, address space, processes and open files. Files reach it only as
 // descriptors (/proc/self/fd/N), so it sees nothing else of the host.
 //
-// fuse2fs is the exception (Spec.Root): its mount must be visible to kiln,
-// so it keeps root and the host's mount namespace; it still gets an empty
-// network namespace, new IPC and UTS namespaces, the empty environment,
-// no_new_privs and the rlimits (set by util-linux's prlimit and setpriv,
-// exec'd before it: Go's SysProcAttr has neither).
+// fuse2fs is confined the same way (Spec.FUSE): kiln, root in the host's
+// mount namespace, makes the FUSE mount itself and hands fuse2fs only the
+// /dev/fuse descriptor of that mount, through libfuse 2's fusermount
+// protocol (see fusermount.go). So the mount is kiln's and visible to it,
+// while the parser of the hostile image runs unprivileged in its jail.
 package hosttool
 
 import (
@@ -68,12 +68,14 @@ type Spec struct {
 	Files []*os.File
 	// UID and GID the tool runs as; 0 means ID.
 	UID, GID uint32
-	// Root keeps uid 0 and the host's mount namespace (and file system),
-	// for fuse2fs: its mount must be visible to kiln, and a FUSE mount
-	// made by another uid is closed to root unless the host allows other
-	// users (see rootfs.Mount). Network, IPC and UTS namespaces, rlimits,
-	// the empty environment and no_new_privs still apply.
-	Root bool
+	// FUSE, for a libfuse 2 file system (fuse2fs), is an open /dev/fuse
+	// whose connection kiln has already mounted. The tool is given
+	// MountPoint as its mount point; its own mount(2) there fails for
+	// lack of privilege, so libfuse runs /bin/fusermount, which in this
+	// jail is kiln's own binary handing over FUSE (fusermount.go). The
+	// tool's /dev holds /dev/fuse for that attempt; its /bin holds only
+	// that fusermount.
+	FUSE *os.File
 	// CPU time and address-space limits; 0 means the defaults.
 	CPU          time.Duration
 	AddressSpace uint64
@@ -86,8 +88,7 @@ type Spec struct {
 // /dev/fd: the jail's /dev holds no such link.)
 func FD(i int) string { return "/proc/self/fd/" + strconv.Itoa(3+i) }
 
-// ErrToolMissing is returned when a tool or the util-linux helpers are
-// not installed.
+// ErrToolMissing is returned when a tool is not installed.
 var ErrToolMissing = fmt.Errorf("host tool missing (install it with `make setup`, which runs scripts/setup.sh): %w", errdefs.ErrUnavailable)
 
 // Look finds a tool by name, also in /usr/sbin and /sbin (a test runner's
@@ -127,9 +128,6 @@ func Command(ctx context.Context, s Spec) (*exec.Cmd, error) {
 	if as == 0 {
 		as = DefaultAddressSpace
 	}
-	if s.Root {
-		return rootCommand(ctx, s, tool, cpuSecs, as)
-	}
 	uid, gid := s.UID, s.GID
 	if uid == 0 {
 		uid = ID
@@ -137,18 +135,38 @@ func Command(ctx context.Context, s Spec) (*exec.Cmd, error) {
 	if gid == 0 {
 		gid = ID
 	}
-	root, err := jailRoot()
-	if err != nil {
+	// What C programs take for granted; nothing that reaches hardware.
+	devices := []string{"/dev/null", "/dev/zero", "/dev/urandom"}
+	root, binds, files := toolRoot, jail.SystemBinds(), s.Files
+	var pdeath syscall.Signal
+	if s.FUSE != nil {
+		if root, binds, err = fuseJail(); err != nil {
+			return nil, err
+		}
+		// libfuse tries /dev/fuse before it falls back to fusermount.
+		devices = append(devices, "/dev/fuse")
+		files = append(append([]*os.File(nil), s.Files...), s.FUSE)
+		// /bin is fusermount alone here: name the tool by its real path.
+		if tool, err = filepath.EvalSymlinks(tool); err != nil {
+			return nil, err
+		}
+		// If kiln dies, fuse2fs writes the image back and exits instead
+		// of serving a mount nobody will unmount until kiln restarts.
+		// (The signal follows the OS thread that started it; Go ends a
+		// thread only when a goroutine exits locked to it, which kiln's
+		// namespace switching does only after a failure.)
+		pdeath = syscall.SIGTERM
+	}
+	if err := root.prepare(); err != nil {
 		return nil, err
 	}
 	cmd, err := jail.Command(ctx, jail.Spec{
-		Root: root, Binds: jail.SystemBinds(),
-		// What C programs take for granted; nothing that reaches hardware.
-		Devices: []string{"/dev/null", "/dev/zero", "/dev/urandom"},
-		UID:     uid, GID: gid,
+		Root: root.dir, Binds: binds, Devices: devices,
+		UID: uid, GID: gid,
 		Rlimits: jail.Rlimits{CPU: cpuSecs, AS: as, NOFILE: DefaultOpenFiles, NPROC: DefaultProcesses},
 		Path:    tool, Args: append([]string{tool}, s.Args...),
-		ExtraFiles: s.Files,
+		ExtraFiles: files,
+		Pdeathsig:  pdeath,
 	})
 	if err != nil {
 		return nil, err
@@ -158,112 +176,118 @@ func Command(ctx context.Context, s Spec) (*exec.Cmd, error) {
 	return cmd, nil
 }
 
-// rootCommand runs fuse2fs-like tools: root, host mount namespace, the
-// rest confined.
-func rootCommand(ctx context.Context, s Spec, tool string, cpuSecs, as uint64) (*exec.Cmd, error) {
-	prlimit, err := Look("prlimit")
-	if err != nil {
-		return nil, err
-	}
-	setpriv, err := Look("setpriv")
-	if err != nil {
-		return nil, err
-	}
-	args := []string{
-		"--cpu=" + strconv.FormatUint(cpuSecs, 10),
-		"--as=" + strconv.FormatUint(as, 10),
-		"--nofile=" + strconv.Itoa(DefaultOpenFiles),
-		"--", setpriv, "--no-new-privs", "--", tool,
-	}
-	args = append(args, s.Args...)
-	cmd := exec.CommandContext(ctx, prlimit, args...)
-	cmd.Env = []string{} // not nil: nil would inherit kiln's
-	cmd.Dir = "/"
-	cmd.Stdin, cmd.Stdout, cmd.Stderr = s.Stdin, s.Stdout, s.Stderr
-	cmd.ExtraFiles = s.Files
-	cmd.WaitDelay = 5 * time.Second
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		Cloneflags: syscall.CLONE_NEWNET | syscall.CLONE_NEWIPC | syscall.CLONE_NEWUTS,
-		// fuse2fs unmounts and exits on SIGTERM: no mount outlives kiln.
-		Pdeathsig: syscall.SIGTERM,
-	}
-	return cmd, nil
+// jailRoot is a jail root the confined tools share: an empty folder,
+// root's and 0755, in which the mount points for the binds are made up
+// front (each run mounts them in its own namespace), so concurrent runs
+// do not race to create them.
+type jailRoot struct {
+	dir   string
+	binds func() []jail.Bind
+	// dirs and files are extra empty folders and files to make in it.
+	dirs, files []string
+
+	once sync.Once
+	err  error
 }
 
-// rootDir is the jail root every confined tool shares: an empty folder,
-// root's and 0755, in which the jail makes the mount points for the
-// system binds (each run mounts them in its own namespace).
-const rootDir = "/run/kiln-hosttool"
+// toolRoot is the root of every tool but FUSE ones.
+var toolRoot = &jailRoot{dir: "/run/kiln-hosttool", binds: jail.SystemBinds}
 
-var (
-	rootOnce sync.Once
-	rootErr  error
-)
+// fuseRoot is the root of FUSE tools (see fuseJail): the system folders
+// but /bin, which is a folder of its own holding the mount point for the
+// fusermount shim, and MountPoint.
+var fuseRoot = &jailRoot{
+	dir: "/run/kiln-hosttool-fuse", binds: fuseSystemBinds,
+	dirs: []string{"/bin", MountPoint}, files: []string{fusermountPath},
+}
 
-// jailRoot makes rootDir once per process, with the mount points and
-// links the binds need made up front, so concurrent runs do not race to
-// create them.
-func jailRoot() (string, error) {
-	rootOnce.Do(func() {
-		if err := jail.Supported(); err != nil {
-			rootErr = fmt.Errorf("running host tools confined: %w", err)
-			return
+func (r *jailRoot) prepare() error {
+	r.once.Do(func() { r.err = r.make() })
+	return r.err
+}
+
+func (r *jailRoot) make() error {
+	if err := jail.Supported(); err != nil {
+		return fmt.Errorf("running host tools confined: %w", err)
+	}
+	if err := os.MkdirAll(r.dir, 0o755); err != nil {
+		return err
+	}
+	var st syscall.Stat_t
+	if err := syscall.Lstat(r.dir, &st); err != nil {
+		return err
+	}
+	if st.Mode&syscall.S_IFMT != syscall.S_IFDIR || st.Uid != 0 {
+		return fmt.Errorf("%s is not a folder of root's: %w", r.dir, errdefs.ErrInvalid)
+	}
+	if err := os.Chmod(r.dir, 0o755); err != nil {
+		return err
+	}
+	for _, d := range r.dirs {
+		if err := ownDir(filepath.Join(r.dir, d)); err != nil {
+			return err
 		}
-		if err := os.MkdirAll(rootDir, 0o755); err != nil {
-			rootErr = err
-			return
+	}
+	for _, f := range r.files {
+		if err := emptyFile(filepath.Join(r.dir, f)); err != nil {
+			return err
 		}
-		var st syscall.Stat_t
-		if err := syscall.Lstat(rootDir, &st); err != nil {
-			rootErr = err
-			return
+	}
+	for _, b := range r.binds() {
+		dst := filepath.Join(r.dir, b.Dst)
+		fi, err := os.Lstat(b.Src)
+		if err != nil {
+			continue
 		}
-		if st.Mode&syscall.S_IFMT != syscall.S_IFDIR || st.Uid != 0 {
-			rootErr = fmt.Errorf("%s is not a folder of root's: %w", rootDir, errdefs.ErrInvalid)
-			return
-		}
-		if err := os.Chmod(rootDir, 0o755); err != nil {
-			rootErr = err
-			return
-		}
-		for _, b := range jail.SystemBinds() {
-			dst := filepath.Join(rootDir, b.Dst)
-			fi, err := os.Lstat(b.Src)
+		switch {
+		case fi.Mode()&os.ModeSymlink != 0:
+			target, err := os.Readlink(b.Src)
 			if err != nil {
+				return err
+			}
+			if cur, err := os.Readlink(dst); err == nil && cur == target {
 				continue
 			}
-			switch {
-			case fi.Mode()&os.ModeSymlink != 0:
-				target, err := os.Readlink(b.Src)
-				if err != nil {
-					rootErr = err
-					return
-				}
-				if cur, err := os.Readlink(dst); err == nil && cur == target {
-					continue
-				}
-				os.Remove(dst)
-				if err := os.Symlink(target, dst); err != nil {
-					rootErr = err
-					return
-				}
-			case fi.IsDir():
-				if err := os.MkdirAll(dst, 0o755); err != nil {
-					rootErr = err
-					return
-				}
-			default:
-				if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-					rootErr = err
-					return
-				}
-				if f, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY, 0o644); err == nil {
-					f.Close()
-				}
+			os.Remove(dst)
+			if err := os.Symlink(target, dst); err != nil {
+				return err
+			}
+		case fi.IsDir():
+			if err := os.MkdirAll(dst, 0o755); err != nil {
+				return err
+			}
+		default:
+			if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+				return err
+			}
+			if err := emptyFile(dst); err != nil {
+				return err
 			}
 		}
-	})
-	return rootDir, rootErr
+	}
+	return nil
+}
+
+// ownDir makes p a real folder of root's, 0755 (not a link to one
+// elsewhere).
+func ownDir(p string) error {
+	if fi, err := os.Lstat(p); err == nil && !fi.IsDir() {
+		if err := os.Remove(p); err != nil {
+			return err
+		}
+	}
+	if err := os.MkdirAll(p, 0o755); err != nil {
+		return err
+	}
+	return os.Chmod(p, 0o755)
+}
+
+func emptyFile(p string) error {
+	f, err := os.OpenFile(p, os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		return err
+	}
+	return f.Close()
 }
 
 // Grant lets the tools' group open path again through /proc/self/fd/N: it

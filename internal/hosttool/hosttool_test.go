@@ -10,6 +10,10 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 func run(t *testing.T, s Spec) string {
@@ -27,9 +31,7 @@ func run(t *testing.T, s Spec) string {
 }
 
 func requireRoot(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (namespaces, uid switch)")
-	}
+	testenv.NeedRoot(t, "namespaces, uid switch")
 }
 
 // TestConfined checks what every host tool on a guest-written disk gets:
@@ -97,19 +99,6 @@ func containsFields(out, line string) bool {
 	return false
 }
 
-// TestRootStaysOffTheNetwork: fuse2fs keeps uid 0 and the host's mount
-// namespace, nothing else.
-func TestRootStaysOffTheNetwork(t *testing.T) {
-	requireRoot(t)
-	hostNet, _ := os.Readlink("/proc/self/ns/net")
-	hostMnt, _ := os.Readlink("/proc/self/ns/mnt")
-	out := run(t, Spec{Path: "sh", Root: true, Args: []string{"-c", `id -u; readlink /proc/self/ns/net; readlink /proc/self/ns/mnt`}})
-	l := strings.Split(strings.TrimSpace(out), "\n")
-	if l[0] != "0" || l[1] == hostNet || l[2] != hostMnt {
-		t.Fatalf("root tool: %q (host net %s, mnt %s)", l, hostNet, hostMnt)
-	}
-}
-
 // TestFilesByDescriptor: a file in a folder the tool's uid cannot enter
 // reaches it as /dev/fd/3 once granted, and nothing else of the folder.
 func TestFilesByDescriptor(t *testing.T) {
@@ -150,5 +139,65 @@ func TestCPULimit(t *testing.T) {
 	err = cmd.Run()
 	if err == nil || time.Since(start) > 30*time.Second {
 		t.Fatalf("err %v after %s", err, time.Since(start))
+	}
+}
+
+// TestFUSEJail: a FUSE tool's jail has /dev/fuse, an empty MountPoint and
+// a /bin holding only fusermount, which is kiln's shim: run with
+// _FUSE_COMMFD as libfuse 2 runs it, it sends the /dev/fuse descriptor
+// kiln passed over that socket, as an unprivileged uid; run to unmount,
+// it does nothing and succeeds.
+func TestFUSEJail(t *testing.T) {
+	requireRoot(t)
+	dev, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0)
+	if err != nil {
+		t.Skipf("no /dev/fuse: %v", err)
+	}
+	defer dev.Close()
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ours, theirs := os.NewFile(uintptr(pair[0]), "ours"), os.NewFile(uintptr(pair[1]), "theirs")
+	defer ours.Close()
+	defer theirs.Close()
+	out := run(t, Spec{Path: "sh", Files: []*os.File{theirs}, FUSE: dev, Args: []string{"-c",
+		`id -u; ls -A /bin; ls -A ` + MountPoint + ` | wc -l; test -c /dev/fuse && echo dev; ` +
+			`/bin/fusermount -u -q -z -- ` + MountPoint + ` && echo unmounted; ` +
+			`_FUSE_COMMFD=3 /bin/fusermount -o rw,nosuid -- ` + MountPoint + ` && echo sent`}})
+	if out != "1802108928\nfusermount\n0\ndev\nunmounted\nsent\n" {
+		t.Fatalf("FUSE jail: %q", out)
+	}
+	b, oob := make([]byte, 1), make([]byte, unix.CmsgSpace(4))
+	_, oobn, _, _, err := unix.Recvmsg(pair[0], b, oob, unix.MSG_DONTWAIT)
+	if err != nil {
+		t.Fatalf("nothing sent: %v", err)
+	}
+	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+	if err != nil || len(msgs) != 1 {
+		t.Fatalf("control messages %v, %v", msgs, err)
+	}
+	fds, err := unix.ParseUnixRights(&msgs[0])
+	if err != nil || len(fds) != 1 {
+		t.Fatalf("rights %v, %v", fds, err)
+	}
+	defer unix.Close(fds[0])
+	var st unix.Stat_t
+	if err := unix.Fstat(fds[0], &st); err != nil || unix.Major(st.Rdev) != 10 || unix.Minor(st.Rdev) != fuseMinor {
+		t.Fatalf("received descriptor is not /dev/fuse: %+v, %v", st, err)
+	}
+}
+
+// TestFusermountRefusesStrangers: without _FUSE_COMMFD and -u the shim
+// refuses, and it never sends a descriptor it was not given.
+func TestFusermountRefusesStrangers(t *testing.T) {
+	if err := fusermount([]string{"-o", "rw", "--", "/mnt"}, ""); err == nil {
+		t.Error("mount request without a socket accepted")
+	}
+	if err := fusermount([]string{"--", "/mnt"}, "x"); err == nil {
+		t.Error("bad _FUSE_COMMFD accepted")
+	}
+	if _, err := inheritedFUSE(-1); err == nil {
+		t.Error("found a /dev/fuse descriptor in a process that has none")
 	}
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/image/layer"
 	"github.com/kiln-sandbox/kiln/internal/rootfs"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 // netRawCap is a security.capability value granting cap_net_raw+ep, as
@@ -30,9 +31,7 @@ func netRawCap() []byte {
 
 func needRootAndFUSE(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
+	testenv.NeedRoot(t, "namespaces, mounts or other users")
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		t.Skip("no /dev/fuse")
 	}

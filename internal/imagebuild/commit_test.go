@@ -14,6 +14,7 @@ import (
 	"testing"
 
 	"github.com/kiln-sandbox/kiln/internal/qcow2"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 func qemuTool(t *testing.T, name string, args ...string) {
@@ -59,9 +60,7 @@ func renameBacking(t *testing.T, path, name string) {
 }
 
 func TestCommitOverlay(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (confined qemu-img)")
-	}
+	testenv.NeedRoot(t, "confined qemu-img")
 	ctx := context.Background()
 	overlay, disk := overlayWithWrite(t, t.TempDir())
 	if err := commitOverlay(ctx, "", overlay, disk); err != nil {
@@ -77,9 +76,7 @@ func TestCommitOverlay(t *testing.T) {
 // rewritten to name a host file is refused, and that file is untouched.
 // Today's plain `qemu-img commit` writes into the named file.
 func TestCommitRefusesRenamedBacking(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (confined qemu-img)")
-	}
+	testenv.NeedRoot(t, "confined qemu-img")
 	ctx := context.Background()
 	dir := t.TempDir()
 	overlay, disk := overlayWithWrite(t, dir)
@@ -120,9 +117,7 @@ func TestCommitRefusesRenamedBacking(t *testing.T) {
 // chain.json naming its own files; one whose header names another file
 // than the template's root is refused, and that file is untouched.
 func TestCopyTemplateChecksChain(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root (confined qemu-img)")
-	}
+	testenv.NeedRoot(t, "confined qemu-img")
 	ctx := context.Background()
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src")

@@ -8,7 +8,6 @@ import (
 	"errors"
 	"io"
 	"net/netip"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
@@ -19,6 +18,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
@@ -65,9 +65,7 @@ func (p *egressProbe) Terminate(ctx context.Context, id string) error { return n
 // TestRunnerExtraDeny: the operator's --deny-cidr reaches the egress rules
 // of a RUN step's build VM, not only those of app VMs.
 func TestRunnerExtraDeny(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for network namespaces")
-	}
+	testenv.NeedRoot(t, "network namespaces")
 	disk := filepath.Join(t.TempDir(), "root.ext4")
 	if out, err := exec.Command("mkfs.ext4", "-q", "-F", disk, "16M").CombinedOutput(); err != nil {
 		t.Skipf("mkfs.ext4: %v: %s", err, out)

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
 	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
@@ -50,9 +51,7 @@ func newDriver(t testing.TB) *qemu.Driver {
 	if env == nil {
 		t.Skip("engine not set up (run make setup)")
 	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for network namespaces")
-	}
+	testenv.NeedRoot(t, "network namespaces")
 	dir, err := os.MkdirTemp("", "kib")
 	if err != nil {
 		t.Fatal(err)

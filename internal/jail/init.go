@@ -91,6 +91,11 @@ func (s *initSpec) enter() error {
 	if err := syscall.Setresuid(int(s.UID), int(s.UID), int(s.UID)); err != nil {
 		return fmt.Errorf("setresuid: %w", err)
 	}
+	if s.Pdeathsig != 0 {
+		if err := unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(s.Pdeathsig), 0, 0, 0); err != nil {
+			return fmt.Errorf("pdeathsig: %w", err)
+		}
+	}
 	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
 		return fmt.Errorf("no_new_privs: %w", err)
 	}

@@ -91,6 +91,10 @@ type Spec struct {
 	// ExtraFiles are passed as descriptors 3, 4, ...; nothing else is
 	// inherited beyond stdin, stdout and stderr.
 	ExtraFiles []*os.File
+	// Pdeathsig, if set, is sent to the command when the thread that
+	// started it ends (kiln dying). Set again after the uid switch, which
+	// clears it.
+	Pdeathsig syscall.Signal
 }
 
 // initSpec is what the init receives (as argv[1], JSON).
@@ -107,6 +111,7 @@ type initSpec struct {
 	Args       []string `json:"args"`
 	Dir        string   `json:"dir,omitempty"`
 	NFiles     int      `json:"nfiles"` // descriptors 3..3+NFiles-1 stay open
+	Pdeathsig  int      `json:"pdeathsig,omitempty"`
 }
 
 // Command returns a command that runs spec confined. The cgroup, if any,
@@ -119,7 +124,7 @@ func Command(ctx context.Context, spec Spec) (*exec.Cmd, error) {
 	}
 	is := initSpec{Root: spec.Root, Binds: spec.Binds, Devices: spec.Devices, NetNS: spec.NetNS,
 		UID: spec.UID, GID: spec.GID, Rlimits: spec.Rlimits, Path: spec.Path, Args: spec.Args,
-		Dir: spec.Dir, NFiles: len(spec.ExtraFiles)}
+		Dir: spec.Dir, NFiles: len(spec.ExtraFiles), Pdeathsig: int(spec.Pdeathsig)}
 	if spec.Cgroup != nil {
 		dirs, err := createCgroup(*spec.Cgroup)
 		if err != nil {
@@ -140,7 +145,7 @@ func Command(ctx context.Context, spec Spec) (*exec.Cmd, error) {
 	if spec.NetNS == "" {
 		flags |= syscall.CLONE_NEWNET
 	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Cloneflags: flags}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Cloneflags: flags, Pdeathsig: spec.Pdeathsig}
 	return cmd, nil
 }
 

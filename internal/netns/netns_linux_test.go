@@ -22,13 +22,12 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/netns/netnstest"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 func needRoot(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for network namespaces")
-	}
+	testenv.NeedRoot(t, "network namespaces")
 }
 
 func testID(tag string) string {

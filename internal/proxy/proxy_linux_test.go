@@ -10,7 +10,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/netns/netnstest"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/tlsca"
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
@@ -26,9 +26,7 @@ import (
 // path: TLS endpoint → proxy → VM namespace DNAT → TAP → a guest stand-in
 // on 172.30.0.2:8080. Only QEMU is missing.
 func TestThroughNamespace(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
+	testenv.NeedRoot(t, "namespaces, mounts or other users")
 	b := make([]byte, 3)
 	rand.Read(b)
 	id := "tpx" + hex.EncodeToString(b)

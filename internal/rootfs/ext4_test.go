@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/hosttool"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 func TestBuildExt4RoundTrip(t *testing.T) {
@@ -118,9 +119,7 @@ func must(t *testing.T, err error) {
 // TestMountShowsWhatTheImageHolds reads an image through fuse2fs: special
 // mode bits, and a directory Mkdir made in place.
 func TestMountShowsWhatTheImageHolds(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to own files as other users")
-	}
+	testenv.NeedRoot(t, "own files as other users")
 	ctx := context.Background()
 	src := t.TempDir()
 	must(t, os.MkdirAll(filepath.Join(src, "usr/bin"), 0o755))

@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/kiln-sandbox/kiln/internal/hosttool"
 )
 
@@ -52,48 +54,64 @@ var (
 // read-only or writable. The mount lives until Close, or until ctx ends:
 // then fuse2fs is killed, so that a file operation stuck on a hostile
 // image fails instead of hanging. Close must be called either way.
+//
+// fuse2fs parses the hostile image, so it runs confined like every other
+// host tool (hosttool: its own uid, no network, its own mount and PID
+// namespaces, limits, an empty environment). The mount is kiln's own:
+// kiln opens /dev/fuse and mounts it at dir with user_id and group_id its
+// own (root's) and without allow_other, so only kiln may use it, and no
+// host setting (/etc/fuse.conf's user_allow_other, fuse's
+// allow_sys_admin_access) has to change. fuse2fs (libfuse 2, which cannot
+// take a mounted descriptor as /dev/fd/N) receives that /dev/fuse
+// descriptor through libfuse's fusermount fallback (hosttool.Spec.FUSE),
+// and the image as a descriptor.
 func Mount(ctx context.Context, image, dir string, readOnly bool) (*Mounted, error) {
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		return nil, fmt.Errorf("fuse2fs needs /dev/fuse (load the fuse module: modprobe fuse): %w", err)
-	}
 	dir, err := filepath.Abs(dir)
 	if err != nil {
 		return nil, err
 	}
-	// Our own options instead of fuse2fs's defaults (which allow other
-	// users, setuid files and devices on the mount).
-	opts := "no_default_opts,default_permissions,use_ino,nosuid,nodev,noexec"
+	img, err := hosttool.Open(image, !readOnly)
+	if err != nil {
+		return nil, fmt.Errorf("opening %s for fuse2fs: %w", image, err)
+	}
+	defer img.Close()
+	dev, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0)
+	if err != nil {
+		return nil, fmt.Errorf("fuse2fs needs /dev/fuse (load the fuse module: modprobe fuse): %w", err)
+	}
+	// Closed once fuse2fs holds it: then the connection ends (and every
+	// waiting file operation fails) as soon as fuse2fs exits.
+	defer dev.Close()
+	// No setuid files, devices or programs from the image on the host.
+	flags := uintptr(unix.MS_NOSUID | unix.MS_NODEV | unix.MS_NOEXEC)
+	if readOnly {
+		flags |= unix.MS_RDONLY
+	}
+	data := fmt.Sprintf("fd=%d,rootmode=40000,user_id=%d,group_id=%d,default_permissions",
+		dev.Fd(), os.Getuid(), os.Getgid())
+	if err := unix.Mount("fuse2fs", dir, "fuse.fuse2fs", flags, data); err != nil {
+		return nil, fmt.Errorf("mounting FUSE at %s: %w", dir, err)
+	}
+	// Options for fuse2fs itself; the kernel's were set above (libfuse
+	// passes its own on to fusermount, which ignores them).
+	opts := "no_default_opts,use_ino"
 	if readOnly {
 		opts += ",ro"
 	}
 	m := &Mounted{Dir: dir, exited: make(chan struct{}), stderr: &boundedBuffer{max: 8 << 10}}
-	// fuse2fs parses the hostile image, so it runs confined like the
-	// other tools (no network, limits, empty environment), but as root in
-	// the host's mount namespace: kiln (root) must see and use its mount.
-	// As another uid it would need allow_other, which unprivileged FUSE
-	// mounts get only with user_allow_other in /etc/fuse.conf, and in a
-	// user namespace of its own the kernel closes the mount to root
-	// outside unless fuse's allow_sys_admin_access is on; both are host
-	// settings kiln does not change. libfuse 2 (what Debian 12's fuse2fs
-	// links) cannot take a mount kiln made as /dev/fd/N either.
-	// If kiln dies, fuse2fs unmounts and exits on SIGTERM rather than
-	// leaving a mount behind. (The signal follows the OS thread that
-	// started it; Go ends a thread only when a goroutine exits locked to
-	// it, which kiln's namespace switching does only after a failure.)
 	m.cmd, err = hosttool.Command(context.Background(), hosttool.Spec{
-		Path: "fuse2fs", Args: []string{image, dir, "-f", "-o", opts},
-		Root: true, CPU: 30 * time.Minute, Stdout: m.stderr, Stderr: m.stderr,
+		Path: "fuse2fs", Args: []string{hosttool.FD(0), hosttool.MountPoint, "-f", "-o", opts},
+		Files: []*os.File{img}, FUSE: dev,
+		CPU: 30 * time.Minute, Stdout: m.stderr, Stderr: m.stderr,
 	})
-	if err != nil {
-		return nil, err
+	if err == nil {
+		err = m.cmd.Start()
 	}
-	before, err := devOf(dir)
 	if err != nil {
-		return nil, err
-	}
-	if err := m.cmd.Start(); err != nil {
+		unmount(dir)
 		return nil, fmt.Errorf("starting fuse2fs: %w", err)
 	}
+	dev.Close()
 	go func() {
 		m.err = m.cmd.Wait()
 		close(m.exited)
@@ -105,27 +123,35 @@ func Mount(ctx context.Context, image, dir string, readOnly bool) (*Mounted, err
 		case <-m.exited:
 		}
 	}()
+	// The first look at dir waits until fuse2fs answers (or is gone).
+	served := make(chan error, 1)
+	go func() {
+		_, err := devOf(dir)
+		served <- err
+	}()
 	deadline := time.NewTimer(mountWait)
 	defer deadline.Stop()
-	tick := time.NewTicker(5 * time.Millisecond)
-	defer tick.Stop()
-	for {
-		select {
-		case <-m.exited:
-			// It may have mounted before it died: no dead mount stays.
-			unmount(dir)
-			return nil, fmt.Errorf("fuse2fs %s: %s (%v)", image, strings.TrimSpace(m.stderr.String()), m.err)
-		case <-deadline.C:
-			m.Close()
-			return nil, fmt.Errorf("fuse2fs %s: not mounted after %s", image, mountWait)
-		case <-ctx.Done():
-			m.Close()
-			return nil, ctx.Err()
-		case <-tick.C:
-		}
-		if d, err := devOf(dir); err == nil && d != before {
+	select {
+	case err = <-served:
+		if err == nil {
 			return m, nil
 		}
+		// The connection ended: fuse2fs is exiting; take its message.
+		select {
+		case <-m.exited:
+		case <-deadline.C:
+		}
+		m.Close()
+		return nil, fmt.Errorf("fuse2fs %s: %s (%v, %v)", image, strings.TrimSpace(m.stderr.String()), err, m.err)
+	case <-m.exited:
+		unmount(dir)
+		return nil, fmt.Errorf("fuse2fs %s: %s (%v)", image, strings.TrimSpace(m.stderr.String()), m.err)
+	case <-deadline.C:
+		m.Close()
+		return nil, fmt.Errorf("fuse2fs %s: not serving after %s", image, mountWait)
+	case <-ctx.Done():
+		m.Close()
+		return nil, ctx.Err()
 	}
 }
 

@@ -17,11 +17,15 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 // need skips (fails in CI) unless the host can run real VMs as root.
 func need(t *testing.T, tools ...string) {
 	t.Helper()
+	if testenv.Short() {
+		t.Skip("-short: the soak needs root and VMs")
+	}
 	missing := func(why string) {
 		if os.Getenv("CI") != "" {
 			t.Fatalf("in CI this test must run, but %s", why)

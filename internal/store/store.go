@@ -16,6 +16,8 @@ package store
 import (
 	"context"
 	"encoding/json"
+	"strconv"
+	"strings"
 	"time"
 )
 
@@ -158,7 +160,8 @@ type Image struct {
 	UpdatedAt           time.Time `json:"updatedAt"`
 }
 
-// ImageVersion is one build target of an image ("1", "2", ...).
+// ImageVersion is one build target of an image ("1.0", "2.0", ...; see
+// VersionName).
 type ImageVersion struct {
 	Account     string      `json:"account"`
 	ImageName   string      `json:"imageName"`
@@ -462,4 +465,36 @@ func (m *Microvm) SetState(to MicrovmState, reason string, now time.Time) {
 		m.TerminatedAt = &t
 		m.SuspendDeadlineAt, m.PendingOp = nil, ""
 	}
+}
+
+// VersionName names an image's nth version as AWS does: the major.minor
+// string ("1.0" for the first; AWS's own examples pass --image-version
+// 1.0). Each CreateMicrovmImage or UpdateMicrovmImage is a new major;
+// kiln has no minor releases, so the minor is always 0.
+func VersionName(n int64) string { return strconv.FormatInt(n, 10) + ".0" }
+
+// VersionAliases lists the names a version may be stored under, the asked
+// one first: kiln numbered versions "1", "2", ... before it followed AWS,
+// and records made then keep their names, so "1" and "1.0" name the same
+// version whichever form the store holds.
+func VersionAliases(v string) []string {
+	if major, ok := strings.CutSuffix(v, ".0"); ok && isDigits(major) {
+		return []string{v, major}
+	}
+	if isDigits(v) {
+		return []string{v, v + ".0"}
+	}
+	return []string{v}
+}
+
+func isDigits(s string) bool {
+	if s == "" || len(s) > 18 {
+		return false
+	}
+	for _, r := range s {
+		if r < '0' || r > '9' {
+			return false
+		}
+	}
+	return true
 }

@@ -82,6 +82,11 @@ type Platform struct {
 	Machine     string `json:"machine"`
 	Accel       Accel  `json:"accel"`
 	CPU         string `json:"cpu"`
+	// CPUFeatures fingerprints the host CPU when the guest sees it as it
+	// is (KVM's "host" model): a snapshot taken where a feature exists
+	// crashes the guest where it does not. Empty for a named model whose
+	// features QEMU defines (TCG's "max": the QEMU version fixes them).
+	CPUFeatures string `json:"cpu_features,omitempty"`
 }
 
 // Template is a snapshot of a VM: memory file, device state and disk.

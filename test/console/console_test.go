@@ -34,6 +34,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
 	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 const readyLine = "kiln API serving at "
@@ -149,6 +150,9 @@ func TestWebConsole(t *testing.T) {
 // requirements finds the tools; browsers is console.mjs's KILN_BROWSERS.
 func requirements(t *testing.T) (node, npm, browsers, kernelDir string) {
 	t.Helper()
+	if testenv.Short() {
+		t.Skip("-short: the console test needs root, VMs and a browser")
+	}
 	missing := func(why string) {
 		if os.Getenv("CI") != "" {
 			t.Fatalf("in CI the console test must run, but %s", why)

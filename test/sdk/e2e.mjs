@@ -97,17 +97,17 @@ const created = await send(new sdk.CreateMicrovmImageCommand({
   tags: { suite: "sdk" },
 }));
 ok(created.$metadata.httpStatusCode === 201, "CreateMicrovmImage is 201");
-ok(created.state === "CREATING" && created.imageVersion === "1", "image CREATING v1");
+ok(created.state === "CREATING" && created.imageVersion === "1.0", "image CREATING version 1.0 (AWS names versions major.minor)");
 ok(created.createdAt instanceof Date && !isNaN(created.createdAt), "createdAt is a Date");
 const getImage = () => send(new sdk.GetMicrovmImageCommand({ imageIdentifier: name }));
 const imageFailed = (o) => o.state.endsWith("FAILED");
 const image = await waitFor("image CREATED", getImage, (o) => o.state === "CREATED", 150000, imageFailed);
 step("image CREATED");
-ok(image.latestActiveImageVersion === "1" && image.tags.suite === "sdk", "image CREATED with tags");
+ok(image.latestActiveImageVersion === "1.0" && image.tags.suite === "sdk", "image CREATED with tags");
 const byArn = await send(new sdk.GetMicrovmImageCommand({ imageIdentifier: created.imageArn }));
 ok(byArn.name === name, "image by ARN");
 
-const version = await send(new sdk.GetMicrovmImageVersionCommand({ imageIdentifier: name, imageVersion: "1" }));
+const version = await send(new sdk.GetMicrovmImageVersionCommand({ imageIdentifier: name, imageVersion: "1.0" }));
 ok(version.state === "SUCCESSFUL" && version.status === "ACTIVE" && version.environmentVariables.GREETING === "hi", "version SUCCESSFUL");
 const builds = await send(new sdk.ListMicrovmImageBuildsCommand({ imageIdentifier: name, imageVersion: "1" }));
 ok(builds.items.length === 1, "one build");
@@ -123,7 +123,7 @@ ok(images.items.length === 1 && images.items[0].name === name, "ListMicrovmImage
 const upd = await send(new sdk.UpdateMicrovmImageCommand({ imageIdentifier: name, baseImageArn, buildRoleArn: role,
   codeArtifact: { uri: process.env.KILN_CODE_URI_2 }, environmentVariables: { GREETING: "hi" }, description: "v2",
   cpuConfigurations: [{ architecture: build.architecture }], resources: [{ minimumMemoryInMiB: 4096 }] }));
-ok(upd.imageVersion === "2", "UpdateMicrovmImage v2");
+ok(upd.imageVersion === "2.0", "UpdateMicrovmImage 2.0");
 
 // Run a microVM and take it through its states.
 const payload = JSON.stringify({ task: "e2e" });
@@ -299,7 +299,7 @@ ok(vs.items.length === 2, "two versions");
 const run2 = await send(new sdk.RunMicrovmCommand({ imageIdentifier: name, maximumDurationInSeconds: 10 }));
 const get2 = () => send(new sdk.GetMicrovmCommand({ microvmIdentifier: run2.microvmId }));
 const running2 = await waitFor("v2 microVM RUNNING", get2, (o) => o.state === "RUNNING", 60000, vmGone);
-ok(running2.imageVersion === "2", `latest version runs: ${running2.imageVersion}`);
+ok(running2.imageVersion === "2.0", `latest version runs: ${running2.imageVersion}`);
 const tok2 = await send(new sdk.CreateMicrovmAuthTokenCommand({ microvmIdentifier: run2.microvmId, expirationInMinutes: 5, allowedPorts: [{ port: 8080 }] }));
 r = await fetchEndpoint(run2.endpoint, "/hello", tok2.authToken);
 ok(r.status === 200 && r.body === "hello hi from v2", `v2 endpoint answers: ${r.status} ${r.body}`);
@@ -312,9 +312,9 @@ ok(term2.stateReason.startsWith("MaximumDurationExceeded"), `terminated at maxim
 step("v2 microVM TERMINATED at its deadline");
 
 // Deactivate and delete version 2; then the image.
-const inactive = await send(new sdk.UpdateMicrovmImageVersionCommand({ imageIdentifier: name, imageVersion: "2", status: "INACTIVE" }));
+const inactive = await send(new sdk.UpdateMicrovmImageVersionCommand({ imageIdentifier: name, imageVersion: "2.0", status: "INACTIVE" }));
 ok(inactive.status === "INACTIVE", "version INACTIVE");
-const dv = await send(new sdk.DeleteMicrovmImageVersionCommand({ imageIdentifier: name, imageVersion: "2" }));
+const dv = await send(new sdk.DeleteMicrovmImageVersionCommand({ imageIdentifier: name, imageVersion: "2.0" }));
 ok(dv.state === "DELETED", "version deleted");
 const di = await send(new sdk.DeleteMicrovmImageCommand({ imageIdentifier: name }));
 ok(di.state === "DELETED", "image deleted");

@@ -32,6 +32,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
 	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 // readyLine is what `kiln server` prints once the API serves.
@@ -177,6 +178,9 @@ func (s *server) adminAccount(t *testing.T) string {
 // skips (fails in CI) when something is missing.
 func requirements(t *testing.T) (node, npm, kernelDir string) {
 	t.Helper()
+	if testenv.Short() {
+		t.Skip("-short: the SDK test needs root, VMs and node")
+	}
 	missing := func(why string) {
 		if os.Getenv("CI") != "" {
 			t.Fatalf("in CI the SDK test must run, but %s", why)

@@ -14,6 +14,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/rootfs"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 // diskRunner stands in for the build VM (the VM engine is not part of
@@ -32,9 +33,7 @@ func (d *diskRunner) Run(ctx context.Context, disk string, step image.RunStep, l
 // TestBuildOnDebian12 runs a Dockerfile on the managed base with a stand-in
 // runner and reports how long the host-side work takes on a real root.
 func TestBuildOnDebian12(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root")
-	}
+	testenv.NeedRoot(t, "namespaces, mounts or other users")
 	if _, err := exec.LookPath("debootstrap"); err != nil {
 		t.Skip("debootstrap not installed (make setup)")
 	}

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 // sharedDataDir is where the slow managed-base build is cached across test
@@ -24,9 +26,7 @@ func sharedDataDir() string {
 // TestManagedDebian12 builds debian-12 with debootstrap once (about 30-60 s)
 // and reuses it afterwards.
 func TestManagedDebian12(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("debootstrap needs root")
-	}
+	testenv.NeedRoot(t, "debootstrap needs root")
 	if _, err := exec.LookPath("debootstrap"); err != nil {
 		t.Skip("debootstrap not installed (make setup)")
 	}

@@ -22,7 +22,7 @@ type zent struct {
 	size int
 }
 
-func writeZip(t *testing.T, ents []zent) string {
+func writeZip(t testing.TB, ents []zent) string {
 	t.Helper()
 	var buf bytes.Buffer
 	zw := zip.NewWriter(&buf)
@@ -53,7 +53,7 @@ func writeZip(t *testing.T, ents []zent) string {
 
 // sandbox makes a parent folder with a build folder inside and a canary
 // file beside it, so a test can prove nothing outside was touched.
-func sandbox(t *testing.T) (parent, dst string) {
+func sandbox(t testing.TB) (parent, dst string) {
 	t.Helper()
 	parent = t.TempDir()
 	dst = filepath.Join(parent, "build")
@@ -66,7 +66,7 @@ func sandbox(t *testing.T) (parent, dst string) {
 	return parent, dst
 }
 
-func checkOutside(t *testing.T, parent string) {
+func checkOutside(t testing.TB, parent string) {
 	t.Helper()
 	ents, err := os.ReadDir(parent)
 	if err != nil {
@@ -228,7 +228,7 @@ type tent struct {
 	body string
 }
 
-func tarOf(t *testing.T, ents []tent) *bytes.Buffer {
+func tarOf(t testing.TB, ents []tent) *bytes.Buffer {
 	t.Helper()
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)

@@ -9,15 +9,15 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 // TestCopyTreeKeepsCapabilities: COPY --from of a file with capabilities
 // (ping) keeps them and user attributes, after the chown that clears
 // them; host-meaningful attributes (trusted.*) are not copied.
 func TestCopyTreeKeepsCapabilities(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to set capabilities and trusted.* attributes")
-	}
+	testenv.NeedRoot(t, "set capabilities and trusted.* attributes")
 	srcDir, dstDir := t.TempDir(), t.TempDir()
 	ping := filepath.Join(srcDir, "ping")
 	if err := os.WriteFile(ping, []byte("#!ping"), 0o755); err != nil {

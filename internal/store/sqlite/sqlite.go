@@ -687,7 +687,7 @@ func (s *Store) createImageVersion(ctx context.Context, v store.ImageVersion, bu
 		if err := json.Unmarshal([]byte(data), &img); err != nil {
 			return fmt.Errorf("decoding image: %w", err)
 		}
-		v.Version = strconv.FormatInt(next, 10)
+		v.Version = store.VersionName(next)
 		for i := range builds {
 			builds[i].Version = v.Version
 		}

@@ -132,10 +132,10 @@ func images(t *testing.T, s store.Store) {
 	nb := []store.Build{{Account: "A", ImageName: "app", ID: "app-b2", State: store.BuildPending}}
 	made, madeBuilds, err := s.CreateImageVersion(ctx, nv, nb, nil)
 	must(t, err)
-	if made.Version != "2" || madeBuilds[0].Version != "2" {
-		t.Errorf("CreateImageVersion numbered %q / %q, want 2", made.Version, madeBuilds[0].Version)
+	if made.Version != "2.0" || madeBuilds[0].Version != "2.0" {
+		t.Errorf("CreateImageVersion numbered %q / %q, want 2.0", made.Version, madeBuilds[0].Version)
 	}
-	if got, _ := s.GetImage(ctx, "A", "app"); got.State != store.ImageUpdating || got.LatestVersion != "2" {
+	if got, _ := s.GetImage(ctx, "A", "app"); got.State != store.ImageUpdating || got.LatestVersion != "2.0" {
 		t.Errorf("image after CreateImageVersion = %+v", got)
 	}
 	_, _, err = s.CreateImageVersion(ctx, store.ImageVersion{Account: "A", ImageName: "nope"}, nil, nil)
@@ -148,13 +148,13 @@ func images(t *testing.T, s store.Store) {
 	}
 	vs, next, err = s.ListImageVersions(ctx, "A", "app", store.Page{Limit: 1, Token: next})
 	must(t, err)
-	if len(vs) != 1 || vs[0].Version != "2" || next != "" {
+	if len(vs) != 1 || vs[0].Version != "2.0" || next != "" {
 		t.Fatalf("ListImageVersions page 2 = %v, %q", vs, next)
 	}
 	_, _, err = s.ListImageVersions(ctx, "A", "app", store.Page{Token: "%%%"})
 	is(t, err, errdefs.ErrInvalid)
 
-	bd, err := s.GetBuild(ctx, "A", "app", "2", "app-b2")
+	bd, err := s.GetBuild(ctx, "A", "app", "2.0", "app-b2")
 	must(t, err)
 	bd.State = store.BuildSuccessful
 	must(t, s.UpdateBuild(ctx, bd))
@@ -163,7 +163,7 @@ func images(t *testing.T, s store.Store) {
 	if len(pending) != 2 { // A's app-b1 and B's b-build
 		t.Errorf("ListBuildsInState(PENDING) = %d builds", len(pending))
 	}
-	bs, _, err := s.ListBuilds(ctx, "A", "app", "2", store.Page{})
+	bs, _, err := s.ListBuilds(ctx, "A", "app", "2.0", store.Page{})
 	must(t, err)
 	if len(bs) != 1 || bs[0].State != store.BuildSuccessful {
 		t.Errorf("ListBuilds = %v", bs)
@@ -180,9 +180,9 @@ func images(t *testing.T, s store.Store) {
 	}
 
 	must(t, s.TagResource(ctx, "A", "arn:app", map[string]string{"k": "v"}))
-	must(t, s.DeleteImageVersion(ctx, "A", "app", "2"))
-	is(t, s.DeleteImageVersion(ctx, "A", "app", "2"), errdefs.ErrNotFound)
-	_, err = s.GetBuild(ctx, "A", "app", "2", "app-b2")
+	must(t, s.DeleteImageVersion(ctx, "A", "app", "2.0"))
+	is(t, s.DeleteImageVersion(ctx, "A", "app", "2.0"), errdefs.ErrNotFound)
+	_, err = s.GetBuild(ctx, "A", "app", "2.0", "app-b2")
 	is(t, err, errdefs.ErrNotFound)
 	must(t, s.DeleteImage(ctx, "A", "app"))
 	_, err = s.GetImageVersion(ctx, "A", "app", "1")
@@ -469,7 +469,7 @@ func quotas(t *testing.T, s store.Store) {
 	if _, _, err := s.CreateImageVersionWithinQuota(ctx, nv, nb, nil, adm); err != nil {
 		t.Fatalf("within quota: %v", err)
 	}
-	if _, err := s.GetBuild(ctx, "A", "q", "2", "q-b2"); err != nil {
+	if _, err := s.GetBuild(ctx, "A", "q", "2.0", "q-b2"); err != nil {
 		t.Errorf("the admitted version's build: %v", err)
 	}
 }

@@ -102,10 +102,16 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 		return nil, err
 	}
 	machine, cpu := machineFor(accel)
+	var features string
+	if accel == vmm.AccelKVM {
+		if features, err = hostCPUFeatures(); err != nil {
+			return nil, err
+		}
+	}
 	d := &Driver{
 		cfg:      cfg,
 		log:      cfg.Log,
-		platform: vmm.Platform{QEMUVersion: ver, Machine: machine, Accel: accel, CPU: cpu},
+		platform: vmm.Platform{QEMUVersion: ver, Machine: machine, Accel: accel, CPU: cpu, CPUFeatures: features},
 		vms:      map[string]*vm{},
 		events:   make(chan vmm.Event, 256),
 		closed:   make(chan struct{}),

@@ -355,11 +355,20 @@ func LoadTemplate(dir string) (vmm.Template, error) {
 // checkPlatform refuses to restore a snapshot on a platform it was not
 // made on: QEMU would fail late or corrupt the guest.
 func (d *Driver) checkPlatform(what string, p vmm.Platform) error {
-	if p != d.platform {
-		return fmt.Errorf("%s was made with QEMU %s (%s, machine %s, cpu %s) but this host runs QEMU %s (%s, machine %s, cpu %s); rebuild the image on this host: %w",
-			what, p.QEMUVersion, p.Accel, p.Machine, p.CPU, d.platform.QEMUVersion, d.platform.Accel, d.platform.Machine, d.platform.CPU, errdefs.ErrInvalid)
+	return comparePlatform(what, p, d.platform)
+}
+
+func comparePlatform(what string, made, here vmm.Platform) error {
+	if made == here {
+		return nil
 	}
-	return nil
+	if made.CPUFeatures != here.CPUFeatures && made.QEMUVersion == here.QEMUVersion && made.Accel == here.Accel &&
+		made.Machine == here.Machine && made.CPU == here.CPU {
+		return fmt.Errorf("%s was made on a CPU with other features (fingerprint %q, this host's %q); rebuild the image on this host: %w",
+			what, made.CPUFeatures, here.CPUFeatures, errdefs.ErrInvalid)
+	}
+	return fmt.Errorf("%s was made with QEMU %s (%s, machine %s, cpu %s) but this host runs QEMU %s (%s, machine %s, cpu %s); rebuild the image on this host: %w",
+		what, made.QEMUVersion, made.Accel, made.Machine, made.CPU, here.QEMUVersion, here.Accel, here.Machine, here.CPU, errdefs.ErrInvalid)
 }
 
 // Clone implements vmm.Driver.

@@ -4,6 +4,8 @@ package qemu
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -11,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 
@@ -137,4 +140,37 @@ func (c *Config) modules() ([]string, error) {
 		}
 	}
 	return mods, nil
+}
+
+// hostCPUFeatures fingerprints what KVM's "host" CPU model shows a guest:
+// the vendor, family, model and feature flags of the first processor in
+// /proc/cpuinfo.
+func hostCPUFeatures() (string, error) {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return "", fmt.Errorf("reading the host CPU's features: %w", err)
+	}
+	return cpuFingerprint(string(b))
+}
+
+func cpuFingerprint(cpuinfo string) (string, error) {
+	want := map[string]string{"vendor_id": "", "cpu family": "", "model": "", "flags": ""}
+	for _, line := range strings.Split(cpuinfo, "\n") {
+		if strings.TrimSpace(line) == "" {
+			break // the end of the first processor's block
+		}
+		k, v, ok := strings.Cut(line, ":")
+		if k = strings.TrimSpace(k); ok {
+			if _, asked := want[k]; asked {
+				want[k] = strings.TrimSpace(v)
+			}
+		}
+	}
+	if want["vendor_id"] == "" || want["flags"] == "" {
+		return "", fmt.Errorf("/proc/cpuinfo names no vendor or flags for the first processor: %w", errdefs.ErrUnavailable)
+	}
+	flags := strings.Fields(want["flags"])
+	slices.Sort(flags)
+	sum := sha256.Sum256([]byte(want["vendor_id"] + "|" + want["cpu family"] + "|" + want["model"] + "|" + strings.Join(flags, " ")))
+	return hex.EncodeToString(sum[:8]), nil
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
 	"github.com/kiln-sandbox/kiln/internal/agent/proto"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 // Env is a prepared test environment.
@@ -167,6 +168,10 @@ func Run(ctx context.Context, a *client.Client, req client.ExecRequest) (stdout,
 // (CI set) a missing engine fails the run (exit 1); elsewhere it returns
 // nil and the VM tests skip themselves.
 func SetupOrSkip(pkg string) *Env {
+	if testenv.Short() {
+		fmt.Fprintf(os.Stderr, "-short: skipping %s VM tests\n", pkg)
+		return nil
+	}
 	e, err := Setup()
 	if err == nil {
 		return e
