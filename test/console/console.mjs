@@ -72,6 +72,22 @@ async function waitState(page, attr, id, states, timeout) {
   return h.jsonValue();
 }
 
+// gotoRetry navigates, again when Chromium aborted the load because the
+// host's network changed (ERR_NETWORK_CHANGED: kiln and other tests add and
+// remove VM interfaces all the time; Chromium aborts loads in flight then).
+async function gotoRetry(page, url) {
+  for (let i = 0; ; i++) {
+    try {
+      const r = await page.goto(url);
+      if (!page.url().startsWith("chrome-error:")) return r;
+      if (i >= 3) throw new Error(`loading ${url} ended on an error page`);
+    } catch (e) {
+      if (i >= 3 || !String(e).includes("ERR_NETWORK_CHANGED")) throw e;
+    }
+    step(`loading ${url} was interrupted by a network change; again`);
+  }
+}
+
 async function launch(name, path, home) {
   if (name === "firefox") {
     return puppeteer.launch({
@@ -139,7 +155,7 @@ async function run(browserName, path) {
   };
 
   async function signIn(page, id, secret) {
-    await page.goto(consoleURL);
+    await gotoRetry(page, consoleURL);
     await page.locator(aria("textbox", "Access key ID")).fill(id);
     await fillSecret(page, "Secret access key", secret);
     await page.locator(aria("button", "Sign in")).click();
@@ -169,7 +185,7 @@ async function run(browserName, path) {
     page.on("console", (m) => m.type() === "error" && !m.text().startsWith("Failed to load resource") && errors.push(m.text()));
 
     // Sign-in: a wrong secret is refused in the API's words.
-    await page.goto(consoleURL);
+    await gotoRetry(page, consoleURL);
     await page.waitForSelector(aria("button", "Sign in"));
     await shot(page, "01-sign-in.png");
     ok((await unlabelled(page)).length === 0, "every control of the sign-in page has a label");
@@ -196,7 +212,7 @@ async function run(browserName, path) {
     await page.locator(aria("textbox", "Environment variables (KEY=VALUE per line)", form)).fill("GREETING=console");
     ok((await unlabelled(page)).length === 0, `every control of the image form has a label${await unlabelled(page)}`);
     await page.locator(aria("button", "Create image", form)).click();
-    const logName = `Build log of ${name} version 1`;
+    const logName = `Build log of ${name} version 1.0`;
     await page.waitForSelector(aria("region", logName), { timeout: 30000 });
     await until(page, (sel) => { const l = document.querySelector(sel + " [data-testid=log]"); return l && l.textContent !== "(no output yet)"; }, regionSel(logName), 120000);
     const streaming = await page.$eval(regionSel(logName), (e) => e.textContent.includes("streaming…"));
@@ -237,10 +253,11 @@ async function run(browserName, path) {
     const opened = admin.waitForTarget((t) => t.type() === "page" && t.url().includes(".microvm.localhost"), { timeout: 30000 });
     await page.locator(link).click();
     const tab = watch(await (await opened).page());
-    await until(tab, () => document.readyState === "complete" && location.href.includes(".microvm.localhost"), null, 30000);
+    await until(tab, () => document.readyState === "complete" && /\.microvm\.localhost|^chrome-error:/.test(location.href), null, 30000);
+    if (tab.url().startsWith("chrome-error:")) await gotoRetry(tab, await page.$eval(link, (a) => a.href));
     const tabURL = tab.url();
     ok(!tabURL.includes("kiln-proxy-auth"), `the token left the address bar (${tabURL})`);
-    const hello = await tab.goto(new URL("/hello", tabURL).toString());
+    const hello = await gotoRetry(tab, new URL("/hello", tabURL).toString());
     const helloText = await tab.evaluate(() => document.body.innerText);
     ok(hello.status() === 200 && helloText.includes("hello console from v1"), `endpoint answers through the token: ${helloText.trim()}`);
     await shot(tab, "05-endpoint-tab.png", false);
@@ -267,6 +284,11 @@ async function run(browserName, path) {
     await hasText(page, shell + " [role=status]", "Connected", 60000).catch(async (e) => {
       throw new Error(`shell: ${await page.$eval(shell, (s) => s.innerText).catch(() => "")}: ${e.message}`);
     });
+    const spill = await page.$eval(shell + " [data-testid=terminal]", (box) => {
+      const b = box.getBoundingClientRect(), x = box.querySelector(".xterm").getBoundingClientRect();
+      return x.bottom > b.bottom + 0.5 || x.right > b.right + 0.5 ? `terminal ${x.right}x${x.bottom} past its box ${b.right}x${b.bottom}` : "";
+    });
+    ok(!spill, `the terminal fits its box${spill ? ": " + spill : ""}`);
     await page.locator(shell + " [data-testid=terminal]").click();
     await new Promise((r) => setTimeout(r, 500));
     await page.keyboard.type("echo hello\n");
@@ -312,7 +334,7 @@ async function run(browserName, path) {
     // account. It signs in and moves with the keyboard alone.
     const tenant = await browser.createBrowserContext();
     const tp = await newPage(tenant);
-    await tp.goto(consoleURL);
+    await gotoRetry(tp, consoleURL);
     await tp.waitForSelector(aria("button", "Sign in"));
     const focused = () => tp.evaluate(() => { const e = document.activeElement; return e ? (e.getAttribute("name") || e.textContent.trim()) : ""; });
     await tp.keyboard.press("Tab");
