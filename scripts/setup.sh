@@ -127,6 +127,60 @@ if ! command -v firefox-esr >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends firefox-esr >/dev/null
 fi
 
+# Installs packages whose postinst would start a system service, with
+# those starts refused (a policy-rc.d, unless the machine has its own).
+install_without_starting() {
+  local own_policy="" rc=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    own_policy=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null || rc=$?
+  if [ -n "$own_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+  return "$rc"
+}
+
+# The PostgreSQL store's tests (and `kiln bench api --store postgres`)
+# start a private cluster of their own from Debian's postgresql-15 binaries,
+# as the postgres user, on a unix socket in a temporary folder. The
+# package's own cluster (15/main) is not kiln's: it is installed with
+# service starts refused (policy-rc.d), set to start manually, and stopped
+# if it runs; it is kept, not dropped, since it may hold someone's data.
+if [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then
+  apt_update
+  log "installing postgresql-15"
+  install_without_starting postgresql-15
+  if [ -f /etc/postgresql/15/main/start.conf ]; then
+    echo manual >/etc/postgresql/15/main/start.conf
+  fi
+fi
+if command -v pg_lsclusters >/dev/null && pg_lsclusters -h 2>/dev/null | awk '$1 == 15 && $2 == "main" && $4 == "online"' | grep -q .; then
+  log "stopping the postgresql-15 package's own cluster (kiln's tests run their own)"
+  pg_ctlcluster 15 main stop || true
+fi
+[ -x /usr/lib/postgresql/15/bin/initdb ] || { echo "setup.sh: postgresql-15 not available after install" >&2; exit 1; }
+
+# `kiln bench proxy` measures kiln's endpoint proxy against nginx, the
+# peer a user would otherwise put in front of an app. Debian's `nginx`
+# package is the binary with the ssl and http2 modules (nginx-light only
+# adds a module on top). The benchmark starts its own nginx on loopback
+# with a config of its own, so the system service must never run: the
+# package's postinst may not start it, and it is disabled and stopped on
+# every run.
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  apt_update
+  log "installing nginx (for kiln bench proxy; the system service stays off)"
+  install_without_starting nginx || { echo "setup.sh: installing nginx failed" >&2; exit 1; }
+fi
+if [ -d /run/systemd/system ]; then
+  systemctl disable --now nginx.service >/dev/null 2>&1 || true
+else
+  update-rc.d nginx disable >/dev/null 2>&1 || true
+  if [ -f /run/nginx.pid ]; then /usr/sbin/nginx -s quit 2>/dev/null || true; fi
+fi
+/usr/sbin/nginx -V 2>&1 | grep -q -- '--with-http_v2_module' || { echo "setup.sh: nginx lacks http_v2 (kiln bench proxy needs it)" >&2; exit 1; }
+
 # The s3:// code artifact tests run a real S3-compatible server, versitygw
 # (Apache-2.0, a Go module), with its posix backend in a temporary folder.
 VERSITYGW_VERSION=v1.8.0

@@ -3,13 +3,10 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/signal"
-	"runtime"
 	"runtime/pprof"
-	"strings"
 	"syscall"
 	"time"
 
@@ -18,88 +15,102 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 )
 
-// `kiln bench proxy`: the endpoint proxy's added latency and throughput
-// against a plain HTTP backend on this host, next to the same load sent
-// directly (issue targets: under 1 ms added at p50, at least 70% of the
-// direct throughput). Joins the bench group of engine.go (Linux, like
-// this file).
+// `kiln bench proxy`: kiln's endpoint proxy against nginx (its peer, from
+// Debian, started by the benchmark on loopback) and against direct
+// requests to a plain HTTP backend, from one client, modes interleaved
+// (issue 15 target: kiln's throughput at least nginx's and its added
+// p50 at most nginx's, for HTTP/1.1 and h2, with the token check on).
+// Joins the bench group of engine.go (Linux, like this file).
 func init() {
 	var o proxy.BenchOptions
-	var cpuProfile string
+	var cpuProfile, proxyProfile string
+	var inProcess bool
+	var baseline string
 	cmd := &cobra.Command{
 		Use:   "proxy",
-		Short: "Benchmark the endpoint proxy against direct requests to a plain backend; prints JSON on the last line",
+		Short: "Benchmark the endpoint proxy against nginx and direct requests to a plain backend; prints JSON on the last line",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			if cpuProfile != "" {
-				f, err := os.Create(cpuProfile)
+			stopProfile, err := startCPUProfile(cpuProfile)
+			if err != nil {
+				return err
+			}
+			defer stopProfile()
+			if !inProcess {
+				// kiln's proxy in a process of its own, as nginx and `kiln
+				// serve` run: the client's work and garbage stay out of it.
+				exe, err := os.Executable()
 				if err != nil {
 					return err
 				}
-				defer f.Close()
-				if err := pprof.StartCPUProfile(f); err != nil {
-					return err
+				o.ProxyCommand = []string{exe, "bench", "proxy-serve"}
+				if proxyProfile != "" {
+					o.ProxyCommand = append(o.ProxyCommand, "--cpuprofile", proxyProfile)
 				}
-				defer pprof.StopCPUProfile()
+			}
+			if baseline != "" {
+				o.BaselineCommand = []string{baseline, "bench", "proxy-serve"}
 			}
 			res, err := proxy.Bench(ctx, o)
 			if err != nil {
 				return err
 			}
-			fmt.Printf("GOMAXPROCS %d\n", runtime.GOMAXPROCS(0))
 			fmt.Print(res.String())
-			fmt.Println(proxyBenchJSON(res))
+			fmt.Println(res.JSON())
 			return nil
 		},
 	}
 	f := cmd.Flags()
-	f.IntVar(&o.Requests, "requests", 2000, "sequential requests per mode for latency")
-	f.IntVar(&o.Concurrency, "concurrency", 32, "parallel clients per mode for throughput")
-	f.DurationVar(&o.Duration, "duration", 3*time.Second, "throughput phase per mode")
+	f.IntVar(&o.Rounds, "rounds", 5, "rounds over all modes, interleaved; figures are medians over rounds")
+	f.IntVar(&o.Requests, "requests", 1000, "sequential requests per mode and round, for latency")
+	f.IntVar(&o.Concurrency, "concurrency", 32, "parallel clients per mode, for throughput")
+	f.DurationVar(&o.Duration, "duration", 2*time.Second, "throughput phase per mode and round")
 	f.IntVar(&o.BodySize, "body-size", 1024, "response body bytes")
-	f.DurationVar(&o.BackendDelay, "backend-delay", 0, "time the stand-in app takes per request (0 measures the proxy's own cost)")
-	f.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run (client, proxy and backend) to this file")
+	f.DurationVar(&o.BackendDelay, "backend-delay", 0, "time the stand-in app takes per request (0 measures the proxies' own cost)")
+	f.StringVar(&o.Nginx, "nginx", "", "nginx binary (default: PATH, then /usr/sbin/nginx)")
+	f.IntVar(&o.NginxWorkers, "nginx-workers", 0, "nginx worker_processes (default: the GOMAXPROCS of kiln's proxy)")
+	f.BoolVar(&inProcess, "in-process", false, "run kiln's proxy inside the benchmark process instead of its own")
+	f.StringVar(&baseline, "baseline", "", "another kiln binary whose proxy runs as the extra modes kiln-baseline (before/after a change in one run)")
+	f.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the benchmark process (client, backend; and kiln's proxy with --in-process) to this file")
+	f.StringVar(&proxyProfile, "proxy-cpuprofile", "", "write a CPU profile of kiln's proxy process to this file")
 	benchCmd.AddCommand(cmd)
+
+	var serveProfile string
+	serve := &cobra.Command{
+		Use:    "proxy-serve",
+		Short:  "kiln's proxy for `kiln bench proxy` (configuration on stdin; serves until stdin closes)",
+		Hidden: true,
+		Args:   cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			stopProfile, err := startCPUProfile(serveProfile)
+			if err != nil {
+				return err
+			}
+			defer stopProfile()
+			return proxy.ServeBenchProxy(ctx, os.Stdin, os.Stdout)
+		},
+	}
+	serve.Flags().StringVar(&serveProfile, "cpuprofile", "", "write a CPU profile of the proxy to this file")
+	benchCmd.AddCommand(serve)
 }
 
-// proxyBenchJSON is the one-line summary: per mode p50/p99 in ms, req/s,
-// errors; and for each proxied mode the added p50 and the share of the
-// direct throughput, with whether the issue's targets are met.
-func proxyBenchJSON(r proxy.BenchResult) string {
-	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
-	type mode struct {
-		Mode          string  `json:"mode"`
-		P50           float64 `json:"p50_ms"`
-		P99           float64 `json:"p99_ms"`
-		RPS           float64 `json:"rps"`
-		Errors        int64   `json:"errors"`
-		AddedP50      float64 `json:"added_p50_ms"`
-		ThroughputPct float64 `json:"throughput_pct_of_direct"`
-		TargetsMet    bool    `json:"targets_met"`
+// startCPUProfile profiles this process into path until the returned
+// function runs; "" profiles nothing.
+func startCPUProfile(path string) (func(), error) {
+	if path == "" {
+		return func() {}, nil
 	}
-	out := struct {
-		Benchmark   string  `json:"benchmark"`
-		Requests    int     `json:"requests"`
-		Concurrency int     `json:"concurrency"`
-		Seconds     float64 `json:"seconds_per_mode"`
-		BodySize    int     `json:"body_size"`
-		Modes       []mode  `json:"modes"`
-	}{Benchmark: "proxy", Requests: r.Opts.Requests, Concurrency: r.Opts.Concurrency, Seconds: r.Opts.Duration.Seconds(), BodySize: r.Opts.BodySize}
-	if len(r.Modes) == 0 {
-		b, _ := json.Marshal(out)
-		return string(b)
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, err
 	}
-	d := r.Modes[0]
-	for i, m := range r.Modes {
-		x := mode{Mode: m.Mode, P50: ms(m.P50), P99: ms(m.P99), RPS: m.RPS, Errors: m.Errors, AddedP50: ms(m.P50 - d.P50)}
-		if d.RPS > 0 {
-			x.ThroughputPct = 100 * m.RPS / d.RPS
-		}
-		x.TargetsMet = i > 0 && strings.HasPrefix(m.Mode, "proxy") && m.Errors == 0 && m.P50-d.P50 < time.Millisecond && x.ThroughputPct >= 70
-		out.Modes = append(out.Modes, x)
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, err
 	}
-	b, _ := json.Marshal(out)
-	return string(b)
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
 }

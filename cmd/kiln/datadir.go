@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/kiln-sandbox/kiln/internal/store"
+	"github.com/kiln-sandbox/kiln/internal/store/postgres"
 	"github.com/kiln-sandbox/kiln/internal/store/seal"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 )
@@ -16,7 +18,7 @@ import (
 // WAL and SHM are kept so by internal/store/sqlite).
 var secretFiles = []string{
 	"credentials",  // the admin access key
-	sqlite.KeyFile, // seals the secret access keys in kiln.db
+	sqlite.KeyFile, // seals the secret access keys in the store
 	"token.key",    // signs endpoint tokens
 	"tls/ca.key",   // kiln's own CA for the endpoints
 	"tls/leaf.key",
@@ -65,10 +67,21 @@ func warnIfReadable(path string) {
 	}
 }
 
-// openStore opens DATA_DIR/kiln.db with the sealing key
-// DATA_DIR/secrets.key (both created on first use), after securing
-// DATA_DIR: every command that touches the store goes through here.
-func openStore(ctx context.Context, dir string) (*sqlite.Store, error) {
+// storeFlag is --store: "" or "sqlite" for DATA_DIR/kiln.db (the embedded
+// default), or a postgres:// URL.
+var storeFlag string
+
+func init() {
+	rootCmd.PersistentFlags().StringVar(&storeFlag, "store", os.Getenv("KILN_STORE"),
+		"where kiln keeps its state: sqlite (DATA_DIR/kiln.db, the default) or a postgres://user:password@host/db URL shared by several kiln processes")
+}
+
+// openStore opens the store --store names (DATA_DIR/kiln.db by default)
+// with the sealing key DATA_DIR/secrets.key (both created on first use),
+// after securing DATA_DIR: every command that touches the store goes
+// through here. Every process sharing a PostgreSQL store needs the same
+// secrets.key.
+func openStore(ctx context.Context, dir string) (store.Store, error) {
 	if err := secureDataDir(dir); err != nil {
 		return nil, err
 	}
@@ -76,5 +89,12 @@ func openStore(ctx context.Context, dir string) (*sqlite.Store, error) {
 	if err != nil {
 		return nil, err
 	}
-	return sqlite.Open(ctx, filepath.Join(dir, "kiln.db"), sqlite.WithSealer(sl))
+	switch {
+	case storeFlag == "" || storeFlag == "sqlite":
+		return sqlite.Open(ctx, filepath.Join(dir, "kiln.db"), sqlite.WithSealer(sl))
+	case postgres.IsURL(storeFlag):
+		return postgres.Open(ctx, storeFlag, sl)
+	}
+	// Not echoed: a mistyped URL may carry a password.
+	return nil, fmt.Errorf("--store must be sqlite or a postgres://user:password@host/db URL")
 }

@@ -473,7 +473,7 @@ func init() {
 	var o apibench.Options
 	cmd := &cobra.Command{
 		Use:   "api",
-		Short: "Benchmark GetMicrovm and ListMicrovms with concurrent signed clients; prints JSON on the last line",
+		Short: "Benchmark GetMicrovm and ListMicrovms with concurrent signed clients, on SQLite and optionally PostgreSQL; prints JSON on the last line",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			fmt.Printf("%d clients, %d microVM records, %s per operation, GOMAXPROCS %d\n", o.Clients, o.Records, o.Duration, runtime.GOMAXPROCS(0))
@@ -494,6 +494,7 @@ func init() {
 	cmd.Flags().DurationVar(&o.Duration, "duration", 5*time.Second, "measuring time per operation")
 	cmd.Flags().IntVar(&o.PageSize, "page-size", 50, "maxResults of ListMicrovms")
 	cmd.Flags().StringVar(&o.Dir, "dir", "", "scratch directory for the database (default: the system temp dir)")
+	cmd.Flags().StringVar(&o.Store, "store", "sqlite", "sqlite; postgres: SQLite, then PostgreSQL in a private cluster (postgresql-15, make setup); or a postgres:// URL of an empty, disposable database to measure after SQLite")
 	var bench *cobra.Command
 	for _, c := range rootCmd.Commands() {
 		if c.Name() == "bench" {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
@@ -82,11 +81,6 @@ type Reporter struct {
 	now func() time.Time
 }
 
-// buildsMu serialises BuildFinished, across every Reporter of the process,
-// so that the last of a version's builds to finish always sees the others
-// final.
-var buildsMu sync.Mutex
-
 // NewReporter returns a Reporter that writes to st.
 func NewReporter(st store.Store) *Reporter { return &Reporter{st: st, now: time.Now} }
 
@@ -131,66 +125,16 @@ func (r *Reporter) AppendBuildLog(ctx context.Context, buildID string, data []by
 }
 
 // BuildFinished records a build's outcome and, once every build of the
-// version is final, the version's and the image's: SUCCESSFUL versions
-// become the image's latestActiveImageVersion (image CREATED or UPDATED),
-// failed ones its latestFailedImageVersion (CREATE_FAILED/UPDATE_FAILED).
+// version is final, the version's and the image's (store.FinishVersion),
+// in one store transaction (Store.FinishBuild), so that the last build to
+// finish finalises the version once, whichever process reports it.
 func (r *Reporter) BuildFinished(ctx context.Context, b store.Build, ok bool, reason string, snap *store.SnapshotBuild) error {
-	buildsMu.Lock()
-	defer buildsMu.Unlock()
-	now := r.now().UTC()
-	b.State, b.StateReason, b.UpdatedAt, b.Snapshot = store.BuildSuccessful, reason, now, snap
+	b.State, b.StateReason, b.UpdatedAt, b.Snapshot = store.BuildSuccessful, reason, r.now().UTC(), snap
 	if !ok {
 		b.State = store.BuildFailed
 	}
-	if err := r.st.UpdateBuild(ctx, b); err != nil {
-		return err
-	}
-	builds, _, err := r.st.ListBuilds(ctx, b.Account, b.ImageName, b.Version, store.Page{Limit: 1000})
-	if err != nil {
-		return err
-	}
-	failed := ""
-	for _, x := range builds {
-		switch x.State {
-		case store.BuildPending, store.BuildInProgress:
-			return nil // others still running
-		case store.BuildFailed:
-			failed = x.StateReason
-			if failed == "" {
-				failed = "build " + x.ID + " failed"
-			}
-		}
-	}
-	v, err := r.st.GetImageVersion(ctx, b.Account, b.ImageName, b.Version)
-	if err != nil {
-		return err
-	}
-	v.UpdatedAt = now
-	if failed == "" {
-		v.State, v.StateReason = store.VersionSuccessful, ""
-	} else {
-		v.State, v.StateReason = store.VersionFailed, failed
-	}
-	if err := r.st.UpdateImageVersion(ctx, v); err != nil {
-		return err
-	}
-	img, err := r.st.GetImage(ctx, b.Account, b.ImageName)
-	if err != nil {
-		return err
-	}
-	first := img.State == store.ImageCreating
-	img.UpdatedAt = now
-	switch {
-	case failed == "" && first:
-		img.State, img.LatestActiveVersion = store.ImageCreated, v.Version
-	case failed == "":
-		img.State, img.LatestActiveVersion = store.ImageUpdated, v.Version
-	case first:
-		img.State, img.LatestFailedVersion = store.ImageCreateFailed, v.Version
-	default:
-		img.State, img.LatestFailedVersion = store.ImageUpdateFailed, v.Version
-	}
-	return r.st.UpdateImage(ctx, img)
+	_, err := r.st.FinishBuild(ctx, b)
+	return err
 }
 
 // LogSource is optionally implemented by a Backend that keeps microVM

@@ -51,6 +51,12 @@ type Builder struct {
 	MaxAddBytes int64
 	// Limits bound ADD archives unpacked into the root. Zero = layer.DefaultImageLimits.
 	Limits layer.Limits
+	// CacheMountBytes is the size of one RUN --mount=type=cache (a sparse
+	// ext4 image per account and cache id). 0 = DefaultCacheMountBytes.
+	CacheMountBytes int64
+	// MaxCacheMounts bounds the caches one account keeps; past it the
+	// least recently used goes. 0 = DefaultMaxCacheMounts.
+	MaxCacheMounts int
 }
 
 // Request is one build.
@@ -514,7 +520,16 @@ func (bd *build) run(ctx context.Context, st *stageState, s dockerfile.Step) (bo
 	if step.Timeout == 0 {
 		step.Timeout = 30 * time.Minute
 	}
-	key := keyOf(st.key, "RUN", strings.Join(step.Args, "\x00"), strings.Join(step.Env, "\x00"), step.WorkDir, st.cfg.User)
+	plans, mountsKey, err := bd.planMounts(ctx, st, s)
+	if err != nil {
+		return false, err
+	}
+	parts := []string{st.key, "RUN", strings.Join(step.Args, "\x00"), strings.Join(step.Env, "\x00"), step.WorkDir, st.cfg.User}
+	if mountsKey != "" {
+		// Only with mounts, so keys of steps without them stay as they were.
+		parts = append(parts, "mounts", mountsKey)
+	}
+	key := keyOf(parts...)
 	if dir, kind, ok := bd.cache.lookup(key); ok {
 		bd.logf("  cached")
 		st.advance(key, dir, kind)
@@ -530,7 +545,19 @@ func (bd *build) run(ctx context.Context, st *stageState, s dockerfile.Step) (bo
 	if err != nil {
 		return false, err
 	}
+	mounts, release, err := bd.prepareMounts(ctx, plans)
+	if err != nil {
+		return false, err
+	}
+	step.Mounts = mounts
 	out, err := bd.b.Runner.Run(ctx, disk, step, bd.req.Log)
+	var me *MountError
+	if errors.As(err, &me) && me.Index >= 0 && me.Index < len(mounts) && mounts[me.Index].Type == dockerfile.MountCache && !mounts[me.Index].Fresh {
+		// Still locked: no other build uses it.
+		resetCacheMount(mounts[me.Index].Disk)
+		err = fmt.Errorf("%w (the %s could not be mounted, its file system is damaged: kiln emptied it; run the build again)", err, mounts[me.Index].Name)
+	}
+	release()
 	if out != "" && out != disk {
 		os.Remove(disk)
 		disk = out

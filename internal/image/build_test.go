@@ -22,6 +22,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/image/layer"
 	"github.com/kiln-sandbox/kiln/internal/rootfs"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 // fakeRunner stands in for the build microVM: it applies a Go function to
@@ -73,6 +74,7 @@ func tgz(t *testing.T, files map[string]string) []byte {
 }
 
 func TestBuild(t *testing.T) {
+	testenv.NeedRoot(t, "confined host tools and FUSE mounts")
 	ctx := context.Background()
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "downloaded")
@@ -307,6 +309,7 @@ func TestBuildFailures(t *testing.T) {
 }
 
 func TestBuildSourceAndFailureReason(t *testing.T) {
+	testenv.NeedRoot(t, "confined host tools and FUSE mounts")
 	ctx := context.Background()
 	data := t.TempDir()
 	pkg := t.TempDir()

@@ -24,7 +24,9 @@ import (
 // account that built it: an account never reads another's entries, so a
 // forged base or a guessed input of another tenant finds nothing. Only
 // managed bases (built by kiln from its configured sources) are kept once
-// for all, in DATA_DIR/image-cache/shared/KEY. Each entry holds:
+// for all, in DATA_DIR/image-cache/shared/KEY. RUN --mount=type=cache
+// disks are in DATA_DIR/image-cache/mounts/SCOPE (mounts.go). Each entry
+// holds:
 //
 //	rootfs/     the root as a folder (after a host-side step), or
 //	root.ext4   the root as a disk (after a RUN step)
@@ -171,13 +173,17 @@ func PruneCache(dataDir string, maxAge time.Duration) (removed int, err error) {
 		switch e.Name() {
 		case cacheShared:
 			removed += pruneEntries(p, cutoff)
-		case cacheAccounts:
+		case cacheAccounts, cacheMounts:
+			prune := pruneEntries
+			if e.Name() == cacheMounts {
+				prune = pruneCacheMounts
+			}
 			scopes, err := os.ReadDir(p)
 			if err != nil {
 				return removed, err
 			}
 			for _, sc := range scopes {
-				removed += pruneEntries(filepath.Join(p, sc.Name()), cutoff)
+				removed += prune(filepath.Join(p, sc.Name()), cutoff)
 			}
 		default:
 			if os.RemoveAll(p) == nil {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/image/dockerfile"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 // countingBases resolves every FROM to a tiny root and counts how often a
@@ -50,6 +51,7 @@ func (c *countingBases) Resolve(ctx context.Context, b dockerfile.Base, contextD
 // rebuilding reuses everything, and only managed bases (kiln's own) are
 // kept once for all.
 func TestCachePerAccount(t *testing.T) {
+	testenv.NeedRoot(t, "confined host tools and FUSE mounts")
 	for _, tt := range []struct {
 		name       string
 		from       string

@@ -102,10 +102,7 @@ func (bd *build) copy(ctx context.Context, st *stageState, s dockerfile.Step) (b
 	h := sha256.New()
 	fmt.Fprintf(h, "%s\n%s\n%s\n%s\n%s\n%s\n", s.Kind, fromKey, s.Dest, s.Chown, s.Chmod, orRoot(st.cfg.WorkingDir))
 	fmt.Fprintf(h, "%q\n%s\n", s.Exclude, s.Checksum)
-	limits := bd.b.Limits
-	if limits == (layer.Limits{}) {
-		limits = layer.DefaultImageLimits
-	}
+	limits := bd.limits()
 	var need treeSize
 	for i := range matches {
 		m := &matches[i]

@@ -12,6 +12,7 @@ package image
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"strconv"
 	"time"
@@ -40,7 +41,59 @@ type RunStep struct {
 	// Line and Instruction identify the step in logs.
 	Line        int
 	Instruction string
+	// Mounts are the step's RUN --mount flags, resolved: the runner shows
+	// each at its Target while the command runs and leaves nothing of
+	// them in the root but the mount point.
+	Mounts []RunMount
 }
+
+// RunMount is one RUN --mount, resolved for the runner.
+type RunMount struct {
+	Type dockerfile.MountType
+	// Target is absolute and clean, never "/".
+	Target   string
+	ReadOnly bool
+	// Disk (cache and bind) is a raw ext4 image the runner attaches to
+	// the build VM and the guest mounts: for a cache the account's own,
+	// kept across builds (the builder holds its lock during Run), for a
+	// bind one made for this step from the build context. The host never
+	// reads what a guest wrote to it.
+	Disk string
+	// Sub is the path in Disk's file system shown at Target; "" = its
+	// root.
+	Sub string
+	// Fresh says Disk was just made: its root folder gets Mode, UID and
+	// GID (BuildKit sets a cache's owner and mode when it creates it).
+	Fresh          bool
+	Mode, UID, GID uint32
+	// SizeBytes bounds a tmpfs; 0 = the kernel's default.
+	SizeBytes int64
+	// Name says which mount it is in messages ("cache apt").
+	Name string
+}
+
+// MountError is a mount of a RUN step that the build VM could not set up.
+type MountError struct {
+	Index int // in RunStep.Mounts
+	Err   error
+}
+
+func (e *MountError) Error() string { return "RUN --mount: " + e.Err.Error() }
+func (e *MountError) Unwrap() error { return e.Err }
+
+// MountFullError says a cache mount had no room left when the step failed.
+type MountFullError struct {
+	Err       error // the step's own failure
+	Name      string
+	Target    string
+	SizeBytes uint64
+}
+
+func (e *MountFullError) Error() string {
+	return fmt.Sprintf("%v; the %s mounted at %s is full: %d MiB is kiln's limit for one cache mount; clean it up in the step (or use another id=)",
+		e.Err, e.Name, e.Target, e.SizeBytes>>20)
+}
+func (e *MountFullError) Unwrap() error { return e.Err }
 
 // Runner runs RUN steps inside build microVMs. The VM engine implements it.
 type Runner interface {

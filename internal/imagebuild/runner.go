@@ -23,8 +23,10 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/agent/proto"
 	"github.com/kiln-sandbox/kiln/internal/hosttool"
 	"github.com/kiln-sandbox/kiln/internal/image"
+	"github.com/kiln-sandbox/kiln/internal/image/dockerfile"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/qcow2"
 	"github.com/kiln-sandbox/kiln/internal/rootfs"
@@ -107,15 +109,16 @@ func (r *Runner) Run(ctx context.Context, rootDisk string, step image.RunStep, l
 		return "", fmt.Errorf("inspecting root disk: %w", err)
 	}
 
+	disks, specs := stepMounts(step.Mounts)
 	start := time.Now()
-	g, err := bootVM(ctx, r.Driver, r.logger(), vmSpec{prefix: PrefixBuild, rootDisk: disk, memoryMiB: mem, vcpus: r.vcpus(), egress: true, upstreams: r.DNSUpstreams, extraDeny: r.ExtraDeny, scratch: true})
+	g, err := bootVM(ctx, r.Driver, r.logger(), vmSpec{prefix: PrefixBuild, rootDisk: disk, memoryMiB: mem, vcpus: r.vcpus(), egress: true, upstreams: r.DNSUpstreams, extraDeny: r.ExtraDeny, scratch: true, disks: disks})
 	if err != nil {
 		return "", err
 	}
 	defer g.close()
 	g.log.Debug("build vm booted", "ms", time.Since(start).Milliseconds(), "line", step.Line)
 
-	if err := r.exec(ctx, g, step, wd, log); err != nil {
+	if err := r.execMounted(ctx, g, step, specs, wd, log); err != nil {
 		return "", err
 	}
 
@@ -150,6 +153,86 @@ func (r *Runner) Run(ctx context.Context, rootDisk string, step image.RunStep, l
 		return "", fmt.Errorf("removing the agent's files from the root: %w", err)
 	}
 	return disk, nil
+}
+
+// stepMounts maps a step's mounts to the build VM's extra disks and the
+// guest agent's mount requests.
+func stepMounts(ms []image.RunMount) ([]vmm.Disk, []proto.MountSpec) {
+	var disks []vmm.Disk
+	var specs []proto.MountSpec
+	for _, m := range ms {
+		sp := proto.MountSpec{Target: m.Target, ReadOnly: m.ReadOnly, Sub: m.Sub}
+		if m.Type == dockerfile.MountTmpfs {
+			sp.Kind, sp.SizeBytes = proto.MountTmpfs, m.SizeBytes
+		} else {
+			sp.Kind, sp.Serial = proto.MountDisk, fmt.Sprintf("kiln-mount-%d", len(disks))
+			sp.Init, sp.Mode, sp.UID, sp.GID = m.Fresh, m.Mode, m.UID, m.GID
+			disks = append(disks, vmm.Disk{Path: m.Disk, ReadOnly: m.ReadOnly, Serial: sp.Serial})
+		}
+		specs = append(specs, sp)
+	}
+	return disks, specs
+}
+
+// execMounted mounts the step's RUN --mount file systems in the guest,
+// runs the step, and unmounts them. What the step wrote under a mount is
+// on that mount's disk, never in the root, whether or not the unmount
+// works.
+func (r *Runner) execMounted(ctx context.Context, g *guestVM, step image.RunStep, specs []proto.MountSpec, wd string, log io.Writer) error {
+	if len(specs) == 0 {
+		return r.exec(ctx, g, step, wd, log)
+	}
+	a, err := r.Driver.Agent(ctx, g.id)
+	if err != nil {
+		return fmt.Errorf("connecting to the build vm's agent: %w", err)
+	}
+	mctx, cancel := context.WithTimeout(ctx, mountTimeout)
+	err = a.Mount(mctx, specs)
+	cancel()
+	if err != nil {
+		return &image.MountError{Index: failedMount(err, specs), Err: err}
+	}
+	runErr := r.exec(ctx, g, step, wd, log)
+	if ctx.Err() != nil {
+		return runErr
+	}
+	mctx, cancel = context.WithTimeout(ctx, mountTimeout)
+	usage, err := a.Unmount(mctx)
+	cancel()
+	if err != nil {
+		// The shutdown unmounts what is left.
+		g.log.Warn("unmounting the step's mounts", "err", err)
+	}
+	if runErr != nil {
+		for i, u := range usage {
+			if i < len(step.Mounts) && step.Mounts[i].Type == dockerfile.MountCache && mountFull(u) {
+				return &image.MountFullError{Err: runErr, Name: step.Mounts[i].Name, Target: step.Mounts[i].Target, SizeBytes: u.TotalBytes}
+			}
+		}
+	}
+	return runErr
+}
+
+// mountTimeout bounds the agent's mounting and unmounting of a step's
+// file systems.
+const mountTimeout = 30 * time.Second
+
+// mountFull says a cache had no room left: under 1 MiB or no inode free.
+// The figures come from the guest: they only pick a message.
+func mountFull(u proto.MountUsage) bool {
+	return u.TotalBytes > 0 && (u.FreeBytes < 1<<20 || (u.TotalInodes > 0 && u.FreeInodes == 0))
+}
+
+// failedMount finds which mount the agent's error names ("mount TARGET:
+// ..."), or -1.
+func failedMount(err error, specs []proto.MountSpec) int {
+	msg := err.Error()
+	for i, sp := range specs {
+		if strings.Contains(msg, "mount "+sp.Target+": ") {
+			return i
+		}
+	}
+	return -1
 }
 
 // exec runs the step and streams its output to log.

@@ -11,6 +11,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/image/imagetest"
 	"github.com/kiln-sandbox/kiln/internal/rootfs"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 func TestRunnerConformance(t *testing.T) {
@@ -24,6 +25,7 @@ func TestRunnerConformance(t *testing.T) {
 // root (resolv.conf, missing mount points) is undone, and what a step
 // writes is kept. No VM: the agent's writes are simulated on the disk.
 func TestRestoreRoot(t *testing.T) {
+	testenv.NeedRoot(t, "confined host tools switch uids")
 	ctx := context.Background()
 	tests := []struct {
 		name    string

@@ -77,6 +77,7 @@ type vmSpec struct {
 	upstreams []string
 	extraDeny []netip.Prefix
 	scratch   bool // a RUN step's VM: see vmm.BootSpec.ScratchDisk
+	disks     []vmm.Disk
 }
 
 // testHookNewVM, if set (tests only), learns the id of every VM and
@@ -110,7 +111,7 @@ func bootVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (*gue
 	}
 	g.booted = true // from here on Terminate is needed even if Boot fails half-way
 	g.info, err = d.Boot(ctx, vmm.BootSpec{
-		ID: g.id, MemoryMiB: s.memoryMiB, VCPUs: s.vcpus, RootDisk: s.rootDisk, ScratchDisk: s.scratch,
+		ID: g.id, MemoryMiB: s.memoryMiB, VCPUs: s.vcpus, RootDisk: s.rootDisk, ScratchDisk: s.scratch, Disks: s.disks,
 		Net: g.net.Attachment(),
 	})
 	if err != nil {

@@ -1,3 +1,5 @@
+//go:build linux
+
 package proxy
 
 import (
@@ -12,25 +14,60 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
 
-// TestBench runs a short benchmark and prints the table; set
+// TestMain lets TestBench run this test binary as kiln's proxy process
+// (BenchOptions.ProxyCommand), the way `kiln bench proxy` runs kiln.
+func TestMain(m *testing.M) {
+	if os.Getenv("KILN_BENCH_PROXY_CHILD") == "1" {
+		if err := ServeBenchProxy(context.Background(), os.Stdin, os.Stdout); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+// TestBench runs a short benchmark against nginx (installed by setup.sh)
+// with kiln's proxy in its own process and prints the table; set
 // KILN_BENCH_FULL=1 for the default (longer) sizes.
 func TestBench(t *testing.T) {
-	o := BenchOptions{Requests: 300, Concurrency: 8, Duration: 500 * time.Millisecond}
+	if testing.Short() {
+		t.Skip("-short: the benchmark runs nginx, which `make setup` installs")
+	}
+	o := BenchOptions{Rounds: 1, Requests: 200, Concurrency: 8, Duration: 300 * time.Millisecond}
 	if os.Getenv("KILN_BENCH_FULL") != "" {
 		o = BenchOptions{}
 	}
-	for _, delay := range []time.Duration{0, 2 * time.Millisecond} {
-		o.BackendDelay = delay
-		r, err := Bench(context.Background(), o)
-		if err != nil {
-			t.Fatal(err)
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("KILN_BENCH_PROXY_CHILD", "1") // the child inherits it; TestMain has run here
+	o.ProxyCommand = []string{exe}
+	r, err := Bench(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Log("\n" + r.String())
+	t.Log(r.JSON())
+	if !r.ProxyProcess || r.GOMAXPROCS <= 0 || r.NginxWorkers != r.GOMAXPROCS {
+		t.Errorf("kiln process %v, GOMAXPROCS %d, nginx workers %d", r.ProxyProcess, r.GOMAXPROCS, r.NginxWorkers)
+	}
+	servers := map[string]int{}
+	for _, m := range r.Modes {
+		servers[m.Server]++
+		if m.Errors != 0 || m.RPS <= 0 {
+			t.Errorf("%s: %d errors, %.0f req/s", m.Mode, m.Errors, m.RPS)
 		}
-		t.Log("\n" + r.String())
-		for _, m := range r.Modes {
-			if m.Errors != 0 {
-				t.Errorf("%s: %d errors", m.Mode, m.Errors)
+		if m.Server == "kiln" || m.Server == "nginx" {
+			// Both proxies are measured with the same TLS on the wire.
+			if want := "TLS 1.3 TLS_AES_128_GCM_SHA256 X25519 "; !strings.HasPrefix(m.TLS, want) || !strings.HasSuffix(m.TLS, m.Proto) {
+				t.Errorf("%s negotiated %q, want %s%s", m.Mode, m.TLS, want, m.Proto)
 			}
 		}
+	}
+	if servers["kiln"] != 2 || servers["nginx"] != 2 || len(r.Pairs) != 2 {
+		t.Errorf("modes %v, %d kiln/nginx pairs; want both protocols for both", servers, len(r.Pairs))
 	}
 }
 

@@ -13,10 +13,12 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
+	"maps"
 	"math/big"
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -189,7 +191,10 @@ type env struct {
 	addr    string // proxy listener
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t *testing.T) *env { t.Helper(); return newEnvGuests(t, nil) }
+
+// newEnvGuests adds guest ports (port → loopback address) to newEnv's.
+func newEnvGuests(t *testing.T, extra map[string]string) *env {
 	t.Helper()
 	dir := t.TempDir()
 	ca, err := tlsca.Open(tlsca.Config{Domain: domain, Dir: filepath.Join(dir, "tls"), CAExport: filepath.Join(dir, "ca.pem")})
@@ -202,6 +207,7 @@ func newEnv(t *testing.T) *env {
 	}
 	// Guest ports 8080 and 9000 of every VM are two loopback servers.
 	ports := map[string]string{"8080": guest(t, "port8080", true), "9000": guest(t, "port9000", false), "8443": guest(t, "tls", false)}
+	maps.Copy(ports, extra)
 	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
 		_, port, _ := net.SplitHostPort(addr)
 		real, ok := ports[port]
@@ -601,6 +607,10 @@ func FuzzAuthCookieFilters(f *testing.F) {
 	f.Add("a=1; kiln-proxy-auth=tok; b=2", "kiln-proxy-auth=x; Path=/")
 	f.Add("kiln-proxy-auth=tok", "KILN-PROXY-AUTH=x")
 	f.Add(";;; =; kiln-proxy-auth", " kiln-proxy-auth =x")
+	// Go's cookie reader trims the name: "name =value" is the token cookie
+	// too (the proxy read the token from it, and forwarded it).
+	f.Add("a=1; kiln-proxy-auth =tok", "a=1")
+	f.Add("kiln-proxy-auth\t= tok", "a=1")
 	f.Fuzz(func(t *testing.T, cookie, setCookie string) {
 		h := http.Header{}
 		h.Add("Cookie", cookie)
@@ -773,4 +783,20 @@ func TestTLSApp(t *testing.T) {
 		t.Fatalf("plaintext app: %v %v", err, resp)
 	}
 	resp.Body.Close()
+}
+
+// FuzzHasQueryAuth: the shortcut must agree with parsing the query, also
+// for a name spelled with percent escapes (otherwise a link's token would
+// reach the guest instead of becoming the cookie).
+func FuzzHasQueryAuth(f *testing.F) {
+	for _, s := range []string{"", "a=1", QueryAuth + "=t", "x=1&" + QueryAuth, "kiln%2Dproxy%2Dauth=t", "kiln-proxy%2dauth",
+		"%zz&" + QueryAuth + "=1", "kiln+proxy+auth=1", ";" + QueryAuth + "=1"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, raw string) {
+		want := (&url.URL{RawQuery: raw}).Query().Has(QueryAuth)
+		if got := hasQueryAuth(raw); got != want {
+			t.Fatalf("hasQueryAuth(%q) = %v, parsing says %v", raw, got, want)
+		}
+	})
 }

@@ -11,9 +11,12 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 func TestEdit(t *testing.T) {
+	testenv.NeedRoot(t, "confined host tools switch uids")
 	ctx := context.Background()
 	dir := t.TempDir()
 	src := filepath.Join(dir, "src")

@@ -19,6 +19,7 @@ import (
 )
 
 func TestBuildExt4RoundTrip(t *testing.T) {
+	testenv.NeedRoot(t, "confined host tools switch uids")
 	ctx := context.Background()
 	src := t.TempDir()
 	must(t, os.MkdirAll(filepath.Join(src, "etc/app"), 0o755))
@@ -168,6 +169,7 @@ func TestMountShowsWhatTheImageHolds(t *testing.T) {
 // reads a small one; ReadFile refuses it from the inode's size, at once,
 // without reading, and the tools that looked at it ran as the tools' uid.
 func TestReadFileBounded(t *testing.T) {
+	testenv.NeedRoot(t, "confined host tools switch uids")
 	ctx := context.Background()
 	src := t.TempDir()
 	must(t, os.MkdirAll(filepath.Join(src, "etc"), 0o755))
@@ -203,6 +205,7 @@ func TestReadFileBounded(t *testing.T) {
 // block count must not make kiln grow the disk file to match; the file's
 // own size bounds the claim.
 func TestEnsureFreeTrustsTheFile(t *testing.T) {
+	testenv.NeedRoot(t, "confined host tools switch uids")
 	ctx := context.Background()
 	src := t.TempDir()
 	must(t, os.WriteFile(filepath.Join(src, "f"), []byte("x"), 0o644))

@@ -16,9 +16,13 @@ package store
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
 )
 
 // MicrovmState is a microVM's lifecycle state, as the AWS API names it.
@@ -239,6 +243,29 @@ type Microvm struct {
 	// ("resume": a SUSPENDED microVM being resumed), so that recovery after
 	// a crash can finish it.
 	PendingOp string `json:"pendingOp,omitempty"`
+	// Epoch is the microVM's placement epoch: whoever places it on a host
+	// (again) increments it, and a state report made under an older
+	// placement is refused (AtEpoch), so that a host that lost the
+	// microVM cannot overwrite what the new one reports.
+	Epoch int64 `json:"epoch,omitempty"`
+}
+
+// ErrStaleEpoch is returned (wrapped, with errdefs.ErrConflict) by a change
+// made through AtEpoch when the record moved to another placement epoch.
+var ErrStaleEpoch = errors.New("stale placement epoch")
+
+// AtEpoch wraps a change for UpdateMicrovm so that it applies only while
+// the record is still at placement epoch: UpdateMicrovm runs it inside the
+// record's transaction, so the check and the write are one compare-and-set.
+// Otherwise it refuses with ErrStaleEpoch and errdefs.ErrConflict.
+func AtEpoch(epoch int64, change func(*Microvm) error) func(*Microvm) error {
+	return func(m *Microvm) error {
+		if m.Epoch != epoch {
+			return fmt.Errorf("microvm %s: report from placement epoch %d, record is at %d: %w", m.ID, epoch, m.Epoch,
+				errors.Join(ErrStaleEpoch, errdefs.ErrConflict))
+		}
+		return change(m)
+	}
 }
 
 // ClientToken records an idempotent request: the same (account, operation,
@@ -341,6 +368,15 @@ type Store interface {
 	ListBuildsInState(ctx context.Context, states ...string) ([]Build, error)
 	// UpdateBuild replaces a build's record; ErrNotFound if absent.
 	UpdateBuild(ctx context.Context, b Build) error
+	// FinishBuild records a final build (b.State SUCCESSFUL or FAILED)
+	// and, when it is the last of its version's builds to become final,
+	// the version's and the image's outcome (FinishVersion), in one
+	// transaction: concurrent finishes of a version's builds, from any
+	// number of processes, finalise the version exactly once; the version
+	// and image take b.UpdatedAt as their update time. It reports
+	// whether this call finalised it. ErrNotFound if the build is absent;
+	// ErrConflict, changing nothing, if it was final already.
+	FinishBuild(ctx context.Context, b Build) (finalised bool, err error)
 	// AppendBuildLog appends output to a build's log. Unlike other writes
 	// it need not be durable on return (it may be durable only with the
 	// next write): a crash may lose the last chunks of a log, never
@@ -465,6 +501,50 @@ func (m *Microvm) SetState(to MicrovmState, reason string, now time.Time) {
 		m.TerminatedAt = &t
 		m.SuspendDeadlineAt, m.PendingOp = nil, ""
 	}
+}
+
+// BuildFinal reports whether no transition leaves a build state.
+func BuildFinal(state string) bool { return state == BuildSuccessful || state == BuildFailed }
+
+// FinishVersion decides, from all the builds of v (final ones included),
+// the outcome of v and its image once every build is final, and reports
+// false, changing nothing, while one is still PENDING or IN_PROGRESS.
+// SUCCESSFUL versions become the image's latestActiveImageVersion (image
+// CREATED or UPDATED), failed ones its latestFailedImageVersion
+// (CREATE_FAILED/UPDATE_FAILED). Stores call it inside FinishBuild's
+// transaction.
+func FinishVersion(builds []Build, v *ImageVersion, img *Image, now time.Time) bool {
+	failed := ""
+	for _, x := range builds {
+		switch x.State {
+		case BuildPending, BuildInProgress:
+			return false
+		case BuildFailed:
+			failed = x.StateReason
+			if failed == "" {
+				failed = "build " + x.ID + " failed"
+			}
+		}
+	}
+	v.UpdatedAt = now
+	if failed == "" {
+		v.State, v.StateReason = VersionSuccessful, ""
+	} else {
+		v.State, v.StateReason = VersionFailed, failed
+	}
+	first := img.State == ImageCreating
+	img.UpdatedAt = now
+	switch {
+	case failed == "" && first:
+		img.State, img.LatestActiveVersion = ImageCreated, v.Version
+	case failed == "":
+		img.State, img.LatestActiveVersion = ImageUpdated, v.Version
+	case first:
+		img.State, img.LatestFailedVersion = ImageCreateFailed, v.Version
+	default:
+		img.State, img.LatestFailedVersion = ImageUpdateFailed, v.Version
+	}
+	return true
 }
 
 // VersionName names an image's nth version as AWS does: the major.minor

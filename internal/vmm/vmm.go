@@ -52,6 +52,19 @@ type BootSpec struct {
 	// crash (a build step, redone from its inputs): the driver may then
 	// ignore the guest's flushes, which package managers issue per file.
 	ScratchDisk bool
+	// Disks are extra raw disks (a build step's RUN --mount), after the
+	// root disk, in order. A VM with extra disks cannot be snapshotted.
+	Disks []Disk
+}
+
+// Disk is an extra raw disk image of a booted VM. The driver opens it
+// as raw, whatever its content, and writes to it only if not ReadOnly.
+type Disk struct {
+	Path     string `json:"path"`
+	ReadOnly bool   `json:"read_only,omitempty"`
+	// Serial names the disk to the guest (the agent finds it by this):
+	// 1-20 characters of a-z, 0-9 and '-'.
+	Serial string `json:"serial"`
 }
 
 // CloneSpec describes a VM to start from a template.

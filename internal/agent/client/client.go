@@ -497,6 +497,20 @@ func (c *Client) HTTP(ctx context.Context, port int, method, path string, body [
 	return res.Status, res.Body, nil
 }
 
+// Mount mounts a build step's file systems (RUN --mount) into the guest's
+// root; Unmount undoes it. One set at a time.
+func (c *Client) Mount(ctx context.Context, mounts []proto.MountSpec) error {
+	return c.call(ctx, proto.TypeMount, proto.MountRequest{Mounts: mounts}, nil, nil)
+}
+
+// Unmount undoes Mount and reports how full each mount was. The guest
+// answers: the usage is for messages only, never trusted.
+func (c *Client) Unmount(ctx context.Context) ([]proto.MountUsage, error) {
+	var res proto.UnmountResult
+	err := c.call(ctx, proto.TypeUnmount, proto.UnmountRequest{}, &res, nil)
+	return res.Usage, err
+}
+
 // CopyIn extracts the tar stream into dstDir (an absolute guest path,
 // created if missing), one acknowledged chunk at a time.
 func (c *Client) CopyIn(ctx context.Context, dstDir string, tarStream io.Reader) error {

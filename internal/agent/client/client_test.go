@@ -20,6 +20,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
 	"github.com/kiln-sandbox/kiln/internal/agent/guest"
 	"github.com/kiln-sandbox/kiln/internal/agent/proto"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 // fakeSystem records the privileged calls a guest would make.
@@ -69,6 +70,7 @@ func sharedServer() *guest.Server {
 // connect serves a fresh session over a socketpair and returns its client.
 func connect(t *testing.T) *client.Client {
 	t.Helper()
+	testenv.NeedRoot(t, "the guest agent runs commands as other users")
 	hostSide, guestSide := socketpair(t)
 	srv := sharedServer()
 	ctx, cancel := context.WithCancel(context.Background())

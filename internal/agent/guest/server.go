@@ -358,6 +358,14 @@ func (s *Server) handle(ctx context.Context, m proto.Message) (any, error) {
 			return nil, err
 		}
 		return s.copyOutRead(ctx, req)
+	case proto.TypeMount:
+		var req proto.MountRequest
+		if err := proto.DecodeBody(m, &req); err != nil {
+			return nil, err
+		}
+		return nil, s.mount(req)
+	case proto.TypeUnmount:
+		return s.unmount()
 	case proto.TypeStreamClose:
 		var req proto.StreamClose
 		if err := proto.DecodeBody(m, &req); err != nil {

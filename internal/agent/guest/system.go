@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 	"unsafe"
 
@@ -32,6 +33,9 @@ type LinuxSystem struct {
 	// the restore path (which clone start-up waits for) is time saved.
 	freezeFD *os.File
 	urandom  *os.File
+
+	mountMu sync.Mutex
+	mounts  []*activeMount // a build step's (mount.go)
 }
 
 var _ System = (*LinuxSystem)(nil)

@@ -44,6 +44,8 @@ const (
 	TypeCopyOutOpen Type = "copy_out_open"
 	TypeCopyOutRead Type = "copy_out_read"
 	TypeStreamClose Type = "stream_close"
+	TypeMount       Type = "mount"
+	TypeUnmount     Type = "unmount"
 )
 
 // Messages from the guest.
@@ -325,4 +327,63 @@ type StreamData struct {
 // StreamClose aborts a copy stream.
 type StreamClose struct {
 	StreamID uint64 `json:"stream_id"`
+}
+
+// MaxMounts bounds the mounts of one MountRequest.
+const MaxMounts = 16
+
+// Kinds of MountSpec.
+const (
+	// MountDisk is an ext4 file system on a virtio disk the host attached
+	// to the VM, found by its serial.
+	MountDisk = "disk"
+	// MountTmpfs is an empty tmpfs.
+	MountTmpfs = "tmpfs"
+)
+
+// MountRequest mounts file systems into the guest's root for a build step
+// (RUN --mount): the host sends it before the step's exec and
+// UnmountRequest after. One set of mounts at a time.
+type MountRequest struct {
+	Mounts []MountSpec `json:"mounts"`
+}
+
+// MountSpec is one mount of a MountRequest.
+type MountSpec struct {
+	Kind string `json:"kind"`
+	// Serial names the disk (MountDisk): its virtio serial.
+	Serial string `json:"serial,omitempty"`
+	// Sub is the path in the disk's file system shown at Target; "" = its
+	// root. A file is shown as a file.
+	Sub string `json:"sub,omitempty"`
+	// Target is the absolute path in the guest's root; the agent creates
+	// it (a folder, or an empty file for a file) when missing.
+	Target   string `json:"target"`
+	ReadOnly bool   `json:"read_only,omitempty"`
+	// Init, for a disk the host just made: its root folder gets Mode,
+	// UID and GID, and mkfs's lost+found goes.
+	Init bool   `json:"init,omitempty"`
+	Mode uint32 `json:"mode,omitempty"`
+	UID  uint32 `json:"uid,omitempty"`
+	GID  uint32 `json:"gid,omitempty"`
+	// SizeBytes bounds a tmpfs; 0 = the kernel's default (half of RAM).
+	SizeBytes int64 `json:"size_bytes,omitempty"`
+}
+
+// UnmountRequest undoes the MountRequest.
+type UnmountRequest struct{}
+
+// UnmountResult reports, in the MountRequest's order, how full each disk
+// was before it went.
+type UnmountResult struct {
+	Usage []MountUsage `json:"usage"`
+}
+
+// MountUsage is what statfs said about one mount.
+type MountUsage struct {
+	Target      string `json:"target"`
+	TotalBytes  uint64 `json:"total_bytes"`
+	FreeBytes   uint64 `json:"free_bytes"`
+	FreeInodes  uint64 `json:"free_inodes"`
+	TotalInodes uint64 `json:"total_inodes"`
 }

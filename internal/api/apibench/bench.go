@@ -5,6 +5,7 @@ package apibench
 
 import (
 	"context"
+	cryptorand "crypto/rand"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -24,6 +25,8 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
 	"github.com/kiln-sandbox/kiln/internal/store"
+	"github.com/kiln-sandbox/kiln/internal/store/postgres"
+	"github.com/kiln-sandbox/kiln/internal/store/seal"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 )
 
@@ -34,10 +37,15 @@ type Options struct {
 	Duration time.Duration // per measured operation
 	PageSize int           // maxResults of ListMicrovms
 	Dir      string        // scratch directory for the database
+	// Store is "sqlite" (or ""): SQLite only; "postgres": SQLite, then
+	// PostgreSQL in a private cluster (internal/store/postgres/pgtest);
+	// a postgres:// URL: SQLite, then that (empty, disposable) database.
+	Store string
 }
 
 // Result is one operation's figures.
 type Result struct {
+	Store     string        `json:"store"`
 	Operation string        `json:"operation"`
 	Requests  int           `json:"requests"`
 	Errors    int           `json:"errors"`
@@ -51,14 +59,14 @@ type Result struct {
 }
 
 func (r Result) String() string {
-	return fmt.Sprintf("%-13s %8d requests %6d errors %9.0f req/s  p50 %7.2f ms  p99 %7.2f ms  max %7.2f ms",
-		r.Operation, r.Requests, r.Errors, r.PerSecond, ms(r.P50), ms(r.P99), ms(r.Max))
+	return fmt.Sprintf("%-8s %-13s %8d requests %6d errors %9.0f req/s  p50 %7.2f ms  p99 %7.2f ms  max %7.2f ms",
+		r.Store, r.Operation, r.Requests, r.Errors, r.PerSecond, ms(r.P50), ms(r.P99), ms(r.Max))
 }
 
 func ms(d time.Duration) float64 { return float64(d) / 1e6 }
 
-// Run seeds a fresh store, serves the API on a loopback port and measures.
-// Progress goes to log.
+// Run measures each store o.Store names in turn: it seeds a fresh store,
+// serves the API on a loopback port and measures. Progress goes to log.
 func Run(ctx context.Context, o Options, log io.Writer) ([]Result, error) {
 	dir, err := os.MkdirTemp(o.Dir, "kiln-apibench-")
 	if err != nil {
@@ -70,6 +78,36 @@ func Run(ctx context.Context, o Options, log io.Writer) ([]Result, error) {
 		return nil, err
 	}
 	defer st.Close()
+	out, err := runStore(ctx, o, "sqlite", st, log)
+	if err != nil || o.Store == "" || o.Store == "sqlite" {
+		return out, err
+	}
+	url := o.Store
+	if o.Store == "postgres" {
+		var stop func()
+		if url, stop, err = startPostgres(ctx); err != nil {
+			return out, err
+		}
+		defer stop()
+	} else if !postgres.IsURL(o.Store) {
+		return out, fmt.Errorf("--store must be sqlite, postgres or a postgres:// URL")
+	}
+	key := make([]byte, seal.KeySize)
+	cryptorand.Read(key)
+	sl, err := seal.New(key)
+	if err != nil {
+		return out, err
+	}
+	pg, err := postgres.Open(ctx, url, sl)
+	if err != nil {
+		return out, err
+	}
+	defer pg.Close()
+	res, err := runStore(ctx, o, "postgres", pg, log)
+	return append(out, res...), err
+}
+
+func runStore(ctx context.Context, o Options, name string, st store.Store, log io.Writer) ([]Result, error) {
 	key, err := auth.NewAccessKey("123456789012", "bench")
 	if err != nil {
 		return nil, err
@@ -82,7 +120,7 @@ func Run(ctx context.Context, o Options, log io.Writer) ([]Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	fmt.Fprintf(log, "seeded %d microVM records in %s\n", len(ids), time.Since(t0).Round(time.Millisecond))
+	fmt.Fprintf(log, "%s: seeded %d microVM records in %s\n", name, len(ids), time.Since(t0).Round(time.Millisecond))
 
 	be := fakebackend.New(api.NewReporter(st), time.Millisecond)
 	srv := api.NewServer(api.Config{}, st, be)
@@ -125,7 +163,7 @@ func Run(ctx context.Context, o Options, log io.Writer) ([]Result, error) {
 		// A short warm-up fills connection pools and caches.
 		measure(ctx, o.Clients, 300*time.Millisecond, newClient, op.fn)
 		res := measure(ctx, o.Clients, o.Duration, newClient, op.fn)
-		res.Operation = op.name
+		res.Store, res.Operation = name, op.name
 		fmt.Fprintln(log, res)
 		out = append(out, res)
 	}

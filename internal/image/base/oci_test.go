@@ -28,6 +28,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/image/dockerfile"
 	"github.com/kiln-sandbox/kiln/internal/rootfs"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 type tf struct {
@@ -244,6 +245,7 @@ func TestResolveOCI(t *testing.T) {
 // TestBuildOnOCIBase builds a Dockerfile FROM an oci-archive through the
 // real builder, checking that the base's config carries into the image.
 func TestBuildOnOCIBase(t *testing.T) {
+	testenv.NeedRoot(t, "confined host tools switch uids")
 	ctx := context.Background()
 	img := testImage(t)
 	bctx := t.TempDir()

@@ -95,6 +95,8 @@ type Step struct {
 	// command line as one element with ShellForm set.
 	Args      []string
 	ShellForm bool
+	// RUN --mount flags, in the order written.
+	Mounts []Mount
 
 	// COPY, ADD.
 	Sources  []string
@@ -280,13 +282,19 @@ func convert(c any, line int, names map[string]int, nstages int) (Step, error) {
 	}
 	switch c := c.(type) {
 	case *instructions.RunCommand:
-		if len(c.FlagsUsed) > 0 {
-			return bad("RUN --%s is not supported by kiln", c.FlagsUsed[0])
+		for _, f := range c.FlagsUsed {
+			if f != "mount" {
+				return bad("RUN --%s is not supported by kiln (RUN supports --mount)", f)
+			}
 		}
 		if len(c.Files) > 0 {
 			return bad("RUN with a heredoc is not supported by kiln; put the script in a file and COPY it")
 		}
-		s.Kind, s.Args, s.ShellForm = Run, c.CmdLine, c.PrependShell
+		mounts, err := runMounts(c)
+		if err != nil {
+			return bad("%v", err)
+		}
+		s.Kind, s.Args, s.ShellForm, s.Mounts = Run, c.CmdLine, c.PrependShell, mounts
 	case *instructions.CmdCommand:
 		if len(c.Files) > 0 {
 			return bad("CMD with a heredoc is not supported")

@@ -141,7 +141,50 @@ ADD --chown=app https://example.invalid/x.tar.gz /opt/
 		{name: "unsupported ONBUILD", src: "FROM scratch\nONBUILD RUN x\n", errHas: "ONBUILD is not supported"},
 		{name: "unsupported MAINTAINER", src: "FROM scratch\nMAINTAINER me\n", errHas: "MAINTAINER is not supported"},
 		{name: "unknown instruction", src: "FROM scratch\nFROBNICATE x\n", errHas: "line 2: FROBNICATE is not supported"},
-		{name: "run mount flag", src: "FROM scratch\nRUN --mount=type=cache,target=/x true\n", errHas: "line 2: RUN --mount is not supported"},
+		{
+			name: "run mounts",
+			src: `FROM scratch
+RUN --mount=type=cache,target=/var/cache/apt,sharing=locked,id=apt \
+    --mount=type=cache,dst=/root/.cache,mode=0700,uid=1000,gid=1000 \
+    --mount=type=bind,source=src,target=/src \
+    --mount=type=bind,target=/ctx,rw \
+    --mount=type=tmpfs,destination=/tmp,size=64m \
+    make
+RUN --mount=target=/b,src=.,ro=true true
+`,
+			check: func(t *testing.T, p *Plan) {
+				got := p.Final().Steps[0].Mounts
+				want := []Mount{
+					{Type: MountCache, Target: "/var/cache/apt", ID: "apt", Sharing: SharingLocked, Mode: 0o755},
+					{Type: MountCache, Target: "/root/.cache", Mode: 0o700, UID: 1000, GID: 1000},
+					{Type: MountBind, Target: "/src", Source: "src", ReadOnly: true, Mode: 0o755},
+					{Type: MountBind, Target: "/ctx", Mode: 0o755},
+					{Type: MountTmpfs, Target: "/tmp", Mode: 0o755, SizeBytes: 64 << 20},
+				}
+				if !reflect.DeepEqual(got, want) {
+					t.Fatalf("mounts =\n%+v\nwant\n%+v", got, want)
+				}
+				if p.Final().Steps[0].Args[0] != "make" {
+					t.Fatalf("args = %q", p.Final().Steps[0].Args)
+				}
+				// type defaults to bind, as in BuildKit.
+				if m := p.Final().Steps[1].Mounts; len(m) != 1 || m[0].Type != MountBind || !m[0].ReadOnly || m[0].Source != "." {
+					t.Fatalf("default mount = %+v", m)
+				}
+			},
+		},
+		{name: "run mount secret", src: "FROM scratch\nRUN --mount=type=secret,id=tok true\n", errHas: "line 2: RUN --mount=type=secret is not supported: kiln supports type=cache"},
+		{name: "run mount ssh", src: "FROM scratch\nRUN --mount=type=ssh true\n", errHas: "type=ssh is not supported"},
+		{name: "run mount unknown type", src: "FROM scratch\nRUN --mount=type=nfs,target=/x true\n", errHas: "kiln supports type=cache"},
+		{name: "run mount from stage", src: "FROM scratch AS a\nFROM scratch\nRUN --mount=type=bind,from=a,target=/a true\n", errHas: "from=a is not supported"},
+		{name: "run mount cache from", src: "FROM scratch\nRUN --mount=type=cache,from=img,target=/a true\n", errHas: "from=img is not supported"},
+		{name: "run mount no target", src: "FROM scratch\nRUN --mount=type=cache true\n", errHas: "target= is required"},
+		{name: "run mount unknown key", src: "FROM scratch\nRUN --mount=type=cache,target=/a,colour=red true\n", errHas: "unexpected key"},
+		{name: "run mount bad sharing", src: "FROM scratch\nRUN --mount=type=cache,target=/a,sharing=all true\n", errHas: "sharing"},
+		{name: "run mount uid on bind", src: "FROM scratch\nRUN --mount=type=bind,target=/a,uid=1 true\n", errHas: "uid not allowed"},
+		{name: "run mount id on bind", src: "FROM scratch\nRUN --mount=type=bind,target=/a,id=x true\n", errHas: "id= applies to type=cache only"},
+		{name: "run mount source on cache", src: "FROM scratch\nRUN --mount=type=cache,target=/a,source=x true\n", errHas: "source= applies to type=bind only"},
+		{name: "run network flag", src: "FROM scratch\nRUN --network=none true\n", errHas: "RUN --network is not supported by kiln (RUN supports --mount)"},
 		{name: "run heredoc", src: "FROM scratch\nRUN <<EOF\necho hi\nEOF\n", errHas: "heredoc"},
 		{name: "from platform", src: "FROM --platform=linux/arm64 scratch\n", errHas: "--platform"},
 		{name: "unknown base", src: "FROM alpine:3\n", errHas: "unknown base"},
@@ -184,6 +227,8 @@ func TestExpand(t *testing.T) {
 		{name: "workdir default value", in: Step{Kind: Workdir, Value: "${NOPE:-/tmp}/x"}, want: Step{Kind: Workdir, Value: "/tmp/x"}},
 		{name: "env sees old values", in: Step{Kind: Env, KVs: []KV{{"PATH", "$APP/bin:$PATH", true}}}, want: Step{Kind: Env, KVs: []KV{{"PATH", "/srv/app/bin:", true}}}},
 		{name: "expose", in: Step{Kind: Expose, Ports: []string{"$P/tcp"}}, want: Step{Kind: Expose, Ports: []string{"8080/tcp"}}},
+		{name: "run mounts expanded", in: Step{Kind: Run, Args: []string{"echo $APP"}, ShellForm: true, Mounts: []Mount{{Type: MountCache, Target: "$APP/cache", ID: "c-$U"}, {Type: MountBind, Target: "/x", Source: "${P}"}}},
+			want: Step{Kind: Run, Args: []string{"echo $APP"}, ShellForm: true, Mounts: []Mount{{Type: MountCache, Target: "/srv/app/cache", ID: "c-1000"}, {Type: MountBind, Target: "/x", Source: "8080"}}}},
 		{name: "run left alone", in: Step{Kind: Run, Args: []string{"echo $APP"}, ShellForm: true}, want: Step{Kind: Run, Args: []string{"echo $APP"}, ShellForm: true}},
 		{name: "escaped dollar", in: Step{Kind: User, Value: `\$U`}, want: Step{Kind: User, Value: "$U"}},
 	}
@@ -226,4 +271,40 @@ func TestIgnore(t *testing.T) {
 			}
 		})
 	}
+}
+
+// FuzzParse feeds Parse arbitrary Dockerfiles (RUN --mount flags in the
+// seeds): it must never panic, and what it accepts must expand.
+func FuzzParse(f *testing.F) {
+	for _, s := range []string{
+		"FROM scratch\nRUN true\n",
+		"FROM debian:12 AS b\nCOPY --from=b /a /b\n",
+		"FROM scratch\nRUN --mount=type=cache,target=/var/cache/apt,sharing=locked,id=apt,mode=0700,uid=1,gid=2 true\n",
+		"FROM scratch\nRUN --mount=type=bind,source=src,target=/src,rw --mount=type=tmpfs,target=/t,size=1m make\n",
+		"FROM scratch\nRUN --mount=type=secret,id=x true\n",
+		"FROM scratch\nRUN --mount=type=bind,from=x,target=/a true\n",
+		"FROM scratch\nRUN --mount=\"type=cache,target=/a b\" true\n",
+		"ARG T=/c\nFROM scratch\nARG T\nRUN --mount=type=cache,target=$T,id=${T:-x} true\n",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, src string) {
+		p, err := Parse(strings.NewReader(src), nil)
+		if err != nil {
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("error %v is not ErrInvalid", err)
+			}
+			return
+		}
+		for _, st := range p.Stages {
+			for _, s := range st.Steps {
+				for _, m := range s.Mounts {
+					if m.Type != MountCache && m.Type != MountBind && m.Type != MountTmpfs {
+						t.Fatalf("accepted mount type %q", m.Type)
+					}
+				}
+				_, _ = s.Expand(map[string]string{"T": "/x"}, p.EscapeToken)
+			}
+		}
+	})
 }

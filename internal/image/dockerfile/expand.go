@@ -12,9 +12,10 @@ import (
 
 // Expand returns the step with $VAR and ${VAR...} substituted in the words
 // docker build substitutes (COPY/ADD paths and flags, ENV, LABEL, ARG
-// defaults, WORKDIR, USER, STOPSIGNAL, EXPOSE). env is the stage's
-// environment at this step (base image ENV, ENV steps, ARG values). RUN,
-// CMD and ENTRYPOINT are left alone: their shell expands at run time.
+// defaults, WORKDIR, USER, STOPSIGNAL, EXPOSE, RUN --mount target, source
+// and id). env is the stage's environment at this step (base image ENV,
+// ENV steps, ARG values). The commands of RUN, CMD and ENTRYPOINT are left
+// alone: their shell expands at run time.
 func (s Step) Expand(env map[string]string, escape rune) (Step, error) {
 	lex := shell.NewLex(escape)
 	get := envMap(env)
@@ -64,6 +65,19 @@ func (s Step) Expand(env map[string]string, escape rune) (Step, error) {
 		s.Value, err = word(s.Value)
 	case Expose:
 		s.Ports = each(s.Ports)
+	case Run:
+		if s.Mounts != nil {
+			ms := make([]Mount, len(s.Mounts))
+			for i, m := range s.Mounts {
+				for _, w := range []*string{&m.Target, &m.Source, &m.ID} {
+					if err == nil {
+						*w, err = word(*w)
+					}
+				}
+				ms[i] = m
+			}
+			s.Mounts = ms
+		}
 	}
 	return s, err
 }

@@ -40,50 +40,14 @@ const migrationEventsUsage = `CREATE TABLE IF NOT EXISTS events (
 	CREATE INDEX IF NOT EXISTS usage_by_account ON usage_intervals (account, end_at);
 	CREATE INDEX IF NOT EXISTS usage_open ON usage_intervals (open) WHERE open = 1;`
 
-// maxReason bounds a recorded reason: reasons carry error text.
-const maxReason = 1024
-
 func insertEvent(ctx context.Context, tx *sql.Tx, ev store.Event) error {
-	if ev.At.IsZero() {
-		ev.At = time.Now()
-	}
-	if ev.Reason == "" {
-		ev.Reason = defaultReason(ev.From, ev.State)
-	}
-	if len(ev.Reason) > maxReason {
-		ev.Reason = ev.Reason[:maxReason]
-	}
+	ev = store.EventToRecord(ev)
 	_, err := tx.ExecContext(ctx, `INSERT INTO events (account, kind, resource, version, from_state, state, reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
 		ev.Account, ev.Kind, ev.Resource, ev.Version, ev.From, ev.State, ev.Reason, ev.At.UnixNano())
 	if err != nil {
 		return fmt.Errorf("recording event: %w", err)
 	}
 	return nil
-}
-
-// defaultReason names a transition whose caller gave no reason.
-func defaultReason(from, to string) string {
-	switch {
-	case from == "":
-		return "Created"
-	case to == string(store.StateRunning) && from == string(store.StatePending):
-		return "Started"
-	case to == string(store.StateRunning) && from == string(store.StateSuspended):
-		return "Resumed"
-	case to == string(store.StateRunning) && from == string(store.StateSuspending):
-		return "SuspendCancelled"
-	}
-	return ""
-}
-
-func microvmEvent(m store.Microvm, from store.MicrovmState) store.Event {
-	return store.Event{Account: m.Account, Kind: store.EventMicrovm, Resource: m.ID, From: string(from),
-		State: string(m.State), Reason: m.StateReason, At: m.UpdatedAt}
-}
-
-func versionEvent(v store.ImageVersion, from string) store.Event {
-	return store.Event{Account: v.Account, Kind: store.EventImageVersion, Resource: v.ImageName, Version: v.Version,
-		From: from, State: v.State, Reason: v.StateReason, At: v.UpdatedAt}
 }
 
 // deletedVersionEvents records DELETED for versions of an image about to
@@ -125,11 +89,11 @@ func deletedVersionEvents(ctx context.Context, tx *sql.Tx, account, image, versi
 }
 
 func (s *Store) ListEvents(ctx context.Context, account string, f store.EventFilter, p store.Page) ([]store.Event, string, error) {
-	after, err := decodeToken(p.Token)
+	after, err := store.DecodePageToken(p.Token)
 	if err != nil {
 		return nil, "", err
 	}
-	limit := limitOf(p)
+	limit := store.PageLimit(p)
 	q := `SELECT seq, account, kind, resource, version, from_state, state, reason, at FROM events WHERE account = ? AND kind = ? AND resource = ? AND seq > ?`
 	args := []any{account, f.Kind, f.Resource, after}
 	if f.Version != "" {
@@ -152,7 +116,7 @@ func (s *Store) ListEvents(ctx context.Context, account string, f store.EventFil
 			return nil, "", fmt.Errorf("listing events: %w", err)
 		}
 		if len(out) == limit {
-			next = encodeToken(out[len(out)-1].Seq)
+			next = store.EncodePageToken(out[len(out)-1].Seq)
 			break
 		}
 		ev.At = time.Unix(0, at).UTC()
@@ -215,16 +179,14 @@ func (s *Store) UsageTotals(ctx context.Context, account string, since, until ti
 	if err != nil {
 		return nil, fmt.Errorf("summing usage: %w", err)
 	}
-	byAccount := map[string]*store.Usage{}
-	var order []string
+	var set store.UsageSet
 	for rows.Next() {
 		u := store.Usage{}
 		if err := rows.Scan(&u.Account, &u.RunningVCPUSeconds, &u.RunningGiBSeconds, &u.SuspendedGiBSeconds, &u.BuildSeconds, &u.Builds); err != nil {
 			rows.Close()
 			return nil, fmt.Errorf("summing usage: %w", err)
 		}
-		byAccount[u.Account] = &u
-		order = append(order, u.Account)
+		*set.Of(u.Account) = u
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
@@ -250,24 +212,10 @@ func (s *Store) UsageTotals(ctx context.Context, account string, since, until ti
 		if err := rows.Scan(&a, &n); err != nil {
 			return nil, fmt.Errorf("summing snapshot sizes: %w", err)
 		}
-		u := byAccount[a]
-		if u == nil {
-			u = &store.Usage{Account: a}
-			byAccount[a] = u
-			order = append(order, a)
-		}
-		u.SnapshotBytes = n
+		set.Of(a).SnapshotBytes = n
 	}
 	if err := rows.Err(); err != nil {
 		return nil, err
 	}
-	if account != "" && byAccount[account] == nil {
-		byAccount[account] = &store.Usage{Account: account}
-		order = append(order, account)
-	}
-	out := make([]store.Usage, 0, len(order))
-	for _, a := range order {
-		out = append(out, *byAccount[a])
-	}
-	return out, nil
+	return set.List(account), nil
 }

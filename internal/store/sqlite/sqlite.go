@@ -17,14 +17,12 @@ import (
 	"context"
 	"database/sql"
 	"database/sql/driver"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"time"
 
@@ -324,32 +322,6 @@ func isUnique(err error) bool {
 	return err != nil && strings.Contains(err.Error(), "UNIQUE constraint failed")
 }
 
-func encodeToken(seq int64) string {
-	return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(seq, 10)))
-}
-
-func decodeToken(tok string) (int64, error) {
-	if tok == "" {
-		return 0, nil
-	}
-	b, err := base64.RawURLEncoding.DecodeString(tok)
-	if err != nil {
-		return 0, fmt.Errorf("nextToken is not valid: %w", errdefs.ErrInvalid)
-	}
-	n, err := strconv.ParseInt(string(b), 10, 64)
-	if err != nil || n < 0 {
-		return 0, fmt.Errorf("nextToken is not valid: %w", errdefs.ErrInvalid)
-	}
-	return n, nil
-}
-
-func limitOf(p store.Page) int {
-	if p.Limit <= 0 || p.Limit > 1000 {
-		return 1000
-	}
-	return p.Limit
-}
-
 // page runs a query that selects (seq, data) ordered by seq and limited to
 // limit+1 rows, decodes the documents and computes the next token.
 func page[T any](ctx context.Context, db *sql.DB, limit int, query string, args ...any) ([]T, string, error) {
@@ -369,7 +341,7 @@ func page[T any](ctx context.Context, db *sql.DB, limit int, query string, args 
 			return nil, "", fmt.Errorf("scanning: %w", err)
 		}
 		if len(out) == limit {
-			next = encodeToken(last)
+			next = store.EncodePageToken(last)
 			break
 		}
 		var v T
@@ -585,7 +557,7 @@ func insertVersion(ctx context.Context, tx *sql.Tx, v store.ImageVersion, builds
 	if err != nil {
 		return fmt.Errorf("creating image version: %w", err)
 	}
-	if err := insertEvent(ctx, tx, versionEvent(v, "")); err != nil {
+	if err := insertEvent(ctx, tx, store.VersionEvent(v, "")); err != nil {
 		return err
 	}
 	for _, b := range builds {
@@ -602,11 +574,11 @@ func (s *Store) GetImage(ctx context.Context, account, name string) (store.Image
 }
 
 func (s *Store) ListImages(ctx context.Context, account, nameFilter string, p store.Page) ([]store.Image, string, error) {
-	after, err := decodeToken(p.Token)
+	after, err := store.DecodePageToken(p.Token)
 	if err != nil {
 		return nil, "", err
 	}
-	limit := limitOf(p)
+	limit := store.PageLimit(p)
 	return page[store.Image](ctx, s.r, limit,
 		`SELECT seq, data FROM images WHERE account = ? AND seq > ? AND instr(name, ?) > 0 ORDER BY seq LIMIT ?`,
 		account, after, nameFilter, limit+1)
@@ -715,11 +687,11 @@ func (s *Store) GetImageVersion(ctx context.Context, account, image, version str
 }
 
 func (s *Store) ListImageVersions(ctx context.Context, account, image string, p store.Page) ([]store.ImageVersion, string, error) {
-	after, err := decodeToken(p.Token)
+	after, err := store.DecodePageToken(p.Token)
 	if err != nil {
 		return nil, "", err
 	}
-	limit := limitOf(p)
+	limit := store.PageLimit(p)
 	return page[store.ImageVersion](ctx, s.r, limit,
 		`SELECT seq, data FROM image_versions WHERE account = ? AND image = ? AND seq > ? ORDER BY seq LIMIT ?`,
 		account, image, after, limit+1)
@@ -738,7 +710,7 @@ func (s *Store) UpdateImageVersion(ctx context.Context, v store.ImageVersion) er
 			return err
 		}
 		if old.State != v.State {
-			return insertEvent(ctx, tx, versionEvent(v, old.State))
+			return insertEvent(ctx, tx, store.VersionEvent(v, old.State))
 		}
 		return nil
 	})
@@ -771,11 +743,11 @@ func (s *Store) GetBuild(ctx context.Context, account, image, version, buildID s
 }
 
 func (s *Store) ListBuilds(ctx context.Context, account, image, version string, p store.Page) ([]store.Build, string, error) {
-	after, err := decodeToken(p.Token)
+	after, err := store.DecodePageToken(p.Token)
 	if err != nil {
 		return nil, "", err
 	}
-	limit := limitOf(p)
+	limit := store.PageLimit(p)
 	return page[store.Build](ctx, s.r, limit,
 		`SELECT seq, data FROM builds WHERE account = ? AND image = ? AND version = ? AND seq > ? ORDER BY seq LIMIT ?`,
 		account, image, version, after, limit+1)
@@ -801,6 +773,78 @@ func placeholders(n int) string {
 func (s *Store) UpdateBuild(ctx context.Context, b store.Build) error {
 	res, err := s.w.ExecContext(ctx, `UPDATE builds SET state = ?, data = ? WHERE build_id = ? AND account = ?`, b.State, mustJSON(b), b.ID, b.Account)
 	return affected(res, err, "build "+b.ID)
+}
+
+func (s *Store) FinishBuild(ctx context.Context, b store.Build) (bool, error) {
+	finalised := false
+	err := s.tx(ctx, func(tx *sql.Tx) error {
+		// The write transaction is BEGIN IMMEDIATE: no other finish of
+		// this version runs between the read of its builds and the writes.
+		old, err := getDoc[store.Build](ctx, tx, "build "+b.ID, `SELECT data FROM builds WHERE build_id = ? AND account = ?`, b.ID, b.Account)
+		if err != nil {
+			return err
+		}
+		if store.BuildFinal(old.State) {
+			return fmt.Errorf("build %s is %s already: %w", b.ID, old.State, errdefs.ErrConflict)
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE builds SET state = ?, data = ? WHERE build_id = ? AND account = ?`, b.State, mustJSON(b), b.ID, b.Account); err != nil {
+			return fmt.Errorf("updating build %s: %w", b.ID, err)
+		}
+		builds, err := docs[store.Build](ctx, tx, `SELECT data FROM builds WHERE account = ? AND image = ? AND version = ? ORDER BY seq`, b.Account, b.ImageName, b.Version)
+		if err != nil {
+			return err
+		}
+		what := "image version " + b.ImageName + ":" + b.Version
+		v, err := getDoc[store.ImageVersion](ctx, tx, what, `SELECT data FROM image_versions WHERE account = ? AND image = ? AND version = ?`, b.Account, b.ImageName, b.Version)
+		if err != nil {
+			return err
+		}
+		img, err := getDoc[store.Image](ctx, tx, "image "+b.ImageName, `SELECT data FROM images WHERE account = ? AND name = ?`, b.Account, b.ImageName)
+		if err != nil {
+			return err
+		}
+		before := v.State
+		if !store.FinishVersion(builds, &v, &img, b.UpdatedAt) {
+			return nil
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE image_versions SET data = ? WHERE account = ? AND image = ? AND version = ?`,
+			mustJSON(v), v.Account, v.ImageName, v.Version); err != nil {
+			return fmt.Errorf("updating %s: %w", what, err)
+		}
+		if before != v.State {
+			if err := insertEvent(ctx, tx, store.VersionEvent(v, before)); err != nil {
+				return err
+			}
+		}
+		if _, err := tx.ExecContext(ctx, `UPDATE images SET data = ? WHERE account = ? AND name = ?`, mustJSON(img), img.Account, img.Name); err != nil {
+			return fmt.Errorf("updating image %s: %w", img.Name, err)
+		}
+		finalised = true
+		return nil
+	})
+	return finalised, err
+}
+
+// docs decodes every document a query selects (data only) inside tx.
+func docs[T any](ctx context.Context, tx *sql.Tx, query string, args ...any) ([]T, error) {
+	rows, err := tx.QueryContext(ctx, query, args...)
+	if err != nil {
+		return nil, fmt.Errorf("listing: %w", err)
+	}
+	defer rows.Close()
+	var out []T
+	for rows.Next() {
+		var data string
+		if err := rows.Scan(&data); err != nil {
+			return nil, fmt.Errorf("scanning: %w", err)
+		}
+		var v T
+		if err := json.Unmarshal([]byte(data), &v); err != nil {
+			return nil, fmt.Errorf("decoding record: %w", err)
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
 }
 
 func (s *Store) AppendBuildLog(ctx context.Context, buildID string, data []byte) error {
@@ -895,14 +939,7 @@ func insertMicrovm(ctx context.Context, tx *sql.Tx, m store.Microvm, tok *store.
 		if err != nil {
 			return fmt.Errorf("creating microvm: %w", err)
 		}
-		ev := microvmEvent(m, "")
-		if ev.Reason == "" {
-			ev.Reason = "RunMicrovm"
-		}
-		if ev.At.IsZero() {
-			ev.At = m.StartedAt
-		}
-		if err := insertEvent(ctx, tx, ev); err != nil {
+		if err := insertEvent(ctx, tx, store.CreatedMicrovmEvent(m)); err != nil {
 			return err
 		}
 		return insertToken(ctx, tx, tok)
@@ -914,11 +951,11 @@ func (s *Store) GetMicrovm(ctx context.Context, account, id string) (store.Micro
 }
 
 func (s *Store) ListMicrovms(ctx context.Context, account string, f store.MicrovmFilter, p store.Page) ([]store.Microvm, string, error) {
-	after, err := decodeToken(p.Token)
+	after, err := store.DecodePageToken(p.Token)
 	if err != nil {
 		return nil, "", err
 	}
-	limit := limitOf(p)
+	limit := store.PageLimit(p)
 	q := `SELECT seq, data FROM microvms WHERE account = ? AND seq > ?`
 	args := []any{account, after}
 	if f.ImageName != "" {
@@ -984,7 +1021,7 @@ func (s *Store) UpdateMicrovm(ctx context.Context, account, id string, from []st
 		if err != nil {
 			return err
 		}
-		if len(from) > 0 && !containsState(from, m.State) {
+		if len(from) > 0 && !store.HasState(from, m.State) {
 			return fmt.Errorf("microvm %s is %s: %w", id, m.State, errdefs.ErrConflict)
 		}
 		before := m.State
@@ -992,7 +1029,7 @@ func (s *Store) UpdateMicrovm(ctx context.Context, account, id string, from []st
 			return err
 		}
 		if m.State != before {
-			if err := insertEvent(ctx, tx, microvmEvent(m, before)); err != nil {
+			if err := insertEvent(ctx, tx, store.MicrovmEvent(m, before)); err != nil {
 				return err
 			}
 		}
@@ -1119,21 +1156,12 @@ func (s *Store) DeleteClientTokens(ctx context.Context, cutoff time.Time) (int, 
 }
 
 func (s *Store) ListAllImageVersions(ctx context.Context, p store.Page) ([]store.ImageVersion, string, error) {
-	after, err := decodeToken(p.Token)
+	after, err := store.DecodePageToken(p.Token)
 	if err != nil {
 		return nil, "", err
 	}
-	limit := limitOf(p)
+	limit := store.PageLimit(p)
 	return page[store.ImageVersion](ctx, s.r, limit, `SELECT seq, data FROM image_versions WHERE seq > ? ORDER BY seq LIMIT ?`, after, limit+1)
-}
-
-func containsState(list []store.MicrovmState, s store.MicrovmState) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // Tags.

@@ -26,6 +26,24 @@ func TestConformance(t *testing.T) {
 	})
 }
 
+// TestConcurrency runs the two-handle cases on two Stores opened on one
+// file, as two kiln processes sharing it would.
+func TestConcurrency(t *testing.T) {
+	storetest.Concurrency(t, func(t *testing.T) (store.Store, store.Store) {
+		path := filepath.Join(t.TempDir(), "kiln.db")
+		var out [2]store.Store
+		for i := range out {
+			s, err := Open(context.Background(), path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { s.Close() })
+			out[i] = s
+		}
+		return out[0], out[1]
+	})
+}
+
 func TestReopenKeepsRecords(t *testing.T) {
 	ctx := context.Background()
 	path := filepath.Join(t.TempDir(), "kiln.db")

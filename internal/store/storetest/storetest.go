@@ -1,13 +1,12 @@
 // Package storetest is the conformance suite every store.Store
-// implementation runs (SQLite now, PostgreSQL later), so that they keep the
-// same contract.
+// implementation runs (SQLite and PostgreSQL), so that they keep the same
+// contract: Run with one handle, Concurrency with two on one database.
 package storetest
 
 import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 	"testing"
 	"time"
 
@@ -34,6 +33,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"garbage collection", collect},
 		{"events", events},
 		{"usage", usage},
+		{"nul bytes", nulBytes},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.fn(t, open(t)) })
@@ -352,32 +352,12 @@ func tags(t *testing.T, s store.Store) {
 // quotaRace: 20 concurrent creates against a quota of 5 store exactly 5;
 // the check and the insert are one transaction.
 func quotaRace(t *testing.T, s store.Store) {
-	now := time.Now().UTC()
 	adm := store.Admission{Defaults: store.Quota{Microvms: 5, MemoryMiB: -1, VCPUs: -1, Builds: -1, StorageBytes: -1}}
-	var wg sync.WaitGroup
-	errs := make([]error, 20)
-	for i := range errs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = s.CreateMicrovmWithinQuota(ctx, newVM("A", fmt.Sprintf("race%d", i), now), nil, adm)
-		}()
-	}
-	wg.Wait()
-	ok := 0
-	for _, err := range errs {
-		var qe *store.QuotaError
-		switch {
-		case err == nil:
-			ok++
-		case errors.As(err, &qe) && errors.Is(err, errdefs.ErrExhausted):
-			if qe.Quota != store.QuotaMicrovms || qe.Limit != 5 || qe.Used != 5 || qe.Requested != 1 {
-				t.Errorf("QuotaError = %+v", qe)
-			}
-		default:
-			t.Errorf("create: %v", err)
+	ok := createRace(t, []store.Store{s}, "race", adm, func(qe *store.QuotaError) {
+		if qe.Quota != store.QuotaMicrovms || qe.Limit != 5 || qe.Used != 5 || qe.Requested != 1 {
+			t.Errorf("QuotaError = %+v", qe)
 		}
-	}
+	})
 	n, err := s.CountMicrovms(ctx, "A")
 	must(t, err)
 	if ok != 5 || n != 5 {
@@ -543,5 +523,64 @@ func collect(t *testing.T, s store.Store) {
 	}
 	if more, _, _ := s.ListAllImageVersions(ctx, store.Page{Limit: 1, Token: next}); next != "" && len(more) != 0 {
 		t.Errorf("a third page: %+v", more)
+	}
+}
+
+// nulBytes: NUL bytes and bytes that are not UTF-8, which a tenant may put
+// in a run hook payload, an environment variable, a tag or an error text,
+// come back as they went in.
+func nulBytes(t *testing.T, s store.Store) {
+	const odd = "a\x00b\xff\u0000c"
+	now := time.Now().UTC()
+	m := newVM("A", "vm", now)
+	m.RunHookPayload = "{\"x\":\"\x00\"}\x00"
+	m.StateReason = "reason\x00"
+	must(t, s.CreateMicrovm(ctx, m, nil))
+	got, err := s.GetMicrovm(ctx, "A", "vm")
+	must(t, err)
+	if got.RunHookPayload != m.RunHookPayload {
+		t.Errorf("run hook payload = %q, want %q", got.RunHookPayload, m.RunHookPayload)
+	}
+	_, err = s.UpdateMicrovm(ctx, "A", "vm", nil, func(m *store.Microvm) error {
+		m.SetState(store.StateRunning, "BootFailed: "+odd, now)
+		return nil
+	})
+	must(t, err)
+	evs, _, err := s.ListEvents(ctx, "A", store.EventFilter{Kind: store.EventMicrovm, Resource: "vm"}, store.Page{})
+	must(t, err)
+	if len(evs) != 2 || evs[1].Reason != "BootFailed: "+odd {
+		t.Errorf("events = %+v", evs)
+	}
+
+	img, v, b := newImage("A", "app")
+	v.Config.EnvironmentVariables = map[string]string{"K": "v\x00w"}
+	v.StateReason = odd
+	must(t, s.CreateImage(ctx, img, v, b, nil))
+	gv, err := s.GetImageVersion(ctx, "A", "app", "1")
+	must(t, err)
+	if gv.Config.EnvironmentVariables["K"] != "v\x00w" {
+		t.Errorf("environment = %q", gv.Config.EnvironmentVariables)
+	}
+	must(t, s.AppendBuildLog(ctx, b[0].ID, []byte(odd)))
+	if lg, err := s.ReadBuildLog(ctx, b[0].ID, 0, 100); err != nil || string(lg) != odd {
+		t.Errorf("build log = %q, %v", lg, err)
+	}
+
+	must(t, s.TagResource(ctx, "A", "arn:x", map[string]string{odd: odd}))
+	if tg, err := s.GetTags(ctx, "A", "arn:x"); err != nil || len(tg) != 1 || tg[odd] != odd {
+		t.Errorf("tags = %q, %v", tg, err)
+	}
+	must(t, s.UntagResource(ctx, "A", "arn:x", []string{odd}))
+	if tg, _ := s.GetTags(ctx, "A", "arn:x"); len(tg) != 0 {
+		t.Errorf("tags after untag = %q", tg)
+	}
+	k := store.AccessKey{ID: "AKIANUL", Secret: "s\x00", Account: "111111111111", Description: odd, CreatedAt: now}
+	must(t, s.CreateAccessKey(ctx, k))
+	if gk, err := s.GetAccessKey(ctx, k.ID); err != nil || gk.Description != odd || gk.Secret != k.Secret {
+		t.Errorf("access key = %+v, %v", gk, err)
+	}
+	must(t, s.SetSetting(ctx, "nul", odd))
+	if v, err := s.GetSetting(ctx, "nul"); err != nil || v != odd {
+		t.Errorf("setting = %q, %v", v, err)
 	}
 }

@@ -194,6 +194,11 @@ func (v *vm) fileSizeLimit() uint64 {
 	if disk == 0 {
 		disk = 64 << 30
 	}
+	for _, x := range v.meta.Disks {
+		if st, err := os.Stat(x.Path); err == nil {
+			disk = max(disk, st.Size())
+		}
+	}
 	return uint64(2*disk + int64(v.meta.MemoryMiB)<<20 + 1<<30)
 }
 

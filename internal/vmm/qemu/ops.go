@@ -48,12 +48,16 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.BootSpec) (vmm.Info, error) 
 	if st, err := os.Stat(root); err != nil || !st.Mode().IsRegular() {
 		return vmm.Info{}, fmt.Errorf("root disk %q is not a file: %w", spec.RootDisk, errdefs.ErrInvalid)
 	}
+	disks, err := checkExtraDisks(spec.Disks)
+	if err != nil {
+		return vmm.Info{}, err
+	}
 	v, err := d.reserve(spec.ID)
 	if err != nil {
 		return vmm.Info{}, err
 	}
 	defer v.op.Unlock()
-	v.meta = meta{ID: spec.ID, State: vmm.StateRunning, Phase: phaseBooting, MemoryMiB: spec.MemoryMiB, VCPUs: spec.VCPUs,
+	v.meta = meta{Disks: disks, ID: spec.ID, State: vmm.StateRunning, Phase: phaseBooting, MemoryMiB: spec.MemoryMiB, VCPUs: spec.VCPUs,
 		Platform: d.platform, Kernel: d.cfg.kernelPath(), Initrd: d.initrd, Net: spec.Net,
 		Hostname: hostnameOr(spec.Hostname, spec.ID), StartedAt: time.Now(), ScratchDisk: spec.ScratchDisk, UID: v.uid,
 		Chain: []layer{{Path: root, Format: "raw"}}}
@@ -190,6 +194,11 @@ func (d *Driver) Snapshot(ctx context.Context, id, dir string) (vmm.Template, er
 	defer v.op.Unlock()
 	if err := v.requireRunning("snapshot"); err != nil {
 		return vmm.Template{}, err
+	}
+	if len(v.meta.Disks) > 0 {
+		// A template must not carry disks of a build step (an account's
+		// cache, say) into every clone.
+		return vmm.Template{}, fmt.Errorf("cannot snapshot vm %s: it has extra disks: %w", id, errdefs.ErrInvalid)
 	}
 	dir, err = filepath.Abs(dir)
 	if err != nil {

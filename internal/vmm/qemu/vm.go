@@ -50,6 +50,8 @@ type meta struct {
 	Hostname   string             `json:"hostname"`
 	// ScratchDisk: guest flushes are not passed on (cache=unsafe).
 	ScratchDisk bool `json:"scratch_disk,omitempty"`
+	// Disks are extra raw disks (disks.go).
+	Disks []vmm.Disk `json:"disks,omitempty"`
 	// UID is the unprivileged uid (and gid) QEMU runs as; 0: kiln's own.
 	UID uint32 `json:"uid,omitempty"`
 	// Jailed: QEMU runs in the VM's jail (jail.go); its sockets are in
@@ -236,6 +238,7 @@ func (v *vm) args(incoming bool) []string {
 		"-chardev", "socket,id=agent0,path="+v.qemuSock("agent.sock")+",server=on,wait=off",
 		"-device", "virtserialport,bus=vser0.0,chardev=agent0,name=kiln.agent",
 	)
+	a = append(a, v.extraDiskArgs(bus)...)
 	if p.Machine == "q35" {
 		// A new generation id on every clone makes the kernel reseed its
 		// RNG before any user code runs.
@@ -298,6 +301,11 @@ func (v *vm) spawn(ctx context.Context, incoming bool) error {
 		}
 		files = append(files, tap)
 	}
+	extra, err := v.openExtraDisks()
+	if err != nil {
+		return err
+	}
+	files = append(files, extra...)
 	var cmd *exec.Cmd
 	if v.jailed() {
 		if err := v.prepareJail(); err != nil {

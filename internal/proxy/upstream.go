@@ -1,0 +1,496 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// h1Upstream sends the common request (no body, no upgrade) to a guest
+// that speaks plain HTTP/1.1 on the handler's own goroutine: it writes
+// the request and reads the answer on a kept-alive connection itself.
+// http.Transport hands every request to a writer goroutine and every
+// answer back from a reader goroutine; on 2 busy cores those two
+// wake-ups per request were a large part of the proxy's added latency
+// (bench: CPU profile of `kiln bench proxy`). Requests with a body,
+// upgrades, h2c and TLS guests still go through httputil.ReverseProxy.
+type h1Upstream struct {
+	dial func(ctx context.Context, network, addr string) (net.Conn, error)
+
+	mu       sync.Mutex
+	idle     map[string][]*upConn // by guest host:port, most recent last
+	nIdle    int
+	sweeping bool
+}
+
+// upConn is one kept-alive connection to a guest. lim bounds what the
+// response header may read from the guest.
+type upConn struct {
+	c      net.Conn
+	stop   func() bool // ends the request's cancellation watch
+	lim    io.LimitedReader
+	br     *bufio.Reader
+	bw     *bufio.Writer
+	idleAt time.Time
+}
+
+const (
+	upIdleTimeout    = 30 * time.Second // as the Transports' IdleConnTimeout
+	upMaxIdlePerHost = 256
+	upMaxIdle        = 1024
+	// upMaxHeader bounds a guest's response header, as http.Transport's
+	// default MaxResponseHeaderBytes does.
+	upMaxHeader = 10 << 20
+)
+
+var errUpstreamProtocol = errors.New("the app answered 101 Switching Protocols to a request that asked for no upgrade")
+
+// fastPathOK reports whether r can take h1Upstream: no body (a length
+// of 0 is no body, for ReverseProxy too, also for an HTTP/2 stream whose
+// body is open), nothing to wait for (Expect), no protocol switch.
+func fastPathOK(r *http.Request) bool {
+	return r.ContentLength == 0 && len(r.TransferEncoding) == 0 && len(r.Trailer) == 0 &&
+		r.Header.Get("Expect") == "" && !isUpgrade(r)
+}
+
+func (u *h1Upstream) get(addr string) *upConn {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for l := u.idle[addr]; len(l) > 0; l = u.idle[addr] {
+		pc := l[len(l)-1]
+		u.idle[addr] = l[:len(l)-1]
+		u.nIdle--
+		if time.Since(pc.idleAt) < upIdleTimeout {
+			return pc
+		}
+		pc.c.Close()
+	}
+	return nil
+}
+
+func (u *h1Upstream) put(addr string, pc *upConn) {
+	pc.idleAt = time.Now()
+	u.mu.Lock()
+	if len(u.idle[addr]) >= upMaxIdlePerHost || u.nIdle >= upMaxIdle {
+		u.mu.Unlock()
+		pc.c.Close()
+		return
+	}
+	if u.idle == nil {
+		u.idle = map[string][]*upConn{}
+	}
+	u.idle[addr] = append(u.idle[addr], pc)
+	u.nIdle++
+	start := !u.sweeping
+	u.sweeping = true
+	u.mu.Unlock()
+	if start {
+		go u.sweep()
+	}
+}
+
+// sweep closes connections idle for upIdleTimeout (a guest that got no
+// request since keeps no descriptor of ours) and ends when none is left.
+func (u *h1Upstream) sweep() {
+	for {
+		time.Sleep(upIdleTimeout / 3)
+		u.mu.Lock()
+		for addr, l := range u.idle {
+			keep := l[:0]
+			for _, pc := range l {
+				if time.Since(pc.idleAt) < upIdleTimeout {
+					keep = append(keep, pc)
+				} else {
+					pc.c.Close()
+					u.nIdle--
+				}
+			}
+			clear(l[len(keep):])
+			if len(keep) == 0 {
+				delete(u.idle, addr)
+			} else {
+				u.idle[addr] = keep
+			}
+		}
+		if u.nIdle == 0 {
+			u.sweeping = false
+			u.mu.Unlock()
+			return
+		}
+		u.mu.Unlock()
+	}
+}
+
+func (u *h1Upstream) dialConn(ctx context.Context, addr string) (*upConn, error) {
+	c, err := u.dial(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	pc := &upConn{c: c, bw: bufio.NewWriter(c)}
+	pc.lim.R = c
+	pc.br = bufio.NewReader(&pc.lim)
+	return pc, nil
+}
+
+// roundTrip writes out on a kept-alive connection (or a new one) and
+// reads the response header. A reused connection that the guest closed
+// while idle fails before any answer: an idempotent request is then
+// sent once more on a new connection, as http.Transport does. Until
+// pc.stop is called, ctx ending breaks the connection (a client that
+// left a stream frees the guest's connection at once).
+func (u *h1Upstream) roundTrip(ctx context.Context, addr string, out *http.Request) (*http.Response, *upConn, error) {
+	if pc := u.get(addr); pc != nil {
+		resp, err := pc.exchange(ctx, out)
+		if err == nil {
+			return resp, pc, nil
+		}
+		if ctx.Err() != nil || !isIdempotent(out.Method) || !errors.Is(err, errNoAnswer) {
+			return nil, nil, err
+		}
+	}
+	pc, err := u.dialConn(ctx, addr)
+	if err != nil {
+		return nil, nil, err
+	}
+	resp, err := pc.exchange(ctx, out)
+	if err != nil {
+		return nil, nil, err
+	}
+	return resp, pc, nil
+}
+
+var errNoAnswer = errors.New("the app closed the connection without an answer")
+
+// exchange sends out and reads the response header; on an error the
+// connection is closed.
+func (pc *upConn) exchange(ctx context.Context, out *http.Request) (resp *http.Response, err error) {
+	pc.stop = context.AfterFunc(ctx, func() { pc.c.SetDeadline(time.Unix(1, 0)) })
+	defer func() {
+		if err != nil {
+			pc.stop()
+			pc.c.Close()
+			if ctx.Err() != nil {
+				err = ctx.Err()
+			}
+		}
+	}()
+	if err := writeHead(pc.bw, out); err != nil {
+		return nil, err
+	}
+	if err := pc.bw.Flush(); err != nil {
+		return nil, fmt.Errorf("%w: %w", errNoAnswer, err)
+	}
+	pc.lim.N = upMaxHeader
+	if _, err := pc.br.Peek(1); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
+			return nil, fmt.Errorf("%w: %w", errNoAnswer, err)
+		}
+		return nil, err
+	}
+	resp, err = http.ReadResponse(pc.br, out)
+	if err != nil {
+		if pc.lim.N <= 0 {
+			return nil, fmt.Errorf("response header over %d bytes", upMaxHeader)
+		}
+		return nil, err
+	}
+	pc.lim.N = math.MaxInt64
+	return resp, nil
+}
+
+// writeHead writes a bodyless request's line and header as
+// Request.Write writes them (Host first, no empty User-Agent, line
+// breaks in values turned to spaces, "Content-Length: 0" for the
+// methods that expect one), without its fmt calls: those were a fifth
+// of this path's CPU in the bench profile.
+func writeHead(bw *bufio.Writer, out *http.Request) error {
+	if !validHost(out.Host) {
+		return fmt.Errorf("invalid Host %q", out.Host)
+	}
+	bw.WriteString(out.Method)
+	bw.WriteByte(' ')
+	bw.WriteString(out.URL.RequestURI())
+	bw.WriteString(" HTTP/1.1\r\nHost: ")
+	bw.WriteString(out.Host)
+	bw.WriteString("\r\n")
+	for k, vv := range out.Header {
+		switch k {
+		case "Host", "Content-Length", "Transfer-Encoding", "Trailer":
+			continue
+		}
+		for _, v := range vv {
+			if k == "User-Agent" && v == "" {
+				continue
+			}
+			if strings.ContainsAny(v, "\r\n") {
+				v = strings.NewReplacer("\r", " ", "\n", " ").Replace(v)
+			}
+			bw.WriteString(k)
+			bw.WriteString(": ")
+			bw.WriteString(strings.Trim(v, " \t"))
+			bw.WriteString("\r\n")
+		}
+	}
+	switch out.Method {
+	case http.MethodPost, http.MethodPut, http.MethodPatch:
+		bw.WriteString("Content-Length: 0\r\n")
+	}
+	_, err := bw.WriteString("\r\n")
+	return err
+}
+
+// validHost: printable ASCII without space or the characters no
+// host[:port] has (what net/http's ValidHostHeader allows, in short);
+// never a line break.
+func validHost(h string) bool {
+	if h == "" {
+		return false
+	}
+	for _, c := range []byte(h) {
+		if c <= ' ' || c >= 0x7f || strings.IndexByte("\"<>\\^`{|}", c) >= 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func isIdempotent(method string) bool {
+	switch method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
+		return true
+	}
+	return false
+}
+
+// hopHeaders are the headers of one hop (RFC 9110 7.6.1) that a proxy
+// must not forward, the list httputil.ReverseProxy removes.
+var hopHeaders = []string{"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
+	"Te", "Trailer", "Transfer-Encoding", "Upgrade"}
+
+func removeHopHeaders(h http.Header) {
+	for _, f := range h["Connection"] {
+		for _, sf := range strings.Split(f, ",") {
+			if sf = textprotoTrim(sf); sf != "" {
+				h.Del(sf)
+			}
+		}
+	}
+	for _, k := range hopHeaders {
+		delete(h, k)
+	}
+}
+
+func textprotoTrim(s string) string { return strings.Trim(s, " \t") }
+
+// hasToken reports whether a comma-separated header holds token (any
+// case), as ReverseProxy decides whether to forward "Te: trailers".
+func hasToken(vals []string, token string) bool {
+	for _, v := range vals {
+		for _, t := range strings.Split(v, ",") {
+			if strings.EqualFold(textprotoTrim(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// outgoing is the request to the guest, built as ReverseProxy with
+// s.h1's Rewrite builds it: hop-by-hop headers out, the client's
+// Forwarded/X-Forwarded-* replaced by ours,
+// every x-aws-proxy-* header, the token cookie and kiln's WebSocket
+// subprotocols removed, Host kept.
+func outgoing(r *http.Request, target *url.URL) *http.Request {
+	h := make(http.Header, len(r.Header)+3)
+	for k, vv := range r.Header {
+		h[k] = vv // values are replaced, never appended to in place, below
+	}
+	removeHopHeaders(h)
+	if hasToken(r.Header["Te"], "trailers") {
+		h["Te"] = []string{"trailers"}
+	}
+	delete(h, "Forwarded")
+	delete(h, "X-Forwarded-For")
+	delete(h, "X-Forwarded-Host")
+	delete(h, "X-Forwarded-Proto")
+	// Only the address kiln saw: ReverseProxy drops the client's own
+	// X-Forwarded-For before SetXForwarded, so a client cannot plant one.
+	if ip, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+		h["X-Forwarded-For"] = []string{ip}
+	}
+	h["X-Forwarded-Host"] = []string{r.Host}
+	if r.TLS != nil {
+		h["X-Forwarded-Proto"] = []string{"https"}
+	} else {
+		h["X-Forwarded-Proto"] = []string{"http"}
+	}
+	stripProxyHeaders(h)
+	stripAuthCookie(h)
+	if protos := h.Values(wsProtocolField); len(protos) > 0 {
+		delete(h, wsProtocolField)
+		if rest := appProtocols(protos); len(rest) > 0 {
+			h.Set(wsProtocolField, strings.Join(rest, ", "))
+		}
+	}
+	if _, ok := h["User-Agent"]; !ok {
+		h["User-Agent"] = []string{""} // no Go default on the app's side
+	}
+	u := *r.URL
+	u.Scheme, u.Host = target.Scheme, target.Host
+	u.RawQuery = cleanQuery(u.RawQuery)
+	out := &http.Request{Method: r.Method, URL: &u, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header: h, Host: r.Host}
+	return out
+}
+
+// cleanQuery re-encodes a query that the proxy would read differently
+// from the app (semicolons, bad escapes), as ReverseProxy does.
+func cleanQuery(s string) string {
+	for i := 0; i < len(s); {
+		switch s[i] {
+		case ';':
+			v, _ := url.ParseQuery(s)
+			return v.Encode()
+		case '%':
+			if i+2 >= len(s) || !isHex(s[i+1]) || !isHex(s[i+2]) {
+				v, _ := url.ParseQuery(s)
+				return v.Encode()
+			}
+			i += 3
+		default:
+			i++
+		}
+	}
+	return s
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
+
+// forwardH1 proxies a fastPathOK request to a plain-HTTP guest over
+// h1Upstream, answering as ReverseProxy with s.h1 answers.
+func (s *Server) forwardH1(w http.ResponseWriter, r *http.Request, id string, target *url.URL) {
+	ctx := r.Context()
+	out := outgoing(r, target)
+	resp, pc, err := s.up.roundTrip(ctx, target.Host, out)
+	if err != nil {
+		s.guestFailed(w, id, err)
+		return
+	}
+	reuse := false
+	defer func() {
+		if pc.stop() && reuse {
+			s.up.put(target.Host, pc)
+		} else {
+			pc.c.Close()
+		}
+	}()
+	// Informational answers (103 Early Hints) go on to the client, as
+	// ReverseProxy passes them; the final answer follows.
+	for resp.StatusCode >= 100 && resp.StatusCode < 200 {
+		if resp.StatusCode == http.StatusSwitchingProtocols {
+			s.guestFailed(w, id, errUpstreamProtocol)
+			return
+		}
+		h := w.Header()
+		removeHopHeaders(resp.Header)
+		copyHeaders(h, resp.Header)
+		w.WriteHeader(resp.StatusCode)
+		clear(h)
+		if resp, err = http.ReadResponse(pc.br, out); err != nil {
+			s.guestFailed(w, id, err)
+			return
+		}
+	}
+	removeHopHeaders(resp.Header)
+	dropSetCookie(resp.Header, CookieAuth)
+	h := w.Header()
+	copyHeaders(h, resp.Header)
+	if n := len(resp.Trailer); n > 0 {
+		keys := make([]string, 0, n)
+		for k := range resp.Trailer {
+			keys = append(keys, k)
+		}
+		h.Add("Trailer", strings.Join(keys, ", "))
+	}
+	w.WriteHeader(resp.StatusCode)
+	if err := copyBody(w, resp, streaming(resp)); err != nil {
+		resp.Body.Close()
+		if errors.Is(err, errClientWrite) || ctx.Err() != nil {
+			return
+		}
+		// The guest broke off mid-body: abort the client's response so it
+		// does not take a truncated body for a whole one.
+		panic(http.ErrAbortHandler)
+	}
+	resp.Body.Close()
+	if len(resp.Trailer) > 0 {
+		http.NewResponseController(w).Flush()
+		for k, vv := range resp.Trailer {
+			for _, v := range vv {
+				h.Add(http.TrailerPrefix+k, v)
+			}
+		}
+	}
+	reuse = !resp.Close && !out.Close && ctx.Err() == nil
+}
+
+func copyHeaders(dst, src http.Header) {
+	for k, vv := range src {
+		for _, v := range vv {
+			dst.Add(k, v)
+		}
+	}
+}
+
+// streaming: an event stream, or a body of unknown length, is flushed
+// write by write (ReverseProxy's rule).
+func streaming(resp *http.Response) bool {
+	if resp.ContentLength == -1 {
+		return true
+	}
+	// The media type without parameters, as mime.ParseMediaType reads it
+	// (that parse, on every answer, cost more than the rest of this).
+	ct, _, _ := strings.Cut(resp.Header.Get("Content-Type"), ";")
+	return strings.EqualFold(strings.TrimSpace(ct), "text/event-stream")
+}
+
+var errClientWrite = errors.New("writing to the client")
+
+// copyBody copies the guest's body to the client, through a pooled
+// buffer, reading to the end (so the connection can serve again).
+func copyBody(w http.ResponseWriter, resp *http.Response, flush bool) error {
+	buf := copyBuffers.Get()
+	defer copyBuffers.Put(buf)
+	rc := http.NewResponseController(w)
+	for {
+		n, rerr := resp.Body.Read(buf)
+		if n > 0 {
+			if _, err := w.Write(buf[:n]); err != nil {
+				return fmt.Errorf("%w: %w", errClientWrite, err)
+			}
+			if flush {
+				if err := rc.Flush(); err != nil {
+					return fmt.Errorf("%w: %w", errClientWrite, err)
+				}
+			}
+		}
+		if rerr == io.EOF {
+			return nil
+		}
+		if rerr != nil {
+			return rerr
+		}
+	}
+}

@@ -1,0 +1,198 @@
+//go:build linux
+
+// Package pgtest starts a private PostgreSQL cluster for tests and
+// benchmarks: Debian's postgresql-15 binaries (installed by make setup),
+// run as the postgres OS user (initdb refuses root), listening on a unix
+// socket in a temporary directory and on no TCP port, with trust
+// authentication (only root and the postgres user can reach the socket
+// directory). Stop shuts it down and removes its files.
+package pgtest
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// BinDir holds the server binaries of Debian's postgresql-15.
+const BinDir = "/usr/lib/postgresql/15/bin"
+
+// ErrMissing says the server binaries are not installed.
+var ErrMissing = errors.New("postgresql-15 is not installed (" + BinDir + "); run make setup")
+
+// Cluster is a running private cluster.
+type Cluster struct {
+	dir  string // data directory's parent, and the socket directory
+	cmd  *exec.Cmd
+	done chan struct{}
+	n    atomic.Int64
+}
+
+// Available returns ErrMissing when the binaries are absent.
+func Available() error {
+	for _, b := range []string{"initdb", "postgres"} {
+		if _, err := os.Stat(filepath.Join(BinDir, b)); err != nil {
+			return ErrMissing
+		}
+	}
+	return nil
+}
+
+// Start creates and starts a cluster; it is ready for connections when
+// Start returns.
+func Start(ctx context.Context) (*Cluster, error) {
+	if err := Available(); err != nil {
+		return nil, err
+	}
+	dir, err := os.MkdirTemp("", "kiln-pg-")
+	if err != nil {
+		return nil, err
+	}
+	c := &Cluster{dir: dir, done: make(chan struct{})}
+	cred, err := credential()
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	if cred != nil {
+		if err := os.Chown(dir, int(cred.Uid), int(cred.Gid)); err != nil {
+			os.RemoveAll(dir)
+			return nil, err
+		}
+	}
+	logf := filepath.Join(dir, "server.log")
+	data := filepath.Join(dir, "data")
+	initdb := exec.CommandContext(ctx, filepath.Join(BinDir, "initdb"), "-D", data, "-U", "postgres", "--auth=trust",
+		"-E", "UTF8", "--locale=C", "--no-sync")
+	initdb.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	if out, err := initdb.CombinedOutput(); err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("initdb: %w: %s", err, out)
+	}
+	lf, err := os.Create(logf)
+	if err != nil {
+		os.RemoveAll(dir)
+		return nil, err
+	}
+	defer lf.Close()
+	// fsync off: the cluster is thrown away after the run, and the host
+	// is shared; what is tested is PostgreSQL's semantics, not its disk.
+	c.cmd = exec.Command(filepath.Join(BinDir, "postgres"), "-D", data, "-k", dir, "-c", "listen_addresses=",
+		"-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "shared_buffers=32MB")
+	c.cmd.Stdout, c.cmd.Stderr = lf, lf
+	// The server dies with the test binary even if Stop is never called.
+	c.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred, Setpgid: true, Pdeathsig: syscall.SIGQUIT}
+	if err := c.cmd.Start(); err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("starting postgres: %w", err)
+	}
+	go func() { c.cmd.Wait(); close(c.done) }()
+	if err := c.waitReady(ctx, 30*time.Second); err != nil {
+		log, _ := os.ReadFile(logf)
+		c.Stop()
+		return nil, fmt.Errorf("%w; server log:\n%s", err, log)
+	}
+	return c, nil
+}
+
+// credential is the postgres user's, when running as root.
+func credential() (*syscall.Credential, error) {
+	if os.Geteuid() != 0 {
+		return nil, nil
+	}
+	u, err := user.Lookup("postgres")
+	if err != nil {
+		return nil, fmt.Errorf("looking up the postgres user (created by the postgresql package): %w", err)
+	}
+	uid, _ := strconv.ParseUint(u.Uid, 10, 32)
+	gid, _ := strconv.ParseUint(u.Gid, 10, 32)
+	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}, nil
+}
+
+func (c *Cluster) waitReady(ctx context.Context, d time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, d)
+	defer cancel()
+	for {
+		conn, err := pgx.Connect(ctx, c.URL("postgres"))
+		if err == nil {
+			conn.Close(ctx)
+			return nil
+		}
+		select {
+		case <-c.done:
+			return fmt.Errorf("postgres exited while starting")
+		case <-ctx.Done():
+			return fmt.Errorf("postgres not ready within %v: %w", d, err)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// URL is the connection URL of database db.
+func (c *Cluster) URL(db string) string {
+	return "postgres://postgres@/" + db + "?host=" + url.QueryEscape(c.dir) + "&sslmode=disable"
+}
+
+// NewDatabase creates an empty database and returns its URL.
+func (c *Cluster) NewDatabase(ctx context.Context) (string, error) {
+	name := "kiln_" + strconv.FormatInt(c.n.Add(1), 10)
+	conn, err := pgx.Connect(ctx, c.URL("postgres"))
+	if err != nil {
+		return "", err
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, "CREATE DATABASE "+name+" STRATEGY FILE_COPY"); err != nil {
+		return "", fmt.Errorf("creating database %s: %w", name, err)
+	}
+	return c.URL(name), nil
+}
+
+// Stop shuts the server down (fast shutdown, then a kill after 10 s) and
+// removes the cluster's files.
+func (c *Cluster) Stop() {
+	if c.cmd != nil && c.cmd.Process != nil {
+		c.cmd.Process.Signal(syscall.SIGINT)
+		select {
+		case <-c.done:
+		case <-time.After(10 * time.Second):
+			c.cmd.Process.Kill()
+			<-c.done
+		}
+	}
+	os.RemoveAll(c.dir)
+}
+
+// Run is a TestMain body: it starts a cluster, runs tests with it, stops
+// it and returns tests' exit code. When the binaries are missing, tests
+// get a nil cluster and the reason, to skip; under CI=true that is a
+// failure instead (exit code 1), as is a cluster that does not start.
+// (-short is the caller's to check: this package stays free of testing.)
+func Run(tests func(c *Cluster, skip string) int) int {
+	if err := Available(); err != nil {
+		if os.Getenv("CI") != "" {
+			fmt.Fprintln(os.Stderr, "pgtest:", err)
+			return 1
+		}
+		return tests(nil, err.Error())
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	c, err := Start(ctx)
+	cancel()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "pgtest: starting a cluster:", err)
+		return 1
+	}
+	defer c.Stop()
+	return tests(c, "")
+}
