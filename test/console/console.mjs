@@ -79,7 +79,7 @@ async function gotoRetry(page, url) {
   for (let i = 0; ; i++) {
     try {
       const r = await page.goto(url);
-      if (!page.url().startsWith("chrome-error:")) return r;
+      if (!/^(chrome-error:|about:neterror)/.test(page.url())) return r;
       if (i >= 3) throw new Error(`loading ${url} ended on an error page`);
     } catch (e) {
       if (i >= 3 || !String(e).includes("ERR_NETWORK_CHANGED")) throw e;
@@ -95,6 +95,7 @@ async function launch(name, path, home) {
       executablePath: path,
       headless: true,
       acceptInsecureCerts: true,
+      protocolTimeout: 60000,
       defaultViewport: { width: 1280, height: 900 },
       env: { ...process.env, HOME: home, MOZ_CRASHREPORTER_DISABLE: "1", MOZ_DISABLE_AUTO_SAFE_MODE: "1" },
       // Keep it off the network: no captive-portal or connectivity probe,
@@ -113,6 +114,7 @@ async function launch(name, path, home) {
     executablePath: path,
     headless: true,
     acceptInsecureCerts: true,
+    protocolTimeout: 60000,
     defaultViewport: { width: 1280, height: 900 },
     args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
       "--disable-component-update", "--disable-sync"],
@@ -253,8 +255,15 @@ async function run(browserName, path) {
     const opened = admin.waitForTarget((t) => t.type() === "page" && t.url().includes(".microvm.localhost"), { timeout: 30000 });
     await page.locator(link).click();
     const tab = watch(await (await opened).page());
-    await until(tab, () => document.readyState === "complete" && /\.microvm\.localhost|^chrome-error:/.test(location.href), null, 30000);
-    if (tab.url().startsWith("chrome-error:")) await gotoRetry(tab, await page.$eval(link, (a) => a.href));
+    // Watch the address from here, not by script in the tab: Chromium's
+    // error page does not answer it.
+    const errorPage = /^(chrome-error:|about:neterror)/;
+    for (const end = Date.now() + 30000; ; await new Promise((r) => setTimeout(r, 200))) {
+      const u = tab.url();
+      if (errorPage.test(u) || (u.includes(".microvm.localhost") && !u.includes("kiln-proxy-auth"))) break;
+      if (Date.now() > end) throw new Error(`the endpoint's tab is still at ${u}`);
+    }
+    if (errorPage.test(tab.url())) await gotoRetry(tab, await page.$eval(link, (a) => a.href));
     const tabURL = tab.url();
     ok(!tabURL.includes("kiln-proxy-auth"), `the token left the address bar (${tabURL})`);
     const hello = await gotoRetry(tab, new URL("/hello", tabURL).toString());
