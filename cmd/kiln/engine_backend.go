@@ -16,6 +16,8 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/applog"
+	"github.com/kiln-sandbox/kiln/internal/e2b"
+	"github.com/kiln-sandbox/kiln/internal/e2b/envd"
 	"github.com/kiln-sandbox/kiln/internal/engine"
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/image/base"
@@ -110,7 +112,18 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		drv.Close()
 		return nil, nil, err
 	}
-	px, err := proxy.New(proxy.Config{Domain: o.Domain, Backend: eng, Tokens: signer, ShellHandler: eng.ShellHandler(), Logger: log})
+	pcfg := proxy.Config{Domain: o.Domain, Backend: eng, Tokens: signer, ShellHandler: eng.ShellHandler(), Logger: log}
+	if es, ok := st.(store.E2BStore); ok {
+		// E2B's envd runs here on the host, over the guest agent: see
+		// docs/ARCHITECTURE.md, "E2B-compatible API".
+		envdTokens := e2b.NewEnvdTokens(key)
+		pcfg.Envd = &proxy.Envd{Port: e2b.EnvdPort,
+			Authorize: func(tok, id, account string) bool { return envdTokens.Valid(tok, account, id) },
+			Handler: envd.New(envd.Config{Agents: eng, Sandboxes: es, Target: func(ctx context.Context) (string, string) {
+				return proxy.MicrovmID(ctx), proxy.Account(ctx)
+			}})}
+	}
+	px, err := proxy.New(pcfg)
 	if err != nil {
 		drv.Close()
 		return nil, nil, err

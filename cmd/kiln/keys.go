@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -10,12 +11,15 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/e2b"
+	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
 func init() {
 	keys := &cobra.Command{Use: "keys", Short: "Manage API access keys (each belongs to an account)"}
 
 	var account, description, credFile, profile string
+	var e2bKey bool
 	create := &cobra.Command{
 		Use:   "create",
 		Short: "Create an access key, for a new account unless --account is given; prints it as JSON",
@@ -27,6 +31,9 @@ func init() {
 				return err
 			}
 			defer st.Close()
+			if e2bKey {
+				return createE2BKey(cmd.Context(), st, account, description)
+			}
 			if account == "" {
 				if account, err = auth.NewAccountID(); err != nil {
 					return err
@@ -55,6 +62,7 @@ func init() {
 	create.Flags().StringVar(&description, "description", "", "what the key is for")
 	create.Flags().StringVar(&credFile, "write-credentials", "", "also write the key to this AWS shared-credentials file (replaced)")
 	create.Flags().StringVar(&profile, "profile", "default", "profile name in --write-credentials")
+	create.Flags().BoolVar(&e2bKey, "e2b", false, "create an API key of the E2B-compatible API (E2B_API_KEY) instead, for --account or a new account; prints {\"e2bApiKey\": ...}")
 
 	list := &cobra.Command{
 		Use:   "list",
@@ -105,4 +113,32 @@ func allDigits(s string) bool {
 		}
 	}
 	return true
+}
+
+// createE2BKey stores the hash of a new E2B API key for account (a new
+// account when empty) and prints the key, which is shown only here.
+func createE2BKey(ctx context.Context, st store.Store, account, description string) error {
+	es, ok := st.(store.E2BStore)
+	if !ok {
+		return fmt.Errorf("this state store does not support E2B keys")
+	}
+	if account == "" {
+		var err error
+		if account, err = auth.NewAccountID(); err != nil {
+			return err
+		}
+	} else if !validAccount(account) {
+		return fmt.Errorf("--account must be 12 digits")
+	}
+	key, hash, err := e2b.NewAPIKey()
+	if err != nil {
+		return err
+	}
+	if err := es.CreateE2BKey(ctx, store.E2BKey{Hash: hash, Account: account, Prefix: e2b.KeyPrefixOf(key),
+		Description: description, CreatedAt: time.Now().UTC()}); err != nil {
+		return err
+	}
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "    ")
+	return enc.Encode(map[string]string{"e2bApiKey": key, "account": account, "description": description})
 }

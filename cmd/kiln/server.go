@@ -351,6 +351,10 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 	top := http.NewServeMux()
 	top.Handle(console.Prefix, web.Handler())
 	top.Handle("/", srv.Handler())
+	if err := mountE2B(top, o, st, srv, port); err != nil {
+		ln.Close()
+		return err
+	}
 	hs := newHTTPServer(connlimit.Handler(top))
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()

@@ -138,7 +138,9 @@ type Config struct {
 	// ShellHandler, if set, serves shell requests (port 8022) instead of
 	// forwarding them to the guest; MicrovmID(r.Context()) names the VM.
 	ShellHandler http.Handler
-	Logger       *slog.Logger
+	// Envd, if set, serves E2B's envd on the host (see Envd).
+	Envd   *Envd
+	Logger *slog.Logger
 }
 
 // Server is an http.Handler for the endpoint listener.
@@ -173,6 +175,7 @@ type ctxKey int
 
 const (
 	keyMicrovm ctxKey = iota
+	keyAccount
 	keyTarget
 	keyProtocols
 )
@@ -340,6 +343,18 @@ func classCounters(code int) *statusCounters {
 
 func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	id, ok := s.microvmFromHost(r.Host)
+	e2bID, e2bPort, e2b, err := s.e2bRoute(r)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if e2b {
+		id, ok = e2bID, true
+		if s.cfg.Envd != nil && e2bPort == s.cfg.Envd.Port {
+			s.serveEnvd(w, r, id)
+			return
+		}
+	}
 	if !ok {
 		writeError(w, http.StatusNotFound, "unknown endpoint host")
 		return
@@ -352,6 +367,15 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	port, tok, err := requestPortAndToken(r, protos)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if e2b {
+		port = e2bPort
+	}
+	if s.cfg.Envd != nil && port == s.cfg.Envd.Port {
+		// Reserved for envd, whichever way it is addressed: an endpoint
+		// token (allPorts included) never reaches a guest on it.
+		s.serveEnvd(w, r, id)
 		return
 	}
 	if tok == "" {
@@ -387,17 +411,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 
 	s.cfg.Backend.ConnOpened(id)
 	defer s.cfg.Backend.ConnClosed(id)
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.ResumeTimeout)
-	start := time.Now()
-	err = s.cfg.Backend.EnsureRunning(rctx, id)
-	cancel()
-	if waited := time.Since(start); waited > autoResumeFloor && err == nil {
-		// Only a request that waited for its VM: a RUNNING one returns at
-		// once and would drown the histogram in zeros.
-		metrics.AutoResume.Observe(waited.Seconds())
-	}
-	if err != nil {
-		s.backendError(w, id, err)
+	if !s.wake(ctx, w, id) {
 		return
 	}
 
@@ -435,6 +449,26 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	rp.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// wake makes the VM runnable for a request (auto-resume), or answers the
+// request with why it cannot be. The caller has counted the connection
+// open (Backend.ConnOpened), so the VM is not idled under it.
+func (s *Server) wake(ctx context.Context, w http.ResponseWriter, id string) bool {
+	rctx, cancel := context.WithTimeout(ctx, s.cfg.ResumeTimeout)
+	start := time.Now()
+	err := s.cfg.Backend.EnsureRunning(rctx, id)
+	cancel()
+	if waited := time.Since(start); waited > autoResumeFloor && err == nil {
+		// Only a request that waited for its VM: a RUNNING one returns at
+		// once and would drown the histogram in zeros.
+		metrics.AutoResume.Observe(waited.Seconds())
+	}
+	if err != nil {
+		s.backendError(w, id, err)
+		return false
+	}
+	return true
 }
 
 // speaksTLS reports whether the app at ap answers a TLS handshake. The

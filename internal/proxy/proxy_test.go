@@ -191,10 +191,21 @@ type env struct {
 	addr    string // proxy listener
 }
 
-func newEnv(t *testing.T) *env { t.Helper(); return newEnvGuests(t, nil) }
+func newEnv(t *testing.T) *env { t.Helper(); return newEnvFull(t, nil, nil) }
 
 // newEnvGuests adds guest ports (port → loopback address) to newEnv's.
 func newEnvGuests(t *testing.T, extra map[string]string) *env {
+	t.Helper()
+	return newEnvFull(t, extra, nil)
+}
+
+// newEnvWith is newEnv with the proxy's Config adjusted by edit.
+func newEnvWith(t *testing.T, edit func(*Config)) *env {
+	t.Helper()
+	return newEnvFull(t, nil, edit)
+}
+
+func newEnvFull(t *testing.T, extra map[string]string, edit func(*Config)) *env {
 	t.Helper()
 	dir := t.TempDir()
 	ca, err := tlsca.Open(tlsca.Config{Domain: domain, Dir: filepath.Join(dir, "tls"), CAExport: filepath.Join(dir, "ca.pem")})
@@ -226,7 +237,11 @@ func newEnvGuests(t *testing.T, extra map[string]string) *env {
 		"frozen":    {tgt: Target{Account: "acct", Addr: lo, Ingress: true}, suspended: true},
 		"otheracct": {tgt: Target{Account: "other", Addr: lo, Ingress: true}},
 	}}
-	srv, err := New(Config{Domain: domain, Backend: b, Tokens: signer, Dial: dial})
+	cfg := Config{Domain: domain, Backend: b, Tokens: signer, Dial: dial}
+	if edit != nil {
+		edit(&cfg)
+	}
+	srv, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -23,6 +23,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -218,7 +219,10 @@ func (m *Manager) loadOrCreateCA() error {
 		}
 		// A CA made for another domain (the operator changed DOMAIN) or about
 		// to expire cannot sign our leaf: make a new one.
-		if slicesContains(cert.PermittedDNSDomains, m.cfg.Domain) && m.cfg.Now().Add(LeafValidity).Before(cert.NotAfter) {
+		// A CA without the loopback constraint (made before the leaf named
+		// 127.0.0.1) could sign for any address: it is replaced too.
+		if slicesContains(cert.PermittedDNSDomains, m.cfg.Domain) && loopbackOnly(cert.PermittedIPRanges) &&
+			m.cfg.Now().Add(LeafValidity).Before(cert.NotAfter) {
 			m.caCert, m.caKey = cert, key
 			return m.exportCA()
 		}
@@ -243,6 +247,9 @@ func (m *Manager) loadOrCreateCA() error {
 		KeyUsage:                    x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
 		PermittedDNSDomainsCritical: true,
 		PermittedDNSDomains:         []string{m.cfg.Domain},
+		// The leaf also names the loopback addresses (E2B_SANDBOX_URL);
+		// the CA may sign for those addresses and no other.
+		PermittedIPRanges: loopbackRanges(),
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tpl, tpl, &key.PublicKey, key)
 	if err != nil {
@@ -279,6 +286,7 @@ func (m *Manager) loadOrIssueLeaf() error {
 			pool := x509.NewCertPool()
 			pool.AddCert(m.caCert)
 			if err == nil && leaf.VerifyHostname("x."+m.cfg.Domain) == nil && leaf.VerifyHostname(m.cfg.Domain) == nil &&
+				leaf.VerifyHostname("127.0.0.1") == nil &&
 				m.cfg.Now().Add(RenewBefore).Before(leaf.NotAfter) {
 				if _, verr := leaf.Verify(x509.VerifyOptions{Roots: pool, CurrentTime: m.cfg.Now()}); verr == nil {
 					c.Leaf = leaf
@@ -303,10 +311,14 @@ func (m *Manager) issueLeaf() error {
 		SerialNumber: serial(),
 		Subject:      pkix.Name{Organization: []string{"kiln"}, CommonName: "*." + m.cfg.Domain},
 		DNSNames:     []string{"*." + m.cfg.Domain, m.cfg.Domain},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(LeafValidity),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		// Loopback too: E2B's SDK reaches every sandbox at one URL
+		// (E2B_SANDBOX_URL=https://127.0.0.1:PORT) and routes by header,
+		// since *.localhost names do not resolve through every C library.
+		IPAddresses: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+		NotBefore:   now.Add(-time.Hour),
+		NotAfter:    now.Add(LeafValidity),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tpl, m.caCert, &key.PublicKey, m.caKey)
 	if err != nil {
@@ -395,4 +407,27 @@ func slicesContains(s []string, v string) bool {
 		}
 	}
 	return false
+}
+
+// loopbackRanges are the only addresses the CA may sign for.
+func loopbackRanges() []*net.IPNet {
+	return []*net.IPNet{
+		{IP: net.IPv4(127, 0, 0, 1).To4(), Mask: net.CIDRMask(32, 32)},
+		{IP: net.IPv6loopback, Mask: net.CIDRMask(128, 128)},
+	}
+}
+
+// loopbackOnly reports whether a CA's permitted IP ranges are exactly
+// loopbackRanges.
+func loopbackOnly(got []*net.IPNet) bool {
+	want := loopbackRanges()
+	if len(got) != len(want) {
+		return false
+	}
+	for i := range want {
+		if !got[i].IP.Equal(want[i].IP) || got[i].Mask.String() != want[i].Mask.String() {
+			return false
+		}
+	}
+	return true
 }

@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -68,6 +69,9 @@ func TestSelfIssued(t *testing.T) {
 		{"bare domain", "microvm.localhost", true},
 		{"two labels deep", "a.b.microvm.localhost", false},
 		{"other domain", "example.com", false},
+		// E2B_SANDBOX_URL=https://127.0.0.1:PORT routes by header.
+		{"loopback address", "127.0.0.1", true},
+		{"ipv6 loopback", "::1", true},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -112,6 +116,19 @@ func TestNameConstraint(t *testing.T) {
 	roots.AddCert(m.caCert)
 	if _, err := c.Verify(x509.VerifyOptions{Roots: roots, DNSName: "bank.example"}); err == nil {
 		t.Fatal("CA signed a verifiable certificate outside its domain")
+	}
+	// Nor for an address other than loopback: the leaf names 127.0.0.1,
+	// so the CA carries IP constraints too.
+	tpl = &x509.Certificate{SerialNumber: serial(), Subject: pkix.Name{CommonName: "10.0.0.1"},
+		IPAddresses: []net.IP{net.IPv4(10, 0, 0, 1)}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err = x509.CreateCertificate(rand.Reader, tpl, m.caCert, &key.PublicKey, m.caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ = x509.ParseCertificate(der)
+	if _, err := c.Verify(x509.VerifyOptions{Roots: roots}); err == nil {
+		t.Fatal("CA signed a verifiable certificate for a non-loopback address")
 	}
 }
 

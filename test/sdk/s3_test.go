@@ -20,6 +20,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
 	"github.com/kiln-sandbox/kiln/internal/image/source"
+	"github.com/kiln-sandbox/kiln/test/kilntest"
 )
 
 // s3Server is a real S3-compatible server (versitygw, installed by
@@ -60,7 +61,7 @@ func startS3(ctx context.Context, t *testing.T, dir string) *s3Server {
 	key := make([]byte, 20)
 	rand.Read(key)
 	s := &s3Server{AccessKey: "KILNTEST" + hex.EncodeToString(key[:6]), SecretKey: hex.EncodeToString(key)}
-	addr := "127.0.0.1:" + freePort(t)
+	addr := "127.0.0.1:" + kilntest.FreePort(t)
 	s.Endpoint = "http://" + addr
 	logPath := filepath.Join(dir, "versitygw.log")
 	logf, err := os.Create(logPath)

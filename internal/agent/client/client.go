@@ -569,3 +569,18 @@ func (c *Client) closeStream(id uint64) {
 	defer cancel()
 	_ = c.call(ctx, proto.TypeStreamClose, proto.StreamClose{StreamID: id}, nil, nil)
 }
+
+// ListDir lists a guest path (see proto.ListDirRequest). The answer comes
+// from the guest, so it is checked before it is returned: at most
+// proto.MaxListEntries entries, each a known type and under the path asked
+// for (ValidateListing).
+func (c *Client) ListDir(ctx context.Context, path string, depth int) (proto.ListDirResult, error) {
+	var res proto.ListDirResult
+	if err := c.call(ctx, proto.TypeListDir, proto.ListDirRequest{Path: path, Depth: depth}, &res, nil); err != nil {
+		return res, err
+	}
+	if err := proto.ValidateListing(path, depth, res); err != nil {
+		return proto.ListDirResult{}, fmt.Errorf("list: the agent's answer: %w", err)
+	}
+	return res, nil
+}

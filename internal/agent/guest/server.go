@@ -358,6 +358,12 @@ func (s *Server) handle(ctx context.Context, m proto.Message) (any, error) {
 			return nil, err
 		}
 		return s.copyOutRead(ctx, req)
+	case proto.TypeListDir:
+		var req proto.ListDirRequest
+		if err := proto.DecodeBody(m, &req); err != nil {
+			return nil, err
+		}
+		return listDir(req)
 	case proto.TypeMount:
 		var req proto.MountRequest
 		if err := proto.DecodeBody(m, &req); err != nil {

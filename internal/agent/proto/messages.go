@@ -44,6 +44,7 @@ const (
 	TypeCopyOutOpen Type = "copy_out_open"
 	TypeCopyOutRead Type = "copy_out_read"
 	TypeStreamClose Type = "stream_close"
+	TypeListDir     Type = "list_dir"
 	TypeMount       Type = "mount"
 	TypeUnmount     Type = "unmount"
 )
@@ -327,6 +328,50 @@ type StreamData struct {
 // StreamClose aborts a copy stream.
 type StreamClose struct {
 	StreamID uint64 `json:"stream_id"`
+}
+
+// MaxListEntries bounds the entries one ListDirRequest returns.
+const MaxListEntries = 10000
+
+// MaxListDepth bounds how deep one ListDirRequest descends.
+const MaxListDepth = 16
+
+// ListDirRequest lists Path (absolute): with Depth 0 the entry of Path
+// itself, else the entries under it down to Depth levels, at most
+// MaxListEntries (then Truncated). Symbolic links are reported, never
+// followed.
+type ListDirRequest struct {
+	Path  string `json:"path"`
+	Depth int    `json:"depth"`
+}
+
+// File types of DirEntry.Type.
+const (
+	FileRegular = "file"
+	FileDir     = "dir"
+	FileSymlink = "symlink"
+	FileOther   = "other"
+)
+
+// DirEntry is one file system entry.
+type DirEntry struct {
+	Name    string    `json:"name"`
+	Path    string    `json:"path"`
+	Type    string    `json:"type"`
+	Size    int64     `json:"size"`
+	Mode    uint32    `json:"mode"` // permission and set-id bits
+	UID     uint32    `json:"uid"`
+	GID     uint32    `json:"gid"`
+	Owner   string    `json:"owner,omitempty"`
+	Group   string    `json:"group,omitempty"`
+	ModTime time.Time `json:"mtime"`
+	Target  string    `json:"target,omitempty"` // of a symlink
+}
+
+// ListDirResult answers ListDirRequest.
+type ListDirResult struct {
+	Entries   []DirEntry `json:"entries"`
+	Truncated bool       `json:"truncated,omitempty"`
 }
 
 // MaxMounts bounds the mounts of one MountRequest.

@@ -273,6 +273,8 @@ var migrations = []string{
 	);
 	CREATE INDEX IF NOT EXISTS microvms_by_account_state ON microvms (account, state);
 	CREATE INDEX IF NOT EXISTS builds_by_account_state ON builds (account, state);`,
+	// 5: the E2B-compatible API's keys and sandboxes (e2b.go).
+	migrationE2B,
 }
 
 func (s *Store) migrate(ctx context.Context) error {

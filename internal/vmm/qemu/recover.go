@@ -48,6 +48,9 @@ func (d *Driver) Recover(ctx context.Context) (vmm.RecoveryReport, error) {
 		case "suspended", "stopped":
 			rep.Suspended = append(rep.Suspended, id)
 		default:
+			// Say why: a VM removed here is a microVM the engine reports
+			// lost, and the operator needs the cause.
+			d.log.Warn("recovery removed a vm", "vm", e.Name(), "why", outcome)
 			rep.Removed = append(rep.Removed, e.Name()+": "+outcome)
 		}
 	}

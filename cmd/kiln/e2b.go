@@ -1,0 +1,42 @@
+package main
+
+import (
+	"fmt"
+	"log/slog"
+	"net/http"
+	"path/filepath"
+
+	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/e2b"
+	"github.com/kiln-sandbox/kiln/internal/store"
+	"github.com/kiln-sandbox/kiln/internal/token"
+)
+
+// mountE2B serves E2B's control API beside the AWS routes on the API
+// listener: the SDK needs only a base URL (E2B_API_URL), no path of E2B's
+// collides with the AWS API's, and sharing the listener shares its TLS,
+// timeouts and per-client connection cap instead of configuring a second.
+func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Server, endpointPort string) error {
+	es, ok := st.(store.E2BStore)
+	if !ok {
+		// A store without E2B support (PostgreSQL, for now) serves the
+		// AWS API only.
+		slog.Warn("the E2B API is off: this state store keeps no E2B keys or sandboxes yet (use the SQLite store)")
+		return nil
+	}
+	// The same key the endpoint proxy derives envd tokens from.
+	key, err := token.LoadOrCreateKey(filepath.Join(o.DataDir, "token.key"))
+	if err != nil {
+		return fmt.Errorf("e2b api: %w", err)
+	}
+	domain := o.Domain
+	if endpointPort != "" && endpointPort != "443" {
+		domain += ":" + endpointPort
+	}
+	h := e2b.New(e2b.Config{API: srv, Store: st, Sandboxes: es, Tokens: e2b.NewEnvdTokens(key), Domain: domain,
+		Egress: fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.InternetEgressConnector)}).Handler()
+	for _, p := range e2b.Prefixes {
+		mux.Handle(p, h)
+	}
+	return nil
+}

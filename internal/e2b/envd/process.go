@@ -1,0 +1,404 @@
+package envd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"path"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/agent/proto"
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
+)
+
+// processConfig is process.ProcessConfig.
+type processConfig struct {
+	Cmd  string            `json:"cmd"`
+	Args []string          `json:"args,omitempty"`
+	Envs map[string]string `json:"envs,omitempty"`
+	Cwd  *string           `json:"cwd,omitempty"`
+}
+
+// startRequest is process.StartRequest.
+type startRequest struct {
+	Process *processConfig `json:"process"`
+	Pty     *struct{}      `json:"pty"`
+	Tag     *string        `json:"tag"`
+	Stdin   *bool          `json:"stdin"`
+}
+
+// Bounds of a command: what the kernel's argv and environment can take.
+const (
+	maxArgs     = 4096
+	maxArgBytes = 256 << 10
+	maxEnvs     = 1024
+)
+
+// checkStart validates a StartRequest.
+func checkStart(req startRequest) *rpcError {
+	c := req.Process
+	switch {
+	case c == nil || c.Cmd == "":
+		return errf(codeInvalidArgument, "process.cmd is required")
+	case req.Pty != nil:
+		return errf(codeUnimplemented, "kiln's envd does not run PTY processes yet")
+	case len(c.Args) > maxArgs || len(c.Envs) > maxEnvs:
+		return errf(codeInvalidArgument, "at most %d arguments and %d environment variables", maxArgs, maxEnvs)
+	case req.Tag != nil && len(*req.Tag) > 256:
+		return errf(codeInvalidArgument, "tag longer than 256 bytes")
+	}
+	n := len(c.Cmd)
+	bad := strings.ContainsRune(c.Cmd, 0)
+	for _, a := range c.Args {
+		n += len(a) + 1
+		bad = bad || strings.ContainsRune(a, 0)
+	}
+	for k, v := range c.Envs {
+		n += len(k) + len(v) + 2
+		bad = bad || k == "" || strings.ContainsAny(k, "=\x00") || strings.ContainsRune(v, 0)
+	}
+	if c.Cwd != nil {
+		bad = bad || len(*c.Cwd) > 4096 || strings.ContainsRune(*c.Cwd, 0)
+	}
+	if bad {
+		return errf(codeInvalidArgument, "command, arguments, environment names and values and cwd must not contain NUL bytes; names not '='")
+	}
+	if n > maxArgBytes {
+		return errf(codeInvalidArgument, "command, arguments and environment hold %d bytes; at most %d", n, maxArgBytes)
+	}
+	return nil
+}
+
+// processEvent is process.ProcessEvent (JSON: the oneof's member).
+type processEvent struct {
+	Start     *startEvent `json:"start,omitempty"`
+	Data      *dataEvent  `json:"data,omitempty"`
+	End       *endEvent   `json:"end,omitempty"`
+	Keepalive *struct{}   `json:"keepalive,omitempty"`
+}
+
+type startEvent struct {
+	Pid uint32 `json:"pid"`
+}
+
+type dataEvent struct {
+	Stdout []byte `json:"stdout,omitempty"` // base64 in JSON, as protobuf bytes
+	Stderr []byte `json:"stderr,omitempty"`
+}
+
+type endEvent struct {
+	ExitCode int32   `json:"exitCode"`
+	Exited   bool    `json:"exited"`
+	Status   string  `json:"status"`
+	Error    *string `json:"error,omitempty"`
+}
+
+type startResponse struct {
+	Event processEvent `json:"event"`
+}
+
+// keepalive is how often a stream with no output sends a keepalive: the
+// SDK asks (Keepalive-Ping-Interval, seconds), within bounds.
+func keepalive(r *http.Request) time.Duration {
+	n, err := strconv.Atoi(r.Header.Get("Keepalive-Ping-Interval"))
+	if err != nil || n < 1 || n > 300 {
+		n = 50
+	}
+	return time.Duration(n) * time.Second
+}
+
+func (h *Handler) start(w http.ResponseWriter, r *http.Request) {
+	var req startRequest
+	if e := readStreamRequest(r, &req); e != nil {
+		startStream(w).end(e)
+		return
+	}
+	if e := checkStart(req); e != nil {
+		startStream(w).end(e)
+		return
+	}
+	user := userOf(r)
+	if !validUser(user) {
+		startStream(w).end(errf(codeInvalidArgument, "user %q is not a valid user name", user))
+		return
+	}
+	ctx := r.Context()
+	a, id, account, e := h.agent(ctx)
+	if e != nil {
+		startStream(w).end(e)
+		return
+	}
+	env, err := h.sandboxEnv(ctx, account, id)
+	if err != nil {
+		startStream(w).end(errf(codeInternal, "reading the sandbox's env vars: %v", err))
+		return
+	}
+	for k, v := range req.Process.Envs {
+		env[k] = v
+	}
+	envList := make([]string, 0, len(env))
+	for k, v := range env {
+		envList = append(envList, k+"="+v)
+	}
+	slices.Sort(envList)
+	cwd := ""
+	if req.Process.Cwd != nil && *req.Process.Cwd != "" {
+		cwd = resolvePath(*req.Process.Cwd, homeOf(user))
+	}
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	p, err := a.Exec(sctx, client.ExecRequest{Argv: append([]string{req.Process.Cmd}, req.Process.Args...),
+		Env: envList, Cwd: cwd, User: user, Stdin: req.Stdin != nil && *req.Stdin})
+	cancel()
+	s := startStream(w)
+	if err != nil {
+		s.end(classify(fmt.Errorf("starting %s: %w", req.Process.Cmd, err)))
+		return
+	}
+	pid := uint32(p.Pid())
+	tag := ""
+	if req.Tag != nil {
+		tag = *req.Tag
+	}
+	h.track(id, pid, &tracked{p: p, cfg: *req.Process, tag: tag})
+	defer h.untrack(id, pid, p)
+	if s.send(startResponse{processEvent{Start: &startEvent{Pid: pid}}}) != nil {
+		return
+	}
+	s.end(h.pump(ctx, s, p, keepalive(r)))
+}
+
+// pump streams a process's output until it ends or the client goes; the
+// process goes on without a client, as with E2B.
+func (h *Handler) pump(ctx context.Context, s *stream, p *client.Process, every time.Duration) *rpcError {
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for {
+		select {
+		case o, ok := <-p.Output():
+			if !ok {
+				code, err := p.Wait(context.WithoutCancel(ctx))
+				if err != nil {
+					return errf(codeUnavailable, "lost the sandbox while the process ran: %v", err)
+				}
+				end := &endEvent{ExitCode: int32(code), Exited: true, Status: fmt.Sprintf("exit status %d", code)}
+				if sig := p.ExitSignal(); sig != 0 {
+					end.Exited, end.Status = false, fmt.Sprintf("signal: %d", sig)
+				}
+				if s.send(startResponse{processEvent{End: end}}) != nil {
+					return nil
+				}
+				return nil
+			}
+			d := &dataEvent{Stdout: o.Data}
+			if o.Stream == proto.Stderr {
+				d = &dataEvent{Stderr: o.Data}
+			}
+			if len(o.Data) == 0 {
+				continue
+			}
+			if s.send(startResponse{processEvent{Data: d}}) != nil {
+				return nil
+			}
+		case <-tick.C:
+			if s.send(startResponse{processEvent{Keepalive: &struct{}{}}}) != nil {
+				return nil
+			}
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+func (h *Handler) sandboxEnv(ctx context.Context, account, id string) (map[string]string, error) {
+	env := map[string]string{}
+	sb, err := h.cfg.Sandboxes.GetE2BSandbox(ctx, account, id)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return env, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	for k, v := range sb.EnvVars {
+		env[k] = v
+	}
+	return env, nil
+}
+
+func (h *Handler) track(id string, pid uint32, t *tracked) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	m := h.procs[id]
+	if m == nil {
+		m = map[uint32]*tracked{}
+		h.procs[id] = m
+	}
+	if len(m) < maxTracked {
+		m[pid] = t
+	}
+}
+
+func (h *Handler) untrack(id string, pid uint32, p *client.Process) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if t := h.procs[id][pid]; t != nil && t.p == p {
+		delete(h.procs[id], pid)
+		if len(h.procs[id]) == 0 {
+			delete(h.procs, id)
+		}
+	}
+}
+
+// selector is process.ProcessSelector.
+type selector struct {
+	Pid *uint32 `json:"pid"`
+	Tag *string `json:"tag"`
+}
+
+func (h *Handler) find(id string, sel *selector) (*tracked, *rpcError) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if sel != nil && sel.Pid != nil {
+		if t := h.procs[id][*sel.Pid]; t != nil {
+			return t, nil
+		}
+		return nil, errf(codeNotFound, "process %d not found (kiln's envd knows the processes it started)", *sel.Pid)
+	}
+	if sel != nil && sel.Tag != nil {
+		for _, t := range h.procs[id] {
+			if t.tag == *sel.Tag {
+				return t, nil
+			}
+		}
+		return nil, errf(codeNotFound, "no process with tag %q", *sel.Tag)
+	}
+	return nil, errf(codeInvalidArgument, "process selector (pid or tag) is required")
+}
+
+type processInfo struct {
+	Config processConfig `json:"config"`
+	Pid    uint32        `json:"pid"`
+	Tag    *string       `json:"tag,omitempty"`
+}
+
+func (h *Handler) list(w http.ResponseWriter, r *http.Request) {
+	var req struct{}
+	if e := readUnary(w, r, &req); e != nil {
+		writeUnaryError(w, e)
+		return
+	}
+	id, _ := h.cfg.Target(r.Context())
+	h.mu.Lock()
+	out := []processInfo{}
+	for pid, t := range h.procs[id] {
+		pi := processInfo{Config: t.cfg, Pid: pid}
+		if t.tag != "" {
+			tag := t.tag
+			pi.Tag = &tag
+		}
+		out = append(out, pi)
+	}
+	h.mu.Unlock()
+	slices.SortFunc(out, func(a, b processInfo) int { return int(a.Pid) - int(b.Pid) })
+	writeUnary(w, map[string]any{"processes": out})
+}
+
+// onProcess decodes a unary request into req, finds the process its
+// selector names, and answers with what fn does to it.
+func (h *Handler) onProcess(w http.ResponseWriter, r *http.Request, req any, sel func() *selector, fn func(context.Context, *tracked) *rpcError) {
+	if e := readUnary(w, r, req); e != nil {
+		writeUnaryError(w, e)
+		return
+	}
+	id, _ := h.cfg.Target(r.Context())
+	t, e := h.find(id, sel())
+	if e != nil {
+		writeUnaryError(w, e)
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+	defer cancel()
+	if e := fn(ctx, t); e != nil {
+		writeUnaryError(w, e)
+		return
+	}
+	writeUnary(w, struct{}{})
+}
+
+func (h *Handler) sendInput(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Process *selector `json:"process"`
+		Input   *struct {
+			Stdin []byte `json:"stdin"`
+			Pty   []byte `json:"pty"`
+		} `json:"input"`
+	}
+	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *tracked) *rpcError {
+		if req.Input == nil || req.Input.Pty != nil {
+			return errf(codeInvalidArgument, "input.stdin is required (kiln runs no PTY processes yet)")
+		}
+		if err := t.p.Write(ctx, req.Input.Stdin); err != nil {
+			return classify(err)
+		}
+		return nil
+	})
+}
+
+func (h *Handler) closeStdin(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Process *selector `json:"process"`
+	}
+	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *tracked) *rpcError {
+		if err := t.p.CloseStdin(ctx); err != nil {
+			return classify(err)
+		}
+		return nil
+	})
+}
+
+// signalOf reads process.Signal, by name or number as protobuf JSON allows.
+func signalOf(raw any) (int, bool) {
+	switch v := raw.(type) {
+	case string:
+		switch v {
+		case "SIGNAL_SIGKILL":
+			return 9, true
+		case "SIGNAL_SIGTERM":
+			return 15, true
+		}
+	case float64:
+		if v == 9 || v == 15 {
+			return int(v), true
+		}
+	}
+	return 0, false
+}
+
+func (h *Handler) sendSignal(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Process *selector `json:"process"`
+		Signal  any       `json:"signal"`
+	}
+	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *tracked) *rpcError {
+		sig, ok := signalOf(req.Signal)
+		if !ok {
+			return errf(codeInvalidArgument, "signal must be SIGNAL_SIGKILL or SIGNAL_SIGTERM")
+		}
+		if err := t.p.Signal(ctx, sig); err != nil {
+			return classify(err)
+		}
+		return nil
+	})
+}
+
+// resolvePath makes p absolute (relative to home) and clean.
+func resolvePath(p, home string) string {
+	if !path.IsAbs(p) {
+		p = path.Join(home, p)
+	}
+	return path.Clean(p)
+}

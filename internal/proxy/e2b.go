@@ -1,0 +1,113 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"strconv"
+	"strings"
+)
+
+// E2B's addressing of a sandbox's ports (internal/e2b): the host
+// "PORT-ID.DOMAIN", or, when the SDK is given one sandbox URL
+// (E2B_SANDBOX_URL) for every sandbox, these headers; and envd's token.
+const (
+	HeaderE2BSandboxID   = "E2b-Sandbox-Id"
+	HeaderE2BSandboxPort = "E2b-Sandbox-Port"
+	HeaderEnvdToken      = "X-Access-Token"
+)
+
+// Envd routes E2B's in-sandbox API to a handler on the host instead of a
+// guest port: every request for Port, however it is addressed, goes to
+// Handler once Authorize accepted its X-Access-Token for the microVM and
+// its account, so no endpoint token reaches a guest on that port.
+type Envd struct {
+	Port      uint16
+	Authorize func(tok, microvmID, account string) bool
+	Handler   http.Handler
+}
+
+// Account returns the account owning the microVM a request is routed to
+// (set for envd requests).
+func Account(ctx context.Context) string { s, _ := ctx.Value(keyAccount).(string); return s }
+
+// e2bRoute reads E2B's addressing: a host "PORT-ID.DOMAIN" or the
+// E2b-Sandbox-Id and E2b-Sandbox-Port headers. ok is false when the
+// request uses neither; both at once must agree.
+func (s *Server) e2bRoute(r *http.Request) (id string, port uint16, ok bool, err error) {
+	host := r.Host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.ToLower(strings.TrimSuffix(host, "."))
+	if label, found := strings.CutSuffix(host, "."+s.cfg.Domain); found && !strings.Contains(label, ".") {
+		if p, rest, cut := strings.Cut(label, "-"); cut && rest != "" && allDigits(p) {
+			n, perr := strconv.ParseUint(p, 10, 16)
+			if perr != nil || n == 0 {
+				return "", 0, false, fmt.Errorf("bad port %q in host %q", p, r.Host)
+			}
+			id, port, ok = rest, uint16(n), true
+		}
+	}
+	hid, hport := r.Header.Get(HeaderE2BSandboxID), r.Header.Get(HeaderE2BSandboxPort)
+	if hid == "" {
+		return id, port, ok, nil
+	}
+	if len(hid) > 128 || strings.ContainsAny(hid, "./ ") {
+		return "", 0, false, fmt.Errorf("bad %s %q", HeaderE2BSandboxID, hid)
+	}
+	n, perr := strconv.ParseUint(hport, 10, 16)
+	if perr != nil || n == 0 {
+		return "", 0, false, fmt.Errorf("bad or missing %s %q", HeaderE2BSandboxPort, hport)
+	}
+	if ok && (hid != id || uint16(n) != port) {
+		return "", 0, false, fmt.Errorf("host %q and %s/%s name different sandboxes or ports", r.Host, HeaderE2BSandboxID, HeaderE2BSandboxPort)
+	}
+	return strings.ToLower(hid), uint16(n), true, nil
+}
+
+func allDigits(s string) bool {
+	if s == "" || len(s) > 5 {
+		return false
+	}
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// serveEnvd checks the envd token, wakes the VM as any request does, and
+// hands the request to the envd handler.
+func (s *Server) serveEnvd(w http.ResponseWriter, r *http.Request, id string) {
+	tok := r.Header.Get(HeaderEnvdToken)
+	if tok == "" {
+		writeError(w, http.StatusUnauthorized, "missing "+HeaderEnvdToken+" (the sandbox's envdAccessToken)")
+		return
+	}
+	if len(tok) > 512 {
+		writeError(w, http.StatusBadRequest, "token too long")
+		return
+	}
+	ctx := r.Context()
+	tgt, err := s.cfg.Backend.Lookup(ctx, id)
+	if err != nil {
+		s.backendError(w, id, err)
+		return
+	}
+	if tgt.Account == "" || !s.cfg.Envd.Authorize(tok, id, tgt.Account) {
+		writeError(w, http.StatusUnauthorized, "invalid envd access token for this sandbox")
+		return
+	}
+	s.cfg.Backend.ConnOpened(id)
+	defer s.cfg.Backend.ConnClosed(id)
+	if !s.wake(ctx, w, id) {
+		return
+	}
+	ctx = context.WithValue(ctx, keyMicrovm, id)
+	ctx = context.WithValue(ctx, keyAccount, tgt.Account)
+	r.Header.Del(HeaderEnvdToken)
+	s.cfg.Envd.Handler.ServeHTTP(w, r.WithContext(ctx))
+}

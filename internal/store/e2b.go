@@ -1,0 +1,47 @@
+package store
+
+import (
+	"context"
+	"time"
+)
+
+// E2BKey is an API key of the E2B-compatible API (internal/e2b). Only its
+// SHA-256 is stored: the key is 160 random bits, so the hash cannot be
+// reversed or guessed, and a copy of the database gives no usable key.
+type E2BKey struct {
+	// Hash is the lower-case hex SHA-256 of the whole key.
+	Hash    string
+	Account string
+	// Prefix is the key's first characters, to tell keys apart in lists.
+	Prefix      string
+	Description string
+	CreatedAt   time.Time
+}
+
+// E2BSandbox is what the E2B API keeps about a sandbox beyond its microVM
+// record (same id, same account): the template name it was asked for, its
+// metadata and the environment variables envd gives every process.
+type E2BSandbox struct {
+	ID         string
+	Account    string
+	TemplateID string
+	Metadata   map[string]string
+	EnvVars    map[string]string
+	CreatedAt  time.Time
+}
+
+// E2BStore holds the E2B API's keys and sandboxes. It is apart from Store
+// so that a store without E2B support still serves the AWS API.
+type E2BStore interface {
+	// CreateE2BKey stores a key; ErrConflict if its hash exists.
+	CreateE2BKey(ctx context.Context, k E2BKey) error
+	// GetE2BKey returns the key with this hash; ErrNotFound if absent.
+	GetE2BKey(ctx context.Context, hash string) (E2BKey, error)
+	// PutE2BSandbox records a sandbox (replacing an earlier record).
+	PutE2BSandbox(ctx context.Context, sb E2BSandbox) error
+	// GetE2BSandbox returns the account's sandbox; ErrNotFound if absent.
+	GetE2BSandbox(ctx context.Context, account, id string) (E2BSandbox, error)
+	// ListE2BSandboxes returns the account's sandboxes whose microVM is
+	// not TERMINATED, oldest first, at most limit.
+	ListE2BSandboxes(ctx context.Context, account string, limit int) ([]E2BSandbox, error)
+}

@@ -1,0 +1,173 @@
+//go:build linux
+
+// Package e2b runs e2b.mjs, an end-to-end test of kiln's E2B-compatible
+// API with the official `e2b` npm package, unmodified and configured only
+// through its documented settings (E2B_API_KEY, E2B_API_URL,
+// E2B_SANDBOX_URL, E2B_DOMAIN, and Node's NODE_EXTRA_CA_CERTS), against a
+// real `kiln server`: real microVMs (QEMU, TCG on hosts without a usable
+// KVM), their networks and the HTTPS endpoint proxy that serves envd.
+// Outside CI it skips when npm, root or the engine's set-up (`make setup`)
+// is missing; in CI it fails instead.
+package e2b
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/awscli"
+	"github.com/kiln-sandbox/kiln/test/kilntest"
+)
+
+// template is the kiln image the sandboxes run: busybox only, with
+// /bin/bash a script handing over to busybox's sh, since the SDK runs
+// every command as `/bin/bash -l -c CMD`.
+const template = "e2b-busybox"
+
+func TestE2BSDK(t *testing.T) {
+	host := kilntest.Requirements(t, "E2B", "busybox")
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	defer cancel()
+	start := time.Now()
+
+	npmErr := make(chan error, 1)
+	go func() { npmErr <- kilntest.NpmInstall(ctx, host.Npm, "e2b") }()
+	work, bin, data := kilntest.WorkDir(t, "ke2b")
+	kiln := filepath.Join(bin, "kiln")
+	for _, b := range []struct {
+		out, pkg string
+		static   bool
+	}{{kiln, "./cmd/kiln", false}, {filepath.Join(bin, "kiln-agent"), "./cmd/kiln-agent", true}} {
+		if err := kilntest.GoBuild(ctx, b.out, b.pkg, b.static); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bash := filepath.Join(work, "bash")
+	if err := os.WriteFile(bash, []byte("#!/bin/sh\nexec /bin/sh \"$@\"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	bb := host.Tools["busybox"]
+	codeZip := filepath.Join(work, "template.zip")
+	dockerfile := "FROM scratch\nCOPY bin /bin\nENV PATH=/bin\nCMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/\"]\n"
+	if err := kilntest.CodePackage(codeZip, dockerfile, map[string]string{"bin/busybox": bb, "bin/sh": bb, "bin/bash": bash}); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-npmErr; err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(host.KernelDir, filepath.Join(data, "kernel")); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("set-up (npm ci, builds) took %v", time.Since(start).Round(100*time.Millisecond))
+
+	endpointPort := kilntest.FreePort(t)
+	srv := kilntest.StartServer(ctx, t, kiln, data, kilntest.FreePort(t), endpointPort, nil, "--metrics-addr", "127.0.0.1:"+kilntest.FreePort(t))
+	defer srv.Stop(t)
+	admin := srv.AdminAccount(t)
+
+	// The template: a kiln image of the admin account, built through the
+	// AWS API as any image is.
+	creds, err := auth.ReadCredentials(filepath.Join(data, "credentials"), "default")
+	if err != nil {
+		t.Fatal(err)
+	}
+	aws := awscli.NewClient(srv.APIURL, "us-east-1", creds)
+	img, _ := json.Marshal(map[string]any{"name": template, "baseImageArn": "arn:aws:lambda:us-east-1:aws:microvm-image:debian-12",
+		"buildRoleArn": "arn:aws:iam::" + admin + ":role/build", "codeArtifact": map[string]string{"uri": kilntest.FileURI(codeZip)},
+		"resources": []map[string]any{{"minimumMemoryInMiB": 512}}})
+	if _, err := aws.Do(ctx, "POST", "/"+api.APIVersion+"/microvm-images", nil, img); err != nil {
+		t.Fatalf("CreateMicrovmImage: %v", err)
+	}
+	for {
+		b, err := aws.Do(ctx, "GET", "/"+api.APIVersion+"/microvm-images/"+template, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out struct{ State string }
+		json.Unmarshal(b, &out)
+		if out.State == "CREATED" {
+			break
+		}
+		if out.State != "CREATING" {
+			t.Fatalf("template image is %s: %s", out.State, b)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+
+	// E2B keys: one of the admin account (its sandboxes are the admin's
+	// microVMs), one of another account.
+	e2bKey := func(args ...string) string {
+		out, err := exec.CommandContext(ctx, kiln, append([]string{"--data-dir", data, "keys", "create", "--e2b"}, args...)...).Output()
+		if err != nil {
+			t.Fatalf("kiln keys create --e2b: %v", err)
+		}
+		var k struct {
+			E2BAPIKey string `json:"e2bApiKey"`
+			Account   string `json:"account"`
+		}
+		if err := json.Unmarshal(out, &k); err != nil || k.E2BAPIKey == "" {
+			t.Fatalf("kiln keys create --e2b printed %q: %v", out, err)
+		}
+		return k.E2BAPIKey
+	}
+	key, otherKey := e2bKey("--account", admin), e2bKey()
+
+	idFile := filepath.Join(work, "sandbox-id")
+	scriptStart := time.Now()
+	cmd := exec.CommandContext(ctx, host.Node, "e2b.mjs")
+	cmd.Env = append(os.Environ(),
+		// The SDK's own settings, and Node's for kiln's CA.
+		"E2B_API_KEY="+key,
+		"E2B_API_URL="+srv.APIURL,
+		"E2B_SANDBOX_URL=https://127.0.0.1:"+endpointPort,
+		"E2B_DOMAIN=microvm.localhost",
+		"NODE_EXTRA_CA_CERTS="+filepath.Join(data, "ca.pem"),
+		"KILN_TEMPLATE="+template,
+		"KILN_OTHER_KEY="+otherKey,
+		"KILN_SANDBOX_ID_FILE="+idFile,
+	)
+	cmd.WaitDelay = 5 * time.Second
+	out, err := cmd.CombinedOutput()
+	t.Logf("e2b.mjs (%v):\n%s", time.Since(scriptStart).Round(100*time.Millisecond), out)
+	if err != nil {
+		t.Errorf("e2b.mjs failed: %v", err)
+	}
+
+	// The sandbox was a microVM of the key's account: ListMicrovms of the
+	// admin (AWS API, SigV4) shows it, killed through E2B.
+	id, err := os.ReadFile(idFile)
+	if err != nil {
+		t.Fatalf("the script recorded no sandbox: %v", err)
+	}
+	b, err := aws.Do(ctx, "GET", "/"+api.APIVersion+"/microvms", url.Values{"maxResults": {"50"}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var list struct {
+		Items []struct{ MicrovmID, State, ImageArn string }
+	}
+	json.Unmarshal(b, &list)
+	found := false
+	for _, m := range list.Items {
+		if m.MicrovmID == string(id) {
+			found = true
+			if m.State != "TERMINATED" && m.State != "TERMINATING" {
+				t.Errorf("sandbox %s is %s after sandbox.kill()", id, m.State)
+			}
+			if want := fmt.Sprintf("arn:aws:lambda:us-east-1:%s:microvm-image:%s", admin, template); m.ImageArn != want {
+				t.Errorf("sandbox %s runs %s, want %s", id, m.ImageArn, want)
+			}
+		}
+	}
+	if !found {
+		t.Errorf("sandbox %s is not among the account's microVMs: %s", id, b)
+	}
+}
