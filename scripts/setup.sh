@@ -114,11 +114,17 @@ if ! command -v npm >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi
 
-# The web console's browser test drives Debian's Chromium (headless).
+# The web console's browser test drives Debian's Chromium and Firefox ESR
+# (headless; Firefox over WebDriver BiDi, which it speaks natively).
 if ! command -v chromium >/dev/null; then
   apt_update
   log "installing chromium"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
+if ! command -v firefox-esr >/dev/null; then
+  apt_update
+  log "installing firefox-esr"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends firefox-esr >/dev/null
 fi
 
 # Installs packages whose postinst would start a system service, with

@@ -1,11 +1,13 @@
 //go:build linux
 
-// Package console runs console.mjs, a Playwright test of kiln's web console
-// in Debian's Chromium (headless), against a real `kiln server`: the
-// binaries built from this tree with the console's assets embedded, real
-// microVMs (QEMU, TCG on hosts without a usable KVM), their networks and
-// the HTTPS endpoint proxy. Outside CI it skips when node, chromium, root or
-// the engine's set-up (`make setup`) is missing; in CI it fails instead.
+// Package console runs console.mjs, a puppeteer-core test of kiln's web
+// console in Debian's Chromium (over the DevTools Protocol) and Debian's
+// Firefox ESR (over WebDriver BiDi), both headless, against one real `kiln
+// server`: the binaries built from this tree with the console's assets
+// embedded, real microVMs (QEMU, TCG on hosts without a usable KVM), their
+// networks and the HTTPS endpoint proxy. Outside CI it skips when node, a
+// browser, root or the engine's set-up (`make setup`) is missing; in CI it
+// fails instead.
 package console
 
 import (
@@ -22,14 +24,19 @@ import (
 )
 
 func TestWebConsole(t *testing.T) {
-	host := kilntest.Requirements(t, "console", "chromium")
-	node, npm, chromium, kernelDir := host.Node, host.Npm, host.Tools["chromium"], host.KernelDir
+	host := kilntest.Requirements(t, "console", "chromium", "firefox-esr")
+	node, npm, kernelDir := host.Node, host.Npm, host.KernelDir
+	browsers := "chromium=" + host.Tools["chromium"] + ",firefox=" + host.Tools["firefox-esr"]
+	// While working on one browser: KILN_CONSOLE_BROWSERS=firefox=/usr/bin/firefox-esr.
+	if b := os.Getenv("KILN_CONSOLE_BROWSERS"); b != "" {
+		browsers = b
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 12*time.Minute)
 	defer cancel()
 	start := time.Now()
 
 	npmErr := make(chan error, 1)
-	go func() { npmErr <- kilntest.NpmInstall(ctx, npm, "playwright-core") }()
+	go func() { npmErr <- kilntest.NpmInstall(ctx, npm, "puppeteer-core") }()
 	// The server must embed the console's assets: build them if this
 	// tree has not yet (`make build` does it before `make test`).
 	if _, err := os.Stat("../../internal/console/dist/index.html"); err != nil {
@@ -98,14 +105,19 @@ func TestWebConsole(t *testing.T) {
 	if err := os.MkdirAll(shots, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("screenshots go to %s", shots)
+	t.Logf("screenshots go to %s (a folder per browser)", shots)
+	// Firefox refuses to run as root with a HOME that root does not own.
+	ffHome := filepath.Join(work, "firefox-home")
+	if err := os.MkdirAll(ffHome, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	scriptStart := time.Now()
 	cmd := exec.CommandContext(ctx, node, "console.mjs")
 	cmd.Env = append(os.Environ(),
 		"KILN_CONSOLE_URL="+srv.APIURL+"/console/",
 		"KILN_ADMIN_ID="+admin.AccessKeyID, "KILN_ADMIN_SECRET="+admin.SecretAccessKey, "KILN_ADMIN_ACCOUNT="+adminAccount,
 		"KILN_TENANT_ID="+tenant.AccessKeyID, "KILN_TENANT_SECRET="+tenant.SecretAccessKey,
-		"KILN_CODE_ZIP="+codeZip, "KILN_SHOTS="+shots, "KILN_CHROMIUM="+chromium,
+		"KILN_CODE_ZIP="+codeZip, "KILN_SHOTS="+shots, "KILN_BROWSERS="+browsers, "KILN_FIREFOX_HOME="+ffHome,
 	)
 	cmd.WaitDelay = 5 * time.Second
 	out, err := cmd.CombinedOutput()

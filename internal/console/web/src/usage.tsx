@@ -42,19 +42,19 @@ export function UsagePage(props: { scope: Scope }) {
           </div>
           <h2>Per account</h2>
           <div class="scroll">
-            <table aria-label="Usage per account">
+            <table aria-label="Usage per account" class="cards-narrow">
               <thead><tr><th scope="col">Account</th><th scope="col">Running</th><th scope="col">Suspended</th><th scope="col">Memory (MiB)</th><th scope="col">Images</th><th scope="col">Builds</th><th scope="col">Failed builds</th></tr></thead>
               <tbody>
                 {u.accounts.map((a: any) => (
-                  <tr><td>{a.account}</td><td>{a.microvmsByState.RUNNING || 0}</td><td>{a.microvmsByState.SUSPENDED || 0}</td><td>{a.memoryCommittedMiB}</td><td>{a.images}</td><td>{a.builds}</td><td>{a.failedBuilds}</td></tr>
+                  <tr><td data-label="Account">{a.account}</td><td data-label="Running">{a.microvmsByState.RUNNING || 0}</td><td data-label="Suspended">{a.microvmsByState.SUSPENDED || 0}</td><td data-label="Memory (MiB)">{a.memoryCommittedMiB}</td><td data-label="Images">{a.images}</td><td data-label="Builds">{a.builds}</td><td data-label="Failed builds">{a.failedBuilds}</td></tr>
                 ))}
               </tbody>
             </table>
           </div>
           <h2>Recent builds</h2>
-          <Builds list={u.recentBuilds} />
+          <Builds label="Recent builds" list={u.recentBuilds} />
           <h2>Recent failures</h2>
-          <Builds list={u.recentFailures} />
+          <Builds label="Recent failures" list={u.recentFailures} />
           {u.truncated && <p class="note">Some accounts have more records than this page reads; figures are partial.</p>}
         </>
       )}
@@ -62,15 +62,15 @@ export function UsagePage(props: { scope: Scope }) {
   );
 }
 
-function Builds(props: { list: any[] }) {
+function Builds(props: { label: string; list: any[] }) {
   if (!props.list.length) return <p>None.</p>;
   return (
     <div class="scroll">
-      <table>
+      <table aria-label={props.label} class="cards-narrow">
         <thead><tr><th scope="col">Account</th><th scope="col">Image</th><th scope="col">Version</th><th scope="col">State</th><th scope="col">Started</th><th scope="col">Reason</th></tr></thead>
         <tbody>
           {props.list.map((b) => (
-            <tr><td>{b.account}</td><td>{b.image}</td><td>{b.version}</td><td><StateBadge state={b.buildState} /></td><td>{when(b.createdAt)}</td><td class="reason">{b.stateReason}</td></tr>
+            <tr><td data-label="Account">{b.account}</td><td data-label="Image">{b.image}</td><td data-label="Version">{b.version}</td><td data-label="State"><StateBadge state={b.buildState} /></td><td data-label="Started">{when(b.createdAt)}</td><td data-label="Reason" class="reason">{b.stateReason}</td></tr>
           ))}
         </tbody>
       </table>
