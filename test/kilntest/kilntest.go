@@ -240,7 +240,9 @@ func StartServer(ctx context.Context, t *testing.T, kiln, data, apiPort, endpoin
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	s.cmd = exec.Command(kiln, append([]string{"--data-dir", data, "server", "--api-addr", "127.0.0.1:" + apiPort, "--endpoint-addr", s.EndpointAddr}, args...)...)
+	s.cmd = exec.Command(kiln, append([]string{"--data-dir", data, "server", "--api-addr", "127.0.0.1:" + apiPort, "--endpoint-addr", s.EndpointAddr,
+		// A port of its own: the default 9091 may be taken on a test host.
+		"--metrics-addr", "127.0.0.1:0"}, args...)...)
 	s.cmd.Env = append(os.Environ(), env...)
 	s.cmd.Stdout, s.cmd.Stderr = logf, logf
 	if err := s.cmd.Start(); err != nil {
