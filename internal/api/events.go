@@ -81,6 +81,14 @@ func (s *Server) getImageEvents(ctx context.Context, c *call) (any, error) {
 	if len(version) > 64 {
 		return nil, fieldError("imageVersion", nil, "Member must have length less than or equal to 64")
 	}
+	if version != "" {
+		// Events carry the version's stored name ("1.0", or "1" from an
+		// older kiln), whichever form was asked; a deleted version's
+		// events keep the name as asked.
+		if v, err := s.getVersion(ctx, c.account, name, version); err == nil {
+			version = v.Version
+		}
+	}
 	return s.listEvents(ctx, c, store.EventFilter{Kind: store.EventImageVersion, Resource: name, Version: version}, func() error {
 		_, err := s.image(ctx, c)
 		return err
