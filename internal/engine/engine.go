@@ -435,7 +435,13 @@ func (v *vmState) touch(t time.Time) {
 
 // imageDir is where a version's build output and template pointer live.
 func (e *Engine) imageDir(account, image, version string) string {
-	return filepath.Join(e.cfg.DataDir, "images", safe(account), safe(image), safe(version))
+	return ImageDir(e.cfg.DataDir, account, image, version)
+}
+
+// ImageDir is imageDir for the data directory dataDir, for tools that
+// check an engine's files from outside (the soak's leak count).
+func ImageDir(dataDir, account, image, version string) string {
+	return filepath.Join(dataDir, "images", safe(account), safe(image), safe(version))
 }
 
 // safe keeps a path element inside its parent whatever the name holds.

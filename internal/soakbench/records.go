@@ -6,8 +6,8 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
-	"strings"
 
+	"github.com/kiln-sandbox/kiln/internal/engine"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/seal"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
@@ -57,26 +57,11 @@ func checkRecords(ctx context.Context, data string, ids []string, res *Result) (
 			return nil, fmt.Errorf("listing image versions: %w", err)
 		}
 		for _, v := range vs {
-			images[filepath.Join(data, "images", safe(v.Account), safe(v.ImageName), safe(v.Version))] = true
+			images[engine.ImageDir(data, v.Account, v.ImageName, v.Version)] = true
 		}
 		if next == "" {
 			return images, nil
 		}
 		page = next
 	}
-}
-
-// safe is the engine's path element for a name (internal/engine).
-func safe(s string) string {
-	s = strings.Map(func(r rune) rune {
-		switch {
-		case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9', r == '-', r == '_', r == '.':
-			return r
-		}
-		return '_'
-	}, s)
-	if s == "" || s == "." || s == ".." {
-		s = "_" + s
-	}
-	return s
 }
