@@ -6,33 +6,11 @@
 import assert from "node:assert/strict";
 import { writeFileSync } from "node:fs";
 import { randomUUID } from "node:crypto";
+import { step, rejects, steps } from "./lib.mjs";
 import { Sandbox, CommandExitError, SandboxNotFoundError, AuthenticationError, NotFoundError } from "e2b";
 
 const template = process.env.KILN_TEMPLATE;
 const run = randomUUID();
-const steps = [];
-async function step(name, fn) {
-  const t0 = performance.now();
-  try {
-    const out = await fn();
-    steps.push(`ok   ${name} (${Math.round(performance.now() - t0)} ms)`);
-    console.log(steps.at(-1));
-    return out;
-  } catch (err) {
-    console.log(`FAIL ${name}: ${err?.stack ?? err}`);
-    throw err;
-  }
-}
-async function rejects(promise, cls, what) {
-  try {
-    await promise;
-  } catch (err) {
-    assert.ok(err instanceof cls, `${what}: got ${err?.constructor?.name}: ${err?.message}`);
-    return err;
-  }
-  assert.fail(`${what}: no error`);
-}
-
 const sbx = await step("Sandbox.create from a kiln image", () =>
   Sandbox.create(template, { timeoutMs: 120_000, metadata: { suite: "e2b", run }, envs: { GREETING: "hello from kiln" } }));
 writeFileSync(process.env.KILN_SANDBOX_ID_FILE, sbx.sandboxId);

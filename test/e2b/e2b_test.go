@@ -18,6 +18,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -34,7 +36,7 @@ const template = "e2b-busybox"
 
 func TestE2BSDK(t *testing.T) {
 	host := kilntest.Requirements(t, "E2B", "busybox")
-	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	start := time.Now()
 
@@ -121,9 +123,7 @@ func TestE2BSDK(t *testing.T) {
 	key, otherKey := e2bKey("--account", admin), e2bKey()
 
 	idFile := filepath.Join(work, "sandbox-id")
-	scriptStart := time.Now()
-	cmd := exec.CommandContext(ctx, host.Node, "e2b.mjs")
-	cmd.Env = append(os.Environ(),
+	env := append(os.Environ(),
 		// The SDK's own settings, and Node's for kiln's CA.
 		"E2B_API_KEY="+key,
 		"E2B_API_URL="+srv.APIURL,
@@ -133,12 +133,28 @@ func TestE2BSDK(t *testing.T) {
 		"KILN_TEMPLATE="+template,
 		"KILN_OTHER_KEY="+otherKey,
 		"KILN_SANDBOX_ID_FILE="+idFile,
+		"KILN_BIN="+kiln,
+		"KILN_DATA_DIR="+data,
 	)
-	cmd.WaitDelay = 5 * time.Second
-	out, err := cmd.CombinedOutput()
-	t.Logf("e2b.mjs (%v):\n%s", time.Since(scriptStart).Round(100*time.Millisecond), out)
-	if err != nil {
-		t.Errorf("e2b.mjs failed: %v", err)
+	// e2b.mjs first, then every other script (one per area of the API)
+	// against the same server and template; lib.mjs is their shared code.
+	scripts, _ := filepath.Glob("*.mjs")
+	sort.SliceStable(scripts, func(i, j int) bool { return scripts[i] == "e2b.mjs" && scripts[j] != "e2b.mjs" })
+	for _, script := range scripts {
+		if script == "lib.mjs" {
+			continue
+		}
+		t.Run(strings.TrimSuffix(script, ".mjs"), func(t *testing.T) {
+			scriptStart := time.Now()
+			cmd := exec.CommandContext(ctx, host.Node, script)
+			cmd.Env = env
+			cmd.WaitDelay = 5 * time.Second
+			out, err := cmd.CombinedOutput()
+			t.Logf("%s (%v):\n%s", script, time.Since(scriptStart).Round(100*time.Millisecond), out)
+			if err != nil {
+				t.Errorf("%s failed: %v", script, err)
+			}
+		})
 	}
 
 	// The sandbox was a microVM of the key's account: ListMicrovms of the

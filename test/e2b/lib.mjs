@@ -1,0 +1,27 @@
+// Shared by the E2B SDK scripts e2b_test.go runs: named steps that print
+// ok/FAIL with their time, and a check that a promise fails with one of the
+// SDK's error classes.
+import assert from "node:assert/strict";
+
+export const steps = [];
+export async function step(name, fn) {
+  const t0 = performance.now();
+  try {
+    const out = await fn();
+    steps.push(`ok   ${name} (${Math.round(performance.now() - t0)} ms)`);
+    console.log(steps.at(-1));
+    return out;
+  } catch (err) {
+    console.log(`FAIL ${name}: ${err?.stack ?? err}`);
+    throw err;
+  }
+}
+export async function rejects(promise, cls, what) {
+  try {
+    await promise;
+  } catch (err) {
+    assert.ok(err instanceof cls, `${what}: got ${err?.constructor?.name}: ${err?.message}`);
+    return err;
+  }
+  assert.fail(`${what}: no error`);
+}
