@@ -182,7 +182,7 @@ type vmState struct {
 	net        *netns.Net
 	dns        *dnsfwd.Forwarder
 	imds       *imds.Server
-	running    bool      // last reported RUNNING (idle candidates only)
+	running    bool      // last reported RUNNING; cleared as a suspend begins (idle check, proxy RunningNow)
 	open       int       // proxied requests/streams in flight
 	lastActive time.Time // last proxied activity (or the last RUNNING)
 	flushedAt  time.Time // last time activity was written to the store
@@ -702,6 +702,10 @@ func (e *Engine) ownsNet(id string) bool {
 // SuspendMicrovm implements api.Backend.
 func (e *Engine) SuspendMicrovm(ctx context.Context, m store.Microvm) error {
 	v := e.state(m)
+	// Before anything pauses the VM: from here on the proxy asks
+	// EnsureRunning (which reads SUSPENDING and waits) instead of taking
+	// RunningNow's word. A suspend that ends RUNNING reports it again.
+	v.setRunning(false)
 	go e.suspend(v, m)
 	return nil
 }

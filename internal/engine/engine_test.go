@@ -424,9 +424,34 @@ func TestEndpointLifecycle(t *testing.T) {
 		}
 	})
 
+	t.Run("a request during a suspend waits for it and resumes", func(t *testing.T) {
+		// RunningNow vouched for the VM a moment ago; from the suspend on
+		// the request must take EnsureRunning's path, not reach a VM that
+		// is being paused.
+		if !h.eng.RunningNow(m.ID) {
+			t.Fatal("RunningNow false for a running VM")
+		}
+		if err := h.srv.Suspend(context.Background(), testAccount, m.ID, "UserRequested: test"); err != nil {
+			t.Fatal(err)
+		}
+		if h.eng.RunningNow(m.ID) {
+			t.Error("RunningNow still true once a suspend began")
+		}
+		code, body := h.get(m.ID, "/count", tok, nil)
+		if code != 200 || !strings.HasPrefix(body, "count=") {
+			t.Fatalf("request during the suspend: %d %q, want 200 count=N", code, body)
+		}
+		h.wait(m.ID, store.StateRunning, 30*time.Second)
+	})
+
 	t.Run("terminate leaves nothing", func(t *testing.T) {
 		if err := h.srv.Terminate(context.Background(), testAccount, m.ID, "UserRequested: test"); err != nil {
 			t.Fatal(err)
+		}
+		// At once, before TERMINATED: RunningNow no longer vouches for it,
+		// and the store says TERMINATING.
+		if code, _ := h.get(m.ID, "/count", tok, nil); code != 404 {
+			t.Errorf("endpoint of a terminating microvm: %d, want 404", code)
 		}
 		h.wait(m.ID, store.StateTerminated, 30*time.Second)
 		if _, err := h.drv.Inspect(context.Background(), m.ID); !errors.Is(err, errdefs.ErrNotFound) {

@@ -30,6 +30,23 @@ func (e *Engine) Lookup(ctx context.Context, id string) (proxy.Target, error) {
 	return proxy.Target{Account: v.account, Addr: v.net.HostAddr, Ingress: v.ingress, Shell: v.shell}, nil
 }
 
+// RunningNow implements proxy.RunningNow from memory: the engine last
+// reported the VM RUNNING, and no suspend (SuspendMicrovm clears the
+// flag before the VM is paused) or terminate (TerminateMicrovm cancels
+// v.ctx first; forget drops the entry) has begun since. Anything else
+// sends the request through EnsureRunning, which reads the store.
+func (e *Engine) RunningNow(id string) bool {
+	v := e.lookup(id)
+	if v == nil {
+		return false
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.running && !v.gone && v.ctx.Err() == nil
+}
+
+var _ proxy.RunningNow = (*Engine)(nil)
+
 // pollEvery bounds how long EnsureRunning sleeps between looks at the store
 // when no notification comes (a state changed by another path).
 const pollEvery = 200 * time.Millisecond

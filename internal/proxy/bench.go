@@ -199,6 +199,10 @@ func (staticBackend) EnsureRunning(context.Context, string) error      { return 
 func (staticBackend) ConnOpened(string)                                {}
 func (staticBackend) ConnClosed(string)                                {}
 
+// RunningNow: the bench's VM always runs, as the engine reports a
+// running VM from memory.
+func (staticBackend) RunningNow(string) bool { return true }
+
 // benchProxyConfig is what kiln's proxy needs in the benchmark, also
 // when it runs in a child process (one JSON line on its stdin).
 type benchProxyConfig struct {

@@ -118,6 +118,17 @@ type Backend interface {
 	ConnClosed(id string)
 }
 
+// RunningNow is an optional Backend method for the common case, a VM
+// that runs: it reports, from memory and without blocking, that id is
+// RUNNING and that no suspend or terminate of it has begun. The proxy
+// then skips EnsureRunning, whose timed wait (and, in the engine, store
+// read) was the largest cost of a request to a running VM that the proxy
+// itself adds. false only means "ask EnsureRunning"; it is asked after
+// the token, the account and the ingress checks, as EnsureRunning is.
+type RunningNow interface {
+	RunningNow(id string) bool
+}
+
 // Authorizer checks tokens; *token.Signer implements it.
 type Authorizer interface {
 	Authorize(tok, microvmID string, kind token.Kind, port uint16) (token.Claims, error)
@@ -153,6 +164,8 @@ type Server struct {
 	// up carries the common plain-HTTP/1.1 request (upstream.go).
 	up  *h1Upstream
 	log *slog.Logger
+	// running is cfg.Backend's RunningNow, if it has one.
+	running RunningNow
 
 	tlsMu    sync.Mutex
 	tlsPorts map[netip.AddrPort]tlsProbe
@@ -200,6 +213,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.Logger = slog.Default()
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, tlsPorts: map[netip.AddrPort]tlsProbe{}}
+	s.running, _ = cfg.Backend.(RunningNow)
 	h1 := &http.Transport{
 		DialContext:         cfg.Dial,
 		MaxIdleConns:        1024,
@@ -455,6 +469,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 // request with why it cannot be. The caller has counted the connection
 // open (Backend.ConnOpened), so the VM is not idled under it.
 func (s *Server) wake(ctx context.Context, w http.ResponseWriter, id string) bool {
+	if s.running != nil && s.running.RunningNow(id) {
+		return true
+	}
 	rctx, cancel := context.WithTimeout(ctx, s.cfg.ResumeTimeout)
 	start := time.Now()
 	err := s.cfg.Backend.EnsureRunning(rctx, id)

@@ -815,3 +815,87 @@ func FuzzHasQueryAuth(f *testing.F) {
 		}
 	})
 }
+
+// runningFake adds RunningNow to fakeBackend: true for a VM that is not
+// suspended, counting the calls.
+type runningFake struct {
+	*fakeBackend
+	asked map[string]int
+}
+
+func (b *runningFake) RunningNow(id string) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.asked[id]++
+	vm, ok := b.vms[id]
+	return ok && !vm.suspended
+}
+
+// TestRunningNow: a Backend's RunningNow spares a running VM's request
+// EnsureRunning, but only after the token, account and ingress checks (a
+// refused request asks neither), a VM RunningNow does not vouch for still
+// goes through EnsureRunning (auto-resume, 503 without it), and an
+// unknown or terminated VM is 404 from Lookup whatever RunningNow says.
+func TestRunningNow(t *testing.T) {
+	var rb *runningFake
+	e := newEnvWith(t, func(c *Config) {
+		rb = &runningFake{fakeBackend: c.Backend.(*fakeBackend), asked: map[string]int{}}
+		c.Backend = rb
+	})
+	all := []token.PortRange{token.AllPorts}
+	tests := []struct {
+		name, vm, tok      string
+		status             int
+		wantAsked, wantEns bool
+	}{
+		{"running: no EnsureRunning", "vm1", e.mint(t, "acct", "vm1", token.KindEndpoint, all, time.Minute), 200, true, false},
+		{"no token: nothing asked", "vm1", "", 401, false, false},
+		{"token of another vm: nothing asked", "vm2", e.mint(t, "acct", "vm1", token.KindEndpoint, all, time.Minute), 403, false, false},
+		{"other account: nothing asked", "otheracct", e.mint(t, "acct", "otheracct", token.KindEndpoint, all, time.Minute), 403, false, false},
+		{"no ingress: nothing asked", "noingress", e.mint(t, "acct", "noingress", token.KindEndpoint, all, time.Minute), 403, false, false},
+		{"unknown vm: 404 before asking", "ghost", e.mint(t, "acct", "ghost", token.KindEndpoint, all, time.Minute), 404, false, false},
+		{"suspended: EnsureRunning resumes", "sleepy", e.mint(t, "acct", "sleepy", token.KindEndpoint, all, time.Minute), 200, true, true},
+		{"suspended without auto-resume: 503", "frozen", e.mint(t, "acct", "frozen", token.KindEndpoint, all, time.Minute), 503, true, true},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			rb.mu.Lock()
+			asked0, ens0 := rb.asked[tc.vm], rb.ensures[tc.vm]
+			rb.mu.Unlock()
+			req, _ := http.NewRequest("GET", "https://"+tc.vm+"."+domain+"/", nil)
+			if tc.tok != "" {
+				req.Header.Set(HeaderAuth, tc.tok)
+			}
+			resp, err := e.client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != tc.status {
+				t.Fatalf("status %d (%s), want %d", resp.StatusCode, body, tc.status)
+			}
+			rb.mu.Lock()
+			asked, ens := rb.asked[tc.vm] > asked0, rb.ensures[tc.vm] > ens0
+			rb.mu.Unlock()
+			if asked != tc.wantAsked || ens != tc.wantEns {
+				t.Errorf("RunningNow asked %v, EnsureRunning called %v; want %v, %v", asked, ens, tc.wantAsked, tc.wantEns)
+			}
+		})
+	}
+	// Terminated: the backend forgets the VM; the next request is 404 at
+	// once, although RunningNow had vouched for it a request earlier.
+	rb.mu.Lock()
+	delete(rb.vms, "vm1")
+	rb.mu.Unlock()
+	req, _ := http.NewRequest("GET", "https://vm1."+domain+"/", nil)
+	req.Header.Set(HeaderAuth, e.mint(t, "acct", "vm1", token.KindEndpoint, all, time.Minute))
+	resp, err := e.client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 404 {
+		t.Errorf("terminated vm: status %d, want 404", resp.StatusCode)
+	}
+}
