@@ -213,8 +213,8 @@ func aptRun(ctx context.Context, cfg AptBenchConfig, dir string) (AptBenchRun, e
 }
 
 // aptStep is the benchmark's apt step, written as BuildKit users write
-// it and as examples/python-http does (docs/IMAGES.md, "apt in a RUN
-// step"): apt's download cache and package lists live on per-account
+// it and as examples/python-http does (docs/ARCHITECTURE.md, package
+// proxy): apt's download cache and package lists live on per-account
 // cache mounts, so a rebuild after a change above the step neither
 // fetches nor re-parses what the last build left there (the lists, the
 // .debs and pkgcache.bin), and the image carries none of them. Debian's
