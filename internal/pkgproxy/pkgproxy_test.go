@@ -45,6 +45,12 @@ func newUpstream(t *testing.T) *upstream {
 			http.NotFound(w, r)
 			return
 		}
+		// As a mirror does: an unchanged file since If-Modified-Since is 304.
+		w.Header().Set("Last-Modified", upstreamModTime.Format(http.TimeFormat))
+		if ims, err := http.ParseTime(r.Header.Get("If-Modified-Since")); err == nil && !upstreamModTime.After(ims) {
+			w.WriteHeader(http.StatusNotModified)
+			return
+		}
 		w.Write(b)
 	}))
 	t.Cleanup(u.srv.Close)
@@ -71,6 +77,9 @@ func (u *upstream) hits(path string) int {
 }
 
 const mirrorHost = "mirror.test"
+
+// upstreamModTime is every mirror file's Last-Modified.
+var upstreamModTime = time.Date(2026, 11, 1, 12, 0, 0, 0, time.UTC)
 
 func newProxy(t *testing.T, u *upstream, mod func(*Config)) *Proxy {
 	cfg := Config{
@@ -426,4 +435,51 @@ func FuzzParseTarget(f *testing.F) {
 			t.Fatalf("bad digest %q", tg.sha256)
 		}
 	})
+}
+
+// TestConditionalIndex: apt's If-Modified-Since for an index it holds
+// reaches the mirror, and the mirror's 304 reaches apt (so apt keeps its
+// InRelease and does not rebuild its caches); a malformed date is not
+// passed on, and a pool file is fetched whole and cached whatever the
+// guest sent.
+func TestConditionalIndex(t *testing.T) {
+	u := newUpstream(t)
+	u.put("/debian/dists/bookworm/InRelease", []byte("signed"))
+	u.put("/debian/pool/main/h/hello_1_amd64.deb", []byte("deb"))
+	p := newProxy(t, u, nil)
+	c := guest(serve(t, p, scopeA))
+	do := func(path, ims string) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest("GET", u.url(path), nil)
+		if ims != "" {
+			req.Header.Set("If-Modified-Since", ims)
+		}
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	tests := []struct {
+		name, path, ims string
+		code            int
+		body            string
+	}{
+		{"unchanged index: 304", "/debian/dists/bookworm/InRelease", upstreamModTime.Format(http.TimeFormat), 304, ""},
+		{"index changed since: 200", "/debian/dists/bookworm/InRelease", upstreamModTime.Add(-time.Hour).Format(http.TimeFormat), 200, "signed"},
+		{"malformed date not passed on", "/debian/dists/bookworm/InRelease", "yesterday", 200, "signed"},
+		{"pool file fetched whole", "/debian/pool/main/h/hello_1_amd64.deb", upstreamModTime.Format(http.TimeFormat), 200, "deb"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if code, body := do(tc.path, tc.ims); code != tc.code || body != tc.body {
+				t.Fatalf("got %d %q, want %d %q", code, body, tc.code, tc.body)
+			}
+		})
+	}
+	if st := p.Stats(scopeA); st.Fetches.Load() != 1 {
+		t.Errorf("pool file fetched into the cache %d times, want 1", st.Fetches.Load())
+	}
 }
