@@ -211,7 +211,8 @@ type Driver interface {
 	// List returns every VM the driver manages.
 	List(ctx context.Context) ([]Info, error)
 
-	// Agent returns the connected agent client of a running VM.
+	// Agent returns the connected agent client of a running VM; a VM
+	// that is not running (suspended, stopped) is ErrConflict.
 	Agent(ctx context.Context, id string) (*client.Client, error)
 
 	// Recover reconciles what a previous kiln process left on this host
