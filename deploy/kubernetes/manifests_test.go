@@ -620,7 +620,9 @@ func TestChecksCatchBrokenManifests(t *testing.T) {
 			}
 		}, "want mount propagation Bidirectional"},
 		{"one control replica", func(o *objects) { *deployment(o, "control").Spec.Replicas = 1 }, "want at least 2"},
-		{"no control PDB", func(o *objects) { o.pdbs = slices.DeleteFunc(o.pdbs, func(p *policyv1.PodDisruptionBudget) bool { return p.Name == "kiln-control" }) }, "no PodDisruptionBudget"},
+		{"no control PDB", func(o *objects) {
+			o.pdbs = slices.DeleteFunc(o.pdbs, func(p *policyv1.PodDisruptionBudget) bool { return p.Name == "kiln-control" })
+		}, "no PodDisruptionBudget"},
 		{"edge on 8443 only", func(o *objects) {
 			for _, s := range o.services {
 				for i := range s.Spec.Ports {
@@ -630,10 +632,14 @@ func TestChecksCatchBrokenManifests(t *testing.T) {
 				}
 			}
 		}, "exposes port 443"},
-		{"no memory limit", func(o *objects) { delete(deployment(o, "edge").Spec.Template.Spec.Containers[0].Resources.Limits, corev1.ResourceMemory) }, "no memory limit"},
+		{"no memory limit", func(o *objects) {
+			delete(deployment(o, "edge").Spec.Template.Spec.Containers[0].Resources.Limits, corev1.ResourceMemory)
+		}, "no memory limit"},
 		{"no readiness probe", func(o *objects) { deployment(o, "control").Spec.Template.Spec.Containers[0].ReadinessProbe = nil }, "liveness and a readiness probe"},
 		{"latest tag", func(o *objects) { o.daemonSets[0].Spec.Template.Spec.Containers[0].Image = "kiln:latest" }, "is latest"},
-		{"untagged", func(o *objects) { deployment(o, "edge").Spec.Template.Spec.Containers[0].Image = "registry.example.com:5000/kiln" }, "no version tag"},
+		{"untagged", func(o *objects) {
+			deployment(o, "edge").Spec.Template.Spec.Containers[0].Image = "registry.example.com:5000/kiln"
+		}, "no version tag"},
 		{"wider RBAC", func(o *objects) { o.roles[0].Rules[0].Verbs = append(o.roles[0].Rules[0].Verbs, "update") }, "grants /nodes:update"},
 		{"secrets RBAC", func(o *objects) {
 			o.roles[0].Rules = append(o.roles[0].Rules, rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: []string{"get"}})
@@ -641,8 +647,14 @@ func TestChecksCatchBrokenManifests(t *testing.T) {
 		{"node bound to RBAC", func(o *objects) {
 			o.bindings[0].Subjects = append(o.bindings[0].Subjects, rbacv1.Subject{Kind: "ServiceAccount", Name: "kiln-node", Namespace: "kiln"})
 		}, "only control's service account"},
-		{"edge gets a token", func(o *objects) { t := true; deployment(o, "edge").Spec.Template.Spec.AutomountServiceAccountToken = &t }, "mounts an API token"},
-		{"privileged edge", func(o *objects) { t := true; deployment(o, "edge").Spec.Template.Spec.Containers[0].SecurityContext.Privileged = &t }, "must not be privileged"},
+		{"edge gets a token", func(o *objects) {
+			t := true
+			deployment(o, "edge").Spec.Template.Spec.AutomountServiceAccountToken = &t
+		}, "mounts an API token"},
+		{"privileged edge", func(o *objects) {
+			t := true
+			deployment(o, "edge").Spec.Template.Spec.Containers[0].SecurityContext.Privileged = &t
+		}, "must not be privileged"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			o := render(t, "base")

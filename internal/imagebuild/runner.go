@@ -297,7 +297,6 @@ func (r *Runner) exec(ctx context.Context, g *guestVM, step image.RunStep, wd st
 	return nil
 }
 
-
 // The guest agent writes into the root it switches to: /etc/resolv.conf
 // (pointing at the gateway's DNS forwarder) and the mount points /dev,
 // /proc and /sys when missing. A build must not keep them, so the runner

@@ -36,9 +36,9 @@ type Config struct {
 	// RootDisk is an ext4 root disk with /bin/sh (vmmtest.BusyboxRoot).
 	// The suite boots copies of it and never changes it.
 	RootDisk string
-	// MemoryMiB of the suite's VMs; 256 if zero.
+	// MemoryMiB of the suite's VMs; 512 if zero (the initramfs lives in guest RAM).
 	MemoryMiB int
-	// Timeout bounds each boot, snapshot, clone, suspend or resume; 90 s
+	// Timeout bounds each boot, snapshot, clone, suspend or resume; 4 min
 	// if zero (TCG on a loaded machine).
 	Timeout time.Duration
 }
@@ -47,12 +47,12 @@ type Config struct {
 // whose VM another case failed to make is skipped.
 func Run(t *testing.T, cfg Config) {
 	if cfg.MemoryMiB == 0 {
-		cfg.MemoryMiB = 256
+		cfg.MemoryMiB = 512
 	}
 	if cfg.Timeout == 0 {
-		cfg.Timeout = 90 * time.Second
+		cfg.Timeout = 4 * time.Minute
 	}
-	s := &suite{cfg: cfg, d: cfg.New(t), work: shortDir(t)}
+	s := &suite{cfg: cfg, d: cfg.New(t), work: vmmtest.ShortDir(t)}
 	t.Cleanup(func() {
 		for _, id := range []string{"dt-src", "dt-clone", "dt-commit"} {
 			s.d.Terminate(context.Background(), id)
@@ -402,14 +402,4 @@ func (s *suite) commit(t *testing.T) {
 	if !bytes.Equal(bytes.TrimSpace(got), []byte(marker)) {
 		t.Errorf("committed file holds %q, want %q", got, marker)
 	}
-}
-
-func shortDir(t *testing.T) string {
-	// Unix socket paths must stay under 108 bytes; t.TempDir can be long.
-	dir, err := os.MkdirTemp("", "kdt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	return dir
 }

@@ -4,6 +4,7 @@ package qemu
 
 import (
 	"testing"
+	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 	"github.com/kiln-sandbox/kiln/internal/vmm/drivertest"
@@ -16,7 +17,13 @@ func TestDriverConformance(t *testing.T) {
 		t.Skip("engine not set up (run make setup)")
 	}
 	drivertest.Run(t, drivertest.Config{
-		New:      func(t *testing.T) vmm.Driver { return newDriver(t, shortDir(t)) },
+		New: func(t *testing.T) vmm.Driver {
+			d := newDriver(t, shortDir(t))
+			// CI's TCG on a shared, loaded machine: a boot took 51 s here
+			// with the load average at 20.
+			d.cfg.BootTimeout = 3 * time.Minute
+			return d
+		},
 		RootDisk: env.RootDisk,
 	})
 }

@@ -223,4 +223,3 @@ func runTool(ctx context.Context, name string, args ...string) error {
 	}
 	return nil
 }
-
