@@ -304,6 +304,7 @@ const SettingOperatorAccount = "operator_account"
 type Store interface {
 	EventStore
 	UsageStore
+	E2BKeyStore
 
 	// Close releases the database. Calls after Close fail.
 	Close() error
