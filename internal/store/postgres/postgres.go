@@ -434,4 +434,3 @@ func (s *Store) AppendBuildLog(ctx context.Context, buildID string, data []byte)
 		return nil
 	})
 }
-

@@ -19,4 +19,3 @@ const migrationE2B = `CREATE TABLE IF NOT EXISTS e2b_keys (
 	CREATE INDEX IF NOT EXISTS e2b_sandboxes_by_account ON e2b_sandboxes (account, created_at, id);
 	CREATE TRIGGER IF NOT EXISTS e2b_sandboxes_follow_microvms AFTER DELETE ON microvms
 	BEGIN DELETE FROM e2b_sandboxes WHERE id = OLD.id; END;`
-

@@ -28,4 +28,3 @@ const migrationEventsUsage = `CREATE TABLE IF NOT EXISTS events (
 	);
 	CREATE INDEX IF NOT EXISTS usage_by_account ON usage_intervals (account, end_at);
 	CREATE INDEX IF NOT EXISTS usage_open ON usage_intervals (open) WHERE open = 1;`
-

@@ -429,4 +429,3 @@ func (s *Store) AppendBuildLog(ctx context.Context, buildID string, data []byte)
 	}
 	return nil
 }
-
