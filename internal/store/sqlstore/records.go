@@ -264,6 +264,41 @@ func (s *Store) UpdateBuild(ctx context.Context, b store.Build) error {
 	return affected(n, err, "build "+b.ID)
 }
 
+func (s *Store) StartBuild(ctx context.Context, b store.Build) error {
+	b.State = store.BuildInProgress
+	return s.db.Write(ctx, func(tx Querier) error {
+		// Locked in FinishBuild's order (version, then build), so a start
+		// and a finish of one build take turns and cannot deadlock.
+		v, err := getDoc[store.ImageVersion](ctx, tx, false, "image version "+b.ImageName+":"+b.Version, `SELECT data`+versionWhere+s.d.ForUpdate,
+			b.Account, b.ImageName, b.Version)
+		if errors.Is(err, errdefs.ErrNotFound) {
+			return fmt.Errorf("build %s: %w", b.ID, errdefs.ErrNotFound)
+		}
+		if err != nil {
+			return err
+		}
+		old, err := getDoc[store.Build](ctx, tx, false, "build "+b.ID, `SELECT data FROM builds WHERE build_id = ? AND account = ?`+s.d.ForUpdate, b.ID, b.Account)
+		if err != nil {
+			return err
+		}
+		if store.BuildFinal(old.State) {
+			return fmt.Errorf("build %s is %s already: %w", b.ID, old.State, errdefs.ErrConflict)
+		}
+		if _, err := tx.Exec(ctx, updateBuild, b.State, snapshotBytes(b), mustJSON(b), b.ID, b.Account); err != nil {
+			return fmt.Errorf("updating build %s: %w", b.ID, err)
+		}
+		if v.State != store.VersionPending {
+			return nil
+		}
+		v.State, v.UpdatedAt = store.VersionInProgress, b.UpdatedAt
+		if _, err := tx.Exec(ctx, `UPDATE image_versions SET data = ? WHERE account = ? AND image = ? AND version = ?`,
+			mustJSON(v), v.Account, v.ImageName, v.Version); err != nil {
+			return fmt.Errorf("updating image version %s:%s: %w", v.ImageName, v.Version, err)
+		}
+		return s.insertEvent(ctx, tx, store.VersionEvent(v, store.VersionPending))
+	})
+}
+
 func (s *Store) FinishBuild(ctx context.Context, b store.Build) (bool, error) {
 	finalised := false
 	err := s.db.Write(ctx, func(tx Querier) error {

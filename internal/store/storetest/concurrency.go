@@ -21,6 +21,7 @@ func Concurrency(t *testing.T, open func(t *testing.T) (store.Store, store.Store
 		fn   func(t *testing.T, a, b store.Store)
 	}{
 		{"build finalised once", finishOnce},
+		{"build start and finish race", startFinishRace},
 		{"quota across handles", quotaAcrossHandles},
 		{"stale epoch refused", staleEpoch},
 	}

@@ -23,6 +23,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"access keys", accessKeys},
 		{"images and versions", images},
 		{"build logs", buildLogs},
+		{"build start", buildStart},
 		{"microvms", microvms},
 		{"microvm deadlines", deadlines},
 		{"client tokens", clientTokens},
