@@ -5,7 +5,6 @@ import (
 	"errors"
 	"path/filepath"
 	"testing"
-	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
@@ -25,13 +24,7 @@ func TestLateBuildStartRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	now := time.Now().UTC()
-	img := store.Image{Account: "111111111111", Name: "app", ARN: "arn:app", State: store.ImageCreating, LatestVersion: "1.0", CreatedAt: now, UpdatedAt: now}
-	v := store.ImageVersion{Account: img.Account, ImageName: "app", ImageARN: img.ARN, Version: "1.0", State: store.VersionPending, Status: store.VersionActive, CreatedAt: now, UpdatedAt: now}
-	b := store.Build{Account: img.Account, ImageName: "app", ImageARN: img.ARN, Version: "1.0", ID: "b1", State: store.BuildPending, Architecture: "X86_64", CreatedAt: now}
-	if err := st.CreateImage(ctx, img, v, []store.Build{b}, nil); err != nil {
-		t.Fatal(err)
-	}
+	b := pendingBuild(t, st)
 	rep := api.NewReporter(st)
 	if err := rep.BuildRunning(ctx, b); err != nil {
 		t.Fatal(err)
@@ -42,7 +35,7 @@ func TestLateBuildStartRefused(t *testing.T) {
 	if err := rep.BuildRunning(ctx, b); !errors.Is(err, errdefs.ErrConflict) {
 		t.Errorf("a start after the finish: %v, want a conflict", err)
 	}
-	got, err := st.GetBuild(ctx, b.Account, "app", "1.0", "b1")
+	got, err := st.GetBuild(ctx, b.Account, "app", "1", "b1")
 	if err != nil {
 		t.Fatal(err)
 	}

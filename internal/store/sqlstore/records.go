@@ -264,28 +264,39 @@ func (s *Store) UpdateBuild(ctx context.Context, b store.Build) error {
 	return affected(n, err, "build "+b.ID)
 }
 
+// writeBuild records b in tx unless the stored build is final already
+// (ErrConflict), and returns its version, read for update. The version's
+// row lock, taken first, serialises the starts and finishes of its
+// builds: the last finish, whichever process runs it, reads the others
+// final (READ COMMITTED reads what committed before the lock was had).
+func (s *Store) writeBuild(ctx context.Context, tx Querier, b store.Build) (store.ImageVersion, error) {
+	v, err := getDoc[store.ImageVersion](ctx, tx, false, "image version "+b.ImageName+":"+b.Version, `SELECT data`+versionWhere+s.d.ForUpdate,
+		b.Account, b.ImageName, b.Version)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return v, fmt.Errorf("build %s: %w", b.ID, errdefs.ErrNotFound)
+	}
+	if err != nil {
+		return v, err
+	}
+	old, err := getDoc[store.Build](ctx, tx, false, "build "+b.ID, `SELECT data FROM builds WHERE build_id = ? AND account = ?`+s.d.ForUpdate, b.ID, b.Account)
+	if err != nil {
+		return v, err
+	}
+	if store.BuildFinal(old.State) {
+		return v, fmt.Errorf("build %s is %s already: %w", b.ID, old.State, errdefs.ErrConflict)
+	}
+	if _, err := tx.Exec(ctx, updateBuild, b.State, snapshotBytes(b), mustJSON(b), b.ID, b.Account); err != nil {
+		return v, fmt.Errorf("updating build %s: %w", b.ID, err)
+	}
+	return v, nil
+}
+
 func (s *Store) StartBuild(ctx context.Context, b store.Build) error {
 	b.State = store.BuildInProgress
 	return s.db.Write(ctx, func(tx Querier) error {
-		// Locked in FinishBuild's order (version, then build), so a start
-		// and a finish of one build take turns and cannot deadlock.
-		v, err := getDoc[store.ImageVersion](ctx, tx, false, "image version "+b.ImageName+":"+b.Version, `SELECT data`+versionWhere+s.d.ForUpdate,
-			b.Account, b.ImageName, b.Version)
-		if errors.Is(err, errdefs.ErrNotFound) {
-			return fmt.Errorf("build %s: %w", b.ID, errdefs.ErrNotFound)
-		}
+		v, err := s.writeBuild(ctx, tx, b)
 		if err != nil {
 			return err
-		}
-		old, err := getDoc[store.Build](ctx, tx, false, "build "+b.ID, `SELECT data FROM builds WHERE build_id = ? AND account = ?`+s.d.ForUpdate, b.ID, b.Account)
-		if err != nil {
-			return err
-		}
-		if store.BuildFinal(old.State) {
-			return fmt.Errorf("build %s is %s already: %w", b.ID, old.State, errdefs.ErrConflict)
-		}
-		if _, err := tx.Exec(ctx, updateBuild, b.State, snapshotBytes(b), mustJSON(b), b.ID, b.Account); err != nil {
-			return fmt.Errorf("updating build %s: %w", b.ID, err)
 		}
 		if v.State != store.VersionPending {
 			return nil
@@ -304,25 +315,9 @@ func (s *Store) FinishBuild(ctx context.Context, b store.Build) (bool, error) {
 	err := s.db.Write(ctx, func(tx Querier) error {
 		finalised = false
 		what := "image version " + b.ImageName + ":" + b.Version
-		// The version's row lock serialises the finishes of its builds:
-		// the last one, whichever process runs it, reads the others final
-		// (READ COMMITTED reads what committed before the lock was had).
-		v, err := getDoc[store.ImageVersion](ctx, tx, false, what, `SELECT data`+versionWhere+s.d.ForUpdate, b.Account, b.ImageName, b.Version)
-		if errors.Is(err, errdefs.ErrNotFound) {
-			return fmt.Errorf("build %s: %w", b.ID, errdefs.ErrNotFound)
-		}
+		v, err := s.writeBuild(ctx, tx, b)
 		if err != nil {
 			return err
-		}
-		old, err := getDoc[store.Build](ctx, tx, false, "build "+b.ID, `SELECT data FROM builds WHERE build_id = ? AND account = ?`+s.d.ForUpdate, b.ID, b.Account)
-		if err != nil {
-			return err
-		}
-		if store.BuildFinal(old.State) {
-			return fmt.Errorf("build %s is %s already: %w", b.ID, old.State, errdefs.ErrConflict)
-		}
-		if _, err := tx.Exec(ctx, updateBuild, b.State, snapshotBytes(b), mustJSON(b), b.ID, b.Account); err != nil {
-			return fmt.Errorf("updating build %s: %w", b.ID, err)
 		}
 		builds, err := docs[store.Build](ctx, tx, `SELECT data FROM builds WHERE account = ? AND image = ? AND version = ? ORDER BY seq`, b.Account, b.ImageName, b.Version)
 		if err != nil {
