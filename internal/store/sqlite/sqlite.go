@@ -287,15 +287,19 @@ var migrations = []string{
 	CREATE INDEX IF NOT EXISTS builds_by_account_state ON builds (account, state);`,
 	// 5: the E2B-compatible API's keys and sandboxes (e2b.go).
 	migrationE2B,
-	// 6: the sizes the quota adds up as columns, as the PostgreSQL schema
-	// has them, so that both stores run the same queries (sqlstore).
-	`ALTER TABLE microvms ADD COLUMN memory_mib INTEGER NOT NULL DEFAULT 0;
+	// 6: the sizes the quota adds up as columns (sqlstore).
+	migrationSizeColumns,
+}
+
+// migrationSizeColumns adds the sizes the quota adds up as columns, as the
+// PostgreSQL schema has them, so that both stores run the same queries;
+// the records kept so far get theirs from their JSON documents.
+const migrationSizeColumns = `ALTER TABLE microvms ADD COLUMN memory_mib INTEGER NOT NULL DEFAULT 0;
 	ALTER TABLE microvms ADD COLUMN vcpus INTEGER NOT NULL DEFAULT 0;
 	UPDATE microvms SET memory_mib = COALESCE(json_extract(data, '$.memoryMiB'), 0), vcpus = COALESCE(json_extract(data, '$.vcpus'), 0);
 	ALTER TABLE builds ADD COLUMN snapshot_bytes INTEGER NOT NULL DEFAULT 0;
 	UPDATE builds SET snapshot_bytes = COALESCE(json_extract(data, '$.snapshotBuild.memorySnapshotSizeInBytes'), 0)
-		+ COALESCE(json_extract(data, '$.snapshotBuild.diskSnapshotSizeInBytes'), 0) WHERE state = 'SUCCESSFUL';`,
-}
+		+ COALESCE(json_extract(data, '$.snapshotBuild.diskSnapshotSizeInBytes'), 0) WHERE state = 'SUCCESSFUL';`
 
 func (s *Store) migrate(ctx context.Context) error {
 	if _, err := s.w.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)`); err != nil {
