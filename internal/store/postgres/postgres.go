@@ -349,7 +349,7 @@ type conn struct {
 func (c conn) Exec(ctx context.Context, query string, args ...any) (int64, error) {
 	tag, err := c.q.Exec(ctx, rebind(query), args...)
 	if err != nil {
-		return 0, mapErr(err)
+		return 0, marker.Mark(err)
 	}
 	return tag.RowsAffected(), nil
 }
@@ -357,36 +357,26 @@ func (c conn) Exec(ctx context.Context, query string, args ...any) (int64, error
 func (c conn) Query(ctx context.Context, query string, args ...any) (sqlstore.Rows, error) {
 	rows, err := c.q.Query(ctx, rebind(query), args...)
 	if err != nil {
-		return nil, mapErr(err)
+		return nil, marker.Mark(err)
 	}
 	return pgRows{rows}, nil
 }
 
 func (c conn) QueryRow(ctx context.Context, query string, args ...any) sqlstore.Row {
-	return pgRow{c.q.QueryRow(ctx, rebind(query), args...)}
+	return marker.Row(c.q.QueryRow(ctx, rebind(query), args...))
 }
 
 type pgRows struct{ pgx.Rows }
 
-func (r pgRows) Err() error { return mapErr(r.Rows.Err()) }
+func (r pgRows) Err() error { return marker.Mark(r.Rows.Err()) }
 
-type pgRow struct{ pgx.Row }
-
-func (r pgRow) Scan(dest ...any) error { return mapErr(r.Row.Scan(dest...)) }
-
-// mapErr marks the errors the shared queries tell apart; a value the
+// marker marks the errors the shared queries tell apart; a value the
 // database refuses (class 22: a NUL or a byte that is not UTF-8 in a name,
 // a number out of range) is the caller's mistake, errdefs.ErrInvalid.
-func mapErr(err error) error {
-	switch {
-	case err == nil:
-		return nil
-	case errors.Is(err, pgx.ErrNoRows):
-		return fmt.Errorf("%w: %w", err, sqlstore.ErrNoRows)
-	case pgCode(err) == "23505":
-		return fmt.Errorf("%w: %w", err, sqlstore.ErrUnique)
-	}
-	return wrap(err)
+var marker = sqlstore.Marker{
+	NoRows: func(err error) bool { return errors.Is(err, pgx.ErrNoRows) },
+	Unique: func(err error) bool { return pgCode(err) == "23505" },
+	Other:  wrap,
 }
 
 // rebind turns the shared queries' placeholders into PostgreSQL's: each ?

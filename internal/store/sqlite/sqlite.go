@@ -366,7 +366,7 @@ type conn struct {
 func (c conn) Exec(ctx context.Context, query string, args ...any) (int64, error) {
 	res, err := c.q.ExecContext(ctx, query, args...)
 	if err != nil {
-		return 0, mapErr(err)
+		return 0, marker.Mark(err)
 	}
 	n, _ := res.RowsAffected()
 	return n, nil
@@ -375,34 +375,23 @@ func (c conn) Exec(ctx context.Context, query string, args ...any) (int64, error
 func (c conn) Query(ctx context.Context, query string, args ...any) (sqlstore.Rows, error) {
 	rows, err := c.q.QueryContext(ctx, query, args...)
 	if err != nil {
-		return nil, mapErr(err)
+		return nil, marker.Mark(err)
 	}
 	return sqlRows{rows}, nil
 }
 
 func (c conn) QueryRow(ctx context.Context, query string, args ...any) sqlstore.Row {
-	return sqlRow{c.q.QueryRowContext(ctx, query, args...)}
+	return marker.Row(c.q.QueryRowContext(ctx, query, args...))
 }
 
 type sqlRows struct{ *sql.Rows }
 
 func (r sqlRows) Close() { r.Rows.Close() }
 
-type sqlRow struct{ *sql.Row }
-
-func (r sqlRow) Scan(dest ...any) error { return mapErr(r.Row.Scan(dest...)) }
-
-// mapErr marks the errors the shared queries tell apart.
-func mapErr(err error) error {
-	switch {
-	case err == nil:
-		return nil
-	case errors.Is(err, sql.ErrNoRows):
-		return fmt.Errorf("%w: %w", err, sqlstore.ErrNoRows)
-	case strings.Contains(err.Error(), "UNIQUE constraint failed"):
-		return fmt.Errorf("%w: %w", err, sqlstore.ErrUnique)
-	}
-	return err
+// marker marks the errors the shared queries tell apart.
+var marker = sqlstore.Marker{
+	NoRows: func(err error) bool { return errors.Is(err, sql.ErrNoRows) },
+	Unique: func(err error) bool { return strings.Contains(err.Error(), "UNIQUE constraint failed") },
 }
 
 func (s *Store) AppendBuildLog(ctx context.Context, buildID string, data []byte) error {

@@ -48,6 +48,42 @@ var (
 	ErrUnique = errors.New("unique constraint violated")
 )
 
+// Marker wraps a driver's errors in the ones the shared code tells apart.
+type Marker struct {
+	// NoRows and Unique recognise the driver's "no row" and "unique
+	// constraint violated".
+	NoRows, Unique func(error) bool
+	// Other, when not nil, marks any other error (PostgreSQL: a refused
+	// value as errdefs.ErrInvalid).
+	Other func(error) error
+}
+
+// Mark returns err wrapped in ErrNoRows or ErrUnique where it is one, as
+// Other makes it otherwise; nil stays nil.
+func (m Marker) Mark(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case m.NoRows(err):
+		return fmt.Errorf("%w: %w", err, ErrNoRows)
+	case m.Unique(err):
+		return fmt.Errorf("%w: %w", err, ErrUnique)
+	case m.Other != nil:
+		return m.Other(err)
+	}
+	return err
+}
+
+// Row returns r with its Scan errors marked.
+func (m Marker) Row(r Row) Row { return markedRow{r, m} }
+
+type markedRow struct {
+	r Row
+	m Marker
+}
+
+func (r markedRow) Scan(dest ...any) error { return r.m.Mark(r.r.Scan(dest...)) }
+
 // Row is one row of QueryRow.
 type Row interface {
 	Scan(dest ...any) error
