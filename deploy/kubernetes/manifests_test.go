@@ -419,6 +419,21 @@ func check(o *objects) []string {
 				if ps := w.spec.SecurityContext; ps == nil || ps.RunAsNonRoot == nil || !*ps.RunAsNonRoot {
 					fail("%s: must run as non-root", w.name)
 				}
+				// Secret files belong to root: a non-root kiln reads them
+				// through the pod's fsGroup (group read) or not at all.
+				for _, v := range w.spec.Volumes {
+					if v.Secret == nil {
+						continue
+					}
+					mode := int32(0o644)
+					if v.Secret.DefaultMode != nil {
+						mode = *v.Secret.DefaultMode
+					}
+					ps := w.spec.SecurityContext
+					if mode&0o004 == 0 && (mode&0o040 == 0 || ps == nil || ps.FSGroup == nil) {
+						fail("%s: secret volume %s (mode %#o) is unreadable by its non-root user", w.name, v.Name, mode)
+					}
+				}
 			}
 		}
 		// An API token only where the Kubernetes API is used (control).
@@ -658,6 +673,10 @@ func TestChecksCatchBrokenManifests(t *testing.T) {
 			t := true
 			deployment(o, "edge").Spec.Template.Spec.AutomountServiceAccountToken = &t
 		}, "mounts an API token"},
+		{"unreadable secret", func(o *objects) {
+			m := int32(0o400)
+			deployment(o, "edge").Spec.Template.Spec.Volumes[1].Secret.DefaultMode = &m
+		}, "unreadable by its non-root user"},
 		{"privileged edge", func(o *objects) {
 			t := true
 			deployment(o, "edge").Spec.Template.Spec.Containers[0].SecurityContext.Privileged = &t
