@@ -378,7 +378,9 @@ func (c *Client) handleResponse(m proto.Message) {
 
 func (c *Client) handleOutput(m proto.Message) {
 	var o proto.Output
-	if err := proto.DecodeBody(m, &o); err != nil || o.ExecID == 0 || (o.Stream != proto.Stdout && o.Stream != proto.Stderr) {
+	// A chunk is at most proto.MaxChunk: the agent reads that much per
+	// read, so anything larger is not an honest agent's.
+	if err := proto.DecodeBody(m, &o); err != nil || o.ExecID == 0 || (o.Stream != proto.Stdout && o.Stream != proto.Stderr) || len(m.Data) > proto.MaxChunk {
 		c.invalid.Add(1)
 		return
 	}
@@ -395,7 +397,8 @@ func (c *Client) handleOutput(m proto.Message) {
 
 func (c *Client) handleExit(m proto.Message) {
 	var e proto.Exit
-	if err := proto.DecodeBody(m, &e); err != nil || e.ExecID == 0 {
+	// An exit status is 0-255 (128+signal when killed), a signal 1-64.
+	if err := proto.DecodeBody(m, &e); err != nil || e.ExecID == 0 || e.Code < 0 || e.Code > 255 || e.Signal < 0 || e.Signal > 64 {
 		c.invalid.Add(1)
 		return
 	}

@@ -39,29 +39,27 @@ type Handler struct {
 	cfg Config
 	mux *http.ServeMux
 
-	mu    sync.Mutex
-	procs map[string]map[uint32]*tracked // microVM → pid → process
+	mu       sync.Mutex
+	procs    map[string]map[uint32]*proc // microVM → pid → running process
+	starting map[string]int              // microVM → processes being started
 }
 
-// tracked is a process envd started, until it ends.
-type tracked struct {
-	p   *client.Process
-	cfg processConfig
-	tag string
-}
-
-// maxTracked bounds the processes tracked per sandbox.
-const maxTracked = 1024
+// maxTracked bounds the processes envd runs at once per sandbox: each
+// holds output buffers on the host.
+const maxTracked = 256
 
 // New returns envd.
 func New(cfg Config) *Handler {
-	h := &Handler{cfg: cfg, mux: http.NewServeMux(), procs: map[string]map[uint32]*tracked{}}
+	h := &Handler{cfg: cfg, mux: http.NewServeMux(), procs: map[string]map[uint32]*proc{}, starting: map[string]int{}}
 	h.mux.HandleFunc("GET /health", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) })
 	h.mux.HandleFunc("POST /process.Process/Start", h.start)
 	h.mux.HandleFunc("POST /process.Process/List", h.list)
 	h.mux.HandleFunc("POST /process.Process/SendInput", h.sendInput)
 	h.mux.HandleFunc("POST /process.Process/CloseStdin", h.closeStdin)
 	h.mux.HandleFunc("POST /process.Process/SendSignal", h.sendSignal)
+	h.mux.HandleFunc("POST /process.Process/Connect", h.connect)
+	h.mux.HandleFunc("POST /process.Process/Update", h.update)
+	h.mux.HandleFunc("POST /process.Process/StreamInput", h.streamInput)
 	h.mux.HandleFunc("POST /filesystem.Filesystem/ListDir", h.listDir)
 	h.mux.HandleFunc("POST /filesystem.Filesystem/Stat", h.stat)
 	h.mux.HandleFunc("GET /files", h.download)
