@@ -11,11 +11,10 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
-	"syscall"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/proto"
+	"github.com/kiln-sandbox/kiln/internal/image/layer"
 	"golang.org/x/sys/unix"
 )
 
@@ -145,7 +144,7 @@ func (s *Server) copyOutOpen(req proto.CopyOutOpen) (proto.StreamResult, error) 
 	pr, pw := io.Pipe()
 	st := &copyStream{id: s.nextID.Add(1), out: pr}
 	go func() {
-		pw.CloseWithError(writeTar(req.Path, pw))
+		pw.CloseWithError(layer.WriteTar(pw, req.Path, filepath.Base(filepath.Clean(req.Path))))
 	}()
 	s.addStream(st)
 	return proto.StreamResult{StreamID: st.id}, nil
@@ -289,74 +288,4 @@ func replaceNonDir(path string) error {
 		return fmt.Errorf("%s: is a directory", path)
 	}
 	return os.Remove(path)
-}
-
-// writeTar writes path (a file or a directory tree) as a tar stream whose
-// entry names start with path's base name, like `docker cp`.
-func writeTar(path string, w io.Writer) error {
-	tw := tar.NewWriter(w)
-	base := filepath.Base(filepath.Clean(path))
-	links := map[[2]uint64]string{}
-	err := filepath.WalkDir(path, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		fi, err := d.Info()
-		if err != nil {
-			return err
-		}
-		rel, err := filepath.Rel(path, p)
-		if err != nil {
-			return err
-		}
-		name := base
-		if rel != "." {
-			name = base + "/" + filepath.ToSlash(rel)
-		}
-		link := ""
-		if fi.Mode()&fs.ModeSymlink != 0 {
-			if link, err = os.Readlink(p); err != nil {
-				return err
-			}
-		}
-		hdr, err := tar.FileInfoHeader(fi, link)
-		if err != nil {
-			return fmt.Errorf("%s: %w", p, err)
-		}
-		hdr.Name = name
-		if fi.IsDir() && !strings.HasSuffix(hdr.Name, "/") {
-			hdr.Name += "/"
-		}
-		hdr.Uname, hdr.Gname = "", ""
-		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-			hdr.Uid, hdr.Gid = int(st.Uid), int(st.Gid)
-			if fi.Mode().IsRegular() && st.Nlink > 1 {
-				key := [2]uint64{st.Dev, st.Ino}
-				if first, ok := links[key]; ok {
-					hdr.Typeflag, hdr.Linkname, hdr.Size = tar.TypeLink, first, 0
-				} else {
-					links[key] = name
-				}
-			}
-		}
-		if err := tw.WriteHeader(hdr); err != nil {
-			return err
-		}
-		if hdr.Typeflag == tar.TypeReg {
-			f, err := os.Open(p)
-			if err != nil {
-				return err
-			}
-			_, err = io.CopyN(tw, f, hdr.Size)
-			f.Close()
-			if err != nil {
-				return fmt.Errorf("reading %s: %w", p, err)
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("archiving %s: %w", path, err)
-	}
-	return tw.Close()
 }
