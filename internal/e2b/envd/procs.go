@@ -90,9 +90,9 @@ func (pr *proc) broadcast(ev processEvent) {
 }
 
 // fanOut runs for the life of a process: it spreads its output and, at
-// its end, records the End event and stops tracking it.
+// its end, stops tracking it and records the End event (in that order: a
+// client that saw the end finds the pid gone).
 func (h *Handler) fanOut(id string, pid uint32, pr *proc) {
-	defer h.untrack(id, pid, pr)
 	for o := range pr.p.Output() {
 		if len(o.Data) == 0 {
 			continue
@@ -110,6 +110,7 @@ func (h *Handler) fanOut(id string, pid uint32, pr *proc) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	code, err := pr.p.Wait(ctx)
 	cancel()
+	h.untrack(id, pid, pr)
 	pr.mu.Lock()
 	if err != nil {
 		pr.endErr = errf(codeUnavailable, "lost the sandbox while the process ran: %v", err)

@@ -187,6 +187,9 @@ func TestEnvdPTYAndConnect(t *testing.T) {
 	if code := endOf(t, again); code != 5 {
 		t.Fatalf("PTY exit %d on the connected stream, want 5", code)
 	}
+	if code, b := unary("SendSignal", map[string]any{"process": sel, "signal": "SIGNAL_SIGKILL"}); code != 404 {
+		t.Fatalf("kill after the end: %d %s, want 404 (pty.kill then says false)", code, b)
+	}
 
 	// A background command: its starting stream goes, Connect by tag
 	// finds it and streams its later output and its end.
