@@ -32,6 +32,9 @@ type Config struct {
 	// Target names the microVM and account of a request (set by the
 	// endpoint proxy: proxy.MicrovmID, proxy.Account).
 	Target func(ctx context.Context) (microvmID, account string)
+	// MaxProcesses bounds the processes envd runs at once per sandbox
+	// (each holds output buffers on the host); 0 is 256.
+	MaxProcesses int
 }
 
 // Handler is envd for every sandbox.
@@ -44,12 +47,11 @@ type Handler struct {
 	starting map[string]int              // microVM → processes being started
 }
 
-// maxTracked bounds the processes envd runs at once per sandbox: each
-// holds output buffers on the host.
-const maxTracked = 256
-
 // New returns envd.
 func New(cfg Config) *Handler {
+	if cfg.MaxProcesses <= 0 {
+		cfg.MaxProcesses = 256
+	}
 	h := &Handler{cfg: cfg, mux: http.NewServeMux(), procs: map[string]map[uint32]*proc{}, starting: map[string]int{}}
 	h.mux.HandleFunc("GET /health", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) })
 	h.mux.HandleFunc("POST /process.Process/Start", h.start)

@@ -228,8 +228,8 @@ func (h *Handler) sandboxEnv(ctx context.Context, account, id string) (map[strin
 func (h *Handler) reserve(id string) *rpcError {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if len(h.procs[id])+h.starting[id] >= maxTracked {
-		return errf(codeResourceExhaust, "sandbox %s already runs %d processes started through envd; wait for some to end or kill them", id, maxTracked)
+	if len(h.procs[id])+h.starting[id] >= h.cfg.MaxProcesses {
+		return errf(codeResourceExhaust, "sandbox %s already runs %d processes started through envd; wait for some to end or kill them", id, h.cfg.MaxProcesses)
 	}
 	h.starting[id]++
 	return nil

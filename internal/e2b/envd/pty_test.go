@@ -265,3 +265,50 @@ func FuzzNextInput(f *testing.F) {
 		}
 	})
 }
+
+// TestEnvdProcessBound: a sandbox runs at most MaxProcesses processes
+// through envd at once; the next Start is refused with resource_exhausted
+// until one ends.
+func TestEnvdProcessBound(t *testing.T) {
+	st, err := sqlite.Open(context.Background(), filepath.Join(t.TempDir(), "kiln.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	h := New(Config{Agents: oneAgent{newAgent(t)}, Sandboxes: st, MaxProcesses: 2,
+		Target: func(context.Context) (string, string) { return "mvm-1", "acct" }})
+	hs := httptest.NewServer(h)
+	defer hs.Close()
+	start := func() streamEvent {
+		return <-openStream(t, hs.URL, "Start", map[string]any{"process": map[string]any{"cmd": "/bin/sh", "args": []string{"-c", "sleep 30"}}})
+	}
+	kill := func(pid uint32) {
+		b, _ := json.Marshal(map[string]any{"process": map[string]any{"pid": pid}, "signal": "SIGNAL_SIGKILL"})
+		resp, err := http.Post(hs.URL+"/process.Process/SendSignal", contentUnary, bytes.NewReader(b))
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("kill: %v %v", resp, err)
+		}
+		resp.Body.Close()
+	}
+	first, second := start(), start()
+	if first.Start == nil || second.Start == nil {
+		t.Fatal("the first two starts failed")
+	}
+	defer kill(second.Start.Pid)
+	if ev := start(); ev.Error == nil || ev.Error.Code != codeResourceExhaust {
+		t.Fatalf("third start: %+v, want resource_exhausted", ev)
+	}
+	kill(first.Start.Pid)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ev := start()
+		if ev.Start != nil {
+			defer kill(ev.Start.Pid)
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("start after a kill: %+v", ev)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
