@@ -15,8 +15,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kiln-sandbox/kiln/internal/awscli"
-	"github.com/kiln-sandbox/kiln/internal/image/layer"
 	"github.com/kiln-sandbox/kiln/internal/remote"
+	"github.com/kiln-sandbox/kiln/internal/tartree"
 )
 
 // `kiln exec` and `kiln cp`: a command or a file copy in a microVM, over
@@ -180,6 +180,6 @@ func runCp(ctx context.Context, s awscli.Settings, o shellOptions, src, dst stri
 			_, err := io.Copy(w, stdin)
 			return err
 		}
-		return layer.WriteTar(w, src, info.TopName(dpath, filepath.Base(filepath.Clean(src))))
+		return tartree.WriteTar(w, src, info.TopName(dpath, filepath.Base(filepath.Clean(src))))
 	})
 }

@@ -15,9 +15,9 @@ import (
 
 	"github.com/coder/websocket"
 
-	"github.com/kiln-sandbox/kiln/internal/image/layer"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/remote"
+	"github.com/kiln-sandbox/kiln/internal/tartree"
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
 
@@ -96,7 +96,7 @@ func TestExecAndCopy(t *testing.T) {
 			if info.Exists {
 				t.Errorf("/tmp/copied exists already: %+v", info)
 			}
-			return layer.WriteTar(w, src, info.TopName("/tmp/copied", "tree"))
+			return tartree.WriteTar(w, src, info.TopName("/tmp/copied", "tree"))
 		})
 		if err != nil {
 			t.Fatalf("copy in: %v", err)

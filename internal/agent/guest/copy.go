@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/proto"
-	"github.com/kiln-sandbox/kiln/internal/image/layer"
+	"github.com/kiln-sandbox/kiln/internal/tartree"
 	"golang.org/x/sys/unix"
 )
 
@@ -144,7 +144,7 @@ func (s *Server) copyOutOpen(req proto.CopyOutOpen) (proto.StreamResult, error) 
 	pr, pw := io.Pipe()
 	st := &copyStream{id: s.nextID.Add(1), out: pr}
 	go func() {
-		pw.CloseWithError(layer.WriteTar(pw, req.Path, filepath.Base(filepath.Clean(req.Path))))
+		pw.CloseWithError(tartree.WriteTar(pw, req.Path, filepath.Base(filepath.Clean(req.Path))))
 	}()
 	s.addStream(st)
 	return proto.StreamResult{StreamID: st.id}, nil

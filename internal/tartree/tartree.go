@@ -1,6 +1,9 @@
 //go:build linux
 
-package layer
+// Package tartree writes a file tree as a tar stream: the guest agent's
+// copy-out and kiln cp's copy-in share it. It stays small on purpose: the
+// agent links it.
+package tartree
 
 import (
 	"archive/tar"
