@@ -97,25 +97,12 @@ func Run(ctx context.Context, o Options) (_ *Result, err error) {
 		}
 		o.App = bb
 	}
-	// Unix socket paths under the data directory must stay short.
-	work, err := os.MkdirTemp(o.Dir, "ksoak")
-	if err != nil {
-		return nil, fmt.Errorf("making the scratch directory: %w", err)
-	}
-	if !o.Keep {
+	work, data, err := ScratchDataDir(o.Dir, "ksoak", o.KernelDir)
+	if work != "" && !o.Keep {
 		defer os.RemoveAll(work)
 	}
-	// The data directory is named by its absolute path everywhere (the
-	// cgroup hash, QEMU command lines, mounts).
-	if work, err = filepath.Abs(work); err != nil {
+	if err != nil {
 		return nil, err
-	}
-	data := filepath.Join(work, "d")
-	if err := os.MkdirAll(data, 0o700); err != nil {
-		return nil, err
-	}
-	if err := os.Symlink(o.KernelDir, filepath.Join(data, "kernel")); err != nil {
-		return nil, fmt.Errorf("linking the kernel: %w", err)
 	}
 	code := filepath.Join(work, "code.zip")
 	if err := codePackage(code, o.App); err != nil {
