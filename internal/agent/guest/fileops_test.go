@@ -144,7 +144,7 @@ func TestWatch(t *testing.T) {
 	os.Chmod(filepath.Join(dir, "f"), 0o600)
 	os.Rename(filepath.Join(dir, "f"), filepath.Join(dir, "h"))
 	os.Remove(filepath.Join(dir, "h"))
-	got = append(got, readAll(t, s, st.StreamID, 6)...)
+	got = append(got, readAll(t, s, st.StreamID, 5)...)
 	seen := map[string]bool{}
 	for _, e := range got {
 		seen[e.Op+" "+e.Name] = true

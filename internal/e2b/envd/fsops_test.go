@@ -280,3 +280,26 @@ func TestCheckSignature(t *testing.T) {
 		t.Error("another sandbox's token accepted")
 	}
 }
+
+// FuzzCheckSignature: whatever the query, a URL is accepted only with the
+// signature of its own path, operation, user and expiry under the token.
+func FuzzCheckSignature(f *testing.F) {
+	f.Add("GET", "path=/a&signature="+url.QueryEscape(signFor("/a", "read", "", "tok", "")))
+	f.Add("POST", "username=user&path=/b&signature_expiration=1900000000&signature="+url.QueryEscape(signFor("/b", "write", "user", "tok", "1900000000")))
+	f.Add("GET", "signature=v1_&signature_expiration=x")
+	f.Fuzz(func(t *testing.T, method, rawQuery string) {
+		r, err := http.NewRequest(method, "https://127.0.0.1/files", nil)
+		if err != nil {
+			return
+		}
+		r.URL.RawQuery = rawQuery
+		if CheckSignature(r, "tok", time.Unix(1_800_000_000, 0)) != nil {
+			return
+		}
+		q := r.URL.Query()
+		op := map[string]string{"GET": "read", "POST": "write"}[method]
+		if q.Get("signature") != signFor(q.Get("path"), op, q.Get("username"), "tok", q.Get("signature_expiration")) {
+			t.Fatalf("accepted %s %q", method, rawQuery)
+		}
+	})
+}
