@@ -140,6 +140,11 @@ func TestWatch(t *testing.T) {
 	os.WriteFile(filepath.Join(dir, "f"), []byte("x"), 0o644)
 	os.Mkdir(filepath.Join(dir, "sub"), 0o755)
 	got := readAll(t, s, st.StreamID, 3)
+	// A directory filled before its watch can be in place: its content
+	// is reported as created all the same.
+	os.MkdirAll(filepath.Join(dir, "sub2/deep"), 0o755)
+	os.WriteFile(filepath.Join(dir, "sub2/deep/early"), nil, 0o644)
+	got = append(got, readAll(t, s, st.StreamID, 3)...)
 	os.WriteFile(filepath.Join(dir, "sub/g"), nil, 0o644)
 	os.Chmod(filepath.Join(dir, "f"), 0o600)
 	os.Rename(filepath.Join(dir, "f"), filepath.Join(dir, "h"))
@@ -149,7 +154,8 @@ func TestWatch(t *testing.T) {
 	for _, e := range got {
 		seen[e.Op+" "+e.Name] = true
 	}
-	for _, w := range []string{"create f", "write f", "create sub", "create sub/g", "chmod f", "rename f", "create h", "remove h"} {
+	for _, w := range []string{"create f", "write f", "create sub", "create sub/g", "chmod f", "rename f", "create h", "remove h",
+		"create sub2", "create sub2/deep", "create sub2/deep/early"} {
 		if !seen[w] {
 			t.Errorf("missing event %q in %v", w, got)
 		}

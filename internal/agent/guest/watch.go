@@ -88,8 +88,11 @@ func (w *watch) push(ev proto.WatchEvent) {
 }
 
 // add watches dir (relative to root) and, for a recursive watch, every
-// directory under it, within proto.MaxWatchDirs.
-func (w *watch) add(rel string) error {
+// directory under it, within proto.MaxWatchDirs. With announce (a
+// directory that just appeared) what is already in it is reported as
+// created: it may have been filled before its watch was in place
+// (`mkdir d && echo > d/f`), and a repeated create beats a lost one.
+func (w *watch) add(rel string, announce bool) error {
 	abs := filepath.Join(w.root, rel)
 	addOne := func(abs, rel string) error {
 		w.mu.Lock()
@@ -120,12 +123,15 @@ func (w *watch) add(rel string) error {
 			}
 			return nil // vanished or unreadable below: skip it
 		}
-		if !d.IsDir() {
-			return nil
-		}
 		r, _ := filepath.Rel(w.root, p)
 		if r == "." {
 			r = ""
+		}
+		if announce && p != abs {
+			w.push(proto.WatchEvent{Name: filepath.ToSlash(r), Op: proto.WatchCreate})
+		}
+		if !d.IsDir() {
+			return nil
 		}
 		return addOne(p, r)
 	})
@@ -198,7 +204,7 @@ func (w *watch) handle(wd int32, mask uint32, name string) bool {
 	}
 	w.push(proto.WatchEvent{Name: rel, Op: op})
 	if w.recursive && op == proto.WatchCreate && mask&unix.IN_ISDIR != 0 {
-		if err := w.add(rel); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		if err := w.add(rel, true); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			w.fail(err)
 			return false
 		}
@@ -235,7 +241,7 @@ func (s *Server) watchOpen(req proto.WatchOpen) (proto.StreamResult, error) {
 			if !fi.IsDir() {
 				return fmt.Errorf("%s is not a directory", req.Path)
 			}
-			if err := w.add(""); err != nil {
+			if err := w.add("", false); err != nil {
 				return err
 			}
 			started <- nil
