@@ -119,12 +119,17 @@ func (h *Handler) getWatcherEvents(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), time.Minute)
 	defer cancel()
-	_, vm, _, e := h.agent(ctx)
+	a, vm, _, e := h.agent(ctx)
 	if e != nil {
 		writeUnaryError(w, e)
 		return
 	}
 	wt := h.watchers.get(vm, req.WatcherID)
+	if wt != nil && wt.agent != a {
+		// A new agent session (the sandbox was paused) ended the watch.
+		h.watchers.drop(vm, req.WatcherID)
+		wt = nil
+	}
 	if wt == nil {
 		writeUnaryError(w, errf(codeNotFound, "watcher %q not found", req.WatcherID))
 		return
