@@ -89,8 +89,6 @@ type Result struct {
 //go:embed bench.mjs
 var script []byte
 
-const image = "e2b-bench"
-
 // Run starts a server on a scratch data directory, builds a busybox
 // image (with the /bin/bash the SDK runs commands through), then runs
 // the SDK's part and the AWS API's part.
@@ -141,7 +139,8 @@ func Run(ctx context.Context, o Options) (_ *Result, err error) {
 	c := awscli.NewClient(srv.APIURL(), "us-east-1", creds)
 	c.HTTP.Timeout = 30 * time.Second
 	fmt.Fprintf(o.Progress, "e2b bench: building the image\n")
-	if err := soakbench.BuildImage(ctx, c, image, code, 15*time.Minute); err != nil {
+	image, err := soakbench.BuildImage(ctx, c, "e2b-bench", code, 10*time.Minute)
+	if err != nil {
 		return nil, fmt.Errorf("building the bench image: %w\n%s", err, srv.Tail())
 	}
 	admin, err := srv.AdminAccount()
@@ -184,7 +183,7 @@ func Run(ctx context.Context, o Options) (_ *Result, err error) {
 	}
 	var to200 []float64
 	for i := 0; i < o.Runs; i++ {
-		d, err := runTo200(ctx, c, hc)
+		d, err := runTo200(ctx, c, hc, image)
 		if err != nil {
 			return nil, fmt.Errorf("RunMicrovm to first HTTP 200, run %d: %w\n%s", i+1, err, srv.Tail())
 		}
@@ -318,7 +317,7 @@ func endpointClient(caFile, addr string) (*http.Client, error) {
 // runTo200 runs one microVM of the image and times RunMicrovm until its
 // endpoint's first 200 (token issued right after the run, as a client
 // would), then terminates it and waits until it is gone.
-func runTo200(ctx context.Context, c *awscli.Client, hc *http.Client) (time.Duration, error) {
+func runTo200(ctx context.Context, c *awscli.Client, hc *http.Client, image string) (time.Duration, error) {
 	t0 := time.Now()
 	out, err := awscli.Call(ctx, c, awscli.Find("RunMicrovm"), map[string]any{"imageIdentifier": image})
 	if err != nil {
@@ -330,7 +329,8 @@ func runTo200(ctx context.Context, c *awscli.Client, hc *http.Client) (time.Dura
 		return 0, fmt.Errorf("RunMicrovm answered %v", out)
 	}
 	defer terminate(context.WithoutCancel(ctx), c, id)
-	tok, err := awscli.Call(ctx, c, awscli.Find("CreateMicrovmAuthToken"), map[string]any{"microvmIdentifier": id, "expirationInMinutes": 10})
+	tok, err := awscli.Call(ctx, c, awscli.Find("CreateMicrovmAuthToken"), map[string]any{"microvmIdentifier": id, "expirationInMinutes": 10,
+		"allowedPorts": []any{map[string]any{"port": 8080}}})
 	if err != nil {
 		return 0, fmt.Errorf("CreateMicrovmAuthToken: %w", err)
 	}

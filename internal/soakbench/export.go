@@ -51,10 +51,15 @@ func (s *Server) AdminAccount() (string, error) {
 	return string(m[1]), nil
 }
 
-// BuildImage builds image name from code (a zip or folder) through the
-// API and waits until it is CREATED, as the soak builds its image.
-func BuildImage(ctx context.Context, c *awscli.Client, name, code string, timeout time.Duration) error {
-	return (&client{c: c}).buildImage(ctx, name, code, timeout)
+// BuildImage builds an image from code (a zip or folder) through the API
+// as the soak builds its image: named base-1, or base-2 and base-3 when a
+// build VM's boot timed out on a loaded host; it returns the name built.
+func BuildImage(ctx context.Context, c *awscli.Client, base, code string, timeout time.Duration) (string, error) {
+	cl := &client{c: c}
+	if err := cl.createImage(ctx, base, code, timeout); err != nil {
+		return "", err
+	}
+	return cl.image, nil
 }
 
 // LookBusybox finds the host's static busybox.

@@ -131,7 +131,7 @@ func Run(ctx context.Context, o Options) (_ *Result, err error) {
 	c := &client{c: awscli.NewClient(srv.url(), "us-east-1", creds)}
 	c.c.HTTP.Timeout = 30 * time.Second
 
-	if err := c.createImage(ctx, code, o.StepTimeout+5*time.Minute); err != nil {
+	if err := c.createImage(ctx, imageName, code, o.StepTimeout+5*time.Minute); err != nil {
 		return nil, fmt.Errorf("building the soak image: %w\n%s", err, srv.tail())
 	}
 	fmt.Fprintf(o.Progress, "soak: image built in %s\n", time.Since(start).Round(time.Second))
