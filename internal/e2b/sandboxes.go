@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -75,8 +76,10 @@ func parseNewSandbox(body []byte) (newSandbox, error) {
 		return in, err
 	}
 	switch {
-	case in.AutoPause != nil && *in.AutoPause, in.AutoResume != nil && in.AutoResume.Enabled:
-		return in, errorf(400, "kiln does not support autoPause or autoResume on timeout yet: leave lifecycle.onTimeout at kill")
+	case in.AutoPauseMemory != nil && !*in.AutoPauseMemory:
+		return in, errorf(400, "kiln pauses sandboxes with their memory only: leave lifecycle.onTimeout.keepMemory at true")
+	case in.AutoResume != nil && in.AutoResume.Enabled:
+		return in, errorf(400, "kiln does not resume a paused sandbox on traffic yet: leave lifecycle.autoResume unset and resume it with Sandbox.connect")
 	case set(in.Network):
 		return in, errorf(400, "kiln does not support the network option yet (use allowInternetAccess)")
 	case set(in.Mcp), set(in.VolumeMounts), set(in.Iam):
@@ -161,9 +164,23 @@ type listedSandbox struct {
 
 type sandboxDetail struct {
 	listedSandbox
-	EnvdAccessToken     string `json:"envdAccessToken"`
-	Domain              string `json:"domain,omitempty"`
-	AllowInternetAccess bool   `json:"allowInternetAccess"`
+	EnvdAccessToken     string    `json:"envdAccessToken"`
+	Domain              string    `json:"domain,omitempty"`
+	AllowInternetAccess bool      `json:"allowInternetAccess"`
+	Lifecycle           lifecycle `json:"lifecycle"`
+}
+
+// lifecycle is E2B's SandboxLifecycle: what the timeout does.
+type lifecycle struct {
+	AutoResume bool   `json:"autoResume"`
+	OnTimeout  string `json:"onTimeout"`
+}
+
+func lifecycleOf(m store.Microvm) lifecycle {
+	if m.OnDeadline == store.DeadlineSuspend {
+		return lifecycle{OnTimeout: "pause"}
+	}
+	return lifecycle{OnTimeout: "kill"}
 }
 
 // stateOf is E2B's state of a live microVM: paused once suspending.
@@ -225,6 +242,18 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 			return 0, nil, errorf(400, "allowInternetAccess false: template %s (or this server's --default-egress) gives its microVMs internet egress, which kiln cannot take away per sandbox yet", in.TemplateID)
 		}
 	}
+	if in.AutoPause != nil && *in.AutoPause {
+		// Before the wait: the deadline controller must find it set even
+		// when the timeout is shorter than the boot.
+		_, err := s.cfg.Store.UpdateMicrovm(ctx, q.key.Account, sb.ID, nil, func(m *store.Microvm) error {
+			m.OnDeadline = store.DeadlineSuspend
+			return nil
+		})
+		if err != nil {
+			s.op(context.WithoutCancel(ctx), q.key, "DELETE", "/microvms/"+sb.ID, nil, nil, nil)
+			return 0, nil, fmt.Errorf("recording autoPause: %w", err)
+		}
+	}
 	if _, err := s.waitFor(ctx, q.key.Account, sb.ID, store.StateRunning); err != nil {
 		s.op(context.WithoutCancel(ctx), q.key, "DELETE", "/microvms/"+sb.ID, nil, nil, nil)
 		return 0, nil, err
@@ -238,7 +267,7 @@ func (s *Server) get(ctx context.Context, q *request) (int, any, error) {
 		return 0, nil, err
 	}
 	d := sandboxDetail{listedSandbox: listedView(sb, m), EnvdAccessToken: s.cfg.Tokens.Mint(q.key.Account, sb.ID),
-		Domain: s.cfg.Domain, AllowInternetAccess: slices.Contains(m.EgressNetworkConnectors, s.cfg.Egress)}
+		Domain: s.cfg.Domain, AllowInternetAccess: slices.Contains(m.EgressNetworkConnectors, s.cfg.Egress), Lifecycle: lifecycleOf(m)}
 	return 200, d, nil
 }
 
@@ -330,8 +359,17 @@ func (s *Server) pause(ctx context.Context, q *request) (int, any, error) {
 	if _, err := s.waitFor(ctx, q.key.Account, id, store.StateSuspended); err != nil {
 		return 0, nil, err
 	}
+	// A paused sandbox does not run out its timeout (E2B's rule): it is
+	// kept for the retention, then killed.
+	if err := s.extend(ctx, q.key.Account, id, api.SuspendedRetentionSeconds); err != nil {
+		return 0, nil, err
+	}
 	return http.StatusNoContent, nil, nil
 }
+
+// resumeTimeout is the timeout of a sandbox resumed by a connect that
+// names none (E2B's ConnectSandboxV2 default).
+var resumeTimeout int64 = 300
 
 // connect resumes a paused sandbox (201) or returns a running one (200),
 // setting its timeout when the body names one.
@@ -353,6 +391,14 @@ func (s *Server) connect(ctx context.Context, q *request) (int, any, error) {
 	}
 	if m.State == store.StateSuspended {
 		status = http.StatusCreated
+		// The timeout starts again at the resume (its deadline passed if
+		// the timeout paused it): E2B's default when none is given.
+		if t == nil {
+			t = &resumeTimeout
+		}
+		if err := s.extend(ctx, q.key.Account, id, *t); err != nil {
+			return 0, nil, err
+		}
 		if err := s.op(ctx, q.key, "POST", "/microvms/"+id+"/resume", nil, nil, nil); err != nil {
 			return 0, nil, err
 		}

@@ -1,0 +1,60 @@
+// The control API beyond create/run/kill, with the official `e2b` SDK:
+// a timeout that passes kills the sandbox, or pauses it when the sandbox
+// was created with lifecycle.onTimeout "pause" (connect resumes it with its
+// memory).
+import assert from "node:assert/strict";
+import { step, rejects } from "./lib.mjs";
+import { Sandbox, SandboxNotFoundError } from "e2b";
+
+const template = process.env.KILN_TEMPLATE;
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// until polls fn (at most limitMs) until it returns a truthy value.
+async function until(what, limitMs, fn) {
+  const end = Date.now() + limitMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > end) assert.fail(`${what}: not within ${limitMs} ms`);
+    await sleep(250);
+  }
+}
+
+const made = [];
+try {
+  await step("a sandbox whose timeout passes is killed", async () => {
+    const sbx = await Sandbox.create(template, { timeoutMs: 5_000 });
+    made.push(sbx);
+    assert.equal((await sbx.commands.run("echo alive")).stdout, "alive\n");
+    await until("the sandbox is gone", 60_000, async () => {
+      try {
+        await Sandbox.getInfo(sbx.sandboxId);
+        return false;
+      } catch (err) {
+        assert.ok(err instanceof SandboxNotFoundError, `getInfo: ${err?.constructor?.name}: ${err?.message}`);
+        return true;
+      }
+    });
+    await rejects(Sandbox.connect(sbx.sandboxId), SandboxNotFoundError, "connect to a timed-out sandbox");
+    assert.equal(await Sandbox.kill(sbx.sandboxId), false);
+  });
+
+  await step("lifecycle.onTimeout pause: the timeout pauses it, connect resumes it with its memory", async () => {
+    const sbx = await Sandbox.create(template, { timeoutMs: 6_000, lifecycle: { onTimeout: "pause" } });
+    made.push(sbx);
+    const info = await sbx.getInfo();
+    assert.deepEqual(info.lifecycle, { onTimeout: "pause", autoResume: false });
+    // A cold boot from the disk would give a new boot id.
+    const boot = (await sbx.commands.run("cat /proc/sys/kernel/random/boot_id")).stdout;
+    await sbx.commands.run("echo kept > /tmp/mark");
+    await until("the sandbox is paused", 60_000, async () => (await Sandbox.getInfo(sbx.sandboxId)).state === "paused");
+    const paused = await Sandbox.getInfo(sbx.sandboxId);
+    assert.ok(paused.endAt.getTime() - Date.now() > 3_600_000, `a paused sandbox ends at ${paused.endAt.toISOString()}`);
+    const again = await Sandbox.connect(sbx.sandboxId, { timeoutMs: 120_000 });
+    assert.equal((await again.getInfo()).state, "running");
+    assert.equal((await again.commands.run("cat /proc/sys/kernel/random/boot_id")).stdout, boot);
+    assert.equal((await again.commands.run("cat /tmp/mark")).stdout, "kept\n");
+  });
+} finally {
+  for (const sbx of made) await Sandbox.kill(sbx.sandboxId).catch(() => {});
+}
