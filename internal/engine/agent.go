@@ -4,9 +4,12 @@ package engine
 
 import (
 	"context"
+	"fmt"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
 // Agent returns the guest agent of a running microVM, for the handlers the
@@ -17,4 +20,17 @@ func (e *Engine) Agent(ctx context.Context, id string) (*client.Client, error) {
 		return nil, proxy.ErrNotFound
 	}
 	return e.cfg.Driver.Agent(ctx, id)
+}
+
+// Usage measures a running microVM of this engine (E2B's metrics): a VM
+// the engine does not run is not found, whatever the store says.
+func (e *Engine) Usage(ctx context.Context, id string) (vmm.Usage, error) {
+	if e.lookup(id) == nil {
+		return vmm.Usage{}, fmt.Errorf("microvm %s: %w", id, errdefs.ErrNotFound)
+	}
+	r, ok := e.cfg.Driver.(vmm.UsageReporter)
+	if !ok {
+		return vmm.Usage{}, fmt.Errorf("the VM driver cannot measure VMs: %w", errdefs.ErrUnavailable)
+	}
+	return r.Usage(ctx, id)
 }

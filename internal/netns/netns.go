@@ -31,6 +31,7 @@ package netns
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 
@@ -127,6 +128,34 @@ type Redirect struct {
 	Addrs []netip.Addr
 	// Port is where the proxy listens on GatewayAddr.
 	Port uint16
+}
+
+// EgressPolicy is a VM's own egress rules, on top of the deny list it
+// can never lift (DenyV4, ExtraDeny): a destination in Allow is let out,
+// else one in Deny is dropped, else it is let out. IPv4 only (no IPv6
+// leaves a VM); at most MaxPolicyPrefixes in all.
+type EgressPolicy struct {
+	Allow []netip.Prefix
+	Deny  []netip.Prefix
+}
+
+// MaxPolicyPrefixes bounds an EgressPolicy: every prefix is one rule a
+// forwarded packet may be matched against.
+const MaxPolicyPrefixes = 1024
+
+// Check refuses a policy with an invalid or non-IPv4 prefix or too many.
+func (p EgressPolicy) Check() error {
+	if len(p.Allow)+len(p.Deny) > MaxPolicyPrefixes {
+		return fmt.Errorf("%d prefixes; at most %d: %w", len(p.Allow)+len(p.Deny), MaxPolicyPrefixes, ErrInvalid)
+	}
+	for _, l := range [][]netip.Prefix{p.Allow, p.Deny} {
+		for _, x := range l {
+			if !x.IsValid() || !x.Addr().Is4() {
+				return fmt.Errorf("prefix %s is not an IPv4 prefix: %w", x, ErrInvalid)
+			}
+		}
+	}
+	return nil
 }
 
 // Net is one VM's network, as created by Setup or found by Open.

@@ -18,6 +18,9 @@ func Teardown(ctx context.Context, id string) error       { return errors.ErrUns
 func Reconcile(ctx context.Context, keep func(id string) bool) ([]string, error) {
 	return nil, errors.ErrUnsupported
 }
+func SetEgressPolicy(ctx context.Context, id string, p EgressPolicy) error {
+	return errors.ErrUnsupported
+}
 func RemoveHostRules() error                       { return errors.ErrUnsupported }
 func RestoreHost() (bool, error)                   { return false, errors.ErrUnsupported }
 func RunInNS(nsPath string, fn func() error) error { return errors.ErrUnsupported }

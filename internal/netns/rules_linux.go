@@ -284,6 +284,10 @@ func writeVMTable(nsFd int, n *Net, cfg Config) error {
 		for _, p := range append(append([]netip.Prefix{}, DenyV4...), cfg.ExtraDeny...) {
 			add(eg, join(daddrIn(p), drop))
 		}
+		// The tenant's own policy (SetEgressPolicy), after the denies it
+		// can never lift.
+		c.AddChain(&nftables.Chain{Name: policyChain, Table: t})
+		add(eg, []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: policyChain}})
 		add(eg, accept)
 		add(fw, join(iif(TapName), oif(NSVethName), v4, []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: "egress"}}))
 		gw := netip.PrefixFrom(GatewayAddr, 32)
@@ -326,4 +330,42 @@ func readEgress(nsFd int) (bool, error) {
 		}
 	}
 	return false, nil
+}
+
+// policyChain holds a VM's own egress policy (EgressPolicy); the egress
+// chain jumps to it after the deny list and accepts what it returns.
+const policyChain = "policy"
+
+// writePolicy replaces the rules of the VM table's policy chain in one
+// transaction: allowed prefixes are accepted first, then denied ones
+// dropped; the rest returns to the egress chain (accepted).
+func writePolicy(nsFd int, p EgressPolicy) error {
+	c, err := nftables.New(nftables.WithNetNSFd(nsFd))
+	if err != nil {
+		return fmt.Errorf("nftables: %w", err)
+	}
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return fmt.Errorf("listing chains: %w", err)
+	}
+	var ch *nftables.Chain
+	for _, x := range chains {
+		if x.Table.Name == TableName && x.Name == policyChain {
+			ch = x
+		}
+	}
+	if ch == nil {
+		return fmt.Errorf("the vm's network has no egress policy chain (no egress, or made by an older kiln): %w", ErrNotFound)
+	}
+	c.FlushChain(ch)
+	for _, a := range p.Allow {
+		c.AddRule(&nftables.Rule{Table: ch.Table, Chain: ch, Exprs: join(daddrIn(a), accept)})
+	}
+	for _, d := range p.Deny {
+		c.AddRule(&nftables.Rule{Table: ch.Table, Chain: ch, Exprs: join(daddrIn(d), drop)})
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("writing the vm's egress policy: %w", err)
+	}
+	return nil
 }

@@ -1,7 +1,7 @@
 // The control API beyond create/run/kill, with the official `e2b` SDK:
 // a timeout that passes kills the sandbox, or pauses it when the sandbox
 // was created with lifecycle.onTimeout "pause" (connect resumes it with its
-// memory).
+// memory); getMetrics measures the sandbox.
 import assert from "node:assert/strict";
 import { step, rejects } from "./lib.mjs";
 import { Sandbox, SandboxNotFoundError } from "e2b";
@@ -22,10 +22,13 @@ async function until(what, limitMs, fn) {
 
 const made = [];
 try {
-  await step("a sandbox whose timeout passes is killed", async () => {
-    const sbx = await Sandbox.create(template, { timeoutMs: 5_000 });
+  // The timeouts are set once the sandbox answered, so that a slow first
+  // command under TCG does not race them.
+  await step("a sandbox whose timeout (setTimeout) passes is killed", async () => {
+    const sbx = await Sandbox.create(template, { timeoutMs: 120_000 });
     made.push(sbx);
     assert.equal((await sbx.commands.run("echo alive")).stdout, "alive\n");
+    await sbx.setTimeout(2_000);
     await until("the sandbox is gone", 60_000, async () => {
       try {
         await Sandbox.getInfo(sbx.sandboxId);
@@ -40,13 +43,14 @@ try {
   });
 
   await step("lifecycle.onTimeout pause: the timeout pauses it, connect resumes it with its memory", async () => {
-    const sbx = await Sandbox.create(template, { timeoutMs: 6_000, lifecycle: { onTimeout: "pause" } });
+    const sbx = await Sandbox.create(template, { timeoutMs: 120_000, lifecycle: { onTimeout: "pause" } });
     made.push(sbx);
     const info = await sbx.getInfo();
     assert.deepEqual(info.lifecycle, { onTimeout: "pause", autoResume: false });
     // A cold boot from the disk would give a new boot id.
     const boot = (await sbx.commands.run("cat /proc/sys/kernel/random/boot_id")).stdout;
     await sbx.commands.run("echo kept > /tmp/mark");
+    await sbx.setTimeout(2_000);
     await until("the sandbox is paused", 60_000, async () => (await Sandbox.getInfo(sbx.sandboxId)).state === "paused");
     const paused = await Sandbox.getInfo(sbx.sandboxId);
     assert.ok(paused.endAt.getTime() - Date.now() > 3_600_000, `a paused sandbox ends at ${paused.endAt.toISOString()}`);
@@ -54,6 +58,28 @@ try {
     assert.equal((await again.getInfo()).state, "running");
     assert.equal((await again.commands.run("cat /proc/sys/kernel/random/boot_id")).stdout, boot);
     assert.equal((await again.commands.run("cat /tmp/mark")).stdout, "kept\n");
+  });
+
+  await step("getMetrics: CPU, memory and disk measured on the running sandbox", async () => {
+    const sbx = await Sandbox.create(template, { timeoutMs: 120_000 });
+    made.push(sbx);
+    const [before] = await sbx.getMetrics();
+    assert.ok(before, "a running sandbox has a metric");
+    assert.ok(before.cpuCount >= 1, `cpuCount ${before.cpuCount}`);
+    assert.equal(before.memTotal, 512 * 1024 * 1024);
+    assert.ok(before.memUsed > 0 && before.diskTotal > 0 && before.diskUsed >= 0, JSON.stringify(before));
+    assert.ok(Math.abs(before.timestamp.getTime() - Date.now()) < 60_000, `timestamp ${before.timestamp.toISOString()}`);
+    await sbx.commands.run("busybox dd if=/dev/urandom of=/big.bin bs=1M count=8 2>/dev/null && busybox sync");
+    const busy = await sbx.commands.run("while :; do :; done", { background: true });
+    try {
+      await sleep(500);
+      const [during] = await sbx.getMetrics();
+      assert.ok(during.diskUsed >= before.diskUsed + 4 * 1024 * 1024, `8 MiB written: disk used ${before.diskUsed} -> ${during.diskUsed}`);
+      assert.ok(during.cpuUsedPct > 10, `a busy loop runs: cpuUsedPct ${during.cpuUsedPct}`);
+      console.log(`metrics: idle ${JSON.stringify(before)}, busy ${JSON.stringify(during)}`);
+    } finally {
+      await busy.kill();
+    }
   });
 } finally {
   for (const sbx of made) await Sandbox.kill(sbx.sandboxId).catch(() => {});
