@@ -38,6 +38,9 @@ func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Serv
 	if m, ok := be.(e2b.Meter); ok {
 		cfg.Meter = m
 	}
+	if n, ok := be.(e2b.Policer); ok {
+		cfg.Network = n
+	}
 	h := e2b.New(cfg).Handler()
 	for _, p := range e2b.Prefixes {
 		mux.Handle(p, h)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"slices"
 	"strconv"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -46,6 +48,9 @@ type newSandbox struct {
 	Mcp          json.RawMessage `json:"mcp"`
 	VolumeMounts json.RawMessage `json:"volumeMounts"`
 	Iam          json.RawMessage `json:"iam"`
+
+	// policy is Network's egress rules, checked (nil without rules).
+	policy *netns.EgressPolicy
 }
 
 // set reports whether a raw JSON member carries something.
@@ -80,10 +85,28 @@ func parseNewSandbox(body []byte) (newSandbox, error) {
 		return in, errorf(400, "kiln pauses sandboxes with their memory only: leave lifecycle.onTimeout.keepMemory at true")
 	case in.AutoResume != nil && in.AutoResume.Enabled:
 		return in, errorf(400, "kiln does not resume a paused sandbox on traffic yet: leave lifecycle.autoResume unset and resume it with Sandbox.connect")
-	case set(in.Network):
-		return in, errorf(400, "kiln does not support the network option yet (use allowInternetAccess)")
 	case set(in.Mcp), set(in.VolumeMounts), set(in.Iam):
 		return in, errorf(400, "kiln does not support mcp, volumeMounts or iam yet")
+	}
+	if set(in.Network) {
+		var n networkIn
+		if err := json.Unmarshal(in.Network, &n); err != nil {
+			return in, errorf(400, "network is not a valid SandboxNetworkConfig: %v", err)
+		}
+		if n.AllowInternetAccess != nil {
+			return in, errorf(400, "network.allow_internet_access is for updates: give allow_internet_access beside network")
+		}
+		p, err := parseNetwork(n)
+		if err != nil {
+			return in, err
+		}
+		if in.AllowInternetAccess != nil && !*in.AllowInternetAccess {
+			// E2B: the same as denying 0.0.0.0/0 (allowOut still wins).
+			p.Deny = append(p.Deny, netip.MustParsePrefix("0.0.0.0/0"))
+		}
+		if len(p.Allow)+len(p.Deny) > 0 {
+			in.policy = &p
+		}
 	}
 	return in, nil
 }
@@ -167,7 +190,8 @@ type sandboxDetail struct {
 	EnvdAccessToken     string    `json:"envdAccessToken"`
 	Domain              string    `json:"domain,omitempty"`
 	AllowInternetAccess bool      `json:"allowInternetAccess"`
-	Lifecycle           lifecycle `json:"lifecycle"`
+	Lifecycle           lifecycle   `json:"lifecycle"`
+	Network             *networkOut `json:"network,omitempty"`
 }
 
 // lifecycle is E2B's SandboxLifecycle: what the timeout does.
@@ -217,7 +241,10 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 	if in.Timeout != nil {
 		run.MaximumDurationInSeconds = *in.Timeout
 	}
-	if in.AllowInternetAccess != nil && *in.AllowInternetAccess {
+	if in.AllowInternetAccess != nil && *in.AllowInternetAccess || in.policy != nil {
+		// Rules filter internet egress: a sandbox with rules has it,
+		// narrowed by them (allow_internet_access false is a deny of
+		// 0.0.0.0/0 under its allowOut, as in E2B).
 		run.EgressNetworkConnectors = []string{s.cfg.Egress}
 	}
 	var m struct {
@@ -232,11 +259,14 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 	}
 	sb := store.E2BSandbox{ID: m.MicrovmID, Account: q.key.Account, TemplateID: in.TemplateID,
 		Metadata: in.Metadata, EnvVars: in.EnvVars, CreatedAt: s.cfg.Now().UTC()}
+	if in.policy != nil {
+		sb.AllowOut, sb.DenyOut = prefixStrings(in.policy.Allow), prefixStrings(in.policy.Deny)
+	}
 	if err := s.cfg.Sandboxes.PutE2BSandbox(ctx, sb); err != nil {
 		s.op(context.WithoutCancel(ctx), q.key, "DELETE", "/microvms/"+sb.ID, nil, nil, nil)
 		return 0, nil, fmt.Errorf("recording sandbox: %w", err)
 	}
-	if in.AllowInternetAccess != nil && !*in.AllowInternetAccess {
+	if in.AllowInternetAccess != nil && !*in.AllowInternetAccess && in.policy == nil {
 		if rec, err := s.cfg.Store.GetMicrovm(ctx, q.key.Account, sb.ID); err == nil && len(rec.EgressNetworkConnectors) > 0 {
 			s.op(context.WithoutCancel(ctx), q.key, "DELETE", "/microvms/"+sb.ID, nil, nil, nil)
 			return 0, nil, errorf(400, "allowInternetAccess false: template %s (or this server's --default-egress) gives its microVMs internet egress, which kiln cannot take away per sandbox yet", in.TemplateID)
@@ -258,6 +288,16 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 		s.op(context.WithoutCancel(ctx), q.key, "DELETE", "/microvms/"+sb.ID, nil, nil, nil)
 		return 0, nil, err
 	}
+	if in.policy != nil {
+		// Before the sandbox is handed out, but after its start: a guest
+		// restored from a snapshot may reach out in the moment between
+		// (the deny list holds all along; only the tenant's own rules
+		// arrive this late).
+		if err := s.applyNetwork(ctx, sb.ID, *in.policy); err != nil {
+			s.op(context.WithoutCancel(ctx), q.key, "DELETE", "/microvms/"+sb.ID, nil, nil, nil)
+			return 0, nil, err
+		}
+	}
 	return http.StatusCreated, s.sandboxView(q.key.Account, sb), nil
 }
 
@@ -267,7 +307,8 @@ func (s *Server) get(ctx context.Context, q *request) (int, any, error) {
 		return 0, nil, err
 	}
 	d := sandboxDetail{listedSandbox: listedView(sb, m), EnvdAccessToken: s.cfg.Tokens.Mint(q.key.Account, sb.ID),
-		Domain: s.cfg.Domain, AllowInternetAccess: slices.Contains(m.EgressNetworkConnectors, s.cfg.Egress), Lifecycle: lifecycleOf(m)}
+		Domain: s.cfg.Domain, AllowInternetAccess: slices.Contains(m.EgressNetworkConnectors, s.cfg.Egress), Lifecycle: lifecycleOf(m),
+		Network: networkView(sb)}
 	return 200, d, nil
 }
 

@@ -65,6 +65,8 @@ type Config struct {
 	// Meter measures running sandboxes (GET /sandboxes/{id}/metrics);
 	// nil: metrics are 501.
 	Meter Meter
+	// Network applies sandboxes' egress rules; nil: network rules are 501.
+	Network Policer
 	// WaitTimeout bounds how long create, connect and pause wait for the
 	// microVM to reach its state (default 2 minutes).
 	WaitTimeout time.Duration
@@ -98,6 +100,7 @@ func New(cfg Config) *Server {
 	s.route("POST /sandboxes/{id}/connect", s.connect)
 	s.route("POST /v2/sandboxes/{id}/connect", s.connect)
 	s.route("GET /sandboxes/{id}/metrics", s.metrics)
+	s.route("PUT /sandboxes/{id}/network", s.updateNetwork)
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &apiError{Code: http.StatusNotImplemented,
 			Message: fmt.Sprintf("kiln does not implement %s %s of the E2B API yet (docs/E2B.md lists what it does)", r.Method, r.URL.Path)})

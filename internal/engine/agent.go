@@ -4,10 +4,12 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
@@ -33,4 +35,26 @@ func (e *Engine) Usage(ctx context.Context, id string) (vmm.Usage, error) {
 		return vmm.Usage{}, fmt.Errorf("the VM driver cannot measure VMs: %w", errdefs.ErrUnavailable)
 	}
 	return r.Usage(ctx, id)
+}
+
+// SetEgressPolicy replaces a microVM's own egress policy (E2B's network
+// rules) in its namespace, which lives from its start to its end,
+// suspended or not. ErrConflict for a microVM without internet egress:
+// nothing leaves it, so there is nothing to allow or deny.
+func (e *Engine) SetEgressPolicy(ctx context.Context, id string, p netns.EgressPolicy) error {
+	v := e.lookup(id)
+	if v == nil {
+		return fmt.Errorf("microvm %s: %w", id, errdefs.ErrNotFound)
+	}
+	if !v.egress {
+		return fmt.Errorf("microvm %s has no internet egress: %w", id, errdefs.ErrConflict)
+	}
+	err := netns.SetEgressPolicy(ctx, id, p)
+	switch {
+	case errors.Is(err, netns.ErrInvalid):
+		return fmt.Errorf("%w: %w", err, errdefs.ErrInvalid)
+	case errors.Is(err, netns.ErrNotFound):
+		return fmt.Errorf("%w: %w", err, errdefs.ErrConflict)
+	}
+	return err
 }

@@ -27,7 +27,11 @@ type E2BSandbox struct {
 	TemplateID string
 	Metadata   map[string]string
 	EnvVars    map[string]string
-	CreatedAt  time.Time
+	// AllowOut and DenyOut are the sandbox's egress rules (IPv4 CIDR
+	// blocks), as last applied to its VM.
+	AllowOut  []string
+	DenyOut   []string
+	CreatedAt time.Time
 }
 
 // E2BStore holds the E2B API's keys and sandboxes. It is apart from Store

@@ -1,10 +1,12 @@
 // The control API beyond create/run/kill, with the official `e2b` SDK:
 // a timeout that passes kills the sandbox, or pauses it when the sandbox
 // was created with lifecycle.onTimeout "pause" (connect resumes it with its
-// memory); getMetrics measures the sandbox.
+// memory); getMetrics measures the sandbox; network rules (at create and
+// updateNetwork at runtime) decide what the guest reaches outside.
 import assert from "node:assert/strict";
 import { step, rejects } from "./lib.mjs";
-import { Sandbox, SandboxNotFoundError } from "e2b";
+import { execFileSync, spawn } from "node:child_process";
+import { Sandbox, SandboxNotFoundError, CommandExitError, SandboxError } from "e2b";
 
 const template = process.env.KILN_TEMPLATE;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -81,6 +83,51 @@ try {
       await busy.kill();
     }
   });
+
+  // A stand-in for the internet: a namespace behind a host link on
+  // 192.88.99.128/28 (the deprecated 6to4 anycast block: not on kiln's
+  // deny list, no one's unicast host; a /28 so it does not collide with
+  // the netns tests' /24) serving HTTP on 192.88.99.129:9000.
+  const ns = `kilntest-e2bnet-${process.pid}`, link = `ke2b${process.pid % 1000000}`;
+  const ip = (...a) => execFileSync("ip", a, { stdio: "pipe" });
+  let server;
+  try {
+    ip("netns", "add", ns);
+    ip("link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns);
+    ip("addr", "add", "192.88.99.142/28", "dev", link);
+    ip("link", "set", link, "up");
+    ip("-n", ns, "addr", "add", "192.88.99.129/28", "dev", "eth0");
+    ip("-n", ns, "link", "set", "eth0", "up");
+    server = spawn("ip", ["netns", "exec", ns, process.execPath, "-e",
+      "require('http').createServer((q, r) => r.end('outside')).listen(9000, '192.88.99.129')"], { stdio: "ignore" });
+    await sleep(500);
+    const fetchOutside = (sbx) => sbx.commands.run("busybox wget -q -T 3 -O- http://192.88.99.129:9000/", { timeoutMs: 30_000 });
+
+    await step("network rules: denyOut at create, updateNetwork at runtime, allowOut over denyOut", async () => {
+      const denied = await Sandbox.create(template, { timeoutMs: 120_000, network: { denyOut: ["192.88.99.129/32"] } });
+      made.push(denied);
+      assert.deepEqual((await denied.getInfo()).network?.denyOut, ["192.88.99.129/32"]);
+      await rejects(fetchOutside(denied), CommandExitError, "a destination denied at create");
+
+      const sbx = await Sandbox.create(template, { timeoutMs: 120_000, allowInternetAccess: true });
+      made.push(sbx);
+      assert.equal((await fetchOutside(sbx)).stdout, "outside");
+      await sbx.updateNetwork({ denyOut: ["192.88.99.128/28"] });
+      await rejects(fetchOutside(sbx), CommandExitError, "a destination denied at runtime");
+      await sbx.updateNetwork({ allowOut: ["192.88.99.129"], denyOut: ["0.0.0.0/0"] });
+      assert.equal((await fetchOutside(sbx)).stdout, "outside");
+      await sbx.updateNetwork({ allowInternetAccess: false });
+      await rejects(fetchOutside(sbx), CommandExitError, "allowInternetAccess false at runtime");
+      await sbx.updateNetwork({});
+      assert.equal((await fetchOutside(sbx)).stdout, "outside");
+      const bad = await rejects(sbx.updateNetwork({ denyOut: ["192.88.99.300/32"] }), SandboxError, "a bad CIDR");
+      assert.match(bad.message, /not an IPv4 CIDR block/);
+    });
+  } finally {
+    server?.kill();
+    try { ip("link", "del", link); } catch {}
+    try { ip("netns", "del", ns); } catch {}
+  }
 } finally {
   for (const sbx of made) await Sandbox.kill(sbx.sandboxId).catch(() => {});
 }

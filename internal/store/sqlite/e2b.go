@@ -66,10 +66,13 @@ type e2bSandboxData struct {
 	TemplateID string            `json:"templateId"`
 	Metadata   map[string]string `json:"metadata,omitempty"`
 	EnvVars    map[string]string `json:"envVars,omitempty"`
+	AllowOut   []string          `json:"allowOut,omitempty"`
+	DenyOut    []string          `json:"denyOut,omitempty"`
 }
 
 func (s *Store) PutE2BSandbox(ctx context.Context, sb store.E2BSandbox) error {
-	b, err := json.Marshal(e2bSandboxData{TemplateID: sb.TemplateID, Metadata: sb.Metadata, EnvVars: sb.EnvVars})
+	b, err := json.Marshal(e2bSandboxData{TemplateID: sb.TemplateID, Metadata: sb.Metadata, EnvVars: sb.EnvVars,
+		AllowOut: sb.AllowOut, DenyOut: sb.DenyOut})
 	if err != nil {
 		return err
 	}
@@ -94,6 +97,7 @@ func scanE2BSandbox(sc interface{ Scan(...any) error }) (store.E2BSandbox, error
 		return sb, fmt.Errorf("decoding e2b sandbox %s: %w", sb.ID, err)
 	}
 	sb.TemplateID, sb.Metadata, sb.EnvVars = d.TemplateID, d.Metadata, d.EnvVars
+	sb.AllowOut, sb.DenyOut = d.AllowOut, d.DenyOut
 	sb.CreatedAt = time.Unix(0, created).UTC()
 	return sb, nil
 }
