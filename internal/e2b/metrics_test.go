@@ -41,14 +41,11 @@ func (noVM) Usage(context.Context, string) (vmm.Usage, error) {
 func TestMetrics(t *testing.T) {
 	e := newEnv(t)
 	e.srv.cfg.Meter = &halfBusy{first: map[string]time.Time{}}
-	a := e.do(e.key, "POST", "/v2/sandboxes", map[string]any{"templateID": "tmpl", "timeout": 300})
-	e.want(a, 201, "create")
-	var sb sandboxOut
-	a.json(t, &sb)
-	path := "/sandboxes/" + sb.SandboxID + "/metrics"
+	id := e.create(map[string]any{"templateID": "tmpl", "timeout": 300})
+	path := "/sandboxes/" + id + "/metrics"
 
 	var ms []metric
-	a = e.do(e.key, "GET", path, nil)
+	a := e.do(e.key, "GET", path, nil)
 	e.want(a, 200, "metrics")
 	a.json(t, &ms)
 	if len(ms) != 1 {
@@ -71,12 +68,12 @@ func TestMetrics(t *testing.T) {
 	e.want(e.do(e.key, "GET", path+"?start=20&end=10", nil), 400, "start after end")
 	e.want(e.do(e.otherKey, "GET", path, nil), 404, "another account's sandbox")
 
-	e.want(e.do(e.key, "POST", "/sandboxes/"+sb.SandboxID+"/pause", nil), 204, "pause")
+	e.want(e.do(e.key, "POST", "/sandboxes/"+id+"/pause", nil), 204, "pause")
 	e.do(e.key, "GET", path, nil).json(t, &ms)
 	if len(ms) != 0 {
 		t.Fatalf("metrics of a paused sandbox: %+v", ms)
 	}
-	e.want(e.do(e.key, "POST", "/sandboxes/"+sb.SandboxID+"/connect", map[string]any{"timeout": 60}), 201, "connect")
+	e.want(e.do(e.key, "POST", "/sandboxes/"+id+"/connect", map[string]any{"timeout": 60}), 201, "connect")
 	e.srv.cfg.Meter = noVM{}
 	e.do(e.key, "GET", path, nil).json(t, &ms)
 	if len(ms) != 0 {

@@ -54,13 +54,7 @@ func TestNetwork(t *testing.T) {
 	e := newEnv(t)
 	pol := &policies{st: e.st, account: e.account, by: map[string]netns.EgressPolicy{}}
 	e.srv.cfg.Network = pol
-	create := func(body map[string]any) string {
-		a := e.do(e.key, "POST", "/v2/sandboxes", body)
-		e.want(a, 201, "create")
-		var sb sandboxOut
-		a.json(t, &sb)
-		return sb.SandboxID
-	}
+	create := e.create
 	id := create(map[string]any{"templateID": "tmpl", "network": map[string]any{"allowOut": []string{"1.1.1.1"}, "denyOut": []string{"10.0.0.0/8", "8.8.0.0/16"}}})
 	if got := pol.of(id); got != "allow [1.1.1.1/32] deny [10.0.0.0/8 8.8.0.0/16]" {
 		t.Fatalf("create applied %s", got)

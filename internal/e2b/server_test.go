@@ -130,6 +130,16 @@ func (e *env) do(key, method, path string, body any) answer {
 	return answer{resp.StatusCode, resp.Header, b}
 }
 
+// create makes a sandbox and returns its id.
+func (e *env) create(body map[string]any) string {
+	e.t.Helper()
+	a := e.do(e.key, "POST", "/v2/sandboxes", body)
+	e.want(a, 201, "create")
+	var sb sandboxOut
+	a.json(e.t, &sb)
+	return sb.SandboxID
+}
+
 func (e *env) want(a answer, status int, what string) {
 	e.t.Helper()
 	if a.status != status {
@@ -268,13 +278,7 @@ func TestSandboxLifecycle(t *testing.T) {
 func TestTimeoutActions(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	create := func(body map[string]any) string {
-		a := e.do(e.key, "POST", "/v2/sandboxes", body)
-		e.want(a, 201, "create")
-		var sb sandboxOut
-		a.json(t, &sb)
-		return sb.SandboxID
-	}
+	create := e.create
 	kill := create(map[string]any{"templateID": "tmpl", "timeout": 300})
 	pause := create(map[string]any{"templateID": "tmpl", "timeout": 300, "autoPause": true})
 	paused := create(map[string]any{"templateID": "tmpl", "timeout": 300})
