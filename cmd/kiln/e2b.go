@@ -33,7 +33,7 @@ func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Serv
 	if endpointPort != "" && endpointPort != "443" {
 		domain += ":" + endpointPort
 	}
-	cfg := e2b.Config{API: srv, Store: st, Sandboxes: es, Tokens: e2b.NewEnvdTokens(key), Domain: domain,
+	cfg := e2b.Config{API: srv, Store: st, Sandboxes: es, Tokens: e2b.NewEnvdTokens(key), TrafficTokens: e2b.NewTrafficTokens(key), Domain: domain,
 		Egress: fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.InternetEgressConnector)}
 	if m, ok := be.(e2b.Meter); ok {
 		cfg.Meter = m

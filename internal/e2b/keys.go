@@ -51,8 +51,20 @@ const envdTokenPrefix = "ket1."
 // NewEnvdTokens derives the envd key from the server's token key, so
 // endpoint tokens and envd tokens can never stand for each other.
 func NewEnvdTokens(serverKey []byte) *EnvdTokens {
+	return derivedTokens(serverKey, "kiln e2b envd access token v1")
+}
+
+// NewTrafficTokens mints and checks sandboxes' traffic access tokens (the
+// E2b-Traffic-Access-Token a private sandbox's ports need), under a key
+// of their own: a traffic token never opens envd, nor an envd token a
+// port.
+func NewTrafficTokens(serverKey []byte) *EnvdTokens {
+	return derivedTokens(serverKey, "kiln e2b traffic access token v1")
+}
+
+func derivedTokens(serverKey []byte, purpose string) *EnvdTokens {
 	m := hmac.New(sha256.New, serverKey)
-	m.Write([]byte("kiln e2b envd access token v1"))
+	m.Write([]byte(purpose))
 	return &EnvdTokens{key: m.Sum(nil)}
 }
 

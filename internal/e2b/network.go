@@ -46,8 +46,6 @@ func parseNetwork(in networkIn) (netns.EgressPolicy, error) {
 		return p, errorf(400, "network.httpsPorts is not supported by kiln")
 	case in.MaskRequestHost != nil:
 		return p, errorf(400, "network.maskRequestHost is not supported by kiln")
-	case in.AllowPublicTraffic != nil:
-		return p, errorf(400, "network.allowPublicTraffic is not supported by kiln yet: a sandbox's ports need a kiln endpoint token")
 	}
 	if n := len(in.AllowOut) + len(in.DenyOut); n > netns.MaxPolicyPrefixes {
 		return p, errorf(400, "network has %d allowOut and denyOut entries; at most %d", n, netns.MaxPolicyPrefixes)
@@ -114,15 +112,21 @@ func looksLikeDomain(s string) bool {
 
 // networkOut is E2B's SandboxNetworkConfig as getInfo shows it.
 type networkOut struct {
-	AllowOut []string `json:"allowOut,omitempty"`
-	DenyOut  []string `json:"denyOut,omitempty"`
+	AllowOut           []string `json:"allowOut,omitempty"`
+	DenyOut            []string `json:"denyOut,omitempty"`
+	AllowPublicTraffic *bool    `json:"allowPublicTraffic,omitempty"`
 }
 
 func networkView(sb store.E2BSandbox) *networkOut {
-	if len(sb.AllowOut) == 0 && len(sb.DenyOut) == 0 {
+	if len(sb.AllowOut) == 0 && len(sb.DenyOut) == 0 && sb.Traffic == "" {
 		return nil
 	}
-	return &networkOut{AllowOut: sb.AllowOut, DenyOut: sb.DenyOut}
+	n := &networkOut{AllowOut: sb.AllowOut, DenyOut: sb.DenyOut}
+	if sb.Traffic != "" {
+		public := sb.Traffic == TrafficPublic
+		n.AllowPublicTraffic = &public
+	}
+	return n
 }
 
 func prefixStrings(ps []netip.Prefix) []string {

@@ -49,8 +49,10 @@ type newSandbox struct {
 	VolumeMounts json.RawMessage `json:"volumeMounts"`
 	Iam          json.RawMessage `json:"iam"`
 
-	// policy is Network's egress rules, checked (nil without rules).
-	policy *netns.EgressPolicy
+	// policy is Network's egress rules, checked (nil without rules);
+	// traffic is its allowPublicTraffic (TrafficPublic by default).
+	policy  *netns.EgressPolicy
+	traffic string
 }
 
 // set reports whether a raw JSON member carries something.
@@ -88,6 +90,7 @@ func parseNewSandbox(body []byte) (newSandbox, error) {
 	case set(in.Mcp), set(in.VolumeMounts), set(in.Iam):
 		return in, errorf(400, "kiln does not support mcp, volumeMounts or iam yet")
 	}
+	in.traffic = TrafficPublic
 	if set(in.Network) {
 		var n networkIn
 		if err := json.Unmarshal(in.Network, &n); err != nil {
@@ -99,6 +102,9 @@ func parseNewSandbox(body []byte) (newSandbox, error) {
 		p, err := parseNetwork(n)
 		if err != nil {
 			return in, err
+		}
+		if n.AllowPublicTraffic != nil && !*n.AllowPublicTraffic {
+			in.traffic = TrafficToken
 		}
 		if in.AllowInternetAccess != nil && !*in.AllowInternetAccess {
 			// E2B: the same as denying 0.0.0.0/0 (allowOut still wins).
@@ -160,14 +166,21 @@ type sandboxOut struct {
 	EnvdVersion     string `json:"envdVersion"`
 	EnvdAccessToken string `json:"envdAccessToken"`
 	Domain          string `json:"domain,omitempty"`
+	// TrafficAccessToken is what the sandbox's ports need when it was
+	// made with network.allowPublicTraffic false.
+	TrafficAccessToken string `json:"trafficAccessToken,omitempty"`
 }
 
 // clientID names the node in E2B; kiln is one.
 const clientID = "kiln"
 
 func (s *Server) sandboxView(account string, sb store.E2BSandbox) sandboxOut {
-	return sandboxOut{SandboxID: sb.ID, TemplateID: sb.TemplateID, ClientID: clientID, EnvdVersion: EnvdVersion,
+	out := sandboxOut{SandboxID: sb.ID, TemplateID: sb.TemplateID, ClientID: clientID, EnvdVersion: EnvdVersion,
 		EnvdAccessToken: s.cfg.Tokens.Mint(account, sb.ID), Domain: s.cfg.Domain}
+	if sb.Traffic == TrafficToken && s.cfg.TrafficTokens != nil {
+		out.TrafficAccessToken = s.cfg.TrafficTokens.Mint(account, sb.ID)
+	}
+	return out
 }
 
 // listedSandbox is E2B's ListedSandbox; sandboxDetail adds the rest.
@@ -234,6 +247,9 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 	if err != nil {
 		return 0, nil, err
 	}
+	if in.traffic == TrafficToken && s.cfg.TrafficTokens == nil {
+		return 0, nil, errorf(501, "this kiln server cannot mint traffic access tokens: leave network.allowPublicTraffic unset")
+	}
 	run := runInput{ImageIdentifier: in.TemplateID, MaximumDurationInSeconds: DefaultTimeout}
 	if name, version, ok := strings.Cut(in.TemplateID, ":"); ok && !strings.HasPrefix(in.TemplateID, "arn:") {
 		run.ImageIdentifier, run.ImageVersion = name, version
@@ -258,7 +274,7 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 		return 0, nil, err
 	}
 	sb := store.E2BSandbox{ID: m.MicrovmID, Account: q.key.Account, TemplateID: in.TemplateID,
-		Metadata: in.Metadata, EnvVars: in.EnvVars, CreatedAt: s.cfg.Now().UTC()}
+		Metadata: in.Metadata, EnvVars: in.EnvVars, Traffic: in.traffic, CreatedAt: s.cfg.Now().UTC()}
 	if in.policy != nil {
 		sb.AllowOut, sb.DenyOut = prefixStrings(in.policy.Allow), prefixStrings(in.policy.Deny)
 	}

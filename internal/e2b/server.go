@@ -53,8 +53,11 @@ type Config struct {
 	Store store.Store
 	// Sandboxes holds keys and sandboxes.
 	Sandboxes store.E2BStore
-	// Tokens mints envd access tokens.
-	Tokens *EnvdTokens
+	// Tokens mints envd access tokens; TrafficTokens the traffic access
+	// tokens of sandboxes made with allowPublicTraffic false (nil: such
+	// sandboxes are refused).
+	Tokens        *EnvdTokens
+	TrafficTokens *EnvdTokens
 	// Domain is what sandboxes report as their domain: the endpoint
 	// proxy's, with its port unless 443 ("microvm.localhost:8443"), so the
 	// SDK's getHost(port) names PORT-ID.microvm.localhost:8443.

@@ -29,8 +29,12 @@ type E2BSandbox struct {
 	EnvVars    map[string]string
 	// AllowOut and DenyOut are the sandbox's egress rules (IPv4 CIDR
 	// blocks), as last applied to its VM.
-	AllowOut  []string
-	DenyOut   []string
+	AllowOut []string
+	DenyOut  []string
+	// Traffic is how its ports are reached at PORT-ID.DOMAIN without a
+	// kiln endpoint token: "public", "token" (its traffic access token),
+	// or "" (not at all). Fixed at create.
+	Traffic   string
 	CreatedAt time.Time
 }
 

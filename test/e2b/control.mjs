@@ -2,7 +2,8 @@
 // a timeout that passes kills the sandbox, or pauses it when the sandbox
 // was created with lifecycle.onTimeout "pause" (connect resumes it with its
 // memory); getMetrics measures the sandbox; network rules (at create and
-// updateNetwork at runtime) decide what the guest reaches outside.
+// updateNetwork at runtime) decide what the guest reaches outside; its
+// ports are public unless made with allowPublicTraffic false.
 import assert from "node:assert/strict";
 import { step, rejects } from "./lib.mjs";
 import { execFileSync, spawn } from "node:child_process";
@@ -82,6 +83,30 @@ try {
     } finally {
       await busy.kill();
     }
+  });
+
+  await step("ports: public by default (E2B's), allowPublicTraffic false needs the trafficAccessToken", async () => {
+    const get = (sbx, headers = {}) => fetch(`${process.env.E2B_SANDBOX_URL}/hello.txt`,
+      { headers: { "E2b-Sandbox-Id": sbx.sandboxId, "E2b-Sandbox-Port": "8080", ...headers } });
+    const pub = await Sandbox.create(template, { timeoutMs: 120_000 });
+    made.push(pub);
+    assert.equal(pub.trafficAccessToken, undefined);
+    await pub.files.write("/hello.txt", "public");
+    let r = await get(pub);
+    assert.equal(r.status, 200);
+    assert.equal(await r.text(), "public");
+
+    const priv = await Sandbox.create(template, { timeoutMs: 120_000, network: { allowPublicTraffic: false } });
+    made.push(priv);
+    assert.match(priv.trafficAccessToken ?? "", /^ktt1\./);
+    assert.equal((await priv.getInfo()).network?.allowPublicTraffic, false);
+    await priv.files.write("/hello.txt", "private");
+    assert.equal((await get(priv)).status, 401, "no traffic token");
+    assert.equal((await get(priv, { "e2b-traffic-access-token": "ktt1.AAAA" })).status, 401, "a wrong traffic token");
+    assert.equal((await get(priv, { "e2b-traffic-access-token": priv.envdAccessToken ?? "x" })).status, 401, "the envd token");
+    r = await get(priv, { "e2b-traffic-access-token": priv.trafficAccessToken });
+    assert.equal(r.status, 200);
+    assert.equal(await r.text(), "private");
   });
 
   // A stand-in for the internet: a namespace behind a host link on

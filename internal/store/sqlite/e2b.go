@@ -68,11 +68,12 @@ type e2bSandboxData struct {
 	EnvVars    map[string]string `json:"envVars,omitempty"`
 	AllowOut   []string          `json:"allowOut,omitempty"`
 	DenyOut    []string          `json:"denyOut,omitempty"`
+	Traffic    string            `json:"traffic,omitempty"`
 }
 
 func (s *Store) PutE2BSandbox(ctx context.Context, sb store.E2BSandbox) error {
 	b, err := json.Marshal(e2bSandboxData{TemplateID: sb.TemplateID, Metadata: sb.Metadata, EnvVars: sb.EnvVars,
-		AllowOut: sb.AllowOut, DenyOut: sb.DenyOut})
+		AllowOut: sb.AllowOut, DenyOut: sb.DenyOut, Traffic: sb.Traffic})
 	if err != nil {
 		return err
 	}
@@ -97,7 +98,7 @@ func scanE2BSandbox(sc interface{ Scan(...any) error }) (store.E2BSandbox, error
 		return sb, fmt.Errorf("decoding e2b sandbox %s: %w", sb.ID, err)
 	}
 	sb.TemplateID, sb.Metadata, sb.EnvVars = d.TemplateID, d.Metadata, d.EnvVars
-	sb.AllowOut, sb.DenyOut = d.AllowOut, d.DenyOut
+	sb.AllowOut, sb.DenyOut, sb.Traffic = d.AllowOut, d.DenyOut, d.Traffic
 	sb.CreatedAt = time.Unix(0, created).UTC()
 	return sb, nil
 }
