@@ -52,7 +52,7 @@ try {
     assert.deepEqual(info.lifecycle, { onTimeout: "pause", autoResume: false });
     // A cold boot from the disk would give a new boot id.
     const boot = (await sbx.commands.run("cat /proc/sys/kernel/random/boot_id")).stdout;
-    await sbx.commands.run("echo kept > /tmp/mark");
+    await sbx.commands.run("echo kept > /mark");
     await sbx.setTimeout(2_000);
     await until("the sandbox is paused", 60_000, async () => (await Sandbox.getInfo(sbx.sandboxId)).state === "paused");
     const paused = await Sandbox.getInfo(sbx.sandboxId);
@@ -60,7 +60,7 @@ try {
     const again = await Sandbox.connect(sbx.sandboxId, { timeoutMs: 120_000 });
     assert.equal((await again.getInfo()).state, "running");
     assert.equal((await again.commands.run("cat /proc/sys/kernel/random/boot_id")).stdout, boot);
-    assert.equal((await again.commands.run("cat /tmp/mark")).stdout, "kept\n");
+    assert.equal((await again.commands.run("cat /mark")).stdout, "kept\n");
   });
 
   await step("getMetrics: CPU, memory and disk measured on the running sandbox", async () => {
