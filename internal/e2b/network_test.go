@@ -20,10 +20,11 @@ type policies struct {
 	st      store.Store
 	account string
 	mu      sync.Mutex
-	by map[string]netns.EgressPolicy
+	by      map[string]netns.EgressPolicy
+	domains map[string][]string
 }
 
-func (p *policies) SetEgressPolicy(ctx context.Context, id string, pol netns.EgressPolicy) error {
+func (p *policies) SetEgressPolicy(ctx context.Context, id string, pol netns.EgressPolicy, domains []string) error {
 	m, err := p.st.GetMicrovm(ctx, p.account, id)
 	if err != nil {
 		return err
@@ -34,6 +35,7 @@ func (p *policies) SetEgressPolicy(ctx context.Context, id string, pol netns.Egr
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.by[id] = pol
+	p.domains[id] = domains
 	return nil
 }
 
@@ -44,7 +46,11 @@ func (p *policies) of(id string) string {
 	if !ok {
 		return "none"
 	}
-	return fmt.Sprintf("allow %v deny %v", pol.Allow, pol.Deny)
+	out := fmt.Sprintf("allow %v deny %v", pol.Allow, pol.Deny)
+	if d := p.domains[id]; len(d) > 0 {
+		out += fmt.Sprintf(" domains %v", d)
+	}
+	return out
 }
 
 // TestNetwork: create-time rules reach the VM before the sandbox is
@@ -52,11 +58,11 @@ func (p *policies) of(id string) string {
 // give instead.
 func TestNetwork(t *testing.T) {
 	e := newEnv(t)
-	pol := &policies{st: e.st, account: e.account, by: map[string]netns.EgressPolicy{}}
+	pol := &policies{st: e.st, account: e.account, by: map[string]netns.EgressPolicy{}, domains: map[string][]string{}}
 	e.srv.cfg.Network = pol
 	create := e.create
-	id := create(map[string]any{"templateID": "tmpl", "network": map[string]any{"allowOut": []string{"1.1.1.1"}, "denyOut": []string{"10.0.0.0/8", "8.8.0.0/16"}}})
-	if got := pol.of(id); got != "allow [1.1.1.1/32] deny [10.0.0.0/8 8.8.0.0/16]" {
+	id := create(map[string]any{"templateID": "tmpl", "network": map[string]any{"allowOut": []string{"1.1.1.1", "API.example.com", "*.pypi.org"}, "denyOut": []string{"10.0.0.0/8", "8.8.0.0/16"}}})
+	if got := pol.of(id); got != "allow [1.1.1.1/32] deny [10.0.0.0/8 8.8.0.0/16] domains [api.example.com *.pypi.org]" {
 		t.Fatalf("create applied %s", got)
 	}
 	var d struct {
@@ -64,7 +70,7 @@ func TestNetwork(t *testing.T) {
 		Network             networkOut
 	}
 	e.do(e.key, "GET", "/sandboxes/"+id, nil).json(t, &d)
-	if !d.AllowInternetAccess || strings.Join(d.Network.AllowOut, ",") != "1.1.1.1/32" || len(d.Network.DenyOut) != 2 {
+	if !d.AllowInternetAccess || strings.Join(d.Network.AllowOut, ",") != "1.1.1.1/32,api.example.com,*.pypi.org" || len(d.Network.DenyOut) != 2 {
 		t.Fatalf("getInfo: %+v", d)
 	}
 	closed := create(map[string]any{"templateID": "tmpl", "allow_internet_access": false, "network": map[string]any{"allowOut": []string{"192.0.2.0/24"}}})
@@ -95,7 +101,9 @@ func TestNetwork(t *testing.T) {
 	}{
 		{"bad CIDR", map[string]any{"denyOut": []string{"1.2.3.4/33"}}, "not an IPv4 CIDR block"},
 		{"garbage", map[string]any{"allowOut": []string{"not an address"}}, "not an IPv4 CIDR block"},
-		{"domain", map[string]any{"allowOut": []string{"example.com"}}, "domain name"},
+		{"domain in denyOut", map[string]any{"denyOut": []string{"example.com"}}, "allowOut only"},
+		{"bad domain", map[string]any{"allowOut": []string{"*.-bad-.com"}}, "not a valid domain name"},
+		{"bare wildcard", map[string]any{"allowOut": []string{"*"}}, "not an IPv4 CIDR block"},
 		{"IPv6", map[string]any{"denyOut": []string{"2001:db8::/32"}}, "IPv6"},
 		{"transform rules", map[string]any{"rules": map[string]any{"a.com": []any{map[string]any{}}}}, "rules"},
 		{"too many", map[string]any{"denyOut": make([]string, netns.MaxPolicyPrefixes+1)}, "at most"},
@@ -129,12 +137,18 @@ func FuzzParseNetwork(f *testing.F) {
 		if json.Unmarshal(body, &in) != nil {
 			return
 		}
-		p, err := parseNetwork(in)
+		r, err := parseNetwork(in)
 		if err != nil {
 			return
 		}
+		p := r.policy
 		if err := p.Check(); err != nil {
 			t.Fatalf("accepted a policy netns refuses: %v", err)
+		}
+		for _, d := range r.domains {
+			if !validDomain(d) || d != strings.ToLower(d) {
+				t.Fatalf("accepted domain %q", d)
+			}
 		}
 		for _, x := range append(append([]netip.Prefix{}, p.Allow...), p.Deny...) {
 			if x != x.Masked() {

@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
-	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -51,7 +50,7 @@ type newSandbox struct {
 
 	// policy is Network's egress rules, checked (nil without rules);
 	// traffic is its allowPublicTraffic (TrafficPublic by default).
-	policy  *netns.EgressPolicy
+	policy  *rules
 	traffic string
 }
 
@@ -99,7 +98,7 @@ func parseNewSandbox(body []byte) (newSandbox, error) {
 		if n.AllowInternetAccess != nil {
 			return in, errorf(400, "network.allow_internet_access is for updates: give allow_internet_access beside network")
 		}
-		p, err := parseNetwork(n)
+		r, err := parseNetwork(n)
 		if err != nil {
 			return in, err
 		}
@@ -108,10 +107,10 @@ func parseNewSandbox(body []byte) (newSandbox, error) {
 		}
 		if in.AllowInternetAccess != nil && !*in.AllowInternetAccess {
 			// E2B: the same as denying 0.0.0.0/0 (allowOut still wins).
-			p.Deny = append(p.Deny, netip.MustParsePrefix("0.0.0.0/0"))
+			r.policy.Deny = append(r.policy.Deny, netip.MustParsePrefix("0.0.0.0/0"))
 		}
-		if len(p.Allow)+len(p.Deny) > 0 {
-			in.policy = &p
+		if !r.empty() {
+			in.policy = &r
 		}
 	}
 	return in, nil
@@ -200,9 +199,9 @@ type listedSandbox struct {
 
 type sandboxDetail struct {
 	listedSandbox
-	EnvdAccessToken     string    `json:"envdAccessToken"`
-	Domain              string    `json:"domain,omitempty"`
-	AllowInternetAccess bool      `json:"allowInternetAccess"`
+	EnvdAccessToken     string      `json:"envdAccessToken"`
+	Domain              string      `json:"domain,omitempty"`
+	AllowInternetAccess bool        `json:"allowInternetAccess"`
 	Lifecycle           lifecycle   `json:"lifecycle"`
 	Network             *networkOut `json:"network,omitempty"`
 }
@@ -276,7 +275,7 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 	sb := store.E2BSandbox{ID: m.MicrovmID, Account: q.key.Account, TemplateID: in.TemplateID,
 		Metadata: in.Metadata, EnvVars: in.EnvVars, Traffic: in.traffic, CreatedAt: s.cfg.Now().UTC()}
 	if in.policy != nil {
-		sb.AllowOut, sb.DenyOut = prefixStrings(in.policy.Allow), prefixStrings(in.policy.Deny)
+		sb.AllowOut, sb.DenyOut = in.policy.allowOut(), prefixStrings(in.policy.policy.Deny)
 	}
 	if err := s.cfg.Sandboxes.PutE2BSandbox(ctx, sb); err != nil {
 		s.op(context.WithoutCancel(ctx), q.key, "DELETE", "/microvms/"+sb.ID, nil, nil, nil)

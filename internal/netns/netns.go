@@ -34,6 +34,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
@@ -137,7 +138,24 @@ type Redirect struct {
 type EgressPolicy struct {
 	Allow []netip.Prefix
 	Deny  []netip.Prefix
+	// AllowLearned lets the guest reach the addresses AllowLearned adds
+	// (those DNS answers named for allowed domains), before Deny; without
+	// it they are dropped from the set.
+	AllowLearned bool
 }
+
+// MaxLearned bounds the learned addresses a VM holds at once; more are
+// not added (their names then answer, but connections to them follow
+// Deny).
+const MaxLearned = 4096
+
+// Learned address lifetimes: a DNS answer's TTL, within these bounds, so
+// that a zero TTL still lets the connection that follows through and a
+// long one does not keep an address open after the name moved.
+const (
+	MinLearnedTTL = 30 * time.Second
+	MaxLearnedTTL = time.Hour
+)
 
 // MaxPolicyPrefixes bounds an EgressPolicy: every prefix is one rule a
 // forwarded packet may be matched against.

@@ -276,6 +276,23 @@ func SetEgressPolicy(ctx context.Context, id string, p EgressPolicy) error {
 	return writePolicy(int(nsh), p)
 }
 
+// AllowLearned lets the VM's guest reach addrs (IPv4; others are ignored)
+// for ttl (clamped to MinLearnedTTL..MaxLearnedTTL) when its policy has
+// AllowLearned, still after the deny list. It fails once the VM holds
+// MaxLearned addresses.
+func AllowLearned(ctx context.Context, id string, addrs []netip.Addr, ttl time.Duration) error {
+	if !validID(id) {
+		return fmt.Errorf("id %q: %w", id, ErrInvalid)
+	}
+	ttl = min(max(ttl, MinLearnedTTL), MaxLearnedTTL)
+	nsh, err := vnetns.GetFromPath(filepath.Join(NetnsDir, NSPrefix+id))
+	if err != nil {
+		return fmt.Errorf("namespace of %s: %w", id, ErrNotFound)
+	}
+	defer nsh.Close()
+	return addLearned(int(nsh), addrs, ttl)
+}
+
 // Teardown removes everything Setup created. It is idempotent: missing
 // pieces are skipped, and calling it twice is fine. A QEMU still running in
 // the namespace keeps the namespace object alive until it exits, but the

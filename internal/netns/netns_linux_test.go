@@ -603,6 +603,35 @@ func TestEgressPolicy(t *testing.T) {
 			t.Errorf("%s: dial the documentation range = %q, %v; want reachable %v", tc.name, got, err, tc.doc)
 		}
 	}
+	// Learned addresses (a DNS answer for an allowed domain) pass a deny
+	// while the policy lets them, never past the deny list.
+	reach := func(addr string) bool {
+		_, err := netnstest.Dial(g.NSPath, addr, 700*time.Millisecond)
+		return err == nil
+	}
+	closed := netns.EgressPolicy{Deny: p("0.0.0.0/0"), AllowLearned: true}
+	if err := netns.SetEgressPolicy(context.Background(), id, closed); err != nil {
+		t.Fatal(err)
+	}
+	if reach(inet) {
+		t.Fatal("reached the internet before its address was learned")
+	}
+	learn := []netip.Addr{netip.MustParseAddr("192.88.99.1"), netip.MustParseAddr("198.51.100.1")}
+	if err := netns.AllowLearned(context.Background(), id, learn, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if !reach(inet) || reach("198.51.100.1:9000") {
+		t.Fatal("a learned address: want the internet reachable and the documentation range not")
+	}
+	if err := netns.SetEgressPolicy(context.Background(), id, netns.EgressPolicy{Deny: p("0.0.0.0/0")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := netns.SetEgressPolicy(context.Background(), id, closed); err != nil {
+		t.Fatal(err)
+	}
+	if reach(inet) {
+		t.Fatal("learned addresses outlived a policy without AllowLearned")
+	}
 	if err := netns.SetEgressPolicy(context.Background(), id, netns.EgressPolicy{Deny: p("2001:db8::/32")}); !errors.Is(err, netns.ErrInvalid) {
 		t.Errorf("an IPv6 prefix: %v, want ErrInvalid", err)
 	}

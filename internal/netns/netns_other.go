@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"time"
 )
 
@@ -19,6 +20,9 @@ func Reconcile(ctx context.Context, keep func(id string) bool) ([]string, error)
 	return nil, errors.ErrUnsupported
 }
 func SetEgressPolicy(ctx context.Context, id string, p EgressPolicy) error {
+	return errors.ErrUnsupported
+}
+func AllowLearned(ctx context.Context, id string, addrs []netip.Addr, ttl time.Duration) error {
 	return errors.ErrUnsupported
 }
 func RemoveHostRules() error                       { return errors.ErrUnsupported }
