@@ -286,11 +286,16 @@ func (s *Server) suspendAtDeadline(ctx context.Context, m store.Microvm) (termin
 	if err != nil {
 		return false // it moved meanwhile: look again on the next tick
 	}
-	if err := s.Suspend(ctx, m.Account, m.ID, "DeadlineSuspended: the microVM reached its deadline and asked to be suspended"); err != nil {
-		slog.Warn("suspending microvm at its deadline; terminating it", "microvm", m.ID, "err", err)
-		return true
+	err = s.Suspend(ctx, m.Account, m.ID, "DeadlineSuspended: the microVM reached its deadline and asked to be suspended")
+	var ae *Error
+	switch {
+	case err == nil:
+		return false
+	case errors.As(err, &ae) && ae.Type == "ConflictException":
+		return false // it moved meanwhile (a pause, a terminate): nothing to force
 	}
-	return false
+	slog.Warn("suspending microvm at its deadline; terminating it", "microvm", m.ID, "err", err)
+	return true
 }
 
 // SmallBody is the largest request body read before it is authenticated.
