@@ -75,10 +75,12 @@ try {
     await sbx.commands.run("busybox dd if=/dev/urandom of=/big.bin bs=1M count=8 2>/dev/null && busybox sync");
     const busy = await sbx.commands.run("while :; do :; done", { background: true });
     try {
-      await sleep(500);
+      await sleep(1_000);
       const [during] = await sbx.getMetrics();
       assert.ok(during.diskUsed >= before.diskUsed + 4 * 1024 * 1024, `8 MiB written: disk used ${before.diskUsed} -> ${during.diskUsed}`);
-      assert.ok(during.cpuUsedPct > 10, `a busy loop runs: cpuUsedPct ${during.cpuUsedPct}`);
+      // A loaded CI host gives a vCPU's thread a small share: a busy loop
+      // still shows.
+      assert.ok(during.cpuUsedPct > 5, `a busy loop runs: cpuUsedPct ${during.cpuUsedPct}`);
       console.log(`metrics: idle ${JSON.stringify(before)}, busy ${JSON.stringify(during)}`);
     } finally {
       await busy.kill();
