@@ -126,7 +126,8 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 			},
 			Handler: envd.New(envd.Config{Agents: eng, Sandboxes: es, Target: func(ctx context.Context) (string, string) {
 				return proxy.MicrovmID(ctx), proxy.Account(ctx)
-			}})}
+			}}),
+			Traffic: (&e2b.TrafficGate{Sandboxes: es, Tokens: e2b.NewTrafficTokens(key)}).Decide}
 	}
 	px, err := proxy.New(pcfg)
 	if err != nil {
