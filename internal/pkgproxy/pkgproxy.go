@@ -415,6 +415,12 @@ func (h *handler) forward(ctx context.Context, w http.ResponseWriter, r *http.Re
 		}
 	}
 	resp, err := h.p.client.Do(req)
+	if err == nil && !t.immutable && !t.head && resp.StatusCode == http.StatusOK && resp.ContentLength <= indexBytes {
+		defer resp.Body.Close()
+		h.stats.Passed.Add(1)
+		h.serveIndex(w, r, t, resp)
+		return
+	}
 	if err != nil {
 		h.stats.Passed.Add(1)
 		h.log.Info("pkgproxy: mirror fetch failed", "url", u, "err", err)
@@ -449,6 +455,45 @@ func (h *handler) forward(ctx context.Context, w http.ResponseWriter, r *http.Re
 	if err := h.st.fill(t, resp.ContentLength, body, w, h.p.cfg.FileBytes, h.p.cfg.AccountBytes); err != nil {
 		h.log.Info("pkgproxy: not cached", "url", u, "err", err)
 	}
+}
+
+// indexBytes bounds the mutable indexes (InRelease, Release) kiln holds in
+// memory to validate; a larger one is passed on as it comes.
+const indexBytes = 4 << 20
+
+// serveIndex answers a mutable index the mirror sent whole. Some mirrors
+// and the gateways in front of them ignore If-Modified-Since and send no
+// Last-Modified, so every rebuild got a "new" InRelease and apt rebuilt
+// its package cache from every list (over a minute of a TCG build's apt
+// step). kiln keeps its own validator per account instead: the index's
+// digest and when kiln first saw that content, sent as Last-Modified, so
+// a guest asking If-Modified-Since for unchanged content gets 304.
+func (h *handler) serveIndex(w http.ResponseWriter, r *http.Request, t target, resp *http.Response) {
+	b, err := io.ReadAll(io.LimitReader(resp.Body, indexBytes+1))
+	if err != nil {
+		http.Error(w, "kiln package proxy: reading the index from the mirror: "+err.Error(), http.StatusBadGateway)
+		return
+	}
+	if int64(len(b)) > indexBytes {
+		// Longer than it said (no Content-Length): no validator.
+		w.Header().Set("Content-Type", resp.Header.Get("Content-Type"))
+		w.WriteHeader(http.StatusOK)
+		_, _ = w.Write(b)
+		_, _ = io.Copy(w, io.LimitReader(resp.Body, h.p.cfg.FileBytes+1-int64(len(b))))
+		return
+	}
+	since := h.st.indexSince(t, sha256.Sum256(b))
+	w.Header().Set("Last-Modified", since.Format(http.TimeFormat))
+	if ims, err := http.ParseTime(r.Header.Get("If-Modified-Since")); err == nil && !since.After(ims) {
+		w.WriteHeader(http.StatusNotModified)
+		return
+	}
+	if ct := resp.Header.Get("Content-Type"); ct != "" {
+		w.Header().Set("Content-Type", ct)
+	}
+	w.Header().Set("Content-Length", strconv.Itoa(len(b)))
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(b)
 }
 
 // limitListener bounds the connections open at once.
@@ -489,6 +534,40 @@ type store struct {
 	mu  sync.Mutex
 	// size is the bytes kept, known after the first fill (-1 before).
 	size int64
+	// indexes are the validators of mutable indexes (serveIndex), in
+	// memory: after a restart a guest simply gets the index once more.
+	indexes map[string]indexValidator
+}
+
+type indexValidator struct {
+	digest [sha256.Size]byte
+	since  time.Time
+}
+
+// maxIndexes bounds the validators an account keeps (a suite has a few
+// indexes per mirror).
+const maxIndexes = 1024
+
+// indexSince returns when the account's cache first saw t with this
+// digest: a new digest moves it to now, and always past the old one, so
+// a guest holding the old content never matches.
+func (s *store) indexSince(t target, digest [sha256.Size]byte) time.Time {
+	k := s.key(t)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v, ok := s.indexes[k]
+	if ok && v.digest == digest {
+		return v.since
+	}
+	since := time.Now().UTC().Truncate(time.Second)
+	if ok && !since.After(v.since) {
+		since = v.since.Add(time.Second)
+	}
+	if s.indexes == nil || len(s.indexes) >= maxIndexes {
+		s.indexes = map[string]indexValidator{}
+	}
+	s.indexes[k] = indexValidator{digest: digest, since: since}
+	return since
 }
 
 func (p *Proxy) store(scope string) *store {

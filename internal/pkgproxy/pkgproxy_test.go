@@ -28,6 +28,8 @@ type upstream struct {
 	mu    sync.Mutex
 	count map[string]int
 	files map[string][]byte
+	// plain: ignore If-Modified-Since and send no Last-Modified.
+	plain bool
 }
 
 func newUpstream(t *testing.T) *upstream {
@@ -43,6 +45,11 @@ func newUpstream(t *testing.T) *upstream {
 		}
 		if !ok {
 			http.NotFound(w, r)
+			return
+		}
+		if u.plain {
+			// A gateway that ignores If-Modified-Since and dates nothing.
+			w.Write(b)
 			return
 		}
 		// As a mirror does: an unchanged file since If-Modified-Since is 304.
@@ -482,4 +489,60 @@ func TestConditionalIndex(t *testing.T) {
 	if st := p.Stats(scopeA); st.Fetches.Load() != 1 {
 		t.Errorf("pool file fetched into the cache %d times, want 1", st.Fetches.Load())
 	}
+}
+
+// TestIndexValidator: behind a mirror that ignores If-Modified-Since and
+// sends no Last-Modified, an unchanged InRelease is still a 304 to a guest
+// holding it, and a changed one is a 200 with a later date.
+func TestIndexValidator(t *testing.T) {
+	u := newUpstream(t)
+	u.plain = true
+	const path = "/debian/dists/bookworm/InRelease"
+	u.put(path, []byte("signed v1"))
+	p := newProxy(t, u, nil)
+	c := guest(serve(t, p, scopeA))
+	get := func(ims string) (int, string, string) {
+		t.Helper()
+		req, _ := http.NewRequest("GET", u.url(path), nil)
+		if ims != "" {
+			req.Header.Set("If-Modified-Since", ims)
+		}
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b), resp.Header.Get("Last-Modified")
+	}
+	code, body, lm := get("")
+	if code != 200 || body != "signed v1" || lm == "" {
+		t.Fatalf("first fetch: %d %q Last-Modified %q", code, body, lm)
+	}
+	if code, body, _ := get(lm); code != 304 || body != "" {
+		t.Fatalf("unchanged index asked with its date: %d %q, want 304", code, body)
+	}
+	u.put(path, []byte("signed v2"))
+	code, body, lm2 := get(lm)
+	if code != 200 || body != "signed v2" {
+		t.Fatalf("changed index asked with the old date: %d %q, want 200 with v2", code, body)
+	}
+	if t1, _ := http.ParseTime(lm); lm2 == lm || !mustTime(t, lm2).After(t1) {
+		t.Fatalf("changed index dated %q, not after %q", lm2, lm)
+	}
+	if code, _, _ := get(lm2); code != 304 {
+		t.Fatalf("v2 asked with its own date: %d, want 304", code)
+	}
+	if code, _, _ := get("garbage"); code != 200 {
+		t.Fatalf("malformed If-Modified-Since: %d, want 200", code)
+	}
+}
+
+func mustTime(t *testing.T, s string) time.Time {
+	t.Helper()
+	tm, err := http.ParseTime(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tm
 }
