@@ -103,6 +103,9 @@ func parseBuildStart(body []byte) (buildStart, error) {
 		return in, errorf(400, "startCmd and readyCmd are at most %d bytes", maxStartCmd)
 	case strings.ContainsRune(in.StartCmd, 0) || strings.ContainsRune(in.ReadyCmd, 0):
 		return in, errorf(400, "startCmd and readyCmd must not hold NUL bytes")
+	case strings.ContainsAny(in.ReadyCmd, "\n\r"):
+		// It travels as an image LABEL, which holds one line.
+		return in, errorf(400, "readyCmd must be one line: join its commands with ; or &&")
 	case len(in.Steps) > maxSteps:
 		return in, errorf(400, "a template has at most %d steps, not %d", maxSteps, len(in.Steps))
 	}
@@ -158,8 +161,9 @@ func parseBuildStart(body []byte) (buildStart, error) {
 				}
 			}
 		case "WORKDIR":
-			if len(st.Args) != 1 || st.Args[0] == "" || strings.ContainsAny(st.Args[0], "\n\r") {
-				return in, badStep(n, "WORKDIR takes one path on one line")
+			// A trailing backslash would continue the Dockerfile line.
+			if len(st.Args) != 1 || st.Args[0] == "" || strings.ContainsAny(st.Args[0], "\n\r") || strings.HasSuffix(st.Args[0], "\\") {
+				return in, badStep(n, "WORKDIR takes one path on one line, not ending in a backslash")
 			}
 		case "USER":
 			if len(st.Args) != 1 || !userRE.MatchString(st.Args[0]) {

@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"archive/zip"
 	"bytes"
+	"cmp"
 	"compress/gzip"
 	"context"
 	"io"
@@ -221,6 +222,7 @@ func TestTemplateRefusals(t *testing.T) {
 		{"unknown step", map[string]any{"fromImage": "debian:12", "steps": []map[string]any{{"type": "HEALTHCHECK", "args": []string{"x"}}}}, `template step 1: step type \"HEALTHCHECK`},
 		{"copy out of context", map[string]any{"fromImage": "debian:12", "steps": []map[string]any{{"type": "COPY", "args": []string{"../etc", "/x"}, "filesHash": hashA}}}, "must not leave"},
 		{"copy not uploaded", map[string]any{"fromImage": "debian:12", "steps": []map[string]any{{"type": "COPY", "args": []string{"a", "/x"}, "filesHash": hashA}}}, "were not uploaded"},
+		{"ready command of two lines", map[string]any{"fromImage": "debian:12", "readyCmd": "true\nRUN evil"}, "readyCmd must be one line"},
 		{"env newline", map[string]any{"fromImage": "debian:12", "steps": []map[string]any{{"type": "ENV", "args": []string{"A", "x\nRUN evil"}}}}, "values one line"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
@@ -331,7 +333,9 @@ func FuzzParseBuildStart(f *testing.F) {
 	f.Add([]byte(`{"fromImage":"debian:stable","startCmd":"sleep infinity","readyCmd":"test -f /tmp/x","steps":[{"type":"RUN","args":["apt-get update","root"]},{"type":"COPY","args":["a","/b","user","0644"],"filesHash":"` + hashA + `"},{"type":"ENV","args":["A","b"]},{"type":"WORKDIR","args":["/w"]},{"type":"USER","args":["u"]}]}`))
 	f.Add([]byte(`{"fromTemplate":"base","steps":[{"type":"RUN","args":["echo $HOME \\ \"x\""]}],"force":true}`))
 	f.Add([]byte(`{"fromImage":"x","fromImageRegistry":{"type":"aws"}}`))
+	f.Add([]byte(`{"fromImage":"debian","readyCmd":"[ -n \"$(ss -Htuln sport = :80)\" ] \\\n x"}`))
 	f.Add([]byte(`{"steps":[{"type":"ENV","args":["A"]}]}`))
+	f.Add([]byte(`{"fromImage":"debian","steps":[{"type":"WORKDIR","args":["/a \\"]},{"type":"RUN","args":["x"]}]}`))
 	f.Fuzz(func(t *testing.T, body []byte) {
 		in, err := parseBuildStart(body)
 		if err != nil {
@@ -363,6 +367,13 @@ func FuzzParseBuildStart(f *testing.F) {
 		}
 		if strings.Join(runs, "\x00") != strings.Join(got, "\x00") {
 			t.Fatalf("RUN commands %q became %q", runs, got)
+		}
+		// The ready command reaches the builder as sent.
+		steps := p.Final().Steps
+		last, err := steps[len(steps)-1].Expand(map[string]string{"HOME": "/root"}, p.EscapeToken)
+		if want := cmp.Or(strings.TrimSpace(in.ReadyCmd), "true"); err != nil || len(last.KVs) != 1 ||
+			last.KVs[0].Key != readyCommandLabel || (last.KVs[0].Value != in.ReadyCmd && last.KVs[0].Value != want) {
+			t.Fatalf("ready command %q became %+v (%v)", in.ReadyCmd, last.KVs, err)
 		}
 	})
 }
