@@ -249,12 +249,19 @@ func (s *Server) kilnBase(ctx context.Context, key store.AccessKey, ref string) 
 	if (s.cfg.ArtifactDir == "" || !strings.HasPrefix(p, own)) && !slices.Contains(s.cfg.Operators, key.Account) {
 		return nil, errorf(400, "fromImage %q: the kiln image's code package is not one of the account's uploads", ref)
 	}
+	if err := os.MkdirAll(s.cfg.TemplatesDir, 0o700); err != nil {
+		return nil, err
+	}
 	dir, err := os.MkdirTemp(s.cfg.TemplatesDir, ".base-")
 	if err != nil {
 		return nil, err
 	}
 	b := &baseImage{name: name, dir: dir}
 	pkg := filepath.Join(dir, "pkg")
+	if err := os.Mkdir(pkg, 0o755); err != nil {
+		b.close()
+		return nil, err
+	}
 	if err := source.Fetch(ctx, p, pkg, source.Config{Limits: layer.DefaultSourceLimits, AllowLocal: true}); err != nil {
 		b.close()
 		return nil, errorf(400, "fromImage %q: reading the kiln image's code package: %v", ref, err)
@@ -289,6 +296,9 @@ func (s *Server) kilnBase(ctx context.Context, key store.AccessKey, ref string) 
 // stores it as the account's upload; it returns the package's URI.
 func (s *Server) packTemplate(ctx context.Context, key store.AccessKey, plan templatePlan, base *baseImage) (string, error) {
 	defer base.close()
+	if err := os.MkdirAll(s.cfg.TemplatesDir, 0o700); err != nil {
+		return "", err
+	}
 	work, err := os.MkdirTemp(s.cfg.TemplatesDir, ".pack-")
 	if err != nil {
 		return "", err

@@ -391,3 +391,88 @@ func FuzzParseBuildRequest(f *testing.F) {
 		}
 	})
 }
+
+// TestTemplateFromKilnImage: fromImage naming one of the account's kiln
+// images continues that image's Dockerfile with its code package; an image
+// built from a host path the account may not read is refused.
+func TestTemplateFromKilnImage(t *testing.T) {
+	e, dir := newTemplateEnv(t)
+	ctx := context.Background()
+	key := store.AccessKey{ID: "t", Account: e.account}
+	zipPath := filepath.Join(dir, "base.zip")
+	f, _ := os.Create(zipPath)
+	zw := zip.NewWriter(f)
+	for name, body := range map[string]string{"Dockerfile": "FROM scratch\nCOPY app /app\nCMD [\"/app\"]\n", "app": "binary"} {
+		w, _ := zw.Create(name)
+		w.Write([]byte(body))
+	}
+	zw.Close()
+	f.Close()
+	uri, err := e.srv.storePackage(ctx, key, zipPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := map[string]any{"name": "base", "baseImageArn": "arn:aws:lambda:us-east-1:aws:microvm-image:debian-12",
+		"buildRoleArn": "arn:aws:iam::123456789012:role/b", "codeArtifact": map[string]string{"uri": uri}}
+	if err := e.srv.op(ctx, key, "POST", "/microvm-images", nil, img, nil); err != nil {
+		t.Fatal(err)
+	}
+	for end := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		var out struct{ State string }
+		if err := e.srv.op(ctx, key, "GET", "/microvm-images/base", nil, nil, &out); err != nil {
+			t.Fatal(err)
+		}
+		if out.State == "CREATED" {
+			break
+		}
+		if time.Now().After(end) {
+			t.Fatalf("image is %s", out.State)
+		}
+	}
+	trigger := func(from string) answer {
+		a := e.do(e.key, "POST", "/v3/templates", map[string]any{"name": "derived"})
+		var req struct {
+			BuildID string `json:"buildID"`
+		}
+		a.json(t, &req)
+		return e.do(e.key, "POST", "/v2/templates/derived/builds/"+req.BuildID, map[string]any{"fromTemplate": from,
+			"steps": []map[string]any{{"type": "ENV", "args": []string{"A", "1"}}}})
+	}
+	// newEnv's "tmpl" was built from a host path by the operator; this
+	// server names no operator.
+	a := trigger("tmpl")
+	e.want(a, 400, "an image from a host path")
+	if !strings.Contains(string(a.body), "not one of the account's uploads") {
+		t.Errorf("refusal says %s", a.body)
+	}
+	e.want(trigger("base"), 202, "from a kiln image")
+	var v struct {
+		CodeArtifact store.CodeArtifact `json:"codeArtifact"`
+	}
+	if err := e.srv.op(ctx, key, "GET", "/microvm-images/derived/versions/1", nil, nil, &v); err != nil {
+		t.Fatal(err)
+	}
+	cu, _ := url.Parse(v.CodeArtifact.URI)
+	zr, err := zip.OpenReader(cu.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer zr.Close()
+	files := map[string]string{}
+	for _, f := range zr.File {
+		r, _ := f.Open()
+		b, _ := io.ReadAll(r)
+		r.Close()
+		files[f.Name] = string(b)
+	}
+	if files["app"] != "binary" || !strings.HasPrefix(files["Dockerfile"], "FROM scratch\nCOPY app /app\nCMD [\"/app\"]\nENV A=\"1\"\n") {
+		t.Errorf("derived package: %q", files)
+	}
+	// Another account cannot build on it.
+	a = e.do(e.otherKey, "POST", "/v3/templates", map[string]any{"name": "derived"})
+	var req struct {
+		BuildID string `json:"buildID"`
+	}
+	a.json(t, &req)
+	e.want(e.do(e.otherKey, "POST", "/v2/templates/derived/builds/"+req.BuildID, map[string]any{"fromTemplate": "base"}), 400, "another account's image")
+}
