@@ -53,13 +53,19 @@ type templateBuild struct {
 	Version string `json:"version,omitempty"`
 }
 
-// templateState keeps build records and upload tokens' key.
+// templateState is what the template routes keep in memory.
 type templateState struct {
 	mu sync.Mutex
 	// logs caches where a build's log stood at the last status call, so
 	// polling with logsOffset reads only what is new.
 	logs map[string]logCursor
+	// triggering holds the builds (ACCOUNT/ID) being started.
+	triggering map[string]bool
 }
+
+// maxLogCursors bounds the log cursor cache; past it, it starts afresh
+// (a status call then reads its log from the start once).
+const maxLogCursors = 1024
 
 type logCursor struct {
 	entries int   // log entries (lines) served before byteOff
@@ -69,6 +75,7 @@ type logCursor struct {
 
 func (s *Server) templateRoutes() {
 	s.tpl.logs = map[string]logCursor{}
+	s.tpl.triggering = map[string]bool{}
 	s.route("POST /v3/templates", s.requestBuild)
 	s.route("POST /v2/templates", s.requestBuild)
 	s.route("GET /templates/{templateID}/files/{hash}", s.fileUploadLink)
@@ -266,10 +273,26 @@ func (s *Server) triggerBuild(ctx context.Context, q *request) (int, any, error)
 	}
 	account := q.key.Account
 	tid, bid := q.r.PathValue("templateID"), q.r.PathValue("buildID")
-	s.tpl.mu.Lock()
-	defer s.tpl.mu.Unlock()
 	b, err := s.loadBuild(account, tid, bid)
 	if err != nil {
+		return 0, nil, err
+	}
+	// One trigger per build: a second, even while the first is packing,
+	// is a conflict. Other builds go on meanwhile.
+	inflight := account + "/" + bid
+	s.tpl.mu.Lock()
+	busy := s.tpl.triggering[inflight]
+	s.tpl.triggering[inflight] = true
+	s.tpl.mu.Unlock()
+	if busy {
+		return 0, nil, errorf(409, "template build %s is being started; request a new build", bid)
+	}
+	defer func() {
+		s.tpl.mu.Lock()
+		delete(s.tpl.triggering, inflight)
+		s.tpl.mu.Unlock()
+	}()
+	if b, err = s.loadBuild(account, tid, bid); err != nil {
 		return 0, nil, err
 	}
 	if b.Version != "" {
@@ -456,6 +479,9 @@ func (s *Server) buildLog(ctx context.Context, key store.AccessKey, tid string, 
 	if len(entries) < maxLogEntries {
 		// Only a cursor that served everything up to it can be resumed.
 		s.tpl.mu.Lock()
+		if len(s.tpl.logs) >= maxLogCursors {
+			s.tpl.logs = map[string]logCursor{}
+		}
 		s.tpl.logs[ck] = cur
 		s.tpl.mu.Unlock()
 	}
