@@ -8,7 +8,7 @@ import assert from "node:assert/strict";
 import { mkdtempSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { step, rejects } from "./lib.mjs";
+import { step, rejects, steps } from "./lib.mjs";
 import { Sandbox, Template, BuildError } from "e2b";
 
 const name = "e2b-tpl-debian";
@@ -24,7 +24,7 @@ const template = Template({ fileContextPath: ctxDir })
   .setStartCmd('echo "$KILN_GREETING" > /tmp/start-env.txt; pwd > /tmp/start-pwd.txt; touch /tmp/started; exec sleep infinity',
     "test -f /tmp/started");
 
-await step("Template.build refuses a registry image and an unknown step with a message", async () => {
+await step("Template.build refuses a registry image and a Debian other than 12, saying what to use", async () => {
   const err = await rejects(Template.build(Template().fromPythonImage("3.12").runCmd("true"), "e2b-tpl-bad", { memoryMB: 512 }),
     BuildError, "a python base");
   assert.match(err.message, /no access to container registries.*fromDebianImage/);
@@ -41,7 +41,7 @@ assert.ok(logs.some((e) => /COPY/.test(e.message)), "the build log names the COP
 assert.ok(logs.some((e) => /snapshot/.test(e.message)), "the build log reaches the snapshot");
 assert.ok(logs.every((e) => e.timestamp instanceof Date && !isNaN(e.timestamp)), "entries have timestamps");
 
-await step("Template.exists; the template is listed", async () => {
+await step("Template.exists; the build's status is ready", async () => {
   assert.equal(await Template.exists(name), true);
   assert.equal(await Template.exists("e2b-tpl-none"), false);
   const status = await Template.getBuildStatus(info);
@@ -62,3 +62,4 @@ try {
 } finally {
   await sbx.kill();
 }
+console.log(`all ${steps.length} steps passed`);
