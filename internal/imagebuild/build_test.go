@@ -344,8 +344,10 @@ func TestBuildFailures(t *testing.T) {
 			// (exit 1 here says it saw both; 2 that it did not).
 			name:       "ready command never exits 0",
 			dockerfile: "FROM debian:12\nCOPY app /app\nENV MODE=never WANT=yes\nWORKDIR /tmp\nLABEL " + ReadyCommandLabel + "=\"test \\\"\\$WANT\\\" = yes && test \\\"\\$(pwd)\\\" = /tmp && exit 1; exit 2\"\nCMD [\"/app\"]\n",
-			hooks:      Hooks{ReadyTimeout: 10 * time.Second},
-			want:       []string{PhaseReady, "not ready within 10s (ready command", "exited 1"},
+			// 45 s: the command must have run at least once by then, also
+			// under TCG on a loaded host.
+			hooks: Hooks{ReadyTimeout: 45 * time.Second},
+			want:  []string{PhaseReady, "not ready within 45s (ready command", "exited 1"},
 		},
 		{
 			name:       "ready hook never 200",
