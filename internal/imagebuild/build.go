@@ -553,9 +553,12 @@ func waitReadyCommand(ctx, rctx context.Context, a *client.Client, p *client.Pro
 				last = fmt.Sprintf("exited %d", code)
 			default:
 				rp.Signal(context.WithoutCancel(ctx), 9)
-				last = fmt.Sprintf("still running after %s", readyCommandTry)
+				if rctx.Err() == nil {
+					last = fmt.Sprintf("still running after %s", readyCommandTry)
+				}
 			}
-		} else {
+		} else if rctx.Err() == nil {
+			// A run cut short by the overall deadline says nothing new.
 			last = err.Error()
 		}
 		cancel()
