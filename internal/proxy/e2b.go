@@ -25,7 +25,10 @@ const (
 type Envd struct {
 	Port      uint16
 	Authorize func(tok, microvmID, account string) bool
-	Handler   http.Handler
+	// Signed, if set, admits a request without X-Access-Token that carries
+	// a ?signature= (E2B's signed /files URLs): nil error lets it through.
+	Signed  func(r *http.Request, microvmID, account string) error
+	Handler http.Handler
 }
 
 // Account returns the account owning the microVM a request is routed to
@@ -83,7 +86,8 @@ func allDigits(s string) bool {
 // hands the request to the envd handler.
 func (s *Server) serveEnvd(w http.ResponseWriter, r *http.Request, id string) {
 	tok := r.Header.Get(HeaderEnvdToken)
-	if tok == "" {
+	signed := tok == "" && s.cfg.Envd.Signed != nil && r.URL.Query().Has("signature")
+	if tok == "" && !signed {
 		writeError(w, http.StatusUnauthorized, "missing "+HeaderEnvdToken+" (the sandbox's envdAccessToken)")
 		return
 	}
@@ -97,7 +101,16 @@ func (s *Server) serveEnvd(w http.ResponseWriter, r *http.Request, id string) {
 		s.backendError(w, id, err)
 		return
 	}
-	if tgt.Account == "" || !s.cfg.Envd.Authorize(tok, id, tgt.Account) {
+	switch {
+	case tgt.Account == "":
+		writeError(w, http.StatusUnauthorized, "invalid envd access token for this sandbox")
+		return
+	case signed:
+		if err := s.cfg.Envd.Signed(r, id, tgt.Account); err != nil {
+			writeError(w, http.StatusUnauthorized, err.Error())
+			return
+		}
+	case !s.cfg.Envd.Authorize(tok, id, tgt.Account):
 		writeError(w, http.StatusUnauthorized, "invalid envd access token for this sandbox")
 		return
 	}

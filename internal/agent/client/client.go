@@ -514,8 +514,13 @@ func (c *Client) Unmount(ctx context.Context) ([]proto.MountUsage, error) {
 // CopyIn extracts the tar stream into dstDir (an absolute guest path,
 // created if missing), one acknowledged chunk at a time.
 func (c *Client) CopyIn(ctx context.Context, dstDir string, tarStream io.Reader) error {
+	return c.CopyInAs(ctx, dstDir, "", tarStream)
+}
+
+// CopyInAs is CopyIn as user (see proto.CopyInOpen.User; "" is root).
+func (c *Client) CopyInAs(ctx context.Context, dstDir, user string, tarStream io.Reader) error {
 	var open proto.StreamResult
-	if err := c.call(ctx, proto.TypeCopyInOpen, proto.CopyInOpen{Dir: dstDir}, &open, nil); err != nil {
+	if err := c.call(ctx, proto.TypeCopyInOpen, proto.CopyInOpen{Dir: dstDir, User: user}, &open, nil); err != nil {
 		return err
 	}
 	buf := make([]byte, proto.MaxCopyChunk)
@@ -539,8 +544,13 @@ func (c *Client) CopyIn(ctx context.Context, dstDir string, tarStream io.Reader)
 // CopyOut writes a tar stream of srcPath (a guest file or directory; entry
 // names start with its base name) to w.
 func (c *Client) CopyOut(ctx context.Context, srcPath string, w io.Writer) error {
+	return c.CopyOutAs(ctx, srcPath, "", w)
+}
+
+// CopyOutAs is CopyOut as user (see proto.CopyOutOpen.User; "" is root).
+func (c *Client) CopyOutAs(ctx context.Context, srcPath, user string, w io.Writer) error {
 	var open proto.StreamResult
-	if err := c.call(ctx, proto.TypeCopyOutOpen, proto.CopyOutOpen{Path: srcPath}, &open, nil); err != nil {
+	if err := c.call(ctx, proto.TypeCopyOutOpen, proto.CopyOutOpen{Path: srcPath, User: user}, &open, nil); err != nil {
 		return err
 	}
 	for {

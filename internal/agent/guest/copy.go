@@ -82,13 +82,15 @@ func (s *Server) copyInOpen(req proto.CopyInOpen) (proto.StreamResult, error) {
 	if !filepath.IsAbs(req.Dir) {
 		return proto.StreamResult{}, fmt.Errorf("copy in: destination %q is not absolute", req.Dir)
 	}
-	if err := os.MkdirAll(req.Dir, 0o755); err != nil {
+	if err := s.asUser(req.User, func() error { return os.MkdirAll(req.Dir, 0o755) }); err != nil {
 		return proto.StreamResult{}, fmt.Errorf("copy in: %w", err)
 	}
 	pr, pw := io.Pipe()
 	st := &copyStream{id: s.nextID.Add(1), in: pw, done: make(chan struct{})}
 	go func() {
-		st.err = extractTar(req.Dir, pr)
+		// As another user, entries belong to that user: no chown.
+		chown := req.User == "" && os.Getuid() == 0
+		st.err = s.asUser(req.User, func() error { return extractTar(req.Dir, pr, chown) })
 		// Unblock a writer if extraction stopped early, and drain nothing more.
 		if st.err != nil {
 			pr.CloseWithError(st.err)
@@ -139,13 +141,13 @@ func (s *Server) copyOutOpen(req proto.CopyOutOpen) (proto.StreamResult, error) 
 	if !filepath.IsAbs(req.Path) {
 		return proto.StreamResult{}, fmt.Errorf("copy out: source %q is not absolute", req.Path)
 	}
-	if _, err := os.Lstat(req.Path); err != nil {
+	if err := s.asUser(req.User, func() error { _, err := os.Lstat(req.Path); return err }); err != nil {
 		return proto.StreamResult{}, fmt.Errorf("copy out: %w", err)
 	}
 	pr, pw := io.Pipe()
 	st := &copyStream{id: s.nextID.Add(1), out: pr}
 	go func() {
-		pw.CloseWithError(writeTar(req.Path, pw))
+		pw.CloseWithError(s.asUser(req.User, func() error { return writeTar(req.Path, pw) }))
 	}()
 	s.addStream(st)
 	return proto.StreamResult{StreamID: st.id}, nil
@@ -177,14 +179,13 @@ func (s *Server) copyOutRead(ctx context.Context, req proto.StreamData) (proto.S
 
 // extractTar unpacks a tar stream under dir. Entry names are confined to dir
 // ("../" cannot climb out); ownership is kept when running as root.
-func extractTar(dir string, r io.Reader) error {
+func extractTar(dir string, r io.Reader, chown bool) error {
 	tr := tar.NewReader(r)
 	type dirTime struct {
 		path string
 		t    time.Time
 	}
 	var dirTimes []dirTime
-	root := os.Getuid() == 0
 	for {
 		hdr, err := tr.Next()
 		if errors.Is(err, io.EOF) {
@@ -252,7 +253,7 @@ func extractTar(dir string, r io.Reader) error {
 		default:
 			continue // xattrs, GNU extensions: nothing to create
 		}
-		if root {
+		if chown {
 			_ = os.Lchown(target, hdr.Uid, hdr.Gid)
 		}
 		if hdr.Typeflag != tar.TypeSymlink {

@@ -41,6 +41,8 @@ type Handler struct {
 
 	mu    sync.Mutex
 	procs map[string]map[uint32]*tracked // microVM → pid → process
+
+	watchers watchers
 }
 
 // tracked is a process envd started, until it ends.
@@ -64,6 +66,13 @@ func New(cfg Config) *Handler {
 	h.mux.HandleFunc("POST /process.Process/SendSignal", h.sendSignal)
 	h.mux.HandleFunc("POST /filesystem.Filesystem/ListDir", h.listDir)
 	h.mux.HandleFunc("POST /filesystem.Filesystem/Stat", h.stat)
+	h.mux.HandleFunc("POST /filesystem.Filesystem/MakeDir", h.makeDir)
+	h.mux.HandleFunc("POST /filesystem.Filesystem/Move", h.move)
+	h.mux.HandleFunc("POST /filesystem.Filesystem/Remove", h.remove)
+	h.mux.HandleFunc("POST /filesystem.Filesystem/WatchDir", h.watchDir)
+	h.mux.HandleFunc("POST /filesystem.Filesystem/CreateWatcher", h.createWatcher)
+	h.mux.HandleFunc("POST /filesystem.Filesystem/GetWatcherEvents", h.getWatcherEvents)
+	h.mux.HandleFunc("POST /filesystem.Filesystem/RemoveWatcher", h.removeWatcher)
 	h.mux.HandleFunc("GET /files", h.download)
 	h.mux.HandleFunc("POST /files", h.upload)
 	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
