@@ -16,7 +16,7 @@ import (
 // listener: the SDK needs only a base URL (E2B_API_URL), no path of E2B's
 // collides with the AWS API's, and sharing the listener shares its TLS,
 // timeouts and per-client connection cap instead of configuring a second.
-func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Server, be api.Backend, endpointPort string) error {
+func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Server, be api.Backend, endpointPort string, operators []string) error {
 	es, ok := st.(store.E2BStore)
 	if !ok {
 		// A store without E2B sandboxes (both of kiln's have them)
@@ -34,6 +34,7 @@ func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Serv
 		domain += ":" + endpointPort
 	}
 	cfg := e2b.Config{API: srv, Store: st, Sandboxes: es, Tokens: e2b.NewEnvdTokens(key), TrafficTokens: e2b.NewTrafficTokens(key), Domain: domain,
+		TemplatesDir: filepath.Join(o.DataDir, "e2b-templates"), ArtifactDir: filepath.Join(o.DataDir, "artifacts"), Operators: operators,
 		Egress: fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.InternetEgressConnector)}
 	if m, ok := be.(e2b.Meter); ok {
 		cfg.Meter = m

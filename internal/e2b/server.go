@@ -70,6 +70,18 @@ type Config struct {
 	Meter Meter
 	// Network applies sandboxes' egress rules; nil: network rules are 501.
 	Network Policer
+	// TemplatesDir keeps E2B template builds and their uploaded files
+	// (templates*.go); "" turns the template builder off.
+	TemplatesDir string
+	// MaxUploadBytes bounds one template file upload (default
+	// DefaultMaxUploadBytes); MaxAccountUploadBytes an account's kept
+	// uploads (default DefaultMaxAccountUploads).
+	MaxUploadBytes, MaxAccountUploadBytes int64
+	// ArtifactDir and Operators are the API's: a template may build on a
+	// kiln image whose code package is the account's upload, or on any
+	// host path for an operator account.
+	ArtifactDir string
+	Operators   []string
 	// WaitTimeout bounds how long create, connect and pause wait for the
 	// microVM to reach its state (default 2 minutes).
 	WaitTimeout time.Duration
@@ -80,6 +92,7 @@ type Config struct {
 type Server struct {
 	cfg Config
 	mux *http.ServeMux
+	tpl templateState
 }
 
 // New returns the E2B control API.
@@ -89,6 +102,12 @@ func New(cfg Config) *Server {
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.MaxUploadBytes == 0 {
+		cfg.MaxUploadBytes = DefaultMaxUploadBytes
+	}
+	if cfg.MaxAccountUploadBytes == 0 {
+		cfg.MaxAccountUploadBytes = DefaultMaxAccountUploads
 	}
 	s := &Server{cfg: cfg, mux: http.NewServeMux()}
 	s.route("POST /sandboxes", s.create)
@@ -104,6 +123,7 @@ func New(cfg Config) *Server {
 	s.route("POST /v2/sandboxes/{id}/connect", s.connect)
 	s.route("GET /sandboxes/{id}/metrics", s.metrics)
 	s.route("PUT /sandboxes/{id}/network", s.updateNetwork)
+	s.templateRoutes()
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &apiError{Code: http.StatusNotImplemented,
 			Message: fmt.Sprintf("kiln does not implement %s %s of the E2B API yet (docs/E2B.md lists what it does)", r.Method, r.URL.Path)})
@@ -235,6 +255,12 @@ func (r *recorder) Write(b []byte) (int, error) {
 // op runs an AWS API operation as the caller, through SessionHandler.
 // Its errors become E2B errors with the API's message.
 func (s *Server) op(ctx context.Context, key store.AccessKey, method, path string, query url.Values, in, out any) error {
+	return s.opPath(ctx, key, method, "/"+api.APIVersion+path, query, in, out)
+}
+
+// opPath is op at a full path (kiln's own routes are not under the API
+// version).
+func (s *Server) opPath(ctx context.Context, key store.AccessKey, method, u string, query url.Values, in, out any) error {
 	var body io.Reader = http.NoBody
 	if in != nil {
 		b, err := json.Marshal(in)
@@ -243,7 +269,6 @@ func (s *Server) op(ctx context.Context, key store.AccessKey, method, path strin
 		}
 		body = bytes.NewReader(b)
 	}
-	u := "/" + api.APIVersion + path
 	if len(query) > 0 {
 		u += "?" + query.Encode()
 	}
@@ -263,7 +288,7 @@ func (s *Server) op(ctx context.Context, key store.AccessKey, method, path strin
 	}
 	if out != nil {
 		if err := json.Unmarshal(rec.body.Bytes(), out); err != nil {
-			return fmt.Errorf("decoding %s %s: %w", method, path, err)
+			return fmt.Errorf("decoding %s %s: %w", method, u, err)
 		}
 	}
 	return nil

@@ -268,7 +268,7 @@ func TestSandboxLifecycle(t *testing.T) {
 	e.want(e.do(e.key, "GET", "/sandboxes/"+ids[0], nil), 404, "get a killed sandbox")
 	e.want(e.do(e.key, "DELETE", "/sandboxes/"+ids[0], nil), 404, "kill a killed sandbox")
 	e.want(e.do(e.key, "POST", "/v2/sandboxes/"+ids[0]+"/connect", map[string]any{}), 404, "connect a killed sandbox")
-	e.want(e.do(e.key, "GET", "/templates", nil), 501, "a route kiln does not implement")
+	e.want(e.do(e.key, "GET", "/volumes", nil), 501, "a route kiln does not implement")
 }
 
 // TestTimeoutActions checks what a passing timeout does: a sandbox is

@@ -33,6 +33,15 @@ const (
 	ValidateHookPath = "/aws/lambda-microvms/runtime/v1/validate"
 	// AppPort is where kiln waits for the app when the ready hook is off.
 	AppPort = 8080
+	// ReadyCommandLabel is kiln's readiness check by command: an image
+	// LABEL whose value is a shell command. Without the ready hook, the
+	// builder runs it (/bin/sh -c, as the app's user, in its WORKDIR, with
+	// its environment) until it exits 0, instead of waiting for TCP on
+	// AppPort. E2B templates' readyCmd maps onto it; any Dockerfile may use
+	// it for an app that listens on no port.
+	ReadyCommandLabel = "dev.kiln.ready-command"
+	// readyCommandTry bounds one run of the ready command.
+	readyCommandTry = 30 * time.Second
 )
 
 // Defaults for Request fields left zero. AWS documents no default for
@@ -351,7 +360,7 @@ func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error
 	// 4. Ready: the ready hook, else TCP on 8080.
 	step = PhaseReady
 	start = time.Now()
-	if err := b.waitReady(ctx, a, p, req.Hooks, log); err != nil {
+	if err := b.waitReady(ctx, a, p, req.Hooks, appSpec{cfg: ir.Config, env: env}, log); err != nil {
 		if exited(p) {
 			// The reason ends with the app's last words: let the pump
 			// copy its output, which arrives before its exit record.
@@ -451,11 +460,20 @@ func (b *Builder) platform() vmm.Platform {
 	return vmm.Platform{}
 }
 
-// waitReady waits for the ready hook's 200 (or TCP on 8080), failing early
-// when the app exits.
-func (b *Builder) waitReady(ctx context.Context, a *client.Client, p *client.Process, h Hooks, log io.Writer) error {
+// appSpec is how the app runs: its image config and environment.
+type appSpec struct {
+	cfg image.Config
+	env []string
+}
+
+// waitReady waits for the ready hook's 200 (or the ready command's exit
+// 0, or TCP on 8080), failing early when the app exits.
+func (b *Builder) waitReady(ctx context.Context, a *client.Client, p *client.Process, h Hooks, app appSpec, log io.Writer) error {
 	rctx, cancel := context.WithTimeout(ctx, h.ReadyTimeout)
 	defer cancel()
+	if cmd, ok := app.cfg.Labels[ReadyCommandLabel]; ok && !h.Ready {
+		return waitReadyCommand(ctx, rctx, a, p, cmd, app, h.ReadyTimeout, log)
+	}
 	if !h.Ready {
 		fmt.Fprintf(log, "#wait until the app accepts TCP on port %d (up to %s)\n", AppPort, h.ReadyTimeout)
 		done := make(chan error, 1)
@@ -507,6 +525,50 @@ func (b *Builder) waitReady(ctx context.Context, a *client.Client, p *client.Pro
 			return ctx.Err()
 		case <-rctx.Done():
 			return fmt.Errorf("the app was not ready within %s (ready hook: %s)", h.ReadyTimeout, last)
+		case <-time.After(hookRetryEvery):
+		}
+	}
+}
+
+// waitReadyCommand runs cmd in the guest until it exits 0 (ReadyCommandLabel).
+func waitReadyCommand(ctx, rctx context.Context, a *client.Client, p *client.Process, cmd string, app appSpec, timeout time.Duration, log io.Writer) error {
+	fmt.Fprintf(log, "#wait until the ready command exits 0: %q (up to %s)\n", cmd, timeout)
+	last := "not run"
+	for {
+		tctx, cancel := context.WithTimeout(rctx, readyCommandTry)
+		rp, err := a.Exec(tctx, client.ExecRequest{Argv: []string{"/bin/sh", "-c", cmd}, Env: app.env, Cwd: app.cfg.WorkingDir, User: app.cfg.User, Caps: proto.CapsDefault})
+		if err == nil {
+			// Its output is not kept: the channel is drained so that the
+			// agent client never blocks on it.
+			go func() {
+				for range rp.Output() {
+				}
+			}()
+			code, werr := rp.Wait(tctx)
+			switch {
+			case werr == nil && code == 0:
+				cancel()
+				return nil
+			case werr == nil:
+				last = fmt.Sprintf("exited %d", code)
+			default:
+				rp.Signal(context.WithoutCancel(ctx), 9)
+				if rctx.Err() == nil {
+					last = fmt.Sprintf("still running after %s", readyCommandTry)
+				}
+			}
+		} else if rctx.Err() == nil {
+			// A run cut short by the overall deadline says nothing new.
+			last = err.Error()
+		}
+		cancel()
+		select {
+		case <-p.Exited():
+			return appExitError(p)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-rctx.Done():
+			return fmt.Errorf("the app was not ready within %s (ready command %q: %s)", timeout, cmd, last)
 		case <-time.After(hookRetryEvery):
 		}
 	}

@@ -339,6 +339,17 @@ func TestBuildFailures(t *testing.T) {
 			want:       []string{PhaseReady, "port 8080 within 5s", "test app starting"},
 		},
 		{
+			// The ready command replaces the wait for port 8080: it runs,
+			// as the app, in its WORKDIR with its ENV, until it exits 0
+			// (exit 1 here says it saw both; 2 that it did not).
+			name:       "ready command never exits 0",
+			dockerfile: "FROM debian:12\nCOPY app /app\nENV MODE=never WANT=yes\nWORKDIR /tmp\nLABEL " + ReadyCommandLabel + "=\"test \\\"\\$WANT\\\" = yes && test \\\"\\$(pwd)\\\" = /tmp && exit 1; exit 2\"\nCMD [\"/app\"]\n",
+			// 45 s: the command must have run at least once by then, also
+			// under TCG on a loaded host.
+			hooks: Hooks{ReadyTimeout: 45 * time.Second},
+			want:  []string{PhaseReady, "not ready within 45s (ready command", "exited 1"},
+		},
+		{
 			name:       "ready hook never 200",
 			dockerfile: "FROM debian:12\nCOPY app /app\nENV MODE=hooks HOOKS_PORT=9000 READY_AFTER=100000\nCMD [\"/app\"]\n",
 			// 15 s: the app must be up and answering 503 by then, also
