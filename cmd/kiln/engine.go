@@ -75,6 +75,8 @@ func init() {
 	be.Flags().IntVar(&o.DirtyMiB, "dirty", 256, "MiB of guest memory written before suspend")
 	be.Flags().IntVar(&o.IdleClones, "clones", 8, "idle clones of one template running at once")
 	be.Flags().DurationVar(&o.BootTimeout, "boot-timeout", 30*time.Second, "a cold boot slower than this counts as failed")
+	be.Flags().IntVar(&o.PoolSize, "pool", 1, "clone pool size per template for the pooled clones")
+	be.Flags().BoolVar(&o.Net, "net", os.Geteuid() == 0, "give the template and clones a NIC and a VM network (needs root)")
 	benchCmd.AddCommand(be)
 
 	var eo engine.EndpointBenchOptions
