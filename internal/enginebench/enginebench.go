@@ -35,6 +35,8 @@ type Options struct {
 	// PoolSize is the clone pool's size for the pooled clones (at least
 	// 1); each round times a plain clone (pool off) and a pooled one.
 	PoolSize int
+	// SkipCold leaves out the timed cold boots (cold_boot_ms stays 0).
+	SkipCold bool
 	// Net gives the template and every clone a NIC and a VM network
 	// (internal/netns), timed as network_setup_ms; it needs root.
 	Net bool
@@ -112,6 +114,9 @@ func Run(ctx context.Context, d *qemu.Driver, rootDisk, work string, o Options, 
 	// Cold boots: the first o.Runs are timed; all count for reliability.
 	var boots []float64
 	attempts := max(o.Boots, o.Runs)
+	if o.SkipCold {
+		attempts = 0
+	}
 	for i := 0; i < attempts; i++ {
 		id := next("boot")
 		bctx, cancel := context.WithTimeout(ctx, o.BootTimeout)

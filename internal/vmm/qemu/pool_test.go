@@ -47,7 +47,16 @@ func nsInode(t *testing.T, path string) uint64 {
 	return st.Ino
 }
 
-func pidAlive(pid int) bool { return syscall.Kill(pid, 0) == nil }
+// pidAlive: the process exists and has not exited (a zombie waits for a
+// parent that may be gone).
+func pidAlive(pid int) bool {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return i < 0 || i+2 >= len(b) || b[i+2] != 'Z'
+}
 
 func vmNet(t *testing.T, id string) *vmm.NetAttachment {
 	t.Helper()
