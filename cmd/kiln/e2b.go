@@ -19,9 +19,9 @@ import (
 func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Server, endpointPort string) error {
 	es, ok := st.(store.E2BStore)
 	if !ok {
-		// A store without E2B support (PostgreSQL, for now) serves the
-		// AWS API only.
-		slog.Warn("the E2B API is off: this state store keeps no E2B keys or sandboxes yet (use the SQLite store)")
+		// A store without E2B sandboxes (both of kiln's have them)
+		// serves the AWS API only.
+		slog.Warn("the E2B API is off: this state store keeps no E2B sandboxes")
 		return nil
 	}
 	// The same key the endpoint proxy derives envd tokens from.

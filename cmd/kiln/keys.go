@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"text/tabwriter"
 	"time"
@@ -32,7 +33,7 @@ func init() {
 			}
 			defer st.Close()
 			if e2bKey {
-				return createE2BKey(cmd.Context(), st, account, description)
+				return createE2BKey(cmd.Context(), cmd.OutOrStdout(), st, account, description)
 			}
 			if account == "" {
 				if account, err = auth.NewAccountID(); err != nil {
@@ -116,12 +117,8 @@ func allDigits(s string) bool {
 }
 
 // createE2BKey stores the hash of a new E2B API key for account (a new
-// account when empty) and prints the key, which is shown only here.
-func createE2BKey(ctx context.Context, st store.Store, account, description string) error {
-	es, ok := st.(store.E2BStore)
-	if !ok {
-		return fmt.Errorf("this state store does not support E2B keys")
-	}
+// account when empty) and prints the key to out, which is shown only here.
+func createE2BKey(ctx context.Context, out io.Writer, st store.Store, account, description string) error {
 	if account == "" {
 		var err error
 		if account, err = auth.NewAccountID(); err != nil {
@@ -134,11 +131,11 @@ func createE2BKey(ctx context.Context, st store.Store, account, description stri
 	if err != nil {
 		return err
 	}
-	if err := es.CreateE2BKey(ctx, store.E2BKey{Hash: hash, Account: account, Prefix: e2b.KeyPrefixOf(key),
+	if err := st.CreateE2BKey(ctx, store.E2BKey{Hash: hash, Account: account, Prefix: e2b.KeyPrefixOf(key),
 		Description: description, CreatedAt: time.Now().UTC()}); err != nil {
 		return err
 	}
-	enc := json.NewEncoder(os.Stdout)
+	enc := json.NewEncoder(out)
 	enc.SetIndent("", "    ")
 	return enc.Encode(map[string]string{"e2bApiKey": key, "account": account, "description": description})
 }

@@ -5,12 +5,14 @@ package main
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/kiln-sandbox/kiln/internal/e2b"
 	"github.com/kiln-sandbox/kiln/internal/store/postgres"
 	"github.com/kiln-sandbox/kiln/internal/store/postgres/pgtest"
 	"github.com/kiln-sandbox/kiln/internal/store/seal"
@@ -68,6 +70,20 @@ func TestStoreFlag(t *testing.T) {
 	o, err := st.GetQuotaOverride(ctx, "111111111111")
 	if err != nil || o.Microvms == nil || *o.Microvms != 3 {
 		t.Fatalf("override in postgres = %+v, %v", o, err)
+	}
+	// kiln keys create --e2b stores the key's hash in PostgreSQL too.
+	var out bytes.Buffer
+	rootCmd.SetArgs([]string{"keys", "create", "--e2b", "--account", "111111111111", "--store", url, "--data-dir", dir})
+	rootCmd.SetOut(&out)
+	if err := rootCmd.ExecuteContext(ctx); err != nil {
+		t.Fatalf("keys create --e2b with --store postgres: %v", err)
+	}
+	var created struct{ E2BApiKey, Account string }
+	if err := json.Unmarshal(out.Bytes(), &created); err != nil || created.E2BApiKey == "" {
+		t.Fatalf("keys create --e2b printed %q: %v", out.String(), err)
+	}
+	if k, err := st.GetE2BKey(ctx, e2b.HashAPIKey(created.E2BApiKey)); err != nil || k.Account != "111111111111" {
+		t.Fatalf("e2b key in postgres = %+v, %v", k, err)
 	}
 	err = run("quotas", "set", "111111111111", "--microvms", "3", "--store", "postgre://u:hunter2@h/db")
 	if err == nil || strings.Contains(err.Error(), "hunter2") {

@@ -101,22 +101,12 @@ func (r *Reporter) MicrovmState(ctx context.Context, account, id string, from []
 	})
 }
 
-// BuildRunning marks a build IN_PROGRESS, and its version too.
+// BuildRunning marks a build IN_PROGRESS, and its version too, in one
+// store transaction (Store.StartBuild): a late report for a build that
+// finished meanwhile is refused (ErrConflict) instead of bringing it back.
 func (r *Reporter) BuildRunning(ctx context.Context, b store.Build) error {
-	now := r.now().UTC()
-	b.State, b.UpdatedAt = store.BuildInProgress, now
-	if err := r.st.UpdateBuild(ctx, b); err != nil {
-		return err
-	}
-	v, err := r.st.GetImageVersion(ctx, b.Account, b.ImageName, b.Version)
-	if err != nil {
-		return err
-	}
-	if v.State == store.VersionPending {
-		v.State, v.UpdatedAt = store.VersionInProgress, now
-		return r.st.UpdateImageVersion(ctx, v)
-	}
-	return nil
+	b.State, b.UpdatedAt = store.BuildInProgress, r.now().UTC()
+	return r.st.StartBuild(ctx, b)
 }
 
 // AppendBuildLog appends build output, shown by `kiln logs`.

@@ -24,14 +24,7 @@ func TestRedoBuildsGivesUp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	now := time.Now().UTC()
-	img := store.Image{Account: "111111111111", Name: "app", ARN: "arn:app", State: store.ImageCreating, LatestVersion: "1", CreatedAt: now, UpdatedAt: now}
-	v := store.ImageVersion{Account: img.Account, ImageName: "app", ImageARN: img.ARN, Version: "1", State: store.VersionPending, Status: store.VersionActive,
-		Config: store.ImageConfig{BaseImageArn: "base", CodeArtifact: &store.CodeArtifact{URI: "file:///x"}}, CreatedAt: now, UpdatedAt: now}
-	b := store.Build{Account: img.Account, ImageName: "app", ImageARN: img.ARN, Version: "1", ID: "b1", State: store.BuildPending, Architecture: "X86_64", CreatedAt: now}
-	if err := st.CreateImage(ctx, img, v, []store.Build{b}, nil); err != nil {
-		t.Fatal(err)
-	}
+	b := pendingBuild(t, st)
 	// The first start, interrupted: the build stays IN_PROGRESS.
 	if err := api.NewReporter(st).BuildRunning(ctx, b); err != nil {
 		t.Fatal(err)
@@ -75,14 +68,14 @@ func TestRedoBuildsGivesUp(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	got, err := st.GetBuild(ctx, img.Account, "app", "1", "b1")
+	got, err := st.GetBuild(ctx, b.Account, "app", "1", "b1")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if got.State != store.BuildFailed || !strings.Contains(got.StateReason, "gave up after 3 interrupted attempts") {
 		t.Fatalf("build %s: %q", got.State, got.StateReason)
 	}
-	gv, err := st.GetImageVersion(ctx, img.Account, "app", "1")
+	gv, err := st.GetImageVersion(ctx, b.Account, "app", "1")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -104,14 +97,7 @@ func TestRedoBuildsPendingNotCounted(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	now := time.Now().UTC()
-	img := store.Image{Account: "111111111111", Name: "app", ARN: "arn:app", State: store.ImageCreating, LatestVersion: "1", CreatedAt: now, UpdatedAt: now}
-	v := store.ImageVersion{Account: img.Account, ImageName: "app", ImageARN: img.ARN, Version: "1", State: store.VersionPending, Status: store.VersionActive,
-		Config: store.ImageConfig{BaseImageArn: "base", CodeArtifact: &store.CodeArtifact{URI: "file:///x"}}, CreatedAt: now, UpdatedAt: now}
-	b := store.Build{Account: img.Account, ImageName: "app", ImageARN: img.ARN, Version: "1", ID: "b1", State: store.BuildPending, Architecture: "X86_64", CreatedAt: now}
-	if err := st.CreateImage(ctx, img, v, []store.Build{b}, nil); err != nil {
-		t.Fatal(err)
-	}
+	pendingBuild(t, st)
 	n := 0
 	for i := 0; i < 5; i++ {
 		builds, _ := st.ListBuildsInState(ctx, store.BuildPending, store.BuildInProgress)
@@ -122,4 +108,19 @@ func TestRedoBuildsPendingNotCounted(t *testing.T) {
 	if n != 5 {
 		t.Fatalf("pending build handed back %d times, want 5", n)
 	}
+}
+
+// pendingBuild stores image "app" with version "1" and its one PENDING
+// build, and returns the build.
+func pendingBuild(t *testing.T, st store.Store) store.Build {
+	t.Helper()
+	now := time.Now().UTC()
+	img := store.Image{Account: "111111111111", Name: "app", ARN: "arn:app", State: store.ImageCreating, LatestVersion: "1", CreatedAt: now, UpdatedAt: now}
+	v := store.ImageVersion{Account: img.Account, ImageName: "app", ImageARN: img.ARN, Version: "1", State: store.VersionPending, Status: store.VersionActive,
+		Config: store.ImageConfig{BaseImageArn: "base", CodeArtifact: &store.CodeArtifact{URI: "file:///x"}}, CreatedAt: now, UpdatedAt: now}
+	b := store.Build{Account: img.Account, ImageName: "app", ImageARN: img.ARN, Version: "1", ID: "b1", State: store.BuildPending, Architecture: "X86_64", CreatedAt: now}
+	if err := st.CreateImage(context.Background(), img, v, []store.Build{b}, nil); err != nil {
+		t.Fatal(err)
+	}
+	return b
 }

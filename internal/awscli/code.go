@@ -103,3 +103,48 @@ func ZipDir(root string, w io.Writer) error {
 	}
 	return zw.Close()
 }
+
+// WriteCodePackage writes a code package at path: a zip holding dockerfile
+// as Dockerfile and, under each name, the file at files[name] (keeping its
+// mode, so executables stay executable).
+func WriteCodePackage(path, dockerfile string, files map[string]string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	zw := zip.NewWriter(f)
+	w, err := zw.Create("Dockerfile")
+	if err != nil {
+		return err
+	}
+	if _, err := io.WriteString(w, dockerfile); err != nil {
+		return err
+	}
+	for name, src := range files {
+		fi, err := os.Stat(src)
+		if err != nil {
+			return err
+		}
+		h, err := zip.FileInfoHeader(fi) // keeps the executable bit
+		if err != nil {
+			return err
+		}
+		h.Name, h.Method = name, zip.Deflate
+		w, err := zw.CreateHeader(h)
+		if err != nil {
+			return err
+		}
+		b, err := os.ReadFile(src)
+		if err != nil {
+			return err
+		}
+		if _, err := w.Write(b); err != nil {
+			return err
+		}
+	}
+	if err := zw.Close(); err != nil {
+		return err
+	}
+	return f.Close()
+}

@@ -3,7 +3,6 @@
 package imagebuild
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -12,13 +11,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
-	"github.com/kiln-sandbox/kiln/internal/hosttool"
 	"github.com/kiln-sandbox/kiln/internal/image"
-	"github.com/kiln-sandbox/kiln/internal/qcow2"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
@@ -29,9 +25,9 @@ import (
 // their own overlays), so big files are shared by hard links, but only
 // within an account: a memory snapshot holds the app's start-up state
 // (secrets included), and sharing its pages across accounts would both
-// hand it over and let one tenant learn another's inputs. Two files name
-// absolute paths and are rewritten per copy: disk.qcow2's backing file
-// (the root disk) and overlay.qcow2's (disk.qcow2).
+// hand it over and let one tenant learn another's inputs. The driver
+// makes each copy (vmm.Driver.CopyTemplate), pointing its disk at the
+// copy's own root disk: the template's files are the driver's business.
 
 // cacheRecipe changes when the layout or what a template holds changes.
 const cacheRecipe = "3" // 3: validate on a clone; capability sets
@@ -60,21 +56,12 @@ func (b *Builder) fromCache(ctx context.Context, account, key, rootDisk, tmplDir
 	if _, err := os.Stat(filepath.Join(src, "complete")); err != nil {
 		return vmm.Template{}, false, nil
 	}
-	var t vmm.Template
-	raw, err := os.ReadFile(filepath.Join(src, "template", "template.json"))
+	t, err := b.Driver.CopyTemplate(ctx, vmm.TemplateCopy{Src: filepath.Join(src, "template"), SrcRoot: filepath.Join(src, "root.ext4"), Dst: tmplDir, Root: rootDisk})
 	if err != nil {
-		return t, false, err
-	}
-	if err := json.Unmarshal(raw, &t); err != nil {
-		return t, false, err
-	}
-	if err := copyTemplate(ctx, filepath.Join(src, "template"), filepath.Join(src, "root.ext4"), tmplDir, rootDisk, true); err != nil {
-		os.RemoveAll(tmplDir)
 		return t, false, err
 	}
 	now := time.Now()
 	_ = os.Chtimes(filepath.Join(src, "complete"), now, now)
-	t.Dir = tmplDir
 	return t, true, nil
 }
 
@@ -98,9 +85,9 @@ func (b *Builder) toCache(ctx context.Context, account, key, rootDisk, tmplDir s
 	if err := linkOrCopy(ctx, rootDisk, root); err != nil {
 		return err
 	}
-	// The cached template is backed by the cache's own root disk path. It
-	// has no clone overlay: cached templates are only copied from.
-	if err := copyTemplate(ctx, tmplDir, rootDisk, filepath.Join(tmp, "template"), filepath.Join(dst, "root.ext4"), false); err != nil {
+	// The cached template is backed by the cache's own root disk path
+	// (after the rename below). Cached templates are only copied from.
+	if _, err := b.Driver.CopyTemplate(ctx, vmm.TemplateCopy{Src: tmplDir, SrcRoot: rootDisk, Dst: filepath.Join(tmp, "template"), Root: filepath.Join(dst, "root.ext4"), NoClone: true}); err != nil {
 		return err
 	}
 	if err := os.WriteFile(filepath.Join(tmp, "complete"), nil, 0o600); err != nil {
@@ -111,107 +98,6 @@ func (b *Builder) toCache(ctx context.Context, account, key, rootDisk, tmplDir s
 			return nil // another build stored it first
 		}
 		return err
-	}
-	return nil
-}
-
-// copyTemplate makes dst a template equal to src (whose disk is backed by
-// srcRoot) with its disk backed by rootDisk (which need not exist yet).
-// The template's disk.qcow2 was written by a VM's QEMU: its chain is
-// checked to be exactly disk.qcow2 <- srcRoot first, qemu-img touches it
-// only confined and through a descriptor, and the clone overlay is made
-// without opening it.
-func copyTemplate(ctx context.Context, src, srcRoot, dst, rootDisk string, withOverlay bool) error {
-	srcRoot, err := filepath.Abs(srcRoot)
-	if err != nil {
-		return err
-	}
-	if rootDisk, err = filepath.Abs(rootDisk); err != nil {
-		return err
-	}
-	if err := qcow2.CheckChain([]string{filepath.Join(src, "disk.qcow2"), srcRoot}); err != nil {
-		return fmt.Errorf("copying template %s: %w", src, err)
-	}
-	// QEMU reads a relative backing name from the overlay's own folder.
-	if dst, err = filepath.Abs(dst); err != nil {
-		return err
-	}
-	if err := os.Mkdir(dst, 0o700); err != nil {
-		return err
-	}
-	ents, err := os.ReadDir(src)
-	if err != nil {
-		return err
-	}
-	for _, e := range ents {
-		switch f := e.Name(); {
-		case f == "disk.qcow2" || f == "overlay.qcow2" || f == chainFile:
-			// Made below: they name absolute paths.
-		case !e.Type().IsRegular():
-			return fmt.Errorf("template %s holds %s, which is not a file", src, f)
-		default:
-			if err := linkOrCopy(ctx, filepath.Join(src, f), filepath.Join(dst, f)); err != nil {
-				return err
-			}
-		}
-	}
-	disk := filepath.Join(dst, "disk.qcow2")
-	if err := run(ctx, "cp", "--sparse=always", "--reflink=auto", filepath.Join(src, "disk.qcow2"), disk); err != nil {
-		return err
-	}
-	// -u: only the header changes; the backing file's content is the same.
-	if err := rebaseHeader(ctx, disk, rootDisk); err != nil {
-		return err
-	}
-	h, err := qcow2.ParseFile(disk)
-	if err != nil {
-		return err
-	}
-	if h.BackingFile != rootDisk || h.BackingFormat != "raw" {
-		return fmt.Errorf("rebasing %s: header names %q (%s), expected %q (raw)", disk, h.BackingFile, h.BackingFormat, rootDisk)
-	}
-	// The driver hands QEMU this chain from descriptors (vmm/qemu reads
-	// chain.json); the copy's is its own disk on rootDisk.
-	chain, _ := json.MarshalIndent([]chainLayer{{Path: disk, Format: "qcow2"}, {Path: rootDisk, Format: "raw"}}, "", "  ")
-	if err := os.WriteFile(filepath.Join(dst, chainFile), chain, 0o600); err != nil {
-		return err
-	}
-	if !withOverlay {
-		return nil
-	}
-	// -u and the size from the checked header: qemu-img opens neither the
-	// disk nor its backing file.
-	return run(ctx, "qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", disk, "-F", "qcow2", filepath.Join(dst, "overlay.qcow2"), strconv.FormatUint(h.Size, 10))
-}
-
-// chainFile records a template's disk chain, top first, in the shape the
-// QEMU driver reads (vmm/qemu chain.go).
-const chainFile = "chain.json"
-
-type chainLayer struct {
-	Path   string `json:"path"`
-	Format string `json:"format"`
-}
-
-// rebaseHeader points the qcow2 image's header at backing (raw) without
-// reading either, with qemu-img confined and given the image as a
-// descriptor, opened without its old backing file.
-func rebaseHeader(ctx context.Context, image, backing string) error {
-	f, err := hosttool.Open(image, true)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	var out bytes.Buffer
-	cmd, err := hosttool.Command(ctx, hosttool.Spec{
-		Path: "qemu-img", Files: []*os.File{f}, Stdout: &limitedWriter{w: &out, n: 64 << 10}, Stderr: &limitedWriter{w: &out, n: 64 << 10},
-		Args: []string{"rebase", "-q", "-u", "-F", "raw", "-b", backing, qcow2.OpenSpec([]string{hosttool.FD(0)}, "qcow2")},
-	})
-	if err != nil {
-		return err
-	}
-	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("qemu-img rebase %s: %s: %w", image, strings.TrimSpace(out.String()), err)
 	}
 	return nil
 }

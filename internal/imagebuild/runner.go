@@ -24,12 +24,10 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
 	"github.com/kiln-sandbox/kiln/internal/agent/proto"
-	"github.com/kiln-sandbox/kiln/internal/hosttool"
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/image/dockerfile"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/pkgproxy"
-	"github.com/kiln-sandbox/kiln/internal/qcow2"
 	"github.com/kiln-sandbox/kiln/internal/rootfs"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
@@ -46,8 +44,6 @@ type Runner struct {
 	// on 2.
 	MemoryMiB int
 	VCPUs     int
-	// QEMUImg is the qemu-img binary; "" = "qemu-img".
-	QEMUImg string
 	// DNSUpstreams override the host's resolvers for build VMs.
 	DNSUpstreams []string
 	// ExtraDeny is the operator's --deny-cidr: build VMs may not reach it
@@ -138,9 +134,8 @@ func (r *Runner) Run(ctx context.Context, rootDisk string, step image.RunStep, l
 	if err := ctx.Err(); err != nil {
 		return "", err
 	}
-	overlay := filepath.Join(g.info.Dir, "disk.qcow2")
-	if err := commitOverlay(ctx, r.QEMUImg, overlay, disk); err != nil {
-		return "", err
+	if err := r.Driver.CommitDisk(ctx, g.id); err != nil {
+		return "", fmt.Errorf("committing the build vm's disk: %w", err)
 	}
 	if err := g.close(); err != nil {
 		return "", err
@@ -300,72 +295,6 @@ func (r *Runner) exec(ctx context.Context, g *guestVM, step image.RunStep, wd st
 		return &image.ExitError{Code: code}
 	}
 	return nil
-}
-
-// commitOverlay writes the build VM's overlay back into disk, the raw
-// file it was made on. The VM (and a QEMU it may have taken over) wrote
-// the overlay, header included: a header naming another backing file
-// would make a plain `qemu-img commit` write into that file as root. So
-// the chain is checked to be exactly overlay <- disk, and qemu-img runs
-// confined (hosttool) with both files given as descriptors, never by a
-// name from the header.
-func commitOverlay(ctx context.Context, qemuImg, overlay, disk string) error {
-	if qemuImg == "" {
-		qemuImg = "qemu-img"
-	}
-	if err := qcow2.CheckChain([]string{overlay, disk}); err != nil {
-		return fmt.Errorf("committing the build vm's disk: %w", err)
-	}
-	ov, err := hosttool.Open(overlay, true)
-	if err != nil {
-		return err
-	}
-	defer ov.Close()
-	base, err := hosttool.Open(disk, true)
-	if err != nil {
-		return err
-	}
-	defer base.Close()
-	files := []*os.File{ov, base}
-	// The VM ignored flushes (a scratch disk), so only QEMU's own exit
-	// wrote the overlay's metadata out: check it before trusting it.
-	if err := runQEMUImg(ctx, qemuImg, files, "check", "-q", qcow2.OpenSpec([]string{hosttool.FD(0)}, "qcow2")); err != nil {
-		return fmt.Errorf("the build vm's disk overlay is inconsistent (its QEMU did not exit cleanly): %w", err)
-	}
-	// Committing writes only the clusters the step changed back into the
-	// raw disk: far less than converting the whole image.
-	if err := runQEMUImg(ctx, qemuImg, files, "commit", "-q", "-d", qcow2.OpenSpec([]string{hosttool.FD(0), hosttool.FD(1)}, "raw")); err != nil {
-		return fmt.Errorf("committing the build vm's disk: %w", err)
-	}
-	return nil
-}
-
-// runQEMUImg runs qemu-img confined on files (given as descriptors, hosttool.FD).
-func runQEMUImg(ctx context.Context, tool string, files []*os.File, args ...string) error {
-	var out bytes.Buffer
-	w := &limitedWriter{w: &out, n: 64 << 10}
-	cmd, err := hosttool.Command(ctx, hosttool.Spec{Path: tool, Args: args, Files: files, Stdout: w, Stderr: w})
-	if err != nil {
-		return err
-	}
-	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("qemu-img %s: %s: %w", args[0], strings.TrimSpace(out.String()), err)
-	}
-	return nil
-}
-
-// limitedWriter keeps the first n bytes and drops the rest.
-type limitedWriter struct {
-	w io.Writer
-	n int
-}
-
-func (l *limitedWriter) Write(p []byte) (int, error) {
-	if k := min(len(p), l.n); k > 0 {
-		l.w.Write(p[:k])
-		l.n -= k
-	}
-	return len(p), nil
 }
 
 // The guest agent writes into the root it switches to: /etc/resolv.conf

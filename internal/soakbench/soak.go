@@ -13,7 +13,6 @@
 package soakbench
 
 import (
-	"archive/zip"
 	"context"
 	"errors"
 	"fmt"
@@ -276,43 +275,7 @@ func codePackage(path, app string) error {
 		// busybox picks its applet from argv[0] unless that is "busybox".
 		df = "FROM scratch\nCOPY app /busybox\nCMD [\"/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/\"]\n"
 	}
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	zw := zip.NewWriter(f)
-	w, err := zw.Create("Dockerfile")
-	if err != nil {
-		return err
-	}
-	if _, err := io.WriteString(w, df); err != nil {
-		return err
-	}
-	fi, err := os.Stat(app)
-	if err != nil {
-		return fmt.Errorf("the soak app: %w", err)
-	}
-	h, err := zip.FileInfoHeader(fi)
-	if err != nil {
-		return err
-	}
-	h.Name, h.Method = "app", zip.Deflate
-	if w, err = zw.CreateHeader(h); err != nil {
-		return err
-	}
-	b, err := os.Open(app)
-	if err != nil {
-		return err
-	}
-	defer b.Close()
-	if _, err := io.Copy(w, b); err != nil {
-		return err
-	}
-	if err := zw.Close(); err != nil {
-		return err
-	}
-	return f.Close()
+	return awscli.WriteCodePackage(path, df, map[string]string{"app": app})
 }
 
 func freeAddr() string {

@@ -30,18 +30,26 @@ type E2BSandbox struct {
 	CreatedAt  time.Time
 }
 
-// E2BStore holds the E2B API's keys and sandboxes. It is apart from Store
-// so that a store without E2B support still serves the AWS API.
-type E2BStore interface {
+// E2BKeyStore holds the E2B API's keys. Every Store has it, so that
+// `kiln keys create --e2b` works whichever store the server runs on.
+type E2BKeyStore interface {
 	// CreateE2BKey stores a key; ErrConflict if its hash exists.
 	CreateE2BKey(ctx context.Context, k E2BKey) error
 	// GetE2BKey returns the key with this hash; ErrNotFound if absent.
 	GetE2BKey(ctx context.Context, hash string) (E2BKey, error)
-	// PutE2BSandbox records a sandbox (replacing an earlier record).
+}
+
+// E2BStore holds the E2B API's keys and sandboxes. The sandboxes are apart
+// from Store so that a store without them still serves the AWS API.
+type E2BStore interface {
+	E2BKeyStore
+	// PutE2BSandbox records a sandbox (replacing an earlier record of the
+	// same account; another account's record is left as it is).
 	PutE2BSandbox(ctx context.Context, sb E2BSandbox) error
 	// GetE2BSandbox returns the account's sandbox; ErrNotFound if absent.
 	GetE2BSandbox(ctx context.Context, account, id string) (E2BSandbox, error)
 	// ListE2BSandboxes returns the account's sandboxes whose microVM is
-	// not TERMINATED, oldest first, at most limit.
+	// not TERMINATED, oldest first, at most limit. A sandbox's record goes
+	// when its microVM's record is deleted.
 	ListE2BSandboxes(ctx context.Context, account string, limit int) ([]E2BSandbox, error)
 }

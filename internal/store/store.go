@@ -304,6 +304,7 @@ const SettingOperatorAccount = "operator_account"
 type Store interface {
 	EventStore
 	UsageStore
+	E2BKeyStore
 
 	// Close releases the database. Calls after Close fail.
 	Close() error
@@ -368,6 +369,14 @@ type Store interface {
 	ListBuildsInState(ctx context.Context, states ...string) ([]Build, error)
 	// UpdateBuild replaces a build's record; ErrNotFound if absent.
 	UpdateBuild(ctx context.Context, b Build) error
+	// StartBuild records b as IN_PROGRESS (whatever b.State says) and moves
+	// its version from PENDING to IN_PROGRESS (taking b.UpdatedAt), in one
+	// transaction, so that a late or repeated start never brings back a
+	// build that finished, nor overwrites its version's newer record.
+	// Starting an IN_PROGRESS build again (a redo after a restart) is
+	// allowed. ErrNotFound if the build is absent; ErrConflict, changing
+	// nothing, if it is final.
+	StartBuild(ctx context.Context, b Build) error
 	// FinishBuild records a final build (b.State SUCCESSFUL or FAILED)
 	// and, when it is the last of its version's builds to become final,
 	// the version's and the image's outcome (FinishVersion), in one

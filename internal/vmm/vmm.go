@@ -112,6 +112,24 @@ type Template struct {
 	CreatedAt time.Time `json:"created_at"`
 }
 
+// TemplateCopy asks for a copy of a template whose disk stands on another
+// root disk of the same content (the image builder's template cache keeps
+// one per key and hands out copies backed by each version's own root).
+type TemplateCopy struct {
+	Src string // template directory made by Snapshot or CopyTemplate
+	// SrcRoot is the root disk Src's disk stands on: the BootSpec.RootDisk
+	// of the VM it was snapshotted from, or the Root of its copy. Src is
+	// refused if its disk names another file.
+	SrcRoot string
+	Dst     string // the copy's directory; must not exist
+	// Root is the root disk the copy's disk stands on: same content as
+	// SrcRoot, need not exist yet (a path the caller will rename into).
+	Root string
+	// NoClone: the copy is only ever copied from again, never cloned
+	// directly (a cache entry), so it needs nothing that names its Dst.
+	NoClone bool
+}
+
 // Event reports something that happened to a VM without being asked,
 // such as its process dying.
 type Event struct {
@@ -152,6 +170,23 @@ type Driver interface {
 	// its workloads. A template from another platform is ErrInvalid.
 	Clone(ctx context.Context, spec CloneSpec) (Info, error)
 
+	// CommitDisk writes what a stopped, booted VM wrote to its disk back
+	// into its BootSpec.RootDisk (an image build step's changes). The VM
+	// must be stopped (Stop), else ErrConflict; a clone has no root disk
+	// of its own (ErrInvalid). The disk chain is checked first, since the
+	// guest's VMM wrote the overlay: one that names another file than the
+	// root disk is refused (ErrInvalid) and nothing is written. The VM
+	// keeps its files until Terminate; committing twice writes the same
+	// blocks again.
+	CommitDisk(ctx context.Context, id string) error
+
+	// CopyTemplate makes a template equal to spec.Src whose disk stands on
+	// spec.Root, sharing big files with Src where it can, and returns it
+	// (Dir = spec.Dst). Src's disk chain is checked to be exactly its disk
+	// on spec.SrcRoot (ErrInvalid otherwise, nothing made). On failure the
+	// partial copy is removed.
+	CopyTemplate(ctx context.Context, spec TemplateCopy) (Template, error)
+
 	// Suspend saves a running VM's full memory and device state into its
 	// directory and ends its process, freeing host memory. Suspending a
 	// suspended VM is a no-op; a stopped one is ErrConflict.
@@ -176,7 +211,8 @@ type Driver interface {
 	// List returns every VM the driver manages.
 	List(ctx context.Context) ([]Info, error)
 
-	// Agent returns the connected agent client of a running VM.
+	// Agent returns the connected agent client of a running VM; a VM
+	// that is not running (suspended, stopped) is ErrConflict.
 	Agent(ctx context.Context, id string) (*client.Client, error)
 
 	// Recover reconciles what a previous kiln process left on this host

@@ -8,14 +8,12 @@
 package kilntest
 
 import (
-	"archive/zip"
 	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/url"
 	"os"
@@ -146,45 +144,7 @@ func WorkDir(t *testing.T, prefix string) (work, bin, data string) {
 // CodePackage writes a zip with the Dockerfile and files (name → host
 // path), keeping their modes.
 func CodePackage(path, dockerfile string, files map[string]string) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	zw := zip.NewWriter(f)
-	w, err := zw.Create("Dockerfile")
-	if err != nil {
-		return err
-	}
-	if _, err := io.WriteString(w, dockerfile); err != nil {
-		return err
-	}
-	for name, src := range files {
-		fi, err := os.Stat(src)
-		if err != nil {
-			return err
-		}
-		h, err := zip.FileInfoHeader(fi) // keeps the executable bit
-		if err != nil {
-			return err
-		}
-		h.Name, h.Method = name, zip.Deflate
-		w, err := zw.CreateHeader(h)
-		if err != nil {
-			return err
-		}
-		b, err := os.ReadFile(src)
-		if err != nil {
-			return err
-		}
-		if _, err := w.Write(b); err != nil {
-			return err
-		}
-	}
-	if err := zw.Close(); err != nil {
-		return err
-	}
-	return f.Close()
+	return awscli.WriteCodePackage(path, dockerfile, files)
 }
 
 // FileURI is the file:// URI of a host path.

@@ -1,5 +1,7 @@
 // Package postgres implements store.Store on PostgreSQL (pgx v5), for
-// kiln processes on several hosts sharing one database. It keeps the
+// kiln processes on several hosts sharing one database, with the queries
+// of internal/store/sqlstore (this package adds the connection pool,
+// transactions with retries, migrations and the dialect). It keeps the
 // layout of internal/store/sqlite: each record is a JSON document next to
 // the few columns that are queried, times are Unix nanoseconds, and list
 // pages are positions in an identity column, so both stores pass the same
@@ -23,10 +25,10 @@ package postgres
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strconv"
 	"strings"
 	"time"
 
@@ -38,15 +40,35 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/seal"
+	"github.com/kiln-sandbox/kiln/internal/store/sqlstore"
 )
 
 // Store is a store.Store on one PostgreSQL database.
 type Store struct {
+	*sqlstore.Store
 	pool   *pgxpool.Pool
 	sealer *seal.Sealer
 }
 
-var _ store.Store = (*Store)(nil)
+var (
+	_ store.Store    = (*Store)(nil)
+	_ store.E2BStore = (*Store)(nil)
+)
+
+// dialect is PostgreSQL's SQL for the shared queries: free text a tenant
+// controls is bytea, rows a transaction rewrites are locked, and quota
+// admissions of one account take turns on an advisory lock.
+var dialect = sqlstore.Dialect{
+	Text:        func(s string) any { return []byte(s) },
+	ForUpdate:   " FOR UPDATE",
+	LockAccount: fmt.Sprintf(`SELECT pg_advisory_xact_lock(%d, hashtext(?))`, lockQuota),
+	Strpos:      "strpos",
+	Greatest:    "GREATEST",
+	Least:       "LEAST",
+	RowID:       "ctid",
+	Collate:     ` COLLATE "C"`,
+	True:        "true",
+}
 
 // IsURL reports whether a --store value names a PostgreSQL database.
 func IsURL(s string) bool {
@@ -78,6 +100,7 @@ func Open(ctx context.Context, url string, sealer *seal.Sealer) (*Store, error) 
 		pool.Close()
 		return nil, err
 	}
+	s.Store = sqlstore.New(db{s}, dialect, sealer)
 	return s, nil
 }
 
@@ -202,6 +225,26 @@ var migrations = []string{
 		account TEXT PRIMARY KEY,
 		data TEXT NOT NULL
 	);`,
+	// 2: the E2B-compatible API's keys (hashed) and sandboxes, as SQLite's
+	// migration 5; a sandbox row goes with its microVM's record.
+	`CREATE TABLE IF NOT EXISTS e2b_keys (
+		hash TEXT PRIMARY KEY,
+		account TEXT NOT NULL,
+		prefix TEXT NOT NULL,
+		description BYTEA NOT NULL,
+		created_at BIGINT NOT NULL
+	);
+	CREATE TABLE IF NOT EXISTS e2b_sandboxes (
+		id TEXT PRIMARY KEY,
+		account TEXT NOT NULL,
+		data TEXT NOT NULL,
+		created_at BIGINT NOT NULL
+	);
+	CREATE INDEX IF NOT EXISTS e2b_sandboxes_by_account ON e2b_sandboxes (account, created_at, id);
+	CREATE OR REPLACE FUNCTION e2b_sandboxes_follow_microvms() RETURNS trigger LANGUAGE plpgsql AS $$
+	BEGIN DELETE FROM e2b_sandboxes WHERE id = OLD.id; RETURN OLD; END $$;
+	CREATE OR REPLACE TRIGGER e2b_sandboxes_follow_microvms AFTER DELETE ON microvms
+	FOR EACH ROW EXECUTE FUNCTION e2b_sandboxes_follow_microvms();`,
 }
 
 // Advisory lock keys (the first of pg_advisory_xact_lock's two int4s).
@@ -275,11 +318,8 @@ func retryable(err error) bool {
 	return c == "40001" || c == "40P01"
 }
 
-func isUnique(err error) bool { return pgCode(err) == "23505" }
-
-// wrap gives a database's refusal of a value (class 22: a NUL or a byte
-// that is not UTF-8 in a name, a number out of range) the category of the
-// caller's mistake it is.
+// wrap gives a database's refusal of a value (class 22) the category of
+// the caller's mistake it is, once.
 func wrap(err error) error {
 	if err != nil && strings.HasPrefix(pgCode(err), "22") && !errors.Is(err, errdefs.ErrInvalid) {
 		return fmt.Errorf("%w: %w", err, errdefs.ErrInvalid)
@@ -287,236 +327,100 @@ func wrap(err error) error {
 	return err
 }
 
-// q is what both the pool and a transaction offer.
-type q interface {
-	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
-	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
-	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+// db gives the shared queries the pool and its transactions.
+type db struct{ s *Store }
+
+func (d db) Reader() sqlstore.Querier { return conn{d.s.pool} }
+func (d db) Writer() sqlstore.Querier { return conn{d.s.pool} }
+func (d db) Write(ctx context.Context, fn func(sqlstore.Querier) error) error {
+	return d.s.tx(ctx, func(tx pgx.Tx) error { return fn(conn{tx}) })
 }
 
-func mustJSON(v any) string {
-	b, err := json.Marshal(v)
+// conn is a sqlstore.Querier on the pool or a transaction: it numbers the
+// shared queries' placeholders and marks the errors they tell apart.
+type conn struct {
+	q interface {
+		Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+		Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+		QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+	}
+}
+
+func (c conn) Exec(ctx context.Context, query string, args ...any) (int64, error) {
+	tag, err := c.q.Exec(ctx, rebind(query), args...)
 	if err != nil {
-		// Only our own plain structs are marshalled here.
-		panic(fmt.Sprintf("marshalling record: %v", err))
+		return 0, marker.Mark(err)
 	}
-	return string(b)
+	return tag.RowsAffected(), nil
 }
 
-// page runs a query that selects (seq, data) ordered by seq and limited to
-// limit+1 rows, decodes the documents and computes the next token.
-func page[T any](ctx context.Context, db q, limit int, query string, args ...any) ([]T, string, error) {
-	defer metrics.Since(metrics.StoreOps.WithLabelValues("list"), time.Now())
-	rows, err := db.Query(ctx, query, args...)
+func (c conn) Query(ctx context.Context, query string, args ...any) (sqlstore.Rows, error) {
+	rows, err := c.q.Query(ctx, rebind(query), args...)
 	if err != nil {
-		return nil, "", fmt.Errorf("listing: %w", wrap(err))
+		return nil, marker.Mark(err)
 	}
-	defer rows.Close()
-	out := make([]T, 0, min(limit, 128))
-	var last int64
-	next := ""
-	for rows.Next() {
-		var seq int64
-		var data string
-		if err := rows.Scan(&seq, &data); err != nil {
-			return nil, "", fmt.Errorf("scanning: %w", err)
-		}
-		if len(out) == limit {
-			next = store.EncodePageToken(last)
-			break
-		}
-		var v T
-		if err := json.Unmarshal([]byte(data), &v); err != nil {
-			return nil, "", fmt.Errorf("decoding record: %w", err)
-		}
-		out = append(out, v)
-		last = seq
-	}
-	if err := rows.Err(); err != nil {
-		return nil, "", fmt.Errorf("listing: %w", wrap(err))
-	}
-	return out, next, nil
+	return pgRows{rows}, nil
 }
 
-// getDoc reads one document; ErrNotFound if no row matches, including a
-// key PostgreSQL cannot hold (a NUL in a name matches no record).
-func getDoc[T any](ctx context.Context, db q, what, query string, args ...any) (T, error) {
-	if _, ok := db.(*pgxpool.Pool); ok { // inside a transaction, tx counts the whole
-		defer metrics.Since(metrics.StoreOps.WithLabelValues("read"), time.Now())
-	}
-	var v T
-	var data string
-	if err := db.QueryRow(ctx, query, args...).Scan(&data); err != nil {
-		if errors.Is(err, pgx.ErrNoRows) || strings.HasPrefix(pgCode(err), "22") {
-			return v, fmt.Errorf("%s: %w", what, errdefs.ErrNotFound)
-		}
-		return v, fmt.Errorf("reading %s: %w", what, err)
-	}
-	if err := json.Unmarshal([]byte(data), &v); err != nil {
-		return v, fmt.Errorf("decoding %s: %w", what, err)
-	}
-	return v, nil
+func (c conn) QueryRow(ctx context.Context, query string, args ...any) sqlstore.Row {
+	return marker.Row(c.q.QueryRow(ctx, rebind(query), args...))
 }
 
-// docs decodes every document (data only) a query selects.
-func docs[T any](ctx context.Context, db q, query string, args ...any) ([]T, error) {
-	rows, err := db.Query(ctx, query, args...)
-	if err != nil {
-		return nil, fmt.Errorf("listing: %w", err)
-	}
-	defer rows.Close()
-	var out []T
-	for rows.Next() {
-		var data string
-		if err := rows.Scan(&data); err != nil {
-			return nil, fmt.Errorf("scanning: %w", err)
-		}
-		var v T
-		if err := json.Unmarshal([]byte(data), &v); err != nil {
-			return nil, fmt.Errorf("decoding record: %w", err)
-		}
-		out = append(out, v)
-	}
-	return out, rows.Err()
+type pgRows struct{ pgx.Rows }
+
+func (r pgRows) Err() error { return marker.Mark(r.Rows.Err()) }
+
+// marker marks the errors the shared queries tell apart; a value the
+// database refuses (class 22: a NUL or a byte that is not UTF-8 in a name,
+// a number out of range) is the caller's mistake, errdefs.ErrInvalid.
+var marker = sqlstore.Marker{
+	NoRows: func(err error) bool { return errors.Is(err, pgx.ErrNoRows) },
+	Unique: func(err error) bool { return pgCode(err) == "23505" },
+	Other:  wrap,
 }
 
-func insertToken(ctx context.Context, tx pgx.Tx, tok *store.ClientToken) error {
-	if tok == nil {
+// rebind turns the shared queries' placeholders into PostgreSQL's: each ?
+// into the next $N, and ?N into $N. Quoted literals are left as they are.
+func rebind(q string) string {
+	if !strings.Contains(q, "?") {
+		return q
+	}
+	var b strings.Builder
+	b.Grow(len(q) + 16)
+	n, quoted := 0, false
+	for i := 0; i < len(q); i++ {
+		c := q[i]
+		switch {
+		case c == '\'':
+			quoted = !quoted
+		case c == '?' && !quoted:
+			b.WriteByte('$')
+			if i+1 < len(q) && q[i+1] >= '0' && q[i+1] <= '9' {
+				continue // ?N: the digits follow as they are
+			}
+			n++
+			b.WriteString(strconv.Itoa(n))
+			continue
+		}
+		b.WriteByte(c)
+	}
+	return b.String()
+}
+
+func (s *Store) AppendBuildLog(ctx context.Context, buildID string, data []byte) error {
+	if len(data) == 0 {
 		return nil
 	}
-	_, err := tx.Exec(ctx, `INSERT INTO client_tokens (account, operation, token, input_hash, resource_id, created_at) VALUES ($1, $2, $3, $4, $5, $6)`,
-		tok.Account, tok.Operation, tok.Token, tok.InputHash, tok.ResourceID, tok.CreatedAt.UnixNano())
-	if isUnique(err) {
-		return fmt.Errorf("client token %q already used: %w", tok.Token, errdefs.ErrConflict)
-	}
-	if err != nil {
-		return fmt.Errorf("recording client token: %w", err)
-	}
-	return nil
-}
-
-// affected turns an update that matched no row into ErrNotFound.
-func affected(tag pgconn.CommandTag, err error, what string) error {
-	if err != nil {
-		return fmt.Errorf("updating %s: %w", what, wrap(err))
-	}
-	if tag.RowsAffected() == 0 {
-		return fmt.Errorf("%s: %w", what, errdefs.ErrNotFound)
-	}
-	return nil
-}
-
-// Access keys.
-
-func (s *Store) CreateAccessKey(ctx context.Context, k store.AccessKey) error {
-	sealed, err := s.sealer.Seal(k.Secret, k.ID)
-	if err != nil {
-		return err
-	}
-	_, err = s.pool.Exec(ctx, `INSERT INTO access_keys (id, secret, account, description, created_at) VALUES ($1, $2, $3, $4, $5)`,
-		k.ID, sealed, k.Account, []byte(k.Description), k.CreatedAt.UnixNano())
-	if isUnique(err) {
-		return fmt.Errorf("access key %s exists: %w", k.ID, errdefs.ErrConflict)
-	}
-	if err != nil {
-		return fmt.Errorf("creating access key: %w", wrap(err))
-	}
-	return nil
-}
-
-func (s *Store) scanKey(sc pgx.Row) (store.AccessKey, error) {
-	var k store.AccessKey
-	var created int64
-	var desc []byte
-	if err := sc.Scan(&k.ID, &k.Secret, &k.Account, &desc, &created); err != nil {
-		return k, err
-	}
-	k.Description = string(desc)
-	k.CreatedAt = time.Unix(0, created).UTC()
-	sec, err := s.sealer.Open(k.Secret, k.ID)
-	if err != nil {
-		return store.AccessKey{}, fmt.Errorf("access key %s: %w", k.ID, err)
-	}
-	k.Secret = sec
-	return k, nil
-}
-
-const keyColumns = `id, secret, account, description, created_at`
-
-func (s *Store) GetAccessKey(ctx context.Context, id string) (store.AccessKey, error) {
-	k, err := s.scanKey(s.pool.QueryRow(ctx, `SELECT `+keyColumns+` FROM access_keys WHERE id = $1`, id))
-	if errors.Is(err, pgx.ErrNoRows) || strings.HasPrefix(pgCode(err), "22") {
-		return k, fmt.Errorf("access key %s: %w", id, errdefs.ErrNotFound)
-	}
-	if err != nil {
-		return k, fmt.Errorf("reading access key: %w", err)
-	}
-	return k, nil
-}
-
-func (s *Store) ListAccessKeys(ctx context.Context) ([]store.AccessKey, error) {
-	rows, err := s.pool.Query(ctx, `SELECT `+keyColumns+` FROM access_keys ORDER BY created_at, id COLLATE "C"`)
-	if err != nil {
-		return nil, fmt.Errorf("listing access keys: %w", err)
-	}
-	defer rows.Close()
-	var out []store.AccessKey
-	for rows.Next() {
-		k, err := s.scanKey(rows)
-		if err != nil {
-			return nil, fmt.Errorf("scanning access key: %w", err)
+	// Build output is not worth a WAL flush per chunk: the commit does not
+	// wait for it (it is durable with the next flush, and a crash loses at
+	// most the last chunks, never corrupts anything).
+	return s.tx(ctx, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SET LOCAL synchronous_commit = off`); err != nil {
+			return fmt.Errorf("appending build log: %w", err)
 		}
-		out = append(out, k)
-	}
-	return out, rows.Err()
-}
-
-func (s *Store) DeleteAccessKey(ctx context.Context, id string) error {
-	tag, err := s.pool.Exec(ctx, `DELETE FROM access_keys WHERE id = $1`, id)
-	if err != nil && !strings.HasPrefix(pgCode(err), "22") {
-		return fmt.Errorf("deleting access key: %w", err)
-	}
-	if err != nil || tag.RowsAffected() == 0 {
-		return fmt.Errorf("access key %s: %w", id, errdefs.ErrNotFound)
-	}
-	return nil
-}
-
-// Settings.
-
-func (s *Store) GetSetting(ctx context.Context, name string) (string, error) {
-	var v []byte
-	err := s.pool.QueryRow(ctx, `SELECT value FROM settings WHERE name = $1`, name).Scan(&v)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return "", fmt.Errorf("setting %s: %w", name, errdefs.ErrNotFound)
-	}
-	if err != nil {
-		return "", fmt.Errorf("reading setting %s: %w", name, wrap(err))
-	}
-	return string(v), nil
-}
-
-func (s *Store) SetSetting(ctx context.Context, name, value string) error {
-	if _, err := s.pool.Exec(ctx, `INSERT INTO settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = excluded.value`,
-		name, []byte(value)); err != nil {
-		return fmt.Errorf("writing setting %s: %w", name, wrap(err))
-	}
-	return nil
-}
-
-// Client tokens.
-
-func (s *Store) GetClientToken(ctx context.Context, account, operation, token string) (store.ClientToken, error) {
-	t := store.ClientToken{Account: account, Operation: operation, Token: token}
-	var created int64
-	err := s.pool.QueryRow(ctx, `SELECT input_hash, resource_id, created_at FROM client_tokens WHERE account = $1 AND operation = $2 AND token = $3`,
-		account, operation, token).Scan(&t.InputHash, &t.ResourceID, &created)
-	if errors.Is(err, pgx.ErrNoRows) || strings.HasPrefix(pgCode(err), "22") {
-		return t, fmt.Errorf("client token: %w", errdefs.ErrNotFound)
-	}
-	if err != nil {
-		return t, fmt.Errorf("reading client token: %w", err)
-	}
-	t.CreatedAt = time.Unix(0, created).UTC()
-	return t, nil
+		if _, err := tx.Exec(ctx, `INSERT INTO build_logs (build_id, chunk) VALUES ($1, $2)`, buildID, data); err != nil {
+			return fmt.Errorf("appending build log: %w", err)
+		}
+		return nil
+	})
 }

@@ -3,9 +3,12 @@ package sqlite
 import (
 	"bytes"
 	"context"
+	"database/sql"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -82,6 +85,55 @@ func TestNewerSchemaRefused(t *testing.T) {
 	s.Close()
 	if _, err := Open(ctx, path); !errors.Is(err, errdefs.ErrInvalid) {
 		t.Fatalf("opening a newer schema: %v", err)
+	}
+}
+
+// TestSizeColumnsFilledOnUpgrade: a database an older kiln kept, without
+// the size columns the quota now adds up, has them filled from its
+// records' documents when this kiln opens it, so the microVMs and
+// snapshots it holds still count.
+func TestSizeColumnsFilledOnUpgrade(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "kiln.db")
+	w, err := sql.Open("sqlite", "file:"+path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx := slices.Index(migrations, migrationSizeColumns)
+	all := migrations
+	migrations = migrations[:idx]
+	err = (&Store{w: w}).migrate(ctx)
+	migrations = all
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem, disk := int64(100), int64(50)
+	vm, _ := json.Marshal(store.Microvm{ID: "vm", Account: "A", State: store.StateRunning, MemoryMiB: 512, VCPUs: 2})
+	b, _ := json.Marshal(store.Build{ID: "b1", Account: "A", State: store.BuildSuccessful,
+		Snapshot: &store.SnapshotBuild{MemorySnapshotSizeInBytes: &mem, DiskSnapshotSizeInBytes: &disk}})
+	for _, q := range []struct {
+		sql  string
+		data []byte
+	}{
+		{`INSERT INTO microvms (id, account, state, image, version, deadline_at, data) VALUES ('vm', 'A', 'RUNNING', 'app', '1', 0, ?)`, vm},
+		{`INSERT INTO builds (build_id, account, image, version, state, data) VALUES ('b1', 'A', 'app', '1', 'SUCCESSFUL', ?)`, b},
+	} {
+		if _, err := w.ExecContext(ctx, q.sql, string(q.data)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w.Close()
+	s, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	u, err := s.QuotaUsage(ctx, "A")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (store.QuotaUse{Microvms: 1, MemoryMiB: 512, VCPUs: 2, SnapshotBytes: 150, StorageBytes: 150}); u != want {
+		t.Errorf("QuotaUsage after the upgrade = %+v, want %+v", u, want)
 	}
 }
 

@@ -21,7 +21,9 @@ func Concurrency(t *testing.T, open func(t *testing.T) (store.Store, store.Store
 		fn   func(t *testing.T, a, b store.Store)
 	}{
 		{"build finalised once", finishOnce},
+		{"build start and finish race", startFinishRace},
 		{"quota across handles", quotaAcrossHandles},
+		{"build quota across handles", buildQuotaAcrossHandles},
 		{"stale epoch refused", staleEpoch},
 	}
 	for _, tt := range tests {
@@ -207,15 +209,23 @@ func staleEpoch(t *testing.T, a, b store.Store) {
 // how many succeeded.
 func createRace(t *testing.T, handles []store.Store, prefix string, adm store.Admission, refused func(*store.QuotaError)) int {
 	now := time.Now().UTC()
+	return race(t, handles, refused, func(s store.Store, i int) error {
+		m := newVM("A", fmt.Sprintf("%s%d", prefix, i), now)
+		m.VCPUs = 1
+		return s.CreateMicrovmWithinQuota(ctx, m, nil, adm)
+	})
+}
+
+// race runs create 20 times at once, spread over handles, hands each
+// quota refusal to refused, and returns how many succeeded.
+func race(t *testing.T, handles []store.Store, refused func(*store.QuotaError), create func(s store.Store, i int) error) int {
 	var wg sync.WaitGroup
 	errs := make([]error, 20)
 	for i := range errs {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			m := newVM("A", fmt.Sprintf("%s%d", prefix, i), now)
-			m.VCPUs = 1
-			errs[i] = handles[i%len(handles)].CreateMicrovmWithinQuota(ctx, m, nil, adm)
+			errs[i] = create(handles[i%len(handles)], i)
 		}()
 	}
 	wg.Wait()
@@ -232,4 +242,35 @@ func createRace(t *testing.T, handles []store.Store, prefix string, adm store.Ad
 		}
 	}
 	return ok
+}
+
+// buildQuotaAcrossHandles: 20 image creates and new versions at once,
+// through two handles, each queueing one build, against a quota of 4
+// concurrent builds store exactly 4 builds.
+func buildQuotaAcrossHandles(t *testing.T, a, b store.Store) {
+	img, v, bs := newImage("A", "base")
+	bs[0].State = store.BuildSuccessful
+	must(t, a.CreateImage(ctx, img, v, bs, nil))
+	adm := store.Admission{Defaults: store.Quota{Microvms: -1, MemoryMiB: -1, VCPUs: -1, Builds: 4, StorageBytes: -1}}
+	ok := race(t, []store.Store{a, b}, func(qe *store.QuotaError) {
+		if qe.Quota != store.QuotaBuilds || qe.Limit != 4 || qe.Used != 4 {
+			t.Errorf("QuotaError = %+v", qe)
+		}
+	}, func(s store.Store, i int) error {
+		name := fmt.Sprintf("img%d", i)
+		if i%2 == 1 { // a new version of the one image
+			v := v
+			nb := []store.Build{bs[0]}
+			nb[0].ID, nb[0].State = name+"-b1", store.BuildPending
+			_, _, err := s.CreateImageVersionWithinQuota(ctx, v, nb, nil, adm)
+			return err
+		}
+		img, v, nb := newImage("A", name)
+		return s.CreateImageWithinQuota(ctx, img, v, nb, nil, adm)
+	})
+	u, err := b.QuotaUsage(ctx, "A")
+	must(t, err)
+	if ok != 4 || u.Builds != 4 {
+		t.Fatalf("%d creates succeeded and %d builds queued, want 4 and 4", ok, u.Builds)
+	}
 }

@@ -23,6 +23,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"access keys", accessKeys},
 		{"images and versions", images},
 		{"build logs", buildLogs},
+		{"build start", buildStart},
 		{"microvms", microvms},
 		{"microvm deadlines", deadlines},
 		{"client tokens", clientTokens},
@@ -34,6 +35,8 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"events", events},
 		{"usage", usage},
 		{"nul bytes", nulBytes},
+		{"e2b keys", e2bKeys},
+		{"e2b sandboxes", e2bSandboxes},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.fn(t, open(t)) })

@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"testing"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
 	"github.com/kiln-sandbox/kiln/internal/agent/proto"
@@ -182,4 +183,16 @@ func SetupOrSkip(pkg string) *Env {
 	}
 	fmt.Fprintf(os.Stderr, "skipping %s VM tests: %v\n", pkg, err)
 	return nil
+}
+
+// ShortDir is a temporary directory removed after the test, short enough
+// for the unix sockets under it (paths stay under 108 bytes; t.TempDir
+// can be long).
+func ShortDir(t testing.TB) string {
+	dir, err := os.MkdirTemp("", "kt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
 }

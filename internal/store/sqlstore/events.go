@@ -1,4 +1,4 @@
-package postgres
+package sqlstore
 
 import (
 	"context"
@@ -6,17 +6,15 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/jackc/pgx/v5"
-
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
 // Lifecycle events and usage metering (internal/store/events.go).
 
-func insertEvent(ctx context.Context, tx pgx.Tx, ev store.Event) error {
+func (s *Store) insertEvent(ctx context.Context, tx Querier, ev store.Event) error {
 	ev = store.EventToRecord(ev)
-	_, err := tx.Exec(ctx, `INSERT INTO events (account, kind, resource, version, from_state, state, reason, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`,
-		ev.Account, ev.Kind, ev.Resource, ev.Version, ev.From, ev.State, []byte(ev.Reason), ev.At.UnixNano())
+	_, err := tx.Exec(ctx, `INSERT INTO events (account, kind, resource, version, from_state, state, reason, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+		ev.Account, ev.Kind, ev.Resource, ev.Version, ev.From, ev.State, s.d.Text(ev.Reason), ev.At.UnixNano())
 	if err != nil {
 		return fmt.Errorf("recording event: %w", err)
 	}
@@ -25,20 +23,21 @@ func insertEvent(ctx context.Context, tx pgx.Tx, ev store.Event) error {
 
 // deletedVersionEvents records DELETED for versions of an image about to
 // be removed (version "": all of them).
-func deletedVersionEvents(ctx context.Context, tx pgx.Tx, account, image, version, reason string) error {
-	var a args
-	q := `SELECT data FROM image_versions WHERE account = ` + a.add(account) + ` AND image = ` + a.add(image)
+func (s *Store) deletedVersionEvents(ctx context.Context, tx Querier, account, image, version, reason string) error {
+	q := `SELECT data FROM image_versions WHERE account = ? AND image = ?`
+	args := []any{account, image}
 	if version != "" {
-		q += ` AND version = ` + a.add(version)
+		q += ` AND version = ?`
+		args = append(args, version)
 	}
-	vs, err := docs[store.ImageVersion](ctx, tx, q+` ORDER BY seq FOR UPDATE`, a...)
+	vs, err := docs[store.ImageVersion](ctx, tx, q+` ORDER BY seq`+s.d.ForUpdate, args...)
 	if err != nil {
-		return fmt.Errorf("reading versions: %w", wrap(err))
+		return fmt.Errorf("reading versions: %w", err)
 	}
 	for _, v := range vs {
 		ev := store.Event{Account: account, Kind: store.EventImageVersion, Resource: image, Version: v.Version,
 			From: v.State, State: store.VersionDeleted, Reason: reason}
-		if err := insertEvent(ctx, tx, ev); err != nil {
+		if err := s.insertEvent(ctx, tx, ev); err != nil {
 			return err
 		}
 	}
@@ -51,16 +50,15 @@ func (s *Store) ListEvents(ctx context.Context, account string, f store.EventFil
 		return nil, "", err
 	}
 	limit := store.PageLimit(p)
-	var a args
-	q := `SELECT seq, account, kind, resource, version, from_state, state, reason, at FROM events WHERE account = ` + a.add(account) +
-		` AND kind = ` + a.add(f.Kind) + ` AND resource = ` + a.add(f.Resource) + ` AND seq > ` + a.add(after)
+	q := `SELECT seq, account, kind, resource, version, from_state, state, reason, at FROM events WHERE account = ? AND kind = ? AND resource = ? AND seq > ?`
+	args := []any{account, f.Kind, f.Resource, after}
 	if f.Version != "" {
-		q += ` AND version = ` + a.add(f.Version)
+		q += ` AND version = ?`
+		args = append(args, f.Version)
 	}
-	q += ` ORDER BY seq LIMIT ` + a.add(limit+1)
-	rows, err := s.pool.Query(ctx, q, a...)
+	rows, err := s.r.Query(ctx, q+` ORDER BY seq LIMIT ?`, append(args, limit+1)...)
 	if err != nil {
-		return nil, "", fmt.Errorf("listing events: %w", wrap(err))
+		return nil, "", fmt.Errorf("listing events: %w", err)
 	}
 	defer rows.Close()
 	var out []store.Event
@@ -89,14 +87,14 @@ func (s *Store) PutUsage(ctx context.Context, ivs []store.UsageInterval) error {
 	if len(ivs) == 0 {
 		return nil
 	}
-	return s.tx(ctx, func(tx pgx.Tx) error {
+	return s.db.Write(ctx, func(tx Querier) error {
 		for _, iv := range ivs {
 			if iv.Key == "" || iv.Account == "" {
 				return errors.New("usage interval without key or account")
 			}
 			_, err := tx.Exec(ctx, `INSERT INTO usage_intervals (key, account, resource, kind, vcpus, memory_mib, start_at, end_at, open)
-				VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-				ON CONFLICT (key) DO UPDATE SET end_at = GREATEST(usage_intervals.end_at, excluded.end_at), open = excluded.open`,
+				VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+				ON CONFLICT (key) DO UPDATE SET end_at = `+s.d.Greatest+`(usage_intervals.end_at, excluded.end_at), open = excluded.open`,
 				iv.Key, iv.Account, iv.Resource, iv.Kind, iv.VCPUs, iv.MemoryMiB, iv.Start.UnixNano(), max(iv.End.UnixNano(), iv.Start.UnixNano()), iv.Open)
 			if err != nil {
 				return fmt.Errorf("recording usage: %w", err)
@@ -107,30 +105,30 @@ func (s *Store) PutUsage(ctx context.Context, ivs []store.UsageInterval) error {
 }
 
 func (s *Store) CloseOpenUsage(ctx context.Context) (int, error) {
-	tag, err := s.pool.Exec(ctx, `UPDATE usage_intervals SET open = false WHERE open`)
+	n, err := s.db.Writer().Exec(ctx, `UPDATE usage_intervals SET open = NOT `+s.d.True+` WHERE open = `+s.d.True)
 	if err != nil {
 		return 0, fmt.Errorf("closing usage intervals: %w", err)
 	}
-	return int(tag.RowsAffected()), nil
+	return int(n), nil
 }
 
 func (s *Store) UsageTotals(ctx context.Context, account string, since, until time.Time) ([]store.Usage, error) {
-	where, qa := "", []any{since.UnixNano(), until.UnixNano()}
+	where, args := "", []any{since.UnixNano(), until.UnixNano()}
 	if account != "" {
-		where = ` AND account = $3`
-		qa = append(qa, account)
+		where = ` AND account = ?3`
+		args = append(args, account)
 	}
-	// Seconds of an interval inside the window [$1, $2).
-	const clipped = `(LEAST(end_at, $2) - GREATEST(start_at, $1))::float8 / 1e9`
-	rows, err := s.pool.Query(ctx, `SELECT account,
+	// Seconds of an interval inside the window [?1, ?2).
+	clipped := `CAST(` + s.d.Least + `(end_at, ?2) - ` + s.d.Greatest + `(start_at, ?1) AS DOUBLE PRECISION) / 1e9`
+	rows, err := s.r.Query(ctx, `SELECT account,
 			COALESCE(SUM(CASE WHEN kind = 'running' THEN `+clipped+` * vcpus ELSE 0 END), 0),
 			COALESCE(SUM(CASE WHEN kind = 'running' THEN `+clipped+` * memory_mib / 1024.0 ELSE 0 END), 0),
 			COALESCE(SUM(CASE WHEN kind = 'suspended' THEN `+clipped+` * memory_mib / 1024.0 ELSE 0 END), 0),
 			COALESCE(SUM(CASE WHEN kind = 'build' THEN `+clipped+` ELSE 0 END), 0),
 			COUNT(DISTINCT CASE WHEN kind = 'build' THEN resource END)
-		FROM usage_intervals WHERE start_at < $2 AND end_at >= $1`+where+` GROUP BY account ORDER BY account COLLATE "C"`, qa...)
+		FROM usage_intervals WHERE start_at < ?2 AND end_at >= ?1`+where+` GROUP BY account ORDER BY account`+s.d.Collate, args...)
 	if err != nil {
-		return nil, fmt.Errorf("summing usage: %w", wrap(err))
+		return nil, fmt.Errorf("summing usage: %w", err)
 	}
 	var set store.UsageSet
 	for rows.Next() {
@@ -146,13 +144,13 @@ func (s *Store) UsageTotals(ctx context.Context, account string, since, until ti
 		return nil, err
 	}
 	// Snapshots stored now: the sizes successful builds recorded.
-	q := `SELECT account, COALESCE(SUM(snapshot_bytes), 0)::bigint FROM builds WHERE state = 'SUCCESSFUL'`
-	var sa []any
+	q := `SELECT account, CAST(COALESCE(SUM(snapshot_bytes), 0) AS BIGINT) FROM builds WHERE state = 'SUCCESSFUL'`
+	var qargs []any
 	if account != "" {
-		q += ` AND account = $1`
-		sa = append(sa, account)
+		q += ` AND account = ?`
+		qargs = append(qargs, account)
 	}
-	rows, err = s.pool.Query(ctx, q+` GROUP BY account`, sa...)
+	rows, err = s.r.Query(ctx, q+` GROUP BY account`, qargs...)
 	if err != nil {
 		return nil, fmt.Errorf("summing snapshot sizes: %w", err)
 	}

@@ -1,0 +1,93 @@
+package storetest
+
+import (
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/store"
+)
+
+// buildStart: StartBuild moves a PENDING build and its version to
+// IN_PROGRESS with one event, may be repeated while the build runs, and
+// refuses, changing nothing, once the build is final: a late start never
+// brings a build back (it would hold a slot of the Builds quota forever).
+func buildStart(t *testing.T, s store.Store) {
+	img, v, bs := newImage("A", "app")
+	bs[0].State = store.BuildPending
+	must(t, s.CreateImage(ctx, img, v, bs, nil))
+	b := bs[0]
+	b.UpdatedAt = time.Now().UTC()
+	must(t, s.StartBuild(ctx, b))
+	must(t, s.StartBuild(ctx, b)) // a redo after a restart
+	gb, err := s.GetBuild(ctx, "A", "app", v.Version, b.ID)
+	must(t, err)
+	gv, err := s.GetImageVersion(ctx, "A", "app", v.Version)
+	must(t, err)
+	if gb.State != store.BuildInProgress || gv.State != store.VersionInProgress {
+		t.Fatalf("after StartBuild: build %s, version %s", gb.State, gv.State)
+	}
+	if u, _ := s.QuotaUsage(ctx, "A"); u.Builds != 1 {
+		t.Errorf("builds in use while running = %d, want 1", u.Builds)
+	}
+
+	b.State = store.BuildSuccessful
+	_, err = s.FinishBuild(ctx, b)
+	must(t, err)
+	is(t, s.StartBuild(ctx, b), errdefs.ErrConflict)
+	gb, _ = s.GetBuild(ctx, "A", "app", v.Version, b.ID)
+	gv, _ = s.GetImageVersion(ctx, "A", "app", v.Version)
+	if gb.State != store.BuildSuccessful || gv.State != store.VersionSuccessful {
+		t.Errorf("a start after the finish left build %s, version %s", gb.State, gv.State)
+	}
+	if u, _ := s.QuotaUsage(ctx, "A"); u.Builds != 0 {
+		t.Errorf("builds in use after the finish = %d, want 0", u.Builds)
+	}
+	evs, _, err := s.ListEvents(ctx, "A", store.EventFilter{Kind: store.EventImageVersion, Resource: "app"}, store.Page{})
+	must(t, err)
+	var states []string
+	for _, ev := range evs {
+		states = append(states, ev.State)
+	}
+	if fmt.Sprint(states) != fmt.Sprint([]string{v.State, store.VersionInProgress, store.VersionSuccessful}) {
+		t.Errorf("version events = %v", states)
+	}
+
+	b.ID = "nope"
+	is(t, s.StartBuild(ctx, b), errdefs.ErrNotFound)
+}
+
+// startFinishRace: a build's start and its finish, reported at once
+// through two handles (a slow host and the one that finished it), leave
+// the build and its version final whichever comes first: the start
+// either runs before the finish or is refused after it.
+func startFinishRace(t *testing.T, a, b store.Store) {
+	for round := 0; round < 20; round++ {
+		name := fmt.Sprintf("app%d", round)
+		img, v, bs := newImage("A", name)
+		bs[0].State = store.BuildPending
+		must(t, a.CreateImage(ctx, img, v, bs, nil))
+		start, finish := bs[0], bs[0]
+		start.UpdatedAt = time.Now().UTC()
+		finish.State, finish.UpdatedAt = store.BuildSuccessful, start.UpdatedAt
+		var wg sync.WaitGroup
+		var startErr, finishErr error
+		wg.Add(2)
+		go func() { defer wg.Done(); startErr = a.StartBuild(ctx, start) }()
+		go func() { defer wg.Done(); _, finishErr = b.FinishBuild(ctx, finish) }()
+		wg.Wait()
+		must(t, finishErr)
+		if startErr != nil {
+			is(t, startErr, errdefs.ErrConflict)
+		}
+		gb, err := b.GetBuild(ctx, "A", name, v.Version, start.ID)
+		must(t, err)
+		gv, err := a.GetImageVersion(ctx, "A", name, v.Version)
+		must(t, err)
+		if gb.State != store.BuildSuccessful || gv.State != store.VersionSuccessful {
+			t.Fatalf("round %d: build %s, version %s after a start and a finish (start: %v)", round, gb.State, gv.State, startErr)
+		}
+	}
+}
