@@ -80,6 +80,13 @@ type Result struct {
 	ClonePooledMs    float64 `json:"clone_pooled_ms"`
 	PooledPhases     Phases  `json:"clone_pooled_phases"`
 	PoolSize         int     `json:"pool_size"`
+	// QEMU's own CPU time (all threads) during a clone, and how long its
+	// threads waited for a CPU: on a shared, loaded host the first says
+	// what a clone costs, the second how much of its time was the wait.
+	CloneCPUMs        float64 `json:"clone_qemu_cpu_ms"`
+	CloneWaitMs       float64 `json:"clone_qemu_runqueue_wait_ms"`
+	ClonePooledCPUMs  float64 `json:"clone_pooled_qemu_cpu_ms"`
+	ClonePooledWaitMs float64 `json:"clone_pooled_qemu_runqueue_wait_ms"`
 	NetworkSetupMs   float64 `json:"network_setup_ms,omitempty"`
 	LoadAvg          string  `json:"loadavg"`
 	SuspendMs        float64 `json:"suspend_ms"`
@@ -165,7 +172,7 @@ func Run(ctx context.Context, d *qemu.Driver, rootDisk, work string, o Options, 
 	// Each round: a plain clone with the pool off, then a pooled one once
 	// the pool is full, so both see the same load on this shared host.
 	r.PoolSize = max(o.PoolSize, 1)
-	var clones, pooled, netSetup []float64
+	var clones, pooled, netSetup, cpu, wait, pcpu, pwait []float64
 	var plainPh, pooledPh []qemu.StartPhases
 	for i := 0; i < o.Runs; i++ {
 		for _, withPool := range []bool{false, true} {
@@ -178,6 +185,11 @@ func Run(ctx context.Context, d *qemu.Driver, rootDisk, work string, o Options, 
 				d.SetPoolSize(0)
 			}
 			id := next("clone")
+			before := map[int][2]time.Duration{}
+			for _, pid := range d.PooledPIDs() {
+				run, w := schedstat(pid)
+				before[pid] = [2]time.Duration{run, w}
+			}
 			t0 := time.Now()
 			if _, err := nets.setup(ctx, id); err != nil {
 				return r, err
@@ -191,10 +203,15 @@ func Run(ctx context.Context, d *qemu.Driver, rootDisk, work string, o Options, 
 			}
 			el := ms(time.Since(start))
 			ph, _ := d.StartPhases(id)
+			info, _ := d.Inspect(ctx, id)
+			run, w := schedstat(info.PID)
+			run, w = run-before[info.PID][0], w-before[info.PID][1]
 			if withPool {
 				pooled, pooledPh = append(pooled, el), append(pooledPh, ph)
+				pcpu, pwait = append(pcpu, ms(run)), append(pwait, ms(w))
 			} else {
 				clones, plainPh = append(clones, el), append(plainPh, ph)
+				cpu, wait = append(cpu, ms(run)), append(wait, ms(w))
 			}
 			fmt.Fprintf(log, "clone (pooled %v): %.1f ms %+v\n", ph.Pooled, el, ph)
 			d.Terminate(ctx, id)
@@ -205,6 +222,8 @@ func Run(ctx context.Context, d *qemu.Driver, rootDisk, work string, o Options, 
 	r.CloneMs, r.ClonePooledMs = median(clones), median(pooled)
 	r.ClonePhases, r.PooledPhases = medianPhases(plainPh), medianPhases(pooledPh)
 	r.NetworkSetupMs = median(netSetup)
+	r.CloneCPUMs, r.CloneWaitMs, r.ClonePooledCPUMs, r.ClonePooledWaitMs = median(cpu), median(wait), median(pcpu), median(pwait)
+	fmt.Fprintf(log, "qemu cpu ms: plain %v pooled %v\nqemu run-queue wait ms: plain %v pooled %v\n", round1(cpu), round1(pcpu), round1(wait), round1(pwait))
 	fmt.Fprintf(log, "clone: %v ms\npooled clone: %v ms\n", clones, pooled)
 	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
 		r.LoadAvg = strings.TrimSpace(string(b))
@@ -379,4 +398,26 @@ func (s *netSet) teardown() {
 	for id := range s.nets {
 		s.remove(id)
 	}
+}
+
+// schedstat sums the CPU time and the run-queue wait of all threads of
+// process pid (/proc/PID/task/*/schedstat, in nanoseconds). Threads that
+// ended are not counted.
+func schedstat(pid int) (run, wait time.Duration) {
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	for _, t := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/schedstat", pid, t.Name()))
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(b))
+		if len(f) < 2 {
+			continue
+		}
+		r, _ := strconv.ParseInt(f[0], 10, 64)
+		w, _ := strconv.ParseInt(f[1], 10, 64)
+		run += time.Duration(r)
+		wait += time.Duration(w)
+	}
+	return run, wait
 }

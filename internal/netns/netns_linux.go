@@ -730,10 +730,34 @@ func AdoptTap(ctx context.Context, nsPath string, hold *os.File, name string) er
 	if err != nil {
 		return fmt.Errorf("finding tap %s made ahead: %w", name, err)
 	}
-	if old, err := nl.LinkByName(TapName); err == nil {
-		if err := nl.LinkDel(old); err != nil {
+	// The namespace's own TAP steps aside under another name and is
+	// deleted after this returns: a deletion waits for an RCU grace
+	// period (tens of ms), which a clone need not wait for.
+	var old netlink.Link
+	if o, err := nl.LinkByName(TapName); err == nil {
+		if err := nl.LinkSetName(o, "kx"+strings.TrimPrefix(name, "kp")); err != nil {
 			return fmt.Errorf("replacing %s in %s: %w", TapName, nsPath, err)
 		}
+		old = o
+	}
+	if old != nil {
+		defer func() {
+			go func() {
+				ns, err := vnetns.GetFromPath(nsPath)
+				if err != nil {
+					return // torn down meanwhile, and the TAP with it
+				}
+				defer ns.Close()
+				h, err := netlink.NewHandleAt(ns)
+				if err != nil {
+					return
+				}
+				defer h.Close()
+				if err := h.LinkDel(old); err != nil {
+					slog.Warn("netns: deleting a replaced tap", "ns", nsPath, "err", err)
+				}
+			}()
+		}()
 	}
 	if err := hh.LinkSetNsFd(l, int(nsh)); err != nil {
 		return fmt.Errorf("moving tap %s into %s: %w", name, nsPath, err)

@@ -26,12 +26,14 @@ import (
 // of time (Config.PoolSize): each already in its own jail under its own
 // uid and cgroup, in a network namespace of its own (the new empty one
 // the jail makes), with its own disk overlay, its TAP (when the template
-// has a NIC) made in a holding namespace, QMP and the agent socket
-// connected, and the template's device state loaded; the guest is paused.
-// A clone then only renames the directory to the VM's, moves the TAP into
-// the VM's network namespace, records "running", sends `cont` and does the
-// agent handshake with the new identity. Process start, jail, disk copy
-// and state load leave the clone's critical path.
+// has a NIC) made in a holding namespace, and the template's device state
+// loaded; then the guest runs with its workloads frozen (the agent's plain
+// hello leaves them frozen), so that QEMU translates the guest's resume
+// paths ahead. A clone then only renames the directory to the VM's, moves
+// the TAP into the VM's network namespace, records "running" and refreshes
+// the identity (reseed, clock, hostname, then thaw). Process start, jail,
+// disk copy, state load and the guest's first steps leave the clone's
+// critical path; tenant code still runs only after the identity refresh.
 //
 // A pooled process belongs to one template (its directory, memory file
 // and creation time): templates are per account, so it is never handed to
@@ -224,8 +226,8 @@ func (p *pool) fillOne() bool {
 		}
 		return true
 	}
-	if cur != tp || cur.key != key {
-		go v.discardPooled() // drained meanwhile
+	if cur != tp || cur.key != key || len(tp.ready) >= p.size {
+		go v.discardPooled() // drained or shrunk meanwhile
 		return true
 	}
 	tp.failed = 0
@@ -463,11 +465,24 @@ func (d *Driver) spawnPooled(ctx context.Context, t vmm.Template, mac string) (*
 	if err != nil {
 		return nil, err
 	}
-	v.poolConn = conn
 	lctx, cancel := context.WithTimeout(ctx, stateTimeout)
 	defer cancel()
 	if err := loadDeviceState(lctx, v.qmp, filepath.Join(t.Dir, "state")); err != nil {
+		conn.Close()
 		return nil, v.exitError("loading device state", err, v.proc)
+	}
+	// Run the guest now, with its workloads still frozen (a plain hello
+	// does not thaw them): a restored guest under TCG translates its
+	// kernel's and agent's code anew, which was most of a clone's time.
+	// Done here, the clone itself only refreshes the identity (which
+	// reseeds, sets the clock and hostname, then thaws). Its TAP is still
+	// in the holding namespace: nothing the guest sends goes anywhere.
+	if err := v.qmp.Execute(lctx, "cont", nil, nil); err != nil {
+		conn.Close()
+		return nil, v.exitError("starting the guest", err, v.proc)
+	}
+	if err := v.handshake(ctx, conn, restoreTimeout, false); err != nil {
+		return nil, err
 	}
 	ok = true
 	return v, nil
@@ -476,13 +491,9 @@ func (d *Driver) spawnPooled(ctx context.Context, t vmm.Template, mac string) (*
 // discardPooled ends a pooled process and removes what it had.
 func (v *vm) discardPooled() {
 	v.mu.Lock()
-	p, conn := v.proc, v.poolConn
-	v.poolConn = nil
+	p := v.proc
 	v.expectExit = true
 	v.mu.Unlock()
-	if conn != nil {
-		conn.Close()
-	}
 	if p != nil {
 		p.kill()
 		p.waitExit(5 * time.Second)
@@ -522,8 +533,9 @@ func (v *vm) deletePoolTap() {
 	f.Close()
 }
 
-// cloneFromPool turns pooled process v into VM spec.ID. errFallback means
-// nothing was changed and a plain clone may still be made.
+// cloneFromPool turns pooled process v, whose guest runs with frozen
+// workloads, into VM spec.ID: its directory, its VM network, then the
+// identity refresh that thaws the workloads.
 func (d *Driver) cloneFromPool(ctx context.Context, spec vmm.CloneSpec, v *vm) (vmm.Info, error) {
 	c := newPhaseClock()
 	ph := StartPhases{Pooled: true}
@@ -538,13 +550,10 @@ func (d *Driver) cloneFromPool(ctx context.Context, spec vmm.CloneSpec, v *vm) (
 	}
 	v.mu.Lock()
 	v.meta.ID, v.meta.Net, v.meta.Hostname, v.meta.StartedAt = spec.ID, spec.Net, hostnameOr(spec.Hostname, spec.ID), time.Now()
-	conn := v.poolConn
-	v.poolConn = nil
 	v.mu.Unlock()
 	c.lap(&ph.Prepare)
 	if spec.Net != nil {
 		if err := netns.AdoptTap(ctx, spec.Net.Netns, d.pool.hold, v.poolTapName); err != nil {
-			conn.Close()
 			return fail(err)
 		}
 		v.poolTapName = ""
@@ -552,9 +561,17 @@ func (d *Driver) cloneFromPool(ctx context.Context, spec vmm.CloneSpec, v *vm) (
 	}
 	v.console = newRing(64 << 10)
 	go v.console.drain(v.sockPath("console.sock"), v.proc.done, d.consoleSink(v.id))
-	if err := v.resumeLoaded(ctx, conn, c, &ph); err != nil {
+	if err := v.setState(vmm.StateRunning, ""); err != nil {
 		return fail(err)
 	}
+	c.lap(&ph.Record)
+	if err := v.refreshIdentity(ctx); err != nil {
+		return fail(v.exitError("refreshing the guest's identity", err, v.proc))
+	}
+	c.lap(&ph.Agent)
+	v.mu.Lock()
+	v.phases, v.phasesSet = ph, true
+	v.mu.Unlock()
 	return v.info(), nil
 }
 

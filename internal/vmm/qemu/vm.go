@@ -103,10 +103,9 @@ type vm struct {
 	// phases of the last clone or resume, for benchmarks (pool.go).
 	phases    StartPhases
 	phasesSet bool
-	// A pooled process (pool.go) waits for its VM: its agent connection,
-	// and its TAP in the holding namespace until the clone moves it.
+	// A pooled process (pool.go) waits for its VM, its TAP in the holding
+	// namespace until the clone moves it.
 	pooled      bool
-	poolConn    net.Conn
 	poolTap     *os.File
 	poolTapName string
 }
