@@ -74,12 +74,12 @@ func medianPhases(ps []qemu.StartPhases) Phases {
 
 // Result is printed as one JSON object.
 type Result struct {
-	ColdBootMs       float64 `json:"cold_boot_ms"`
-	CloneMs          float64 `json:"clone_ms"`
-	ClonePhases      Phases  `json:"clone_phases"`
-	ClonePooledMs    float64 `json:"clone_pooled_ms"`
-	PooledPhases     Phases  `json:"clone_pooled_phases"`
-	PoolSize         int     `json:"pool_size"`
+	ColdBootMs    float64 `json:"cold_boot_ms"`
+	CloneMs       float64 `json:"clone_ms"`
+	ClonePhases   Phases  `json:"clone_phases"`
+	ClonePooledMs float64 `json:"clone_pooled_ms"`
+	PooledPhases  Phases  `json:"clone_pooled_phases"`
+	PoolSize      int     `json:"pool_size"`
 	// QEMU's own CPU time (all threads) during a clone, and how long its
 	// threads waited for a CPU: on a shared, loaded host the first says
 	// what a clone costs, the second how much of its time was the wait.
@@ -87,19 +87,19 @@ type Result struct {
 	CloneWaitMs       float64 `json:"clone_qemu_runqueue_wait_ms"`
 	ClonePooledCPUMs  float64 `json:"clone_pooled_qemu_cpu_ms"`
 	ClonePooledWaitMs float64 `json:"clone_pooled_qemu_runqueue_wait_ms"`
-	NetworkSetupMs   float64 `json:"network_setup_ms,omitempty"`
-	LoadAvg          string  `json:"loadavg"`
-	SuspendMs        float64 `json:"suspend_ms"`
-	ResumeMs         float64 `json:"resume_ms"`
-	IdleClonePSSMiB  float64 `json:"idle_clone_pss_mib"`
-	MemoryMiB        int     `json:"memory_mib"`
-	DirtiedMiB       int     `json:"dirtied_mib"`
-	Runs             int     `json:"runs"`
-	BootFailures     int     `json:"boot_failures"`
-	BootAttempts     int     `json:"boot_attempts"`
-	CloneToColdRatio float64 `json:"clone_to_cold_ratio"`
-	Accel            string  `json:"accel"`
-	Machine          string  `json:"machine"`
+	NetworkSetupMs    float64 `json:"network_setup_ms,omitempty"`
+	LoadAvg           string  `json:"loadavg"`
+	SuspendMs         float64 `json:"suspend_ms"`
+	ResumeMs          float64 `json:"resume_ms"`
+	IdleClonePSSMiB   float64 `json:"idle_clone_pss_mib"`
+	MemoryMiB         int     `json:"memory_mib"`
+	DirtiedMiB        int     `json:"dirtied_mib"`
+	Runs              int     `json:"runs"`
+	BootFailures      int     `json:"boot_failures"`
+	BootAttempts      int     `json:"boot_attempts"`
+	CloneToColdRatio  float64 `json:"clone_to_cold_ratio"`
+	Accel             string  `json:"accel"`
+	Machine           string  `json:"machine"`
 }
 
 // Run executes the benchmark, writing progress to log and returning the
