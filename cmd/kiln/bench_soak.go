@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"syscall"
 	"time"
 
@@ -38,16 +37,9 @@ any is not 0.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			exe, err := os.Executable()
-			if err != nil {
-				return fmt.Errorf("finding the kiln binary: %w", err)
-			}
-			o.Kiln = exe
-			if o.KernelDir == "" {
-				o.KernelDir = filepath.Join(dataDir, "kernel")
-			}
-			if _, err := os.Stat(filepath.Join(o.KernelDir, "vmlinuz")); err != nil {
-				return fmt.Errorf("no guest kernel in %s (run `make setup`, or pass --kernel-dir): %w", o.KernelDir, err)
+			var err error
+			if o.Kiln, o.KernelDir, err = benchBinaryAndKernel(o.KernelDir); err != nil {
+				return err
 			}
 			if seed == 0 {
 				seed = time.Now().UnixNano()

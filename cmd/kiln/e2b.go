@@ -16,7 +16,7 @@ import (
 // listener: the SDK needs only a base URL (E2B_API_URL), no path of E2B's
 // collides with the AWS API's, and sharing the listener shares its TLS,
 // timeouts and per-client connection cap instead of configuring a second.
-func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Server, endpointPort string) error {
+func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Server, be api.Backend, endpointPort string) error {
 	es, ok := st.(store.E2BStore)
 	if !ok {
 		// A store without E2B sandboxes (both of kiln's have them)
@@ -33,8 +33,15 @@ func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Serv
 	if endpointPort != "" && endpointPort != "443" {
 		domain += ":" + endpointPort
 	}
-	h := e2b.New(e2b.Config{API: srv, Store: st, Sandboxes: es, Tokens: e2b.NewEnvdTokens(key), Domain: domain,
-		Egress: fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.InternetEgressConnector)}).Handler()
+	cfg := e2b.Config{API: srv, Store: st, Sandboxes: es, Tokens: e2b.NewEnvdTokens(key), TrafficTokens: e2b.NewTrafficTokens(key), Domain: domain,
+		Egress: fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.InternetEgressConnector)}
+	if m, ok := be.(e2b.Meter); ok {
+		cfg.Meter = m
+	}
+	if n, ok := be.(e2b.Policer); ok {
+		cfg.Network = n
+	}
+	h := e2b.New(cfg).Handler()
 	for _, p := range e2b.Prefixes {
 		mux.Handle(p, h)
 	}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -120,9 +121,13 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		envdTokens := e2b.NewEnvdTokens(key)
 		pcfg.Envd = &proxy.Envd{Port: e2b.EnvdPort,
 			Authorize: func(tok, id, account string) bool { return envdTokens.Valid(tok, account, id) },
+			Signed: func(r *http.Request, id, account string) error {
+				return envd.CheckSignature(r, envdTokens.Mint(account, id), time.Now())
+			},
 			Handler: envd.New(envd.Config{Agents: eng, Sandboxes: es, Target: func(ctx context.Context) (string, string) {
 				return proxy.MicrovmID(ctx), proxy.Account(ctx)
-			}})}
+			}}),
+			Traffic: (&e2b.TrafficGate{Sandboxes: es, Tokens: e2b.NewTrafficTokens(key)}).Decide}
 	}
 	px, err := proxy.New(pcfg)
 	if err != nil {

@@ -7,7 +7,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -26,6 +25,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/kiln-sandbox/kiln/internal/awscli"
+	"github.com/kiln-sandbox/kiln/internal/remote"
 )
 
 // `kiln shell MICROVM_ID`: an interactive shell in a microVM run with
@@ -38,21 +38,15 @@ import (
 // sent as ^D so that the remote shell sees end of input.
 func init() {
 	var s awscli.Settings
-	var caFile, connectTo string
-	var minutes int
+	var o shellOptions
 	cmd := &cobra.Command{
 		Use:   "shell MICROVM_ID",
 		Short: "Open an interactive shell in a microVM (needs the SHELL_INGRESS network connector)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if s.CredentialsFile == "" {
-				s.CredentialsFile = awscli.DefaultCredentialsFile(dataDir)
-			}
-			if caFile == "" {
-				caFile = filepath.Join(dataDir, "ca.pem")
-			}
-			code, err := runShell(cmd.Context(), s, args[0], shellOptions{CAFile: caFile, ConnectTo: connectTo, Minutes: minutes,
-				Stdin: os.Stdin, Stdout: os.Stdout})
+			shellDefaults(&s, &o)
+			o.Stdin, o.Stdout = os.Stdin, os.Stdout
+			code, err := runShell(cmd.Context(), s, args[0], o)
 			if err != nil {
 				return err
 			}
@@ -63,10 +57,25 @@ func init() {
 		},
 	}
 	awscli.AddSettingsFlags(cmd, &s)
-	cmd.Flags().StringVar(&caFile, "ca", "", "CA certificate to trust for the endpoint (default DATA_DIR/ca.pem)")
-	cmd.Flags().StringVar(&connectTo, "connect-to", "", "HOST:PORT to connect to instead of the endpoint's own address (names under .localhost go to 127.0.0.1 anyway)")
-	cmd.Flags().IntVar(&minutes, "token-minutes", 60, "lifetime of the shell token (1 to 60 minutes)")
+	addShellFlags(cmd, &o)
 	rootCmd.AddCommand(cmd)
+}
+
+// addShellFlags adds the flags of the shell socket (kiln shell, exec, cp).
+func addShellFlags(cmd *cobra.Command, o *shellOptions) {
+	cmd.Flags().StringVar(&o.CAFile, "ca", "", "CA certificate to trust for the endpoint (default DATA_DIR/ca.pem)")
+	cmd.Flags().StringVar(&o.ConnectTo, "connect-to", "", "HOST:PORT to connect to instead of the endpoint's own address (names under .localhost go to 127.0.0.1 anyway)")
+	cmd.Flags().IntVar(&o.Minutes, "token-minutes", 60, "lifetime of the shell token (1 to 60 minutes)")
+}
+
+// shellDefaults fills in the credentials file and CA from the data dir.
+func shellDefaults(s *awscli.Settings, o *shellOptions) {
+	if s.CredentialsFile == "" {
+		s.CredentialsFile = awscli.DefaultCredentialsFile(dataDir)
+	}
+	if o.CAFile == "" {
+		o.CAFile = filepath.Join(dataDir, "ca.pem")
+	}
 }
 
 type shellOptions struct {
@@ -79,21 +88,59 @@ type shellOptions struct {
 
 // runShell returns the remote shell's exit status.
 func runShell(ctx context.Context, s awscli.Settings, id string, o shellOptions) (int, error) {
-	c, err := awscli.Connect(s)
+	fd := int(o.Stdin.Fd())
+	tty := isTerminal(fd)
+	cols, rows := termSize(fd, tty)
+	q := url.Values{"cols": {strconv.Itoa(int(cols))}, "rows": {strconv.Itoa(int(rows))}}
+	conn, err := dialShell(ctx, s, id, o, "/", q)
 	if err != nil {
 		return 0, err
+	}
+	defer conn.CloseNow()
+	conn.SetReadLimit(4 << 20)
+
+	if tty {
+		restore, err := makeRaw(fd)
+		if err != nil {
+			return 0, err
+		}
+		defer restore()
+	}
+	return bridgeTerminal(ctx, conn, o.Stdin, o.Stdout, tty, fd)
+}
+
+// termSize is the terminal's size, 80x24 when unknown.
+func termSize(fd int, tty bool) (cols, rows uint16) {
+	cols, rows = 80, 24
+	if tty {
+		if ws, err := unix.IoctlGetWinsize(fd, unix.TIOCGWINSZ); err == nil && ws.Col > 0 && ws.Row > 0 {
+			cols, rows = ws.Col, ws.Row
+		}
+	}
+	return cols, rows
+}
+
+// dialShell opens the microVM's shell WebSocket at path (kiln shell, exec
+// and cp share it): a shell token from the API (CreateMicrovmShellAuthToken,
+// so the caller needs the rights kiln shell needs and the microVM
+// SHELL_INGRESS), then the endpoint's port 8022 with token and port as
+// subprotocols.
+func dialShell(ctx context.Context, s awscli.Settings, id string, o shellOptions, path string, q url.Values) (*websocket.Conn, error) {
+	c, err := awscli.Connect(s)
+	if err != nil {
+		return nil, err
 	}
 	m, err := awscli.Call(ctx, c, awscli.Find("GetMicrovm"), map[string]any{"microvmIdentifier": id})
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	endpoint, _ := m["endpoint"].(string)
 	if endpoint == "" {
-		return 0, fmt.Errorf("microvm %s has no endpoint (state %v)", id, m["state"])
+		return nil, fmt.Errorf("microvm %s has no endpoint (state %v)", id, m["state"])
 	}
 	out, err := awscli.Call(ctx, c, awscli.Find("CreateMicrovmShellAuthToken"), map[string]any{"microvmIdentifier": id, "expirationInMinutes": o.Minutes})
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	var tok string
 	if at, ok := out["authToken"].(map[string]any); ok {
@@ -104,20 +151,20 @@ func runShell(ctx context.Context, s awscli.Settings, id string, o shellOptions)
 		}
 	}
 	if tok == "" {
-		return 0, fmt.Errorf("the API returned no shell token: %v", out)
+		return nil, fmt.Errorf("the API returned no shell token: %v", out)
 	}
 
 	pem, err := os.ReadFile(o.CAFile)
 	if err != nil {
-		return 0, fmt.Errorf("reading the endpoint CA (--ca): %w", err)
+		return nil, fmt.Errorf("reading the endpoint CA (--ca): %w", err)
 	}
 	roots := x509.NewCertPool()
 	if !roots.AppendCertsFromPEM(pem) {
-		return 0, fmt.Errorf("%s holds no PEM certificate", o.CAFile)
+		return nil, fmt.Errorf("%s holds no PEM certificate", o.CAFile)
 	}
 	u, err := url.Parse(endpoint)
 	if err != nil {
-		return 0, fmt.Errorf("endpoint %q: %w", endpoint, err)
+		return nil, fmt.Errorf("endpoint %q: %w", endpoint, err)
 	}
 	dialTo := o.ConnectTo
 	if dialTo == "" && (u.Hostname() == "localhost" || strings.HasSuffix(u.Hostname(), ".localhost")) {
@@ -135,17 +182,10 @@ func runShell(ctx context.Context, s awscli.Settings, id string, o shellOptions)
 			return (&net.Dialer{}).DialContext(ctx, network, dialTo)
 		}
 	}
-
-	fd := int(o.Stdin.Fd())
-	tty := isTerminal(fd)
-	cols, rows := uint16(80), uint16(24)
-	if tty {
-		if ws, err := unix.IoctlGetWinsize(fd, unix.TIOCGWINSZ); err == nil && ws.Col > 0 && ws.Row > 0 {
-			cols, rows = ws.Col, ws.Row
-		}
+	wsURL := "wss://" + u.Host + path
+	if len(q) > 0 {
+		wsURL += "?" + q.Encode()
 	}
-	q := url.Values{"cols": {strconv.Itoa(int(cols))}, "rows": {strconv.Itoa(int(rows))}}
-	wsURL := "wss://" + u.Host + "/?" + q.Encode()
 	// The connect may wake a suspended microVM: allow for a resume.
 	dctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	conn, resp, err := websocket.Dial(dctx, wsURL, &websocket.DialOptions{
@@ -156,21 +196,11 @@ func runShell(ctx context.Context, s awscli.Settings, id string, o shellOptions)
 	if err != nil {
 		if resp != nil {
 			b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
-			return 0, fmt.Errorf("opening the shell: %w: HTTP %d %s", err, resp.StatusCode, strings.TrimSpace(string(b)))
+			return nil, fmt.Errorf("connecting to microvm %s: %w: HTTP %d %s", id, err, resp.StatusCode, strings.TrimSpace(string(b)))
 		}
-		return 0, fmt.Errorf("opening the shell: %w", err)
+		return nil, fmt.Errorf("connecting to microvm %s: %w", id, err)
 	}
-	defer conn.CloseNow()
-	conn.SetReadLimit(4 << 20)
-
-	if tty {
-		restore, err := makeRaw(fd)
-		if err != nil {
-			return 0, err
-		}
-		defer restore()
-	}
-	return bridgeTerminal(ctx, conn, o.Stdin, o.Stdout, tty, fd)
+	return conn, nil
 }
 
 // bridgeTerminal copies until the remote side closes and returns the
@@ -179,24 +209,13 @@ func bridgeTerminal(ctx context.Context, conn *websocket.Conn, in io.Reader, out
 	ctx, stop := context.WithCancel(ctx)
 	defer stop()
 	if tty {
-		winch := make(chan os.Signal, 1)
-		signal.Notify(winch, unix.SIGWINCH)
-		defer signal.Stop(winch)
+		sizes := winchSizes(ctx, fd)
 		go func() {
-			for {
-				select {
-				case <-ctx.Done():
-					return
-				case <-winch:
-					ws, err := unix.IoctlGetWinsize(fd, unix.TIOCGWINSZ)
-					if err != nil || ws.Col == 0 || ws.Row == 0 {
-						continue
-					}
-					b, _ := json.Marshal(map[string]uint16{"cols": ws.Col, "rows": ws.Row})
-					wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-					conn.Write(wctx, websocket.MessageText, b)
-					cancel()
-				}
+			for sz := range sizes {
+				b, _ := json.Marshal(remote.Control{Cols: sz[0], Rows: sz[1]})
+				wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				conn.Write(wctx, websocket.MessageText, b)
+				cancel()
 			}
 		}()
 	}
@@ -232,7 +251,7 @@ func bridgeTerminal(ctx context.Context, conn *websocket.Conn, in io.Reader, out
 	for {
 		typ, b, err := conn.Read(ctx)
 		if err != nil {
-			return exitStatus(err)
+			return remote.ExitStatus(err)
 		}
 		if typ == websocket.MessageBinary {
 			lastOutput.Store(time.Now().UnixNano())
@@ -276,21 +295,33 @@ func endOfInput(ctx context.Context, send func([]byte) error, last byte, lastOut
 	}
 }
 
-// exitStatus reads "exit N" from a normal closure.
-func exitStatus(err error) (int, error) {
-	var ce websocket.CloseError
-	if !errors.As(err, &ce) {
-		return 0, fmt.Errorf("shell connection: %w", err)
-	}
-	if ce.Code == websocket.StatusNormalClosure {
-		if s, ok := strings.CutPrefix(ce.Reason, "exit "); ok {
-			if n, perr := strconv.Atoi(s); perr == nil {
-				return n, nil
+// winchSizes delivers the terminal's size after each SIGWINCH until ctx
+// ends (then it is closed).
+func winchSizes(ctx context.Context, fd int) <-chan [2]uint16 {
+	out := make(chan [2]uint16, 1)
+	winch := make(chan os.Signal, 1)
+	signal.Notify(winch, unix.SIGWINCH)
+	go func() {
+		defer close(out)
+		defer signal.Stop(winch)
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-winch:
+				ws, err := unix.IoctlGetWinsize(fd, unix.TIOCGWINSZ)
+				if err != nil || ws.Col == 0 || ws.Row == 0 {
+					continue
+				}
+				select {
+				case out <- [2]uint16{ws.Col, ws.Row}:
+				case <-ctx.Done():
+					return
+				}
 			}
 		}
-		return 0, nil
-	}
-	return 0, fmt.Errorf("shell ended: %s (%d)", ce.Reason, ce.Code)
+	}()
+	return out
 }
 
 func isTerminal(fd int) bool {

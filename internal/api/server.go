@@ -228,6 +228,11 @@ func (s *Server) ReapOnce(ctx context.Context) {
 		return
 	}
 	for _, m := range due {
+		if m.OnDeadline == store.DeadlineSuspend && !now.Before(m.DeadlineAt) {
+			if !s.suspendAtDeadline(ctx, m) {
+				continue
+			}
+		}
 		reason := "MaximumDurationExceeded: the microVM reached maximumDurationInSeconds"
 		if m.State == store.StateSuspended && m.SuspendDeadlineAt != nil && !now.Before(*m.SuspendDeadlineAt) && now.Before(m.DeadlineAt) {
 			reason = "SuspendedDurationExceeded: the microVM stayed suspended for suspendedDurationSeconds"
@@ -236,6 +241,61 @@ func (s *Server) ReapOnce(ctx context.Context) {
 			slog.Warn("terminating microvm past its deadline", "microvm", m.ID, "err", err)
 		}
 	}
+}
+
+// SuspendedRetentionSeconds is how long a microVM suspended at its
+// deadline (Microvm.OnDeadline) is kept before it is terminated: the same
+// 8 hours as the longest maximum duration, so a suspended microVM's disk
+// and memory files are bounded in time like a running one's.
+const SuspendedRetentionSeconds = MaxDurationSeconds
+
+// suspendAtDeadline handles a due microVM that asked to be suspended at
+// its deadline, and reports whether it must be terminated instead. A
+// RUNNING one gets its new deadline (now plus the retention) before the
+// suspend, so the next tick does not find it due again; a suspend the
+// backend refuses terminates it (a microVM must not outlive its deadline
+// running). One in transition (PENDING, SUSPENDING, a resume pending) is
+// looked at again on a later tick; a SUSPENDED one past its retention is
+// terminated.
+func (s *Server) suspendAtDeadline(ctx context.Context, m store.Microvm) (terminate bool) {
+	switch {
+	case m.State == store.StateRunning:
+	case m.State == store.StateSuspended && m.PendingOp == "":
+		if m.SuspendedAt != nil && s.cfg.Now().Before(m.SuspendedAt.Add(time.Duration(SuspendedRetentionSeconds)*time.Second)) {
+			// Suspended by hand before the deadline: the retention counts
+			// from the suspension.
+			_, err := s.st.UpdateMicrovm(ctx, m.Account, m.ID, []store.MicrovmState{store.StateSuspended}, func(r *store.Microvm) error {
+				r.DeadlineAt = r.SuspendedAt.Add(time.Duration(SuspendedRetentionSeconds) * time.Second)
+				return nil
+			})
+			if err != nil {
+				slog.Warn("moving a suspended microvm's deadline", "microvm", m.ID, "err", err)
+			}
+			return false
+		}
+		return true
+	default:
+		return false
+	}
+	now := s.cfg.Now().UTC()
+	_, err := s.st.UpdateMicrovm(ctx, m.Account, m.ID, []store.MicrovmState{store.StateRunning}, func(r *store.Microvm) error {
+		r.DeadlineAt = now.Add(time.Duration(SuspendedRetentionSeconds) * time.Second)
+		r.UpdatedAt = now
+		return nil
+	})
+	if err != nil {
+		return false // it moved meanwhile: look again on the next tick
+	}
+	err = s.Suspend(ctx, m.Account, m.ID, "DeadlineSuspended: the microVM reached its deadline and asked to be suspended")
+	var ae *Error
+	switch {
+	case err == nil:
+		return false
+	case errors.As(err, &ae) && ae.Type == "ConflictException":
+		return false // it moved meanwhile (a pause, a terminate): nothing to force
+	}
+	slog.Warn("suspending microvm at its deadline; terminating it", "microvm", m.ID, "err", err)
+	return true
 }
 
 // SmallBody is the largest request body read before it is authenticated.

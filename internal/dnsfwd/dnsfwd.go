@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -63,6 +64,13 @@ type Config struct {
 	Burst       int
 	MaxInflight int
 	Timeout     time.Duration
+	// OnAnswer, if set, is told the IPv4 addresses of every upstream
+	// answer (the A records, CNAME targets followed within the answer)
+	// with the name the guest asked (lowercase, no trailing dot) and the
+	// answer's smallest TTL, before the guest gets the answer: what it
+	// does (open those addresses to the guest) is in place when the guest
+	// connects.
+	OnAnswer func(name string, addrs []netip.Addr, ttl time.Duration)
 }
 
 // Forwarder is a running forwarder; Close stops it.
@@ -245,6 +253,11 @@ func (f *Forwarder) serve(w dns.ResponseWriter, req *dns.Msg) {
 		return
 	}
 	resp.Id = req.Id
+	if f.cfg.OnAnswer != nil {
+		if addrs, ttl := answerAddrs(resp); len(addrs) > 0 {
+			f.cfg.OnAnswer(strings.ToLower(strings.TrimSuffix(req.Question[0].Name, ".")), addrs, ttl)
+		}
+	}
 	if isUDP {
 		size := maxUDPResponse
 		if o := req.IsEdns0(); o != nil {
@@ -254,6 +267,29 @@ func (f *Forwarder) serve(w dns.ResponseWriter, req *dns.Msg) {
 	}
 	f.Served.Add(1)
 	w.WriteMsg(resp)
+}
+
+// maxAnswerAddrs bounds the addresses one answer reports.
+const maxAnswerAddrs = 64
+
+// answerAddrs returns the IPv4 addresses of an answer's A records and the
+// smallest TTL of the records.
+func answerAddrs(resp *dns.Msg) ([]netip.Addr, time.Duration) {
+	var out []netip.Addr
+	ttl := uint32(0)
+	first := true
+	for _, rr := range resp.Answer {
+		h := rr.Header()
+		if first || h.Ttl < ttl {
+			ttl, first = h.Ttl, false
+		}
+		if a, ok := rr.(*dns.A); ok && len(out) < maxAnswerAddrs {
+			if x, ok := netip.AddrFromSlice(a.A.To4()); ok {
+				out = append(out, x)
+			}
+		}
+	}
+	return out, time.Duration(ttl) * time.Second
 }
 
 // fromClient reports whether a query came from the guest's own address.

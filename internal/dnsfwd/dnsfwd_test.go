@@ -183,3 +183,36 @@ func TestOnlyClientAnswered(t *testing.T) {
 		})
 	}
 }
+
+// TestOnAnswer: the hook hears the name asked and the answer's IPv4
+// addresses before the guest has the answer.
+func TestOnAnswer(t *testing.T) {
+	up := upstream(t)
+	type heard struct {
+		name  string
+		addrs []netip.Addr
+		ttl   time.Duration
+	}
+	got := make(chan heard, 4)
+	f, err := Start(context.Background(), Config{ID: "t", Listen: "127.0.0.1:0", Client: loopback, Upstreams: []string{up},
+		OnAnswer: func(name string, addrs []netip.Addr, ttl time.Duration) { got <- heard{name, addrs, ttl} }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	query(t, "udp", f.Addr().String(), "Api.Example.TEST.", dns.TypeA, false)
+	select {
+	case h := <-got:
+		if h.name != "api.example.test" || len(h.addrs) != 1 || h.addrs[0] != netip.MustParseAddr("192.0.2.7") || h.ttl != time.Minute {
+			t.Fatalf("heard %+v", h)
+		}
+	default:
+		t.Fatal("the guest had its answer before the hook heard it")
+	}
+	query(t, "udp", f.Addr().String(), "big.test.", dns.TypeTXT, false)
+	select {
+	case h := <-got:
+		t.Fatalf("an answer without addresses was reported: %+v", h)
+	default:
+	}
+}

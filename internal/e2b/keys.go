@@ -43,17 +43,35 @@ func KeyPrefixOf(key string) string {
 // key derived from the server's token key, so the endpoint proxy checks it
 // without a database read. It lives as long as the sandbox (as E2B's do):
 // once the microVM is gone the proxy has nowhere to route it.
-type EnvdTokens struct{ key []byte }
+type EnvdTokens struct {
+	key    []byte
+	prefix string
+}
 
-// envdTokenPrefix versions the token format.
-const envdTokenPrefix = "ket1."
+// Token prefixes version the formats and tell the two kinds apart.
+const (
+	envdTokenPrefix    = "ket1."
+	trafficTokenPrefix = "ktt1."
+)
 
 // NewEnvdTokens derives the envd key from the server's token key, so
 // endpoint tokens and envd tokens can never stand for each other.
 func NewEnvdTokens(serverKey []byte) *EnvdTokens {
+	return derivedTokens(serverKey, "kiln e2b envd access token v1", envdTokenPrefix)
+}
+
+// NewTrafficTokens mints and checks sandboxes' traffic access tokens (the
+// E2b-Traffic-Access-Token a private sandbox's ports need), under a key
+// of their own: a traffic token never opens envd, nor an envd token a
+// port.
+func NewTrafficTokens(serverKey []byte) *EnvdTokens {
+	return derivedTokens(serverKey, "kiln e2b traffic access token v1", trafficTokenPrefix)
+}
+
+func derivedTokens(serverKey []byte, purpose, prefix string) *EnvdTokens {
 	m := hmac.New(sha256.New, serverKey)
-	m.Write([]byte("kiln e2b envd access token v1"))
-	return &EnvdTokens{key: m.Sum(nil)}
+	m.Write([]byte(purpose))
+	return &EnvdTokens{key: m.Sum(nil), prefix: prefix}
 }
 
 func (t *EnvdTokens) mac(account, sandboxID string) []byte {
@@ -64,12 +82,12 @@ func (t *EnvdTokens) mac(account, sandboxID string) []byte {
 
 // Mint returns the envd access token of a sandbox.
 func (t *EnvdTokens) Mint(account, sandboxID string) string {
-	return envdTokenPrefix + base64.RawURLEncoding.EncodeToString(t.mac(account, sandboxID))
+	return t.prefix + base64.RawURLEncoding.EncodeToString(t.mac(account, sandboxID))
 }
 
 // Valid reports whether tok is the envd token of the account's sandbox.
 func (t *EnvdTokens) Valid(tok, account, sandboxID string) bool {
-	b64, ok := strings.CutPrefix(tok, envdTokenPrefix)
+	b64, ok := strings.CutPrefix(tok, t.prefix)
 	if !ok || len(b64) > 64 {
 		return false
 	}

@@ -6,12 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -45,6 +47,11 @@ type newSandbox struct {
 	Mcp          json.RawMessage `json:"mcp"`
 	VolumeMounts json.RawMessage `json:"volumeMounts"`
 	Iam          json.RawMessage `json:"iam"`
+
+	// policy is Network's egress rules, checked (nil without rules);
+	// traffic is its allowPublicTraffic (TrafficPublic by default).
+	policy  *rules
+	traffic string
 }
 
 // set reports whether a raw JSON member carries something.
@@ -75,12 +82,36 @@ func parseNewSandbox(body []byte) (newSandbox, error) {
 		return in, err
 	}
 	switch {
-	case in.AutoPause != nil && *in.AutoPause, in.AutoResume != nil && in.AutoResume.Enabled:
-		return in, errorf(400, "kiln does not support autoPause or autoResume on timeout yet: leave lifecycle.onTimeout at kill")
-	case set(in.Network):
-		return in, errorf(400, "kiln does not support the network option yet (use allowInternetAccess)")
+	case in.AutoPauseMemory != nil && !*in.AutoPauseMemory:
+		return in, errorf(400, "kiln pauses sandboxes with their memory only: leave lifecycle.onTimeout.keepMemory at true")
+	case in.AutoResume != nil && in.AutoResume.Enabled:
+		return in, errorf(400, "kiln does not resume a paused sandbox on traffic yet: leave lifecycle.autoResume unset and resume it with Sandbox.connect")
 	case set(in.Mcp), set(in.VolumeMounts), set(in.Iam):
 		return in, errorf(400, "kiln does not support mcp, volumeMounts or iam yet")
+	}
+	in.traffic = TrafficPublic
+	if set(in.Network) {
+		var n networkIn
+		if err := json.Unmarshal(in.Network, &n); err != nil {
+			return in, errorf(400, "network is not a valid SandboxNetworkConfig: %v", err)
+		}
+		if n.AllowInternetAccess != nil {
+			return in, errorf(400, "network.allow_internet_access is for updates: give allow_internet_access beside network")
+		}
+		r, err := parseNetwork(n)
+		if err != nil {
+			return in, err
+		}
+		if n.AllowPublicTraffic != nil && !*n.AllowPublicTraffic {
+			in.traffic = TrafficToken
+		}
+		if in.AllowInternetAccess != nil && !*in.AllowInternetAccess {
+			// E2B: the same as denying 0.0.0.0/0 (allowOut still wins).
+			r.policy.Deny = append(r.policy.Deny, netip.MustParsePrefix("0.0.0.0/0"))
+		}
+		if !r.empty() {
+			in.policy = &r
+		}
 	}
 	return in, nil
 }
@@ -134,14 +165,21 @@ type sandboxOut struct {
 	EnvdVersion     string `json:"envdVersion"`
 	EnvdAccessToken string `json:"envdAccessToken"`
 	Domain          string `json:"domain,omitempty"`
+	// TrafficAccessToken is what the sandbox's ports need when it was
+	// made with network.allowPublicTraffic false.
+	TrafficAccessToken string `json:"trafficAccessToken,omitempty"`
 }
 
 // clientID names the node in E2B; kiln is one.
 const clientID = "kiln"
 
 func (s *Server) sandboxView(account string, sb store.E2BSandbox) sandboxOut {
-	return sandboxOut{SandboxID: sb.ID, TemplateID: sb.TemplateID, ClientID: clientID, EnvdVersion: EnvdVersion,
+	out := sandboxOut{SandboxID: sb.ID, TemplateID: sb.TemplateID, ClientID: clientID, EnvdVersion: EnvdVersion,
 		EnvdAccessToken: s.cfg.Tokens.Mint(account, sb.ID), Domain: s.cfg.Domain}
+	if sb.Traffic == TrafficToken && s.cfg.TrafficTokens != nil {
+		out.TrafficAccessToken = s.cfg.TrafficTokens.Mint(account, sb.ID)
+	}
+	return out
 }
 
 // listedSandbox is E2B's ListedSandbox; sandboxDetail adds the rest.
@@ -161,9 +199,24 @@ type listedSandbox struct {
 
 type sandboxDetail struct {
 	listedSandbox
-	EnvdAccessToken     string `json:"envdAccessToken"`
-	Domain              string `json:"domain,omitempty"`
-	AllowInternetAccess bool   `json:"allowInternetAccess"`
+	EnvdAccessToken     string      `json:"envdAccessToken"`
+	Domain              string      `json:"domain,omitempty"`
+	AllowInternetAccess bool        `json:"allowInternetAccess"`
+	Lifecycle           lifecycle   `json:"lifecycle"`
+	Network             *networkOut `json:"network,omitempty"`
+}
+
+// lifecycle is E2B's SandboxLifecycle: what the timeout does.
+type lifecycle struct {
+	AutoResume bool   `json:"autoResume"`
+	OnTimeout  string `json:"onTimeout"`
+}
+
+func lifecycleOf(m store.Microvm) lifecycle {
+	if m.OnDeadline == store.DeadlineSuspend {
+		return lifecycle{OnTimeout: "pause"}
+	}
+	return lifecycle{OnTimeout: "kill"}
 }
 
 // stateOf is E2B's state of a live microVM: paused once suspending.
@@ -193,6 +246,9 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 	if err != nil {
 		return 0, nil, err
 	}
+	if in.traffic == TrafficToken && s.cfg.TrafficTokens == nil {
+		return 0, nil, errorf(501, "this kiln server cannot mint traffic access tokens: leave network.allowPublicTraffic unset")
+	}
 	run := runInput{ImageIdentifier: in.TemplateID, MaximumDurationInSeconds: DefaultTimeout}
 	if name, version, ok := strings.Cut(in.TemplateID, ":"); ok && !strings.HasPrefix(in.TemplateID, "arn:") {
 		run.ImageIdentifier, run.ImageVersion = name, version
@@ -200,7 +256,10 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 	if in.Timeout != nil {
 		run.MaximumDurationInSeconds = *in.Timeout
 	}
-	if in.AllowInternetAccess != nil && *in.AllowInternetAccess {
+	if in.AllowInternetAccess != nil && *in.AllowInternetAccess || in.policy != nil {
+		// Rules filter internet egress: a sandbox with rules has it,
+		// narrowed by them (allow_internet_access false is a deny of
+		// 0.0.0.0/0 under its allowOut, as in E2B).
 		run.EgressNetworkConnectors = []string{s.cfg.Egress}
 	}
 	var m struct {
@@ -214,20 +273,45 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 		return 0, nil, err
 	}
 	sb := store.E2BSandbox{ID: m.MicrovmID, Account: q.key.Account, TemplateID: in.TemplateID,
-		Metadata: in.Metadata, EnvVars: in.EnvVars, CreatedAt: s.cfg.Now().UTC()}
+		Metadata: in.Metadata, EnvVars: in.EnvVars, Traffic: in.traffic, CreatedAt: s.cfg.Now().UTC()}
+	if in.policy != nil {
+		sb.AllowOut, sb.DenyOut = in.policy.allowOut(), prefixStrings(in.policy.policy.Deny)
+	}
 	if err := s.cfg.Sandboxes.PutE2BSandbox(ctx, sb); err != nil {
 		s.op(context.WithoutCancel(ctx), q.key, "DELETE", "/microvms/"+sb.ID, nil, nil, nil)
 		return 0, nil, fmt.Errorf("recording sandbox: %w", err)
 	}
-	if in.AllowInternetAccess != nil && !*in.AllowInternetAccess {
+	if in.AllowInternetAccess != nil && !*in.AllowInternetAccess && in.policy == nil {
 		if rec, err := s.cfg.Store.GetMicrovm(ctx, q.key.Account, sb.ID); err == nil && len(rec.EgressNetworkConnectors) > 0 {
 			s.op(context.WithoutCancel(ctx), q.key, "DELETE", "/microvms/"+sb.ID, nil, nil, nil)
 			return 0, nil, errorf(400, "allowInternetAccess false: template %s (or this server's --default-egress) gives its microVMs internet egress, which kiln cannot take away per sandbox yet", in.TemplateID)
 		}
 	}
+	if in.AutoPause != nil && *in.AutoPause {
+		// Before the wait: the deadline controller must find it set even
+		// when the timeout is shorter than the boot.
+		_, err := s.cfg.Store.UpdateMicrovm(ctx, q.key.Account, sb.ID, nil, func(m *store.Microvm) error {
+			m.OnDeadline = store.DeadlineSuspend
+			return nil
+		})
+		if err != nil {
+			s.op(context.WithoutCancel(ctx), q.key, "DELETE", "/microvms/"+sb.ID, nil, nil, nil)
+			return 0, nil, fmt.Errorf("recording autoPause: %w", err)
+		}
+	}
 	if _, err := s.waitFor(ctx, q.key.Account, sb.ID, store.StateRunning); err != nil {
 		s.op(context.WithoutCancel(ctx), q.key, "DELETE", "/microvms/"+sb.ID, nil, nil, nil)
 		return 0, nil, err
+	}
+	if in.policy != nil {
+		// Before the sandbox is handed out, but after its start: a guest
+		// restored from a snapshot may reach out in the moment between
+		// (the deny list holds all along; only the tenant's own rules
+		// arrive this late).
+		if err := s.applyNetwork(ctx, sb.ID, *in.policy); err != nil {
+			s.op(context.WithoutCancel(ctx), q.key, "DELETE", "/microvms/"+sb.ID, nil, nil, nil)
+			return 0, nil, err
+		}
 	}
 	return http.StatusCreated, s.sandboxView(q.key.Account, sb), nil
 }
@@ -238,7 +322,8 @@ func (s *Server) get(ctx context.Context, q *request) (int, any, error) {
 		return 0, nil, err
 	}
 	d := sandboxDetail{listedSandbox: listedView(sb, m), EnvdAccessToken: s.cfg.Tokens.Mint(q.key.Account, sb.ID),
-		Domain: s.cfg.Domain, AllowInternetAccess: slices.Contains(m.EgressNetworkConnectors, s.cfg.Egress)}
+		Domain: s.cfg.Domain, AllowInternetAccess: slices.Contains(m.EgressNetworkConnectors, s.cfg.Egress), Lifecycle: lifecycleOf(m),
+		Network: networkView(sb)}
 	return 200, d, nil
 }
 
@@ -330,8 +415,17 @@ func (s *Server) pause(ctx context.Context, q *request) (int, any, error) {
 	if _, err := s.waitFor(ctx, q.key.Account, id, store.StateSuspended); err != nil {
 		return 0, nil, err
 	}
+	// A paused sandbox does not run out its timeout (E2B's rule): it is
+	// kept for the retention, then killed.
+	if err := s.extend(ctx, q.key.Account, id, api.SuspendedRetentionSeconds); err != nil {
+		return 0, nil, err
+	}
 	return http.StatusNoContent, nil, nil
 }
+
+// resumeTimeout is the timeout of a sandbox resumed by a connect that
+// names none (E2B's ConnectSandboxV2 default).
+var resumeTimeout int64 = 300
 
 // connect resumes a paused sandbox (201) or returns a running one (200),
 // setting its timeout when the body names one.
@@ -353,6 +447,14 @@ func (s *Server) connect(ctx context.Context, q *request) (int, any, error) {
 	}
 	if m.State == store.StateSuspended {
 		status = http.StatusCreated
+		// The timeout starts again at the resume (its deadline passed if
+		// the timeout paused it): E2B's default when none is given.
+		if t == nil {
+			t = &resumeTimeout
+		}
+		if err := s.extend(ctx, q.key.Account, id, *t); err != nil {
+			return 0, nil, err
+		}
 		if err := s.op(ctx, q.key, "POST", "/microvms/"+id+"/resume", nil, nil, nil); err != nil {
 			return 0, nil, err
 		}

@@ -53,8 +53,11 @@ type Config struct {
 	Store store.Store
 	// Sandboxes holds keys and sandboxes.
 	Sandboxes store.E2BStore
-	// Tokens mints envd access tokens.
-	Tokens *EnvdTokens
+	// Tokens mints envd access tokens; TrafficTokens the traffic access
+	// tokens of sandboxes made with allowPublicTraffic false (nil: such
+	// sandboxes are refused).
+	Tokens        *EnvdTokens
+	TrafficTokens *EnvdTokens
 	// Domain is what sandboxes report as their domain: the endpoint
 	// proxy's, with its port unless 443 ("microvm.localhost:8443"), so the
 	// SDK's getHost(port) names PORT-ID.microvm.localhost:8443.
@@ -62,6 +65,11 @@ type Config struct {
 	// Egress is the egress connector ARN that allow_internet_access: true
 	// asks for.
 	Egress string
+	// Meter measures running sandboxes (GET /sandboxes/{id}/metrics);
+	// nil: metrics are 501.
+	Meter Meter
+	// Network applies sandboxes' egress rules; nil: network rules are 501.
+	Network Policer
 	// WaitTimeout bounds how long create, connect and pause wait for the
 	// microVM to reach its state (default 2 minutes).
 	WaitTimeout time.Duration
@@ -94,6 +102,8 @@ func New(cfg Config) *Server {
 	s.route("POST /sandboxes/{id}/resume", s.connect)
 	s.route("POST /sandboxes/{id}/connect", s.connect)
 	s.route("POST /v2/sandboxes/{id}/connect", s.connect)
+	s.route("GET /sandboxes/{id}/metrics", s.metrics)
+	s.route("PUT /sandboxes/{id}/network", s.updateNetwork)
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &apiError{Code: http.StatusNotImplemented,
 			Message: fmt.Sprintf("kiln does not implement %s %s of the E2B API yet (docs/E2B.md lists what it does)", r.Method, r.URL.Path)})

@@ -130,6 +130,16 @@ func (e *env) do(key, method, path string, body any) answer {
 	return answer{resp.StatusCode, resp.Header, b}
 }
 
+// create makes a sandbox and returns its id.
+func (e *env) create(body map[string]any) string {
+	e.t.Helper()
+	a := e.do(e.key, "POST", "/v2/sandboxes", body)
+	e.want(a, 201, "create")
+	var sb sandboxOut
+	a.json(e.t, &sb)
+	return sb.SandboxID
+}
+
 func (e *env) want(a answer, status int, what string) {
 	e.t.Helper()
 	if a.status != status {
@@ -150,7 +160,8 @@ func TestSandboxLifecycle(t *testing.T) {
 	e.want(e.do("", "GET", "/v2/sandboxes", nil), 401, "no key")
 	e.want(e.do("e2b_0000000000000000000000000000000000000000", "GET", "/v2/sandboxes", nil), 401, "unknown key")
 	e.want(e.do(e.key, "POST", "/v2/sandboxes", map[string]any{"templateID": "nope"}), 404, "unknown template")
-	e.want(e.do(e.key, "POST", "/v2/sandboxes", map[string]any{"templateID": "tmpl", "autoPause": true}), 400, "autoPause")
+	e.want(e.do(e.key, "POST", "/v2/sandboxes", map[string]any{"templateID": "tmpl", "autoPause": true, "autoResume": map[string]any{"enabled": true}}), 400, "autoResume")
+	e.want(e.do(e.key, "POST", "/v2/sandboxes", map[string]any{"templateID": "tmpl", "autoPause": true, "autoPauseMemory": false}), 400, "autoPause without memory")
 	e.want(e.do(e.key, "POST", "/v2/sandboxes", map[string]any{"templateID": "tmpl", "envVars": map[string]string{"A=B": "x"}}), 400, "bad env name")
 
 	var ids []string
@@ -258,6 +269,54 @@ func TestSandboxLifecycle(t *testing.T) {
 	e.want(e.do(e.key, "DELETE", "/sandboxes/"+ids[0], nil), 404, "kill a killed sandbox")
 	e.want(e.do(e.key, "POST", "/v2/sandboxes/"+ids[0]+"/connect", map[string]any{}), 404, "connect a killed sandbox")
 	e.want(e.do(e.key, "GET", "/templates", nil), 501, "a route kiln does not implement")
+}
+
+// TestTimeoutActions checks what a passing timeout does: a sandbox is
+// killed, one created with autoPause is paused (and connect resumes it
+// with a new timeout), and a paused sandbox is not killed by the timeout
+// it had while running.
+func TestTimeoutActions(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	create := e.create
+	kill := create(map[string]any{"templateID": "tmpl", "timeout": 300})
+	pause := create(map[string]any{"templateID": "tmpl", "timeout": 300, "autoPause": true})
+	paused := create(map[string]any{"templateID": "tmpl", "timeout": 300})
+	var d sandboxDetail
+	e.do(e.key, "GET", "/sandboxes/"+pause, nil).json(t, &d)
+	if d.Lifecycle != (lifecycle{OnTimeout: "pause"}) {
+		t.Fatalf("lifecycle of an autoPause sandbox: %+v", d.Lifecycle)
+	}
+	e.want(e.do(e.key, "POST", "/sandboxes/"+paused+"/pause", nil), 204, "pause")
+
+	// Every timeout ends now; the API's deadline controller runs.
+	for _, id := range []string{kill, pause} {
+		e.want(e.do(e.key, "POST", "/sandboxes/"+id+"/timeout", map[string]any{"timeout": 0}), 204, "setTimeout 0")
+	}
+	if m, _ := e.st.GetMicrovm(ctx, e.account, paused); time.Until(m.DeadlineAt) < 7*time.Hour {
+		t.Fatalf("a paused sandbox ends in %v: its running timeout still counts", time.Until(m.DeadlineAt))
+	}
+	time.Sleep(10 * time.Millisecond)
+	e.api.ReapOnce(ctx)
+	if m, err := e.srv.waitFor(ctx, e.account, kill, store.StateTerminated); err != nil || !strings.HasPrefix(m.StateReason, "MaximumDurationExceeded") {
+		t.Fatalf("sandbox past its timeout: %+v, %v", m.State, err)
+	}
+	e.want(e.do(e.key, "GET", "/sandboxes/"+kill, nil), 404, "get a sandbox past its timeout")
+	m, err := e.srv.waitFor(ctx, e.account, pause, store.StateSuspended)
+	if err != nil || !strings.HasPrefix(m.StateReason, "DeadlineSuspended") || time.Until(m.DeadlineAt) < 7*time.Hour {
+		t.Fatalf("autoPause sandbox past its timeout: %s %q ends in %v, %v", m.State, m.StateReason, time.Until(m.DeadlineAt), err)
+	}
+	e.api.ReapOnce(ctx) // not due any more: stays paused
+	e.do(e.key, "GET", "/sandboxes/"+pause, nil).json(t, &d)
+	if d.State != "paused" {
+		t.Fatalf("auto-paused sandbox is %s", d.State)
+	}
+	e.want(e.do(e.key, "POST", "/v2/sandboxes/"+pause+"/connect", map[string]any{}), 201, "connect an auto-paused sandbox")
+	m, _ = e.st.GetMicrovm(ctx, e.account, pause)
+	if left := time.Until(m.DeadlineAt); m.State != store.StateRunning || left < 250*time.Second || left > 301*time.Second {
+		t.Fatalf("resumed sandbox is %s and ends in %v, want RUNNING and E2B's default 300s", m.State, left)
+	}
+	e.want(e.do(e.key, "POST", "/sandboxes/"+pause+"/pause", nil), 204, "pause the resumed sandbox")
 }
 
 func FuzzParseNewSandbox(f *testing.F) {

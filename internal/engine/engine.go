@@ -189,6 +189,9 @@ type vmState struct {
 	changed    chan struct{}
 	gone       bool
 	size       vmSize // for metering; zero until first known
+	// allowDomains are the domain patterns of its egress policy (E2B's
+	// allowOut names): DNS answers for them open their addresses.
+	allowDomains []string
 }
 
 // New returns an Engine; ctx is the server's life.
@@ -578,7 +581,7 @@ func (e *Engine) ensureNet(ctx context.Context, v *vmState) error {
 		v.net = n
 	}
 	if v.egress && v.dns == nil {
-		f, err := dnsfwd.Start(ctx, dnsfwd.Config{ID: v.id, NSPath: v.net.NSPath, Upstreams: e.cfg.DNSUpstreams})
+		f, err := dnsfwd.Start(ctx, dnsfwd.Config{ID: v.id, NSPath: v.net.NSPath, Upstreams: e.cfg.DNSUpstreams, OnAnswer: e.learnAddrs(v)})
 		if err != nil {
 			return fmt.Errorf("starting the dns forwarder: %w", err)
 		}

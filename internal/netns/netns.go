@@ -31,8 +31,10 @@ package netns
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
+	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
@@ -127,6 +129,51 @@ type Redirect struct {
 	Addrs []netip.Addr
 	// Port is where the proxy listens on GatewayAddr.
 	Port uint16
+}
+
+// EgressPolicy is a VM's own egress rules, on top of the deny list it
+// can never lift (DenyV4, ExtraDeny): a destination in Allow is let out,
+// else one in Deny is dropped, else it is let out. IPv4 only (no IPv6
+// leaves a VM); at most MaxPolicyPrefixes in all.
+type EgressPolicy struct {
+	Allow []netip.Prefix
+	Deny  []netip.Prefix
+	// AllowLearned lets the guest reach the addresses AllowLearned adds
+	// (those DNS answers named for allowed domains), before Deny; without
+	// it they are dropped from the set.
+	AllowLearned bool
+}
+
+// MaxLearned bounds the learned addresses a VM holds at once; more are
+// not added (their names then answer, but connections to them follow
+// Deny).
+const MaxLearned = 4096
+
+// Learned address lifetimes: a DNS answer's TTL, within these bounds, so
+// that a zero TTL still lets the connection that follows through and a
+// long one does not keep an address open after the name moved.
+const (
+	MinLearnedTTL = 30 * time.Second
+	MaxLearnedTTL = time.Hour
+)
+
+// MaxPolicyPrefixes bounds an EgressPolicy: every prefix is one rule a
+// forwarded packet may be matched against.
+const MaxPolicyPrefixes = 1024
+
+// Check refuses a policy with an invalid or non-IPv4 prefix or too many.
+func (p EgressPolicy) Check() error {
+	if len(p.Allow)+len(p.Deny) > MaxPolicyPrefixes {
+		return fmt.Errorf("%d prefixes; at most %d: %w", len(p.Allow)+len(p.Deny), MaxPolicyPrefixes, ErrInvalid)
+	}
+	for _, l := range [][]netip.Prefix{p.Allow, p.Deny} {
+		for _, x := range l {
+			if !x.IsValid() || !x.Addr().Is4() {
+				return fmt.Errorf("prefix %s is not an IPv4 prefix: %w", x, ErrInvalid)
+			}
+		}
+	}
+	return nil
 }
 
 // Net is one VM's network, as created by Setup or found by Open.

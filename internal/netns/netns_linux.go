@@ -257,6 +257,42 @@ func Open(ctx context.Context, id string) (*Net, error) {
 	return n, nil
 }
 
+// SetEgressPolicy replaces the VM's own egress policy, at once and for
+// connections made from now on (established ones keep going, as nftables
+// lets replies of accepted connections through). ErrNotFound if the VM
+// has no network with egress; the deny list stays whatever the policy.
+func SetEgressPolicy(ctx context.Context, id string, p EgressPolicy) error {
+	if !validID(id) {
+		return fmt.Errorf("id %q: %w", id, ErrInvalid)
+	}
+	if err := p.Check(); err != nil {
+		return err
+	}
+	nsh, err := vnetns.GetFromPath(filepath.Join(NetnsDir, NSPrefix+id))
+	if err != nil {
+		return fmt.Errorf("namespace of %s: %w", id, ErrNotFound)
+	}
+	defer nsh.Close()
+	return writePolicy(int(nsh), p)
+}
+
+// AllowLearned lets the VM's guest reach addrs (IPv4; others are ignored)
+// for ttl (clamped to MinLearnedTTL..MaxLearnedTTL) when its policy has
+// AllowLearned, still after the deny list. It fails once the VM holds
+// MaxLearned addresses.
+func AllowLearned(ctx context.Context, id string, addrs []netip.Addr, ttl time.Duration) error {
+	if !validID(id) {
+		return fmt.Errorf("id %q: %w", id, ErrInvalid)
+	}
+	ttl = min(max(ttl, MinLearnedTTL), MaxLearnedTTL)
+	nsh, err := vnetns.GetFromPath(filepath.Join(NetnsDir, NSPrefix+id))
+	if err != nil {
+		return fmt.Errorf("namespace of %s: %w", id, ErrNotFound)
+	}
+	defer nsh.Close()
+	return addLearned(int(nsh), addrs, ttl)
+}
+
 // Teardown removes everything Setup created. It is idempotent: missing
 // pieces are skipped, and calling it twice is fine. A QEMU still running in
 // the namespace keeps the namespace object alive until it exits, but the

@@ -558,3 +558,86 @@ func checkDials(t *testing.T, tests []dialCase) {
 		})
 	}
 }
+
+// TestEgressPolicy: a VM's own policy changes at runtime what its guest
+// reaches (deny, allow over deny, cleared), and never lifts the deny list.
+func TestEgressPolicy(t *testing.T) {
+	needRoot(t)
+	hostTableCleanup(t)
+	id := testID("ep")
+	n := setupVM(t, netns.Config{ID: id, Egress: true})
+	g := netnstest.StartGuest(t, n)
+	inet := internet(t, id)
+	// A server on a documentation range (denied to every guest), routed
+	// by the host like the stand-in internet.
+	doc := network(t, testID("epdoc"), "198.51.100")
+	netnstest.ServeTCP(t, doc, "198.51.100.1:9000", "doc")
+	ok := "internet from 192.88.99.254"
+	p := func(s ...string) []netip.Prefix {
+		var out []netip.Prefix
+		for _, x := range s {
+			out = append(out, netip.MustParsePrefix(x))
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name      string
+		policy    netns.EgressPolicy
+		inet, doc bool // reachable
+	}{
+		{"no policy", netns.EgressPolicy{}, true, false},
+		{"deny the destination", netns.EgressPolicy{Deny: p("192.88.99.0/24")}, false, false},
+		{"deny all but allow it", netns.EgressPolicy{Allow: p("192.88.99.1/32"), Deny: p("0.0.0.0/0")}, true, false},
+		{"allow another only", netns.EgressPolicy{Allow: p("8.8.8.8/32"), Deny: p("0.0.0.0/0")}, false, false},
+		{"allow cannot lift the deny list", netns.EgressPolicy{Allow: p("0.0.0.0/0", "198.51.100.0/24")}, true, false},
+		{"cleared", netns.EgressPolicy{}, true, false},
+	} {
+		if err := netns.SetEgressPolicy(context.Background(), id, tc.policy); err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		got, err := netnstest.Dial(g.NSPath, inet, 700*time.Millisecond)
+		if reached := err == nil && got == ok; reached != tc.inet {
+			t.Errorf("%s: dial %s = %q, %v; want reachable %v", tc.name, inet, got, err, tc.inet)
+		}
+		if got, err := netnstest.Dial(g.NSPath, "198.51.100.1:9000", 700*time.Millisecond); (err == nil) != tc.doc {
+			t.Errorf("%s: dial the documentation range = %q, %v; want reachable %v", tc.name, got, err, tc.doc)
+		}
+	}
+	// Learned addresses (a DNS answer for an allowed domain) pass a deny
+	// while the policy lets them, never past the deny list.
+	reach := func(addr string) bool {
+		_, err := netnstest.Dial(g.NSPath, addr, 700*time.Millisecond)
+		return err == nil
+	}
+	closed := netns.EgressPolicy{Deny: p("0.0.0.0/0"), AllowLearned: true}
+	if err := netns.SetEgressPolicy(context.Background(), id, closed); err != nil {
+		t.Fatal(err)
+	}
+	if reach(inet) {
+		t.Fatal("reached the internet before its address was learned")
+	}
+	learn := []netip.Addr{netip.MustParseAddr("192.88.99.1"), netip.MustParseAddr("198.51.100.1")}
+	if err := netns.AllowLearned(context.Background(), id, learn, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if !reach(inet) || reach("198.51.100.1:9000") {
+		t.Fatal("a learned address: want the internet reachable and the documentation range not")
+	}
+	if err := netns.SetEgressPolicy(context.Background(), id, netns.EgressPolicy{Deny: p("0.0.0.0/0")}); err != nil {
+		t.Fatal(err)
+	}
+	if err := netns.SetEgressPolicy(context.Background(), id, closed); err != nil {
+		t.Fatal(err)
+	}
+	if reach(inet) {
+		t.Fatal("learned addresses outlived a policy without AllowLearned")
+	}
+	if err := netns.SetEgressPolicy(context.Background(), id, netns.EgressPolicy{Deny: p("2001:db8::/32")}); !errors.Is(err, netns.ErrInvalid) {
+		t.Errorf("an IPv6 prefix: %v, want ErrInvalid", err)
+	}
+	noEgress := testID("epn")
+	setupVM(t, netns.Config{ID: noEgress})
+	if err := netns.SetEgressPolicy(context.Background(), noEgress, netns.EgressPolicy{}); !errors.Is(err, netns.ErrNotFound) {
+		t.Errorf("a VM without egress: %v, want ErrNotFound", err)
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"net/netip"
 	"os"
 	"time"
 )
@@ -18,6 +19,12 @@ func (n *Net) Teardown(ctx context.Context) error         { return errors.ErrUns
 func Teardown(ctx context.Context, id string) error       { return errors.ErrUnsupported }
 func Reconcile(ctx context.Context, keep func(id string) bool) ([]string, error) {
 	return nil, errors.ErrUnsupported
+}
+func SetEgressPolicy(ctx context.Context, id string, p EgressPolicy) error {
+	return errors.ErrUnsupported
+}
+func AllowLearned(ctx context.Context, id string, addrs []netip.Addr, ttl time.Duration) error {
+	return errors.ErrUnsupported
 }
 func RemoveHostRules() error                       { return errors.ErrUnsupported }
 func RestoreHost() (bool, error)                   { return false, errors.ErrUnsupported }

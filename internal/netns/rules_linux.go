@@ -5,6 +5,7 @@ package netns
 import (
 	"fmt"
 	"net/netip"
+	"time"
 
 	"github.com/google/nftables"
 	"github.com/google/nftables/binaryutil"
@@ -284,6 +285,13 @@ func writeVMTable(nsFd int, n *Net, cfg Config) error {
 		for _, p := range append(append([]netip.Prefix{}, DenyV4...), cfg.ExtraDeny...) {
 			add(eg, join(daddrIn(p), drop))
 		}
+		// The tenant's own policy (SetEgressPolicy), after the denies it
+		// can never lift.
+		c.AddChain(&nftables.Chain{Name: policyChain, Table: t})
+		if err := c.AddSet(&nftables.Set{Table: t, Name: learnedSet, KeyType: nftables.TypeIPAddr, HasTimeout: true, Size: MaxLearned}, nil); err != nil {
+			return fmt.Errorf("nftables set: %w", err)
+		}
+		add(eg, []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: policyChain}})
 		add(eg, accept)
 		add(fw, join(iif(TapName), oif(NSVethName), v4, []expr.Any{&expr.Verdict{Kind: expr.VerdictJump, Chain: "egress"}}))
 		gw := netip.PrefixFrom(GatewayAddr, 32)
@@ -326,4 +334,85 @@ func readEgress(nsFd int) (bool, error) {
 		}
 	}
 	return false, nil
+}
+
+// policyChain holds a VM's own egress policy (EgressPolicy); the egress
+// chain jumps to it after the deny list and accepts what it returns.
+const policyChain = "policy"
+
+// writePolicy replaces the rules of the VM table's policy chain in one
+// transaction: allowed prefixes are accepted first, then denied ones
+// dropped; the rest returns to the egress chain (accepted).
+func writePolicy(nsFd int, p EgressPolicy) error {
+	c, err := nftables.New(nftables.WithNetNSFd(nsFd))
+	if err != nil {
+		return fmt.Errorf("nftables: %w", err)
+	}
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return fmt.Errorf("listing chains: %w", err)
+	}
+	var ch *nftables.Chain
+	for _, x := range chains {
+		if x.Table.Name == TableName && x.Name == policyChain {
+			ch = x
+		}
+	}
+	if ch == nil {
+		return fmt.Errorf("the vm's network has no egress policy chain (no egress, or made by an older kiln): %w", ErrNotFound)
+	}
+	c.FlushChain(ch)
+	set, err := c.GetSetByName(ch.Table, learnedSet)
+	if err != nil {
+		return fmt.Errorf("the vm's network has no set of learned addresses (made by an older kiln): %w", ErrNotFound)
+	}
+	if p.AllowLearned {
+		c.AddRule(&nftables.Rule{Table: ch.Table, Chain: ch, Exprs: []expr.Any{
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: 16, Len: 4},
+			&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID},
+			&expr.Verdict{Kind: expr.VerdictAccept},
+		}})
+	} else {
+		c.FlushSet(set)
+	}
+	for _, a := range p.Allow {
+		c.AddRule(&nftables.Rule{Table: ch.Table, Chain: ch, Exprs: join(daddrIn(a), accept)})
+	}
+	for _, d := range p.Deny {
+		c.AddRule(&nftables.Rule{Table: ch.Table, Chain: ch, Exprs: join(daddrIn(d), drop)})
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("writing the vm's egress policy: %w", err)
+	}
+	return nil
+}
+
+// learnedSet holds the addresses a VM may reach because its DNS answers
+// named them for an allowed domain (AllowLearned), each for its TTL.
+const learnedSet = "learned4"
+
+// addLearned adds addresses to the VM table's learned set for ttl.
+func addLearned(nsFd int, addrs []netip.Addr, ttl time.Duration) error {
+	c, err := nftables.New(nftables.WithNetNSFd(nsFd))
+	if err != nil {
+		return fmt.Errorf("nftables: %w", err)
+	}
+	set, err := c.GetSetByName(&nftables.Table{Family: nftables.TableFamilyINet, Name: TableName}, learnedSet)
+	if err != nil {
+		return fmt.Errorf("the vm's network has no set of learned addresses: %w", ErrNotFound)
+	}
+	elems := make([]nftables.SetElement, 0, len(addrs))
+	for _, a := range addrs {
+		if a.Is4() {
+			b := a.As4()
+			elems = append(elems, nftables.SetElement{Key: b[:], Timeout: ttl})
+		}
+	}
+	if err := c.SetAddElements(set, elems); err != nil {
+		return err
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("adding learned addresses: %w", err)
+	}
+	return nil
 }

@@ -16,6 +16,26 @@ const (
 	HeaderE2BSandboxID   = "E2b-Sandbox-Id"
 	HeaderE2BSandboxPort = "E2b-Sandbox-Port"
 	HeaderEnvdToken      = "X-Access-Token"
+	// HeaderE2BTrafficToken carries a sandbox's traffic access token, which
+	// its guest ports need when it was made with allowPublicTraffic false.
+	HeaderE2BTrafficToken = "E2b-Traffic-Access-Token"
+)
+
+// Traffic is what an E2B-addressed request for a guest port (not envd's)
+// without an endpoint token may do, as Envd.Traffic decides it.
+type Traffic int
+
+const (
+	// TrafficNotE2B: the microVM is no E2B sandbox with a traffic policy;
+	// the endpoint token rules apply (a token is required).
+	TrafficNotE2B Traffic = iota
+	// TrafficPublic: E2B's public traffic; no token is needed.
+	TrafficPublic
+	// TrafficToken: the sandbox's traffic access token was given.
+	TrafficToken
+	// TrafficDenied: the sandbox needs its traffic access token, and the
+	// request's is missing or wrong.
+	TrafficDenied
 )
 
 // Envd routes E2B's in-sandbox API to a handler on the host instead of a
@@ -25,7 +45,48 @@ const (
 type Envd struct {
 	Port      uint16
 	Authorize func(tok, microvmID, account string) bool
-	Handler   http.Handler
+	// Signed, if set, admits a request without X-Access-Token that carries
+	// a ?signature= (E2B's signed /files URLs): nil error lets it through.
+	Signed  func(r *http.Request, microvmID, account string) error
+	Handler http.Handler
+	// Traffic, if set, decides E2B-addressed requests for other ports that
+	// carry no endpoint token, from the sandbox's allowPublicTraffic and
+	// the traffic token given (tok, "" if none). Never asked for the
+	// shell's port, which needs a shell token whatever E2B says.
+	Traffic func(ctx context.Context, microvmID, account, tok string) Traffic
+}
+
+// e2bTraffic decides an E2B-addressed request for a guest port without an
+// endpoint token: true when the sandbox lets it through (public, or its
+// traffic token matched; the token is then removed so the guest never
+// sees it); false when the endpoint token rules apply. A refusal is
+// answered here, with done true.
+func (s *Server) e2bTraffic(w http.ResponseWriter, r *http.Request, id string, port uint16) (through, done bool) {
+	if s.cfg.Envd == nil || s.cfg.Envd.Traffic == nil || port == ShellPort {
+		return false, false
+	}
+	tok := r.Header.Get(HeaderE2BTrafficToken)
+	if len(tok) > 512 {
+		writeError(w, http.StatusBadRequest, "token too long")
+		return false, true
+	}
+	tgt, err := s.cfg.Backend.Lookup(r.Context(), id)
+	if err != nil {
+		s.backendError(w, id, err)
+		return false, true
+	}
+	if tgt.Account == "" {
+		return false, false
+	}
+	switch s.cfg.Envd.Traffic(r.Context(), id, tgt.Account, tok) {
+	case TrafficPublic, TrafficToken:
+		r.Header.Del(HeaderE2BTrafficToken)
+		return true, false
+	case TrafficDenied:
+		writeError(w, http.StatusUnauthorized, "missing or invalid "+HeaderE2BTrafficToken+" (the sandbox's trafficAccessToken)")
+		return false, true
+	}
+	return false, false
 }
 
 // Account returns the account owning the microVM a request is routed to
@@ -83,7 +144,8 @@ func allDigits(s string) bool {
 // hands the request to the envd handler.
 func (s *Server) serveEnvd(w http.ResponseWriter, r *http.Request, id string) {
 	tok := r.Header.Get(HeaderEnvdToken)
-	if tok == "" {
+	signed := tok == "" && s.cfg.Envd.Signed != nil && r.URL.Query().Has("signature")
+	if tok == "" && !signed {
 		writeError(w, http.StatusUnauthorized, "missing "+HeaderEnvdToken+" (the sandbox's envdAccessToken)")
 		return
 	}
@@ -97,7 +159,16 @@ func (s *Server) serveEnvd(w http.ResponseWriter, r *http.Request, id string) {
 		s.backendError(w, id, err)
 		return
 	}
-	if tgt.Account == "" || !s.cfg.Envd.Authorize(tok, id, tgt.Account) {
+	switch {
+	case tgt.Account == "":
+		writeError(w, http.StatusUnauthorized, "invalid envd access token for this sandbox")
+		return
+	case signed:
+		if err := s.cfg.Envd.Signed(r, id, tgt.Account); err != nil {
+			writeError(w, http.StatusUnauthorized, err.Error())
+			return
+		}
+	case !s.cfg.Envd.Authorize(tok, id, tgt.Account):
 		writeError(w, http.StatusUnauthorized, "invalid envd access token for this sandbox")
 		return
 	}

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"context"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -85,6 +86,85 @@ func TestE2BRouting(t *testing.T) {
 			}
 			if tc.envd != "" && (got["account"] != "acct" || got["token"] != "") {
 				t.Fatalf("envd saw account %q and token %q", got["account"], got["token"])
+			}
+		})
+	}
+}
+
+// TestE2BTraffic: E2B-addressed requests for guest ports without an
+// endpoint token pass for a public sandbox, and for one that needs its
+// traffic token only with it; anything else (no E2B sandbox, the shell's
+// port, a VM without ingress) still needs a kiln token, and a refused
+// request wakes nothing. The guest never sees a token.
+func TestE2BTraffic(t *testing.T) {
+	e := newEnvWith(t, func(c *Config) {
+		c.Envd = &Envd{Port: 49983, Handler: http.NotFoundHandler(), Authorize: func(string, string, string) bool { return false },
+			Traffic: func(_ context.Context, id, account, tok string) Traffic {
+				switch {
+				case account != "acct":
+					return TrafficNotE2B
+				case id == "vm1" || id == "noingress" || id == "sleepy":
+					return TrafficPublic
+				case id == "vm2" && tok == "traffic-vm2":
+					return TrafficToken
+				case id == "vm2":
+					return TrafficDenied
+				}
+				return TrafficNotE2B
+			}}
+	})
+	_, port, _ := strings.Cut(e.addr, ":")
+	all := []token.PortRange{token.AllPorts}
+	tests := []struct {
+		name, url string
+		headers   map[string]string
+		status    int
+		woken     bool
+	}{
+		{"public by host", "https://8080-vm1." + domain + "/", nil, 200, true},
+		{"public by headers", "https://127.0.0.1:" + port + "/", map[string]string{HeaderE2BSandboxID: "vm1", HeaderE2BSandboxPort: "9000"}, 200, true},
+		{"public, suspended: woken", "https://8080-sleepy." + domain + "/", nil, 200, true},
+		{"traffic token", "https://9000-vm2." + domain + "/", map[string]string{HeaderE2BTrafficToken: "traffic-vm2"}, 200, true},
+		{"no traffic token", "https://9000-vm2." + domain + "/", nil, 401, false},
+		{"wrong traffic token", "https://9000-vm2." + domain + "/", map[string]string{HeaderE2BTrafficToken: "traffic-vm1"}, 401, false},
+		{"endpoint token instead", "https://9000-vm2." + domain + "/",
+			map[string]string{HeaderAuth: e.mint(t, "acct", "vm2", token.KindEndpoint, all, time.Minute), HeaderE2BTrafficToken: "x"}, 200, true},
+		{"no E2B sandbox", "https://8080-otheracct." + domain + "/", nil, 401, false},
+		{"shell port of a public sandbox", "https://8022-vm1." + domain + "/", nil, 401, false},
+		{"public without ingress", "https://8080-noingress." + domain + "/", nil, 403, false},
+		{"public but not E2B-addressed", "https://vm1." + domain + "/", nil, 401, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			id := "vm1"
+			for _, c := range []string{"vm2", "sleepy", "otheracct", "noingress"} {
+				if strings.Contains(tc.url, c) || tc.headers[HeaderE2BSandboxID] == c {
+					id = c
+				}
+			}
+			before, _ := e.backend.counts(id)
+			req, _ := http.NewRequest("GET", tc.url, nil)
+			for k, v := range tc.headers {
+				req.Header.Set(k, v)
+			}
+			resp, err := e.client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			body, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != tc.status {
+				t.Fatalf("status %d (%s), want %d", resp.StatusCode, body, tc.status)
+			}
+			if after, _ := e.backend.counts(id); (after > before) != tc.woken {
+				t.Errorf("%s woken %v, want %v", id, after > before, tc.woken)
+			}
+			if tc.status == 200 {
+				var got map[string]any
+				json.Unmarshal(body, &got)
+				if got["traffic"] != "" || got["auth"] != "" {
+					t.Errorf("the guest saw tokens: %v", got)
+				}
 			}
 		})
 	}

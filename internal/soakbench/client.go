@@ -62,10 +62,10 @@ func isType(err error, t string) bool {
 // createImage builds the soak image. A boot of the build VM can time out
 // on a loaded TCG host; that is not what the soak tests, so a failed
 // build is tried again under another name, up to three times.
-func (c *client) createImage(ctx context.Context, codeZip string, timeout time.Duration) error {
+func (c *client) createImage(ctx context.Context, base, codeZip string, timeout time.Duration) error {
 	var errs []error
 	for i := 1; i <= 3; i++ {
-		name := fmt.Sprintf("%s-%d", imageName, i)
+		name := fmt.Sprintf("%s-%d", base, i)
 		err := c.buildImage(ctx, name, codeZip, timeout)
 		if err == nil {
 			c.image = name

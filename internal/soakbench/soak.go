@@ -96,25 +96,12 @@ func Run(ctx context.Context, o Options) (_ *Result, err error) {
 		}
 		o.App = bb
 	}
-	// Unix socket paths under the data directory must stay short.
-	work, err := os.MkdirTemp(o.Dir, "ksoak")
-	if err != nil {
-		return nil, fmt.Errorf("making the scratch directory: %w", err)
-	}
-	if !o.Keep {
+	work, data, err := ScratchDataDir(o.Dir, "ksoak", o.KernelDir)
+	if work != "" && !o.Keep {
 		defer os.RemoveAll(work)
 	}
-	// The data directory is named by its absolute path everywhere (the
-	// cgroup hash, QEMU command lines, mounts).
-	if work, err = filepath.Abs(work); err != nil {
+	if err != nil {
 		return nil, err
-	}
-	data := filepath.Join(work, "d")
-	if err := os.MkdirAll(data, 0o700); err != nil {
-		return nil, err
-	}
-	if err := os.Symlink(o.KernelDir, filepath.Join(data, "kernel")); err != nil {
-		return nil, fmt.Errorf("linking the kernel: %w", err)
 	}
 	code := filepath.Join(work, "code.zip")
 	if err := codePackage(code, o.App); err != nil {
@@ -144,7 +131,7 @@ func Run(ctx context.Context, o Options) (_ *Result, err error) {
 	c := &client{c: awscli.NewClient(srv.url(), "us-east-1", creds)}
 	c.c.HTTP.Timeout = 30 * time.Second
 
-	if err := c.createImage(ctx, code, o.StepTimeout+5*time.Minute); err != nil {
+	if err := c.createImage(ctx, imageName, code, o.StepTimeout+5*time.Minute); err != nil {
 		return nil, fmt.Errorf("building the soak image: %w\n%s", err, srv.tail())
 	}
 	fmt.Fprintf(o.Progress, "soak: image built in %s\n", time.Since(start).Round(time.Second))

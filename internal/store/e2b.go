@@ -27,7 +27,15 @@ type E2BSandbox struct {
 	TemplateID string
 	Metadata   map[string]string
 	EnvVars    map[string]string
-	CreatedAt  time.Time
+	// AllowOut and DenyOut are the sandbox's egress rules (IPv4 CIDR
+	// blocks), as last applied to its VM.
+	AllowOut []string
+	DenyOut  []string
+	// Traffic is how its ports are reached at PORT-ID.DOMAIN without a
+	// kiln endpoint token: "public", "token" (its traffic access token),
+	// or "" (not at all). Fixed at create.
+	Traffic   string
+	CreatedAt time.Time
 }
 
 // E2BKeyStore holds the E2B API's keys. Every Store has it, so that

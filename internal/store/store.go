@@ -248,7 +248,16 @@ type Microvm struct {
 	// placement is refused (AtEpoch), so that a host that lost the
 	// microVM cannot overwrite what the new one reports.
 	Epoch int64 `json:"epoch,omitempty"`
+	// OnDeadline is what the deadline controller does when DeadlineAt
+	// passes: "" terminates (the AWS API's maximumDurationInSeconds);
+	// DeadlineSuspend suspends a RUNNING microVM instead (E2B's autoPause)
+	// and gives it SuspendedRetention more before it is terminated.
+	OnDeadline string `json:"onDeadline,omitempty"`
 }
+
+// DeadlineSuspend is Microvm.OnDeadline for a microVM suspended, not
+// terminated, when its deadline passes.
+const DeadlineSuspend = "suspend"
 
 // ErrStaleEpoch is returned (wrapped, with errdefs.ErrConflict) by a change
 // made through AtEpoch when the record moved to another placement epoch.

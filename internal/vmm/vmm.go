@@ -112,6 +112,30 @@ type Template struct {
 	CreatedAt time.Time `json:"created_at"`
 }
 
+// Usage is what a running VM uses, measured on the host at At.
+type Usage struct {
+	At time.Time
+	// CPUTime is the CPU time (user and system) its process has used
+	// since it started: the guest's vCPUs and the emulation around them.
+	CPUTime time.Duration
+	// ResidentBytes is its process's resident memory: the guest pages it
+	// touched (shared template pages included) and the VMM's own.
+	ResidentBytes int64
+	// MemorySize is the guest's memory size.
+	MemorySize int64
+	// DiskAllocated is what the VM's own disk layer holds on the host:
+	// what it wrote over its template. DiskSize is the disk's size as the
+	// guest sees it.
+	DiskAllocated, DiskSize int64
+}
+
+// UsageReporter is implemented by drivers that can measure a running VM.
+type UsageReporter interface {
+	// Usage measures a running VM; ErrNotFound for an unknown one,
+	// ErrConflict for one not running. It has no side effects.
+	Usage(ctx context.Context, id string) (Usage, error)
+}
+
 // TemplateCopy asks for a copy of a template whose disk stands on another
 // root disk of the same content (the image builder's template cache keeps
 // one per key and hands out copies backed by each version's own root).

@@ -378,7 +378,9 @@ func (c *Client) handleResponse(m proto.Message) {
 
 func (c *Client) handleOutput(m proto.Message) {
 	var o proto.Output
-	if err := proto.DecodeBody(m, &o); err != nil || o.ExecID == 0 || (o.Stream != proto.Stdout && o.Stream != proto.Stderr) {
+	// A chunk is at most proto.MaxChunk: the agent reads that much per
+	// read, so anything larger is not an honest agent's.
+	if err := proto.DecodeBody(m, &o); err != nil || o.ExecID == 0 || (o.Stream != proto.Stdout && o.Stream != proto.Stderr) || len(m.Data) > proto.MaxChunk {
 		c.invalid.Add(1)
 		return
 	}
@@ -395,7 +397,8 @@ func (c *Client) handleOutput(m proto.Message) {
 
 func (c *Client) handleExit(m proto.Message) {
 	var e proto.Exit
-	if err := proto.DecodeBody(m, &e); err != nil || e.ExecID == 0 {
+	// An exit status is 0-255 (128+signal when killed), a signal 1-64.
+	if err := proto.DecodeBody(m, &e); err != nil || e.ExecID == 0 || e.Code < 0 || e.Code > 255 || e.Signal < 0 || e.Signal > 64 {
 		c.invalid.Add(1)
 		return
 	}
@@ -514,8 +517,13 @@ func (c *Client) Unmount(ctx context.Context) ([]proto.MountUsage, error) {
 // CopyIn extracts the tar stream into dstDir (an absolute guest path,
 // created if missing), one acknowledged chunk at a time.
 func (c *Client) CopyIn(ctx context.Context, dstDir string, tarStream io.Reader) error {
+	return c.CopyInAs(ctx, dstDir, "", tarStream)
+}
+
+// CopyInAs is CopyIn as user (see proto.CopyInOpen.User; "" is root).
+func (c *Client) CopyInAs(ctx context.Context, dstDir, user string, tarStream io.Reader) error {
 	var open proto.StreamResult
-	if err := c.call(ctx, proto.TypeCopyInOpen, proto.CopyInOpen{Dir: dstDir}, &open, nil); err != nil {
+	if err := c.call(ctx, proto.TypeCopyInOpen, proto.CopyInOpen{Dir: dstDir, User: user}, &open, nil); err != nil {
 		return err
 	}
 	buf := make([]byte, proto.MaxCopyChunk)
@@ -539,8 +547,13 @@ func (c *Client) CopyIn(ctx context.Context, dstDir string, tarStream io.Reader)
 // CopyOut writes a tar stream of srcPath (a guest file or directory; entry
 // names start with its base name) to w.
 func (c *Client) CopyOut(ctx context.Context, srcPath string, w io.Writer) error {
+	return c.CopyOutAs(ctx, srcPath, "", w)
+}
+
+// CopyOutAs is CopyOut as user (see proto.CopyOutOpen.User; "" is root).
+func (c *Client) CopyOutAs(ctx context.Context, srcPath, user string, w io.Writer) error {
 	var open proto.StreamResult
-	if err := c.call(ctx, proto.TypeCopyOutOpen, proto.CopyOutOpen{Path: srcPath}, &open, nil); err != nil {
+	if err := c.call(ctx, proto.TypeCopyOutOpen, proto.CopyOutOpen{Path: srcPath, User: user}, &open, nil); err != nil {
 		return err
 	}
 	for {

@@ -222,3 +222,50 @@ func TestConnectionLoss(t *testing.T) {
 	for range c.Logs() {
 	}
 }
+
+// TestAgentProcessFramesChecked: an exec answer with an impossible pid is
+// refused; an output chunk over proto.MaxChunk and an exit with an
+// impossible status or signal are dropped as invalid, so the process
+// still ends with its one honest exit.
+func TestAgentProcessFramesChecked(t *testing.T) {
+	f, conn := newFakeAgent(t)
+	go func() {
+		f.answerHello(proto.Version)
+		m := f.next()
+		f.send(proto.TypeResponse, m.ID, "", proto.ExecResult{ExecID: 3, Pid: 1 << 23})
+		m = f.next()
+		f.send(proto.TypeResponse, m.ID, "", proto.ExecResult{ExecID: 4, Pid: 42})
+		big, _ := proto.EncodeData(proto.TypeOutput, 0, "", proto.Output{ExecID: 4, Stream: proto.Stdout}, make([]byte, proto.MaxChunk+1))
+		f.raw(mustFrame(big))
+		ok, _ := proto.EncodeData(proto.TypeOutput, 0, "", proto.Output{ExecID: 4, Stream: proto.Stdout}, []byte("fine"))
+		f.raw(mustFrame(ok))
+		f.send(proto.TypeExit, 0, "", proto.Exit{ExecID: 4, Code: 1 << 20})
+		f.send(proto.TypeExit, 0, "", proto.Exit{ExecID: 4, Code: 137, Signal: 1000})
+		f.send(proto.TypeExit, 0, "", proto.Exit{ExecID: 4, Code: 7})
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := client.New(ctx, conn, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Exec(ctx, client.ExecRequest{Argv: []string{"x"}}); err == nil {
+		t.Fatal("Exec accepted pid 2^23")
+	}
+	p, err := c.Exec(ctx, client.ExecRequest{Argv: []string{"x"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []byte
+	for o := range p.Output() {
+		out = append(out, o.Data...)
+	}
+	code, err := p.Wait(ctx)
+	if err != nil || code != 7 || string(out) != "fine" {
+		t.Fatalf("exit %d %v, output %q; want 7 and only the honest chunk", code, err, out)
+	}
+	if n := c.InvalidFrames(); n < 3 {
+		t.Fatalf("InvalidFrames() = %d, want at least 3", n)
+	}
+}

@@ -43,7 +43,8 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest) (*Process, error) {
 		// On the read loop: register before the next frame (which may be
 		// this workload's first output) is handled.
 		var res proto.ExecResult
-		if err := proto.DecodeBody(m, &res); err != nil || res.ExecID == 0 {
+		// Linux pids are 1 to 2^22 (PID_MAX_LIMIT); envd names processes by pid.
+		if err := proto.DecodeBody(m, &res); err != nil || res.ExecID == 0 || res.Pid <= 0 || res.Pid > 1<<22 {
 			return
 		}
 		p = &Process{

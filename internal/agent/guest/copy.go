@@ -11,11 +11,10 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"strings"
-	"syscall"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/proto"
+	"github.com/kiln-sandbox/kiln/internal/tartree"
 	"golang.org/x/sys/unix"
 )
 
@@ -82,13 +81,15 @@ func (s *Server) copyInOpen(req proto.CopyInOpen) (proto.StreamResult, error) {
 	if !filepath.IsAbs(req.Dir) {
 		return proto.StreamResult{}, fmt.Errorf("copy in: destination %q is not absolute", req.Dir)
 	}
-	if err := os.MkdirAll(req.Dir, 0o755); err != nil {
+	if err := s.asUser(req.User, func() error { return os.MkdirAll(req.Dir, 0o755) }); err != nil {
 		return proto.StreamResult{}, fmt.Errorf("copy in: %w", err)
 	}
 	pr, pw := io.Pipe()
 	st := &copyStream{id: s.nextID.Add(1), in: pw, done: make(chan struct{})}
 	go func() {
-		st.err = extractTar(req.Dir, pr)
+		// As another user, entries belong to that user: no chown.
+		chown := req.User == "" && os.Getuid() == 0
+		st.err = s.asUser(req.User, func() error { return extractTar(req.Dir, pr, chown) })
 		// Unblock a writer if extraction stopped early, and drain nothing more.
 		if st.err != nil {
 			pr.CloseWithError(st.err)
@@ -139,13 +140,15 @@ func (s *Server) copyOutOpen(req proto.CopyOutOpen) (proto.StreamResult, error) 
 	if !filepath.IsAbs(req.Path) {
 		return proto.StreamResult{}, fmt.Errorf("copy out: source %q is not absolute", req.Path)
 	}
-	if _, err := os.Lstat(req.Path); err != nil {
+	if err := s.asUser(req.User, func() error { _, err := os.Lstat(req.Path); return err }); err != nil {
 		return proto.StreamResult{}, fmt.Errorf("copy out: %w", err)
 	}
 	pr, pw := io.Pipe()
 	st := &copyStream{id: s.nextID.Add(1), out: pr}
 	go func() {
-		pw.CloseWithError(writeTar(req.Path, pw))
+		pw.CloseWithError(s.asUser(req.User, func() error {
+			return tartree.WriteTar(pw, req.Path, filepath.Base(filepath.Clean(req.Path)))
+		}))
 	}()
 	s.addStream(st)
 	return proto.StreamResult{StreamID: st.id}, nil
@@ -177,14 +180,13 @@ func (s *Server) copyOutRead(ctx context.Context, req proto.StreamData) (proto.S
 
 // extractTar unpacks a tar stream under dir. Entry names are confined to dir
 // ("../" cannot climb out); ownership is kept when running as root.
-func extractTar(dir string, r io.Reader) error {
+func extractTar(dir string, r io.Reader, chown bool) error {
 	tr := tar.NewReader(r)
 	type dirTime struct {
 		path string
 		t    time.Time
 	}
 	var dirTimes []dirTime
-	root := os.Getuid() == 0
 	for {
 		hdr, err := tr.Next()
 		if errors.Is(err, io.EOF) {
@@ -252,7 +254,7 @@ func extractTar(dir string, r io.Reader) error {
 		default:
 			continue // xattrs, GNU extensions: nothing to create
 		}
-		if root {
+		if chown {
 			_ = os.Lchown(target, hdr.Uid, hdr.Gid)
 		}
 		if hdr.Typeflag != tar.TypeSymlink {
@@ -289,74 +291,4 @@ func replaceNonDir(path string) error {
 		return fmt.Errorf("%s: is a directory", path)
 	}
 	return os.Remove(path)
-}
-
-// writeTar writes path (a file or a directory tree) as a tar stream whose
-// entry names start with path's base name, like `docker cp`.
-func writeTar(path string, w io.Writer) error {
-	tw := tar.NewWriter(w)
-	base := filepath.Base(filepath.Clean(path))
-	links := map[[2]uint64]string{}
-	err := filepath.WalkDir(path, func(p string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		fi, err := d.Info()
-		if err != nil {
-			return err
-		}
-		rel, err := filepath.Rel(path, p)
-		if err != nil {
-			return err
-		}
-		name := base
-		if rel != "." {
-			name = base + "/" + filepath.ToSlash(rel)
-		}
-		link := ""
-		if fi.Mode()&fs.ModeSymlink != 0 {
-			if link, err = os.Readlink(p); err != nil {
-				return err
-			}
-		}
-		hdr, err := tar.FileInfoHeader(fi, link)
-		if err != nil {
-			return fmt.Errorf("%s: %w", p, err)
-		}
-		hdr.Name = name
-		if fi.IsDir() && !strings.HasSuffix(hdr.Name, "/") {
-			hdr.Name += "/"
-		}
-		hdr.Uname, hdr.Gname = "", ""
-		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
-			hdr.Uid, hdr.Gid = int(st.Uid), int(st.Gid)
-			if fi.Mode().IsRegular() && st.Nlink > 1 {
-				key := [2]uint64{st.Dev, st.Ino}
-				if first, ok := links[key]; ok {
-					hdr.Typeflag, hdr.Linkname, hdr.Size = tar.TypeLink, first, 0
-				} else {
-					links[key] = name
-				}
-			}
-		}
-		if err := tw.WriteHeader(hdr); err != nil {
-			return err
-		}
-		if hdr.Typeflag == tar.TypeReg {
-			f, err := os.Open(p)
-			if err != nil {
-				return err
-			}
-			_, err = io.CopyN(tw, f, hdr.Size)
-			f.Close()
-			if err != nil {
-				return fmt.Errorf("reading %s: %w", p, err)
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return fmt.Errorf("archiving %s: %w", path, err)
-	}
-	return tw.Close()
 }

@@ -80,6 +80,7 @@ type Server struct {
 	mu      sync.Mutex
 	execs   map[uint64]*execState
 	streams map[uint64]*copyStream
+	watches map[uint64]*watch
 	frozen  bool
 	bootID  string // cached by the first hello
 
@@ -108,6 +109,7 @@ func NewServer(cfg Config) *Server {
 		reaper:  newReaper(),
 		execs:   map[uint64]*execState{},
 		streams: map[uint64]*copyStream{},
+		watches: map[uint64]*watch{},
 		sem:     make(chan struct{}, 256),
 	}
 }
@@ -255,6 +257,7 @@ func (s *Server) hello(m proto.Message) {
 	s.epoch.Add(1)
 	s.out.purgeCtrl()
 	s.closeStreams()
+	s.closeWatches()
 	if h.Version != proto.Version {
 		s.reply(m.ID, proto.HelloResult{Version: proto.Version, Nonce: h.Nonce},
 			fmt.Errorf("protocol version mismatch: host %d, agent %d", h.Version, proto.Version))
@@ -364,6 +367,31 @@ func (s *Server) handle(ctx context.Context, m proto.Message) (any, error) {
 			return nil, err
 		}
 		return listDir(req)
+	case proto.TypeFileOp:
+		var req proto.FileOpRequest
+		if err := proto.DecodeBody(m, &req); err != nil {
+			return nil, err
+		}
+		return s.fileOp(req)
+	case proto.TypeWatchOpen:
+		var req proto.WatchOpen
+		if err := proto.DecodeBody(m, &req); err != nil {
+			return nil, err
+		}
+		return s.watchOpen(req)
+	case proto.TypeWatchRead:
+		var req proto.WatchRead
+		if err := proto.DecodeBody(m, &req); err != nil {
+			return nil, err
+		}
+		return s.watchRead(ctx, req)
+	case proto.TypeWatchClose:
+		var req proto.StreamClose
+		if err := proto.DecodeBody(m, &req); err != nil {
+			return nil, err
+		}
+		s.closeWatch(req.StreamID)
+		return nil, nil
 	case proto.TypeMount:
 		var req proto.MountRequest
 		if err := proto.DecodeBody(m, &req); err != nil {

@@ -304,12 +304,17 @@ type HTTPResult struct {
 // each answered once written, the last one with EOF set.
 type CopyInOpen struct {
 	Dir string `json:"dir"`
+	// User, when set, extracts as that user (see FileOpRequest): the
+	// user's permissions apply and what is made belongs to the user.
+	User string `json:"user,omitempty"`
 }
 
 // CopyOutOpen starts a tar stream of Path (a file or a directory). The host
 // pulls it with TypeCopyOutRead until EOF.
 type CopyOutOpen struct {
 	Path string `json:"path"`
+	// User, when set, reads as that user (see FileOpRequest).
+	User string `json:"user,omitempty"`
 }
 
 // StreamResult answers an open request.

@@ -48,6 +48,12 @@ func (a oneAgent) Agent(context.Context, string) (*client.Client, error) { retur
 
 func newAgent(t *testing.T) *client.Client {
 	t.Helper()
+	return newAgentWith(t, guest.Config{})
+}
+
+// newAgentWith is newAgent with cfg (its System and ExitGrace are set).
+func newAgentWith(t *testing.T, cfg guest.Config) *client.Client {
+	t.Helper()
 	testenv.NeedRoot(t, "the guest agent runs workloads as root")
 	dir := t.TempDir()
 	l, err := net.Listen("unix", filepath.Join(dir, "s"))
@@ -62,7 +68,8 @@ func newAgent(t *testing.T) *client.Client {
 		t.Fatal(err)
 	}
 	guestSide := <-ch
-	srv := guest.NewServer(guest.Config{System: hostSystem{}, ExitGrace: 200 * time.Millisecond})
+	cfg.System, cfg.ExitGrace = hostSystem{}, 200*time.Millisecond
+	srv := guest.NewServer(cfg)
 	ctx, cancel := context.WithCancel(context.Background())
 	go srv.Reap(ctx)
 	go srv.Serve(ctx, guestSide, guestSide)

@@ -47,7 +47,8 @@ func TestStreamRequest(t *testing.T) {
 		"no cmd":      {envelope(0, `{"process":{"cmd":""}}`), contentStream, "invalid_argument"},
 		"nul in arg":  {envelope(0, `{"process":{"cmd":"a","args":["b\u0000"]}}`), contentStream, "invalid_argument"},
 		"env has '='": {envelope(0, `{"process":{"cmd":"a","envs":{"A=B":"c"}}}`), contentStream, "invalid_argument"},
-		"pty":         {envelope(0, `{"process":{"cmd":"a"},"pty":{"size":{"cols":80,"rows":24}}}`), contentStream, "unimplemented"},
+		"pty":         {envelope(0, `{"process":{"cmd":"a"},"pty":{"size":{"cols":80,"rows":24}}}`), contentStream, ""},
+		"pty no size": {envelope(0, `{"process":{"cmd":"a"},"pty":{}}`), contentStream, "invalid_argument"},
 	}
 	for name, tc := range cases {
 		w := req(tc.body, tc.ct)

@@ -51,19 +51,9 @@ func filePath(p, user string) (string, *rpcError) {
 	return p, nil
 }
 
-// fileUser checks the user a file call acts as: kiln writes files as root
-// for now (ownership by name needs the guest's /etc/passwd).
-func fileUser(r *http.Request) (string, *rpcError) {
-	u := userOf(r)
-	if u != "" && u != "root" {
-		return "", errf(codeInvalidArgument, "kiln's envd reads and writes files as root only yet, not as %q", u)
-	}
-	return u, nil
-}
-
 // download is GET /files?path=: the file's bytes.
 func (h *Handler) download(w http.ResponseWriter, r *http.Request) {
-	user, e := fileUser(r)
+	user, e := callUser(r)
 	if e != nil {
 		httpError(w, e)
 		return
@@ -84,7 +74,7 @@ func (h *Handler) download(w http.ResponseWriter, r *http.Request) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		pw.CloseWithError(a.CopyOut(ctx, p, pw))
+		pw.CloseWithError(a.CopyOutAs(ctx, p, user, pw))
 	}()
 	defer func() { pr.CloseWithError(errors.New("download ended")); cancel(); <-done }()
 	size, body, e := fileFromTar(pr, path.Base(p))
@@ -133,9 +123,10 @@ type writtenEntry struct {
 // upload is POST /files: multipart/form-data parts named "file" (each
 // written to ?path=, or to its file name when no path is given), or a raw
 // application/octet-stream body written to ?path=. Parent directories are
-// made; an existing file is replaced.
+// made; an existing file is replaced. As another user than root, the
+// guest writes with that user's permissions and the files are its own.
 func (h *Handler) upload(w http.ResponseWriter, r *http.Request) {
-	user, e := fileUser(r)
+	user, e := callUser(r)
 	if e != nil {
 		httpError(w, e)
 		return
@@ -165,7 +156,7 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request) {
 			}
 			pw.CloseWithError(err)
 		}()
-		if err := a.CopyIn(ctx, path.Dir(p), pr); err != nil {
+		if err := a.CopyInAs(ctx, path.Dir(p), user, pr); err != nil {
 			pr.CloseWithError(err)
 			return classify(fmt.Errorf("writing %s: %w", p, err))
 		}

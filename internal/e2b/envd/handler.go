@@ -32,6 +32,9 @@ type Config struct {
 	// Target names the microVM and account of a request (set by the
 	// endpoint proxy: proxy.MicrovmID, proxy.Account).
 	Target func(ctx context.Context) (microvmID, account string)
+	// MaxProcesses bounds the processes envd runs at once per sandbox
+	// (each holds output buffers on the host); 0 is 256.
+	MaxProcesses int
 }
 
 // Handler is envd for every sandbox.
@@ -39,31 +42,37 @@ type Handler struct {
 	cfg Config
 	mux *http.ServeMux
 
-	mu    sync.Mutex
-	procs map[string]map[uint32]*tracked // microVM → pid → process
-}
+	mu       sync.Mutex
+	procs    map[string]map[uint32]*proc // microVM → pid → running process
+	starting map[string]int              // microVM → processes being started
 
-// tracked is a process envd started, until it ends.
-type tracked struct {
-	p   *client.Process
-	cfg processConfig
-	tag string
+	watchers watchers
 }
-
-// maxTracked bounds the processes tracked per sandbox.
-const maxTracked = 1024
 
 // New returns envd.
 func New(cfg Config) *Handler {
-	h := &Handler{cfg: cfg, mux: http.NewServeMux(), procs: map[string]map[uint32]*tracked{}}
+	if cfg.MaxProcesses <= 0 {
+		cfg.MaxProcesses = 256
+	}
+	h := &Handler{cfg: cfg, mux: http.NewServeMux(), procs: map[string]map[uint32]*proc{}, starting: map[string]int{}}
 	h.mux.HandleFunc("GET /health", func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(http.StatusNoContent) })
 	h.mux.HandleFunc("POST /process.Process/Start", h.start)
 	h.mux.HandleFunc("POST /process.Process/List", h.list)
 	h.mux.HandleFunc("POST /process.Process/SendInput", h.sendInput)
 	h.mux.HandleFunc("POST /process.Process/CloseStdin", h.closeStdin)
 	h.mux.HandleFunc("POST /process.Process/SendSignal", h.sendSignal)
+	h.mux.HandleFunc("POST /process.Process/Connect", h.connect)
+	h.mux.HandleFunc("POST /process.Process/Update", h.update)
+	h.mux.HandleFunc("POST /process.Process/StreamInput", h.streamInput)
 	h.mux.HandleFunc("POST /filesystem.Filesystem/ListDir", h.listDir)
 	h.mux.HandleFunc("POST /filesystem.Filesystem/Stat", h.stat)
+	h.mux.HandleFunc("POST /filesystem.Filesystem/MakeDir", h.makeDir)
+	h.mux.HandleFunc("POST /filesystem.Filesystem/Move", h.move)
+	h.mux.HandleFunc("POST /filesystem.Filesystem/Remove", h.remove)
+	h.mux.HandleFunc("POST /filesystem.Filesystem/WatchDir", h.watchDir)
+	h.mux.HandleFunc("POST /filesystem.Filesystem/CreateWatcher", h.createWatcher)
+	h.mux.HandleFunc("POST /filesystem.Filesystem/GetWatcherEvents", h.getWatcherEvents)
+	h.mux.HandleFunc("POST /filesystem.Filesystem/RemoveWatcher", h.removeWatcher)
 	h.mux.HandleFunc("GET /files", h.download)
 	h.mux.HandleFunc("POST /files", h.upload)
 	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
-	"github.com/kiln-sandbox/kiln/internal/agent/proto"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 )
 
@@ -27,9 +26,29 @@ type processConfig struct {
 // startRequest is process.StartRequest.
 type startRequest struct {
 	Process *processConfig `json:"process"`
-	Pty     *struct{}      `json:"pty"`
+	Pty     *ptyConfig     `json:"pty"`
 	Tag     *string        `json:"tag"`
 	Stdin   *bool          `json:"stdin"`
+}
+
+// ptyConfig is process.PTY.
+type ptyConfig struct {
+	Size *struct {
+		Cols uint32 `json:"cols"`
+		Rows uint32 `json:"rows"`
+	} `json:"size"`
+}
+
+// maxPtySide bounds a terminal's columns and rows (the kernel's winsize
+// holds 16 bits; no real terminal comes near this).
+const maxPtySide = 4096
+
+// size checks a PTY size: both sides set and within maxPtySide.
+func (c *ptyConfig) size() (cols, rows uint16, e *rpcError) {
+	if c == nil || c.Size == nil || c.Size.Cols == 0 || c.Size.Rows == 0 || c.Size.Cols > maxPtySide || c.Size.Rows > maxPtySide {
+		return 0, 0, errf(codeInvalidArgument, "pty.size needs cols and rows from 1 to %d", maxPtySide)
+	}
+	return uint16(c.Size.Cols), uint16(c.Size.Rows), nil
 }
 
 // Bounds of a command: what the kernel's argv and environment can take.
@@ -45,8 +64,6 @@ func checkStart(req startRequest) *rpcError {
 	switch {
 	case c == nil || c.Cmd == "":
 		return errf(codeInvalidArgument, "process.cmd is required")
-	case req.Pty != nil:
-		return errf(codeUnimplemented, "kiln's envd does not run PTY processes yet")
 	case len(c.Args) > maxArgs || len(c.Envs) > maxEnvs:
 		return errf(codeInvalidArgument, "at most %d arguments and %d environment variables", maxArgs, maxEnvs)
 	case req.Tag != nil && len(*req.Tag) > 256:
@@ -61,6 +78,11 @@ func checkStart(req startRequest) *rpcError {
 	for k, v := range c.Envs {
 		n += len(k) + len(v) + 2
 		bad = bad || k == "" || strings.ContainsAny(k, "=\x00") || strings.ContainsRune(v, 0)
+	}
+	if req.Pty != nil {
+		if _, _, e := req.Pty.size(); e != nil {
+			return e
+		}
 	}
 	if c.Cwd != nil {
 		bad = bad || len(*c.Cwd) > 4096 || strings.ContainsRune(*c.Cwd, 0)
@@ -89,6 +111,7 @@ type startEvent struct {
 type dataEvent struct {
 	Stdout []byte `json:"stdout,omitempty"` // base64 in JSON, as protobuf bytes
 	Stderr []byte `json:"stderr,omitempty"`
+	Pty    []byte `json:"pty,omitempty"`
 }
 
 type endEvent struct {
@@ -150,68 +173,40 @@ func (h *Handler) start(w http.ResponseWriter, r *http.Request) {
 	if req.Process.Cwd != nil && *req.Process.Cwd != "" {
 		cwd = resolvePath(*req.Process.Cwd, homeOf(user))
 	}
+	tty := req.Pty != nil
+	var cols, rows uint16
+	if tty {
+		cols, rows, _ = req.Pty.size() // checked by checkStart
+	}
+	if e := h.reserve(id); e != nil {
+		startStream(w).end(e)
+		return
+	}
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	p, err := a.Exec(sctx, client.ExecRequest{Argv: append([]string{req.Process.Cmd}, req.Process.Args...),
-		Env: envList, Cwd: cwd, User: user, Stdin: req.Stdin != nil && *req.Stdin})
+		Env: envList, Cwd: cwd, User: user, Stdin: tty || req.Stdin != nil && *req.Stdin, TTY: tty, Cols: cols, Rows: rows})
 	cancel()
 	s := startStream(w)
 	if err != nil {
+		h.release(id)
 		s.end(classify(fmt.Errorf("starting %s: %w", req.Process.Cmd, err)))
 		return
 	}
-	pid := uint32(p.Pid())
 	tag := ""
 	if req.Tag != nil {
 		tag = *req.Tag
 	}
-	h.track(id, pid, &tracked{p: p, cfg: *req.Process, tag: tag})
-	defer h.untrack(id, pid, p)
+	pr := newProc(p, *req.Process, tag, tty)
+	// Subscribe before the fan-out starts: the starting stream misses nothing.
+	sub, _ := pr.subscribe()
+	defer pr.unsubscribe(sub)
+	pid := uint32(p.Pid())
+	h.track(id, pid, pr)
+	go h.fanOut(id, pid, pr)
 	if s.send(startResponse{processEvent{Start: &startEvent{Pid: pid}}}) != nil {
 		return
 	}
-	s.end(h.pump(ctx, s, p, keepalive(r)))
-}
-
-// pump streams a process's output until it ends or the client goes; the
-// process goes on without a client, as with E2B.
-func (h *Handler) pump(ctx context.Context, s *stream, p *client.Process, every time.Duration) *rpcError {
-	tick := time.NewTicker(every)
-	defer tick.Stop()
-	for {
-		select {
-		case o, ok := <-p.Output():
-			if !ok {
-				code, err := p.Wait(context.WithoutCancel(ctx))
-				if err != nil {
-					return errf(codeUnavailable, "lost the sandbox while the process ran: %v", err)
-				}
-				end := &endEvent{ExitCode: int32(code), Exited: true, Status: fmt.Sprintf("exit status %d", code)}
-				if sig := p.ExitSignal(); sig != 0 {
-					end.Exited, end.Status = false, fmt.Sprintf("signal: %d", sig)
-				}
-				if s.send(startResponse{processEvent{End: end}}) != nil {
-					return nil
-				}
-				return nil
-			}
-			d := &dataEvent{Stdout: o.Data}
-			if o.Stream == proto.Stderr {
-				d = &dataEvent{Stderr: o.Data}
-			}
-			if len(o.Data) == 0 {
-				continue
-			}
-			if s.send(startResponse{processEvent{Data: d}}) != nil {
-				return nil
-			}
-		case <-tick.C:
-			if s.send(startResponse{processEvent{Keepalive: &struct{}{}}}) != nil {
-				return nil
-			}
-		case <-ctx.Done():
-			return nil
-		}
-	}
+	s.end(follow(ctx, s, pr, sub, keepalive(r)))
 }
 
 func (h *Handler) sandboxEnv(ctx context.Context, account, id string) (map[string]string, error) {
@@ -229,23 +224,48 @@ func (h *Handler) sandboxEnv(ctx context.Context, account, id string) (map[strin
 	return env, nil
 }
 
-func (h *Handler) track(id string, pid uint32, t *tracked) {
+// reserve counts a process about to start against the sandbox's bound.
+func (h *Handler) reserve(id string) *rpcError {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	m := h.procs[id]
-	if m == nil {
-		m = map[uint32]*tracked{}
-		h.procs[id] = m
+	if len(h.procs[id])+h.starting[id] >= h.cfg.MaxProcesses {
+		return errf(codeResourceExhaust, "sandbox %s already runs %d processes started through envd; wait for some to end or kill them", id, h.cfg.MaxProcesses)
 	}
-	if len(m) < maxTracked {
-		m[pid] = t
+	h.starting[id]++
+	return nil
+}
+
+func (h *Handler) release(id string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.releaseLocked(id)
+}
+
+func (h *Handler) releaseLocked(id string) {
+	if h.starting[id]--; h.starting[id] <= 0 {
+		delete(h.starting, id)
 	}
 }
 
-func (h *Handler) untrack(id string, pid uint32, p *client.Process) {
+// track turns a reservation into a tracked process. A pid the guest
+// reports twice replaces the older entry, whose fan-out then leaves the
+// map alone (untrack compares).
+func (h *Handler) track(id string, pid uint32, pr *proc) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if t := h.procs[id][pid]; t != nil && t.p == p {
+	h.releaseLocked(id)
+	m := h.procs[id]
+	if m == nil {
+		m = map[uint32]*proc{}
+		h.procs[id] = m
+	}
+	m[pid] = pr
+}
+
+func (h *Handler) untrack(id string, pid uint32, pr *proc) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.procs[id][pid] == pr {
 		delete(h.procs[id], pid)
 		if len(h.procs[id]) == 0 {
 			delete(h.procs, id)
@@ -259,7 +279,7 @@ type selector struct {
 	Tag *string `json:"tag"`
 }
 
-func (h *Handler) find(id string, sel *selector) (*tracked, *rpcError) {
+func (h *Handler) find(id string, sel *selector) (*proc, *rpcError) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if sel != nil && sel.Pid != nil {
@@ -309,7 +329,7 @@ func (h *Handler) list(w http.ResponseWriter, r *http.Request) {
 
 // onProcess decodes a unary request into req, finds the process its
 // selector names, and answers with what fn does to it.
-func (h *Handler) onProcess(w http.ResponseWriter, r *http.Request, req any, sel func() *selector, fn func(context.Context, *tracked) *rpcError) {
+func (h *Handler) onProcess(w http.ResponseWriter, r *http.Request, req any, sel func() *selector, fn func(context.Context, *proc) *rpcError) {
 	if e := readUnary(w, r, req); e != nil {
 		writeUnaryError(w, e)
 		return
@@ -329,22 +349,38 @@ func (h *Handler) onProcess(w http.ResponseWriter, r *http.Request, req any, sel
 	writeUnary(w, struct{}{})
 }
 
+// processInput is process.ProcessInput: one of stdin and pty.
+type processInput struct {
+	Stdin []byte `json:"stdin"`
+	Pty   []byte `json:"pty"`
+}
+
+// write sends input to a process: pty input only to a PTY, stdin to
+// either (a PTY's input is its stdin).
+func (in *processInput) write(ctx context.Context, t *proc) *rpcError {
+	switch {
+	case in == nil || in.Stdin == nil && in.Pty == nil:
+		return errf(codeInvalidArgument, "input.stdin or input.pty is required")
+	case in.Pty != nil && !t.pty:
+		return errf(codeInvalidArgument, "input.pty is for PTY processes; this one was started without a pty: send input.stdin")
+	}
+	data := in.Stdin
+	if in.Pty != nil {
+		data = in.Pty
+	}
+	if err := t.p.Write(ctx, data); err != nil {
+		return classify(err)
+	}
+	return nil
+}
+
 func (h *Handler) sendInput(w http.ResponseWriter, r *http.Request) {
 	var req struct {
-		Process *selector `json:"process"`
-		Input   *struct {
-			Stdin []byte `json:"stdin"`
-			Pty   []byte `json:"pty"`
-		} `json:"input"`
+		Process *selector     `json:"process"`
+		Input   *processInput `json:"input"`
 	}
-	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *tracked) *rpcError {
-		if req.Input == nil || req.Input.Pty != nil {
-			return errf(codeInvalidArgument, "input.stdin is required (kiln runs no PTY processes yet)")
-		}
-		if err := t.p.Write(ctx, req.Input.Stdin); err != nil {
-			return classify(err)
-		}
-		return nil
+	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *proc) *rpcError {
+		return req.Input.write(ctx, t)
 	})
 }
 
@@ -352,7 +388,7 @@ func (h *Handler) closeStdin(w http.ResponseWriter, r *http.Request) {
 	var req struct {
 		Process *selector `json:"process"`
 	}
-	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *tracked) *rpcError {
+	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *proc) *rpcError {
 		if err := t.p.CloseStdin(ctx); err != nil {
 			return classify(err)
 		}
@@ -383,7 +419,7 @@ func (h *Handler) sendSignal(w http.ResponseWriter, r *http.Request) {
 		Process *selector `json:"process"`
 		Signal  any       `json:"signal"`
 	}
-	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *tracked) *rpcError {
+	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *proc) *rpcError {
 		sig, ok := signalOf(req.Signal)
 		if !ok {
 			return errf(codeInvalidArgument, "signal must be SIGNAL_SIGKILL or SIGNAL_SIGTERM")

@@ -48,10 +48,14 @@ type e2bSandboxData struct {
 	TemplateID string            `json:"templateId"`
 	Metadata   map[string]string `json:"metadata,omitempty"`
 	EnvVars    map[string]string `json:"envVars,omitempty"`
+	AllowOut   []string          `json:"allowOut,omitempty"`
+	DenyOut    []string          `json:"denyOut,omitempty"`
+	Traffic    string            `json:"traffic,omitempty"`
 }
 
 func (s *Store) PutE2BSandbox(ctx context.Context, sb store.E2BSandbox) error {
-	data := mustJSON(e2bSandboxData{TemplateID: sb.TemplateID, Metadata: sb.Metadata, EnvVars: sb.EnvVars})
+	data := mustJSON(e2bSandboxData{TemplateID: sb.TemplateID, Metadata: sb.Metadata, EnvVars: sb.EnvVars,
+		AllowOut: sb.AllowOut, DenyOut: sb.DenyOut, Traffic: sb.Traffic})
 	_, err := s.db.Writer().Exec(ctx, `INSERT INTO e2b_sandboxes (id, account, data, created_at) VALUES (?, ?, ?, ?)
 		ON CONFLICT (id) DO UPDATE SET data = excluded.data WHERE e2b_sandboxes.account = excluded.account`,
 		sb.ID, sb.Account, data, sb.CreatedAt.UnixNano())
@@ -73,6 +77,7 @@ func scanE2BSandbox(sc Row) (store.E2BSandbox, error) {
 		return sb, err
 	}
 	sb.TemplateID, sb.Metadata, sb.EnvVars = d.TemplateID, d.Metadata, d.EnvVars
+	sb.AllowOut, sb.DenyOut, sb.Traffic = d.AllowOut, d.DenyOut, d.Traffic
 	sb.CreatedAt = time.Unix(0, created).UTC()
 	return sb, nil
 }

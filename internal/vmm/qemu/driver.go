@@ -38,7 +38,9 @@ type Config struct {
 	QEMUImg     string // qemu-img unless set
 	KernelDir   string // DataDir/kernel unless set (made by the set-up step)
 	AgentBinary string // the static kiln-agent put into the initramfs
-	// BootTimeout bounds a cold boot until the agent answers.
+	// BootTimeout bounds a cold boot until the agent answers: 60 s under
+	// KVM, 3 minutes under TCG unless set, since a translated boot on a
+	// busy host (several builds at once) can take a minute on its own.
 	BootTimeout time.Duration
 	// BootIDPath is where the host's boot id is read (default
 	// /proc/sys/kernel/random/boot_id); tests point it at a file to
@@ -92,9 +94,6 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 	if cfg.AgentBinary == "" {
 		cfg.AgentBinary = DefaultAgentBinary(cfg.DataDir)
 	}
-	if cfg.BootTimeout == 0 {
-		cfg.BootTimeout = 60 * time.Second
-	}
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
@@ -108,6 +107,12 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 	ver, err := qemuVersion(ctx, cfg.QEMU)
 	if err != nil {
 		return nil, err
+	}
+	if cfg.BootTimeout == 0 {
+		cfg.BootTimeout = 60 * time.Second
+		if accel == vmm.AccelTCG {
+			cfg.BootTimeout = 3 * time.Minute
+		}
 	}
 	machine, cpu := machineFor(accel)
 	var features string

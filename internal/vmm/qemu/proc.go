@@ -127,21 +127,31 @@ func (p *proc) waitExit(grace time.Duration) {
 	}
 }
 
-// procStartTime reads field 22 of /proc/PID/stat.
-func procStartTime(pid int) (uint64, error) {
+// procStat returns the fields of /proc/PID/stat from field 3 on (f[0] is
+// field 3, the state; field n is f[n-3]).
+func procStat(pid int) ([]string, error) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	// The command name (field 2) may hold spaces and parentheses; fields
 	// after the last ')' are plain.
 	i := bytes.LastIndexByte(b, ')')
 	if i < 0 {
-		return 0, errors.New("malformed stat")
+		return nil, errors.New("malformed stat")
 	}
 	f := strings.Fields(string(b[i+1:]))
-	if len(f) < 20 {
-		return 0, errors.New("malformed stat")
+	if len(f) < 22 {
+		return nil, errors.New("malformed stat")
+	}
+	return f, nil
+}
+
+// procStartTime reads field 22 of /proc/PID/stat.
+func procStartTime(pid int) (uint64, error) {
+	f, err := procStat(pid)
+	if err != nil {
+		return 0, err
 	}
 	return strconv.ParseUint(f[19], 10, 64)
 }

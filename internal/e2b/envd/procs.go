@@ -1,0 +1,295 @@
+package envd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/agent/proto"
+)
+
+// Bounds of what one process holds on the host: the streams attached to
+// it (its Start stream and Connect streams) and the events queued for each
+// (a chunk is at most proto.MaxChunk, so 2 MiB per slow stream).
+const (
+	maxSubscribers = 8
+	subBuffer      = 32
+)
+
+// proc is a process envd started. One goroutine (fanOut) reads its output
+// from the agent and hands each chunk to every attached stream, so a
+// process outlives the stream that started it and can be reattached
+// (Connect), as with E2B's envd. Output nobody is attached to is dropped.
+type proc struct {
+	p   *client.Process
+	cfg processConfig
+	tag string
+	pty bool
+
+	mu   sync.Mutex
+	subs map[chan processEvent]struct{}
+	// end is the End event, or endErr why the process was lost; both are
+	// valid once done is closed.
+	end    *endEvent
+	endErr *rpcError
+	done   chan struct{}
+}
+
+func newProc(p *client.Process, cfg processConfig, tag string, pty bool) *proc {
+	return &proc{p: p, cfg: cfg, tag: tag, pty: pty, subs: map[chan processEvent]struct{}{}, done: make(chan struct{})}
+}
+
+// subscribe attaches a stream. It fails once the process has ended or
+// when maxSubscribers are attached.
+func (pr *proc) subscribe() (chan processEvent, *rpcError) {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	select {
+	case <-pr.done:
+		return nil, errf(codeNotFound, "the process has ended")
+	default:
+	}
+	if len(pr.subs) >= maxSubscribers {
+		return nil, errf(codeResourceExhaust, "%d streams are already attached to this process", maxSubscribers)
+	}
+	ch := make(chan processEvent, subBuffer)
+	pr.subs[ch] = struct{}{}
+	return ch, nil
+}
+
+func (pr *proc) unsubscribe(ch chan processEvent) {
+	pr.mu.Lock()
+	delete(pr.subs, ch)
+	pr.mu.Unlock()
+}
+
+// broadcast never blocks on a slow stream: its oldest event goes.
+func (pr *proc) broadcast(ev processEvent) {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	for ch := range pr.subs {
+		for {
+			select {
+			case ch <- ev:
+			default:
+				select {
+				case <-ch:
+				default:
+				}
+				continue
+			}
+			break
+		}
+	}
+}
+
+// fanOut runs for the life of a process: it spreads its output and, at
+// its end, stops tracking it and records the End event (in that order: a
+// client that saw the end finds the pid gone).
+func (h *Handler) fanOut(id string, pid uint32, pr *proc) {
+	for o := range pr.p.Output() {
+		if len(o.Data) == 0 {
+			continue
+		}
+		d := &dataEvent{Stdout: o.Data}
+		switch {
+		case pr.pty:
+			d = &dataEvent{Pty: o.Data}
+		case o.Stream == proto.Stderr:
+			d = &dataEvent{Stderr: o.Data}
+		}
+		pr.broadcast(processEvent{Data: d})
+	}
+	// Output is closed only once the process exited or the agent went.
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	code, err := pr.p.Wait(ctx)
+	cancel()
+	h.untrack(id, pid, pr)
+	pr.mu.Lock()
+	if err != nil {
+		pr.endErr = errf(codeUnavailable, "lost the sandbox while the process ran: %v", err)
+	} else {
+		pr.end = &endEvent{ExitCode: int32(code), Exited: true, Status: fmt.Sprintf("exit status %d", code)}
+		if sig := pr.p.ExitSignal(); sig != 0 {
+			pr.end.Exited, pr.end.Status = false, fmt.Sprintf("signal: %d", sig)
+		}
+	}
+	close(pr.done)
+	pr.mu.Unlock()
+}
+
+// follow streams a subscription's events until the process ends (then its
+// End event) or the client goes.
+func follow(ctx context.Context, s *stream, pr *proc, ch chan processEvent, every time.Duration) *rpcError {
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	for {
+		select {
+		case ev := <-ch:
+			if s.send(startResponse{ev}) != nil {
+				return nil
+			}
+		case <-pr.done:
+			// Every broadcast happened before done: drain, then the end.
+			for {
+				select {
+				case ev := <-ch:
+					if s.send(startResponse{ev}) != nil {
+						return nil
+					}
+					continue
+				default:
+				}
+				break
+			}
+			if pr.endErr != nil {
+				return pr.endErr
+			}
+			s.send(startResponse{processEvent{End: pr.end}})
+			return nil
+		case <-tick.C:
+			if s.send(startResponse{processEvent{Keepalive: &struct{}{}}}) != nil {
+				return nil
+			}
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+// connect is process.Process/Connect (commands.connect, pty.connect):
+// attach to a running process by pid or tag and stream its output from
+// now on, then its end.
+func (h *Handler) connect(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Process *selector `json:"process"`
+	}
+	if e := readStreamRequest(r, &req); e != nil {
+		startStream(w).end(e)
+		return
+	}
+	id, _ := h.cfg.Target(r.Context())
+	pr, e := h.find(id, req.Process)
+	if e != nil {
+		startStream(w).end(e)
+		return
+	}
+	sub, e := pr.subscribe()
+	if e != nil {
+		startStream(w).end(e)
+		return
+	}
+	defer pr.unsubscribe(sub)
+	s := startStream(w)
+	if s.send(startResponse{processEvent{Start: &startEvent{Pid: uint32(pr.p.Pid())}}}) != nil {
+		return
+	}
+	s.end(follow(r.Context(), s, pr, sub, keepalive(r)))
+}
+
+// update is process.Process/Update (pty.resize).
+func (h *Handler) update(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Process *selector  `json:"process"`
+		Pty     *ptyConfig `json:"pty"`
+	}
+	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *proc) *rpcError {
+		if req.Pty == nil {
+			return nil // nothing to change
+		}
+		if !t.pty {
+			return errf(codeInvalidArgument, "the process was started without a pty; only a PTY can be resized")
+		}
+		cols, rows, e := req.Pty.size()
+		if e != nil {
+			return e
+		}
+		if err := t.p.Resize(ctx, cols, rows); err != nil {
+			return classify(err)
+		}
+		return nil
+	})
+}
+
+// streamInputMsg is process.StreamInputRequest: first start (which
+// process), then data and keepalives.
+type streamInputMsg struct {
+	Start *struct {
+		Process *selector `json:"process"`
+	} `json:"start"`
+	Data *struct {
+		Input *processInput `json:"input"`
+	} `json:"data"`
+	Keepalive *struct{} `json:"keepalive"`
+}
+
+// nextInput reads one message of a client stream; io.EOF at its clean end.
+func nextInput(r io.Reader) (streamInputMsg, *rpcError, error) {
+	var m streamInputMsg
+	flags, msg, err := readEnvelope(r, maxMessage)
+	if errors.Is(err, io.EOF) {
+		return m, nil, io.EOF
+	}
+	if err != nil {
+		return m, errf(codeInvalidArgument, "reading the input stream: %v", err), nil
+	}
+	if flags&flagCompressed != 0 {
+		return m, errf(codeUnimplemented, "compressed messages are not supported"), nil
+	}
+	if flags&flagEndStream != 0 {
+		return m, nil, io.EOF
+	}
+	if e := decodeMessage(msg, &m); e != nil {
+		return m, e, nil
+	}
+	return m, nil, nil
+}
+
+// streamInput is process.Process/StreamInput, a client stream: a start
+// message naming the process, then input in order. The answer, one empty
+// message, comes once the client's stream ends.
+func (h *Handler) streamInput(w http.ResponseWriter, r *http.Request) {
+	if ct, _, _ := strings.Cut(r.Header.Get("Content-Type"), ";"); strings.TrimSpace(ct) != contentStream {
+		startStream(w).end(errf(codeInvalidArgument, "content type %q: kiln's envd speaks Connect streams with JSON (application/connect+json)", ct))
+		return
+	}
+	id, _ := h.cfg.Target(r.Context())
+	first, e, err := nextInput(r.Body)
+	if err != nil || e == nil && (first.Start == nil || first.Data != nil) {
+		e = errf(codeInvalidArgument, "the input stream must start with a start message naming the process")
+	}
+	var pr *proc
+	if e == nil {
+		pr, e = h.find(id, first.Start.Process)
+	}
+	for e == nil {
+		m, me, err := nextInput(r.Body)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		switch {
+		case me != nil:
+			e = me
+		case m.Start != nil:
+			e = errf(codeInvalidArgument, "a second start message in the input stream")
+		case m.Data != nil:
+			ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+			e = m.Data.Input.write(ctx, pr)
+			cancel()
+		}
+	}
+	s := startStream(w)
+	if e != nil {
+		s.end(e)
+		return
+	}
+	if s.send(struct{}{}) == nil {
+		s.end(nil)
+	}
+}
