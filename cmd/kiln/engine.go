@@ -75,6 +75,9 @@ func init() {
 	be.Flags().IntVar(&o.DirtyMiB, "dirty", 256, "MiB of guest memory written before suspend")
 	be.Flags().IntVar(&o.IdleClones, "clones", 8, "idle clones of one template running at once")
 	be.Flags().DurationVar(&o.BootTimeout, "boot-timeout", 30*time.Second, "a cold boot slower than this counts as failed")
+	be.Flags().BoolVar(&o.SkipCold, "skip-cold", false, "leave out the timed cold boots (for clone figures on a busy host)")
+	be.Flags().IntVar(&o.PoolSize, "pool", 1, "clone pool size per template for the pooled clones")
+	be.Flags().BoolVar(&o.Net, "net", os.Geteuid() == 0, "give the template and clones a NIC and a VM network (needs root)")
 	benchCmd.AddCommand(be)
 
 	var eo engine.EndpointBenchOptions
@@ -175,7 +178,8 @@ func scratchEngine(ctx context.Context) (*qemu.Driver, string, string, error) {
 	}
 	d, err := qemu.New(ctx, qemu.Config{DataDir: work, KernelDir: filepath.Join(dataDir, "kernel"),
 		AgentBinary: qemu.DefaultAgentBinary(dataDir), Accel: accelFlag,
-		Log: newLogger()})
+		BootTimeout: 3 * time.Minute, // the template's boot, on a busy host
+		Log:         newLogger()})
 	if err != nil {
 		os.RemoveAll(work)
 		return nil, "", "", err

@@ -73,7 +73,7 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		return nil, nil, err
 	}
 	drv, err := qemu.New(ctx, qemu.Config{DataDir: o.DataDir, Accel: accelFlag,
-		AgentBinary: qemu.DefaultAgentBinary(o.DataDir), Console: logs.Console, Log: log})
+		AgentBinary: qemu.DefaultAgentBinary(o.DataDir), Console: logs.Console, PoolSize: o.ClonePool, Log: log})
 	if err != nil {
 		return nil, nil, fmt.Errorf("starting the vm engine (run `make setup` first?): %w", err)
 	}

@@ -53,6 +53,9 @@ type ServerOptions struct {
 	MaxConcurrentBuilds int
 	BuildTimeout        time.Duration
 	BuildLogMaxBytes    int64
+	// ClonePool is how many QEMU processes per template are started ahead
+	// of clones (0: none).
+	ClonePool int
 	// Network policy for tenants (internal/egress). DenyCIDRs
 	// (--deny-cidr) are denied to app VMs, build VMs and kiln's fetches
 	// for tenants on top of the built-in list; AllowFetchCIDRs
@@ -197,6 +200,7 @@ the database: without it the stored keys cannot be used).`,
 	f.Float64Var(&o.MemoryOvercommit, "memory-overcommit", 1.0, "guest memory the host may commit to running microVMs and builds, as a ratio of its physical memory; beyond it runs, resumes and builds are refused (0: no check)")
 	f.IntVar(&o.MaxConcurrentBuilds, "max-concurrent-builds", 2, "image builds running at once on this host; more wait in a queue")
 	f.DurationVar(&o.BuildTimeout, "build-timeout", 60*time.Minute, "longest a whole image build may take before it fails")
+	f.IntVar(&o.ClonePool, "clone-pool", 1, "QEMU processes per image version started ahead (jailed, paused, state loaded) so a RunMicrovm skips process start; 0 disables")
 	f.Int64Var(&o.BuildLogMaxBytes, "build-log-max-bytes", 10<<20, "bytes of a build's log kept; later output is dropped after a \"truncated\" line")
 	f.Float64Var(&o.RequestsPerSecond, "requests-per-second", 0, "API request rate per account before ThrottlingException (0: no limit)")
 	f.StringVar(&backend, "backend", "engine", "what runs the microVMs: engine, or fake (records only, for trying the API)")

@@ -701,3 +701,117 @@ func HostDialer(timeout time.Duration) *net.Dialer {
 		},
 	}
 }
+
+// NewHolding makes an unnamed network namespace, alive while the returned
+// file (or anything made in it) is open, with nothing in it but a loopback
+// that stays down. TAP devices made ahead of time for QEMU processes that
+// wait for their VM (internal/vmm/qemu's clone pool) wait here: no route,
+// no address, no host link, so nothing reaches them or leaves them until
+// AdoptTap moves one into its VM's namespace.
+func NewHolding() (*os.File, error) {
+	runtime.LockOSThread()
+	orig, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		runtime.UnlockOSThread()
+		return nil, err
+	}
+	defer orig.Close()
+	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+		runtime.UnlockOSThread()
+		return nil, fmt.Errorf("making a holding namespace: %w", err)
+	}
+	f, openErr := os.Open("/proc/thread-self/ns/net")
+	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
+		// The thread stays locked: Go discards it instead of reusing a
+		// thread in the wrong namespace.
+		if f != nil {
+			f.Close()
+		}
+		return nil, fmt.Errorf("leaving the holding namespace: %w", err)
+	}
+	runtime.UnlockOSThread()
+	return f, openErr
+}
+
+// AdoptTap makes the TAP device name, made ahead of time in the namespace
+// hold (NewHolding) and already held open by a QEMU, the TAP of the VM
+// network at nsPath: the namespace's own TAP (made by Setup, not yet
+// opened by anyone) is deleted and name is moved in, renamed TapName and
+// given the gateway's MAC and address, as Setup does. Setup's rules match
+// the TAP by name, and a device moved into a namespace takes that
+// namespace's defaults (rp_filter=1, disable_ipv6=1) as a new one does.
+// The caller makes the device persistent if it must outlive its QEMU.
+func AdoptTap(ctx context.Context, nsPath string, hold *os.File, name string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	hh, err := netlink.NewHandleAt(vnetns.NsHandle(int(hold.Fd())))
+	if err != nil {
+		return fmt.Errorf("netlink handle in the holding namespace: %w", err)
+	}
+	defer hh.Close()
+	nsh, err := vnetns.GetFromPath(nsPath)
+	if err != nil {
+		return fmt.Errorf("opening namespace %s: %w", nsPath, err)
+	}
+	defer nsh.Close()
+	nl, err := netlink.NewHandleAt(nsh)
+	if err != nil {
+		return fmt.Errorf("netlink handle in namespace %s: %w", nsPath, err)
+	}
+	defer nl.Close()
+	l, err := hh.LinkByName(name)
+	if err != nil {
+		return fmt.Errorf("finding tap %s made ahead: %w", name, err)
+	}
+	// The namespace's own TAP steps aside under another name and is
+	// deleted after this returns: a deletion waits for an RCU grace
+	// period (tens of ms), which a clone need not wait for.
+	var old netlink.Link
+	if o, err := nl.LinkByName(TapName); err == nil {
+		if err := nl.LinkSetName(o, "kx"+strings.TrimPrefix(name, "kp")); err != nil {
+			return fmt.Errorf("replacing %s in %s: %w", TapName, nsPath, err)
+		}
+		old = o
+	}
+	if old != nil {
+		defer func() {
+			go func() {
+				ns, err := vnetns.GetFromPath(nsPath)
+				if err != nil {
+					return // torn down meanwhile, and the TAP with it
+				}
+				defer ns.Close()
+				h, err := netlink.NewHandleAt(ns)
+				if err != nil {
+					return
+				}
+				defer h.Close()
+				if err := h.LinkDel(old); err != nil {
+					slog.Warn("netns: deleting a replaced tap", "ns", nsPath, "err", err)
+				}
+			}()
+		}()
+	}
+	if err := hh.LinkSetNsFd(l, int(nsh)); err != nil {
+		return fmt.Errorf("moving tap %s into %s: %w", name, nsPath, err)
+	}
+	if l, err = nl.LinkByName(name); err != nil {
+		return fmt.Errorf("finding tap %s in %s: %w", name, nsPath, err)
+	}
+	if err := nl.LinkSetName(l, TapName); err != nil {
+		return fmt.Errorf("renaming tap %s: %w", name, err)
+	}
+	if err := nl.LinkSetHardwareAddr(l, GatewayMAC); err != nil {
+		return fmt.Errorf("tap mac: %w", err)
+	}
+	if err := linkAddr(nl, TapName, addr30(GatewayAddr)); err != nil {
+		return fmt.Errorf("tap address: %w", err)
+	}
+	if err := linkUp(nl, TapName); err != nil {
+		return fmt.Errorf("tap up: %w", err)
+	}
+	return nil
+}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"os"
 	"time"
 )
 
@@ -30,3 +31,8 @@ func RestoreHost() (bool, error)                   { return false, errors.ErrUns
 func RunInNS(nsPath string, fn func() error) error { return errors.ErrUnsupported }
 
 func HostDialer(timeout time.Duration) *net.Dialer { return &net.Dialer{Timeout: timeout} }
+
+func NewHolding() (*os.File, error) { return nil, errors.ErrUnsupported }
+func AdoptTap(ctx context.Context, nsPath string, hold *os.File, name string) error {
+	return errors.ErrUnsupported
+}

@@ -50,7 +50,13 @@ type Config struct {
 	// besides the in-memory ring of its last 64 KiB (the engine's
 	// durable log). Its writers must not block.
 	Console func(id string) io.Writer
-	Log     *slog.Logger
+	// PoolSize is how many QEMU processes per template are started ahead
+	// of clones (pool.go); 0 starts none.
+	PoolSize int
+	// PoolIdle drains the pool of a template not cloned for this long
+	// (default 10 minutes).
+	PoolIdle time.Duration
+	Log      *slog.Logger
 }
 
 // Driver is the QEMU implementation of vmm.Driver.
@@ -60,8 +66,10 @@ type Driver struct {
 	platform vmm.Platform
 	initrd   string // built once per agent binary and module set
 
-	mu  sync.Mutex
-	vms map[string]*vm
+	mu       sync.Mutex
+	vms      map[string]*vm
+	poolUIDs map[uint32]bool // uids of pooled processes (pool.go)
+	pool     *pool           // the clone pool (pool.go)
 
 	events chan vmm.Event
 	closed chan struct{}
@@ -118,6 +126,7 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 		log:      cfg.Log,
 		platform: vmm.Platform{QEMUVersion: ver, Machine: machine, Accel: accel, CPU: cpu, CPUFeatures: features},
 		vms:      map[string]*vm{},
+		poolUIDs: map[uint32]bool{},
 		events:   make(chan vmm.Event, 256),
 		closed:   make(chan struct{}),
 	}
@@ -133,6 +142,8 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 	if d.initrd, err = d.buildInitrd(); err != nil {
 		return nil, err
 	}
+	// Always there (SetPoolSize may turn it on later); size 0 starts nothing.
+	d.pool = newPool(d, max(cfg.PoolSize, 0), cfg.PoolIdle)
 	return d, nil
 }
 
@@ -260,7 +271,10 @@ func (d *Driver) pickUID() uint32 {
 	if os.Geteuid() != 0 {
 		return 0
 	}
-	used := make(map[uint32]bool, len(d.vms))
+	used := make(map[uint32]bool, len(d.vms)+len(d.poolUIDs))
+	for u := range d.poolUIDs {
+		used[u] = true
+	}
 	for _, v := range d.vms {
 		used[v.uid] = true
 	}
@@ -295,8 +309,12 @@ func (d *Driver) emit(e vmm.Event) {
 // Events implements vmm.Driver.
 func (d *Driver) Events() <-chan vmm.Event { return d.events }
 
-// Close implements vmm.Driver: VMs keep running for the next Recover.
+// Close implements vmm.Driver: VMs keep running for the next Recover;
+// processes started ahead for clones are killed.
 func (d *Driver) Close() error {
+	if d.pool != nil {
+		d.pool.close()
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	select {

@@ -90,12 +90,21 @@ func (d *Driver) cgroupSuffix() string {
 	return hex.EncodeToString(h[:4])
 }
 
+// cgroup is the VM's cgroup: named after the VM, or after the pooled
+// process it was started as.
+func (v *vm) cgroup() string {
+	if v.meta.Cgroup != "" {
+		return v.meta.Cgroup
+	}
+	return v.d.cgroupName(v.id)
+}
+
 // removeCgroup removes the VM's cgroup once its QEMU is gone.
 func (v *vm) removeCgroup() {
 	if !v.jailed() {
 		return
 	}
-	if err := jail.RemoveCgroup(v.d.cgroupName(v.id)); err != nil {
+	if err := jail.RemoveCgroup(v.cgroup()); err != nil {
 		v.log.Warn("removing the vm's cgroup", "err", err)
 	}
 }
@@ -171,7 +180,7 @@ func (v *vm) jailCommand(incoming bool, args []string, files []*os.File) (*exec.
 		NetNS:   netns,
 		UID:     v.meta.UID, GID: v.meta.UID,
 		Rlimits: jail.Rlimits{NOFILE: qemuNOFILE, NPROC: procs, FSIZE: v.fileSizeLimit()},
-		Cgroup: &jail.CgroupSpec{Name: v.d.cgroupName(v.id), MemoryBytes: mem + memOverheadBytes,
+		Cgroup: &jail.CgroupSpec{Name: v.cgroup(), MemoryBytes: mem + memOverheadBytes,
 			Pids: int64(procs), CPUWeight: uint64(100 * v.meta.VCPUs)},
 		Path:       qemuBin,
 		Args:       append([]string{qemuBin}, args...),
@@ -206,10 +215,12 @@ func (v *vm) fileSizeLimit() uint64 {
 // a QEMU whose command line names no host path can still be told ours.
 func (d *Driver) jailRoots() map[[2]uint64]bool {
 	out := map[[2]uint64]bool{}
-	entries, _ := os.ReadDir(d.vmsDir())
-	for _, e := range entries {
-		if k, ok := statKey(filepath.Join(d.vmsDir(), e.Name(), jailDir)); ok {
-			out[k] = true
+	for _, dir := range []string{d.vmsDir(), d.poolDir()} {
+		entries, _ := os.ReadDir(dir)
+		for _, e := range entries {
+			if k, ok := statKey(filepath.Join(dir, e.Name(), jailDir)); ok {
+				out[k] = true
+			}
 		}
 	}
 	return out

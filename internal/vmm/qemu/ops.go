@@ -392,6 +392,18 @@ func (d *Driver) Clone(ctx context.Context, spec vmm.CloneSpec) (vmm.Info, error
 	if t.HasNet != (spec.Net != nil) {
 		return vmm.Info{}, fmt.Errorf("template %s was made %s a NIC; clones must match: %w", t.Dir, map[bool]string{true: "with", false: "without"}[t.HasNet], errdefs.ErrInvalid)
 	}
+	if d.pool != nil {
+		// Refill once this clone is done, not while it runs.
+		defer d.pool.poke()
+		mac := ""
+		if spec.Net != nil {
+			mac = spec.Net.MAC
+		}
+		if pv := d.pool.take(t, mac); pv != nil {
+			return d.cloneFromPool(ctx, spec, pv)
+		}
+	}
+	t0 := time.Now()
 	v, err := d.reserve(spec.ID)
 	if err != nil {
 		return vmm.Info{}, err
@@ -407,41 +419,57 @@ func (d *Driver) Clone(ctx context.Context, spec vmm.CloneSpec) (vmm.Info, error
 	if err := os.MkdirAll(v.dir, 0o700); err != nil {
 		return fail(err)
 	}
-	if v.meta.Chain, err = d.readChain(ctx, t.Dir); err != nil {
+	if err := v.prepareClone(ctx, t); err != nil {
 		return fail(err)
-	}
-	if err := shareTemplateMem(filepath.Join(t.Dir, "mem")); err != nil {
-		return fail(err)
-	}
-	if err := copyFile(filepath.Join(t.Dir, "overlay.qcow2"), v.path("disk.qcow2")); err != nil {
-		return fail(err)
-	}
-	h, err := qcow2.ParseFile(v.path("disk.qcow2"))
-	if err != nil {
-		return fail(fmt.Errorf("template %s: its clone overlay: %w", t.Dir, err))
-	}
-	v.meta.Backing, v.meta.BackingFormat = h.BackingFile, h.BackingFormat
-	if h.BackingFile != "" && !filepath.IsAbs(h.BackingFile) {
-		v.meta.Backing = filepath.Join(v.dir, h.BackingFile) // as qcow2.CheckLink reads it
 	}
 	if err := v.saveMeta(); err != nil {
 		return fail(err)
 	}
+	v.mu.Lock()
+	v.phases = StartPhases{Prepare: time.Since(t0)}
+	v.mu.Unlock()
 	if err := v.start(ctx, filepath.Join(t.Dir, "state")); err != nil {
 		return fail(err)
 	}
 	return v.info(), nil
 }
 
+// prepareClone gives a new VM of template t its disk: the recorded chain
+// below and a copy of the template's empty overlay on top.
+func (v *vm) prepareClone(ctx context.Context, t vmm.Template) error {
+	var err error
+	if v.meta.Chain, err = v.d.readChain(ctx, t.Dir); err != nil {
+		return err
+	}
+	if err := shareTemplateMem(filepath.Join(t.Dir, "mem")); err != nil {
+		return err
+	}
+	if err := copyFile(filepath.Join(t.Dir, "overlay.qcow2"), v.path("disk.qcow2")); err != nil {
+		return err
+	}
+	h, err := qcow2.ParseFile(v.path("disk.qcow2"))
+	if err != nil {
+		return fmt.Errorf("template %s: its clone overlay: %w", t.Dir, err)
+	}
+	v.meta.Backing, v.meta.BackingFormat = h.BackingFile, h.BackingFormat
+	if h.BackingFile != "" && !filepath.IsAbs(h.BackingFile) {
+		v.meta.Backing = filepath.Join(v.dir, h.BackingFile) // as qcow2.CheckLink reads it
+	}
+	return nil
+}
+
 // start runs QEMU on saved device state (a clone's or a suspended VM's),
 // starts the guest and refreshes its identity.
 func (v *vm) start(ctx context.Context, statePath string) error {
-	t := newStepTimer()
-	defer func() { v.log.Debug("start steps", "ms", t.String()) }()
+	c := newPhaseClock()
+	v.mu.Lock()
+	ph := v.phases // a clone's Prepare
+	v.phases, v.phasesSet = StartPhases{}, false
+	v.mu.Unlock()
 	if err := v.spawn(ctx, true); err != nil {
 		return err
 	}
-	t.step("spawn")
+	c.lap(&ph.Process)
 	conn, err := v.dialAgent(ctx, restoreTimeout)
 	if err != nil {
 		return err
@@ -452,24 +480,8 @@ func (v *vm) start(ctx context.Context, statePath string) error {
 		conn.Close()
 		return v.exitError("loading device state", err, v.proc)
 	}
-	t.step("load")
-	// From "cont" on, the guest writes to its memory file: record that it
-	// runs before it does, so a crash is never mistaken for "suspended".
-	if err := v.setState(vmm.StateRunning, ""); err != nil {
-		conn.Close()
-		return err
-	}
-	t.step("meta")
-	if err := v.qmp.Execute(lctx, "cont", nil, nil); err != nil {
-		conn.Close()
-		return v.exitError("starting the guest", err, v.proc)
-	}
-	t.step("cont")
-	if err := v.handshake(ctx, conn, restoreTimeout, true); err != nil {
-		return err
-	}
-	t.step("agent+identity")
-	return nil
+	c.lap(&ph.Load)
+	return v.resumeLoaded(ctx, conn, c, &ph)
 }
 
 // Suspend implements vmm.Driver.

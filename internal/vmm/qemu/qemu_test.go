@@ -33,6 +33,10 @@ func TestMain(m *testing.M) {
 		helperBootAndHang()
 		return
 	}
+	if os.Getenv("KILN_TEST_HELPER") == "pool-and-hang" {
+		helperPoolAndHang()
+		return
+	}
 	env = vmmtest.SetupOrSkip("qemu")
 	code := m.Run()
 	env.Cleanup()

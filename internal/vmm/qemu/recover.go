@@ -25,6 +25,19 @@ func (d *Driver) Recover(ctx context.Context) (vmm.RecoveryReport, error) {
 		return rep, err
 	}
 	claimed := map[int]bool{}
+	live := map[string]bool{}
+	if d.pool != nil {
+		// This driver's own pooled processes are no strays; a dead kiln's
+		// are, and their directories go below.
+		d.pool.mu.Lock()
+		for _, tp := range d.pool.pools {
+			for _, v := range tp.ready {
+				claimed[v.proc.pid] = true
+				live[filepath.Base(v.dir)] = true
+			}
+		}
+		d.pool.mu.Unlock()
+	}
 	for _, e := range entries {
 		dir := filepath.Join(d.vmsDir(), e.Name())
 		d.mu.Lock()
@@ -63,6 +76,7 @@ func (d *Driver) Recover(ctx context.Context) (vmm.RecoveryReport, error) {
 		p.waitExit(5 * time.Second)
 		rep.Removed = append(rep.Removed, fmt.Sprintf("qemu process %d with no vm record: killed", pid))
 	}
+	d.removePoolLeftovers(live)
 	d.removeStrayCgroups()
 	d.log.Info("recovered vms", "adopted", len(rep.Adopted), "suspended", len(rep.Suspended), "removed", len(rep.Removed))
 	return rep, nil
@@ -204,6 +218,7 @@ func (d *Driver) strayProcesses(claimed map[int]bool) []int {
 		return nil
 	}
 	prefix := d.vmsDir() + string(filepath.Separator)
+	poolPrefix := d.poolDir() + string(filepath.Separator)
 	roots := d.jailRoots()
 	var out []int
 	for _, e := range entries {
@@ -227,7 +242,7 @@ func (d *Driver) strayProcesses(claimed map[int]bool) []int {
 			continue
 		}
 		for _, a := range args {
-			if strings.Contains(a, prefix) {
+			if strings.Contains(a, prefix) || strings.Contains(a, poolPrefix) {
 				out = append(out, pid)
 				break
 			}

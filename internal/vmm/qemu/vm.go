@@ -57,6 +57,9 @@ type meta struct {
 	// Jailed: QEMU runs in the VM's jail (jail.go); its sockets are in
 	// VMDIR/jail/run.
 	Jailed bool `json:"jailed,omitempty"`
+	// Cgroup is the QEMU's cgroup when it is not the one named after the
+	// VM (a process started ahead by the clone pool keeps its own).
+	Cgroup string `json:"cgroup,omitempty"`
 	// Chain lists the disk layers below disk.qcow2, top down (chain.go).
 	Chain []layer `json:"chain,omitempty"`
 	// Backing is the backing file (and format) the overlay's header named
@@ -97,6 +100,14 @@ type vm struct {
 	expectExit bool
 	gone       bool   // removed from the driver
 	uid        uint32 // meta.UID, known to the driver before meta is
+	// phases of the last clone or resume, for benchmarks (pool.go).
+	phases    StartPhases
+	phasesSet bool
+	// A pooled process (pool.go) waits for its VM, its TAP in the holding
+	// namespace until the clone moves it.
+	pooled      bool
+	poolTap     *os.File
+	poolTapName string
 }
 
 func (v *vm) path(name string) string { return filepath.Join(v.dir, name) }
@@ -294,7 +305,10 @@ func (v *vm) spawn(ctx context.Context, incoming bool) error {
 			f.Close()
 		}
 	}()
-	if n := v.meta.Net; n != nil {
+	if v.poolTap != nil {
+		files = append(files, v.poolTap) // made ahead in the holding namespace
+		v.poolTap = nil
+	} else if n := v.meta.Net; n != nil {
 		tap, err := openTap(n.Netns, n.Tap)
 		if err != nil {
 			return err
@@ -336,8 +350,12 @@ func (v *vm) spawn(ctx context.Context, incoming bool) error {
 		v.endProcess(p)
 		return err
 	}
-	v.console = newRing(64 << 10)
-	go v.console.drain(v.sockPath("console.sock"), p.done, v.d.consoleSink(v.id))
+	if !v.pooled {
+		// A pooled guest is paused until its clone, which starts the drain
+		// under the VM's own id.
+		v.console = newRing(64 << 10)
+		go v.console.drain(v.sockPath("console.sock"), p.done, v.d.consoleSink(v.id))
+	}
 	return nil
 }
 
@@ -493,8 +511,14 @@ func (v *vm) watch(p *proc) {
 	<-p.done
 	v.mu.Lock()
 	expected := v.expectExit || v.proc != p || v.gone
+	pooled := v.pooled
 	v.mu.Unlock()
 	if expected {
+		return
+	}
+	if pooled {
+		v.log.Warn("pooled process died", "status", p.status)
+		v.d.pool.lost(v)
 		return
 	}
 	reason := "qemu " + p.status + v.lastWords()

@@ -1,0 +1,652 @@
+//go:build linux
+
+package qemu
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
+)
+
+// The clone pool keeps, per template, a few QEMU processes started ahead
+// of time (Config.PoolSize): each already in its own jail under its own
+// uid and cgroup, in a network namespace of its own (the new empty one
+// the jail makes), with its own disk overlay, its TAP (when the template
+// has a NIC) made in a holding namespace, and the template's device state
+// loaded; then the guest runs with its workloads frozen (the agent's plain
+// hello leaves them frozen), so that QEMU translates the guest's resume
+// paths ahead. A clone then only renames the directory to the VM's, moves
+// the TAP into the VM's network namespace, records "running" and refreshes
+// the identity (reseed, clock, hostname, then thaw). Process start, jail,
+// disk copy, state load and the guest's first steps leave the clone's
+// critical path; tenant code still runs only after the identity refresh.
+//
+// A pooled process belongs to one template (its directory, memory file
+// and creation time): templates are per account, so it is never handed to
+// another account or template; a changed or deleted template drains its
+// pool. Pooled processes are not VMs: List does not show them, and they
+// are not adopted after a restart. Close kills them; if kiln dies, Recover
+// kills what is left (they are found by their cgroup and jail root) and
+// removes DATA_DIR/pool.
+
+// StartPhases is how long each part of a VM's last clone or resume took.
+type StartPhases struct {
+	Pooled bool
+	// Prepare: directory, disk overlay and record (a pooled clone: taking
+	// the process and renaming its directory).
+	Prepare time.Duration
+	// Process: the jailed QEMU's fork/exec until QMP answers.
+	Process time.Duration
+	// Load: the agent socket connected and device state loaded (incoming
+	// migration).
+	Load time.Duration
+	// Network: moving a pooled TAP into the VM's namespace.
+	Network time.Duration
+	// Record: vm.json says "running" (fsync).
+	Record time.Duration
+	// Resume: QMP `cont`.
+	Resume time.Duration
+	// Agent: the agent's hello, which carries the identity refresh (new
+	// entropy, clock, hostname) in the same round trip.
+	Agent time.Duration
+}
+
+// StartPhases returns the phases of VM id's last clone or resume.
+func (d *Driver) StartPhases(id string) (StartPhases, bool) {
+	v, err := d.get(id)
+	if err != nil {
+		return StartPhases{}, false
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.phases, v.phasesSet
+}
+
+// phaseClock measures consecutive phases.
+type phaseClock struct{ last time.Time }
+
+func newPhaseClock() *phaseClock { return &phaseClock{last: time.Now()} }
+
+func (c *phaseClock) lap(d *time.Duration) {
+	now := time.Now()
+	*d += now.Sub(c.last)
+	c.last = now
+}
+
+const poolIdleDefault = 10 * time.Minute
+
+// poolKey tells one template from another at the same path.
+type poolKey struct {
+	dir     string
+	memDev  uint64
+	memIno  uint64
+	created time.Time
+	mac     string
+}
+
+func templateKey(t vmm.Template, mac string) (poolKey, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(filepath.Join(t.Dir, "mem"), &st); err != nil {
+		return poolKey{}, err
+	}
+	return poolKey{dir: t.Dir, memDev: st.Dev, memIno: st.Ino, created: t.CreatedAt, mac: mac}, nil
+}
+
+type tmplPool struct {
+	key     poolKey
+	t       vmm.Template
+	ready   []*vm
+	lastUse time.Time
+	failed  int // consecutive fill failures
+}
+
+type pool struct {
+	d    *Driver
+	size int
+	idle time.Duration
+
+	mu    sync.Mutex
+	pools map[string]*tmplPool // by template dir
+	hold  *os.File             // holding namespace for TAPs made ahead
+	kick  chan struct{}
+	stop  chan struct{}
+	done  chan struct{}
+}
+
+func (d *Driver) poolDir() string { return filepath.Join(d.cfg.DataDir, "pool") }
+
+func newPool(d *Driver, size int, idle time.Duration) *pool {
+	if idle <= 0 {
+		idle = poolIdleDefault
+	}
+	p := &pool{d: d, size: size, idle: idle, pools: map[string]*tmplPool{},
+		kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
+	go p.run()
+	return p
+}
+
+func (p *pool) poke() {
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+}
+
+// run refills pools one process at a time (a burst of QEMU starts would
+// slow the clones running now) and drains pools whose template changed,
+// went away or was not cloned for p.idle.
+func (p *pool) run() {
+	defer close(p.done)
+	tick := time.NewTicker(2 * time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-p.stop:
+			return
+		case <-p.kick:
+		case <-tick.C:
+		}
+		p.sweep()
+		for p.fillOne() {
+			select {
+			case <-p.stop:
+				return
+			default:
+			}
+		}
+	}
+}
+
+// sweep drains the pools of templates that are gone, changed or idle.
+func (p *pool) sweep() {
+	p.mu.Lock()
+	var drop []*vm
+	for dir, tp := range p.pools {
+		why := ""
+		t, err := LoadTemplate(dir)
+		if err != nil {
+			why = "template gone"
+		} else if k, err := templateKey(t, tp.key.mac); err != nil || k != tp.key {
+			why = "template changed"
+		} else if time.Since(tp.lastUse) > p.idle {
+			why = "idle"
+		}
+		if why != "" {
+			p.d.log.Debug("clone pool drained", "template", dir, "why", why, "processes", len(tp.ready))
+			drop = append(drop, tp.ready...)
+			delete(p.pools, dir)
+		}
+	}
+	p.mu.Unlock()
+	for _, v := range drop {
+		v.discardPooled()
+	}
+}
+
+// fillOne starts one process for the emptiest pool below size; false when
+// every pool is full.
+func (p *pool) fillOne() bool {
+	p.mu.Lock()
+	var tp *tmplPool
+	for _, x := range p.pools {
+		if len(x.ready) < p.size && x.failed < 3 && (tp == nil || len(x.ready) < len(tp.ready)) {
+			tp = x
+		}
+	}
+	if tp == nil {
+		p.mu.Unlock()
+		return false
+	}
+	key, t := tp.key, tp.t
+	p.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), restoreTimeout)
+	v, err := p.d.spawnPooled(ctx, t, key.mac)
+	cancel()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	cur := p.pools[key.dir]
+	if err != nil {
+		p.d.log.Warn("clone pool: starting a process ahead failed", "template", key.dir, "err", err)
+		if cur == tp {
+			tp.failed++
+		}
+		return true
+	}
+	if cur != tp || cur.key != key || len(tp.ready) >= p.size {
+		go v.discardPooled() // drained or shrunk meanwhile
+		return true
+	}
+	tp.failed = 0
+	tp.ready = append(tp.ready, v)
+	return true
+}
+
+// take hands out a pooled process of template t (nil if none is ready) and
+// asks for a refill; the first clone of a template starts its pool.
+func (p *pool) take(t vmm.Template, mac string) *vm {
+	key, err := templateKey(t, mac)
+	if err != nil {
+		return nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	tp := p.pools[t.Dir]
+	if tp != nil && tp.key != key {
+		for _, v := range tp.ready {
+			go v.discardPooled()
+		}
+		tp = nil
+	}
+	if tp == nil {
+		tp = &tmplPool{key: key, t: t}
+		p.pools[t.Dir] = tp
+	}
+	tp.lastUse = time.Now()
+	tp.failed = 0
+	if p.size == 0 {
+		return nil
+	}
+	for len(tp.ready) > 0 {
+		v := tp.ready[0]
+		tp.ready = tp.ready[1:]
+		if v.proc.alive() {
+			return v
+		}
+		go v.discardPooled()
+	}
+	return nil
+}
+
+// SetPoolSize changes how many processes per template are started ahead;
+// 0 kills the waiting ones and starts no more (templates already seen
+// are remembered, so a later size refills them at once).
+func (d *Driver) SetPoolSize(n int) {
+	p := d.pool
+	p.mu.Lock()
+	p.size = max(n, 0)
+	var drop []*vm
+	for _, tp := range p.pools {
+		for len(tp.ready) > p.size {
+			drop = append(drop, tp.ready[len(tp.ready)-1])
+			tp.ready = tp.ready[:len(tp.ready)-1]
+		}
+	}
+	p.mu.Unlock()
+	for _, v := range drop {
+		v.discardPooled()
+	}
+	p.poke()
+}
+
+// drain kills the pooled processes of template dir (all if dir is "").
+func (p *pool) drain(dir string) {
+	p.mu.Lock()
+	var drop []*vm
+	for k, tp := range p.pools {
+		if dir == "" || k == dir {
+			drop = append(drop, tp.ready...)
+			delete(p.pools, k)
+		}
+	}
+	p.mu.Unlock()
+	for _, v := range drop {
+		v.discardPooled()
+	}
+}
+
+// lost forgets a pooled process that died by itself.
+func (p *pool) lost(v *vm) {
+	p.mu.Lock()
+	for _, tp := range p.pools {
+		for i, x := range tp.ready {
+			if x == v {
+				tp.ready = append(tp.ready[:i], tp.ready[i+1:]...)
+				break
+			}
+		}
+	}
+	p.mu.Unlock()
+	v.discardPooled()
+}
+
+// pids lists the live pooled processes, which Recover must not take for
+// strays.
+func (p *pool) pids() map[int]bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := map[int]bool{}
+	for _, tp := range p.pools {
+		for _, v := range tp.ready {
+			out[v.proc.pid] = true
+		}
+	}
+	return out
+}
+
+// Size reports how many pooled processes wait for template dir.
+func (d *Driver) PoolSize(dir string) int {
+	if d.pool == nil {
+		return 0
+	}
+	d.pool.mu.Lock()
+	defer d.pool.mu.Unlock()
+	if tp := d.pool.pools[dir]; tp != nil {
+		return len(tp.ready)
+	}
+	return 0
+}
+
+// PooledPIDs lists the host PIDs of the pooled QEMU processes.
+func (d *Driver) PooledPIDs() []int {
+	if d.pool == nil {
+		return nil
+	}
+	var out []int
+	for pid := range d.pool.pids() {
+		out = append(out, pid)
+	}
+	return out
+}
+
+// DrainPool kills the processes started ahead for template dir: call it
+// when a template is removed (the pool notices by itself within seconds).
+func (d *Driver) DrainPool(dir string) {
+	if d.pool == nil {
+		return
+	}
+	if abs, err := filepath.Abs(dir); err == nil {
+		dir = abs
+	}
+	d.pool.drain(dir)
+}
+
+func (p *pool) close() {
+	select {
+	case <-p.stop:
+		return
+	default:
+	}
+	close(p.stop)
+	<-p.done
+	p.drain("")
+	p.mu.Lock()
+	if p.hold != nil {
+		p.hold.Close()
+		p.hold = nil
+	}
+	p.mu.Unlock()
+}
+
+// holding returns the namespace where TAPs made ahead wait.
+func (p *pool) holding() (*os.File, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.hold == nil {
+		h, err := netns.NewHolding()
+		if err != nil {
+			return nil, err
+		}
+		p.hold = h
+	}
+	return p.hold, nil
+}
+
+func randHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// spawnPooled starts a process for template t ahead of time: its own uid,
+// jail, cgroup and (empty) network namespace first, then the template's
+// device state.
+func (d *Driver) spawnPooled(ctx context.Context, t vmm.Template, mac string) (*vm, error) {
+	name := "pool-" + randHex(6)
+	v := &vm{d: d, id: name, dir: filepath.Join(d.poolDir(), name), log: d.log.With("pooled", name), pooled: true}
+	d.mu.Lock()
+	v.uid = d.pickUID()
+	d.poolUIDs[v.uid] = true
+	d.mu.Unlock()
+	v.meta = meta{ID: name, State: vmm.StateRunning, Phase: phaseBooting, MemoryMiB: t.MemoryMiB, VCPUs: t.VCPUs,
+		Platform: t.Platform, Template: t.Dir, MemPrivate: true, Hostname: name, StartedAt: time.Now(),
+		UID: v.uid, Cgroup: d.cgroupName(name)}
+	ok := false
+	defer func() {
+		if !ok {
+			v.discardPooled()
+		}
+	}()
+	if err := os.MkdirAll(v.dir, 0o700); err != nil {
+		return nil, err
+	}
+	if err := v.prepareClone(ctx, t); err != nil {
+		return nil, err
+	}
+	if t.HasNet {
+		hold, err := d.pool.holding()
+		if err != nil {
+			return nil, err
+		}
+		v.poolTapName = "kp" + randHex(6)
+		tap, err := openTap("/proc/self/fd/"+strconv.Itoa(int(hold.Fd())), v.poolTapName)
+		if err != nil {
+			return nil, err
+		}
+		// Persistent: after the clone the TAP is the VM's tap0, which a
+		// resume opens again by name after this QEMU has gone.
+		if err := unix.IoctlSetInt(int(tap.Fd()), unix.TUNSETPERSIST, 1); err != nil {
+			tap.Close()
+			return nil, fmt.Errorf("making tap persistent: %w", err)
+		}
+		v.poolTap = tap
+		v.meta.Net = &vmm.NetAttachment{Tap: v.poolTapName, MAC: mac}
+	}
+	if err := v.saveMeta(); err != nil {
+		return nil, err
+	}
+	if err := v.spawn(ctx, true); err != nil {
+		return nil, err
+	}
+	conn, err := v.dialAgent(ctx, restoreTimeout)
+	if err != nil {
+		return nil, err
+	}
+	lctx, cancel := context.WithTimeout(ctx, stateTimeout)
+	defer cancel()
+	if err := loadDeviceState(lctx, v.qmp, filepath.Join(t.Dir, "state")); err != nil {
+		conn.Close()
+		return nil, v.exitError("loading device state", err, v.proc)
+	}
+	// Run the guest now, with its workloads still frozen (a plain hello
+	// does not thaw them): a restored guest under TCG translates its
+	// kernel's and agent's code anew, which was most of a clone's time.
+	// Done here, the clone itself only refreshes the identity (which
+	// reseeds, sets the clock and hostname, then thaws). Its TAP is still
+	// in the holding namespace: nothing the guest sends goes anywhere.
+	if err := v.qmp.Execute(lctx, "cont", nil, nil); err != nil {
+		conn.Close()
+		return nil, v.exitError("starting the guest", err, v.proc)
+	}
+	if err := v.handshake(ctx, conn, restoreTimeout, false); err != nil {
+		return nil, err
+	}
+	ok = true
+	return v, nil
+}
+
+// discardPooled ends a pooled process and removes what it had.
+func (v *vm) discardPooled() {
+	v.mu.Lock()
+	p := v.proc
+	v.expectExit = true
+	v.mu.Unlock()
+	if p != nil {
+		p.kill()
+		p.waitExit(5 * time.Second)
+	}
+	v.detach()
+	v.deletePoolTap()
+	os.RemoveAll(v.dir)
+	if p == nil {
+		v.removeCgroup()
+	}
+	v.d.mu.Lock()
+	delete(v.d.poolUIDs, v.uid)
+	v.d.mu.Unlock()
+}
+
+// deletePoolTap removes a TAP still in the holding namespace (it is
+// persistent, so it would outlive its QEMU).
+func (v *vm) deletePoolTap() {
+	if v.poolTap != nil {
+		v.poolTap.Close()
+		v.poolTap = nil
+	}
+	if v.poolTapName == "" || v.d.pool == nil {
+		return
+	}
+	v.d.pool.mu.Lock()
+	hold := v.d.pool.hold
+	v.d.pool.mu.Unlock()
+	if hold == nil {
+		return
+	}
+	f, err := openTap("/proc/self/fd/"+strconv.Itoa(int(hold.Fd())), v.poolTapName)
+	if err != nil {
+		return // gone with its QEMU, or moved into a VM's namespace
+	}
+	unix.IoctlSetInt(int(f.Fd()), unix.TUNSETPERSIST, 0)
+	f.Close()
+}
+
+// cloneFromPool turns pooled process v, whose guest runs with frozen
+// workloads, into VM spec.ID: its directory, its VM network, then the
+// identity refresh that thaws the workloads.
+func (d *Driver) cloneFromPool(ctx context.Context, spec vmm.CloneSpec, v *vm) (vmm.Info, error) {
+	c := newPhaseClock()
+	ph := StartPhases{Pooled: true}
+	if err := d.adoptPooled(spec.ID, v); err != nil {
+		v.discardPooled()
+		return vmm.Info{}, err
+	}
+	defer v.op.Unlock()
+	fail := func(err error) (vmm.Info, error) {
+		v.destroy()
+		return vmm.Info{}, fmt.Errorf("cloning %s: %w", spec.ID, err)
+	}
+	v.mu.Lock()
+	v.meta.ID, v.meta.Net, v.meta.Hostname, v.meta.StartedAt = spec.ID, spec.Net, hostnameOr(spec.Hostname, spec.ID), time.Now()
+	v.mu.Unlock()
+	c.lap(&ph.Prepare)
+	if spec.Net != nil {
+		if err := netns.AdoptTap(ctx, spec.Net.Netns, d.pool.hold, v.poolTapName); err != nil {
+			return fail(err)
+		}
+		v.poolTapName = ""
+		c.lap(&ph.Network)
+	}
+	v.console = newRing(64 << 10)
+	go v.console.drain(v.sockPath("console.sock"), v.proc.done, d.consoleSink(v.id))
+	if err := v.setState(vmm.StateRunning, ""); err != nil {
+		return fail(err)
+	}
+	c.lap(&ph.Record)
+	if err := v.refreshIdentity(ctx); err != nil {
+		return fail(v.exitError("refreshing the guest's identity", err, v.proc))
+	}
+	c.lap(&ph.Agent)
+	v.mu.Lock()
+	v.phases, v.phasesSet = ph, true
+	v.mu.Unlock()
+	return v.info(), nil
+}
+
+// adoptPooled registers pooled process v as VM id: its directory moves
+// from DATA_DIR/pool to DATA_DIR/vms (its jail root, cgroup and uid go
+// with it). It returns with v.op held.
+func (d *Driver) adoptPooled(id string, v *vm) error {
+	if !idRe.MatchString(id) {
+		return fmt.Errorf("vm id %q: use 1-63 lowercase letters, digits or '-': %w", id, errdefs.ErrInvalid)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, ok := d.vms[id]; ok {
+		return fmt.Errorf("vm %s already exists: %w", id, errdefs.ErrConflict)
+	}
+	dir := filepath.Join(d.vmsDir(), id)
+	if _, err := os.Stat(dir); err == nil {
+		return fmt.Errorf("vm %s: its directory already exists: %w", id, errdefs.ErrConflict)
+	}
+	if err := os.Rename(v.dir, dir); err != nil {
+		return fmt.Errorf("taking a pooled process: %w", err)
+	}
+	v.op.Lock()
+	v.mu.Lock()
+	v.id, v.dir, v.log, v.pooled = id, dir, d.log.With("microvm", id), false
+	v.mu.Unlock()
+	delete(d.poolUIDs, v.uid)
+	d.vms[id] = v
+	return nil
+}
+
+// resumeLoaded starts a guest whose device state is loaded: record
+// "running" first (from `cont` on the guest writes its memory), then
+// `cont`, then the agent handshake with the new identity.
+func (v *vm) resumeLoaded(ctx context.Context, conn net.Conn, c *phaseClock, ph *StartPhases) error {
+	if err := v.setState(vmm.StateRunning, ""); err != nil {
+		conn.Close()
+		return err
+	}
+	c.lap(&ph.Record)
+	cctx, cancel := context.WithTimeout(ctx, stateTimeout)
+	defer cancel()
+	if err := v.qmp.Execute(cctx, "cont", nil, nil); err != nil {
+		conn.Close()
+		return v.exitError("starting the guest", err, v.proc)
+	}
+	c.lap(&ph.Resume)
+	if err := v.handshake(ctx, conn, restoreTimeout, true); err != nil {
+		return err
+	}
+	c.lap(&ph.Agent)
+	v.mu.Lock()
+	v.phases, v.phasesSet = *ph, true
+	v.mu.Unlock()
+	v.log.Debug("start phases", "pooled", ph.Pooled, "phases", fmt.Sprintf("%+v", *ph))
+	return nil
+}
+
+// removePoolLeftovers removes DATA_DIR/pool entries that no live pooled
+// process of this driver owns (a kiln that died left them; their
+// processes were killed as strays by then).
+func (d *Driver) removePoolLeftovers(live map[string]bool) {
+	entries, err := os.ReadDir(d.poolDir())
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			d.log.Warn("reading the clone pool directory", "err", err)
+		}
+		return
+	}
+	for _, e := range entries {
+		if live[e.Name()] {
+			continue
+		}
+		if err := os.RemoveAll(filepath.Join(d.poolDir(), e.Name())); err != nil {
+			d.log.Warn("removing a clone pool leftover", "dir", e.Name(), "err", err)
+		}
+	}
+}
