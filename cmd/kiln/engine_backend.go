@@ -150,7 +150,13 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		o.Health.Set("vm engine", eng.Ready)
 		o.Health.Set("endpoint proxy", metrics.DialCheck(ln.Addr().String()))
 	}
+	if o.Stopping != nil {
+		o.Stopping.Add(1)
+	}
 	go func() {
+		if o.Stopping != nil {
+			defer o.Stopping.Done()
+		}
 		<-ctx.Done()
 		eng.Close()
 		drv.Close() // VMs keep running; the next start adopts them

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -36,6 +37,10 @@ import (
 
 // ServerOptions are the `kiln server` flags, handed to the backend factory.
 type ServerOptions struct {
+	// Stopping counts the shut-down work a backend runs after ctx ends
+	// (closing the VM driver kills the processes started ahead for
+	// clones); runServer waits for it before returning.
+	Stopping     *sync.WaitGroup
 	DataDir      string
 	APIAddr      string
 	EndpointAddr string
@@ -248,6 +253,10 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 		return err
 	}
 	defer st.Close()
+	if o.Stopping == nil {
+		o.Stopping = new(sync.WaitGroup)
+	}
+	defer waitStopping(o.Stopping, 30*time.Second)
 	o.Health = metrics.NewHealth()
 	o.References = &gc.References{}
 	metrics.SetStateCounter(func(ctx context.Context) (map[string]int, error) {
@@ -380,6 +389,18 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 		return fmt.Errorf("shutting down API: %w", err)
 	}
 	return nil
+}
+
+// waitStopping waits up to limit for the backend's shut-down work: the
+// process must not exit while the driver is still killing what it owns.
+func waitStopping(wg *sync.WaitGroup, limit time.Duration) {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(limit):
+		slog.Warn("shut-down work did not finish; exiting anyway", "waited", limit)
+	}
 }
 
 // API transport limits. Requests are small JSON documents; the upload

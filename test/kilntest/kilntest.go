@@ -353,7 +353,8 @@ func (s *Server) TerminateAll(t *testing.T) error {
 	return errors.Join(errs...)
 }
 
-// QemuOf lists the QEMU processes whose command line names dir.
+// QemuOf lists the QEMU processes of the data dir dir: named on their
+// command line, or (jailed) the source of their root mount.
 func QemuOf(dir string) []int {
 	ents, _ := os.ReadDir("/proc")
 	var pids []int
@@ -370,7 +371,10 @@ func QemuOf(dir string) []int {
 		if !strings.Contains(filepath.Base(string(args[0])), "qemu") {
 			continue
 		}
-		if bytes.Contains(b, []byte(dir+"/")) {
+		// A jailed QEMU's command line names only jail paths; its mount
+		// table still shows which data dir its root came from.
+		mi, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "mountinfo"))
+		if bytes.Contains(b, []byte(dir+"/")) || bytes.Contains(mi, []byte(dir+"/")) {
 			pids = append(pids, pid)
 		}
 	}

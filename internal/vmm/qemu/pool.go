@@ -213,7 +213,15 @@ func (p *pool) fillOne() bool {
 	}
 	key, t := tp.key, tp.t
 	p.mu.Unlock()
+	// Closing the driver must not wait out a whole restore.
 	ctx, cancel := context.WithTimeout(context.Background(), restoreTimeout)
+	go func() {
+		select {
+		case <-p.stop:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	v, err := p.d.spawnPooled(ctx, t, key.mac)
 	cancel()
 	p.mu.Lock()
