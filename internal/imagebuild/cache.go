@@ -9,11 +9,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/diskcopy"
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
@@ -82,7 +82,7 @@ func (b *Builder) toCache(ctx context.Context, account, key, rootDisk, tmplDir s
 	}
 	defer os.RemoveAll(tmp)
 	root := filepath.Join(tmp, "root.ext4")
-	if err := linkOrCopy(ctx, rootDisk, root); err != nil {
+	if err := diskcopy.LinkOrCopy(ctx, rootDisk, root); err != nil {
 		return err
 	}
 	// The cached template is backed by the cache's own root disk path
@@ -98,21 +98,6 @@ func (b *Builder) toCache(ctx context.Context, account, key, rootDisk, tmplDir s
 			return nil // another build stored it first
 		}
 		return err
-	}
-	return nil
-}
-
-func linkOrCopy(ctx context.Context, src, dst string) error {
-	if err := os.Link(src, dst); err == nil {
-		return nil
-	}
-	return run(ctx, "cp", "--sparse=always", "--reflink=auto", src, dst)
-}
-
-func run(ctx context.Context, name string, args ...string) error {
-	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("%s %s: %s: %w", name, strings.Join(args, " "), strings.TrimSpace(string(out)), err)
 	}
 	return nil
 }

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/kiln-sandbox/kiln/internal/diskcopy"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/hosttool"
 	"github.com/kiln-sandbox/kiln/internal/qcow2"
@@ -136,13 +137,13 @@ func copyTemplate(ctx context.Context, qemuImg string, spec vmm.TemplateCopy) er
 		case !e.Type().IsRegular():
 			return fmt.Errorf("template %s holds %s, which is not a file: %w", src, f, errdefs.ErrInvalid)
 		default:
-			if err := linkOrCopy(ctx, filepath.Join(src, f), filepath.Join(dst, f)); err != nil {
+			if err := diskcopy.LinkOrCopy(ctx, filepath.Join(src, f), filepath.Join(dst, f)); err != nil {
 				return err
 			}
 		}
 	}
 	disk := filepath.Join(dst, "disk.qcow2")
-	if err := runTool(ctx, "cp", "--sparse=always", "--reflink=auto", filepath.Join(src, "disk.qcow2"), disk); err != nil {
+	if err := diskcopy.Copy(ctx, filepath.Join(src, "disk.qcow2"), disk); err != nil {
 		return err
 	}
 	// -u: only the header changes; the backing file's content is the same.
@@ -207,13 +208,6 @@ func (l *limitedWriter) Write(p []byte) (int, error) {
 		l.n -= k
 	}
 	return len(p), nil
-}
-
-func linkOrCopy(ctx context.Context, src, dst string) error {
-	if err := os.Link(src, dst); err == nil {
-		return nil
-	}
-	return runTool(ctx, "cp", "--sparse=always", "--reflink=auto", src, dst)
 }
 
 func runTool(ctx context.Context, name string, args ...string) error {
