@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -203,14 +202,7 @@ func TestPooledProcessesReapedAfterKilnKilled(t *testing.T) {
 		t.Skip("engine not set up")
 	}
 	dataDir := shortDir(t)
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "KILN_TEST_HELPER=pool-and-hang", "KILN_TEST_DATA="+dataDir,
-		"KILN_TEST_KERNEL="+env.KernelDir, "KILN_TEST_AGENT="+env.AgentBinary, "KILN_TEST_ROOT="+env.RootDisk)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd, out := startHelperKiln(t, "pool-and-hang", dataDir)
 	waitFor(t, 4*time.Minute, func() bool { return strings.Contains(out.String(), "POOLED ") }, "the helper kiln to fill its pool")
 	var pid int
 	if _, err := fmt.Sscanf(out.String()[strings.Index(out.String(), "POOLED "):], "POOLED %d", &pid); err != nil {

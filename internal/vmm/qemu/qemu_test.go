@@ -330,6 +330,21 @@ func TestQEMUKilledIsNoticedAndCleanedUp(t *testing.T) {
 	assertNoQEMU(t, d)
 }
 
+// startHelperKiln runs this test binary as a separate kiln (TestMain's
+// KILN_TEST_HELPER modes) on dataDir; out collects what it prints.
+func startHelperKiln(t *testing.T, mode, dataDir string) (*exec.Cmd, *bytes.Buffer) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "KILN_TEST_HELPER="+mode, "KILN_TEST_DATA="+dataDir,
+		"KILN_TEST_KERNEL="+env.KernelDir, "KILN_TEST_AGENT="+env.AgentBinary, "KILN_TEST_ROOT="+env.RootDisk)
+	out := new(bytes.Buffer)
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return cmd, out
+}
+
 // TestKilnKilledThenRecovered kills a separate kiln process (this test
 // binary re-run as a helper) that booted a VM, then checks that a new
 // driver adopts that VM, removes leftovers, and terminates cleanly.
@@ -338,14 +353,7 @@ func TestKilnKilledThenRecovered(t *testing.T) {
 		t.Skip("engine not set up")
 	}
 	dataDir := shortDir(t)
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "KILN_TEST_HELPER=boot-and-hang", "KILN_TEST_DATA="+dataDir,
-		"KILN_TEST_KERNEL="+env.KernelDir, "KILN_TEST_AGENT="+env.AgentBinary, "KILN_TEST_ROOT="+env.RootDisk)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd, out := startHelperKiln(t, "boot-and-hang", dataDir)
 	waitFor(t, 120*time.Second, func() bool { return strings.Contains(out.String(), "READY") }, "the helper kiln to boot its VMs")
 	cmd.Process.Kill()
 	cmd.Wait()
