@@ -556,25 +556,6 @@ func (s *Server) listImageVersions(ctx context.Context, c *call) (any, error) {
 
 // refreshLatestActive points the image at its newest SUCCESSFUL, ACTIVE
 // version (or none) after a version was deactivated or deleted.
-func (s *Server) refreshLatestActive(ctx context.Context, img store.Image) error {
-	vs, _, err := s.st.ListImageVersions(ctx, img.Account, img.Name, store.Page{Limit: 1000})
-	if err != nil {
-		return err
-	}
-	latest := ""
-	for _, v := range vs {
-		if v.State == store.VersionSuccessful && v.Status == store.VersionActive {
-			latest = v.Version
-		}
-	}
-	if latest == img.LatestActiveVersion {
-		return nil
-	}
-	img.LatestActiveVersion = latest
-	img.UpdatedAt = s.cfg.Now().UTC()
-	return s.st.UpdateImage(ctx, img)
-}
-
 func (s *Server) updateImageVersion(ctx context.Context, c *call) (any, error) {
 	var in struct {
 		Status string `json:"status"`
@@ -591,11 +572,10 @@ func (s *Server) updateImageVersion(ctx context.Context, c *call) (any, error) {
 	}
 	v.Status = in.Status
 	v.UpdatedAt = s.cfg.Now().UTC()
+	// The store recomputes the image's latest active version in the same
+	// transaction, from what is stored then.
 	if err := s.st.UpdateImageVersion(ctx, v); err != nil {
 		return nil, toAPIError(err, "microvm-image-version", img.Name+":"+v.Version)
-	}
-	if err := s.refreshLatestActive(ctx, img); err != nil {
-		return nil, err
 	}
 	return versionView(v, nil), nil
 }
@@ -605,26 +585,12 @@ func (s *Server) deleteImageVersion(ctx context.Context, c *call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	// A version still building is cancelled: its records go now, and the
-	// backend stops the build (VMs, mounts, files) before freeing it.
+	// A version still building is cancelled: its records go now (the store
+	// fails the image that was building it and moves its latest active
+	// version in the same transaction), and the backend stops the build
+	// (VMs, mounts, files) before freeing it.
 	if err := s.st.DeleteImageVersion(ctx, c.account, img.Name, v.Version); err != nil {
 		return nil, toAPIError(err, "microvm-image-version", img.Name+":"+v.Version)
-	}
-	if building(img.State) && img.LatestVersion == v.Version {
-		// Its build will report nothing now: the image is no longer
-		// building.
-		if img.State == store.ImageCreating {
-			img.State = store.ImageCreateFailed
-		} else {
-			img.State = store.ImageUpdateFailed
-		}
-		img.UpdatedAt = s.cfg.Now().UTC()
-		if err := s.st.UpdateImage(ctx, img); err != nil {
-			return nil, err
-		}
-	}
-	if err := s.refreshLatestActive(ctx, img); err != nil {
-		return nil, err
 	}
 	if err := s.be.DeleteImageVersion(ctx, c.account, img.Name, v.Version); err != nil {
 		slog.Warn("freeing image version", "image", img.Name, "version", v.Version, "err", err)

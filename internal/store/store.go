@@ -348,8 +348,6 @@ type Store interface {
 	// ListImages pages through an account's images, oldest first, whose
 	// name contains nameFilter.
 	ListImages(ctx context.Context, account, nameFilter string, p Page) ([]Image, string, error)
-	// UpdateImage replaces an image's record; ErrNotFound if absent.
-	UpdateImage(ctx context.Context, img Image) error
 	// DeleteImage removes an image, its versions, builds, build logs and
 	// tags; ErrNotFound if absent.
 	DeleteImage(ctx context.Context, account, name string) error
@@ -364,9 +362,14 @@ type Store interface {
 	GetImageVersion(ctx context.Context, account, image, version string) (ImageVersion, error)
 	// ListImageVersions pages through an image's versions, oldest first.
 	ListImageVersions(ctx context.Context, account, image string, p Page) ([]ImageVersion, string, error)
-	// UpdateImageVersion replaces a version's record; ErrNotFound if absent.
+	// UpdateImageVersion replaces a version's record and, in the same
+	// transaction, recomputes its image's latestActiveImageVersion (the
+	// newest version SUCCESSFUL and ACTIVE); ErrNotFound if absent.
 	UpdateImageVersion(ctx context.Context, v ImageVersion) error
-	// DeleteImageVersion removes a version with its builds and their logs.
+	// DeleteImageVersion removes a version with its builds and their logs
+	// and, in the same transaction, recomputes its image's
+	// latestActiveImageVersion and fails the image if it was building
+	// that version.
 	DeleteImageVersion(ctx context.Context, account, image, version string) error
 
 	// GetBuild returns a build; ErrNotFound if absent.

@@ -92,11 +92,6 @@ func (s *Store) ListImages(ctx context.Context, account, nameFilter string, p st
 		account, nameFilter)
 }
 
-func (s *Store) UpdateImage(ctx context.Context, img store.Image) error {
-	n, err := s.db.Writer().Exec(ctx, `UPDATE images SET data = ? WHERE account = ? AND name = ?`, mustJSON(img), img.Account, img.Name)
-	return affected(n, err, "image "+img.Name)
-}
-
 func (s *Store) DeleteImage(ctx context.Context, account, name string) error {
 	return s.db.Write(ctx, func(tx Querier) error {
 		img, err := getDoc[store.Image](ctx, tx, false, "image "+name, `SELECT data FROM images WHERE account = ? AND name = ?`+s.d.ForUpdate, account, name)
@@ -204,10 +199,56 @@ func (s *Store) UpdateImageVersion(ctx context.Context, v store.ImageVersion) er
 			return err
 		}
 		if old.State != v.State {
-			return s.insertEvent(ctx, tx, store.VersionEvent(v, old.State))
+			if err := s.insertEvent(ctx, tx, store.VersionEvent(v, old.State)); err != nil {
+				return err
+			}
 		}
-		return nil
+		return s.refreshImage(ctx, tx, v.Account, v.ImageName, "", v.UpdatedAt)
 	})
+}
+
+// refreshImage brings an image's record in line with its versions in the
+// transaction that changed them: latestActiveImageVersion is the newest
+// version both SUCCESSFUL and ACTIVE, and an image still building the
+// version deletedVersion (deleted in this transaction) has failed, since
+// that build will report nothing. Doing it here, under the image's row
+// lock, keeps a concurrent FinishBuild from being undone by a record read
+// before it.
+func (s *Store) refreshImage(ctx context.Context, tx Querier, account, image, deletedVersion string, now time.Time) error {
+	img, err := getDoc[store.Image](ctx, tx, false, "image "+image, `SELECT data FROM images WHERE account = ? AND name = ?`+s.d.ForUpdate, account, image)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	vs, err := docs[store.ImageVersion](ctx, tx, `SELECT data FROM image_versions WHERE account = ? AND image = ? ORDER BY seq`, account, image)
+	if err != nil {
+		return err
+	}
+	before := img
+	img.LatestActiveVersion = ""
+	for _, v := range vs {
+		if v.State == store.VersionSuccessful && v.Status == store.VersionActive {
+			img.LatestActiveVersion = v.Version
+		}
+	}
+	if deletedVersion != "" && img.LatestVersion == deletedVersion {
+		switch img.State {
+		case store.ImageCreating:
+			img.State = store.ImageCreateFailed
+		case store.ImageUpdating:
+			img.State = store.ImageUpdateFailed
+		}
+	}
+	if img.LatestActiveVersion == before.LatestActiveVersion && img.State == before.State {
+		return nil
+	}
+	img.UpdatedAt = now.UTC()
+	if _, err := tx.Exec(ctx, `UPDATE images SET data = ? WHERE account = ? AND name = ?`, mustJSON(img), img.Account, img.Name); err != nil {
+		return fmt.Errorf("updating image %s: %w", img.Name, err)
+	}
+	return nil
 }
 
 func (s *Store) DeleteImageVersion(ctx context.Context, account, image, version string) error {
@@ -225,7 +266,7 @@ func (s *Store) DeleteImageVersion(ctx context.Context, account, image, version 
 		if _, err := tx.Exec(ctx, `DELETE FROM builds WHERE account = ? AND image = ? AND version = ?`, account, image, version); err != nil {
 			return fmt.Errorf("deleting builds: %w", err)
 		}
-		return nil
+		return s.refreshImage(ctx, tx, account, image, version, time.Now())
 	})
 }
 

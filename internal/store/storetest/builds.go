@@ -91,3 +91,58 @@ func startFinishRace(t *testing.T, a, b store.Store) {
 		}
 	}
 }
+
+// versionChangesKeepImage: a version's status change or deletion brings
+// its image's record up to date in the same transaction, from what is
+// stored then, so it never writes back an image read before a build
+// finished (which would put a finished image back to UPDATING).
+func versionChangesKeepImage(t *testing.T, s store.Store) {
+	img, v1, bs := newImage("A", "app")
+	must(t, s.CreateImage(ctx, img, v1, bs, nil))
+	finish := func(b store.Build) {
+		t.Helper()
+		b.State, b.UpdatedAt = store.BuildSuccessful, time.Now().UTC()
+		_, err := s.FinishBuild(ctx, b)
+		must(t, err)
+	}
+	finish(bs[0])
+	v2 := v1
+	v2.State = store.VersionPending
+	v2, bs2, err := s.CreateImageVersion(ctx, v2, []store.Build{{Account: "A", ImageName: "app", ImageARN: img.ARN, ID: "app-b2", State: store.BuildPending, Architecture: "X86_64", CreatedAt: time.Now()}}, nil)
+	must(t, err)
+	// An API call that read the image now (UPDATING) races the finish of v2.
+	finish(bs2[0])
+	v1, err = s.GetImageVersion(ctx, "A", "app", v1.Version)
+	must(t, err)
+	v1.Status, v1.UpdatedAt = store.VersionInactive, time.Now().UTC()
+	must(t, s.UpdateImageVersion(ctx, v1))
+	got, err := s.GetImage(ctx, "A", "app")
+	must(t, err)
+	if got.State != store.ImageUpdated || got.LatestActiveVersion != v2.Version {
+		t.Fatalf("after v2 finished and v1 went INACTIVE: image %s, latest active %q; want UPDATED, %q", got.State, got.LatestActiveVersion, v2.Version)
+	}
+	v2, _ = s.GetImageVersion(ctx, "A", "app", v2.Version)
+	v2.Status = store.VersionInactive
+	must(t, s.UpdateImageVersion(ctx, v2))
+	if got, _ = s.GetImage(ctx, "A", "app"); got.LatestActiveVersion != "" {
+		t.Errorf("no version active, latest active = %q", got.LatestActiveVersion)
+	}
+	v1.Status = store.VersionActive
+	must(t, s.UpdateImageVersion(ctx, v1))
+	if got, _ = s.GetImage(ctx, "A", "app"); got.LatestActiveVersion != v1.Version {
+		t.Errorf("v1 active again, latest active = %q", got.LatestActiveVersion)
+	}
+
+	// Deleting the version an image is building fails the image; deleting
+	// its latest active version moves latestActiveImageVersion back.
+	v3, _, err := s.CreateImageVersion(ctx, v2, []store.Build{{Account: "A", ImageName: "app", ImageARN: img.ARN, ID: "app-b3", State: store.BuildPending, Architecture: "X86_64", CreatedAt: time.Now()}}, nil)
+	must(t, err)
+	must(t, s.DeleteImageVersion(ctx, "A", "app", v3.Version))
+	if got, _ = s.GetImage(ctx, "A", "app"); got.State != store.ImageUpdateFailed || got.LatestActiveVersion != v1.Version {
+		t.Errorf("after deleting the version being built: image %s, latest active %q", got.State, got.LatestActiveVersion)
+	}
+	must(t, s.DeleteImageVersion(ctx, "A", "app", v1.Version))
+	if got, _ = s.GetImage(ctx, "A", "app"); got.LatestActiveVersion != "" {
+		t.Errorf("after deleting the only active version: latest active %q", got.LatestActiveVersion)
+	}
+}

@@ -24,6 +24,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"images and versions", images},
 		{"build logs", buildLogs},
 		{"build start", buildStart},
+		{"version changes keep the image", versionChangesKeepImage},
 		{"microvms", microvms},
 		{"microvm deadlines", deadlines},
 		{"client tokens", clientTokens},
