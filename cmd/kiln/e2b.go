@@ -8,6 +8,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/e2b"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
@@ -16,7 +17,7 @@ import (
 // listener: the SDK needs only a base URL (E2B_API_URL), no path of E2B's
 // collides with the AWS API's, and sharing the listener shares its TLS,
 // timeouts and per-client connection cap instead of configuring a second.
-func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Server, be api.Backend, endpointPort string, operators []string) error {
+func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Server, be lifecycle.Backend, endpointPort string, operators []string) error {
 	es, ok := st.(store.E2BStore)
 	if !ok {
 		// A store without E2B sandboxes (both of kiln's have them)

@@ -25,6 +25,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/image/source"
 	"github.com/kiln-sandbox/kiln/internal/imagebuild"
 	"github.com/kiln-sandbox/kiln/internal/imds"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/pkgproxy"
@@ -54,7 +55,7 @@ func init() {
 
 var endpointCert, endpointKey string
 
-func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep *api.Reporter) (api.Backend, api.TokenIssuer, error) {
+func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep *lifecycle.Reporter) (lifecycle.Backend, api.TokenIssuer, error) {
 	log := newLogger()
 	if o.RequireKVM {
 		// Checked before the driver starts: it would adopt running VMs.

@@ -31,6 +31,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/gc"
 	"github.com/kiln-sandbox/kiln/internal/image/base"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
@@ -129,15 +130,15 @@ func (o ServerOptions) FetchPolicy() *egress.Policy {
 
 // BackendFactory builds the engine behind the API: it gets the store and
 // the Reporter through which it reports state changes, and returns the
-// api.Backend the API hands accepted work to. Optionally it also returns a
+// lifecycle.Backend the API hands accepted work to. Optionally it also returns a
 // TokenIssuer for the endpoint proxy's tokens (nil: the API's HMAC issuer).
 // ctx lives as long as the server.
-type BackendFactory func(ctx context.Context, o ServerOptions, st store.Store, rep *api.Reporter) (api.Backend, api.TokenIssuer, error)
+type BackendFactory func(ctx context.Context, o ServerOptions, st store.Store, rep *lifecycle.Reporter) (lifecycle.Backend, api.TokenIssuer, error)
 
 // backends are the factories `kiln server --backend NAME` can choose; the
 // VM engine registers "engine" with RegisterBackend from its own file.
 var backends = map[string]BackendFactory{
-	"fake": func(ctx context.Context, o ServerOptions, st store.Store, rep *api.Reporter) (api.Backend, api.TokenIssuer, error) {
+	"fake": func(ctx context.Context, o ServerOptions, st store.Store, rep *lifecycle.Reporter) (lifecycle.Backend, api.TokenIssuer, error) {
 		slog.Warn("using the fake backend: no VMs run, records only move through their states")
 		return fakebackend.New(rep, 200*time.Millisecond), nil, nil
 	},
@@ -312,7 +313,7 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 		warnIfReadable(o.APIKey)
 		tlsConf = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
 	}
-	rep := api.NewReporter(st)
+	rep := lifecycle.NewReporter(st)
 	be, tokens, err := factory(ctx, o, st, rep)
 	if err != nil {
 		return fmt.Errorf("starting backend: %w", err)

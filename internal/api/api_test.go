@@ -22,6 +22,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/api/fakebackend"
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 )
@@ -46,7 +47,7 @@ func newEnv(t *testing.T, opts ...func(*api.Config)) *env {
 	}
 	t.Cleanup(func() { st.Close() })
 	e := &env{t: t, st: st}
-	e.be = fakebackend.New(api.NewReporter(st), 5*time.Millisecond)
+	e.be = fakebackend.New(lifecycle.NewReporter(st), 5*time.Millisecond)
 	cfg := api.Config{EndpointPort: "8443", Now: func() time.Time {
 		return time.Now().Add(time.Duration(e.offset.Load()))
 	}}
@@ -623,7 +624,7 @@ func TestDeadlines(t *testing.T) {
 	e.waitField(base+"/microvms/"+susp, "state", "SUSPENDED")
 
 	e.offset.Store(int64(31 * time.Second))
-	e.srv.ReapOnce(context.Background())
+	e.srv.Lifecycle().ReapOnce(context.Background())
 	e.be.Wait()
 	e.offset.Store(0)
 	for id, want := range map[string]string{short: "MaximumDurationExceeded", susp: "SuspendedDurationExceeded"} {

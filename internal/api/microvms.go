@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -369,72 +370,39 @@ func (s *Server) terminateMicrovm(ctx context.Context, c *call) (any, error) {
 }
 
 // Suspend moves a RUNNING microVM to SUSPENDING and asks the backend to
-// suspend it. The endpoint proxy's idle controller calls it too.
-// ConflictException if the microVM is not RUNNING.
+// suspend it (lifecycle.Service.Suspend), with the API's errors: a
+// ConflictException if the microVM is not RUNNING. The endpoint proxy's
+// idle controller calls it too.
 func (s *Server) Suspend(ctx context.Context, account, id, reason string) error {
-	m, err := s.st.UpdateMicrovm(ctx, account, id, []store.MicrovmState{store.StateRunning}, func(m *store.Microvm) error {
-		m.SetState(store.StateSuspending, reason, s.cfg.Now().UTC())
-		return nil
-	})
-	if err != nil {
-		return toAPIError(err, kindMicrovm, id)
-	}
-	if err := s.be.SuspendMicrovm(ctx, m); err != nil {
-		s.rep.MicrovmState(context.WithoutCancel(ctx), account, id, []store.MicrovmState{store.StateSuspending}, store.StateRunning, "SuspendFailed: "+err.Error())
-		return internal("suspending microvm: " + err.Error())
-	}
-	return nil
+	return lifecycleError(s.lc.Suspend(ctx, account, id, reason), id)
 }
 
-// Resume asks the backend to resume a SUSPENDED microVM (it stays
-// SUSPENDED, with a pending resume, until the backend reports RUNNING).
-// Resuming one already being resumed is accepted again without a second
-// backend call. The endpoint proxy's auto-resume calls it too.
-// ConflictException in any other state.
+// Resume asks the backend to resume a SUSPENDED microVM
+// (lifecycle.Service.Resume): a ConflictException in any other state, a
+// quota error when the host is full (it stays SUSPENDED). The endpoint
+// proxy's auto-resume calls it too.
 func (s *Server) Resume(ctx context.Context, account, id string) error {
-	already := false
-	m, err := s.st.UpdateMicrovm(ctx, account, id, []store.MicrovmState{store.StateSuspended}, func(m *store.Microvm) error {
-		already = m.PendingOp == "resume"
-		m.PendingOp = "resume"
-		m.UpdatedAt = s.cfg.Now().UTC()
-		return nil
-	})
-	if err != nil {
-		return toAPIError(err, kindMicrovm, id)
-	}
-	if already {
-		return nil
-	}
-	if err := s.be.ResumeMicrovm(ctx, m); err != nil {
-		s.st.UpdateMicrovm(context.WithoutCancel(ctx), account, id, nil, func(m *store.Microvm) error {
-			m.PendingOp = ""
-			return nil
-		})
-		if errors.Is(err, errdefs.ErrExhausted) {
-			return toAPIError(err, kindMicrovm, id) // the host is full: it stays SUSPENDED
-		}
-		return internal("resuming microvm: " + err.Error())
-	}
-	return nil
+	return lifecycleError(s.lc.Resume(ctx, account, id), id)
 }
 
-// Terminate moves a microVM to TERMINATING and asks the backend to stop it.
-// Terminating one already TERMINATING is accepted again; a TERMINATED one
-// is a ConflictException.
+// Terminate moves a microVM to TERMINATING and asks the backend to stop it
+// (lifecycle.Service.Terminate): a TERMINATED one is a ConflictException.
 func (s *Server) Terminate(ctx context.Context, account, id, reason string) error {
-	m, err := s.st.UpdateMicrovm(ctx, account, id, []store.MicrovmState{store.StatePending, store.StateRunning, store.StateSuspending, store.StateSuspended, store.StateTerminating}, func(m *store.Microvm) error {
-		if m.State != store.StateTerminating {
-			m.SetState(store.StateTerminating, reason, s.cfg.Now().UTC())
-		}
+	return lifecycleError(s.lc.Terminate(ctx, account, id, reason), id)
+}
+
+// lifecycleError is a transition's error as the API reports it: what the
+// backend refused is the server's fault (but a full host is a quota
+// error), the rest maps through toAPIError.
+func lifecycleError(err error, id string) error {
+	if err == nil {
 		return nil
-	})
-	if err != nil {
-		return toAPIError(err, kindMicrovm, id)
 	}
-	if err := s.be.TerminateMicrovm(ctx, m); err != nil {
-		return internal("terminating microvm: " + err.Error())
+	var be *lifecycle.BackendError
+	if errors.As(err, &be) && !errors.Is(err, errdefs.ErrExhausted) {
+		return internal(err.Error())
 	}
-	return nil
+	return toAPIError(err, kindMicrovm, id)
 }
 
 type authTokenInput struct {

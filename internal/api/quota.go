@@ -4,11 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"io/fs"
 	"os"
 	"path/filepath"
 
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 

@@ -13,6 +13,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -110,7 +111,7 @@ func TestQuotas(t *testing.T) {
 
 // fullHost is the fake backend on a host with room for one 64 MiB guest.
 type fullHost struct {
-	api.Backend
+	lifecycle.Backend
 	mu        sync.Mutex
 	committed int64
 }

@@ -17,7 +17,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net/http"
 	"runtime"
 	"strconv"
@@ -25,6 +24,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -120,8 +120,9 @@ func (s *Server) holdReferences() func() {
 type Server struct {
 	cfg      Config
 	st       store.Store
-	be       Backend
-	rep      *Reporter
+	be       lifecycle.Backend
+	lc       *lifecycle.Service
+	rep      *lifecycle.Reporter
 	verifier *auth.Verifier
 	mux      *http.ServeMux
 	// sessionMux serves the same operations to callers another adapter
@@ -131,7 +132,7 @@ type Server struct {
 }
 
 // NewServer returns an API server over st that hands accepted work to be.
-func NewServer(cfg Config, st store.Store, be Backend) *Server {
+func NewServer(cfg Config, st store.Store, be lifecycle.Backend) *Server {
 	if cfg.Region == "" {
 		cfg.Region = "us-east-1"
 	}
@@ -164,8 +165,8 @@ func NewServer(cfg Config, st store.Store, be Backend) *Server {
 	if cfg.Tokens == nil {
 		cfg.Tokens = NewHMACIssuer(nil)
 	}
-	s := &Server{cfg: cfg, st: st, be: be, rep: NewReporter(st), verifier: auth.NewVerifier(st, SigningName)}
-	s.rep.now = cfg.Now
+	lc := lifecycle.New(st, be, cfg.Now)
+	s := &Server{cfg: cfg, st: st, be: be, lc: lc, rep: lc.Reporter(), verifier: auth.NewVerifier(st, SigningName)}
 	if cfg.RequestsPerSecond > 0 {
 		s.limits = newLimiter(cfg.RequestsPerSecond, 2*cfg.RequestsPerSecond, cfg.Now)
 	}
@@ -189,113 +190,20 @@ type ServerAware interface {
 func (s *Server) Verifier() *auth.Verifier { return s.verifier }
 
 // Reporter returns the Reporter writing to this server's store.
-func (s *Server) Reporter() *Reporter { return s.rep }
+func (s *Server) Reporter() *lifecycle.Reporter { return s.rep }
+
+// Lifecycle returns the life cycle the API drives microVMs through.
+func (s *Server) Lifecycle() *lifecycle.Service { return s.lc }
 
 // Handler returns the HTTP handler of the API.
 func (s *Server) Handler() http.Handler { return s.mux }
 
-// Start hands unfinished work to the backend (see Recover) and then runs
-// the deadline controller until ctx ends: microVMs past
-// maximumDurationInSeconds, and suspended ones past suspendedDurationSeconds,
-// are terminated. It returns after recovery; the controller keeps running.
+// Start hands unfinished work to the backend and then runs the deadline
+// controller until ctx ends (lifecycle.Service.Start). It returns after
+// recovery; the controller keeps running.
 func (s *Server) Start(ctx context.Context) error {
-	if err := Recover(ctx, s.st, s.be); err != nil {
-		slog.Error("recovering unfinished work", "err", err)
-	}
-	go s.reap(ctx)
+	s.lc.Start(ctx)
 	return nil
-}
-
-func (s *Server) reap(ctx context.Context) {
-	t := time.NewTicker(time.Second)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-		s.ReapOnce(ctx)
-	}
-}
-
-// ReapOnce terminates the microVMs whose deadlines have passed.
-func (s *Server) ReapOnce(ctx context.Context) {
-	now := s.cfg.Now()
-	due, err := s.st.ListMicrovmsDue(ctx, now, 100)
-	if err != nil {
-		slog.Error("listing microvms past their deadline", "err", err)
-		return
-	}
-	for _, m := range due {
-		if m.OnDeadline == store.DeadlineSuspend && !now.Before(m.DeadlineAt) {
-			if !s.suspendAtDeadline(ctx, m) {
-				continue
-			}
-		}
-		reason := "MaximumDurationExceeded: the microVM reached maximumDurationInSeconds"
-		if m.State == store.StateSuspended && m.SuspendDeadlineAt != nil && !now.Before(*m.SuspendDeadlineAt) && now.Before(m.DeadlineAt) {
-			reason = "SuspendedDurationExceeded: the microVM stayed suspended for suspendedDurationSeconds"
-		}
-		if err := s.Terminate(ctx, m.Account, m.ID, reason); err != nil {
-			slog.Warn("terminating microvm past its deadline", "microvm", m.ID, "err", err)
-		}
-	}
-}
-
-// SuspendedRetentionSeconds is how long a microVM suspended at its
-// deadline (Microvm.OnDeadline) is kept before it is terminated: the same
-// 8 hours as the longest maximum duration, so a suspended microVM's disk
-// and memory files are bounded in time like a running one's.
-const SuspendedRetentionSeconds = MaxDurationSeconds
-
-// suspendAtDeadline handles a due microVM that asked to be suspended at
-// its deadline, and reports whether it must be terminated instead. A
-// RUNNING one gets its new deadline (now plus the retention) before the
-// suspend, so the next tick does not find it due again; a suspend the
-// backend refuses terminates it (a microVM must not outlive its deadline
-// running). One in transition (PENDING, SUSPENDING, a resume pending) is
-// looked at again on a later tick; a SUSPENDED one past its retention is
-// terminated.
-func (s *Server) suspendAtDeadline(ctx context.Context, m store.Microvm) (terminate bool) {
-	switch {
-	case m.State == store.StateRunning:
-	case m.State == store.StateSuspended && m.PendingOp == "":
-		if m.SuspendedAt != nil && s.cfg.Now().Before(m.SuspendedAt.Add(time.Duration(SuspendedRetentionSeconds)*time.Second)) {
-			// Suspended by hand before the deadline: the retention counts
-			// from the suspension.
-			_, err := s.st.UpdateMicrovm(ctx, m.Account, m.ID, []store.MicrovmState{store.StateSuspended}, func(r *store.Microvm) error {
-				r.DeadlineAt = r.SuspendedAt.Add(time.Duration(SuspendedRetentionSeconds) * time.Second)
-				return nil
-			})
-			if err != nil {
-				slog.Warn("moving a suspended microvm's deadline", "microvm", m.ID, "err", err)
-			}
-			return false
-		}
-		return true
-	default:
-		return false
-	}
-	now := s.cfg.Now().UTC()
-	_, err := s.st.UpdateMicrovm(ctx, m.Account, m.ID, []store.MicrovmState{store.StateRunning}, func(r *store.Microvm) error {
-		r.DeadlineAt = now.Add(time.Duration(SuspendedRetentionSeconds) * time.Second)
-		r.UpdatedAt = now
-		return nil
-	})
-	if err != nil {
-		return false // it moved meanwhile: look again on the next tick
-	}
-	err = s.Suspend(ctx, m.Account, m.ID, "DeadlineSuspended: the microVM reached its deadline and asked to be suspended")
-	var ae *Error
-	switch {
-	case err == nil:
-		return false
-	case errors.As(err, &ae) && ae.Type == "ConflictException":
-		return false // it moved meanwhile (a pause, a terminate): nothing to force
-	}
-	slog.Warn("suspending microvm at its deadline; terminating it", "microvm", m.ID, "err", err)
-	return true
 }
 
 // SmallBody is the largest request body read before it is authenticated.

@@ -15,6 +15,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/api/fakebackend"
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 )
 
@@ -90,7 +91,7 @@ func TestCommandsAgainstServer(t *testing.T) {
 	if err := st.CreateAccessKey(ctx, k); err != nil {
 		t.Fatal(err)
 	}
-	be := fakebackend.New(api.NewReporter(st), 5*time.Millisecond)
+	be := fakebackend.New(lifecycle.NewReporter(st), 5*time.Millisecond)
 	artifacts := t.TempDir()
 	hs := httptest.NewServer(api.NewServer(api.Config{ArtifactDir: artifacts}, st, be).Handler())
 	defer func() { hs.Close(); be.Wait() }()

@@ -18,6 +18,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/api/fakebackend"
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/imagebuild"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 )
@@ -52,7 +53,7 @@ func newEnv(t *testing.T) *env {
 	}
 	e.code = filepath.Join(dir, "code.zip")
 	os.WriteFile(e.code, []byte("PK\x05\x06"+strings.Repeat("\x00", 18)), 0o600)
-	rep := api.NewReporter(st)
+	rep := lifecycle.NewReporter(st)
 	be := fakebackend.New(rep, 0)
 	srv := api.NewServer(api.Config{ArtifactDir: filepath.Join(dir, "artifacts"), OperatorAccounts: []string{e.operator.Account}}, st, be)
 	t.Cleanup(be.Wait)
@@ -287,7 +288,7 @@ func TestAccountScope(t *testing.T) {
 func TestSessionHandlerNeedsPrincipal(t *testing.T) {
 	st, _ := sqlite.Open(context.Background(), filepath.Join(t.TempDir(), "k.db"))
 	defer st.Close()
-	srv := api.NewServer(api.Config{ArtifactDir: t.TempDir()}, st, fakebackend.New(api.NewReporter(st), 0))
+	srv := api.NewServer(api.Config{ArtifactDir: t.TempDir()}, st, fakebackend.New(lifecycle.NewReporter(st), 0))
 	for _, r := range []*http.Request{
 		httptest.NewRequest("GET", "/"+api.APIVersion+"/microvms", nil),
 		httptest.NewRequest("PUT", api.ArtifactPath, strings.NewReader("PK\x05\x06")),

@@ -13,7 +13,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/kiln-sandbox/kiln/internal/api"
+	lc "github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -417,7 +417,7 @@ func (s *Server) pause(ctx context.Context, q *request) (int, any, error) {
 	}
 	// A paused sandbox does not run out its timeout (E2B's rule): it is
 	// kept for the retention, then killed.
-	if err := s.extend(ctx, q.key.Account, id, api.SuspendedRetentionSeconds); err != nil {
+	if err := s.extend(ctx, q.key.Account, id, lc.SuspendedRetentionSeconds); err != nil {
 		return 0, nil, err
 	}
 	return http.StatusNoContent, nil, nil

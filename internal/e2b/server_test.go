@@ -18,6 +18,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/api/fakebackend"
 	"github.com/kiln-sandbox/kiln/internal/auth"
+	lc "github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 )
@@ -62,7 +63,7 @@ func newEnv(t *testing.T) *env {
 		}
 		*k.key = key
 	}
-	be := fakebackend.New(api.NewReporter(st), 0)
+	be := fakebackend.New(lc.NewReporter(st), 0)
 	t.Cleanup(be.Wait)
 	e.api = api.NewServer(api.Config{OperatorAccounts: []string{e.account}}, st, be)
 	e.srv = New(Config{API: e.api, Store: st, Sandboxes: st, Tokens: e.tokens, Domain: "microvm.localhost:8443",
@@ -297,7 +298,7 @@ func TestTimeoutActions(t *testing.T) {
 		t.Fatalf("a paused sandbox ends in %v: its running timeout still counts", time.Until(m.DeadlineAt))
 	}
 	time.Sleep(10 * time.Millisecond)
-	e.api.ReapOnce(ctx)
+	e.api.Lifecycle().ReapOnce(ctx)
 	if m, err := e.srv.waitFor(ctx, e.account, kill, store.StateTerminated); err != nil || !strings.HasPrefix(m.StateReason, "MaximumDurationExceeded") {
 		t.Fatalf("sandbox past its timeout: %+v, %v", m.State, err)
 	}
@@ -306,7 +307,7 @@ func TestTimeoutActions(t *testing.T) {
 	if err != nil || !strings.HasPrefix(m.StateReason, "DeadlineSuspended") || time.Until(m.DeadlineAt) < 7*time.Hour {
 		t.Fatalf("autoPause sandbox past its timeout: %s %q ends in %v, %v", m.State, m.StateReason, time.Until(m.DeadlineAt), err)
 	}
-	e.api.ReapOnce(ctx) // not due any more: stays paused
+	e.api.Lifecycle().ReapOnce(ctx) // not due any more: stays paused
 	e.do(e.key, "GET", "/sandboxes/"+pause, nil).json(t, &d)
 	if d.State != "paused" {
 		t.Fatalf("auto-paused sandbox is %s", d.State)

@@ -20,6 +20,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/api/fakebackend"
 	"github.com/kiln-sandbox/kiln/internal/image/dockerfile"
+	lc "github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -28,7 +29,7 @@ import (
 func newTemplateEnv(t *testing.T) (*env, string) {
 	e := newEnv(t)
 	dir := t.TempDir()
-	be := fakebackend.New(api.NewReporter(e.st), 0)
+	be := fakebackend.New(lc.NewReporter(e.st), 0)
 	t.Cleanup(be.Wait)
 	e.api = api.NewServer(api.Config{ArtifactDir: filepath.Join(dir, "artifacts")}, e.st, be)
 	e.srv = New(Config{API: e.api, Store: e.st, Sandboxes: e.st, Tokens: e.tokens, Domain: "microvm.localhost:8443",

@@ -25,6 +25,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
 	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
@@ -211,7 +212,7 @@ func BenchEndpoint(ctx context.Context, o EndpointBenchOptions) (res EndpointBen
 	}
 	defer st.Close()
 	drv := &timedDriver{Driver: o.Driver}
-	eng, err := New(ctx, Config{Driver: drv, Store: st, Reporter: api.NewReporter(st), DataDir: o.Dir, IdleInterval: time.Second, Log: o.Log})
+	eng, err := New(ctx, Config{Driver: drv, Store: st, Reporter: lifecycle.NewReporter(st), DataDir: o.Dir, IdleInterval: time.Second, Log: o.Log})
 	if err != nil {
 		return res, err
 	}

@@ -15,11 +15,12 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
-// BuildImage implements api.Backend: the builds of a version run one
+// BuildImage implements lifecycle.Backend: the builds of a version run one
 // after the other (they share the version's directory) on a goroutine of
 // their own, each once it gets one of MaxConcurrentBuilds slots (it says
 // so in its log while it waits), within BuildTimeout, with its host memory
@@ -353,10 +354,10 @@ func (l *storeLog) Close() error {
 }
 
 func (e *Engine) recoverBuilds(ctx context.Context, builds []store.Build) error {
-	return api.RedoBuilds(ctx, e.cfg.Store, builds, e.BuildImage)
+	return lifecycle.RedoBuilds(ctx, e.cfg.Store, builds, e.BuildImage)
 }
 
-// DeleteImageVersion implements api.Backend: the version's files go, unless
+// DeleteImageVersion implements lifecycle.Backend: the version's files go, unless
 // microVMs still run from its template (their disks sit on it); then the
 // last of them to terminate removes them (gcTemplate).
 //

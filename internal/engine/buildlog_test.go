@@ -8,7 +8,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 )
 
 // TestBuildLogBounded: a RUN that prints without end fills the store's
@@ -17,7 +17,7 @@ import (
 func TestBuildLogBounded(t *testing.T) {
 	ctx := context.Background()
 	st := openTestStore(t)
-	e, err := New(ctx, Config{Driver: nopDriver{}, Store: st, Reporter: api.NewReporter(st), DataDir: t.TempDir()})
+	e, err := New(ctx, Config{Driver: nopDriver{}, Store: st, Reporter: lifecycle.NewReporter(st), DataDir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
 	}

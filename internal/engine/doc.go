@@ -1,4 +1,4 @@
-// Package engine is the VM-backed implementation of api.Backend (what the
+// Package engine is the VM-backed implementation of lifecycle.Backend (what the
 // API hands accepted work to) and proxy.Backend (what the endpoint proxy
 // asks to route and wake microVMs), plus the idle controller that suspends
 // microVMs nobody talks to.

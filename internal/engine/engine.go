@@ -20,6 +20,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/dnsfwd"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/imds"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
@@ -28,11 +29,11 @@ import (
 )
 
 var (
-	_ api.Backend     = (*Engine)(nil)
-	_ api.Recoverer   = (*Engine)(nil)
-	_ api.ServerAware = (*Engine)(nil)
-	_ proxy.Backend   = (*Engine)(nil)
-	_ api.TokenIssuer = (*TokenIssuer)(nil)
+	_ lifecycle.Backend   = (*Engine)(nil)
+	_ lifecycle.Recoverer = (*Engine)(nil)
+	_ api.ServerAware     = (*Engine)(nil)
+	_ proxy.Backend       = (*Engine)(nil)
+	_ api.TokenIssuer     = (*TokenIssuer)(nil)
 )
 
 // Connector names (the last part of a network connector ARN).
@@ -89,7 +90,7 @@ type BuildResult struct {
 type Config struct {
 	Driver   vmm.Driver
 	Store    store.Store
-	Reporter *api.Reporter
+	Reporter *lifecycle.Reporter
 	// Builder builds images; nil fails every build with a clear reason.
 	Builder Builder
 	// DataDir holds DataDir/images/ACCOUNT/IMAGE/VERSION (build outputs
@@ -542,7 +543,7 @@ func (e *Engine) callHook(ctx context.Context, id string, port int, path string,
 // hookName is the metrics label of a hook path (its last element).
 func hookName(path string) string { return path[strings.LastIndexByte(path, '/')+1:] }
 
-// StartMicrovm implements api.Backend. The VM network is made before it
+// StartMicrovm implements lifecycle.Backend. The VM network is made before it
 // returns (a few netlink calls), so that the proxy can route to the VM
 // as soon as the record exists; the clone runs on its own goroutine.
 func (e *Engine) StartMicrovm(ctx context.Context, m store.Microvm) error {
@@ -702,7 +703,7 @@ func (e *Engine) ownsNet(id string) bool {
 	return err == nil
 }
 
-// SuspendMicrovm implements api.Backend.
+// SuspendMicrovm implements lifecycle.Backend.
 func (e *Engine) SuspendMicrovm(ctx context.Context, m store.Microvm) error {
 	v := e.state(m)
 	// Before anything pauses the VM: from here on the proxy asks
@@ -759,7 +760,7 @@ func (e *Engine) suspend(v *vmState, m store.Microvm) {
 	log.Info("microvm suspended", "took", time.Since(start).Round(time.Millisecond))
 }
 
-// ResumeMicrovm implements api.Backend.
+// ResumeMicrovm implements lifecycle.Backend.
 func (e *Engine) ResumeMicrovm(ctx context.Context, m store.Microvm) error {
 	if err := e.reserve(m.ID, memoryOf(m)); err != nil {
 		return err
@@ -817,7 +818,7 @@ func (e *Engine) lose(v *vmState, reason string) {
 	e.gcTemplate(ctx, v.account, v.image, v.version)
 }
 
-// TerminateMicrovm implements api.Backend.
+// TerminateMicrovm implements lifecycle.Backend.
 func (e *Engine) TerminateMicrovm(ctx context.Context, m store.Microvm) error {
 	v := e.state(m)
 	v.cancel() // abandon a start or resume in flight

@@ -27,6 +27,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
@@ -157,7 +158,7 @@ func newHarnessAt(t *testing.T, drv vmm.Driver, dir string, fresh bool, opts ...
 	}
 	h := &harness{t: t, st: st, drv: drv}
 	h.stop = cancel
-	rep := api.NewReporter(st)
+	rep := lifecycle.NewReporter(st)
 	cfg := Config{Driver: drv, Store: st, Reporter: rep, DataDir: dir, IdleInterval: 200 * time.Millisecond,
 		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))}
 	for _, o := range opts {
@@ -634,7 +635,7 @@ func TestBuildImage(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer st.Close()
-			e, err := New(ctx, Config{Driver: fx.drv, Store: st, Reporter: api.NewReporter(st), Builder: tc.builder, DataDir: dir})
+			e, err := New(ctx, Config{Driver: fx.drv, Store: st, Reporter: lifecycle.NewReporter(st), Builder: tc.builder, DataDir: dir})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/applog"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
@@ -293,7 +293,7 @@ func TestBuildUsage(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	e, err := New(ctx, Config{Driver: fx.drv, Store: st, Reporter: api.NewReporter(st), Builder: slowBuilder{300 * time.Millisecond}, DataDir: dir})
+	e, err := New(ctx, Config{Driver: fx.drv, Store: st, Reporter: lifecycle.NewReporter(st), Builder: slowBuilder{300 * time.Millisecond}, DataDir: dir})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -17,7 +17,7 @@ import (
 // engine owns); recovery leaves other ids (build VMs) to their owners.
 const VMPrefix = "mvm-"
 
-// Recover implements api.Recoverer. It adopts what the driver still runs
+// Recover implements lifecycle.Recoverer. It adopts what the driver still runs
 // (Driver.Recover), then brings every unfinished record to a final or
 // stable state: a transition in flight is finished (or redone: every step
 // is idempotent), a VM the engine lost is TERMINATED with the reason, and

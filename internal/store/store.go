@@ -202,7 +202,7 @@ type Build struct {
 	UpdatedAt         time.Time      `json:"updatedAt"`
 	Snapshot          *SnapshotBuild `json:"snapshotBuild,omitempty"`
 	// Recoveries counts the times a restart found this build IN_PROGRESS
-	// and started it again (api.RedoBuilds); kept in the record so that a
+	// and started it again (lifecycle.RedoBuilds); kept in the record so that a
 	// build that kills kiln is not redone forever.
 	Recoveries int `json:"recoveries,omitempty"`
 }

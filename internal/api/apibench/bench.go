@@ -24,6 +24,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/api/fakebackend"
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/postgres"
 	"github.com/kiln-sandbox/kiln/internal/store/seal"
@@ -122,7 +123,7 @@ func runStore(ctx context.Context, o Options, name string, st store.Store, log i
 	}
 	fmt.Fprintf(log, "%s: seeded %d microVM records in %s\n", name, len(ids), time.Since(t0).Round(time.Millisecond))
 
-	be := fakebackend.New(api.NewReporter(st), time.Millisecond)
+	be := fakebackend.New(lifecycle.NewReporter(st), time.Millisecond)
 	srv := api.NewServer(api.Config{}, st, be)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

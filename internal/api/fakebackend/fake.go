@@ -1,4 +1,4 @@
-// Package fakebackend is an in-process api.Backend that runs no VMs: it
+// Package fakebackend is an in-process lifecycle.Backend that runs no VMs: it
 // moves records through their states after a short delay, as the real
 // engine would, so that the API, the CLI, the SDK test and the benchmark
 // can run without QEMU. It is a fake of kiln's own interface, for tests.
@@ -13,12 +13,13 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
 // Backend is the fake. The zero value is not usable; use New.
 type Backend struct {
-	rep   *api.Reporter
+	rep   *lifecycle.Reporter
 	Delay time.Duration // before each reported transition
 
 	mu    sync.Mutex
@@ -28,8 +29,8 @@ type Backend struct {
 }
 
 var (
-	_ api.Backend   = (*Backend)(nil)
-	_ api.LogSource = (*Backend)(nil)
+	_ lifecycle.Backend = (*Backend)(nil)
+	_ api.LogSource     = (*Backend)(nil)
 )
 
 // MicrovmLog implements api.LogSource with a line per call received.
@@ -45,7 +46,7 @@ func (b *Backend) MicrovmLog(_ context.Context, m store.Microvm, offset int64, l
 }
 
 // New returns a fake reporting through rep after delay.
-func New(rep *api.Reporter, delay time.Duration) *Backend {
+func New(rep *lifecycle.Reporter, delay time.Duration) *Backend {
 	return &Backend{rep: rep, Delay: delay}
 }
 

@@ -1,4 +1,4 @@
-package api_test
+package lifecycle_test
 
 import (
 	"context"
@@ -6,8 +6,8 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 )
@@ -25,7 +25,7 @@ func TestLateBuildStartRefused(t *testing.T) {
 	}
 	defer st.Close()
 	b := pendingBuild(t, st)
-	rep := api.NewReporter(st)
+	rep := lifecycle.NewReporter(st)
 	if err := rep.BuildRunning(ctx, b); err != nil {
 		t.Fatal(err)
 	}

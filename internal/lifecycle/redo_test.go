@@ -1,4 +1,4 @@
-package api_test
+package lifecycle_test
 
 import (
 	"context"
@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 )
@@ -26,7 +26,7 @@ func TestRedoBuildsGivesUp(t *testing.T) {
 	}
 	b := pendingBuild(t, st)
 	// The first start, interrupted: the build stays IN_PROGRESS.
-	if err := api.NewReporter(st).BuildRunning(ctx, b); err != nil {
+	if err := lifecycle.NewReporter(st).BuildRunning(ctx, b); err != nil {
 		t.Fatal(err)
 	}
 	st.Close()
@@ -37,7 +37,7 @@ func TestRedoBuildsGivesUp(t *testing.T) {
 	interrupted := func(ctx context.Context, v store.ImageVersion, bs []store.Build) error {
 		redone++
 		for _, b := range bs {
-			if err := api.NewReporter(st).BuildRunning(ctx, b); err != nil {
+			if err := lifecycle.NewReporter(st).BuildRunning(ctx, b); err != nil {
 				return err
 			}
 		}
@@ -52,7 +52,7 @@ func TestRedoBuildsGivesUp(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := api.RedoBuilds(ctx, st, builds, interrupted); err != nil {
+		if err := lifecycle.RedoBuilds(ctx, st, builds, interrupted); err != nil {
 			t.Fatalf("restart %d: %v", restart, err)
 		}
 		st.Close()
@@ -60,7 +60,7 @@ func TestRedoBuildsGivesUp(t *testing.T) {
 	// Starts: the first, then restarts 1 and 2 redo it; restart 3 finds
 	// the third start interrupted and gives up; restarts 4 and 5 find
 	// nothing to do.
-	if want := api.MaxInterruptedBuilds - 1; redone != want {
+	if want := lifecycle.MaxInterruptedBuilds - 1; redone != want {
 		t.Fatalf("redone %d times, want %d", redone, want)
 	}
 	st, err = sqlite.Open(ctx, path)
@@ -101,7 +101,7 @@ func TestRedoBuildsPendingNotCounted(t *testing.T) {
 	n := 0
 	for i := 0; i < 5; i++ {
 		builds, _ := st.ListBuildsInState(ctx, store.BuildPending, store.BuildInProgress)
-		if err := api.RedoBuilds(ctx, st, builds, func(context.Context, store.ImageVersion, []store.Build) error { n++; return nil }); err != nil {
+		if err := lifecycle.RedoBuilds(ctx, st, builds, func(context.Context, store.ImageVersion, []store.Build) error { n++; return nil }); err != nil {
 			t.Fatal(err)
 		}
 	}
