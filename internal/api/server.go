@@ -172,18 +172,7 @@ func NewServer(cfg Config, st store.Store, be lifecycle.Backend) *Server {
 	}
 	s.verifier.Now = cfg.Now
 	s.routes()
-	if sa, ok := be.(ServerAware); ok {
-		sa.SetServer(s)
-	}
 	return s
-}
-
-// ServerAware is optionally implemented by a Backend that starts
-// transitions itself (the idle controller's suspend, the endpoint proxy's
-// auto-resume): NewServer hands it the Server, whose Suspend and Resume keep
-// the records and the backend calls consistent with the API's own.
-type ServerAware interface {
-	SetServer(*Server)
 }
 
 // Verifier returns the SigV4 verifier (to drop a deleted key from its cache).

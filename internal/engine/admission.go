@@ -6,10 +6,11 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"os"
 	"strconv"
 	"strings"
+
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"

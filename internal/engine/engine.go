@@ -31,7 +31,7 @@ import (
 var (
 	_ lifecycle.Backend   = (*Engine)(nil)
 	_ lifecycle.Recoverer = (*Engine)(nil)
-	_ api.ServerAware     = (*Engine)(nil)
+	_ lifecycle.Aware     = (*Engine)(nil)
 	_ proxy.Backend       = (*Engine)(nil)
 	_ api.TokenIssuer     = (*TokenIssuer)(nil)
 )
@@ -147,7 +147,7 @@ type Engine struct {
 	cancel context.CancelFunc
 
 	srvMu sync.RWMutex
-	srv   *api.Server
+	srv   *lifecycle.Service
 
 	mu  sync.Mutex
 	vms map[string]*vmState
@@ -247,19 +247,19 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	return e, nil
 }
 
-// SetServer implements api.ServerAware: the idle controller and the
-// proxy's auto-resume go through the Server's Suspend and Resume.
-func (e *Engine) SetServer(s *api.Server) {
+// SetLifecycle implements lifecycle.Aware: the idle controller and the
+// proxy's auto-resume go through the life cycle's Suspend and Resume.
+func (e *Engine) SetLifecycle(s *lifecycle.Service) {
 	e.srvMu.Lock()
 	e.srv = s
 	e.srvMu.Unlock()
 }
 
-func (e *Engine) server() (*api.Server, error) {
+func (e *Engine) lifecycle() (*lifecycle.Service, error) {
 	e.srvMu.RLock()
 	defer e.srvMu.RUnlock()
 	if e.srv == nil {
-		return nil, fmt.Errorf("engine: no api server attached: %w", errdefs.ErrUnavailable)
+		return nil, fmt.Errorf("engine: no life cycle attached: %w", errdefs.ErrUnavailable)
 	}
 	return e.srv, nil
 }

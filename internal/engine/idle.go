@@ -85,7 +85,7 @@ func (e *Engine) IdleOnce(ctx context.Context) {
 		if err != nil || !idleDue(now, m.State == store.StateRunning, 0, v.lastActiveAt(), m.UpdatedAt, v.maxIdle) || v.busy() {
 			continue
 		}
-		srv, err := e.server()
+		srv, err := e.lifecycle()
 		if err != nil {
 			e.log.Warn("idle suspend", "err", err)
 			return

@@ -8,8 +8,8 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
@@ -80,18 +80,22 @@ func (e *Engine) EnsureRunning(ctx context.Context, id string) error {
 				return proxy.ErrSuspended
 			}
 			if m.PendingOp != "resume" {
-				srv, err := e.server()
+				lc, err := e.lifecycle()
 				if err != nil {
 					return err
 				}
-				if err := srv.Resume(ctx, m.Account, id); err != nil {
+				if err := lc.Resume(ctx, m.Account, id); err != nil {
 					// A conflict means the state moved meanwhile: look again.
-					var ae *api.Error
-					if errors.As(err, &ae) && ae.Status == 503 {
-						// The host has no room: say so to the client.
-						return fmt.Errorf("%s: %w", ae.Message, errdefs.ErrExhausted)
-					}
-					if !errors.As(err, &ae) || ae.Type != "ConflictException" {
+					var be *lifecycle.BackendError
+					switch {
+					case errors.Is(err, errdefs.ErrExhausted):
+						// The host has no room: say so to the client, in
+						// the admission's own words.
+						if errors.As(err, &be) {
+							return be.Err
+						}
+						return err
+					case errors.As(err, &be) || !errors.Is(err, errdefs.ErrConflict):
 						return fmt.Errorf("resuming: %w", err)
 					}
 				}

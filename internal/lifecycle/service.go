@@ -46,7 +46,19 @@ func New(st store.Store, be Backend, now func() time.Time) *Service {
 	}
 	rep := NewReporter(st)
 	rep.now = now
-	return &Service{st: st, be: be, rep: rep, now: now}
+	s := &Service{st: st, be: be, rep: rep, now: now}
+	if a, ok := be.(Aware); ok {
+		a.SetLifecycle(s)
+	}
+	return s
+}
+
+// Aware is optionally implemented by a Backend that starts transitions
+// itself (the idle controller's suspend, the endpoint proxy's
+// auto-resume): New hands it the Service, so that those transitions keep
+// the records and the backend calls as consistent as the APIs' own.
+type Aware interface {
+	SetLifecycle(*Service)
 }
 
 // Reporter returns the Reporter writing to this service's store.
