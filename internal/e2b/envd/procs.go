@@ -92,16 +92,24 @@ func (h *Handler) adopt(ctx context.Context, id string, pr *proc, old *client.Pr
 	return np, false, nil
 }
 
+// maxDetached bounds how long a process waits for its sandbox to run
+// again: longer than a paused sandbox is kept (8 hours), so only a driver
+// that never settles (a dead session it keeps answering with) ends it.
+const maxDetached = 24 * time.Hour
+
 // reattach waits, as long as the sandbox exists, until it runs again and
 // adopts pr into its new agent session.
 func (h *Handler) reattach(id string, pr *proc, old *client.Process) (*client.Process, error) {
 	delay := 100 * time.Millisecond
-	for {
+	for start := time.Now(); ; {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		np, retry, err := h.adopt(ctx, id, pr, old)
 		cancel()
 		if np != nil || !retry {
 			return np, err
+		}
+		if time.Since(start) > maxDetached {
+			return nil, fmt.Errorf("the sandbox did not run again within %v: %w", maxDetached, err)
 		}
 		time.Sleep(delay)
 		delay = min(2*delay, time.Second)
