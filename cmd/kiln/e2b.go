@@ -36,7 +36,9 @@ func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Serv
 	}
 	cfg := e2b.Config{API: srv, Store: st, Sandboxes: es, Tokens: e2b.NewEnvdTokens(key), TrafficTokens: e2b.NewTrafficTokens(key), Domain: domain,
 		TemplatesDir: filepath.Join(o.DataDir, "e2b-templates"), ArtifactDir: filepath.Join(o.DataDir, "artifacts"), Operators: operators,
-		Egress: fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.InternetEgressConnector)}
+		Egress: fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.InternetEgressConnector),
+		Ingress: []string{fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.AllIngressConnector),
+			fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.ShellIngressConnector)}}
 	if m, ok := be.(e2b.Meter); ok {
 		cfg.Meter = m
 	}

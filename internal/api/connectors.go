@@ -10,6 +10,10 @@ import (
 // NAT through the host behind its deny list (internal/egress).
 const InternetEgressConnector = "aws-network-connector:INTERNET_EGRESS"
 
+// AllIngressConnector is the AWS-managed ingress connector that opens a
+// microVM's endpoint ports.
+const AllIngressConnector = "aws-network-connector:ALL_INGRESS"
+
 // validateEgressConnectors checks the egress connector ARNs' shape and
 // then that kiln can honour each. AWS also accepts customer (VPC) egress
 // connectors of the caller's account; kiln has no VPCs, and accepting such

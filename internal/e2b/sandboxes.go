@@ -239,6 +239,7 @@ type runInput struct {
 	ImageVersion             string   `json:"imageVersion,omitempty"`
 	MaximumDurationInSeconds int64    `json:"maximumDurationInSeconds"`
 	EgressNetworkConnectors  []string `json:"egressNetworkConnectors,omitempty"`
+	IngressNetworkConnectors []string `json:"ingressNetworkConnectors,omitempty"`
 }
 
 func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
@@ -249,7 +250,7 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 	if in.traffic == TrafficToken && s.cfg.TrafficTokens == nil {
 		return 0, nil, errorf(501, "this kiln server cannot mint traffic access tokens: leave network.allowPublicTraffic unset")
 	}
-	run := runInput{ImageIdentifier: in.TemplateID, MaximumDurationInSeconds: DefaultTimeout}
+	run := runInput{ImageIdentifier: in.TemplateID, MaximumDurationInSeconds: DefaultTimeout, IngressNetworkConnectors: s.cfg.Ingress}
 	if name, version, ok := strings.Cut(in.TemplateID, ":"); ok && !strings.HasPrefix(in.TemplateID, "arn:") {
 		run.ImageIdentifier, run.ImageVersion = name, version
 	}

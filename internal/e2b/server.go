@@ -65,6 +65,12 @@ type Config struct {
 	// Egress is the egress connector ARN that allow_internet_access: true
 	// asks for.
 	Egress string
+	// Ingress are the ingress connector ARNs every sandbox runs with:
+	// ALL_INGRESS keeps its ports reachable, SHELL_INGRESS lets the
+	// account's own `kiln exec` and `kiln cp` reach it (with a shell token
+	// of the AWS API, as for any microVM: envd already gives the same
+	// account's E2B key a root shell). Nil: none (ports open, no shell).
+	Ingress []string
 	// Meter measures running sandboxes (GET /sandboxes/{id}/metrics);
 	// nil: metrics are 501.
 	Meter Meter

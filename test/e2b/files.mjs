@@ -4,7 +4,7 @@
 // template (FROM scratch: no /etc/passwd, so the test makes one).
 import assert from "node:assert/strict";
 import { randomUUID } from "node:crypto";
-import { step, rejects } from "./lib.mjs";
+import { step, rejects, addUser } from "./lib.mjs";
 import { Sandbox, SandboxError, FilesystemEventType } from "e2b";
 
 const sbx = await step("Sandbox.create", () =>
@@ -24,12 +24,7 @@ async function until(what, cond, ms = 15_000) {
 }
 
 try {
-  await step("a user named user (uid 1000) in the image", async () => {
-    await sbx.commands.run(
-      "busybox mkdir -p /etc /home/user /root && busybox chmod 700 /root && " +
-        "printf 'root:x:0:0::/root:/bin/sh\\nuser:x:1000:1000::/home/user:/bin/sh\\n' > /etc/passwd && " +
-        "printf 'root:x:0:\\nuser:x:1000:\\n' > /etc/group && busybox chown 1000:1000 /home/user");
-  });
+  await step("a user named user (uid 1000) in the image", () => addUser(sbx));
 
   await step("files.makeDir: true when made, false when it exists; files.exists", async () => {
     assert.equal(await sbx.files.makeDir("/tmp/fs/a/b"), true);

@@ -25,3 +25,12 @@ export async function rejects(promise, cls, what) {
   }
   assert.fail(`${what}: no error`);
 }
+
+// addUser gives a busybox sandbox a user named user (uid 1000, home
+// /home/user) and makes /root root's alone (0700).
+export async function addUser(sbx) {
+  await sbx.commands.run(
+    "busybox mkdir -p /etc /home/user /root && busybox chmod 700 /root && " +
+      "printf 'root:x:0:0::/root:/bin/sh\\nuser:x:1000:1000::/home/user:/bin/sh\\n' > /etc/passwd && " +
+      "printf 'root:x:0:\\nuser:x:1000:\\n' > /etc/group && busybox chown 1000:1000 /home/user");
+}

@@ -78,6 +78,11 @@ type Client struct {
 	nextID  uint64
 	pending map[uint64]*call
 	procs   map[uint64]*Process
+	// orphans hold what arrives for workloads no Process of this session
+	// owns (started by an earlier session, e.g. before a suspend), so
+	// Adopt can hand it on; bounded by maxOrphans and maxOrphanBytes.
+	orphans   map[uint64]*orphan
+	orphanSeq uint64
 
 	hello proto.HelloResult
 
@@ -122,6 +127,7 @@ func newClient(ctx context.Context, conn io.ReadWriteCloser, log *slog.Logger, r
 		sendCh:  make(chan []byte, 64),
 		pending: map[uint64]*call{},
 		procs:   map[uint64]*Process{},
+		orphans: map[uint64]*orphan{},
 		logs:    make(chan proto.LogRecord, logBuffer),
 		done:    make(chan struct{}),
 	}
@@ -387,11 +393,16 @@ func (c *Client) handleOutput(m proto.Message) {
 	o.Data = m.Data
 	c.mu.Lock()
 	p := c.procs[o.ExecID]
-	c.mu.Unlock()
 	if p != nil && !p.background {
+		// Under the lock: Adopt may finish p, after which nothing is pushed.
 		p.push(o)
+		c.mu.Unlock()
 		return
 	}
+	if p == nil && !o.Background {
+		c.keepOrphanOutput(o)
+	}
+	c.mu.Unlock()
 	c.pushLog(proto.LogRecord{ExecID: o.ExecID, Stream: o.Stream, Data: o.Data, Time: o.Time, Dropped: o.Dropped})
 }
 
@@ -405,13 +416,15 @@ func (c *Client) handleExit(m proto.Message) {
 	c.mu.Lock()
 	p := c.procs[e.ExecID]
 	delete(c.procs, e.ExecID)
+	if p != nil {
+		p.finish(e, nil)
+	} else if !e.Background {
+		c.keepOrphanExit(e)
+	}
 	c.mu.Unlock()
 	if p == nil || p.background {
 		code := e.Code
 		c.pushLog(proto.LogRecord{ExecID: e.ExecID, Time: e.Time, ExitCode: &code})
-	}
-	if p != nil {
-		p.finish(e, nil)
 	}
 }
 
@@ -588,8 +601,14 @@ func (c *Client) closeStream(id uint64) {
 // proto.MaxListEntries entries, each a known type and under the path asked
 // for (ValidateListing).
 func (c *Client) ListDir(ctx context.Context, path string, depth int) (proto.ListDirResult, error) {
+	return c.ListDirAs(ctx, path, depth, "")
+}
+
+// ListDirAs is ListDir as user (see ExecRequest.User; "" is root): the
+// guest refuses what the user may not read.
+func (c *Client) ListDirAs(ctx context.Context, path string, depth int, user string) (proto.ListDirResult, error) {
 	var res proto.ListDirResult
-	if err := c.call(ctx, proto.TypeListDir, proto.ListDirRequest{Path: path, Depth: depth}, &res, nil); err != nil {
+	if err := c.call(ctx, proto.TypeListDir, proto.ListDirRequest{Path: path, Depth: depth, User: user}, &res, nil); err != nil {
 		return res, err
 	}
 	if err := proto.ValidateListing(path, depth, res); err != nil {

@@ -6,6 +6,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -486,5 +487,50 @@ func TestBackgroundOutlivesSession(t *testing.T) {
 		case <-ctx.Done():
 			t.Fatal("no exit record from the background workload in the second session")
 		}
+	}
+}
+
+// TestAdopt: a workload outlives its host session; the next session
+// adopts it and gets what it printed, and its exit, while no host was
+// connected. An exec id the guest does not have ends with ErrLost.
+func TestAdopt(t *testing.T) {
+	c1 := connect(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	p, err := c1.Exec(ctx, client.ExecRequest{Argv: []string{"/bin/sh", "-c", "sleep 0.5; echo late; exit 5"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c1.Close()
+	if _, err := p.Wait(ctx); !errors.Is(err, client.ErrClosed) {
+		t.Fatalf("Wait after the session closed: %v, want ErrClosed", err)
+	}
+	time.Sleep(time.Second) // it prints and exits with no session
+	c2 := connect(t)
+	a, err := c2.Adopt(ctx, p.ID(), p.Pid())
+	if err != nil {
+		t.Fatalf("Adopt: %v", err)
+	}
+	var out strings.Builder
+	for chunk := range a.Output() {
+		out.Write(chunk.Data)
+	}
+	if code, err := a.Wait(ctx); err != nil || code != 5 || out.String() != "late\n" {
+		t.Fatalf("adopted workload: code %d, err %v, output %q; want 5, nil, \"late\\n\"", code, err, out.String())
+	}
+	// Its exit was handed over: adopting it again finds it gone.
+	again, err := c2.Adopt(ctx, p.ID(), p.Pid())
+	if err != nil {
+		t.Fatalf("Adopt again: %v", err)
+	}
+	if _, err := again.Wait(ctx); !errors.Is(err, client.ErrLost) {
+		t.Fatalf("adopting an ended workload again: %v, want ErrLost", err)
+	}
+	l, err := c2.Adopt(ctx, 1<<40, 4242)
+	if err != nil {
+		t.Fatalf("Adopt of an unknown exec: %v", err)
+	}
+	if _, err := l.Wait(ctx); !errors.Is(err, client.ErrLost) {
+		t.Fatalf("unknown exec: %v, want ErrLost", err)
 	}
 }

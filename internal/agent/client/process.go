@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/proto"
 )
@@ -84,7 +86,7 @@ func (p *Process) Dropped() uint64 { return p.dropped.Load() }
 // Exited is closed when the workload has exited or the connection is lost.
 func (p *Process) Exited() <-chan struct{} { return p.exited }
 
-// push is called on the read loop only.
+// push is called with c.mu held (on the read loop or in Adopt).
 func (p *Process) push(o proto.Output) {
 	if o.Dropped > 0 {
 		p.dropped.Add(o.Dropped)
@@ -103,7 +105,8 @@ func (p *Process) push(o proto.Output) {
 	}
 }
 
-// finish is called on the read loop only.
+// finish is called with c.mu held, or on the read loop for a Process
+// already out of c.procs.
 func (p *Process) finish(e proto.Exit, err error) {
 	p.once.Do(func() {
 		p.exit, p.err = e, err
@@ -159,4 +162,134 @@ func (p *Process) Resize(ctx context.Context, cols, rows uint16) error {
 // Signal sends signal sig (e.g. 15 for SIGTERM) to the workload.
 func (p *Process) Signal(ctx context.Context, sig int) error {
 	return p.c.call(ctx, proto.TypeSignal, proto.SignalRequest{ExecID: p.id, Signal: sig}, nil, nil)
+}
+
+// Bounds of what a session keeps for workloads nobody has adopted yet:
+// the newest maxOrphans workloads, each at most maxOrphanBytes of output
+// (oldest chunks dropped first, counted in the adopted Process's Dropped).
+const (
+	maxOrphans     = 64
+	maxOrphanBytes = 256 << 10
+)
+
+// orphan is what arrived for a workload of an earlier session.
+type orphan struct {
+	seq     uint64
+	out     []proto.Output
+	bytes   int
+	dropped uint64
+	exit    *proto.Exit
+}
+
+// orphanLocked returns (creating) the orphan record of exec id; c.mu held.
+func (c *Client) orphanLocked(id uint64) *orphan {
+	o := c.orphans[id]
+	if o != nil {
+		return o
+	}
+	if len(c.orphans) >= maxOrphans {
+		var oldest uint64
+		for k, v := range c.orphans {
+			if oldest == 0 || v.seq < c.orphans[oldest].seq {
+				oldest = k
+			}
+		}
+		delete(c.orphans, oldest)
+	}
+	c.orphanSeq++
+	o = &orphan{seq: c.orphanSeq}
+	c.orphans[id] = o
+	return o
+}
+
+// keepOrphanOutput holds a chunk for Adopt; c.mu held.
+func (c *Client) keepOrphanOutput(out proto.Output) {
+	o := c.orphanLocked(out.ExecID)
+	o.out = append(o.out, out)
+	o.bytes += len(out.Data)
+	for o.bytes > maxOrphanBytes && len(o.out) > 1 {
+		o.bytes -= len(o.out[0].Data)
+		o.dropped += uint64(len(o.out[0].Data))
+		o.out = o.out[1:]
+	}
+}
+
+// keepOrphanExit holds an exit for Adopt; c.mu held.
+func (c *Client) keepOrphanExit(e proto.Exit) {
+	c.orphanLocked(e.ExecID).exit = &e
+}
+
+// ErrLost is why an adopted workload ended without an exit status: it
+// ended while no session was connected, or the guest rebooted.
+var ErrLost = errors.New("the workload ended while no host session was connected; its exit status is lost")
+
+// Adopt takes over a workload started by an earlier session of the same
+// guest (exec id and pid from that session's Process), so its output and
+// exit reach a Process of this one: what arrived since this session began
+// comes first. The caller must know the guest is the same boot (BootID):
+// exec ids restart with a guest's boot. Adopt asks the guest whether the
+// workload still runs; one that ended unseen finishes with ErrLost.
+func (c *Client) Adopt(ctx context.Context, execID uint64, pid int) (*Process, error) {
+	if execID == 0 || pid <= 0 {
+		return nil, errors.New("adopt: exec id and pid are required")
+	}
+	p := &Process{c: c, id: execID, pid: pid, out: make(chan proto.Output, outBuffer), exited: make(chan struct{})}
+	c.mu.Lock()
+	select {
+	case <-c.done:
+		c.mu.Unlock()
+		return nil, fmt.Errorf("adopt: %w: %w", ErrClosed, c.err)
+	default:
+	}
+	if c.procs[execID] != nil {
+		c.mu.Unlock()
+		return nil, fmt.Errorf("adopt: exec %d already has a process in this session", execID)
+	}
+	o := c.orphans[execID]
+	delete(c.orphans, execID)
+	if o != nil {
+		if o.dropped > 0 {
+			p.dropped.Add(o.dropped)
+		}
+		for _, out := range o.out {
+			p.push(out)
+		}
+	}
+	if o != nil && o.exit != nil {
+		p.finish(*o.exit, nil)
+		c.mu.Unlock()
+		return p, nil
+	}
+	c.procs[execID] = p
+	c.mu.Unlock()
+	// An empty stdin write changes nothing; its answer tells whether the
+	// guest still tracks the workload (agents of every version answer it,
+	// so this works for guests suspended before kiln was upgraded).
+	err := c.call(ctx, proto.TypeStdin, proto.StdinRequest{ExecID: execID}, nil, nil)
+	if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("exec %d not found", execID)) {
+		if err != nil && !strings.Contains(err.Error(), "stdin is closed") {
+			c.mu.Lock()
+			if c.procs[execID] == p {
+				delete(c.procs, execID)
+			}
+			c.mu.Unlock()
+			return nil, fmt.Errorf("adopt: %w", err)
+		}
+		return p, nil
+	}
+	// The guest forgets a workload only after queueing its exit: give that
+	// exit a moment to arrive.
+	select {
+	case <-p.exited:
+		return p, nil
+	case <-time.After(2 * time.Second):
+	case <-ctx.Done():
+	}
+	c.mu.Lock()
+	if c.procs[execID] == p {
+		delete(c.procs, execID)
+		p.finish(proto.Exit{ExecID: execID}, ErrLost)
+	}
+	c.mu.Unlock()
+	return p, nil
 }

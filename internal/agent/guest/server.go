@@ -366,7 +366,12 @@ func (s *Server) handle(ctx context.Context, m proto.Message) (any, error) {
 		if err := proto.DecodeBody(m, &req); err != nil {
 			return nil, err
 		}
-		return listDir(req)
+		var res proto.ListDirResult
+		err := s.asUser(req.User, func() (err error) {
+			res, err = listDir(req)
+			return err
+		})
+		return res, err
 	case proto.TypeFileOp:
 		var req proto.FileOpRequest
 		if err := proto.DecodeBody(m, &req); err != nil {

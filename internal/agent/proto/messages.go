@@ -344,10 +344,12 @@ const MaxListDepth = 16
 // ListDirRequest lists Path (absolute): with Depth 0 the entry of Path
 // itself, else the entries under it down to Depth levels, at most
 // MaxListEntries (then Truncated). Symbolic links are reported, never
-// followed.
+// followed. The agent lists as User (see ExecRequest.User; "" is root),
+// so a user sees only what the kernel lets them.
 type ListDirRequest struct {
 	Path  string `json:"path"`
 	Depth int    `json:"depth"`
+	User  string `json:"user,omitempty"`
 }
 
 // File types of DirEntry.Type.

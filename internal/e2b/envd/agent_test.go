@@ -55,23 +55,30 @@ func newAgent(t *testing.T) *client.Client {
 func newAgentWith(t *testing.T, cfg guest.Config) *client.Client {
 	t.Helper()
 	testenv.NeedRoot(t, "the guest agent runs workloads as root")
-	dir := t.TempDir()
-	l, err := net.Listen("unix", filepath.Join(dir, "s"))
+	cfg.System, cfg.ExitGrace = hostSystem{}, 200*time.Millisecond
+	srv := guest.NewServer(cfg)
+	ctx, cancel := context.WithCancel(context.Background())
+	go srv.Reap(ctx)
+	t.Cleanup(cancel)
+	return serveSession(t, srv, filepath.Join(t.TempDir(), "s"))
+}
+
+// serveSession begins a host session with srv over a unix socket at sock.
+func serveSession(t *testing.T, srv *guest.Server, sock string) *client.Client {
+	t.Helper()
+	l, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer l.Close()
 	ch := make(chan net.Conn, 1)
 	go func() { c, _ := l.Accept(); ch <- c }()
-	hostSide, err := net.Dial("unix", filepath.Join(dir, "s"))
+	hostSide, err := net.Dial("unix", sock)
 	if err != nil {
 		t.Fatal(err)
 	}
 	guestSide := <-ch
-	cfg.System, cfg.ExitGrace = hostSystem{}, 200*time.Millisecond
-	srv := guest.NewServer(cfg)
 	ctx, cancel := context.WithCancel(context.Background())
-	go srv.Reap(ctx)
 	go srv.Serve(ctx, guestSide, guestSide)
 	t.Cleanup(func() { cancel(); guestSide.Close() })
 	cctx, ccancel := context.WithTimeout(context.Background(), 5*time.Second)

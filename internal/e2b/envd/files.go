@@ -311,7 +311,12 @@ func (h *Handler) listDir(w http.ResponseWriter, r *http.Request) {
 		writeUnaryError(w, e)
 		return
 	}
-	p, depth, e := checkListDir(req, userOf(r))
+	user, e := callUser(r)
+	if e != nil {
+		writeUnaryError(w, e)
+		return
+	}
+	p, depth, e := checkListDir(req, user)
 	if e != nil {
 		writeUnaryError(w, e)
 		return
@@ -323,7 +328,7 @@ func (h *Handler) listDir(w http.ResponseWriter, r *http.Request) {
 		writeUnaryError(w, e)
 		return
 	}
-	res, err := a.ListDir(ctx, p, depth)
+	res, err := a.ListDirAs(ctx, p, depth, user)
 	if err != nil {
 		writeUnaryError(w, classify(err))
 		return
@@ -343,7 +348,12 @@ func (h *Handler) stat(w http.ResponseWriter, r *http.Request) {
 		writeUnaryError(w, e)
 		return
 	}
-	p, e := filePath(req.Path, userOf(r))
+	user, e := callUser(r)
+	if e != nil {
+		writeUnaryError(w, e)
+		return
+	}
+	p, e := filePath(req.Path, user)
 	if e != nil && req.Path != "/" {
 		writeUnaryError(w, e)
 		return
@@ -358,7 +368,7 @@ func (h *Handler) stat(w http.ResponseWriter, r *http.Request) {
 		writeUnaryError(w, e)
 		return
 	}
-	res, err := a.ListDir(ctx, p, 0)
+	res, err := a.ListDirAs(ctx, p, 0, user)
 	if err != nil {
 		writeUnaryError(w, classify(err))
 		return

@@ -2,11 +2,13 @@ package envd
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"strings"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/agent/client"
 	"github.com/kiln-sandbox/kiln/internal/agent/proto"
 )
 
@@ -177,6 +179,9 @@ func checkWatch(req watchRequest, user string) (string, *rpcError) {
 // (watch again), a watch the guest no longer has is gone.
 func watchError(err error) *rpcError {
 	switch msg := err.Error(); {
+	case errors.Is(err, client.ErrClosed):
+		// The guest drops watches with the session (a pause ends it).
+		return errf(codeUnavailable, "the watch ended with the sandbox's agent session (the sandbox was paused or restarted): watch the directory again")
 	case strings.Contains(msg, proto.WatchOverflow):
 		e := classify(err)
 		e.Code = codeResourceExhaust

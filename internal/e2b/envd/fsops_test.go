@@ -306,3 +306,28 @@ func FuzzCheckSignature(f *testing.F) {
 		}
 	})
 }
+
+// TestEnvdListAndStatAsUser: ListDir and Stat (files.list, getInfo,
+// exists) run as the calling user, so root's 0700 directory is refused
+// with the permission error the SDK raises; root still sees into it.
+// Before, both ran as root for everyone.
+func TestEnvdListAndStatAsUser(t *testing.T) {
+	hs, root := fsEnv(t)
+	closed := filepath.Join(root, "closed")
+	os.WriteFile(filepath.Join(closed, "secret"), []byte("s"), 0o600)
+	if code, out := unary(t, hs, "ListDir", "user", map[string]any{"path": closed}); code != 403 || out["code"] != "permission_denied" {
+		t.Fatalf("ListDir of root's 0700 dir as user: %d %v, want 403 permission_denied", code, out)
+	}
+	if code, out := unary(t, hs, "Stat", "user", map[string]any{"path": filepath.Join(closed, "secret")}); code != 403 || out["code"] != "permission_denied" {
+		t.Fatalf("Stat inside root's 0700 dir as user: %d %v, want 403 permission_denied", code, out)
+	}
+	if code, out := unary(t, hs, "ListDir", "root", map[string]any{"path": closed}); code != 200 || len(out["entries"].([]any)) != 1 {
+		t.Fatalf("ListDir of the dir as root: %d %v, want its one entry", code, out)
+	}
+	if code, out := unary(t, hs, "ListDir", "user", map[string]any{"path": filepath.Join(root, "open")}); code != 200 {
+		t.Fatalf("ListDir of an open dir as user: %d %v", code, out)
+	}
+	if code, out := unary(t, hs, "Stat", "user", map[string]any{"path": closed}); code != 200 || out["entry"] == nil {
+		t.Fatalf("Stat of the closed dir itself as user (its parent is open): %d %v", code, out)
+	}
+}

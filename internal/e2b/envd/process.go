@@ -196,7 +196,7 @@ func (h *Handler) start(w http.ResponseWriter, r *http.Request) {
 	if req.Tag != nil {
 		tag = *req.Tag
 	}
-	pr := newProc(p, *req.Process, tag, tty)
+	pr := newProc(p, *req.Process, tag, tty, a.BootID())
 	// Subscribe before the fan-out starts: the starting stream misses nothing.
 	sub, _ := pr.subscribe()
 	defer pr.unsubscribe(sub)
@@ -329,7 +329,7 @@ func (h *Handler) list(w http.ResponseWriter, r *http.Request) {
 
 // onProcess decodes a unary request into req, finds the process its
 // selector names, and answers with what fn does to it.
-func (h *Handler) onProcess(w http.ResponseWriter, r *http.Request, req any, sel func() *selector, fn func(context.Context, *proc) *rpcError) {
+func (h *Handler) onProcess(w http.ResponseWriter, r *http.Request, req any, sel func() *selector, fn func(context.Context, *proc, *client.Process) *rpcError) {
 	if e := readUnary(w, r, req); e != nil {
 		writeUnaryError(w, e)
 		return
@@ -342,7 +342,11 @@ func (h *Handler) onProcess(w http.ResponseWriter, r *http.Request, req any, sel
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
 	defer cancel()
-	if e := fn(ctx, t); e != nil {
+	p, e := h.live(ctx, id, t)
+	if e == nil {
+		e = fn(ctx, t, p)
+	}
+	if e != nil {
 		writeUnaryError(w, e)
 		return
 	}
@@ -357,7 +361,7 @@ type processInput struct {
 
 // write sends input to a process: pty input only to a PTY, stdin to
 // either (a PTY's input is its stdin).
-func (in *processInput) write(ctx context.Context, t *proc) *rpcError {
+func (in *processInput) write(ctx context.Context, t *proc, p *client.Process) *rpcError {
 	switch {
 	case in == nil || in.Stdin == nil && in.Pty == nil:
 		return errf(codeInvalidArgument, "input.stdin or input.pty is required")
@@ -368,7 +372,7 @@ func (in *processInput) write(ctx context.Context, t *proc) *rpcError {
 	if in.Pty != nil {
 		data = in.Pty
 	}
-	if err := t.p.Write(ctx, data); err != nil {
+	if err := p.Write(ctx, data); err != nil {
 		return classify(err)
 	}
 	return nil
@@ -379,8 +383,8 @@ func (h *Handler) sendInput(w http.ResponseWriter, r *http.Request) {
 		Process *selector     `json:"process"`
 		Input   *processInput `json:"input"`
 	}
-	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *proc) *rpcError {
-		return req.Input.write(ctx, t)
+	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *proc, p *client.Process) *rpcError {
+		return req.Input.write(ctx, t, p)
 	})
 }
 
@@ -388,8 +392,8 @@ func (h *Handler) closeStdin(w http.ResponseWriter, r *http.Request) {
 	var req struct {
 		Process *selector `json:"process"`
 	}
-	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *proc) *rpcError {
-		if err := t.p.CloseStdin(ctx); err != nil {
+	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *proc, p *client.Process) *rpcError {
+		if err := p.CloseStdin(ctx); err != nil {
 			return classify(err)
 		}
 		return nil
@@ -419,12 +423,12 @@ func (h *Handler) sendSignal(w http.ResponseWriter, r *http.Request) {
 		Process *selector `json:"process"`
 		Signal  any       `json:"signal"`
 	}
-	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *proc) *rpcError {
+	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *proc, p *client.Process) *rpcError {
 		sig, ok := signalOf(req.Signal)
 		if !ok {
 			return errf(codeInvalidArgument, "signal must be SIGNAL_SIGKILL or SIGNAL_SIGTERM")
 		}
-		if err := t.p.Signal(ctx, sig); err != nil {
+		if err := p.Signal(ctx, sig); err != nil {
 			return classify(err)
 		}
 		return nil

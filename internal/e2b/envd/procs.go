@@ -12,6 +12,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
 	"github.com/kiln-sandbox/kiln/internal/agent/proto"
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
 )
 
 // Bounds of what one process holds on the host: the streams attached to
@@ -26,13 +27,19 @@ const (
 // from the agent and hands each chunk to every attached stream, so a
 // process outlives the stream that started it and can be reattached
 // (Connect), as with E2B's envd. Output nobody is attached to is dropped.
+// It also outlives the agent session it started on: a paused sandbox
+// keeps its memory and so its processes, and on resume the process is
+// adopted into the new session (adopt).
 type proc struct {
-	p   *client.Process
-	cfg processConfig
-	tag string
-	pty bool
+	cfg    processConfig
+	tag    string
+	pty    bool
+	bootID string // the guest boot it runs in: exec ids restart with a boot
+
+	adoptMu sync.Mutex // one adoption at a time
 
 	mu   sync.Mutex
+	p    *client.Process // the handle in the current agent session
 	subs map[chan processEvent]struct{}
 	// end is the End event, or endErr why the process was lost; both are
 	// valid once done is closed.
@@ -41,8 +48,91 @@ type proc struct {
 	done   chan struct{}
 }
 
-func newProc(p *client.Process, cfg processConfig, tag string, pty bool) *proc {
-	return &proc{p: p, cfg: cfg, tag: tag, pty: pty, subs: map[chan processEvent]struct{}{}, done: make(chan struct{})}
+func newProc(p *client.Process, cfg processConfig, tag string, pty bool, bootID string) *proc {
+	return &proc{p: p, cfg: cfg, tag: tag, pty: pty, bootID: bootID, subs: map[chan processEvent]struct{}{}, done: make(chan struct{})}
+}
+
+func (pr *proc) cur() *client.Process {
+	pr.mu.Lock()
+	defer pr.mu.Unlock()
+	return pr.p
+}
+
+// adopt moves pr from old, the handle of an agent session that ended, to
+// the sandbox's current session. retry says the sandbox does not run yet
+// (paused, resuming) and a later try may succeed; without it an error
+// means the process is gone with its sandbox (killed, or restarted
+// without its memory).
+func (h *Handler) adopt(ctx context.Context, id string, pr *proc, old *client.Process) (np *client.Process, retry bool, err error) {
+	pr.adoptMu.Lock()
+	defer pr.adoptMu.Unlock()
+	if cur := pr.cur(); cur != old {
+		return cur, false, nil // adopted meanwhile
+	}
+	a, err := h.cfg.Agents.Agent(ctx, id)
+	if err != nil {
+		return nil, errors.Is(err, errdefs.ErrConflict), err
+	}
+	select {
+	case <-a.Done():
+		// The driver has not noticed the session's end yet.
+		return nil, true, fmt.Errorf("the sandbox's agent session ended: %w", a.Err())
+	default:
+	}
+	if a.BootID() != pr.bootID {
+		return nil, false, errors.New("the sandbox restarted without its memory; its processes are gone")
+	}
+	np, err = a.Adopt(ctx, old.ID(), old.Pid())
+	if err != nil {
+		return nil, a.Err() != nil, err
+	}
+	pr.mu.Lock()
+	pr.p = np
+	pr.mu.Unlock()
+	return np, false, nil
+}
+
+// maxDetached bounds how long a process waits for its sandbox to run
+// again: longer than a paused sandbox is kept (8 hours), so only a driver
+// that never settles (a dead session it keeps answering with) ends it.
+const maxDetached = 24 * time.Hour
+
+// reattach waits, as long as the sandbox exists, until it runs again and
+// adopts pr into its new agent session.
+func (h *Handler) reattach(id string, pr *proc, old *client.Process) (*client.Process, error) {
+	delay := 100 * time.Millisecond
+	for start := time.Now(); ; {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		np, retry, err := h.adopt(ctx, id, pr, old)
+		cancel()
+		if np != nil || !retry {
+			return np, err
+		}
+		if time.Since(start) > maxDetached {
+			return nil, fmt.Errorf("the sandbox did not run again within %v: %w", maxDetached, err)
+		}
+		time.Sleep(delay)
+		delay = min(2*delay, time.Second)
+	}
+}
+
+// live is the handle to act on pr with now: adopted into the current
+// agent session first if its own session ended.
+func (h *Handler) live(ctx context.Context, id string, pr *proc) (*client.Process, *rpcError) {
+	p := pr.cur()
+	select {
+	case <-p.Exited():
+	default:
+		return p, nil
+	}
+	if _, err := p.Wait(ctx); !errors.Is(err, client.ErrClosed) {
+		return p, nil // it ended: the call itself says so
+	}
+	np, _, err := h.adopt(ctx, id, pr, p)
+	if err != nil {
+		return nil, errf(codeUnavailable, "process %d ran in an earlier agent session of the sandbox and is not reattached yet (is the sandbox paused?): %v", p.Pid(), err)
+	}
+	return np, nil
 }
 
 // subscribe attaches a stream. It fails once the process has ended or
@@ -93,30 +183,46 @@ func (pr *proc) broadcast(ev processEvent) {
 // its end, stops tracking it and records the End event (in that order: a
 // client that saw the end finds the pid gone).
 func (h *Handler) fanOut(id string, pid uint32, pr *proc) {
-	for o := range pr.p.Output() {
-		if len(o.Data) == 0 {
-			continue
+	p := pr.cur()
+	var code int
+	var err error
+	for {
+		for o := range p.Output() {
+			if len(o.Data) == 0 {
+				continue
+			}
+			d := &dataEvent{Stdout: o.Data}
+			switch {
+			case pr.pty:
+				d = &dataEvent{Pty: o.Data}
+			case o.Stream == proto.Stderr:
+				d = &dataEvent{Stderr: o.Data}
+			}
+			pr.broadcast(processEvent{Data: d})
 		}
-		d := &dataEvent{Stdout: o.Data}
-		switch {
-		case pr.pty:
-			d = &dataEvent{Pty: o.Data}
-		case o.Stream == proto.Stderr:
-			d = &dataEvent{Stderr: o.Data}
+		// Output is closed only once the process exited or the agent went.
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		code, err = p.Wait(ctx)
+		cancel()
+		if !errors.Is(err, client.ErrClosed) {
+			break
 		}
-		pr.broadcast(processEvent{Data: d})
+		// The session ended (the sandbox paused, or died): the process
+		// lives on in a kept memory, so follow it into the next session.
+		np, aerr := h.reattach(id, pr, p)
+		if np == nil {
+			err = aerr
+			break
+		}
+		p = np
 	}
-	// Output is closed only once the process exited or the agent went.
-	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-	code, err := pr.p.Wait(ctx)
-	cancel()
 	h.untrack(id, pid, pr)
 	pr.mu.Lock()
 	if err != nil {
 		pr.endErr = errf(codeUnavailable, "lost the sandbox while the process ran: %v", err)
 	} else {
 		pr.end = &endEvent{ExitCode: int32(code), Exited: true, Status: fmt.Sprintf("exit status %d", code)}
-		if sig := pr.p.ExitSignal(); sig != 0 {
+		if sig := p.ExitSignal(); sig != 0 {
 			pr.end.Exited, pr.end.Status = false, fmt.Sprintf("signal: %d", sig)
 		}
 	}
@@ -187,7 +293,7 @@ func (h *Handler) connect(w http.ResponseWriter, r *http.Request) {
 	}
 	defer pr.unsubscribe(sub)
 	s := startStream(w)
-	if s.send(startResponse{processEvent{Start: &startEvent{Pid: uint32(pr.p.Pid())}}}) != nil {
+	if s.send(startResponse{processEvent{Start: &startEvent{Pid: uint32(pr.cur().Pid())}}}) != nil {
 		return
 	}
 	s.end(follow(r.Context(), s, pr, sub, keepalive(r)))
@@ -199,7 +305,7 @@ func (h *Handler) update(w http.ResponseWriter, r *http.Request) {
 		Process *selector  `json:"process"`
 		Pty     *ptyConfig `json:"pty"`
 	}
-	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *proc) *rpcError {
+	h.onProcess(w, r, &req, func() *selector { return req.Process }, func(ctx context.Context, t *proc, p *client.Process) *rpcError {
 		if req.Pty == nil {
 			return nil // nothing to change
 		}
@@ -210,7 +316,7 @@ func (h *Handler) update(w http.ResponseWriter, r *http.Request) {
 		if e != nil {
 			return e
 		}
-		if err := t.p.Resize(ctx, cols, rows); err != nil {
+		if err := p.Resize(ctx, cols, rows); err != nil {
 			return classify(err)
 		}
 		return nil
@@ -280,7 +386,10 @@ func (h *Handler) streamInput(w http.ResponseWriter, r *http.Request) {
 			e = errf(codeInvalidArgument, "a second start message in the input stream")
 		case m.Data != nil:
 			ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
-			e = m.Data.Input.write(ctx, pr)
+			var p *client.Process
+			if p, e = h.live(ctx, id, pr); e == nil {
+				e = m.Data.Input.write(ctx, pr, p)
+			}
 			cancel()
 		}
 	}

@@ -62,6 +62,20 @@ func openStream(t *testing.T, url, method string, req any) <-chan streamEvent {
 	return ch
 }
 
+// processCall makes a unary process.Process call and returns the status
+// and the answer's text.
+func processCall(t *testing.T, hs *httptest.Server, method string, in any) (int, string) {
+	t.Helper()
+	b, _ := json.Marshal(in)
+	resp, err := http.Post(hs.URL+"/process.Process/"+method, contentUnary, bytes.NewReader(b))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	out, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(out)
+}
+
 // until reads events until one's output contains want; it fails on the
 // stream's end or after a timeout.
 func until(t *testing.T, ch <-chan streamEvent, want string) {
@@ -121,16 +135,7 @@ func TestEnvdPTYAndConnect(t *testing.T) {
 		Target: func(context.Context) (string, string) { return "mvm-1", "acct" }})
 	hs := httptest.NewServer(h)
 	defer hs.Close()
-	unary := func(method string, in any) (int, string) {
-		b, _ := json.Marshal(in)
-		resp, err := http.Post(hs.URL+"/process.Process/"+method, contentUnary, bytes.NewReader(b))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		out, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(out)
-	}
+	unary := func(method string, in any) (int, string) { return processCall(t, hs, method, in) }
 
 	pty := openStream(t, hs.URL, "Start", map[string]any{
 		"process": map[string]any{"cmd": "/bin/sh", "args": []string{"-i"}, "envs": map[string]string{"PS1": "$ "}},

@@ -126,9 +126,10 @@ func (h *Handler) getWatcherEvents(w http.ResponseWriter, r *http.Request) {
 	}
 	wt := h.watchers.get(vm, req.WatcherID)
 	if wt != nil && wt.agent != a {
-		// A new agent session (the sandbox was paused) ended the watch.
+		// The guest drops watches with the session (a pause ends it).
 		h.watchers.drop(vm, req.WatcherID)
-		wt = nil
+		writeUnaryError(w, errf(codeNotFound, "watcher %q ended with the sandbox's agent session (the sandbox was paused or restarted): create it again", req.WatcherID))
+		return
 	}
 	if wt == nil {
 		writeUnaryError(w, errf(codeNotFound, "watcher %q not found", req.WatcherID))
