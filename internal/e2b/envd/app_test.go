@@ -10,7 +10,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
 )
 
 // output runs a command through envd and returns its stdout and exit code.
