@@ -98,7 +98,15 @@ func (s *Server) setTags(account, tid string, tags []string, bid, version string
 	if err != nil {
 		return err
 	}
-	now := s.cfg.Now().UTC()
+	recs, err = withTags(tid, recs, tags, bid, version, s.cfg.Now().UTC())
+	if err != nil {
+		return err
+	}
+	return s.saveTags(account, tid, recs)
+}
+
+// withTags is recs with tags pointed at a build, or a 400 past maxTags.
+func withTags(tid string, recs []tagRecord, tags []string, bid, version string, now time.Time) ([]tagRecord, error) {
 	for _, t := range tags {
 		rec := tagRecord{Tag: t, BuildID: bid, Version: version, CreatedAt: now}
 		if i := slices.IndexFunc(recs, func(r tagRecord) bool { return r.Tag == t }); i >= 0 {
@@ -108,9 +116,20 @@ func (s *Server) setTags(account, tid string, tags []string, bid, version string
 		}
 	}
 	if len(recs) > maxTags {
-		return errorf(400, "template %s would have %d tags; kiln keeps at most %d per template: remove some (Template.removeTags)", tid, len(recs), maxTags)
+		return nil, errorf(400, "template %s would have %d tags; kiln keeps at most %d per template: remove some (Template.removeTags)", tid, len(recs), maxTags)
 	}
-	return s.saveTags(account, tid, recs)
+	return recs, nil
+}
+
+// checkTagRoom refuses, before a build starts, tags that would take the
+// template past maxTags.
+func (s *Server) checkTagRoom(account, tid string, tags []string) error {
+	recs, err := s.loadTags(account, tid)
+	if err != nil {
+		return err
+	}
+	_, err = withTags(tid, recs, tags, "", "", time.Time{})
+	return err
 }
 
 // tagged returns the tag's record, if the template has the tag.

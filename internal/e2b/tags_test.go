@@ -146,6 +146,15 @@ func TestTemplateTags(t *testing.T) {
 		}
 	}
 
+	// A build whose tags would pass the bound is refused before it starts.
+	a = e.do(e.key, "POST", "/v3/templates", map[string]any{"name": "app", "tags": many})
+	var over struct{ BuildID string }
+	a.json(t, &over)
+	e.want(e.do(e.key, "POST", "/v2/templates/app/builds/"+over.BuildID, map[string]any{"fromImage": "debian:bookworm"}), 400, "a build past the tag bound")
+	if _, err := e.st.GetImageVersion(context.Background(), e.account, "app", "3.0"); err == nil {
+		t.Fatal("the refused build made a version")
+	}
+
 	// Deleting the template forgets its tags: a new one of the name starts bare.
 	e.want(e.do(e.key, "DELETE", "/templates/app", nil), 204, "delete")
 	e.buildTemplate("app")

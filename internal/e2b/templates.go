@@ -349,6 +349,9 @@ func (s *Server) triggerBuild(ctx context.Context, q *request) (int, any, error)
 	if err != nil {
 		return 0, nil, err
 	}
+	if err := s.checkTagRoom(account, tid, b.Tags); err != nil {
+		return 0, nil, err
+	}
 	var out struct {
 		ImageVersion string `json:"imageVersion"`
 	}
