@@ -127,6 +127,13 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 			},
 			Handler: envd.New(envd.Config{Agents: eng, Sandboxes: es, Target: func(ctx context.Context) (string, string) {
 				return proxy.MicrovmID(ctx), proxy.Account(ctx)
+			}, App: func(ctx context.Context, account, id string) (envd.App, error) {
+				m, err := st.GetMicrovm(ctx, account, id)
+				if err != nil {
+					return envd.App{}, err
+				}
+				app, _, err := eng.App(m.Account, m.ImageName, m.ImageVersion)
+				return envd.App{Env: app.Env, WorkingDir: app.WorkingDir, User: app.User}, err
 			}}),
 			Traffic: (&e2b.TrafficGate{Sandboxes: es, Tokens: e2b.NewTrafficTokens(key)}).Decide}
 	}
@@ -295,7 +302,8 @@ func (ib *imageBuilder) Build(ctx context.Context, req engine.BuildRequest) (eng
 		n := fi.Size()
 		snap.DiskSnapshotSizeInBytes = &n
 	}
-	return engine.BuildResult{TemplateDir: res.TemplateDir, Snapshot: snap}, nil
+	return engine.BuildResult{TemplateDir: res.TemplateDir, Snapshot: snap,
+		App: &engine.AppConfig{Env: res.AppEnv, WorkingDir: res.Config.WorkingDir, User: res.Config.User}}, nil
 }
 
 // buildFailure shows the builder's reason (the failed step and the last

@@ -250,9 +250,9 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 	if in.traffic == TrafficToken && s.cfg.TrafficTokens == nil {
 		return 0, nil, errorf(501, "this kiln server cannot mint traffic access tokens: leave network.allowPublicTraffic unset")
 	}
-	run := runInput{ImageIdentifier: in.TemplateID, MaximumDurationInSeconds: DefaultTimeout, IngressNetworkConnectors: s.cfg.Ingress}
-	if name, version, ok := strings.Cut(in.TemplateID, ":"); ok && !strings.HasPrefix(in.TemplateID, "arn:") {
-		run.ImageIdentifier, run.ImageVersion = name, version
+	run := runInput{MaximumDurationInSeconds: DefaultTimeout, IngressNetworkConnectors: s.cfg.Ingress}
+	if run.ImageIdentifier, run.ImageVersion, err = s.resolveTemplate(q.key.Account, in.TemplateID); err != nil {
+		return 0, nil, err
 	}
 	if in.Timeout != nil {
 		run.MaximumDurationInSeconds = *in.Timeout

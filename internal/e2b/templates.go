@@ -61,6 +61,8 @@ type templateState struct {
 	logs map[string]logCursor
 	// triggering holds the builds (ACCOUNT/ID) being started.
 	triggering map[string]bool
+	// tagsMu serialises updates of the tag files.
+	tagsMu sync.Mutex
 }
 
 // maxLogCursors bounds the log cursor cache; past it, it starts afresh
@@ -95,6 +97,12 @@ func (s *Server) templateRoutes() {
 	s.route("GET /templates", s.listTemplates)
 	s.route("GET /v2/templates", s.listTemplates)
 	s.route("DELETE /templates/{templateID}", s.deleteTemplate)
+	s.route("POST /templates/tags", s.assignTags)
+	s.route("DELETE /templates/tags", s.removeTags)
+	s.route("GET /templates/{templateID}", s.getTemplate)
+	s.route("PATCH /templates/{templateID}", s.patchTemplate)
+	s.route("PATCH /v2/templates/{templateID}", s.patchTemplate)
+	s.route("GET /templates/{templateID}/builds/{buildID}/logs", s.buildLogs)
 	s.mux.HandleFunc("PUT "+uploadPrefix+"{token}", s.uploadFiles)
 }
 
@@ -341,6 +349,9 @@ func (s *Server) triggerBuild(ctx context.Context, q *request) (int, any, error)
 	if err != nil {
 		return 0, nil, err
 	}
+	if err := s.checkTagRoom(account, tid, b.Tags); err != nil {
+		return 0, nil, err
+	}
 	var out struct {
 		ImageVersion string `json:"imageVersion"`
 	}
@@ -356,6 +367,15 @@ func (s *Server) triggerBuild(ctx context.Context, q *request) (int, any, error)
 	b.Version = out.ImageVersion
 	if err := s.saveBuild(account, b); err != nil {
 		return 0, nil, fmt.Errorf("recording template build: %w", err)
+	}
+	if err := s.indexVersion(account, tid, b.Version, b.ID); err != nil {
+		return 0, nil, fmt.Errorf("recording template build: %w", err)
+	}
+	// The build's tags name it from now on; a Sandbox.create of a tag
+	// whose build is still running is refused by RunMicrovm until it is
+	// ready.
+	if err := s.setTags(account, tid, b.Tags, b.ID, b.Version); err != nil {
+		return 0, nil, err
 	}
 	slog.Info("e2b template build started", "account", account, "template", tid, "build", bid, "version", b.Version)
 	return http.StatusAccepted, nil, nil
@@ -429,18 +449,10 @@ func (s *Server) buildStatus(ctx context.Context, q *request) (int, any, error) 
 // buildLog returns the build's log lines from entry offset on, as E2B log
 // entries (at most maxLogEntries; a line still being written waits).
 func (s *Server) buildLog(ctx context.Context, key store.AccessKey, tid string, b templateBuild, offset int) ([]logEntry, error) {
-	var builds struct {
-		Items []struct {
-			BuildID string `json:"buildId"`
-		} `json:"items"`
-	}
-	vpath := "/microvm-images/" + url.PathEscape(tid) + "/versions/" + url.PathEscape(b.Version)
-	if err := s.op(ctx, key, "GET", vpath+"/builds", nil, nil, &builds); err != nil {
-		return nil, err
-	}
 	entries := []logEntry{}
-	if len(builds.Items) == 0 {
-		return entries, nil
+	logPath, err := s.buildLogPath(ctx, key, tid, b.Version)
+	if err != nil || logPath == "" {
+		return entries, err
 	}
 	ck := key.Account + "/" + b.ID
 	s.tpl.mu.Lock()
@@ -450,20 +462,16 @@ func (s *Server) buildLog(ctx context.Context, key store.AccessKey, tid string, 
 		cur = logCursor{}
 	}
 	now := s.cfg.Now().UTC().Format(time.RFC3339Nano)
-	logPath := "/kiln/v1/microvm-images/" + url.PathEscape(tid) + "/versions/" + url.PathEscape(b.Version) + "/builds/" + url.PathEscape(builds.Items[0].BuildID) + "/log"
 	for range 64 { // bounded: 64 MiB of log per call at most
-		var chunk struct {
-			Log        string `json:"log"`
-			NextOffset int64  `json:"nextOffset"`
-		}
-		if err := s.rawOp(ctx, key, "GET", logPath, url.Values{"offset": {strconv.FormatInt(cur.byteOff, 10)}}, &chunk); err != nil {
+		chunk, next, err := s.logChunk(ctx, key, logPath, cur.byteOff)
+		if err != nil {
 			return nil, err
 		}
-		if chunk.Log == "" {
+		if chunk == "" {
 			break
 		}
-		cur.byteOff = chunk.NextOffset
-		text := cur.partial + chunk.Log
+		cur.byteOff = next
+		text := cur.partial + chunk
 		lines := strings.Split(text, "\n")
 		cur.partial = lines[len(lines)-1]
 		for _, l := range lines[:len(lines)-1] {
@@ -488,6 +496,61 @@ func (s *Server) buildLog(ctx context.Context, key store.AccessKey, tid string, 
 	return entries, nil
 }
 
+// buildLogPath is kiln's route to the log of the version's build; "" while
+// the version has none yet.
+func (s *Server) buildLogPath(ctx context.Context, key store.AccessKey, tid, version string) (string, error) {
+	var builds struct {
+		Items []struct {
+			BuildID string `json:"buildId"`
+		} `json:"items"`
+	}
+	vpath := "/microvm-images/" + url.PathEscape(tid) + "/versions/" + url.PathEscape(version)
+	if err := s.op(ctx, key, "GET", vpath+"/builds", nil, nil, &builds); err != nil {
+		return "", err
+	}
+	if len(builds.Items) == 0 {
+		return "", nil
+	}
+	return "/kiln/v1" + vpath + "/builds/" + url.PathEscape(builds.Items[0].BuildID) + "/log", nil
+}
+
+// logChunk reads the build log at logPath from byte offset off; "" at its
+// end.
+func (s *Server) logChunk(ctx context.Context, key store.AccessKey, logPath string, off int64) (string, int64, error) {
+	var chunk struct {
+		Log        string `json:"log"`
+		NextOffset int64  `json:"nextOffset"`
+	}
+	err := s.rawOp(ctx, key, "GET", logPath, url.Values{"offset": {strconv.FormatInt(off, 10)}}, &chunk)
+	return chunk.Log, chunk.NextOffset, err
+}
+
+// eachLogLine calls fn with the version's build log's complete lines, in
+// order, until fn returns false (at most 64 MiB of log).
+func (s *Server) eachLogLine(ctx context.Context, key store.AccessKey, tid, version string, fn func(string) bool) error {
+	logPath, err := s.buildLogPath(ctx, key, tid, version)
+	if err != nil || logPath == "" {
+		return err
+	}
+	var off int64
+	partial := ""
+	for range 64 {
+		chunk, next, err := s.logChunk(ctx, key, logPath, off)
+		if err != nil || chunk == "" {
+			return err
+		}
+		off = next
+		lines := strings.Split(partial+chunk, "\n")
+		partial = lines[len(lines)-1]
+		for _, l := range lines[:len(lines)-1] {
+			if !fn(l) {
+				return nil
+			}
+		}
+	}
+	return nil
+}
+
 // levelOf gives a build log line E2B's level: kiln marks failures with
 // "error" words; the rest is info.
 func levelOf(line string) string {
@@ -507,15 +570,8 @@ func (s *Server) rawOp(ctx context.Context, key store.AccessKey, method, path st
 // has an image of that name.
 func (s *Server) templateAlias(ctx context.Context, q *request) (int, any, error) {
 	alias := q.r.PathValue("b")
-	if !templateNameRE.MatchString(alias) {
-		return 0, nil, errorf(404, "template %q not found", alias)
-	}
-	_, found, err := s.imageOf(ctx, q.key, alias)
-	if err != nil {
+	if err := s.templateExists(ctx, q.key, alias); err != nil {
 		return 0, nil, err
-	}
-	if !found {
-		return 0, nil, errorf(404, "template %q not found", alias)
 	}
 	return 200, map[string]any{"templateID": alias, "public": false}, nil
 }
@@ -593,34 +649,8 @@ func (s *Server) deleteTemplate(ctx context.Context, q *request) (int, any, erro
 	if err := s.op(ctx, q.key, "DELETE", "/microvm-images/"+url.PathEscape(tid), nil, nil, nil); err != nil {
 		return 0, nil, err
 	}
+	if s.cfg.TemplatesDir != "" {
+		s.forgetTemplate(q.key.Account, tid)
+	}
 	return http.StatusNoContent, nil, nil
-}
-
-// templateTags is GET /templates/{templateID}/tags: the tags its builds
-// were asked with.
-func (s *Server) templateTags(ctx context.Context, q *request) (int, any, error) {
-	if err := s.templatesOn(); err != nil {
-		return 0, nil, err
-	}
-	tid := q.r.PathValue("a")
-	if !templateNameRE.MatchString(tid) {
-		return 0, nil, errorf(404, "template %q not found", tid)
-	}
-	dir := filepath.Join(s.cfg.TemplatesDir, "builds", q.key.Account)
-	ents, _ := os.ReadDir(dir)
-	out := []map[string]string{}
-	for _, e := range ents {
-		id, ok := strings.CutSuffix(e.Name(), ".json")
-		if !ok {
-			continue
-		}
-		b, err := s.loadBuild(q.key.Account, tid, id)
-		if err != nil || b.Version == "" {
-			continue
-		}
-		for _, t := range b.Tags {
-			out = append(out, map[string]string{"tag": t, "buildID": b.ID, "createdAt": b.CreatedAt.Format(time.RFC3339)})
-		}
-	}
-	return 200, out, nil
 }

@@ -180,6 +180,13 @@ func (e *Engine) build(ctx context.Context, v store.ImageVersion, b store.Build)
 			return
 		}
 	}
+	if res.App != nil {
+		// Before the template: a version that has one has its app's too.
+		if err := e.SetApp(v.Account, v.ImageName, v.Version, *res.App); err != nil {
+			finish(false, "BuildFailed: recording the app's configuration: "+err.Error(), nil)
+			return
+		}
+	}
 	if err := e.SetTemplate(v.Account, v.ImageName, v.Version, res.TemplateDir); err != nil {
 		finish(false, "BuildFailed: recording the template: "+err.Error(), nil)
 		return

@@ -84,6 +84,17 @@ type BuildRequest struct {
 type BuildResult struct {
 	TemplateDir string // a vmm template directory (made by Driver.Snapshot)
 	Snapshot    *store.SnapshotBuild
+	// App is how the snapshot's app was started; nil: not known.
+	App *AppConfig
+}
+
+// AppConfig is the environment, working directory and user a version's
+// app was started with. E2B's envd runs sandbox commands with them, as
+// E2B runs commands with the template's ENV, WORKDIR and USER.
+type AppConfig struct {
+	Env        []string `json:"env"`
+	WorkingDir string   `json:"workingDir,omitempty"`
+	User       string   `json:"user,omitempty"`
 }
 
 // Config configures an Engine.

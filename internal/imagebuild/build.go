@@ -170,12 +170,15 @@ type Timing struct {
 
 // Result is a built image version.
 type Result struct {
-	TemplateDir string             `json:"templateDir"`
-	RootDisk    string             `json:"rootDisk"`
-	Template    vmm.Template       `json:"template"`
-	Config      image.Config       `json:"config"`
-	Steps       []image.StepReport `json:"steps"`
-	Timings     []Timing           `json:"timings"`
+	TemplateDir string       `json:"templateDir"`
+	RootDisk    string       `json:"rootDisk"`
+	Template    vmm.Template `json:"template"`
+	Config      image.Config `json:"config"`
+	// AppEnv is the environment the app starts with: the image's ENV with
+	// the version's environment variables over it.
+	AppEnv  []string           `json:"appEnv"`
+	Steps   []image.StepReport `json:"steps"`
+	Timings []Timing           `json:"timings"`
 	// Key identifies everything the template depends on (the template
 	// cache's key); CachedTemplate says whether it was reused.
 	Key            string   `json:"key"`
@@ -297,6 +300,7 @@ func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error
 
 	argv := ir.Config.Argv()
 	env := mergeEnv(ir.Config.Env, req.Env)
+	res.AppEnv = env
 	res.Key = templateKey(b.CacheSalt+"|"+ir.Key, b.platform(), argv, env, ir.Config.User, ir.Config.WorkingDir, req, b.vcpus(req))
 	if b.CacheDir != "" && !req.NoCache {
 		start = time.Now()

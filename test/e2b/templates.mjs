@@ -1,7 +1,8 @@
 // E2B templates built by the SDK's own builder (Template()...,
 // Template.build) through kiln's image builder: a Debian template whose
 // steps (env, workdir, a copied file, a command, a start and a ready
-// command) each leave a trace a sandbox of it then reads. Also: build
+// command) each leave a trace a sandbox of it then reads, and its ENV,
+// WORKDIR and USER are those of envd's commands. Also: build
 // logs and status as E2B reports them, the alias check, the template list,
 // and 400s for what kiln cannot build.
 import assert from "node:assert/strict";
@@ -21,6 +22,7 @@ const template = Template({ fileContextPath: ctxDir })
   .setWorkdir("/opt/app")
   .copy("hello.txt", "/opt/app/hello.txt")
   .runCmd('echo "runCmd saw $KILN_GREETING in $(pwd)" > /opt/app/run.txt')
+  .setUser("nobody")
   .setStartCmd('echo "$KILN_GREETING" > /tmp/start-env.txt; pwd > /tmp/start-pwd.txt; touch /tmp/started; exec sleep infinity',
     "test -f /tmp/started");
 
@@ -54,10 +56,19 @@ try {
     const r = await sbx.commands.run("cat /opt/app/hello.txt /opt/app/run.txt /tmp/start-env.txt /tmp/start-pwd.txt");
     assert.equal(r.stdout, "copied by the template\nrunCmd saw set by setEnvs in /opt/app\nset by setEnvs\n/opt/app\n");
   });
-  await step("a rebuild with an unchanged template reuses kiln's caches", async () => {
+  await step("commands run with the template's ENV, WORKDIR and USER; a command's envs, cwd and user win", async () => {
+    const show = 'echo "$KILN_GREETING|$(pwd)|$(id -un)"';
+    let r = await sbx.commands.run(show);
+    assert.equal(r.stdout, "set by setEnvs|/opt/app|nobody\n");
+    r = await sbx.commands.run(show, { envs: { KILN_GREETING: "per command" }, cwd: "/tmp", user: "root" });
+    assert.equal(r.stdout, "per command|/tmp|root\n");
+  });
+  await step("a rebuild with an unchanged template reuses kiln's caches; its tag names it", async () => {
     const t0 = Date.now();
-    await Template.build(template, name, { memoryMB: 512 });
+    const again = await Template.build(template, `${name}:rebuilt`, { memoryMB: 512 });
     console.log(`rebuild took ${Date.now() - t0} ms`);
+    const tags = await Template.getTags(name);
+    assert.deepEqual(tags.map((t) => [t.tag, t.buildId]), [["rebuilt", again.buildId]]);
   });
 } finally {
   await sbx.kill();

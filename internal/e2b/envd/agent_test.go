@@ -91,20 +91,27 @@ func serveSession(t *testing.T, srv *guest.Server, sock string) *client.Client {
 	return c
 }
 
-// TestEnvdOverAgent: commands stream output and exit codes with the
-// sandbox's env vars; uploads (multipart with full paths, and raw),
-// downloads, listings and stats go through the agent's copy and list_dir.
-func TestEnvdOverAgent(t *testing.T) {
+// sandboxStore is a store holding sandbox mvm-1 of account acct with env.
+func sandboxStore(t *testing.T, env map[string]string) store.E2BStore {
+	t.Helper()
 	ctx := context.Background()
 	st, err := sqlite.Open(ctx, filepath.Join(t.TempDir(), "kiln.db"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer st.Close()
+	t.Cleanup(func() { st.Close() })
 	if err := st.PutE2BSandbox(ctx, store.E2BSandbox{ID: "mvm-1", Account: "acct", TemplateID: "t",
-		EnvVars: map[string]string{"GREETING": "hello from the sandbox"}, CreatedAt: time.Now()}); err != nil {
+		EnvVars: env, CreatedAt: time.Now()}); err != nil {
 		t.Fatal(err)
 	}
+	return st
+}
+
+// TestEnvdOverAgent: commands stream output and exit codes with the
+// sandbox's env vars; uploads (multipart with full paths, and raw),
+// downloads, listings and stats go through the agent's copy and list_dir.
+func TestEnvdOverAgent(t *testing.T) {
+	st := sandboxStore(t, map[string]string{"GREETING": "hello from the sandbox"})
 	h := New(Config{Agents: oneAgent{newAgent(t)}, Sandboxes: st,
 		Target: func(context.Context) (string, string) { return "mvm-1", "acct" }})
 	hs := httptest.NewServer(h)

@@ -32,9 +32,20 @@ type Config struct {
 	// Target names the microVM and account of a request (set by the
 	// endpoint proxy: proxy.MicrovmID, proxy.Account).
 	Target func(ctx context.Context) (microvmID, account string)
+	// App gives how a sandbox's template started its app (its ENV,
+	// WORKDIR and USER), which commands start with by default, as E2B's
+	// do; nil, or an empty App, runs them with the sandbox's env vars only.
+	App func(ctx context.Context, account, microvmID string) (App, error)
 	// MaxProcesses bounds the processes envd runs at once per sandbox
 	// (each holds output buffers on the host); 0 is 256.
 	MaxProcesses int
+}
+
+// App is a template's start-up configuration.
+type App struct {
+	Env        []string // KEY=VALUE
+	WorkingDir string
+	User       string
 }
 
 // Handler is envd for every sandbox.

@@ -156,7 +156,7 @@ func (h *Handler) start(w http.ResponseWriter, r *http.Request) {
 		startStream(w).end(e)
 		return
 	}
-	env, err := h.sandboxEnv(ctx, account, id)
+	app, env, err := h.sandboxEnv(ctx, account, id)
 	if err != nil {
 		startStream(w).end(errf(codeInternal, "reading the sandbox's env vars: %v", err))
 		return
@@ -169,7 +169,12 @@ func (h *Handler) start(w http.ResponseWriter, r *http.Request) {
 		envList = append(envList, k+"="+v)
 	}
 	slices.Sort(envList)
-	cwd := ""
+	if user == "" {
+		// The template's USER; it is the one its app runs as, so the
+		// agent knows it whatever its form (name, uid, uid:gid).
+		user = app.User
+	}
+	cwd := app.WorkingDir
 	if req.Process.Cwd != nil && *req.Process.Cwd != "" {
 		cwd = resolvePath(*req.Process.Cwd, homeOf(user))
 	}
@@ -209,19 +214,34 @@ func (h *Handler) start(w http.ResponseWriter, r *http.Request) {
 	s.end(follow(ctx, s, pr, sub, keepalive(r)))
 }
 
-func (h *Handler) sandboxEnv(ctx context.Context, account, id string) (map[string]string, error) {
+// sandboxEnv is the environment a command starts with: the template's
+// (its app's), then the sandbox's env vars over it.
+func (h *Handler) sandboxEnv(ctx context.Context, account, id string) (App, map[string]string, error) {
 	env := map[string]string{}
+	var app App
+	if h.cfg.App != nil {
+		a, err := h.cfg.App(ctx, account, id)
+		if err != nil {
+			return app, nil, fmt.Errorf("reading the template's configuration: %w", err)
+		}
+		app = a
+		for _, kv := range app.Env {
+			if k, v, ok := strings.Cut(kv, "="); ok && k != "" {
+				env[k] = v
+			}
+		}
+	}
 	sb, err := h.cfg.Sandboxes.GetE2BSandbox(ctx, account, id)
 	if errors.Is(err, errdefs.ErrNotFound) {
-		return env, nil
+		return app, env, nil
 	}
 	if err != nil {
-		return nil, err
+		return app, nil, err
 	}
 	for k, v := range sb.EnvVars {
 		env[k] = v
 	}
-	return env, nil
+	return app, env, nil
 }
 
 // reserve counts a process about to start against the sandbox's bound.
