@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -245,6 +246,16 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 	in, err := parseNewSandbox(q.body)
 	if err != nil {
 		return 0, nil, err
+	}
+	if snap, ok := s.snapshotOf(ctx, q.key.Account, in.TemplateID); ok && len(snap.EnvVars) > 0 {
+		// envd's env vars are the host's (not in the guest's memory): a
+		// sandbox from a snapshot has its source's, then its own.
+		env := maps.Clone(snap.EnvVars)
+		maps.Copy(env, in.EnvVars)
+		if err := checkEnv(env); err != nil {
+			return 0, nil, err
+		}
+		in.EnvVars = env
 	}
 	if in.traffic == TrafficToken && s.cfg.TrafficTokens == nil {
 		return 0, nil, errorf(501, "this kiln server cannot mint traffic access tokens: leave network.allowPublicTraffic unset")
