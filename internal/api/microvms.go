@@ -386,6 +386,11 @@ func (s *Server) Suspend(ctx context.Context, account, id, reason string) error 
 	return nil
 }
 
+// ResumedTimeoutSeconds is how long a microVM suspended at its deadline
+// (Microvm.OnDeadline, E2B's autoPause) runs once resumed: E2B's default
+// timeout of a resumed sandbox.
+const ResumedTimeoutSeconds = 300
+
 // Resume asks the backend to resume a SUSPENDED microVM (it stays
 // SUSPENDED, with a pending resume, until the backend reports RUNNING).
 // Resuming one already being resumed is accepted again without a second
@@ -396,7 +401,15 @@ func (s *Server) Resume(ctx context.Context, account, id string) error {
 	m, err := s.st.UpdateMicrovm(ctx, account, id, []store.MicrovmState{store.StateSuspended}, func(m *store.Microvm) error {
 		already = m.PendingOp == "resume"
 		m.PendingOp = "resume"
-		m.UpdatedAt = s.cfg.Now().UTC()
+		now := s.cfg.Now().UTC()
+		m.UpdatedAt = now
+		if m.OnDeadline == store.DeadlineSuspend && !already {
+			// Its deadline was pushed to the retention when it was
+			// suspended; resumed (by traffic, or E2B's connect, which then
+			// sets its own), it runs for E2B's resume timeout.
+			m.DeadlineAt = now.Add(ResumedTimeoutSeconds * time.Second)
+			m.MaximumDurationInSeconds = int64(m.DeadlineAt.Sub(m.StartedAt).Round(time.Second) / time.Second)
+		}
 		return nil
 	})
 	if err != nil {

@@ -25,3 +25,14 @@ export async function rejects(promise, cls, what) {
   }
   assert.fail(`${what}: no error`);
 }
+
+// until polls fn (at most limitMs) until it returns a truthy value.
+export async function until(what, limitMs, fn) {
+  const end = Date.now() + limitMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > end) assert.fail(`${what}: not within ${limitMs} ms`);
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
