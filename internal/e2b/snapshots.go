@@ -122,7 +122,7 @@ func (s *Server) snapshot(ctx context.Context, q *request, id, name string) (sna
 	if wasRunning {
 		// Resumed whatever the snapshot's outcome; the timeout it had
 		// runs on from where it was.
-		left := int64(time.Until(m.DeadlineAt) / time.Second)
+		left := int64(m.DeadlineAt.Sub(s.cfg.Now()) / time.Second)
 		if err := s.op(context.WithoutCancel(ctx), q.key, "POST", "/microvms/"+id+"/resume", nil, nil, nil); err != nil {
 			return rec, errors.Join(snapshotError(serr), err)
 		}

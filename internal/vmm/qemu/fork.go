@@ -67,6 +67,17 @@ func (v *vm) templateInto(ctx context.Context, m meta, dir string) (vmm.Template
 	if len(m.Chain) == 0 {
 		return vmm.Template{}, fmt.Errorf("vm %s has no recorded disk chain: %w", v.id, errdefs.ErrInvalid)
 	}
+	// The files are the VM's; no process of it runs while it is suspended
+	// (and the lock is held), but one that ran could have left links.
+	for _, f := range []string{"disk.qcow2", "mem", "state"} {
+		st, err := os.Lstat(v.path(f))
+		if err != nil {
+			return vmm.Template{}, fmt.Errorf("its saved %s: %w", f, err)
+		}
+		if !st.Mode().IsRegular() {
+			return vmm.Template{}, fmt.Errorf("its saved %s is not a regular file: %w", f, errdefs.ErrInvalid)
+		}
+	}
 	// The overlay's header was written by the guest's QEMU: it must still
 	// name what kiln made it on (as Resume checks) before kiln rewrites it.
 	want, format := m.Chain[0].Path, m.Chain[0].Format
