@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -84,8 +85,8 @@ func parseNewSandbox(body []byte) (newSandbox, error) {
 	switch {
 	case in.AutoPauseMemory != nil && !*in.AutoPauseMemory:
 		return in, errorf(400, "kiln pauses sandboxes with their memory only: leave lifecycle.onTimeout.keepMemory at true")
-	case in.AutoResume != nil && in.AutoResume.Enabled:
-		return in, errorf(400, "kiln does not resume a paused sandbox on traffic yet: leave lifecycle.autoResume unset and resume it with Sandbox.connect")
+	case in.AutoResume != nil && in.AutoResume.Enabled && (in.AutoPause == nil || !*in.AutoPause):
+		return in, errorf(400, "autoResume needs autoPause (lifecycle.onTimeout \"pause\"): only a paused sandbox can resume on traffic")
 	case set(in.Mcp), set(in.VolumeMounts), set(in.Iam):
 		return in, errorf(400, "kiln does not support mcp, volumeMounts or iam yet")
 	}
@@ -214,7 +215,7 @@ type lifecycle struct {
 
 func lifecycleOf(m store.Microvm) lifecycle {
 	if m.OnDeadline == store.DeadlineSuspend {
-		return lifecycle{OnTimeout: "pause"}
+		return lifecycle{OnTimeout: "pause", AutoResume: m.IdlePolicy != nil && m.IdlePolicy.AutoResumeEnabled}
 	}
 	return lifecycle{OnTimeout: "kill"}
 }
@@ -246,6 +247,16 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 	in, err := parseNewSandbox(q.body)
 	if err != nil {
 		return 0, nil, err
+	}
+	if snap, ok := s.snapshotOf(ctx, q.key.Account, in.TemplateID); ok && len(snap.EnvVars) > 0 {
+		// envd's env vars are the host's (not in the guest's memory): a
+		// sandbox from a snapshot has its source's, then its own.
+		env := maps.Clone(snap.EnvVars)
+		maps.Copy(env, in.EnvVars)
+		if err := checkEnv(env); err != nil {
+			return 0, nil, err
+		}
+		in.EnvVars = env
 	}
 	if in.traffic == TrafficToken && s.cfg.TrafficTokens == nil {
 		return 0, nil, errorf(501, "this kiln server cannot mint traffic access tokens: leave network.allowPublicTraffic unset")
@@ -293,6 +304,13 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 		// when the timeout is shorter than the boot.
 		_, err := s.cfg.Store.UpdateMicrovm(ctx, q.key.Account, sb.ID, nil, func(m *store.Microvm) error {
 			m.OnDeadline = store.DeadlineSuspend
+			if in.AutoResume != nil && in.AutoResume.Enabled {
+				// The endpoint proxy resumes a suspended microVM on traffic
+				// when its idle policy says so (as for AWS's microVMs);
+				// no idle time: E2B pauses only at the timeout. It stays
+				// suspended as long as any paused sandbox.
+				m.IdlePolicy = &store.IdlePolicy{SuspendedDurationSeconds: lc.SuspendedRetentionSeconds, AutoResumeEnabled: true}
+			}
 			return nil
 		})
 		if err != nil {
@@ -426,7 +444,7 @@ func (s *Server) pause(ctx context.Context, q *request) (int, any, error) {
 
 // resumeTimeout is the timeout of a sandbox resumed by a connect that
 // names none (E2B's ConnectSandboxV2 default).
-var resumeTimeout int64 = 300
+var resumeTimeout int64 = lc.ResumedTimeoutSeconds
 
 // connect resumes a paused sandbox (201) or returns a running one (200),
 // setting its timeout when the body names one.

@@ -130,6 +130,7 @@ func New(cfg Config) *Server {
 	s.route("GET /sandboxes/{id}/metrics", s.metrics)
 	s.route("PUT /sandboxes/{id}/network", s.updateNetwork)
 	s.templateRoutes()
+	s.snapshotsRoutes()
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, &apiError{Code: http.StatusNotImplemented,
 			Message: fmt.Sprintf("kiln does not implement %s %s of the E2B API yet (docs/E2B.md lists what it does)", r.Method, r.URL.Path)})

@@ -161,7 +161,7 @@ func TestSandboxLifecycle(t *testing.T) {
 	e.want(e.do("", "GET", "/v2/sandboxes", nil), 401, "no key")
 	e.want(e.do("e2b_0000000000000000000000000000000000000000", "GET", "/v2/sandboxes", nil), 401, "unknown key")
 	e.want(e.do(e.key, "POST", "/v2/sandboxes", map[string]any{"templateID": "nope"}), 404, "unknown template")
-	e.want(e.do(e.key, "POST", "/v2/sandboxes", map[string]any{"templateID": "tmpl", "autoPause": true, "autoResume": map[string]any{"enabled": true}}), 400, "autoResume")
+	e.want(e.do(e.key, "POST", "/v2/sandboxes", map[string]any{"templateID": "tmpl", "autoResume": map[string]any{"enabled": true}}), 400, "autoResume without autoPause")
 	e.want(e.do(e.key, "POST", "/v2/sandboxes", map[string]any{"templateID": "tmpl", "autoPause": true, "autoPauseMemory": false}), 400, "autoPause without memory")
 	e.want(e.do(e.key, "POST", "/v2/sandboxes", map[string]any{"templateID": "tmpl", "envVars": map[string]string{"A=B": "x"}}), 400, "bad env name")
 

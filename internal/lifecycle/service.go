@@ -16,6 +16,11 @@ import (
 // files are bounded in time like a running one's.
 const SuspendedRetentionSeconds = 8 * 3600
 
+// ResumedTimeoutSeconds is how long a microVM suspended at its deadline
+// (Microvm.OnDeadline, E2B's autoPause) runs once resumed: E2B's default
+// timeout of a resumed sandbox.
+const ResumedTimeoutSeconds = 300
+
 // BackendError is a transition the store accepted but the backend did
 // not: the API reports it as the server's fault, not the caller's.
 type BackendError struct {
@@ -90,7 +95,15 @@ func (s *Service) Resume(ctx context.Context, account, id string) error {
 	m, err := s.st.UpdateMicrovm(ctx, account, id, []store.MicrovmState{store.StateSuspended}, func(m *store.Microvm) error {
 		already = m.PendingOp == "resume"
 		m.PendingOp = "resume"
-		m.UpdatedAt = s.now().UTC()
+		now := s.now().UTC()
+		m.UpdatedAt = now
+		if m.OnDeadline == store.DeadlineSuspend && !already {
+			// Its deadline was pushed to the retention when it was
+			// suspended; resumed (by traffic, or E2B's connect, which then
+			// sets its own), it runs for E2B's resume timeout.
+			m.DeadlineAt = now.Add(ResumedTimeoutSeconds * time.Second)
+			m.MaximumDurationInSeconds = int64(m.DeadlineAt.Sub(m.StartedAt).Round(time.Second) / time.Second)
+		}
 		return nil
 	})
 	if err != nil {

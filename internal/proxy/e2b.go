@@ -2,11 +2,14 @@ package proxy
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
 	"strconv"
 	"strings"
+
+	"github.com/kiln-sandbox/kiln/internal/metrics"
 )
 
 // E2B's addressing of a sandbox's ports (internal/e2b): the host
@@ -174,11 +177,24 @@ func (s *Server) serveEnvd(w http.ResponseWriter, r *http.Request, id string) {
 	}
 	s.cfg.Backend.ConnOpened(id)
 	defer s.cfg.Backend.ConnClosed(id)
-	if !s.wake(ctx, w, id) {
+	if !s.wake(ctx, w, id, true) {
 		return
 	}
 	ctx = context.WithValue(ctx, keyMicrovm, id)
 	ctx = context.WithValue(ctx, keyAccount, tgt.Account)
 	r.Header.Del(HeaderEnvdToken)
 	s.cfg.Envd.Handler.ServeHTTP(w, r.WithContext(ctx))
+}
+
+// e2bPaused answers traffic to a paused E2B sandbox made without
+// autoResume as E2B's proxy answers a sandbox that does not run: 502,
+// which the SDK reads as "not running" (its envd calls raise TimeoutError,
+// its health check says false). The sandbox stays paused.
+func e2bPaused(w http.ResponseWriter, id string) {
+	metrics.ProxyErrors.WithLabelValues(metrics.Class(http.StatusBadGateway)).Inc()
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(http.StatusBadGateway)
+	json.NewEncoder(w).Encode(map[string]any{"code": http.StatusBadGateway, "sandboxId": id,
+		"message": "sandbox " + id + " is paused: resume it with Sandbox.connect, or create it with lifecycle.autoResume to resume on traffic"})
 }

@@ -435,7 +435,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 
 	s.cfg.Backend.ConnOpened(id)
 	defer s.cfg.Backend.ConnClosed(id)
-	if !s.wake(ctx, w, id) {
+	if !s.wake(ctx, w, id, e2b) {
 		return
 	}
 
@@ -478,7 +478,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 // wake makes the VM runnable for a request (auto-resume), or answers the
 // request with why it cannot be. The caller has counted the connection
 // open (Backend.ConnOpened), so the VM is not idled under it.
-func (s *Server) wake(ctx context.Context, w http.ResponseWriter, id string) bool {
+func (s *Server) wake(ctx context.Context, w http.ResponseWriter, id string, e2b bool) bool {
 	if s.running != nil && s.running.RunningNow(id) {
 		return true
 	}
@@ -490,6 +490,10 @@ func (s *Server) wake(ctx context.Context, w http.ResponseWriter, id string) boo
 		// Only a request that waited for its VM: a RUNNING one returns at
 		// once and would drown the histogram in zeros.
 		metrics.AutoResume.Observe(waited.Seconds())
+	}
+	if err != nil && e2b && errors.Is(err, ErrSuspended) {
+		e2bPaused(w, id)
+		return false
 	}
 	if err != nil {
 		s.backendError(w, id, err)

@@ -253,3 +253,16 @@ type Driver interface {
 	// and can be adopted by the next Recover.
 	Close() error
 }
+
+// Forker is implemented by drivers that can copy a suspended VM into a
+// template while the VM stays suspended (E2B's snapshots and forks).
+type Forker interface {
+	// TemplateFromSuspended makes a template in dir (which must not
+	// exist) of a suspended VM's memory, device state and disk. The VM
+	// stays suspended and may resume; clones of the template start where
+	// it was suspended. The template owns every file its disk chain
+	// names (links or copies), so it outlives the VM and the template
+	// the VM was cloned from. A VM that is not suspended is ErrConflict;
+	// on failure the partial template is removed.
+	TemplateFromSuspended(ctx context.Context, id, dir string) (Template, error)
+}

@@ -5,23 +5,12 @@
 // updateNetwork at runtime) decide what the guest reaches outside; its
 // ports are public unless made with allowPublicTraffic false.
 import assert from "node:assert/strict";
-import { step, rejects } from "./lib.mjs";
+import { step, rejects, until } from "./lib.mjs";
 import { execFileSync, spawn } from "node:child_process";
 import { Sandbox, SandboxNotFoundError, CommandExitError, SandboxError } from "e2b";
 
 const template = process.env.KILN_TEMPLATE;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-// until polls fn (at most limitMs) until it returns a truthy value.
-async function until(what, limitMs, fn) {
-  const end = Date.now() + limitMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > end) assert.fail(`${what}: not within ${limitMs} ms`);
-    await sleep(250);
-  }
-}
 
 const made = [];
 try {

@@ -34,3 +34,15 @@ export async function addUser(sbx) {
       "printf 'root:x:0:0::/root:/bin/sh\\nuser:x:1000:1000::/home/user:/bin/sh\\n' > /etc/passwd && " +
       "printf 'root:x:0:\\nuser:x:1000:\\n' > /etc/group && busybox chown 1000:1000 /home/user");
 }
+
+// until polls fn (at most limitMs) until it returns a truthy value.
+export async function until(what, limitMs, fn) {
+  const end = Date.now() + limitMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > end) assert.fail(`${what}: not within ${limitMs} ms`);
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+

@@ -209,9 +209,10 @@ func (s *Store) UpdateImageVersion(ctx context.Context, v store.ImageVersion) er
 
 // refreshImage brings an image's record in line with its versions in the
 // transaction that changed them: latestActiveImageVersion is the newest
-// version both SUCCESSFUL and ACTIVE, and an image still building the
-// version deletedVersion (deleted in this transaction) has failed, since
-// that build will report nothing. Doing it here, under the image's row
+// version both SUCCESSFUL and ACTIVE, an image building a version that is
+// final now takes its outcome, and an image still building the version
+// deletedVersion (deleted in this transaction) has failed, since that
+// build will report nothing. Doing it here, under the image's row
 // lock, keeps a concurrent FinishBuild from being undone by a record read
 // before it.
 func (s *Store) refreshImage(ctx context.Context, tx Querier, account, image, deletedVersion string, now time.Time) error {
@@ -231,6 +232,21 @@ func (s *Store) refreshImage(ctx context.Context, tx Querier, account, image, de
 	for _, v := range vs {
 		if v.State == store.VersionSuccessful && v.Status == store.VersionActive {
 			img.LatestActiveVersion = v.Version
+		}
+		// A building image whose latest version became final without
+		// builds (a snapshot's copy) has its outcome.
+		if v.Version == img.LatestVersion && (img.State == store.ImageCreating || img.State == store.ImageUpdating) {
+			first := img.State == store.ImageCreating
+			switch {
+			case v.State == store.VersionSuccessful && first:
+				img.State = store.ImageCreated
+			case v.State == store.VersionSuccessful:
+				img.State = store.ImageUpdated
+			case v.State == store.VersionFailed && first:
+				img.State, img.LatestFailedVersion = store.ImageCreateFailed, v.Version
+			case v.State == store.VersionFailed:
+				img.State, img.LatestFailedVersion = store.ImageUpdateFailed, v.Version
+			}
 		}
 	}
 	if deletedVersion != "" && img.LatestVersion == deletedVersion {

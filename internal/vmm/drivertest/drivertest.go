@@ -54,7 +54,7 @@ func Run(t *testing.T, cfg Config) {
 	}
 	s := &suite{cfg: cfg, d: cfg.New(t), work: vmmtest.ShortDir(t)}
 	t.Cleanup(func() {
-		for _, id := range []string{"dt-src", "dt-clone", "dt-commit"} {
+		for _, id := range []string{"dt-src", "dt-clone", "dt-fork", "dt-commit"} {
 			s.d.Terminate(context.Background(), id)
 		}
 	})
@@ -84,6 +84,9 @@ func (s *suite) run(t *testing.T) {
 	t.Run("SuspendResumeKeepsMemory", s.suspendResume)
 	if t.Run("Snapshot", s.snapshot) {
 		if t.Run("CloneFromTemplate", s.clone) {
+			if _, ok := s.d.(vmm.Forker); ok {
+				t.Run("TemplateFromSuspended", s.fork)
+			}
 			t.Run("EventOnVMDeath", s.death)
 		}
 		t.Run("CopyTemplate", s.copyTemplate)
@@ -292,6 +295,56 @@ func (s *suite) clone(t *testing.T) {
 	}
 	if err := s.d.CommitDisk(ctx, "dt-clone"); err == nil {
 		t.Error("CommitDisk of a running clone succeeded")
+	}
+}
+
+// fork: a template of a suspended clone (vmm.Forker) holds its memory
+// and disk at the suspension; the VM stays suspended and resumes as it
+// was; a clone of the template is apart from it. Only running VMs are
+// refused.
+func (s *suite) fork(t *testing.T) {
+	ctx := s.ctx(t)
+	f := s.d.(vmm.Forker)
+	const id = "dt-clone"
+	dir := filepath.Join(s.work, "fork-tmpl")
+	if _, err := f.TemplateFromSuspended(ctx, id, dir); !errors.Is(err, errdefs.ErrConflict) {
+		t.Errorf("TemplateFromSuspended of a running VM = %v, want ErrConflict", err)
+	}
+	if _, err := f.TemplateFromSuspended(ctx, "dt-unknown", dir); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("TemplateFromSuspended of an unknown VM = %v, want ErrNotFound", err)
+	}
+	s.sh(t, id, "echo fork-mem > /mem/fork && echo fork-disk > /root/fork && sync")
+	if err := s.d.Suspend(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	tm, err := f.TemplateFromSuspended(ctx, id, dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if tm.Dir != dir || tm.MemoryMiB != s.tmpl.MemoryMiB || tm.Platform != s.tmpl.Platform {
+		t.Errorf("template %+v, want %s like %+v", tm, dir, s.tmpl)
+	}
+	if info, err := s.d.Inspect(ctx, id); err != nil || info.State != vmm.StateSuspended {
+		t.Errorf("the source after TemplateFromSuspended: %+v, %v; want suspended", info, err)
+	}
+	if _, err := f.TemplateFromSuspended(ctx, id, dir); !errors.Is(err, errdefs.ErrConflict) {
+		t.Errorf("a template onto an existing directory = %v, want ErrConflict", err)
+	}
+	if _, err := s.d.Clone(ctx, vmm.CloneSpec{ID: "dt-fork", Template: dir}); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.sh(t, "dt-fork", "cat /mem/fork /root/fork /mem/snap; hostname"); got != "fork-mem\nfork-disk\nin-memory\ndt-fork" {
+		t.Errorf("the template's clone sees %q, want the source's memory and disk and its own hostname", got)
+	}
+	s.sh(t, "dt-fork", "echo changed > /mem/fork && echo changed > /root/fork && sync")
+	if _, err := s.d.Resume(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.sh(t, id, "cat /mem/fork /root/fork"); got != "fork-mem\nfork-disk" {
+		t.Errorf("the source after its clone wrote: %q", got)
+	}
+	if err := s.d.Terminate(ctx, "dt-fork"); err != nil {
+		t.Fatal(err)
 	}
 }
 

@@ -174,12 +174,17 @@ func copyTemplate(ctx context.Context, qemuImg string, spec vmm.TemplateCopy) er
 // reading either, with qemu-img confined and given the image as a
 // descriptor, opened without its old backing file.
 func rebaseHeader(ctx context.Context, qemuImg, image, backing string) error {
+	return rebaseHeaderTo(ctx, qemuImg, image, backing, "raw")
+}
+
+// rebaseHeaderTo is rebaseHeader onto a backing file of format.
+func rebaseHeaderTo(ctx context.Context, qemuImg, image, backing, format string) error {
 	f, err := hosttool.Open(image, true)
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	return runQEMUImg(ctx, qemuImg, []*os.File{f}, "rebase", "-q", "-u", "-F", "raw", "-b", backing, qcow2.OpenSpec([]string{hosttool.FD(0)}, "qcow2"))
+	return runQEMUImg(ctx, qemuImg, []*os.File{f}, "rebase", "-q", "-u", "-F", format, "-b", backing, qcow2.OpenSpec([]string{hosttool.FD(0)}, "qcow2"))
 }
 
 // runQEMUImg runs qemu-img confined on files (given as descriptors, hosttool.FD).

@@ -1,0 +1,317 @@
+package e2b
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/store"
+)
+
+// E2B's snapshots are kiln images: api.SnapshotMicrovmImage copies a
+// paused sandbox's memory and disk into a new image of the account, so a
+// snapshot counts against the image quotas, is usable as a template by
+// its id, and DELETE /templates/{id} (the SDK's deleteSnapshot) frees it
+// like any image. What E2B adds (the sandbox it came from, the env vars
+// envd gives its processes) is kept beside the template builds.
+
+// maxForks bounds one fork request's count.
+const maxForks = 10
+
+// snapshotRecord is what the E2B API keeps about a snapshot.
+type snapshotRecord struct {
+	Name       string            `json:"name"`
+	SandboxID  string            `json:"sandboxID"`
+	TemplateID string            `json:"templateID"`
+	EnvVars    map[string]string `json:"envVars,omitempty"`
+	CreatedAt  time.Time         `json:"createdAt"`
+}
+
+func (s *Server) snapshotsRoutes() {
+	s.route("POST /sandboxes/{id}/snapshots", s.createSnapshot)
+	s.route("GET /snapshots", s.listSnapshots)
+	s.route("POST /sandboxes/{id}/fork", s.fork)
+}
+
+func (s *Server) snapshotPath(account, name string) string {
+	return filepath.Join(s.cfg.TemplatesDir, "snapshots", account, name+".json")
+}
+
+// snapshotOf returns the record of the account's snapshot name; false if
+// name is no snapshot (or its image is gone).
+func (s *Server) snapshotOf(ctx context.Context, account, name string) (snapshotRecord, bool) {
+	var rec snapshotRecord
+	if s.cfg.TemplatesDir == "" || !templateNameRE.MatchString(name) {
+		return rec, false
+	}
+	b, err := os.ReadFile(s.snapshotPath(account, name))
+	if err != nil || json.Unmarshal(b, &rec) != nil || rec.Name != name {
+		return rec, false
+	}
+	if _, err := s.cfg.Store.GetImage(ctx, account, name); err != nil {
+		if errors.Is(err, errdefs.ErrNotFound) {
+			// Deleted as a template (the SDK's deleteSnapshot): the record
+			// goes with it.
+			os.Remove(s.snapshotPath(account, name))
+		}
+		return rec, false
+	}
+	return rec, true
+}
+
+func newSnapshotName(prefix string) string {
+	b := make([]byte, 8)
+	rand.Read(b)
+	return prefix + hex.EncodeToString(b)
+}
+
+// snapshot pauses the sandbox if it runs, copies it into a new image name
+// and resumes it as it was (E2B's checkpoint: the source goes on).
+func (s *Server) snapshot(ctx context.Context, q *request, id, name string) (snapshotRecord, error) {
+	if s.cfg.TemplatesDir == "" {
+		return snapshotRecord{}, errorf(501, "this kiln server keeps no E2B template data (no templates directory): snapshots are off")
+	}
+	sb, m, err := s.sandboxOf(ctx, q.key.Account, id)
+	if err != nil {
+		return snapshotRecord{}, err
+	}
+	if m.State == store.StateSuspending {
+		if m, err = s.waitFor(ctx, q.key.Account, id, store.StateSuspended); err != nil {
+			return snapshotRecord{}, err
+		}
+	}
+	wasRunning := m.State != store.StateSuspended
+	if wasRunning {
+		if m.State != store.StateRunning {
+			return snapshotRecord{}, errorf(409, "sandbox %s is %s: it can be snapshotted once it runs", id, strings.ToLower(string(m.State)))
+		}
+		if err := s.op(ctx, q.key, "POST", "/microvms/"+id+"/suspend", nil, nil, nil); err != nil {
+			return snapshotRecord{}, err
+		}
+		if _, err := s.waitFor(ctx, q.key.Account, id, store.StateSuspended); err != nil {
+			return snapshotRecord{}, err
+		}
+	}
+	rec := snapshotRecord{Name: name, SandboxID: id, TemplateID: sb.TemplateID, EnvVars: sb.EnvVars, CreatedAt: s.cfg.Now().UTC()}
+	p := s.snapshotPath(q.key.Account, name)
+	_, serr := s.cfg.API.SnapshotMicrovmImage(ctx, q.key.Account, id, name)
+	if serr == nil {
+		b, _ := json.Marshal(rec)
+		if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+			serr = err
+		} else if err := os.WriteFile(p, b, 0o600); err != nil {
+			serr = err
+		}
+		if serr != nil {
+			s.op(context.WithoutCancel(ctx), q.key, "DELETE", "/microvm-images/"+url.PathEscape(name), nil, nil, nil)
+			serr = fmt.Errorf("recording snapshot %s: %w", name, serr)
+		}
+	}
+	if wasRunning {
+		// Resumed whatever the snapshot's outcome; the timeout it had
+		// runs on from where it was.
+		left := int64(m.DeadlineAt.Sub(s.cfg.Now()) / time.Second)
+		if err := s.op(context.WithoutCancel(ctx), q.key, "POST", "/microvms/"+id+"/resume", nil, nil, nil); err != nil {
+			return rec, errors.Join(snapshotError(serr), err)
+		}
+		if _, err := s.waitFor(context.WithoutCancel(ctx), q.key.Account, id, store.StateRunning); err != nil {
+			return rec, errors.Join(snapshotError(serr), err)
+		}
+		if err := s.extend(ctx, q.key.Account, id, max(left, 1)); err != nil {
+			return rec, err
+		}
+	}
+	return rec, snapshotError(serr)
+}
+
+// snapshotError maps the API's errors onto E2B's codes.
+func snapshotError(err error) error {
+	var ae *apiError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &ae):
+		return ae
+	case errors.Is(err, errdefs.ErrNotFound):
+		return errorf(404, "%v", err)
+	case errors.Is(err, errdefs.ErrConflict):
+		return errorf(409, "%v", err)
+	case errors.Is(err, errdefs.ErrExhausted):
+		return errorf(429, "%v (a snapshot is an image of your account: delete snapshots or templates you no longer need)", err)
+	case errors.Is(err, errdefs.ErrInvalid):
+		return errorf(400, "%v", err)
+	case errors.Is(err, errdefs.ErrUnavailable):
+		return errorf(501, "%v", err)
+	}
+	return err
+}
+
+type snapshotInfo struct {
+	SnapshotID string   `json:"snapshotID"`
+	Names      []string `json:"names"`
+}
+
+// createSnapshot is POST /sandboxes/{id}/snapshots.
+func (s *Server) createSnapshot(ctx context.Context, q *request) (int, any, error) {
+	var in struct {
+		Name string `json:"name"`
+	}
+	if len(q.body) > 0 {
+		if err := json.Unmarshal(q.body, &in); err != nil {
+			return 0, nil, errorf(400, "request body is not a valid SandboxSnapshotRequest: %v", err)
+		}
+	}
+	name := in.Name
+	if name == "" {
+		name = newSnapshotName("snap-")
+	} else if !templateNameRE.MatchString(name) {
+		return 0, nil, errorf(400, "snapshot name %q must match %s", name, templateNameRE)
+	} else if _, found, err := s.imageOf(ctx, q.key, name); err != nil {
+		return 0, nil, err
+	} else if found {
+		return 0, nil, errorf(409, "a template or snapshot named %q exists: kiln does not add snapshots to an existing one; pick another name or delete it", name)
+	}
+	rec, err := s.snapshot(ctx, q, q.r.PathValue("id"), name)
+	if err != nil {
+		return 0, nil, err
+	}
+	return http.StatusCreated, snapshotInfo{SnapshotID: rec.Name, Names: []string{rec.Name}}, nil
+}
+
+// listSnapshots is GET /snapshots: the account's snapshots, oldest first,
+// optionally of one sandbox or by name, in pages.
+func (s *Server) listSnapshots(ctx context.Context, q *request) (int, any, error) {
+	qv := q.r.URL.Query()
+	limit := 100
+	if l := qv.Get("limit"); l != "" {
+		n, err := strconv.Atoi(l)
+		if err != nil || n < 1 || n > 100 {
+			return 0, nil, errorf(400, "limit must be between 1 and 100, not %q", l)
+		}
+		limit = n
+	}
+	after := qv.Get("nextToken")
+	out := []snapshotInfo{}
+	if s.cfg.TemplatesDir == "" {
+		return 200, out, nil
+	}
+	ents, _ := os.ReadDir(filepath.Join(s.cfg.TemplatesDir, "snapshots", q.key.Account))
+	var recs []snapshotRecord
+	for _, e := range ents {
+		name, ok := strings.CutSuffix(e.Name(), ".json")
+		if !ok {
+			continue
+		}
+		if rec, ok := s.snapshotOf(ctx, q.key.Account, name); ok {
+			recs = append(recs, rec)
+		}
+		if len(recs) >= maxListScan {
+			break
+		}
+	}
+	slices.SortFunc(recs, func(a, b snapshotRecord) int {
+		if c := a.CreatedAt.Compare(b.CreatedAt); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Name, b.Name)
+	})
+	start := 0
+	if after != "" {
+		i := slices.IndexFunc(recs, func(r snapshotRecord) bool { return r.Name == after })
+		if i < 0 {
+			return 200, out, nil
+		}
+		start = i + 1
+	}
+	for _, r := range recs[start:] {
+		if sid := qv.Get("sandboxID"); sid != "" && r.SandboxID != sid {
+			continue
+		}
+		if n := qv.Get("name"); n != "" && r.Name != n {
+			continue
+		}
+		if len(out) == limit {
+			q.header.Set("X-Next-Token", out[len(out)-1].SnapshotID)
+			break
+		}
+		out = append(out, snapshotInfo{SnapshotID: r.Name, Names: []string{r.Name}})
+	}
+	return 200, out, nil
+}
+
+type forkResult struct {
+	Sandbox *sandboxOut `json:"sandbox,omitempty"`
+	Error   *apiError   `json:"error,omitempty"`
+}
+
+// fork is POST /sandboxes/{id}/fork: one snapshot, count sandboxes made
+// from it. The snapshot's image is deleted at once: its files stay while
+// a fork runs on them (the engine frees a version's files when its last
+// microVM ends).
+func (s *Server) fork(ctx context.Context, q *request) (int, any, error) {
+	var in struct {
+		Count   *int   `json:"count"`
+		Timeout *int64 `json:"timeout"`
+	}
+	if len(q.body) > 0 {
+		if err := json.Unmarshal(q.body, &in); err != nil {
+			return 0, nil, errorf(400, "request body is not a valid SandboxForkRequest: %v", err)
+		}
+	}
+	count := 1
+	if in.Count != nil {
+		count = *in.Count
+	}
+	if count < 1 || count > maxForks {
+		return 0, nil, errorf(400, "count must be between 1 and %d, not %d", maxForks, count)
+	}
+	timeout := int64(DefaultTimeout)
+	if in.Timeout != nil {
+		if *in.Timeout < 1 || *in.Timeout > MaxTimeout {
+			return 0, nil, errorf(400, "timeout must be between 1 and %d seconds, not %d", MaxTimeout, *in.Timeout)
+		}
+		timeout = *in.Timeout
+	}
+	id := q.r.PathValue("id")
+	rec, err := s.snapshot(ctx, q, id, newSnapshotName("fork-"))
+	if err != nil {
+		return 0, nil, err
+	}
+	defer func() {
+		bg := context.WithoutCancel(ctx)
+		s.op(bg, q.key, "DELETE", "/microvm-images/"+url.PathEscape(rec.Name), nil, nil, nil)
+		os.Remove(s.snapshotPath(q.key.Account, rec.Name))
+	}()
+	src, _, err := s.sandboxOf(ctx, q.key.Account, id)
+	if err != nil {
+		return 0, nil, err
+	}
+	out := make([]forkResult, count)
+	for i := range out {
+		body, _ := json.Marshal(map[string]any{"templateID": rec.Name, "timeout": timeout, "metadata": src.Metadata})
+		_, sb, err := s.create(ctx, &request{r: q.r, header: http.Header{}, key: q.key, body: body})
+		var ae *apiError
+		switch {
+		case err == nil:
+			v := sb.(sandboxOut)
+			out[i].Sandbox = &v
+		case errors.As(err, &ae):
+			out[i].Error = ae
+		default:
+			out[i].Error = errorf(500, "%v", err)
+		}
+	}
+	return http.StatusCreated, out, nil
+}
