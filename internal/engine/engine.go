@@ -564,7 +564,7 @@ func (e *Engine) StartMicrovm(ctx context.Context, m store.Microvm) error {
 	v := e.state(m)
 	nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
-	if err := e.ensureNet(nctx, v); err != nil {
+	if err := e.ensureNetWith(nctx, v, e.reservePooled(m)); err != nil {
 		e.releaseNet(v)
 		e.forget(v)
 		return err
@@ -573,8 +573,44 @@ func (e *Engine) StartMicrovm(ctx context.Context, m store.Microvm) error {
 	return nil
 }
 
+// reservePooled sets a clone process started ahead aside for microVM m,
+// when the driver has one: its network is then made in that process's
+// namespace, around its TAP, instead of the TAP being moved in during the
+// clone (a move waits for RCU grace periods). nil when there is none.
+func (e *Engine) reservePooled(m store.Microvm) *os.File {
+	r, ok := e.cfg.Driver.(vmm.PoolReserver)
+	if !ok {
+		return nil
+	}
+	tmpl, err := e.TemplateFor(m.Account, m.ImageName, m.ImageVersion)
+	if err != nil {
+		return nil // start reports it
+	}
+	ns, ok := r.ReservePooled(tmpl, m.ID, netns.GuestMAC.String())
+	if !ok {
+		return nil
+	}
+	return ns
+}
+
 // ensureNet sets up (or finds) the VM's namespace and DNS forwarder.
 func (e *Engine) ensureNet(ctx context.Context, v *vmState) error {
+	return e.ensureNetWith(ctx, v, nil)
+}
+
+// ensureNetWith is ensureNet that makes a new namespace out of spare, a
+// reserved clone process's (reservePooled). Whatever goes wrong, the
+// reservation is dropped unless the spare became the VM's namespace (and
+// on any error, after which the caller removes the network).
+func (e *Engine) ensureNetWith(ctx context.Context, v *vmState, spare *os.File) (err error) {
+	used := false
+	if spare != nil {
+		defer func() {
+			if !used || err != nil {
+				e.cfg.Driver.(vmm.PoolReserver).ReleasePooled(v.id)
+			}
+		}()
+	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if v.net == nil {
@@ -583,7 +619,8 @@ func (e *Engine) ensureNet(ctx context.Context, v *vmState) error {
 		if err := e.markNet(v.id, true); err != nil {
 			return fmt.Errorf("recording the microvm network: %w", err)
 		}
-		n, err := netns.Setup(ctx, netns.Config{ID: v.id, Egress: v.egress, Pool: e.cfg.NetPool, ExtraDeny: e.cfg.ExtraDeny})
+		n, err := netns.Setup(ctx, netns.Config{ID: v.id, Egress: v.egress, Pool: e.cfg.NetPool, ExtraDeny: e.cfg.ExtraDeny, Spare: spare})
+		used = err == nil && spare != nil
 		if errors.Is(err, netns.ErrExists) {
 			n, err = netns.Open(ctx, v.id)
 		}

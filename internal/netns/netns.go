@@ -34,6 +34,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/egress"
@@ -120,6 +121,11 @@ type Config struct {
 	// denied address (this very host's answers in a documentation range)
 	// stays usable while the guest itself may still not reach it.
 	PackageProxy *Redirect
+	// Spare, when set, is a namespace made ahead by NewSpare (a clone
+	// pool's process waits there with its TAP open): Setup names it and
+	// adds the VM's host link, routes and rules instead of making a new
+	// namespace and TAP. Its TAP already has the gateway's MAC and address.
+	Spare *os.File
 }
 
 // Redirect is a transparent redirect, in the VM's namespace, of the

@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -112,35 +113,12 @@ func Setup(ctx context.Context, cfg Config) (*Net, error) {
 
 	// Inside the new namespace: sysctls first (so links created later inherit
 	// disable_ipv6), then the TAP (its ioctl works in the thread's namespace).
-	err = createNamed(n.NSName, func() error {
-		for _, kv := range [][2]string{
-			{"net/ipv4/ip_forward", "1"},
-			// Strict reverse-path filtering: a packet is taken only on the
-			// link its source routes back through, so the guest cannot
-			// send as the gateway, the host link or anyone else.
-			{"net/ipv4/conf/all/rp_filter", "1"},
-			{"net/ipv4/conf/default/rp_filter", "1"},
-			{"net/ipv6/conf/all/disable_ipv6", "1"},
-			{"net/ipv6/conf/default/disable_ipv6", "1"},
-		} {
-			if err := writeSysctl(kv[0], kv[1]); err != nil {
-				return err
-			}
-		}
-		tap := &netlink.Tuntap{
-			LinkAttrs: netlink.LinkAttrs{Name: TapName},
-			Mode:      netlink.TUNTAP_MODE_TAP,
-			Flags:     netlink.TUNTAP_NO_PI,
-			Owner:     cfg.TapOwner,
-		}
-		if err := netlink.LinkAdd(tap); err != nil {
-			return fmt.Errorf("creating tap: %w", err)
-		}
-		for _, f := range tap.Fds {
-			f.Close() // persistent device; QEMU opens it by name
-		}
-		return nil
-	})
+	if cfg.Spare != nil {
+		// Made ahead (NewSpare): only its name is new.
+		err = mountNamed(n.NSName, cfg.Spare)
+	} else {
+		err = createNamed(n.NSName, func() error { return nsBase(cfg.TapOwner) })
+	}
 	if err != nil {
 		return nil, fmt.Errorf("creating namespace %s: %w", n.NSName, err)
 	}
@@ -180,13 +158,77 @@ func Setup(ctx context.Context, cfg Config) (*Net, error) {
 		return nil, fmt.Errorf("host veth up: %w", err)
 	}
 
-	for _, step := range []struct {
-		name string
-		fn   func() error
-	}{
-		{"lo up", func() error { return linkUp(nl, "lo") }},
+	var steps []nsStep
+	if cfg.Spare == nil {
+		steps = nsLinkSteps(nl)
+	}
+	for _, step := range append(steps, []nsStep{
 		{"veth address", func() error { return linkAddr(nl, NSVethName, addr30(n.HostAddr)) }},
 		{"veth up", func() error { return linkUp(nl, NSVethName) }},
+		{"default route", func() error {
+			l, err := nl.LinkByName(NSVethName)
+			if err != nil {
+				return err
+			}
+			return nl.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Gw: net.IP(n.HostPeer.AsSlice())})
+		}},
+		{"nftables", func() error { return writeVMTable(int(nsh), n, cfg) }},
+	}...) {
+		if err := step.fn(); err != nil {
+			return nil, fmt.Errorf("namespace %s: %s: %w", n.NSName, step.name, err)
+		}
+	}
+	ok = true
+	slog.Info("netns: vm network ready", "microvm", n.ID, "ns", n.NSPath, "host_addr", n.HostAddr, "egress", n.Egress)
+	return n, nil
+}
+
+// nsSysctls are every VM namespace's settings, written before its links
+// exist so that they inherit disable_ipv6.
+var nsSysctls = [][2]string{
+	{"net/ipv4/ip_forward", "1"},
+	// Strict reverse-path filtering: a packet is taken only on the
+	// link its source routes back through, so the guest cannot
+	// send as the gateway, the host link or anyone else.
+	{"net/ipv4/conf/all/rp_filter", "1"},
+	{"net/ipv4/conf/default/rp_filter", "1"},
+	{"net/ipv6/conf/all/disable_ipv6", "1"},
+	{"net/ipv6/conf/default/disable_ipv6", "1"},
+}
+
+// nsBase runs inside a new VM namespace: its sysctls, then its TAP (whose
+// ioctl works in the thread's namespace).
+func nsBase(tapOwner uint32) error {
+	for _, kv := range nsSysctls {
+		if err := writeSysctl(kv[0], kv[1]); err != nil {
+			return err
+		}
+	}
+	tap := &netlink.Tuntap{
+		LinkAttrs: netlink.LinkAttrs{Name: TapName},
+		Mode:      netlink.TUNTAP_MODE_TAP,
+		Flags:     netlink.TUNTAP_NO_PI,
+		Owner:     tapOwner,
+	}
+	if err := netlink.LinkAdd(tap); err != nil {
+		return fmt.Errorf("creating tap: %w", err)
+	}
+	for _, f := range tap.Fds {
+		f.Close() // persistent device; QEMU opens it by name
+	}
+	return nil
+}
+
+type nsStep struct {
+	name string
+	fn   func() error
+}
+
+// nsLinkSteps configure what every VM namespace has whatever its VM: the
+// loopback, the TAP as the guest's gateway, the metadata address.
+func nsLinkSteps(nl *netlink.Handle) []nsStep {
+	return []nsStep{
+		{"lo up", func() error { return linkUp(nl, "lo") }},
 		{"tap mac", func() error {
 			l, err := nl.LinkByName(TapName)
 			if err != nil {
@@ -203,22 +245,7 @@ func Setup(ctx context.Context, cfg Config) (*Net, error) {
 		{"metadata address", func() error {
 			return linkAddr(nl, "lo", &netlink.Addr{IPNet: &net.IPNet{IP: net.IP(MetadataAddr.AsSlice()), Mask: net.CIDRMask(32, 32)}})
 		}},
-		{"default route", func() error {
-			l, err := nl.LinkByName(NSVethName)
-			if err != nil {
-				return err
-			}
-			return nl.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Gw: net.IP(n.HostPeer.AsSlice())})
-		}},
-		{"nftables", func() error { return writeVMTable(int(nsh), n, cfg) }},
-	} {
-		if err := step.fn(); err != nil {
-			return nil, fmt.Errorf("namespace %s: %s: %w", n.NSName, step.name, err)
-		}
 	}
-	ok = true
-	slog.Info("netns: vm network ready", "microvm", n.ID, "ns", n.NSPath, "host_addr", n.HostAddr, "egress", n.Egress)
-	return n, nil
 }
 
 // Open finds an existing VM network (for example after `kiln server`
@@ -562,6 +589,35 @@ func createNamed(name string, fn func() error) error {
 	}, fn)
 }
 
+// mountNamed names namespace ns (a file of a namespace made ahead) as
+// NetnsDir/name, as iproute2 and createNamed do: a bind mount.
+func mountNamed(name string, ns *os.File) error {
+	var st, self unix.Stat_t
+	if err := unix.Fstat(int(ns.Fd()), &st); err != nil {
+		return err
+	}
+	if err := unix.Stat("/proc/self/ns/net", &self); err != nil {
+		return err
+	}
+	if st.Dev == self.Dev && st.Ino == self.Ino {
+		return fmt.Errorf("the spare namespace is the host's own: %w", ErrInvalid)
+	}
+	if err := os.MkdirAll(NetnsDir, 0o755); err != nil {
+		return err
+	}
+	path := filepath.Join(NetnsDir, name)
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_RDONLY, 0o444)
+	if err != nil {
+		return err
+	}
+	f.Close()
+	if err := unix.Mount("/proc/self/fd/"+strconv.Itoa(int(ns.Fd())), path, "none", unix.MS_BIND, ""); err != nil {
+		os.Remove(path)
+		return fmt.Errorf("naming the namespace: %w", err)
+	}
+	return nil
+}
+
 // onThread runs enter then fn on a dedicated locked OS thread and restores
 // the thread's original network namespace.
 func onThread(enter, fn func() error) error {
@@ -702,54 +758,68 @@ func HostDialer(timeout time.Duration) *net.Dialer {
 	}
 }
 
-// NewHolding makes an unnamed network namespace, alive while the returned
-// file (or anything made in it) is open, with nothing in it but a loopback
-// that stays down. TAP devices made ahead of time for QEMU processes that
-// wait for their VM (internal/vmm/qemu's clone pool) wait here: no route,
-// no address, no host link, so nothing reaches them or leaves them until
-// AdoptTap moves one into its VM's namespace.
-func NewHolding() (*os.File, error) {
-	runtime.LockOSThread()
-	orig, err := os.Open("/proc/thread-self/ns/net")
+// NewSpare makes an unnamed network namespace, alive while the returned
+// file (or a process's TAP in it) is open, holding what every VM namespace
+// holds before its VM is known: the sysctls, a persistent TAP named TapName
+// with the gateway's MAC and address, the loopback with the metadata
+// address. A clone pool's process waits there with its TAP open; nothing
+// else is in it (no host link, no route out), so nothing the guest sends
+// goes anywhere until Setup (Config.Spare) makes it a VM's namespace, or
+// AdoptTap moves its TAP into one. One spare per process: namespaces are
+// never shared between VMs.
+func NewSpare() (*os.File, error) {
+	var f *os.File
+	err := onThread(func() error {
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			return fmt.Errorf("making a spare namespace: %w", err)
+		}
+		return nil
+	}, func() error {
+		var err error
+		if f, err = os.Open("/proc/thread-self/ns/net"); err != nil {
+			return err
+		}
+		if err := nsBase(0); err != nil {
+			return err
+		}
+		nl, err := netlink.NewHandle()
+		if err != nil {
+			return err
+		}
+		defer nl.Close()
+		for _, step := range nsLinkSteps(nl) {
+			if err := step.fn(); err != nil {
+				return fmt.Errorf("spare namespace: %s: %w", step.name, err)
+			}
+		}
+		return nil
+	})
 	if err != nil {
-		runtime.UnlockOSThread()
-		return nil, err
-	}
-	defer orig.Close()
-	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-		runtime.UnlockOSThread()
-		return nil, fmt.Errorf("making a holding namespace: %w", err)
-	}
-	f, openErr := os.Open("/proc/thread-self/ns/net")
-	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-		// The thread stays locked: Go discards it instead of reusing a
-		// thread in the wrong namespace.
 		if f != nil {
 			f.Close()
 		}
-		return nil, fmt.Errorf("leaving the holding namespace: %w", err)
+		return nil, err
 	}
-	runtime.UnlockOSThread()
-	return f, openErr
+	return f, nil
 }
 
-// AdoptTap makes the TAP device name, made ahead of time in the namespace
-// hold (NewHolding) and already held open by a QEMU, the TAP of the VM
-// network at nsPath: the namespace's own TAP (made by Setup, not yet
-// opened by anyone) is deleted and name is moved in, renamed TapName and
-// given the gateway's MAC and address, as Setup does. Setup's rules match
-// the TAP by name, and a device moved into a namespace takes that
-// namespace's defaults (rp_filter=1, disable_ipv6=1) as a new one does.
-// The caller makes the device persistent if it must outlive its QEMU.
-func AdoptTap(ctx context.Context, nsPath string, hold *os.File, name string) error {
+// AdoptTap makes the TAP of spare (NewSpare), already held open by a
+// QEMU, the TAP of the VM network at nsPath (made by Setup without a
+// spare): the namespace's own TAP, not yet opened by anyone, steps aside
+// and the spare's moves in and gets the gateway's address, as Setup does.
+// Setup's rules match the TAP by name, and a device moved into a namespace
+// takes that namespace's defaults (rp_filter=1, disable_ipv6=1) as a new
+// one does. Moving a device waits for RCU grace periods (tens of ms on a
+// busy host); Setup with Config.Spare needs no move.
+func AdoptTap(ctx context.Context, nsPath string, spare *os.File) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	hh, err := netlink.NewHandleAt(vnetns.NsHandle(int(hold.Fd())))
+	hh, err := netlink.NewHandleAt(vnetns.NsHandle(int(spare.Fd())))
 	if err != nil {
-		return fmt.Errorf("netlink handle in the holding namespace: %w", err)
+		return fmt.Errorf("netlink handle in the spare namespace: %w", err)
 	}
 	defer hh.Close()
 	nsh, err := vnetns.GetFromPath(nsPath)
@@ -762,21 +832,17 @@ func AdoptTap(ctx context.Context, nsPath string, hold *os.File, name string) er
 		return fmt.Errorf("netlink handle in namespace %s: %w", nsPath, err)
 	}
 	defer nl.Close()
-	l, err := hh.LinkByName(name)
+	l, err := hh.LinkByName(TapName)
 	if err != nil {
-		return fmt.Errorf("finding tap %s made ahead: %w", name, err)
+		return fmt.Errorf("finding the spare namespace's tap: %w", err)
 	}
 	// The namespace's own TAP steps aside under another name and is
 	// deleted after this returns: a deletion waits for an RCU grace
-	// period (tens of ms), which a clone need not wait for.
-	var old netlink.Link
+	// period, which a clone need not wait for.
 	if o, err := nl.LinkByName(TapName); err == nil {
-		if err := nl.LinkSetName(o, "kx"+strings.TrimPrefix(name, "kp")); err != nil {
+		if err := nl.LinkSetName(o, "tap0old"); err != nil {
 			return fmt.Errorf("replacing %s in %s: %w", TapName, nsPath, err)
 		}
-		old = o
-	}
-	if old != nil {
 		defer func() {
 			go func() {
 				ns, err := vnetns.GetFromPath(nsPath)
@@ -789,24 +855,17 @@ func AdoptTap(ctx context.Context, nsPath string, hold *os.File, name string) er
 					return
 				}
 				defer h.Close()
-				if err := h.LinkDel(old); err != nil {
+				if err := h.LinkDel(o); err != nil {
 					slog.Warn("netns: deleting a replaced tap", "ns", nsPath, "err", err)
 				}
 			}()
 		}()
 	}
 	if err := hh.LinkSetNsFd(l, int(nsh)); err != nil {
-		return fmt.Errorf("moving tap %s into %s: %w", name, nsPath, err)
+		return fmt.Errorf("moving the spare tap into %s: %w", nsPath, err)
 	}
-	if l, err = nl.LinkByName(name); err != nil {
-		return fmt.Errorf("finding tap %s in %s: %w", name, nsPath, err)
-	}
-	if err := nl.LinkSetName(l, TapName); err != nil {
-		return fmt.Errorf("renaming tap %s: %w", name, err)
-	}
-	if err := nl.LinkSetHardwareAddr(l, GatewayMAC); err != nil {
-		return fmt.Errorf("tap mac: %w", err)
-	}
+	// The move kept the name and MAC but dropped the address and the
+	// link state.
 	if err := linkAddr(nl, TapName, addr30(GatewayAddr)); err != nil {
 		return fmt.Errorf("tap address: %w", err)
 	}

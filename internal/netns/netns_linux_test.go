@@ -19,6 +19,7 @@ import (
 	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
 	vnetns "github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/netns/netnstest"
@@ -122,7 +123,9 @@ func TestIsolation(t *testing.T) {
 	hostTableCleanup(t)
 	idA, idB := testID("a"), testID("b")
 	a := setupVM(t, netns.Config{ID: idA, Egress: false})
-	b := setupVM(t, netns.Config{ID: idB, Egress: true})
+	// B's network is made in a spare namespace (as for a clone pool's
+	// reserved process): the same rules must hold there.
+	b := setupVM(t, netns.Config{ID: idB, Egress: true, Spare: newSpare(t)})
 	if a.HostAddr == b.HostAddr {
 		t.Fatalf("both VMs got %s", a.HostAddr)
 	}
@@ -217,6 +220,67 @@ func assertGone(t *testing.T, id string) {
 	if _, err := netlink.LinkByName(netns.HostLinkName(id)); err == nil {
 		t.Errorf("host link of %s still there", id)
 	}
+}
+
+func newSpare(t *testing.T) *os.File {
+	t.Helper()
+	f, err := netns.NewSpare()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return f
+}
+
+// TestSpare: a VM network made in a spare namespace is that namespace,
+// with the TAP made ahead (its MAC and address kept), and goes away as
+// any other; the host's own namespace is refused as a spare.
+func TestSpare(t *testing.T) {
+	needRoot(t)
+	hostTableCleanup(t)
+	host, err := os.Open("/proc/self/ns/net")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer host.Close()
+	if _, err := netns.Setup(context.Background(), netns.Config{ID: testID("sh"), Spare: host}); !errors.Is(err, netns.ErrInvalid) {
+		t.Fatalf("setup in the host's namespace: %v, want ErrInvalid", err)
+	}
+	spare := newSpare(t)
+	id := testID("sp")
+	n := setupVM(t, netns.Config{ID: id, Spare: spare})
+	var a, b unix.Stat_t
+	if err := unix.Stat(n.NSPath, &a); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Fstat(int(spare.Fd()), &b); err != nil {
+		t.Fatal(err)
+	}
+	if a.Ino != b.Ino || a.Dev != b.Dev {
+		t.Fatal("the VM namespace is not the spare")
+	}
+	nsh, err := vnetns.GetFromPath(n.NSPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nsh.Close()
+	nl, err := netlink.NewHandleAt(nsh)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nl.Close()
+	tap, err := nl.LinkByName(netns.TapName)
+	if err != nil || tap.Attrs().HardwareAddr.String() != netns.GatewayMAC.String() || tap.Attrs().Flags&net.FlagUp == 0 {
+		t.Fatalf("tap = %v (%v), want up with MAC %s", tap, err, netns.GatewayMAC)
+	}
+	addrs, _ := nl.AddrList(tap, netlink.FAMILY_V4)
+	if len(addrs) != 1 || addrs[0].IP.String() != netns.GatewayAddr.String() {
+		t.Fatalf("tap addresses %v, want %s", addrs, netns.GatewayAddr)
+	}
+	if err := n.Teardown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	assertGone(t, id)
 }
 
 func TestTeardownIdempotent(t *testing.T) {

@@ -32,7 +32,7 @@ func RunInNS(nsPath string, fn func() error) error { return errors.ErrUnsupporte
 
 func HostDialer(timeout time.Duration) *net.Dialer { return &net.Dialer{Timeout: timeout} }
 
-func NewHolding() (*os.File, error) { return nil, errors.ErrUnsupported }
-func AdoptTap(ctx context.Context, nsPath string, hold *os.File, name string) error {
+func NewSpare() (*os.File, error) { return nil, errors.ErrUnsupported }
+func AdoptTap(ctx context.Context, nsPath string, spare *os.File) error {
 	return errors.ErrUnsupported
 }

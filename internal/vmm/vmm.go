@@ -5,6 +5,7 @@ package vmm
 
 import (
 	"context"
+	"os"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
@@ -134,6 +135,25 @@ type UsageReporter interface {
 	// Usage measures a running VM; ErrNotFound for an unknown one,
 	// ErrConflict for one not running. It has no side effects.
 	Usage(ctx context.Context, id string) (Usage, error)
+}
+
+// PoolReserver is implemented by drivers that start clone processes ahead,
+// each waiting in a network namespace of its own (made by netns.NewSpare).
+// The caller reserves one for a VM before making the VM's network, passes
+// the namespace to netns.Setup (Config.Spare) so that the network is made
+// around the waiting process's TAP, and then calls Clone for that VM,
+// which takes the reserved process; nothing is moved between namespaces.
+type PoolReserver interface {
+	// ReservePooled sets a process started ahead for template (a clone
+	// with NIC mac) aside for VM id and returns its network namespace,
+	// owned by the driver (do not close it); ok is false when none is
+	// ready or the template has no NIC. A reservation that no Clone takes
+	// is dropped after a while.
+	ReservePooled(template, id, mac string) (ns *os.File, ok bool)
+	// ReleasePooled drops VM id's reservation (a failed network set-up);
+	// the namespace, if Setup named it, stays the VM's and works without
+	// the process. Terminate also drops it.
+	ReleasePooled(id string)
 }
 
 // TemplateCopy asks for a copy of a template whose disk stands on another

@@ -399,6 +399,12 @@ func (d *Driver) Clone(ctx context.Context, spec vmm.CloneSpec) (vmm.Info, error
 		if spec.Net != nil {
 			mac = spec.Net.MAC
 		}
+		if r := d.pool.claim(spec.ID); r != nil {
+			if k, err := templateKey(t, mac); err == nil && k == r.key && r.v.proc.alive() {
+				return d.cloneFromPool(ctx, spec, r.v)
+			}
+			go r.v.discardPooled()
+		}
 		if pv := d.pool.take(t, mac); pv != nil {
 			return d.cloneFromPool(ctx, spec, pv)
 		}
@@ -691,6 +697,7 @@ func (d *Driver) Stop(ctx context.Context, id string) error {
 
 // Terminate implements vmm.Driver.
 func (d *Driver) Terminate(ctx context.Context, id string) error {
+	d.ReleasePooled(id)
 	v, err := d.get(id)
 	if errors.Is(err, errdefs.ErrNotFound) {
 		return nil

@@ -26,14 +26,19 @@ import (
 // of time (Config.PoolSize): each already in its own jail under its own
 // uid and cgroup, in a network namespace of its own (the new empty one
 // the jail makes), with its own disk overlay, its TAP (when the template
-// has a NIC) made in a holding namespace, and the template's device state
-// loaded; then the guest runs with its workloads frozen (the agent's plain
-// hello leaves them frozen), so that QEMU translates the guest's resume
-// paths ahead. A clone then only renames the directory to the VM's, moves
-// the TAP into the VM's network namespace, records "running" and refreshes
-// the identity (reseed, clock, hostname, then thaw). Process start, jail,
-// disk copy, state load and the guest's first steps leave the clone's
-// critical path; tenant code still runs only after the identity refresh.
+// has a NIC) made in a spare VM namespace of its own (netns.NewSpare), and
+// the template's device state loaded; then the guest runs with its
+// workloads frozen (the agent's plain hello leaves them frozen), so that
+// QEMU translates the guest's resume paths ahead. A clone then only
+// renames the directory to the VM's, records "running" and refreshes the
+// identity (reseed, clock, hostname, then thaw, in one message). Its
+// network is made around the waiting TAP: the caller reserves the process
+// first (ReservePooled) and names the spare namespace as the VM's
+// (netns.Config.Spare); without a reservation the clone moves the TAP into
+// the VM's namespace (netns.AdoptTap), which waits for RCU grace periods.
+// Process start, jail, disk copy, state load and the guest's first steps
+// leave the clone's critical path; tenant code still runs only after the
+// identity refresh.
 //
 // A pooled process belongs to one template (its directory, memory file
 // and creation time): templates are per account, so it is never handed to
@@ -54,7 +59,8 @@ type StartPhases struct {
 	// Load: the agent socket connected and device state loaded (incoming
 	// migration).
 	Load time.Duration
-	// Network: moving a pooled TAP into the VM's namespace.
+	// Network: moving a pooled TAP into the VM's namespace (none when the
+	// VM's network was made in the process's spare namespace).
 	Network time.Duration
 	// Record: vm.json says "running" (fsync).
 	Record time.Duration
@@ -114,17 +120,32 @@ type tmplPool struct {
 	failed  int // consecutive fill failures
 }
 
+// reservation is a pooled process set aside for a VM whose network is
+// being made in its spare namespace.
+type reservation struct {
+	v   *vm
+	key poolKey
+	at  time.Time
+}
+
+// reserveTTL is how long a reservation waits for its Clone; for the
+// first reserveQuiet of it no refill starts.
+const (
+	reserveTTL   = time.Minute
+	reserveQuiet = 10 * time.Second
+)
+
 type pool struct {
 	d    *Driver
 	size int
 	idle time.Duration
 
-	mu    sync.Mutex
-	pools map[string]*tmplPool // by template dir
-	hold  *os.File             // holding namespace for TAPs made ahead
-	kick  chan struct{}
-	stop  chan struct{}
-	done  chan struct{}
+	mu       sync.Mutex
+	pools    map[string]*tmplPool    // by template dir
+	reserved map[string]*reservation // by VM id
+	kick     chan struct{}
+	stop     chan struct{}
+	done     chan struct{}
 }
 
 func (d *Driver) poolDir() string { return filepath.Join(d.cfg.DataDir, "pool") }
@@ -133,7 +154,7 @@ func newPool(d *Driver, size int, idle time.Duration) *pool {
 	if idle <= 0 {
 		idle = poolIdleDefault
 	}
-	p := &pool{d: d, size: size, idle: idle, pools: map[string]*tmplPool{},
+	p := &pool{d: d, size: size, idle: idle, pools: map[string]*tmplPool{}, reserved: map[string]*reservation{},
 		kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	go p.run()
 	return p
@@ -191,6 +212,13 @@ func (p *pool) sweep() {
 			delete(p.pools, dir)
 		}
 	}
+	for id, r := range p.reserved {
+		if time.Since(r.at) > reserveTTL {
+			p.d.log.Warn("clone pool: a reserved process was not cloned in time", "microvm", id)
+			drop = append(drop, r.v)
+			delete(p.reserved, id)
+		}
+	}
 	p.mu.Unlock()
 	for _, v := range drop {
 		v.discardPooled()
@@ -201,6 +229,13 @@ func (p *pool) sweep() {
 // every pool is full.
 func (p *pool) fillOne() bool {
 	p.mu.Lock()
+	for _, r := range p.reserved {
+		if time.Since(r.at) < reserveQuiet {
+			// A clone is on its way (ReservePooled): refill after it.
+			p.mu.Unlock()
+			return false
+		}
+	}
 	var tp *tmplPool
 	for _, x := range p.pools {
 		if len(x.ready) < p.size && x.failed < 3 && (tp == nil || len(x.ready) < len(tp.ready)) {
@@ -310,6 +345,12 @@ func (p *pool) drain(dir string) {
 			delete(p.pools, k)
 		}
 	}
+	for id, r := range p.reserved {
+		if dir == "" || r.key.dir == dir {
+			drop = append(drop, r.v)
+			delete(p.reserved, id)
+		}
+	}
 	p.mu.Unlock()
 	for _, v := range drop {
 		v.discardPooled()
@@ -327,22 +368,79 @@ func (p *pool) lost(v *vm) {
 			}
 		}
 	}
+	for id, r := range p.reserved {
+		if r.v == v {
+			delete(p.reserved, id)
+		}
+	}
 	p.mu.Unlock()
 	v.discardPooled()
 }
 
-// pids lists the live pooled processes, which Recover must not take for
-// strays.
-func (p *pool) pids() map[int]bool {
+// live lists the pooled processes, waiting or reserved, by PID with
+// their directory's name: Recover must not take them for strays.
+func (p *pool) live() map[int]string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	out := map[int]bool{}
+	out := map[int]string{}
 	for _, tp := range p.pools {
 		for _, v := range tp.ready {
-			out[v.proc.pid] = true
+			out[v.proc.pid] = filepath.Base(v.dir)
 		}
 	}
+	for _, r := range p.reserved {
+		out[r.v.proc.pid] = filepath.Base(r.v.dir)
+	}
 	return out
+}
+
+// claim takes VM id's reservation.
+func (p *pool) claim(id string) *reservation {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	r := p.reserved[id]
+	delete(p.reserved, id)
+	return r
+}
+
+// ReservePooled implements vmm.PoolReserver.
+func (d *Driver) ReservePooled(template, id, mac string) (*os.File, bool) {
+	if d.pool == nil || !idRe.MatchString(id) {
+		return nil, false
+	}
+	t, err := LoadTemplate(template)
+	if err != nil || !t.HasNet || d.checkPlatform("template "+t.Dir, t.Platform) != nil {
+		return nil, false
+	}
+	key, err := templateKey(t, mac)
+	if err != nil {
+		return nil, false
+	}
+	v := d.pool.take(t, mac)
+	if v == nil {
+		return nil, false
+	}
+	d.pool.mu.Lock()
+	old := d.pool.reserved[id]
+	d.pool.reserved[id] = &reservation{v: v, key: key, at: time.Now()}
+	d.pool.mu.Unlock()
+	if old != nil {
+		go old.v.discardPooled()
+	}
+	// No refill yet: it would compete with this VM's network set-up and
+	// clone for the CPU; the clone asks for it when done.
+	return v.poolNS, true
+}
+
+// ReleasePooled implements vmm.PoolReserver.
+func (d *Driver) ReleasePooled(id string) {
+	if d.pool == nil {
+		return
+	}
+	if r := d.pool.claim(id); r != nil {
+		r.v.discardPooled()
+		d.pool.poke()
+	}
 }
 
 // Size reports how many pooled processes wait for template dir.
@@ -364,7 +462,7 @@ func (d *Driver) PooledPIDs() []int {
 		return nil
 	}
 	var out []int
-	for pid := range d.pool.pids() {
+	for pid := range d.pool.live() {
 		out = append(out, pid)
 	}
 	return out
@@ -391,26 +489,6 @@ func (p *pool) close() {
 	close(p.stop)
 	<-p.done
 	p.drain("")
-	p.mu.Lock()
-	if p.hold != nil {
-		p.hold.Close()
-		p.hold = nil
-	}
-	p.mu.Unlock()
-}
-
-// holding returns the namespace where TAPs made ahead wait.
-func (p *pool) holding() (*os.File, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.hold == nil {
-		h, err := netns.NewHolding()
-		if err != nil {
-			return nil, err
-		}
-		p.hold = h
-	}
-	return p.hold, nil
 }
 
 func randHex(n int) string {
@@ -445,23 +523,19 @@ func (d *Driver) spawnPooled(ctx context.Context, t vmm.Template, mac string) (*
 		return nil, err
 	}
 	if t.HasNet {
-		hold, err := d.pool.holding()
+		// Its TAP is persistent: after the clone it is the VM's tap0,
+		// which a resume opens again by name after this QEMU has gone.
+		ns, err := netns.NewSpare()
 		if err != nil {
 			return nil, err
 		}
-		v.poolTapName = "kp" + randHex(6)
-		tap, err := openTap("/proc/self/fd/"+strconv.Itoa(int(hold.Fd())), v.poolTapName)
+		v.poolNS = ns
+		tap, err := openTap("/proc/self/fd/"+strconv.Itoa(int(ns.Fd())), netns.TapName)
 		if err != nil {
 			return nil, err
-		}
-		// Persistent: after the clone the TAP is the VM's tap0, which a
-		// resume opens again by name after this QEMU has gone.
-		if err := unix.IoctlSetInt(int(tap.Fd()), unix.TUNSETPERSIST, 1); err != nil {
-			tap.Close()
-			return nil, fmt.Errorf("making tap persistent: %w", err)
 		}
 		v.poolTap = tap
-		v.meta.Net = &vmm.NetAttachment{Tap: v.poolTapName, MAC: mac}
+		v.meta.Net = &vmm.NetAttachment{Tap: netns.TapName, MAC: mac}
 	}
 	if err := v.saveMeta(); err != nil {
 		return nil, err
@@ -483,8 +557,8 @@ func (d *Driver) spawnPooled(ctx context.Context, t vmm.Template, mac string) (*
 	// does not thaw them): a restored guest under TCG translates its
 	// kernel's and agent's code anew, which was most of a clone's time.
 	// Done here, the clone itself only refreshes the identity (which
-	// reseeds, sets the clock and hostname, then thaws). Its TAP is still
-	// in the holding namespace: nothing the guest sends goes anywhere.
+	// reseeds, sets the clock and hostname, then thaws). Its TAP is in
+	// its spare namespace: nothing the guest sends goes anywhere.
 	if err := v.qmp.Execute(lctx, "cont", nil, nil); err != nil {
 		conn.Close()
 		return nil, v.exitError("starting the guest", err, v.proc)
@@ -507,7 +581,7 @@ func (v *vm) discardPooled() {
 		p.waitExit(5 * time.Second)
 	}
 	v.detach()
-	v.deletePoolTap()
+	v.closePoolNet()
 	os.RemoveAll(v.dir)
 	if p == nil {
 		v.removeCgroup()
@@ -517,28 +591,27 @@ func (v *vm) discardPooled() {
 	v.d.mu.Unlock()
 }
 
-// deletePoolTap removes a TAP still in the holding namespace (it is
-// persistent, so it would outlive its QEMU).
-func (v *vm) deletePoolTap() {
+// closePoolNet lets go of a pooled process's TAP and spare namespace. The
+// namespace (and the persistent TAP in it) ends with its last user: this
+// file, the QEMU, or the VM network's name (netns.Config.Spare).
+func (v *vm) closePoolNet() {
 	if v.poolTap != nil {
 		v.poolTap.Close()
 		v.poolTap = nil
 	}
-	if v.poolTapName == "" || v.d.pool == nil {
-		return
+	if v.poolNS != nil {
+		v.poolNS.Close()
+		v.poolNS = nil
 	}
-	v.d.pool.mu.Lock()
-	hold := v.d.pool.hold
-	v.d.pool.mu.Unlock()
-	if hold == nil {
-		return
+}
+
+// sameNetns reports whether the namespace at path is ns.
+func sameNetns(path string, ns *os.File) bool {
+	var a, b unix.Stat_t
+	if ns == nil || unix.Stat(path, &a) != nil || unix.Fstat(int(ns.Fd()), &b) != nil {
+		return false
 	}
-	f, err := openTap("/proc/self/fd/"+strconv.Itoa(int(hold.Fd())), v.poolTapName)
-	if err != nil {
-		return // gone with its QEMU, or moved into a VM's namespace
-	}
-	unix.IoctlSetInt(int(f.Fd()), unix.TUNSETPERSIST, 0)
-	f.Close()
+	return a.Dev == b.Dev && a.Ino == b.Ino
 }
 
 // cloneFromPool turns pooled process v, whose guest runs with frozen
@@ -552,6 +625,7 @@ func (d *Driver) cloneFromPool(ctx context.Context, spec vmm.CloneSpec, v *vm) (
 		return vmm.Info{}, err
 	}
 	defer v.op.Unlock()
+	defer v.closePoolNet()
 	fail := func(err error) (vmm.Info, error) {
 		v.destroy()
 		return vmm.Info{}, fmt.Errorf("cloning %s: %w", spec.ID, err)
@@ -560,16 +634,23 @@ func (d *Driver) cloneFromPool(ctx context.Context, spec vmm.CloneSpec, v *vm) (
 	v.meta.ID, v.meta.Net, v.meta.Hostname, v.meta.StartedAt = spec.ID, spec.Net, hostnameOr(spec.Hostname, spec.ID), time.Now()
 	v.mu.Unlock()
 	c.lap(&ph.Prepare)
-	if spec.Net != nil {
-		if err := netns.AdoptTap(ctx, spec.Net.Netns, d.pool.hold, v.poolTapName); err != nil {
+	if spec.Net != nil && !sameNetns(spec.Net.Netns, v.poolNS) {
+		if err := netns.AdoptTap(ctx, spec.Net.Netns, v.poolNS); err != nil {
 			return fail(err)
 		}
-		v.poolTapName = ""
-		c.lap(&ph.Network)
 	}
+	c.lap(&ph.Network)
 	v.console = newRing(64 << 10)
 	go v.console.drain(v.sockPath("console.sock"), v.proc.done, d.consoleSink(v.id))
-	if err := v.setState(vmm.StateRunning, ""); err != nil {
+	// Not flushed (an fsync took up to hundreds of ms on a busy host):
+	// this record matters only while the process lives. After a host
+	// crash the process is gone, and Recover removes a running VM, or
+	// one whose record is torn or still names the pooled process, alike;
+	// its disk had no state worth keeping, as a suspended VM's has.
+	v.mu.Lock()
+	v.meta.State, v.meta.Phase = vmm.StateRunning, ""
+	v.mu.Unlock()
+	if err := v.writeMeta(false); err != nil {
 		return fail(err)
 	}
 	c.lap(&ph.Record)

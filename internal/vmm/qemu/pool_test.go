@@ -59,9 +59,15 @@ func pidAlive(pid int) bool {
 
 func vmNet(t *testing.T, id string) *vmm.NetAttachment {
 	t.Helper()
+	return vmNetIn(t, id, nil)
+}
+
+// vmNetIn is vmNet made in spare, a reserved process's namespace.
+func vmNetIn(t *testing.T, id string, spare *os.File) *vmm.NetAttachment {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	n, err := netns.Setup(ctx, netns.Config{ID: id})
+	n, err := netns.Setup(ctx, netns.Config{ID: id, Spare: spare})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -96,8 +102,9 @@ func reach(t *testing.T, d *Driver, id string) {
 // TestClonePool: a process started ahead runs under its own uid, in a
 // network namespace and cgroup of its own, apart from the VMs; a clone
 // takes it over (same process, the VM's network through the moved TAP,
-// its own identity), survives a suspend and resume, the pool refills, and
-// deleting the template drains it.
+// its own identity), survives a suspend and resume, the pool refills; a
+// reserved process gets its VM network made around its TAP (no move) and
+// a released one ends; deleting the template drains the pool.
 func TestClonePool(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("the pool's jails and networks need root")
@@ -185,6 +192,47 @@ func TestClonePool(t *testing.T) {
 	if len(next) != 1 || next[0] == pid {
 		t.Fatalf("pool after a take: %v (taken: %d)", next, pid)
 	}
+
+	// Reserved: the VM network is made in the process's spare namespace.
+	third := "pc" + tag
+	spare, ok := d.ReservePooled(tmpl, third, netns.GuestMAC.String())
+	if !ok {
+		t.Fatal("no process to reserve in a full pool")
+	}
+	for _, other := range []string{"/proc/self/ns/net", netA.Netns, netB.Netns} {
+		if sameNetns(other, spare) {
+			t.Errorf("the reserved process's spare namespace is %s", other)
+		}
+	}
+	netC := vmNetIn(t, third, spare)
+	if !sameNetns(netC.Netns, spare) {
+		t.Fatal("Setup with a spare made a namespace of its own")
+	}
+	if _, err := d.Clone(ctx, vmm.CloneSpec{ID: third, Template: tmpl, Net: netC}); err != nil {
+		t.Fatal(err)
+	}
+	infoC, _ := d.Inspect(ctx, third)
+	if ph, _ := d.StartPhases(third); !ph.Pooled || infoC.PID != next[0] {
+		t.Fatalf("reserved clone: pooled %v pid %d, want the reserved pid %d", ph.Pooled, infoC.PID, next[0])
+	}
+	if got := mustSh(t, d, third, "hostname"); got != third {
+		t.Errorf("reserved clone's hostname %q, want %q", got, third)
+	}
+	reach(t, d, third)
+	reach(t, d, second)
+
+	// A reservation given up ends its process.
+	waitFor(t, 2*time.Minute, func() bool { return d.PoolSize(tmpl) == 1 }, "the pool to refill")
+	next = d.PooledPIDs()
+	if _, ok := d.ReservePooled(tmpl, "pd"+tag, netns.GuestMAC.String()); !ok {
+		t.Fatal("no process to reserve in a full pool")
+	}
+	d.ReleasePooled("pd" + tag)
+	if pidAlive(next[0]) {
+		t.Errorf("released reserved process %d still runs", next[0])
+	}
+	waitFor(t, 2*time.Minute, func() bool { return d.PoolSize(tmpl) == 1 }, "the pool to refill")
+	next = d.PooledPIDs()
 	if err := os.RemoveAll(tmpl); err != nil {
 		t.Fatal(err)
 	}

@@ -29,14 +29,10 @@ func (d *Driver) Recover(ctx context.Context) (vmm.RecoveryReport, error) {
 	if d.pool != nil {
 		// This driver's own pooled processes are no strays; a dead kiln's
 		// are, and their directories go below.
-		d.pool.mu.Lock()
-		for _, tp := range d.pool.pools {
-			for _, v := range tp.ready {
-				claimed[v.proc.pid] = true
-				live[filepath.Base(v.dir)] = true
-			}
+		for pid, dir := range d.pool.live() {
+			claimed[pid] = true
+			live[dir] = true
 		}
-		d.pool.mu.Unlock()
 	}
 	for _, e := range entries {
 		dir := filepath.Join(d.vmsDir(), e.Name())

@@ -103,11 +103,11 @@ type vm struct {
 	// phases of the last clone or resume, for benchmarks (pool.go).
 	phases    StartPhases
 	phasesSet bool
-	// A pooled process (pool.go) waits for its VM, its TAP in the holding
-	// namespace until the clone moves it.
-	pooled      bool
-	poolTap     *os.File
-	poolTapName string
+	// A pooled process (pool.go) waits for its VM, its TAP (until spawn
+	// hands it to QEMU) in a spare namespace of its own.
+	pooled  bool
+	poolTap *os.File
+	poolNS  *os.File
 }
 
 func (v *vm) path(name string) string { return filepath.Join(v.dir, name) }
@@ -125,16 +125,30 @@ func (v *vm) info() vmm.Info {
 
 // saveMeta writes vm.json atomically (temp file, fsync, rename).
 func (v *vm) saveMeta() error {
+	return v.writeMeta(true)
+}
+
+// writeMeta writes vm.json, flushed to disk with sync. Unflushed, a kiln
+// that dies still leaves it for the next Recover (the page cache has it);
+// only a host crash can lose or tear it.
+func (v *vm) writeMeta(sync bool) error {
 	v.mu.Lock()
 	b, err := json.MarshalIndent(v.meta, "", "  ")
 	v.mu.Unlock()
 	if err != nil {
 		return err
 	}
+	if !sync {
+		return writeFileRename(v.path("vm.json"), b, false)
+	}
 	return writeFileAtomic(v.path("vm.json"), b)
 }
 
 func writeFileAtomic(path string, b []byte) error {
+	return writeFileRename(path, b, true)
+}
+
+func writeFileRename(path string, b []byte, sync bool) error {
 	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o600)
 	if err != nil {
@@ -144,9 +158,11 @@ func writeFileAtomic(path string, b []byte) error {
 		f.Close()
 		return err
 	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
+	if sync {
+		if err := f.Sync(); err != nil {
+			f.Close()
+			return err
+		}
 	}
 	if err := f.Close(); err != nil {
 		return err
@@ -306,7 +322,7 @@ func (v *vm) spawn(ctx context.Context, incoming bool) error {
 		}
 	}()
 	if v.poolTap != nil {
-		files = append(files, v.poolTap) // made ahead in the holding namespace
+		files = append(files, v.poolTap) // made ahead in the spare namespace
 		v.poolTap = nil
 	} else if n := v.meta.Net; n != nil {
 		tap, err := openTap(n.Netns, n.Tap)
