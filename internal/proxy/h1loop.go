@@ -423,23 +423,27 @@ func (c *h1Conn) run(r *http.Request) (keep bool) {
 		body = &reqBody{rc: r.Body, c: c}
 		r.Body = body
 	}
-	w := &h1Writer{c: c, req: r, cancel: cancel, h: make(http.Header, 8), status: 0, cl: -1}
+	w := &h1Writer{c: c, req: r, body: body, cancel: cancel, h: make(http.Header, 8), status: 0, cl: -1}
 	c.watchMu.Lock()
 	c.watchOn, c.watchCtx, c.watchBody = true, cancel, body
 	c.watchMu.Unlock()
 	c.watchT.Reset(watchDelay)
 	aborted := c.call(w, r)
 	c.unwatch()
-	if body != nil {
-		if !body.finish() {
-			w.closeAfter = true
-		}
-	}
 	if aborted {
+		if body != nil {
+			body.close()
+		}
 		return false
 	}
+	// The answer first: a client may wait for it before sending the rest
+	// of a body the handler did not want.
 	w.finish()
-	return !w.closeAfter && w.err == nil && !r.Close
+	keep = !w.closeAfter && w.err == nil && !r.Close
+	if body != nil && !body.finish(keep) {
+		keep = false
+	}
+	return keep
 }
 
 // call runs the handler; a panic (http.ErrAbortHandler included) ends the
@@ -468,6 +472,7 @@ type reqBody struct {
 	c      *h1Conn
 	done   bool
 	sawEOF atomic.Bool
+	n      atomic.Int64 // bytes read
 	// deadline set by the handler (ResponseController.SetReadDeadline);
 	// zero: each read gets bodyReadTimeout.
 	deadline time.Time
@@ -488,6 +493,7 @@ func (b *reqBody) Read(p []byte) (int, error) {
 	}
 	b.c.conn.SetReadDeadline(d)
 	n, err := b.rc.Read(p)
+	b.n.Add(int64(n))
 	if err == io.EOF {
 		b.sawEOF.Store(true)
 	}
@@ -496,18 +502,34 @@ func (b *reqBody) Read(p []byte) (int, error) {
 
 func (b *reqBody) Close() error { return nil }
 
-// finish reads what the handler left (up to maxBodyDrain) and closes the
-// body to late readers; false: the connection cannot serve again.
-func (b *reqBody) finish() bool {
+// finish closes the body to late readers and, when the connection is to
+// serve on, reads what the handler left of it (up to maxBodyDrain); false:
+// the connection cannot serve again.
+func (b *reqBody) finish(keep bool) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	b.done = true
 	if b.sawEOF.Load() {
 		return true
 	}
+	if !keep {
+		return false
+	}
 	b.c.conn.SetReadDeadline(time.Now().Add(time.Second))
 	n, err := io.CopyN(io.Discard, b.rc, maxBodyDrain+1)
 	return err == io.EOF && n <= maxBodyDrain
+}
+
+func (b *reqBody) close() {
+	b.mu.Lock()
+	b.done = true
+	b.mu.Unlock()
+}
+
+// tooLong reports whether more than maxBodyDrain of the body is unread
+// (or its length unknown): the connection will close after the answer.
+func (b *reqBody) tooLong(declared int64) bool {
+	return !b.sawEOF.Load() && (declared < 0 || declared-b.n.Load() > maxBodyDrain)
 }
 
 // h1Writer is the http.ResponseWriter of the own loop. The header waits
@@ -517,6 +539,7 @@ func (b *reqBody) finish() bool {
 type h1Writer struct {
 	c      *h1Conn
 	req    *http.Request
+	body   *reqBody // nil: none
 	cancel context.CancelFunc
 	h      http.Header
 
@@ -665,7 +688,7 @@ func (w *h1Writer) sendHeader(final bool) {
 		}
 	}
 	delete(h, "Connection")
-	if w.req.Close || w.c.hs.closing.Load() {
+	if w.req.Close || w.c.hs.closing.Load() || w.body != nil && w.body.tooLong(w.req.ContentLength) {
 		w.closeAfter = true
 	}
 	for _, v := range h["Trailer"] {

@@ -183,6 +183,13 @@ func TestLoopBodies(t *testing.T) {
 	if _, err := br.ReadByte(); err == nil {
 		t.Error("the connection stayed open after a large unread body")
 	}
+	// A client that waits for the answer before sending the rest of a
+	// large body gets it at once, saying the connection closes.
+	c2, br2 := dialLoop(t, addr)
+	io.WriteString(c2, "POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\nabc")
+	if resp, b := readResp(t, br2, "POST"); b != "ok POST /x" || !resp.Close {
+		t.Errorf("large body, unread, client waiting: %q close=%v", b, resp.Close)
+	}
 }
 
 // TestLoopResponses: small answers get a Content-Length, large ones of
