@@ -265,7 +265,6 @@ func (c *h1Conn) serve() {
 	c.lim.R = &c.rec
 	c.lim.N = math.MaxInt64
 	c.br = bufio.NewReaderSize(&c.lim, 4096)
-	c.bw = bufio.NewWriterSize(c.conn, writeBufSize)
 	c.watchT = time.AfterFunc(time.Hour, c.watch)
 	c.watchT.Stop()
 	for {
@@ -280,6 +279,8 @@ func (c *h1Conn) serve() {
 		}
 	}
 }
+
+var writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, writeBufSize) }}
 
 // errHeaderTooLarge: the header read hit headerReadLimit.
 var errHeaderTooLarge = errors.New("request header too large")
@@ -296,6 +297,18 @@ func (c *h1Conn) one() (keep bool, handoff net.Conn) {
 		return false, nil
 	}
 	c.idle.Store(false)
+	// The write buffer is the connection's only while it serves: an idle
+	// keep-alive connection holds none.
+	c.bw = writers.Get().(*bufio.Writer)
+	c.bw.Reset(c.conn)
+	defer func() {
+		c.bw.Reset(nil)
+		writers.Put(c.bw)
+		c.bw = nil
+		if cap(c.rec.buf) > 16<<10 {
+			c.rec.buf = nil // a rare huge header does not stay
+		}
+	}()
 	c.conn.SetReadDeadline(time.Now().Add(readHeaderTimeout))
 	buffered, _ := c.br.Peek(c.br.Buffered())
 	c.rec.buf = append(c.rec.buf[:0], buffered...)
