@@ -80,6 +80,10 @@ func loopHandler(left chan<- struct{}) http.Handler {
 		case <-time.After(10 * time.Second):
 		}
 	})
+	mux.HandleFunc("/sleep", func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(4 * watchDelay)
+		io.WriteString(w, "slept")
+	})
 	mux.HandleFunc("/trailer", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Trailer", "X-Sum")
 		io.WriteString(w, "body")
@@ -281,6 +285,23 @@ func TestLoopClientLeaves(t *testing.T) {
 	case <-left:
 	case <-time.After(5 * time.Second):
 		t.Fatal("the request's context did not end when its client left")
+	}
+}
+
+// TestLoopWatchKeepsBytes: a request sent while the previous one is
+// watched (running past watchDelay) is read whole: the byte the watch
+// took comes first.
+func TestLoopWatchKeepsBytes(t *testing.T) {
+	addr := startLoop(t, loopHandler(nil))
+	c, br := dialLoop(t, addr)
+	io.WriteString(c, "GET /sleep HTTP/1.1\r\nHost: x\r\n\r\n")
+	time.Sleep(2 * watchDelay)
+	io.WriteString(c, "GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+	if _, b := readResp(t, br, "GET"); b != "slept" {
+		t.Errorf("watched request: %q", b)
+	}
+	if _, b := readResp(t, br, "GET"); b != "ok GET /next" {
+		t.Errorf("request sent during the watch: %q", b)
 	}
 }
 
