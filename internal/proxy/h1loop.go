@@ -205,6 +205,10 @@ func (c *h1Conn) watch() {
 		c.watchMu.Unlock()
 		return
 	}
+	// Cleared under the lock: unwatch sets its past deadline after it, so
+	// the read below cannot miss its stop (it would block until the
+	// client's next request, which waits for this answer).
+	c.conn.SetReadDeadline(time.Time{})
 	c.watching = true
 	done := make(chan struct{})
 	c.watchDone = done
@@ -212,7 +216,6 @@ func (c *h1Conn) watch() {
 	c.watchMu.Unlock()
 	defer close(done)
 	var b [1]byte
-	c.conn.SetReadDeadline(time.Time{})
 	n, err := c.conn.Read(b[:])
 	if n > 0 {
 		c.rec.pre = append(c.rec.pre, b[0])
