@@ -25,6 +25,7 @@ import (
 	"net/http/httputil"
 	"net/netip"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -801,23 +802,41 @@ func writeError(w http.ResponseWriter, code int, msg string) {
 // "h2" in NextProtos for HTTP/2) until ctx ends; then it shuts down,
 // giving open requests shutdownGrace.
 func (s *Server) Serve(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, shutdownGrace time.Duration) error {
+	tc := tlsConfig.Clone()
+	if !slices.Contains(tc.NextProtos, "http/1.1") {
+		tc.NextProtos = append(tc.NextProtos, "http/1.1")
+	}
+	fb := newConnListener(ln.Addr())
+	// net/http serves h2 and what the own loop hands over (h1loop.go).
 	srv := &http.Server{
-		Handler:           s,
-		TLSConfig:         tlsConfig,
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       120 * time.Second,
-		MaxHeaderBytes:    64 << 10,
+		Handler:           withConnTLS(s),
+		TLSConfig:         tc,
+		ConnContext:       connContext,
+		ReadHeaderTimeout: readHeaderTimeout,
+		IdleTimeout:       idleTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
+	hs := &h1Serve{s: s, handler: s, tlsConf: tc, fallback: fb, conns: map[net.Conn]*h1Conn{}}
+	go srv.Serve(fb)
 	errc := make(chan error, 1)
-	go func() { errc <- srv.ServeTLS(ln, "", "") }()
+	go func() { errc <- hs.accept(ln) }()
+	stop := func(grace time.Duration) {
+		hs.closing.Store(true)
+		ln.Close()
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), grace)
+		defer cancel()
+		done := make(chan struct{})
+		go func() { hs.shutdown(sctx); close(done) }()
+		srv.Shutdown(sctx)
+		<-done
+	}
 	select {
 	case err := <-errc:
+		stop(0)
 		return err
 	case <-ctx.Done():
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownGrace)
-		defer cancel()
-		srv.Shutdown(sctx)
+		stop(shutdownGrace)
 		return nil
 	}
 }
