@@ -158,11 +158,14 @@ func getUntil200(ctx context.Context, url string, timeout time.Duration) ([]byte
 	return nil, fmt.Errorf("no 200 from %s within %s: %v", url, timeout, last)
 }
 
-// checkClean fails if the build left a VM, a network or its output folder.
+// checkClean fails if the build left a VM (d nil: not checked), a
+// network or its output folder.
 func checkClean(t *testing.T, d *qemu.Driver, out string) {
 	t.Helper()
-	if vms, _ := d.List(context.Background()); len(vms) > 0 {
-		t.Errorf("vms left behind: %+v", vms)
+	if d != nil {
+		if vms, _ := d.List(context.Background()); len(vms) > 0 {
+			t.Errorf("vms left behind: %+v", vms)
+		}
 	}
 	checkNoNetns(t)
 	if out != "" {
@@ -236,23 +239,38 @@ ENTRYPOINT ["/usr/local/bin/app"]
 			check:      checkCaps(true),
 		},
 	}
-	for _, tt := range tests {
+	// The builds run side by side; the clones, one case at a time after.
+	type outcome struct {
+		res Result
+		err error
+		log string
+	}
+	results := make([]outcome, len(tests))
+	srcs := make([]string, len(tests))
+	for i, tt := range tests {
+		srcs[i] = testContext(t, tt.dockerfile)
+	}
+	concurrently(len(tests), func(i int) {
+		tt := tests[i]
+		ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+		defer cancel()
+		var log bytes.Buffer
+		res, err := b.Build(ctx, Request{Account: "test", Source: srcs[i], Env: tt.env, MemoryMiB: 512, Hooks: tt.hooks, AllCaps: tt.allCaps, Log: &log, OutDir: filepath.Join(t.TempDir(), "version")})
+		results[i] = outcome{res, err, log.String()}
+	})
+	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-			defer cancel()
-			out := filepath.Join(t.TempDir(), "version")
-			var log bytes.Buffer
-			res, err := b.Build(ctx, Request{Account: "test", Source: testContext(t, tt.dockerfile), Env: tt.env, MemoryMiB: 512, Hooks: tt.hooks, AllCaps: tt.allCaps, Log: &log, OutDir: out})
+			res, err, log := results[i].res, results[i].err, results[i].log
 			if err != nil {
 				var be *Error
 				errors.As(err, &be)
-				t.Fatalf("build: %v\nreason: %v\nlog:\n%s", err, be, log.String())
+				t.Fatalf("build: %v\nreason: %v\nlog:\n%s", err, be, log)
 			}
 			if !res.Template.HasNet {
 				t.Error("template made without a NIC")
 			}
-			if !strings.Contains(log.String(), "test app listening") {
-				t.Errorf("app output not in the build log:\n%s", log.String())
+			if !strings.Contains(log, "test app listening") {
+				t.Errorf("app output not in the build log:\n%s", log)
 			}
 			t.Logf("timings: %v", res.Timings)
 			built := time.Now()
@@ -311,7 +329,9 @@ func checkCaps(all bool) func(t *testing.T, m map[string]any) {
 const defaultCapMask = "00000000800405fb"
 
 // TestBuildFailures checks that each kind of failure names its step and
-// ends with the last log lines, and leaves nothing behind.
+// ends with the last log lines, and leaves nothing behind. The builds run
+// side by side (most of each is a wait for a hook's timeout, which costs
+// no CPU); the checks run one case at a time afterwards.
 func TestBuildFailures(t *testing.T) {
 	d := newDriver(t)
 	b := newBuilder(t, d)
@@ -319,25 +339,9 @@ func TestBuildFailures(t *testing.T) {
 		name       string
 		dockerfile string
 		hooks      Hooks
-		cancelAt   time.Duration
+		cancelOn   string   // cancel the build once its log shows this
 		want       []string // substrings of the reason
 	}{
-		{
-			name:       "RUN exits non-zero",
-			dockerfile: "FROM debian:12\nRUN echo about to fail; exit 7\nCMD [\"true\"]\n",
-			want:       []string{"line 2", "status 7", "about to fail"},
-		},
-		{
-			name:       "app exits",
-			dockerfile: "FROM debian:12\nCOPY app /app\nENV MODE=exit\nCMD [\"/app\"]\n",
-			want:       []string{PhaseReady, "exited with status 3", "test app giving up"},
-		},
-		{
-			name:       "app never listens",
-			dockerfile: "FROM debian:12\nCOPY app /app\nENV MODE=never\nCMD [\"/app\"]\n",
-			hooks:      Hooks{ReadyTimeout: 5 * time.Second},
-			want:       []string{PhaseReady, "port 8080 within 5s", "test app starting"},
-		},
 		{
 			// The ready command replaces the wait for port 8080: it runs,
 			// as the app, in its WORKDIR with its ENV, until it exits 0
@@ -352,11 +356,34 @@ func TestBuildFailures(t *testing.T) {
 		{
 			name:       "ready hook never 200",
 			dockerfile: "FROM debian:12\nCOPY app /app\nENV MODE=hooks HOOKS_PORT=9000 READY_AFTER=100000\nCMD [\"/app\"]\n",
-			// 15 s: the app must be up and answering 503 by then, also
-			// under TCG on a loaded host (it starts through the agent's
-			// capexec step since apps get the default capability set).
-			hooks: Hooks{Port: 9000, Ready: true, ReadyTimeout: 15 * time.Second},
-			want:  []string{PhaseReady, "not ready within 15s", "answered 503"},
+			// 30 s: the app must be up and answering 503 by then, also
+			// under TCG on a loaded host with the other cases' VMs (it
+			// starts through the agent's capexec step since apps get the
+			// default capability set).
+			hooks: Hooks{Port: 9000, Ready: true, ReadyTimeout: 30 * time.Second},
+			want:  []string{PhaseReady, "not ready within 30s", "answered 503"},
+		},
+		{
+			name:       "RUN exits non-zero",
+			dockerfile: "FROM debian:12\nRUN echo about to fail; exit 7\nCMD [\"true\"]\n",
+			want:       []string{"line 2", "status 7", "about to fail"},
+		},
+		{
+			name:       "cancelled while running a step",
+			dockerfile: "FROM debian:12\nRUN echo step-is-'running'; sleep 600\n",
+			cancelOn:   "step-is-running",
+			want:       []string{"context canceled"},
+		},
+		{
+			name:       "app exits",
+			dockerfile: "FROM debian:12\nCOPY app /app\nENV MODE=exit\nCMD [\"/app\"]\n",
+			want:       []string{PhaseReady, "exited with status 3", "test app giving up"},
+		},
+		{
+			name:       "app never listens",
+			dockerfile: "FROM debian:12\nCOPY app /app\nENV MODE=never\nCMD [\"/app\"]\n",
+			hooks:      Hooks{ReadyTimeout: 5 * time.Second},
+			want:       []string{PhaseReady, "port 8080 within 5s", "test app starting"},
 		},
 		{
 			name:       "validate fails",
@@ -375,34 +402,96 @@ func TestBuildFailures(t *testing.T) {
 			dockerfile: "FROM scratch\nCOPY app /app\n",
 			want:       []string{"no ENTRYPOINT or CMD"},
 		},
-		{
-			name:       "cancelled while running a step",
-			dockerfile: "FROM debian:12\nRUN sleep 600\n",
-			cancelAt:   8 * time.Second,
-			want:       []string{"context canceled"},
-		},
 	}
-	for _, tt := range tests {
+	type outcome struct {
+		err  error
+		log  string
+		took time.Duration
+	}
+	results := make([]outcome, len(tests))
+	srcs, outs := make([]string, len(tests)), make([]string, len(tests))
+	for i, tt := range tests {
+		srcs[i], outs[i] = testContext(t, tt.dockerfile), filepath.Join(t.TempDir(), "version")
+	}
+	concurrently(len(tests), func(i int) {
+		tt := tests[i]
+		ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+		defer cancel()
+		var log bytes.Buffer
+		var w io.Writer = &log
+		if tt.cancelOn != "" {
+			w = &cancelOnWrite{w: &log, marker: tt.cancelOn, cancel: cancel}
+		}
+		start := time.Now()
+		_, err := b.Build(ctx, Request{Account: "test", Source: srcs[i], MemoryMiB: 512, Hooks: tt.hooks, Log: w, OutDir: outs[i]})
+		results[i] = outcome{err: err, log: log.String(), took: time.Since(start)}
+	})
+	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-			defer cancel()
-			if tt.cancelAt > 0 {
-				time.AfterFunc(tt.cancelAt, cancel)
-			}
-			out := filepath.Join(t.TempDir(), "version")
-			var log bytes.Buffer
-			_, err := b.Build(ctx, Request{Account: "test", Source: testContext(t, tt.dockerfile), MemoryMiB: 512, Hooks: tt.hooks, Log: &log, OutDir: out})
+			r := results[i]
 			var be *Error
-			if !errors.As(err, &be) {
-				t.Fatalf("err = %v, want *Error\nlog:\n%s", err, log.String())
+			if !errors.As(r.err, &be) {
+				t.Fatalf("err = %v, want *Error\nlog:\n%s", r.err, r.log)
 			}
 			for _, w := range tt.want {
 				if !strings.Contains(be.Reason, w) {
 					t.Errorf("reason lacks %q:\n%s", w, be.Reason)
 				}
 			}
-			t.Logf("reason:\n%s", be.Reason)
-			checkClean(t, d, out)
+			if tt.cancelOn != "" && !strings.Contains(r.log, tt.cancelOn) {
+				t.Errorf("the build ended before its step ran:\n%s", r.log)
+			}
+			t.Logf("took %v; reason:\n%s", r.took.Round(time.Millisecond), be.Reason)
+			checkClean(t, nil, outs[i])
 		})
 	}
+	checkClean(t, d, "")
+}
+
+// buildConcurrency bounds the builds a test runs side by side: enough to
+// overlap hook timeouts and VM boots, few enough that two cores still
+// boot each VM well inside its timeouts.
+const buildConcurrency = 4
+
+// concurrently calls f(0) … f(n-1), at most buildConcurrency at a time,
+// and returns when all have returned. f must not call t.Fatal.
+func concurrently(n int, f func(i int)) {
+	sem := make(chan struct{}, buildConcurrency)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			f(i)
+		}()
+	}
+	wg.Wait()
+}
+
+// cancelOnWrite passes writes on to w and calls cancel once they have
+// shown marker (a marker split across writes is found too).
+type cancelOnWrite struct {
+	w      io.Writer
+	marker string
+	cancel context.CancelFunc
+	mu     sync.Mutex
+	seen   []byte
+	done   bool
+}
+
+func (c *cancelOnWrite) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	if !c.done {
+		c.seen = append(c.seen, p...)
+		if bytes.Contains(c.seen, []byte(c.marker)) {
+			c.done = true
+			c.cancel()
+		} else if len(c.seen) > len(c.marker) {
+			c.seen = c.seen[len(c.seen)-len(c.marker):]
+		}
+	}
+	c.mu.Unlock()
+	return c.w.Write(p)
 }

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -22,7 +23,9 @@ func exampleDir(name string) string { return filepath.Join("..", "..", "examples
 // ready-hook share their apt-get step (the step cache), and an unchanged
 // rebuild of python-http reuses its snapshot (the template cache).
 // go-multistage installs Debian's Go toolchain in its build stage and
-// copies only the binary into the final stage.
+// copies only the binary into the final stage. go-multistage builds side
+// by side with the other two (one after the other, so that ready-hook
+// finds python-http's step); the clones run afterwards.
 func TestExamples(t *testing.T) {
 	d := newDriver(t)
 	b := newBuilder(t, d)
@@ -31,7 +34,10 @@ func TestExamples(t *testing.T) {
 		name    string
 		req     Request
 		rebuild bool
-		check   func(t *testing.T, m map[string]any)
+		// sharedStep is a RUN instruction (prefix) the build must take
+		// from the step cache.
+		sharedStep string
+		check      func(t *testing.T, m map[string]any)
 	}{
 		{
 			name:    "python-http",
@@ -39,8 +45,9 @@ func TestExamples(t *testing.T) {
 			rebuild: true,
 		},
 		{
-			name: "ready-hook",
-			req:  Request{Env: map[string]string{"WARMUP_SECONDS": "2"}, Hooks: Hooks{Port: 9000, Ready: true, Validate: true, ReadyTimeout: 2 * time.Minute}},
+			name:       "ready-hook",
+			req:        Request{Env: map[string]string{"WARMUP_SECONDS": "2"}, Hooks: Hooks{Port: 9000, Ready: true, Validate: true, ReadyTimeout: 2 * time.Minute}},
+			sharedStep: "RUN --mount=type=cache,target=/var/cache/apt",
 			check: func(t *testing.T, m map[string]any) {
 				if m["tableSize"] != float64(100000) {
 					t.Errorf("tableSize = %v: the warm-up did not run before the snapshot", m["tableSize"])
@@ -56,29 +63,57 @@ func TestExamples(t *testing.T) {
 			},
 		},
 	}
-	for _, tt := range tests {
+	type outcome struct {
+		req Request
+		res Result
+		err error
+		log string
+	}
+	results := make([]outcome, len(tests))
+	build := func(i int) {
+		tt := tests[i]
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+		defer cancel()
+		req := tt.req
+		req.Account = "test"
+		if req.MemoryMiB == 0 {
+			req.MemoryMiB = 512
+		}
+		req.Source = exampleDir(tt.name)
+		req.OutDir = filepath.Join(t.TempDir(), "v1")
+		var log bytes.Buffer
+		req.Log = &log
+		res, err := b.Build(ctx, req)
+		req.Log = nil
+		results[i] = outcome{req, res, err, log.String()}
+	}
+	lanes := [][]int{{0, 1}, {2}}
+	concurrently(len(lanes), func(l int) {
+		for _, i := range lanes[l] {
+			build(i)
+		}
+	})
+	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 			defer cancel()
-			req := tt.req
-			req.Account = "test"
-			if req.MemoryMiB == 0 {
-				req.MemoryMiB = 512
-			}
-			req.Source = exampleDir(tt.name)
-			req.OutDir = filepath.Join(t.TempDir(), "v1")
-			var log bytes.Buffer
-			req.Log = &log
-			res, err := b.Build(ctx, req)
+			req, res, err := results[i].req, results[i].res, results[i].err
 			if err != nil {
 				var be *Error
 				if errors.As(err, &be) {
 					t.Fatalf("build: %s", be.Reason)
 				}
-				t.Fatalf("build: %v", err)
+				t.Fatalf("build: %v\n%s", err, results[i].log)
 			}
+			shared := tt.sharedStep == ""
 			for _, s := range res.Steps {
 				t.Logf("  %-70.70s cached=%-5v %v", s.Instruction, s.Cached, s.Duration.Round(time.Millisecond))
+				if tt.sharedStep != "" && strings.HasPrefix(s.Instruction, tt.sharedStep) && s.Cached {
+					shared = true
+				}
+			}
+			if !shared {
+				t.Errorf("the step %q... was built again, not taken from the step cache", tt.sharedStep)
 			}
 			t.Logf("timings: %v", res.Timings)
 			// The agent's resolv.conf (build VMs have DNS) must not stay.

@@ -5,6 +5,8 @@ package imagebuild
 import (
 	"bytes"
 	"context"
+	"errors"
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -46,7 +48,8 @@ RUN apt-get update && apt-get install -y --no-install-recommends hello && hello 
 // (the host's mirror answers at a documentation address that guests are
 // denied); a second account's identical build hits nothing of the
 // first's cache (it fetches every file again); the first account's
-// rebuild after a change above the apt step fetches no file again. The
+// rebuild after a change above the apt step fetches no file again (those
+// two builds run side by side, after the first). The
 // guest's own connection to the mirror's address on another port is
 // dropped.
 func TestPackageProxy(t *testing.T) {
@@ -71,34 +74,48 @@ func TestPackageProxy(t *testing.T) {
 	} else {
 		t.Logf("the mirror %s is not on the deny list: the direct-connection check is skipped", addrs[0])
 	}
-	bctx := t.TempDir()
-	os.WriteFile(filepath.Join(bctx, "Dockerfile"), []byte(aptDockerfile), 0o644)
-	build := func(account, stamp string) {
-		t.Helper()
+	// Each build has its own context folder: B's and A's rebuild run side
+	// by side, both after A's first build (so A's cache is there for B to
+	// miss and for A's rebuild to hit).
+	build := func(account, stamp string) error {
+		bctx := t.TempDir()
+		os.WriteFile(filepath.Join(bctx, "Dockerfile"), []byte(aptDockerfile), 0o644)
 		os.WriteFile(filepath.Join(bctx, "stamp"), []byte(stamp), 0o644)
 		var log bytes.Buffer
 		start := time.Now()
 		_, err := ib.Build(ctx, image.Request{Account: account, ContextDir: bctx, BuildArgs: map[string]string{"PROBE": probe},
 			Output: filepath.Join(t.TempDir(), "root.ext4"), Log: &log})
 		if err != nil {
-			t.Fatalf("build for %s: %v\n%s", account, err, tailOf(log.Bytes()))
+			return fmt.Errorf("build for %s: %v\n%s", account, err, tailOf(log.Bytes()))
 		}
 		st := pkgs.Stats(image.ScopeName(account))
 		t.Logf("%s (%s): %v; cache hits %d, mirror fetches %d, passed through %d, refused %d", account, stamp, time.Since(start).Round(time.Second),
 			st.Hits.Load(), st.Fetches.Load(), st.Passed.Load(), st.Refused.Load())
+		return nil
 	}
 	a, b := pkgs.Stats(image.ScopeName("acct-a")), pkgs.Stats(image.ScopeName("acct-b"))
 
-	build("acct-a", "1")
+	if err := build("acct-a", "1"); err != nil {
+		t.Fatal(err)
+	}
 	fetched := a.Fetches.Load()
 	if fetched < 2 || a.Hits.Load() != 0 {
 		t.Fatalf("account A's first build: %d fetches, %d hits; want the package lists and hello fetched", fetched, a.Hits.Load())
 	}
-	build("acct-b", "1")
+	errs := make([]error, 2)
+	concurrently(2, func(i int) {
+		if i == 0 {
+			errs[i] = build("acct-b", "1")
+		} else {
+			errs[i] = build("acct-a", "2")
+		}
+	})
+	if err := errors.Join(errs...); err != nil {
+		t.Fatal(err)
+	}
 	if b.Hits.Load() != 0 || b.Fetches.Load() != fetched {
 		t.Errorf("account B: %d hits, %d fetches; want 0 hits and all %d files fetched again (A's cache is A's)", b.Hits.Load(), b.Fetches.Load(), fetched)
 	}
-	build("acct-a", "2")
 	if a.Fetches.Load() != fetched || a.Hits.Load() < fetched {
 		t.Errorf("account A's rebuild after a change above apt-get: %d fetches (want still %d), %d hits (want ≥ %d)", a.Fetches.Load(), fetched, a.Hits.Load(), fetched)
 	}

@@ -27,8 +27,11 @@ var ErrNotFound = fmt.Errorf("managed base: %w", errdefs.ErrNotFound)
 const Debian12 = "debian-12"
 
 // recipe is bumped whenever the way a base is built changes, so that a
-// new build gets a new version instead of silently differing.
-const recipe = "1"
+// new build gets a new version instead of silently differing. Ensure
+// builds a version of the current recipe once; older ones stay listed
+// (images built on them keep their files) but are no longer picked.
+// 2: dpkg's force-unsafe-io and apt's Acquire::Languages "none".
+const recipe = "2"
 
 // Version describes one built version of a managed base, stored as
 // DATA_DIR/base/NAME/VERSION/manifest.json next to rootfs/.
@@ -88,8 +91,9 @@ func (m *Managed) Versions(name string) ([]Version, error) {
 	return out, nil
 }
 
-// Ensure returns the newest built version of name, building one if none
-// exists. Concurrent callers in this process share one build.
+// Ensure returns the newest built version of name made by the current
+// recipe, building one if none exists. Concurrent callers in this process
+// share one build.
 func (m *Managed) Ensure(ctx context.Context, name string) (Version, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -97,10 +101,21 @@ func (m *Managed) Ensure(ctx context.Context, name string) (Version, error) {
 	if err != nil {
 		return Version{}, err
 	}
-	if len(vs) > 0 {
-		return vs[len(vs)-1], nil
+	for i := len(vs) - 1; i >= 0; i-- {
+		if recipeOf(vs[i].Version) == recipe {
+			return vs[i], nil
+		}
 	}
 	return m.build(ctx, name)
+}
+
+// recipeOf returns the RECIPE of a version YYYYMMDD.RECIPE.N, or "".
+func recipeOf(version string) string {
+	parts := strings.Split(version, ".")
+	if len(parts) != 3 {
+		return ""
+	}
+	return parts[1]
 }
 
 // Rebuild builds a new version of name (e.g. to pick up security
@@ -221,8 +236,19 @@ func configure(root, mirror, security string) error {
 	}
 	_ = os.Remove(filepath.Join(root, "etc/apt/sources.list"))
 	// As Debian's container images do: no recommends, no caches kept.
+	// No translations either: apt-get update fetches and parses only the
+	// package lists, which under TCG is much of an apt step's time.
 	if err := os.WriteFile(filepath.Join(root, "etc/apt/apt.conf.d/90kiln"), []byte(
-		"APT::Install-Recommends \"false\";\nAPT::Install-Suggests \"false\";\n"), 0o644); err != nil {
+		"APT::Install-Recommends \"false\";\nAPT::Install-Suggests \"false\";\nAcquire::Languages \"none\";\n"), 0o644); err != nil {
+		return err
+	}
+	// dpkg without an fsync per unpacked file (as Debian's container
+	// images do): a build VM's disk is kept only after a clean shutdown,
+	// which syncs, and a step that dies half-way is redone from its input.
+	if err := os.MkdirAll(filepath.Join(root, "etc/dpkg/dpkg.cfg.d"), 0o755); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(root, "etc/dpkg/dpkg.cfg.d/90kiln-unsafe-io"), []byte("force-unsafe-io\n"), 0o644); err != nil {
 		return err
 	}
 	for _, glob := range []string{"var/cache/apt/archives/*.deb", "var/cache/apt/*.bin", "var/lib/apt/lists/*_*", "var/log/*.log"} {

@@ -4,6 +4,7 @@ package base
 
 import (
 	"context"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -44,6 +45,8 @@ func TestManagedDebian12(t *testing.T) {
 		{"os-release says bookworm", "etc/os-release", "bookworm"},
 		{"apt sources use the host's mirror", "etc/apt/sources.list.d/debian.sources", v.Mirror},
 		{"no recommends", "etc/apt/apt.conf.d/90kiln", "Install-Recommends \"false\""},
+		{"no translations", "etc/apt/apt.conf.d/90kiln", "Acquire::Languages \"none\""},
+		{"dpkg without fsync", "etc/dpkg/dpkg.cfg.d/90kiln-unsafe-io", "force-unsafe-io"},
 		{"ca-certificates installed", "etc/ssl/certs/ca-certificates.crt", "BEGIN CERTIFICATE"},
 	}
 	for _, c := range checks {
@@ -70,5 +73,29 @@ func TestManagedDebian12(t *testing.T) {
 	vs, err := m.Versions(Debian12)
 	if err != nil || len(vs) == 0 {
 		t.Fatalf("Versions = %v, %v", vs, err)
+	}
+}
+
+// TestEnsurePicksCurrentRecipe: a version built by an older recipe (here
+// even a newer date) is not what Ensure hands out once one of the current
+// recipe exists; no debootstrap runs for that.
+func TestEnsurePicksCurrentRecipe(t *testing.T) {
+	m := &Managed{DataDir: t.TempDir()}
+	for _, v := range []string{"20260101." + recipe + ".1", "20991231.1.1"} {
+		dir := filepath.Join(m.dir(Debian12), v)
+		if err := os.MkdirAll(filepath.Join(dir, "rootfs"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		b, _ := json.Marshal(Version{Name: Debian12, Version: v})
+		if err := os.WriteFile(filepath.Join(dir, "manifest.json"), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	v, err := m.Ensure(context.Background(), Debian12)
+	if err != nil || v.Version != "20260101."+recipe+".1" {
+		t.Fatalf("Ensure = %q, %v; want the current recipe's version", v.Version, err)
+	}
+	if got := recipeOf("20991231.1.1"); got != "1" {
+		t.Errorf("recipeOf = %q", got)
 	}
 }

@@ -113,58 +113,64 @@ func RunnerConformance(t *testing.T, r image.Runner, dataDir string) {
 			wantExit: -1, // any error: the step ran past its timeout
 		},
 	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			disk := filepath.Join(t.TempDir(), "root.ext4")
-			if err := copyFile(pristine, disk); err != nil {
-				t.Fatal(err)
-			}
-			if tt.setup != nil {
-				tt.setup(t, disk)
-			}
-			rctx := ctx
-			if tt.timeout > 0 {
-				var cancel context.CancelFunc
-				rctx, cancel = context.WithTimeout(ctx, tt.timeout)
-				defer cancel()
-			}
-			var log bytes.Buffer
-			start := time.Now()
-			out, err := r.Run(rctx, disk, tt.step, &log)
-			switch {
-			case tt.wantCtx:
-				if !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) {
-					t.Fatalf("err = %v, want the context's error", err)
+	// The cases run side by side (each on its own disk and VM), as many as
+	// -test.parallel allows: two of them mostly wait for a timeout. The
+	// group returns when all have ended, so the caller's checks come after.
+	t.Run("cases", func(t *testing.T) {
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				t.Parallel()
+				disk := filepath.Join(t.TempDir(), "root.ext4")
+				if err := copyFile(pristine, disk); err != nil {
+					t.Fatal(err)
 				}
-				if time.Since(start) > tt.timeout+30*time.Second {
-					t.Fatalf("Run took %v to notice cancellation", time.Since(start))
+				if tt.setup != nil {
+					tt.setup(t, disk)
 				}
-				return
-			case tt.wantExit > 0:
-				var ee *image.ExitError
-				if !errors.As(err, &ee) || ee.Code != tt.wantExit {
-					t.Fatalf("err = %v, want ExitError %d", err, tt.wantExit)
+				rctx := ctx
+				if tt.timeout > 0 {
+					var cancel context.CancelFunc
+					rctx, cancel = context.WithTimeout(ctx, tt.timeout)
+					defer cancel()
 				}
-				return
-			case tt.wantExit < 0:
-				if err == nil {
-					t.Fatal("want an error")
+				var log bytes.Buffer
+				start := time.Now()
+				out, err := r.Run(rctx, disk, tt.step, &log)
+				switch {
+				case tt.wantCtx:
+					if !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled) {
+						t.Fatalf("err = %v, want the context's error", err)
+					}
+					if time.Since(start) > tt.timeout+30*time.Second {
+						t.Fatalf("Run took %v to notice cancellation", time.Since(start))
+					}
+					return
+				case tt.wantExit > 0:
+					var ee *image.ExitError
+					if !errors.As(err, &ee) || ee.Code != tt.wantExit {
+						t.Fatalf("err = %v, want ExitError %d", err, tt.wantExit)
+					}
+					return
+				case tt.wantExit < 0:
+					if err == nil {
+						t.Fatal("want an error")
+					}
+					return
 				}
-				return
-			}
-			if err != nil {
-				t.Fatalf("Run: %v\nlog:\n%s", err, log.String())
-			}
-			if out == "" {
-				t.Fatal("Run returned no disk")
-			}
-			// The disk must be consistent (cleanly unmounted): e2fsck -n.
-			if err := fsck(ctx, out); err != nil {
-				t.Fatal(err)
-			}
-			tt.check(t, out, log.String())
-		})
-	}
+				if err != nil {
+					t.Fatalf("Run: %v\nlog:\n%s", err, log.String())
+				}
+				if out == "" {
+					t.Fatal("Run returned no disk")
+				}
+				// The disk must be consistent (cleanly unmounted): e2fsck -n.
+				if err := fsck(ctx, out); err != nil {
+					t.Fatal(err)
+				}
+				tt.check(t, out, log.String())
+			})
+		}
+	})
 }
 
 // appendTo appends text to a file of the disk.
