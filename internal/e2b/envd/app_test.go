@@ -73,6 +73,24 @@ func TestEnvdTemplateApp(t *testing.T) {
 		t.Fatalf("command overrides: exit %d, %q, want %q", code, out, want)
 	}
 
+	// Filesystem calls that name no user act as the template's USER too
+	// (refused where nobody may not write); one naming root acts as root.
+	if st, out := unary(t, hs, "MakeDir", "", map[string]any{"path": wd + "/by-default"}); st != 403 || out["code"] != "permission_denied" {
+		t.Fatalf("MakeDir as the template's user in root's 0755 directory: %d %v", st, out)
+	}
+	shared := wd + "/shared"
+	os.Mkdir(shared, 0o777)
+	os.Chmod(shared, 0o777)
+	if st, out := unary(t, hs, "MakeDir", "", map[string]any{"path": shared + "/by-default"}); st != 200 {
+		t.Fatalf("MakeDir as the template's user: %d %v", st, out)
+	}
+	if uid := uidOf(t, shared+"/by-default"); uid != 65534 {
+		t.Errorf("a directory made with no user named is owned by uid %d, want nobody's 65534", uid)
+	}
+	if st, out := unary(t, hs, "MakeDir", "root", map[string]any{"path": wd + "/by-root"}); st != 200 || uidOf(t, wd+"/by-root") != 0 {
+		t.Errorf("MakeDir as root: %d %v", st, out)
+	}
+
 	// A template whose configuration cannot be read fails the command
 	// rather than running it somewhere else.
 	appErr = errors.New("disk gone")

@@ -53,7 +53,7 @@ func filePath(p, user string) (string, *rpcError) {
 
 // download is GET /files?path=: the file's bytes.
 func (h *Handler) download(w http.ResponseWriter, r *http.Request) {
-	user, e := callUser(r)
+	user, e := h.callUser(r)
 	if e != nil {
 		httpError(w, e)
 		return
@@ -126,7 +126,7 @@ type writtenEntry struct {
 // made; an existing file is replaced. As another user than root, the
 // guest writes with that user's permissions and the files are its own.
 func (h *Handler) upload(w http.ResponseWriter, r *http.Request) {
-	user, e := callUser(r)
+	user, e := h.callUser(r)
 	if e != nil {
 		httpError(w, e)
 		return
@@ -311,7 +311,7 @@ func (h *Handler) listDir(w http.ResponseWriter, r *http.Request) {
 		writeUnaryError(w, e)
 		return
 	}
-	user, e := callUser(r)
+	user, e := h.callUser(r)
 	if e != nil {
 		writeUnaryError(w, e)
 		return
@@ -348,7 +348,7 @@ func (h *Handler) stat(w http.ResponseWriter, r *http.Request) {
 		writeUnaryError(w, e)
 		return
 	}
-	user, e := callUser(r)
+	user, e := h.callUser(r)
 	if e != nil {
 		writeUnaryError(w, e)
 		return

@@ -13,11 +13,22 @@ import (
 )
 
 // callUser reads and checks the user a filesystem call acts as, as the
-// guest agent names it: "" for root (kiln's default user).
-func callUser(r *http.Request) (string, *rpcError) {
+// guest agent names it: "" for root. A call that names no user acts as
+// the template's USER, as its commands do (E2B's SDK leaves the default
+// to the template); root when the template has none.
+func (h *Handler) callUser(r *http.Request) (string, *rpcError) {
 	u := userOf(r)
 	if !validUser(u) {
 		return "", errf(codeInvalidArgument, "user %q is not a valid user name", u)
+	}
+	if u == "" && h.cfg.App != nil {
+		if id, account := h.cfg.Target(r.Context()); id != "" {
+			app, err := h.cfg.App(r.Context(), account, id)
+			if err != nil {
+				return "", errf(codeInternal, "reading the template's configuration: %v", err)
+			}
+			u = app.User
+		}
 	}
 	if u == "root" || u == "0" {
 		u = ""
@@ -27,11 +38,11 @@ func callUser(r *http.Request) (string, *rpcError) {
 
 // readFSCall reads a unary filesystem call's message and user; on
 // failure it has answered.
-func readFSCall(w http.ResponseWriter, r *http.Request, req any) (string, bool) {
+func (h *Handler) readFSCall(w http.ResponseWriter, r *http.Request, req any) (string, bool) {
 	e := readUnary(w, r, req)
 	user := ""
 	if e == nil {
-		user, e = callUser(r)
+		user, e = h.callUser(r)
 	}
 	if e != nil {
 		writeUnaryError(w, e)
@@ -62,7 +73,7 @@ func (h *Handler) makeDir(w http.ResponseWriter, r *http.Request) {
 	var req struct {
 		Path string `json:"path"`
 	}
-	user, ok := readFSCall(w, r, &req)
+	user, ok := h.readFSCall(w, r, &req)
 	if !ok {
 		return
 	}
@@ -90,7 +101,7 @@ func (h *Handler) move(w http.ResponseWriter, r *http.Request) {
 		Source      string `json:"source"`
 		Destination string `json:"destination"`
 	}
-	user, ok := readFSCall(w, r, &req)
+	user, ok := h.readFSCall(w, r, &req)
 	if !ok {
 		return
 	}
@@ -117,7 +128,7 @@ func (h *Handler) remove(w http.ResponseWriter, r *http.Request) {
 	var req struct {
 		Path string `json:"path"`
 	}
-	user, ok := readFSCall(w, r, &req)
+	user, ok := h.readFSCall(w, r, &req)
 	if !ok {
 		return
 	}
@@ -200,7 +211,7 @@ func (h *Handler) watchDir(w http.ResponseWriter, r *http.Request) {
 		startStream(w).end(e)
 		return
 	}
-	user, e := callUser(r)
+	user, e := h.callUser(r)
 	if e != nil {
 		startStream(w).end(e)
 		return

@@ -75,7 +75,7 @@ func (ws *watchers) drop(vm, id string) *watcher {
 // createWatcher is filesystem.Filesystem/CreateWatcher.
 func (h *Handler) createWatcher(w http.ResponseWriter, r *http.Request) {
 	var req watchRequest
-	user, ok := readFSCall(w, r, &req)
+	user, ok := h.readFSCall(w, r, &req)
 	if !ok {
 		return
 	}
