@@ -32,12 +32,3 @@ type PortRange struct {
 	StartPort *int64 `json:"startPort"`
 	EndPort   *int64 `json:"endPort"`
 }
-
-// LogSource is optionally implemented by a Backend that keeps microVM
-// output (the app's stdout and stderr, forwarded by the guest agent). The
-// API serves it at GET /kiln/v1/microvms/{id}/log?offset=N (used by
-// `kiln logs`): at most limit bytes from offset, and the offset after them.
-// Offsets before the oldest byte kept start at the oldest byte.
-type LogSource interface {
-	MicrovmLog(ctx context.Context, m store.Microvm, offset int64, limit int) (data []byte, next int64, err error)
-}

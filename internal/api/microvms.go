@@ -209,7 +209,7 @@ func (s *Server) runMicrovm(ctx context.Context, c *call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	if ha, ok := s.be.(HostAdmitter); ok {
+	if ha, ok := s.be.(lifecycle.HostAdmitter); ok {
 		if err := ha.AdmitMemory(ctx, mem); err != nil {
 			return nil, toAPIError(err, kindMicrovm, "")
 		}
@@ -490,7 +490,7 @@ func (s *Server) getMicrovmLog(ctx context.Context, c *call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	src, ok := s.be.(LogSource)
+	src, ok := s.be.(lifecycle.LogSource)
 	if !ok {
 		return nil, &Error{Status: 501, Type: "UnsupportedOperationException", Message: "this backend keeps no microVM logs"}
 	}

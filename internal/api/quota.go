@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
@@ -21,21 +22,6 @@ var DefaultQuota = store.Quota{
 	VCPUs:        32,
 	Builds:       4,
 	StorageBytes: 50 << 30,
-}
-
-// DefaultMicrovmMemoryMiB is the guest memory of an image version whose
-// builds recorded none (the image builder's default size).
-const DefaultMicrovmMemoryMiB = 2048
-
-// HostAdmitter is optionally implemented by a Backend that bounds what the
-// host commits (guest memory). AdmitMemory says, without reserving, whether
-// a guest of memMiB fits now; the API asks it before recording a
-// RunMicrovm, so that a refusal leaves no record. The backend must check
-// again (and reserve) in StartMicrovm and ResumeMicrovm, which may then
-// refuse too. Errors wrap errdefs.ErrExhausted and name committed,
-// requested and allowed MiB.
-type HostAdmitter interface {
-	AdmitMemory(ctx context.Context, memMiB int64) error
 }
 
 // quotaError is the AWS shape of a refusal: ServiceQuotaExceededException
@@ -133,7 +119,7 @@ func (s *Server) microvmSize(ctx context.Context, v store.ImageVersion) (mem, vc
 		mem = v.Config.Resources[0].MinimumMemoryInMiB
 	}
 	if mem == 0 {
-		mem = DefaultMicrovmMemoryMiB
+		mem = lifecycle.DefaultMicrovmMemoryMiB
 	}
 	return mem, int64(s.cfg.MicrovmVCPUs), nil
 }

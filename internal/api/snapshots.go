@@ -6,14 +6,9 @@ import (
 	"log/slog"
 
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
-
-// Snapshotter is implemented by backends that can copy a suspended
-// microVM into the template of an image version (the engine).
-type Snapshotter interface {
-	SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) error
-}
 
 // SnapshotMicrovmImage makes a new image of account, name, whose one
 // version starts microVMs where the suspended microVM id is: its memory
@@ -21,7 +16,7 @@ type Snapshotter interface {
 // any other (quotas, listing, RunMicrovm, DeleteMicrovmImage frees its
 // files); the microVM stays suspended. E2B's snapshots are these images.
 func (s *Server) SnapshotMicrovmImage(ctx context.Context, account, id, name string) (store.Image, error) {
-	sn, ok := s.be.(Snapshotter)
+	sn, ok := s.be.(lifecycle.Snapshotter)
 	if !ok {
 		return store.Image{}, fmt.Errorf("this kiln server's backend cannot snapshot microvms: %w", errdefs.ErrUnavailable)
 	}

@@ -10,14 +10,14 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 
-	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
-var _ api.HostAdmitter = (*Engine)(nil)
+var _ lifecycle.HostAdmitter = (*Engine)(nil)
 
 // Host admission: the engine keeps a reservation of guest memory for every
 // VM it runs (microVMs RUNNING, starting or resuming; builds while they
@@ -52,7 +52,7 @@ func memoryOf(m store.Microvm) int64 {
 	if m.MemoryMiB > 0 {
 		return m.MemoryMiB
 	}
-	return api.DefaultMicrovmMemoryMiB
+	return lifecycle.DefaultMicrovmMemoryMiB
 }
 
 // allowedMiB is the guest memory the host may commit (0: no limit).
@@ -75,7 +75,7 @@ func (e *Engine) admitLocked(key string, mem int64) error {
 		mem, e.committedMiB, mem, allowed, e.cfg.MemoryOvercommit, e.cfg.HostMemoryMiB, errdefs.ErrExhausted)
 }
 
-// AdmitMemory implements api.HostAdmitter: whether mem MiB fit now,
+// AdmitMemory implements lifecycle.HostAdmitter: whether mem MiB fit now,
 // without reserving them.
 func (e *Engine) AdmitMemory(_ context.Context, mem int64) error {
 	e.commitMu.Lock()

@@ -14,7 +14,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/store"
@@ -85,7 +84,7 @@ func (e *Engine) buildMemory(v store.ImageVersion) int64 {
 			return n
 		}
 	}
-	return api.DefaultMicrovmMemoryMiB
+	return lifecycle.DefaultMicrovmMemoryMiB
 }
 
 func (e *Engine) build(ctx context.Context, v store.ImageVersion, b store.Build) {

@@ -13,7 +13,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
-// SnapshotMicrovm implements api.Snapshotter: it copies suspended m's
+// SnapshotMicrovm implements lifecycle.Snapshotter: it copies suspended m's
 // memory, device state and disk into the template of image version
 // (account's image, version), whose record the caller made. m stays
 // suspended; microVMs run from the version start where m was suspended,

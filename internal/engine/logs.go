@@ -8,11 +8,11 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
-var _ api.LogSource = (*Engine)(nil)
+var _ lifecycle.LogSource = (*Engine)(nil)
 
 // loggingDisabled reports whether a microVM's output must not be kept: its
 // own `logging` says {"disabled": {}}, or it says nothing and its image
@@ -76,7 +76,7 @@ func (e *Engine) pumpLogs(ctx context.Context, id string) {
 	}()
 }
 
-// MicrovmLog implements api.LogSource: the app's stdout and stderr and the
+// MicrovmLog implements lifecycle.LogSource: the app's stdout and stderr and the
 // guest console, from the log files, whether the VM runs, ended, or kiln
 // restarted since.
 func (e *Engine) MicrovmLog(ctx context.Context, m store.Microvm, offset int64, limit int) ([]byte, int64, error) {

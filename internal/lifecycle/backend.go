@@ -55,6 +55,36 @@ type Backend interface {
 	DeleteImageVersion(ctx context.Context, account, image, version string) error
 }
 
+// DefaultMicrovmMemoryMiB is the guest memory of an image version whose
+// builds recorded none (the image builder's default size).
+const DefaultMicrovmMemoryMiB = 2048
+
+// HostAdmitter is optionally implemented by a Backend that bounds what the
+// host commits (guest memory). AdmitMemory says, without reserving, whether
+// a guest of memMiB fits now; the API asks it before recording a
+// RunMicrovm, so that a refusal leaves no record. The backend must check
+// again (and reserve) in StartMicrovm and ResumeMicrovm, which may then
+// refuse too. Errors wrap errdefs.ErrExhausted and name committed,
+// requested and allowed MiB.
+type HostAdmitter interface {
+	AdmitMemory(ctx context.Context, memMiB int64) error
+}
+
+// Snapshotter is implemented by backends that can copy a suspended
+// microVM into the template of an image version (the engine).
+type Snapshotter interface {
+	SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) error
+}
+
+// LogSource is optionally implemented by a Backend that keeps microVM
+// output (the app's stdout and stderr, forwarded by the guest agent). The
+// API serves it at GET /kiln/v1/microvms/{id}/log?offset=N (used by
+// `kiln logs`): at most limit bytes from offset, and the offset after them.
+// Offsets before the oldest byte kept start at the oldest byte.
+type LogSource interface {
+	MicrovmLog(ctx context.Context, m store.Microvm, offset int64, limit int) (data []byte, next int64, err error)
+}
+
 // Reporter is how a Backend records what happened. All methods are
 // durable when they return nil.
 type Reporter struct {

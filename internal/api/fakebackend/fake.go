@@ -12,7 +12,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
@@ -29,11 +28,11 @@ type Backend struct {
 }
 
 var (
-	_ lifecycle.Backend = (*Backend)(nil)
-	_ api.LogSource     = (*Backend)(nil)
+	_ lifecycle.Backend   = (*Backend)(nil)
+	_ lifecycle.LogSource = (*Backend)(nil)
 )
 
-// MicrovmLog implements api.LogSource with a line per call received.
+// MicrovmLog implements lifecycle.LogSource with a line per call received.
 func (b *Backend) MicrovmLog(_ context.Context, m store.Microvm, offset int64, limit int) ([]byte, int64, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
