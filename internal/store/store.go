@@ -553,19 +553,30 @@ func FinishVersion(builds []Build, v *ImageVersion, img *Image, now time.Time) b
 	} else {
 		v.State, v.StateReason = VersionFailed, failed
 	}
-	first := img.State == ImageCreating
 	img.UpdatedAt = now
+	SettleImage(img, *v)
+	if failed == "" {
+		img.LatestActiveVersion = v.Version
+	}
+	return true
+}
+
+// SettleImage gives an image the outcome of its version v, which is
+// final (SUCCESSFUL or FAILED): CREATED or UPDATED, or CREATE_FAILED or
+// UPDATE_FAILED with v as its latestFailedImageVersion, by whether the
+// image was being created.
+func SettleImage(img *Image, v ImageVersion) {
+	first := img.State == ImageCreating
 	switch {
-	case failed == "" && first:
-		img.State, img.LatestActiveVersion = ImageCreated, v.Version
-	case failed == "":
-		img.State, img.LatestActiveVersion = ImageUpdated, v.Version
+	case v.State == VersionSuccessful && first:
+		img.State = ImageCreated
+	case v.State == VersionSuccessful:
+		img.State = ImageUpdated
 	case first:
 		img.State, img.LatestFailedVersion = ImageCreateFailed, v.Version
 	default:
 		img.State, img.LatestFailedVersion = ImageUpdateFailed, v.Version
 	}
-	return true
 }
 
 // VersionName names an image's nth version as AWS does: the major.minor

@@ -235,18 +235,9 @@ func (s *Store) refreshImage(ctx context.Context, tx Querier, account, image, de
 		}
 		// A building image whose latest version became final without
 		// builds (a snapshot's copy) has its outcome.
-		if v.Version == img.LatestVersion && (img.State == store.ImageCreating || img.State == store.ImageUpdating) {
-			first := img.State == store.ImageCreating
-			switch {
-			case v.State == store.VersionSuccessful && first:
-				img.State = store.ImageCreated
-			case v.State == store.VersionSuccessful:
-				img.State = store.ImageUpdated
-			case v.State == store.VersionFailed && first:
-				img.State, img.LatestFailedVersion = store.ImageCreateFailed, v.Version
-			case v.State == store.VersionFailed:
-				img.State, img.LatestFailedVersion = store.ImageUpdateFailed, v.Version
-			}
+		final := v.State == store.VersionSuccessful || v.State == store.VersionFailed
+		if final && v.Version == img.LatestVersion && (img.State == store.ImageCreating || img.State == store.ImageUpdating) {
+			store.SettleImage(&img, v)
 		}
 	}
 	if deletedVersion != "" && img.LatestVersion == deletedVersion {
