@@ -248,6 +248,9 @@ type Microvm struct {
 	// placement is refused (AtEpoch), so that a host that lost the
 	// microVM cannot overwrite what the new one reports.
 	Epoch int64 `json:"epoch,omitempty"`
+	// Node names the host the microVM is placed on (store.Node); "" on a
+	// single `kiln server`, whose one engine runs every microVM.
+	Node string `json:"node,omitempty"`
 	// OnDeadline is what the deadline controller does when DeadlineAt
 	// passes: "" terminates (the AWS API's maximumDurationInSeconds);
 	// DeadlineSuspend suspends a RUNNING microVM instead (E2B's autoPause)
