@@ -213,7 +213,7 @@ func (m *Manager) loadOrCreateCA() error {
 	certPEM, err1 := os.ReadFile(m.path(caCertFile))
 	keyPEM, err2 := os.ReadFile(m.path(caKeyFile))
 	if err1 == nil && err2 == nil {
-		cert, key, err := parsePair(certPEM, keyPEM)
+		cert, key, err := ParsePair(certPEM, keyPEM)
 		if err != nil {
 			return fmt.Errorf("loading ca: %w", err)
 		}
@@ -237,7 +237,7 @@ func (m *Manager) loadOrCreateCA() error {
 	host, _ := os.Hostname()
 	now := m.cfg.Now()
 	tpl := &x509.Certificate{
-		SerialNumber:                serial(),
+		SerialNumber:                Serial(),
 		Subject:                     pkix.Name{Organization: []string{"kiln"}, CommonName: "kiln endpoint CA " + host},
 		NotBefore:                   now.Add(-time.Hour),
 		NotAfter:                    now.Add(CAValidity),
@@ -256,7 +256,7 @@ func (m *Manager) loadOrCreateCA() error {
 		return fmt.Errorf("creating ca: %w", err)
 	}
 	cert, _ := x509.ParseCertificate(der)
-	if err := writePair(m.path(caCertFile), m.path(caKeyFile), der, key); err != nil {
+	if err := WritePair(m.path(caCertFile), m.path(caKeyFile), der, key); err != nil {
 		return err
 	}
 	m.caCert, m.caKey = cert, key
@@ -308,7 +308,7 @@ func (m *Manager) issueLeaf() error {
 	}
 	now := m.cfg.Now()
 	tpl := &x509.Certificate{
-		SerialNumber: serial(),
+		SerialNumber: Serial(),
 		Subject:      pkix.Name{Organization: []string{"kiln"}, CommonName: "*." + m.cfg.Domain},
 		DNSNames:     []string{"*." + m.cfg.Domain, m.cfg.Domain},
 		// Loopback too: E2B's SDK reaches every sandbox at one URL
@@ -324,7 +324,7 @@ func (m *Manager) issueLeaf() error {
 	if err != nil {
 		return fmt.Errorf("issuing leaf: %w", err)
 	}
-	if err := writePair(m.path(leafCertFile), m.path(leafKeyFile), der, key); err != nil {
+	if err := WritePair(m.path(leafCertFile), m.path(leafKeyFile), der, key); err != nil {
 		return err
 	}
 	leaf, _ := x509.ParseCertificate(der)
@@ -335,7 +335,8 @@ func (m *Manager) issueLeaf() error {
 	return nil
 }
 
-func parsePair(certPEM, keyPEM []byte) (*x509.Certificate, *ecdsa.PrivateKey, error) {
+// ParsePair decodes a PEM certificate and its PEM EC private key.
+func ParsePair(certPEM, keyPEM []byte) (*x509.Certificate, *ecdsa.PrivateKey, error) {
 	cb, _ := pem.Decode(certPEM)
 	kb, _ := pem.Decode(keyPEM)
 	if cb == nil || kb == nil {
@@ -352,7 +353,9 @@ func parsePair(certPEM, keyPEM []byte) (*x509.Certificate, *ecdsa.PrivateKey, er
 	return cert, key, nil
 }
 
-func writePair(certPath, keyPath string, der []byte, key *ecdsa.PrivateKey) error {
+// WritePair writes a DER certificate and its key as PEM files, each
+// atomically; the key is readable by its owner only.
+func WritePair(certPath, keyPath string, der []byte, key *ecdsa.PrivateKey) error {
 	kd, err := x509.MarshalECPrivateKey(key)
 	if err != nil {
 		return err
@@ -395,7 +398,8 @@ func writeAtomic(path string, data []byte, mode os.FileMode) error {
 	return nil
 }
 
-func serial() *big.Int {
+// Serial is a random certificate serial number.
+func Serial() *big.Int {
 	n, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 	return n
 }

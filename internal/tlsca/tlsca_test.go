@@ -104,7 +104,7 @@ func TestNameConstraint(t *testing.T) {
 		t.Fatal(err)
 	}
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tpl := &x509.Certificate{SerialNumber: serial(), Subject: pkix.Name{CommonName: "bank.example"},
+	tpl := &x509.Certificate{SerialNumber: Serial(), Subject: pkix.Name{CommonName: "bank.example"},
 		DNSNames: []string{"bank.example"}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
 	der, err := x509.CreateCertificate(rand.Reader, tpl, m.caCert, &key.PublicKey, m.caKey)
@@ -119,7 +119,7 @@ func TestNameConstraint(t *testing.T) {
 	}
 	// Nor for an address other than loopback: the leaf names 127.0.0.1,
 	// so the CA carries IP constraints too.
-	tpl = &x509.Certificate{SerialNumber: serial(), Subject: pkix.Name{CommonName: "10.0.0.1"},
+	tpl = &x509.Certificate{SerialNumber: Serial(), Subject: pkix.Name{CommonName: "10.0.0.1"},
 		IPAddresses: []net.IP{net.IPv4(10, 0, 0, 1)}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
 	der, err = x509.CreateCertificate(rand.Reader, tpl, m.caCert, &key.PublicKey, m.caKey)
