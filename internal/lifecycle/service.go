@@ -41,7 +41,14 @@ type Service struct {
 	be  Backend
 	rep *Reporter
 	now func() time.Time
+	// gate, when set, says whether this process runs the deadline
+	// controller now (a cluster runs it on one control replica).
+	gate func(context.Context) bool
 }
+
+// SetGate makes the deadline controller run a round only when gate says
+// so; set it before Start.
+func (s *Service) SetGate(gate func(context.Context) bool) { s.gate = gate }
 
 // New returns the life cycle over st, handing work to be; now is the
 // clock (nil: time.Now).
@@ -158,6 +165,9 @@ func (s *Service) reap(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		}
+		if s.gate != nil && !s.gate(ctx) {
+			continue
 		}
 		s.ReapOnce(ctx)
 	}

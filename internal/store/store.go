@@ -205,6 +205,10 @@ type Build struct {
 	// and started it again (lifecycle.RedoBuilds); kept in the record so that a
 	// build that kills kiln is not redone forever.
 	Recoveries int `json:"recoveries,omitempty"`
+	// Node names the host a cluster's control gave the build to ("" on a
+	// single `kiln server`): a restart of control leaves a build to its
+	// node while the node lives, and redoes it elsewhere when it is lost.
+	Node string `json:"node,omitempty"`
 }
 
 // Microvm is one microVM record. DeadlineAt (StartedAt plus

@@ -1,0 +1,271 @@
+// Package control is the control plane's side of a kiln cluster: a
+// lifecycle.Backend that places each microVM on a node (store.Cluster's
+// PlaceMicrovm, one transaction) and hands the work to that node over
+// noderpc, and the loops that must run once across control replicas
+// (declaring silent nodes lost), held by a lease in the store.
+//
+// The life cycle itself (internal/lifecycle) is the same as on one host:
+// it records each accepted request in the store, then calls this
+// Backend; the node reports what happened straight to the store, under
+// the placement epoch it was given.
+package control
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sort"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/cluster/noderpc"
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
+	"github.com/kiln-sandbox/kiln/internal/store"
+)
+
+// Store is what control needs of the store: the records and the cluster.
+type Store interface {
+	store.Store
+	store.Cluster
+}
+
+// Nodes gives the client of a node.
+type Nodes interface {
+	Get(n store.Node) (*noderpc.Client, error)
+}
+
+// Backend implements lifecycle.Backend for a cluster.
+type Backend struct {
+	st    Store
+	nodes func(store.Node) (noderpc.Service, error)
+	rep   *lifecycle.Reporter
+	log   *slog.Logger
+	now   func() time.Time
+}
+
+// New returns the cluster backend over st, reaching nodes through nodes.
+func New(st Store, nodes Nodes, log *slog.Logger) *Backend {
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Backend{st: st, rep: lifecycle.NewReporter(st), log: log, now: time.Now,
+		nodes: func(n store.Node) (noderpc.Service, error) { return nodes.Get(n) }}
+}
+
+var (
+	_ lifecycle.Backend     = (*Backend)(nil)
+	_ lifecycle.Recoverer   = (*Backend)(nil)
+	_ lifecycle.Snapshotter = (*Backend)(nil)
+	_ lifecycle.LogSource   = (*Backend)(nil)
+)
+
+// TemplateKey names an image version's template in placement.
+func TemplateKey(account, image, version string) string { return account + "/" + image + "/" + version }
+
+// StartMicrovm places m and asks its node to start it.
+func (b *Backend) StartMicrovm(ctx context.Context, m store.Microvm) error {
+	mem := m.MemoryMiB
+	if mem <= 0 {
+		mem = lifecycle.DefaultMicrovmMemoryMiB
+	}
+	placed, n, err := b.st.PlaceMicrovm(ctx, m.Account, m.ID, store.Placement{MemoryMiB: mem,
+		Template: TemplateKey(m.Account, m.ImageName, m.ImageVersion), Now: b.now()})
+	if err != nil {
+		return fmt.Errorf("placing microvm %s: %w", m.ID, err)
+	}
+	c, err := b.nodes(n)
+	if err != nil {
+		return err
+	}
+	return c.StartMicrovm(ctx, placed)
+}
+
+// nodeOf returns the client of the node m is placed on; ok is false when
+// m was never placed or its node is lost (nothing runs it any more).
+func (b *Backend) nodeOf(ctx context.Context, m store.Microvm) (noderpc.Service, bool, error) {
+	if m.Node == "" {
+		return nil, false, nil
+	}
+	n, err := b.st.GetNode(ctx, m.Node)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, err
+	}
+	if n.State == store.NodeLost {
+		return nil, false, nil
+	}
+	c, err := b.nodes(n)
+	return c, err == nil, err
+}
+
+// withNode runs call on m's node, or says why it cannot.
+func (b *Backend) withNode(ctx context.Context, m store.Microvm, what string, call func(noderpc.Service) error) error {
+	c, ok, err := b.nodeOf(ctx, m)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("cannot %s microvm %s: its node %q is gone: %w", what, m.ID, m.Node, errdefs.ErrConflict)
+	}
+	return call(c)
+}
+
+func (b *Backend) SuspendMicrovm(ctx context.Context, m store.Microvm) error {
+	return b.withNode(ctx, m, "suspend", func(c noderpc.Service) error { return c.SuspendMicrovm(ctx, m) })
+}
+
+func (b *Backend) ResumeMicrovm(ctx context.Context, m store.Microvm) error {
+	return b.withNode(ctx, m, "resume", func(c noderpc.Service) error { return c.ResumeMicrovm(ctx, m) })
+}
+
+func (b *Backend) SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) error {
+	return b.withNode(ctx, m, "snapshot", func(c noderpc.Service) error { return c.SnapshotMicrovm(ctx, m, image, version) })
+}
+
+func (b *Backend) MicrovmLog(ctx context.Context, m store.Microvm, offset int64, limit int) ([]byte, int64, error) {
+	var data []byte
+	next := offset
+	err := b.withNode(ctx, m, "read the log of", func(c noderpc.Service) (err error) {
+		data, next, err = c.MicrovmLog(ctx, m, offset, limit)
+		return err
+	})
+	return data, next, err
+}
+
+// TerminateMicrovm asks m's node to end it; one never placed, or on a lost
+// node, has nothing left to stop and is reported TERMINATED here.
+func (b *Backend) TerminateMicrovm(ctx context.Context, m store.Microvm) error {
+	c, ok, err := b.nodeOf(ctx, m)
+	if err != nil {
+		return err
+	}
+	if ok {
+		return c.TerminateMicrovm(ctx, m)
+	}
+	reason := m.StateReason
+	if m.Node != "" {
+		reason = store.ReasonHostLost + ": node " + m.Node + " was lost"
+	}
+	_, err = b.rep.MicrovmState(context.WithoutCancel(ctx), m.Account, m.ID, []store.MicrovmState{store.StateTerminating}, store.StateTerminated, reason)
+	if errors.Is(err, errdefs.ErrConflict) {
+		return nil // terminated meanwhile
+	}
+	return err
+}
+
+// buildNode chooses the node for a build: an active, uncordoned node with
+// a live lease and the most free memory.
+func (b *Backend) buildNode(ctx context.Context) (store.Node, error) {
+	nodes, err := b.st.ListNodes(ctx)
+	if err != nil {
+		return store.Node{}, err
+	}
+	now := b.now()
+	var ok []store.Node
+	for _, n := range nodes {
+		if n.State == store.NodeActive && !n.Cordoned && n.LeaseExpiresAt.After(now) {
+			ok = append(ok, n)
+		}
+	}
+	if len(ok) == 0 {
+		return store.Node{}, fmt.Errorf("no node can take a build: none is active, uncordoned and renewing its lease (start `kiln node` on a host): %w", errdefs.ErrExhausted)
+	}
+	sort.SliceStable(ok, func(i, j int) bool {
+		return ok[i].CapacityMiB-ok[i].CommittedMiB > ok[j].CapacityMiB-ok[j].CommittedMiB
+	})
+	return ok[0], nil
+}
+
+// BuildImage gives the version's builds to one node, recording which in
+// each build first, so that a restart knows whose they are.
+func (b *Backend) BuildImage(ctx context.Context, v store.ImageVersion, builds []store.Build) error {
+	n, err := b.buildNode(ctx)
+	if err != nil {
+		return err
+	}
+	for i := range builds {
+		builds[i].Node = n.Name
+		if err := b.st.UpdateBuild(ctx, builds[i]); err != nil {
+			return fmt.Errorf("recording build %s on node %s: %w", builds[i].ID, n.Name, err)
+		}
+	}
+	c, err := b.nodes(n)
+	if err != nil {
+		return err
+	}
+	return c.BuildImage(ctx, v, builds)
+}
+
+// DeleteImageVersion asks every node that is not lost to drop the
+// version's files (any of them may hold its template).
+func (b *Backend) DeleteImageVersion(ctx context.Context, account, image, version string) error {
+	nodes, err := b.st.ListNodes(ctx)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, n := range nodes {
+		if n.State == store.NodeLost {
+			continue
+		}
+		c, err := b.nodes(n)
+		if err == nil {
+			err = c.DeleteImageVersion(ctx, account, image, version)
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Recover handles, after a control start, the unfinished work no node
+// owns: microVMs never placed (started again, which places them),
+// terminations whose node is gone, and builds never given to a node or
+// whose node is lost. Work a live node owns is that node's to recover.
+func (b *Backend) Recover(ctx context.Context, vms []store.Microvm, builds []store.Build) error {
+	var errs []error
+	for _, m := range vms {
+		_, live, err := b.nodeOf(ctx, m)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		switch {
+		case live:
+		case m.State == store.StatePending && m.Node == "":
+			if err := b.StartMicrovm(ctx, m); err != nil {
+				_, rerr := b.rep.MicrovmState(context.WithoutCancel(ctx), m.Account, m.ID, []store.MicrovmState{store.StatePending},
+					store.StateTerminated, "StartFailed: "+err.Error())
+				errs = append(errs, rerr)
+			}
+		case m.State == store.StateTerminating || m.Node != "":
+			_, err := b.rep.MicrovmState(context.WithoutCancel(ctx), m.Account, m.ID, nil, store.StateTerminated,
+				store.ReasonHostLost+": node "+m.Node+" was lost")
+			if err != nil && !errors.Is(err, errdefs.ErrConflict) {
+				errs = append(errs, err)
+			}
+		}
+	}
+	errs = append(errs, b.RedoOrphanBuilds(ctx, builds))
+	return errors.Join(errs...)
+}
+
+// RedoOrphanBuilds gives again the builds among builds whose node is not
+// an active one (never given, or lost).
+func (b *Backend) RedoOrphanBuilds(ctx context.Context, builds []store.Build) error {
+	var orphans []store.Build
+	for _, bd := range builds {
+		if bd.Node != "" {
+			n, err := b.st.GetNode(ctx, bd.Node)
+			if err == nil && n.State == store.NodeActive {
+				continue
+			}
+		}
+		orphans = append(orphans, bd)
+	}
+	return lifecycle.RedoBuilds(ctx, b.st, orphans, b.BuildImage)
+}
