@@ -144,6 +144,11 @@ type Config struct {
 	MeterInterval time.Duration
 	Log           *slog.Logger
 	Now           func() time.Time
+	// Node is this host's name in a cluster (`kiln node`): the engine then
+	// owns only the microVMs placed on it (store.Microvm.Node) and leaves
+	// every other record to its own node. "" on a single `kiln server`,
+	// whose records all have Node "".
+	Node string
 }
 
 // Engine runs microVMs. Create it with New, hand it to api.NewServer (which
@@ -185,6 +190,9 @@ type vmState struct {
 	shell          bool
 	egress         bool
 	role           string // executionRoleArn ("" = none)
+	// epoch is the placement epoch of the latest request for the VM: its
+	// reports are refused once the microVM was placed anew elsewhere.
+	epoch int64
 
 	op sync.Mutex // serialises start/suspend/resume/terminate
 
@@ -352,6 +360,9 @@ func (e *Engine) state(m store.Microvm) *vmState {
 	if made {
 		e.openLog(v.ctx, m)
 	}
+	v.mu.Lock()
+	v.epoch = max(v.epoch, m.Epoch)
+	v.mu.Unlock()
 	return v
 }
 
@@ -375,6 +386,7 @@ func (e *Engine) newState(m store.Microvm) (*vmState, bool) {
 		v.maxIdle = time.Duration(p.MaxIdleDurationSeconds) * time.Second
 	}
 	v.ctx, v.cancel = context.WithCancel(e.ctx)
+	v.epoch = m.Epoch
 	e.vms[m.ID] = v
 	return v, true
 }
@@ -419,7 +431,10 @@ func (v *vmState) waitChan() <-chan struct{} {
 
 // report moves the microVM to a state and wakes waiters.
 func (e *Engine) report(ctx context.Context, v *vmState, from []store.MicrovmState, to store.MicrovmState, reason string) (store.Microvm, error) {
-	m, err := e.cfg.Reporter.MicrovmState(context.WithoutCancel(ctx), v.account, v.id, from, to, reason)
+	v.mu.Lock()
+	epoch := v.epoch
+	v.mu.Unlock()
+	m, err := e.cfg.Reporter.MicrovmStateAt(context.WithoutCancel(ctx), v.account, v.id, epoch, from, to, reason)
 	if err == nil && (to == store.StateSuspended || to == store.StateTerminated) {
 		e.release(v.id) // its memory is on disk, or gone
 	}

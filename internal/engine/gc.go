@@ -43,7 +43,9 @@ func (e *Engine) SweepVMs(ctx context.Context) ([]string, error) {
 	}
 	live := make(map[string]bool, len(ms))
 	for _, m := range ms {
-		live[m.ID] = true
+		// A record placed on another node does not claim this host's VM
+		// of that id: the microVM moved, and what is left here is stale.
+		live[m.ID] = m.Node == e.cfg.Node
 	}
 	claimed := func(id string) bool { return live[id] || e.lookup(id) != nil }
 	var removed []string
@@ -142,4 +144,35 @@ func (e *Engine) suspendedFilesMissing(ctx context.Context, id string) string {
 		}
 	}
 	return ""
+}
+
+// Templates lists the image versions whose templates this host holds, as
+// "ACCOUNT/IMAGE/VERSION" (a cluster's placement prefers these nodes).
+// Names are read back from the directory tree, which holds them as
+// written for valid account, image and version names.
+func (e *Engine) Templates() ([]string, error) {
+	ptrs, err := filepath.Glob(filepath.Join(e.cfg.DataDir, "images", "*", "*", "*", templatePointer))
+	if err != nil {
+		return nil, err
+	}
+	out := make([]string, 0, len(ptrs))
+	for _, p := range ptrs {
+		rel, err := filepath.Rel(filepath.Join(e.cfg.DataDir, "images"), filepath.Dir(p))
+		if err == nil {
+			out = append(out, filepath.ToSlash(rel))
+		}
+	}
+	return out, nil
+}
+
+// Owned lists the microVMs this engine holds state for (running,
+// suspended here, or in a transition), for a node's reconciliation.
+func (e *Engine) Owned() []string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	ids := make([]string, 0, len(e.vms))
+	for id := range e.vms {
+		ids = append(ids, id)
+	}
+	return ids
 }

@@ -128,3 +128,15 @@ func idleDue(now time.Time, running bool, open int, lastActive, recorded time.Ti
 	}
 	return now.Sub(later(lastActive, recorded)) >= maxIdle
 }
+
+// MarkActive records traffic to a microVM seen elsewhere (a cluster's
+// edge, which keeps its own connection counts) at t, for the idle
+// controller. Unknown ids are ignored: the edge may be behind.
+func (e *Engine) MarkActive(id string, t time.Time) {
+	if now := e.now(); t.After(now) {
+		t = now // a peer's clock ahead must not keep the VM awake
+	}
+	if v := e.lookup(id); v != nil {
+		v.touch(t)
+	}
+}

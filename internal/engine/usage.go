@@ -164,6 +164,11 @@ func (e *Engine) meterLoop(ctx context.Context, every time.Duration) {
 // Called at the start (closeOld) and the end of Recover.
 func (e *Engine) meterRecovered(ctx context.Context, closeOld bool) {
 	if closeOld {
+		if e.cfg.Node != "" {
+			// Usage intervals name no node: closing every open one
+			// would close the other nodes' too.
+			return
+		}
 		if n, err := e.cfg.Store.CloseOpenUsage(ctx); err != nil {
 			e.log.Warn("closing usage intervals of the previous run", "err", err)
 		} else if n > 0 {

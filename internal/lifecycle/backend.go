@@ -112,6 +112,23 @@ func (r *Reporter) MicrovmState(ctx context.Context, account, id string, from []
 	})
 }
 
+// MicrovmStateAt is MicrovmState for a host that runs the microVM under
+// placement epoch: the report is refused (store.ErrStaleEpoch) once the
+// microVM was placed again, so a host that lost it cannot overwrite what
+// its new host reports.
+func (r *Reporter) MicrovmStateAt(ctx context.Context, account, id string, epoch int64, from []store.MicrovmState, to store.MicrovmState, reason string) (store.Microvm, error) {
+	return r.st.UpdateMicrovm(ctx, account, id, from, store.AtEpoch(epoch, func(m *store.Microvm) error {
+		if m.State == to {
+			return nil
+		}
+		if !store.Allowed(m.State, to) {
+			return fmt.Errorf("microvm %s cannot move from %s to %s: %w", id, m.State, to, errdefs.ErrConflict)
+		}
+		m.SetState(to, reason, r.now().UTC())
+		return nil
+	}))
+}
+
 // BuildRunning marks a build IN_PROGRESS, and its version too, in one
 // store transaction (Store.StartBuild): a late report for a build that
 // finished meanwhile is refused (ErrConflict) instead of bringing it back.

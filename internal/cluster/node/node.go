@@ -1,0 +1,306 @@
+// Package node is a cluster host's membership: it registers the host's
+// engine in the store with its capacity and platform, renews its lease,
+// recovers and reconciles what the engine runs against what the store
+// says the host should run, and serves the engine to control and edges
+// (noderpc.Service).
+//
+// Failure rules (docs/CLUSTER.md): a node that cannot reach the store
+// pauses (accepts no new start, resume or build) and never kills a VM for
+// that; a node that finds itself declared lost registers again and ends
+// the VMs whose records were terminated meanwhile.
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/cluster/noderpc"
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
+	"github.com/kiln-sandbox/kiln/internal/store"
+)
+
+// Engine is what a node runs: internal/engine.
+type Engine interface {
+	lifecycle.Backend
+	lifecycle.Snapshotter
+	lifecycle.LogSource
+	lifecycle.Recoverer
+	EnsureRunning(ctx context.Context, id string) error
+	MarkActive(id string, t time.Time)
+	Templates() ([]string, error)
+	Owned() []string
+}
+
+// Store is the store as a node uses it.
+type Store interface {
+	store.Store
+	store.Cluster
+}
+
+// Config describes the host.
+type Config struct {
+	Store  Store
+	Engine Engine
+	// Name, addresses, platform and capacity as registered (store.Node).
+	Name, RPCAddr, TunnelAddr, Platform string
+	CapacityMiB                         int64
+	// LeaseTTL is how long one renewal lasts (default 10s); the node
+	// renews three times per TTL.
+	LeaseTTL time.Duration
+	Log      *slog.Logger
+	Now      func() time.Time
+}
+
+// Node is a running member.
+type Node struct {
+	cfg Config
+	log *slog.Logger
+
+	mu        sync.Mutex
+	renewedAt time.Time // last lease renewal the store accepted
+}
+
+// New returns the member; Run makes it one.
+func New(cfg Config) (*Node, error) {
+	if cfg.Store == nil || cfg.Engine == nil || cfg.Name == "" || cfg.RPCAddr == "" {
+		return nil, fmt.Errorf("node: store, engine, name and rpc address are required: %w", errdefs.ErrInvalid)
+	}
+	if cfg.LeaseTTL <= 0 {
+		cfg.LeaseTTL = 10 * time.Second
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	return &Node{cfg: cfg, log: cfg.Log.With("node", cfg.Name)}, nil
+}
+
+// Run registers the node (waiting for the store if it must), recovers its
+// unfinished work, then renews its lease and reconciles until ctx ends.
+func (n *Node) Run(ctx context.Context) {
+	for !n.register(ctx) {
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(n.cfg.LeaseTTL / 3):
+		}
+	}
+	n.recover(ctx)
+	t := time.NewTicker(n.cfg.LeaseTTL / 3)
+	defer t.Stop()
+	for i := 0; ; i++ {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		n.renew(ctx)
+		if i%3 == 2 {
+			n.reconcile(ctx)
+		}
+	}
+}
+
+func (n *Node) register(ctx context.Context) bool {
+	now := n.cfg.Now()
+	_, err := n.cfg.Store.RegisterNode(ctx, store.Node{Name: n.cfg.Name, RPCAddr: n.cfg.RPCAddr, TunnelAddr: n.cfg.TunnelAddr,
+		Platform: n.cfg.Platform, CapacityMiB: n.cfg.CapacityMiB, LeaseExpiresAt: now.Add(n.cfg.LeaseTTL)})
+	if err != nil {
+		n.log.Warn("registering with the cluster store failed; retrying", "err", err)
+		return false
+	}
+	n.setRenewed(now)
+	n.publishTemplates(ctx)
+	n.log.Info("registered with the cluster", "rpc", n.cfg.RPCAddr, "tunnel", n.cfg.TunnelAddr, "capacity_mib", n.cfg.CapacityMiB)
+	return true
+}
+
+func (n *Node) setRenewed(t time.Time) {
+	n.mu.Lock()
+	n.renewedAt = t
+	n.mu.Unlock()
+}
+
+// Paused reports whether the node has gone a lease without reaching the
+// store: it then takes no new work.
+func (n *Node) Paused() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.cfg.Now().Sub(n.renewedAt) > n.cfg.LeaseTTL
+}
+
+func (n *Node) renew(ctx context.Context) {
+	now := n.cfg.Now()
+	err := n.cfg.Store.RenewNodeLease(ctx, n.cfg.Name, now.Add(n.cfg.LeaseTTL))
+	switch {
+	case err == nil:
+		n.setRenewed(now)
+		n.publishTemplates(ctx)
+	case errors.Is(err, errdefs.ErrConflict), errors.Is(err, errdefs.ErrNotFound):
+		n.log.Warn("this node was declared lost (or removed): registering again; its microvms were terminated", "err", err)
+		if n.register(ctx) {
+			n.reconcile(ctx)
+		}
+	default:
+		if n.Paused() {
+			n.log.Warn("cannot reach the cluster store: paused (no new work; running microvms are kept)", "err", err)
+		}
+	}
+}
+
+func (n *Node) publishTemplates(ctx context.Context) {
+	ts, err := n.cfg.Engine.Templates()
+	if err == nil {
+		err = n.cfg.Store.SetNodeTemplates(ctx, n.cfg.Name, ts)
+	}
+	if err != nil {
+		n.log.Warn("publishing the templates this node holds", "err", err)
+	}
+}
+
+// recover hands the engine the records placed here and the builds given
+// here that are unfinished, as `kiln server` hands it all of them.
+func (n *Node) recover(ctx context.Context) {
+	vms, err := n.cfg.Store.ListNodeMicrovms(ctx, n.cfg.Name)
+	if err != nil {
+		n.log.Error("listing this node's microvms to recover", "err", err)
+		return
+	}
+	builds, err := n.cfg.Store.ListBuildsInState(ctx, store.BuildPending, store.BuildInProgress)
+	if err != nil {
+		n.log.Error("listing builds to recover", "err", err)
+		return
+	}
+	builds = slices.DeleteFunc(builds, func(b store.Build) bool { return b.Node != n.cfg.Name })
+	if err := n.cfg.Engine.Recover(ctx, vms, builds); err != nil {
+		n.log.Error("recovering this node's work", "err", err)
+	}
+}
+
+// reconcile ends what the engine holds that the store no longer places
+// here: a record terminated (the node was declared lost, or a terminate
+// came while it could not be reached) or placed elsewhere.
+func (n *Node) reconcile(ctx context.Context) {
+	mine, err := n.cfg.Store.ListNodeMicrovms(ctx, n.cfg.Name)
+	if err != nil {
+		return
+	}
+	placed := make(map[string]bool, len(mine))
+	for _, m := range mine {
+		placed[m.ID] = true
+	}
+	for _, id := range n.cfg.Engine.Owned() {
+		if placed[id] {
+			continue
+		}
+		m, err := n.cfg.Store.LocateMicrovm(ctx, id)
+		if errors.Is(err, errdefs.ErrNotFound) {
+			m = store.Microvm{ID: id, State: store.StateTerminated}
+		} else if err != nil {
+			continue
+		}
+		if m.State != store.StateTerminated && m.Node == n.cfg.Name {
+			continue // listed after the query above
+		}
+		n.log.Warn("ending a microvm the store no longer places here", "microvm", id, "state", m.State, "placed_on", m.Node)
+		m.Node, m.Epoch = n.cfg.Name, -1 // its reports are refused: the record is not ours
+		if err := n.cfg.Engine.TerminateMicrovm(ctx, m); err != nil {
+			n.log.Warn("ending a stale microvm", "microvm", id, "err", err)
+		}
+	}
+}
+
+// Service is the node's noderpc.Service: the engine, behind the checks
+// that the work is this node's and that the node is not paused.
+func (n *Node) Service() noderpc.Service { return service{n} }
+
+type service struct{ n *Node }
+
+var _ noderpc.Service = service{}
+
+func (s service) check(m store.Microvm, newWork bool) error {
+	if m.Node != s.n.cfg.Name {
+		return fmt.Errorf("microvm %s is placed on node %q, not on %s: %w", m.ID, m.Node, s.n.cfg.Name, errdefs.ErrInvalid)
+	}
+	if newWork && s.n.Paused() {
+		return fmt.Errorf("node %s cannot reach the cluster store and takes no new work until it can: %w", s.n.cfg.Name, errdefs.ErrUnavailable)
+	}
+	return nil
+}
+
+func (s service) StartMicrovm(ctx context.Context, m store.Microvm) error {
+	if err := s.check(m, true); err != nil {
+		return err
+	}
+	return s.n.cfg.Engine.StartMicrovm(ctx, m)
+}
+
+func (s service) ResumeMicrovm(ctx context.Context, m store.Microvm) error {
+	if err := s.check(m, true); err != nil {
+		return err
+	}
+	return s.n.cfg.Engine.ResumeMicrovm(ctx, m)
+}
+
+func (s service) SuspendMicrovm(ctx context.Context, m store.Microvm) error {
+	if err := s.check(m, false); err != nil {
+		return err
+	}
+	return s.n.cfg.Engine.SuspendMicrovm(ctx, m)
+}
+
+func (s service) TerminateMicrovm(ctx context.Context, m store.Microvm) error {
+	if err := s.check(m, false); err != nil {
+		return err
+	}
+	return s.n.cfg.Engine.TerminateMicrovm(ctx, m)
+}
+
+func (s service) SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) error {
+	if err := s.check(m, true); err != nil {
+		return err
+	}
+	return s.n.cfg.Engine.SnapshotMicrovm(ctx, m, image, version)
+}
+
+func (s service) MicrovmLog(ctx context.Context, m store.Microvm, offset int64, limit int) ([]byte, int64, error) {
+	if err := s.check(m, false); err != nil {
+		return nil, offset, err
+	}
+	return s.n.cfg.Engine.MicrovmLog(ctx, m, offset, limit)
+}
+
+func (s service) BuildImage(ctx context.Context, v store.ImageVersion, builds []store.Build) error {
+	for _, b := range builds {
+		if b.Node != s.n.cfg.Name {
+			return fmt.Errorf("build %s was given to node %q, not to %s: %w", b.ID, b.Node, s.n.cfg.Name, errdefs.ErrInvalid)
+		}
+	}
+	if s.n.Paused() {
+		return fmt.Errorf("node %s cannot reach the cluster store and takes no new work until it can: %w", s.n.cfg.Name, errdefs.ErrUnavailable)
+	}
+	return s.n.cfg.Engine.BuildImage(ctx, v, builds)
+}
+
+func (s service) DeleteImageVersion(ctx context.Context, account, image, version string) error {
+	return s.n.cfg.Engine.DeleteImageVersion(ctx, account, image, version)
+}
+
+func (s service) EnsureRunning(ctx context.Context, id string) error {
+	return s.n.cfg.Engine.EnsureRunning(ctx, id)
+}
+
+func (s service) Activity(_ context.Context, seen map[string]time.Time) error {
+	for id, t := range seen {
+		s.n.cfg.Engine.MarkActive(id, t)
+	}
+	return nil
+}
