@@ -57,26 +57,9 @@ var endpointCert, endpointKey string
 
 func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep *lifecycle.Reporter) (lifecycle.Backend, api.TokenIssuer, error) {
 	log := newLogger()
-	if o.RequireKVM {
-		// Checked before the driver starts: it would adopt running VMs.
-		accel, why, err := qemu.ResolveAccel(accelFlag)
-		if err != nil {
-			return nil, nil, err
-		}
-		if accel != vmm.AccelKVM {
-			return nil, nil, requireKVMError(string(accel), why)
-		}
-	}
-	// The logs first: the driver adopts running VMs as it starts, and
-	// their consoles go to their logs.
-	logs, err := applog.New(filepath.Join(o.DataDir, "logs"), applog.Options{MaxBytes: o.LogMaxBytes, Retention: o.LogRetention, Log: log})
+	eng, drv, err := startEngine(ctx, o, st, rep, "", log)
 	if err != nil {
 		return nil, nil, err
-	}
-	drv, err := qemu.New(ctx, qemu.Config{DataDir: o.DataDir, Accel: accelFlag,
-		AgentBinary: qemu.DefaultAgentBinary(o.DataDir), Console: logs.Console, PoolSize: o.ClonePool, Log: log})
-	if err != nil {
-		return nil, nil, fmt.Errorf("starting the vm engine (run `make setup` first?): %w", err)
 	}
 	tls, err := tlsca.Open(tlsca.Config{Domain: o.Domain, Dir: filepath.Join(o.DataDir, "tls"), CAExport: filepath.Join(o.DataDir, "ca.pem"),
 		CertFile: endpointCert, KeyFile: endpointKey})
@@ -90,27 +73,6 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		return nil, nil, err
 	}
 	signer, err := token.NewSigner(key)
-	if err != nil {
-		drv.Close()
-		return nil, nil, err
-	}
-	s3cfg, err := source.S3FromEnvironment(ctx, o.S3Endpoint, o.S3Region, o.Region, o.S3PathStyle)
-	if err != nil {
-		drv.Close()
-		return nil, nil, err
-	}
-	var roles *imds.RolesFile
-	if o.RolesFile != "" {
-		if roles, err = imds.OpenRolesFile(ctx, o.RolesFile); err != nil {
-			drv.Close()
-			return nil, nil, fmt.Errorf("--roles-file: %w", err)
-		}
-		log.Info("execution roles loaded (the file is re-read when it changes)", "file", o.RolesFile, "roles", roles.Len())
-	}
-	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep, Roles: roles,
-		Builder: newImageBuilder(ctx, o, drv, s3cfg, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log,
-		MemoryOvercommit: o.MemoryOvercommit, MaxConcurrentBuilds: o.MaxConcurrentBuilds,
-		BuildTimeout: o.BuildTimeout, BuildLogMaxBytes: o.BuildLogMaxBytes})
 	if err != nil {
 		drv.Close()
 		return nil, nil, err
@@ -153,10 +115,63 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 			slog.Error("endpoint proxy stopped", "err", err)
 		}
 	}()
+	if o.Health != nil {
+		o.Health.Set("endpoint proxy", metrics.DialCheck(ln.Addr().String()))
+	}
+	log.Info("microvm endpoints serving", "addr", ln.Addr().String(), "domain", o.Domain, "ca", filepath.Join(o.DataDir, "ca.pem"))
+	return eng, &engine.TokenIssuer{Signer: signer}, nil
+}
+
+// startEngine starts this host's VM engine on the QEMU driver (for
+// `kiln server`, and for `kiln node` as node): the driver adopts the VMs
+// still running, the engine runs until ctx ends, and then both close
+// (counted in o.Stopping).
+func startEngine(ctx context.Context, o ServerOptions, st store.Store, rep *lifecycle.Reporter, node string, log *slog.Logger) (*engine.Engine, *qemu.Driver, error) {
+	if o.RequireKVM {
+		// Checked before the driver starts: it would adopt running VMs.
+		accel, why, err := qemu.ResolveAccel(accelFlag)
+		if err != nil {
+			return nil, nil, err
+		}
+		if accel != vmm.AccelKVM {
+			return nil, nil, requireKVMError(string(accel), why)
+		}
+	}
+	// The logs first: the driver adopts running VMs as it starts, and
+	// their consoles go to their logs.
+	logs, err := applog.New(filepath.Join(o.DataDir, "logs"), applog.Options{MaxBytes: o.LogMaxBytes, Retention: o.LogRetention, Log: log})
+	if err != nil {
+		return nil, nil, err
+	}
+	drv, err := qemu.New(ctx, qemu.Config{DataDir: o.DataDir, Accel: accelFlag,
+		AgentBinary: qemu.DefaultAgentBinary(o.DataDir), Console: logs.Console, PoolSize: o.ClonePool, Log: log})
+	if err != nil {
+		return nil, nil, fmt.Errorf("starting the vm engine (run `make setup` first?): %w", err)
+	}
+	s3cfg, err := source.S3FromEnvironment(ctx, o.S3Endpoint, o.S3Region, o.Region, o.S3PathStyle)
+	if err != nil {
+		drv.Close()
+		return nil, nil, err
+	}
+	var roles *imds.RolesFile
+	if o.RolesFile != "" {
+		if roles, err = imds.OpenRolesFile(ctx, o.RolesFile); err != nil {
+			drv.Close()
+			return nil, nil, fmt.Errorf("--roles-file: %w", err)
+		}
+		log.Info("execution roles loaded (the file is re-read when it changes)", "file", o.RolesFile, "roles", roles.Len())
+	}
+	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep, Roles: roles, Node: node,
+		Builder: newImageBuilder(ctx, o, drv, s3cfg, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log,
+		MemoryOvercommit: o.MemoryOvercommit, MaxConcurrentBuilds: o.MaxConcurrentBuilds,
+		BuildTimeout: o.BuildTimeout, BuildLogMaxBytes: o.BuildLogMaxBytes})
+	if err != nil {
+		drv.Close()
+		return nil, nil, err
+	}
 	go eng.Run(ctx)
 	if o.Health != nil {
 		o.Health.Set("vm engine", eng.Ready)
-		o.Health.Set("endpoint proxy", metrics.DialCheck(ln.Addr().String()))
 	}
 	if o.Stopping != nil {
 		o.Stopping.Add(1)
@@ -176,8 +191,7 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 			log.Info("no vm networks left: removed the kiln nftables table and restored net.ipv4.ip_forward")
 		}
 	}()
-	log.Info("microvm endpoints serving", "addr", ln.Addr().String(), "domain", o.Domain, "ca", filepath.Join(o.DataDir, "ca.pem"))
-	return eng, &engine.TokenIssuer{Signer: signer}, nil
+	return eng, drv, nil
 }
 
 // newImageBuilder adapts internal/imagebuild to engine.Builder. Build VMs

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/api/apibench"
@@ -115,6 +116,13 @@ type ServerOptions struct {
 	// whose run and image name no egress connector: "none" (kiln's
 	// default) or "internet" (AWS's).
 	DefaultEgress string
+	// Role is the cluster role this process runs ("" = all of kiln in
+	// one process, `kiln server`): "control" serves the API and the life
+	// cycle over nodes, "node" runs this host's VMs for control (see
+	// cluster.go).
+	Role string
+	// Cluster is the cluster's identity and node settings (cluster.go).
+	Cluster ClusterOptions
 	// RolesFile (--roles-file) maps execution role ARNs to credential
 	// sources (internal/imds); "" = no VM gets credentials.
 	RolesFile string
@@ -152,9 +160,7 @@ var cachePruners func(dataDir string) (image, template func(maxAge time.Duration
 func RegisterBackend(name string, f BackendFactory) { backends[name] = f }
 
 func init() {
-	var o ServerOptions
-	var backend string
-	var denyCIDRs, allowFetch []string
+	var sf serverFlags
 	cmd := &cobra.Command{
 		Use:   "server",
 		Short: "Serve the AWS Lambda MicroVMs-compatible API",
@@ -170,28 +176,49 @@ keys are sealed in the database with DATA_DIR/secrets.key (back it up with
 the database: without it the stored keys cannot be used).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			o.DataDir = dataDir
-			var err error
-			if o.DenyCIDRs, err = egress.ParseCIDRs(denyCIDRs); err != nil {
-				return fmt.Errorf("--deny-cidr: %w", err)
-			}
-			if o.AllowFetchCIDRs, err = egress.ParseCIDRs(allowFetch); err != nil {
-				return fmt.Errorf("--allow-fetch-cidr: %w", err)
-			}
-			if o.DefaultEgress != "none" && o.DefaultEgress != "internet" {
-				return fmt.Errorf("--default-egress %q: want none or internet", o.DefaultEgress)
-			}
-			for _, r := range o.InsecureRegistries {
-				if r == "" || strings.ContainsAny(r, "/ ") {
-					return fmt.Errorf("--insecure-registry %q: want HOST:PORT or HOST", r)
-				}
-			}
-			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
-			defer stop()
-			return runServer(ctx, o, backend)
+			return sf.run(cmd, "")
 		},
 	}
-	f := cmd.Flags()
+	sf.add(cmd.Flags())
+	rootCmd.AddCommand(cmd)
+}
+
+// serverFlags are the flags `kiln server` shares with the cluster roles
+// that run its parts (`kiln control`, `kiln node`).
+type serverFlags struct {
+	o                     ServerOptions
+	backend               string
+	denyCIDRs, allowFetch []string
+}
+
+// run checks the flags and runs the server in role ("" = everything).
+func (sf *serverFlags) run(cmd *cobra.Command, role string) error {
+	o, backend, denyCIDRs, allowFetch := sf.o, sf.backend, sf.denyCIDRs, sf.allowFetch
+	o.Role = role
+	o.DataDir = dataDir
+	var err error
+	if o.DenyCIDRs, err = egress.ParseCIDRs(denyCIDRs); err != nil {
+		return fmt.Errorf("--deny-cidr: %w", err)
+	}
+	if o.AllowFetchCIDRs, err = egress.ParseCIDRs(allowFetch); err != nil {
+		return fmt.Errorf("--allow-fetch-cidr: %w", err)
+	}
+	if o.DefaultEgress != "none" && o.DefaultEgress != "internet" {
+		return fmt.Errorf("--default-egress %q: want none or internet", o.DefaultEgress)
+	}
+	for _, r := range o.InsecureRegistries {
+		if r == "" || strings.ContainsAny(r, "/ ") {
+			return fmt.Errorf("--insecure-registry %q: want HOST:PORT or HOST", r)
+		}
+	}
+	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return runServer(ctx, o, backend)
+}
+
+func (sf *serverFlags) add(f *pflag.FlagSet) {
+	o := &sf.o
+	backend, denyCIDRs, allowFetch := &sf.backend, &sf.denyCIDRs, &sf.allowFetch
 	f.StringVar(&o.APIAddr, "api-addr", "127.0.0.1:9090", "address of the API")
 	f.StringVar(&o.EndpointAddr, "endpoint-addr", "127.0.0.1:8443", "address of the microVM endpoint proxy (HTTPS)")
 	f.StringVar(&o.Domain, "domain", "microvm.localhost", "microVM endpoints are https://ID.DOMAIN")
@@ -209,16 +236,16 @@ the database: without it the stored keys cannot be used).`,
 	f.IntVar(&o.ClonePool, "clone-pool", 1, "QEMU processes per image version started ahead (jailed, paused, state loaded) so a RunMicrovm skips process start; 0 disables")
 	f.Int64Var(&o.BuildLogMaxBytes, "build-log-max-bytes", 10<<20, "bytes of a build's log kept; later output is dropped after a \"truncated\" line")
 	f.Float64Var(&o.RequestsPerSecond, "requests-per-second", 0, "API request rate per account before ThrottlingException (0: no limit)")
-	f.StringVar(&backend, "backend", "engine", "what runs the microVMs: engine, or fake (records only, for trying the API)")
-	f.StringArrayVar(&denyCIDRs, "deny-cidr", nil, "CIDR (or address) that app VMs, build VMs and kiln's fetches for tenants (ADD <url>, code URIs, registry pulls) may never reach, on top of the built-in deny list; repeatable")
-	f.StringArrayVar(&allowFetch, "allow-fetch-cidr", nil, "CIDR kiln may fetch from for tenants although the deny list covers it (an internal mirror); never opens guest egress; repeatable")
+	f.StringVar(backend, "backend", "engine", "what runs the microVMs: engine, or fake (records only, for trying the API)")
+	f.StringArrayVar(denyCIDRs, "deny-cidr", nil, "CIDR (or address) that app VMs, build VMs and kiln's fetches for tenants (ADD <url>, code URIs, registry pulls) may never reach, on top of the built-in deny list; repeatable")
+	f.StringArrayVar(allowFetch, "allow-fetch-cidr", nil, "CIDR kiln may fetch from for tenants although the deny list covers it (an internal mirror); never opens guest egress; repeatable")
 	f.StringArrayVar(&o.AptMirrors, "apt-mirror", nil, "http:// Debian mirror URI whose downloads by build VMs go through kiln's per-account package cache, besides the http:// mirrors in the host's apt sources; repeatable")
 	f.StringArrayVar(&o.InsecureRegistries, "insecure-registry", nil, "registry HOST:PORT (or HOST) pulled over plain HTTP and allowed on a denied address such as loopback; repeatable")
 	f.StringVar(&o.OperatorAccount, "operator-account", "", "12-digit account that may build from host paths and file:// URIs (default: the admin account recorded on first start)")
 	f.StringVar(&o.APICert, "api-cert", "", "PEM certificate chain: serve the API over HTTPS (with --api-key)")
 	f.StringVar(&o.APIKey, "api-key", "", "PEM private key of --api-cert")
 	f.IntVar(&o.MaxConnsPerClient, "max-conns-per-client", 256, "concurrent API connections per client address; more are answered 429 and closed (0: no cap)")
-	addLogFlags(f, &o)
+	addLogFlags(f, o)
 	f.StringVar(&o.RolesFile, "roles-file", "", "JSON file mapping executionRoleArn values to credential sources (a profile of the host's AWS configuration, or an STS AssumeRole), served to each microVM through its metadata service at 169.254.169.254 (IMDSv2); empty: no microVM gets credentials")
 	f.StringVar(&o.DefaultEgress, "default-egress", "none", "egress of microVMs and image builds that name no egress connector: none (kiln's default: no network out) or internet (AWS's default: INTERNET_EGRESS, still behind the deny list)")
 	f.StringVar(&o.S3Endpoint, "s3-endpoint", "", "S3-compatible endpoint (e.g. http://127.0.0.1:7070) that s3:// code artifacts are read from, with credentials from the standard AWS chain (AWS_ACCESS_KEY_ID..., AWS_PROFILE); empty: AWS's own S3")
@@ -229,11 +256,13 @@ the database: without it the stored keys cannot be used).`,
 	f.DurationVar(&o.GCInterval, "gc-interval", 10*time.Minute, "how often garbage collection runs (it also runs at start; 0: never)")
 	f.DurationVar(&o.TerminatedRetention, "terminated-retention", 24*time.Hour, "how long TERMINATED microVM records and idempotency tokens are kept")
 	f.DurationVar(&o.CacheMaxAge, "cache-max-age", 7*24*time.Hour, "how long an unused image-cache or template-cache entry is kept")
-	rootCmd.AddCommand(cmd)
 }
 
 func runServer(ctx context.Context, o ServerOptions, backend string) error {
 	factory, ok := backends[backend]
+	if o.Role == "control" {
+		factory, ok = controlBackend, true
+	}
 	if !ok {
 		if backend == "engine" {
 			return fmt.Errorf("this kiln build has no VM engine linked in; use --backend fake to try the API")
@@ -285,6 +314,12 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 			}
 		}()
 		slog.Info("metrics and health serving", "addr", mln.Addr().String(), "paths", "/metrics /healthz /readyz")
+	}
+	if o.Role == "node" {
+		if runNode == nil {
+			return fmt.Errorf("this kiln build has no VM engine linked in")
+		}
+		return runNode(ctx, o, st)
 	}
 	if err := ensureAdminKey(ctx, st, filepath.Join(o.DataDir, "credentials")); err != nil {
 		return err
@@ -347,6 +382,12 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 	scheme := "http"
 	if tlsConf != nil {
 		ln, scheme = tls.NewListener(ln, tlsConf), "https"
+	}
+	if o.Role == "control" {
+		if err := startControlLoops(ctx, o, st, srv, be); err != nil {
+			ln.Close()
+			return err
+		}
 	}
 	if err := srv.Start(ctx); err != nil {
 		ln.Close()

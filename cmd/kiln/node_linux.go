@@ -1,0 +1,87 @@
+//go:build linux
+
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"strconv"
+
+	"github.com/kiln-sandbox/kiln/internal/cluster/clusterca"
+	"github.com/kiln-sandbox/kiln/internal/cluster/node"
+	"github.com/kiln-sandbox/kiln/internal/cluster/noderpc"
+	"github.com/kiln-sandbox/kiln/internal/lifecycle"
+	"github.com/kiln-sandbox/kiln/internal/store"
+)
+
+func init() { runNode = serveNode }
+
+// serveNode is `kiln node`: this host's engine, registered in the
+// cluster store and served to control over gRPC.
+func serveNode(ctx context.Context, o ServerOptions, st store.Store) error {
+	cs, err := clusterStore(st)
+	if err != nil {
+		return err
+	}
+	c := o.Cluster
+	id, err := c.identity(clusterca.Node)
+	if err != nil {
+		return err
+	}
+	if id.Name != c.NodeName {
+		return fmt.Errorf("--cluster-cert was issued to node %q, but --node-name is %q", id.Name, c.NodeName)
+	}
+	if c.GRPCAddr == "" {
+		return fmt.Errorf("kiln node needs --grpc-addr HOST:PORT, the address control reaches it at")
+	}
+	ln, err := net.Listen("tcp", c.GRPCAddr)
+	if err != nil {
+		return fmt.Errorf("--grpc-addr %s: %w", c.GRPCAddr, err)
+	}
+	defer ln.Close()
+	if c.TunnelAddr == "" {
+		host, port, _ := net.SplitHostPort(ln.Addr().String())
+		p, _ := strconv.Atoi(port)
+		c.TunnelAddr = net.JoinHostPort(host, strconv.Itoa(p+1))
+	}
+	log := newLogger().With("node", c.NodeName)
+	rep := lifecycle.NewReporter(st)
+	eng, drv, err := startEngine(ctx, o, st, rep, c.NodeName, log)
+	if err != nil {
+		return err
+	}
+	// The node's own life cycle: idle suspends and wakes of its microVMs
+	// go through it, with the engine as its backend. Its timers and
+	// recovery are control's, so it is never started.
+	lifecycle.New(st, eng, nil)
+	platform, _ := json.Marshal(drv.Platform())
+	_, allowed := eng.CommittedMiB()
+	if allowed <= 0 {
+		allowed = 1 << 40 // --memory-overcommit 0: no bound on this host
+	}
+	rpcAddr := c.GRPCAddr
+	if _, port, _ := net.SplitHostPort(rpcAddr); port == "0" {
+		rpcAddr = ln.Addr().String()
+	}
+	n, err := node.New(node.Config{Store: cs, Engine: eng, Name: c.NodeName, RPCAddr: rpcAddr, TunnelAddr: c.TunnelAddr,
+		Platform: string(platform), CapacityMiB: allowed, LeaseTTL: c.NodeLease, Log: log})
+	if err != nil {
+		return err
+	}
+	srv := noderpc.NewServer(id, n.Service())
+	go n.Run(ctx)
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	slog.Info("kiln node serving", "name", c.NodeName, "grpc", ln.Addr().String(), "capacity_mib", allowed, "accel", eng.Accel())
+	fmt.Printf("kiln node %s serving control at %s\n", c.NodeName, ln.Addr())
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serving the node service: %w", err)
+	case <-ctx.Done():
+	}
+	srv.GracefulStop()
+	return nil
+}
