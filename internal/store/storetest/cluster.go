@@ -218,8 +218,18 @@ func placement(t *testing.T, s store.Store) {
 	_, _, err = place(c, "A", "nope", 1024, now)
 	is(t, err, errdefs.ErrNotFound)
 
+	// A record written with its node, and one whose node a change moves,
+	// are listed by it (the node column follows the record).
+	direct := newVM("A", "direct", now)
+	direct.Node = "other"
+	must(t, s.CreateMicrovm(ctx, direct, nil))
+	if vms, err := c.ListNodeMicrovms(ctx, "other"); err != nil || len(vms) != 2 {
+		t.Fatalf("ListNodeMicrovms(other) = %+v, %v; want vm5 and direct", vms, err)
+	}
+	_, err = s.UpdateMicrovm(ctx, "A", "direct", nil, func(m *store.Microvm) error { m.Node = "small"; return nil })
+	must(t, err)
 	// What each node reconciles against: its live microVMs.
-	want := map[string][]string{"big": {"vm1", "vm2", "vm4", "vm6"}, "small": {"vm3"}, "other": {"vm5"}, "nope": nil}
+	want := map[string][]string{"big": {"vm1", "vm2", "vm4", "vm6"}, "small": {"vm3", "direct"}, "other": {"vm5"}, "nope": nil}
 	for node, ids := range want {
 		vms, err := c.ListNodeMicrovms(ctx, node)
 		must(t, err)
