@@ -63,8 +63,11 @@ type Placement struct {
 type Cluster interface {
 	// RegisterNode creates or updates the node named n.Name: addresses,
 	// platform, capacity and lease (n.LeaseExpiresAt). It becomes ACTIVE,
-	// also when it was LOST (its old microVMs stay TERMINATED). Cordoned
-	// is kept as it was. Returns the record as written.
+	// also when it was LOST (its old microVMs stay TERMINATED). A known
+	// node keeps its Cordoned; a new one is written as given.
+	// RegisteredAt and UpdatedAt default to now. Returns the record as
+	// written, with CommittedMiB. errdefs.ErrInvalid without a name or
+	// with a negative capacity.
 	RegisterNode(ctx context.Context, n Node) (Node, error)
 	// RenewNodeLease moves an ACTIVE node's lease to until.
 	// errdefs.ErrNotFound if unknown; errdefs.ErrConflict if LOST (the
@@ -79,19 +82,34 @@ type Cluster interface {
 	// (keys "ACCOUNT/IMAGE/VERSION"), which placement prefers.
 	SetNodeTemplates(ctx context.Context, name string, templates []string) error
 	// PlaceMicrovm chooses a node for the microVM and records it in one
-	// transaction: Microvm.Node set and Microvm.Epoch incremented. Only
+	// transaction: Microvm.Node set, Microvm.Epoch incremented and
+	// UpdatedAt p.Now (zero: now); the state is not changed, so no event
+	// is recorded. A node's CommittedMiB adds up the Microvm.MemoryMiB
+	// recorded, so callers create microVMs with their size set; a
+	// placement asking for more (p.MemoryMiB) records the larger size. A
+	// microVM placed again is not counted against its own placement. Only
 	// nodes that are ACTIVE, not cordoned, with an unexpired lease at
-	// p.Now, of p.Platform and with CapacityMiB-CommittedMiB >= p.MemoryMiB
+	// p.Now, of p.Platform and with CapacityMiB-CommittedMiB >= that size
 	// qualify; among them nodes holding p.Template come first, then the
 	// most free memory, then the name. Concurrent placements never
-	// over-commit a node. errdefs.ErrExhausted (saying why) if none fits;
-	// errdefs.ErrConflict if the microVM is TERMINATED or TERMINATING.
+	// over-commit a node (PostgreSQL: placements take turns on an advisory
+	// lock). errdefs.ErrExhausted (saying why) if none fits;
+	// errdefs.ErrConflict if the microVM is TERMINATED or TERMINATING;
+	// errdefs.ErrNotFound if there is no such microVM.
 	PlaceMicrovm(ctx context.Context, account, id string, p Placement) (Microvm, Node, error)
 	// ExpireNodes declares LOST every ACTIVE node whose lease expired
 	// before now-grace and, in the same transaction, moves its microVMs
-	// that are not TERMINATED to TERMINATED with reason ReasonHostLost
-	// (recording the events as any state change does). Returns the names
-	// declared lost.
+	// that are not TERMINATED to TERMINATED (TerminatedAt now) with reason
+	// "HostLost: node NAME stopped renewing its lease at T", recording the
+	// events as any state change does, and to the next placement epoch,
+	// so that a late report of the lost node is refused (AtEpoch).
+	// Returns the names declared lost, by name; concurrent calls declare
+	// each node once.
+	//
+	// A store outage stops every node's renewals: callers run it only
+	// once the store has answered them for at least grace, so that nodes
+	// had the time to renew and a node is lost only when it alone
+	// stopped.
 	ExpireNodes(ctx context.Context, now time.Time, grace time.Duration) ([]string, error)
 	// ListNodeMicrovms returns the microVMs placed on node that are not
 	// TERMINATED (what the node must reconcile against).
@@ -103,6 +121,7 @@ type Cluster interface {
 	// until until, if it is free, expired at now, or already holder's;
 	// false if another holder has it.
 	AcquireLease(ctx context.Context, name, holder string, until, now time.Time) (bool, error)
-	// ReleaseLease gives the lease up if holder has it.
+	// ReleaseLease gives the lease up if holder has it; otherwise it does
+	// nothing.
 	ReleaseLease(ctx context.Context, name, holder string) error
 }

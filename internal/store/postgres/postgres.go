@@ -53,15 +53,17 @@ type Store struct {
 var (
 	_ store.Store    = (*Store)(nil)
 	_ store.E2BStore = (*Store)(nil)
+	_ store.Cluster  = (*Store)(nil)
 )
 
 // dialect is PostgreSQL's SQL for the shared queries: free text a tenant
 // controls is bytea, rows a transaction rewrites are locked, and quota
-// admissions of one account take turns on an advisory lock.
+// admissions of one account, and placements, take turns on advisory locks.
 var dialect = sqlstore.Dialect{
 	Text:        func(s string) any { return []byte(s) },
 	ForUpdate:   " FOR UPDATE",
 	LockAccount: fmt.Sprintf(`SELECT pg_advisory_xact_lock(%d, hashtext(?))`, lockQuota),
+	LockCluster: fmt.Sprintf(`SELECT pg_advisory_xact_lock(%d, 0)`, lockCluster),
 	Strpos:      "strpos",
 	Greatest:    "GREATEST",
 	Least:       "LEAST",
@@ -245,12 +247,16 @@ var migrations = []string{
 	BEGIN DELETE FROM e2b_sandboxes WHERE id = OLD.id; RETURN OLD; END $$;
 	CREATE OR REPLACE TRIGGER e2b_sandboxes_follow_microvms AFTER DELETE ON microvms
 	FOR EACH ROW EXECUTE FUNCTION e2b_sandboxes_follow_microvms();`,
+	// 3: the cluster: nodes, their templates, leases, microVMs' nodes
+	// (cluster.go).
+	migrationCluster,
 }
 
 // Advisory lock keys (the first of pg_advisory_xact_lock's two int4s).
 const (
 	lockMigrate = 0x6b696c6e // "kiln": one migrating process at a time
 	lockQuota   = 0x6b716f74 // with hashtext(account): one admission per account
+	lockCluster = 0x6b706c63 // with 0: one placement or node expiry at a time
 )
 
 func (s *Store) migrate(ctx context.Context) error {

@@ -175,3 +175,9 @@ func TestNamesPostgresCannotHold(t *testing.T) {
 		t.Errorf("CreateMicrovm with a NUL in the id: %v", err)
 	}
 }
+
+// TestPlacementSimulation runs storetest.Simulate (1,000 microVMs over 20
+// nodes) on PostgreSQL, whose placements take the advisory lock.
+func TestPlacementSimulation(t *testing.T) {
+	storetest.Simulate(t, open(t, newDB(t)))
+}

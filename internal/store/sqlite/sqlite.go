@@ -47,6 +47,7 @@ type Store struct {
 var (
 	_ store.Store    = (*Store)(nil)
 	_ store.E2BStore = (*Store)(nil)
+	_ store.Cluster  = (*Store)(nil)
 )
 
 // dialect is SQLite's SQL for the shared queries. The one writer
@@ -289,6 +290,9 @@ var migrations = []string{
 	migrationE2B,
 	// 6: the sizes the quota adds up as columns (sqlstore).
 	migrationSizeColumns,
+	// 7: the cluster: nodes, their templates, leases, microVMs' nodes
+	// (cluster.go).
+	migrationCluster,
 }
 
 // migrationSizeColumns adds the sizes the quota adds up as columns, as the

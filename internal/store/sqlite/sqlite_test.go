@@ -262,3 +262,57 @@ func TestBuildLogLeavesWriterFull(t *testing.T) {
 		t.Errorf("log = %q", got)
 	}
 }
+
+// TestNodeColumnFilledOnUpgrade: the records of a database kept before the
+// node column keep the node their documents name, so a node reconciling
+// after the upgrade finds its microVMs and placement counts their memory.
+func TestNodeColumnFilledOnUpgrade(t *testing.T) {
+	ctx := context.Background()
+	path := filepath.Join(t.TempDir(), "kiln.db")
+	w, err := sql.Open("sqlite", "file:"+path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := migrations
+	migrations = migrations[:slices.Index(migrations, migrationCluster)]
+	err = (&Store{w: w}).migrate(ctx)
+	migrations = all
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range []store.Microvm{
+		{ID: "placed", Account: "A", State: store.StateRunning, MemoryMiB: 512, Node: "n1"},
+		{ID: "local", Account: "A", State: store.StateRunning, MemoryMiB: 512},
+	} {
+		data, _ := json.Marshal(m)
+		if _, err := w.ExecContext(ctx, `INSERT INTO microvms (id, account, state, image, version, deadline_at, memory_mib, data) VALUES (?, 'A', 'RUNNING', 'app', '1', 0, 512, ?)`,
+			m.ID, string(data)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	w.Close()
+	s, err := Open(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	vms, err := s.ListNodeMicrovms(ctx, "n1")
+	if err != nil || len(vms) != 1 || vms[0].ID != "placed" {
+		t.Fatalf("ListNodeMicrovms(n1) after the upgrade = %+v, %v", vms, err)
+	}
+	n, err := s.RegisterNode(ctx, store.Node{Name: "n1", CapacityMiB: 1024, LeaseExpiresAt: time.Now().Add(time.Minute)})
+	if err != nil || n.CommittedMiB != 512 {
+		t.Fatalf("RegisterNode after the upgrade = %+v, %v; want 512 MiB committed", n, err)
+	}
+}
+
+// TestPlacementSimulation runs storetest.Simulate (1,000 microVMs over 20
+// nodes) on a SQLite store.
+func TestPlacementSimulation(t *testing.T) {
+	s, err := Open(context.Background(), filepath.Join(t.TempDir(), "kiln.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	storetest.Simulate(t, s)
+}

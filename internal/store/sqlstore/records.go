@@ -449,9 +449,9 @@ func (s *Store) CreateMicrovmWithinQuota(ctx context.Context, m store.Microvm, t
 }
 
 func (s *Store) insertMicrovm(ctx context.Context, tx Querier, m store.Microvm, tok *store.ClientToken) error {
-	_, err := tx.Exec(ctx, `INSERT INTO microvms (id, account, state, image, version, deadline_at, suspend_deadline_at, memory_mib, vcpus, data)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
-		m.ID, m.Account, string(m.State), m.ImageName, m.ImageVersion, m.DeadlineAt.UnixNano(), suspendDeadline(m), m.MemoryMiB, m.VCPUs, mustJSON(m))
+	_, err := tx.Exec(ctx, `INSERT INTO microvms (id, account, state, image, version, deadline_at, suspend_deadline_at, memory_mib, vcpus, node, data)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		m.ID, m.Account, string(m.State), m.ImageName, m.ImageVersion, m.DeadlineAt.UnixNano(), suspendDeadline(m), m.MemoryMiB, m.VCPUs, m.Node, mustJSON(m))
 	if errors.Is(err, ErrUnique) {
 		return fmt.Errorf("microvm %s exists: %w", m.ID, errdefs.ErrConflict)
 	}
@@ -543,19 +543,27 @@ func (s *Store) UpdateMicrovm(ctx context.Context, account, id string, from []st
 		if err := change(&m); err != nil {
 			return err
 		}
-		if m.State != before {
-			if err := s.insertEvent(ctx, tx, store.MicrovmEvent(m, before)); err != nil {
-				return err
-			}
-		}
-		_, err = tx.Exec(ctx, `UPDATE microvms SET state = ?, deadline_at = ?, suspend_deadline_at = ?, memory_mib = ?, vcpus = ?, data = ? WHERE id = ? AND account = ?`,
-			string(m.State), m.DeadlineAt.UnixNano(), suspendDeadline(m), m.MemoryMiB, m.VCPUs, mustJSON(m), id, account)
-		if err != nil {
-			return fmt.Errorf("updating microvm: %w", err)
-		}
-		return nil
+		return s.writeMicrovm(ctx, tx, m, before)
 	})
 	return m, err
+}
+
+// writeMicrovm rewrites m's record (read for update in tx) with the
+// columns queried beside it kept in step, and records the event of its
+// move from the state before, if it moved: every change of a stored
+// microVM goes through here (UpdateMicrovm, placement, HostLost).
+func (s *Store) writeMicrovm(ctx context.Context, tx Querier, m store.Microvm, before store.MicrovmState) error {
+	if m.State != before {
+		if err := s.insertEvent(ctx, tx, store.MicrovmEvent(m, before)); err != nil {
+			return err
+		}
+	}
+	_, err := tx.Exec(ctx, `UPDATE microvms SET state = ?, deadline_at = ?, suspend_deadline_at = ?, memory_mib = ?, vcpus = ?, node = ?, data = ? WHERE id = ? AND account = ?`,
+		string(m.State), m.DeadlineAt.UnixNano(), suspendDeadline(m), m.MemoryMiB, m.VCPUs, m.Node, mustJSON(m), m.ID, m.Account)
+	if err != nil {
+		return fmt.Errorf("updating microvm %s: %w", m.ID, err)
+	}
+	return nil
 }
 
 func (s *Store) CountMicrovmsByState(ctx context.Context) (map[store.MicrovmState]int, error) {

@@ -18,8 +18,8 @@
 // SQLite has one writer (BEGIN IMMEDIATE), so nothing can run between a
 // read and a write of one transaction; PostgreSQL runs at READ COMMITTED
 // and takes the locks that stand for it: the rows read and rewritten
-// (Dialect.ForUpdate) and an advisory lock on the account for quota
-// admission (Dialect.LockAccount).
+// (Dialect.ForUpdate), an advisory lock on the account for quota
+// admission (Dialect.LockAccount) and one for placement (Dialect.LockCluster).
 package sqlstore
 
 import (
@@ -131,6 +131,11 @@ type Dialect struct {
 	// parameter at the start of a quota admission, to make admissions of
 	// one account take turns.
 	LockAccount string
+	// LockCluster, when not empty, is run (without parameters) at the
+	// start of a placement or a node expiry, to make them take turns: a
+	// placement counts what every one before it committed, and no
+	// microVM is placed on a node while it is being declared lost.
+	LockCluster string
 	// Strpos is the function that returns the position of its second
 	// argument in its first (0 when absent).
 	Strpos string

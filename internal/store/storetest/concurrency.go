@@ -25,6 +25,9 @@ func Concurrency(t *testing.T, open func(t *testing.T) (store.Store, store.Store
 		{"quota across handles", quotaAcrossHandles},
 		{"build quota across handles", buildQuotaAcrossHandles},
 		{"stale epoch refused", staleEpoch},
+		{"placement never over-commits", placeRace},
+		{"node expired once", expireRace},
+		{"lease taken once", leaseRace},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

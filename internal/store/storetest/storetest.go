@@ -38,6 +38,10 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"nul bytes", nulBytes},
 		{"e2b keys", e2bKeys},
 		{"e2b sandboxes", e2bSandboxes},
+		{"cluster nodes", nodes},
+		{"cluster placement", placement},
+		{"cluster host lost", hostLost},
+		{"cluster leases", leases},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.fn(t, open(t)) })
