@@ -57,7 +57,7 @@ var endpointCert, endpointKey string
 
 func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep *lifecycle.Reporter) (lifecycle.Backend, api.TokenIssuer, error) {
 	log := newLogger()
-	eng, drv, err := startEngine(ctx, o, st, rep, "", log)
+	eng, drv, err := startEngine(ctx, o, st, rep, "", nil, log)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -126,7 +126,7 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 // `kiln server`, and for `kiln node` as node): the driver adopts the VMs
 // still running, the engine runs until ctx ends, and then both close
 // (counted in o.Stopping).
-func startEngine(ctx context.Context, o ServerOptions, st store.Store, rep *lifecycle.Reporter, node string, log *slog.Logger) (*engine.Engine, *qemu.Driver, error) {
+func startEngine(ctx context.Context, o ServerOptions, st store.Store, rep *lifecycle.Reporter, node string, fetch engine.TemplateFetcher, log *slog.Logger) (*engine.Engine, *qemu.Driver, error) {
 	if o.RequireKVM {
 		// Checked before the driver starts: it would adopt running VMs.
 		accel, why, err := qemu.ResolveAccel(accelFlag)
@@ -161,7 +161,7 @@ func startEngine(ctx context.Context, o ServerOptions, st store.Store, rep *life
 		}
 		log.Info("execution roles loaded (the file is re-read when it changes)", "file", o.RolesFile, "roles", roles.Len())
 	}
-	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep, Roles: roles, Node: node,
+	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep, Roles: roles, Node: node, FetchTemplate: fetch,
 		Builder: newImageBuilder(ctx, o, drv, s3cfg, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log,
 		MemoryOvercommit: o.MemoryOvercommit, MaxConcurrentBuilds: o.MaxConcurrentBuilds,
 		BuildTimeout: o.BuildTimeout, BuildLogMaxBytes: o.BuildLogMaxBytes})

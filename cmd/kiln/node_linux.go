@@ -49,7 +49,9 @@ func serveNode(ctx context.Context, o ServerOptions, st store.Store) error {
 	}
 	log := newLogger().With("node", c.NodeName)
 	rep := lifecycle.NewReporter(st)
-	eng, drv, err := startEngine(ctx, o, st, rep, c.NodeName, log)
+	peers := noderpc.NewClients(id.ClientTLS(clusterca.Node))
+	defer peers.Close()
+	eng, drv, err := startEngine(ctx, o, st, rep, c.NodeName, node.TemplateFetcher(cs, c.NodeName, peers, log), log)
 	if err != nil {
 		return err
 	}

@@ -12,9 +12,9 @@ import (
 // appFile holds a version's AppConfig beside its template pointer.
 const appFile = "app.json"
 
-// maxAppFile bounds what App reads: the file is kiln's own, but its
+// MaxAppFile bounds what App reads: the file is kiln's own, but its
 // contents come from a tenant's Dockerfile.
-const maxAppFile = 1 << 20
+const MaxAppFile = 1 << 20
 
 // SetApp records how the version's app was started.
 func (e *Engine) SetApp(account, image, version string, app AppConfig) error {
@@ -47,12 +47,12 @@ func (e *Engine) App(account, image, version string) (app AppConfig, found bool,
 		return app, false, err
 	}
 	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, maxAppFile+1))
+	data, err := io.ReadAll(io.LimitReader(f, MaxAppFile+1))
 	if err != nil {
 		return app, false, err
 	}
-	if len(data) > maxAppFile {
-		return app, false, fmt.Errorf("%s of %s:%s is over %d bytes", appFile, image, version, maxAppFile)
+	if len(data) > MaxAppFile {
+		return app, false, fmt.Errorf("%s of %s:%s is over %d bytes", appFile, image, version, MaxAppFile)
 	}
 	if err := json.Unmarshal(data, &app); err != nil {
 		return app, false, fmt.Errorf("reading %s of %s:%s: %w", appFile, image, version, err)

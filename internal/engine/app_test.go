@@ -27,7 +27,7 @@ func TestApp(t *testing.T) {
 		t.Fatal("another account's version has the app")
 	}
 	p := filepath.Join(e.imageDir("acct", "img", "1"), appFile)
-	os.WriteFile(p, []byte(strings.Repeat(" ", maxAppFile+1)), 0o600)
+	os.WriteFile(p, []byte(strings.Repeat(" ", MaxAppFile+1)), 0o600)
 	if _, _, err := e.App("acct", "img", "1"); err == nil || !strings.Contains(err.Error(), "over") {
 		t.Fatalf("oversized app.json: %v", err)
 	}

@@ -149,6 +149,9 @@ type Config struct {
 	// every other record to its own node. "" on a single `kiln server`,
 	// whose records all have Node "".
 	Node string
+	// FetchTemplate, when set, gets the template of an image version this
+	// host lacks before a start (a cluster node fetches it from another).
+	FetchTemplate TemplateFetcher
 }
 
 // Engine runs microVMs. Create it with New, hand it to api.NewServer (which
@@ -164,6 +167,9 @@ type Engine struct {
 
 	srvMu sync.RWMutex
 	srv   *lifecycle.Service
+
+	// tmplMu serialises template fetches (resolveTemplate).
+	tmplMu sync.Mutex
 
 	mu  sync.Mutex
 	vms map[string]*vmState
@@ -687,7 +693,7 @@ func (e *Engine) start(v *vmState, m store.Microvm) {
 		e.report(ctx, v, []store.MicrovmState{store.StatePending}, store.StateTerminated, reason+": "+err.Error())
 		e.forget(v)
 	}
-	tmpl, err := e.TemplateFor(m.Account, m.ImageName, m.ImageVersion)
+	tmpl, err := e.resolveTemplate(ctx, m.Account, m.ImageName, m.ImageVersion)
 	if err != nil {
 		fail("StartFailed", err)
 		return

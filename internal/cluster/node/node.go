@@ -12,6 +12,7 @@ package node
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,9 +21,11 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/cluster/noderpc"
+	"github.com/kiln-sandbox/kiln/internal/engine"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
 // Engine is what a node runs: internal/engine.
@@ -35,6 +38,7 @@ type Engine interface {
 	MarkActive(id string, t time.Time)
 	Templates() ([]string, error)
 	Owned() []string
+	ExportTemplate(ctx context.Context, account, image, version string, app func(*engine.AppConfig) error, emit func(vmm.TemplatePart) error) error
 }
 
 // Store is the store as a node uses it.
@@ -303,4 +307,94 @@ func (s service) Activity(_ context.Context, seen map[string]time.Time) error {
 		s.n.cfg.Engine.MarkActive(id, t)
 	}
 	return nil
+}
+
+func (s service) ExportTemplate(ctx context.Context, account, image, version string, send func(*noderpc.TemplateChunk) error) error {
+	var first *noderpc.TemplateChunk
+	return s.n.cfg.Engine.ExportTemplate(ctx, account, image, version, func(app *engine.AppConfig) error {
+		first = &noderpc.TemplateChunk{}
+		if app != nil {
+			b, err := json.Marshal(app)
+			if err != nil {
+				return err
+			}
+			first.App = b
+		}
+		return nil
+	}, func(p vmm.TemplatePart) error {
+		if first != nil {
+			first.Part, p = p, vmm.TemplatePart{}
+			c := first
+			first = nil
+			return send(c)
+		}
+		return send(&noderpc.TemplateChunk{Part: p})
+	})
+}
+
+// Peers gives the client of another node (for template fetches).
+type Peers interface {
+	Get(n store.Node) (*noderpc.Client, error)
+}
+
+// TemplateFetcher is the engine's engine.TemplateFetcher on a cluster
+// node: it asks each other active node in turn for the template, and
+// imports the first that has it. What a peer sends is checked by the
+// driver's import (vmm.TemplatePorter) and the app settings here.
+func TemplateFetcher(st Store, self string, peers Peers, log *slog.Logger) engine.TemplateFetcher {
+	return func(ctx context.Context, account, image, version string, imp engine.TemplateImport) error {
+		nodes, err := st.ListNodes(ctx)
+		if err != nil {
+			return err
+		}
+		var errs []error
+		for _, n := range nodes {
+			if n.Name == self || n.State != store.NodeActive {
+				continue
+			}
+			c, err := peers.Get(n)
+			if err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			err = c.FetchTemplate(ctx, account, image, version, func(next func() (*noderpc.TemplateChunk, error)) error {
+				first, err := next()
+				if err != nil {
+					return err
+				}
+				var app *engine.AppConfig
+				if len(first.App) > 0 {
+					app = new(engine.AppConfig)
+					if len(first.App) > engine.MaxAppFile || json.Unmarshal(first.App, app) != nil {
+						return fmt.Errorf("node %s sent malformed app settings: %w", n.Name, errdefs.ErrInvalid)
+					}
+				}
+				pending := &first.Part
+				return imp(app, func() (vmm.TemplatePart, error) {
+					if pending != nil {
+						p := *pending
+						pending = nil
+						return p, nil
+					}
+					ch, err := next()
+					if err != nil {
+						return vmm.TemplatePart{}, err
+					}
+					return ch.Part, nil
+				})
+			})
+			if err == nil {
+				log.Info("fetched a template from another node", "from", n.Name, "image", image, "version", version)
+				return nil
+			}
+			if ctx.Err() != nil {
+				return err
+			}
+			errs = append(errs, err)
+		}
+		if len(errs) == 0 {
+			return fmt.Errorf("no other node is active to fetch the template from: %w", errdefs.ErrNotFound)
+		}
+		return errors.Join(errs...)
+	}
 }

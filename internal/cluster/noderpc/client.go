@@ -3,6 +3,8 @@ package noderpc
 import (
 	"context"
 	"crypto/tls"
+	"errors"
+	"io"
 	"fmt"
 	"sync"
 	"time"
@@ -102,6 +104,48 @@ func (c *Client) EnsureRunning(ctx context.Context, id string) error {
 func (c *Client) Activity(ctx context.Context, seen map[string]time.Time) error {
 	_, err := call[Empty](ctx, c, "Activity", &ActivityRequest{Seen: seen})
 	return err
+}
+
+func (c *Client) ExportTemplate(ctx context.Context, account, image, version string, send func(*TemplateChunk) error) error {
+	return c.FetchTemplate(ctx, account, image, version, func(next func() (*TemplateChunk, error)) error {
+		for {
+			ch, err := next()
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			if err != nil {
+				return err
+			}
+			if err := send(ch); err != nil {
+				return err
+			}
+		}
+	})
+}
+
+// FetchTemplate asks the node for an image version's template and hands
+// recv the chunks as they come (next returns io.EOF after the last).
+func (c *Client) FetchTemplate(ctx context.Context, account, image, version string, recv func(next func() (*TemplateChunk, error)) error) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	st, err := c.conn.NewStream(ctx, &serviceDesc.Streams[0], "/"+ServiceName+"/ExportTemplate")
+	if err != nil {
+		return fromStatus(c.node, err)
+	}
+	if err := st.SendMsg(&VersionRequest{Account: account, Image: image, Version: version}); err != nil {
+		return fromStatus(c.node, err)
+	}
+	if err := st.CloseSend(); err != nil {
+		return fromStatus(c.node, err)
+	}
+	return recv(func() (*TemplateChunk, error) {
+		ch := new(TemplateChunk)
+		err := st.RecvMsg(ch)
+		if errors.Is(err, io.EOF) {
+			return nil, io.EOF
+		}
+		return ch, fromStatus(c.node, err)
+	})
 }
 
 var _ Service = (*Client)(nil)

@@ -27,6 +27,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/cluster/clusterca"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/store"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
 // ServiceName is the gRPC service a node serves.
@@ -55,6 +56,17 @@ type Service interface {
 	// Activity marks microVMs as used at the times given (an edge's
 	// requests), for the node's idle tracking.
 	Activity(ctx context.Context, seen map[string]time.Time) error
+	// ExportTemplate sends an image version's template (another node
+	// lacks it): the first chunk holds the app's settings and the
+	// manifest. errdefs.ErrNotFound if this node does not hold it.
+	ExportTemplate(ctx context.Context, account, image, version string, send func(*TemplateChunk) error) error
+}
+
+// TemplateChunk is one message of a template moving between nodes.
+type TemplateChunk struct {
+	// App is the version's app settings (engine.AppConfig), first chunk only.
+	App  json.RawMessage  `json:"app,omitempty"`
+	Part vmm.TemplatePart `json:"part"`
 }
 
 // Messages. Empty answers are Empty.
@@ -120,6 +132,7 @@ var callers = map[string][]clusterca.Role{
 	"Terminate": {clusterca.Control}, "Build": {clusterca.Control}, "DeleteImageVersion": {clusterca.Control},
 	"Snapshot": {clusterca.Control}, "Log": {clusterca.Control},
 	"EnsureRunning": {clusterca.Control, clusterca.Edge}, "Activity": {clusterca.Control, clusterca.Edge},
+	"ExportTemplate": {clusterca.Node},
 }
 
 func method[Req, Resp any](name string, call func(context.Context, Service, *Req) (*Resp, error)) grpc.MethodDesc {
@@ -208,13 +221,25 @@ var serviceDesc = grpc.ServiceDesc{
 			return done(s.Activity(ctx, r.Seen))
 		}),
 	},
+	Streams: []grpc.StreamDesc{{StreamName: "ExportTemplate", ServerStreams: true,
+		Handler: func(srv any, stream grpc.ServerStream) error {
+			if err := allowed(stream.Context(), "ExportTemplate"); err != nil {
+				return err
+			}
+			var req VersionRequest
+			if err := stream.RecvMsg(&req); err != nil {
+				return status.Errorf(codes.InvalidArgument, "decoding ExportTemplate: %v", err)
+			}
+			return toStatus(srv.(Service).ExportTemplate(stream.Context(), req.Account, req.Image, req.Version,
+				func(c *TemplateChunk) error { return stream.SendMsg(c) }))
+		}}},
 }
 
 // NewServer returns a gRPC server for svc on the node's identity, which
-// admits control and edges.
+// admits control, edges and other nodes (each to its own methods).
 func NewServer(id *clusterca.Identity, svc Service) *grpc.Server {
 	s := grpc.NewServer(
-		grpc.Creds(credentials.NewTLS(id.ServerTLS(clusterca.Control, clusterca.Edge))),
+		grpc.Creds(credentials.NewTLS(id.ServerTLS(clusterca.Control, clusterca.Edge, clusterca.Node))),
 		grpc.ForceServerCodecV2(codec{}),
 		grpc.MaxRecvMsgSize(MaxMessage), grpc.MaxSendMsgSize(MaxMessage),
 		grpc.ConnectionTimeout(10*time.Second),

@@ -15,6 +15,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/cluster/clusterca"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/store"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
 // recordingService stands in for the node's engine: the RPC layer, not
@@ -63,6 +64,21 @@ func (r *recordingService) EnsureRunning(_ context.Context, id string) error {
 }
 func (r *recordingService) Activity(_ context.Context, seen map[string]time.Time) error {
 	return r.rec(fmt.Sprintf("activity %d", len(seen)), store.Microvm{})
+}
+
+func (r *recordingService) ExportTemplate(_ context.Context, a, i, v string, send func(*TemplateChunk) error) error {
+	if err := r.rec("export "+a+"/"+i+"/"+v, store.Microvm{}); err != nil {
+		return err
+	}
+	if err := send(&TemplateChunk{App: []byte(`{"user":"nobody"}`), Part: vmm.TemplatePart{Manifest: &vmm.TemplateManifest{}}}); err != nil {
+		return err
+	}
+	for i := 0; i < 3; i++ {
+		if err := send(&TemplateChunk{Part: vmm.TemplatePart{File: i, Offset: int64(i), Data: []byte{byte(i + 1)}}}); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 type cluster struct {
@@ -164,15 +180,25 @@ func TestRolesPerMethod(t *testing.T) {
 	if !errors.As(err, &re) || re.Code != codes.PermissionDenied {
 		t.Fatalf("edge terminating: %v", err)
 	}
-	// A node's certificate cannot even connect: the server admits
-	// control and edges only.
+	// Another node may fetch a template, and nothing else.
 	other := c.client(t, clusterca.Node)
-	ctx2, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	if err := other.StartMicrovm(ctx2, store.Microvm{ID: "mvm-1"}); err == nil {
-		t.Fatal("a node commanded another node")
+	if err := other.StartMicrovm(ctx, store.Microvm{ID: "mvm-1"}); !errors.As(err, &re) || re.Code != codes.PermissionDenied {
+		t.Fatalf("a node commanding another node: %v", err)
 	}
-	if strings.Join(c.svc.calls, ",") != "wake mvm-1,activity 1" {
+	var got []*TemplateChunk
+	err = other.ExportTemplate(ctx, "A", "app", "1", func(ch *TemplateChunk) error { got = append(got, ch); return nil })
+	if err != nil || len(got) != 4 || string(got[0].App) != `{"user":"nobody"}` || got[0].Part.Manifest == nil || got[3].Part.Data[0] != 3 {
+		t.Fatalf("template stream: %v, %d chunks", err, len(got))
+	}
+	ctl := c.client(t, clusterca.Control)
+	if err := ctl.ExportTemplate(ctx, "A", "app", "1", func(*TemplateChunk) error { return nil }); !errors.As(err, &re) || re.Code != codes.PermissionDenied {
+		t.Fatalf("control fetching a template: %v", err)
+	}
+	c.svc.fail = fmt.Errorf("no template here: %w", errdefs.ErrNotFound)
+	if err := other.ExportTemplate(ctx, "A", "app", "2", func(*TemplateChunk) error { return nil }); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Fatalf("a template the node lacks: %v", err)
+	}
+	if strings.Join(c.svc.calls, ",") != "wake mvm-1,activity 1,export A/app/1,export A/app/2" {
 		t.Fatalf("calls %v", c.svc.calls)
 	}
 }
