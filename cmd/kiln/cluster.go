@@ -30,6 +30,9 @@ type ClusterOptions struct {
 	// NodeName, GRPCAddr and TunnelAddr: `kiln node`'s name and the
 	// addresses control and edges reach it at (registered in the store).
 	NodeName, GRPCAddr, TunnelAddr string
+	// CapacityMiB is the guest memory a node offers placement (0: what
+	// --memory-overcommit allows this host).
+	CapacityMiB int64
 	// NodeLease is how long a node's lease lasts per renewal; NodeGrace
 	// how long after it runs out control declares the node lost.
 	NodeLease, NodeGrace time.Duration
@@ -44,6 +47,7 @@ func addClusterFlags(f *pflag.FlagSet, c *ClusterOptions, node bool) {
 		host, _ := os.Hostname()
 		f.StringVar(&c.NodeName, "node-name", host, "this node's name in the cluster (its certificate's name)")
 		f.StringVar(&c.GRPCAddr, "grpc-addr", "", "HOST:PORT of this node's service for control and edges (mutual TLS); HOST must be in its certificate")
+		f.Int64Var(&c.CapacityMiB, "capacity-mib", 0, "guest memory MiB this node offers to placement (default: what --memory-overcommit allows this host)")
 		f.StringVar(&c.TunnelAddr, "tunnel-addr", "", "HOST:PORT of this node's endpoint tunnel for edges (mutual TLS; default: the --grpc-addr host, port+1)")
 	} else {
 		f.DurationVar(&c.NodeGrace, "node-grace", 20*time.Second, "how long after a node's lease runs out it is declared lost and its microVMs terminated (HostLost)")

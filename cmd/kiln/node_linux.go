@@ -61,7 +61,9 @@ func serveNode(ctx context.Context, o ServerOptions, st store.Store) error {
 	lifecycle.New(st, eng, nil)
 	platform, _ := json.Marshal(drv.Platform())
 	_, allowed := eng.CommittedMiB()
-	if allowed <= 0 {
+	if c.CapacityMiB > 0 {
+		allowed = c.CapacityMiB
+	} else if allowed <= 0 {
 		allowed = 1 << 40 // --memory-overcommit 0: no bound on this host
 	}
 	rpcAddr := c.GRPCAddr

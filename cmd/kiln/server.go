@@ -418,7 +418,11 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 	hs := newHTTPServer(connlimit.Handler(top))
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
-	fmt.Printf("kiln API serving at %s://%s (%s)\n", scheme, ln.Addr(), isolationNote(backend, accel))
+	note := isolationNote(backend, accel)
+	if o.Role == "control" {
+		note = "cluster control: microVMs run on the nodes"
+	}
+	fmt.Printf("kiln API serving at %s://%s (%s)\n", scheme, ln.Addr(), note)
 	fmt.Printf("kiln console at %s://%s%s (sign in with an access key from the credentials file)\n", scheme, ln.Addr(), console.Prefix)
 	select {
 	case err := <-errc:

@@ -72,7 +72,7 @@ func (b *Backend) StartMicrovm(ctx context.Context, m store.Microvm) error {
 	placed, n, err := b.st.PlaceMicrovm(ctx, m.Account, m.ID, store.Placement{MemoryMiB: mem,
 		Template: TemplateKey(m.Account, m.ImageName, m.ImageVersion), Now: b.now()})
 	if err != nil {
-		return fmt.Errorf("placing microvm %s: %w", m.ID, err)
+		return err
 	}
 	c, err := b.nodes(n)
 	if err != nil {

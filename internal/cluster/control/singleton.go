@@ -102,6 +102,7 @@ func (r *NodeReaper) Once(ctx context.Context) []string {
 	if t.Sub(r.healthySince) < r.NodeLease+r.Grace || !r.Lease.Held(ctx) {
 		return nil
 	}
+	r.startOrphans(ctx, t)
 	lost, err := r.St.ExpireNodes(ctx, t, r.Grace)
 	if err != nil {
 		slog.Error("declaring silent nodes lost", "err", err)
@@ -122,4 +123,29 @@ func (r *NodeReaper) Once(ctx context.Context) []string {
 		slog.Error("giving the builds of lost nodes to others", "err", err)
 	}
 	return lost
+}
+
+// orphanAge is how long a microVM may stay PENDING without a node before
+// a replica places it: the replica that recorded it died before placing.
+const orphanAge = 30 * time.Second
+
+// startOrphans places the PENDING microVMs no node was chosen for.
+func (r *NodeReaper) startOrphans(ctx context.Context, now time.Time) {
+	pending, err := r.St.ListMicrovmsInState(ctx, 100, store.StatePending)
+	if err != nil || r.Backend == nil {
+		return
+	}
+	for _, m := range pending {
+		if m.Node != "" || now.Sub(m.UpdatedAt) < orphanAge {
+			continue
+		}
+		slog.Warn("placing a microvm whose replica died before placing it", "microvm", m.ID)
+		if err := r.Backend.StartMicrovm(ctx, m); err != nil {
+			_, err = r.Backend.rep.MicrovmState(context.WithoutCancel(ctx), m.Account, m.ID, []store.MicrovmState{store.StatePending},
+				store.StateTerminated, "StartFailed: "+err.Error())
+			if err != nil {
+				slog.Warn("ending an orphaned microvm", "microvm", m.ID, "err", err)
+			}
+		}
+	}
 }

@@ -189,19 +189,50 @@ func (n *Node) recover(ctx context.Context) {
 	}
 }
 
-// reconcile ends what the engine holds that the store no longer places
-// here: a record terminated (the node was declared lost, or a terminate
-// came while it could not be reached) or placed elsewhere.
+// stale is how long a transition may wait for its call before the node
+// takes it up itself: control records a transition, then calls the node,
+// and may die in between.
+const stale = 15 * time.Second
+
+// reconcile brings what the engine holds in line with what the store
+// places here. It ends a microVM whose record was terminated (the node
+// was declared lost, or a terminate came while it could not be reached)
+// or placed elsewhere; and it takes up a transition recorded for a
+// microVM here whose call never came (control died between the record
+// and the call): a start, a terminate or a resume.
 func (n *Node) reconcile(ctx context.Context) {
 	mine, err := n.cfg.Store.ListNodeMicrovms(ctx, n.cfg.Name)
 	if err != nil {
 		return
 	}
+	owned := map[string]bool{}
+	for _, id := range n.cfg.Engine.Owned() {
+		owned[id] = true
+	}
 	placed := make(map[string]bool, len(mine))
+	now := n.cfg.Now()
 	for _, m := range mine {
 		placed[m.ID] = true
+		if now.Sub(m.UpdatedAt) < stale {
+			continue
+		}
+		var err error
+		switch {
+		case m.State == store.StatePending && !owned[m.ID]:
+			n.log.Warn("starting a microvm placed here whose start never came", "microvm", m.ID)
+			err = n.cfg.Engine.StartMicrovm(ctx, m)
+		case m.State == store.StateTerminating:
+			n.log.Warn("ending a microvm whose terminate never came", "microvm", m.ID)
+			err = n.cfg.Engine.TerminateMicrovm(ctx, m)
+		case m.State == store.StateSuspended && m.PendingOp == "resume":
+			n.log.Warn("resuming a microvm whose resume never came", "microvm", m.ID)
+			err = n.cfg.Engine.ResumeMicrovm(ctx, m)
+		}
+		if err != nil {
+			n.log.Warn("taking up a transition", "microvm", m.ID, "err", err)
+		}
 	}
-	for _, id := range n.cfg.Engine.Owned() {
+	for id := range owned {
 		if placed[id] {
 			continue
 		}

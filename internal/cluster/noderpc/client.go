@@ -4,8 +4,8 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
-	"io"
 	"fmt"
+	"io"
 	"sync"
 	"time"
 

@@ -1,0 +1,464 @@
+//go:build linux
+
+// Package cluster runs kiln as a cluster on one machine: a private
+// PostgreSQL, two `kiln control` replicas, `kiln node`s with real QEMU
+// microVMs and an edge, each a separate process with its own data
+// directory and cluster certificate, talking over gRPC with mutual TLS.
+// It checks the failure rules of docs/CLUSTER.md by killing and stopping
+// those processes.
+package cluster
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/awscli"
+	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/store"
+	"github.com/kiln-sandbox/kiln/internal/store/postgres"
+	"github.com/kiln-sandbox/kiln/internal/store/seal"
+	"github.com/kiln-sandbox/kiln/internal/store/postgres/pgtest"
+	"github.com/kiln-sandbox/kiln/test/kilntest"
+)
+
+var pg *pgtest.Cluster
+
+func TestMain(m *testing.M) {
+	os.Exit(pgtest.Run(func(c *pgtest.Cluster, skip string) int {
+		pg = c
+		return m.Run()
+	}))
+}
+
+// proc is one kiln role process.
+type proc struct {
+	name, data, log string
+	cmd             *exec.Cmd
+	exited          chan struct{}
+}
+
+// start runs kiln with args, its output in a file, and waits for ready
+// to appear in it.
+func start(ctx context.Context, t *testing.T, kiln, name, data, ready string, args ...string) *proc {
+	t.Helper()
+	p := &proc{name: name, data: data, log: filepath.Join(filepath.Dir(data), name+".log"), exited: make(chan struct{})}
+	f, err := os.OpenFile(p.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	p.cmd = exec.Command(kiln, append([]string{"--data-dir", data}, args...)...)
+	p.cmd.Stdout, p.cmd.Stderr = f, f
+	if err := p.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.cmd.Wait(); close(p.exited) }()
+	for end := time.Now().Add(90 * time.Second); ; {
+		b, _ := os.ReadFile(p.log)
+		if bytes.Contains(b, []byte(ready)) {
+			return p
+		}
+		select {
+		case <-p.exited:
+			t.Fatalf("%s exited before it was ready:\n%s", name, b)
+		case <-ctx.Done():
+			t.Fatal(ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+		if time.Now().After(end) {
+			t.Fatalf("%s not ready within 90s:\n%s", name, b)
+		}
+	}
+}
+
+func (p *proc) stop(t *testing.T) {
+	select {
+	case <-p.exited:
+		return
+	default:
+	}
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.exited:
+	case <-time.After(30 * time.Second):
+		t.Errorf("%s did not stop within 30s of SIGTERM", p.name)
+		p.cmd.Process.Kill()
+		<-p.exited
+	}
+}
+
+func (p *proc) kill() {
+	p.cmd.Process.Kill()
+	<-p.exited
+}
+
+func (p *proc) dumpLog(t *testing.T) {
+	b, _ := os.ReadFile(p.log)
+	if len(b) > 64<<10 {
+		b = b[len(b)-64<<10:]
+	}
+	t.Logf("%s log (tail):\n%s", p.name, b)
+}
+
+type clusterEnv struct {
+	t        *testing.T
+	kiln     string
+	work     string
+	caDir    string
+	storeURL string
+	db       *postgres.Store
+	procs    []*proc
+}
+
+func (c *clusterEnv) issue(role, name string) (ca, cert, key string) {
+	c.t.Helper()
+	out := filepath.Join(c.work, "certs", name)
+	cmd := exec.Command(c.kiln, "cluster-ca", "issue", "--dir", c.caDir, "--role", role, "--name", name, "--host", "127.0.0.1", "--out", out)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		c.t.Fatalf("issuing %s: %v\n%s", name, err, b)
+	}
+	return filepath.Join(out, "ca.crt"), filepath.Join(out, "tls.crt"), filepath.Join(out, "tls.key")
+}
+
+func (c *clusterEnv) clusterArgs(role, name string) []string {
+	ca, cert, key := c.issue(role, name)
+	return []string{"--store", c.storeURL, "--cluster-ca", ca, "--cluster-cert", cert, "--cluster-key", key}
+}
+
+// dataDir makes a role's data directory; shared keys (the sealing key of
+// access keys, the endpoint token key) are copied from first.
+func (c *clusterEnv) dataDir(name string, shareFrom string) string {
+	d := filepath.Join(c.work, name, "d")
+	if err := os.MkdirAll(d, 0o700); err != nil {
+		c.t.Fatal(err)
+	}
+	if shareFrom != "" {
+		for _, f := range []string{"secrets.key", "token.key", "credentials"} {
+			b, err := os.ReadFile(filepath.Join(shareFrom, f))
+			if err != nil {
+				c.t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(d, f), b, 0o600); err != nil {
+				c.t.Fatal(err)
+			}
+		}
+	}
+	return d
+}
+
+func (c *clusterEnv) startNode(ctx context.Context, name, kernelDir, shareFrom string, extra ...string) *proc {
+	d := c.dataDir(name, shareFrom)
+	os.Symlink(kernelDir, filepath.Join(d, "kernel"))
+	port := kilntest.FreePort(c.t)
+	args := append([]string{"node", "--node-name", name, "--grpc-addr", "127.0.0.1:" + port, "--tunnel-addr", "127.0.0.1:" + kilntest.FreePort(c.t),
+		"--metrics-addr", "", "--clone-pool", "0", "--node-lease", "3s", "--capacity-mib", "1024"}, c.clusterArgs("node", name)...)
+	p := start(ctx, c.t, c.kiln, name, d, "kiln node "+name+" serving", append(args, extra...)...)
+	c.procs = append(c.procs, p)
+	return p
+}
+
+func (c *clusterEnv) startControl(ctx context.Context, name, shareFrom string) (*proc, string) {
+	d := c.dataDir(name, shareFrom)
+	port := kilntest.FreePort(c.t)
+	args := append([]string{"control", "--api-addr", "127.0.0.1:" + port, "--metrics-addr", "", "--gc-interval", "0",
+		"--node-lease", "3s", "--node-grace", "5s"}, c.clusterArgs("control", name)...)
+	p := start(ctx, c.t, c.kiln, name, d, kilntest.ReadyLine, args...)
+	c.procs = append(c.procs, p)
+	return p, "http://127.0.0.1:" + port
+}
+
+// api is a client of one control replica.
+func (c *clusterEnv) api(apiURL, data string) *awscli.Client {
+	creds, err := auth.ReadCredentials(filepath.Join(data, "credentials"), "default")
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return awscli.NewClient(apiURL, "us-east-1", creds)
+}
+
+func call(ctx context.Context, t *testing.T, cl *awscli.Client, op string, in map[string]any) map[string]any {
+	t.Helper()
+	out, err := awscli.Call(ctx, cl, awscli.Find(op), in)
+	if err != nil {
+		t.Fatalf("%s: %v", op, err)
+	}
+	return out
+}
+
+func waitFor(ctx context.Context, t *testing.T, what string, limit time.Duration, ok func() bool) {
+	t.Helper()
+	end := time.Now().Add(limit)
+	for !ok() {
+		if time.Now().After(end) || ctx.Err() != nil {
+			t.Fatalf("%s: not within %v", what, limit)
+		}
+		time.Sleep(250 * time.Millisecond)
+	}
+}
+
+// record reads a microVM's record straight from the store.
+func (c *clusterEnv) record(ctx context.Context, id string) store.Microvm {
+	c.t.Helper()
+	m, err := c.db.LocateMicrovm(ctx, id)
+	if err != nil {
+		c.t.Fatalf("reading %s from the store: %v", id, err)
+	}
+	return m
+}
+
+func (c *clusterEnv) state(ctx context.Context, cl *awscli.Client, id string) string {
+	out, err := awscli.Call(ctx, cl, awscli.Find("GetMicrovm"), map[string]any{"microvmIdentifier": id})
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	s, _ := out["state"].(string)
+	return s
+}
+
+// terminateAll ends every microVM not TERMINATED, through cl, and waits.
+func (c *clusterEnv) terminateAll(cl *awscli.Client) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	ms, err := c.db.ListMicrovmsInState(ctx, 0, store.StatePending, store.StateRunning, store.StateSuspending, store.StateSuspended, store.StateTerminating)
+	if err != nil {
+		c.t.Errorf("listing microVMs to terminate: %v", err)
+		return
+	}
+	for _, m := range ms {
+		awscli.Call(ctx, cl, awscli.Find("TerminateMicrovm"), map[string]any{"microvmIdentifier": m.ID})
+	}
+	for _, m := range ms {
+		for ctx.Err() == nil && c.record(ctx, m.ID).State != store.StateTerminated {
+			time.Sleep(250 * time.Millisecond)
+		}
+	}
+}
+
+func TestCluster(t *testing.T) {
+	host := kilntest.Requirements(t, "cluster")
+	if pg == nil {
+		t.Skip("postgresql-15 is not installed: run make setup")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	work, bin, _ := kilntest.WorkDir(t, "kcl")
+	kiln := filepath.Join(bin, "kiln")
+	app := filepath.Join(work, "app")
+	for _, b := range []struct {
+		out, pkg string
+		static   bool
+	}{{kiln, "./cmd/kiln", false}, {filepath.Join(bin, "kiln-agent"), "./cmd/kiln-agent", true}, {app, "./test/sdk/testdata/app", true}} {
+		if err := kilntest.GoBuild(ctx, b.out, b.pkg, b.static); err != nil {
+			t.Fatal(err)
+		}
+	}
+	code := filepath.Join(work, "app.zip")
+	if err := kilntest.CodePackage(code, "FROM scratch\nCOPY app /app\nCMD [\"/app\"]\n", map[string]string{"app": app}); err != nil {
+		t.Fatal(err)
+	}
+	storeURL, err := pg.NewDatabase(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sl, err := seal.LoadOrCreate(filepath.Join(work, "test-secrets.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	db, err := postgres.Open(ctx, storeURL, sl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	c := &clusterEnv{t: t, kiln: kiln, work: work, caDir: filepath.Join(work, "ca"), storeURL: storeURL, db: db}
+	if b, err := exec.Command(kiln, "cluster-ca", "init", "--dir", c.caDir).CombinedOutput(); err != nil {
+		t.Fatalf("cluster-ca init: %v\n%s", err, b)
+	}
+	var live *awscli.Client // a control replica that still runs
+	defer func() {
+		if live != nil {
+			c.terminateAll(live)
+		}
+		for i := len(c.procs) - 1; i >= 0; i-- {
+			c.procs[i].stop(t)
+			if t.Failed() {
+				c.procs[i].dumpLog(t)
+			}
+		}
+		for _, p := range c.procs {
+			if pids := kilntest.QemuOf(p.data); len(pids) > 0 {
+				t.Errorf("QEMU processes of %s left after the cluster stopped: %v", p.name, pids)
+				for _, pid := range pids {
+					syscall.Kill(pid, syscall.SIGKILL)
+				}
+			}
+		}
+	}()
+
+	// Control A first: it makes the admin key, the sealing key and the
+	// token key, which the other roles share.
+	ctlA, urlA := c.startControl(ctx, "control-a", "")
+	ctlB, urlB := c.startControl(ctx, "control-b", ctlA.data)
+	nodeA := c.startNode(ctx, "node-a", host.KernelDir, ctlA.data)
+	nodeB := c.startNode(ctx, "node-b", host.KernelDir, ctlA.data)
+	_ = ctlB
+	a, b := c.api(urlA, ctlA.data), c.api(urlB, ctlA.data)
+	live = b
+
+	// An image built through replica A, on a node control chose.
+	t0 := time.Now()
+	call(ctx, t, a, "CreateMicrovmImage", map[string]any{"name": "app", "baseImageArn": "arn:aws:lambda:us-east-1:aws:microvm-image:debian-12",
+		"buildRoleArn": "arn:aws:iam::123456789012:role/build", "codeArtifact": map[string]any{"uri": kilntest.FileURI(code)},
+		"resources": []any{map[string]any{"minimumMemoryInMiB": 512}}})
+	img, err := awscli.Wait(ctx, a, awscli.Find("CreateMicrovmImage"), nil, map[string]any{"name": "app", "imageVersion": "1"}, io.Discard)
+	if err != nil || img["state"] != "CREATED" {
+		t.Fatalf("image: %v %v", img, err)
+	}
+	t.Logf("image built through control-a in %v", time.Since(t0).Round(100*time.Millisecond))
+
+	// Four microVMs, created through either replica: with room for two of
+	// 512 MiB per node, they spread over both nodes, and the node that did
+	// not build the image fetches its template.
+	var ids []string
+	for i := 0; i < 4; i++ {
+		cl := []*awscli.Client{a, b}[i%2]
+		out := call(ctx, t, cl, "RunMicrovm", map[string]any{"imageIdentifier": "app", "clientToken": fmt.Sprintf("run-%d", i)})
+		ids = append(ids, out["microvmId"].(string))
+	}
+	perNode := map[string]int{}
+	for _, id := range ids {
+		waitFor(ctx, t, id+" RUNNING", 3*time.Minute, func() bool { return c.state(ctx, b, id) == "RUNNING" })
+		perNode[c.record(ctx, id).Node]++
+	}
+	if perNode["node-a"] != 2 || perNode["node-b"] != 2 {
+		t.Fatalf("placement: %v, want 2 on each node", perNode)
+	}
+	// A fifth does not fit anywhere: refused with the reason, nothing
+	// over-committed.
+	if _, err := awscli.Call(ctx, a, awscli.Find("RunMicrovm"), map[string]any{"imageIdentifier": "app"}); err == nil ||
+		!strings.Contains(err.Error(), "no node can take 512 MiB") {
+		t.Fatalf("a fifth microVM with both nodes full: %v", err)
+	}
+	for _, n := range []string{"node-a", "node-b"} {
+		nd, err := db.GetNode(ctx, n)
+		if err != nil || nd.CommittedMiB > nd.CapacityMiB {
+			t.Fatalf("%s: %+v %v", n, nd, err)
+		}
+	}
+
+	// Read, suspend, resume and terminate through the other replica.
+	vm := ids[0]
+	call(ctx, t, b, "SuspendMicrovm", map[string]any{"microvmIdentifier": vm})
+	waitFor(ctx, t, "suspended", 2*time.Minute, func() bool { return c.state(ctx, a, vm) == "SUSPENDED" })
+	call(ctx, t, a, "ResumeMicrovm", map[string]any{"microvmIdentifier": vm})
+	waitFor(ctx, t, "resumed", 2*time.Minute, func() bool { return c.state(ctx, b, vm) == "RUNNING" })
+	call(ctx, t, b, "TerminateMicrovm", map[string]any{"microvmIdentifier": vm})
+	waitFor(ctx, t, "terminated", time.Minute, func() bool { return c.state(ctx, a, vm) == "TERMINATED" })
+
+	// An expired microVM is terminated exactly once, by one replica.
+	out := call(ctx, t, b, "RunMicrovm", map[string]any{"imageIdentifier": "app", "maximumDurationInSeconds": 20})
+	short := out["microvmId"].(string)
+	waitFor(ctx, t, "short-lived TERMINATED", 3*time.Minute, func() bool { return c.state(ctx, a, short) == "TERMINATED" })
+	evs, _, err := db.ListEvents(ctx, c.record(ctx, short).Account, store.EventFilter{Kind: store.EventMicrovm, Resource: short}, store.Page{Limit: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	terminating := 0
+	for _, e := range evs {
+		if e.State == string(store.StateTerminating) {
+			terminating++
+		}
+	}
+	if terminating != 1 {
+		t.Errorf("the expired microVM went TERMINATING %d times, want once: %+v", terminating, evs)
+	}
+
+	// SIGSTOP of a node shorter than lease plus grace: nothing terminated.
+	nodeA.cmd.Process.Signal(syscall.SIGSTOP)
+	time.Sleep(5 * time.Second)
+	nodeA.cmd.Process.Signal(syscall.SIGCONT)
+	time.Sleep(3 * time.Second)
+	for _, id := range ids[1:] {
+		if s := c.state(ctx, a, id); s != "RUNNING" {
+			t.Errorf("after node-a paused briefly, %s is %s", id, s)
+		}
+	}
+
+	// SIGKILL of a node: its microVMs become TERMINATED (HostLost) within
+	// lease plus grace.
+	var onB []string
+	for _, id := range ids[1:] {
+		if c.record(ctx, id).Node == "node-b" {
+			onB = append(onB, id)
+		}
+	}
+	killed := time.Now()
+	nodeB.kill()
+	for _, id := range onB {
+		waitFor(ctx, t, id+" HostLost", 30*time.Second, func() bool {
+			m := c.record(ctx, id)
+			return m.State == store.StateTerminated && strings.HasPrefix(m.StateReason, store.ReasonHostLost)
+		})
+	}
+	t.Logf("node-b's %d microVMs TERMINATED (HostLost) %v after its SIGKILL (lease 3s, grace 5s)", len(onB), time.Since(killed).Round(100*time.Millisecond))
+	// The stand-in host is gone: what it ran goes with it.
+	for _, pid := range kilntest.QemuOf(nodeB.data) {
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	for _, id := range onB {
+		netns.Teardown(ctx, id)
+	}
+
+	// SIGKILL of a control replica in the middle of a burst of RunMicrovm
+	// with client tokens: each token, retried on the other replica, makes
+	// exactly one microVM.
+	var mu sync.Mutex
+	made := map[string]string{}
+	var wg sync.WaitGroup
+	for i := 0; i < 6; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			tok := fmt.Sprintf("burst-%d", i)
+			in := map[string]any{"imageIdentifier": "app", "clientToken": tok, "maximumDurationInSeconds": 600}
+			out, err := awscli.Call(ctx, a, awscli.Find("RunMicrovm"), in)
+			if err != nil {
+				out, err = awscli.Call(ctx, b, awscli.Find("RunMicrovm"), in)
+			}
+			if err != nil {
+				t.Errorf("RunMicrovm %s on both replicas: %v", tok, err)
+				return
+			}
+			mu.Lock()
+			made[tok] = out["microvmId"].(string)
+			mu.Unlock()
+		}(i)
+		if i == 2 {
+			ctlA.kill()
+		}
+	}
+	wg.Wait()
+	for tok, id := range made {
+		again := call(ctx, t, b, "RunMicrovm", map[string]any{"imageIdentifier": "app", "clientToken": tok, "maximumDurationInSeconds": 600})
+		if again["microvmId"] != id {
+			t.Errorf("token %s made %s and then %v", tok, id, again["microvmId"])
+		}
+	}
+	all, err := db.ListMicrovmsInState(ctx, 0, store.StatePending, store.StateRunning, store.StateSuspending, store.StateSuspended, store.StateTerminating, store.StateTerminated)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := len(all); n != len(ids)+2+len(made) {
+		t.Errorf("%d microVM records after the burst, want %d (no duplicates)", n, len(ids)+2+len(made))
+	}
+}
