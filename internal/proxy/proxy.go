@@ -332,6 +332,11 @@ func (s *Server) guestFailed(w http.ResponseWriter, id string, err error) {
 	if errors.Is(err, context.Canceled) {
 		return // the client went away
 	}
+	if errors.Is(err, ErrNotFound) || errors.Is(err, ErrSuspended) {
+		// A Target.Dial found the VM gone or asleep after Lookup.
+		s.backendError(w, id, err)
+		return
+	}
 	s.log.Warn("proxy: guest request failed", "microvm", id, "err", err)
 	writeError(w, http.StatusBadGateway, "the microVM did not answer on this port")
 }

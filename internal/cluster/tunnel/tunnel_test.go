@@ -9,37 +9,11 @@ import (
 	"net"
 	"net/netip"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/cluster/clustertest"
-	"github.com/kiln-sandbox/kiln/internal/proxy"
 )
-
-// vmTable stands in for the engine's Lookup and RunningNow: which
-// microVMs this node runs, where, and whether they run.
-type vmTable struct {
-	mu      sync.Mutex
-	addr    map[string]netip.Addr
-	stopped map[string]bool
-}
-
-func (v *vmTable) Lookup(_ context.Context, id string) (proxy.Target, error) {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	a, ok := v.addr[id]
-	if !ok {
-		return proxy.Target{}, proxy.ErrNotFound
-	}
-	return proxy.Target{Addr: a}, nil
-}
-
-func (v *vmTable) RunningNow(id string) bool {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	return !v.stopped[id]
-}
 
 // guestPort is a real TCP listener on loopback standing in for a guest
 // port: it reads until the client half-closes, answers "got:" and what
@@ -69,12 +43,12 @@ func guestPort(t *testing.T) uint16 {
 
 type node struct {
 	addr string
-	vms  *vmTable
+	vms  *clustertest.Guests
 }
 
 func startNode(t *testing.T, ca *clustertest.CA, timeout time.Duration) *node {
 	t.Helper()
-	vms := &vmTable{addr: map[string]netip.Addr{}, stopped: map[string]bool{}}
+	vms := clustertest.NewGuests()
 	s, err := NewServer(ServerConfig{TLS: ca.ServerConfig(t, "node"), Resolver: vms, HandshakeTimeout: timeout})
 	if err != nil {
 		t.Fatal(err)
@@ -100,7 +74,7 @@ var loopback = netip.MustParseAddr("127.0.0.1")
 func TestTunnelCarriesBytesBothWaysWithHalfClose(t *testing.T) {
 	ca := clustertest.NewCA(t, "cluster")
 	n := startNode(t, ca, time.Second)
-	n.vms.addr["mvm-1"] = loopback
+	n.vms.Set("mvm-1", loopback, true)
 	port := guestPort(t)
 	ctx := context.Background()
 	c, err := Dial(ctx, n.addr, ca.ClientConfig(t, "edge"), "mvm-1", port)
@@ -127,9 +101,8 @@ func TestTunnelRefusals(t *testing.T) {
 	ca := clustertest.NewCA(t, "cluster")
 	n := startNode(t, ca, time.Second)
 	port := guestPort(t)
-	n.vms.addr["mvm-up"] = loopback
-	n.vms.addr["mvm-asleep"] = loopback
-	n.vms.stopped["mvm-asleep"] = true
+	n.vms.Set("mvm-up", loopback, true)
+	n.vms.Set("mvm-asleep", loopback, false)
 	closed, _ := net.Listen("tcp", "127.0.0.1:0")
 	closedPort := uint16(closed.Addr().(*net.TCPAddr).Port)
 	closed.Close()
@@ -161,7 +134,7 @@ func TestTunnelRefusals(t *testing.T) {
 func TestTunnelNeedsAClusterCertificate(t *testing.T) {
 	ca := clustertest.NewCA(t, "cluster")
 	n := startNode(t, ca, time.Second)
-	n.vms.addr["mvm-1"] = loopback
+	n.vms.Set("mvm-1", loopback, true)
 	port := guestPort(t)
 	noCert := &tls.Config{RootCAs: ca.Pool}
 	if _, err := Dial(context.Background(), n.addr, noCert, "mvm-1", port); err == nil {
@@ -225,7 +198,8 @@ func TestTunnelAnswersMalformedHeaders(t *testing.T) {
 
 func TestServeEndsOpenTunnels(t *testing.T) {
 	ca := clustertest.NewCA(t, "cluster")
-	vms := &vmTable{addr: map[string]netip.Addr{"mvm-1": loopback}, stopped: map[string]bool{}}
+	vms := clustertest.NewGuests()
+	vms.Set("mvm-1", loopback, true)
 	s, err := NewServer(ServerConfig{TLS: ca.ServerConfig(t, "node"), Resolver: vms})
 	if err != nil {
 		t.Fatal(err)
