@@ -332,8 +332,9 @@ func (s *Server) guestFailed(w http.ResponseWriter, id string, err error) {
 	if errors.Is(err, context.Canceled) {
 		return // the client went away
 	}
-	if errors.Is(err, ErrNotFound) || errors.Is(err, ErrSuspended) {
-		// A Target.Dial found the VM gone or asleep after Lookup.
+	if errors.Is(err, ErrNotFound) || errors.Is(err, ErrSuspended) || errors.Is(err, ErrUnavailable) || errors.Is(err, errdefs.ErrExhausted) {
+		// A Target.Dial found the VM gone, asleep or unable to wake after
+		// Lookup: answered as if Lookup or EnsureRunning had said so.
 		s.backendError(w, id, err)
 		return
 	}

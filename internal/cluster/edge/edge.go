@@ -218,7 +218,7 @@ func (b *Backend) dialer(id string, node store.Node) func(ctx context.Context, p
 			if lerr != nil {
 				return nil, fmt.Errorf("%w; looking it up again: %w", err, lerr)
 			}
-			return tunnel.Dial(ctx, r.node.TunnelAddr, b.cfg.TLS, id, port)
+			return b.retry(ctx, r.node, id, port)
 		case errors.Is(err, tunnel.ErrUnavailable):
 			b.forget(id)
 			if werr := b.EnsureRunning(ctx, id); werr != nil {
@@ -226,12 +226,25 @@ func (b *Backend) dialer(id string, node store.Node) func(ctx context.Context, p
 			}
 			r, ok := b.cached(id)
 			if !ok {
-				return nil, err
+				return nil, fmt.Errorf("%w: %w", proxy.ErrUnavailable, err)
 			}
-			return tunnel.Dial(ctx, r.node.TunnelAddr, b.cfg.TLS, id, port)
+			return b.retry(ctx, r.node, id, port)
 		}
 		return c, err
 	}
+}
+
+// retry is a dialer's second and last attempt. A node that still does not
+// have the microVM, or has it not running, makes it unavailable for now
+// (the store and the node disagree while a move or a state change
+// settles), not a guest that fails to answer.
+func (b *Backend) retry(ctx context.Context, node store.Node, id string, port uint16) (net.Conn, error) {
+	c, err := tunnel.Dial(ctx, node.TunnelAddr, b.cfg.TLS, id, port)
+	if errors.Is(err, tunnel.ErrNoSuchMicrovm) || errors.Is(err, tunnel.ErrUnavailable) {
+		b.forget(id)
+		return nil, fmt.Errorf("%w: %w", proxy.ErrUnavailable, err)
+	}
+	return c, err
 }
 
 // RunningNow implements proxy.RunningNow from the route cache: the store

@@ -233,3 +233,23 @@ func TestRouteCache(t *testing.T) {
 		t.Errorf("terminated: %v, want proxy.ErrNotFound", err)
 	}
 }
+
+// TestEdgeWhileStoreAndNodeDisagree: the store still names a node that no
+// longer has the microVM (a move not recorded yet): 503, for the client
+// to retry, and the route is not kept.
+func TestEdgeWhileStoreAndNodeDisagree(t *testing.T) {
+	h := newHarness(t, time.Hour)
+	g := h.guest("node-a", "mvm-d", guestAddr, store.StateRunning, nil, false)
+	tok := h.token("mvm-d")
+	if code, got := h.get(h.client, "mvm-d", tok); code != 200 {
+		t.Fatalf("%d %q", code, got)
+	}
+	h.nodes["node-a"].guests.Remove("mvm-d")
+	g.Close()
+	if code, got := h.get(h.client, "mvm-d", tok); code != 503 {
+		t.Fatalf("node without the microVM the store places there: %d %q, want 503", code, got)
+	}
+	if _, ok := h.edge.cached("mvm-d"); ok {
+		t.Error("the route the node refused is still cached")
+	}
+}
