@@ -229,6 +229,10 @@ func (b *Backend) dialer(id string, node store.Node) func(ctx context.Context, p
 				return nil, fmt.Errorf("%w: %w", proxy.ErrUnavailable, err)
 			}
 			return b.retry(ctx, r.node, id, port)
+		case err != nil && !errors.Is(err, tunnel.ErrRefused):
+			// The node did not answer (moved to another address, or
+			// gone): the next request reads its record again.
+			b.forget(id)
 		}
 		return c, err
 	}

@@ -153,6 +153,7 @@ type testNode struct {
 	dials  atomic.Int32
 	mu     sync.Mutex
 	ports  map[string]*httptest.Server // guestAddr:port → this node's guest
+	stop   func()                      // ends the tunnel server and its tunnels
 }
 
 type harness struct {
@@ -259,7 +260,8 @@ func (h *harness) startNode(ca *clustertest.CA, name string) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { srv.Serve(ctx, ln); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
+	n.stop = sync.OnceFunc(func() { cancel(); <-done })
+	t.Cleanup(n.stop)
 	if _, err := h.locator.RegisterNode(ctx, store.Node{Name: name, TunnelAddr: ln.Addr().String(), RPCAddr: "127.0.0.1:1",
 		CapacityMiB: 1 << 20, LeaseExpiresAt: time.Now().Add(time.Hour)}); err != nil {
 		t.Fatal(err)

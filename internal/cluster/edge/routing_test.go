@@ -190,6 +190,59 @@ func TestEdgeReportsActivity(t *testing.T) {
 	if left != 0 {
 		t.Errorf("%d activity entries left after everything was reported", left)
 	}
+
+	// Run reports by itself, every ReportEvery.
+	h.edge.cfg.ReportEvery = 10 * time.Millisecond
+	rctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { h.edge.Run(rctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	h.edge.ConnOpened("mvm-b")
+	mark = time.Now()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		h.reports.mu.Lock()
+		b := got["node-b"]["mvm-b"]
+		h.reports.mu.Unlock()
+		if !b.Before(mark) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("Run did not report an open request within 5 s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	h.edge.ConnClosed("mvm-b")
+}
+
+// TestEdgeForgetsAnUnreachableNode: a node that does not answer at the
+// address cached for it costs one failed request; the next one reads the
+// store, which names its new address.
+func TestEdgeForgetsAnUnreachableNode(t *testing.T) {
+	h := newHarness(t, time.Hour)
+	h.guest("node-a", "mvm-u", guestAddr, store.StateRunning, nil, false)
+	tok := h.token("mvm-u")
+	if code, got := h.get(h.client, "mvm-u", tok); code != 200 {
+		t.Fatalf("%d %q", code, got)
+	}
+	// node-a re-registers at node-b's address (a restart on another
+	// port, say); what it had is gone with the old address.
+	ctx := context.Background()
+	nb, _ := h.locator.GetNode(ctx, "node-b")
+	na, _ := h.locator.GetNode(ctx, "node-a")
+	na.TunnelAddr = nb.TunnelAddr
+	if _, err := h.locator.RegisterNode(ctx, na); err != nil {
+		t.Fatal(err)
+	}
+	h.app("node-b", "mvm-u", guestAddr2, true)
+	h.nodes["node-a"].stop()
+	code, _ := h.get(h.client, "mvm-u", tok)
+	if code == 200 {
+		t.Fatal("reached a stopped node")
+	}
+	if code, got := h.get(h.client, "mvm-u", tok); code != 200 || got != "node-b/mvm-u" {
+		t.Fatalf("after the node's new address: %d %q", code, got)
+	}
 }
 
 // TestRouteCache: routes are reused within RouteTTL, read again after it,

@@ -45,7 +45,9 @@ type ServerConfig struct {
 	Logger           *slog.Logger
 }
 
-// Server is the node side of the tunnel.
+// Server is the node side of the tunnel. An open tunnel is not activity
+// of its microVM: the edge keeps idle tunnels for its next requests and
+// reports the requests themselves (edge.ActivityReporter).
 type Server struct {
 	cfg ServerConfig
 
