@@ -19,6 +19,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/coder/websocket"
+
 	"github.com/kiln-sandbox/kiln/internal/cluster/clustertest"
 	"github.com/kiln-sandbox/kiln/internal/cluster/tunnel"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
@@ -294,6 +296,10 @@ func (h *harness) guest(node, id string, addr netip.Addr, state store.MicrovmSta
 func (h *harness) app(node, id string, addr netip.Addr, running bool) *httptest.Server {
 	n := h.nodes[node]
 	g := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/ws" {
+			echo(w, r, node+"/"+id)
+			return
+		}
 		json.NewEncoder(w).Encode(map[string]string{"guest": node + "/" + id, "auth": r.Header.Get(proxy.HeaderAuth)})
 	}))
 	h.t.Cleanup(g.Close)
@@ -353,4 +359,22 @@ func (h *harness) get(c *http.Client, id, tok string) (int, string) {
 		return resp.StatusCode, string(body)
 	}
 	return resp.StatusCode, got["guest"]
+}
+
+// echo serves a WebSocket that answers each message with name and it.
+func echo(w http.ResponseWriter, r *http.Request, name string) {
+	c, err := websocket.Accept(w, r, nil)
+	if err != nil {
+		return
+	}
+	defer c.CloseNow()
+	for {
+		typ, msg, err := c.Read(r.Context())
+		if err != nil {
+			return
+		}
+		if c.Write(r.Context(), typ, append([]byte(name+":"), msg...)) != nil {
+			return
+		}
+	}
 }

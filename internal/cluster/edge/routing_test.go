@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/coder/websocket"
+
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
@@ -304,5 +306,46 @@ func TestEdgeWhileStoreAndNodeDisagree(t *testing.T) {
 	}
 	if _, ok := h.edge.cached("mvm-d"); ok {
 		t.Error("the route the node refused is still cached")
+	}
+}
+
+// TestEdgeWebSocket: a WebSocket reaches its own microVM through the
+// tunnel (two nodes, the same guest address), and while it is open its
+// microVM is reported active now.
+func TestEdgeWebSocket(t *testing.T) {
+	h := newHarness(t, time.Minute)
+	h.guest("node-a", "mvm-a", guestAddr, store.StateRunning, nil, false)
+	h.guest("node-b", "mvm-b", guestAddr, store.StateRunning, nil, false)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conns := map[string]*websocket.Conn{}
+	for _, id := range []string{"mvm-a", "mvm-b"} {
+		c, resp, err := websocket.Dial(ctx, "wss://"+id+"."+domain+"/ws", &websocket.DialOptions{
+			HTTPClient: h.client1, Subprotocols: []string{proxy.SubprotoAuth + h.token(id)}})
+		if err != nil {
+			t.Fatalf("%s: %v (%v)", id, err, resp)
+		}
+		defer c.CloseNow()
+		conns[id] = c
+	}
+	for i := range 3 {
+		for id, c := range conns {
+			msg := fmt.Sprintf("m%d", i)
+			if err := c.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
+				t.Fatal(err)
+			}
+			_, got, err := c.Read(ctx)
+			node := map[string]string{"mvm-a": "node-a", "mvm-b": "node-b"}[id]
+			if err != nil || string(got) != node+"/"+id+":"+msg {
+				t.Fatalf("%s: %q, %v", id, got, err)
+			}
+		}
+	}
+	mark := time.Now()
+	h.edge.Report(ctx)
+	for node, id := range map[string]string{"node-a": "mvm-a", "node-b": "mvm-b"} {
+		if seen := h.reports.got[node][id]; seen.Before(mark) {
+			t.Errorf("%s with a WebSocket open reported at %v, before the report", id, seen)
+		}
 	}
 }
