@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"strings"
 	"sync/atomic"
@@ -32,13 +33,20 @@ func TestRoutedTargetsNeverShareConnections(t *testing.T) {
 	lo := netip.MustParseAddr("127.0.0.1")
 	dials := map[string]*atomic.Int32{}
 	for _, vm := range []string{"ra", "rb"} {
-		addr := guest(t, "guest-"+vm, true)
+		// Port 8080 plain (h1 and h2c), 8443 TLS: both answer the VM's name.
+		ports := map[uint16]string{8080: guest(t, "guest-"+vm, true)}
+		tg := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			json.NewEncoder(w).Encode(map[string]any{"guest": "guest-" + vm})
+		}))
+		t.Cleanup(tg.Close)
+		ports[8443] = tg.Listener.Addr().String()
 		n := &atomic.Int32{}
 		dials[vm] = n
 		e.backend.vms[vm] = &fakeVM{tgt: Target{Account: "acct", Addr: lo, Ingress: true, Route: "node-" + vm + "/" + vm,
 			Dial: func(ctx context.Context, port uint16) (net.Conn, error) {
-				if port != 8080 {
-					return nil, fmt.Errorf("dialled port %d, want 8080", port)
+				addr, ok := ports[port]
+				if !ok {
+					return nil, fmt.Errorf("dialled port %d", port)
 				}
 				n.Add(1)
 				var d net.Dialer
@@ -58,6 +66,11 @@ func TestRoutedTargetsNeverShareConnections(t *testing.T) {
 		"h2c": func(vm string) *http.Request {
 			r, _ := http.NewRequest("GET", "https://"+vm+"."+domain+"/", nil)
 			r.Header.Set(HeaderForceH2, "true")
+			return r
+		},
+		"tls guest": func(vm string) *http.Request {
+			r, _ := http.NewRequest("GET", "https://"+vm+"."+domain+"/", nil)
+			r.Header.Set(HeaderPort, "8443")
 			return r
 		},
 	}
@@ -90,8 +103,9 @@ func TestRoutedTargetsNeverShareConnections(t *testing.T) {
 		t.Errorf("Config.Dial was called %d times for routed targets", n)
 	}
 	for vm, n := range dials {
-		// The TLS probe, the fast path's pool, and the two Transports'.
-		if got := n.Load(); got > 6 {
+		// Two TLS probes, the fast path's pool, the two plain Transports'
+		// and the TLS one's (once per client protocol at most).
+		if got := n.Load(); got > 10 {
 			t.Errorf("%s: %d dials for %d requests: connections are not pooled", vm, got, rounds*len(modes))
 		}
 		t.Logf("%s: %d tunnel dials for %d requests", vm, n.Load(), rounds*len(modes))
