@@ -96,7 +96,32 @@ type Target struct {
 	Ingress bool
 	// Shell is the SHELL_INGRESS connector (port 8022 with a shell token).
 	Shell bool
+	// Dial, when set, reaches the guest's port instead of Config.Dial to
+	// Addr:port (kiln edge: through the tunnel to the node that runs the
+	// VM); Addr is then unused.
+	Dial func(ctx context.Context, port uint16) (net.Conn, error)
+	// Route names what Dial reaches: the node and the microVM. Upstream
+	// connections are pooled, and a guest's TLS remembered, per Route and
+	// port, so that a connection to one microVM never carries another's
+	// request, even where two guests on two nodes have the same address.
+	Route string
 }
+
+// ConnectorAccess derives Target.Ingress and Target.Shell from a microVM's
+// ingress network connectors (ARNs ending in the connector's name). No
+// connector at all keeps the endpoint open (a token is still required);
+// NO_INGRESS, or a list without ALL_INGRESS, refuses it.
+func ConnectorAccess(ingressConnectors []string) (ingress, shell bool) {
+	has := func(name string) bool {
+		return slices.ContainsFunc(ingressConnectors, func(a string) bool { return strings.HasSuffix(a, ":"+name) })
+	}
+	return len(ingressConnectors) == 0 || has(connAllIngress), has(connShellIngress)
+}
+
+const (
+	connAllIngress   = "aws-network-connector:ALL_INGRESS"
+	connShellIngress = "aws-network-connector:SHELL_INGRESS"
+)
 
 // Backend is the proxy's view of the VM engine and lifecycle controller.
 type Backend interface {
@@ -169,7 +194,7 @@ type Server struct {
 	running RunningNow
 
 	tlsMu    sync.Mutex
-	tlsPorts map[netip.AddrPort]tlsProbe
+	tlsPorts map[string]tlsProbe // by upstream host:port
 }
 
 // tlsProbe remembers whether a guest port spoke TLS, for a while: an app
@@ -192,6 +217,7 @@ const (
 	keyAccount
 	keyTarget
 	keyProtocols
+	keyRoute
 )
 
 // MicrovmID returns the microVM a request is routed to.
@@ -213,10 +239,10 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, tlsPorts: map[netip.AddrPort]tlsProbe{}}
+	s := &Server{cfg: cfg, log: cfg.Logger, tlsPorts: map[string]tlsProbe{}}
 	s.running, _ = cfg.Backend.(RunningNow)
 	h1 := &http.Transport{
-		DialContext:         cfg.Dial,
+		DialContext:         s.dial,
 		MaxIdleConns:        1024,
 		MaxIdleConnsPerHost: 256,
 		IdleConnTimeout:     30 * time.Second,
@@ -228,13 +254,13 @@ func New(cfg Config) (*Server, error) {
 	var p http.Protocols
 	p.SetUnencryptedHTTP2(true)
 	h2c := &http.Transport{
-		DialContext:        cfg.Dial,
+		DialContext:        s.dial,
 		Protocols:          &p,
 		IdleConnTimeout:    30 * time.Second,
 		DisableCompression: true,
 	}
 	s.h1 = s.reverseProxy(h1)
-	s.up = &h1Upstream{dial: cfg.Dial}
+	s.up = &h1Upstream{dial: s.dial}
 	s.h2 = s.reverseProxy(h2c)
 	// The app's certificate is its own (self-signed as a rule); like AWS's
 	// proxy, kiln does not verify it: the hop is the host's private link
@@ -243,11 +269,11 @@ func New(cfg Config) (*Server, error) {
 		return &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS12, NextProtos: protos}
 	}
 	s.tls1 = s.reverseProxy(&http.Transport{
-		DialContext: cfg.Dial, TLSClientConfig: upTLS("http/1.1"), MaxIdleConnsPerHost: 64,
+		DialContext: s.dial, TLSClientConfig: upTLS("http/1.1"), MaxIdleConnsPerHost: 64,
 		IdleConnTimeout: 30 * time.Second, DisableCompression: true, ExpectContinueTimeout: time.Second,
 	})
 	s.tls2 = s.reverseProxy(&http.Transport{
-		DialContext: cfg.Dial, TLSClientConfig: upTLS("h2", "http/1.1"), ForceAttemptHTTP2: true, MaxIdleConnsPerHost: 64,
+		DialContext: s.dial, TLSClientConfig: upTLS("h2", "http/1.1"), ForceAttemptHTTP2: true, MaxIdleConnsPerHost: 64,
 		IdleConnTimeout: 30 * time.Second, DisableCompression: true, ExpectContinueTimeout: time.Second,
 	})
 	return s, nil
@@ -305,6 +331,12 @@ func (s *Server) reverseProxy(t http.RoundTripper) *httputil.ReverseProxy {
 func (s *Server) guestFailed(w http.ResponseWriter, id string, err error) {
 	if errors.Is(err, context.Canceled) {
 		return // the client went away
+	}
+	if errors.Is(err, ErrNotFound) || errors.Is(err, ErrSuspended) || errors.Is(err, ErrUnavailable) || errors.Is(err, errdefs.ErrExhausted) {
+		// A Target.Dial found the VM gone, asleep or unable to wake after
+		// Lookup: answered as if Lookup or EnsureRunning had said so.
+		s.backendError(w, id, err)
+		return
 	}
 	s.log.Warn("proxy: guest request failed", "microvm", id, "err", err)
 	writeError(w, http.StatusBadGateway, "the microVM did not answer on this port")
@@ -445,11 +477,16 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		s.cfg.ShellHandler.ServeHTTP(w, r.WithContext(ctx))
 		return
 	}
-	ap := netip.AddrPortFrom(tgt.Addr, port)
-	u := &url.URL{Scheme: "http", Host: ap.String()}
+	host := netip.AddrPortFrom(tgt.Addr, port).String()
+	if tgt.Dial != nil {
+		rd := &routeDial{host: routeHost(tgt.Route, port), port: port, dial: tgt.Dial}
+		host = rd.host
+		ctx = context.WithValue(ctx, keyRoute, rd)
+	}
+	u := &url.URL{Scheme: "http", Host: host}
 	ctx = context.WithValue(ctx, keyTarget, u)
 	ctx = context.WithValue(ctx, keyProtocols, protos)
-	if s.speaksTLS(ctx, ap) {
+	if s.speaksTLS(ctx, host) {
 		// AWS: "The proxy auto-detects whether your server speaks TLS and
 		// adjusts (re-encrypt for end-to-end TLS ...)".
 		u.Scheme = "https"
@@ -470,6 +507,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		rp = s.h2
 	}
 	if rp == s.h1 && fastPathOK(r) {
+		if tgt.Dial != nil {
+			r = r.WithContext(ctx) // the route's dial; a local guest saves the copy
+		}
 		s.forwardH1(w, r, id, u)
 		return
 	}
@@ -503,12 +543,13 @@ func (s *Server) wake(ctx context.Context, w http.ResponseWriter, id string, e2b
 	return true
 }
 
-// speaksTLS reports whether the app at ap answers a TLS handshake. The
-// answer is kept for tlsProbeTTL. A port that answers neither (nothing
-// listens, or it keeps silent) counts as plaintext, as before.
-func (s *Server) speaksTLS(ctx context.Context, ap netip.AddrPort) bool {
+// speaksTLS reports whether the app at upstream host:port answers a TLS
+// handshake. The answer is kept for tlsProbeTTL. A port that answers
+// neither (nothing listens, or it keeps silent) counts as plaintext, as
+// before.
+func (s *Server) speaksTLS(ctx context.Context, host string) bool {
 	s.tlsMu.Lock()
-	p, ok := s.tlsPorts[ap]
+	p, ok := s.tlsPorts[host]
 	s.tlsMu.Unlock()
 	if ok && time.Since(p.at) < tlsProbeTTL {
 		return p.tls
@@ -516,7 +557,7 @@ func (s *Server) speaksTLS(ctx context.Context, ap netip.AddrPort) bool {
 	pctx, cancel := context.WithTimeout(ctx, tlsProbeTimeout)
 	defer cancel()
 	yes := false
-	if c, err := s.cfg.Dial(pctx, "tcp", ap.String()); err == nil {
+	if c, err := s.dial(pctx, "tcp", host); err == nil {
 		tc := tls.Client(c, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS12})
 		yes = tc.HandshakeContext(pctx) == nil
 		tc.Close()
@@ -527,7 +568,7 @@ func (s *Server) speaksTLS(ctx context.Context, ap netip.AddrPort) bool {
 	if len(s.tlsPorts) >= maxTLSProbes {
 		clear(s.tlsPorts)
 	}
-	s.tlsPorts[ap] = tlsProbe{tls: yes, at: time.Now()}
+	s.tlsPorts[host] = tlsProbe{tls: yes, at: time.Now()}
 	s.tlsMu.Unlock()
 	return yes
 }
