@@ -9,10 +9,13 @@ import (
 	"log/slog"
 	"net"
 	"strconv"
+	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/cluster/clusterca"
 	"github.com/kiln-sandbox/kiln/internal/cluster/node"
 	"github.com/kiln-sandbox/kiln/internal/cluster/noderpc"
+	"github.com/kiln-sandbox/kiln/internal/cluster/tunnel"
+	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
@@ -76,6 +79,18 @@ func serveNode(ctx context.Context, o ServerOptions, st store.Store) error {
 		return err
 	}
 	srv := noderpc.NewServer(id, n.Service())
+	// The endpoint tunnel: only edges may open one (it reaches any guest
+	// port without an endpoint token; the edge checked the token).
+	tln, err := net.Listen("tcp", c.TunnelAddr)
+	if err != nil {
+		return fmt.Errorf("--tunnel-addr %s: %w", c.TunnelAddr, err)
+	}
+	tun, err := tunnel.NewServer(tunnel.ServerConfig{TLS: id.ServerTLS(clusterca.Edge), Resolver: eng,
+		Dial: netns.HostDialer(5 * time.Second).DialContext, Logger: log})
+	if err != nil {
+		return err
+	}
+	go tun.Serve(ctx, tln)
 	go n.Run(ctx)
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()

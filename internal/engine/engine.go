@@ -378,12 +378,9 @@ func (e *Engine) newState(m store.Microvm) (*vmState, bool) {
 	if v, ok := e.vms[m.ID]; ok {
 		return v, false
 	}
+	ingress, shell := proxy.ConnectorAccess(m.IngressNetworkConnectors)
 	v := &vmState{id: m.ID, account: m.Account, image: m.ImageName, version: m.ImageVersion,
-		// No ingress connector at all keeps the endpoint open (a token is
-		// still required); NO_INGRESS, or a list without ALL_INGRESS,
-		// refuses it.
-		ingress: len(m.IngressNetworkConnectors) == 0 || connector(m.IngressNetworkConnectors, ConnAllIngress),
-		shell:   connector(m.IngressNetworkConnectors, ConnShellIngress),
+		ingress: ingress, shell: shell,
 		egress:  connector(m.EgressNetworkConnectors, ConnInternetEgress),
 		role:    m.ExecutionRoleArn,
 		changed: make(chan struct{}),

@@ -11,8 +11,12 @@ package cluster
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -27,8 +31,8 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/postgres"
-	"github.com/kiln-sandbox/kiln/internal/store/seal"
 	"github.com/kiln-sandbox/kiln/internal/store/postgres/pgtest"
+	"github.com/kiln-sandbox/kiln/internal/store/seal"
 	"github.com/kiln-sandbox/kiln/test/kilntest"
 )
 
@@ -226,6 +230,67 @@ func (c *clusterEnv) state(ctx context.Context, cl *awscli.Client, id string) st
 	return s
 }
 
+// startEdge runs `kiln edge` with control's token key and returns it
+// and its endpoint address.
+func (c *clusterEnv) startEdge(ctx context.Context, controlData string) (*proc, string) {
+	d := c.dataDir("edge", "")
+	addr := "127.0.0.1:" + kilntest.FreePort(c.t)
+	args := append([]string{"edge", "--endpoint-addr", addr, "--metrics-addr", "", "--token-key", filepath.Join(controlData, "token.key")},
+		c.clusterArgs("edge", "edge-a")...)
+	p := start(ctx, c.t, c.kiln, "edge", d, "kiln edge serving", args...)
+	c.procs = append(c.procs, p)
+	return p, addr
+}
+
+// client returns a function that GETs / of a microVM's port 8080
+// through the edge at addr, with a token made by a control replica.
+func (c *clusterEnv) client(caFile, addr string) func(ctx context.Context, t *testing.T, cl *awscli.Client, id string) string {
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	hc := &http.Client{Timeout: 90 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool},
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, network, addr)
+		}}}
+	return func(ctx context.Context, t *testing.T, cl *awscli.Client, id string) string {
+		tok, err := awscli.Call(ctx, cl, awscli.Find("CreateMicrovmAuthToken"), map[string]any{"microvmIdentifier": id,
+			"expirationInMinutes": 10, "allowedPorts": []any{map[string]any{"port": 8080}}})
+		if err != nil {
+			return "token: " + err.Error()
+		}
+		req, _ := http.NewRequestWithContext(ctx, "GET", "https://"+id+".microvm.localhost/hello", nil)
+		hdrs, _ := tok["authToken"].(map[string]any)
+		for k, v := range hdrs {
+			req.Header.Set(k, fmt.Sprint(v))
+		}
+		res, err := hc.Do(req)
+		if err != nil {
+			return "request: " + err.Error()
+		}
+		defer res.Body.Close()
+		b, _ := io.ReadAll(io.LimitReader(res.Body, 4096))
+		return fmt.Sprintf("%d %s", res.StatusCode, b)
+	}
+}
+
+// events counts a microVM's lifecycle events into state.
+func (c *clusterEnv) events(ctx context.Context, id string, state store.MicrovmState) int {
+	evs, _, err := c.db.ListEvents(ctx, c.record(ctx, id).Account, store.EventFilter{Kind: store.EventMicrovm, Resource: id}, store.Page{Limit: 100})
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	n := 0
+	for _, e := range evs {
+		if e.State == string(state) {
+			n++
+		}
+	}
+	return n
+}
+
 // terminateAll ends every microVM not TERMINATED, through cl, and waits.
 func (c *clusterEnv) terminateAll(cl *awscli.Client) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
@@ -309,11 +374,12 @@ func TestCluster(t *testing.T) {
 	// token key, which the other roles share.
 	ctlA, urlA := c.startControl(ctx, "control-a", "")
 	ctlB, urlB := c.startControl(ctx, "control-b", ctlA.data)
-	nodeA := c.startNode(ctx, "node-a", host.KernelDir, ctlA.data)
-	nodeB := c.startNode(ctx, "node-b", host.KernelDir, ctlA.data)
-	_ = ctlB
+	nodeA := c.startNode(ctx, "node-a", host.KernelDir, ctlA.data, "--capacity-mib", "1536")
+	nodeB := c.startNode(ctx, "node-b", host.KernelDir, ctlA.data, "--capacity-mib", "1536")
+	edgeP, edgeAddr := c.startEdge(ctx, ctlA.data)
 	a, b := c.api(urlA, ctlA.data), c.api(urlB, ctlA.data)
 	live = b
+	get := c.client(filepath.Join(edgeP.data, "ca.pem"), edgeAddr)
 
 	// An image built through replica A, on a node control chose.
 	t0 := time.Now()
@@ -326,28 +392,36 @@ func TestCluster(t *testing.T) {
 	}
 	t.Logf("image built through control-a in %v", time.Since(t0).Round(100*time.Millisecond))
 
-	// Four microVMs, created through either replica: with room for two of
-	// 512 MiB per node, they spread over both nodes, and the node that did
-	// not build the image fetches its template.
+	// Six microVMs of 512 MiB, created through either replica, fill both
+	// nodes (1536 MiB each): placement spreads them, and the node that did
+	// not build the image fetches its template. Two have an idle policy:
+	// "idle" gets no traffic and must be suspended, "busy" gets requests
+	// through the edge and must stay up.
+	idle := map[string]any{"maxIdleDurationSeconds": 60, "suspendedDurationSeconds": 600, "autoResumeEnabled": true}
 	var ids []string
-	for i := 0; i < 4; i++ {
-		cl := []*awscli.Client{a, b}[i%2]
-		out := call(ctx, t, cl, "RunMicrovm", map[string]any{"imageIdentifier": "app", "clientToken": fmt.Sprintf("run-%d", i)})
+	for i := 0; i < 6; i++ {
+		in := map[string]any{"imageIdentifier": "app", "clientToken": fmt.Sprintf("run-%d", i)}
+		if i >= 4 {
+			in["idlePolicy"] = idle
+		}
+		out := call(ctx, t, []*awscli.Client{a, b}[i%2], "RunMicrovm", in)
 		ids = append(ids, out["microvmId"].(string))
 	}
+	idleVM, busyVM := ids[4], ids[5]
 	perNode := map[string]int{}
 	for _, id := range ids {
 		waitFor(ctx, t, id+" RUNNING", 3*time.Minute, func() bool { return c.state(ctx, b, id) == "RUNNING" })
 		perNode[c.record(ctx, id).Node]++
 	}
-	if perNode["node-a"] != 2 || perNode["node-b"] != 2 {
-		t.Fatalf("placement: %v, want 2 on each node", perNode)
+	if perNode["node-a"] != 3 || perNode["node-b"] != 3 {
+		t.Fatalf("placement: %v, want 3 on each node", perNode)
 	}
-	// A fifth does not fit anywhere: refused with the reason, nothing
+	idleSince := time.Now()
+	// A seventh does not fit anywhere: refused with the reason, nothing
 	// over-committed.
 	if _, err := awscli.Call(ctx, a, awscli.Find("RunMicrovm"), map[string]any{"imageIdentifier": "app"}); err == nil ||
 		!strings.Contains(err.Error(), "no node can take 512 MiB") {
-		t.Fatalf("a fifth microVM with both nodes full: %v", err)
+		t.Fatalf("a seventh microVM with both nodes full: %v", err)
 	}
 	for _, n := range []string{"node-a", "node-b"} {
 		nd, err := db.GetNode(ctx, n)
@@ -355,6 +429,25 @@ func TestCluster(t *testing.T) {
 			t.Fatalf("%s: %+v %v", n, nd, err)
 		}
 	}
+	// Each answers through the edge, with a token from either replica.
+	for i, id := range ids {
+		if body := get(ctx, t, []*awscli.Client{a, b}[i%2], id); !strings.Contains(body, "hello") {
+			t.Errorf("%s through the edge: %q", id, body)
+		}
+	}
+	busyStop := make(chan struct{})
+	busyDone := make(chan struct{})
+	go func() {
+		defer close(busyDone)
+		for {
+			select {
+			case <-busyStop:
+				return
+			case <-time.After(5 * time.Second):
+			}
+			get(ctx, t, a, busyVM)
+		}
+	}()
 
 	// Read, suspend, resume and terminate through the other replica.
 	vm := ids[0]
@@ -369,18 +462,27 @@ func TestCluster(t *testing.T) {
 	out := call(ctx, t, b, "RunMicrovm", map[string]any{"imageIdentifier": "app", "maximumDurationInSeconds": 20})
 	short := out["microvmId"].(string)
 	waitFor(ctx, t, "short-lived TERMINATED", 3*time.Minute, func() bool { return c.state(ctx, a, short) == "TERMINATED" })
-	evs, _, err := db.ListEvents(ctx, c.record(ctx, short).Account, store.EventFilter{Kind: store.EventMicrovm, Resource: short}, store.Page{Limit: 100})
-	if err != nil {
-		t.Fatal(err)
+	if n := c.events(ctx, short, store.StateTerminating); n != 1 {
+		t.Errorf("the expired microVM went TERMINATING %d times, want once", n)
 	}
-	terminating := 0
-	for _, e := range evs {
-		if e.State == string(store.StateTerminating) {
-			terminating++
-		}
+
+	// Idle suspend and auto-resume through the edge: "idle" is suspended
+	// by its node after its minute; "busy", with requests through the
+	// edge, is not; a request to "idle" wakes it.
+	waitFor(ctx, t, "idle microVM SUSPENDED", 3*time.Minute, func() bool { return c.state(ctx, a, idleVM) == "SUSPENDED" })
+	t.Logf("the idle microVM was suspended %v after it started", time.Since(idleSince).Round(time.Second))
+	close(busyStop)
+	<-busyDone
+	if s := c.state(ctx, a, busyVM); s != "RUNNING" || c.events(ctx, busyVM, store.StateSuspending) != 0 {
+		t.Errorf("the microVM with traffic through the edge is %s (suspended %d times)", s, c.events(ctx, busyVM, store.StateSuspending))
 	}
-	if terminating != 1 {
-		t.Errorf("the expired microVM went TERMINATING %d times, want once: %+v", terminating, evs)
+	woke := time.Now()
+	if body := get(ctx, t, b, idleVM); !strings.Contains(body, "hello") {
+		t.Errorf("the suspended microVM through the edge: %q", body)
+	}
+	t.Logf("auto-resume through the edge answered in %v", time.Since(woke).Round(time.Millisecond))
+	if s := c.state(ctx, a, idleVM); s != "RUNNING" {
+		t.Errorf("after a request through the edge the idle microVM is %s", s)
 	}
 
 	// SIGSTOP of a node shorter than lease plus grace: nothing terminated.
@@ -388,16 +490,35 @@ func TestCluster(t *testing.T) {
 	time.Sleep(5 * time.Second)
 	nodeA.cmd.Process.Signal(syscall.SIGCONT)
 	time.Sleep(3 * time.Second)
-	for _, id := range ids[1:] {
+	running := ids[1:]
+	for _, id := range running {
 		if s := c.state(ctx, a, id); s != "RUNNING" {
 			t.Errorf("after node-a paused briefly, %s is %s", id, s)
+		}
+	}
+
+	// PostgreSQL away for 60 s: no node is declared lost, and every
+	// microVM answers afterwards.
+	t.Logf("stopping PostgreSQL for 60s")
+	if err := pg.Outage(ctx, 60*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(10 * time.Second) // longer than lease plus grace
+	for _, n := range []string{"node-a", "node-b"} {
+		if nd, err := db.GetNode(ctx, n); err != nil || nd.State != store.NodeActive {
+			t.Errorf("after the store outage %s is %+v (%v)", n, nd.State, err)
+		}
+	}
+	for _, id := range running {
+		if body := get(ctx, t, a, id); !strings.Contains(body, "hello") {
+			t.Errorf("%s after the store outage: %q", id, body)
 		}
 	}
 
 	// SIGKILL of a node: its microVMs become TERMINATED (HostLost) within
 	// lease plus grace.
 	var onB []string
-	for _, id := range ids[1:] {
+	for _, id := range running {
 		if c.record(ctx, id).Node == "node-b" {
 			onB = append(onB, id)
 		}
@@ -419,9 +540,14 @@ func TestCluster(t *testing.T) {
 		netns.Teardown(ctx, id)
 	}
 
-	// SIGKILL of a control replica in the middle of a burst of RunMicrovm
-	// with client tokens: each token, retried on the other replica, makes
-	// exactly one microVM.
+	// A new node joins; then SIGKILL of control replica A in the middle of
+	// a burst of RunMicrovm with client tokens: each token, retried on B,
+	// makes exactly one microVM, and each of them runs.
+	c.startNode(ctx, "node-c", host.KernelDir, ctlA.data, "--capacity-mib", "4096")
+	before, err := db.ListMicrovmsInState(ctx, 0, store.StatePending, store.StateRunning, store.StateSuspending, store.StateSuspended, store.StateTerminating, store.StateTerminated)
+	if err != nil {
+		t.Fatal(err)
+	}
 	var mu sync.Mutex
 	made := map[string]string{}
 	var wg sync.WaitGroup
@@ -430,7 +556,7 @@ func TestCluster(t *testing.T) {
 		go func(i int) {
 			defer wg.Done()
 			tok := fmt.Sprintf("burst-%d", i)
-			in := map[string]any{"imageIdentifier": "app", "clientToken": tok, "maximumDurationInSeconds": 600}
+			in := map[string]any{"imageIdentifier": "app", "clientToken": tok}
 			out, err := awscli.Call(ctx, a, awscli.Find("RunMicrovm"), in)
 			if err != nil {
 				out, err = awscli.Call(ctx, b, awscli.Find("RunMicrovm"), in)
@@ -449,16 +575,18 @@ func TestCluster(t *testing.T) {
 	}
 	wg.Wait()
 	for tok, id := range made {
-		again := call(ctx, t, b, "RunMicrovm", map[string]any{"imageIdentifier": "app", "clientToken": tok, "maximumDurationInSeconds": 600})
+		again := call(ctx, t, b, "RunMicrovm", map[string]any{"imageIdentifier": "app", "clientToken": tok})
 		if again["microvmId"] != id {
 			t.Errorf("token %s made %s and then %v", tok, id, again["microvmId"])
 		}
+		waitFor(ctx, t, "burst microVM "+id+" RUNNING", 2*time.Minute, func() bool { return c.state(ctx, b, id) == "RUNNING" })
 	}
-	all, err := db.ListMicrovmsInState(ctx, 0, store.StatePending, store.StateRunning, store.StateSuspending, store.StateSuspended, store.StateTerminating, store.StateTerminated)
+	after, err := db.ListMicrovmsInState(ctx, 0, store.StatePending, store.StateRunning, store.StateSuspending, store.StateSuspended, store.StateTerminating, store.StateTerminated)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n := len(all); n != len(ids)+2+len(made) {
-		t.Errorf("%d microVM records after the burst, want %d (no duplicates)", n, len(ids)+2+len(made))
+	if n := len(after) - len(before); n != len(made) || len(made) != 6 {
+		t.Errorf("the burst of 6 tokens made %d microVM records (%d answered), want 6", n, len(made))
 	}
+	_ = ctlB
 }

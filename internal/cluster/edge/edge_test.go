@@ -23,7 +23,6 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/cluster/clustertest"
 	"github.com/kiln-sandbox/kiln/internal/cluster/tunnel"
-	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
@@ -44,46 +43,6 @@ var (
 	guestAddr  = netip.MustParseAddr("10.200.0.2")
 	guestAddr2 = netip.MustParseAddr("10.200.0.3")
 )
-
-// nodeTable is a stand-in for the node half of store.Cluster, used only
-// while internal/store/sqlite does not implement store.Cluster (branch
-// cl-store adds it): nodes live in memory, microVMs in the real SQLite
-// store, read by id through the account the test recorded.
-type nodeTable struct {
-	st *sqlite.Store
-
-	mu       sync.Mutex
-	nodes    map[string]store.Node
-	accounts map[string]string
-}
-
-func (n *nodeTable) RegisterNode(_ context.Context, node store.Node) (store.Node, error) {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	node.State = store.NodeActive
-	n.nodes[node.Name] = node
-	return node, nil
-}
-
-func (n *nodeTable) GetNode(_ context.Context, name string) (store.Node, error) {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	node, ok := n.nodes[name]
-	if !ok {
-		return store.Node{}, fmt.Errorf("node %s: %w", name, errdefs.ErrNotFound)
-	}
-	return node, nil
-}
-
-func (n *nodeTable) LocateMicrovm(ctx context.Context, id string) (store.Microvm, error) {
-	n.mu.Lock()
-	acct, ok := n.accounts[id]
-	n.mu.Unlock()
-	if !ok {
-		return store.Microvm{}, fmt.Errorf("microvm %s: %w", id, errdefs.ErrNotFound)
-	}
-	return n.st.GetMicrovm(ctx, acct, id)
-}
 
 // clusterStore is what the test needs of the store: the edge's reads and
 // node registration.
@@ -181,11 +140,7 @@ func newHarness(t *testing.T, ttl time.Duration) *harness {
 	}
 	t.Cleanup(func() { st.Close() })
 	h := &harness{t: t, st: st, nodes: map[string]*testNode{}, reports: &recordingReporter{fail: map[string]bool{}, got: map[string]map[string]time.Time{}}}
-	if c, ok := any(st).(clusterStore); ok {
-		h.locator = c
-	} else {
-		h.locator = &nodeTable{st: st, nodes: map[string]store.Node{}, accounts: map[string]string{}}
-	}
+	h.locator = st
 	h.waker = &recordingWaker{h: h}
 	ca := clustertest.NewCA(t, "kiln cluster")
 	for _, name := range []string{"node-a", "node-b"} {
@@ -281,11 +236,6 @@ func (h *harness) guest(node, id string, addr netip.Addr, state store.MicrovmSta
 		IdlePolicy: &store.IdlePolicy{AutoResumeEnabled: autoResume}, StartedAt: now, UpdatedAt: now, DeadlineAt: now.Add(10 * time.Minute)}
 	if err := h.st.CreateMicrovm(context.Background(), m, nil); err != nil {
 		h.t.Fatal(err)
-	}
-	if nt, ok := h.locator.(*nodeTable); ok {
-		nt.mu.Lock()
-		nt.accounts[id] = account
-		nt.mu.Unlock()
 	}
 	h.moveRecord(id, node)
 	return g

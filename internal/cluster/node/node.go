@@ -24,6 +24,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/engine"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
+	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
@@ -329,8 +330,22 @@ func (s service) DeleteImageVersion(ctx context.Context, account, image, version
 	return s.n.cfg.Engine.DeleteImageVersion(ctx, account, image, version)
 }
 
+// EnsureRunning gives the proxy's answers categories that cross the
+// wire (noderpc keeps errdefs categories): not found, suspended without
+// auto-resume (a conflict), cannot run now.
 func (s service) EnsureRunning(ctx context.Context, id string) error {
-	return s.n.cfg.Engine.EnsureRunning(ctx, id)
+	err := s.n.cfg.Engine.EnsureRunning(ctx, id)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, proxy.ErrNotFound):
+		return fmt.Errorf("%w: %w", err, errdefs.ErrNotFound)
+	case errors.Is(err, proxy.ErrSuspended):
+		return fmt.Errorf("%w: %w", err, errdefs.ErrConflict)
+	case errors.Is(err, proxy.ErrUnavailable):
+		return fmt.Errorf("%w: %w", err, errdefs.ErrUnavailable)
+	}
+	return err
 }
 
 func (s service) Activity(_ context.Context, seen map[string]time.Time) error {

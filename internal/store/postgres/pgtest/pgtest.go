@@ -34,6 +34,8 @@ var ErrMissing = errors.New("postgresql-15 is not installed (" + BinDir + "); ru
 // Cluster is a running private cluster.
 type Cluster struct {
 	dir  string // data directory's parent, and the socket directory
+	data string
+	cred *syscall.Credential
 	cmd  *exec.Cmd
 	done chan struct{}
 	n    atomic.Int64
@@ -59,7 +61,7 @@ func Start(ctx context.Context) (*Cluster, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Cluster{dir: dir, done: make(chan struct{})}
+	c := &Cluster{dir: dir}
 	cred, err := credential()
 	if err != nil {
 		os.RemoveAll(dir)
@@ -71,7 +73,6 @@ func Start(ctx context.Context) (*Cluster, error) {
 			return nil, err
 		}
 	}
-	logf := filepath.Join(dir, "server.log")
 	data := filepath.Join(dir, "data")
 	initdb := exec.CommandContext(ctx, filepath.Join(BinDir, "initdb"), "-D", data, "-U", "postgres", "--auth=trust",
 		"-E", "UTF8", "--locale=C", "--no-sync")
@@ -80,30 +81,67 @@ func Start(ctx context.Context) (*Cluster, error) {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("initdb: %w: %s", err, out)
 	}
-	lf, err := os.Create(logf)
-	if err != nil {
+	c.data, c.cred = data, cred
+	if err := c.startServer(ctx); err != nil {
 		os.RemoveAll(dir)
 		return nil, err
 	}
+	return c, nil
+}
+
+// startServer runs the server on the cluster's data and waits until it
+// takes connections.
+func (c *Cluster) startServer(ctx context.Context) error {
+	logf := filepath.Join(c.dir, "server.log")
+	lf, err := os.OpenFile(logf, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
 	defer lf.Close()
+	c.done = make(chan struct{})
 	// fsync off: the cluster is thrown away after the run, and the host
 	// is shared; what is tested is PostgreSQL's semantics, not its disk.
-	c.cmd = exec.Command(filepath.Join(BinDir, "postgres"), "-D", data, "-k", dir, "-c", "listen_addresses=",
+	c.cmd = exec.Command(filepath.Join(BinDir, "postgres"), "-D", c.data, "-k", c.dir, "-c", "listen_addresses=",
 		"-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=200", "-c", "shared_buffers=32MB")
 	c.cmd.Stdout, c.cmd.Stderr = lf, lf
 	// The server dies with the test binary even if Stop is never called.
-	c.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred, Setpgid: true, Pdeathsig: syscall.SIGQUIT}
+	c.cmd.SysProcAttr = &syscall.SysProcAttr{Credential: c.cred, Setpgid: true, Pdeathsig: syscall.SIGQUIT}
 	if err := c.cmd.Start(); err != nil {
-		os.RemoveAll(dir)
-		return nil, fmt.Errorf("starting postgres: %w", err)
+		return fmt.Errorf("starting postgres: %w", err)
 	}
-	go func() { c.cmd.Wait(); close(c.done) }()
+	done := c.done
+	go func() { c.cmd.Wait(); close(done) }()
 	if err := c.waitReady(ctx, 30*time.Second); err != nil {
 		log, _ := os.ReadFile(logf)
-		c.Stop()
-		return nil, fmt.Errorf("%w; server log:\n%s", err, log)
+		c.stopServer()
+		return fmt.Errorf("%w; server log:\n%s", err, log)
 	}
-	return c, nil
+	return nil
+}
+
+// stopServer shuts the server down (fast shutdown, then a kill after
+// 10 s), keeping its data.
+func (c *Cluster) stopServer() {
+	if c.cmd != nil && c.cmd.Process != nil {
+		c.cmd.Process.Signal(syscall.SIGINT)
+		select {
+		case <-c.done:
+		case <-time.After(10 * time.Second):
+			c.cmd.Process.Kill()
+			<-c.done
+		}
+	}
+}
+
+// Outage stops the server for d, as an outage of the store would, and
+// starts it again on the same data.
+func (c *Cluster) Outage(ctx context.Context, d time.Duration) error {
+	c.stopServer()
+	select {
+	case <-time.After(d):
+	case <-ctx.Done():
+	}
+	return c.startServer(ctx)
 }
 
 // credential is the postgres user's, when running as root.
@@ -158,18 +196,9 @@ func (c *Cluster) NewDatabase(ctx context.Context) (string, error) {
 	return c.URL(name), nil
 }
 
-// Stop shuts the server down (fast shutdown, then a kill after 10 s) and
-// removes the cluster's files.
+// Stop shuts the server down and removes the cluster's files.
 func (c *Cluster) Stop() {
-	if c.cmd != nil && c.cmd.Process != nil {
-		c.cmd.Process.Signal(syscall.SIGINT)
-		select {
-		case <-c.done:
-		case <-time.After(10 * time.Second):
-			c.cmd.Process.Kill()
-			<-c.done
-		}
-	}
+	c.stopServer()
 	os.RemoveAll(c.dir)
 }
 
