@@ -15,8 +15,8 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/cluster/node"
 	"github.com/kiln-sandbox/kiln/internal/cluster/noderpc"
 	"github.com/kiln-sandbox/kiln/internal/cluster/tunnel"
-	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
+	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
