@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -143,7 +144,13 @@ func startEngine(ctx context.Context, o ServerOptions, st store.Store, rep *life
 	if err != nil {
 		return nil, nil, err
 	}
-	drv, err := qemu.New(ctx, qemu.Config{DataDir: o.DataDir, Accel: accelFlag,
+	var pool netip.Prefix
+	if o.NetPool != "" {
+		if pool, err = netip.ParsePrefix(o.NetPool); err != nil || !pool.Addr().Is4() || pool.Bits() > 29 {
+			return nil, nil, fmt.Errorf("--net-pool %q: want an IPv4 prefix of /29 or wider, such as 10.201.0.0/16", o.NetPool)
+		}
+	}
+	drv, err := qemu.New(ctx, qemu.Config{DataDir: o.DataDir, Accel: accelFlag, UIDBase: o.VMUIDBase,
 		AgentBinary: qemu.DefaultAgentBinary(o.DataDir), Console: logs.Console, PoolSize: o.ClonePool, Log: log})
 	if err != nil {
 		return nil, nil, fmt.Errorf("starting the vm engine (run `make setup` first?): %w", err)
@@ -161,7 +168,7 @@ func startEngine(ctx context.Context, o ServerOptions, st store.Store, rep *life
 		}
 		log.Info("execution roles loaded (the file is re-read when it changes)", "file", o.RolesFile, "roles", roles.Len())
 	}
-	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep, Roles: roles, Node: node, FetchTemplate: fetch,
+	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep, Roles: roles, Node: node, FetchTemplate: fetch, NetPool: pool,
 		Builder: newImageBuilder(ctx, o, drv, s3cfg, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log,
 		MemoryOvercommit: o.MemoryOvercommit, MaxConcurrentBuilds: o.MaxConcurrentBuilds,
 		BuildTimeout: o.BuildTimeout, BuildLogMaxBytes: o.BuildLogMaxBytes})

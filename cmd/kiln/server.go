@@ -123,6 +123,12 @@ type ServerOptions struct {
 	Role string
 	// Cluster is the cluster's identity and node settings (cluster.go).
 	Cluster ClusterOptions
+	// NetPool (--net-pool) is where VM links' addresses come from;
+	// VMUIDBase (--vm-uid-base) where VM processes' uids come from (zero:
+	// the defaults). Hosts that share a kernel's users or links, such as
+	// a cluster's nodes standing in for hosts on one machine, set their own.
+	NetPool   string
+	VMUIDBase uint32
 	// RolesFile (--roles-file) maps execution role ARNs to credential
 	// sources (internal/imds); "" = no VM gets credentials.
 	RolesFile string
@@ -246,6 +252,8 @@ func (sf *serverFlags) add(f *pflag.FlagSet) {
 	f.StringVar(&o.APIKey, "api-key", "", "PEM private key of --api-cert")
 	f.IntVar(&o.MaxConnsPerClient, "max-conns-per-client", 256, "concurrent API connections per client address; more are answered 429 and closed (0: no cap)")
 	addLogFlags(f, o)
+	f.StringVar(&o.NetPool, "net-pool", "", "prefix the VM links' /30s come from (default 10.200.0.0/16)")
+	f.Uint32Var(&o.VMUIDBase, "vm-uid-base", 0, "first of the 65536 uids VM processes run as (default 0x6b690000)")
 	f.StringVar(&o.RolesFile, "roles-file", "", "JSON file mapping executionRoleArn values to credential sources (a profile of the host's AWS configuration, or an STS AssumeRole), served to each microVM through its metadata service at 169.254.169.254 (IMDSv2); empty: no microVM gets credentials")
 	f.StringVar(&o.DefaultEgress, "default-egress", "none", "egress of microVMs and image builds that name no egress connector: none (kiln's default: no network out) or internet (AWS's default: INTERNET_EGRESS, still behind the deny list)")
 	f.StringVar(&o.S3Endpoint, "s3-endpoint", "", "S3-compatible endpoint (e.g. http://127.0.0.1:7070) that s3:// code artifacts are read from, with credentials from the standard AWS chain (AWS_ACCESS_KEY_ID..., AWS_PROFILE); empty: AWS's own S3")

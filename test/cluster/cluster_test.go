@@ -15,6 +15,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -56,13 +57,20 @@ type proc struct {
 // to appear in it.
 func start(ctx context.Context, t *testing.T, kiln, name, data, ready string, args ...string) *proc {
 	t.Helper()
+	return startCmd(ctx, t, kiln, name, data, ready, append([]string{"--data-dir", data}, args...)...)
+}
+
+// startCmd is start for any command line (nsenter, for a node in its
+// own network namespace).
+func startCmd(ctx context.Context, t *testing.T, prog, name, data, ready string, args ...string) *proc {
+	t.Helper()
 	p := &proc{name: name, data: data, log: filepath.Join(filepath.Dir(data), name+".log"), exited: make(chan struct{})}
 	f, err := os.OpenFile(p.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	p.cmd = exec.Command(kiln, append([]string{"--data-dir", data}, args...)...)
+	p.cmd = exec.Command(prog, args...)
 	p.cmd.Stdout, p.cmd.Stderr = f, f
 	if err := p.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -125,18 +133,21 @@ type clusterEnv struct {
 	procs    []*proc
 }
 
-func (c *clusterEnv) issue(role, name string) (ca, cert, key string) {
+func (c *clusterEnv) issue(role, name string, hosts ...string) (ca, cert, key string) {
 	c.t.Helper()
 	out := filepath.Join(c.work, "certs", name)
-	cmd := exec.Command(c.kiln, "cluster-ca", "issue", "--dir", c.caDir, "--role", role, "--name", name, "--host", "127.0.0.1", "--out", out)
-	if b, err := cmd.CombinedOutput(); err != nil {
+	args := []string{"cluster-ca", "issue", "--dir", c.caDir, "--role", role, "--name", name, "--out", out}
+	for _, h := range append(hosts, "127.0.0.1") {
+		args = append(args, "--host", h)
+	}
+	if b, err := exec.Command(c.kiln, args...).CombinedOutput(); err != nil {
 		c.t.Fatalf("issuing %s: %v\n%s", name, err, b)
 	}
 	return filepath.Join(out, "ca.crt"), filepath.Join(out, "tls.crt"), filepath.Join(out, "tls.key")
 }
 
-func (c *clusterEnv) clusterArgs(role, name string) []string {
-	ca, cert, key := c.issue(role, name)
+func (c *clusterEnv) clusterArgs(role, name string, hosts ...string) []string {
+	ca, cert, key := c.issue(role, name, hosts...)
 	return []string{"--store", c.storeURL, "--cluster-ca", ca, "--cluster-cert", cert, "--cluster-key", key}
 }
 
@@ -161,14 +172,64 @@ func (c *clusterEnv) dataDir(name string, shareFrom string) string {
 	return d
 }
 
-func (c *clusterEnv) startNode(ctx context.Context, name, kernelDir, shareFrom string, extra ...string) *proc {
+// host is a network namespace standing in for a machine: its own
+// address on a bridge in the test's namespace, where control, the edge
+// and PostgreSQL's socket are.
+type host struct {
+	ns, addr string
+	n        int
+}
+
+// hosts makes n stand-in hosts on a bridge, removed at cleanup. Names
+// and the subnet are new each run: a namespace outlives its deletion
+// while the kernel still holds sockets of it (connections to a killed
+// node retransmit for minutes), and with it its end of the bridge link.
+func (c *clusterEnv) hosts(n int) []host {
+	c.t.Helper()
+	run := func(args ...string) {
+		if b, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+			c.t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, b)
+		}
+	}
+	tag := rand.IntN(1 << 16)
+	subnet := fmt.Sprintf("10.250.%d", 1+tag%250)
+	bridge := fmt.Sprintf("kclbr%04x", tag)
+	run("link", "add", bridge, "type", "bridge")
+	c.t.Cleanup(func() { exec.Command("ip", "link", "del", bridge).Run() })
+	run("addr", "add", subnet+".1/24", "dev", bridge)
+	run("link", "set", bridge, "up")
+	var hs []host
+	for i := 0; i < n; i++ {
+		h := host{ns: fmt.Sprintf("kcl-%04x-h%d", tag, i), addr: fmt.Sprintf("%s.%d", subnet, 10+i), n: i}
+		run("netns", "add", h.ns)
+		c.t.Cleanup(func() { exec.Command("ip", "netns", "del", h.ns).Run() })
+		veth := fmt.Sprintf("kcl%04xv%d", tag, i)
+		run("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", h.ns)
+		run("link", "set", veth, "master", bridge, "up")
+		run("-n", h.ns, "addr", "add", h.addr+"/24", "dev", "eth0")
+		run("-n", h.ns, "link", "set", "eth0", "up")
+		run("-n", h.ns, "link", "set", "lo", "up")
+		run("-n", h.ns, "route", "add", "default", "via", subnet+".1")
+		hs = append(hs, h)
+	}
+	return hs
+}
+
+// startNode runs `kiln node` in h's namespace, with its own data
+// directory, VM network pool and VM uid range.
+func (c *clusterEnv) startNode(ctx context.Context, name string, h host, kernelDir, shareFrom string, extra ...string) *proc {
 	d := c.dataDir(name, shareFrom)
 	os.Symlink(kernelDir, filepath.Join(d, "kernel"))
-	port := kilntest.FreePort(c.t)
-	args := append([]string{"node", "--node-name", name, "--grpc-addr", "127.0.0.1:" + port, "--tunnel-addr", "127.0.0.1:" + kilntest.FreePort(c.t),
-		"--metrics-addr", "", "--clone-pool", "0", "--node-lease", "3s", "--capacity-mib", "1024"}, c.clusterArgs("node", name)...)
-	p := start(ctx, c.t, c.kiln, name, d, "kiln node "+name+" serving", append(args, extra...)...)
+	args := append([]string{"--net=/run/netns/" + h.ns, "--", c.kiln, "--data-dir", d, "node", "--node-name", name,
+		"--grpc-addr", h.addr + ":7070", "--tunnel-addr", h.addr + ":7071",
+		"--net-pool", fmt.Sprintf("10.%d.0.0/16", 201+h.n), "--vm-uid-base", fmt.Sprint(0x6c000000 + h.n*0x10000),
+		"--metrics-addr", "", "--clone-pool", "0", "--node-lease", "3s"}, c.clusterArgs("node", name, h.addr)...)
+	p := startCmd(ctx, c.t, "nsenter", name, d, "kiln node "+name+" serving", append(args, extra...)...)
 	c.procs = append(c.procs, p)
+	waitFor(ctx, c.t, name+" registered", 30*time.Second, func() bool {
+		n, err := c.db.GetNode(ctx, name)
+		return err == nil && n.State == store.NodeActive && n.LeaseExpiresAt.After(time.Now())
+	})
 	return p
 }
 
@@ -374,8 +435,9 @@ func TestCluster(t *testing.T) {
 	// token key, which the other roles share.
 	ctlA, urlA := c.startControl(ctx, "control-a", "")
 	ctlB, urlB := c.startControl(ctx, "control-b", ctlA.data)
-	nodeA := c.startNode(ctx, "node-a", host.KernelDir, ctlA.data, "--capacity-mib", "1536")
-	nodeB := c.startNode(ctx, "node-b", host.KernelDir, ctlA.data, "--capacity-mib", "1536")
+	hosts := c.hosts(3)
+	nodeA := c.startNode(ctx, "node-a", hosts[0], host.KernelDir, ctlA.data, "--capacity-mib", "1536")
+	nodeB := c.startNode(ctx, "node-b", hosts[1], host.KernelDir, ctlA.data, "--capacity-mib", "1536")
 	edgeP, edgeAddr := c.startEdge(ctx, ctlA.data)
 	a, b := c.api(urlA, ctlA.data), c.api(urlB, ctlA.data)
 	live = b
@@ -543,7 +605,7 @@ func TestCluster(t *testing.T) {
 	// A new node joins; then SIGKILL of control replica A in the middle of
 	// a burst of RunMicrovm with client tokens: each token, retried on B,
 	// makes exactly one microVM, and each of them runs.
-	c.startNode(ctx, "node-c", host.KernelDir, ctlA.data, "--capacity-mib", "4096")
+	c.startNode(ctx, "node-c", hosts[2], host.KernelDir, ctlA.data, "--capacity-mib", "4096")
 	before, err := db.ListMicrovmsInState(ctx, 0, store.StatePending, store.StateRunning, store.StateSuspending, store.StateSuspended, store.StateTerminating, store.StateTerminated)
 	if err != nil {
 		t.Fatal(err)

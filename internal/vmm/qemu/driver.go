@@ -24,6 +24,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/hosttool"
 	"github.com/kiln-sandbox/kiln/internal/initramfs"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
@@ -56,7 +57,11 @@ type Config struct {
 	// PoolIdle drains the pool of a template not cloned for this long
 	// (default 10 minutes).
 	PoolIdle time.Duration
-	Log      *slog.Logger
+	// UIDBase is the first uid of the range VM processes get theirs from
+	// (default DefaultUIDBase; UIDRange uids). Two drivers on one host (a
+	// cluster's nodes standing in for hosts) give each its own range.
+	UIDBase uint32
+	Log     *slog.Logger
 }
 
 // Driver is the QEMU implementation of vmm.Driver.
@@ -81,6 +86,11 @@ var idRe = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
 func New(ctx context.Context, cfg Config) (*Driver, error) {
 	if cfg.DataDir == "" {
 		return nil, fmt.Errorf("qemu driver: data dir not set: %w", errdefs.ErrInvalid)
+	}
+	if b := uint64(cfg.UIDBase); cfg.UIDBase != 0 && (b < 1<<16 || b+UIDRange > 1<<32-1 ||
+		(uint64(hosttool.ID) >= b && uint64(hosttool.ID) < b+UIDRange)) {
+		return nil, fmt.Errorf("qemu driver: vm uid base %#x: want a range of %d uids above 65535 that leaves out the host tools' id %#x: %w",
+			cfg.UIDBase, UIDRange, hosttool.ID, errdefs.ErrInvalid)
 	}
 	if cfg.QEMU == "" {
 		cfg.QEMU = "qemu-system-x86_64"
@@ -261,8 +271,8 @@ func (d *Driver) reserve(id string) (*vm, error) {
 // Two drivers on one host (two data dirs) pick uids independently and
 // may, rarely, share one (their jails and cgroups still differ).
 const (
-	uidBase  = 0x6b690000
-	uidRange = 1 << 16
+	DefaultUIDBase = 0x6b690000
+	UIDRange       = 1 << 16
 )
 
 // pickUID returns a uid no other VM of this driver has, or 0 (QEMU keeps
@@ -279,11 +289,18 @@ func (d *Driver) pickUID() uint32 {
 		used[v.uid] = true
 	}
 	for {
-		u := uidBase + uint32(rand.IntN(uidRange))
+		u := d.uidBase() + uint32(rand.IntN(UIDRange))
 		if !used[u] {
 			return u
 		}
 	}
+}
+
+func (d *Driver) uidBase() uint32 {
+	if d.cfg.UIDBase != 0 {
+		return d.cfg.UIDBase
+	}
+	return DefaultUIDBase
 }
 
 func (d *Driver) forget(id string) {
