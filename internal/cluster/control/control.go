@@ -69,7 +69,11 @@ func (b *Backend) StartMicrovm(ctx context.Context, m store.Microvm) error {
 	if mem <= 0 {
 		mem = lifecycle.DefaultMicrovmMemoryMiB
 	}
-	placed, n, err := b.st.PlaceMicrovm(ctx, m.Account, m.ID, store.Placement{MemoryMiB: mem,
+	platform, err := b.platformOf(ctx, m)
+	if err != nil {
+		return err
+	}
+	placed, n, err := b.st.PlaceMicrovm(ctx, m.Account, m.ID, store.Placement{MemoryMiB: mem, Platform: platform,
 		Template: TemplateKey(m.Account, m.ImageName, m.ImageVersion), Now: b.now()})
 	if err != nil {
 		return err
@@ -79,6 +83,31 @@ func (b *Backend) StartMicrovm(ctx context.Context, m store.Microvm) error {
 		return err
 	}
 	return c.StartMicrovm(ctx, placed)
+}
+
+// platformOf is the platform a microVM's snapshot was made on: that of
+// the node whose build of its version succeeded. A template restores only
+// on a host of the same platform, so placement is limited to those. ""
+// (any) for a version built before builds recorded their node.
+func (b *Backend) platformOf(ctx context.Context, m store.Microvm) (string, error) {
+	builds, _, err := b.st.ListBuilds(ctx, m.Account, m.ImageName, m.ImageVersion, store.Page{Limit: 100})
+	if err != nil {
+		return "", err
+	}
+	for _, bd := range builds {
+		if bd.State != store.BuildSuccessful || bd.Node == "" {
+			continue
+		}
+		n, err := b.st.GetNode(ctx, bd.Node)
+		if errors.Is(err, errdefs.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return "", err
+		}
+		return n.Platform, nil
+	}
+	return "", nil
 }
 
 // nodeOf returns the client of the node m is placed on; ok is false when
