@@ -524,17 +524,23 @@ func (e *Engine) SetTemplate(account, image, version, dir string) error {
 	return syncPath(d)
 }
 
-// hooks returns the microVM hooks and port of the version a VM runs.
+// hooks returns the microVM hooks and port of the version a VM runs:
+// from the record (RunMicrovm copies them), or for a record older than
+// that from the version.
 func (e *Engine) hooks(ctx context.Context, m store.Microvm) (*store.MicrovmHooks, int) {
-	v, err := e.cfg.Store.GetImageVersion(ctx, m.Account, m.ImageName, m.ImageVersion)
-	if err != nil || v.Config.Hooks == nil {
-		return nil, DefaultHooksPort
+	h := m.Hooks
+	if h == nil {
+		v, err := e.cfg.Store.GetImageVersion(ctx, m.Account, m.ImageName, m.ImageVersion)
+		if err != nil || v.Config.Hooks == nil {
+			return nil, DefaultHooksPort
+		}
+		h = v.Config.Hooks
 	}
 	port := DefaultHooksPort
-	if p := v.Config.Hooks.Port; p != nil && *p > 0 && *p < 65536 {
+	if p := h.Port; p != nil && *p > 0 && *p < 65536 {
 		port = int(*p)
 	}
-	return v.Config.Hooks.MicrovmHooks, port
+	return h.MicrovmHooks, port
 }
 
 func hookTimeout(p *int64) time.Duration {

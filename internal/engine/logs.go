@@ -20,6 +20,10 @@ var _ lifecycle.LogSource = (*Engine)(nil)
 func (e *Engine) loggingDisabled(ctx context.Context, m store.Microvm) bool {
 	raw := m.Logging
 	if len(raw) == 0 || string(raw) == "null" {
+		raw = m.VersionLogging
+	}
+	if (len(raw) == 0 || string(raw) == "null") && m.Hooks == nil {
+		// A record older than the copy RunMicrovm makes.
 		v, err := e.cfg.Store.GetImageVersion(ctx, m.Account, m.ImageName, m.ImageVersion)
 		if err != nil {
 			return false

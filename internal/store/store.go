@@ -255,6 +255,13 @@ type Microvm struct {
 	// Node names the host the microVM is placed on (store.Node); "" on a
 	// single `kiln server`, whose one engine runs every microVM.
 	Node string `json:"node,omitempty"`
+	// Hooks and VersionLogging are its image version's hook settings and
+	// logging, copied at RunMicrovm so that whatever runs the microVM has
+	// everything it needs in the record it is handed (a cluster's node
+	// does not read image versions). Nil in older records: the engine
+	// then reads the version.
+	Hooks          *Hooks          `json:"hooks,omitempty"`
+	VersionLogging json.RawMessage `json:"versionLogging,omitempty"`
 	// OnDeadline is what the deadline controller does when DeadlineAt
 	// passes: "" terminates (the AWS API's maximumDurationInSeconds);
 	// DeadlineSuspend suspends a RUNNING microVM instead (E2B's autoPause)
