@@ -2,10 +2,12 @@ package dnsfwd
 
 import (
 	"context"
+	"errors"
 	"net"
 	"net/netip"
 	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -76,7 +78,7 @@ func query(t *testing.T, netw, addr, name string, qtype uint16, edns bool) *dns.
 
 func TestForward(t *testing.T) {
 	up := upstream(t)
-	f, err := Start(context.Background(), Config{ID: "t", Listen: "127.0.0.1:0", Client: loopback, Upstreams: []string{up}, Timeout: 500 * time.Millisecond})
+	f, err := startTest(t, Config{ID: "t", Listen: "127.0.0.1:0", Client: loopback, Upstreams: []string{up}, Timeout: 500 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,7 +118,7 @@ func TestForward(t *testing.T) {
 
 func TestRateLimit(t *testing.T) {
 	up := upstream(t)
-	f, err := Start(context.Background(), Config{ID: "t", Listen: "127.0.0.1:0", Client: loopback, Upstreams: []string{up}, QPS: 0.001, Burst: 3})
+	f, err := startTest(t, Config{ID: "t", Listen: "127.0.0.1:0", Client: loopback, Upstreams: []string{up}, QPS: 0.001, Burst: 3})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,12 +149,25 @@ func TestHostResolvers(t *testing.T) {
 
 var loopback = netip.MustParseAddr("127.0.0.1")
 
+// startTest starts a forwarder on a free port. The forwarder takes the
+// UDP port first and the same TCP port after it, which another process on
+// a busy test host may hold: a few tries on other ports.
+func startTest(t *testing.T, cfg Config) (*Forwarder, error) {
+	t.Helper()
+	for i := 0; ; i++ {
+		f, err := Start(context.Background(), cfg)
+		if err == nil || i == 4 || !errors.Is(err, syscall.EADDRINUSE) {
+			return f, err
+		}
+	}
+}
+
 // TestOnlyClientAnswered: a forwarder whose guest is 127.0.0.2 answers
 // queries from 127.0.0.2 and drops, unanswered, those from 127.0.0.1, over
 // UDP and TCP.
 func TestOnlyClientAnswered(t *testing.T) {
 	up := upstream(t)
-	f, err := Start(context.Background(), Config{ID: "t", Listen: "127.0.0.1:0", Client: netip.MustParseAddr("127.0.0.2"), Upstreams: []string{up}})
+	f, err := startTest(t, Config{ID: "t", Listen: "127.0.0.1:0", Client: netip.MustParseAddr("127.0.0.2"), Upstreams: []string{up}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -194,7 +209,7 @@ func TestOnAnswer(t *testing.T) {
 		ttl   time.Duration
 	}
 	got := make(chan heard, 4)
-	f, err := Start(context.Background(), Config{ID: "t", Listen: "127.0.0.1:0", Client: loopback, Upstreams: []string{up},
+	f, err := startTest(t, Config{ID: "t", Listen: "127.0.0.1:0", Client: loopback, Upstreams: []string{up},
 		OnAnswer: func(name string, addrs []netip.Addr, ttl time.Duration) { got <- heard{name, addrs, ttl} }})
 	if err != nil {
 		t.Fatal(err)

@@ -178,6 +178,19 @@ func TestWatchOverflow(t *testing.T) {
 	for i := 0; i < proto.MaxWatchQueue+100; i++ {
 		os.Mkdir(filepath.Join(dir, strconv.Itoa(i)), 0o755)
 	}
+	// Reading drains the queue: first let the watch's reader take in the
+	// events (on a busy host it may lag far behind the mkdirs).
+	s.mu.Lock()
+	w := s.watches[st.StreamID]
+	s.mu.Unlock()
+	for end := time.Now().Add(30 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+		w.mu.Lock()
+		done := w.err != nil
+		w.mu.Unlock()
+		if done {
+			break
+		}
+	}
 	var rerr error
 	for i := 0; i < 100 && rerr == nil; i++ {
 		_, rerr = s.watchRead(context.Background(), proto.WatchRead{StreamID: st.StreamID, WaitMillis: 100})
