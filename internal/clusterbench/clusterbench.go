@@ -67,12 +67,13 @@ type Result struct {
 	RequestP50        Compare `json:"requestP50"`
 	RequestP99        Compare `json:"requestP99"`
 	RequestsPerSecond Compare `json:"requestsPerSecond"`
-	// RequestErrors counts failed requests over every round (not in the
-	// figures above).
-	RequestErrors struct {
-		Cluster int `json:"cluster"`
-		Server  int `json:"server"`
-	} `json:"requestErrors"`
+	// RequestTotals add up every round: failed requests are not in the
+	// figures above; new connections show whether keep-alive held (a
+	// handful per round: it did).
+	RequestTotals struct {
+		Cluster Totals `json:"cluster"`
+		Server  Totals `json:"server"`
+	} `json:"requestTotals"`
 	// Leftovers counts what the run left on the host after its clean-up
 	// (QEMU processes, network namespaces, links, cgroups, mounts, VM
 	// files): all 0 unless something went wrong.
@@ -84,6 +85,13 @@ type Compare struct {
 	Cluster Figure  `json:"cluster"`
 	Server  Figure  `json:"server"`
 	Ratio   float64 `json:"ratio"` // cluster / server of Median
+}
+
+// Totals count a side's requests over every round.
+type Totals struct {
+	Requests       int `json:"requests"`
+	Errors         int `json:"errors"`
+	NewConnections int `json:"newConnections"`
 }
 
 // Figure is a figure's median over samples, with their spread.
@@ -376,7 +384,7 @@ func (e *env) cleanUp() error {
 	defer cancel()
 	for _, s := range e.sides {
 		for _, id := range s.ids {
-			terminate(ctx, s.api, id)
+			soakbench.Terminate(ctx, s.api, id)
 		}
 	}
 	var errs []error

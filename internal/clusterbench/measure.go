@@ -4,19 +4,17 @@ package clusterbench
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
-	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"os"
+	"net/http/httptrace"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/awscli"
+	"github.com/kiln-sandbox/kiln/internal/soakbench"
 )
 
 // measureRuns starts o.Runs microVMs on each side, alternating which
@@ -34,7 +32,7 @@ func measureRuns(ctx context.Context, o Options, cl, srv *side, res *Result) err
 			if err != nil {
 				return fmt.Errorf("RunMicrovm to RUNNING on the %s, run %d: %w", s.name, i+1, err)
 			}
-			terminate(ctx, s.api, id)
+			soakbench.Terminate(ctx, s.api, id)
 			samples[s] = append(samples[s], ms(d))
 			fmt.Fprintf(o.Progress, "cluster bench: run %d on the %s: RUNNING after %.1f ms\n", i+1, s.name, ms(d))
 			time.Sleep(time.Second) // let the clone pool refill
@@ -79,26 +77,13 @@ func runToRunning(ctx context.Context, s *side) (time.Duration, string, error) {
 	return 0, id, fmt.Errorf("%s not RUNNING within 3 minutes", id)
 }
 
-// terminate ends a microVM and waits (bounded) until it is TERMINATED.
-func terminate(ctx context.Context, c *awscli.Client, id string) {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	awscli.Call(ctx, c, awscli.Find("TerminateMicrovm"), map[string]any{"microvmIdentifier": id})
-	for ctx.Err() == nil {
-		out, err := awscli.Call(ctx, c, awscli.Find("GetMicrovm"), map[string]any{"microvmIdentifier": id})
-		if err != nil || out["state"] == "TERMINATED" {
-			return
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
-
 // target is one running microVM's endpoint as a client reaches it.
 type target struct {
 	side    *side
 	url     string
 	headers map[string]string
 	hc      *http.Client
+	dials   atomic.Int64 // connections the client opened
 }
 
 // measureRequests runs one microVM on each side and loads each with
@@ -121,17 +106,21 @@ func measureRequests(ctx context.Context, o Options, cl, srv *side, res *Result)
 		}
 		for _, t := range order {
 			load(ctx, t, o.Clients, 300*time.Millisecond) // warm the connections
+			dials := t.dials.Load()
 			l := load(ctx, t, o.Clients, o.Duration)
+			l.dials = int(t.dials.Load() - dials)
 			s := t.side
 			p50[s], p99[s] = append(p50[s], l.p50), append(p99[s], l.p99)
 			rps[s] = append(rps[s], l.perSecond)
+			tot := &res.RequestTotals.Server
 			if s == cl {
-				res.RequestErrors.Cluster += l.errors
-			} else {
-				res.RequestErrors.Server += l.errors
+				tot = &res.RequestTotals.Cluster
 			}
-			fmt.Fprintf(o.Progress, "cluster bench: round %d through the %s: %.0f req/s, p50 %.2f ms, p99 %.2f ms, %d errors\n",
-				r+1, s.name, l.perSecond, l.p50, l.p99, l.errors)
+			tot.Requests += l.requests
+			tot.Errors += l.errors
+			tot.NewConnections += l.dials
+			fmt.Fprintf(o.Progress, "cluster bench: round %d through the %s: %.0f req/s, p50 %.2f ms, p99 %.2f ms, %d errors, %d new connections\n",
+				r+1, s.name, l.perSecond, l.p50, l.p99, l.errors, l.dials)
 			if l.requests == 0 {
 				return fmt.Errorf("no request through the %s answered within %v (%d errors: %v)", s.name, o.Duration, l.errors, l.lastErr)
 			}
@@ -160,7 +149,7 @@ func newTarget(ctx context.Context, o Options, s *side) (*target, error) {
 	for k, v := range hdrs {
 		t.headers[k] = fmt.Sprint(v)
 	}
-	if t.hc, err = endpointClient(s.caFile, s.endpoint, o.Clients); err != nil {
+	if t.hc, err = soakbench.EndpointClient(s.caFile, s.endpoint, o.Clients); err != nil {
 		return nil, err
 	}
 	for end := time.Now().Add(2 * time.Minute); ; {
@@ -175,30 +164,12 @@ func newTarget(ctx context.Context, o Options, s *side) (*target, error) {
 	}
 }
 
-// endpointClient reaches https://ID.microvm.localhost at addr (those
-// names do not resolve through the C library), trusting the side's CA,
-// keeping up to clients connections alive.
-func endpointClient(caFile, addr string, clients int) (*http.Client, error) {
-	pem, err := os.ReadFile(caFile)
-	if err != nil {
-		return nil, err
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, errors.New("no certificate in " + caFile)
-	}
-	d := &net.Dialer{Timeout: 5 * time.Second}
-	return &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{
-		TLSClientConfig:     &tls.Config{RootCAs: pool},
-		MaxIdleConnsPerHost: clients,
-		IdleConnTimeout:     time.Minute,
-		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			return d.DialContext(ctx, network, addr)
-		},
-	}}, nil
-}
-
 func (t *target) get(ctx context.Context) error {
+	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) {
+		if !i.Reused {
+			t.dials.Add(1)
+		}
+	}})
 	req, err := http.NewRequestWithContext(ctx, "GET", t.url, nil)
 	if err != nil {
 		return err
@@ -220,6 +191,7 @@ func (t *target) get(ctx context.Context) error {
 
 type loadResult struct {
 	requests, errors int
+	dials            int // connections opened during the round
 	perSecond        float64
 	p50, p99         float64 // ms
 	lastErr          error
