@@ -59,7 +59,8 @@ type Result struct {
 	Accel    string  `json:"accel"`
 	Seconds  float64 `json:"seconds"`
 	// RunToRunning: RunMicrovm until GetMicrovm says RUNNING (polled
-	// every 10 ms), each microVM terminated before the next.
+	// every 10 ms), each microVM terminated before the next, after one
+	// uncounted warm-up run on each side.
 	RunToRunning Compare `json:"runMicrovmToRunning"`
 	// Requests: GET / of a running microVM's port 8080 over HTTPS with
 	// kept-alive connections; p50, p99 and requests per second are the

@@ -21,6 +21,17 @@ import (
 // side goes first so that both see the same host, each terminated before
 // the next (the clone pools refill in between, as on an idle host).
 func measureRuns(ctx context.Context, o Options, cl, srv *side, res *Result) error {
+	// One run on each side first, not counted: the first after a build
+	// waits for the image's template and clone pool to be made.
+	for _, s := range []*side{cl, srv} {
+		d, id, err := runToRunning(ctx, s)
+		if err != nil {
+			return fmt.Errorf("warm-up run on the %s: %w", s.name, err)
+		}
+		soakbench.Terminate(ctx, s.api, id)
+		fmt.Fprintf(o.Progress, "cluster bench: warm-up run on the %s: RUNNING after %.1f ms (not counted)\n", s.name, ms(d))
+		time.Sleep(time.Second)
+	}
 	samples := map[*side][]float64{}
 	for i := 0; i < o.Runs; i++ {
 		order := []*side{cl, srv}
