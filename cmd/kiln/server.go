@@ -561,7 +561,7 @@ func init() {
 	var o apibench.Options
 	cmd := &cobra.Command{
 		Use:   "api",
-		Short: "Benchmark GetMicrovm and ListMicrovms with concurrent signed clients, on SQLite and optionally PostgreSQL; prints JSON on the last line",
+		Short: "Benchmark GetMicrovm, ListMicrovms and RunMicrovm (API+store only, no VM) with concurrent signed clients, on SQLite and optionally PostgreSQL; prints JSON on the last line",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			fmt.Printf("%d clients, %d microVM records, %s per operation, GOMAXPROCS %d\n", o.Clients, o.Records, o.Duration, runtime.GOMAXPROCS(0))

@@ -11,14 +11,10 @@ package e2bbench
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	_ "embed"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -177,7 +173,7 @@ func Run(ctx context.Context, o Options) (_ *Result, err error) {
 	res.EchoRoundTrip = statsOf(sdkRes.Echo)
 
 	fmt.Fprintf(o.Progress, "e2b bench: %d microVMs through RunMicrovm to their first HTTP 200\n", o.Runs)
-	hc, err := endpointClient(filepath.Join(data, "ca.pem"), srv.EndpointAddr())
+	hc, err := soakbench.EndpointClient(filepath.Join(data, "ca.pem"), srv.EndpointAddr(), 0)
 	if err != nil {
 		return nil, err
 	}
@@ -292,28 +288,6 @@ func runSDK(ctx context.Context, o Options, modules, work string, env []string) 
 	return &r, nil
 }
 
-// endpointClient reaches endpoints https://ID.DOMAIN[:PORT] at the
-// server's endpoint address (those names do not resolve through the C
-// library), trusting kiln's CA, one fresh connection per request.
-func endpointClient(caFile, addr string) (*http.Client, error) {
-	pem, err := os.ReadFile(caFile)
-	if err != nil {
-		return nil, err
-	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(pem) {
-		return nil, errors.New("no certificate in " + caFile)
-	}
-	d := &net.Dialer{Timeout: 5 * time.Second}
-	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
-		TLSClientConfig:   &tls.Config{RootCAs: pool},
-		DisableKeepAlives: true,
-		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			return d.DialContext(ctx, network, addr)
-		},
-	}}, nil
-}
-
 // runTo200 runs one microVM of the image and times RunMicrovm until its
 // endpoint's first 200 (token issued right after the run, as a client
 // would), then terminates it and waits until it is gone.
@@ -328,7 +302,7 @@ func runTo200(ctx context.Context, c *awscli.Client, hc *http.Client, image stri
 	if id == "" || endpoint == "" {
 		return 0, fmt.Errorf("RunMicrovm answered %v", out)
 	}
-	defer terminate(context.WithoutCancel(ctx), c, id)
+	defer soakbench.Terminate(context.WithoutCancel(ctx), c, id)
 	tok, err := awscli.Call(ctx, c, awscli.Find("CreateMicrovmAuthToken"), map[string]any{"microvmIdentifier": id, "expirationInMinutes": 10,
 		"allowedPorts": []any{map[string]any{"port": 8080}}})
 	if err != nil {
@@ -369,19 +343,4 @@ func describe(resp *http.Response, err error) string {
 		return err.Error()
 	}
 	return resp.Status
-}
-
-// terminate ends a microVM and waits (bounded) until it is TERMINATED, so
-// the next run does not share the host with it.
-func terminate(ctx context.Context, c *awscli.Client, id string) {
-	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-	defer cancel()
-	awscli.Call(ctx, c, awscli.Find("TerminateMicrovm"), map[string]any{"microvmIdentifier": id})
-	for ctx.Err() == nil {
-		out, err := awscli.Call(ctx, c, awscli.Find("GetMicrovm"), map[string]any{"microvmIdentifier": id})
-		if err != nil || out["state"] == "TERMINATED" {
-			return
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
 }

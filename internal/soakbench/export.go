@@ -88,3 +88,23 @@ func ScratchDataDir(dir, prefix, kernelDir string) (work, data string, err error
 	}
 	return work, data, nil
 }
+
+// VMIDsIn returns the VM ids (microVMs, build VMs) named in a kiln log.
+func VMIDsIn(log []byte) []string { return vmIDsIn(log) }
+
+// HostLeftovers counts what the VMs of data (ids, and any its vms and net
+// folders name) left on the host: QEMU processes, network namespaces,
+// links, TAP devices, nftables tables, cgroups, mounts, and VM files; the
+// image versions it built are not counted.
+func HostLeftovers(ctx context.Context, data string, ids []string) Leaks {
+	images := map[string]bool{}
+	vers, _ := filepath.Glob(filepath.Join(data, "images", "*", "*", "*"))
+	for _, v := range vers {
+		images[v] = true
+	}
+	return countLeaks(ctx, data, ids, images)
+}
+
+// ForceRemove kills the QEMUs of data and removes its VMs' networks
+// (ids) and cgroups: the clean-up of a run cut short.
+func ForceRemove(data string, ids []string, progress io.Writer) { removeAll(data, ids, progress) }

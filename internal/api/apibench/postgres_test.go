@@ -35,7 +35,7 @@ func TestRunPostgres(t *testing.T) {
 			t.Errorf("%s %s: %d requests, %d errors", r.Store, r.Operation, r.Requests, r.Errors)
 		}
 	}
-	if stores["sqlite"] != 2 || stores["postgres"] != 2 {
+	if stores["sqlite"] != 3 || stores["postgres"] != 3 {
 		t.Errorf("results per store = %v", stores)
 	}
 }
