@@ -51,8 +51,8 @@ const (
 	writeBufSize = 16 << 10
 )
 
-// h1Serve accepts ln's connections: TLS handshake, then h2 to hs (net/http)
-// and HTTP/1.1 to the own loop.
+// h1Serve accepts ln's connections: TLS handshake, then h2 to the own h2
+// loop and HTTP/1.1 to the own h1 loop.
 type h1Serve struct {
 	s *Server
 	// handler is s, but for the loop's own tests.
@@ -65,7 +65,10 @@ type h1Serve struct {
 	// conns are the connections this loop owns: nil while in the TLS
 	// handshake, then their h1Conn. Those handed to net/http leave.
 	conns map[net.Conn]*h1Conn
-	wg    sync.WaitGroup
+	// h2 are the connections on the own HTTP/2 loop (h2loop.go), also in
+	// conns (with a nil *h1Conn) for the last resort of shutdown.
+	h2 map[net.Conn]*h2Conn
+	wg sync.WaitGroup
 }
 
 func (hs *h1Serve) accept(ln net.Listener) error {
@@ -111,7 +114,7 @@ func (hs *h1Serve) handshake(c net.Conn) {
 	tc.SetDeadline(time.Time{})
 	st := tc.ConnectionState()
 	if st.NegotiatedProtocol == "h2" {
-		hs.handoff(c, tc)
+		hs.serveH2(c, tc, &st)
 		return
 	}
 	hc := &h1Conn{hs: hs, conn: tc, raw: c, state: &st, remote: c.RemoteAddr().String()}
@@ -145,6 +148,9 @@ func (hs *h1Serve) shutdown(ctx context.Context) {
 		if hc != nil && hc.idle.Load() {
 			hc.conn.SetReadDeadline(aLongTimeAgo)
 		}
+	}
+	for _, c := range hs.h2 {
+		go c.shutdown() // it writes a GOAWAY: not under hs.mu
 	}
 	hs.mu.Unlock()
 	done := make(chan struct{})
