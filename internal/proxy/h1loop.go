@@ -718,21 +718,13 @@ func (w *h1Writer) sendHeader(final bool) {
 			w.trailers = append(w.trailers, http.CanonicalHeaderKey(k))
 		}
 	}
-	hasTrailerPrefix := false
-	for k := range h {
-		if len(k) > len(http.TrailerPrefix) && k[:len(http.TrailerPrefix)] == http.TrailerPrefix {
-			hasTrailerPrefix = true
-		}
-	}
+	hasTrailerPrefix := hasTrailerPrefix(h)
 	bodyOK := !w.noBody
 	if w.status == http.StatusNoContent || w.status == http.StatusNotModified {
 		delete(h, "Content-Length")
 	}
 	if bodyOK {
-		_, haveType := h["Content-Type"]
-		if !haveType && h.Get("Content-Encoding") == "" && len(w.pend) > 0 {
-			h.Set("Content-Type", http.DetectContentType(w.pend))
-		}
+		sniffType(h, w.pend)
 		switch {
 		case w.cl >= 0:
 		case final && len(w.trailers) == 0 && !hasTrailerPrefix:
@@ -786,17 +778,9 @@ func (w *h1Writer) writeFields(h http.Header) {
 			continue
 		}
 		for _, v := range vv {
-			if !validFieldValue(v) {
-				v = string(bytes.Map(func(r rune) rune {
-					if r < ' ' && r != '\t' || r == 0x7f {
-						return ' '
-					}
-					return r
-				}, []byte(v)))
-			}
 			bw.WriteString(k)
 			bw.WriteString(": ")
-			bw.WriteString(v)
+			bw.WriteString(sanitizeFieldValue(v))
 			bw.WriteString("\r\n")
 		}
 	}
@@ -821,17 +805,7 @@ func (w *h1Writer) finish() {
 	if w.chunked {
 		bw := w.c.bw
 		bw.WriteString("0\r\n")
-		tr := http.Header{}
-		for _, k := range w.trailers {
-			if vv, ok := w.h[k]; ok {
-				tr[k] = vv
-			}
-		}
-		for k, vv := range w.h {
-			if len(k) > len(http.TrailerPrefix) && k[:len(http.TrailerPrefix)] == http.TrailerPrefix {
-				tr[http.CanonicalHeaderKey(k[len(http.TrailerPrefix):])] = vv
-			}
-		}
+		tr := trailerFields(w.h, w.trailers)
 		delete(tr, "Content-Length")
 		delete(tr, "Transfer-Encoding")
 		delete(tr, "Trailer")

@@ -258,8 +258,14 @@ func (c *h2Conn) goAway(err error) {
 		return
 	}
 	c.hs.s.log.Debug("proxy: http2 protocol error", "remote", c.remote, "err", err)
-	c.conn.SetWriteDeadline(time.Now().Add(time.Second))
-	c.write(func() error { return c.fr.WriteGoAway(c.maxStreamID, code, []byte(err.Error())) })
+	// Flushed here, not by a writer still in line: the connection closes
+	// right after.
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.werr == nil && c.fr.WriteGoAway(c.maxStreamID, code, []byte(err.Error())) == nil {
+		c.conn.SetWriteDeadline(time.Now().Add(time.Second))
+		c.bw.Flush()
+	}
 }
 
 // shutdown: no new streams (GOAWAY), the connection ends when the last
@@ -1328,7 +1334,7 @@ func (w *h2Writer) finish() {
 	if !w.sent {
 		w.sendHeader(true)
 	} else {
-		tr := w.trailerFields()
+		tr := trailerFields(w.h, w.trailers)
 		c := w.st.c
 		if len(tr) > 0 {
 			w.fail(c.write(func() error {
@@ -1347,7 +1353,7 @@ func (w *h2Writer) finish() {
 		return
 	}
 	if w.trailers != nil || hasTrailerPrefix(w.h) {
-		tr := w.trailerFields()
+		tr := trailerFields(w.h, w.trailers)
 		c := w.st.c
 		w.fail(c.write(func() error {
 			c.hbuf.Reset()
@@ -1357,17 +1363,17 @@ func (w *h2Writer) finish() {
 	}
 }
 
-// trailerFields are the declared trailers and those set with
-// http.TrailerPrefix.
-func (w *h2Writer) trailerFields() http.Header {
+// trailerFields are the trailers of an answer with header h: those
+// declared (in its Trailer field) and those set with http.TrailerPrefix.
+func trailerFields(h http.Header, declared []string) http.Header {
 	tr := http.Header{}
-	for _, k := range w.trailers {
-		if vv, ok := w.h[k]; ok {
+	for _, k := range declared {
+		if vv, ok := h[k]; ok {
 			tr[k] = vv
 		}
 	}
-	for k, vv := range w.h {
-		if strings.HasPrefix(k, http.TrailerPrefix) {
+	for k, vv := range h {
+		if len(k) > len(http.TrailerPrefix) && strings.HasPrefix(k, http.TrailerPrefix) {
 			tr[http.CanonicalHeaderKey(k[len(http.TrailerPrefix):])] = vv
 		}
 	}
