@@ -138,12 +138,22 @@ func TestH2LoopStreams(t *testing.T) {
 // TestH2LoopClientResets: a client that cancels a request resets its
 // stream; the handler's context ends at once.
 func TestH2LoopClientResets(t *testing.T) {
-	left := make(chan struct{}, 1)
-	addr := startH2Loop(t, loopHandler(left))
+	started, left := make(chan struct{}, 1), make(chan struct{}, 1)
+	addr := startH2Loop(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/wait" {
+			return
+		}
+		started <- struct{}{}
+		select {
+		case <-r.Context().Done():
+			left <- struct{}{}
+		case <-time.After(10 * time.Second):
+		}
+	}))
 	c := h2Client(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+addr+"/wait", nil)
-	go func() { time.Sleep(100 * time.Millisecond); cancel() }()
+	go func() { <-started; cancel() }()
 	if _, err := c.Do(req); err == nil {
 		t.Fatal("a cancelled request succeeded")
 	}
