@@ -100,13 +100,10 @@ type h2Conn struct {
 	resets        int
 	resetWindowAt time.Time
 
-	done chan struct{} // closed at the end of teardown
-
 	// Reader only (one goroutine at a time reads).
 	hdec        *hpack.Decoder
 	maxStreamID uint32
 	sawSettings bool
-	next        *h2Stream // a new stream, for readLoop to run
 }
 
 // h2Stream is one request. Fields after mu-marked ones are under c.mu.
@@ -170,11 +167,10 @@ func (e h2ConnError) Error() string { return "http2: " + e.code.String() + ": " 
 // serve reads frames until the client leaves, a protocol error or the
 // end of a shutdown; then it waits for the handlers.
 func (c *h2Conn) serve() {
-	c.done = make(chan struct{})
+	defer c.teardown()
 	c.conn.SetReadDeadline(time.Now().Add(readHeaderTimeout))
 	var preface [len(http2.ClientPreface)]byte
 	if _, err := io.ReadFull(c.conn, preface[:]); err != nil || string(preface[:]) != http2.ClientPreface {
-		c.teardown()
 		return
 	}
 	c.write(func() error {
@@ -191,14 +187,9 @@ func (c *h2Conn) serve() {
 	c.recvWin = h2ConnWindow
 	c.mu.Unlock()
 	c.readLoop()
-	<-c.done
 }
 
-// readLoop reads frames. A request's HEADERS makes this goroutine the
-// stream's handler and a new one the reader: the handler starts at once
-// on a warm stack instead of waiting for a woken thread to pick it up
-// (the h2 latency gap to nginx in `kiln bench proxy`), and the reader
-// only waits for the next frame anyway.
+// readLoop reads frames until the connection ends.
 func (c *h2Conn) readLoop() {
 	for {
 		c.mu.Lock()
@@ -206,7 +197,6 @@ func (c *h2Conn) readLoop() {
 		away := c.goingAway
 		c.mu.Unlock()
 		if idle && away {
-			c.teardown()
 			return
 		}
 		switch {
@@ -236,13 +226,6 @@ func (c *h2Conn) readLoop() {
 			c.resetStream(se.StreamID, se.Code)
 		default:
 			c.goAway(err)
-			c.teardown()
-			return
-		}
-		if st := c.next; st != nil {
-			c.next = nil
-			go c.readLoop()
-			c.run(st)
 			return
 		}
 	}
@@ -265,7 +248,6 @@ func (c *h2Conn) teardown() {
 	c.cancel()
 	c.conn.Close()
 	c.wg.Wait()
-	close(c.done)
 }
 
 // goAway answers a connection error with GOAWAY; a client that just left
@@ -671,7 +653,9 @@ func (c *h2Conn) processHeaders(f *http2.HeadersFrame) error {
 	c.streams[id] = st
 	c.mu.Unlock()
 	c.wg.Add(1)
-	c.next = st // readLoop runs it
+	// Tried: running the handler on this goroutine and reading on in a
+	// new one; no gain in `kiln bench proxy` latency, a loss in throughput.
+	go c.run(st)
 	return nil
 }
 
@@ -883,7 +867,7 @@ func lowerH2Key(k string) string {
 	return strings.ToLower(k)
 }
 
-// run serves a stream (on what was the reader goroutine).
+// run is a stream's handler goroutine.
 func (c *h2Conn) run(st *h2Stream) {
 	defer c.wg.Done()
 	w := &h2Writer{st: st, req: st.req, h: make(http.Header, 8), cl: -1}
