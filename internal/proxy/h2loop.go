@@ -63,6 +63,7 @@ var (
 	errH2StreamReset = errors.New("http2: stream reset by the client")
 	errH2ConnClosed  = errors.New("http2: client connection closed")
 	errH2FlowTimeout = errors.New("http2: client granted no flow-control window in time")
+	errH2ShortBody   = errors.New("http2: the handler wrote less than its Content-Length")
 )
 
 // h2Conn is one client connection on the own HTTP/2 loop.
@@ -1102,6 +1103,7 @@ type h2Writer struct {
 	written  int64
 	pend     []byte
 	trailers []string
+	sentEnd  bool // sendHeader ended the stream
 	err      error
 }
 
@@ -1217,6 +1219,7 @@ func (w *h2Writer) sendHeader(final bool) {
 		}
 	}()
 	endOnHeaders := final && !hasTrailers && (w.noBody || len(pend) == 0)
+	w.sentEnd = final && !hasTrailers
 	// The common answer: window for all of pend at once, then header and
 	// body in one write.
 	if len(pend) > 0 && !w.noBody {
@@ -1347,36 +1350,32 @@ func (w *h2Writer) finish() {
 	if w.err != nil {
 		return
 	}
-	if !w.sent {
-		w.sendHeader(true)
-	} else {
-		tr := trailerFields(w.h, w.trailers)
-		c := w.st.c
-		if len(tr) > 0 {
-			w.fail(c.write(func() error {
-				c.hbuf.Reset()
-				encodeFields(c.henc, tr, true)
-				return c.writeBlock(w.st.id, c.hbuf.Bytes(), true)
-			}))
-		} else {
-			w.writeData(nil, true)
+	if !w.noBody && w.cl >= 0 && w.written < w.cl {
+		// Declared more than written: the stream is reset (run), so the
+		// client does not take the short body for a whole one.
+		if !w.sent {
+			w.sendHeader(false)
 		}
-		if !w.noBody && w.cl >= 0 && w.written < w.cl && w.err == nil {
-			// Declared more than written: the client must not take the
-			// short body for a whole one.
-			w.fail(c.write(func() error { return c.fr.WriteRSTStream(w.st.id, http2.ErrCodeInternal) }))
-		}
+		w.fail(errH2ShortBody)
 		return
 	}
-	if w.trailers != nil || hasTrailerPrefix(w.h) {
-		tr := trailerFields(w.h, w.trailers)
-		c := w.st.c
-		w.fail(c.write(func() error {
-			c.hbuf.Reset()
-			encodeFields(c.henc, tr, true)
-			return c.writeBlock(w.st.id, c.hbuf.Bytes(), true)
-		}))
+	if !w.sent {
+		w.sendHeader(true) // ends the stream unless trailers follow
 	}
+	tr := trailerFields(w.h, w.trailers)
+	if len(w.trailers) == 0 && len(tr) == 0 {
+		if w.sentEnd {
+			return
+		}
+		w.writeData(nil, true)
+		return
+	}
+	c := w.st.c
+	w.fail(c.write(func() error {
+		c.hbuf.Reset()
+		encodeFields(c.henc, tr, true)
+		return c.writeBlock(w.st.id, c.hbuf.Bytes(), true)
+	}))
 }
 
 // trailerFields are the trailers of an answer with header h: those

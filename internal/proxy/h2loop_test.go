@@ -501,3 +501,26 @@ func FuzzH2Loop(f *testing.F) {
 		}
 	})
 }
+
+// TestH2LoopShortBody: an answer shorter than its Content-Length is
+// reset, never ended as if whole.
+func TestH2LoopShortBody(t *testing.T) {
+	addr := startH2Loop(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", "10")
+		io.WriteString(w, "short")
+		if r.URL.Path == "/flushed" {
+			w.(http.Flusher).Flush()
+		}
+	}))
+	c := h2Client(t)
+	for _, p := range []string{"/", "/flushed"} {
+		resp, err := c.Get("https://" + addr + p)
+		if err == nil {
+			_, err = io.ReadAll(resp.Body)
+			resp.Body.Close()
+		}
+		if err == nil {
+			t.Errorf("%s: a short body read as whole", p)
+		}
+	}
+}
