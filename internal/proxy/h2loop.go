@@ -301,7 +301,10 @@ func (c *h2Conn) shutdown() {
 
 // write runs fn (frame writes) under the write lock; the last writer in
 // line flushes, so answers of concurrent streams share TLS records and
-// syscalls. A write error ends the connection.
+// syscalls. A write error ends the connection. (Tried: letting the other
+// goroutines run once before a flush while other streams are open, to
+// batch more, as nginx's event loop does; the bench's h2 throughput
+// halved in two runs of two.)
 func (c *h2Conn) write(fn func() error) error {
 	c.wwait.Add(1)
 	c.wmu.Lock()
