@@ -524,3 +524,47 @@ func TestH2LoopShortBody(t *testing.T) {
 		}
 	}
 }
+
+// TestH2LoopShutdown: shutdown sends GOAWAY, lets the stream in flight
+// finish and then ends the connection.
+func TestH2LoopShutdown(t *testing.T) {
+	release := make(chan struct{})
+	certPEM, keyPEM := selfSignedCert(t)
+	cert, _ := tls.X509KeyPair(certPEM, keyPEM)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	hs := &h1Serve{s: &Server{log: slog.New(slog.DiscardHandler)}, conns: map[net.Conn]*h1Conn{},
+		fallback: newConnListener(ln.Addr()),
+		handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			<-release
+			io.WriteString(w, "done")
+		}),
+		tlsConf: &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"h2"}}}
+	go hs.accept(ln)
+	r := dialH2(t, ln.Addr().String())
+	r.headers(1, true, getFields...)
+	time.Sleep(50 * time.Millisecond) // the stream is open
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	stopped := make(chan struct{})
+	go func() { hs.closing.Store(true); ln.Close(); hs.shutdown(ctx); close(stopped) }()
+	r.goAway(http2.ErrCodeNo)
+	close(release)
+	if s := r.status(1); s != "200" {
+		t.Fatalf("stream in flight: %s", s)
+	}
+	select {
+	case <-stopped:
+	case <-time.After(5 * time.Second):
+		t.Fatal("shutdown did not end")
+	}
+	// What is left of stream 1 may still be read; then the connection ends.
+	for {
+		if _, err := r.fr.ReadFrame(); err != nil {
+			break
+		}
+	}
+}
