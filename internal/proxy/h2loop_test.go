@@ -562,8 +562,12 @@ func TestH2LoopShutdown(t *testing.T) {
 		t.Fatal("shutdown did not end")
 	}
 	// What is left of stream 1 may still be read; then the connection ends.
+	r.c.SetDeadline(time.Now().Add(3 * time.Second))
 	for {
 		if _, err := r.fr.ReadFrame(); err != nil {
+			if isTimeout(err) {
+				t.Fatal("the connection stayed open after shutdown")
+			}
 			break
 		}
 	}
