@@ -59,6 +59,13 @@ const (
 	h2WriteBufSize = 32 << 10
 )
 
+// Read deadline states of an h2Conn.
+const (
+	rdUnset = iota
+	rdIdle
+	rdBusy
+)
+
 var (
 	errH2StreamReset = errors.New("http2: stream reset by the client")
 	errH2ConnClosed  = errors.New("http2: client connection closed")
@@ -73,8 +80,6 @@ type h2Conn struct {
 	state  *tls.ConnectionState
 	remote string
 	fr     *http2.Framer
-	ctx    context.Context
-	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
 	// Writing: wmu guards the framer's writes, bw and henc; wwait counts
@@ -100,6 +105,9 @@ type h2Conn struct {
 	closed        bool
 	resets        int
 	resetWindowAt time.Time
+	rdState       int // the read deadline the reader set last: rdUnset, rdIdle, rdBusy
+	// wdeadAt is when the write deadline was last pushed on (under wmu).
+	wdeadAt time.Time
 
 	// Reader only (one goroutine at a time reads).
 	hdec        *hpack.Decoder
@@ -146,7 +154,6 @@ func newH2Conn(hs *h1Serve, conn net.Conn, st *tls.ConnectionState, remote strin
 	c := &h2Conn{hs: hs, conn: conn, state: st, remote: remote, streams: map[uint32]*h2Stream{},
 		sendWin: 65535, peerInitWin: 65535, peerMaxFrame: h2MaxFrame, recvWin: 65535}
 	c.cond.L = &c.mu
-	c.ctx, c.cancel = context.WithCancel(context.Background())
 	c.bw = bufio.NewWriterSize(conn, h2WriteBufSize)
 	c.fr = http2.NewFramer(c.bw, bufio.NewReaderSize(conn, h2ReadBufSize))
 	c.fr.SetMaxReadFrameSize(h2MaxFrame)
@@ -193,23 +200,29 @@ func (c *h2Conn) serve() {
 // readLoop reads frames until the connection ends.
 func (c *h2Conn) readLoop() {
 	for {
+		// Under c.mu: shutdown and endStream set a past deadline under it
+		// once the connection is to end, and it must not be overwritten.
 		c.mu.Lock()
 		idle := len(c.streams) == 0
-		away := c.goingAway
-		c.mu.Unlock()
-		if idle && away {
+		if idle && c.goingAway {
+			c.mu.Unlock()
 			return
 		}
 		switch {
 		case !c.sawSettings:
 			// The client's SETTINGS comes at once after the preface.
-		case idle:
+		case idle && c.rdState != rdIdle:
+			// From the last stream's end: frames without a stream (PING)
+			// do not keep a connection.
 			c.conn.SetReadDeadline(time.Now().Add(idleTimeout))
-		default:
+			c.rdState = rdIdle
+		case !idle && c.rdState != rdBusy:
 			// Running handlers bound their own waits (body reads, the
 			// guest's answer); the connection may be quiet meanwhile.
 			c.conn.SetReadDeadline(time.Time{})
+			c.rdState = rdBusy
 		}
+		c.mu.Unlock()
 		f, err := c.fr.ReadFrame()
 		if err == nil && !c.sawSettings {
 			if _, ok := f.(*http2.SettingsFrame); !ok {
@@ -246,7 +259,6 @@ func (c *h2Conn) teardown() {
 	}
 	c.cond.Broadcast()
 	c.mu.Unlock()
-	c.cancel()
 	c.conn.Close()
 	c.wg.Wait()
 }
@@ -273,6 +285,7 @@ func (c *h2Conn) goAway(err error) {
 	c.wmu.Lock()
 	if c.werr == nil && c.fr.WriteGoAway(c.maxStreamID, code, []byte(err.Error())) == nil {
 		c.conn.SetWriteDeadline(time.Now().Add(time.Second))
+		c.wdeadAt = time.Time{}
 		c.bw.Flush()
 	}
 	c.wmu.Unlock()
@@ -289,14 +302,15 @@ func (c *h2Conn) shutdown() {
 	c.mu.Lock()
 	already := c.goingAway
 	c.goingAway = true
-	idle := len(c.streams) == 0
 	c.mu.Unlock()
 	if !already {
 		c.write(func() error { return c.fr.WriteGoAway(1<<31-1, http2.ErrCodeNo, nil) })
 	}
-	if idle {
-		c.conn.SetReadDeadline(aLongTimeAgo)
+	c.mu.Lock()
+	if len(c.streams) == 0 {
+		c.conn.SetReadDeadline(aLongTimeAgo) // the reader ends the connection
 	}
+	c.mu.Unlock()
 }
 
 // write runs fn (frame writes) under the write lock; the last writer in
@@ -315,7 +329,11 @@ func (c *h2Conn) write(fn func() error) error {
 	}
 	err := fn()
 	if c.wwait.Add(-1) == 0 && err == nil {
-		c.conn.SetWriteDeadline(time.Now().Add(h2WriteTimeout))
+		// Pushed on at most once a second: a flush may take 59 s to 60 s.
+		if now := time.Now(); now.Sub(c.wdeadAt) > time.Second {
+			c.conn.SetWriteDeadline(now.Add(h2WriteTimeout))
+			c.wdeadAt = now
+		}
 		err = c.bw.Flush()
 	}
 	if err != nil {
@@ -583,7 +601,10 @@ func (c *h2Conn) readHeaderBlock(f *http2.HeadersFrame) ([]hpack.HeaderField, er
 	frag := f.HeaderBlockFragment()
 	ended := f.HeadersEnded()
 	if !ended {
+		c.mu.Lock()
 		c.conn.SetReadDeadline(time.Now().Add(readHeaderTimeout))
+		c.rdState = rdUnset
+		c.mu.Unlock()
 	}
 	for n := 0; ; n++ {
 		if wire += len(frag); wire > 2*maxHeaderBytes {
@@ -642,7 +663,9 @@ func (c *h2Conn) processHeaders(f *http2.HeadersFrame) error {
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: err}
 	}
 	st := &h2Stream{c: c, id: id, req: req}
-	st.ctx, st.cancel = context.WithCancel(c.ctx)
+	// Not a child of a connection context: teardown cancels every stream
+	// itself, and a child costs a registration in the parent per request.
+	st.ctx, st.cancel = context.WithCancel(context.Background())
 	if !end {
 		st.body = &h2Body{st: st, declared: declared}
 		st.body.cond.L = &st.body.mu
@@ -917,8 +940,9 @@ func (c *h2Conn) endStream(st *h2Stream, code http2.ErrCode) {
 	rst := !st.reset && (!st.remoteClosed || code != http2.ErrCodeNo)
 	st.reset = true
 	st.remoteClosed = true
-	left := len(c.streams)
-	away := c.goingAway
+	if len(c.streams) == 0 && c.goingAway {
+		c.conn.SetReadDeadline(aLongTimeAgo) // the reader ends the connection
+	}
 	c.cond.Broadcast()
 	c.mu.Unlock()
 	st.cancel()
@@ -927,9 +951,6 @@ func (c *h2Conn) endStream(st *h2Stream, code http2.ErrCode) {
 	}
 	if rst {
 		c.write(func() error { return c.fr.WriteRSTStream(st.id, code) })
-	}
-	if left == 0 && away {
-		c.conn.SetReadDeadline(aLongTimeAgo) // the reader ends the connection
 	}
 }
 
