@@ -69,7 +69,10 @@ type BenchStats struct {
 	AddedP50, AddedP99 time.Duration
 	RPS                float64
 	RPSRounds          []float64
-	Errors             int64
+	// CPUPerRequest is the server process's CPU time per request in the
+	// throughput phase (median over rounds; 0 if not measured).
+	CPUPerRequest time.Duration
+	Errors        int64
 }
 
 // BenchPair is kiln against nginx for one client protocol.
@@ -85,6 +88,8 @@ type BenchPair struct {
 	NginxAddedP50  time.Duration
 	KilnAddedP99   time.Duration
 	NginxAddedP99  time.Duration
+	KilnCPU        time.Duration // per request
+	NginxCPU       time.Duration
 	ErrorsObserved bool
 }
 
@@ -110,10 +115,14 @@ func (r BenchResult) String() string {
 		r.Opts.Rounds, r.Opts.Requests, r.Opts.Concurrency, r.Opts.Duration, r.Opts.BodySize, r.Opts.BackendDelay)
 	fmt.Fprintf(&b, "kiln proxy GOMAXPROCS %d (own process: %v), nginx %s worker_processes %d; load average before %s, after %s\n",
 		r.GOMAXPROCS, r.ProxyProcess, r.NginxVersion, r.NginxWorkers, r.LoadBefore, r.LoadAfter)
-	fmt.Fprintf(&b, "%-29s %9s %9s %10s %10s %9s %7s  %s\n", "mode", "p50", "p99", "added p50", "added p99", "req/s", "errors", "tls")
+	fmt.Fprintf(&b, "%-29s %9s %9s %10s %10s %9s %8s %7s  %s\n", "mode", "p50", "p99", "added p50", "added p99", "req/s", "cpu/req", "errors", "tls")
 	us := func(d time.Duration) string { return d.Round(time.Microsecond).String() }
 	for _, m := range r.Modes {
-		fmt.Fprintf(&b, "%-29s %9s %9s %10s %10s %9.0f %7d  %s\n", m.Mode, us(m.P50), us(m.P99), us(m.AddedP50), us(m.AddedP99), m.RPS, m.Errors, m.TLS)
+		cpu := "-"
+		if m.CPUPerRequest > 0 {
+			cpu = fmt.Sprintf("%.1fµs", float64(m.CPUPerRequest.Nanoseconds())/1000)
+		}
+		fmt.Fprintf(&b, "%-29s %9s %9s %10s %10s %9.0f %8s %7d  %s\n", m.Mode, us(m.P50), us(m.P99), us(m.AddedP50), us(m.AddedP99), m.RPS, cpu, m.Errors, m.TLS)
 	}
 	met := func(ok bool) string {
 		if ok {
@@ -122,8 +131,12 @@ func (r BenchResult) String() string {
 		return "NOT met"
 	}
 	for _, p := range r.Pairs {
-		fmt.Fprintf(&b, "%s: kiln/nginx throughput %.2f (target >= 1: %s), added p50 kiln %s vs nginx %s (target <=: %s)\n",
+		fmt.Fprintf(&b, "%s: kiln/nginx throughput %.2f (target >= 1: %s), added p50 kiln %s vs nginx %s (target <=: %s)",
 			p.Proto, p.RPSRatio, met(p.RPSTargetMet), us(p.KilnAddedP50), us(p.NginxAddedP50), met(p.P50TargetMet))
+		if p.KilnCPU > 0 && p.NginxCPU > 0 {
+			fmt.Fprintf(&b, "; CPU per request kiln/nginx %.2f", float64(p.KilnCPU)/float64(p.NginxCPU))
+		}
+		b.WriteString("\n")
 	}
 	return b.String()
 }
@@ -142,6 +155,7 @@ func (r BenchResult) JSON() string {
 		AddedP99  float64   `json:"added_p99_ms"`
 		RPS       float64   `json:"rps"`
 		RPSRounds []float64 `json:"rps_rounds"`
+		CPU       float64   `json:"cpu_us_per_request,omitempty"`
 		Errors    int64     `json:"errors"`
 	}
 	type pair struct {
@@ -151,6 +165,7 @@ func (r BenchResult) JSON() string {
 		NginxAddedP50 float64 `json:"nginx_added_p50_ms"`
 		KilnAddedP99  float64 `json:"kiln_added_p99_ms"`
 		NginxAddedP99 float64 `json:"nginx_added_p99_ms"`
+		CPURatio      float64 `json:"cpu_ratio_kiln_nginx,omitempty"`
 		RPSTargetMet  bool    `json:"rps_target_met"`
 		P50TargetMet  bool    `json:"p50_target_met"`
 		TargetsMet    bool    `json:"targets_met"`
@@ -181,10 +196,15 @@ func (r BenchResult) JSON() string {
 			rr[i] = round(x)
 		}
 		out.Modes = append(out.Modes, mode{Mode: m.Mode, Server: m.Server, Proto: m.Proto, TLS: m.TLS, P50: ms(m.P50), P99: ms(m.P99),
-			AddedP50: ms(m.AddedP50), AddedP99: ms(m.AddedP99), RPS: round(m.RPS), RPSRounds: rr, Errors: m.Errors})
+			AddedP50: ms(m.AddedP50), AddedP99: ms(m.AddedP99), RPS: round(m.RPS), RPSRounds: rr, Errors: m.Errors,
+			CPU: round(float64(m.CPUPerRequest.Nanoseconds()) / 1000)})
 	}
 	for _, p := range r.Pairs {
-		out.Pairs = append(out.Pairs, pair{Proto: p.Proto, RPSRatio: float64(int64(p.RPSRatio*1000+0.5)) / 1000,
+		cpuRatio := 0.0
+		if p.KilnCPU > 0 && p.NginxCPU > 0 {
+			cpuRatio = round(float64(p.KilnCPU) / float64(p.NginxCPU))
+		}
+		out.Pairs = append(out.Pairs, pair{CPURatio: cpuRatio, Proto: p.Proto, RPSRatio: float64(int64(p.RPSRatio*1000+0.5)) / 1000,
 			KilnAddedP50: ms(p.KilnAddedP50), NginxAddedP50: ms(p.NginxAddedP50), KilnAddedP99: ms(p.KilnAddedP99), NginxAddedP99: ms(p.NginxAddedP99),
 			RPSTargetMet: p.RPSTargetMet, P50TargetMet: p.P50TargetMet, TargetsMet: p.RPSTargetMet && p.P50TargetMet && !p.ErrorsObserved})
 	}
@@ -274,21 +294,21 @@ func ServeBenchProxy(ctx context.Context, in io.Reader, out io.Writer) error {
 }
 
 // startProxyProcess runs ServeBenchProxy in a child (argv), returning its
-// address, GOMAXPROCS and a stop function.
-func startProxyProcess(ctx context.Context, argv []string, c benchProxyConfig) (string, int, func(), error) {
+// address, GOMAXPROCS, process id and a stop function.
+func startProxyProcess(ctx context.Context, argv []string, c benchProxyConfig) (string, int, int, func(), error) {
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Stderr = os.Stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
-		return "", 0, nil, err
+		return "", 0, 0, nil, err
 	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return "", 0, nil, err
+		return "", 0, 0, nil, err
 	}
 	if err := cmd.Start(); err != nil {
-		return "", 0, nil, fmt.Errorf("starting kiln's proxy process: %w", err)
+		return "", 0, 0, nil, fmt.Errorf("starting kiln's proxy process: %w", err)
 	}
 	stop := func() {
 		stdin.Close()
@@ -304,7 +324,7 @@ func startProxyProcess(ctx context.Context, argv []string, c benchProxyConfig) (
 	line, _ := json.Marshal(c)
 	if _, err := stdin.Write(append(line, '\n')); err != nil {
 		stop()
-		return "", 0, nil, fmt.Errorf("configuring kiln's proxy process: %w", err)
+		return "", 0, 0, nil, fmt.Errorf("configuring kiln's proxy process: %w", err)
 	}
 	type hello struct {
 		addr  string
@@ -329,15 +349,15 @@ func startProxyProcess(ctx context.Context, argv []string, c benchProxyConfig) (
 	case h := <-hc:
 		if h.err != nil {
 			stop()
-			return "", 0, nil, h.err
+			return "", 0, 0, nil, h.err
 		}
-		return h.addr, h.procs, stop, nil
+		return h.addr, h.procs, cmd.Process.Pid, stop, nil
 	case <-time.After(30 * time.Second):
 		stop()
-		return "", 0, nil, errors.New("kiln's proxy process did not answer within 30s")
+		return "", 0, 0, nil, errors.New("kiln's proxy process did not answer within 30s")
 	case <-ctx.Done():
 		stop()
-		return "", 0, nil, ctx.Err()
+		return "", 0, 0, nil, ctx.Err()
 	}
 }
 
@@ -346,6 +366,9 @@ type benchMode struct {
 	client              *http.Client
 	url                 string
 	hdr                 http.Header
+	// pid is the server's process (with its children), whose CPU time the
+	// throughput phase counts; 0: not measured (it shares this process).
+	pid int
 }
 
 // Bench measures kiln's proxy and nginx against a plain backend, all on
@@ -418,8 +441,9 @@ func Bench(ctx context.Context, o BenchOptions) (BenchResult, error) {
 	pc := benchProxyConfig{Domain: dom, TLSDir: tlsDir, Backend: backendLn.Addr().String(), Key: key}
 	var proxyAddr string
 	var stopProxy func()
+	var proxyPid int
 	if len(o.ProxyCommand) > 0 {
-		proxyAddr, res.GOMAXPROCS, stopProxy, err = startProxyProcess(ctx, o.ProxyCommand, pc)
+		proxyAddr, res.GOMAXPROCS, proxyPid, stopProxy, err = startProxyProcess(ctx, o.ProxyCommand, pc)
 		res.ProxyProcess = true
 	} else {
 		proxyAddr, stopProxy, err = startBenchProxy(ctx, pc)
@@ -430,9 +454,10 @@ func Bench(ctx context.Context, o BenchOptions) (BenchResult, error) {
 	}
 	defer stopProxy()
 	var baseAddr string
+	var basePid int
 	if len(o.BaselineCommand) > 0 {
 		var stopBase func()
-		baseAddr, _, stopBase, err = startProxyProcess(ctx, o.BaselineCommand, pc)
+		baseAddr, _, basePid, stopBase, err = startProxyProcess(ctx, o.BaselineCommand, pc)
 		if err != nil {
 			return res, fmt.Errorf("baseline: %w", err)
 		}
@@ -485,17 +510,17 @@ func Bench(ctx context.Context, o BenchOptions) (BenchResult, error) {
 	auth := http.Header{HeaderAuth: {tok}}
 	modes := []benchMode{
 		{"direct http/1.1", "direct", "http/1.1", &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: o.Concurrency, DisableCompression: true}},
-			"http://" + backendLn.Addr().String() + "/", nil},
-		{"direct https http/1.1", "direct-tls", "http/1.1", viaTLS(tlsLn.Addr().String(), false), url, nil},
-		{"kiln https http/1.1", "kiln", "http/1.1", viaTLS(proxyAddr, false), url, auth},
-		{"nginx https http/1.1", "nginx", "http/1.1", viaTLS(ng.addr, false), url, auth},
-		{"kiln https h2", "kiln", "h2", viaTLS(proxyAddr, true), url, auth},
-		{"nginx https h2", "nginx", "h2", viaTLS(ng.addr, true), url, auth},
+			"http://" + backendLn.Addr().String() + "/", nil, 0},
+		{"direct https http/1.1", "direct-tls", "http/1.1", viaTLS(tlsLn.Addr().String(), false), url, nil, 0},
+		{"kiln https http/1.1", "kiln", "http/1.1", viaTLS(proxyAddr, false), url, auth, proxyPid},
+		{"nginx https http/1.1", "nginx", "http/1.1", viaTLS(ng.addr, false), url, auth, ng.cmd.Process.Pid},
+		{"kiln https h2", "kiln", "h2", viaTLS(proxyAddr, true), url, auth, proxyPid},
+		{"nginx https h2", "nginx", "h2", viaTLS(ng.addr, true), url, auth, ng.cmd.Process.Pid},
 	}
 	if baseAddr != "" {
 		modes = append(modes,
-			benchMode{"kiln-baseline https http/1.1", "kiln-baseline", "http/1.1", viaTLS(baseAddr, false), url, auth},
-			benchMode{"kiln-baseline https h2", "kiln-baseline", "h2", viaTLS(baseAddr, true), url, auth})
+			benchMode{"kiln-baseline https http/1.1", "kiln-baseline", "http/1.1", viaTLS(baseAddr, false), url, auth, basePid},
+			benchMode{"kiln-baseline https h2", "kiln-baseline", "h2", viaTLS(baseAddr, true), url, auth, basePid})
 	}
 	samples := make([][]benchSample, len(modes))
 	stats := make([]BenchStats, len(modes))
@@ -516,8 +541,11 @@ func Bench(ctx context.Context, o BenchOptions) (BenchResult, error) {
 	}
 	for i := range modes {
 		st := &stats[i]
-		var p50s, p99s, add50, add99 []time.Duration
+		var p50s, p99s, add50, add99, cpus []time.Duration
 		for r, s := range samples[i] {
+			if s.cpu > 0 {
+				cpus = append(cpus, s.cpu)
+			}
 			p50s = append(p50s, s.p50)
 			p99s = append(p99s, s.p99)
 			add50 = append(add50, s.p50-samples[0][r].p50)
@@ -526,6 +554,7 @@ func Bench(ctx context.Context, o BenchOptions) (BenchResult, error) {
 		}
 		st.P50, st.P99, st.AddedP50, st.AddedP99 = median(p50s), median(p99s), median(add50), median(add99)
 		st.RPS = median(slices.Clone(st.RPSRounds))
+		st.CPUPerRequest = median(cpus)
 		modes[i].client.CloseIdleConnections()
 	}
 	res.Modes = stats
@@ -544,7 +573,8 @@ func Bench(ctx context.Context, o BenchOptions) (BenchResult, error) {
 		res.Pairs = append(res.Pairs, BenchPair{Proto: proto, RPSRatio: k.RPS / n.RPS, AddedP50Delta: k.AddedP50 - n.AddedP50,
 			RPSTargetMet: k.RPS >= n.RPS, P50TargetMet: k.AddedP50 <= n.AddedP50,
 			KilnRPS: k.RPS, NginxRPS: n.RPS, KilnAddedP50: k.AddedP50, NginxAddedP50: n.AddedP50,
-			KilnAddedP99: k.AddedP99, NginxAddedP99: n.AddedP99, ErrorsObserved: k.Errors+n.Errors > 0})
+			KilnAddedP99: k.AddedP99, NginxAddedP99: n.AddedP99, ErrorsObserved: k.Errors+n.Errors > 0,
+			KilnCPU: k.CPUPerRequest, NginxCPU: n.CPUPerRequest})
 	}
 	res.LoadAfter = loadAvg()
 	return res, ctx.Err()
@@ -596,6 +626,7 @@ func benchOne(ctx context.Context, m benchMode, o BenchOptions, st *BenchStats) 
 		s.p50, s.p99 = lat[len(lat)/2], lat[len(lat)*99/100]
 	}
 	var count, errs atomic.Int64
+	cpu0 := processCPU(m.pid)
 	deadline := time.Now().Add(o.Duration)
 	var wg sync.WaitGroup
 	t0 := time.Now()
@@ -614,6 +645,11 @@ func benchOne(ctx context.Context, m benchMode, o BenchOptions, st *BenchStats) 
 	}
 	wg.Wait()
 	s.rps = float64(count.Load()) / time.Since(t0).Seconds()
+	if n := count.Load(); m.pid != 0 && n > 0 && cpu0 >= 0 {
+		if cpu1 := processCPU(m.pid); cpu1 > cpu0 {
+			s.cpu = (cpu1 - cpu0) / time.Duration(n)
+		}
+	}
 	st.Errors += errs.Load()
 	return s, ctx.Err()
 }
@@ -621,7 +657,52 @@ func benchOne(ctx context.Context, m benchMode, o BenchOptions, st *BenchStats) 
 type benchSample struct {
 	p50, p99 time.Duration
 	rps      float64
+	cpu      time.Duration // server CPU time per request of the throughput phase
 }
+
+// processCPU is the user and system CPU time of pid and its children
+// (nginx's workers) so far; -1 if unknown. Unlike req/s, CPU time per
+// request hardly moves with what else the host runs.
+func processCPU(pid int) time.Duration {
+	if pid == 0 {
+		return -1
+	}
+	var total time.Duration
+	pids := []int{pid}
+	for len(pids) > 0 {
+		p := pids[0]
+		pids = pids[1:]
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p))
+		if err != nil {
+			if p == pid {
+				return -1
+			}
+			continue
+		}
+		// Fields after the command (which may hold spaces), from state on:
+		// utime and stime are the 12th and 13th.
+		i := strings.LastIndexByte(string(b), ')')
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) < 13 {
+			return -1
+		}
+		ut, _ := strconv.ParseInt(f[11], 10, 64)
+		st, _ := strconv.ParseInt(f[12], 10, 64)
+		total += time.Duration(ut+st) * (time.Second / clockTicks)
+		if c, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", p, p)); err == nil {
+			for _, x := range strings.Fields(string(c)) {
+				if n, err := strconv.Atoi(x); err == nil {
+					pids = append(pids, n)
+				}
+			}
+		}
+	}
+	return total
+}
+
+// clockTicks is USER_HZ, the unit of /proc/PID/stat's times: 100 on
+// every Linux architecture Go supports.
+const clockTicks = 100
 
 func median[T int64 | float64 | time.Duration](xs []T) T {
 	if len(xs) == 0 {

@@ -60,6 +60,9 @@ func TestBench(t *testing.T) {
 			t.Errorf("%s: %d errors, %.0f req/s", m.Mode, m.Errors, m.RPS)
 		}
 		if m.Server == "kiln" || m.Server == "nginx" {
+			if m.CPUPerRequest <= 0 {
+				t.Errorf("%s: no CPU time per request measured", m.Mode)
+			}
 			// Both proxies are measured with the same TLS on the wire.
 			if want := "TLS 1.3 TLS_AES_128_GCM_SHA256 X25519 "; !strings.HasPrefix(m.TLS, want) || !strings.HasSuffix(m.TLS, m.Proto) {
 				t.Errorf("%s negotiated %q, want %s%s", m.Mode, m.TLS, want, m.Proto)

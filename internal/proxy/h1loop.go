@@ -51,8 +51,8 @@ const (
 	writeBufSize = 16 << 10
 )
 
-// h1Serve accepts ln's connections: TLS handshake, then h2 to hs (net/http)
-// and HTTP/1.1 to the own loop.
+// h1Serve accepts ln's connections: TLS handshake, then h2 to the own h2
+// loop and HTTP/1.1 to the own h1 loop.
 type h1Serve struct {
 	s *Server
 	// handler is s, but for the loop's own tests.
@@ -65,7 +65,10 @@ type h1Serve struct {
 	// conns are the connections this loop owns: nil while in the TLS
 	// handshake, then their h1Conn. Those handed to net/http leave.
 	conns map[net.Conn]*h1Conn
-	wg    sync.WaitGroup
+	// h2 are the connections on the own HTTP/2 loop (h2loop.go), also in
+	// conns (with a nil *h1Conn) for the last resort of shutdown.
+	h2 map[net.Conn]*h2Conn
+	wg sync.WaitGroup
 }
 
 func (hs *h1Serve) accept(ln net.Listener) error {
@@ -111,7 +114,7 @@ func (hs *h1Serve) handshake(c net.Conn) {
 	tc.SetDeadline(time.Time{})
 	st := tc.ConnectionState()
 	if st.NegotiatedProtocol == "h2" {
-		hs.handoff(c, tc)
+		hs.serveH2(c, tc, &st)
 		return
 	}
 	hc := &h1Conn{hs: hs, conn: tc, raw: c, state: &st, remote: c.RemoteAddr().String()}
@@ -145,6 +148,9 @@ func (hs *h1Serve) shutdown(ctx context.Context) {
 		if hc != nil && hc.idle.Load() {
 			hc.conn.SetReadDeadline(aLongTimeAgo)
 		}
+	}
+	for _, c := range hs.h2 {
+		go c.shutdown() // it writes a GOAWAY: not under hs.mu
 	}
 	hs.mu.Unlock()
 	done := make(chan struct{})
@@ -712,21 +718,13 @@ func (w *h1Writer) sendHeader(final bool) {
 			w.trailers = append(w.trailers, http.CanonicalHeaderKey(k))
 		}
 	}
-	hasTrailerPrefix := false
-	for k := range h {
-		if len(k) > len(http.TrailerPrefix) && k[:len(http.TrailerPrefix)] == http.TrailerPrefix {
-			hasTrailerPrefix = true
-		}
-	}
+	hasTrailerPrefix := hasTrailerPrefix(h)
 	bodyOK := !w.noBody
 	if w.status == http.StatusNoContent || w.status == http.StatusNotModified {
 		delete(h, "Content-Length")
 	}
 	if bodyOK {
-		_, haveType := h["Content-Type"]
-		if !haveType && h.Get("Content-Encoding") == "" && len(w.pend) > 0 {
-			h.Set("Content-Type", http.DetectContentType(w.pend))
-		}
+		sniffType(h, w.pend)
 		switch {
 		case w.cl >= 0:
 		case final && len(w.trailers) == 0 && !hasTrailerPrefix:
@@ -780,17 +778,9 @@ func (w *h1Writer) writeFields(h http.Header) {
 			continue
 		}
 		for _, v := range vv {
-			if !validFieldValue(v) {
-				v = string(bytes.Map(func(r rune) rune {
-					if r < ' ' && r != '\t' || r == 0x7f {
-						return ' '
-					}
-					return r
-				}, []byte(v)))
-			}
 			bw.WriteString(k)
 			bw.WriteString(": ")
-			bw.WriteString(v)
+			bw.WriteString(sanitizeFieldValue(v))
 			bw.WriteString("\r\n")
 		}
 	}
@@ -815,17 +805,7 @@ func (w *h1Writer) finish() {
 	if w.chunked {
 		bw := w.c.bw
 		bw.WriteString("0\r\n")
-		tr := http.Header{}
-		for _, k := range w.trailers {
-			if vv, ok := w.h[k]; ok {
-				tr[k] = vv
-			}
-		}
-		for k, vv := range w.h {
-			if len(k) > len(http.TrailerPrefix) && k[:len(http.TrailerPrefix)] == http.TrailerPrefix {
-				tr[http.CanonicalHeaderKey(k[len(http.TrailerPrefix):])] = vv
-			}
-		}
+		tr := trailerFields(w.h, w.trailers)
 		delete(tr, "Content-Length")
 		delete(tr, "Transfer-Encoding")
 		delete(tr, "Trailer")

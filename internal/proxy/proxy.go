@@ -848,7 +848,8 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, tlsConfig *tls.Conf
 		tc.NextProtos = append(tc.NextProtos, "http/1.1")
 	}
 	fb := newConnListener(ln.Addr())
-	// net/http serves h2 and what the own loop hands over (h1loop.go).
+	// net/http serves what the own HTTP/1.1 loop hands over (h1loop.go:
+	// upgrades, Expect, HTTP/1.0); h2 has a loop of its own (h2loop.go).
 	srv := &http.Server{
 		Handler:           withConnTLS(s),
 		TLSConfig:         tc,
