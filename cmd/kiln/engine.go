@@ -15,7 +15,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
-	"github.com/kiln-sandbox/kiln/internal/engine"
 	"github.com/kiln-sandbox/kiln/internal/enginebench"
 	"github.com/kiln-sandbox/kiln/internal/image/base"
 	"github.com/kiln-sandbox/kiln/internal/imagebuild"
@@ -80,7 +79,7 @@ func init() {
 	be.Flags().BoolVar(&o.Net, "net", os.Geteuid() == 0, "give the template and clones a NIC and a VM network (needs root)")
 	benchCmd.AddCommand(be)
 
-	var eo engine.EndpointBenchOptions
+	var eo enginebench.EndpointBenchOptions
 	var app string
 	bep := &cobra.Command{
 		Use:   "endpoint",
@@ -94,12 +93,12 @@ func init() {
 			}
 			defer os.RemoveAll(work)
 			defer d.Close()
-			tmpl, err := engine.BenchTemplate(ctx, d, root, app, work)
+			tmpl, err := vmmtest.AppTemplate(ctx, d, root, app, work)
 			if err != nil {
 				return err
 			}
 			eo.Driver, eo.Template, eo.Dir, eo.Progress, eo.Log = d, tmpl, work, os.Stderr, newLogger()
-			r, err := engine.BenchEndpoint(ctx, eo)
+			r, err := enginebench.BenchEndpoint(ctx, eo)
 			if err != nil {
 				return err
 			}

@@ -113,7 +113,7 @@ func makeTemplate(ctx context.Context, d *qemu.Driver, root, work string) (strin
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("building the test app: %v: %s", err, out)
 	}
-	return BenchTemplate(ctx, d, root, app, work)
+	return vmmtest.AppTemplate(ctx, d, root, app, work)
 }
 
 // harness is one engine with its store, API server and endpoint proxy.

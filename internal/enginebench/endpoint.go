@@ -1,10 +1,8 @@
 //go:build linux
 
-package engine
+package enginebench
 
 import (
-	"archive/tar"
-	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
@@ -23,7 +21,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/engine"
+
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/netns"
@@ -212,7 +211,7 @@ func BenchEndpoint(ctx context.Context, o EndpointBenchOptions) (res EndpointBen
 	}
 	defer st.Close()
 	drv := &timedDriver{Driver: o.Driver}
-	eng, err := New(ctx, Config{Driver: drv, Store: st, Reporter: lifecycle.NewReporter(st), DataDir: o.Dir, IdleInterval: time.Second, Log: o.Log})
+	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: lifecycle.NewReporter(st), DataDir: o.Dir, IdleInterval: time.Second, Log: o.Log})
 	if err != nil {
 		return res, err
 	}
@@ -224,7 +223,7 @@ func BenchEndpoint(ctx context.Context, o EndpointBenchOptions) (res EndpointBen
 		return res, err
 	}
 	const domain = "microvm.localhost"
-	srv := api.NewServer(api.Config{Domain: domain, Tokens: &TokenIssuer{Signer: signer}}, st, eng)
+	srv := api.NewServer(api.Config{Domain: domain, Tokens: &engine.TokenIssuer{Signer: signer}}, st, eng)
 	caPath := filepath.Join(o.Dir, "ca.pem")
 	ca, err := tlsca.Open(tlsca.Config{Domain: domain, Dir: filepath.Join(o.Dir, "tls"), CAExport: caPath})
 	if err != nil {
@@ -292,7 +291,7 @@ func BenchEndpoint(ctx context.Context, o EndpointBenchOptions) (res EndpointBen
 		m := store.Microvm{ID: id, Account: benchAccount, ARN: "arn:aws:lambda:us-east-1:" + benchAccount + ":microvm:" + id,
 			State: store.StatePending, ImageName: imageName, ImageVersion: "1", ImageARN: img.ARN,
 			IdlePolicy:               &store.IdlePolicy{MaxIdleDurationSeconds: 3600, SuspendedDurationSeconds: 3600, AutoResumeEnabled: true},
-			MaximumDurationInSeconds: 3 * 3600, IngressNetworkConnectors: []string{"arn:aws:lambda:us-east-1:aws:network-connector:" + ConnAllIngress},
+			MaximumDurationInSeconds: 3 * 3600, IngressNetworkConnectors: []string{"arn:aws:lambda:us-east-1:aws:network-connector:" + engine.ConnAllIngress},
 			StartedAt: now, UpdatedAt: now, DeadlineAt: now.Add(3 * time.Hour)}
 		if err := st.CreateMicrovm(ctx, m, nil); err != nil {
 			return res, fmt.Errorf("recording microvm: %w", err)
@@ -410,8 +409,8 @@ func BenchEndpoint(ctx context.Context, o EndpointBenchOptions) (res EndpointBen
 		progress("run %d: auto-resume request %s (driver resume %s), engine resume %s (driver resume %s)", i+1,
 			auto[i].Round(time.Millisecond), driver[i].Round(time.Millisecond), engine[i].Round(time.Millisecond), driverAPI[i].Round(time.Millisecond))
 	}
-	res.DriverResumeAPI, res.AfterRunning, res.FirstAfterResume = median(driverAPI), median(afterRunning), median(firstAfter)
-	res.AutoResume, res.EngineResume, res.DriverResume = median(auto), median(engine), median(driver)
+	res.DriverResumeAPI, res.AfterRunning, res.FirstAfterResume = medianDuration(driverAPI), medianDuration(afterRunning), medianDuration(firstAfter)
+	res.AutoResume, res.EngineResume, res.DriverResume = medianDuration(auto), medianDuration(engine), medianDuration(driver)
 	if res.EngineResume > 0 {
 		res.Ratio = float64(res.AutoResume) / float64(res.EngineResume)
 	}
@@ -444,57 +443,6 @@ func BenchEndpoint(ctx context.Context, o EndpointBenchOptions) (res EndpointBen
 		return res, fmt.Errorf("load: %w", err)
 	}
 	return res, nil
-}
-
-// BenchTemplate makes a template for BenchEndpoint under dir: it boots
-// rootDisk (a root with busybox, such as vmmtest.BusyboxRoot makes) with
-// a network, starts an HTTP app on port 8080 and snapshots the VM with
-// the app listening. app is a static binary to copy in and run as
-// /opt/app; "" runs busybox httpd serving "ok" at /. The build VM and its
-// network are removed before it returns.
-func BenchTemplate(ctx context.Context, drv vmm.Driver, rootDisk, app, dir string) (string, error) {
-	id := fmt.Sprintf("kb-tmpl-%d", os.Getpid())
-	n, err := netns.Setup(ctx, netns.Config{ID: id})
-	if err != nil {
-		return "", fmt.Errorf("template network: %w", err)
-	}
-	defer n.Teardown(context.WithoutCancel(ctx))
-	defer drv.Terminate(context.WithoutCancel(ctx), id)
-	if _, err := drv.Boot(ctx, vmm.BootSpec{ID: id, RootDisk: rootDisk, MemoryMiB: 256,
-		Net: n.Attachment()}); err != nil {
-		return "", fmt.Errorf("booting the template vm: %w", err)
-	}
-	a, err := drv.Agent(ctx, id)
-	if err != nil {
-		return "", err
-	}
-	argv := []string{"/bin/sh", "-c", "mkdir -p /www && echo ok > /www/index.html && exec /bin/busybox httpd -f -p 8080 -h /www"}
-	if app != "" {
-		b, err := os.ReadFile(app)
-		if err != nil {
-			return "", err
-		}
-		var tb bytes.Buffer
-		tw := tar.NewWriter(&tb)
-		tw.WriteHeader(&tar.Header{Name: "app", Mode: 0o755, Size: int64(len(b)), Typeflag: tar.TypeReg})
-		tw.Write(b)
-		tw.Close()
-		if err := a.CopyIn(ctx, "/opt", &tb); err != nil {
-			return "", fmt.Errorf("copying the app in: %w", err)
-		}
-		argv = []string{"/opt/app"}
-	}
-	if _, err := a.Exec(ctx, client.ExecRequest{Argv: argv, Background: true}); err != nil {
-		return "", fmt.Errorf("starting the app: %w", err)
-	}
-	if err := a.WaitPort(ctx, 8080, 30*time.Second); err != nil {
-		return "", fmt.Errorf("waiting for the app: %w", err)
-	}
-	tmpl := filepath.Join(dir, "bench-template")
-	if _, err := drv.Snapshot(ctx, id, tmpl); err != nil {
-		return "", err
-	}
-	return tmpl, nil
 }
 
 // forceTerminate ends a VM even when a driver operation on it hangs
@@ -572,7 +520,7 @@ func waitState(ctx context.Context, st store.Store, id string, want store.Microv
 	}
 }
 
-func median(d []time.Duration) time.Duration {
+func medianDuration(d []time.Duration) time.Duration {
 	if len(d) == 0 {
 		return 0
 	}
