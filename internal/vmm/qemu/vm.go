@@ -539,6 +539,14 @@ func (v *vm) watch(p *proc) {
 	}
 	reason := "qemu " + p.status + v.lastWords()
 	v.log.Error("vm process died", "reason", reason)
+	// The record says so before the event goes out: whoever hears of the
+	// death and inspects the VM sees it stopped, with the reason, even
+	// while an operation still holds the VM and the clean-up waits.
+	v.mu.Lock()
+	if v.proc == p && !v.gone {
+		v.meta.State, v.meta.Phase, v.meta.PID, v.meta.Reason = vmm.StateStopped, "", 0, reason
+	}
+	v.mu.Unlock()
 	v.d.emit(vmm.Event{ID: v.id, State: vmm.StateStopped, Reason: reason, Time: time.Now()})
 	v.op.Lock()
 	defer v.op.Unlock()
@@ -547,7 +555,6 @@ func (v *vm) watch(p *proc) {
 		v.mu.Unlock()
 		return
 	}
-	v.meta.Reason = reason
 	v.mu.Unlock()
 	v.cleanupDead()
 }
