@@ -54,10 +54,11 @@ func New(st Store, nodes Nodes, log *slog.Logger) *Backend {
 }
 
 var (
-	_ lifecycle.Backend     = (*Backend)(nil)
-	_ lifecycle.Recoverer   = (*Backend)(nil)
-	_ lifecycle.Snapshotter = (*Backend)(nil)
-	_ lifecycle.LogSource   = (*Backend)(nil)
+	_ lifecycle.HostAdmitter = (*Backend)(nil)
+	_ lifecycle.Backend      = (*Backend)(nil)
+	_ lifecycle.Recoverer    = (*Backend)(nil)
+	_ lifecycle.Snapshotter  = (*Backend)(nil)
+	_ lifecycle.LogSource    = (*Backend)(nil)
 )
 
 // TemplateKey names an image version's template in placement.
@@ -110,21 +111,27 @@ func (b *Backend) platformOf(ctx context.Context, m store.Microvm) (string, erro
 	return "", nil
 }
 
-// nodeOf returns the client of the node m is placed on; ok is false when
-// m was never placed or its node is lost (nothing runs it any more).
-func (b *Backend) nodeOf(ctx context.Context, m store.Microvm) (noderpc.Service, bool, error) {
+// liveNode returns the node m is placed on; ok is false when m was
+// never placed or its node is lost (nothing runs it any more).
+func (b *Backend) liveNode(ctx context.Context, m store.Microvm) (store.Node, bool, error) {
 	if m.Node == "" {
-		return nil, false, nil
+		return store.Node{}, false, nil
 	}
 	n, err := b.st.GetNode(ctx, m.Node)
 	if errors.Is(err, errdefs.ErrNotFound) {
-		return nil, false, nil
+		return store.Node{}, false, nil
 	}
 	if err != nil {
-		return nil, false, err
+		return store.Node{}, false, err
 	}
-	if n.State == store.NodeLost {
-		return nil, false, nil
+	return n, n.State != store.NodeLost, nil
+}
+
+// nodeOf is liveNode with the node's client.
+func (b *Backend) nodeOf(ctx context.Context, m store.Microvm) (noderpc.Service, bool, error) {
+	n, ok, err := b.liveNode(ctx, m)
+	if !ok || err != nil {
+		return nil, ok, err
 	}
 	c, err := b.nodes(n)
 	return c, err == nil, err
@@ -183,6 +190,30 @@ func (b *Backend) TerminateMicrovm(ctx context.Context, m store.Microvm) error {
 		return nil // terminated meanwhile
 	}
 	return err
+}
+
+// AdmitMemory implements lifecycle.HostAdmitter: a RunMicrovm that no
+// node has room for is refused before anything is recorded, as on one
+// host. Placement checks again, in its transaction.
+func (b *Backend) AdmitMemory(ctx context.Context, memMiB int64) error {
+	nodes, err := b.st.ListNodes(ctx)
+	if err != nil {
+		return err
+	}
+	now := b.now()
+	var most int64
+	for _, n := range nodes {
+		if n.State != store.NodeActive || n.Cordoned || !n.LeaseExpiresAt.After(now) {
+			continue
+		}
+		free := n.CapacityMiB - n.CommittedMiB
+		if free >= memMiB {
+			return nil
+		}
+		most = max(most, free)
+	}
+	return fmt.Errorf("no node can take %d MiB now (most free on a live node: %d MiB); add nodes or capacity, uncordon a node, or terminate microVMs: %w",
+		memMiB, most, errdefs.ErrExhausted)
 }
 
 // buildNode chooses the node for a build: an active, uncordoned node with
@@ -258,7 +289,7 @@ func (b *Backend) DeleteImageVersion(ctx context.Context, account, image, versio
 func (b *Backend) Recover(ctx context.Context, vms []store.Microvm, builds []store.Build) error {
 	var errs []error
 	for _, m := range vms {
-		_, live, err := b.nodeOf(ctx, m)
+		_, live, err := b.liveNode(ctx, m)
 		if err != nil {
 			errs = append(errs, err)
 			continue
