@@ -593,6 +593,13 @@ func checkCommandLines(o *objects, fail func(string, ...any)) {
 				fail("%s: --%s port %d is not a declared container port", n.name, f, port)
 			}
 		}
+		// kiln node refuses a certificate issued to another name: one
+		// pair per node, picked by its name.
+		for _, f := range []string{"cluster-cert", "cluster-key"} {
+			if !strings.Contains(flagValue(c, f), "$(NODE_NAME)") {
+				fail("%s: --%s=%s is the same file on every host; kiln node needs the certificate issued to its own name ($(NODE_NAME))", n.name, f, flagValue(c, f))
+			}
+		}
 		if e := envVar(c, "HOST_IP"); e == nil || e.ValueFrom == nil || e.ValueFrom.FieldRef == nil || e.ValueFrom.FieldRef.FieldPath != "status.hostIP" {
 			fail("%s: HOST_IP is not the Pod's status.hostIP", n.name)
 		}
@@ -859,6 +866,11 @@ func TestChecksCatchBrokenManifests(t *testing.T) {
 			dropArg(c, "node-name")
 			c.Args = append(c.Args, "--node-name=host-1")
 		}, "--node-name=host-1 is not the Pod's spec.nodeName"},
+		{"one certificate for every node", func(o *objects) {
+			c := &o.daemonSets[0].Spec.Template.Spec.Containers[0]
+			dropArg(c, "cluster-cert")
+			c.Args = append(c.Args, "--cluster-cert=/etc/kiln/cluster/tls.crt")
+		}, "needs the certificate issued to its own name"},
 		{"store URL in the arguments", func(o *objects) {
 			c := &deployment(o, "edge").Spec.Template.Spec.Containers[0]
 			c.Args = append(c.Args, "--store=postgres://kiln:pw@db/kiln")
