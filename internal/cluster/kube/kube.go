@@ -136,6 +136,8 @@ const maxObject = 4 << 20
 // GetNode reads the Node called name.
 func (c *Client) GetNode(ctx context.Context, name string) (*corev1.Node, error) {
 	path := "/api/v1/nodes/" + url.PathEscape(name)
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
 	resp, err := c.get(ctx, path, nil)
 	if err != nil {
 		return nil, err
@@ -166,6 +168,10 @@ func (c *Client) WatchNode(ctx context.Context, name, resourceVersion string, ti
 		// watch resumed later is not told 410 Gone.
 		"allowWatchBookmarks": {"true"},
 	}
+	// The server ends the watch after timeout; a connection that died
+	// without a word (a vanished peer) must not hold it for ever.
+	ctx, cancel := context.WithTimeout(ctx, timeout+30*time.Second)
+	defer cancel()
 	resp, err := c.get(ctx, "/api/v1/nodes", q)
 	if err != nil {
 		return err
