@@ -16,6 +16,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/cluster/clusterca"
 	"github.com/kiln-sandbox/kiln/internal/cluster/control"
+	"github.com/kiln-sandbox/kiln/internal/cluster/kube"
 	"github.com/kiln-sandbox/kiln/internal/cluster/noderpc"
 	"github.com/kiln-sandbox/kiln/internal/engine"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
@@ -33,6 +34,10 @@ type ClusterOptions struct {
 	// CapacityMiB is the guest memory a node offers placement (0: what
 	// --memory-overcommit allows this host).
 	CapacityMiB int64
+	// KubeNode is the Kubernetes Node whose cordon (spec.unschedulable)
+	// `kiln node` mirrors into the store ("": --node-name when running
+	// in a Pod, none otherwise).
+	KubeNode string
 	// NodeLease is how long a node's lease lasts per renewal; NodeGrace
 	// how long after it runs out control declares the node lost.
 	NodeLease, NodeGrace time.Duration
@@ -48,6 +53,7 @@ func addClusterFlags(f *pflag.FlagSet, c *ClusterOptions, node bool) {
 		f.StringVar(&c.NodeName, "node-name", host, "this node's name in the cluster (its certificate's name)")
 		f.StringVar(&c.GRPCAddr, "grpc-addr", "", "HOST:PORT of this node's service for control and edges (mutual TLS); HOST must be in its certificate")
 		f.Int64Var(&c.CapacityMiB, "capacity-mib", 0, "guest memory MiB this node offers to placement (default: what --memory-overcommit allows this host)")
+		f.StringVar(&c.KubeNode, "kube-node", "", "Kubernetes Node whose cordon (kubectl cordon/drain) stops placement here (default: --node-name when running in a Kubernetes Pod; \"-\": none)")
 		f.StringVar(&c.TunnelAddr, "tunnel-addr", "", "HOST:PORT of this node's endpoint tunnel for edges (mutual TLS; default: the --grpc-addr host, port+1)")
 	} else {
 		f.DurationVar(&c.NodeGrace, "node-grace", 20*time.Second, "how long after a node's lease runs out it is declared lost and its microVMs terminated (HostLost)")
@@ -94,6 +100,7 @@ run on one replica at a time, under leases in the store.`,
 	}
 	sf.add(ctl.Flags())
 	addClusterFlags(ctl.Flags(), &sf.o.Cluster, false)
+	ctl.Flags().StringVar(&sf.o.TokenKey, "token-key", "", "file of the key endpoint tokens are signed with, which every control replica and edge shares (default DATA_DIR/token.key, made on first use)")
 	rootCmd.AddCommand(ctl)
 
 	var nf serverFlags
@@ -151,8 +158,8 @@ takes no new work until it can.`,
 var runNode func(ctx context.Context, o ServerOptions, st store.Store) error
 
 // controlBackend is the factory of `kiln control`: the cluster backend
-// over the nodes, and endpoint tokens signed with DATA_DIR/token.key,
-// which the edges must share to check them.
+// over the nodes, and endpoint tokens signed with --token-key (default
+// DATA_DIR/token.key), which the edges must share to check them.
 func controlBackend(ctx context.Context, o ServerOptions, st store.Store, _ *lifecycle.Reporter) (lifecycle.Backend, api.TokenIssuer, error) {
 	cs, err := clusterStore(st)
 	if err != nil {
@@ -162,7 +169,7 @@ func controlBackend(ctx context.Context, o ServerOptions, st store.Store, _ *lif
 	if err != nil {
 		return nil, nil, err
 	}
-	key, err := token.LoadOrCreateKey(filepath.Join(o.DataDir, "token.key"))
+	key, err := loadTokenKey(o)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -202,4 +209,24 @@ func replicaName() string {
 	b := make([]byte, 4)
 	rand.Read(b)
 	return fmt.Sprintf("%s/%d/%s", host, os.Getpid(), hex.EncodeToString(b))
+}
+
+// cordonWatcher is `kiln node`'s watcher of its Kubernetes Node's cordon
+// (nil outside Kubernetes, or with --kube-node -). In a Pod without an
+// API token it fails rather than silently ignore `kubectl cordon`.
+func (c ClusterOptions) cordonWatcher(cs store.Cluster, log *slog.Logger) (*kube.CordonWatcher, error) {
+	name := c.KubeNode
+	switch {
+	case name == "-":
+		return nil, nil
+	case name == "" && !kube.InCluster():
+		return nil, nil
+	case name == "":
+		name = c.NodeName
+	}
+	cl, err := kube.NewInCluster(kube.ServiceAccountDir)
+	if err != nil {
+		return nil, fmt.Errorf("--kube-node %s: %w; --kube-node - runs without following the Node's cordon", name, err)
+	}
+	return &kube.CordonWatcher{Client: cl, KubeNode: name, KilnNode: c.NodeName, Store: cs, Log: log}, nil
 }

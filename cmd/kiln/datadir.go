@@ -12,6 +12,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/store/postgres"
 	"github.com/kiln-sandbox/kiln/internal/store/seal"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
+	"github.com/kiln-sandbox/kiln/internal/token"
 )
 
 // Files in DATA_DIR that hold secrets: kept 0600 (the database and its
@@ -68,24 +69,58 @@ func warnIfReadable(path string) {
 }
 
 // storeFlag is --store: "" or "sqlite" for DATA_DIR/kiln.db (the embedded
-// default), or a postgres:// URL.
-var storeFlag string
+// default), or a postgres:// URL. sealingKeyFlag is --sealing-key: ""
+// for DATA_DIR/secrets.key (made on first use), or the operator's file.
+var storeFlag, sealingKeyFlag string
 
 func init() {
 	rootCmd.PersistentFlags().StringVar(&storeFlag, "store", os.Getenv("KILN_STORE"),
 		"where kiln keeps its state: sqlite (DATA_DIR/kiln.db, the default) or a postgres://user:password@host/db URL shared by several kiln processes")
+	rootCmd.PersistentFlags().StringVar(&sealingKeyFlag, "sealing-key", "",
+		"file of the 32-byte key that seals secret access keys in the store (default DATA_DIR/secrets.key, made on first use); every control replica sharing a PostgreSQL store needs the same one")
+}
+
+// loadSealer is --sealing-key as given (an operator's file, perhaps a
+// read-only Kubernetes Secret: used as is, never created or chmodded),
+// or DATA_DIR/secrets.key, made on first use.
+func loadSealer(dir string) (*seal.Sealer, error) {
+	if sealingKeyFlag == "" {
+		return seal.LoadOrCreate(filepath.Join(dir, sqlite.KeyFile))
+	}
+	b, err := os.ReadFile(sealingKeyFlag)
+	if err != nil {
+		return nil, fmt.Errorf("--sealing-key: %w (make one with `head -c 32 /dev/urandom > FILE` and give every control replica the same)", err)
+	}
+	sl, err := seal.New(b)
+	if err != nil {
+		return nil, fmt.Errorf("--sealing-key %s: %w", sealingKeyFlag, err)
+	}
+	return sl, nil
+}
+
+// loadTokenKey is the key endpoint tokens are signed with: --token-key as
+// given (an operator's file that every control replica and edge shares;
+// it must exist), or DATA_DIR/token.key, made on first use.
+func loadTokenKey(o ServerOptions) ([]byte, error) {
+	if o.TokenKey == "" {
+		return token.LoadOrCreateKey(filepath.Join(o.DataDir, "token.key"))
+	}
+	if _, err := os.Stat(o.TokenKey); err != nil {
+		return nil, fmt.Errorf("--token-key: %w (make one with `head -c 32 /dev/urandom > FILE` and give every control replica and edge the same)", err)
+	}
+	return token.LoadOrCreateKey(o.TokenKey)
 }
 
 // openStore opens the store --store names (DATA_DIR/kiln.db by default)
-// with the sealing key DATA_DIR/secrets.key (both created on first use),
-// after securing DATA_DIR: every command that touches the store goes
-// through here. Every process sharing a PostgreSQL store needs the same
-// secrets.key.
+// with the sealing key DATA_DIR/secrets.key (both created on first use)
+// or --sealing-key, after securing DATA_DIR: every command that touches
+// the store goes through here. Every process sharing a PostgreSQL store
+// that unseals access keys (control, the key commands) needs the same key.
 func openStore(ctx context.Context, dir string) (store.Store, error) {
 	if err := secureDataDir(dir); err != nil {
 		return nil, err
 	}
-	sl, err := seal.LoadOrCreate(filepath.Join(dir, sqlite.KeyFile))
+	sl, err := loadSealer(dir)
 	if err != nil {
 		return nil, err
 	}

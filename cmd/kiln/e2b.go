@@ -10,7 +10,6 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/e2b"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
-	"github.com/kiln-sandbox/kiln/internal/token"
 )
 
 // mountE2B serves E2B's control API beside the AWS routes on the API
@@ -26,7 +25,7 @@ func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Serv
 		return nil
 	}
 	// The same key the endpoint proxy derives envd tokens from.
-	key, err := token.LoadOrCreateKey(filepath.Join(o.DataDir, "token.key"))
+	key, err := loadTokenKey(o)
 	if err != nil {
 		return fmt.Errorf("e2b api: %w", err)
 	}

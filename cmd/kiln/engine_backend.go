@@ -68,7 +68,7 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 		drv.Close()
 		return nil, nil, fmt.Errorf("endpoint certificate: %w", err)
 	}
-	key, err := token.LoadOrCreateKey(filepath.Join(o.DataDir, "token.key"))
+	key, err := loadTokenKey(o)
 	if err != nil {
 		drv.Close()
 		return nil, nil, err

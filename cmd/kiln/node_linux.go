@@ -51,6 +51,10 @@ func serveNode(ctx context.Context, o ServerOptions, st store.Store) error {
 		c.TunnelAddr = net.JoinHostPort(host, strconv.Itoa(p+1))
 	}
 	log := newLogger().With("node", c.NodeName)
+	cordon, err := c.cordonWatcher(cs, log)
+	if err != nil {
+		return err
+	}
 	rep := lifecycle.NewReporter(st)
 	peers := noderpc.NewClients(id.ClientTLS(clusterca.Node))
 	defer peers.Close()
@@ -92,6 +96,9 @@ func serveNode(ctx context.Context, o ServerOptions, st store.Store) error {
 	}
 	go tun.Serve(ctx, tln)
 	go n.Run(ctx)
+	if cordon != nil {
+		go cordon.Run(ctx)
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	slog.Info("kiln node serving", "name", c.NodeName, "grpc", ln.Addr().String(), "capacity_mib", allowed, "accel", eng.Accel())

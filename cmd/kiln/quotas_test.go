@@ -1,12 +1,9 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"strings"
 	"testing"
-
-	"github.com/spf13/pflag"
 
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
@@ -20,26 +17,7 @@ func TestQuotasCommand(t *testing.T) {
 	dataDir = dir
 	defer func() { dataDir = old }()
 	ctx := context.Background()
-	run := func(args ...string) string {
-		t.Helper()
-		// One process runs one command; here flags must start afresh.
-		for _, c := range rootCmd.Commands() {
-			for _, sub := range c.Commands() {
-				sub.LocalNonPersistentFlags().VisitAll(func(f *pflag.Flag) {
-					f.Value.Set(f.DefValue)
-					f.Changed = false
-				})
-			}
-		}
-		var out bytes.Buffer
-		rootCmd.SetOut(&out)
-		// Never the real data directory, whatever flag state is left.
-		rootCmd.SetArgs(append(args, "--data-dir", dir))
-		if err := rootCmd.ExecuteContext(ctx); err != nil {
-			t.Fatalf("kiln %v: %v", args, err)
-		}
-		return out.String()
-	}
+	run := cliRunner(t, dir)
 	override := func() store.QuotaOverride {
 		st, err := openStore(ctx, dir)
 		if err != nil {

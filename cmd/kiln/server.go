@@ -129,6 +129,9 @@ type ServerOptions struct {
 	// a cluster's nodes standing in for hosts on one machine, set their own.
 	NetPool   string
 	VMUIDBase uint32
+	// TokenKey (--token-key of `kiln control`) is the operator's file of
+	// the endpoint token key ("": DATA_DIR/token.key).
+	TokenKey string
 	// RolesFile (--roles-file) maps execution role ARNs to credential
 	// sources (internal/imds); "" = no VM gets credentials.
 	RolesFile string

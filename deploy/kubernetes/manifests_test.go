@@ -16,6 +16,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -436,7 +437,8 @@ func check(o *objects) []string {
 				}
 			}
 		}
-		// An API token only where the Kubernetes API is used (control).
+		// An API token only where the Kubernetes API is used (node's
+		// cordon watcher).
 		sa := w.spec.ServiceAccountName
 		a, ok := accounts[sa]
 		if sa == "" || !ok {
@@ -447,17 +449,21 @@ func check(o *objects) []string {
 		if w.spec.AutomountServiceAccountToken != nil {
 			mount = *w.spec.AutomountServiceAccountToken
 		}
-		if c, _ := o.role("control"); mount && c.name != w.name {
+		n, _ := o.role("node")
+		if mount && n.name != w.name {
 			fail("%s: mounts an API token but never talks to the Kubernetes API", w.name)
+		}
+		if !mount && n.name == w.name {
+			fail("%s: no API token: the cordon watcher cannot read its Node", w.name)
 		}
 	}
 
-	// RBAC: control may get, list and watch Nodes (the cordon watcher),
-	// nothing more; no one else is bound to anything.
+	// RBAC: node may get and watch Nodes (the cordon watcher), nothing
+	// more; no one else is bound to anything.
 	if len(o.nsRoles) > 0 || len(o.nsBindings) > 0 {
 		fail("namespaced Roles or RoleBindings: kiln needs none")
 	}
-	control, _ := o.role("control")
+	node, _ := o.role("node")
 	granted := map[string]bool{}
 	for _, r := range o.roles {
 		for _, rule := range r.Rules {
@@ -473,7 +479,7 @@ func check(o *objects) []string {
 			}
 		}
 	}
-	want := map[string]bool{"/nodes:get": true, "/nodes:list": true, "/nodes:watch": true}
+	want := map[string]bool{"/nodes:get": true, "/nodes:watch": true}
 	for g := range granted {
 		if !want[g] {
 			fail("RBAC grants %s, which kiln does not need", g)
@@ -486,15 +492,165 @@ func check(o *objects) []string {
 	}
 	for _, b := range o.bindings {
 		for _, s := range b.Subjects {
-			if s.Kind != rbacv1.ServiceAccountKind || s.Name != control.spec.ServiceAccountName || s.Namespace != o.namespace {
-				fail("ClusterRoleBinding %s binds %s %s/%s; only control's service account %s/%s may be bound", b.Name, s.Kind, s.Namespace, s.Name, o.namespace, control.spec.ServiceAccountName)
+			if node.spec == nil || s.Kind != rbacv1.ServiceAccountKind || s.Name != node.spec.ServiceAccountName || s.Namespace != o.namespace {
+				fail("ClusterRoleBinding %s binds %s %s/%s; only node's service account may be bound", b.Name, s.Kind, s.Namespace, s.Name)
 			}
 		}
 	}
 	for _, x := range o.others {
 		fail("unexpected object %T: add it to the checks", x)
 	}
+	checkCommandLines(o, fail)
 	return bad
+}
+
+// checkCommandLines holds the roles' command lines to what the commands
+// accept and need (cmd/kiln: cluster.go, edge.go, node_linux.go).
+func checkCommandLines(o *objects, fail func(string, ...any)) {
+	// Every role reads the store's URL from the Secret, never from its
+	// arguments, and proves itself with its role's cluster certificate.
+	for _, role := range []string{"control", "node", "edge"} {
+		w, ok := o.role(role)
+		if !ok {
+			continue
+		}
+		c := w.spec.Containers[0]
+		if e := envVar(c, "KILN_STORE"); e == nil || e.ValueFrom == nil || e.ValueFrom.SecretKeyRef == nil || e.ValueFrom.SecretKeyRef.Name != "kiln-store" {
+			fail("%s: KILN_STORE does not come from the Secret kiln-store", w.name)
+		}
+		if flagValue(c, "store") != "" {
+			fail("%s: --store in the arguments shows the PostgreSQL password", w.name)
+		}
+		for _, f := range []string{"cluster-ca", "cluster-cert", "cluster-key"} {
+			if name, _ := secretFile(w, c, flagValue(c, f)); name != "kiln-cluster-"+role {
+				fail("%s: --%s is not a file of the Secret kiln-cluster-%s", w.name, f, role)
+			}
+		}
+	}
+
+	// control and edge share the endpoint token key; only control has
+	// the sealing key (the edge and the nodes never unseal access keys).
+	ctl, okC := o.role("control")
+	edge, okE := o.role("edge")
+	if okC && okE {
+		cc, ec := ctl.spec.Containers[0], edge.spec.Containers[0]
+		cs, ck := secretFile(ctl, cc, flagValue(cc, "token-key"))
+		es, ek := secretFile(edge, ec, flagValue(ec, "token-key"))
+		if cs == "" || ck != "token.key" {
+			fail("%s: --token-key is not the key token.key of a mounted Secret (every replica must sign with the same key)", ctl.name)
+		} else if es != cs || ek != ck {
+			fail("%s: --token-key is not control's token key (Secret %s, key %s): the edge would refuse every endpoint token", edge.name, cs, ck)
+		}
+		if s, k := secretFile(ctl, cc, flagValue(cc, "sealing-key")); s == "" || k != "secrets.key" {
+			fail("%s: --sealing-key is not the key secrets.key of a mounted Secret (every replica must unseal with the same key)", ctl.name)
+		}
+	}
+	for _, w := range o.workloads() {
+		if w.name == ctl.name {
+			continue
+		}
+		for _, v := range w.spec.Volumes {
+			if v.Secret == nil || v.Secret.SecretName != "kiln-keys" {
+				continue
+			}
+			if len(v.Secret.Items) == 0 {
+				fail("%s: mounts all of kiln-keys, the sealing key included; list only the keys it needs", w.name)
+			}
+			for _, it := range v.Secret.Items {
+				if it.Key == "secrets.key" {
+					fail("%s: mounts the sealing key secrets.key, which only control needs", w.name)
+				}
+			}
+		}
+	}
+
+	// node: its name and its Kubernetes Node's from the downward API, and
+	// both of its services on host ports it declares.
+	if n, ok := o.role("node"); ok {
+		c := n.spec.Containers[0]
+		for _, f := range []string{"node-name", "kube-node"} {
+			v := flagValue(c, f)
+			e := envVar(c, strings.TrimSuffix(strings.TrimPrefix(v, "$("), ")"))
+			if !strings.HasPrefix(v, "$(") || e == nil || e.ValueFrom == nil || e.ValueFrom.FieldRef == nil || e.ValueFrom.FieldRef.FieldPath != "spec.nodeName" {
+				fail("%s: --%s=%s is not the Pod's spec.nodeName (downward API)", n.name, f, v)
+			}
+		}
+		for _, f := range []string{"grpc-addr", "tunnel-addr"} {
+			v := flagValue(c, f)
+			i := strings.LastIndex(v, ":")
+			port, err := strconv.Atoi(v[i+1:])
+			if i < 0 || err != nil || !strings.HasPrefix(v, "$(HOST_IP)") {
+				fail("%s: --%s=%q: want $(HOST_IP):PORT, the address control and edges reach", n.name, f, v)
+				continue
+			}
+			declared := false
+			for _, p := range c.Ports {
+				if p.ContainerPort == int32(port) && (p.HostPort == 0 || p.HostPort == p.ContainerPort) {
+					declared = true
+				}
+			}
+			if !declared {
+				fail("%s: --%s port %d is not a declared container port", n.name, f, port)
+			}
+		}
+		// kiln node refuses a certificate issued to another name: one
+		// pair per node, picked by its name.
+		for _, f := range []string{"cluster-cert", "cluster-key"} {
+			if !strings.Contains(flagValue(c, f), "$(NODE_NAME)") {
+				fail("%s: --%s=%s is the same file on every host; kiln node needs the certificate issued to its own name ($(NODE_NAME))", n.name, f, flagValue(c, f))
+			}
+		}
+		if e := envVar(c, "HOST_IP"); e == nil || e.ValueFrom == nil || e.ValueFrom.FieldRef == nil || e.ValueFrom.FieldRef.FieldPath != "status.hostIP" {
+			fail("%s: HOST_IP is not the Pod's status.hostIP", n.name)
+		}
+	}
+}
+
+// flagValue is the value of --name=VALUE in c's arguments ("" if absent).
+func flagValue(c corev1.Container, name string) string {
+	for _, a := range c.Args {
+		if v, ok := strings.CutPrefix(a, "--"+name+"="); ok {
+			return v
+		}
+	}
+	return ""
+}
+
+func envVar(c corev1.Container, name string) *corev1.EnvVar {
+	for i, e := range c.Env {
+		if e.Name == name {
+			return &c.Env[i]
+		}
+	}
+	return nil
+}
+
+// secretFile resolves a file path in container c to the Secret and key
+// it comes from ("", "" if it is not in a mounted Secret).
+func secretFile(w workload, c corev1.Container, path string) (secret, key string) {
+	if path == "" {
+		return "", ""
+	}
+	for _, m := range c.VolumeMounts {
+		rel, ok := strings.CutPrefix(path, strings.TrimSuffix(m.MountPath, "/")+"/")
+		if !ok {
+			continue
+		}
+		for _, v := range w.spec.Volumes {
+			if v.Name != m.Name || v.Secret == nil {
+				continue
+			}
+			if len(v.Secret.Items) == 0 {
+				return v.Secret.SecretName, rel
+			}
+			for _, it := range v.Secret.Items {
+				if it.Path == rel {
+					return v.Secret.SecretName, it.Key
+				}
+			}
+		}
+	}
+	return "", ""
 }
 
 func checkPDB(o *objects, w workload, fail func(string, ...any)) {
@@ -666,13 +822,67 @@ func TestChecksCatchBrokenManifests(t *testing.T) {
 		{"secrets RBAC", func(o *objects) {
 			o.roles[0].Rules = append(o.roles[0].Rules, rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: []string{"get"}})
 		}, "grants /secrets:get"},
-		{"node bound to RBAC", func(o *objects) {
-			o.bindings[0].Subjects = append(o.bindings[0].Subjects, rbacv1.Subject{Kind: "ServiceAccount", Name: "kiln-node", Namespace: "kiln"})
-		}, "only control's service account"},
+		{"control bound to RBAC", func(o *objects) {
+			o.bindings[0].Subjects = append(o.bindings[0].Subjects, rbacv1.Subject{Kind: "ServiceAccount", Name: "kiln-control", Namespace: "kiln"})
+		}, "only node's service account"},
 		{"edge gets a token", func(o *objects) {
 			t := true
 			deployment(o, "edge").Spec.Template.Spec.AutomountServiceAccountToken = &t
 		}, "mounts an API token"},
+		{"control gets a token", func(o *objects) {
+			t := true
+			deployment(o, "control").Spec.Template.Spec.AutomountServiceAccountToken = &t
+		}, "mounts an API token"},
+		{"node without a token", func(o *objects) {
+			f := false
+			o.daemonSets[0].Spec.Template.Spec.AutomountServiceAccountToken = &f
+		}, "cordon watcher cannot read its Node"},
+		{"RBAC without watch", func(o *objects) { o.roles[0].Rules[0].Verbs = []string{"get"} }, "does not grant /nodes:watch"},
+		{"control without --token-key", func(o *objects) { dropArg(&deployment(o, "control").Spec.Template.Spec.Containers[0], "token-key") }, "--token-key is not the key token.key"},
+		{"edge's token key elsewhere", func(o *objects) {
+			s := &deployment(o, "edge").Spec.Template.Spec
+			for i := range s.Volumes {
+				if s.Volumes[i].Secret != nil && s.Volumes[i].Secret.SecretName == "kiln-keys" {
+					s.Volumes[i].Secret.SecretName = "kiln-edge-keys"
+				}
+			}
+		}, "is not control's token key"},
+		{"control's own random sealing key", func(o *objects) { dropArg(&deployment(o, "control").Spec.Template.Spec.Containers[0], "sealing-key") }, "--sealing-key is not the key secrets.key"},
+		{"edge gets the sealing key", func(o *objects) {
+			s := &deployment(o, "edge").Spec.Template.Spec
+			for i := range s.Volumes {
+				if s.Volumes[i].Secret != nil && s.Volumes[i].Secret.SecretName == "kiln-keys" {
+					s.Volumes[i].Secret.Items = append(s.Volumes[i].Secret.Items, corev1.KeyToPath{Key: "secrets.key", Path: "secrets.key"})
+				}
+			}
+		}, "only control needs"},
+		{"node without a tunnel port", func(o *objects) {
+			c := &o.daemonSets[0].Spec.Template.Spec.Containers[0]
+			c.Ports = slices.DeleteFunc(c.Ports, func(p corev1.ContainerPort) bool { return p.ContainerPort == 7071 })
+		}, "--tunnel-addr port 7071 is not a declared container port"},
+		{"node without --tunnel-addr", func(o *objects) { dropArg(&o.daemonSets[0].Spec.Template.Spec.Containers[0], "tunnel-addr") }, "--tunnel-addr=\"\""},
+		{"node name by hand", func(o *objects) {
+			c := &o.daemonSets[0].Spec.Template.Spec.Containers[0]
+			dropArg(c, "node-name")
+			c.Args = append(c.Args, "--node-name=host-1")
+		}, "--node-name=host-1 is not the Pod's spec.nodeName"},
+		{"one certificate for every node", func(o *objects) {
+			c := &o.daemonSets[0].Spec.Template.Spec.Containers[0]
+			dropArg(c, "cluster-cert")
+			c.Args = append(c.Args, "--cluster-cert=/etc/kiln/cluster/tls.crt")
+		}, "needs the certificate issued to its own name"},
+		{"store URL in the arguments", func(o *objects) {
+			c := &deployment(o, "edge").Spec.Template.Spec.Containers[0]
+			c.Args = append(c.Args, "--store=postgres://kiln:pw@db/kiln")
+		}, "shows the PostgreSQL password"},
+		{"edge with control's certificate", func(o *objects) {
+			s := &deployment(o, "edge").Spec.Template.Spec
+			for i := range s.Volumes {
+				if s.Volumes[i].Secret != nil && s.Volumes[i].Secret.SecretName == "kiln-cluster-edge" {
+					s.Volumes[i].Secret.SecretName = "kiln-cluster-control"
+				}
+			}
+		}, "not a file of the Secret kiln-cluster-edge"},
 		{"unreadable secret", func(o *objects) {
 			m := int32(0o400)
 			deployment(o, "edge").Spec.Template.Spec.Volumes[1].Secret.DefaultMode = &m
@@ -703,6 +913,10 @@ func deployment(o *objects, role string) *appsv1.Deployment {
 		}
 	}
 	panic("no deployment runs kiln " + role)
+}
+
+func dropArg(c *corev1.Container, name string) {
+	c.Args = slices.DeleteFunc(c.Args, func(a string) bool { return strings.HasPrefix(a, "--"+name+"=") })
 }
 
 func dropHostPath(o *objects, path string) {

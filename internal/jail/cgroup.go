@@ -15,6 +15,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 )
 
@@ -71,9 +73,51 @@ func checkCgroupName(name string) error {
 	return nil
 }
 
-// v1 controllers kiln uses; cpu may be mounted as "cpu,cpuacct" with
-// "cpu" a link to it, which the path resolves.
+// v1 controllers kiln sets limits with; cpu may be mounted as
+// "cpu,cpuacct" with "cpu" a link to it, which the path resolves.
 var v1Controllers = []string{"memory", "pids", "cpu"}
+
+// v1Hierarchies are the directories of every cgroup hierarchy mounted
+// under cgroupRoot (cgroup v1), kiln's controllers first, each once
+// (cpu and cpuacct are often links to "cpu,cpuacct").
+//
+// QEMU joins a cgroup of its own in every one, not only in those that
+// limit it: a process left in its parent's freezer, devices or
+// name=systemd cgroup dies with the parent's container when the runtime
+// kills what is in it (the node Pod's restart), and keeps the container's
+// cgroups from being removed.
+func v1Hierarchies() []string {
+	v1Once.Do(func() {
+		seen := map[string]bool{}
+		add := func(name string) {
+			p := filepath.Join(cgroupRoot, name)
+			real, err := filepath.EvalSymlinks(p)
+			if err != nil || seen[real] || !isCgroupFS(p) {
+				return
+			}
+			seen[real] = true
+			v1Dirs = append(v1Dirs, p)
+		}
+		for _, c := range v1Controllers {
+			add(c)
+		}
+		entries, _ := os.ReadDir(cgroupRoot)
+		for _, e := range entries {
+			add(e.Name())
+		}
+	})
+	return v1Dirs
+}
+
+var (
+	v1Once sync.Once
+	v1Dirs []string
+)
+
+func isCgroupFS(p string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(p, &st) == nil && (st.Type == unix.CGROUP_SUPER_MAGIC || st.Type == unix.CGROUP2_SUPER_MAGIC)
+}
 
 // cgroupDirs lists the directories of a cgroup name, one per hierarchy.
 func cgroupDirs(name string) []string {
@@ -82,12 +126,42 @@ func cgroupDirs(name string) []string {
 		return []string{filepath.Join(cgroupRoot, name)}
 	case "v1":
 		var out []string
-		for _, c := range v1Controllers {
-			if dirExists(filepath.Join(cgroupRoot, c)) {
-				out = append(out, filepath.Join(cgroupRoot, c, name))
-			}
+		for _, h := range v1Hierarchies() {
+			out = append(out, filepath.Join(h, name))
 		}
 		return out
+	}
+	return nil
+}
+
+// fillCpuset gives each new level of a v1 cpuset cgroup its parent's CPUs
+// and memory nodes: a new cpuset cgroup starts with none, and joining it
+// fails (ENOSPC) until it has some.
+func fillCpuset(dir string) error {
+	if _, err := os.Stat(filepath.Join(dir, "cpuset.cpus")); err != nil {
+		return nil // not the cpuset hierarchy
+	}
+	parent := filepath.Dir(dir)
+	if _, err := os.Stat(filepath.Join(parent, "cpuset.cpus")); err == nil {
+		if err := fillCpuset(parent); err != nil {
+			return err
+		}
+	}
+	for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
+		b, err := os.ReadFile(filepath.Join(dir, f))
+		if err != nil {
+			return fmt.Errorf("jail: reading %s: %w", filepath.Join(dir, f), err)
+		}
+		if strings.TrimSpace(string(b)) != "" {
+			continue
+		}
+		pb, err := os.ReadFile(filepath.Join(parent, f))
+		if err != nil {
+			return fmt.Errorf("jail: reading %s: %w", filepath.Join(parent, f), err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, f), pb, 0); err != nil {
+			return fmt.Errorf("jail: setting %s: %w", filepath.Join(dir, f), err)
+		}
 	}
 	return nil
 }
@@ -111,6 +185,11 @@ func createCgroup(c CgroupSpec) ([]string, error) {
 	for _, d := range dirs {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return nil, fmt.Errorf("jail: creating cgroup %s: %w", d, err)
+		}
+		if v == "v1" {
+			if err := fillCpuset(d); err != nil {
+				return nil, err
+			}
 		}
 	}
 	set := func(file, val string) error {

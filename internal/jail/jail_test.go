@@ -129,6 +129,14 @@ func TestConfined(t *testing.T) {
 	if got := readLimit(t, cg); got != 64<<20 {
 		t.Errorf("memory limit %d, want %d", got, 64<<20)
 	}
+	// Its cgroup in every hierarchy, not only those that limit it: none
+	// of this test's (a container's) holds it (see v1Hierarchies).
+	b, _ := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cgroup")
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if f := strings.SplitN(l, ":", 3); len(f) != 3 || f[2] != "/"+cg {
+			t.Errorf("jailed process in cgroup %q, want /%s in every hierarchy", l, cg)
+		}
+	}
 }
 
 // checkConfined checks from outside that pid runs confined in root as uid.

@@ -30,7 +30,11 @@ var env *vmmtest.Env
 
 func TestMain(m *testing.M) {
 	if os.Getenv("KILN_TEST_HELPER") == "boot-and-hang" {
-		helperBootAndHang()
+		helperBootAndHang([]string{"keep", "sleepy"}, "sleepy")
+		return
+	}
+	if os.Getenv("KILN_TEST_HELPER") == "boot-one-and-hang" {
+		helperBootAndHang([]string{"keep"}, "")
 		return
 	}
 	if os.Getenv("KILN_TEST_HELPER") == "pool-and-hang" {
@@ -334,11 +338,18 @@ func TestQEMUKilledIsNoticedAndCleanedUp(t *testing.T) {
 }
 
 // startHelperKiln runs this test binary as a separate kiln (TestMain's
-// KILN_TEST_HELPER modes) on dataDir; out collects what it prints.
-func startHelperKiln(t *testing.T, mode, dataDir string) (*exec.Cmd, *bytes.Buffer) {
+// KILN_TEST_HELPER modes) on dataDir; out collects what it prints. With
+// cgroupProcs (cgroup.procs files) it first joins those cgroups, as a
+// container runtime puts a container's process into its cgroups.
+func startHelperKiln(t *testing.T, mode, dataDir string, cgroupProcs ...string) (*exec.Cmd, *bytes.Buffer) {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "KILN_TEST_HELPER="+mode, "KILN_TEST_DATA="+dataDir,
+	if len(cgroupProcs) > 0 {
+		script := `for f in "$@"; do echo $$ > "$f" || exit 1; done; exec "$KILN_TEST_BIN" -test.run='^$'`
+		cmd = exec.Command("sh", append([]string{"-c", script, "sh"}, cgroupProcs...)...)
+		cmd.Env = append(cmd.Env, "KILN_TEST_BIN="+os.Args[0])
+	}
+	cmd.Env = append(append(cmd.Env, os.Environ()...), "KILN_TEST_HELPER="+mode, "KILN_TEST_DATA="+dataDir,
 		"KILN_TEST_KERNEL="+env.KernelDir, "KILN_TEST_AGENT="+env.AgentBinary, "KILN_TEST_ROOT="+env.RootDisk)
 	out := new(bytes.Buffer)
 	cmd.Stdout, cmd.Stderr = out, out
@@ -413,7 +424,9 @@ func TestKilnKilledThenRecovered(t *testing.T) {
 	}
 }
 
-func helperBootAndHang() {
+// helperBootAndHang boots the VMs ids, marks their disks, suspends
+// suspend (if not ""), says READY and waits to be killed.
+func helperBootAndHang(ids []string, suspend string) {
 	ctx := context.Background()
 	d, err := New(ctx, Config{DataDir: os.Getenv("KILN_TEST_DATA"), KernelDir: os.Getenv("KILN_TEST_KERNEL"),
 		AgentBinary: os.Getenv("KILN_TEST_AGENT")})
@@ -421,7 +434,7 @@ func helperBootAndHang() {
 		fmt.Println("helper:", err)
 		os.Exit(1)
 	}
-	for _, id := range []string{"keep", "sleepy"} {
+	for _, id := range ids {
 		if _, err := d.Boot(ctx, vmm.BootSpec{ID: id, RootDisk: os.Getenv("KILN_TEST_ROOT")}); err != nil {
 			fmt.Println("helper:", err)
 			os.Exit(1)
@@ -429,9 +442,11 @@ func helperBootAndHang() {
 		a, _ := d.Agent(ctx, id)
 		vmmtest.Run(ctx, a, client.ExecRequest{Argv: []string{"/bin/sh", "-c", "echo before-crash > /root/mark; sync"}})
 	}
-	if err := d.Suspend(ctx, "sleepy"); err != nil {
-		fmt.Println("helper:", err)
-		os.Exit(1)
+	if suspend != "" {
+		if err := d.Suspend(ctx, suspend); err != nil {
+			fmt.Println("helper:", err)
+			os.Exit(1)
+		}
 	}
 	fmt.Println("READY")
 	select {}

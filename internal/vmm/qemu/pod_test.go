@@ -1,0 +1,145 @@
+//go:build linux
+
+package qemu
+
+import (
+	"bufio"
+	"context"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestQEMUOutlivesItsPod: QEMU lives outside the lifetime of the kiln
+// that started it, as `kiln node` in a Kubernetes Pod needs
+// (deploy/kubernetes/base/node.yaml). A kiln (this test binary as a
+// helper) is started inside a cgroup of its own in every mounted cgroup
+// hierarchy, as a container runtime starts a Pod's container, and boots
+// a VM; then everything in that cgroup is killed, as the runtime does
+// when the Pod stops. QEMU is in cgroups of its own (kiln/ID.*) in every
+// hierarchy, so it survives, and a new driver adopts it, as the next node
+// Pod does.
+//
+// What this does not show: the Pod's PID namespace (the DaemonSet uses
+// hostPID, so there is none) and a container's private cgroup namespace
+// on cgroup v2 hosts (docs/CLUSTER.md).
+func TestQEMUOutlivesItsPod(t *testing.T) {
+	if env == nil {
+		t.Skip("engine not set up")
+	}
+	// The "Pod's" cgroup in every hierarchy, as the runtime makes it.
+	pod := "kt-pod-" + strconv.Itoa(os.Getpid())
+	var podDirs, procs []string
+	for _, h := range cgroupMounts(t) {
+		d := filepath.Join(h, pod)
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		podDirs = append(podDirs, d)
+		for _, f := range []string{"cpuset.cpus", "cpuset.mems"} {
+			if b, err := os.ReadFile(filepath.Join(h, f)); err == nil {
+				os.WriteFile(filepath.Join(d, f), b, 0)
+			}
+		}
+		procs = append(procs, filepath.Join(d, "cgroup.procs"))
+	}
+	defer func() {
+		killCgroups(t, podDirs)
+		for _, d := range podDirs {
+			os.Remove(d)
+		}
+	}()
+
+	dataDir := shortDir(t)
+	cmd, out := startHelperKiln(t, "boot-one-and-hang", dataDir, procs...)
+	waitFor(t, 120*time.Second, func() bool { return strings.Contains(out.String(), "READY") }, "the helper kiln in its pod cgroup to boot its VM")
+	// The helper really ran in the pod's cgroups.
+	if b, _ := os.ReadFile("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/cgroup"); strings.Count(string(b), "/"+pod+"\n") != len(podDirs) {
+		t.Fatalf("the helper kiln is not in the pod cgroup %s in every hierarchy:\n%s", pod, b)
+	}
+	// The Pod stops: everything in its cgroups is killed.
+	killCgroups(t, podDirs)
+	cmd.Wait()
+
+	d := newDriver(t, dataDir)
+	rep, err := d.Recover(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Adopted) != 1 || rep.Adopted[0] != "keep" {
+		t.Fatalf("adopted %v, want [keep]: QEMU died with its kiln's pod cgroup (output: %s)", rep.Adopted, out)
+	}
+	info, err := d.Inspect(context.Background(), "keep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile("/proc/" + strconv.Itoa(info.PID) + "/cgroup")
+	want := "/" + d.cgroupName("keep")
+	for _, l := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+		if f := strings.SplitN(l, ":", 3); len(f) != 3 || f[2] != want {
+			t.Errorf("QEMU's cgroup %q, want %s in every hierarchy", l, want)
+		}
+	}
+	if got := mustSh(t, d, "keep", "cat /root/mark"); got != "before-crash" {
+		t.Errorf("the VM that outlived its kiln lost its disk: %q", got)
+	}
+	if err := d.Terminate(context.Background(), "keep"); err != nil {
+		t.Fatal(err)
+	}
+	assertNoQEMU(t, d)
+}
+
+// cgroupMounts are the mount points of every cgroup hierarchy (v1 and v2)
+// under /sys/fs/cgroup.
+func cgroupMounts(t *testing.T) []string {
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var out []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTS ... - FSTYPE SOURCE OPTS
+		fields := strings.Fields(sc.Text())
+		for i, x := range fields {
+			if x == "-" && i+1 < len(fields) && len(fields) > 4 && (fields[i+1] == "cgroup" || fields[i+1] == "cgroup2") &&
+				strings.HasPrefix(fields[4], "/sys/fs/cgroup") {
+				out = append(out, fields[4])
+			}
+		}
+	}
+	if len(out) == 0 {
+		t.Skip("no cgroup hierarchy mounted")
+	}
+	return out
+}
+
+// killCgroups SIGKILLs every process in dirs until they are empty.
+func killCgroups(t *testing.T, dirs []string) {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		alive := 0
+		for _, d := range dirs {
+			b, _ := os.ReadFile(filepath.Join(d, "cgroup.procs"))
+			for _, p := range strings.Fields(string(b)) {
+				if pid, err := strconv.Atoi(p); err == nil {
+					syscall.Kill(pid, syscall.SIGKILL)
+					alive++
+				}
+			}
+		}
+		if alive == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Errorf("processes left in %v", dirs)
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
