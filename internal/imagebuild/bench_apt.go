@@ -37,8 +37,10 @@ type AptBenchConfig struct {
 	MemoryMiB int
 	// WorkDir holds each run's caches, removed at the end; "" = a
 	// temporary folder.
-	WorkDir  string
-	Out      io.Writer
+	WorkDir string
+	Out     io.Writer
+	// BuildLog, if set, receives the build logs, each line prefixed with
+	// the seconds since its build began (to see where apt spends them).
 	BuildLog io.Writer
 	Logger   *slog.Logger
 }
@@ -218,8 +220,9 @@ func aptRun(ctx context.Context, cfg AptBenchConfig, dir string) (AptBenchRun, e
 		}
 		out := filepath.Join(dir, "out", what+".ext4")
 		steps = nil
-		marks := &markWriter{w: cfg.BuildLog, at: map[string]time.Time{}}
 		start := time.Now()
+		marks := &markWriter{w: cfg.BuildLog, start: start, at: map[string]time.Time{}}
+		fmt.Fprintf(marks.w, "=== %s build\n", what)
 		res, err := ib.Build(ctx, image.Request{Account: account, ContextDir: bctx, Output: out, Log: marks})
 		if err != nil {
 			return 0, 0, parts, benchErr(what, err)
@@ -304,31 +307,37 @@ const (
 	markDone    = "kiln-bench: done"
 )
 
-// markWriter passes a build log through and notes when each marker line
-// arrived.
+// markWriter notes when each marker line of a build log arrived and
+// passes the log's lines on to w, each prefixed with the seconds since
+// start.
 type markWriter struct {
-	w    io.Writer
-	line []byte
-	at   map[string]time.Time
+	w     io.Writer
+	start time.Time
+	line  []byte
+	at    map[string]time.Time
 }
 
 func (m *markWriter) Write(b []byte) (int, error) {
 	now := time.Now()
 	for _, c := range b {
 		if c != '\n' {
-			if len(m.line) < 256 {
+			if len(m.line) < 4096 {
 				m.line = append(m.line, c)
 			}
 			continue
 		}
-		if l := strings.TrimSpace(string(m.line)); strings.HasPrefix(l, "kiln-bench: ") {
+		l := strings.TrimSpace(string(m.line))
+		if strings.HasPrefix(l, "kiln-bench: ") {
 			if _, seen := m.at[l]; !seen {
 				m.at[l] = now
 			}
 		}
+		if _, err := fmt.Fprintf(m.w, "%8.2f %s\n", now.Sub(m.start).Seconds(), l); err != nil {
+			return 0, err
+		}
 		m.line = m.line[:0]
 	}
-	return m.w.Write(b)
+	return len(b), nil
 }
 
 // aptStep is the benchmark's apt step, written as BuildKit users write
