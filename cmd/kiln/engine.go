@@ -153,6 +153,7 @@ func init() {
 	bim.Flags().BoolVar(&apt, "apt", false, "measure the package cache instead: a Dockerfile that COPYs a file then runs apt-get install, built from empty caches, rebuilt after the file changed, and rebuilt unchanged (JSON on stdout)")
 	bim.Flags().IntVar(&ab.Runs, "apt-runs", 3, "with --apt: runs from empty caches (median)")
 	bim.Flags().StringVar(&ab.Package, "apt-package", "hello", "with --apt: the Debian package the apt step installs")
+	bim.Flags().BoolVar(&ab.Cold, "apt-cold", false, "with --apt: cold-boot every build step's VM instead of starting it from a warm snapshot, to compare")
 	bim.Flags().BoolVar(&aptLog, "apt-log", false, "with --apt: write the build logs to stderr, each line with the seconds since its build began")
 	bim.Flags().StringVar(&ib.Example, "example", "examples/python-http", "code package folder to build")
 	bim.Flags().IntVar(&ib.MemoryMiB, "memory", 512, "microVM memory in MiB")

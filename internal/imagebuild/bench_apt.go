@@ -35,6 +35,9 @@ type AptBenchConfig struct {
 	Runs int
 	// MemoryMiB of the build VMs; 0 = 512.
 	MemoryMiB int
+	// Cold boots every step's VM, as before warm starts (Runner.WarmDir),
+	// to compare.
+	Cold bool
 	// WorkDir holds each run's caches, removed at the end; "" = a
 	// temporary folder.
 	WorkDir string
@@ -81,8 +84,12 @@ type AptStepTimes struct {
 
 // AptBenchResult is what `kiln bench image --apt` prints as JSON.
 type AptBenchResult struct {
-	Package string        `json:"package"`
-	Runs    []AptBenchRun `json:"runs"`
+	Package string `json:"package"`
+	// WarmStarts: step VMs were clones of a warm template (Runner.WarmDir),
+	// not cold boots. The first build's apt step includes making the
+	// template.
+	WarmStarts bool          `json:"warmStarts"`
+	Runs       []AptBenchRun `json:"runs"`
 	// Medians over the runs: the first build and its apt step, the
 	// rebuild after the COPY'd file changed and its apt step (which runs
 	// again, served by the package cache), and the unchanged rebuild.
@@ -152,8 +159,8 @@ func BenchApt(ctx context.Context, cfg AptBenchConfig) (*AptBenchResult, error) 
 		return nil, err
 	}
 	defer os.RemoveAll(work)
-	res := &AptBenchResult{Package: cfg.Package}
-	fmt.Fprintf(cfg.Out, "kiln bench image --apt: COPY, then apt-get install %s; %d runs from empty caches\n", cfg.Package, cfg.Runs)
+	res := &AptBenchResult{Package: cfg.Package, WarmStarts: !cfg.Cold}
+	fmt.Fprintf(cfg.Out, "kiln bench image --apt: COPY, then apt-get install %s; %d runs from empty caches; warm starts %v\n", cfg.Package, cfg.Runs, !cfg.Cold)
 	for i := 0; i < cfg.Runs; i++ {
 		r, err := aptRun(ctx, cfg, filepath.Join(work, fmt.Sprint(i)))
 		if err != nil {
@@ -197,12 +204,17 @@ func aptRun(ctx context.Context, cfg AptBenchConfig, dir string) (AptBenchRun, e
 		return r, err
 	}
 	var steps []StepTimes
+	runner := &Runner{Driver: cfg.Driver, MemoryMiB: cfg.MemoryMiB, Packages: pkgs, Logger: cfg.Logger,
+		Times: func(t StepTimes) { steps = append(steps, t) }}
+	if !cfg.Cold {
+		runner.WarmDir = filepath.Join(dir, "warm")
+	}
+	defer runner.Close()
 	ib := &image.Builder{
 		DataDir: filepath.Join(dir, "data"),
-		Runner: &Runner{Driver: cfg.Driver, MemoryMiB: cfg.MemoryMiB, Packages: pkgs, Logger: cfg.Logger,
-			Times: func(t StepTimes) { steps = append(steps, t) }},
-		Bases:  cfg.Bases,
-		Logger: cfg.Logger,
+		Runner:  runner,
+		Bases:   cfg.Bases,
+		Logger:  cfg.Logger,
 	}
 	bctx := filepath.Join(dir, "context")
 	if err := os.MkdirAll(bctx, 0o755); err != nil {

@@ -59,6 +59,13 @@ type Runner struct {
 	// Times, if set, learns where each step's time went (the apt bench
 	// reports it). It is called once per step that ran to the end.
 	Times func(StepTimes)
+	// WarmDir, if set, is where the runner keeps snapshots of build VMs
+	// booted short of their disks, one per VM shape, and starts each
+	// step's VM from one instead of booting a kernel (warm.go). Close
+	// removes them.
+	WarmDir string
+
+	warm warmTemplates
 }
 
 // StepTimes is where one RUN step's time went in Runner.Run.
@@ -130,7 +137,7 @@ func (r *Runner) Run(ctx context.Context, rootDisk string, step image.RunStep, l
 	lap(&times.Inspect)
 
 	disks, specs := stepMounts(step.Mounts)
-	g, err := bootVM(ctx, r.Driver, r.logger(), vmSpec{prefix: PrefixBuild, rootDisk: disk, memoryMiB: mem, vcpus: r.vcpus(), egress: true, upstreams: r.DNSUpstreams, extraDeny: r.ExtraDeny, scratch: true, disks: disks,
+	g, err := r.startStepVM(ctx, vmSpec{prefix: PrefixBuild, rootDisk: disk, memoryMiB: mem, vcpus: r.vcpus(), egress: true, upstreams: r.DNSUpstreams, extraDeny: r.ExtraDeny, scratch: true, disks: disks,
 		packages: r.Packages, account: step.Account})
 	if err != nil {
 		return "", err

@@ -14,10 +14,22 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
+// TestRunnerConformance runs the steps on warm starts (Runner.WarmDir):
+// each step's VM a clone of a snapshot of a build VM booted short of its
+// disks. Other tests here boot every step's VM cold.
 func TestRunnerConformance(t *testing.T) {
 	d := newDriver(t)
-	r := &Runner{Driver: d, MemoryMiB: 512, Logger: testLogger()}
+	r := &Runner{Driver: d, MemoryMiB: 512, Logger: testLogger(), WarmDir: t.TempDir()}
 	imagetest.RunnerConformance(t, r, kilnDataDir())
+	if n := r.warm.cold.Load(); n > 0 {
+		t.Errorf("%d steps fell back to a cold boot", n)
+	}
+	if err := r.Close(); err != nil {
+		t.Error(err)
+	}
+	if ents, _ := os.ReadDir(r.WarmDir); len(ents) > 0 {
+		t.Errorf("Close left %d entries in WarmDir", len(ents))
+	}
 	checkNoNetns(t)
 }
 
