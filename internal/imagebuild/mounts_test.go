@@ -76,9 +76,7 @@ func TestRunMounts(t *testing.T) {
 	dataDir := filepath.Join(t.TempDir(), "data")
 	runner := &Runner{Driver: d, MemoryMiB: 512, Logger: testLogger(), WarmDir: filepath.Join(t.TempDir(), "warm")}
 	t.Cleanup(func() {
-		if n := runner.warm.cold.Load(); n > 0 {
-			t.Errorf("%d steps fell back to a cold boot", n)
-		}
+		checkWarm(t, runner)
 		runner.Close()
 	})
 	ib := &image.Builder{DataDir: dataDir, Runner: runner, Logger: testLogger()}

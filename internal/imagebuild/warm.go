@@ -34,8 +34,9 @@ type warmTemplates struct {
 	mu   sync.Mutex
 	dir  string // this runner's folder under Runner.WarmDir
 	made map[warmShape]*warmTemplate
-	// cold counts steps that fell back to a cold boot (tests check it).
-	cold atomic.Int64
+	// Steps started warm, and steps that fell back to a cold boot (a
+	// template's boot can hang like any boot; the step then still runs).
+	warmed, cold atomic.Int64
 }
 
 type warmTemplate struct {
@@ -125,6 +126,7 @@ func (r *Runner) startStepVM(ctx context.Context, s vmSpec) (*guestVM, error) {
 	if err == nil {
 		var g *guestVM
 		if g, err = cloneVM(ctx, r.Driver, r.logger(), s, tmpl); err == nil {
+			r.warm.warmed.Add(1)
 			return g, nil
 		}
 		r.warm.mu.Lock()
