@@ -61,8 +61,9 @@ type Runner struct {
 	Times func(StepTimes)
 	// WarmDir, if set, is where the runner keeps snapshots of build VMs
 	// booted short of their disks, one per VM shape, and starts each
-	// step's VM from one instead of booting a kernel (warm.go). Close
-	// removes them.
+	// step's VM from one instead of booting a kernel (warm.go). It is
+	// this runner's alone: what an earlier runner left there is removed
+	// at first use. Close removes the runner's own.
 	WarmDir string
 
 	warm warmTemplates

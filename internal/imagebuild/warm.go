@@ -56,6 +56,13 @@ func (r *Runner) warmTemplate(ctx context.Context, s warmShape, spec vmSpec) (st
 			w.mu.Unlock()
 			return "", err
 		}
+		// Left by an earlier runner (a kiln that died): its snapshots hold
+		// that kiln's agent, which a newer kiln must not restore.
+		if old, err := filepath.Glob(filepath.Join(r.WarmDir, "runner-*")); err == nil {
+			for _, o := range old {
+				os.RemoveAll(o)
+			}
+		}
 		dir, err := os.MkdirTemp(r.WarmDir, "runner-")
 		if err != nil {
 			w.mu.Unlock()
