@@ -41,14 +41,7 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.BootSpec) (vmm.Info, error) 
 	if spec.VCPUs < 1 || spec.VCPUs > 64 {
 		return vmm.Info{}, fmt.Errorf("vcpus %d: use 1 to 64: %w", spec.VCPUs, errdefs.ErrInvalid)
 	}
-	root, err := filepath.Abs(spec.RootDisk)
-	if err != nil {
-		return vmm.Info{}, err
-	}
-	if st, err := os.Stat(root); err != nil || !st.Mode().IsRegular() {
-		return vmm.Info{}, fmt.Errorf("root disk %q is not a file: %w", spec.RootDisk, errdefs.ErrInvalid)
-	}
-	disks, err := checkExtraDisks(spec.Disks)
+	root, disks, err := checkDisks(spec.RootDisk, spec.Disks)
 	if err != nil {
 		return vmm.Info{}, err
 	}
@@ -85,6 +78,23 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.BootSpec) (vmm.Info, error) 
 	}
 	v.log.Info("vm booted", "pid", v.proc.pid)
 	return v.info(), nil
+}
+
+// checkDisks checks a VM's root disk (a file; its absolute path is
+// returned) and extra disks.
+func checkDisks(rootDisk string, extra []vmm.Disk) (string, []vmm.Disk, error) {
+	root, err := filepath.Abs(rootDisk)
+	if err != nil {
+		return "", nil, err
+	}
+	if st, err := os.Stat(root); err != nil || !st.Mode().IsRegular() {
+		return "", nil, fmt.Errorf("root disk %q is not a file: %w", rootDisk, errdefs.ErrInvalid)
+	}
+	disks, err := checkExtraDisks(extra)
+	if err != nil {
+		return "", nil, err
+	}
+	return root, disks, nil
 }
 
 func hostnameOr(h, id string) string {
@@ -457,14 +467,7 @@ func (d *Driver) cloneOnOwnDisks(ctx context.Context, spec vmm.CloneSpec, t vmm.
 	if len(spec.Disks) != t.ExtraDisks {
 		return vmm.Info{}, fmt.Errorf("template %s has %d extra disks, the clone %d; they must match: %w", t.Dir, t.ExtraDisks, len(spec.Disks), errdefs.ErrInvalid)
 	}
-	root, err := filepath.Abs(spec.RootDisk)
-	if err != nil {
-		return vmm.Info{}, err
-	}
-	if st, err := os.Stat(root); err != nil || !st.Mode().IsRegular() {
-		return vmm.Info{}, fmt.Errorf("root disk %q is not a file: %w", spec.RootDisk, errdefs.ErrInvalid)
-	}
-	disks, err := checkExtraDisks(spec.Disks)
+	root, disks, err := checkDisks(spec.RootDisk, spec.Disks)
 	if err != nil {
 		return vmm.Info{}, err
 	}
