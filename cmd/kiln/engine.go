@@ -115,7 +115,7 @@ func init() {
 	benchCmd.AddCommand(bep)
 
 	var ib imagebuild.BenchConfig
-	var apt bool
+	var apt, aptLog bool
 	var ab imagebuild.AptBenchConfig
 	bim := &cobra.Command{
 		Use:   "image",
@@ -134,6 +134,9 @@ func init() {
 			bases := &base.Resolver{Managed: &base.Managed{DataDir: dataDir}}
 			if apt {
 				ab.Driver, ab.WorkDir, ab.Out, ab.Logger, ab.Bases = d, work, os.Stderr, newLogger(), bases
+				if aptLog {
+					ab.BuildLog = os.Stderr
+				}
 				r, err := imagebuild.BenchApt(ctx, ab)
 				if err != nil {
 					return err
@@ -149,6 +152,8 @@ func init() {
 	bim.Flags().BoolVar(&apt, "apt", false, "measure the package cache instead: a Dockerfile that COPYs a file then runs apt-get install, built from empty caches, rebuilt after the file changed, and rebuilt unchanged (JSON on stdout)")
 	bim.Flags().IntVar(&ab.Runs, "apt-runs", 3, "with --apt: runs from empty caches (median)")
 	bim.Flags().StringVar(&ab.Package, "apt-package", "hello", "with --apt: the Debian package the apt step installs")
+	bim.Flags().BoolVar(&ab.Cold, "apt-cold", false, "with --apt: cold-boot every build step's VM instead of starting it from a warm snapshot, to compare")
+	bim.Flags().BoolVar(&aptLog, "apt-log", false, "with --apt: write the build logs to stderr, each line with the seconds since its build began")
 	bim.Flags().StringVar(&ib.Example, "example", "examples/python-http", "code package folder to build")
 	bim.Flags().IntVar(&ib.MemoryMiB, "memory", 512, "microVM memory in MiB")
 	bim.Flags().IntVar(&ib.Clones, "runs", 5, "clones and cold boots timed (median)")

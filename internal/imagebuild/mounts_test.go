@@ -68,11 +68,18 @@ RUN --mount=type=cache,target=/var/cache/c,mode=0700,uid=7,gid=8 \
 // the bind shows the context's files (after .dockerignore) read-only, and
 // neither the cache's nor the bind's files end up in the image; an
 // unchanged step is cached; a full cache says so. Before RUN --mount was
-// supported, Parse refused all of these Dockerfiles.
+// supported, Parse refused all of these Dockerfiles. The steps run on
+// warm starts (Runner.WarmDir), whose snapshot has none of an account's
+// disks: each clone's guest probes its own.
 func TestRunMounts(t *testing.T) {
 	d := newDriver(t)
 	dataDir := filepath.Join(t.TempDir(), "data")
-	ib := &image.Builder{DataDir: dataDir, Runner: &Runner{Driver: d, MemoryMiB: 512, Logger: testLogger()}, Logger: testLogger()}
+	runner := &Runner{Driver: d, MemoryMiB: 512, Logger: testLogger(), WarmDir: filepath.Join(t.TempDir(), "warm")}
+	t.Cleanup(func() {
+		checkWarm(t, runner)
+		runner.Close()
+	})
+	ib := &image.Builder{DataDir: dataDir, Runner: runner, Logger: testLogger()}
 	build := func(account, dockerfile, hello string) (*image.Result, string, error) {
 		t.Helper()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)

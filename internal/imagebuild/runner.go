@@ -56,6 +56,28 @@ type Runner struct {
 	// guest reaches a mirror only if the mirror is not on the deny list.
 	Packages *pkgproxy.Proxy
 	Logger   *slog.Logger
+	// Times, if set, learns where each step's time went (the apt bench
+	// reports it). It is called once per step that ran to the end.
+	Times func(StepTimes)
+	// WarmDir, if set, is where the runner keeps snapshots of build VMs
+	// booted short of their disks, one per VM shape, and starts each
+	// step's VM from one instead of booting a kernel (warm.go). It is
+	// this runner's alone: what an earlier runner left there is removed
+	// at first use. Close removes the runner's own.
+	WarmDir string
+
+	warm warmTemplates
+}
+
+// StepTimes is where one RUN step's time went in Runner.Run.
+type StepTimes struct {
+	Line int
+	// Inspect: reading the root before the step (what the agent may
+	// change). Boot: network, QEMU and the agent's hello. Exec: mounting,
+	// the command and unmounting. Stop: the clean shutdown. Commit: the
+	// overlay into the root disk. Finish: the journal check and undoing
+	// the agent's files.
+	Inspect, Boot, Exec, Stop, Commit, Finish time.Duration
 }
 
 var _ image.Runner = (*Runner)(nil)
@@ -107,36 +129,42 @@ func (r *Runner) Run(ctx context.Context, rootDisk string, step image.RunStep, l
 			}
 		}
 	}
+	times := StepTimes{Line: step.Line}
+	lap := lapper()
 	before, err := captureRoot(ctx, disk)
 	if err != nil {
 		return "", fmt.Errorf("inspecting root disk: %w", err)
 	}
+	lap(&times.Inspect)
 
 	disks, specs := stepMounts(step.Mounts)
-	start := time.Now()
-	g, err := bootVM(ctx, r.Driver, r.logger(), vmSpec{prefix: PrefixBuild, rootDisk: disk, memoryMiB: mem, vcpus: r.vcpus(), egress: true, upstreams: r.DNSUpstreams, extraDeny: r.ExtraDeny, scratch: true, disks: disks,
+	g, err := r.startStepVM(ctx, vmSpec{prefix: PrefixBuild, rootDisk: disk, memoryMiB: mem, vcpus: r.vcpus(), egress: true, upstreams: r.DNSUpstreams, extraDeny: r.ExtraDeny, scratch: true, disks: disks,
 		packages: r.Packages, account: step.Account})
 	if err != nil {
 		return "", err
 	}
 	defer g.close()
-	g.log.Debug("build vm booted", "ms", time.Since(start).Milliseconds(), "line", step.Line)
+	lap(&times.Boot)
+	g.log.Debug("build vm booted", "ms", times.Boot.Milliseconds(), "line", step.Line)
 
 	if err := r.execMounted(ctx, g, step, specs, wd, log); err != nil {
 		return "", err
 	}
+	lap(&times.Exec)
 
 	// A clean shutdown syncs and unmounts the root, so the overlay holds
 	// a consistent file system.
 	if err := r.Driver.Stop(ctx, g.id); err != nil {
 		return "", fmt.Errorf("stopping the build vm: %w", err)
 	}
+	lap(&times.Stop)
 	if err := ctx.Err(); err != nil {
 		return "", err
 	}
 	if err := r.Driver.CommitDisk(ctx, g.id); err != nil {
 		return "", fmt.Errorf("committing the build vm's disk: %w", err)
 	}
+	lap(&times.Commit)
 	if err := g.close(); err != nil {
 		return "", err
 	}
@@ -155,7 +183,21 @@ func (r *Runner) Run(ctx context.Context, rootDisk string, step image.RunStep, l
 	if err := restoreRoot(ctx, disk, before); err != nil {
 		return "", fmt.Errorf("removing the agent's files from the root: %w", err)
 	}
+	lap(&times.Finish)
+	if r.Times != nil {
+		r.Times(times)
+	}
 	return disk, nil
+}
+
+// lapper returns lap, which sets *d to the time since the last lap (or
+// since lapper).
+func lapper() func(d *time.Duration) {
+	t := time.Now()
+	return func(d *time.Duration) {
+		now := time.Now()
+		*d, t = now.Sub(t), now
+	}
 }
 
 // stepMounts maps a step's mounts to the build VM's extra disks and the

@@ -86,6 +86,8 @@ type vmSpec struct {
 	// serves it from (and fills) that account's cache.
 	packages *pkgproxy.Proxy
 	account  string
+	// deferRoot boots a warm template's VM (see warm.go).
+	deferRoot bool
 }
 
 // testHookNewVM, if set (tests only), learns the id of every VM and
@@ -138,7 +140,7 @@ func bootVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (*gue
 	g.booted = true // from here on Terminate is needed even if Boot fails half-way
 	g.info, err = d.Boot(ctx, vmm.BootSpec{
 		ID: g.id, MemoryMiB: s.memoryMiB, VCPUs: s.vcpus, RootDisk: s.rootDisk, ScratchDisk: s.scratch, Disks: s.disks,
-		Net: g.net.Attachment(),
+		Net: g.net.Attachment(), DeferRoot: s.deferRoot,
 	})
 	if err != nil {
 		g.close()
@@ -151,14 +153,19 @@ func bootVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (*gue
 }
 
 // cloneVM sets up a network and restores the template in tmplDir, as
-// the engine runs a microVM. On error nothing is left.
+// the engine runs a microVM; with a rootDisk, on the spec's own disks (a
+// warm template's clone). On error nothing is left.
 func cloneVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec, tmplDir string) (*guestVM, error) {
 	g, err := newGuestNet(ctx, d, log, s)
 	if err != nil {
 		return nil, err
 	}
 	g.booted = true
-	g.info, err = d.Clone(ctx, vmm.CloneSpec{ID: g.id, Template: tmplDir, Net: g.net.Attachment()})
+	cs := vmm.CloneSpec{ID: g.id, Template: tmplDir, Net: g.net.Attachment()}
+	if s.rootDisk != "" {
+		cs.RootDisk, cs.Disks, cs.ScratchDisk = s.rootDisk, s.disks, s.scratch
+	}
+	g.info, err = d.Clone(ctx, cs)
 	if err != nil {
 		g.close()
 		if cerr := ctx.Err(); cerr != nil {

@@ -54,8 +54,16 @@ type BootSpec struct {
 	// ignore the guest's flushes, which package managers issue per file.
 	ScratchDisk bool
 	// Disks are extra raw disks (a build step's RUN --mount), after the
-	// root disk, in order. A VM with extra disks cannot be snapshotted.
+	// root disk, in order. A VM with extra disks cannot be snapshotted,
+	// unless DeferRoot.
 	Disks []Disk
+	// DeferRoot boots the guest to its initramfs only: the agent answers,
+	// but no disk is probed or read until a clone's driver finishes the
+	// boot on disks of the clone's own (CloneSpec.RootDisk). Such a VM is
+	// made to be snapshotted: a warm start for VMs that each need their
+	// own root (build steps). Its RootDisk and Disks are placeholders of
+	// the shape the clones will have.
+	DeferRoot bool
 }
 
 // Disk is an extra raw disk image of a booted VM. The driver opens it
@@ -74,6 +82,14 @@ type CloneSpec struct {
 	Template string // template directory made by Snapshot
 	Net      *NetAttachment
 	Hostname string // "" means the ID
+	// RootDisk, if set, starts the clone on disks of its own instead of
+	// the template's: the template must come from a DeferRoot VM with as
+	// many Disks, and the clone is then what Boot of RootDisk, Disks and
+	// ScratchDisk would give (see BootSpec), only without the kernel's
+	// boot. ErrInvalid for any other template.
+	RootDisk    string
+	Disks       []Disk
+	ScratchDisk bool
 }
 
 // Info is what the driver knows about one VM.
@@ -111,6 +127,10 @@ type Template struct {
 	VCPUs     int       `json:"vcpus"`
 	HasNet    bool      `json:"has_net"`
 	CreatedAt time.Time `json:"created_at"`
+	// DeferredRoot: made from a DeferRoot VM with ExtraDisks extra disks;
+	// only clones with their own disks (CloneSpec.RootDisk) may use it.
+	DeferredRoot bool `json:"deferred_root,omitempty"`
+	ExtraDisks   int  `json:"extra_disks,omitempty"`
 }
 
 // Usage is what a running VM uses, measured on the host at At.

@@ -519,6 +519,13 @@ func (c *Client) Mount(ctx context.Context, mounts []proto.MountSpec) error {
 	return c.call(ctx, proto.TypeMount, proto.MountRequest{Mounts: mounts}, nil, nil)
 }
 
+// RootDisk finishes the boot of a guest started with kiln.root=defer:
+// its disks are probed and /dev/vda becomes its root (see
+// proto.RootDiskRequest).
+func (c *Client) RootDisk(ctx context.Context) error {
+	return c.call(ctx, proto.TypeRootDisk, proto.RootDiskRequest{}, nil, nil)
+}
+
 // Unmount undoes Mount and reports how full each mount was. The guest
 // answers: the usage is for messages only, never trusted.
 func (c *Client) Unmount(ctx context.Context) ([]proto.MountUsage, error) {

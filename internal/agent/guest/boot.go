@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/vishvananda/netlink"
@@ -40,6 +41,9 @@ type BootResult struct {
 	Params    map[string]string
 	// Steps holds how long each boot step took, for the boot log line.
 	Steps []any
+	// RootDisk is set when the root was deferred (kiln.root=defer): it
+	// loads the block driver, mounts /dev/vda and switches root, once.
+	RootDisk func() error
 }
 
 // Boot does what an init does before it can supervise workloads: mounts
@@ -68,22 +72,41 @@ func Boot(log *slog.Logger, level *slog.LevelVar) BootResult {
 		res.Steps = append(res.Steps, name, time.Since(t).Round(time.Microsecond))
 		t = time.Now()
 	}
-	loadModules(log)
+	// kiln.root=defer: the VM is booted to be snapshotted, and each clone
+	// gets disks of its own. The block driver stays unloaded until
+	// RootDisk, so no guest probes a disk (its size, its first blocks)
+	// before the restore: what the template saw would be stale in every
+	// clone.
+	deferRoot := res.Params["kiln.root"] == "defer"
+	skip := ""
+	if deferRoot {
+		skip = virtioBlkModule
+	}
+	loadModules(log, skip)
 	step("modules")
 
-	err := waitDisk()
-	step("disk_wait")
-	if err != nil {
-		log.Warn("no root disk, staying on the initramfs", "err", err)
-	} else if err := mount(rootDevice, newRoot, "ext4", 0, ""); err != nil {
-		log.Error("mounting root disk, staying on the initramfs", "err", err)
-	} else if err := switchRoot(newRoot); err != nil {
-		// Half-switched is unrecoverable in general; say so loudly.
-		log.Error("switching root", "err", err)
+	if deferRoot {
+		var once sync.Once
+		var rootErr error
+		res.RootDisk = func() error {
+			once.Do(func() { rootErr = mountRootLater(log, res.Params) })
+			return rootErr
+		}
 	} else {
-		res.SwitchedRoot = true
+		err := waitDisk()
+		step("disk_wait")
+		if err != nil {
+			log.Warn("no root disk, staying on the initramfs", "err", err)
+		} else if err := mount(rootDevice, newRoot, "ext4", 0, ""); err != nil {
+			log.Error("mounting root disk, staying on the initramfs", "err", err)
+		} else if err := switchRoot(newRoot); err != nil {
+			// Half-switched is unrecoverable in general; say so loudly.
+			log.Error("switching root", "err", err)
+		} else {
+			res.SwitchedRoot = true
+		}
+		step("switch_root")
 	}
-	step("switch_root")
 
 	for _, m := range []struct{ src, dst, typ, data string }{
 		{"devpts", "/dev/pts", "devpts", "newinstance,ptmxmode=0666,mode=0620,gid=5"},
@@ -122,6 +145,36 @@ func Boot(log *slog.Logger, level *slog.LevelVar) BootResult {
 	}
 	step("network")
 	return res
+}
+
+// virtioBlkModule is the block driver's module file (see modules.list).
+const virtioBlkModule = "virtio_blk.ko"
+
+// mountRootLater is the deferred half of Boot: the block driver, then
+// /dev/vda as the root. /dev, /proc and /sys move into the new root with
+// what is mounted below them (devpts, the cgroup file system), and the
+// DNS configuration Boot wrote into the initramfs is written again.
+func mountRootLater(log *slog.Logger, params map[string]string) error {
+	t := time.Now()
+	if err := loadModule(filepath.Join(modulesDir, virtioBlkModule)); err != nil {
+		return fmt.Errorf("loading the block driver: %w", err)
+	}
+	if err := waitDisk(); err != nil {
+		return err
+	}
+	if err := mount(rootDevice, newRoot, "ext4", 0, ""); err != nil {
+		return fmt.Errorf("mounting the root disk: %w", err)
+	}
+	if err := switchRoot(newRoot); err != nil {
+		return fmt.Errorf("switching root: %w", err)
+	}
+	if hasVirtioDevice(virtioNetID) {
+		if err := writeResolvConf(params["kiln.dns"]); err != nil {
+			return err
+		}
+	}
+	log.Info("root disk mounted", "elapsed", time.Since(t))
+	return nil
 }
 
 func mountFlags(typ string) uintptr {
@@ -251,6 +304,26 @@ func removeSameDevice(path string, dev uint64, skip string) {
 	}
 }
 
+// writeResolvConf points the root's resolver at dns (kiln.dns), if set.
+func writeResolvConf(dns string) error {
+	if dns == "" {
+		return nil
+	}
+	var b strings.Builder
+	for _, s := range strings.Split(dns, ",") {
+		if net.ParseIP(s) != nil {
+			fmt.Fprintf(&b, "nameserver %s\n", s)
+		}
+	}
+	// Replace, not write through: resolv.conf is often a symlink.
+	_ = os.MkdirAll("/etc", 0o755)
+	_ = os.Remove(resolvConf)
+	if err := os.WriteFile(resolvConf, []byte(b.String()), 0o644); err != nil {
+		return fmt.Errorf("writing %s: %w", resolvConf, err)
+	}
+	return nil
+}
+
 // setupNetwork brings lo up, and eth0 with kiln.ip, kiln.gw and kiln.dns
 // from the kernel command line when the VM has a NIC.
 func setupNetwork(log *slog.Logger, params map[string]string) error {
@@ -293,19 +366,8 @@ func setupNetwork(log *slog.Logger, params map[string]string) error {
 			return fmt.Errorf("adding default route via %s: %w", gw, err)
 		}
 	}
-	if dns := params["kiln.dns"]; dns != "" {
-		var b strings.Builder
-		for _, s := range strings.Split(dns, ",") {
-			if net.ParseIP(s) != nil {
-				fmt.Fprintf(&b, "nameserver %s\n", s)
-			}
-		}
-		// Replace, not write through: resolv.conf is often a symlink.
-		_ = os.MkdirAll("/etc", 0o755)
-		_ = os.Remove(resolvConf)
-		if err := os.WriteFile(resolvConf, []byte(b.String()), 0o644); err != nil {
-			return fmt.Errorf("writing %s: %w", resolvConf, err)
-		}
+	if err := writeResolvConf(params["kiln.dns"]); err != nil {
+		return err
 	}
 	log.Info("network up", "ip", params["kiln.ip"], "gw", params["kiln.gw"], "dns", params["kiln.dns"])
 	return nil

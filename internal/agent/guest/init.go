@@ -33,7 +33,7 @@ func RunInit() {
 	if res.CgroupDir != "" {
 		sys = &LinuxSystem{CgroupDir: res.CgroupDir, Log: log}
 	}
-	srv := NewServer(Config{Root: "/", CgroupDir: res.CgroupDir, System: sys, Log: log})
+	srv := NewServer(Config{Root: "/", CgroupDir: res.CgroupDir, System: sys, Log: log, RootDisk: res.RootDisk})
 	ctx := context.Background()
 	go srv.Reap(ctx)
 

@@ -29,7 +29,8 @@ type module struct {
 // that nothing else depends on, and the dependencies of all of these. Under
 // TCG each finit_module costs 30-140 ms, so skipping drivers for absent
 // devices (the NIC, vsock, virtio-mmio on q35) is a large part of boot.
-func loadModules(log *slog.Logger) {
+// A module named skip is not loaded.
+func loadModules(log *slog.Logger, skip string) {
 	list, err := os.ReadFile(filepath.Join(modulesDir, "modules.list"))
 	if err != nil {
 		log.Warn("no module list", "err", err)
@@ -40,6 +41,9 @@ func loadModules(log *slog.Logger) {
 	byBase := map[string]*module{}
 	for _, name := range strings.Fields(string(list)) {
 		if strings.HasPrefix(name, "#") {
+			continue
+		}
+		if filepath.Base(name) == skip {
 			continue
 		}
 		m := readModinfo(filepath.Join(modulesDir, filepath.Base(name)))

@@ -61,6 +61,8 @@ type Config struct {
 	// ExitGrace is how long to wait for a workload's output pipes to close
 	// after it exited (a daemon it forked may hold them open).
 	ExitGrace time.Duration
+	// RootDisk, if set, mounts the deferred root disk (TypeRootDisk).
+	RootDisk func() error
 }
 
 // Server answers the host's requests. One Server lives for the guest's whole
@@ -405,6 +407,11 @@ func (s *Server) handle(ctx context.Context, m proto.Message) (any, error) {
 		return nil, s.mount(req)
 	case proto.TypeUnmount:
 		return s.unmount()
+	case proto.TypeRootDisk:
+		if s.cfg.RootDisk == nil {
+			return nil, errors.New("root disk: this guest did not boot with kiln.root=defer")
+		}
+		return nil, s.cfg.RootDisk()
 	case proto.TypeStreamClose:
 		var req proto.StreamClose
 		if err := proto.DecodeBody(m, &req); err != nil {

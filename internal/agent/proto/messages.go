@@ -47,6 +47,9 @@ const (
 	TypeListDir     Type = "list_dir"
 	TypeMount       Type = "mount"
 	TypeUnmount     Type = "unmount"
+	// TypeRootDisk asks an agent that booted with kiln.root=defer to
+	// mount its root disk now (RootDiskRequest).
+	TypeRootDisk Type = "root_disk"
 )
 
 // Messages from the guest.
@@ -424,6 +427,14 @@ type MountSpec struct {
 
 // UnmountRequest undoes the MountRequest.
 type UnmountRequest struct{}
+
+// RootDiskRequest finishes the boot of a guest started with
+// kiln.root=defer (the kernel booted to the initramfs, then was
+// snapshotted): load the block driver, mount /dev/vda and switch root to
+// it. The disks are first probed here, after the restore, so the guest
+// sees the sizes and contents of this VM's disks, never the template's.
+// A second request fails.
+type RootDiskRequest struct{}
 
 // UnmountResult reports, in the MountRequest's order, how full each disk
 // was before it went.

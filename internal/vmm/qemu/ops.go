@@ -41,14 +41,7 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.BootSpec) (vmm.Info, error) 
 	if spec.VCPUs < 1 || spec.VCPUs > 64 {
 		return vmm.Info{}, fmt.Errorf("vcpus %d: use 1 to 64: %w", spec.VCPUs, errdefs.ErrInvalid)
 	}
-	root, err := filepath.Abs(spec.RootDisk)
-	if err != nil {
-		return vmm.Info{}, err
-	}
-	if st, err := os.Stat(root); err != nil || !st.Mode().IsRegular() {
-		return vmm.Info{}, fmt.Errorf("root disk %q is not a file: %w", spec.RootDisk, errdefs.ErrInvalid)
-	}
-	disks, err := checkExtraDisks(spec.Disks)
+	root, disks, err := checkDisks(spec.RootDisk, spec.Disks)
 	if err != nil {
 		return vmm.Info{}, err
 	}
@@ -57,7 +50,7 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.BootSpec) (vmm.Info, error) 
 		return vmm.Info{}, err
 	}
 	defer v.op.Unlock()
-	v.meta = meta{Disks: disks, ID: spec.ID, State: vmm.StateRunning, Phase: phaseBooting, MemoryMiB: spec.MemoryMiB, VCPUs: spec.VCPUs,
+	v.meta = meta{Disks: disks, DeferRoot: spec.DeferRoot, ID: spec.ID, State: vmm.StateRunning, Phase: phaseBooting, MemoryMiB: spec.MemoryMiB, VCPUs: spec.VCPUs,
 		Platform: d.platform, Kernel: d.cfg.kernelPath(), Initrd: d.initrd, Net: spec.Net,
 		Hostname: hostnameOr(spec.Hostname, spec.ID), StartedAt: time.Now(), ScratchDisk: spec.ScratchDisk, UID: v.uid,
 		Chain: []layer{{Path: root, Format: "raw"}}}
@@ -85,6 +78,23 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.BootSpec) (vmm.Info, error) 
 	}
 	v.log.Info("vm booted", "pid", v.proc.pid)
 	return v.info(), nil
+}
+
+// checkDisks checks a VM's root disk (a file; its absolute path is
+// returned) and extra disks.
+func checkDisks(rootDisk string, extra []vmm.Disk) (string, []vmm.Disk, error) {
+	root, err := filepath.Abs(rootDisk)
+	if err != nil {
+		return "", nil, err
+	}
+	if st, err := os.Stat(root); err != nil || !st.Mode().IsRegular() {
+		return "", nil, fmt.Errorf("root disk %q is not a file: %w", rootDisk, errdefs.ErrInvalid)
+	}
+	disks, err := checkExtraDisks(extra)
+	if err != nil {
+		return "", nil, err
+	}
+	return root, disks, nil
 }
 
 func hostnameOr(h, id string) string {
@@ -195,9 +205,10 @@ func (d *Driver) Snapshot(ctx context.Context, id, dir string) (vmm.Template, er
 	if err := v.requireRunning("snapshot"); err != nil {
 		return vmm.Template{}, err
 	}
-	if len(v.meta.Disks) > 0 {
+	if len(v.meta.Disks) > 0 && !v.meta.DeferRoot {
 		// A template must not carry disks of a build step (an account's
-		// cache, say) into every clone.
+		// cache, say) into every clone. A deferred root's guest never
+		// read its disks, and its clones get their own.
 		return vmm.Template{}, fmt.Errorf("cannot snapshot vm %s: it has extra disks: %w", id, errdefs.ErrInvalid)
 	}
 	dir, err = filepath.Abs(dir)
@@ -256,7 +267,10 @@ func (v *vm) snapshotInto(ctx context.Context, dir string) (vmm.Template, error)
 		return vmm.Template{}, err
 	}
 	t := vmm.Template{Dir: dir, Platform: v.meta.Platform, MemoryMiB: v.meta.MemoryMiB, VCPUs: v.meta.VCPUs,
-		HasNet: v.meta.Net != nil, CreatedAt: time.Now().UTC()}
+		HasNet: v.meta.Net != nil, CreatedAt: time.Now().UTC(), DeferredRoot: v.meta.DeferRoot}
+	if v.meta.DeferRoot {
+		t.ExtraDisks = len(v.meta.Disks)
+	}
 	b, _ := json.MarshalIndent(t, "", "  ")
 	if err := writeFileAtomic(filepath.Join(dir, "template.json"), b); err != nil {
 		return vmm.Template{}, err
@@ -392,6 +406,9 @@ func (d *Driver) Clone(ctx context.Context, spec vmm.CloneSpec) (vmm.Info, error
 	if t.HasNet != (spec.Net != nil) {
 		return vmm.Info{}, fmt.Errorf("template %s was made %s a NIC; clones must match: %w", t.Dir, map[bool]string{true: "with", false: "without"}[t.HasNet], errdefs.ErrInvalid)
 	}
+	if spec.RootDisk != "" || t.DeferredRoot {
+		return d.cloneOnOwnDisks(ctx, spec, t)
+	}
 	if d.pool != nil {
 		// Refill once this clone is done, not while it runs.
 		defer d.pool.poke()
@@ -437,6 +454,57 @@ func (d *Driver) Clone(ctx context.Context, spec vmm.CloneSpec) (vmm.Info, error
 	if err := v.start(ctx, filepath.Join(t.Dir, "state")); err != nil {
 		return fail(err)
 	}
+	return v.info(), nil
+}
+
+// cloneOnOwnDisks starts a clone of a deferred-root template on the
+// spec's disks, then has its agent probe them and switch root: a cold
+// boot's result without the kernel's boot.
+func (d *Driver) cloneOnOwnDisks(ctx context.Context, spec vmm.CloneSpec, t vmm.Template) (vmm.Info, error) {
+	if !t.DeferredRoot || spec.RootDisk == "" {
+		return vmm.Info{}, fmt.Errorf("template %s: a clone on its own disks needs a template booted with DeferRoot, and such a template needs a clone's RootDisk: %w", t.Dir, errdefs.ErrInvalid)
+	}
+	if len(spec.Disks) != t.ExtraDisks {
+		return vmm.Info{}, fmt.Errorf("template %s has %d extra disks, the clone %d; they must match: %w", t.Dir, t.ExtraDisks, len(spec.Disks), errdefs.ErrInvalid)
+	}
+	root, disks, err := checkDisks(spec.RootDisk, spec.Disks)
+	if err != nil {
+		return vmm.Info{}, err
+	}
+	v, err := d.reserve(spec.ID)
+	if err != nil {
+		return vmm.Info{}, err
+	}
+	defer v.op.Unlock()
+	v.meta = meta{ID: spec.ID, State: vmm.StateRunning, Phase: phaseBooting, MemoryMiB: t.MemoryMiB, VCPUs: t.VCPUs,
+		Platform: t.Platform, Template: t.Dir, MemPrivate: true, OwnDisk: true, Net: spec.Net, Hostname: hostnameOr(spec.Hostname, spec.ID),
+		StartedAt: time.Now(), UID: v.uid, ScratchDisk: spec.ScratchDisk, Disks: disks, Chain: []layer{{Path: root, Format: "raw"}}}
+	fail := func(err error) (vmm.Info, error) {
+		v.destroy()
+		return vmm.Info{}, fmt.Errorf("cloning %s on its own disks: %w", spec.ID, err)
+	}
+	if err := os.MkdirAll(v.dir, 0o700); err != nil {
+		return fail(err)
+	}
+	if err := shareTemplateMem(filepath.Join(t.Dir, "mem")); err != nil {
+		return fail(err)
+	}
+	if err := d.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-b", root, "-F", "raw", v.path("disk.qcow2")); err != nil {
+		return fail(err)
+	}
+	if err := v.saveMeta(); err != nil {
+		return fail(err)
+	}
+	if err := v.start(ctx, filepath.Join(t.Dir, "state")); err != nil {
+		return fail(err)
+	}
+	rctx, cancel := context.WithTimeout(ctx, d.cfg.BootTimeout)
+	err = v.agent.RootDisk(rctx)
+	cancel()
+	if err != nil {
+		return fail(fmt.Errorf("mounting the root disk in the guest: %w", err))
+	}
+	v.log.Info("vm started on its own disks", "template", t.Dir, "pid", v.proc.pid)
 	return v.info(), nil
 }
 

@@ -39,7 +39,7 @@ func (d *Driver) CommitDisk(ctx context.Context, id string) error {
 	if state != vmm.StateStopped || (p != nil && p.alive()) {
 		return fmt.Errorf("committing the disk of vm %s: it is %s, stop it first: %w", id, state, errdefs.ErrConflict)
 	}
-	if m.Template != "" || len(m.Chain) != 1 || m.Chain[0].Format != "raw" {
+	if (m.Template != "" && !m.OwnDisk) || len(m.Chain) != 1 || m.Chain[0].Format != "raw" {
 		return fmt.Errorf("committing the disk of vm %s: it was not booted from a root disk: %w", id, errdefs.ErrInvalid)
 	}
 	return commitOverlay(ctx, d.cfg.QEMUImg, v.path("disk.qcow2"), m.Chain[0].Path)

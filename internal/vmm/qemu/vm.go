@@ -52,6 +52,11 @@ type meta struct {
 	ScratchDisk bool `json:"scratch_disk,omitempty"`
 	// Disks are extra raw disks (disks.go).
 	Disks []vmm.Disk `json:"disks,omitempty"`
+	// DeferRoot: booted with kiln.root=defer (vmm.BootSpec.DeferRoot).
+	DeferRoot bool `json:"defer_root,omitempty"`
+	// OwnDisk: a clone of a deferred-root template that runs on a root
+	// disk of its own (Chain), not on its template's.
+	OwnDisk bool `json:"own_disk,omitempty"`
 	// UID is the unprivileged uid (and gid) QEMU runs as; 0: kiln's own.
 	UID uint32 `json:"uid,omitempty"`
 	// Jailed: QEMU runs in the VM's jail (jail.go); its sockets are in
@@ -231,6 +236,9 @@ func (v *vm) args(incoming bool) []string {
 	cmdline := []string{"console=ttyS0", "panic=-1", "quiet", "loglevel=3", "reboot=t", "tsc=reliable"}
 	if m.Net != nil {
 		cmdline = append(cmdline, "kiln.ip=172.30.0.2/30", "kiln.gw=172.30.0.1", "kiln.dns=172.30.0.1")
+	}
+	if m.DeferRoot {
+		cmdline = append(cmdline, "kiln.root=defer")
 	}
 	bus := "pci"
 	if p.Machine == "microvm" {
