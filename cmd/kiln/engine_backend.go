@@ -210,7 +210,9 @@ func newImageBuilder(ctx context.Context, o ServerOptions, drv *qemu.Driver, s3c
 	pol := o.FetchPolicy()
 	pkgs := newPackageProxy(o.DataDir, o.AptMirrors, log)
 	return &imageBuilder{defaultEgress: o.DefaultInternetEgress(), b: &imagebuild.Builder{
-		Images: &image.Builder{DataDir: o.DataDir, Runner: &imagebuild.Runner{Driver: drv, ExtraDeny: o.DenyCIDRs, Packages: pkgs, Logger: log},
+		Images: &image.Builder{DataDir: o.DataDir, Runner: &imagebuild.Runner{Driver: drv, ExtraDeny: o.DenyCIDRs, Packages: pkgs, Logger: log,
+			// RUN steps start as clones of a booted build VM (warm.go).
+			WarmDir: filepath.Join(o.DataDir, "build-warm")},
 			Bases:      &base.Resolver{Managed: bases, InsecureRegistries: o.InsecureRegistries, Egress: pol, Logger: log},
 			HTTPClient: pol.Client(10 * time.Minute), Logger: log},
 		Driver:    drv,

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
@@ -95,6 +96,10 @@ func (r *Runner) forgetWarm(s warmShape, t *warmTemplate) {
 	os.RemoveAll(t.dir)
 }
 
+// warmBootTimeout bounds the boot of a warm template's VM (10-15 s on a
+// busy TCG host).
+const warmBootTimeout = 90 * time.Second
+
 // makeWarm boots a build VM of shape s on placeholder disks, its root
 // deferred, and snapshots it into dir. The VM has a NIC, as the steps'
 // VMs do, but no egress: its guest runs nothing.
@@ -109,6 +114,11 @@ func (r *Runner) makeWarm(ctx context.Context, base, dir string, s warmShape, sp
 	for i := 0; i < s.disks; i++ {
 		disks = append(disks, vmm.Disk{Path: placeholder, ReadOnly: true, Serial: fmt.Sprintf("kiln-warm-%d", i)})
 	}
+	// A boot that hangs (seen about once in twenty under TCG) must not hold
+	// the step for the driver's whole boot timeout: past this the step
+	// boots cold instead, as if there were no warm start.
+	ctx, cancel := context.WithTimeout(ctx, warmBootTimeout)
+	defer cancel()
 	g, err := bootVM(ctx, r.Driver, r.logger(), vmSpec{prefix: PrefixBuild, rootDisk: placeholder, memoryMiB: s.memoryMiB, vcpus: s.vcpus,
 		extraDeny: spec.extraDeny, scratch: true, disks: disks, deferRoot: true})
 	if err != nil {
