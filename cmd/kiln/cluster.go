@@ -76,8 +76,8 @@ func (c ClusterOptions) identity(role clusterca.Role) (*clusterca.Identity, erro
 }
 
 // clusterStore is the store as the roles need it.
-func clusterStore(st store.Store) (control.Store, error) {
-	cs, ok := st.(control.Store)
+func clusterStore(st store.Store) (store.ClusterStore, error) {
+	cs, ok := st.(store.ClusterStore)
 	if !ok {
 		return nil, fmt.Errorf("this state store cannot hold a cluster: use --store postgres://... (or sqlite for one machine)")
 	}

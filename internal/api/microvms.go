@@ -228,7 +228,7 @@ func (s *Server) runMicrovm(ctx context.Context, c *call) (any, error) {
 		EgressNetworkConnectors: in.EgressNetworkConnectors, StartedAt: now, UpdatedAt: now,
 		DeadlineAt: now.Add(time.Duration(maxDur) * time.Second),
 		MemoryMiB:  mem, VCPUs: vcpus,
-		Hooks: v.Config.Hooks, VersionLogging: v.Config.Logging,
+		Hooks: v.Config.Hooks, VersionLogging: v.Config.Logging, Platform: v.Platform,
 	}
 	if in.RunHookPayload != nil {
 		m.RunHookPayload = *in.RunHookPayload

@@ -17,6 +17,13 @@ const (
 	NodeLost NodeState = "LOST"
 )
 
+// ClusterStore is a store that also keeps the cluster's records: what
+// both control and node need.
+type ClusterStore interface {
+	Store
+	Cluster
+}
+
 // ReasonHostLost is the state reason (prefix) of a microVM terminated
 // because its node was declared lost.
 const ReasonHostLost = "HostLost"

@@ -177,6 +177,10 @@ type ImageVersion struct {
 	Config      ImageConfig `json:"config"`
 	CreatedAt   time.Time   `json:"createdAt"`
 	UpdatedAt   time.Time   `json:"updatedAt"`
+	// Platform is the snapshot platform of the host its successful build
+	// ran on (a template restores only on one of the same); "" when no
+	// cluster node built it.
+	Platform string `json:"platform,omitempty"`
 }
 
 // SnapshotBuild holds the sizes a finished build produced.
@@ -209,6 +213,9 @@ type Build struct {
 	// single `kiln server`): a restart of control leaves a build to its
 	// node while the node lives, and redoes it elsewhere when it is lost.
 	Node string `json:"node,omitempty"`
+	// Platform is that node's snapshot platform, recorded with Node: the
+	// version takes it when the build succeeds (FinishVersion).
+	Platform string `json:"platform,omitempty"`
 }
 
 // Microvm is one microVM record. DeadlineAt (StartedAt plus
@@ -262,6 +269,10 @@ type Microvm struct {
 	// then reads the version.
 	Hooks          *Hooks          `json:"hooks,omitempty"`
 	VersionLogging json.RawMessage `json:"versionLogging,omitempty"`
+	// Platform is its version's snapshot platform, copied at RunMicrovm
+	// so that placement needs no read of builds or nodes; "" (any host)
+	// on a single `kiln server` and for versions built before it was kept.
+	Platform string `json:"platform,omitempty"`
 	// OnDeadline is what the deadline controller does when DeadlineAt
 	// passes: "" terminates (the AWS API's maximumDurationInSeconds);
 	// DeadlineSuspend suspends a RUNNING microVM instead (E2B's autoPause)
@@ -554,6 +565,10 @@ func FinishVersion(builds []Build, v *ImageVersion, img *Image, now time.Time) b
 		switch x.State {
 		case BuildPending, BuildInProgress:
 			return false
+		case BuildSuccessful:
+			if x.Platform != "" {
+				v.Platform = x.Platform
+			}
 		case BuildFailed:
 			failed = x.StateReason
 			if failed == "" {

@@ -424,9 +424,7 @@ func TestCluster(t *testing.T) {
 		for _, p := range c.procs {
 			if pids := kilntest.QemuOf(p.data); len(pids) > 0 {
 				t.Errorf("QEMU processes of %s left after the cluster stopped: %v", p.name, pids)
-				for _, pid := range pids {
-					syscall.Kill(pid, syscall.SIGKILL)
-				}
+				kilntest.KillQemuOf(t, p.data)
 			}
 		}
 	}()
@@ -595,9 +593,7 @@ func TestCluster(t *testing.T) {
 	}
 	t.Logf("node-b's %d microVMs TERMINATED (HostLost) %v after its SIGKILL (lease 3s, grace 5s)", len(onB), time.Since(killed).Round(100*time.Millisecond))
 	// The stand-in host is gone: what it ran goes with it.
-	for _, pid := range kilntest.QemuOf(nodeB.data) {
-		syscall.Kill(pid, syscall.SIGKILL)
-	}
+	kilntest.KillQemuOf(t, nodeB.data)
 	for _, id := range onB {
 		netns.Teardown(ctx, id)
 	}

@@ -28,6 +28,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/jail"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/testenv"
@@ -278,12 +279,7 @@ func (s *Server) Stop(t *testing.T) {
 	}
 	if pids := QemuOf(s.Data); len(pids) > 0 {
 		leak("QEMU processes of %s left after the server stopped: %v; killing them", s.Data, pids)
-		for _, pid := range pids {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
-		for end := time.Now().Add(5 * time.Second); len(QemuOf(s.Data)) > 0 && time.Now().Before(end); {
-			time.Sleep(50 * time.Millisecond)
-		}
+		KillQemuOf(t, s.Data)
 	}
 	// The server logs each VM network it makes; none may outlive it.
 	for _, m := range regexp.MustCompile(`microvm=(\S+) ns=/run/netns/kiln-`).FindAllSubmatch(logText, -1) {
@@ -351,6 +347,51 @@ func (s *Server) TerminateAll(t *testing.T) error {
 		errs = append(errs, fmt.Errorf("still not TERMINATED: %v", live))
 	}
 	return errors.Join(errs...)
+}
+
+// KillQemuOf kills the QEMU processes of the data dir dir, as the loss
+// of the host they ran on would, and removes the kiln cgroups they were
+// in: nothing owns those any more (a restarted node's driver removes its
+// own strays, but a stand-in host killed for good never restarts).
+func KillQemuOf(t *testing.T, dir string) {
+	t.Helper()
+	pids := QemuOf(dir)
+	var groups []string
+	for _, pid := range pids {
+		groups = append(groups, kilnCgroups(pid)...)
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	for end := time.Now().Add(5 * time.Second); len(QemuOf(dir)) > 0 && time.Now().Before(end); {
+		time.Sleep(50 * time.Millisecond)
+	}
+	for _, g := range groups {
+		if err := jail.RemoveCgroup(g); err != nil {
+			t.Errorf("removing the cgroup of a killed QEMU: %v", err)
+		}
+	}
+}
+
+// kilnCgroups names the cgroups under kiln/ that pid is in, each once.
+func kilnCgroups(pid int) []string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid))
+	if err != nil {
+		return nil
+	}
+	seen := map[string]bool{}
+	var out []string
+	for _, line := range strings.Split(string(b), "\n") {
+		// hierarchy-ID:controllers:/path
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 {
+			continue
+		}
+		name := strings.TrimPrefix(parts[2], "/")
+		if strings.HasPrefix(name, "kiln/") && !seen[name] {
+			seen[name] = true
+			out = append(out, name)
+		}
+	}
+	return out
 }
 
 // QemuOf lists the QEMU processes of the data dir dir: named on their

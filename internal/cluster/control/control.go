@@ -24,20 +24,9 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
-// Store is what control needs of the store: the records and the cluster.
-type Store interface {
-	store.Store
-	store.Cluster
-}
-
-// Nodes gives the client of a node.
-type Nodes interface {
-	Get(n store.Node) (*noderpc.Client, error)
-}
-
 // Backend implements lifecycle.Backend for a cluster.
 type Backend struct {
-	st    Store
+	st    store.ClusterStore
 	nodes func(store.Node) (noderpc.Service, error)
 	rep   *lifecycle.Reporter
 	log   *slog.Logger
@@ -45,7 +34,7 @@ type Backend struct {
 }
 
 // New returns the cluster backend over st, reaching nodes through nodes.
-func New(st Store, nodes Nodes, log *slog.Logger) *Backend {
+func New(st store.ClusterStore, nodes noderpc.Dialer, log *slog.Logger) *Backend {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -90,7 +79,12 @@ func (b *Backend) StartMicrovm(ctx context.Context, m store.Microvm) error {
 // the node whose build of its version succeeded. A template restores only
 // on a host of the same platform, so placement is limited to those. ""
 // (any) for a version built before builds recorded their node.
+// RunMicrovm copies the version's platform into m; the builds are read
+// only for records made before it did.
 func (b *Backend) platformOf(ctx context.Context, m store.Microvm) (string, error) {
+	if m.Platform != "" {
+		return m.Platform, nil
+	}
 	builds, _, err := b.st.ListBuilds(ctx, m.Account, m.ImageName, m.ImageVersion, store.Page{Limit: 100})
 	if err != nil {
 		return "", err
@@ -247,7 +241,7 @@ func (b *Backend) BuildImage(ctx context.Context, v store.ImageVersion, builds [
 		return err
 	}
 	for i := range builds {
-		builds[i].Node = n.Name
+		builds[i].Node, builds[i].Platform = n.Name, n.Platform
 		if err := b.st.UpdateBuild(ctx, builds[i]); err != nil {
 			return fmt.Errorf("recording build %s on node %s: %w", builds[i].ID, n.Name, err)
 		}

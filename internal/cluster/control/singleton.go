@@ -58,7 +58,7 @@ func (s *Singleton) Release(ctx context.Context) {
 // reached the store without a break for longer than a lease plus the
 // grace, which gives every live node time to renew first.
 type NodeReaper struct {
-	St      Store
+	St      store.ClusterStore
 	Backend *Backend
 	Lease   *Singleton
 	// NodeLease is how long a node's lease lasts; Grace how long after its

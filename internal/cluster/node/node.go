@@ -42,15 +42,9 @@ type Engine interface {
 	ExportTemplate(ctx context.Context, account, image, version string, app func(*engine.AppConfig) error, emit func(vmm.TemplatePart) error) error
 }
 
-// Store is the store as a node uses it.
-type Store interface {
-	store.Store
-	store.Cluster
-}
-
 // Config describes the host.
 type Config struct {
-	Store  Store
+	Store  store.ClusterStore
 	Engine Engine
 	// Name, addresses, platform and capacity as registered (store.Node).
 	Name, RPCAddr, TunnelAddr, Platform string
@@ -378,16 +372,11 @@ func (s service) ExportTemplate(ctx context.Context, account, image, version str
 	})
 }
 
-// Peers gives the client of another node (for template fetches).
-type Peers interface {
-	Get(n store.Node) (*noderpc.Client, error)
-}
-
 // TemplateFetcher is the engine's engine.TemplateFetcher on a cluster
 // node: it asks each other active node in turn for the template, and
 // imports the first that has it. What a peer sends is checked by the
 // driver's import (vmm.TemplatePorter) and the app settings here.
-func TemplateFetcher(st Store, self string, peers Peers, log *slog.Logger) engine.TemplateFetcher {
+func TemplateFetcher(st store.ClusterStore, self string, peers noderpc.Dialer, log *slog.Logger) engine.TemplateFetcher {
 	return func(ctx context.Context, account, image, version string, imp engine.TemplateImport) error {
 		nodes, err := st.ListNodes(ctx)
 		if err != nil {

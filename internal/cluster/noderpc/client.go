@@ -150,6 +150,13 @@ func (c *Client) FetchTemplate(ctx context.Context, account, image, version stri
 
 var _ Service = (*Client)(nil)
 
+// Dialer gives the client of a node; *Clients is the real one.
+type Dialer interface {
+	Get(n store.Node) (*Client, error)
+}
+
+var _ Dialer = (*Clients)(nil)
+
 // Clients keeps one client per node, re-made when a node registers a new
 // address.
 type Clients struct {

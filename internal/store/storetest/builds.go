@@ -33,7 +33,7 @@ func buildStart(t *testing.T, s store.Store) {
 		t.Errorf("builds in use while running = %d, want 1", u.Builds)
 	}
 
-	b.State = store.BuildSuccessful
+	b.State, b.Node, b.Platform = store.BuildSuccessful, "n1", "x86_64/q35/cpu-a"
 	_, err = s.FinishBuild(ctx, b)
 	must(t, err)
 	is(t, s.StartBuild(ctx, b), errdefs.ErrConflict)
@@ -41,6 +41,11 @@ func buildStart(t *testing.T, s store.Store) {
 	gv, _ = s.GetImageVersion(ctx, "A", "app", v.Version)
 	if gb.State != store.BuildSuccessful || gv.State != store.VersionSuccessful {
 		t.Errorf("a start after the finish left build %s, version %s", gb.State, gv.State)
+	}
+	// Placement reads the platform from the version (copied into each
+	// microVM), not from the builds and their nodes.
+	if gv.Platform != b.Platform {
+		t.Errorf("version platform after its build succeeded on %q = %q", b.Platform, gv.Platform)
 	}
 	if u, _ := s.QuotaUsage(ctx, "A"); u.Builds != 0 {
 		t.Errorf("builds in use after the finish = %d, want 0", u.Builds)
