@@ -16,8 +16,10 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/cluster/clusterca"
 	"github.com/kiln-sandbox/kiln/internal/cluster/edge"
 	"github.com/kiln-sandbox/kiln/internal/cluster/noderpc"
+	"github.com/kiln-sandbox/kiln/internal/e2b"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
+	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/tlsca"
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
@@ -99,7 +101,14 @@ func runEdge(ctx context.Context, o ServerOptions, tokenKey string) error {
 		return fmt.Errorf("endpoint certificate: %w", err)
 	}
 	go certs.Run(ctx)
-	px, err := proxy.New(proxy.Config{Domain: o.Domain, Backend: be, Tokens: signer, Logger: log})
+	// The shell's port needs no handler here: it goes through the tunnel
+	// like any port, and the node serves it. envd's is checked here and
+	// forwarded the same way (EndpointGate leaves its Handler nil).
+	pcfg := proxy.Config{Domain: o.Domain, Backend: be, Tokens: signer, Logger: log}
+	if es, ok := st.(store.E2BStore); ok {
+		pcfg.Envd = e2b.EndpointGate(key, es)
+	}
+	px, err := proxy.New(pcfg)
 	if err != nil {
 		return err
 	}

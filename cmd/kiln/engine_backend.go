@@ -82,23 +82,8 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 	if es, ok := st.(store.E2BStore); ok {
 		// E2B's envd runs here on the host, over the guest agent: see
 		// docs/ARCHITECTURE.md, "E2B-compatible API".
-		envdTokens := e2b.NewEnvdTokens(key)
-		pcfg.Envd = &proxy.Envd{Port: e2b.EnvdPort,
-			Authorize: func(tok, id, account string) bool { return envdTokens.Valid(tok, account, id) },
-			Signed: func(r *http.Request, id, account string) error {
-				return envd.CheckSignature(r, envdTokens.Mint(account, id), time.Now())
-			},
-			Handler: envd.New(envd.Config{Agents: eng, Sandboxes: es, Target: func(ctx context.Context) (string, string) {
-				return proxy.MicrovmID(ctx), proxy.Account(ctx)
-			}, App: func(ctx context.Context, account, id string) (envd.App, error) {
-				m, err := st.GetMicrovm(ctx, account, id)
-				if err != nil {
-					return envd.App{}, err
-				}
-				app, _, err := eng.App(m.Account, m.ImageName, m.ImageVersion)
-				return envd.App{Env: app.Env, WorkingDir: app.WorkingDir, User: app.User}, err
-			}}),
-			Traffic: (&e2b.TrafficGate{Sandboxes: es, Tokens: e2b.NewTrafficTokens(key)}).Decide}
+		pcfg.Envd = e2b.EndpointGate(key, es)
+		pcfg.Envd.Handler = newEnvdHandler(st, es, eng)
 	}
 	px, err := proxy.New(pcfg)
 	if err != nil {
@@ -121,6 +106,22 @@ func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep 
 	}
 	log.Info("microvm endpoints serving", "addr", ln.Addr().String(), "domain", o.Domain, "ca", filepath.Join(o.DataDir, "ca.pem"))
 	return eng, &engine.TokenIssuer{Signer: signer}, nil
+}
+
+// newEnvdHandler is E2B's envd served on the host over the guest agent
+// (docs/ARCHITECTURE.md, "E2B-compatible API"), for the microVM and
+// account the endpoint proxy (or a node's tunnel) names in the request.
+func newEnvdHandler(st store.Store, es store.E2BStore, eng *engine.Engine) http.Handler {
+	return envd.New(envd.Config{Agents: eng, Sandboxes: es, Target: func(ctx context.Context) (string, string) {
+		return proxy.MicrovmID(ctx), proxy.Account(ctx)
+	}, App: func(ctx context.Context, account, id string) (envd.App, error) {
+		m, err := st.GetMicrovm(ctx, account, id)
+		if err != nil {
+			return envd.App{}, err
+		}
+		app, _, err := eng.App(m.Account, m.ImageName, m.ImageVersion)
+		return envd.App{Env: app.Env, WorkingDir: app.WorkingDir, User: app.User}, err
+	}})
 }
 
 // startEngine starts this host's VM engine on the QEMU driver (for

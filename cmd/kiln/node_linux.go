@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"strconv"
 	"time"
 
@@ -15,8 +16,10 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/cluster/node"
 	"github.com/kiln-sandbox/kiln/internal/cluster/noderpc"
 	"github.com/kiln-sandbox/kiln/internal/cluster/tunnel"
+	"github.com/kiln-sandbox/kiln/internal/e2b"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -89,8 +92,14 @@ func serveNode(ctx context.Context, o ServerOptions, st store.Store) error {
 	if err != nil {
 		return fmt.Errorf("--tunnel-addr %s: %w", c.TunnelAddr, err)
 	}
+	// The shell's port and envd's are served here, by the same handlers as
+	// `kiln server`'s, behind the edge's token checks.
+	hostPorts := map[uint16]http.Handler{proxy.ShellPort: eng.ShellHandler()}
+	if es, ok := st.(store.E2BStore); ok {
+		hostPorts[e2b.EnvdPort] = newEnvdHandler(st, es, eng)
+	}
 	tun, err := tunnel.NewServer(tunnel.ServerConfig{TLS: id.ServerTLS(clusterca.Edge), Resolver: eng,
-		Dial: netns.HostDialer(5 * time.Second).DialContext, Logger: log})
+		Dial: netns.HostDialer(5 * time.Second).DialContext, HostPorts: hostPorts, Logger: log})
 	if err != nil {
 		return err
 	}

@@ -50,7 +50,10 @@ type Envd struct {
 	Authorize func(tok, microvmID, account string) bool
 	// Signed, if set, admits a request without X-Access-Token that carries
 	// a ?signature= (E2B's signed /files URLs): nil error lets it through.
-	Signed  func(r *http.Request, microvmID, account string) error
+	Signed func(r *http.Request, microvmID, account string) error
+	// Handler serves envd. Nil forwards the checked request to Port of
+	// the backend's target as if it were a guest port: a cluster's edge,
+	// whose nodes serve envd at the far end of the tunnel.
 	Handler http.Handler
 	// Traffic, if set, decides E2B-addressed requests for other ports that
 	// carry no endpoint token, from the sandbox's allowPublicTraffic and
@@ -180,9 +183,12 @@ func (s *Server) serveEnvd(w http.ResponseWriter, r *http.Request, id string) {
 	if !s.wake(ctx, w, id, true) {
 		return
 	}
-	ctx = context.WithValue(ctx, keyMicrovm, id)
-	ctx = context.WithValue(ctx, keyAccount, tgt.Account)
+	ctx = WithTarget(ctx, id, tgt.Account)
 	r.Header.Del(HeaderEnvdToken)
+	if s.cfg.Envd.Handler == nil {
+		s.forward(ctx, w, r, id, tgt, s.cfg.Envd.Port, nil)
+		return
+	}
 	s.cfg.Envd.Handler.ServeHTTP(w, r.WithContext(ctx))
 }
 

@@ -91,6 +91,41 @@ func TestE2BRouting(t *testing.T) {
 	}
 }
 
+// TestE2BEnvdForwarded: with no envd handler (a cluster's edge), a
+// request for envd's port is checked as ever and then forwarded to that
+// port of the target, without its token; a refused one goes nowhere.
+func TestE2BEnvdForwarded(t *testing.T) {
+	e := newEnvFull(t, map[string]string{"49983": guest(t, "envd-at-node", false)}, func(c *Config) {
+		c.Envd = &Envd{Port: 49983, Authorize: func(tok, id, account string) bool { return tok == "envd-"+id+"-"+account }}
+	})
+	for _, tc := range []struct {
+		tok    string
+		status int
+	}{{"envd-vm1-acct", 200}, {"envd-vm2-acct", 401}, {"", 401}} {
+		req, _ := http.NewRequest("GET", "https://49983-vm1."+domain+"/health", nil)
+		if tc.tok != "" {
+			req.Header.Set(HeaderEnvdToken, tc.tok)
+		}
+		resp, err := e.client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != tc.status {
+			t.Fatalf("token %q: status %d (%s), want %d", tc.tok, resp.StatusCode, body, tc.status)
+		}
+		if tc.status != 200 {
+			continue
+		}
+		var got map[string]any
+		json.Unmarshal(body, &got)
+		if got["guest"] != "envd-at-node" || got["envdToken"] != "" {
+			t.Fatalf("forwarded envd request reached %v with token %q", got["guest"], got["envdToken"])
+		}
+	}
+}
+
 // TestE2BTraffic: E2B-addressed requests for guest ports without an
 // endpoint token pass for a public sandbox, and for one that needs its
 // traffic token only with it; anything else (no E2B sandbox, the shell's

@@ -223,6 +223,14 @@ const (
 // MicrovmID returns the microVM a request is routed to.
 func MicrovmID(ctx context.Context) string { s, _ := ctx.Value(keyMicrovm).(string); return s }
 
+// WithTarget names the microVM and its account for a host-side handler
+// (ShellHandler, Envd.Handler) that another proxy already checked the
+// request for: a cluster node serving what came through the edge's
+// tunnel.
+func WithTarget(ctx context.Context, microvmID, account string) context.Context {
+	return context.WithValue(context.WithValue(ctx, keyMicrovm, microvmID), keyAccount, account)
+}
+
 // New builds the handler.
 func New(cfg Config) (*Server, error) {
 	if cfg.Domain == "" || cfg.Backend == nil || cfg.Tokens == nil {
@@ -477,6 +485,13 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		s.cfg.ShellHandler.ServeHTTP(w, r.WithContext(ctx))
 		return
 	}
+	s.forward(ctx, w, r, id, tgt, port, protos)
+}
+
+// forward sends a checked request on to port of the guest tgt (or, with
+// tgt.Dial, of whatever serves that port for the route, such as a node's
+// tunnel).
+func (s *Server) forward(ctx context.Context, w http.ResponseWriter, r *http.Request, id string, tgt Target, port uint16, protos []string) {
 	host := netip.AddrPortFrom(tgt.Addr, port).String()
 	if tgt.Dial != nil {
 		rd := &routeDial{host: routeHost(tgt.Route, port), port: port, dial: tgt.Dial}

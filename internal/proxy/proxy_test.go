@@ -98,7 +98,7 @@ func guest(t *testing.T, name string, h2c bool) string {
 			"reserved": reserved,
 			"guest":    name, "host": r.Host, "auth": r.Header.Get(HeaderAuth), "port": r.Header.Get(HeaderPort),
 			"xff": r.Header.Get("X-Forwarded-For"), "proto": r.Proto, "cookie": r.Header.Get("Cookie"), "tls": r.TLS != nil,
-			"traffic": r.Header.Get(HeaderE2BTrafficToken),
+			"traffic": r.Header.Get(HeaderE2BTrafficToken), "envdToken": r.Header.Get(HeaderEnvdToken),
 		})
 	})
 	mux.HandleFunc("/setcookie", func(w http.ResponseWriter, r *http.Request) {

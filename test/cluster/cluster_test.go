@@ -13,6 +13,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -29,6 +30,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
+	"github.com/kiln-sandbox/kiln/internal/e2b"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/postgres"
@@ -306,16 +308,7 @@ func (c *clusterEnv) startEdge(ctx context.Context, controlData string) (*proc, 
 // client returns a function that GETs / of a microVM's port 8080
 // through the edge at addr, with a token made by a control replica.
 func (c *clusterEnv) client(caFile, addr string) func(ctx context.Context, t *testing.T, cl *awscli.Client, id string) string {
-	pem, err := os.ReadFile(caFile)
-	if err != nil {
-		c.t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(pem)
-	hc := &http.Client{Timeout: 90 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool},
-		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			return (&net.Dialer{}).DialContext(ctx, network, addr)
-		}}}
+	hc := c.edgeHTTP(caFile, addr)
 	return func(ctx context.Context, t *testing.T, cl *awscli.Client, id string) string {
 		tok, err := awscli.Call(ctx, cl, awscli.Find("CreateMicrovmAuthToken"), map[string]any{"microvmIdentifier": id,
 			"expirationInMinutes": 10, "allowedPorts": []any{map[string]any{"port": 8080}}})
@@ -335,6 +328,21 @@ func (c *clusterEnv) client(caFile, addr string) func(ctx context.Context, t *te
 		b, _ := io.ReadAll(io.LimitReader(res.Body, 4096))
 		return fmt.Sprintf("%d %s", res.StatusCode, b)
 	}
+}
+
+// edgeHTTP is an HTTPS client that sends every request to the edge at
+// addr and trusts the endpoint CA in caFile.
+func (c *clusterEnv) edgeHTTP(caFile, addr string) *http.Client {
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(pem)
+	return &http.Client{Timeout: 90 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool},
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, network, addr)
+		}}}
 }
 
 // events counts a microVM's lifecycle events into state.
@@ -369,6 +377,40 @@ func (c *clusterEnv) terminateAll(cl *awscli.Client) {
 			time.Sleep(250 * time.Millisecond)
 		}
 	}
+}
+
+// connectorARN prefixes the AWS network connectors' names.
+const connectorARN = "arn:aws:lambda:us-east-1:aws:network-connector:aws-network-connector:"
+
+// exitCode is a finished command's exit status (-1 if it did not run).
+func exitCode(err error) int {
+	var ee *exec.ExitError
+	switch {
+	case err == nil:
+		return 0
+	case errors.As(err, &ee):
+		return ee.ExitCode()
+	}
+	return -1
+}
+
+// envdGet GETs path of microVM id's envd through the edge, with the envd
+// token of microVM tokenFor minted under control's key, and returns
+// "STATUS BODY".
+func (c *clusterEnv) envdGet(ctx context.Context, caFile, edgeAddr, controlData, id, tokenFor, path string) string {
+	key, err := os.ReadFile(filepath.Join(controlData, "token.key"))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	req, _ := http.NewRequestWithContext(ctx, "GET", "https://49983-"+id+".microvm.localhost"+path, nil)
+	req.Header.Set("X-Access-Token", e2b.NewEnvdTokens(key).Mint(c.record(ctx, tokenFor).Account, tokenFor))
+	res, err := c.edgeHTTP(caFile, edgeAddr).Do(req)
+	if err != nil {
+		return "request: " + err.Error()
+	}
+	defer res.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(res.Body, 4096))
+	return fmt.Sprintf("%d %s", res.StatusCode, b)
 }
 
 func TestCluster(t *testing.T) {
@@ -464,6 +506,9 @@ func TestCluster(t *testing.T) {
 		if i >= 4 {
 			in["idlePolicy"] = idle
 		}
+		if i == 1 {
+			in["ingressNetworkConnectors"] = []any{connectorARN + "ALL_INGRESS", connectorARN + "SHELL_INGRESS"}
+		}
 		out := call(ctx, t, []*awscli.Client{a, b}[i%2], "RunMicrovm", in)
 		ids = append(ids, out["microvmId"].(string))
 	}
@@ -494,6 +539,22 @@ func TestCluster(t *testing.T) {
 		if body := get(ctx, t, []*awscli.Client{a, b}[i%2], id); !strings.Contains(body, "hello") {
 			t.Errorf("%s through the edge: %q", id, body)
 		}
+	}
+	// The shell's port and envd's are served by the node that runs the
+	// microVM, behind the edge's token checks: `kiln exec` with a shell
+	// token from control, and an envd download with the envd token.
+	caFile := filepath.Join(edgeP.data, "ca.pem")
+	shellVM := ids[1]
+	execOut, err := exec.CommandContext(ctx, c.kiln, "--data-dir", ctlA.data, "exec", "--endpoint-url", urlB, "--ca", caFile,
+		"--connect-to", edgeAddr, "-n", shellVM, "--", "/app", "say", "out-42").Output()
+	if code := exitCode(err); string(execOut) != "out-42\n" || code != 3 {
+		t.Errorf("kiln exec through the edge: %q, exit %d (%v)", execOut, code, err)
+	}
+	if body := c.envdGet(ctx, caFile, edgeAddr, ctlA.data, shellVM, shellVM, "/files?path=/app&username=root"); !strings.HasPrefix(body, "200 ") {
+		t.Errorf("envd through the edge: %q", body)
+	}
+	if body := c.envdGet(ctx, caFile, edgeAddr, ctlA.data, ids[2], shellVM, "/files?path=/app&username=root"); !strings.HasPrefix(body, "401 ") {
+		t.Errorf("envd with another microVM's token: %q, want 401", body)
 	}
 	busyStop := make(chan struct{})
 	busyDone := make(chan struct{})

@@ -28,8 +28,8 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/auth"
-	"github.com/kiln-sandbox/kiln/internal/jail"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
+	"github.com/kiln-sandbox/kiln/internal/jail"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/testenv"
 )

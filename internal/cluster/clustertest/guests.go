@@ -18,6 +18,9 @@ type Guests struct {
 	stopped map[string]bool
 }
 
+// GuestAccount is the account every stand-in guest belongs to.
+const GuestAccount = "111122223333"
+
 // NewGuests is an empty node.
 func NewGuests() *Guests {
 	return &Guests{addr: map[string]netip.Addr{}, stopped: map[string]bool{}}
@@ -46,7 +49,7 @@ func (g *Guests) Lookup(_ context.Context, id string) (proxy.Target, error) {
 	if !ok {
 		return proxy.Target{}, proxy.ErrNotFound
 	}
-	return proxy.Target{Addr: a}, nil
+	return proxy.Target{Addr: a, Account: GuestAccount}, nil
 }
 
 func (g *Guests) RunningNow(id string) bool {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"net/netip"
 	"sync"
 	"time"
@@ -42,7 +43,13 @@ type ServerConfig struct {
 	// tunnel is open no deadline applies: streams and WebSockets may stay
 	// quiet for as long as their ends like.
 	HandshakeTimeout time.Duration
-	Logger           *slog.Logger
+	// HostPorts are the ports the node serves itself instead of the guest
+	// (the shell's 8022 and E2B's envd): a tunnel to one carries HTTP to
+	// the handler, with the microVM and its account in the request's
+	// context (proxy.MicrovmID, proxy.Account), as `kiln server`'s proxy
+	// calls them. The edge checked the token as for any port.
+	HostPorts map[uint16]http.Handler
+	Logger    *slog.Logger
 }
 
 // Server is the node side of the tunnel. An open tunnel is not activity
@@ -161,6 +168,10 @@ func (s *Server) handle(ctx context.Context, raw net.Conn) {
 		}
 		return
 	}
+	if h, ok := s.cfg.HostPorts[req.Port]; ok {
+		s.serveHost(ctx, hctx, c, raw, req, h)
+		return
+	}
 	guest, code, msg := s.open(hctx, req)
 	if code != CodeOK {
 		c.Write(AppendReply(nil, Reply{Version: Version, Code: code, Msg: msg}))
@@ -174,16 +185,108 @@ func (s *Server) handle(ctx context.Context, raw net.Conn) {
 	splice(c, guest)
 }
 
-// open resolves and dials the guest port a request names.
-func (s *Server) open(ctx context.Context, req Request) (net.Conn, Code, string) {
-	tgt, err := s.cfg.Resolver.Lookup(ctx, req.ID)
+// serveHost answers a tunnel to a host port: the microVM must run here,
+// and the connection then serves HTTP to h until either end closes it.
+func (s *Server) serveHost(ctx, hctx context.Context, c *tls.Conn, raw net.Conn, req Request, h http.Handler) {
+	tgt, code, msg := s.resolve(hctx, req.ID)
+	if code != CodeOK {
+		c.Write(AppendReply(nil, Reply{Version: Version, Code: code, Msg: msg}))
+		return
+	}
+	if _, err := c.Write(AppendReply(nil, Reply{Version: Version, Code: CodeOK})); err != nil {
+		return
+	}
+	raw.SetDeadline(time.Time{})
+	hs := &http.Server{
+		Handler: h,
+		// The edge pools tunnels between requests; these bound a peer that
+		// stalls mid-request, as the endpoint listener's do.
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       5 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		BaseContext:       func(net.Listener) context.Context { return proxy.WithTarget(ctx, req.ID, tgt.Account) },
+		ErrorLog:          slog.NewLogLogger(s.cfg.Logger.Handler(), slog.LevelDebug),
+	}
+	ln := newConnListener(c)
+	stop := context.AfterFunc(ctx, func() { hs.Close() })
+	defer stop()
+	hs.Serve(ln)
+	// A hijacked connection (a WebSocket) outlives Serve: the tunnel ends
+	// with it, or when the node stops.
+	select {
+	case <-ln.done:
+	case <-ctx.Done():
+	}
+}
+
+// connListener hands http.Server the one connection of a tunnel; its
+// next Accept fails once that connection is closed (by either end, or by
+// a handler that hijacked it) or the listener is, so Serve returns when
+// the tunnel is over.
+type connListener struct {
+	conn   net.Conn
+	next   chan net.Conn
+	done   chan struct{} // the connection was closed
+	closed chan struct{} // the listener was closed
+	once   sync.Once
+}
+
+func newConnListener(c net.Conn) *connListener {
+	l := &connListener{next: make(chan net.Conn, 1), done: make(chan struct{}), closed: make(chan struct{})}
+	l.conn = &closeNotifyConn{Conn: c, closed: l.done}
+	l.next <- l.conn
+	return l
+}
+
+func (l *connListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.next:
+		return c, nil
+	case <-l.done:
+	case <-l.closed:
+	}
+	return nil, net.ErrClosed
+}
+
+func (l *connListener) Close() error {
+	l.once.Do(func() { close(l.closed) })
+	return nil
+}
+
+func (l *connListener) Addr() net.Addr { return l.conn.LocalAddr() }
+
+// closeNotifyConn closes done when the connection is closed.
+type closeNotifyConn struct {
+	net.Conn
+	once   sync.Once
+	closed chan struct{}
+}
+
+func (c *closeNotifyConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() { close(c.closed) })
+	return err
+}
+
+// resolve finds a microVM that runs on this node.
+func (s *Server) resolve(ctx context.Context, id string) (proxy.Target, Code, string) {
+	tgt, err := s.cfg.Resolver.Lookup(ctx, id)
 	switch {
 	case errors.Is(err, proxy.ErrNotFound):
-		return nil, CodeNotFound, "this node does not run microVM " + req.ID
+		return tgt, CodeNotFound, "this node does not run microVM " + id
 	case err != nil:
-		return nil, CodeUnavailable, "microVM " + req.ID + " cannot be reached now: " + err.Error()
-	case !s.cfg.Resolver.RunningNow(req.ID):
-		return nil, CodeUnavailable, "microVM " + req.ID + " is not running on this node; resume it first"
+		return tgt, CodeUnavailable, "microVM " + id + " cannot be reached now: " + err.Error()
+	case !s.cfg.Resolver.RunningNow(id):
+		return tgt, CodeUnavailable, "microVM " + id + " is not running on this node; resume it first"
+	}
+	return tgt, CodeOK, ""
+}
+
+// open resolves and dials the guest port a request names.
+func (s *Server) open(ctx context.Context, req Request) (net.Conn, Code, string) {
+	tgt, code, msg := s.resolve(ctx, req.ID)
+	if code != CodeOK {
+		return nil, code, msg
 	}
 	addr := netip.AddrPortFrom(tgt.Addr, req.Port).String()
 	g, err := s.cfg.Dial(ctx, "tcp", addr)

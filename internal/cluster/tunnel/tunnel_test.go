@@ -1,18 +1,21 @@
 package tunnel
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
 	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/cluster/clustertest"
+	"github.com/kiln-sandbox/kiln/internal/proxy"
 )
 
 // guestPort is a real TCP listener on loopback standing in for a guest
@@ -47,9 +50,16 @@ type node struct {
 }
 
 func startNode(t *testing.T, ca *clustertest.CA, timeout time.Duration) *node {
+	return startNodeWith(t, ca, ServerConfig{HandshakeTimeout: timeout})
+}
+
+// startNodeWith starts a node's tunnel server with cfg's TLS and resolver
+// filled in.
+func startNodeWith(t *testing.T, ca *clustertest.CA, cfg ServerConfig) *node {
 	t.Helper()
 	vms := clustertest.NewGuests()
-	s, err := NewServer(ServerConfig{TLS: ca.ServerConfig(t, "node"), Resolver: vms, HandshakeTimeout: timeout})
+	cfg.TLS, cfg.Resolver = ca.ServerConfig(t, "node"), vms
+	s, err := NewServer(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -94,6 +104,82 @@ func TestTunnelCarriesBytesBothWaysWithHalfClose(t *testing.T) {
 	got, err := io.ReadAll(c)
 	if err != nil || string(got) != "got:hello" {
 		t.Fatalf("read %q, %v; want got:hello", got, err)
+	}
+}
+
+// A host port is served by the node's own handler (the shell, envd):
+// plain requests on a kept tunnel, and an upgrade whose connection the
+// handler takes over, each knowing its microVM and account.
+func TestTunnelServesHostPorts(t *testing.T) {
+	ca := clustertest.NewCA(t, "cluster")
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		who := proxy.MicrovmID(r.Context()) + "/" + proxy.Account(r.Context())
+		if r.Header.Get("Upgrade") == "" {
+			io.WriteString(w, who+" "+r.URL.Path)
+			return
+		}
+		c, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer c.Close()
+		brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n" + who + "\n")
+		brw.Flush()
+		line, _ := brw.ReadString('\n')
+		c.Write([]byte("echo:" + line))
+	})
+	n := startNodeWith(t, ca, ServerConfig{HandshakeTimeout: 2 * time.Second, HostPorts: map[uint16]http.Handler{8022: h}})
+	n.vms.Set("mvm-1", loopback, true)
+	n.vms.Set("mvm-off", loopback, false)
+	ctx := context.Background()
+
+	c, err := Dial(ctx, n.addr, ca.ClientConfig(t, "edge"), "mvm-1", 8022)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(c)
+	for _, path := range []string{"/exec", "/copy-out"} { // two requests, one tunnel
+		req, _ := http.NewRequest("GET", "http://mvm-1"+path, nil)
+		if err := req.Write(c); err != nil {
+			t.Fatal(err)
+		}
+		res, err := http.ReadResponse(br, req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if want := "mvm-1/" + clustertest.GuestAccount + " " + path; string(b) != want {
+			t.Fatalf("host port answered %q, want %q", b, want)
+		}
+	}
+	req, _ := http.NewRequest("GET", "http://mvm-1/", nil)
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Upgrade", "echo")
+	if err := req.Write(c); err != nil {
+		t.Fatal(err)
+	}
+	res, err := http.ReadResponse(br, req)
+	if err != nil || res.StatusCode != http.StatusSwitchingProtocols {
+		t.Fatalf("upgrade: %v %v", res, err)
+	}
+	if who, _ := br.ReadString('\n'); who != "mvm-1/"+clustertest.GuestAccount+"\n" {
+		t.Fatalf("upgraded handler saw %q", who)
+	}
+	c.Write([]byte("ping\n"))
+	if got, _ := io.ReadAll(br); string(got) != "echo:ping\n" {
+		t.Fatalf("after the upgrade: %q", got)
+	}
+
+	// Only for a microVM that runs here.
+	if _, err := Dial(ctx, n.addr, ca.ClientConfig(t, "edge"), "mvm-none", 8022); !errors.Is(err, ErrNoSuchMicrovm) {
+		t.Errorf("host port of a microVM the node lacks: %v", err)
+	}
+	if _, err := Dial(ctx, n.addr, ca.ClientConfig(t, "edge"), "mvm-off", 8022); !errors.Is(err, ErrUnavailable) {
+		t.Errorf("host port of a stopped microVM: %v", err)
 	}
 }
 

@@ -5,7 +5,7 @@
 // must keep the count) and shows the run hook's payload; on :9000 it
 // serves the lifecycle hooks. /size shows the vCPUs and memory. GET /imds
 // follows the IMDSv2 flow against 169.254.169.254 and reports what the
-// metadata service answered.
+// metadata service answered. `app say WORDS` prints WORDS and exits 3.
 package main
 
 import (
@@ -81,6 +81,12 @@ func imdsFlow() (rep imdsReport) {
 }
 
 func main() {
+	// `app say WORDS...` prints them and exits 3: a command for `kiln exec`
+	// in an image that has no shell.
+	if len(os.Args) > 1 && os.Args[1] == "say" {
+		fmt.Println(strings.Join(os.Args[2:], " "))
+		os.Exit(3)
+	}
 	var mu sync.Mutex
 	count := 0
 	payload := ""
