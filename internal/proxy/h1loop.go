@@ -445,7 +445,7 @@ func (c *h1Conn) run(r *http.Request) (keep bool) {
 		body = &reqBody{rc: r.Body, c: c}
 		r.Body = body
 	}
-	w := &h1Writer{c: c, req: r, body: body, cancel: cancel, h: make(http.Header, 8), status: 0, cl: -1}
+	w := &h1Writer{c: c, body: body, cancel: cancel, response: response{req: r, h: make(http.Header, 8), cl: -1}}
 	c.watchMu.Lock()
 	c.watchOn, c.watchCtx, c.watchBody = true, cancel, body
 	c.watchMu.Unlock()
@@ -560,21 +560,66 @@ func (b *reqBody) tooLong(declared int64) bool {
 // flushed one of unknown length is chunked.
 type h1Writer struct {
 	c      *h1Conn
-	req    *http.Request
 	body   *reqBody // nil: none
 	cancel context.CancelFunc
-	h      http.Header
+	response
 
-	status     int // 0 until WriteHeader
-	sent       bool
 	chunked    bool
-	noBody     bool
-	cl         int64 // declared Content-Length, -1 none
-	written    int64
-	pend       []byte
 	closeAfter bool
 	err        error
 	trailers   []string
+}
+
+// response is what the writers of both connection loops (h1Writer,
+// h2Writer) keep of an answer: its status and declared length, and the
+// body bytes held back with the header until the handler ends or
+// pendMax of them wait.
+type response struct {
+	req     *http.Request
+	h       http.Header
+	status  int // 0 until WriteHeader
+	sent    bool
+	noBody  bool
+	cl      int64 // declared Content-Length, -1 none
+	written int64
+	pend    []byte
+}
+
+// final takes the handler's final status and its declared length.
+func (r *response) final(code int) {
+	r.status = code
+	if v := r.h.Get("Content-Length"); v != "" {
+		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n >= 0 {
+			r.cl = n
+		} else {
+			delete(r.h, "Content-Length")
+		}
+	}
+	r.noBody = r.req.Method == http.MethodHead || code == http.StatusNoContent || code == http.StatusNotModified
+}
+
+// hold accounts for body bytes p. done: Write returns n and err now (p
+// was dropped, refused or held back with the header); otherwise the
+// caller sends the header, if it has not, and then p.
+func (r *response) hold(p []byte) (done bool, n int, err error) {
+	if r.noBody {
+		if r.req.Method == http.MethodHead {
+			return true, len(p), nil
+		}
+		return true, 0, http.ErrBodyNotAllowed
+	}
+	if r.cl >= 0 && r.written+int64(len(p)) > r.cl {
+		return true, 0, http.ErrContentLength
+	}
+	r.written += int64(len(p))
+	if !r.sent && len(r.pend)+len(p) <= pendMax {
+		if r.pend == nil {
+			r.pend = pendBuffers.Get().(*[pendMax]byte)[:0]
+		}
+		r.pend = append(r.pend, p...)
+		return true, len(p), nil
+	}
+	return false, 0, nil
 }
 
 func (w *h1Writer) Header() http.Header { return w.h }
@@ -594,15 +639,7 @@ func (w *h1Writer) WriteHeader(code int) {
 		w.fail(w.c.bw.Flush())
 		return
 	}
-	w.status = code
-	if v := w.h.Get("Content-Length"); v != "" {
-		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n >= 0 {
-			w.cl = n
-		} else {
-			delete(w.h, "Content-Length")
-		}
-	}
-	w.noBody = w.req.Method == http.MethodHead || code == http.StatusNoContent || code == http.StatusNotModified
+	w.final(code)
 }
 
 func (w *h1Writer) Write(p []byte) (int, error) {
@@ -612,24 +649,10 @@ func (w *h1Writer) Write(p []byte) (int, error) {
 	if w.err != nil {
 		return 0, w.err
 	}
-	if w.noBody {
-		if w.req.Method == http.MethodHead {
-			return len(p), nil
-		}
-		return 0, http.ErrBodyNotAllowed
+	if done, n, err := w.hold(p); done {
+		return n, err
 	}
-	if w.cl >= 0 && w.written+int64(len(p)) > w.cl {
-		return 0, http.ErrContentLength
-	}
-	w.written += int64(len(p))
 	if !w.sent {
-		if len(w.pend)+len(p) <= pendMax {
-			if w.pend == nil {
-				w.pend = pendBuffers.Get().(*[pendMax]byte)[:0]
-			}
-			w.pend = append(w.pend, p...)
-			return len(p), nil
-		}
 		w.sendHeader(false)
 	}
 	w.writeBody(p)

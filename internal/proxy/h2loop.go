@@ -897,7 +897,7 @@ func lowerH2Key(k string) string {
 // run is a stream's handler goroutine.
 func (c *h2Conn) run(st *h2Stream) {
 	defer c.wg.Done()
-	w := &h2Writer{st: st, req: st.req, h: make(http.Header, 8), cl: -1}
+	w := &h2Writer{st: st, response: response{req: st.req, h: make(http.Header, 8), cl: -1}}
 	if aborted := c.call(w, st.req); aborted {
 		c.endStream(st, http2.ErrCodeInternal)
 		return
@@ -1117,15 +1117,8 @@ func (b *h2Body) discard() {
 // header until the handler ends or pendMax body bytes wait, so a small
 // answer leaves as one HEADERS and one DATA frame in one flush.
 type h2Writer struct {
-	st       *h2Stream
-	req      *http.Request
-	h        http.Header
-	status   int
-	sent     bool
-	noBody   bool
-	cl       int64
-	written  int64
-	pend     []byte
+	st *h2Stream
+	response
 	trailers []string
 	sentEnd  bool // sendHeader ended the stream
 	err      error
@@ -1144,15 +1137,7 @@ func (w *h2Writer) WriteHeader(code int) {
 		w.fail(w.st.c.write(func() error { return w.writeHeaders(code, w.h, false) }))
 		return
 	}
-	w.status = code
-	if v := w.h.Get("Content-Length"); v != "" {
-		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n >= 0 {
-			w.cl = n
-		} else {
-			delete(w.h, "Content-Length")
-		}
-	}
-	w.noBody = w.req.Method == http.MethodHead || code == http.StatusNoContent || code == http.StatusNotModified
+	w.final(code)
 }
 
 func (w *h2Writer) fail(err error) {
@@ -1169,24 +1154,10 @@ func (w *h2Writer) Write(p []byte) (int, error) {
 	if w.err != nil {
 		return 0, w.err
 	}
-	if w.noBody {
-		if w.req.Method == http.MethodHead {
-			return len(p), nil
-		}
-		return 0, http.ErrBodyNotAllowed
+	if done, n, err := w.hold(p); done {
+		return n, err
 	}
-	if w.cl >= 0 && w.written+int64(len(p)) > w.cl {
-		return 0, http.ErrContentLength
-	}
-	w.written += int64(len(p))
 	if !w.sent {
-		if len(w.pend)+len(p) <= pendMax {
-			if w.pend == nil {
-				w.pend = pendBuffers.Get().(*[pendMax]byte)[:0]
-			}
-			w.pend = append(w.pend, p...)
-			return len(p), nil
-		}
 		w.sendHeader(false)
 	}
 	w.writeData(p, false)
