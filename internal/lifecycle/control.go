@@ -89,8 +89,14 @@ func (c *StoreControl) Microvm(ctx context.Context, account, id string) (store.M
 // liveStates are the states of a microVM that holds a VM or its saved state.
 var liveStates = []store.MicrovmState{store.StatePending, store.StateRunning, store.StateSuspending, store.StateSuspended, store.StateTerminating}
 
-// HostMicrovms lists the live records placed on node.
+// HostMicrovms lists the live records placed on node: on a cluster's
+// store, the node's own (an index), not every host's.
 func (c *StoreControl) HostMicrovms(ctx context.Context, node string) ([]store.Microvm, error) {
+	if cs, ok := c.st.(interface {
+		ListNodeMicrovms(ctx context.Context, node string) ([]store.Microvm, error)
+	}); ok && node != "" {
+		return cs.ListNodeMicrovms(ctx, node)
+	}
 	ms, err := c.st.ListMicrovmsInState(ctx, 0, liveStates...)
 	if err != nil {
 		return nil, err

@@ -61,6 +61,10 @@ func TestStoreControl(t *testing.T) {
 		t.Errorf("HostMicrovms(\"\") = %v, want the live records placed on no node", ids)
 	}
 
+	if ms, err := c.HostMicrovms(ctx, "n2"); err != nil || len(ms) != 1 || ms[0].ID != "mvm-other" {
+		t.Errorf("HostMicrovms(\"n2\") = %+v, %v; want mvm-other alone", ms, err)
+	}
+
 	if exists, _, err := c.VersionUsers(ctx, acct, "app", "1"); err != nil || !exists {
 		t.Errorf("VersionUsers of an existing version: %v, %v", exists, err)
 	}
