@@ -520,8 +520,8 @@ func (e *Engine) SetTemplate(account, image, version, dir string) error {
 }
 
 // hooks returns the microVM hooks and port of the version a VM runs:
-// from the record (RunMicrovm copies them), or for a record older than
-// that from the version.
+// from the record (RunMicrovm copies them), or, for a record older than
+// that copy, from the version through the control plane.
 func (e *Engine) hooks(ctx context.Context, m store.Microvm) (*store.MicrovmHooks, int) {
 	h := m.Hooks
 	if h == nil {

@@ -22,9 +22,6 @@ func (e *Engine) ImageDir(account, image, version string) string {
 	return e.imageDir(account, image, version)
 }
 
-// liveStates are the states whose microVMs own a VM and a network.
-var liveStates = []store.MicrovmState{store.StatePending, store.StateRunning, store.StateSuspending, store.StateSuspended, store.StateTerminating}
-
 // SweepVMs removes microVM VMs and VM networks of this data directory that
 // neither a live record nor the engine's memory claims. A microVM's record
 // is written before its network and VM exist, and the engine's entry
