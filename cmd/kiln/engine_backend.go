@@ -169,7 +169,7 @@ func startEngine(ctx context.Context, o ServerOptions, st store.Store, rep *life
 		}
 		log.Info("execution roles loaded (the file is re-read when it changes)", "file", o.RolesFile, "roles", roles.Len())
 	}
-	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: rep, Roles: roles, Node: node, FetchTemplate: fetch, NetPool: pool,
+	eng, err := engine.New(ctx, engine.Config{Driver: drv, Control: lifecycle.NewStoreControl(st), Roles: roles, Node: node, FetchTemplate: fetch, NetPool: pool,
 		Builder: newImageBuilder(ctx, o, drv, s3cfg, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log,
 		MemoryOvercommit: o.MemoryOvercommit, MaxConcurrentBuilds: o.MaxConcurrentBuilds,
 		BuildTimeout: o.BuildTimeout, BuildLogMaxBytes: o.BuildLogMaxBytes})

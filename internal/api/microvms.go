@@ -230,6 +230,11 @@ func (s *Server) runMicrovm(ctx context.Context, c *call) (any, error) {
 		MemoryMiB:  mem, VCPUs: vcpus,
 		Hooks: v.Config.Hooks, VersionLogging: v.Config.Logging, Platform: v.Platform,
 	}
+	if m.Hooks == nil {
+		// Empty, not nil: nil marks a record older than this copy, for
+		// which the engine asks for the version's settings.
+		m.Hooks = &store.Hooks{}
+	}
 	if in.RunHookPayload != nil {
 		m.RunHookPayload = *in.RunHookPayload
 	}

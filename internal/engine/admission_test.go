@@ -161,13 +161,13 @@ func TestBuildQueue(t *testing.T) {
 func TestStoreLogCapAndBatching(t *testing.T) {
 	ctx := context.Background()
 	st := openTestStore(t)
-	e, err := New(ctx, Config{Driver: nopDriver{}, Store: st, Reporter: lifecycle.NewReporter(st), DataDir: t.TempDir()})
+	e, err := New(ctx, Config{Driver: nopDriver{}, Control: lifecycle.NewStoreControl(st), DataDir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer e.Close()
 	counter := &countingStore{Store: st}
-	e.cfg.Reporter = lifecycle.NewReporter(counter)
+	e.cfg.Control = lifecycle.NewStoreControl(counter)
 	w := newStoreLog(e, "b1", 1<<20)
 	line := []byte(strings.Repeat("y", 99) + "\n")
 	for i := 0; i < 30000; i++ { // 3 MB in 30000 writes

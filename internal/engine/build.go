@@ -89,7 +89,7 @@ func (e *Engine) buildMemory(v store.ImageVersion) int64 {
 
 func (e *Engine) build(ctx context.Context, v store.ImageVersion, b store.Build) {
 	log := e.log.With("image", v.ImageName, "version", v.Version, "build", b.ID)
-	rep := e.cfg.Reporter
+	rep := e.cfg.Control
 	w := newStoreLog(e, b.ID, e.cfg.BuildLogMaxBytes)
 	defer w.Close()
 	last := -1
@@ -335,7 +335,7 @@ func (l *storeLog) flushLocked() {
 	defer cancel()
 	for off := 0; off < len(l.buf); off += logFlushBytes {
 		end := min(off+logFlushBytes, len(l.buf))
-		if err := l.e.cfg.Reporter.AppendBuildLog(ctx, l.build, l.buf[off:end]); err != nil {
+		if err := l.e.cfg.Control.AppendBuildLog(ctx, l.build, l.buf[off:end]); err != nil {
 			l.e.log.Warn("writing build log", "build", l.build, "err", err)
 			break
 		}
@@ -360,7 +360,7 @@ func (l *storeLog) Close() error {
 }
 
 func (e *Engine) recoverBuilds(ctx context.Context, builds []store.Build) error {
-	return lifecycle.RedoBuilds(ctx, e.cfg.Store, builds, e.BuildImage)
+	return e.cfg.Control.RedoBuilds(ctx, builds, e.BuildImage)
 }
 
 // DeleteImageVersion implements lifecycle.Backend: the version's files go, unless
@@ -399,17 +399,16 @@ func (e *Engine) gcTemplate(ctx context.Context, account, image, version string)
 		return
 	}
 	ctx = context.WithoutCancel(ctx)
-	if _, err := e.cfg.Store.GetImageVersion(ctx, account, image, version); err == nil {
-		return // still a live version
+	exists, users, err := e.cfg.Control.VersionUsers(ctx, account, image, version)
+	if exists {
+		return
 	}
-	ms, _, err := e.cfg.Store.ListMicrovms(ctx, account, store.MicrovmFilter{ImageName: image, ImageVersion: version,
-		States: []store.MicrovmState{store.StatePending, store.StateRunning, store.StateSuspending, store.StateSuspended, store.StateTerminating}}, store.Page{Limit: 1000})
 	if err != nil {
 		e.log.Warn("checking template users", "image", image, "version", version, "err", err)
 		return
 	}
-	for _, m := range ms {
-		if !m.State.Final() && e.lookup(m.ID) != nil {
+	for _, id := range users {
+		if e.lookup(id) != nil {
 			return
 		}
 	}

@@ -17,7 +17,7 @@ import (
 func TestBuildLogBounded(t *testing.T) {
 	ctx := context.Background()
 	st := openTestStore(t)
-	e, err := New(ctx, Config{Driver: nopDriver{}, Store: st, Reporter: lifecycle.NewReporter(st), DataDir: t.TempDir()})
+	e, err := New(ctx, Config{Driver: nopDriver{}, Control: lifecycle.NewStoreControl(st), DataDir: t.TempDir()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -99,9 +99,10 @@ type AppConfig struct {
 
 // Config configures an Engine.
 type Config struct {
-	Driver   vmm.Driver
-	Store    store.Store
-	Reporter *lifecycle.Reporter
+	Driver vmm.Driver
+	// Control is the control plane the engine reports to and asks (it
+	// holds no store): lifecycle.NewStoreControl over the store.
+	Control ControlPlane
 	// Builder builds images; nil fails every build with a clear reason.
 	Builder Builder
 	// DataDir holds DataDir/images/ACCOUNT/IMAGE/VERSION (build outputs
@@ -165,9 +166,6 @@ type Engine struct {
 	ctx    context.Context // the engine's life; VM work runs under it
 	cancel context.CancelFunc
 
-	srvMu sync.RWMutex
-	srv   *lifecycle.Service
-
 	// tmplMu serialises template fetches (resolveTemplate).
 	tmplMu sync.Mutex
 
@@ -222,8 +220,8 @@ type vmState struct {
 
 // New returns an Engine; ctx is the server's life.
 func New(ctx context.Context, cfg Config) (*Engine, error) {
-	if cfg.Driver == nil || cfg.Store == nil || cfg.Reporter == nil || cfg.DataDir == "" {
-		return nil, fmt.Errorf("engine: driver, store, reporter and data dir are required: %w", errdefs.ErrInvalid)
+	if cfg.Driver == nil || cfg.Control == nil || cfg.DataDir == "" {
+		return nil, fmt.Errorf("engine: driver, control plane and data dir are required: %w", errdefs.ErrInvalid)
 	}
 	if cfg.IdleInterval <= 0 {
 		cfg.IdleInterval = time.Second
@@ -272,21 +270,14 @@ func New(ctx context.Context, cfg Config) (*Engine, error) {
 	return e, nil
 }
 
-// SetLifecycle implements lifecycle.Aware: the idle controller and the
-// proxy's auto-resume go through the life cycle's Suspend and Resume.
+// SetLifecycle implements lifecycle.Aware for a control plane that is
+// (lifecycle.StoreControl): lifecycle.New hands the Service to its backend,
+// the engine, while it is the control plane that sends the idle
+// controller's suspends and the proxy's wakes through it.
 func (e *Engine) SetLifecycle(s *lifecycle.Service) {
-	e.srvMu.Lock()
-	e.srv = s
-	e.srvMu.Unlock()
-}
-
-func (e *Engine) lifecycle() (*lifecycle.Service, error) {
-	e.srvMu.RLock()
-	defer e.srvMu.RUnlock()
-	if e.srv == nil {
-		return nil, fmt.Errorf("engine: no life cycle attached: %w", errdefs.ErrUnavailable)
+	if a, ok := e.cfg.Control.(lifecycle.Aware); ok {
+		a.SetLifecycle(s)
 	}
-	return e.srv, nil
 }
 
 // Run handles the driver's events and runs the idle controller until ctx
@@ -426,6 +417,13 @@ func (v *vmState) notify() {
 	v.mu.Unlock()
 }
 
+// placement is the epoch the VM's reports are made under.
+func (v *vmState) placement() int64 {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.epoch
+}
+
 func (v *vmState) waitChan() <-chan struct{} {
 	v.mu.Lock()
 	defer v.mu.Unlock()
@@ -434,10 +432,7 @@ func (v *vmState) waitChan() <-chan struct{} {
 
 // report moves the microVM to a state and wakes waiters.
 func (e *Engine) report(ctx context.Context, v *vmState, from []store.MicrovmState, to store.MicrovmState, reason string) (store.Microvm, error) {
-	v.mu.Lock()
-	epoch := v.epoch
-	v.mu.Unlock()
-	m, err := e.cfg.Reporter.MicrovmStateAt(context.WithoutCancel(ctx), v.account, v.id, epoch, from, to, reason)
+	m, err := e.cfg.Control.ReportMicrovmState(context.WithoutCancel(ctx), v.account, v.id, v.placement(), from, to, reason)
 	if err == nil && (to == store.StateSuspended || to == store.StateTerminated) {
 		e.release(v.id) // its memory is on disk, or gone
 	}
@@ -525,16 +520,16 @@ func (e *Engine) SetTemplate(account, image, version, dir string) error {
 }
 
 // hooks returns the microVM hooks and port of the version a VM runs:
-// from the record (RunMicrovm copies them), or for a record older than
-// that from the version.
+// from the record (RunMicrovm copies them), or, for a record older than
+// that copy, from the version through the control plane.
 func (e *Engine) hooks(ctx context.Context, m store.Microvm) (*store.MicrovmHooks, int) {
 	h := m.Hooks
 	if h == nil {
-		v, err := e.cfg.Store.GetImageVersion(ctx, m.Account, m.ImageName, m.ImageVersion)
-		if err != nil || v.Config.Hooks == nil {
+		vh, _, err := e.cfg.Control.LegacyVersionSettings(ctx, m.Account, m.ImageName, m.ImageVersion)
+		if err != nil || vh == nil {
 			return nil, DefaultHooksPort
 		}
-		h = v.Config.Hooks
+		h = vh
 	}
 	port := DefaultHooksPort
 	if p := h.Port; p != nil && *p > 0 && *p < 65536 {

@@ -129,6 +129,7 @@ type harness struct {
 	addr   string // endpoint listener
 	client *http.Client
 	ids    []string
+	hooks  *store.Hooks // the version's, copied into each record as RunMicrovm does
 }
 
 func newHarness(t *testing.T, opts ...func(*Config)) *harness {
@@ -158,8 +159,7 @@ func newHarnessAt(t *testing.T, drv vmm.Driver, dir string, fresh bool, opts ...
 	}
 	h := &harness{t: t, st: st, drv: drv}
 	h.stop = cancel
-	rep := lifecycle.NewReporter(st)
-	cfg := Config{Driver: drv, Store: st, Reporter: rep, DataDir: dir, IdleInterval: 200 * time.Millisecond,
+	cfg := Config{Driver: drv, Control: lifecycle.NewStoreControl(st), DataDir: dir, IdleInterval: 200 * time.Millisecond,
 		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))}
 	for _, o := range opts {
 		o(&cfg)
@@ -212,6 +212,7 @@ func newHarnessAt(t *testing.T, drv vmm.Driver, dir string, fresh bool, opts ...
 	v := store.ImageVersion{Account: testAccount, ImageName: testImage, ImageARN: img.ARN, Version: "1",
 		State: store.VersionSuccessful, Status: store.VersionActive, CreatedAt: time.Now(), UpdatedAt: time.Now(),
 		Config: store.ImageConfig{Hooks: &store.Hooks{Port: &port, MicrovmHooks: &store.MicrovmHooks{Run: "ENABLED", Resume: "ENABLED", Suspend: "ENABLED", Terminate: "ENABLED"}}}}
+	h.hooks = v.Config.Hooks
 	if fresh {
 		if err := st.CreateImage(ctx, img, v, nil, nil); err != nil {
 			t.Fatal(err)
@@ -251,7 +252,8 @@ func (h *harness) runWith(ingress, egress []string, idle *store.IdlePolicy) stor
 	id := fmt.Sprintf("mvm-%08x%04x", os.Getpid(), seq)
 	m := store.Microvm{ID: id, Account: testAccount, ARN: "arn:aws:lambda:us-east-1:" + testAccount + ":microvm:" + id,
 		State: store.StatePending, ImageName: testImage, ImageVersion: "1", IdlePolicy: idle, MaximumDurationInSeconds: 600,
-		RunHookPayload: "payload-" + id, IngressNetworkConnectors: ingress, EgressNetworkConnectors: egress, StartedAt: now, UpdatedAt: now, DeadlineAt: now.Add(10 * time.Minute)}
+		RunHookPayload: "payload-" + id, IngressNetworkConnectors: ingress, EgressNetworkConnectors: egress, StartedAt: now, UpdatedAt: now, DeadlineAt: now.Add(10 * time.Minute),
+		Hooks: h.hooks}
 	ctx := context.Background()
 	if err := h.st.CreateMicrovm(ctx, m, nil); err != nil {
 		h.t.Fatal(err)
@@ -635,7 +637,7 @@ func TestBuildImage(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer st.Close()
-			e, err := New(ctx, Config{Driver: fx.drv, Store: st, Reporter: lifecycle.NewReporter(st), Builder: tc.builder, DataDir: dir})
+			e, err := New(ctx, Config{Driver: fx.drv, Control: lifecycle.NewStoreControl(st), Builder: tc.builder, DataDir: dir})
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -33,7 +33,7 @@ func (e *Engine) SnapshotMicrovm(ctx context.Context, m store.Microvm, image, ve
 	if v.ctx.Err() != nil {
 		return fmt.Errorf("microvm %s is terminating: %w", m.ID, errdefs.ErrConflict)
 	}
-	cur, err := e.cfg.Store.GetMicrovm(ctx, m.Account, m.ID)
+	cur, err := e.cfg.Control.Microvm(ctx, m.Account, m.ID)
 	if err != nil {
 		return err
 	}

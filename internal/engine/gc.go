@@ -22,9 +22,6 @@ func (e *Engine) ImageDir(account, image, version string) string {
 	return e.imageDir(account, image, version)
 }
 
-// liveStates are the states whose microVMs own a VM and a network.
-var liveStates = []store.MicrovmState{store.StatePending, store.StateRunning, store.StateSuspending, store.StateSuspended, store.StateTerminating}
-
 // SweepVMs removes microVM VMs and VM networks of this data directory that
 // neither a live record nor the engine's memory claims. A microVM's record
 // is written before its network and VM exist, and the engine's entry
@@ -37,15 +34,15 @@ func (e *Engine) SweepVMs(ctx context.Context) ([]string, error) {
 	}
 	// Records are read after the VMs are listed: a VM seen above had its
 	// record written earlier, so it is in this list unless it ended.
-	ms, err := e.cfg.Store.ListMicrovmsInState(ctx, 0, liveStates...)
+	// A record placed on another node does not claim this host's VM of
+	// that id: the microVM moved, and what is left here is stale.
+	ms, err := e.cfg.Control.HostMicrovms(ctx, e.cfg.Node)
 	if err != nil {
 		return nil, fmt.Errorf("listing microvms: %w", err)
 	}
 	live := make(map[string]bool, len(ms))
 	for _, m := range ms {
-		// A record placed on another node does not claim this host's VM
-		// of that id: the microVM moved, and what is left here is stale.
-		live[m.ID] = m.Node == e.cfg.Node
+		live[m.ID] = true
 	}
 	claimed := func(id string) bool { return live[id] || e.lookup(id) != nil }
 	var removed []string
@@ -85,19 +82,22 @@ type filesChecker interface {
 // promise a resume it cannot keep. The check runs under the microVM's
 // operation lock and with no resume pending, so it never races a resume.
 func (e *Engine) SweepSuspended(ctx context.Context) ([]string, error) {
-	ms, err := e.cfg.Store.ListMicrovmsInState(ctx, 0, store.StateSuspended)
+	ms, err := e.cfg.Control.HostMicrovms(ctx, e.cfg.Node)
 	if err != nil {
 		return nil, fmt.Errorf("listing suspended microvms: %w", err)
 	}
 	var ended []string
 	for _, m := range ms {
+		if m.State != store.StateSuspended {
+			continue
+		}
 		v := e.lookup(m.ID)
 		if v == nil || !v.op.TryLock() {
 			continue // not this engine's, or an operation is in flight
 		}
 		func() {
 			defer v.op.Unlock()
-			cur, err := e.cfg.Store.GetMicrovm(ctx, m.Account, m.ID)
+			cur, err := e.cfg.Control.Microvm(ctx, m.Account, m.ID)
 			if err != nil || cur.State != store.StateSuspended || cur.PendingOp != "" || v.ctx.Err() != nil {
 				return
 			}
@@ -107,7 +107,7 @@ func (e *Engine) SweepSuspended(ctx context.Context) ([]string, error) {
 			}
 			reason := "SnapshotLost: " + why
 			// Only a record still SUSPENDED with nothing pending ends.
-			_, err = e.cfg.Reporter.MicrovmState(context.WithoutCancel(ctx), v.account, v.id, []store.MicrovmState{store.StateSuspended}, store.StateTerminated, reason)
+			_, err = e.cfg.Control.ReportMicrovmState(context.WithoutCancel(ctx), v.account, v.id, v.placement(), []store.MicrovmState{store.StateSuspended}, store.StateTerminated, reason)
 			if err != nil {
 				return
 			}

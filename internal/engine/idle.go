@@ -27,13 +27,7 @@ const IdleReason = "IdleTimeout: no inbound traffic for maxIdleDurationSeconds"
 func (e *Engine) flushActivity(v *vmState, t time.Time) {
 	ctx, cancel := context.WithTimeout(e.ctx, 10*time.Second)
 	defer cancel()
-	_, err := e.cfg.Store.UpdateMicrovm(ctx, v.account, v.id, []store.MicrovmState{store.StateRunning}, func(m *store.Microvm) error {
-		if t.After(m.UpdatedAt) {
-			m.UpdatedAt = t.UTC()
-		}
-		return nil
-	})
-	if err != nil {
+	if err := e.cfg.Control.ReportActivity(ctx, v.account, v.id, t); err != nil {
 		e.log.Debug("recording activity", "microvm", v.id, "err", err)
 	}
 }
@@ -81,17 +75,12 @@ func (e *Engine) IdleOnce(ctx context.Context) {
 		go e.flushActivity(v, now)
 	}
 	for _, v := range due {
-		m, err := e.cfg.Store.GetMicrovm(ctx, v.account, v.id)
+		m, err := e.cfg.Control.Microvm(ctx, v.account, v.id)
 		if err != nil || !idleDue(now, m.State == store.StateRunning, 0, v.lastActiveAt(), m.UpdatedAt, v.maxIdle) || v.busy() {
 			continue
 		}
-		srv, err := e.lifecycle()
-		if err != nil {
-			e.log.Warn("idle suspend", "err", err)
-			return
-		}
 		e.log.Info("microvm idle: suspending", "microvm", v.id, "idle_for", now.Sub(later(v.lastActiveAt(), m.UpdatedAt)).Round(time.Second))
-		if err := srv.Suspend(ctx, v.account, v.id, IdleReason); err != nil {
+		if err := e.cfg.Control.RequestSuspend(ctx, v.account, v.id, IdleReason); err != nil {
 			e.log.Warn("idle suspend", "microvm", v.id, "err", err)
 		}
 	}

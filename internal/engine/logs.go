@@ -24,11 +24,11 @@ func (e *Engine) loggingDisabled(ctx context.Context, m store.Microvm) bool {
 	}
 	if (len(raw) == 0 || string(raw) == "null") && m.Hooks == nil {
 		// A record older than the copy RunMicrovm makes.
-		v, err := e.cfg.Store.GetImageVersion(ctx, m.Account, m.ImageName, m.ImageVersion)
+		_, vl, err := e.cfg.Control.LegacyVersionSettings(ctx, m.Account, m.ImageName, m.ImageVersion)
 		if err != nil {
 			return false
 		}
-		raw = v.Config.Logging
+		raw = vl
 	}
 	return disabled(raw)
 }

@@ -293,7 +293,7 @@ func TestBuildUsage(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	e, err := New(ctx, Config{Driver: fx.drv, Store: st, Reporter: lifecycle.NewReporter(st), Builder: slowBuilder{300 * time.Millisecond}, DataDir: dir})
+	e, err := New(ctx, Config{Driver: fx.drv, Control: lifecycle.NewStoreControl(st), Builder: slowBuilder{300 * time.Millisecond}, DataDir: dir})
 	if err != nil {
 		t.Fatal(err)
 	}

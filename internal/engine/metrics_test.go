@@ -94,14 +94,15 @@ func TestMetricsMove(t *testing.T) {
 	}
 	h.get(m.ID, "/count", "not-a-token", nil) // a 401 from the proxy itself
 	// From now on the hooks port answers nothing: the suspend and resume
-	// hooks fail (logged, not fatal) and are counted.
-	v, err := h.st.GetImageVersion(context.Background(), testAccount, testImage, "1")
-	if err != nil {
-		t.Fatal(err)
-	}
+	// hooks fail (logged, not fatal) and are counted. The engine takes
+	// the hooks from the record it is handed (RunMicrovm's copy).
 	dead := int64(9)
-	v.Config.Hooks.Port = &dead
-	if err := h.st.UpdateImageVersion(context.Background(), v); err != nil {
+	if _, err := h.st.UpdateMicrovm(context.Background(), testAccount, m.ID, nil, func(r *store.Microvm) error {
+		hk := *r.Hooks
+		hk.Port = &dead
+		r.Hooks = &hk
+		return nil
+	}); err != nil {
 		t.Fatal(err)
 	}
 	if err := h.srv.Suspend(context.Background(), testAccount, m.ID, "UserRequested: test"); err != nil {

@@ -63,7 +63,7 @@ func (e *Engine) EnsureRunning(ctx context.Context, id string) error {
 			return proxy.ErrNotFound
 		}
 		wait := v.waitChan() // before the read: no change is missed
-		m, err := e.cfg.Store.GetMicrovm(ctx, v.account, id)
+		m, err := e.cfg.Control.Microvm(ctx, v.account, id)
 		if errors.Is(err, errdefs.ErrNotFound) {
 			return proxy.ErrNotFound
 		}
@@ -80,11 +80,7 @@ func (e *Engine) EnsureRunning(ctx context.Context, id string) error {
 				return proxy.ErrSuspended
 			}
 			if m.PendingOp != "resume" {
-				lc, err := e.lifecycle()
-				if err != nil {
-					return err
-				}
-				if err := lc.Resume(ctx, m.Account, id); err != nil {
+				if err := e.cfg.Control.RequestResume(ctx, m.Account, id); err != nil {
 					// A conflict means the state moved meanwhile: look again.
 					var be *lifecycle.BackendError
 					switch {

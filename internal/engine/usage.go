@@ -99,7 +99,7 @@ func (e *Engine) meterVM(ctx context.Context, v *vmState, state store.MicrovmSta
 		e.meter.mu.Unlock()
 		put = append(put, iv)
 	}
-	if err := e.cfg.Store.PutUsage(ctx, put); err != nil {
+	if err := e.cfg.Control.RecordUsage(ctx, put); err != nil {
 		e.log.Warn("recording usage", "microvm", v.id, "err", err)
 	}
 }
@@ -125,7 +125,7 @@ func (e *Engine) meterBuild(ctx context.Context, b store.Build, start bool) {
 		return
 	}
 	e.meter.mu.Unlock()
-	if err := e.cfg.Store.PutUsage(context.WithoutCancel(ctx), []store.UsageInterval{iv}); err != nil {
+	if err := e.cfg.Control.RecordUsage(context.WithoutCancel(ctx), []store.UsageInterval{iv}); err != nil {
 		e.log.Warn("recording build usage", "build", b.ID, "err", err)
 	}
 }
@@ -141,7 +141,7 @@ func (e *Engine) meterCheckpoint(ctx context.Context) {
 		put = append(put, iv)
 	}
 	e.meter.mu.Unlock()
-	if err := e.cfg.Store.PutUsage(ctx, put); err != nil {
+	if err := e.cfg.Control.RecordUsage(ctx, put); err != nil {
 		e.log.Warn("checkpointing usage", "err", err)
 	}
 }
@@ -169,20 +169,20 @@ func (e *Engine) meterRecovered(ctx context.Context, closeOld bool) {
 			// would close the other nodes' too.
 			return
 		}
-		if n, err := e.cfg.Store.CloseOpenUsage(ctx); err != nil {
+		if n, err := e.cfg.Control.CloseOpenUsage(ctx); err != nil {
 			e.log.Warn("closing usage intervals of the previous run", "err", err)
 		} else if n > 0 {
 			e.log.Info("closed usage intervals at their last checkpoint", "count", n)
 		}
 		return
 	}
-	ms, err := e.cfg.Store.ListMicrovmsInState(ctx, 0, store.StateRunning, store.StateSuspending, store.StateSuspended, store.StateTerminating)
+	ms, err := e.cfg.Control.HostMicrovms(ctx, e.cfg.Node)
 	if err != nil {
 		e.log.Warn("listing microvms to meter", "err", err)
 		return
 	}
 	for _, m := range ms {
-		if v := e.lookup(m.ID); v != nil {
+		if v := e.lookup(m.ID); v != nil && m.State != store.StatePending {
 			e.meterVM(ctx, v, m.State, e.now())
 		}
 	}

@@ -211,7 +211,7 @@ func BenchEndpoint(ctx context.Context, o EndpointBenchOptions) (res EndpointBen
 	}
 	defer st.Close()
 	drv := &timedDriver{Driver: o.Driver}
-	eng, err := engine.New(ctx, engine.Config{Driver: drv, Store: st, Reporter: lifecycle.NewReporter(st), DataDir: o.Dir, IdleInterval: time.Second, Log: o.Log})
+	eng, err := engine.New(ctx, engine.Config{Driver: drv, Control: lifecycle.NewStoreControl(st), DataDir: o.Dir, IdleInterval: time.Second, Log: o.Log})
 	if err != nil {
 		return res, err
 	}

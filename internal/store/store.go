@@ -265,8 +265,9 @@ type Microvm struct {
 	// Hooks and VersionLogging are its image version's hook settings and
 	// logging, copied at RunMicrovm so that whatever runs the microVM has
 	// everything it needs in the record it is handed (a cluster's node
-	// does not read image versions). Nil in older records: the engine
-	// then reads the version.
+	// does not read image versions). RunMicrovm sets Hooks non-nil even
+	// when the version has none; nil marks an older record, for which the
+	// engine asks its control plane (LegacyVersionSettings).
 	Hooks          *Hooks          `json:"hooks,omitempty"`
 	VersionLogging json.RawMessage `json:"versionLogging,omitempty"`
 	// Platform is its version's snapshot platform, copied at RunMicrovm
