@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
 // buildTemplate builds name (NAME or NAME:TAG, with tags) as the SDK does
@@ -135,13 +137,13 @@ func TestTemplateTags(t *testing.T) {
 		}
 		a := e.do(e.key, "POST", "/templates/tags", map[string]any{"target": "app", "tags": many})
 		if a.status == 400 {
-			if !strings.Contains(string(a.body), fmt.Sprint(maxTags)) {
+			if !strings.Contains(string(a.body), fmt.Sprint(store.MaxE2BTags)) {
 				t.Fatalf("over the bound: %s", a.body)
 			}
 			break
 		}
 		e.want(a, 201, "many tags")
-		if i > maxTags {
+		if i > store.MaxE2BTags {
 			t.Fatal("no bound on tags")
 		}
 	}
