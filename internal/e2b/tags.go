@@ -32,7 +32,7 @@ const defaultTag = "default"
 func (s *Server) setTags(ctx context.Context, account, tid string, tags []string, bid, version string) error {
 	err := s.cfg.Sandboxes.AssignE2BTags(ctx, account, tid, tags, bid, version, s.cfg.Now().UTC())
 	if errors.Is(err, errdefs.ErrExhausted) {
-		return errorf(400, "%v (Template.removeTags)", err)
+		return errorf(400, "template %s would have more than %d tags, kiln's bound per template: remove some (Template.removeTags)", tid, store.MaxE2BTags)
 	}
 	return err
 }
