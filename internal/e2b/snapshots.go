@@ -81,7 +81,9 @@ func (s *Server) snapshot(ctx context.Context, q *request, id, name string) (sto
 	rec := store.E2BSnapshot{Account: q.key.Account, Name: name, SandboxID: id, TemplateID: sb.TemplateID, EnvVars: sb.EnvVars, CreatedAt: s.cfg.Now().UTC()}
 	_, serr := s.cfg.API.SnapshotMicrovmImage(ctx, q.key.Account, id, name)
 	if serr == nil {
-		if serr = s.cfg.Sandboxes.PutE2BSnapshot(ctx, rec); serr != nil {
+		// The image exists now: its record is written even if the caller
+		// has gone.
+		if serr = s.cfg.Sandboxes.PutE2BSnapshot(context.WithoutCancel(ctx), rec); serr != nil {
 			s.op(context.WithoutCancel(ctx), q.key, "DELETE", "/microvm-images/"+url.PathEscape(name), nil, nil, nil)
 			serr = fmt.Errorf("recording snapshot %s: %w", name, serr)
 		}

@@ -329,11 +329,14 @@ func (s *Server) triggerBuild(ctx context.Context, q *request) (int, any, error)
 		return 0, nil, err
 	}
 	b.Version = out.ImageVersion
+	// The version exists now: the build records it even if the caller has
+	// gone.
+	ctx = context.WithoutCancel(ctx)
 	if err := s.cfg.Sandboxes.StartE2BBuild(ctx, account, b.ID, b.Version); err != nil {
 		if errors.Is(err, errdefs.ErrConflict) {
 			// Started meanwhile through another replica: the version
 			// made here is one too many.
-			s.op(context.WithoutCancel(ctx), q.key, "DELETE", "/microvm-images/"+url.PathEscape(tid)+"/versions/"+url.PathEscape(b.Version), nil, nil, nil)
+			s.op(ctx, q.key, "DELETE", "/microvm-images/"+url.PathEscape(tid)+"/versions/"+url.PathEscape(b.Version), nil, nil, nil)
 			return 0, nil, errorf(409, "template build %s was started meanwhile; request a new build", bid)
 		}
 		return 0, nil, fmt.Errorf("recording template build: %w", err)
