@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -16,7 +17,7 @@ import (
 // listener: the SDK needs only a base URL (E2B_API_URL), no path of E2B's
 // collides with the AWS API's, and sharing the listener shares its TLS,
 // timeouts and per-client connection cap instead of configuring a second.
-func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Server, be lifecycle.Backend, endpointPort string, operators []string) error {
+func mountE2B(ctx context.Context, mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Server, be lifecycle.Backend, endpointPort string, operators []string) error {
 	es, ok := st.(store.E2BStore)
 	if !ok {
 		// A store without E2B sandboxes (both of kiln's have them)
@@ -44,7 +45,13 @@ func mountE2B(mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Serv
 	if n, ok := be.(e2b.Policer); ok {
 		cfg.Network = n
 	}
-	h := e2b.New(cfg).Handler()
+	e2bSrv := e2b.New(cfg)
+	// An older kiln's tags, builds and snapshot records (files of this
+	// data dir) move into the store before the API serves.
+	if _, err := e2bSrv.ImportFiles(ctx); err != nil {
+		return fmt.Errorf("e2b api: moving the records of %s into the store: %w (the files not moved are tried again at the next start)", cfg.TemplatesDir, err)
+	}
+	h := e2bSrv.Handler()
 	for _, p := range e2b.Prefixes {
 		mux.Handle(p, h)
 	}

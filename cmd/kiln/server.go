@@ -422,7 +422,7 @@ func runServer(ctx context.Context, o ServerOptions, backend string) error {
 	top := http.NewServeMux()
 	top.Handle(console.Prefix, web.Handler())
 	top.Handle("/", srv.Handler())
-	if err := mountE2B(top, o, st, srv, be, port, operators); err != nil {
+	if err := mountE2B(ctx, top, o, st, srv, be, port, operators); err != nil {
 		ln.Close()
 		return err
 	}

@@ -248,7 +248,11 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 	if err != nil {
 		return 0, nil, err
 	}
-	if snap, ok := s.snapshotOf(ctx, q.key.Account, in.TemplateID); ok && len(snap.EnvVars) > 0 {
+	snap, isSnap, err := s.snapshotOf(ctx, q.key.Account, in.TemplateID)
+	if err != nil {
+		return 0, nil, err
+	}
+	if isSnap && len(snap.EnvVars) > 0 {
 		// envd's env vars are the host's (not in the guest's memory): a
 		// sandbox from a snapshot has its source's, then its own.
 		env := maps.Clone(snap.EnvVars)
@@ -262,7 +266,7 @@ func (s *Server) create(ctx context.Context, q *request) (int, any, error) {
 		return 0, nil, errorf(501, "this kiln server cannot mint traffic access tokens: leave network.allowPublicTraffic unset")
 	}
 	run := runInput{MaximumDurationInSeconds: DefaultTimeout, IngressNetworkConnectors: s.cfg.Ingress}
-	if run.ImageIdentifier, run.ImageVersion, err = s.resolveTemplate(q.key.Account, in.TemplateID); err != nil {
+	if run.ImageIdentifier, run.ImageVersion, err = s.resolveTemplate(ctx, q.key.Account, in.TemplateID); err != nil {
 		return 0, nil, err
 	}
 	if in.Timeout != nil {

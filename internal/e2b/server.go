@@ -51,7 +51,8 @@ type Config struct {
 	// Store reads microVM records (state, deadlines) and sets a sandbox's
 	// deadline (setTimeout, which the AWS API has no operation for).
 	Store store.Store
-	// Sandboxes holds keys and sandboxes.
+	// Sandboxes holds keys, sandboxes, templates' tags and builds, and
+	// snapshot records.
 	Sandboxes store.E2BStore
 	// Tokens mints envd access tokens; TrafficTokens the traffic access
 	// tokens of sandboxes made with allowPublicTraffic false (nil: such
@@ -76,8 +77,10 @@ type Config struct {
 	Meter Meter
 	// Network applies sandboxes' egress rules; nil: network rules are 501.
 	Network Policer
-	// TemplatesDir keeps E2B template builds and their uploaded files
-	// (templates*.go); "" turns the template builder off.
+	// TemplatesDir keeps the files uploaded for template builds
+	// (templates_files.go) and their build contexts; "" turns the template
+	// builder off. Older kilns kept tags, builds and snapshot records in
+	// it too: ImportFiles moves them into the store.
 	TemplatesDir string
 	// MaxUploadBytes bounds one template file upload (default
 	// DefaultMaxUploadBytes); MaxAccountUploadBytes an account's kept

@@ -7,11 +7,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/url"
-	"os"
-	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -25,19 +23,11 @@ import (
 // snapshot counts against the image quotas, is usable as a template by
 // its id, and DELETE /templates/{id} (the SDK's deleteSnapshot) frees it
 // like any image. What E2B adds (the sandbox it came from, the env vars
-// envd gives its processes) is kept beside the template builds.
+// envd gives its processes) is a record in the store
+// (store.E2BTemplateStore), which goes with the image's record.
 
 // maxForks bounds one fork request's count.
 const maxForks = 10
-
-// snapshotRecord is what the E2B API keeps about a snapshot.
-type snapshotRecord struct {
-	Name       string            `json:"name"`
-	SandboxID  string            `json:"sandboxID"`
-	TemplateID string            `json:"templateID"`
-	EnvVars    map[string]string `json:"envVars,omitempty"`
-	CreatedAt  time.Time         `json:"createdAt"`
-}
 
 func (s *Server) snapshotsRoutes() {
 	s.route("POST /sandboxes/{id}/snapshots", s.createSnapshot)
@@ -45,30 +35,17 @@ func (s *Server) snapshotsRoutes() {
 	s.route("POST /sandboxes/{id}/fork", s.fork)
 }
 
-func (s *Server) snapshotPath(account, name string) string {
-	return filepath.Join(s.cfg.TemplatesDir, "snapshots", account, name+".json")
-}
-
 // snapshotOf returns the record of the account's snapshot name; false if
 // name is no snapshot (or its image is gone).
-func (s *Server) snapshotOf(ctx context.Context, account, name string) (snapshotRecord, bool) {
-	var rec snapshotRecord
-	if s.cfg.TemplatesDir == "" || !templateNameRE.MatchString(name) {
-		return rec, false
+func (s *Server) snapshotOf(ctx context.Context, account, name string) (store.E2BSnapshot, bool, error) {
+	if !templateNameRE.MatchString(name) {
+		return store.E2BSnapshot{}, false, nil
 	}
-	b, err := os.ReadFile(s.snapshotPath(account, name))
-	if err != nil || json.Unmarshal(b, &rec) != nil || rec.Name != name {
-		return rec, false
+	rec, err := s.cfg.Sandboxes.GetE2BSnapshot(ctx, account, name)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return rec, false, nil
 	}
-	if _, err := s.cfg.Store.GetImage(ctx, account, name); err != nil {
-		if errors.Is(err, errdefs.ErrNotFound) {
-			// Deleted as a template (the SDK's deleteSnapshot): the record
-			// goes with it.
-			os.Remove(s.snapshotPath(account, name))
-		}
-		return rec, false
-	}
-	return rec, true
+	return rec, err == nil, err
 }
 
 func newSnapshotName(prefix string) string {
@@ -79,42 +56,34 @@ func newSnapshotName(prefix string) string {
 
 // snapshot pauses the sandbox if it runs, copies it into a new image name
 // and resumes it as it was (E2B's checkpoint: the source goes on).
-func (s *Server) snapshot(ctx context.Context, q *request, id, name string) (snapshotRecord, error) {
-	if s.cfg.TemplatesDir == "" {
-		return snapshotRecord{}, errorf(501, "this kiln server keeps no E2B template data (no templates directory): snapshots are off")
-	}
+func (s *Server) snapshot(ctx context.Context, q *request, id, name string) (store.E2BSnapshot, error) {
 	sb, m, err := s.sandboxOf(ctx, q.key.Account, id)
 	if err != nil {
-		return snapshotRecord{}, err
+		return store.E2BSnapshot{}, err
 	}
 	if m.State == store.StateSuspending {
 		if m, err = s.waitFor(ctx, q.key.Account, id, store.StateSuspended); err != nil {
-			return snapshotRecord{}, err
+			return store.E2BSnapshot{}, err
 		}
 	}
 	wasRunning := m.State != store.StateSuspended
 	if wasRunning {
 		if m.State != store.StateRunning {
-			return snapshotRecord{}, errorf(409, "sandbox %s is %s: it can be snapshotted once it runs", id, strings.ToLower(string(m.State)))
+			return store.E2BSnapshot{}, errorf(409, "sandbox %s is %s: it can be snapshotted once it runs", id, strings.ToLower(string(m.State)))
 		}
 		if err := s.op(ctx, q.key, "POST", "/microvms/"+id+"/suspend", nil, nil, nil); err != nil {
-			return snapshotRecord{}, err
+			return store.E2BSnapshot{}, err
 		}
 		if _, err := s.waitFor(ctx, q.key.Account, id, store.StateSuspended); err != nil {
-			return snapshotRecord{}, err
+			return store.E2BSnapshot{}, err
 		}
 	}
-	rec := snapshotRecord{Name: name, SandboxID: id, TemplateID: sb.TemplateID, EnvVars: sb.EnvVars, CreatedAt: s.cfg.Now().UTC()}
-	p := s.snapshotPath(q.key.Account, name)
+	rec := store.E2BSnapshot{Account: q.key.Account, Name: name, SandboxID: id, TemplateID: sb.TemplateID, EnvVars: sb.EnvVars, CreatedAt: s.cfg.Now().UTC()}
 	_, serr := s.cfg.API.SnapshotMicrovmImage(ctx, q.key.Account, id, name)
 	if serr == nil {
-		b, _ := json.Marshal(rec)
-		if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
-			serr = err
-		} else if err := os.WriteFile(p, b, 0o600); err != nil {
-			serr = err
-		}
-		if serr != nil {
+		// The image exists now: its record is written even if the caller
+		// has gone.
+		if serr = s.cfg.Sandboxes.PutE2BSnapshot(context.WithoutCancel(ctx), rec); serr != nil {
 			s.op(context.WithoutCancel(ctx), q.key, "DELETE", "/microvm-images/"+url.PathEscape(name), nil, nil, nil)
 			serr = fmt.Errorf("recording snapshot %s: %w", name, serr)
 		}
@@ -202,46 +171,13 @@ func (s *Server) listSnapshots(ctx context.Context, q *request) (int, any, error
 		}
 		limit = n
 	}
-	after := qv.Get("nextToken")
+	recs, err := s.cfg.Sandboxes.ListE2BSnapshots(ctx, q.key.Account, store.E2BSnapshotQuery{
+		SandboxID: qv.Get("sandboxID"), Name: qv.Get("name"), After: qv.Get("nextToken"), Limit: limit + 1})
+	if err != nil {
+		return 0, nil, err
+	}
 	out := []snapshotInfo{}
-	if s.cfg.TemplatesDir == "" {
-		return 200, out, nil
-	}
-	ents, _ := os.ReadDir(filepath.Join(s.cfg.TemplatesDir, "snapshots", q.key.Account))
-	var recs []snapshotRecord
-	for _, e := range ents {
-		name, ok := strings.CutSuffix(e.Name(), ".json")
-		if !ok {
-			continue
-		}
-		if rec, ok := s.snapshotOf(ctx, q.key.Account, name); ok {
-			recs = append(recs, rec)
-		}
-		if len(recs) >= maxListScan {
-			break
-		}
-	}
-	slices.SortFunc(recs, func(a, b snapshotRecord) int {
-		if c := a.CreatedAt.Compare(b.CreatedAt); c != 0 {
-			return c
-		}
-		return strings.Compare(a.Name, b.Name)
-	})
-	start := 0
-	if after != "" {
-		i := slices.IndexFunc(recs, func(r snapshotRecord) bool { return r.Name == after })
-		if i < 0 {
-			return 200, out, nil
-		}
-		start = i + 1
-	}
-	for _, r := range recs[start:] {
-		if sid := qv.Get("sandboxID"); sid != "" && r.SandboxID != sid {
-			continue
-		}
-		if n := qv.Get("name"); n != "" && r.Name != n {
-			continue
-		}
+	for _, r := range recs {
 		if len(out) == limit {
 			q.header.Set("X-Next-Token", out[len(out)-1].SnapshotID)
 			break
@@ -292,7 +228,9 @@ func (s *Server) fork(ctx context.Context, q *request) (int, any, error) {
 	defer func() {
 		bg := context.WithoutCancel(ctx)
 		s.op(bg, q.key, "DELETE", "/microvm-images/"+url.PathEscape(rec.Name), nil, nil, nil)
-		os.Remove(s.snapshotPath(q.key.Account, rec.Name))
+		if err := s.cfg.Sandboxes.DeleteE2BSnapshot(bg, q.key.Account, rec.Name); err != nil {
+			slog.Warn("e2b fork: dropping the record of its snapshot", "account", q.key.Account, "snapshot", rec.Name, "err", err)
+		}
 	}()
 	src, _, err := s.sandboxOf(ctx, q.key.Account, id)
 	if err != nil {

@@ -7,154 +7,75 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/url"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
 // E2B tags name builds of a template: `Template.build(t, 'name:v2')`,
 // `Template.assignTags('name:v2', 'prod')` and `Sandbox.create('name:prod')`.
 // kiln keeps, per account and template, which build (image version) each
-// tag names, in TemplatesDir/tags/ACCOUNT/TEMPLATE.json. A tag that is no
-// tag of the template is read as a kiln image version ("name:3"), as the
-// AWS API names versions.
-
-// maxTags bounds a template's tags (the file is read on every create).
-const maxTags = 64
-
-// maxTagFile bounds what loadTags reads.
-const maxTagFile = 1 << 20
+// tag names, in the store (store.E2BTemplateStore), so that every replica
+// of a control plane resolves a tag alike. A tag that is no tag of the
+// template is read as a kiln image version ("name:3"), as the AWS API
+// names versions.
 
 // defaultTag is E2B's name for a template's newest build.
 const defaultTag = "default"
 
-type tagRecord struct {
-	Tag       string    `json:"tag"`
-	BuildID   string    `json:"buildID"`
-	Version   string    `json:"version"`
-	CreatedAt time.Time `json:"createdAt"`
-}
-
-func (s *Server) tagsPath(account, tid string) string {
-	return filepath.Join(s.cfg.TemplatesDir, "tags", account, tid+".json")
-}
-
-// loadTags reads the template's tags (none when there is no file).
-func (s *Server) loadTags(account, tid string) ([]tagRecord, error) {
-	var recs []tagRecord
-	f, err := os.Open(s.tagsPath(account, tid))
-	if errors.Is(err, os.ErrNotExist) {
-		return recs, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, maxTagFile+1))
-	if err != nil {
-		return nil, err
-	}
-	if len(data) > maxTagFile {
-		return nil, fmt.Errorf("the tags of template %s are over %d bytes", tid, maxTagFile)
-	}
-	if err := json.Unmarshal(data, &recs); err != nil {
-		return nil, fmt.Errorf("reading the tags of template %s: %w", tid, err)
-	}
-	return recs, nil
-}
-
-func (s *Server) saveTags(account, tid string, recs []tagRecord) error {
-	p := s.tagsPath(account, tid)
-	if len(recs) == 0 {
-		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return err
-		}
-		return nil
-	}
-	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
-		return err
-	}
-	slices.SortFunc(recs, func(a, b tagRecord) int { return strings.Compare(a.Tag, b.Tag) })
-	data, _ := json.Marshal(recs)
-	tmp := p + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, p)
-}
-
 // setTags points tags at a build, in one update of the template's tags.
-func (s *Server) setTags(account, tid string, tags []string, bid, version string) error {
-	s.tpl.tagsMu.Lock()
-	defer s.tpl.tagsMu.Unlock()
-	recs, err := s.loadTags(account, tid)
-	if err != nil {
-		return err
+func (s *Server) setTags(ctx context.Context, account, tid string, tags []string, bid, version string) error {
+	err := s.cfg.Sandboxes.AssignE2BTags(ctx, account, tid, tags, bid, version, s.cfg.Now().UTC())
+	if errors.Is(err, errdefs.ErrExhausted) {
+		return errorf(400, "template %s would have more than %d tags, kiln's bound per template: remove some (Template.removeTags)", tid, store.MaxE2BTags)
 	}
-	recs, err = withTags(tid, recs, tags, bid, version, s.cfg.Now().UTC())
-	if err != nil {
-		return err
-	}
-	return s.saveTags(account, tid, recs)
-}
-
-// withTags is recs with tags pointed at a build, or a 400 past maxTags.
-func withTags(tid string, recs []tagRecord, tags []string, bid, version string, now time.Time) ([]tagRecord, error) {
-	for _, t := range tags {
-		rec := tagRecord{Tag: t, BuildID: bid, Version: version, CreatedAt: now}
-		if i := slices.IndexFunc(recs, func(r tagRecord) bool { return r.Tag == t }); i >= 0 {
-			recs[i] = rec
-		} else {
-			recs = append(recs, rec)
-		}
-	}
-	if len(recs) > maxTags {
-		return nil, errorf(400, "template %s would have %d tags; kiln keeps at most %d per template: remove some (Template.removeTags)", tid, len(recs), maxTags)
-	}
-	return recs, nil
-}
-
-// checkTagRoom refuses, before a build starts, tags that would take the
-// template past maxTags.
-func (s *Server) checkTagRoom(account, tid string, tags []string) error {
-	recs, err := s.loadTags(account, tid)
-	if err != nil {
-		return err
-	}
-	_, err = withTags(tid, recs, tags, "", "", time.Time{})
 	return err
 }
 
-// tagged returns the tag's record, if the template has the tag.
-func (s *Server) tagged(account, tid, tag string) (tagRecord, bool, error) {
-	recs, err := s.loadTags(account, tid)
+// checkTagRoom refuses, before a build starts, tags that would take the
+// template past store.MaxE2BTags. (The assignment checks again, in its
+// transaction: this is to fail before the build, not instead.)
+func (s *Server) checkTagRoom(ctx context.Context, account, tid string, tags []string) error {
+	have, err := s.cfg.Sandboxes.ListE2BTags(ctx, account, tid)
 	if err != nil {
-		return tagRecord{}, false, err
+		return err
 	}
-	i := slices.IndexFunc(recs, func(r tagRecord) bool { return r.Tag == tag })
-	if i < 0 {
-		return tagRecord{}, false, nil
+	n := len(have)
+	for i, t := range tags {
+		if !slices.ContainsFunc(have, func(r store.E2BTag) bool { return r.Tag == t }) && !slices.Contains(tags[:i], t) {
+			n++
+		}
 	}
-	return recs[i], true, nil
+	if n > store.MaxE2BTags {
+		return errorf(400, "template %s would have %d tags; kiln keeps at most %d per template: remove some (Template.removeTags)", tid, n, store.MaxE2BTags)
+	}
+	return nil
+}
+
+// tagged returns the tag's record, if the template has the tag.
+func (s *Server) tagged(ctx context.Context, account, tid, tag string) (store.E2BTag, bool, error) {
+	rec, err := s.cfg.Sandboxes.GetE2BTag(ctx, account, tid, tag)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return rec, false, nil
+	}
+	return rec, err == nil, err
 }
 
 // resolveTemplate turns a templateID of Sandbox.create (NAME, NAME:TAG,
 // NAME:VERSION or an image ARN) into the image and version to run
 // (version "": the latest active one).
-func (s *Server) resolveTemplate(account, templateID string) (name, version string, err error) {
+func (s *Server) resolveTemplate(ctx context.Context, account, templateID string) (name, version string, err error) {
 	name, tag, ok := strings.Cut(templateID, ":")
 	if !ok || strings.HasPrefix(templateID, "arn:") {
 		return templateID, "", nil
 	}
-	if s.cfg.TemplatesDir != "" && templateNameRE.MatchString(name) && tagRE.MatchString(tag) {
-		rec, found, err := s.tagged(account, name, tag)
+	if templateNameRE.MatchString(name) && tagRE.MatchString(tag) {
+		rec, found, err := s.tagged(ctx, account, name, tag)
 		if err != nil {
 			return "", "", err
 		}
@@ -172,26 +93,17 @@ func (s *Server) resolveTemplate(account, templateID string) (name, version stri
 // E2B build that made it, or, for a version built through the AWS API,
 // one derived from the account, image and version (stable, so tags and
 // build routes can name it).
-func (s *Server) versionBuildID(account, tid, version string) string {
-	if b, err := os.ReadFile(s.versionIndexPath(account, tid, version)); err == nil && buildIDRE.Match(b) {
-		return string(b)
+func (s *Server) versionBuildID(ctx context.Context, account, tid, version string) (string, error) {
+	b, err := s.cfg.Sandboxes.E2BBuildOfVersion(ctx, account, tid, version)
+	if err == nil {
+		return b.ID, nil
+	}
+	if !errors.Is(err, errdefs.ErrNotFound) {
+		return "", err
 	}
 	h := sha256.Sum256([]byte("kiln e2b build\x00" + account + "\x00" + tid + "\x00" + version))
 	x := hex.EncodeToString(h[:16])
-	return x[:8] + "-" + x[8:12] + "-" + x[12:16] + "-" + x[16:20] + "-" + x[20:32]
-}
-
-func (s *Server) versionIndexPath(account, tid, version string) string {
-	return filepath.Join(s.cfg.TemplatesDir, "versions", account, tid, url.PathEscape(version))
-}
-
-// indexVersion records which E2B build made a version.
-func (s *Server) indexVersion(account, tid, version, bid string) error {
-	p := s.versionIndexPath(account, tid, version)
-	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
-		return err
-	}
-	return os.WriteFile(p, []byte(bid), 0o600)
+	return x[:8] + "-" + x[8:12] + "-" + x[12:16] + "-" + x[16:20] + "-" + x[20:32], nil
 }
 
 // versionOut is the part of the AWS API's image version E2B reports.
@@ -230,7 +142,7 @@ func (s *Server) buildVersion(ctx context.Context, key store.AccessKey, tid, bid
 	if !templateNameRE.MatchString(tid) || !buildIDRE.MatchString(bid) {
 		return "", errorf(404, "template build %s of %s not found", bid, tid)
 	}
-	if b, err := s.loadBuild(key.Account, tid, bid); err == nil {
+	if b, err := s.loadBuild(ctx, key.Account, tid, bid); err == nil {
 		if b.Version == "" {
 			return "", errorf(404, "template build %s was requested but not started (POST /v2/templates/%s/builds/%s starts it)", bid, tid, bid)
 		}
@@ -243,7 +155,11 @@ func (s *Server) buildVersion(ctx context.Context, key store.AccessKey, tid, bid
 			return "", err
 		}
 		for _, v := range vs {
-			if s.versionBuildID(key.Account, tid, v.ImageVersion) == bid {
+			id, err := s.versionBuildID(ctx, key.Account, tid, v.ImageVersion)
+			if err != nil {
+				return "", err
+			}
+			if id == bid {
 				return v.ImageVersion, nil
 			}
 		}
@@ -291,9 +207,6 @@ func parseTagRequest(body []byte, assign bool) (tagRequest, error) {
 // assignTags is POST /templates/tags: the tags name the build that target
 // ("name:tag" or "name", its newest build) names.
 func (s *Server) assignTags(ctx context.Context, q *request) (int, any, error) {
-	if err := s.templatesOn(); err != nil {
-		return 0, nil, err
-	}
 	in, err := parseTagRequest(q.body, true)
 	if err != nil {
 		return 0, nil, err
@@ -307,7 +220,7 @@ func (s *Server) assignTags(ctx context.Context, q *request) (int, any, error) {
 		return 0, nil, errorf(404, "template %q not found", tid)
 	}
 	var bid, version string
-	rec, tagFound, err := s.tagged(q.key.Account, tid, src)
+	rec, tagFound, err := s.tagged(ctx, q.key.Account, tid, src)
 	switch {
 	case err != nil:
 		return 0, nil, err
@@ -325,9 +238,11 @@ func (s *Server) assignTags(ctx context.Context, q *request) (int, any, error) {
 		version = src
 	}
 	if bid == "" {
-		bid = s.versionBuildID(q.key.Account, tid, version)
+		if bid, err = s.versionBuildID(ctx, q.key.Account, tid, version); err != nil {
+			return 0, nil, err
+		}
 	}
-	if err := s.setTags(q.key.Account, tid, in.Tags, bid, version); err != nil {
+	if err := s.setTags(ctx, q.key.Account, tid, in.Tags, bid, version); err != nil {
 		return 0, nil, err
 	}
 	return http.StatusCreated, map[string]any{"buildID": bid, "tags": in.Tags}, nil
@@ -335,27 +250,15 @@ func (s *Server) assignTags(ctx context.Context, q *request) (int, any, error) {
 
 // removeTags is DELETE /templates/tags.
 func (s *Server) removeTags(ctx context.Context, q *request) (int, any, error) {
-	if err := s.templatesOn(); err != nil {
-		return 0, nil, err
-	}
 	in, err := parseTagRequest(q.body, false)
 	if err != nil {
 		return 0, nil, err
 	}
-	s.tpl.tagsMu.Lock()
-	defer s.tpl.tagsMu.Unlock()
-	recs, err := s.loadTags(q.key.Account, in.Name)
+	err = s.cfg.Sandboxes.RemoveE2BTags(ctx, q.key.Account, in.Name, in.Tags)
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return 0, nil, errorf(404, "%v", err)
+	}
 	if err != nil {
-		return 0, nil, err
-	}
-	for _, t := range in.Tags {
-		i := slices.IndexFunc(recs, func(r tagRecord) bool { return r.Tag == t })
-		if i < 0 {
-			return 0, nil, errorf(404, "template %s has no tag %q", in.Name, t)
-		}
-		recs = slices.Delete(recs, i, i+1)
-	}
-	if err := s.saveTags(q.key.Account, in.Name, recs); err != nil {
 		return 0, nil, err
 	}
 	return http.StatusNoContent, nil, nil
@@ -363,14 +266,11 @@ func (s *Server) removeTags(ctx context.Context, q *request) (int, any, error) {
 
 // templateTags is GET /templates/{templateID}/tags.
 func (s *Server) templateTags(ctx context.Context, q *request) (int, any, error) {
-	if err := s.templatesOn(); err != nil {
-		return 0, nil, err
-	}
 	tid := q.r.PathValue("a")
 	if err := s.templateExists(ctx, q.key, tid); err != nil {
 		return 0, nil, err
 	}
-	recs, err := s.loadTags(q.key.Account, tid)
+	recs, err := s.cfg.Sandboxes.ListE2BTags(ctx, q.key.Account, tid)
 	if err != nil {
 		return 0, nil, err
 	}
@@ -394,12 +294,4 @@ func (s *Server) templateExists(ctx context.Context, key store.AccessKey, tid st
 		return errorf(404, "template %q not found", tid)
 	}
 	return nil
-}
-
-// forgetTemplate drops a deleted template's tags and build index.
-func (s *Server) forgetTemplate(account, tid string) {
-	s.tpl.tagsMu.Lock()
-	defer s.tpl.tagsMu.Unlock()
-	os.Remove(s.tagsPath(account, tid))
-	os.RemoveAll(filepath.Dir(s.versionIndexPath(account, tid, "x")))
 }

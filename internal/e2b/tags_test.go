@@ -3,10 +3,13 @@ package e2b
 import (
 	"context"
 	"fmt"
+	"net/http/httptest"
 	"net/url"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
 // buildTemplate builds name (NAME or NAME:TAG, with tags) as the SDK does
@@ -135,13 +138,13 @@ func TestTemplateTags(t *testing.T) {
 		}
 		a := e.do(e.key, "POST", "/templates/tags", map[string]any{"target": "app", "tags": many})
 		if a.status == 400 {
-			if !strings.Contains(string(a.body), fmt.Sprint(maxTags)) {
+			if !strings.Contains(string(a.body), fmt.Sprint(store.MaxE2BTags)) {
 				t.Fatalf("over the bound: %s", a.body)
 			}
 			break
 		}
 		e.want(a, 201, "many tags")
-		if i > maxTags {
+		if i > store.MaxE2BTags {
 			t.Fatal("no bound on tags")
 		}
 	}
@@ -289,4 +292,55 @@ func FuzzParseLogsQuery(f *testing.F) {
 			t.Fatalf("limit %d accepted", lq.limit)
 		}
 	})
+}
+
+// TestRecordsAcrossReplicas: two E2B servers on one store, as two `kiln
+// control` replicas with their own data dirs: a tag assigned, a build
+// requested and a snapshot record made through one are what the other
+// reads (they were files of each replica's data dir).
+func TestRecordsAcrossReplicas(t *testing.T) {
+	e, _ := newTemplateEnv(t)
+	b1 := e.buildTemplate("app:v1")
+	cfg := e.srv.cfg
+	cfg.TemplatesDir = t.TempDir()
+	other := httptest.NewServer(New(cfg).Handler())
+	t.Cleanup(other.Close)
+	first := e.url
+
+	e.want(e.do(e.key, "POST", "/templates/tags", map[string]any{"target": "app:v1", "tags": []string{"prod"}}), 201, "assign through the first")
+	a := e.do(e.key, "POST", "/v3/templates", map[string]any{"name": "app"})
+	e.want(a, 202, "request a build through the first")
+	var req struct{ BuildID string }
+	a.json(t, &req)
+
+	e.url = other.URL
+	a = e.do(e.key, "GET", "/templates/app/tags", nil)
+	e.want(a, 200, "tags through the second")
+	if !strings.Contains(string(a.body), `"tag":"prod"`) || !strings.Contains(string(a.body), b1) {
+		t.Errorf("the second replica's tags: %s", a.body)
+	}
+	id := e.create(map[string]any{"templateID": "app:prod"})
+	if v := e.versionOf(id); v != "1.0" {
+		t.Errorf("app:prod through the second replica runs version %s", v)
+	}
+	a = e.do(e.key, "GET", "/templates/app/builds/"+req.BuildID+"/status", nil)
+	e.want(a, 200, "status through the second of a build requested through the first")
+	e.want(e.do(e.key, "DELETE", "/templates/tags", map[string]any{"name": "app", "tags": []string{"prod"}}), 204, "remove through the second")
+
+	e.url = first
+	if a := e.do(e.key, "GET", "/templates/app/tags", nil); strings.Contains(string(a.body), `"prod"`) {
+		t.Errorf("the first replica still has prod: %s", a.body)
+	}
+	// A snapshot record made through one (the fake backend copies no VM:
+	// the record is written as the snapshot route writes it) is listed by
+	// the other.
+	if err := e.st.PutE2BSnapshot(t.Context(), store.E2BSnapshot{Account: e.account, Name: "app", SandboxID: id, CreatedAt: time.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	for _, u := range []string{first, other.URL} {
+		e.url = u
+		if a := e.do(e.key, "GET", "/snapshots", nil); !strings.Contains(string(a.body), `"snapshotID":"app"`) {
+			t.Errorf("snapshots through %s: %s", u, a.body)
+		}
+	}
 }

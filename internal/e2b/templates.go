@@ -10,8 +10,6 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
-	"os"
-	"path/filepath"
 	"regexp"
 	"slices"
 	"strconv"
@@ -20,6 +18,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -40,29 +39,15 @@ var templateNameRE = regexp.MustCompile(`^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,127}$`)
 // buildIDRE is the shape of kiln's template build ids (UUIDs, as E2B's).
 var buildIDRE = regexp.MustCompile(`^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$`)
 
-// templateBuild is what kiln keeps of one E2B build: which image version
-// it became. It lives in TemplatesDir/builds/ACCOUNT/ID.json.
-type templateBuild struct {
-	ID        string    `json:"id"`
-	Template  string    `json:"template"`
-	Tags      []string  `json:"tags,omitempty"`
-	MemoryMB  int64     `json:"memoryMB,omitempty"`
-	CPUCount  int64     `json:"cpuCount,omitempty"`
-	CreatedAt time.Time `json:"createdAt"`
-	// Version is the image version the build made; empty until triggered.
-	Version string `json:"version,omitempty"`
-}
-
 // templateState is what the template routes keep in memory.
 type templateState struct {
 	mu sync.Mutex
 	// logs caches where a build's log stood at the last status call, so
 	// polling with logsOffset reads only what is new.
 	logs map[string]logCursor
-	// triggering holds the builds (ACCOUNT/ID) being started.
+	// triggering holds the builds (ACCOUNT/ID) this replica is starting
+	// (the store refuses a second start through another).
 	triggering map[string]bool
-	// tagsMu serialises updates of the tag files.
-	tagsMu sync.Mutex
 }
 
 // maxLogCursors bounds the log cursor cache; past it, it starts afresh
@@ -120,39 +105,18 @@ func newUUID() string {
 	return h[:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
 }
 
-func (s *Server) buildPath(account, id string) string {
-	return filepath.Join(s.cfg.TemplatesDir, "builds", account, id+".json")
-}
-
-func (s *Server) saveBuild(account string, b templateBuild) error {
-	p := s.buildPath(account, b.ID)
-	if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
-		return err
-	}
-	data, _ := json.Marshal(b)
-	tmp := p + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, p)
-}
-
 // loadBuild reads the account's build of templateID; any other account's
 // or template's is not found.
-func (s *Server) loadBuild(account, templateID, id string) (templateBuild, error) {
-	var b templateBuild
+func (s *Server) loadBuild(ctx context.Context, account, templateID, id string) (store.E2BBuild, error) {
 	if !buildIDRE.MatchString(id) {
-		return b, errorf(404, "template build %q not found", id)
+		return store.E2BBuild{}, errorf(404, "template build %q not found", id)
 	}
-	data, err := os.ReadFile(s.buildPath(account, id))
-	if errors.Is(err, os.ErrNotExist) {
+	b, err := s.cfg.Sandboxes.GetE2BBuild(ctx, account, id)
+	if errors.Is(err, errdefs.ErrNotFound) {
 		return b, errorf(404, "template build %s not found", id)
 	}
 	if err != nil {
 		return b, err
-	}
-	if err := json.Unmarshal(data, &b); err != nil {
-		return b, fmt.Errorf("reading template build %s: %w", id, err)
 	}
 	if b.Template != templateID {
 		return b, errorf(404, "template build %s not found in template %s", id, templateID)
@@ -218,14 +182,14 @@ func (s *Server) requestBuild(ctx context.Context, q *request) (int, any, error)
 	if err != nil {
 		return 0, nil, err
 	}
-	b := templateBuild{ID: newUUID(), Template: in.Name, Tags: in.Tags, CreatedAt: s.cfg.Now().UTC()}
+	b := store.E2BBuild{ID: newUUID(), Account: q.key.Account, Template: in.Name, Tags: in.Tags, CreatedAt: s.cfg.Now().UTC()}
 	if in.MemoryMB != nil {
 		b.MemoryMB = *in.MemoryMB
 	}
 	if in.CPUCount != nil {
 		b.CPUCount = *in.CPUCount
 	}
-	if err := s.saveBuild(q.key.Account, b); err != nil {
+	if err := s.cfg.Sandboxes.CreateE2BBuild(ctx, b); err != nil {
 		return 0, nil, fmt.Errorf("recording template build: %w", err)
 	}
 	tags := in.Tags
@@ -281,7 +245,7 @@ func (s *Server) triggerBuild(ctx context.Context, q *request) (int, any, error)
 	}
 	account := q.key.Account
 	tid, bid := q.r.PathValue("templateID"), q.r.PathValue("buildID")
-	b, err := s.loadBuild(account, tid, bid)
+	b, err := s.loadBuild(ctx, account, tid, bid)
 	if err != nil {
 		return 0, nil, err
 	}
@@ -300,7 +264,7 @@ func (s *Server) triggerBuild(ctx context.Context, q *request) (int, any, error)
 		delete(s.tpl.triggering, inflight)
 		s.tpl.mu.Unlock()
 	}()
-	if b, err = s.loadBuild(account, tid, bid); err != nil {
+	if b, err = s.loadBuild(ctx, account, tid, bid); err != nil {
 		return 0, nil, err
 	}
 	if b.Version != "" {
@@ -349,7 +313,7 @@ func (s *Server) triggerBuild(ctx context.Context, q *request) (int, any, error)
 	if err != nil {
 		return 0, nil, err
 	}
-	if err := s.checkTagRoom(account, tid, b.Tags); err != nil {
+	if err := s.checkTagRoom(ctx, account, tid, b.Tags); err != nil {
 		return 0, nil, err
 	}
 	var out struct {
@@ -365,16 +329,22 @@ func (s *Server) triggerBuild(ctx context.Context, q *request) (int, any, error)
 		return 0, nil, err
 	}
 	b.Version = out.ImageVersion
-	if err := s.saveBuild(account, b); err != nil {
-		return 0, nil, fmt.Errorf("recording template build: %w", err)
-	}
-	if err := s.indexVersion(account, tid, b.Version, b.ID); err != nil {
+	// The version exists now: the build records it even if the caller has
+	// gone.
+	ctx = context.WithoutCancel(ctx)
+	if err := s.cfg.Sandboxes.StartE2BBuild(ctx, account, b.ID, b.Version); err != nil {
+		if errors.Is(err, errdefs.ErrConflict) {
+			// Started meanwhile through another replica: the version
+			// made here is one too many.
+			s.op(ctx, q.key, "DELETE", "/microvm-images/"+url.PathEscape(tid)+"/versions/"+url.PathEscape(b.Version), nil, nil, nil)
+			return 0, nil, errorf(409, "template build %s was started meanwhile; request a new build", bid)
+		}
 		return 0, nil, fmt.Errorf("recording template build: %w", err)
 	}
 	// The build's tags name it from now on; a Sandbox.create of a tag
 	// whose build is still running is refused by RunMicrovm until it is
 	// ready.
-	if err := s.setTags(account, tid, b.Tags, b.ID, b.Version); err != nil {
+	if err := s.setTags(ctx, account, tid, b.Tags, b.ID, b.Version); err != nil {
 		return 0, nil, err
 	}
 	slog.Info("e2b template build started", "account", account, "template", tid, "build", bid, "version", b.Version)
@@ -402,7 +372,7 @@ func (s *Server) buildStatus(ctx context.Context, q *request) (int, any, error) 
 	}
 	account := q.key.Account
 	tid, bid := q.r.PathValue("templateID"), q.r.PathValue("buildID")
-	b, err := s.loadBuild(account, tid, bid)
+	b, err := s.loadBuild(ctx, account, tid, bid)
 	if err != nil {
 		return 0, nil, err
 	}
@@ -448,7 +418,7 @@ func (s *Server) buildStatus(ctx context.Context, q *request) (int, any, error) 
 
 // buildLog returns the build's log lines from entry offset on, as E2B log
 // entries (at most maxLogEntries; a line still being written waits).
-func (s *Server) buildLog(ctx context.Context, key store.AccessKey, tid string, b templateBuild, offset int) ([]logEntry, error) {
+func (s *Server) buildLog(ctx context.Context, key store.AccessKey, tid string, b store.E2BBuild, offset int) ([]logEntry, error) {
 	entries := []logEntry{}
 	logPath, err := s.buildLogPath(ctx, key, tid, b.Version)
 	if err != nil || logPath == "" {
@@ -640,7 +610,9 @@ func (s *Server) listTemplates(ctx context.Context, q *request) (int, any, error
 	return 200, out, nil
 }
 
-// deleteTemplate is DELETE /templates/{templateID}: DeleteMicrovmImage.
+// deleteTemplate is DELETE /templates/{templateID}: DeleteMicrovmImage,
+// whose record takes the template's tags, builds and snapshot record with
+// it (in the store).
 func (s *Server) deleteTemplate(ctx context.Context, q *request) (int, any, error) {
 	tid := q.r.PathValue("templateID")
 	if !templateNameRE.MatchString(tid) {
@@ -648,9 +620,6 @@ func (s *Server) deleteTemplate(ctx context.Context, q *request) (int, any, erro
 	}
 	if err := s.op(ctx, q.key, "DELETE", "/microvm-images/"+url.PathEscape(tid), nil, nil, nil); err != nil {
 		return 0, nil, err
-	}
-	if s.cfg.TemplatesDir != "" {
-		s.forgetTemplate(q.key.Account, tid)
 	}
 	return http.StatusNoContent, nil, nil
 }

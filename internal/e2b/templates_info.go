@@ -70,7 +70,11 @@ func (s *Server) getTemplate(ctx context.Context, q *request) (int, any, error) 
 				mem = max(mem, r.MinimumMemoryInMiB)
 			}
 		}
-		b := map[string]any{"buildID": s.versionBuildID(q.key.Account, tid, v.ImageVersion), "status": buildStatusOf(v.State),
+		bid, err := s.versionBuildID(ctx, q.key.Account, tid, v.ImageVersion)
+		if err != nil {
+			return 0, nil, err
+		}
+		b := map[string]any{"buildID": bid, "status": buildStatusOf(v.State),
 			"cpuCount": api.VCPUsFor(mem), "memoryMB": mem, "envdVersion": EnvdVersion,
 			"createdAt": epochTime(v.CreatedAt), "updatedAt": epochTime(v.UpdatedAt)}
 		if v.State == store.VersionSuccessful || v.State == store.VersionFailed {

@@ -250,6 +250,8 @@ var migrations = []string{
 	// 3: the cluster: nodes, their templates, leases, microVMs' nodes
 	// (cluster.go).
 	migrationCluster,
+	// 4: the E2B API's template tags, builds and snapshot records (e2b.go).
+	migrationE2BTemplates,
 }
 
 // Advisory lock keys (the first of pg_advisory_xact_lock's two int4s).

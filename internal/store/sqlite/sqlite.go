@@ -293,6 +293,8 @@ var migrations = []string{
 	// 7: the cluster: nodes, their templates, leases, microVMs' nodes
 	// (cluster.go).
 	migrationCluster,
+	// 8: the E2B API's template tags, builds and snapshot records (e2b.go).
+	migrationE2BTemplates,
 }
 
 // migrationSizeColumns adds the sizes the quota adds up as columns, as the

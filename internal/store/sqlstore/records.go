@@ -705,15 +705,27 @@ func (s *Store) UntagResource(ctx context.Context, account, arn string, keys []s
 
 // Quotas.
 
+// takeTurns makes the transactions that count what key names (an account's
+// quota use, a template's tags) take turns where the database does not
+// already (Dialect.LockAccount), each counting after the one before
+// committed. The lock is held to the end of tx.
+func (s *Store) takeTurns(ctx context.Context, tx Querier, key string) error {
+	if s.d.LockAccount == "" {
+		return nil
+	}
+	if _, err := tx.Exec(ctx, s.d.LockAccount, key); err != nil {
+		return fmt.Errorf("locking %s: %w", key, err)
+	}
+	return nil
+}
+
 // admit checks need against the account's quota inside tx. SQLite's write
 // transaction already excludes every other writer; where it does not,
 // Dialect.LockAccount, held to the end of tx, makes admissions of one
 // account take turns, each counting after the one before committed.
 func (s *Store) admit(ctx context.Context, tx Querier, account string, adm store.Admission, need store.QuotaUse) error {
-	if s.d.LockAccount != "" {
-		if _, err := tx.Exec(ctx, s.d.LockAccount, account); err != nil {
-			return fmt.Errorf("locking the quota of %s: %w", account, err)
-		}
+	if err := s.takeTurns(ctx, tx, account); err != nil {
+		return err
 	}
 	o, err := quotaOverride(ctx, tx, account)
 	if err != nil {

@@ -129,7 +129,8 @@ type Dialect struct {
 	ForUpdate string
 	// LockAccount, when not empty, is run with the account as its one
 	// parameter at the start of a quota admission, to make admissions of
-	// one account take turns.
+	// one account take turns (and with "ACCOUNT/e2b-tags/TEMPLATE" at the
+	// start of a tag assignment, to keep a template's tags bounded).
 	LockAccount string
 	// LockCluster, when not empty, is run (without parameters) at the
 	// start of a placement or a node expiry, to make them take turns: a

@@ -28,6 +28,7 @@ func Concurrency(t *testing.T, open func(t *testing.T) (store.Store, store.Store
 		{"placement never over-commits", placeRace},
 		{"node expired once", expireRace},
 		{"lease taken once", leaseRace},
+		{"e2b records across handles", e2bAcrossHandles},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
