@@ -71,6 +71,7 @@ type ControlPlane interface {
 	// one go, replacing any with the same key.
 	RecordUsage(ctx context.Context, iv []store.UsageInterval) error
 	// CloseOpenUsage closes, at their last checkpoint, the intervals a
-	// previous run of this host left open, and says how many.
-	CloseOpenUsage(ctx context.Context) (int, error)
+	// previous run of node (this host; "" on a single server) left open,
+	// and says how many.
+	CloseOpenUsage(ctx context.Context, node string) (int, error)
 }

@@ -93,7 +93,7 @@ func (e *Engine) meterVM(ctx context.Context, v *vmState, state store.MicrovmSta
 	if kind != "" {
 		sz := e.sizeOf(v)
 		iv := store.UsageInterval{Key: fmt.Sprintf("%s/%s/%d", v.id, kind, at.UnixNano()), Account: v.account, Resource: v.id,
-			Kind: kind, VCPUs: sz.vcpus, MemoryMiB: sz.memMiB, Start: at, End: at, Open: true}
+			Kind: kind, VCPUs: sz.vcpus, MemoryMiB: sz.memMiB, Start: at, End: at, Open: true, Node: e.cfg.Node}
 		e.meter.mu.Lock()
 		e.meter.open[v.id] = iv
 		e.meter.mu.Unlock()
@@ -115,7 +115,7 @@ func (e *Engine) meterBuild(ctx context.Context, b store.Build, start bool) {
 	switch {
 	case start:
 		iv = store.UsageInterval{Key: fmt.Sprintf("%s/%s/%d", b.ID, store.UsageBuild, now.UnixNano()), Account: b.Account,
-			Resource: b.ID, Kind: store.UsageBuild, Start: now, End: now, Open: true}
+			Resource: b.ID, Kind: store.UsageBuild, Start: now, End: now, Open: true, Node: e.cfg.Node}
 		e.meter.open[b.ID] = iv
 	case had:
 		iv.End, iv.Open = now, false
@@ -164,12 +164,7 @@ func (e *Engine) meterLoop(ctx context.Context, every time.Duration) {
 // Called at the start (closeOld) and the end of Recover.
 func (e *Engine) meterRecovered(ctx context.Context, closeOld bool) {
 	if closeOld {
-		if e.cfg.Node != "" {
-			// Usage intervals name no node: closing every open one
-			// would close the other nodes' too.
-			return
-		}
-		if n, err := e.cfg.Control.CloseOpenUsage(ctx); err != nil {
+		if n, err := e.cfg.Control.CloseOpenUsage(ctx, e.cfg.Node); err != nil {
 			e.log.Warn("closing usage intervals of the previous run", "err", err)
 		} else if n > 0 {
 			e.log.Info("closed usage intervals at their last checkpoint", "count", n)

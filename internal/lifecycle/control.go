@@ -164,8 +164,7 @@ func (c *StoreControl) RecordUsage(ctx context.Context, iv []store.UsageInterval
 	return c.st.PutUsage(ctx, iv)
 }
 
-// CloseOpenUsage closes every open interval. On a shared store that would
-// close other hosts' too, so a cluster node's engine does not ask.
-func (c *StoreControl) CloseOpenUsage(ctx context.Context) (int, error) {
-	return c.st.CloseOpenUsage(ctx)
+// CloseOpenUsage closes the open intervals node metered.
+func (c *StoreControl) CloseOpenUsage(ctx context.Context, node string) (int, error) {
+	return c.st.CloseOpenUsage(ctx, node)
 }

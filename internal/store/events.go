@@ -65,6 +65,10 @@ type UsageInterval struct {
 	Start     time.Time
 	End       time.Time
 	Open      bool
+	// Node is the host that metered it ("" on a single `kiln server`):
+	// a restarted node closes only its own, and a lost node's are closed
+	// when it is declared lost.
+	Node string
 }
 
 // Usage is what one account used in a window of time, and what it stores
@@ -89,9 +93,11 @@ type UsageStore interface {
 	// PutUsage writes intervals (new, extended or closed) in one
 	// transaction, replacing any with the same Key.
 	PutUsage(ctx context.Context, iv []UsageInterval) error
-	// CloseOpenUsage closes every open interval where it was last
-	// extended (after a restart: the previous process's checkpoints).
-	CloseOpenUsage(ctx context.Context) (int, error)
+	// CloseOpenUsage closes every open interval of node ("" on a single
+	// `kiln server`) where it was last extended (after a restart: the
+	// previous process's checkpoints). A node declared lost has its
+	// intervals closed with it (Cluster.ExpireNodes).
+	CloseOpenUsage(ctx context.Context, node string) (int, error)
 	// UsageTotals sums the usage of account ("" for every account with
 	// any) within [since, until): intervals are clipped to the window;
 	// builds count those that overlap it.

@@ -252,6 +252,10 @@ var migrations = []string{
 	migrationCluster,
 	// 4: the E2B API's template tags, builds and snapshot records (e2b.go).
 	migrationE2BTemplates,
+	// 5: the node that metered each usage interval, so that a restarted
+	// node closes only its own open intervals.
+	`ALTER TABLE usage_intervals ADD COLUMN node TEXT NOT NULL DEFAULT '';
+	CREATE INDEX usage_open_by_node ON usage_intervals (node) WHERE open;`,
 }
 
 // Advisory lock keys (the first of pg_advisory_xact_lock's two int4s).

@@ -2,6 +2,11 @@ package sqlite
 
 // Lifecycle events and usage metering (internal/store/events.go).
 
+// migrationUsageNode records which host metered an interval, so that a
+// restarted node closes only its own open intervals.
+const migrationUsageNode = `ALTER TABLE usage_intervals ADD COLUMN node TEXT NOT NULL DEFAULT '';
+	CREATE INDEX IF NOT EXISTS usage_open_by_node ON usage_intervals (node) WHERE open = 1;`
+
 // migrationEventsUsage is the schema of events and usage intervals.
 const migrationEventsUsage = `CREATE TABLE IF NOT EXISTS events (
 		seq INTEGER PRIMARY KEY,

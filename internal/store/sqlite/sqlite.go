@@ -295,6 +295,8 @@ var migrations = []string{
 	migrationCluster,
 	// 8: the E2B API's template tags, builds and snapshot records (e2b.go).
 	migrationE2BTemplates,
+	// 9: the node that metered each usage interval (events.go).
+	migrationUsageNode,
 }
 
 // migrationSizeColumns adds the sizes the quota adds up as columns, as the

@@ -358,6 +358,11 @@ func (s *Store) loseNode(ctx context.Context, tx Querier, name string, lease, no
 	if err != nil {
 		return fmt.Errorf("listing the microvms of node %s: %w", name, err)
 	}
+	// What the node metered ends at its last checkpoint: nothing runs
+	// there any more, and no restart of it will close them.
+	if _, err := tx.Exec(ctx, `UPDATE usage_intervals SET open = NOT `+s.d.True+` WHERE open = `+s.d.True+` AND node = ?`, name); err != nil {
+		return fmt.Errorf("closing the usage intervals of node %s: %w", name, err)
+	}
 	reason := fmt.Sprintf("%s: node %s stopped renewing its lease at %s", store.ReasonHostLost, name, lease.Format(time.RFC3339))
 	for _, m := range vms {
 		before := m.State

@@ -92,10 +92,10 @@ func (s *Store) PutUsage(ctx context.Context, ivs []store.UsageInterval) error {
 			if iv.Key == "" || iv.Account == "" {
 				return errors.New("usage interval without key or account")
 			}
-			_, err := tx.Exec(ctx, `INSERT INTO usage_intervals (key, account, resource, kind, vcpus, memory_mib, start_at, end_at, open)
-				VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+			_, err := tx.Exec(ctx, `INSERT INTO usage_intervals (key, account, resource, kind, vcpus, memory_mib, start_at, end_at, open, node)
+				VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 				ON CONFLICT (key) DO UPDATE SET end_at = `+s.d.Greatest+`(usage_intervals.end_at, excluded.end_at), open = excluded.open`,
-				iv.Key, iv.Account, iv.Resource, iv.Kind, iv.VCPUs, iv.MemoryMiB, iv.Start.UnixNano(), max(iv.End.UnixNano(), iv.Start.UnixNano()), iv.Open)
+				iv.Key, iv.Account, iv.Resource, iv.Kind, iv.VCPUs, iv.MemoryMiB, iv.Start.UnixNano(), max(iv.End.UnixNano(), iv.Start.UnixNano()), iv.Open, iv.Node)
 			if err != nil {
 				return fmt.Errorf("recording usage: %w", err)
 			}
@@ -104,8 +104,8 @@ func (s *Store) PutUsage(ctx context.Context, ivs []store.UsageInterval) error {
 	})
 }
 
-func (s *Store) CloseOpenUsage(ctx context.Context) (int, error) {
-	n, err := s.db.Writer().Exec(ctx, `UPDATE usage_intervals SET open = NOT `+s.d.True+` WHERE open = `+s.d.True)
+func (s *Store) CloseOpenUsage(ctx context.Context, node string) (int, error) {
+	n, err := s.db.Writer().Exec(ctx, `UPDATE usage_intervals SET open = NOT `+s.d.True+` WHERE open = `+s.d.True+` AND node = ?`, node)
 	if err != nil {
 		return 0, fmt.Errorf("closing usage intervals: %w", err)
 	}

@@ -100,6 +100,9 @@ func nodes(t *testing.T, s store.Store) {
 	late := newNode("n2", 4096, now)
 	late.LeaseExpiresAt = now.Add(-time.Minute)
 	register(t, c, late)
+	// What n2 metered is open until it is declared lost.
+	must(t, s.PutUsage(ctx, []store.UsageInterval{{Key: "on-n2", Account: "A", Resource: "vm-n2", Kind: store.UsageRunning,
+		VCPUs: 1, MemoryMiB: 512, Start: now.Add(-time.Hour), End: now.Add(-time.Minute), Open: true, Node: "n2"}}))
 	lost, err := c.ExpireNodes(ctx, now, 2*time.Minute)
 	must(t, err)
 	if len(lost) != 0 {
@@ -112,6 +115,9 @@ func nodes(t *testing.T, s store.Store) {
 	}
 	if got, err := c.GetNode(ctx, "n2"); err != nil || got.State != store.NodeLost {
 		t.Fatalf("expired node: %+v, %v", got, err)
+	}
+	if n, err := s.CloseOpenUsage(ctx, "n2"); err != nil || n != 0 {
+		t.Errorf("the lost node's usage interval was left open: closing it now closed %d (%v)", n, err)
 	}
 	is(t, c.RenewNodeLease(ctx, "n2", now.Add(time.Minute)), errdefs.ErrConflict)
 	if lost, err := c.ExpireNodes(ctx, now, 0); err != nil || len(lost) != 0 {

@@ -101,10 +101,16 @@ func usage(t *testing.T, s store.Store) {
 	// A checkpoint extends r1 to 60 s; an older one does not shrink it.
 	must(t, s.PutUsage(ctx, []store.UsageInterval{{Key: "r1", Account: "A", Resource: "vm1", Kind: store.UsageRunning, VCPUs: 2, MemoryMiB: 1024, Start: t0, End: t0.Add(60 * time.Second), Open: true}}))
 	must(t, s.PutUsage(ctx, []store.UsageInterval{{Key: "r1", Account: "A", Resource: "vm1", Kind: store.UsageRunning, VCPUs: 2, MemoryMiB: 1024, Start: t0, End: t0.Add(20 * time.Second), Open: true}}))
-	n, err := s.CloseOpenUsage(ctx)
+	// Another host's open interval is not closed by this one's restart.
+	must(t, s.PutUsage(ctx, []store.UsageInterval{{Key: "n1", Account: "B", Resource: "vm4", Kind: store.UsageRunning, VCPUs: 1, MemoryMiB: 1024,
+		Start: t0, End: t0, Open: true, Node: "host-2"}})) // no length: the totals below stay
+	n, err := s.CloseOpenUsage(ctx, "")
 	must(t, err)
 	if n != 1 {
 		t.Errorf("CloseOpenUsage closed %d, want 1", n)
+	}
+	if n, err := s.CloseOpenUsage(ctx, "host-2"); err != nil || n != 1 {
+		t.Errorf("CloseOpenUsage of host-2 closed %d (%v), want 1", n, err)
 	}
 	us, err := s.UsageTotals(ctx, "A", t0, t0.Add(time.Hour))
 	must(t, err)
