@@ -58,22 +58,27 @@ var (
 // Configure sets where the host's cgroups are. Call it before the first
 // jailed command starts: what it changes is looked up once.
 func Configure(c Config) error {
+	root, ns := cgroupRoot, hostCgroupNS
 	if c.CgroupRoot != "" {
 		if !filepath.IsAbs(c.CgroupRoot) || !isCgroupFS(c.CgroupRoot) && !dirExists(filepath.Join(c.CgroupRoot, "memory")) {
 			return fmt.Errorf("jail: cgroup root %q is neither a cgroup file system nor a directory of cgroup v1 hierarchies: mount the host's /sys/fs/cgroup there: %w", c.CgroupRoot, errdefs.ErrInvalid)
 		}
-		cgroupRoot = filepath.Clean(c.CgroupRoot)
+		root = filepath.Clean(c.CgroupRoot)
 	}
 	switch c.HostCgroupNS {
 	case "":
 	case "none":
-		hostCgroupNS = ""
+		ns = ""
 	default:
 		if !filepath.IsAbs(c.HostCgroupNS) {
 			return fmt.Errorf("jail: host cgroup namespace %q: want an absolute path such as %s, or none: %w", c.HostCgroupNS, DefaultHostCgroupNS, errdefs.ErrInvalid)
 		}
-		hostCgroupNS = c.HostCgroupNS
+		ns = c.HostCgroupNS
 	}
+	if root == cgroupRoot && ns == hostCgroupNS {
+		return nil // nothing to look up again (several engines in one test process)
+	}
+	cgroupRoot, hostCgroupNS = root, ns
 	versionOnce, v1Once, nsOnce = sync.Once{}, sync.Once{}, sync.Once{}
 	version, limits, v1Dirs = "", false, nil
 	return nil
