@@ -56,6 +56,11 @@ func TestQEMUOutlivesItsPod(t *testing.T) {
 
 	dataDir := shortDir(t)
 	cmd, out := startHelperKiln(t, "boot-one-and-hang", dataDir, procs...)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("the helper kiln's output:\n%s", out)
+		}
+	})
 	waitFor(t, 120*time.Second, func() bool { return strings.Contains(out.String(), "READY") }, "the helper kiln in its pod cgroup to boot its VM")
 	// The helper really ran in the pod's cgroups.
 	if b, _ := os.ReadFile("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/cgroup"); strings.Count(string(b), "/"+pod+"\n") != len(podDirs) {
