@@ -54,6 +54,14 @@ func podHelper() {
 			fmt.Println("CGROUP", l)
 		}
 	}
+	if own := os.Getenv("KILN_TEST_MOUNT_OWN"); own != "" {
+		// What a runtime mounts at a container's /sys/fs/cgroup: the
+		// hierarchy as its cgroup namespace shows it.
+		if err := unix.Mount("none", own, "cgroup2", 0, ""); err != nil {
+			fmt.Println("ERR mount:", err)
+			return
+		}
+	}
 	if err := Configure(Config{CgroupRoot: os.Getenv("KILN_TEST_CGROUP_ROOT"), HostCgroupNS: os.Getenv("KILN_TEST_HOST_CGROUPNS")}); err != nil {
 		fmt.Println("ERR", err)
 		return
@@ -107,7 +115,7 @@ func TestCgroupOutsidePodNamespace(t *testing.T) {
 	self := fmt.Sprintf("/proc/%d/ns/cgroup", os.Getpid())
 
 	t.Run("refused without the host's namespace", func(t *testing.T) {
-		res := runInPod(t, mnt, "none")
+		res := runInPod(t, mnt, mnt, "none")
 		if !strings.HasPrefix(res.outcome, "FAILED") || !strings.Contains(res.outcome, "no such file or directory") ||
 			!strings.Contains(res.outcome, "hostPID") {
 			t.Fatalf("the jail joined a cgroup outside its Pod's namespace without entering the host's (nsdelegate should refuse): %q", res.outcome)
@@ -116,13 +124,21 @@ func TestCgroupOutsidePodNamespace(t *testing.T) {
 	t.Run("no host namespace to enter", func(t *testing.T) {
 		// The Pod's own namespace named as the host's: what /proc/1 is
 		// without hostPID.
-		res := runInPod(t, mnt, "/proc/self/ns/cgroup")
+		res := runInPod(t, mnt, mnt, "/proc/self/ns/cgroup")
 		if !strings.HasPrefix(res.outcome, "ERR") || !strings.Contains(res.outcome, "hostPID: true") {
 			t.Fatalf("jail.Command did not refuse with what the operator must do: %q", res.outcome)
 		}
 	})
+	t.Run("the pod's own cgroup tree as the root", func(t *testing.T) {
+		own := t.TempDir()
+		t.Cleanup(func() { unix.Unmount(own, unix.MNT_DETACH) }) // the helper's mount, before the TempDir goes
+		res := runInPod(t, mnt, own, self, "KILN_TEST_MOUNT_OWN="+own)
+		if !strings.HasPrefix(res.outcome, "ERR") || !strings.Contains(res.outcome, "own cgroup tree") {
+			t.Fatalf("jail.Command did not refuse a cgroup root inside the pod: %q", res.outcome)
+		}
+	})
 	t.Run("entering the host's namespace", func(t *testing.T) {
-		res := runInPod(t, mnt, self)
+		res := runInPod(t, mnt, mnt, self)
 		pid, err := strconv.Atoi(strings.TrimPrefix(res.outcome, "JAILED "))
 		if err != nil {
 			t.Fatalf("no jailed process: %q", res.outcome)
@@ -155,9 +171,10 @@ type podRun struct {
 }
 
 // runInPod starts the helper kiln in a new pod cgroup of mnt and a cgroup
-// namespace rooted there, with hostNS as its host's cgroup namespace, and
-// returns what became of its jailed command.
-func runInPod(t *testing.T, mnt, hostNS string) podRun {
+// namespace rooted there, with cgroupRoot and hostNS as its
+// --cgroup-root and --host-cgroupns, and returns what became of its
+// jailed command.
+func runInPod(t *testing.T, mnt, cgroupRoot, hostNS string, env ...string) podRun {
 	t.Helper()
 	r := podRun{pod: filepath.Join(mnt, fmt.Sprintf("kt-pod-%d-%d", os.Getpid(), time.Now().UnixNano()%1e6)),
 		cgroup: fmt.Sprintf("kiln-test/ns-%d", os.Getpid())}
@@ -165,8 +182,8 @@ func runInPod(t *testing.T, mnt, hostNS string) podRun {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { // last: the jailed process is gone by then
-		os.Remove(filepath.Join(mnt, r.cgroup))
-		os.Remove(filepath.Dir(filepath.Join(mnt, r.cgroup)))
+		os.Remove(filepath.Join(cgroupRoot, r.cgroup))
+		os.Remove(filepath.Dir(filepath.Join(cgroupRoot, r.cgroup)))
 	})
 	t.Cleanup(func() {
 		killCgroup(t, r.pod)
@@ -178,8 +195,9 @@ func runInPod(t *testing.T, mnt, hostNS string) podRun {
 	}
 	defer pod.Close()
 	cmd := exec.Command("/proc/self/exe")
-	cmd.Env = append(os.Environ(), "KILN_JAIL_TEST_HELPER=unshare", "KILN_TEST_CGROUP_ROOT="+mnt,
+	cmd.Env = append(os.Environ(), "KILN_JAIL_TEST_HELPER=unshare", "KILN_TEST_CGROUP_ROOT="+cgroupRoot,
 		"KILN_TEST_HOST_CGROUPNS="+hostNS, "KILN_TEST_CGROUP="+r.cgroup, "KILN_TEST_JAIL_ROOT="+jailRoot(t))
+	cmd.Env = append(cmd.Env, env...)
 	// Born in the pod cgroup, as a runtime starts a container's process.
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(pod.Fd())}
 	out, err := cmd.StdoutPipe()
@@ -300,4 +318,18 @@ func cgroup2Options() string {
 		return strings.Join(keep, ",")
 	}
 	return ""
+}
+
+// TestConfigureRefuses: a cgroup root that is no cgroup file system, or
+// relative paths, are refused before anything is looked up.
+func TestConfigureRefuses(t *testing.T) {
+	for _, c := range []Config{
+		{CgroupRoot: "sys/fs/cgroup"},
+		{CgroupRoot: t.TempDir()},
+		{HostCgroupNS: "proc/1/ns/cgroup"},
+	} {
+		if err := Configure(c); err == nil {
+			t.Errorf("Configure(%+v) accepted", c)
+		}
+	}
 }
