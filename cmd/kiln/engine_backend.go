@@ -149,6 +149,11 @@ func startEngine(ctx context.Context, o ServerOptions, st store.Store, rep *life
 	if err := jail.Configure(jail.Config{CgroupRoot: o.CgroupRoot, HostCgroupNS: o.HostCgroupNS}); err != nil {
 		return nil, nil, fmt.Errorf("--cgroup-root/--host-cgroupns: %w", err)
 	}
+	if jail.Supported() == nil {
+		if err := jail.CheckCgroupPlacement(); err != nil {
+			return nil, nil, err
+		}
+	}
 	var pool netip.Prefix
 	if o.NetPool != "" {
 		if pool, err = netip.ParsePrefix(o.NetPool); err != nil || !pool.Addr().Is4() || pool.Bits() > 29 {

@@ -84,6 +84,15 @@ func Configure(c Config) error {
 	return nil
 }
 
+// CheckCgroupPlacement says why jailed commands could not be placed in
+// cgroups outside this process's cgroup namespace (nil when they can, or
+// when no namespace is in the way), so that a kiln node refuses to start
+// rather than fail every VM start.
+func CheckCgroupPlacement() error {
+	_, err := cgroupNSToEnter()
+	return err
+}
+
 // cgroupNSToEnter is the cgroup namespace the jail's init must enter
 // before joining its cgroup ("" for none), or why the cgroup cannot be
 // placed outside this process's namespace.
