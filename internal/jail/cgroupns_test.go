@@ -18,6 +18,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/kiln-sandbox/kiln/internal/jail/cgrouptest"
 )
 
 // The helper of TestCgroupOutsidePodNamespace: this test binary stands
@@ -106,7 +108,7 @@ func podHelper() {
 // with no way to enter it jail.Command says what the operator must do.
 func TestCgroupOutsidePodNamespace(t *testing.T) {
 	needRoot(t)
-	mnt := mountCgroup2(t)
+	mnt := cgrouptest.MountCgroup2(t)
 	// Orphans of the killed helper come back here to be reaped.
 	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
 		t.Fatal(err)
@@ -149,7 +151,7 @@ func TestCgroupOutsidePodNamespace(t *testing.T) {
 			unix.Wait4(pid, &ws, 0, nil)
 		}()
 		// The Pod stops: everything in its cgroup is killed.
-		killCgroup(t, res.pod)
+		cgrouptest.Kill(t, res.pod)
 		if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); strings.TrimSpace(string(b)) != "sleep" {
 			t.Fatalf("the jailed process died with its Pod (comm %q)", b)
 		}
@@ -176,19 +178,12 @@ type podRun struct {
 // jailed command.
 func runInPod(t *testing.T, mnt, cgroupRoot, hostNS string, env ...string) podRun {
 	t.Helper()
-	r := podRun{pod: filepath.Join(mnt, fmt.Sprintf("kt-pod-%d-%d", os.Getpid(), time.Now().UnixNano()%1e6)),
-		cgroup: fmt.Sprintf("kiln-test/ns-%d", os.Getpid())}
-	if err := os.Mkdir(r.pod, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { // last: the jailed process is gone by then
+	r := podRun{cgroup: fmt.Sprintf("kiln-test/ns-%d", os.Getpid())}
+	t.Cleanup(func() { // after the pod's (cleanups run last first): the jailed process is gone by then
 		os.Remove(filepath.Join(cgroupRoot, r.cgroup))
 		os.Remove(filepath.Dir(filepath.Join(cgroupRoot, r.cgroup)))
 	})
-	t.Cleanup(func() {
-		killCgroup(t, r.pod)
-		os.Remove(r.pod)
-	})
+	r.pod = cgrouptest.Pod(t, mnt)
 	pod, err := os.Open(r.pod)
 	if err != nil {
 		t.Fatal(err)
@@ -237,87 +232,6 @@ func runInPod(t *testing.T, mnt, cgroupRoot, hostNS string, env ...string) podRu
 			t.Fatal("the helper said nothing for 20 s")
 		}
 	}
-}
-
-// killCgroup kills everything in the cgroup dir (cgroup.kill where the
-// kernel has it, else each process) and waits until it is empty.
-func killCgroup(t *testing.T, dir string) {
-	if err := os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0); err != nil {
-		procs, _ := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
-		for _, p := range strings.Fields(string(procs)) {
-			if pid, err := strconv.Atoi(p); err == nil {
-				unix.Kill(pid, unix.SIGKILL)
-			}
-		}
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		ev, err := os.ReadFile(filepath.Join(dir, "cgroup.events"))
-		if err != nil || strings.Contains(string(ev), "populated 0") {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Errorf("processes left in %s", dir)
-			return
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
-
-// mountCgroup2 mounts the v2 hierarchy at a temporary directory with
-// nsdelegate (what systemd mounts it with, and what makes a cgroup
-// namespace a boundary). The hierarchy's options are global: it is
-// mounted with the host's other options kept, and remounted with the
-// host's own when the test ends.
-func mountCgroup2(t *testing.T) string {
-	t.Helper()
-	orig := cgroup2Options()
-	with := orig
-	if !strings.Contains(","+orig+",", ",nsdelegate,") {
-		with = strings.Trim(orig+",nsdelegate", ",")
-	}
-	dir := t.TempDir()
-	if err := unix.Mount("none", dir, "cgroup2", 0, with); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("mounting cgroup2 at %s (-o %s): %v", dir, with, err)
-		}
-		t.Skipf("mounting cgroup2: %v", err)
-	}
-	t.Cleanup(func() {
-		if with != orig {
-			if err := unix.Mount("none", dir, "cgroup2", unix.MS_REMOUNT, orig); err != nil {
-				t.Errorf("restoring the cgroup2 options %q: %v", orig, err)
-			}
-		}
-		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
-			t.Error(err)
-		}
-	})
-	return dir
-}
-
-// cgroup2Options are the hierarchy-wide options of the host's cgroup2
-// mount ("" if none is mounted), without the per-mount ones.
-func cgroup2Options() string {
-	b, _ := os.ReadFile("/proc/self/mountinfo")
-	for _, l := range strings.Split(string(b), "\n") {
-		_, after, ok := strings.Cut(l, " - cgroup2 ")
-		if !ok {
-			continue
-		}
-		f := strings.Fields(after)
-		if len(f) < 2 {
-			continue
-		}
-		var keep []string
-		for _, o := range strings.Split(f[1], ",") {
-			if o != "rw" && o != "ro" && o != "seclabel" {
-				keep = append(keep, o)
-			}
-		}
-		return strings.Join(keep, ",")
-	}
-	return ""
 }
 
 // TestConfigureRefuses: a cgroup root that is no cgroup file system, or
