@@ -110,7 +110,9 @@ func TestQEMUOutlivesItsPod(t *testing.T) {
 // test's namespace as the host's (/proc/1 stands for it under hostPID; on
 // this machine it cannot be read). It boots a VM; the pod's cgroup is
 // killed; a second helper kiln in a second such pod adopts the VM, reads
-// its disk and terminates it. Where the v2 hierarchy has no memory
+// its disk and terminates it. First, a helper that does not enter the
+// host's namespace (--host-cgroupns none) cannot start QEMU: the kernel
+// refuses the move. Where the v2 hierarchy has no memory
 // controller (this machine: all are bound to v1) QEMU's cgroup carries no
 // limits.
 func TestQEMUOutlivesItsPodCgroupNS(t *testing.T) {
@@ -128,6 +130,16 @@ func TestQEMUOutlivesItsPodCgroupNS(t *testing.T) {
 		return helperPlace{cgroupProcs: []string{filepath.Join(cgrouptest.Pod(t, mnt), "cgroup.procs")}, cgroupNS: true,
 			env: []string{"KILN_TEST_CGROUP_ROOT=" + mnt, "KILN_TEST_HOST_CGROUPNS=" + fmt.Sprintf("/proc/%d/ns/cgroup", os.Getpid())}}
 	}
+	// Without entering the host's namespace the kernel refuses the move,
+	// and the VM does not start.
+	refused := place()
+	refused.env[1] = "KILN_TEST_HOST_CGROUPNS=none"
+	cmd0, out0 := startHelperKilnIn(t, "boot-one-and-hang", shortDir(t), refused)
+	cmd0.Wait()
+	if o := out0.String(); !strings.Contains(o, "helper: booting keep") || !strings.Contains(o, "no such file or directory") || !strings.Contains(o, "nsdelegate") {
+		t.Fatalf("a kiln that stays in its pod's cgroup namespace booted a VM, or failed otherwise: %s", o)
+	}
+
 	dataDir := shortDir(t)
 	first := place()
 	cmd, out := startHelperKilnIn(t, "boot-one-and-hang", dataDir, first)
