@@ -149,7 +149,9 @@ func TestQEMUOutlivesItsPodCgroupNS(t *testing.T) {
 		}
 	})
 	// "helper:" is a failure it reports before it ends.
-	waitFor(t, 120*time.Second, func() bool { return strings.Contains(out.String(), "READY") || strings.Contains(out.String(), "helper:") },
+	waitFor(t, 120*time.Second, func() bool {
+		return strings.Contains(out.String(), "READY") || strings.Contains(out.String(), "helper:")
+	},
 		"the helper kiln in its pod's cgroup namespace to boot its VM")
 	if !strings.Contains(out.String(), "READY") {
 		t.Fatal("the helper kiln could not boot its VM")
