@@ -26,6 +26,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/image/source"
 	"github.com/kiln-sandbox/kiln/internal/imagebuild"
 	"github.com/kiln-sandbox/kiln/internal/imds"
+	"github.com/kiln-sandbox/kiln/internal/jail"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/netns"
@@ -144,6 +145,15 @@ func startEngine(ctx context.Context, o ServerOptions, st store.Store, rep *life
 	logs, err := applog.New(filepath.Join(o.DataDir, "logs"), applog.Options{MaxBytes: o.LogMaxBytes, Retention: o.LogRetention, Log: log})
 	if err != nil {
 		return nil, nil, err
+	}
+	// Before the driver: it adopts running VMs by their cgroups.
+	if err := jail.Configure(jail.Config{CgroupRoot: o.CgroupRoot, HostCgroupNS: o.HostCgroupNS}); err != nil {
+		return nil, nil, fmt.Errorf("--cgroup-root/--host-cgroupns: %w", err)
+	}
+	if jail.Supported() == nil {
+		if err := jail.CheckCgroupPlacement(); err != nil {
+			return nil, nil, err
+		}
 	}
 	var pool netip.Prefix
 	if o.NetPool != "" {

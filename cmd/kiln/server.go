@@ -129,6 +129,12 @@ type ServerOptions struct {
 	// a cluster's nodes standing in for hosts on one machine, set their own.
 	NetPool   string
 	VMUIDBase uint32
+	// CgroupRoot (--cgroup-root) is where the host's cgroup file system
+	// is mounted, and HostCgroupNS (--host-cgroupns) the host's cgroup
+	// namespace, entered to place each QEMU's cgroup outside a Pod's
+	// namespace (internal/jail, cgroupns.go); "": the defaults.
+	CgroupRoot   string
+	HostCgroupNS string
 	// TokenKey (--token-key of `kiln control`) is the operator's file of
 	// the endpoint token key ("": DATA_DIR/token.key).
 	TokenKey string
@@ -257,6 +263,8 @@ func (sf *serverFlags) add(f *pflag.FlagSet) {
 	addLogFlags(f, o)
 	f.StringVar(&o.NetPool, "net-pool", "", "prefix the VM links' /30s come from (default 10.200.0.0/16)")
 	f.Uint32Var(&o.VMUIDBase, "vm-uid-base", 0, "first of the 65536 uids VM processes run as (default 0x6b690000)")
+	f.StringVar(&o.CgroupRoot, "cgroup-root", "", "where the host's cgroup file system is mounted; each QEMU gets a cgroup kiln/ID.* there (default /sys/fs/cgroup; in a Pod with a cgroup namespace of its own, mount the host's elsewhere and name it)")
+	f.StringVar(&o.HostCgroupNS, "host-cgroupns", "", "the host's cgroup namespace, entered to put QEMU's cgroup outside kiln's own when kiln runs in another (default /proc/1/ns/cgroup, the host's under hostPID; none: never)")
 	f.StringVar(&o.RolesFile, "roles-file", "", "JSON file mapping executionRoleArn values to credential sources (a profile of the host's AWS configuration, or an STS AssumeRole), served to each microVM through its metadata service at 169.254.169.254 (IMDSv2); empty: no microVM gets credentials")
 	f.StringVar(&o.DefaultEgress, "default-egress", "none", "egress of microVMs and image builds that name no egress connector: none (kiln's default: no network out) or internet (AWS's default: INTERNET_EGRESS, still behind the deny list)")
 	f.StringVar(&o.S3Endpoint, "s3-endpoint", "", "S3-compatible endpoint (e.g. http://127.0.0.1:7070) that s3:// code artifacts are read from, with credentials from the standard AWS chain (AWS_ACCESS_KEY_ID..., AWS_PROFILE); empty: AWS's own S3")

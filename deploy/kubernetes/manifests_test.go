@@ -265,6 +265,11 @@ func (o *objects) role(name string) (workload, bool) {
 	return workload{}, false
 }
 
+// hostCgroupMount is where the node Pod sees the host's cgroup file
+// system: not over /sys/fs/cgroup, which is the Pod's own subtree when
+// the runtime gives it a cgroup namespace (internal/jail, cgroupns.go).
+const hostCgroupMount = "/host/sys/fs/cgroup"
+
 // check holds a rendered kustomization to kiln's invariants and returns
 // every violation.
 func check(o *objects) []string {
@@ -294,6 +299,9 @@ func check(o *objects) []string {
 			fail("%s: hostPID is off: QEMU would die with the Pod's PID namespace", n.name)
 		}
 		c := s.Containers[0]
+		if !slices.Contains(c.Args, "--cgroup-root="+hostCgroupMount) {
+			fail("%s: kiln node lacks --cgroup-root=%s: it would make QEMU's cgroups in the Pod's own cgroup tree where the runtime gives it a cgroup namespace", n.name, hostCgroupMount)
+		}
 		if c.SecurityContext == nil || c.SecurityContext.Privileged == nil || !*c.SecurityContext.Privileged {
 			fail("%s: container %s is not privileged", n.name, c.Name)
 		}
@@ -305,7 +313,7 @@ func check(o *objects) []string {
 			{"/dev/kvm", "/dev/kvm", corev1.HostPathCharDev, ""},
 			{"/dev/net/tun", "/dev/net/tun", corev1.HostPathCharDev, ""},
 			{"/run/netns", "/run/netns", "", corev1.MountPropagationBidirectional},
-			{"/sys/fs/cgroup", "/sys/fs/cgroup", "", ""},
+			{"/sys/fs/cgroup", hostCgroupMount, "", ""},
 			{"/var/lib/kiln", "/var/lib/kiln", "", ""},
 		} {
 			v := hostPathVolume(s, want.host)
@@ -790,6 +798,10 @@ func TestChecksCatchBrokenManifests(t *testing.T) {
 		{"node on any host", func(o *objects) { delete(o.daemonSets[0].Spec.Template.Spec.NodeSelector, "kiln.dev/kvm") }, "kiln.dev/kvm=true"},
 		{"node without hostPID", func(o *objects) { o.daemonSets[0].Spec.Template.Spec.HostPID = false }, "hostPID is off"},
 		{"no /dev/kvm", func(o *objects) { dropHostPath(o, "/dev/kvm") }, "no hostPath volume for /dev/kvm"},
+		{"node without --cgroup-root", func(o *objects) {
+			c := &o.daemonSets[0].Spec.Template.Spec.Containers[0]
+			c.Args = slices.DeleteFunc(c.Args, func(a string) bool { return strings.HasPrefix(a, "--cgroup-root") })
+		}, "lacks --cgroup-root"},
 		{"netns not bidirectional", func(o *objects) {
 			for i, m := range o.daemonSets[0].Spec.Template.Spec.Containers[0].VolumeMounts {
 				if m.MountPath == "/run/netns" {

@@ -20,33 +20,48 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 )
 
-// cgroupRoot is where cgroup hierarchies are mounted.
+// cgroupRoot is where cgroup hierarchies are mounted (Configure).
 var cgroupRoot = "/sys/fs/cgroup"
 
-// CgroupVersion is "v2" (a unified hierarchy with the memory controller),
-// "v1" (separate memory, pids and cpu hierarchies; the hybrid layout with
-// an empty v2 hierarchy at /sys/fs/cgroup/unified counts as v1), or ""
-// when neither is usable.
+// CgroupVersion is "v2" (a unified hierarchy), "v1" (separate memory,
+// pids and cpu hierarchies; the hybrid layout with an empty v2 hierarchy
+// at /sys/fs/cgroup/unified counts as v1), or "" when neither is usable.
+// A v2 hierarchy without the memory controller (all controllers bound to
+// v1 hierarchies elsewhere) still places commands in cgroups of their
+// own, but limits nothing: see CgroupLimits.
 func CgroupVersion() string {
 	versionOnce.Do(func() {
 		switch {
 		case hasController(filepath.Join(cgroupRoot, "cgroup.controllers"), "memory"):
-			version = "v2"
+			version, limits = "v2", true
 		case dirExists(filepath.Join(cgroupRoot, "memory")):
-			version = "v1"
+			version, limits = "v1", true
+		case isCgroup2FS(cgroupRoot):
+			version, limits = "v2", false
 		}
-		if version == "" {
-			slog.Warn("jail: no usable cgroup hierarchy (neither v2 with memory nor v1 memory): jailed commands cannot be limited")
-		} else {
+		switch {
+		case version == "":
+			slog.Warn("jail: no usable cgroup hierarchy (neither v2 nor v1 memory) under " + cgroupRoot + ": jailed commands cannot be limited")
+		case !limits:
+			slog.Warn("jail: the cgroup v2 hierarchy at " + cgroupRoot + " has no memory controller: jailed commands get cgroups of their own but no memory, pids or cpu limits")
+		default:
 			slog.Info("jail: using cgroup " + version + " for memory, pids and cpu limits")
 		}
 	})
 	return version
 }
 
+// CgroupLimits says whether the jail's cgroups carry memory, pids and cpu
+// limits (CgroupVersion found the controllers).
+func CgroupLimits() bool {
+	CgroupVersion()
+	return limits
+}
+
 var (
 	versionOnce sync.Once
 	version     string
+	limits      bool
 )
 
 func hasController(file, c string) bool {
@@ -119,6 +134,11 @@ func isCgroupFS(p string) bool {
 	return unix.Statfs(p, &st) == nil && (st.Type == unix.CGROUP_SUPER_MAGIC || st.Type == unix.CGROUP2_SUPER_MAGIC)
 }
 
+func isCgroup2FS(p string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(p, &st) == nil && st.Type == unix.CGROUP2_SUPER_MAGIC
+}
+
 // cgroupDirs lists the directories of a cgroup name, one per hierarchy.
 func cgroupDirs(name string) []string {
 	switch CgroupVersion() {
@@ -177,6 +197,14 @@ func createCgroup(c CgroupSpec) ([]string, error) {
 		return nil, fmt.Errorf("jail: no usable cgroup hierarchy under %s: %w", cgroupRoot, errdefs.ErrUnavailable)
 	}
 	dirs := cgroupDirs(c.Name)
+	if !CgroupLimits() {
+		// Placement only (see CgroupVersion): the cgroup still keeps the
+		// command apart from its starter's.
+		if err := os.MkdirAll(dirs[0], 0o755); err != nil {
+			return nil, fmt.Errorf("jail: creating cgroup %s: %w", dirs[0], err)
+		}
+		return dirs, nil
+	}
 	if v == "v2" {
 		if err := enableV2Controllers(c.Name); err != nil {
 			return nil, err

@@ -42,21 +42,22 @@ func fail(what string, err error) {
 // enter confines the calling thread; execve is all that is left to do.
 func (s *initSpec) enter() error {
 	// The cgroup first, so that all that follows is accounted there.
+	// Its namespace before that: the kernel checks the namespace
+	// cgroup.procs was opened in (cgroupns.go).
+	if s.CgroupNS != "" {
+		if err := setns(s.CgroupNS, unix.CLONE_NEWCGROUP); err != nil {
+			return fmt.Errorf("entering the host's cgroup namespace: %w", err)
+		}
+	}
 	// "0" means the writing process, whatever PID namespace it is in.
 	for _, d := range s.CgroupDirs {
 		if err := os.WriteFile(filepath.Join(d, "cgroup.procs"), []byte("0"), 0); err != nil {
-			return fmt.Errorf("joining cgroup %s: %w", d, err)
+			return fmt.Errorf("joining cgroup %s: %w", d, errCgroupNSRefused(d, err))
 		}
 	}
 	if s.NetNS != "" {
-		fd, err := unix.Open(s.NetNS, unix.O_RDONLY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return fmt.Errorf("opening netns %s: %w", s.NetNS, err)
-		}
-		err = unix.Setns(fd, unix.CLONE_NEWNET)
-		unix.Close(fd)
-		if err != nil {
-			return fmt.Errorf("entering netns %s: %w", s.NetNS, err)
+		if err := setns(s.NetNS, unix.CLONE_NEWNET); err != nil {
+			return fmt.Errorf("entering netns: %w", err)
 		}
 	}
 	if err := s.buildRoot(); err != nil {
@@ -103,6 +104,20 @@ func (s *initSpec) enter() error {
 	// exec; whatever else this process holds is closed by it.
 	if err := unix.CloseRange(uint(3+s.NFiles), ^uint(0), unix.CLOSE_RANGE_CLOEXEC); err != nil {
 		return fmt.Errorf("close_range: %w", err)
+	}
+	return nil
+}
+
+// setns moves the calling thread (locked by init) into the namespace
+// file path names.
+func setns(path string, kind int) error {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", path, err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Setns(fd, kind); err != nil {
+		return fmt.Errorf("setns %s: %w", path, err)
 	}
 	return nil
 }

@@ -106,7 +106,8 @@ type initSpec struct {
 	UID        uint32   `json:"uid"`
 	GID        uint32   `json:"gid"`
 	Rlimits    Rlimits  `json:"rlimits"`
-	CgroupDirs []string `json:"cgroups,omitempty"` // host paths; the init joins each
+	CgroupDirs []string `json:"cgroups,omitempty"`  // host paths; the init joins each
+	CgroupNS   string   `json:"cgroupns,omitempty"` // entered first (cgroupns.go)
 	Path       string   `json:"path"`
 	Args       []string `json:"args"`
 	Dir        string   `json:"dir,omitempty"`
@@ -126,11 +127,15 @@ func Command(ctx context.Context, spec Spec) (*exec.Cmd, error) {
 		UID: spec.UID, GID: spec.GID, Rlimits: spec.Rlimits, Path: spec.Path, Args: spec.Args,
 		Dir: spec.Dir, NFiles: len(spec.ExtraFiles), Pdeathsig: int(spec.Pdeathsig)}
 	if spec.Cgroup != nil {
+		ns, err := cgroupNSToEnter()
+		if err != nil {
+			return nil, err
+		}
 		dirs, err := createCgroup(*spec.Cgroup)
 		if err != nil {
 			return nil, err
 		}
-		is.CgroupDirs = dirs
+		is.CgroupDirs, is.CgroupNS = dirs, ns
 	}
 	b, err := json.Marshal(is)
 	if err != nil {

@@ -5,13 +5,17 @@ package qemu
 import (
 	"bufio"
 	"context"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/jail/cgrouptest"
 )
 
 // TestQEMUOutlivesItsPod: QEMU lives outside the lifetime of the kiln
@@ -56,6 +60,11 @@ func TestQEMUOutlivesItsPod(t *testing.T) {
 
 	dataDir := shortDir(t)
 	cmd, out := startHelperKiln(t, "boot-one-and-hang", dataDir, procs...)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("the helper kiln's output:\n%s", out)
+		}
+	})
 	waitFor(t, 120*time.Second, func() bool { return strings.Contains(out.String(), "READY") }, "the helper kiln in its pod cgroup to boot its VM")
 	// The helper really ran in the pod's cgroups.
 	if b, _ := os.ReadFile("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/cgroup"); strings.Count(string(b), "/"+pod+"\n") != len(podDirs) {
@@ -91,6 +100,86 @@ func TestQEMUOutlivesItsPod(t *testing.T) {
 		t.Fatal(err)
 	}
 	assertNoQEMU(t, d)
+}
+
+// TestQEMUOutlivesItsPodCgroupNS: the same on cgroup v2 with the Pod's
+// own cgroup namespace, the case a cgroup v1 host cannot show. The v2
+// hierarchy is mounted with nsdelegate at a temporary directory; a helper
+// kiln is born in a "pod" cgroup there and in a new cgroup namespace
+// rooted at it (unshare --cgroup), with --cgroup-root at the mount and the
+// test's namespace as the host's (/proc/1 stands for it under hostPID; on
+// this machine it cannot be read). It boots a VM; the pod's cgroup is
+// killed; a second helper kiln in a second such pod adopts the VM, reads
+// its disk and terminates it. First, a helper that does not enter the
+// host's namespace (--host-cgroupns none) cannot start QEMU: the kernel
+// refuses the move. Where the v2 hierarchy has no memory
+// controller (this machine: all are bound to v1) QEMU's cgroup carries no
+// limits.
+func TestQEMUOutlivesItsPodCgroupNS(t *testing.T) {
+	if env == nil {
+		t.Skip("engine not set up")
+	}
+	if _, err := exec.LookPath("unshare"); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal(err)
+		}
+		t.Skip(err)
+	}
+	mnt := cgrouptest.MountCgroup2(t)
+	place := func() helperPlace {
+		return helperPlace{cgroupProcs: []string{filepath.Join(cgrouptest.Pod(t, mnt), "cgroup.procs")}, cgroupNS: true,
+			env: []string{"KILN_TEST_CGROUP_ROOT=" + mnt, "KILN_TEST_HOST_CGROUPNS=" + fmt.Sprintf("/proc/%d/ns/cgroup", os.Getpid())}}
+	}
+	// Without entering the host's namespace the kernel refuses the move,
+	// and the VM does not start.
+	refused := place()
+	refused.env[1] = "KILN_TEST_HOST_CGROUPNS=none"
+	cmd0, out0 := startHelperKilnIn(t, "boot-one-and-hang", shortDir(t), refused)
+	cmd0.Wait()
+	if o := out0.String(); !strings.Contains(o, "helper: booting keep") || !strings.Contains(o, "no such file or directory") || !strings.Contains(o, "nsdelegate") {
+		t.Fatalf("a kiln that stays in its pod's cgroup namespace booted a VM, or failed otherwise: %s", o)
+	}
+
+	dataDir := shortDir(t)
+	first := place()
+	cmd, out := startHelperKilnIn(t, "boot-one-and-hang", dataDir, first)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("the first helper kiln's output:\n%s", out)
+		}
+	})
+	// "helper:" is a failure it reports before it ends.
+	waitFor(t, 120*time.Second, func() bool {
+		return strings.Contains(out.String(), "READY") || strings.Contains(out.String(), "helper:")
+	},
+		"the helper kiln in its pod's cgroup namespace to boot its VM")
+	if !strings.Contains(out.String(), "READY") {
+		t.Fatal("the helper kiln could not boot its VM")
+	}
+	if b, _ := os.ReadFile("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/cgroup"); !strings.Contains(string(b), "0::/kt-pod-") {
+		t.Fatalf("the helper kiln is not in its pod cgroup:\n%s", b)
+	}
+	qemus, _ := filepath.Glob(filepath.Join(mnt, cgroupParent, "keep.*", "cgroup.procs"))
+	if len(qemus) != 1 {
+		t.Fatalf("no cgroup %s/keep.* under the mount: %v", cgroupParent, qemus)
+	}
+	t.Cleanup(func() { os.Remove(filepath.Dir(qemus[0])); os.Remove(filepath.Join(mnt, cgroupParent)) })
+	// The Pod stops.
+	cgrouptest.Kill(t, filepath.Dir(first.cgroupProcs[0]))
+	cmd.Wait()
+	if b, _ := os.ReadFile(qemus[0]); len(strings.Fields(string(b))) == 0 {
+		t.Fatalf("QEMU died with its kiln's pod (output: %s)", out)
+	}
+
+	cmd2, out2 := startHelperKilnIn(t, "adopt-and-terminate", dataDir, place())
+	cmd2.Wait()
+	o := out2.String()
+	t.Logf("the next helper kiln: %s", o)
+	for _, want := range []string{"ADOPTED [keep] <nil>", `MARK "before-crash" <nil>`, "TERMINATED <nil>"} {
+		if !strings.Contains(o, want) {
+			t.Errorf("the next kiln's output lacks %q", want)
+		}
+	}
 }
 
 // cgroupMounts are the mount points of every cgroup hierarchy (v1 and v2)

@@ -29,6 +29,18 @@ import (
 var env *vmmtest.Env
 
 func TestMain(m *testing.M) {
+	if root := os.Getenv("KILN_TEST_CGROUP_ROOT"); root != "" && os.Getenv("KILN_TEST_HELPER") != "" {
+		// A helper kiln in a Pod with a cgroup namespace of its own
+		// (TestQEMUOutlivesItsPodCgroupNS): --cgroup-root, --host-cgroupns.
+		if err := jail.Configure(jail.Config{CgroupRoot: root, HostCgroupNS: os.Getenv("KILN_TEST_HOST_CGROUPNS")}); err != nil {
+			fmt.Println("helper:", err)
+			os.Exit(1)
+		}
+	}
+	if os.Getenv("KILN_TEST_HELPER") == "adopt-and-terminate" {
+		helperAdoptAndTerminate("keep")
+		return
+	}
 	if os.Getenv("KILN_TEST_HELPER") == "boot-and-hang" {
 		helperBootAndHang([]string{"keep", "sleepy"}, "sleepy")
 		return
@@ -343,13 +355,30 @@ func TestQEMUKilledIsNoticedAndCleanedUp(t *testing.T) {
 // container runtime puts a container's process into its cgroups.
 func startHelperKiln(t *testing.T, mode, dataDir string, cgroupProcs ...string) (*exec.Cmd, *bytes.Buffer) {
 	t.Helper()
+	return startHelperKilnIn(t, mode, dataDir, helperPlace{cgroupProcs: cgroupProcs})
+}
+
+// helperPlace is where a helper kiln runs, as a container runtime places
+// a container's process.
+type helperPlace struct {
+	cgroupProcs []string // cgroup.procs files it joins first
+	cgroupNS    bool     // then a new cgroup namespace rooted there
+	env         []string
+}
+
+func startHelperKilnIn(t *testing.T, mode, dataDir string, p helperPlace) (*exec.Cmd, *bytes.Buffer) {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	if len(cgroupProcs) > 0 {
-		script := `for f in "$@"; do echo $$ > "$f" || exit 1; done; exec "$KILN_TEST_BIN" -test.run='^$'`
-		cmd = exec.Command("sh", append([]string{"-c", script, "sh"}, cgroupProcs...)...)
+	if len(p.cgroupProcs) > 0 {
+		exe := `"$KILN_TEST_BIN"`
+		if p.cgroupNS {
+			exe = `unshare --cgroup "$KILN_TEST_BIN"`
+		}
+		script := `for f in "$@"; do echo $$ > "$f" || exit 1; done; exec ` + exe + ` -test.run='^$'`
+		cmd = exec.Command("sh", append([]string{"-c", script, "sh"}, p.cgroupProcs...)...)
 		cmd.Env = append(cmd.Env, "KILN_TEST_BIN="+os.Args[0])
 	}
-	cmd.Env = append(append(cmd.Env, os.Environ()...), "KILN_TEST_HELPER="+mode, "KILN_TEST_DATA="+dataDir,
+	cmd.Env = append(append(append(cmd.Env, os.Environ()...), p.env...), "KILN_TEST_HELPER="+mode, "KILN_TEST_DATA="+dataDir,
 		"KILN_TEST_KERNEL="+env.KernelDir, "KILN_TEST_AGENT="+env.AgentBinary, "KILN_TEST_ROOT="+env.RootDisk)
 	out := new(bytes.Buffer)
 	cmd.Stdout, cmd.Stderr = out, out
@@ -450,6 +479,26 @@ func helperBootAndHang(ids []string, suspend string) {
 	}
 	fmt.Println("READY")
 	select {}
+}
+
+// helperAdoptAndTerminate is the next kiln of TestQEMUOutlivesItsPodCgroupNS:
+// it adopts VM id, reads its disk's mark, terminates it and says so.
+func helperAdoptAndTerminate(id string) {
+	ctx := context.Background()
+	d, err := New(ctx, Config{DataDir: os.Getenv("KILN_TEST_DATA"), KernelDir: os.Getenv("KILN_TEST_KERNEL"),
+		AgentBinary: os.Getenv("KILN_TEST_AGENT")})
+	if err != nil {
+		fmt.Println("helper:", err)
+		os.Exit(1)
+	}
+	rep, err := d.Recover(ctx)
+	fmt.Println("ADOPTED", rep.Adopted, err)
+	if a, err := d.Agent(ctx, id); err == nil {
+		out, _, _, err := vmmtest.Run(ctx, a, client.ExecRequest{Argv: []string{"/bin/cat", "/root/mark"}})
+		fmt.Printf("MARK %q %v\n", strings.TrimSpace(out), err)
+	}
+	fmt.Println("TERMINATED", d.Terminate(ctx, id))
+	d.Close()
 }
 
 func assertNoQEMU(t *testing.T, d *Driver) {
