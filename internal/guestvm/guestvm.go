@@ -313,6 +313,14 @@ func (v *VM) Detach() error {
 // there at all) the VM's own: Close terminates it.
 func (v *VM) AdoptVM() { _ = v.own() }
 
+// VMEnded says the VM ended by other means (vmm.Driver.Snapshot ends it):
+// Close no longer terminates it.
+func (v *VM) VMEnded() {
+	v.mu.Lock()
+	v.ownsVM = false
+	v.mu.Unlock()
+}
+
 // own is AdoptVM that refuses once Close ran: a VM made then would have
 // no step left to terminate it.
 func (v *VM) own() error {
@@ -335,7 +343,7 @@ func (v *VM) Boot(ctx context.Context, spec vmm.BootSpec) (vmm.Info, error) {
 	}
 	info, err := v.cfg.Driver.Boot(ctx, spec)
 	if err != nil {
-		return info, fmt.Errorf("booting vm %s: %w", v.ID, err)
+		return info, fmt.Errorf("booting the vm: %w", err)
 	}
 	v.setInfo(info)
 	return info, nil
@@ -350,7 +358,7 @@ func (v *VM) Clone(ctx context.Context, spec vmm.CloneSpec) (vmm.Info, error) {
 	}
 	info, err := v.cfg.Driver.Clone(ctx, spec)
 	if err != nil {
-		return info, fmt.Errorf("restoring the snapshot as vm %s: %w", v.ID, err)
+		return info, fmt.Errorf("restoring the snapshot: %w", err)
 	}
 	v.setInfo(info)
 	return info, nil
