@@ -19,10 +19,10 @@ import (
 	"time"
 
 	"github.com/google/nftables"
-	"github.com/vishvananda/netlink"
 
 	"github.com/kiln-sandbox/kiln/internal/guestvm"
 	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/netns/netnstest"
 	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
@@ -113,17 +113,6 @@ func sockets(t *testing.T) int {
 	return n
 }
 
-// gone fails t if anything of VM id's network is left.
-func gone(t *testing.T, id string) {
-	t.Helper()
-	if _, err := os.Stat(filepath.Join(netns.NetnsDir, netns.NSPrefix+id)); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("namespace of %s still there (stat: %v)", id, err)
-	}
-	if _, err := netlink.LinkByName(netns.HostLinkName(id)); err == nil {
-		t.Errorf("host link of %s still there", id)
-	}
-}
-
 // listener is a service: a real TCP listener at the guest's gateway, which
 // records what it saw of the other parts when it was closed.
 type listener struct {
@@ -204,7 +193,7 @@ func TestBootFailureUndoesAll(t *testing.T) {
 	if n := sockets(t); n != before {
 		t.Errorf("%d sockets open after the failure, %d before: the forwarder or service is left", n, before)
 	}
-	gone(t, id)
+	netnstest.AssertGone(t, id)
 	if _, err := drv.Inspect(context.Background(), id); err == nil {
 		t.Error("the driver still has the vm")
 	}
@@ -236,7 +225,7 @@ func TestCloseOrder(t *testing.T) {
 	if !l.wasClosed() || !l.nsThere || !l.vmGone {
 		t.Errorf("service closed=%v with namespace there=%v, vm gone=%v; want all true", l.wasClosed(), l.nsThere, l.vmGone)
 	}
-	gone(t, id)
+	netnstest.AssertGone(t, id)
 	if n := sockets(t); n != before {
 		t.Errorf("%d sockets open after Close, %d before", n, before)
 	}
@@ -266,7 +255,7 @@ func TestServiceFailureUndoesAll(t *testing.T) {
 	if n := sockets(t); n != before {
 		t.Errorf("%d sockets open after the failure, %d before", n, before)
 	}
-	gone(t, id)
+	netnstest.AssertGone(t, id)
 }
 
 // A failing step does not keep the later ones from running; Failed names
@@ -284,7 +273,7 @@ func TestCloseRunsEveryStep(t *testing.T) {
 	if !guestvm.Failed(err, "test service") || guestvm.Failed(err, guestvm.StepNetwork) || guestvm.Failed(err, guestvm.StepDNS) {
 		t.Errorf("Close: %v; want only the service's failure", err)
 	}
-	gone(t, id)
+	netnstest.AssertGone(t, id)
 }
 
 // A network that outlived its process is adopted: Open finds it, Ensure
@@ -335,5 +324,5 @@ func TestAdopt(t *testing.T) {
 	if err := x.Close(); err != nil {
 		t.Fatal(err)
 	}
-	gone(t, id)
+	netnstest.AssertGone(t, id)
 }
