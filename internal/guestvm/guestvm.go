@@ -141,7 +141,7 @@ type step struct {
 
 // New makes the network (adopting an existing namespace with
 // Config.Adopt), then the DNS forwarder with egress, then the services.
-// On error nothing it made is left.
+// On error nothing is left, an adopted namespace included.
 func New(ctx context.Context, cfg Config) (*VM, error) {
 	v := newVM(cfg)
 	spare, release := v.reserve()
@@ -197,16 +197,7 @@ func newVM(cfg Config) *VM {
 		return err
 	}})
 	if cfg.Net.Egress {
-		v.steps = append(v.steps, step{StepDNS, func(context.Context) error {
-			v.mu.Lock()
-			f := v.dns
-			v.dns = nil
-			v.mu.Unlock()
-			if f == nil {
-				return nil
-			}
-			return f.Close()
-		}})
+		v.steps = append(v.steps, step{StepDNS, func(context.Context) error { return v.stopDNS() }})
 	}
 	for i, s := range cfg.Services {
 		v.steps = append(v.steps, step{s.Name, func(context.Context) error { return v.stopService(i) }})
@@ -275,6 +266,17 @@ func (v *VM) HasDNS() bool {
 	return v.dns != nil
 }
 
+func (v *VM) stopDNS() error {
+	v.mu.Lock()
+	f := v.dns
+	v.dns = nil
+	v.mu.Unlock()
+	if f == nil {
+		return nil
+	}
+	return f.Close()
+}
+
 func (v *VM) stopService(i int) error {
 	v.mu.Lock()
 	c := v.svc[i]
@@ -297,14 +299,8 @@ func (v *VM) Detach() error {
 			errs = append(errs, &StepError{v.ID, v.cfg.Services[i].Name, err})
 		}
 	}
-	v.mu.Lock()
-	f := v.dns
-	v.dns = nil
-	v.mu.Unlock()
-	if f != nil {
-		if err := f.Close(); err != nil {
-			errs = append(errs, &StepError{v.ID, StepDNS, err})
-		}
+	if err := v.stopDNS(); err != nil {
+		errs = append(errs, &StepError{v.ID, StepDNS, err})
 	}
 	return errors.Join(errs...)
 }
