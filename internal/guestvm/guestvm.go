@@ -127,7 +127,6 @@ type VM struct {
 	svc    []io.Closer // by Config.Services index; nil = not running
 	ownsVM bool
 	closed bool
-	info   vmm.Info
 	// steps undo, in reverse order, what made the VM; built once, in the
 	// order of creation, each undoing whatever of its part is there when
 	// Close runs, so parts (re)started later keep their place.
@@ -341,7 +340,6 @@ func (v *VM) Boot(ctx context.Context, spec vmm.BootSpec) (vmm.Info, error) {
 	if err != nil {
 		return info, fmt.Errorf("booting the vm: %w", err)
 	}
-	v.setInfo(info)
 	return info, nil
 }
 
@@ -356,21 +354,7 @@ func (v *VM) Clone(ctx context.Context, spec vmm.CloneSpec) (vmm.Info, error) {
 	if err != nil {
 		return info, fmt.Errorf("restoring the snapshot: %w", err)
 	}
-	v.setInfo(info)
 	return info, nil
-}
-
-func (v *VM) setInfo(i vmm.Info) {
-	v.mu.Lock()
-	v.info = i
-	v.mu.Unlock()
-}
-
-// Info is what the driver said when it booted or cloned the VM.
-func (v *VM) Info() vmm.Info {
-	v.mu.Lock()
-	defer v.mu.Unlock()
-	return v.info
 }
 
 // Boot makes the network and boots the VM on it; on error nothing is left.
