@@ -17,8 +17,8 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/applog"
-	"github.com/kiln-sandbox/kiln/internal/dnsfwd"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/guestvm"
 	"github.com/kiln-sandbox/kiln/internal/imds"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
@@ -200,12 +200,12 @@ type vmState struct {
 
 	op sync.Mutex // serialises start/suspend/resume/terminate
 
-	mu         sync.Mutex
-	ctx        context.Context // cancelled by terminate
-	cancel     context.CancelFunc
-	net        *netns.Net
-	dns        *dnsfwd.Forwarder
-	imds       *imds.Server
+	mu     sync.Mutex
+	ctx    context.Context // cancelled by terminate
+	cancel context.CancelFunc
+	// g is the VM's network, DNS forwarder and metadata service, and
+	// the driver's VM of this id: nil until made or found again.
+	g          *guestvm.VM
 	running    bool      // last reported RUNNING; cleared as a suspend begins (idle check, proxy RunningNow)
 	open       int       // proxied requests/streams in flight
 	lastActive time.Time // last proxied activity (or the last RUNNING)
@@ -321,8 +321,9 @@ func (e *Engine) Close() error {
 	e.meter.open = nil
 	e.meter.mu.Unlock()
 	e.cfg.Logs.CloseAll()
-	// The VMs outlive this engine; their metadata listeners belong to
-	// this process and go with it, so the next engine can bind them.
+	// The VMs outlive this engine; their metadata and DNS listeners
+	// belong to this process and go with it, so the next engine can bind
+	// them.
 	e.mu.Lock()
 	states := make([]*vmState, 0, len(e.vms))
 	for _, v := range e.vms {
@@ -331,11 +332,10 @@ func (e *Engine) Close() error {
 	e.mu.Unlock()
 	for _, v := range states {
 		v.mu.Lock()
-		md := v.imds
-		v.imds = nil
+		g := v.g
 		v.mu.Unlock()
-		if md != nil {
-			md.Close()
+		if g != nil {
+			g.Detach()
 		}
 	}
 	return nil
@@ -583,8 +583,8 @@ func (e *Engine) StartMicrovm(ctx context.Context, m store.Microvm) error {
 	v := e.state(m)
 	nctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
-	if err := e.ensureNetWith(nctx, v, e.reservePooled(m)); err != nil {
-		e.releaseNet(v)
+	if err := e.ensureNet(nctx, v, e.poolTemplate(m)); err != nil {
+		e.removeVM(v)
 		e.forget(v)
 		return err
 	}
@@ -592,84 +592,75 @@ func (e *Engine) StartMicrovm(ctx context.Context, m store.Microvm) error {
 	return nil
 }
 
-// reservePooled sets a clone process started ahead aside for microVM m,
-// when the driver has one: its network is then made in that process's
-// namespace, around its TAP, instead of the TAP being moved in during the
-// clone (a move waits for RCU grace periods). nil when there is none.
-func (e *Engine) reservePooled(m store.Microvm) *os.File {
-	r, ok := e.cfg.Driver.(vmm.PoolReserver)
-	if !ok {
-		return nil
+// poolTemplate is the template microVM m will be cloned from, when the
+// driver starts clone processes ahead: its network is then made in such a
+// process's namespace, around its TAP, instead of the TAP being moved in
+// during the clone (a move waits for RCU grace periods). "" when not.
+func (e *Engine) poolTemplate(m store.Microvm) string {
+	if _, ok := e.cfg.Driver.(vmm.PoolReserver); !ok {
+		return ""
 	}
 	tmpl, err := e.TemplateFor(m.Account, m.ImageName, m.ImageVersion)
 	if err != nil {
-		return nil // start reports it
+		return "" // start reports it
 	}
-	ns, ok := r.ReservePooled(tmpl, m.ID, netns.GuestMAC.String())
-	if !ok {
-		return nil
-	}
-	return ns
+	return tmpl
 }
 
-// ensureNet sets up (or finds) the VM's namespace and DNS forwarder.
-func (e *Engine) ensureNet(ctx context.Context, v *vmState) error {
-	return e.ensureNetWith(ctx, v, nil)
-}
-
-// ensureNetWith is ensureNet that makes a new namespace out of spare, a
-// reserved clone process's (reservePooled). Whatever goes wrong, the
-// reservation is dropped unless the spare became the VM's namespace (and
-// on any error, after which the caller removes the network).
-func (e *Engine) ensureNetWith(ctx context.Context, v *vmState, spare *os.File) (err error) {
-	used := false
-	if spare != nil {
-		defer func() {
-			if !used || err != nil {
-				e.cfg.Driver.(vmm.PoolReserver).ReleasePooled(v.id)
-			}
-		}()
-	}
+// ensureNet makes (or finds) the VM's namespace, DNS forwarder and
+// metadata service, whichever is missing; tmpl as for poolTemplate. On
+// error the caller removes what there is (removeVM).
+func (e *Engine) ensureNet(ctx context.Context, v *vmState, tmpl string) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if v.net == nil {
-		// The mark comes first: a network this data directory may own
-		// must be findable by the next Recover even if kiln dies now.
-		if err := e.markNet(v.id, true); err != nil {
-			return fmt.Errorf("recording the microvm network: %w", err)
-		}
-		n, err := netns.Setup(ctx, netns.Config{ID: v.id, Egress: v.egress, Pool: e.cfg.NetPool, ExtraDeny: e.cfg.ExtraDeny, Spare: spare})
-		used = err == nil && spare != nil
-		if errors.Is(err, netns.ErrExists) {
-			n, err = netns.Open(ctx, v.id)
-		}
-		if err != nil {
-			return fmt.Errorf("setting up the microvm network: %w", err)
-		}
-		v.net = n
+	if v.g != nil {
+		return v.g.Ensure(ctx)
 	}
-	if v.egress && v.dns == nil {
-		f, err := dnsfwd.Start(ctx, dnsfwd.Config{ID: v.id, NSPath: v.net.NSPath, Upstreams: e.cfg.DNSUpstreams, OnAnswer: e.learnAddrs(v)})
-		if err != nil {
-			return fmt.Errorf("starting the dns forwarder: %w", err)
-		}
-		v.dns = f
+	// The mark comes first: a network this data directory may own must be
+	// findable by the next Recover even if kiln dies now.
+	if err := e.markNet(v.id, true); err != nil {
+		return fmt.Errorf("recording the microvm network: %w", err)
 	}
-	if v.imds == nil {
-		srv, err := e.startIMDS(ctx, v)
-		switch {
-		case err != nil && v.role != "":
-			return err
-		case err != nil:
-			// Without a role the service only ever answers 404: a VM is
-			// not worth ending for it (an adopted VM whose namespace
-			// predates it, or whose old listener is still closing).
-			e.log.Warn("metadata service not started; the microvm has no execution role", "microvm", v.id, "err", err)
-		default:
-			v.imds = srv
-		}
+	cfg := e.guestConfig(v)
+	cfg.Template, cfg.Adopt = tmpl, true
+	g, err := guestvm.New(ctx, cfg)
+	if err != nil {
+		return fmt.Errorf("setting up the microvm network: %w", err)
 	}
+	g.AdoptVM()
+	v.g = g
 	return nil
+}
+
+// guestConfig is what surrounds microVM v's VM. The driver's VM of v's id
+// is always v's (guestvm.VM.AdoptVM): whatever made it, removeVM ends it.
+func (e *Engine) guestConfig(v *vmState) guestvm.Config {
+	return guestvm.Config{ID: v.id, Driver: e.cfg.Driver,
+		Net:       netns.Config{Egress: v.egress, Pool: e.cfg.NetPool, ExtraDeny: e.cfg.ExtraDeny},
+		Upstreams: e.cfg.DNSUpstreams, OnAnswer: e.learnAddrs(v),
+		Services: []guestvm.Service{{Name: "metadata service", Start: func(ctx context.Context, n *netns.Net) (io.Closer, error) {
+			srv, err := e.startIMDS(ctx, v, n)
+			switch {
+			case err != nil && v.role != "":
+				return nil, err
+			case err != nil:
+				// Without a role the service only ever answers 404: a VM
+				// is not worth ending for it (an adopted VM whose
+				// namespace predates it, or whose old listener is still
+				// closing). The next ensureNet tries again.
+				e.log.Warn("metadata service not started; the microvm has no execution role", "microvm", v.id, "err", err)
+				return nil, nil
+			}
+			return srv, nil
+		}}},
+	}
+}
+
+// guest is v's guestvm.VM (nil if it has none).
+func (v *vmState) guest() *guestvm.VM {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.g
 }
 
 func (e *Engine) start(v *vmState, m store.Microvm) {
@@ -686,8 +677,7 @@ func (e *Engine) start(v *vmState, m store.Microvm) {
 			return // terminate owns the clean-up and the final state
 		}
 		log.Warn("microvm start failed", "err", err)
-		e.cfg.Driver.Terminate(context.WithoutCancel(ctx), v.id)
-		e.releaseNet(v)
+		e.removeVM(v)
 		e.report(ctx, v, []store.MicrovmState{store.StatePending}, store.StateTerminated, reason+": "+err.Error())
 		e.forget(v)
 	}
@@ -703,10 +693,13 @@ func (e *Engine) start(v *vmState, m store.Microvm) {
 			e.cfg.Driver.Terminate(ctx, v.id) // a leftover of an interrupted start
 		}
 		cloneStart := time.Now()
-		_, err = e.cfg.Driver.Clone(ctx, vmm.CloneSpec{ID: v.id, Template: tmpl,
-			Net: v.net.Attachment()})
-		if err != nil {
-			fail("StartFailed", fmt.Errorf("restoring the snapshot: %w", err))
+		g := v.guest()
+		if g == nil {
+			fail("StartFailed", errors.New("the microvm network is gone"))
+			return
+		}
+		if _, err = g.Clone(ctx, vmm.CloneSpec{Template: tmpl}); err != nil {
+			fail("StartFailed", err)
 			return
 		}
 		metrics.Since(metrics.Clone, cloneStart)
@@ -731,23 +724,29 @@ func (e *Engine) start(v *vmState, m store.Microvm) {
 	log.Info("microvm running", "took", time.Since(start).Round(time.Millisecond))
 }
 
-// releaseNet stops the DNS forwarder and removes the VM network.
-func (e *Engine) releaseNet(v *vmState) {
+// removeVM terminates v's VM and removes its network, metadata service
+// and DNS forwarder, whichever of them exist.
+func (e *Engine) removeVM(v *vmState) {
 	v.mu.Lock()
-	f, md := v.dns, v.imds
-	v.dns, v.net, v.imds = nil, nil, nil
+	g := v.g
+	v.g = nil
 	v.mu.Unlock()
-	if f != nil {
-		f.Close()
+	var err error
+	if g != nil {
+		err = g.Close()
+	} else {
+		ctx, cancel := context.WithTimeout(context.Background(), guestvm.CloseTimeout)
+		err = guestvm.Remove(ctx, e.cfg.Driver, v.id)
+		cancel()
 	}
-	if md != nil {
-		md.Close()
+	if err != nil {
+		e.log.Warn("removing microvm", "microvm", v.id, "err", err)
 	}
-	if err := netns.Teardown(context.Background(), v.id); err != nil {
-		e.log.Warn("removing microvm network", "microvm", v.id, "err", err)
-		return
+	// A network that may still be there stays marked: Recover and the
+	// garbage collector remove it.
+	if !guestvm.Failed(err, guestvm.StepNetwork) {
+		e.markNet(v.id, false)
 	}
-	e.markNet(v.id, false)
 }
 
 // markNet records (or forgets) that this data directory owns the network
@@ -847,7 +846,7 @@ func (e *Engine) resume(v *vmState, m store.Microvm) {
 	defer cancel()
 	log := e.log.With("microvm", v.id)
 	start := time.Now()
-	if err := e.ensureNet(ctx, v); err != nil {
+	if err := e.ensureNet(ctx, v, ""); err != nil {
 		e.lose(v, "ResumeFailed: "+err.Error())
 		return
 	}
@@ -878,8 +877,7 @@ func (e *Engine) resume(v *vmState, m store.Microvm) {
 // files are gone) and records why. Called with v.op held or not.
 func (e *Engine) lose(v *vmState, reason string) {
 	ctx := context.WithoutCancel(e.ctx)
-	e.cfg.Driver.Terminate(ctx, v.id)
-	e.releaseNet(v)
+	e.removeVM(v)
 	e.report(ctx, v, nil, store.StateTerminated, reason)
 	e.forget(v)
 	e.gcTemplate(ctx, v.account, v.image, v.version)
@@ -907,10 +905,7 @@ func (e *Engine) terminate(v *vmState, m store.Microvm) {
 			}
 		}
 	}
-	if err := e.cfg.Driver.Terminate(ctx, v.id); err != nil {
-		log.Warn("terminating vm", "err", err)
-	}
-	e.releaseNet(v)
+	e.removeVM(v)
 	reason := m.StateReason
 	if _, err := e.report(ctx, v, nil, store.StateTerminated, reason); err != nil && !errors.Is(err, errdefs.ErrNotFound) {
 		log.Warn("recording termination", "err", err)

@@ -479,7 +479,7 @@ func TestNoIngressAndNoAutoResume(t *testing.T) {
 	if code, _ := h.get(a.ID, "/count", h.token(a.ID), nil); code != 403 {
 		t.Errorf("NO_INGRESS: %d, want 403", code)
 	}
-	if v := h.eng.lookup(a.ID); v == nil || v.dns == nil || !v.net.Egress {
+	if v := h.eng.lookup(a.ID); v == nil || v.guest() == nil || !v.guest().HasDNS() || !v.guest().Net.Egress {
 		t.Errorf("INTERNET_EGRESS: no dns forwarder or egress network: %+v", v)
 	}
 	b := h.run([]string{allIngress}, &store.IdlePolicy{MaxIdleDurationSeconds: 600, SuspendedDurationSeconds: 600, AutoResumeEnabled: false})
@@ -734,8 +734,8 @@ func TestNetworkIsolation(t *testing.T) {
 			self, peer := h.eng.lookup(tc.self.ID), h.eng.lookup(tc.peer.ID)
 			targets := []string{
 				fmt.Sprintf("%s:%d", host, port),
-				fmt.Sprintf("%s:%d", self.net.HostPeer, port),
-				fmt.Sprintf("%s:8080", peer.net.HostAddr),
+				fmt.Sprintf("%s:%d", self.guest().Net.HostPeer, port),
+				fmt.Sprintf("%s:8080", peer.guest().Net.HostAddr),
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()

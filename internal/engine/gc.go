@@ -112,8 +112,7 @@ func (e *Engine) SweepSuspended(ctx context.Context) ([]string, error) {
 				return
 			}
 			e.log.Warn("gc: suspended microvm lost its saved state: terminated", "microvm", m.ID, "why", why)
-			e.cfg.Driver.Terminate(context.WithoutCancel(ctx), v.id)
-			e.releaseNet(v)
+			e.removeVM(v)
 			v.notify()
 			e.forget(v)
 			ended = append(ended, m.ID)

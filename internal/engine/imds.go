@@ -9,6 +9,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 
 	"github.com/kiln-sandbox/kiln/internal/imds"
+	"github.com/kiln-sandbox/kiln/internal/netns"
 )
 
 // startIMDS serves the VM's metadata service in its namespace. The VM
@@ -16,7 +17,7 @@ import (
 // role and the role is of the VM's own account (a tenant cannot pass
 // another account's role, as IAM's PassRole forbids on AWS); otherwise
 // the credential paths answer 404, as for a VM without a role.
-func (e *Engine) startIMDS(ctx context.Context, v *vmState) (*imds.Server, error) {
+func (e *Engine) startIMDS(ctx context.Context, v *vmState, n *netns.Net) (*imds.Server, error) {
 	cfg := imds.Config{Log: e.log.With("microvm", v.id)}
 	if v.role != "" {
 		var creds aws.CredentialsProvider
@@ -40,7 +41,7 @@ func (e *Engine) startIMDS(ctx context.Context, v *vmState) (*imds.Server, error
 	if err != nil {
 		return nil, fmt.Errorf("metadata service: %w", err)
 	}
-	srv, err := imds.Serve(ctx, v.net.NSPath, h)
+	srv, err := imds.Serve(ctx, n.NSPath, h)
 	if err != nil {
 		return nil, err
 	}

@@ -24,10 +24,10 @@ func (e *Engine) Lookup(ctx context.Context, id string) (proxy.Target, error) {
 	}
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if v.net == nil {
+	if v.g == nil {
 		return proxy.Target{}, proxy.ErrUnavailable
 	}
-	return proxy.Target{Account: v.account, Addr: v.net.HostAddr, Ingress: v.ingress, Shell: v.shell}, nil
+	return proxy.Target{Account: v.account, Addr: v.g.Net.HostAddr, Ingress: v.ingress, Shell: v.shell}, nil
 }
 
 // RunningNow implements proxy.RunningNow from memory: the engine last

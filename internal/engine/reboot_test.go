@@ -132,7 +132,7 @@ func TestSurvivesHostReboot(t *testing.T) {
 	if out := execIn(t, drvB, kept.ID, "cat /kiln-mark"); strings.TrimSpace(out) != "written-before-the-reboot" {
 		t.Errorf("disk after the reboot: %q", out)
 	}
-	if v := h2.eng.lookup(kept.ID); v == nil || v.dns == nil {
+	if v := h2.eng.lookup(kept.ID); v == nil || v.guest() == nil || !v.guest().HasDNS() {
 		t.Error("no dns forwarder for the egress microvm after the reboot")
 	}
 	if _, err := os.Stat(filepath.Join(netns.HostStateDir)); err != nil {

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/kiln-sandbox/kiln/internal/guestvm"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
@@ -87,18 +88,19 @@ func (e *Engine) recoverOne(ctx context.Context, m store.Microvm, ds vmm.State) 
 	}
 	// The network of a VM that still exists is found again; one that is
 	// missing is made anew (its VM, if any, is then unreachable: lost).
-	n, err := netns.Open(ctx, m.ID)
+	g, err := guestvm.Open(ctx, e.guestConfig(v))
 	if err == nil {
+		g.AdoptVM()
 		v.mu.Lock()
-		v.net = n
+		v.g = g
 		v.mu.Unlock()
 	}
 	switch m.State {
 	case store.StateTerminating:
 		return e.TerminateMicrovm(ctx, m)
 	case store.StatePending:
-		if ds == vmm.StateRunning && n != nil {
-			if err := e.ensureNet(ctx, v); err != nil {
+		if ds == vmm.StateRunning && g != nil {
+			if err := e.ensureNet(ctx, v, ""); err != nil {
 				return lost(err.Error())
 			}
 			_, err := e.report(ctx, v, []store.MicrovmState{store.StatePending}, store.StateRunning, "")
@@ -107,7 +109,7 @@ func (e *Engine) recoverOne(ctx context.Context, m store.Microvm, ds vmm.State) 
 		e.cfg.Driver.Terminate(ctx, m.ID)
 		return e.StartMicrovm(ctx, m)
 	}
-	if n == nil {
+	if g == nil {
 		if !(ds == vmm.StateSuspended && (m.State == store.StateSuspended || m.State == store.StateSuspending)) {
 			return lost("the microVM's network was gone")
 		}
@@ -118,7 +120,7 @@ func (e *Engine) recoverOne(ctx context.Context, m store.Microvm, ds vmm.State) 
 		// driver kept the VM only if its memory reached the disk.
 		e.log.Info("recreating the network of a suspended microvm (host rebooted?)", "microvm", m.ID)
 	}
-	if err := e.ensureNet(ctx, v); err != nil {
+	if err := e.ensureNet(ctx, v, ""); err != nil {
 		return lost(err.Error())
 	}
 	switch m.State {

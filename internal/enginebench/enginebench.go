@@ -18,7 +18,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
-	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/guestvm"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
 	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
@@ -155,10 +155,10 @@ func Run(ctx context.Context, d *qemu.Driver, rootDisk, work string, o Options, 
 	r.ColdBootMs = median(boots)
 
 	// A template, as an image build would make it.
-	nets := &netSet{on: o.Net}
+	nets := &netSet{on: o.Net, driver: d}
 	defer nets.teardown()
 	src := next("src")
-	srcNet, err := nets.setup(ctx, src, nil)
+	srcNet, err := nets.setup(ctx, src, "")
 	if err != nil {
 		return r, err
 	}
@@ -197,16 +197,11 @@ func Run(ctx context.Context, d *qemu.Driver, rootDisk, work string, o Options, 
 				before[pid] = [2]time.Duration{run, w}
 			}
 			t0 := time.Now()
-			var spare *os.File
-			if withPool && o.Net {
-				f, ok := d.ReservePooled(tmpl, id, netns.GuestMAC.String())
-				if !ok {
-					return r, fmt.Errorf("no pooled process to reserve for %s", id)
-				}
-				spare = f
+			pool := ""
+			if withPool {
+				pool = tmpl
 			}
-			if _, err := nets.setup(ctx, id, spare); err != nil {
-				d.ReleasePooled(id)
+			if _, err := nets.setup(ctx, id, pool); err != nil {
 				return r, err
 			}
 			netEl := ms(time.Since(t0))
@@ -260,7 +255,7 @@ func Run(ctx context.Context, d *qemu.Driver, rootDisk, work string, o Options, 
 	var ids []string
 	for i := 0; i < o.IdleClones; i++ {
 		id := next("idle")
-		if _, err := nets.setup(ctx, id, nil); err != nil {
+		if _, err := nets.setup(ctx, id, ""); err != nil {
 			return r, err
 		}
 		if err := clone(id); err != nil {
@@ -289,7 +284,7 @@ func Run(ctx context.Context, d *qemu.Driver, rootDisk, work string, o Options, 
 	var sus, res []float64
 	for i := 0; i < o.Runs; i++ {
 		id := next("sr")
-		if _, err := nets.setup(ctx, id, nil); err != nil {
+		if _, err := nets.setup(ctx, id, ""); err != nil {
 			return r, err
 		}
 		if err := clone(id); err != nil {
@@ -388,43 +383,48 @@ func waitPool(ctx context.Context, d *qemu.Driver, tmpl string, n int) error {
 
 // netSet makes and removes the VM networks of the benchmark's VMs.
 type netSet struct {
-	on   bool
-	nets map[string]*netns.Net
+	on     bool
+	driver *qemu.Driver
+	vms    map[string]*guestvm.VM
 }
 
-// setup makes id's network, in spare (a reserved pooled process's
-// namespace) if set.
-func (s *netSet) setup(ctx context.Context, id string, spare *os.File) (*vmm.NetAttachment, error) {
+// setup makes id's network; with pool (a template), around a pooled
+// clone process of that template, which must be there.
+func (s *netSet) setup(ctx context.Context, id, pool string) (*vmm.NetAttachment, error) {
 	if !s.on {
 		return nil, nil
 	}
-	n, err := netns.Setup(ctx, netns.Config{ID: id, Spare: spare})
+	g, err := guestvm.New(ctx, guestvm.Config{ID: id, Driver: s.driver, Template: pool})
 	if err != nil {
-		return nil, fmt.Errorf("setting up the network of %s: %w", id, err)
+		return nil, err
 	}
-	if s.nets == nil {
-		s.nets = map[string]*netns.Net{}
+	if pool != "" && !g.Pooled {
+		g.Close()
+		return nil, fmt.Errorf("no pooled process to reserve for %s", id)
 	}
-	s.nets[id] = n
-	return n.Attachment(), nil
+	if s.vms == nil {
+		s.vms = map[string]*guestvm.VM{}
+	}
+	s.vms[id] = g
+	return g.Net.Attachment(), nil
 }
 
 func (s *netSet) get(id string) *vmm.NetAttachment {
-	if n := s.nets[id]; n != nil {
-		return n.Attachment()
+	if g := s.vms[id]; g != nil {
+		return g.Net.Attachment()
 	}
 	return nil
 }
 
 func (s *netSet) remove(id string) {
-	if n := s.nets[id]; n != nil {
-		n.Teardown(context.Background())
-		delete(s.nets, id)
+	if g := s.vms[id]; g != nil {
+		g.Close()
+		delete(s.vms, id)
 	}
 }
 
 func (s *netSet) teardown() {
-	for id := range s.nets {
+	for id := range s.vms {
 		s.remove(id)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/guestvm"
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/image/source"
 	"github.com/kiln-sandbox/kiln/internal/netns"
@@ -195,19 +196,16 @@ func roundAll(ds []time.Duration) []time.Duration {
 // timeClone measures Clone → first HTTP 200 from the host (the network
 // namespace is made beforehand, as the engine can keep them ready).
 func timeClone(ctx context.Context, d vmm.Driver, tmpl string) (time.Duration, error) {
-	id := newID(PrefixBench)
-	n, err := netns.Setup(ctx, netns.Config{ID: id})
+	g, err := guestvm.New(ctx, guestvm.Config{ID: newID(PrefixBench), Driver: d})
 	if err != nil {
 		return 0, err
 	}
-	defer n.Teardown(context.WithoutCancel(ctx))
+	defer g.Close()
 	start := time.Now()
-	_, err = d.Clone(ctx, vmm.CloneSpec{ID: id, Template: tmpl, Net: n.Attachment()})
-	defer terminate(d, id)
-	if err != nil {
+	if _, err := g.Clone(ctx, vmm.CloneSpec{Template: tmpl}); err != nil {
 		return 0, err
 	}
-	if err := first200(ctx, "http://"+n.GuestDial(AppPort)+"/", 60*time.Second); err != nil {
+	if err := first200(ctx, "http://"+g.Net.GuestDial(AppPort)+"/", 60*time.Second); err != nil {
 		return 0, err
 	}
 	return time.Since(start), nil
@@ -216,35 +214,26 @@ func timeClone(ctx context.Context, d vmm.Driver, tmpl string) (time.Duration, e
 // timeColdBoot measures Boot → app started as the image runs it → first
 // HTTP 200 from the host.
 func timeColdBoot(ctx context.Context, d vmm.Driver, rootDisk string, cfg image.Config, env map[string]string, mem int) (time.Duration, error) {
-	id := newID(PrefixBench)
-	n, err := netns.Setup(ctx, netns.Config{ID: id})
+	g, err := guestvm.New(ctx, guestvm.Config{ID: newID(PrefixBench), Driver: d})
 	if err != nil {
 		return 0, err
 	}
-	defer n.Teardown(context.WithoutCancel(ctx))
+	defer g.Close()
 	start := time.Now()
-	_, err = d.Boot(ctx, vmm.BootSpec{ID: id, RootDisk: rootDisk, MemoryMiB: mem, Net: n.Attachment()})
-	defer terminate(d, id)
-	if err != nil {
+	if _, err := g.Boot(ctx, vmm.BootSpec{RootDisk: rootDisk, MemoryMiB: mem}); err != nil {
 		return 0, err
 	}
-	a, err := d.Agent(ctx, id)
+	a, err := d.Agent(ctx, g.ID)
 	if err != nil {
 		return 0, err
 	}
 	if _, err := a.Exec(ctx, client.ExecRequest{Argv: cfg.Argv(), Env: mergeEnv(cfg.Env, env), Cwd: cfg.WorkingDir, User: cfg.User, Background: true}); err != nil {
 		return 0, err
 	}
-	if err := first200(ctx, "http://"+n.GuestDial(AppPort)+"/", 5*time.Minute); err != nil {
+	if err := first200(ctx, "http://"+g.Net.GuestDial(AppPort)+"/", 5*time.Minute); err != nil {
 		return 0, err
 	}
 	return time.Since(start), nil
-}
-
-func terminate(d vmm.Driver, id string) {
-	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
-	defer cancel()
-	_ = d.Terminate(ctx, id)
 }
 
 // first200 polls url every 10 ms until it answers 200.

@@ -384,7 +384,7 @@ func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error
 	fmt.Fprintln(log, "#snapshot")
 	start = time.Now()
 	t, err := b.Driver.Snapshot(ctx, g.id, tmplDir)
-	g.booted = false
+	g.VMEnded()
 	if err != nil {
 		return fail(err)
 	}

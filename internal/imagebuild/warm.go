@@ -128,7 +128,7 @@ func (r *Runner) makeWarm(ctx context.Context, base, dir string, s warmShape, sp
 	if _, err := r.Driver.Snapshot(ctx, g.id, dir); err != nil {
 		return fmt.Errorf("snapshotting the warm build vm: %w", err)
 	}
-	g.booted = false // Snapshot ended the VM
+	g.VMEnded()
 	return nil
 }
 

@@ -212,16 +212,6 @@ func firstGlobalHostAddr(t *testing.T) netip.Addr {
 	return netip.Addr{}
 }
 
-func assertGone(t *testing.T, id string) {
-	t.Helper()
-	if _, err := os.Stat(filepath.Join(netns.NetnsDir, netns.NSPrefix+id)); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("namespace of %s still there: %v", id, err)
-	}
-	if _, err := netlink.LinkByName(netns.HostLinkName(id)); err == nil {
-		t.Errorf("host link of %s still there", id)
-	}
-}
-
 func newSpare(t *testing.T) *os.File {
 	t.Helper()
 	f, err := netns.NewSpare()
@@ -280,7 +270,7 @@ func TestSpare(t *testing.T) {
 	if err := n.Teardown(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	assertGone(t, id)
+	netnstest.AssertGone(t, id)
 }
 
 func TestTeardownIdempotent(t *testing.T) {
@@ -320,7 +310,7 @@ func TestTeardownIdempotent(t *testing.T) {
 			t.Fatalf("teardown %d: %v", i, err)
 		}
 	}
-	assertGone(t, id)
+	netnstest.AssertGone(t, id)
 	if _, err := netns.Open(context.Background(), id); !errors.Is(err, netns.ErrNotFound) {
 		t.Fatalf("open after teardown: %v", err)
 	}
@@ -359,7 +349,7 @@ func TestReconcile(t *testing.T) {
 		if !got[id] {
 			t.Errorf("reconcile did not remove %s (removed %v)", id, removed)
 		}
-		assertGone(t, id)
+		netnstest.AssertGone(t, id)
 	}
 	if _, err := netns.Open(context.Background(), keepID); err != nil {
 		t.Errorf("kept VM network gone: %v", err)

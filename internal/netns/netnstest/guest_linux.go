@@ -216,3 +216,15 @@ func Dial(nsPath, addr string, timeout time.Duration) (string, error) {
 	}
 	return string(b), err
 }
+
+// AssertGone fails t if anything of VM id's network is left: its
+// namespace or its host link.
+func AssertGone(t testing.TB, id string) {
+	t.Helper()
+	if _, err := os.Stat(filepath.Join(netns.NetnsDir, netns.NSPrefix+id)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("namespace of %s still there: %v", id, err)
+	}
+	if _, err := netlink.LinkByName(netns.HostLinkName(id)); err == nil {
+		t.Errorf("host link of %s still there", id)
+	}
+}

@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
-	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/guestvm"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
@@ -25,16 +25,11 @@ import (
 // network are removed before it returns.
 func AppTemplate(ctx context.Context, drv vmm.Driver, rootDisk, app, dir string) (string, error) {
 	id := fmt.Sprintf("kb-tmpl-%d", os.Getpid())
-	n, err := netns.Setup(ctx, netns.Config{ID: id})
+	g, err := guestvm.Boot(ctx, guestvm.Config{ID: id, Driver: drv}, vmm.BootSpec{RootDisk: rootDisk, MemoryMiB: 256})
 	if err != nil {
-		return "", fmt.Errorf("template network: %w", err)
+		return "", fmt.Errorf("template vm: %w", err)
 	}
-	defer n.Teardown(context.WithoutCancel(ctx))
-	defer drv.Terminate(context.WithoutCancel(ctx), id)
-	if _, err := drv.Boot(ctx, vmm.BootSpec{ID: id, RootDisk: rootDisk, MemoryMiB: 256,
-		Net: n.Attachment()}); err != nil {
-		return "", fmt.Errorf("booting the template vm: %w", err)
-	}
+	defer g.Close()
 	a, err := drv.Agent(ctx, id)
 	if err != nil {
 		return "", err
