@@ -25,6 +25,11 @@ func (e *Engine) Lookup(ctx context.Context, id string) (proxy.Target, error) {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	if v.g == nil {
+		if v.gone || v.ctx.Err() != nil {
+			// Terminating (TerminateMicrovm cancels v.ctx first): its
+			// network is gone before the entry is, and it is not coming back.
+			return proxy.Target{}, proxy.ErrNotFound
+		}
 		return proxy.Target{}, proxy.ErrUnavailable
 	}
 	return proxy.Target{Account: v.account, Addr: v.g.Net.HostAddr, Ingress: v.ingress, Shell: v.shell}, nil
