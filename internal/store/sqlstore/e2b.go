@@ -100,14 +100,5 @@ func (s *Store) ListE2BSandboxes(ctx context.Context, account string, limit int)
 	if err != nil {
 		return nil, fmt.Errorf("listing e2b sandboxes: %w", err)
 	}
-	defer rows.Close()
-	var out []store.E2BSandbox
-	for rows.Next() {
-		sb, err := scanE2BSandbox(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, sb)
-	}
-	return out, rows.Err()
+	return scanRows(rows, scanE2BSandbox)
 }

@@ -86,16 +86,11 @@ func (s *Store) ListE2BTags(ctx context.Context, account, template string) ([]st
 	if err != nil {
 		return nil, fmt.Errorf("listing tags: %w", err)
 	}
-	defer rows.Close()
-	var out []store.E2BTag
-	for rows.Next() {
-		t, err := scanE2BTag(rows)
-		if err != nil {
-			return nil, fmt.Errorf("scanning tag: %w", err)
-		}
-		out = append(out, t)
+	tags, err := scanRows(rows, scanE2BTag)
+	if err != nil {
+		return nil, fmt.Errorf("scanning tags: %w", err)
 	}
-	return out, rows.Err()
+	return tags, nil
 }
 
 // Builds.
@@ -250,16 +245,7 @@ func (s *Store) ListE2BSnapshots(ctx context.Context, account string, q store.E2
 	if err != nil {
 		return nil, fmt.Errorf("listing e2b snapshots: %w", err)
 	}
-	defer rows.Close()
-	var out []store.E2BSnapshot
-	for rows.Next() {
-		sn, err := scanE2BSnapshot(rows)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, sn)
-	}
-	return out, rows.Err()
+	return scanRows(rows, scanE2BSnapshot)
 }
 
 func (s *Store) DeleteE2BSnapshot(ctx context.Context, account, name string) error {

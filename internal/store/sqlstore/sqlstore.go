@@ -97,6 +97,21 @@ type Rows interface {
 	Close()
 }
 
+// scanRows reads every row of a query with scan, and closes them; what
+// a query error means (absent tables, say) stays the caller's.
+func scanRows[T any](rows Rows, scan func(Row) (T, error)) ([]T, error) {
+	defer rows.Close()
+	var out []T
+	for rows.Next() {
+		v, err := scan(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, rows.Err()
+}
+
 // Querier runs statements, on a connection pool or in a transaction.
 type Querier interface {
 	// Exec runs a statement and returns the number of rows it changed.
