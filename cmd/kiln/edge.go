@@ -18,6 +18,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/cluster/noderpc"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
+	"github.com/kiln-sandbox/kiln/internal/server"
 	"github.com/kiln-sandbox/kiln/internal/tlsca"
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
@@ -26,7 +27,7 @@ import (
 const EdgeReadyLine = "kiln edge serving microvm endpoints at "
 
 func init() {
-	var o ServerOptions
+	var o server.Options
 	var tokenKey string
 	cmd := &cobra.Command{
 		Use:   "edge",
@@ -56,12 +57,12 @@ edge keeps only a route cache; run as many as you like.`,
 	rootCmd.AddCommand(cmd)
 }
 
-func runEdge(ctx context.Context, o ServerOptions, tokenKey string) error {
-	id, err := o.Cluster.identity(clusterca.Edge)
+func runEdge(ctx context.Context, o server.Options, tokenKey string) error {
+	id, err := o.Cluster.Identity(clusterca.Edge)
 	if err != nil {
 		return err
 	}
-	if err := secureDataDir(o.DataDir); err != nil {
+	if err := server.SecureDataDir(o.DataDir); err != nil {
 		return err
 	}
 	st, err := openStore(ctx, o.DataDir)
@@ -69,7 +70,7 @@ func runEdge(ctx context.Context, o ServerOptions, tokenKey string) error {
 		return err
 	}
 	defer st.Close()
-	cs, err := clusterStore(st)
+	cs, err := server.ClusterStore(st)
 	if err != nil {
 		return err
 	}

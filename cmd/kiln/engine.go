@@ -34,15 +34,12 @@ func newLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l}))
 }
 
-// benchCmd groups the benchmarks; each area adds its own subcommand.
-var benchCmd = &cobra.Command{Use: "bench", Short: "Run kiln's benchmarks"}
-
 var engineCmd = &cobra.Command{Use: "engine", Short: "Drive the VM engine directly (development)"}
 
 func init() {
 	rootCmd.PersistentFlags().StringVar(&accelFlag, "accel", "auto", "accelerator: auto, kvm or tcg")
 	rootCmd.PersistentFlags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
-	rootCmd.AddCommand(benchCmd, engineCmd)
+	rootCmd.AddCommand(engineCmd)
 
 	var o enginebench.Options
 	be := &cobra.Command{
