@@ -36,6 +36,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/tlsca"
 	"github.com/kiln-sandbox/kiln/internal/token"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
+	"github.com/kiln-sandbox/kiln/internal/vmm/busybox"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
 	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
 )
@@ -113,7 +114,7 @@ func makeTemplate(ctx context.Context, d *qemu.Driver, root, work string) (strin
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("building the test app: %v: %s", err, out)
 	}
-	return vmmtest.AppTemplate(ctx, d, root, app, work)
+	return busybox.AppTemplate(ctx, d, root, app, work)
 }
 
 // harness is one engine with its store, API server and endpoint proxy.
@@ -742,7 +743,7 @@ func TestNetworkIsolation(t *testing.T) {
 				t.Fatal(err)
 			}
 			argv := append([]string{"/opt/app", "probe", "127.0.0.1:8080"}, targets...)
-			out, errOut, _, err := vmmtest.Run(ctx, a, client.ExecRequest{Argv: argv})
+			out, errOut, _, err := a.Run(ctx, client.ExecRequest{Argv: argv})
 			if err != nil {
 				t.Fatal(err)
 			}

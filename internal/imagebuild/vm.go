@@ -20,9 +20,9 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
-// cleanupTimeout bounds tearing down one VM and its network. Cleanup runs
+// CleanupTimeout bounds tearing down one VM and its network. Cleanup runs
 // under context.WithoutCancel: a cancelled build must still leave nothing.
-const cleanupTimeout = 60 * time.Second
+const CleanupTimeout = 60 * time.Second
 
 // VM id prefixes: RUN steps, image VMs (snapshotted) and bench VMs.
 const (
@@ -46,8 +46,8 @@ func IsBuildVM(id string) bool {
 	return false
 }
 
-// newID returns "prefix-" and 12 random hex digits: a valid VM and netns id.
-func newID(prefix string) string {
+// NewID returns "prefix-" and 12 random hex digits: a valid VM and netns id.
+func NewID(prefix string) string {
 	b := make([]byte, 6)
 	_, _ = rand.Read(b)
 	id := prefix + "-" + hex.EncodeToString(b)
@@ -98,7 +98,7 @@ var testHookNewVM func(id string)
 // when it has egress), as bootVM and cloneVM both need. On error nothing
 // is left.
 func newGuestNet(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (*guestVM, error) {
-	g := &guestVM{id: newID(s.prefix), driver: d, log: log}
+	g := &guestVM{id: NewID(s.prefix), driver: d, log: log}
 	g.log = log.With("vm", g.id)
 	cfg := netns.Config{ID: g.id, Egress: s.egress, ExtraDeny: s.extraDeny}
 	if s.egress && s.packages != nil && s.account != "" {
@@ -178,7 +178,7 @@ func cloneVM(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec, tmpl
 
 // close terminates the VM (if any) and removes its network. Idempotent.
 func (g *guestVM) close() error {
-	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+	ctx, cancel := context.WithTimeout(context.Background(), CleanupTimeout)
 	defer cancel()
 	var errs []error
 	if g.booted {

@@ -97,7 +97,7 @@ func sh(t *testing.T, d *Driver, id, script string) (string, string, int) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, errOut, code, err := vmmtest.Run(ctx, a, client.ExecRequest{Argv: []string{"/bin/sh", "-c", script}})
+	out, errOut, code, err := a.Run(ctx, client.ExecRequest{Argv: []string{"/bin/sh", "-c", script}})
 	if err != nil {
 		t.Fatalf("exec %q in %s: %v", script, id, err)
 	}
@@ -440,7 +440,7 @@ func helperBootAndHang(ids []string, suspend string) {
 			os.Exit(1)
 		}
 		a, _ := d.Agent(ctx, id)
-		vmmtest.Run(ctx, a, client.ExecRequest{Argv: []string{"/bin/sh", "-c", "echo before-crash > /root/mark; sync"}})
+		a.Run(ctx, client.ExecRequest{Argv: []string{"/bin/sh", "-c", "echo before-crash > /root/mark; sync"}})
 	}
 	if suspend != "" {
 		if err := d.Suspend(ctx, suspend); err != nil {

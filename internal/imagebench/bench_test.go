@@ -1,10 +1,11 @@
 //go:build linux
 
-package imagebuild
+package imagebench
 
 import (
 	"context"
 	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -23,7 +24,7 @@ func TestBench(t *testing.T) {
 	rep, err := Bench(ctx, BenchConfig{
 		Driver:  d,
 		Bases:   &base.Resolver{Managed: &base.Managed{DataDir: kilnDataDir()}},
-		Example: exampleDir("python-http"),
+		Example: filepath.Join("..", "..", "examples", "python-http"),
 		Out:     os.Stdout,
 		Logger:  testLogger(),
 	})
