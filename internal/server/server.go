@@ -234,9 +234,9 @@ type Server struct {
 	// the start-up line says about isolation.
 	Accel, Note string
 
-	o     Options
-	ln    net.Listener
-	hs    *http.Server
+	o       Options
+	ln      net.Listener
+	hs      *http.Server
 	release func()
 }
 
