@@ -9,7 +9,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"syscall"
-	"time"
 
 	"github.com/spf13/cobra"
 
@@ -19,7 +18,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/server"
-	"github.com/kiln-sandbox/kiln/internal/tlsca"
+	"github.com/kiln-sandbox/kiln/internal/server/endpoint"
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
 
@@ -81,10 +80,6 @@ func runEdge(ctx context.Context, o server.Options, tokenKey string) error {
 	if err != nil {
 		return err
 	}
-	signer, err := token.NewSigner(key)
-	if err != nil {
-		return err
-	}
 	log := newLogger()
 	clients := noderpc.NewClients(id.ClientTLS(clusterca.Node))
 	defer clients.Close()
@@ -94,30 +89,21 @@ func runEdge(ctx context.Context, o server.Options, tokenKey string) error {
 		return err
 	}
 	go be.Run(ctx)
-	certs, err := tlsca.Open(tlsca.Config{Domain: o.Domain, Dir: filepath.Join(o.DataDir, "tls"), CAExport: filepath.Join(o.DataDir, "ca.pem"),
-		CertFile: endpointCert, KeyFile: endpointKey})
-	if err != nil {
-		return fmt.Errorf("endpoint certificate: %w", err)
-	}
-	go certs.Run(ctx)
-	px, err := proxy.New(proxy.Config{Domain: o.Domain, Backend: be, Tokens: signer, Logger: log})
+	ep, err := endpoint.Start(ctx, endpoint.Config{Addr: o.EndpointAddr, DataDir: o.DataDir, CertFile: endpointCert, KeyFile: endpointKey,
+		Key: key, Domain: o.Domain, Proxy: proxy.Config{Backend: be, Logger: log}})
 	if err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", o.EndpointAddr)
-	if err != nil {
-		return fmt.Errorf("listening on %s: %w", o.EndpointAddr, err)
-	}
 	if o.MetricsAddr != "" {
 		health := metrics.NewHealth()
-		health.Set("endpoint proxy", metrics.DialCheck(ln.Addr().String()))
+		health.Set("endpoint proxy", metrics.DialCheck(ep.Addr))
 		mln, err := net.Listen("tcp", o.MetricsAddr)
 		if err != nil {
 			return fmt.Errorf("--metrics-addr %s: %w", o.MetricsAddr, err)
 		}
 		go metrics.Serve(ctx, mln, health)
 	}
-	slog.Info("kiln edge", "endpoints", ln.Addr().String(), "domain", o.Domain, "ca", filepath.Join(o.DataDir, "ca.pem"))
-	fmt.Printf("%s%s\n", EdgeReadyLine, ln.Addr())
-	return px.Serve(ctx, ln, certs.TLSConfig(), 5*time.Second)
+	slog.Info("kiln edge", "endpoints", ep.Addr, "domain", o.Domain, "ca", ep.CAFile)
+	fmt.Printf("%s%s\n", EdgeReadyLine, ep.Addr)
+	return ep.Wait()
 }

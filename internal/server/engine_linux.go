@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -31,9 +30,8 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/pkgproxy"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
+	"github.com/kiln-sandbox/kiln/internal/server/endpoint"
 	"github.com/kiln-sandbox/kiln/internal/store"
-	"github.com/kiln-sandbox/kiln/internal/tlsca"
-	"github.com/kiln-sandbox/kiln/internal/token"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
 )
@@ -58,20 +56,11 @@ func newEngineBackend(ctx context.Context, o Options, st store.Store, rep *lifec
 		return backend{}, err
 	}
 	// On failure the driver stops with ctx like on success (startEngine).
-	tls, err := tlsca.Open(tlsca.Config{Domain: o.Domain, Dir: filepath.Join(o.DataDir, "tls"), CAExport: filepath.Join(o.DataDir, "ca.pem"),
-		CertFile: o.EndpointCert, KeyFile: o.EndpointKey})
-	if err != nil {
-		return backend{}, fmt.Errorf("endpoint certificate: %w", err)
-	}
 	key, err := LoadTokenKey(o)
 	if err != nil {
 		return backend{}, err
 	}
-	signer, err := token.NewSigner(key)
-	if err != nil {
-		return backend{}, err
-	}
-	pcfg := proxy.Config{Domain: o.Domain, Backend: eng, Tokens: signer, ShellHandler: eng.ShellHandler(), Logger: log}
+	pcfg := proxy.Config{Backend: eng, ShellHandler: eng.ShellHandler(), Logger: log}
 	if es, ok := st.(store.E2BStore); ok {
 		// E2B's envd runs here on the host, over the guest agent: see
 		// docs/ARCHITECTURE.md, "E2B-compatible API".
@@ -93,25 +82,21 @@ func newEngineBackend(ctx context.Context, o Options, st store.Store, rep *lifec
 			}}),
 			Traffic: (&e2b.TrafficGate{Sandboxes: es, Tokens: e2b.NewTrafficTokens(key)}).Decide}
 	}
-	px, err := proxy.New(pcfg)
+	ep, err := endpoint.Start(ctx, endpoint.Config{Addr: o.EndpointAddr, DataDir: o.DataDir, CertFile: o.EndpointCert, KeyFile: o.EndpointKey,
+		Key: key, Domain: o.Domain, Proxy: pcfg})
 	if err != nil {
 		return backend{}, err
 	}
-	ln, err := net.Listen("tcp", o.EndpointAddr)
-	if err != nil {
-		return backend{}, fmt.Errorf("listening on %s: %w", o.EndpointAddr, err)
-	}
-	go tls.Run(ctx)
 	go func() {
-		if err := px.Serve(ctx, ln, tls.TLSConfig(), 5*time.Second); err != nil {
+		if err := ep.Wait(); err != nil {
 			slog.Error("endpoint proxy stopped", "err", err)
 		}
 	}()
 	if o.Health != nil {
-		o.Health.Set("endpoint proxy", metrics.DialCheck(ln.Addr().String()))
+		o.Health.Set("endpoint proxy", metrics.DialCheck(ep.Addr))
 	}
-	log.Info("microvm endpoints serving", "addr", ln.Addr().String(), "domain", o.Domain, "ca", filepath.Join(o.DataDir, "ca.pem"))
-	return backend{Backend: eng, Tokens: &engine.TokenIssuer{Signer: signer}, Signer: signer, Engine: eng, EndpointAddr: ln.Addr().String()}, nil
+	log.Info("microvm endpoints serving", "addr", ep.Addr, "domain", o.Domain, "ca", ep.CAFile)
+	return backend{Backend: eng, Tokens: &engine.TokenIssuer{Signer: ep.Signer}, Signer: ep.Signer, Engine: eng, EndpointAddr: ep.Addr}, nil
 }
 
 // startEngine starts this host's VM engine (for `kiln server`, and for
