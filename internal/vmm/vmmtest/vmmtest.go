@@ -29,11 +29,7 @@ type Env struct {
 // Setup builds the agent and the root disk. It fails with a message naming
 // `make setup` when the kernel or host tools are missing.
 func Setup() (*Env, error) {
-	dataDir := os.Getenv("KILN_DATA_DIR")
-	if dataDir == "" {
-		dataDir = "/var/lib/kiln"
-	}
-	e := &Env{KernelDir: filepath.Join(dataDir, "kernel")}
+	e := &Env{KernelDir: filepath.Join(DataDir(), "kernel")}
 	if _, err := os.Stat(filepath.Join(e.KernelDir, "vmlinuz")); err != nil {
 		return nil, fmt.Errorf("no guest kernel in %s: run `make setup`", e.KernelDir)
 	}
@@ -55,6 +51,15 @@ func Setup() (*Env, error) {
 		return nil, err
 	}
 	return e, nil
+}
+
+// DataDir is where the set-up step put the kernel and managed bases
+// ($KILN_DATA_DIR, default /var/lib/kiln); tests share it read-only.
+func DataDir() string {
+	if d := os.Getenv("KILN_DATA_DIR"); d != "" {
+		return d
+	}
+	return "/var/lib/kiln"
 }
 
 // Cleanup removes the environment's files. Safe on nil.
