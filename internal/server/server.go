@@ -234,7 +234,6 @@ type Server struct {
 	// the start-up line says about isolation.
 	Accel, Note string
 
-	o       Options
 	ln      net.Listener
 	hs      *http.Server
 	release func()
@@ -472,7 +471,7 @@ func New(ctx context.Context, o Options) (s *Server, err error) {
 	}
 	return &Server{Store: st, API: srv, Backend: be.Backend, Engine: be.Engine, EndpointSigner: be.Signer, EndpointAddr: be.EndpointAddr,
 		APIURL: scheme + "://" + ln.Addr().String(), Accel: accel, Note: note,
-		o: o, ln: ln, hs: newHTTPServer(connlimit.Handler(top)), release: release}, nil
+		ln: ln, hs: newHTTPServer(connlimit.Handler(top)), release: release}, nil
 }
 
 // Serve serves the API, the console and the E2B API until ctx ends (the
