@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/kiln-sandbox/kiln/internal/server"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -69,7 +70,7 @@ func withCluster(cmd *cobra.Command, f func(context.Context, store.Cluster) erro
 		return err
 	}
 	defer st.Close()
-	cs, err := clusterStore(st)
+	cs, err := server.ClusterStore(st)
 	if err != nil {
 		return err
 	}

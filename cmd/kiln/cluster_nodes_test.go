@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/server"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -148,10 +149,10 @@ func TestOperatorKeyFiles(t *testing.T) {
 	// --token-key: read as is; missing is an error, not a new key.
 	tok := filepath.Join(secrets, "token.key")
 	os.WriteFile(tok, []byte(strings.Repeat("t", 32)), 0o440)
-	if key, err := loadTokenKey(ServerOptions{DataDir: t.TempDir(), TokenKey: tok}); err != nil || string(key) != strings.Repeat("t", 32) {
+	if key, err := server.LoadTokenKey(server.Options{DataDir: t.TempDir(), TokenKey: tok}); err != nil || string(key) != strings.Repeat("t", 32) {
 		t.Errorf("--token-key: %q %v", key, err)
 	}
-	if _, err := loadTokenKey(ServerOptions{DataDir: t.TempDir(), TokenKey: filepath.Join(secrets, "none")}); err == nil || !strings.Contains(err.Error(), "every control replica and edge") {
+	if _, err := server.LoadTokenKey(server.Options{DataDir: t.TempDir(), TokenKey: filepath.Join(secrets, "none")}); err == nil || !strings.Contains(err.Error(), "every control replica and edge") {
 		t.Errorf("missing --token-key: %v", err)
 	}
 }

@@ -9,7 +9,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"syscall"
-	"time"
 
 	"github.com/spf13/cobra"
 
@@ -19,8 +18,9 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/e2b"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
+	"github.com/kiln-sandbox/kiln/internal/server"
+	"github.com/kiln-sandbox/kiln/internal/server/endpoint"
 	"github.com/kiln-sandbox/kiln/internal/store"
-	"github.com/kiln-sandbox/kiln/internal/tlsca"
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
 
@@ -28,7 +28,7 @@ import (
 const EdgeReadyLine = "kiln edge serving microvm endpoints at "
 
 func init() {
-	var o ServerOptions
+	var o server.Options
 	var tokenKey string
 	cmd := &cobra.Command{
 		Use:   "edge",
@@ -58,12 +58,12 @@ edge keeps only a route cache; run as many as you like.`,
 	rootCmd.AddCommand(cmd)
 }
 
-func runEdge(ctx context.Context, o ServerOptions, tokenKey string) error {
-	id, err := o.Cluster.identity(clusterca.Edge)
+func runEdge(ctx context.Context, o server.Options, tokenKey string) error {
+	id, err := o.Cluster.Identity(clusterca.Edge)
 	if err != nil {
 		return err
 	}
-	if err := secureDataDir(o.DataDir); err != nil {
+	if err := server.SecureDataDir(o.DataDir); err != nil {
 		return err
 	}
 	st, err := openStore(ctx, o.DataDir)
@@ -71,7 +71,7 @@ func runEdge(ctx context.Context, o ServerOptions, tokenKey string) error {
 		return err
 	}
 	defer st.Close()
-	cs, err := clusterStore(st)
+	cs, err := server.ClusterStore(st)
 	if err != nil {
 		return err
 	}
@@ -79,10 +79,6 @@ func runEdge(ctx context.Context, o ServerOptions, tokenKey string) error {
 		return fmt.Errorf("--token-key %s: the edge checks tokens with control's key; copy it from control's data dir: %w", tokenKey, err)
 	}
 	key, err := token.LoadOrCreateKey(tokenKey)
-	if err != nil {
-		return err
-	}
-	signer, err := token.NewSigner(key)
 	if err != nil {
 		return err
 	}
@@ -95,37 +91,28 @@ func runEdge(ctx context.Context, o ServerOptions, tokenKey string) error {
 		return err
 	}
 	go be.Run(ctx)
-	certs, err := tlsca.Open(tlsca.Config{Domain: o.Domain, Dir: filepath.Join(o.DataDir, "tls"), CAExport: filepath.Join(o.DataDir, "ca.pem"),
-		CertFile: endpointCert, KeyFile: endpointKey})
-	if err != nil {
-		return fmt.Errorf("endpoint certificate: %w", err)
-	}
-	go certs.Run(ctx)
 	// The shell's port needs no handler here: it goes through the tunnel
 	// like any port, and the node serves it. envd's is checked here and
 	// forwarded the same way (EndpointGate leaves its Handler nil).
-	pcfg := proxy.Config{Domain: o.Domain, Backend: be, Tokens: signer, Logger: log}
+	pcfg := proxy.Config{Backend: be, Logger: log}
 	if es, ok := st.(store.E2BStore); ok {
 		pcfg.Envd = e2b.EndpointGate(key, es)
 	}
-	px, err := proxy.New(pcfg)
+	ep, err := endpoint.Start(ctx, endpoint.Config{Addr: o.EndpointAddr, DataDir: o.DataDir, CertFile: endpointCert, KeyFile: endpointKey,
+		Key: key, Domain: o.Domain, Proxy: pcfg})
 	if err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", o.EndpointAddr)
-	if err != nil {
-		return fmt.Errorf("listening on %s: %w", o.EndpointAddr, err)
-	}
 	if o.MetricsAddr != "" {
 		health := metrics.NewHealth()
-		health.Set("endpoint proxy", metrics.DialCheck(ln.Addr().String()))
+		health.Set("endpoint proxy", metrics.DialCheck(ep.Addr))
 		mln, err := net.Listen("tcp", o.MetricsAddr)
 		if err != nil {
 			return fmt.Errorf("--metrics-addr %s: %w", o.MetricsAddr, err)
 		}
 		go metrics.Serve(ctx, mln, health)
 	}
-	slog.Info("kiln edge", "endpoints", ln.Addr().String(), "domain", o.Domain, "ca", filepath.Join(o.DataDir, "ca.pem"))
-	fmt.Printf("%s%s\n", EdgeReadyLine, ln.Addr())
-	return px.Serve(ctx, ln, certs.TLSConfig(), 5*time.Second)
+	slog.Info("kiln edge", "endpoints", ep.Addr, "domain", o.Domain, "ca", ep.CAFile)
+	fmt.Printf("%s%s\n", EdgeReadyLine, ep.Addr)
+	return ep.Wait()
 }

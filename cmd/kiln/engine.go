@@ -17,10 +17,10 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
 	"github.com/kiln-sandbox/kiln/internal/enginebench"
 	"github.com/kiln-sandbox/kiln/internal/image/base"
-	"github.com/kiln-sandbox/kiln/internal/imagebuild"
+	"github.com/kiln-sandbox/kiln/internal/imagebench"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
+	"github.com/kiln-sandbox/kiln/internal/vmm/busybox"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
-	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
 )
 
 var accelFlag, logLevel string
@@ -34,15 +34,12 @@ func newLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l}))
 }
 
-// benchCmd groups the benchmarks; each area adds its own subcommand.
-var benchCmd = &cobra.Command{Use: "bench", Short: "Run kiln's benchmarks"}
-
 var engineCmd = &cobra.Command{Use: "engine", Short: "Drive the VM engine directly (development)"}
 
 func init() {
 	rootCmd.PersistentFlags().StringVar(&accelFlag, "accel", "auto", "accelerator: auto, kvm or tcg")
 	rootCmd.PersistentFlags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
-	rootCmd.AddCommand(benchCmd, engineCmd)
+	rootCmd.AddCommand(engineCmd)
 
 	var o enginebench.Options
 	be := &cobra.Command{
@@ -93,7 +90,7 @@ func init() {
 			}
 			defer os.RemoveAll(work)
 			defer d.Close()
-			tmpl, err := vmmtest.AppTemplate(ctx, d, root, app, work)
+			tmpl, err := busybox.AppTemplate(ctx, d, root, app, work)
 			if err != nil {
 				return err
 			}
@@ -114,9 +111,9 @@ func init() {
 	bep.Flags().StringVar(&app, "app", "", "static binary serving HTTP on 8080 to run in the microVMs (default: busybox httpd, which forks per request)")
 	benchCmd.AddCommand(bep)
 
-	var ib imagebuild.BenchConfig
+	var ib imagebench.BenchConfig
 	var apt, aptLog bool
-	var ab imagebuild.AptBenchConfig
+	var ab imagebench.AptBenchConfig
 	bim := &cobra.Command{
 		Use:   "image",
 		Short: "Benchmark an image build by step, an unchanged rebuild, and clone against cold boot until the first HTTP 200; with --apt, the package cache",
@@ -137,7 +134,7 @@ func init() {
 				if aptLog {
 					ab.BuildLog = os.Stderr
 				}
-				r, err := imagebuild.BenchApt(ctx, ab)
+				r, err := imagebench.BenchApt(ctx, ab)
 				if err != nil {
 					return err
 				}
@@ -145,7 +142,7 @@ func init() {
 				return nil
 			}
 			ib.Driver, ib.WorkDir, ib.Out, ib.Logger, ib.Bases = d, work, os.Stdout, newLogger(), bases
-			_, err = imagebuild.Bench(ctx, ib)
+			_, err = imagebench.Bench(ctx, ib)
 			return err
 		},
 	}
@@ -175,7 +172,7 @@ func scratchEngine(ctx context.Context) (*qemu.Driver, string, string, error) {
 	if err != nil {
 		return nil, "", "", fmt.Errorf("creating scratch dir in %s (run `make setup` first?): %w", dataDir, err)
 	}
-	root, err := vmmtest.BusyboxRoot(work)
+	root, err := busybox.Root(work)
 	if err != nil {
 		os.RemoveAll(work)
 		return nil, "", "", err
@@ -232,7 +229,7 @@ func engineDemo(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		out, _, code, err := vmmtest.Run(ctx, a, client.ExecRequest{Argv: []string{"/bin/sh", "-c", "echo \"hello from $(hostname), kernel $(uname -r)\""}})
+		out, _, code, err := a.Run(ctx, client.ExecRequest{Argv: []string{"/bin/sh", "-c", "echo \"hello from $(hostname), kernel $(uname -r)\""}})
 		if err != nil {
 			return err
 		}

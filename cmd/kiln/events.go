@@ -14,6 +14,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/applog"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
+	"github.com/kiln-sandbox/kiln/internal/server"
 )
 
 func init() {
@@ -21,7 +22,7 @@ func init() {
 }
 
 // addLogFlags adds the `kiln server` flags of durable microVM logs.
-func addLogFlags(f *pflag.FlagSet, o *ServerOptions) {
+func addLogFlags(f *pflag.FlagSet, o *server.Options) {
 	f.Int64Var(&o.LogMaxBytes, "log-max-bytes", applog.DefaultMaxBytes, "bytes of console and app output kept per microVM (the newest, in 4 rotated files)")
 	f.DurationVar(&o.LogRetention, "log-retention", applog.DefaultRetention, "how long a microVM's log stays after it ended")
 }

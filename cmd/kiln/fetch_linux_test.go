@@ -21,6 +21,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
+	"github.com/kiln-sandbox/kiln/internal/server"
 	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
 )
@@ -74,11 +75,11 @@ func TestServerRefusesHostFetches(t *testing.T) {
 		http.Redirect(w, r, "http://"+secret+"/secret", http.StatusFound)
 	})
 
-	o := ServerOptions{DataDir: data, APIAddr: freeAddr(t), EndpointAddr: freeAddr(t), Domain: "microvm.localhost", Region: "us-east-1",
+	o := server.Options{Backend: "engine", DataDir: data, APIAddr: freeAddr(t), EndpointAddr: freeAddr(t), Domain: "microvm.localhost", Region: "us-east-1",
 		AllowFetchCIDRs: []netip.Prefix{netip.MustParsePrefix("127.0.0.2/32")}}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- runServer(ctx, o, "engine") }()
+	go func() { done <- server.Run(ctx, o) }()
 	t.Cleanup(func() {
 		cancel()
 		select {

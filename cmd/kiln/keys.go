@@ -13,6 +13,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/e2b"
+	"github.com/kiln-sandbox/kiln/internal/server"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -39,7 +40,7 @@ func init() {
 				if account, err = auth.NewAccountID(); err != nil {
 					return err
 				}
-			} else if !validAccount(account) {
+			} else if !server.ValidAccount(account) {
 				return fmt.Errorf("--account must be 12 digits")
 			}
 			k, err := auth.NewAccessKey(account, description)
@@ -107,15 +108,6 @@ func init() {
 	rootCmd.AddCommand(keys)
 }
 
-func allDigits(s string) bool {
-	for _, r := range s {
-		if r < '0' || r > '9' {
-			return false
-		}
-	}
-	return true
-}
-
 // createE2BKey stores the hash of a new E2B API key for account (a new
 // account when empty) and prints the key to out, which is shown only here.
 func createE2BKey(ctx context.Context, out io.Writer, st store.Store, account, description string) error {
@@ -124,7 +116,7 @@ func createE2BKey(ctx context.Context, out io.Writer, st store.Store, account, d
 		if account, err = auth.NewAccountID(); err != nil {
 			return err
 		}
-	} else if !validAccount(account) {
+	} else if !server.ValidAccount(account) {
 		return fmt.Errorf("--account must be 12 digits")
 	}
 	key, hash, err := e2b.NewAPIKey()

@@ -11,20 +11,9 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/server"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
-
-// SettingQuotaDefaults records the --quota-* limits of the last server
-// start, so that `kiln quotas get` shows what applies.
-const SettingQuotaDefaults = "quota_defaults"
-
-func mustJSON(v any) []byte {
-	b, err := json.Marshal(v)
-	if err != nil {
-		panic(err)
-	}
-	return b
-}
 
 func init() {
 	quotas := &cobra.Command{Use: "quotas", Short: "Show and set per-account quotas (the server's --quota-* flags are the defaults)"}
@@ -37,7 +26,7 @@ func init() {
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			account := args[0]
-			if !validAccount(account) {
+			if !server.ValidAccount(account) {
 				return fmt.Errorf("ACCOUNT must be 12 digits, not %q", account)
 			}
 			ctx := cmd.Context()
@@ -129,7 +118,7 @@ func init() {
 func printQuotas(cmd *cobra.Command, st store.Store, accounts []string) error {
 	ctx := cmd.Context()
 	def := api.DefaultQuota
-	if v, err := st.GetSetting(ctx, SettingQuotaDefaults); err == nil {
+	if v, err := st.GetSetting(ctx, server.SettingQuotaDefaults); err == nil {
 		if err := json.Unmarshal([]byte(v), &def); err != nil {
 			return fmt.Errorf("reading the server's quota defaults: %w", err)
 		}

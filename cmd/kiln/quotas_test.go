@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/kiln-sandbox/kiln/internal/server"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -34,7 +35,7 @@ func TestQuotasCommand(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := st.SetSetting(ctx, SettingQuotaDefaults, `{"microvms":7,"memoryMiB":100,"vcpus":2,"builds":1,"storageBytes":1000}`); err != nil {
+	if err := st.SetSetting(ctx, server.SettingQuotaDefaults, `{"microvms":7,"memoryMiB":100,"vcpus":2,"builds":1,"storageBytes":1000}`); err != nil {
 		t.Fatal(err)
 	}
 	st.Close()

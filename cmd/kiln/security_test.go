@@ -31,6 +31,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
+	"github.com/kiln-sandbox/kiln/internal/server"
 	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
@@ -478,12 +479,12 @@ func TestRequireKVMRefusesUnderTCG(t *testing.T) {
 	dir := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	err = runServer(ctx, ServerOptions{DataDir: dir, APIAddr: freeAddr(t), EndpointAddr: freeAddr(t), Domain: "microvm.localhost", RequireKVM: true}, "engine")
+	err = server.Run(ctx, server.Options{Backend: "engine", DataDir: dir, APIAddr: freeAddr(t), EndpointAddr: freeAddr(t), Domain: "microvm.localhost", RequireKVM: true})
 	if err == nil || !strings.Contains(err.Error(), "--require-kvm") || !strings.Contains(err.Error(), "not a security boundary") {
 		t.Fatalf("kiln server --require-kvm under %s: %v", accel, err)
 	}
 	// The fake backend runs no VMs at all: refused too.
-	err = runServer(ctx, ServerOptions{DataDir: dir, APIAddr: freeAddr(t), RequireKVM: true}, "fake")
+	err = server.Run(ctx, server.Options{Backend: "fake", DataDir: dir, APIAddr: freeAddr(t), RequireKVM: true})
 	if err == nil || !strings.Contains(err.Error(), "--require-kvm") {
 		t.Fatalf("--require-kvm with the fake backend: %v", err)
 	}

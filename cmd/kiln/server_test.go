@@ -16,6 +16,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
+	"github.com/kiln-sandbox/kiln/internal/server"
 )
 
 // TestHelperServer is not a test: it is the server process the crash test
@@ -25,20 +26,20 @@ func TestHelperServer(t *testing.T) {
 	if dir == "" {
 		t.Skip("helper process only")
 	}
-	o := ServerOptions{DataDir: dir, APIAddr: os.Getenv("KILN_HELPER_ADDR"), EndpointAddr: "127.0.0.1:8443", Domain: "microvm.localhost", Region: "us-east-1"}
+	o := server.Options{DataDir: dir, APIAddr: os.Getenv("KILN_HELPER_ADDR"), EndpointAddr: "127.0.0.1:8443", Domain: "microvm.localhost", Region: "us-east-1"}
 	// Further options (TLS, caps) as JSON over o.
 	if j := os.Getenv("KILN_HELPER_OPTS"); j != "" {
 		if err := json.Unmarshal([]byte(j), &o); err != nil {
 			t.Fatal(err)
 		}
 	}
-	backend := "fake"
+	o.Backend = "fake"
 	if b := os.Getenv("KILN_HELPER_BACKEND"); b != "" {
-		backend = b
+		o.Backend = b
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM)
 	defer stop()
-	if err := runServer(ctx, o, backend); err != nil {
+	if err := server.Run(ctx, o); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -52,7 +53,7 @@ func startServer(t *testing.T, dir, addr string, env ...string) (*exec.Cmd, stri
 }
 
 // startServerLine is startServer returning the whole start-up line.
-// env adds KILN_HELPER_OPTS (ServerOptions as JSON) or
+// env adds KILN_HELPER_OPTS (server.Options as JSON) or
 // KILN_HELPER_BACKEND.
 func startServerLine(t *testing.T, dir, addr string, env ...string) (*exec.Cmd, string) {
 	t.Helper()

@@ -14,7 +14,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/e2b"
 	"github.com/kiln-sandbox/kiln/internal/store/postgres"
-	"github.com/kiln-sandbox/kiln/internal/store/postgres/pgtest"
+	"github.com/kiln-sandbox/kiln/internal/store/postgres/pglocal"
 	"github.com/kiln-sandbox/kiln/internal/store/seal"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 )
@@ -28,14 +28,14 @@ func TestStoreFlag(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short: starts a PostgreSQL cluster")
 	}
-	if err := pgtest.Available(); err != nil {
+	if err := pglocal.Available(); err != nil {
 		if os.Getenv("CI") != "" {
 			t.Fatal(err)
 		}
 		t.Skip(err)
 	}
 	ctx := context.Background()
-	c, err := pgtest.Start(ctx)
+	c, err := pglocal.Start(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -25,7 +25,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/awscli"
 	"github.com/kiln-sandbox/kiln/internal/soakbench"
-	"github.com/kiln-sandbox/kiln/internal/store/postgres/pgtest"
+	"github.com/kiln-sandbox/kiln/internal/store/postgres/pglocal"
 )
 
 // Options configure a run.
@@ -237,7 +237,7 @@ func accel() string {
 type env struct {
 	o         Options
 	work      string
-	pg        *pgtest.Cluster
+	pg        *pglocal.Cluster
 	procs     []*proc // in start order
 	server    *soakbench.Server
 	serverDir string
@@ -247,10 +247,10 @@ type env struct {
 }
 
 func (e *env) start(ctx context.Context) (cl, srv *side, err error) {
-	if err := pgtest.Available(); err != nil {
+	if err := pglocal.Available(); err != nil {
 		return nil, nil, err
 	}
-	if e.pg, err = pgtest.Start(ctx); err != nil {
+	if e.pg, err = pglocal.Start(ctx); err != nil {
 		return nil, nil, fmt.Errorf("starting PostgreSQL: %w", err)
 	}
 	storeURL, err := e.pg.NewDatabase(ctx)

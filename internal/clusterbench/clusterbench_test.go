@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kiln-sandbox/kiln/internal/store/postgres/pgtest"
+	"github.com/kiln-sandbox/kiln/internal/store/postgres/pglocal"
 	"github.com/kiln-sandbox/kiln/test/kilntest"
 )
 
@@ -20,7 +20,7 @@ import (
 // after itself, and its figures filled in. About a minute with KVM.
 func TestBenchSmall(t *testing.T) {
 	host := kilntest.Requirements(t, "cluster bench", "ip", "nft")
-	if err := pgtest.Available(); err != nil {
+	if err := pglocal.Available(); err != nil {
 		if os.Getenv("CI") != "" {
 			t.Fatal(err)
 		}

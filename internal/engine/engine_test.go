@@ -30,12 +30,13 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
+	"github.com/kiln-sandbox/kiln/internal/server/endpoint"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 	"github.com/kiln-sandbox/kiln/internal/testenv"
-	"github.com/kiln-sandbox/kiln/internal/tlsca"
 	"github.com/kiln-sandbox/kiln/internal/token"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
+	"github.com/kiln-sandbox/kiln/internal/vmm/busybox"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
 	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
 )
@@ -113,7 +114,7 @@ func makeTemplate(ctx context.Context, d *qemu.Driver, root, work string) (strin
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("building the test app: %v: %s", err, out)
 	}
-	return vmmtest.AppTemplate(ctx, d, root, app, work)
+	return busybox.AppTemplate(ctx, d, root, app, work)
 }
 
 // harness is one engine with its store, API server and endpoint proxy.
@@ -168,26 +169,15 @@ func newHarnessAt(t *testing.T, drv vmm.Driver, dir string, fresh bool, opts ...
 	if err != nil {
 		t.Fatal(err)
 	}
-	key := bytes.Repeat([]byte("k"), 32)
-	if h.signer, err = token.NewSigner(key); err != nil {
+	// The endpoints as `kiln server` starts them (internal/server/endpoint;
+	// the whole server imports this package, so its tests cannot).
+	ep, err := endpoint.Start(ctx, endpoint.Config{Addr: "127.0.0.1:0", DataDir: dir, Key: bytes.Repeat([]byte("k"), 32), Domain: testDomain,
+		Grace: time.Second, Proxy: proxy.Config{Backend: h.eng, ShellHandler: h.eng.ShellHandler()}})
+	if err != nil {
 		t.Fatal(err)
 	}
+	h.signer, h.addr = ep.Signer, ep.Addr
 	h.srv = api.NewServer(api.Config{Domain: testDomain, Tokens: &TokenIssuer{Signer: h.signer}}, st, h.eng)
-	ca, err := tlsca.Open(tlsca.Config{Domain: testDomain, Dir: filepath.Join(dir, "tls"), CAExport: filepath.Join(dir, "ca.pem")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	px, err := proxy.New(proxy.Config{Domain: testDomain, Backend: h.eng, Tokens: h.signer, ShellHandler: h.eng.ShellHandler()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.addr = ln.Addr().String()
-	done := make(chan struct{})
-	go func() { px.Serve(ctx, ln, ca.TLSConfig(), time.Second); close(done) }()
 	go h.eng.Run(ctx)
 
 	// The client trusts DATA_DIR/ca.pem only, as curl --cacert would.
@@ -230,7 +220,7 @@ func newHarnessAt(t *testing.T, drv vmm.Driver, dir string, fresh bool, opts ...
 			netns.Teardown(context.Background(), id)
 		}
 		cancel()
-		<-done
+		ep.Wait()
 		h.eng.Close()
 		st.Close()
 	})
@@ -744,7 +734,7 @@ func TestNetworkIsolation(t *testing.T) {
 				t.Fatal(err)
 			}
 			argv := append([]string{"/opt/app", "probe", "127.0.0.1:8080"}, targets...)
-			out, errOut, _, err := vmmtest.Run(ctx, a, client.ExecRequest{Argv: argv})
+			out, errOut, _, err := a.Run(ctx, client.ExecRequest{Argv: argv})
 			if err != nil {
 				t.Fatal(err)
 			}

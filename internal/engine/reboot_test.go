@@ -18,7 +18,6 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
-	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
 )
 
 // TestSurvivesHostReboot simulates a host reboot: kiln stops, every QEMU
@@ -148,7 +147,7 @@ func execIn(t *testing.T, d *qemu.Driver, id, script string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, errOut, code, err := vmmtest.Run(ctx, a, client.ExecRequest{Argv: []string{"/bin/sh", "-c", script}})
+	out, errOut, code, err := a.Run(ctx, client.ExecRequest{Argv: []string{"/bin/sh", "-c", script}})
 	if err != nil || code != 0 {
 		t.Fatalf("%s in %s: exit %d, %v: %s", script, id, code, err, errOut)
 	}

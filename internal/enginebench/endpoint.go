@@ -4,7 +4,6 @@ package enginebench
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -22,14 +21,10 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/engine"
-
-	"github.com/kiln-sandbox/kiln/internal/api"
-	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
+	"github.com/kiln-sandbox/kiln/internal/server"
 	"github.com/kiln-sandbox/kiln/internal/store"
-	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
-	"github.com/kiln-sandbox/kiln/internal/tlsca"
 	"github.com/kiln-sandbox/kiln/internal/token"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
@@ -164,8 +159,8 @@ func (d *timedDriver) take() []time.Duration {
 
 const benchAccount = "000000000000"
 
-// BenchEndpoint runs an engine, API server and endpoint proxy (TLS on
-// loopback) over o.Driver and measures with real microVMs: (a) a request
+// BenchEndpoint runs a kiln server (internal/server: engine, API and
+// endpoint proxy with TLS, on loopback) over o.Driver and measures with real microVMs: (a) a request
 // to a SUSPENDED microVM with autoResumeEnabled until its response, next
 // to the engine's own resume measured in the same run; (b) a load run of
 // o.Connections connections spread over o.VMs microVMs for o.Duration,
@@ -203,45 +198,22 @@ func BenchEndpoint(ctx context.Context, o EndpointBenchOptions) (res EndpointBen
 	}
 	res.ResumeRuns, res.VMs, res.Connections, res.Duration = o.ResumeRuns, o.VMs, o.Connections, o.Duration
 
+	// The server `kiln server` runs, on the caller's driver.
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	st, err := sqlite.Open(ctx, filepath.Join(o.Dir, "kiln.db"))
-	if err != nil {
-		return res, err
-	}
-	defer st.Close()
-	drv := &timedDriver{Driver: o.Driver}
-	eng, err := engine.New(ctx, engine.Config{Driver: drv, Control: lifecycle.NewStoreControl(st), DataDir: o.Dir, IdleInterval: time.Second, Log: o.Log})
-	if err != nil {
-		return res, err
-	}
-	defer eng.Close()
-	key := make([]byte, 32)
-	rand.Read(key)
-	signer, err := token.NewSigner(key)
-	if err != nil {
-		return res, err
-	}
 	const domain = "microvm.localhost"
-	srv := api.NewServer(api.Config{Domain: domain, Tokens: &engine.TokenIssuer{Signer: signer}}, st, eng)
+	drv := &timedDriver{Driver: o.Driver}
+	s, err := server.New(ctx, server.Options{Backend: "engine", Driver: drv, DataDir: o.Dir, Log: o.Log,
+		APIAddr: "127.0.0.1:0", EndpointAddr: "127.0.0.1:0", Domain: domain, Region: "us-east-1",
+		EngineConfig: func(c *engine.Config) { c.IdleInterval = time.Second }})
+	if err != nil {
+		return res, err
+	}
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(ctx) }()
+	defer func() { cancel(); <-served }()
+	st, eng, srv, signer := s.Store, s.Engine, s.API, s.EndpointSigner
 	caPath := filepath.Join(o.Dir, "ca.pem")
-	ca, err := tlsca.Open(tlsca.Config{Domain: domain, Dir: filepath.Join(o.Dir, "tls"), CAExport: caPath})
-	if err != nil {
-		return res, err
-	}
-	px, err := proxy.New(proxy.Config{Domain: domain, Backend: eng, Tokens: signer, Logger: o.Log})
-	if err != nil {
-		return res, err
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return res, err
-	}
-	pxDone := make(chan struct{})
-	go func() { px.Serve(ctx, ln, ca.TLSConfig(), time.Second); close(pxDone) }()
-	defer func() { cancel(); <-pxDone }()
-	go eng.Run(ctx)
-
 	pem, err := os.ReadFile(caPath)
 	if err != nil {
 		return res, err
@@ -315,7 +287,7 @@ func BenchEndpoint(ctx context.Context, o EndpointBenchOptions) (res EndpointBen
 	}
 	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots},
 		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			return (&net.Dialer{}).DialContext(ctx, network, ln.Addr().String())
+			return (&net.Dialer{}).DialContext(ctx, network, s.EndpointAddr)
 		}}
 	defer tr.CloseIdleConnections()
 	client := &http.Client{Transport: tr, Timeout: time.Minute}
@@ -438,7 +410,7 @@ func BenchEndpoint(ctx context.Context, o EndpointBenchOptions) (res EndpointBen
 	}
 	progress("load: %d connections over %d microVMs for %s", o.Connections, len(ids), o.Duration)
 	res.Load, err = proxy.Load(ctx, proxy.LoadOptions{Targets: targets, Connections: o.Connections, Duration: o.Duration,
-		Endpoint: ln.Addr().String(), RootCAs: roots})
+		Endpoint: s.EndpointAddr, RootCAs: roots})
 	if err != nil {
 		return res, fmt.Errorf("load: %w", err)
 	}

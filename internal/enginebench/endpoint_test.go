@@ -16,6 +16,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/testenv"
+	"github.com/kiln-sandbox/kiln/internal/vmm/busybox"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
 	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
 )
@@ -74,7 +75,7 @@ func (f *fixture) setup() {
 		f.err = fmt.Errorf("building the test app: %v: %s", err, out)
 		return
 	}
-	f.template, f.err = vmmtest.AppTemplate(ctx, f.drv, f.env.RootDisk, app, f.work)
+	f.template, f.err = busybox.AppTemplate(ctx, f.drv, f.env.RootDisk, app, f.work)
 }
 
 func (f *fixture) cleanup() {
@@ -120,7 +121,7 @@ func TestBenchEndpoint(t *testing.T) {
 	defer cancel()
 	if os.Getenv("KILN_BENCH_BUSYBOX") == "1" {
 		// The app `kiln bench endpoint` can use without a Go toolchain.
-		tmpl, err := vmmtest.AppTemplate(ctx, fx.drv, fx.env.RootDisk, "", o.Dir)
+		tmpl, err := busybox.AppTemplate(ctx, fx.drv, fx.env.RootDisk, "", o.Dir)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -21,7 +21,6 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/guestvm"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
-	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
 )
 
 // Options sizes the benchmark.
@@ -295,7 +294,7 @@ func Run(ctx context.Context, d *qemu.Driver, rootDisk, work string, o Options, 
 			return r, err
 		}
 		script := fmt.Sprintf("mkdir -p /dirty && mount -t tmpfs -o size=%dm tmpfs /dirty && yes kiln-dirty-page | head -c %d > /dirty/fill", o.DirtyMiB+32, o.DirtyMiB<<20)
-		if _, errOut, code, err := vmmtest.Run(ctx, a, client.ExecRequest{Argv: []string{"/bin/sh", "-c", script}}); err != nil || code != 0 {
+		if _, errOut, code, err := a.Run(ctx, client.ExecRequest{Argv: []string{"/bin/sh", "-c", script}}); err != nil || code != 0 {
 			return r, fmt.Errorf("dirtying memory: exit %d, %v: %s", code, err, errOut)
 		}
 		start := time.Now()
@@ -309,7 +308,7 @@ func Run(ctx context.Context, d *qemu.Driver, rootDisk, work string, o Options, 
 		}
 		res = append(res, ms(time.Since(start)))
 		a, _ = d.Agent(ctx, id)
-		out, _, _, err := vmmtest.Run(ctx, a, client.ExecRequest{Argv: []string{"/bin/sh", "-c", "wc -c < /dirty/fill"}})
+		out, _, _, err := a.Run(ctx, client.ExecRequest{Argv: []string{"/bin/sh", "-c", "wc -c < /dirty/fill"}})
 		if err != nil || strings.TrimSpace(out) != strconv.Itoa(o.DirtyMiB<<20) {
 			return r, fmt.Errorf("dirtied memory lost across suspend/resume: %q %v", out, err)
 		}

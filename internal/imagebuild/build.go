@@ -299,7 +299,7 @@ func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error
 	res.RootDisk, res.Config, res.Steps, res.Warnings = rootDisk, ir.Config, ir.Steps, ir.Warnings
 
 	argv := ir.Config.Argv()
-	env := mergeEnv(ir.Config.Env, req.Env)
+	env := MergeEnv(ir.Config.Env, req.Env)
 	res.AppEnv = env
 	res.Key = templateKey(b.CacheSalt+"|"+ir.Key, b.platform(), argv, env, ir.Config.User, ir.Config.WorkingDir, req, b.vcpus(req))
 	if b.CacheDir != "" && !req.NoCache {
@@ -702,9 +702,9 @@ func (l *appLogs) waitExit(id uint64, timeout time.Duration) {
 	}
 }
 
-// mergeEnv sets the image's environmentVariables over ENV, keeping ENV's
+// MergeEnv sets the image's environmentVariables over ENV, keeping ENV's
 // order and appending new keys sorted.
-func mergeEnv(base []string, over map[string]string) []string {
+func MergeEnv(base []string, over map[string]string) []string {
 	out := append([]string(nil), base...)
 	keys := make([]string, 0, len(over))
 	for k := range over {

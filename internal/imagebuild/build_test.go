@@ -100,7 +100,7 @@ func cloneGet(t *testing.T, d vmm.Driver, tmpl string) (map[string]any, time.Dur
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	id := newID("clone")
+	id := NewID("clone")
 	n, err := netns.Setup(ctx, netns.Config{ID: id})
 	if err != nil {
 		t.Fatal(err)

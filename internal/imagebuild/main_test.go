@@ -3,18 +3,16 @@
 package imagebuild
 
 import (
-	"context"
 	"log/slog"
 	"os"
 	"path/filepath"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/netns"
-	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
+	"github.com/kiln-sandbox/kiln/internal/vmm/qemu/qemutest"
 	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
 )
 
@@ -32,48 +30,13 @@ func TestMain(m *testing.M) {
 }
 
 // kilnDataDir is where the managed base lives (built once, shared).
-func kilnDataDir() string {
-	if d := os.Getenv("KILN_DATA_DIR"); d != "" {
-		return d
-	}
-	return "/var/lib/kiln"
-}
+func kilnDataDir() string { return vmmtest.DataDir() }
 
 func testLogger() *slog.Logger {
 	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 }
 
-// newDriver returns a QEMU driver on a short private data dir (unix
-// socket paths must stay short). Every VM it still knows is terminated
-// at the end of the test.
-func newDriver(t testing.TB) *qemu.Driver {
-	t.Helper()
-	if env == nil {
-		t.Skip("engine not set up (run make setup)")
-	}
-	testenv.NeedRoot(t, "network namespaces")
-	dir, err := os.MkdirTemp("", "kib")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	d, err := qemu.New(ctx, qemu.Config{DataDir: dir, KernelDir: env.KernelDir, AgentBinary: env.AgentBinary, Log: testLogger()})
-	if err != nil {
-		os.RemoveAll(dir)
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		vms, _ := d.List(context.Background())
-		for _, v := range vms {
-			t.Errorf("vm %s left behind", v.ID)
-			d.Terminate(context.Background(), v.ID)
-		}
-		d.Close()
-		os.RemoveAll(dir)
-	})
-	return d
-}
+func newDriver(t testing.TB) *qemu.Driver { return qemutest.Driver(t, env, testLogger()) }
 
 // createdIDs records every VM id the package's builds created.
 var (

@@ -40,8 +40,8 @@ func IsBuildVM(id string) bool {
 	return false
 }
 
-// newID returns "prefix-" and 12 random hex digits: a valid VM and netns id.
-func newID(prefix string) string {
+// NewID returns "prefix-" and 12 random hex digits: a valid VM and netns id.
+func NewID(prefix string) string {
 	b := make([]byte, 6)
 	_, _ = rand.Read(b)
 	id := prefix + "-" + hex.EncodeToString(b)
@@ -86,7 +86,7 @@ var testHookNewVM func(id string)
 // guestConfig names a new VM and says what its network needs, as bootVM
 // and cloneVM both do.
 func guestConfig(ctx context.Context, d vmm.Driver, log *slog.Logger, s vmSpec) (guestvm.Config, *slog.Logger) {
-	cfg := guestvm.Config{ID: newID(s.prefix), Driver: d, Upstreams: s.upstreams,
+	cfg := guestvm.Config{ID: NewID(s.prefix), Driver: d, Upstreams: s.upstreams,
 		Net: netns.Config{Egress: s.egress, ExtraDeny: s.extraDeny}}
 	log = log.With("vm", cfg.ID)
 	if s.egress && s.packages != nil && s.account != "" {

@@ -114,23 +114,11 @@ func run(t *testing.T, c *client.Client, req client.ExecRequest) (stdout, stderr
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	p, err := c.Exec(ctx, req)
+	stdout, stderr, code, err := c.Run(ctx, req)
 	if err != nil {
-		t.Fatalf("Exec: %v", err)
+		t.Fatalf("Run: %v", err)
 	}
-	var o, e strings.Builder
-	for chunk := range p.Output() {
-		if chunk.Stream == proto.Stdout {
-			o.Write(chunk.Data)
-		} else {
-			e.Write(chunk.Data)
-		}
-	}
-	code, err = p.Wait(ctx)
-	if err != nil {
-		t.Fatalf("Wait: %v", err)
-	}
-	return o.String(), e.String(), code
+	return stdout, stderr, code
 }
 
 func TestExec(t *testing.T) {

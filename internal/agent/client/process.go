@@ -1,6 +1,7 @@
 package client
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -292,4 +293,29 @@ func (c *Client) Adopt(ctx context.Context, execID uint64, pid int) (*Process, e
 	}
 	c.mu.Unlock()
 	return p, nil
+}
+
+// Run executes a command and collects its output and exit code: for
+// short commands (benchmarks, tests, the engine demo), as it holds all
+// output in memory.
+func (c *Client) Run(ctx context.Context, req ExecRequest) (stdout, stderr string, code int, err error) {
+	p, err := c.Exec(ctx, req)
+	if err != nil {
+		return "", "", 0, err
+	}
+	var o, e bytes.Buffer
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for chunk := range p.Output() {
+			if chunk.Stream == proto.Stderr {
+				e.Write(chunk.Data)
+			} else {
+				o.Write(chunk.Data)
+			}
+		}
+	}()
+	code, err = p.Wait(ctx)
+	<-done
+	return o.String(), e.String(), code, err
 }

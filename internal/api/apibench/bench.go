@@ -44,7 +44,7 @@ type Options struct {
 	PageSize int           // maxResults of ListMicrovms
 	Dir      string        // scratch directory for the database
 	// Store is "sqlite" (or ""): SQLite only; "postgres": SQLite, then
-	// PostgreSQL in a private cluster (internal/store/postgres/pgtest);
+	// PostgreSQL in a private cluster (internal/store/postgres/pglocal);
 	// a postgres:// URL: SQLite, then that (empty, disposable) database.
 	Store string
 }

@@ -3,13 +3,13 @@ package apibench
 import (
 	"context"
 
-	"github.com/kiln-sandbox/kiln/internal/store/postgres/pgtest"
+	"github.com/kiln-sandbox/kiln/internal/store/postgres/pglocal"
 )
 
 // startPostgres starts a private cluster and returns a database's URL and
 // what stops the cluster.
 func startPostgres(ctx context.Context) (string, func(), error) {
-	c, err := pgtest.Start(ctx)
+	c, err := pglocal.Start(ctx)
 	if err != nil {
 		return "", nil, err
 	}

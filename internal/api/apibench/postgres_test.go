@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/kiln-sandbox/kiln/internal/store/postgres/pgtest"
+	"github.com/kiln-sandbox/kiln/internal/store/postgres/pglocal"
 )
 
 // TestRunPostgres: --store postgres measures SQLite, then PostgreSQL in a
@@ -18,7 +18,7 @@ func TestRunPostgres(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short: starts a PostgreSQL cluster")
 	}
-	if err := pgtest.Available(); err != nil {
+	if err := pglocal.Available(); err != nil {
 		if os.Getenv("CI") != "" {
 			t.Fatal(err)
 		}

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -24,9 +25,9 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/cluster/clustertest"
 	"github.com/kiln-sandbox/kiln/internal/cluster/tunnel"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
+	"github.com/kiln-sandbox/kiln/internal/server/endpoint"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
-	"github.com/kiln-sandbox/kiln/internal/tlsca"
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
 
@@ -150,38 +151,31 @@ func newHarness(t *testing.T, ttl time.Duration) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.signer, err = token.NewSigner([]byte(strings.Repeat("k", 32)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := proxy.New(proxy.Config{Domain: domain, Backend: h.edge, Tokens: h.signer,
-		Dial: func(context.Context, string, string) (net.Conn, error) {
-			return nil, errors.New("the edge dialled a guest directly")
-		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	endpoint, err := tlsca.Open(tlsca.Config{Domain: domain, Dir: filepath.Join(dir, "tls")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The endpoints as `kiln edge` starts them.
 	sctx, cancel := context.WithCancel(ctx)
-	done := make(chan struct{})
-	go func() { p.Serve(sctx, ln, endpoint.TLSConfig(), time.Second); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
+	ep, err := endpoint.Start(sctx, endpoint.Config{Addr: "127.0.0.1:0", DataDir: dir, Key: []byte(strings.Repeat("k", 32)), Domain: domain, Grace: time.Second,
+		Proxy: proxy.Config{Backend: h.edge, Dial: func(context.Context, string, string) (net.Conn, error) {
+			return nil, errors.New("the edge dialled a guest directly")
+		}}})
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cancel(); ep.Wait() })
+	h.signer = ep.Signer
+	pem, err := os.ReadFile(ep.CAFile)
+	if err != nil {
+		t.Fatal(err)
+	}
 	roots := x509.NewCertPool()
-	roots.AppendCertsFromPEM(endpoint.CAPEM())
+	roots.AppendCertsFromPEM(pem)
 	client := func(protos ...string) *http.Client {
 		return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
 			TLSClientConfig:   &tls.Config{RootCAs: roots, NextProtos: protos},
 			ForceAttemptHTTP2: len(protos) > 1,
 			DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
 				var d net.Dialer
-				return d.DialContext(ctx, network, ln.Addr().String())
+				return d.DialContext(ctx, network, ep.Addr)
 			},
 		}}
 	}

@@ -33,7 +33,7 @@ type Config struct {
 	// New returns a fresh driver with a data dir of its own. The suite
 	// terminates the VMs it made; New's caller closes the driver.
 	New func(t *testing.T) vmm.Driver
-	// RootDisk is an ext4 root disk with /bin/sh (vmmtest.BusyboxRoot).
+	// RootDisk is an ext4 root disk with /bin/sh (busybox.Root).
 	// The suite boots copies of it and never changes it.
 	RootDisk string
 	// MemoryMiB of the suite's VMs; 512 if zero (the initramfs lives in guest RAM).
@@ -193,7 +193,7 @@ func (s *suite) sh(t *testing.T, id, script string) string {
 	if err != nil {
 		t.Fatalf("agent of %s: %v", id, err)
 	}
-	out, errOut, code, err := vmmtest.Run(ctx, a, client.ExecRequest{Argv: []string{"/bin/sh", "-c", script}})
+	out, errOut, code, err := a.Run(ctx, client.ExecRequest{Argv: []string{"/bin/sh", "-c", script}})
 	if err != nil || code != 0 {
 		t.Fatalf("%q in %s: code %d, %v: %s", script, id, code, err, errOut)
 	}

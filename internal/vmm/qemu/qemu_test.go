@@ -109,7 +109,7 @@ func sh(t *testing.T, d *Driver, id, script string) (string, string, int) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out, errOut, code, err := vmmtest.Run(ctx, a, client.ExecRequest{Argv: []string{"/bin/sh", "-c", script}})
+	out, errOut, code, err := a.Run(ctx, client.ExecRequest{Argv: []string{"/bin/sh", "-c", script}})
 	if err != nil {
 		t.Fatalf("exec %q in %s: %v", script, id, err)
 	}
@@ -469,7 +469,7 @@ func helperBootAndHang(ids []string, suspend string) {
 			os.Exit(1)
 		}
 		a, _ := d.Agent(ctx, id)
-		vmmtest.Run(ctx, a, client.ExecRequest{Argv: []string{"/bin/sh", "-c", "echo before-crash > /root/mark; sync"}})
+		a.Run(ctx, client.ExecRequest{Argv: []string{"/bin/sh", "-c", "echo before-crash > /root/mark; sync"}})
 	}
 	if suspend != "" {
 		if err := d.Suspend(ctx, suspend); err != nil {
@@ -494,7 +494,7 @@ func helperAdoptAndTerminate(id string) {
 	rep, err := d.Recover(ctx)
 	fmt.Println("ADOPTED", rep.Adopted, err)
 	if a, err := d.Agent(ctx, id); err == nil {
-		out, _, _, err := vmmtest.Run(ctx, a, client.ExecRequest{Argv: []string{"/bin/cat", "/root/mark"}})
+		out, _, _, err := a.Run(ctx, client.ExecRequest{Argv: []string{"/bin/cat", "/root/mark"}})
 		fmt.Printf("MARK %q %v\n", strings.TrimSpace(out), err)
 	}
 	fmt.Println("TERMINATED", d.Terminate(ctx, id))

@@ -6,8 +6,6 @@
 package vmmtest
 
 import (
-	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -16,9 +14,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/kiln-sandbox/kiln/internal/agent/client"
-	"github.com/kiln-sandbox/kiln/internal/agent/proto"
 	"github.com/kiln-sandbox/kiln/internal/testenv"
+	"github.com/kiln-sandbox/kiln/internal/vmm/busybox"
 )
 
 // Env is a prepared test environment.
@@ -32,11 +29,7 @@ type Env struct {
 // Setup builds the agent and the root disk. It fails with a message naming
 // `make setup` when the kernel or host tools are missing.
 func Setup() (*Env, error) {
-	dataDir := os.Getenv("KILN_DATA_DIR")
-	if dataDir == "" {
-		dataDir = "/var/lib/kiln"
-	}
-	e := &Env{KernelDir: filepath.Join(dataDir, "kernel")}
+	e := &Env{KernelDir: filepath.Join(DataDir(), "kernel")}
 	if _, err := os.Stat(filepath.Join(e.KernelDir, "vmlinuz")); err != nil {
 		return nil, fmt.Errorf("no guest kernel in %s: run `make setup`", e.KernelDir)
 	}
@@ -53,11 +46,20 @@ func Setup() (*Env, error) {
 		e.Cleanup()
 		return nil, err
 	}
-	if e.RootDisk, err = BusyboxRoot(e.work); err != nil {
+	if e.RootDisk, err = busybox.Root(e.work); err != nil {
 		e.Cleanup()
 		return nil, err
 	}
 	return e, nil
+}
+
+// DataDir is where the set-up step put the kernel and managed bases
+// ($KILN_DATA_DIR, default /var/lib/kiln); tests share it read-only.
+func DataDir() string {
+	if d := os.Getenv("KILN_DATA_DIR"); d != "" {
+		return d
+	}
+	return "/var/lib/kiln"
 }
 
 // Cleanup removes the environment's files. Safe on nil.
@@ -93,76 +95,6 @@ func moduleRoot() (string, error) {
 		return "", errors.New("not inside the kiln module")
 	}
 	return filepath.Dir(mod), nil
-}
-
-// BusyboxRoot makes a small ext4 root disk holding busybox and its applets.
-func BusyboxRoot(dir string) (string, error) {
-	root := filepath.Join(dir, "rootfs")
-	for _, d := range []string{"bin", "sbin", "etc", "proc", "sys", "dev", "tmp", "root", "run", "mnt", "usr/bin"} {
-		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
-			return "", err
-		}
-	}
-	bb, err := exec.LookPath("busybox")
-	if err != nil {
-		return "", err
-	}
-	b, err := os.ReadFile(bb)
-	if err != nil {
-		return "", err
-	}
-	if err := os.WriteFile(filepath.Join(root, "bin/busybox"), b, 0o755); err != nil {
-		return "", err
-	}
-	list, err := exec.Command(bb, "--list").Output()
-	if err != nil {
-		return "", err
-	}
-	for _, applet := range strings.Fields(string(list)) {
-		if applet == "busybox" || strings.Contains(applet, "/") {
-			continue
-		}
-		os.Symlink("busybox", filepath.Join(root, "bin", applet))
-	}
-	files := map[string]string{
-		"etc/passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\napp:x:1000:1000:app:/home/app:/bin/sh\n",
-		"etc/group":  "root:x:0:\nnogroup:x:65534:\napp:x:1000:\n",
-		"etc/hosts":  "127.0.0.1 localhost\n",
-	}
-	for name, content := range files {
-		if err := os.WriteFile(filepath.Join(root, name), []byte(content), 0o644); err != nil {
-			return "", err
-		}
-	}
-	img := filepath.Join(dir, "root.ext4")
-	cmd := exec.Command("mkfs.ext4", "-q", "-F", "-d", root, "-L", "root", "-E", "root_owner=0:0", img, "64M")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("mkfs.ext4: %v: %s", err, out)
-	}
-	return img, nil
-}
-
-// Run executes a command through the agent and collects its output.
-func Run(ctx context.Context, a *client.Client, req client.ExecRequest) (stdout, stderr string, code int, err error) {
-	p, err := a.Exec(ctx, req)
-	if err != nil {
-		return "", "", 0, err
-	}
-	var o, e bytes.Buffer
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for chunk := range p.Output() {
-			if chunk.Stream == proto.Stderr {
-				e.Write(chunk.Data)
-			} else {
-				o.Write(chunk.Data)
-			}
-		}
-	}()
-	code, err = p.Wait(ctx)
-	<-done
-	return o.String(), e.String(), code, err
 }
 
 // SetupOrSkip is Setup for a TestMain under the project's rule: in CI

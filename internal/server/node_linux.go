@@ -1,6 +1,6 @@
 //go:build linux
 
-package main
+package server
 
 import (
 	"context"
@@ -21,19 +21,20 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
-func init() { runNode = serveNode }
+func init() { runNode = runEngineNode }
 
-// serveNode is `kiln node`: this host's engine, registered in the
+// runEngineNode is `kiln node`: this host's engine, registered in the
 // cluster store and served to control over gRPC.
-func serveNode(ctx context.Context, o ServerOptions, st store.Store) error {
-	cs, err := clusterStore(st)
+func runEngineNode(ctx context.Context, o Options, st store.Store) error {
+	cs, err := ClusterStore(st)
 	if err != nil {
 		return err
 	}
 	c := o.Cluster
-	id, err := c.identity(clusterca.Node)
+	id, err := c.Identity(clusterca.Node)
 	if err != nil {
 		return err
 	}
@@ -53,7 +54,7 @@ func serveNode(ctx context.Context, o ServerOptions, st store.Store) error {
 		p, _ := strconv.Atoi(port)
 		c.TunnelAddr = net.JoinHostPort(host, strconv.Itoa(p+1))
 	}
-	log := newLogger().With("node", c.NodeName)
+	log := o.logger().With("node", c.NodeName)
 	cordon, err := c.cordonWatcher(cs, log)
 	if err != nil {
 		return err
@@ -69,7 +70,10 @@ func serveNode(ctx context.Context, o ServerOptions, st store.Store) error {
 	// go through it, with the engine as its backend. Its timers and
 	// recovery are control's, so it is never started.
 	lifecycle.New(st, eng, nil)
-	platform, _ := json.Marshal(drv.Platform())
+	var platform []byte
+	if p, ok := drv.(interface{ Platform() vmm.Platform }); ok {
+		platform, _ = json.Marshal(p.Platform())
+	}
 	_, allowed := eng.CommittedMiB()
 	if c.CapacityMiB > 0 {
 		allowed = c.CapacityMiB

@@ -1,4 +1,4 @@
-package main
+package server
 
 import (
 	"context"
@@ -17,7 +17,7 @@ import (
 // listener: the SDK needs only a base URL (E2B_API_URL), no path of E2B's
 // collides with the AWS API's, and sharing the listener shares its TLS,
 // timeouts and per-client connection cap instead of configuring a second.
-func mountE2B(ctx context.Context, mux *http.ServeMux, o ServerOptions, st store.Store, srv *api.Server, be lifecycle.Backend, endpointPort string, operators []string) error {
+func mountE2B(ctx context.Context, mux *http.ServeMux, o Options, st store.Store, srv *api.Server, be lifecycle.Backend, endpointPort string, operators []string) error {
 	es, ok := st.(store.E2BStore)
 	if !ok {
 		// A store without E2B sandboxes (both of kiln's have them)
@@ -26,7 +26,7 @@ func mountE2B(ctx context.Context, mux *http.ServeMux, o ServerOptions, st store
 		return nil
 	}
 	// The same key the endpoint proxy derives envd tokens from.
-	key, err := loadTokenKey(o)
+	key, err := LoadTokenKey(o)
 	if err != nil {
 		return fmt.Errorf("e2b api: %w", err)
 	}

@@ -1,6 +1,6 @@
 //go:build linux
 
-package vmmtest
+package busybox
 
 import (
 	"archive/tar"
@@ -18,7 +18,7 @@ import (
 
 // AppTemplate makes a template of an HTTP app under dir (for the engine's
 // tests and its endpoint benchmark): it boots rootDisk (a root with
-// busybox, such as BusyboxRoot makes) with
+// busybox, such as Root makes) with
 // a network, starts an HTTP app on port 8080 and snapshots the VM with
 // the app listening. app is a static binary to copy in and run as
 // /opt/app; "" runs busybox httpd serving "ok" at /. The build VM and its

@@ -1,13 +1,12 @@
 //go:build linux
 
-package main
+package server
 
 import (
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
@@ -32,9 +31,8 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/pkgproxy"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
+	"github.com/kiln-sandbox/kiln/internal/server/endpoint"
 	"github.com/kiln-sandbox/kiln/internal/store"
-	"github.com/kiln-sandbox/kiln/internal/tlsca"
-	"github.com/kiln-sandbox/kiln/internal/token"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
 )
@@ -43,70 +41,48 @@ import (
 // the QEMU driver), their networks, and the HTTPS endpoint proxy on
 // --endpoint-addr with kiln's own CA (DATA_DIR/ca.pem) and signed tokens.
 func init() {
-	RegisterBackend("engine", newEngineBackend)
+	engineBackend = newEngineBackend
 	cachePruners = func(dataDir string) (func(time.Duration) (int, error), func(time.Duration) (int, error)) {
 		return func(maxAge time.Duration) (int, error) { return image.PruneCache(dataDir, maxAge) },
 			func(maxAge time.Duration) (int, error) {
 				return imagebuild.PruneTemplateCache(filepath.Join(dataDir, "template-cache"), maxAge)
 			}
 	}
-	// Persistent like --accel: `kiln server`'s own flags live in server.go.
-	rootCmd.PersistentFlags().StringVar(&endpointCert, "endpoint-cert", "", "kiln server: PEM certificate chain for the microVM endpoints (default: kiln's own CA, exported to DATA_DIR/ca.pem)")
-	rootCmd.PersistentFlags().StringVar(&endpointKey, "endpoint-key", "", "kiln server: PEM private key of --endpoint-cert")
 }
 
-var endpointCert, endpointKey string
-
-func newEngineBackend(ctx context.Context, o ServerOptions, st store.Store, rep *lifecycle.Reporter) (lifecycle.Backend, api.TokenIssuer, error) {
-	log := newLogger()
-	eng, drv, err := startEngine(ctx, o, st, rep, "", nil, log)
+func newEngineBackend(ctx context.Context, o Options, st store.Store, rep *lifecycle.Reporter) (backend, error) {
+	log := o.logger()
+	eng, _, err := startEngine(ctx, o, st, rep, "", nil, log)
 	if err != nil {
-		return nil, nil, err
+		return backend{}, err
 	}
-	tls, err := tlsca.Open(tlsca.Config{Domain: o.Domain, Dir: filepath.Join(o.DataDir, "tls"), CAExport: filepath.Join(o.DataDir, "ca.pem"),
-		CertFile: endpointCert, KeyFile: endpointKey})
+	// On failure the driver stops with ctx like on success (startEngine).
+	key, err := LoadTokenKey(o)
 	if err != nil {
-		drv.Close()
-		return nil, nil, fmt.Errorf("endpoint certificate: %w", err)
+		return backend{}, err
 	}
-	key, err := loadTokenKey(o)
-	if err != nil {
-		drv.Close()
-		return nil, nil, err
-	}
-	signer, err := token.NewSigner(key)
-	if err != nil {
-		drv.Close()
-		return nil, nil, err
-	}
-	pcfg := proxy.Config{Domain: o.Domain, Backend: eng, Tokens: signer, ShellHandler: eng.ShellHandler(), Logger: log}
+	pcfg := proxy.Config{Backend: eng, ShellHandler: eng.ShellHandler(), Logger: log}
 	if es, ok := st.(store.E2BStore); ok {
 		// E2B's envd runs here on the host, over the guest agent: see
 		// docs/ARCHITECTURE.md, "E2B-compatible API".
 		pcfg.Envd = e2b.EndpointGate(key, es)
 		pcfg.Envd.Handler = newEnvdHandler(st, es, eng)
 	}
-	px, err := proxy.New(pcfg)
+	ep, err := endpoint.Start(ctx, endpoint.Config{Addr: o.EndpointAddr, DataDir: o.DataDir, CertFile: o.EndpointCert, KeyFile: o.EndpointKey,
+		Key: key, Domain: o.Domain, Proxy: pcfg})
 	if err != nil {
-		drv.Close()
-		return nil, nil, err
+		return backend{}, err
 	}
-	ln, err := net.Listen("tcp", o.EndpointAddr)
-	if err != nil {
-		drv.Close()
-		return nil, nil, fmt.Errorf("listening on %s: %w", o.EndpointAddr, err)
-	}
-	go tls.Run(ctx)
 	go func() {
-		if err := px.Serve(ctx, ln, tls.TLSConfig(), 5*time.Second); err != nil {
+		if err := ep.Wait(); err != nil {
 			slog.Error("endpoint proxy stopped", "err", err)
 		}
 	}()
 	if o.Health != nil {
-		o.Health.Set("endpoint proxy", metrics.DialCheck(ln.Addr().String()))
+		o.Health.Set("endpoint proxy", metrics.DialCheck(ep.Addr))
 	}
-	log.Info("microvm endpoints serving", "addr", ln.Addr().String(), "domain", o.Domain, "ca", filepath.Join(o.DataDir, "ca.pem"))
-	return eng, &engine.TokenIssuer{Signer: signer}, nil
+	log.Info("microvm endpoints serving", "addr", ep.Addr, "domain", o.Domain, "ca", ep.CAFile)
+	return backend{Backend: eng, Tokens: &engine.TokenIssuer{Signer: ep.Signer}, Signer: ep.Signer, Engine: eng, EndpointAddr: ep.Addr}, nil
 }
 
 // newEnvdHandler is E2B's envd served on the host over the guest agent
@@ -125,19 +101,23 @@ func newEnvdHandler(st store.Store, es store.E2BStore, eng *engine.Engine) http.
 	}})
 }
 
-// startEngine starts this host's VM engine on the QEMU driver (for
-// `kiln server`, and for `kiln node` as node): the driver adopts the VMs
-// still running, the engine runs until ctx ends, and then both close
-// (counted in o.Stopping).
-func startEngine(ctx context.Context, o ServerOptions, st store.Store, rep *lifecycle.Reporter, node string, fetch engine.TemplateFetcher, log *slog.Logger) (*engine.Engine, *qemu.Driver, error) {
-	if o.RequireKVM {
+// startEngine starts this host's VM engine (for `kiln server`, and for
+// `kiln node` as node) on o.Driver or else a QEMU driver it starts, which
+// adopts the VMs still running. The engine runs until ctx ends, and then
+// it and a driver of its own close (counted in o.Stopping).
+func startEngine(ctx context.Context, o Options, st store.Store, rep *lifecycle.Reporter, node string, fetch engine.TemplateFetcher, log *slog.Logger) (*engine.Engine, vmm.Driver, error) {
+	accel := o.Accel
+	if accel == "" {
+		accel = "auto"
+	}
+	if o.RequireKVM && o.Driver == nil {
 		// Checked before the driver starts: it would adopt running VMs.
-		accel, why, err := qemu.ResolveAccel(accelFlag)
+		a, why, err := qemu.ResolveAccel(accel)
 		if err != nil {
 			return nil, nil, err
 		}
-		if accel != vmm.AccelKVM {
-			return nil, nil, requireKVMError(string(accel), why)
+		if a != vmm.AccelKVM {
+			return nil, nil, requireKVMError(string(a), why)
 		}
 	}
 	// The logs first: the driver adopts running VMs as it starts, and
@@ -161,30 +141,46 @@ func startEngine(ctx context.Context, o ServerOptions, st store.Store, rep *life
 			return nil, nil, fmt.Errorf("--net-pool %q: want an IPv4 prefix of /29 or wider, such as 10.201.0.0/16", o.NetPool)
 		}
 	}
-	drv, err := qemu.New(ctx, qemu.Config{DataDir: o.DataDir, Accel: accelFlag, UIDBase: o.VMUIDBase,
-		AgentBinary: qemu.DefaultAgentBinary(o.DataDir), Console: logs.Console, PoolSize: o.ClonePool, Log: log})
-	if err != nil {
-		return nil, nil, fmt.Errorf("starting the vm engine (run `make setup` first?): %w", err)
+	drv, owned := o.Driver, o.Driver == nil
+	if owned {
+		q, err := qemu.New(ctx, qemu.Config{DataDir: o.DataDir, Accel: accel, UIDBase: o.VMUIDBase,
+			AgentBinary: qemu.DefaultAgentBinary(o.DataDir), Console: logs.Console, PoolSize: o.ClonePool, Log: log})
+		if err != nil {
+			return nil, nil, fmt.Errorf("starting the vm engine (run `make setup` first?): %w", err)
+		}
+		drv = q
+	}
+	closeDriver := func() {
+		if owned {
+			drv.Close() // VMs keep running; the next start adopts them
+		}
 	}
 	s3cfg, err := source.S3FromEnvironment(ctx, o.S3Endpoint, o.S3Region, o.Region, o.S3PathStyle)
 	if err != nil {
-		drv.Close()
+		closeDriver()
 		return nil, nil, err
 	}
 	var roles *imds.RolesFile
 	if o.RolesFile != "" {
 		if roles, err = imds.OpenRolesFile(ctx, o.RolesFile); err != nil {
-			drv.Close()
+			closeDriver()
 			return nil, nil, fmt.Errorf("--roles-file: %w", err)
 		}
 		log.Info("execution roles loaded (the file is re-read when it changes)", "file", o.RolesFile, "roles", roles.Len())
 	}
-	eng, err := engine.New(ctx, engine.Config{Driver: drv, Control: lifecycle.NewStoreControl(st), Roles: roles, Node: node, FetchTemplate: fetch, NetPool: pool,
-		Builder: newImageBuilder(ctx, o, drv, s3cfg, log), DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log,
+	cfg := engine.Config{Driver: drv, Control: lifecycle.NewStoreControl(st), Roles: roles, Node: node, FetchTemplate: fetch, NetPool: pool,
+		DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log,
 		MemoryOvercommit: o.MemoryOvercommit, MaxConcurrentBuilds: o.MaxConcurrentBuilds,
-		BuildTimeout: o.BuildTimeout, BuildLogMaxBytes: o.BuildLogMaxBytes})
+		BuildTimeout: o.BuildTimeout, BuildLogMaxBytes: o.BuildLogMaxBytes}
+	if q, ok := drv.(*qemu.Driver); ok {
+		cfg.Builder = newImageBuilder(o, q, s3cfg, log)
+	}
+	if o.EngineConfig != nil {
+		o.EngineConfig(&cfg)
+	}
+	eng, err := engine.New(ctx, cfg)
 	if err != nil {
-		drv.Close()
+		closeDriver()
 		return nil, nil, err
 	}
 	go eng.Run(ctx)
@@ -200,7 +196,10 @@ func startEngine(ctx context.Context, o ServerOptions, st store.Store, rep *life
 		}
 		<-ctx.Done()
 		eng.Close()
-		drv.Close() // VMs keep running; the next start adopts them
+		if !owned {
+			return
+		}
+		closeDriver()
 		// With no VM network left, undo kiln's host settings (the nftables
 		// table, ip_forward); with VMs running they stay for them.
 		if done, err := netns.RestoreHost(); err != nil {
@@ -214,7 +213,7 @@ func startEngine(ctx context.Context, o ServerOptions, st store.Store, rep *life
 
 // newImageBuilder adapts internal/imagebuild to engine.Builder. Build VMs
 // run on the same driver as microVMs (one data directory, one recovery).
-func newImageBuilder(ctx context.Context, o ServerOptions, drv *qemu.Driver, s3cfg *source.S3Config, log *slog.Logger) engine.Builder {
+func newImageBuilder(o Options, drv *qemu.Driver, s3cfg *source.S3Config, log *slog.Logger) engine.Builder {
 	bases := &base.Managed{DataDir: o.DataDir, Logger: log}
 	// Everything a tenant names (ADD <url>, code URI, FROM registry) is
 	// fetched through one egress policy.

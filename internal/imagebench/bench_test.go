@@ -1,14 +1,16 @@
 //go:build linux
 
-package imagebuild
+package imagebench
 
 import (
 	"context"
 	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/image/base"
+	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
 )
 
 // TestBench runs Bench on the python example (about two minutes under
@@ -22,10 +24,10 @@ func TestBench(t *testing.T) {
 	defer cancel()
 	rep, err := Bench(ctx, BenchConfig{
 		Driver:  d,
-		Bases:   &base.Resolver{Managed: &base.Managed{DataDir: kilnDataDir()}},
-		Example: exampleDir("python-http"),
+		Bases:   &base.Resolver{Managed: &base.Managed{DataDir: vmmtest.DataDir()}},
+		Example: filepath.Join("..", "..", "examples", "python-http"),
 		Out:     os.Stdout,
-		Logger:  testLogger(),
+		Logger:  testLog,
 	})
 	if err != nil {
 		t.Fatal(err)

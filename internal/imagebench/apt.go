@@ -1,6 +1,6 @@
 //go:build linux
 
-package imagebuild
+package imagebench
 
 import (
 	"context"
@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/image"
+	"github.com/kiln-sandbox/kiln/internal/imagebuild"
 	"github.com/kiln-sandbox/kiln/internal/pkgproxy"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
@@ -35,7 +36,7 @@ type AptBenchConfig struct {
 	Runs int
 	// MemoryMiB of the build VMs; 0 = 512.
 	MemoryMiB int
-	// Cold boots every step's VM, as before warm starts (Runner.WarmDir),
+	// Cold boots every step's VM, as before warm starts (imagebuild.Runner.WarmDir),
 	// to compare.
 	Cold bool
 	// WorkDir holds each run's caches, removed at the end; "" = a
@@ -66,7 +67,7 @@ type AptBenchRun struct {
 // AptStepTimes splits the apt step's time, in milliseconds. Host: the
 // image builder's part around the build VM (the step's root disk made
 // from the stage's root, the result stored in the step cache). Inspect,
-// Boot, Stop, Commit and Finish are Runner's (see StepTimes). Update and
+// Boot, Stop, Commit and Finish are imagebuild.Runner's (see imagebuild.StepTimes). Update and
 // Install are apt-get's, timed on the host by marker lines the step
 // echoes; Mounts is the rest of the exec (mounting and unmounting the
 // cache disks, the agent's round trips).
@@ -85,7 +86,7 @@ type AptStepTimes struct {
 // AptBenchResult is what `kiln bench image --apt` prints as JSON.
 type AptBenchResult struct {
 	Package string `json:"package"`
-	// WarmStarts: step VMs were clones of a warm template (Runner.WarmDir),
+	// WarmStarts: step VMs were clones of a warm template (imagebuild.Runner.WarmDir),
 	// not cold boots. The first build's apt step includes making the
 	// template.
 	WarmStarts bool          `json:"warmStarts"`
@@ -203,9 +204,9 @@ func aptRun(ctx context.Context, cfg AptBenchConfig, dir string) (AptBenchRun, e
 	if err != nil {
 		return r, err
 	}
-	var steps []StepTimes
-	runner := &Runner{Driver: cfg.Driver, MemoryMiB: cfg.MemoryMiB, Packages: pkgs, Logger: cfg.Logger,
-		Times: func(t StepTimes) { steps = append(steps, t) }}
+	var steps []imagebuild.StepTimes
+	runner := &imagebuild.Runner{Driver: cfg.Driver, MemoryMiB: cfg.MemoryMiB, Packages: pkgs, Logger: cfg.Logger,
+		Times: func(t imagebuild.StepTimes) { steps = append(steps, t) }}
 	if !cfg.Cold {
 		runner.WarmDir = filepath.Join(dir, "warm")
 	}
@@ -264,7 +265,7 @@ func aptRun(ctx context.Context, cfg AptBenchConfig, dir string) (AptBenchRun, e
 
 // aptParts splits the apt step s with the runner's times of its line and
 // the host times of the step's marker lines.
-func aptParts(s image.StepReport, steps []StepTimes, marks map[string]time.Time) AptStepTimes {
+func aptParts(s image.StepReport, steps []imagebuild.StepTimes, marks map[string]time.Time) AptStepTimes {
 	var p AptStepTimes
 	for _, t := range steps {
 		if t.Line != s.Line {

@@ -1,6 +1,6 @@
 //go:build linux
 
-package imagebuild
+package imagebench
 
 import (
 	"context"
@@ -18,6 +18,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/guestvm"
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/image/source"
+	"github.com/kiln-sandbox/kiln/internal/imagebuild"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/pkgproxy"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
@@ -49,10 +50,10 @@ type BenchConfig struct {
 
 // BenchReport holds the numbers Bench printed.
 type BenchReport struct {
-	First        Result        `json:"first"`
-	FirstTotal   time.Duration `json:"firstTotal"`
-	Rebuild      time.Duration `json:"rebuild"`
-	RebuildRatio float64       `json:"rebuildRatio"` // rebuild / first; target ≤ 0.10
+	First        imagebuild.Result `json:"first"`
+	FirstTotal   time.Duration     `json:"firstTotal"`
+	Rebuild      time.Duration     `json:"rebuild"`
+	RebuildRatio float64           `json:"rebuildRatio"` // rebuild / first; target ≤ 0.10
 	// CloneTo200 are the times from Clone to the first HTTP 200 on 8080;
 	// CloneMedian their median.
 	CloneTo200  []time.Duration `json:"cloneTo200"`
@@ -105,10 +106,10 @@ func Bench(ctx context.Context, cfg BenchConfig) (*BenchReport, error) {
 			return nil, err
 		}
 	}
-	b := &Builder{
+	b := &imagebuild.Builder{
 		Images: &image.Builder{
 			DataDir: filepath.Join(work, "data"),
-			Runner:  &Runner{Driver: cfg.Driver, MemoryMiB: cfg.MemoryMiB, Packages: pkgs, Logger: cfg.Logger},
+			Runner:  &imagebuild.Runner{Driver: cfg.Driver, MemoryMiB: cfg.MemoryMiB, Packages: pkgs, Logger: cfg.Logger},
 			Bases:   cfg.Bases,
 			Logger:  cfg.Logger,
 		},
@@ -117,7 +118,7 @@ func Bench(ctx context.Context, cfg BenchConfig) (*BenchReport, error) {
 		CacheDir: filepath.Join(work, "templates"),
 		Logger:   cfg.Logger,
 	}
-	req := Request{Account: "bench", Source: cfg.Example, Env: cfg.Env, MemoryMiB: cfg.MemoryMiB, Log: cfg.BuildLog}
+	req := imagebuild.Request{Account: "bench", Source: cfg.Example, Env: cfg.Env, MemoryMiB: cfg.MemoryMiB, Log: cfg.BuildLog}
 	rep := &BenchReport{}
 	w := cfg.Out
 	fmt.Fprintf(w, "kiln bench image: %s, %d MiB\n\n", cfg.Example, cfg.MemoryMiB)
@@ -135,7 +136,7 @@ func Bench(ctx context.Context, cfg BenchConfig) (*BenchReport, error) {
 		fmt.Fprintf(w, "  %-60.60s %10s%s\n", s.Instruction, s.Duration.Round(time.Millisecond), map[bool]string{true: "  (cached)"}[s.Cached])
 	}
 	for _, t := range first.Timings {
-		if t.Phase != PhaseRootDisk {
+		if t.Phase != imagebuild.PhaseRootDisk {
 			fmt.Fprintf(w, "  %-60.60s %10s\n", "["+t.Phase+"]", t.Duration.Round(time.Millisecond))
 		}
 	}
@@ -178,7 +179,7 @@ func Bench(ctx context.Context, cfg BenchConfig) (*BenchReport, error) {
 }
 
 func benchErr(what string, err error) error {
-	var be *Error
+	var be *imagebuild.Error
 	if errors.As(err, &be) {
 		return fmt.Errorf("bench %s: %s", what, be.Reason)
 	}
@@ -196,7 +197,7 @@ func roundAll(ds []time.Duration) []time.Duration {
 // timeClone measures Clone → first HTTP 200 from the host (the network
 // namespace is made beforehand, as the engine can keep them ready).
 func timeClone(ctx context.Context, d vmm.Driver, tmpl string) (time.Duration, error) {
-	g, err := guestvm.New(ctx, guestvm.Config{ID: newID(PrefixBench), Driver: d})
+	g, err := guestvm.New(ctx, guestvm.Config{ID: imagebuild.NewID(imagebuild.PrefixBench), Driver: d})
 	if err != nil {
 		return 0, err
 	}
@@ -205,7 +206,7 @@ func timeClone(ctx context.Context, d vmm.Driver, tmpl string) (time.Duration, e
 	if _, err := g.Clone(ctx, vmm.CloneSpec{Template: tmpl}); err != nil {
 		return 0, err
 	}
-	if err := first200(ctx, "http://"+g.Net.GuestDial(AppPort)+"/", 60*time.Second); err != nil {
+	if err := first200(ctx, "http://"+g.Net.GuestDial(imagebuild.AppPort)+"/", 60*time.Second); err != nil {
 		return 0, err
 	}
 	return time.Since(start), nil
@@ -214,7 +215,7 @@ func timeClone(ctx context.Context, d vmm.Driver, tmpl string) (time.Duration, e
 // timeColdBoot measures Boot → app started as the image runs it → first
 // HTTP 200 from the host.
 func timeColdBoot(ctx context.Context, d vmm.Driver, rootDisk string, cfg image.Config, env map[string]string, mem int) (time.Duration, error) {
-	g, err := guestvm.New(ctx, guestvm.Config{ID: newID(PrefixBench), Driver: d})
+	g, err := guestvm.New(ctx, guestvm.Config{ID: imagebuild.NewID(imagebuild.PrefixBench), Driver: d})
 	if err != nil {
 		return 0, err
 	}
@@ -227,10 +228,10 @@ func timeColdBoot(ctx context.Context, d vmm.Driver, rootDisk string, cfg image.
 	if err != nil {
 		return 0, err
 	}
-	if _, err := a.Exec(ctx, client.ExecRequest{Argv: cfg.Argv(), Env: mergeEnv(cfg.Env, env), Cwd: cfg.WorkingDir, User: cfg.User, Background: true}); err != nil {
+	if _, err := a.Exec(ctx, client.ExecRequest{Argv: cfg.Argv(), Env: imagebuild.MergeEnv(cfg.Env, env), Cwd: cfg.WorkingDir, User: cfg.User, Background: true}); err != nil {
 		return 0, err
 	}
-	if err := first200(ctx, "http://"+g.Net.GuestDial(AppPort)+"/", 5*time.Minute); err != nil {
+	if err := first200(ctx, "http://"+g.Net.GuestDial(imagebuild.AppPort)+"/", 5*time.Minute); err != nil {
 		return 0, err
 	}
 	return time.Since(start), nil
