@@ -112,14 +112,25 @@ func TestCopyInAsUser(t *testing.T) {
 	s.closeStream(st.StreamID)
 }
 
-func readAll(t *testing.T, s *Server, id uint64, want int) []proto.WatchEvent {
+// readUntil reads a watch until it has reported every event of want
+// ("op name"), or for 5 s. A count would not do: a new subdirectory's
+// content may be reported twice (by its scan and by its own watch), and
+// the repeats could stand in for events that are still to come.
+func readUntil(t *testing.T, s *Server, id uint64, want ...string) []proto.WatchEvent {
 	t.Helper()
 	var got []proto.WatchEvent
+	missing := map[string]bool{}
+	for _, w := range want {
+		missing[w] = true
+	}
 	deadline := time.Now().Add(5 * time.Second)
-	for len(got) < want && time.Now().Before(deadline) {
+	for len(missing) > 0 && time.Now().Before(deadline) {
 		evs, err := s.watchRead(context.Background(), proto.WatchRead{StreamID: id, WaitMillis: 200})
 		if err != nil {
 			t.Fatalf("watch read: %v (so far %v)", err, got)
+		}
+		for _, e := range evs.Events {
+			delete(missing, e.Op+" "+e.Name)
 		}
 		got = append(got, evs.Events...)
 	}
@@ -139,17 +150,17 @@ func TestWatch(t *testing.T) {
 	defer s.closeWatch(st.StreamID)
 	os.WriteFile(filepath.Join(dir, "f"), []byte("x"), 0o644)
 	os.Mkdir(filepath.Join(dir, "sub"), 0o755)
-	got := readAll(t, s, st.StreamID, 3)
+	got := readUntil(t, s, st.StreamID, "create f", "write f", "create sub")
 	// A directory filled before its watch can be in place: its content
 	// is reported as created all the same.
 	os.MkdirAll(filepath.Join(dir, "sub2/deep"), 0o755)
 	os.WriteFile(filepath.Join(dir, "sub2/deep/early"), nil, 0o644)
-	got = append(got, readAll(t, s, st.StreamID, 3)...)
+	got = append(got, readUntil(t, s, st.StreamID, "create sub2", "create sub2/deep", "create sub2/deep/early")...)
 	os.WriteFile(filepath.Join(dir, "sub/g"), nil, 0o644)
 	os.Chmod(filepath.Join(dir, "f"), 0o600)
 	os.Rename(filepath.Join(dir, "f"), filepath.Join(dir, "h"))
 	os.Remove(filepath.Join(dir, "h"))
-	got = append(got, readAll(t, s, st.StreamID, 5)...)
+	got = append(got, readUntil(t, s, st.StreamID, "create sub/g", "chmod f", "rename f", "create h", "remove h")...)
 	seen := map[string]bool{}
 	for _, e := range got {
 		seen[e.Op+" "+e.Name] = true
