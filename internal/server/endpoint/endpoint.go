@@ -2,8 +2,8 @@
 // certificates for https://ID.DOMAIN (kiln's own CA, exported to
 // DATA_DIR/ca.pem, or the operator's), the signer of endpoint tokens and
 // the endpoint proxy on its listener. `kiln server` (internal/server)
-// and `kiln edge` start it the same way; it does not import the engine,
-// so the edge (and its tests) need no VM engine.
+// and `kiln edge` start it the same way; it does not import the engine:
+// the edge runs no VMs.
 package endpoint
 
 import (
