@@ -1,6 +1,6 @@
 //go:build linux
 
-package engine
+package engine_test
 
 import (
 	"bytes"
@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/engine"
 	"github.com/kiln-sandbox/kiln/internal/image"
 	"github.com/kiln-sandbox/kiln/internal/image/base"
 	"github.com/kiln-sandbox/kiln/internal/image/source"
@@ -24,13 +25,13 @@ import (
 // cmd/kiln's adapter does: real build VMs for RUN steps.
 type realBuilder struct{ b *imagebuild.Builder }
 
-func (r realBuilder) Build(ctx context.Context, req BuildRequest) (BuildResult, error) {
+func (r realBuilder) Build(ctx context.Context, req engine.BuildRequest) (engine.BuildResult, error) {
 	res, err := r.b.Build(ctx, imagebuild.Request{Account: req.Version.Account, Source: req.Version.Config.CodeArtifact.URI,
 		MemoryMiB: 512, Log: req.Log, OutDir: req.OutDir})
 	if err != nil {
-		return BuildResult{}, err
+		return engine.BuildResult{}, err
 	}
-	return BuildResult{TemplateDir: res.TemplateDir}, nil
+	return engine.BuildResult{TemplateDir: res.TemplateDir}, nil
 }
 
 func kilnDataDir() string {
@@ -85,7 +86,7 @@ func TestBuildsEnd(t *testing.T) {
 	}}
 	const logCap = 256 << 10
 	const deadline = 60 * time.Second
-	h := newHarness(t, func(c *Config) {
+	h := newHarness(t, func(c *engine.Config) {
 		c.Builder, c.BuildLogMaxBytes, c.MaxConcurrentBuilds = rb, logCap, 1
 	})
 	ctx := context.Background()
@@ -103,7 +104,7 @@ func TestBuildsEnd(t *testing.T) {
 		if err := h.st.CreateImage(ctx, img, v, []store.Build{b}, nil); err != nil {
 			t.Fatal(err)
 		}
-		h.eng.cfg.BuildTimeout = timeout // read when the build starts
+		h.eng.SetBuildTimeout(timeout) // read when the build starts
 		if err := h.eng.BuildImage(ctx, v, []store.Build{b}); err != nil {
 			t.Fatal(err)
 		}
@@ -149,11 +150,9 @@ func TestBuildsEnd(t *testing.T) {
 		if err := h.eng.DeleteImageVersion(ctx, testAccount, "sleeper", "1"); err != nil {
 			t.Fatal(err)
 		}
-		dir := h.eng.imageDir(testAccount, "sleeper", "1")
+		dir := h.eng.ImageDir(testAccount, "sleeper", "1")
 		for {
-			h.eng.buildMu.Lock()
-			n := len(h.eng.builds)
-			h.eng.buildMu.Unlock()
+			n := h.eng.BuildsInFlight()
 			_, err := os.Stat(dir)
 			if n == 0 && os.IsNotExist(err) {
 				break
@@ -182,7 +181,7 @@ func TestBuildsEnd(t *testing.T) {
 		if ents, _ := os.ReadDir(filepath.Join(imgData, "tmp")); len(ents) > 0 {
 			t.Errorf("build work folders left: %v", ents)
 		}
-		if h.eng.committed["build/"+b.ID] != 0 {
+		if h.eng.BuildCommittedMiB(b.ID) != 0 {
 			t.Errorf("the cancelled build still holds host memory")
 		}
 	})
@@ -256,11 +255,11 @@ func TestBuildsEnd(t *testing.T) {
 			t.Fatalf("build %s (%q), want FAILED with BuildTimedOut after %s", got.State, got.StateReason, deadline)
 		}
 		log := readLog(t, b.ID)
-		trunc := strings.Index(log, TruncatedLine(logCap))
+		trunc := strings.Index(log, engine.TruncatedLine(logCap))
 		if trunc != logCap {
 			t.Errorf("truncated line at byte %d, want at the cap %d", trunc, logCap)
 		}
-		if tail := log[trunc+len(TruncatedLine(logCap)):]; strings.Count(tail, "\n") > 2 || !strings.Contains(tail, "BuildTimedOut") {
+		if tail := log[trunc+len(engine.TruncatedLine(logCap)):]; strings.Count(tail, "\n") > 2 || !strings.Contains(tail, "BuildTimedOut") {
 			t.Errorf("after the truncated line the log holds %q; want only the outcome", tail)
 		}
 		t.Logf("log: %d bytes (cap %d); build ended: %s", len(log), logCap, got.StateReason)

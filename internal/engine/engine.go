@@ -100,6 +100,13 @@ type AppConfig struct {
 // Config configures an Engine.
 type Config struct {
 	Driver vmm.Driver
+	// SharedDriver says Driver also runs VMs that are not this engine's: a
+	// driver its caller owns and hands to several servers in turn (tests,
+	// benchmarks). Recovery and garbage collection then remove only the
+	// unclaimed VMs whose networks this data directory made, and leave
+	// build VMs to their builds: another server's VMs on the driver have
+	// no record in this engine's store, yet are not leftovers.
+	SharedDriver bool
 	// Control is the control plane the engine reports to and asks (it
 	// holds no store): lifecycle.NewStoreControl over the store.
 	Control ControlPlane
@@ -767,6 +774,14 @@ func (e *Engine) markNet(id string, owned bool) error {
 func (e *Engine) ownsNet(id string) bool {
 	_, err := os.Stat(filepath.Join(e.cfg.DataDir, "net", id))
 	return err == nil
+}
+
+// ownsVM reports whether VM id, if no record claims it, is this engine's
+// leftover to remove: on a driver of its own every VM is (build VMs
+// included); on a shared one only a microVM's whose network this data
+// directory made (markNet comes before the VM is made).
+func (e *Engine) ownsVM(id string) bool {
+	return !e.cfg.SharedDriver || (strings.HasPrefix(id, VMPrefix) && e.ownsNet(id))
 }
 
 // SuspendMicrovm implements lifecycle.Backend.

@@ -1,9 +1,8 @@
 //go:build linux
 
-package engine
+package engine_test
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -17,6 +16,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -26,11 +26,12 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
 	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/engine"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
-	"github.com/kiln-sandbox/kiln/internal/server/endpoint"
+	"github.com/kiln-sandbox/kiln/internal/server"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/store/sqlite"
 	"github.com/kiln-sandbox/kiln/internal/testenv"
@@ -41,9 +42,13 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
 )
 
-// These tests run real microVMs (TCG here) behind the real endpoint proxy.
-// Outside CI they skip when the engine is not set up; in CI they fail.
-// One template, made once in TestMain, serves every test.
+// These tests run real microVMs (TCG here) in the server `kiln server`
+// runs, assembled by internal/server: its life cycle, API, endpoint proxy
+// and engine. They live in package engine_test because internal/server
+// imports this package; export_test.go lends them the few internals they
+// read. Outside CI they skip when the engine is not set up; in CI they
+// fail. One driver and one template, made once in TestMain, serve every
+// test that does not need a driver of its own.
 
 const (
 	testAccount = "123456789012"
@@ -117,14 +122,16 @@ func makeTemplate(ctx context.Context, d *qemu.Driver, root, work string) (strin
 	return busybox.AppTemplate(ctx, d, root, app, work)
 }
 
-// harness is one engine with its store, API server and endpoint proxy.
+// harness is one kiln server as `kiln server` assembles it
+// (internal/server: store, engine, life cycle, API, endpoint proxy) on a
+// driver the test owns, with handles on its parts.
 type harness struct {
 	t      *testing.T
 	drv    vmm.Driver
-	stop   context.CancelFunc
-	keep   bool // the VMs outlive this harness (a restart test)
+	stop   func() // ends the server and waits until it has stopped
+	keep   bool   // the VMs outlive this harness (a restart test)
 	st     store.Store
-	eng    *Engine
+	eng    *engine.Engine
 	srv    *api.Server
 	signer *token.Signer
 	addr   string // endpoint listener
@@ -133,7 +140,7 @@ type harness struct {
 	hooks  *store.Hooks // the version's, copied into each record as RunMicrovm does
 }
 
-func newHarness(t *testing.T, opts ...func(*Config)) *harness {
+func newHarness(t *testing.T, opts ...func(*engine.Config)) *harness {
 	t.Helper()
 	needFixture(t)
 	return newHarnessAt(t, fx.drv, t.TempDir(), true, opts...)
@@ -149,44 +156,48 @@ func needFixture(t *testing.T) {
 	}
 }
 
-// newHarnessAt runs an engine over drv with its state in dir; fresh makes
-// the image records (a restarted server finds them instead).
-func newHarnessAt(t *testing.T, drv vmm.Driver, dir string, fresh bool, opts ...func(*Config)) *harness {
+// newHarnessAt runs a server over drv with its state in dir (server.New
+// recovers what dir's store records, as a restarted `kiln server` does);
+// fresh makes the image records (a restarted server finds them instead).
+// opts adjust the engine's configuration after the server's own.
+func newHarnessAt(t *testing.T, drv vmm.Driver, dir string, fresh bool, opts ...func(*engine.Config)) *harness {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	st, err := sqlite.Open(ctx, filepath.Join(dir, "kiln.db"))
+	s, err := server.New(ctx, server.Options{Backend: "engine", Driver: drv, DataDir: dir,
+		APIAddr: "127.0.0.1:0", EndpointAddr: "127.0.0.1:0", Domain: testDomain, Region: "us-east-1",
+		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})),
+		EngineConfig: func(c *engine.Config) {
+			c.IdleInterval = 200 * time.Millisecond
+			for _, o := range opts {
+				o(c)
+			}
+		}})
 	if err != nil {
+		cancel()
 		t.Fatal(err)
 	}
-	h := &harness{t: t, st: st, drv: drv}
-	h.stop = cancel
-	cfg := Config{Driver: drv, Control: lifecycle.NewStoreControl(st), DataDir: dir, IdleInterval: 200 * time.Millisecond,
-		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))}
-	for _, o := range opts {
-		o(&cfg)
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(ctx) }()
+	var once sync.Once
+	h := &harness{t: t, st: s.Store, drv: drv, eng: s.Engine, srv: s.API, signer: s.EndpointSigner, addr: s.EndpointAddr}
+	h.stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-served; err != nil {
+				t.Errorf("server: %v", err)
+			}
+		})
 	}
-	h.eng, err = New(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// The endpoints as `kiln server` starts them (internal/server/endpoint;
-	// the whole server imports this package, so its tests cannot).
-	ep, err := endpoint.Start(ctx, endpoint.Config{Addr: "127.0.0.1:0", DataDir: dir, Key: bytes.Repeat([]byte("k"), 32), Domain: testDomain,
-		Grace: time.Second, Proxy: proxy.Config{Backend: h.eng, ShellHandler: h.eng.ShellHandler()}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.signer, h.addr = ep.Signer, ep.Addr
-	h.srv = api.NewServer(api.Config{Domain: testDomain, Tokens: &TokenIssuer{Signer: h.signer}}, st, h.eng)
-	go h.eng.Run(ctx)
 
 	// The client trusts DATA_DIR/ca.pem only, as curl --cacert would.
 	pem, err := os.ReadFile(filepath.Join(dir, "ca.pem"))
 	if err != nil {
+		h.stop()
 		t.Fatal(err)
 	}
 	roots := x509.NewCertPool()
 	if !roots.AppendCertsFromPEM(pem) {
+		h.stop()
 		t.Fatal("ca.pem holds no certificate")
 	}
 	h.client = &http.Client{Timeout: 60 * time.Second, Transport: &http.Transport{
@@ -203,14 +214,6 @@ func newHarnessAt(t *testing.T, drv vmm.Driver, dir string, fresh bool, opts ...
 		State: store.VersionSuccessful, Status: store.VersionActive, CreatedAt: time.Now(), UpdatedAt: time.Now(),
 		Config: store.ImageConfig{Hooks: &store.Hooks{Port: &port, MicrovmHooks: &store.MicrovmHooks{Run: "ENABLED", Resume: "ENABLED", Suspend: "ENABLED", Terminate: "ENABLED"}}}}
 	h.hooks = v.Config.Hooks
-	if fresh {
-		if err := st.CreateImage(ctx, img, v, nil, nil); err != nil {
-			t.Fatal(err)
-		}
-		if err := h.eng.SetTemplate(testAccount, testImage, "1", fx.template); err != nil {
-			t.Fatal(err)
-		}
-	}
 	t.Cleanup(func() {
 		// Whatever happened, no VM or network of this test stays.
 		for _, id := range h.ids {
@@ -219,11 +222,16 @@ func newHarnessAt(t *testing.T, drv vmm.Driver, dir string, fresh bool, opts ...
 			}
 			netns.Teardown(context.Background(), id)
 		}
-		cancel()
-		ep.Wait()
-		h.eng.Close()
-		st.Close()
+		h.stop()
 	})
+	if fresh {
+		if err := h.st.CreateImage(ctx, img, v, nil, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := h.eng.SetTemplate(testAccount, testImage, "1", fx.template); err != nil {
+			t.Fatal(err)
+		}
+	}
 	return h
 }
 
@@ -305,8 +313,8 @@ func (h *harness) get(id, path, tok string, hdr map[string]string) (int, string)
 }
 
 const (
-	allIngress   = "arn:aws:lambda:us-east-1:aws:network-connector:" + ConnAllIngress
-	shellIngress = "arn:aws:lambda:us-east-1:aws:network-connector:" + ConnShellIngress
+	allIngress   = "arn:aws:lambda:us-east-1:aws:network-connector:" + engine.ConnAllIngress
+	shellIngress = "arn:aws:lambda:us-east-1:aws:network-connector:" + engine.ConnShellIngress
 )
 
 func TestEndpointLifecycle(t *testing.T) {
@@ -464,13 +472,13 @@ func TestEndpointLifecycle(t *testing.T) {
 
 func TestNoIngressAndNoAutoResume(t *testing.T) {
 	h := newHarness(t)
-	noIngress := "arn:aws:lambda:us-east-1:aws:network-connector:" + ConnNoIngress
-	a := h.runWith([]string{noIngress}, []string{"arn:aws:lambda:us-east-1:aws:network-connector:" + ConnInternetEgress}, nil)
+	noIngress := "arn:aws:lambda:us-east-1:aws:network-connector:" + engine.ConnNoIngress
+	a := h.runWith([]string{noIngress}, []string{"arn:aws:lambda:us-east-1:aws:network-connector:" + engine.ConnInternetEgress}, nil)
 	if code, _ := h.get(a.ID, "/count", h.token(a.ID), nil); code != 403 {
 		t.Errorf("NO_INGRESS: %d, want 403", code)
 	}
-	if v := h.eng.lookup(a.ID); v == nil || v.guest() == nil || !v.guest().HasDNS() || !v.guest().Net.Egress {
-		t.Errorf("INTERNET_EGRESS: no dns forwarder or egress network: %+v", v)
+	if g, _ := h.eng.Guest(a.ID); g == nil || !g.HasDNS() || !g.Net.Egress {
+		t.Errorf("INTERNET_EGRESS: no dns forwarder or egress network: %+v", g)
 	}
 	b := h.run([]string{allIngress}, &store.IdlePolicy{MaxIdleDurationSeconds: 600, SuspendedDurationSeconds: 600, AutoResumeEnabled: false})
 	if err := h.srv.Suspend(context.Background(), testAccount, b.ID, "UserRequested: test"); err != nil {
@@ -494,8 +502,8 @@ func TestNoIngressAndNoAutoResume(t *testing.T) {
 	h.wait(b.ID, store.StateTerminated, 30*time.Second)
 }
 
-// TestRecoverAfterRestart kills nothing but the engine: a new driver and
-// engine on the same data directory and store adopt the running microVM
+// TestRecoverAfterRestart kills nothing but the server: a new driver and
+// server on the same data directory and store adopt the running microVM
 // (memory intact), end the record whose VM vanished with a reason, and
 // then notice when the adopted VM's QEMU dies.
 func TestRecoverAfterRestart(t *testing.T) {
@@ -537,10 +545,9 @@ func TestRecoverAfterRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// "Restart": the old engine and driver go away, the VM keeps running.
+	// "Restart": the old server and driver go away, the VM keeps running.
 	h.keep = true
 	h.stop()
-	h.eng.Close()
 	drvA.Close()
 
 	drvB := newDrv()
@@ -553,9 +560,6 @@ func TestRecoverAfterRestart(t *testing.T) {
 	})
 	h2 := newHarnessAt(t, drvB, stateDir, false)
 	h2.ids = []string{m.ID, lostID, sus.ID}
-	if err := h2.srv.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
 	if s := h2.wait(lostID, store.StateTerminated, 10*time.Second); !strings.HasPrefix(s.StateReason, "VMLost") {
 		t.Errorf("vanished vm: reason %q, want VMLost...", s.StateReason)
 	}
@@ -583,6 +587,45 @@ func TestRecoverAfterRestart(t *testing.T) {
 	}
 }
 
+// TestServersShareADriver: servers on one driver (as these tests and the
+// benchmarks run them) each recover as they start. A new server's
+// recovery leaves another server's running microVM alone, though its own
+// store has no record of it; a VM its own data directory made, whose
+// record ended while the server was down, it removes.
+func TestServersShareADriver(t *testing.T) {
+	needFixture(t)
+	ctx := context.Background()
+	a := newHarness(t)
+	other := a.run([]string{allIngress}, nil)
+
+	dir := t.TempDir()
+	b := newHarnessAt(t, fx.drv, dir, true)
+	stale := b.run([]string{allIngress}, nil)
+	// b stops with its VM running, and the record ends meanwhile.
+	b.keep = true
+	b.stop()
+	st, err := sqlite.Open(ctx, filepath.Join(dir, "kiln.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.UpdateMicrovm(ctx, testAccount, stale.ID, nil, func(m *store.Microvm) error {
+		m.State, m.StateReason = store.StateTerminated, "UserRequested: while kiln was down"
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	st.Close()
+
+	c := newHarnessAt(t, fx.drv, dir, false)
+	c.ids = []string{stale.ID}
+	if _, err := fx.drv.Inspect(ctx, stale.ID); !errors.Is(err, errdefs.ErrNotFound) {
+		t.Errorf("the VM of an ended record of this data directory survived recovery: %v", err)
+	}
+	if code, body := a.get(other.ID, "/count", a.token(other.ID), nil); code != 200 || body != "count=1" {
+		t.Fatalf("another server's microVM after a recovery on the shared driver: %d %q, want 200 count=1", code, body)
+	}
+}
+
 func shortDir(t *testing.T) string {
 	dir, err := os.MkdirTemp("", "ke")
 	if err != nil {
@@ -596,20 +639,20 @@ func shortDir(t *testing.T) string {
 // writes a log line and returns the shared template, or fails.
 type fakeBuilder struct{ err error }
 
-func (f fakeBuilder) Build(ctx context.Context, req BuildRequest) (BuildResult, error) {
+func (f fakeBuilder) Build(ctx context.Context, req engine.BuildRequest) (engine.BuildResult, error) {
 	fmt.Fprintf(req.Log, "step 1/1 for build %s\n", req.Build.ID)
 	if f.err != nil {
-		return BuildResult{}, f.err
+		return engine.BuildResult{}, f.err
 	}
 	n := int64(42)
-	return BuildResult{TemplateDir: fx.template, Snapshot: &store.SnapshotBuild{MemorySnapshotSizeInBytes: &n}}, nil
+	return engine.BuildResult{TemplateDir: fx.template, Snapshot: &store.SnapshotBuild{MemorySnapshotSizeInBytes: &n}}, nil
 }
 
 func TestBuildImage(t *testing.T) {
 	needFixture(t)
 	tests := []struct {
 		name        string
-		builder     Builder
+		builder     engine.Builder
 		wantVersion string
 		wantImage   string
 		wantReason  string
@@ -627,7 +670,7 @@ func TestBuildImage(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer st.Close()
-			e, err := New(ctx, Config{Driver: fx.drv, Control: lifecycle.NewStoreControl(st), Builder: tc.builder, DataDir: dir})
+			e, err := engine.New(ctx, engine.Config{Driver: fx.drv, Control: lifecycle.NewStoreControl(st), Builder: tc.builder, DataDir: dir})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -643,7 +686,7 @@ func TestBuildImage(t *testing.T) {
 			if err := e.BuildImage(ctx, v, []store.Build{b}); err != nil {
 				t.Fatal(err)
 			}
-			e.buildWG.Wait()
+			e.WaitBuilds()
 			gotV, err := st.GetImageVersion(ctx, testAccount, name, "1")
 			if err != nil {
 				t.Fatal(err)
@@ -667,7 +710,7 @@ func TestBuildImage(t *testing.T) {
 				t.Fatal(err)
 			}
 			e.DeleteImageVersion(ctx, testAccount, name, "1")
-			if _, err := os.Stat(e.imageDir(testAccount, name, "1")); !os.IsNotExist(err) {
+			if _, err := os.Stat(e.ImageDir(testAccount, name, "1")); !os.IsNotExist(err) {
 				t.Errorf("version files still there: %v", err)
 			}
 		})
@@ -708,7 +751,7 @@ func TestNetworkIsolation(t *testing.T) {
 	defer ln.Close()
 	go http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "host") }))
 	port := ln.Addr().(*net.TCPAddr).Port
-	egress := "arn:aws:lambda:us-east-1:aws:network-connector:" + ConnInternetEgress
+	egress := "arn:aws:lambda:us-east-1:aws:network-connector:" + engine.ConnInternetEgress
 	closed := h.runWith([]string{allIngress}, nil, nil)
 	open := h.runWith([]string{allIngress}, []string{egress}, nil)
 	host := hostAddr(t)
@@ -721,11 +764,12 @@ func TestNetworkIsolation(t *testing.T) {
 		{name: "internet egress", self: open, peer: closed},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			self, peer := h.eng.lookup(tc.self.ID), h.eng.lookup(tc.peer.ID)
+			self, _ := h.eng.Guest(tc.self.ID)
+			peer, _ := h.eng.Guest(tc.peer.ID)
 			targets := []string{
 				fmt.Sprintf("%s:%d", host, port),
-				fmt.Sprintf("%s:%d", self.guest().Net.HostPeer, port),
-				fmt.Sprintf("%s:8080", peer.guest().Net.HostAddr),
+				fmt.Sprintf("%s:%d", self.Net.HostPeer, port),
+				fmt.Sprintf("%s:8080", peer.Net.HostAddr),
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()

@@ -48,7 +48,7 @@ func (e *Engine) SweepVMs(ctx context.Context) ([]string, error) {
 	var removed []string
 	var errs []error
 	for _, i := range infos {
-		if !strings.HasPrefix(i.ID, VMPrefix) || claimed(i.ID) {
+		if !strings.HasPrefix(i.ID, VMPrefix) || claimed(i.ID) || !e.ownsVM(i.ID) {
 			continue
 		}
 		e.log.Info("gc: removing vm with no live record", "vm", i.ID)

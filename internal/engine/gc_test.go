@@ -1,6 +1,6 @@
 //go:build linux
 
-package engine
+package engine_test
 
 import (
 	"context"
@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/engine"
 	"github.com/kiln-sandbox/kiln/internal/gc"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
@@ -28,20 +29,20 @@ import (
 // looks, and every clone of the version reads it there.
 type linkBuilder struct{}
 
-func (linkBuilder) Build(ctx context.Context, req BuildRequest) (BuildResult, error) {
+func (linkBuilder) Build(ctx context.Context, req engine.BuildRequest) (engine.BuildResult, error) {
 	fmt.Fprintf(req.Log, "linking the template for build %s\n", req.Build.ID)
 	dst := filepath.Join(req.OutDir, "template")
 	if out, err := exec.CommandContext(ctx, "cp", "-al", fx.template, dst).CombinedOutput(); err != nil {
-		return BuildResult{}, fmt.Errorf("cp -al: %v: %s", err, out)
+		return engine.BuildResult{}, fmt.Errorf("cp -al: %v: %s", err, out)
 	}
 	// A build takes a while: GC passes run while its files exist and
 	// its version is not SUCCESSFUL yet.
 	select {
 	case <-time.After(500 * time.Millisecond):
 	case <-ctx.Done():
-		return BuildResult{}, ctx.Err()
+		return engine.BuildResult{}, ctx.Err()
 	}
-	return BuildResult{TemplateDir: dst}, nil
+	return engine.BuildResult{TemplateDir: dst}, nil
 }
 
 // TestGCRacesBuildsAndRuns runs garbage collection in a tight loop while
@@ -53,8 +54,7 @@ func (linkBuilder) Build(ctx context.Context, req BuildRequest) (BuildResult, er
 func TestGCRacesBuildsAndRuns(t *testing.T) {
 	needFixture(t)
 	dir := shortDir(t)
-	h := newHarnessAt(t, fx.drv, dir, true)
-	h.eng.cfg.Builder = linkBuilder{}
+	h := newHarnessAt(t, fx.drv, dir, true, func(c *engine.Config) { c.Builder = linkBuilder{} })
 	refs := &gc.References{}
 	col := gc.New(gc.Config{Store: h.st, DataDir: dir, Engine: h.eng, References: refs, ArtifactGrace: time.Nanosecond})
 
@@ -76,7 +76,7 @@ func TestGCRacesBuildsAndRuns(t *testing.T) {
 	orphanDir := h.eng.ImageDir(testAccount, "gone", "7")
 	os.MkdirAll(filepath.Join(orphanDir, "build-x"), 0o700)
 	orphanNet := fmt.Sprintf("mvm-%08x%04x", os.Getpid(), 0xeeee)
-	if err := h.eng.markNet(orphanNet, true); err != nil {
+	if err := h.eng.MarkNet(orphanNet); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := netns.Setup(context.Background(), netns.Config{ID: orphanNet}); err != nil {

@@ -1,6 +1,6 @@
 //go:build linux
 
-package engine
+package engine_test
 
 import (
 	"context"
@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/applog"
+	"github.com/kiln-sandbox/kiln/internal/engine"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/store"
@@ -131,7 +132,7 @@ func TestLogsEventsUsage(t *testing.T) {
 		return d
 	}
 	const logCap = 256 << 10
-	withLogs := func(c *Config) {
+	withLogs := func(c *engine.Config) {
 		l, err := applog.New(filepath.Join(stateDir, "logs"), applog.Options{MaxBytes: logCap, Segments: 4})
 		if err != nil {
 			t.Fatal(err)
@@ -142,9 +143,6 @@ func TestLogsEventsUsage(t *testing.T) {
 
 	drvA := newDrv()
 	h := newHarnessAt(t, drvA, stateDir, true, withLogs)
-	if err := h.srv.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
 	kept := h.runLogging("")
 	quiet := h.runLogging(`{"disabled":{}}`)
 	for _, m := range []store.Microvm{kept, quiet} {
@@ -172,10 +170,9 @@ func TestLogsEventsUsage(t *testing.T) {
 		t.Fatalf("usage while running: %+v", before)
 	}
 
-	// "Restart": engine, driver and log writers go; the VMs keep running.
+	// "Restart": server, driver and log writers go; the VMs keep running.
 	h.keep = true
 	h.stop()
-	h.eng.Close()
 	drvA.Close()
 	drvB := newDrv()
 	t.Cleanup(func() {
@@ -187,9 +184,6 @@ func TestLogsEventsUsage(t *testing.T) {
 	})
 	h2 := newHarnessAt(t, drvB, stateDir, false, withLogs)
 	h2.ids = []string{kept.ID, quiet.ID}
-	if err := h2.srv.Start(ctx); err != nil {
-		t.Fatal(err)
-	}
 	if l := h2.readLog(kept); !strings.Contains(l, "served count=1") {
 		t.Fatalf("after the restart the log lost the earlier output: %q", l)
 	}
@@ -277,7 +271,7 @@ func TestLogsEventsUsage(t *testing.T) {
 // slowBuilder takes a while, so that build seconds are measurable.
 type slowBuilder struct{ d time.Duration }
 
-func (s slowBuilder) Build(ctx context.Context, req BuildRequest) (BuildResult, error) {
+func (s slowBuilder) Build(ctx context.Context, req engine.BuildRequest) (engine.BuildResult, error) {
 	time.Sleep(s.d)
 	return fakeBuilder{}.Build(ctx, req)
 }
@@ -293,7 +287,7 @@ func TestBuildUsage(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	e, err := New(ctx, Config{Driver: fx.drv, Control: lifecycle.NewStoreControl(st), Builder: slowBuilder{300 * time.Millisecond}, DataDir: dir})
+	e, err := engine.New(ctx, engine.Config{Driver: fx.drv, Control: lifecycle.NewStoreControl(st), Builder: slowBuilder{300 * time.Millisecond}, DataDir: dir})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -308,7 +302,7 @@ func TestBuildUsage(t *testing.T) {
 	if err := e.BuildImage(ctx, v, []store.Build{b}); err != nil {
 		t.Fatal(err)
 	}
-	e.buildWG.Wait()
+	e.WaitBuilds()
 	us, err := st.UsageTotals(ctx, testAccount, now.Add(-time.Minute), time.Now().Add(time.Minute))
 	if err != nil || len(us) != 1 {
 		t.Fatalf("usage: %v %v", us, err)

@@ -1,6 +1,6 @@
 //go:build linux
 
-package engine
+package engine_test
 
 import (
 	"context"
@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
+	"github.com/kiln-sandbox/kiln/internal/engine"
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
@@ -52,7 +53,7 @@ func TestSurvivesHostReboot(t *testing.T) {
 	drvA := newDrv()
 	h := newHarnessAt(t, drvA, stateDir, true)
 	idle := &store.IdlePolicy{MaxIdleDurationSeconds: 600, SuspendedDurationSeconds: 600, AutoResumeEnabled: true}
-	egress := "arn:aws:lambda:us-east-1:aws:network-connector:" + ConnInternetEgress
+	egress := "arn:aws:lambda:us-east-1:aws:network-connector:" + engine.ConnInternetEgress
 
 	// kept: suspended, flushed; unflushed: suspended, but its memory is
 	// recorded as not yet durable; running: running at the "reboot".
@@ -80,7 +81,6 @@ func TestSurvivesHostReboot(t *testing.T) {
 	// Stop kiln (the VMs outlive it, as they would).
 	h.keep = true
 	h.stop()
-	h.eng.Close()
 	drvA.Close()
 
 	// The reboot.
@@ -105,9 +105,6 @@ func TestSurvivesHostReboot(t *testing.T) {
 	})
 	h2 := newHarnessAt(t, drvB, stateDir, false)
 	h2.ids = []string{kept.ID, unflushed.ID, running.ID}
-	if err := h2.srv.Start(context.Background()); err != nil {
-		t.Logf("recovery: %v", err)
-	}
 	h2.wait(kept.ID, store.StateSuspended, 10*time.Second)
 	if s := h2.wait(unflushed.ID, store.StateTerminated, 30*time.Second); !strings.HasPrefix(s.StateReason, "VMLost") {
 		t.Errorf("unflushed: reason %q, want VMLost...", s.StateReason)
@@ -131,7 +128,7 @@ func TestSurvivesHostReboot(t *testing.T) {
 	if out := execIn(t, drvB, kept.ID, "cat /kiln-mark"); strings.TrimSpace(out) != "written-before-the-reboot" {
 		t.Errorf("disk after the reboot: %q", out)
 	}
-	if v := h2.eng.lookup(kept.ID); v == nil || v.guest() == nil || !v.guest().HasDNS() {
+	if g, _ := h2.eng.Guest(kept.ID); g == nil || !g.HasDNS() {
 		t.Error("no dns forwarder for the egress microvm after the reboot")
 	}
 	if _, err := os.Stat(filepath.Join(netns.HostStateDir)); err != nil {

@@ -52,9 +52,10 @@ func (e *Engine) Recover(ctx context.Context, vms []store.Microvm, builds []stor
 	// VMs of microVMs no longer live in the store go, and so do build VMs
 	// the previous process left (their builds start over below). Only
 	// networks this data directory created are judged: other namespaces on
-	// the host, other kiln servers' among them, are not ours.
+	// the host, other kiln servers' among them, are not ours; and on a
+	// shared driver, likewise only VMs this data directory made (ownsVM).
 	for _, i := range infos {
-		if !live[i.ID] {
+		if !live[i.ID] && e.ownsVM(i.ID) {
 			e.log.Info("removing vm with no live record", "vm", i.ID)
 			errs = append(errs, e.cfg.Driver.Terminate(ctx, i.ID))
 		}

@@ -168,7 +168,7 @@ func startEngine(ctx context.Context, o Options, st store.Store, rep *lifecycle.
 		}
 		log.Info("execution roles loaded (the file is re-read when it changes)", "file", o.RolesFile, "roles", roles.Len())
 	}
-	cfg := engine.Config{Driver: drv, Control: lifecycle.NewStoreControl(st), Roles: roles, Node: node, FetchTemplate: fetch, NetPool: pool,
+	cfg := engine.Config{Driver: drv, SharedDriver: !owned, Control: lifecycle.NewStoreControl(st), Roles: roles, Node: node, FetchTemplate: fetch, NetPool: pool,
 		DataDir: o.DataDir, ExtraDeny: o.DenyCIDRs, Logs: logs, Log: log,
 		MemoryOvercommit: o.MemoryOvercommit, MaxConcurrentBuilds: o.MaxConcurrentBuilds,
 		BuildTimeout: o.BuildTimeout, BuildLogMaxBytes: o.BuildLogMaxBytes}

@@ -58,7 +58,9 @@ type Options struct {
 	// server starts on DataDir; the caller owns it (the server neither
 	// closes it nor restores host network settings), and no image builder
 	// is made unless it is a *qemu.Driver. Tests and benchmarks share one
-	// driver and its templates across servers this way.
+	// driver and its templates across servers this way; recovery and
+	// garbage collection then judge only the VMs this server's DataDir
+	// made (engine.Config.SharedDriver).
 	Driver vmm.Driver `json:"-"`
 	// EngineConfig, if set, adjusts the engine's configuration before it
 	// starts (tests and benchmarks: a shorter idle interval, a builder).

@@ -1,9 +1,9 @@
 // Package endpoint starts the HTTPS endpoint side of a kiln server: the
 // certificates for https://ID.DOMAIN (kiln's own CA, exported to
 // DATA_DIR/ca.pem, or the operator's), the signer of endpoint tokens and
-// the endpoint proxy on its listener. `kiln server` (internal/server),
-// `kiln edge` and the engine's own tests start it the same way; it does
-// not import the engine, so those tests can.
+// the endpoint proxy on its listener. `kiln server` (internal/server)
+// and `kiln edge` start it the same way; it does not import the engine:
+// the edge runs no VMs.
 package endpoint
 
 import (
