@@ -200,6 +200,17 @@ func (c *clusterEnv) hosts(n int) []host {
 	c.t.Cleanup(func() { exec.Command("ip", "link", "del", bridge).Run() })
 	run("addr", "add", subnet+".1/24", "dev", bridge)
 	run("link", "set", bridge, "up")
+	// What the hosts send elsewhere leaves with this namespace's address,
+	// as a machine's traffic leaves its network: a stand-in of the
+	// internet (control.mjs's) answers that, not a host it has no route to.
+	table := fmt.Sprintf("kcl%04x", tag)
+	nat := exec.Command("nft", "-f", "-")
+	nat.Stdin = strings.NewReader(fmt.Sprintf("table ip %s {\n chain post {\n type nat hook postrouting priority srcnat; policy accept;\n"+
+		" ip saddr %s.0/24 oifname != %q masquerade\n }\n}\n", table, subnet, bridge))
+	if b, err := nat.CombinedOutput(); err != nil {
+		c.t.Fatalf("nft: the hosts' NAT: %v\n%s", err, b)
+	}
+	c.t.Cleanup(func() { exec.Command("nft", "delete", "table", "ip", table).Run() })
 	var hs []host
 	for i := 0; i < n; i++ {
 		h := host{ns: fmt.Sprintf("kcl-%04x-h%d", tag, i), addr: fmt.Sprintf("%s.%d", subnet, 10+i), n: i}
