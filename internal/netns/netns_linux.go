@@ -264,7 +264,7 @@ func Open(ctx context.Context, id string) (*Net, error) {
 	if err != nil {
 		return nil, fmt.Errorf("host link %s: %w", n.HostLink, ErrNotFound)
 	}
-	addrs, err := netlink.AddrList(host, netlink.FAMILY_V4)
+	addrs, err := retryDump(func() ([]netlink.Addr, error) { return netlink.AddrList(host, netlink.FAMILY_V4) })
 	if err != nil || len(addrs) == 0 {
 		return nil, fmt.Errorf("host link %s has no address: %w", n.HostLink, ErrNotFound)
 	}
@@ -390,7 +390,7 @@ func Reconcile(ctx context.Context, keep func(id string) bool) ([]string, error)
 			ids[id] = true
 		}
 	}
-	links, err := netlink.LinkList()
+	links, err := retryDump(netlink.LinkList)
 	if err != nil {
 		return nil, fmt.Errorf("listing links: %w", err)
 	}
@@ -472,7 +472,7 @@ func vmNetworksLeft() (bool, error) {
 			return true, nil
 		}
 	}
-	links, err := netlink.LinkList()
+	links, err := retryDump(netlink.LinkList)
 	if err != nil {
 		return false, fmt.Errorf("listing links: %w", err)
 	}
@@ -673,12 +673,29 @@ func ensureHost() error {
 	return ensureHostTable()
 }
 
+// dumpRetries bounds how often a netlink dump the kernel interrupted is
+// asked again.
+const dumpRetries = 5
+
+// retryDump runs dump again while the kernel says it was interrupted
+// (links or addresses changed during it, as other VMs' networks come and
+// go): its partial answer failed a VM's start ("results may be incomplete
+// or inconsistent"), and could have handed out a /30 in use.
+func retryDump[T any](dump func() (T, error)) (T, error) {
+	for i := 0; ; i++ {
+		v, err := dump()
+		if !errors.Is(err, netlink.ErrDumpInterrupted) || i == dumpRetries {
+			return v, err
+		}
+	}
+}
+
 // allocate picks the first free /30 in pool, looking at the addresses of
 // existing kiln host links. It returns the host end (.1) and the VM
 // namespace end (.2).
 func allocate(pool netip.Prefix) (netip.Addr, netip.Addr, error) {
 	used := map[netip.Addr]bool{}
-	links, err := netlink.LinkList()
+	links, err := retryDump(netlink.LinkList)
 	if err != nil {
 		return netip.Addr{}, netip.Addr{}, fmt.Errorf("listing links: %w", err)
 	}
@@ -686,7 +703,7 @@ func allocate(pool netip.Prefix) (netip.Addr, netip.Addr, error) {
 		if !strings.HasPrefix(l.Attrs().Name, HostLinkPrefix) {
 			continue
 		}
-		addrs, err := netlink.AddrList(l, netlink.FAMILY_V4)
+		addrs, err := retryDump(func() ([]netlink.Addr, error) { return netlink.AddrList(l, netlink.FAMILY_V4) })
 		if err != nil {
 			continue
 		}

@@ -183,7 +183,7 @@ func (s *Server) serveEnvd(w http.ResponseWriter, r *http.Request, id string) {
 	if !s.wake(ctx, w, id, true) {
 		return
 	}
-	ctx = WithTarget(ctx, id, tgt.Account)
+	ctx = context.WithValue(WithTarget(ctx, id, tgt.Account), keyE2B, true)
 	r.Header.Del(HeaderEnvdToken)
 	if s.cfg.Envd.Handler == nil {
 		s.forward(ctx, w, r, id, tgt, s.cfg.Envd.Port, nil)

@@ -3,9 +3,12 @@ package proxy
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -228,4 +231,51 @@ func FuzzE2BRoute(f *testing.F) {
 			t.Fatalf("route %q port %d from host %q id %q port %q", gotID, gotPort, host, id, port)
 		}
 	})
+}
+
+// TestE2BPausedBehindRouteDial: when a route's Dial (a cluster edge's
+// tunnel) finds the sandbox paused without auto-resume after the wake
+// trusted a cached RUNNING, an E2B-addressed request (a guest port or
+// envd) gets E2B's 502 "paused", as from the wake itself; a request with
+// a kiln endpoint token keeps kiln's 503.
+func TestE2BPausedBehindRouteDial(t *testing.T) {
+	e := newEnvWith(t, func(c *Config) {
+		c.Envd = &Envd{Port: 49983, Authorize: func(tok, id, account string) bool { return tok == "envd-"+id },
+			Traffic: func(context.Context, string, string, string) Traffic { return TrafficPublic }}
+	})
+	e.backend.vms["paused"] = &fakeVM{tgt: Target{Account: "acct", Addr: netip.MustParseAddr("127.0.0.1"), Ingress: true, Route: "node-a/paused",
+		Dial: func(context.Context, uint16) (net.Conn, error) {
+			return nil, fmt.Errorf("the microVM is not running on the node; waking it: %w", ErrSuspended)
+		}}}
+	_, port, _ := strings.Cut(e.addr, ":")
+	tests := []struct {
+		name    string
+		url     string
+		headers map[string]string
+		status  int
+		body    string
+	}{
+		{"guest port, E2B headers", "https://127.0.0.1:" + port + "/", map[string]string{HeaderE2BSandboxID: "paused", HeaderE2BSandboxPort: "8080"}, 502, "is paused"},
+		{"guest port, E2B host", "https://8080-paused." + domain + "/", nil, 502, "is paused"},
+		{"envd", "https://49983-paused." + domain + "/files", map[string]string{HeaderEnvdToken: "envd-paused"}, 502, "is paused"},
+		{"endpoint token", "https://paused." + domain + "/", map[string]string{HeaderAuth: e.mint(t, "acct", "paused", token.KindEndpoint,
+			[]token.PortRange{token.AllPorts}, time.Minute)}, 503, "autoResumeEnabled is false"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			req, _ := http.NewRequest("GET", tc.url, nil)
+			for k, v := range tc.headers {
+				req.Header.Set(k, v)
+			}
+			resp, err := e.client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			body, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != tc.status || !strings.Contains(string(body), tc.body) {
+				t.Errorf("got %d %s, want %d with %q", resp.StatusCode, body, tc.status, tc.body)
+			}
+		})
+	}
 }

@@ -218,6 +218,7 @@ const (
 	keyTarget
 	keyProtocols
 	keyRoute
+	keyE2B // the request named its sandbox E2B's way
 )
 
 // MicrovmID returns the microVM a request is routed to.
@@ -242,7 +243,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.Dial = netns.HostDialer(5 * time.Second).DialContext
 	}
 	if cfg.ResumeTimeout <= 0 {
-		cfg.ResumeTimeout = 60 * time.Second
+		cfg.ResumeTimeout = defaultResumeTimeout
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
@@ -330,15 +331,22 @@ func (s *Server) reverseProxy(t http.RoundTripper) *httputil.ReverseProxy {
 			return nil
 		},
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-			s.guestFailed(w, MicrovmID(r.Context()), err)
+			s.guestFailed(w, r, MicrovmID(r.Context()), err)
 		},
 	}
 }
 
 // guestFailed answers a request the guest did not answer.
-func (s *Server) guestFailed(w http.ResponseWriter, id string, err error) {
+func (s *Server) guestFailed(w http.ResponseWriter, r *http.Request, id string, err error) {
 	if errors.Is(err, context.Canceled) {
 		return // the client went away
+	}
+	if e2b, _ := r.Context().Value(keyE2B).(bool); e2b && errors.Is(err, ErrSuspended) {
+		// A route's dial (a cluster edge's tunnel) found the sandbox
+		// paused after the wake, which trusted a cached state: E2B's
+		// answer, as wake gives it.
+		e2bPaused(w, id)
+		return
 	}
 	if errors.Is(err, ErrNotFound) || errors.Is(err, ErrSuspended) || errors.Is(err, ErrUnavailable) || errors.Is(err, errdefs.ErrExhausted) {
 		// A Target.Dial found the VM gone, asleep or unable to wake after
@@ -481,6 +489,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 	}
 
 	ctx = context.WithValue(ctx, keyMicrovm, id)
+	if e2b {
+		ctx = context.WithValue(ctx, keyE2B, true)
+	}
 	if kind == token.KindShell && s.cfg.ShellHandler != nil {
 		s.cfg.ShellHandler.ServeHTTP(w, r.WithContext(ctx))
 		return
@@ -535,12 +546,17 @@ func (s *Server) forward(ctx context.Context, w http.ResponseWriter, r *http.Req
 // request with why it cannot be. The caller has counted the connection
 // open (Backend.ConnOpened), so the VM is not idled under it.
 func (s *Server) wake(ctx context.Context, w http.ResponseWriter, id string, e2b bool) bool {
-	if s.running != nil && s.running.RunningNow(id) {
+	return wake(ctx, w, id, e2b, s.cfg.Backend.EnsureRunning, s.running, s.cfg.ResumeTimeout, s.log)
+}
+
+func wake(ctx context.Context, w http.ResponseWriter, id string, e2b bool, ensure func(context.Context, string) error,
+	running RunningNow, timeout time.Duration, log *slog.Logger) bool {
+	if running != nil && running.RunningNow(id) {
 		return true
 	}
-	rctx, cancel := context.WithTimeout(ctx, s.cfg.ResumeTimeout)
+	rctx, cancel := context.WithTimeout(ctx, timeout)
 	start := time.Now()
-	err := s.cfg.Backend.EnsureRunning(rctx, id)
+	err := ensure(rctx, id)
 	cancel()
 	if waited := time.Since(start); waited > autoResumeFloor && err == nil {
 		// Only a request that waited for its VM: a RUNNING one returns at
@@ -552,10 +568,34 @@ func (s *Server) wake(ctx context.Context, w http.ResponseWriter, id string, e2b
 		return false
 	}
 	if err != nil {
-		s.backendError(w, id, err)
+		backendError(w, log, id, err)
 		return false
 	}
 	return true
+}
+
+// Waker is what WakeFirst needs of a backend (the VM engine).
+type Waker interface {
+	RunningNow
+	EnsureRunning(ctx context.Context, id string) error
+}
+
+// WakeFirst serves a host port's handler h (the shell's, envd's) behind
+// another proxy's checks, as a cluster node's end of the edge's tunnel
+// does: each request first wakes the microVM MicrovmID names, as this
+// proxy's own requests do, with E2B's answer for a paused sandbox when
+// e2b is set. The other proxy woke it before it opened the connection,
+// but it keeps that connection for later requests, and trusts its own
+// view of the VM's state, which a suspend elsewhere makes stale.
+func WakeFirst(b Waker, e2b bool, log *slog.Logger, h http.Handler) http.Handler {
+	if log == nil {
+		log = slog.Default()
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if wake(r.Context(), w, MicrovmID(r.Context()), e2b, b.EnsureRunning, b, defaultResumeTimeout, log) {
+			h.ServeHTTP(w, r)
+		}
+	})
 }
 
 // speaksTLS reports whether the app at upstream host:port answers a TLS
@@ -589,6 +629,10 @@ func (s *Server) speaksTLS(ctx context.Context, host string) bool {
 }
 
 func (s *Server) backendError(w http.ResponseWriter, id string, err error) {
+	backendError(w, s.log, id, err)
+}
+
+func backendError(w http.ResponseWriter, log *slog.Logger, id string, err error) {
 	switch {
 	case errors.Is(err, ErrNotFound):
 		writeError(w, http.StatusNotFound, "microVM not found")
@@ -603,7 +647,7 @@ func (s *Server) backendError(w http.ResponseWriter, id string, err error) {
 		w.Header().Set("Retry-After", "10")
 		writeError(w, http.StatusServiceUnavailable, "microVM cannot resume now: "+err.Error())
 	default:
-		s.log.Warn("proxy: backend", "microvm", id, "err", err)
+		log.Warn("proxy: backend", "microvm", id, "err", err)
 		writeError(w, http.StatusServiceUnavailable, "microVM unavailable")
 	}
 }
@@ -805,6 +849,9 @@ func kilnProtocolEcho(vals []string) string {
 // autoResumeFloor separates a request that waited for a resume from one
 // whose VM was running (a store read).
 const autoResumeFloor = 20 * time.Millisecond
+
+// defaultResumeTimeout bounds EnsureRunning per request (Config.ResumeTimeout).
+const defaultResumeTimeout = 60 * time.Second
 
 // countingWriter records the status and counts body bytes. It unwraps
 // (http.ResponseController) and passes Flush and Hijack through, so

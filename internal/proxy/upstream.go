@@ -385,7 +385,7 @@ func (s *Server) forwardH1(w http.ResponseWriter, r *http.Request, id string, ta
 	out := outgoing(r, target)
 	resp, pc, err := s.up.roundTrip(ctx, target.Host, out)
 	if err != nil {
-		s.guestFailed(w, id, err)
+		s.guestFailed(w, r, id, err)
 		return
 	}
 	reuse := false
@@ -400,7 +400,7 @@ func (s *Server) forwardH1(w http.ResponseWriter, r *http.Request, id string, ta
 	// ReverseProxy passes them; the final answer follows.
 	for resp.StatusCode >= 100 && resp.StatusCode < 200 {
 		if resp.StatusCode == http.StatusSwitchingProtocols {
-			s.guestFailed(w, id, errUpstreamProtocol)
+			s.guestFailed(w, r, id, errUpstreamProtocol)
 			return
 		}
 		h := w.Header()
@@ -409,7 +409,7 @@ func (s *Server) forwardH1(w http.ResponseWriter, r *http.Request, id string, ta
 		w.WriteHeader(resp.StatusCode)
 		clear(h)
 		if resp, err = http.ReadResponse(pc.br, out); err != nil {
-			s.guestFailed(w, id, err)
+			s.guestFailed(w, r, id, err)
 			return
 		}
 	}

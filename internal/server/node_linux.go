@@ -97,10 +97,12 @@ func runEngineNode(ctx context.Context, o Options, st store.Store) error {
 		return fmt.Errorf("--tunnel-addr %s: %w", c.TunnelAddr, err)
 	}
 	// The shell's port and envd's are served here, by the same handlers as
-	// `kiln server`'s, behind the edge's token checks.
-	hostPorts := map[uint16]http.Handler{proxy.ShellPort: eng.ShellHandler()}
+	// `kiln server`'s, behind the edge's token checks. The edge keeps a
+	// tunnel open between requests: each request wakes a microVM suspended
+	// since (auto-resume), as `kiln server`'s proxy does.
+	hostPorts := map[uint16]http.Handler{proxy.ShellPort: proxy.WakeFirst(eng, false, log, eng.ShellHandler())}
 	if es, ok := st.(store.E2BStore); ok {
-		hostPorts[e2b.EnvdPort] = newEnvdHandler(st, es, eng)
+		hostPorts[e2b.EnvdPort] = proxy.WakeFirst(eng, true, log, newEnvdHandler(st, es, eng))
 	}
 	tun, err := tunnel.NewServer(tunnel.ServerConfig{TLS: id.ServerTLS(clusterca.Edge), Resolver: eng,
 		Dial: netns.HostDialer(5 * time.Second).DialContext, HostPorts: hostPorts, Logger: log})

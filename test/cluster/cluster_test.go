@@ -200,6 +200,17 @@ func (c *clusterEnv) hosts(n int) []host {
 	c.t.Cleanup(func() { exec.Command("ip", "link", "del", bridge).Run() })
 	run("addr", "add", subnet+".1/24", "dev", bridge)
 	run("link", "set", bridge, "up")
+	// What the hosts send elsewhere leaves with this namespace's address,
+	// as a machine's traffic leaves its network: a stand-in of the
+	// internet (control.mjs's) answers that, not a host it has no route to.
+	table := fmt.Sprintf("kcl%04x", tag)
+	nat := exec.Command("nft", "-f", "-")
+	nat.Stdin = strings.NewReader(fmt.Sprintf("table ip %s {\n chain post {\n type nat hook postrouting priority srcnat; policy accept;\n"+
+		" ip saddr %s.0/24 oifname != %q masquerade\n }\n}\n", table, subnet, bridge))
+	if b, err := nat.CombinedOutput(); err != nil {
+		c.t.Fatalf("nft: the hosts' NAT: %v\n%s", err, b)
+	}
+	c.t.Cleanup(func() { exec.Command("nft", "delete", "table", "ip", table).Run() })
 	var hs []host
 	for i := 0; i < n; i++ {
 		h := host{ns: fmt.Sprintf("kcl-%04x-h%d", tag, i), addr: fmt.Sprintf("%s.%d", subnet, 10+i), n: i}
@@ -235,11 +246,12 @@ func (c *clusterEnv) startNode(ctx context.Context, name string, h host, kernelD
 	return p
 }
 
-func (c *clusterEnv) startControl(ctx context.Context, name, shareFrom string) (*proc, string) {
+// startControl runs a control replica; extra are more of its flags.
+func (c *clusterEnv) startControl(ctx context.Context, name, shareFrom string, extra ...string) (*proc, string) {
 	d := c.dataDir(name, shareFrom)
 	port := kilntest.FreePort(c.t)
 	args := append([]string{"control", "--api-addr", "127.0.0.1:" + port, "--metrics-addr", "", "--gc-interval", "0",
-		"--node-lease", "3s", "--node-grace", "5s"}, c.clusterArgs("control", name)...)
+		"--node-lease", "3s", "--node-grace", "5s"}, append(c.clusterArgs("control", name), extra...)...)
 	p := start(ctx, c.t, c.kiln, name, d, kilntest.ReadyLine, args...)
 	c.procs = append(c.procs, p)
 	return p, "http://127.0.0.1:" + port
@@ -293,11 +305,13 @@ func (c *clusterEnv) state(ctx context.Context, cl *awscli.Client, id string) st
 	return s
 }
 
-// startEdge runs `kiln edge` with control's token key and returns it
-// and its endpoint address.
-func (c *clusterEnv) startEdge(ctx context.Context, controlData string) (*proc, string) {
+// startEdge runs `kiln edge` with control's token key, its endpoints
+// at addr (a free port if ""), and returns it and that address.
+func (c *clusterEnv) startEdge(ctx context.Context, controlData, addr string) (*proc, string) {
 	d := c.dataDir("edge", "")
-	addr := "127.0.0.1:" + kilntest.FreePort(c.t)
+	if addr == "" {
+		addr = "127.0.0.1:" + kilntest.FreePort(c.t)
+	}
 	args := append([]string{"edge", "--endpoint-addr", addr, "--metrics-addr", "", "--token-key", filepath.Join(controlData, "token.key")},
 		c.clusterArgs("edge", "edge-a")...)
 	p := start(ctx, c.t, c.kiln, "edge", d, "kiln edge serving", args...)
@@ -413,27 +427,20 @@ func (c *clusterEnv) envdGet(ctx context.Context, caFile, edgeAddr, controlData,
 	return fmt.Sprintf("%d %s", res.StatusCode, b)
 }
 
-func TestCluster(t *testing.T) {
-	host := kilntest.Requirements(t, "cluster")
-	if pg == nil {
-		t.Skip("postgresql-15 is not installed: run make setup")
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-	defer cancel()
-	work, bin, _ := kilntest.WorkDir(t, "kcl")
+// newCluster builds kiln and kiln-agent into a new work directory, makes
+// a database on the package's PostgreSQL and the cluster CA. No role runs
+// yet; the test defers shutdown.
+func newCluster(ctx context.Context, t *testing.T, prefix string) *clusterEnv {
+	t.Helper()
+	work, bin, _ := kilntest.WorkDir(t, prefix)
 	kiln := filepath.Join(bin, "kiln")
-	app := filepath.Join(work, "app")
 	for _, b := range []struct {
 		out, pkg string
 		static   bool
-	}{{kiln, "./cmd/kiln", false}, {filepath.Join(bin, "kiln-agent"), "./cmd/kiln-agent", true}, {app, "./test/sdk/testdata/app", true}} {
+	}{{kiln, "./cmd/kiln", false}, {filepath.Join(bin, "kiln-agent"), "./cmd/kiln-agent", true}} {
 		if err := kilntest.GoBuild(ctx, b.out, b.pkg, b.static); err != nil {
 			t.Fatal(err)
 		}
-	}
-	code := filepath.Join(work, "app.zip")
-	if err := kilntest.CodePackage(code, "FROM scratch\nCOPY app /app\nCMD [\"/app\"]\n", map[string]string{"app": app}); err != nil {
-		t.Fatal(err)
 	}
 	storeURL, err := pg.NewDatabase(ctx)
 	if err != nil {
@@ -447,29 +454,55 @@ func TestCluster(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer db.Close()
+	t.Cleanup(func() { db.Close() })
 	c := &clusterEnv{t: t, kiln: kiln, work: work, caDir: filepath.Join(work, "ca"), storeURL: storeURL, db: db}
 	if b, err := exec.Command(kiln, "cluster-ca", "init", "--dir", c.caDir).CombinedOutput(); err != nil {
 		t.Fatalf("cluster-ca init: %v\n%s", err, b)
 	}
+	return c
+}
+
+// shutdown terminates every microVM through live (a control replica
+// that still runs, if any), stops the roles, newest first, and fails the
+// test for any QEMU process a node left.
+func (c *clusterEnv) shutdown(live *awscli.Client) {
+	t := c.t
+	if live != nil {
+		c.terminateAll(live)
+	}
+	for i := len(c.procs) - 1; i >= 0; i-- {
+		c.procs[i].stop(t)
+		if t.Failed() {
+			c.procs[i].dumpLog(t)
+		}
+	}
+	for _, p := range c.procs {
+		if pids := kilntest.QemuOf(p.data); len(pids) > 0 {
+			t.Errorf("QEMU processes of %s left after the cluster stopped: %v", p.name, pids)
+			kilntest.KillQemuOf(t, p.data)
+		}
+	}
+}
+
+func TestCluster(t *testing.T) {
+	host := kilntest.Requirements(t, "cluster")
+	if pg == nil {
+		t.Skip("postgresql-15 is not installed: run make setup")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+	defer cancel()
+	c := newCluster(ctx, t, "kcl")
+	app := filepath.Join(c.work, "app")
+	if err := kilntest.GoBuild(ctx, app, "./test/sdk/testdata/app", true); err != nil {
+		t.Fatal(err)
+	}
+	code := filepath.Join(c.work, "app.zip")
+	if err := kilntest.CodePackage(code, "FROM scratch\nCOPY app /app\nCMD [\"/app\"]\n", map[string]string{"app": app}); err != nil {
+		t.Fatal(err)
+	}
+	db := c.db
 	var live *awscli.Client // a control replica that still runs
-	defer func() {
-		if live != nil {
-			c.terminateAll(live)
-		}
-		for i := len(c.procs) - 1; i >= 0; i-- {
-			c.procs[i].stop(t)
-			if t.Failed() {
-				c.procs[i].dumpLog(t)
-			}
-		}
-		for _, p := range c.procs {
-			if pids := kilntest.QemuOf(p.data); len(pids) > 0 {
-				t.Errorf("QEMU processes of %s left after the cluster stopped: %v", p.name, pids)
-				kilntest.KillQemuOf(t, p.data)
-			}
-		}
-	}()
+	defer func() { c.shutdown(live) }()
 
 	// Control A first: it makes the admin key, the sealing key and the
 	// token key, which the other roles share.
@@ -478,7 +511,7 @@ func TestCluster(t *testing.T) {
 	hosts := c.hosts(3)
 	nodeA := c.startNode(ctx, "node-a", hosts[0], host.KernelDir, ctlA.data, "--capacity-mib", "1536")
 	nodeB := c.startNode(ctx, "node-b", hosts[1], host.KernelDir, ctlA.data, "--capacity-mib", "1536")
-	edgeP, edgeAddr := c.startEdge(ctx, ctlA.data)
+	edgeP, edgeAddr := c.startEdge(ctx, ctlA.data, "")
 	a, b := c.api(urlA, ctlA.data), c.api(urlB, ctlA.data)
 	live = b
 	get := c.client(filepath.Join(edgeP.data, "ca.pem"), edgeAddr)

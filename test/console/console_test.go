@@ -36,7 +36,7 @@ func TestWebConsole(t *testing.T) {
 	start := time.Now()
 
 	npmErr := make(chan error, 1)
-	go func() { npmErr <- kilntest.NpmInstall(ctx, npm, "puppeteer-core") }()
+	go func() { npmErr <- kilntest.NpmInstall(ctx, npm, ".", "puppeteer-core") }()
 	// The server must embed the console's assets: build them if this
 	// tree has not yet (`make build` does it before `make test`).
 	if _, err := os.Stat("../../internal/console/dist/index.html"); err != nil {

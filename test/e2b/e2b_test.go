@@ -16,10 +16,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
-	"sort"
-	"strings"
 	"testing"
 	"time"
 
@@ -29,10 +26,7 @@ import (
 	"github.com/kiln-sandbox/kiln/test/kilntest"
 )
 
-// template is the kiln image the sandboxes run: busybox only, with
-// /bin/bash a script handing over to busybox's sh, since the SDK runs
-// every command as `/bin/bash -l -c CMD`.
-const template = "e2b-busybox"
+const template = kilntest.E2BTemplate
 
 func TestE2BSDK(t *testing.T) {
 	host := kilntest.Requirements(t, "E2B", "busybox")
@@ -41,7 +35,7 @@ func TestE2BSDK(t *testing.T) {
 	start := time.Now()
 
 	npmErr := make(chan error, 1)
-	go func() { npmErr <- kilntest.NpmInstall(ctx, host.Npm, "e2b") }()
+	go func() { npmErr <- kilntest.NpmInstall(ctx, host.Npm, ".", "e2b") }()
 	work, bin, data := kilntest.WorkDir(t, "ke2b")
 	kiln := filepath.Join(bin, "kiln")
 	for _, b := range []struct {
@@ -52,14 +46,8 @@ func TestE2BSDK(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	bash := filepath.Join(work, "bash")
-	if err := os.WriteFile(bash, []byte("#!/bin/sh\nexec /bin/sh \"$@\"\n"), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	bb := host.Tools["busybox"]
-	codeZip := filepath.Join(work, "template.zip")
-	dockerfile := "FROM scratch\nCOPY bin /bin\nENV PATH=/bin\nCMD [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/\"]\n"
-	if err := kilntest.CodePackage(codeZip, dockerfile, map[string]string{"bin/busybox": bb, "bin/sh": bb, "bin/bash": bash}); err != nil {
+	codeZip, err := kilntest.E2BTemplateCode(work, host.Tools["busybox"])
+	if err != nil {
 		t.Fatal(err)
 	}
 	if err := <-npmErr; err != nil {
@@ -112,21 +100,8 @@ func TestE2BSDK(t *testing.T) {
 
 	// E2B keys: one of the admin account (its sandboxes are the admin's
 	// microVMs), one of another account.
-	e2bKey := func(args ...string) string {
-		out, err := exec.CommandContext(ctx, kiln, append([]string{"--data-dir", data, "keys", "create", "--e2b"}, args...)...).Output()
-		if err != nil {
-			t.Fatalf("kiln keys create --e2b: %v", err)
-		}
-		var k struct {
-			E2BAPIKey string `json:"e2bApiKey"`
-			Account   string `json:"account"`
-		}
-		if err := json.Unmarshal(out, &k); err != nil || k.E2BAPIKey == "" {
-			t.Fatalf("kiln keys create --e2b printed %q: %v", out, err)
-		}
-		return k.E2BAPIKey
-	}
-	key, otherKey := e2bKey("--account", admin), e2bKey()
+	global := []string{"--data-dir", data}
+	key, otherKey := kilntest.E2BKey(ctx, t, kiln, global, "--account", admin), kilntest.E2BKey(ctx, t, kiln, global)
 
 	idFile := filepath.Join(work, "sandbox-id")
 	env := append(os.Environ(),
@@ -144,24 +119,7 @@ func TestE2BSDK(t *testing.T) {
 	)
 	// e2b.mjs first, then every other script (one per area of the API)
 	// against the same server and template; lib.mjs is their shared code.
-	scripts, _ := filepath.Glob("*.mjs")
-	sort.SliceStable(scripts, func(i, j int) bool { return scripts[i] == "e2b.mjs" && scripts[j] != "e2b.mjs" })
-	for _, script := range scripts {
-		if script == "lib.mjs" {
-			continue
-		}
-		t.Run(strings.TrimSuffix(script, ".mjs"), func(t *testing.T) {
-			scriptStart := time.Now()
-			cmd := exec.CommandContext(ctx, host.Node, script)
-			cmd.Env = env
-			cmd.WaitDelay = 5 * time.Second
-			out, err := cmd.CombinedOutput()
-			t.Logf("%s (%v):\n%s", script, time.Since(scriptStart).Round(100*time.Millisecond), out)
-			if err != nil {
-				t.Errorf("%s failed: %v", script, err)
-			}
-		})
-	}
+	kilntest.RunE2BScripts(ctx, t, host.Node, env)
 
 	// The sandbox was a microVM of the key's account: ListMicrovms of the
 	// admin (AWS API, SigV4) shows it, killed through E2B.

@@ -89,13 +89,24 @@ func Requirements(t *testing.T, suite string, tools ...string) Host {
 	return h
 }
 
-// NpmInstall runs `npm ci` in the current directory unless
-// node_modules/marker exists.
-func NpmInstall(ctx context.Context, npm, marker string) error {
-	if _, err := os.Stat(filepath.Join("node_modules", marker)); err == nil {
+// NpmInstall runs `npm ci` in dir unless node_modules/marker exists.
+// Test packages run in parallel and two may share dir (test/e2b's
+// scripts): npm ci first deletes node_modules, so one at a time, under
+// a lock in dir.
+func NpmInstall(ctx context.Context, npm, dir, marker string) error {
+	lock, err := os.OpenFile(filepath.Join(dir, ".npm-install.lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return err
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		return err
+	}
+	if _, err := os.Stat(filepath.Join(dir, "node_modules", marker)); err == nil {
 		return nil
 	}
 	cmd := exec.CommandContext(ctx, npm, "ci", "--no-audit", "--no-fund")
+	cmd.Dir = dir
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("npm ci: %w\n%s", err, out)
 	}

@@ -31,7 +31,7 @@ func TestJavaScriptSDK(t *testing.T) {
 
 	// npm ci (network) runs while the binaries compile (CPU).
 	npmErr := make(chan error, 1)
-	go func() { npmErr <- kilntest.NpmInstall(ctx, npm, npmMarker) }()
+	go func() { npmErr <- kilntest.NpmInstall(ctx, npm, ".", npmMarker) }()
 
 	work, bin, data := kilntest.WorkDir(t, "ksdk")
 	kiln := filepath.Join(bin, "kiln")
@@ -153,7 +153,7 @@ func TestModelExtractUpToDate(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	if err := kilntest.NpmInstall(ctx, npm, npmMarker); err != nil {
+	if err := kilntest.NpmInstall(ctx, npm, ".", npmMarker); err != nil {
 		t.Fatal(err)
 	}
 	got, err := exec.CommandContext(ctx, node, "model.mjs").Output()

@@ -21,7 +21,9 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/cluster/noderpc"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
+	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/store"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
 // Backend implements lifecycle.Backend for a cluster.
@@ -153,6 +155,32 @@ func (b *Backend) ResumeMicrovm(ctx context.Context, m store.Microvm) error {
 
 func (b *Backend) SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) error {
 	return b.withNode(ctx, m, "snapshot", func(c noderpc.Service) error { return c.SnapshotMicrovm(ctx, m, image, version) })
+}
+
+// Usage implements e2b.Meter: m's node measures it.
+func (b *Backend) Usage(ctx context.Context, id string) (vmm.Usage, error) {
+	m, err := b.st.LocateMicrovm(ctx, id)
+	if err != nil {
+		return vmm.Usage{}, err
+	}
+	var u vmm.Usage
+	err = b.withNode(ctx, m, "measure", func(c noderpc.Service) (err error) {
+		u, err = c.Usage(ctx, id)
+		return err
+	})
+	return u, err
+}
+
+// SetEgressPolicy implements e2b.Policer on m's node, where its network
+// namespace is.
+func (b *Backend) SetEgressPolicy(ctx context.Context, id string, p netns.EgressPolicy, allowDomains []string) error {
+	m, err := b.st.LocateMicrovm(ctx, id)
+	if err != nil {
+		return err
+	}
+	return b.withNode(ctx, m, "set the network rules of", func(c noderpc.Service) error {
+		return c.SetEgressPolicy(ctx, id, p, allowDomains)
+	})
 }
 
 func (b *Backend) MicrovmLog(ctx context.Context, m store.Microvm, offset int64, limit int) ([]byte, int64, error) {

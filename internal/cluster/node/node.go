@@ -24,6 +24,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/engine"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
+	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/proxy"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
@@ -40,6 +41,8 @@ type Engine interface {
 	Templates() ([]string, error)
 	Owned() []string
 	ExportTemplate(ctx context.Context, account, image, version string, app func(*engine.AppConfig) error, emit func(vmm.TemplatePart) error) error
+	Usage(ctx context.Context, id string) (vmm.Usage, error)
+	SetEgressPolicy(ctx context.Context, id string, p netns.EgressPolicy, allowDomains []string) error
 }
 
 // Config describes the host.
@@ -340,6 +343,14 @@ func (s service) EnsureRunning(ctx context.Context, id string) error {
 		return fmt.Errorf("%w: %w", err, errdefs.ErrUnavailable)
 	}
 	return err
+}
+
+func (s service) Usage(ctx context.Context, id string) (vmm.Usage, error) {
+	return s.n.cfg.Engine.Usage(ctx, id)
+}
+
+func (s service) SetEgressPolicy(ctx context.Context, id string, p netns.EgressPolicy, allowDomains []string) error {
+	return s.n.cfg.Engine.SetEgressPolicy(ctx, id, p, allowDomains)
 }
 
 func (s service) Activity(_ context.Context, seen map[string]time.Time) error {

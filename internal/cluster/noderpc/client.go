@@ -12,7 +12,9 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 
+	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/store"
+	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
 // CallTimeout bounds one call: every node method only accepts work (or
@@ -103,6 +105,19 @@ func (c *Client) EnsureRunning(ctx context.Context, id string) error {
 
 func (c *Client) Activity(ctx context.Context, seen map[string]time.Time) error {
 	_, err := call[Empty](ctx, c, "Activity", &ActivityRequest{Seen: seen})
+	return err
+}
+
+func (c *Client) Usage(ctx context.Context, id string) (vmm.Usage, error) {
+	r, err := call[UsageReply](ctx, c, "Usage", &UsageRequest{ID: id})
+	if err != nil {
+		return vmm.Usage{}, err
+	}
+	return r.Usage, nil
+}
+
+func (c *Client) SetEgressPolicy(ctx context.Context, id string, p netns.EgressPolicy, allowDomains []string) error {
+	_, err := call[Empty](ctx, c, "SetEgressPolicy", &EgressRequest{ID: id, Policy: p, AllowDomains: allowDomains})
 	return err
 }
 

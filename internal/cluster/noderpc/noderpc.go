@@ -26,6 +26,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/cluster/clusterca"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
@@ -60,6 +61,11 @@ type Service interface {
 	// lacks it): the first chunk holds the app's settings and the
 	// manifest. errdefs.ErrNotFound if this node does not hold it.
 	ExportTemplate(ctx context.Context, account, image, version string, send func(*TemplateChunk) error) error
+	// Usage measures a microVM this node runs (E2B's getMetrics).
+	Usage(ctx context.Context, id string) (vmm.Usage, error)
+	// SetEgressPolicy replaces a microVM's own egress rules (E2B's
+	// network rules), as e2b.Policer.
+	SetEgressPolicy(ctx context.Context, id string, p netns.EgressPolicy, allowDomains []string) error
 }
 
 // TemplateChunk is one message of a template moving between nodes.
@@ -103,6 +109,17 @@ type (
 	ActivityRequest struct {
 		Seen map[string]time.Time `json:"seen"`
 	}
+	UsageRequest struct {
+		ID string `json:"id"`
+	}
+	UsageReply struct {
+		Usage vmm.Usage `json:"usage"`
+	}
+	EgressRequest struct {
+		ID           string             `json:"id"`
+		Policy       netns.EgressPolicy `json:"policy"`
+		AllowDomains []string           `json:"allowDomains"`
+	}
 	Empty struct{}
 )
 
@@ -131,6 +148,7 @@ var callers = map[string][]clusterca.Role{
 	"Start": {clusterca.Control}, "Suspend": {clusterca.Control}, "Resume": {clusterca.Control},
 	"Terminate": {clusterca.Control}, "Build": {clusterca.Control}, "DeleteImageVersion": {clusterca.Control},
 	"Snapshot": {clusterca.Control}, "Log": {clusterca.Control},
+	"Usage": {clusterca.Control}, "SetEgressPolicy": {clusterca.Control},
 	"EnsureRunning": {clusterca.Control, clusterca.Edge}, "Activity": {clusterca.Control, clusterca.Edge},
 	"ExportTemplate": {clusterca.Node},
 }
@@ -219,6 +237,13 @@ var serviceDesc = grpc.ServiceDesc{
 		}),
 		method("Activity", func(ctx context.Context, s Service, r *ActivityRequest) (*Empty, error) {
 			return done(s.Activity(ctx, r.Seen))
+		}),
+		method("Usage", func(ctx context.Context, s Service, r *UsageRequest) (*UsageReply, error) {
+			u, err := s.Usage(ctx, r.ID)
+			return &UsageReply{Usage: u}, err
+		}),
+		method("SetEgressPolicy", func(ctx context.Context, s Service, r *EgressRequest) (*Empty, error) {
+			return done(s.SetEgressPolicy(ctx, r.ID, r.Policy, r.AllowDomains))
 		}),
 	},
 	Streams: []grpc.StreamDesc{{StreamName: "ExportTemplate", ServerStreams: true,

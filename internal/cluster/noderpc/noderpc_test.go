@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"strings"
 	"sync"
 	"testing"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/cluster/clusterca"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/store"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
@@ -64,6 +66,13 @@ func (r *recordingService) EnsureRunning(_ context.Context, id string) error {
 }
 func (r *recordingService) Activity(_ context.Context, seen map[string]time.Time) error {
 	return r.rec(fmt.Sprintf("activity %d", len(seen)), store.Microvm{})
+}
+
+func (r *recordingService) Usage(_ context.Context, id string) (vmm.Usage, error) {
+	return vmm.Usage{CPUTime: time.Second, MemorySize: 512 << 20}, r.rec("usage "+id, store.Microvm{})
+}
+func (r *recordingService) SetEgressPolicy(_ context.Context, id string, p netns.EgressPolicy, domains []string) error {
+	return r.rec(fmt.Sprintf("egress %s %v %v", id, p.Deny, domains), store.Microvm{})
 }
 
 func (r *recordingService) ExportTemplate(_ context.Context, a, i, v string, send func(*TemplateChunk) error) error {
@@ -144,11 +153,19 @@ func TestCallsCarryTheRecord(t *testing.T) {
 	if err := ctl.BuildImage(ctx, store.ImageVersion{Version: "3"}, []store.Build{{ID: "b"}}); err != nil {
 		t.Fatal(err)
 	}
+	u, err := ctl.Usage(ctx, "mvm-1")
+	if err != nil || u.CPUTime != time.Second || u.MemorySize != 512<<20 {
+		t.Fatalf("usage: %+v %v", u, err)
+	}
+	deny := []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}
+	if err := ctl.SetEgressPolicy(ctx, "mvm-1", netns.EgressPolicy{Deny: deny}, []string{"example.com"}); err != nil {
+		t.Fatal(err)
+	}
 	got := c.svc.vms[0]
 	if got.ID != m.ID || got.Epoch != 7 || got.Node != "node-a" || got.RunHookPayload != m.RunHookPayload || got.MemoryMiB != 512 {
 		t.Fatalf("node got %+v", got)
 	}
-	if strings.Join(c.svc.calls, ",") != "start,terminate,log,build 31" {
+	if strings.Join(c.svc.calls, ",") != "start,terminate,log,build 31,usage mvm-1,egress mvm-1 [192.0.2.0/24] [example.com]" {
 		t.Fatalf("calls %v", c.svc.calls)
 	}
 }
@@ -179,6 +196,9 @@ func TestRolesPerMethod(t *testing.T) {
 	var re *RemoteError
 	if !errors.As(err, &re) || re.Code != codes.PermissionDenied {
 		t.Fatalf("edge terminating: %v", err)
+	}
+	if err := edge.SetEgressPolicy(ctx, "mvm-1", netns.EgressPolicy{}, nil); !errors.As(err, &re) || re.Code != codes.PermissionDenied {
+		t.Fatalf("edge setting network rules: %v", err)
 	}
 	// Another node may fetch a template, and nothing else.
 	other := c.client(t, clusterca.Node)
