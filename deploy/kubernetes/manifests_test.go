@@ -368,6 +368,14 @@ func check(o *objects) []string {
 		if !exposed {
 			fail("%s: no LoadBalancer or NodePort Service exposes port 443 to one of its container ports", e.name)
 		}
+		// control writes its --endpoint-addr port into every endpoint URL
+		// and E2B sandbox domain; anything but the edge's public 443 sends
+		// clients (the SDKs, kiln exec) to a port nothing serves.
+		if c, ok := o.role("control"); ok {
+			if v := flagValue(c.spec.Containers[0], "endpoint-addr"); !strings.HasSuffix(v, ":443") {
+				fail("%s: --endpoint-addr=%q: endpoint URLs would name a port other than the edge Service's 443", c.name, v)
+			}
+		}
 	}
 
 	// Every Service selects pods and targets a port they have.
@@ -822,6 +830,10 @@ func TestChecksCatchBrokenManifests(t *testing.T) {
 				}
 			}
 		}, "exposes port 443"},
+		{"control advertises 8443", func(o *objects) {
+			c := &deployment(o, "control").Spec.Template.Spec.Containers[0]
+			c.Args = slices.DeleteFunc(c.Args, func(a string) bool { return strings.HasPrefix(a, "--endpoint-addr") })
+		}, "endpoint URLs would name a port"},
 		{"no memory limit", func(o *objects) {
 			delete(deployment(o, "edge").Spec.Template.Spec.Containers[0].Resources.Limits, corev1.ResourceMemory)
 		}, "no memory limit"},
