@@ -43,7 +43,7 @@ func kilnDataDir() string {
 
 // buildVMs returns the build and image VMs the driver knows.
 func buildVMs(t *testing.T) []string {
-	vms, err := fx.drv.List(context.Background())
+	vms, err := fx.Driver.List(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -80,9 +80,9 @@ func TestBuildsEnd(t *testing.T) {
 	imgData := shortDir(t)
 	rb := realBuilder{&imagebuild.Builder{
 		Images: &image.Builder{DataDir: imgData,
-			Runner: &imagebuild.Runner{Driver: fx.drv, MemoryMiB: 512},
+			Runner: &imagebuild.Runner{Driver: fx.Driver, MemoryMiB: 512},
 			Bases:  &base.Resolver{Managed: &base.Managed{DataDir: kilnDataDir()}}},
-		Driver: fx.drv, Source: source.Config{AllowLocal: true},
+		Driver: fx.Driver, Source: source.Config{AllowLocal: true},
 	}}
 	const logCap = 256 << 10
 	const deadline = 60 * time.Second
@@ -193,7 +193,7 @@ func TestBuildsEnd(t *testing.T) {
 			store.ImageVersion{Account: other, ImageName: testImage, Version: "1", State: store.VersionSuccessful, Status: store.VersionActive, CreatedAt: now, UpdatedAt: now}, nil, nil); err != nil {
 			t.Fatal(err)
 		}
-		if err := h.eng.SetTemplate(other, testImage, "1", fx.template); err != nil {
+		if err := h.eng.SetTemplate(other, testImage, "1", fx.Template); err != nil {
 			t.Fatal(err)
 		}
 		var lat []time.Duration

@@ -13,7 +13,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -37,8 +36,8 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/token"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
-	"github.com/kiln-sandbox/kiln/internal/vmm/busybox"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
+	"github.com/kiln-sandbox/kiln/internal/vmm/qemu/qemutest"
 	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
 )
 
@@ -56,15 +55,7 @@ const (
 	testDomain  = "microvm.localhost"
 )
 
-var fx *fixture
-
-type fixture struct {
-	env      *vmmtest.Env
-	work     string
-	drv      *qemu.Driver
-	template string
-	err      error
-}
+var fx *qemutest.AppFixture
 
 func TestMain(m *testing.M) {
 	if testenv.SkipMain("engine", "network namespaces and VMs") {
@@ -74,52 +65,11 @@ func TestMain(m *testing.M) {
 	if env == nil {
 		os.Exit(m.Run())
 	}
-	fx = setupFixture(env)
+	fx = qemutest.NewAppFixture(env, "ke", "./testdata/app")
 	code := m.Run()
-	fx.cleanup()
+	fx.Close()
 	env.Cleanup()
 	os.Exit(code)
-}
-
-func setupFixture(env *vmmtest.Env) *fixture {
-	f := &fixture{env: env}
-	// Unix socket paths must stay short: no t.TempDir here.
-	if f.work, f.err = os.MkdirTemp("", "ke"); f.err != nil {
-		return f
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	f.drv, f.err = qemu.New(ctx, qemu.Config{DataDir: filepath.Join(f.work, "d"), KernelDir: env.KernelDir,
-		AgentBinary: env.AgentBinary, Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
-	if f.err != nil {
-		return f
-	}
-	f.template, f.err = makeTemplate(ctx, f.drv, env.RootDisk, f.work)
-	return f
-}
-
-func (f *fixture) cleanup() {
-	if f.drv != nil {
-		vms, _ := f.drv.List(context.Background())
-		for _, v := range vms {
-			f.drv.Terminate(context.Background(), v.ID)
-		}
-		f.drv.Close()
-	}
-	if f.work != "" {
-		os.RemoveAll(f.work)
-	}
-}
-
-// makeTemplate builds the test app and snapshots a busybox VM serving it.
-func makeTemplate(ctx context.Context, d *qemu.Driver, root, work string) (string, error) {
-	app := filepath.Join(work, "app")
-	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", app, "./testdata/app")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("building the test app: %v: %s", err, out)
-	}
-	return busybox.AppTemplate(ctx, d, root, app, work)
 }
 
 // harness is one kiln server as `kiln server` assembles it
@@ -143,7 +93,7 @@ type harness struct {
 func newHarness(t *testing.T, opts ...func(*engine.Config)) *harness {
 	t.Helper()
 	needFixture(t)
-	return newHarnessAt(t, fx.drv, t.TempDir(), true, opts...)
+	return newHarnessAt(t, fx.Driver, t.TempDir(), true, opts...)
 }
 
 func needFixture(t *testing.T) {
@@ -151,8 +101,8 @@ func needFixture(t *testing.T) {
 	if fx == nil {
 		t.Skip("engine not set up")
 	}
-	if fx.err != nil {
-		t.Fatalf("fixture: %v", fx.err)
+	if fx.Err != nil {
+		t.Fatalf("fixture: %v", fx.Err)
 	}
 }
 
@@ -228,7 +178,7 @@ func newHarnessAt(t *testing.T, drv vmm.Driver, dir string, fresh bool, opts ...
 		if err := h.st.CreateImage(ctx, img, v, nil, nil); err != nil {
 			t.Fatal(err)
 		}
-		if err := h.eng.SetTemplate(testAccount, testImage, "1", fx.template); err != nil {
+		if err := h.eng.SetTemplate(testAccount, testImage, "1", fx.Template); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -513,7 +463,7 @@ func TestRecoverAfterRestart(t *testing.T) {
 	newDrv := func() *qemu.Driver {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
-		d, err := qemu.New(ctx, qemu.Config{DataDir: dataDir, KernelDir: fx.env.KernelDir, AgentBinary: fx.env.AgentBinary,
+		d, err := qemu.New(ctx, qemu.Config{DataDir: dataDir, KernelDir: fx.Env.KernelDir, AgentBinary: fx.Env.AgentBinary,
 			Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
 		if err != nil {
 			t.Fatal(err)
@@ -599,7 +549,7 @@ func TestServersShareADriver(t *testing.T) {
 	other := a.run([]string{allIngress}, nil)
 
 	dir := t.TempDir()
-	b := newHarnessAt(t, fx.drv, dir, true)
+	b := newHarnessAt(t, fx.Driver, dir, true)
 	stale := b.run([]string{allIngress}, nil)
 	// b stops with its VM running, and the record ends meanwhile.
 	b.keep = true
@@ -616,9 +566,9 @@ func TestServersShareADriver(t *testing.T) {
 	}
 	st.Close()
 
-	c := newHarnessAt(t, fx.drv, dir, false)
+	c := newHarnessAt(t, fx.Driver, dir, false)
 	c.ids = []string{stale.ID}
-	if _, err := fx.drv.Inspect(ctx, stale.ID); !errors.Is(err, errdefs.ErrNotFound) {
+	if _, err := fx.Driver.Inspect(ctx, stale.ID); !errors.Is(err, errdefs.ErrNotFound) {
 		t.Errorf("the VM of an ended record of this data directory survived recovery: %v", err)
 	}
 	if code, body := a.get(other.ID, "/count", a.token(other.ID), nil); code != 200 || body != "count=1" {
@@ -645,7 +595,7 @@ func (f fakeBuilder) Build(ctx context.Context, req engine.BuildRequest) (engine
 		return engine.BuildResult{}, f.err
 	}
 	n := int64(42)
-	return engine.BuildResult{TemplateDir: fx.template, Snapshot: &store.SnapshotBuild{MemorySnapshotSizeInBytes: &n}}, nil
+	return engine.BuildResult{TemplateDir: fx.Template, Snapshot: &store.SnapshotBuild{MemorySnapshotSizeInBytes: &n}}, nil
 }
 
 func TestBuildImage(t *testing.T) {
@@ -670,7 +620,7 @@ func TestBuildImage(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer st.Close()
-			e, err := engine.New(ctx, engine.Config{Driver: fx.drv, Control: lifecycle.NewStoreControl(st), Builder: tc.builder, DataDir: dir})
+			e, err := engine.New(ctx, engine.Config{Driver: fx.Driver, Control: lifecycle.NewStoreControl(st), Builder: tc.builder, DataDir: dir})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -702,8 +652,8 @@ func TestBuildImage(t *testing.T) {
 				}
 			}
 			tmpl, err := e.TemplateFor(testAccount, name, "1")
-			if tc.wantVersion == store.VersionSuccessful && tmpl != fx.template {
-				t.Errorf("template %q (%v), want %q", tmpl, err, fx.template)
+			if tc.wantVersion == store.VersionSuccessful && tmpl != fx.Template {
+				t.Errorf("template %q (%v), want %q", tmpl, err, fx.Template)
 			}
 			// Deleting the version's record and files.
 			if err := st.DeleteImageVersion(ctx, testAccount, name, "1"); err != nil {

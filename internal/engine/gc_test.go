@@ -32,7 +32,7 @@ type linkBuilder struct{}
 func (linkBuilder) Build(ctx context.Context, req engine.BuildRequest) (engine.BuildResult, error) {
 	fmt.Fprintf(req.Log, "linking the template for build %s\n", req.Build.ID)
 	dst := filepath.Join(req.OutDir, "template")
-	if out, err := exec.CommandContext(ctx, "cp", "-al", fx.template, dst).CombinedOutput(); err != nil {
+	if out, err := exec.CommandContext(ctx, "cp", "-al", fx.Template, dst).CombinedOutput(); err != nil {
 		return engine.BuildResult{}, fmt.Errorf("cp -al: %v: %s", err, out)
 	}
 	// A build takes a while: GC passes run while its files exist and
@@ -54,7 +54,7 @@ func (linkBuilder) Build(ctx context.Context, req engine.BuildRequest) (engine.B
 func TestGCRacesBuildsAndRuns(t *testing.T) {
 	needFixture(t)
 	dir := shortDir(t)
-	h := newHarnessAt(t, fx.drv, dir, true, func(c *engine.Config) { c.Builder = linkBuilder{} })
+	h := newHarnessAt(t, fx.Driver, dir, true, func(c *engine.Config) { c.Builder = linkBuilder{} })
 	refs := &gc.References{}
 	col := gc.New(gc.Config{Store: h.st, DataDir: dir, Engine: h.eng, References: refs, ArtifactGrace: time.Nanosecond})
 
@@ -64,7 +64,7 @@ func TestGCRacesBuildsAndRuns(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.wait(lost.ID, store.StateSuspended, 60*time.Second)
-	info, err := fx.drv.Inspect(context.Background(), lost.ID)
+	info, err := fx.Driver.Inspect(context.Background(), lost.ID)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -118,7 +118,7 @@ func TestLogsEventsUsage(t *testing.T) {
 	newDrv := func() *qemu.Driver {
 		c, cancel := context.WithTimeout(ctx, time.Minute)
 		defer cancel()
-		d, err := qemu.New(c, qemu.Config{DataDir: dataDir, KernelDir: fx.env.KernelDir, AgentBinary: fx.env.AgentBinary,
+		d, err := qemu.New(c, qemu.Config{DataDir: dataDir, KernelDir: fx.Env.KernelDir, AgentBinary: fx.Env.AgentBinary,
 			Console: func(id string) io.Writer {
 				if m := cur.Load(); m != nil {
 					return m.Console(id)
@@ -287,7 +287,7 @@ func TestBuildUsage(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer st.Close()
-	e, err := engine.New(ctx, engine.Config{Driver: fx.drv, Control: lifecycle.NewStoreControl(st), Builder: slowBuilder{300 * time.Millisecond}, DataDir: dir})
+	e, err := engine.New(ctx, engine.Config{Driver: fx.Driver, Control: lifecycle.NewStoreControl(st), Builder: slowBuilder{300 * time.Millisecond}, DataDir: dir})
 	if err != nil {
 		t.Fatal(err)
 	}

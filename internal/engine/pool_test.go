@@ -17,12 +17,12 @@ import (
 // any other.
 func TestPooledRun(t *testing.T) {
 	h := newHarness(t)
-	drv := fx.drv
+	drv := fx.Driver
 	drv.SetPoolSize(1)
 	t.Cleanup(func() { drv.SetPoolSize(0) })
 	first := h.run([]string{allIngress}, nil)
 	deadline := time.Now().Add(3 * time.Minute)
-	for drv.PoolSize(fx.template) < 1 {
+	for drv.PoolSize(fx.Template) < 1 {
 		if time.Now().After(deadline) {
 			t.Fatal("the clone pool did not fill")
 		}

@@ -41,7 +41,7 @@ func TestSurvivesHostReboot(t *testing.T) {
 	newDrv := func() *qemu.Driver {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
-		d, err := qemu.New(ctx, qemu.Config{DataDir: dataDir, KernelDir: fx.env.KernelDir, AgentBinary: fx.env.AgentBinary,
+		d, err := qemu.New(ctx, qemu.Config{DataDir: dataDir, KernelDir: fx.Env.KernelDir, AgentBinary: fx.Env.AgentBinary,
 			BootIDPath: bootID, Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
 		if err != nil {
 			t.Fatal(err)

@@ -5,11 +5,7 @@ package enginebench
 import (
 	"context"
 	"errors"
-	"fmt"
-	"log/slog"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -17,27 +13,19 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/vmm/busybox"
-	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
+	"github.com/kiln-sandbox/kiln/internal/vmm/qemu/qemutest"
 	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
 )
 
 // fx is the package's one driver and app template, made in TestMain on
 // the shared small base (vmmtest).
-var fx *fixture
-
-type fixture struct {
-	env      *vmmtest.Env
-	work     string
-	drv      *qemu.Driver
-	template string
-	err      error
-}
+var fx *qemutest.AppFixture
 
 func fxErr() error {
 	if fx == nil {
 		return errors.New("not set up")
 	}
-	return fx.err
+	return fx.Err
 }
 
 func TestMain(m *testing.M) {
@@ -48,47 +36,11 @@ func TestMain(m *testing.M) {
 	if env == nil {
 		os.Exit(m.Run())
 	}
-	fx = &fixture{env: env}
-	fx.setup()
+	fx = qemutest.NewAppFixture(env, "keb", "../engine/testdata/app")
 	code := m.Run()
-	fx.cleanup()
+	fx.Close()
 	env.Cleanup()
 	os.Exit(code)
-}
-
-func (f *fixture) setup() {
-	// Unix socket paths must stay short: no t.TempDir here.
-	if f.work, f.err = os.MkdirTemp("", "keb"); f.err != nil {
-		return
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	f.drv, f.err = qemu.New(ctx, qemu.Config{DataDir: filepath.Join(f.work, "d"), KernelDir: f.env.KernelDir,
-		AgentBinary: f.env.AgentBinary, Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))})
-	if f.err != nil {
-		return
-	}
-	app := filepath.Join(f.work, "app")
-	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", app, "../engine/testdata/app")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		f.err = fmt.Errorf("building the test app: %v: %s", err, out)
-		return
-	}
-	f.template, f.err = busybox.AppTemplate(ctx, f.drv, f.env.RootDisk, app, f.work)
-}
-
-func (f *fixture) cleanup() {
-	if f.drv != nil {
-		vms, _ := f.drv.List(context.Background())
-		for _, v := range vms {
-			f.drv.Terminate(context.Background(), v.ID)
-		}
-		f.drv.Close()
-	}
-	if f.work != "" {
-		os.RemoveAll(f.work)
-	}
 }
 
 func shortDir(t *testing.T) string { return vmmtest.ShortDir(t) }
@@ -103,13 +55,13 @@ func TestBenchEndpoint(t *testing.T) {
 	if testing.Short() {
 		t.Skip("benchmark with real VMs: not in -short")
 	}
-	if fx == nil || fx.err != nil {
+	if fx == nil || fx.Err != nil {
 		if os.Getenv("CI") != "" || fx != nil {
 			t.Fatalf("engine bench fixture: %v", fxErr())
 		}
 		t.Skip("VMs not available")
 	}
-	o := EndpointBenchOptions{Driver: fx.drv, Template: fx.template, Dir: shortDir(t), Port: 8081,
+	o := EndpointBenchOptions{Driver: fx.Driver, Template: fx.Template, Dir: shortDir(t), Port: 8081,
 		ResumeRuns: 5, VMs: 3, Connections: 40, Duration: 5 * time.Second, Progress: testWriter{t}}
 	if os.Getenv("KILN_BENCH") == "1" {
 		o.VMs, o.Connections, o.Duration = 10, 200, 10*time.Second
@@ -121,7 +73,7 @@ func TestBenchEndpoint(t *testing.T) {
 	defer cancel()
 	if os.Getenv("KILN_BENCH_BUSYBOX") == "1" {
 		// The app `kiln bench endpoint` can use without a Go toolchain.
-		tmpl, err := busybox.AppTemplate(ctx, fx.drv, fx.env.RootDisk, "", o.Dir)
+		tmpl, err := busybox.AppTemplate(ctx, fx.Driver, fx.Env.RootDisk, "", o.Dir)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -145,7 +97,7 @@ func TestBenchEndpoint(t *testing.T) {
 	// The ratio target (<= 1.5) is reported, not enforced: a shared CI
 	// machine's noise should not fail the build.
 	for i := 0; i < o.VMs; i++ {
-		if _, err := fx.drv.Inspect(context.Background(), benchID(i)); !errors.Is(err, errdefs.ErrNotFound) {
+		if _, err := fx.Driver.Inspect(context.Background(), benchID(i)); !errors.Is(err, errdefs.ErrNotFound) {
 			t.Errorf("microvm %s outlived the benchmark: %v", benchID(i), err)
 		}
 	}
