@@ -530,12 +530,17 @@ func Bench(ctx context.Context, o BenchOptions) (BenchResult, error) {
 	// Rounds rotate the order, so no mode always runs first or right
 	// after the most expensive one; the figures are medians over rounds.
 	for r := 0; r < o.Rounds; r++ {
+		lat, err := benchLatency(ctx, modes, r, o, stats)
+		if err != nil {
+			return res, err
+		}
 		for k := range modes {
 			i := (k + r) % len(modes)
-			s, err := benchOne(ctx, modes[i], o, &stats[i])
+			s, err := benchThroughput(ctx, modes[i], o, &stats[i])
 			if err != nil {
 				return res, err
 			}
+			s.p50, s.p99 = lat[i].p50, lat[i].p99
 			samples[i] = append(samples[i], s)
 		}
 	}
@@ -580,51 +585,68 @@ func Bench(ctx context.Context, o BenchOptions) (BenchResult, error) {
 	return res, ctx.Err()
 }
 
-// benchOne runs one mode once: sequential requests for latency, then
-// Concurrency clients for Duration for throughput.
-func benchOne(ctx context.Context, m benchMode, o BenchOptions, st *BenchStats) (s benchSample, err error) {
-	warm := false
-	do := func() error {
-		req, _ := http.NewRequestWithContext(ctx, "GET", m.url, nil)
-		for k, v := range m.hdr {
-			req.Header[k] = v
-		}
-		resp, err := m.client.Do(req)
-		if err != nil {
-			return err
-		}
-		n, _ := io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != 200 || n != int64(o.BodySize) {
-			return fmt.Errorf("status %d, %d bytes", resp.StatusCode, n)
-		}
-		if resp.StatusCode == 200 && resp.TLS != nil && st.TLS == "" && !warm {
-			st.TLS = fmt.Sprintf("%s %s %s %s", tls.VersionName(resp.TLS.Version), tls.CipherSuiteName(resp.TLS.CipherSuite),
-				resp.TLS.CurveID, resp.TLS.NegotiatedProtocol)
-		}
-		return nil
+// benchDo makes one request of mode m and checks its answer; the first
+// one notes the TLS parameters in st.
+func benchDo(ctx context.Context, m benchMode, o BenchOptions, st *BenchStats) error {
+	req, _ := http.NewRequestWithContext(ctx, "GET", m.url, nil)
+	for k, v := range m.hdr {
+		req.Header[k] = v
 	}
+	resp, err := m.client.Do(req)
+	if err != nil {
+		return err
+	}
+	n, _ := io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || n != int64(o.BodySize) {
+		return fmt.Errorf("status %d, %d bytes", resp.StatusCode, n)
+	}
+	if resp.TLS != nil && st.TLS == "" {
+		st.TLS = fmt.Sprintf("%s %s %s %s", tls.VersionName(resp.TLS.Version), tls.CipherSuiteName(resp.TLS.CipherSuite),
+			resp.TLS.CurveID, resp.TLS.NegotiatedProtocol)
+	}
+	return nil
+}
+
+// benchLatency measures every mode's sequential latency in round r. The
+// modes take turns request by request, so a change in the host's load
+// during the round falls on all of them alike (a mode after another
+// measured over the whole round was up to 2x off on this shared host).
+func benchLatency(ctx context.Context, modes []benchMode, r int, o BenchOptions, stats []BenchStats) ([]benchSample, error) {
 	// Warm up connections and caches (and note the TLS parameters while
 	// only one request runs at a time).
-	for i := 0; i < 50; i++ {
-		if err := do(); err != nil {
-			return s, fmt.Errorf("%s warm-up: %w", m.name, err)
+	for i, m := range modes {
+		for k := 0; k < 50; k++ {
+			if err := benchDo(ctx, m, o, &stats[i]); err != nil {
+				return nil, fmt.Errorf("%s warm-up: %w", m.name, err)
+			}
 		}
 	}
-	warm = true
-	lat := make([]time.Duration, 0, o.Requests)
-	for i := 0; i < o.Requests; i++ {
-		t0 := time.Now()
-		if err := do(); err != nil {
-			st.Errors++
-			continue
+	lat := make([][]time.Duration, len(modes))
+	for n := 0; n < o.Requests; n++ {
+		for k := range modes {
+			i := (k + r + n) % len(modes)
+			t0 := time.Now()
+			if err := benchDo(ctx, modes[i], o, &stats[i]); err != nil {
+				stats[i].Errors++
+				continue
+			}
+			lat[i] = append(lat[i], time.Since(t0))
 		}
-		lat = append(lat, time.Since(t0))
 	}
-	slices.Sort(lat)
-	if len(lat) > 0 {
-		s.p50, s.p99 = lat[len(lat)/2], lat[len(lat)*99/100]
+	out := make([]benchSample, len(modes))
+	for i, l := range lat {
+		slices.Sort(l)
+		if len(l) > 0 {
+			out[i].p50, out[i].p99 = l[len(l)/2], l[len(l)*99/100]
+		}
 	}
+	return out, ctx.Err()
+}
+
+// benchThroughput runs Concurrency clients of mode m for Duration.
+func benchThroughput(ctx context.Context, m benchMode, o BenchOptions, st *BenchStats) (s benchSample, err error) {
+	do := func() error { return benchDo(ctx, m, o, st) }
 	var count, errs atomic.Int64
 	cpu0 := processCPU(m.pid)
 	deadline := time.Now().Add(o.Duration)
