@@ -77,10 +77,16 @@ type AptStepTimes struct {
 	BootMs    float64 `json:"bootMs"`
 	MountsMs  float64 `json:"mountsMs"`
 	UpdateMs  float64 `json:"updateMs"`
-	InstallMs float64 `json:"installMs"`
-	StopMs    float64 `json:"stopMs"`
-	CommitMs  float64 `json:"commitMs"`
-	FinishMs  float64 `json:"finishMs"`
+	// UpdateMs split: fetching (up to apt's last Get/Hit/Fetched line) and
+	// then reading the indexes into apt's package cache, which apt-get
+	// update removes and rebuilds on every run, even when every index was
+	// a Hit (the guest's own work; no download cache can save it).
+	UpdateFetchMs float64 `json:"updateFetchMs"`
+	UpdateCacheMs float64 `json:"updateCacheMs"`
+	InstallMs     float64 `json:"installMs"`
+	StopMs        float64 `json:"stopMs"`
+	CommitMs      float64 `json:"commitMs"`
+	FinishMs      float64 `json:"finishMs"`
 }
 
 // AptBenchResult is what `kiln bench image --apt` prints as JSON.
@@ -281,12 +287,16 @@ func aptParts(s image.StepReport, steps []imagebuild.StepTimes, marks map[string
 		p.UpdateMs, p.InstallMs = ms(i.Sub(u)), ms(d.Sub(i))
 		p.MountsMs -= p.UpdateMs + p.InstallMs
 	}
+	if f, l := marks[markFetched], marks[markLists]; !u.IsZero() && !f.IsZero() && !l.IsZero() {
+		p.UpdateFetchMs, p.UpdateCacheMs = ms(f.Sub(u)), ms(l.Sub(f))
+	}
 	return p
 }
 
 func (p AptStepTimes) String() string {
-	return fmt.Sprintf("host %.1fs, inspect %.1fs, boot %.1fs, mounts %.1fs, apt-get update %.1fs, install %.1fs, stop %.1fs, commit %.1fs, finish %.1fs",
-		p.HostMs/1000, p.InspectMs/1000, p.BootMs/1000, p.MountsMs/1000, p.UpdateMs/1000, p.InstallMs/1000, p.StopMs/1000, p.CommitMs/1000, p.FinishMs/1000)
+	return fmt.Sprintf("host %.1fs, inspect %.1fs, boot %.1fs, mounts %.1fs, apt-get update %.1fs (fetch %.1fs, package cache %.1fs), install %.1fs, stop %.1fs, commit %.1fs, finish %.1fs",
+		p.HostMs/1000, p.InspectMs/1000, p.BootMs/1000, p.MountsMs/1000, p.UpdateMs/1000, p.UpdateFetchMs/1000, p.UpdateCacheMs/1000,
+		p.InstallMs/1000, p.StopMs/1000, p.CommitMs/1000, p.FinishMs/1000)
 }
 
 // pickTimes is the median of each part on its own.
@@ -300,15 +310,17 @@ func pickTimes(runs []AptBenchRun, f func(AptBenchRun) AptStepTimes) AptStepTime
 		return xs[len(xs)/2]
 	}
 	return AptStepTimes{
-		HostMs:    med(func(p AptStepTimes) float64 { return p.HostMs }),
-		InspectMs: med(func(p AptStepTimes) float64 { return p.InspectMs }),
-		BootMs:    med(func(p AptStepTimes) float64 { return p.BootMs }),
-		MountsMs:  med(func(p AptStepTimes) float64 { return p.MountsMs }),
-		UpdateMs:  med(func(p AptStepTimes) float64 { return p.UpdateMs }),
-		InstallMs: med(func(p AptStepTimes) float64 { return p.InstallMs }),
-		StopMs:    med(func(p AptStepTimes) float64 { return p.StopMs }),
-		CommitMs:  med(func(p AptStepTimes) float64 { return p.CommitMs }),
-		FinishMs:  med(func(p AptStepTimes) float64 { return p.FinishMs }),
+		HostMs:        med(func(p AptStepTimes) float64 { return p.HostMs }),
+		InspectMs:     med(func(p AptStepTimes) float64 { return p.InspectMs }),
+		BootMs:        med(func(p AptStepTimes) float64 { return p.BootMs }),
+		MountsMs:      med(func(p AptStepTimes) float64 { return p.MountsMs }),
+		UpdateMs:      med(func(p AptStepTimes) float64 { return p.UpdateMs }),
+		UpdateFetchMs: med(func(p AptStepTimes) float64 { return p.UpdateFetchMs }),
+		UpdateCacheMs: med(func(p AptStepTimes) float64 { return p.UpdateCacheMs }),
+		InstallMs:     med(func(p AptStepTimes) float64 { return p.InstallMs }),
+		StopMs:        med(func(p AptStepTimes) float64 { return p.StopMs }),
+		CommitMs:      med(func(p AptStepTimes) float64 { return p.CommitMs }),
+		FinishMs:      med(func(p AptStepTimes) float64 { return p.FinishMs }),
 	}
 }
 
@@ -318,7 +330,23 @@ const (
 	markUpdate  = "kiln-bench: apt-get update"
 	markInstall = "kiln-bench: apt-get install"
 	markDone    = "kiln-bench: done"
+	// Not echoed: when apt-get update's last download line and its
+	// "Reading package lists..." (printed once the cache is rebuilt)
+	// reached the host.
+	markFetched = "apt-get update: last download line"
+	markLists   = "apt-get update: package lists read"
 )
+
+// aptFetchLine: a line apt-get update prints per index (or at the end of
+// its downloads).
+func aptFetchLine(l string) bool {
+	for _, p := range []string{"Hit:", "Get:", "Ign:", "Err:", "Fetched "} {
+		if strings.HasPrefix(l, p) {
+			return true
+		}
+	}
+	return false
+}
 
 // markWriter notes when each marker line of a build log arrived and
 // passes the log's lines on to w, each prefixed with the seconds since
@@ -340,10 +368,19 @@ func (m *markWriter) Write(b []byte) (int, error) {
 			continue
 		}
 		l := strings.TrimSpace(string(m.line))
-		if strings.HasPrefix(l, "kiln-bench: ") {
+		_, updating := m.at[markUpdate]
+		_, installing := m.at[markInstall]
+		_, listed := m.at[markLists]
+		switch {
+		case strings.HasPrefix(l, "kiln-bench: "):
 			if _, seen := m.at[l]; !seen {
 				m.at[l] = now
 			}
+		case !updating || installing || listed:
+		case aptFetchLine(l):
+			m.at[markFetched] = now
+		case strings.HasPrefix(l, "Reading package lists"):
+			m.at[markLists] = now
 		}
 		if _, err := fmt.Fprintf(m.w, "%8.2f %s\n", now.Sub(m.start).Seconds(), l); err != nil {
 			return 0, err
