@@ -1,6 +1,8 @@
 package api
 
 import (
+	"bufio"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -18,6 +20,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -34,7 +37,7 @@ var sha256RE = regexp.MustCompile(`^[0-9a-f]{64}$`)
 // client declared; the body must then match that hash.
 func (s *Server) uploadArtifact(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("x-amzn-RequestId", newRequestID())
-	if s.cfg.ArtifactDir == "" {
+	if !s.acceptsUploads() {
 		writeError(w, r, &Error{Status: 501, Type: "UnsupportedOperationException", Message: "this server accepts no uploads"})
 		return
 	}
@@ -59,10 +62,14 @@ func (s *Server) uploadArtifact(w http.ResponseWriter, r *http.Request) {
 	s.storeArtifact(w, r, key, hash)
 }
 
+// acceptsUploads says whether uploads have somewhere to go.
+func (s *Server) acceptsUploads() bool { return s.cfg.Uploads != nil || s.cfg.ArtifactDir != "" }
+
 // storeArtifact streams r's body to ArtifactDir/ACCOUNT/SHA256.zip for
-// key's account. hash, when not empty, is what the body must hash to.
+// key's account, or into the store (Config.Uploads). hash, when not
+// empty, is what the body must hash to.
 func (s *Server) storeArtifact(w http.ResponseWriter, r *http.Request, key store.AccessKey, hash string) {
-	if s.cfg.ArtifactDir == "" {
+	if !s.acceptsUploads() {
 		writeError(w, r, &Error{Status: 501, Type: "UnsupportedOperationException", Message: "this server accepts no uploads"})
 		return
 	}
@@ -89,6 +96,10 @@ func (s *Server) storeArtifact(w http.ResponseWriter, r *http.Request, key store
 	d := time.Now().Add(time.Minute + time.Duration(r.ContentLength>>20)*time.Second)
 	rc.SetReadDeadline(d)
 	rc.SetWriteDeadline(d.Add(time.Minute))
+	if s.cfg.Uploads != nil {
+		s.storeUpload(w, r, key, hash)
+		return
+	}
 	dir := filepath.Join(s.cfg.ArtifactDir, key.Account)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		writeError(w, r, internal(fmt.Sprintf("creating artifact directory: %v", err)))
@@ -133,10 +144,55 @@ func (s *Server) storeArtifact(w http.ResponseWriter, r *http.Request, key store
 		return
 	}
 	abs, _ := filepath.Abs(dst)
-	b, _ := json.Marshal(map[string]any{"uri": (&url.URL{Scheme: "file", Path: abs}).String(), "sha256": hash, "sizeInBytes": n})
+	writeUploaded(w, (&url.URL{Scheme: "file", Path: abs}).String(), hash, n)
+}
+
+func writeUploaded(w http.ResponseWriter, uri, hash string, n int64) {
+	b, _ := json.Marshal(map[string]any{"uri": uri, "sha256": hash, "sizeInBytes": n})
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(http.StatusCreated)
 	w.Write(b)
+}
+
+// storeUpload is storeArtifact's way into the store, for a cluster's
+// control: the upload reaches every replica and node, named
+// kiln-upload://ACCOUNT/SHA256.zip.
+func (s *Server) storeUpload(w http.ResponseWriter, r *http.Request, key store.AccessKey, hash string) {
+	// The store writes as it reads, so the one check that needs the
+	// content comes first: a package starts with a zip's magic.
+	br := bufio.NewReaderSize(r.Body, 4096)
+	if magic, _ := br.Peek(4); string(magic) != "PK\x03\x04" && string(magic) != "PK\x05\x06" {
+		writeError(w, r, validation("a code package must be a zip file"))
+		return
+	}
+	up, err := s.cfg.Uploads.PutUpload(r.Context(), key.Account, hash, r.ContentLength, br)
+	if errors.Is(err, errdefs.ErrInvalid) {
+		writeError(w, r, validation("the body does not match its Content-Length and X-Amz-Content-Sha256"))
+		return
+	}
+	if err != nil {
+		writeError(w, r, internal(fmt.Sprintf("storing upload: %v", err)))
+		return
+	}
+	writeUploaded(w, up.URI(), up.SHA256, up.SizeBytes)
+}
+
+// claimUpload renews the grace of the upload an image version is about to
+// name (store uploads only), so that garbage collection on any replica
+// keeps it; an upload that is gone is the caller's to upload again.
+func (s *Server) claimUpload(ctx context.Context, account string, a *store.CodeArtifact) error {
+	if a == nil || s.cfg.Uploads == nil || !strings.HasPrefix(a.URI, store.UploadScheme+":") {
+		return nil
+	}
+	owner, sha, err := store.ParseUploadURI(a.URI)
+	if err != nil || owner != account {
+		return fieldError("codeArtifact.uri", a.URI, "Member must be one of the account's uploads")
+	}
+	err = s.cfg.Uploads.TouchUpload(ctx, account, sha, s.cfg.Now())
+	if errors.Is(err, errdefs.ErrNotFound) {
+		return fieldError("codeArtifact.uri", a.URI, "the upload is gone (unused uploads are removed after a while): upload the package again")
+	}
+	return err
 }
 
 // checkCodeURI says whether account may build from uri. Remote packages
@@ -152,6 +208,17 @@ func (s *Server) checkCodeURI(account, uri string) error {
 	case "s3", "https", "http":
 		if u.Host == "" {
 			return fieldError("codeArtifact.uri", uri, "Member must name a bucket or host")
+		}
+		return nil
+	case store.UploadScheme:
+		owner, _, err := store.ParseUploadURI(uri)
+		if err != nil || s.cfg.Uploads == nil {
+			return fieldError("codeArtifact.uri", uri, "Member must be the uri an upload to this server answered ("+store.UploadScheme+"://ACCOUNT/SHA256.zip)")
+		}
+		// Not even an operator builds from another account's upload: the
+		// node's builder reads only the building account's.
+		if owner != account {
+			return fieldError("codeArtifact.uri", uri, "Member must be one of the account's own uploads")
 		}
 		return nil
 	case "file", "":

@@ -173,12 +173,27 @@ func (s *Server) getUsage(ctx context.Context, c *call) (any, error) {
 	if err != nil {
 		return nil, err
 	}
-	// Artifact bytes come from the upload directory this server owns.
+	// Artifact bytes come from the uploads: the store's, or the folder this
+	// server owns.
 	byAccount := map[string]int{}
 	for i, u := range us {
 		byAccount[u.Account] = i
 	}
-	if s.cfg.ArtifactDir != "" {
+	if s.cfg.Uploads != nil {
+		ups, err := s.cfg.Uploads.ListUploads(ctx, account)
+		if err != nil {
+			return nil, err
+		}
+		for _, u := range ups {
+			i, ok := byAccount[u.Account]
+			if !ok {
+				us = append(us, store.Usage{Account: u.Account})
+				i = len(us) - 1
+				byAccount[u.Account] = i
+			}
+			us[i].ArtifactBytes += u.SizeBytes
+		}
+	} else if s.cfg.ArtifactDir != "" {
 		accounts := []string{account}
 		if account == "" {
 			ents, _ := os.ReadDir(s.cfg.ArtifactDir)

@@ -314,7 +314,10 @@ func (s *Server) createImage(ctx context.Context, c *call) (any, error) {
 	if tok != nil {
 		tok.ResourceID = in.Name + ":" + first
 	}
-	adm, err := s.admission(c.account)
+	if err := s.claimUpload(ctx, c.account, in.ImageConfig.CodeArtifact); err != nil {
+		return nil, err
+	}
+	adm, err := s.admission(ctx, c.account)
 	if err != nil {
 		return nil, err
 	}
@@ -451,7 +454,10 @@ func (s *Server) updateImage(ctx context.Context, c *call) (any, error) {
 	now := s.cfg.Now().UTC()
 	v := store.ImageVersion{Account: c.account, ImageName: img.Name, ImageARN: img.ARN, State: store.VersionPending,
 		Status: store.VersionActive, Config: in.ImageConfig, CreatedAt: now, UpdatedAt: now}
-	adm, err := s.admission(c.account)
+	if err := s.claimUpload(ctx, c.account, in.ImageConfig.CodeArtifact); err != nil {
+		return nil, err
+	}
+	adm, err := s.admission(ctx, c.account)
 	if err != nil {
 		return nil, err
 	}

@@ -214,7 +214,7 @@ func (s *Server) runMicrovm(ctx context.Context, c *call) (any, error) {
 			return nil, toAPIError(err, kindMicrovm, "")
 		}
 	}
-	adm, err := s.admission(c.account)
+	adm, err := s.admission(ctx, c.account)
 	if err != nil {
 		return nil, err
 	}

@@ -39,8 +39,8 @@ func quotaError(err error) *Error {
 
 // admission is what the store needs to check the account's quota with
 // the create.
-func (s *Server) admission(account string) (store.Admission, error) {
-	n, err := s.artifactBytes(account)
+func (s *Server) admission(ctx context.Context, account string) (store.Admission, error) {
+	n, err := s.artifactBytes(ctx, account)
 	if err != nil {
 		return store.Admission{}, err
 	}
@@ -49,7 +49,18 @@ func (s *Server) admission(account string) (store.Admission, error) {
 
 // artifactBytes adds up the sizes of the account's uploaded code packages
 // (finished and in progress): the storage the store cannot see.
-func (s *Server) artifactBytes(account string) (int64, error) {
+func (s *Server) artifactBytes(ctx context.Context, account string) (int64, error) {
+	if s.cfg.Uploads != nil {
+		ups, err := s.cfg.Uploads.ListUploads(ctx, account)
+		if err != nil {
+			return 0, fmt.Errorf("measuring uploads: %w", err)
+		}
+		var n int64
+		for _, u := range ups {
+			n += u.SizeBytes
+		}
+		return n, nil
+	}
 	if s.cfg.ArtifactDir == "" {
 		return 0, nil
 	}
@@ -85,7 +96,7 @@ func (s *Server) Quota(ctx context.Context, account string) (store.Quota, store.
 	if err != nil {
 		return store.Quota{}, store.QuotaUse{}, err
 	}
-	n, err := s.artifactBytes(account)
+	n, err := s.artifactBytes(ctx, account)
 	if err != nil {
 		return store.Quota{}, store.QuotaUse{}, err
 	}

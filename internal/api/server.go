@@ -84,6 +84,10 @@ type Config struct {
 	// ArtifactDir receives uploaded code packages (PUT /kiln/v1/code-artifacts),
 	// one folder per account; "" refuses uploads and local code packages.
 	ArtifactDir string
+	// Uploads, when set, receives uploaded code packages instead of
+	// ArtifactDir: a cluster's control, whose replicas and nodes share
+	// the store and no folder. Their URIs are kiln-upload://ACCOUNT/SHA256.zip.
+	Uploads store.Uploads
 	// MaxArtifactBytes bounds an uploaded package (default 1 GiB).
 	MaxArtifactBytes int64
 	// OperatorAccounts may build from any local path or file:// URI;

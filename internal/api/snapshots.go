@@ -40,7 +40,7 @@ func (s *Server) SnapshotMicrovmImage(ctx context.Context, account, id, name str
 	img := store.Image{Account: account, Name: name, ARN: arn, State: store.ImageCreating, LatestVersion: first, CreatedAt: now, UpdatedAt: now}
 	v := store.ImageVersion{Account: account, ImageName: name, ImageARN: arn, Version: first, State: store.VersionInProgress,
 		Status: store.VersionActive, Config: src.Config, CreatedAt: now, UpdatedAt: now}
-	adm, err := s.admission(account)
+	adm, err := s.admission(ctx, account)
 	if err != nil {
 		return store.Image{}, err
 	}

@@ -23,6 +23,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/image/source"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -91,6 +92,9 @@ type Config struct {
 	// host path for an operator account.
 	ArtifactDir string
 	Operators   []string
+	// Uploads reads the account's kiln-upload:// packages (a cluster's
+	// control, where the API keeps uploads in the store); nil: none.
+	Uploads source.UploadOpener
 	// WaitTimeout bounds how long create, connect and pause wait for the
 	// microVM to reach its state (default 2 minutes).
 	WaitTimeout time.Duration

@@ -238,16 +238,25 @@ func (s *Server) kilnBase(ctx context.Context, key store.AccessKey, ref string) 
 	if v.CodeArtifact == nil {
 		return nil, errorf(400, "fromImage %q: the kiln image has no code package to build on", ref)
 	}
-	u, err := url.Parse(v.CodeArtifact.URI)
-	if err != nil || (u.Scheme != "file" && u.Scheme != "") || !filepath.IsAbs(u.Path) {
-		return nil, errorf(400, "fromImage %q: kiln builds on a kiln image only when its code package is on this host (an upload); this one is at %s", ref, v.CodeArtifact.URI)
-	}
-	p := filepath.Clean(u.Path)
-	own := filepath.Join(s.cfg.ArtifactDir, key.Account) + string(filepath.Separator)
-	// The same rule as the API's for building from a host path: the
-	// account's own uploads, or any path for an operator account.
-	if (s.cfg.ArtifactDir == "" || !strings.HasPrefix(p, own)) && !slices.Contains(s.cfg.Operators, key.Account) {
-		return nil, errorf(400, "fromImage %q: the kiln image's code package is not one of the account's uploads", ref)
+	p, fetchCfg := v.CodeArtifact.URI, source.Config{Limits: layer.DefaultSourceLimits, Uploads: s.cfg.Uploads, Account: key.Account}
+	if owner, _, err := store.ParseUploadURI(p); err == nil {
+		// An upload in the store (a cluster): the account's own only.
+		if owner != key.Account || s.cfg.Uploads == nil {
+			return nil, errorf(400, "fromImage %q: the kiln image's code package is not one of the account's uploads", ref)
+		}
+	} else {
+		u, err := url.Parse(v.CodeArtifact.URI)
+		if err != nil || (u.Scheme != "file" && u.Scheme != "") || !filepath.IsAbs(u.Path) {
+			return nil, errorf(400, "fromImage %q: kiln builds on a kiln image only when its code package is on this host (an upload); this one is at %s", ref, v.CodeArtifact.URI)
+		}
+		p = filepath.Clean(u.Path)
+		own := filepath.Join(s.cfg.ArtifactDir, key.Account) + string(filepath.Separator)
+		// The same rule as the API's for building from a host path: the
+		// account's own uploads, or any path for an operator account.
+		if (s.cfg.ArtifactDir == "" || !strings.HasPrefix(p, own)) && !slices.Contains(s.cfg.Operators, key.Account) {
+			return nil, errorf(400, "fromImage %q: the kiln image's code package is not one of the account's uploads", ref)
+		}
+		fetchCfg.AllowLocal = true
 	}
 	if err := os.MkdirAll(s.cfg.TemplatesDir, 0o700); err != nil {
 		return nil, err
@@ -262,7 +271,7 @@ func (s *Server) kilnBase(ctx context.Context, key store.AccessKey, ref string) 
 		b.close()
 		return nil, err
 	}
-	if err := source.Fetch(ctx, p, pkg, source.Config{Limits: layer.DefaultSourceLimits, AllowLocal: true}); err != nil {
+	if err := source.Fetch(ctx, p, pkg, fetchCfg); err != nil {
 		b.close()
 		return nil, errorf(400, "fromImage %q: reading the kiln image's code package: %v", ref, err)
 	}

@@ -6,7 +6,7 @@
 //     (a version's template is a hard-linked copy), so age is the rule;
 //   - removes uploaded code artifacts that no image version names, once
 //     older than ArtifactGrace (an upload comes before the CreateMicrovmImage
-//     that names it);
+//     that names it): files, and a cluster's uploads in the store;
 //   - deletes TERMINATED microVM records and idempotency tokens older than
 //     TerminatedRetention;
 //   - sweeps orphans both ways: image version directories with no record
@@ -233,12 +233,14 @@ func (c *Collector) sweepFiles(ctx context.Context, rep Report, now time.Time) e
 		testHookListed()
 	}
 	artifacts := map[string]bool{}
+	uploads := map[string]bool{} // kiln-upload:// URIs
 	dirs := map[string]bool{}
 	for _, v := range versions {
 		if a := v.Config.CodeArtifact; a != nil {
 			if p := localPath(a.URI); p != "" {
 				artifacts[p] = true
 			}
+			uploads[a.URI] = true
 		}
 		if c.cfg.Engine != nil {
 			dirs[filepath.Clean(c.cfg.Engine.ImageDir(v.Account, v.ImageName, v.Version))] = true
@@ -246,6 +248,9 @@ func (c *Collector) sweepFiles(ctx context.Context, rep Report, now time.Time) e
 	}
 	var errs []error
 	n, err := c.sweepArtifacts(artifacts, now)
+	rep.add(KindArtifact, n)
+	errs = append(errs, err)
+	n, err = c.sweepUploads(ctx, uploads, now)
 	rep.add(KindArtifact, n)
 	errs = append(errs, err)
 	if c.cfg.Engine != nil {
@@ -340,6 +345,43 @@ func (c *Collector) sweepArtifacts(referenced map[string]bool, now time.Time) (i
 		}
 	}
 	return removed, nil
+}
+
+// sweepUploads is sweepArtifacts for the uploads a cluster keeps in the
+// store (store.Uploads), which other hosts' APIs write without this
+// process's References: the delete is conditional on the upload's time,
+// which a new put of it or an image version about to name it renews
+// (api claimUpload), so only what nobody touched within the grace goes.
+func (c *Collector) sweepUploads(ctx context.Context, referenced map[string]bool, now time.Time) (int, error) {
+	st, ok := c.cfg.Store.(store.Uploads)
+	if !ok {
+		return 0, nil
+	}
+	ups, err := st.ListUploads(ctx, "")
+	if err != nil {
+		return 0, err
+	}
+	removed := 0
+	var errs []error
+	for _, u := range ups {
+		if referenced[u.URI()] || now.Sub(u.CreatedAt) < c.cfg.ArtifactGrace {
+			continue
+		}
+		ok, err := st.DeleteUpload(ctx, u.Account, u.SHA256, now.Add(-c.cfg.ArtifactGrace))
+		if err != nil {
+			errs = append(errs, err)
+		} else if ok {
+			removed++
+			c.cfg.Log.Info("gc: removed unreferenced upload", "uri", u.URI())
+		}
+	}
+	// Chunks of puts that died midway (a put takes minutes at most).
+	if n, err := st.PruneUploadChunks(ctx, now.Add(-artifactUploadMaxAge)); err != nil {
+		errs = append(errs, err)
+	} else if n > 0 {
+		c.cfg.Log.Info("gc: removed chunks of abandoned uploads", "chunks", n)
+	}
+	return removed, errors.Join(errs...)
 }
 
 // sweepVersionDirs removes DATA_DIR/images/A/I/V directories that no

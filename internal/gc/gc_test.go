@@ -263,3 +263,45 @@ func FuzzLocalPath(f *testing.F) {
 		}
 	})
 }
+
+// TestCollectorRemovesUnreferencedStoreUploads: a cluster's uploads, in
+// the store, follow the rule of upload files: kept while a version names
+// them or younger than the grace, else removed.
+func TestCollectorRemovesUnreferencedStoreUploads(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	up := f.st.(store.Uploads)
+	const acct = "111111111111"
+	put := func(body string, age time.Duration) store.Upload {
+		u, err := up.PutUpload(ctx, acct, "", int64(len(body)), strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := up.TouchUpload(ctx, acct, u.SHA256, f.now.Add(-age)); err != nil {
+			t.Fatal(err)
+		}
+		return u
+	}
+	ref := put("PK\x03\x04 referenced", 72*time.Hour)
+	orphan := put("PK\x03\x04 orphan", 72*time.Hour)
+	fresh := put("PK\x03\x04 fresh", time.Minute)
+	f.version(acct, "app", ref.URI(), store.VersionSuccessful, true)
+
+	rep, err := New(Config{Store: f.st, DataDir: f.dataDir, References: &References{}, Now: func() time.Time { return f.now }}).Run(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep[KindArtifact] != 1 {
+		t.Errorf("report %v, want 1 artifact", rep)
+	}
+	for _, tt := range []struct {
+		name string
+		u    store.Upload
+		want bool
+	}{{"referenced", ref, true}, {"unreferenced old", orphan, false}, {"unreferenced fresh", fresh, true}} {
+		_, _, err := up.OpenUpload(ctx, acct, tt.u.SHA256)
+		if got := err == nil; got != tt.want {
+			t.Errorf("%s upload: present=%v, want %v", tt.name, got, tt.want)
+		}
+	}
+}

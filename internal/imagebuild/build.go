@@ -283,7 +283,11 @@ func (b *Builder) Build(ctx context.Context, req Request) (res Result, err error
 
 	// 1. Dockerfile → root disk (RUN steps in build VMs).
 	start := time.Now()
-	ir, err := b.Images.BuildSource(ctx, req.Source, b.Source, image.Request{Account: req.Account, BuildArgs: req.BuildArgs, Output: rootDisk, Log: log})
+	// The package is fetched for the version's account: a kiln-upload://
+	// of another account is refused however the request was made.
+	src := b.Source
+	src.Account = req.Account
+	ir, err := b.Images.BuildSource(ctx, req.Source, src, image.Request{Account: req.Account, BuildArgs: req.BuildArgs, Output: rootDisk, Log: log})
 	if err != nil {
 		var se *image.StepError
 		st := PhaseRootDisk

@@ -34,8 +34,12 @@ func mountE2B(ctx context.Context, mux *http.ServeMux, o Options, st store.Store
 	if endpointPort != "" && endpointPort != "443" {
 		domain += ":" + endpointPort
 	}
-	cfg := e2b.Config{API: srv, Store: st, Sandboxes: es, Tokens: e2b.NewEnvdTokens(key), TrafficTokens: e2b.NewTrafficTokens(key), Domain: domain,
-		TemplatesDir: filepath.Join(o.DataDir, "e2b-templates"), ArtifactDir: filepath.Join(o.DataDir, "artifacts"), Operators: operators,
+	uploads, artifactDir, err := clusterUploads(o, st)
+	if err != nil {
+		return err
+	}
+	cfg := e2b.Config{API: srv, Uploads: uploads, ArtifactDir: artifactDir, Store: st, Sandboxes: es, Tokens: e2b.NewEnvdTokens(key), TrafficTokens: e2b.NewTrafficTokens(key), Domain: domain,
+		TemplatesDir: filepath.Join(o.DataDir, "e2b-templates"), Operators: operators,
 		Egress: fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.InternetEgressConnector),
 		Ingress: []string{fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.AllIngressConnector),
 			fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.ShellIngressConnector)}}

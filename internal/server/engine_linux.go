@@ -173,7 +173,7 @@ func startEngine(ctx context.Context, o Options, st store.Store, rep *lifecycle.
 		MemoryOvercommit: o.MemoryOvercommit, MaxConcurrentBuilds: o.MaxConcurrentBuilds,
 		BuildTimeout: o.BuildTimeout, BuildLogMaxBytes: o.BuildLogMaxBytes}
 	if q, ok := drv.(*qemu.Driver); ok {
-		cfg.Builder = newImageBuilder(o, q, s3cfg, log)
+		cfg.Builder = newImageBuilder(o, q, s3cfg, st, log)
 	}
 	if o.EngineConfig != nil {
 		o.EngineConfig(&cfg)
@@ -213,12 +213,19 @@ func startEngine(ctx context.Context, o Options, st store.Store, rep *lifecycle.
 
 // newImageBuilder adapts internal/imagebuild to engine.Builder. Build VMs
 // run on the same driver as microVMs (one data directory, one recovery).
-func newImageBuilder(o Options, drv *qemu.Driver, s3cfg *source.S3Config, log *slog.Logger) engine.Builder {
+func newImageBuilder(o Options, drv *qemu.Driver, s3cfg *source.S3Config, st store.Store, log *slog.Logger) engine.Builder {
 	bases := &base.Managed{DataDir: o.DataDir, Logger: log}
 	// Everything a tenant names (ADD <url>, code URI, FROM registry) is
 	// fetched through one egress policy.
 	pol := o.FetchPolicy()
 	pkgs := newPackageProxy(o.DataDir, o.AptMirrors, log)
+	src := source.Config{AllowLocal: true, HTTPClient: pol.Client(0), S3: s3cfg}
+	// A cluster's uploads are in the store (kiln-upload://), which a node
+	// shares with control and not its data dir; the builder reads only the
+	// building account's (imagebuild sets the account).
+	if up, ok := st.(store.Uploads); ok {
+		src.Uploads = up
+	}
 	return &imageBuilder{defaultEgress: o.DefaultInternetEgress(), b: &imagebuild.Builder{
 		Images: &image.Builder{DataDir: o.DataDir, Runner: &imagebuild.Runner{Driver: drv, ExtraDeny: o.DenyCIDRs, Packages: pkgs, Logger: log,
 			// RUN steps start as clones of a booted build VM (warm.go).
@@ -232,7 +239,7 @@ func newImageBuilder(o Options, drv *qemu.Driver, s3cfg *source.S3Config, log *s
 		// paths (operators, and everyone's own uploads). s3:// is read
 		// with the operator's credentials from the store the operator
 		// named (--s3-endpoint), so it is not a tenant-chosen address.
-		Source:   source.Config{AllowLocal: true, HTTPClient: pol.Client(0), S3: s3cfg},
+		Source:   src,
 		CacheDir: filepath.Join(o.DataDir, "template-cache"),
 		// A cached snapshot holds the agent it was built with.
 		CacheSalt: drv.GuestBuild(),

@@ -427,9 +427,13 @@ func New(ctx context.Context, o Options) (s *Server, err error) {
 		return nil, err
 	}
 	_, port, _ := net.SplitHostPort(o.EndpointAddr)
+	uploads, artifactDir, err := clusterUploads(o, st)
+	if err != nil {
+		return nil, err
+	}
 	srv := api.NewServer(api.Config{Region: o.Region, Domain: o.Domain, EndpointPort: port, Tokens: be.Tokens,
 		Quota: o.Quota, RequestsPerSecond: o.RequestsPerSecond,
-		ArtifactDir: filepath.Join(o.DataDir, "artifacts"), OperatorAccounts: operators,
+		ArtifactDir: artifactDir, Uploads: uploads, OperatorAccounts: operators,
 		ManagedSource: managedImages(o.DataDir), Accel: accel, References: o.References,
 		DefaultInternetEgress: o.DefaultInternetEgress()}, st, be.Backend)
 	ln, err := net.Listen("tcp", o.APIAddr)
@@ -480,6 +484,22 @@ func New(ctx context.Context, o Options) (s *Server, err error) {
 	return &Server{Store: st, API: srv, Backend: be.Backend, Engine: be.Engine, EndpointSigner: be.Signer, EndpointAddr: be.EndpointAddr,
 		APIURL: scheme + "://" + ln.Addr().String(), Accel: accel, Note: note,
 		ln: ln, hs: newHTTPServer(connlimit.Handler(top)), release: release}, nil
+}
+
+// clusterUploads is where uploads are kept. A cluster's control keeps
+// them in the store, which its replicas and the nodes share (its data dir
+// is its own, an emptyDir on Kubernetes), and has no upload folder, so no
+// file:// URI is a tenant's upload there. One host (`kiln server`) keeps
+// them in DATA_DIR/artifacts as before.
+func clusterUploads(o Options, st store.Store) (up store.Uploads, artifactDir string, err error) {
+	if o.Role != "control" {
+		return nil, filepath.Join(o.DataDir, "artifacts"), nil
+	}
+	up, ok := st.(store.Uploads)
+	if !ok {
+		return nil, "", fmt.Errorf("cluster control needs a store that keeps uploads (PostgreSQL); %T does not", st)
+	}
+	return up, "", nil
 }
 
 // Serve serves the API, the console and the E2B API until ctx ends (the

@@ -11,8 +11,10 @@ package cluster
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -516,16 +518,27 @@ func TestCluster(t *testing.T) {
 	live = b
 	get := c.client(filepath.Join(edgeP.data, "ca.pem"), edgeAddr)
 
-	// An image built through replica A, on a node control chose.
+	// The code package is uploaded to replica A, and the image created
+	// through replica B from what A answered: the upload is in the store
+	// (kiln-upload://), read by a node whose data dir is neither's.
 	t0 := time.Now()
-	call(ctx, t, a, "CreateMicrovmImage", map[string]any{"name": "app", "baseImageArn": "arn:aws:lambda:us-east-1:aws:microvm-image:debian-12",
-		"buildRoleArn": "arn:aws:iam::123456789012:role/build", "codeArtifact": map[string]any{"uri": kilntest.FileURI(code)},
+	zipBytes, err := os.ReadFile(code)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(zipBytes)
+	uploaded, err := a.Upload(ctx, bytes.NewReader(zipBytes), int64(len(zipBytes)), hex.EncodeToString(sum[:]))
+	if err != nil || !strings.HasPrefix(uploaded, store.UploadScheme+"://") {
+		t.Fatalf("upload through control-a: %q %v", uploaded, err)
+	}
+	call(ctx, t, b, "CreateMicrovmImage", map[string]any{"name": "app", "baseImageArn": "arn:aws:lambda:us-east-1:aws:microvm-image:debian-12",
+		"buildRoleArn": "arn:aws:iam::123456789012:role/build", "codeArtifact": map[string]any{"uri": uploaded},
 		"resources": []any{map[string]any{"minimumMemoryInMiB": 512}}})
 	img, err := awscli.Wait(ctx, a, awscli.Find("CreateMicrovmImage"), nil, map[string]any{"name": "app", "imageVersion": "1"}, io.Discard)
 	if err != nil || img["state"] != "CREATED" {
 		t.Fatalf("image: %v %v", img, err)
 	}
-	t.Logf("image built through control-a in %v", time.Since(t0).Round(100*time.Millisecond))
+	t.Logf("image uploaded to control-a, created through control-b, built in %v", time.Since(t0).Round(100*time.Millisecond))
 
 	// Six microVMs of 512 MiB, created through either replica, fill both
 	// nodes (1536 MiB each): placement spreads them, and the node that did

@@ -1,8 +1,9 @@
 // Package source fetches a user's code package (a zip or a folder holding
 // a Dockerfile and the app's files) into a fresh build folder.
 //
-// A package may come from a local path, a file:// URI, an http(s):// URL
-// or s3://bucket/key on an S3-compatible store. Whatever the origin, the
+// A package may come from a local path, a file:// URI, an http(s):// URL,
+// s3://bucket/key on an S3-compatible store, or kiln-upload://ACCOUNT/SHA256.zip
+// (an upload kept in kiln's store, in a cluster). Whatever the origin, the
 // bytes are untrusted: downloads are bounded in size and time, and
 // unpacking goes through internal/image/layer, which never writes outside
 // the build folder and enforces entry and size limits.
@@ -10,6 +11,8 @@ package source
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -23,6 +26,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/image/layer"
+	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
 // ErrInvalid marks a source location kiln cannot use (unknown scheme,
@@ -46,6 +50,18 @@ type Config struct {
 	// AllowLocal permits local paths and file:// URIs. The API sets it
 	// only for operators, since a tenant must not read the host's files.
 	AllowLocal bool
+	// Uploads opens kiln-upload://ACCOUNT/SHA256.zip packages (the store's
+	// uploads, in a cluster); nil refuses them.
+	Uploads UploadOpener
+	// Account is whom the package is fetched for: a kiln-upload:// URI
+	// of another account is refused, whoever asks.
+	Account string
+}
+
+// UploadOpener opens an account's uploaded package by its SHA-256
+// (store.Uploads.OpenUpload does).
+type UploadOpener interface {
+	OpenUpload(ctx context.Context, account, sha256 string) (io.ReadCloser, store.Upload, error)
 }
 
 func (c Config) maxDownload() int64 {
@@ -84,6 +100,8 @@ func Fetch(ctx context.Context, location, dst string, cfg Config) error {
 		return fetchDownload(ctx, dst, cfg, func(ctx context.Context, w io.Writer) error {
 			return downloadHTTP(ctx, location, w, cfg)
 		})
+	case store.UploadScheme:
+		return fetchUpload(ctx, location, dst, cfg)
 	case "s3":
 		if cfg.S3 == nil {
 			return fmt.Errorf("%w: %s: no S3 endpoint is configured (set kiln's s3 endpoint and keys)", ErrInvalid, location)
@@ -97,6 +115,40 @@ func Fetch(ctx context.Context, location, dst string, cfg Config) error {
 		})
 	}
 	return fmt.Errorf("%w: scheme %q in %q (use a path, file://, http(s):// or s3://)", ErrInvalid, u.Scheme, location)
+}
+
+// fetchUpload reads an upload out of the store, only for its own account,
+// and checks that what it read hashes to the name: the store's bytes pass
+// through other hosts and a database, and the name is the promise.
+func fetchUpload(ctx context.Context, location, dst string, cfg Config) error {
+	account, sum, err := store.ParseUploadURI(location)
+	if err != nil {
+		return fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	if cfg.Uploads == nil {
+		return fmt.Errorf("%w: %s: this builder has no access to the store's uploads", ErrInvalid, location)
+	}
+	if account != cfg.Account {
+		return fmt.Errorf("%w: %s is another account's upload", ErrInvalid, location)
+	}
+	return fetchDownload(ctx, dst, cfg, func(ctx context.Context, w io.Writer) error {
+		rc, up, err := cfg.Uploads.OpenUpload(ctx, account, sum)
+		if err != nil {
+			if errors.Is(err, errdefs.ErrNotFound) {
+				return fmt.Errorf("%w: %s is gone (unused uploads are removed after a while): upload the package again", ErrInvalid, location)
+			}
+			return err
+		}
+		defer rc.Close()
+		h := sha256.New()
+		if err := copyBounded(io.MultiWriter(w, h), rc, up.SizeBytes, cfg.maxDownload()); err != nil {
+			return err
+		}
+		if got := hex.EncodeToString(h.Sum(nil)); got != sum {
+			return fmt.Errorf("%s: the stored bytes hash to %s: the upload is damaged; upload the package again", location, got)
+		}
+		return nil
+	})
 }
 
 func fetchLocal(ctx context.Context, p, dst string, cfg Config) error {

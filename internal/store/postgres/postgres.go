@@ -54,6 +54,7 @@ var (
 	_ store.Store    = (*Store)(nil)
 	_ store.E2BStore = (*Store)(nil)
 	_ store.Cluster  = (*Store)(nil)
+	_ store.Uploads  = (*Store)(nil)
 )
 
 // dialect is PostgreSQL's SQL for the shared queries: free text a tenant
@@ -256,6 +257,8 @@ var migrations = []string{
 	// node closes only its own open intervals.
 	`ALTER TABLE usage_intervals ADD COLUMN node TEXT NOT NULL DEFAULT '';
 	CREATE INDEX usage_open_by_node ON usage_intervals (node) WHERE open;`,
+	// 6: uploaded code packages kept in the store (uploads.go).
+	migrationUploads,
 }
 
 // Advisory lock keys (the first of pg_advisory_xact_lock's two int4s).

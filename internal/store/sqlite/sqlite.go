@@ -48,6 +48,7 @@ var (
 	_ store.Store    = (*Store)(nil)
 	_ store.E2BStore = (*Store)(nil)
 	_ store.Cluster  = (*Store)(nil)
+	_ store.Uploads  = (*Store)(nil)
 )
 
 // dialect is SQLite's SQL for the shared queries. The one writer
@@ -297,6 +298,8 @@ var migrations = []string{
 	migrationE2BTemplates,
 	// 9: the node that metered each usage interval (events.go).
 	migrationUsageNode,
+	// 10: uploaded code packages kept in the store (uploads.go).
+	migrationUploads,
 }
 
 // migrationSizeColumns adds the sizes the quota adds up as columns, as the

@@ -45,6 +45,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"cluster placement", placement},
 		{"cluster host lost", hostLost},
 		{"cluster leases", leases},
+		{"uploads", uploads},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.fn(t, open(t)) })
