@@ -337,7 +337,9 @@ func outgoing(r *http.Request, target *url.URL) *http.Request {
 	stripProxyHeaders(h)
 	stripAuthCookie(h)
 	if protos := h.Values(wsProtocolField); len(protos) > 0 {
-		delete(h, wsProtocolField)
+		// The canonical key: h's keys are; wsProtocolField is not, and
+		// deleting it left the field, kiln's token in it, to the guest.
+		delete(h, http.CanonicalHeaderKey(wsProtocolField))
 		if rest := appProtocols(protos); len(rest) > 0 {
 			h.Set(wsProtocolField, strings.Join(rest, ", "))
 		}

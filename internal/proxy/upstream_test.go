@@ -290,6 +290,8 @@ func FuzzOutgoingHeaders(f *testing.F) {
 	f.Add("X-Aws-Proxy-Auth", "tok", "X-Secret", CookieAuth+"=tok; app=1", "trailers", "GET")
 	f.Add("x-aws-proxy-port", "8080", "keep-alive, X-AWS-PROXY-AUTH", "app=1;"+CookieAuth+"=t", "gzip", "GET")
 	f.Add("Sec-WebSocket-Protocol", SubprotoAuth+"t, chat", "Upgrade", " "+CookieAuth+" = t ", "TRAILERS, x", "GET")
+	// Only kiln's subprotocols: none is left for the app, the field goes.
+	f.Add("Sec-WebSocket-Protocol", SubprotoBase+", "+SubprotoAuth+"t", "", "", "", "GET")
 	f.Add("X-Forwarded-For", "203.0.113.1", "", "", "", "GET")
 	f.Add("X-Multi", "a\tb ", "", "", "", "GET")
 	f.Add("A", "1", "", "", "", "POST")
