@@ -228,7 +228,8 @@ const (
 	keyTarget
 	keyProtocols
 	keyRoute
-	keyE2B // the request named its sandbox E2B's way
+	keyE2B    // the request named its sandbox E2B's way
+	keyCancel // *reqCancel of a request on the own loops
 )
 
 // MicrovmID returns the microVM a request is routed to.

@@ -36,8 +36,11 @@ type h1Upstream struct {
 // upConn is one kept-alive connection to a guest. lim bounds what the
 // response header may read from the guest.
 type upConn struct {
-	c    net.Conn
-	stop func() bool // ends the request's cancellation watch
+	c net.Conn
+	// The request's cancellation watch: rc for a request on the own
+	// loops, else stop, context.AfterFunc's.
+	rc   *reqCancel
+	stop func() bool
 	// breakOff ends a blocked read or write: made once, not per request.
 	breakOff func()
 	body     lengthBody
@@ -150,7 +153,7 @@ func (u *h1Upstream) dialConn(ctx context.Context, addr string) (*upConn, error)
 // reads the response header. A reused connection that the guest closed
 // while idle fails before any answer: an idempotent request is then
 // sent once more on a new connection, as http.Transport does. Until
-// pc.stop is called, ctx ending breaks the connection (a client that
+// pc.unwatch is called, ctx ending breaks the connection (a client that
 // left a stream frees the guest's connection at once).
 func (u *h1Upstream) roundTrip(ctx context.Context, addr string, out *http.Request) (*http.Response, *upConn, error) {
 	if pc := u.get(addr); pc != nil {
@@ -178,10 +181,10 @@ var errNoAnswer = errors.New("the app closed the connection without an answer")
 // exchange sends out and reads the response header; on an error the
 // connection is closed.
 func (pc *upConn) exchange(ctx context.Context, out *http.Request) (resp *http.Response, err error) {
-	pc.stop = context.AfterFunc(ctx, pc.breakOff)
+	pc.watch(ctx)
 	defer func() {
 		if err != nil {
-			pc.stop()
+			pc.unwatch()
 			pc.c.Close()
 			if ctx.Err() != nil {
 				err = ctx.Err()
@@ -210,6 +213,26 @@ func (pc *upConn) exchange(ctx context.Context, out *http.Request) (resp *http.R
 	}
 	pc.lim.N = math.MaxInt64
 	return resp, nil
+}
+
+// watch ties pc to ctx: ctx ending breaks the connection off.
+func (pc *upConn) watch(ctx context.Context) {
+	if rc, ok := ctx.Value(keyCancel).(*reqCancel); ok {
+		pc.rc = rc
+		rc.watch(pc.c)
+		return
+	}
+	pc.rc = nil
+	pc.stop = context.AfterFunc(ctx, pc.breakOff)
+}
+
+// unwatch ends watch; false: ctx ended, the connection may be broken.
+func (pc *upConn) unwatch() bool {
+	if rc := pc.rc; rc != nil {
+		pc.rc = nil
+		return rc.unwatch()
+	}
+	return pc.stop()
 }
 
 // readResponse reads the answer's header: the common one with
@@ -420,7 +443,7 @@ func (s *Server) forwardH1(w http.ResponseWriter, r *http.Request, id string, ta
 	}
 	reuse := false
 	defer func() {
-		if pc.stop() && reuse {
+		if pc.unwatch() && reuse {
 			s.up.put(target.Host, pc)
 		} else {
 			pc.c.Close()
