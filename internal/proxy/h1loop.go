@@ -320,6 +320,15 @@ func (c *h1Conn) one() (keep bool, handoff net.Conn) {
 	}()
 	c.conn.SetReadDeadline(time.Now().Add(readHeaderTimeout))
 	buffered, _ := c.br.Peek(c.br.Buffered())
+	if r, n, ok := parseRequestHead(buffered); ok {
+		if msg := checkRequest(r, buffered[:n]); msg != "" {
+			c.refuse(http.StatusBadRequest, msg)
+			return false, nil
+		}
+		c.br.Discard(n)
+		c.conn.SetReadDeadline(time.Time{})
+		return c.run(r), nil
+	}
 	c.rec.buf = append(c.rec.buf[:0], buffered...)
 	c.rec.on = true
 	c.lim.N = headerReadLimit

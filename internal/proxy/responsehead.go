@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/textproto"
 	"strconv"
+	"strings"
 )
 
 // The guest's common answer (HTTP/1.1, a status of 200 to 599 but 204
@@ -42,27 +43,52 @@ func parseResponseHead(buf []byte, method string) (resp *http.Response, n int, o
 	if code == http.StatusNoContent || code == http.StatusNotModified {
 		return nil, 0, false
 	}
-	for i := 12; i < len(line); i++ {
-		if line[i] == '\n' || line[i] == '\r' {
+	if strings.ContainsAny(line, "\r\n") {
+		return nil, 0, false
+	}
+	h, ok := parseFieldLines(rest)
+	if !ok {
+		return nil, 0, false
+	}
+	for _, k := range [...]string{"Transfer-Encoding", "Trailer", "Connection", "Pragma"} {
+		if _, ok := h[k]; ok {
+			// Framing, trailers, Close, and net/http's Cache-Control from
+			// Pragma: net/http's rules.
 			return nil, 0, false
 		}
 	}
-	// Values share one array, each capped at its length: an append to one
-	// (a handler adding to the copied header) copies instead of
-	// overwriting the next.
-	nf := 0
-	for i := 0; i < len(rest); i++ {
-		if rest[i] == '\n' {
-			nf++
-		}
-	}
-	vals := make([]string, 0, nf)
-	h := make(http.Header, nf)
 	cl := int64(-1)
+	if v := h["Content-Length"]; len(v) == 1 { // net/http merges equal ones
+		u, err := strconv.ParseUint(v[0], 10, 63)
+		if err != nil {
+			return nil, 0, false
+		}
+		cl = int64(u)
+	}
+	if cl < 0 {
+		return nil, 0, false // chunked or to the end: net/http's readers
+	}
+	resp = &http.Response{Status: line[9:], StatusCode: code, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header: h, ContentLength: cl, Body: http.NoBody}
+	return resp, n, true
+}
+
+// parseFieldLines parses header field lines (each ending in CRLF) into a
+// header with canonical keys; ok false for anything net/http might read
+// otherwise: a line that is not a token, a colon and a value of visible
+// characters, spaces, tabs and obs-text (obs-fold included).
+func parseFieldLines(rest string) (h http.Header, ok bool) {
+	nf := strings.Count(rest, "\n")
+	// Values share one array, each capped at its length: an append to one
+	// (a handler adding to a copied header) copies instead of
+	// overwriting the next.
+	vals := make([]string, 0, nf)
+	h = make(http.Header, nf)
 	for len(rest) > 0 {
 		var field string
+		var found bool
 		if field, rest, found = cutCRLF(rest); !found {
-			return nil, 0, false
+			return nil, false
 		}
 		colon := -1
 		for i := 0; i < len(field); i++ {
@@ -71,35 +97,20 @@ func parseResponseHead(buf []byte, method string) (resp *http.Response, n int, o
 				break
 			}
 			if !isTokenByte(field[i]) {
-				return nil, 0, false
+				return nil, false
 			}
 		}
 		if colon <= 0 {
-			return nil, 0, false
+			return nil, false
 		}
 		v := field[colon+1:]
 		for i := 0; i < len(v); i++ {
 			if c := v[i]; c < ' ' && c != '\t' || c == 0x7f {
-				return nil, 0, false
+				return nil, false
 			}
 		}
 		v = textproto.TrimString(v)
 		k := commonKey(field[:colon])
-		switch k {
-		case "Transfer-Encoding", "Trailer", "Connection", "Pragma":
-			// Framing, trailers, Close, and net/http's Cache-Control from
-			// Pragma: net/http's rules.
-			return nil, 0, false
-		case "Content-Length":
-			if cl >= 0 {
-				return nil, 0, false // net/http merges equal ones
-			}
-			u, err := strconv.ParseUint(v, 10, 63)
-			if err != nil {
-				return nil, 0, false
-			}
-			cl = int64(u)
-		}
 		vals = append(vals, v)
 		vv := vals[len(vals)-1 : len(vals) : len(vals)]
 		if old, dup := h[k]; dup {
@@ -107,12 +118,7 @@ func parseResponseHead(buf []byte, method string) (resp *http.Response, n int, o
 		}
 		h[k] = vv
 	}
-	if cl < 0 {
-		return nil, 0, false // chunked or to the end: net/http's readers
-	}
-	resp = &http.Response{Status: line[9:], StatusCode: code, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
-		Header: h, ContentLength: cl, Body: http.NoBody}
-	return resp, n, true
+	return h, true
 }
 
 // cutCRLF splits s at its first CRLF; not found also when a bare LF
