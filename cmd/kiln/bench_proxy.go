@@ -23,7 +23,7 @@ import (
 // Joins the bench group of engine.go (Linux, like this file).
 func init() {
 	var o proxy.BenchOptions
-	var cpuProfile, proxyProfile string
+	var cpuProfile, proxyProfile, proxyMemProfile string
 	var inProcess bool
 	var baseline string
 	cmd := &cobra.Command{
@@ -48,6 +48,9 @@ func init() {
 				o.ProxyCommand = []string{exe, "bench", "proxy-serve"}
 				if proxyProfile != "" {
 					o.ProxyCommand = append(o.ProxyCommand, "--cpuprofile", proxyProfile)
+				}
+				if proxyMemProfile != "" {
+					o.ProxyCommand = append(o.ProxyCommand, "--memprofile", proxyMemProfile)
 				}
 			}
 			if baseline != "" {
@@ -75,9 +78,10 @@ func init() {
 	f.StringVar(&baseline, "baseline", "", "another kiln binary whose proxy runs as the extra modes kiln-baseline (before/after a change in one run)")
 	f.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the benchmark process (client, backend; and kiln's proxy with --in-process) to this file")
 	f.StringVar(&proxyProfile, "proxy-cpuprofile", "", "write a CPU profile of kiln's proxy process to this file")
+	f.StringVar(&proxyMemProfile, "proxy-memprofile", "", "write an allocation profile of kiln's proxy process to this file when it ends (go tool pprof -sample_index=alloc_space)")
 	benchCmd.AddCommand(cmd)
 
-	var serveProfile string
+	var serveProfile, serveMemProfile string
 	serve := &cobra.Command{
 		Use:    "proxy-serve",
 		Short:  "kiln's proxy for `kiln bench proxy` (configuration on stdin; serves until stdin closes)",
@@ -91,10 +95,14 @@ func init() {
 				return err
 			}
 			defer stopProfile()
-			return proxy.ServeBenchProxy(ctx, os.Stdin, os.Stdout)
+			if err := proxy.ServeBenchProxy(ctx, os.Stdin, os.Stdout); err != nil {
+				return err
+			}
+			return writeHeapProfile(serveMemProfile)
 		},
 	}
 	serve.Flags().StringVar(&serveProfile, "cpuprofile", "", "write a CPU profile of the proxy to this file")
+	serve.Flags().StringVar(&serveMemProfile, "memprofile", "", "write an allocation profile of the proxy to this file when it ends")
 	benchCmd.AddCommand(serve)
 }
 
@@ -113,4 +121,18 @@ func startCPUProfile(path string) (func(), error) {
 		return nil, err
 	}
 	return func() { pprof.StopCPUProfile(); f.Close() }, nil
+}
+
+// writeHeapProfile writes the allocations since the start into path;
+// "" writes nothing.
+func writeHeapProfile(path string) error {
+	if path == "" {
+		return nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return pprof.Lookup("allocs").WriteTo(f, 0)
 }

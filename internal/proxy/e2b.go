@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -103,11 +102,7 @@ func Account(ctx context.Context) string { s, _ := ctx.Value(keyAccount).(string
 // E2b-Sandbox-Id and E2b-Sandbox-Port headers. ok is false when the
 // request uses neither; both at once must agree.
 func (s *Server) e2bRoute(r *http.Request) (id string, port uint16, ok bool, err error) {
-	host := r.Host
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
-	}
-	host = strings.ToLower(strings.TrimSuffix(host, "."))
+	host := strings.ToLower(strings.TrimSuffix(hostOnly(r.Host), "."))
 	if label, found := strings.CutSuffix(host, "."+s.cfg.Domain); found && !strings.Contains(label, ".") {
 		if p, rest, cut := strings.Cut(label, "-"); cut && rest != "" && allDigits(p) {
 			n, perr := strconv.ParseUint(p, 10, 16)

@@ -194,7 +194,7 @@ type h1Conn struct {
 	watchOn   bool // a request is running and may be watched
 	watching  bool
 	watchDone chan struct{}
-	watchCtx  context.CancelFunc
+	watchCtx  *reqCancel
 	watchBody *reqBody
 }
 
@@ -218,7 +218,7 @@ func (c *h1Conn) watch() {
 	c.watching = true
 	done := make(chan struct{})
 	c.watchDone = done
-	cancel := c.watchCtx
+	rc := c.watchCtx
 	c.watchMu.Unlock()
 	defer close(done)
 	var b [1]byte
@@ -228,7 +228,7 @@ func (c *h1Conn) watch() {
 		return
 	}
 	if !isTimeout(err) {
-		cancel()
+		rc.cancel()
 	}
 }
 
@@ -320,6 +320,15 @@ func (c *h1Conn) one() (keep bool, handoff net.Conn) {
 	}()
 	c.conn.SetReadDeadline(time.Now().Add(readHeaderTimeout))
 	buffered, _ := c.br.Peek(c.br.Buffered())
+	if r, n, ok := parseRequestHead(buffered); ok {
+		if msg := checkRequest(r, buffered[:n]); msg != "" {
+			c.refuse(http.StatusBadRequest, msg)
+			return false, nil
+		}
+		c.br.Discard(n)
+		c.conn.SetReadDeadline(time.Time{})
+		return c.run(r), nil
+	}
 	c.rec.buf = append(c.rec.buf[:0], buffered...)
 	c.rec.on = true
 	c.lim.N = headerReadLimit
@@ -435,9 +444,9 @@ type connCtxKey struct{}
 // run hands r to the Server and finishes the response; it reports
 // whether the connection can serve another request.
 func (c *h1Conn) run(r *http.Request) (keep bool) {
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	r = r.WithContext(ctx)
+	w := &h1Writer{c: c, response: response{h: make(http.Header, 8), cl: -1}}
+	defer w.rc.cancel()
+	r = r.WithContext(w.rc.context())
 	r.RemoteAddr = c.remote
 	r.TLS = c.state
 	var body *reqBody
@@ -445,9 +454,9 @@ func (c *h1Conn) run(r *http.Request) (keep bool) {
 		body = &reqBody{rc: r.Body, c: c}
 		r.Body = body
 	}
-	w := &h1Writer{c: c, body: body, cancel: cancel, response: response{req: r, h: make(http.Header, 8), cl: -1}}
+	w.body, w.req = body, r
 	c.watchMu.Lock()
-	c.watchOn, c.watchCtx, c.watchBody = true, cancel, body
+	c.watchOn, c.watchCtx, c.watchBody = true, &w.rc, body
 	c.watchMu.Unlock()
 	c.watchT.Reset(watchDelay)
 	aborted := c.call(w, r)
@@ -559,9 +568,9 @@ func (b *reqBody) tooLong(declared int64) bool {
 // Content-Length and leaves with its header in one write; a longer or
 // flushed one of unknown length is chunked.
 type h1Writer struct {
-	c      *h1Conn
-	body   *reqBody // nil: none
-	cancel context.CancelFunc
+	c    *h1Conn
+	body *reqBody // nil: none
+	rc   reqCancel
 	response
 
 	chunked    bool
@@ -686,7 +695,7 @@ func (w *h1Writer) writeBody(p []byte) {
 func (w *h1Writer) fail(err error) {
 	if err != nil && w.err == nil {
 		w.err = err
-		w.cancel()
+		w.rc.cancel()
 	}
 }
 

@@ -117,12 +117,12 @@ type h2Conn struct {
 
 // h2Stream is one request. Fields after mu-marked ones are under c.mu.
 type h2Stream struct {
-	c      *h2Conn
-	id     uint32
-	ctx    context.Context
-	cancel context.CancelFunc
-	body   *h2Body // nil: the request had none
-	req    *http.Request
+	c    *h2Conn
+	id   uint32
+	ctx  context.Context
+	rc   reqCancel
+	body *h2Body // nil: the request had none
+	req  *http.Request
 
 	// under c.mu
 	sendWin      int64
@@ -252,7 +252,7 @@ func (c *h2Conn) teardown() {
 	c.closed = true
 	for _, st := range c.streams {
 		st.reset = true
-		st.cancel()
+		st.rc.cancel()
 		if st.body != nil {
 			st.body.fail(errH2ConnClosed)
 		}
@@ -357,7 +357,7 @@ func (c *h2Conn) resetStream(id uint32, code http2.ErrCode) {
 func (c *h2Conn) dropLocked(st *h2Stream) {
 	st.reset = true
 	st.remoteClosed = true
-	st.cancel()
+	st.rc.cancel()
 	if st.body != nil {
 		st.body.fail(errH2StreamReset)
 	}
@@ -665,7 +665,7 @@ func (c *h2Conn) processHeaders(f *http2.HeadersFrame) error {
 	st := &h2Stream{c: c, id: id, req: req}
 	// Not a child of a connection context: teardown cancels every stream
 	// itself, and a child costs a registration in the parent per request.
-	st.ctx, st.cancel = context.WithCancel(context.Background())
+	st.ctx = st.rc.context()
 	if !end {
 		st.body = &h2Body{st: st, declared: declared}
 		st.body.cond.L = &st.body.mu
@@ -950,7 +950,7 @@ func (c *h2Conn) endStream(st *h2Stream, code http2.ErrCode) {
 	}
 	c.cond.Broadcast()
 	c.mu.Unlock()
-	st.cancel()
+	st.rc.cancel()
 	if st.body != nil {
 		st.body.discard()
 	}
@@ -1148,7 +1148,7 @@ func (w *h2Writer) WriteHeader(code int) {
 func (w *h2Writer) fail(err error) {
 	if err != nil && w.err == nil {
 		w.err = err
-		w.st.cancel()
+		w.st.rc.cancel()
 	}
 }
 

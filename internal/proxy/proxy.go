@@ -41,6 +41,16 @@ import (
 )
 
 // Header and subprotocol names of the AWS Lambda MicroVMs endpoint, as
+// The canonical forms of the fields above whose documented spelling is
+// not: Header.Get and its kin allocate the canonical key of a spelling
+// that is not, on every call.
+var (
+	fieldAuth       = http.CanonicalHeaderKey(HeaderAuth)
+	fieldPort       = http.CanonicalHeaderKey(HeaderPort)
+	fieldForceH2    = http.CanonicalHeaderKey(HeaderForceH2)
+	fieldWSProtocol = http.CanonicalHeaderKey(wsProtocolField)
+)
+
 // AWS's developer guide documents them ("Networking": port routing,
 // authentication, protocols; the agent toolkit's networking reference
 // lists the reserved x-aws-proxy-* headers and the browser subprotocols).
@@ -218,7 +228,8 @@ const (
 	keyTarget
 	keyProtocols
 	keyRoute
-	keyE2B // the request named its sandbox E2B's way
+	keyE2B    // the request named its sandbox E2B's way
+	keyCancel // *reqCancel of a request on the own loops
 )
 
 // MicrovmID returns the microVM a request is routed to.
@@ -307,10 +318,10 @@ func (s *Server) reverseProxy(t http.RoundTripper) *httputil.ReverseProxy {
 			pr.SetXForwarded()
 			stripProxyHeaders(pr.Out.Header)
 			stripAuthCookie(pr.Out.Header)
-			if protos := pr.Out.Header.Values(wsProtocolField); len(protos) > 0 {
-				pr.Out.Header.Del(wsProtocolField)
+			if protos := pr.Out.Header.Values(fieldWSProtocol); len(protos) > 0 {
+				pr.Out.Header.Del(fieldWSProtocol)
 				if rest := appProtocols(protos); len(rest) > 0 {
-					pr.Out.Header.Set(wsProtocolField, strings.Join(rest, ", "))
+					pr.Out.Header.Set(fieldWSProtocol, strings.Join(rest, ", "))
 				}
 			}
 		},
@@ -322,10 +333,10 @@ func (s *Server) reverseProxy(t http.RoundTripper) *httputil.ReverseProxy {
 			// 'Sec-WebSocket-Protocol' header but no response was
 			// received"); the guest never saw the platform's, so when it
 			// selects none, answer the platform's marker.
-			if resp.StatusCode == http.StatusSwitchingProtocols && resp.Header.Get(wsProtocolField) == "" {
+			if resp.StatusCode == http.StatusSwitchingProtocols && resp.Header.Get(fieldWSProtocol) == "" {
 				offered, _ := resp.Request.Context().Value(keyProtocols).([]string)
 				if echo := kilnProtocolEcho(offered); echo != "" {
-					resp.Header.Set(wsProtocolField, echo)
+					resp.Header.Set(fieldWSProtocol, echo)
 				}
 			}
 			return nil
@@ -422,7 +433,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "unknown endpoint host")
 		return
 	}
-	protos := r.Header.Values(wsProtocolField)
+	protos := r.Header.Values(fieldWSProtocol)
 	if r.Method == http.MethodGet && hasQueryAuth(r.URL.RawQuery) {
 		s.tokenToCookie(w, r, id)
 		return
@@ -510,8 +521,6 @@ func (s *Server) forward(ctx context.Context, w http.ResponseWriter, r *http.Req
 		ctx = context.WithValue(ctx, keyRoute, rd)
 	}
 	u := &url.URL{Scheme: "http", Host: host}
-	ctx = context.WithValue(ctx, keyTarget, u)
-	ctx = context.WithValue(ctx, keyProtocols, protos)
 	if s.speaksTLS(ctx, host) {
 		// AWS: "The proxy auto-detects whether your server speaks TLS and
 		// adjusts (re-encrypt for end-to-end TLS ...)".
@@ -520,7 +529,7 @@ func (s *Server) forward(ctx context.Context, w http.ResponseWriter, r *http.Req
 		if isUpgrade(r) {
 			rp = s.tls1
 		}
-		rp.ServeHTTP(w, r.WithContext(ctx))
+		rp.ServeHTTP(w, r.WithContext(reverseProxyCtx(ctx, u, protos)))
 		return
 	}
 	rp := s.h1
@@ -539,7 +548,13 @@ func (s *Server) forward(ctx context.Context, w http.ResponseWriter, r *http.Req
 		s.forwardH1(w, r, id, u)
 		return
 	}
-	rp.ServeHTTP(w, r.WithContext(ctx))
+	rp.ServeHTTP(w, r.WithContext(reverseProxyCtx(ctx, u, protos)))
+}
+
+// reverseProxyCtx carries what ReverseProxy's Rewrite and ModifyResponse
+// read; only its requests get it (the fast path spares two allocations).
+func reverseProxyCtx(ctx context.Context, target *url.URL, protos []string) context.Context {
+	return context.WithValue(context.WithValue(ctx, keyTarget, target), keyProtocols, protos)
 }
 
 // wake makes the VM runnable for a request (auto-resume), or answers the
@@ -652,11 +667,21 @@ func backendError(w http.ResponseWriter, log *slog.Logger, id string, err error)
 	}
 }
 
+// hostOnly is host without its port, if it has one. SplitHostPort alone
+// would allocate an error for every Host without a port, the common one.
+func hostOnly(host string) string {
+	if strings.IndexByte(host, ':') < 0 {
+		return host
+	}
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		return h
+	}
+	return host
+}
+
 // microvmFromHost extracts ID from "ID.DOMAIN[:port]".
 func (s *Server) microvmFromHost(host string) (string, bool) {
-	if h, _, err := net.SplitHostPort(host); err == nil {
-		host = h
-	}
+	host = hostOnly(host)
 	host = strings.ToLower(strings.TrimSuffix(host, "."))
 	id, ok := strings.CutSuffix(host, "."+s.cfg.Domain)
 	if !ok || id == "" || strings.Contains(id, ".") {
@@ -679,8 +704,8 @@ func hasQueryAuth(raw string) bool {
 // requestPortAndToken reads the guest port and the token from the headers
 // or, for WebSocket clients that cannot set headers, the subprotocols.
 func requestPortAndToken(r *http.Request, protos []string) (uint16, string, error) {
-	portText := r.Header.Get(HeaderPort)
-	tok := r.Header.Get(HeaderAuth)
+	portText := r.Header.Get(fieldPort)
+	tok := r.Header.Get(fieldAuth)
 	for _, p := range splitProtocols(protos) {
 		if v, ok := strings.CutPrefix(p, SubprotoAuth); ok && tok == "" {
 			tok = v
@@ -804,7 +829,7 @@ func stripProxyHeaders(h http.Header) {
 }
 
 func forceH2(h http.Header) bool {
-	return strings.EqualFold(strings.TrimSpace(h.Get(HeaderForceH2)), "true")
+	return strings.EqualFold(strings.TrimSpace(h.Get(fieldForceH2)), "true")
 }
 
 func isUpgrade(r *http.Request) bool {

@@ -36,12 +36,18 @@ type h1Upstream struct {
 // upConn is one kept-alive connection to a guest. lim bounds what the
 // response header may read from the guest.
 type upConn struct {
-	c      net.Conn
-	stop   func() bool // ends the request's cancellation watch
-	lim    io.LimitedReader
-	br     *bufio.Reader
-	bw     *bufio.Writer
-	idleAt time.Time
+	c net.Conn
+	// The request's cancellation watch: rc for a request on the own
+	// loops, else stop, context.AfterFunc's.
+	rc   *reqCancel
+	stop func() bool
+	// breakOff ends a blocked read or write: made once, not per request.
+	breakOff func()
+	body     lengthBody
+	lim      io.LimitedReader
+	br       *bufio.Reader
+	bw       *bufio.Writer
+	idleAt   time.Time
 }
 
 const (
@@ -137,6 +143,7 @@ func (u *h1Upstream) dialConn(ctx context.Context, addr string) (*upConn, error)
 		return nil, err
 	}
 	pc := &upConn{c: c, bw: bufio.NewWriter(c)}
+	pc.breakOff = func() { c.SetDeadline(aLongTimeAgo) }
 	pc.lim.R = c
 	pc.br = bufio.NewReader(&pc.lim)
 	return pc, nil
@@ -146,7 +153,7 @@ func (u *h1Upstream) dialConn(ctx context.Context, addr string) (*upConn, error)
 // reads the response header. A reused connection that the guest closed
 // while idle fails before any answer: an idempotent request is then
 // sent once more on a new connection, as http.Transport does. Until
-// pc.stop is called, ctx ending breaks the connection (a client that
+// pc.unwatch is called, ctx ending breaks the connection (a client that
 // left a stream frees the guest's connection at once).
 func (u *h1Upstream) roundTrip(ctx context.Context, addr string, out *http.Request) (*http.Response, *upConn, error) {
 	if pc := u.get(addr); pc != nil {
@@ -174,10 +181,10 @@ var errNoAnswer = errors.New("the app closed the connection without an answer")
 // exchange sends out and reads the response header; on an error the
 // connection is closed.
 func (pc *upConn) exchange(ctx context.Context, out *http.Request) (resp *http.Response, err error) {
-	pc.stop = context.AfterFunc(ctx, func() { pc.c.SetDeadline(time.Unix(1, 0)) })
+	pc.watch(ctx)
 	defer func() {
 		if err != nil {
-			pc.stop()
+			pc.unwatch()
 			pc.c.Close()
 			if ctx.Err() != nil {
 				err = ctx.Err()
@@ -197,7 +204,7 @@ func (pc *upConn) exchange(ctx context.Context, out *http.Request) (resp *http.R
 		}
 		return nil, err
 	}
-	resp, err = http.ReadResponse(pc.br, out)
+	resp, err = pc.readResponse(out)
 	if err != nil {
 		if pc.lim.N <= 0 {
 			return nil, fmt.Errorf("response header over %d bytes", upMaxHeader)
@@ -205,6 +212,46 @@ func (pc *upConn) exchange(ctx context.Context, out *http.Request) (resp *http.R
 		return nil, err
 	}
 	pc.lim.N = math.MaxInt64
+	return resp, nil
+}
+
+// watch ties pc to ctx: ctx ending breaks the connection off.
+func (pc *upConn) watch(ctx context.Context) {
+	if rc, ok := ctx.Value(keyCancel).(*reqCancel); ok {
+		pc.rc = rc
+		rc.watch(pc.c)
+		return
+	}
+	pc.rc = nil
+	pc.stop = context.AfterFunc(ctx, pc.breakOff)
+}
+
+// unwatch ends watch; false: ctx ended, the connection may be broken.
+func (pc *upConn) unwatch() bool {
+	if rc := pc.rc; rc != nil {
+		pc.rc = nil
+		return rc.unwatch()
+	}
+	return pc.stop()
+}
+
+// readResponse reads the answer's header: the common one with
+// parseResponseHead from what the connection has buffered, anything else
+// with http.ReadResponse.
+func (pc *upConn) readResponse(out *http.Request) (*http.Response, error) {
+	buf, _ := pc.br.Peek(pc.br.Buffered())
+	resp, n, ok := parseResponseHead(buf, out.Method)
+	if !ok {
+		return http.ReadResponse(pc.br, out)
+	}
+	pc.br.Discard(n)
+	resp.Request = out
+	if resp.ContentLength > 0 {
+		// The connection serves one answer at a time: its body is read
+		// to the end (or the connection closed) before the next exchange.
+		pc.body = lengthBody{r: pc.br, n: resp.ContentLength}
+		resp.Body = &pc.body
+	}
 	return resp, nil
 }
 
@@ -323,23 +370,29 @@ func outgoing(r *http.Request, target *url.URL) *http.Request {
 	delete(h, "X-Forwarded-For")
 	delete(h, "X-Forwarded-Host")
 	delete(h, "X-Forwarded-Proto")
+	// One array for the three values (cap 1 each: an append copies).
+	xf := new([3]string)
 	// Only the address kiln saw: ReverseProxy drops the client's own
 	// X-Forwarded-For before SetXForwarded, so a client cannot plant one.
 	if ip, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
-		h["X-Forwarded-For"] = []string{ip}
+		xf[0] = ip
+		h["X-Forwarded-For"] = xf[0:1:1]
 	}
-	h["X-Forwarded-Host"] = []string{r.Host}
+	xf[1] = r.Host
+	h["X-Forwarded-Host"] = xf[1:2:2]
+	xf[2] = "http"
 	if r.TLS != nil {
-		h["X-Forwarded-Proto"] = []string{"https"}
-	} else {
-		h["X-Forwarded-Proto"] = []string{"http"}
+		xf[2] = "https"
 	}
+	h["X-Forwarded-Proto"] = xf[2:3:3]
 	stripProxyHeaders(h)
 	stripAuthCookie(h)
-	if protos := h.Values(wsProtocolField); len(protos) > 0 {
-		delete(h, wsProtocolField)
+	if protos := h.Values(fieldWSProtocol); len(protos) > 0 {
+		// The canonical key: h's keys are; wsProtocolField is not, and
+		// deleting it left the field, kiln's token in it, to the guest.
+		delete(h, fieldWSProtocol)
 		if rest := appProtocols(protos); len(rest) > 0 {
-			h.Set(wsProtocolField, strings.Join(rest, ", "))
+			h.Set(fieldWSProtocol, strings.Join(rest, ", "))
 		}
 	}
 	if _, ok := h["User-Agent"]; !ok {
@@ -390,7 +443,7 @@ func (s *Server) forwardH1(w http.ResponseWriter, r *http.Request, id string, ta
 	}
 	reuse := false
 	defer func() {
-		if pc.stop() && reuse {
+		if pc.unwatch() && reuse {
 			s.up.put(target.Host, pc)
 		} else {
 			pc.c.Close()
@@ -408,7 +461,7 @@ func (s *Server) forwardH1(w http.ResponseWriter, r *http.Request, id string, ta
 		copyHeaders(h, resp.Header)
 		w.WriteHeader(resp.StatusCode)
 		clear(h)
-		if resp, err = http.ReadResponse(pc.br, out); err != nil {
+		if resp, err = pc.readResponse(out); err != nil {
 			s.guestFailed(w, r, id, err)
 			return
 		}
@@ -446,10 +499,16 @@ func (s *Server) forwardH1(w http.ResponseWriter, r *http.Request, id string, ta
 	reuse = !resp.Close && !out.Close && ctx.Err() == nil
 }
 
+// copyHeaders adds src (a parsed answer's header: canonical keys, read
+// no more) to dst. A key dst lacks takes src's slice itself, not a
+// copy: dst's users replace or append to values, and an append to a
+// slice at its capacity copies it (those of parseResponseHead are).
 func copyHeaders(dst, src http.Header) {
 	for k, vv := range src {
-		for _, v := range vv {
-			dst.Add(k, v)
+		if old, ok := dst[k]; ok {
+			dst[k] = append(old, vv...)
+		} else {
+			dst[k] = vv
 		}
 	}
 }

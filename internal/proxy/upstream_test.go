@@ -226,13 +226,13 @@ func TestUpstreamKeepAlive(t *testing.T) {
 	var conns atomic.Int32
 	app := http.NewServeMux()
 	app.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "hi") })
-	left := make(chan struct{})
+	left := make(chan struct{}, 1)
 	app.HandleFunc("/stream", func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "first\n")
 		w.(http.Flusher).Flush()
 		select {
 		case <-r.Context().Done():
-			close(left)
+			left <- struct{}{}
 		case <-time.After(30 * time.Second):
 		}
 	})
@@ -260,26 +260,28 @@ func TestUpstreamKeepAlive(t *testing.T) {
 	}
 
 	tok := e.mint(t, "acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	req, _ := http.NewRequestWithContext(ctx, "GET", "https://vm1."+domain+"/stream", nil)
-	req.Header.Set(HeaderAuth, tok)
-	req.Header.Set(HeaderPort, "7005")
-	resp, err := (&http.Client{Transport: e.transport(false)}).Do(req)
-	if err != nil {
-		t.Fatal(err)
+	for _, h2 := range []bool{false, true} {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		req, _ := http.NewRequestWithContext(ctx, "GET", "https://vm1."+domain+"/stream", nil)
+		req.Header.Set(HeaderAuth, tok)
+		req.Header.Set(HeaderPort, "7005")
+		resp, err := (&http.Client{Transport: e.transport(h2)}).Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if line, err := bufio.NewReader(resp.Body).ReadString('\n'); err != nil || line != "first\n" {
+			t.Fatalf("stream (h2 %v): %q %v", h2, line, err)
+		}
+		cancel()
+		resp.Body.Close()
+		select {
+		case <-left:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("the guest's connection stayed open after the client left the stream (h2 %v)", h2)
+		}
+		waitClosed(t, e, "vm1")
 	}
-	if line, err := bufio.NewReader(resp.Body).ReadString('\n'); err != nil || line != "first\n" {
-		t.Fatalf("stream: %q %v", line, err)
-	}
-	cancel()
-	resp.Body.Close()
-	select {
-	case <-left:
-	case <-time.After(5 * time.Second):
-		t.Fatal("the guest's connection stayed open after the client left the stream")
-	}
-	waitClosed(t, e, "vm1")
 }
 
 // FuzzOutgoingHeaders: whatever headers a client sends, the request the
@@ -290,6 +292,8 @@ func FuzzOutgoingHeaders(f *testing.F) {
 	f.Add("X-Aws-Proxy-Auth", "tok", "X-Secret", CookieAuth+"=tok; app=1", "trailers", "GET")
 	f.Add("x-aws-proxy-port", "8080", "keep-alive, X-AWS-PROXY-AUTH", "app=1;"+CookieAuth+"=t", "gzip", "GET")
 	f.Add("Sec-WebSocket-Protocol", SubprotoAuth+"t, chat", "Upgrade", " "+CookieAuth+" = t ", "TRAILERS, x", "GET")
+	// Only kiln's subprotocols: none is left for the app, the field goes.
+	f.Add("Sec-WebSocket-Protocol", SubprotoBase+", "+SubprotoAuth+"t", "", "", "", "GET")
 	f.Add("X-Forwarded-For", "203.0.113.1", "", "", "", "GET")
 	f.Add("X-Multi", "a\tb ", "", "", "", "GET")
 	f.Add("A", "1", "", "", "", "POST")
