@@ -72,7 +72,12 @@ type BenchStats struct {
 	// CPUPerRequest is the server process's CPU time per request in the
 	// throughput phase (median over rounds; 0 if not measured).
 	CPUPerRequest time.Duration
-	Errors        int64
+	// CPUUser and CPUSys are the server's user and system CPU time over
+	// all rounds' throughput phases divided by all their requests: steadier
+	// than the per-round median on a shared host (a round's figure moved
+	// ±15% between runs), and they show whose code the time is in.
+	CPUUser, CPUSys time.Duration
+	Errors          int64
 }
 
 // BenchPair is kiln against nginx for one client protocol.
@@ -90,6 +95,8 @@ type BenchPair struct {
 	NginxAddedP99  time.Duration
 	KilnCPU        time.Duration // per request
 	NginxCPU       time.Duration
+	KilnUser       time.Duration // per request, over all rounds
+	NginxUser      time.Duration
 	ErrorsObserved bool
 }
 
@@ -115,14 +122,18 @@ func (r BenchResult) String() string {
 		r.Opts.Rounds, r.Opts.Requests, r.Opts.Concurrency, r.Opts.Duration, r.Opts.BodySize, r.Opts.BackendDelay)
 	fmt.Fprintf(&b, "kiln proxy GOMAXPROCS %d (own process: %v), nginx %s worker_processes %d; load average before %s, after %s\n",
 		r.GOMAXPROCS, r.ProxyProcess, r.NginxVersion, r.NginxWorkers, r.LoadBefore, r.LoadAfter)
-	fmt.Fprintf(&b, "%-29s %9s %9s %10s %10s %9s %8s %7s  %s\n", "mode", "p50", "p99", "added p50", "added p99", "req/s", "cpu/req", "errors", "tls")
+	fmt.Fprintf(&b, "%-29s %9s %9s %10s %10s %9s %8s %13s %7s  %s\n", "mode", "p50", "p99", "added p50", "added p99", "req/s", "cpu/req", "user+sys/req", "errors", "tls")
 	us := func(d time.Duration) string { return d.Round(time.Microsecond).String() }
 	for _, m := range r.Modes {
 		cpu := "-"
 		if m.CPUPerRequest > 0 {
 			cpu = fmt.Sprintf("%.1fµs", float64(m.CPUPerRequest.Nanoseconds())/1000)
 		}
-		fmt.Fprintf(&b, "%-29s %9s %9s %10s %10s %9.0f %8s %7d  %s\n", m.Mode, us(m.P50), us(m.P99), us(m.AddedP50), us(m.AddedP99), m.RPS, cpu, m.Errors, m.TLS)
+		split := "-"
+		if m.CPUUser+m.CPUSys > 0 {
+			split = fmt.Sprintf("%.1f+%.1fµs", float64(m.CPUUser.Nanoseconds())/1000, float64(m.CPUSys.Nanoseconds())/1000)
+		}
+		fmt.Fprintf(&b, "%-29s %9s %9s %10s %10s %9.0f %8s %13s %7d  %s\n", m.Mode, us(m.P50), us(m.P99), us(m.AddedP50), us(m.AddedP99), m.RPS, cpu, split, m.Errors, m.TLS)
 	}
 	met := func(ok bool) string {
 		if ok {
@@ -135,6 +146,9 @@ func (r BenchResult) String() string {
 			p.Proto, p.RPSRatio, met(p.RPSTargetMet), us(p.KilnAddedP50), us(p.NginxAddedP50), met(p.P50TargetMet))
 		if p.KilnCPU > 0 && p.NginxCPU > 0 {
 			fmt.Fprintf(&b, "; CPU per request kiln/nginx %.2f", float64(p.KilnCPU)/float64(p.NginxCPU))
+		}
+		if p.KilnUser > 0 && p.NginxUser > 0 {
+			fmt.Fprintf(&b, ", user CPU %.2f", float64(p.KilnUser)/float64(p.NginxUser))
 		}
 		b.WriteString("\n")
 	}
@@ -156,6 +170,8 @@ func (r BenchResult) JSON() string {
 		RPS       float64   `json:"rps"`
 		RPSRounds []float64 `json:"rps_rounds"`
 		CPU       float64   `json:"cpu_us_per_request,omitempty"`
+		CPUUser   float64   `json:"cpu_user_us_per_request,omitempty"`
+		CPUSys    float64   `json:"cpu_sys_us_per_request,omitempty"`
 		Errors    int64     `json:"errors"`
 	}
 	type pair struct {
@@ -166,6 +182,7 @@ func (r BenchResult) JSON() string {
 		KilnAddedP99  float64 `json:"kiln_added_p99_ms"`
 		NginxAddedP99 float64 `json:"nginx_added_p99_ms"`
 		CPURatio      float64 `json:"cpu_ratio_kiln_nginx,omitempty"`
+		UserRatio     float64 `json:"user_cpu_ratio_kiln_nginx,omitempty"`
 		RPSTargetMet  bool    `json:"rps_target_met"`
 		P50TargetMet  bool    `json:"p50_target_met"`
 		TargetsMet    bool    `json:"targets_met"`
@@ -197,14 +214,19 @@ func (r BenchResult) JSON() string {
 		}
 		out.Modes = append(out.Modes, mode{Mode: m.Mode, Server: m.Server, Proto: m.Proto, TLS: m.TLS, P50: ms(m.P50), P99: ms(m.P99),
 			AddedP50: ms(m.AddedP50), AddedP99: ms(m.AddedP99), RPS: round(m.RPS), RPSRounds: rr, Errors: m.Errors,
-			CPU: round(float64(m.CPUPerRequest.Nanoseconds()) / 1000)})
+			CPU: round(float64(m.CPUPerRequest.Nanoseconds()) / 1000), CPUUser: round(float64(m.CPUUser.Nanoseconds()) / 1000),
+			CPUSys: round(float64(m.CPUSys.Nanoseconds()) / 1000)})
 	}
 	for _, p := range r.Pairs {
 		cpuRatio := 0.0
 		if p.KilnCPU > 0 && p.NginxCPU > 0 {
 			cpuRatio = round(float64(p.KilnCPU) / float64(p.NginxCPU))
 		}
-		out.Pairs = append(out.Pairs, pair{CPURatio: cpuRatio, Proto: p.Proto, RPSRatio: float64(int64(p.RPSRatio*1000+0.5)) / 1000,
+		userRatio := 0.0
+		if p.KilnUser > 0 && p.NginxUser > 0 {
+			userRatio = round(float64(p.KilnUser) / float64(p.NginxUser))
+		}
+		out.Pairs = append(out.Pairs, pair{CPURatio: cpuRatio, UserRatio: userRatio, Proto: p.Proto, RPSRatio: float64(int64(p.RPSRatio*1000+0.5)) / 1000,
 			KilnAddedP50: ms(p.KilnAddedP50), NginxAddedP50: ms(p.NginxAddedP50), KilnAddedP99: ms(p.KilnAddedP99), NginxAddedP99: ms(p.NginxAddedP99),
 			RPSTargetMet: p.RPSTargetMet, P50TargetMet: p.P50TargetMet, TargetsMet: p.RPSTargetMet && p.P50TargetMet && !p.ErrorsObserved})
 	}
@@ -560,6 +582,14 @@ func Bench(ctx context.Context, o BenchOptions) (BenchResult, error) {
 		st.P50, st.P99, st.AddedP50, st.AddedP99 = median(p50s), median(p99s), median(add50), median(add99)
 		st.RPS = median(slices.Clone(st.RPSRounds))
 		st.CPUPerRequest = median(cpus)
+		var user, sys time.Duration
+		var n int64
+		for _, s := range samples[i] {
+			user, sys, n = user+s.user, sys+s.sys, n+s.n
+		}
+		if n > 0 {
+			st.CPUUser, st.CPUSys = user/time.Duration(n), sys/time.Duration(n)
+		}
 		modes[i].client.CloseIdleConnections()
 	}
 	res.Modes = stats
@@ -579,7 +609,7 @@ func Bench(ctx context.Context, o BenchOptions) (BenchResult, error) {
 			RPSTargetMet: k.RPS >= n.RPS, P50TargetMet: k.AddedP50 <= n.AddedP50,
 			KilnRPS: k.RPS, NginxRPS: n.RPS, KilnAddedP50: k.AddedP50, NginxAddedP50: n.AddedP50,
 			KilnAddedP99: k.AddedP99, NginxAddedP99: n.AddedP99, ErrorsObserved: k.Errors+n.Errors > 0,
-			KilnCPU: k.CPUPerRequest, NginxCPU: n.CPUPerRequest})
+			KilnCPU: k.CPUPerRequest, NginxCPU: n.CPUPerRequest, KilnUser: k.CPUUser, NginxUser: n.CPUUser})
 	}
 	res.LoadAfter = loadAvg()
 	return res, ctx.Err()
@@ -648,7 +678,7 @@ func benchLatency(ctx context.Context, modes []benchMode, r int, o BenchOptions,
 func benchThroughput(ctx context.Context, m benchMode, o BenchOptions, st *BenchStats) (s benchSample, err error) {
 	do := func() error { return benchDo(ctx, m, o, st) }
 	var count, errs atomic.Int64
-	cpu0 := processCPU(m.pid)
+	user0, sys0, ok0 := processCPU(m.pid)
 	deadline := time.Now().Add(o.Duration)
 	var wg sync.WaitGroup
 	t0 := time.Now()
@@ -667,9 +697,10 @@ func benchThroughput(ctx context.Context, m benchMode, o BenchOptions, st *Bench
 	}
 	wg.Wait()
 	s.rps = float64(count.Load()) / time.Since(t0).Seconds()
-	if n := count.Load(); m.pid != 0 && n > 0 && cpu0 >= 0 {
-		if cpu1 := processCPU(m.pid); cpu1 > cpu0 {
-			s.cpu = (cpu1 - cpu0) / time.Duration(n)
+	if n := count.Load(); n > 0 && ok0 {
+		if user1, sys1, ok1 := processCPU(m.pid); ok1 && user1+sys1 > user0+sys0 {
+			s.cpu = (user1 + sys1 - user0 - sys0) / time.Duration(n)
+			s.user, s.sys, s.n = user1-user0, sys1-sys0, n
 		}
 	}
 	st.Errors += errs.Load()
@@ -680,16 +711,19 @@ type benchSample struct {
 	p50, p99 time.Duration
 	rps      float64
 	cpu      time.Duration // server CPU time per request of the throughput phase
+	// The server's user and system CPU time in the throughput phase, and
+	// its requests.
+	user, sys time.Duration
+	n         int64
 }
 
 // processCPU is the user and system CPU time of pid and its children
-// (nginx's workers) so far; -1 if unknown. Unlike req/s, CPU time per
+// (nginx's workers) so far; ok is false if unknown. Unlike req/s, CPU time per
 // request hardly moves with what else the host runs.
-func processCPU(pid int) time.Duration {
+func processCPU(pid int) (user, sys time.Duration, ok bool) {
 	if pid == 0 {
-		return -1
+		return 0, 0, false
 	}
-	var total time.Duration
 	pids := []int{pid}
 	for len(pids) > 0 {
 		p := pids[0]
@@ -697,7 +731,7 @@ func processCPU(pid int) time.Duration {
 		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p))
 		if err != nil {
 			if p == pid {
-				return -1
+				return 0, 0, false
 			}
 			continue
 		}
@@ -706,11 +740,12 @@ func processCPU(pid int) time.Duration {
 		i := strings.LastIndexByte(string(b), ')')
 		f := strings.Fields(string(b[i+1:]))
 		if len(f) < 13 {
-			return -1
+			return 0, 0, false
 		}
 		ut, _ := strconv.ParseInt(f[11], 10, 64)
 		st, _ := strconv.ParseInt(f[12], 10, 64)
-		total += time.Duration(ut+st) * (time.Second / clockTicks)
+		user += time.Duration(ut) * (time.Second / clockTicks)
+		sys += time.Duration(st) * (time.Second / clockTicks)
 		if c, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", p, p)); err == nil {
 			for _, x := range strings.Fields(string(c)) {
 				if n, err := strconv.Atoi(x); err == nil {
@@ -719,7 +754,7 @@ func processCPU(pid int) time.Duration {
 			}
 		}
 	}
-	return total
+	return user, sys, true
 }
 
 // clockTicks is USER_HZ, the unit of /proc/PID/stat's times: 100 on
