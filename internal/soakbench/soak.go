@@ -22,6 +22,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -62,6 +63,10 @@ type Result struct {
 	RecordsLost     int            `json:"recordsLost"`
 	Leaks           Leaks          `json:"leaks"`
 	DataDir         string         `json:"dataDir"`
+	// RecoveryRemoved are the server's own words for every VM its
+	// recovery gave up on: the data directory (and its log) is gone
+	// after the soak, and a lost microVM needs its cause.
+	RecoveryRemoved []string `json:"recoveryRemoved,omitempty"`
 }
 
 // OK says whether nothing leaked, stuck or got lost.
@@ -241,6 +246,7 @@ func Run(ctx context.Context, o Options) (_ *Result, err error) {
 	}
 	logIDs, _ := os.ReadFile(srv.log)
 	res.Leaks = countLeaks(ctx, data, append(ids, vmIDsIn(logIDs)...), images)
+	res.RecoveryRemoved = linesWith(logIDs, "recovery removed a vm")
 	res.Seconds = time.Since(start).Round(100 * time.Millisecond).Seconds()
 	return res, nil
 }
@@ -272,4 +278,15 @@ func freeAddr() string {
 	}
 	defer ln.Close()
 	return "127.0.0.1:" + strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+}
+
+// linesWith returns the lines of log that contain s.
+func linesWith(log []byte, s string) []string {
+	var out []string
+	for _, l := range strings.Split(string(log), "\n") {
+		if strings.Contains(l, s) {
+			out = append(out, l)
+		}
+	}
+	return out
 }

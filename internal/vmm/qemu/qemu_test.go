@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -21,6 +22,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/jail"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
+	"golang.org/x/sys/unix"
 )
 
 // These tests boot real VMs (TCG on these hosts). Outside CI they skip
@@ -42,7 +44,7 @@ func TestMain(m *testing.M) {
 		return
 	}
 	if os.Getenv("KILN_TEST_HELPER") == "boot-and-hang" {
-		helperBootAndHang([]string{"keep", "sleepy"}, "sleepy")
+		helperBootAndHang([]string{"keep", "sleepy", "midsave", "saved"}, "sleepy")
 		return
 	}
 	if os.Getenv("KILN_TEST_HELPER") == "boot-one-and-hang" {
@@ -417,11 +419,15 @@ func TestKilnKilledThenRecovered(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("recovery: %+v", rep)
-	if len(rep.Adopted) != 1 || rep.Adopted[0] != "keep" {
-		t.Fatalf("adopted %v, want [keep]", rep.Adopted)
+	// midsave's suspend was cut short while its state still streamed: the
+	// guest runs on. saved's was complete: it stays suspended.
+	slices.Sort(rep.Adopted)
+	slices.Sort(rep.Suspended)
+	if !slices.Equal(rep.Adopted, []string{"keep", "midsave"}) {
+		t.Fatalf("adopted %v, want [keep midsave]", rep.Adopted)
 	}
-	if len(rep.Suspended) != 1 || rep.Suspended[0] != "sleepy" {
-		t.Fatalf("suspended %v, want [sleepy]", rep.Suspended)
+	if !slices.Equal(rep.Suspended, []string{"saved", "sleepy"}) {
+		t.Fatalf("suspended %v, want [saved sleepy]", rep.Suspended)
 	}
 	if _, err := os.Stat(stray); !os.IsNotExist(err) {
 		t.Error("stray directory not removed")
@@ -434,14 +440,30 @@ func TestKilnKilledThenRecovered(t *testing.T) {
 	if got := mustSh(t, d, "keep", "cat /root/mark"); got != "before-crash" {
 		t.Errorf("adopted VM lost its disk: %q", got)
 	}
-	if _, err := d.Resume(context.Background(), "sleepy"); err != nil {
-		t.Fatal(err)
+	if got := mustSh(t, d, "midsave", "cat /root/mark"); got != "before-crash" {
+		t.Errorf("VM adopted mid-save lost its disk: %q", got)
 	}
-	if got := mustSh(t, d, "sleepy", "cat /root/mark"); got != "before-crash" {
-		t.Errorf("resumed VM lost its disk: %q", got)
+	// Its guest must stay running, not be stopped again by the end of the
+	// save that was interrupted.
+	time.Sleep(time.Second)
+	if got := mustSh(t, d, "midsave", "echo alive"); got != "alive" {
+		t.Errorf("VM adopted mid-save: %q", got)
+	}
+	for _, id := range []string{"sleepy", "saved"} {
+		if _, err := d.Resume(context.Background(), id); err != nil {
+			t.Fatal(err)
+		}
+		if got := mustSh(t, d, id, "cat /root/mark"); got != "before-crash" {
+			t.Errorf("resumed VM %s lost its disk: %q", id, got)
+		}
+	}
+	for _, id := range []string{"midsave", "saved"} {
+		if err := d.Suspend(context.Background(), id); err != nil {
+			t.Fatalf("suspending %s after recovery: %v", id, err)
+		}
 	}
 	// A VM killed while kiln is down is noticed by recovery too.
-	for _, id := range []string{"keep", "sleepy"} {
+	for _, id := range []string{"keep", "sleepy", "midsave", "saved"} {
 		if err := d.Terminate(context.Background(), id); err != nil {
 			t.Fatal(err)
 		}
@@ -477,8 +499,67 @@ func helperBootAndHang(ids []string, suspend string) {
 			os.Exit(1)
 		}
 	}
+	if err := interruptSuspends(ctx, d, ids); err != nil {
+		fmt.Println("helper:", err)
+		os.Exit(1)
+	}
 	fmt.Println("READY")
 	select {}
+}
+
+// keepOpen holds what a helper kiln keeps open until it is killed.
+var keepOpen []*os.File
+
+// interruptSuspends leaves VM "midsave" as a kiln killed while QEMU still
+// streams a suspend's state, and VM "saved"
+// as one killed after the save was complete but before QEMU quit.
+func interruptSuspends(ctx context.Context, d *Driver, ids []string) error {
+	for _, id := range ids {
+		if id != "midsave" && id != "saved" {
+			continue
+		}
+		v, err := d.get(id)
+		if err != nil {
+			return err
+		}
+		v.op.Lock() // never released: kiln "dies" mid-operation
+		if err := v.setState(vmm.StateRunning, phaseSuspending); err != nil {
+			return err
+		}
+		if id == "saved" {
+			if err := v.pauseAndSave(ctx, v.path("state.tmp"), v.path("mem.tmp")); err != nil {
+				return err
+			}
+			if err := os.Rename(v.path("state.tmp"), v.path("state")); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := v.qmp.Execute(ctx, "stop", nil, nil); err != nil {
+			return err
+		}
+		if err := setIgnoreShared(ctx, v.qmp); err != nil {
+			return err
+		}
+		// As saveSplit does, kiln reads the stream itself; here it never
+		// does, so QEMU blocks on a full pipe until kiln dies.
+		r, w, err := os.Pipe()
+		if err != nil {
+			return err
+		}
+		unix.FcntlInt(w.Fd(), unix.F_SETPIPE_SZ, 4096)
+		keepOpen = append(keepOpen, r)
+		set, err := v.qmp.AddFD(ctx, w)
+		w.Close()
+		if err != nil {
+			return err
+		}
+		// QEMU answers only once the stream's end is written, which it
+		// never is: the stopped guest's state is saved under QEMU's lock.
+		go v.qmp.Execute(context.Background(), "migrate", map[string]any{"uri": fmt.Sprintf("file:/dev/fdset/%d", set)}, nil)
+		time.Sleep(time.Second)
+	}
+	return nil
 }
 
 // helperAdoptAndTerminate is the next kiln of TestQEMUOutlivesItsPodCgroupNS:

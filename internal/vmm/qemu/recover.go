@@ -132,6 +132,11 @@ func (d *Driver) recoverOne(ctx context.Context, dir string) (string, string, in
 		return keepSuspended()
 	case m.Phase == phaseBooting:
 		return remove("interrupted while booting")
+	case m.Phase == phaseSuspending && fileExists(v.path("state")) && fileExists(v.path("mem")):
+		// The save was complete ("state" is renamed into place last) and
+		// kiln died before or while QEMU quit: the suspend stands, even if
+		// the process still lives (its guest is stopped for good).
+		return keepSuspended()
 	case m.Phase == phaseSuspending && (p == nil || !p.alive()):
 		// "state" appears only once complete (renamed into place), and a
 		// clone's "mem" only after a complete dump.
