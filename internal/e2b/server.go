@@ -95,6 +95,11 @@ type Config struct {
 	// Uploads reads the account's kiln-upload:// packages (a cluster's
 	// control, where the API keeps uploads in the store); nil: none.
 	Uploads source.UploadOpener
+	// TemplateFiles keeps the template files in the store instead of
+	// TemplatesDir/files (a cluster's control, whose replicas share no
+	// data dir: the SDK's upload and the build may reach different
+	// ones); nil: files. TemplatesDir still holds build contexts.
+	TemplateFiles store.TemplateFiles
 	// WaitTimeout bounds how long create, connect and pause wait for the
 	// microVM to reach its state (default 2 minutes).
 	WaitTimeout time.Duration

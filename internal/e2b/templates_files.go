@@ -2,6 +2,7 @@ package e2b
 
 import (
 	"archive/zip"
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/hmac"
@@ -22,6 +23,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/image/layer"
 	"github.com/kiln-sandbox/kiln/internal/image/source"
 	"github.com/kiln-sandbox/kiln/internal/store"
@@ -32,7 +34,8 @@ import (
 // to the URL kiln answers. The URL carries an HMAC token naming the
 // account, the hash and an expiry, so it is the authentication (the SDK
 // sends no API key to it), and it only ever writes that account's file of
-// that hash. Files live in TemplatesDir/files/ACCOUNT/HASH.tar.
+// that hash. Files live in TemplatesDir/files/ACCOUNT/HASH.tar, or in the
+// store (Config.TemplateFiles) on a cluster's control.
 
 const (
 	uploadPrefix   = "/templates/uploads/"
@@ -91,6 +94,27 @@ func (s *Server) filesPath(account, hash string) string {
 	return filepath.Join(s.cfg.TemplatesDir, "files", account, hash+".tar")
 }
 
+// errNotUploaded is openFiles' answer when the account has no files of
+// the hash.
+var errNotUploaded = errors.New("template files not uploaded")
+
+// openFiles opens the account's files of hash, from the store or the
+// folder; errNotUploaded when there are none.
+func (s *Server) openFiles(ctx context.Context, account, hash string) (io.ReadCloser, error) {
+	if s.cfg.TemplateFiles != nil {
+		rc, _, err := s.cfg.TemplateFiles.OpenTemplateFile(ctx, account, hash)
+		if errors.Is(err, errdefs.ErrNotFound) {
+			return nil, errNotUploaded
+		}
+		return rc, err
+	}
+	f, err := os.Open(s.filesPath(account, hash))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, errNotUploaded
+	}
+	return f, err
+}
+
 // fileUploadLink is GET /templates/{templateID}/files/{hash}.
 func (s *Server) fileUploadLink(ctx context.Context, q *request) (int, any, error) {
 	if err := s.templatesOn(); err != nil {
@@ -103,8 +127,13 @@ func (s *Server) fileUploadLink(ctx context.Context, q *request) (int, any, erro
 	if !templateNameRE.MatchString(q.r.PathValue("templateID")) {
 		return 0, nil, errorf(404, "template %q not found", q.r.PathValue("templateID"))
 	}
-	_, err := os.Stat(s.filesPath(q.key.Account, hash))
-	present := err == nil
+	present := false
+	if rc, err := s.openFiles(ctx, q.key.Account, hash); err == nil {
+		rc.Close()
+		present = true
+	} else if !errors.Is(err, errNotUploaded) {
+		return 0, nil, err
+	}
 	scheme := "http"
 	if q.r.TLS != nil {
 		scheme = "https"
@@ -114,15 +143,22 @@ func (s *Server) fileUploadLink(ctx context.Context, q *request) (int, any, erro
 }
 
 // accountUploadBytes sums the account's kept uploads.
-func (s *Server) accountUploadBytes(account string) int64 {
+func (s *Server) accountUploadBytes(ctx context.Context, account string) (int64, error) {
 	var n int64
+	if s.cfg.TemplateFiles != nil {
+		files, err := s.cfg.TemplateFiles.ListTemplateFiles(ctx, account)
+		for _, f := range files {
+			n += f.SizeBytes
+		}
+		return n, err
+	}
 	ents, _ := os.ReadDir(filepath.Join(s.cfg.TemplatesDir, "files", account))
 	for _, e := range ents {
 		if fi, err := e.Info(); err == nil {
 			n += fi.Size()
 		}
 	}
-	return n
+	return n, nil
 }
 
 // uploadFiles is PUT /templates/uploads/{token}: a tar, plain or
@@ -144,7 +180,12 @@ func (s *Server) uploadFiles(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(413, "an upload must declare its Content-Length, at most %d bytes", max))
 		return
 	}
-	if used := s.accountUploadBytes(account); used+r.ContentLength > s.cfg.MaxAccountUploadBytes {
+	used, err := s.accountUploadBytes(r.Context(), account)
+	if err != nil {
+		writeError(w, errorf(500, "summing the account's template files: %v", err))
+		return
+	}
+	if used+r.ContentLength > s.cfg.MaxAccountUploadBytes {
 		writeError(w, errorf(429, "the account keeps %d bytes of template files; this upload would pass its %d bytes", used, s.cfg.MaxAccountUploadBytes))
 		return
 	}
@@ -152,6 +193,10 @@ func (s *Server) uploadFiles(w http.ResponseWriter, r *http.Request) {
 	d := time.Now().Add(uploadTimeoutBase + time.Duration(r.ContentLength>>20)*time.Second)
 	rc.SetReadDeadline(d)
 	rc.SetWriteDeadline(d.Add(time.Minute))
+	if s.cfg.TemplateFiles != nil {
+		s.putFilesInStore(w, r, account, hash)
+		return
+	}
 	dir := filepath.Dir(s.filesPath(account, hash))
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		writeError(w, errorf(500, "creating upload folder: %v", err))
@@ -180,6 +225,27 @@ func (s *Server) uploadFiles(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if err := os.Rename(f.Name(), s.filesPath(account, hash)); err != nil {
+		writeError(w, errorf(500, "storing upload: %v", err))
+		return
+	}
+	w.WriteHeader(http.StatusOK)
+}
+
+// putFilesInStore is uploadFiles' store half: the same checks, the
+// archive's head before anything is written since no file is read back.
+func (s *Server) putFilesInStore(w http.ResponseWriter, r *http.Request, account, hash string) {
+	br := bufio.NewReaderSize(r.Body, 512)
+	head, _ := br.Peek(512)
+	if !layer.IsArchive(head) {
+		writeError(w, errorf(400, "template files must be a tar archive, plain or gzip-compressed, as the SDK sends"))
+		return
+	}
+	_, err := s.cfg.TemplateFiles.PutTemplateFile(r.Context(), account, hash, r.ContentLength, br)
+	if errors.Is(err, errdefs.ErrInvalid) {
+		writeError(w, errorf(400, "the body does not match its Content-Length (%d bytes): %v", r.ContentLength, err))
+		return
+	}
+	if err != nil {
 		writeError(w, errorf(500, "storing upload: %v", err))
 		return
 	}
@@ -325,8 +391,8 @@ func (s *Server) packTemplate(ctx context.Context, key store.AccessKey, plan tem
 		if err := os.MkdirAll(dst, 0o755); err != nil {
 			return "", err
 		}
-		f, err := os.Open(s.filesPath(key.Account, h))
-		if errors.Is(err, os.ErrNotExist) {
+		f, err := s.openFiles(ctx, key.Account, h)
+		if errors.Is(err, errNotUploaded) {
 			return "", errorf(400, "the files of hash %s were not uploaded: upload them to the URL of GET /templates/{templateID}/files/%s first", h, h)
 		}
 		if err != nil {

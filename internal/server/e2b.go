@@ -43,6 +43,15 @@ func mountE2B(ctx context.Context, mux *http.ServeMux, o Options, st store.Store
 		Egress: fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.InternetEgressConnector),
 		Ingress: []string{fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.AllIngressConnector),
 			fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.ShellIngressConnector)}}
+	if uploads != nil {
+		// Cluster control: the SDK's upload of a template's files and the
+		// build naming them may reach different replicas.
+		tf, ok := st.(store.TemplateFiles)
+		if !ok {
+			return fmt.Errorf("e2b api: cluster control needs a store that keeps template files (PostgreSQL); %T does not", st)
+		}
+		cfg.TemplateFiles = tf
+	}
 	if m, ok := be.(e2b.Meter); ok {
 		cfg.Meter = m
 	}

@@ -51,10 +51,11 @@ type Store struct {
 }
 
 var (
-	_ store.Store    = (*Store)(nil)
-	_ store.E2BStore = (*Store)(nil)
-	_ store.Cluster  = (*Store)(nil)
-	_ store.Uploads  = (*Store)(nil)
+	_ store.Store         = (*Store)(nil)
+	_ store.E2BStore      = (*Store)(nil)
+	_ store.Cluster       = (*Store)(nil)
+	_ store.Uploads       = (*Store)(nil)
+	_ store.TemplateFiles = (*Store)(nil)
 )
 
 // dialect is PostgreSQL's SQL for the shared queries: free text a tenant
@@ -259,6 +260,8 @@ var migrations = []string{
 	CREATE INDEX usage_open_by_node ON usage_intervals (node) WHERE open;`,
 	// 6: uploaded code packages kept in the store (uploads.go).
 	migrationUploads,
+	// 7: E2B template files kept in the store (templatefiles.go).
+	migrationTemplateFiles,
 }
 
 // Advisory lock keys (the first of pg_advisory_xact_lock's two int4s).

@@ -45,10 +45,11 @@ type Store struct {
 }
 
 var (
-	_ store.Store    = (*Store)(nil)
-	_ store.E2BStore = (*Store)(nil)
-	_ store.Cluster  = (*Store)(nil)
-	_ store.Uploads  = (*Store)(nil)
+	_ store.Store         = (*Store)(nil)
+	_ store.E2BStore      = (*Store)(nil)
+	_ store.Cluster       = (*Store)(nil)
+	_ store.Uploads       = (*Store)(nil)
+	_ store.TemplateFiles = (*Store)(nil)
 )
 
 // dialect is SQLite's SQL for the shared queries. The one writer
@@ -300,6 +301,8 @@ var migrations = []string{
 	migrationUsageNode,
 	// 10: uploaded code packages kept in the store (uploads.go).
 	migrationUploads,
+	// 11: E2B template files kept in the store (templatefiles.go).
+	migrationTemplateFiles,
 }
 
 // migrationSizeColumns adds the sizes the quota adds up as columns, as the

@@ -27,10 +27,7 @@ func (s *Store) PutUpload(ctx context.Context, account, want string, size int64,
 	if account == "" || size <= 0 {
 		return store.Upload{}, fmt.Errorf("putting an upload: need an account and a positive size: %w", errdefs.ErrInvalid)
 	}
-	var idb [16]byte
-	rand.Read(idb[:])
-	id := hex.EncodeToString(idb[:])
-	now := time.Now()
+	id, now := newPutID(), time.Now()
 	// Whatever goes wrong below, the chunks written so far go; the
 	// context may be what went wrong, so not with it.
 	committed := false
@@ -40,27 +37,9 @@ func (s *Store) PutUpload(ctx context.Context, account, want string, size int64,
 		}
 	}()
 	h := sha256.New()
-	buf := make([]byte, store.UploadChunkBytes)
-	var n int64
-	for seq := 0; ; seq++ {
-		k, err := io.ReadFull(io.LimitReader(body, size-n+1), buf)
-		if k > 0 {
-			n += int64(k)
-			if n > size {
-				break
-			}
-			h.Write(buf[:k])
-			if _, werr := s.db.Writer().Exec(ctx, `INSERT INTO upload_chunks (account, upload_id, seq, data, created_at) VALUES (?, ?, ?, ?, ?)`,
-				account, id, seq, buf[:k], now.UnixNano()); werr != nil {
-				return store.Upload{}, fmt.Errorf("storing upload chunk %d: %w", seq, werr)
-			}
-		}
-		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
-			break
-		}
-		if err != nil {
-			return store.Upload{}, fmt.Errorf("reading upload: %w", err)
-		}
+	n, err := s.putChunks(ctx, account, id, now, size, io.TeeReader(body, h))
+	if err != nil {
+		return store.Upload{}, err
 	}
 	sum := hex.EncodeToString(h.Sum(nil))
 	if n != size || (want != "" && sum != want) {
@@ -70,7 +49,7 @@ func (s *Store) PutUpload(ctx context.Context, account, want string, size int64,
 	// A package the account already has keeps its chunks (ours go, by
 	// the deferred drop); only its time is renewed.
 	var kept string
-	err := s.db.Write(ctx, func(q Querier) error {
+	err = s.db.Write(ctx, func(q Querier) error {
 		return q.QueryRow(ctx, `INSERT INTO uploads (account, sha256, upload_id, size_bytes, created_at) VALUES (?, ?, ?, ?, ?)
 			ON CONFLICT (account, sha256) DO UPDATE SET created_at = excluded.created_at RETURNING upload_id`,
 			account, sum, id, n, now.UnixNano()).Scan(&kept)
@@ -87,6 +66,40 @@ func (s *Store) dropChunks(ctx context.Context, account, id string) error {
 	return err
 }
 
+func newPutID() string {
+	var idb [16]byte
+	rand.Read(idb[:])
+	return hex.EncodeToString(idb[:])
+}
+
+// putChunks writes up to size+1 bytes of body as the chunks of put id,
+// each row in a transaction of its own, and returns how many bytes there
+// were (more than size: the body is longer than declared). The caller
+// drops the chunks if it does not record the put.
+func (s *Store) putChunks(ctx context.Context, account, id string, now time.Time, size int64, body io.Reader) (int64, error) {
+	buf := make([]byte, store.UploadChunkBytes)
+	var n int64
+	for seq := 0; ; seq++ {
+		k, err := io.ReadFull(io.LimitReader(body, size-n+1), buf)
+		if k > 0 {
+			n += int64(k)
+			if n > size {
+				return n, nil
+			}
+			if _, werr := s.db.Writer().Exec(ctx, `INSERT INTO upload_chunks (account, upload_id, seq, data, created_at) VALUES (?, ?, ?, ?, ?)`,
+				account, id, seq, buf[:k], now.UnixNano()); werr != nil {
+				return n, fmt.Errorf("storing upload chunk %d: %w", seq, werr)
+			}
+		}
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return n, nil
+		}
+		if err != nil {
+			return n, fmt.Errorf("reading upload: %w", err)
+		}
+	}
+}
+
 func (s *Store) OpenUpload(ctx context.Context, account, sha string) (io.ReadCloser, store.Upload, error) {
 	up := store.Upload{Account: account, SHA256: sha}
 	var id string
@@ -100,7 +113,7 @@ func (s *Store) OpenUpload(ctx context.Context, account, sha string) (io.ReadClo
 		return nil, up, fmt.Errorf("reading upload: %w", err)
 	}
 	up.CreatedAt = time.Unix(0, created).UTC()
-	return &uploadReader{ctx: ctx, s: s, account: account, id: id, left: up.SizeBytes}, up, nil
+	return s.chunkReader(ctx, account, id, up.SizeBytes), up, nil
 }
 
 // uploadReader reads an upload's chunks in order, one query each, so that
@@ -112,6 +125,10 @@ type uploadReader struct {
 	seq         int
 	buf         []byte
 	left        int64 // bytes not yet fetched
+}
+
+func (s *Store) chunkReader(ctx context.Context, account, id string, size int64) io.ReadCloser {
+	return &uploadReader{ctx: ctx, s: s, account: account, id: id, left: size}
 }
 
 func (r *uploadReader) Read(p []byte) (int, error) {
@@ -194,7 +211,8 @@ func (s *Store) ListUploads(ctx context.Context, account string) ([]store.Upload
 
 func (s *Store) PruneUploadChunks(ctx context.Context, before time.Time) (int, error) {
 	n, err := s.db.Writer().Exec(ctx, `DELETE FROM upload_chunks WHERE created_at < ? AND NOT EXISTS
-		(SELECT 1 FROM uploads u WHERE u.account = upload_chunks.account AND u.upload_id = upload_chunks.upload_id)`, before.UnixNano())
+		(SELECT 1 FROM uploads u WHERE u.account = upload_chunks.account AND u.upload_id = upload_chunks.upload_id)
+		AND NOT EXISTS (SELECT 1 FROM template_files f WHERE f.account = upload_chunks.account AND f.upload_id = upload_chunks.upload_id)`, before.UnixNano())
 	if err != nil {
 		return 0, fmt.Errorf("pruning upload chunks: %w", err)
 	}

@@ -46,6 +46,7 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"cluster host lost", hostLost},
 		{"cluster leases", leases},
 		{"uploads", uploads},
+		{"template files", templateFiles},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.fn(t, open(t)) })

@@ -1,0 +1,35 @@
+package store
+
+import (
+	"context"
+	"io"
+	"time"
+)
+
+// TemplateFile is the files of an E2B template's COPY step, uploaded by
+// the E2B SDK as a tar(.gz) and named by the SDK's hash of the files (not
+// the SHA-256 of the tar, so the store cannot check it).
+type TemplateFile struct {
+	Account   string
+	Hash      string
+	SizeBytes int64
+	// CreatedAt is when it was last put.
+	CreatedAt time.Time
+}
+
+// TemplateFiles keeps E2B template files in the store, so that a
+// cluster's control replicas all see an upload whichever of them took it
+// (one host keeps them as files). The bytes are chunked as Uploads' are.
+// Every call is scoped to one account.
+type TemplateFiles interface {
+	// PutTemplateFile stores size bytes read from body as the account's
+	// files of hash, replacing any it had (as a file upload overwrites):
+	// a reader of the replaced files then fails (io.ErrUnexpectedEOF). A
+	// body of another length is errdefs.ErrInvalid and leaves nothing.
+	PutTemplateFile(ctx context.Context, account, hash string, size int64, body io.Reader) (TemplateFile, error)
+	// OpenTemplateFile opens the account's files of hash, one chunk in
+	// memory at a time; errdefs.ErrNotFound when it has none.
+	OpenTemplateFile(ctx context.Context, account, hash string) (io.ReadCloser, TemplateFile, error)
+	// ListTemplateFiles lists the account's template files by hash.
+	ListTemplateFiles(ctx context.Context, account string) ([]TemplateFile, error)
+}
