@@ -26,6 +26,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/connlimit"
 	"github.com/kiln-sandbox/kiln/internal/console"
+	"github.com/kiln-sandbox/kiln/internal/e2b"
 	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/engine"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
@@ -122,6 +123,12 @@ type Options struct {
 	GCInterval          time.Duration
 	TerminatedRetention time.Duration
 	CacheMaxAge         time.Duration
+	// TemplateFilesMaxAge is how long E2B template files no build or
+	// files check used are kept (0: gc's default);
+	// TemplateFilesMaxAccountBytes bounds an account's kept template
+	// files (0: e2b's default).
+	TemplateFilesMaxAge          time.Duration
+	TemplateFilesMaxAccountBytes int64
 	// Health collects readiness checks for /readyz; New makes it and
 	// the backend adds its own (the VM engine, the endpoint proxy).
 	Health *metrics.Health `json:"-"`
@@ -459,7 +466,8 @@ func New(ctx context.Context, o Options) (s *Server, err error) {
 		// After Start: recovery has claimed what it keeps before the first
 		// pass judges orphans.
 		cfg := gc.Config{Store: st, DataDir: o.DataDir, References: o.References,
-			TerminatedRetention: o.TerminatedRetention, CacheMaxAge: o.CacheMaxAge}
+			TerminatedRetention: o.TerminatedRetention, CacheMaxAge: o.CacheMaxAge,
+			TemplateFilesDir: e2b.FilesDir(e2bTemplatesDir(o)), TemplateFilesMaxAge: o.TemplateFilesMaxAge}
 		if e, ok := be.Backend.(gc.Engine); ok {
 			cfg.Engine = e
 		}
