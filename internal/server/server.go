@@ -286,6 +286,9 @@ func (o *Options) check() error {
 	if o.OperatorAccount != "" && !ValidAccount(o.OperatorAccount) {
 		return fmt.Errorf("--operator-account must be a 12-digit account id, not %q", o.OperatorAccount)
 	}
+	if o.TemplateFilesMaxAge < 0 || o.TemplateFilesMaxAccountBytes < 0 {
+		return fmt.Errorf("--template-files-max-age and --template-files-max-account-bytes must be positive (0: the defaults, 7 days and 4 GiB)")
+	}
 	if o.RequireKVM && o.Backend != "engine" {
 		return fmt.Errorf("--require-kvm: the %s backend runs no VMs under KVM", o.Backend)
 	}
