@@ -12,7 +12,9 @@ import (
 	"github.com/spf13/pflag"
 
 	"github.com/kiln-sandbox/kiln/internal/api"
+	"github.com/kiln-sandbox/kiln/internal/e2b"
 	"github.com/kiln-sandbox/kiln/internal/egress"
+	"github.com/kiln-sandbox/kiln/internal/gc"
 	"github.com/kiln-sandbox/kiln/internal/server"
 )
 
@@ -121,6 +123,8 @@ func (sf *serverFlags) add(f *pflag.FlagSet) {
 	f.DurationVar(&o.GCInterval, "gc-interval", 10*time.Minute, "how often garbage collection runs (it also runs at start; 0: never)")
 	f.DurationVar(&o.TerminatedRetention, "terminated-retention", 24*time.Hour, "how long TERMINATED microVM records and idempotency tokens are kept")
 	f.DurationVar(&o.CacheMaxAge, "cache-max-age", 7*24*time.Hour, "how long an unused image-cache or template-cache entry is kept")
+	f.DurationVar(&o.TemplateFilesMaxAge, "template-files-max-age", gc.DefaultTemplateFilesMaxAge, "how long E2B template files (the SDK's uploads of COPY files) are kept when no build or files check uses them")
+	f.Int64Var(&o.TemplateFilesMaxAccountBytes, "template-files-max-account-bytes", e2b.DefaultMaxAccountUploads, "bytes of E2B template files one account may keep; an upload past it is refused (429) until unused files expire")
 }
 
 // endpointCert and endpointKey are persistent flags like --accel: `kiln

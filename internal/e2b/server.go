@@ -23,6 +23,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/gc"
 	"github.com/kiln-sandbox/kiln/internal/image/source"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
@@ -87,6 +88,13 @@ type Config struct {
 	// DefaultMaxUploadBytes); MaxAccountUploadBytes an account's kept
 	// uploads (default DefaultMaxAccountUploads).
 	MaxUploadBytes, MaxAccountUploadBytes int64
+	// FilesMaxAge is how long garbage collection keeps template files no
+	// one used (internal/gc), for the answer to an upload past the
+	// account's bound; 0: GC removes none.
+	FilesMaxAge time.Duration
+	// References orders a use of template files against garbage
+	// collection (internal/gc); nil: not ordered.
+	References *gc.References
 	// ArtifactDir and Operators are the API's: a template may build on a
 	// kiln image whose code package is the account's upload, or on any
 	// host path for an operator account.

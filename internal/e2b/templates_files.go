@@ -35,7 +35,10 @@ import (
 // account, the hash and an expiry, so it is the authentication (the SDK
 // sends no API key to it), and it only ever writes that account's file of
 // that hash. Files live in TemplatesDir/files/ACCOUNT/HASH.tar, or in the
-// store (Config.TemplateFiles) on a cluster's control.
+// store (Config.TemplateFiles) on a cluster's control. Each use (the SDK
+// finding them present, a build reading them) renews their time, and
+// garbage collection (internal/gc) removes files unused for
+// Config.FilesMaxAge, so an account at its bound frees itself.
 
 const (
 	uploadPrefix   = "/templates/uploads/"
@@ -90,8 +93,12 @@ func (s *Server) checkUpload(tok string) (account, hash string, ok bool) {
 	return parts[0], parts[1], true
 }
 
+// FilesDir is where one host keeps the template files of templatesDir
+// (ACCOUNT/HASH.tar), for garbage collection.
+func FilesDir(templatesDir string) string { return filepath.Join(templatesDir, "files") }
+
 func (s *Server) filesPath(account, hash string) string {
-	return filepath.Join(s.cfg.TemplatesDir, "files", account, hash+".tar")
+	return filepath.Join(FilesDir(s.cfg.TemplatesDir), account, hash+".tar")
 }
 
 // errNotUploaded is openFiles' answer when the account has no files of
@@ -115,6 +122,30 @@ func (s *Server) openFiles(ctx context.Context, account, hash string) (io.ReadCl
 	return f, err
 }
 
+// useFiles renews the account's files of hash, whose time garbage
+// collection judges them by; errNotUploaded when there are none. The
+// touch holds References, so GC (deciding under them) either removed the
+// files first, and they are not present, or sees the new time: files are
+// never answered present and then removed. (In the store, GC's delete is
+// conditional on the time instead.)
+func (s *Server) useFiles(ctx context.Context, account, hash string) error {
+	now := s.cfg.Now()
+	if s.cfg.TemplateFiles != nil {
+		err := s.cfg.TemplateFiles.TouchTemplateFile(ctx, account, hash, now)
+		if errors.Is(err, errdefs.ErrNotFound) {
+			return errNotUploaded
+		}
+		return err
+	}
+	release := s.cfg.References.Hold()
+	defer release()
+	err := os.Chtimes(s.filesPath(account, hash), now, now)
+	if errors.Is(err, os.ErrNotExist) {
+		return errNotUploaded
+	}
+	return err
+}
+
 // fileUploadLink is GET /templates/{templateID}/files/{hash}.
 func (s *Server) fileUploadLink(ctx context.Context, q *request) (int, any, error) {
 	if err := s.templatesOn(); err != nil {
@@ -127,9 +158,10 @@ func (s *Server) fileUploadLink(ctx context.Context, q *request) (int, any, erro
 	if !templateNameRE.MatchString(q.r.PathValue("templateID")) {
 		return 0, nil, errorf(404, "template %q not found", q.r.PathValue("templateID"))
 	}
+	// Present renews the files: the SDK skips the upload and the build
+	// that follows must still find them.
 	present := false
-	if rc, err := s.openFiles(ctx, q.key.Account, hash); err == nil {
-		rc.Close()
+	if err := s.useFiles(ctx, q.key.Account, hash); err == nil {
 		present = true
 	} else if !errors.Is(err, errNotUploaded) {
 		return 0, nil, err
@@ -161,6 +193,21 @@ func (s *Server) accountUploadBytes(ctx context.Context, account string) (int64,
 	return n, nil
 }
 
+// filesExpiry tells a tenant at the bound how space comes back.
+func (s *Server) filesExpiry() string {
+	raise := "an operator may raise the bound (kiln server --template-files-max-account-bytes)"
+	d := s.cfg.FilesMaxAge
+	if d <= 0 {
+		return "this server removes no template files (its garbage collection is off); " + raise
+	}
+	age := d.String()
+	if d%(24*time.Hour) == 0 {
+		age = fmt.Sprintf("%d days", d/(24*time.Hour))
+	}
+	return "template files that no build or files check (GET /templates/{templateID}/files/{hash}) used for " + age +
+		" are removed, freeing their bytes; or " + raise
+}
+
 // uploadFiles is PUT /templates/uploads/{token}: a tar, plain or
 // compressed, of a COPY step's files. It is kept as sent, bounded in
 // size, and unpacked (by internal/image/layer's rules) only into a build's
@@ -186,7 +233,8 @@ func (s *Server) uploadFiles(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if used+r.ContentLength > s.cfg.MaxAccountUploadBytes {
-		writeError(w, errorf(429, "the account keeps %d bytes of template files; this upload would pass its %d bytes", used, s.cfg.MaxAccountUploadBytes))
+		writeError(w, errorf(429, "the account keeps %d bytes of template files; this upload would pass its %d bytes: %s",
+			used, s.cfg.MaxAccountUploadBytes, s.filesExpiry()))
 		return
 	}
 	rc := http.NewResponseController(w)
@@ -391,7 +439,13 @@ func (s *Server) packTemplate(ctx context.Context, key store.AccessKey, plan tem
 		if err := os.MkdirAll(dst, 0o755); err != nil {
 			return "", err
 		}
-		f, err := s.openFiles(ctx, key.Account, h)
+		// Renewed before it is read: a store's GC then leaves the chunks
+		// alone while they are read.
+		err := s.useFiles(ctx, key.Account, h)
+		var f io.ReadCloser
+		if err == nil {
+			f, err = s.openFiles(ctx, key.Account, h)
+		}
 		if errors.Is(err, errNotUploaded) {
 			return "", errorf(400, "the files of hash %s were not uploaded: upload them to the URL of GET /templates/{templateID}/files/%s first", h, h)
 		}

@@ -7,6 +7,11 @@
 //   - removes uploaded code artifacts that no image version names, once
 //     older than ArtifactGrace (an upload comes before the CreateMicrovmImage
 //     that names it): files, and a cluster's uploads in the store;
+//   - removes E2B template files (the SDK's uploads of a template's COPY
+//     files) unused for TemplateFilesMaxAge: a use (the SDK's files check
+//     answering present, a build reading them) renews their time, so a
+//     tenant at its bound of kept files frees it by waiting; files on one
+//     host, and a cluster's in the store;
 //   - deletes TERMINATED microVM records and idempotency tokens older than
 //     TerminatedRetention;
 //   - sweeps orphans both ways: image version directories with no record
@@ -17,15 +22,18 @@
 //
 // GC never removes what is referenced. Records that own files are written
 // before the files exist, and References orders the API's writes of new
-// references (image versions, uploads) against the collector's
-// decide-and-remove section, so a reference recorded after GC listed the
-// records cannot point at a file GC is removing.
+// references (image versions, uploads, a use of template files) against
+// the collector's decide-and-remove section, so a reference recorded after
+// GC listed the records cannot point at a file GC is removing. In the
+// store, where other hosts write without this process's References, each
+// delete is conditional on the row's time, which a put or use renews.
 package gc
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net/url"
 	"os"
@@ -41,8 +49,8 @@ import (
 
 // References orders new references against collection. Whoever records a
 // reference to a file GC may remove (an image version naming a code
-// artifact or owning an image directory; an upload placing an artifact)
-// holds it, shared, across the write; GC holds it alone while it decides
+// artifact or owning an image directory; an upload placing an artifact;
+// a use of template files renewing their time) holds it, shared, across the write; GC holds it alone while it decides
 // and removes. The zero value is ready; a nil *References holds nothing.
 type References struct{ mu sync.RWMutex }
 
@@ -96,6 +104,12 @@ type Config struct {
 	// ArtifactGrace keeps unreferenced uploads at least this long
 	// (default 1h).
 	ArtifactGrace time.Duration
+	// TemplateFilesDir holds one host's E2B template files
+	// (e2b.FilesDir: ACCOUNT/HASH.tar; "": none); TemplateFilesMaxAge
+	// keeps them, and the store's (store.TemplateFiles), while unused
+	// (default 7 days).
+	TemplateFilesDir    string
+	TemplateFilesMaxAge time.Duration
 	// PruneImageCache and PruneTemplateCache prune the build caches
 	// (internal/image.PruneCache, internal/imagebuild.PruneTemplateCache);
 	// nil skips.
@@ -122,6 +136,9 @@ func New(cfg Config) *Collector {
 	if cfg.ArtifactGrace <= 0 {
 		cfg.ArtifactGrace = time.Hour
 	}
+	if cfg.TemplateFilesMaxAge <= 0 {
+		cfg.TemplateFilesMaxAge = DefaultTemplateFilesMaxAge
+	}
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
@@ -134,6 +151,10 @@ func New(cfg Config) *Collector {
 // Report says what one pass removed or ended, by kind.
 type Report map[string]int
 
+// DefaultTemplateFilesMaxAge keeps unused E2B template files as long as
+// unused build cache entries.
+const DefaultTemplateFilesMaxAge = 7 * 24 * time.Hour
+
 // Kinds of Report and of kiln_gc_removals_total.
 const (
 	KindImageCache       = "image_cache"
@@ -145,6 +166,7 @@ const (
 	KindVM               = "vm_or_network"
 	KindVersionFailed    = "version_files_gone"
 	KindSuspendedEnded   = "suspended_files_gone"
+	KindTemplateFiles    = "template_files"
 	ReasonTemplateGone   = "TemplateMissing"
 	artifactUploadMaxAge = 24 * time.Hour
 )
@@ -208,6 +230,7 @@ func (c *Collector) Run(ctx context.Context) (Report, error) {
 	step("deleting client tokens", err)
 
 	step("sweeping files", c.sweepFiles(ctx, rep, now))
+	step("expiring template files", c.expireTemplateFiles(ctx, rep, now))
 	if e := c.cfg.Engine; e != nil {
 		ids, err := e.SweepVMs(ctx)
 		rep.add(KindVM, len(ids))
@@ -306,6 +329,14 @@ func (c *Collector) sweepArtifacts(referenced map[string]bool, now time.Time) (i
 	if err != nil {
 		return 0, err
 	}
+	return c.sweepAccountFiles(root, now, "gc: removed unreferenced code artifact", func(p string, fi fs.FileInfo) bool {
+		return !referenced[p] && now.Sub(fi.ModTime()) >= c.cfg.ArtifactGrace
+	})
+}
+
+// sweepAccountFiles removes ROOT/ACCOUNT/NAME when expired says so, and
+// the .upload-* files of puts that died midway, logging each with msg.
+func (c *Collector) sweepAccountFiles(root string, now time.Time, msg string, expired func(p string, fi fs.FileInfo) bool) (int, error) {
 	accounts, err := os.ReadDir(root)
 	if err != nil {
 		if os.IsNotExist(err) {
@@ -329,18 +360,16 @@ func (c *Collector) sweepArtifacts(referenced map[string]bool, now time.Time) (i
 			if err != nil {
 				continue
 			}
-			age := now.Sub(fi.ModTime())
-			switch {
-			case strings.HasPrefix(f.Name(), ".upload-"):
-				if age < artifactUploadMaxAge {
+			if strings.HasPrefix(f.Name(), ".upload-") {
+				if now.Sub(fi.ModTime()) < artifactUploadMaxAge {
 					continue
 				}
-			case referenced[p] || age < c.cfg.ArtifactGrace:
+			} else if !expired(p, fi) {
 				continue
 			}
 			if err := os.RemoveAll(p); err == nil {
 				removed++
-				c.cfg.Log.Info("gc: removed unreferenced code artifact", "path", p)
+				c.cfg.Log.Info(msg, "path", p, "modified", fi.ModTime().UTC())
 			}
 		}
 	}
@@ -380,6 +409,60 @@ func (c *Collector) sweepUploads(ctx context.Context, referenced map[string]bool
 		errs = append(errs, err)
 	} else if n > 0 {
 		c.cfg.Log.Info("gc: removed chunks of abandoned uploads", "chunks", n)
+	}
+	return removed, errors.Join(errs...)
+}
+
+// expireTemplateFiles removes E2B template files unused for
+// TemplateFilesMaxAge: one host's, while no use can renew them, and the
+// store's, each delete conditional on the time it judged.
+func (c *Collector) expireTemplateFiles(ctx context.Context, rep Report, now time.Time) error {
+	cut := now.Add(-c.cfg.TemplateFilesMaxAge)
+	var errs []error
+	if c.cfg.TemplateFilesDir != "" {
+		release := c.cfg.References.exclusive()
+		n, err := c.sweepTemplateDir(now, cut)
+		release()
+		rep.add(KindTemplateFiles, n)
+		errs = append(errs, err)
+	}
+	if st, ok := c.cfg.Store.(store.TemplateFiles); ok {
+		n, err := c.sweepStoredTemplateFiles(ctx, st, cut)
+		rep.add(KindTemplateFiles, n)
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// sweepTemplateDir removes TemplateFilesDir/ACCOUNT/HASH.tar last put or
+// used (their mtime) before cut.
+func (c *Collector) sweepTemplateDir(now, cut time.Time) (int, error) {
+	return c.sweepAccountFiles(c.cfg.TemplateFilesDir, now, "gc: removed unused template files", func(p string, fi fs.FileInfo) bool {
+		return strings.HasSuffix(p, ".tar") && fi.ModTime().Before(cut)
+	})
+}
+
+// sweepStoredTemplateFiles is sweepTemplateDir for the files a cluster
+// keeps in the store; a put or use on another replica after the list
+// renews the row's time, so its delete does nothing.
+func (c *Collector) sweepStoredTemplateFiles(ctx context.Context, st store.TemplateFiles, cut time.Time) (int, error) {
+	files, err := st.ListTemplateFiles(ctx, "")
+	if err != nil {
+		return 0, err
+	}
+	removed := 0
+	var errs []error
+	for _, f := range files {
+		if !f.CreatedAt.Before(cut) {
+			continue
+		}
+		ok, err := st.DeleteTemplateFile(ctx, f.Account, f.Hash, cut)
+		if err != nil {
+			errs = append(errs, err)
+		} else if ok {
+			removed++
+			c.cfg.Log.Info("gc: removed unused template files", "account", f.Account, "hash", f.Hash, "last_used", f.CreatedAt)
+		}
 	}
 	return removed, errors.Join(errs...)
 }

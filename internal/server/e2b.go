@@ -1,6 +1,7 @@
 package server
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -9,9 +10,14 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/api"
 	"github.com/kiln-sandbox/kiln/internal/e2b"
+	"github.com/kiln-sandbox/kiln/internal/gc"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
+
+// e2bTemplatesDir keeps the E2B template files of one host and the
+// builds' working folders.
+func e2bTemplatesDir(o Options) string { return filepath.Join(o.DataDir, "e2b-templates") }
 
 // mountE2B serves E2B's control API beside the AWS routes on the API
 // listener: the SDK needs only a base URL (E2B_API_URL), no path of E2B's
@@ -39,10 +45,13 @@ func mountE2B(ctx context.Context, mux *http.ServeMux, o Options, st store.Store
 		return err
 	}
 	cfg := e2b.Config{API: srv, Uploads: uploads, ArtifactDir: artifactDir, Store: st, Sandboxes: es, Tokens: e2b.NewEnvdTokens(key), TrafficTokens: e2b.NewTrafficTokens(key), Domain: domain,
-		TemplatesDir: filepath.Join(o.DataDir, "e2b-templates"), Operators: operators,
+		TemplatesDir: e2bTemplatesDir(o), Operators: operators, MaxAccountUploadBytes: o.TemplateFilesMaxAccountBytes, References: o.References,
 		Egress: fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.InternetEgressConnector),
 		Ingress: []string{fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.AllIngressConnector),
 			fmt.Sprintf("arn:aws:lambda:%s:aws:network-connector:%s", o.Region, api.ShellIngressConnector)}}
+	if o.GCInterval > 0 {
+		cfg.FilesMaxAge = cmp.Or(o.TemplateFilesMaxAge, gc.DefaultTemplateFilesMaxAge)
+	}
 	if uploads != nil {
 		// Cluster control: the SDK's upload of a template's files and the
 		// build naming them may reach different replicas.

@@ -26,6 +26,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/connlimit"
 	"github.com/kiln-sandbox/kiln/internal/console"
+	"github.com/kiln-sandbox/kiln/internal/e2b"
 	"github.com/kiln-sandbox/kiln/internal/egress"
 	"github.com/kiln-sandbox/kiln/internal/engine"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
@@ -122,6 +123,12 @@ type Options struct {
 	GCInterval          time.Duration
 	TerminatedRetention time.Duration
 	CacheMaxAge         time.Duration
+	// TemplateFilesMaxAge is how long E2B template files no build or
+	// files check used are kept (0: gc's default);
+	// TemplateFilesMaxAccountBytes bounds an account's kept template
+	// files (0: e2b's default).
+	TemplateFilesMaxAge          time.Duration
+	TemplateFilesMaxAccountBytes int64
 	// Health collects readiness checks for /readyz; New makes it and
 	// the backend adds its own (the VM engine, the endpoint proxy).
 	Health *metrics.Health `json:"-"`
@@ -278,6 +285,9 @@ func (o *Options) check() error {
 	}
 	if o.OperatorAccount != "" && !ValidAccount(o.OperatorAccount) {
 		return fmt.Errorf("--operator-account must be a 12-digit account id, not %q", o.OperatorAccount)
+	}
+	if o.TemplateFilesMaxAge < 0 || o.TemplateFilesMaxAccountBytes < 0 {
+		return fmt.Errorf("--template-files-max-age and --template-files-max-account-bytes must be positive (0: the defaults, 7 days and 4 GiB)")
 	}
 	if o.RequireKVM && o.Backend != "engine" {
 		return fmt.Errorf("--require-kvm: the %s backend runs no VMs under KVM", o.Backend)
@@ -459,7 +469,8 @@ func New(ctx context.Context, o Options) (s *Server, err error) {
 		// After Start: recovery has claimed what it keeps before the first
 		// pass judges orphans.
 		cfg := gc.Config{Store: st, DataDir: o.DataDir, References: o.References,
-			TerminatedRetention: o.TerminatedRetention, CacheMaxAge: o.CacheMaxAge}
+			TerminatedRetention: o.TerminatedRetention, CacheMaxAge: o.CacheMaxAge,
+			TemplateFilesDir: e2b.FilesDir(e2bTemplatesDir(o)), TemplateFilesMaxAge: o.TemplateFilesMaxAge}
 		if e, ok := be.Backend.(gc.Engine); ok {
 			cfg.Engine = e
 		}

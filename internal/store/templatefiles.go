@@ -13,14 +13,16 @@ type TemplateFile struct {
 	Account   string
 	Hash      string
 	SizeBytes int64
-	// CreatedAt is when it was last put.
+	// CreatedAt is when it was last put or used (TouchTemplateFile):
+	// garbage collection removes files unused for a retention period.
 	CreatedAt time.Time
 }
 
 // TemplateFiles keeps E2B template files in the store, so that a
 // cluster's control replicas all see an upload whichever of them took it
 // (one host keeps them as files). The bytes are chunked as Uploads' are.
-// Every call is scoped to one account.
+// Every call is scoped to one account but ListTemplateFiles with account
+// "" (garbage collection).
 type TemplateFiles interface {
 	// PutTemplateFile stores size bytes read from body as the account's
 	// files of hash, replacing any it had (as a file upload overwrites):
@@ -30,6 +32,16 @@ type TemplateFiles interface {
 	// OpenTemplateFile opens the account's files of hash, one chunk in
 	// memory at a time; errdefs.ErrNotFound when it has none.
 	OpenTemplateFile(ctx context.Context, account, hash string) (io.ReadCloser, TemplateFile, error)
-	// ListTemplateFiles lists the account's template files by hash.
+	// TouchTemplateFile sets CreatedAt to at (the files were used: the
+	// SDK found them present, or a build read them), so that they are
+	// kept a retention period longer. errdefs.ErrNotFound when the
+	// account has no files of hash.
+	TouchTemplateFile(ctx context.Context, account, hash string, at time.Time) error
+	// DeleteTemplateFile deletes the files and their chunks if they were
+	// put or touched before before, and says whether it did: a put or
+	// touch on another replica after garbage collection listed them wins.
+	DeleteTemplateFile(ctx context.Context, account, hash string, before time.Time) (bool, error)
+	// ListTemplateFiles lists the account's template files ("" = every
+	// account's), ordered by account and hash.
 	ListTemplateFiles(ctx context.Context, account string) ([]TemplateFile, error)
 }

@@ -77,9 +77,28 @@ func (s *Store) OpenTemplateFile(ctx context.Context, account, hash string) (io.
 	return s.chunkReader(ctx, account, id, f.SizeBytes), f, nil
 }
 
+func (s *Store) TouchTemplateFile(ctx context.Context, account, hash string, at time.Time) error {
+	ok, err := s.touchChunked(ctx, "template_files", "hash", account, hash, at)
+	if err != nil {
+		return fmt.Errorf("touching template files: %w", err)
+	}
+	if !ok {
+		return fmt.Errorf("template files %s of account %s: %w", hash, account, errdefs.ErrNotFound)
+	}
+	return nil
+}
+
+func (s *Store) DeleteTemplateFile(ctx context.Context, account, hash string, before time.Time) (bool, error) {
+	deleted, err := s.deleteChunked(ctx, "template_files", "hash", account, hash, before)
+	if err != nil {
+		return false, fmt.Errorf("deleting template files: %w", err)
+	}
+	return deleted, nil
+}
+
 func (s *Store) ListTemplateFiles(ctx context.Context, account string) ([]store.TemplateFile, error) {
-	rows, err := s.r.Query(ctx, `SELECT account, hash, size_bytes, created_at FROM template_files WHERE account = ?
-		ORDER BY hash`+s.d.Collate, account)
+	rows, err := s.r.Query(ctx, `SELECT account, hash, size_bytes, created_at FROM template_files WHERE ? = '' OR account = ?1
+		ORDER BY account`+s.d.Collate+`, hash`+s.d.Collate, account)
 	if err != nil {
 		return nil, fmt.Errorf("listing template files: %w", err)
 	}

@@ -157,23 +157,43 @@ func (r *uploadReader) Read(p []byte) (int, error) {
 func (r *uploadReader) Close() error { r.buf, r.left = nil, 0; return nil }
 
 func (s *Store) TouchUpload(ctx context.Context, account, sha string, at time.Time) error {
-	n, err := s.db.Writer().Exec(ctx, `UPDATE uploads SET created_at = ? WHERE account = ? AND sha256 = ?`, at.UnixNano(), account, sha)
-	if err != nil && !absent(err) {
+	ok, err := s.touchChunked(ctx, "uploads", "sha256", account, sha, at)
+	if err != nil {
 		return fmt.Errorf("touching upload: %w", err)
 	}
-	if n == 0 {
+	if !ok {
 		return fmt.Errorf("upload %s: %w", store.UploadURI(account, sha), errdefs.ErrNotFound)
 	}
 	return nil
 }
 
 func (s *Store) DeleteUpload(ctx context.Context, account, sha string, before time.Time) (bool, error) {
+	deleted, err := s.deleteChunked(ctx, "uploads", "sha256", account, sha, before)
+	if err != nil {
+		return false, fmt.Errorf("deleting upload: %w", err)
+	}
+	return deleted, nil
+}
+
+// touchChunked and deleteChunked serve the tables whose rows point at a
+// put's upload_chunks (uploads, template_files; key is the column naming
+// the row within its account, both constants of this package): the time
+// the touch sets is what the delete is conditional on.
+func (s *Store) touchChunked(ctx context.Context, table, key, account, val string, at time.Time) (bool, error) {
+	n, err := s.db.Writer().Exec(ctx, `UPDATE `+table+` SET created_at = ? WHERE account = ? AND `+key+` = ?`, at.UnixNano(), account, val)
+	if err != nil && !absent(err) {
+		return false, err
+	}
+	return n > 0, nil
+}
+
+func (s *Store) deleteChunked(ctx context.Context, table, key, account, val string, before time.Time) (bool, error) {
 	deleted := false
 	err := s.db.Write(ctx, func(q Querier) error {
 		deleted = false
 		var id string
-		err := q.QueryRow(ctx, `DELETE FROM uploads WHERE account = ? AND sha256 = ? AND created_at < ? RETURNING upload_id`,
-			account, sha, before.UnixNano()).Scan(&id)
+		err := q.QueryRow(ctx, `DELETE FROM `+table+` WHERE account = ? AND `+key+` = ? AND created_at < ? RETURNING upload_id`,
+			account, val, before.UnixNano()).Scan(&id)
 		if absent(err) {
 			return nil
 		}
@@ -184,10 +204,7 @@ func (s *Store) DeleteUpload(ctx context.Context, account, sha string, before ti
 		_, err = q.Exec(ctx, `DELETE FROM upload_chunks WHERE account = ? AND upload_id = ?`, account, id)
 		return err
 	})
-	if err != nil {
-		return false, fmt.Errorf("deleting upload: %w", err)
-	}
-	return deleted, nil
+	return deleted, err
 }
 
 func (s *Store) ListUploads(ctx context.Context, account string) ([]store.Upload, error) {

@@ -15,7 +15,8 @@ import (
 // templateFiles: E2B template files come back byte for byte across
 // chunks, to their own account only; a put of the same hash replaces the
 // bytes and leaves no stray chunk; a body of the wrong length leaves
-// nothing; the upload prune spares template files' chunks.
+// nothing; the upload prune spares template files' chunks; a touch
+// renews only its own account's files, and deletes honour the time.
 func templateFiles(t *testing.T, s store.Store) {
 	tf, ok := s.(store.TemplateFiles)
 	if !ok {
@@ -83,5 +84,49 @@ func templateFiles(t *testing.T, s store.Store) {
 	must(t, err)
 	if len(l) != 1 || l[0].Hash != h || l[0].SizeBytes != int64(len(small)) {
 		t.Errorf("ListTemplateFiles(A) = %+v", l)
+	}
+
+	// Touch and conditional delete, as garbage collection uses them: the
+	// touch of A's files leaves D's files of the same hash as they were.
+	const h2 = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210"
+	_, err = tf.PutTemplateFile(ctx, "D", h, int64(len(small)), bytes.NewReader(small))
+	must(t, err)
+	_, err = tf.PutTemplateFile(ctx, "D", h2, int64(len(small)), bytes.NewReader(small))
+	must(t, err)
+	is(t, tf.TouchTemplateFile(ctx, "B", h, time.Now()), errdefs.ErrNotFound)
+	past, future := time.Now().Add(-48*time.Hour), time.Now().Add(48*time.Hour)
+	must(t, tf.TouchTemplateFile(ctx, "A", h, future))
+	all, err := tf.ListTemplateFiles(ctx, "")
+	must(t, err)
+	if len(all) != 3 || all[0].Account != "A" || all[1].Account != "D" || all[1].Hash != h || all[2].Hash != h2 {
+		t.Fatalf("ListTemplateFiles(all) = %+v", all)
+	}
+	if all[0].CreatedAt.Sub(future).Abs() > time.Millisecond {
+		t.Errorf("touched A's files: CreatedAt %v, want %v", all[0].CreatedAt, future)
+	}
+	if all[1].CreatedAt.After(time.Now()) {
+		t.Errorf("touching A's files renewed D's: %+v", all[1])
+	}
+	// A's files were touched after the cut: they stay.
+	if ok, err := tf.DeleteTemplateFile(ctx, "A", h, time.Now()); err != nil || ok {
+		t.Errorf("DeleteTemplateFile of touched files = %v, %v", ok, err)
+	}
+	must(t, tf.TouchTemplateFile(ctx, "D", h, past))
+	if ok, err := tf.DeleteTemplateFile(ctx, "D", h, time.Now().Add(-time.Hour)); err != nil || !ok {
+		t.Errorf("DeleteTemplateFile of unused files = %v, %v", ok, err)
+	}
+	if ok, err := tf.DeleteTemplateFile(ctx, "D", h, time.Now()); err != nil || ok {
+		t.Errorf("DeleteTemplateFile again = %v, %v", ok, err)
+	}
+	_, err = read("D", h)
+	is(t, err, errdefs.ErrNotFound)
+	if got, err := read("D", h2); err != nil || !bytes.Equal(got, small) {
+		t.Errorf("D's other files after the delete: %q, %v", got, err)
+	}
+	if got, err := read("A", h); err != nil || !bytes.Equal(got, small) {
+		t.Errorf("A's files after D's delete: %q, %v", got, err)
+	}
+	if n, _ := s.(store.Uploads).PruneUploadChunks(ctx, time.Now().Add(time.Hour)); n != 0 {
+		t.Errorf("deleting template files left %d stray chunks", n)
 	}
 }
