@@ -102,6 +102,10 @@ func (s *Server) directRoute(ctx context.Context, d *reqHead) (id, addr string, 
 	return id, addr, true
 }
 
+// directTaken, set by tests only, is called for each request the direct
+// path takes.
+var directTaken func()
+
 // knownPlain reports whether speaksTLS remembers, still, that the guest
 // at addr speaks plain HTTP; it never probes.
 func (s *Server) knownPlain(addr string) bool {
@@ -189,6 +193,9 @@ func (c *h1Conn) direct(d *reqHead, n int) (keep, handled bool) {
 	if !ok {
 		w.rc.cancel()
 		return false, false
+	}
+	if directTaken != nil {
+		directTaken()
 	}
 	c.br.Discard(n)
 	c.conn.SetReadDeadline(time.Time{})

@@ -105,6 +105,19 @@ func (u *h1Upstream) put(addr string, pc *upConn) {
 	}
 }
 
+// closeIdle closes every idle connection.
+func (u *h1Upstream) closeIdle() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for _, l := range u.idle {
+		for _, pc := range l {
+			pc.c.Close()
+		}
+	}
+	clear(u.idle)
+	u.nIdle = 0
+}
+
 // sweep closes connections idle for upIdleTimeout (a guest that got no
 // request since keeps no descriptor of ours) and ends when none is left.
 func (u *h1Upstream) sweep() {
