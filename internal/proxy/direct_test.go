@@ -445,7 +445,7 @@ func FuzzDirectHead(f *testing.F) {
 		d.remoteIP, d.https = "192.0.2.7", true
 		var general, direct strings.Builder
 		bw := bufio.NewWriter(&general)
-		if err := writeHead(bw, outgoing(r, &url.URL{Scheme: "http", Host: "127.0.0.1:8080"})); err != nil {
+		if err := writeHead(bw, outgoing(r, &url.URL{Scheme: "http", Host: "127.0.0.1:8080"}, true)); err != nil {
 			t.Fatal(err)
 		}
 		bw.Flush()

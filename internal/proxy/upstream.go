@@ -439,22 +439,36 @@ func hasToken(vals []string, token string) bool {
 // Forwarded/X-Forwarded-* replaced by ours,
 // every x-aws-proxy-* header, the token cookie and kiln's WebSocket
 // subprotocols removed, Host kept.
-func outgoing(r *http.Request, target *url.URL) *http.Request {
-	h := make(http.Header, len(r.Header)+3)
-	for k, vv := range r.Header {
-		if !droppedRequestField(k) {
-			h[k] = vv // values are replaced, never appended to in place, below
+//
+// own: r comes from the own loops (h1Conn, h2Conn), which never read its
+// header again: it becomes the guest's, which spares a map per request.
+func outgoing(r *http.Request, target *url.URL, own bool) *http.Request {
+	conn, te := r.Header["Connection"], r.Header["Te"]
+	var h http.Header
+	if own {
+		h = r.Header
+		for k := range h {
+			if droppedRequestField(k) {
+				delete(h, k)
+			}
+		}
+	} else {
+		h = make(http.Header, len(r.Header)+3)
+		for k, vv := range r.Header {
+			if !droppedRequestField(k) {
+				h[k] = vv // values are replaced, never appended to in place, below
+			}
 		}
 	}
 	// And the fields the client named in Connection.
-	for _, f := range r.Header["Connection"] {
+	for _, f := range conn {
 		for _, sf := range strings.Split(f, ",") {
 			if sf = textprotoTrim(sf); sf != "" {
 				h.Del(sf)
 			}
 		}
 	}
-	if hasToken(r.Header["Te"], "trailers") {
+	if hasToken(te, "trailers") {
 		h["Te"] = []string{"trailers"}
 	}
 	// One array for the three values (cap 1 each: an append copies).
@@ -521,7 +535,8 @@ func isHex(c byte) bool {
 // h1Upstream, answering as ReverseProxy with s.h1 answers.
 func (s *Server) forwardH1(w http.ResponseWriter, r *http.Request, id string, target *url.URL) {
 	ctx := r.Context()
-	out := outgoing(r, target)
+	_, own := ctx.Value(keyCancel).(*reqCancel)
+	out := outgoing(r, target, own)
 	resp, pc, err := s.up.roundTrip(ctx, target.Host, out)
 	if err != nil {
 		s.guestFailed(w, r, id, err)

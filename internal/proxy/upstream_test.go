@@ -313,7 +313,7 @@ func FuzzOutgoingHeaders(f *testing.F) {
 		r.Header["Connection"] = []string{connection}
 		r.Header["Cookie"] = []string{cookie}
 		r.Header["Te"] = []string{te}
-		out := outgoing(r, &url.URL{Scheme: "http", Host: "127.0.0.1:8080"})
+		out := outgoing(r, &url.URL{Scheme: "http", Host: "127.0.0.1:8080"}, false)
 		var b strings.Builder
 		bw := bufio.NewWriter(&b)
 		if err := writeHead(bw, out); err != nil {
