@@ -157,7 +157,7 @@ func (d *reqHead) writeHead(bw *bufio.Writer) error {
 		case f.k == "User-Agent" && v == "":
 			continue
 		}
-		writeField(bw, f.k, v)
+		writeField(bw, f.k, strings.Trim(v, " \t")) // as writeHead; h2's values come untrimmed
 	}
 	if d.remoteIP != "" {
 		writeField(bw, "X-Forwarded-For", d.remoteIP)
@@ -211,7 +211,7 @@ func (c *h1Conn) direct(d *reqHead, n int) (keep, handled bool) {
 	c.watchT.Reset(watchDelay)
 	var code int
 	var sent int64
-	aborted := c.guard(func() { code, sent = c.forwardDirect(ctx, w, d, id, addr) })
+	aborted := guard(c.hs.s.log, c.remote, func() { code, sent = c.forwardDirect(ctx, w, d, id, addr) })
 	c.unwatch()
 	if aborted {
 		return false, true
@@ -256,13 +256,7 @@ func (c *h1Conn) forwardDirect(ctx context.Context, w *h1Writer, d *reqHead, id,
 		// HEAD's, chunked, unsniffed, an event stream, ...): the general
 		// path's reader and writer.
 		cw, r := c.general(w, d)
-		out := &http.Request{Method: d.method, Host: d.host}
-		resp, err := pc.readResponse(out)
-		if err != nil {
-			s.guestFailed(cw, r, id, pc.fail(ctx, err))
-			return cw.code, cw.n
-		}
-		s.answerH1(ctx, cw, r, id, out, resp, pc, addr)
+		s.answerHead(ctx, cw, r, d, id, addr, pc)
 		return cw.code, cw.n
 	}
 	pc.br.Discard(hn)

@@ -22,6 +22,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/net/http2/hpack"
+
 	"github.com/kiln-sandbox/kiln/internal/tlsca"
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
@@ -104,6 +106,9 @@ func (g *scriptedGuest) serve(c net.Conn) {
 	for {
 		if b, err := br.Peek(1); err != nil || b[0] == 0x16 {
 			return // gone, or speaksTLS's probe: this guest speaks plain HTTP
+		}
+		if b, _ := br.Peek(3); string(b) == "PRI" {
+			return // h2c (gRPC): nor HTTP/2
 		}
 		raw, answer, err := readRawRequest(br)
 		if err != nil {
@@ -191,13 +196,17 @@ func normalizeHead(head string) string {
 	return lines[0] + "\n" + strings.Join(fields, "\n")
 }
 
-// TestDirectSameAsGeneral sends the same requests, plain and hostile,
-// through the direct path and through the general one (Server.noDirect)
-// and compares what the guest receives (its bytes, fields in a stable
-// order) and what the client gets (status, fields but Date, body, and
-// whether the connection serves a next request). It also checks that the
-// plain ones did take the direct path.
-func TestDirectSameAsGeneral(t *testing.T) {
+// directEnv is a proxy with a backend whose VMs run, in front of a
+// scriptedGuest on every port.
+type directEnv struct {
+	g      *scriptedGuest
+	srv    *Server
+	ln     net.Listener
+	roots  *x509.CertPool
+	signer *token.Signer
+}
+
+func newDirectEnv(t *testing.T) *directEnv {
 	g := startScriptedGuest(t)
 	dir := t.TempDir()
 	ca, err := tlsca.Open(tlsca.Config{Domain: domain, Dir: filepath.Join(dir, "tls"), CAExport: filepath.Join(dir, "ca.pem")})
@@ -232,6 +241,18 @@ func TestDirectSameAsGeneral(t *testing.T) {
 	t.Cleanup(func() { cancel(); <-done })
 	roots := rootsFromFile(t, filepath.Join(dir, "ca.pem"))
 
+	return &directEnv{g, srv, ln, roots, signer}
+}
+
+// TestDirectSameAsGeneral sends the same requests, plain and hostile,
+// through the direct path and through the general one (Server.noDirect)
+// and compares what the guest receives (its bytes, fields in a stable
+// order) and what the client gets (status, fields but Date, body, and
+// whether the connection serves a next request). It also checks that the
+// plain ones did take the direct path.
+func TestDirectSameAsGeneral(t *testing.T) {
+	e := newDirectEnv(t)
+	g, srv, ln, roots, signer := e.g, e.srv, e.ln, e.roots, e.signer
 	mint := func(vm string, kind token.Kind, ports ...token.PortRange) string {
 		tok, _, err := signer.Mint("acct", vm, kind, ports, time.Minute)
 		if err != nil {
@@ -459,6 +480,161 @@ func FuzzDirectHead(f *testing.F) {
 		}
 		if _, err := http.ReadRequest(bufio.NewReader(strings.NewReader(direct.String()))); err != nil {
 			t.Fatalf("the guest cannot read %q: %v", direct.String(), err)
+		}
+	})
+}
+
+// TestDirectSameAsGeneralH2 is TestDirectSameAsGeneral for h2 streams,
+// with what Go's HTTP/2 client lets one send.
+func TestDirectSameAsGeneralH2(t *testing.T) {
+	e := newDirectEnv(t)
+	tok, _, err := e.signer.Mint("acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, _, _ := e.signer.Mint("acct", "otheracct", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
+	client := &http.Client{Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: e.roots}, ForceAttemptHTTP2: true, DisableCompression: true,
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, e.ln.Addr().String())
+		}}, Timeout: 5 * time.Second}
+	type tc struct {
+		name, method, url string
+		hdr               http.Header
+		direct            bool
+	}
+	base := "https://vm1." + domain
+	cases := []tc{
+		{"plain", "GET", base + "/", http.Header{"User-Agent": {"t"}}, true},
+		{"query", "GET", base + "/a/b?x=1&y=%20z", nil, true},
+		{"escaped path", "GET", base + "/a%20b/c;d=1/%2F@:$+,", nil, true},
+		{"path net/url rewrites", "GET", base + "/a!b*(c)", nil, false},
+		{"HEAD", "HEAD", base + "/", http.Header{"X-Answer": {"head"}}, true},
+		{"DELETE", "DELETE", base + "/x", nil, true},
+		{"bodyless POST (content-length: 0)", "POST", base + "/x", nil, false},
+		{"duplicate fields", "GET", base + "/", http.Header{"X-A": {"1", "2"}, "X-B": {"3"}}, true},
+		{"spaced values", "GET", base + "/", http.Header{"X-S": {"  s  "}, "X-T": {"\tt"}, "User-Agent": {""}}, true},
+		{"kiln fields", "GET", base + "/", http.Header{"X-Aws-Proxy-Port": {"8080"}, "X-Aws-Proxy-Other": {"1"}}, true},
+		{"planted forwarding", "GET", base + "/", http.Header{"X-Forwarded-For": {"203.0.113.9"}, "Forwarded": {"for=x"}, "X-Forwarded-Host": {"evil"}}, true},
+		{"E2B traffic token", "GET", base + "/", http.Header{"E2b-Traffic-Access-Token": {"secret"}}, true},
+		{"token cookie", "GET", base + "/", http.Header{"Cookie": {CookieAuth + "=" + tok}}, true},
+		{"subprotocols", "GET", base + "/", http.Header{"Sec-Websocket-Protocol": {SubprotoAuth + tok + ", chat"}}, false},
+		{"gRPC type", "GET", base + "/", http.Header{"Content-Type": {"application/grpc"}}, false},
+		{"bad token", "GET", base + "/", http.Header{HeaderAuth: {"nope"}}, false},
+		{"token of another VM", "GET", "https://otheracct." + domain + "/", nil, false},
+		{"other account", "GET", "https://otheracct." + domain + "/", http.Header{HeaderAuth: {other}}, false},
+		{"shell port", "GET", base + "/", http.Header{"X-Aws-Proxy-Port": {"8022"}}, false},
+		{"query token link", "GET", base + "/?" + QueryAuth + "=" + tok, http.Header{HeaderAuth: {""}}, false},
+		{"E2B host", "GET", "https://8080-vm1." + domain + "/", nil, false},
+	}
+	for name := range guestAnswers {
+		if name != "head" {
+			cases = append(cases, tc{"answer " + name, "GET", base + "/", http.Header{"X-Answer": {name}}, true})
+		}
+	}
+	slices.SortStableFunc(cases, func(a, b tc) int { return strings.Compare(a.name, b.name) })
+	do := func(c tc) string {
+		req, _ := http.NewRequest(c.method, c.url, nil)
+		req.Header.Set(HeaderAuth, tok)
+		for k, v := range c.hdr {
+			req.Header[http.CanonicalHeaderKey(k)] = v // one field each, in an order Go's client picks
+		}
+		if v, ok := c.hdr[HeaderAuth]; ok && v[0] == "" {
+			req.Header.Del(HeaderAuth)
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return "error"
+		}
+		defer resp.Body.Close()
+		body, berr := io.ReadAll(resp.Body)
+		var fields []string
+		for k, vv := range resp.Header {
+			if k != "Date" {
+				fields = append(fields, k+": "+strings.Join(vv, " | "))
+			}
+		}
+		slices.Sort(fields)
+		return fmt.Sprintf("%s %s cl=%d\n%s\nbody %q err %v", resp.Proto, resp.Status, resp.ContentLength,
+			strings.Join(fields, "\n"), body, berr != nil)
+	}
+	do(cases[0]) // speaksTLS probes the guest port once
+	e.g.take()
+	var taken atomic.Int32
+	directTaken = func() { taken.Add(1) }
+	t.Cleanup(func() { directTaken = nil })
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			e.srv.closeIdle()
+			e.srv.noDirect.Store(true)
+			wantClient := do(c)
+			wantGuest := e.g.take()
+			e.srv.closeIdle()
+			e.srv.noDirect.Store(false)
+			taken.Store(0)
+			gotClient := do(c)
+			gotGuest := e.g.take()
+			if c.direct != (taken.Load() > 0) {
+				t.Errorf("the direct path took it: %v, want %v", taken.Load() > 0, c.direct)
+			}
+			if gotClient != wantClient {
+				t.Errorf("the client got\n%s\n\nthe general path answers\n%s", gotClient, wantClient)
+			}
+			if len(gotGuest) != len(wantGuest) {
+				t.Fatalf("the guest got %d requests, from the general path %d:\n%q\n%q", len(gotGuest), len(wantGuest), gotGuest, wantGuest)
+			}
+			for i := range gotGuest {
+				if got, want := normalizeHead(gotGuest[i]), normalizeHead(wantGuest[i]); got != want {
+					t.Errorf("the guest got\n%s\n\nfrom the general path\n%s", got, want)
+				}
+			}
+		})
+	}
+}
+
+// FuzzH2DirectHead: a header block h2DirectHead takes, newRequest takes
+// too, and the guest gets from the direct path what the general path
+// writes (outgoing, writeHead), field order aside. The block is lines of
+// "name: value" (pseudo-headers as ":method: GET").
+func FuzzH2DirectHead(f *testing.F) {
+	f.Add(":method: GET\n:scheme: https\n:authority: vm1." + domain + "\n:path: /a?b=1\nx-aws-proxy-auth: t\nuser-agent: \ncookie: a=1; " + CookieAuth + "=t\nx-s:  s \t")
+	f.Add(":method: GET\n:scheme: https\n:authority: vm1\n:path: /%2F\nx-forwarded-for: 1\nproxy-authorization: x\ne2b-traffic-access-token: y\nx-a: 1\nx-a: 2")
+	f.Add(":method: POST\n:scheme: https\n:authority: h:443\n:path: /;x\ncontent-type: application/grpc")
+	f.Add(":method: GET\n:scheme: https\n:path: /\n:authority: h\n:authority: i")
+	f.Fuzz(func(t *testing.T, block string) {
+		var fields []hpack.HeaderField
+		for line := range strings.SplitSeq(block, "\n") {
+			name, value, _ := strings.Cut(line[min(1, len(line)):], ": ")
+			fields = append(fields, hpack.HeaderField{Name: line[:min(1, len(line))] + name, Value: value})
+		}
+		d := h2DirectHead(fields, true)
+		if d == nil {
+			return
+		}
+		c := &h2Conn{remote: "192.0.2.7:4000", state: &tls.ConnectionState{}}
+		r, _, err := c.newRequest(fields, true)
+		if err != nil {
+			t.Fatalf("h2DirectHead took %q, newRequest refused it: %v", block, err)
+		}
+		if r.URL.RequestURI() != d.uri {
+			t.Fatalf("%q: the direct path sends %q, the general one %q", block, d.uri, r.URL.RequestURI())
+		}
+		if _, ok := r.Header[fieldWSProtocol]; ok || len(r.Header["Cookie"]) > 0 && strings.Count(block, "\ncookie:") > 1 {
+			return // not for the direct path (directRoute)
+		}
+		d.remoteIP = "192.0.2.7"
+		var general, direct strings.Builder
+		bw := bufio.NewWriter(&general)
+		if err := writeHead(bw, outgoing(r, &url.URL{Scheme: "http", Host: "127.0.0.1:8080"}, true)); err != nil {
+			t.Fatal(err)
+		}
+		bw.Flush()
+		bw = bufio.NewWriter(&direct)
+		d.writeHead(bw)
+		bw.Flush()
+		if got, want := normalizeHead(direct.String()), normalizeHead(general.String()); got != want {
+			t.Fatalf("%q:\ndirect\n%s\ngeneral\n%s", block, got, want)
 		}
 	})
 }

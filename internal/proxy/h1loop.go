@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"log/slog"
 	"math"
 	"net"
 	"net/http"
@@ -498,19 +499,19 @@ func (c *h1Conn) run(r *http.Request) (keep bool) {
 // call runs the handler; a panic (http.ErrAbortHandler included) ends the
 // connection without finishing the response, as net/http does.
 func (c *h1Conn) call(w *h1Writer, r *http.Request) (aborted bool) {
-	return c.guard(func() { c.hs.handler.ServeHTTP(w, r) })
+	return guard(c.hs.s.log, c.remote, func() { c.hs.handler.ServeHTTP(w, r) })
 }
 
-// guard runs f; a panic in it (http.ErrAbortHandler included) is
-// reported as aborted and logged unless it is that one.
-func (c *h1Conn) guard(f func()) (aborted bool) {
+// guard runs f, a handler's work; a panic in it (http.ErrAbortHandler
+// included) is reported as aborted, and logged unless it is that one.
+func guard(log *slog.Logger, remote string, f func()) (aborted bool) {
 	defer func() {
 		if v := recover(); v != nil {
 			aborted = true
 			if v != http.ErrAbortHandler {
 				buf := make([]byte, 16<<10)
 				buf = buf[:runtime.Stack(buf, false)]
-				c.hs.s.log.Error("proxy: handler panic", "remote", c.remote, "panic", v, "stack", string(buf))
+				log.Error("proxy: handler panic", "remote", remote, "panic", v, "stack", string(buf))
 			}
 		}
 	}()
