@@ -24,8 +24,9 @@ import (
 // background read after every request header and aborts it when the
 // handler ends, two goroutine wake-ups per request that on 2 busy cores
 // made most of the gap to nginx (docs/ARCHITECTURE.md, "Endpoint
-// proxy"). The loop still parses with http.ReadRequest and hands the
-// request to the same Server.ServeHTTP, so the token check, routing and
+// proxy"). The plain request takes the direct path (direct.go) when it
+// may; every other one is parsed (own parser or http.ReadRequest) and
+// handed to the same Server.ServeHTTP, so the token check, routing and
 // header stripping are the ones every other request gets. Anything
 // unusual (an upgrade, Expect, HTTP/1.0, h2 by ALPN) goes to net/http's
 // server with the bytes already read replayed in front of the connection.
