@@ -266,13 +266,7 @@ func (c *h1Conn) forwardDirect(ctx context.Context, w *h1Writer, d *reqHead, id,
 	c.writeAnswerFields(&rh, w.closeAfter)
 	sent, rerr, werr := copyLength(c.bw, pc.br, rh.cl)
 	reuse := false
-	defer func() {
-		if pc.unwatch() && reuse {
-			s.up.put(addr, pc)
-		} else {
-			pc.c.Close()
-		}
-	}()
+	defer func() { s.up.release(addr, pc, reuse) }()
 	switch {
 	case werr != nil:
 		w.fail(werr)

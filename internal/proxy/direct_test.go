@@ -13,7 +13,6 @@ import (
 	"net/http/httputil"
 	"net/netip"
 	"net/url"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -24,7 +23,6 @@ import (
 
 	"golang.org/x/net/http2/hpack"
 
-	"github.com/kiln-sandbox/kiln/internal/tlsca"
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
 
@@ -208,38 +206,18 @@ type directEnv struct {
 
 func newDirectEnv(t *testing.T) *directEnv {
 	g := startScriptedGuest(t)
-	dir := t.TempDir()
-	ca, err := tlsca.Open(tlsca.Config{Domain: domain, Dir: filepath.Join(dir, "tls"), CAExport: filepath.Join(dir, "ca.pem")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	signer, err := token.NewSigner([]byte(strings.Repeat("s", 32)))
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca, roots, signer := testPKI(t)
 	lo := netip.MustParseAddr("127.0.0.1")
 	fb := &fakeBackend{ensures: map[string]int{}, open: map[string]int{}, vms: map[string]*fakeVM{
 		"vm1":       {tgt: Target{Account: "acct", Addr: lo, Ingress: true, Shell: true}},
 		"noingress": {tgt: Target{Account: "acct", Addr: lo}},
 		"otheracct": {tgt: Target{Account: "other", Addr: lo, Ingress: true}},
 	}}
-	srv, err := New(Config{Domain: domain, Backend: runningBackend{fb}, Tokens: signer,
+	srv, ln := serveProxy(t, Config{Domain: domain, Backend: runningBackend{fb}, Tokens: signer,
 		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, network, g.addr)
-		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { srv.Serve(ctx, ln, ca.TLSConfig(), time.Second); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	roots := rootsFromFile(t, filepath.Join(dir, "ca.pem"))
+		}}, ca)
 
 	return &directEnv{g, srv, ln, roots, signer}
 }
@@ -464,24 +442,32 @@ func FuzzDirectHead(f *testing.F) {
 		}
 		r.RemoteAddr, r.TLS = "192.0.2.7:4000", &tls.ConnectionState{}
 		d.remoteIP, d.https = "192.0.2.7", true
-		var general, direct strings.Builder
-		bw := bufio.NewWriter(&general)
-		if err := writeHead(bw, outgoing(r, &url.URL{Scheme: "http", Host: "127.0.0.1:8080"}, true)); err != nil {
-			t.Fatal(err)
-		}
-		bw.Flush()
-		bw = bufio.NewWriter(&direct)
-		if err := d.writeHead(bw); err != nil {
-			t.Fatal(err)
-		}
-		bw.Flush()
-		if got, want := normalizeHead(direct.String()), normalizeHead(general.String()); got != want {
-			t.Fatalf("%q:\ndirect\n%s\ngeneral\n%s", data, got, want)
-		}
-		if _, err := http.ReadRequest(bufio.NewReader(strings.NewReader(direct.String()))); err != nil {
-			t.Fatalf("the guest cannot read %q: %v", direct.String(), err)
-		}
+		sameGuestHead(t, string(data), r, &d)
 	})
+}
+
+// sameGuestHead fails unless the direct path writes for d what the
+// general path writes for r (outgoing, writeHead), field order aside,
+// and the guest can read it.
+func sameGuestHead(t *testing.T, input string, r *http.Request, d *reqHead) {
+	t.Helper()
+	var general, direct strings.Builder
+	bw := bufio.NewWriter(&general)
+	if err := writeHead(bw, outgoing(r, &url.URL{Scheme: "http", Host: "127.0.0.1:8080"}, true)); err != nil {
+		t.Fatal(err)
+	}
+	bw.Flush()
+	bw = bufio.NewWriter(&direct)
+	if err := d.writeHead(bw); err != nil {
+		t.Fatal(err)
+	}
+	bw.Flush()
+	if got, want := normalizeHead(direct.String()), normalizeHead(general.String()); got != want {
+		t.Fatalf("%q:\ndirect\n%s\ngeneral\n%s", input, got, want)
+	}
+	if _, err := http.ReadRequest(bufio.NewReader(strings.NewReader(direct.String()))); err != nil {
+		t.Fatalf("the guest cannot read %q: %v", direct.String(), err)
+	}
 }
 
 // TestDirectSameAsGeneralH2 is TestDirectSameAsGeneral for h2 streams,
@@ -624,17 +610,6 @@ func FuzzH2DirectHead(f *testing.F) {
 			return // not for the direct path (directRoute)
 		}
 		d.remoteIP = "192.0.2.7"
-		var general, direct strings.Builder
-		bw := bufio.NewWriter(&general)
-		if err := writeHead(bw, outgoing(r, &url.URL{Scheme: "http", Host: "127.0.0.1:8080"}, true)); err != nil {
-			t.Fatal(err)
-		}
-		bw.Flush()
-		bw = bufio.NewWriter(&direct)
-		d.writeHead(bw)
-		bw.Flush()
-		if got, want := normalizeHead(direct.String()), normalizeHead(general.String()); got != want {
-			t.Fatalf("%q:\ndirect\n%s\ngeneral\n%s", block, got, want)
-		}
+		sameGuestHead(t, block, r, d)
 	})
 }

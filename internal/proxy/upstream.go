@@ -105,6 +105,16 @@ func (u *h1Upstream) put(addr string, pc *upConn) {
 	}
 }
 
+// release ends pc's exchange: back to the pool if it can serve another
+// (reuse, and its request was not cancelled), else closed.
+func (u *h1Upstream) release(addr string, pc *upConn, reuse bool) {
+	if pc.unwatch() && reuse {
+		u.put(addr, pc)
+	} else {
+		pc.c.Close()
+	}
+}
+
 // closeIdle closes every idle connection.
 func (u *h1Upstream) closeIdle() {
 	u.mu.Lock()
@@ -553,13 +563,7 @@ func (s *Server) answerH1(ctx context.Context, w http.ResponseWriter, r *http.Re
 	resp *http.Response, pc *upConn, addr string) {
 	var err error
 	reuse := false
-	defer func() {
-		if pc.unwatch() && reuse {
-			s.up.put(addr, pc)
-		} else {
-			pc.c.Close()
-		}
-	}()
+	defer func() { s.up.release(addr, pc, reuse) }()
 	// Informational answers (103 Early Hints) go on to the client, as
 	// ReverseProxy passes them; the final answer follows.
 	for resp.StatusCode >= 100 && resp.StatusCode < 200 {
