@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/token"
@@ -43,8 +44,15 @@ import (
 // force-h2, E2B headers, the query token link, a URI net/url rewrites).
 // The VM must run (RunningNow); wake is still asked after ConnOpened, as
 // serve asks it.
-func (s *Server) directRoute(ctx context.Context, d *reqHead) (id, addr string, ok bool) {
+//
+// general remembers a host whose target takes the general path for good
+// (a route Dial, a TLS guest), so that later requests on the connection
+// skip the checks here and Lookup stays once a request.
+func (s *Server) directRoute(ctx context.Context, d *reqHead, general *atomic.Pointer[string]) (id, addr string, ok bool) {
 	if s.noDirect.Load() || s.running == nil || !plainURI(d.uri) {
+		return "", "", false
+	}
+	if h := general.Load(); h != nil && *h == d.host {
 		return "", "", false
 	}
 	if id, ok = s.microvmFromHost(d.host); !ok {
@@ -92,12 +100,19 @@ func (s *Server) directRoute(ctx context.Context, d *reqHead) (id, addr string, 
 	}
 	tgt, err := s.cfg.Backend.Lookup(ctx, id)
 	if err != nil || claims.Account != "" && tgt.Account != "" && claims.Account != tgt.Account ||
-		!tgt.Ingress || tgt.Dial != nil || !s.running.RunningNow(id) {
+		!tgt.Ingress || !s.running.RunningNow(id) {
+		return "", "", false
+	}
+	if tgt.Dial != nil {
+		general.Store(new(d.host)) // a copy: d is reused
 		return "", "", false
 	}
 	addr = netip.AddrPortFrom(tgt.Addr, port).String()
-	if !s.knownPlain(addr) {
-		return "", "", false // the general path probes (speaksTLS) and remembers
+	if plain, known := s.knownTLS(addr); !plain {
+		if known {
+			general.Store(new(d.host))
+		}
+		return "", "", false // unknown: the general path probes (speaksTLS) and remembers
 	}
 	return id, addr, true
 }
@@ -106,13 +121,14 @@ func (s *Server) directRoute(ctx context.Context, d *reqHead) (id, addr string, 
 // path takes.
 var directTaken func()
 
-// knownPlain reports whether speaksTLS remembers, still, that the guest
-// at addr speaks plain HTTP; it never probes.
-func (s *Server) knownPlain(addr string) bool {
+// knownTLS reports what speaksTLS remembers, still, of the guest at
+// addr: plain HTTP, or known (TLS if not plain); it never probes.
+func (s *Server) knownTLS(addr string) (plain, known bool) {
 	s.tlsMu.Lock()
 	p, ok := s.tlsPorts[addr]
 	s.tlsMu.Unlock()
-	return ok && !p.tls && time.Since(p.at) < tlsProbeTTL
+	known = ok && time.Since(p.at) < tlsProbeTTL
+	return known && !p.tls, known
 }
 
 // plainURI: uri (origin-form, visible ASCII) is what the general path
@@ -189,7 +205,7 @@ func (c *h1Conn) direct(d *reqHead, n int) (keep, handled bool) {
 	s := c.hs.direct
 	w := &h1Writer{c: c, response: response{cl: -1}}
 	ctx := w.rc.context()
-	id, addr, ok := s.directRoute(ctx, d)
+	id, addr, ok := s.directRoute(ctx, d, &c.generalHost)
 	if !ok {
 		w.rc.cancel()
 		return false, false

@@ -78,7 +78,7 @@ func h2DirectHead(fields []hpack.HeaderField, https bool) *reqHead {
 // did nothing but the checks.
 func (c *h2Conn) direct(st *h2Stream) bool {
 	s, d := c.hs.direct, st.head
-	id, addr, ok := s.directRoute(st.ctx, d)
+	id, addr, ok := s.directRoute(st.ctx, d, &c.generalHost)
 	if !ok {
 		return false
 	}

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/http/httputil"
 	"net/netip"
 	"net/url"
@@ -612,4 +613,66 @@ func FuzzH2DirectHead(f *testing.F) {
 		d.remoteIP = "192.0.2.7"
 		sameGuestHead(t, block, r, d)
 	})
+}
+
+// lookupCounter counts a running backend's Lookups.
+type lookupCounter struct {
+	runningBackend
+	n atomic.Int32
+}
+
+func (b *lookupCounter) Lookup(ctx context.Context, id string) (Target, error) {
+	b.n.Add(1)
+	return b.runningBackend.Lookup(ctx, id)
+}
+
+// TestDirectLookupOnce: a guest port that speaks TLS takes the general
+// path, and after the first request of a connection the direct path's
+// check no longer asks Lookup a second time per request.
+func TestDirectLookupOnce(t *testing.T) {
+	app := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "tls app") }))
+	t.Cleanup(app.Close)
+	ca, roots, signer := testPKI(t)
+	lo := netip.MustParseAddr("127.0.0.1")
+	b := &lookupCounter{runningBackend: runningBackend{&fakeBackend{ensures: map[string]int{}, open: map[string]int{},
+		vms: map[string]*fakeVM{"vm1": {tgt: Target{Account: "acct", Addr: lo, Ingress: true}}}}}}
+	_, ln := serveProxy(t, Config{Domain: domain, Backend: b, Tokens: signer,
+		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, app.Listener.Addr().String())
+		}}, ca)
+	tok, _, _ := signer.Mint("acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
+	for _, h2 := range []bool{false, true} {
+		tc := &tls.Config{RootCAs: roots, NextProtos: []string{"http/1.1"}}
+		if h2 {
+			tc.NextProtos = nil
+		}
+		client := &http.Client{Transport: &http.Transport{TLSClientConfig: tc, ForceAttemptHTTP2: h2,
+			DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, network, ln.Addr().String())
+			}}, Timeout: 5 * time.Second}
+		b.n.Store(0)
+		const n = 5
+		for range n {
+			req, _ := http.NewRequest("GET", "https://vm1."+domain+"/", nil)
+			req.Header.Set(HeaderAuth, tok)
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if string(body) != "tls app" {
+				t.Fatalf("h2=%v: %d %q", h2, resp.StatusCode, body)
+			}
+		}
+		// The first two requests are asked twice (the first's check finds
+		// no TLS known yet and the general path probes; the second's check
+		// learns it), then one each; without the memo, two each.
+		if got := b.n.Load(); got > n+2 {
+			t.Errorf("h2=%v: %d Lookups for %d requests on one connection", h2, got, n)
+		}
+		client.CloseIdleConnections()
+	}
 }

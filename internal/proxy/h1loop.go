@@ -185,9 +185,10 @@ type h1Conn struct {
 
 	// head and the field arrays are the direct path's, reused request
 	// after request.
-	head    reqHead
-	fields  []hfield
-	rfields []hfield
+	head        reqHead
+	fields      []hfield
+	rfields     []hfield
+	generalHost atomic.Pointer[string] // directRoute's memo
 
 	rec recorder
 	lim io.LimitedReader

@@ -138,7 +138,9 @@ type Backend interface {
 	// Lookup returns routing facts for microVM id from memory or the state
 	// store. It must not change the VM's state (a request with a valid
 	// token but no ingress must not wake it). ErrNotFound if unknown or
-	// terminated. Called once per request: keep it cheap.
+	// terminated. Called once per request (the direct path's check may
+	// add one for the first request of a connection to a VM it does not
+	// serve: a route Dial or a TLS guest): keep it cheap.
 	Lookup(ctx context.Context, id string) (Target, error)
 	// EnsureRunning returns nil once the VM accepts connections. A RUNNING
 	// VM returns at once. SUSPENDED with auto-resume: resume, then return.
