@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
+	"log/slog"
 	"math"
 	"net"
 	"net/http"
@@ -23,8 +24,9 @@ import (
 // background read after every request header and aborts it when the
 // handler ends, two goroutine wake-ups per request that on 2 busy cores
 // made most of the gap to nginx (docs/ARCHITECTURE.md, "Endpoint
-// proxy"). The loop still parses with http.ReadRequest and hands the
-// request to the same Server.ServeHTTP, so the token check, routing and
+// proxy"). The plain request takes the direct path (direct.go) when it
+// may; every other one is parsed (own parser or http.ReadRequest) and
+// handed to the same Server.ServeHTTP, so the token check, routing and
 // header stripping are the ones every other request gets. Anything
 // unusual (an upgrade, Expect, HTTP/1.0, h2 by ALPN) goes to net/http's
 // server with the bytes already read replayed in front of the connection.
@@ -55,8 +57,10 @@ const (
 // loop and HTTP/1.1 to the own h1 loop.
 type h1Serve struct {
 	s *Server
-	// handler is s, but for the loop's own tests.
+	// handler is s, but for the loop's own tests; direct is s where the
+	// direct path (direct.go) serves what it can, nil in those tests.
 	handler  http.Handler
+	direct   *Server
 	tlsConf  *tls.Config
 	fallback *connListener
 	closing  atomic.Bool
@@ -178,6 +182,13 @@ type h1Conn struct {
 	state  *tls.ConnectionState
 	remote string
 	idle   atomic.Bool
+
+	// head and the field arrays are the direct path's, reused request
+	// after request.
+	head        reqHead
+	fields      []hfield
+	rfields     []hfield
+	generalHost atomic.Pointer[string] // directRoute's memo
 
 	rec recorder
 	lim io.LimitedReader
@@ -320,14 +331,24 @@ func (c *h1Conn) one() (keep bool, handoff net.Conn) {
 	}()
 	c.conn.SetReadDeadline(time.Now().Add(readHeaderTimeout))
 	buffered, _ := c.br.Peek(c.br.Buffered())
-	if r, n, ok := parseRequestHead(buffered); ok {
-		if msg := checkRequest(r, buffered[:n]); msg != "" {
-			c.refuse(http.StatusBadRequest, msg)
-			return false, nil
+	if d, n, ok := parseReqHead(buffered, c.fields[:0]); ok {
+		c.fields = d.fields[:0]
+		c.head = d
+		// checkRequest finds nothing else wrong in what parseReqHead takes.
+		if c.hs.direct != nil && validHost(d.host) {
+			if keep, handled := c.direct(&c.head, n); handled {
+				return keep, nil
+			}
 		}
-		c.br.Discard(n)
-		c.conn.SetReadDeadline(time.Time{})
-		return c.run(r), nil
+		if r, ok := c.head.request(); ok {
+			if msg := checkRequest(r, buffered[:n]); msg != "" {
+				c.refuse(http.StatusBadRequest, msg)
+				return false, nil
+			}
+			c.br.Discard(n)
+			c.conn.SetReadDeadline(time.Time{})
+			return c.run(r), nil
+		}
 	}
 	c.rec.buf = append(c.rec.buf[:0], buffered...)
 	c.rec.on = true
@@ -480,17 +501,23 @@ func (c *h1Conn) run(r *http.Request) (keep bool) {
 // call runs the handler; a panic (http.ErrAbortHandler included) ends the
 // connection without finishing the response, as net/http does.
 func (c *h1Conn) call(w *h1Writer, r *http.Request) (aborted bool) {
+	return guard(c.hs.s.log, c.remote, func() { c.hs.handler.ServeHTTP(w, r) })
+}
+
+// guard runs f, a handler's work; a panic in it (http.ErrAbortHandler
+// included) is reported as aborted, and logged unless it is that one.
+func guard(log *slog.Logger, remote string, f func()) (aborted bool) {
 	defer func() {
 		if v := recover(); v != nil {
 			aborted = true
 			if v != http.ErrAbortHandler {
 				buf := make([]byte, 16<<10)
 				buf = buf[:runtime.Stack(buf, false)]
-				c.hs.s.log.Error("proxy: handler panic", "remote", c.remote, "panic", v, "stack", string(buf))
+				log.Error("proxy: handler panic", "remote", remote, "panic", v, "stack", string(buf))
 			}
 		}
 	}()
-	c.hs.handler.ServeHTTP(w, r)
+	f()
 	return false
 }
 
@@ -790,7 +817,7 @@ func (w *h1Writer) sendHeader(final bool) {
 func (w *h1Writer) writeStatus(code int) {
 	bw := w.c.bw
 	bw.WriteString("HTTP/1.1 ")
-	bw.WriteString(strconv.Itoa(code))
+	bw.Write(strconv.AppendInt(bw.AvailableBuffer(), int64(code), 10)) // Itoa allocates for codes over 99
 	bw.WriteByte(' ')
 	if t := http.StatusText(code); t != "" {
 		bw.WriteString(t)

@@ -12,7 +12,6 @@ import (
 	"net/http"
 	"net/textproto"
 	"net/url"
-	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -109,6 +108,9 @@ type h2Conn struct {
 	// wdeadAt is when the write deadline was last pushed on (under wmu).
 	wdeadAt time.Time
 
+	// generalHost is directRoute's memo of a host for the general path.
+	generalHost atomic.Pointer[string]
+
 	// Reader only (one goroutine at a time reads).
 	hdec        *hpack.Decoder
 	maxStreamID uint32
@@ -123,6 +125,10 @@ type h2Stream struct {
 	rc   reqCancel
 	body *h2Body // nil: the request had none
 	req  *http.Request
+	// head, if not nil, is a plain bodyless request for the direct path
+	// (req is nil until run makes it of fields, if that does not take it).
+	head   *reqHead
+	fields []hpack.HeaderField
 
 	// under c.mu
 	sendWin      int64
@@ -658,11 +664,19 @@ func (c *h2Conn) processHeaders(f *http2.HeadersFrame) error {
 	if refuse {
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeRefusedStream}
 	}
-	req, declared, err := c.newRequest(fields, end)
-	if err != nil {
-		return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: err}
+	st := &h2Stream{c: c, id: id}
+	if c.hs.direct != nil && end {
+		// Maybe for the direct path (direct.go); run decides.
+		st.head, st.fields = h2DirectHead(fields, c.state != nil), fields
 	}
-	st := &h2Stream{c: c, id: id, req: req}
+	var req *http.Request
+	var declared int64
+	if st.head == nil {
+		var err error
+		if req, declared, err = c.newRequest(fields, end); err != nil {
+			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: err}
+		}
+	}
 	// Not a child of a connection context: teardown cancels every stream
 	// itself, and a child costs a registration in the parent per request.
 	st.ctx = st.rc.context()
@@ -671,8 +685,9 @@ func (c *h2Conn) processHeaders(f *http2.HeadersFrame) error {
 		st.body.cond.L = &st.body.mu
 		req.Body = st.body
 	}
-	req = req.WithContext(st.ctx)
-	st.req = req
+	if req != nil {
+		st.req = req.WithContext(st.ctx)
+	}
 	c.mu.Lock()
 	st.sendWin = c.peerInitWin
 	st.recvWin = h2StreamWindow
@@ -902,6 +917,17 @@ func lowerH2Key(k string) string {
 // run is a stream's handler goroutine.
 func (c *h2Conn) run(st *h2Stream) {
 	defer c.wg.Done()
+	if st.head != nil {
+		if c.direct(st) {
+			return
+		}
+		req, _, err := c.newRequest(st.fields, true)
+		if err != nil {
+			c.endStream(st, http2.ErrCodeProtocol)
+			return
+		}
+		st.req = req.WithContext(st.ctx)
+	}
 	w := &h2Writer{st: st, response: response{req: st.req, h: make(http.Header, 8), cl: -1}}
 	if aborted := c.call(w, st.req); aborted {
 		c.endStream(st, http2.ErrCodeInternal)
@@ -916,24 +942,15 @@ func (c *h2Conn) run(st *h2Stream) {
 }
 
 func (c *h2Conn) call(w *h2Writer, r *http.Request) (aborted bool) {
-	defer func() {
-		if v := recover(); v != nil {
-			aborted = true
-			if v != http.ErrAbortHandler {
-				buf := make([]byte, 16<<10)
-				buf = buf[:runtime.Stack(buf, false)]
-				c.hs.s.log.Error("proxy: handler panic", "remote", c.remote, "panic", v, "stack", string(buf))
-			}
+	return guard(c.hs.s.log, c.remote, func() {
+		if r.Method == http.MethodConnect {
+			// Neither a tunnel nor extended CONNECT over h2: the endpoint
+			// tunnels WebSockets over HTTP/1.1 only.
+			writeError(w, http.StatusNotImplemented, "CONNECT over HTTP/2 is not supported by the endpoint; use HTTP/1.1")
+			return
 		}
-	}()
-	if r.Method == http.MethodConnect {
-		// Neither a tunnel nor extended CONNECT over h2: the endpoint
-		// tunnels WebSockets over HTTP/1.1 only.
-		writeError(w, http.StatusNotImplemented, "CONNECT over HTTP/2 is not supported by the endpoint; use HTTP/1.1")
-		return false
-	}
-	c.hs.handler.ServeHTTP(w, r)
-	return false
+		c.hs.handler.ServeHTTP(w, r)
+	})
 }
 
 // endStream forgets st once its handler is done. A stream the client

@@ -138,7 +138,9 @@ type Backend interface {
 	// Lookup returns routing facts for microVM id from memory or the state
 	// store. It must not change the VM's state (a request with a valid
 	// token but no ingress must not wake it). ErrNotFound if unknown or
-	// terminated. Called once per request: keep it cheap.
+	// terminated. Called once per request (the direct path's check may
+	// add one for the first request of a connection to a VM it does not
+	// serve: a route Dial or a TLS guest): keep it cheap.
 	Lookup(ctx context.Context, id string) (Target, error)
 	// EnsureRunning returns nil once the VM accepts connections. A RUNNING
 	// VM returns at once. SUSPENDED with auto-resume: resume, then return.
@@ -205,6 +207,10 @@ type Server struct {
 
 	tlsMu    sync.Mutex
 	tlsPorts map[string]tlsProbe // by upstream host:port
+
+	// noDirect, set by tests only, sends every request the general way
+	// (the direct path's differential test compares the two).
+	noDirect atomic.Bool
 }
 
 // tlsProbe remembers whether a guest port spoke TLS, for a while: an app
@@ -383,16 +389,21 @@ func (b *bufferPool) Put(x []byte) { b.p.Put(&x) }
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	cw := &countingWriter{ResponseWriter: w}
 	s.serve(cw, r)
-	code := cw.code
+	countRequest(cw.code, cw.n, r.Context().Err())
+}
+
+// countRequest counts a request's status class and body bytes; code 0:
+// the handler wrote nothing (200), or the client left first (499).
+func countRequest(code int, n int64, ctxErr error) {
 	if code == 0 {
-		code = http.StatusOK // a handler that wrote nothing answered 200
-		if r.Context().Err() != nil {
-			code = 499 // the client left before an answer
+		code = http.StatusOK
+		if ctxErr != nil {
+			code = 499
 		}
 	}
 	c := classCounters(code)
 	c.requests.Inc()
-	c.bytes.Add(float64(cw.n))
+	c.bytes.Add(float64(n))
 }
 
 // statusCounters are one status class's request and byte counters, made
@@ -771,19 +782,33 @@ func stripAuthCookie(h http.Header) {
 	}
 	var keep []string
 	for _, v := range vals {
-		for _, part := range strings.Split(v, ";") {
-			// Trimmed around the name as net/http's cookie reader trims it:
-			// "kiln-proxy-auth =tok" is the token cookie to the proxy too.
-			name, _, _ := strings.Cut(part, "=")
-			if p := strings.TrimSpace(part); p != "" && strings.TrimSpace(name) != CookieAuth {
-				keep = append(keep, p)
-			}
-		}
+		keep = appendCookiesWithoutAuth(keep, v)
 	}
 	h.Del("Cookie")
 	if len(keep) > 0 {
 		h.Set("Cookie", strings.Join(keep, "; "))
 	}
+}
+
+// cookieWithoutAuth is one Cookie field's value as stripAuthCookie
+// leaves it ("" for none).
+func cookieWithoutAuth(v string) string {
+	var a [8]string
+	return strings.Join(appendCookiesWithoutAuth(a[:0], v), "; ")
+}
+
+// appendCookiesWithoutAuth appends the trimmed cookies of a Cookie
+// field's value v, but CookieAuth, to keep.
+func appendCookiesWithoutAuth(keep []string, v string) []string {
+	for part := range strings.SplitSeq(v, ";") {
+		// Trimmed around the name as net/http's cookie reader trims it:
+		// "kiln-proxy-auth =tok" is the token cookie to the proxy too.
+		name, _, _ := strings.Cut(part, "=")
+		if p := strings.TrimSpace(part); p != "" && strings.TrimSpace(name) != CookieAuth {
+			keep = append(keep, p)
+		}
+	}
+	return keep
 }
 
 // dropSetCookie removes the guest's Set-Cookie headers for name.
@@ -794,11 +819,16 @@ func dropSetCookie(h http.Header, name string) {
 	}
 	h.Del("Set-Cookie")
 	for _, v := range vals {
-		n, _, _ := strings.Cut(v, "=")
-		if !strings.EqualFold(strings.TrimSpace(n), name) {
+		if !setsCookie(v, name) {
 			h.Add("Set-Cookie", v)
 		}
 	}
+}
+
+// setsCookie reports whether a Set-Cookie value v sets cookie name.
+func setsCookie(v, name string) bool {
+	n, _, _ := strings.Cut(v, "=")
+	return strings.EqualFold(strings.TrimSpace(n), name)
 }
 
 func splitProtocols(vals []string) []string {
@@ -822,10 +852,15 @@ func isKilnProtocol(p string) bool {
 // forwarding"), the token first of all.
 func stripProxyHeaders(h http.Header) {
 	for k := range h {
-		if len(k) >= len(headerPrefix) && strings.EqualFold(k[:len(headerPrefix)], headerPrefix) {
+		if proxyField(k) {
 			delete(h, k)
 		}
 	}
+}
+
+// proxyField: k is in the x-aws-proxy-* namespace, in any case.
+func proxyField(k string) bool {
+	return len(k) >= len(headerPrefix) && strings.EqualFold(k[:len(headerPrefix)], headerPrefix)
 }
 
 func forceH2(h http.Header) bool {
@@ -946,7 +981,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener, tlsConfig *tls.Conf
 		MaxHeaderBytes:    maxHeaderBytes,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
-	hs := &h1Serve{s: s, handler: s, tlsConf: tc, fallback: fb, conns: map[net.Conn]*h1Conn{}}
+	hs := &h1Serve{s: s, handler: s, direct: s, tlsConf: tc, fallback: fb, conns: map[net.Conn]*h1Conn{}}
 	go srv.Serve(fb)
 	errc := make(chan error, 1)
 	go func() { errc <- hs.accept(ln) }()

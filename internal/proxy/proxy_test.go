@@ -208,15 +208,7 @@ func newEnvWith(t *testing.T, edit func(*Config)) *env {
 
 func newEnvFull(t *testing.T, extra map[string]string, edit func(*Config)) *env {
 	t.Helper()
-	dir := t.TempDir()
-	ca, err := tlsca.Open(tlsca.Config{Domain: domain, Dir: filepath.Join(dir, "tls"), CAExport: filepath.Join(dir, "ca.pem")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	signer, err := token.NewSigner([]byte(strings.Repeat("s", 32)))
-	if err != nil {
-		t.Fatal(err)
-	}
+	ca, roots, signer := testPKI(t)
 	// Guest ports 8080 and 9000 of every VM are two loopback servers.
 	ports := map[string]string{"8080": guest(t, "port8080", true), "9000": guest(t, "port9000", false), "8443": guest(t, "tls", false)}
 	maps.Copy(ports, extra)
@@ -242,6 +234,32 @@ func newEnvFull(t *testing.T, extra map[string]string, edit func(*Config)) *env 
 	if edit != nil {
 		edit(&cfg)
 	}
+	_, ln := serveProxy(t, cfg, ca)
+	e := &env{backend: b, signer: signer, roots: roots, addr: ln.Addr().String()}
+	e.client = &http.Client{Transport: e.transport(true), Timeout: 10 * time.Second}
+	return e
+}
+
+// testPKI is the tests' CA (its certificate as the clients' roots) and
+// token signer.
+func testPKI(t *testing.T) (*tlsca.Manager, *x509.CertPool, *token.Signer) {
+	t.Helper()
+	dir := t.TempDir()
+	ca, err := tlsca.Open(tlsca.Config{Domain: domain, Dir: filepath.Join(dir, "tls"), CAExport: filepath.Join(dir, "ca.pem")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	signer, err := token.NewSigner([]byte(strings.Repeat("s", 32)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca, rootsFromFile(t, filepath.Join(dir, "ca.pem")), signer
+}
+
+// serveProxy runs a proxy of cfg with ca's certificate on a loopback
+// port until the test ends.
+func serveProxy(t *testing.T, cfg Config, ca *tlsca.Manager) (*Server, net.Listener) {
+	t.Helper()
 	srv, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -254,10 +272,7 @@ func newEnvFull(t *testing.T, extra map[string]string, edit func(*Config)) *env 
 	done := make(chan struct{})
 	go func() { srv.Serve(ctx, ln, ca.TLSConfig(), time.Second); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
-
-	e := &env{backend: b, signer: signer, roots: rootsFromFile(t, filepath.Join(dir, "ca.pem")), addr: ln.Addr().String()}
-	e.client = &http.Client{Transport: e.transport(true), Timeout: 10 * time.Second}
-	return e
+	return srv, ln
 }
 
 func rootsFromFile(t *testing.T, path string) *x509.CertPool {

@@ -7,61 +7,107 @@ import (
 	"strings"
 )
 
-// parseRequestHead parses the common request at the start of buf, a
+// hfield is one parsed header field: its canonical name and its trimmed
+// value, both slices of the head's one string (no allocation each).
+type hfield struct{ k, v string }
+
+// reqHead is the common request as the h1 loop parses it, before it is
+// an http.Request (if it ever becomes one: the direct path, direct.go,
+// forwards it as it is). Host is not among fields.
+type reqHead struct {
+	method, uri, host string
+	fields            []hfield
+	// Set by the direct path for writeHead.
+	remoteIP string
+	https    bool
+}
+
+// splitHead finds the header at the start of buf (up to its empty line),
+// makes it one string and cuts its first line off; n is the header's
+// length in buf. Both own parsers (requests, answers) open this way.
+func splitHead(buf []byte) (line, rest string, n int, ok bool) {
+	end := bytes.Index(buf, []byte("\r\n\r\n"))
+	if end < 0 {
+		return "", "", 0, false
+	}
+	line, rest, ok = cutCRLF(string(buf[:end+2]))
+	return line, rest, end + 4, ok
+}
+
+// parseReqHead parses the common request at the start of buf, a
 // client's on the h1 loop, as parseResponseHead parses the guest's
 // answer: "METHOD /origin-form HTTP/1.1", plain field lines, one Host,
 // no body and nothing that changes framing, connection or protocol
 // (Content-Length, Transfer-Encoding, Trailer, Connection, Upgrade,
-// Expect, Pragma). ok false: http.ReadRequest parses it, from the same
-// bytes. FuzzRequestHead holds that whatever this parser takes,
-// http.ReadRequest parses alike. The loop's own checks (checkRequest)
-// run on both.
-func parseRequestHead(buf []byte) (r *http.Request, n int, ok bool) {
-	end := bytes.Index(buf, []byte("\r\n\r\n"))
-	if end < 0 {
-		return nil, 0, false
-	}
-	n = end + 4
-	head := string(buf[:end+2])
-	line, rest, found := cutCRLF(head)
-	if !found {
-		return nil, 0, false
+// Expect, Pragma). Fields are appended to fs. ok false: http.ReadRequest
+// parses it, from the same bytes. FuzzRequestHead holds that whatever
+// this parser takes, http.ReadRequest parses alike. The loop's own
+// checks (checkRequest) run on both.
+func parseReqHead(buf []byte, fs []hfield) (d reqHead, n int, ok bool) {
+	line, rest, n, ok := splitHead(buf)
+	if !ok {
+		return d, 0, false
 	}
 	sp := strings.IndexByte(line, ' ')
 	uri, ok := strings.CutSuffix(line[sp+1:], " HTTP/1.1")
 	if sp <= 0 || !ok || uri == "" || uri[0] != '/' {
-		return nil, 0, false
+		return d, 0, false
 	}
 	method := line[:sp]
 	for i := 0; i < len(method); i++ {
 		if !isTokenByte(method[i]) {
-			return nil, 0, false
+			return d, 0, false
 		}
 	}
 	for i := 0; i < len(uri); i++ {
 		if c := uri[i]; c <= ' ' || c >= 0x7f {
-			return nil, 0, false
+			return d, 0, false
 		}
 	}
 	if method == http.MethodConnect {
-		return nil, 0, false
+		return d, 0, false
 	}
-	h, ok := parseFieldLines(rest)
-	if !ok || len(h["Host"]) != 1 {
-		return nil, 0, false
+	if fs, ok = parseFields(rest, fs); !ok {
+		return d, 0, false
 	}
-	for _, k := range [...]string{"Content-Length", "Transfer-Encoding", "Trailer", "Connection", "Upgrade", "Expect", "Pragma"} {
-		if _, ok := h[k]; ok {
-			return nil, 0, false
+	d = reqHead{method: method, uri: uri, fields: fs[:0]}
+	hosts := 0
+	for _, f := range fs {
+		switch f.k {
+		case "Host":
+			d.host = f.v
+			hosts++
+			continue
+		case "Content-Length", "Transfer-Encoding", "Trailer", "Connection", "Upgrade", "Expect", "Pragma":
+			return d, 0, false
 		}
+		d.fields = append(d.fields, f) // in place: never ahead of the reading
 	}
-	u, err := url.ParseRequestURI(uri)
+	if hosts != 1 {
+		return d, 0, false
+	}
+	return d, n, true
+}
+
+// request is d as the http.Request http.ReadRequest would make of it.
+func (d *reqHead) request() (*http.Request, bool) {
+	u, err := url.ParseRequestURI(d.uri)
 	if err != nil {
+		return nil, false
+	}
+	return &http.Request{Method: d.method, URL: u, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header: headerOf(d.fields), Host: d.host, RequestURI: d.uri, Body: http.NoBody}, true
+}
+
+// parseRequestHead is parseReqHead made an http.Request.
+func parseRequestHead(buf []byte) (r *http.Request, n int, ok bool) {
+	var fs [32]hfield
+	d, n, ok := parseReqHead(buf, fs[:0])
+	if !ok {
 		return nil, 0, false
 	}
-	host := h["Host"][0]
-	delete(h, "Host")
-	r = &http.Request{Method: method, URL: u, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1, Header: h,
-		Host: host, RequestURI: uri, Body: http.NoBody}
+	if r, ok = d.request(); !ok {
+		return nil, 0, false
+	}
 	return r, n, true
 }

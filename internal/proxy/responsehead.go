@@ -21,74 +21,81 @@ import (
 // either parsed exactly as net/http parses it (FuzzResponseHead holds
 // that) or by net/http.
 
-// parseResponseHead parses the header at the start of buf; ok false: let
-// http.ReadResponse parse it. n is the header's length in buf.
-func parseResponseHead(buf []byte, method string) (resp *http.Response, n int, ok bool) {
+// respHead is the guest's common answer as the own parser reads it.
+type respHead struct {
+	code   int
+	status string // "200 OK", as the guest wrote it
+	fields []hfield
+	cl     int64
+}
+
+// parseRespHead parses the header at the start of buf, appending its
+// fields to fs; ok false: let http.ReadResponse parse it. n is the
+// header's length in buf.
+func parseRespHead(buf []byte, method string, fs []hfield) (rh respHead, n int, ok bool) {
 	if method == http.MethodHead {
-		return nil, 0, false // a length without a body
+		return rh, 0, false // a length without a body
 	}
-	end := bytes.Index(buf, []byte("\r\n\r\n"))
-	if end < 0 {
-		return nil, 0, false
-	}
-	n = end + 4
-	// The one string the header's values are slices of.
-	head := string(buf[:end+2])
-	line, rest, found := cutCRLF(head)
+	line, rest, n, found := splitHead(buf)
 	if !found || len(line) < 12 || line[:9] != "HTTP/1.1 " || line[9] < '2' || line[9] > '5' ||
 		!isDigit(line[10]) || !isDigit(line[11]) || len(line) > 12 && line[12] != ' ' {
-		return nil, 0, false
+		return rh, 0, false
 	}
 	code := int(line[9]-'0')*100 + int(line[10]-'0')*10 + int(line[11]-'0')
 	if code == http.StatusNoContent || code == http.StatusNotModified {
-		return nil, 0, false
+		return rh, 0, false
 	}
 	if strings.ContainsAny(line, "\r\n") {
-		return nil, 0, false
+		return rh, 0, false
 	}
-	h, ok := parseFieldLines(rest)
+	if fs, ok = parseFields(rest, fs); !ok {
+		return rh, 0, false
+	}
+	cl, ncl := int64(-1), 0
+	for _, f := range fs {
+		switch f.k {
+		case "Transfer-Encoding", "Trailer", "Connection", "Pragma":
+			// Framing, trailers, Close, and net/http's Cache-Control from
+			// Pragma: net/http's rules.
+			return rh, 0, false
+		case "Content-Length":
+			// net/http merges equal repeated ones: not for this parser.
+			ncl++
+			u, err := strconv.ParseUint(f.v, 10, 63)
+			if err != nil {
+				return rh, 0, false
+			}
+			cl = int64(u)
+		}
+	}
+	if ncl != 1 {
+		return rh, 0, false // chunked or to the end: net/http's readers
+	}
+	return respHead{code: code, status: line[9:], fields: fs, cl: cl}, n, true
+}
+
+// parseResponseHead is parseRespHead made an http.Response.
+func parseResponseHead(buf []byte, method string) (resp *http.Response, n int, ok bool) {
+	var fs [32]hfield
+	rh, n, ok := parseRespHead(buf, method, fs[:0])
 	if !ok {
 		return nil, 0, false
 	}
-	for _, k := range [...]string{"Transfer-Encoding", "Trailer", "Connection", "Pragma"} {
-		if _, ok := h[k]; ok {
-			// Framing, trailers, Close, and net/http's Cache-Control from
-			// Pragma: net/http's rules.
-			return nil, 0, false
-		}
-	}
-	cl := int64(-1)
-	if v := h["Content-Length"]; len(v) == 1 { // net/http merges equal ones
-		u, err := strconv.ParseUint(v[0], 10, 63)
-		if err != nil {
-			return nil, 0, false
-		}
-		cl = int64(u)
-	}
-	if cl < 0 {
-		return nil, 0, false // chunked or to the end: net/http's readers
-	}
-	resp = &http.Response{Status: line[9:], StatusCode: code, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
-		Header: h, ContentLength: cl, Body: http.NoBody}
+	resp = &http.Response{Status: rh.status, StatusCode: rh.code, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+		Header: headerOf(rh.fields), ContentLength: rh.cl, Body: http.NoBody}
 	return resp, n, true
 }
 
-// parseFieldLines parses header field lines (each ending in CRLF) into a
-// header with canonical keys; ok false for anything net/http might read
-// otherwise: a line that is not a token, a colon and a value of visible
-// characters, spaces, tabs and obs-text (obs-fold included).
-func parseFieldLines(rest string) (h http.Header, ok bool) {
-	nf := strings.Count(rest, "\n")
-	// Values share one array, each capped at its length: an append to one
-	// (a handler adding to a copied header) copies instead of
-	// overwriting the next.
-	vals := make([]string, 0, nf)
-	h = make(http.Header, nf)
+// parseFields parses header field lines (each ending in CRLF), appending
+// them to fs with canonical names; ok false for anything net/http might
+// read otherwise: a line that is not a token, a colon and a value of
+// visible characters, spaces, tabs and obs-text (obs-fold included).
+func parseFields(rest string, fs []hfield) ([]hfield, bool) {
 	for len(rest) > 0 {
 		var field string
 		var found bool
 		if field, rest, found = cutCRLF(rest); !found {
-			return nil, false
+			return fs, false
 		}
 		colon := -1
 		for i := 0; i < len(field); i++ {
@@ -97,28 +104,38 @@ func parseFieldLines(rest string) (h http.Header, ok bool) {
 				break
 			}
 			if !isTokenByte(field[i]) {
-				return nil, false
+				return fs, false
 			}
 		}
 		if colon <= 0 {
-			return nil, false
+			return fs, false
 		}
 		v := field[colon+1:]
 		for i := 0; i < len(v); i++ {
 			if c := v[i]; c < ' ' && c != '\t' || c == 0x7f {
-				return nil, false
+				return fs, false
 			}
 		}
-		v = textproto.TrimString(v)
-		k := commonKey(field[:colon])
-		vals = append(vals, v)
-		vv := vals[len(vals)-1 : len(vals) : len(vals)]
-		if old, dup := h[k]; dup {
-			vv = append(old, v)
-		}
-		h[k] = vv
+		fs = append(fs, hfield{commonKey(field[:colon]), textproto.TrimString(v)})
 	}
-	return h, true
+	return fs, true
+}
+
+// headerOf is fs as net/http's header map. Values share one array, each
+// capped at its length: an append to one (a handler adding to a copied
+// header) copies instead of overwriting the next.
+func headerOf(fs []hfield) http.Header {
+	vals := make([]string, len(fs))
+	h := make(http.Header, len(fs))
+	for i, f := range fs {
+		vals[i] = f.v
+		vv := vals[i : i+1 : i+1]
+		if old, dup := h[f.k]; dup {
+			vv = append(old, f.v)
+		}
+		h[f.k] = vv
+	}
+	return h
 }
 
 // cutCRLF splits s at its first CRLF; not found also when a bare LF

@@ -105,6 +105,29 @@ func (u *h1Upstream) put(addr string, pc *upConn) {
 	}
 }
 
+// release ends pc's exchange: back to the pool if it can serve another
+// (reuse, and its request was not cancelled), else closed.
+func (u *h1Upstream) release(addr string, pc *upConn, reuse bool) {
+	if pc.unwatch() && reuse {
+		u.put(addr, pc)
+	} else {
+		pc.c.Close()
+	}
+}
+
+// closeIdle closes every idle connection.
+func (u *h1Upstream) closeIdle() {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	for _, l := range u.idle {
+		for _, pc := range l {
+			pc.c.Close()
+		}
+	}
+	clear(u.idle)
+	u.nIdle = 0
+}
+
 // sweep closes connections idle for upIdleTimeout (a guest that got no
 // request since keeps no descriptor of ours) and ends when none is left.
 func (u *h1Upstream) sweep() {
@@ -144,76 +167,104 @@ func (u *h1Upstream) dialConn(ctx context.Context, addr string) (*upConn, error)
 	}
 	pc := &upConn{c: c, bw: bufio.NewWriter(c)}
 	pc.breakOff = func() { c.SetDeadline(aLongTimeAgo) }
-	pc.lim.R = c
+	pc.lim.R, pc.lim.N = c, math.MaxInt64
 	pc.br = bufio.NewReader(&pc.lim)
 	return pc, nil
 }
 
+// headWriter writes a bodyless request's head to the guest: an
+// *outRequest (the general path's http.Request) or a *reqHead (the
+// direct path's client head, direct.go).
+type headWriter interface {
+	writeHead(bw *bufio.Writer) error
+}
+
+// outRequest is an http.Request as a headWriter (a conversion of the
+// pointer: no allocation).
+type outRequest http.Request
+
+func (o *outRequest) writeHead(bw *bufio.Writer) error { return writeHead(bw, (*http.Request)(o)) }
+
 // roundTrip writes out on a kept-alive connection (or a new one) and
-// reads the response header. A reused connection that the guest closed
-// while idle fails before any answer: an idempotent request is then
-// sent once more on a new connection, as http.Transport does. Until
-// pc.unwatch is called, ctx ending breaks the connection (a client that
-// left a stream frees the guest's connection at once).
+// reads the response header. Until pc.unwatch is called, ctx ending
+// breaks the connection (a client that left a stream frees the guest's
+// connection at once).
 func (u *h1Upstream) roundTrip(ctx context.Context, addr string, out *http.Request) (*http.Response, *upConn, error) {
-	if pc := u.get(addr); pc != nil {
-		resp, err := pc.exchange(ctx, out)
-		if err == nil {
-			return resp, pc, nil
-		}
-		if ctx.Err() != nil || !isIdempotent(out.Method) || !errors.Is(err, errNoAnswer) {
-			return nil, nil, err
-		}
-	}
-	pc, err := u.dialConn(ctx, addr)
+	pc, err := u.send(ctx, addr, out.Method, (*outRequest)(out))
 	if err != nil {
 		return nil, nil, err
 	}
-	resp, err := pc.exchange(ctx, out)
+	resp, err := pc.readResponse(out)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, pc.fail(ctx, err)
 	}
 	return resp, pc, nil
 }
 
-var errNoAnswer = errors.New("the app closed the connection without an answer")
-
-// exchange sends out and reads the response header; on an error the
-// connection is closed.
-func (pc *upConn) exchange(ctx context.Context, out *http.Request) (resp *http.Response, err error) {
-	pc.watch(ctx)
-	defer func() {
-		if err != nil {
-			pc.unwatch()
-			pc.c.Close()
-			if ctx.Err() != nil {
-				err = ctx.Err()
-			}
+// send writes a request's head on a kept-alive connection (or a new one)
+// and waits for the first byte of the answer. A reused connection that
+// the guest closed while idle fails before any answer: an idempotent
+// request is then sent once more on a new connection, as http.Transport
+// does.
+func (u *h1Upstream) send(ctx context.Context, addr, method string, hw headWriter) (*upConn, error) {
+	if pc := u.get(addr); pc != nil {
+		err := pc.send(ctx, hw)
+		if err == nil {
+			return pc, nil
 		}
-	}()
-	if err := writeHead(pc.bw, out); err != nil {
+		if ctx.Err() != nil || !isIdempotent(method) || !errors.Is(err, errNoAnswer) {
+			return nil, err
+		}
+	}
+	pc, err := u.dialConn(ctx, addr)
+	if err != nil {
 		return nil, err
 	}
+	if err := pc.send(ctx, hw); err != nil {
+		return nil, err
+	}
+	return pc, nil
+}
+
+var errNoAnswer = errors.New("the app closed the connection without an answer")
+
+// send writes the head and waits for the answer's first byte; on an
+// error the connection is closed. The answer's header may read
+// upMaxHeader bytes until readResponse or headRead.
+func (pc *upConn) send(ctx context.Context, hw headWriter) error {
+	pc.watch(ctx)
+	if err := hw.writeHead(pc.bw); err != nil {
+		return pc.fail(ctx, err)
+	}
 	if err := pc.bw.Flush(); err != nil {
-		return nil, fmt.Errorf("%w: %w", errNoAnswer, err)
+		return pc.fail(ctx, fmt.Errorf("%w: %w", errNoAnswer, err))
 	}
 	pc.lim.N = upMaxHeader
 	if _, err := pc.br.Peek(1); err != nil {
 		if errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) {
-			return nil, fmt.Errorf("%w: %w", errNoAnswer, err)
+			err = fmt.Errorf("%w: %w", errNoAnswer, err)
 		}
-		return nil, err
+		return pc.fail(ctx, err)
 	}
-	resp, err = pc.readResponse(out)
-	if err != nil {
-		if pc.lim.N <= 0 {
-			return nil, fmt.Errorf("response header over %d bytes", upMaxHeader)
-		}
-		return nil, err
-	}
-	pc.lim.N = math.MaxInt64
-	return resp, nil
+	return nil
 }
+
+// fail closes a connection whose exchange failed: the request's end, if
+// that was the cause, else err.
+func (pc *upConn) fail(ctx context.Context, err error) error {
+	pc.unwatch()
+	pc.c.Close()
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if pc.lim.N <= 0 {
+		return fmt.Errorf("response header over %d bytes", upMaxHeader)
+	}
+	return err
+}
+
+// headRead lifts the header's limit off the body.
+func (pc *upConn) headRead() { pc.lim.N = math.MaxInt64 }
 
 // watch ties pc to ctx: ctx ending breaks the connection off.
 func (pc *upConn) watch(ctx context.Context) {
@@ -242,9 +293,14 @@ func (pc *upConn) readResponse(out *http.Request) (*http.Response, error) {
 	buf, _ := pc.br.Peek(pc.br.Buffered())
 	resp, n, ok := parseResponseHead(buf, out.Method)
 	if !ok {
-		return http.ReadResponse(pc.br, out)
+		resp, err := http.ReadResponse(pc.br, out)
+		if err == nil {
+			pc.headRead()
+		}
+		return resp, err
 	}
 	pc.br.Discard(n)
+	pc.headRead()
 	resp.Request = out
 	if resp.ContentLength > 0 {
 		// The connection serves one answer at a time: its body is read
@@ -288,12 +344,17 @@ func writeHead(bw *bufio.Writer, out *http.Request) error {
 			bw.WriteString("\r\n")
 		}
 	}
-	switch out.Method {
-	case http.MethodPost, http.MethodPut, http.MethodPatch:
+	if zeroLengthMethod(out.Method) {
 		bw.WriteString("Content-Length: 0\r\n")
 	}
 	_, err := bw.WriteString("\r\n")
 	return err
+}
+
+// zeroLengthMethod: a bodyless request of these methods says
+// "Content-Length: 0", as Request.Write says it.
+func zeroLengthMethod(m string) bool {
+	return m == http.MethodPost || m == http.MethodPut || m == http.MethodPatch
 }
 
 // validHost: printable ASCII without space or the characters no
@@ -319,10 +380,39 @@ func isIdempotent(method string) bool {
 	return false
 }
 
-// hopHeaders are the headers of one hop (RFC 9110 7.6.1) that a proxy
-// must not forward, the list httputil.ReverseProxy removes.
-var hopHeaders = []string{"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
-	"Te", "Trailer", "Transfer-Encoding", "Upgrade"}
+// hopField: the fields of one hop (RFC 9110 7.6.1) that a proxy must
+// not forward either way, the list httputil.ReverseProxy removes. k is
+// canonical.
+func hopField(k string) bool {
+	switch k {
+	case "Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
+		"Te", "Trailer", "Transfer-Encoding", "Upgrade":
+		return true
+	}
+	return false
+}
+
+// droppedRequestField: a client's field that never reaches the guest as
+// sent (k canonical): one hop's, kiln's x-aws-proxy-* namespace (the
+// token first of all), E2B's traffic token, and the forwarding fields
+// the proxy sets itself (a client cannot plant them). Both the general
+// path (outgoing) and the direct one (reqHead.writeHead) ask this, so
+// they cannot drift; the Cookie's token part and kiln's subprotocols
+// are cut from their values (cookieWithoutAuth, appProtocols).
+func droppedRequestField(k string) bool {
+	switch k {
+	case "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", HeaderE2BTrafficToken:
+		return true
+	}
+	return hopField(k) || proxyField(k)
+}
+
+// droppedAnswerField: a guest's answer field that never reaches the
+// client: one hop's, and a Set-Cookie for the token cookie (a guest must
+// not plant or overwrite the browser's token).
+func droppedAnswerField(k, v string) bool {
+	return hopField(k) || k == "Set-Cookie" && setsCookie(v, CookieAuth)
+}
 
 func removeHopHeaders(h http.Header) {
 	for _, f := range h["Connection"] {
@@ -332,8 +422,10 @@ func removeHopHeaders(h http.Header) {
 			}
 		}
 	}
-	for _, k := range hopHeaders {
-		delete(h, k)
+	for k := range h {
+		if hopField(k) {
+			delete(h, k)
+		}
 	}
 }
 
@@ -357,19 +449,38 @@ func hasToken(vals []string, token string) bool {
 // Forwarded/X-Forwarded-* replaced by ours,
 // every x-aws-proxy-* header, the token cookie and kiln's WebSocket
 // subprotocols removed, Host kept.
-func outgoing(r *http.Request, target *url.URL) *http.Request {
-	h := make(http.Header, len(r.Header)+3)
-	for k, vv := range r.Header {
-		h[k] = vv // values are replaced, never appended to in place, below
+//
+// own: r comes from the own loops (h1Conn, h2Conn), which never read its
+// header again: it becomes the guest's, which spares a map per request.
+func outgoing(r *http.Request, target *url.URL, own bool) *http.Request {
+	conn, te := r.Header["Connection"], r.Header["Te"]
+	var h http.Header
+	if own {
+		h = r.Header
+		for k := range h {
+			if droppedRequestField(k) {
+				delete(h, k)
+			}
+		}
+	} else {
+		h = make(http.Header, len(r.Header)+3)
+		for k, vv := range r.Header {
+			if !droppedRequestField(k) {
+				h[k] = vv // values are replaced, never appended to in place, below
+			}
+		}
 	}
-	removeHopHeaders(h)
-	if hasToken(r.Header["Te"], "trailers") {
+	// And the fields the client named in Connection.
+	for _, f := range conn {
+		for _, sf := range strings.Split(f, ",") {
+			if sf = textprotoTrim(sf); sf != "" {
+				h.Del(sf)
+			}
+		}
+	}
+	if hasToken(te, "trailers") {
 		h["Te"] = []string{"trailers"}
 	}
-	delete(h, "Forwarded")
-	delete(h, "X-Forwarded-For")
-	delete(h, "X-Forwarded-Host")
-	delete(h, "X-Forwarded-Proto")
 	// One array for the three values (cap 1 each: an append copies).
 	xf := new([3]string)
 	// Only the address kiln saw: ReverseProxy drops the client's own
@@ -385,7 +496,6 @@ func outgoing(r *http.Request, target *url.URL) *http.Request {
 		xf[2] = "https"
 	}
 	h["X-Forwarded-Proto"] = xf[2:3:3]
-	stripProxyHeaders(h)
 	stripAuthCookie(h)
 	if protos := h.Values(fieldWSProtocol); len(protos) > 0 {
 		// The canonical key: h's keys are; wsProtocolField is not, and
@@ -435,20 +545,25 @@ func isHex(c byte) bool {
 // h1Upstream, answering as ReverseProxy with s.h1 answers.
 func (s *Server) forwardH1(w http.ResponseWriter, r *http.Request, id string, target *url.URL) {
 	ctx := r.Context()
-	out := outgoing(r, target)
+	_, own := ctx.Value(keyCancel).(*reqCancel)
+	out := outgoing(r, target, own)
 	resp, pc, err := s.up.roundTrip(ctx, target.Host, out)
 	if err != nil {
 		s.guestFailed(w, r, id, err)
 		return
 	}
+	s.answerH1(ctx, w, r, id, out, resp, pc, target.Host)
+}
+
+// answerH1 passes the guest's answer resp to out (read on pc, from the
+// guest at addr) on to the client, as ReverseProxy with s.h1 passes it,
+// and keeps pc for the next request if it can serve one. r is the
+// client's request (for guestFailed).
+func (s *Server) answerH1(ctx context.Context, w http.ResponseWriter, r *http.Request, id string, out *http.Request,
+	resp *http.Response, pc *upConn, addr string) {
+	var err error
 	reuse := false
-	defer func() {
-		if pc.unwatch() && reuse {
-			s.up.put(target.Host, pc)
-		} else {
-			pc.c.Close()
-		}
-	}()
+	defer func() { s.up.release(addr, pc, reuse) }()
 	// Informational answers (103 Early Hints) go on to the client, as
 	// ReverseProxy passes them; the final answer follows.
 	for resp.StatusCode >= 100 && resp.StatusCode < 200 {

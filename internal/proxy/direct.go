@@ -1,0 +1,382 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/token"
+)
+
+// The direct path (issue 15): the common request on the h1 loop goes to
+// the guest without ever becoming an http.Request or an http.Header.
+// net/http's request and header model (the request's map, its copy for
+// the guest, the writer's map, the answer's map, their strings) was most
+// of the ~100 allocations and of the user CPU per request that kept the
+// proxy behind nginx. The request's head, as parseReqHead read it into
+// fields that are slices of one string, is written to the guest field by
+// field, and the guest's answer head, as parseRespHead read it, to the
+// client.
+//
+// Eligible is only what is plain (directRoute): anything else takes the
+// general path (Server.ServeHTTP) unchanged, which also answers every
+// refusal, so the checks here only ever say "direct" or "not here". The
+// checks are serve()'s, in its order, and free of effects until the
+// request is taken: Authorize and Lookup, then ConnOpened, then wake.
+// What is stripped on the way is decided by the same functions on both
+// paths (droppedRequestField, cookieWithoutAuth, droppedAnswerField), and
+// TestDirectSameAsGeneral sends a set of plain and hostile requests
+// through both and compares what the guest and the client get.
+
+// directRoute reports whether d may take the direct path, and to which
+// microVM and guest address: a kiln endpoint host (not E2B's), a header
+// token that Authorize accepts for an endpoint port that is neither the
+// shell's nor envd's, the Lookup target's account and ingress agreeing,
+// a local guest (no route Dial) known to speak plain HTTP, and nothing
+// the general path treats specially (subprotocols, cookie tokens, Te,
+// force-h2, E2B headers, the query token link, a URI net/url rewrites).
+// The VM must run (RunningNow); wake is still asked after ConnOpened, as
+// serve asks it.
+//
+// general remembers a host whose target takes the general path for good
+// (a route Dial, a TLS guest), so that later requests on the connection
+// skip the checks here and Lookup stays once a request.
+func (s *Server) directRoute(ctx context.Context, d *reqHead, general *atomic.Pointer[string]) (id, addr string, ok bool) {
+	if s.noDirect.Load() || s.running == nil || !plainURI(d.uri) {
+		return "", "", false
+	}
+	if h := general.Load(); h != nil && *h == d.host {
+		return "", "", false
+	}
+	if id, ok = s.microvmFromHost(d.host); !ok {
+		return "", "", false
+	}
+	if p, rest, cut := strings.Cut(id, "-"); cut && rest != "" && allDigits(p) {
+		return "", "", false // E2B's "PORT-ID" host
+	}
+	var tok, portText string
+	var nTok, nPort, nCookie int
+	for _, f := range d.fields {
+		switch f.k {
+		case fieldAuth:
+			tok, nTok = f.v, nTok+1
+		case fieldPort:
+			portText, nPort = f.v, nPort+1
+		case "Cookie":
+			nCookie++
+		case fieldWSProtocol, "Te", fieldForceH2, HeaderE2BSandboxID:
+			return "", "", false
+		}
+	}
+	if nTok != 1 || tok == "" || len(tok) > token.MaxLen || nPort > 1 || nCookie > 1 {
+		return "", "", false
+	}
+	port := uint16(DefaultPort)
+	if portText != "" {
+		n, err := strconv.ParseUint(portText, 10, 16)
+		if err != nil || n == 0 {
+			return "", "", false
+		}
+		port = uint16(n)
+	}
+	if port == ShellPort || s.cfg.Envd != nil && port == s.cfg.Envd.Port {
+		return "", "", false
+	}
+	if d.method == http.MethodGet {
+		if _, q, _ := strings.Cut(d.uri, "?"); hasQueryAuth(q) {
+			return "", "", false
+		}
+	}
+	claims, err := s.cfg.Tokens.Authorize(tok, id, token.KindEndpoint, port)
+	if err != nil {
+		return "", "", false
+	}
+	tgt, err := s.cfg.Backend.Lookup(ctx, id)
+	if err != nil || claims.Account != "" && tgt.Account != "" && claims.Account != tgt.Account ||
+		!tgt.Ingress || !s.running.RunningNow(id) {
+		return "", "", false
+	}
+	if tgt.Dial != nil {
+		general.Store(new(d.host)) // a copy: d is reused
+		return "", "", false
+	}
+	addr = netip.AddrPortFrom(tgt.Addr, port).String()
+	if plain, known := s.knownTLS(addr); !plain {
+		if known {
+			general.Store(new(d.host))
+		}
+		return "", "", false // unknown: the general path probes (speaksTLS) and remembers
+	}
+	return id, addr, true
+}
+
+// directTaken, set by tests only, is called for each request the direct
+// path takes.
+var directTaken func()
+
+// knownTLS reports what speaksTLS remembers, still, of the guest at
+// addr: plain HTTP, or known (TLS if not plain); it never probes.
+func (s *Server) knownTLS(addr string) (plain, known bool) {
+	s.tlsMu.Lock()
+	p, ok := s.tlsPorts[addr]
+	s.tlsMu.Unlock()
+	known = ok && time.Since(p.at) < tlsProbeTTL
+	return known && !p.tls, known
+}
+
+// plainURI: uri (origin-form, visible ASCII) is what the general path
+// sends on, url.ParseRequestURI then URL.RequestURI and cleanQuery, byte
+// for byte: a path of unreserved characters, the sub-delimiters net/url
+// leaves, and valid escapes; a query cleanQuery keeps. FuzzPlainURI
+// holds that.
+func plainURI(uri string) bool {
+	path, query, _ := strings.Cut(uri, "?")
+	for i := 0; i < len(path); i++ {
+		switch c := path[i]; {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', isDigit(c), strings.IndexByte("-._~/$&+,:;=@", c) >= 0:
+		case c == '%' && i+2 < len(path) && isHex(path[i+1]) && isHex(path[i+2]):
+			i += 2
+		default:
+			return false
+		}
+	}
+	return cleanQuery(query) == query
+}
+
+// writeHead writes the request to the guest: the client's head with
+// exactly what outgoing and writeHead take out and put in on the general
+// path (droppedRequestField, the token cookie, an empty User-Agent; kiln's
+// X-Forwarded-*, a zero length where one is expected).
+func (d *reqHead) writeHead(bw *bufio.Writer) error {
+	bw.WriteString(d.method)
+	bw.WriteByte(' ')
+	bw.WriteString(d.uri)
+	bw.WriteString(" HTTP/1.1\r\nHost: ")
+	bw.WriteString(d.host)
+	bw.WriteString("\r\n")
+	for _, f := range d.fields {
+		v := f.v
+		switch {
+		case droppedRequestField(f.k):
+			continue
+		case f.k == "Cookie":
+			if v = cookieWithoutAuth(v); v == "" {
+				continue
+			}
+		case f.k == "User-Agent" && v == "":
+			continue
+		}
+		writeField(bw, f.k, strings.Trim(v, " \t")) // as writeHead; h2's values come untrimmed
+	}
+	if d.remoteIP != "" {
+		writeField(bw, "X-Forwarded-For", d.remoteIP)
+	}
+	writeField(bw, "X-Forwarded-Host", d.host)
+	if d.https {
+		writeField(bw, "X-Forwarded-Proto", "https")
+	} else {
+		writeField(bw, "X-Forwarded-Proto", "http")
+	}
+	if zeroLengthMethod(d.method) {
+		bw.WriteString("Content-Length: 0\r\n")
+	}
+	_, err := bw.WriteString("\r\n")
+	return err
+}
+
+func writeField(bw *bufio.Writer, k, v string) {
+	bw.WriteString(k)
+	bw.WriteString(": ")
+	bw.WriteString(v)
+	bw.WriteString("\r\n")
+}
+
+// direct serves d (n bytes of the connection's buffer) on the direct
+// path if directRoute lets it; handled false: it did nothing but the
+// checks, and d goes the general way. keep: the connection can serve on.
+func (c *h1Conn) direct(d *reqHead, n int) (keep, handled bool) {
+	s := c.hs.direct
+	w := &h1Writer{c: c, response: response{cl: -1}}
+	ctx := w.rc.context()
+	id, addr, ok := s.directRoute(ctx, d, &c.generalHost)
+	if !ok {
+		w.rc.cancel()
+		return false, false
+	}
+	if directTaken != nil {
+		directTaken()
+	}
+	c.br.Discard(n)
+	c.conn.SetReadDeadline(time.Time{})
+	defer w.rc.cancel()
+	d.remoteIP = ""
+	if ip, _, err := net.SplitHostPort(c.remote); err == nil {
+		d.remoteIP = ip
+	}
+	d.https = c.state != nil
+	c.watchMu.Lock()
+	c.watchOn, c.watchCtx, c.watchBody = true, &w.rc, nil
+	c.watchMu.Unlock()
+	c.watchT.Reset(watchDelay)
+	var code int
+	var sent int64
+	aborted := guard(c.hs.s.log, c.remote, func() { code, sent = c.forwardDirect(ctx, w, d, id, addr) })
+	c.unwatch()
+	if aborted {
+		return false, true
+	}
+	countRequest(code, sent, ctx.Err())
+	if w.h != nil { // the general answer's writer
+		w.finish()
+		return !w.closeAfter && w.err == nil, true
+	}
+	w.fail(c.bw.Flush())
+	return !w.closeAfter && w.err == nil, true
+}
+
+// forwardDirect is serve's and forwardH1's part after the checks: the
+// connection counted open, the VM woken (RunningNow said it runs: wake
+// returns at once but for a suspend begun since), the request sent, the
+// answer passed on. It returns the status and body bytes for the
+// metrics; it panics http.ErrAbortHandler as forwardH1 does.
+func (c *h1Conn) forwardDirect(ctx context.Context, w *h1Writer, d *reqHead, id, addr string) (code int, sent int64) {
+	s := c.hs.direct
+	s.cfg.Backend.ConnOpened(id)
+	defer s.cfg.Backend.ConnClosed(id)
+	if !s.running.RunningNow(id) {
+		cw, _ := c.general(w, d)
+		if !s.wake(ctx, cw, id, false) {
+			return cw.code, cw.n
+		}
+	}
+	pc, err := s.up.send(ctx, addr, d.method, d)
+	if err != nil {
+		cw, r := c.general(w, d)
+		s.guestFailed(cw, r, id, err)
+		return cw.code, cw.n
+	}
+	buf, _ := pc.br.Peek(pc.br.Buffered())
+	rh, hn, ok := parseRespHead(buf, d.method, c.rfields[:0])
+	if ok {
+		c.rfields = rh.fields[:0]
+	}
+	if !ok || !directAnswer(&rh) {
+		// An answer the direct path does not write itself (1xx, 204/304,
+		// HEAD's, chunked, unsniffed, an event stream, ...): the general
+		// path's reader and writer.
+		cw, r := c.general(w, d)
+		s.answerHead(ctx, cw, r, d, id, addr, pc)
+		return cw.code, cw.n
+	}
+	pc.br.Discard(hn)
+	pc.headRead()
+	w.closeAfter = c.hs.closing.Load()
+	w.writeStatus(rh.code)
+	c.writeAnswerFields(&rh, w.closeAfter)
+	sent, rerr, werr := copyLength(c.bw, pc.br, rh.cl)
+	reuse := false
+	defer func() { s.up.release(addr, pc, reuse) }()
+	switch {
+	case werr != nil:
+		w.fail(werr)
+	case rerr != nil:
+		if ctx.Err() == nil {
+			// The guest broke off mid-body: as forwardH1, abort the
+			// client's response so it does not take a truncated body for
+			// a whole one.
+			panic(http.ErrAbortHandler)
+		}
+	default:
+		reuse = ctx.Err() == nil
+	}
+	return rh.code, sent
+}
+
+// general gives w what the general path's answer needs (a header map
+// and a request), for an answer the direct path does not write itself,
+// wrapped for the metrics as ServeHTTP wraps it.
+func (c *h1Conn) general(w *h1Writer, d *reqHead) (*countingWriter, *http.Request) {
+	r := &http.Request{Method: d.method, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1, Host: d.host,
+		Header: http.Header{}, Body: http.NoBody, RemoteAddr: c.remote, TLS: c.state}
+	if w.h == nil {
+		w.h = make(http.Header, 8)
+		w.req = r
+	}
+	return &countingWriter{ResponseWriter: w}, r
+}
+
+// directAnswer: the answer can go to the client as the guest wrote it
+// (less droppedAnswerField): it has one Content-Type that is no event
+// stream (those are flushed write by write), or no body to sniff a type
+// from (sniffType).
+func directAnswer(rh *respHead) bool {
+	ct, n := "", 0
+	for _, f := range rh.fields {
+		if f.k == "Content-Type" {
+			ct, n = f.v, n+1
+		}
+	}
+	if n == 0 {
+		return rh.cl == 0
+	}
+	media, _, _ := strings.Cut(ct, ";")
+	return n == 1 && !strings.EqualFold(strings.TrimSpace(media), "text/event-stream")
+}
+
+// writeAnswerFields writes the answer's fields as h1Writer.sendHeader
+// writes the general path's (the guest's, less droppedAnswerField; a
+// Date if it has none; "Connection: close" when the connection ends) and
+// the empty line.
+func (c *h1Conn) writeAnswerFields(rh *respHead, closeAfter bool) {
+	bw := c.bw
+	date := false
+	for _, f := range rh.fields {
+		if droppedAnswerField(f.k, f.v) {
+			continue
+		}
+		date = date || f.k == "Date"
+		writeField(bw, f.k, f.v)
+	}
+	if !date {
+		writeField(bw, "Date", httpDate())
+	}
+	if closeAfter {
+		bw.WriteString("Connection: close\r\n")
+	}
+	bw.WriteString("\r\n")
+}
+
+// copyLength copies a body of n bytes from br to bw, in bw's own buffer
+// (no copy buffer of its own): rerr when the guest ends it early, werr
+// when the client's connection fails.
+func copyLength(bw *bufio.Writer, br *bufio.Reader, n int64) (written int64, rerr, werr error) {
+	for n > 0 {
+		if bw.Available() == 0 {
+			if werr = bw.Flush(); werr != nil {
+				return written, nil, werr
+			}
+		}
+		p := bw.AvailableBuffer()
+		p = p[:min(int64(cap(p)), n)]
+		k, err := br.Read(p)
+		if k > 0 {
+			bw.Write(p[:k]) // into its own free space: no copy
+			n -= int64(k)
+			written += int64(k)
+		}
+		if err != nil && n > 0 {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return written, err, nil
+		}
+	}
+	return written, nil, nil
+}

@@ -1,0 +1,678 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/netip"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"golang.org/x/net/http2/hpack"
+
+	"github.com/kiln-sandbox/kiln/internal/token"
+)
+
+// guestAnswers are what the scripted guest of TestDirectSameAsGeneral
+// answers, chosen by the request's X-Answer field (default "plain").
+// "close" after an answer: the guest ends the connection there.
+var guestAnswers = map[string]string{
+	"plain":      "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\nX-App: 1\r\n\r\nhello",
+	"reason":     "HTTP/1.1 200 Fine Thanks\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok",
+	"sniff":      "HTTP/1.1 200 OK\r\nContent-Length: 14\r\n\r\n<html>hi</html",
+	"empty":      "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+	"cookies":    "HTTP/1.1 200 OK\r\nSet-Cookie: " + CookieAuth + "=planted; Path=/\r\nSet-Cookie: app=1\r\nset-cookie: KILN-PROXY-AUTH =x\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nUpgrade: h2c\r\nTe: trailers\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok",
+	"dup":        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-D: 1\r\nx-d: 2\r\nX-D: 3\r\nContent-Length: 2\r\n\r\nok",
+	"date":       "HTTP/1.1 200 OK\r\nDate: Mon, 02 Jan 2006 15:04:05 GMT\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok",
+	"204":        "HTTP/1.1 204 No Content\r\nX-App: 1\r\n\r\n",
+	"304":        "HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n",
+	"500":        "HTTP/1.1 500 Internal Server Error\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+	"chunked":    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3\r\nabc\r\n0\r\n\r\n",
+	"trailer":    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTrailer: X-T\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: 1\r\n\r\n",
+	"hints":      "HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok",
+	"sse":        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: 10\r\n\r\ndata: x\n\n\n",
+	"dupcl":      "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok",
+	"badcl":      "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+	"closehdr":   "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+	"upgrade":    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+	"short":      "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\nshort",
+	"midhead":    "HTTP/1.1 200 OK\r\nContent-",
+	"junk":       "garbage\r\n\r\n",
+	"http10":     "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok",
+	"split":      "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Bad: a\nb\r\nContent-Length: 2\r\n\r\nok",
+	"nothing":    "",
+	"bigheader":  "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Big: " + strings.Repeat("b", 40<<10) + "\r\nContent-Length: 2\r\n\r\nok",
+	"bigbody":    "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n" + strings.Repeat("0123456789", 10000),
+	"toend":      "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nto the end",
+	"head":       "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n",
+	"encoding":   "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 3\r\n\r\nabc",
+	"twotypes":   "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Type: text/html\r\nContent-Length: 2\r\n\r\nok",
+	"obsfold":    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nX-Fold: a\r\n b\r\nContent-Length: 2\r\n\r\nok",
+	"spacename":  "HTTP/1.1 200 OK\r\nContent-Type : text/plain\r\nContent-Length: 2\r\n\r\nok",
+	"lowercase":  "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 2\r\nx-lower: 1\r\n\r\nok",
+	"leadingcl":  "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 002\r\n\r\nok",
+	"status999":  "HTTP/1.1 599 Whatever\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok",
+	"chunkedbad": "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+}
+
+var closingAnswers = map[string]bool{"short": true, "midhead": true, "junk": true, "nothing": true, "toend": true, "chunkedbad": true}
+
+// scriptedGuest is a guest port served by hand: it records each request's
+// bytes as it got them and answers from guestAnswers.
+type scriptedGuest struct {
+	mu   sync.Mutex
+	got  []string
+	addr string
+}
+
+func startScriptedGuest(t *testing.T) *scriptedGuest {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	g := &scriptedGuest{addr: ln.Addr().String()}
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go g.serve(c)
+		}
+	}()
+	return g
+}
+
+func (g *scriptedGuest) serve(c net.Conn) {
+	defer c.Close()
+	br := bufio.NewReader(c)
+	for {
+		if b, err := br.Peek(1); err != nil || b[0] == 0x16 {
+			return // gone, or speaksTLS's probe: this guest speaks plain HTTP
+		}
+		if b, _ := br.Peek(3); string(b) == "PRI" {
+			return // h2c (gRPC): nor HTTP/2
+		}
+		raw, answer, err := readRawRequest(br)
+		if err != nil {
+			return
+		}
+		g.mu.Lock()
+		g.got = append(g.got, raw)
+		g.mu.Unlock()
+		if _, err := io.WriteString(c, guestAnswers[answer]); err != nil || closingAnswers[answer] {
+			return
+		}
+	}
+}
+
+func (g *scriptedGuest) take() []string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	got := g.got
+	g.got = nil
+	return got
+}
+
+// readRawRequest reads one request's bytes (head, and a body by
+// Content-Length or chunked) and the answer it asks for.
+func readRawRequest(br *bufio.Reader) (raw, answer string, err error) {
+	var b strings.Builder
+	answer = "plain"
+	cl, chunked := 0, false
+	for {
+		line, err := br.ReadString('\n')
+		if err != nil {
+			return "", "", err
+		}
+		b.WriteString(line)
+		if line == "\r\n" {
+			break
+		}
+		k, v, _ := strings.Cut(strings.TrimRight(line, "\r\n"), ":")
+		v = strings.TrimSpace(v)
+		switch strings.ToLower(k) {
+		case "x-answer":
+			answer = v
+		case "content-length":
+			cl, _ = strconv.Atoi(v)
+		case "transfer-encoding":
+			chunked = true
+		}
+	}
+	if chunked {
+		for !strings.HasSuffix(b.String(), "\r\n0\r\n\r\n") {
+			c, err := br.ReadByte()
+			if err != nil {
+				return "", "", err
+			}
+			b.WriteByte(c)
+		}
+	} else if cl > 0 {
+		body := make([]byte, cl)
+		if _, err := io.ReadFull(br, body); err != nil {
+			return "", "", err
+		}
+		b.Write(body)
+	}
+	return b.String(), answer, nil
+}
+
+// runningBackend: every known VM runs (RunningNow), as the engine
+// reports a running VM from memory.
+type runningBackend struct{ *fakeBackend }
+
+func (runningBackend) RunningNow(string) bool { return true }
+
+// normalizeHead is a head with its field lines in a stable order by
+// name (the general path writes a map's fields in random order; the
+// values of one name keep theirs) and without Date, which changes by
+// the second.
+func normalizeHead(head string) string {
+	lines := strings.Split(strings.TrimSuffix(head, "\r\n\r\n"), "\r\n")
+	fields := slices.DeleteFunc(lines[1:], func(l string) bool { return strings.HasPrefix(strings.ToLower(l), "date:") })
+	slices.SortStableFunc(fields, func(a, b string) int {
+		ka, _, _ := strings.Cut(a, ":")
+		kb, _, _ := strings.Cut(b, ":")
+		return strings.Compare(strings.ToLower(ka), strings.ToLower(kb))
+	})
+	return lines[0] + "\n" + strings.Join(fields, "\n")
+}
+
+// directEnv is a proxy with a backend whose VMs run, in front of a
+// scriptedGuest on every port.
+type directEnv struct {
+	g      *scriptedGuest
+	srv    *Server
+	ln     net.Listener
+	roots  *x509.CertPool
+	signer *token.Signer
+}
+
+func newDirectEnv(t *testing.T) *directEnv {
+	g := startScriptedGuest(t)
+	ca, roots, signer := testPKI(t)
+	lo := netip.MustParseAddr("127.0.0.1")
+	fb := &fakeBackend{ensures: map[string]int{}, open: map[string]int{}, vms: map[string]*fakeVM{
+		"vm1":       {tgt: Target{Account: "acct", Addr: lo, Ingress: true, Shell: true}},
+		"noingress": {tgt: Target{Account: "acct", Addr: lo}},
+		"otheracct": {tgt: Target{Account: "other", Addr: lo, Ingress: true}},
+	}}
+	srv, ln := serveProxy(t, Config{Domain: domain, Backend: runningBackend{fb}, Tokens: signer,
+		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, g.addr)
+		}}, ca)
+
+	return &directEnv{g, srv, ln, roots, signer}
+}
+
+// TestDirectSameAsGeneral sends the same requests, plain and hostile,
+// through the direct path and through the general one (Server.noDirect)
+// and compares what the guest receives (its bytes, fields in a stable
+// order) and what the client gets (status, fields but Date, body, and
+// whether the connection serves a next request). It also checks that the
+// plain ones did take the direct path.
+func TestDirectSameAsGeneral(t *testing.T) {
+	e := newDirectEnv(t)
+	g, srv, ln, roots, signer := e.g, e.srv, e.ln, e.roots, e.signer
+	mint := func(vm string, kind token.Kind, ports ...token.PortRange) string {
+		tok, _, err := signer.Mint("acct", vm, kind, ports, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return tok
+	}
+	tok := mint("vm1", token.KindEndpoint, token.AllPorts)
+	host := "vm1." + domain
+	auth := "X-Aws-Proxy-Auth: " + tok + "\r\n"
+	get := func(extra string) string { return "GET / HTTP/1.1\r\nHost: " + host + "\r\n" + auth + extra + "\r\n" }
+	type tc struct {
+		name, req string
+		direct    bool // the direct path must take it (else it must not)
+		either    bool // it may or may not
+	}
+	cases := []tc{
+		{"plain", get("User-Agent: t\r\nAccept: */*\r\n"), true, false},
+		{"query", "GET /a/b?x=1&y=%20z HTTP/1.1\r\nHost: " + host + "\r\n" + auth + "\r\n", true, false},
+		{"escaped path", "GET /a%20b/c;d=1/%2F@:$+, HTTP/1.1\r\nHost: " + host + "\r\n" + auth + "\r\n", true, false},
+		{"path net/url rewrites", "GET /a!b*(c)'#f HTTP/1.1\r\nHost: " + host + "\r\n" + auth + "\r\n", false, false},
+		{"query to clean", "GET /?a=1;b=2&c=%zz HTTP/1.1\r\nHost: " + host + "\r\n" + auth + "\r\n", false, false},
+		{"HEAD", "HEAD / HTTP/1.1\r\nHost: " + host + "\r\n" + auth + "X-Answer: head\r\n\r\n", true, false},
+		{"DELETE", "DELETE /x HTTP/1.1\r\nHost: " + host + "\r\n" + auth + "\r\n", true, false},
+		{"bodyless POST", "POST /x HTTP/1.1\r\nHost: " + host + "\r\n" + auth + "\r\n", true, false},
+		{"POST with body", "POST /x HTTP/1.1\r\nHost: " + host + "\r\n" + auth + "Content-Length: 5\r\n\r\nhello", false, false},
+		{"chunked body", "POST /x HTTP/1.1\r\nHost: " + host + "\r\n" + auth + "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", false, false},
+		{"duplicate fields", get("X-A: 1\r\nx-a: 2\r\nX-B: 1\r\nX-A: 3\r\n"), true, false},
+		{"empty and spaced values", get("X-E:\r\nX-S:   s  \r\nX-T:\tt\t\r\nUser-Agent:\r\n"), true, false},
+		{"token cookie and header", get("Cookie: a=1; " + CookieAuth + "=" + tok + ";b=2 ;  ; " + CookieAuth + " = x\r\n"), true, false},
+		{"only token cookie", get("Cookie: " + CookieAuth + "=" + tok + "\r\n"), true, false},
+		{"cookie token alone", "GET / HTTP/1.1\r\nHost: " + host + "\r\nCookie: " + CookieAuth + "=" + tok + "; a=1\r\n\r\n", false, false},
+		{"two cookie fields", get("Cookie: a=1\r\nCookie: b=2\r\n"), false, false},
+		{"subprotocol token", "GET / HTTP/1.1\r\nHost: " + host + "\r\nSec-WebSocket-Protocol: " + SubprotoAuth + tok + ", chat\r\n\r\n", false, false},
+		{"subprotocols with header token", get("Sec-WebSocket-Protocol: " + SubprotoBase + ", chat\r\n"), false, false},
+		{"kiln fields", get("X-Aws-Proxy-Port: 8080\r\nX-Aws-Proxy-Other: 1\r\nx-aws-proxy-lower: 2\r\nX-AWS-PROXY-UPPER: 3\r\n"), true, false},
+		{"force h2 field", get("X-Aws-Proxy-Force-H2: false\r\n"), false, false},
+		{"hop-by-hop", get("Keep-Alive: 300\r\nProxy-Authorization: Basic eA==\r\nProxy-Connection: keep-alive\r\n"), true, false},
+		{"Te", get("Te: trailers, deflate\r\n"), false, false},
+		{"Connection", get("Connection: X-Hop, keep-alive\r\nX-Hop: secret\r\n"), false, false},
+		{"Upgrade", get("Upgrade: websocket\r\n"), false, false},
+		{"planted forwarding", get("X-Forwarded-For: 203.0.113.9\r\nForwarded: for=x\r\nX-Forwarded-Host: evil\r\nX-Forwarded-Proto: http\r\n"), true, false},
+		{"E2B traffic token", get("E2b-Traffic-Access-Token: secret\r\n"), true, false},
+		{"E2B sandbox headers", get("E2b-Sandbox-Id: vm1\r\nE2b-Sandbox-Port: 8080\r\n"), false, false},
+		{"E2B port only", get("E2b-Sandbox-Port: 9\r\n"), true, false},
+		{"E2B host", "GET / HTTP/1.1\r\nHost: 8080-vm1." + domain + "\r\n" + auth + "\r\n", false, false},
+		{"CL and TE", "POST / HTTP/1.1\r\nHost: " + host + "\r\n" + auth + "Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", false, false},
+		{"two Hosts", "GET / HTTP/1.1\r\nHost: " + host + "\r\nHost: evil\r\n" + auth + "\r\n", false, false},
+		{"bad Host", "GET / HTTP/1.1\r\nHost: vm1." + domain + "\"\r\n" + auth + "\r\n", false, false},
+		{"upper-case Host", "GET / HTTP/1.1\r\nHost: VM1." + strings.ToUpper(domain) + ":443\r\n" + auth + "\r\n", true, false},
+		{"obs-fold", get("X-Fold: a\r\n b\r\n"), false, false},
+		{"bare LF", "GET / HTTP/1.1\nHost: " + host + "\n" + strings.TrimSuffix(auth, "\r\n") + "\n\n", false, false},
+		{"space before colon", get("X-Sp : 1\r\n"), false, false},
+		// The own parsers take a head in the loop's buffer as one read
+		// brought it; crypto/tls's client sends a new connection's first
+		// data in small records.
+		{"big header", get(strings.Repeat("X-Big: "+strings.Repeat("b", 1000)+"\r\n", 2)), false, true},
+		{"header over the buffer", get(strings.Repeat("X-Big: "+strings.Repeat("b", 1000)+"\r\n", 40)), false, false},
+		{"header over the limit", get("X-Huge: " + strings.Repeat("h", 70<<10) + "\r\n"), false, false},
+		{"no token", "GET / HTTP/1.1\r\nHost: " + host + "\r\n\r\n", false, false},
+		{"bad token", "GET / HTTP/1.1\r\nHost: " + host + "\r\nX-Aws-Proxy-Auth: nope\r\n\r\n", false, false},
+		{"two tokens", get("X-Aws-Proxy-Auth: " + tok + "\r\n"), false, false},
+		{"token of another VM", "GET / HTTP/1.1\r\nHost: otheracct." + domain + "\r\n" + auth + "\r\n", false, false},
+		{"other account", "GET / HTTP/1.1\r\nHost: otheracct." + domain + "\r\nX-Aws-Proxy-Auth: " + mint("otheracct", token.KindEndpoint, token.AllPorts) + "\r\n\r\n", false, false},
+		{"no ingress", "GET / HTTP/1.1\r\nHost: noingress." + domain + "\r\nX-Aws-Proxy-Auth: " + mint("noingress", token.KindEndpoint, token.AllPorts) + "\r\n\r\n", false, false},
+		{"unknown VM", "GET / HTTP/1.1\r\nHost: ghost." + domain + "\r\nX-Aws-Proxy-Auth: " + mint("ghost", token.KindEndpoint, token.AllPorts) + "\r\n\r\n", false, false},
+		{"token for port 8080 only", "GET / HTTP/1.1\r\nHost: " + host + "\r\nX-Aws-Proxy-Auth: " + mint("vm1", token.KindEndpoint, token.Port(8080)) + "\r\nX-Aws-Proxy-Port: 9000\r\n\r\n", false, false},
+		{"shell port", get("X-Aws-Proxy-Port: 8022\r\n"), false, false},
+		{"bad port", get("X-Aws-Proxy-Port: 0x10\r\n"), false, false},
+		{"query token link", "GET /p?" + QueryAuth + "=" + tok + "&a=1 HTTP/1.1\r\nHost: " + host + "\r\n\r\n", false, false},
+		{"unknown host", "GET / HTTP/1.1\r\nHost: example.com\r\n" + auth + "\r\n", false, false},
+		{"HTTP/1.0", "GET / HTTP/1.0\r\nHost: " + host + "\r\n" + auth + "\r\n", false, false},
+		{"Expect", "POST / HTTP/1.1\r\nHost: " + host + "\r\n" + auth + "Expect: 100-continue\r\nContent-Length: 2\r\n\r\nok", false, false},
+	}
+	for name := range guestAnswers {
+		if name == "head" {
+			continue
+		}
+		cases = append(cases, tc{"answer " + name, get("X-Answer: " + name + "\r\n"), true, false})
+	}
+	cases = append(cases, tc{"HEAD answered with a body", "HEAD / HTTP/1.1\r\nHost: " + host + "\r\n" + auth + "X-Answer: plain\r\n\r\n", true, false})
+	slices.SortStableFunc(cases, func(a, b tc) int { return strings.Compare(a.name, b.name) })
+
+	// The first request probes the guest port for TLS (speaksTLS), which
+	// the direct path then finds remembered.
+	roundTrip(t, ln.Addr().String(), roots, get(""))
+	g.take()
+
+	var taken atomic.Int32
+	directTaken = func() { taken.Add(1) }
+	t.Cleanup(func() { directTaken = nil })
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			// A guest that broke protocol (a body to HEAD) spoils its
+			// connection for the next request: each run starts afresh.
+			srv.closeIdle()
+			srv.noDirect.Store(true)
+			wantClient := roundTrip(t, ln.Addr().String(), roots, c.req)
+			wantGuest := g.take()
+			srv.closeIdle()
+			srv.noDirect.Store(false)
+			taken.Store(0)
+			gotClient := roundTrip(t, ln.Addr().String(), roots, c.req)
+			gotGuest := g.take()
+			if c.either {
+			} else if c.direct && taken.Load() == 0 {
+				t.Errorf("the direct path did not take it")
+			}
+			if !c.direct && taken.Load() > 0 {
+				t.Errorf("the direct path took it")
+			}
+			if gotClient != wantClient {
+				t.Errorf("the client got\n%s\n\nthe general path answers\n%s", gotClient, wantClient)
+			}
+			if len(gotGuest) != len(wantGuest) {
+				t.Fatalf("the guest got %d requests, from the general path %d:\n%q\n%q", len(gotGuest), len(wantGuest), gotGuest, wantGuest)
+			}
+			for i := range gotGuest {
+				head, body, _ := strings.Cut(gotGuest[i], "\r\n\r\n")
+				whead, wbody, _ := strings.Cut(wantGuest[i], "\r\n\r\n")
+				if got, want := normalizeHead(head), normalizeHead(whead); got != want || body != wbody {
+					t.Errorf("the guest got\n%s\n%q\n\nfrom the general path\n%s\n%q", got, body, want, wbody)
+				}
+			}
+		})
+	}
+}
+
+// roundTrip sends req on a new TLS connection and describes what came
+// back: the answer's status line, fields (stable order, no Date), body
+// or its error, and the answer to a plain request sent after it on the
+// same connection (or that there was none).
+func roundTrip(t *testing.T, addr string, roots *x509.CertPool, req string) string {
+	t.Helper()
+	c, err := tls.Dial("tcp", addr, &tls.Config{RootCAs: roots, ServerName: "vm1." + domain, NextProtos: []string{"http/1.1"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.WriteString(c, req); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	method, _, _ := strings.Cut(req, " ")
+	var out strings.Builder
+	for i := range 2 {
+		var rec bytes.Buffer
+		resp, err := http.ReadResponse(bufio.NewReader(io.TeeReader(br, &rec)), &http.Request{Method: method})
+		if err != nil {
+			fmt.Fprintf(&out, "[%d] no answer: %v\n", i, err != nil)
+			break
+		}
+		body, berr := io.ReadAll(resp.Body)
+		head, _, _ := bytes.Cut(rec.Bytes(), []byte("\r\n\r\n"))
+		fmt.Fprintf(&out, "[%d] %s\nbody %q err %v\n", i, normalizeHead(string(head)), body, berr)
+		if berr != nil || resp.Close || i == 1 {
+			break
+		}
+		// The answer's reader read ahead of its end into rec only; what
+		// br holds is unread. A next, plain request on the connection:
+		io.WriteString(c, "GET /next HTTP/1.1\r\nHost: vm1."+domain+"\r\nX-Aws-Proxy-Auth: nope\r\n\r\n")
+		method = "GET"
+	}
+	return out.String()
+}
+
+// closeIdle closes the idle guest connections of every pool.
+func (s *Server) closeIdle() {
+	s.up.closeIdle()
+	for _, rp := range []*httputil.ReverseProxy{s.h1, s.h2, s.tls1, s.tls2} {
+		rp.Transport.(*http.Transport).CloseIdleConnections()
+	}
+}
+
+// FuzzDirectHead: for a request the direct path may take, what it writes
+// to the guest is what the general path writes (outgoing, writeHead),
+// field order aside; and plainURI holds the URI to net/url's rewrite.
+func FuzzDirectHead(f *testing.F) {
+	for _, s := range requestHeadSeeds {
+		f.Add([]byte(s.raw))
+	}
+	f.Add([]byte("GET /a%20b/c;d?x=%41&y HTTP/1.1\r\nHost: vm1." + domain + "\r\nX-Aws-Proxy-Auth: t\r\nCookie: a=1;" + CookieAuth + "=t\r\nUser-Agent:\r\n\r\n"))
+	f.Add([]byte("POST /%2f%2F?; HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1\r\nKeep-Alive: 1\r\nE2b-Traffic-Access-Token: x\r\nx-aws-proxy-x: 1\r\n\r\n"))
+	f.Add([]byte("GET //x/../y?a=%zz HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nx-a: 2\r\nCookie: ; ;\r\n\r\n"))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		d, _, ok := parseReqHead(data, nil)
+		if !ok || !validHost(d.host) {
+			return
+		}
+		r, ok := d.request()
+		if !ok {
+			return
+		}
+		if plainURI(d.uri) {
+			if want := r.URL.RequestURI(); want != d.uri || cleanQuery(r.URL.RawQuery) != r.URL.RawQuery {
+				t.Fatalf("plainURI(%q), net/url writes %q", d.uri, want)
+			}
+		} else {
+			return
+		}
+		for _, k := range []string{"Te", fieldWSProtocol} {
+			if _, ok := r.Header[k]; ok {
+				return // not for the direct path
+			}
+		}
+		if len(r.Header["Cookie"]) > 1 {
+			return
+		}
+		r.RemoteAddr, r.TLS = "192.0.2.7:4000", &tls.ConnectionState{}
+		d.remoteIP, d.https = "192.0.2.7", true
+		sameGuestHead(t, string(data), r, &d)
+	})
+}
+
+// sameGuestHead fails unless the direct path writes for d what the
+// general path writes for r (outgoing, writeHead), field order aside,
+// and the guest can read it.
+func sameGuestHead(t *testing.T, input string, r *http.Request, d *reqHead) {
+	t.Helper()
+	var general, direct strings.Builder
+	bw := bufio.NewWriter(&general)
+	if err := writeHead(bw, outgoing(r, &url.URL{Scheme: "http", Host: "127.0.0.1:8080"}, true)); err != nil {
+		t.Fatal(err)
+	}
+	bw.Flush()
+	bw = bufio.NewWriter(&direct)
+	if err := d.writeHead(bw); err != nil {
+		t.Fatal(err)
+	}
+	bw.Flush()
+	if got, want := normalizeHead(direct.String()), normalizeHead(general.String()); got != want {
+		t.Fatalf("%q:\ndirect\n%s\ngeneral\n%s", input, got, want)
+	}
+	if _, err := http.ReadRequest(bufio.NewReader(strings.NewReader(direct.String()))); err != nil {
+		t.Fatalf("the guest cannot read %q: %v", direct.String(), err)
+	}
+}
+
+// TestDirectSameAsGeneralH2 is TestDirectSameAsGeneral for h2 streams,
+// with what Go's HTTP/2 client lets one send.
+func TestDirectSameAsGeneralH2(t *testing.T) {
+	e := newDirectEnv(t)
+	tok, _, err := e.signer.Mint("acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, _, _ := e.signer.Mint("acct", "otheracct", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
+	client := &http.Client{Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: e.roots}, ForceAttemptHTTP2: true, DisableCompression: true,
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, e.ln.Addr().String())
+		}}, Timeout: 5 * time.Second}
+	type tc struct {
+		name, method, url string
+		hdr               http.Header
+		direct            bool
+	}
+	base := "https://vm1." + domain
+	cases := []tc{
+		{"plain", "GET", base + "/", http.Header{"User-Agent": {"t"}}, true},
+		{"query", "GET", base + "/a/b?x=1&y=%20z", nil, true},
+		{"escaped path", "GET", base + "/a%20b/c;d=1/%2F@:$+,", nil, true},
+		{"path net/url rewrites", "GET", base + "/a!b*(c)", nil, false},
+		{"HEAD", "HEAD", base + "/", http.Header{"X-Answer": {"head"}}, true},
+		{"DELETE", "DELETE", base + "/x", nil, true},
+		{"bodyless POST (content-length: 0)", "POST", base + "/x", nil, false},
+		{"duplicate fields", "GET", base + "/", http.Header{"X-A": {"1", "2"}, "X-B": {"3"}}, true},
+		{"spaced values", "GET", base + "/", http.Header{"X-S": {"  s  "}, "X-T": {"\tt"}, "User-Agent": {""}}, true},
+		{"kiln fields", "GET", base + "/", http.Header{"X-Aws-Proxy-Port": {"8080"}, "X-Aws-Proxy-Other": {"1"}}, true},
+		{"planted forwarding", "GET", base + "/", http.Header{"X-Forwarded-For": {"203.0.113.9"}, "Forwarded": {"for=x"}, "X-Forwarded-Host": {"evil"}}, true},
+		{"E2B traffic token", "GET", base + "/", http.Header{"E2b-Traffic-Access-Token": {"secret"}}, true},
+		{"token cookie", "GET", base + "/", http.Header{"Cookie": {CookieAuth + "=" + tok}}, true},
+		{"subprotocols", "GET", base + "/", http.Header{"Sec-Websocket-Protocol": {SubprotoAuth + tok + ", chat"}}, false},
+		{"gRPC type", "GET", base + "/", http.Header{"Content-Type": {"application/grpc"}}, false},
+		{"bad token", "GET", base + "/", http.Header{HeaderAuth: {"nope"}}, false},
+		{"token of another VM", "GET", "https://otheracct." + domain + "/", nil, false},
+		{"other account", "GET", "https://otheracct." + domain + "/", http.Header{HeaderAuth: {other}}, false},
+		{"shell port", "GET", base + "/", http.Header{"X-Aws-Proxy-Port": {"8022"}}, false},
+		{"query token link", "GET", base + "/?" + QueryAuth + "=" + tok, http.Header{HeaderAuth: {""}}, false},
+		{"E2B host", "GET", "https://8080-vm1." + domain + "/", nil, false},
+	}
+	for name := range guestAnswers {
+		if name != "head" {
+			cases = append(cases, tc{"answer " + name, "GET", base + "/", http.Header{"X-Answer": {name}}, true})
+		}
+	}
+	slices.SortStableFunc(cases, func(a, b tc) int { return strings.Compare(a.name, b.name) })
+	do := func(c tc) string {
+		req, _ := http.NewRequest(c.method, c.url, nil)
+		req.Header.Set(HeaderAuth, tok)
+		for k, v := range c.hdr {
+			req.Header[http.CanonicalHeaderKey(k)] = v // one field each, in an order Go's client picks
+		}
+		if v, ok := c.hdr[HeaderAuth]; ok && v[0] == "" {
+			req.Header.Del(HeaderAuth)
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			return "error"
+		}
+		defer resp.Body.Close()
+		body, berr := io.ReadAll(resp.Body)
+		var fields []string
+		for k, vv := range resp.Header {
+			if k != "Date" {
+				fields = append(fields, k+": "+strings.Join(vv, " | "))
+			}
+		}
+		slices.Sort(fields)
+		return fmt.Sprintf("%s %s cl=%d\n%s\nbody %q err %v", resp.Proto, resp.Status, resp.ContentLength,
+			strings.Join(fields, "\n"), body, berr != nil)
+	}
+	do(cases[0]) // speaksTLS probes the guest port once
+	e.g.take()
+	var taken atomic.Int32
+	directTaken = func() { taken.Add(1) }
+	t.Cleanup(func() { directTaken = nil })
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			e.srv.closeIdle()
+			e.srv.noDirect.Store(true)
+			wantClient := do(c)
+			wantGuest := e.g.take()
+			e.srv.closeIdle()
+			e.srv.noDirect.Store(false)
+			taken.Store(0)
+			gotClient := do(c)
+			gotGuest := e.g.take()
+			if c.direct != (taken.Load() > 0) {
+				t.Errorf("the direct path took it: %v, want %v", taken.Load() > 0, c.direct)
+			}
+			if gotClient != wantClient {
+				t.Errorf("the client got\n%s\n\nthe general path answers\n%s", gotClient, wantClient)
+			}
+			if len(gotGuest) != len(wantGuest) {
+				t.Fatalf("the guest got %d requests, from the general path %d:\n%q\n%q", len(gotGuest), len(wantGuest), gotGuest, wantGuest)
+			}
+			for i := range gotGuest {
+				if got, want := normalizeHead(gotGuest[i]), normalizeHead(wantGuest[i]); got != want {
+					t.Errorf("the guest got\n%s\n\nfrom the general path\n%s", got, want)
+				}
+			}
+		})
+	}
+}
+
+// FuzzH2DirectHead: a header block h2DirectHead takes, newRequest takes
+// too, and the guest gets from the direct path what the general path
+// writes (outgoing, writeHead), field order aside. The block is lines of
+// "name: value" (pseudo-headers as ":method: GET").
+func FuzzH2DirectHead(f *testing.F) {
+	f.Add(":method: GET\n:scheme: https\n:authority: vm1." + domain + "\n:path: /a?b=1\nx-aws-proxy-auth: t\nuser-agent: \ncookie: a=1; " + CookieAuth + "=t\nx-s:  s \t")
+	f.Add(":method: GET\n:scheme: https\n:authority: vm1\n:path: /%2F\nx-forwarded-for: 1\nproxy-authorization: x\ne2b-traffic-access-token: y\nx-a: 1\nx-a: 2")
+	f.Add(":method: POST\n:scheme: https\n:authority: h:443\n:path: /;x\ncontent-type: application/grpc")
+	f.Add(":method: GET\n:scheme: https\n:path: /\n:authority: h\n:authority: i")
+	f.Fuzz(func(t *testing.T, block string) {
+		var fields []hpack.HeaderField
+		for line := range strings.SplitSeq(block, "\n") {
+			name, value, _ := strings.Cut(line[min(1, len(line)):], ": ")
+			fields = append(fields, hpack.HeaderField{Name: line[:min(1, len(line))] + name, Value: value})
+		}
+		d := h2DirectHead(fields, true)
+		if d == nil {
+			return
+		}
+		c := &h2Conn{remote: "192.0.2.7:4000", state: &tls.ConnectionState{}}
+		r, _, err := c.newRequest(fields, true)
+		if err != nil {
+			t.Fatalf("h2DirectHead took %q, newRequest refused it: %v", block, err)
+		}
+		if r.URL.RequestURI() != d.uri {
+			t.Fatalf("%q: the direct path sends %q, the general one %q", block, d.uri, r.URL.RequestURI())
+		}
+		if _, ok := r.Header[fieldWSProtocol]; ok || len(r.Header["Cookie"]) > 0 && strings.Count(block, "\ncookie:") > 1 {
+			return // not for the direct path (directRoute)
+		}
+		d.remoteIP = "192.0.2.7"
+		sameGuestHead(t, block, r, d)
+	})
+}
+
+// lookupCounter counts a running backend's Lookups.
+type lookupCounter struct {
+	runningBackend
+	n atomic.Int32
+}
+
+func (b *lookupCounter) Lookup(ctx context.Context, id string) (Target, error) {
+	b.n.Add(1)
+	return b.runningBackend.Lookup(ctx, id)
+}
+
+// TestDirectLookupOnce: a guest port that speaks TLS takes the general
+// path, and after the first request of a connection the direct path's
+// check no longer asks Lookup a second time per request.
+func TestDirectLookupOnce(t *testing.T) {
+	app := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "tls app") }))
+	t.Cleanup(app.Close)
+	ca, roots, signer := testPKI(t)
+	lo := netip.MustParseAddr("127.0.0.1")
+	b := &lookupCounter{runningBackend: runningBackend{&fakeBackend{ensures: map[string]int{}, open: map[string]int{},
+		vms: map[string]*fakeVM{"vm1": {tgt: Target{Account: "acct", Addr: lo, Ingress: true}}}}}}
+	_, ln := serveProxy(t, Config{Domain: domain, Backend: b, Tokens: signer,
+		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, app.Listener.Addr().String())
+		}}, ca)
+	tok, _, _ := signer.Mint("acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
+	for _, h2 := range []bool{false, true} {
+		tc := &tls.Config{RootCAs: roots, NextProtos: []string{"http/1.1"}}
+		if h2 {
+			tc.NextProtos = nil
+		}
+		client := &http.Client{Transport: &http.Transport{TLSClientConfig: tc, ForceAttemptHTTP2: h2,
+			DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, network, ln.Addr().String())
+			}}, Timeout: 5 * time.Second}
+		b.n.Store(0)
+		const n = 5
+		for range n {
+			req, _ := http.NewRequest("GET", "https://vm1."+domain+"/", nil)
+			req.Header.Set(HeaderAuth, tok)
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if string(body) != "tls app" {
+				t.Fatalf("h2=%v: %d %q", h2, resp.StatusCode, body)
+			}
+		}
+		// The first two requests are asked twice (the first's check finds
+		// no TLS known yet and the general path probes; the second's check
+		// learns it), then one each; without the memo, two each.
+		if got := b.n.Load(); got > n+2 {
+			t.Errorf("h2=%v: %d Lookups for %d requests on one connection", h2, got, n)
+		}
+		client.CloseIdleConnections()
+	}
+}
