@@ -7,6 +7,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/exec"
@@ -387,7 +388,37 @@ func startHelperKilnIn(t *testing.T, mode, dataDir string, p helperPlace) (*exec
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	// QEMU outlives its kiln by design: a test that fails before its
+	// own driver ended the helper's VMs must not leave them running (a
+	// later test, or another run on this host, would find them).
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		killLeftQEMUs(t, dataDir)
+	})
 	return cmd, out
+}
+
+// killLeftQEMUs kills the QEMU processes of dataDir that are still alive
+// and removes their cgroups.
+func killLeftQEMUs(t *testing.T, dataDir string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	d, err := New(ctx, Config{DataDir: dataDir, KernelDir: env.KernelDir, AgentBinary: env.AgentBinary,
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Logf("checking for QEMU left by a helper kiln: %v", err)
+		return
+	}
+	defer d.Close()
+	for _, pid := range d.strayProcesses(map[int]bool{}) {
+		if p, err := adoptProcByPID(pid); err == nil {
+			t.Logf("killing QEMU %d left by a helper kiln", pid)
+			p.kill()
+			p.waitExit(5 * time.Second)
+		}
+	}
+	d.removeStrayCgroups()
 }
 
 // TestKilnKilledThenRecovered kills a separate kiln process (this test
