@@ -78,6 +78,8 @@ type h2Conn struct {
 	conn   net.Conn // TLS
 	state  *tls.ConnectionState
 	remote string
+	// remoteIP is remote's address, for the direct path's X-Forwarded-For.
+	remoteIP string
 	fr     *http2.Framer
 	wg     sync.WaitGroup
 
@@ -160,6 +162,9 @@ func newH2Conn(hs *h1Serve, conn net.Conn, st *tls.ConnectionState, remote strin
 	c := &h2Conn{hs: hs, conn: conn, state: st, remote: remote, streams: map[uint32]*h2Stream{},
 		sendWin: 65535, peerInitWin: 65535, peerMaxFrame: h2MaxFrame, recvWin: 65535}
 	c.cond.L = &c.mu
+	if ip, _, err := net.SplitHostPort(remote); err == nil {
+		c.remoteIP = ip
+	}
 	c.bw = bufio.NewWriterSize(conn, h2WriteBufSize)
 	c.fr = http2.NewFramer(c.bw, bufio.NewReaderSize(conn, h2ReadBufSize))
 	c.fr.SetMaxReadFrameSize(h2MaxFrame)
@@ -1285,23 +1290,31 @@ func (st *h2Stream) giveBack(n int) {
 
 // writeData sends p as DATA frames as the client's windows allow.
 func (w *h2Writer) writeData(p []byte, end bool) {
-	for w.err == nil && (len(p) > 0 || end) {
+	if w.err == nil {
+		w.fail(w.st.writeData(p, end))
+	}
+}
+
+func (st *h2Stream) writeData(p []byte, end bool) error {
+	for len(p) > 0 || end {
 		n := 0
 		if len(p) > 0 {
 			var err error
-			if n, err = w.st.take(len(p)); err != nil {
-				w.fail(err)
-				return
+			if n, err = st.take(len(p)); err != nil {
+				return err
 			}
 		}
 		last := end && n == len(p)
 		chunk := p[:n]
-		w.fail(w.st.c.write(func() error { return w.st.c.fr.WriteData(w.st.id, last, chunk) }))
+		if err := st.c.write(func() error { return st.c.fr.WriteData(st.id, last, chunk) }); err != nil {
+			return err
+		}
 		p = p[n:]
 		if last {
-			return
+			return nil
 		}
 	}
+	return nil
 }
 
 // writeHeaders encodes and writes a header block (under the write lock:
