@@ -80,8 +80,8 @@ type h2Conn struct {
 	remote string
 	// remoteIP is remote's address, for the direct path's X-Forwarded-For.
 	remoteIP string
-	fr     *http2.Framer
-	wg     sync.WaitGroup
+	fr       *http2.Framer
+	wg       sync.WaitGroup
 
 	// Writing: wmu guards the framer's writes, bw and henc; wwait counts
 	// writers holding or waiting for wmu, so only the last one flushes.
