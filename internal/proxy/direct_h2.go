@@ -28,10 +28,19 @@ import (
 // connection-specific one, no te, trailer or expect, no content-length
 // but one of 0.
 func h2DirectHead(fields []hpack.HeaderField, https bool) *reqHead {
+	d := new(reqHead)
+	if !d.fromH2(fields, https, make([]hfield, 0, len(fields))) {
+		return nil
+	}
+	return d
+}
+
+// fromH2 makes d h2DirectHead's reqHead of fields, appending its fields
+// to fs; false: nil from h2DirectHead.
+func (d *reqHead) fromH2(fields []hpack.HeaderField, https bool, fs []hfield) bool {
 	var pseudo [4]string
 	var seen [4]bool
 	regular, zeroLength := false, false
-	fs := make([]hfield, 0, len(fields))
 	for _, hf := range fields {
 		if strings.HasPrefix(hf.Name, ":") {
 			i := -1
@@ -46,14 +55,14 @@ func h2DirectHead(fields []hpack.HeaderField, https bool) *reqHead {
 				i = 3
 			}
 			if regular || i < 0 || seen[i] {
-				return nil
+				return false
 			}
 			seen[i], pseudo[i] = true, hf.Value
 			continue
 		}
 		regular = true
 		if !validH2FieldName(hf.Name) || !httpguts.ValidHeaderFieldValue(hf.Value) || h2Forbidden[hf.Name] {
-			return nil
+			return false
 		}
 		switch {
 		case hf.Name == "content-length" && hf.Value == "0" && !zeroLength:
@@ -65,24 +74,25 @@ func h2DirectHead(fields []hpack.HeaderField, https bool) *reqHead {
 			continue
 		case hf.Name == "te", hf.Name == "host", hf.Name == "content-length", hf.Name == "trailer", hf.Name == "expect",
 			hf.Name == "content-type" && strings.HasPrefix(hf.Value, "application/grpc"): // h2c to the guest
-			return nil
+			return false
 		}
 		fs = append(fs, hfield{canonicalH2Key(hf.Name), hf.Value})
 	}
 	method, authority, path := pseudo[0], pseudo[2], pseudo[3]
 	if !seen[0] || !seen[1] || !seen[2] || !seen[3] || pseudo[1] == "" || !validMethod(method) || method == "" ||
 		method == http.MethodConnect || authority == "" || !validHost(authority) || path == "" || path[0] != '/' {
-		return nil
+		return false
 	}
 	for i := 0; i < len(path); i++ {
 		if c := path[i]; c <= ' ' || c >= 0x7f {
-			return nil
+			return false
 		}
 	}
 	if !plainURI(path) {
-		return nil
+		return false
 	}
-	return &reqHead{method: method, uri: path, host: authority, fields: fs, https: https}
+	*d = reqHead{method: method, uri: path, host: authority, fields: fs, https: https}
+	return true
 }
 
 // direct serves st on the direct path if directRoute lets it; false: it

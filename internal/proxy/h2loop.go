@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/textproto"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -114,7 +115,11 @@ type h2Conn struct {
 	generalHost atomic.Pointer[string]
 
 	// Reader only (one goroutine at a time reads).
-	hdec        *hpack.Decoder
+	hdec *hpack.Decoder
+	// The header block being decoded (emitField, readHeaderBlock).
+	hfields     []hpack.HeaderField
+	hsize       int
+	htooBig     bool
 	maxStreamID uint32
 	sawSettings bool
 }
@@ -131,6 +136,10 @@ type h2Stream struct {
 	// (req is nil until run makes it of fields, if that does not take it).
 	head   *reqHead
 	fields []hpack.HeaderField
+	// headv and headFields hold head and its fields, in the stream's own
+	// allocation.
+	headv      reqHead
+	headFields [8]hfield
 
 	// under c.mu
 	sendWin      int64
@@ -170,7 +179,7 @@ func newH2Conn(hs *h1Serve, conn net.Conn, st *tls.ConnectionState, remote strin
 	c.fr.SetMaxReadFrameSize(h2MaxFrame)
 	c.fr.SetReuseFrames()
 	c.henc = hpack.NewEncoder(&c.hbuf)
-	c.hdec = hpack.NewDecoder(4096, nil)
+	c.hdec = hpack.NewDecoder(4096, c.emitField)
 	c.hdec.SetMaxStringLength(maxHeaderBytes)
 	return c
 }
@@ -244,14 +253,15 @@ func (c *h2Conn) readLoop() {
 		if err == nil {
 			err = c.process(f)
 		}
-		var se http2.StreamError
-		switch {
-		case err == nil:
-		case errors.As(err, &se):
+		if err != nil {
+			// se only here: declared for every frame, it escaped to the
+			// heap for every frame.
+			var se http2.StreamError
+			if !errors.As(err, &se) {
+				c.goAway(err)
+				return
+			}
 			c.resetStream(se.StreamID, se.Code)
-		default:
-			c.goAway(err)
-			return
 		}
 	}
 }
@@ -596,19 +606,8 @@ func (c *h2Conn) credit(st *h2Stream, n int64) {
 // that on the wire) and h2MaxContinuations frames. The decoder always
 // sees the whole block: its table is the connection's.
 func (c *h2Conn) readHeaderBlock(f *http2.HeadersFrame) ([]hpack.HeaderField, error) {
-	var fields []hpack.HeaderField
-	size, wire := 0, 0
-	tooBig := false
-	c.hdec.SetEmitFunc(func(hf hpack.HeaderField) {
-		size += int(hf.Size())
-		if size > maxHeaderBytes {
-			tooBig = true
-			return
-		}
-		if !tooBig {
-			fields = append(fields, hf)
-		}
-	})
+	c.hfields, c.hsize, c.htooBig = c.hfields[:0], 0, false
+	wire := 0
 	frag := f.HeaderBlockFragment()
 	ended := f.HeadersEnded()
 	if !ended {
@@ -643,10 +642,27 @@ func (c *h2Conn) readHeaderBlock(f *http2.HeadersFrame) ([]hpack.HeaderField, er
 	if err := c.hdec.Close(); err != nil {
 		return nil, h2ConnError{http2.ErrCodeCompression, err.Error()}
 	}
-	if tooBig {
+	if c.htooBig {
+		clear(c.hfields)
 		return nil, http2.StreamError{StreamID: f.StreamID, Code: http2.ErrCodeRefusedStream, Cause: errHeaderTooLarge}
 	}
+	// The stream keeps its own: one allocation of the block's size, where
+	// appending to a new slice took four or five.
+	fields := slices.Clone(c.hfields)
+	clear(c.hfields) // holds no strings of the block
 	return fields, nil
+}
+
+// emitField takes a decoded field of the header block being read.
+func (c *h2Conn) emitField(hf hpack.HeaderField) {
+	c.hsize += int(hf.Size())
+	if c.hsize > maxHeaderBytes {
+		c.htooBig = true
+		return
+	}
+	if !c.htooBig {
+		c.hfields = append(c.hfields, hf)
+	}
 }
 
 func (c *h2Conn) processHeaders(f *http2.HeadersFrame) error {
@@ -672,7 +688,10 @@ func (c *h2Conn) processHeaders(f *http2.HeadersFrame) error {
 	st := &h2Stream{c: c, id: id}
 	if c.hs.direct != nil && end {
 		// Maybe for the direct path (direct.go); run decides.
-		st.head, st.fields = h2DirectHead(fields, c.state != nil), fields
+		if st.headv.fromH2(fields, c.state != nil, st.headFields[:0]) {
+			st.head = &st.headv
+		}
+		st.fields = fields
 	}
 	var req *http.Request
 	var declared int64
