@@ -941,6 +941,7 @@ func lowerH2Key(k string) string {
 // run is a stream's handler goroutine.
 func (c *h2Conn) run(st *h2Stream) {
 	defer c.wg.Done()
+	growStack()
 	if st.head != nil {
 		if c.direct(st) {
 			return
@@ -1473,3 +1474,26 @@ func sanitizeFieldValue(v string) string {
 		return r
 	}, []byte(v)))
 }
+
+// h2StackFrame is the frame growStack takes.
+const h2StackFrame = 8 << 10
+
+// growStack grows a new stream goroutine's stack, while it is shallow,
+// to what answering takes: a goroutine starts with 2 KB, and its stack
+// grew (copied, every frame adjusted) deep in the TLS write of the
+// answer, each stream again: 6 to 7% of the proxy's CPU in the h2 bench
+// profile. Grown here, one copy adjusts two frames.
+//
+//go:noinline
+func growStack() {
+	if frameUsed {
+		// Never runs: the frame is reserved, never zeroed.
+		var frame [h2StackFrame]byte
+		touchFrame(frame[:])
+	}
+}
+
+var frameUsed bool
+
+//go:noinline
+func touchFrame(b []byte) { b[len(b)-1] = 1 }
