@@ -1,9 +1,11 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
-	"net"
+	"io"
 	"net/http"
+	"strconv"
 	"strings"
 
 	"golang.org/x/net/http/httpguts"
@@ -13,21 +15,32 @@ import (
 
 // The direct path on the h2 loop: a plain bodyless stream's header block
 // becomes a reqHead (no http.Request, no header map, no copy of it for
-// the guest); directRoute decides as on HTTP/1.1. The answer goes
-// through the stream's h2Writer and the general path's answerH1, so HTTP/2
-// framing, flow control, sniffing and the answer's header rules are the
-// ones every stream gets.
+// the guest); directRoute decides as on HTTP/1.1. The guest's common
+// answer (parseRespHead, directAnswer) is encoded into the stream's
+// HEADERS frame from its parsed fields and its body sent as DATA through
+// the stream's windows, as h2Writer sends what answerH1 gives it; any
+// other answer goes through an h2Writer and the general answerH1.
 
 // h2DirectHead is a header block as a reqHead, or nil for anything but
 // the plain request newRequest would take: the four pseudo-headers once
 // each and first, an origin-form :path that plainURI keeps, an
 // :authority and no Host field, valid lower-case fields with no
-// connection-specific one, no te, content-length, trailer or expect.
+// connection-specific one, no te, trailer or expect, no content-length
+// but one of 0.
 func h2DirectHead(fields []hpack.HeaderField, https bool) *reqHead {
+	d := new(reqHead)
+	if !d.fromH2(fields, https, make([]hfield, 0, len(fields))) {
+		return nil
+	}
+	return d
+}
+
+// fromH2 makes d h2DirectHead's reqHead of fields, appending its fields
+// to fs; false: nil from h2DirectHead.
+func (d *reqHead) fromH2(fields []hpack.HeaderField, https bool, fs []hfield) bool {
 	var pseudo [4]string
 	var seen [4]bool
-	regular := false
-	fs := make([]hfield, 0, len(fields))
+	regular, zeroLength := false, false
 	for _, hf := range fields {
 		if strings.HasPrefix(hf.Name, ":") {
 			i := -1
@@ -42,36 +55,44 @@ func h2DirectHead(fields []hpack.HeaderField, https bool) *reqHead {
 				i = 3
 			}
 			if regular || i < 0 || seen[i] {
-				return nil
+				return false
 			}
 			seen[i], pseudo[i] = true, hf.Value
 			continue
 		}
 		regular = true
 		if !validH2FieldName(hf.Name) || !httpguts.ValidHeaderFieldValue(hf.Value) || h2Forbidden[hf.Name] {
-			return nil
+			return false
 		}
 		switch {
+		case hf.Name == "content-length" && hf.Value == "0" && !zeroLength:
+			// Go's client says it of a bodyless POST; the stream ended with
+			// the headers, and the guest is told as the general path tells
+			// it (writeHead: "Content-Length: 0" for the methods that
+			// expect one).
+			zeroLength = true
+			continue
 		case hf.Name == "te", hf.Name == "host", hf.Name == "content-length", hf.Name == "trailer", hf.Name == "expect",
 			hf.Name == "content-type" && strings.HasPrefix(hf.Value, "application/grpc"): // h2c to the guest
-			return nil
+			return false
 		}
 		fs = append(fs, hfield{canonicalH2Key(hf.Name), hf.Value})
 	}
 	method, authority, path := pseudo[0], pseudo[2], pseudo[3]
 	if !seen[0] || !seen[1] || !seen[2] || !seen[3] || pseudo[1] == "" || !validMethod(method) || method == "" ||
 		method == http.MethodConnect || authority == "" || !validHost(authority) || path == "" || path[0] != '/' {
-		return nil
+		return false
 	}
 	for i := 0; i < len(path); i++ {
 		if c := path[i]; c <= ' ' || c >= 0x7f {
-			return nil
+			return false
 		}
 	}
 	if !plainURI(path) {
-		return nil
+		return false
 	}
-	return &reqHead{method: method, uri: path, host: authority, fields: fs, https: https}
+	*d = reqHead{method: method, uri: path, host: authority, fields: fs, https: https}
+	return true
 }
 
 // direct serves st on the direct path if directRoute lets it; false: it
@@ -85,44 +106,184 @@ func (c *h2Conn) direct(st *h2Stream) bool {
 	if directTaken != nil {
 		directTaken()
 	}
-	if ip, _, err := net.SplitHostPort(c.remote); err == nil {
-		d.remoteIP = ip
-	}
-	r := &http.Request{Method: d.method, Proto: "HTTP/2.0", ProtoMajor: 2, Host: d.host, Body: http.NoBody,
-		RemoteAddr: c.remote, TLS: c.state}
-	w := &h2Writer{st: st, response: response{req: r, h: make(http.Header, 8), cl: -1}}
-	cw := &countingWriter{ResponseWriter: w}
-	if guard(s.log, c.remote, func() { s.forwardHead(st.ctx, cw, r, d, id, addr) }) {
+	d.remoteIP = c.remoteIP
+	var a h2Answer
+	if guard(s.log, c.remote, func() { c.forwardDirect(st, d, id, addr, &a) }) {
 		c.endStream(st, http2.ErrCodeInternal)
 		return true
 	}
-	countRequest(cw.code, cw.n, st.ctx.Err())
-	w.finish()
+	if a.w != nil {
+		countRequest(a.cw.code, a.cw.n, st.ctx.Err())
+		a.w.finish()
+		a.err = a.w.err
+	} else {
+		countRequest(a.code, a.sent, st.ctx.Err())
+	}
 	code := http2.ErrCodeNo
-	if w.err != nil {
+	if a.err != nil {
 		code = http2.ErrCodeInternal // the answer broke off: not a whole one
 	}
 	c.endStream(st, code)
 	return true
 }
 
-// forwardHead is serve's and forwardH1's part after directRoute took d:
+// h2Answer is how a direct stream was answered: by the direct writer
+// (code, sent, err), or, for anything it does not write itself, by the
+// general path's writer w, made only then (its header map and request
+// were a tenth of the stream's allocations).
+type h2Answer struct {
+	w    *h2Writer
+	cw   *countingWriter
+	r    *http.Request
+	code int
+	sent int64
+	err  error
+}
+
+// general gives a the general path's writer, once, and its request.
+func (a *h2Answer) general(c *h2Conn, st *h2Stream, d *reqHead) (*countingWriter, *http.Request) {
+	if a.w == nil {
+		a.r = &http.Request{Method: d.method, Proto: "HTTP/2.0", ProtoMajor: 2, Host: d.host, Body: http.NoBody,
+			RemoteAddr: c.remote, TLS: c.state}
+		a.w = &h2Writer{st: st, response: response{req: a.r, h: make(http.Header, 8), cl: -1}}
+		a.cw = &countingWriter{ResponseWriter: a.w}
+	}
+	return a.cw, a.r
+}
+
+// forwardDirect is serve's and forwardH1's part after directRoute took d:
 // the connection counted open, the VM woken (RunningNow said it runs;
 // wake returns at once but for a suspend begun since), d sent to the
-// guest at addr and its answer passed on by answerH1, through w (r is
-// the request w answers).
-func (s *Server) forwardHead(ctx context.Context, w http.ResponseWriter, r *http.Request, d *reqHead, id, addr string) {
+// guest at addr, and its answer written by writeAnswer if it is the
+// common one (directAnswer), else by the general path's answerH1. It
+// panics http.ErrAbortHandler as forwardH1 does.
+func (c *h2Conn) forwardDirect(st *h2Stream, d *reqHead, id, addr string, a *h2Answer) {
+	s, ctx := c.hs.direct, st.ctx
 	s.cfg.Backend.ConnOpened(id)
 	defer s.cfg.Backend.ConnClosed(id)
-	if !s.wake(ctx, w, id, false) {
-		return
+	if !s.running.RunningNow(id) {
+		cw, _ := a.general(c, st, d)
+		if !s.wake(ctx, cw, id, false) {
+			return
+		}
 	}
 	pc, err := s.up.send(ctx, addr, d.method, d)
 	if err != nil {
-		s.guestFailed(w, r, id, err)
+		cw, r := a.general(c, st, d)
+		s.guestFailed(cw, r, id, err)
 		return
 	}
-	s.answerHead(ctx, w, r, d, id, addr, pc)
+	var fs [16]hfield
+	buf, _ := pc.br.Peek(pc.br.Buffered())
+	rh, hn, ok := parseRespHead(buf, d.method, fs[:0])
+	if a.w != nil || !ok || !directAnswer(&rh) {
+		cw, r := a.general(c, st, d)
+		s.answerHead(ctx, cw, r, d, id, addr, pc)
+		return
+	}
+	pc.br.Discard(hn)
+	pc.headRead()
+	reuse := false
+	defer func() { s.up.release(addr, pc, reuse) }()
+	a.code = rh.code
+	a.sent, a.err, reuse = c.writeAnswer(st, &rh, pc.br)
+}
+
+// writeAnswer writes the guest's common answer rh, its body read from
+// br, on st as h2Writer writes what answerH1 gives it: the guest's fields
+// less droppedAnswerField, a Date if it has none; a body of up to pendMax
+// in the HEADERS' flush (window permitting), more in DATA frames as the
+// windows allow. ok: the body was read to its end and the stream ended.
+func (c *h2Conn) writeAnswer(st *h2Stream, rh *respHead, br *bufio.Reader) (sent int64, err error, ok bool) {
+	pend := pendBuffers.Get().(*[pendMax]byte)
+	defer pendBuffers.Put(pend)
+	left := rh.cl
+	body, err := readChunk(pend, br, &left)
+	if err != nil {
+		// Nothing sent yet: as the general path's abort, the stream is
+		// reset without an answer.
+		c.guestBrokeOff(st)
+		return 0, nil, false
+	}
+	end := left == 0
+	sentData := false
+	if len(body) > 0 {
+		if n, terr := st.takeNow(len(body)); terr == nil && n == len(body) {
+			err, sentData = c.write(func() error {
+				if err := c.writeAnswerHead(st.id, rh, false); err != nil {
+					return err
+				}
+				return c.fr.WriteData(st.id, end, body)
+			}), true
+		}
+	}
+	if !sentData {
+		err = c.write(func() error { return c.writeAnswerHead(st.id, rh, len(body) == 0 && end) })
+		if err == nil && len(body) > 0 {
+			err = st.writeData(body, end)
+		}
+	}
+	for sent = int64(len(body)); err == nil && !end; sent += int64(len(body)) {
+		if body, err = readChunk(pend, br, &left); err != nil {
+			c.guestBrokeOff(st)
+			return sent, nil, false
+		}
+		end = left == 0
+		err = st.writeData(body, end)
+	}
+	if err != nil {
+		st.rc.cancel()
+		return sent, err, false
+	}
+	return sent, nil, st.ctx.Err() == nil
+}
+
+// readChunk reads the next up to pendMax bytes of a body of which *left
+// are still to come.
+func readChunk(pend *[pendMax]byte, br *bufio.Reader, left *int64) ([]byte, error) {
+	p := pend[:min(*left, pendMax)]
+	n, err := io.ReadFull(br, p)
+	*left -= int64(n)
+	return p[:n], err
+}
+
+// guestBrokeOff: the guest ended a body early. As answerH1's, the
+// client's stream is aborted, so it does not take a truncated body for a
+// whole one, unless the stream has ended anyway.
+func (c *h2Conn) guestBrokeOff(st *h2Stream) {
+	if st.ctx.Err() == nil {
+		panic(http.ErrAbortHandler)
+	}
+}
+
+// statusCodes are the codes parseRespHead takes as text. (rh.status[:3]
+// would do, but the encoder keeps what it is given, and escape analysis
+// then sends rh's fields, all of them, to the heap.)
+var statusCodes = func() (t [400]string) {
+	for i := range t {
+		t[i] = strconv.Itoa(200 + i)
+	}
+	return t
+}()
+
+// writeAnswerHead encodes and writes rh's header block, under the write
+// lock, as writeHeaders does for the general writer's header map.
+func (c *h2Conn) writeAnswerHead(id uint32, rh *respHead, end bool) error {
+	c.hbuf.Reset()
+	c.henc.WriteField(hpack.HeaderField{Name: ":status", Value: statusCodes[rh.code-200]})
+	date := false
+	for _, f := range rh.fields {
+		if droppedAnswerField(f.k, f.v) {
+			continue
+		}
+		date = date || f.k == "Date"
+		c.henc.WriteField(hpack.HeaderField{Name: lowerH2Key(f.k), Value: sanitizeFieldValue(f.v),
+			Sensitive: f.k == "Set-Cookie" || f.k == "Authorization"})
+	}
+	if !date {
+		c.henc.WriteField(hpack.HeaderField{Name: "date", Value: httpDate()})
+	}
+	return c.writeBlock(id, c.hbuf.Bytes(), end)
 }
 
 // answerHead reads the guest's answer to d on pc and passes it on as the

@@ -22,6 +22,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
 	"github.com/kiln-sandbox/kiln/internal/token"
@@ -499,7 +500,8 @@ func TestDirectSameAsGeneralH2(t *testing.T) {
 		{"path net/url rewrites", "GET", base + "/a!b*(c)", nil, false},
 		{"HEAD", "HEAD", base + "/", http.Header{"X-Answer": {"head"}}, true},
 		{"DELETE", "DELETE", base + "/x", nil, true},
-		{"bodyless POST (content-length: 0)", "POST", base + "/x", nil, false},
+		{"bodyless POST (content-length: 0)", "POST", base + "/x", nil, true},
+		{"bodyless PUT, answer sniff", "PUT", base + "/x", http.Header{"X-Answer": {"sniff"}}, true},
 		{"duplicate fields", "GET", base + "/", http.Header{"X-A": {"1", "2"}, "X-B": {"3"}}, true},
 		{"spaced values", "GET", base + "/", http.Header{"X-S": {"  s  "}, "X-T": {"\tt"}, "User-Agent": {""}}, true},
 		{"kiln fields", "GET", base + "/", http.Header{"X-Aws-Proxy-Port": {"8080"}, "X-Aws-Proxy-Other": {"1"}}, true},
@@ -589,6 +591,8 @@ func FuzzH2DirectHead(f *testing.F) {
 	f.Add(":method: GET\n:scheme: https\n:authority: vm1\n:path: /%2F\nx-forwarded-for: 1\nproxy-authorization: x\ne2b-traffic-access-token: y\nx-a: 1\nx-a: 2")
 	f.Add(":method: POST\n:scheme: https\n:authority: h:443\n:path: /;x\ncontent-type: application/grpc")
 	f.Add(":method: GET\n:scheme: https\n:path: /\n:authority: h\n:authority: i")
+	f.Add(":method: POST\n:scheme: https\n:authority: vm1\n:path: /p\ncontent-length: 0\nx-aws-proxy-auth: t")
+	f.Add(":method: GET\n:scheme: https\n:authority: vm1\n:path: /\ncontent-length: 0\ncontent-length: 0")
 	f.Fuzz(func(t *testing.T, block string) {
 		var fields []hpack.HeaderField
 		for line := range strings.SplitSeq(block, "\n") {
@@ -674,5 +678,47 @@ func TestDirectLookupOnce(t *testing.T) {
 			t.Errorf("h2=%v: %d Lookups for %d requests on one connection", h2, got, n)
 		}
 		client.CloseIdleConnections()
+	}
+}
+
+// TestDirectH2Window: the direct writer sends a body the client's stream
+// window does not hold at once as the windows allow: the header alone,
+// then DATA as WINDOW_UPDATEs come.
+func TestDirectH2Window(t *testing.T) {
+	e := newDirectEnv(t)
+	tok, _, _ := e.signer.Mint("acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
+	var taken atomic.Int32
+	directTaken = func() { taken.Add(1) }
+	t.Cleanup(func() { directTaken = nil })
+	r := dialH2(t, e.ln.Addr().String())
+	r.fr.WriteSettings(http2.Setting{ID: http2.SettingInitialWindowSize, Val: 3})
+	for _, id := range []uint32{1, 3} { // the first probes the guest port: the general path
+		r.headers(id, true, ":method", "GET", ":scheme", "https", ":authority", "vm1."+domain, ":path", "/",
+			strings.ToLower(HeaderAuth), tok)
+		if got := r.status(id); got != "200" {
+			t.Fatalf("stream %d: status %s", id, got)
+		}
+		var body []byte
+		for {
+			f := r.until("DATA", func(f http2.Frame) bool { return f.Header().StreamID == id })
+			d, ok := f.(*http2.DataFrame)
+			if !ok {
+				t.Fatalf("stream %d: %v", id, f)
+			}
+			body = append(body, d.Data()...)
+			if d.StreamEnded() {
+				break
+			}
+			if len(d.Data()) > 3 {
+				t.Fatalf("stream %d: DATA of %d bytes in a window of 3", id, len(d.Data()))
+			}
+			r.fr.WriteWindowUpdate(id, uint32(len(d.Data())))
+		}
+		if string(body) != "hello" {
+			t.Fatalf("stream %d: body %q", id, body)
+		}
+	}
+	if taken.Load() != 1 {
+		t.Fatalf("the direct path took %d streams, want 1", taken.Load())
 	}
 }
