@@ -3,8 +3,8 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"io"
-	"net"
 	"net/http"
 	"net/netip"
 	"strconv"
@@ -216,73 +216,47 @@ func (c *h1Conn) direct(d *reqHead, n int) (keep, handled bool) {
 	c.br.Discard(n)
 	c.conn.SetReadDeadline(time.Time{})
 	defer w.rc.cancel()
-	d.remoteIP = ""
-	if ip, _, err := net.SplitHostPort(c.remote); err == nil {
-		d.remoteIP = ip
-	}
-	d.https = c.state != nil
+	d.remoteIP, d.https = c.remoteIP, c.state != nil
 	c.watchMu.Lock()
 	c.watchOn, c.watchCtx, c.watchBody = true, &w.rc, nil
 	c.watchMu.Unlock()
 	c.watchT.Reset(watchDelay)
+	g := generalAnswer{d: d, proto: 1, remote: c.remote, state: c.state, h1: w}
 	var code int
 	var sent int64
-	aborted := guard(c.hs.s.log, c.remote, func() { code, sent = c.forwardDirect(ctx, w, d, id, addr) })
+	aborted := guard(c.hs.s.log, c.remote, func() { code, sent = c.forwardDirect(ctx, w, d, id, addr, &g) })
 	c.unwatch()
 	if aborted {
 		return false, true
 	}
-	countRequest(code, sent, ctx.Err())
-	if w.h != nil { // the general answer's writer
+	if g.cw != nil {
+		countRequest(g.cw.code, g.cw.n, ctx.Err())
 		w.finish()
 		return !w.closeAfter && w.err == nil, true
 	}
+	countRequest(code, sent, ctx.Err())
 	w.fail(c.bw.Flush())
 	return !w.closeAfter && w.err == nil, true
 }
 
-// forwardDirect is serve's and forwardH1's part after the checks: the
-// connection counted open, the VM woken (RunningNow said it runs: wake
-// returns at once but for a suspend begun since), the request sent, the
-// answer passed on. It returns the status and body bytes for the
-// metrics; it panics http.ErrAbortHandler as forwardH1 does.
-func (c *h1Conn) forwardDirect(ctx context.Context, w *h1Writer, d *reqHead, id, addr string) (code int, sent int64) {
+// forwardDirect sends d and writes the guest's common answer to the
+// client (sendDirect has the rest). It returns the status and body bytes
+// for the metrics; it panics http.ErrAbortHandler as forwardH1 does.
+func (c *h1Conn) forwardDirect(ctx context.Context, w *h1Writer, d *reqHead, id, addr string, g *generalAnswer) (code int, sent int64) {
 	s := c.hs.direct
 	s.cfg.Backend.ConnOpened(id)
 	defer s.cfg.Backend.ConnClosed(id)
-	if !s.running.RunningNow(id) {
-		cw, _ := c.general(w, d)
-		if !s.wake(ctx, cw, id, false) {
-			return cw.code, cw.n
-		}
+	pc, rh, ok := s.sendDirect(ctx, d, id, addr, c.rfields[:0], g)
+	if !ok {
+		return 0, 0
 	}
-	pc, err := s.up.send(ctx, addr, d.method, d)
-	if err != nil {
-		cw, r := c.general(w, d)
-		s.guestFailed(cw, r, id, err)
-		return cw.code, cw.n
-	}
-	buf, _ := pc.br.Peek(pc.br.Buffered())
-	rh, hn, ok := parseRespHead(buf, d.method, c.rfields[:0])
-	if ok {
-		c.rfields = rh.fields[:0]
-	}
-	if !ok || !directAnswer(&rh) {
-		// An answer the direct path does not write itself (1xx, 204/304,
-		// HEAD's, chunked, unsniffed, an event stream, ...): the general
-		// path's reader and writer.
-		cw, r := c.general(w, d)
-		s.answerHead(ctx, cw, r, d, id, addr, pc)
-		return cw.code, cw.n
-	}
-	pc.br.Discard(hn)
-	pc.headRead()
+	c.rfields = rh.fields[:0]
+	reuse := false
+	defer func() { s.up.release(addr, pc, reuse) }()
 	w.closeAfter = c.hs.closing.Load()
 	w.writeStatus(rh.code)
 	c.writeAnswerFields(&rh, w.closeAfter)
 	sent, rerr, werr := copyLength(c.bw, pc.br, rh.cl)
-	reuse := false
-	defer func() { s.up.release(addr, pc, reuse) }()
 	switch {
 	case werr != nil:
 		w.fail(werr)
@@ -299,17 +273,76 @@ func (c *h1Conn) forwardDirect(ctx context.Context, w *h1Writer, d *reqHead, id,
 	return rh.code, sent
 }
 
-// general gives w what the general path's answer needs (a header map
-// and a request), for an answer the direct path does not write itself,
-// wrapped for the metrics as ServeHTTP wraps it.
-func (c *h1Conn) general(w *h1Writer, d *reqHead) (*countingWriter, *http.Request) {
-	r := &http.Request{Method: d.method, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1, Host: d.host,
-		Header: http.Header{}, Body: http.NoBody, RemoteAddr: c.remote, TLS: c.state}
-	if w.h == nil {
-		w.h = make(http.Header, 8)
-		w.req = r
+// sendDirect is serve's and forwardH1's part after directRoute took d,
+// for both loops, up to the answer's head: the VM woken (RunningNow said
+// it runs: wake returns at once but for a suspend begun since), d sent
+// to the guest at addr, and its answer's head read into rh (fields in
+// fs). ok: the answer is the common one (directAnswer), for the caller
+// to write, and then to release pc. Otherwise the general path's writer
+// (g) has answered: a refusal, a guest that failed, an answer the direct
+// path does not write itself, or any answer after a wake (the writer
+// exists then, and one answer must come from one writer).
+func (s *Server) sendDirect(ctx context.Context, d *reqHead, id, addr string, fs []hfield, g *generalAnswer) (pc *upConn, rh respHead, ok bool) {
+	if !s.running.RunningNow(id) {
+		cw, _ := g.writer()
+		if !s.wake(ctx, cw, id, false) {
+			return nil, rh, false
+		}
 	}
-	return &countingWriter{ResponseWriter: w}, r
+	pc, err := s.up.send(ctx, addr, d.method, d)
+	if err != nil {
+		cw, r := g.writer()
+		s.guestFailed(cw, r, id, err)
+		return nil, rh, false
+	}
+	buf, _ := pc.br.Peek(pc.br.Buffered())
+	rh, hn, ok := parseRespHead(buf, d.method, fs)
+	if g.cw != nil || !ok || !directAnswer(&rh) {
+		// 1xx, 204/304, HEAD's, chunked, unsniffed, an event stream, ...:
+		// the general path's reader and writer.
+		cw, r := g.writer()
+		s.answerHead(ctx, cw, r, d, id, addr, pc)
+		return nil, rh, false
+	}
+	pc.br.Discard(hn)
+	pc.headRead()
+	return pc, rh, true
+}
+
+// generalAnswer is a direct request's answer on the general path's
+// writer, made only when the direct path does not write the answer
+// itself (its header map and request were a tenth of a request's
+// allocations), and then wrapped for the metrics as ServeHTTP wraps it.
+type generalAnswer struct {
+	d      *reqHead
+	proto  int // 1 or 2
+	remote string
+	state  *tls.ConnectionState
+	h1     *h1Writer // HTTP/1.1: the request's writer, given a header map
+	st     *h2Stream // h2: the stream to make a writer for
+	h2     *h2Writer // made for st
+	cw     *countingWriter
+	r      *http.Request
+}
+
+func (g *generalAnswer) writer() (*countingWriter, *http.Request) {
+	if g.cw != nil {
+		return g.cw, g.r
+	}
+	d := g.d
+	g.r = &http.Request{Method: d.method, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1, Host: d.host,
+		Header: http.Header{}, Body: http.NoBody, RemoteAddr: g.remote, TLS: g.state}
+	var w http.ResponseWriter
+	if g.proto == 2 {
+		g.r.Proto, g.r.ProtoMajor, g.r.ProtoMinor = "HTTP/2.0", 2, 0
+		g.h2 = &h2Writer{st: g.st, response: response{req: g.r, h: make(http.Header, 8), cl: -1}}
+		w = g.h2
+	} else {
+		g.h1.h, g.h1.req = make(http.Header, 8), g.r
+		w = g.h1
+	}
+	g.cw = &countingWriter{ResponseWriter: w}
+	return g.cw, g.r
 }
 
 // directAnswer: the answer can go to the client as the guest wrote it

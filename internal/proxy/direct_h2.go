@@ -107,86 +107,46 @@ func (c *h2Conn) direct(st *h2Stream) bool {
 		directTaken()
 	}
 	d.remoteIP = c.remoteIP
-	var a h2Answer
-	if guard(s.log, c.remote, func() { c.forwardDirect(st, d, id, addr, &a) }) {
+	g := generalAnswer{d: d, proto: 2, remote: c.remote, state: c.state, st: st}
+	var code int
+	var sent int64
+	var err error
+	if guard(s.log, c.remote, func() { code, sent, err = c.forwardDirect(st, d, id, addr, &g) }) {
 		c.endStream(st, http2.ErrCodeInternal)
 		return true
 	}
-	if a.w != nil {
-		countRequest(a.cw.code, a.cw.n, st.ctx.Err())
-		a.w.finish()
-		a.err = a.w.err
+	if g.cw != nil {
+		countRequest(g.cw.code, g.cw.n, st.ctx.Err())
+		g.h2.finish()
+		err = g.h2.err
 	} else {
-		countRequest(a.code, a.sent, st.ctx.Err())
+		countRequest(code, sent, st.ctx.Err())
 	}
-	code := http2.ErrCodeNo
-	if a.err != nil {
-		code = http2.ErrCodeInternal // the answer broke off: not a whole one
+	ec := http2.ErrCodeNo
+	if err != nil {
+		ec = http2.ErrCodeInternal // the answer broke off: not a whole one
 	}
-	c.endStream(st, code)
+	c.endStream(st, ec)
 	return true
 }
 
-// h2Answer is how a direct stream was answered: by the direct writer
-// (code, sent, err), or, for anything it does not write itself, by the
-// general path's writer w, made only then (its header map and request
-// were a tenth of the stream's allocations).
-type h2Answer struct {
-	w    *h2Writer
-	cw   *countingWriter
-	r    *http.Request
-	code int
-	sent int64
-	err  error
-}
-
-// general gives a the general path's writer, once, and its request.
-func (a *h2Answer) general(c *h2Conn, st *h2Stream, d *reqHead) (*countingWriter, *http.Request) {
-	if a.w == nil {
-		a.r = &http.Request{Method: d.method, Proto: "HTTP/2.0", ProtoMajor: 2, Host: d.host, Body: http.NoBody,
-			RemoteAddr: c.remote, TLS: c.state}
-		a.w = &h2Writer{st: st, response: response{req: a.r, h: make(http.Header, 8), cl: -1}}
-		a.cw = &countingWriter{ResponseWriter: a.w}
-	}
-	return a.cw, a.r
-}
-
-// forwardDirect is serve's and forwardH1's part after directRoute took d:
-// the connection counted open, the VM woken (RunningNow said it runs;
-// wake returns at once but for a suspend begun since), d sent to the
-// guest at addr, and its answer written by writeAnswer if it is the
-// common one (directAnswer), else by the general path's answerH1. It
-// panics http.ErrAbortHandler as forwardH1 does.
-func (c *h2Conn) forwardDirect(st *h2Stream, d *reqHead, id, addr string, a *h2Answer) {
-	s, ctx := c.hs.direct, st.ctx
+// forwardDirect sends d and writes the guest's common answer on st
+// (sendDirect has the rest): the status and body bytes for the metrics,
+// and err if the answer broke off. It panics http.ErrAbortHandler as
+// forwardH1 does.
+func (c *h2Conn) forwardDirect(st *h2Stream, d *reqHead, id, addr string, g *generalAnswer) (code int, sent int64, err error) {
+	s := c.hs.direct
 	s.cfg.Backend.ConnOpened(id)
 	defer s.cfg.Backend.ConnClosed(id)
-	if !s.running.RunningNow(id) {
-		cw, _ := a.general(c, st, d)
-		if !s.wake(ctx, cw, id, false) {
-			return
-		}
-	}
-	pc, err := s.up.send(ctx, addr, d.method, d)
-	if err != nil {
-		cw, r := a.general(c, st, d)
-		s.guestFailed(cw, r, id, err)
-		return
-	}
 	var fs [16]hfield
-	buf, _ := pc.br.Peek(pc.br.Buffered())
-	rh, hn, ok := parseRespHead(buf, d.method, fs[:0])
-	if a.w != nil || !ok || !directAnswer(&rh) {
-		cw, r := a.general(c, st, d)
-		s.answerHead(ctx, cw, r, d, id, addr, pc)
-		return
+	pc, rh, ok := s.sendDirect(st.ctx, d, id, addr, fs[:0], g)
+	if !ok {
+		return 0, 0, nil
 	}
-	pc.br.Discard(hn)
-	pc.headRead()
 	reuse := false
 	defer func() { s.up.release(addr, pc, reuse) }()
-	a.code = rh.code
-	a.sent, a.err, reuse = c.writeAnswer(st, &rh, pc.br)
+	sent, err, reuse = c.writeAnswer(st, &rh, pc.br)
+	return rh.code, sent, err
 }
 
 // writeAnswer writes the guest's common answer rh, its body read from

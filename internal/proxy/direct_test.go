@@ -176,10 +176,21 @@ func readRawRequest(br *bufio.Reader) (raw, answer string, err error) {
 }
 
 // runningBackend: every known VM runs (RunningNow), as the engine
-// reports a running VM from memory.
-type runningBackend struct{ *fakeBackend }
+// reports a running VM from memory, but for the answers queued in next,
+// one per call.
+type runningBackend struct {
+	*fakeBackend
+	next chan bool
+}
 
-func (runningBackend) RunningNow(string) bool { return true }
+func (b runningBackend) RunningNow(string) bool {
+	select {
+	case yes := <-b.next:
+		return yes
+	default:
+		return true
+	}
+}
 
 // normalizeHead is a head with its field lines in a stable order by
 // name (the general path writes a map's fields in random order; the
@@ -204,6 +215,8 @@ type directEnv struct {
 	ln     net.Listener
 	roots  *x509.CertPool
 	signer *token.Signer
+	fb     *fakeBackend
+	next   chan bool // RunningNow's next answers
 }
 
 func newDirectEnv(t *testing.T) *directEnv {
@@ -215,13 +228,14 @@ func newDirectEnv(t *testing.T) *directEnv {
 		"noingress": {tgt: Target{Account: "acct", Addr: lo}},
 		"otheracct": {tgt: Target{Account: "other", Addr: lo, Ingress: true}},
 	}}
-	srv, ln := serveProxy(t, Config{Domain: domain, Backend: runningBackend{fb}, Tokens: signer,
+	next := make(chan bool, 8)
+	srv, ln := serveProxy(t, Config{Domain: domain, Backend: runningBackend{fb, next}, Tokens: signer,
 		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, network, g.addr)
 		}}, ca)
 
-	return &directEnv{g, srv, ln, roots, signer}
+	return &directEnv{g, srv, ln, roots, signer, fb, next}
 }
 
 // TestDirectSameAsGeneral sends the same requests, plain and hostile,
@@ -638,7 +652,7 @@ func TestDirectLookupOnce(t *testing.T) {
 	t.Cleanup(app.Close)
 	ca, roots, signer := testPKI(t)
 	lo := netip.MustParseAddr("127.0.0.1")
-	b := &lookupCounter{runningBackend: runningBackend{&fakeBackend{ensures: map[string]int{}, open: map[string]int{},
+	b := &lookupCounter{runningBackend: runningBackend{fakeBackend: &fakeBackend{ensures: map[string]int{}, open: map[string]int{},
 		vms: map[string]*fakeVM{"vm1": {tgt: Target{Account: "acct", Addr: lo, Ingress: true}}}}}}
 	_, ln := serveProxy(t, Config{Domain: domain, Backend: b, Tokens: signer,
 		Dial: func(ctx context.Context, network, _ string) (net.Conn, error) {
@@ -720,5 +734,80 @@ func TestDirectH2Window(t *testing.T) {
 	}
 	if taken.Load() != 1 {
 		t.Fatalf("the direct path took %d streams, want 1", taken.Load())
+	}
+}
+
+// TestDirectSuspendBetweenChecks: a VM that directRoute saw running but
+// that stopped before the request was sent (a suspend that began in
+// between) is woken, and the client gets the guest's answer once, with
+// the connection fit for the next request, on HTTP/1.1 and h2.
+func TestDirectSuspendBetweenChecks(t *testing.T) {
+	e := newDirectEnv(t)
+	tok, _, _ := e.signer.Mint("acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
+	var taken atomic.Int32
+	directTaken = func() { taken.Add(1) }
+	t.Cleanup(func() { directTaken = nil })
+	for _, h2 := range []bool{false, true} {
+		tc := &tls.Config{RootCAs: e.roots, NextProtos: []string{"http/1.1"}}
+		if h2 {
+			tc.NextProtos = nil
+		}
+		client := &http.Client{Transport: &http.Transport{TLSClientConfig: tc, ForceAttemptHTTP2: h2,
+			DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, network, e.ln.Addr().String())
+			}}, Timeout: 5 * time.Second}
+		// HTTP/1.1 by hand: Go's client would take a stray second answer
+		// for an unsolicited one and quietly dial anew.
+		var conn *tls.Conn
+		var br *bufio.Reader
+		if !h2 {
+			c, err := tls.Dial("tcp", e.ln.Addr().String(), &tls.Config{RootCAs: e.roots, ServerName: "vm1." + domain, NextProtos: []string{"http/1.1"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			conn, br = c, bufio.NewReader(c)
+		}
+		get := func() string {
+			req, _ := http.NewRequest("GET", "https://vm1."+domain+"/", nil)
+			req.Header.Set(HeaderAuth, tok)
+			var resp *http.Response
+			var err error
+			if h2 {
+				resp, err = client.Do(req)
+			} else if err = req.Write(conn); err == nil {
+				resp, err = http.ReadResponse(br, req)
+			}
+			if err != nil {
+				t.Fatalf("h2=%v: %v", h2, err)
+			}
+			defer resp.Body.Close()
+			body, err := io.ReadAll(resp.Body)
+			return fmt.Sprintf("%s %d %q %v", resp.Proto, resp.StatusCode, body, err)
+		}
+		get() // probes the guest port for TLS: the general path
+		ensures, _ := e.fb.counts("vm1")
+		taken.Store(0)
+		// directRoute's check says running; forwardDirect's and wake's
+		// say stopped, and wake asks EnsureRunning.
+		e.next <- true
+		e.next <- false
+		e.next <- false
+		first := get()
+		if taken.Load() != 1 {
+			t.Fatalf("h2=%v: the direct path took %d requests, want 1", h2, taken.Load())
+		}
+		if got, _ := e.fb.counts("vm1"); got != ensures+1 {
+			t.Errorf("h2=%v: EnsureRunning asked %d times, want 1", h2, got-ensures)
+		}
+		for i, got := range []string{first, get(), get()} {
+			if !strings.HasSuffix(got, ` 200 "hello" <nil>`) {
+				t.Errorf("h2=%v: answer %d: %s", h2, i, got)
+			}
+		}
+		client.CloseIdleConnections()
+		e.g.take()
 	}
 }

@@ -122,6 +122,9 @@ func (hs *h1Serve) handshake(c net.Conn) {
 		return
 	}
 	hc := &h1Conn{hs: hs, conn: tc, raw: c, state: &st, remote: c.RemoteAddr().String()}
+	if ip, _, err := net.SplitHostPort(hc.remote); err == nil {
+		hc.remoteIP = ip
+	}
 	hs.mu.Lock()
 	hs.conns[c] = hc
 	hs.mu.Unlock()
@@ -181,7 +184,9 @@ type h1Conn struct {
 	raw    net.Conn
 	state  *tls.ConnectionState
 	remote string
-	idle   atomic.Bool
+	// remoteIP is remote's address, for the direct path's X-Forwarded-For.
+	remoteIP string
+	idle     atomic.Bool
 
 	// head and the field arrays are the direct path's, reused request
 	// after request.
