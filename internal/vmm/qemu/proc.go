@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"strconv"
@@ -130,7 +131,7 @@ func (p *proc) waitExit(grace time.Duration) {
 // procStat returns the fields of /proc/PID/stat from field 3 on (f[0] is
 // field 3, the state; field n is f[n-3]).
 func procStat(pid int) ([]string, error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	b, err := readProcFile(pid, "stat")
 	if err != nil {
 		return nil, err
 	}
@@ -156,11 +157,25 @@ func procStartTime(pid int) (uint64, error) {
 	return strconv.ParseUint(f[19], 10, 64)
 }
 
-// procCmdline returns a process's arguments.
+// procCmdline returns a process's arguments (the first maxProcRead bytes:
+// kiln's QEMU names its directory well before that).
 func procCmdline(pid int) ([]string, error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
+	b, err := readProcFile(pid, "cmdline")
 	if err != nil {
 		return nil, err
 	}
 	return strings.Split(strings.TrimRight(string(b), "\x00"), "\x00"), nil
+}
+
+// maxProcRead bounds what is read of another process's /proc files: any
+// process on the host chooses its own command line, up to megabytes.
+const maxProcRead = 64 << 10
+
+func readProcFile(pid int, name string) ([]byte, error) {
+	f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/" + name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return io.ReadAll(io.LimitReader(f, maxProcRead))
 }

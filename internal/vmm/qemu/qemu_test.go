@@ -411,14 +411,9 @@ func killLeftQEMUs(t *testing.T, dataDir string) {
 		return
 	}
 	defer d.Close()
-	for _, pid := range d.strayProcesses(map[int]bool{}) {
-		if p, err := adoptProcByPID(pid); err == nil {
-			t.Logf("killing QEMU %d left by a helper kiln", pid)
-			p.kill()
-			p.waitExit(5 * time.Second)
-		}
+	for _, pid := range d.killStrays(map[int]bool{}) {
+		t.Logf("killed QEMU %d left by a helper kiln", pid)
 	}
-	d.removeStrayCgroups()
 }
 
 // TestKilnKilledThenRecovered kills a separate kiln process (this test

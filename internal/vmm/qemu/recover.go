@@ -63,17 +63,10 @@ func (d *Driver) Recover(ctx context.Context) (vmm.RecoveryReport, error) {
 			rep.Removed = append(rep.Removed, e.Name()+": "+outcome)
 		}
 	}
-	for _, pid := range d.strayProcesses(claimed) {
-		p, err := adoptProcByPID(pid)
-		if err != nil {
-			continue
-		}
-		p.kill()
-		p.waitExit(5 * time.Second)
+	for _, pid := range d.killStrays(claimed) {
 		rep.Removed = append(rep.Removed, fmt.Sprintf("qemu process %d with no vm record: killed", pid))
 	}
 	d.removePoolLeftovers(live)
-	d.removeStrayCgroups()
 	d.log.Info("recovered vms", "adopted", len(rep.Adopted), "suspended", len(rep.Suspended), "removed", len(rep.Removed))
 	return rep, nil
 }
@@ -211,9 +204,35 @@ func fileExists(p string) bool {
 	return err == nil
 }
 
-// strayProcesses lists QEMU processes whose command line points into this
-// driver's VM directory but that no record claims.
-func (d *Driver) strayProcesses(claimed map[int]bool) []int {
+// killStrays kills the QEMU processes of this data directory that claimed
+// does not hold, waits for each to end, and then removes the VM cgroups
+// left empty. It returns the pids it killed.
+func (d *Driver) killStrays(claimed map[int]bool) (killed []int) {
+	for _, s := range d.strayProcesses(claimed) {
+		// The start time read with the scan makes a pid reused since
+		// fail here rather than be killed.
+		p, err := adoptProc(s.pid, s.start, nil)
+		if err != nil {
+			continue
+		}
+		p.kill()
+		p.waitExit(5 * time.Second)
+		killed = append(killed, s.pid)
+	}
+	d.removeStrayCgroups()
+	return killed
+}
+
+// strayProc is a QEMU process found by strayProcesses, with its start
+// time so that a later kill can tell it from a process given its pid since.
+type strayProc struct {
+	pid   int
+	start uint64
+}
+
+// strayProcesses lists QEMU processes of this driver's data directory
+// (by jail root, cgroup or command line) that no record claims.
+func (d *Driver) strayProcesses(claimed map[int]bool) []strayProc {
 	entries, err := os.ReadDir("/proc")
 	if err != nil {
 		return nil
@@ -221,43 +240,65 @@ func (d *Driver) strayProcesses(claimed map[int]bool) []int {
 	prefix := d.vmsDir() + string(filepath.Separator)
 	poolPrefix := d.poolDir() + string(filepath.Separator)
 	roots := d.jailRoots()
-	var out []int
+	cgroupMark := "." + d.cgroupSuffix() + "\n"
+	ours := func(pid int) bool {
+		args, err := procCmdline(pid)
+		if err != nil || len(args) == 0 || !strings.Contains(filepath.Base(args[0]), "qemu") {
+			return false
+		}
+		dir := "/proc/" + strconv.Itoa(pid)
+		// A jailed QEMU names only paths inside its jail: its root or its
+		// cgroup tells.
+		if k, ok := statKey(dir + "/root"); ok && roots[k] {
+			return true
+		}
+		if b, err := readProcFile(pid, "cgroup"); err == nil && strings.Contains(string(b), "/"+cgroupParent+"/") &&
+			strings.Contains(string(b), cgroupMark) {
+			return true
+		}
+		for _, a := range args {
+			if namesDir(a, prefix) || namesDir(a, poolPrefix) {
+				return true
+			}
+		}
+		return false
+	}
+	var out []strayProc
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil || claimed[pid] {
 			continue
 		}
-		args, err := procCmdline(pid)
-		if err != nil || len(args) == 0 || !strings.Contains(filepath.Base(args[0]), "qemu") {
+		// Read before and after the checks: the same start time means
+		// they all read the one process.
+		start, err := procStartTime(pid)
+		if err != nil || !ours(pid) {
 			continue
 		}
-		// A jailed QEMU names only paths inside its jail: its root or its
-		// cgroup tells.
-		if k, ok := statKey("/proc/" + e.Name() + "/root"); ok && roots[k] {
-			out = append(out, pid)
-			continue
-		}
-		if b, err := os.ReadFile("/proc/" + e.Name() + "/cgroup"); err == nil && strings.Contains(string(b), "/"+cgroupParent+"/") &&
-			strings.Contains(string(b), "."+d.cgroupSuffix()+"\n") {
-			out = append(out, pid)
-			continue
-		}
-		for _, a := range args {
-			if strings.Contains(a, prefix) || strings.Contains(a, poolPrefix) {
-				out = append(out, pid)
-				break
-			}
+		if again, err := procStartTime(pid); err == nil && again == start {
+			out = append(out, strayProc{pid, start})
 		}
 	}
 	return out
 }
 
-func adoptProcByPID(pid int) (*proc, error) {
-	st, err := procStartTime(pid)
-	if err != nil {
-		return nil, err
+// namesDir says whether arg names a path under dir (which ends in a
+// separator): as the whole argument or as an option's value ("path=",
+// "unix:", a list after ","), so that another data directory whose path
+// merely ends in dir's (/x/var/lib/kiln for /var/lib/kiln) is not taken
+// for this one.
+func namesDir(arg, dir string) bool {
+	for i := 0; ; {
+		j := strings.Index(arg[i:], dir)
+		if j < 0 {
+			return false
+		}
+		i += j
+		if i == 0 || strings.IndexByte("=:,", arg[i-1]) >= 0 {
+			return true
+		}
+		i++
 	}
-	return adoptProc(pid, st, nil)
 }
 
 // removeStrayCgroups removes this driver's VM cgroups that no live VM
