@@ -92,6 +92,10 @@ func BuildExt4(ctx context.Context, srcDir, outImage string, sizeBytes int64, la
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {
 		_ = os.Remove(tmp)
+		if ctx.Err() != nil {
+			// Killed because the caller gave up: say so, not "signal: killed".
+			return fmt.Errorf("mkfs.ext4 -d %s: %w", srcDir, ctx.Err())
+		}
 		msg := strings.TrimSpace(out.String())
 		if strings.Contains(msg, "Could not allocate block") || strings.Contains(msg, "No space left") {
 			return fmt.Errorf("mkfs.ext4: image of %d bytes is too small for %s (give a larger size): %s: %w", sizeBytes, srcDir, msg, err)

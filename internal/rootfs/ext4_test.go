@@ -238,3 +238,23 @@ func TestEnsureFreeTrustsTheFile(t *testing.T) {
 		t.Fatalf("disk file went from %d to %d bytes", before.Size(), after.Size())
 	}
 }
+
+// TestBuildExt4Cancelled: a build given up on while mkfs runs says so
+// (context.Canceled), not that mkfs was killed, and leaves no image. A
+// stand-in mkfs.ext4 that waits makes the moment certain: this is about
+// BuildExt4's error, not mkfs.
+func TestBuildExt4Cancelled(t *testing.T) {
+	bin := t.TempDir()
+	must(t, os.WriteFile(filepath.Join(bin, "mkfs.ext4"), []byte("#!/bin/sh\nexec sleep 30\n"), 0o755))
+	t.Setenv("PATH", bin+":"+os.Getenv("PATH"))
+	ctx, cancel := context.WithCancel(context.Background())
+	time.AfterFunc(100*time.Millisecond, cancel)
+	img := filepath.Join(t.TempDir(), "x.ext4")
+	err := BuildExt4(ctx, t.TempDir(), img, 0, "")
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("err = %v, want context.Canceled", err)
+	}
+	if _, serr := os.Stat(img); serr == nil {
+		t.Error("a cancelled build left an image")
+	}
+}

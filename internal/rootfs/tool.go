@@ -82,6 +82,9 @@ func (t toolRun) run(ctx context.Context) (stdout []byte, stderr string, err err
 		return nil, "", err
 	}
 	err = cmd.Run()
+	if err != nil && ctx.Err() != nil {
+		err = ctx.Err() // killed because the caller gave up
+	}
 	if o.buf.Len() >= t.maxOut {
 		return o.buf.Bytes(), e.buf.String(), errOutputFull
 	}
