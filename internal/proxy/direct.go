@@ -39,9 +39,10 @@ import (
 // microVM and guest address: a kiln endpoint host (not E2B's), a token
 // (the one header field, else the token cookie as r.Cookie reads it:
 // cookieToken) that Authorize accepts for an endpoint port that is
-// neither the shell's nor envd's, the Lookup target's account and ingress agreeing,
-// a local guest (no route Dial) known to speak plain HTTP, and nothing
-// the general path treats specially (subprotocols, Te, force-h2, E2B headers, the query token link, a URI net/url rewrites).
+// neither the shell's nor envd's, the Lookup target's account and
+// ingress agreeing, a local guest (no route Dial) known to speak plain
+// HTTP, and nothing the general path treats specially (subprotocols, Te,
+// force-h2, E2B headers, the query token link, a URI net/url rewrites).
 // The VM must run (RunningNow); wake is still asked after ConnOpened, as
 // serve asks it.
 //

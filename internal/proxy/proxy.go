@@ -783,21 +783,14 @@ func stripAuthCookie(h http.Header) {
 	}
 	var keep []string
 	for _, v := range vals {
-		keep = appendCookiesWithoutAuth(keep, v)
+		for p := range cookiesWithoutAuth(v) {
+			keep = append(keep, p)
+		}
 	}
 	h.Del("Cookie")
 	if len(keep) > 0 {
 		h.Set("Cookie", strings.Join(keep, "; "))
 	}
-}
-
-// appendCookiesWithoutAuth appends the cookies of a Cookie field's value
-// v, but CookieAuth, to keep.
-func appendCookiesWithoutAuth(keep []string, v string) []string {
-	for p := range cookiesWithoutAuth(v) {
-		keep = append(keep, p)
-	}
-	return keep
 }
 
 // cookiesWithoutAuth yields the trimmed cookies of a Cookie field's
