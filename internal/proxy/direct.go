@@ -31,16 +31,17 @@ import (
 // checks are serve()'s, in its order, and free of effects until the
 // request is taken: Authorize and Lookup, then ConnOpened, then wake.
 // What is stripped on the way is decided by the same functions on both
-// paths (droppedRequestField, cookieWithoutAuth, droppedAnswerField), and
+// paths (droppedRequestField, cookiesWithoutAuth, droppedAnswerField), and
 // TestDirectSameAsGeneral sends a set of plain and hostile requests
 // through both and compares what the guest and the client get.
 
 // directRoute reports whether d may take the direct path, and to which
-// microVM and guest address: a kiln endpoint host (not E2B's), a header
-// token that Authorize accepts for an endpoint port that is neither the
-// shell's nor envd's, the Lookup target's account and ingress agreeing,
-// a local guest (no route Dial) known to speak plain HTTP, and nothing
-// the general path treats specially (subprotocols, cookie tokens, Te,
+// microVM and guest address: a kiln endpoint host (not E2B's), a token
+// (the one header field, else the token cookie as r.Cookie reads it:
+// cookieToken) that Authorize accepts for an endpoint port that is
+// neither the shell's nor envd's, the Lookup target's account and
+// ingress agreeing, a local guest (no route Dial) known to speak plain
+// HTTP, and nothing the general path treats specially (subprotocols, Te,
 // force-h2, E2B headers, the query token link, a URI net/url rewrites).
 // The VM must run (RunningNow); wake is still asked after ConnOpened, as
 // serve asks it.
@@ -62,20 +63,26 @@ func (s *Server) directRoute(ctx context.Context, d *reqHead, general *atomic.Po
 		return "", "", false // E2B's "PORT-ID" host
 	}
 	var tok, portText string
-	var nTok, nPort, nCookie int
+	var nTok, nPort int
 	for _, f := range d.fields {
 		switch f.k {
 		case fieldAuth:
 			tok, nTok = f.v, nTok+1
 		case fieldPort:
 			portText, nPort = f.v, nPort+1
-		case "Cookie":
-			nCookie++
 		case fieldWSProtocol, "Te", fieldForceH2, HeaderE2BSandboxID:
 			return "", "", false
 		}
 	}
-	if nTok != 1 || tok == "" || len(tok) > token.MaxLen || nPort > 1 || nCookie > 1 {
+	if nTok > 1 || nPort > 1 {
+		return "", "", false
+	}
+	if tok == "" { // as requestPortAndToken: no (or an empty) header token, the cookie's
+		if tok, ok = cookieToken(d.fields); !ok {
+			return "", "", false
+		}
+	}
+	if tok == "" || len(tok) > token.MaxLen {
 		return "", "", false
 	}
 	port := uint16(DefaultPort)
@@ -153,7 +160,8 @@ func plainURI(uri string) bool {
 // writeHead writes the request to the guest: the client's head with
 // exactly what outgoing and writeHead take out and put in on the general
 // path (droppedRequestField, the token cookie, an empty User-Agent; kiln's
-// X-Forwarded-*, a zero length where one is expected).
+// X-Forwarded-*, a zero length where one is expected). Several Cookie
+// fields (h2's crumbs) become one, as stripAuthCookie makes them.
 func (d *reqHead) writeHead(bw *bufio.Writer) error {
 	bw.WriteString(d.method)
 	bw.WriteByte(' ')
@@ -161,19 +169,21 @@ func (d *reqHead) writeHead(bw *bufio.Writer) error {
 	bw.WriteString(" HTTP/1.1\r\nHost: ")
 	bw.WriteString(d.host)
 	bw.WriteString("\r\n")
+	cookies := false
 	for _, f := range d.fields {
-		v := f.v
 		switch {
 		case droppedRequestField(f.k):
 			continue
 		case f.k == "Cookie":
-			if v = cookieWithoutAuth(v); v == "" {
-				continue
+			if !cookies {
+				writeCookieField(bw, d.fields)
+				cookies = true
 			}
-		case f.k == "User-Agent" && v == "":
+			continue
+		case f.k == "User-Agent" && f.v == "":
 			continue
 		}
-		writeField(bw, f.k, strings.Trim(v, " \t")) // as writeHead; h2's values come untrimmed
+		writeField(bw, f.k, strings.Trim(f.v, " \t")) // as writeHead; h2's values come untrimmed
 	}
 	if d.remoteIP != "" {
 		writeField(bw, "X-Forwarded-For", d.remoteIP)

@@ -258,6 +258,13 @@ func TestDirectSameAsGeneral(t *testing.T) {
 	host := "vm1." + domain
 	auth := "X-Aws-Proxy-Auth: " + tok + "\r\n"
 	get := func(extra string) string { return "GET / HTTP/1.1\r\nHost: " + host + "\r\n" + auth + extra + "\r\n" }
+	cookie := func(fields ...string) string { // no token field: a Cookie field of each
+		req := "GET / HTTP/1.1\r\nHost: " + host + "\r\n"
+		for _, f := range fields {
+			req += "Cookie: " + f + "\r\n"
+		}
+		return req + "\r\n"
+	}
 	type tc struct {
 		name, req string
 		direct    bool // the direct path must take it (else it must not)
@@ -278,8 +285,30 @@ func TestDirectSameAsGeneral(t *testing.T) {
 		{"empty and spaced values", get("X-E:\r\nX-S:   s  \r\nX-T:\tt\t\r\nUser-Agent:\r\n"), true, false},
 		{"token cookie and header", get("Cookie: a=1; " + CookieAuth + "=" + tok + ";b=2 ;  ; " + CookieAuth + " = x\r\n"), true, false},
 		{"only token cookie", get("Cookie: " + CookieAuth + "=" + tok + "\r\n"), true, false},
-		{"cookie token alone", "GET / HTTP/1.1\r\nHost: " + host + "\r\nCookie: " + CookieAuth + "=" + tok + "; a=1\r\n\r\n", false, false},
-		{"two cookie fields", get("Cookie: a=1\r\nCookie: b=2\r\n"), false, false},
+		{"two cookie fields", get("Cookie: a=1\r\nCookie: b=2; " + CookieAuth + "=x\r\n"), true, false},
+		// A browser's token is in the cookie only: the token the general
+		// path picks (header, else the first valid token cookie) decides.
+		{"cookie token alone", cookie(CookieAuth + "=" + tok + "; a=1"), true, false},
+		{"cookie token among others", cookie("a=1; " + CookieAuth + "=" + tok + ";b=2 ;  ; c"), true, false},
+		{"cookie token spaced name", cookie("a=1;  " + CookieAuth + " =" + tok + " ; b=2"), true, false},
+		{"cookie token spaced value", cookie(CookieAuth + "= " + tok), false, false},
+		{"cookie token quoted", cookie(CookieAuth + "=\"" + tok + "\"; a=\"1\""), true, false},
+		{"cookie token quoted once", cookie(CookieAuth + "=\"" + tok), false, false},
+		{"cookie token empty", cookie(CookieAuth + "=; " + CookieAuth + "=" + tok), false, false},
+		{"cookie token without =", cookie(CookieAuth + "; " + CookieAuth + "=" + tok), false, false},
+		{"two token cookies", cookie(CookieAuth + "=" + tok + "; " + CookieAuth + "=nope"), true, false},
+		{"two token cookies, bad first", cookie(CookieAuth + "=nope; " + CookieAuth + "=" + tok), false, false},
+		{"cookie token after invalid ones", cookie(CookieAuth + "=a\\b; " + CookieAuth + "=a\"b; " + CookieAuth + "=\x80; " + CookieAuth + "=" + tok), true, false},
+		{"cookie token in the second field", cookie("a=1", CookieAuth+"="+tok, "b=2"), true, false},
+		{"two token cookie fields, bad first", cookie(CookieAuth+"=nope", CookieAuth+"="+tok), false, false},
+		{"cookie token name in upper case", cookie(strings.ToUpper(CookieAuth) + "=" + tok), false, false},
+		{"cookie token, bad header token", "GET / HTTP/1.1\r\nHost: " + host + "\r\nX-Aws-Proxy-Auth: nope\r\nCookie: " + CookieAuth + "=" + tok + "\r\n\r\n", false, false},
+		{"cookie token, empty header token", "GET / HTTP/1.1\r\nHost: " + host + "\r\nX-Aws-Proxy-Auth:\r\nCookie: " + CookieAuth + "=" + tok + "\r\n\r\n", true, false},
+		{"bad cookie token, header token", get("Cookie: " + CookieAuth + "=nope; a=1\r\n"), true, false},
+		{"cookie token, too many cookies", cookie(strings.Repeat("a=1; ", maxDirectCookies) + CookieAuth + "=" + tok), false, false},
+		{"cookie token of another VM", "GET / HTTP/1.1\r\nHost: otheracct." + domain + "\r\nCookie: " + CookieAuth + "=" + tok + "\r\n\r\n", false, false},
+		{"cookie token for port 8080 only", "GET / HTTP/1.1\r\nHost: " + host + "\r\nCookie: " + CookieAuth + "=" + mint("vm1", token.KindEndpoint, token.Port(8080)) + "\r\nX-Aws-Proxy-Port: 9000\r\n\r\n", false, false},
+		{"cookie token, subprotocols", "GET / HTTP/1.1\r\nHost: " + host + "\r\nCookie: " + CookieAuth + "=" + tok + "\r\nSec-WebSocket-Protocol: chat\r\n\r\n", false, false},
 		{"subprotocol token", "GET / HTTP/1.1\r\nHost: " + host + "\r\nSec-WebSocket-Protocol: " + SubprotoAuth + tok + ", chat\r\n\r\n", false, false},
 		{"subprotocols with header token", get("Sec-WebSocket-Protocol: " + SubprotoBase + ", chat\r\n"), false, false},
 		{"kiln fields", get("X-Aws-Proxy-Port: 8080\r\nX-Aws-Proxy-Other: 1\r\nx-aws-proxy-lower: 2\r\nX-AWS-PROXY-UPPER: 3\r\n"), true, false},
@@ -432,6 +461,7 @@ func FuzzDirectHead(f *testing.F) {
 	f.Add([]byte("GET /a%20b/c;d?x=%41&y HTTP/1.1\r\nHost: vm1." + domain + "\r\nX-Aws-Proxy-Auth: t\r\nCookie: a=1;" + CookieAuth + "=t\r\nUser-Agent:\r\n\r\n"))
 	f.Add([]byte("POST /%2f%2F?; HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1\r\nKeep-Alive: 1\r\nE2b-Traffic-Access-Token: x\r\nx-aws-proxy-x: 1\r\n\r\n"))
 	f.Add([]byte("GET //x/../y?a=%zz HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nx-a: 2\r\nCookie: ; ;\r\n\r\n"))
+	f.Add([]byte("GET / HTTP/1.1\r\nHost: vm1." + domain + "\r\nCookie: a=1;  " + CookieAuth + " =\"t\"\r\nX-A: 1\r\ncookie: " + CookieAuth + "=u; b\r\n\r\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		d, _, ok := parseReqHead(data, nil)
 		if !ok || !validHost(d.host) {
@@ -453,13 +483,25 @@ func FuzzDirectHead(f *testing.F) {
 				return // not for the direct path
 			}
 		}
-		if len(r.Header["Cookie"]) > 1 {
-			return
-		}
+		sameCookieToken(t, string(data), r, &d)
 		r.RemoteAddr, r.TLS = "192.0.2.7:4000", &tls.ConnectionState{}
 		d.remoteIP, d.https = "192.0.2.7", true
 		sameGuestHead(t, string(data), r, &d)
 	})
+}
+
+// sameCookieToken fails unless the direct path reads from d the token
+// cookie the general path reads from r (when it reads one at all).
+func sameCookieToken(t *testing.T, input string, r *http.Request, d *reqHead) {
+	t.Helper()
+	tok, ok := cookieToken(d.fields)
+	want := ""
+	if c, err := r.Cookie(CookieAuth); err == nil {
+		want = c.Value
+	}
+	if ok && tok != want {
+		t.Fatalf("%q: cookieToken %q, the general path %q", input, tok, want)
+	}
 }
 
 // sameGuestHead fails unless the direct path writes for d what the
@@ -507,6 +549,7 @@ func TestDirectSameAsGeneralH2(t *testing.T) {
 		direct            bool
 	}
 	base := "https://vm1." + domain
+	noAuth := func(k string, v ...string) http.Header { return http.Header{HeaderAuth: {""}, k: v} }
 	cases := []tc{
 		{"plain", "GET", base + "/", http.Header{"User-Agent": {"t"}}, true},
 		{"query", "GET", base + "/a/b?x=1&y=%20z", nil, true},
@@ -522,6 +565,20 @@ func TestDirectSameAsGeneralH2(t *testing.T) {
 		{"planted forwarding", "GET", base + "/", http.Header{"X-Forwarded-For": {"203.0.113.9"}, "Forwarded": {"for=x"}, "X-Forwarded-Host": {"evil"}}, true},
 		{"E2B traffic token", "GET", base + "/", http.Header{"E2b-Traffic-Access-Token": {"secret"}}, true},
 		{"token cookie", "GET", base + "/", http.Header{"Cookie": {CookieAuth + "=" + tok}}, true},
+		// The token in the cookie only (a browser's). Go's client sends
+		// "a; b" as two cookie fields (RFC 9113 8.2.3), as browsers may.
+		{"cookie token alone", "GET", base + "/", noAuth("Cookie", CookieAuth+"="+tok), true},
+		{"cookie token among others", "GET", base + "/", noAuth("Cookie", "a=1; "+CookieAuth+"="+tok+"; b=2;c=3"), true},
+		{"cookie token in several fields", "GET", base + "/", noAuth("Cookie", "a=1", CookieAuth+"="+tok, "b=2"), true},
+		{"cookie token spaced name", "GET", base + "/", noAuth("Cookie", " a=1 ;  "+CookieAuth+" ="+tok+" "), true},
+		{"cookie token quoted", "GET", base + "/", noAuth("Cookie", CookieAuth+"=\""+tok+"\""), true},
+		{"cookie token empty", "GET", base + "/", noAuth("Cookie", CookieAuth+"=; "+CookieAuth+"="+tok), false},
+		{"two token cookies", "GET", base + "/", noAuth("Cookie", CookieAuth+"="+tok+"; "+CookieAuth+"=nope"), true},
+		{"two token cookies, bad first", "GET", base + "/", noAuth("Cookie", CookieAuth+"=nope", CookieAuth+"="+tok), false},
+		{"cookie token after invalid ones", "GET", base + "/", noAuth("Cookie", CookieAuth+"=a\\b; "+CookieAuth+"=\x80\"; "+CookieAuth+"="+tok), true},
+		{"cookie token, bad header token", "GET", base + "/", http.Header{HeaderAuth: {"nope"}, "Cookie": {CookieAuth + "=" + tok}}, false},
+		{"bad cookie token, header token", "GET", base + "/", http.Header{"Cookie": {"a=1; " + CookieAuth + "=nope"}}, true},
+		{"cookie token of another VM", "GET", "https://otheracct." + domain + "/", noAuth("Cookie", CookieAuth+"="+tok), false},
 		{"subprotocols", "GET", base + "/", http.Header{"Sec-Websocket-Protocol": {SubprotoAuth + tok + ", chat"}}, false},
 		{"gRPC type", "GET", base + "/", http.Header{"Content-Type": {"application/grpc"}}, false},
 		{"bad token", "GET", base + "/", http.Header{HeaderAuth: {"nope"}}, false},
@@ -607,6 +664,7 @@ func FuzzH2DirectHead(f *testing.F) {
 	f.Add(":method: GET\n:scheme: https\n:path: /\n:authority: h\n:authority: i")
 	f.Add(":method: POST\n:scheme: https\n:authority: vm1\n:path: /p\ncontent-length: 0\nx-aws-proxy-auth: t")
 	f.Add(":method: GET\n:scheme: https\n:authority: vm1\n:path: /\ncontent-length: 0\ncontent-length: 0")
+	f.Add(":method: GET\n:scheme: https\n:authority: vm1\n:path: /\ncookie: a=1\nx-a: 1\ncookie:  " + CookieAuth + "=\"t\" \ncookie: \ncookie: " + CookieAuth + "=u;b")
 	f.Fuzz(func(t *testing.T, block string) {
 		var fields []hpack.HeaderField
 		for line := range strings.SplitSeq(block, "\n") {
@@ -625,9 +683,10 @@ func FuzzH2DirectHead(f *testing.F) {
 		if r.URL.RequestURI() != d.uri {
 			t.Fatalf("%q: the direct path sends %q, the general one %q", block, d.uri, r.URL.RequestURI())
 		}
-		if _, ok := r.Header[fieldWSProtocol]; ok || len(r.Header["Cookie"]) > 0 && strings.Count(block, "\ncookie:") > 1 {
+		if _, ok := r.Header[fieldWSProtocol]; ok {
 			return // not for the direct path (directRoute)
 		}
+		sameCookieToken(t, block, r, d)
 		d.remoteIP = "192.0.2.7"
 		sameGuestHead(t, block, r, d)
 	})
@@ -660,7 +719,8 @@ func TestDirectLookupOnce(t *testing.T) {
 			return d.DialContext(ctx, network, app.Listener.Addr().String())
 		}}, ca)
 	tok, _, _ := signer.Mint("acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
-	for _, h2 := range []bool{false, true} {
+	for _, run := range []struct{ h2, cookie bool }{{false, false}, {true, false}, {false, true}, {true, true}} {
+		h2 := run.h2
 		tc := &tls.Config{RootCAs: roots, NextProtos: []string{"http/1.1"}}
 		if h2 {
 			tc.NextProtos = nil
@@ -674,7 +734,11 @@ func TestDirectLookupOnce(t *testing.T) {
 		const n = 5
 		for range n {
 			req, _ := http.NewRequest("GET", "https://vm1."+domain+"/", nil)
-			req.Header.Set(HeaderAuth, tok)
+			if run.cookie { // a browser's: the direct path's check reads the cookie as far as Lookup
+				req.Header.Set("Cookie", "a=1; "+CookieAuth+"="+tok)
+			} else {
+				req.Header.Set(HeaderAuth, tok)
+			}
 			resp, err := client.Do(req)
 			if err != nil {
 				t.Fatal(err)
@@ -682,14 +746,16 @@ func TestDirectLookupOnce(t *testing.T) {
 			body, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			if string(body) != "tls app" {
-				t.Fatalf("h2=%v: %d %q", h2, resp.StatusCode, body)
+				t.Fatalf("%+v: %d %q", run, resp.StatusCode, body)
 			}
 		}
 		// The first two requests are asked twice (the first's check finds
 		// no TLS known yet and the general path probes; the second's check
-		// learns it), then one each; without the memo, two each.
-		if got := b.n.Load(); got > n+2 {
-			t.Errorf("h2=%v: %d Lookups for %d requests on one connection", h2, got, n)
+		// learns it; once the server knows, only the first), then one
+		// each; without the memo, two each. n: the check stepped aside
+		// before Lookup (as it did for a cookie token).
+		if got := b.n.Load(); got > n+2 || got <= n {
+			t.Errorf("%+v: %d Lookups for %d requests on one connection", run, got, n)
 		}
 		client.CloseIdleConnections()
 	}

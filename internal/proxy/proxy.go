@@ -19,6 +19,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"iter"
 	"log/slog"
 	"net"
 	"net/http"
@@ -782,7 +783,9 @@ func stripAuthCookie(h http.Header) {
 	}
 	var keep []string
 	for _, v := range vals {
-		keep = appendCookiesWithoutAuth(keep, v)
+		for p := range cookiesWithoutAuth(v) {
+			keep = append(keep, p)
+		}
 	}
 	h.Del("Cookie")
 	if len(keep) > 0 {
@@ -790,25 +793,20 @@ func stripAuthCookie(h http.Header) {
 	}
 }
 
-// cookieWithoutAuth is one Cookie field's value as stripAuthCookie
-// leaves it ("" for none).
-func cookieWithoutAuth(v string) string {
-	var a [8]string
-	return strings.Join(appendCookiesWithoutAuth(a[:0], v), "; ")
-}
-
-// appendCookiesWithoutAuth appends the trimmed cookies of a Cookie
-// field's value v, but CookieAuth, to keep.
-func appendCookiesWithoutAuth(keep []string, v string) []string {
-	for part := range strings.SplitSeq(v, ";") {
-		// Trimmed around the name as net/http's cookie reader trims it:
-		// "kiln-proxy-auth =tok" is the token cookie to the proxy too.
-		name, _, _ := strings.Cut(part, "=")
-		if p := strings.TrimSpace(part); p != "" && strings.TrimSpace(name) != CookieAuth {
-			keep = append(keep, p)
+// cookiesWithoutAuth yields the trimmed cookies of a Cookie field's
+// value v but CookieAuth: what reaches the guest on both paths
+// (stripAuthCookie, reqHead.writeHead).
+func cookiesWithoutAuth(v string) iter.Seq[string] {
+	return func(yield func(string) bool) {
+		for part := range strings.SplitSeq(v, ";") {
+			// Trimmed around the name as net/http's cookie reader trims it:
+			// "kiln-proxy-auth =tok" is the token cookie to the proxy too.
+			name, _, _ := strings.Cut(part, "=")
+			if p := strings.TrimSpace(part); p != "" && strings.TrimSpace(name) != CookieAuth && !yield(p) {
+				return
+			}
 		}
 	}
-	return keep
 }
 
 // dropSetCookie removes the guest's Set-Cookie headers for name.

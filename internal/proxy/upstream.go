@@ -398,7 +398,7 @@ func hopField(k string) bool {
 // the proxy sets itself (a client cannot plant them). Both the general
 // path (outgoing) and the direct one (reqHead.writeHead) ask this, so
 // they cannot drift; the Cookie's token part and kiln's subprotocols
-// are cut from their values (cookieWithoutAuth, appProtocols).
+// are cut from their values (cookiesWithoutAuth, appProtocols).
 func droppedRequestField(k string) bool {
 	switch k {
 	case "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", HeaderE2BTrafficToken:
