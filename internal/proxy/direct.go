@@ -160,7 +160,8 @@ func plainURI(uri string) bool {
 // writeHead writes the request to the guest: the client's head with
 // exactly what outgoing and writeHead take out and put in on the general
 // path (droppedRequestField, the token cookie, an empty User-Agent; kiln's
-// X-Forwarded-*, a zero length where one is expected). Several Cookie
+// X-Forwarded-*, a zero length where one is expected), then a small
+// body's length and bytes, as http.Transport writes them. Several Cookie
 // fields (h2's crumbs) become one, as stripAuthCookie makes them.
 func (d *reqHead) writeHead(bw *bufio.Writer) error {
 	bw.WriteString(d.method)
@@ -169,7 +170,7 @@ func (d *reqHead) writeHead(bw *bufio.Writer) error {
 	bw.WriteString(" HTTP/1.1\r\nHost: ")
 	bw.WriteString(d.host)
 	bw.WriteString("\r\n")
-	cookies := false
+	cookies, agent := false, false
 	for _, f := range d.fields {
 		switch {
 		case droppedRequestField(f.k):
@@ -180,8 +181,13 @@ func (d *reqHead) writeHead(bw *bufio.Writer) error {
 				cookies = true
 			}
 			continue
-		case f.k == "User-Agent" && f.v == "":
+		case f.k == "User-Agent" && (f.v == "" || agent && d.cl > 0):
+			// A body goes on the general path through http.Transport,
+			// whose Request.write sends only the first User-Agent.
+			agent = true
 			continue
+		case f.k == "User-Agent":
+			agent = true
 		}
 		writeField(bw, f.k, strings.Trim(f.v, " \t")) // as writeHead; h2's values come untrimmed
 	}
@@ -194,10 +200,15 @@ func (d *reqHead) writeHead(bw *bufio.Writer) error {
 	} else {
 		writeField(bw, "X-Forwarded-Proto", "http")
 	}
-	if zeroLengthMethod(d.method) {
+	if d.cl > 0 {
+		bw.WriteString("Content-Length: ")
+		bw.Write(strconv.AppendInt(bw.AvailableBuffer(), int64(d.cl), 10))
+		bw.WriteString("\r\n")
+	} else if zeroLengthMethod(d.method) {
 		bw.WriteString("Content-Length: 0\r\n")
 	}
-	_, err := bw.WriteString("\r\n")
+	bw.WriteString("\r\n")
+	_, err := bw.Write(d.body)
 	return err
 }
 
@@ -213,6 +224,18 @@ func writeField(bw *bufio.Writer, k, v string) {
 // checks, and d goes the general way. keep: the connection can serve on.
 func (c *h1Conn) direct(d *reqHead, n int) (keep, handled bool) {
 	s := c.hs.direct
+	d.body = nil
+	if d.cl > 0 {
+		// Only a body already read with its head: one that is still
+		// coming streams on the general path. The slice stays valid
+		// while the exchange runs: nothing reads c.br until the next
+		// request (the watch reads the connection itself).
+		buf, _ := c.br.Peek(c.br.Buffered())
+		if len(buf) < n+d.cl {
+			return false, false
+		}
+		d.body = buf[n : n+d.cl]
+	}
 	w := &h1Writer{c: c, response: response{cl: -1}}
 	ctx := w.rc.context()
 	id, addr, ok := s.directRoute(ctx, d, &c.generalHost)
@@ -223,7 +246,7 @@ func (c *h1Conn) direct(d *reqHead, n int) (keep, handled bool) {
 	if directTaken != nil {
 		directTaken()
 	}
-	c.br.Discard(n)
+	c.br.Discard(n + d.cl)
 	c.conn.SetReadDeadline(time.Time{})
 	defer w.rc.cancel()
 	d.remoteIP, d.https = c.remoteIP, c.state != nil
@@ -299,7 +322,7 @@ func (s *Server) sendDirect(ctx context.Context, d *reqHead, id, addr string, fs
 			return nil, rh, false
 		}
 	}
-	pc, err := s.up.send(ctx, addr, d.method, d)
+	pc, err := s.up.send(ctx, addr, d.method, d.cl > 0, d)
 	if err != nil {
 		cw, r := g.writer()
 		s.guestFailed(cw, r, id, err)

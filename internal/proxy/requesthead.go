@@ -17,6 +17,12 @@ type hfield struct{ k, v string }
 type reqHead struct {
 	method, uri, host string
 	fields            []hfield
+	// hasCL: one plain Content-Length field (directBodyLen) was taken
+	// out of fields; cl is its value. body is the direct path's: the cl
+	// bytes after the head in the loop's read buffer.
+	hasCL bool
+	cl    int
+	body  []byte
 	// Set by the direct path for writeHead.
 	remoteIP string
 	https    bool
@@ -37,10 +43,11 @@ func splitHead(buf []byte) (line, rest string, n int, ok bool) {
 // parseReqHead parses the common request at the start of buf, a
 // client's on the h1 loop, as parseResponseHead parses the guest's
 // answer: "METHOD /origin-form HTTP/1.1", plain field lines, one Host,
-// no body and nothing that changes framing, connection or protocol
-// (Content-Length, Transfer-Encoding, Trailer, Connection, Upgrade,
-// Expect, Pragma). Fields are appended to fs. ok false: http.ReadRequest
-// parses it, from the same bytes. FuzzRequestHead holds that whatever
+// nothing that changes framing, connection or protocol (Transfer-Encoding,
+// Trailer, Connection, Upgrade, Expect, Pragma) and no Content-Length but
+// one plain one (directBodyLen), which only the direct path takes (hasCL:
+// the loop reads any other with http.ReadRequest). Fields are appended
+// to fs. ok false: http.ReadRequest parses it, from the same bytes. FuzzRequestHead holds that whatever
 // this parser takes, http.ReadRequest parses alike. The loop's own
 // checks (checkRequest) run on both.
 func parseReqHead(buf []byte, fs []hfield) (d reqHead, n int, ok bool) {
@@ -78,7 +85,14 @@ func parseReqHead(buf []byte, fs []hfield) (d reqHead, n int, ok bool) {
 			d.host = f.v
 			hosts++
 			continue
-		case "Content-Length", "Transfer-Encoding", "Trailer", "Connection", "Upgrade", "Expect", "Pragma":
+		case "Content-Length":
+			cl, ok := directBodyLen(f.v)
+			if !ok || d.hasCL {
+				return d, 0, false
+			}
+			d.hasCL, d.cl = true, cl
+			continue
+		case "Transfer-Encoding", "Trailer", "Connection", "Upgrade", "Expect", "Pragma":
 			return d, 0, false
 		}
 		d.fields = append(d.fields, f) // in place: never ahead of the reading
@@ -89,8 +103,37 @@ func parseReqHead(buf []byte, fs []hfield) (d reqHead, n int, ok bool) {
 	return d, n, true
 }
 
-// request is d as the http.Request http.ReadRequest would make of it.
+// maxDirectBody bounds the body the direct path sends from the loop's
+// 4 KiB read buffer, leaving the head as much: small JSON calls to a
+// sandbox's API. What comes in one read decides in the end (a Go
+// client's first TLS records hold ~1.2 KiB; OpenSSL's up to 16 KiB);
+// anything longer or later streams on the general path.
+const maxDirectBody = 2 << 10
+
+// directBodyLen parses a Content-Length value the direct path takes: a
+// plain decimal without sign, space or leading zero, at most
+// maxDirectBody. Anything else (that net/http may still read, "05", or
+// refuse, "+5") goes to http.ReadRequest and the general path.
+func directBodyLen(v string) (int, bool) {
+	if v == "" || len(v) > 1 && v[0] == '0' || len(v) > 5 {
+		return 0, false
+	}
+	n := 0
+	for i := 0; i < len(v); i++ {
+		if !isDigit(v[i]) {
+			return 0, false
+		}
+		n = n*10 + int(v[i]-'0')
+	}
+	return n, n <= maxDirectBody
+}
+
+// request is d as the http.Request http.ReadRequest would make of it;
+// false for one with a Content-Length, which http.ReadRequest reads.
 func (d *reqHead) request() (*http.Request, bool) {
+	if d.hasCL {
+		return nil, false
+	}
 	u, err := url.ParseRequestURI(d.uri)
 	if err != nil {
 		return nil, false

@@ -89,3 +89,16 @@ func FuzzRequestHead(f *testing.F) {
 		checkRequestHead(t, data)
 	})
 }
+
+func TestDirectBodyLen(t *testing.T) {
+	for v, want := range map[string]int{"0": 0, "1": 1, "700": 700, "2048": maxDirectBody} {
+		if n, ok := directBodyLen(v); !ok || n != want {
+			t.Errorf("directBodyLen(%q) = %d, %v; want %d", v, n, ok, want)
+		}
+	}
+	for _, v := range []string{"", "2049", "99999", "999999999999999999999", "05", "00", "+5", "-5", " 5", "5 ", "5 5", "5,5", "0x5", "5\t", "٥"} {
+		if n, ok := directBodyLen(v); ok {
+			t.Errorf("directBodyLen(%q) = %d, true; want the general path", v, n)
+		}
+	}
+}

@@ -190,7 +190,7 @@ func (o *outRequest) writeHead(bw *bufio.Writer) error { return writeHead(bw, (*
 // breaks the connection (a client that left a stream frees the guest's
 // connection at once).
 func (u *h1Upstream) roundTrip(ctx context.Context, addr string, out *http.Request) (*http.Response, *upConn, error) {
-	pc, err := u.send(ctx, addr, out.Method, (*outRequest)(out))
+	pc, err := u.send(ctx, addr, out.Method, false, (*outRequest)(out))
 	if err != nil {
 		return nil, nil, err
 	}
@@ -201,18 +201,27 @@ func (u *h1Upstream) roundTrip(ctx context.Context, addr string, out *http.Reque
 	return resp, pc, nil
 }
 
-// send writes a request's head on a kept-alive connection (or a new one)
-// and waits for the first byte of the answer. A reused connection that
-// the guest closed while idle fails before any answer: an idempotent
-// request is then sent once more on a new connection, as http.Transport
-// does.
-func (u *h1Upstream) send(ctx context.Context, addr, method string, hw headWriter) (*upConn, error) {
-	if pc := u.get(addr); pc != nil {
+// send writes a request's head (and a small body: the direct path's) on
+// a kept-alive connection (or a new one) and waits for the first byte of
+// the answer. A reused connection that the guest closed while idle fails
+// before any answer: an idempotent request without a body is then sent
+// once more on a new connection, as http.Transport does. A body is never
+// sent twice (Transport does not replay a request whose body has no
+// GetBody: ReverseProxy's); Transport's reader notices a connection the
+// guest closed while idle before it reuses it, so a body takes a pooled
+// connection only when it is seen still open (upAlive).
+func (u *h1Upstream) send(ctx context.Context, addr, method string, body bool, hw headWriter) (*upConn, error) {
+	pc := u.get(addr)
+	for body && pc != nil && !upAlive(pc) {
+		pc.c.Close()
+		pc = u.get(addr)
+	}
+	if pc != nil {
 		err := pc.send(ctx, hw)
 		if err == nil {
 			return pc, nil
 		}
-		if ctx.Err() != nil || !isIdempotent(method) || !errors.Is(err, errNoAnswer) {
+		if ctx.Err() != nil || body || !isIdempotent(method) || !errors.Is(err, errNoAnswer) {
 			return nil, err
 		}
 	}

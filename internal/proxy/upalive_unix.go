@@ -1,0 +1,35 @@
+//go:build unix
+
+package proxy
+
+import (
+	"errors"
+	"syscall"
+)
+
+// upAlive reports whether an idle guest connection is still open: no
+// end of stream and no stray bytes wait on it. It peeks without blocking
+// (a past read deadline would fail before any read, telling nothing).
+func upAlive(pc *upConn) bool {
+	if pc.br.Buffered() > 0 {
+		return false
+	}
+	sc, ok := pc.c.(syscall.Conn)
+	if !ok {
+		return true // not a socket: as before, the send will tell
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	alive := false
+	var b [1]byte
+	err = raw.Read(func(fd uintptr) bool {
+		_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		// Nothing to read yet: open. 0 bytes (the guest's FIN), a byte
+		// no request asked for, or a reset: do not reuse it.
+		alive = errors.Is(err, syscall.EAGAIN) || errors.Is(err, syscall.EWOULDBLOCK)
+		return true
+	})
+	return err == nil && alive
+}
