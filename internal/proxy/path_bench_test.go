@@ -26,11 +26,15 @@ import (
 // too: compare runs, not absolute figures.
 func BenchmarkProxyPath(b *testing.B) {
 	body := []byte(strings.Repeat("k", 1024))
+	jsonBody := `{"cmd":"ls","args":["-l","/tmp"],"env":{"A":"1"},"cwd":"/home/user","timeout":30,"stdin":"` + strings.Repeat("x", 120) + `"}`
 	appLn, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		b.Fatal(err)
 	}
-	app := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.Write(body) })}
+	app := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		w.Write(body)
+	})}
 	go app.Serve(appLn)
 	defer app.Close()
 	const dom = "bench.localhost"
@@ -64,8 +68,12 @@ func BenchmarkProxyPath(b *testing.B) {
 			DisableCompression: true, DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
 				return d.DialContext(ctx, network, addr)
 			}}}
-		do := func(b *testing.B) {
-			req, _ := http.NewRequest("GET", "https://vm."+dom+"/", nil)
+		do := func(b *testing.B, method string) {
+			var reqBody io.Reader
+			if method == http.MethodPost {
+				reqBody = strings.NewReader(jsonBody)
+			}
+			req, _ := http.NewRequest(method, "https://vm."+dom+"/", reqBody)
 			req.Header.Set(HeaderAuth, tok)
 			resp, err := client.Do(req)
 			if err != nil {
@@ -80,15 +88,24 @@ func BenchmarkProxyPath(b *testing.B) {
 		b.Run(name+"/sequential", func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
-				do(b)
+				do(b, http.MethodGet)
 			}
 		})
+		if !h2 {
+			// An agent's small JSON call (the direct path's body).
+			b.Run(name+"/post", func(b *testing.B) {
+				b.ReportAllocs()
+				for b.Loop() {
+					do(b, http.MethodPost)
+				}
+			})
+		}
 		b.Run(name+"/parallel", func(b *testing.B) {
 			b.ReportAllocs()
 			b.SetParallelism(8)
 			b.RunParallel(func(pb *testing.PB) {
 				for pb.Next() {
-					do(b)
+					do(b, http.MethodGet)
 				}
 			})
 		})
