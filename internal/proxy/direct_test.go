@@ -70,6 +70,8 @@ var guestAnswers = map[string]string{
 	"chunkedbad": "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
 	// The proxy keeps the connection, which the guest then closes.
 	"idleclose": "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok",
+	// More than Content-Length says, in the same write.
+	"overlong": "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale",
 }
 
 var closingAnswers = map[string]bool{"short": true, "midhead": true, "junk": true, "nothing": true, "toend": true, "chunkedbad": true, "idleclose": true}
@@ -1096,4 +1098,28 @@ func TestDirectSuspendBetweenChecks(t *testing.T) {
 		client.CloseIdleConnections()
 		e.g.take()
 	}
+}
+
+// TestStrayBytesNotTakenForAnswer: a guest that sends more than its
+// answer (a body to HEAD, bytes past its Content-Length) in the same
+// write does not spoil the next request on its pooled connection: the
+// proxy does not reuse a connection with bytes left over, on either path.
+func TestStrayBytesNotTakenForAnswer(t *testing.T) {
+	e := newDirectEnv(t)
+	tok, _, _ := e.signer.Mint("acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
+	auth := "X-Aws-Proxy-Auth: " + tok + "\r\n"
+	roundTrip(t, e.ln.Addr().String(), e.roots, "GET / HTTP/1.1\r\nHost: vm1."+domain+"\r\n"+auth+"\r\n") // the TLS probe
+	for _, general := range []bool{false, true} {
+		e.srv.noDirect.Store(general)
+		for _, first := range []string{"HEAD / HTTP/1.1\r\nHost: vm1." + domain + "\r\n" + auth + "X-Answer: plain\r\n\r\n",
+			"GET / HTTP/1.1\r\nHost: vm1." + domain + "\r\n" + auth + "X-Answer: overlong\r\n\r\n"} {
+			e.srv.closeIdle()
+			roundTrip(t, e.ln.Addr().String(), e.roots, first)
+			got := roundTrip(t, e.ln.Addr().String(), e.roots, "GET / HTTP/1.1\r\nHost: vm1."+domain+"\r\n"+auth+"\r\n")
+			if !strings.HasPrefix(got, "[0] HTTP/1.1 200 OK\n") || !strings.Contains(got, `body "hello" err <nil>`) {
+				t.Errorf("general=%v, after %q the next request got\n%s", general, strings.SplitN(first, "\r\n", 2)[0], got)
+			}
+		}
+	}
+	e.srv.noDirect.Store(false)
 }

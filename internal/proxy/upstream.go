@@ -212,7 +212,10 @@ func (u *h1Upstream) roundTrip(ctx context.Context, addr string, out *http.Reque
 // connection only when it is seen still open (upAlive).
 func (u *h1Upstream) send(ctx context.Context, addr, method string, body bool, hw headWriter) (*upConn, error) {
 	pc := u.get(addr)
-	for body && pc != nil && !upAlive(pc) {
+	// Bytes already read past the last answer (a body sent to HEAD or
+	// after a 204, more than Content-Length said) would be taken for the
+	// next answer: such a connection is not reused.
+	for pc != nil && (pc.br.Buffered() > 0 || body && !upAlive(pc)) {
 		pc.c.Close()
 		pc = u.get(addr)
 	}
