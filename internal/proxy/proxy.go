@@ -565,22 +565,9 @@ func (s *Server) forward(ctx context.Context, w http.ResponseWriter, r *http.Req
 
 // reverseProxyCtx carries what ReverseProxy's Rewrite and ModifyResponse
 // read; only its requests get it (the fast path spares the allocations).
-// It also marks the request as served by a server that recovers
-// http.ErrAbortHandler, as the own loops do (guard): without the mark
-// ReverseProxy finishes an answer whose body the guest broke off as if
-// it were whole (a 200 with "Content-Length: 0" and a kept connection
-// for a bad chunk), where forwardH1 and the direct path abort it.
 func reverseProxyCtx(ctx context.Context, target *url.URL, protos []string) context.Context {
-	if ctx.Value(http.ServerContextKey) == nil {
-		ctx = context.WithValue(ctx, http.ServerContextKey, ownLoops)
-	}
 	return context.WithValue(context.WithValue(ctx, keyTarget, target), keyProtocols, protos)
 }
-
-// ownLoops stands for the own connection loops (h1Conn, h2Conn) in the
-// http.ServerContextKey of their requests to ReverseProxy, which only
-// asks whether there is one.
-var ownLoops = &http.Server{}
 
 // wake makes the VM runnable for a request (auto-resume), or answers the
 // request with why it cannot be. The caller has counted the connection

@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"net"
+	"net/http"
 	"sync"
 )
 
@@ -20,9 +21,18 @@ type reqCancel struct {
 	conn      net.Conn
 }
 
+// loopsBase is the parent of every own-loop request's context. It marks
+// the requests as served by a server that recovers http.ErrAbortHandler,
+// as the loops do (guard): without the mark ReverseProxy finishes an
+// answer whose body the guest broke off as if it were whole (a 200 with
+// "Content-Length: 0" and a kept connection for a bad chunk), where
+// forwardH1 and the direct path abort it. ReverseProxy only asks whether
+// there is a server.
+var loopsBase = context.WithValue(context.Background(), http.ServerContextKey, &http.Server{})
+
 // context makes the request's context, rc in it.
 func (rc *reqCancel) context() context.Context {
-	ctx, cancel := context.WithCancel(context.Background())
+	ctx, cancel := context.WithCancel(loopsBase)
 	rc.ctxCancel = cancel
 	return context.WithValue(ctx, keyCancel, rc)
 }

@@ -7,13 +7,11 @@ import (
 	"syscall"
 )
 
-// upAlive reports whether an idle guest connection is still open: no
-// end of stream and no stray bytes wait on it. It peeks without blocking
-// (a past read deadline would fail before any read, telling nothing).
+// upAlive reports whether an idle guest connection (nothing left in its
+// reader: h1Upstream.send checks that first) is still open: no end of
+// stream and no stray bytes wait on it. It peeks without blocking (a
+// past read deadline would fail before any read, telling nothing).
 func upAlive(pc *upConn) bool {
-	if pc.br.Buffered() > 0 {
-		return false
-	}
 	sc, ok := pc.c.(syscall.Conn)
 	if !ok {
 		return true // not a socket: as before, the send will tell
