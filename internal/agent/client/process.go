@@ -87,6 +87,11 @@ func (p *Process) Dropped() uint64 { return p.dropped.Load() }
 // Exited is closed when the workload has exited or the connection is lost.
 func (p *Process) Exited() <-chan struct{} { return p.exited }
 
+// SessionDone is closed as soon as the agent connection the workload was
+// started or adopted on is closed, which can be before Exited is: the read
+// loop marks its processes lost only once it notices.
+func (p *Process) SessionDone() <-chan struct{} { return p.c.done }
+
 // push is called with c.mu held (on the read loop or in Adopt).
 func (p *Process) push(o proto.Output) {
 	if o.Dropped > 0 {

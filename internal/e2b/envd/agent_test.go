@@ -115,7 +115,7 @@ func TestEnvdOverAgent(t *testing.T) {
 	h := New(Config{Agents: oneAgent{newAgent(t)}, Sandboxes: st,
 		Target: func(context.Context) (string, string) { return "mvm-1", "acct" }})
 	hs := httptest.NewServer(h)
-	defer hs.Close()
+	defer stopServer(hs)
 	dir := t.TempDir()
 
 	// A command: start, stdout, stderr, end with its exit code.

@@ -60,7 +60,7 @@ func TestEnvdTemplateApp(t *testing.T) {
 				WorkingDir: wd, User: "nobody"}, appErr
 		}})
 	hs := httptest.NewServer(h)
-	defer hs.Close()
+	defer stopServer(hs)
 
 	script := `echo "$TPL|$BOTH|$(pwd)|$(id -un)"`
 	out, code := output(t, hs.URL, map[string]any{"cmd": "/bin/sh", "args": []string{"-c", script}})

@@ -9,6 +9,8 @@ import (
 	"net/http"
 	"strings"
 	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/agent/client"
 )
 
 // The Connect protocol (connectrpc.com), as E2B's SDK speaks it to envd:
@@ -97,6 +99,9 @@ func classify(err error) *rpcError {
 		msg = msg[:512] + "..."
 	}
 	switch {
+	case errors.Is(err, client.ErrClosed):
+		// The session ended under the call: the sandbox is pausing or gone.
+		return &rpcError{Code: codeUnavailable, Message: "the sandbox's agent session ended during the call (is the sandbox paused?): " + msg}
 	case strings.Contains(msg, "no such file or directory"):
 		return &rpcError{Code: codeNotFound, Message: msg}
 	case strings.Contains(msg, "not a directory"), strings.Contains(msg, "is a directory"), strings.Contains(msg, "not absolute"):

@@ -39,7 +39,7 @@ func fsEnv(t *testing.T) (*httptest.Server, string) {
 	h := New(Config{Agents: oneAgent{newAgentWith(t, guest.Config{Root: root})},
 		Target: func(context.Context) (string, string) { return "mvm-1", "acct" }})
 	hs := httptest.NewServer(h)
-	t.Cleanup(hs.Close)
+	t.Cleanup(func() { stopServer(hs) })
 	return hs, root
 }
 
@@ -330,4 +330,11 @@ func TestEnvdListAndStatAsUser(t *testing.T) {
 	if code, out := unary(t, hs, "Stat", "user", map[string]any{"path": closed}); code != 200 || out["entry"] == nil {
 		t.Fatalf("Stat of the closed dir itself as user (its parent is open): %d %v", code, out)
 	}
+}
+
+// stopServer ends the streams a failed check left open before closing:
+// Close alone waits for them, for ever when a process still runs.
+func stopServer(hs *httptest.Server) {
+	hs.CloseClientConnections()
+	hs.Close()
 }

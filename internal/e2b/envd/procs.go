@@ -122,6 +122,7 @@ func (h *Handler) live(ctx context.Context, id string, pr *proc) (*client.Proces
 	p := pr.cur()
 	select {
 	case <-p.Exited():
+	case <-p.SessionDone():
 	default:
 		return p, nil
 	}

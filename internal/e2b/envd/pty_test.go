@@ -134,7 +134,7 @@ func TestEnvdPTYAndConnect(t *testing.T) {
 	h := New(Config{Agents: oneAgent{newAgent(t)}, Sandboxes: st,
 		Target: func(context.Context) (string, string) { return "mvm-1", "acct" }})
 	hs := httptest.NewServer(h)
-	defer hs.Close()
+	defer stopServer(hs)
 	unary := func(method string, in any) (int, string) { return processCall(t, hs, method, in) }
 
 	pty := openStream(t, hs.URL, "Start", map[string]any{
@@ -283,7 +283,7 @@ func TestEnvdProcessBound(t *testing.T) {
 	h := New(Config{Agents: oneAgent{newAgent(t)}, Sandboxes: st, MaxProcesses: 2,
 		Target: func(context.Context) (string, string) { return "mvm-1", "acct" }})
 	hs := httptest.NewServer(h)
-	defer hs.Close()
+	defer stopServer(hs)
 	start := func() streamEvent {
 		return <-openStream(t, hs.URL, "Start", map[string]any{"process": map[string]any{"cmd": "/bin/sh", "args": []string{"-c", "sleep 30"}}})
 	}

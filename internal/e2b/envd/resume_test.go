@@ -83,7 +83,7 @@ func TestEnvdProcessAcrossSessions(t *testing.T) {
 	ss.connect()
 	h := New(Config{Agents: ss, Sandboxes: st, Target: func(context.Context) (string, string) { return "mvm-1", "acct" }})
 	hs := httptest.NewServer(h)
-	defer hs.Close()
+	defer stopServer(hs)
 	call := func(method string, in any) (int, string) { return processCall(t, hs, method, in) }
 
 	started := openStream(t, hs.URL, "Start", map[string]any{"stdin": true, "tag": "bg",
