@@ -883,6 +883,11 @@ func TestDirectBodyPooledConn(t *testing.T) {
 	}{
 		{"closed while idle", []string{req("POST", "idleclose", "a=1"), req("POST", "plain", "b=2")}, []string{"200 OK", "200 OK"}, 2},
 		{"closed while idle, after a GET", []string{req("GET", "idleclose", ""), req("PUT", "plain", "b=2")}, []string{"200 OK", "200 OK"}, 2},
+		// Not sent twice either (Transport's isReplayable): it too takes a
+		// pooled connection only when it is seen open.
+		{"closed while idle, a POST without a body", []string{req("GET", "idleclose", ""), req("POST", "plain", "")}, []string{"200 OK", "200 OK"}, 2},
+		{"closed while idle, a DELETE", []string{req("GET", "idleclose", ""), req("DELETE", "plain", "")}, []string{"200 OK", "200 OK"}, 2},
+		{"no answer to a DELETE on a kept one", []string{req("GET", "plain", ""), req("DELETE", "nothing", "")}, []string{"200 OK", "502 Bad Gateway"}, 1},
 		{"kept", []string{req("POST", "plain", "a=1"), req("PATCH", "plain", "b=2"), req("GET", "plain", "")}, []string{"200 OK", "200 OK", "200 OK"}, 1},
 		{"no answer on a kept one", []string{req("POST", "plain", "a=1"), req("POST", "nothing", "b=2")}, []string{"200 OK", "502 Bad Gateway"}, 1},
 		// Transport sends a GET again only without a body (isReplayable).

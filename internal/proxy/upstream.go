@@ -207,15 +207,17 @@ func (u *h1Upstream) roundTrip(ctx context.Context, addr string, out *http.Reque
 // before any answer: an idempotent request without a body is then sent
 // once more on a new connection, as http.Transport does. A body is never
 // sent twice (Transport does not replay a request whose body has no
-// GetBody: ReverseProxy's); Transport's reader notices a connection the
-// guest closed while idle before it reuses it, so a body takes a pooled
+// GetBody: ReverseProxy's), nor is a request of another method (a POST,
+// a DELETE); Transport's reader notices a connection the guest closed
+// while idle before it reuses it, so such a request takes a pooled
 // connection only when it is seen still open (upAlive).
 func (u *h1Upstream) send(ctx context.Context, addr, method string, body bool, hw headWriter) (*upConn, error) {
+	once := body || !isIdempotent(method)
 	pc := u.get(addr)
 	// Bytes already read past the last answer (a body sent to HEAD or
 	// after a 204, more than Content-Length said) would be taken for the
 	// next answer: such a connection is not reused.
-	for pc != nil && (pc.br.Buffered() > 0 || body && !upAlive(pc)) {
+	for pc != nil && (pc.br.Buffered() > 0 || once && !upAlive(pc)) {
 		pc.c.Close()
 		pc = u.get(addr)
 	}
@@ -224,7 +226,7 @@ func (u *h1Upstream) send(ctx context.Context, addr, method string, body bool, h
 		if err == nil {
 			return pc, nil
 		}
-		if ctx.Err() != nil || body || !isIdempotent(method) || !errors.Is(err, errNoAnswer) {
+		if ctx.Err() != nil || once || !errors.Is(err, errNoAnswer) {
 			return nil, err
 		}
 	}
