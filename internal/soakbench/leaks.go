@@ -4,10 +4,7 @@ package soakbench
 
 import (
 	"bufio"
-	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"fmt"
 	"io"
 	"io/fs"
@@ -19,10 +16,10 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
 )
 
 // Leaks counts what is left of one data directory's VMs once every
@@ -67,13 +64,6 @@ func vmIDsIn(log []byte) []string {
 	return ids
 }
 
-// cgroupSuffix is the data directory's mark on its VMs' cgroups
-// (internal/vmm/qemu: "kiln/ID." + 8 hex digits of sha256(DATA_DIR/vms)).
-func cgroupSuffix(data string) string {
-	h := sha256.Sum256([]byte(filepath.Join(data, "vms")))
-	return hex.EncodeToString(h[:4])
-}
-
 // cgroupGlobs find the VM cgroups (v2, then v1's hierarchies) whose
 // names end in a data directory's suffix.
 var cgroupGlobs = []string{"/sys/fs/cgroup/kiln/*.", "/sys/fs/cgroup/memory/kiln/*.", "/sys/fs/cgroup/pids/kiln/*.", "/sys/fs/cgroup/cpu/kiln/*."}
@@ -98,9 +88,9 @@ func countLeaks(ctx context.Context, data string, ids []string, images map[strin
 		}
 	}
 	sort.Strings(all)
-	suffix := cgroupSuffix(data)
+	suffix := qemu.CgroupSuffix(data)
 
-	for _, pid := range qemuOf(data, suffix) {
+	for _, pid := range qemu.Processes(data) {
 		l.add(&l.QEMUProcesses, "qemu process %d", pid)
 	}
 	for _, id := range all {
@@ -131,33 +121,6 @@ func countLeaks(ctx context.Context, data string, ids []string, images map[strin
 		l.add(&l.Files, "file %s", f)
 	}
 	return l
-}
-
-// qemuOf lists QEMU processes of data's VMs: by a command line naming the
-// data directory (QEMU outside a jail) or by their cgroup (a jailed QEMU
-// sees only its jail's paths).
-func qemuOf(data, suffix string) []int {
-	ents, _ := os.ReadDir("/proc")
-	var pids []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil || len(b) == 0 {
-			continue
-		}
-		argv0, _, _ := bytes.Cut(b, []byte{0})
-		if !strings.Contains(filepath.Base(string(argv0)), "qemu") {
-			continue
-		}
-		cg, _ := os.ReadFile(filepath.Join("/proc", e.Name(), "cgroup"))
-		if bytes.Contains(b, []byte(data+"/")) || regexp.MustCompile(`/kiln/[^/\n]+\.`+suffix+`\b`).Match(cg) {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
 }
 
 // inNS says whether the command succeeds in the named network namespace.
@@ -256,13 +219,8 @@ func strayFiles(data string, images map[string]bool) []string {
 // kills the QEMUs of data and removes its VMs' networks and cgroups, so
 // that a failed run leaves nothing on the host.
 func removeAll(data string, ids []string, progress io.Writer) {
-	suffix := cgroupSuffix(data)
-	for _, pid := range qemuOf(data, suffix) {
-		syscall.Kill(pid, syscall.SIGKILL)
-	}
-	for end := time.Now().Add(10 * time.Second); len(qemuOf(data, suffix)) > 0 && time.Now().Before(end); {
-		time.Sleep(50 * time.Millisecond)
-	}
+	suffix := qemu.CgroupSuffix(data)
+	qemu.KillProcesses(data) // each waited for
 	seen := map[string]bool{}
 	for _, id := range ids {
 		if seen[id] {

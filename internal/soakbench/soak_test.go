@@ -18,6 +18,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/testenv"
+	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
 )
 
 // need skips (fails in CI) unless the host can run real VMs as root.
@@ -148,9 +149,9 @@ func TestCountLeaksIsExact(t *testing.T) {
 		// A host link as Setup makes it, alias included: other kilns on
 		// the host remove a kv* veth without one.
 		run("ip", "link", "add", netns.HostLinkName(id), "alias", "kiln:"+id, "type", "veth", "peer", "name", netns.NSVethName, "netns", ns)
-		cg := filepath.Join("/sys/fs/cgroup/pids/kiln", id+"."+cgroupSuffix(dir))
+		cg := filepath.Join("/sys/fs/cgroup/pids/kiln", id+"."+qemu.CgroupSuffix(dir))
 		if _, err := os.Stat("/sys/fs/cgroup/pids"); err != nil {
-			cg = filepath.Join("/sys/fs/cgroup/kiln", id+"."+cgroupSuffix(dir))
+			cg = filepath.Join("/sys/fs/cgroup/kiln", id+"."+qemu.CgroupSuffix(dir))
 		}
 		if err := os.MkdirAll(cg, 0o755); err != nil {
 			t.Fatal(err)

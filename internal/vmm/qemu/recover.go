@@ -204,6 +204,29 @@ func fileExists(p string) bool {
 	return err == nil
 }
 
+// Processes lists the QEMU processes of dataDir's VMs and pool, found as
+// recovery finds its strays: for checks, with kiln stopped, that it left
+// none.
+func Processes(dataDir string) []int {
+	var pids []int
+	for _, s := range dataDirOnly(dataDir).strayProcesses(nil) {
+		pids = append(pids, s.pid)
+	}
+	return pids
+}
+
+// KillProcesses kills what Processes lists, as recovery kills strays (a
+// pid reused since the scan is spared), and removes the VM cgroups left
+// empty: the clean-up after a kiln that failed.
+func KillProcesses(dataDir string) []int { return dataDirOnly(dataDir).killStrays(nil) }
+
+// CgroupSuffix is the mark dataDir's VM cgroups carry after their VM id.
+func CgroupSuffix(dataDir string) string { return dataDirOnly(dataDir).cgroupSuffix() }
+
+// dataDirOnly is a driver that knows only its data directory: enough to
+// name and find what its VMs left on the host.
+func dataDirOnly(dataDir string) *Driver { return &Driver{cfg: Config{DataDir: dataDir}} }
+
 // killStrays kills the QEMU processes of this data directory that claimed
 // does not hold, waits for each to end, and then removes the VM cgroups
 // left empty. It returns the pids it killed.
