@@ -8,6 +8,7 @@
 package client
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/binary"
@@ -386,11 +387,15 @@ func (c *Client) handleOutput(m proto.Message) {
 	var o proto.Output
 	// A chunk is at most proto.MaxChunk: the agent reads that much per
 	// read, so anything larger is not an honest agent's.
-	if err := proto.DecodeBody(m, &o); err != nil || o.ExecID == 0 || (o.Stream != proto.Stdout && o.Stream != proto.Stderr) || len(m.Data) > proto.MaxChunk {
+	// Nor does it send an empty one (drops ride on the next chunk).
+	if err := proto.DecodeBody(m, &o); err != nil || o.ExecID == 0 || (o.Stream != proto.Stdout && o.Stream != proto.Stderr) ||
+		len(m.Data) == 0 || len(m.Data) > proto.MaxChunk {
 		c.invalid.Add(1)
 		return
 	}
-	o.Data = m.Data
+	// A copy: m.Data shares its frame's buffer, which a hostile agent pads
+	// to a frame's size; a kept chunk must hold only what it carries.
+	o.Data = bytes.Clone(m.Data)
 	c.mu.Lock()
 	p := c.procs[o.ExecID]
 	if p != nil && !p.background {

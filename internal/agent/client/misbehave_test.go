@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"net"
+	"runtime"
+	"strings"
 	"testing"
 	"time"
 
@@ -87,8 +89,9 @@ func TestMisbehavingAgent(t *testing.T) {
 		f.send(proto.TypeOutput, 0, "", proto.Output{ExecID: 0, Stream: proto.Stdout})
 		f.send(proto.TypeOutput, 0, "", proto.Output{ExecID: 5, Stream: "weird"})
 		f.send(proto.TypeExit, 0, "", "not an exit")
+		flood, _ := proto.EncodeData(proto.TypeOutput, 0, "", proto.Output{ExecID: 77, Stream: proto.Stdout}, []byte("flood"))
 		for range 5000 {
-			f.send(proto.TypeOutput, 0, "", proto.Output{ExecID: 77, Stream: proto.Stdout, Data: []byte("flood")})
+			f.raw(mustFrame(flood))
 		}
 		f.send(proto.TypeResponse, ping.ID, "", nil)
 	}()
@@ -268,4 +271,60 @@ func TestAgentProcessFramesChecked(t *testing.T) {
 	if n := c.InvalidFrames(); n < 3 {
 		t.Fatalf("InvalidFrames() = %d, want at least 3", n)
 	}
+}
+
+// TestOrphanOutputBounded: output for a workload of an earlier session,
+// held until Adopt, costs the host what it carries. A hostile agent that
+// sends empty chunks, or one-byte chunks in frames padded to 100 KiB,
+// used to make the host keep every empty chunk and every whole frame.
+func TestOrphanOutputBounded(t *testing.T) {
+	f, conn := newFakeAgent(t)
+	const empties, padded = 20000, 300
+	pad := strings.Repeat("p", 100<<10)
+	sent := make(chan struct{})
+	go func() {
+		f.answerHello(proto.Version)
+		for range empties {
+			b, _ := proto.EncodeData(proto.TypeOutput, 0, "", proto.Output{ExecID: 9, Stream: proto.Stdout}, nil)
+			f.raw(mustFrame(b))
+		}
+		for range padded {
+			b, _ := proto.EncodeData(proto.TypeOutput, 0, "", struct {
+				proto.Output
+				Pad string `json:"pad"`
+			}{proto.Output{ExecID: 9, Stream: proto.Stdout}, pad}, []byte("x"))
+			f.raw(mustFrame(b))
+		}
+		close(sent)
+		m := f.next() // Adopt's probe
+		f.send(proto.TypeResponse, m.ID, "", nil)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var before runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	c, err := client.New(ctx, conn, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	<-sent
+	p, err := c.Adopt(ctx, 9, 1234)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	if grew := int64(after.HeapAlloc) - int64(before.HeapAlloc); grew > 4<<20 {
+		t.Errorf("the host holds %d MiB more for %d bytes of orphan output", grew>>20, padded)
+	}
+	if n := c.InvalidFrames(); n < empties {
+		t.Errorf("InvalidFrames() = %d, want the %d empty chunks", n, empties)
+	}
+	if got := len(p.Output()) + int(p.Dropped()); got != padded {
+		t.Errorf("%d one-byte chunks kept or counted as dropped bytes, want %d", got, padded)
+	}
+	runtime.KeepAlive(p)
 }

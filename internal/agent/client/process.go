@@ -176,6 +176,9 @@ func (p *Process) Signal(ctx context.Context, sig int) error {
 const (
 	maxOrphans     = 64
 	maxOrphanBytes = 256 << 10
+	// chunkOverhead is what a kept chunk costs besides its bytes, so that
+	// many tiny chunks are bounded too.
+	chunkOverhead = 128
 )
 
 // orphan is what arrived for a workload of an earlier session.
@@ -212,9 +215,9 @@ func (c *Client) orphanLocked(id uint64) *orphan {
 func (c *Client) keepOrphanOutput(out proto.Output) {
 	o := c.orphanLocked(out.ExecID)
 	o.out = append(o.out, out)
-	o.bytes += len(out.Data)
+	o.bytes += len(out.Data) + chunkOverhead
 	for o.bytes > maxOrphanBytes && len(o.out) > 1 {
-		o.bytes -= len(o.out[0].Data)
+		o.bytes -= len(o.out[0].Data) + chunkOverhead
 		o.dropped += uint64(len(o.out[0].Data))
 		o.out = o.out[1:]
 	}
