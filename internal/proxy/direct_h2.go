@@ -184,7 +184,7 @@ func (c *h2Conn) writeAnswer(st *h2Stream, rh *respHead, br *bufio.Reader) (sent
 		}
 	}
 	for sent = int64(len(body)); err == nil && !end; sent += int64(len(body)) {
-		if body, err = readChunk(pend, br, &left); err != nil {
+		if body, err = readSome(pend, br, &left); err != nil {
 			c.guestBrokeOff(st)
 			return sent, nil, false
 		}
@@ -205,6 +205,20 @@ func readChunk(pend *[pendMax]byte, br *bufio.Reader, left *int64) ([]byte, erro
 	n, err := io.ReadFull(br, p)
 	*left -= int64(n)
 	return p[:n], err
+}
+
+// readSome reads what has come of the rest of a body, at least a byte
+// and up to pendMax, as the general writer sends each read once the head
+// is out: a slow body (progress output) is not held back for a full chunk.
+func readSome(pend *[pendMax]byte, br *bufio.Reader, left *int64) ([]byte, error) {
+	n, err := br.Read(pend[:min(*left, pendMax)])
+	*left -= int64(n)
+	if n > 0 {
+		err = nil
+	} else if err == nil || err == io.EOF {
+		err = io.ErrUnexpectedEOF
+	}
+	return pend[:n], err
 }
 
 // guestBrokeOff: the guest ended a body early. As answerH1's, the

@@ -72,6 +72,12 @@ var guestAnswers = map[string]string{
 	"idleclose": "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok",
 	// More than Content-Length says, in the same write.
 	"overlong": "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale",
+	// The same, in a later write, after the proxy read the answer: HEAD's
+	// body, and an answer nobody asked for.
+	// A body whose rest waits for the test (gateWrite).
+	"slowbody":    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 20000\r\n\r\n" + strings.Repeat("a", 9100) + gateWrite + strings.Repeat("b", 10900),
+	"headlate":    "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n" + splitWrite + "stale",
+	"unsolicited": "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok" + splitWrite + "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nstale",
 }
 
 var closingAnswers = map[string]bool{"short": true, "midhead": true, "junk": true, "nothing": true, "toend": true, "chunkedbad": true, "idleclose": true}
@@ -79,6 +85,7 @@ var closingAnswers = map[string]bool{"short": true, "midhead": true, "junk": tru
 // scriptedGuest is a guest port served by hand: it records each request's
 // bytes as it got them and answers from guestAnswers.
 type scriptedGuest struct {
+	gate  chan struct{} // lets an answer go on past gateWrite
 	mu    sync.Mutex
 	got   []string
 	addr  string
@@ -92,7 +99,7 @@ func startScriptedGuest(t *testing.T) *scriptedGuest {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	g := &scriptedGuest{addr: ln.Addr().String()}
+	g := &scriptedGuest{addr: ln.Addr().String(), gate: make(chan struct{}, 1)}
 	go func() {
 		for {
 			c, err := ln.Accept()
@@ -123,7 +130,20 @@ func (g *scriptedGuest) serve(c net.Conn) {
 		g.mu.Lock()
 		g.got = append(g.got, raw)
 		g.mu.Unlock()
-		if _, err := io.WriteString(c, guestAnswers[answer]); err != nil || closingAnswers[answer] {
+		for i, part := range strings.Split(guestAnswers[answer], splitWrite) {
+			if i > 0 {
+				time.Sleep(30 * time.Millisecond) // the proxy has read the answer
+			}
+			for j, piece := range strings.Split(part, gateWrite) {
+				if j > 0 {
+					<-g.gate
+				}
+				if _, err := io.WriteString(c, piece); err != nil {
+					return
+				}
+			}
+		}
+		if closingAnswers[answer] {
 			return
 		}
 	}
@@ -477,6 +497,10 @@ func TestDirectSameAsGeneral(t *testing.T) {
 // splitWrite in a request makes roundTrip send it in two writes (two
 // TLS records), a moment apart.
 const splitWrite = "\x00split\x00"
+
+// gateWrite in a guest answer: the guest writes the rest once the test
+// sends on scriptedGuest.gate.
+const gateWrite = "\x00gate\x00"
 
 // roundTrip sends req on a new TLS connection and describes what came
 // back: the answer's status line, fields (stable order, no Date), body
@@ -1117,13 +1141,71 @@ func TestStrayBytesNotTakenForAnswer(t *testing.T) {
 	for _, general := range []bool{false, true} {
 		e.srv.noDirect.Store(general)
 		for _, first := range []string{"HEAD / HTTP/1.1\r\nHost: vm1." + domain + "\r\n" + auth + "X-Answer: plain\r\n\r\n",
-			"GET / HTTP/1.1\r\nHost: vm1." + domain + "\r\n" + auth + "X-Answer: overlong\r\n\r\n"} {
+			"GET / HTTP/1.1\r\nHost: vm1." + domain + "\r\n" + auth + "X-Answer: overlong\r\n\r\n",
+			"HEAD / HTTP/1.1\r\nHost: vm1." + domain + "\r\n" + auth + "X-Answer: headlate\r\n\r\n",
+			"GET / HTTP/1.1\r\nHost: vm1." + domain + "\r\n" + auth + "X-Answer: unsolicited\r\n\r\n"} {
 			e.srv.closeIdle()
 			roundTrip(t, e.ln.Addr().String(), e.roots, first)
+			time.Sleep(80 * time.Millisecond) // a late write has come
 			got := roundTrip(t, e.ln.Addr().String(), e.roots, "GET / HTTP/1.1\r\nHost: vm1."+domain+"\r\n"+auth+"\r\n")
 			if !strings.HasPrefix(got, "[0] HTTP/1.1 200 OK\n") || !strings.Contains(got, `body "hello" err <nil>`) {
 				t.Errorf("general=%v, after %q the next request got\n%s", general, strings.SplitN(first, "\r\n", 2)[0], got)
 			}
+		}
+	}
+	e.srv.noDirect.Store(false)
+}
+
+// TestDirectSlowBodyNotHeld: on h2, what has come of a body goes on to
+// the client as on the general path, not once a whole 8 KiB chunk has:
+// the client sees the body's first 9100 bytes while the guest holds the
+// rest back.
+func TestDirectSlowBodyNotHeld(t *testing.T) {
+	e := newDirectEnv(t)
+	tok, _, _ := e.signer.Mint("acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
+	client := &http.Client{Transport: &http.Transport{
+		TLSClientConfig: &tls.Config{RootCAs: e.roots}, ForceAttemptHTTP2: true,
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, network, e.ln.Addr().String())
+		}}}
+	defer client.CloseIdleConnections()
+	roundTrip(t, e.ln.Addr().String(), e.roots, "GET / HTTP/1.1\r\nHost: vm1."+domain+"\r\nX-Aws-Proxy-Auth: "+tok+"\r\n\r\n") // speaksTLS's probe, remembered
+	var taken atomic.Int32
+	directTaken = func() { taken.Add(1) }
+	t.Cleanup(func() { directTaken = nil })
+	for _, general := range []bool{false, true} {
+		e.srv.noDirect.Store(general)
+		taken.Store(0)
+		req, _ := http.NewRequest("GET", "https://vm1."+domain+"/", nil)
+		req.Header.Set(HeaderAuth, tok)
+		req.Header.Set("X-Answer", "slowbody")
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make(chan int, 1)
+		go func() {
+			b := make([]byte, 9100)
+			n, _ := io.ReadFull(resp.Body, b)
+			got <- n
+		}()
+		select {
+		case n := <-got:
+			if n != 9100 {
+				t.Errorf("general=%v: %d bytes, want 9100", general, n)
+			}
+		case <-time.After(5 * time.Second):
+			t.Errorf("general=%v: the body's first 9100 bytes did not come while the guest held the rest", general)
+		}
+		e.g.gate <- struct{}{}
+		rest, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil || len(rest) != 10900 {
+			t.Errorf("general=%v: the rest: %d bytes, %v", general, len(rest), err)
+		}
+		if !general && taken.Load() != 1 {
+			t.Errorf("the direct path took %d requests, want 1", taken.Load())
 		}
 	}
 	e.srv.noDirect.Store(false)

@@ -48,6 +48,7 @@ type upConn struct {
 	br       *bufio.Reader
 	bw       *bufio.Writer
 	idleAt   time.Time
+	peek     peeker // upAlive's, made on first use
 }
 
 const (
@@ -203,21 +204,22 @@ func (u *h1Upstream) roundTrip(ctx context.Context, addr string, out *http.Reque
 
 // send writes a request's head (and a small body: the direct path's) on
 // a kept-alive connection (or a new one) and waits for the first byte of
-// the answer. A reused connection that the guest closed while idle fails
-// before any answer: an idempotent request without a body is then sent
-// once more on a new connection, as http.Transport does. A body is never
-// sent twice (Transport does not replay a request whose body has no
-// GetBody: ReverseProxy's), nor is a request of another method (a POST,
-// a DELETE); Transport's reader notices a connection the guest closed
-// while idle before it reuses it, so such a request takes a pooled
-// connection only when it is seen still open (upAlive).
+// the answer. A kept connection is used only when a non-blocking peek
+// finds it open and quiet (upAlive), as Transport's reader closes one the
+// guest closed while idle or sent to unasked ("Unsolicited response
+// received on idle HTTP channel"): bytes a guest writes after an answer
+// (a body for HEAD, a second answer) would otherwise answer the next
+// request, another user's. One the guest closes between the peek and the
+// send fails before any answer: an idempotent request without a body is
+// then sent once more on a new connection, as Transport does; a body is
+// never sent twice (Transport does not replay a request whose body has
+// no GetBody: ReverseProxy's), nor is a request of another method.
 func (u *h1Upstream) send(ctx context.Context, addr, method string, body bool, hw headWriter) (*upConn, error) {
 	once := body || !isIdempotent(method)
 	pc := u.get(addr)
 	// Bytes already read past the last answer (a body sent to HEAD or
-	// after a 204, more than Content-Length said) would be taken for the
-	// next answer: such a connection is not reused.
-	for pc != nil && (pc.br.Buffered() > 0 || once && !upAlive(pc)) {
+	// after a 204, more than Content-Length said) count as unasked too.
+	for pc != nil && (pc.br.Buffered() > 0 || !upAlive(pc)) {
 		pc.c.Close()
 		pc = u.get(addr)
 	}
