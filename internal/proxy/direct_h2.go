@@ -13,9 +13,10 @@ import (
 	"golang.org/x/net/http2/hpack"
 )
 
-// The direct path on the h2 loop: a plain bodyless stream's header block
-// becomes a reqHead (no http.Request, no header map, no copy of it for
-// the guest); directRoute decides as on HTTP/1.1. The guest's common
+// The direct path on the h2 loop: a plain stream's header block (no
+// body, or a small one that has come whole: h2Body.whole) becomes a
+// reqHead (no http.Request, no header map, no copy of it for the
+// guest); directRoute decides as on HTTP/1.1. The guest's common
 // answer (parseRespHead, directAnswer) is encoded into the stream's
 // HEADERS frame from its parsed fields and its body sent as DATA through
 // the stream's windows, as h2Writer sends what answerH1 gives it; any
@@ -25,11 +26,14 @@ import (
 // the plain request newRequest would take: the four pseudo-headers once
 // each and first, an origin-form :path that plainURI keeps, an
 // :authority and no Host field, valid lower-case fields with no
-// connection-specific one, no te, trailer or expect, no content-length
-// but one of 0.
-func h2DirectHead(fields []hpack.HeaderField, https bool) *reqHead {
+// connection-specific one, no te, trailer or expect. A block that ends
+// the stream (end) has no content-length but one of 0; one that a body
+// follows has one plain content-length (directBodyLen) of 1 to
+// maxDirectBody (hasCL, cl), which the direct path takes only once the
+// body has come whole (h2Body.whole).
+func h2DirectHead(fields []hpack.HeaderField, https, end bool) *reqHead {
 	d := new(reqHead)
-	if !d.fromH2(fields, https, make([]hfield, 0, len(fields))) {
+	if !d.fromH2(fields, https, end, make([]hfield, 0, len(fields))) {
 		return nil
 	}
 	return d
@@ -37,10 +41,11 @@ func h2DirectHead(fields []hpack.HeaderField, https bool) *reqHead {
 
 // fromH2 makes d h2DirectHead's reqHead of fields, appending its fields
 // to fs; false: nil from h2DirectHead.
-func (d *reqHead) fromH2(fields []hpack.HeaderField, https bool, fs []hfield) bool {
+func (d *reqHead) fromH2(fields []hpack.HeaderField, https, end bool, fs []hfield) bool {
 	var pseudo [4]string
 	var seen [4]bool
 	regular, zeroLength := false, false
+	cl, hasCL := 0, false
 	for _, hf := range fields {
 		if strings.HasPrefix(hf.Name, ":") {
 			i := -1
@@ -65,12 +70,21 @@ func (d *reqHead) fromH2(fields []hpack.HeaderField, https bool, fs []hfield) bo
 			return false
 		}
 		switch {
-		case hf.Name == "content-length" && hf.Value == "0" && !zeroLength:
+		case hf.Name == "content-length" && end && hf.Value == "0" && !zeroLength:
 			// Go's client says it of a bodyless POST; the stream ended with
 			// the headers, and the guest is told as the general path tells
 			// it (writeHead: "Content-Length: 0" for the methods that
 			// expect one).
 			zeroLength = true
+			continue
+		case hf.Name == "content-length" && !end && !hasCL:
+			// A body follows: as Transport, the guest is told its length
+			// (writeHead), which put holds the DATA to.
+			n, ok := directBodyLen(hf.Value)
+			if !ok || n == 0 {
+				return false
+			}
+			cl, hasCL = n, true
 			continue
 		case hf.Name == "te", hf.Name == "host", hf.Name == "content-length", hf.Name == "trailer", hf.Name == "expect",
 			hf.Name == "content-type" && strings.HasPrefix(hf.Value, "application/grpc"): // h2c to the guest
@@ -88,10 +102,10 @@ func (d *reqHead) fromH2(fields []hpack.HeaderField, https bool, fs []hfield) bo
 			return false
 		}
 	}
-	if !plainURI(path) {
+	if !plainURI(path) || !end && !hasCL {
 		return false
 	}
-	*d = reqHead{method: method, uri: path, host: authority, fields: fs, https: https}
+	*d = reqHead{method: method, uri: path, host: authority, fields: fs, https: https, hasCL: hasCL, cl: cl}
 	return true
 }
 
@@ -99,9 +113,17 @@ func (d *reqHead) fromH2(fields []hpack.HeaderField, https bool, fs []hfield) bo
 // did nothing but the checks.
 func (c *h2Conn) direct(st *h2Stream) bool {
 	s, d := c.hs.direct, st.head
+	if d.hasCL && !st.body.whole(d.cl) {
+		return false // still coming, or not as declared: it streams on the general path
+	}
 	id, addr, ok := s.directRoute(st.ctx, d, &c.generalHost)
 	if !ok {
 		return false
+	}
+	if d.hasCL {
+		if d.body, ok = st.body.take(d.cl); !ok {
+			return false
+		}
 	}
 	if directTaken != nil {
 		directTaken()

@@ -132,8 +132,9 @@ type h2Stream struct {
 	rc   reqCancel
 	body *h2Body // nil: the request had none
 	req  *http.Request
-	// head, if not nil, is a plain bodyless request for the direct path
-	// (req is nil until run makes it of fields, if that does not take it).
+	// head, if not nil, is a plain request for the direct path, bodyless
+	// or with a small declared body (req is nil until run makes it of
+	// fields, if that does not take it).
 	head   *reqHead
 	fields []hpack.HeaderField
 	// headv and headFields hold head and its fields, in the stream's own
@@ -686,16 +687,12 @@ func (c *h2Conn) processHeaders(f *http2.HeadersFrame) error {
 		return http2.StreamError{StreamID: id, Code: http2.ErrCodeRefusedStream}
 	}
 	st := &h2Stream{c: c, id: id}
-	if c.hs.direct != nil && end {
-		// Maybe for the direct path (direct.go); run decides.
-		if st.headv.fromH2(fields, c.state != nil, st.headFields[:0]) {
-			st.head = &st.headv
-		}
-		st.fields = fields
-	}
 	var req *http.Request
 	var declared int64
-	if st.head == nil {
+	if c.hs.direct != nil && st.headv.fromH2(fields, c.state != nil, end, st.headFields[:0]) {
+		// Maybe for the direct path (direct.go); run decides.
+		st.head, st.fields, declared = &st.headv, fields, int64(st.headv.cl)
+	} else {
 		var err error
 		if req, declared, err = c.newRequest(fields, end); err != nil {
 			return http2.StreamError{StreamID: id, Code: http2.ErrCodeProtocol, Cause: err}
@@ -707,7 +704,9 @@ func (c *h2Conn) processHeaders(f *http2.HeadersFrame) error {
 	if !end {
 		st.body = &h2Body{st: st, declared: declared}
 		st.body.cond.L = &st.body.mu
-		req.Body = st.body
+		if req != nil {
+			req.Body = st.body
+		}
 	}
 	if req != nil {
 		st.req = req.WithContext(st.ctx)
@@ -946,10 +945,13 @@ func (c *h2Conn) run(st *h2Stream) {
 		if c.direct(st) {
 			return
 		}
-		req, _, err := c.newRequest(st.fields, true)
+		req, _, err := c.newRequest(st.fields, st.body == nil)
 		if err != nil {
 			c.endStream(st, http2.ErrCodeProtocol)
 			return
+		}
+		if st.body != nil {
+			req.Body = st.body // whole, as it came: the direct path took none of it
 		}
 		st.req = req.WithContext(st.ctx)
 	}
@@ -1149,6 +1151,56 @@ func (b *h2Body) Read(p []byte) (int, error) {
 }
 
 func (b *h2Body) Close() error { return nil }
+
+// h2DirectBodyWait bounds how long the direct path waits for a small
+// body to come whole after its HEADERS (it usually follows in the same
+// read). Never longer: a full-duplex client may send the rest only after
+// the answer's head, which the general path then streams.
+const h2DirectBodyWait = 2 * time.Millisecond
+
+// whole reports whether the body has come whole, n bytes and the
+// stream's end without trailers, waiting up to h2DirectBodyWait for it.
+// It reads nothing: the general path finds the body as it came.
+func (b *h2Body) whole(n int) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.err == nil && !b.done {
+		// A timer only for a body not yet here (the common one is).
+		timedOut := false
+		timer := time.AfterFunc(h2DirectBodyWait, func() {
+			b.mu.Lock()
+			timedOut = true
+			b.cond.Broadcast()
+			b.mu.Unlock()
+		})
+		for b.err == nil && !b.done && !timedOut {
+			b.cond.Wait()
+		}
+		timer.Stop()
+	}
+	return b.complete(n)
+}
+
+// complete: the body has come whole and unread (under b.mu).
+func (b *h2Body) complete(n int) bool {
+	return b.err == io.EOF && b.trailers == nil && !b.done && b.got == int64(n) && len(b.buf) == n
+}
+
+// take hands the direct path the whole body whole saw, giving its window
+// back as Read does; false: the stream broke off since (the general
+// path then finds the body as it is).
+func (b *h2Body) take(n int) ([]byte, bool) {
+	b.mu.Lock()
+	if !b.complete(n) {
+		b.mu.Unlock()
+		return nil, false
+	}
+	p := b.buf
+	b.buf = nil
+	b.mu.Unlock()
+	b.st.c.credit(b.st, int64(len(p)))
+	return p, true
+}
 
 // discard drops what the handler left unread, giving its window back.
 func (b *h2Body) discard() {

@@ -91,15 +91,13 @@ func BenchmarkProxyPath(b *testing.B) {
 				do(b, http.MethodGet)
 			}
 		})
-		if !h2 {
-			// An agent's small JSON call (the direct path's body).
-			b.Run(name+"/post", func(b *testing.B) {
-				b.ReportAllocs()
-				for b.Loop() {
-					do(b, http.MethodPost)
-				}
-			})
-		}
+		// An agent's small JSON call (the direct path's body).
+		b.Run(name+"/post", func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				do(b, http.MethodPost)
+			}
+		})
 		b.Run(name+"/parallel", func(b *testing.B) {
 			b.ReportAllocs()
 			b.SetParallelism(8)
