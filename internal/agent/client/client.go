@@ -81,8 +81,11 @@ type Client struct {
 	procs   map[uint64]*Process
 	// orphans hold what arrives for workloads no Process of this session
 	// owns (started by an earlier session, e.g. before a suspend), so
-	// Adopt can hand it on; bounded by maxOrphans and maxOrphanBytes.
+	// Adopt can hand it on; bounded by maxOrphans, maxOrphanBytes and
+	// maxOrphanTotal (orphanBytes).
 	orphans   map[uint64]*orphan
+	// orphanBytes is what all orphans' output costs (maxOrphanTotal).
+	orphanBytes int
 	orphanSeq uint64
 
 	hello proto.HelloResult

@@ -328,3 +328,38 @@ func TestOrphanOutputBounded(t *testing.T) {
 	}
 	runtime.KeepAlive(p)
 }
+
+// TestOrphanExitsKept: after a resume, every workload envd may run (256)
+// finds its exit status, although they all ended before any was adopted.
+// 64 were kept before; the rest ended "lost".
+func TestOrphanExitsKept(t *testing.T) {
+	f, conn := newFakeAgent(t)
+	const n = 256
+	go func() {
+		f.answerHello(proto.Version)
+		for id := range n {
+			f.send(proto.TypeExit, 0, "", proto.Exit{ExecID: uint64(id + 1), Code: id % 200})
+		}
+		m := f.next() // the ping: answered after every exit
+		f.send(proto.TypeResponse, m.ID, "", nil)
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c, err := client.New(ctx, conn, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Ping(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for id := range n {
+		p, err := c.Adopt(ctx, uint64(id+1), 100+id)
+		if err != nil {
+			t.Fatalf("adopt %d: %v", id+1, err)
+		}
+		if code, err := p.Wait(ctx); err != nil || code != id%200 {
+			t.Fatalf("exec %d: exit %d %v, want %d", id+1, code, err, id%200)
+		}
+	}
+}

@@ -171,11 +171,15 @@ func (p *Process) Signal(ctx context.Context, sig int) error {
 }
 
 // Bounds of what a session keeps for workloads nobody has adopted yet:
-// the newest maxOrphans workloads, each at most maxOrphanBytes of output
-// (oldest chunks dropped first, counted in the adopted Process's Dropped).
+// the newest maxOrphans workloads (as many as envd runs per sandbox, so
+// that every exit status waits for its adoption after a resume), each at
+// most maxOrphanBytes of output (oldest chunks dropped first, counted in
+// the adopted Process's Dropped), all together at most maxOrphanTotal
+// (then new chunks are dropped, counted the same way).
 const (
-	maxOrphans     = 64
+	maxOrphans     = 256
 	maxOrphanBytes = 256 << 10
+	maxOrphanTotal = 16 << 20
 	// chunkOverhead is what a kept chunk costs besides its bytes, so that
 	// many tiny chunks are bounded too.
 	chunkOverhead = 128
@@ -203,6 +207,7 @@ func (c *Client) orphanLocked(id uint64) *orphan {
 				oldest = k
 			}
 		}
+		c.orphanBytes -= c.orphans[oldest].bytes
 		delete(c.orphans, oldest)
 	}
 	c.orphanSeq++
@@ -214,11 +219,19 @@ func (c *Client) orphanLocked(id uint64) *orphan {
 // keepOrphanOutput holds a chunk for Adopt; c.mu held.
 func (c *Client) keepOrphanOutput(out proto.Output) {
 	o := c.orphanLocked(out.ExecID)
+	size := len(out.Data) + chunkOverhead
+	if c.orphanBytes+size > maxOrphanTotal {
+		o.dropped += uint64(len(out.Data))
+		return
+	}
 	o.out = append(o.out, out)
-	o.bytes += len(out.Data) + chunkOverhead
+	o.bytes += size
+	c.orphanBytes += size
 	for o.bytes > maxOrphanBytes && len(o.out) > 1 {
 		o.bytes -= len(o.out[0].Data) + chunkOverhead
+		c.orphanBytes -= len(o.out[0].Data) + chunkOverhead
 		o.dropped += uint64(len(o.out[0].Data))
+		o.out[0] = proto.Output{} // its bytes go now, not at the next growth
 		o.out = o.out[1:]
 	}
 }
@@ -256,6 +269,9 @@ func (c *Client) Adopt(ctx context.Context, execID uint64, pid int) (*Process, e
 	}
 	o := c.orphans[execID]
 	delete(c.orphans, execID)
+	if o != nil {
+		c.orphanBytes -= o.bytes
+	}
 	if o != nil {
 		if o.dropped > 0 {
 			p.dropped.Add(o.dropped)

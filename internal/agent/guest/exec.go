@@ -264,6 +264,11 @@ func (s *Server) stdin(req proto.StdinRequest) error {
 	if err != nil {
 		return err
 	}
+	if len(req.Data) == 0 && !req.Close {
+		// The host's probe whether the workload is still tracked (Adopt):
+		// answered at once, not behind a write the workload does not read.
+		return nil
+	}
 	st.stdinMu.Lock()
 	defer st.stdinMu.Unlock()
 	if st.stdin == nil {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"regexp"
 	"strings"
 	"time"
 
@@ -91,6 +92,9 @@ func asRPC(err error) *rpcError {
 	return classify(err)
 }
 
+// execGone is the agent's answer about a workload it no longer tracks.
+var execGone = regexp.MustCompile(`\bexec [0-9]+ not found\b`)
+
 // classify maps an error from the guest agent, whose text is the guest
 // kernel's, to a Connect code; the text reaches the client bounded.
 func classify(err error) *rpcError {
@@ -102,6 +106,11 @@ func classify(err error) *rpcError {
 	case errors.Is(err, client.ErrClosed):
 		// The session ended under the call: the sandbox is pausing or gone.
 		return &rpcError{Code: codeUnavailable, Message: "the sandbox's agent session ended during the call (is the sandbox paused?): " + msg}
+	case execGone.MatchString(msg):
+		// The guest forgot the workload: it has ended.
+		return &rpcError{Code: codeNotFound, Message: "the process has ended: " + msg}
+	case strings.Contains(msg, "writing stdin:") && strings.Contains(msg, "broken pipe"):
+		return &rpcError{Code: codeFailedPrecond, Message: "the process has closed its input: " + msg}
 	case strings.Contains(msg, "no such file or directory"):
 		return &rpcError{Code: codeNotFound, Message: msg}
 	case strings.Contains(msg, "not a directory"), strings.Contains(msg, "is a directory"), strings.Contains(msg, "not absolute"):
@@ -194,6 +203,9 @@ func readStreamRequest(r *http.Request, v any) *rpcError {
 }
 
 // stream writes a server stream's messages.
+// streamWriteTimeout bounds writing one stream message to the client.
+var streamWriteTimeout = 60 * time.Second // a var for the tests
+
 type stream struct {
 	w  http.ResponseWriter
 	rc *http.ResponseController
@@ -218,6 +230,10 @@ func (s *stream) envelope(flags byte, v any) error {
 	var hdr [5]byte
 	hdr[0] = flags
 	binary.BigEndian.PutUint32(hdr[1:], uint32(len(b)))
+	// Each write is bounded: a client that stops reading but keeps its
+	// connection would hold this handler and its process slot for ever.
+	// (An idle stream is not cut: the deadline is set anew per message.)
+	s.rc.SetWriteDeadline(time.Now().Add(streamWriteTimeout))
 	if _, err := s.w.Write(append(hdr[:], b...)); err != nil {
 		return err
 	}

@@ -5,10 +5,14 @@ import (
 	"bytes"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
+	"fmt"
 	"io"
 	"net/http/httptest"
 	"strings"
 	"testing"
+
+	"github.com/kiln-sandbox/kiln/internal/agent/client"
 )
 
 func envelope(flags byte, msg string) []byte {
@@ -172,4 +176,25 @@ func FuzzUserOf(f *testing.F) {
 			t.Fatalf("user %q passes", u)
 		}
 	})
+}
+
+// TestClassifyAgentErrors: the agent's answers about a process that has
+// ended, or closed its input, or a session that ended under the call,
+// reach the client as what they are, not as internal errors.
+func TestClassifyAgentErrors(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want code
+	}{
+		{errors.New("signal: agent: exec 12 not found"), codeNotFound},
+		{errors.New("writing stdin: write |1: broken pipe"), codeFailedPrecond},
+		{fmt.Errorf("stdin: %w: %w", client.ErrClosed, io.EOF), codeUnavailable},
+		{errors.New("open /x: no such file or directory"), codeNotFound},
+		{errors.New("user bob not found in /etc/passwd"), codeInvalidArgument},
+		{errors.New("something else"), codeInternal},
+	} {
+		if got := classify(c.err); got.Code != c.want {
+			t.Errorf("classify(%q) = %s, want %s", c.err, got.Code, c.want)
+		}
+	}
 }

@@ -84,7 +84,12 @@ func (h *Handler) adopt(ctx context.Context, id string, pr *proc, old *client.Pr
 	}
 	np, err = a.Adopt(ctx, old.ID(), old.Pid())
 	if err != nil {
-		return nil, a.Err() != nil, err
+		// A session that ended, a probe that timed out (an agent from
+		// before the probe was answered at once waits behind a stdin write
+		// the workload does not read) or a busy agent says nothing of the
+		// process: try again later.
+		busy := errors.Is(err, context.DeadlineExceeded) || strings.Contains(err.Error(), "agent busy")
+		return nil, a.Err() != nil || busy, err
 	}
 	pr.mu.Lock()
 	pr.p = np

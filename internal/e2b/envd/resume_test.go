@@ -3,7 +3,12 @@
 package envd
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
 	"net/http/httptest"
 	"path/filepath"
 	"strings"
@@ -62,6 +67,27 @@ func (s *sessions) disconnect() {
 	c.Close()
 }
 
+// resumeEnv is envd on one real guest agent whose sessions the test ends
+// and begins (sessions), as a pause and resume do.
+func resumeEnv(t *testing.T) (*sessions, *httptest.Server) {
+	testenv.NeedRoot(t, "the guest agent runs workloads as root")
+	st, err := sqlite.Open(context.Background(), filepath.Join(t.TempDir(), "kiln.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	srv := guest.NewServer(guest.Config{System: hostSystem{}, ExitGrace: 200 * time.Millisecond})
+	rctx, stop := context.WithCancel(context.Background())
+	t.Cleanup(stop)
+	go srv.Reap(rctx)
+	ss := &sessions{t: t, srv: srv, dir: t.TempDir()}
+	ss.connect()
+	h := New(Config{Agents: ss, Sandboxes: st, Target: func(context.Context) (string, string) { return "mvm-1", "acct" }})
+	hs := httptest.NewServer(h)
+	t.Cleanup(func() { stopServer(hs) })
+	return ss, hs
+}
+
 // TestEnvdProcessAcrossSessions: a background command started before the
 // agent session ended (a pause) is still listed after a new session
 // begins (the resume), takes input, streams its later output to a new
@@ -69,21 +95,7 @@ func (s *sessions) disconnect() {
 // every envd process with its session ("lost the sandbox") although the
 // guest kept it running.
 func TestEnvdProcessAcrossSessions(t *testing.T) {
-	testenv.NeedRoot(t, "the guest agent runs workloads as root")
-	st, err := sqlite.Open(context.Background(), filepath.Join(t.TempDir(), "kiln.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer st.Close()
-	srv := guest.NewServer(guest.Config{System: hostSystem{}, ExitGrace: 200 * time.Millisecond})
-	rctx, stop := context.WithCancel(context.Background())
-	defer stop()
-	go srv.Reap(rctx)
-	ss := &sessions{t: t, srv: srv, dir: t.TempDir()}
-	ss.connect()
-	h := New(Config{Agents: ss, Sandboxes: st, Target: func(context.Context) (string, string) { return "mvm-1", "acct" }})
-	hs := httptest.NewServer(h)
-	defer stopServer(hs)
+	ss, hs := resumeEnv(t)
 	call := func(method string, in any) (int, string) { return processCall(t, hs, method, in) }
 
 	started := openStream(t, hs.URL, "Start", map[string]any{"stdin": true, "tag": "bg",
@@ -125,5 +137,88 @@ func TestEnvdProcessAcrossSessions(t *testing.T) {
 	}
 	if _, b := call("List", map[string]any{}); strings.Contains(b, `"bg"`) {
 		t.Fatalf("List after the kill still has it: %s", b)
+	}
+}
+
+// TestEnvdAdoptBehindBlockedStdin: a process with input it never reads
+// (the guest's write to its stdin blocked before the pause) is adopted
+// after the resume and can be killed. The guest answered the adoption's
+// probe only after that write, the probe timed out after 30 s, and envd
+// dropped a process that still ran.
+func TestEnvdAdoptBehindBlockedStdin(t *testing.T) {
+	ss, hs := resumeEnv(t)
+	call := func(method string, in any) (int, string) { return processCall(t, hs, method, in) }
+	started := openStream(t, hs.URL, "Start", map[string]any{"stdin": true,
+		"process": map[string]any{"cmd": "/bin/sh", "args": []string{"-c", "echo up; exec sleep 1000"}}})
+	first := <-started
+	if first.Start == nil {
+		t.Fatalf("first event %+v, want start", first)
+	}
+	sel := map[string]any{"pid": first.Start.Pid}
+	until(t, started, "up")
+	// More than a pipe holds: the guest's write blocks on the full pipe.
+	in, _ := json.Marshal(map[string]any{"process": sel, "input": map[string]any{"stdin": bytes.Repeat([]byte("x"), 300<<10)}})
+	go func() {
+		if resp, err := http.Post(hs.URL+"/process.Process/SendInput", contentUnary, bytes.NewReader(in)); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	time.Sleep(300 * time.Millisecond)
+	ss.disconnect()
+	ss.connect()
+	begin := time.Now()
+	if code, b := call("SendSignal", map[string]any{"process": sel, "signal": "SIGNAL_SIGKILL"}); code != 200 {
+		t.Fatalf("SendSignal after resume: %d %s (after %v)", code, b, time.Since(begin))
+	}
+	if code := endOf(t, started); code != 137 {
+		t.Fatalf("exit code %d after SIGKILL, want 137", code)
+	}
+	if d := time.Since(begin); d > 10*time.Second {
+		t.Errorf("the kill took %v after the resume", d)
+	}
+}
+
+// TestEnvdStalledStreamsEnd: a client that keeps its Connect stream open
+// but stops reading is cut off once a write has waited streamWriteTimeout,
+// freeing its slot: before, maxSubscribers such clients held a process's
+// slots (and their handlers) for as long as they kept the connection.
+func TestEnvdStalledStreamsEnd(t *testing.T) {
+	old := streamWriteTimeout
+	streamWriteTimeout = 500 * time.Millisecond
+	t.Cleanup(func() { streamWriteTimeout = old })
+	_, hs := resumeEnv(t)
+	started := openStream(t, hs.URL, "Start", map[string]any{
+		"process": map[string]any{"cmd": "/bin/sh", "args": []string{"-c", "echo up; exec yes flood"}}})
+	first := <-started
+	if first.Start == nil {
+		t.Fatalf("first event %+v, want start", first)
+	}
+	sel := map[string]any{"pid": first.Start.Pid}
+	defer processCall(t, hs, "SendSignal", map[string]any{"process": sel, "signal": "SIGNAL_SIGKILL"})
+	body, _ := json.Marshal(map[string]any{"process": sel})
+	msg := envelope(0, string(body))
+	// The Start stream is one subscriber; 7 stalled ones fill the rest.
+	for range maxSubscribers - 1 {
+		c, err := net.Dial("tcp", hs.Listener.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.(*net.TCPConn).SetReadBuffer(4096)
+		fmt.Fprintf(c, "POST /process.Process/Connect HTTP/1.1\r\nHost: envd\r\nContent-Type: %s\r\nContent-Length: %d\r\n\r\n%s", contentStream, len(msg), msg)
+	}
+	// The started stream reads on (openStream drains it), so the process
+	// keeps writing and the stalled streams' writes block.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		conn := openStream(t, hs.URL, "Connect", map[string]any{"process": sel})
+		ev := <-conn
+		if ev.Start != nil {
+			return // a slot was freed
+		}
+		if ev.Error == nil || ev.Error.Code != codeResourceExhaust || time.Now().After(deadline) {
+			t.Fatalf("Connect with stalled streams attached: %+v, want a start once they are cut off", ev)
+		}
+		time.Sleep(200 * time.Millisecond)
 	}
 }
