@@ -224,9 +224,13 @@ func (h *Handler) fanOut(id string, pid uint32, pr *proc) {
 	}
 	h.untrack(id, pid, pr)
 	pr.mu.Lock()
-	if err != nil {
+	switch {
+	case errors.Is(err, client.ErrLost):
+		// The sandbox is fine; only the process's exit status is gone.
+		pr.endErr = errf(codeUnavailable, "the process ended, but its exit status was lost: %v", err)
+	case err != nil:
 		pr.endErr = errf(codeUnavailable, "lost the sandbox while the process ran: %v", err)
-	} else {
+	default:
 		pr.end = &endEvent{ExitCode: int32(code), Exited: true, Status: fmt.Sprintf("exit status %d", code)}
 		if sig := p.ExitSignal(); sig != 0 {
 			pr.end.Exited, pr.end.Status = false, fmt.Sprintf("signal: %d", sig)
