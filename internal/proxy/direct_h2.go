@@ -191,7 +191,7 @@ func (c *h2Conn) writeAnswer(st *h2Stream, rh *respHead, br *bufio.Reader) (sent
 	sentData := false
 	if len(body) > 0 {
 		if n, terr := st.takeNow(len(body)); terr == nil && n == len(body) {
-			err, sentData = c.write(func() error {
+			err, sentData = st.write(func() error {
 				if err := c.writeAnswerHead(st.id, rh, false); err != nil {
 					return err
 				}
@@ -200,7 +200,7 @@ func (c *h2Conn) writeAnswer(st *h2Stream, rh *respHead, br *bufio.Reader) (sent
 		}
 	}
 	if !sentData {
-		err = c.write(func() error { return c.writeAnswerHead(st.id, rh, len(body) == 0 && end) })
+		err = st.write(func() error { return c.writeAnswerHead(st.id, rh, len(body) == 0 && end) })
 		if err == nil && len(body) > 0 {
 			err = st.writeData(body, end)
 		}

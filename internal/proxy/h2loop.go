@@ -67,7 +67,7 @@ const (
 )
 
 var (
-	errH2StreamReset = errors.New("http2: stream reset by the client")
+	errH2StreamReset = errors.New("http2: the stream was reset")
 	errH2ConnClosed  = errors.New("http2: client connection closed")
 	errH2FlowTimeout = errors.New("http2: client granted no flow-control window in time")
 	errH2ShortBody   = errors.New("http2: the handler wrote less than its Content-Length")
@@ -1233,7 +1233,7 @@ func (w *h2Writer) WriteHeader(code int) {
 		panic("invalid WriteHeader code " + strconv.Itoa(code))
 	}
 	if code < 200 {
-		w.fail(w.st.c.write(func() error { return w.writeHeaders(code, w.h, false) }))
+		w.fail(w.st.write(func() error { return w.writeHeaders(code, w.h, false) }))
 		return
 	}
 	w.final(code)
@@ -1319,7 +1319,7 @@ func (w *h2Writer) sendHeader(final bool) {
 	if len(pend) > 0 && !w.noBody {
 		if n, err := w.st.takeNow(len(pend)); err == nil && n == len(pend) {
 			endData := final && !hasTrailers
-			w.fail(w.st.c.write(func() error {
+			w.fail(w.st.write(func() error {
 				if err := w.writeHeaders(w.status, h, false); err != nil {
 					return err
 				}
@@ -1330,10 +1330,33 @@ func (w *h2Writer) sendHeader(final bool) {
 			w.st.giveBack(n)
 		}
 	}
-	w.fail(w.st.c.write(func() error { return w.writeHeaders(w.status, h, endOnHeaders) }))
+	w.fail(w.st.write(func() error { return w.writeHeaders(w.status, h, endOnHeaders) }))
 	if !w.noBody && len(pend) > 0 {
 		w.writeData(pend, final && !hasTrailers)
 	}
+}
+
+// write runs fn, which writes frames of st, in the connection's writer
+// unless st has been reset by then: no frame of a stream follows its
+// RST_STREAM (a handler still answering a stream the client reset, or
+// the reader reset for a broken body, sent a whole-looking answer after
+// it). Skipped, it is errH2StreamReset, which does not end the
+// connection as fn's errors do.
+func (st *h2Stream) write(fn func() error) error {
+	reset := false
+	err := st.c.write(func() error {
+		st.c.mu.Lock()
+		reset = st.reset
+		st.c.mu.Unlock()
+		if reset {
+			return nil
+		}
+		return fn()
+	})
+	if err == nil && reset {
+		return errH2StreamReset
+	}
+	return err
 }
 
 // takeNow takes n bytes of send window if both windows and the frame
@@ -1378,7 +1401,7 @@ func (st *h2Stream) writeData(p []byte, end bool) error {
 		}
 		last := end && n == len(p)
 		chunk := p[:n]
-		if err := st.c.write(func() error { return st.c.fr.WriteData(st.id, last, chunk) }); err != nil {
+		if err := st.write(func() error { return st.c.fr.WriteData(st.id, last, chunk) }); err != nil {
 			return err
 		}
 		p = p[n:]
@@ -1473,7 +1496,7 @@ func (w *h2Writer) finish() {
 		return
 	}
 	c := w.st.c
-	w.fail(c.write(func() error {
+	w.fail(w.st.write(func() error {
 		c.hbuf.Reset()
 		encodeFields(c.henc, tr, true)
 		return c.writeBlock(w.st.id, c.hbuf.Bytes(), true)

@@ -135,6 +135,37 @@ func TestH2LoopStreams(t *testing.T) {
 	}
 }
 
+// TestH2LoopNothingAfterReset: a handler that answers a stream after the
+// proxy reset it (its body broke the declared length) sends no frame of
+// it: before, its HEADERS followed the RST_STREAM, a whole-looking answer
+// to a request the proxy had refused.
+func TestH2LoopNothingAfterReset(t *testing.T) {
+	answered := make(chan struct{})
+	addr := startH2Loop(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body) // fails: more than content-length
+		time.Sleep(100 * time.Millisecond)
+		io.WriteString(w, "late")
+		close(answered)
+	}))
+	r := dialH2(t, addr)
+	r.headers(1, false, ":method", "POST", ":scheme", "https", ":authority", "x", ":path", "/", "content-length", "5")
+	r.fr.WriteData(1, true, []byte("0123456789"))
+	r.reset(1, http2.ErrCodeProtocol)
+	<-answered
+	time.Sleep(50 * time.Millisecond) // the handler's end is written
+	r.fr.WritePing(false, [8]byte{7})
+	r.until("PING ack", func(f http2.Frame) bool {
+		if h, ok := f.(*http2.MetaHeadersFrame); ok && h.StreamID == 1 {
+			t.Fatalf("HEADERS %v on stream 1 after its RST_STREAM", h.Fields)
+		}
+		if d, ok := f.(*http2.DataFrame); ok && d.StreamID == 1 {
+			t.Fatalf("DATA %q on stream 1 after its RST_STREAM", d.Data())
+		}
+		p, ok := f.(*http2.PingFrame)
+		return ok && p.IsAck()
+	})
+}
+
 // TestH2LoopClientResets: a client that cancels a request resets its
 // stream; the handler's context ends at once.
 func TestH2LoopClientResets(t *testing.T) {
