@@ -85,11 +85,12 @@ var closingAnswers = map[string]bool{"short": true, "midhead": true, "junk": tru
 // scriptedGuest is a guest port served by hand: it records each request's
 // bytes as it got them and answers from guestAnswers.
 type scriptedGuest struct {
-	gate  chan struct{} // lets an answer go on past gateWrite
-	mu    sync.Mutex
-	got   []string
-	addr  string
-	conns atomic.Int32 // accepted
+	gate     chan struct{} // lets an answer go on past gateWrite
+	mu       sync.Mutex
+	got      []string
+	addr     string
+	conns    atomic.Int32 // accepted
+	answered atomic.Int32 // answers written whole, late parts too
 }
 
 func startScriptedGuest(t *testing.T) *scriptedGuest {
@@ -143,6 +144,7 @@ func (g *scriptedGuest) serve(c net.Conn) {
 				}
 			}
 		}
+		g.answered.Add(1)
 		if closingAnswers[answer] {
 			return
 		}
@@ -1522,8 +1524,12 @@ func TestStrayBytesNotTakenForAnswer(t *testing.T) {
 			"HEAD / HTTP/1.1\r\nHost: vm1." + domain + "\r\n" + auth + "X-Answer: headlate\r\n\r\n",
 			"GET / HTTP/1.1\r\nHost: vm1." + domain + "\r\n" + auth + "X-Answer: unsolicited\r\n\r\n"} {
 			e.srv.closeIdle()
+			n := e.g.answered.Load()
 			roundTrip(t, e.ln.Addr().String(), e.roots, first)
-			time.Sleep(80 * time.Millisecond) // a late write has come
+			// The late part has been written (and so is in kiln's socket).
+			for end := time.Now().Add(5 * time.Second); e.g.answered.Load() == n && time.Now().Before(end); {
+				time.Sleep(5 * time.Millisecond)
+			}
 			got := roundTrip(t, e.ln.Addr().String(), e.roots, "GET / HTTP/1.1\r\nHost: vm1."+domain+"\r\n"+auth+"\r\n")
 			if !strings.HasPrefix(got, "[0] HTTP/1.1 200 OK\n") || !strings.Contains(got, `body "hello" err <nil>`) {
 				t.Errorf("general=%v, after %q the next request got\n%s", general, strings.SplitN(first, "\r\n", 2)[0], got)

@@ -496,6 +496,9 @@ func (c *h1Conn) run(r *http.Request) (keep bool) {
 	// The answer first: a client may wait for it before sending the rest
 	// of a body the handler did not want.
 	w.finish()
+	if w.deadlined {
+		c.conn.SetWriteDeadline(time.Time{})
+	}
 	keep = !w.closeAfter && w.err == nil && !r.Close
 	if body != nil && !body.finish(keep) {
 		keep = false
@@ -609,6 +612,10 @@ type h1Writer struct {
 	closeAfter bool
 	err        error
 	trailers   []string
+	// deadlined: the handler set a write deadline, which run clears
+	// after the answer, as net/http does, so that it does not cut a later
+	// request's answer on the same connection.
+	deadlined bool
 }
 
 // response is what the writers of both connection loops (h1Writer,
@@ -760,7 +767,10 @@ func (w *h1Writer) SetReadDeadline(t time.Time) error {
 	return w.c.conn.SetReadDeadline(t)
 }
 
-func (w *h1Writer) SetWriteDeadline(t time.Time) error { return w.c.conn.SetWriteDeadline(t) }
+func (w *h1Writer) SetWriteDeadline(t time.Time) error {
+	w.deadlined = true
+	return w.c.conn.SetWriteDeadline(t)
+}
 
 // sendHeader writes the status line and header; final: the handler has
 // returned, so the whole body is in pend.

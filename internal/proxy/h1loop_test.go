@@ -126,6 +126,40 @@ func sum(b []byte) string {
 }
 
 // TestLoopPipelining: requests sent back to back in one write are
+// TestLoopWriteDeadlineEndsWithRequest: a write deadline a handler sets
+// (envd bounds each stream message) ends with its answer, as with
+// net/http: it used to stay on the connection and cut a later request's
+// answer on it.
+func TestLoopWriteDeadlineEndsWithRequest(t *testing.T) {
+	addr := startLoop(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/deadline" {
+			http.NewResponseController(w).SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+		}
+		io.WriteString(w, "ok")
+	}))
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	for i, path := range []string{"/deadline", "/after"} {
+		if i > 0 {
+			time.Sleep(300 * time.Millisecond) // past the first request's deadline
+		}
+		fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: x\r\n\r\n", path)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if string(b) != "ok" || resp.Header.Get("X-Served-By") != "" {
+			t.Fatalf("%s: %q, served by %q", path, b, resp.Header.Get("X-Served-By"))
+		}
+	}
+}
+
 // answered in order on the one connection, bodies in between included.
 func TestLoopPipelining(t *testing.T) {
 	addr := startLoop(t, loopHandler(nil))

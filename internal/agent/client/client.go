@@ -83,10 +83,10 @@ type Client struct {
 	// owns (started by an earlier session, e.g. before a suspend), so
 	// Adopt can hand it on; bounded by maxOrphans, maxOrphanBytes and
 	// maxOrphanTotal (orphanBytes).
-	orphans   map[uint64]*orphan
+	orphans map[uint64]*orphan
 	// orphanBytes is what all orphans' output costs (maxOrphanTotal).
 	orphanBytes int
-	orphanSeq uint64
+	orphanSeq   uint64
 
 	hello proto.HelloResult
 

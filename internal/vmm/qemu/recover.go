@@ -5,6 +5,7 @@ package qemu
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -225,7 +226,9 @@ func CgroupSuffix(dataDir string) string { return dataDirOnly(dataDir).cgroupSuf
 
 // dataDirOnly is a driver that knows only its data directory: enough to
 // name and find what its VMs left on the host.
-func dataDirOnly(dataDir string) *Driver { return &Driver{cfg: Config{DataDir: dataDir}} }
+func dataDirOnly(dataDir string) *Driver {
+	return &Driver{cfg: Config{DataDir: dataDir}, log: slog.New(slog.DiscardHandler)}
+}
 
 // killStrays kills the QEMU processes of this data directory that claimed
 // does not hold, waits for each to end, and then removes the VM cgroups
