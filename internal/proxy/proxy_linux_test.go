@@ -20,6 +20,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/tlsca"
 	"github.com/kiln-sandbox/kiln/internal/token"
+	"golang.org/x/sys/unix"
 )
 
 // TestThroughNamespace sends a request through the whole host side of the
@@ -78,5 +79,21 @@ func TestThroughNamespace(t *testing.T) {
 	want := "guest " + id + "." + domain + " saw client 172.30.0.1:"
 	if resp.StatusCode != 200 || !strings.HasPrefix(string(body), want) {
 		t.Fatalf("status %d body %q, want prefix %q", resp.StatusCode, body, want)
+	}
+}
+
+// waitDelivered waits until the peer has acknowledged everything written
+// on c (SIOCOUTQ is 0), so those bytes are in the peer's socket.
+func waitDelivered(c net.Conn) {
+	raw, err := c.(*net.TCPConn).SyscallConn()
+	if err != nil {
+		return
+	}
+	for end := time.Now().Add(5 * time.Second); time.Now().Before(end); time.Sleep(time.Millisecond) {
+		n := -1
+		raw.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) })
+		if n == 0 {
+			return
+		}
 	}
 }
