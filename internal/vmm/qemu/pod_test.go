@@ -159,9 +159,11 @@ func TestQEMUOutlivesItsPodCgroupNS(t *testing.T) {
 	if b, _ := os.ReadFile("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/cgroup"); !strings.Contains(string(b), "0::/kt-pod-") {
 		t.Fatalf("the helper kiln is not in its pod cgroup:\n%s", b)
 	}
-	qemus, _ := filepath.Glob(filepath.Join(mnt, cgroupParent, "keep.*", "cgroup.procs"))
+	// Only this data dir's: a stopped run may have left another's.
+	keep := "keep." + CgroupSuffix(dataDir)
+	qemus, _ := filepath.Glob(filepath.Join(mnt, cgroupParent, keep, "cgroup.procs"))
 	if len(qemus) != 1 {
-		t.Fatalf("no cgroup %s/keep.* under the mount: %v", cgroupParent, qemus)
+		t.Fatalf("no cgroup %s/%s under the mount: %v", cgroupParent, keep, qemus)
 	}
 	t.Cleanup(func() { os.Remove(filepath.Dir(qemus[0])); os.Remove(filepath.Join(mnt, cgroupParent)) })
 	// The Pod stops.
