@@ -61,7 +61,10 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.BootSpec) (vmm.Info, error) 
 	if err := os.MkdirAll(v.dir, 0o700); err != nil {
 		return fail(err)
 	}
-	if err := d.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-b", root, "-F", "raw", v.path("disk.qcow2")); err != nil {
+	overlay := func() error {
+		return d.qemuImg(ctx, "create", "-q", "-f", "qcow2", "-b", root, "-F", "raw", v.path("disk.qcow2"))
+	}
+	if err := overlay(); err != nil {
 		return fail(err)
 	}
 	if err := v.saveMeta(); err != nil {
@@ -70,7 +73,34 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.BootSpec) (vmm.Info, error) 
 	if err := v.spawn(ctx, false); err != nil {
 		return fail(err)
 	}
-	if err := v.connectAgent(ctx, d.cfg.BootTimeout, true); err != nil {
+	err = v.connectAgent(ctx, d.cfg.BootTimeout/2, true)
+	v.mu.Lock()
+	p := v.proc
+	v.mu.Unlock()
+	if err != nil && errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil && p.alive() {
+		// Now and then a translated boot hangs before the kernel prints a
+		// thing (the console stops at SeaBIOS's "Booting from ROM"; about
+		// one boot in twenty on a busy TCG host), while a slow one answers
+		// well within half the timeout. The hung one is booted once more,
+		// on a fresh overlay, with the whole timeout.
+		v.log.Warn("the guest agent did not answer: booting the vm again", "after", d.cfg.BootTimeout/2, "err", err)
+		v.detach()
+		v.endProcessHard(p)
+		if p.alive() {
+			return fail(err)
+		}
+		if err := os.Remove(v.path("disk.qcow2")); err != nil {
+			return fail(err)
+		}
+		if err := overlay(); err != nil {
+			return fail(err)
+		}
+		if err := v.spawn(ctx, false); err != nil {
+			return fail(err)
+		}
+		err = v.connectAgent(ctx, d.cfg.BootTimeout, true)
+	}
+	if err != nil {
 		return fail(err)
 	}
 	if err := v.setState(vmm.StateRunning, ""); err != nil {
