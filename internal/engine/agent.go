@@ -29,6 +29,18 @@ func (e *Engine) Agent(ctx context.Context, id string) (*client.Client, error) {
 	return e.cfg.Driver.Agent(ctx, id)
 }
 
+// Changed returns a channel closed at the microVM's next change of state
+// here (a resume's new agent session among them), or nil for a microVM
+// this engine does not run. envd waits on it to adopt a paused sandbox's
+// processes as soon as it runs again.
+func (e *Engine) Changed(id string) <-chan struct{} {
+	v := e.lookup(id)
+	if v == nil {
+		return nil
+	}
+	return v.waitChan()
+}
+
 // Usage measures a running microVM of this engine (E2B's metrics): a VM
 // the engine does not run is not found, whatever the store says.
 func (e *Engine) Usage(ctx context.Context, id string) (vmm.Usage, error) {

@@ -873,6 +873,10 @@ func (e *Engine) resume(v *vmState, m store.Microvm) {
 		e.lose(v, "ResumeFailed: "+err.Error())
 		return
 	}
+	// The guest runs in a new agent session: whoever follows its
+	// processes (envd) adopts them now, before the resume hook, while
+	// the agent keeps only a bounded part of their output.
+	v.notify()
 	hooks, port := e.hooks(ctx, m)
 	if hooks != nil && hooks.Resume == "ENABLED" {
 		if err := e.callHook(ctx, v.id, port, HookResume, nil, hookTimeout(hooks.ResumeTimeoutInSeconds)); err != nil {

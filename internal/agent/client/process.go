@@ -303,12 +303,12 @@ func (c *Client) Adopt(ctx context.Context, execID uint64, pid int) (*Process, e
 		return p, nil
 	}
 	// The guest forgets a workload only after queueing its exit: give that
-	// exit a moment to arrive.
+	// exit a moment to arrive, whatever the caller's deadline (the wait is
+	// short, and cutting it would lose an exit status that is on its way).
 	select {
 	case <-p.exited:
 		return p, nil
 	case <-time.After(2 * time.Second):
-	case <-ctx.Done():
 	}
 	c.mu.Lock()
 	if c.procs[execID] == p {

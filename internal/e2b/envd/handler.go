@@ -24,6 +24,13 @@ type Agents interface {
 	Agent(ctx context.Context, id string) (*client.Client, error)
 }
 
+// changeNotifier is an Agents that tells when a microVM's state changes
+// (engine.Engine): a process of a paused sandbox is then adopted as soon
+// as the sandbox runs again, not at the next poll.
+type changeNotifier interface {
+	Changed(id string) <-chan struct{}
+}
+
 // Config configures a Handler.
 type Config struct {
 	Agents Agents

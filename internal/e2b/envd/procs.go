@@ -103,10 +103,16 @@ func (h *Handler) adopt(ctx context.Context, id string, pr *proc, old *client.Pr
 const maxDetached = 24 * time.Hour
 
 // reattach waits, as long as the sandbox exists, until it runs again and
-// adopts pr into its new agent session.
+// adopts pr into its new agent session: at once when the engine says the
+// sandbox changed state (the agent keeps only the first 256 KiB a process
+// writes before it is adopted), else at the next poll.
 func (h *Handler) reattach(id string, pr *proc, old *client.Process) (*client.Process, error) {
-	delay := 100 * time.Millisecond
+	delay := reattachPoll[0]
 	for start := time.Now(); ; {
+		var changed <-chan struct{}
+		if n, ok := h.cfg.Agents.(changeNotifier); ok {
+			changed = n.Changed(id) // before the try: no change is missed
+		}
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		np, retry, err := h.adopt(ctx, id, pr, old)
 		cancel()
@@ -116,10 +122,18 @@ func (h *Handler) reattach(id string, pr *proc, old *client.Process) (*client.Pr
 		if time.Since(start) > maxDetached {
 			return nil, fmt.Errorf("the sandbox did not run again within %v: %w", maxDetached, err)
 		}
-		time.Sleep(delay)
-		delay = min(2*delay, time.Second)
+		t := time.NewTimer(delay)
+		select {
+		case <-changed:
+		case <-t.C:
+		}
+		t.Stop()
+		delay = min(2*delay, reattachPoll[1])
 	}
 }
+
+// reattachPoll is reattach's first and longest wait between tries.
+var reattachPoll = [2]time.Duration{100 * time.Millisecond, time.Second}
 
 // live is the handle to act on pr with now: adopted into the current
 // agent session first if its own session ended.

@@ -31,9 +31,23 @@ type sessions struct {
 	srv *guest.Server
 	dir string
 
-	mu sync.Mutex
-	c  *client.Client
-	n  int
+	mu      sync.Mutex
+	c       *client.Client
+	n       int
+	changed chan struct{} // closed and made anew as a session ends or begins
+}
+
+// Changed is the engine's notice of a state change (changeNotifier).
+func (s *sessions) Changed(string) <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.changed
+}
+
+// notify wakes Changed's waiters; s.mu is held.
+func (s *sessions) notify() {
+	close(s.changed)
+	s.changed = make(chan struct{})
 }
 
 func (s *sessions) Agent(context.Context, string) (*client.Client, error) {
@@ -55,6 +69,7 @@ func (s *sessions) connect() {
 	c := serveSession(t, s.srv, sock)
 	s.mu.Lock()
 	s.c = c
+	s.notify()
 	s.mu.Unlock()
 }
 
@@ -63,6 +78,7 @@ func (s *sessions) disconnect() {
 	s.mu.Lock()
 	c := s.c
 	s.c = nil
+	s.notify()
 	s.mu.Unlock()
 	c.Close()
 }
@@ -80,7 +96,7 @@ func resumeEnv(t *testing.T) (*sessions, *httptest.Server) {
 	rctx, stop := context.WithCancel(context.Background())
 	t.Cleanup(stop)
 	go srv.Reap(rctx)
-	ss := &sessions{t: t, srv: srv, dir: t.TempDir()}
+	ss := &sessions{t: t, srv: srv, dir: t.TempDir(), changed: make(chan struct{})}
 	ss.connect()
 	h := New(Config{Agents: ss, Sandboxes: st, Target: func(context.Context) (string, string) { return "mvm-1", "acct" }})
 	hs := httptest.NewServer(h)
@@ -138,6 +154,32 @@ func TestEnvdProcessAcrossSessions(t *testing.T) {
 	if _, b := call("List", map[string]any{}); strings.Contains(b, `"bg"`) {
 		t.Fatalf("List after the kill still has it: %s", b)
 	}
+}
+
+// TestEnvdAdoptedOnResume: a process of a paused sandbox is adopted into
+// the new agent session when the engine says the sandbox changed state,
+// with no request for it and no poll (the polls here are an hour apart),
+// so what it wrote while paused reaches the stream attached before. The
+// agent keeps only 256 KiB of a process's output until it is adopted;
+// envd used to find out by polling, backing off to a second.
+func TestEnvdAdoptedOnResume(t *testing.T) {
+	old := reattachPoll
+	reattachPoll = [2]time.Duration{time.Hour, time.Hour}
+	t.Cleanup(func() { reattachPoll = old })
+	ss, hs := resumeEnv(t)
+	started := openStream(t, hs.URL, "Start", map[string]any{
+		"process": map[string]any{"cmd": "/bin/sh", "args": []string{"-c", "echo before; sleep 1; echo while-paused; exec sleep 1000"}}})
+	first := <-started
+	if first.Start == nil {
+		t.Fatalf("first event %+v, want start", first)
+	}
+	sel := map[string]any{"pid": first.Start.Pid}
+	defer processCall(t, hs, "SendSignal", map[string]any{"process": sel, "signal": "SIGNAL_SIGKILL"})
+	until(t, started, "before")
+	ss.disconnect()
+	time.Sleep(1500 * time.Millisecond)
+	ss.connect()
+	until(t, started, "while-paused")
 }
 
 // TestEnvdAdoptBehindBlockedStdin: a process with input it never reads
