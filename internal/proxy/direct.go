@@ -46,14 +46,11 @@ import (
 // The VM must run (RunningNow); wake is still asked after ConnOpened, as
 // serve asks it.
 //
-// general remembers a host whose target takes the general path for good
-// (a route Dial, a TLS guest), so that later requests on the connection
-// skip the checks here and Lookup stays once a request.
-func (s *Server) directRoute(ctx context.Context, d *reqHead, general *atomic.Pointer[string]) (id, addr string, ok bool) {
+// general remembers a host and port whose target takes the general path
+// for good (a route Dial, a TLS guest), so that later requests on the
+// connection skip the checks here and Lookup stays once a request.
+func (s *Server) directRoute(ctx context.Context, d *reqHead, general *atomic.Pointer[generalMemo]) (id, addr string, ok bool) {
 	if s.noDirect.Load() || s.running == nil || !plainURI(d.uri) {
-		return "", "", false
-	}
-	if h := general.Load(); h != nil && *h == d.host {
 		return "", "", false
 	}
 	if id, ok = s.microvmFromHost(d.host); !ok {
@@ -75,6 +72,9 @@ func (s *Server) directRoute(ctx context.Context, d *reqHead, general *atomic.Po
 		}
 	}
 	if nTok > 1 || nPort > 1 {
+		return "", "", false
+	}
+	if m := general.Load(); m != nil && m.host == d.host && m.port == portText {
 		return "", "", false
 	}
 	if tok == "" { // as requestPortAndToken: no (or an empty) header token, the cookie's
@@ -111,18 +111,23 @@ func (s *Server) directRoute(ctx context.Context, d *reqHead, general *atomic.Po
 		return "", "", false
 	}
 	if tgt.Dial != nil {
-		general.Store(new(d.host)) // a copy: d is reused
+		general.Store(&generalMemo{d.host, portText}) // copies: d is reused
 		return "", "", false
 	}
 	addr = netip.AddrPortFrom(tgt.Addr, port).String()
 	if plain, known := s.knownTLS(addr); !plain {
 		if known {
-			general.Store(new(d.host))
+			general.Store(&generalMemo{d.host, portText})
 		}
 		return "", "", false // unknown: the general path probes (speaksTLS) and remembers
 	}
 	return id, addr, true
 }
+
+// generalMemo is a connection's last host and X-aws-proxy-port text
+// (the port a TLS guest serves on, as the route, decides) whose requests
+// take the general path.
+type generalMemo struct{ host, port string }
 
 // directTaken, set by tests only, is called for each request the direct
 // path takes.
@@ -141,7 +146,7 @@ func (s *Server) knownTLS(addr string) (plain, known bool) {
 // plainURI: uri (origin-form, visible ASCII) is what the general path
 // sends on, url.ParseRequestURI then URL.RequestURI and cleanQuery, byte
 // for byte: a path of unreserved characters, the sub-delimiters net/url
-// leaves, and valid escapes; a query cleanQuery keeps. FuzzPlainURI
+// leaves, and valid escapes; a query cleanQuery keeps. FuzzDirectHead
 // holds that.
 func plainURI(uri string) bool {
 	path, query, _ := strings.Cut(uri, "?")

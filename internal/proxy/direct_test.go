@@ -1600,3 +1600,71 @@ func TestDirectSlowBodyNotHeld(t *testing.T) {
 	}
 	e.srv.noDirect.Store(false)
 }
+
+// TestDirectMemoPerPort: a connection's memo of a target that takes the
+// general path (here a TLS app on port 8443) is kept per port, so a plain
+// port of the same host on the same connection still takes the direct
+// path. It was kept per host.
+func TestDirectMemoPerPort(t *testing.T) {
+	app := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "tls app") }))
+	t.Cleanup(app.Close)
+	g := startScriptedGuest(t)
+	ca, roots, signer := testPKI(t)
+	lo := netip.MustParseAddr("127.0.0.1")
+	b := runningBackend{fakeBackend: &fakeBackend{ensures: map[string]int{}, open: map[string]int{},
+		vms: map[string]*fakeVM{"vm1": {tgt: Target{Account: "acct", Addr: lo, Ingress: true}}}}}
+	_, ln := serveProxy(t, Config{Domain: domain, Backend: b, Tokens: signer,
+		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			to := g.addr
+			if strings.HasSuffix(addr, ":8443") {
+				to = app.Listener.Addr().String()
+			}
+			var d net.Dialer
+			return d.DialContext(ctx, network, to)
+		}}, ca)
+	tok, _, _ := signer.Mint("acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
+	var taken atomic.Int32
+	directTaken = func() { taken.Add(1) }
+	t.Cleanup(func() { directTaken = nil })
+	for _, h2 := range []bool{false, true} {
+		tc := &tls.Config{RootCAs: roots, NextProtos: []string{"http/1.1"}}
+		if h2 {
+			tc.NextProtos = nil
+		}
+		var dials atomic.Int32
+		client := &http.Client{Transport: &http.Transport{TLSClientConfig: tc, ForceAttemptHTTP2: h2, MaxConnsPerHost: 1,
+			DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+				dials.Add(1)
+				var d net.Dialer
+				return d.DialContext(ctx, network, ln.Addr().String())
+			}}, Timeout: 5 * time.Second}
+		get := func(port string) string {
+			req, _ := http.NewRequest("GET", "https://vm1."+domain+"/", nil)
+			req.Header.Set(HeaderAuth, tok)
+			req.Header.Set(HeaderPort, port)
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			return string(body)
+		}
+		// Each port's kind is learnt first (the general path probes it);
+		// the second request to the TLS port makes the memo.
+		for _, port := range []string{"8080", "8443", "8443"} {
+			get(port)
+		}
+		taken.Store(0)
+		if got := get("8080"); got != "hello" || taken.Load() != 1 {
+			t.Errorf("h2=%v: port 8080 after the TLS port answered %q, direct path taken %d times, want 1", h2, got, taken.Load())
+		}
+		if got := get("8443"); got != "tls app" {
+			t.Errorf("h2=%v: port 8443 answered %q", h2, got)
+		}
+		if dials.Load() != 1 {
+			t.Errorf("h2=%v: %d connections, want one", h2, dials.Load())
+		}
+		client.CloseIdleConnections()
+	}
+}

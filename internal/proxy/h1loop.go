@@ -193,7 +193,7 @@ type h1Conn struct {
 	head        reqHead
 	fields      []hfield
 	rfields     []hfield
-	generalHost atomic.Pointer[string] // directRoute's memo
+	generalHost atomic.Pointer[generalMemo] // directRoute's memo
 
 	rec recorder
 	lim io.LimitedReader

@@ -19,6 +19,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"iter"
 	"log/slog"
 	"net"
@@ -322,6 +323,7 @@ func (s *Server) reverseProxy(t http.RoundTripper) *httputil.ReverseProxy {
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(pr.In.Context().Value(keyTarget).(*url.URL))
 			pr.Out.Host = pr.In.Host
+			forwardTrailers(pr)
 			pr.SetXForwarded()
 			stripProxyHeaders(pr.Out.Header)
 			stripAuthCookie(pr.Out.Header)
@@ -352,6 +354,46 @@ func (s *Server) reverseProxy(t http.RoundTripper) *httputil.ReverseProxy {
 			s.guestFailed(w, r, MicrovmID(r.Context()), err)
 		},
 	}
+}
+
+// forwardTrailers passes the client's declared request trailers on, less
+// the fields no request header may carry to the guest either (the token,
+// forwarding fields, one hop's). They arrive in the incoming request's
+// map once its body is read; Out's map is a copy made before that, which
+// would send the names without values.
+func forwardTrailers(pr *httputil.ProxyRequest) {
+	in := pr.In.Trailer
+	pr.Out.Trailer = nil
+	if len(in) == 0 || pr.Out.Body == nil {
+		return
+	}
+	out := http.Header{}
+	for k := range in {
+		if k = http.CanonicalHeaderKey(k); !hopField(k) && !droppedRequestField(k) {
+			out[k] = nil
+		}
+	}
+	if len(out) > 0 {
+		pr.Out.Trailer = out
+		pr.Out.Body = &trailerBody{ReadCloser: pr.Out.Body, in: in, out: out}
+	}
+}
+
+// trailerBody fills out's values from in once the body is read to its
+// end, before the transport writes the trailers.
+type trailerBody struct {
+	io.ReadCloser
+	in, out http.Header
+}
+
+func (b *trailerBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		for k := range b.out {
+			b.out[k] = b.in.Values(k)
+		}
+	}
+	return n, err
 }
 
 // guestFailed answers a request the guest did not answer.

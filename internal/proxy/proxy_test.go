@@ -142,6 +142,10 @@ func guest(t *testing.T, name string, h2c bool) string {
 			c.Write(ctx, typ, append([]byte("echo:"), msg...))
 		}
 	})
+	mux.HandleFunc("/reqtrailer", func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		fmt.Fprintf(w, "%s|%s|%s|%s", r.Proto, body, r.Trailer.Get("X-Check"), r.Trailer.Get(HeaderAuth))
+	})
 	mux.HandleFunc("/grpc", func(w http.ResponseWriter, r *http.Request) {
 		if r.ProtoMajor != 2 {
 			http.Error(w, "grpc needs h2", http.StatusHTTPVersionNotSupported)
@@ -535,6 +539,39 @@ func TestGRPCTrailers(t *testing.T) {
 	}
 	if resp.Trailer.Get("Grpc-Status") != "0" || resp.Trailer.Get("Grpc-Message") != "ok-port8080" {
 		t.Fatalf("trailers %v", resp.Trailer)
+	}
+}
+
+// TestRequestTrailers: a request's declared trailers reach the app over
+// h2 and HTTP/1.1, on the general path (a body that is not whole with its
+// head), less the token. They used to reach it as names without values.
+func TestRequestTrailers(t *testing.T) {
+	e := newEnv(t)
+	tok := e.mint(t, "acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
+	for _, h2 := range []bool{true, false} {
+		c := e.client
+		if !h2 {
+			c = &http.Client{Transport: e.transport(false), Timeout: 10 * time.Second}
+		}
+		pr, pw := io.Pipe()
+		req, _ := http.NewRequest("POST", "https://vm1."+domain+"/reqtrailer", pr)
+		req.Header.Set(HeaderAuth, tok)
+		req.Trailer = http.Header{"X-Check": nil, HeaderAuth: nil}
+		go func() {
+			pw.Write([]byte("part"))
+			req.Trailer.Set("X-Check", "sum-42")
+			req.Trailer.Set(HeaderAuth, tok) // never the guest's to see
+			pw.Close()
+		}()
+		resp, err := c.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if !strings.HasSuffix(string(body), "|part|sum-42|") {
+			t.Errorf("h2=%v (client %s): the app saw %q, want the body and trailer", h2, resp.Proto, body)
+		}
 	}
 }
 
