@@ -97,7 +97,9 @@ func (r *Runner) forgetWarm(s warmShape, t *warmTemplate) {
 }
 
 // warmBootTimeout bounds the boot of a warm template's VM (10-15 s on a
-// busy TCG host).
+// busy TCG host). It ends no later than the driver's first try (half its
+// 3-minute TCG boot timeout), so a hung template boot is not booted again
+// there: the step boots cold instead, which does get that second try.
 const warmBootTimeout = 90 * time.Second
 
 // makeWarm boots a build VM of shape s on placeholder disks, its root

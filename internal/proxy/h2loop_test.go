@@ -238,7 +238,7 @@ type rawH2 struct {
 
 func dialH2(t *testing.T, addr string) *rawH2 {
 	t.Helper()
-	c, err := tls.Dial("tcp", addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}})
+	c, err := tls.Dial("tcp", addr, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}, ServerName: "vm1." + domain})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -35,6 +35,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
@@ -358,9 +359,12 @@ func (s *Server) reverseProxy(t http.RoundTripper) *httputil.ReverseProxy {
 
 // forwardTrailers passes the client's declared request trailers on, less
 // the fields no request header may carry to the guest either (the token,
-// forwarding fields, one hop's). They arrive in the incoming request's
-// map once its body is read; Out's map is a copy made before that, which
-// would send the names without values.
+// forwarding fields, one hop's), those whose values the proxy cuts the
+// token out of as headers (Cookie, subprotocols: as trailers they are
+// dropped whole), and those no trailer may be (Content-Length, Host...:
+// the transport would refuse the request). They arrive in the incoming
+// request's map once its body is read; Out's map is a copy made before
+// that, which would send the names without values.
 func forwardTrailers(pr *httputil.ProxyRequest) {
 	in := pr.In.Trailer
 	pr.Out.Trailer = nil
@@ -369,9 +373,11 @@ func forwardTrailers(pr *httputil.ProxyRequest) {
 	}
 	out := http.Header{}
 	for k := range in {
-		if k = http.CanonicalHeaderKey(k); !hopField(k) && !droppedRequestField(k) {
-			out[k] = nil
+		k = http.CanonicalHeaderKey(k)
+		if hopField(k) || droppedRequestField(k) || k == "Cookie" || k == fieldWSProtocol || !httpguts.ValidTrailerHeader(k) {
+			continue
 		}
+		out[k] = nil
 	}
 	if len(out) > 0 {
 		pr.Out.Trailer = out

@@ -28,6 +28,7 @@ import (
 	"time"
 
 	"github.com/coder/websocket"
+	"golang.org/x/net/http2"
 
 	"github.com/kiln-sandbox/kiln/internal/tlsca"
 	"github.com/kiln-sandbox/kiln/internal/token"
@@ -144,7 +145,12 @@ func guest(t *testing.T, name string, h2c bool) string {
 	})
 	mux.HandleFunc("/reqtrailer", func(w http.ResponseWriter, r *http.Request) {
 		body, _ := io.ReadAll(r.Body)
-		fmt.Fprintf(w, "%s|%s|%s|%s", r.Proto, body, r.Trailer.Get("X-Check"), r.Trailer.Get(HeaderAuth))
+		var tr []string
+		for k, vv := range r.Trailer {
+			tr = append(tr, k+"="+strings.Join(vv, ","))
+		}
+		slices.Sort(tr)
+		fmt.Fprintf(w, "%s|%s|%s", r.Proto, body, strings.Join(tr, ";"))
 	})
 	mux.HandleFunc("/grpc", func(w http.ResponseWriter, r *http.Request) {
 		if r.ProtoMajor != 2 {
@@ -544,23 +550,32 @@ func TestGRPCTrailers(t *testing.T) {
 
 // TestRequestTrailers: a request's declared trailers reach the app over
 // h2 and HTTP/1.1, on the general path (a body that is not whole with its
-// head), less the token. They used to reach it as names without values.
+// head), to an HTTP/1.1 app and over forced h2c, less any that would
+// carry the token (as the header field, in a cookie, as a subprotocol).
+// They used to reach it as names without values. A trailer no request
+// may have (Content-Length) is dropped, not answered with a 502.
 func TestRequestTrailers(t *testing.T) {
 	e := newEnv(t)
 	tok := e.mint(t, "acct", "vm1", token.KindEndpoint, []token.PortRange{token.AllPorts}, time.Minute)
-	for _, h2 := range []bool{true, false} {
+	for _, run := range []struct{ h2, forceH2 bool }{{true, false}, {false, false}, {true, true}, {false, true}} {
 		c := e.client
-		if !h2 {
+		if !run.h2 {
 			c = &http.Client{Transport: e.transport(false), Timeout: 10 * time.Second}
 		}
 		pr, pw := io.Pipe()
 		req, _ := http.NewRequest("POST", "https://vm1."+domain+"/reqtrailer", pr)
 		req.Header.Set(HeaderAuth, tok)
-		req.Trailer = http.Header{"X-Check": nil, HeaderAuth: nil}
+		if run.forceH2 {
+			req.Header.Set(HeaderForceH2, "true")
+		}
+		req.Trailer = http.Header{"X-Check": nil, HeaderAuth: nil, "Cookie": nil, fieldWSProtocol: nil}
 		go func() {
 			pw.Write([]byte("part"))
 			req.Trailer.Set("X-Check", "sum-42")
-			req.Trailer.Set(HeaderAuth, tok) // never the guest's to see
+			// None of these is the guest's to see.
+			req.Trailer.Set(HeaderAuth, tok)
+			req.Trailer.Set("Cookie", CookieAuth+"="+tok+"; other=1")
+			req.Trailer.Set(fieldWSProtocol, SubprotoAuth+tok)
 			pw.Close()
 		}()
 		resp, err := c.Do(req)
@@ -569,9 +584,35 @@ func TestRequestTrailers(t *testing.T) {
 		}
 		body, _ := io.ReadAll(resp.Body)
 		resp.Body.Close()
-		if !strings.HasSuffix(string(body), "|part|sum-42|") {
-			t.Errorf("h2=%v (client %s): the app saw %q, want the body and trailer", h2, resp.Proto, body)
+		proto := "HTTP/1.1"
+		if run.forceH2 {
+			proto = "HTTP/2.0"
 		}
+		if want := proto + "|part|X-Check=sum-42"; string(body) != want {
+			t.Errorf("%+v: the app saw %q, want %q", run, body, want)
+		}
+	}
+
+	// A content-length trailer, which Go's clients will not send.
+	r := dialH2(t, e.addr)
+	r.headers(1, false, ":method", "POST", ":scheme", "https", ":authority", "vm1."+domain, ":path", "/reqtrailer",
+		"x-aws-proxy-auth", tok, "trailer", "content-length, x-check")
+	r.fr.WriteData(1, false, []byte("part"))
+	r.headers(1, true, "content-length", "99", "x-check", "a")
+	var status, body string
+	for done := false; !done; {
+		switch f := r.until("the answer", func(http2.Frame) bool { return true }).(type) {
+		case *http2.MetaHeadersFrame:
+			status, done = f.PseudoValue("status"), f.StreamEnded()
+		case *http2.DataFrame:
+			body += string(f.Data())
+			done = f.StreamEnded()
+		case *http2.RSTStreamFrame, *http2.GoAwayFrame:
+			t.Fatalf("content-length trailer: %v", f)
+		}
+	}
+	if status != "200" || body != "HTTP/1.1|part|X-Check=a" {
+		t.Errorf("content-length trailer: %s %q, want 200 with X-Check only", status, body)
 	}
 }
 

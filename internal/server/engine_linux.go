@@ -85,6 +85,10 @@ func newEngineBackend(ctx context.Context, o Options, st store.Store, rep *lifec
 	return backend{Backend: eng, Tokens: &engine.TokenIssuer{Signer: ep.Signer}, Signer: ep.Signer, Engine: eng, EndpointAddr: ep.Addr}, nil
 }
 
+// envd adopts a resumed sandbox's processes at once only with the
+// engine's notice.
+var _ envd.ChangeNotifier = (*engine.Engine)(nil)
+
 // newEnvdHandler is E2B's envd served on the host over the guest agent
 // (docs/ARCHITECTURE.md, "E2B-compatible API"), for the microVM and
 // account the endpoint proxy (or a node's tunnel) names in the request.

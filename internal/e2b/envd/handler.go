@@ -24,10 +24,10 @@ type Agents interface {
 	Agent(ctx context.Context, id string) (*client.Client, error)
 }
 
-// changeNotifier is an Agents that tells when a microVM's state changes
+// ChangeNotifier is an Agents that tells when a microVM's state changes
 // (engine.Engine): a process of a paused sandbox is then adopted as soon
 // as the sandbox runs again, not at the next poll.
-type changeNotifier interface {
+type ChangeNotifier interface {
 	Changed(id string) <-chan struct{}
 }
 

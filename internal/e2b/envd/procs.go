@@ -110,7 +110,7 @@ func (h *Handler) reattach(id string, pr *proc, old *client.Process) (*client.Pr
 	delay := reattachPoll[0]
 	for start := time.Now(); ; {
 		var changed <-chan struct{}
-		if n, ok := h.cfg.Agents.(changeNotifier); ok {
+		if n, ok := h.cfg.Agents.(ChangeNotifier); ok {
 			changed = n.Changed(id) // before the try: no change is missed
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

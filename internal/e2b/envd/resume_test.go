@@ -37,7 +37,7 @@ type sessions struct {
 	changed chan struct{} // closed and made anew as a session ends or begins
 }
 
-// Changed is the engine's notice of a state change (changeNotifier).
+// Changed is the engine's notice of a state change (ChangeNotifier).
 func (s *sessions) Changed(string) <-chan struct{} {
 	s.mu.Lock()
 	defer s.mu.Unlock()

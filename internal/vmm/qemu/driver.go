@@ -42,6 +42,8 @@ type Config struct {
 	// BootTimeout bounds a cold boot until the agent answers: 60 s under
 	// KVM, 3 minutes under TCG unless set, since a translated boot on a
 	// busy host (several builds at once) can take a minute on its own.
+	// A boot with no answer by half of it is booted once more with the
+	// whole of it, so a guest that never answers fails after 1.5 times it.
 	BootTimeout time.Duration
 	// BootIDPath is where the host's boot id is read (default
 	// /proc/sys/kernel/random/boot_id); tests point it at a file to
