@@ -243,7 +243,7 @@ func (c *h1Conn) direct(d *reqHead, n int) (keep, handled bool) {
 	}
 	w := &h1Writer{c: c, response: response{cl: -1}}
 	ctx := w.rc.context()
-	id, addr, ok := s.directRoute(ctx, d, &c.generalHost)
+	id, addr, ok := s.directRoute(ctx, d, &c.toGeneral)
 	if !ok {
 		w.rc.cancel()
 		return false, false

@@ -116,7 +116,7 @@ func (c *h2Conn) direct(st *h2Stream) bool {
 	if d.hasCL && !st.body.whole(d.cl) {
 		return false // still coming, or not as declared: it streams on the general path
 	}
-	id, addr, ok := s.directRoute(st.ctx, d, &c.generalHost)
+	id, addr, ok := s.directRoute(st.ctx, d, &c.toGeneral)
 	if !ok {
 		return false
 	}

@@ -85,11 +85,11 @@ var closingAnswers = map[string]bool{"short": true, "midhead": true, "junk": tru
 // scriptedGuest is a guest port served by hand: it records each request's
 // bytes as it got them and answers from guestAnswers.
 type scriptedGuest struct {
-	gate     chan struct{} // lets an answer go on past gateWrite
-	mu       sync.Mutex
-	got      []string
-	addr     string
-	conns    atomic.Int32 // accepted
+	gate  chan struct{} // lets an answer go on past gateWrite
+	mu    sync.Mutex
+	got   []string
+	addr  string
+	conns atomic.Int32 // accepted
 	// Answers whose late part (after splitWrite) is in the proxy's
 	// socket. A count of all answers would also move for an earlier
 	// answer whose count came after the client already had it.

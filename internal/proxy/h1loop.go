@@ -190,10 +190,10 @@ type h1Conn struct {
 
 	// head and the field arrays are the direct path's, reused request
 	// after request.
-	head        reqHead
-	fields      []hfield
-	rfields     []hfield
-	generalHost atomic.Pointer[generalMemo] // directRoute's memo
+	head      reqHead
+	fields    []hfield
+	rfields   []hfield
+	toGeneral atomic.Pointer[generalMemo] // directRoute's memo
 
 	rec recorder
 	lim io.LimitedReader

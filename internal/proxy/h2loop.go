@@ -111,8 +111,8 @@ type h2Conn struct {
 	// wdeadAt is when the write deadline was last pushed on (under wmu).
 	wdeadAt time.Time
 
-	// generalHost is directRoute's memo of a host and port for the general path.
-	generalHost atomic.Pointer[generalMemo]
+	// toGeneral is directRoute's memo of a host and port for the general path.
+	toGeneral atomic.Pointer[generalMemo]
 
 	// Reader only (one goroutine at a time reads).
 	hdec *hpack.Decoder

@@ -77,7 +77,7 @@ func (d *Driver) Boot(ctx context.Context, spec vmm.BootSpec) (vmm.Info, error) 
 	v.mu.Lock()
 	p := v.proc
 	v.mu.Unlock()
-	if err != nil && errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil && p.alive() {
+	if errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil && p.alive() {
 		// Now and then a translated boot hangs before the kernel prints a
 		// thing (the console stops at SeaBIOS's "Booting from ROM"; about
 		// one boot in twenty on a busy TCG host), while a slow one answers
