@@ -46,7 +46,8 @@ type upConn struct {
 	body     lengthBody
 	lim      io.LimitedReader
 	br       *bufio.Reader
-	bw       *bufio.Writer
+	bw       *bufio.Writer // on w
+	w        upWriter
 	idleAt   time.Time
 	peek     peeker // upAlive's, made on first use
 }
@@ -166,11 +167,28 @@ func (u *h1Upstream) dialConn(ctx context.Context, addr string) (*upConn, error)
 	if err != nil {
 		return nil, err
 	}
-	pc := &upConn{c: c, bw: bufio.NewWriter(c)}
+	pc := &upConn{c: c}
+	pc.w.c = c
+	if sc, ok := c.(syscall.Conn); ok {
+		pc.w.raw, _ = sc.SyscallConn()
+	}
+	pc.bw = bufio.NewWriter(&pc.w)
 	pc.breakOff = func() { c.SetDeadline(aLongTimeAgo) }
 	pc.lim.R, pc.lim.N = c, math.MaxInt64
 	pc.br = bufio.NewReader(&pc.lim)
 	return pc, nil
+}
+
+// upWriter is an upConn's writer: see Write (upwrite_unix.go).
+type upWriter struct {
+	c     net.Conn
+	raw   syscall.RawConn // nil: not a socket
+	armed bool
+	fn    func(fd uintptr) bool
+	p     []byte
+	n     int
+	err   error
+	wrote bool
 }
 
 // headWriter writes a bodyless request's head to the guest: an
@@ -250,9 +268,18 @@ var errNoAnswer = errors.New("the app closed the connection without an answer")
 func (pc *upConn) send(ctx context.Context, hw headWriter) error {
 	pc.watch(ctx)
 	if err := hw.writeHead(pc.bw); err != nil {
+		var op *net.OpError
+		if errors.As(err, &op) {
+			// A head over the writer's buffer met a connection the guest
+			// closed after the peek: as a failed Flush, nothing was answered.
+			err = fmt.Errorf("%w: %w", errNoAnswer, err)
+		}
 		return pc.fail(ctx, err)
 	}
-	if err := pc.bw.Flush(); err != nil {
+	pc.w.armed = true
+	err := pc.bw.Flush()
+	pc.w.armed = false
+	if err != nil {
 		return pc.fail(ctx, fmt.Errorf("%w: %w", errNoAnswer, err))
 	}
 	pc.lim.N = upMaxHeader

@@ -13,6 +13,7 @@ import (
 	"reflect"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -23,7 +24,13 @@ import (
 // accept: serve gets each connection and what it read of each request.
 func rawGuest(t *testing.T, serve func(c net.Conn, br *bufio.Reader)) (string, *atomic.Int32) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	return rawGuestOn(t, net.ListenConfig{}, serve)
+}
+
+// rawGuestOn is rawGuest on a listener made by lc.
+func rawGuestOn(t *testing.T, lc net.ListenConfig, serve func(c net.Conn, br *bufio.Reader)) (string, *atomic.Int32) {
+	t.Helper()
+	ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -370,4 +377,71 @@ func FuzzOutgoingHeaders(f *testing.F) {
 			t.Fatalf("X-Forwarded-For %q", xff)
 		}
 	})
+}
+
+// TestUpstreamSlowGuestGetsWholeRequest: a request the guest takes in
+// slowly (a small window, small reads) reaches it whole and is answered,
+// on HTTP/1.1 and h2, when the write that ends the request cannot go out
+// at once and the rest goes the ordinary way (upWriter).
+func TestUpstreamSlowGuestGetsWholeRequest(t *testing.T) {
+	// Many fields: the buffered writer sends full 4 KiB chunks and then
+	// a last, armed write of up to 4 KiB into a socket buffer that the
+	// chunks before it filled.
+	hdr := http.Header{}
+	for i := range 50 {
+		hdr.Set(fmt.Sprintf("X-Big-%d", i), strings.Repeat("x", 1000))
+	}
+	var heads atomic.Int32
+	// A small receive buffer, set before the handshake: a small window.
+	small := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 2048) })
+	}}
+	addr, _ := rawGuestOn(t, small, func(c net.Conn, br *bufio.Reader) {
+		if b, err := br.Peek(1); err != nil || b[0] == 0x16 {
+			return // speaksTLS's probe
+		}
+		time.Sleep(100 * time.Millisecond) // the proxy's socket fills
+		var head strings.Builder
+		buf := make([]byte, 512)
+		for !strings.Contains(head.String(), "\r\n\r\n") {
+			n, err := br.Read(buf)
+			if err != nil {
+				return
+			}
+			head.Write(buf[:n])
+			time.Sleep(time.Millisecond)
+		}
+		whole := true
+		for k, v := range hdr {
+			whole = whole && strings.Contains(head.String(), "\r\n"+k+": "+v[0]+"\r\n")
+		}
+		if whole {
+			heads.Add(1)
+		}
+		io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+	})
+	e := newEnvFull(t, map[string]string{"7000": addr}, func(cfg *Config) {
+		dial := cfg.Dial
+		cfg.Dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := dial(ctx, network, addr)
+			if tc, ok := c.(*net.TCPConn); ok {
+				tc.SetWriteBuffer(4096) // fills while the guest waits
+			}
+			return c, err
+		}
+	})
+	var rest atomic.Int32
+	upWriteRest = func() { rest.Add(1) }
+	t.Cleanup(func() { upWriteRest = nil })
+	e.get(t, false, "7000", nil) // the TLS probe
+	for _, h2 := range []bool{false, true, false, true} {
+		heads.Store(0)
+		resp, body, err := e.get(t, h2, "7000", hdr)
+		if err != nil || resp.StatusCode != 200 || string(body) != "ok" || heads.Load() != 1 {
+			t.Fatalf("h2=%v: %v, body %q, whole heads %d", h2, err, body, heads.Load())
+		}
+	}
+	if rest.Load() == 0 {
+		t.Error("no request's last write fell back: the test did not test the fallback")
+	}
 }

@@ -1,0 +1,5 @@
+//go:build !unix
+
+package proxy
+
+func (w *upWriter) Write(p []byte) (int, error) { return w.c.Write(p) }
