@@ -7,10 +7,11 @@ import (
 	"syscall"
 )
 
-// peeker is the peek upAlive runs on a connection's raw socket, made
-// once per connection: made per call, it and the raw socket were three
-// allocations per request.
+// peeker is a connection's raw socket and the peek upAlive runs on it,
+// made once per connection: made per call, they were three allocations
+// per request.
 type peeker struct {
+	raw   syscall.RawConn
 	fn    func(fd uintptr) bool
 	alive bool
 }
@@ -21,12 +22,17 @@ type peeker struct {
 // past read deadline would fail before any read, telling nothing).
 func upAlive(pc *upConn) bool {
 	p := &pc.peek
-	if pc.w.raw == nil {
-		return true // not a socket: as before, the send will tell
-	}
 	if p.fn == nil {
+		sc, ok := pc.c.(syscall.Conn)
+		if !ok {
+			return true // not a socket: as before, the send will tell
+		}
+		raw, err := sc.SyscallConn()
+		if err != nil {
+			return false
+		}
 		var b [1]byte
-		p.fn = func(fd uintptr) bool {
+		p.raw, p.fn = raw, func(fd uintptr) bool {
 			_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
 			// Nothing to read yet: open. 0 bytes (the guest's FIN), a byte
 			// no request asked for, or a reset: do not reuse it.
@@ -35,6 +41,6 @@ func upAlive(pc *upConn) bool {
 		}
 	}
 	p.alive = false
-	err := pc.w.raw.Read(p.fn)
+	err := p.raw.Read(p.fn)
 	return err == nil && p.alive
 }

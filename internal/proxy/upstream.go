@@ -46,8 +46,7 @@ type upConn struct {
 	body     lengthBody
 	lim      io.LimitedReader
 	br       *bufio.Reader
-	bw       *bufio.Writer // on w
-	w        upWriter
+	bw       *bufio.Writer
 	idleAt   time.Time
 	peek     peeker // upAlive's, made on first use
 }
@@ -167,28 +166,11 @@ func (u *h1Upstream) dialConn(ctx context.Context, addr string) (*upConn, error)
 	if err != nil {
 		return nil, err
 	}
-	pc := &upConn{c: c}
-	pc.w.c = c
-	if sc, ok := c.(syscall.Conn); ok {
-		pc.w.raw, _ = sc.SyscallConn()
-	}
-	pc.bw = bufio.NewWriter(&pc.w)
+	pc := &upConn{c: c, bw: bufio.NewWriter(c)}
 	pc.breakOff = func() { c.SetDeadline(aLongTimeAgo) }
 	pc.lim.R, pc.lim.N = c, math.MaxInt64
 	pc.br = bufio.NewReader(&pc.lim)
 	return pc, nil
-}
-
-// upWriter is an upConn's writer: see Write (upwrite_unix.go).
-type upWriter struct {
-	c     net.Conn
-	raw   syscall.RawConn // nil: not a socket
-	armed bool
-	fn    func(fd uintptr) bool
-	p     []byte
-	n     int
-	err   error
-	wrote bool
 }
 
 // headWriter writes a bodyless request's head to the guest: an
@@ -276,10 +258,7 @@ func (pc *upConn) send(ctx context.Context, hw headWriter) error {
 		}
 		return pc.fail(ctx, err)
 	}
-	pc.w.armed = true
-	err := pc.bw.Flush()
-	pc.w.armed = false
-	if err != nil {
+	if err := pc.bw.Flush(); err != nil {
 		return pc.fail(ctx, fmt.Errorf("%w: %w", errNoAnswer, err))
 	}
 	pc.lim.N = upMaxHeader

@@ -1,5 +1,0 @@
-//go:build !unix
-
-package proxy
-
-func (w *upWriter) Write(p []byte) (int, error) { return w.c.Write(p) }
