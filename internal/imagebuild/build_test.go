@@ -382,8 +382,10 @@ func TestBuildFailures(t *testing.T) {
 		{
 			name:       "app never listens",
 			dockerfile: "FROM debian:12\nCOPY app /app\nENV MODE=never\nCMD [\"/app\"]\n",
-			hooks:      Hooks{ReadyTimeout: 5 * time.Second},
-			want:       []string{PhaseReady, "port 8080 within 5s", "test app starting"},
+			// Long enough for the app's first line to reach the log
+			// tail the failure quotes, under TCG on a loaded host.
+			hooks: Hooks{ReadyTimeout: 15 * time.Second},
+			want:  []string{PhaseReady, "port 8080 within 15s", "test app starting"},
 		},
 		{
 			name:       "validate fails",

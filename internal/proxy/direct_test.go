@@ -94,6 +94,9 @@ type scriptedGuest struct {
 	// socket. A count of all answers would also move for an earlier
 	// answer whose count came after the client already had it.
 	lateIn atomic.Int32
+	// Connections it ended after a closing answer, their end of stream
+	// in the proxy's socket.
+	closed atomic.Int32
 }
 
 func startScriptedGuest(t *testing.T) *scriptedGuest {
@@ -156,6 +159,12 @@ func (g *scriptedGuest) serve(c net.Conn) {
 			g.lateIn.Add(1)
 		}
 		if closingAnswers[answer] {
+			// The end of stream is in the proxy's socket before it counts.
+			if tc, ok := c.(*net.TCPConn); ok {
+				tc.CloseWrite()
+				waitDelivered(c)
+			}
+			g.closed.Add(1)
 			return
 		}
 	}
@@ -556,6 +565,33 @@ func roundTrip(t *testing.T, addr string, roots *x509.CertPool, req string) stri
 		method = "GET"
 	}
 	return out.String()
+}
+
+// longBodyWait makes the h2 direct path wait up to 2 s for a body's DATA
+// (h2BodyWaitTest) for the rest of the test: Go's client sends them
+// after its HEADERS, in a write of their own, and a loaded host can put
+// more than the real 2 ms between the two.
+func longBodyWait(t *testing.T) {
+	h2BodyWaitTest.Store(int64(2 * time.Second))
+	t.Cleanup(func() { h2BodyWaitTest.Store(0) })
+}
+
+// idleCount is how many guest connections wait in the pool.
+func (u *h1Upstream) idleCount() int {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.nIdle
+}
+
+// waitFor waits up to 5 s for cond, then fails the test naming what it
+// waited for.
+func waitFor(t *testing.T, cond func() bool, what string) {
+	t.Helper()
+	for end := time.Now().Add(5 * time.Second); !cond(); time.Sleep(time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatalf("waited 5 s for %s", what)
+		}
+	}
 }
 
 // closeIdle closes the idle guest connections of every pool.
@@ -1188,6 +1224,7 @@ func TestDirectBodyPooledConn(t *testing.T) {
 	var taken atomic.Int32
 	directTaken = func() { taken.Add(1) }
 	t.Cleanup(func() { directTaken = nil })
+	longBodyWait(t)
 	client := &http.Client{Transport: &http.Transport{
 		TLSClientConfig: &tls.Config{RootCAs: e.roots}, ForceAttemptHTTP2: true,
 		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
@@ -1226,13 +1263,30 @@ func TestDirectBodyPooledConn(t *testing.T) {
 					e.srv.noDirect.Store(general)
 					taken.Store(0)
 					e.g.conns.Store(0)
+					closes := e.g.closed.Load()
 					for _, r := range seq.reqs {
 						if h2 {
 							runs[i] = append(runs[i], h2RoundTrip(t, client, r))
 						} else {
 							runs[i] = append(runs[i], roundTrip(t, addr, e.roots, r))
 						}
-						time.Sleep(50 * time.Millisecond) // the guest's close arrives
+						_, answer, _ := strings.Cut(r, "X-Answer: ")
+						answer, _, _ = strings.Cut(answer, "\r\n")
+						switch {
+						case general:
+							// http.Transport's pool: it takes a connection
+							// back, or drops one the guest closed, once its
+							// reader has run; nothing to watch.
+							time.Sleep(50 * time.Millisecond)
+						case closingAnswers[answer]:
+							// The guest's close has reached the proxy.
+							closes++
+							waitFor(t, func() bool { return e.g.closed.Load() >= closes }, "the guest's close (answer "+answer+") to reach the proxy")
+						default:
+							// The client can have the answer before the
+							// proxy put the connection back in its pool.
+							waitFor(t, func() bool { return e.srv.up.idleCount() > 0 }, "the guest connection to be back in the pool")
+						}
 					}
 					guests[i] = e.g.take()
 					if !general && int(taken.Load()) != len(seq.reqs) {
@@ -1409,6 +1463,7 @@ func TestDirectH2BodyCredit(t *testing.T) {
 	var taken, dials atomic.Int32
 	directTaken = func() { taken.Add(1) }
 	t.Cleanup(func() { directTaken = nil })
+	longBodyWait(t)
 	client := &http.Client{Transport: &http.Transport{
 		TLSClientConfig: &tls.Config{RootCAs: e.roots}, ForceAttemptHTTP2: true,
 		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
@@ -1437,7 +1492,8 @@ func TestDirectH2BodyCredit(t *testing.T) {
 	}
 	// More than the connection's window went the direct path (nearly
 	// all: the first probes the guest port, and a body that the handler
-	// finds incomplete after its short wait goes the general path).
+	// finds incomplete after its wait, longBodyWait's here, goes the
+	// general path).
 	if int(taken.Load())*maxDirectBody <= h2ConnWindow || dials.Load() != 1 {
 		t.Fatalf("the direct path took %d of %d requests on %d connections, want more than %d on 1", taken.Load(), n, dials.Load(), h2ConnWindow/maxDirectBody)
 	}
@@ -1535,9 +1591,8 @@ func TestStrayBytesNotTakenForAnswer(t *testing.T) {
 			n := e.g.lateIn.Load()
 			roundTrip(t, e.ln.Addr().String(), e.roots, first)
 			// The late part, if the answer has one, is in kiln's socket.
-			late := strings.Contains(guestAnswers[c.answer], splitWrite)
-			for end := time.Now().Add(5 * time.Second); late && e.g.lateIn.Load() == n && time.Now().Before(end); {
-				time.Sleep(5 * time.Millisecond)
+			if strings.Contains(guestAnswers[c.answer], splitWrite) {
+				waitFor(t, func() bool { return e.g.lateIn.Load() > n }, "the late part of "+c.answer+" to reach the proxy's socket")
 			}
 			got := roundTrip(t, e.ln.Addr().String(), e.roots, "GET / HTTP/1.1\r\nHost: vm1."+domain+"\r\n"+auth+"\r\n")
 			if !strings.HasPrefix(got, "[0] HTTP/1.1 200 OK\n") || !strings.Contains(got, `body "hello" err <nil>`) {

@@ -440,8 +440,9 @@ func TestLoopThroughProxy(t *testing.T) {
 // TestLoopShutdown: Serve's shutdown lets a request in flight finish
 // (its answer says Connection: close) and ends idle connections.
 func TestLoopShutdown(t *testing.T) {
-	release := make(chan struct{})
+	release, entered := make(chan struct{}), make(chan struct{})
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		close(entered)
 		<-release
 		io.WriteString(w, "done")
 	})
@@ -469,7 +470,11 @@ func TestLoopShutdown(t *testing.T) {
 	busy, bbr := dial()
 	_, ibr := dial()
 	io.WriteString(busy, "GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-	time.Sleep(200 * time.Millisecond)
+	select { // the request is in flight
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the request's handler did not begin")
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	stopped := make(chan struct{})

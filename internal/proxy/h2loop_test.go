@@ -559,7 +559,7 @@ func TestH2LoopShortBody(t *testing.T) {
 // TestH2LoopShutdown: shutdown sends GOAWAY, lets the stream in flight
 // finish and then ends the connection.
 func TestH2LoopShutdown(t *testing.T) {
-	release := make(chan struct{})
+	release, entered := make(chan struct{}), make(chan struct{})
 	certPEM, keyPEM := selfSignedCert(t)
 	cert, _ := tls.X509KeyPair(certPEM, keyPEM)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -570,6 +570,7 @@ func TestH2LoopShutdown(t *testing.T) {
 	hs := &h1Serve{s: &Server{log: slog.New(slog.DiscardHandler)}, conns: map[net.Conn]*h1Conn{},
 		fallback: newConnListener(ln.Addr()),
 		handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			close(entered)
 			<-release
 			io.WriteString(w, "done")
 		}),
@@ -577,7 +578,11 @@ func TestH2LoopShutdown(t *testing.T) {
 	go hs.accept(ln)
 	r := dialH2(t, ln.Addr().String())
 	r.headers(1, true, getFields...)
-	time.Sleep(50 * time.Millisecond) // the stream is open
+	select { // the stream is open
+	case <-entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the stream's handler did not begin")
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	stopped := make(chan struct{})

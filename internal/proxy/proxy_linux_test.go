@@ -83,16 +83,21 @@ func TestThroughNamespace(t *testing.T) {
 }
 
 // waitDelivered waits until the peer has acknowledged everything written
-// on c (SIOCOUTQ is 0), so those bytes are in the peer's socket.
+// on c (SIOCOUTQ is 0), so those bytes are in the peer's socket, or until
+// the peer reset the connection (nothing more will be acknowledged).
 func waitDelivered(c net.Conn) {
 	raw, err := c.(*net.TCPConn).SyscallConn()
 	if err != nil {
 		return
 	}
 	for end := time.Now().Add(5 * time.Second); time.Now().Before(end); time.Sleep(time.Millisecond) {
-		n := -1
-		raw.Control(func(fd uintptr) { n, _ = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ) })
-		if n == 0 {
+		n, closed := -1, false
+		raw.Control(func(fd uintptr) {
+			n, _ = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ)
+			info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+			closed = err == nil && info.State == unix.BPF_TCP_CLOSE
+		})
+		if n == 0 || closed {
 			return
 		}
 	}

@@ -519,8 +519,11 @@ func TestStreaming(t *testing.T) {
 			if len(at) != 3 {
 				t.Fatalf("got %d events", len(at))
 			}
-			// The first event must arrive before the guest finished (~600ms).
-			if at[0] > 250*time.Millisecond || at[2]-at[0] < 400*time.Millisecond {
+			// The first event must arrive well before the last (the guest
+			// holds each for 300 ms): a buffering proxy sends them at once.
+			// (No bound on the first from the request's start: that also
+			// counts TLS set-up, which a loaded host can make long.)
+			if at[2]-at[0] < 400*time.Millisecond {
 				t.Fatalf("events arrived at %v: buffered", at)
 			}
 		})

@@ -332,11 +332,14 @@ func TestQEMUKilledIsNoticedAndCleanedUp(t *testing.T) {
 		if e.ID != "victim" || e.State != vmm.StateStopped || !strings.Contains(e.Reason, "killed") {
 			t.Errorf("event %+v, want victim stopped by kill", e)
 		}
-		if lag := time.Since(killed); lag > time.Second {
-			t.Errorf("noticed after %v, want within 1 s", lag)
+		// The exit is watched, not polled; the bound leaves room for a
+		// loaded host to free the guest's memory and remove its cgroups
+		// before the event.
+		if lag := time.Since(killed); lag > 5*time.Second {
+			t.Errorf("noticed after %v, want within 5 s", lag)
 		}
-	case <-time.After(time.Second):
-		t.Fatal("no event within 1 s of kill -9")
+	case <-time.After(5 * time.Second):
+		t.Fatal("no event within 5 s of kill -9")
 	}
 	waitFor(t, 5*time.Second, func() bool {
 		_, err := os.Stat(info.Dir)
