@@ -25,6 +25,7 @@ import (
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/token"
 )
 
@@ -581,17 +582,6 @@ func (u *h1Upstream) idleCount() int {
 	u.mu.Lock()
 	defer u.mu.Unlock()
 	return u.nIdle
-}
-
-// waitFor waits up to 5 s for cond, then fails the test naming what it
-// waited for.
-func waitFor(t *testing.T, cond func() bool, what string) {
-	t.Helper()
-	for end := time.Now().Add(5 * time.Second); !cond(); time.Sleep(time.Millisecond) {
-		if time.Now().After(end) {
-			t.Fatalf("waited 5 s for %s", what)
-		}
-	}
 }
 
 // closeIdle closes the idle guest connections of every pool.
@@ -1281,11 +1271,11 @@ func TestDirectBodyPooledConn(t *testing.T) {
 						case closingAnswers[answer]:
 							// The guest's close has reached the proxy.
 							closes++
-							waitFor(t, func() bool { return e.g.closed.Load() >= closes }, "the guest's close (answer "+answer+") to reach the proxy")
+							testenv.WaitFor(t, 5*time.Second, func() bool { return e.g.closed.Load() >= closes }, "the guest's close (answer "+answer+") to reach the proxy")
 						default:
 							// The client can have the answer before the
 							// proxy put the connection back in its pool.
-							waitFor(t, func() bool { return e.srv.up.idleCount() > 0 }, "the guest connection to be back in the pool")
+							testenv.WaitFor(t, 5*time.Second, func() bool { return e.srv.up.idleCount() > 0 }, "the guest connection to be back in the pool")
 						}
 					}
 					guests[i] = e.g.take()
@@ -1592,7 +1582,7 @@ func TestStrayBytesNotTakenForAnswer(t *testing.T) {
 			roundTrip(t, e.ln.Addr().String(), e.roots, first)
 			// The late part, if the answer has one, is in kiln's socket.
 			if strings.Contains(guestAnswers[c.answer], splitWrite) {
-				waitFor(t, func() bool { return e.g.lateIn.Load() > n }, "the late part of "+c.answer+" to reach the proxy's socket")
+				testenv.WaitFor(t, 5*time.Second, func() bool { return e.g.lateIn.Load() > n }, "the late part of "+c.answer+" to reach the proxy's socket")
 			}
 			got := roundTrip(t, e.ln.Addr().String(), e.roots, "GET / HTTP/1.1\r\nHost: vm1."+domain+"\r\n"+auth+"\r\n")
 			if !strings.HasPrefix(got, "[0] HTTP/1.1 200 OK\n") || !strings.Contains(got, `body "hello" err <nil>`) {

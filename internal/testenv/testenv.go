@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"testing"
+	"time"
 )
 
 // Short reports whether the run is -short. It may be called from TestMain,
@@ -48,4 +49,15 @@ func SkipMain(pkg, why string) bool {
 	}
 	fmt.Fprintf(os.Stderr, "skipping %s tests: they need root (%s)\n", pkg, why)
 	return true
+}
+
+// WaitFor polls cond until it holds, and fails t if it does not within
+// timeout, naming what it waited for.
+func WaitFor(t testing.TB, timeout time.Duration, cond func() bool, what string) {
+	t.Helper()
+	for deadline := time.Now().Add(timeout); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+	}
 }

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/jail/cgrouptest"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 )
 
 // TestQEMUOutlivesItsPod: QEMU lives outside the lifetime of the kiln
@@ -65,7 +66,7 @@ func TestQEMUOutlivesItsPod(t *testing.T) {
 			t.Logf("the helper kiln's output:\n%s", out)
 		}
 	})
-	waitFor(t, 120*time.Second, func() bool { return strings.Contains(out.String(), "READY") }, "the helper kiln in its pod cgroup to boot its VM")
+	testenv.WaitFor(t, 120*time.Second, func() bool { return strings.Contains(out.String(), "READY") }, "the helper kiln in its pod cgroup to boot its VM")
 	// The helper really ran in the pod's cgroups.
 	if b, _ := os.ReadFile("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/cgroup"); strings.Count(string(b), "/"+pod+"\n") != len(podDirs) {
 		t.Fatalf("the helper kiln is not in the pod cgroup %s in every hierarchy:\n%s", pod, b)
@@ -149,7 +150,7 @@ func TestQEMUOutlivesItsPodCgroupNS(t *testing.T) {
 		}
 	})
 	// "helper:" is a failure it reports before it ends.
-	waitFor(t, 120*time.Second, func() bool {
+	testenv.WaitFor(t, 120*time.Second, func() bool {
 		return strings.Contains(out.String(), "READY") || strings.Contains(out.String(), "helper:")
 	},
 		"the helper kiln in its pod's cgroup namespace to boot its VM")

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/netns"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 )
 
@@ -131,7 +132,7 @@ func TestClonePool(t *testing.T) {
 	if ph, _ := d.StartPhases(first); ph.Pooled {
 		t.Fatal("the first clone of a template cannot have come from the pool")
 	}
-	waitFor(t, 2*time.Minute, func() bool { return d.PoolSize(tmpl) == 1 }, "the pool to fill")
+	testenv.WaitFor(t, 2*time.Minute, func() bool { return d.PoolSize(tmpl) == 1 }, "the pool to fill")
 	pooled := d.PooledPIDs()
 	if len(pooled) != 1 {
 		t.Fatalf("pooled pids %v, want one", pooled)
@@ -187,7 +188,7 @@ func TestClonePool(t *testing.T) {
 	reach(t, d, second)
 
 	// Refilled with a new process; drained when the template goes.
-	waitFor(t, 2*time.Minute, func() bool { return d.PoolSize(tmpl) == 1 }, "the pool to refill")
+	testenv.WaitFor(t, 2*time.Minute, func() bool { return d.PoolSize(tmpl) == 1 }, "the pool to refill")
 	next := d.PooledPIDs()
 	if len(next) != 1 || next[0] == pid {
 		t.Fatalf("pool after a take: %v (taken: %d)", next, pid)
@@ -222,7 +223,7 @@ func TestClonePool(t *testing.T) {
 	reach(t, d, second)
 
 	// A reservation given up ends its process.
-	waitFor(t, 2*time.Minute, func() bool { return d.PoolSize(tmpl) == 1 }, "the pool to refill")
+	testenv.WaitFor(t, 2*time.Minute, func() bool { return d.PoolSize(tmpl) == 1 }, "the pool to refill")
 	next = d.PooledPIDs()
 	if _, ok := d.ReservePooled(tmpl, "pd"+tag, netns.GuestMAC.String()); !ok {
 		t.Fatal("no process to reserve in a full pool")
@@ -231,12 +232,12 @@ func TestClonePool(t *testing.T) {
 	if pidAlive(next[0]) {
 		t.Errorf("released reserved process %d still runs", next[0])
 	}
-	waitFor(t, 2*time.Minute, func() bool { return d.PoolSize(tmpl) == 1 }, "the pool to refill")
+	testenv.WaitFor(t, 2*time.Minute, func() bool { return d.PoolSize(tmpl) == 1 }, "the pool to refill")
 	next = d.PooledPIDs()
 	if err := os.RemoveAll(tmpl); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, time.Minute, func() bool {
+	testenv.WaitFor(t, time.Minute, func() bool {
 		entries, _ := os.ReadDir(d.poolDir())
 		return d.PoolSize(tmpl) == 0 && !pidAlive(next[0]) && len(entries) == 0
 	}, "the pool of a deleted template to drain (process killed, directory removed)")
@@ -251,7 +252,7 @@ func TestPooledProcessesReapedAfterKilnKilled(t *testing.T) {
 	}
 	dataDir := shortDir(t)
 	cmd, out := startHelperKiln(t, "pool-and-hang", dataDir)
-	waitFor(t, 4*time.Minute, func() bool { return strings.Contains(out.String(), "POOLED ") }, "the helper kiln to fill its pool")
+	testenv.WaitFor(t, 4*time.Minute, func() bool { return strings.Contains(out.String(), "POOLED ") }, "the helper kiln to fill its pool")
 	var pid int
 	if _, err := fmt.Sscanf(out.String()[strings.Index(out.String(), "POOLED "):], "POOLED %d", &pid); err != nil {
 		t.Fatalf("helper said %q: %v", out.String(), err)

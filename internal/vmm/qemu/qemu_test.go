@@ -21,6 +21,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/agent/client"
 	"github.com/kiln-sandbox/kiln/internal/jail"
+	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 	"github.com/kiln-sandbox/kiln/internal/vmm/vmmtest"
 	"golang.org/x/sys/unix"
@@ -341,7 +342,7 @@ func TestQEMUKilledIsNoticedAndCleanedUp(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("no event within 5 s of kill -9")
 	}
-	waitFor(t, 5*time.Second, func() bool {
+	testenv.WaitFor(t, 5*time.Second, func() bool {
 		_, err := os.Stat(info.Dir)
 		return os.IsNotExist(err)
 	}, "the dead VM's directory to be removed")
@@ -428,7 +429,7 @@ func TestKilnKilledThenRecovered(t *testing.T) {
 	}
 	dataDir := shortDir(t)
 	cmd, out := startHelperKiln(t, "boot-and-hang", dataDir)
-	waitFor(t, 120*time.Second, func() bool { return strings.Contains(out.String(), "READY") }, "the helper kiln to boot its VMs")
+	testenv.WaitFor(t, 120*time.Second, func() bool { return strings.Contains(out.String(), "READY") }, "the helper kiln to boot its VMs")
 	cmd.Process.Kill()
 	cmd.Wait()
 
@@ -622,17 +623,6 @@ func assertNoQEMU(t *testing.T, d *Driver) {
 		if strings.HasSuffix(n, "."+d.cgroupSuffix()) {
 			t.Errorf("cgroup %s left behind", n)
 		}
-	}
-}
-
-func waitFor(t *testing.T, timeout time.Duration, cond func() bool, what string) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
 	}
 }
 
