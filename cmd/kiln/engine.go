@@ -18,6 +18,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/enginebench"
 	"github.com/kiln-sandbox/kiln/internal/image/base"
 	"github.com/kiln-sandbox/kiln/internal/imagebench"
+	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/vmm"
 	"github.com/kiln-sandbox/kiln/internal/vmm/busybox"
 	"github.com/kiln-sandbox/kiln/internal/vmm/qemu"
@@ -51,12 +52,11 @@ func init() {
 			if o.Runs < 5 {
 				return fmt.Errorf("--runs %d: medians need at least 5 runs", o.Runs)
 			}
-			d, work, root, err := scratchEngine(ctx)
+			d, work, root, done, err := scratchEngine(ctx)
 			if err != nil {
 				return err
 			}
-			defer os.RemoveAll(work)
-			defer d.Close()
+			defer done()
 			r, err := enginebench.Run(ctx, d, root, work, o, os.Stderr)
 			if err != nil {
 				return err
@@ -84,12 +84,11 @@ func init() {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			d, work, root, err := scratchEngine(ctx)
+			d, work, root, done, err := scratchEngine(ctx)
 			if err != nil {
 				return err
 			}
-			defer os.RemoveAll(work)
-			defer d.Close()
+			defer done()
 			tmpl, err := busybox.AppTemplate(ctx, d, root, app, work)
 			if err != nil {
 				return err
@@ -120,12 +119,11 @@ func init() {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
-			d, work, _, err := scratchEngine(ctx)
+			d, work, _, done, err := scratchEngine(ctx)
 			if err != nil {
 				return err
 			}
-			defer os.RemoveAll(work)
-			defer d.Close()
+			defer done()
 			// The managed base is shared with the real data directory:
 			// building it is not what this measures.
 			bases := &base.Resolver{Managed: &base.Managed{DataDir: dataDir}}
@@ -166,35 +164,43 @@ func init() {
 }
 
 // scratchEngine starts a driver on a scratch data directory that shares
-// the set-up kernel, with a busybox root disk.
-func scratchEngine(ctx context.Context) (*qemu.Driver, string, string, error) {
-	work, err := os.MkdirTemp(filepath.Join(dataDir), "scratch-")
+// the set-up kernel, with a busybox root disk. done closes the driver,
+// removes the directory and, once no VM network is left, the host's
+// nftables table and forwarding setting that the VMs' networks needed:
+// a benchmark leaves the host as it found it, as `kiln server` does.
+func scratchEngine(ctx context.Context) (d *qemu.Driver, work, root string, done func(), err error) {
+	work, err = os.MkdirTemp(filepath.Join(dataDir), "scratch-")
 	if err != nil {
-		return nil, "", "", fmt.Errorf("creating scratch dir in %s (run `make setup` first?): %w", dataDir, err)
+		return nil, "", "", nil, fmt.Errorf("creating scratch dir in %s (run `make setup` first?): %w", dataDir, err)
 	}
-	root, err := busybox.Root(work)
-	if err != nil {
+	if root, err = busybox.Root(work); err != nil {
 		os.RemoveAll(work)
-		return nil, "", "", err
+		return nil, "", "", nil, err
 	}
-	d, err := qemu.New(ctx, qemu.Config{DataDir: work, KernelDir: filepath.Join(dataDir, "kernel"),
+	d, err = qemu.New(ctx, qemu.Config{DataDir: work, KernelDir: filepath.Join(dataDir, "kernel"),
 		AgentBinary: qemu.DefaultAgentBinary(dataDir), Accel: accelFlag,
 		BootTimeout: 3 * time.Minute, // the template's boot, on a busy host
 		Log:         newLogger()})
 	if err != nil {
 		os.RemoveAll(work)
-		return nil, "", "", err
+		return nil, "", "", nil, err
 	}
-	return d, work, root, nil
+	done = func() {
+		d.Close()
+		os.RemoveAll(work)
+		if _, err := netns.RestoreHost(); err != nil {
+			fmt.Fprintln(os.Stderr, "restoring host network settings:", err)
+		}
+	}
+	return d, work, root, done, nil
 }
 
 func engineDemo(ctx context.Context) error {
-	d, work, root, err := scratchEngine(ctx)
+	d, work, root, done, err := scratchEngine(ctx)
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(work)
-	defer d.Close()
+	defer done()
 	step := func(what string, f func() error) error {
 		start := time.Now()
 		if err := f(); err != nil {

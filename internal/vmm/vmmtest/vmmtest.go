@@ -14,6 +14,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/kiln-sandbox/kiln/internal/netns"
 	"github.com/kiln-sandbox/kiln/internal/testenv"
 	"github.com/kiln-sandbox/kiln/internal/vmm/busybox"
 )
@@ -62,11 +63,15 @@ func DataDir() string {
 	return "/var/lib/kiln"
 }
 
-// Cleanup removes the environment's files. Safe on nil.
+// Cleanup removes the environment's files and, once the package's VM
+// networks are gone, the host nftables table and forwarding setting they
+// needed (netns.RestoreHost does nothing while any is left, so packages
+// running at once do not pull it from each other). Safe on nil.
 func (e *Env) Cleanup() {
 	if e != nil && e.work != "" {
 		os.RemoveAll(e.work)
 	}
+	netns.RemoveHostRules()
 }
 
 // BuildAgent compiles cmd/kiln-agent statically into dir.
