@@ -652,9 +652,11 @@ func TestCluster(t *testing.T) {
 		t.Errorf("after a request through the edge the idle microVM is %s", s)
 	}
 
-	// SIGSTOP of a node shorter than lease plus grace: nothing terminated.
+	// SIGSTOP of a node longer than its lease but shorter than lease plus
+	// grace: nothing terminated. 4 s: the lease (3 s, renewed every 1 s)
+	// has run out, and the node has 3 s or more to renew on a busy host.
 	nodeA.cmd.Process.Signal(syscall.SIGSTOP)
-	time.Sleep(5 * time.Second)
+	time.Sleep(4 * time.Second)
 	nodeA.cmd.Process.Signal(syscall.SIGCONT)
 	time.Sleep(3 * time.Second)
 	running := ids[1:]
