@@ -215,6 +215,18 @@ func dqWord(v string, literal bool) string {
 	return b.String()
 }
 
+// forceArg writes an ARG with this build's id. An ARG's value is part of
+// the cache key of every step after it (as in BuildKit, where it is in
+// the steps' environment), so they run again instead of coming from the
+// cache. A LABEL would not do: labels are image metadata and key nothing.
+func forceArg(b *strings.Builder, buildID string) {
+	fmt.Fprintf(b, "ARG %s=%s\n", forceArgName, dqWord(buildID, true))
+}
+
+// forceArgName is the ARG of a forced build; RUN steps after it see it in
+// their environment.
+const forceArgName = "KILN_E2B_BUILD"
+
 // dockerfile maps a checked build request onto a Dockerfile for kiln's
 // image builder. from is the FROM line's image; buildID busts the step
 // cache at forced steps (E2B's force and skipCache); head, if not empty,
@@ -229,16 +241,14 @@ func (in buildStart) dockerfile(from, buildID, head string) templatePlan {
 		fmt.Fprintf(&b, "FROM %s\n", from)
 	}
 	if in.Force {
-		fmt.Fprintf(&b, "LABEL dev.kiln.e2b-build=%s\n", dqWord(buildID, true))
+		forceArg(&b, buildID)
 	}
 	var plan templatePlan
 	seen := map[string]bool{}
 	user := ""
 	for _, st := range in.Steps {
 		if st.Force && !in.Force {
-			// A LABEL with this build's id changes the key of every step
-			// after it, so they run again instead of coming from the cache.
-			fmt.Fprintf(&b, "LABEL dev.kiln.e2b-build=%s\n", dqWord(buildID, true))
+			forceArg(&b, buildID)
 		}
 		switch st.Type {
 		case "RUN":

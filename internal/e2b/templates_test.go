@@ -303,6 +303,43 @@ func TestParseBuildStartDockerfile(t *testing.T) {
 	checkDockerfile(t, in)
 }
 
+// TestForcedStepsKeyedByBuild: a forced step (and, for force, the whole
+// build) is preceded by an ARG holding the build's id, whose value keys
+// every later step in the image builder's cache (internal/image's
+// TestArgValueKeysLaterSteps), so they run again.
+func TestForcedStepsKeyedByBuild(t *testing.T) {
+	for _, tt := range []struct {
+		body   string
+		argAt  int // index of the ARG among the stage's steps
+		before string
+	}{
+		{`{"fromImage":"debian","steps":[{"type":"RUN","args":["a"]},{"type":"RUN","args":["b"],"force":true},{"type":"RUN","args":["c"]}]}`, 1, "b"},
+		{`{"fromImage":"debian","force":true,"steps":[{"type":"RUN","args":["a"]},{"type":"RUN","args":["b"]}]}`, 0, "a"},
+	} {
+		in, err := parseBuildStart([]byte(tt.body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		plan := in.dockerfile("debian:12", "bld-\"$x", "")
+		p, err := dockerfile.Parse(strings.NewReader(plan.Dockerfile), nil)
+		if err != nil {
+			t.Fatalf("%v\n%s", err, plan.Dockerfile)
+		}
+		steps := p.Final().Steps
+		a, next := steps[tt.argAt], steps[tt.argAt+1]
+		if a.Kind != dockerfile.Arg || a.KVs[0].Key != forceArgName || next.Kind != dockerfile.Run || next.Args[2] != tt.before {
+			t.Fatalf("no ARG %s right before RUN %s:\n%s", forceArgName, tt.before, plan.Dockerfile)
+		}
+		e, err := a.Expand(nil, p.EscapeToken)
+		if err != nil || e.KVs[0].Value != "bld-\"$x" {
+			t.Fatalf("the ARG's value is %q (%v), want the build id:\n%s", e.KVs[0].Value, err, plan.Dockerfile)
+		}
+		if n := strings.Count(plan.Dockerfile, "ARG "+forceArgName); n != 1 {
+			t.Errorf("%d forcing ARGs, want 1:\n%s", n, plan.Dockerfile)
+		}
+	}
+}
+
 func checkDockerfile(t *testing.T, in buildStart) {
 	t.Helper()
 	plan := in.dockerfile("debian:12", "0000", "")
@@ -343,7 +380,7 @@ func FuzzParseBuildStart(f *testing.F) {
 			return
 		}
 		for i := range in.Steps {
-			in.Steps[i].Force = false // LABELs between steps are checked by the seeds
+			in.Steps[i].Force = false // the forcing ARGs between steps are checked by TestForcedStepsKeyedByBuild
 		}
 		plan := in.dockerfile("debian:12", "0000", "")
 		p, err := dockerfile.Parse(strings.NewReader(plan.Dockerfile), nil)

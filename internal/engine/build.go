@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"time"
@@ -58,6 +59,19 @@ func (e *Engine) BuildImage(ctx context.Context, v store.ImageVersion, builds []
 		}
 	}()
 	return nil
+}
+
+// buildGuarded runs one build. A panic in the builder (a bug that a
+// tenant's Dockerfile or archive reached) fails that build alone instead of
+// ending the server, and with it every other tenant's microVMs and builds.
+func buildGuarded(ctx context.Context, b Builder, req BuildRequest, log *slog.Logger) (res BuildResult, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			log.Error("the image builder panicked; this build fails", "panic", p, "stack", string(debug.Stack()))
+			err = fmt.Errorf("internal error in kiln's image builder (the server log has the details): %v", p)
+		}
+	}()
+	return b.Build(ctx, req)
 }
 
 // buildRun is a version's builds in flight.
@@ -146,7 +160,7 @@ func (e *Engine) build(ctx context.Context, v store.ImageVersion, b store.Build)
 	}
 	start := time.Now()
 	bctx, cancel := context.WithTimeout(ctx, e.cfg.BuildTimeout)
-	res, err := e.cfg.Builder.Build(bctx, BuildRequest{Version: v, Build: b, OutDir: out, Log: w})
+	res, err := buildGuarded(bctx, e.cfg.Builder, BuildRequest{Version: v, Build: b, OutDir: out, Log: w}, log)
 	timedOut := errors.Is(bctx.Err(), context.DeadlineExceeded) && ctx.Err() == nil
 	cancel()
 	if ctx.Err() != nil {

@@ -586,11 +586,18 @@ func shortDir(t *testing.T) string {
 }
 
 // fakeBuilder stands in for internal/imagebuild (our own interface): it
-// writes a log line and returns the shared template, or fails.
-type fakeBuilder struct{ err error }
+// writes a log line and returns the shared template, or fails, or panics
+// as a bug in the builder would.
+type fakeBuilder struct {
+	err   error
+	panic string
+}
 
 func (f fakeBuilder) Build(ctx context.Context, req engine.BuildRequest) (engine.BuildResult, error) {
 	fmt.Fprintf(req.Log, "step 1/1 for build %s\n", req.Build.ID)
+	if f.panic != "" {
+		panic(f.panic)
+	}
 	if f.err != nil {
 		return engine.BuildResult{}, f.err
 	}
@@ -609,6 +616,7 @@ func TestBuildImage(t *testing.T) {
 	}{
 		{name: "success records the template", builder: fakeBuilder{}, wantVersion: store.VersionSuccessful, wantImage: store.ImageCreated},
 		{name: "failure records the reason", builder: fakeBuilder{err: errors.New("RUN exited 1")}, wantVersion: store.VersionFailed, wantImage: store.ImageCreateFailed, wantReason: "RUN exited 1"},
+		{name: "a panic in the builder fails the build, not the server", builder: fakeBuilder{panic: "nil map"}, wantVersion: store.VersionFailed, wantImage: store.ImageCreateFailed, wantReason: "internal error in kiln's image builder (the server log has the details): nil map"},
 		{name: "no builder", builder: nil, wantVersion: store.VersionFailed, wantImage: store.ImageCreateFailed, wantReason: "no image builder"},
 	}
 	for i, tc := range tests {

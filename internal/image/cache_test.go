@@ -178,3 +178,40 @@ func TestPruneCacheScoped(t *testing.T) {
 		t.Error("legacy unscoped entry kept")
 	}
 }
+
+// TestArgValueKeysLaterSteps: a changed ARG value makes every step after
+// it miss the cache (E2B's force writes one with the build's id), the
+// same value hits, and a changed LABEL keys nothing.
+func TestArgValueKeysLaterSteps(t *testing.T) {
+	testenv.NeedRoot(t, "confined host tools and FUSE mounts")
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	data := t.TempDir()
+	runner := &fakeRunner{fn: func(root string, step RunStep) error {
+		return os.WriteFile(filepath.Join(root, "made"), []byte("made"), 0o644)
+	}}
+	b := &Builder{DataDir: data, Runner: runner, Bases: &countingBases{materialized: map[string]int{}}, RunHeadroom: 8 << 20}
+	build := func(dockerfile string) {
+		t.Helper()
+		bctx := t.TempDir()
+		writeFiles(t, bctx, map[string]string{"Dockerfile": dockerfile})
+		var log bytes.Buffer
+		if _, err := b.Build(ctx, Request{Account: "111111111111", ContextDir: bctx, Output: filepath.Join(t.TempDir(), "root.ext4"), Log: &log}); err != nil {
+			t.Fatalf("%v\nlog:\n%s", err, log.String())
+		}
+	}
+	for i, tt := range []struct {
+		dockerfile string
+		runs       int // RUN calls so far
+	}{
+		{"FROM debian:12\nARG KILN_E2B_BUILD=\"b1\"\nRUN make\n", 1},
+		{"FROM debian:12\nARG KILN_E2B_BUILD=\"b1\"\nRUN make\n", 1},
+		{"FROM debian:12\nARG KILN_E2B_BUILD=\"b2\"\nRUN make\n", 2},
+		{"FROM debian:12\nLABEL a=1\nARG KILN_E2B_BUILD=\"b2\"\nRUN make\n", 2},
+	} {
+		build(tt.dockerfile)
+		if len(runner.calls) != tt.runs {
+			t.Fatalf("build %d (%q): RUN ran %d times in all, want %d", i, tt.dockerfile, len(runner.calls), tt.runs)
+		}
+	}
+}

@@ -31,10 +31,11 @@ var platform = v1.Platform{OS: "linux", Architecture: runtime.GOARCH}
 // OpenArchive reads an image from an oci-archive (a tarred OCI image
 // layout, with index.json) or a docker-archive (docker save, with
 // manifest.json). Layout archives are unpacked into scratch, a folder the
-// caller removes, through the same checks as a code package. Every blob
-// the image is made of is checked against its digest before OpenArchive
-// returns (see verify.go): an archive that pairs a manifest with other
-// bytes is refused.
+// caller removes, through the same checks as a code package, and with no
+// symbolic links: the layout reader opens blobs by plain path, and a layout
+// has none. Every blob the image is made of is checked against its digest
+// before OpenArchive returns (see verify.go): an archive that pairs a
+// manifest with other bytes is refused.
 func OpenArchive(ctx context.Context, archive, scratch string) (v1.Image, error) {
 	isLayout, err := tarHas(archive, "index.json")
 	if err != nil {
@@ -59,7 +60,7 @@ func OpenArchive(ctx context.Context, archive, scratch string) (v1.Image, error)
 		return nil, err
 	}
 	defer f.Close()
-	if err := layer.ExtractTar(ctx, f, scratch, layer.Options{Limits: layer.DefaultImageLimits}); err != nil {
+	if err := layer.ExtractTar(ctx, f, scratch, layer.Options{Limits: layer.DefaultImageLimits, NoSymlinks: true}); err != nil {
 		return nil, fmt.Errorf("unpacking oci-archive %s: %w", filepath.Base(archive), err)
 	}
 	if err := metaFileOK("index.json", filepath.Join(scratch, "index.json")); err != nil {

@@ -356,3 +356,41 @@ func TestArchiveMetaBounded(t *testing.T) {
 		}
 	}
 }
+
+// TestArchiveSymlinksRefused: an oci-archive whose links each stay inside
+// on paper (x -> ., then x/x/.../blobs climbing as many levels) but
+// together point the layout's blobs at a host folder is refused, so kiln
+// never reads a host's blobs as the tenant's image.
+func TestArchiveSymlinksRefused(t *testing.T) {
+	ctx := context.Background()
+	host, _ := writeLayout(t, testImage(t)) // the host's blobs the links aim at
+	scratch := t.TempDir()
+	if strings.Count(scratch, "/") > 8 {
+		t.Skipf("scratch %s is deeper than the links climb", scratch)
+	}
+	deep := strings.Repeat("x/", 8)
+	out := filepath.Join(t.TempDir(), "oci.tar")
+	f, err := os.Create(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tw := tar.NewWriter(f)
+	for _, n := range []string{"index.json", "oci-layout"} {
+		b, err := os.ReadFile(filepath.Join(host, n))
+		if err != nil {
+			t.Fatal(err)
+		}
+		tw.WriteHeader(&tar.Header{Name: n, Typeflag: tar.TypeReg, Mode: 0o644, Size: int64(len(b))})
+		tw.Write(b)
+	}
+	tw.WriteHeader(&tar.Header{Name: "x", Typeflag: tar.TypeSymlink, Linkname: "."})
+	tw.WriteHeader(&tar.Header{Name: deep + "blobs", Typeflag: tar.TypeSymlink,
+		Linkname: strings.Repeat("../", 8) + strings.TrimPrefix(host, "/") + "/blobs"})
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if _, err := OpenArchive(ctx, out, scratch); err == nil || !strings.Contains(err.Error(), "may not hold symbolic links") {
+		t.Fatalf("an oci-archive of links to a host folder's blobs: %v, want refused", err)
+	}
+}

@@ -359,6 +359,10 @@ func convert(c any, line int, names map[string]int, nstages int) (Step, error) {
 
 func stageRef(from string, names map[string]int, nstages int) (int, error) {
 	if i, ok := names[strings.ToLower(from)]; ok {
+		if i >= nstages-1 {
+			// The stage being built: its files are not made yet.
+			return 0, fmt.Errorf("COPY --from=%s: a stage cannot copy from itself; name an earlier stage", from)
+		}
 		return i, nil
 	}
 	if n, err := strconv.Atoi(from); err == nil {

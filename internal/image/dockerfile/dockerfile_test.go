@@ -192,6 +192,9 @@ RUN --mount=target=/b,src=.,ro=true true
 		{name: "instruction before from", src: "RUN true\nFROM scratch\n", errHas: "before the first FROM"},
 		{name: "copy from unknown stage", src: "FROM scratch\nCOPY --from=nope /a /b\n", errHas: "no earlier stage"},
 		{name: "copy from later index", src: "FROM scratch\nCOPY --from=0 /a /b\n", errHas: "no earlier stage with that index"},
+		{name: "copy from its own stage", src: "FROM scratch AS a\nCOPY f /f\nCOPY --from=a /f /g\n", errHas: "cannot copy from itself"},
+		{name: "copy from its own stage, other case", src: "FROM scratch AS a\nFROM scratch AS B\nCOPY --from=b /f /g\n", errHas: "cannot copy from itself"},
+		{name: "copy from a later stage", src: "FROM scratch AS a\nCOPY --from=b /f /g\nFROM scratch AS b\n", errHas: "no earlier stage"},
 		{name: "duplicate stage name", src: "FROM scratch AS a\nFROM scratch AS a\n", errHas: "duplicate stage"},
 		{name: "add git", src: "FROM scratch\nADD --keep-git-dir=true https://example.invalid/x.git /x\n", errHas: "git"},
 	}
@@ -279,6 +282,7 @@ func FuzzParse(f *testing.F) {
 	for _, s := range []string{
 		"FROM scratch\nRUN true\n",
 		"FROM debian:12 AS b\nCOPY --from=b /a /b\n",
+		"FROM scratch AS a\nFROM scratch\nCOPY --from=a /x /y\nCOPY --from=0 /x /z\n",
 		"FROM scratch\nRUN --mount=type=cache,target=/var/cache/apt,sharing=locked,id=apt,mode=0700,uid=1,gid=2 true\n",
 		"FROM scratch\nRUN --mount=type=bind,source=src,target=/src,rw --mount=type=tmpfs,target=/t,size=1m make\n",
 		"FROM scratch\nRUN --mount=type=secret,id=x true\n",
@@ -298,6 +302,10 @@ func FuzzParse(f *testing.F) {
 		}
 		for _, st := range p.Stages {
 			for _, s := range st.Steps {
+				if s.FromIdx >= st.Index {
+					// The builder reads an earlier stage's finished files.
+					t.Fatalf("line %d copies from stage %d in stage %d", s.Line, s.FromIdx, st.Index)
+				}
 				for _, m := range s.Mounts {
 					if m.Type != MountCache && m.Type != MountBind && m.Type != MountTmpfs {
 						t.Fatalf("accepted mount type %q", m.Type)

@@ -66,6 +66,13 @@ type Options struct {
 	KeepOwners bool
 	// Owner, if set, owns every written entry (COPY --chown).
 	Owner *Owner
+	// NoSymlinks refuses symbolic links, for a tree that kiln itself reads
+	// on the host by plain path (an OCI image layout, which has none):
+	// checkLinkTarget judges a link's text, and a chain of links that each
+	// stay inside on paper (x -> ., then x/x/x/y -> ../../../..) can still
+	// resolve outside. Trees read through os.Root, or only by the guest,
+	// do not need it.
+	NoSymlinks bool
 	// Skipped, if set, is called for entries deliberately not written
 	// (device nodes in rootfs mode), so the caller can log them.
 	Skipped func(name, why string)
@@ -146,7 +153,9 @@ func CleanName(name string, rootfs bool) (string, error) {
 }
 
 // checkLinkTarget refuses, outside rootfs mode, a symbolic link at name
-// whose target is absolute or climbs out of the tree.
+// whose target is absolute or climbs out of the tree. It judges the
+// link's text only: links through links can resolve elsewhere, so host
+// code reads such trees through os.Root (or refuses links: NoSymlinks).
 func checkLinkTarget(name, target string, rootfs bool) error {
 	if rootfs {
 		return nil

@@ -99,6 +99,9 @@ func ExtractTarRoot(ctx context.Context, r io.Reader, root *os.Root, o Options) 
 			if name == "." {
 				return fmt.Errorf("%w: symlink entry %q names the root", ErrUnsafe, hdr.Name)
 			}
+			if o.NoSymlinks {
+				return fmt.Errorf("%w: symlink entry %q: this archive may not hold symbolic links", ErrUnsafe, hdr.Name)
+			}
 			if err := checkLinkTarget(name, hdr.Linkname, o.Rootfs); err != nil {
 				return err
 			}
