@@ -349,13 +349,15 @@ func (c *h2Conn) write(fn func() error) error {
 		c.wwait.Add(-1)
 		return c.werr
 	}
+	// Pushed on before fn, which reaches the socket itself once it writes
+	// more than bw holds (after a quiet minute the last deadline has
+	// passed); at most once a second: a write may take 59 s to 60 s.
+	if now := time.Now(); now.Sub(c.wdeadAt) > time.Second {
+		c.conn.SetWriteDeadline(now.Add(h2WriteTimeout))
+		c.wdeadAt = now
+	}
 	err := fn()
 	if c.wwait.Add(-1) == 0 && err == nil {
-		// Pushed on at most once a second: a flush may take 59 s to 60 s.
-		if now := time.Now(); now.Sub(c.wdeadAt) > time.Second {
-			c.conn.SetWriteDeadline(now.Add(h2WriteTimeout))
-			c.wdeadAt = now
-		}
 		err = c.bw.Flush()
 	}
 	if err != nil {

@@ -608,3 +608,33 @@ func TestH2LoopShutdown(t *testing.T) {
 		}
 	}
 }
+
+// TestH2WriteAfterQuietMinute: after a minute without writes the last
+// write deadline has passed; an answer larger than the write buffer,
+// which reaches the socket before the flush, still goes out instead of
+// ending the connection with a timeout.
+func TestH2WriteAfterQuietMinute(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			io.Copy(io.Discard, c)
+			c.Close()
+		}
+	}()
+	conn, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	hs := &h1Serve{s: &Server{log: slog.New(slog.DiscardHandler)}, conns: map[net.Conn]*h1Conn{}}
+	c := newH2Conn(hs, conn, nil, "192.0.2.1:1")
+	c.wdeadAt = time.Now().Add(-h2WriteTimeout - time.Second)
+	conn.SetWriteDeadline(c.wdeadAt.Add(h2WriteTimeout))
+	if err := c.write(func() error { return c.writeBlock(1, make([]byte, 2*h2WriteBufSize), true) }); err != nil {
+		t.Fatalf("a header block over the write buffer after a quiet minute: %v", err)
+	}
+}

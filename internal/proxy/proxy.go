@@ -336,6 +336,9 @@ func (s *Server) reverseProxy(t http.RoundTripper) *httputil.ReverseProxy {
 			}
 		},
 		ModifyResponse: func(resp *http.Response) error {
+			if resp.StatusCode < 100 {
+				return errLowStatus // Transport takes it; WriteHeader would panic
+			}
 			// A guest must not plant or overwrite the browser's token.
 			dropSetCookie(resp.Header, CookieAuth)
 			// A client that offered subprotocols must get one back, or
@@ -691,6 +694,9 @@ func (s *Server) speaksTLS(ctx context.Context, host string) bool {
 		tc := tls.Client(c, &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS12})
 		yes = tc.HandshakeContext(pctx) == nil
 		tc.Close()
+		if ctx.Err() != nil {
+			return yes // the request ended: the probe's "no" may be that, not the app
+		}
 	} else {
 		return false // do not remember: the app may be starting
 	}
@@ -871,10 +877,17 @@ func dropSetCookie(h http.Header, name string) {
 	}
 }
 
-// setsCookie reports whether a Set-Cookie value v sets cookie name.
+// setsCookie reports whether a Set-Cookie value v sets cookie name,
+// also as a nameless cookie: browsers store "=name=x" (or "=name") under
+// an empty name and send it back as "name=x", which reads as name.
 func setsCookie(v, name string) bool {
-	n, _, _ := strings.Cut(v, "=")
-	return strings.EqualFold(strings.TrimSpace(n), name)
+	pair, _, _ := strings.Cut(v, ";")
+	n, rest, _ := strings.Cut(pair, "=")
+	if n = strings.TrimSpace(n); n == "" {
+		n, _, _ = strings.Cut(rest, "=")
+		n = strings.TrimSpace(n)
+	}
+	return strings.EqualFold(n, name)
 }
 
 func splitProtocols(vals []string) []string {

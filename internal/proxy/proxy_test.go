@@ -723,6 +723,9 @@ func FuzzAuthCookieFilters(f *testing.F) {
 	// too (the proxy read the token from it, and forwarded it).
 	f.Add("a=1; kiln-proxy-auth =tok", "a=1")
 	f.Add("kiln-proxy-auth\t= tok", "a=1")
+	// A nameless cookie goes back as its value: "kiln-proxy-auth=x".
+	f.Add("a=1", "=kiln-proxy-auth=x; Domain=microvm.localhost; Path=/")
+	f.Add("a=1", " = kiln-proxy-auth ; Path=/")
 	f.Fuzz(func(t *testing.T, cookie, setCookie string) {
 		h := http.Header{}
 		h.Add("Cookie", cookie)
@@ -741,7 +744,30 @@ func FuzzAuthCookieFilters(f *testing.F) {
 				t.Fatalf("Set-Cookie %q kept %s", setCookie, c.Name)
 			}
 		}
+		for _, v := range rh.Values("Set-Cookie") {
+			back := &http.Request{Header: http.Header{"Cookie": {browserReturns(v)}}}
+			if _, err := back.Cookie(CookieAuth); err == nil {
+				t.Fatalf("Set-Cookie %q kept: a browser sends it back as %q", v, browserReturns(v))
+			}
+		}
 	})
+}
+
+// browserReturns is the Cookie field a browser sends for a cookie stored
+// from Set-Cookie v (RFC 6265bis 5.6: the pair before the first ";",
+// the name before its first "=", both trimmed; a nameless cookie, or a
+// pair without "=", goes back as its value alone).
+func browserReturns(v string) string {
+	pair, _, _ := strings.Cut(v, ";")
+	name, value, found := strings.Cut(pair, "=")
+	if !found {
+		name, value = "", name
+	}
+	name, value = strings.TrimSpace(name), strings.TrimSpace(value)
+	if name == "" {
+		return value
+	}
+	return name + "=" + value
 }
 
 // TestProxyHeaders: AWS reserves x-aws-proxy-*; none reaches the app, in

@@ -62,6 +62,15 @@ const (
 
 var errUpstreamProtocol = errors.New("the app answered 101 Switching Protocols to a request that asked for no upgrade")
 
+// max1xx bounds the informational answers before the final one, as
+// http.Transport does: a guest could otherwise send them forever.
+const max1xx = 5
+
+var (
+	errTooMany1xx = fmt.Errorf("the app sent more than %d informational (1xx) answers before its answer", max1xx)
+	errLowStatus  = errors.New("the app answered with a status code below 100 (HTTP status codes are 100 to 999)")
+)
+
 // fastPathOK reports whether r can take h1Upstream: no body (a length
 // of 0 is no body, for ReverseProxy too, also for an HTTP/2 stream whose
 // body is open), nothing to wait for (Expect), no protocol switch.
@@ -316,10 +325,15 @@ func (pc *upConn) readResponse(out *http.Request) (*http.Response, error) {
 	resp, n, ok := parseResponseHead(buf, out.Method)
 	if !ok {
 		resp, err := http.ReadResponse(pc.br, out)
-		if err == nil {
-			pc.headRead()
+		if err != nil {
+			return nil, err
 		}
-		return resp, err
+		if resp.StatusCode < 100 {
+			// No writer takes it (WriteHeader panics): a bad answer.
+			return nil, errLowStatus
+		}
+		pc.headRead()
+		return resp, nil
 	}
 	pc.br.Discard(n)
 	pc.headRead()
@@ -588,9 +602,13 @@ func (s *Server) answerH1(ctx context.Context, w http.ResponseWriter, r *http.Re
 	defer func() { s.up.release(addr, pc, reuse) }()
 	// Informational answers (103 Early Hints) go on to the client, as
 	// ReverseProxy passes them; the final answer follows.
-	for resp.StatusCode >= 100 && resp.StatusCode < 200 {
+	for n := 1; resp.StatusCode >= 100 && resp.StatusCode < 200; n++ {
 		if resp.StatusCode == http.StatusSwitchingProtocols {
 			s.guestFailed(w, r, id, errUpstreamProtocol)
+			return
+		}
+		if n > max1xx {
+			s.guestFailed(w, r, id, errTooMany1xx)
 			return
 		}
 		h := w.Header()
@@ -598,6 +616,7 @@ func (s *Server) answerH1(ctx context.Context, w http.ResponseWriter, r *http.Re
 		copyHeaders(h, resp.Header)
 		w.WriteHeader(resp.StatusCode)
 		clear(h)
+		pc.lim.N = upMaxHeader // each head within the bound, as the first
 		if resp, err = pc.readResponse(out); err != nil {
 			s.guestFailed(w, r, id, err)
 			return

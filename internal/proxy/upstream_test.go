@@ -154,7 +154,9 @@ func TestUpstreamHeaders(t *testing.T) {
 }
 
 // TestUpstreamHostileGuest: what a guest answers cannot hurt the proxy.
-// An endless header is cut at upMaxHeader (502), a protocol switch the
+// An endless header is cut at upMaxHeader (502), also after a 103; more
+// than max1xx informational answers, or a status below 100, are a 502
+// (not a stuck loop or a handler's panic); a protocol switch the
 // client did not ask for is refused (502), a body cut short is not
 // passed off as whole, and a keep-alive connection the guest dropped
 // while idle costs the next request nothing (it is sent again).
@@ -192,7 +194,39 @@ func TestUpstreamHostileGuest(t *testing.T) {
 			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 		}
 	})
-	e := newEnvGuests(t, map[string]string{"7001": endless, "7002": switching, "7003": short, "7004": dropper})
+	const ok = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+	// Informational answers: each head is bounded as the first is (an
+	// endless one after a 103 was read whole), and at most max1xx pass.
+	hints := func(n int, final string) string {
+		g, _ := rawGuest(t, func(c net.Conn, br *bufio.Reader) {
+			if !readReq(br) {
+				return
+			}
+			io.WriteString(c, strings.Repeat("HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n", n))
+			if final != "" {
+				io.WriteString(c, final)
+				return
+			}
+			// Over the bound, then a whole answer: read unbounded, it
+			// would pass.
+			io.WriteString(c, "HTTP/1.1 200 OK\r\n")
+			line := "X-Fill: " + strings.Repeat("a", 8<<10) + "\r\n"
+			for i := 0; i < (upMaxHeader/len(line))+100; i++ {
+				if _, err := io.WriteString(c, line); err != nil {
+					return
+				}
+			}
+			io.WriteString(c, "Content-Length: 2\r\n\r\nok")
+		})
+		return g
+	}
+	lowStatus, _ := rawGuest(t, func(c net.Conn, br *bufio.Reader) {
+		if readReq(br) {
+			io.WriteString(c, "HTTP/1.1 042 Odd\r\nContent-Length: 2\r\n\r\nok")
+		}
+	})
+	e := newEnvGuests(t, map[string]string{"7001": endless, "7002": switching, "7003": short, "7004": dropper,
+		"7005": hints(1, ""), "7006": hints(max1xx, ok), "7007": hints(max1xx+1, ok), "7008": lowStatus})
 
 	for _, h2 := range []bool{false, true} {
 		t.Run(fmt.Sprintf("h2=%v", h2), func(t *testing.T) {
@@ -201,6 +235,18 @@ func TestUpstreamHostileGuest(t *testing.T) {
 			}
 			if resp, _, err := e.get(t, h2, "7002", nil); err != nil || resp.StatusCode != http.StatusBadGateway {
 				t.Errorf("unasked 101: %v, %v; want 502", resp, err)
+			}
+			if resp, _, err := e.get(t, h2, "7005", nil); err != nil || resp.StatusCode != http.StatusBadGateway {
+				t.Errorf("endless header after a 103: %v, %v; want 502", resp, err)
+			}
+			if resp, body, err := e.get(t, h2, "7006", nil); err != nil || resp.StatusCode != 200 || string(body) != "ok" {
+				t.Errorf("%d 103s, then 200: %v %q %v", max1xx, resp, body, err)
+			}
+			if resp, _, err := e.get(t, h2, "7007", nil); err != nil || resp.StatusCode != http.StatusBadGateway {
+				t.Errorf("%d 103s: %v, %v; want 502", max1xx+1, resp, err)
+			}
+			if resp, _, err := e.get(t, h2, "7008", nil); err != nil || resp.StatusCode != http.StatusBadGateway {
+				t.Errorf("status 042: %v, %v; want 502", resp, err)
 			}
 			if resp, body, err := e.get(t, h2, "7003", nil); err == nil {
 				t.Errorf("short body passed as whole: %d %q", resp.StatusCode, body)
@@ -376,4 +422,29 @@ func FuzzOutgoingHeaders(f *testing.F) {
 			t.Fatalf("X-Forwarded-For %q", xff)
 		}
 	})
+}
+
+// TestTLSProbeOfEndedRequestNotKept: a TLS probe cut short by its
+// request's end (a client that left) says nothing of the port: it is not
+// kept, and the next request probes again and speaks TLS to a TLS app.
+func TestTLSProbeOfEndedRequestNotKept(t *testing.T) {
+	app := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	defer app.Close()
+	host := app.Listener.Addr().String()
+	ctx, leave := context.WithCancel(context.Background())
+	var dials atomic.Int32
+	s := &Server{tlsPorts: map[string]tlsProbe{}, cfg: Config{Dial: func(dctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := (&net.Dialer{}).DialContext(dctx, network, addr)
+		if dials.Add(1) == 1 {
+			leave() // the client goes away during the first probe
+		}
+		return c, err
+	}}}
+	s.speaksTLS(ctx, host)
+	if !s.speaksTLS(context.Background(), host) {
+		t.Fatal("after a probe cut short by the client, the TLS app's port counts as plain HTTP")
+	}
+	if n := dials.Load(); n != 2 {
+		t.Errorf("%d probes, want 2 (the cut one not kept)", n)
+	}
 }
