@@ -334,3 +334,42 @@ func TestBuildSourceAndFailureReason(t *testing.T) {
 	}
 	checkNoWork(t, data)
 }
+
+// TestCopyChmod: --chmod gives its mode to what the step copied and to
+// nothing else (not files an earlier step put in the same folder, nor the
+// folder copied into), keeps setuid and sticky bits, applies to ADD of a
+// URL, and a mode over 7777 is refused.
+func TestCopyChmod(t *testing.T) {
+	testenv.NeedRoot(t, "confined host tools and FUSE mounts")
+	ctx := context.Background()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "downloaded")
+	}))
+	defer srv.Close()
+	bctx := t.TempDir()
+	writeFiles(t, bctx, map[string]string{
+		"Dockerfile": "FROM scratch\nCOPY a/ /d/\nCOPY --chmod=700 b/ /d/\nCOPY --chmod=4755 x /bin/x\nCOPY --chmod=1777 a/old /tmp/sticky\n" +
+			"ADD --chmod=751 " + srv.URL + "/u /opt/u\n",
+		"a/old": "old", "b/new": "new", "b/sub/deep": "deep", "x": "x",
+	})
+	b := &Builder{DataDir: t.TempDir(), HTTPClient: loopbackAllowed()}
+	out := filepath.Join(t.TempDir(), "root.ext4")
+	var log bytes.Buffer
+	if _, err := b.Build(ctx, Request{Account: "test", ContextDir: bctx, Output: out, Log: &log}); err != nil {
+		t.Fatalf("build: %v\nlog:\n%s", err, log.String())
+	}
+	for p, want := range map[string]uint32{"/d/old": 0o644, "/d": 0o755, "/d/new": 0o700, "/d/sub": 0o700, "/d/sub/deep": 0o700,
+		"/bin/x": 0o4755, "/tmp/sticky": 0o1777, "/opt/u": 0o751} {
+		fi, err := rootfs.Stat(ctx, out, p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := uint32(fi.Mode) & 0o7777; got != want {
+			t.Errorf("%s: mode %04o, want %04o", p, got, want)
+		}
+	}
+	writeFiles(t, bctx, map[string]string{"Dockerfile": "FROM scratch\nCOPY --chmod=17777 x /x\n"})
+	if _, err := b.Build(ctx, Request{Account: "test", ContextDir: bctx, Output: out, Log: &log}); err == nil || !strings.Contains(err.Error(), "up to 7777") {
+		t.Errorf("--chmod=17777: %v", err)
+	}
+}

@@ -41,10 +41,13 @@ func isURL(s string) bool {
 
 // copy runs a COPY or ADD step on the stage's root folder.
 func (bd *build) copy(ctx context.Context, st *stageState, s dockerfile.Step) (bool, error) {
+	var chmod *fs.FileMode
 	if s.Chmod != "" {
-		if _, err := strconv.ParseUint(s.Chmod, 8, 32); err != nil {
-			return false, fmt.Errorf("%w: --chmod=%s: only octal modes are supported", ErrInvalid, s.Chmod)
+		m, err := strconv.ParseUint(s.Chmod, 8, 32)
+		if err != nil || m > 0o7777 {
+			return false, fmt.Errorf("%w: --chmod=%s: only octal modes of up to 7777 are supported", ErrInvalid, s.Chmod)
 		}
+		chmod = new(octalMode(m))
 	}
 	// The source root: the build context, or an earlier stage's root.
 	var src *os.Root
@@ -188,10 +191,11 @@ func (bd *build) copy(ctx context.Context, st *stageState, s dockerfile.Step) (b
 		Options: layer.Options{Rootfs: true, Owner: owner, KeepOwners: keepOwners, Limits: limits,
 			Skipped: func(name, why string) { bd.log.Debug("skipped entry", "name", name, "why", why) }},
 		Exclude: nil,
+		Mode:    chmod,
 	}
 	for _, m := range matches {
 		if m.url != "" {
-			if err := bd.addURL(ctx, dr, m.url, destName, destDir, s.Checksum, owner); err != nil {
+			if err := bd.addURL(ctx, dr, m.url, destName, destDir, s.Checksum, owner, chmod); err != nil {
 				return false, err
 			}
 			continue
@@ -224,12 +228,6 @@ func (bd *build) copy(ctx context.Context, st *stageState, s dockerfile.Step) (b
 			if err := layer.CopyTree(ctx, src, m.name, dr, target, opts); err != nil {
 				return false, err
 			}
-		}
-	}
-	if s.Chmod != "" {
-		mode, _ := strconv.ParseUint(s.Chmod, 8, 32)
-		if err := chmodCopied(dr, matches, src, destName, destDir, fs.FileMode(mode)); err != nil {
-			return false, err
 		}
 	}
 	kind, stored := kindFolder, dst
@@ -410,7 +408,7 @@ func (bd *build) untar(ctx context.Context, src *os.Root, name string, dst *os.R
 
 // addURL downloads an ADD URL into the root: bounded, with a timeout, and
 // checked against --checksum when given.
-func (bd *build) addURL(ctx context.Context, dr *os.Root, rawURL, destName string, destDir bool, checksum string, owner *layer.Owner) error {
+func (bd *build) addURL(ctx context.Context, dr *os.Root, rawURL, destName string, destDir bool, checksum string, owner *layer.Owner, chmod *fs.FileMode) error {
 	u, err := url.Parse(rawURL)
 	if err != nil {
 		return fmt.Errorf("%w: ADD %s: %v", ErrInvalid, rawURL, err)
@@ -474,39 +472,27 @@ func (bd *build) addURL(ctx context.Context, dr *os.Root, rawURL, destName strin
 		}
 	}
 	if owner != nil && os.Geteuid() == 0 {
-		return dr.Lchown(target, owner.UID, owner.GID)
+		if err := dr.Lchown(target, owner.UID, owner.GID); err != nil {
+			return err
+		}
+	}
+	if chmod != nil {
+		// After chown, which clears setuid bits.
+		return dr.Chmod(target, *chmod)
 	}
 	return nil
 }
 
-func chmodCopied(dr *os.Root, matches []srcMatch, src *os.Root, destName string, destDir bool, mode fs.FileMode) error {
-	for _, m := range matches {
-		target := destName
-		if m.url != "" {
-			continue
-		}
-		fi, err := src.Stat(m.name)
-		if err != nil {
-			return err
-		}
-		if !fi.IsDir() && destDir {
-			target = path.Join(destName, path.Base(m.name))
-		}
-		walkRoot := target
-		err = fs.WalkDir(dr.FS(), walkRoot, func(p string, d fs.DirEntry, err error) error {
-			if err != nil || d.Type()&fs.ModeSymlink != 0 {
-				return err
-			}
-			if fi.IsDir() && p == walkRoot {
-				return nil
-			}
-			return dr.Chmod(p, mode)
-		})
-		if err != nil {
-			return fmt.Errorf("--chmod: %w", err)
+// octalMode is a mode as chmod(1) writes it (04755) as an fs.FileMode,
+// whose setuid, setgid and sticky flags are not those octal bits.
+func octalMode(m uint64) fs.FileMode {
+	mode := fs.FileMode(m & 0o777)
+	for bit, flag := range map[uint64]fs.FileMode{0o4000: fs.ModeSetuid, 0o2000: fs.ModeSetgid, 0o1000: fs.ModeSticky} {
+		if m&bit != 0 {
+			mode |= flag
 		}
 	}
-	return nil
+	return mode
 }
 
 // stageFolder returns a folder with an earlier stage's final root, for

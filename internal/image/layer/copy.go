@@ -17,6 +17,9 @@ type CopyOptions struct {
 	// Exclude, if set, skips source entries (relative to the source root,
 	// slash-separated) for which it returns true: .dockerignore.
 	Exclude func(rel string, isDir bool) bool
+	// Mode, if set, is the mode of every file and folder copied, in place
+	// of the source's (COPY --chmod); the folder copied into keeps its own.
+	Mode *fs.FileMode
 }
 
 // CopyTree copies srcName from the src root to dstName in the dst root.
@@ -81,7 +84,11 @@ func CopyTree(ctx context.Context, src *os.Root, srcName string, dst *os.Root, d
 			if err := o.chown(dst, target, uid, gid); err != nil {
 				return err
 			}
-			dirs = append(dirs, dirMode{name: target, mode: info.Mode() & (fs.ModePerm | fs.ModeSetgid | fs.ModeSticky), mtime: info.ModTime()})
+			mode := info.Mode() & (fs.ModePerm | fs.ModeSetgid | fs.ModeSticky)
+			if o.Mode != nil && rel != "." {
+				mode = *o.Mode
+			}
+			dirs = append(dirs, dirMode{name: target, mode: mode, mtime: info.ModTime()})
 			return nil
 		}
 		return copyOne(src, p, info, dst, target, o, &c)
@@ -156,7 +163,11 @@ func copyOne(src *os.Root, name string, fi fs.FileInfo, dst *os.Root, target str
 		if err := o.chown(dst, target, uid, gid); err != nil {
 			return err
 		}
-		if err := dst.Chmod(target, fi.Mode()&(fs.ModePerm|fs.ModeSetuid|fs.ModeSetgid|fs.ModeSticky)); err != nil {
+		mode := fi.Mode() & (fs.ModePerm | fs.ModeSetuid | fs.ModeSetgid | fs.ModeSticky)
+		if o.Mode != nil {
+			mode = *o.Mode
+		}
+		if err := dst.Chmod(target, mode); err != nil {
 			return fmt.Errorf("chmod %q: %w", target, err)
 		}
 		if o.Rootfs {
