@@ -73,13 +73,19 @@ func tgz(t *testing.T, files map[string]string) []byte {
 	return buf.Bytes()
 }
 
-func TestBuild(t *testing.T) {
-	testenv.NeedRoot(t, "confined host tools and FUSE mounts")
-	ctx := context.Background()
+// downloadServer serves "downloaded" for ADD of a URL.
+func downloadServer(t *testing.T) *httptest.Server {
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, "downloaded")
 	}))
-	defer srv.Close()
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+func TestBuild(t *testing.T) {
+	testenv.NeedRoot(t, "confined host tools and FUSE mounts")
+	ctx := context.Background()
+	srv := downloadServer(t)
 
 	data := t.TempDir()
 	bctx := t.TempDir()
@@ -342,10 +348,7 @@ func TestBuildSourceAndFailureReason(t *testing.T) {
 func TestCopyChmod(t *testing.T) {
 	testenv.NeedRoot(t, "confined host tools and FUSE mounts")
 	ctx := context.Background()
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		io.WriteString(w, "downloaded")
-	}))
-	defer srv.Close()
+	srv := downloadServer(t)
 	bctx := t.TempDir()
 	writeFiles(t, bctx, map[string]string{
 		"Dockerfile": "FROM scratch\nCOPY a/ /d/\nCOPY --chmod=700 b/ /d/\nCOPY --chmod=4755 x /bin/x\nCOPY --chmod=1777 a/old /tmp/sticky\n" +
