@@ -376,3 +376,33 @@ func TestCopyChmod(t *testing.T) {
 		t.Errorf("--chmod=17777: %v", err)
 	}
 }
+
+// TestAddCompressedNonTar: ADD unpacks a local file only if it is a tar
+// once decompressed; a gzipped JSON, or a text that begins as bzip2 does,
+// is copied as it is.
+func TestAddCompressedNonTar(t *testing.T) {
+	testenv.NeedRoot(t, "confined host tools and FUSE mounts")
+	ctx := context.Background()
+	var gz bytes.Buffer
+	zw := gzip.NewWriter(&gz)
+	zw.Write([]byte(`{"a":1}`))
+	zw.Close()
+	bctx := t.TempDir()
+	writeFiles(t, bctx, map[string]string{
+		"Dockerfile": "FROM scratch\nADD data.json.gz /d/\nADD bzh.txt /t/\nADD v.tar.gz /v/\n",
+		"bzh.txt":    "BZh is how this note begins",
+	})
+	os.WriteFile(filepath.Join(bctx, "data.json.gz"), gz.Bytes(), 0o644)
+	os.WriteFile(filepath.Join(bctx, "v.tar.gz"), tgz(t, map[string]string{"lib/v.txt": "vendored"}), 0o644)
+	b := &Builder{DataDir: t.TempDir()}
+	out := filepath.Join(t.TempDir(), "root.ext4")
+	var log bytes.Buffer
+	if _, err := b.Build(ctx, Request{Account: "test", ContextDir: bctx, Output: out, Log: &log}); err != nil {
+		t.Fatalf("build: %v\nlog:\n%s", err, log.String())
+	}
+	for p, want := range map[string]string{"/d/data.json.gz": gz.String(), "/t/bzh.txt": "BZh is how this note begins", "/v/lib/v.txt": "vendored"} {
+		if got, err := rootfs.ReadFile(ctx, out, p, 1<<20); err != nil || string(got) != want {
+			t.Errorf("%s = %q (%v), want %q", p, got, err, want)
+		}
+	}
+}

@@ -3,6 +3,7 @@
 package image
 
 import (
+	"archive/tar"
 	"bufio"
 	"context"
 	"crypto/sha256"
@@ -119,7 +120,7 @@ func (bd *build) copy(ctx context.Context, st *stageState, s dockerfile.Step) (b
 		if err := hashTree(ctx, h, src, m.name, exclude, &need, limits); err != nil {
 			return false, err
 		}
-		m.archive = s.Kind == dockerfile.Add && s.FromIdx < 0 && isArchiveFile(src, m.name)
+		m.archive = s.Kind == dockerfile.Add && s.FromIdx < 0 && isArchiveFile(ctx, src, m.name)
 		if m.archive {
 			// What an archive unpacks to is known only once it is
 			// unpacked: room for ten times its size, within the limits.
@@ -370,7 +371,10 @@ func hashTree(ctx context.Context, h io.Writer, src *os.Root, name string, exclu
 	})
 }
 
-func isArchiveFile(src *os.Root, name string) bool {
+// isArchiveFile reports whether ADD unpacks the local file name: as in
+// BuildKit, when it starts with a tar header once decompressed. Any other
+// file, a gzipped JSON or a text that begins with "BZh", is copied as is.
+func isArchiveFile(ctx context.Context, src *os.Root, name string) bool {
 	f, err := src.Open(name)
 	if err != nil {
 		return false
@@ -378,7 +382,19 @@ func isArchiveFile(src *os.Root, name string) bool {
 	defer f.Close()
 	head := make([]byte, 512)
 	n, _ := io.ReadFull(f, head)
-	return layer.IsArchive(head[:n])
+	if !layer.IsArchive(head[:n]) {
+		return false
+	}
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return false
+	}
+	r, err := layer.Decompress(ctx, f)
+	if err != nil {
+		return false
+	}
+	defer r.Close()
+	_, err = tar.NewReader(r).Next()
+	return err == nil
 }
 
 func (bd *build) untar(ctx context.Context, src *os.Root, name string, dst *os.Root, destName string, limits layer.Limits) error {

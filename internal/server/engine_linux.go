@@ -234,7 +234,9 @@ func newImageBuilder(o Options, drv *qemu.Driver, s3cfg *source.S3Config, st sto
 		Images: &image.Builder{DataDir: o.DataDir, Runner: &imagebuild.Runner{Driver: drv, ExtraDeny: o.DenyCIDRs, Packages: pkgs, Logger: log,
 			// RUN steps start as clones of a booted build VM (warm.go).
 			WarmDir: filepath.Join(o.DataDir, "build-warm")},
-			Bases:      &base.Resolver{Managed: bases, InsecureRegistries: o.InsecureRegistries, Egress: pol, Logger: log},
+			// oci-archives unpack on the data disk, not in a tmpfs /tmp.
+			Bases: &base.Resolver{Managed: bases, InsecureRegistries: o.InsecureRegistries, Egress: pol, Logger: log,
+				ScratchDir: filepath.Join(o.DataDir, "tmp")},
 			HTTPClient: pol.Client(10 * time.Minute), Logger: log},
 		Driver:    drv,
 		ExtraDeny: o.DenyCIDRs,

@@ -103,6 +103,11 @@ func (r *Resolver) Resolve(ctx context.Context, b dockerfile.Base, contextDir st
 		if err != nil {
 			return image.ResolvedBase{}, fmt.Errorf("FROM oci-archive:%s: %w", b.Ref, err)
 		}
+		if r.ScratchDir != "" {
+			if err := os.MkdirAll(r.ScratchDir, 0o700); err != nil {
+				return image.ResolvedBase{}, err
+			}
+		}
 		scratch, err := os.MkdirTemp(r.ScratchDir, "oci-archive-")
 		if err != nil {
 			return image.ResolvedBase{}, err

@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -402,5 +403,50 @@ func TestResolveInRoot(t *testing.T) {
 				t.Fatalf("ResolveInRoot(%q) = %q, %v; want %q", tt.in, got, err, tt.want)
 			}
 		})
+	}
+}
+
+// paxRecord is one PAX extended header record, "LEN key=value\n", LEN
+// counting itself.
+func paxRecord(k, v string) string {
+	s := " " + k + "=" + v + "\n"
+	for n := len(s) + 1; ; n++ {
+		if r := strconv.Itoa(n) + s; len(r) == n {
+			return r
+		}
+	}
+}
+
+// TestExtractTarSparseRefused: a PAX sparse entry, 3 KiB of tar that
+// archive/tar would write out as 64 MiB of zeros, is refused, in code
+// packages and rootfs trees alike, before anything is written.
+func TestExtractTarSparseRefused(t *testing.T) {
+	// archive/tar's writer drops GNU.sparse records, so a comment of the
+	// same length is written and swapped for them.
+	sparseRecs := paxRecord("GNU.sparse.major", "1") + paxRecord("GNU.sparse.minor", "0") +
+		paxRecord("GNU.sparse.name", "f") + paxRecord("GNU.sparse.realsize", "67108864")
+	fill := ""
+	for len(paxRecord("comment", fill)) < len(sparseRecs) {
+		fill += "c"
+	}
+	if len(paxRecord("comment", fill)) != len(sparseRecs) {
+		t.Fatal("no comment record has the sparse records' length")
+	}
+	sparseMap := "1\n67108864\n0\n" + strings.Repeat("\x00", 512-len("1\n67108864\n0\n"))
+	buf := tarOf(t, []tent{{hdr: tar.Header{Name: "f", Typeflag: tar.TypeReg, PAXRecords: map[string]string{"comment": fill}}, body: sparseMap}})
+	b := bytes.Replace(buf.Bytes(), []byte(paxRecord("comment", fill)), []byte(sparseRecs), 1)
+	if bytes.Equal(b, buf.Bytes()) {
+		t.Fatal("the test could not make its sparse entry")
+	}
+	for _, rootfs := range []bool{false, true} {
+		parent, dst := sandbox(t)
+		err := ExtractTar(context.Background(), bytes.NewReader(b), dst, Options{Rootfs: rootfs})
+		checkOutside(t, parent)
+		if !errors.Is(err, ErrUnsafe) || !strings.Contains(err.Error(), "sparse") {
+			t.Errorf("rootfs=%v: %v, want the sparse entry refused", rootfs, err)
+		}
+		if _, err := os.Lstat(filepath.Join(dst, "f")); err == nil {
+			t.Errorf("rootfs=%v: the sparse file was written", rootfs)
+		}
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
+	"strings"
 	"time"
 )
 
@@ -52,6 +53,11 @@ func ExtractTarRoot(ctx context.Context, r io.Reader, root *os.Root, o Options) 
 		}
 		if err := c.entry(); err != nil {
 			return err
+		}
+		if sparse(hdr) {
+			// archive/tar writes a sparse file's holes out as zeros: a few
+			// bytes of map become gigabytes on disk.
+			return fmt.Errorf("%w: %q is a sparse file entry, which kiln does not unpack; make the archive without --sparse", ErrUnsafe, hdr.Name)
 		}
 		name, err := CleanName(hdr.Name, o.Rootfs)
 		if err != nil {
@@ -242,4 +248,17 @@ func pipeTool(ctx context.Context, r io.Reader, tool string) (io.ReadCloser, err
 		return nil, fmt.Errorf("starting %s to decompress (install it with `make setup`): %w", tool, err)
 	}
 	return &toolReader{ReadCloser: out, cmd: cmd}, nil
+}
+
+// sparse reports a GNU or PAX sparse file entry.
+func sparse(hdr *tar.Header) bool {
+	if hdr.Typeflag == tar.TypeGNUSparse {
+		return true
+	}
+	for k := range hdr.PAXRecords {
+		if strings.HasPrefix(k, "GNU.sparse.") {
+			return true
+		}
+	}
+	return false
 }
