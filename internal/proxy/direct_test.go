@@ -837,7 +837,10 @@ func TestDirectSameAsGeneralH2(t *testing.T) {
 		{name: "frames: trailers", frames: post("5", data("hello", false), h2Step{kind: "trailers", fields: []string{"x-t", "1"}})},
 		{name: "frames: body, then RST_STREAM", frames: post("5", data("hello", false), pause, h2Step{kind: "rst"})},
 		// Whether the reset comes before the handler looks at the body.
-		{name: "frames: RST_STREAM after the body", frames: post("5", data("hello", true), h2Step{kind: "rst"}), either: true},
+		// Whether the request reaches the guest before the reset ends it
+		// is a matter of timing on either path (under -race the general
+		// path lost the race once).
+		{name: "frames: RST_STREAM after the body", frames: post("5", data("hello", true), h2Step{kind: "rst"}), either: true, racy: true},
 		simple("plain", "GET", base+"/", http.Header{"User-Agent": {"t"}}, true),
 		simple("query", "GET", base+"/a/b?x=1&y=%20z", nil, true),
 		simple("escaped path", "GET", base+"/a%20b/c;d=1/%2F@:$+,", nil, true),

@@ -37,7 +37,12 @@ const (
 	// bodyReadTimeout bounds each read of a request body (net/http's
 	// server had none): a client that stops sending mid-body is dropped.
 	bodyReadTimeout = 120 * time.Second
-	maxHeaderBytes  = 64 << 10
+	// writeTimeout bounds each write to the client (net/http's server has
+	// none by default): a client that stops reading an answer frees its
+	// goroutine and the guest's connection, and the VM may go idle, as on
+	// the h2 loop (h2WriteTimeout).
+	writeTimeout   = 60 * time.Second
+	maxHeaderBytes = 64 << 10
 	// headerReadLimit is what the header read may take from the
 	// connection: the header plus what bufio reads ahead (net/http's rule).
 	headerReadLimit = maxHeaderBytes + 4096
@@ -64,6 +69,8 @@ type h1Serve struct {
 	tlsConf  *tls.Config
 	fallback *connListener
 	closing  atomic.Bool
+	// writeTimeout, if set, replaces writeTimeout (tests).
+	writeTimeout time.Duration
 
 	mu sync.Mutex
 	// conns are the connections this loop owns: nil while in the TLS
@@ -198,7 +205,8 @@ type h1Conn struct {
 	rec recorder
 	lim io.LimitedReader
 	br  *bufio.Reader
-	bw  *bufio.Writer
+	bw  *bufio.Writer // writes through tw
+	tw  timedWriter
 
 	// The watch notices a client that leaves while its request waits for
 	// the guest (a long poll, a quiet stream) and ends the request's
@@ -325,7 +333,11 @@ func (c *h1Conn) one() (keep bool, handoff net.Conn) {
 	// The write buffer is the connection's only while it serves: an idle
 	// keep-alive connection holds none.
 	c.bw = writers.Get().(*bufio.Writer)
-	c.bw.Reset(c.conn)
+	c.tw.conn, c.tw.timeout = c.conn, writeTimeout
+	if c.hs.writeTimeout > 0 {
+		c.tw.timeout = c.hs.writeTimeout
+	}
+	c.bw.Reset(&c.tw)
 	defer func() {
 		c.bw.Reset(nil)
 		writers.Put(c.bw)
@@ -458,7 +470,7 @@ func isTimeout(err error) bool {
 // refuse answers a request the loop will not serve and ends the
 // connection, as net/http's server answers a malformed one.
 func (c *h1Conn) refuse(code int, msg string) {
-	c.conn.SetWriteDeadline(time.Now().Add(time.Second))
+	c.tw.own(time.Now().Add(time.Second))
 	c.bw.WriteString("HTTP/1.1 " + strconv.Itoa(code) + " " + http.StatusText(code) +
 		"\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n")
 	c.bw.WriteString(strconv.Itoa(code) + " " + http.StatusText(code) + ": " + msg)
@@ -497,7 +509,7 @@ func (c *h1Conn) run(r *http.Request) (keep bool) {
 	// of a body the handler did not want.
 	w.finish()
 	if w.deadlined {
-		c.conn.SetWriteDeadline(time.Time{})
+		c.tw.release()
 	}
 	keep = !w.closeAfter && w.err == nil && !r.Close
 	if body != nil && !body.finish(keep) {
@@ -769,7 +781,37 @@ func (w *h1Writer) SetReadDeadline(t time.Time) error {
 
 func (w *h1Writer) SetWriteDeadline(t time.Time) error {
 	w.deadlined = true
-	return w.c.conn.SetWriteDeadline(t)
+	return w.c.tw.own(t)
+}
+
+// timedWriter is the connection's writer: each write pushes the write
+// deadline timeout (writeTimeout) on, at most once a second (a write may
+// take 59 s to 60 s), unless a deadline of its own was set (own).
+type timedWriter struct {
+	conn    net.Conn
+	timeout time.Duration
+	owned   bool
+	at      time.Time // when the deadline was last pushed on
+}
+
+func (t *timedWriter) Write(p []byte) (int, error) {
+	if now := time.Now(); !t.owned && now.Sub(t.at) > time.Second {
+		t.conn.SetWriteDeadline(now.Add(t.timeout))
+		t.at = now
+	}
+	return t.conn.Write(p)
+}
+
+// own sets the deadline d (zero: none), which writes then keep.
+func (t *timedWriter) own(d time.Time) error {
+	t.owned, t.at = true, time.Time{}
+	return t.conn.SetWriteDeadline(d)
+}
+
+// release drops a deadline set by own: writes push writeTimeout on again.
+func (t *timedWriter) release() {
+	t.owned, t.at = false, time.Time{}
+	t.conn.SetWriteDeadline(time.Time{})
 }
 
 // sendHeader writes the status line and header; final: the handler has

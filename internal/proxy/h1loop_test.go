@@ -596,3 +596,43 @@ func FuzzH1Loop(f *testing.F) {
 		}
 	})
 }
+
+// TestH1ClientStopsReading: a client that stops reading its answer is
+// dropped once a write waits for it longer than the write timeout; the
+// handler's write fails, so it ends and frees the guest's connection.
+func TestH1ClientStopsReading(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	ended := make(chan error, 1)
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		chunk := bytes.Repeat([]byte("x"), 64<<10)
+		for {
+			if _, err := w.Write(chunk); err != nil {
+				ended <- err
+				return
+			}
+		}
+	})
+	hs := &h1Serve{s: &Server{log: slog.New(slog.DiscardHandler)}, handler: h, fallback: newConnListener(ln.Addr()),
+		conns: map[net.Conn]*h1Conn{}, writeTimeout: 300 * time.Millisecond}
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			(&h1Conn{hs: hs, conn: c, raw: c, remote: c.RemoteAddr().String()}).serve()
+		}
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET /big HTTP/1.1\r\nHost: x\r\n\r\n") // and never reads
+	select {
+	case err := <-ended:
+		t.Logf("the handler's write ended: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the handler still writes to a client that stopped reading")
+	}
+}
