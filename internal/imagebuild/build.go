@@ -560,7 +560,11 @@ func waitReadyCommand(ctx, rctx context.Context, a *client.Client, p *client.Pro
 			case werr == nil:
 				last = fmt.Sprintf("exited %d", code)
 			default:
-				rp.Signal(context.WithoutCancel(ctx), 9)
+				// Sent even if ctx ended, but bounded: an agent that stops
+				// answering must not hold the build past its deadline.
+				sctx, scancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+				rp.Signal(sctx, 9)
+				scancel()
 				if rctx.Err() == nil {
 					last = fmt.Sprintf("still running after %s", readyCommandTry)
 				}

@@ -136,10 +136,20 @@ func (q *Conn) readLoop(greeting chan<- error) {
 		case m.Event != "":
 			q.publish(Event{Name: m.Event, Data: m.Data})
 		default:
+			// One command runs at a time: a reply that finds the slot
+			// taken finds a late one there, from a command whose caller
+			// timed out, and takes its place.
 			select {
 			case q.replies <- m:
 			default:
-				// A reply nobody waits for (its caller timed out): drop it.
+				select {
+				case <-q.replies:
+				default:
+				}
+				select {
+				case q.replies <- m:
+				default:
+				}
 			}
 		}
 	}
@@ -231,6 +241,11 @@ func (q *Conn) execute(ctx context.Context, cmd string, args any, out any, fd *o
 	b, err := json.Marshal(req)
 	if err != nil {
 		return err
+	}
+	// A reply still waiting here answers an abandoned command.
+	select {
+	case <-q.replies:
+	default:
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		q.c.SetWriteDeadline(dl)

@@ -77,6 +77,20 @@ func (f *fakeAgent) answerHello(version int) {
 	f.send(proto.TypeResponse, m.ID, "", proto.HelloResult{Version: version, Nonce: h.Nonce})
 }
 
+// connectFake makes a client of conn, closed with the test, and a
+// context that bounds the test's calls.
+func connectFake(t *testing.T, conn net.Conn, bound time.Duration) (context.Context, *client.Client) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), bound)
+	t.Cleanup(cancel)
+	c, err := client.New(ctx, conn, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return ctx, c
+}
+
 func TestMisbehavingAgent(t *testing.T) {
 	f, conn := newFakeAgent(t)
 	go func() {
@@ -246,13 +260,7 @@ func TestAgentProcessFramesChecked(t *testing.T) {
 		f.send(proto.TypeExit, 0, "", proto.Exit{ExecID: 4, Code: 137, Signal: 1000})
 		f.send(proto.TypeExit, 0, "", proto.Exit{ExecID: 4, Code: 7})
 	}()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := client.New(ctx, conn, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	ctx, c := connectFake(t, conn, 10*time.Second)
 	if _, err := c.Exec(ctx, client.ExecRequest{Argv: []string{"x"}}); err == nil {
 		t.Fatal("Exec accepted pid 2^23")
 	}
@@ -361,5 +369,35 @@ func TestOrphanExitsKept(t *testing.T) {
 		if code, err := p.Wait(ctx); err != nil || code != id%200 {
 			t.Fatalf("exec %d: exit %d %v, want %d", id+1, code, err, id%200)
 		}
+	}
+}
+
+// TestDuplicateExecIDRefused: a guest that answers a second exec with
+// the id of a running one gets an error for it; the first Process keeps
+// its exit and ends (it would otherwise wait forever, and envd's process
+// with it), and a duplicated answer to one exec does not register twice.
+func TestDuplicateExecIDRefused(t *testing.T) {
+	f, conn := newFakeAgent(t)
+	go func() {
+		f.answerHello(proto.Version)
+		m := f.next()
+		f.send(proto.TypeResponse, m.ID, "", proto.ExecResult{ExecID: 7, Pid: 100})
+		f.send(proto.TypeResponse, m.ID, "", proto.ExecResult{ExecID: 8, Pid: 101}) // the same call again
+		m = f.next()
+		f.send(proto.TypeResponse, m.ID, "", proto.ExecResult{ExecID: 7, Pid: 102})
+		f.send(proto.TypeExit, 0, "", proto.Exit{ExecID: 7, Code: 3})
+	}()
+	ctx, c := connectFake(t, conn, 10*time.Second)
+	p1, err := c.Exec(ctx, client.ExecRequest{Argv: []string{"a"}})
+	if err != nil || p1.ID() != 7 {
+		t.Fatalf("first exec: %v %v", p1, err)
+	}
+	if p2, err := c.Exec(ctx, client.ExecRequest{Argv: []string{"b"}}); err == nil {
+		t.Fatalf("a second process with exec id %d was taken", p2.ID())
+	}
+	select {
+	case <-p1.Exited():
+	case <-ctx.Done():
+		t.Fatal("the first process never got its exit")
 	}
 }

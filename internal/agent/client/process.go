@@ -47,16 +47,24 @@ func (c *Client) Exec(ctx context.Context, req ExecRequest) (*Process, error) {
 		// this workload's first output) is handled.
 		var res proto.ExecResult
 		// Linux pids are 1 to 2^22 (PID_MAX_LIMIT); envd names processes by pid.
+		if p != nil {
+			return // a second answer to this call: the first one stands
+		}
 		if err := proto.DecodeBody(m, &res); err != nil || res.ExecID == 0 || res.Pid <= 0 || res.Pid > 1<<22 {
+			return
+		}
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if c.procs[res.ExecID] != nil {
+			// An id in use: the running Process would lose its output and
+			// exit to the new one and never end (as Adopt refuses it).
 			return
 		}
 		p = &Process{
 			c: c, id: res.ExecID, pid: res.Pid, background: req.Background,
 			out: make(chan proto.Output, outBuffer), exited: make(chan struct{}),
 		}
-		c.mu.Lock()
 		c.procs[res.ExecID] = p
-		c.mu.Unlock()
 	})
 	if err != nil {
 		return nil, err
