@@ -784,8 +784,8 @@ func (w *h1Writer) SetWriteDeadline(t time.Time) error {
 	return w.c.tw.own(t)
 }
 
-// timedWriter is the connection's writer: each write pushes the write
-// deadline timeout (writeTimeout) on, at most once a second (a write may
+// timedWriter is a client connection's writer (HTTP/1.1 and h2 loops):
+// each write pushes the write deadline timeout on, at most once a second (a write may
 // take 59 s to 60 s), unless a deadline of its own was set (own).
 type timedWriter struct {
 	conn    net.Conn

@@ -108,8 +108,8 @@ type h2Conn struct {
 	resets        int
 	resetWindowAt time.Time
 	rdState       int // the read deadline the reader set last: rdUnset, rdIdle, rdBusy
-	// wdeadAt is when the write deadline was last pushed on (under wmu).
-	wdeadAt time.Time
+	// tw is bw's writer, which pushes the write deadline on (under wmu).
+	tw timedWriter
 
 	// toGeneral is directRoute's memo of a host and port for the general path.
 	toGeneral atomic.Pointer[generalMemo]
@@ -175,7 +175,11 @@ func newH2Conn(hs *h1Serve, conn net.Conn, st *tls.ConnectionState, remote strin
 	if ip, _, err := net.SplitHostPort(remote); err == nil {
 		c.remoteIP = ip
 	}
-	c.bw = bufio.NewWriterSize(conn, h2WriteBufSize)
+	// Through tw: fn's writes reach the socket themselves once they are
+	// more than bw holds, and after a quiet minute the last deadline has
+	// passed.
+	c.tw = timedWriter{conn: conn, timeout: h2WriteTimeout}
+	c.bw = bufio.NewWriterSize(&c.tw, h2WriteBufSize)
 	c.fr = http2.NewFramer(c.bw, bufio.NewReaderSize(conn, h2ReadBufSize))
 	c.fr.SetMaxReadFrameSize(h2MaxFrame)
 	c.fr.SetReuseFrames()
@@ -306,8 +310,7 @@ func (c *h2Conn) goAway(err error) {
 	// right after.
 	c.wmu.Lock()
 	if c.werr == nil && c.fr.WriteGoAway(c.maxStreamID, code, []byte(err.Error())) == nil {
-		c.conn.SetWriteDeadline(time.Now().Add(time.Second))
-		c.wdeadAt = time.Time{}
+		c.tw.own(time.Now().Add(time.Second))
 		c.bw.Flush()
 	}
 	c.wmu.Unlock()
@@ -348,13 +351,6 @@ func (c *h2Conn) write(fn func() error) error {
 	if c.werr != nil {
 		c.wwait.Add(-1)
 		return c.werr
-	}
-	// Pushed on before fn, which reaches the socket itself once it writes
-	// more than bw holds (after a quiet minute the last deadline has
-	// passed); at most once a second: a write may take 59 s to 60 s.
-	if now := time.Now(); now.Sub(c.wdeadAt) > time.Second {
-		c.conn.SetWriteDeadline(now.Add(h2WriteTimeout))
-		c.wdeadAt = now
 	}
 	err := fn()
 	if c.wwait.Add(-1) == 0 && err == nil {

@@ -632,8 +632,8 @@ func TestH2WriteAfterQuietMinute(t *testing.T) {
 	defer conn.Close()
 	hs := &h1Serve{s: &Server{log: slog.New(slog.DiscardHandler)}, conns: map[net.Conn]*h1Conn{}}
 	c := newH2Conn(hs, conn, nil, "192.0.2.1:1")
-	c.wdeadAt = time.Now().Add(-h2WriteTimeout - time.Second)
-	conn.SetWriteDeadline(c.wdeadAt.Add(h2WriteTimeout))
+	c.tw.at = time.Now().Add(-h2WriteTimeout - time.Second)
+	conn.SetWriteDeadline(c.tw.at.Add(h2WriteTimeout))
 	if err := c.write(func() error { return c.writeBlock(1, make([]byte, 2*h2WriteBufSize), true) }); err != nil {
 		t.Fatalf("a header block over the write buffer after a quiet minute: %v", err)
 	}
