@@ -1,12 +1,14 @@
 package api_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -40,6 +42,12 @@ type env struct {
 
 func newEnv(t *testing.T, opts ...func(*api.Config)) *env {
 	t.Helper()
+	return newEnvBackend(t, nil, opts...)
+}
+
+// newEnvBackend is newEnv with the server's backend wrap(the fake one).
+func newEnvBackend(t *testing.T, wrap func(*fakebackend.Backend) lifecycle.Backend, opts ...func(*api.Config)) *env {
+	t.Helper()
 	ctx := context.Background()
 	st, err := sqlite.Open(ctx, filepath.Join(t.TempDir(), "kiln.db"))
 	if err != nil {
@@ -54,7 +62,11 @@ func newEnv(t *testing.T, opts ...func(*api.Config)) *env {
 	for _, o := range opts {
 		o(&cfg)
 	}
-	e.srv = api.NewServer(cfg, st, e.be)
+	var be lifecycle.Backend = e.be
+	if wrap != nil {
+		be = wrap(e.be)
+	}
+	e.srv = api.NewServer(cfg, st, be)
 	e.hs = httptest.NewServer(e.srv.Handler())
 	t.Cleanup(func() { e.hs.Close(); e.be.Wait() })
 	e.key = e.newKey("111111111111")
@@ -836,6 +848,50 @@ func TestCodeArtifacts(t *testing.T) {
 		_, err := e.client(k).Upload(ctx, strings.NewReader(string(zipBytes)), int64(len(zipBytes)), hash)
 		fails(t, err, "AccessDeniedException", "signature")
 	})
+}
+
+// An upload counts toward the storage quota from the moment it is let in:
+// a second upload while the first is still arriving cannot pass the quota
+// both fit only one at a time.
+func TestUploadsInProgressCountTowardQuota(t *testing.T) {
+	e := newEnv(t, func(c *api.Config) {
+		c.ArtifactDir = t.TempDir()
+		c.Quota = store.Quota{Microvms: -1, MemoryMiB: -1, VCPUs: -1, Builds: -1, StorageBytes: 1500}
+	})
+	ctx := context.Background()
+	pkg := func(fill byte) ([]byte, string) {
+		b := append([]byte("PK\x05\x06"), bytes.Repeat([]byte{fill}, 996)...)
+		s := sha256.Sum256(b)
+		return b, hex.EncodeToString(s[:])
+	}
+	first, firstHash := pkg('a')
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		_, err := e.c.Upload(ctx, pr, int64(len(first)), firstHash)
+		done <- err
+	}()
+	pw.Write(first[:10]) // let in and arriving
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		use := e.ok("GET", "/kiln/v1/quota", nil, nil)["usage"].(map[string]any)
+		if use["storageBytes"] == float64(len(first)) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the upload in progress is not counted: usage %v", use)
+		}
+	}
+	second, secondHash := pkg('b')
+	_, err := e.c.Upload(ctx, bytes.NewReader(second), int64(len(second)), secondHash)
+	fails(t, err, "ServiceQuotaExceededException", "quota")
+	pw.Write(first[10:])
+	pw.Close()
+	if err := <-done; err != nil {
+		t.Fatalf("the first upload: %v", err)
+	}
+	// Stored, it still counts.
+	_, err = e.c.Upload(ctx, bytes.NewReader(second), int64(len(second)), secondHash)
+	fails(t, err, "ServiceQuotaExceededException", "quota")
 }
 
 type zipWriter struct{ b *strings.Builder }

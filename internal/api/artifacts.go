@@ -30,6 +30,9 @@ import (
 // codeArtifact to pass to CreateMicrovmImage or UpdateMicrovmImage.
 const ArtifactPath = "/kiln/v1/code-artifacts"
 
+// uploadTemp starts the name of an upload being received in ArtifactDir.
+const uploadTemp = ".upload-"
+
 var sha256RE = regexp.MustCompile(`^[0-9a-f]{64}$`)
 
 // uploadArtifact streams an upload to ArtifactDir/ACCOUNT/SHA256.zip. The
@@ -81,15 +84,25 @@ func (s *Server) storeArtifact(w http.ResponseWriter, r *http.Request, key store
 		writeError(w, r, &Error{Status: 429, Type: "ThrottlingException", Message: "rate of requests exceeded for this account", RetryAfter: 1})
 		return
 	}
-	q, u, err := s.Quota(r.Context(), key.Account)
+	var over error
+	unhold, err := s.uploading.Hold(key.Account, r.ContentLength, func(held int64) error {
+		q, u, err := s.storedQuota(r.Context(), key.Account)
+		if err != nil {
+			return err
+		}
+		u.StorageBytes += held
+		over = q.Check(key.Account, u, store.QuotaUse{StorageBytes: r.ContentLength})
+		return over
+	})
+	if over != nil {
+		writeError(w, r, quotaError(over))
+		return
+	}
 	if err != nil {
 		writeError(w, r, internal(err.Error()))
 		return
 	}
-	if err := q.Check(key.Account, u, store.QuotaUse{StorageBytes: r.ContentLength}); err != nil {
-		writeError(w, r, quotaError(err))
-		return
-	}
+	defer unhold()
 	// The server's read and write timeouts are sized for small requests;
 	// an authenticated upload gets a minute plus one second per MiB.
 	rc := http.NewResponseController(w)
@@ -105,7 +118,7 @@ func (s *Server) storeArtifact(w http.ResponseWriter, r *http.Request, key store
 		writeError(w, r, internal(fmt.Sprintf("creating artifact directory: %v", err)))
 		return
 	}
-	f, err := os.CreateTemp(dir, ".upload-*")
+	f, err := os.CreateTemp(dir, uploadTemp+"*")
 	if err != nil {
 		writeError(w, r, internal(fmt.Sprintf("creating upload: %v", err)))
 		return

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
@@ -44,11 +45,12 @@ func (s *Server) admission(ctx context.Context, account string) (store.Admission
 	if err != nil {
 		return store.Admission{}, err
 	}
-	return store.Admission{Defaults: s.cfg.Quota, OtherStorageBytes: n}, nil
+	return store.Admission{Defaults: s.cfg.Quota, OtherStorageBytes: n + s.uploading.Held(account)}, nil
 }
 
-// artifactBytes adds up the sizes of the account's uploaded code packages
-// (finished and in progress): the storage the store cannot see.
+// artifactBytes adds up the sizes of the account's stored code packages:
+// storage the store cannot see. Uploads in progress count by what they
+// hold (s.uploading), not by what has arrived.
 func (s *Server) artifactBytes(ctx context.Context, account string) (int64, error) {
 	if s.cfg.Uploads != nil {
 		ups, err := s.cfg.Uploads.ListUploads(ctx, account)
@@ -72,7 +74,7 @@ func (s *Server) artifactBytes(ctx context.Context, account string) (int64, erro
 			}
 			return err
 		}
-		if d.Type().IsRegular() {
+		if d.Type().IsRegular() && !strings.HasPrefix(d.Name(), uploadTemp) {
 			if fi, err := d.Info(); err == nil {
 				n += fi.Size()
 			}
@@ -85,9 +87,16 @@ func (s *Server) artifactBytes(ctx context.Context, account string) (int64, erro
 	return n, nil
 }
 
-// Quota returns an account's effective limits and what it uses (uploads
-// included).
+// Quota returns an account's effective limits and what it uses (uploads,
+// also those in progress, included).
 func (s *Server) Quota(ctx context.Context, account string) (store.Quota, store.QuotaUse, error) {
+	q, u, err := s.storedQuota(ctx, account)
+	u.StorageBytes += s.uploading.Held(account)
+	return q, u, err
+}
+
+// storedQuota is Quota without the uploads in progress.
+func (s *Server) storedQuota(ctx context.Context, account string) (store.Quota, store.QuotaUse, error) {
 	o, err := s.st.GetQuotaOverride(ctx, account)
 	if err != nil {
 		return store.Quota{}, store.QuotaUse{}, err
@@ -113,9 +122,11 @@ func (s *Server) getQuota(ctx context.Context, c *call) (any, error) {
 	return map[string]any{"account": c.account, "limits": q, "usage": u}, nil
 }
 
-// microvmSize is the guest memory and vCPUs a microVM of v gets: what its
-// builds recorded (the snapshot's memory), else the image's
-// minimumMemoryInMiB, else the builder's default.
+// microvmSize is the guest memory and vCPUs a microVM of v gets: the
+// memory its builds recorded (the snapshot's), else the largest
+// minimumMemoryInMiB of the image (what the builder gives), else the
+// builder's default; the vCPUs the builder gives that memory when the
+// image asks for a size (VCPUsFor), else the default.
 func (s *Server) microvmSize(ctx context.Context, v store.ImageVersion) (mem, vcpus int64, err error) {
 	builds, _, err := s.st.ListBuilds(ctx, v.Account, v.ImageName, v.Version, store.Page{Limit: 100})
 	if err != nil {
@@ -126,11 +137,16 @@ func (s *Server) microvmSize(ctx context.Context, v store.ImageVersion) (mem, vc
 			mem = max(mem, *b.Snapshot.MemorySnapshotSizeInBytes>>20)
 		}
 	}
-	if mem == 0 && len(v.Config.Resources) > 0 {
-		mem = v.Config.Resources[0].MinimumMemoryInMiB
+	if mem == 0 {
+		for _, r := range v.Config.Resources {
+			mem = max(mem, r.MinimumMemoryInMiB)
+		}
 	}
 	if mem == 0 {
 		mem = lifecycle.DefaultMicrovmMemoryMiB
+	}
+	if len(v.Config.Resources) > 0 {
+		return mem, int64(VCPUsFor(mem)), nil
 	}
 	return mem, int64(s.cfg.MicrovmVCPUs), nil
 }

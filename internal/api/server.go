@@ -24,6 +24,7 @@ import (
 	"time"
 
 	"github.com/kiln-sandbox/kiln/internal/auth"
+	"github.com/kiln-sandbox/kiln/internal/inflight"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
@@ -133,6 +134,9 @@ type Server struct {
 	// authenticated (the web console's sessions): see SessionHandler.
 	sessionMux *http.ServeMux
 	limits     *limiter
+	// uploading holds the declared size of the uploads being received
+	// until they are stored, so that they count toward the storage quota.
+	uploading inflight.Bytes
 }
 
 // NewServer returns an API server over st that hands accepted work to be.

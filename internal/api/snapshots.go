@@ -34,12 +34,34 @@ func (s *Server) SnapshotMicrovmImage(ctx context.Context, account, id, name str
 	if err != nil {
 		return store.Image{}, fmt.Errorf("the image version microvm %s runs (%s:%s): %w", id, m.ImageName, m.ImageVersion, err)
 	}
+	srcBuild, err := s.successfulBuild(ctx, src)
+	if err != nil {
+		return store.Image{}, err
+	}
+	mem := m.MemoryMiB
+	if mem <= 0 {
+		if mem, _, err = s.microvmSize(ctx, src); err != nil {
+			return store.Image{}, err
+		}
+	}
 	now := s.cfg.Now().UTC()
 	arn := s.arn(account, kindImage, name)
 	first := store.VersionName(1)
 	img := store.Image{Account: account, Name: name, ARN: arn, State: store.ImageCreating, LatestVersion: first, CreatedAt: now, UpdatedAt: now}
 	v := store.ImageVersion{Account: account, ImageName: name, ImageARN: arn, Version: first, State: store.VersionInProgress,
-		Status: store.VersionActive, Config: src.Config, CreatedAt: now, UpdatedAt: now}
+		Status: store.VersionActive, Config: src.Config, Platform: src.Platform, CreatedAt: now, UpdatedAt: now}
+	// The version's one build records what the snapshot holds, as a
+	// built version's builds do: the storage quota adds it up, and
+	// microvmSize takes its memory for the version's microVMs. It is
+	// SUCCESSFUL from the start so that its memory, which the copy will
+	// write, is reserved against the quota in the transaction that admits
+	// it (a build queued or running would also count as a concurrent
+	// build, and a restart would try to redo it); the copy's disk is
+	// added when it is known.
+	memBytes := mem << 20
+	b := store.Build{Account: account, ImageName: name, ImageARN: arn, Version: first, ID: newBuildID(), State: store.BuildSuccessful,
+		Architecture: srcBuild.Architecture, Chipset: srcBuild.Chipset, ChipsetGeneration: srcBuild.ChipsetGeneration,
+		CreatedAt: now, UpdatedAt: now, Snapshot: &store.SnapshotBuild{MemorySnapshotSizeInBytes: &memBytes}}
 	adm, err := s.admission(ctx, account)
 	if err != nil {
 		return store.Image{}, err
@@ -47,7 +69,7 @@ func (s *Server) SnapshotMicrovmImage(ctx context.Context, account, id, name str
 	// The record first, under the garbage collector's hold: files of a
 	// version without a record are the collector's to remove.
 	release := s.holdReferences()
-	err = s.st.CreateImageWithinQuota(ctx, img, v, nil, nil, adm)
+	err = s.st.CreateImageWithinQuota(ctx, img, v, []store.Build{b}, nil, adm)
 	release()
 	if err != nil {
 		return store.Image{}, err
@@ -62,12 +84,24 @@ func (s *Server) SnapshotMicrovmImage(ctx context.Context, account, id, name str
 		}
 		return store.Image{}, cause
 	}
-	if err := sn.SnapshotMicrovm(ctx, m, name, first); err != nil {
+	sizes, err := sn.SnapshotMicrovm(ctx, m, name, first)
+	if err != nil {
 		return undo(fmt.Errorf("snapshotting microvm %s: %w", id, err))
+	}
+	if p := sizes.MemorySnapshotSizeInBytes; p != nil && *p > 0 {
+		memBytes = *p
+	}
+	if p := sizes.DiskSnapshotSizeInBytes; p != nil && *p > 0 {
+		disk := *p
+		b.Snapshot.DiskSnapshotSizeInBytes = &disk
+	}
+	b.UpdatedAt = s.cfg.Now().UTC()
+	if err := s.st.UpdateBuild(ctx, b); err != nil {
+		return undo(fmt.Errorf("recording snapshot %s: %w", name, err))
 	}
 	// The version's success makes the image CREATED with it as its latest
 	// active version, in the same store transaction.
-	v.State, v.UpdatedAt = store.VersionSuccessful, s.cfg.Now().UTC()
+	v.State, v.UpdatedAt = store.VersionSuccessful, b.UpdatedAt
 	if err := s.st.UpdateImageVersion(ctx, v); err != nil {
 		return undo(fmt.Errorf("recording snapshot %s: %w", name, err))
 	}
@@ -76,4 +110,20 @@ func (s *Server) SnapshotMicrovmImage(ctx context.Context, account, id, name str
 		return undo(fmt.Errorf("recording snapshot %s: %w", name, err))
 	}
 	return img, nil
+}
+
+// successfulBuild is a SUCCESSFUL build of v, whose CPU a snapshot of one
+// of v's microVMs keeps; a version without one (built before builds were
+// recorded) gets this host's.
+func (s *Server) successfulBuild(ctx context.Context, v store.ImageVersion) (store.Build, error) {
+	builds, _, err := s.st.ListBuilds(ctx, v.Account, v.ImageName, v.Version, store.Page{Limit: 100})
+	if err != nil {
+		return store.Build{}, err
+	}
+	for _, b := range builds {
+		if b.State == store.BuildSuccessful {
+			return b, nil
+		}
+	}
+	return store.Build{Architecture: s.cfg.Architecture, Chipset: "GENERIC", ChipsetGeneration: "1"}, nil
 }

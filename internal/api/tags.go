@@ -2,7 +2,10 @@ package api
 
 import (
 	"context"
+	"errors"
 	"fmt"
+
+	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
 // taggable resolves the {Resource} ARN of a tag operation to a resource of
@@ -64,20 +67,12 @@ func (s *Server) tagResource(ctx context.Context, c *call) (any, error) {
 	if err := validateTags("Tags", in.Tags); err != nil {
 		return nil, err
 	}
-	have, err := s.st.GetTags(ctx, c.account, arn)
-	if err != nil {
-		return nil, err
+	err = s.st.TagResource(ctx, c.account, arn, in.Tags)
+	var many *store.TooManyTagsError
+	if errors.As(err, &many) {
+		return nil, &Error{Status: 402, Type: "ServiceQuotaExceededException", Message: many.Error(), ResourceID: arn}
 	}
-	n := len(have)
-	for k := range in.Tags {
-		if _, ok := have[k]; !ok {
-			n++
-		}
-	}
-	if n > 50 {
-		return nil, &Error{Status: 402, Type: "ServiceQuotaExceededException", Message: fmt.Sprintf("a resource may have at most 50 tags (would have %d)", n), ResourceID: arn}
-	}
-	return nil, s.st.TagResource(ctx, c.account, arn, in.Tags)
+	return nil, err
 }
 
 func (s *Server) untagResource(ctx context.Context, c *call) (any, error) {

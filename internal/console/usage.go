@@ -139,7 +139,11 @@ func (c *Console) accountUsage(ctx context.Context, account string) (accountUsag
 			// Suspended microVMs hold disk, not host memory.
 			switch m.State {
 			case store.StatePending, store.StateRunning, store.StateSuspending:
-				u.MemoryMiB += memoryOf(m.ImageName, m.ImageVersion)
+				if m.MemoryMiB > 0 { // what it was admitted with
+					u.MemoryMiB += m.MemoryMiB
+				} else {
+					u.MemoryMiB += memoryOf(m.ImageName, m.ImageVersion)
+				}
 			}
 		}
 		seen += len(ms)

@@ -25,6 +25,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/gc"
 	"github.com/kiln-sandbox/kiln/internal/image/source"
+	"github.com/kiln-sandbox/kiln/internal/inflight"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -119,6 +120,9 @@ type Server struct {
 	cfg Config
 	mux *http.ServeMux
 	tpl templateState
+	// uploading holds the declared size of template files being received
+	// until they are stored, so that they count toward the account's bound.
+	uploading inflight.Bytes
 }
 
 // New returns the E2B control API.

@@ -186,6 +186,9 @@ func (s *Server) accountUploadBytes(ctx context.Context, account string) (int64,
 	}
 	ents, _ := os.ReadDir(filepath.Join(s.cfg.TemplatesDir, "files", account))
 	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), uploadTemp) {
+			continue // counted by what it holds (s.uploading)
+		}
 		if fi, err := e.Info(); err == nil {
 			n += fi.Size()
 		}
@@ -208,6 +211,9 @@ func (s *Server) filesExpiry() string {
 		" are removed, freeing their bytes; or " + raise
 }
 
+// uploadTemp starts the name of template files being received.
+const uploadTemp = ".upload-"
+
 // uploadFiles is PUT /templates/uploads/{token}: a tar, plain or
 // compressed, of a COPY step's files. It is kept as sent, bounded in
 // size, and unpacked (by internal/image/layer's rules) only into a build's
@@ -227,16 +233,27 @@ func (s *Server) uploadFiles(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(413, "an upload must declare its Content-Length, at most %d bytes", max))
 		return
 	}
-	used, err := s.accountUploadBytes(r.Context(), account)
+	var used int64
+	errFull := errors.New("full")
+	unhold, err := s.uploading.Hold(account, r.ContentLength, func(held int64) (err error) {
+		if used, err = s.accountUploadBytes(r.Context(), account); err != nil {
+			return err
+		}
+		if used += held; used+r.ContentLength > s.cfg.MaxAccountUploadBytes {
+			return errFull
+		}
+		return nil
+	})
+	if err == errFull {
+		writeError(w, errorf(429, "the account keeps %d bytes of template files (uploads in progress included); this upload would pass its %d bytes: %s",
+			used, s.cfg.MaxAccountUploadBytes, s.filesExpiry()))
+		return
+	}
 	if err != nil {
 		writeError(w, errorf(500, "summing the account's template files: %v", err))
 		return
 	}
-	if used+r.ContentLength > s.cfg.MaxAccountUploadBytes {
-		writeError(w, errorf(429, "the account keeps %d bytes of template files; this upload would pass its %d bytes: %s",
-			used, s.cfg.MaxAccountUploadBytes, s.filesExpiry()))
-		return
-	}
+	defer unhold()
 	rc := http.NewResponseController(w)
 	d := time.Now().Add(uploadTimeoutBase + time.Duration(r.ContentLength>>20)*time.Second)
 	rc.SetReadDeadline(d)
@@ -250,7 +267,7 @@ func (s *Server) uploadFiles(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(500, "creating upload folder: %v", err))
 		return
 	}
-	f, err := os.CreateTemp(dir, ".upload-*")
+	f, err := os.CreateTemp(dir, uploadTemp+"*")
 	if err != nil {
 		writeError(w, errorf(500, "creating upload: %v", err))
 		return

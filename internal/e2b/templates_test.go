@@ -292,6 +292,48 @@ func TestTemplateUploads(t *testing.T) {
 	}
 }
 
+// Template files still arriving count toward the account's bound: a
+// second upload meanwhile cannot pass a bound both fit only one at a time.
+func TestTemplateUploadsInProgressCount(t *testing.T) {
+	e, _ := newTemplateEnv(t)
+	first := tarGz(t, map[string]string{"a": strings.Repeat("a", 100)})
+	second := tarGz(t, map[string]string{"b": strings.Repeat("b", 100)})
+	e.srv.cfg.MaxAccountUploadBytes = int64(len(first) + len(second) - 1)
+	_, u1 := e.uploadLink(e.key, "t", hashA)
+	_, u2 := e.uploadLink(e.key, "t", strings.Repeat("b", 64))
+	pr, pw := io.Pipe()
+	req, _ := http.NewRequest("PUT", u1, pr)
+	req.ContentLength = int64(len(first))
+	done := make(chan int, 1)
+	go func() {
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Error(err)
+			done <- 0
+			return
+		}
+		resp.Body.Close()
+		done <- resp.StatusCode
+	}()
+	pw.Write(first[:10])
+	for deadline := time.Now().Add(10 * time.Second); e.srv.uploading.Held(e.account) == 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the first upload is not held")
+		}
+	}
+	if st, body := put(t, u2, second); st != 429 || !strings.Contains(body, "uploads in progress included") {
+		t.Errorf("an upload while another is arriving, past the bound together: %d %s", st, body)
+	}
+	pw.Write(first[10:])
+	pw.Close()
+	if st := <-done; st != 200 {
+		t.Fatalf("the first upload: %d", st)
+	}
+	if h := e.srv.uploading.Held(e.account); h != 0 {
+		t.Errorf("%d bytes still held after the upload", h)
+	}
+}
+
 // TestParseBuildStartDockerfile: every accepted request maps onto a
 // Dockerfile kiln's parser takes, with one stage and its CMD and ready
 // command last.

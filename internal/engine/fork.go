@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/store"
@@ -18,35 +19,73 @@ import (
 // (account's image, version), whose record the caller made. m stays
 // suspended; microVMs run from the version start where m was suspended,
 // with fresh identity like every clone.
-func (e *Engine) SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) error {
+func (e *Engine) SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) (store.SnapshotBuild, error) {
 	f, ok := e.cfg.Driver.(vmm.Forker)
 	if !ok {
-		return fmt.Errorf("this VM driver cannot copy a suspended microvm: %w", errdefs.ErrUnavailable)
+		return store.SnapshotBuild{}, fmt.Errorf("this VM driver cannot copy a suspended microvm: %w", errdefs.ErrUnavailable)
 	}
 	v := e.lookup(m.ID)
 	if v == nil {
-		return fmt.Errorf("microvm %s is not on this host: %w", m.ID, errdefs.ErrNotFound)
+		return store.SnapshotBuild{}, fmt.Errorf("microvm %s is not on this host: %w", m.ID, errdefs.ErrNotFound)
 	}
 	// The engine's lock too: a resume or terminate waits for the copy.
 	v.op.Lock()
 	defer v.op.Unlock()
 	if v.ctx.Err() != nil {
-		return fmt.Errorf("microvm %s is terminating: %w", m.ID, errdefs.ErrConflict)
+		return store.SnapshotBuild{}, fmt.Errorf("microvm %s is terminating: %w", m.ID, errdefs.ErrConflict)
 	}
 	cur, err := e.cfg.Control.Microvm(ctx, m.Account, m.ID)
 	if err != nil {
-		return err
+		return store.SnapshotBuild{}, err
 	}
 	if cur.State != store.StateSuspended || cur.PendingOp != "" {
-		return fmt.Errorf("microvm %s is %s, not suspended: %w", m.ID, cur.State, errdefs.ErrConflict)
+		return store.SnapshotBuild{}, fmt.Errorf("microvm %s is %s, not suspended: %w", m.ID, cur.State, errdefs.ErrConflict)
 	}
 	vdir := e.imageDir(m.Account, image, version)
 	if err := os.MkdirAll(vdir, 0o700); err != nil {
-		return err
+		return store.SnapshotBuild{}, err
 	}
 	dir := filepath.Join(vdir, "snapshot") // beside the "template" pointer to it
-	if _, err := f.TemplateFromSuspended(ctx, m.ID, dir); err != nil {
-		return err
+	t, err := f.TemplateFromSuspended(ctx, m.ID, dir)
+	if err != nil {
+		return store.SnapshotBuild{}, err
 	}
-	return e.SetTemplate(m.Account, image, version, dir)
+	disk, err := ownBytes(dir)
+	if err != nil {
+		os.RemoveAll(dir)
+		return store.SnapshotBuild{}, fmt.Errorf("measuring snapshot of microvm %s: %w", m.ID, err)
+	}
+	mem := int64(t.MemoryMiB) << 20
+	if err := e.SetTemplate(m.Account, image, version, dir); err != nil {
+		return store.SnapshotBuild{}, err
+	}
+	// Memory as builds record it (the guest's size, which is what the
+	// microVMs of the version run with); disk is what the copy added.
+	return store.SnapshotBuild{MemorySnapshotSizeInBytes: &mem, DiskSnapshotSizeInBytes: &disk}, nil
+}
+
+// ownBytes adds up the sizes of the regular files in dir that are not
+// linked elsewhere. The disk layers a template links from the image it
+// came from are counted with that image; its memory file is counted as
+// memory.
+func ownBytes(dir string) (int64, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	for _, de := range ents {
+		if de.Name() == "mem" || !de.Type().IsRegular() {
+			continue
+		}
+		fi, err := de.Info()
+		if err != nil {
+			return 0, err
+		}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Nlink > 1 {
+			continue
+		}
+		n += fi.Size()
+	}
+	return n, nil
 }

@@ -71,9 +71,12 @@ type HostAdmitter interface {
 }
 
 // Snapshotter is implemented by backends that can copy a suspended
-// microVM into the template of an image version (the engine).
+// microVM into the template of an image version (the engine). It returns
+// the sizes the copy holds, which the version's record keeps: they count
+// toward the account's storage quota, and the memory is what microVMs of
+// the version run with.
 type Snapshotter interface {
-	SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) error
+	SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) (store.SnapshotBuild, error)
 }
 
 // LogSource is optionally implemented by a Backend that keeps microVM

@@ -574,9 +574,36 @@ func RunInNS(nsPath string, fn func() error) error {
 	}, fn)
 }
 
+// netnsDirMount makes NetnsDir a shared mount of its own, as iproute2
+// does before it names a namespace. A name mounted on a plain directory is
+// hidden the moment a later `ip netns add` bind-mounts the directory onto
+// itself: it can then be neither reached nor removed, and the VM's
+// namespace leaks. Once NetnsDir is a mount point, iproute2 leaves it be.
+func netnsDirMount() error {
+	netnsDirMu.Lock()
+	defer netnsDirMu.Unlock()
+	if err := os.MkdirAll(NetnsDir, 0o755); err != nil {
+		return err
+	}
+	err := unix.Mount("", NetnsDir, "none", unix.MS_SHARED|unix.MS_REC, "")
+	if errors.Is(err, unix.EINVAL) { // not a mount point yet
+		// MS_REC carries names mounted before along.
+		if err := unix.Mount(NetnsDir, NetnsDir, "none", unix.MS_BIND|unix.MS_REC, ""); err != nil {
+			return fmt.Errorf("making %s a mount point: %w", NetnsDir, err)
+		}
+		err = unix.Mount("", NetnsDir, "none", unix.MS_SHARED|unix.MS_REC, "")
+	}
+	if err != nil {
+		return fmt.Errorf("sharing %s: %w", NetnsDir, err)
+	}
+	return nil
+}
+
+var netnsDirMu sync.Mutex
+
 // createNamed creates and mounts a new named namespace and runs fn in it.
 func createNamed(name string, fn func() error) error {
-	if err := os.MkdirAll(NetnsDir, 0o755); err != nil {
+	if err := netnsDirMount(); err != nil {
 		return err
 	}
 	return onThread(func() error {
@@ -602,7 +629,7 @@ func mountNamed(name string, ns *os.File) error {
 	if st.Dev == self.Dev && st.Ino == self.Ino {
 		return fmt.Errorf("the spare namespace is the host's own: %w", ErrInvalid)
 	}
-	if err := os.MkdirAll(NetnsDir, 0o755); err != nil {
+	if err := netnsDirMount(); err != nil {
 		return err
 	}
 	path := filepath.Join(NetnsDir, name)

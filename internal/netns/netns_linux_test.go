@@ -706,3 +706,44 @@ func TestEgressPolicy(t *testing.T) {
 		t.Errorf("a VM without egress: %v, want ErrNotFound", err)
 	}
 }
+
+// TestNamesOutliveIPNetnsAdd: `ip netns add` bind-mounts NetnsDir onto
+// itself when it is not a mount point yet, hiding every name mounted on
+// the plain directory before; such a VM's namespace could then be neither
+// reached nor removed (a leak seen in CI). kiln makes NetnsDir a mount
+// point first. The test runs in a mount namespace of its own, where
+// NetnsDir starts as the plain directory a new host has.
+func TestNamesOutliveIPNetnsAdd(t *testing.T) {
+	needRoot(t)
+	if os.Getenv("KILN_NETNS_PRIVATE") == "" {
+		if _, err := exec.LookPath("unshare"); err != nil {
+			t.Skip("unshare (util-linux) is not installed")
+		}
+		hostTableCleanup(t)
+		cmd := exec.Command("unshare", "--mount", "--propagation", "private", os.Args[0], "-test.run=^TestNamesOutliveIPNetnsAdd$", "-test.v")
+		cmd.Env = append(os.Environ(), "KILN_NETNS_PRIVATE=1")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("in a mount namespace of its own: %v\n%s", err, out)
+		}
+		return
+	}
+	// Only this namespace's view: the host's NetnsDir stays as it is.
+	if err := unix.Unmount(netns.NetnsDir, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) {
+		t.Fatal(err)
+	}
+	id := testID("sh")
+	n := setupVM(t, netns.Config{ID: id})
+	other := "kilntest-ipadd-" + id
+	if out, err := exec.Command("ip", "netns", "add", other).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add: %v\n%s", err, out)
+	}
+	defer exec.Command("ip", "netns", "del", other).Run()
+	if _, err := vnetns.GetFromPath(n.NSPath); err != nil {
+		t.Fatalf("the VM's namespace is hidden after ip netns add: %v", err)
+	}
+	if err := n.Teardown(context.Background()); err != nil {
+		t.Fatalf("teardown after ip netns add: %v", err)
+	}
+	netnstest.AssertGone(t, id)
+}

@@ -499,11 +499,25 @@ type Store interface {
 
 	// GetTags returns the tags of a resource ARN (empty map if none).
 	GetTags(ctx context.Context, account, arn string) (map[string]string, error)
-	// TagResource adds or replaces tags of a resource ARN.
+	// TagResource adds or replaces tags of a resource ARN; it changes
+	// nothing and returns a *TooManyTagsError if the resource would have
+	// more than MaxTags tags.
 	TagResource(ctx context.Context, account, arn string, tags map[string]string) error
 	// UntagResource removes tags of a resource ARN; absent keys are ignored.
 	UntagResource(ctx context.Context, account, arn string, keys []string) error
 }
+
+// MaxTags bounds the tags of one resource, as AWS does.
+const MaxTags = 50
+
+// TooManyTagsError is TagResource's refusal; it wraps errdefs.ErrExhausted.
+type TooManyTagsError struct{ Have int }
+
+func (e *TooManyTagsError) Error() string {
+	return fmt.Sprintf("a resource may have at most %d tags (would have %d)", MaxTags, e.Have)
+}
+
+func (e *TooManyTagsError) Unwrap() error { return errdefs.ErrExhausted }
 
 // transitions lists the states each state may move to.
 var transitions = map[MicrovmState][]MicrovmState{

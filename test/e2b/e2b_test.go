@@ -58,8 +58,12 @@ func TestE2BSDK(t *testing.T) {
 	}
 	// templates.mjs builds FROM debian: the managed debian-12 base is the
 	// host's, shared with internal/imagebuild's tests, so CI debootstraps
-	// it once.
-	if err := os.Symlink(filepath.Join(filepath.Dir(host.KernelDir), "base"), filepath.Join(data, "base")); err != nil {
+	// it once. Run alone on a new host, the server builds it there.
+	shared := filepath.Join(filepath.Dir(host.KernelDir), "base")
+	if err := os.MkdirAll(shared, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(shared, filepath.Join(data, "base")); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("set-up (npm ci, builds) took %v", time.Since(start).Round(100*time.Millisecond))

@@ -6,14 +6,11 @@
 // directory as another user. (NotFoundError, SandboxNotFoundError,
 // AuthenticationError and CommandExitError: e2b.mjs, control.mjs, pty.mjs.)
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
-import { step, rejects, addUser } from "./lib.mjs";
+import { step, rejects, addUser, kiln, adminAccount } from "./lib.mjs";
 import {
   Sandbox, SandboxError, TimeoutError, RateLimitError, InvalidArgumentError,
   NotFoundError, FileNotFoundError, CommandExitError,
 } from "e2b";
-
-const kiln = (...args) => execFileSync(process.env.KILN_BIN, ["--data-dir", process.env.KILN_DATA_DIR, ...args]).toString();
 
 const sbx = await step("Sandbox.create", () => Sandbox.create(process.env.KILN_TEMPLATE, { timeoutMs: 300_000 }));
 try {
@@ -61,11 +58,7 @@ try {
 }
 
 await step("Sandbox.create over the account's microVM quota: RateLimitError", async () => {
-  // The account of the server's admin key (the one E2B_API_KEY belongs
-  // to, whose image the template is): the only access key in the store.
-  const rows = kiln("keys", "list").trim().split("\n").slice(1);
-  assert.equal(rows.length, 1, `one access key expected: ${rows}`);
-  const account = rows[0].split(/\s+/)[1];
+  const account = adminAccount();
   kiln("quotas", "set", account, "--microvms", "0");
   try {
     await rejects(Sandbox.create(process.env.KILN_TEMPLATE), RateLimitError, "create over quota");

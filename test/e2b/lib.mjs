@@ -2,6 +2,7 @@
 // ok/FAIL with their time, and a check that a promise fails with one of the
 // SDK's error classes.
 import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
 
 export const steps = [];
 export async function step(name, fn) {
@@ -46,3 +47,23 @@ export async function until(what, limitMs, fn) {
   }
 }
 
+
+// kiln runs the kiln command on the server's data directory.
+export const kiln = (...args) => execFileSync(process.env.KILN_BIN, ["--data-dir", process.env.KILN_DATA_DIR, ...args]).toString();
+
+// adminAccount is the account of the server's admin key (the one
+// E2B_API_KEY belongs to, whose image the template is): the only access
+// key in the store.
+export function adminAccount() {
+  const rows = kiln("keys", "list").trim().split("\n").slice(1);
+  assert.equal(rows.length, 1, `one access key expected: ${rows}`);
+  return rows[0].split(/\s+/)[1];
+}
+
+// storageUsed is what `kiln quotas get` says account uses of its
+// StorageBytes quota.
+export function storageUsed(account) {
+  const row = kiln("quotas", "get", account).split("\n").find((l) => l.split(/\s+/)[1] === "StorageBytes");
+  assert.ok(row, "a StorageBytes row");
+  return Number(row.trim().split(/\s+/).at(-1));
+}

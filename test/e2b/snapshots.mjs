@@ -4,8 +4,8 @@
 // was, each on its own copy, and the source runs on. Fork is a snapshot
 // and sandboxes from it in one call.
 import assert from "node:assert/strict";
-import { step } from "./lib.mjs";
-import { Sandbox } from "e2b";
+import { step, rejects, kiln, adminAccount, storageUsed } from "./lib.mjs";
+import { Sandbox, RateLimitError } from "e2b";
 
 const template = process.env.KILN_TEMPLATE;
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -38,6 +38,8 @@ try {
     return sbx;
   });
 
+  const account = adminAccount();
+  const before = storageUsed(account);
   const snap = await step("createSnapshot: the source runs on", async () => {
     const s = await src.createSnapshot();
     assert.ok(s.snapshotId, "a snapshot id");
@@ -46,6 +48,22 @@ try {
     assert.equal(info.state, "running");
     assert.equal((await src.commands.run("cat /mark")).stdout, "from the source\n");
     return s;
+  });
+
+  await step("a snapshot counts toward the storage quota; one beyond it is refused", async () => {
+    // The template's 512 MiB of memory and the disk the sandbox wrote.
+    const used = storageUsed(account);
+    assert.ok(used - before > 512 * 2 ** 20, `storage in use went from ${before} to ${used}`);
+    kiln("quotas", "set", account, "--storage-bytes", String(used + 2 ** 20));
+    try {
+      await rejects(src.createSnapshot(), RateLimitError, "a snapshot over the storage quota");
+    } finally {
+      kiln("quotas", "set", account, "--reset");
+    }
+    assert.equal((await src.getInfo()).state, "running");
+    assert.equal(storageUsed(account), used);
+    const all = await Sandbox.listSnapshots().nextItems();
+    assert.deepEqual(all.map((s) => s.snapshotId), [snap.snapshotId]);
   });
 
   await step("listSnapshots finds it, by sandbox too", async () => {

@@ -106,7 +106,9 @@ func (b *Backend) TerminateMicrovm(_ context.Context, m store.Microvm) error {
 	return nil
 }
 
-// BuildImage succeeds unless the code artifact's URI contains "fail".
+// BuildImage succeeds unless the code artifact's URI contains "fail". Its
+// snapshot has the largest memory the version's resources ask for (64 MiB
+// if they ask none) and a 256 MiB disk.
 func (b *Backend) BuildImage(_ context.Context, v store.ImageVersion, builds []store.Build) error {
 	for _, bd := range builds {
 		bd := bd
@@ -119,6 +121,9 @@ func (b *Backend) BuildImage(_ context.Context, v store.ImageVersion, builds []s
 				return b.rep.BuildFinished(ctx, bd, false, "fake build failed on request", nil)
 			}
 			mem, disk := int64(64<<20), int64(256<<20)
+			for _, r := range v.Config.Resources {
+				mem = max(mem, r.MinimumMemoryInMiB<<20)
+			}
 			return b.rep.BuildFinished(ctx, bd, true, "", &store.SnapshotBuild{MemorySnapshotSizeInBytes: &mem, DiskSnapshotSizeInBytes: &disk})
 		})
 	}

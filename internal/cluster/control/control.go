@@ -153,8 +153,14 @@ func (b *Backend) ResumeMicrovm(ctx context.Context, m store.Microvm) error {
 	return b.withNode(ctx, m, "resume", func(c noderpc.Service) error { return c.ResumeMicrovm(ctx, m) })
 }
 
-func (b *Backend) SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) error {
-	return b.withNode(ctx, m, "snapshot", func(c noderpc.Service) error { return c.SnapshotMicrovm(ctx, m, image, version) })
+func (b *Backend) SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) (store.SnapshotBuild, error) {
+	var sb store.SnapshotBuild
+	err := b.withNode(ctx, m, "snapshot", func(c noderpc.Service) error {
+		var err error
+		sb, err = c.SnapshotMicrovm(ctx, m, image, version)
+		return err
+	})
+	return sb, err
 }
 
 // Usage implements e2b.Meter: m's node measures it.

@@ -297,9 +297,9 @@ func (s service) TerminateMicrovm(ctx context.Context, m store.Microvm) error {
 	return s.n.cfg.Engine.TerminateMicrovm(ctx, m)
 }
 
-func (s service) SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) error {
+func (s service) SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) (store.SnapshotBuild, error) {
 	if err := s.check(m, true); err != nil {
-		return err
+		return store.SnapshotBuild{}, err
 	}
 	return s.n.cfg.Engine.SnapshotMicrovm(ctx, m, image, version)
 }

@@ -85,9 +85,12 @@ func (c *Client) DeleteImageVersion(ctx context.Context, account, image, version
 	return err
 }
 
-func (c *Client) SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) error {
-	_, err := call[Empty](ctx, c, "Snapshot", &SnapshotRequest{Microvm: m, Image: image, Version: version})
-	return err
+func (c *Client) SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) (store.SnapshotBuild, error) {
+	r, err := call[SnapshotReply](ctx, c, "Snapshot", &SnapshotRequest{Microvm: m, Image: image, Version: version})
+	if err != nil {
+		return store.SnapshotBuild{}, err
+	}
+	return r.Snapshot, nil
 }
 
 func (c *Client) MicrovmLog(ctx context.Context, m store.Microvm, offset int64, limit int) ([]byte, int64, error) {

@@ -48,7 +48,7 @@ type Service interface {
 	TerminateMicrovm(ctx context.Context, m store.Microvm) error
 	BuildImage(ctx context.Context, v store.ImageVersion, builds []store.Build) error
 	DeleteImageVersion(ctx context.Context, account, image, version string) error
-	SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) error
+	SnapshotMicrovm(ctx context.Context, m store.Microvm, image, version string) (store.SnapshotBuild, error)
 	MicrovmLog(ctx context.Context, m store.Microvm, offset int64, limit int) ([]byte, int64, error)
 	// EnsureRunning resumes a suspended microVM with auto-resume (through
 	// the node's life cycle, as a request to it would on one host) and
@@ -93,6 +93,9 @@ type (
 		Microvm store.Microvm `json:"microvm"`
 		Image   string        `json:"image"`
 		Version string        `json:"version"`
+	}
+	SnapshotReply struct {
+		Snapshot store.SnapshotBuild `json:"snapshot"`
 	}
 	LogRequest struct {
 		Microvm store.Microvm `json:"microvm"`
@@ -222,8 +225,9 @@ var serviceDesc = grpc.ServiceDesc{
 		method("DeleteImageVersion", func(ctx context.Context, s Service, r *VersionRequest) (*Empty, error) {
 			return done(s.DeleteImageVersion(ctx, r.Account, r.Image, r.Version))
 		}),
-		method("Snapshot", func(ctx context.Context, s Service, r *SnapshotRequest) (*Empty, error) {
-			return done(s.SnapshotMicrovm(ctx, r.Microvm, r.Image, r.Version))
+		method("Snapshot", func(ctx context.Context, s Service, r *SnapshotRequest) (*SnapshotReply, error) {
+			sb, err := s.SnapshotMicrovm(ctx, r.Microvm, r.Image, r.Version)
+			return &SnapshotReply{Snapshot: sb}, err
 		}),
 		method("Log", func(ctx context.Context, s Service, r *LogRequest) (*LogReply, error) {
 			if r.Limit <= 0 || r.Limit > MaxMessage/2 {

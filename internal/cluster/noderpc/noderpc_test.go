@@ -55,8 +55,9 @@ func (r *recordingService) BuildImage(_ context.Context, v store.ImageVersion, b
 func (r *recordingService) DeleteImageVersion(_ context.Context, a, i, v string) error {
 	return r.rec("delete "+a+"/"+i+"/"+v, store.Microvm{})
 }
-func (r *recordingService) SnapshotMicrovm(_ context.Context, m store.Microvm, i, v string) error {
-	return r.rec("snapshot "+i+"/"+v, m)
+func (r *recordingService) SnapshotMicrovm(_ context.Context, m store.Microvm, i, v string) (store.SnapshotBuild, error) {
+	n := int64(7)
+	return store.SnapshotBuild{DiskSnapshotSizeInBytes: &n}, r.rec("snapshot "+i+"/"+v, m)
 }
 func (r *recordingService) MicrovmLog(_ context.Context, m store.Microvm, off int64, limit int) ([]byte, int64, error) {
 	return []byte("log"), off + 3, r.rec("log", m)
@@ -153,6 +154,10 @@ func TestCallsCarryTheRecord(t *testing.T) {
 	if err := ctl.BuildImage(ctx, store.ImageVersion{Version: "3"}, []store.Build{{ID: "b"}}); err != nil {
 		t.Fatal(err)
 	}
+	sb, err := ctl.SnapshotMicrovm(ctx, m, "snap", "1.0")
+	if err != nil || sb.DiskSnapshotSizeInBytes == nil || *sb.DiskSnapshotSizeInBytes != 7 {
+		t.Fatalf("snapshot: %+v %v", sb, err)
+	}
 	u, err := ctl.Usage(ctx, "mvm-1")
 	if err != nil || u.CPUTime != time.Second || u.MemorySize != 512<<20 {
 		t.Fatalf("usage: %+v %v", u, err)
@@ -165,7 +170,7 @@ func TestCallsCarryTheRecord(t *testing.T) {
 	if got.ID != m.ID || got.Epoch != 7 || got.Node != "node-a" || got.RunHookPayload != m.RunHookPayload || got.MemoryMiB != 512 {
 		t.Fatalf("node got %+v", got)
 	}
-	if strings.Join(c.svc.calls, ",") != "start,terminate,log,build 31,usage mvm-1,egress mvm-1 [192.0.2.0/24] [example.com]" {
+	if strings.Join(c.svc.calls, ",") != "start,terminate,log,build 31,snapshot snap/1.0,usage mvm-1,egress mvm-1 [192.0.2.0/24] [example.com]" {
 		t.Fatalf("calls %v", c.svc.calls)
 	}
 }

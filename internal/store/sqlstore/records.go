@@ -24,7 +24,7 @@ func (s *Store) CreateImageWithinQuota(ctx context.Context, img store.Image, v s
 func (s *Store) createImage(ctx context.Context, img store.Image, v store.ImageVersion, builds []store.Build, tok *store.ClientToken, adm *store.Admission) error {
 	return s.db.Write(ctx, func(tx Querier) error {
 		if adm != nil {
-			if err := s.admit(ctx, tx, img.Account, *adm, store.QuotaUse{Builds: int64(len(builds))}); err != nil {
+			if err := s.admit(ctx, tx, img.Account, *adm, needOf(builds)); err != nil {
 				return err
 			}
 		}
@@ -41,6 +41,19 @@ func (s *Store) createImage(ctx context.Context, img store.Image, v store.ImageV
 		}
 		return insertToken(ctx, tx, tok)
 	})
+}
+
+// needOf is what inserting builds takes of the account's quota: a build
+// to run, or the storage of one recorded finished already (a snapshot).
+func needOf(builds []store.Build) store.QuotaUse {
+	var n store.QuotaUse
+	for _, b := range builds {
+		if !store.BuildFinal(b.State) {
+			n.Builds++
+		}
+		n.StorageBytes += snapshotBytes(b)
+	}
+	return n
 }
 
 // snapshotBytes is what a build's snapshots hold, summed by the quota.
@@ -135,7 +148,7 @@ func (s *Store) createImageVersion(ctx context.Context, v store.ImageVersion, bu
 		v = in
 		copy(builds, inBuilds)
 		if adm != nil {
-			if err := s.admit(ctx, tx, v.Account, *adm, store.QuotaUse{Builds: int64(len(builds))}); err != nil {
+			if err := s.admit(ctx, tx, v.Account, *adm, needOf(builds)); err != nil {
 				return err
 			}
 		}
@@ -679,11 +692,22 @@ func (s *Store) GetTags(ctx context.Context, account, arn string) (map[string]st
 
 func (s *Store) TagResource(ctx context.Context, account, arn string, tags map[string]string) error {
 	return s.db.Write(ctx, func(tx Querier) error {
+		// Two requests that each fit must not pass the bound together.
+		if err := s.takeTurns(ctx, tx, account+"/tags/"+arn); err != nil {
+			return err
+		}
 		for k, v := range tags {
 			if _, err := tx.Exec(ctx, `INSERT INTO tags (account, arn, key, value) VALUES (?, ?, ?, ?) ON CONFLICT (account, arn, key) DO UPDATE SET value = excluded.value`,
 				account, arn, s.d.Text(k), s.d.Text(v)); err != nil {
 				return fmt.Errorf("tagging: %w", err)
 			}
+		}
+		var n int
+		if err := tx.QueryRow(ctx, `SELECT COUNT(*) FROM tags WHERE account = ? AND arn = ?`, account, arn).Scan(&n); err != nil {
+			return fmt.Errorf("counting tags: %w", err)
+		}
+		if n > store.MaxTags {
+			return &store.TooManyTagsError{Have: n}
 		}
 		return nil
 	})

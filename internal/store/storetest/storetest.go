@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -360,6 +361,37 @@ func tags(t *testing.T, s store.Store) {
 	if got, _ := s.GetTags(ctx, "B", "arn:x"); len(got) != 0 {
 		t.Errorf("another account sees tags: %v", got)
 	}
+	// Concurrent requests that each fit alone do not pass the bound
+	// together, and a refused one changes nothing.
+	var wg sync.WaitGroup
+	errs := make([]error, 4)
+	for i := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			batch := map[string]string{}
+			for j := range 20 {
+				batch[fmt.Sprintf("k%d-%d", i, j)] = "v"
+			}
+			errs[i] = s.TagResource(ctx, "A", "arn:race", batch)
+		}()
+	}
+	wg.Wait()
+	ok := 0
+	for _, err := range errs {
+		var many *store.TooManyTagsError
+		switch {
+		case err == nil:
+			ok++
+		case !errors.As(err, &many) || !errors.Is(err, errdefs.ErrExhausted):
+			t.Errorf("TagResource over the bound: %v", err)
+		}
+	}
+	got, err = s.GetTags(ctx, "A", "arn:race")
+	must(t, err)
+	if ok != 2 || len(got) != 40 {
+		t.Errorf("%d of 4 batches of 20 tags passed and %d tags stored, want 2 and 40", ok, len(got))
+	}
 }
 
 // quotaRace: 20 concurrent creates against a quota of 5 store exactly 5;
@@ -464,6 +496,22 @@ func quotas(t *testing.T, s store.Store) {
 	}
 	if _, err := s.GetBuild(ctx, "A", "q", "2.0", "q-b2"); err != nil {
 		t.Errorf("the admitted version's build: %v", err)
+	}
+	// A build recorded finished already (a snapshot image's) is no
+	// running build, but its storage is needed: refused past the limit,
+	// and counted from its insert when admitted.
+	snapImg, snapV, snapB := newImage("A", "snap")
+	snapB[0].ID, snapB[0].State = "snap-b1", store.BuildSuccessful
+	held := int64(150)
+	snapB[0].Snapshot = &store.SnapshotBuild{MemorySnapshotSizeInBytes: &held}
+	adm.Defaults.StorageBytes, adm.Defaults.Builds = 1249, 0
+	if err := s.CreateImageWithinQuota(ctx, snapImg, snapV, snapB, nil, adm); !errors.As(err, &qe) || qe.Quota != store.QuotaStorageBytes || qe.Requested != 150 {
+		t.Fatalf("a snapshot over the storage quota: %v", err)
+	}
+	adm.Defaults.StorageBytes = 1250
+	must(t, s.CreateImageWithinQuota(ctx, snapImg, snapV, snapB, nil, adm))
+	if u, err = s.QuotaUsage(ctx, "A"); err != nil || u.StorageBytes != 1250 || u.Builds != 1 {
+		t.Errorf("QuotaUsage after a snapshot = %+v, %v", u, err)
 	}
 }
 
