@@ -146,7 +146,7 @@ func printQuotas(cmd *cobra.Command, st store.Store, accounts []string) error {
 			{store.QuotaMemoryMiB, o.MemoryMiB != nil, q.MemoryMiB, u.MemoryMiB},
 			{store.QuotaVCPUs, o.VCPUs != nil, q.VCPUs, u.VCPUs},
 			{store.QuotaBuilds, o.Builds != nil, q.Builds, u.Builds},
-			{store.QuotaStorageBytes, o.StorageBytes != nil, q.StorageBytes, u.SnapshotBytes},
+			{store.QuotaStorageBytes, o.StorageBytes != nil, q.StorageBytes, u.StorageBytes},
 		} {
 			lim := fmt.Sprint(r.limit)
 			if r.limit < 0 {

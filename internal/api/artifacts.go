@@ -110,7 +110,7 @@ func (s *Server) storeArtifact(w http.ResponseWriter, r *http.Request, key store
 	rc.SetReadDeadline(d)
 	rc.SetWriteDeadline(d.Add(time.Minute))
 	if s.cfg.Uploads != nil {
-		s.storeUpload(w, r, key, hash)
+		s.storeUpload(w, r, key, hash, s.uploading.Held(key.Account)-r.ContentLength)
 		return
 	}
 	dir := filepath.Join(s.cfg.ArtifactDir, key.Account)
@@ -170,7 +170,9 @@ func writeUploaded(w http.ResponseWriter, uri, hash string, n int64) {
 // storeUpload is storeArtifact's way into the store, for a cluster's
 // control: the upload reaches every replica and node, named
 // kiln-upload://ACCOUNT/SHA256.zip.
-func (s *Server) storeUpload(w http.ResponseWriter, r *http.Request, key store.AccessKey, hash string) {
+// The store checks the quota again as it records the upload (uploads on
+// other control replicas are not in held, this replica's others' are).
+func (s *Server) storeUpload(w http.ResponseWriter, r *http.Request, key store.AccessKey, hash string, held int64) {
 	// The store writes as it reads, so the one check that needs the
 	// content comes first: a package starts with a zip's magic.
 	br := bufio.NewReaderSize(r.Body, 4096)
@@ -178,7 +180,13 @@ func (s *Server) storeUpload(w http.ResponseWriter, r *http.Request, key store.A
 		writeError(w, r, validation("a code package must be a zip file"))
 		return
 	}
-	up, err := s.cfg.Uploads.PutUpload(r.Context(), key.Account, hash, r.ContentLength, br)
+	adm := store.Admission{Defaults: s.cfg.Quota, OtherStorageBytes: held}
+	up, err := s.cfg.Uploads.PutUpload(r.Context(), key.Account, hash, r.ContentLength, br, &adm)
+	var qe *store.QuotaError
+	if errors.As(err, &qe) {
+		writeError(w, r, quotaError(err))
+		return
+	}
 	if errors.Is(err, errdefs.ErrInvalid) {
 		writeError(w, r, validation("the body does not match its Content-Length and X-Amz-Content-Sha256"))
 		return

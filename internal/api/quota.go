@@ -48,20 +48,13 @@ func (s *Server) admission(ctx context.Context, account string) (store.Admission
 	return store.Admission{Defaults: s.cfg.Quota, OtherStorageBytes: n + s.uploading.Held(account)}, nil
 }
 
-// artifactBytes adds up the sizes of the account's stored code packages:
-// storage the store cannot see. Uploads in progress count by what they
-// hold (s.uploading), not by what has arrived.
+// artifactBytes adds up the sizes of the account's code packages in the
+// server's folder: storage the store cannot see (uploads into the store,
+// Config.Uploads, it counts itself). Uploads in progress count by what
+// they hold (s.uploading), not by what has arrived.
 func (s *Server) artifactBytes(ctx context.Context, account string) (int64, error) {
 	if s.cfg.Uploads != nil {
-		ups, err := s.cfg.Uploads.ListUploads(ctx, account)
-		if err != nil {
-			return 0, fmt.Errorf("measuring uploads: %w", err)
-		}
-		var n int64
-		for _, u := range ups {
-			n += u.SizeBytes
-		}
-		return n, nil
+		return 0, nil
 	}
 	if s.cfg.ArtifactDir == "" {
 		return 0, nil

@@ -88,6 +88,16 @@ func TestStoreUploads(t *testing.T) {
 	if n, _ := e.st.PruneUploadChunks(ctx, time.Now().Add(time.Hour)); n != 0 {
 		t.Errorf("refused uploads left %d chunks", n)
 	}
+	// The store counts its uploads toward StorageBytes; the API adds no
+	// second count of them.
+	q, err := do(t, first(e.key), "GET", "/kiln/v1/quota", nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	use := q["usage"].(map[string]any)
+	if got := use["storageBytes"].(float64) - use["snapshotBytes"].(float64); got != float64(len(zipBytes)) {
+		t.Errorf("the upload counts %v bytes toward storage, want %d (usage %v)", got, len(zipBytes), use)
+	}
 
 	// Naming an upload renews its grace; one that is gone is refused.
 	if _, err := e.st.DeleteUpload(ctx, "111111111111", hash, time.Now().Add(time.Hour)); err != nil {

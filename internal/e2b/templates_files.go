@@ -305,7 +305,13 @@ func (s *Server) putFilesInStore(w http.ResponseWriter, r *http.Request, account
 		writeError(w, errorf(400, "template files must be a tar archive, plain or gzip-compressed, as the SDK sends"))
 		return
 	}
-	_, err := s.cfg.TemplateFiles.PutTemplateFile(r.Context(), account, hash, r.ContentLength, br)
+	// The bound again, as the store records the files: uploads on other
+	// control replicas are not held here.
+	_, err := s.cfg.TemplateFiles.PutTemplateFile(r.Context(), account, hash, r.ContentLength, br, s.cfg.MaxAccountUploadBytes)
+	if errors.Is(err, errdefs.ErrExhausted) {
+		writeError(w, errorf(429, "%v: %s", err, s.filesExpiry()))
+		return
+	}
 	if errors.Is(err, errdefs.ErrInvalid) {
 		writeError(w, errorf(400, "the body does not match its Content-Length (%d bytes): %v", r.ContentLength, err))
 		return

@@ -273,7 +273,7 @@ func TestCollectorRemovesUnreferencedStoreUploads(t *testing.T) {
 	up := f.st.(store.Uploads)
 	const acct = "111111111111"
 	put := func(body string, age time.Duration) store.Upload {
-		u, err := up.PutUpload(ctx, acct, "", int64(len(body)), strings.NewReader(body))
+		u, err := up.PutUpload(ctx, acct, "", int64(len(body)), strings.NewReader(body), nil)
 		if err != nil {
 			t.Fatal(err)
 		}

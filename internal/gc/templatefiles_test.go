@@ -98,7 +98,7 @@ func expireStoredTemplateFiles(t *testing.T, st filesStore) {
 	put := func(account, hash string, age time.Duration) {
 		t.Helper()
 		body := "tar bytes of " + account + hash
-		if _, err := st.PutTemplateFile(ctx, account, hash, int64(len(body)), strings.NewReader(body)); err != nil {
+		if _, err := st.PutTemplateFile(ctx, account, hash, int64(len(body)), strings.NewReader(body), 0); err != nil {
 			t.Fatal(err)
 		}
 		if err := st.TouchTemplateFile(ctx, account, hash, now.Add(-age)); err != nil {

@@ -64,8 +64,9 @@ type QuotaUse struct {
 	// SnapshotBytes adds up the memory and disk snapshot sizes recorded by
 	// the SUCCESSFUL builds of the account's image versions (the template
 	// each version keeps on disk). StorageBytes is SnapshotBytes plus
-	// what the caller measured outside the store (Admission.OtherStorageBytes:
-	// uploaded code artifacts).
+	// the account's uploads in the store (Uploads) plus what the caller
+	// measured outside the store (Admission.OtherStorageBytes: code
+	// packages in a server's folder, uploads still arriving).
 	SnapshotBytes int64 `json:"snapshotBytes"`
 	StorageBytes  int64 `json:"storageBytes"`
 }

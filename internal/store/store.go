@@ -464,7 +464,8 @@ type Store interface {
 	CreateImageVersionWithinQuota(ctx context.Context, v ImageVersion, builds []Build, tok *ClientToken, adm Admission) (ImageVersion, []Build, error)
 
 	// QuotaUsage returns what an account uses of each quota, as the store
-	// sees it (QuotaUse.StorageBytes = QuotaUse.SnapshotBytes here).
+	// sees it (QuotaUse.StorageBytes = QuotaUse.SnapshotBytes plus the
+	// account's uploads in the store).
 	QuotaUsage(ctx context.Context, account string) (QuotaUse, error)
 	// GetQuotaOverride returns the limits set for an account (all nil if
 	// none were).

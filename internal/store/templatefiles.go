@@ -28,7 +28,12 @@ type TemplateFiles interface {
 	// files of hash, replacing any it had (as a file upload overwrites):
 	// a reader of the replaced files then fails (io.ErrUnexpectedEOF). A
 	// body of another length is errdefs.ErrInvalid and leaves nothing.
-	PutTemplateFile(ctx context.Context, account, hash string, size int64, body io.Reader) (TemplateFile, error)
+	// With max > 0, the files are recorded only if the account's files,
+	// these included (the ones they replace not), then take at most max
+	// bytes, checked in the same transaction so that puts on several
+	// hosts cannot pass it together: errdefs.ErrExhausted otherwise, and
+	// nothing is left.
+	PutTemplateFile(ctx context.Context, account, hash string, size int64, body io.Reader, max int64) (TemplateFile, error)
 	// OpenTemplateFile opens the account's files of hash, one chunk in
 	// memory at a time; errdefs.ErrNotFound when it has none.
 	OpenTemplateFile(ctx context.Context, account, hash string) (io.ReadCloser, TemplateFile, error)

@@ -79,8 +79,12 @@ type Uploads interface {
 	// CreatedAt. The chunks are written in transactions of their own
 	// (a slow client holds no write lock) and the upload appears only
 	// once all are in; chunks of a put that died midway are removed by
-	// PruneUploadChunks.
-	PutUpload(ctx context.Context, account, sha256 string, size int64, body io.Reader) (Upload, error)
+	// PruneUploadChunks. With adm, the upload is recorded only if its
+	// bytes fit the account's StorageBytes quota, checked in the same
+	// transaction (the account's uploads in the store counted, as
+	// QuotaUsage counts them): a *QuotaError otherwise, and nothing is
+	// left. A package the account already has needs no room.
+	PutUpload(ctx context.Context, account, sha256 string, size int64, body io.Reader, adm *Admission) (Upload, error)
 	// OpenUpload opens the account's upload for reading, one chunk in
 	// memory at a time. errdefs.ErrNotFound when the account has none
 	// with that hash. A read fails (io.ErrUnexpectedEOF) if the upload is

@@ -26,7 +26,7 @@ func TestFetchUpload(t *testing.T) {
 	}
 	defer st.Close()
 	z := zipBytes(t, pkg)
-	up, err := st.PutUpload(ctx, "111111111111", "", int64(len(z)), bytes.NewReader(z))
+	up, err := st.PutUpload(ctx, "111111111111", "", int64(len(z)), bytes.NewReader(z), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

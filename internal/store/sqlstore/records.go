@@ -775,7 +775,11 @@ func quotaUse(ctx context.Context, db Querier, account string) (store.QuotaUse, 
 	if err := db.QueryRow(ctx, `SELECT CAST(COALESCE(SUM(snapshot_bytes), 0) AS BIGINT) FROM builds WHERE account = ? AND state = 'SUCCESSFUL'`, account).Scan(&u.SnapshotBytes); err != nil {
 		return u, fmt.Errorf("adding up snapshot sizes: %w", err)
 	}
-	u.StorageBytes = u.SnapshotBytes
+	var up int64
+	if err := db.QueryRow(ctx, `SELECT CAST(COALESCE(SUM(size_bytes), 0) AS BIGINT) FROM uploads WHERE account = ?`, account).Scan(&up); err != nil {
+		return u, fmt.Errorf("adding up upload sizes: %w", err)
+	}
+	u.StorageBytes = u.SnapshotBytes + up
 	return u, nil
 }
 

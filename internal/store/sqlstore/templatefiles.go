@@ -2,6 +2,7 @@ package sqlstore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"time"
@@ -17,7 +18,7 @@ import (
 
 var _ store.TemplateFiles = (*Store)(nil)
 
-func (s *Store) PutTemplateFile(ctx context.Context, account, hash string, size int64, body io.Reader) (store.TemplateFile, error) {
+func (s *Store) PutTemplateFile(ctx context.Context, account, hash string, size int64, body io.Reader, max int64) (store.TemplateFile, error) {
 	if account == "" || hash == "" || size <= 0 {
 		return store.TemplateFile{}, fmt.Errorf("putting template files: need an account, a hash and a positive size: %w", errdefs.ErrInvalid)
 	}
@@ -43,6 +44,18 @@ func (s *Store) PutTemplateFile(ctx context.Context, account, hash string, size 
 		if err != nil && !absent(err) {
 			return err
 		}
+		if max > 0 {
+			if err := s.takeTurns(ctx, q, account+"/template-files"); err != nil {
+				return err
+			}
+			var others int64
+			if err := q.QueryRow(ctx, `SELECT CAST(COALESCE(SUM(size_bytes), 0) AS BIGINT) FROM template_files WHERE account = ? AND hash != ?`, account, hash).Scan(&others); err != nil {
+				return err
+			}
+			if others+n > max {
+				return fmt.Errorf("the account keeps %d bytes of template files; these %d would pass its %d: %w", others, n, max, errdefs.ErrExhausted)
+			}
+		}
 		if _, err := q.Exec(ctx, `INSERT INTO template_files (account, hash, upload_id, size_bytes, created_at) VALUES (?, ?, ?, ?, ?)
 			ON CONFLICT (account, hash) DO UPDATE SET upload_id = excluded.upload_id, size_bytes = excluded.size_bytes, created_at = excluded.created_at`,
 			account, hash, id, n, now.UnixNano()); err != nil {
@@ -54,6 +67,9 @@ func (s *Store) PutTemplateFile(ctx context.Context, account, hash string, size 
 		_, err = q.Exec(ctx, `DELETE FROM upload_chunks WHERE account = ? AND upload_id = ?`, account, old)
 		return err
 	})
+	if errors.Is(err, errdefs.ErrExhausted) {
+		return store.TemplateFile{}, err
+	}
 	if err != nil {
 		return store.TemplateFile{}, fmt.Errorf("recording template files: %w", err)
 	}

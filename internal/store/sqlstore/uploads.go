@@ -23,7 +23,7 @@ import (
 
 var _ store.Uploads = (*Store)(nil)
 
-func (s *Store) PutUpload(ctx context.Context, account, want string, size int64, body io.Reader) (store.Upload, error) {
+func (s *Store) PutUpload(ctx context.Context, account, want string, size int64, body io.Reader, adm *store.Admission) (store.Upload, error) {
 	if account == "" || size <= 0 {
 		return store.Upload{}, fmt.Errorf("putting an upload: need an account and a positive size: %w", errdefs.ErrInvalid)
 	}
@@ -50,10 +50,29 @@ func (s *Store) PutUpload(ctx context.Context, account, want string, size int64,
 	// the deferred drop); only its time is renewed.
 	var kept string
 	err = s.db.Write(ctx, func(q Querier) error {
+		if adm != nil {
+			// Checked as it is recorded: puts on other hosts of a cluster
+			// that each fit cannot pass the quota together.
+			need := n
+			var one int
+			switch err := q.QueryRow(ctx, `SELECT 1 FROM uploads WHERE account = ? AND sha256 = ?`, account, sum).Scan(&one); {
+			case err == nil:
+				need = 0
+			case !absent(err):
+				return fmt.Errorf("looking up upload: %w", err)
+			}
+			if err := s.admit(ctx, q, account, *adm, store.QuotaUse{StorageBytes: need}); err != nil {
+				return err
+			}
+		}
 		return q.QueryRow(ctx, `INSERT INTO uploads (account, sha256, upload_id, size_bytes, created_at) VALUES (?, ?, ?, ?, ?)
 			ON CONFLICT (account, sha256) DO UPDATE SET created_at = excluded.created_at RETURNING upload_id`,
 			account, sum, id, n, now.UnixNano()).Scan(&kept)
 	})
+	var qe *store.QuotaError
+	if errors.As(err, &qe) {
+		return store.Upload{}, err
+	}
 	if err != nil {
 		return store.Upload{}, fmt.Errorf("recording upload: %w", err)
 	}

@@ -47,7 +47,9 @@ func Run(t *testing.T, open func(t *testing.T) store.Store) {
 		{"cluster host lost", hostLost},
 		{"cluster leases", leases},
 		{"uploads", uploads},
+		{"upload quota", uploadQuota},
 		{"template files", templateFiles},
+		{"template files bound", templateFilesBound},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) { tt.fn(t, open(t)) })

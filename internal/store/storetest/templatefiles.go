@@ -5,6 +5,8 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -33,7 +35,7 @@ func templateFiles(t *testing.T, s store.Store) {
 	big := make([]byte, store.UploadChunkBytes+store.UploadChunkBytes/2)
 	rand.NewChaCha8([32]byte{2}).Read(big)
 	const h = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
-	f, err := tf.PutTemplateFile(ctx, "A", h, int64(len(big)), bytes.NewReader(big))
+	f, err := tf.PutTemplateFile(ctx, "A", h, int64(len(big)), bytes.NewReader(big), 0)
 	must(t, err)
 	if f.Account != "A" || f.Hash != h || f.SizeBytes != int64(len(big)) {
 		t.Errorf("PutTemplateFile = %+v", f)
@@ -60,7 +62,7 @@ func templateFiles(t *testing.T, s store.Store) {
 	must(t, err)
 	defer old.Close()
 	small := []byte("tar bytes")
-	_, err = tf.PutTemplateFile(ctx, "A", h, int64(len(small)), bytes.NewReader(small))
+	_, err = tf.PutTemplateFile(ctx, "A", h, int64(len(small)), bytes.NewReader(small), 0)
 	must(t, err)
 	if _, err := io.ReadAll(old); !errors.Is(err, io.ErrUnexpectedEOF) {
 		t.Errorf("reading replaced files: %v, want io.ErrUnexpectedEOF", err)
@@ -74,7 +76,7 @@ func templateFiles(t *testing.T, s store.Store) {
 
 	// A body shorter or longer than declared leaves nothing.
 	for _, size := range []int64{int64(len(small)) + 1, int64(len(small)) - 1} {
-		_, err := tf.PutTemplateFile(ctx, "C", h, size, bytes.NewReader(small))
+		_, err := tf.PutTemplateFile(ctx, "C", h, size, bytes.NewReader(small), 0)
 		is(t, err, errdefs.ErrInvalid)
 	}
 	if l, _ := tf.ListTemplateFiles(ctx, "C"); len(l) != 0 {
@@ -89,9 +91,9 @@ func templateFiles(t *testing.T, s store.Store) {
 	// Touch and conditional delete, as garbage collection uses them: the
 	// touch of A's files leaves D's files of the same hash as they were.
 	const h2 = "fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210"
-	_, err = tf.PutTemplateFile(ctx, "D", h, int64(len(small)), bytes.NewReader(small))
+	_, err = tf.PutTemplateFile(ctx, "D", h, int64(len(small)), bytes.NewReader(small), 0)
 	must(t, err)
-	_, err = tf.PutTemplateFile(ctx, "D", h2, int64(len(small)), bytes.NewReader(small))
+	_, err = tf.PutTemplateFile(ctx, "D", h2, int64(len(small)), bytes.NewReader(small), 0)
 	must(t, err)
 	is(t, tf.TouchTemplateFile(ctx, "B", h, time.Now()), errdefs.ErrNotFound)
 	past, future := time.Now().Add(-48*time.Hour), time.Now().Add(48*time.Hour)
@@ -129,4 +131,43 @@ func templateFiles(t *testing.T, s store.Store) {
 	if n, _ := s.(store.Uploads).PruneUploadChunks(ctx, time.Now().Add(time.Hour)); n != 0 {
 		t.Errorf("deleting template files left %d stray chunks", n)
 	}
+}
+
+// templateFilesBound: puts that each fit an account's bound alone do not
+// pass it together, a refused one leaves no chunk, and replacing files
+// counts only the new bytes.
+func templateFilesBound(t *testing.T, s store.Store) {
+	tf := s.(store.TemplateFiles)
+	errs := make([]error, 4)
+	var wg sync.WaitGroup
+	for i := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			h := strings.Repeat(string(rune('a'+i)), 64)
+			_, errs[i] = tf.PutTemplateFile(ctx, "A", h, 100, bytes.NewReader(make([]byte, 100)), 250)
+		}()
+	}
+	wg.Wait()
+	var kept string
+	ok := 0
+	for i, err := range errs {
+		switch {
+		case err == nil:
+			ok++
+			kept = strings.Repeat(string(rune('a'+i)), 64)
+		case !errors.Is(err, errdefs.ErrExhausted):
+			t.Errorf("a put past the bound: %v", err)
+		}
+	}
+	files, err := tf.ListTemplateFiles(ctx, "A")
+	must(t, err)
+	if ok != 2 || len(files) != 2 {
+		t.Errorf("%d of 4 puts of 100 bytes passed a bound of 250, %d kept; want 2 and 2", ok, len(files))
+	}
+	if n, _ := s.(store.Uploads).PruneUploadChunks(ctx, time.Now().Add(time.Hour)); n != 0 {
+		t.Errorf("refused puts left %d chunks", n)
+	}
+	_, err = tf.PutTemplateFile(ctx, "A", kept, 150, bytes.NewReader(make([]byte, 150)), 250)
+	must(t, err)
 }

@@ -43,7 +43,7 @@ func uploads(t *testing.T, s store.Store) {
 	rand.NewChaCha8([32]byte{1}).Read(big)
 	sum := hashOf(big)
 	before := time.Now()
-	up, err := u.PutUpload(ctx, "A", sum, int64(len(big)), bytes.NewReader(big))
+	up, err := u.PutUpload(ctx, "A", sum, int64(len(big)), bytes.NewReader(big), nil)
 	must(t, err)
 	if up.SHA256 != sum || up.SizeBytes != int64(len(big)) || up.Account != "A" || up.CreatedAt.Before(before.Add(-time.Second)) {
 		t.Errorf("PutUpload = %+v", up)
@@ -75,7 +75,7 @@ func uploads(t *testing.T, s store.Store) {
 		{"short body", hashOf(small), int64(len(small)) + 1, small},
 		{"long body", "", int64(len(small)) - 1, small},
 	} {
-		_, err := u.PutUpload(ctx, "C", tc.sha, tc.size, bytes.NewReader(tc.body))
+		_, err := u.PutUpload(ctx, "C", tc.sha, tc.size, bytes.NewReader(tc.body), nil)
 		if !errors.Is(err, errdefs.ErrInvalid) {
 			t.Errorf("%s: PutUpload = %v, want ErrInvalid", tc.name, err)
 		}
@@ -88,13 +88,13 @@ func uploads(t *testing.T, s store.Store) {
 	}
 
 	// No declared hash: the store computes it. Again: one copy, newer time.
-	up2, err := u.PutUpload(ctx, "B", "", int64(len(small)), bytes.NewReader(small))
+	up2, err := u.PutUpload(ctx, "B", "", int64(len(small)), bytes.NewReader(small), nil)
 	must(t, err)
 	if up2.SHA256 != hashOf(small) {
 		t.Errorf("computed hash %s, want %s", up2.SHA256, hashOf(small))
 	}
 	time.Sleep(time.Millisecond)
-	up3, err := u.PutUpload(ctx, "B", up2.SHA256, int64(len(small)), bytes.NewReader(small))
+	up3, err := u.PutUpload(ctx, "B", up2.SHA256, int64(len(small)), bytes.NewReader(small), nil)
 	must(t, err)
 	if !up3.CreatedAt.After(up2.CreatedAt) {
 		t.Errorf("a second put kept created at %v (first %v)", up3.CreatedAt, up2.CreatedAt)
@@ -139,5 +139,39 @@ func uploads(t *testing.T, s store.Store) {
 	is(t, err, errdefs.ErrNotFound)
 	if n, _ := u.PruneUploadChunks(ctx, time.Now().Add(time.Hour)); n != 0 {
 		t.Errorf("a delete left %d chunks", n)
+	}
+}
+
+// uploadQuota: puts with an admission that each fit alone do not pass the
+// StorageBytes quota together (the cluster's control replicas each take
+// some), a refused one leaves no chunk, and QuotaUsage counts the uploads.
+func uploadQuota(t *testing.T, s store.Store) {
+	u := s.(store.Uploads)
+	adm := store.Admission{Defaults: store.Quota{Microvms: -1, MemoryMiB: -1, VCPUs: -1, Builds: -1, StorageBytes: 250}}
+	body := func(i int) []byte { return bytes.Repeat([]byte{byte(i)}, 100) }
+	ok := race(t, []store.Store{s}, func(qe *store.QuotaError) {
+		if qe.Quota != store.QuotaStorageBytes || qe.Requested != 100 {
+			t.Errorf("QuotaError = %+v", qe)
+		}
+	}, func(_ store.Store, i int) error {
+		_, err := u.PutUpload(ctx, "A", "", 100, bytes.NewReader(body(i)), &adm)
+		return err
+	})
+	q, err := s.QuotaUsage(ctx, "A")
+	must(t, err)
+	if ok != 2 || q.StorageBytes != 200 {
+		t.Errorf("%d puts of 100 bytes passed a quota of 250, usage %d bytes; want 2 and 200", ok, q.StorageBytes)
+	}
+	if n, _ := u.PruneUploadChunks(ctx, time.Now().Add(time.Hour)); n != 0 {
+		t.Errorf("refused puts left %d chunks", n)
+	}
+	// A package the account has needs no room, even at the limit.
+	ups, err := u.ListUploads(ctx, "A")
+	must(t, err)
+	for i := range 20 {
+		if len(ups) > 0 && hashOf(body(i)) == ups[0].SHA256 {
+			_, err := u.PutUpload(ctx, "A", "", 100, bytes.NewReader(body(i)), &adm)
+			must(t, err)
+		}
 	}
 }
