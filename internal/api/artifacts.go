@@ -110,7 +110,7 @@ func (s *Server) storeArtifact(w http.ResponseWriter, r *http.Request, key store
 	rc.SetReadDeadline(d)
 	rc.SetWriteDeadline(d.Add(time.Minute))
 	if s.cfg.Uploads != nil {
-		s.storeUpload(w, r, key, hash, s.uploading.Held(key.Account)-r.ContentLength)
+		s.storeUpload(w, r, key, hash, unhold)
 		return
 	}
 	dir := filepath.Join(s.cfg.ArtifactDir, key.Account)
@@ -152,6 +152,7 @@ func (s *Server) storeArtifact(w http.ResponseWriter, r *http.Request, key store
 	release := s.holdReferences()
 	err = os.Rename(f.Name(), dst)
 	release()
+	unhold() // stored, it counts as a file
 	if err != nil {
 		writeError(w, r, internal(fmt.Sprintf("storing upload: %v", err)))
 		return
@@ -170,9 +171,10 @@ func writeUploaded(w http.ResponseWriter, uri, hash string, n int64) {
 // storeUpload is storeArtifact's way into the store, for a cluster's
 // control: the upload reaches every replica and node, named
 // kiln-upload://ACCOUNT/SHA256.zip.
-// The store checks the quota again as it records the upload (uploads on
-// other control replicas are not in held, this replica's others' are).
-func (s *Server) storeUpload(w http.ResponseWriter, r *http.Request, key store.AccessKey, hash string, held int64) {
+// The store checks the quota again as it records the upload, counting
+// the uploads recorded meanwhile (also other control replicas'); unhold
+// releases this one's hold once it is recorded.
+func (s *Server) storeUpload(w http.ResponseWriter, r *http.Request, key store.AccessKey, hash string, unhold func()) {
 	// The store writes as it reads, so the one check that needs the
 	// content comes first: a package starts with a zip's magic.
 	br := bufio.NewReaderSize(r.Body, 4096)
@@ -180,8 +182,11 @@ func (s *Server) storeUpload(w http.ResponseWriter, r *http.Request, key store.A
 		writeError(w, r, validation("a code package must be a zip file"))
 		return
 	}
-	adm := store.Admission{Defaults: s.cfg.Quota, OtherStorageBytes: held}
+	// Only what is recorded: a hold of another upload of this replica
+	// may be recorded by now, and would count twice.
+	adm := store.Admission{Defaults: s.cfg.Quota}
 	up, err := s.cfg.Uploads.PutUpload(r.Context(), key.Account, hash, r.ContentLength, br, &adm)
+	unhold()
 	var qe *store.QuotaError
 	if errors.As(err, &qe) {
 		writeError(w, r, quotaError(err))

@@ -221,7 +221,7 @@ func (s *Server) getUsage(ctx context.Context, c *call) (any, error) {
 	return map[string]any{"since": ts(since), "until": ts(until), "accounts": us}, nil
 }
 
-// dirBytes sums the sizes of the regular files directly in dir.
+// dirBytes sums the sizes of the code packages stored directly in dir.
 func dirBytes(dir string) (int64, error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
@@ -232,7 +232,8 @@ func dirBytes(dir string) (int64, error) {
 	}
 	var n int64
 	for _, e := range ents {
-		if !e.Type().IsRegular() {
+		// Uploads still arriving count by what they hold (Server.uploading).
+		if !e.Type().IsRegular() || strings.HasPrefix(e.Name(), uploadTemp) {
 			continue
 		}
 		if info, err := e.Info(); err == nil {

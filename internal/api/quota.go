@@ -4,10 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
-	"os"
 	"path/filepath"
-	"strings"
 
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
@@ -59,21 +56,7 @@ func (s *Server) artifactBytes(ctx context.Context, account string) (int64, erro
 	if s.cfg.ArtifactDir == "" {
 		return 0, nil
 	}
-	var n int64
-	err := filepath.WalkDir(filepath.Join(s.cfg.ArtifactDir, account), func(_ string, d fs.DirEntry, err error) error {
-		if err != nil {
-			if errors.Is(err, os.ErrNotExist) {
-				return nil
-			}
-			return err
-		}
-		if d.Type().IsRegular() && !strings.HasPrefix(d.Name(), uploadTemp) {
-			if fi, err := d.Info(); err == nil {
-				n += fi.Size()
-			}
-		}
-		return nil
-	})
+	n, err := dirBytes(filepath.Join(s.cfg.ArtifactDir, account))
 	if err != nil {
 		return 0, fmt.Errorf("measuring uploads: %w", err)
 	}

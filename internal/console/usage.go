@@ -121,10 +121,13 @@ func (c *Console) accountUsage(ctx context.Context, account string) (accountUsag
 		if m, ok := mem[k]; ok {
 			return m
 		}
-		m := int64(defaultMemoryMiB)
-		if v, err := c.cfg.Store.GetImageVersion(ctx, account, image, version); err == nil && len(v.Config.Resources) > 0 {
-			m = memoryFor(v.Config.Resources[0].MinimumMemoryInMiB)
+		var want int64 // the largest minimum, as the builder sizes the VM
+		if v, err := c.cfg.Store.GetImageVersion(ctx, account, image, version); err == nil {
+			for _, r := range v.Config.Resources {
+				want = max(want, r.MinimumMemoryInMiB)
+			}
 		}
+		m := memoryFor(want)
 		mem[k] = m
 		return m
 	}

@@ -259,7 +259,7 @@ func (s *Server) uploadFiles(w http.ResponseWriter, r *http.Request) {
 	rc.SetReadDeadline(d)
 	rc.SetWriteDeadline(d.Add(time.Minute))
 	if s.cfg.TemplateFiles != nil {
-		s.putFilesInStore(w, r, account, hash)
+		s.putFilesInStore(w, r, account, hash, unhold)
 		return
 	}
 	dir := filepath.Dir(s.filesPath(account, hash))
@@ -289,7 +289,9 @@ func (s *Server) uploadFiles(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(500, "writing upload: %v", err))
 		return
 	}
-	if err := os.Rename(f.Name(), s.filesPath(account, hash)); err != nil {
+	err = os.Rename(f.Name(), s.filesPath(account, hash))
+	unhold() // stored, it counts as a file
+	if err != nil {
 		writeError(w, errorf(500, "storing upload: %v", err))
 		return
 	}
@@ -298,7 +300,7 @@ func (s *Server) uploadFiles(w http.ResponseWriter, r *http.Request) {
 
 // putFilesInStore is uploadFiles' store half: the same checks, the
 // archive's head before anything is written since no file is read back.
-func (s *Server) putFilesInStore(w http.ResponseWriter, r *http.Request, account, hash string) {
+func (s *Server) putFilesInStore(w http.ResponseWriter, r *http.Request, account, hash string, unhold func()) {
 	br := bufio.NewReaderSize(r.Body, 512)
 	head, _ := br.Peek(512)
 	if !layer.IsArchive(head) {
@@ -308,8 +310,9 @@ func (s *Server) putFilesInStore(w http.ResponseWriter, r *http.Request, account
 	// The bound again, as the store records the files: uploads on other
 	// control replicas are not held here.
 	_, err := s.cfg.TemplateFiles.PutTemplateFile(r.Context(), account, hash, r.ContentLength, br, s.cfg.MaxAccountUploadBytes)
-	if errors.Is(err, errdefs.ErrExhausted) {
-		writeError(w, errorf(429, "%v: %s", err, s.filesExpiry()))
+	unhold()
+	if full := (*store.TemplateFilesFullError)(nil); errors.As(err, &full) {
+		writeError(w, errorf(429, "%v: %s", full, s.filesExpiry()))
 		return
 	}
 	if errors.Is(err, errdefs.ErrInvalid) {

@@ -9,39 +9,64 @@ import "sync"
 
 // Bytes is a ledger of held bytes per account. Its zero value is ready.
 type Bytes struct {
-	mu   sync.Mutex
-	held map[string]int64
+	mu       sync.Mutex // guards accounts and each account's held and users
+	accounts map[string]*account
+}
+
+type account struct {
+	turn  sync.Mutex // the account's checks take turns
+	held  int64
+	users int // checks waiting or running, and holds not released
 }
 
 // Hold runs check with the bytes the account's other uploads hold and,
 // if check passes, holds n bytes for the account until release is
-// called. Checks of one ledger take turns, so check should be short (a
-// query or a directory listing); release may be called more than once.
-func (b *Bytes) Hold(account string, n int64, check func(held int64) error) (release func(), err error) {
+// called. The checks of one account take turns (another account's do not
+// wait for them); release may be called more than once.
+func (b *Bytes) Hold(name string, n int64, check func(held int64) error) (release func(), err error) {
 	b.mu.Lock()
-	defer b.mu.Unlock()
-	if err := check(b.held[account]); err != nil {
+	if b.accounts == nil {
+		b.accounts = map[string]*account{}
+	}
+	a := b.accounts[name]
+	if a == nil {
+		a = &account{}
+		b.accounts[name] = a
+	}
+	a.users++
+	b.mu.Unlock()
+
+	a.turn.Lock()
+	defer a.turn.Unlock()
+	b.mu.Lock()
+	held := a.held
+	b.mu.Unlock()
+	if err := check(held); err != nil {
+		b.leave(name, a, 0)
 		return nil, err
 	}
-	if b.held == nil {
-		b.held = map[string]int64{}
-	}
-	b.held[account] += n
+	b.mu.Lock()
+	a.held += n
+	b.mu.Unlock()
 	var once sync.Once
-	return func() {
-		once.Do(func() {
-			b.mu.Lock()
-			defer b.mu.Unlock()
-			if b.held[account] -= n; b.held[account] == 0 {
-				delete(b.held, account)
-			}
-		})
-	}, nil
+	return func() { once.Do(func() { b.leave(name, a, n) }) }, nil
+}
+
+func (b *Bytes) leave(name string, a *account, n int64) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	a.held -= n
+	if a.users--; a.users == 0 {
+		delete(b.accounts, name)
+	}
 }
 
 // Held is what the account's uploads hold now.
-func (b *Bytes) Held(account string) int64 {
+func (b *Bytes) Held(name string) int64 {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return b.held[account]
+	if a := b.accounts[name]; a != nil {
+		return a.held
+	}
+	return 0
 }

@@ -50,10 +50,29 @@ func TestHoldBoundsConcurrentUploads(t *testing.T) {
 		r()
 		r()
 	}
-	b.Hold("A", 0, func(h int64) error {
-		if h != 0 {
-			t.Errorf("%d bytes still held after release", h)
-		}
+	if h := b.Held("A"); h != 0 {
+		t.Errorf("%d bytes still held after release", h)
+	}
+	if len(b.accounts) != 1 { // B's hold is not released
+		t.Errorf("%d accounts in the ledger, want 1", len(b.accounts))
+	}
+}
+
+// A slow check of one account does not hold up another account's.
+func TestHoldAccountsDoNotWait(t *testing.T) {
+	var b Bytes
+	inCheck, done := make(chan struct{}), make(chan struct{})
+	go b.Hold("slow", 1, func(int64) error {
+		close(inCheck)
+		<-done
 		return nil
 	})
+	<-inCheck
+	defer close(done)
+	if _, err := b.Hold("other", 1, func(int64) error { return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if h := b.Held("other"); h != 1 {
+		t.Errorf("other holds %d, want 1", h)
+	}
 }

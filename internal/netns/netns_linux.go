@@ -587,16 +587,62 @@ func netnsDirMount() error {
 	}
 	err := unix.Mount("", NetnsDir, "none", unix.MS_SHARED|unix.MS_REC, "")
 	if errors.Is(err, unix.EINVAL) { // not a mount point yet
-		// MS_REC carries names mounted before along.
-		if err := unix.Mount(NetnsDir, NetnsDir, "none", unix.MS_BIND|unix.MS_REC, ""); err != nil {
-			return fmt.Errorf("making %s a mount point: %w", NetnsDir, err)
-		}
-		err = unix.Mount("", NetnsDir, "none", unix.MS_SHARED|unix.MS_REC, "")
+		err = remountNetnsDir()
 	}
 	if err != nil {
 		return fmt.Errorf("sharing %s: %w", NetnsDir, err)
 	}
 	return nil
+}
+
+// remountNetnsDir bind-mounts NetnsDir onto itself, shared, and moves the
+// names already mounted on the plain directory (VMs of a kiln from before
+// this, which outlive its restart) onto the new mount. Copied along by a
+// recursive bind instead, each would stay mounted below too, and its file
+// could never be removed.
+func remountNetnsDir() error {
+	ents, err := os.ReadDir(NetnsDir)
+	if err != nil {
+		return err
+	}
+	var names []string
+	var nss []*os.File
+	defer func() {
+		for _, f := range nss {
+			f.Close()
+		}
+	}()
+	for _, e := range ents {
+		path := filepath.Join(NetnsDir, e.Name())
+		f, err := os.Open(path)
+		if err != nil {
+			continue
+		}
+		var fs unix.Statfs_t
+		if unix.Fstatfs(int(f.Fd()), &fs) != nil || fs.Type != unix.NSFS_MAGIC {
+			f.Close() // not a mounted name
+			continue
+		}
+		if err := unix.Unmount(path, unix.MNT_DETACH); err != nil {
+			f.Close()
+			return fmt.Errorf("detaching %s: %w", path, err)
+		}
+		names, nss = append(names, path), append(nss, f)
+	}
+	var errs []error
+	if err := unix.Mount(NetnsDir, NetnsDir, "none", unix.MS_BIND, ""); err != nil {
+		errs = append(errs, fmt.Errorf("making %s a mount point: %w", NetnsDir, err))
+	} else if err := unix.Mount("", NetnsDir, "none", unix.MS_SHARED, ""); err != nil {
+		errs = append(errs, err)
+	}
+	// Mounted again whatever happened above: the open files keep each
+	// namespace until then.
+	for i, path := range names {
+		if err := unix.Mount("/proc/self/fd/"+strconv.Itoa(int(nss[i].Fd())), path, "none", unix.MS_BIND, ""); err != nil {
+			errs = append(errs, fmt.Errorf("naming %s again: %w", path, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 var netnsDirMu sync.Mutex

@@ -711,8 +711,9 @@ func TestEgressPolicy(t *testing.T) {
 // itself when it is not a mount point yet, hiding every name mounted on
 // the plain directory before; such a VM's namespace could then be neither
 // reached nor removed (a leak seen in CI). kiln makes NetnsDir a mount
-// point first. The test runs in a mount namespace of its own, where
-// NetnsDir starts as the plain directory a new host has.
+// point first, moving names mounted before onto it. The test runs in a
+// mount namespace of its own, where NetnsDir starts as the plain
+// directory a new host has.
 func TestNamesOutliveIPNetnsAdd(t *testing.T) {
 	needRoot(t)
 	if os.Getenv("KILN_NETNS_PRIVATE") == "" {
@@ -732,8 +733,23 @@ func TestNamesOutliveIPNetnsAdd(t *testing.T) {
 	if err := unix.Unmount(netns.NetnsDir, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) {
 		t.Fatal(err)
 	}
+	// A VM of a kiln from before: its name mounted on the plain directory.
+	old := testID("ol")
+	oldPath := filepath.Join(netns.NetnsDir, "kiln-"+old)
+	if err := os.WriteFile(oldPath, nil, 0o444); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("unshare", "--net="+oldPath, "true").CombinedOutput(); err != nil {
+		t.Fatalf("unshare --net: %v\n%s", err, out)
+	}
 	id := testID("sh")
 	n := setupVM(t, netns.Config{ID: id})
+	if err := netns.Teardown(context.Background(), old); err != nil {
+		t.Fatalf("teardown of a namespace named before kiln made %s a mount point: %v", netns.NetnsDir, err)
+	}
+	if _, err := os.Stat(oldPath); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("%s is left: %v", oldPath, err)
+	}
 	other := "kilntest-ipadd-" + id
 	if out, err := exec.Command("ip", "netns", "add", other).CombinedOutput(); err != nil {
 		t.Fatalf("ip netns add: %v\n%s", err, out)

@@ -98,8 +98,12 @@ func (e *QuotaError) Error() string {
 		return fmt.Sprintf("quota %s of account %s exceeded: limit %d, in use %d; free some (delete image versions or uploads), or ask the operator to raise it (kiln quotas set)",
 			e.Quota, e.Account, e.Limit, e.Used)
 	}
-	return fmt.Sprintf("quota %s of account %s exceeded: limit %d, in use %d, this request needs %d more; end some, or ask the operator to raise it (kiln quotas set)",
-		e.Quota, e.Account, e.Limit, e.Used, e.Requested)
+	free := "end some (terminate microVMs, or wait for builds to finish)"
+	if e.Quota == QuotaStorageBytes {
+		free = "free some (delete image versions or uploads)"
+	}
+	return fmt.Sprintf("quota %s of account %s exceeded: limit %d, in use %d, this request needs %d more; %s, or ask the operator to raise it (kiln quotas set)",
+		e.Quota, e.Account, e.Limit, e.Used, e.Requested, free)
 }
 
 func (e *QuotaError) Unwrap() error { return errdefs.ErrExhausted }

@@ -2,8 +2,11 @@ package store
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"time"
+
+	"github.com/kiln-sandbox/kiln/internal/errdefs"
 )
 
 // TemplateFile is the files of an E2B template's COPY step, uploaded by
@@ -31,8 +34,8 @@ type TemplateFiles interface {
 	// With max > 0, the files are recorded only if the account's files,
 	// these included (the ones they replace not), then take at most max
 	// bytes, checked in the same transaction so that puts on several
-	// hosts cannot pass it together: errdefs.ErrExhausted otherwise, and
-	// nothing is left.
+	// hosts cannot pass it together: a *TemplateFilesFullError otherwise
+	// (errdefs.ErrExhausted), and nothing is left.
 	PutTemplateFile(ctx context.Context, account, hash string, size int64, body io.Reader, max int64) (TemplateFile, error)
 	// OpenTemplateFile opens the account's files of hash, one chunk in
 	// memory at a time; errdefs.ErrNotFound when it has none.
@@ -50,3 +53,14 @@ type TemplateFiles interface {
 	// account's), ordered by account and hash.
 	ListTemplateFiles(ctx context.Context, account string) ([]TemplateFile, error)
 }
+
+// TemplateFilesFullError is PutTemplateFile's refusal at its bound.
+type TemplateFilesFullError struct {
+	Kept, Need, Max int64 // bytes the account keeps, the put's, the bound
+}
+
+func (e *TemplateFilesFullError) Error() string {
+	return fmt.Sprintf("the account keeps %d bytes of template files; these %d would pass its %d bytes", e.Kept, e.Need, e.Max)
+}
+
+func (e *TemplateFilesFullError) Unwrap() error { return errdefs.ErrExhausted }

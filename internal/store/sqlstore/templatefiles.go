@@ -53,7 +53,7 @@ func (s *Store) PutTemplateFile(ctx context.Context, account, hash string, size 
 				return err
 			}
 			if others+n > max {
-				return fmt.Errorf("the account keeps %d bytes of template files; these %d would pass its %d: %w", others, n, max, errdefs.ErrExhausted)
+				return &store.TemplateFilesFullError{Kept: others, Need: n, Max: max}
 			}
 		}
 		if _, err := q.Exec(ctx, `INSERT INTO template_files (account, hash, upload_id, size_bytes, created_at) VALUES (?, ?, ?, ?, ?)
