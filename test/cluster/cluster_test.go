@@ -202,6 +202,17 @@ func (c *clusterEnv) hosts(n int) []host {
 	c.t.Cleanup(func() { exec.Command("ip", "link", "del", bridge).Run() })
 	run("addr", "add", subnet+".1/24", "dev", bridge)
 	run("link", "set", bridge, "up")
+	// This namespace routes for the hosts, so it forwards. kiln turns
+	// forwarding on in the namespaces it runs in (the hosts'), not here;
+	// that it was on here came from kiln processes of earlier test
+	// packages whose leaked networks kept them from turning it off.
+	const forward = "/proc/sys/net/ipv4/ip_forward"
+	if was, err := os.ReadFile(forward); err == nil && strings.TrimSpace(string(was)) != "1" {
+		if err := os.WriteFile(forward, []byte("1"), 0o644); err != nil {
+			c.t.Fatalf("turning forwarding on for the hosts: %v", err)
+		}
+		c.t.Cleanup(func() { os.WriteFile(forward, was, 0o644) })
+	}
 	// What the hosts send elsewhere leaves with this namespace's address,
 	// as a machine's traffic leaves its network: a stand-in of the
 	// internet (control.mjs's) answers that, not a host it has no route to.
