@@ -21,6 +21,7 @@ import (
 
 	"github.com/kiln-sandbox/kiln/internal/auth"
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
+	"github.com/kiln-sandbox/kiln/internal/inflight"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -29,9 +30,6 @@ import (
 // in X-Amz-Content-Sha256 (signed, as S3 does); the answer's uri is the
 // codeArtifact to pass to CreateMicrovmImage or UpdateMicrovmImage.
 const ArtifactPath = "/kiln/v1/code-artifacts"
-
-// uploadTemp starts the name of an upload being received in ArtifactDir.
-const uploadTemp = ".upload-"
 
 var sha256RE = regexp.MustCompile(`^[0-9a-f]{64}$`)
 
@@ -118,7 +116,7 @@ func (s *Server) storeArtifact(w http.ResponseWriter, r *http.Request, key store
 		writeError(w, r, internal(fmt.Sprintf("creating artifact directory: %v", err)))
 		return
 	}
-	f, err := os.CreateTemp(dir, uploadTemp+"*")
+	f, err := os.CreateTemp(dir, inflight.TempPrefix+"*")
 	if err != nil {
 		writeError(w, r, internal(fmt.Sprintf("creating upload: %v", err)))
 		return

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kiln-sandbox/kiln/internal/inflight"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -205,7 +206,7 @@ func (s *Server) getUsage(ctx context.Context, c *call) (any, error) {
 			}
 		}
 		for _, a := range accounts {
-			n, err := dirBytes(filepath.Join(s.cfg.ArtifactDir, a))
+			n, err := inflight.StoredBytes(filepath.Join(s.cfg.ArtifactDir, a))
 			if err != nil || n == 0 {
 				continue
 			}
@@ -219,26 +220,4 @@ func (s *Server) getUsage(ctx context.Context, c *call) (any, error) {
 		}
 	}
 	return map[string]any{"since": ts(since), "until": ts(until), "accounts": us}, nil
-}
-
-// dirBytes sums the sizes of the code packages stored directly in dir.
-func dirBytes(dir string) (int64, error) {
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return 0, nil
-		}
-		return 0, err
-	}
-	var n int64
-	for _, e := range ents {
-		// Uploads still arriving count by what they hold (Server.uploading).
-		if !e.Type().IsRegular() || strings.HasPrefix(e.Name(), uploadTemp) {
-			continue
-		}
-		if info, err := e.Info(); err == nil {
-			n += info.Size()
-		}
-	}
-	return n, nil
 }

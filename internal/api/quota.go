@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"path/filepath"
 
+	"github.com/kiln-sandbox/kiln/internal/inflight"
 	"github.com/kiln-sandbox/kiln/internal/lifecycle"
 	"github.com/kiln-sandbox/kiln/internal/metrics"
 	"github.com/kiln-sandbox/kiln/internal/store"
@@ -56,7 +57,7 @@ func (s *Server) artifactBytes(ctx context.Context, account string) (int64, erro
 	if s.cfg.ArtifactDir == "" {
 		return 0, nil
 	}
-	n, err := dirBytes(filepath.Join(s.cfg.ArtifactDir, account))
+	n, err := inflight.StoredBytes(filepath.Join(s.cfg.ArtifactDir, account))
 	if err != nil {
 		return 0, fmt.Errorf("measuring uploads: %w", err)
 	}

@@ -26,6 +26,7 @@ import (
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/image/layer"
 	"github.com/kiln-sandbox/kiln/internal/image/source"
+	"github.com/kiln-sandbox/kiln/internal/inflight"
 	"github.com/kiln-sandbox/kiln/internal/store"
 )
 
@@ -184,15 +185,9 @@ func (s *Server) accountUploadBytes(ctx context.Context, account string) (int64,
 		}
 		return n, err
 	}
-	ents, _ := os.ReadDir(filepath.Join(s.cfg.TemplatesDir, "files", account))
-	for _, e := range ents {
-		if strings.HasPrefix(e.Name(), uploadTemp) {
-			continue // counted by what it holds (s.uploading)
-		}
-		if fi, err := e.Info(); err == nil {
-			n += fi.Size()
-		}
-	}
+	// Files still arriving count by what they hold (s.uploading). A
+	// folder that cannot be read counts as empty, as it always has.
+	n, _ = inflight.StoredBytes(filepath.Join(s.cfg.TemplatesDir, "files", account))
 	return n, nil
 }
 
@@ -210,9 +205,6 @@ func (s *Server) filesExpiry() string {
 	return "template files that no build or files check (GET /templates/{templateID}/files/{hash}) used for " + age +
 		" are removed, freeing their bytes; or " + raise
 }
-
-// uploadTemp starts the name of template files being received.
-const uploadTemp = ".upload-"
 
 // uploadFiles is PUT /templates/uploads/{token}: a tar, plain or
 // compressed, of a COPY step's files. It is kept as sent, bounded in
@@ -267,7 +259,7 @@ func (s *Server) uploadFiles(w http.ResponseWriter, r *http.Request) {
 		writeError(w, errorf(500, "creating upload folder: %v", err))
 		return
 	}
-	f, err := os.CreateTemp(dir, uploadTemp+"*")
+	f, err := os.CreateTemp(dir, inflight.TempPrefix+"*")
 	if err != nil {
 		writeError(w, errorf(500, "creating upload: %v", err))
 		return

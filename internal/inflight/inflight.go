@@ -5,7 +5,12 @@
 // account would keep their sum.
 package inflight
 
-import "sync"
+import (
+	"errors"
+	"os"
+	"strings"
+	"sync"
+)
 
 // Bytes is a ledger of held bytes per account. Its zero value is ready.
 type Bytes struct {
@@ -69,4 +74,32 @@ func (b *Bytes) Held(name string) int64 {
 		return a.held
 	}
 	return 0
+}
+
+// TempPrefix starts the name of the file an upload is received into
+// before it is renamed into place: while it arrives it counts by what the
+// upload holds, not by its size so far.
+const TempPrefix = ".upload-"
+
+// StoredBytes adds up the sizes of the regular files directly in dir but
+// for uploads still arriving (TempPrefix). A dir that does not exist
+// holds nothing.
+func StoredBytes(dir string) (int64, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return 0, nil
+		}
+		return 0, err
+	}
+	var n int64
+	for _, e := range ents {
+		if !e.Type().IsRegular() || strings.HasPrefix(e.Name(), TempPrefix) {
+			continue
+		}
+		if info, err := e.Info(); err == nil {
+			n += info.Size()
+		}
+	}
+	return n, nil
 }

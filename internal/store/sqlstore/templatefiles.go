@@ -2,7 +2,6 @@ package sqlstore
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"time"
@@ -67,9 +66,6 @@ func (s *Store) PutTemplateFile(ctx context.Context, account, hash string, size 
 		_, err = q.Exec(ctx, `DELETE FROM upload_chunks WHERE account = ? AND upload_id = ?`, account, old)
 		return err
 	})
-	if errors.Is(err, errdefs.ErrExhausted) {
-		return store.TemplateFile{}, err
-	}
 	if err != nil {
 		return store.TemplateFile{}, fmt.Errorf("recording template files: %w", err)
 	}

@@ -69,10 +69,6 @@ func (s *Store) PutUpload(ctx context.Context, account, want string, size int64,
 			ON CONFLICT (account, sha256) DO UPDATE SET created_at = excluded.created_at RETURNING upload_id`,
 			account, sum, id, n, now.UnixNano()).Scan(&kept)
 	})
-	var qe *store.QuotaError
-	if errors.As(err, &qe) {
-		return store.Upload{}, err
-	}
 	if err != nil {
 		return store.Upload{}, fmt.Errorf("recording upload: %w", err)
 	}
