@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"syscall"
 
 	"github.com/kiln-sandbox/kiln/internal/errdefs"
 	"github.com/kiln-sandbox/kiln/internal/store"
@@ -50,7 +49,7 @@ func (e *Engine) SnapshotMicrovm(ctx context.Context, m store.Microvm, image, ve
 	if err != nil {
 		return store.SnapshotBuild{}, err
 	}
-	disk, err := ownBytes(dir)
+	disk, err := diskBytes(dir)
 	if err != nil {
 		os.RemoveAll(dir)
 		return store.SnapshotBuild{}, fmt.Errorf("measuring snapshot of microvm %s: %w", m.ID, err)
@@ -60,15 +59,18 @@ func (e *Engine) SnapshotMicrovm(ctx context.Context, m store.Microvm, image, ve
 		return store.SnapshotBuild{}, err
 	}
 	// Memory as builds record it (the guest's size, which is what the
-	// microVMs of the version run with); disk is what the copy added.
+	// microVMs of the version run with); disk is every layer it keeps.
 	return store.SnapshotBuild{MemorySnapshotSizeInBytes: &mem, DiskSnapshotSizeInBytes: &disk}, nil
 }
 
-// ownBytes adds up the sizes of the regular files in dir that are not
-// linked elsewhere. The disk layers a template links from the image it
-// came from are counted with that image; its memory file is counted as
-// memory.
-func ownBytes(dir string) (int64, error) {
+// diskBytes adds up the apparent sizes of the regular files in dir but
+// the memory file, which is counted as memory. The layers a snapshot
+// links from its source image count here too, although the source counts
+// them while it lives (as two versions that share a cached root disk
+// each count it): counted only with the source, they would stop counting
+// when it is deleted while the snapshot keeps them, and building,
+// snapshotting and deleting images would store disks no quota sees.
+func diskBytes(dir string) (int64, error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return 0, err
@@ -81,9 +83,6 @@ func ownBytes(dir string) (int64, error) {
 		fi, err := de.Info()
 		if err != nil {
 			return 0, err
-		}
-		if st, ok := fi.Sys().(*syscall.Stat_t); ok && st.Nlink > 1 {
-			continue
 		}
 		n += fi.Size()
 	}

@@ -8,10 +8,10 @@ import (
 	"testing"
 )
 
-// TestOwnBytes: a snapshot's own storage is its copied files; the memory
-// file is counted as memory and a layer linked from another template as
-// that template's.
-func TestOwnBytes(t *testing.T) {
+// TestDiskBytes: a snapshot's disk is every file it keeps, the layers
+// linked from its source image included (they outlive the source); the
+// memory file is counted as memory.
+func TestDiskBytes(t *testing.T) {
 	src, dir := t.TempDir(), t.TempDir()
 	write := func(p string, n int) {
 		if err := os.WriteFile(p, make([]byte, n), 0o600); err != nil {
@@ -28,8 +28,15 @@ func TestOwnBytes(t *testing.T) {
 	if err := os.Symlink("disk.qcow2", filepath.Join(dir, "link")); err != nil {
 		t.Fatal(err)
 	}
-	n, err := ownBytes(dir)
-	if err != nil || n != 320 {
-		t.Fatalf("ownBytes = %d, %v; want 320", n, err)
+	n, err := diskBytes(dir)
+	if err != nil || n != 1320 {
+		t.Fatalf("diskBytes = %d, %v; want 1320", n, err)
+	}
+	// The source goes; the layer still counts once, with the snapshot.
+	if err := os.Remove(filepath.Join(src, "root.qcow2")); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := diskBytes(dir); err != nil || n != 1320 {
+		t.Fatalf("diskBytes after the source went = %d, %v; want 1320", n, err)
 	}
 }

@@ -18,7 +18,10 @@
 //     and no microVM using them, VMs and VM networks with no live record
 //     (Engine.SweepVMs); and records whose files are gone: a SUCCESSFUL
 //     version whose template vanished becomes FAILED, a SUSPENDED microVM
-//     whose memory file vanished becomes TERMINATED, each with the reason.
+//     whose memory file vanished becomes TERMINATED, each with the reason;
+//     and an IN_PROGRESS version none of whose builds is still unfinished,
+//     untouched for StuckAfter (a snapshot kiln stopped in the middle of:
+//     nothing will finish it), becomes FAILED.
 //
 // GC never removes what is referenced. Records that own files are written
 // before the files exist, and References orders the API's writes of new
@@ -167,7 +170,9 @@ const (
 	KindVersionFailed    = "version_files_gone"
 	KindSuspendedEnded   = "suspended_files_gone"
 	KindTemplateFiles    = "template_files"
+	KindVersionStuck     = "version_interrupted"
 	ReasonTemplateGone   = "TemplateMissing"
+	ReasonInterrupted    = "Interrupted"
 	artifactUploadMaxAge = 24 * time.Hour
 )
 
@@ -230,6 +235,10 @@ func (c *Collector) Run(ctx context.Context) (Report, error) {
 	step("deleting client tokens", err)
 
 	step("sweeping files", c.sweepFiles(ctx, rep, now))
+	// The record checks below judge each version again before they change it.
+	versions, err := allVersions(ctx, c.cfg.Store)
+	step("listing image versions", err)
+	step("failing interrupted image versions", c.failStuckVersions(ctx, versions, rep, now))
 	step("expiring template files", c.expireTemplateFiles(ctx, rep, now))
 	if e := c.cfg.Engine; e != nil {
 		ids, err := e.SweepVMs(ctx)
@@ -238,7 +247,7 @@ func (c *Collector) Run(ctx context.Context) (Report, error) {
 		ids, err = e.SweepSuspended(ctx)
 		rep.add(KindSuspendedEnded, len(ids))
 		step("checking suspended microvms", err)
-		step("checking image versions", c.checkVersions(ctx, rep))
+		step("checking image versions", c.checkVersions(ctx, versions, rep))
 	}
 	return rep, errors.Join(errs...)
 }
@@ -502,12 +511,63 @@ func (c *Collector) sweepVersionDirs(owned map[string]bool) (int, error) {
 	return removed, nil
 }
 
-// checkVersions fails SUCCESSFUL versions whose template is gone.
-func (c *Collector) checkVersions(ctx context.Context, rep Report) error {
-	versions, err := allVersions(ctx, c.cfg.Store)
-	if err != nil {
-		return err
+// StuckAfter is how long an IN_PROGRESS version without an unfinished
+// build may stay so before failStuckVersions fails it. A snapshot
+// records its version and a SUCCESSFUL build, copies, then marks the
+// version SUCCESSFUL; kiln stopping in between leaves it IN_PROGRESS
+// for good (a build's recovery redoes unfinished builds, and this one
+// looks finished). The copy takes seconds to minutes, so an hour without
+// a change leaves another control replica's snapshot alone.
+const StuckAfter = time.Hour
+
+// failStuckVersions marks FAILED (its image CREATE_FAILED or
+// UPDATE_FAILED) every version left IN_PROGRESS with nothing to finish
+// it, so the user sees why and deletes it; what it recorded counts toward
+// the storage quota until then, as its files take room until then.
+func (c *Collector) failStuckVersions(ctx context.Context, versions []store.ImageVersion, rep Report, now time.Time) error {
+	var errs []error
+	for _, v := range versions {
+		if v.State != store.VersionInProgress || now.Sub(v.UpdatedAt) < StuckAfter {
+			continue
+		}
+		builds, _, err := c.cfg.Store.ListBuilds(ctx, v.Account, v.ImageName, v.Version, store.Page{Limit: 100})
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		unfinished := false
+		for _, b := range builds {
+			unfinished = unfinished || b.State == store.BuildPending || b.State == store.BuildInProgress
+		}
+		if unfinished {
+			continue
+		}
+		// Read again: a version finished or deleted meanwhile stays so.
+		cur, err := c.cfg.Store.GetImageVersion(ctx, v.Account, v.ImageName, v.Version)
+		if errors.Is(err, errdefs.ErrNotFound) || err == nil && (cur.State != store.VersionInProgress || !cur.UpdatedAt.Equal(v.UpdatedAt)) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		cur.State = store.VersionFailed
+		cur.StateReason = ReasonInterrupted + ": kiln stopped while making this version (a snapshot's copy), and nothing will finish it; delete it and make it again"
+		cur.UpdatedAt = now.UTC()
+		if err := c.cfg.Store.UpdateImageVersion(ctx, cur); err != nil {
+			if !errors.Is(err, errdefs.ErrNotFound) {
+				errs = append(errs, err)
+			}
+			continue
+		}
+		rep.add(KindVersionStuck, 1)
+		c.cfg.Log.Warn("gc: image version left in progress with nothing to finish it: marked FAILED", "account", v.Account, "image", v.ImageName, "version", v.Version, "since", v.UpdatedAt)
 	}
+	return errors.Join(errs...)
+}
+
+// checkVersions fails SUCCESSFUL versions whose template is gone.
+func (c *Collector) checkVersions(ctx context.Context, versions []store.ImageVersion, rep Report) error {
 	var errs []error
 	for _, v := range versions {
 		if v.State != store.VersionSuccessful {

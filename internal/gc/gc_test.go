@@ -305,3 +305,48 @@ func TestCollectorRemovesUnreferencedStoreUploads(t *testing.T) {
 		}
 	}
 }
+
+// TestFailStuckVersions: a version left IN_PROGRESS with only finished
+// builds (a snapshot kiln stopped in the middle of) becomes FAILED, and
+// its image CREATE_FAILED, once StuckAfter has passed; a younger one (a
+// snapshot another replica is making) and one whose build still runs stay.
+func TestFailStuckVersions(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	const acct = "111111111111"
+	mk := func(name string, age time.Duration, buildState string) {
+		at := f.now.Add(-age).UTC()
+		img := store.Image{Account: acct, Name: name, ARN: "arn:" + name, State: store.ImageCreating, LatestVersion: "1", CreatedAt: at, UpdatedAt: at}
+		v := store.ImageVersion{Account: acct, ImageName: name, ImageARN: img.ARN, Version: "1", State: store.VersionInProgress,
+			Status: store.VersionActive, CreatedAt: at, UpdatedAt: at}
+		mem := int64(256 << 20)
+		b := store.Build{Account: acct, ImageName: name, ImageARN: img.ARN, Version: "1", ID: "b-" + name, State: buildState,
+			CreatedAt: at, UpdatedAt: at, Snapshot: &store.SnapshotBuild{MemorySnapshotSizeInBytes: &mem}}
+		if err := f.st.CreateImage(ctx, img, v, []store.Build{b}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mk("interrupted", 2*StuckAfter, store.BuildSuccessful)
+	mk("young", StuckAfter/2, store.BuildSuccessful)
+	mk("building", 2*StuckAfter, store.BuildInProgress)
+	c := New(Config{Store: f.st, DataDir: f.dataDir, References: &References{}, Now: func() time.Time { return f.now }})
+	rep, err := c.Run(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep[KindVersionStuck] != 1 {
+		t.Errorf("report %v, want one %s", rep, KindVersionStuck)
+	}
+	v, err := f.st.GetImageVersion(ctx, acct, "interrupted", "1")
+	if err != nil || v.State != store.VersionFailed || !strings.HasPrefix(v.StateReason, ReasonInterrupted) {
+		t.Errorf("interrupted version: %s %q %v, want FAILED, %s...", v.State, v.StateReason, err, ReasonInterrupted)
+	}
+	if img, err := f.st.GetImage(ctx, acct, "interrupted"); err != nil || img.State != store.ImageCreateFailed {
+		t.Errorf("its image: %s %v, want %s", img.State, err, store.ImageCreateFailed)
+	}
+	for _, name := range []string{"young", "building"} {
+		if v, err := f.st.GetImageVersion(ctx, acct, name, "1"); err != nil || v.State != store.VersionInProgress {
+			t.Errorf("%s: %s %v, want it left IN_PROGRESS", name, v.State, err)
+		}
+	}
+}
