@@ -897,3 +897,37 @@ func TestUploadsInProgressCountTowardQuota(t *testing.T) {
 type zipWriter struct{ b *strings.Builder }
 
 func (w *zipWriter) Write(p []byte) (int, error) { return w.b.Write(p) }
+
+// TestReuploadNeedsNoRoom: an account at its storage quota may upload a
+// package it already has again (it replaces itself), in a folder and in
+// the store, and still not a new one.
+func TestReuploadNeedsNoRoom(t *testing.T) {
+	pkg := func(fill byte) ([]byte, string) {
+		b := append([]byte("PK\x05\x06"), bytes.Repeat([]byte{fill}, 996)...)
+		s := sha256.Sum256(b)
+		return b, hex.EncodeToString(s[:])
+	}
+	quota := store.Quota{Microvms: -1, MemoryMiB: -1, VCPUs: -1, Builds: -1, StorageBytes: 1000}
+	for _, mode := range []string{"folder", "store"} {
+		t.Run(mode, func(t *testing.T) {
+			e := newEnv(t, func(c *api.Config) { c.ArtifactDir, c.Quota = t.TempDir(), quota })
+			c := e.c
+			if mode == "store" {
+				srv := api.NewServer(api.Config{Uploads: e.st, Quota: quota}, e.st, e.be)
+				hs := httptest.NewServer(srv.Handler())
+				t.Cleanup(hs.Close)
+				c = awscli.NewClient(hs.URL, "us-east-1", auth.Credentials{AccessKeyID: e.key.ID, SecretAccessKey: e.key.Secret})
+			}
+			ctx := context.Background()
+			first, firstHash := pkg('a')
+			for i := range 2 {
+				if _, err := c.Upload(ctx, bytes.NewReader(first), int64(len(first)), firstHash); err != nil {
+					t.Fatalf("upload %d of the package that fills the quota: %v", i+1, err)
+				}
+			}
+			second, secondHash := pkg('b')
+			_, err := c.Upload(ctx, bytes.NewReader(second), int64(len(second)), secondHash)
+			fails(t, err, "ServiceQuotaExceededException", "quota")
+		})
+	}
+}
