@@ -105,10 +105,22 @@ func (s *Server) getQuota(ctx context.Context, c *call) (any, error) {
 // builder's default; the vCPUs the builder gives that memory when the
 // image asks for a size (VCPUsFor), else the default.
 func (s *Server) microvmSize(ctx context.Context, v store.ImageVersion) (mem, vcpus int64, err error) {
-	builds, _, err := s.st.ListBuilds(ctx, v.Account, v.ImageName, v.Version, store.Page{Limit: 100})
+	builds, err := s.versionBuilds(ctx, v)
 	if err != nil {
 		return 0, 0, err
 	}
+	mem, vcpus = s.sizeOf(v, builds)
+	return mem, vcpus, nil
+}
+
+// versionBuilds lists v's builds (a version has a few).
+func (s *Server) versionBuilds(ctx context.Context, v store.ImageVersion) ([]store.Build, error) {
+	builds, _, err := s.st.ListBuilds(ctx, v.Account, v.ImageName, v.Version, store.Page{Limit: 100})
+	return builds, err
+}
+
+// sizeOf is microvmSize with v's builds at hand.
+func (s *Server) sizeOf(v store.ImageVersion, builds []store.Build) (mem, vcpus int64) {
 	for _, b := range builds {
 		if b.Snapshot != nil && b.Snapshot.MemorySnapshotSizeInBytes != nil {
 			mem = max(mem, *b.Snapshot.MemorySnapshotSizeInBytes>>20)
@@ -123,7 +135,7 @@ func (s *Server) microvmSize(ctx context.Context, v store.ImageVersion) (mem, vc
 		mem = lifecycle.DefaultMicrovmMemoryMiB
 	}
 	if len(v.Config.Resources) > 0 {
-		return mem, int64(VCPUsFor(mem)), nil
+		return mem, int64(VCPUsFor(mem))
 	}
-	return mem, int64(s.cfg.MicrovmVCPUs), nil
+	return mem, int64(s.cfg.MicrovmVCPUs)
 }

@@ -34,15 +34,14 @@ func (s *Server) SnapshotMicrovmImage(ctx context.Context, account, id, name str
 	if err != nil {
 		return store.Image{}, fmt.Errorf("the image version microvm %s runs (%s:%s): %w", id, m.ImageName, m.ImageVersion, err)
 	}
-	srcBuild, err := s.successfulBuild(ctx, src)
+	srcBuilds, err := s.versionBuilds(ctx, src)
 	if err != nil {
 		return store.Image{}, err
 	}
+	srcBuild := s.successfulBuild(srcBuilds)
 	mem := m.MemoryMiB
 	if mem <= 0 {
-		if mem, _, err = s.microvmSize(ctx, src); err != nil {
-			return store.Image{}, err
-		}
+		mem, _ = s.sizeOf(src, srcBuilds)
 	}
 	now := s.cfg.Now().UTC()
 	arn := s.arn(account, kindImage, name)
@@ -112,18 +111,14 @@ func (s *Server) SnapshotMicrovmImage(ctx context.Context, account, id, name str
 	return img, nil
 }
 
-// successfulBuild is a SUCCESSFUL build of v, whose CPU a snapshot of one
-// of v's microVMs keeps; a version without one (built before builds were
-// recorded) gets this host's.
-func (s *Server) successfulBuild(ctx context.Context, v store.ImageVersion) (store.Build, error) {
-	builds, _, err := s.st.ListBuilds(ctx, v.Account, v.ImageName, v.Version, store.Page{Limit: 100})
-	if err != nil {
-		return store.Build{}, err
-	}
+// successfulBuild is a SUCCESSFUL one of a version's builds, whose CPU a
+// snapshot of one of its microVMs keeps; a version without one (built
+// before builds were recorded) gets this host's.
+func (s *Server) successfulBuild(builds []store.Build) store.Build {
 	for _, b := range builds {
 		if b.State == store.BuildSuccessful {
-			return b, nil
+			return b
 		}
 	}
-	return store.Build{Architecture: s.cfg.Architecture, Chipset: "GENERIC", ChipsetGeneration: "1"}, nil
+	return store.Build{Architecture: s.cfg.Architecture, Chipset: "GENERIC", ChipsetGeneration: "1"}
 }
