@@ -41,6 +41,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -535,11 +536,7 @@ func (c *Collector) failStuckVersions(ctx context.Context, versions []store.Imag
 			errs = append(errs, err)
 			continue
 		}
-		unfinished := false
-		for _, b := range builds {
-			unfinished = unfinished || b.State == store.BuildPending || b.State == store.BuildInProgress
-		}
-		if unfinished {
+		if slices.ContainsFunc(builds, func(b store.Build) bool { return !store.BuildFinal(b.State) }) {
 			continue
 		}
 		// Read again: a version finished or deleted meanwhile stays so.
